@@ -1,0 +1,234 @@
+//! The closed set of graph operations.
+//!
+//! The set is small on purpose: composite operations (softmax, RMSNorm, SwiGLU, RoPE) are written
+//! in the model library from these primitives, so every later stage (the interpreter, autodiff,
+//! fusion, code generation) handles a few well-understood ops. Fusion regroups them.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::DType;
+
+/// Elementwise functions of one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Abs,
+    Sigmoid,
+}
+
+/// Elementwise functions of two tensors with NumPy broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+}
+
+/// Elementwise comparisons with NumPy broadcasting; the result is `bool`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompareOp {
+    Eq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// Reductions over one axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// Values baked into the graph (RoPE tables, masks, scalars such as an epsilon).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConstantData {
+    /// What the values are, for people reading the printed graph ("rope.cos", "causal_mask").
+    pub label: String,
+    /// Row-major values; the node's type gives the shape and the element type they are cast to.
+    pub values: Vec<f64>,
+}
+
+/// One operation. The operands are the node's `inputs`, in the order documented per variant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// A value fed by the caller for each run (token ids, labels). No inputs.
+    Input { name: String },
+    /// A trainable or loaded tensor, named as in a Hugging Face checkpoint. No inputs.
+    Parameter { name: String },
+    /// Values known when the graph is built. No inputs.
+    Constant(ConstantData),
+    /// `[x]`.
+    Unary(UnaryOp),
+    /// `[a, b]`, broadcast.
+    Binary(BinaryOp),
+    /// `[a, b]`, broadcast; the result is `bool`.
+    Compare(CompareOp),
+    /// `[condition (bool), if_true, if_false]`, broadcast.
+    Select,
+    /// `[x]`: convert the element type (floats round to nearest even, saturating for FP8).
+    Cast { to: DType },
+    /// `[x]`: reduce one axis; the axis is kept with extent 1 when `keep_dim`.
+    Reduce {
+        op: ReduceOp,
+        axis: usize,
+        keep_dim: bool,
+    },
+    /// `[a (..., m, k), b (..., k, n)]` -> `(..., m, n)`; leading (batch) axes broadcast.
+    MatMul,
+    /// `[x]`: same elements, new shape (row-major order is kept).
+    Reshape { shape: Vec<usize> },
+    /// `[x]`: output axis `i` is input axis `perm[i]`.
+    Permute { perm: Vec<usize> },
+    /// `[x]`: broadcast to `shape` (NumPy rules: extents of 1 stretch, new axes prepend).
+    Expand { shape: Vec<usize> },
+    /// `[x]`: `start..end` along `axis`.
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
+    /// `[x_0, x_1, ...]`: joined along `axis`; all other extents equal.
+    Concat { axis: usize },
+    /// `[table (rows, ...), indices (integer)]` -> `indices.shape ++ table.shape[1..]`:
+    /// row lookup, as an embedding does.
+    Gather,
+    /// `[x, indices (integer, same rank)]` -> `indices.shape`: `out[.., j, ..] = x[.., indices[.., j, ..], ..]`
+    /// along `axis` (NumPy's `take_along_axis`).
+    TakeAlong { axis: usize },
+    /// `[x]` -> `i64` indices of the `k` largest values along the last axis, largest first;
+    /// ties go to the lower index (the order `torch.topk` gives on the CPU).
+    TopK { k: usize },
+    /// `[indices (integer)]` -> `indices.shape ++ [depth]` of `dtype`, 1 at the index, else 0.
+    OneHot { depth: usize, dtype: DType },
+    /// `[x (tokens, slots or 1, k), weights (experts, n, k), expert_ids (tokens, slots)]`
+    /// -> `(tokens, slots, n)`: each token-slot multiplied by the transposed weight of the expert
+    /// it was routed to, `out[t, s] = weights[expert_ids[t, s]] @ x[t, s]`. The grouped GEMM of
+    /// a Mixture-of-Experts layer; no token is dropped.
+    GroupedMatMul,
+    /// `[x_0, x_1, ...]` of equal types -> a new leading axis of extent `n`.
+    Stack,
+}
+
+impl Op {
+    /// The op's name in printed graphs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Parameter { .. } => "param",
+            Op::Constant(_) => "constant",
+            Op::Unary(u) => match u {
+                UnaryOp::Neg => "neg",
+                UnaryOp::Exp => "exp",
+                UnaryOp::Log => "log",
+                UnaryOp::Sqrt => "sqrt",
+                UnaryOp::Rsqrt => "rsqrt",
+                UnaryOp::Recip => "recip",
+                UnaryOp::Abs => "abs",
+                UnaryOp::Sigmoid => "sigmoid",
+            },
+            Op::Binary(b) => match b {
+                BinaryOp::Add => "add",
+                BinaryOp::Sub => "sub",
+                BinaryOp::Mul => "mul",
+                BinaryOp::Div => "div",
+                BinaryOp::Max => "max",
+                BinaryOp::Min => "min",
+            },
+            Op::Compare(c) => match c {
+                CompareOp::Eq => "eq",
+                CompareOp::Lt => "lt",
+                CompareOp::Le => "le",
+                CompareOp::Gt => "gt",
+                CompareOp::Ge => "ge",
+            },
+            Op::Select => "select",
+            Op::Cast { .. } => "cast",
+            Op::Reduce { op, .. } => match op {
+                ReduceOp::Sum => "sum",
+                ReduceOp::Mean => "mean",
+                ReduceOp::Max => "reduce_max",
+            },
+            Op::MatMul => "matmul",
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Expand { .. } => "expand",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Gather => "gather",
+            Op::TakeAlong { .. } => "take_along",
+            Op::TopK { .. } => "topk",
+            Op::OneHot { .. } => "one_hot",
+            Op::GroupedMatMul => "grouped_matmul",
+            Op::Stack => "stack",
+        }
+    }
+
+    /// How many inputs the op takes; `None` for variadic ops (at least one input).
+    pub fn arity(&self) -> Option<usize> {
+        match self {
+            Op::Input { .. } | Op::Parameter { .. } | Op::Constant(_) => Some(0),
+            Op::Unary(_)
+            | Op::Cast { .. }
+            | Op::Reduce { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Expand { .. }
+            | Op::Slice { .. }
+            | Op::TopK { .. }
+            | Op::OneHot { .. } => Some(1),
+            Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather | Op::TakeAlong { .. } => {
+                Some(2)
+            }
+            Op::Select | Op::GroupedMatMul => Some(3),
+            Op::Concat { .. } | Op::Stack => None,
+        }
+    }
+}
+
+/// The op's attributes as the printer shows them: `name(attrs)`.
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())?;
+        match self {
+            Op::Input { name } | Op::Parameter { name } => write!(f, " \"{name}\""),
+            Op::Constant(data) => {
+                if data.values.len() == 1 {
+                    write!(f, " {}", data.values[0])
+                } else {
+                    write!(f, " \"{}\"", data.label)
+                }
+            }
+            Op::Cast { to } => write!(f, "<{to}>"),
+            Op::Reduce { axis, keep_dim, .. } => {
+                write!(f, "<axis={axis}{}>", if *keep_dim { ", keep" } else { "" })
+            }
+            Op::Reshape { shape } | Op::Expand { shape } => {
+                write!(f, "<{}>", crate::dtype::Shape(shape.clone()))
+            }
+            Op::Permute { perm } => write!(f, "<{}>", crate::dtype::Shape(perm.clone())),
+            Op::Slice { axis, start, end } => write!(f, "<axis={axis}, {start}..{end}>"),
+            Op::Concat { axis } | Op::TakeAlong { axis } => write!(f, "<axis={axis}>"),
+            Op::TopK { k } => write!(f, "<k={k}>"),
+            Op::OneHot { depth, dtype } => write!(f, "<depth={depth}, {dtype}>"),
+            _ => Ok(()),
+        }
+    }
+}

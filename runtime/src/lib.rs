@@ -1,0 +1,10 @@
+//! Fathom's runtime: everything that touches data and hardware. For now, the host tensors, the
+//! reference interpreter (the oracle every backend is checked against), weights in the Hugging
+//! Face safetensors layout and random initialisation.
+
+pub mod init;
+pub mod interp;
+pub mod tensor;
+pub mod weights;
+
+pub use tensor::{Data, HostTensor};
