@@ -18,6 +18,10 @@ pub enum GraphError {
     NotTopological { node: NodeId, operand: NodeId },
     #[error("two {kind}s are named `{name}`")]
     DuplicateName { kind: &'static str, name: String },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("invalid model spec: `{field}`: {message}")]
+    Spec { field: String, message: String },
     #[error("output `{name}` refers to {node}, which is not in the graph")]
     UnknownOutput { name: String, node: NodeId },
 }

@@ -7,6 +7,7 @@
 pub mod dtype;
 pub mod error;
 pub mod graph;
+pub mod model;
 pub mod module;
 pub mod spec;
 

@@ -122,4 +122,14 @@ impl<'g> Scope<'g> {
     pub fn param(&mut self, name: &str, shape: &[usize]) -> Result<Param, GraphError> {
         self.declare::<Param>(name, shape)
     }
+
+    /// Declares an f32 buffer `path.name`: loaded and saved with the weights, never given a
+    /// gradient.
+    pub fn buffer(&mut self, name: &str, shape: &[usize]) -> Result<Param, GraphError> {
+        let name = self.child(name).path;
+        let tensor = self
+            .builder
+            .buffer(&name, TensorType::new(DType::F32, shape))?;
+        Ok(Param { tensor, name })
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod init;
 pub mod interp;
+pub mod pretrained;
 pub mod tensor;
 pub mod weights;
 

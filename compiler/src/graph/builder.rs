@@ -119,9 +119,21 @@ impl GraphBuilder {
         self.leaf("input", op, name, ty)
     }
 
-    /// A parameter with its checkpoint name (`model.layers.0.self_attn.o_proj.weight`).
+    /// A trainable parameter with its checkpoint name (`model.layers.0.self_attn.o_proj.weight`).
     pub fn parameter(&mut self, name: &str, ty: TensorType) -> Result<Tensor, GraphError> {
-        let op = Op::Parameter { name: name.into() };
+        let op = Op::Parameter {
+            name: name.into(),
+            trainable: true,
+        };
+        self.leaf("parameter", op, name, ty)
+    }
+
+    /// A tensor loaded with the weights but not trained by gradients (a PyTorch buffer).
+    pub fn buffer(&mut self, name: &str, ty: TensorType) -> Result<Tensor, GraphError> {
+        let op = Op::Parameter {
+            name: name.into(),
+            trainable: false,
+        };
         self.leaf("parameter", op, name, ty)
     }
 

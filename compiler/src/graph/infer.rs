@@ -23,7 +23,7 @@ pub fn infer_type(
         return Err("takes at least one operand, got none".into());
     }
     match op {
-        Op::Input { name } | Op::Parameter { name } => {
+        Op::Input { name } | Op::Parameter { name, .. } => {
             if name.is_empty() {
                 return Err("has an empty name".into());
             }

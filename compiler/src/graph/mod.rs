@@ -4,6 +4,8 @@ mod builder;
 mod infer;
 mod op;
 mod print;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 
@@ -75,7 +77,7 @@ impl Graph {
     /// The parameters, in declaration order, with their checkpoint names.
     pub fn parameters(&self) -> impl Iterator<Item = (NodeId, &str, &TensorType)> + '_ {
         self.nodes.iter().enumerate().filter_map(|(i, n)| match &n.op {
-            Op::Parameter { name } => Some((NodeId(i as u32), name.as_str(), &n.ty)),
+            Op::Parameter { name, .. } => Some((NodeId(i as u32), name.as_str(), &n.ty)),
             _ => None,
         })
     }
@@ -92,9 +94,17 @@ impl Graph {
         self.outputs.iter().find(|o| o.name == name).map(|o| o.node)
     }
 
-    /// Total number of parameter elements.
+    /// Whether `id` is a trainable parameter (not a buffer, not a computed value).
+    pub fn is_trainable(&self, id: NodeId) -> bool {
+        matches!(self.node(id).op, Op::Parameter { trainable: true, .. })
+    }
+
+    /// Number of trainable parameter elements (buffers excluded, as PyTorch counts).
     pub fn parameter_count(&self) -> u64 {
-        self.parameters().map(|(_, _, ty)| ty.numel() as u64).sum()
+        self.parameters()
+            .filter(|(id, _, _)| self.is_trainable(*id))
+            .map(|(_, _, ty)| ty.numel() as u64)
+            .sum()
     }
 
     /// Re-checks a graph that did not come from the builder (deserialised, or rewritten by a
@@ -110,7 +120,7 @@ impl Graph {
                     operand: *bad,
                 });
             }
-            if let Op::Parameter { name } = &node.op {
+            if let Op::Parameter { name, .. } = &node.op {
                 if !parameter_names.insert(name.as_str()) {
                     return Err(GraphError::DuplicateName {
                         kind: "parameter",

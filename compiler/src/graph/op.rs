@@ -71,8 +71,15 @@ pub struct ConstantData {
 pub enum Op {
     /// A value fed by the caller for each run (token ids, labels). No inputs.
     Input { name: String },
-    /// A trainable or loaded tensor, named as in a Hugging Face checkpoint. No inputs.
-    Parameter { name: String },
+    /// A tensor loaded with the weights, named as in a Hugging Face checkpoint. No inputs.
+    /// `trainable: false` marks state that training updates by other rules, like a PyTorch
+    /// buffer (DeepSeekMoE's balancing bias): it gets no gradient and is not counted as a
+    /// parameter in summaries.
+    Parameter {
+        name: String,
+        #[serde(default = "yes")]
+        trainable: bool,
+    },
     /// Values known when the graph is built. No inputs.
     Constant(ConstantData),
     /// `[x]`.
@@ -127,12 +134,17 @@ pub enum Op {
     Stack,
 }
 
+fn yes() -> bool {
+    true
+}
+
 impl Op {
     /// The op's name in printed graphs.
     pub fn name(&self) -> &'static str {
         match self {
             Op::Input { .. } => "input",
-            Op::Parameter { .. } => "param",
+            Op::Parameter { trainable: true, .. } => "param",
+            Op::Parameter { trainable: false, .. } => "buffer",
             Op::Constant(_) => "constant",
             Op::Unary(u) => match u {
                 UnaryOp::Neg => "neg",
@@ -208,10 +220,10 @@ impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())?;
         match self {
-            Op::Input { name } | Op::Parameter { name } => write!(f, " \"{name}\""),
+            Op::Input { name } | Op::Parameter { name, .. } => write!(f, " \"{name}\""),
             Op::Constant(data) => {
                 if data.values.len() == 1 {
-                    write!(f, " {}", data.values[0])
+                    write!(f, " {}", Scalar(data.values[0]))
                 } else {
                     write!(f, " \"{}\"", data.label)
                 }
@@ -229,6 +241,21 @@ impl fmt::Display for Op {
             Op::TopK { k } => write!(f, "<k={k}>"),
             Op::OneHot { depth, dtype } => write!(f, "<depth={depth}, {dtype}>"),
             _ => Ok(()),
+        }
+    }
+}
+
+/// A scalar constant as printed: plain decimals for ordinary magnitudes, scientific notation for
+/// very large or small ones (`-3.4028234663852886e38`, not 39 digits).
+struct Scalar(f64);
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let magnitude = self.0.abs();
+        if magnitude != 0.0 && !(1e-4..1e6).contains(&magnitude) {
+            write!(f, "{:e}", self.0)
+        } else {
+            write!(f, "{}", self.0)
         }
     }
 }

@@ -316,8 +316,10 @@ fn rope_from_config(c: &Config<'_>) -> Result<RopeSpec, ConfigError> {
                 })?,
             beta_fast: p.opt_f64("beta_fast")?.unwrap_or(32.0),
             beta_slow: p.opt_f64("beta_slow")?.unwrap_or(1.0),
-            mscale: p.opt_f64("mscale")?.unwrap_or(1.0),
+            mscale: p.opt_f64("mscale")?.unwrap_or(0.0),
             mscale_all_dim: p.opt_f64("mscale_all_dim")?.unwrap_or(0.0),
+            attention_factor: p.opt_f64("attention_factor")?,
+            truncate: p.opt_bool("truncate")?.unwrap_or(true),
         }),
         other => {
             return Err(ConfigError::Unsupported {
@@ -338,6 +340,8 @@ fn rope_from_config(c: &Config<'_>) -> Result<RopeSpec, ConfigError> {
             "beta_slow",
             "mscale",
             "mscale_all_dim",
+            "attention_factor",
+            "truncate",
         ];
         if !YARN_KEYS.contains(&k.as_str()) {
             return Err(ConfigError::Unknown { key: key(k) });
@@ -385,6 +389,8 @@ pub fn config_json(spec: &ModelSpec) -> Value {
             "beta_slow": y.beta_slow,
             "mscale": y.mscale,
             "mscale_all_dim": y.mscale_all_dim,
+            "attention_factor": y.attention_factor,
+            "truncate": y.truncate,
         })),
         "num_nextn_predict_layers": spec.mtp_depth,
         "attention_bias": false,

@@ -11,6 +11,14 @@ use serde::{Deserialize, Serialize};
 
 pub use validate::SpecError;
 
+/// A model architecture declared in Rust (what `model!` generates).
+pub trait Architecture {
+    /// The name given in the declaration.
+    const NAME: &'static str;
+    /// The declared hyperparameters, validated when the declaration was compiled.
+    fn spec() -> ModelSpec;
+}
+
 /// A whole model: sizes, attention, routing, multi-token prediction and FP8 tiling.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,7 +108,8 @@ impl Default for RopeSpec {
     }
 }
 
-/// YaRN parameters (`rope_scaling` with type `yarn`).
+/// YaRN parameters (`rope_scaling` with type `yarn`), with the Hugging Face semantics: `mscale`
+/// and `mscale_all_dim` of 0 mean "not given".
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct YarnSpec {
@@ -112,11 +121,18 @@ pub struct YarnSpec {
     pub beta_fast: f64,
     #[serde(default = "default_beta_slow")]
     pub beta_slow: f64,
-    #[serde(default = "default_one")]
+    /// With `mscale_all_dim`, sets the cos/sin factor `mscale(s, mscale) / mscale(s, mscale_all_dim)`.
+    #[serde(default)]
     pub mscale: f64,
-    /// Also scales the softmax by `mscale(s, mscale_all_dim)^2` when nonzero.
+    /// When nonzero, the softmax scale is multiplied by `mscale(s, mscale_all_dim)^2`.
     #[serde(default)]
     pub mscale_all_dim: f64,
+    /// Overrides the cos/sin factor (`attention_factor`).
+    #[serde(default)]
+    pub attention_factor: Option<f64>,
+    /// Round the correction range outwards to whole dimensions (`truncate`, default true).
+    #[serde(default = "default_true")]
+    pub truncate: bool,
 }
 
 /// DeepSeekMoE routing and expert sizes.

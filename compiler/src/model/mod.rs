@@ -1,0 +1,25 @@
+//! The model library, written with the graph builder: the modules of DeepSeek-V3 with the
+//! semantics of the Hugging Face `transformers` DeepseekV3 model (our numerical oracle).
+
+mod basic;
+mod decoder;
+mod deepseek;
+mod mla;
+mod moe;
+mod mtp;
+pub mod rope;
+mod summary;
+
+pub use basic::{
+    Embedding, EmbeddingShape, Linear, LinearShape, Mlp, MlpShape, NormConfig, RmsNorm, linear,
+    swiglu,
+};
+pub use decoder::{DecoderBlock, FeedForward, Layer, LayerConfig, LayerOutput};
+pub use deepseek::{DeepSeekV3, ForwardOptions, ModelOutputs, forward_graph, forward_outputs,
+    parameter_graph,
+};
+pub use mla::{AttentionContext, LATENT_NORM_EPS, Mla, QueryPath};
+pub use moe::{Moe, Router, Routing};
+pub use mtp::MtpModule;
+pub use rope::RopeTables;
+pub use summary::{ParameterSummary, grouped};

@@ -1,0 +1,108 @@
+//! The printed forward graph of a tiny DeepSeek-V3, pinned so that every change to what the
+//! model library emits is reviewed.
+
+use fathom_compiler::model::{DeepSeekV3, ForwardOptions, ParameterSummary, forward_graph};
+use fathom_compiler::module::{Module, Scope};
+use fathom_compiler::spec::{MlaSpec, ModelSpec, MoeSpec, RopeSpec, YarnSpec};
+use fathom_compiler::{GraphBuilder, GraphError};
+
+/// Two blocks (one dense, one MoE with 4 experts in 2 groups), one MTP module, YaRN.
+fn tiny() -> ModelSpec {
+    ModelSpec {
+        vocab_size: 16,
+        hidden_size: 8,
+        layers: 2,
+        dense_layers: 1,
+        intermediate_size: 12,
+        norm_eps: 1e-6,
+        max_positions: 16,
+        tie_embeddings: false,
+        initializer_range: 0.02,
+        attention: MlaSpec {
+            heads: 2,
+            q_lora_rank: Some(6),
+            kv_lora_rank: 4,
+            qk_nope_head_dim: 4,
+            qk_rope_head_dim: 2,
+            v_head_dim: 4,
+        },
+        rope: RopeSpec {
+            theta: 10000.0,
+            interleaved: true,
+            yarn: Some(YarnSpec {
+                factor: 4.0,
+                original_max_positions: 4,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: 1.0,
+                mscale_all_dim: 1.0,
+                attention_factor: None,
+                truncate: true,
+            }),
+        },
+        moe: Some(MoeSpec {
+            routed_experts: 4,
+            shared_experts: 1,
+            experts_per_token: 2,
+            groups: 2,
+            groups_per_token: 1,
+            intermediate_size: 4,
+            routed_scaling_factor: 2.5,
+            normalize_gates: true,
+        }),
+        mtp_depth: 1,
+        fp8: None,
+    }
+}
+
+#[test]
+fn tiny_forward_graph_with_mtp() {
+    let options = ForwardOptions {
+        batch: 1,
+        seq: 3,
+        with_mtp: true,
+    };
+    let graph = forward_graph(&tiny(), options).unwrap();
+    graph.validate().unwrap();
+    insta::assert_snapshot!(graph.to_string());
+}
+
+#[test]
+fn parameters_follow_the_hugging_face_layout() {
+    let mut g = GraphBuilder::new("t");
+    let model: DeepSeekV3 = DeepSeekV3::declare(&mut Scope::root(&mut g), &tiny()).unwrap();
+    let names: Vec<String> = model.parameters().into_iter().map(|p| p.name).collect();
+    insta::assert_snapshot!(names.join("\n"));
+    let graph = g.finish();
+    let summary = ParameterSummary::of(&tiny(), &graph);
+    assert_eq!(summary.buffers, 2 * 4, "one balancing bias per MoE block (main + MTP)");
+    assert_eq!(
+        summary.total(),
+        graph.parameter_count(),
+        "every trainable parameter is main or MTP"
+    );
+}
+
+#[test]
+fn impossible_requests_are_errors() {
+    let long = ForwardOptions {
+        batch: 1,
+        seq: 17,
+        with_mtp: false,
+    };
+    let error = forward_graph(&tiny(), long).unwrap_err();
+    assert_eq!(error.to_string(), "sequence length 17 exceeds the model's max_positions (16)");
+    let short = ForwardOptions {
+        batch: 1,
+        seq: 1,
+        with_mtp: true,
+    };
+    assert!(matches!(forward_graph(&tiny(), short), Err(GraphError::InvalidRequest(_))));
+    let mut bad = tiny();
+    bad.moe.as_mut().unwrap().groups = 3;
+    let error = forward_graph(&bad, long).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "invalid model spec: `moe.groups`: 3 groups do not divide 4 routed experts"
+    );
+}

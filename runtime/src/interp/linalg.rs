@@ -1,0 +1,146 @@
+//! Accumulating ops: `Reduce`, `MatMul`, `GroupedMatMul`. Float sums and dot products
+//! accumulate in f64, in index order, and round once to f32 and then to the dtype.
+
+use fathom_compiler::DType;
+use fathom_compiler::graph::ReduceOp;
+
+use super::error::InterpError;
+use super::eval::At;
+use super::layout::{StridedOffsets, split_at_axis};
+use super::numeric::{round_f64, wrap_int};
+use crate::tensor::{Data, HostTensor};
+
+/// Reduces `axis`. Seen as an `[outer, len, inner]` array, the result is `[outer, inner]` in
+/// row-major order whether or not the axis is kept.
+///
+/// Floats: `sum` and `mean` accumulate in f64 (`mean` divides the f64 sum); `max` propagates
+/// NaN. Integers: `sum` wraps, `mean` truncates toward zero. An empty axis gives 0 for `sum`,
+/// NaN (floats) or 0 (integers) for `mean`, and the type's least value for `max`.
+pub(super) fn reduce(
+    at: At<'_>,
+    op: ReduceOp,
+    axis: usize,
+    x: &HostTensor,
+) -> Result<HostTensor, InterpError> {
+    let (outer, len, inner) = split_at_axis(x.dims(), axis);
+    let dtype = at.out_dtype();
+    // The offsets of the elements reduced into result element (o, i).
+    let lane = move |o: usize, i: usize| (0..len).map(move |r| (o * len + r) * inner + i);
+    let lanes = (0..outer).flat_map(|o| (0..inner).map(move |i| (o, i)));
+    let data = match &x.data {
+        Data::Float(v) => Data::Float(
+            lanes
+                .map(|(o, i)| reduce_floats(op, dtype, lane(o, i).map(|j| v[j]), len))
+                .collect(),
+        ),
+        Data::Int(v) => Data::Int(
+            lanes
+                .map(|(o, i)| reduce_ints(op, dtype, lane(o, i).map(|j| v[j]), len))
+                .collect(),
+        ),
+        Data::Bool(_) => return Err(at.internal("cannot reduce bools")),
+    };
+    Ok(at.tensor(data))
+}
+
+fn reduce_floats(op: ReduceOp, dtype: DType, values: impl Iterator<Item = f32>, len: usize) -> f32 {
+    match op {
+        ReduceOp::Sum => round_f64(dtype, values.map(f64::from).sum()),
+        ReduceOp::Mean => {
+            let sum: f64 = values.map(f64::from).sum();
+            round_f64(dtype, sum / len as f64)
+        }
+        ReduceOp::Max => values.fold(f32::NEG_INFINITY, |m, v| {
+            if m.is_nan() || v.is_nan() {
+                f32::NAN
+            } else {
+                m.max(v)
+            }
+        }),
+    }
+}
+
+fn reduce_ints(op: ReduceOp, dtype: DType, values: impl Iterator<Item = i64>, len: usize) -> i64 {
+    match op {
+        ReduceOp::Sum => wrap_int(dtype, values.fold(0, i64::wrapping_add)),
+        ReduceOp::Mean => {
+            let total = wrap_int(dtype, values.fold(0, i64::wrapping_add));
+            i64::try_from(len)
+                .ok()
+                .and_then(|n| total.checked_div(n))
+                .unwrap_or(0)
+        }
+        ReduceOp::Max => values.max().unwrap_or(match dtype {
+            DType::I32 => i64::from(i32::MIN),
+            _ => i64::MIN,
+        }),
+    }
+}
+
+/// The f64 dot product of `a` with the first `a.len()` elements of `b`, summed in order.
+fn dot(a: &[f32], b: impl Iterator<Item = f32>) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, y)| f64::from(x) * f64::from(y))
+        .sum()
+}
+
+/// `(..., m, k) @ (..., k, n) -> (..., m, n)`; the batch axes broadcast. Each result element is
+/// an f64 dot product rounded once.
+pub(super) fn matmul(
+    at: At<'_>,
+    a: &HostTensor,
+    b: &HostTensor,
+) -> Result<HostTensor, InterpError> {
+    let (av, bv) = (at.floats(a)?, at.floats(b)?);
+    let (a_dims, b_dims, out) = (a.dims(), b.dims(), at.out_dims());
+    let (ra, rb, ro) = (a_dims.len(), b_dims.len(), out.len());
+    let (m, k, n) = (a_dims[ra - 2], a_dims[ra - 1], b_dims[rb - 1]);
+    let batch = &out[..ro - 2];
+    // Offsets of each batch's matrix, counted in matrices.
+    let a_batches = StridedOffsets::broadcast(&a_dims[..ra - 2], batch);
+    let b_batches = StridedOffsets::broadcast(&b_dims[..rb - 2], batch);
+    let dtype = at.out_dtype();
+    let mut values = Vec::with_capacity(at.node.ty.numel());
+    for (ab, bb) in a_batches.zip(b_batches) {
+        let a_mat = &av[ab * m * k..][..m * k];
+        let b_mat = &bv[bb * k * n..][..k * n];
+        for i in 0..m {
+            let row = &a_mat[i * k..][..k];
+            for j in 0..n {
+                let column = b_mat.iter().skip(j).step_by(n).copied();
+                values.push(round_f64(dtype, dot(row, column)));
+            }
+        }
+    }
+    Ok(at.tensor(Data::Float(values)))
+}
+
+/// `out[t, s, :] = weights[expert_ids[t, s]] @ x[t, s or 0, :]`, with `weights` `[experts, n, k]`
+/// (each expert's `[n, k]` matrix is applied transposed, as a linear layer's weight is). An
+/// `x` with one slot serves every slot. Expert ids outside `0..experts` are an error.
+pub(super) fn grouped_matmul(
+    at: At<'_>,
+    x: &HostTensor,
+    weights: &HostTensor,
+    expert_ids: &HostTensor,
+) -> Result<HostTensor, InterpError> {
+    let (xv, wv, ids) = (at.floats(x)?, at.floats(weights)?, at.ints(expert_ids)?);
+    let (tokens, slots) = (expert_ids.dims()[0], expert_ids.dims()[1]);
+    let x_slots = x.dims()[1];
+    let (experts, n, k) = (weights.dims()[0], weights.dims()[1], weights.dims()[2]);
+    let dtype = at.out_dtype();
+    let mut values = Vec::with_capacity(at.node.ty.numel());
+    for t in 0..tokens {
+        for s in 0..slots {
+            let expert = at.index(ids[t * slots + s], experts)?;
+            let x_slot = if x_slots == 1 { 0 } else { s };
+            let x_row = &xv[(t * x_slots + x_slot) * k..][..k];
+            for row in 0..n {
+                let w_row = &wv[(expert * n + row) * k..][..k];
+                values.push(round_f64(dtype, dot(w_row, x_row.iter().copied())));
+            }
+        }
+    }
+    Ok(at.tensor(Data::Float(values)))
+}

@@ -1,0 +1,201 @@
+//! Reduce, matmul, grouped matmul, and softmax built from them.
+
+use fathom_compiler::DType;
+use fathom_compiler::graph::ReduceOp;
+
+use super::*;
+
+fn reduce(x: HostTensor, op: ReduceOp, axis: usize, keep: bool) -> TestResult<HostTensor> {
+    eval_x(x, |b, x| b.reduce(op, x, axis, keep))
+}
+
+#[test]
+fn reduce_sum_mean_max() -> TestResult {
+    let x = f32s(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_f32(
+        &reduce(x.clone(), ReduceOp::Sum, 0, false)?,
+        &[3],
+        &[5.0, 7.0, 9.0],
+    );
+    assert_f32(
+        &reduce(x.clone(), ReduceOp::Sum, 1, true)?,
+        &[2, 1],
+        &[6.0, 15.0],
+    );
+    assert_f32(
+        &reduce(x.clone(), ReduceOp::Mean, 1, false)?,
+        &[2],
+        &[2.0, 5.0],
+    );
+    assert_f32(
+        &reduce(x, ReduceOp::Max, 0, true)?,
+        &[1, 3],
+        &[4.0, 5.0, 6.0],
+    );
+    Ok(())
+}
+
+#[test]
+fn reduce_a_middle_axis() -> TestResult {
+    // x[i, j, k] = 6i + 2j + k; the sum over j is 18i + 6 + 3k.
+    let out = reduce(iota(&[2, 3, 2]), ReduceOp::Sum, 1, false)?;
+    assert_f32(&out, &[2, 2], &[6.0, 9.0, 24.0, 27.0]);
+    let out = reduce(iota(&[2, 3, 2]), ReduceOp::Max, 1, true)?;
+    assert_f32(&out, &[2, 1, 2], &[4.0, 5.0, 10.0, 11.0]);
+    Ok(())
+}
+
+#[test]
+fn reduce_max_propagates_nan_and_handles_negatives() -> TestResult {
+    let x = f32s(&[2, 2], &[-3.0, -1.0, f32::NAN, 2.0]);
+    assert_f32(
+        &reduce(x, ReduceOp::Max, 1, false)?,
+        &[2],
+        &[-1.0, f32::NAN],
+    );
+    Ok(())
+}
+
+#[test]
+fn sums_accumulate_in_f64() -> TestResult {
+    // In f32, 1e8 + 1 == 1e8, so a left-to-right f32 sum gives 0.
+    let x = f32s(&[3], &[1e8, 1.0, -1e8]);
+    assert_f32(&reduce(x, ReduceOp::Sum, 0, false)?, &[], &[1.0]);
+    Ok(())
+}
+
+#[test]
+fn reduce_integers() -> TestResult {
+    let x = i64s(&[2, 2], &[1, 2, -3, -4]);
+    assert_ints(
+        &reduce(x.clone(), ReduceOp::Sum, 1, false)?,
+        DType::I64,
+        &[2],
+        &[3, -7],
+    );
+    assert_ints(
+        &reduce(x.clone(), ReduceOp::Mean, 1, false)?,
+        DType::I64,
+        &[2],
+        &[1, -3],
+    );
+    assert_ints(
+        &reduce(x, ReduceOp::Max, 0, false)?,
+        DType::I64,
+        &[2],
+        &[1, 2],
+    );
+    Ok(())
+}
+
+fn matmul(a: HostTensor, b: HostTensor) -> TestResult<HostTensor> {
+    eval_one(&[("a", a), ("b", b)], |g, x| g.matmul(x[0], x[1]))
+}
+
+#[test]
+fn matmul_of_matrices() -> TestResult {
+    let a = f32s(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
+    let b = f32s(&[2, 2], &[5.0, 6.0, 7.0, 8.0]);
+    assert_f32(&matmul(a, b)?, &[2, 2], &[19.0, 22.0, 43.0, 50.0]);
+    let a = f32s(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let b = f32s(&[3, 1], &[1.0, 0.0, -1.0]);
+    assert_f32(&matmul(a, b)?, &[2, 1], &[-2.0, -2.0]);
+    Ok(())
+}
+
+#[test]
+fn matmul_broadcasts_batch_axes() -> TestResult {
+    // a: two 1x2 rows; b: one 2x1 column shared by both batches.
+    let a = f32s(&[2, 1, 2], &[1.0, 2.0, 3.0, 4.0]);
+    let b = f32s(&[2, 1], &[1.0, 10.0]);
+    assert_f32(&matmul(a, b)?, &[2, 1, 1], &[21.0, 43.0]);
+    // a [2, 1, 1, 2] and b [3, 2, 1] broadcast to batch [2, 3].
+    let a = f32s(&[2, 1, 1, 2], &[1.0, 2.0, 3.0, 4.0]);
+    let b = f32s(&[3, 2, 1], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+    assert_f32(
+        &matmul(a, b)?,
+        &[2, 3, 1, 1],
+        &[1.0, 2.0, 3.0, 3.0, 4.0, 7.0],
+    );
+    // Both operands batched: [2, 1, 2] @ [2, 2, 2].
+    let a = f32s(&[2, 1, 2], &[1.0, 1.0, 1.0, -1.0]);
+    let b = f32s(&[2, 2, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+    assert_f32(&matmul(a, b)?, &[2, 1, 2], &[4.0, 6.0, -2.0, -2.0]);
+    Ok(())
+}
+
+#[test]
+fn matmul_accumulates_in_f64_and_rounds_to_bf16() -> TestResult {
+    let a = floats(DType::BF16, &[1, 3], &[256.0, 1.0, -256.0]);
+    let b = floats(DType::BF16, &[3, 1], &[256.0, 1.0, 256.0]);
+    assert_floats(&matmul(a, b)?, DType::BF16, &[1, 1], &[1.0]);
+    // 1 + 2^-8 rounds (to even) to 1 in bf16.
+    let a = floats(DType::BF16, &[1, 2], &[1.0, 0.00390625]);
+    let b = floats(DType::BF16, &[2, 1], &[1.0, 1.0]);
+    assert_floats(&matmul(a, b)?, DType::BF16, &[1, 1], &[1.0]);
+    Ok(())
+}
+
+/// Expert 0 picks `[x0, x1]`; expert 1 gives `[x2, x0 + x1 + x2]`.
+fn expert_weights() -> HostTensor {
+    let w = [
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], // expert 0
+        [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]], // expert 1
+    ];
+    f32s(&[2, 2, 3], &w.concat().concat())
+}
+
+fn grouped(x: HostTensor, ids: HostTensor) -> TestResult<HostTensor> {
+    let feeds = [("x", x), ("w", expert_weights()), ("ids", ids)];
+    eval_one(&feeds, |g, t| g.grouped_matmul(t[0], t[1], t[2]))
+}
+
+#[test]
+fn grouped_matmul_routes_each_slot_to_its_expert() -> TestResult {
+    let x = [
+        [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], // token 0
+        [[7.0, 8.0, 9.0], [1.0, 0.0, 2.0]], // token 1
+        [[0.0, 1.0, 0.0], [2.0, 2.0, 2.0]], // token 2
+    ];
+    let x = f32s(&[3, 2, 3], &x.concat().concat());
+    let ids = i64s(&[3, 2], &[0, 1, 1, 0, 1, 1]);
+    let expected = [
+        1.0, 2.0, 6.0, 15.0, // token 0: expert 0, expert 1
+        9.0, 24.0, 1.0, 0.0, // token 1: expert 1, expert 0
+        0.0, 1.0, 2.0, 6.0, // token 2: expert 1, expert 1
+    ];
+    assert_f32(&grouped(x, ids)?, &[3, 2, 2], &expected);
+    Ok(())
+}
+
+#[test]
+fn grouped_matmul_broadcasts_a_single_slot() -> TestResult {
+    let x = f32s(&[3, 1, 3], &[1.0, 2.0, 3.0, 7.0, 8.0, 9.0, 0.0, 1.0, 0.0]);
+    let ids = ints(DType::I32, &[3, 2], &[0, 1, 1, 0, 1, 1]);
+    let expected = [
+        1.0, 2.0, 3.0, 6.0, // token 0
+        9.0, 24.0, 7.0, 8.0, // token 1
+        0.0, 1.0, 0.0, 1.0, // token 2
+    ];
+    assert_f32(&grouped(x, ids)?, &[3, 2, 2], &expected);
+    Ok(())
+}
+
+#[test]
+fn softmax_matches_a_hand_computed_one() -> TestResult {
+    let x = f32s(&[2, 3], &[1.0, 2.0, 3.0, 0.0, 0.0, 0.0]);
+    let out = eval_x(x, |b, x| b.softmax(x))?;
+    let (e2, e1) = ((-2f64).exp(), (-1f64).exp());
+    let total = e2 + e1 + 1.0;
+    let third = 1.0 / 3.0;
+    let expected = [e2 / total, e1 / total, 1.0 / total, third, third, third];
+    assert_close(&out, &[2, 3], &expected, 1e-6);
+    // About [0.0900306, 0.2447285, 0.6652410]:
+    assert_close(
+        &out,
+        &[2, 3],
+        &[0.0900306, 0.2447285, 0.6652410, third, third, third],
+        1e-6,
+    );
+    Ok(())
+}
