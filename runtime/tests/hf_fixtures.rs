@@ -11,6 +11,12 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+
+use fathom_compiler::GraphBuilder;
+use fathom_compiler::model::{DeepSeekV3, LossWeights, add_objective};
+use fathom_compiler::module::{Module, Scope};
+use fathom_runtime::interp::{Feeds, evaluate};
 use fathom_runtime::pretrained::Pretrained;
 use fathom_runtime::weights::read_safetensors;
 
@@ -66,4 +72,29 @@ fn checkpoints_without_mtp_weights_load_with_a_note() {
     let model = Pretrained::load(&fixture("moe_grouped")).expect("loads");
     assert_eq!(model.spec.mtp_depth, 0);
     assert!(model.notes.iter().any(|n| n.contains("no MTP weights")), "{:?}", model.notes);
+}
+
+/// The next-token loss, as `transformers` computes it with `labels=input_ids`. Tolerance 1e-5
+/// relative: the loss is a mean of log-probabilities whose rounding noise (~1e-7 each) averages
+/// out; a wrong shift or a wrong mean would be off by far more.
+#[test]
+fn next_token_loss_matches_transformers() {
+    for name in ["moe_grouped", "yarn", "yarn_ramp", "shared2_dense2", "no_q_lora", "bf16_sharded"] {
+        let dir = fixture(name);
+        let model = Pretrained::load(&dir).unwrap();
+        let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+        let ids = reference.get("input_ids").unwrap();
+        let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
+        let mut g = GraphBuilder::new("loss");
+        let net: DeepSeekV3 = DeepSeekV3::declare(&mut Scope::root(&mut g), &model.spec).unwrap();
+        add_objective(&mut g, &net, batch, seq, LossWeights::next_token_only()).unwrap();
+        let graph = g.finish();
+        let inputs = HashMap::from([("input_ids", ids.clone())]);
+        let outputs = evaluate(&graph, &Feeds::new(&inputs, &model.weights)).unwrap();
+        let loss = outputs.get("loss").unwrap().as_f32().unwrap()[0] as f64;
+        let want = reference.get("loss").unwrap().as_f32().unwrap()[0] as f64;
+        let error = (loss - want).abs() / want.abs();
+        eprintln!("{name}: loss {loss:.7} vs {want:.7}, relative {error:.2e}");
+        assert!(error < 1e-5, "{name}: loss {loss} vs transformers {want}");
+    }
 }

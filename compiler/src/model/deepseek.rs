@@ -27,6 +27,8 @@ pub struct DeepSeekV3<L = DecoderBlock> {
 /// The tensors a forward pass produces.
 #[derive(Clone, Debug)]
 pub struct ModelOutputs {
+    /// The `i64 [batch, seq]` token ids the pass read.
+    pub token_ids: Tensor,
     /// `[batch, seq, vocab]`.
     pub logits: Tensor,
     /// MTP depth k's logits, `[batch, seq - k, vocab]`; position i predicts token i + k + 1.
@@ -147,6 +149,7 @@ impl<L: Layer> DeepSeekV3<L> {
             }
         }
         Ok(ModelOutputs {
+            token_ids,
             logits,
             mtp_logits,
             routings,

@@ -4,9 +4,11 @@
 mod basic;
 mod decoder;
 mod deepseek;
+mod loss;
 mod mla;
 mod moe;
 mod mtp;
+mod objective;
 pub mod rope;
 mod summary;
 
@@ -20,6 +22,8 @@ pub use deepseek::{DeepSeekV3, ForwardOptions, ModelOutputs, forward_graph, forw
 };
 pub use mla::{AttentionContext, LATENT_NORM_EPS, Mla, QueryPath};
 pub use moe::{Moe, Router, Routing};
+pub use loss::{cross_entropy, expert_load, mtp_depth_loss, next_token_loss, sequence_balance_loss};
 pub use mtp::MtpModule;
+pub use objective::{LossTerms, LossWeights, add_objective};
 pub use rope::RopeTables;
 pub use summary::{ParameterSummary, grouped};

@@ -30,6 +30,8 @@ pub struct Routing {
     pub experts: Tensor,
     /// `f32 [tokens, experts_per_token]`: gate values of the chosen experts.
     pub gates: Tensor,
+    /// The layer's balancing bias (a buffer), which the trainer updates from the expert loads.
+    pub bias: Tensor,
 }
 
 impl Module for Router {
@@ -78,6 +80,7 @@ impl Router {
                 scores,
                 experts,
                 gates,
+                bias: self.e_score_correction_bias.tensor,
             })
         })
     }

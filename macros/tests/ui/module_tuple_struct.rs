@@ -1,0 +1,6 @@
+use fathom_compiler::module::Param;
+
+#[derive(fathom_macros::Module)]
+struct Linear(Param, Param);
+
+fn main() {}
