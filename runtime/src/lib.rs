@@ -2,8 +2,10 @@
 //! reference interpreter (the oracle every backend is checked against), weights in the Hugging
 //! Face safetensors layout and random initialisation.
 
+pub mod data;
 pub mod init;
 pub mod interp;
+pub mod optim;
 pub mod pretrained;
 pub mod tensor;
 pub mod weights;

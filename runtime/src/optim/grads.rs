@@ -1,0 +1,161 @@
+//! Gradient bookkeeping between backward passes and the optimiser step: accumulation over
+//! micro-batches and global-norm clipping.
+
+use super::{Grads, OptimError, positive};
+
+/// Adds `scale * g` to `into` for every gradient of `grads` (f32 arithmetic,
+/// `into += scale * g`), inserting `scale * g` for names `into` lacks, so accumulation can
+/// start from an empty map. Typically `scale = 1 / micro_batches` when each micro-batch loss is
+/// a mean. A length that differs from the one already accumulated is an error naming the
+/// parameter, reported before anything is added.
+pub fn accumulate(into: &mut Grads, grads: &Grads, scale: f32) -> Result<(), OptimError> {
+    for (name, g) in grads {
+        if let Some(acc) = into.get(name)
+            && acc.len() != g.len()
+        {
+            return Err(OptimError::GradientLength {
+                param: name.clone(),
+                expected: acc.len(),
+                found: g.len(),
+            });
+        }
+    }
+    for (name, g) in grads {
+        match into.get_mut(name) {
+            Some(acc) => {
+                for (a, &x) in acc.iter_mut().zip(g) {
+                    *a += scale * x;
+                }
+            }
+            None => {
+                into.insert(name.clone(), g.iter().map(|&x| scale * x).collect());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The L2 norm of all gradients together, accumulated in f64 in name order (deterministic).
+/// Infinite or NaN when some gradient is.
+pub fn global_norm(grads: &Grads) -> f64 {
+    let sum: f64 = grads
+        .values()
+        .flat_map(|g| g.iter())
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum();
+    sum.sqrt()
+}
+
+/// Clips the gradients to global norm `max_norm` as `torch.nn.utils.clip_grad_norm_` does and
+/// returns the norm before clipping ([`global_norm`]). With `norm` that norm, the coefficient is
+/// `max_norm / (norm + 1e-6)`; when it is below 1 (i.e. `norm > max_norm - 1e-6`, in effect
+/// `norm > max_norm`) every value is multiplied by it (in f64, rounded back to f32), otherwise
+/// nothing changes.
+///
+/// `None` does not clip (the norm is still returned, for logging). A non-finite norm leaves
+/// the gradients untouched and is returned as is, for the trainer to skip the step (PyTorch
+/// would spread the NaN into every gradient). `Some(max_norm)` must be finite and positive.
+pub fn clip_global_norm(grads: &mut Grads, max_norm: Option<f64>) -> Result<f64, OptimError> {
+    if let Some(max_norm) = max_norm {
+        positive("max_norm", max_norm)?;
+    }
+    let norm = global_norm(grads);
+    let Some(max_norm) = max_norm else {
+        return Ok(norm);
+    };
+    let coef = max_norm / (norm + 1e-6);
+    if norm.is_finite() && coef < 1.0 {
+        for x in grads.values_mut().flat_map(|g| g.iter_mut()) {
+            *x = (f64::from(*x) * coef) as f32;
+        }
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn grads(entries: &[(&str, &[f32])]) -> Grads {
+        entries
+            .iter()
+            .map(|(n, g)| ((*n).to_owned(), g.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn norm_5_clips_to_1() {
+        let mut g = grads(&[("a", &[3.0]), ("b", &[0.0, 4.0])]);
+        let norm = clip_global_norm(&mut g, Some(1.0)).unwrap();
+        assert_eq!(norm, 5.0);
+        let coef = 1.0 / (5.0 + 1e-6);
+        assert_eq!(g["a"], [(3.0 * coef) as f32]);
+        assert_eq!(g["b"], [0.0, (4.0 * coef) as f32]);
+        let after = global_norm(&g);
+        assert!((after - 1.0).abs() < 1e-6, "{after}");
+        assert!(after < 1.0);
+    }
+
+    #[test]
+    fn below_threshold_or_none_is_untouched() {
+        let original = grads(&[("a", &[0.3, -0.4]), ("b", &[0.1])]);
+        let mut g = original.clone();
+        let norm = clip_global_norm(&mut g, Some(1.0)).unwrap();
+        assert!((norm - 0.26f64.sqrt()).abs() < 1e-7);
+        assert_eq!(g, original);
+        let mut g = grads(&[("a", &[30.0, -40.0])]);
+        assert_eq!(clip_global_norm(&mut g, None).unwrap(), 50.0);
+        assert_eq!(g["a"], [30.0, -40.0]);
+        assert_eq!(clip_global_norm(&mut Grads::new(), Some(1.0)).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn non_finite_norm_is_reported_not_applied() {
+        let mut g = grads(&[("a", &[f32::NAN, 1.0]), ("b", &[2.0])]);
+        assert!(clip_global_norm(&mut g, Some(1.0)).unwrap().is_nan());
+        assert_eq!(g["b"], [2.0]);
+        let mut g = grads(&[("a", &[f32::INFINITY, 1.0])]);
+        assert_eq!(clip_global_norm(&mut g, Some(1.0)).unwrap(), f64::INFINITY);
+        assert_eq!(g["a"][1], 1.0);
+    }
+
+    #[test]
+    fn bad_max_norm_is_named() {
+        let mut g = grads(&[("a", &[1.0])]);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = clip_global_norm(&mut g, Some(bad)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    OptimError::InvalidValue {
+                        field: "max_norm",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn accumulate_scales_and_adds() {
+        let mut acc = Grads::new();
+        accumulate(&mut acc, &grads(&[("a", &[1.0, 2.0]), ("b", &[4.0])]), 0.5).unwrap();
+        assert_eq!(acc, grads(&[("a", &[0.5, 1.0]), ("b", &[2.0])]));
+        accumulate(&mut acc, &grads(&[("a", &[3.0, -2.0]), ("c", &[1.0])]), 0.5).unwrap();
+        assert_eq!(
+            acc,
+            grads(&[("a", &[2.0, 0.0]), ("b", &[2.0]), ("c", &[0.5])])
+        );
+        // A wrong length is named and nothing is added, even to the other gradients.
+        let err = accumulate(
+            &mut acc,
+            &grads(&[("a", &[1.0, 1.0]), ("b", &[1.0, 2.0])]),
+            1.0,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "gradient for `b` has 2 values, expected 1");
+        assert_eq!(acc["a"], [2.0, 0.0]);
+    }
+}

@@ -1,0 +1,116 @@
+//! The `fathom` binary end to end: init, forward, graph, and its errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use fathom::runtime::pretrained::Pretrained;
+use fathom::runtime::weights::read_safetensors;
+
+fn fathom(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fathom"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string()
+}
+
+#[test]
+fn init_then_forward_writes_the_interpreters_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let model = model.to_str().unwrap();
+    let config = repo("tests/fixtures/shared2_dense2/config.json");
+    let init = fathom(&["init", "--config", &config, "--seed", "3", "--out", model]);
+    assert!(init.status.success(), "{}", stderr(&init));
+
+    let out = dir.path().join("logits.safetensors");
+    let out = out.to_str().unwrap();
+    let run = fathom(&["forward", "--model", model, "--tokens", "5,17,42", "--tokens", "1,2,3", "--out", out]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let written = read_safetensors(Path::new(out)).unwrap();
+    assert_eq!(written.len(), 1, "only `logits`");
+    let logits = written.get("logits").unwrap();
+    assert_eq!(logits.dims(), [2, 3, 64]);
+
+    let loaded = Pretrained::load(Path::new(model)).unwrap();
+    let expected = loaded.logits(&[vec![5, 17, 42], vec![1, 2, 3]]).unwrap();
+    assert_eq!(logits.as_f32(), expected.as_f32(), "bit-identical to the library call");
+
+    let again = dir.path().join("again");
+    let again = again.to_str().unwrap();
+    assert!(fathom(&["init", "--config", &config, "--seed", "3", "--out", again]).status.success());
+    let a = std::fs::read(Path::new(model).join("model.safetensors")).unwrap();
+    let b = std::fs::read(Path::new(again).join("model.safetensors")).unwrap();
+    assert!(a == b, "the same seed writes the same bytes");
+}
+
+#[test]
+fn the_671b_summary_prints_hugging_faces_count() {
+    let config = repo("examples/configs/deepseek-v3-671b.json");
+    let run = fathom(&["graph", "--config", &config, "--summary"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let text = String::from_utf8(run.stdout).unwrap();
+    assert!(text.contains("parameters (main model):       671,026,404,352"), "{text}");
+    assert!(text.contains("activated per token:"), "{text}");
+}
+
+#[test]
+fn graph_prints_one_line_per_node() {
+    let model = repo("tests/fixtures/no_q_lora");
+    let run = fathom(&["graph", "--model", &model, "--seq", "3"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let text = String::from_utf8(run.stdout).unwrap();
+    assert!(text.starts_with("graph deepseek_v3 {"));
+    assert!(text.contains("= param \"model.layers.0.self_attn.q_proj.weight\""));
+    assert!(text.contains("output \"logits\""));
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_a_failure_status() {
+    let model = repo("tests/fixtures/moe_grouped");
+    let cases: &[(&[&str], &str)] = &[
+        (&["forward", "--model", &model, "--tokens", "1,2,64", "--out", "/dev/null"],
+            "row 0, position 2: token 64 is outside the vocabulary 0..64"),
+        (&["forward", "--model", &model, "--tokens", "1,2", "--tokens", "3", "--out", "/dev/null"],
+            "rows must have equal length"),
+        (&["forward", "--model", "/nonexistent/model", "--tokens", "1", "--out", "/dev/null"],
+            "cannot read /nonexistent/model/config.json"),
+        (&["forward", "--model", &model, "--tokens", "1,two", "--out", "/dev/null"],
+            "`two` is not a token id"),
+        (&["graph"], "give the model as --model DIR or --config FILE"),
+    ];
+    for (args, expected) in cases {
+        let run = fathom(args);
+        assert!(!run.status.success(), "{args:?} succeeded");
+        let message = stderr(&run);
+        assert!(message.contains(expected), "{args:?}: {message}");
+        assert!(!message.contains("panicked"), "{args:?}: {message}");
+    }
+}
+
+#[test]
+fn a_checkpoint_that_does_not_match_its_config_names_every_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = repo("tests/fixtures/moe_grouped");
+    for file in ["model.safetensors"] {
+        std::fs::copy(Path::new(&source).join(file), dir.path().join(file)).unwrap();
+    }
+    let config = std::fs::read_to_string(Path::new(&source).join("config.json")).unwrap();
+    let config = config.replace("\"kv_lora_rank\": 16", "\"kv_lora_rank\": 12");
+    std::fs::write(dir.path().join("config.json"), config).unwrap();
+    let model = dir.path().to_str().unwrap();
+    let run = fathom(&["forward", "--model", model, "--tokens", "1", "--out", "/dev/null"]);
+    let message = stderr(&run);
+    assert!(!run.status.success());
+    assert!(
+        message.contains("wrong shape: model.layers.0.self_attn.kv_a_layernorm.weight is [16] in the checkpoint, the model expects [12]"),
+        "{message}"
+    );
+}
