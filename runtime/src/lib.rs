@@ -8,6 +8,7 @@ pub mod interp;
 pub mod optim;
 pub mod pretrained;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use tensor::{Data, HostTensor};

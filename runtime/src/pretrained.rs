@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use fathom_compiler::model::{ForwardOptions, forward_graph, parameter_graph};
+use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph, parameter_graph};
+use fathom_compiler::training::training_graph;
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::{ConfigError, config_json, spec_from_config_json};
 use fathom_compiler::{Graph, GraphError};
@@ -119,6 +120,36 @@ impl Pretrained {
         outputs
             .remove("logits")
             .ok_or_else(|| PretrainedError::Tokens("the graph has no logits output".into()))
+    }
+}
+
+impl Pretrained {
+    /// The mean next-token cross-entropy of the rows (what `transformers` reports with
+    /// `labels=input_ids`: no MTP or balance term) and its gradient for every trainable
+    /// parameter, by name, computed by the reference interpreter.
+    pub fn gradients(&self, rows: &[Vec<i64>]) -> Result<(f32, Vec<(String, HostTensor)>), PretrainedError> {
+        let ids = token_batch(rows, self.spec.vocab_size)?;
+        let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
+        if seq < 2 {
+            return Err(PretrainedError::Tokens(
+                "a next-token loss needs rows of at least 2 tokens".into(),
+            ));
+        }
+        let program = training_graph(&self.spec, batch, seq, LossWeights::next_token_only())?;
+        let inputs = HashMap::from([("input_ids", ids)]);
+        let mut outputs = evaluate(&program.graph, &Feeds::new(&inputs, &self.weights))?;
+        let missing = |name: &str| PretrainedError::Tokens(format!("the training graph has no `{name}`"));
+        let loss = outputs
+            .get("loss")
+            .and_then(HostTensor::as_f32)
+            .ok_or_else(|| missing("loss"))?[0];
+        let mut gradients = Vec::with_capacity(program.parameters.len());
+        for name in program.parameters {
+            let key = format!("grad.{name}");
+            let grad = outputs.remove(&key).ok_or_else(|| missing(&key))?;
+            gradients.push((name, grad));
+        }
+        Ok((loss, gradients))
     }
 }
 

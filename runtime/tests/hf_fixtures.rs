@@ -98,3 +98,40 @@ fn next_token_loss_matches_transformers() {
         assert!(error < 1e-5, "{name}: loss {loss} vs transformers {want}");
     }
 }
+
+/// Gradients against PyTorch autograd through `transformers`: every parameter's gradient within
+/// 1e-3 of that tensor's max|ref|. Both sides compute in f32 with different summation orders;
+/// backward chains roughly twice as many roundings as forward, and small gradients (an expert
+/// that got one token) amplify them relative to their own maximum, hence the looser bound than
+/// the logits'. A wrong rule (a missing 1/n, a transposed weight gradient) is off by O(1).
+#[test]
+fn gradients_match_pytorch_autograd() {
+    use fathom_compiler::training::training_graph;
+    for name in ["moe_grouped", "yarn", "yarn_ramp", "shared2_dense2", "no_q_lora", "bf16_sharded"] {
+        let dir = fixture(name);
+        let model = Pretrained::load(&dir).unwrap();
+        let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+        let ids = reference.get("input_ids").unwrap();
+        let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
+        let train = training_graph(&model.spec, batch, seq, LossWeights::next_token_only()).unwrap();
+        let inputs = HashMap::from([("input_ids", ids.clone())]);
+        let outputs = evaluate(&train.graph, &Feeds::new(&inputs, &model.weights)).unwrap();
+        let mut worst = (0f64, String::new());
+        for parameter in &train.parameters {
+            let got = outputs.get(&format!("grad.{parameter}")).unwrap().as_f32().unwrap();
+            let want = reference
+                .get(&format!("grad.{parameter}"))
+                .unwrap_or_else(|| panic!("{name}: no reference gradient for {parameter}"));
+            let want = want.as_f32().unwrap();
+            assert_eq!(got.len(), want.len(), "{name}: {parameter}");
+            let max_ref = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+            let max_diff = got.iter().zip(want).fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+            let error = if max_ref == 0.0 { max_diff } else { max_diff / max_ref };
+            assert!(error < 1e-3, "{name}: {parameter}: max|diff| {max_diff:.3e}, max|ref| {max_ref:.3e}");
+            if error > worst.0 {
+                worst = (error, parameter.clone());
+            }
+        }
+        eprintln!("{name}: {} gradients, worst relative error {:.2e} ({})", train.parameters.len(), worst.0, worst.1);
+    }
+}

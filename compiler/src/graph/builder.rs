@@ -41,6 +41,23 @@ impl GraphBuilder {
         }
     }
 
+    /// Continues building on `graph`: new nodes are appended after its nodes, and its inputs
+    /// and parameters keep their names (a new leaf may not reuse one).
+    pub fn from_graph(graph: Graph) -> Self {
+        let leaf_names = graph
+            .node_ids()
+            .filter_map(|id| match &graph.node(id).op {
+                Op::Input { name } | Op::Parameter { name, .. } => Some((name.clone(), id)),
+                _ => None,
+            })
+            .collect();
+        GraphBuilder {
+            graph,
+            origin: String::new(),
+            leaf_names,
+        }
+    }
+
     /// The graph so far.
     pub fn graph(&self) -> &Graph {
         &self.graph
@@ -329,6 +346,19 @@ impl GraphBuilder {
         expert_ids: Tensor,
     ) -> Result<Tensor, GraphError> {
         self.push(Op::GroupedMatMul, &[x, weights, expert_ids], None)
+    }
+
+    /// The weight gradient of a grouped matmul (see [`Op::GroupedMatMulWeightGrad`]):
+    /// `[experts, n, k]` from the cotangent `[tokens, slots, n]` of its result.
+    pub fn grouped_matmul_weight_grad(
+        &mut self,
+        cotangent: Tensor,
+        x: Tensor,
+        expert_ids: Tensor,
+        experts: usize,
+    ) -> Result<Tensor, GraphError> {
+        let op = Op::GroupedMatMulWeightGrad { experts };
+        self.push(op, &[cotangent, x, expert_ids], None)
     }
 
     pub fn stack(&mut self, parts: &[Tensor]) -> Result<Tensor, GraphError> {

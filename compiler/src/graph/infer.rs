@@ -191,6 +191,9 @@ pub fn infer_type(
             Ok(TensorType::new(*dtype, dims))
         }
         Op::GroupedMatMul => grouped_matmul(operands[0], operands[1], operands[2]),
+        Op::GroupedMatMulWeightGrad { experts } => {
+            grouped_matmul_weight_grad(*experts, operands[0], operands[1], operands[2])
+        }
         Op::Stack => {
             let first = operands[0];
             if let Some(other) = operands.iter().find(|t| **t != first) {
@@ -305,4 +308,37 @@ fn grouped_matmul(
         ));
     }
     Ok(TensorType::new(x.dtype, [tokens, slots, weights.dims()[1]]))
+}
+
+fn grouped_matmul_weight_grad(
+    experts: usize,
+    cotangent: &TensorType,
+    x: &TensorType,
+    expert_ids: &TensorType,
+) -> Result<TensorType, String> {
+    same_dtype(cotangent, x)?;
+    float(x, "x")?;
+    integer(expert_ids, "expert ids")?;
+    if experts == 0 {
+        return Err("needs at least one expert".into());
+    }
+    if cotangent.rank() != 3 || x.rank() != 3 || expert_ids.rank() != 2 {
+        return Err(format!(
+            "expects cotangent (tokens, slots, n), x (tokens, slots, k), expert ids \
+             (tokens, slots); got {cotangent}, {x}, {expert_ids}"
+        ));
+    }
+    let (tokens, slots) = (expert_ids.dims()[0], expert_ids.dims()[1]);
+    if cotangent.dims()[..2] != [tokens, slots] {
+        return Err(format!(
+            "cotangent {cotangent} does not match expert ids {expert_ids}"
+        ));
+    }
+    if x.dims()[0] != tokens || (x.dims()[1] != slots && x.dims()[1] != 1) {
+        return Err(format!("x {x} does not match expert ids {expert_ids}"));
+    }
+    Ok(TensorType::new(
+        x.dtype,
+        [experts, cotangent.dims()[2], x.dims()[2]],
+    ))
 }

@@ -132,6 +132,12 @@ pub enum Op {
     GroupedMatMul,
     /// `[x_0, x_1, ...]` of equal types -> a new leading axis of extent `n`.
     Stack,
+    /// `[cotangent (tokens, slots, n), x (tokens, slots or 1, k), expert_ids (tokens, slots)]`
+    /// -> `(experts, n, k)`: the gradient of [`Op::GroupedMatMul`] with respect to its weights,
+    /// `out[e] = Σ_{(t, s): expert_ids[t, s] = e} cotangent[t, s]ᵀ · x[t, s or 0]` (an outer
+    /// product per token-slot, summed per expert). An expert that no token was routed to gets
+    /// exact zeros. Emitted by autodiff.
+    GroupedMatMulWeightGrad { experts: usize },
 }
 
 fn yes() -> bool {
@@ -190,6 +196,7 @@ impl Op {
             Op::OneHot { .. } => "one_hot",
             Op::GroupedMatMul => "grouped_matmul",
             Op::Stack => "stack",
+            Op::GroupedMatMulWeightGrad { .. } => "grouped_matmul_weight_grad",
         }
     }
 
@@ -209,7 +216,7 @@ impl Op {
             Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather | Op::TakeAlong { .. } => {
                 Some(2)
             }
-            Op::Select | Op::GroupedMatMul => Some(3),
+            Op::Select | Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => Some(3),
             Op::Concat { .. } | Op::Stack => None,
         }
     }
@@ -240,6 +247,7 @@ impl fmt::Display for Op {
             Op::Concat { axis } | Op::TakeAlong { axis } => write!(f, "<axis={axis}>"),
             Op::TopK { k } => write!(f, "<k={k}>"),
             Op::OneHot { depth, dtype } => write!(f, "<depth={depth}, {dtype}>"),
+            Op::GroupedMatMulWeightGrad { experts } => write!(f, "<experts={experts}>"),
             _ => Ok(()),
         }
     }

@@ -118,6 +118,9 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
         Op::TopK { k } => indexing::top_k(at, *k, x[0]),
         Op::OneHot { depth, dtype } => indexing::one_hot(at, *depth, *dtype, x[0]),
         Op::GroupedMatMul => linalg::grouped_matmul(at, x[0], x[1], x[2]),
+        Op::GroupedMatMulWeightGrad { experts } => {
+            linalg::grouped_matmul_weight_grad(at, *experts, x[0], x[1], x[2])
+        }
         Op::Stack => movement::stack(at, x),
     }
 }

@@ -1,5 +1,6 @@
-//! Accumulating ops: `Reduce`, `MatMul`, `GroupedMatMul`. Float sums and dot products
-//! accumulate in f64, in index order, and round once to f32 and then to the dtype.
+//! Accumulating ops: `Reduce`, `MatMul`, `GroupedMatMul`, `GroupedMatMulWeightGrad`. Float
+//! sums and dot products accumulate in f64, in index order, and round once to f32 and then to
+//! the dtype.
 
 use fathom_compiler::DType;
 use fathom_compiler::graph::ReduceOp;
@@ -142,5 +143,40 @@ pub(super) fn grouped_matmul(
             }
         }
     }
+    Ok(at.tensor(Data::Float(values)))
+}
+
+/// `out[e] = Σ cotangent[t, s]ᵀ · x[t, s or 0]` over the token-slots `(t, s)` routed to expert
+/// `e`, an `[n, k]` matrix per expert (the weight gradient of [`grouped_matmul`]). Each result
+/// element accumulates in f64, in `(t, s)` order, and rounds once; an expert that got no token
+/// gets exact zeros. Expert ids outside `0..experts` are an error.
+pub(super) fn grouped_matmul_weight_grad(
+    at: At<'_>,
+    experts: usize,
+    cotangent: &HostTensor,
+    x: &HostTensor,
+    expert_ids: &HostTensor,
+) -> Result<HostTensor, InterpError> {
+    let (cv, xv, ids) = (at.floats(cotangent)?, at.floats(x)?, at.ints(expert_ids)?);
+    let (tokens, slots) = (expert_ids.dims()[0], expert_ids.dims()[1]);
+    let (x_slots, k) = (x.dims()[1], x.dims()[2]);
+    let n = cotangent.dims()[2];
+    let mut sums = vec![0.0f64; experts * n * k];
+    for t in 0..tokens {
+        for s in 0..slots {
+            let expert = at.index(ids[t * slots + s], experts)?;
+            let x_slot = if x_slots == 1 { 0 } else { s };
+            let x_row = &xv[(t * x_slots + x_slot) * k..][..k];
+            let c_row = &cv[(t * slots + s) * n..][..n];
+            for (row, &c) in c_row.iter().enumerate() {
+                let out_row = &mut sums[(expert * n + row) * k..][..k];
+                for (sum, &xe) in out_row.iter_mut().zip(x_row) {
+                    *sum += f64::from(c) * f64::from(xe);
+                }
+            }
+        }
+    }
+    let dtype = at.out_dtype();
+    let values = sums.into_iter().map(|v| round_f64(dtype, v)).collect();
     Ok(at.tensor(Data::Float(values)))
 }

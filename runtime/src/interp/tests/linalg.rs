@@ -181,6 +181,54 @@ fn grouped_matmul_broadcasts_a_single_slot() -> TestResult {
     Ok(())
 }
 
+fn weight_grad(cotangent: HostTensor, x: HostTensor, ids: HostTensor) -> TestResult<HostTensor> {
+    let feeds = [("cotangent", cotangent), ("x", x), ("ids", ids)];
+    eval_one(&feeds, |g, t| {
+        g.grouped_matmul_weight_grad(t[0], t[1], t[2], 3)
+    })
+}
+
+#[test]
+fn grouped_matmul_weight_grad_sums_outer_products_per_expert() -> TestResult {
+    let cotangent = f32s(&[2, 2, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+    let ids = i64s(&[2, 2], &[0, 1, 1, 0]);
+    // One x row per token, serving both slots.
+    let x = f32s(&[2, 1, 2], &[1.0, 10.0, 2.0, 20.0]);
+    let expected = [
+        15.0, 150.0, 18.0, 180.0, // expert 0: [1,2]ᵀ[1,10] + [7,8]ᵀ[2,20]
+        13.0, 130.0, 16.0, 160.0, // expert 1: [3,4]ᵀ[1,10] + [5,6]ᵀ[2,20]
+        0.0, 0.0, 0.0, 0.0, // expert 2: no token
+    ];
+    let out = weight_grad(cotangent.clone(), x, ids.clone())?;
+    assert_f32(&out, &[3, 2, 2], &expected);
+    // One x row per token-slot.
+    let x = f32s(&[2, 2, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 0.0]);
+    let expected = [
+        15.0, 0.0, 18.0, 0.0, // expert 0: [1,2]ᵀ[1,0] + [7,8]ᵀ[2,0]
+        5.0, 8.0, 6.0, 10.0, // expert 1: [3,4]ᵀ[0,1] + [5,6]ᵀ[1,1]
+        0.0, 0.0, 0.0, 0.0,
+    ];
+    assert_f32(&weight_grad(cotangent, x, ids)?, &[3, 2, 2], &expected);
+    Ok(())
+}
+
+#[test]
+fn grouped_matmul_weight_grad_rejects_unknown_experts() -> TestResult {
+    let cotangent = f32s(&[1, 1, 1], &[1.0]);
+    let x = f32s(&[1, 1, 1], &[1.0]);
+    match weight_grad(cotangent, x, i64s(&[1, 1], &[3])) {
+        Ok(_) => Err("expected an error".into()),
+        Err(e) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("index 3 is out of range 0..3"),
+                "{message}"
+            );
+            Ok(())
+        }
+    }
+}
+
 #[test]
 fn softmax_matches_a_hand_computed_one() -> TestResult {
     let x = f32s(&[2, 3], &[1.0, 2.0, 3.0, 0.0, 0.0, 0.0]);

@@ -1,0 +1,90 @@
+//! Adjoints of the contractions: `MatMul`, `GroupedMatMul` and `GroupedMatMulWeightGrad`.
+
+use crate::error::GraphError;
+use crate::graph::{GraphBuilder, Tensor};
+
+use super::Adjoint;
+use super::reduce_to::sum_to;
+
+/// `[a (..., m, k), b (..., k, n)]`: `da = g·bᵀ`, `db = aᵀ·g`, each summed back to its
+/// operand's batch shape. A matrix `b` under a batched `a` (a linear layer) gets its gradient
+/// from one matmul of `a` and `g` flattened to `[batch·m, k]` and `[batch·m, n]`.
+pub(super) fn matmul(
+    g: &mut GraphBuilder,
+    a: &Adjoint<'_>,
+) -> Result<Vec<Option<Tensor>>, GraphError> {
+    let (lhs, rhs, cot) = (a.inputs[0], a.inputs[1], a.cot);
+    let lhs_dims = g.dims(lhs).to_vec();
+    let rhs_dims = g.dims(rhs).to_vec();
+    let dl = if a.wanted[0] {
+        let rhs_t = g.transpose(rhs)?;
+        let dl = g.matmul(cot, rhs_t)?;
+        Some(sum_to(g, dl, &lhs_dims)?)
+    } else {
+        None
+    };
+    let dr = if !a.wanted[1] {
+        None
+    } else if rhs_dims.len() == 2 && lhs_dims.len() > 2 {
+        let (k, n) = (rhs_dims[0], rhs_dims[1]);
+        let rows = lhs_dims[..lhs_dims.len() - 1].iter().product();
+        let flat_lhs = g.reshape(lhs, &[rows, k])?;
+        let flat_cot = g.reshape(cot, &[rows, n])?;
+        let lhs_t = g.transpose(flat_lhs)?;
+        Some(g.matmul(lhs_t, flat_cot)?)
+    } else {
+        let lhs_t = g.transpose(lhs)?;
+        let dr = g.matmul(lhs_t, cot)?;
+        Some(sum_to(g, dr, &rhs_dims)?)
+    };
+    Ok(vec![dl, dr])
+}
+
+/// `[x (T, S|1, K), w (E, N, K), ids (T, S)]`: `dx = grouped_matmul(g, wᵀ, ids)` (each
+/// token-slot's cotangent through its expert's weight, untransposed), summed over the slots
+/// when `x` has one; `dw = grouped_matmul_weight_grad(g, x, ids)`. None for the ids.
+pub(super) fn grouped_matmul(
+    g: &mut GraphBuilder,
+    a: &Adjoint<'_>,
+) -> Result<Vec<Option<Tensor>>, GraphError> {
+    let (x, w, ids, cot) = (a.inputs[0], a.inputs[1], a.inputs[2], a.cot);
+    let dx = if a.wanted[0] {
+        let w_t = g.permute(w, &[0, 2, 1])?;
+        let dx = g.grouped_matmul(cot, w_t, ids)?;
+        let x_dims = g.dims(x).to_vec();
+        Some(sum_to(g, dx, &x_dims)?)
+    } else {
+        None
+    };
+    let dw = if a.wanted[1] {
+        let experts = g.dims(w)[0];
+        Some(g.grouped_matmul_weight_grad(cot, x, ids, experts)?)
+    } else {
+        None
+    };
+    Ok(vec![dx, dw, None])
+}
+
+/// `[c (T, S, N), x (T, S|1, K), ids (T, S)] -> (E, N, K)`, cotangent `G`:
+/// `dc = grouped_matmul(x, G, ids)`, `dx = grouped_matmul(c, Gᵀ, ids)` summed over the slots
+/// when `x` has one. (Only a second derivative needs this.)
+pub(super) fn grouped_matmul_weight_grad(
+    g: &mut GraphBuilder,
+    a: &Adjoint<'_>,
+) -> Result<Vec<Option<Tensor>>, GraphError> {
+    let (c, x, ids, cot) = (a.inputs[0], a.inputs[1], a.inputs[2], a.cot);
+    let dc = if a.wanted[0] {
+        Some(g.grouped_matmul(x, cot, ids)?)
+    } else {
+        None
+    };
+    let dx = if a.wanted[1] {
+        let cot_t = g.permute(cot, &[0, 2, 1])?;
+        let dx = g.grouped_matmul(c, cot_t, ids)?;
+        let x_dims = g.dims(x).to_vec();
+        Some(sum_to(g, dx, &x_dims)?)
+    } else {
+        None
+    };
+    Ok(vec![dc, dx, None])
+}

@@ -1,0 +1,77 @@
+//! The training graph: forward pass, losses and the gradient of every trainable parameter.
+
+use crate::autodiff::backward_parameters;
+use crate::error::GraphError;
+use crate::graph::{Graph, GraphBuilder, Op};
+use crate::model::{DeepSeekV3, Layer, LayerConfig, LossWeights, add_objective};
+use crate::module::{Module, Scope};
+use crate::spec::ModelSpec;
+
+/// A graph that computes, for one micro-batch `input_ids` (`i64 [batch, seq]`), the outputs
+/// `loss` (the weighted total), `loss.next_token`, `loss.mtp` and `loss.balance` (those switched
+/// on), `grad.<parameter>` for every trainable parameter, and `expert_load.<bias>` (tokens per
+/// expert, f32) for the balancing bias of every MoE layer.
+#[derive(Clone, Debug)]
+pub struct TrainingGraph {
+    pub graph: Graph,
+    pub batch: usize,
+    pub seq: usize,
+    /// Trainable parameters, in declaration order; each has the output `grad.<name>`.
+    pub parameters: Vec<String>,
+    /// Balancing biases, one per MoE layer; each has the output `expert_load.<name>`.
+    pub balancing_biases: Vec<String>,
+}
+
+/// The training graph of the built-in DeepSeek-V3 model.
+pub fn training_graph(
+    spec: &ModelSpec,
+    batch: usize,
+    seq: usize,
+    weights: LossWeights,
+) -> Result<TrainingGraph, GraphError> {
+    let mut g = GraphBuilder::new("deepseek_v3_train");
+    let model: DeepSeekV3 = DeepSeekV3::declare(&mut Scope::root(&mut g), spec)?;
+    training_graph_of(g, &model, batch, seq, weights)
+}
+
+/// The training graph of any model declared in `g` (with your own block type, say).
+pub fn training_graph_of<L: Layer>(
+    mut g: GraphBuilder,
+    model: &DeepSeekV3<L>,
+    batch: usize,
+    seq: usize,
+    weights: LossWeights,
+) -> Result<TrainingGraph, GraphError>
+where
+    L: Module<Config = LayerConfig>,
+{
+    let terms = add_objective(&mut g, model, batch, seq, weights)?;
+    let mut balancing_biases = Vec::new();
+    for (bias, load) in &terms.loads {
+        let name = match &g.graph().node(bias.id()).op {
+            Op::Parameter { name, .. } => name.clone(),
+            other => {
+                return Err(GraphError::InvalidRequest(format!(
+                    "a routing's balancing bias must be a parameter, not `{}`",
+                    other.name()
+                )));
+            }
+        };
+        g.output(&format!("expert_load.{name}"), *load)?;
+        balancing_biases.push(name);
+    }
+    let graph = g.finish();
+    let parameters = graph
+        .parameters()
+        .filter(|(id, _, _)| graph.is_trainable(*id))
+        .map(|(_, name, _)| name.to_owned())
+        .collect();
+    let backward = backward_parameters(graph, terms.total.id())?;
+    Ok(TrainingGraph {
+        graph: backward.graph,
+        batch,
+        seq,
+        parameters,
+        balancing_biases,
+    })
+}

@@ -1,0 +1,254 @@
+//! The training loop's state and its step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use fathom_compiler::spec::ModelSpec;
+use fathom_compiler::training::{TrainingGraph, training_graph};
+
+use crate::data::Batches;
+use crate::interp::{Feeds, Outputs, evaluate};
+use crate::optim::{AdamW, Grads, LoadStats, accumulate, clip_global_norm, update_balancing_bias};
+use crate::tensor::{Data, HostTensor};
+use crate::weights::Weights;
+
+use super::checkpoint::{Checkpoint, TrainerState};
+use super::{StepReport, TrainError, TrainSettings};
+
+/// A training run in progress: model, optimizer, data and the compiled training graph.
+pub struct Trainer {
+    spec: ModelSpec,
+    settings: TrainSettings,
+    program: TrainingGraph,
+    weights: Weights,
+    optimizer: AdamW,
+    data: Box<dyn Batches>,
+    step: u64,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// A fresh run from `weights` (every parameter and buffer of `spec`'s model).
+    pub fn new(
+        spec: ModelSpec,
+        settings: TrainSettings,
+        weights: Weights,
+        data: Box<dyn Batches>,
+    ) -> Result<Self, TrainError> {
+        let program = Self::program(&spec, &settings, &weights, data.as_ref())?;
+        let trainable = program
+            .parameters
+            .iter()
+            .map(|name| (name.as_str(), weights.get(name).expect("checked against the graph")));
+        let optimizer = AdamW::new(settings.optimizer, trainable)?;
+        Ok(Trainer {
+            spec,
+            settings,
+            program,
+            weights,
+            optimizer,
+            data,
+            step: 0,
+        })
+    }
+
+    /// Continues the run saved in `checkpoint`; `data` must be the run's data source, which is
+    /// moved to the saved position.
+    pub fn resume(checkpoint: Checkpoint, mut data: Box<dyn Batches>) -> Result<Self, TrainError> {
+        let Checkpoint {
+            spec,
+            weights,
+            optimizer_state,
+            state,
+            path,
+        } = checkpoint;
+        data.seek(&state.data_position)?;
+        let program = Self::program(&spec, &state.settings, &weights, data.as_ref())?;
+        let optimizer = AdamW::from_state(state.settings.optimizer, optimizer_state)?;
+        optimizer
+            .check_params(&weights)
+            .map_err(|e| TrainError::Checkpoint {
+                path: path.clone(),
+                reason: format!("the optimizer state does not match the weights: {e}"),
+            })?;
+        Ok(Trainer {
+            spec,
+            settings: state.settings,
+            program,
+            weights,
+            optimizer,
+            data,
+            step: state.step,
+        })
+    }
+
+    /// Validates the settings against the data and weights and builds the training graph.
+    fn program(
+        spec: &ModelSpec,
+        settings: &TrainSettings,
+        weights: &Weights,
+        data: &dyn Batches,
+    ) -> Result<TrainingGraph, TrainError> {
+        settings.validate()?;
+        if data.batch_shape() != (settings.batch, settings.seq) {
+            let (batch, seq) = data.batch_shape();
+            return Err(TrainError::Settings {
+                field: "batch".into(),
+                reason: format!(
+                    "the data source yields [{batch}, {seq}] batches, the settings ask for [{}, {}]",
+                    settings.batch, settings.seq
+                ),
+            });
+        }
+        let program = training_graph(spec, settings.batch, settings.seq, settings.losses)?;
+        weights.check_against(&program.graph, |_| false)?;
+        Ok(program)
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn settings(&self) -> &TrainSettings {
+        &self.settings
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Whether the run has taken all its steps.
+    pub fn is_done(&self) -> bool {
+        self.step >= self.settings.steps
+    }
+
+    /// One optimizer step over `micro_batches` micro-batches.
+    pub fn step(&mut self) -> Result<StepReport, TrainError> {
+        let started = Instant::now();
+        let micro = self.settings.micro_batches;
+        let scale = 1.0 / micro as f64;
+        let mut grads = Grads::new();
+        let mut losses = LossSums::default();
+        let mut loads: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for _ in 0..micro {
+            let ids = self.data.next_batch()?;
+            let inputs = HashMap::from([("input_ids", ids)]);
+            let mut outputs = evaluate(&self.program.graph, &Feeds::new(&inputs, &self.weights))?;
+            losses.add(&outputs, scale);
+            let mut micro_grads = Grads::new();
+            for name in &self.program.parameters {
+                micro_grads.insert(name.clone(), take_floats(&mut outputs, &format!("grad.{name}")));
+            }
+            accumulate(&mut grads, &micro_grads, scale as f32)?;
+            for bias in &self.program.balancing_biases {
+                let load = take_floats(&mut outputs, &format!("expert_load.{bias}"));
+                let sum = loads.entry(bias.clone()).or_insert_with(|| vec![0.0; load.len()]);
+                for (s, l) in sum.iter_mut().zip(load) {
+                    *s += l as f64;
+                }
+            }
+        }
+        let step = self.step + 1;
+        if !losses.total.is_finite() {
+            return Err(TrainError::Diverged {
+                step,
+                what: "loss",
+                value: losses.total,
+            });
+        }
+        let grad_norm = clip_global_norm(&mut grads, self.settings.clip_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::Diverged {
+                step,
+                what: "gradient norm",
+                value: grad_norm,
+            });
+        }
+        let learning_rate = self.settings.schedule.lr(self.step);
+        self.optimizer.step(&mut self.weights, &grads, learning_rate)?;
+
+        let mut max_load_violation: Option<f64> = None;
+        for (bias, load) in &loads {
+            let violation = LoadStats { counts: load.clone() }.max_violation();
+            max_load_violation = Some(max_load_violation.map_or(violation, |m| m.max(violation)));
+            let gamma = self.settings.bias_update_speed;
+            let mut tensor = self.weights.remove(bias).expect("checked against the graph");
+            if let Data::Float(values) = &mut tensor.data {
+                update_balancing_bias(values, load, gamma)?;
+            }
+            self.weights.insert(bias.clone(), tensor);
+        }
+        self.step = step;
+        Ok(StepReport {
+            step,
+            loss: losses.total,
+            loss_next_token: losses.next_token,
+            loss_mtp: losses.mtp,
+            loss_balance: losses.balance,
+            learning_rate,
+            grad_norm,
+            max_load_violation,
+            tokens: self.settings.tokens_per_step(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Everything a checkpoint holds, borrowed.
+    pub fn checkpoint_state(&self) -> (TrainerState, &Weights, Vec<(String, HostTensor)>) {
+        let state = TrainerState {
+            step: self.step,
+            data_position: self.data.position(),
+            settings: self.settings.clone(),
+        };
+        (state, &self.weights, self.optimizer.state_tensors())
+    }
+}
+
+/// Loss outputs averaged over micro-batches.
+#[derive(Default)]
+struct LossSums {
+    total: f64,
+    next_token: f64,
+    mtp: Option<f64>,
+    balance: Option<f64>,
+}
+
+impl LossSums {
+    fn add(&mut self, outputs: &Outputs, scale: f64) {
+        let scalar = |name: &str| {
+            outputs
+                .get(name)
+                .and_then(HostTensor::as_f32)
+                .map(|v| v[0] as f64 * scale)
+        };
+        self.total += scalar("loss").unwrap_or(f64::NAN);
+        self.next_token += scalar("loss.next_token").unwrap_or(f64::NAN);
+        if let Some(v) = scalar("loss.mtp") {
+            *self.mtp.get_or_insert(0.0) += v;
+        }
+        if let Some(v) = scalar("loss.balance") {
+            *self.balance.get_or_insert(0.0) += v;
+        }
+    }
+}
+
+/// Moves a float output out of the interpreter's results.
+fn take_floats(outputs: &mut Outputs, name: &str) -> Vec<f32> {
+    match outputs.remove(name).map(|t| t.data) {
+        Some(Data::Float(values)) => values,
+        _ => panic!("the training graph has a float output `{name}`"),
+    }
+}
