@@ -86,11 +86,15 @@ fn main() -> anyhow::Result<()> {
     let rows = logits.as_f32().context("float logits")?.chunks(vocab);
     println!("untrained next-byte guesses (the weights are random):");
     for (byte, row) in text.bytes().zip(rows) {
-        let (best, score) = row
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-        println!("  after {:?}: {:?} (logit {score:+.3})", byte as char, best as u8 as char);
+        let (best, score) =
+            row.iter().enumerate().fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            );
+        println!(
+            "  after {:?}: {:?} (logit {score:+.3})",
+            byte as char, best as u8 as char
+        );
     }
     Ok(())
 }

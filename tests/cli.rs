@@ -1,5 +1,7 @@
 //! The `fathom` binary end to end: init, forward, graph, and its errors.
 
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -18,7 +20,10 @@ fn stderr(output: &Output) -> String {
 }
 
 fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(path)
+        .display()
+        .to_string()
 }
 
 #[test]
@@ -32,7 +37,9 @@ fn init_then_forward_writes_the_interpreters_logits() {
 
     let out = dir.path().join("logits.safetensors");
     let out = out.to_str().unwrap();
-    let run = fathom(&["forward", "--model", model, "--tokens", "5,17,42", "--tokens", "1,2,3", "--out", out]);
+    let run = fathom(&[
+        "forward", "--model", model, "--tokens", "5,17,42", "--tokens", "1,2,3", "--out", out,
+    ]);
     assert!(run.status.success(), "{}", stderr(&run));
     let written = read_safetensors(Path::new(out)).unwrap();
     assert_eq!(written.len(), 1, "only `logits`");
@@ -41,11 +48,19 @@ fn init_then_forward_writes_the_interpreters_logits() {
 
     let loaded = Pretrained::load(Path::new(model)).unwrap();
     let expected = loaded.logits(&[vec![5, 17, 42], vec![1, 2, 3]]).unwrap();
-    assert_eq!(logits.as_f32(), expected.as_f32(), "bit-identical to the library call");
+    assert_eq!(
+        logits.as_f32(),
+        expected.as_f32(),
+        "bit-identical to the library call"
+    );
 
     let again = dir.path().join("again");
     let again = again.to_str().unwrap();
-    assert!(fathom(&["init", "--config", &config, "--seed", "3", "--out", again]).status.success());
+    assert!(
+        fathom(&["init", "--config", &config, "--seed", "3", "--out", again])
+            .status
+            .success()
+    );
     let a = std::fs::read(Path::new(model).join("model.safetensors")).unwrap();
     let b = std::fs::read(Path::new(again).join("model.safetensors")).unwrap();
     assert!(a == b, "the same seed writes the same bytes");
@@ -57,7 +72,10 @@ fn the_671b_summary_prints_hugging_faces_count() {
     let run = fathom(&["graph", "--config", &config, "--summary"]);
     assert!(run.status.success(), "{}", stderr(&run));
     let text = String::from_utf8(run.stdout).unwrap();
-    assert!(text.contains("parameters (main model):       671,026,404,352"), "{text}");
+    assert!(
+        text.contains("parameters (main model):       671,026,404,352"),
+        "{text}"
+    );
     assert!(text.contains("activated per token:"), "{text}");
 }
 
@@ -76,14 +94,56 @@ fn graph_prints_one_line_per_node() {
 fn bad_input_is_a_clear_error_and_a_failure_status() {
     let model = repo("tests/fixtures/moe_grouped");
     let cases: &[(&[&str], &str)] = &[
-        (&["forward", "--model", &model, "--tokens", "1,2,64", "--out", "/dev/null"],
-            "row 0, position 2: token 64 is outside the vocabulary 0..64"),
-        (&["forward", "--model", &model, "--tokens", "1,2", "--tokens", "3", "--out", "/dev/null"],
-            "rows must have equal length"),
-        (&["forward", "--model", "/nonexistent/model", "--tokens", "1", "--out", "/dev/null"],
-            "cannot read /nonexistent/model/config.json"),
-        (&["forward", "--model", &model, "--tokens", "1,two", "--out", "/dev/null"],
-            "`two` is not a token id"),
+        (
+            &[
+                "forward",
+                "--model",
+                &model,
+                "--tokens",
+                "1,2,64",
+                "--out",
+                "/dev/null",
+            ],
+            "row 0, position 2: token 64 is outside the vocabulary 0..64",
+        ),
+        (
+            &[
+                "forward",
+                "--model",
+                &model,
+                "--tokens",
+                "1,2",
+                "--tokens",
+                "3",
+                "--out",
+                "/dev/null",
+            ],
+            "rows must have equal length",
+        ),
+        (
+            &[
+                "forward",
+                "--model",
+                "/nonexistent/model",
+                "--tokens",
+                "1",
+                "--out",
+                "/dev/null",
+            ],
+            "cannot read /nonexistent/model/config.json",
+        ),
+        (
+            &[
+                "forward",
+                "--model",
+                &model,
+                "--tokens",
+                "1,two",
+                "--out",
+                "/dev/null",
+            ],
+            "`two` is not a token id",
+        ),
         (&["graph"], "give the model as --model DIR or --config FILE"),
     ];
     for (args, expected) in cases {
@@ -99,14 +159,23 @@ fn bad_input_is_a_clear_error_and_a_failure_status() {
 fn a_checkpoint_that_does_not_match_its_config_names_every_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let source = repo("tests/fixtures/moe_grouped");
-    for file in ["model.safetensors"] {
+    {
+        let file = "model.safetensors";
         std::fs::copy(Path::new(&source).join(file), dir.path().join(file)).unwrap();
     }
     let config = std::fs::read_to_string(Path::new(&source).join("config.json")).unwrap();
     let config = config.replace("\"kv_lora_rank\": 16", "\"kv_lora_rank\": 12");
     std::fs::write(dir.path().join("config.json"), config).unwrap();
     let model = dir.path().to_str().unwrap();
-    let run = fathom(&["forward", "--model", model, "--tokens", "1", "--out", "/dev/null"]);
+    let run = fathom(&[
+        "forward",
+        "--model",
+        model,
+        "--tokens",
+        "1",
+        "--out",
+        "/dev/null",
+    ]);
     let message = stderr(&run);
     assert!(!run.status.success());
     assert!(

@@ -35,7 +35,7 @@ pub fn training_graph(
 }
 
 /// The training graph of any model declared in `g` (with your own block type, say).
-pub fn training_graph_of<L: Layer>(
+pub fn training_graph_of<L>(
     mut g: GraphBuilder,
     model: &DeepSeekV3<L>,
     batch: usize,
@@ -43,7 +43,7 @@ pub fn training_graph_of<L: Layer>(
     weights: LossWeights,
 ) -> Result<TrainingGraph, GraphError>
 where
-    L: Module<Config = LayerConfig>,
+    L: Layer + Module<Config = LayerConfig>,
 {
     let terms = add_objective(&mut g, model, batch, seq, weights)?;
     let mut balancing_biases = Vec::new();

@@ -75,7 +75,11 @@ fn parameters_follow_the_hugging_face_layout() {
     insta::assert_snapshot!(names.join("\n"));
     let graph = g.finish();
     let summary = ParameterSummary::of(&tiny(), &graph);
-    assert_eq!(summary.buffers, 2 * 4, "one balancing bias per MoE block (main + MTP)");
+    assert_eq!(
+        summary.buffers,
+        2 * 4,
+        "one balancing bias per MoE block (main + MTP)"
+    );
     assert_eq!(
         summary.total(),
         graph.parameter_count(),
@@ -91,13 +95,19 @@ fn impossible_requests_are_errors() {
         with_mtp: false,
     };
     let error = forward_graph(&tiny(), long).unwrap_err();
-    assert_eq!(error.to_string(), "sequence length 17 exceeds the model's max_positions (16)");
+    assert_eq!(
+        error.to_string(),
+        "sequence length 17 exceeds the model's max_positions (16)"
+    );
     let short = ForwardOptions {
         batch: 1,
         seq: 1,
         with_mtp: true,
     };
-    assert!(matches!(forward_graph(&tiny(), short), Err(GraphError::InvalidRequest(_))));
+    assert!(matches!(
+        forward_graph(&tiny(), short),
+        Err(GraphError::InvalidRequest(_))
+    ));
     let mut bad = tiny();
     bad.moe.as_mut().unwrap().groups = 3;
     let error = forward_graph(&bad, long).unwrap_err();

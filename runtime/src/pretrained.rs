@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph, parameter_graph};
-use fathom_compiler::training::training_graph;
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::{ConfigError, config_json, spec_from_config_json};
+use fathom_compiler::training::training_graph;
 use fathom_compiler::{Graph, GraphError};
 use thiserror::Error;
 
@@ -59,7 +59,9 @@ impl Pretrained {
         })?;
         let weights = Weights::load_dir(dir)?;
         let mut notes = Vec::new();
-        let has_mtp_weights = weights.names().any(|n| is_layer_at_or_above(n, spec.layers));
+        let has_mtp_weights = weights
+            .names()
+            .any(|n| is_layer_at_or_above(n, spec.layers));
         if spec.mtp_depth > 0 && !has_mtp_weights {
             notes.push(format!(
                 "the checkpoint has no MTP weights (layers {}..{}), so MTP is off \
@@ -127,7 +129,10 @@ impl Pretrained {
     /// The mean next-token cross-entropy of the rows (what `transformers` reports with
     /// `labels=input_ids`: no MTP or balance term) and its gradient for every trainable
     /// parameter, by name, computed by the reference interpreter.
-    pub fn gradients(&self, rows: &[Vec<i64>]) -> Result<(f32, Vec<(String, HostTensor)>), PretrainedError> {
+    pub fn gradients(
+        &self,
+        rows: &[Vec<i64>],
+    ) -> Result<(f32, Vec<(String, HostTensor)>), PretrainedError> {
         let ids = token_batch(rows, self.spec.vocab_size)?;
         let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
         if seq < 2 {
@@ -138,7 +143,8 @@ impl Pretrained {
         let program = training_graph(&self.spec, batch, seq, LossWeights::next_token_only())?;
         let inputs = HashMap::from([("input_ids", ids)]);
         let mut outputs = evaluate(&program.graph, &Feeds::new(&inputs, &self.weights))?;
-        let missing = |name: &str| PretrainedError::Tokens(format!("the training graph has no `{name}`"));
+        let missing =
+            |name: &str| PretrainedError::Tokens(format!("the training graph has no `{name}`"));
         let loss = outputs
             .get("loss")
             .and_then(HostTensor::as_f32)
@@ -194,7 +200,11 @@ pub fn token_batch(rows: &[Vec<i64>], vocab_size: usize) -> Result<HostTensor, P
 
 /// Writes `dir/config.json` (the HF DeepseekV3 config) and `dir/model.safetensors`, each
 /// atomically, creating `dir` if needed.
-pub fn save_pretrained(dir: &Path, spec: &ModelSpec, weights: &Weights) -> Result<(), PretrainedError> {
+pub fn save_pretrained(
+    dir: &Path,
+    spec: &ModelSpec,
+    weights: &Weights,
+) -> Result<(), PretrainedError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| PretrainedError::Io { path, source }

@@ -23,7 +23,9 @@ use fathom_runtime::weights::read_safetensors;
 const TOLERANCE: f64 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 /// Loads the fixture, runs its reference batch, and returns max|diff| / max|ref|.
@@ -33,8 +35,15 @@ fn relative_logits_error(name: &str) -> f64 {
     let reference = read_safetensors(&dir.join("reference.safetensors")).expect("reference loads");
     let ids = reference.get("input_ids").expect("input_ids");
     let seq = ids.dims()[1];
-    let rows: Vec<Vec<i64>> = ids.as_i64().expect("i64 ids").chunks(seq).map(<[i64]>::to_vec).collect();
-    let logits = model.logits(&rows).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let rows: Vec<Vec<i64>> = ids
+        .as_i64()
+        .expect("i64 ids")
+        .chunks(seq)
+        .map(<[i64]>::to_vec)
+        .collect();
+    let logits = model
+        .logits(&rows)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     let want = reference.get("logits").expect("logits");
     assert_eq!(logits.dims(), want.dims(), "{name}: logits shape");
     let (got, want) = (logits.as_f32().expect("f32"), want.as_f32().expect("f32"));
@@ -71,7 +80,11 @@ fixture_tests! {
 fn checkpoints_without_mtp_weights_load_with_a_note() {
     let model = Pretrained::load(&fixture("moe_grouped")).expect("loads");
     assert_eq!(model.spec.mtp_depth, 0);
-    assert!(model.notes.iter().any(|n| n.contains("no MTP weights")), "{:?}", model.notes);
+    assert!(
+        model.notes.iter().any(|n| n.contains("no MTP weights")),
+        "{:?}",
+        model.notes
+    );
 }
 
 /// The next-token loss, as `transformers` computes it with `labels=input_ids`. Tolerance 1e-5
@@ -79,7 +92,14 @@ fn checkpoints_without_mtp_weights_load_with_a_note() {
 /// out; a wrong shift or a wrong mean would be off by far more.
 #[test]
 fn next_token_loss_matches_transformers() {
-    for name in ["moe_grouped", "yarn", "yarn_ramp", "shared2_dense2", "no_q_lora", "bf16_sharded"] {
+    for name in [
+        "moe_grouped",
+        "yarn",
+        "yarn_ramp",
+        "shared2_dense2",
+        "no_q_lora",
+        "bf16_sharded",
+    ] {
         let dir = fixture(name);
         let model = Pretrained::load(&dir).unwrap();
         let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
@@ -107,31 +127,58 @@ fn next_token_loss_matches_transformers() {
 #[test]
 fn gradients_match_pytorch_autograd() {
     use fathom_compiler::training::training_graph;
-    for name in ["moe_grouped", "yarn", "yarn_ramp", "shared2_dense2", "no_q_lora", "bf16_sharded"] {
+    for name in [
+        "moe_grouped",
+        "yarn",
+        "yarn_ramp",
+        "shared2_dense2",
+        "no_q_lora",
+        "bf16_sharded",
+    ] {
         let dir = fixture(name);
         let model = Pretrained::load(&dir).unwrap();
         let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
         let ids = reference.get("input_ids").unwrap();
         let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
-        let train = training_graph(&model.spec, batch, seq, LossWeights::next_token_only()).unwrap();
+        let train =
+            training_graph(&model.spec, batch, seq, LossWeights::next_token_only()).unwrap();
         let inputs = HashMap::from([("input_ids", ids.clone())]);
         let outputs = evaluate(&train.graph, &Feeds::new(&inputs, &model.weights)).unwrap();
         let mut worst = (0f64, String::new());
         for parameter in &train.parameters {
-            let got = outputs.get(&format!("grad.{parameter}")).unwrap().as_f32().unwrap();
+            let got = outputs
+                .get(&format!("grad.{parameter}"))
+                .unwrap()
+                .as_f32()
+                .unwrap();
             let want = reference
                 .get(&format!("grad.{parameter}"))
                 .unwrap_or_else(|| panic!("{name}: no reference gradient for {parameter}"));
             let want = want.as_f32().unwrap();
             assert_eq!(got.len(), want.len(), "{name}: {parameter}");
             let max_ref = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-            let max_diff = got.iter().zip(want).fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
-            let error = if max_ref == 0.0 { max_diff } else { max_diff / max_ref };
-            assert!(error < 1e-3, "{name}: {parameter}: max|diff| {max_diff:.3e}, max|ref| {max_ref:.3e}");
+            let max_diff = got
+                .iter()
+                .zip(want)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+            let error = if max_ref == 0.0 {
+                max_diff
+            } else {
+                max_diff / max_ref
+            };
+            assert!(
+                error < 1e-3,
+                "{name}: {parameter}: max|diff| {max_diff:.3e}, max|ref| {max_ref:.3e}"
+            );
             if error > worst.0 {
                 worst = (error, parameter.clone());
             }
         }
-        eprintln!("{name}: {} gradients, worst relative error {:.2e} ({})", train.parameters.len(), worst.0, worst.1);
+        eprintln!(
+            "{name}: {} gradients, worst relative error {:.2e} ({})",
+            train.parameters.len(),
+            worst.0,
+            worst.1
+        );
     }
 }

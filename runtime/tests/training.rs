@@ -1,6 +1,8 @@
 //! Training end to end on the CPU: the loss falls on the synthetic task, and a resumed run is
 //! bit-identical to an uninterrupted one.
 
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
 use fathom_compiler::model::{LossWeights, parameter_graph};
 use fathom_compiler::spec::{MlaSpec, ModelSpec, MoeSpec, RopeSpec};
 use fathom_runtime::data::{SyntheticBatches, SyntheticKind, SyntheticTask};
@@ -85,13 +87,27 @@ fn the_loss_falls_on_the_synthetic_task() {
     let mut t = trainer(60);
     let reports = run(&mut t, 60);
     let first = reports[0].loss_next_token;
-    let last = reports[reports.len() - 5..].iter().map(|r| r.loss_next_token).sum::<f64>() / 5.0;
+    let last = reports[reports.len() - 5..]
+        .iter()
+        .map(|r| r.loss_next_token)
+        .sum::<f64>()
+        / 5.0;
     eprintln!("next-token loss {first:.3} -> {last:.3} over 60 steps");
     // ln 16 = 2.77 at the start; a model that learned the step of each row gets near
     // ln 4 / 15 = 0.09 (the task's floor). Falling below 1.5 means it uses the previous tokens.
-    assert!((first - 16f64.ln()).abs() < 0.5, "starts near uniform: {first}");
-    assert!(last < 1.5, "the loss fell from {first:.3} to only {last:.3}");
-    assert!(reports.iter().all(|r| r.loss_mtp.is_some() && r.loss_balance.is_some()));
+    assert!(
+        (first - 16f64.ln()).abs() < 0.5,
+        "starts near uniform: {first}"
+    );
+    assert!(
+        last < 1.5,
+        "the loss fell from {first:.3} to only {last:.3}"
+    );
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.loss_mtp.is_some() && r.loss_balance.is_some())
+    );
 }
 
 #[test]
@@ -114,7 +130,12 @@ fn a_resumed_run_is_bit_identical() {
     let rest = run(&mut resumed, 3);
     for (a, b) in expected[3..].iter().zip(&rest) {
         assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}", a.step);
-        assert_eq!(a.grad_norm.to_bits(), b.grad_norm.to_bits(), "step {}", a.step);
+        assert_eq!(
+            a.grad_norm.to_bits(),
+            b.grad_norm.to_bits(),
+            "step {}",
+            a.step
+        );
     }
     for (name, tensor) in straight.weights().iter() {
         assert_eq!(Some(tensor), resumed.weights().get(name), "{name}");

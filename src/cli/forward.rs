@@ -20,7 +20,7 @@ pub struct Args {
     out: PathBuf,
 }
 
-fn parse_row(text: &str) -> Result<Vec<i64>, String> {
+pub(super) fn parse_row(text: &str) -> Result<Vec<i64>, String> {
     text.split(',')
         .map(|t| {
             t.trim()
@@ -37,10 +37,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let logits = model.logits(&args.rows)?;
     save_safetensors(&args.out, [("logits", &logits)])
         .with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!(
-        "wrote logits {} to {}",
-        logits.ty,
-        args.out.display()
-    );
+    eprintln!("wrote logits {} to {}", logits.ty, args.out.display());
     Ok(())
 }

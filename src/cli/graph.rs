@@ -34,8 +34,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(file)) => file.clone(),
         _ => bail!("give the model as --model DIR or --config FILE"),
     };
-    let text =
-        std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
     let spec = spec_from_config_json(&text).with_context(|| config.display().to_string())?;
     // Shapes only: building the graph allocates no weights, even for 671B parameters.
     let options = ForwardOptions {

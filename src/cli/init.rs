@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use fathom_compiler::model::{ParameterSummary, grouped, parameter_graph};
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_runtime::init::init_parameters;
-use fathom_compiler::model::{ParameterSummary, grouped, parameter_graph};
 use fathom_runtime::pretrained::save_pretrained;
 use fathom_runtime::weights::Weights;
 

@@ -1,8 +1,12 @@
 //! Subcommands of `fathom`. Each lives in its own module with its arguments.
 
 mod forward;
+mod grad;
 mod graph;
 mod init;
+mod train;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -22,13 +26,20 @@ enum Command {
     Init(init::Args),
     /// Print a model's graph, or its parameter counts.
     Graph(graph::Args),
+    /// The next-token loss of a batch and the gradient of every parameter.
+    Grad(grad::Args),
+    /// Train a model on the CPU from a run file.
+    Train(train::Args),
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     match cli.command {
-        Command::Forward(args) => forward::run(args),
-        Command::Init(args) => init::run(args),
-        Command::Graph(args) => graph::run(args),
+        Command::Forward(args) => done(forward::run(args)),
+        Command::Init(args) => done(init::run(args)),
+        Command::Graph(args) => done(graph::run(args)),
+        Command::Grad(args) => done(grad::run(args)),
+        Command::Train(args) => train::run(args),
     }
 }
 

@@ -118,7 +118,13 @@ impl GraphBuilder {
         Ok(Tensor(id))
     }
 
-    fn leaf(&mut self, kind: &'static str, op: Op, name: &str, ty: TensorType) -> Result<Tensor, GraphError> {
+    fn leaf(
+        &mut self,
+        kind: &'static str,
+        op: Op,
+        name: &str,
+        ty: TensorType,
+    ) -> Result<Tensor, GraphError> {
         if self.leaf_names.contains_key(name) {
             return Err(GraphError::DuplicateName {
                 kind,
@@ -170,7 +176,11 @@ impl GraphBuilder {
 
     /// A scalar of the given element type.
     pub fn scalar(&mut self, value: f64, dtype: DType) -> Result<Tensor, GraphError> {
-        self.constant("scalar", TensorType::new(dtype, Shape::scalar()), vec![value])
+        self.constant(
+            "scalar",
+            TensorType::new(dtype, Shape::scalar()),
+            vec![value],
+        )
     }
 
     /// Names a result of the graph.
@@ -278,11 +288,23 @@ impl GraphBuilder {
     }
 
     pub fn reshape(&mut self, x: Tensor, shape: &[usize]) -> Result<Tensor, GraphError> {
-        self.push(Op::Reshape { shape: shape.to_vec() }, &[x], None)
+        self.push(
+            Op::Reshape {
+                shape: shape.to_vec(),
+            },
+            &[x],
+            None,
+        )
     }
 
     pub fn permute(&mut self, x: Tensor, perm: &[usize]) -> Result<Tensor, GraphError> {
-        self.push(Op::Permute { perm: perm.to_vec() }, &[x], None)
+        self.push(
+            Op::Permute {
+                perm: perm.to_vec(),
+            },
+            &[x],
+            None,
+        )
     }
 
     /// Swaps the last two axes.
@@ -296,7 +318,13 @@ impl GraphBuilder {
     }
 
     pub fn expand(&mut self, x: Tensor, shape: &[usize]) -> Result<Tensor, GraphError> {
-        self.push(Op::Expand { shape: shape.to_vec() }, &[x], None)
+        self.push(
+            Op::Expand {
+                shape: shape.to_vec(),
+            },
+            &[x],
+            None,
+        )
     }
 
     pub fn slice(

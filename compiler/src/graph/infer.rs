@@ -27,7 +27,9 @@ pub fn infer_type(
             if name.is_empty() {
                 return Err("has an empty name".into());
             }
-            declared.cloned().ok_or_else(|| "has no declared type".into())
+            declared
+                .cloned()
+                .ok_or_else(|| "has no declared type".into())
         }
         Op::Constant(data) => {
             let ty = declared.ok_or("has no declared type")?;
@@ -136,8 +138,7 @@ pub fn infer_type(
             for other in &operands[1..] {
                 same_dtype(first, other)?;
                 let compatible = other.rank() == first.rank()
-                    && (0..first.rank())
-                        .all(|i| i == *axis || other.dims()[i] == first.dims()[i]);
+                    && (0..first.rank()).all(|i| i == *axis || other.dims()[i] == first.dims()[i]);
                 if !compatible {
                     return Err(format!(
                         "cannot concatenate {first} and {other} along axis {axis}"
@@ -172,7 +173,11 @@ pub fn infer_type(
         }
         Op::TopK { k } => {
             let x = operands[0];
-            let last = x.dims().last().copied().ok_or("cannot take top-k of a scalar")?;
+            let last = x
+                .dims()
+                .last()
+                .copied()
+                .ok_or("cannot take top-k of a scalar")?;
             if *k == 0 || *k > last {
                 return Err(format!("k = {k} must be in 1..={last} for {x}"));
             }
@@ -242,10 +247,10 @@ fn check_axis(axis: usize, x: &TensorType) -> Result<(), String> {
 pub(crate) fn broadcast(a: &TensorType, b: &TensorType) -> Result<Shape, String> {
     let rank = a.rank().max(b.rank());
     let mut dims = vec![0; rank];
-    for i in 0..rank {
+    for (i, dim) in dims.iter_mut().enumerate() {
         let da = extent_from_right(a.dims(), rank - 1 - i);
         let db = extent_from_right(b.dims(), rank - 1 - i);
-        dims[i] = match (da, db) {
+        *dim = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
             (x, 1) => x,

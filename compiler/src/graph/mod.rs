@@ -76,18 +76,24 @@ impl Graph {
 
     /// The parameters, in declaration order, with their checkpoint names.
     pub fn parameters(&self) -> impl Iterator<Item = (NodeId, &str, &TensorType)> + '_ {
-        self.nodes.iter().enumerate().filter_map(|(i, n)| match &n.op {
-            Op::Parameter { name, .. } => Some((NodeId(i as u32), name.as_str(), &n.ty)),
-            _ => None,
-        })
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match &n.op {
+                Op::Parameter { name, .. } => Some((NodeId(i as u32), name.as_str(), &n.ty)),
+                _ => None,
+            })
     }
 
     /// The run-time inputs, in declaration order.
     pub fn inputs(&self) -> impl Iterator<Item = (NodeId, &str, &TensorType)> + '_ {
-        self.nodes.iter().enumerate().filter_map(|(i, n)| match &n.op {
-            Op::Input { name } => Some((NodeId(i as u32), name.as_str(), &n.ty)),
-            _ => None,
-        })
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match &n.op {
+                Op::Input { name } => Some((NodeId(i as u32), name.as_str(), &n.ty)),
+                _ => None,
+            })
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
@@ -96,7 +102,13 @@ impl Graph {
 
     /// Whether `id` is a trainable parameter (not a buffer, not a computed value).
     pub fn is_trainable(&self, id: NodeId) -> bool {
-        matches!(self.node(id).op, Op::Parameter { trainable: true, .. })
+        matches!(
+            self.node(id).op,
+            Op::Parameter {
+                trainable: true,
+                ..
+            }
+        )
     }
 
     /// Number of trainable parameter elements (buffers excluded, as PyTorch counts).
@@ -120,24 +132,24 @@ impl Graph {
                     operand: *bad,
                 });
             }
-            if let Op::Parameter { name, .. } = &node.op {
-                if !parameter_names.insert(name.as_str()) {
-                    return Err(GraphError::DuplicateName {
-                        kind: "parameter",
-                        name: name.clone(),
-                    });
-                }
+            if let Op::Parameter { name, .. } = &node.op
+                && !parameter_names.insert(name.as_str())
+            {
+                return Err(GraphError::DuplicateName {
+                    kind: "parameter",
+                    name: name.clone(),
+                });
             }
-            let operand_types: Vec<&TensorType> =
-                node.inputs.iter().map(|&i| self.ty(i)).collect();
-            let inferred = infer_type(&node.op, &operand_types, Some(&node.ty)).map_err(
-                |detail| GraphError::Invalid {
-                    node: id,
-                    op: node.op.name(),
-                    origin: node.origin.clone(),
-                    detail,
-                },
-            )?;
+            let operand_types: Vec<&TensorType> = node.inputs.iter().map(|&i| self.ty(i)).collect();
+            let inferred =
+                infer_type(&node.op, &operand_types, Some(&node.ty)).map_err(|detail| {
+                    GraphError::Invalid {
+                        node: id,
+                        op: node.op.name(),
+                        origin: node.origin.clone(),
+                        detail,
+                    }
+                })?;
             if inferred != node.ty {
                 return Err(GraphError::Invalid {
                     node: id,

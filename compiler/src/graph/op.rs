@@ -149,8 +149,12 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::Input { .. } => "input",
-            Op::Parameter { trainable: true, .. } => "param",
-            Op::Parameter { trainable: false, .. } => "buffer",
+            Op::Parameter {
+                trainable: true, ..
+            } => "param",
+            Op::Parameter {
+                trainable: false, ..
+            } => "buffer",
             Op::Constant(_) => "constant",
             Op::Unary(u) => match u {
                 UnaryOp::Neg => "neg",

@@ -12,7 +12,11 @@ impl fmt::Display for Graph {
         for (id, node) in self.node_ids().zip(&self.nodes) {
             if node.origin != origin {
                 origin = &node.origin;
-                writeln!(f, "  // {}", if origin.is_empty() { "(top)" } else { origin })?;
+                writeln!(
+                    f,
+                    "  // {}",
+                    if origin.is_empty() { "(top)" } else { origin }
+                )?;
             }
             let mut line = String::new();
             write!(line, "  {id}: {} = {}", node.ty, node.op)?;

@@ -12,7 +12,9 @@ fn a_bad_matmul_names_the_node_its_origin_and_both_shapes() {
     let mut g = GraphBuilder::new("t");
     let a = g.input("a", f32(&[2, 8, 32])).unwrap();
     let b = g.parameter("w", f32(&[16, 64])).unwrap();
-    let error = g.within("model.layers.0.mlp", |g| g.matmul(a, b)).unwrap_err();
+    let error = g
+        .within("model.layers.0.mlp", |g| g.matmul(a, b))
+        .unwrap_err();
     assert_eq!(
         error.to_string(),
         "matmul %2 (in model.layers.0.mlp): inner dimensions differ: lhs f32[2,8,32] vs rhs f32[16,64]"
@@ -29,8 +31,14 @@ fn shape_rules_reject_what_they_must() {
         GraphError::Invalid { detail, .. } => detail,
         other => panic!("{other}"),
     };
-    assert_eq!(detail(g.add(x, broadcast).unwrap_err()), "shapes do not broadcast: f32[2,3] and f32[4,3]");
-    assert_eq!(detail(g.reshape(x, &[4]).unwrap_err()), "cannot reshape f32[2,3] (6 elements) to [4] (4 elements)");
+    assert_eq!(
+        detail(g.add(x, broadcast).unwrap_err()),
+        "shapes do not broadcast: f32[2,3] and f32[4,3]"
+    );
+    assert_eq!(
+        detail(g.reshape(x, &[4]).unwrap_err()),
+        "cannot reshape f32[2,3] (6 elements) to [4] (4 elements)"
+    );
     assert!(detail(g.top_k(x, 4).unwrap_err()).contains("k = 4 must be in 1..=3"));
     assert!(detail(g.gather(x, x).unwrap_err()).contains("indices must be integer"));
     assert!(detail(g.add(x, ids).unwrap_err()).contains("element types differ"));
@@ -54,12 +62,18 @@ fn validate_catches_a_graph_edited_out_of_shape() {
     let mut wrong_type = graph.clone();
     wrong_type.nodes[1].ty = f32(&[3, 2]);
     let error = wrong_type.validate().unwrap_err().to_string();
-    assert_eq!(error, "add %1: recorded type f32[3,2] but inference gives f32[2,3]");
+    assert_eq!(
+        error,
+        "add %1: recorded type f32[3,2] but inference gives f32[2,3]"
+    );
 
     graph.nodes[1].inputs[0] = NodeId(1);
     assert_eq!(
         graph.validate().unwrap_err(),
-        GraphError::NotTopological { node: NodeId(1), operand: NodeId(1) }
+        GraphError::NotTopological {
+            node: NodeId(1),
+            operand: NodeId(1)
+        }
     );
 }
 

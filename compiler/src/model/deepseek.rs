@@ -88,7 +88,10 @@ impl<L: Layer> DeepSeekV3<L> {
                 spec: spec.clone(),
                 index,
             };
-            layers.push(declare_layer(&mut model.child(&format!("layers.{index}")), &config)?);
+            layers.push(declare_layer(
+                &mut model.child(&format!("layers.{index}")),
+                &config,
+            )?);
         }
         let norm = model.declare("norm", &NormConfig::new(spec.hidden_size, spec.norm_eps))?;
         let mut mtp = Vec::with_capacity(spec.mtp_depth);
@@ -160,7 +163,9 @@ impl<L: Layer> DeepSeekV3<L> {
     fn head(&self, g: &mut GraphBuilder, normed: Tensor) -> Result<Tensor, GraphError> {
         match &self.lm_head {
             Some(head) => head.forward(g, normed),
-            None => g.within("lm_head", |g| linear(g, normed, self.embed_tokens.weight.tensor)),
+            None => g.within("lm_head", |g| {
+                linear(g, normed, self.embed_tokens.weight.tensor)
+            }),
         }
     }
 }

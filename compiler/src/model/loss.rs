@@ -9,7 +9,11 @@ use super::moe::Routing;
 
 /// Mean cross-entropy of `logits` (`[batch, positions, vocab]`) against `labels`
 /// (`i64 [batch, positions]`), over every position: `-mean(log_softmax(logits)[label])`.
-pub fn cross_entropy(g: &mut GraphBuilder, logits: Tensor, labels: Tensor) -> Result<Tensor, GraphError> {
+pub fn cross_entropy(
+    g: &mut GraphBuilder,
+    logits: Tensor,
+    labels: Tensor,
+) -> Result<Tensor, GraphError> {
     let dims = g.dims(logits).to_vec();
     let (batch, positions, vocab) = (dims[0], dims[1], dims[2]);
     let max = g.reduce(ReduceOp::Max, logits, 2, true)?;
@@ -28,7 +32,11 @@ pub fn cross_entropy(g: &mut GraphBuilder, logits: Tensor, labels: Tensor) -> Re
 
 /// The next-token loss, as `transformers` computes it with `labels = input_ids`: position `i`
 /// predicts token `i + 1`, averaged over `batch × (seq − 1)` positions.
-pub fn next_token_loss(g: &mut GraphBuilder, logits: Tensor, token_ids: Tensor) -> Result<Tensor, GraphError> {
+pub fn next_token_loss(
+    g: &mut GraphBuilder,
+    logits: Tensor,
+    token_ids: Tensor,
+) -> Result<Tensor, GraphError> {
     shifted_loss(g, logits, token_ids, 1)
 }
 
@@ -97,7 +105,11 @@ pub fn sequence_balance_loss(
 }
 
 /// `[tokens, experts]`: 1 where the token was routed to the expert.
-fn expert_counts(g: &mut GraphBuilder, chosen: Tensor, experts: usize) -> Result<Tensor, GraphError> {
+fn expert_counts(
+    g: &mut GraphBuilder,
+    chosen: Tensor,
+    experts: usize,
+) -> Result<Tensor, GraphError> {
     let hot = g.one_hot(chosen, experts, DType::F32)?; // [tokens, k, experts]
     g.reduce(ReduceOp::Sum, hot, 1, false)
 }

@@ -50,7 +50,11 @@ pub struct AttentionContext {
 
 impl AttentionContext {
     /// Tables and mask for `positions` tokens.
-    pub fn build(g: &mut GraphBuilder, spec: &ModelSpec, positions: usize) -> Result<Self, GraphError> {
+    pub fn build(
+        g: &mut GraphBuilder,
+        spec: &ModelSpec,
+        positions: usize,
+    ) -> Result<Self, GraphError> {
         let rope = RopeTables::build(g, &spec.rope, spec.attention.qk_rope_head_dim, positions)?;
         let mask: Vec<f64> = (0..positions)
             .flat_map(|i| (0..positions).map(move |j| if j <= i { 1.0 } else { 0.0 }))
@@ -95,9 +99,12 @@ impl Module for Mla {
         let kv_width = a.heads * (a.qk_nope_head_dim + a.v_head_dim);
         Ok(Mla {
             query,
-            kv_a_proj_with_mqa: scope.declare("kv_a_proj_with_mqa", &LinearShape::new(d, latent))?,
-            kv_a_layernorm: scope
-                .declare("kv_a_layernorm", &NormConfig::new(a.kv_lora_rank, LATENT_NORM_EPS))?,
+            kv_a_proj_with_mqa: scope
+                .declare("kv_a_proj_with_mqa", &LinearShape::new(d, latent))?,
+            kv_a_layernorm: scope.declare(
+                "kv_a_layernorm",
+                &NormConfig::new(a.kv_lora_rank, LATENT_NORM_EPS),
+            )?,
             kv_b_proj: scope.declare("kv_b_proj", &LinearShape::new(a.kv_lora_rank, kv_width))?,
             o_proj: scope.declare("o_proj", &LinearShape::new(a.heads * a.v_head_dim, d))?,
             dims: a.clone(),

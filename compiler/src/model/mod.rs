@@ -17,12 +17,14 @@ pub use basic::{
     swiglu,
 };
 pub use decoder::{DecoderBlock, FeedForward, Layer, LayerConfig, LayerOutput};
-pub use deepseek::{DeepSeekV3, ForwardOptions, ModelOutputs, forward_graph, forward_outputs,
-    parameter_graph,
+pub use deepseek::{
+    DeepSeekV3, ForwardOptions, ModelOutputs, forward_graph, forward_outputs, parameter_graph,
+};
+pub use loss::{
+    cross_entropy, expert_load, mtp_depth_loss, next_token_loss, sequence_balance_loss,
 };
 pub use mla::{AttentionContext, LATENT_NORM_EPS, Mla, QueryPath};
 pub use moe::{Moe, Router, Routing};
-pub use loss::{cross_entropy, expert_load, mtp_depth_loss, next_token_loss, sequence_balance_loss};
 pub use mtp::MtpModule;
 pub use objective::{LossTerms, LossWeights, add_objective};
 pub use rope::RopeTables;

@@ -157,7 +157,11 @@ impl Module for Moe {
 impl Moe {
     /// `x`: `[batch, seq, hidden]`. Returns the output and the routing (for losses and load
     /// statistics).
-    pub fn forward(&self, g: &mut GraphBuilder, x: Tensor) -> Result<(Tensor, Routing), GraphError> {
+    pub fn forward(
+        &self,
+        g: &mut GraphBuilder,
+        x: Tensor,
+    ) -> Result<(Tensor, Routing), GraphError> {
         let dims = g.dims(x).to_vec();
         let hidden = dims[dims.len() - 1];
         let tokens = dims[..dims.len() - 1].iter().product();

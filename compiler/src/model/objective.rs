@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::GraphError;
 use crate::graph::{GraphBuilder, Tensor};
 
-use super::deepseek::{DeepSeekV3, ForwardOptions, ModelOutputs, forward_outputs};
 use super::decoder::Layer;
+use super::deepseek::{DeepSeekV3, ForwardOptions, ModelOutputs, forward_outputs};
 use super::loss::{expert_load, mtp_depth_loss, next_token_loss, sequence_balance_loss};
 
 /// Weights of the loss terms. The next-token loss always counts with weight 1.

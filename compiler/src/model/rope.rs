@@ -134,7 +134,12 @@ impl RopeTables {
     /// Rotates `x` (`[..., positions, rope_dim]`). Pairs are adjacent channels when
     /// `interleaved` (DeepSeek's layout), else the two halves. The result is in half-split
     /// order, as HF returns it; queries and keys share the order, so scores are unaffected.
-    pub fn apply(&self, g: &mut GraphBuilder, x: Tensor, interleaved: bool) -> Result<Tensor, GraphError> {
+    pub fn apply(
+        &self,
+        g: &mut GraphBuilder,
+        x: Tensor,
+        interleaved: bool,
+    ) -> Result<Tensor, GraphError> {
         let dims = g.dims(x).to_vec();
         let rank = dims.len();
         let dim = dims[rank - 1];
@@ -150,7 +155,10 @@ impl RopeTables {
             flat[rank - 1] = half;
             (g.reshape(even, &flat)?, g.reshape(odd, &flat)?)
         } else {
-            (g.slice(x, rank - 1, 0, half)?, g.slice(x, rank - 1, half, dim)?)
+            (
+                g.slice(x, rank - 1, 0, half)?,
+                g.slice(x, rank - 1, half, dim)?,
+            )
         };
         // [x1 cos - x2 sin, x2 cos + x1 sin]
         let a = g.mul(first, self.cos)?;

@@ -42,10 +42,9 @@ impl ParameterSummary {
                 }
             }
         }
-        let (chosen, experts) = spec
-            .moe
-            .as_ref()
-            .map_or((0, 1), |m| (m.experts_per_token as u64, m.routed_experts as u64));
+        let (chosen, experts) = spec.moe.as_ref().map_or((0, 1), |m| {
+            (m.experts_per_token as u64, m.routed_experts as u64)
+        });
         s.activated_per_token = s.main - routed + routed / experts * chosen;
         s
     }
@@ -66,9 +65,21 @@ impl fmt::Display for ParameterSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "parameters (main model):   {:>19}", grouped(self.main))?;
         writeln!(f, "parameters (MTP modules):  {:>19}", grouped(self.mtp))?;
-        writeln!(f, "parameters (total):        {:>19}", grouped(self.total()))?;
-        writeln!(f, "activated per token:       {:>19}", grouped(self.activated_per_token))?;
-        write!(f, "buffers (not parameters):  {:>19}", grouped(self.buffers))
+        writeln!(
+            f,
+            "parameters (total):        {:>19}",
+            grouped(self.total())
+        )?;
+        writeln!(
+            f,
+            "activated per token:       {:>19}",
+            grouped(self.activated_per_token)
+        )?;
+        write!(
+            f,
+            "buffers (not parameters):  {:>19}",
+            grouped(self.buffers)
+        )
     }
 }
 
@@ -77,7 +88,7 @@ pub fn grouped(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -287,8 +287,13 @@ fn rope_from_config(c: &Config<'_>) -> Result<RopeSpec, ConfigError> {
             });
         }
     };
-    let nested = params.map(|m| Config(m));
-    let theta = match nested.as_ref().map(|n| n.opt_f64("rope_theta")).transpose()?.flatten() {
+    let nested = params.map(Config);
+    let theta = match nested
+        .as_ref()
+        .map(|n| n.opt_f64("rope_theta"))
+        .transpose()?
+        .flatten()
+    {
         Some(theta) => theta,
         None => c.opt_f64("rope_theta")?.unwrap_or(10000.0),
     };
@@ -307,7 +312,9 @@ fn rope_from_config(c: &Config<'_>) -> Result<RopeSpec, ConfigError> {
     let yarn = match kind {
         "default" => None,
         "yarn" => Some(YarnSpec {
-            factor: p.opt_f64("factor")?.ok_or(ConfigError::Missing { key: key("factor") })?,
+            factor: p
+                .opt_f64("factor")?
+                .ok_or(ConfigError::Missing { key: key("factor") })?,
             original_max_positions: p
                 .opt_usize("original_max_position_embeddings")?
                 .or(c.opt_usize("max_position_embeddings")?)

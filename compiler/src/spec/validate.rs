@@ -52,7 +52,10 @@ impl ModelSpec {
         r.positive(self.hidden_size, "hidden_size");
         r.positive(self.layers, "layers");
         r.check(self.dense_layers <= self.layers, "dense_layers", || {
-            format!("is {} but the model has only {} layers", self.dense_layers, self.layers)
+            format!(
+                "is {} but the model has only {} layers",
+                self.dense_layers, self.layers
+            )
         });
         let any_dense = self.dense_layers > 0 || self.moe.is_none();
         if any_dense {
@@ -63,7 +66,12 @@ impl ModelSpec {
         r.check(
             self.initializer_range.is_finite() && self.initializer_range >= 0.0,
             "initializer_range",
-            || format!("must be a finite number >= 0, got {}", self.initializer_range),
+            || {
+                format!(
+                    "must be a finite number >= 0, got {}",
+                    self.initializer_range
+                )
+            },
         );
 
         let a = &self.attention;
@@ -75,7 +83,7 @@ impl ModelSpec {
         r.positive(a.qk_nope_head_dim, "attention.qk_nope_head_dim");
         r.positive(a.v_head_dim, "attention.v_head_dim");
         r.check(
-            a.qk_rope_head_dim > 0 && a.qk_rope_head_dim % 2 == 0,
+            a.qk_rope_head_dim > 0 && a.qk_rope_head_dim.is_multiple_of(2),
             "attention.qk_rope_head_dim",
             || {
                 format!(
@@ -87,9 +95,11 @@ impl ModelSpec {
 
         r.positive_real(self.rope.theta, "rope.theta");
         if let Some(y) = &self.rope.yarn {
-            r.check(y.factor.is_finite() && y.factor >= 1.0, "rope.yarn.factor", || {
-                format!("must be at least 1, got {}", y.factor)
-            });
+            r.check(
+                y.factor.is_finite() && y.factor >= 1.0,
+                "rope.yarn.factor",
+                || format!("must be at least 1, got {}", y.factor),
+            );
             r.positive(y.original_max_positions, "rope.yarn.original_max_positions");
             r.positive_real(y.beta_fast, "rope.yarn.beta_fast");
             r.positive_real(y.beta_slow, "rope.yarn.beta_slow");
@@ -132,7 +142,12 @@ impl ModelSpec {
                 r.check(
                     m.groups_per_token >= 1 && m.groups_per_token <= m.groups,
                     "moe.groups_per_token",
-                    || format!("must be in 1..={} (the groups), got {}", m.groups, m.groups_per_token),
+                    || {
+                        format!(
+                            "must be in 1..={} (the groups), got {}",
+                            m.groups, m.groups_per_token
+                        )
+                    },
                 );
                 let reachable = m.groups_per_token.min(m.groups) * m.experts_per_group();
                 r.check(
@@ -164,7 +179,9 @@ impl ModelSpec {
                 // be a whole number of tiles.
                 for (dim, name) in self.gemm_reduction_dims() {
                     r.check(dim % value == 0, field, || {
-                        format!("{value} does not divide {name} = {dim}, a GEMM reduction dimension")
+                        format!(
+                            "{value} does not divide {name} = {dim}, a GEMM reduction dimension"
+                        )
                     });
                 }
             }
@@ -178,7 +195,10 @@ impl ModelSpec {
         let mut dims = vec![
             (self.hidden_size, "hidden_size"),
             (a.kv_lora_rank, "attention.kv_lora_rank"),
-            (a.heads * a.v_head_dim, "attention.heads x attention.v_head_dim"),
+            (
+                a.heads * a.v_head_dim,
+                "attention.heads x attention.v_head_dim",
+            ),
         ];
         if let Some(rank) = a.q_lora_rank {
             dims.push((rank, "attention.q_lora_rank"));
@@ -195,7 +215,7 @@ impl ModelSpec {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{MlaSpec, MoeSpec, ModelSpec};
+    use super::super::{MlaSpec, ModelSpec, MoeSpec};
 
     fn tiny() -> ModelSpec {
         ModelSpec {
@@ -272,8 +292,15 @@ mod tests {
             weight_block: 128,
         });
         let errors = s.validate();
-        assert!(errors.iter().all(|e| e.field == "fp8.weight_block"), "{errors:?}");
-        assert!(errors[0].message.contains("does not divide hidden_size = 32"));
+        assert!(
+            errors.iter().all(|e| e.field == "fp8.weight_block"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[0]
+                .message
+                .contains("does not divide hidden_size = 32")
+        );
     }
 
     #[test]

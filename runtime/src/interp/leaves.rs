@@ -46,6 +46,7 @@ pub(super) fn fed<'f>(
 pub(super) fn check_data(ty: &TensorType, data: &Data) -> Result<(), String> {
     let dtype = ty.dtype;
     let len = match data {
+        Data::Float(v) if dtype == DType::F32 => v.len(), // every f32 is an f32 value
         Data::Float(v) if dtype.is_float() => {
             if let Some((i, x)) = v
                 .iter()

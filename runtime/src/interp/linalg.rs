@@ -106,12 +106,18 @@ pub(super) fn matmul(
     for (ab, bb) in a_batches.zip(b_batches) {
         let a_mat = &av[ab * m * k..][..m * k];
         let b_mat = &bv[bb * k * n..][..k * n];
+        // Row by row, accumulating `a[i, p] * b[p, :]` in f64 for p = 0, 1, …: every output
+        // element sums its products in index order, like `dot`, but b is read contiguously.
+        let mut accumulator = vec![0f64; n];
         for i in 0..m {
-            let row = &a_mat[i * k..][..k];
-            for j in 0..n {
-                let column = b_mat.iter().skip(j).step_by(n).copied();
-                values.push(round_f64(dtype, dot(row, column)));
+            accumulator.fill(0.0);
+            for (p, &a_ip) in a_mat[i * k..][..k].iter().enumerate() {
+                let a_ip = f64::from(a_ip);
+                for (acc, &b_pj) in accumulator.iter_mut().zip(&b_mat[p * n..][..n]) {
+                    *acc += a_ip * f64::from(b_pj);
+                }
             }
+            values.extend(accumulator.iter().map(|&x| round_f64(dtype, x)));
         }
     }
     Ok(at.tensor(Data::Float(values)))

@@ -16,6 +16,7 @@ use half::{bf16, f16};
 /// `bf16` and `f16` overflow to infinity; the FP8 types saturate to their largest finite value
 /// (±448 for E4M3, ±57344 for E5M2), infinities included, like CUDA's `__nv_cvt_float_to_fp8`
 /// with `__NV_SATFINITE`. NaN stays NaN. Non-float dtypes return `x` unchanged.
+#[inline]
 pub fn round_to_dtype(dtype: DType, x: f32) -> f32 {
     match dtype {
         DType::F32 => x,
@@ -28,6 +29,7 @@ pub fn round_to_dtype(dtype: DType, x: f32) -> f32 {
 }
 
 /// Rounds an f64 result to f32 and then to `dtype`.
+#[inline]
 pub(super) fn round_f64(dtype: DType, x: f64) -> f32 {
     round_to_dtype(dtype, x as f32)
 }

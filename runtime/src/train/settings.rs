@@ -61,7 +61,13 @@ impl TrainSettings {
             return bad("batch", "must be at least 1".into());
         }
         if self.seq < 2 {
-            return bad("seq", format!("must be at least 2 to predict a next token, got {}", self.seq));
+            return bad(
+                "seq",
+                format!(
+                    "must be at least 2 to predict a next token, got {}",
+                    self.seq
+                ),
+            );
         }
         if self.micro_batches == 0 {
             return bad("micro_batches", "must be at least 1".into());
@@ -69,7 +75,10 @@ impl TrainSettings {
         if !(self.bias_update_speed.is_finite() && self.bias_update_speed >= 0.0) {
             return bad(
                 "bias_update_speed",
-                format!("must be a finite number >= 0, got {}", self.bias_update_speed),
+                format!(
+                    "must be a finite number >= 0, got {}",
+                    self.bias_update_speed
+                ),
             );
         }
         self.optimizer.validate().map_err(TrainError::from)?;

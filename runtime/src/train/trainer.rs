@@ -44,10 +44,12 @@ impl Trainer {
         data: Box<dyn Batches>,
     ) -> Result<Self, TrainError> {
         let program = Self::program(&spec, &settings, &weights, data.as_ref())?;
-        let trainable = program
-            .parameters
-            .iter()
-            .map(|name| (name.as_str(), weights.get(name).expect("checked against the graph")));
+        let trainable = program.parameters.iter().map(|name| {
+            (
+                name.as_str(),
+                weights.get(name).expect("checked against the graph"),
+            )
+        });
         let optimizer = AdamW::new(settings.optimizer, trainable)?;
         Ok(Trainer {
             spec,
@@ -150,12 +152,17 @@ impl Trainer {
             losses.add(&outputs, scale);
             let mut micro_grads = Grads::new();
             for name in &self.program.parameters {
-                micro_grads.insert(name.clone(), take_floats(&mut outputs, &format!("grad.{name}")));
+                micro_grads.insert(
+                    name.clone(),
+                    take_floats(&mut outputs, &format!("grad.{name}")),
+                );
             }
             accumulate(&mut grads, &micro_grads, scale as f32)?;
             for bias in &self.program.balancing_biases {
                 let load = take_floats(&mut outputs, &format!("expert_load.{bias}"));
-                let sum = loads.entry(bias.clone()).or_insert_with(|| vec![0.0; load.len()]);
+                let sum = loads
+                    .entry(bias.clone())
+                    .or_insert_with(|| vec![0.0; load.len()]);
                 for (s, l) in sum.iter_mut().zip(load) {
                     *s += l as f64;
                 }
@@ -178,14 +185,21 @@ impl Trainer {
             });
         }
         let learning_rate = self.settings.schedule.lr(self.step);
-        self.optimizer.step(&mut self.weights, &grads, learning_rate)?;
+        self.optimizer
+            .step(&mut self.weights, &grads, learning_rate)?;
 
         let mut max_load_violation: Option<f64> = None;
         for (bias, load) in &loads {
-            let violation = LoadStats { counts: load.clone() }.max_violation();
+            let violation = LoadStats {
+                counts: load.clone(),
+            }
+            .max_violation();
             max_load_violation = Some(max_load_violation.map_or(violation, |m| m.max(violation)));
             let gamma = self.settings.bias_update_speed;
-            let mut tensor = self.weights.remove(bias).expect("checked against the graph");
+            let mut tensor = self
+                .weights
+                .remove(bias)
+                .expect("checked against the graph");
             if let Data::Float(values) = &mut tensor.data {
                 update_balancing_bias(values, load, gamma)?;
             }

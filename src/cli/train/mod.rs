@@ -1,0 +1,227 @@
+//! `fathom train`: train a model on the CPU from a run file, with checkpoints that resume.
+
+mod config;
+mod progress;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use fathom_runtime::train::{Checkpoint, TrainSettings, Trainer, latest_checkpoint};
+
+use config::{DataSource, RunConfig};
+use progress::Progress;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The run file (TOML, or JSON by extension): [model], [data], [train], [checkpoint],
+    /// metrics. See examples/train-tiny.toml.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override the number of optimizer steps (a resumed run may be extended this way).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Override the sequences per micro-batch.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Override the tokens per sequence.
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Override the peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Train on this text file or directory instead of the run file's data.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Override the checkpoint directory (a run that finds a checkpoint there resumes it).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Override how often (in steps) a checkpoint is written.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Override the metrics file (one JSON line per step, appended).
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Without a terminal, print a progress line every this many steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    let mut config = RunConfig::read(&args.config)?;
+    apply_overrides(&mut config, &args);
+
+    let mut trainer = start(&config)?;
+    let floor = config
+        .data
+        .loss_floor(trainer.spec(), trainer.settings().seq);
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let mut metrics = match &config.metrics {
+        Some(path) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            Some((path.clone(), file))
+        }
+        None => None,
+    };
+
+    let total = trainer.settings().steps;
+    let first_step = trainer.step_count();
+    let mut progress = Progress::new(trainer.step_count(), total, args.log_every, floor);
+    let mut interrupted = false;
+    while !trainer.is_done() {
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        let report = match trainer.step() {
+            Ok(report) => report,
+            Err(error) => {
+                progress.finish();
+                return Err(error).context(match &config.checkpoint.dir {
+                    Some(dir) => format!(
+                        "training stopped; the last checkpoint in {} is intact",
+                        dir.display()
+                    ),
+                    None => "training stopped".to_owned(),
+                });
+            }
+        };
+        if let Some((path, file)) = &mut metrics {
+            writeln!(file, "{}", report.json_line())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        progress.update(&report);
+        let due = config
+            .checkpoint
+            .every
+            .is_some_and(|every| every > 0 && report.step % every == 0);
+        if due
+            && !trainer.is_done()
+            && let Some(dir) = &config.checkpoint.dir
+        {
+            let saved = trainer.save_checkpoint(dir)?;
+            progress.println(&format!("checkpoint: {}", saved.display()));
+        }
+    }
+    progress.finish();
+    if trainer.step_count() == first_step {
+        eprintln!("the run is complete at step {}; pass --steps to extend it", trainer.step_count());
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if let Some(dir) = &config.checkpoint.dir {
+        let saved = trainer.save_checkpoint(dir)?;
+        eprintln!(
+            "checkpoint: {} (a model directory: `fathom forward --model` reads it)",
+            saved.display()
+        );
+    }
+    if interrupted {
+        eprintln!(
+            "interrupted at step {}/{}; run the same command to continue",
+            trainer.step_count(),
+            total
+        );
+        return Ok(std::process::ExitCode::from(130));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn apply_overrides(config: &mut RunConfig, args: &Args) {
+    let train = &mut config.train;
+    if let Some(steps) = args.steps {
+        train.steps = steps;
+    }
+    if let Some(batch) = args.batch {
+        train.batch = batch;
+    }
+    if let Some(seq) = args.seq {
+        train.seq = seq;
+    }
+    if let Some(lr) = args.lr {
+        train.schedule.peak_lr = lr;
+        train.schedule.final_lr = train.schedule.final_lr.min(lr);
+    }
+    if let Some(path) = &args.text {
+        config.data = DataSource::Text { path: path.clone() };
+    }
+    if let Some(dir) = &args.checkpoint_dir {
+        config.checkpoint.dir = Some(dir.clone());
+    }
+    if let Some(every) = args.checkpoint_every {
+        config.checkpoint.every = Some(every);
+    }
+    if let Some(path) = &args.metrics {
+        config.metrics = Some(path.clone());
+    }
+}
+
+/// A fresh trainer, or the one saved in the checkpoint directory.
+fn start(config: &RunConfig) -> anyhow::Result<Trainer> {
+    let settings = &config.train;
+    if let Some(dir) = &config.checkpoint.dir
+        && let Some(latest) = latest_checkpoint(dir)?
+    {
+        let mut checkpoint = Checkpoint::load(&latest)?;
+        check_same_run(&checkpoint.state.settings, settings)
+            .with_context(|| format!("resuming {}", latest.display()))?;
+        checkpoint.state.settings.steps = settings.steps;
+        let data = config
+            .data
+            .open(&checkpoint.spec, settings.batch, settings.seq)?;
+        eprintln!(
+            "resuming from {} (step {})",
+            latest.display(),
+            checkpoint.state.step
+        );
+        return Ok(Trainer::resume(checkpoint, data)?);
+    }
+    let (spec, weights, notes) = config.model.load()?;
+    super::print_notes(&notes);
+    let data = config.data.open(&spec, settings.batch, settings.seq)?;
+    Ok(Trainer::new(spec, settings.clone(), weights, data)?)
+}
+
+/// A checkpoint continues only the run that wrote it: every setting but the step count must
+/// be the same.
+fn check_same_run(saved: &TrainSettings, asked: &TrainSettings) -> anyhow::Result<()> {
+    let saved = serde_json::to_value(saved)?;
+    let asked = serde_json::to_value(asked)?;
+    let (Some(saved), Some(asked)) = (saved.as_object(), asked.as_object()) else {
+        bail!("settings are not objects");
+    };
+    let differing: Vec<String> = saved
+        .iter()
+        .filter(|(key, value)| *key != "steps" && asked.get(*key) != Some(value))
+        .map(|(key, value)| {
+            let now = asked
+                .get(key)
+                .map_or("(none)".to_owned(), ToString::to_string);
+            format!("`{key}` was {value}, now {now}")
+        })
+        .collect();
+    if differing.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "the checkpoint was written by a run with other settings: {}; use another checkpoint \
+             directory for a new run",
+            differing.join("; ")
+        )
+    }
+}

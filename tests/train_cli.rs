@@ -1,0 +1,289 @@
+//! `fathom grad` and `fathom train` end to end.
+
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fathom::runtime::weights::read_safetensors;
+
+fn fathom(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fathom"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// `fathom grad` against PyTorch autograd through transformers: loss within 1e-5 relative,
+/// every gradient within 1e-3 of its max|ref| (see runtime/tests/hf_fixtures.rs for why).
+#[test]
+fn grad_matches_the_transformers_fixture() {
+    let fixture = repo("tests/fixtures/yarn");
+    let reference = read_safetensors(&fixture.join("reference.safetensors")).unwrap();
+    let ids = reference.get("input_ids").unwrap();
+    let seq = ids.dims()[1];
+    let rows: Vec<String> = ids
+        .as_i64()
+        .unwrap()
+        .chunks(seq)
+        .map(|row| row.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grads.safetensors");
+    let mut args = vec![
+        "grad",
+        "--model",
+        fixture.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    for row in &rows {
+        args.extend(["--tokens", row]);
+    }
+    let run = fathom(&args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let written = read_safetensors(&out).unwrap();
+    let loss = written.get("loss").unwrap().as_f32().unwrap()[0];
+    let want = reference.get("loss").unwrap().as_f32().unwrap()[0];
+    assert!(((loss - want) / want).abs() < 1e-5, "loss {loss} vs {want}");
+    let mut checked = 0;
+    for (name, grad) in written.iter().filter(|(n, _)| *n != "loss") {
+        let want = reference
+            .get(&format!("grad.{name}"))
+            .unwrap_or_else(|| panic!("{name}"));
+        let (got, want) = (grad.as_f32().unwrap(), want.as_f32().unwrap());
+        let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let max_diff = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            max_diff <= 1e-3 * max_ref.max(f32::MIN_POSITIVE),
+            "{name}: {max_diff} vs {max_ref}"
+        );
+        checked += 1;
+    }
+    let expected = reference.names().filter(|n| n.starts_with("grad.")).count();
+    assert_eq!(
+        checked, expected,
+        "one gradient per trainable parameter, no buffer"
+    );
+}
+
+fn run_file(dir: &Path, steps: u64) -> PathBuf {
+    let text = std::fs::read_to_string(repo("examples/train-tiny.toml")).unwrap();
+    let text = text
+        .replace(
+            "\"../target/runs/tiny/metrics.jsonl\"",
+            &format!("{:?}", dir.join("metrics.jsonl")),
+        )
+        .replace(
+            "dir = \"../target/runs/tiny\"",
+            &format!("dir = {:?}", dir.join("ckpt")),
+        )
+        .replace("steps = 200", &format!("steps = {steps}"))
+        .replace("every = 100", "every = 2")
+        .replace("seq = 32", "seq = 12")
+        .replace("batch = 8", "batch = 2");
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn metric_lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn train_writes_metrics_and_checkpoints_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_file(dir.path(), 3);
+    let first = fathom(&["train", "--config", config.to_str().unwrap()]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let lines = metric_lines(dir.path());
+    assert_eq!(lines.len(), 3);
+    for key in [
+        "step",
+        "loss",
+        "loss_next_token",
+        "loss_mtp",
+        "loss_balance",
+        "learning_rate",
+        "grad_norm",
+        "max_load_violation",
+        "tokens_per_second",
+    ] {
+        assert!(
+            lines[0].get(key).is_some(),
+            "metrics lack {key}: {}",
+            lines[0]
+        );
+    }
+    let latest = std::fs::read_to_string(dir.path().join("ckpt/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-00000003");
+
+    // Extending the run resumes it: steps 4 and 5 only.
+    let more = fathom(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--steps",
+        "5",
+    ]);
+    assert!(more.status.success(), "{}", stderr(&more));
+    assert!(stderr(&more).contains("resuming from"), "{}", stderr(&more));
+    let lines = metric_lines(dir.path());
+    let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5]);
+
+    // A checkpoint continues only its own run.
+    let other = fathom(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--lr",
+        "0.1",
+    ]);
+    assert!(!other.status.success());
+    assert!(
+        stderr(&other).contains("`schedule` was"),
+        "{}",
+        stderr(&other)
+    );
+
+    // The checkpoint is a model directory.
+    let out = dir.path().join("logits.safetensors");
+    let ckpt = dir.path().join("ckpt/step-00000005");
+    let forward = fathom(&[
+        "forward",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--tokens",
+        "1,2,3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(forward.status.success(), "{}", stderr(&forward));
+}
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_file(dir.path(), 100_000);
+    let child = Command::new(env!("CARGO_BIN_EXE_fathom"))
+        .args([
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--checkpoint-every",
+            "1000000",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a few steps are done, then interrupt.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metric_count(dir.path()) < 2 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("interrupted at step"),
+        "{}",
+        stderr(&output)
+    );
+    let latest = std::fs::read_to_string(dir.path().join("ckpt/latest")).unwrap();
+    let steps = metric_count(dir.path());
+    assert_eq!(
+        latest.trim(),
+        format!("step-{steps:08}"),
+        "the checkpoint holds every finished step"
+    );
+}
+
+fn metric_count(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+#[test]
+fn bad_runs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_file(dir.path(), 1);
+    let config = config.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--text", "/nonexistent/corpus.txt"],
+            "/nonexistent/corpus.txt",
+        ),
+        (
+            &["--seq", "1000"],
+            "sequence length 1000 exceeds the model's max_positions (256)",
+        ),
+        (
+            &["--seq", "1"],
+            "training setting `seq`: must be at least 2",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["train", "--config", config];
+        args.extend_from_slice(extra);
+        let run = fathom(&args);
+        assert!(!run.status.success(), "{extra:?}");
+        assert!(
+            stderr(&run).contains(expected),
+            "{extra:?}: {}",
+            stderr(&run)
+        );
+        assert!(!stderr(&run).contains("panicked"), "{}", stderr(&run));
+    }
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(
+        &unknown,
+        std::fs::read_to_string(config)
+            .unwrap()
+            .replace("architecture = \"tiny\"", "architecture = \"huge\""),
+    )
+    .unwrap();
+    let run = fathom(&["train", "--config", unknown.to_str().unwrap()]);
+    assert!(
+        stderr(&run).contains("unknown architecture `huge`; built-in: tiny"),
+        "{}",
+        stderr(&run)
+    );
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(
+        &typo,
+        std::fs::read_to_string(config)
+            .unwrap()
+            .replace("micro_batches", "micro_batch"),
+    )
+    .unwrap();
+    let run = fathom(&["train", "--config", typo.to_str().unwrap()]);
+    assert!(
+        stderr(&run).contains("unknown field `micro_batch`"),
+        "{}",
+        stderr(&run)
+    );
+}
