@@ -20,6 +20,9 @@ pub struct StepReport {
     /// Worst MoE layer's `(max load - mean load) / mean load` over the step's tokens (0 is
     /// perfectly balanced); `None` without MoE layers.
     pub max_load_violation: Option<f64>,
+    /// Tokens routed to each expert during the step, per MoE layer (keyed by the layer's
+    /// balancing-bias name), summed over micro-batches.
+    pub expert_loads: std::collections::BTreeMap<String, Vec<f64>>,
     pub tokens: u64,
     pub seconds: f64,
 }

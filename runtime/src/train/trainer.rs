@@ -75,12 +75,34 @@ impl Trainer {
         data.seek(&state.data_position)?;
         let program = Self::program(&spec, &state.settings, &weights, data.as_ref())?;
         let optimizer = AdamW::from_state(state.settings.optimizer, optimizer_state)?;
-        optimizer
-            .check_params(&weights)
-            .map_err(|e| TrainError::Checkpoint {
-                path: path.clone(),
-                reason: format!("the optimizer state does not match the weights: {e}"),
-            })?;
+        let mismatch = |reason: String| TrainError::Checkpoint {
+            path: path.join("optimizer.safetensors"),
+            reason,
+        };
+        optimizer.check_params(&weights).map_err(|e| {
+            mismatch(format!(
+                "the optimizer state does not match the weights: {e}"
+            ))
+        })?;
+        let with_state: std::collections::BTreeSet<&str> = optimizer.trainable().collect();
+        if let Some(missing) = program
+            .parameters
+            .iter()
+            .find(|p| !with_state.contains(p.as_str()))
+        {
+            return Err(mismatch(format!(
+                "no AdamW moments for the parameter `{missing}`"
+            )));
+        }
+        if with_state.len() != program.parameters.len() {
+            let extra = with_state
+                .iter()
+                .find(|name| !program.parameters.iter().any(|p| p == *name))
+                .map_or("?", |n| n);
+            return Err(mismatch(format!(
+                "AdamW moments for `{extra}`, which the model does not train"
+            )));
+        }
         Ok(Trainer {
             spec,
             settings: state.settings,
@@ -215,6 +237,7 @@ impl Trainer {
             learning_rate,
             grad_norm,
             max_load_violation,
+            expert_loads: loads,
             tokens: self.settings.tokens_per_step(),
             seconds: started.elapsed().as_secs_f64(),
         })

@@ -121,7 +121,10 @@ pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     }
     progress.finish();
     if trainer.step_count() == first_step {
-        eprintln!("the run is complete at step {}; pass --steps to extend it", trainer.step_count());
+        eprintln!(
+            "the run is complete at step {}; pass --steps to extend it",
+            trainer.step_count()
+        );
         return Ok(std::process::ExitCode::SUCCESS);
     }
     if let Some(dir) = &config.checkpoint.dir {
