@@ -5,11 +5,18 @@
 //! schedules) that the runtime executes.
 
 pub mod autodiff;
+pub mod codegen;
+pub mod compile;
 pub mod dtype;
 pub mod error;
 pub mod graph;
+pub mod kernel;
+pub mod lower;
 pub mod model;
 pub mod module;
+pub mod passes;
+pub mod pipeline;
+pub mod precision;
 pub mod spec;
 pub mod training;
 

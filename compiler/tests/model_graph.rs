@@ -116,3 +116,46 @@ fn impossible_requests_are_errors() {
         "invalid model spec: `moe.groups`: 3 groups do not divide 4 routed experts"
     );
 }
+
+#[test]
+fn tiny_forward_program() {
+    let options = ForwardOptions {
+        batch: 1,
+        seq: 3,
+        with_mtp: false,
+    };
+    let graph = forward_graph(&tiny(), options).unwrap();
+    let program = fathom_compiler::lower::lower(&graph).unwrap();
+    insta::assert_snapshot!(program.to_string());
+}
+
+/// What `fathom inspect` writes for the tiny model's forward pass, pinned: the fusion groups
+/// (which graph nodes each kernel computes and where they came from) and the memory plan.
+#[test]
+fn tiny_inspection_artifacts() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    let options = ForwardOptions {
+        batch: 1,
+        seq: 3,
+        with_mtp: false,
+    };
+    let graph = forward_graph(&tiny(), options).unwrap();
+    let compiled = compile(&graph, &CompileOptions::default()).unwrap();
+    let names: Vec<String> = compiled.artifacts().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "00-input.graph.txt",
+            "01-dead_code.graph.txt",
+            "02-common_subexpressions.graph.txt",
+            "10-fusion-groups.txt",
+            "11-kernels.txt",
+            "12-memory-plan.txt",
+            "13-timings.txt"
+        ]
+    );
+    insta::assert_snapshot!("tiny_fusion_groups", compiled.fusion_groups());
+    insta::assert_snapshot!("tiny_memory_plan", compiled.plan.to_string());
+    // Sharing storage never costs more than not sharing.
+    assert!(compiled.plan.peak_bytes() <= compiled.plan.unshared_bytes);
+}

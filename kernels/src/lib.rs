@@ -1,6 +1,42 @@
-//! Hand-written CUDA C++ templates for Fathom's code generator (FP8 GEMM with fine-grained
-//! scaling, grouped expert GEMM, MLA attention, quantisation), embedded as text with a Rust
-//! description of each template's parameters.
+//! Hand-written CUDA C++ templates for Fathom's code generator, embedded as text, each with a Rust
+//! description of its template parameters that instantiates it into a complete `.cu` source
+//! ([`KernelSource`]) with one `extern "C" __global__` entry point and a deterministic name.
 //!
-//! The templates arrive with the GPU path (issue 6); until then the crate only fixes its place in
-//! the workspace, so that the facade's layout does not change when they land.
+//! | family | parameters | architecture |
+//! |---|---|---|
+//! | `fp8_gemm`, `grouped_fp8_gemm` | [`Fp8GemmParams`] | `sm_90a`: TMA + mbarrier pipeline, FP8 `wgmma`, warp-specialised |
+//! | `fp8_gemm_fallback` (+ grouped) | [`FallbackGemmParams`] | `sm_80`+: `mma.sync` on BF16-widened FP8 |
+//! | `quantize` | [`QuantizeParams`] | `sm_80`+ |
+//! | `mla_attention_fwd` / `_bwd` | [`MlaAttentionFwdParams`], [`MlaAttentionBwdParams`] | `sm_80`+: `mma.sync` BF16, FP32 online softmax |
+//!
+//! FP8 follows DeepSeek-V3 (SPEC §2): E4M3 operands, activations scaled per 1×128 tile, weights
+//! per 128×128 block, `scale = max(amax, 1e-4) / 448`, and tensor-core partial sums promoted to
+//! FP32 every 128 of K with the scales applied. How the three training GEMMs map onto the one NT
+//! kernel is in [`fp8_gemm`].
+//!
+//! The templates live in `kernels/cuda/*.cuh`; the Rust side adds only what depends on the
+//! parameters (template arguments, the entry point's signature, and the `wgmma` wrapper whose
+//! register list depends on the tile width), written with [`SourceWriter`]. [`nvrtc`] compiles a
+//! source to a CUBIN without a GPU; `tests/nvrtc.rs` compiles every instantiation in CI and checks
+//! the FP8 GEMMs' machine code for Hopper's FP8 tensor-core instruction (`QGMMA`).
+//!
+//! Nothing here launches a kernel: the runtime owns devices, tensor-map encoding
+//! ([`TensorMapDesc`] says what each map must be) and the compiled-kernel cache.
+
+pub mod attention;
+pub mod fallback_gemm;
+pub mod fp8_gemm;
+pub mod kernel;
+pub mod nvrtc;
+pub mod quantize;
+pub mod tensor_map;
+mod wgmma;
+pub mod writer;
+
+pub use attention::{MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims};
+pub use fallback_gemm::FallbackGemmParams;
+pub use fp8_gemm::{BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TrainingGemm};
+pub use kernel::{ArchRequirement, Elem, KernelError, KernelParam, KernelSource, ParamType};
+pub use quantize::{QuantizeInput, QuantizeKind, QuantizeParams};
+pub use tensor_map::{TensorMapDesc, TensorMapDtype, TensorMapSwizzle};
+pub use writer::SourceWriter;

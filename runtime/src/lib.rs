@@ -2,7 +2,10 @@
 //! reference interpreter (the oracle every backend is checked against), weights in the Hugging
 //! Face safetensors layout and random initialisation.
 
+pub mod cpu;
 pub mod data;
+pub mod exec;
+pub mod fp8;
 pub mod init;
 pub mod interp;
 pub mod optim;

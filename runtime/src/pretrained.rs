@@ -11,7 +11,8 @@ use fathom_compiler::training::training_graph;
 use fathom_compiler::{Graph, GraphError};
 use thiserror::Error;
 
-use crate::interp::{Feeds, InterpError, TensorSource, evaluate};
+use crate::exec::{Backend, ExecError, Executable};
+use crate::interp::{Feeds, InterpError, TensorSource};
 use crate::tensor::HostTensor;
 use crate::weights::{Weights, WeightsError, is_layer_at_or_above, save_safetensors};
 
@@ -30,6 +31,8 @@ pub enum PretrainedError {
     Graph(#[from] GraphError),
     #[error(transparent)]
     Interp(#[from] InterpError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
     #[error("token batch: {0}")]
     Tokens(String),
 }
@@ -104,9 +107,14 @@ impl Pretrained {
         )
     }
 
-    /// Logits `[batch, seq, vocab]` of the main model for rows of token ids, computed by the
-    /// reference interpreter.
+    /// Logits `[batch, seq, vocab]` of the main model for rows of token ids, compiled for the
+    /// CPU.
     pub fn logits(&self, rows: &[Vec<i64>]) -> Result<HostTensor, PretrainedError> {
+        self.logits_on(rows, Backend::Cpu)
+    }
+
+    /// [`Pretrained::logits`] on a chosen backend.
+    pub fn logits_on(&self, rows: &[Vec<i64>], backend: Backend) -> Result<HostTensor, PretrainedError> {
         let ids = token_batch(rows, self.spec.vocab_size)?;
         let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
         let graph = forward_graph(
@@ -118,7 +126,7 @@ impl Pretrained {
             },
         )?;
         let inputs = HashMap::from([("input_ids", ids)]);
-        let mut outputs = evaluate(&graph, &Feeds::new(&inputs, &self.weights))?;
+        let mut outputs = Executable::new(graph, backend)?.run(&Feeds::new(&inputs, &self.weights))?;
         outputs
             .remove("logits")
             .ok_or_else(|| PretrainedError::Tokens("the graph has no logits output".into()))
@@ -128,10 +136,19 @@ impl Pretrained {
 impl Pretrained {
     /// The mean next-token cross-entropy of the rows (what `transformers` reports with
     /// `labels=input_ids`: no MTP or balance term) and its gradient for every trainable
-    /// parameter, by name, computed by the reference interpreter.
+    /// parameter, by name, compiled for the CPU.
     pub fn gradients(
         &self,
         rows: &[Vec<i64>],
+    ) -> Result<(f32, Vec<(String, HostTensor)>), PretrainedError> {
+        self.gradients_on(rows, Backend::Cpu)
+    }
+
+    /// [`Pretrained::gradients`] on a chosen backend.
+    pub fn gradients_on(
+        &self,
+        rows: &[Vec<i64>],
+        backend: Backend,
     ) -> Result<(f32, Vec<(String, HostTensor)>), PretrainedError> {
         let ids = token_batch(rows, self.spec.vocab_size)?;
         let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
@@ -142,7 +159,8 @@ impl Pretrained {
         }
         let program = training_graph(&self.spec, batch, seq, LossWeights::next_token_only())?;
         let inputs = HashMap::from([("input_ids", ids)]);
-        let mut outputs = evaluate(&program.graph, &Feeds::new(&inputs, &self.weights))?;
+        let executable = Executable::new(program.graph, backend)?;
+        let mut outputs = executable.run(&Feeds::new(&inputs, &self.weights))?;
         let missing =
             |name: &str| PretrainedError::Tokens(format!("the training graph has no `{name}`"));
         let loss = outputs

@@ -554,3 +554,50 @@ fn named_parameter_gradients_evaluate() -> TestResult {
     assert_eq!(grad.ty, f32_ty(&[4, 3]));
     Ok(())
 }
+
+/// `QuantizeDequantize` is differentiated straight through: its cotangent passes unchanged.
+/// Finite differences would see the rounding's steps (zero slope, or a jump), so the oracle is
+/// the same graph without the op: `d/dx Σ (qdq(x) · B) · R` must equal `d/dx Σ (x · B) · R`
+/// bit for bit, and `d/dx Σ qdq(x) · R` must be `R` itself.
+#[test]
+fn quantize_dequantize_is_straight_through() -> TestResult {
+    use fathom_compiler::graph::QuantFormat;
+
+    let build = |quantize: bool, with_matmul: bool| -> TestResult<(Graph, NodeId)> {
+        let mut g = GraphBuilder::new("qdq");
+        let x = g.input("x", f32_ty(&[2, 3, 8]))?;
+        let b = g.input("b", f32_ty(&[8, 5]))?;
+        let xq = if quantize {
+            g.quantize_dequantize(x, QuantFormat::E4M3, (1, 4), false)?
+        } else {
+            x
+        };
+        let y = if with_matmul { g.matmul(xq, b)? } else { xq };
+        let loss = weighted_sum(&mut g, y, 7)?;
+        let Backward { graph, gradients } = backward(g.finish(), loss.id(), &[x.id()])?;
+        Ok((graph, gradients[0].1))
+    };
+    let inputs: HashMap<String, HostTensor> = HashMap::from([
+        ("x".to_owned(), signed(70, &[2, 3, 8])),
+        ("b".to_owned(), signed(71, &[8, 5])),
+    ]);
+    for with_matmul in [false, true] {
+        let (graph, dx) = build(true, with_matmul)?;
+        let (plain, plain_dx) = build(false, with_matmul)?;
+        let got = eval(&graph, &inputs, dx)?;
+        let want = eval(&plain, &inputs, plain_dx)?;
+        assert_eq!(got, want, "with matmul: {with_matmul}");
+        // The forward value really is rounded (or the check would be vacuous).
+        let x = graph.inputs().next().ok_or("x")?.0;
+        let q = graph
+            .node_ids()
+            .find(|&id| graph.node(id).inputs == [x] && graph.node(id).op.name() == "quantize_dequantize")
+            .ok_or("qdq node")?;
+        assert_ne!(eval(&graph, &inputs, q)?, inputs["x"]);
+    }
+    // Without the matmul the gradient is R: the weights of `weighted_sum`, all nonzero.
+    let (graph, dx) = build(true, false)?;
+    let r = eval(&graph, &inputs, dx)?;
+    assert!(r.as_f32().ok_or("floats")?.iter().all(|v| *v != 0.0 && v.abs() < 1.0));
+    Ok(())
+}

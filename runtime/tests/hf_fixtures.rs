@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use fathom_compiler::GraphBuilder;
 use fathom_compiler::model::{DeepSeekV3, LossWeights, add_objective};
 use fathom_compiler::module::{Module, Scope};
+use fathom_runtime::exec::Backend;
 use fathom_runtime::interp::{Feeds, evaluate};
 use fathom_runtime::pretrained::Pretrained;
 use fathom_runtime::weights::read_safetensors;
@@ -28,8 +29,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Loads the fixture, runs its reference batch, and returns max|diff| / max|ref|.
-fn relative_logits_error(name: &str) -> f64 {
+/// Loads the fixture, runs its reference batch on `backend`, and returns max|diff| / max|ref|.
+fn relative_logits_error(name: &str, backend: Backend) -> f64 {
     let dir = fixture(name);
     let model = Pretrained::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     let reference = read_safetensors(&dir.join("reference.safetensors")).expect("reference loads");
@@ -53,7 +54,7 @@ fn relative_logits_error(name: &str) -> f64 {
         .zip(want)
         .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
     let error = max_diff / max_ref;
-    eprintln!("{name}: max|diff| = {max_diff:.3e}, max|ref| = {max_ref:.3}, relative {error:.3e}");
+    eprintln!("{name} ({backend:?}): max|diff| = {max_diff:.3e}, max|ref| = {max_ref:.3}, relative {error:.3e}");
     error
 }
 
@@ -61,8 +62,10 @@ macro_rules! fixture_tests {
     ($($test:ident => $name:literal),* $(,)?) => {$(
         #[test]
         fn $test() {
-            let error = relative_logits_error($name);
-            assert!(error < TOLERANCE, "{}: relative error {error:.3e} >= {TOLERANCE:e}", $name);
+            for backend in [Backend::Interpreter, Backend::Cpu] {
+                let error = relative_logits_error($name, backend);
+                assert!(error < TOLERANCE, "{} ({backend:?}): relative error {error:.3e} >= {TOLERANCE:e}", $name);
+            }
         }
     )*};
 }

@@ -6,6 +6,7 @@
 use fathom_compiler::model::{LossWeights, parameter_graph};
 use fathom_compiler::spec::{MlaSpec, ModelSpec, MoeSpec, RopeSpec};
 use fathom_runtime::data::{SyntheticBatches, SyntheticKind, SyntheticTask};
+use fathom_runtime::exec::Backend;
 use fathom_runtime::init::init_parameters;
 use fathom_runtime::optim::{AdamWConfig, LrSchedule, MomentPrecision};
 use fathom_runtime::train::{Checkpoint, StepReport, TrainSettings, Trainer, latest_checkpoint};
@@ -67,6 +68,8 @@ fn settings(steps: u64) -> TrainSettings {
         clip_norm: Some(1.0),
         losses: LossWeights::deepseek_v3(),
         bias_update_speed: 0.001,
+        backend: Backend::default(),
+        precision: Default::default(),
     }
 }
 

@@ -1,9 +1,12 @@
 //! Subcommands of `fathom`. Each lives in its own module with its arguments.
 
+mod bench;
 mod forward;
 mod grad;
 mod graph;
 mod init;
+mod inspect;
+mod schedule;
 mod train;
 
 use std::process::ExitCode;
@@ -30,6 +33,14 @@ enum Command {
     Grad(grad::Args),
     /// Train a model on the CPU from a run file.
     Train(train::Args),
+    /// Write every artifact of compiling a model: graphs after each pass, fusion groups,
+    /// kernels, memory plan, timings.
+    Inspect(inspect::Args),
+    /// Time the compiled training step and forward pass of a configuration.
+    Bench(bench::Args),
+    /// Print a pipeline schedule (1F1B, ZB1P, DualPipe, DualPipeV), simulate it, compare its
+    /// bubble and memory with Table 2 of the DeepSeek-V3 report, and draw its timeline as SVG.
+    Schedule(schedule::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -40,6 +51,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Graph(args) => done(graph::run(args)),
         Command::Grad(args) => done(grad::run(args)),
         Command::Train(args) => train::run(args),
+        Command::Inspect(args) => done(inspect::run(args)),
+        Command::Schedule(args) => done(schedule::run(args)),
+        Command::Bench(args) => done(bench::run(args)),
     }
 }
 

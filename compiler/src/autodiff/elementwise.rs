@@ -1,5 +1,5 @@
 //! Adjoints of the elementwise ops and reductions: `Unary`, `Binary`, `Select`, `Cast`,
-//! `Reduce`. Each follows the formula PyTorch's `derivatives.yaml` uses for the same function.
+//! `QuantizeDequantize`, `Reduce`. Each follows the formula PyTorch's `derivatives.yaml` uses for the same function.
 
 use crate::dtype::DType;
 use crate::error::GraphError;
@@ -163,6 +163,14 @@ pub(super) fn select(
         out.push(Some(sum_to(g, taken, &dims)?));
     }
     Ok(out)
+}
+
+/// `[x]` quantized and dequantized: the straight-through estimator, `dx = g` unchanged. The
+/// rounding is a step function whose derivative is zero almost everywhere, which would stop
+/// all learning; FP8 training treats it as the identity. The GEMMs of the backward pass get
+/// their own quantization from the precision pass, not from this rule.
+pub(super) fn straight_through(a: &Adjoint<'_>) -> Result<Vec<Option<Tensor>>, GraphError> {
+    Ok(vec![Some(a.cot)])
 }
 
 /// `[x]`: the cotangent cast back to `x`'s element type (nothing to do for a same-type cast).

@@ -8,25 +8,15 @@ use crate::graph::{GraphBuilder, ReduceOp, Tensor};
 use super::Adjoint;
 
 /// `[table (rows, ...), indices]` -> `indices.shape ++ table.shape[1..]`: the table's
-/// cotangent is the scatter-add of the result's rows, `one_hot(indices, rows)ᵀ · g` with the
-/// one-hot flattened to `[N, rows]` and the cotangent to `[N, width]` (`N` lookups of rows of
-/// `width` elements). Rows looked up several times sum their cotangents; rows never looked up
-/// get zeros.
+/// cotangent is the scatter-add of the result's rows, `index_add(g, indices, rows)`. Rows looked
+/// up several times sum their cotangents; rows never looked up get zeros.
 pub(super) fn gather(
     g: &mut GraphBuilder,
     a: &Adjoint<'_>,
 ) -> Result<Vec<Option<Tensor>>, GraphError> {
     let (table, indices) = (a.inputs[0], a.inputs[1]);
-    let table_dims = g.dims(table).to_vec();
-    let rows = table_dims[0];
-    let width: usize = table_dims[1..].iter().product();
-    let lookups = g.ty(indices).numel();
-    let hot = g.one_hot(indices, rows, g.dtype(table))?;
-    let hot = g.reshape(hot, &[lookups, rows])?;
-    let hot_t = g.transpose(hot)?;
-    let flat = g.reshape(a.cot, &[lookups, width])?;
-    let summed = g.matmul(hot_t, flat)?;
-    Ok(vec![Some(g.reshape(summed, &table_dims)?), None])
+    let rows = g.dims(table)[0];
+    Ok(vec![Some(g.index_add(a.cot, indices, rows)?), None])
 }
 
 /// `[x, indices]` along `axis`: `dx[.., l, ..] = Σ_j g[.., j, ..]·[indices[.., j, ..] = l]`,
@@ -60,4 +50,14 @@ pub(super) fn take_along(
         g.permute(summed, &perm)?
     };
     Ok(vec![Some(dx), None])
+}
+
+/// `[values, indices]` -> `[rows] ++ row`: each value row's cotangent is the cotangent of the
+/// row it was added to, a `gather`.
+pub(super) fn index_add(
+    g: &mut GraphBuilder,
+    a: &Adjoint<'_>,
+) -> Result<Vec<Option<Tensor>>, GraphError> {
+    let indices = a.inputs[1];
+    Ok(vec![Some(g.gather(a.cot, indices)?), None])
 }

@@ -204,9 +204,10 @@ fn flows_through(op: &Op, k: usize) -> bool {
         Op::Input { .. } | Op::Parameter { .. } | Op::Constant(_) => false,
         Op::Compare(_) | Op::TopK { .. } | Op::OneHot { .. } => false,
         Op::Select => k > 0,
-        Op::Gather | Op::TakeAlong { .. } => k == 0,
+        Op::Gather | Op::TakeAlong { .. } | Op::IndexAdd { .. } => k == 0,
         Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => k < 2,
         Op::Cast { .. } => true, // both types are checked to be float by `active_nodes`
+        Op::QuantizeDequantize { .. } => true, // straight through
         Op::Unary(_)
         | Op::Binary(_)
         | Op::Reduce { .. }
@@ -269,6 +270,7 @@ fn rule(g: &mut GraphBuilder, a: &Adjoint<'_>) -> Result<Vec<Option<Tensor>>, Gr
         Op::Binary(op) => elementwise::binary(g, *op, a),
         Op::Select => elementwise::select(g, a),
         Op::Cast { .. } => elementwise::cast(g, a),
+        Op::QuantizeDequantize { .. } => elementwise::straight_through(a),
         Op::Reduce { op, axis, keep_dim } => elementwise::reduce(g, *op, *axis, *keep_dim, a),
         Op::MatMul => linalg::matmul(g, a),
         Op::GroupedMatMul => linalg::grouped_matmul(g, a),
@@ -280,6 +282,7 @@ fn rule(g: &mut GraphBuilder, a: &Adjoint<'_>) -> Result<Vec<Option<Tensor>>, Gr
         Op::Concat { axis } => movement::concat(g, *axis, a),
         Op::Stack => movement::stack(g, a),
         Op::Gather => indexing::gather(g, a),
+        Op::IndexAdd { .. } => indexing::index_add(g, a),
         Op::TakeAlong { axis } => indexing::take_along(g, *axis, a),
         Op::Input { .. }
         | Op::Parameter { .. }

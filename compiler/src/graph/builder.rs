@@ -6,7 +6,7 @@ use crate::dtype::{DType, Shape, TensorType};
 use crate::error::GraphError;
 
 use super::infer::infer_type;
-use super::op::{BinaryOp, CompareOp, ConstantData, Op, ReduceOp, UnaryOp};
+use super::op::{BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp};
 use super::{Graph, Node, NodeId, Output};
 
 /// A handle to a node of the graph being built.
@@ -345,6 +345,11 @@ impl GraphBuilder {
         self.push(Op::Gather, &[table, indices], None)
     }
 
+    /// Sums value rows into `rows` rows by index (the adjoint of [`GraphBuilder::gather`]).
+    pub fn index_add(&mut self, values: Tensor, indices: Tensor, rows: usize) -> Result<Tensor, GraphError> {
+        self.push(Op::IndexAdd { rows }, &[values, indices], None)
+    }
+
     pub fn take_along(
         &mut self,
         x: Tensor,
@@ -387,6 +392,24 @@ impl GraphBuilder {
     ) -> Result<Tensor, GraphError> {
         let op = Op::GroupedMatMulWeightGrad { experts };
         self.push(op, &[cotangent, x, expert_ids], None)
+    }
+
+    /// `dequant(quant(x))` in `tile_rows`×`tile_cols` tiles of the last two axes (see
+    /// [`Op::QuantizeDequantize`]).
+    pub fn quantize_dequantize(
+        &mut self,
+        x: Tensor,
+        format: QuantFormat,
+        (tile_rows, tile_cols): (usize, usize),
+        pow2_scales: bool,
+    ) -> Result<Tensor, GraphError> {
+        let op = Op::QuantizeDequantize {
+            format,
+            tile_rows,
+            tile_cols,
+            pow2_scales,
+        };
+        self.push(op, &[x], None)
     }
 
     pub fn stack(&mut self, parts: &[Tensor]) -> Result<Tensor, GraphError> {

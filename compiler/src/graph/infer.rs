@@ -158,6 +158,23 @@ pub fn infer_type(
             dims.extend_from_slice(&table.dims()[1..]);
             Ok(TensorType::new(table.dtype, dims))
         }
+        Op::IndexAdd { rows } => {
+            let (values, indices) = (operands[0], operands[1]);
+            integer(indices, "indices")?;
+            float(values, "values")?;
+            let lead = indices.rank();
+            if values.rank() < lead || values.dims()[..lead] != *indices.dims() {
+                return Err(format!(
+                    "values {values} must start with the indices' shape {indices}"
+                ));
+            }
+            if *rows == 0 {
+                return Err("rows must be positive".into());
+            }
+            let mut dims = vec![*rows];
+            dims.extend_from_slice(&values.dims()[lead..]);
+            Ok(TensorType::new(values.dtype, dims))
+        }
         Op::TakeAlong { axis } => {
             let (x, indices) = (operands[0], operands[1]);
             integer(indices, "indices")?;
@@ -198,6 +215,25 @@ pub fn infer_type(
         Op::GroupedMatMul => grouped_matmul(operands[0], operands[1], operands[2]),
         Op::GroupedMatMulWeightGrad { experts } => {
             grouped_matmul_weight_grad(*experts, operands[0], operands[1], operands[2])
+        }
+        Op::QuantizeDequantize {
+            tile_rows,
+            tile_cols,
+            ..
+        } => {
+            let x = operands[0];
+            float(x, "operand")?;
+            if x.rank() < 2 {
+                return Err(format!(
+                    "tiles cover the last two axes; the operand {x} needs at least two"
+                ));
+            }
+            if *tile_rows == 0 || *tile_cols == 0 {
+                return Err(format!(
+                    "tile {tile_rows}x{tile_cols} has a zero side; tiles must be at least 1x1"
+                ));
+            }
+            Ok(x.clone())
         }
         Op::Stack => {
             let first = operands[0];

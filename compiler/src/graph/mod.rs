@@ -2,7 +2,7 @@
 
 mod builder;
 mod infer;
-mod op;
+pub(crate) mod op;
 mod print;
 #[cfg(test)]
 mod tests;
@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use builder::{GraphBuilder, Tensor};
 pub use infer::infer_type;
-pub use op::{BinaryOp, CompareOp, ConstantData, Op, ReduceOp, UnaryOp};
+pub use op::{BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp};
 
 use crate::dtype::TensorType;
 use crate::error::GraphError;
@@ -70,7 +70,7 @@ impl Graph {
         &self.node(id).ty
     }
 
-    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+    pub fn node_ids(&self) -> impl DoubleEndedIterator<Item = NodeId> + '_ {
         (0..self.nodes.len() as u32).map(NodeId)
     }
 

@@ -56,6 +56,22 @@ pub enum ReduceOp {
     Max,
 }
 
+/// The 8-bit format a [`Op::QuantizeDequantize`] rounds to. Only E4M3 for now: DeepSeek-V3
+/// uses it for every FP8 GEMM operand, gradients included (SPEC §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantFormat {
+    E4M3,
+}
+
+impl fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QuantFormat::E4M3 => "e4m3",
+        })
+    }
+}
+
 /// Values baked into the graph (RoPE tables, masks, scalars such as an epsilon).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConstantData {
@@ -117,6 +133,11 @@ pub enum Op {
     /// `[table (rows, ...), indices (integer)]` -> `indices.shape ++ table.shape[1..]`:
     /// row lookup, as an embedding does.
     Gather,
+    /// `[values (indices.shape ++ row), indices (integer)]` -> `[rows] ++ row`: the sum of the
+    /// value rows sent to each row, `out[r] = Σ_{i: indices[i] = r} values[i]` (rows no index
+    /// names are zero). The adjoint of `Gather` (an embedding's gradient), without the
+    /// one-hot matrix a matmul formulation would build.
+    IndexAdd { rows: usize },
     /// `[x, indices (integer, same rank)]` -> `indices.shape`: `out[.., j, ..] = x[.., indices[.., j, ..], ..]`
     /// along `axis` (NumPy's `take_along_axis`).
     TakeAlong { axis: usize },
@@ -138,6 +159,22 @@ pub enum Op {
     /// product per token-slot, summed per expert). An expert that no token was routed to gets
     /// exact zeros. Emitted by autodiff.
     GroupedMatMulWeightGrad { experts: usize },
+    /// `[x (..., rows, cols)]` -> same type: a "fake quantization", `dequant(quant(x))`. The
+    /// last two axes are cut into `tile_rows`×`tile_cols` tiles (the last tile along an axis
+    /// may be partial), leading axes are independent matrices; each tile gets one scale
+    /// `max(amax, 1e-4) / 448` from its max-abs (rounded up to a power of two when
+    /// `pow2_scales`), and each element becomes the nearest `format` value of `x / scale`
+    /// (saturating), times the scale. This is what an FP8 GEMM computes with, so a GEMM on
+    /// these values in f32 is an FP8 GEMM with exact (promoted) accumulation. Placed by the
+    /// precision pass (`crate::precision`) on GEMM operands; a tile holding a NaN or an
+    /// infinity has no meaningful scale and comes back all NaN. Autodiff passes the cotangent
+    /// straight through (the quantization error is not differentiated, as in FP8 training).
+    QuantizeDequantize {
+        format: QuantFormat,
+        tile_rows: usize,
+        tile_cols: usize,
+        pow2_scales: bool,
+    },
 }
 
 fn yes() -> bool {
@@ -195,12 +232,14 @@ impl Op {
             Op::Slice { .. } => "slice",
             Op::Concat { .. } => "concat",
             Op::Gather => "gather",
+            Op::IndexAdd { .. } => "index_add",
             Op::TakeAlong { .. } => "take_along",
             Op::TopK { .. } => "topk",
             Op::OneHot { .. } => "one_hot",
             Op::GroupedMatMul => "grouped_matmul",
             Op::Stack => "stack",
             Op::GroupedMatMulWeightGrad { .. } => "grouped_matmul_weight_grad",
+            Op::QuantizeDequantize { .. } => "quantize_dequantize",
         }
     }
 
@@ -216,8 +255,14 @@ impl Op {
             | Op::Expand { .. }
             | Op::Slice { .. }
             | Op::TopK { .. }
-            | Op::OneHot { .. } => Some(1),
-            Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather | Op::TakeAlong { .. } => {
+            | Op::OneHot { .. }
+            | Op::QuantizeDequantize { .. } => Some(1),
+            Op::Binary(_)
+            | Op::Compare(_)
+            | Op::MatMul
+            | Op::Gather
+            | Op::IndexAdd { .. }
+            | Op::TakeAlong { .. } => {
                 Some(2)
             }
             Op::Select | Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => Some(3),
@@ -250,8 +295,18 @@ impl fmt::Display for Op {
             Op::Slice { axis, start, end } => write!(f, "<axis={axis}, {start}..{end}>"),
             Op::Concat { axis } | Op::TakeAlong { axis } => write!(f, "<axis={axis}>"),
             Op::TopK { k } => write!(f, "<k={k}>"),
+            Op::IndexAdd { rows } => write!(f, "<rows={rows}>"),
             Op::OneHot { depth, dtype } => write!(f, "<depth={depth}, {dtype}>"),
             Op::GroupedMatMulWeightGrad { experts } => write!(f, "<experts={experts}>"),
+            Op::QuantizeDequantize {
+                format,
+                tile_rows,
+                tile_cols,
+                pow2_scales,
+            } => {
+                let pow2 = if *pow2_scales { ", pow2" } else { "" };
+                write!(f, "<{format}, tile={tile_rows}x{tile_cols}{pow2}>")
+            }
             _ => Ok(()),
         }
     }
@@ -259,7 +314,7 @@ impl fmt::Display for Op {
 
 /// A scalar constant as printed: plain decimals for ordinary magnitudes, scientific notation for
 /// very large or small ones (`-3.4028234663852886e38`, not 39 digits).
-struct Scalar(f64);
+pub(crate) struct Scalar(pub f64);
 
 impl fmt::Display for Scalar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

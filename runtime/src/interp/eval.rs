@@ -5,7 +5,7 @@ use fathom_compiler::graph::Node;
 use fathom_compiler::{DType, NodeId, Op};
 
 use super::error::InterpError;
-use super::{elementwise, indexing, leaves, linalg, movement};
+use super::{elementwise, indexing, leaves, linalg, movement, quantize};
 use crate::tensor::{Data, HostTensor};
 
 /// The node being evaluated: for its result type and for error messages.
@@ -114,6 +114,7 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
         Op::Slice { axis, start, .. } => movement::slice(at, *axis, *start, x[0]),
         Op::Concat { axis } => movement::concat(at, *axis, x),
         Op::Gather => indexing::gather(at, x[0], x[1]),
+        Op::IndexAdd { rows } => indexing::index_add(at, *rows, x[0], x[1]),
         Op::TakeAlong { axis } => indexing::take_along(at, *axis, x[0], x[1]),
         Op::TopK { k } => indexing::top_k(at, *k, x[0]),
         Op::OneHot { depth, dtype } => indexing::one_hot(at, *depth, *dtype, x[0]),
@@ -122,5 +123,11 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
             linalg::grouped_matmul_weight_grad(at, *experts, x[0], x[1], x[2])
         }
         Op::Stack => movement::stack(at, x),
+        Op::QuantizeDequantize {
+            format,
+            tile_rows,
+            tile_cols,
+            pow2_scales,
+        } => quantize::quantize_dequantize(at, *format, (*tile_rows, *tile_cols), *pow2_scales, x[0]),
     }
 }

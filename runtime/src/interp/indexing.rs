@@ -27,6 +27,28 @@ pub(super) fn gather(
     at.picked(pick(&table.data, offsets))
 }
 
+/// `[rows] ++ row`: the sum, in index order and in f64, of the value rows sent to each row.
+pub(super) fn index_add(
+    at: At<'_>,
+    rows: usize,
+    values: &HostTensor,
+    indices: &HostTensor,
+) -> Result<HostTensor, InterpError> {
+    let ids = at.ints(indices)?;
+    let v = at.floats(values)?;
+    let width = v.len() / ids.len().max(1);
+    let mut sums = vec![0f64; rows * width];
+    for (i, &id) in ids.iter().enumerate() {
+        let r = at.index(id, rows)?;
+        for (s, &x) in sums[r * width..][..width].iter_mut().zip(&v[i * width..][..width]) {
+            *s += f64::from(x);
+        }
+    }
+    let dtype = at.out_dtype();
+    let out = sums.into_iter().map(|s| super::numeric::round_f64(dtype, s)).collect();
+    Ok(at.tensor(Data::Float(out)))
+}
+
 /// NumPy's `take_along_axis`: `out[o, j, i] = x[o, indices[o, j, i], i]`, seeing `x` and
 /// `indices` as `[outer, extent, inner]` arrays split at `axis`.
 pub(super) fn take_along(

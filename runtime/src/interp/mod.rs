@@ -37,6 +37,7 @@ mod leaves;
 mod linalg;
 mod movement;
 mod numeric;
+mod quantize;
 #[cfg(test)]
 mod tests;
 

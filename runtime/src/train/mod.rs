@@ -30,6 +30,8 @@ pub enum TrainError {
     #[error(transparent)]
     Interp(#[from] InterpError),
     #[error(transparent)]
+    Exec(#[from] crate::exec::ExecError),
+    #[error(transparent)]
     Optim(#[from] OptimError),
     #[error(transparent)]
     Data(#[from] DataError),

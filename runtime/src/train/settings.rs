@@ -1,8 +1,10 @@
 //! What a training run is: batch shape, steps, optimizer, schedule, losses and balancing.
 
 use fathom_compiler::model::LossWeights;
+use fathom_compiler::precision::PrecisionPolicy;
 use serde::{Deserialize, Serialize};
 
+use crate::exec::Backend;
 use crate::optim::{AdamWConfig, LrSchedule};
 
 use super::TrainError;
@@ -34,6 +36,15 @@ pub struct TrainSettings {
     /// against its expert's load relative to the mean (DeepSeek-V3: 0.001).
     #[serde(default = "default_gamma")]
     pub bias_update_speed: f64,
+    /// Where the training graph runs: `cpu` (compiled, the default) or `interpreter` (the
+    /// reference). Part of the run, since the two round differently.
+    #[serde(default)]
+    pub backend: Backend,
+    /// The arithmetic of the Linear GEMMs (`fp32`, `bf16`, `fp8`, or a table with per-module
+    /// overrides; see `fathom_compiler::precision`). Master weights, gradients and the
+    /// optimizer stay f32 whatever it says.
+    #[serde(default)]
+    pub precision: PrecisionPolicy,
 }
 
 fn one() -> usize {
@@ -80,6 +91,9 @@ impl TrainSettings {
                     self.bias_update_speed
                 ),
             );
+        }
+        if let Err(e) = self.precision.validate() {
+            return bad("precision", e.to_string());
         }
         self.optimizer.validate().map_err(TrainError::from)?;
         self.schedule.validate().map_err(TrainError::from)?;

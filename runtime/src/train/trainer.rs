@@ -4,10 +4,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use fathom_compiler::spec::ModelSpec;
+use fathom_compiler::precision::apply_precision;
 use fathom_compiler::training::{TrainingGraph, training_graph};
 
 use crate::data::Batches;
-use crate::interp::{Feeds, Outputs, evaluate};
+use crate::exec::Executable;
+use crate::interp::Feeds;
 use crate::optim::{AdamW, Grads, LoadStats, accumulate, clip_global_norm, update_balancing_bias};
 use crate::tensor::{Data, HostTensor};
 use crate::weights::Weights;
@@ -20,6 +22,7 @@ pub struct Trainer {
     spec: ModelSpec,
     settings: TrainSettings,
     program: TrainingGraph,
+    executable: Executable,
     weights: Weights,
     optimizer: AdamW,
     data: Box<dyn Batches>,
@@ -44,6 +47,7 @@ impl Trainer {
         data: Box<dyn Batches>,
     ) -> Result<Self, TrainError> {
         let program = Self::program(&spec, &settings, &weights, data.as_ref())?;
+        let executable = Executable::new(program.graph.clone(), settings.backend)?;
         let trainable = program.parameters.iter().map(|name| {
             (
                 name.as_str(),
@@ -55,6 +59,7 @@ impl Trainer {
             spec,
             settings,
             program,
+            executable,
             weights,
             optimizer,
             data,
@@ -74,6 +79,7 @@ impl Trainer {
         } = checkpoint;
         data.seek(&state.data_position)?;
         let program = Self::program(&spec, &state.settings, &weights, data.as_ref())?;
+        let executable = Executable::new(program.graph.clone(), state.settings.backend)?;
         let optimizer = AdamW::from_state(state.settings.optimizer, optimizer_state)?;
         let mismatch = |reason: String| TrainError::Checkpoint {
             path: path.join("optimizer.safetensors"),
@@ -107,6 +113,7 @@ impl Trainer {
             spec,
             settings: state.settings,
             program,
+            executable,
             weights,
             optimizer,
             data,
@@ -132,7 +139,15 @@ impl Trainer {
                 ),
             });
         }
-        let program = training_graph(spec, settings.batch, settings.seq, settings.losses)?;
+        let mut program = training_graph(spec, settings.batch, settings.seq, settings.losses)?;
+        // FP8 tiles come from the model (DeepSeek-V3's 128 when it names none).
+        let tiling = spec.fp8.clone().unwrap_or_default();
+        program.graph = apply_precision(&program.graph, &settings.precision, &tiling).map_err(|e| {
+            TrainError::Settings {
+                field: "precision".into(),
+                reason: e.to_string(),
+            }
+        })?;
         weights.check_against(&program.graph, |_| false)?;
         Ok(program)
     }
@@ -170,7 +185,7 @@ impl Trainer {
         for _ in 0..micro {
             let ids = self.data.next_batch()?;
             let inputs = HashMap::from([("input_ids", ids)]);
-            let mut outputs = evaluate(&self.program.graph, &Feeds::new(&inputs, &self.weights))?;
+            let mut outputs = self.executable.run(&Feeds::new(&inputs, &self.weights))?;
             losses.add(&outputs, scale);
             let mut micro_grads = Grads::new();
             for name in &self.program.parameters {
@@ -253,6 +268,8 @@ impl Trainer {
         (state, &self.weights, self.optimizer.state_tensors())
     }
 }
+
+type Outputs = BTreeMap<String, HostTensor>;
 
 /// Loss outputs averaged over micro-batches.
 #[derive(Default)]

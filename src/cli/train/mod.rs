@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
+use fathom_compiler::precision::{Precision, PrecisionPolicy};
 use fathom_runtime::train::{Checkpoint, TrainSettings, Trainer, latest_checkpoint};
 
 use config::{DataSource, RunConfig};
@@ -45,6 +46,10 @@ pub struct Args {
     /// Override the metrics file (one JSON line per step, appended).
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Override the GEMM precision (fp32, bf16 or fp8): every eligible Linear GEMM in it; the
+    /// run file's per-module overrides are dropped, its FP8 scaling is kept.
+    #[arg(long)]
+    precision: Option<Precision>,
     /// Without a terminal, print a progress line every this many steps.
     #[arg(long, default_value_t = 10)]
     log_every: u64,
@@ -159,6 +164,12 @@ fn apply_overrides(config: &mut RunConfig, args: &Args) {
     if let Some(lr) = args.lr {
         train.schedule.peak_lr = lr;
         train.schedule.final_lr = train.schedule.final_lr.min(lr);
+    }
+    if let Some(precision) = args.precision {
+        train.precision = PrecisionPolicy {
+            scaling: train.precision.scaling,
+            ..PrecisionPolicy::uniform(precision)
+        };
     }
     if let Some(path) = &args.text {
         config.data = DataSource::Text { path: path.clone() };

@@ -11,6 +11,7 @@ mod errors;
 mod indexing;
 mod linalg;
 mod movement;
+mod quantize;
 mod tiny_model;
 
 use std::collections::HashMap;

@@ -1,0 +1,118 @@
+//! The compilation pipeline: graph passes, lowering to kernels, the memory plan, and what a
+//! person inspects of each step.
+//!
+//! Set `FATHOM_DUMP_DIR` (read by the runtime and the CLI, passed here as
+//! [`CompileOptions::dump_dir`]) to get every artifact as a file, like Triton's dump dir.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::graph::Graph;
+use crate::kernel::{MemoryPlan, Program};
+use crate::lower::{LowerError, lower};
+use crate::passes::{common_subexpressions, dead_code};
+
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    /// Write every artifact of the compilation into this directory.
+    pub dump_dir: Option<PathBuf>,
+}
+
+impl CompileOptions {
+    /// Options from the environment: `FATHOM_DUMP_DIR`.
+    pub fn from_env() -> Self {
+        CompileOptions {
+            dump_dir: std::env::var_os("FATHOM_DUMP_DIR").map(PathBuf::from),
+        }
+    }
+}
+
+/// A compiled graph with everything that was learned on the way.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub program: Program,
+    pub plan: MemoryPlan,
+    /// The graph after each pass, in order (`input`, `dead_code`, `common_subexpressions`).
+    pub graphs: Vec<(&'static str, Graph)>,
+    /// Time of each phase.
+    pub timings: Vec<(&'static str, Duration)>,
+}
+
+pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, LowerError> {
+    let mut timings = Vec::new();
+    let mut graphs = vec![("input", graph.clone())];
+    let mut timed = |name: &'static str, started: Instant| timings.push((name, started.elapsed()));
+
+    let t = Instant::now();
+    let live = dead_code(graph);
+    timed("dead_code", t);
+    let t = Instant::now();
+    let merged = common_subexpressions(&live);
+    timed("common_subexpressions", t);
+    graphs.push(("dead_code", live));
+    let t = Instant::now();
+    let program = lower(&merged)?;
+    timed("lower", t);
+    graphs.push(("common_subexpressions", merged));
+    let t = Instant::now();
+    let plan = MemoryPlan::of(&program);
+    timed("memory_plan", t);
+
+    let compiled = Compiled {
+        program,
+        plan,
+        graphs,
+        timings,
+    };
+    if let Some(dir) = &options.dump_dir {
+        // A dump is a diagnostic: failing to write one must not fail the compilation.
+        if let Err(e) = compiled.write_artifacts(dir) {
+            eprintln!("warning: FATHOM_DUMP_DIR: cannot write to {}: {e}", dir.display());
+        }
+    }
+    Ok(compiled)
+}
+
+impl Compiled {
+    /// File name and text of every artifact: the graph after each pass, the fusion groups,
+    /// the kernels, the memory plan and the timings.
+    pub fn artifacts(&self) -> Vec<(String, String)> {
+        let mut files = Vec::new();
+        for (i, (pass, graph)) in self.graphs.iter().enumerate() {
+            files.push((format!("{i:02}-{pass}.graph.txt"), graph.to_string()));
+        }
+        files.push(("10-fusion-groups.txt".into(), self.fusion_groups()));
+        files.push(("11-kernels.txt".into(), self.program.to_string()));
+        files.push(("12-memory-plan.txt".into(), self.plan.to_string()));
+        let mut timings = String::new();
+        for (phase, time) in &self.timings {
+            let _ = writeln!(timings, "{phase:<24} {:>10.3} ms", time.as_secs_f64() * 1e3);
+        }
+        files.push(("13-timings.txt".into(), timings));
+        files
+    }
+
+    /// Each kernel with the graph nodes it computes and where each came from in the model.
+    pub fn fusion_groups(&self) -> String {
+        let graph = &self.graphs.last().expect("graphs are recorded").1;
+        let mut text = String::new();
+        for kernel in &self.program.kernels {
+            let _ = writeln!(text, "{} ({} nodes)", kernel.name, kernel.nodes.len());
+            for id in &kernel.nodes {
+                let node = graph.node(*id);
+                let origin = if node.origin.is_empty() { "(top)" } else { &node.origin };
+                let _ = writeln!(text, "  {id} {} {}  [{origin}]", node.ty, node.op);
+            }
+        }
+        text
+    }
+
+    pub fn write_artifacts(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for (name, text) in self.artifacts() {
+            std::fs::write(dir.join(name), text)?;
+        }
+        Ok(())
+    }
+}

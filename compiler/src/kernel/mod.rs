@@ -1,0 +1,323 @@
+//! The kernel IR: what a graph becomes once it is fused and placed in buffers.
+//!
+//! A [`Program`] is a list of buffers and an ordered list of [`Kernel`]s over them. Most
+//! kernels are [`LoopNest`]s: explicit loops over an iteration domain whose body loads from
+//! buffers through strided views, computes, reduces along the innermost axis and stores. The
+//! heavy or irregular operations — matmuls, the grouped expert matmuls, lookups, top-k — are
+//! [`Library`] calls, which each target implements by hand (a GEMM crate on the CPU, templates
+//! on the GPU). Nothing here knows about a device; the CPU backend JIT-compiles loop nests with
+//! cranelift, the CUDA backend will print them as CUDA C++.
+
+mod plan;
+mod print;
+
+pub use plan::{MemoryPlan, SlotId};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::{DType, TensorType};
+use crate::graph::{BinaryOp, CompareOp, ConstantData, NodeId, QuantFormat, ReduceOp, UnaryOp};
+
+/// Index of a buffer in its program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BufferId(pub u32);
+
+impl BufferId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Where a buffer's contents come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferRole {
+    /// Fed by the caller for each run.
+    Input(String),
+    /// A weight, fed by the caller (by checkpoint name).
+    Parameter(String),
+    /// Known when the program was compiled.
+    Constant(ConstantData),
+    /// Written by a kernel and read by later ones.
+    Temporary,
+}
+
+/// A dense, row-major buffer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub ty: TensorType,
+    pub role: BufferRole,
+}
+
+/// A strided window on a buffer: element `(i_0, …, i_{n-1})` of the view is element
+/// `offset + Σ i_d · strides[d]` of the buffer. A stride of 0 broadcasts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct View {
+    pub buffer: BufferId,
+    pub offset: usize,
+    pub strides: Vec<isize>,
+}
+
+/// A value computed for every point of a loop nest's domain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expr {
+    /// The element of a view (whose strides have one entry per domain axis).
+    Load(View),
+    Constant(f64),
+    /// A per-row value computed earlier in the same kernel (see [`Stmt::Reduce`]).
+    Row(usize),
+    Unary(UnaryOp, Box<Expr>),
+    Binary(BinaryOp, Box<Expr>, Box<Expr>),
+    /// 1.0 where the comparison holds, else 0.0 (bools are 0/1 values inside a kernel).
+    Compare(CompareOp, Box<Expr>, Box<Expr>),
+    /// `condition != 0 ? if_true : if_false`.
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// Rounds to `to` (float types) or truncates (integers); values stay in f32 registers.
+    Cast(DType, Box<Expr>),
+}
+
+/// One step of a loop nest's body, run for every index of the outer axes, in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stmt {
+    /// Reduces `value` over the innermost axis into row value `row`, usable by later steps.
+    Reduce {
+        row: usize,
+        op: ReduceOp,
+        value: Expr,
+    },
+    /// Writes `value` at every point of the domain.
+    Store { view: View, value: Expr },
+    /// Writes `value` once per row (the view's innermost stride is ignored); `value` must not
+    /// depend on the innermost index.
+    StoreRow { view: View, value: Expr },
+}
+
+/// Loops over `domain` (outer axes first; the last axis is the inner loop of every step).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoopNest {
+    pub domain: Vec<usize>,
+    pub body: Vec<Stmt>,
+}
+
+/// A call into a hand-written routine of the target.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Library {
+    /// `out[b] = a[b] · rhs[b]` for every batch index `b` (shape `batch`), with `a` viewed as
+    /// `[batch…, m, k]`, `rhs` as `[batch…, k, n]` and `out` as `[batch…, m, n]` (each view has
+    /// `batch.len() + 2` strides, so transposes and broadcasts are free).
+    MatMul {
+        batch: Vec<usize>,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View,
+        b: View,
+        out: View,
+    },
+    /// The op of the same name in the graph, on dense buffers (see `graph::Op`).
+    GroupedMatMul {
+        x: BufferId,
+        weights: BufferId,
+        expert_ids: BufferId,
+        out: BufferId,
+    },
+    GroupedMatMulWeightGrad {
+        cotangent: BufferId,
+        x: BufferId,
+        expert_ids: BufferId,
+        out: BufferId,
+    },
+    Gather {
+        table: BufferId,
+        indices: BufferId,
+        out: BufferId,
+    },
+    /// `out[r] = Σ_{i: indices[i] = r} values[i]` over rows of `row` elements.
+    IndexAdd {
+        values: BufferId,
+        indices: BufferId,
+        out: BufferId,
+    },
+    TakeAlong {
+        axis: usize,
+        x: BufferId,
+        indices: BufferId,
+        out: BufferId,
+    },
+    TopK {
+        k: usize,
+        x: BufferId,
+        out: BufferId,
+    },
+    OneHot {
+        depth: usize,
+        indices: BufferId,
+        out: BufferId,
+    },
+    /// `out = dequant(quant(x))` per tile of the last two axes (see
+    /// `graph::Op::QuantizeDequantize`); `x` is dense and `out` has its shape.
+    QuantizeDequantize {
+        format: QuantFormat,
+        tile_rows: usize,
+        tile_cols: usize,
+        pow2_scales: bool,
+        x: BufferId,
+        out: BufferId,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelBody {
+    Loop(LoopNest),
+    Library(Library),
+}
+
+/// One unit of work, with where it came from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Kernel {
+    /// Deterministic, readable (`k12_rmsnorm_model_layers_0_input_layernorm`).
+    pub name: String,
+    /// The graph nodes it computes.
+    pub nodes: Vec<NodeId>,
+    /// The module path of its main node.
+    pub origin: String,
+    pub body: KernelBody,
+}
+
+/// A compiled graph: buffers, kernels in execution order, and the named results.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub name: String,
+    pub buffers: Vec<Buffer>,
+    pub kernels: Vec<Kernel>,
+    /// Graph outputs: name and the buffer holding it.
+    pub outputs: Vec<(String, BufferId)>,
+}
+
+impl Program {
+    pub fn buffer(&self, id: BufferId) -> &Buffer {
+        &self.buffers[id.index()]
+    }
+
+    pub fn output(&self, name: &str) -> Option<BufferId> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, b)| *b)
+    }
+
+    /// Floating-point operations of the program's matmuls (2·m·n·k each; attention scores count
+    /// in full, masked or not). The elementwise kernels are not counted: they are a rounding
+    /// error next to the GEMMs, and leaving them out is how MFU figures are usually quoted.
+    pub fn matmul_flops(&self) -> u64 {
+        let dims = |b: &BufferId| self.buffer(*b).ty.dims().to_vec();
+        self.kernels
+            .iter()
+            .map(|kernel| match &kernel.body {
+                KernelBody::Library(Library::MatMul { batch, m, n, k, .. }) => {
+                    2 * (batch.iter().product::<usize>() * m * n * k) as u64
+                }
+                KernelBody::Library(Library::GroupedMatMul { weights, expert_ids, .. }) => {
+                    let (w, ids) = (dims(weights), dims(expert_ids));
+                    2 * (ids[0] * ids[1] * w[1] * w[2]) as u64
+                }
+                KernelBody::Library(Library::GroupedMatMulWeightGrad { cotangent, x, .. }) => {
+                    let (c, x) = (dims(cotangent), dims(x));
+                    2 * (c[0] * c[1] * c[2] * x[2]) as u64
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+impl Expr {
+    /// Calls `visit` on every view this expression loads.
+    pub fn for_each_load(&self, visit: &mut impl FnMut(&View)) {
+        match self {
+            Expr::Load(view) => visit(view),
+            Expr::Constant(_) | Expr::Row(_) => {}
+            Expr::Unary(_, a) | Expr::Cast(_, a) => a.for_each_load(visit),
+            Expr::Binary(_, a, b) | Expr::Compare(_, a, b) => {
+                a.for_each_load(visit);
+                b.for_each_load(visit);
+            }
+            Expr::Select(c, a, b) => {
+                c.for_each_load(visit);
+                a.for_each_load(visit);
+                b.for_each_load(visit);
+            }
+        }
+    }
+}
+
+impl Library {
+    /// The buffers the call reads, then the one it writes.
+    pub fn operands(&self) -> (Vec<BufferId>, BufferId) {
+        match self {
+            Library::MatMul { a, b, out, .. } => (vec![a.buffer, b.buffer], out.buffer),
+            Library::GroupedMatMul {
+                x,
+                weights,
+                expert_ids,
+                out,
+            } => (vec![*x, *weights, *expert_ids], *out),
+            Library::GroupedMatMulWeightGrad {
+                cotangent,
+                x,
+                expert_ids,
+                out,
+            } => (vec![*cotangent, *x, *expert_ids], *out),
+            Library::Gather {
+                table,
+                indices,
+                out,
+            } => (vec![*table, *indices], *out),
+            Library::TakeAlong {
+                x, indices, out, ..
+            } => (vec![*x, *indices], *out),
+            Library::IndexAdd {
+                values,
+                indices,
+                out,
+            } => (vec![*values, *indices], *out),
+            Library::TopK { x, out, .. } => (vec![*x], *out),
+            Library::OneHot { indices, out, .. } => (vec![*indices], *out),
+            Library::QuantizeDequantize { x, out, .. } => (vec![*x], *out),
+        }
+    }
+}
+
+impl Kernel {
+    /// Buffers read and buffers written, each once, in first-use order.
+    pub fn reads_and_writes(&self) -> (Vec<BufferId>, Vec<BufferId>) {
+        let (mut reads, mut writes) = (Vec::new(), Vec::new());
+        let mut read = |b: BufferId| {
+            if !reads.contains(&b) {
+                reads.push(b)
+            }
+        };
+        match &self.body {
+            KernelBody::Library(call) => {
+                let (inputs, out) = call.operands();
+                inputs.into_iter().for_each(&mut read);
+                writes.push(out);
+            }
+            KernelBody::Loop(nest) => {
+                for stmt in &nest.body {
+                    match stmt {
+                        Stmt::Reduce { value, .. } => value.for_each_load(&mut |v| read(v.buffer)),
+                        Stmt::Store { view, value } | Stmt::StoreRow { view, value } => {
+                            value.for_each_load(&mut |v| read(v.buffer));
+                            if !writes.contains(&view.buffer) {
+                                writes.push(view.buffer);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (reads, writes)
+    }
+}

@@ -1,0 +1,210 @@
+//! The stable text form of a kernel program, for snapshots and for people.
+//!
+//! ```text
+//! b7 = f32[16,64] temp
+//! kernel k3_rmsnorm (model.layers.0.input_layernorm; %76..%82)
+//!   loop [16, 64]
+//!     r0 = mean(b5[0; 64,1] * b5[0; 64,1])
+//!     b7[0; 64,1] = b2[0; 0,1] * (b5[0; 64,1] * rsqrt(r0 + 1e-6))
+//! ```
+//! A view prints as `buffer[offset; strides]`, one stride per domain axis.
+
+use std::fmt::{self, Display, Formatter};
+
+use crate::graph::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
+use crate::graph::op::Scalar;
+
+use super::{Buffer, BufferId, BufferRole, Expr, Kernel, KernelBody, Library, Program, Stmt, View};
+
+impl Display for BufferId {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(f, "b{}", self.0)
+    }
+}
+
+impl Display for View {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{};", self.buffer, self.offset)?;
+        for (i, s) in self.strides.iter().enumerate() {
+            write!(f, "{}{s}", if i == 0 { " " } else { "," })?;
+        }
+        f.write_str("]")
+    }
+}
+
+impl Display for Buffer {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ", self.ty)?;
+        match &self.role {
+            BufferRole::Input(name) => write!(f, "input \"{name}\""),
+            BufferRole::Parameter(name) => write!(f, "param \"{name}\""),
+            BufferRole::Constant(data) => write!(f, "{}", Op::Constant(data.clone())),
+            BufferRole::Temporary => f.write_str("temp"),
+        }
+    }
+}
+
+fn unary(op: UnaryOp) -> &'static str {
+    Op::Unary(op).name()
+}
+
+fn binary_symbol(op: BinaryOp) -> Option<&'static str> {
+    match op {
+        BinaryOp::Add => Some("+"),
+        BinaryOp::Sub => Some("-"),
+        BinaryOp::Mul => Some("*"),
+        BinaryOp::Div => Some("/"),
+        BinaryOp::Max | BinaryOp::Min => None,
+    }
+}
+
+fn compare_symbol(op: CompareOp) -> &'static str {
+    match op {
+        CompareOp::Eq => "==",
+        CompareOp::Lt => "<",
+        CompareOp::Le => "<=",
+        CompareOp::Gt => ">",
+        CompareOp::Ge => ">=",
+    }
+}
+
+impl Display for Expr {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Load(view) => write!(f, "{view}"),
+            Expr::Constant(c) => write!(f, "{}", Scalar(*c)),
+            Expr::Row(r) => write!(f, "r{r}"),
+            Expr::Unary(op, a) => write!(f, "{}({a})", unary(*op)),
+            Expr::Binary(op, a, b) => match binary_symbol(*op) {
+                Some(symbol) => write!(f, "({a} {symbol} {b})"),
+                None => write!(f, "{}({a}, {b})", Op::Binary(*op).name()),
+            },
+            Expr::Compare(op, a, b) => write!(f, "({a} {} {b})", compare_symbol(*op)),
+            Expr::Select(c, a, b) => write!(f, "select({c}, {a}, {b})"),
+            Expr::Cast(to, a) => write!(f, "cast<{to}>({a})"),
+        }
+    }
+}
+
+fn reduce_name(op: ReduceOp) -> &'static str {
+    match op {
+        ReduceOp::Sum => "sum",
+        ReduceOp::Mean => "mean",
+        ReduceOp::Max => "max",
+    }
+}
+
+impl Display for Library {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            Library::MatMul {
+                batch,
+                m,
+                n,
+                k,
+                a,
+                b,
+                out,
+            } => write!(f, "matmul batch {batch:?} m {m} n {n} k {k}: {out} = {a} x {b}"),
+            Library::GroupedMatMul {
+                x,
+                weights,
+                expert_ids,
+                out,
+            } => write!(f, "grouped_matmul {out} = {x} x {weights} by {expert_ids}"),
+            Library::GroupedMatMulWeightGrad {
+                cotangent,
+                x,
+                expert_ids,
+                out,
+            } => write!(
+                f,
+                "grouped_matmul_weight_grad {out} = {cotangent}^T x {x} by {expert_ids}"
+            ),
+            Library::Gather {
+                table,
+                indices,
+                out,
+            } => write!(f, "gather {out} = {table}[{indices}]"),
+            Library::IndexAdd {
+                values,
+                indices,
+                out,
+            } => write!(f, "index_add {out} = sum of {values} by {indices}"),
+            Library::TakeAlong {
+                axis,
+                x,
+                indices,
+                out,
+            } => write!(f, "take_along<axis={axis}> {out} = {x}[{indices}]"),
+            Library::TopK { k, x, out } => write!(f, "topk<k={k}> {out} = {x}"),
+            Library::OneHot {
+                depth,
+                indices,
+                out,
+            } => write!(f, "one_hot<depth={depth}> {out} = {indices}"),
+            Library::QuantizeDequantize {
+                format,
+                tile_rows,
+                tile_cols,
+                pow2_scales,
+                x,
+                out,
+            } => {
+                let pow2 = if *pow2_scales { ", pow2" } else { "" };
+                write!(
+                    f,
+                    "quantize_dequantize<{format}, tile={tile_rows}x{tile_cols}{pow2}> {out} = {x}"
+                )
+            }
+        }
+    }
+}
+
+impl Display for Kernel {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let nodes = match (self.nodes.first(), self.nodes.last()) {
+            (Some(a), Some(b)) if a != b => format!("{a}..{b}, {} nodes", self.nodes.len()),
+            (Some(a), _) => a.to_string(),
+            _ => String::new(),
+        };
+        let origin = if self.origin.is_empty() { "(top)" } else { &self.origin };
+        writeln!(f, "kernel {} ({origin}; {nodes})", self.name)?;
+        match &self.body {
+            KernelBody::Library(call) => writeln!(f, "  {call}"),
+            KernelBody::Loop(nest) => {
+                writeln!(f, "  loop {:?}", nest.domain)?;
+                for stmt in &nest.body {
+                    match stmt {
+                        Stmt::Reduce { row, op, value } => {
+                            writeln!(f, "    r{row} = {}({value})", reduce_name(*op))?
+                        }
+                        Stmt::Store { view, value } => writeln!(f, "    {view} = {value}")?,
+                        Stmt::StoreRow { view, value } => {
+                            writeln!(f, "    {view} (per row) = {value}")?
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Display for Program {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        writeln!(f, "program {} {{", self.name)?;
+        for (i, buffer) in self.buffers.iter().enumerate() {
+            writeln!(f, "  {} = {buffer}", BufferId(i as u32))?;
+        }
+        for kernel in &self.kernels {
+            for line in kernel.to_string().lines() {
+                writeln!(f, "  {line}")?;
+            }
+        }
+        for (name, buffer) in &self.outputs {
+            writeln!(f, "  output \"{name}\" = {buffer}")?;
+        }
+        writeln!(f, "}}")
+    }
+}

@@ -1,0 +1,522 @@
+//! The lowering pass proper: materialisation decisions, then one kernel per materialised node
+//! in graph order, with inlined producers and fused row reductions.
+
+use crate::graph::{Graph, NodeId, Op};
+use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt};
+
+use super::{
+    Affine, Class, KernelBuilder, LowerError, StridedView, class, load, new_buffer, push_kernel,
+    temporary, what,
+};
+
+pub(super) struct Lowering<'g> {
+    graph: &'g Graph,
+    classes: Vec<Class>,
+    users: Vec<Vec<NodeId>>,
+    live: Vec<bool>,
+    materialise: Vec<bool>,
+    /// The buffer view of every node that has one: materialised nodes and movements of them.
+    views: Vec<Option<StridedView>>,
+    program: Program,
+}
+
+impl<'g> Lowering<'g> {
+    pub(super) fn new(graph: &'g Graph) -> Self {
+        let n = graph.nodes.len();
+        let classes: Vec<Class> = graph.nodes.iter().map(|node| class(&node.op, node.ty.numel())).collect();
+        let mut users = vec![Vec::new(); n];
+        for id in graph.node_ids() {
+            for &input in &graph.node(id).inputs {
+                users[input.index()].push(id);
+            }
+        }
+        // Liveness: only what the outputs need.
+        let mut live = vec![false; n];
+        for output in &graph.outputs {
+            live[output.node.index()] = true;
+        }
+        for id in graph.node_ids().rev() {
+            if live[id.index()] {
+                for &input in &graph.node(id).inputs {
+                    live[input.index()] = true;
+                }
+            }
+        }
+        for list in &mut users {
+            list.retain(|u| live[u.index()]);
+        }
+        Lowering {
+            graph,
+            classes,
+            users,
+            live,
+            materialise: vec![false; n],
+            views: vec![None; n],
+            program: Program {
+                name: graph.name.clone(),
+                ..Program::default()
+            },
+        }
+    }
+
+    pub(super) fn finish(self) -> Program {
+        self.program
+    }
+
+    pub(super) fn run(&mut self) -> Result<(), LowerError> {
+        self.decide();
+        for id in self.graph.node_ids() {
+            if self.live[id.index()] {
+                self.visit(id)?;
+            }
+        }
+        for output in &self.graph.outputs {
+            let buffer = self.views[output.node.index()]
+                .as_ref()
+                .map(|v| v.buffer)
+                .expect("outputs are materialised");
+            self.program.outputs.push((output.name.clone(), buffer));
+        }
+        Ok(())
+    }
+
+    /// Which nodes get a buffer of their own.
+    fn decide(&mut self) {
+        let outputs: Vec<NodeId> = self.graph.outputs.iter().map(|o| o.node).collect();
+        for id in self.graph.node_ids() {
+            let i = id.index();
+            let users = &self.users[i];
+            let inlinable_by = |user: &NodeId| {
+                matches!(
+                    self.classes[user.index()],
+                    Class::Elementwise | Class::Reduce
+                ) || matches!(
+                    self.graph.node(*user).op,
+                    Op::Permute { .. } | Op::Slice { .. } | Op::Expand { .. }
+                )
+            };
+            self.materialise[i] = match self.classes[i] {
+                Class::Leaf | Class::Library | Class::Assemble => true,
+                Class::Scalar => false,
+                // Computed once, then read by several users or by one that needs memory.
+                Class::Elementwise | Class::Reduce => {
+                    users.len() != 1 || !inlinable_by(&users[0])
+                }
+                // Movements are views; one is copied only when it must be an output.
+                Class::Movement => false,
+            } || outputs.contains(&id);
+        }
+    }
+
+    fn ty(&self, id: NodeId) -> &crate::dtype::TensorType {
+        self.graph.ty(id)
+    }
+
+    fn dims(&self, id: NodeId) -> &[usize] {
+        self.graph.ty(id).dims()
+    }
+
+    /// Emits what node `id` needs, in graph order.
+    fn visit(&mut self, id: NodeId) -> Result<(), LowerError> {
+        let node = self.graph.node(id);
+        match self.classes[id.index()] {
+            Class::Leaf => {
+                let role = match &node.op {
+                    Op::Input { name } => BufferRole::Input(name.clone()),
+                    Op::Parameter { name, .. } => BufferRole::Parameter(name.clone()),
+                    Op::Constant(data) => BufferRole::Constant(data.clone()),
+                    _ => unreachable!("leaf class"),
+                };
+                let buffer = new_buffer(&mut self.program, Buffer { ty: node.ty.clone(), role });
+                self.views[id.index()] = Some(StridedView::contiguous(buffer, node.ty.dims()));
+            }
+            Class::Movement => {
+                // A movement of something with a view is a view; otherwise it is inlined.
+                let source = node.inputs[0];
+                if let Some(view) = self.views[source.index()].clone() {
+                    let moved = match &node.op {
+                        Op::Permute { perm } => Some(view.permute(perm)),
+                        Op::Slice { axis, start, end } => Some(view.slice(*axis, *start, *end)),
+                        Op::Expand { shape } => Some(view.expand(shape)),
+                        Op::Reshape { shape } => view.reshape(shape),
+                        _ => unreachable!("movement class"),
+                    };
+                    self.views[id.index()] = moved;
+                }
+                if let (None, Op::Reshape { shape }) = (&self.views[id.index()], &node.op) {
+                    if self.needs_view(id) || self.materialise[id.index()] {
+                        // Strides that cannot be re-split: copy the source densely once, and
+                        // the reshape is a view of the copy.
+                        let buffer = self.dense(source)?;
+                        let dense = StridedView::contiguous(buffer, self.dims(source));
+                        self.views[id.index()] = dense.reshape(shape);
+                    }
+                }
+                let needs_memory = self.materialise[id.index()]
+                    || (self.views[id.index()].is_none() && self.needs_view(id));
+                if needs_memory {
+                    self.materialise[id.index()] = true;
+                    self.emit_loop(id)?;
+                }
+            }
+            Class::Elementwise | Class::Reduce => {
+                if self.materialise[id.index()] || self.needs_view(id) {
+                    self.materialise[id.index()] = true;
+                    self.emit_loop(id)?;
+                }
+            }
+            Class::Scalar => {}
+            Class::Library => self.emit_library(id)?,
+            Class::Assemble => self.emit_assemble(id)?,
+        }
+        Ok(())
+    }
+
+    /// Whether a user of `id` reads it through memory (a library call, a reshape, a
+    /// concatenation), so it must be a view of a buffer.
+    fn needs_view(&self, id: NodeId) -> bool {
+        self.users[id.index()].iter().any(|u| {
+            matches!(self.classes[u.index()], Class::Library | Class::Assemble)
+                || matches!(self.graph.node(*u).op, Op::Reshape { .. })
+        })
+    }
+
+    /// A loop nest computing node `id` into a new buffer.
+    fn emit_loop(&mut self, id: NodeId) -> Result<(), LowerError> {
+        let node = self.graph.node(id);
+        let buffer = new_buffer(&mut self.program, temporary(&node.ty));
+        let out = StridedView::contiguous(buffer, node.ty.dims());
+        let (nest, nodes) = match &node.op {
+            Op::Reduce { op, axis, keep_dim } => {
+                // Loop over the input with the reduced axis innermost.
+                let input = node.inputs[0];
+                let in_dims = self.dims(input).to_vec();
+                let rank = in_dims.len();
+                let order: Vec<usize> = (0..rank).filter(|a| a != axis).chain([*axis]).collect();
+                let domain: Vec<usize> = order.iter().map(|&a| in_dims[a]).collect();
+                // order[j] is the input axis at domain position j; invert for the map.
+                let mut position = vec![0; rank];
+                for (j, &a) in order.iter().enumerate() {
+                    position[a] = j;
+                }
+                let map = Affine::picking(&position, rank);
+                let mut k = KernelBuilder::new(domain);
+                k.nodes.push(id);
+                let value = self.expr(&mut k, input, &map)?;
+                let row = k.rows.len();
+                k.rows.push(Stmt::Reduce { row, op: *op, value });
+                // The output at (outer axes), constant along the innermost one.
+                let out_view = if *keep_dim { out.clone() } else {
+                    let mut kept = in_dims.clone();
+                    kept[*axis] = 1;
+                    StridedView::contiguous(buffer, &kept)
+                };
+                let store = Stmt::StoreRow {
+                    view: out_view.compose(&map.without_axis_dependence(*axis, rank)),
+                    value: Expr::Row(row),
+                };
+                k.into_loop(vec![store])
+            }
+            _ => {
+                let rank = node.ty.rank();
+                let map = Affine::identity(rank);
+                let mut k = KernelBuilder::new(node.ty.dims().to_vec());
+                k.nodes.push(id);
+                let value = self.expand_node(&mut k, id, &map)?;
+                let store = Stmt::Store { view: out.compose(&map), value };
+                k.into_loop(vec![store])
+            }
+        };
+        push_kernel(&mut self.program, &node.origin, what(&node.op), nodes, KernelBody::Loop(nest));
+        self.views[id.index()] = Some(out);
+        Ok(())
+    }
+
+    /// The value of node `id` at the coordinates `map` gives, reading materialised nodes from
+    /// memory and inlining the rest.
+    fn expr(&mut self, k: &mut KernelBuilder, id: NodeId, map: &Affine) -> Result<Expr, LowerError> {
+        let node = self.graph.node(id);
+        if let Op::Constant(data) = &node.op {
+            if data.values.len() == 1 {
+                return Ok(Expr::Constant(data.values[0]));
+            }
+        }
+        if let Some(view) = &self.views[id.index()] {
+            return Ok(load(view, map));
+        }
+        if let Op::Reduce { .. } = node.op {
+            return self.row_value(k, id, map);
+        }
+        k.nodes.push(id);
+        self.expand_node(k, id, map)
+    }
+
+    /// Node `id`'s own computation, with its operands as expressions.
+    fn expand_node(&mut self, k: &mut KernelBuilder, id: NodeId, map: &Affine) -> Result<Expr, LowerError> {
+        let node = self.graph.node(id);
+        let dims = node.ty.dims().to_vec();
+        let operand = |this: &mut Self, k: &mut KernelBuilder, i: usize| {
+            let input = node.inputs[i];
+            let operand_map = map.broadcast_to_operand(&dims, this.dims(input));
+            this.expr(k, input, &operand_map)
+        };
+        Ok(match &node.op {
+            Op::Unary(op) => Expr::Unary(*op, Box::new(operand(self, k, 0)?)),
+            Op::Binary(op) => {
+                let a = operand(self, k, 0)?;
+                let b = operand(self, k, 1)?;
+                Expr::Binary(*op, Box::new(a), Box::new(b))
+            }
+            Op::Compare(op) => {
+                let a = operand(self, k, 0)?;
+                let b = operand(self, k, 1)?;
+                Expr::Compare(*op, Box::new(a), Box::new(b))
+            }
+            Op::Select => {
+                let c = operand(self, k, 0)?;
+                let a = operand(self, k, 1)?;
+                let b = operand(self, k, 2)?;
+                Expr::Select(Box::new(c), Box::new(a), Box::new(b))
+            }
+            Op::Cast { to } => Expr::Cast(*to, Box::new(operand(self, k, 0)?)),
+            Op::Permute { perm } => self.expr(k, node.inputs[0], &map.through_permute(perm))?,
+            Op::Slice { axis, start, .. } => {
+                self.expr(k, node.inputs[0], &map.through_slice(*axis, *start))?
+            }
+            Op::Expand { .. } => operand(self, k, 0)?,
+            Op::Reshape { .. } => {
+                // Reached only when the source has no view (an inlined expression): give the
+                // source memory, then re-view it.
+                // The source has no view, or one whose strides cannot be re-split (a
+                // transposed tensor merged across the transposition): copy it densely, then
+                // re-view it.
+                let source = node.inputs[0];
+                let buffer = self.dense(source)?;
+                let view = StridedView::contiguous(buffer, self.dims(source))
+                    .reshape(&dims)
+                    .expect("a contiguous buffer reshapes");
+                load(&view, map)
+            }
+            Op::Reduce { .. } => {
+                // A materialised reduction is emitted by `emit_loop`; here only via `force`.
+                return Err(self.unsupported(id, "a reduction cannot be the root of a store"));
+            }
+            _ => return Err(self.unsupported(id, "not an elementwise or movement op")),
+        })
+    }
+
+    /// A reduction used inside another kernel: a per-row value when the kernel's innermost
+    /// axis is the reduced one and nothing else moves along it; otherwise its own kernel.
+    fn row_value(&mut self, k: &mut KernelBuilder, id: NodeId, map: &Affine) -> Result<Expr, LowerError> {
+        if let Some(&row) = k.row_of.get(&id) {
+            return Ok(Expr::Row(row));
+        }
+        let node = self.graph.node(id);
+        let Op::Reduce { op, axis, keep_dim } = node.op else { unreachable!("reduce") };
+        let input = node.inputs[0];
+        let in_dims = self.dims(input).to_vec();
+        let rank = k.domain.len();
+        let inner = rank.wrapping_sub(1);
+        // The map to the input: the reduced axis runs along the domain's innermost axis.
+        let mut input_map = map.clone();
+        if !keep_dim {
+            input_map.offset.insert(axis, 0);
+            input_map.coef.insert(axis, vec![0; rank]);
+        }
+        let fusable = rank > 0
+            && !input_map.depends_on(inner)
+            && in_dims[axis] == k.domain[inner];
+        if !fusable {
+            self.force(id)?;
+            let view = self.views[id.index()].clone().expect("forced");
+            return Ok(load(&view, map));
+        }
+        input_map.coef[axis] = (0..rank).map(|i| isize::from(i == inner)).collect();
+        input_map.offset[axis] = 0;
+        k.nodes.push(id);
+        let value = self.expr(k, input, &input_map)?;
+        let row = k.rows.len();
+        k.rows.push(Stmt::Reduce { row, op, value });
+        k.row_of.insert(id, row);
+        Ok(Expr::Row(row))
+    }
+
+    /// Gives node `id` a buffer now (its kernel runs before the one being built).
+    fn force(&mut self, id: NodeId) -> Result<(), LowerError> {
+        if self.views[id.index()].is_none() {
+            self.materialise[id.index()] = true;
+            self.emit_loop(id)?;
+        }
+        Ok(())
+    }
+
+    /// The view of an operand a library call reads, copying it first if it has none.
+    fn operand_view(&mut self, id: NodeId) -> Result<StridedView, LowerError> {
+        self.force(id)?;
+        Ok(self.views[id.index()].clone().expect("forced"))
+    }
+
+    /// A dense buffer holding operand `id` (copied when its view is not the whole buffer).
+    fn dense(&mut self, id: NodeId) -> Result<BufferId, LowerError> {
+        let view = self.operand_view(id)?;
+        // Library calls read their operands' shapes from the buffers, so a reshaped view is
+        // copied too (the cases are small: routing scores regrouped per expert group).
+        if view.is_contiguous() && self.program.buffer(view.buffer).ty.dims() == self.dims(id) {
+            return Ok(view.buffer);
+        }
+        let ty = self.ty(id).clone();
+        let buffer = new_buffer(&mut self.program, temporary(&ty));
+        let dims = self.dims(id).to_vec();
+        let map = Affine::identity(dims.len());
+        let mut k = KernelBuilder::new(dims.clone());
+        let store = Stmt::Store {
+            view: StridedView::contiguous(buffer, &dims).compose(&map),
+            value: load(&view, &map),
+        };
+        k.nodes.push(id);
+        let (nest, nodes) = k.into_loop(vec![store]);
+        let origin = self.graph.node(id).origin.clone();
+        push_kernel(&mut self.program, &origin, "copy", nodes, KernelBody::Loop(nest));
+        Ok(buffer)
+    }
+
+    fn emit_library(&mut self, id: NodeId) -> Result<(), LowerError> {
+        let node = self.graph.node(id);
+        let inputs = node.inputs.clone();
+        let out = new_buffer(&mut self.program, temporary(&node.ty));
+        let call = match &node.op {
+            Op::MatMul => {
+                let dims = node.ty.dims().to_vec();
+                let rank = dims.len();
+                let (m, n) = (dims[rank - 2], dims[rank - 1]);
+                let k = *self.dims(inputs[0]).last().expect("rank >= 2");
+                let batch = dims[..rank - 2].to_vec();
+                let a = self.operand_view(inputs[0])?;
+                let b = self.operand_view(inputs[1])?;
+                // Broadcast each operand's batch axes to the output's.
+                let a = a.expand(&[batch.clone(), vec![m, k]].concat());
+                let b = b.expand(&[batch.clone(), vec![k, n]].concat());
+                let identity = Affine::identity(rank);
+                Library::MatMul {
+                    batch,
+                    m,
+                    n,
+                    k,
+                    a: a.compose(&identity),
+                    b: b.compose(&identity),
+                    out: StridedView::contiguous(out, &dims).compose(&identity),
+                }
+            }
+            Op::GroupedMatMul => Library::GroupedMatMul {
+                x: self.dense(inputs[0])?,
+                weights: self.dense(inputs[1])?,
+                expert_ids: self.dense(inputs[2])?,
+                out,
+            },
+            Op::GroupedMatMulWeightGrad { .. } => Library::GroupedMatMulWeightGrad {
+                cotangent: self.dense(inputs[0])?,
+                x: self.dense(inputs[1])?,
+                expert_ids: self.dense(inputs[2])?,
+                out,
+            },
+            Op::Gather => Library::Gather {
+                table: self.dense(inputs[0])?,
+                indices: self.dense(inputs[1])?,
+                out,
+            },
+            Op::IndexAdd { .. } => Library::IndexAdd {
+                values: self.dense(inputs[0])?,
+                indices: self.dense(inputs[1])?,
+                out,
+            },
+            Op::TakeAlong { axis } => Library::TakeAlong {
+                axis: *axis,
+                x: self.dense(inputs[0])?,
+                indices: self.dense(inputs[1])?,
+                out,
+            },
+            Op::TopK { k } => Library::TopK {
+                k: *k,
+                x: self.dense(inputs[0])?,
+                out,
+            },
+            Op::OneHot { depth, .. } => Library::OneHot {
+                depth: *depth,
+                indices: self.dense(inputs[0])?,
+                out,
+            },
+            Op::QuantizeDequantize {
+                format,
+                tile_rows,
+                tile_cols,
+                pow2_scales,
+            } => Library::QuantizeDequantize {
+                format: *format,
+                tile_rows: *tile_rows,
+                tile_cols: *tile_cols,
+                pow2_scales: *pow2_scales,
+                x: self.dense(inputs[0])?,
+                out,
+            },
+            _ => unreachable!("library class"),
+        };
+        let node = self.graph.node(id);
+        push_kernel(&mut self.program, &node.origin, what(&node.op), vec![id], KernelBody::Library(call));
+        self.views[id.index()] = Some(StridedView::contiguous(out, node.ty.dims()));
+        Ok(())
+    }
+
+    /// Concat and stack: one copy loop per part into its place in the output.
+    fn emit_assemble(&mut self, id: NodeId) -> Result<(), LowerError> {
+        let node = self.graph.node(id);
+        let inputs = node.inputs.clone();
+        let dims = node.ty.dims().to_vec();
+        let buffer = new_buffer(&mut self.program, temporary(&node.ty));
+        let whole = StridedView::contiguous(buffer, &dims);
+        let mut start = 0;
+        for part in inputs {
+            let part_dims = self.dims(part).to_vec();
+            let target = match &node.op {
+                Op::Concat { axis } => {
+                    let t = whole.slice(*axis, start, start + part_dims[*axis]);
+                    start += part_dims[*axis];
+                    t
+                }
+                Op::Stack => {
+                    let t = whole.slice(0, start, start + 1).reshape(&part_dims).expect("stack slot");
+                    start += 1;
+                    t
+                }
+                _ => unreachable!("assemble class"),
+            };
+            let map = Affine::identity(part_dims.len());
+            let mut k = KernelBuilder::new(part_dims.clone());
+            let value = self.expr(&mut k, part, &map)?;
+            k.nodes.push(id);
+            let (nest, nodes) = k.into_loop(vec![Stmt::Store { view: target.compose(&map), value }]);
+            let node = self.graph.node(id);
+            push_kernel(&mut self.program, &node.origin, what(&node.op), nodes, KernelBody::Loop(nest));
+        }
+        self.views[id.index()] = Some(whole);
+        Ok(())
+    }
+
+    fn unsupported(&self, id: NodeId, reason: &str) -> LowerError {
+        LowerError::Unsupported {
+            node: id,
+            op: self.graph.node(id).op.name(),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+impl Affine {
+    /// This map with domain axes feeding `axis` of a `rank`-axis tensor cut off — used to store
+    /// a reduction's result, which does not move along the reduced axis.
+    pub(super) fn without_axis_dependence(&self, axis: usize, _rank: usize) -> Affine {
+        let mut out = self.clone();
+        out.offset[axis] = 0;
+        out.coef[axis] = vec![0; self.domain_rank()];
+        out
+    }
+}

@@ -1,0 +1,162 @@
+//! Lowering: a graph becomes a kernel [`Program`].
+//!
+//! Every node is either *materialised* (it gets a buffer, written by one kernel) or *inlined*
+//! into the kernels of its users. Leaves, library ops (matmuls, lookups, top-k…), concatenations
+//! and graph outputs are materialised; elementwise ops and movements are inlined into their
+//! single user, so chains of them become one loop nest; a reduction over the last axis is fused
+//! into the elementwise kernel that consumes it row by row (RMSNorm, softmax, the loss), as a
+//! per-row value computed before the row's stores. Movements that only re-index a buffer
+//! (reshape, permute, slice, broadcast) never copy: they become the strides of a [`View`].
+
+mod affine;
+mod fusion;
+
+use std::collections::HashMap;
+
+use thiserror::Error;
+
+use crate::graph::{Graph, NodeId, Op};
+use crate::kernel::{
+    Buffer, BufferId, BufferRole, Expr, Kernel, KernelBody, LoopNest, Program, Stmt,
+};
+
+pub use affine::{Affine, StridedView, row_major_strides};
+
+#[derive(Debug, Error, PartialEq)]
+pub enum LowerError {
+    #[error("cannot lower {op} {node}: {reason}")]
+    Unsupported {
+        node: NodeId,
+        op: &'static str,
+        reason: String,
+    },
+}
+
+/// Compiles `graph` into kernels over buffers.
+pub fn lower(graph: &Graph) -> Result<Program, LowerError> {
+    let mut lowering = fusion::Lowering::new(graph);
+    lowering.run()?;
+    Ok(lowering.finish())
+}
+
+/// How a node is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// Input, parameter or constant with more than one element: a buffer the caller fills.
+    Leaf,
+    /// A one-element constant, inlined as a literal.
+    Scalar,
+    /// Unary, binary, compare, select, cast: computed inside a loop nest.
+    Elementwise,
+    /// Reshape, permute, slice, expand: an index map.
+    Movement,
+    Reduce,
+    /// A hand-written routine of the target.
+    Library,
+    /// Concat and stack: several loop nests writing parts of one buffer.
+    Assemble,
+}
+
+fn class(op: &Op, numel: usize) -> Class {
+    match op {
+        Op::Input { .. } | Op::Parameter { .. } => Class::Leaf,
+        Op::Constant(_) if numel == 1 => Class::Scalar,
+        Op::Constant(_) => Class::Leaf,
+        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. } => {
+            Class::Elementwise
+        }
+        Op::Reshape { .. } | Op::Permute { .. } | Op::Slice { .. } | Op::Expand { .. } => {
+            Class::Movement
+        }
+        Op::Reduce { .. } => Class::Reduce,
+        Op::MatMul
+        | Op::Gather
+        | Op::IndexAdd { .. }
+        | Op::TakeAlong { .. }
+        | Op::TopK { .. }
+        | Op::OneHot { .. }
+        | Op::GroupedMatMul
+        | Op::GroupedMatMulWeightGrad { .. }
+        | Op::QuantizeDequantize { .. } => Class::Library,
+        Op::Concat { .. } | Op::Stack => Class::Assemble,
+    }
+}
+
+/// A kernel being assembled: its domain and the per-row reductions its stores use.
+struct KernelBuilder {
+    domain: Vec<usize>,
+    rows: Vec<Stmt>,
+    row_of: HashMap<NodeId, usize>,
+    nodes: Vec<NodeId>,
+}
+
+impl KernelBuilder {
+    fn new(domain: Vec<usize>) -> Self {
+        KernelBuilder {
+            domain,
+            rows: Vec::new(),
+            row_of: HashMap::new(),
+            nodes: Vec::new(),
+        }
+    }
+
+    fn into_loop(self, stores: Vec<Stmt>) -> (LoopNest, Vec<NodeId>) {
+        let mut body = self.rows;
+        body.extend(stores);
+        let mut nodes = self.nodes;
+        nodes.sort();
+        nodes.dedup();
+        (
+            LoopNest {
+                domain: self.domain,
+                body,
+            },
+            nodes,
+        )
+    }
+}
+
+fn load(view: &StridedView, map: &Affine) -> Expr {
+    Expr::Load(view.compose(map))
+}
+
+fn new_buffer(program: &mut Program, buffer: Buffer) -> BufferId {
+    let id = BufferId(program.buffers.len() as u32);
+    program.buffers.push(buffer);
+    id
+}
+
+fn push_kernel(program: &mut Program, origin: &str, what: &str, nodes: Vec<NodeId>, body: KernelBody) {
+    let index = program.kernels.len();
+    let place: String = origin
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let name = if place.is_empty() {
+        format!("k{index}_{what}")
+    } else {
+        format!("k{index}_{what}_{place}")
+    };
+    program.kernels.push(Kernel {
+        name,
+        nodes,
+        origin: origin.to_owned(),
+        body,
+    });
+}
+
+fn temporary(ty: &crate::dtype::TensorType) -> Buffer {
+    Buffer {
+        ty: ty.clone(),
+        role: BufferRole::Temporary,
+    }
+}
+
+/// The kernel-name word for a materialised node's op.
+fn what(op: &Op) -> &'static str {
+    match op {
+        Op::Reshape { .. } | Op::Permute { .. } | Op::Slice { .. } | Op::Expand { .. } => "copy",
+        Op::Reduce { .. } => "reduce",
+        other => other.name(),
+    }
+}

@@ -1,0 +1,212 @@
+//! The precision pass: which GEMMs of a training graph run in FP8 or BF16 (SPEC §2).
+//!
+//! [`apply_precision`] rewrites a training graph (forward + losses + autodiff's backward) so
+//! that the operands of every Linear's three GEMMs — forward, input gradient, weight gradient —
+//! and of the grouped expert GEMMs are rounded the way a mixed-precision run rounds them:
+//!
+//! - [`Precision::Bf16`]: each operand is cast to bf16 and back (the values are rounded, the
+//!   product still accumulates in f32, as a BF16 tensor-core GEMM does);
+//! - [`Precision::Fp8`]: each operand goes through [`Op::QuantizeDequantize`] (E4M3, one scale
+//!   per tile): activations and output gradients in 1×`activation_tile` tiles along K, weights
+//!   in `weight_block`×`weight_block` blocks, and for the weight-gradient GEMM, whose K is the
+//!   token axis, both operands in tiles of `activation_tile` tokens × 1 channel;
+//! - [`Precision::Fp32`]: untouched.
+//!
+//! Everything else stays in f32: master weights, gradients, optimizer inputs, and the GEMMs
+//! that are not a Linear's — attention scores and values (no parameter operand) — or that
+//! SPEC §2 keeps in high precision by name: the output head (`lm_head`), the embedding
+//! (`embed_tokens`, also when tied to the head) and the MoE router (`mlp.gate`). Norms are not
+//! GEMMs and are never touched. The FP8 GEMM emulated here has exact (fully promoted)
+//! accumulation; Hopper's limited accumulator is modelled separately by
+//! `fathom_runtime::fp8::fp8_gemm`.
+//!
+//! How the GEMMs are found is documented in [`identify`].
+//!
+//! [`Op::QuantizeDequantize`]: crate::graph::Op::QuantizeDequantize
+
+mod identify;
+mod rewrite;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use thiserror::Error;
+
+use crate::error::GraphError;
+
+pub use identify::{GemmRole, LinearGemm, OperandLayout, is_kept_in_f32, linear_gemms};
+pub use rewrite::apply_precision;
+
+/// The arithmetic of a GEMM's operands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Operands as they are (the baseline).
+    #[default]
+    Fp32,
+    /// Operands rounded to bf16, products accumulated in f32.
+    Bf16,
+    /// Operands quantized to E4M3 with fine-grained (or per-tensor) scales.
+    Fp8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp8 => "fp8",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = PrecisionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            "fp8" => Ok(Precision::Fp8),
+            other => Err(PrecisionError::UnknownPrecision(other.to_owned())),
+        }
+    }
+}
+
+/// How FP8 scales are grouped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fp8Scaling {
+    /// DeepSeek-V3's tiles and blocks, sized by the model's `fp8` settings (`ModelSpec::fp8`).
+    #[default]
+    FineGrained,
+    /// One scale per operand matrix (per expert for stacked expert weights): the usual FP8
+    /// recipe before DeepSeek-V3, kept as an ablation.
+    PerTensor,
+}
+
+/// Which precision each Linear's GEMMs use. The precision of a GEMM is that of the longest
+/// override whose prefix is the Linear's module path or one of its ancestors (whole path
+/// segments: `model.layers.1` covers `model.layers.1.mlp` but not `model.layers.10`), else
+/// `default`.
+///
+/// In a run file, either a single precision (`precision = "fp8"`) or a table
+/// (`[train.precision]` with `default`, `overrides = [["model.layers.0", "bf16"]]` and
+/// `scaling = "per_tensor"`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PrecisionPolicy {
+    pub default: Precision,
+    /// `(module-path prefix, precision)` pairs.
+    pub overrides: Vec<(String, Precision)>,
+    /// How FP8 operands are scaled.
+    pub scaling: Fp8Scaling,
+}
+
+impl PrecisionPolicy {
+    /// Every eligible GEMM in `precision`, fine-grained scales.
+    pub fn uniform(precision: Precision) -> Self {
+        PrecisionPolicy {
+            default: precision,
+            ..PrecisionPolicy::default()
+        }
+    }
+
+    /// The precision of the GEMMs of the Linear at `path`.
+    pub fn precision_of(&self, path: &str) -> Precision {
+        self.overrides
+            .iter()
+            .filter(|(prefix, _)| covers(prefix, path))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(self.default, |(_, precision)| *precision)
+    }
+
+    /// Whether the policy changes nothing.
+    pub fn is_fp32(&self) -> bool {
+        self.default == Precision::Fp32 && self.overrides.iter().all(|(_, p)| *p == Precision::Fp32)
+    }
+
+    /// Rejects overrides that could never match.
+    pub fn validate(&self) -> Result<(), PrecisionError> {
+        match self.overrides.iter().position(|(prefix, _)| {
+            prefix.is_empty() || prefix.starts_with('.') || prefix.ends_with('.')
+        }) {
+            Some(index) => Err(PrecisionError::BadPrefix {
+                index,
+                prefix: self.overrides[index].0.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `prefix` is `path` or an ancestor of it.
+fn covers(prefix: &str, path: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// Accepts `"fp8"` as well as the full table, so the common case is one word in a run file.
+impl<'de> Deserialize<'de> for PrecisionPolicy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            #[serde(default)]
+            default: Precision,
+            #[serde(default)]
+            overrides: Vec<(String, Precision)>,
+            #[serde(default)]
+            scaling: Fp8Scaling,
+        }
+
+        struct Visitor;
+
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PrecisionPolicy;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a precision (\"fp32\", \"bf16\" or \"fp8\") or a table with `default`, `overrides` and `scaling`")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                s.parse().map(PrecisionPolicy::uniform).map_err(E::custom)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let table = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(PrecisionPolicy {
+                    default: table.default,
+                    overrides: table.overrides,
+                    scaling: table.scaling,
+                })
+            }
+        }
+
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// What the precision pass refuses.
+#[derive(Debug, Error, PartialEq)]
+pub enum PrecisionError {
+    #[error("unknown precision `{0}`; expected fp32, bf16 or fp8")]
+    UnknownPrecision(String),
+    #[error(
+        "precision override {index}: `{prefix}` is not a module path (expected a dotted path \
+         such as `model.layers.0.mlp`)"
+    )]
+    BadPrefix { index: usize, prefix: String },
+    #[error("fp8 tiling: `{field}` is 0; tiles must be at least 1 wide")]
+    EmptyTile { field: &'static str },
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+}

@@ -1,0 +1,160 @@
+//! The rewrite: a copy of the graph with each chosen GEMM's operands rounded just before it.
+
+use std::collections::HashMap;
+
+use crate::dtype::DType;
+use crate::error::GraphError;
+use crate::graph::{Graph, GraphBuilder, NodeId, QuantFormat, Tensor};
+use crate::spec::Fp8Spec;
+
+use super::identify::{GemmRole, LinearGemm, OperandLayout, is_kept_in_f32, linear_gemms};
+use super::{Fp8Scaling, Precision, PrecisionError, PrecisionPolicy};
+
+/// `graph` with the operands of every Linear GEMM that `policy` puts in BF16 or FP8 rounded as
+/// the module docs describe; FP8 tiles come from `tiling` (`ModelSpec::fp8`, DeepSeek-V3's
+/// 128/128 when the model has none). Node order, origins, outputs and every other node are kept;
+/// the rounding nodes carry the GEMM's origin. A policy that is all FP32 returns the graph
+/// unchanged. An operand shared by several GEMMs with the same rounding is rounded once (as a
+/// run quantizes an activation once for all the projections that read it).
+pub fn apply_precision(
+    graph: &Graph,
+    policy: &PrecisionPolicy,
+    tiling: &Fp8Spec,
+) -> Result<Graph, PrecisionError> {
+    policy.validate()?;
+    for (value, field) in [
+        (tiling.activation_tile, "activation_tile"),
+        (tiling.weight_block, "weight_block"),
+    ] {
+        if value == 0 {
+            return Err(PrecisionError::EmptyTile { field });
+        }
+    }
+    let plan: HashMap<NodeId, (Precision, LinearGemm)> = linear_gemms(graph)
+        .into_iter()
+        .filter(|gemm| !is_kept_in_f32(&gemm.path))
+        .map(|gemm| (gemm.node, (policy.precision_of(&gemm.path), gemm)))
+        .filter(|(_, (precision, _))| *precision != Precision::Fp32)
+        .collect();
+    if plan.is_empty() {
+        return Ok(graph.clone());
+    }
+
+    let mut g = GraphBuilder::new(graph.name.clone());
+    let mut new_ids: Vec<Tensor> = Vec::with_capacity(graph.nodes.len());
+    let mut rounded: HashMap<(Tensor, Rounding), Tensor> = HashMap::new();
+    for (id, node) in graph.node_ids().zip(&graph.nodes) {
+        let mut inputs: Vec<Tensor> = node.inputs.iter().map(|i| new_ids[i.index()]).collect();
+        let declared = node.inputs.is_empty().then(|| node.ty.clone());
+        let t = g.within(&node.origin, |g| {
+            if let Some((precision, gemm)) = plan.get(&id) {
+                for (k, layout) in gemm.operands.iter().enumerate() {
+                    let pow2 = k == 0 && has_pow2_input(graph, gemm);
+                    let rounding =
+                        Rounding::of(*precision, *layout, policy.scaling, tiling, g.dims(inputs[k]), pow2);
+                    inputs[k] = match rounded.get(&(inputs[k], rounding)) {
+                        Some(&done) => done,
+                        None => {
+                            let done = round(g, inputs[k], rounding)?;
+                            rounded.insert((inputs[k], rounding), done);
+                            done
+                        }
+                    };
+                }
+            }
+            g.push(node.op.clone(), &inputs, declared)
+        })?;
+        new_ids.push(t);
+    }
+    for output in &graph.outputs {
+        g.output(&output.name, new_ids[output.node.index()])?;
+    }
+    Ok(g.finish())
+}
+
+/// SPEC §2: the scales of two inputs are rounded up to powers of two — the MoE dispatch (the
+/// tokens sent to the routed experts: the forward grouped GEMM whose `x` has one slot per
+/// token, `[tokens, 1, hidden]`) and the linear after attention (`self_attn.o_proj`), forward.
+fn has_pow2_input(graph: &Graph, gemm: &LinearGemm) -> bool {
+    if gemm.role != GemmRole::Forward {
+        return false;
+    }
+    let node = graph.node(gemm.node);
+    if gemm.grouped {
+        graph.ty(node.inputs[0]).dims().get(1) == Some(&1)
+    } else {
+        gemm.path.ends_with("self_attn.o_proj")
+    }
+}
+
+/// How one operand is rounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Rounding {
+    /// To bf16 and back.
+    Bf16,
+    /// `QuantizeDequantize` with these tiles; `flatten` first views the operand as
+    /// `[rows, last axis]` (and back afterwards), so tiles run across its leading axes.
+    Fp8 {
+        tile: (usize, usize),
+        flatten: bool,
+        pow2: bool,
+    },
+}
+
+impl Rounding {
+    fn of(
+        precision: Precision,
+        layout: OperandLayout,
+        scaling: Fp8Scaling,
+        tiling: &Fp8Spec,
+        dims: &[usize],
+        pow2: bool,
+    ) -> Rounding {
+        if precision == Precision::Bf16 {
+            return Rounding::Bf16;
+        }
+        let (t, b) = (tiling.activation_tile, tiling.weight_block);
+        let rank = dims.len();
+        let (rows, cols) = (dims[rank - 2], dims[rank - 1]);
+        let all_rows = dims[..rank - 1].iter().product::<usize>();
+        let (tile, flatten) = match (scaling, layout) {
+            (Fp8Scaling::FineGrained, OperandLayout::KLast) => ((1, t), false),
+            (Fp8Scaling::FineGrained, OperandLayout::KRows) => ((t, 1), false),
+            (Fp8Scaling::FineGrained, OperandLayout::Weight) => ((b, b), false),
+            (Fp8Scaling::FineGrained, OperandLayout::TokenSlots) => ((t, 1), true),
+            // Per-tensor: one tile over everything but a weight stack's expert axis.
+            (Fp8Scaling::PerTensor, OperandLayout::Weight) => ((rows, cols), false),
+            (Fp8Scaling::PerTensor, _) => ((all_rows, cols), rank > 2),
+        };
+        Rounding::Fp8 {
+            tile,
+            flatten: flatten && rank > 2,
+            pow2,
+        }
+    }
+}
+
+fn round(g: &mut GraphBuilder, x: Tensor, rounding: Rounding) -> Result<Tensor, GraphError> {
+    match rounding {
+        Rounding::Bf16 => {
+            let dtype = g.dtype(x);
+            let narrow = g.cast(x, DType::BF16)?;
+            g.cast(narrow, dtype)
+        }
+        Rounding::Fp8 {
+            tile,
+            flatten,
+            pow2,
+        } => {
+            let dims = g.dims(x).to_vec();
+            let (lead, cols) = dims.split_at(dims.len() - 1);
+            let source = if flatten {
+                g.reshape(x, &[lead.iter().product(), cols[0]])?
+            } else {
+                x
+            };
+            let q = g.quantize_dequantize(source, QuantFormat::E4M3, tile, pow2)?;
+            if flatten { g.reshape(q, &dims) } else { Ok(q) }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+#![allow(clippy::unwrap_used)]
+
+use crate::autodiff::backward_parameters;
+use crate::dtype::{DType, TensorType};
+use crate::graph::{Graph, GraphBuilder, Op, ReduceOp, Tensor};
+use crate::model::linear;
+use crate::spec::Fp8Spec;
+
+use super::*;
+
+fn f32_ty(dims: &[usize]) -> TensorType {
+    TensorType::new(DType::F32, dims)
+}
+
+fn total(g: &mut GraphBuilder, y: Tensor) -> Tensor {
+    let n = g.ty(y).numel();
+    let flat = g.reshape(y, &[n]).unwrap();
+    g.reduce(ReduceOp::Sum, flat, 0, false).unwrap()
+}
+
+/// `loss = Σ second(first(x))` with the Linears at paths `first` and `second` (weights
+/// `[6, 8]` and `[5, 6]`), plus an attention-like `y·yᵀ` term without parameters; the training
+/// graph of all parameters.
+fn two_linears(first: &str, second: &str) -> Graph {
+    let mut g = GraphBuilder::new("two_linears");
+    let x = g.input("x", f32_ty(&[2, 3, 8])).unwrap();
+    let w1 = g.parameter(&format!("{first}.weight"), f32_ty(&[6, 8])).unwrap();
+    let w2 = g.parameter(&format!("{second}.weight"), f32_ty(&[5, 6])).unwrap();
+    let h = g.within(first, |g| linear(g, x, w1)).unwrap();
+    let y = g.within(second, |g| linear(g, h, w2)).unwrap();
+    let loss = g
+        .within("scores", |g| {
+            let yt = g.transpose(y)?;
+            let scores = g.matmul(y, yt)?;
+            Ok(total(g, scores))
+        })
+        .unwrap();
+    backward_parameters(g.finish(), loss.id()).unwrap().graph
+}
+
+fn roles(graph: &Graph) -> Vec<(GemmRole, String)> {
+    linear_gemms(graph)
+        .into_iter()
+        .map(|gemm| (gemm.role, gemm.path))
+        .collect()
+}
+
+/// The `QuantizeDequantize` tiles feeding each operand of `node` (`None`: not quantized).
+fn operand_tiles(graph: &Graph, node: crate::graph::NodeId) -> Vec<Option<(usize, usize, bool)>> {
+    graph
+        .node(node)
+        .inputs
+        .iter()
+        .map(|&i| match &graph.node(i).op {
+            Op::QuantizeDequantize {
+                tile_rows,
+                tile_cols,
+                pow2_scales,
+                ..
+            } => Some((*tile_rows, *tile_cols, *pow2_scales)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn tiles4() -> Fp8Spec {
+    Fp8Spec {
+        activation_tile: 4,
+        weight_block: 4,
+    }
+}
+
+#[test]
+fn finds_the_three_gemms_of_each_linear_and_not_attention() {
+    let graph = two_linears("a", "b");
+    let mut found = roles(&graph);
+    found.sort_by_key(|(role, path)| (path.clone(), *role as u8));
+    use GemmRole::*;
+    // `a`'s input is a graph input, which gets no gradient, so `a` has no input-gradient GEMM.
+    assert_eq!(
+        found,
+        [
+            (Forward, "a".to_owned()),
+            (WeightGradient, "a".to_owned()),
+            (Forward, "b".to_owned()),
+            (InputGradient, "b".to_owned()),
+            (WeightGradient, "b".to_owned()),
+        ]
+    );
+}
+
+#[test]
+fn fp8_tiles_run_along_k() {
+    let graph = two_linears("a", "b");
+    let policy = PrecisionPolicy::uniform(Precision::Fp8);
+    let out = apply_precision(&graph, &policy, &tiles4()).unwrap();
+    out.validate().unwrap();
+    // The rewritten graph is read the same way.
+    assert_eq!(roles(&out), roles(&graph));
+    for gemm in linear_gemms(&out) {
+        let expected = match gemm.role {
+            GemmRole::Forward | GemmRole::InputGradient => [Some((1, 4, false)), Some((4, 4, false))],
+            GemmRole::WeightGradient => [Some((1, 4, false)), Some((4, 1, false))],
+        };
+        assert_eq!(operand_tiles(&out, gemm.node), expected, "{gemm:?}");
+    }
+    // The attention-like matmul reads y itself.
+    let scores = out
+        .node_ids()
+        .find(|&id| out.node(id).origin == "scores" && out.node(id).op == Op::MatMul)
+        .unwrap();
+    assert_eq!(operand_tiles(&out, scores), [None, None]);
+    // Gradients stay f32 and keep their names.
+    assert_eq!(out.ty(out.output("grad.b.weight").unwrap()), &f32_ty(&[5, 6]));
+}
+
+#[test]
+fn bf16_rounds_operands_and_keeps_f32_products() {
+    let graph = two_linears("a", "b");
+    let out = apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Bf16), &tiles4()).unwrap();
+    assert_eq!(linear_gemms(&out).len(), 5);
+    for gemm in linear_gemms(&out) {
+        assert_eq!(out.ty(gemm.node).dtype, DType::F32);
+        for &operand in &out.node(gemm.node).inputs {
+            let back = out.node(operand);
+            assert_eq!(back.op, Op::Cast { to: DType::F32 });
+            assert_eq!(out.node(back.inputs[0]).op, Op::Cast { to: DType::BF16 });
+        }
+    }
+}
+
+#[test]
+fn kept_modules_and_overrides() {
+    let graph = two_linears("model.layers.0.mlp.gate", "lm_head");
+    let out = apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Fp8), &tiles4()).unwrap();
+    assert_eq!(out, graph, "router and head stay f32");
+
+    let graph = two_linears("model.layers.1.x", "model.layers.10.x");
+    let policy = PrecisionPolicy {
+        default: Precision::Fp32,
+        overrides: vec![
+            ("model".into(), Precision::Bf16),
+            ("model.layers.1".into(), Precision::Fp8),
+        ],
+        scaling: Fp8Scaling::FineGrained,
+    };
+    assert_eq!(policy.precision_of("model.layers.1.x"), Precision::Fp8);
+    assert_eq!(policy.precision_of("model.layers.10.x"), Precision::Bf16);
+    assert_eq!(policy.precision_of("lm"), Precision::Fp32);
+    let out = apply_precision(&graph, &policy, &tiles4()).unwrap();
+    assert_eq!(linear_gemms(&out).len(), 5);
+    for gemm in linear_gemms(&out) {
+        let first = out.node(out.node(gemm.node).inputs[0]);
+        let fp8 = matches!(first.op, Op::QuantizeDequantize { .. });
+        assert_eq!(fp8, gemm.path == "model.layers.1.x", "{gemm:?}");
+    }
+}
+
+#[test]
+fn per_tensor_scaling_uses_one_tile_per_operand() {
+    let graph = two_linears("a", "b");
+    let policy = PrecisionPolicy {
+        scaling: Fp8Scaling::PerTensor,
+        ..PrecisionPolicy::uniform(Precision::Fp8)
+    };
+    let out = apply_precision(&graph, &policy, &tiles4()).unwrap();
+    out.validate().unwrap();
+    let forward_b = linear_gemms(&out)
+        .into_iter()
+        .find(|g| g.role == GemmRole::Forward && g.path == "b")
+        .unwrap();
+    // h [2, 3, 6] is viewed as [6, 6]; the weight (transposed, [6, 5]) is one tile.
+    let lhs = out.node(forward_b.node).inputs[0];
+    assert_eq!(out.node(lhs).op, Op::Reshape { shape: vec![2, 3, 6] });
+    let q = out.node(out.node(lhs).inputs[0]);
+    assert!(matches!(q.op, Op::QuantizeDequantize { tile_rows: 6, tile_cols: 6, .. }));
+    assert_eq!(operand_tiles(&out, forward_b.node)[1], Some((6, 5, false)));
+}
+
+#[test]
+fn an_fp32_policy_changes_nothing() {
+    let graph = two_linears("a", "b");
+    let out = apply_precision(&graph, &PrecisionPolicy::default(), &tiles4()).unwrap();
+    assert_eq!(out, graph);
+}
+
+#[test]
+fn bad_settings_are_errors() {
+    let graph = two_linears("a", "b");
+    let policy = PrecisionPolicy {
+        overrides: vec![("model.".into(), Precision::Fp8)],
+        ..PrecisionPolicy::default()
+    };
+    let err = apply_precision(&graph, &policy, &tiles4()).unwrap_err();
+    assert!(err.to_string().contains("`model.` is not a module path"), "{err}");
+    let tiling = Fp8Spec {
+        activation_tile: 0,
+        weight_block: 4,
+    };
+    let err = apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Fp8), &tiling).unwrap_err();
+    assert_eq!(err, PrecisionError::EmptyTile { field: "activation_tile" });
+    assert_eq!(
+        "fp16".parse::<Precision>().unwrap_err().to_string(),
+        "unknown precision `fp16`; expected fp32, bf16 or fp8"
+    );
+}
+
+#[test]
+fn policies_read_from_a_word_or_a_table() {
+    let word: PrecisionPolicy = serde_json::from_str("\"fp8\"").unwrap();
+    assert_eq!(word, PrecisionPolicy::uniform(Precision::Fp8));
+    let table: PrecisionPolicy = serde_json::from_str(
+        r#"{"default": "bf16", "overrides": [["lm", "fp32"]], "scaling": "per_tensor"}"#,
+    )
+    .unwrap();
+    assert_eq!(table.overrides, [("lm".to_owned(), Precision::Fp32)]);
+    assert_eq!(table.scaling, Fp8Scaling::PerTensor);
+    // What is written reads back.
+    let again: PrecisionPolicy = serde_json::from_str(&serde_json::to_string(&table).unwrap()).unwrap();
+    assert_eq!(again, table);
+    let err = serde_json::from_str::<PrecisionPolicy>("\"fp4\"").unwrap_err();
+    assert!(err.to_string().contains("unknown precision `fp4`"), "{err}");
+    let err = serde_json::from_str::<PrecisionPolicy>(r#"{"defualt": "fp8"}"#).unwrap_err();
+    assert!(err.to_string().contains("unknown field `defualt`"), "{err}");
+}
+
+#[test]
+fn quantize_dequantize_checks_its_operand_and_tiles() {
+    use crate::graph::QuantFormat;
+    let mut g = GraphBuilder::new("qdq");
+    let x = g.input("x", f32_ty(&[2, 3, 8])).unwrap();
+    let q = g.quantize_dequantize(x, QuantFormat::E4M3, (1, 4), true).unwrap();
+    assert_eq!(g.ty(q), &f32_ty(&[2, 3, 8]));
+    assert_eq!(
+        g.graph().node(q.id()).op.to_string(),
+        "quantize_dequantize<e4m3, tile=1x4, pow2>"
+    );
+    let err = g.quantize_dequantize(x, QuantFormat::E4M3, (0, 4), false).unwrap_err();
+    assert!(err.to_string().contains("tile 0x4 has a zero side"), "{err}");
+    let v = g.input("v", f32_ty(&[8])).unwrap();
+    let err = g.quantize_dequantize(v, QuantFormat::E4M3, (1, 4), false).unwrap_err();
+    assert!(err.to_string().contains("needs at least two"), "{err}");
+    let ids = g.input("ids", TensorType::new(DType::I64, [2, 3])).unwrap();
+    assert!(g.quantize_dequantize(ids, QuantFormat::E4M3, (1, 4), false).is_err());
+}

@@ -1,0 +1,191 @@
+//! The precision pass on the training graph of a tiny DeepSeek-V3: which GEMMs it finds, which
+//! it rewrites, and the tiles it gives them (pinned as a snapshot).
+
+#![allow(clippy::unwrap_used)]
+
+use std::fmt::Write as _;
+
+use fathom_compiler::graph::{Graph, NodeId, Op};
+use fathom_compiler::model::LossWeights;
+use fathom_compiler::precision::{
+    GemmRole, Precision, PrecisionPolicy, apply_precision, is_kept_in_f32, linear_gemms,
+};
+use fathom_compiler::spec::{Fp8Spec, MlaSpec, ModelSpec, MoeSpec, RopeSpec};
+use fathom_compiler::training::training_graph;
+
+/// Two blocks (one dense, one MoE with 4 experts), one MTP module, hidden 8 and FP8 tiles of 4,
+/// so that tiles are real (two per row of a hidden-8 activation).
+fn tiny() -> ModelSpec {
+    ModelSpec {
+        vocab_size: 16,
+        hidden_size: 8,
+        layers: 2,
+        dense_layers: 1,
+        intermediate_size: 12,
+        norm_eps: 1e-6,
+        max_positions: 16,
+        tie_embeddings: false,
+        initializer_range: 0.02,
+        attention: MlaSpec {
+            heads: 2,
+            q_lora_rank: Some(8),
+            kv_lora_rank: 4,
+            qk_nope_head_dim: 4,
+            qk_rope_head_dim: 2,
+            v_head_dim: 4,
+        },
+        rope: RopeSpec::default(),
+        moe: Some(MoeSpec {
+            routed_experts: 4,
+            shared_experts: 1,
+            experts_per_token: 2,
+            groups: 2,
+            groups_per_token: 1,
+            intermediate_size: 4,
+            routed_scaling_factor: 2.5,
+            normalize_gates: true,
+        }),
+        mtp_depth: 1,
+        fp8: Some(Fp8Spec {
+            activation_tile: 4,
+            weight_block: 4,
+        }),
+    }
+}
+
+fn train_graph() -> Graph {
+    training_graph(&tiny(), 1, 4, LossWeights::deepseek_v3())
+        .unwrap()
+        .graph
+}
+
+/// The Linear modules: rank-2 trainable `….weight` parameters other than the embedding and the
+/// routed experts' (which run as grouped GEMMs of their stacks).
+fn linear_paths(graph: &Graph) -> Vec<String> {
+    graph
+        .parameters()
+        .filter(|(id, name, ty)| {
+            graph.is_trainable(*id)
+                && ty.rank() == 2
+                && !name.contains(".experts.")
+                && !name.ends_with("embed_tokens.weight")
+        })
+        .map(|(_, name, _)| name.strip_suffix(".weight").unwrap().to_owned())
+        .collect()
+}
+
+fn is_qdq(graph: &Graph, id: NodeId) -> bool {
+    matches!(graph.node(id).op, Op::QuantizeDequantize { .. })
+}
+
+/// An operand as the snapshot shows it: the rounding op and what it reads.
+fn operand(graph: &Graph, id: NodeId) -> String {
+    let node = graph.node(id);
+    match &node.op {
+        Op::QuantizeDequantize { .. } => format!("{} {}", node.op, graph.ty(node.inputs[0])),
+        Op::Reshape { .. } if is_qdq(graph, node.inputs[0]) => {
+            let q = graph.node(node.inputs[0]);
+            let source = graph.node(q.inputs[0]);
+            format!("{} {} as {}", q.op, graph.ty(source.inputs[0]), q.ty)
+        }
+        _ => format!("(f32) {}", node.ty),
+    }
+}
+
+#[test]
+fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
+    let graph = train_graph();
+    let linears = linear_paths(&graph);
+    let gemms = linear_gemms(&graph);
+    let dense: Vec<_> = gemms.iter().filter(|g| !g.grouped).collect();
+    let grouped: Vec<_> = gemms.iter().filter(|g| g.grouped).collect();
+
+    // Exactly three per application of a Linear: forward, input gradient, weight gradient. Every
+    // Linear is applied once, except the output head, which the MTP module shares.
+    let uses = |path: &str| if path == "lm_head" { 2 } else { 1 };
+    for path in &linears {
+        for role in [GemmRole::Forward, GemmRole::InputGradient, GemmRole::WeightGradient] {
+            let count = dense.iter().filter(|g| &g.path == path && g.role == role).count();
+            assert_eq!(count, uses(path), "{path}: {role:?}");
+        }
+    }
+    let applications: usize = linears.iter().map(|p| uses(p)).sum();
+    assert_eq!(applications, linears.len() + 1);
+    assert_eq!(dense.len(), 3 * applications);
+    // The MoE blocks (layer 1 and the MTP block), each with three stacked expert weights.
+    assert_eq!(grouped.len(), 2 * 3 * 3);
+
+    let kept: Vec<&String> = linears.iter().filter(|p| is_kept_in_f32(p)).collect();
+    let kept_applications: usize = kept.iter().map(|p| uses(p)).sum();
+    assert_eq!(
+        kept,
+        ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate", "lm_head"],
+        "the routers and the output head"
+    );
+
+    let spec = tiny();
+    let policy = PrecisionPolicy::uniform(Precision::Fp8);
+    let out = apply_precision(&graph, &policy, spec.fp8.as_ref().unwrap()).unwrap();
+    out.validate().unwrap();
+    assert_eq!(out.outputs.len(), graph.outputs.len());
+
+    let rewritten: Vec<_> = linear_gemms(&out)
+        .into_iter()
+        .filter(|g| {
+            let inputs = &out.node(g.node).inputs;
+            let quantized = |k: usize| {
+                is_qdq(&out, inputs[k])
+                    || matches!(out.node(inputs[k]).op, Op::Reshape { .. })
+                        && is_qdq(&out, out.node(inputs[k]).inputs[0])
+            };
+            let (a, b) = (quantized(0), quantized(1));
+            assert_eq!(a, b, "both operands or neither: {g:?}");
+            assert_eq!(a, !is_kept_in_f32(&g.path), "{g:?}");
+            a
+        })
+        .collect();
+    assert_eq!(
+        rewritten.len(),
+        3 * (applications - kept_applications) + grouped.len()
+    );
+
+    // Nothing else is quantized: attention's matmuls read no QDQ node.
+    for id in out.node_ids() {
+        let node = out.node(id);
+        if node.op == Op::MatMul && !rewritten.iter().any(|g| g.node == id) {
+            assert!(!node.inputs.iter().any(|&i| is_qdq(&out, i)), "{id} ({})", node.origin);
+        }
+    }
+}
+
+/// Every rewritten GEMM with its role and its operands' tiles: activations and output gradients
+/// 1×4 along K, weights 4×4, the weight gradients' K = tokens as 4×1 (through `[tokens·slots,
+/// channels]` views for the grouped ones), power-of-two scales for the MoE dispatch and
+/// `o_proj`'s input.
+#[test]
+fn fp8_training_graph_snapshot() {
+    let graph = train_graph();
+    let spec = tiny();
+    let out = apply_precision(
+        &graph,
+        &PrecisionPolicy::uniform(Precision::Fp8),
+        spec.fp8.as_ref().unwrap(),
+    )
+    .unwrap();
+    let mut text = String::new();
+    for gemm in linear_gemms(&out) {
+        let node = out.node(gemm.node);
+        let role = match gemm.role {
+            GemmRole::Forward => "forward",
+            GemmRole::InputGradient => "input-grad",
+            GemmRole::WeightGradient => "weight-grad",
+        };
+        writeln!(text, "{role} {} ({})", gemm.path, node.op.name()).unwrap();
+        for &input in node.inputs.iter().take(2) {
+            writeln!(text, "    {}", operand(&out, input)).unwrap();
+        }
+    }
+    let qdq = out.node_ids().filter(|&id| is_qdq(&out, id)).count();
+    writeln!(text, "{qdq} quantize_dequantize nodes").unwrap();
+    insta::assert_snapshot!(text);
+}

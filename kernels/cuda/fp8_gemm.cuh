@@ -1,0 +1,205 @@
+// FP8 E4M3 x E4M3 GEMM with DeepSeek-V3 fine-grained scaling for Hopper (sm_90a).
+//
+//   D[M, N] (+)= sum_k  A[M, K] * B[N, K]          ("NT": both operands K-major)
+//
+// A: activations, one f32 scale per 1x128 tile (per row, per 128 of K), stored [ceil(K/128)][M_pad]
+//    with M_pad = round_up(M, 4) (M-major so that TMA can fetch a tile's scales as one box).
+// B: weights, one f32 scale per 128x128 block, stored [ceil(N/128)][ceil(K/128)] (B_ROW_SCALES
+//    false); or, for the weight-gradient GEMM whose B is an activation too, one scale per 1x128
+//    tile stored [ceil(K/128)][N_pad] like A's (B_ROW_SCALES true).
+//
+// One CTA computes one BLOCK_M x BLOCK_N tile. A producer warp group (the last one) streams K in
+// blocks of 128 through a STAGES-deep ring of shared-memory buffers with TMA, signalling `full`
+// mbarriers; BLOCK_M/64 math warp groups each own 64 rows, issue four wgmma m64nNk32 per K block
+// (K = 128 = DeepSeek's N_C), and after each K block promote the tensor-core partial sums into an
+// FP32 accumulator with the two scales applied (the FP8 tensor core keeps only ~14 bits), then
+// release the buffer through its `empty` mbarrier.
+//
+// GROUPED (MoE experts, "contiguous" layout): A's rows are tokens sorted by expert, every expert's
+// segment padded to a multiple of Grouped::M_ALIGN (128) rows; block_expert[row / 128] names the
+// expert of each such block (-1: padding block, skipped). B is [num_experts * N, K], scales [num_experts][ceil(N/128)][...].
+#pragma once
+
+namespace fathom {
+
+template <int BLOCK_M, int BLOCK_N, int STAGES, bool B_ROW_SCALES>
+struct Fp8GemmSmem {
+  static constexpr int BLOCK_K = 128;
+  static constexpr int A_BYTES = BLOCK_M * BLOCK_K;
+  static constexpr int B_BYTES = BLOCK_N * BLOCK_K;
+  static constexpr int SA_BYTES = BLOCK_M * 4;
+  // TMA destinations need 128-byte alignment.
+  static constexpr int SB_BYTES = B_ROW_SCALES ? (BLOCK_N * 4 + 127) / 128 * 128 : 0;
+  static constexpr int A_OFFSET = 0;
+  static constexpr int B_OFFSET = A_OFFSET + STAGES * A_BYTES;
+  static constexpr int SA_OFFSET = B_OFFSET + STAGES * B_BYTES;
+  static constexpr int SB_OFFSET = SA_OFFSET + STAGES * SA_BYTES;
+  static constexpr int BAR_OFFSET = SB_OFFSET + STAGES * SB_BYTES;
+  static constexpr int BYTES = BAR_OFFSET + 2 * STAGES * 8;
+  // Bytes TMA delivers per stage (boxes count in full, out-of-bounds parts as zeros).
+  static constexpr u32 TX_BYTES = A_BYTES + B_BYTES + SA_BYTES + (B_ROW_SCALES ? BLOCK_N * 4 : 0);
+};
+
+template <int BLOCK_M, int BLOCK_N, int STAGES, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16, bool ACCUMULATE,
+          class Wgmma>
+__device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const float* __restrict__ scale_b,
+                                              const int* __restrict__ block_expert, int m, int n, int k,
+                                              const TensorMap* tmap_a, const TensorMap* tmap_b,
+                                              const TensorMap* tmap_scale_a, const TensorMap* tmap_scale_b) {
+  static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M is 64 or 128 (one or two math warp groups)");
+  static_assert(BLOCK_N % 16 == 0 && 128 % BLOCK_N == 0, "BLOCK_N divides 128: one B scale block per tile");
+  static_assert(Wgmma::N == BLOCK_N, "the wgmma wrapper must match BLOCK_N");
+  static_assert(!(OUT_BF16 && ACCUMULATE), "accumulation into the output is FP32 only");
+  using Smem = Fp8GemmSmem<BLOCK_M, BLOCK_N, STAGES, B_ROW_SCALES>;
+  constexpr int BLOCK_K = Smem::BLOCK_K;
+  constexpr int MATH_GROUPS = BLOCK_M / 64;
+  constexpr int MATH_THREADS = MATH_GROUPS * 128;
+  constexpr int ACC = BLOCK_N / 2;  // f32 accumulator registers per thread for m64 x BLOCK_N
+
+  extern __shared__ u8 smem_raw[];
+  // 128-byte swizzled TMA tiles need 1024-byte alignment; the launch adds 1 KiB of slack.
+  u8* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  u64* full = reinterpret_cast<u64*>(smem + Smem::BAR_OFFSET);
+  u64* empty = full + STAGES;
+
+  const int n_block = blockIdx.x;
+  const int m_block = blockIdx.y;
+  const int m0 = m_block * BLOCK_M;
+  const int n0 = n_block * BLOCK_N;
+  int expert = 0;
+  if (GROUPED) {
+    expert = block_expert[m0 / Grouped::M_ALIGN];
+    if (expert < 0) return;  // padding block: the whole CTA leaves before any barrier
+  }
+  const int num_k_blocks = ceil_div(k, BLOCK_K);
+
+  if (threadIdx.x == 0) {
+    tma_prefetch_descriptor(tmap_a);
+    tma_prefetch_descriptor(tmap_b);
+    tma_prefetch_descriptor(tmap_scale_a);
+    if (B_ROW_SCALES) tma_prefetch_descriptor(tmap_scale_b);
+    for (int s = 0; s < STAGES; ++s) {
+      mbarrier_init(&full[s], 1);
+      mbarrier_init(&empty[s], MATH_THREADS / 32);  // one arrival per math warp
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= MATH_THREADS) {
+    // ---- producer warp group: one thread issues every TMA load ----
+    if (MATH_GROUPS == 2) setmaxnreg_dec<40>();
+    if (threadIdx.x == MATH_THREADS) {
+      const int b_row0 = expert * n + n0;
+      for (int kb = 0; kb < num_k_blocks; ++kb) {
+        const int s = kb % STAGES;
+        mbarrier_wait(&empty[s], ((kb / STAGES) & 1) ^ 1);
+        mbarrier_arrive_expect_tx(&full[s], Smem::TX_BYTES);
+        tma_load_2d(smem + Smem::A_OFFSET + s * Smem::A_BYTES, tmap_a, &full[s], kb * BLOCK_K, m0);
+        tma_load_2d(smem + Smem::B_OFFSET + s * Smem::B_BYTES, tmap_b, &full[s], kb * BLOCK_K, b_row0);
+        tma_load_2d(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES, tmap_scale_a, &full[s], m0, kb);
+        if (B_ROW_SCALES) {
+          tma_load_2d(smem + Smem::SB_OFFSET + s * Smem::SB_BYTES, tmap_scale_b, &full[s], n0, kb);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- math warp groups ----
+  if (MATH_GROUPS == 2) setmaxnreg_inc<232>();
+  const int group = threadIdx.x / 128;
+  const int warp = (threadIdx.x / 32) % 4;
+  const int lane = threadIdx.x % 32;
+  // Accumulator fragment of wgmma m64nN (as mma.sync's, per 8 columns): register 4j+{0,1} holds
+  // row r0, columns 8j+2t+{0,1}; 4j+{2,3} row r0+8.
+  const int r0 = group * 64 + warp * 16 + lane / 4;
+  const int c0 = 2 * (lane % 4);
+  const int num_scale_n = ceil_div(n, 128);
+  const float* scale_b_block = scale_b + (static_cast<long long>(expert) * num_scale_n + n0 / 128) * num_k_blocks;
+
+  float acc[ACC];
+  float result[ACC];
+#pragma unroll
+  for (int i = 0; i < ACC; ++i) result[i] = 0.0f;
+
+  for (int kb = 0; kb < num_k_blocks; ++kb) {
+    const int s = kb % STAGES;
+    // The weight block's scale does not depend on TMA: fetch it before waiting.
+    const float sb = B_ROW_SCALES ? 1.0f : __ldg(scale_b_block + kb);
+    mbarrier_wait(&full[s], (kb / STAGES) & 1);
+
+    const u8* a_tile = smem + Smem::A_OFFSET + s * Smem::A_BYTES + group * 64 * BLOCK_K;
+    const u8* b_tile = smem + Smem::B_OFFSET + s * Smem::B_BYTES;
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) fence_operand(acc[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_K / 32; ++kk) {
+      Wgmma::mma(acc, wgmma_desc_k_major_sw128(a_tile + kk * 32), wgmma_desc_k_major_sw128(b_tile + kk * 32),
+                 kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) fence_operand(acc[i]);
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) fence_operand(acc[i]);
+
+    const float* sa_tile = reinterpret_cast<const float*>(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES);
+    const float sa0 = sa_tile[r0];
+    const float sa1 = sa_tile[r0 + 8];
+    if (B_ROW_SCALES) {
+      const float* sb_tile = reinterpret_cast<const float*>(smem + Smem::SB_OFFSET + s * Smem::SB_BYTES);
+#pragma unroll
+      for (int j = 0; j < BLOCK_N / 8; ++j) {
+        const float2 sbc = *reinterpret_cast<const float2*>(sb_tile + 8 * j + c0);
+        result[4 * j + 0] += acc[4 * j + 0] * (sa0 * sbc.x);
+        result[4 * j + 1] += acc[4 * j + 1] * (sa0 * sbc.y);
+        result[4 * j + 2] += acc[4 * j + 2] * (sa1 * sbc.x);
+        result[4 * j + 3] += acc[4 * j + 3] * (sa1 * sbc.y);
+      }
+    } else {
+      const float s0 = sa0 * sb;
+      const float s1 = sa1 * sb;
+#pragma unroll
+      for (int j = 0; j < BLOCK_N / 8; ++j) {
+        result[4 * j + 0] += acc[4 * j + 0] * s0;
+        result[4 * j + 1] += acc[4 * j + 1] * s0;
+        result[4 * j + 2] += acc[4 * j + 2] * s1;
+        result[4 * j + 3] += acc[4 * j + 3] * s1;
+      }
+    }
+    // Every read of this stage (wgmma operands, scales) is done: hand the buffer back.
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(&empty[s]);
+  }
+
+  // ---- epilogue: registers straight to global memory (row-major D, leading dimension n) ----
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = m0 + r0 + 8 * half;
+    if (row >= m) continue;
+#pragma unroll
+    for (int j = 0; j < BLOCK_N / 8; ++j) {
+      const int col = n0 + 8 * j + c0;
+      if (col >= n) continue;
+      const float v0 = result[4 * j + 2 * half];
+      const float v1 = result[4 * j + 2 * half + 1];
+      const long long idx = static_cast<long long>(row) * n + col;
+      if (OUT_BF16) {
+        *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(out) + idx) = __floats2bfloat162_rn(v0, v1);
+      } else {
+        float2* dst = reinterpret_cast<float2*>(static_cast<float*>(out) + idx);
+        if (ACCUMULATE) {
+          const float2 old = *dst;
+          *dst = make_float2(old.x + v0, old.y + v1);
+        } else {
+          *dst = make_float2(v0, v1);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace fathom

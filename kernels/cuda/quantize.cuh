@@ -1,0 +1,170 @@
+// Quantisation to FP8 E4M3 with DeepSeek-V3's fine-grained scales: `scale = max(amax, 1e-4) / 448`
+// per group (optionally rounded up to a power of two), `q = saturate_e4m3(x / scale)` with the
+// quotient rounded once (bit-identical to the CPU reference in runtime/src/fp8), so that
+// x ~= q * scale. Inputs are f32 or bf16, row-major [rows][cols]; cols (and rows, where the output
+// is transposed) must be multiples of 16. Scale layouts match what fp8_gemm.cuh reads:
+//
+//   quantize_1x128:           activation tiles; q [rows][cols], scales [ceil(cols/128)][rows_pad]
+//   quantize_128x128:         weight blocks; q [rows][cols], scales [ceil(rows/128)][ceil(cols/128)]
+//   quantize_128x128 (T):     the same blocks written transposed: q [cols][rows],
+//                             scales [ceil(cols/128)][ceil(rows/128)]; a 128x128 block's amax does
+//                             not depend on orientation, so this equals transposing the output above
+//   quantize_128x1t:          transposed re-tiling of an activation for the weight-gradient GEMM:
+//                             q [cols][rows] with one scale per 128 input rows of each column,
+//                             scales [ceil(rows/128)][cols_pad]
+//
+// rows_pad / cols_pad = round_up(·, 4): TMA needs 16-byte strides for the scale tensors.
+#pragma once
+
+namespace fathom {
+
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+__device__ __forceinline__ float4 load4(const bf16* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+__device__ __forceinline__ float amax4(float4 v) {
+  return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+}
+
+__device__ __forceinline__ u32 quantize4(float4 v, float scale) {
+  return float4_to_e4m3x4(e4m3_quotient(v.x, scale), e4m3_quotient(v.y, scale), e4m3_quotient(v.z, scale),
+                          e4m3_quotient(v.w, scale));
+}
+
+// One warp per 1x128 tile (each lane 4 consecutive values); WARPS tiles (rows) per CTA.
+// Grid: (ceil(cols / 128), ceil(rows / WARPS)).
+template <class In, bool POW2, int WARPS>
+__device__ __forceinline__ void quantize_1x128(const In* __restrict__ x, u8* __restrict__ q,
+                                               float* __restrict__ scales, int rows, int cols) {
+  const int row = blockIdx.y * WARPS + threadIdx.x / 32;
+  const int col = blockIdx.x * 128 + (threadIdx.x % 32) * 4;
+  if (row >= rows) return;  // whole warps leave together
+  const bool valid = col < cols;
+  const long long idx = static_cast<long long>(row) * cols + col;
+  const float4 v = valid ? load4(x + idx) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const float scale = e4m3_scale<POW2>(warp_max(amax4(v)));
+  if (valid) *reinterpret_cast<u32*>(q + idx) = quantize4(v, scale);
+  if (threadIdx.x % 32 == 0) {
+    const int rows_pad = (rows + 3) / 4 * 4;
+    scales[static_cast<long long>(blockIdx.x) * rows_pad + row] = scale;
+  }
+}
+
+// One CTA (256 threads) per 128x128 block: amax over the block, then quantise (re-reading the
+// input, which is in L2 by then). TRANSPOSE stages the bytes in shared memory and writes q^T.
+// Grid: (ceil(cols / 128), ceil(rows / 128)).
+template <class In, bool POW2, bool TRANSPOSE>
+__device__ __forceinline__ void quantize_128x128(const In* __restrict__ x, u8* __restrict__ q,
+                                                 float* __restrict__ scales, int rows, int cols) {
+  constexpr int THREADS = 256;
+  constexpr int T_STRIDE = 144;  // bytes per staged q^T row (128 + 16 keeps 16-byte alignment)
+  __shared__ float warp_amax[THREADS / 32];
+  __shared__ __align__(16) u8 staged[TRANSPOSE ? 128 * T_STRIDE : 16];
+  const int r0 = blockIdx.y * 128;
+  const int c0 = blockIdx.x * 128;
+  const int lc = (threadIdx.x % 32) * 4;  // 4 columns per thread
+  const int col = c0 + lc;
+
+  float amax = 0.0f;
+#pragma unroll 4
+  for (int lr = threadIdx.x / 32; lr < 128; lr += THREADS / 32) {
+    const int row = r0 + lr;
+    if (row < rows && col < cols) amax = fmaxf(amax, amax4(load4(x + static_cast<long long>(row) * cols + col)));
+  }
+  amax = warp_max(amax);
+  if (threadIdx.x % 32 == 0) warp_amax[threadIdx.x / 32] = amax;
+  __syncthreads();
+  amax = warp_amax[0];
+#pragma unroll
+  for (int w = 1; w < THREADS / 32; ++w) amax = fmaxf(amax, warp_amax[w]);
+  const float scale = e4m3_scale<POW2>(amax);
+  if (threadIdx.x == 0) {
+    if (TRANSPOSE) {
+      scales[static_cast<long long>(blockIdx.x) * gridDim.y + blockIdx.y] = scale;
+    } else {
+      scales[static_cast<long long>(blockIdx.y) * gridDim.x + blockIdx.x] = scale;
+    }
+  }
+
+#pragma unroll 4
+  for (int lr = threadIdx.x / 32; lr < 128; lr += THREADS / 32) {
+    const int row = r0 + lr;
+    if (row >= rows || col >= cols) continue;
+    const long long idx = static_cast<long long>(row) * cols + col;
+    const u32 packed = quantize4(load4(x + idx), scale);
+    if (TRANSPOSE) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) staged[(lc + e) * T_STRIDE + lr] = static_cast<u8>(packed >> (8 * e));
+    } else {
+      *reinterpret_cast<u32*>(q + idx) = packed;
+    }
+  }
+  if (TRANSPOSE) {
+    __syncthreads();
+    // q^T rows are input columns; 8 chunks of 16 bytes each.
+    for (int chunk = threadIdx.x; chunk < 128 * 8; chunk += THREADS) {
+      const int tr = chunk / 8;
+      const int tc = (chunk % 8) * 16;
+      if (c0 + tr < cols && r0 + tc < rows) {
+        *reinterpret_cast<uint4*>(q + static_cast<long long>(c0 + tr) * rows + r0 + tc) =
+            *reinterpret_cast<const uint4*>(staged + tr * T_STRIDE + tc);
+      }
+    }
+  }
+}
+
+// Transposed re-tiling: a CTA (256 threads) takes 128 input rows x 32 input columns; 8 lanes per
+// column each quantise 16 rows, so every output row of q^T gets its 128-wide tile and one scale.
+// Grid: (ceil(cols / 32), ceil(rows / 128)).
+template <class In, bool POW2>
+__device__ __forceinline__ void quantize_128x1t(const In* __restrict__ x, u8* __restrict__ q,
+                                                float* __restrict__ scales, int rows, int cols) {
+  constexpr int THREADS = 256;
+  __shared__ float tile[128][33];
+  const int r0 = blockIdx.y * 128;
+  const int c0 = blockIdx.x * 32;
+  for (int idx = threadIdx.x; idx < 128 * 32; idx += THREADS) {
+    const int lr = idx / 32;
+    const int lc = idx % 32;
+    const bool valid = r0 + lr < rows && c0 + lc < cols;
+    tile[lr][lc] = valid ? to_float(x[static_cast<long long>(r0 + lr) * cols + c0 + lc]) : 0.0f;
+  }
+  __syncthreads();
+
+  const int lc = threadIdx.x / 8;
+  const int part = threadIdx.x % 8;
+  float v[16];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    v[i] = tile[part * 16 + i][lc];
+    amax = fmaxf(amax, fabsf(v[i]));
+  }
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+  const float scale = e4m3_scale<POW2>(amax);
+  const int col = c0 + lc;
+  if (col >= cols) return;
+  if (r0 + part * 16 < rows) {
+    u32 words[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      words[w] = float4_to_e4m3x4(e4m3_quotient(v[4 * w], scale), e4m3_quotient(v[4 * w + 1], scale),
+                                  e4m3_quotient(v[4 * w + 2], scale), e4m3_quotient(v[4 * w + 3], scale));
+    }
+    const uint4 packed = make_uint4(words[0], words[1], words[2], words[3]);
+    *reinterpret_cast<uint4*>(q + static_cast<long long>(col) * rows + r0 + part * 16) = packed;
+  }
+  if (part == 0) {
+    const int cols_pad = (cols + 3) / 4 * 4;
+    scales[static_cast<long long>(blockIdx.y) * cols_pad + col] = scale;
+  }
+}
+
+}  // namespace fathom

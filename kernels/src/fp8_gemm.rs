@@ -1,0 +1,588 @@
+//! `fp8_gemm` and `grouped_fp8_gemm`: the Hopper FP8 GEMM with DeepSeek-V3 fine-grained scaling
+//! (`cuda/fp8_gemm.cuh`), and the parameters that instantiate it.
+//!
+//! The kernel computes one layout, "NT": `D[M][N] = A[M][K] · B[N][K]ᵀ` with both operands
+//! K-major, as DeepGEMM does. The three GEMMs of a training Linear `Y = X Wᵀ`
+//! (X: `[T][in]`, W: `[out][in]`) are all expressed in it by quantising the operands in the
+//! orientation the kernel wants ([`TrainingGemm`]):
+//!
+//! | GEMM | A (1×128 scales) | B | D |
+//! |---|---|---|---|
+//! | forward `Y = X Wᵀ` | X `[T][in]`, `quantize_1x128` | W `[out][in]`, `quantize_128x128` | Y `[T][out]` BF16 |
+//! | input grad `dX = dY W` | dY `[T][out]`, `quantize_1x128` | Wᵀ `[in][out]`, `quantize_128x128` transposed | dX `[T][in]` BF16 |
+//! | weight grad `dW = dYᵀ X` | dYᵀ `[out][T]`, `quantize_128x1t` | Xᵀ `[in][T]`, `quantize_128x1t` (1×128 scales on B) | dW `[out][in]` FP32, accumulated |
+//!
+//! Wᵀ's 128×128 blocks are W's blocks transposed with the same scales, so the transposed weight
+//! is exact (no second rounding); the weight-gradient operands are re-quantised along T from the
+//! BF16/FP32 tensors (DeepSeek-V3 caches them for that purpose).
+
+use crate::kernel::{
+    ArchRequirement, COMMON, Elem, EntryPoint, HOPPER, KernelError, KernelParam, KernelSource,
+    ParamType, Template, assemble, check_param, check_problem, cpp_bool,
+};
+use crate::tensor_map::{TensorMapDesc, TensorMapDtype, TensorMapSwizzle};
+use crate::wgmma::{wgmma_struct_name, write_wgmma_struct};
+
+const FP8_GEMM: Template = Template {
+    file: "fp8_gemm.cuh",
+    text: include_str!("../cuda/fp8_gemm.cuh"),
+};
+
+/// K extent of one pipeline stage and of one scale group (DeepSeek-V3's N_C = 128).
+pub const BLOCK_K: u32 = 128;
+/// Rows per entry of the grouped GEMMs' `block_expert` array; every expert's segment of the
+/// sorted tokens is padded to a multiple of it.
+pub const GROUPED_M_ALIGN: u32 = 128;
+/// Shared memory a Hopper block may opt into (227 KiB).
+pub const SM90_MAX_SMEM_BYTES: u32 = 232_448;
+
+/// Granularity of B's scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BScaling {
+    /// One scale per 128×128 block (weights), `[ceil(N/128)][ceil(K/128)]` (per expert when grouped).
+    Block128x128,
+    /// One scale per 1×128 tile (an activation as B: the weight-gradient GEMM),
+    /// `[ceil(K/128)][round_up(N, 4)]`.
+    Row1x128,
+}
+
+impl BScaling {
+    pub(crate) fn tag(self) -> &'static str {
+        match self {
+            BScaling::Block128x128 => "128x128",
+            BScaling::Row1x128 => "1x128",
+        }
+    }
+}
+
+/// What the GEMM writes into D (row-major `[M][N]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmOutput {
+    Bf16,
+    F32,
+    /// `D += A·Bᵀ` in FP32 (weight-gradient accumulation).
+    F32Accumulate,
+}
+
+impl GemmOutput {
+    pub(crate) fn tag(self) -> &'static str {
+        match self {
+            GemmOutput::Bf16 => "bf16",
+            GemmOutput::F32 => "f32",
+            GemmOutput::F32Accumulate => "f32acc",
+        }
+    }
+
+    pub(crate) fn elem(self) -> Elem {
+        match self {
+            GemmOutput::Bf16 => Elem::Bf16,
+            GemmOutput::F32 | GemmOutput::F32Accumulate => Elem::F32,
+        }
+    }
+}
+
+/// Dense, or the MoE experts' grouped GEMM over tokens sorted by expert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmGrouping {
+    Dense,
+    /// DeepGEMM's "contiguous" layout: A's rows sorted by expert, each expert's segment padded to
+    /// a multiple of [`GROUPED_M_ALIGN`]; `block_expert[row / 128]` is the expert of each block
+    /// (-1 for padding blocks, which are skipped and left unwritten); B is `[experts·N][K]`.
+    Contiguous,
+}
+
+/// One of the three GEMMs of a training Linear, in the NT form (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TrainingGemm {
+    Forward,
+    InputGrad,
+    WeightGrad,
+}
+
+impl TrainingGemm {
+    /// Parameters for this GEMM with the given tiles (BF16 output for the forward and input
+    /// gradient; FP32 accumulation and 1×128 B scales for the weight gradient).
+    pub fn params(
+        self,
+        block_m: u32,
+        block_n: u32,
+        stages: u32,
+        grouping: GemmGrouping,
+    ) -> Fp8GemmParams {
+        let (b_scaling, output) = match self {
+            TrainingGemm::Forward | TrainingGemm::InputGrad => {
+                (BScaling::Block128x128, GemmOutput::Bf16)
+            }
+            TrainingGemm::WeightGrad => (BScaling::Row1x128, GemmOutput::F32Accumulate),
+        };
+        Fp8GemmParams {
+            block_m,
+            block_n,
+            stages,
+            b_scaling,
+            output,
+            grouping,
+        }
+    }
+}
+
+/// Template parameters of `fp8_gemm.cuh`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fp8GemmParams {
+    /// Rows per block: 64 (one math warp group) or 128 (two).
+    pub block_m: u32,
+    /// Columns per block: 16, 32, 64 or 128 (divides 128, so one B scale block per tile).
+    pub block_n: u32,
+    /// Depth of the TMA → wgmma shared-memory ring.
+    pub stages: u32,
+    pub b_scaling: BScaling,
+    pub output: GemmOutput,
+    pub grouping: GemmGrouping,
+}
+
+/// Sizes of one GEMM call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmProblem {
+    /// Rows of A and D (for grouped GEMMs, all experts' padded segments together).
+    pub m: u32,
+    /// Columns of D (per expert).
+    pub n: u32,
+    pub k: u32,
+    /// Experts (1 for dense GEMMs).
+    pub groups: u32,
+}
+
+const TEMPLATE: &str = "fp8_gemm";
+
+impl Fp8GemmParams {
+    /// The forward/input-gradient configuration: 1×128 × 128×128 scaling, BF16 out, dense.
+    pub fn new(block_m: u32, block_n: u32, stages: u32) -> Self {
+        TrainingGemm::Forward.params(block_m, block_n, stages, GemmGrouping::Dense)
+    }
+
+    /// A tile configuration for a problem of `m` rows and `n` columns: 64-row blocks for small
+    /// M, the widest `block_n` (≤ 128) dividing N, and as many stages as fit (at most 6) — a
+    /// starting point, not a tuned choice.
+    pub fn for_shape(
+        m: u32,
+        n: u32,
+        b_scaling: BScaling,
+        output: GemmOutput,
+        grouping: GemmGrouping,
+    ) -> Self {
+        let block_m = if m <= 64 && grouping == GemmGrouping::Dense {
+            64
+        } else {
+            128
+        };
+        let block_n = [128, 64, 32, 16]
+            .into_iter()
+            .find(|bn| n.is_multiple_of(*bn))
+            .unwrap_or(128);
+        let mut params = Self {
+            block_m,
+            block_n,
+            stages: 1,
+            b_scaling,
+            output,
+            grouping,
+        };
+        while params.stages < 6 {
+            params.stages += 1;
+            if params.dynamic_smem_bytes() > SM90_MAX_SMEM_BYTES {
+                params.stages -= 1;
+                break;
+            }
+        }
+        params
+    }
+
+    /// Checks the parameters against what the template supports.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        check_param(
+            matches!(self.block_m, 64 | 128),
+            TEMPLATE,
+            "block_m",
+            self.block_m,
+            "64 or 128",
+        )?;
+        check_param(
+            matches!(self.block_n, 16 | 32 | 64 | 128),
+            TEMPLATE,
+            "block_n",
+            self.block_n,
+            "16, 32, 64 or 128 (a divisor of 128)",
+        )?;
+        check_param(
+            (1..=16).contains(&self.stages),
+            TEMPLATE,
+            "stages",
+            self.stages,
+            "1 to 16",
+        )?;
+        check_param(
+            self.dynamic_smem_bytes() <= SM90_MAX_SMEM_BYTES,
+            TEMPLATE,
+            "stages",
+            self.stages,
+            &format!("few enough stages for {SM90_MAX_SMEM_BYTES} bytes of shared memory"),
+        )
+    }
+
+    /// Math warp groups (each owns 64 rows).
+    pub fn math_warpgroups(&self) -> u32 {
+        self.block_m / 64
+    }
+
+    /// Threads per block: the math warp groups plus one producer warp group.
+    pub fn block_threads(&self) -> u32 {
+        128 * (self.math_warpgroups() + 1)
+    }
+
+    /// Dynamic shared memory (mirrors `Fp8GemmSmem` in the template, plus 1 KiB of alignment slack).
+    pub fn dynamic_smem_bytes(&self) -> u32 {
+        let a = self.block_m * BLOCK_K;
+        let b = self.block_n * BLOCK_K;
+        let scale_a = self.block_m * 4;
+        let scale_b = match self.b_scaling {
+            BScaling::Block128x128 => 0,
+            BScaling::Row1x128 => (self.block_n * 4).div_ceil(128) * 128,
+        };
+        self.stages * (a + b + scale_a + scale_b) + 2 * self.stages * 8 + 1024
+    }
+
+    /// The deterministic kernel name, e.g. `fp8_gemm_1x128_128x128_m128n128k128_s4_bf16`.
+    pub fn name(&self) -> String {
+        let family = match self.grouping {
+            GemmGrouping::Dense => "fp8_gemm",
+            GemmGrouping::Contiguous => "grouped_fp8_gemm",
+        };
+        format!(
+            "{family}_1x128_{}_m{}n{}k{BLOCK_K}_s{}_{}",
+            self.b_scaling.tag(),
+            self.block_m,
+            self.block_n,
+            self.stages,
+            self.output.tag()
+        )
+    }
+
+    /// Launch grid for a problem: `(ceil(N / block_n), ceil(M / block_m), 1)`.
+    pub fn grid(&self, problem: &GemmProblem) -> [u32; 3] {
+        [
+            problem.n.div_ceil(self.block_n),
+            problem.m.div_ceil(self.block_m),
+            1,
+        ]
+    }
+
+    /// Checks that the kernel can run a problem (TMA needs 16-byte row strides; the epilogue
+    /// stores column pairs; grouped rows come in whole blocks).
+    pub fn check_problem(&self, problem: &GemmProblem) -> Result<(), KernelError> {
+        check_problem(problem.m > 0, TEMPLATE, "m", problem.m, "at least 1")?;
+        check_problem(
+            problem.n > 0 && problem.n.is_multiple_of(8),
+            TEMPLATE,
+            "n",
+            problem.n,
+            "a positive multiple of 8",
+        )?;
+        check_problem(
+            problem.k > 0 && problem.k.is_multiple_of(16),
+            TEMPLATE,
+            "k",
+            problem.k,
+            "a positive multiple of 16",
+        )?;
+        match self.grouping {
+            GemmGrouping::Dense => {
+                check_problem(problem.groups == 1, TEMPLATE, "groups", problem.groups, "1")
+            }
+            GemmGrouping::Contiguous => {
+                check_problem(
+                    problem.groups >= 1,
+                    TEMPLATE,
+                    "groups",
+                    problem.groups,
+                    "at least 1",
+                )?;
+                check_problem(
+                    problem.m.is_multiple_of(GROUPED_M_ALIGN),
+                    TEMPLATE,
+                    "m",
+                    problem.m,
+                    "a multiple of 128 (padded expert segments)",
+                )
+            }
+        }
+    }
+
+    /// The tensor maps the kernel takes, in parameter order.
+    pub fn tensor_maps(&self, problem: &GemmProblem) -> Result<Vec<TensorMapDesc>, KernelError> {
+        self.check_problem(problem)?;
+        let (m, n, k) = (
+            u64::from(problem.m),
+            u64::from(problem.n),
+            u64::from(problem.k),
+        );
+        let k_blocks = k.div_ceil(u64::from(BLOCK_K));
+        let mut maps = vec![
+            TensorMapDesc {
+                param: "tmap_a",
+                what: "A (E4M3, [M][K])",
+                dtype: TensorMapDtype::U8,
+                global_dims: [k, m],
+                outer_stride_bytes: k,
+                box_dims: [BLOCK_K, self.block_m],
+                swizzle: TensorMapSwizzle::B128,
+            },
+            TensorMapDesc {
+                param: "tmap_b",
+                what: "B (E4M3, [groups * N][K])",
+                dtype: TensorMapDtype::U8,
+                global_dims: [k, n * u64::from(problem.groups)],
+                outer_stride_bytes: k,
+                box_dims: [BLOCK_K, self.block_n],
+                swizzle: TensorMapSwizzle::B128,
+            },
+            TensorMapDesc {
+                param: "tmap_scale_a",
+                what: "A scales (f32, [ceil(K/128)][round_up(M, 4)])",
+                dtype: TensorMapDtype::F32,
+                global_dims: [m, k_blocks],
+                outer_stride_bytes: m.next_multiple_of(4) * 4,
+                box_dims: [self.block_m, 1],
+                swizzle: TensorMapSwizzle::None,
+            },
+        ];
+        if self.b_scaling == BScaling::Row1x128 {
+            maps.push(TensorMapDesc {
+                param: "tmap_scale_b",
+                what: "B scales (f32, [ceil(K/128)][round_up(N, 4)])",
+                dtype: TensorMapDtype::F32,
+                global_dims: [n, k_blocks],
+                outer_stride_bytes: n.next_multiple_of(4) * 4,
+                box_dims: [self.block_n, 1],
+                swizzle: TensorMapSwizzle::None,
+            });
+        }
+        Ok(maps)
+    }
+
+    /// The entry point's parameters in order.
+    pub fn kernel_params(&self) -> Vec<KernelParam> {
+        let mut params = vec![KernelParam::new(
+            "out",
+            ParamType::MutPtr(self.output.elem()),
+        )];
+        if self.b_scaling == BScaling::Block128x128 {
+            params.push(KernelParam::new("scale_b", ParamType::ConstPtr(Elem::F32)));
+        }
+        if self.grouping == GemmGrouping::Contiguous {
+            params.push(KernelParam::new(
+                "block_expert",
+                ParamType::ConstPtr(Elem::I32),
+            ));
+        }
+        for name in ["m", "n", "k"] {
+            params.push(KernelParam::new(name, ParamType::I32));
+        }
+        for name in ["tmap_a", "tmap_b", "tmap_scale_a"] {
+            params.push(KernelParam::new(name, ParamType::TensorMap));
+        }
+        if self.b_scaling == BScaling::Row1x128 {
+            params.push(KernelParam::new("tmap_scale_b", ParamType::TensorMap));
+        }
+        params
+    }
+
+    /// Instantiates the template: the complete `.cu` source for NVRTC (`sm_90a`).
+    pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
+        self.validate()?;
+        let name = self.name();
+        let params = self.kernel_params();
+        let wgmma = wgmma_struct_name(self.block_n);
+        let block_rows = self.b_scaling == BScaling::Row1x128;
+        let grouped = self.grouping == GemmGrouping::Contiguous;
+        let call = format!(
+            "fathom::fp8_gemm_sm90<{}, {}, {}, {}, {}, {}, {}, {wgmma}>(",
+            self.block_m,
+            self.block_n,
+            self.stages,
+            cpp_bool(block_rows),
+            cpp_bool(grouped),
+            cpp_bool(self.output == GemmOutput::Bf16),
+            cpp_bool(self.output == GemmOutput::F32Accumulate),
+        );
+        let args = format!(
+            "    out, {}, {}, m, n, k, &tmap_a, &tmap_b, &tmap_scale_a, {});",
+            if block_rows { "nullptr" } else { "scale_b" },
+            if grouped { "block_expert" } else { "nullptr" },
+            if block_rows {
+                "&tmap_scale_b"
+            } else {
+                "nullptr"
+            },
+        );
+        let description = vec![
+            format!(
+                "FP8 E4M3 GEMM D[M][N] = A[M][K] * B[N][K]^T, A scales 1x128, B scales {}, {} output{}.",
+                self.b_scaling.tag(),
+                self.output.tag(),
+                if grouped {
+                    ", grouped (contiguous experts)"
+                } else {
+                    ""
+                }
+            ),
+            format!(
+                "Tile {}x{}x{BLOCK_K}, {} stages, {} threads, {} bytes of dynamic shared memory.",
+                self.block_m,
+                self.block_n,
+                self.stages,
+                self.block_threads(),
+                self.dynamic_smem_bytes()
+            ),
+        ];
+        Ok(assemble(
+            &description,
+            &[COMMON, HOPPER, FP8_GEMM],
+            |w| write_wgmma_struct(w, self.block_n),
+            EntryPoint {
+                name: &name,
+                block_threads: self.block_threads(),
+                params: &params,
+                body: vec![call, args],
+            },
+            ArchRequirement::Sm90a,
+            self.dynamic_smem_bytes(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_deterministic_and_descriptive() {
+        let p = Fp8GemmParams::new(128, 128, 4);
+        assert_eq!(p.name(), "fp8_gemm_1x128_128x128_m128n128k128_s4_bf16");
+        let w = TrainingGemm::WeightGrad.params(128, 64, 5, GemmGrouping::Dense);
+        assert_eq!(w.name(), "fp8_gemm_1x128_1x128_m128n64k128_s5_f32acc");
+        let g = TrainingGemm::Forward.params(128, 128, 4, GemmGrouping::Contiguous);
+        assert_eq!(
+            g.name(),
+            "grouped_fp8_gemm_1x128_128x128_m128n128k128_s4_bf16"
+        );
+        let a = p.instantiate().expect("valid");
+        let b = p.instantiate().expect("valid");
+        assert_eq!(a, b);
+        assert_eq!(a.entry, a.name);
+        assert!(a.source.contains(
+            "extern \"C\" __global__ void __launch_bounds__(384, 1) fp8_gemm_1x128_128x128"
+        ));
+        assert!(
+            a.source
+                .contains("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3")
+        );
+        assert!(!a.source.contains("#pragma once"));
+        assert_eq!(a.arch_requirement, ArchRequirement::Sm90a);
+    }
+
+    #[test]
+    fn generated_wrapper_snapshot() {
+        let kernel = Fp8GemmParams::new(128, 32, 4).instantiate().expect("valid");
+        assert!(
+            kernel
+                .source
+                .starts_with("// fp8_gemm_1x128_128x128_m128n32k128_s4_bf16 -- generated by")
+        );
+        insta::assert_snapshot!(kernel.generated_wrapper());
+    }
+
+    #[test]
+    fn shared_memory_and_threads() {
+        let p = Fp8GemmParams::new(128, 128, 4);
+        assert_eq!(p.block_threads(), 384);
+        assert_eq!(
+            p.dynamic_smem_bytes(),
+            4 * (16384 + 16384 + 512) + 64 + 1024
+        );
+        let small = Fp8GemmParams::new(64, 64, 8);
+        assert_eq!(small.block_threads(), 256);
+        let too_deep = Fp8GemmParams::new(128, 128, 7);
+        assert!(matches!(
+            too_deep.validate(),
+            Err(KernelError::InvalidParam {
+                field: "stages",
+                ..
+            })
+        ));
+        let bad_n = Fp8GemmParams::new(128, 96, 4);
+        let err = bad_n.instantiate().expect_err("96 does not divide 128");
+        assert_eq!(
+            err.to_string(),
+            "fp8_gemm: invalid parameter `block_n` = 96: expected 16, 32, 64 or 128 (a divisor of 128)"
+        );
+    }
+
+    #[test]
+    fn shape_heuristic_picks_fitting_configs() {
+        let p = Fp8GemmParams::for_shape(
+            4096,
+            576,
+            BScaling::Block128x128,
+            GemmOutput::Bf16,
+            GemmGrouping::Dense,
+        );
+        assert_eq!((p.block_m, p.block_n), (128, 64));
+        assert!(p.validate().is_ok());
+        let small = Fp8GemmParams::for_shape(
+            32,
+            7168,
+            BScaling::Block128x128,
+            GemmOutput::Bf16,
+            GemmGrouping::Dense,
+        );
+        assert_eq!((small.block_m, small.block_n, small.stages), (64, 128, 6));
+    }
+
+    #[test]
+    fn tensor_maps_describe_each_operand() {
+        let p = TrainingGemm::WeightGrad.params(128, 128, 4, GemmGrouping::Dense);
+        let problem = GemmProblem {
+            m: 7168,
+            n: 2048,
+            k: 4096,
+            groups: 1,
+        };
+        let maps = p.tensor_maps(&problem).expect("valid problem");
+        let params: Vec<_> = maps.iter().map(|m| m.param).collect();
+        assert_eq!(params, ["tmap_a", "tmap_b", "tmap_scale_a", "tmap_scale_b"]);
+        assert_eq!(maps[0].global_dims, [4096, 7168]);
+        assert_eq!(maps[0].box_bytes(), 128 * 128);
+        assert_eq!(maps[2].global_dims, [7168, 32]);
+        assert_eq!(maps[3].outer_stride_bytes, 2048 * 4);
+        let tx: u64 = maps.iter().map(TensorMapDesc::box_bytes).sum();
+        assert_eq!(tx, 128 * 128 * 2 + 128 * 4 * 2);
+        assert_eq!(p.grid(&problem), [16, 56, 1]);
+
+        let grouped = TrainingGemm::Forward.params(128, 128, 4, GemmGrouping::Contiguous);
+        let bad = GemmProblem {
+            m: 1000,
+            n: 4096,
+            k: 7168,
+            groups: 256,
+        };
+        assert!(matches!(
+            grouped.tensor_maps(&bad),
+            Err(KernelError::InvalidProblem { field: "m", .. })
+        ));
+        let ok = GemmProblem { m: 1024, ..bad };
+        assert_eq!(
+            grouped.tensor_maps(&ok).expect("valid")[1].global_dims,
+            [7168, 4096 * 256]
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! `quantize`: f32/bf16 → FP8 E4M3 with DeepSeek-V3's fine-grained scales (`cuda/quantize.cuh`):
+//! `scale = max(amax, 1e-4) / 448` per group, optionally rounded up to a power of two, and
+//! `q = saturate(x / scale)`. The output layouts are the ones the FP8 GEMMs read.
+
+use crate::kernel::{
+    ArchRequirement, COMMON, Elem, EntryPoint, KernelError, KernelParam, KernelSource, ParamType,
+    Template, assemble, check_problem, cpp_bool,
+};
+
+const QUANTIZE: Template = Template {
+    file: "quantize.cuh",
+    text: include_str!("../cuda/quantize.cuh"),
+};
+
+const TEMPLATE: &str = "quantize";
+/// Warps (rows) per block of the 1×128 kernel.
+const TILE_WARPS: u32 = 8;
+
+/// Which groups share a scale, and the output orientation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantizeKind {
+    /// Activations: one scale per 1×128 tile; `q [rows][cols]`, scales `[ceil(cols/128)][round_up(rows, 4)]`.
+    Tile1x128,
+    /// Weights: one scale per 128×128 block; `q [rows][cols]`, scales `[ceil(rows/128)][ceil(cols/128)]`;
+    /// `transpose` writes `q [cols][rows]` and scales `[ceil(cols/128)][ceil(rows/128)]` instead
+    /// (the input-gradient GEMM's Wᵀ; equal to transposing the plain result).
+    Block128x128 { transpose: bool },
+    /// Transposed re-tiling for the weight-gradient GEMM: `q [cols][rows]` with one scale per 128
+    /// input rows of each column, scales `[ceil(rows/128)][round_up(cols, 4)]`.
+    Tile128x1Transposed,
+}
+
+/// Input element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantizeInput {
+    F32,
+    Bf16,
+}
+
+impl QuantizeInput {
+    fn elem(self) -> Elem {
+        match self {
+            QuantizeInput::F32 => Elem::F32,
+            QuantizeInput::Bf16 => Elem::Bf16,
+        }
+    }
+
+    fn cpp(self) -> &'static str {
+        match self {
+            QuantizeInput::F32 => "float",
+            QuantizeInput::Bf16 => "bf16",
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            QuantizeInput::F32 => "f32",
+            QuantizeInput::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Template parameters of `quantize.cuh`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuantizeParams {
+    pub kind: QuantizeKind,
+    pub input: QuantizeInput,
+    /// Round every scale up to a power of two (DeepSeek-V3 does for the MoE dispatch input and
+    /// for the input of the linear after attention).
+    pub pow2_scales: bool,
+}
+
+impl QuantizeParams {
+    /// The deterministic kernel name, e.g. `quantize_1x128_bf16_e4m3_pow2`.
+    pub fn name(&self) -> String {
+        let kind = match self.kind {
+            QuantizeKind::Tile1x128 => "1x128",
+            QuantizeKind::Block128x128 { transpose: false } => "128x128",
+            QuantizeKind::Block128x128 { transpose: true } => "128x128t",
+            QuantizeKind::Tile128x1Transposed => "128x1t",
+        };
+        let pow2 = if self.pow2_scales { "_pow2" } else { "" };
+        format!("quantize_{kind}_{}_e4m3{pow2}", self.input.tag())
+    }
+
+    pub fn block_threads(&self) -> u32 {
+        256
+    }
+
+    /// Launch grid for a `[rows][cols]` input.
+    pub fn grid(&self, rows: u32, cols: u32) -> [u32; 3] {
+        match self.kind {
+            QuantizeKind::Tile1x128 => [cols.div_ceil(128), rows.div_ceil(TILE_WARPS), 1],
+            QuantizeKind::Block128x128 { .. } => [cols.div_ceil(128), rows.div_ceil(128), 1],
+            QuantizeKind::Tile128x1Transposed => [cols.div_ceil(32), rows.div_ceil(128), 1],
+        }
+    }
+
+    /// Checks that the kernel handles a `[rows][cols]` input (vector loads need `cols % 16 == 0`;
+    /// transposed outputs are written 16 bytes at a time, so also `rows % 16 == 0`).
+    pub fn check_problem(&self, rows: u32, cols: u32) -> Result<(), KernelError> {
+        check_problem(rows > 0, TEMPLATE, "rows", rows, "at least 1")?;
+        check_problem(
+            cols > 0 && cols.is_multiple_of(16),
+            TEMPLATE,
+            "cols",
+            cols,
+            "a positive multiple of 16",
+        )?;
+        let transposed = matches!(
+            self.kind,
+            QuantizeKind::Block128x128 { transpose: true } | QuantizeKind::Tile128x1Transposed
+        );
+        check_problem(
+            !transposed || rows.is_multiple_of(16),
+            TEMPLATE,
+            "rows",
+            rows,
+            "a multiple of 16 (transposed output)",
+        )
+    }
+
+    pub fn kernel_params(&self) -> Vec<KernelParam> {
+        vec![
+            KernelParam::new("x", ParamType::ConstPtr(self.input.elem())),
+            KernelParam::new("q", ParamType::MutPtr(Elem::E4m3)),
+            KernelParam::new("scales", ParamType::MutPtr(Elem::F32)),
+            KernelParam::new("rows", ParamType::I32),
+            KernelParam::new("cols", ParamType::I32),
+        ]
+    }
+
+    /// Instantiates the template (portable: `sm_80` or newer).
+    pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
+        let name = self.name();
+        let params = self.kernel_params();
+        let (input, pow2) = (self.input.cpp(), cpp_bool(self.pow2_scales));
+        let call = match self.kind {
+            QuantizeKind::Tile1x128 => {
+                format!("fathom::quantize_1x128<{input}, {pow2}, {TILE_WARPS}>(")
+            }
+            QuantizeKind::Block128x128 { transpose } => {
+                format!(
+                    "fathom::quantize_128x128<{input}, {pow2}, {}>(",
+                    cpp_bool(transpose)
+                )
+            }
+            QuantizeKind::Tile128x1Transposed => {
+                format!("fathom::quantize_128x1t<{input}, {pow2}>(")
+            }
+        };
+        let description = vec![format!(
+            "E4M3 quantisation ({:?}) of a {} [rows][cols] tensor, scale = max(amax, 1e-4) / 448{}.",
+            self.kind,
+            self.input.tag(),
+            if self.pow2_scales {
+                " rounded up to a power of two"
+            } else {
+                ""
+            }
+        )];
+        Ok(assemble(
+            &description,
+            &[COMMON, QUANTIZE],
+            |_| {},
+            EntryPoint {
+                name: &name,
+                block_threads: self.block_threads(),
+                params: &params,
+                body: vec![call, "    x, q, scales, rows, cols);".to_owned()],
+            },
+            ArchRequirement::Sm80OrNewer,
+            0,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantize_names_grids_and_checks() {
+        let act = QuantizeParams {
+            kind: QuantizeKind::Tile1x128,
+            input: QuantizeInput::Bf16,
+            pow2_scales: true,
+        };
+        assert_eq!(act.name(), "quantize_1x128_bf16_e4m3_pow2");
+        assert_eq!(act.grid(4096, 7168), [56, 512, 1]);
+        let wt = QuantizeParams {
+            kind: QuantizeKind::Block128x128 { transpose: true },
+            input: QuantizeInput::F32,
+            pow2_scales: false,
+        };
+        assert_eq!(wt.name(), "quantize_128x128t_f32_e4m3");
+        assert!(wt.check_problem(100, 128).is_err());
+        assert!(wt.check_problem(112, 128).is_ok());
+        let source = wt.instantiate().expect("valid");
+        assert!(
+            source
+                .source
+                .contains("fathom::quantize_128x128<float, false, true>(")
+        );
+    }
+}

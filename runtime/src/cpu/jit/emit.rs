@@ -1,0 +1,242 @@
+//! Expressions of the kernel IR as cranelift instructions, on one f32 or on four lanes.
+//!
+//! Each operation is the reference's (`loops::unary`, `binary`, `compare`, the casts of
+//! `loops::eval`) as an IEEE instruction with the same rounding, so results agree bit for bit;
+//! what has no instruction calls the reference's own Rust function, lane by lane.
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value, types};
+use fathom_compiler::DType;
+use fathom_compiler::graph::{BinaryOp, CompareOp, UnaryOp};
+use fathom_compiler::kernel::{Expr, View};
+
+use super::codegen::{Emitter, Index, Lanes, memflags};
+use super::intrinsics::Intrinsic;
+
+impl<'n> Emitter<'_, 'n> {
+    /// `expr` at inner index `j` (lanes `j..j + 4` for four lanes).
+    pub(super) fn expr(&mut self, expr: &'n Expr, lanes: Lanes, j: Index) -> Value {
+        if let Some(&(scalar, splat)) = self.hoisted.get(&(expr as *const Expr)) {
+            return match (lanes, splat) {
+                (Lanes::One, _) => scalar,
+                (Lanes::Four, Some(splat)) => splat,
+                (Lanes::Four, None) => self.b.ins().splat(types::F32X4, scalar),
+            };
+        }
+        match expr {
+            Expr::Load(view) => self.load(view, lanes, j),
+            Expr::Constant(c) => self.constant(*c as f32, lanes),
+            Expr::Row(r) => {
+                let value = *self
+                    .rows
+                    .get(r)
+                    .expect("`plan` checked rows are reduced before use");
+                self.widen(value, lanes)
+            }
+            Expr::Unary(op, a) => {
+                let x = self.expr(a, lanes, j);
+                self.unary(*op, x, lanes)
+            }
+            Expr::Binary(op, a, b) => {
+                let x = self.expr(a, lanes, j);
+                let y = self.expr(b, lanes, j);
+                self.binary(*op, x, y, lanes)
+            }
+            Expr::Compare(op, a, b) => {
+                let x = self.expr(a, lanes, j);
+                let y = self.expr(b, lanes, j);
+                let holds = self.b.ins().fcmp(float_cc(*op), x, y);
+                self.unit(holds, lanes)
+            }
+            Expr::Select(c, a, b) => {
+                let c = self.expr(c, lanes, j);
+                let x = self.expr(a, lanes, j);
+                let y = self.expr(b, lanes, j);
+                // `c != 0`, true for NaN as in the reference (`if c == 0.0 { y } else { x }`).
+                let zero = self.constant(0.0, lanes);
+                let nonzero = self.b.ins().fcmp(FloatCC::NotEqual, c, zero);
+                match lanes {
+                    Lanes::One => self.b.ins().select(nonzero, x, y),
+                    Lanes::Four => {
+                        let mask = self.b.ins().bitcast(types::F32X4, little_endian(), nonzero);
+                        self.b.ins().bitselect(mask, x, y)
+                    }
+                }
+            }
+            Expr::Cast(to, a) => {
+                let x = self.expr(a, lanes, j);
+                self.cast(*to, x, lanes)
+            }
+        }
+    }
+
+    fn load(&mut self, view: &'n View, lanes: Lanes, j: Index) -> Value {
+        if let Some(&v) = self.loads.get(view) {
+            return v;
+        }
+        let stride = self.plan.inner_stride(view);
+        let v = if lanes == Lanes::Four && stride == 0 {
+            // Normally hoisted before the loop; kept correct if it is not.
+            let (address, offset) = self.address(view, Index::Fixed(0));
+            let x = self
+                .b
+                .ins()
+                .load(types::F32, memflags(Lanes::One), address, offset);
+            self.b.ins().splat(types::F32X4, x)
+        } else {
+            debug_assert!(
+                lanes == Lanes::One || stride == 1,
+                "four lanes need contiguous loads"
+            );
+            let (address, offset) = self.address(view, j);
+            let ty = Self::float_type(lanes);
+            self.b.ins().load(ty, memflags(lanes), address, offset)
+        };
+        self.loads.insert(view, v);
+        v
+    }
+
+    fn constant(&mut self, c: f32, lanes: Lanes) -> Value {
+        let x = self.b.ins().f32const(c);
+        self.widen(x, lanes)
+    }
+
+    /// A scalar as the value of one evaluation (splat for four lanes).
+    fn widen(&mut self, x: Value, lanes: Lanes) -> Value {
+        match lanes {
+            Lanes::One => x,
+            Lanes::Four => self.b.ins().splat(types::F32X4, x),
+        }
+    }
+
+    fn unary(&mut self, op: UnaryOp, x: Value, lanes: Lanes) -> Value {
+        if let Some(intrinsic) = Intrinsic::for_unary(op) {
+            return self.call(intrinsic, x, lanes);
+        }
+        match op {
+            UnaryOp::Neg => self.b.ins().fneg(x),
+            UnaryOp::Abs => self.b.ins().fabs(x),
+            UnaryOp::Sqrt => self.b.ins().sqrt(x),
+            UnaryOp::Rsqrt => {
+                // 1 / sqrt(x), two roundings like the reference (not an approximate rsqrt).
+                let root = self.b.ins().sqrt(x);
+                let one = self.constant(1.0, lanes);
+                self.b.ins().fdiv(one, root)
+            }
+            UnaryOp::Recip => {
+                let one = self.constant(1.0, lanes);
+                self.b.ins().fdiv(one, x)
+            }
+            UnaryOp::Exp | UnaryOp::Log | UnaryOp::Sigmoid => unreachable!("an intrinsic"),
+        }
+    }
+
+    fn binary(&mut self, op: BinaryOp, x: Value, y: Value, lanes: Lanes) -> Value {
+        match op {
+            BinaryOp::Add => self.b.ins().fadd(x, y),
+            BinaryOp::Sub => self.b.ins().fsub(x, y),
+            BinaryOp::Mul => self.b.ins().fmul(x, y),
+            BinaryOp::Div => self.b.ins().fdiv(x, y),
+            BinaryOp::Max | BinaryOp::Min => {
+                // The reference: NaN if either is NaN, else `x.max(y)` / `x.min(y)`, which
+                // keep `x` when the two compare equal (so max(-0, +0) is -0).
+                let cc = if op == BinaryOp::Max {
+                    FloatCC::LessThan
+                } else {
+                    FloatCC::GreaterThan
+                };
+                let take_y = self.b.ins().fcmp(cc, x, y);
+                let either_nan = self.b.ins().fcmp(FloatCC::Unordered, x, y);
+                let nan = self.constant(f32::NAN, lanes);
+                match lanes {
+                    Lanes::One => {
+                        let ordered = self.b.ins().select(take_y, y, x);
+                        self.b.ins().select(either_nan, nan, ordered)
+                    }
+                    Lanes::Four => {
+                        let take_y = self.b.ins().bitcast(types::F32X4, little_endian(), take_y);
+                        let either_nan =
+                            self.b
+                                .ins()
+                                .bitcast(types::F32X4, little_endian(), either_nan);
+                        let ordered = self.b.ins().bitselect(take_y, y, x);
+                        self.b.ins().bitselect(either_nan, nan, ordered)
+                    }
+                }
+            }
+        }
+    }
+
+    fn cast(&mut self, to: DType, x: Value, lanes: Lanes) -> Value {
+        match to {
+            DType::F32 => x,
+            DType::I32 | DType::I64 => self.b.ins().trunc(x),
+            DType::Bool => {
+                // `x != 0`, true for NaN as in the reference.
+                let zero = self.constant(0.0, lanes);
+                let nonzero = self.b.ins().fcmp(FloatCC::NotEqual, x, zero);
+                self.unit(nonzero, lanes)
+            }
+            DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2 => {
+                self.call(Intrinsic::Round(to), x, lanes)
+            }
+        }
+    }
+
+    /// A comparison's result as 1.0 / 0.0.
+    fn unit(&mut self, holds: Value, lanes: Lanes) -> Value {
+        match lanes {
+            Lanes::One => {
+                let one = self.b.ins().f32const(1.0);
+                let zero = self.b.ins().f32const(0.0);
+                self.b.ins().select(holds, one, zero)
+            }
+            Lanes::Four => {
+                // The all-ones lanes of the mask ANDed with the bits of 1.0.
+                let bits = self.b.ins().iconst(types::I32, i64::from(1.0f32.to_bits()));
+                let ones = self.b.ins().splat(types::I32X4, bits);
+                let masked = self.b.ins().band(holds, ones);
+                self.b.ins().bitcast(types::F32X4, little_endian(), masked)
+            }
+        }
+    }
+
+    /// Calls a Rust `f32 -> f32` function, lane by lane for four lanes.
+    fn call(&mut self, intrinsic: Intrinsic, x: Value, lanes: Lanes) -> Value {
+        let function = self.intrinsics[&intrinsic];
+        let one = |e: &mut Self, x: Value| {
+            let call = e.b.ins().call(function, &[x]);
+            e.b.inst_results(call)[0]
+        };
+        match lanes {
+            Lanes::One => one(self, x),
+            Lanes::Four => {
+                let first = self.b.ins().extractlane(x, 0);
+                let first = one(self, first);
+                let mut out = self.b.ins().splat(types::F32X4, first);
+                for lane in 1..4u8 {
+                    let xi = self.b.ins().extractlane(x, lane);
+                    let yi = one(self, xi);
+                    out = self.b.ins().insertlane(out, yi, lane);
+                }
+                out
+            }
+        }
+    }
+}
+
+fn float_cc(op: CompareOp) -> FloatCC {
+    // Ordered comparisons: false when either side is NaN, like Rust's operators.
+    match op {
+        CompareOp::Eq => FloatCC::Equal,
+        CompareOp::Lt => FloatCC::LessThan,
+        CompareOp::Le => FloatCC::LessThanOrEqual,
+        CompareOp::Gt => FloatCC::GreaterThan,
+        CompareOp::Ge => FloatCC::GreaterThanOrEqual,
+    }
+}
+
+/// Flags of a bitcast between vector types (their lane order must be stated).
+fn little_endian() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}

@@ -1,0 +1,177 @@
+//! Loop nests evaluated a row at a time: for every index of the outer axes, each statement's
+//! expression is computed for the whole innermost axis into a row of values.
+
+use fathom_compiler::graph::{BinaryOp, CompareOp, ReduceOp, UnaryOp};
+use fathom_compiler::kernel::{Expr, LoopNest, Stmt, View};
+
+use crate::interp::round_to_dtype;
+
+pub(super) fn run(nest: &LoopNest, buffers: &mut [Vec<f32>]) {
+    let domain = &nest.domain;
+    let Some((&inner, outer)) = domain.split_last() else {
+        // A scalar domain: one point.
+        run_rows(nest, buffers, &[], 1);
+        return;
+    };
+    let outer_count: usize = outer.iter().product();
+    let mut index = vec![0usize; outer.len()];
+    for _ in 0..outer_count {
+        run_rows(nest, buffers, &index, inner);
+        // Next outer index, row-major.
+        for d in (0..outer.len()).rev() {
+            index[d] += 1;
+            if index[d] < outer[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+}
+
+/// The buffer position of a view's element at (outer index, inner 0), and its inner stride.
+fn position(view: &View, outer: &[usize]) -> (isize, isize) {
+    let mut offset = view.offset as isize;
+    for (d, &i) in outer.iter().enumerate() {
+        offset += view.strides[d] * i as isize;
+    }
+    let inner = view.strides.get(outer.len()).copied().unwrap_or(0);
+    (offset, inner)
+}
+
+fn run_rows(nest: &LoopNest, buffers: &mut [Vec<f32>], outer: &[usize], inner: usize) {
+    let mut rows: Vec<f32> = Vec::new();
+    for stmt in &nest.body {
+        match stmt {
+            Stmt::Reduce { row, op, value } => {
+                let values = eval(value, buffers, outer, inner, &rows);
+                let r = match op {
+                    ReduceOp::Sum => values.iter().map(|&v| f64::from(v)).sum::<f64>() as f32,
+                    ReduceOp::Mean => {
+                        (values.iter().map(|&v| f64::from(v)).sum::<f64>() / inner as f64) as f32
+                    }
+                    ReduceOp::Max => values.iter().copied().fold(f32::NEG_INFINITY, |m, v| {
+                        if v > m || v.is_nan() { v } else { m }
+                    }),
+                };
+                if rows.len() <= *row {
+                    rows.resize(row + 1, 0.0);
+                }
+                rows[*row] = r;
+            }
+            Stmt::Store { view, value } => {
+                let values = eval(value, buffers, outer, inner, &rows);
+                let (start, stride) = position(view, outer);
+                let out = &mut buffers[view.buffer.index()];
+                for (j, v) in values.into_iter().enumerate() {
+                    out[(start + stride * j as isize) as usize] = v;
+                }
+            }
+            Stmt::StoreRow { view, value } => {
+                let values = eval(value, buffers, outer, 1, &rows);
+                let (start, _) = position(view, outer);
+                buffers[view.buffer.index()][start as usize] = values[0];
+            }
+        }
+    }
+}
+
+/// `expr` at every inner index of the row.
+fn eval(expr: &Expr, buffers: &[Vec<f32>], outer: &[usize], inner: usize, rows: &[f32]) -> Vec<f32> {
+    match expr {
+        Expr::Load(view) => {
+            let (start, stride) = position(view, outer);
+            let data = &buffers[view.buffer.index()];
+            (0..inner)
+                .map(|j| data[(start + stride * j as isize) as usize])
+                .collect()
+        }
+        Expr::Constant(c) => vec![*c as f32; inner],
+        Expr::Row(r) => vec![rows[*r]; inner],
+        Expr::Unary(op, a) => {
+            let mut v = eval(a, buffers, outer, inner, rows);
+            for x in &mut v {
+                *x = unary(*op, *x);
+            }
+            v
+        }
+        Expr::Binary(op, a, b) => {
+            let mut x = eval(a, buffers, outer, inner, rows);
+            let y = eval(b, buffers, outer, inner, rows);
+            for (x, y) in x.iter_mut().zip(y) {
+                *x = binary(*op, *x, y);
+            }
+            x
+        }
+        Expr::Compare(op, a, b) => {
+            let mut x = eval(a, buffers, outer, inner, rows);
+            let y = eval(b, buffers, outer, inner, rows);
+            for (x, y) in x.iter_mut().zip(y) {
+                *x = f32::from(u8::from(compare(*op, *x, y)));
+            }
+            x
+        }
+        Expr::Select(c, a, b) => {
+            let c = eval(c, buffers, outer, inner, rows);
+            let mut x = eval(a, buffers, outer, inner, rows);
+            let y = eval(b, buffers, outer, inner, rows);
+            for ((x, y), c) in x.iter_mut().zip(y).zip(c) {
+                if c == 0.0 {
+                    *x = y;
+                }
+            }
+            x
+        }
+        Expr::Cast(to, a) => {
+            let mut v = eval(a, buffers, outer, inner, rows);
+            for x in &mut v {
+                *x = if to.is_integer() { x.trunc() } else if *to == fathom_compiler::DType::Bool {
+                    f32::from(u8::from(*x != 0.0))
+                } else {
+                    round_to_dtype(*to, *x)
+                };
+            }
+            v
+        }
+    }
+}
+
+pub(super) fn unary(op: UnaryOp, x: f32) -> f32 {
+    match op {
+        UnaryOp::Neg => -x,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+        UnaryOp::Recip => 1.0 / x,
+        UnaryOp::Abs => x.abs(),
+        UnaryOp::Sigmoid => {
+            if x >= 0.0 {
+                1.0 / (1.0 + (-x).exp())
+            } else {
+                let e = x.exp();
+                e / (1.0 + e)
+            }
+        }
+    }
+}
+
+pub(super) fn binary(op: BinaryOp, x: f32, y: f32) -> f32 {
+    match op {
+        BinaryOp::Add => x + y,
+        BinaryOp::Sub => x - y,
+        BinaryOp::Mul => x * y,
+        BinaryOp::Div => x / y,
+        BinaryOp::Max => if x.is_nan() || y.is_nan() { f32::NAN } else { x.max(y) },
+        BinaryOp::Min => if x.is_nan() || y.is_nan() { f32::NAN } else { x.min(y) },
+    }
+}
+
+pub(super) fn compare(op: CompareOp, x: f32, y: f32) -> bool {
+    match op {
+        CompareOp::Eq => x == y,
+        CompareOp::Lt => x < y,
+        CompareOp::Le => x <= y,
+        CompareOp::Gt => x > y,
+        CompareOp::Ge => x >= y,
+    }
+}

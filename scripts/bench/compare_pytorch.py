@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Fathom against PyTorch running transformers' DeepseekV3, side by side in one run.
+
+    python scripts/bench/compare_pytorch.py [--configs small medium] [--steps 5] [--threads 2]
+        [--fathom target/release/fathom]
+
+For each configuration (benches/configs/<name>.json, with the batch and sequence length of the
+issue: small 4 x 256, medium 2 x 512) it writes one set of random weights with `fathom init`,
+then times, with the same weights and thread count:
+  - Fathom's compiled CPU training step (forward, next-token loss, backward, AdamW) and forward
+    pass (`fathom bench`);
+  - PyTorch eager and torch.compile, f32, the same step (`model(ids, labels=ids).loss`,
+    `backward`, `AdamW.step`) and forward;
+  - PyTorch eager and torch.compile under `torch.autocast(dtype=torch.bfloat16)`.
+and prints tokens/s, the ratio Fathom / torch.compile, the achieved fraction of the machine's
+f32 GEMM peak, and peak memory (max RSS) of each process. Absolute numbers move by 20% or more
+between runs on shared machines: compare within one run.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {"small": (4, 256), "medium": (2, 512)}
+
+
+def torch_run(model_dir, batch, seq, steps, threads, mode):
+    """Runs in a child process (fresh RSS): mode is eager-f32, compile-f32, eager-bf16 or compile-bf16."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    compiled = mode.startswith("compile")
+    bf16 = mode.endswith("bf16")
+    forward = torch.compile(model) if compiled else model
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def infer():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            forward(input_ids=ids)
+
+    for _ in range(2):  # warm-up (and compilation)
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    train = (time.perf_counter() - t) / steps
+    infer()
+    t = time.perf_counter()
+    for _ in range(steps):
+        infer()
+    fwd = (time.perf_counter() - t) / steps
+    tokens = batch * seq
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"train_tokens_per_second": tokens / train, "forward_tokens_per_second": tokens / fwd, "max_rss_bytes": rss}
+
+
+def torch_peak(threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for dtype, name in [(torch.float32, "f32"), (torch.bfloat16, "bf16")]:
+        a = torch.randn(2048, 2048, dtype=dtype)
+        b = torch.randn(2048, 2048, dtype=dtype)
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(3))
+        out[name] = 2 * 2048**3 / best / 1e9
+    return out
+
+
+def _timed(f):
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def child(args):
+    """Entry point of the child processes."""
+    kind = args.child
+    if kind == "peak":
+        print(json.dumps(torch_peak(args.threads)))
+    else:
+        print(json.dumps(torch_run(args.model_dir, args.batch, args.seq, args.steps, args.threads, kind)))
+
+
+def run_child(kind, **kw):
+    cmd = [sys.executable, __file__, "--child", kind]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", nargs="+", default=["small", "medium"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--fathom", default="target/release/fathom")
+    p.add_argument("--modes", nargs="+", default=["eager-f32", "compile-f32", "eager-bf16", "compile-bf16"])
+    p.add_argument("--child")
+    p.add_argument("--model-dir")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    peak = run_child("peak", threads=args.threads)
+    print(f"GEMM peak (torch, 2048^2): f32 {peak['f32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; threads {args.threads}")
+    rows = []
+    for name in args.configs:
+        batch, seq = SHAPES[name]
+        config = f"benches/configs/{name}.json"
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([args.fathom, "init", "--config", config, "--seed", "0", "--out", tmp], check=True, capture_output=True)
+            t = time.perf_counter()
+            fathom_out = subprocess.run(
+                ["/usr/bin/time", "-f", "%M", args.fathom, "bench", "--config", config, "--weights", tmp,
+                 "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps), "--threads", str(args.threads), "--json"],
+                check=True, capture_output=True, text=True)
+            fathom = json.loads(fathom_out.stdout.strip().splitlines()[-1])
+            fathom["max_rss_bytes"] = int(fathom_out.stderr.strip().splitlines()[-1]) * 1024
+            results = {"fathom f32": fathom}
+            for mode in args.modes:
+                results[f"torch {mode}"] = run_child(mode, model_dir=tmp, batch=batch, seq=seq, steps=args.steps, threads=args.threads)
+        rows.append((name, results))
+
+    print()
+    for name, results in rows:
+        fathom = results["fathom f32"]
+        flops = fathom["matmul_flops_per_token"]
+        print(f"== {name}: {flops / 1e6:.1f} MFLOP per token (matmuls, counted by Fathom's compiler)")
+        print(f"{'':22} {'train tok/s':>12} {'fwd tok/s':>12} {'% f32 peak':>11} {'max RSS MB':>11}")
+        for label, r in results.items():
+            frac = r["train_tokens_per_second"] * flops / 1e9 / peak["f32"] * 100
+            print(f"{label:22} {r['train_tokens_per_second']:12.0f} {r['forward_tokens_per_second']:12.0f} {frac:10.0f}% {r['max_rss_bytes'] / 2**20:11.0f}")
+        base = results.get("torch compile-f32")
+        if base:
+            print(f"Fathom f32 / torch.compile f32: train {fathom['train_tokens_per_second'] / base['train_tokens_per_second']:.2f}x, "
+                  f"forward {fathom['forward_tokens_per_second'] / base['forward_tokens_per_second']:.2f}x")
+        print()
+
+
+if __name__ == "__main__":
+    main()

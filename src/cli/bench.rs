@@ -1,0 +1,157 @@
+//! `fathom bench`: training-step and forward throughput of the compiled CPU path, with the
+//! FLOPs the compiler counts and the machine's GEMM peak, for side-by-side comparisons
+//! (scripts/bench/compare_pytorch.py runs PyTorch in the same run and prints the ratios).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph, parameter_graph};
+use fathom_compiler::spec::hf::spec_from_config_json;
+use fathom_compiler::training::training_graph;
+use fathom_runtime::HostTensor;
+use fathom_runtime::data::{Batches, SyntheticBatches, SyntheticKind, SyntheticTask};
+use fathom_runtime::exec::{Backend, Executable};
+use fathom_runtime::init::init_parameters;
+use fathom_runtime::interp::Feeds;
+use fathom_runtime::optim::{AdamWConfig, LrSchedule, MomentPrecision};
+use fathom_runtime::train::{TrainSettings, Trainer};
+use fathom_runtime::weights::Weights;
+use serde_json::json;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A Hugging Face DeepSeek-V3 config.json (benches/configs/small.json, medium.json).
+    #[arg(long)]
+    config: PathBuf,
+    /// A model directory whose weights to use instead of random ones (the comparison script
+    /// passes the directory it gave PyTorch).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Timed training steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("configuring the thread pool")?;
+    }
+    let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
+    let spec = spec_from_config_json(&text).with_context(|| args.config.display().to_string())?;
+    let weights = match &args.weights {
+        Some(dir) => fathom_runtime::pretrained::Pretrained::load(dir)?.weights,
+        None => Weights::from(init_parameters(&parameter_graph(&spec)?, spec.initializer_range, 0)),
+    };
+    let (batch, seq) = (args.batch, args.seq);
+    let tokens = (batch * seq) as f64;
+
+    // What PyTorch's baseline does: next-token loss, backward, AdamW with f32 moments.
+    let started = Instant::now();
+    let train = training_graph(&spec, batch, seq, LossWeights::next_token_only())?;
+    let compiled = compile(&train.graph, &CompileOptions::default())?;
+    let flops_per_step = compiled.program.matmul_flops();
+    let temporaries = compiled.plan.peak_bytes();
+    let settings = TrainSettings {
+        batch,
+        seq,
+        micro_batches: 1,
+        steps: args.steps + 1,
+        optimizer: AdamWConfig {
+            moments: MomentPrecision::F32,
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        schedule: LrSchedule {
+            peak_lr: 1e-4,
+            warmup_steps: 0,
+            hold_steps: u64::MAX / 4,
+            decay_steps: 0,
+            final_lr: 1e-4,
+        },
+        clip_norm: None,
+        losses: LossWeights::next_token_only(),
+        bias_update_speed: 0.0,
+        backend: Backend::Cpu,
+        precision: Default::default(),
+    };
+    let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 0)?;
+    let data = SyntheticBatches::new(task, batch, seq)?;
+    let mut trainer = Trainer::new(spec.clone(), settings, weights.clone(), Box::new(data))?;
+    let compile_seconds = started.elapsed().as_secs_f64();
+    trainer.step()?; // warm-up
+    let t = Instant::now();
+    for _ in 0..args.steps {
+        trainer.step()?;
+    }
+    let train_seconds = t.elapsed().as_secs_f64() / args.steps as f64;
+
+    let forward = forward_graph(&spec, ForwardOptions { batch, seq, with_mtp: false })?;
+    let executable = Executable::new(forward, Backend::Cpu)?;
+    let mut data = SyntheticBatches::new(SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 1)?, batch, seq)?;
+    let ids: HostTensor = data.next_batch()?;
+    let inputs = std::collections::HashMap::from([("input_ids", ids)]);
+    executable.run(&Feeds::new(&inputs, &weights))?; // warm-up
+    let t = Instant::now();
+    for _ in 0..args.steps {
+        executable.run(&Feeds::new(&inputs, &weights))?;
+    }
+    let forward_seconds = t.elapsed().as_secs_f64() / args.steps as f64;
+
+    let peak = gemm_peak_gflops();
+    let report = json!({
+        "config": args.config.display().to_string(),
+        "threads": rayon::current_num_threads(),
+        "batch": batch,
+        "seq": seq,
+        "train_tokens_per_second": tokens / train_seconds,
+        "forward_tokens_per_second": tokens / forward_seconds,
+        "train_step_seconds": train_seconds,
+        "matmul_flops_per_token": flops_per_step as f64 / tokens,
+        "train_gflops": flops_per_step as f64 / train_seconds / 1e9,
+        "f32_gemm_peak_gflops": peak,
+        "temporaries_bytes": temporaries,
+        "compile_seconds": compile_seconds,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+/// GFLOP/s of a 2048² f32 matmul through the same GEMM the backend uses (best of 3).
+fn gemm_peak_gflops() -> f64 {
+    let n = 2048;
+    let a = vec![1.0f32; n * n];
+    let b = vec![0.5f32; n * n];
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        // SAFETY: three n×n row-major matrices, each exactly n·n long.
+        unsafe {
+            gemm::gemm(
+                n, n, n, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, n as isize,
+                b.as_ptr(), 1, n as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::Rayon(0),
+            );
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}

@@ -1,0 +1,324 @@
+//! `fathom inspect`: every artifact of compiling a model, as files; with `--target sm_90a` (or
+//! `sm_80`) also the generated CUDA C++ of every kernel, and with `--compile` what NVRTC makes of
+//! it (CUBIN, SASS, registers, shared memory, spills), without a GPU.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fathom_compiler::codegen::{CudaProgram, CudaSource, cuda_program};
+use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
+use fathom_compiler::spec::ModelSpec;
+use fathom_compiler::spec::hf::spec_from_config_json;
+use fathom_compiler::training::training_graph;
+use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool};
+use fathom_kernels::{ArchRequirement, KernelSource};
+use rayon::prelude::*;
+
+/// What the kernels are generated for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// The kernel IR only (the CPU backend JIT-compiles it at run time).
+    Cpu,
+    /// CUDA C++ compiled for Hopper (H100/H200/H800).
+    #[value(name = "sm_90a")]
+    Sm90a,
+    /// CUDA C++ compiled for Ampere and newer.
+    #[value(name = "sm_80")]
+    Sm80,
+}
+
+impl Target {
+    fn arch(self) -> Option<&'static str> {
+        match self {
+            Target::Cpu => None,
+            Target::Sm90a => Some("sm_90a"),
+            Target::Sm80 => Some("sm_80"),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A model directory (its config.json).
+    #[arg(long, conflicts_with_all = ["config", "architecture"])]
+    model: Option<PathBuf>,
+    /// A Hugging Face DeepSeek-V3 config.json.
+    #[arg(long, conflicts_with = "architecture")]
+    config: Option<PathBuf>,
+    /// A built-in architecture (`tiny`).
+    #[arg(long)]
+    architecture: Option<String>,
+    /// Compile the training step (forward, losses, backward) instead of the forward pass.
+    #[arg(long)]
+    train: bool,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 8)]
+    seq: usize,
+    /// Directory for the artifacts: the graph after each pass, the fusion groups with their
+    /// nodes' origins, the kernel IR, the memory plan and the phase timings.
+    #[arg(long)]
+    out: PathBuf,
+    /// `sm_90a` or `sm_80`: also write the generated CUDA C++ of every unique kernel to
+    /// `OUT/cuda/<entry>.cu`, with the launch table (`kernels.txt`) and the template calls
+    /// (`templates.txt`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    target: Target,
+    /// With a CUDA target: compile every unique kernel with NVRTC (no GPU needed) and write its
+    /// CUBIN, its SASS (when `cuobjdump` or `nvdisasm` is installed; about half a second per
+    /// kernel) and `resources.txt` (registers, shared memory, spills).
+    #[arg(long)]
+    compile: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.compile && args.target == Target::Cpu {
+        bail!("--compile needs a CUDA target: add --target sm_90a (or sm_80)");
+    }
+    let spec = spec_of(&args)?;
+    let graph = if args.train {
+        training_graph(&spec, args.batch, args.seq, LossWeights::deepseek_v3())?.graph
+    } else {
+        let options = ForwardOptions {
+            batch: args.batch,
+            seq: args.seq,
+            with_mtp: false,
+        };
+        forward_graph(&spec, options)?
+    };
+    let options = CompileOptions {
+        dump_dir: Some(args.out.clone()),
+    };
+    let compiled = compile(&graph, &options)?;
+    let loops = compiled
+        .program
+        .kernels
+        .iter()
+        .filter(|k| matches!(k.body, fathom_compiler::kernel::KernelBody::Loop(_)))
+        .count();
+    println!(
+        "{} graph nodes -> {} after passes -> {} kernels ({} loop nests, {} library calls)",
+        graph.nodes.len(),
+        compiled.graphs.last().map_or(0, |(_, g)| g.nodes.len()),
+        compiled.program.kernels.len(),
+        loops,
+        compiled.program.kernels.len() - loops
+    );
+    println!(
+        "temporaries: {} bytes in {} slots ({} bytes without reuse)",
+        compiled.plan.peak_bytes(),
+        compiled.plan.slot_elements.len(),
+        compiled.plan.unshared_bytes
+    );
+    for (phase, time) in &compiled.timings {
+        println!("  {phase:<24} {:>8.3} ms", time.as_secs_f64() * 1e3);
+    }
+    if let Some(arch) = args.target.arch() {
+        let cuda = cuda_program(&compiled.program)?;
+        let dir = args.out.join("cuda");
+        write_cuda(&cuda, &dir)?;
+        println!(
+            "CUDA: {} generated kernels -> {} unique sources, {} template calls, in {}",
+            cuda.kernels.len(),
+            cuda.sources.len(),
+            cuda.library_calls().count(),
+            dir.display()
+        );
+        if args.compile {
+            compile_cuda(&cuda, arch, &dir)?;
+        }
+    }
+    println!("artifacts written to {}", args.out.display());
+    Ok(())
+}
+
+/// Every unique source as `<entry>.cu` (headed by the kernels that run it), the launch table
+/// and the template calls.
+fn write_cuda(cuda: &CudaProgram, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: String, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    for source in &cuda.sources {
+        write(format!("{}.cu", source.entry), cuda.source_file(source))?;
+    }
+    write("kernels.txt".into(), cuda.launch_table())?;
+    let mut templates = String::new();
+    for call in cuda.library_calls() {
+        let params: Vec<String> = call
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(
+            templates,
+            "{} -> {} ({})\n  {}",
+            call.name,
+            call.template,
+            call.implemented_by.unwrap_or("no template yet"),
+            params.join(", ")
+        );
+    }
+    write("templates.txt".into(), templates)
+}
+
+/// One unique source compiled by NVRTC.
+struct Built {
+    entry: String,
+    users: usize,
+    resources: ResourceUsage,
+    time: Duration,
+}
+
+/// Compiles every unique source for `arch`, writes `<entry>.<arch>.cubin`, `.sass` when a
+/// disassembler is found, and `resources.txt`; fails naming every source that did not compile.
+fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()> {
+    // The project's pip folders (`scripts/test.sh` installs NVRTC there), from the current
+    // directory and from the source tree this binary was built in.
+    let pip_dirs: Vec<PathBuf> = [
+        PathBuf::from("."),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    ]
+    .iter()
+    .flat_map(|root| ["cu12", "tools"].map(|sub| root.join(".nvrtc").join(sub)))
+    .collect();
+    let nvrtc = Nvrtc::load(NvrtcInstall::find(&pip_dirs)?)?;
+    let disassembler = find_cuda_tool("cuobjdump", &pip_dirs)
+        .map(|tool| (tool, vec!["-sass"]))
+        .or_else(|| find_cuda_tool("nvdisasm", &pip_dirs).map(|tool| (tool, Vec::new())));
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<Built>> = cuda
+        .sources
+        .par_iter()
+        .map(|source| {
+            let users: Vec<_> = cuda.users_of(&source.entry).collect();
+            let kernel = kernel_source(source, users.first().map_or(0, |k| k.launch.block));
+            let t = Instant::now();
+            let compiled = nvrtc.compile(&kernel, Some(arch))?;
+            let time = t.elapsed();
+            let cubin = dir.join(format!("{}.{arch}.cubin", source.entry));
+            std::fs::write(&cubin, &compiled.cubin)
+                .with_context(|| format!("writing {}", cubin.display()))?;
+            if let Some((tool, flags)) = &disassembler {
+                let output = std::process::Command::new(tool)
+                    .args(flags)
+                    .arg(&cubin)
+                    .output();
+                match output {
+                    Ok(out) if out.status.success() => {
+                        let sass = dir.join(format!("{}.{arch}.sass", source.entry));
+                        std::fs::write(&sass, &out.stdout)
+                            .with_context(|| format!("writing {}", sass.display()))?;
+                    }
+                    Ok(out) => bail!(
+                        "{} failed on {}: {}",
+                        tool.display(),
+                        cubin.display(),
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
+                    Err(e) => bail!("cannot run {}: {e}", tool.display()),
+                }
+            }
+            Ok(Built {
+                entry: source.entry.clone(),
+                users: users.len(),
+                resources: compiled.resources.unwrap_or_default(),
+                time,
+            })
+        })
+        .collect();
+    let wall = started.elapsed();
+    let mut failures = Vec::new();
+    let mut built = Vec::new();
+    for result in results {
+        match result {
+            Ok(b) => built.push(b),
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    let mut table = format!(
+        "{:<34} {:>7} {:>5} {:>6} {:>6} {:>7} {:>7} {:>7}\n",
+        "entry", "kernels", "regs", "smem", "stack", "spill_st", "spill_ld", "ms"
+    );
+    for b in &built {
+        let r = b.resources;
+        let _ = writeln!(
+            table,
+            "{:<34} {:>7} {:>5} {:>6} {:>6} {:>7} {:>7} {:>7.0}",
+            b.entry,
+            b.users,
+            r.registers,
+            r.static_smem_bytes,
+            r.stack_frame_bytes,
+            r.spill_store_bytes,
+            r.spill_load_bytes,
+            b.time.as_secs_f64() * 1e3
+        );
+    }
+    let path = dir.join("resources.txt");
+    std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+    let spills: u32 = built
+        .iter()
+        .map(|b| b.resources.spill_store_bytes + b.resources.spill_load_bytes)
+        .sum();
+    println!(
+        "NVRTC {:?}, {arch}: {} of {} sources compiled in {:.1} s; registers max {}, spills {spills} B; \
+         CUBIN{} and resources.txt in {}",
+        nvrtc.version(),
+        built.len(),
+        cuda.sources.len(),
+        wall.as_secs_f64(),
+        built
+            .iter()
+            .map(|b| b.resources.registers)
+            .max()
+            .unwrap_or(0),
+        if disassembler.is_some() { ", SASS" } else { "" },
+        dir.display()
+    );
+    if !failures.is_empty() {
+        bail!(
+            "{} source(s) did not compile:\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
+    }
+    Ok(())
+}
+
+/// A generated source as the kernels crate's compile unit.
+fn kernel_source(source: &CudaSource, block_threads: u32) -> KernelSource {
+    KernelSource {
+        name: source.entry.clone(),
+        source: source.text.clone(),
+        entry: source.entry.clone(),
+        arch_requirement: ArchRequirement::Sm80OrNewer,
+        block_threads,
+        dynamic_smem_bytes: 0,
+        // The launcher takes the parameters from `CudaKernel::args`.
+        params: Vec::new(),
+    }
+}
+
+fn spec_of(args: &Args) -> anyhow::Result<ModelSpec> {
+    let config = match (&args.model, &args.config, &args.architecture) {
+        (Some(dir), None, None) => dir.join("config.json"),
+        (None, Some(file), None) => file.clone(),
+        (None, None, Some(name)) => {
+            return fathom::zoo::architecture(name).with_context(|| {
+                format!(
+                    "unknown architecture `{name}`; built-in: {}",
+                    fathom::zoo::NAMES.join(", ")
+                )
+            });
+        }
+        _ => bail!("give the model as --model DIR, --config FILE or --architecture NAME"),
+    };
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    spec_from_config_json(&text).with_context(|| config.display().to_string())
+}
