@@ -12,15 +12,18 @@
 //! - `fp32` (with `--with-fp32`): how far two runs drift apart without FP8, for scale.
 //!
 //! Prints each run's final loss (mean next-token loss over the last 10 % of steps) and its
-//! relative gap to `bf16`, writes the curves to `docs/fp8_vs_bf16.csv` and plots them into
-//! `docs/fp8_vs_bf16.png`. Hopper's limited-precision accumulation ("no promotion") is not part
+//! relative gap to `bf16`, then, at the bf16 run's final weights, how far each precision's loss
+//! and gradients are from fp32's (the arithmetic error alone, free of the run-to-run drift that
+//! dominates loss curves at this scale); writes the curves to `docs/fp8_vs_bf16.csv` and plots
+//! them into `docs/fp8_vs_bf16.png` (`--from-csv` re-plots without training). Hopper's limited-precision accumulation ("no promotion") is not part
 //! of this run: the GEMMs here accumulate exactly; `examples/fp8_accumulation.rs` measures that
 //! effect on single GEMMs.
 //!
 //! ```text
-//! cargo run --release --example fp8_vs_bf16 -- --steps 120
+//! cargo run --release --example fp8_vs_bf16            # about 5 minutes on 2 cores
 //! ```
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -28,11 +31,13 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use fathom_compiler::model::{LossWeights, parameter_graph};
-use fathom_compiler::precision::{Fp8Scaling, Precision, PrecisionPolicy};
+use fathom_compiler::precision::{Fp8Scaling, Precision, PrecisionPolicy, apply_precision};
 use fathom_compiler::spec::{Fp8Spec, MlaSpec, ModelSpec, MoeSpec, RopeSpec};
-use fathom_runtime::data::TextDataset;
-use fathom_runtime::exec::Backend;
+use fathom_compiler::training::training_graph;
+use fathom_runtime::data::{Batches, TextDataset};
+use fathom_runtime::exec::{Backend, Executable};
 use fathom_runtime::init::init_parameters;
+use fathom_runtime::interp::Feeds;
 use fathom_runtime::optim::{AdamWConfig, LrSchedule};
 use fathom_runtime::train::{TrainSettings, Trainer};
 use fathom_runtime::weights::Weights;
@@ -41,7 +46,7 @@ use plotters::prelude::*;
 #[derive(Debug, Parser)]
 struct Args {
     /// Optimizer steps of each run.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 600)]
     steps: u64,
     /// Sequences per step.
     #[arg(long, default_value_t = 4)]
@@ -55,12 +60,19 @@ struct Args {
     /// Where the plot goes (the CSV goes beside it).
     #[arg(long, default_value = "docs/fp8_vs_bf16.png")]
     out: PathBuf,
+    /// Peak learning rate (warm-up over the first 10 % of steps, held for a third, then a
+    /// linear decay to a tenth of it).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
     /// Seed of the initial weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Also train in fp32, to see how far two precisions drift apart without FP8.
     #[arg(long)]
     with_fp32: bool,
+    /// Do not train: read the curves of an earlier run from this CSV, print and plot them.
+    #[arg(long)]
+    from_csv: Option<PathBuf>,
 }
 
 /// Hidden 256, two blocks (one dense, one MoE with 4 routed experts and a shared one), MLA with
@@ -110,11 +122,11 @@ fn settings(args: &Args, precision: PrecisionPolicy) -> TrainSettings {
         steps: args.steps,
         optimizer: AdamWConfig::default(),
         schedule: LrSchedule {
-            peak_lr: 3e-3,
+            peak_lr: args.lr,
             warmup_steps: warmup,
             hold_steps: hold,
             decay_steps: args.steps.saturating_sub(warmup + hold),
-            final_lr: 3e-4,
+            final_lr: args.lr / 10.0,
         },
         clip_norm: Some(1.0),
         losses: LossWeights::deepseek_v3(),
@@ -125,9 +137,11 @@ fn settings(args: &Args, precision: PrecisionPolicy) -> TrainSettings {
 }
 
 struct Run {
-    label: &'static str,
+    label: String,
     losses: Vec<f64>,
     seconds: f64,
+    /// The weights at the end (not kept for curves read from a CSV).
+    weights: Option<Weights>,
 }
 
 impl Run {
@@ -138,9 +152,13 @@ impl Run {
     }
 }
 
-fn train(args: &Args, text: &Path, label: &'static str, policy: PrecisionPolicy) -> anyhow::Result<Run> {
+fn train(args: &Args, text: &Path, label: &str, policy: PrecisionPolicy) -> anyhow::Result<Run> {
     let spec = spec();
-    let weights = Weights::from(init_parameters(&parameter_graph(&spec)?, spec.initializer_range, args.seed));
+    let weights = Weights::from(init_parameters(
+        &parameter_graph(&spec)?,
+        spec.initializer_range,
+        args.seed,
+    ));
     let data = TextDataset::open(text, args.batch, args.seq)?;
     let mut trainer = Trainer::new(spec, settings(args, policy), weights, Box::new(data))?;
     let started = Instant::now();
@@ -159,63 +177,214 @@ fn train(args: &Args, text: &Path, label: &'static str, policy: PrecisionPolicy)
         }
     }
     Ok(Run {
-        label,
+        label: label.to_owned(),
         losses,
         seconds: started.elapsed().as_secs_f64(),
+        weights: Some(trainer.weights().clone()),
     })
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text = args.text.clone().unwrap_or_else(|| root.join("compiler/src"));
-    let fp8 = PrecisionPolicy::uniform(Precision::Fp8);
-    let per_tensor = PrecisionPolicy {
-        scaling: Fp8Scaling::PerTensor,
-        ..fp8.clone()
+    let text = args
+        .text
+        .clone()
+        .unwrap_or_else(|| root.join("compiler/src"));
+    let runs = match &args.from_csv {
+        Some(path) => read_csv(path)?,
+        None => train_all(&args, &text)?,
     };
-    let mut runs = vec![
-        train(&args, &text, "bf16", PrecisionPolicy::uniform(Precision::Bf16))?,
-        train(&args, &text, "fp8", fp8)?,
-        train(&args, &text, "fp8 per-tensor", per_tensor)?,
-    ];
-    if args.with_fp32 {
-        runs.push(train(&args, &text, "fp32", PrecisionPolicy::default())?);
-    }
+    let steps = runs[0].losses.len();
 
     let baseline = runs[0].final_loss();
+    let fp32 = runs.iter().find(|r| r.label == "fp32").map(Run::final_loss);
     println!(
-        "{} steps of {}×{} byte tokens; final loss = mean over the last {} steps",
-        args.steps,
-        args.batch,
-        args.seq,
-        (args.steps / 10).max(1)
+        "{steps} steps; final loss = mean over the last {} steps",
+        (steps / 10).max(1)
     );
     for run in &runs {
         let loss = run.final_loss();
+        let to_fp32 = fp32.map_or(String::new(), |f| {
+            format!("  gap to fp32 {:+.3} %", 100.0 * (loss - f) / f)
+        });
+        let time = if run.weights.is_some() {
+            format!("  ({:.0} s)", run.seconds)
+        } else {
+            String::new()
+        };
         println!(
-            "{:>15}: final loss {loss:.4}  gap to bf16 {:+.3} %  ({:.0} s)",
+            "{:>15}: final loss {loss:.4}  gap to bf16 {:+.3} %{to_fp32}{time}",
             run.label,
             100.0 * (loss - baseline) / baseline,
-            run.seconds
         );
+    }
+
+    if let Some(weights) = &runs[0].weights {
+        gradient_errors(&args, &text, weights)?;
     }
 
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let csv = args.out.with_extension("csv");
-    let mut table = String::from("step");
-    runs.iter().for_each(|r| write!(table, ",{}", r.label.replace(' ', "_")).expect("a String"));
-    for step in 0..args.steps as usize {
-        write!(table, "\n{}", step + 1)?;
-        runs.iter().for_each(|r| write!(table, ",{:.6}", r.losses[step]).expect("a String"));
+    if args.from_csv.is_none() {
+        let mut table = String::from("step");
+        for run in &runs {
+            write!(table, ",{}", run.label.replace(' ', "_"))?;
+        }
+        for step in 0..steps {
+            write!(table, "\n{}", step + 1)?;
+            for run in &runs {
+                write!(table, ",{:.6}", run.losses[step])?;
+            }
+        }
+        table.push('\n');
+        std::fs::write(&csv, table).with_context(|| format!("writing {}", csv.display()))?;
     }
-    table.push('\n');
-    std::fs::write(&csv, table).with_context(|| format!("writing {}", csv.display()))?;
     plot(&args.out, &runs).map_err(|e| anyhow::anyhow!("plotting {}: {e}", args.out.display()))?;
-    println!("wrote {} and {}", args.out.display(), csv.display());
+    if args.from_csv.is_none() {
+        println!("wrote {} and {}", args.out.display(), csv.display());
+    } else {
+        println!("wrote {}", args.out.display());
+    }
     Ok(())
+}
+
+/// How far each precision's loss and gradients are from fp32's at the same weights (the bf16
+/// run's final ones) on the first four batches: the arithmetic error alone, without the drift
+/// of separate training runs that dominates the curves at this scale.
+fn gradient_errors(args: &Args, text: &Path, weights: &Weights) -> anyhow::Result<()> {
+    let spec = spec();
+    let train = training_graph(&spec, args.batch, args.seq, LossWeights::deepseek_v3())?;
+    let tiling = spec.fp8.clone().unwrap_or_default();
+    let mut data = TextDataset::open(text, args.batch, args.seq)?;
+    let batches = (0..4)
+        .map(|_| data.next_batch())
+        .collect::<Result<Vec<_>, _>>()?;
+    let fp8 = PrecisionPolicy::uniform(Precision::Fp8);
+    let policies = [
+        ("fp32", PrecisionPolicy::default()),
+        ("bf16", PrecisionPolicy::uniform(Precision::Bf16)),
+        ("fp8", fp8.clone()),
+        (
+            "fp8 per-tensor",
+            PrecisionPolicy {
+                scaling: Fp8Scaling::PerTensor,
+                ..fp8
+            },
+        ),
+    ];
+    let mut outputs = Vec::new();
+    for (_, policy) in &policies {
+        let graph = apply_precision(&train.graph, policy, &tiling)?;
+        let executable = Executable::new(graph, Backend::Cpu)?;
+        let mut per_batch = Vec::new();
+        for ids in &batches {
+            let inputs = HashMap::from([("input_ids", ids.clone())]);
+            per_batch.push(executable.run(&Feeds::new(&inputs, weights))?);
+        }
+        outputs.push(per_batch);
+    }
+    println!("at the bf16 run's final weights, against fp32 (4 batches):");
+    let floats =
+        |t: &fathom_runtime::HostTensor| t.as_f32().map(<[f32]>::to_vec).unwrap_or_default();
+    for ((label, _), runs) in policies.iter().zip(&outputs).skip(1) {
+        let (mut diff, mut norm, mut loss_err) = (0.0f64, 0.0f64, 0.0f64);
+        for (got, want) in runs.iter().zip(&outputs[0]) {
+            let loss = |o: &std::collections::BTreeMap<String, _>| {
+                f64::from(floats(&o["loss.next_token"])[0])
+            };
+            loss_err += (loss(got) - loss(want)).abs() / loss(want) / batches.len() as f64;
+            for (name, w) in want.iter().filter(|(n, _)| n.starts_with("grad.")) {
+                for (g, w) in floats(&got[name]).iter().zip(floats(w)) {
+                    diff += f64::from(g - w).powi(2);
+                    norm += f64::from(w).powi(2);
+                }
+            }
+        }
+        println!(
+            "{label:>15}: next-token loss off by {:.3} % (mean), gradients by {:.2} % (relative L2)",
+            100.0 * loss_err,
+            100.0 * (diff / norm).sqrt()
+        );
+    }
+    Ok(())
+}
+
+fn train_all(args: &Args, text: &Path) -> anyhow::Result<Vec<Run>> {
+    let fp8 = PrecisionPolicy::uniform(Precision::Fp8);
+    let per_tensor = PrecisionPolicy {
+        scaling: Fp8Scaling::PerTensor,
+        ..fp8.clone()
+    };
+    let mut runs = vec![
+        train(
+            args,
+            text,
+            "bf16",
+            PrecisionPolicy::uniform(Precision::Bf16),
+        )?,
+        train(args, text, "fp8", fp8)?,
+        train(args, text, "fp8 per-tensor", per_tensor)?,
+    ];
+    if args.with_fp32 {
+        runs.push(train(args, text, "fp32", PrecisionPolicy::default())?);
+    }
+    Ok(runs)
+}
+
+/// The curves this program wrote: `step,<label>,...` then one row per step (`_` for spaces).
+fn read_csv(path: &Path) -> anyhow::Result<Vec<Run>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines();
+    let header = lines.next().context("an empty CSV")?;
+    let mut runs: Vec<Run> = header
+        .split(',')
+        .skip(1)
+        .map(|label| Run {
+            label: label.replace('_', " "),
+            losses: Vec::new(),
+            seconds: 0.0,
+            weights: None,
+        })
+        .collect();
+    anyhow::ensure!(
+        runs.first().is_some_and(|r| r.label == "bf16"),
+        "{}: the first curve must be bf16",
+        path.display()
+    );
+    for (i, line) in lines.enumerate() {
+        let values: Vec<&str> = line.split(',').skip(1).collect();
+        anyhow::ensure!(
+            values.len() == runs.len(),
+            "{} line {}: {} values",
+            path.display(),
+            i + 2,
+            values.len()
+        );
+        for (run, value) in runs.iter_mut().zip(values) {
+            run.losses.push(
+                value
+                    .parse()
+                    .with_context(|| format!("{} line {}", path.display(), i + 2))?,
+            );
+        }
+    }
+    anyhow::ensure!(!runs[0].losses.is_empty(), "{}: no steps", path.display());
+    Ok(runs)
+}
+
+/// The mean over a window of `2 · half + 1` steps centred on each step (narrower at the ends),
+/// so the smoothed curve does not lag the raw one.
+fn moving_average(values: &[f64], half: usize) -> Vec<f64> {
+    (0..values.len())
+        .map(|i| {
+            let window = &values[i.saturating_sub(half)..(i + half + 1).min(values.len())];
+            window.iter().sum::<f64>() / window.len() as f64
+        })
+        .collect()
 }
 
 /// Registers a system sans-serif font for the labels (plotters draws no text without one);
@@ -244,6 +413,9 @@ fn register_font() -> bool {
     false
 }
 
+/// Steps on each side of a step in the plotted averages.
+const SMOOTHING: usize = 10;
+
 /// Loss curves (top) and each other run's relative gap to bf16, smoothed (bottom).
 fn plot(out: &Path, runs: &[Run]) -> Result<(), Box<dyn std::error::Error>> {
     let labels = register_font();
@@ -263,48 +435,56 @@ fn plot(out: &Path, runs: &[Run]) -> Result<(), Box<dyn std::error::Error>> {
     let mut chart = ChartBuilder::on(&top);
     chart.margin(15).x_label_area_size(35).y_label_area_size(55);
     if labels {
-        chart.caption("next-token loss, same data and initial weights", ("sans-serif", 22));
+        chart.caption(
+            "next-token loss (bf16 per step, faint; all runs averaged over 21 steps), same data and weights",
+            ("sans-serif", 20),
+        );
     }
-    let mut chart = chart.build_cartesian_2d(1..steps, (lo * 0.97)..(hi * 1.02).min(lo * 3.0))?;
+    let mut chart = chart.build_cartesian_2d(1..steps, (lo * 0.97)..(hi * 1.02))?;
     let mut mesh = chart.configure_mesh();
     mesh.x_desc("step").y_desc("loss");
     if !labels {
         mesh.x_labels(0).y_labels(0);
     }
     mesh.draw()?;
+    // The batches are the same for every run, so one run's per-step losses show the noise.
+    let raw = runs[0].losses.iter().enumerate().map(|(i, &l)| (i + 1, l));
+    chart.draw_series(LineSeries::new(raw, colors[0].mix(0.2)))?;
     for (run, color) in runs.iter().zip(colors) {
-        let points = run.losses.iter().enumerate().map(|(i, &l)| (i + 1, l));
-        let series = chart.draw_series(LineSeries::new(points, color.stroke_width(2)))?;
+        let smooth = moving_average(&run.losses, SMOOTHING)
+            .into_iter()
+            .enumerate();
+        let series = chart.draw_series(LineSeries::new(
+            smooth.map(|(i, l)| (i + 1, l)),
+            color.stroke_width(2),
+        ))?;
         if labels {
-            series
-                .label(run.label)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+            series.label(run.label.as_str()).legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         }
     }
     if labels {
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()?;
     }
 
-    // Relative gap per step, smoothed with an exponential moving average (the batches are the
-    // same across runs, so most of the per-step noise cancels in the difference).
+    // Relative gap per step, smoothed (the batches are the same across runs, so most of the
+    // per-batch noise cancels in the difference).
     let gaps: Vec<Vec<f64>> = runs[1..]
         .iter()
         .map(|run| {
-            let mut ema = 0.0;
-            run.losses
+            let gap: Vec<f64> = run
+                .losses
                 .iter()
                 .zip(&runs[0].losses)
-                .enumerate()
-                .map(|(i, (l, b))| {
-                    let gap = 100.0 * (l - b) / b;
-                    ema = if i == 0 { gap } else { 0.9 * ema + 0.1 * gap };
-                    ema
-                })
-                .collect()
+                .map(|(l, b)| 100.0 * (l - b) / b)
+                .collect();
+            moving_average(&gap, SMOOTHING)
         })
         .collect();
     let (glo, ghi) = gaps
@@ -315,7 +495,10 @@ fn plot(out: &Path, runs: &[Run]) -> Result<(), Box<dyn std::error::Error>> {
     let mut chart = ChartBuilder::on(&bottom);
     chart.margin(15).x_label_area_size(35).y_label_area_size(55);
     if labels {
-        chart.caption("gap to bf16 (%, moving average)", ("sans-serif", 18));
+        chart.caption(
+            "gap to bf16 (%, averaged over 21 steps)",
+            ("sans-serif", 18),
+        );
     }
     let mut chart = chart.build_cartesian_2d(1..steps, (glo - pad)..(ghi + pad))?;
     let mut mesh = chart.configure_mesh();

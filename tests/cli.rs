@@ -183,3 +183,33 @@ fn a_checkpoint_that_does_not_match_its_config_names_every_tensor() {
         "{message}"
     );
 }
+
+#[test]
+fn fathom_dump_dir_receives_every_compilation_artifact() {
+    let dump = tempfile::tempdir().unwrap();
+    let out = dump.path().join("logits.safetensors");
+    let run = Command::new(env!("CARGO_BIN_EXE_fathom"))
+        .args([
+            "forward",
+            "--model",
+            &repo("tests/fixtures/yarn"),
+            "--tokens",
+            "1,2,3",
+        ])
+        .args(["--out", out.to_str().unwrap()])
+        .env("FATHOM_DUMP_DIR", dump.path())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    for file in [
+        "00-input.graph.txt",
+        "10-fusion-groups.txt",
+        "11-kernels.txt",
+        "12-memory-plan.txt",
+        "13-timings.txt",
+    ] {
+        let text = std::fs::read_to_string(dump.path().join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(!text.is_empty(), "{file} is empty");
+    }
+}

@@ -287,3 +287,45 @@ fn bad_runs_are_clear_errors() {
         stderr(&run)
     );
 }
+
+/// `--precision` overrides the run file's GEMM precision, and belongs to the run: a checkpoint
+/// written in FP8 is not continued in BF16.
+#[test]
+fn precision_flag_trains_in_fp8_and_belongs_to_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_file(dir.path(), 2);
+    let config = config.to_str().unwrap();
+    let fp8 = fathom(&["train", "--config", config, "--precision", "fp8"]);
+    assert!(fp8.status.success(), "{}", stderr(&fp8));
+    let lines = metric_lines(dir.path());
+    assert_eq!(lines.len(), 2);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["loss"].as_f64().unwrap().is_finite())
+    );
+
+    let bf16 = fathom(&[
+        "train",
+        "--config",
+        config,
+        "--steps",
+        "3",
+        "--precision",
+        "bf16",
+    ]);
+    assert!(!bf16.status.success());
+    assert!(
+        stderr(&bf16).contains("`precision` was"),
+        "{}",
+        stderr(&bf16)
+    );
+
+    let bad = fathom(&["train", "--config", config, "--precision", "fp4"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("unknown precision `fp4`"),
+        "{}",
+        stderr(&bad)
+    );
+}

@@ -68,7 +68,10 @@ pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, Lowe
     if let Some(dir) = &options.dump_dir {
         // A dump is a diagnostic: failing to write one must not fail the compilation.
         if let Err(e) = compiled.write_artifacts(dir) {
-            eprintln!("warning: FATHOM_DUMP_DIR: cannot write to {}: {e}", dir.display());
+            eprintln!(
+                "warning: FATHOM_DUMP_DIR: cannot write to {}: {e}",
+                dir.display()
+            );
         }
     }
     Ok(compiled)
@@ -101,7 +104,11 @@ impl Compiled {
             let _ = writeln!(text, "{} ({} nodes)", kernel.name, kernel.nodes.len());
             for id in &kernel.nodes {
                 let node = graph.node(*id);
-                let origin = if node.origin.is_empty() { "(top)" } else { &node.origin };
+                let origin = if node.origin.is_empty() {
+                    "(top)"
+                } else {
+                    &node.origin
+                };
                 let _ = writeln!(text, "  {id} {} {}  [{origin}]", node.ty, node.op);
             }
         }

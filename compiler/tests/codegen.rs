@@ -7,56 +7,11 @@ use fathom_compiler::codegen::{CodegenError, CudaKernel, CudaProgram, Mapping, c
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::kernel::{BufferId, Expr, KernelBody, LoopNest, Stmt, View};
 use fathom_compiler::model::{ForwardOptions, forward_graph};
-use fathom_compiler::spec::{MlaSpec, ModelSpec, MoeSpec, RopeSpec, YarnSpec};
+use fathom_compiler::spec::ModelSpec;
 
-/// The tiny model of `model_graph.rs`: two blocks (one dense, one MoE with 4 experts in 2
-/// groups), YaRN RoPE.
+/// The workspace's smallest full-featured spec (`fathom_compiler::spec::examples::micro`).
 fn tiny() -> ModelSpec {
-    ModelSpec {
-        vocab_size: 16,
-        hidden_size: 8,
-        layers: 2,
-        dense_layers: 1,
-        intermediate_size: 12,
-        norm_eps: 1e-6,
-        max_positions: 16,
-        tie_embeddings: false,
-        initializer_range: 0.02,
-        attention: MlaSpec {
-            heads: 2,
-            q_lora_rank: Some(6),
-            kv_lora_rank: 4,
-            qk_nope_head_dim: 4,
-            qk_rope_head_dim: 2,
-            v_head_dim: 4,
-        },
-        rope: RopeSpec {
-            theta: 10000.0,
-            interleaved: true,
-            yarn: Some(YarnSpec {
-                factor: 4.0,
-                original_max_positions: 4,
-                beta_fast: 32.0,
-                beta_slow: 1.0,
-                mscale: 1.0,
-                mscale_all_dim: 1.0,
-                attention_factor: None,
-                truncate: true,
-            }),
-        },
-        moe: Some(MoeSpec {
-            routed_experts: 4,
-            shared_experts: 1,
-            experts_per_token: 2,
-            groups: 2,
-            groups_per_token: 1,
-            intermediate_size: 4,
-            routed_scaling_factor: 2.5,
-            normalize_gates: true,
-        }),
-        mtp_depth: 1,
-        fp8: None,
-    }
+    fathom_compiler::spec::examples::micro()
 }
 
 fn tiny_forward() -> CudaProgram {

@@ -104,8 +104,15 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
     // Linear is applied once, except the output head, which the MTP module shares.
     let uses = |path: &str| if path == "lm_head" { 2 } else { 1 };
     for path in &linears {
-        for role in [GemmRole::Forward, GemmRole::InputGradient, GemmRole::WeightGradient] {
-            let count = dense.iter().filter(|g| &g.path == path && g.role == role).count();
+        for role in [
+            GemmRole::Forward,
+            GemmRole::InputGradient,
+            GemmRole::WeightGradient,
+        ] {
+            let count = dense
+                .iter()
+                .filter(|g| &g.path == path && g.role == role)
+                .count();
             assert_eq!(count, uses(path), "{path}: {role:?}");
         }
     }
@@ -119,7 +126,11 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
     let kept_applications: usize = kept.iter().map(|p| uses(p)).sum();
     assert_eq!(
         kept,
-        ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate", "lm_head"],
+        [
+            "model.layers.1.mlp.gate",
+            "model.layers.2.mlp.gate",
+            "lm_head"
+        ],
         "the routers and the output head"
     );
 
@@ -153,7 +164,11 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
     for id in out.node_ids() {
         let node = out.node(id);
         if node.op == Op::MatMul && !rewritten.iter().any(|g| g.node == id) {
-            assert!(!node.inputs.iter().any(|&i| is_qdq(&out, i)), "{id} ({})", node.origin);
+            assert!(
+                !node.inputs.iter().any(|&i| is_qdq(&out, i)),
+                "{id} ({})",
+                node.origin
+            );
         }
     }
 }

@@ -17,8 +17,8 @@ use fathom_compiler::codegen::sample::coverage_program;
 use fathom_compiler::codegen::{CudaProgram, cuda_program};
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
+use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
-use fathom_compiler::spec::{MlaSpec, ModelSpec, MoeSpec, RopeSpec, YarnSpec};
 use fathom_compiler::training::training_graph;
 use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage};
 use fathom_kernels::{ArchRequirement, KernelSource};
@@ -41,54 +41,9 @@ fn nvrtc() -> Option<Nvrtc> {
     Some(Nvrtc::load(install).unwrap_or_else(|e| panic!("{e}")))
 }
 
-/// The tiny model of `compiler/tests/model_graph.rs`: two blocks (one dense, one MoE with 4
-/// experts in 2 groups), one MTP module, YaRN RoPE.
+/// The workspace's smallest full-featured spec (`fathom_compiler::spec::examples::micro`).
 fn tiny() -> ModelSpec {
-    ModelSpec {
-        vocab_size: 16,
-        hidden_size: 8,
-        layers: 2,
-        dense_layers: 1,
-        intermediate_size: 12,
-        norm_eps: 1e-6,
-        max_positions: 16,
-        tie_embeddings: false,
-        initializer_range: 0.02,
-        attention: MlaSpec {
-            heads: 2,
-            q_lora_rank: Some(6),
-            kv_lora_rank: 4,
-            qk_nope_head_dim: 4,
-            qk_rope_head_dim: 2,
-            v_head_dim: 4,
-        },
-        rope: RopeSpec {
-            theta: 10000.0,
-            interleaved: true,
-            yarn: Some(YarnSpec {
-                factor: 4.0,
-                original_max_positions: 4,
-                beta_fast: 32.0,
-                beta_slow: 1.0,
-                mscale: 1.0,
-                mscale_all_dim: 1.0,
-                attention_factor: None,
-                truncate: true,
-            }),
-        },
-        moe: Some(MoeSpec {
-            routed_experts: 4,
-            shared_experts: 1,
-            experts_per_token: 2,
-            groups: 2,
-            groups_per_token: 1,
-            intermediate_size: 4,
-            routed_scaling_factor: 2.5,
-            normalize_gates: true,
-        }),
-        mtp_depth: 1,
-        fp8: None,
-    }
+    fathom_compiler::spec::examples::micro()
 }
 
 fn tiny_training_step() -> CudaProgram {

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use fathom_compiler::Graph;
-use fathom_compiler::lower::{LowerError, lower};
+use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::lower::LowerError;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -44,7 +45,11 @@ impl Executable {
     pub fn new(graph: Graph, backend: Backend) -> Result<Self, ExecError> {
         Ok(match backend {
             Backend::Interpreter => Executable::Interpreter(graph),
-            Backend::Cpu => Executable::Cpu(CpuProgram::new(lower(&graph)?)),
+            // The full pipeline (passes, lowering, memory plan); `FATHOM_DUMP_DIR` dumps it.
+            Backend::Cpu => {
+                let compiled = compile(&graph, &CompileOptions::from_env())?;
+                Executable::Cpu(CpuProgram::new(compiled.program))
+            }
         })
     }
 

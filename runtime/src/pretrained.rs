@@ -114,7 +114,11 @@ impl Pretrained {
     }
 
     /// [`Pretrained::logits`] on a chosen backend.
-    pub fn logits_on(&self, rows: &[Vec<i64>], backend: Backend) -> Result<HostTensor, PretrainedError> {
+    pub fn logits_on(
+        &self,
+        rows: &[Vec<i64>],
+        backend: Backend,
+    ) -> Result<HostTensor, PretrainedError> {
         let ids = token_batch(rows, self.spec.vocab_size)?;
         let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
         let graph = forward_graph(
@@ -126,7 +130,8 @@ impl Pretrained {
             },
         )?;
         let inputs = HashMap::from([("input_ids", ids)]);
-        let mut outputs = Executable::new(graph, backend)?.run(&Feeds::new(&inputs, &self.weights))?;
+        let mut outputs =
+            Executable::new(graph, backend)?.run(&Feeds::new(&inputs, &self.weights))?;
         outputs
             .remove("logits")
             .ok_or_else(|| PretrainedError::Tokens("the graph has no logits output".into()))

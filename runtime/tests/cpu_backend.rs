@@ -19,7 +19,9 @@ use fathom_runtime::pretrained::Pretrained;
 use fathom_runtime::weights::read_safetensors;
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 fn relative(got: &[f32], want: &[f32]) -> f64 {
@@ -28,7 +30,11 @@ fn relative(got: &[f32], want: &[f32]) -> f64 {
         .iter()
         .zip(want)
         .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
-    if max_ref == 0.0 { max_diff } else { max_diff / max_ref }
+    if max_ref == 0.0 {
+        max_diff
+    } else {
+        max_diff / max_ref
+    }
 }
 
 #[test]
@@ -47,7 +53,9 @@ fn training_graphs_run_compiled_like_the_interpreter() {
         let compiled = CpuProgram::new(program).run(&feeds).unwrap();
         let mut worst = (0f64, String::new());
         for (output, want) in expected.iter() {
-            let got = compiled.get(output).unwrap_or_else(|| panic!("{name}: no {output}"));
+            let got = compiled
+                .get(output)
+                .unwrap_or_else(|| panic!("{name}: no {output}"));
             assert_eq!(got.ty, want.ty, "{name}: {output}");
             let error = match (got.as_f32(), want.as_f32()) {
                 (Some(g), Some(w)) => relative(g, w),
@@ -56,8 +64,15 @@ fn training_graphs_run_compiled_like_the_interpreter() {
                     0.0
                 }
             };
-            let bound = if output.starts_with("grad.") { 1e-3 } else { 1e-4 };
-            assert!(error < bound, "{name}: {output}: relative error {error:.3e}");
+            let bound = if output.starts_with("grad.") {
+                1e-3
+            } else {
+                1e-4
+            };
+            assert!(
+                error < bound,
+                "{name}: {output}: relative error {error:.3e}"
+            );
             if error > worst.0 {
                 worst = (error, output.to_owned());
             }
@@ -81,33 +96,53 @@ fn quantize_dequantize_runs_compiled_exactly() {
         .collect();
     let cases = [((1, 4), false), ((4, 4), true), ((4, 1), false)];
     let mut g = GraphBuilder::new("qdq");
-    let x = g.input("x", TensorType::new(DType::F32, [2, rows, cols])).unwrap();
+    let x = g
+        .input("x", TensorType::new(DType::F32, [2, rows, cols]))
+        .unwrap();
     let xt = g.transpose(x).unwrap();
     for (i, (tile, pow2)) in cases.iter().enumerate() {
-        let q = g.quantize_dequantize(x, QuantFormat::E4M3, *tile, *pow2).unwrap();
+        let q = g
+            .quantize_dequantize(x, QuantFormat::E4M3, *tile, *pow2)
+            .unwrap();
         g.output(&format!("q{i}"), q).unwrap();
-        let qt = g.quantize_dequantize(xt, QuantFormat::E4M3, *tile, *pow2).unwrap();
+        let qt = g
+            .quantize_dequantize(xt, QuantFormat::E4M3, *tile, *pow2)
+            .unwrap();
         g.output(&format!("qt{i}"), qt).unwrap();
     }
     let program = lower(&g.finish()).unwrap();
     let inputs = HashMap::from([("x", HostTensor::f32([2, rows, cols], values.clone()))]);
-    let outputs = CpuProgram::new(program).run(&Feeds::new(&inputs, &())).unwrap();
+    let outputs = CpuProgram::new(program)
+        .run(&Feeds::new(&inputs, &()))
+        .unwrap();
 
     let transposed: Vec<f32> = (0..2)
         .flat_map(|m| (0..cols).flat_map(move |c| (0..rows).map(move |r| (m, r, c))))
         .map(|(m, r, c)| values[(m * rows + r) * cols + c])
         .collect();
     for (i, (tile, pow2)) in cases.iter().enumerate() {
-        let rounding = if *pow2 { ScaleRounding::PowerOfTwo } else { ScaleRounding::Exact };
+        let rounding = if *pow2 {
+            ScaleRounding::PowerOfTwo
+        } else {
+            ScaleRounding::Exact
+        };
         let expect = |x: &[f32], r: usize, c: usize| -> Vec<f32> {
             x.chunks(r * c)
-                .flat_map(|m| quantize_tiles(m, r, c, tile.0, tile.1, rounding).unwrap().dequantize())
+                .flat_map(|m| {
+                    quantize_tiles(m, r, c, tile.0, tile.1, rounding)
+                        .unwrap()
+                        .dequantize()
+                })
                 .collect()
         };
         let got = outputs.get(&format!("q{i}")).unwrap().as_f32().unwrap();
         assert_eq!(got, expect(&values, rows, cols).as_slice(), "{tile:?}");
         let got = outputs.get(&format!("qt{i}")).unwrap().as_f32().unwrap();
-        assert_eq!(got, expect(&transposed, cols, rows).as_slice(), "transposed {tile:?}");
+        assert_eq!(
+            got,
+            expect(&transposed, cols, rows).as_slice(),
+            "transposed {tile:?}"
+        );
     }
 }
 
@@ -192,8 +227,14 @@ fn fp8_training_learns_the_synthetic_task() {
     eprintln!("fp8: next-token loss {first:.3} -> {last:.3} over {steps} steps");
     // ln 16 = 2.77 at the start; below 1.5 the model uses the previous tokens (the task's
     // floor is 0.09).
-    assert!((first - 16f64.ln()).abs() < 0.5, "starts near uniform: {first}");
-    assert!(last < 1.5, "the loss fell from {first:.3} to only {last:.3}");
+    assert!(
+        (first - 16f64.ln()).abs() < 0.5,
+        "starts near uniform: {first}"
+    );
+    assert!(
+        last < 1.5,
+        "the loss fell from {first:.3} to only {last:.3}"
+    );
 }
 
 /// An FP8-rewritten training graph compiled for the CPU agrees with the interpreter. The two
@@ -215,8 +256,17 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
         activation_tile: 4,
         weight_block: 4,
     };
-    let graph = apply_precision(&train.graph, &PrecisionPolicy::uniform(Precision::Fp8), &tiling).unwrap();
-    let quantized = graph.nodes.iter().filter(|n| n.op.name() == "quantize_dequantize").count();
+    let graph = apply_precision(
+        &train.graph,
+        &PrecisionPolicy::uniform(Precision::Fp8),
+        &tiling,
+    )
+    .unwrap();
+    let quantized = graph
+        .nodes
+        .iter()
+        .filter(|n| n.op.name() == "quantize_dequantize")
+        .count();
     assert!(quantized > 50, "{quantized} quantize nodes");
     let inputs: HashMap<&str, HostTensor> = HashMap::from([("input_ids", ids)]);
     let feeds = Feeds::new(&inputs, &model.weights);
@@ -229,7 +279,11 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
             (Some(g), Some(w)) => relative(g, w),
             _ => continue,
         };
-        let bound = if output.starts_with("grad.") { 2e-2 } else { 1e-3 };
+        let bound = if output.starts_with("grad.") {
+            2e-2
+        } else {
+            1e-3
+        };
         assert!(error < bound, "{output}: relative error {error:.3e}");
         if error > worst.0 {
             worst = (error, output.to_owned());

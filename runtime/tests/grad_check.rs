@@ -591,13 +591,20 @@ fn quantize_dequantize_is_straight_through() -> TestResult {
         let x = graph.inputs().next().ok_or("x")?.0;
         let q = graph
             .node_ids()
-            .find(|&id| graph.node(id).inputs == [x] && graph.node(id).op.name() == "quantize_dequantize")
+            .find(|&id| {
+                graph.node(id).inputs == [x] && graph.node(id).op.name() == "quantize_dequantize"
+            })
             .ok_or("qdq node")?;
         assert_ne!(eval(&graph, &inputs, q)?, inputs["x"]);
     }
     // Without the matmul the gradient is R: the weights of `weighted_sum`, all nonzero.
     let (graph, dx) = build(true, false)?;
     let r = eval(&graph, &inputs, dx)?;
-    assert!(r.as_f32().ok_or("floats")?.iter().all(|v| *v != 0.0 && v.abs() < 1.0));
+    assert!(
+        r.as_f32()
+            .ok_or("floats")?
+            .iter()
+            .all(|v| *v != 0.0 && v.abs() < 1.0)
+    );
     Ok(())
 }

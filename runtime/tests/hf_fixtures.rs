@@ -54,7 +54,9 @@ fn relative_logits_error(name: &str, backend: Backend) -> f64 {
         .zip(want)
         .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
     let error = max_diff / max_ref;
-    eprintln!("{name} ({backend:?}): max|diff| = {max_diff:.3e}, max|ref| = {max_ref:.3}, relative {error:.3e}");
+    eprintln!(
+        "{name} ({backend:?}): max|diff| = {max_diff:.3e}, max|ref| = {max_ref:.3}, relative {error:.3e}"
+    );
     error
 }
 

@@ -51,11 +51,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .build_global()
             .context("configuring the thread pool")?;
     }
-    let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
     let spec = spec_from_config_json(&text).with_context(|| args.config.display().to_string())?;
     let weights = match &args.weights {
         Some(dir) => fathom_runtime::pretrained::Pretrained::load(dir)?.weights,
-        None => Weights::from(init_parameters(&parameter_graph(&spec)?, spec.initializer_range, 0)),
+        None => Weights::from(init_parameters(
+            &parameter_graph(&spec)?,
+            spec.initializer_range,
+            0,
+        )),
     };
     let (batch, seq) = (args.batch, args.seq);
     let tokens = (batch * seq) as f64;
@@ -100,9 +105,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let train_seconds = t.elapsed().as_secs_f64() / args.steps as f64;
 
-    let forward = forward_graph(&spec, ForwardOptions { batch, seq, with_mtp: false })?;
+    let forward = forward_graph(
+        &spec,
+        ForwardOptions {
+            batch,
+            seq,
+            with_mtp: false,
+        },
+    )?;
     let executable = Executable::new(forward, Backend::Cpu)?;
-    let mut data = SyntheticBatches::new(SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 1)?, batch, seq)?;
+    let mut data = SyntheticBatches::new(
+        SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 1)?,
+        batch,
+        seq,
+    )?;
     let ids: HostTensor = data.next_batch()?;
     let inputs = std::collections::HashMap::from([("input_ids", ids)]);
     executable.run(&Feeds::new(&inputs, &weights))?; // warm-up
@@ -147,8 +163,25 @@ fn gemm_peak_gflops() -> f64 {
         // SAFETY: three n×n row-major matrices, each exactly n·n long.
         unsafe {
             gemm::gemm(
-                n, n, n, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, n as isize,
-                b.as_ptr(), 1, n as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::Rayon(0),
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
             );
         }
         best = best.min(t.elapsed().as_secs_f64());

@@ -346,7 +346,12 @@ impl GraphBuilder {
     }
 
     /// Sums value rows into `rows` rows by index (the adjoint of [`GraphBuilder::gather`]).
-    pub fn index_add(&mut self, values: Tensor, indices: Tensor, rows: usize) -> Result<Tensor, GraphError> {
+    pub fn index_add(
+        &mut self,
+        values: Tensor,
+        indices: Tensor,
+        rows: usize,
+    ) -> Result<Tensor, GraphError> {
         self.push(Op::IndexAdd { rows }, &[values, indices], None)
     }
 

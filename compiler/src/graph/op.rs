@@ -262,9 +262,7 @@ impl Op {
             | Op::MatMul
             | Op::Gather
             | Op::IndexAdd { .. }
-            | Op::TakeAlong { .. } => {
-                Some(2)
-            }
+            | Op::TakeAlong { .. } => Some(2),
             Op::Select | Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => Some(3),
             Op::Concat { .. } | Op::Stack => None,
         }

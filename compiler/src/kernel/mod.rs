@@ -204,7 +204,10 @@ impl Program {
     }
 
     pub fn output(&self, name: &str) -> Option<BufferId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, b)| *b)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| *b)
     }
 
     /// Floating-point operations of the program's matmuls (2·m·n·k each; attention scores count
@@ -218,7 +221,11 @@ impl Program {
                 KernelBody::Library(Library::MatMul { batch, m, n, k, .. }) => {
                     2 * (batch.iter().product::<usize>() * m * n * k) as u64
                 }
-                KernelBody::Library(Library::GroupedMatMul { weights, expert_ids, .. }) => {
+                KernelBody::Library(Library::GroupedMatMul {
+                    weights,
+                    expert_ids,
+                    ..
+                }) => {
                     let (w, ids) = (dims(weights), dims(expert_ids));
                     2 * (ids[0] * ids[1] * w[1] * w[2]) as u64
                 }

@@ -71,7 +71,10 @@ impl MemoryPlan {
                     .map(|(i, _)| i);
                 let slot = match fitting.or_else(|| {
                     // Grow the largest free slot rather than open a new one.
-                    free.iter().enumerate().max_by_key(|(_, s)| slot_elements[**s]).map(|(i, _)| i)
+                    free.iter()
+                        .enumerate()
+                        .max_by_key(|(_, s)| slot_elements[**s])
+                        .map(|(i, _)| i)
                 }) {
                     Some(i) => free.swap_remove(i),
                     None => {

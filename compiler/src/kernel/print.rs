@@ -11,8 +11,8 @@
 
 use std::fmt::{self, Display, Formatter};
 
-use crate::graph::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 use crate::graph::op::Scalar;
+use crate::graph::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 
 use super::{Buffer, BufferId, BufferRole, Expr, Kernel, KernelBody, Library, Program, Stmt, View};
 
@@ -105,7 +105,10 @@ impl Display for Library {
                 a,
                 b,
                 out,
-            } => write!(f, "matmul batch {batch:?} m {m} n {n} k {k}: {out} = {a} x {b}"),
+            } => write!(
+                f,
+                "matmul batch {batch:?} m {m} n {n} k {k}: {out} = {a} x {b}"
+            ),
             Library::GroupedMatMul {
                 x,
                 weights,
@@ -168,7 +171,11 @@ impl Display for Kernel {
             (Some(a), _) => a.to_string(),
             _ => String::new(),
         };
-        let origin = if self.origin.is_empty() { "(top)" } else { &self.origin };
+        let origin = if self.origin.is_empty() {
+            "(top)"
+        } else {
+            &self.origin
+        };
         writeln!(f, "kernel {} ({origin}; {nodes})", self.name)?;
         match &self.body {
             KernelBody::Library(call) => writeln!(f, "  {call}"),

@@ -23,7 +23,11 @@ pub(super) struct Lowering<'g> {
 impl<'g> Lowering<'g> {
     pub(super) fn new(graph: &'g Graph) -> Self {
         let n = graph.nodes.len();
-        let classes: Vec<Class> = graph.nodes.iter().map(|node| class(&node.op, node.ty.numel())).collect();
+        let classes: Vec<Class> = graph
+            .nodes
+            .iter()
+            .map(|node| class(&node.op, node.ty.numel()))
+            .collect();
         let mut users = vec![Vec::new(); n];
         for id in graph.node_ids() {
             for &input in &graph.node(id).inputs {
@@ -99,9 +103,7 @@ impl<'g> Lowering<'g> {
                 Class::Leaf | Class::Library | Class::Assemble => true,
                 Class::Scalar => false,
                 // Computed once, then read by several users or by one that needs memory.
-                Class::Elementwise | Class::Reduce => {
-                    users.len() != 1 || !inlinable_by(&users[0])
-                }
+                Class::Elementwise | Class::Reduce => users.len() != 1 || !inlinable_by(&users[0]),
                 // Movements are views; one is copied only when it must be an output.
                 Class::Movement => false,
             } || outputs.contains(&id);
@@ -127,7 +129,13 @@ impl<'g> Lowering<'g> {
                     Op::Constant(data) => BufferRole::Constant(data.clone()),
                     _ => unreachable!("leaf class"),
                 };
-                let buffer = new_buffer(&mut self.program, Buffer { ty: node.ty.clone(), role });
+                let buffer = new_buffer(
+                    &mut self.program,
+                    Buffer {
+                        ty: node.ty.clone(),
+                        role,
+                    },
+                );
                 self.views[id.index()] = Some(StridedView::contiguous(buffer, node.ty.dims()));
             }
             Class::Movement => {
@@ -143,14 +151,14 @@ impl<'g> Lowering<'g> {
                     };
                     self.views[id.index()] = moved;
                 }
-                if let (None, Op::Reshape { shape }) = (&self.views[id.index()], &node.op) {
-                    if self.needs_view(id) || self.materialise[id.index()] {
-                        // Strides that cannot be re-split: copy the source densely once, and
-                        // the reshape is a view of the copy.
-                        let buffer = self.dense(source)?;
-                        let dense = StridedView::contiguous(buffer, self.dims(source));
-                        self.views[id.index()] = dense.reshape(shape);
-                    }
+                if let (None, Op::Reshape { shape }) = (&self.views[id.index()], &node.op)
+                    && (self.needs_view(id) || self.materialise[id.index()])
+                {
+                    // Strides that cannot be re-split: copy the source densely once, and
+                    // the reshape is a view of the copy.
+                    let buffer = self.dense(source)?;
+                    let dense = StridedView::contiguous(buffer, self.dims(source));
+                    self.views[id.index()] = dense.reshape(shape);
                 }
                 let needs_memory = self.materialise[id.index()]
                     || (self.views[id.index()].is_none() && self.needs_view(id));
@@ -204,9 +212,15 @@ impl<'g> Lowering<'g> {
                 k.nodes.push(id);
                 let value = self.expr(&mut k, input, &map)?;
                 let row = k.rows.len();
-                k.rows.push(Stmt::Reduce { row, op: *op, value });
+                k.rows.push(Stmt::Reduce {
+                    row,
+                    op: *op,
+                    value,
+                });
                 // The output at (outer axes), constant along the innermost one.
-                let out_view = if *keep_dim { out.clone() } else {
+                let out_view = if *keep_dim {
+                    out.clone()
+                } else {
                     let mut kept = in_dims.clone();
                     kept[*axis] = 1;
                     StridedView::contiguous(buffer, &kept)
@@ -223,23 +237,37 @@ impl<'g> Lowering<'g> {
                 let mut k = KernelBuilder::new(node.ty.dims().to_vec());
                 k.nodes.push(id);
                 let value = self.expand_node(&mut k, id, &map)?;
-                let store = Stmt::Store { view: out.compose(&map), value };
+                let store = Stmt::Store {
+                    view: out.compose(&map),
+                    value,
+                };
                 k.into_loop(vec![store])
             }
         };
-        push_kernel(&mut self.program, &node.origin, what(&node.op), nodes, KernelBody::Loop(nest));
+        push_kernel(
+            &mut self.program,
+            &node.origin,
+            what(&node.op),
+            nodes,
+            KernelBody::Loop(nest),
+        );
         self.views[id.index()] = Some(out);
         Ok(())
     }
 
     /// The value of node `id` at the coordinates `map` gives, reading materialised nodes from
     /// memory and inlining the rest.
-    fn expr(&mut self, k: &mut KernelBuilder, id: NodeId, map: &Affine) -> Result<Expr, LowerError> {
+    fn expr(
+        &mut self,
+        k: &mut KernelBuilder,
+        id: NodeId,
+        map: &Affine,
+    ) -> Result<Expr, LowerError> {
         let node = self.graph.node(id);
-        if let Op::Constant(data) = &node.op {
-            if data.values.len() == 1 {
-                return Ok(Expr::Constant(data.values[0]));
-            }
+        if let Op::Constant(data) = &node.op
+            && data.values.len() == 1
+        {
+            return Ok(Expr::Constant(data.values[0]));
         }
         if let Some(view) = &self.views[id.index()] {
             return Ok(load(view, map));
@@ -252,7 +280,12 @@ impl<'g> Lowering<'g> {
     }
 
     /// Node `id`'s own computation, with its operands as expressions.
-    fn expand_node(&mut self, k: &mut KernelBuilder, id: NodeId, map: &Affine) -> Result<Expr, LowerError> {
+    fn expand_node(
+        &mut self,
+        k: &mut KernelBuilder,
+        id: NodeId,
+        map: &Affine,
+    ) -> Result<Expr, LowerError> {
         let node = self.graph.node(id);
         let dims = node.ty.dims().to_vec();
         let operand = |this: &mut Self, k: &mut KernelBuilder, i: usize| {
@@ -307,12 +340,19 @@ impl<'g> Lowering<'g> {
 
     /// A reduction used inside another kernel: a per-row value when the kernel's innermost
     /// axis is the reduced one and nothing else moves along it; otherwise its own kernel.
-    fn row_value(&mut self, k: &mut KernelBuilder, id: NodeId, map: &Affine) -> Result<Expr, LowerError> {
+    fn row_value(
+        &mut self,
+        k: &mut KernelBuilder,
+        id: NodeId,
+        map: &Affine,
+    ) -> Result<Expr, LowerError> {
         if let Some(&row) = k.row_of.get(&id) {
             return Ok(Expr::Row(row));
         }
         let node = self.graph.node(id);
-        let Op::Reduce { op, axis, keep_dim } = node.op else { unreachable!("reduce") };
+        let Op::Reduce { op, axis, keep_dim } = node.op else {
+            unreachable!("reduce")
+        };
         let input = node.inputs[0];
         let in_dims = self.dims(input).to_vec();
         let rank = k.domain.len();
@@ -323,9 +363,7 @@ impl<'g> Lowering<'g> {
             input_map.offset.insert(axis, 0);
             input_map.coef.insert(axis, vec![0; rank]);
         }
-        let fusable = rank > 0
-            && !input_map.depends_on(inner)
-            && in_dims[axis] == k.domain[inner];
+        let fusable = rank > 0 && !input_map.depends_on(inner) && in_dims[axis] == k.domain[inner];
         if !fusable {
             self.force(id)?;
             let view = self.views[id.index()].clone().expect("forced");
@@ -376,7 +414,13 @@ impl<'g> Lowering<'g> {
         k.nodes.push(id);
         let (nest, nodes) = k.into_loop(vec![store]);
         let origin = self.graph.node(id).origin.clone();
-        push_kernel(&mut self.program, &origin, "copy", nodes, KernelBody::Loop(nest));
+        push_kernel(
+            &mut self.program,
+            &origin,
+            "copy",
+            nodes,
+            KernelBody::Loop(nest),
+        );
         Ok(buffer)
     }
 
@@ -461,7 +505,13 @@ impl<'g> Lowering<'g> {
             _ => unreachable!("library class"),
         };
         let node = self.graph.node(id);
-        push_kernel(&mut self.program, &node.origin, what(&node.op), vec![id], KernelBody::Library(call));
+        push_kernel(
+            &mut self.program,
+            &node.origin,
+            what(&node.op),
+            vec![id],
+            KernelBody::Library(call),
+        );
         self.views[id.index()] = Some(StridedView::contiguous(out, node.ty.dims()));
         Ok(())
     }
@@ -483,7 +533,10 @@ impl<'g> Lowering<'g> {
                     t
                 }
                 Op::Stack => {
-                    let t = whole.slice(0, start, start + 1).reshape(&part_dims).expect("stack slot");
+                    let t = whole
+                        .slice(0, start, start + 1)
+                        .reshape(&part_dims)
+                        .expect("stack slot");
                     start += 1;
                     t
                 }
@@ -493,9 +546,18 @@ impl<'g> Lowering<'g> {
             let mut k = KernelBuilder::new(part_dims.clone());
             let value = self.expr(&mut k, part, &map)?;
             k.nodes.push(id);
-            let (nest, nodes) = k.into_loop(vec![Stmt::Store { view: target.compose(&map), value }]);
+            let (nest, nodes) = k.into_loop(vec![Stmt::Store {
+                view: target.compose(&map),
+                value,
+            }]);
             let node = self.graph.node(id);
-            push_kernel(&mut self.program, &node.origin, what(&node.op), nodes, KernelBody::Loop(nest));
+            push_kernel(
+                &mut self.program,
+                &node.origin,
+                what(&node.op),
+                nodes,
+                KernelBody::Loop(nest),
+            );
         }
         self.views[id.index()] = Some(whole);
         Ok(())

@@ -126,7 +126,13 @@ fn new_buffer(program: &mut Program, buffer: Buffer) -> BufferId {
     id
 }
 
-fn push_kernel(program: &mut Program, origin: &str, what: &str, nodes: Vec<NodeId>, body: KernelBody) {
+fn push_kernel(
+    program: &mut Program,
+    origin: &str,
+    what: &str,
+    nodes: Vec<NodeId>,
+    body: KernelBody,
+) {
     let index = program.kernels.len();
     let place: String = origin
         .chars()

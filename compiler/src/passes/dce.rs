@@ -36,7 +36,10 @@ mod tests {
         let y = g.exp(x).unwrap();
         g.output("y", y).unwrap();
         let out = super::dead_code(&g.finish());
-        assert_eq!(out.to_string(), "graph t {\n  %0: f32[2] = input \"x\"\n  %1: f32[2] = exp(%0)\n  output \"y\" = %1\n}\n");
+        assert_eq!(
+            out.to_string(),
+            "graph t {\n  %0: f32[2] = input \"x\"\n  %1: f32[2] = exp(%0)\n  output \"y\" = %1\n}\n"
+        );
         out.validate().unwrap();
     }
 }

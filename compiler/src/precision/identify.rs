@@ -190,9 +190,9 @@ fn weight_gradient_matmuls(graph: &Graph) -> HashSet<NodeId> {
                 Op::MatMul => {
                     found.insert(id);
                 }
-                Op::Permute { .. } | Op::Reshape { .. } | Op::Binary(crate::graph::BinaryOp::Add) => {
-                    stack.extend(&node.inputs)
-                }
+                Op::Permute { .. }
+                | Op::Reshape { .. }
+                | Op::Binary(crate::graph::BinaryOp::Add) => stack.extend(&node.inputs),
                 _ => {}
             }
         }

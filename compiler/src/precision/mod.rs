@@ -4,13 +4,13 @@
 //! that the operands of every Linear's three GEMMs — forward, input gradient, weight gradient —
 //! and of the grouped expert GEMMs are rounded the way a mixed-precision run rounds them:
 //!
-//! - [`Precision::Bf16`]: each operand is cast to bf16 and back (the values are rounded, the
-//!   product still accumulates in f32, as a BF16 tensor-core GEMM does);
-//! - [`Precision::Fp8`]: each operand goes through [`Op::QuantizeDequantize`] (E4M3, one scale
-//!   per tile): activations and output gradients in 1×`activation_tile` tiles along K, weights
-//!   in `weight_block`×`weight_block` blocks, and for the weight-gradient GEMM, whose K is the
-//!   token axis, both operands in tiles of `activation_tile` tokens × 1 channel;
-//! - [`Precision::Fp32`]: untouched.
+//! - with [`Precision::Bf16`] each operand is cast to bf16 and back (the values are rounded,
+//!   the product still accumulates in f32, as a BF16 tensor-core GEMM does);
+//! - with [`Precision::Fp8`] each operand goes through [`Op::QuantizeDequantize`] (E4M3, one
+//!   scale per tile): activations and output gradients in 1×`activation_tile` tiles along K,
+//!   weights in `weight_block`×`weight_block` blocks, and for the weight-gradient GEMM, whose K
+//!   is the token axis, both operands in tiles of `activation_tile` tokens × 1 channel;
+//! - with [`Precision::Fp32`] they are left as they are.
 //!
 //! Everything else stays in f32: master weights, gradients, optimizer inputs, and the GEMMs
 //! that are not a Linear's — attention scores and values (no parameter operand) — or that
@@ -20,11 +20,11 @@
 //! accumulation; Hopper's limited accumulator is modelled separately by
 //! `fathom_runtime::fp8::fp8_gemm`.
 //!
-//! How the GEMMs are found is documented in [`identify`].
+//! How the GEMMs are found is documented in [`identify`]; the pass is [`apply_precision`].
 //!
 //! [`Op::QuantizeDequantize`]: crate::graph::Op::QuantizeDequantize
 
-mod identify;
+pub mod identify;
 mod rewrite;
 #[cfg(test)]
 mod tests;
@@ -181,7 +181,10 @@ impl<'de> Deserialize<'de> for PrecisionPolicy {
                 s.parse().map(PrecisionPolicy::uniform).map_err(E::custom)
             }
 
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
                 let table = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 Ok(PrecisionPolicy {
                     default: table.default,

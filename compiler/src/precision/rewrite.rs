@@ -50,8 +50,14 @@ pub fn apply_precision(
             if let Some((precision, gemm)) = plan.get(&id) {
                 for (k, layout) in gemm.operands.iter().enumerate() {
                     let pow2 = k == 0 && has_pow2_input(graph, gemm);
-                    let rounding =
-                        Rounding::of(*precision, *layout, policy.scaling, tiling, g.dims(inputs[k]), pow2);
+                    let rounding = Rounding::of(
+                        *precision,
+                        *layout,
+                        policy.scaling,
+                        tiling,
+                        g.dims(inputs[k]),
+                        pow2,
+                    );
                     inputs[k] = match rounded.get(&(inputs[k], rounding)) {
                         Some(&done) => done,
                         None => {

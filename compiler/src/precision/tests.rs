@@ -24,8 +24,12 @@ fn total(g: &mut GraphBuilder, y: Tensor) -> Tensor {
 fn two_linears(first: &str, second: &str) -> Graph {
     let mut g = GraphBuilder::new("two_linears");
     let x = g.input("x", f32_ty(&[2, 3, 8])).unwrap();
-    let w1 = g.parameter(&format!("{first}.weight"), f32_ty(&[6, 8])).unwrap();
-    let w2 = g.parameter(&format!("{second}.weight"), f32_ty(&[5, 6])).unwrap();
+    let w1 = g
+        .parameter(&format!("{first}.weight"), f32_ty(&[6, 8]))
+        .unwrap();
+    let w2 = g
+        .parameter(&format!("{second}.weight"), f32_ty(&[5, 6]))
+        .unwrap();
     let h = g.within(first, |g| linear(g, x, w1)).unwrap();
     let y = g.within(second, |g| linear(g, h, w2)).unwrap();
     let loss = g
@@ -99,7 +103,9 @@ fn fp8_tiles_run_along_k() {
     assert_eq!(roles(&out), roles(&graph));
     for gemm in linear_gemms(&out) {
         let expected = match gemm.role {
-            GemmRole::Forward | GemmRole::InputGradient => [Some((1, 4, false)), Some((4, 4, false))],
+            GemmRole::Forward | GemmRole::InputGradient => {
+                [Some((1, 4, false)), Some((4, 4, false))]
+            }
             GemmRole::WeightGradient => [Some((1, 4, false)), Some((4, 1, false))],
         };
         assert_eq!(operand_tiles(&out, gemm.node), expected, "{gemm:?}");
@@ -111,13 +117,21 @@ fn fp8_tiles_run_along_k() {
         .unwrap();
     assert_eq!(operand_tiles(&out, scores), [None, None]);
     // Gradients stay f32 and keep their names.
-    assert_eq!(out.ty(out.output("grad.b.weight").unwrap()), &f32_ty(&[5, 6]));
+    assert_eq!(
+        out.ty(out.output("grad.b.weight").unwrap()),
+        &f32_ty(&[5, 6])
+    );
 }
 
 #[test]
 fn bf16_rounds_operands_and_keeps_f32_products() {
     let graph = two_linears("a", "b");
-    let out = apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Bf16), &tiles4()).unwrap();
+    let out = apply_precision(
+        &graph,
+        &PrecisionPolicy::uniform(Precision::Bf16),
+        &tiles4(),
+    )
+    .unwrap();
     assert_eq!(linear_gemms(&out).len(), 5);
     for gemm in linear_gemms(&out) {
         assert_eq!(out.ty(gemm.node).dtype, DType::F32);
@@ -132,7 +146,8 @@ fn bf16_rounds_operands_and_keeps_f32_products() {
 #[test]
 fn kept_modules_and_overrides() {
     let graph = two_linears("model.layers.0.mlp.gate", "lm_head");
-    let out = apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Fp8), &tiles4()).unwrap();
+    let out =
+        apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Fp8), &tiles4()).unwrap();
     assert_eq!(out, graph, "router and head stay f32");
 
     let graph = two_linears("model.layers.1.x", "model.layers.10.x");
@@ -171,9 +186,21 @@ fn per_tensor_scaling_uses_one_tile_per_operand() {
         .unwrap();
     // h [2, 3, 6] is viewed as [6, 6]; the weight (transposed, [6, 5]) is one tile.
     let lhs = out.node(forward_b.node).inputs[0];
-    assert_eq!(out.node(lhs).op, Op::Reshape { shape: vec![2, 3, 6] });
+    assert_eq!(
+        out.node(lhs).op,
+        Op::Reshape {
+            shape: vec![2, 3, 6]
+        }
+    );
     let q = out.node(out.node(lhs).inputs[0]);
-    assert!(matches!(q.op, Op::QuantizeDequantize { tile_rows: 6, tile_cols: 6, .. }));
+    assert!(matches!(
+        q.op,
+        Op::QuantizeDequantize {
+            tile_rows: 6,
+            tile_cols: 6,
+            ..
+        }
+    ));
     assert_eq!(operand_tiles(&out, forward_b.node)[1], Some((6, 5, false)));
 }
 
@@ -192,13 +219,22 @@ fn bad_settings_are_errors() {
         ..PrecisionPolicy::default()
     };
     let err = apply_precision(&graph, &policy, &tiles4()).unwrap_err();
-    assert!(err.to_string().contains("`model.` is not a module path"), "{err}");
+    assert!(
+        err.to_string().contains("`model.` is not a module path"),
+        "{err}"
+    );
     let tiling = Fp8Spec {
         activation_tile: 0,
         weight_block: 4,
     };
-    let err = apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Fp8), &tiling).unwrap_err();
-    assert_eq!(err, PrecisionError::EmptyTile { field: "activation_tile" });
+    let err =
+        apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Fp8), &tiling).unwrap_err();
+    assert_eq!(
+        err,
+        PrecisionError::EmptyTile {
+            field: "activation_tile"
+        }
+    );
     assert_eq!(
         "fp16".parse::<Precision>().unwrap_err().to_string(),
         "unknown precision `fp16`; expected fp32, bf16 or fp8"
@@ -216,7 +252,8 @@ fn policies_read_from_a_word_or_a_table() {
     assert_eq!(table.overrides, [("lm".to_owned(), Precision::Fp32)]);
     assert_eq!(table.scaling, Fp8Scaling::PerTensor);
     // What is written reads back.
-    let again: PrecisionPolicy = serde_json::from_str(&serde_json::to_string(&table).unwrap()).unwrap();
+    let again: PrecisionPolicy =
+        serde_json::from_str(&serde_json::to_string(&table).unwrap()).unwrap();
     assert_eq!(again, table);
     let err = serde_json::from_str::<PrecisionPolicy>("\"fp4\"").unwrap_err();
     assert!(err.to_string().contains("unknown precision `fp4`"), "{err}");
@@ -229,17 +266,29 @@ fn quantize_dequantize_checks_its_operand_and_tiles() {
     use crate::graph::QuantFormat;
     let mut g = GraphBuilder::new("qdq");
     let x = g.input("x", f32_ty(&[2, 3, 8])).unwrap();
-    let q = g.quantize_dequantize(x, QuantFormat::E4M3, (1, 4), true).unwrap();
+    let q = g
+        .quantize_dequantize(x, QuantFormat::E4M3, (1, 4), true)
+        .unwrap();
     assert_eq!(g.ty(q), &f32_ty(&[2, 3, 8]));
     assert_eq!(
         g.graph().node(q.id()).op.to_string(),
         "quantize_dequantize<e4m3, tile=1x4, pow2>"
     );
-    let err = g.quantize_dequantize(x, QuantFormat::E4M3, (0, 4), false).unwrap_err();
-    assert!(err.to_string().contains("tile 0x4 has a zero side"), "{err}");
+    let err = g
+        .quantize_dequantize(x, QuantFormat::E4M3, (0, 4), false)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("tile 0x4 has a zero side"),
+        "{err}"
+    );
     let v = g.input("v", f32_ty(&[8])).unwrap();
-    let err = g.quantize_dequantize(v, QuantFormat::E4M3, (1, 4), false).unwrap_err();
+    let err = g
+        .quantize_dequantize(v, QuantFormat::E4M3, (1, 4), false)
+        .unwrap_err();
     assert!(err.to_string().contains("needs at least two"), "{err}");
     let ids = g.input("ids", TensorType::new(DType::I64, [2, 3])).unwrap();
-    assert!(g.quantize_dequantize(ids, QuantFormat::E4M3, (1, 4), false).is_err());
+    assert!(
+        g.quantize_dequantize(ids, QuantFormat::E4M3, (1, 4), false)
+            .is_err()
+    );
 }

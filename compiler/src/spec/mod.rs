@@ -4,6 +4,7 @@
 //! Hugging Face `config.json`. The rules live here only: the macro runs [`ModelSpec::validate`] at
 //! compile time and points each error at the offending field.
 
+pub mod examples;
 pub mod hf;
 mod validate;
 

@@ -51,7 +51,11 @@ pub(super) fn run(
                             .map(|(&c, &s)| c as isize * s)
                             .sum::<isize>()
                 };
-                let (ao, bo, oo) = (offset(&a.strides, a.offset), offset(&b.strides, b.offset), offset(&out.strides, out.offset));
+                let (ao, bo, oo) = (
+                    offset(&a.strides, a.offset),
+                    offset(&b.strides, b.offset),
+                    offset(&out.strides, out.offset),
+                );
                 // SAFETY: the offsets and strides come from views the lowering checked against
                 // the buffers' shapes, so every element gemm touches is inside its slice; the
                 // output is a buffer of its own (taken out of `buffers`), so it aliases neither
@@ -98,8 +102,13 @@ pub(super) fn run(
             let (xd, wd, idd) = (dims(x), dims(weights), dims(expert_ids));
             let (tokens, slots, x_slots) = (idd[0], idd[1], xd[1]);
             let (experts, n, k) = (wd[0], wd[1], wd[2]);
-            let groups = group_by_expert(&buffers[expert_ids.index()], tokens * slots, experts, &index)?;
-            let mut result = vec![0f32; tokens * slots * n];
+            let groups = group_by_expert(
+                &buffers[expert_ids.index()],
+                tokens * slots,
+                experts,
+                &index,
+            )?;
+            let mut result = reuse(&mut buffers[out.index()], tokens * slots * n);
             let (xs, ws) = (&buffers[x.index()], &buffers[weights.index()]);
             for (e, members) in groups.iter().enumerate().filter(|(_, m)| !m.is_empty()) {
                 let rows = members.len();
@@ -114,11 +123,25 @@ pub(super) fn run(
                 // SAFETY: every pointer spans exactly the matrix its strides describe.
                 unsafe {
                     gemm(
-                        rows, n, k,
-                        product.as_mut_ptr(), 1, n as isize, false,
-                        gathered.as_ptr(), 1, k as isize,
-                        ws.as_ptr().add(e * n * k), k as isize, 1,
-                        0.0, 1.0, false, false, false, Parallelism::None,
+                        rows,
+                        n,
+                        k,
+                        product.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        gathered.as_ptr(),
+                        1,
+                        k as isize,
+                        ws.as_ptr().add(e * n * k),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
                     );
                 }
                 for (r, &ts) in members.iter().enumerate() {
@@ -136,8 +159,13 @@ pub(super) fn run(
             let (xd, cd, idd, od) = (dims(x), dims(cotangent), dims(expert_ids), dims(out));
             let (tokens, slots, x_slots) = (idd[0], idd[1], xd[1]);
             let (experts, n, k) = (od[0], cd[2], xd[2]);
-            let groups = group_by_expert(&buffers[expert_ids.index()], tokens * slots, experts, &index)?;
-            let mut result = vec![0f32; experts * n * k];
+            let groups = group_by_expert(
+                &buffers[expert_ids.index()],
+                tokens * slots,
+                experts,
+                &index,
+            )?;
+            let mut result = reuse(&mut buffers[out.index()], experts * n * k);
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
             for (e, members) in groups.iter().enumerate().filter(|(_, m)| !m.is_empty()) {
                 let rows = members.len();
@@ -152,11 +180,25 @@ pub(super) fn run(
                 // SAFETY: as above; `result`'s expert block is n·k long.
                 unsafe {
                     gemm(
-                        n, k, rows,
-                        result.as_mut_ptr().add(e * n * k), 1, k as isize, false,
-                        g.as_ptr(), n as isize, 1,
-                        xe.as_ptr(), 1, k as isize,
-                        0.0, 1.0, false, false, false, Parallelism::None,
+                        n,
+                        k,
+                        rows,
+                        result.as_mut_ptr().add(e * n * k),
+                        1,
+                        k as isize,
+                        false,
+                        g.as_ptr(),
+                        n as isize,
+                        1,
+                        xe.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
                     );
                 }
             }
@@ -170,7 +212,7 @@ pub(super) fn run(
             let td = dims(table);
             let rows = td[0];
             let width: usize = td[1..].iter().product();
-            let mut result = Vec::with_capacity(buffers[indices.index()].len() * width);
+            let mut result = emptied(&mut buffers[out.index()]);
             for &i in &buffers[indices.index()] {
                 let r = index(i, rows)?;
                 result.extend_from_slice(&buffers[table.index()][r * width..][..width]);
@@ -186,11 +228,14 @@ pub(super) fn run(
             // rounding only).
             let width: usize = dims(out)[1..].iter().product();
             let rows = dims(out)[0];
-            let mut result = vec![0f32; rows * width];
+            let mut result = reuse(&mut buffers[out.index()], rows * width);
             let (vs, is) = (&buffers[values.index()], &buffers[indices.index()]);
             for (i, &id) in is.iter().enumerate() {
                 let r = index(id, rows)?;
-                for (s, &x) in result[r * width..][..width].iter_mut().zip(&vs[i * width..][..width]) {
+                for (s, &x) in result[r * width..][..width]
+                    .iter_mut()
+                    .zip(&vs[i * width..][..width])
+                {
                     *s += x;
                 }
             }
@@ -206,8 +251,8 @@ pub(super) fn run(
             let outer: usize = xd[..*axis].iter().product();
             let inner: usize = xd[axis + 1..].iter().product();
             let (x_len, len) = (xd[*axis], id[*axis]);
+            let mut result = emptied(&mut buffers[out.index()]);
             let (xs, is) = (&buffers[x.index()], &buffers[indices.index()]);
-            let mut result = Vec::with_capacity(is.len());
             for o in 0..outer {
                 for j in 0..len {
                     for i in 0..inner {
@@ -221,7 +266,7 @@ pub(super) fn run(
         Library::TopK { k, x, out } => {
             let xd = dims(x);
             let last = *xd.last().expect("top-k of a tensor with axes");
-            let mut result = Vec::with_capacity(buffers[x.index()].len() / last * k);
+            let mut result = emptied(&mut buffers[out.index()]);
             let mut order: Vec<usize> = Vec::with_capacity(last);
             for row in buffers[x.index()].chunks(last) {
                 order.clear();
@@ -255,8 +300,14 @@ pub(super) fn run(
             };
             // Only a lowering bug (a zero tile side, which inference rejects, or a buffer of
             // the wrong length) makes this fail.
-            let result = fake_quantize(&buffers[x.index()], &dims(x), *tile_rows, *tile_cols, rounding)
-                .unwrap_or_else(|e| panic!("kernel {kernel}: {e}"));
+            let result = fake_quantize(
+                &buffers[x.index()],
+                &dims(x),
+                *tile_rows,
+                *tile_cols,
+                rounding,
+            )
+            .unwrap_or_else(|e| panic!("kernel {kernel}: {e}"));
             buffers[out.index()] = result;
         }
         Library::OneHot {
@@ -264,7 +315,8 @@ pub(super) fn run(
             indices,
             out,
         } => {
-            let mut result = vec![0f32; buffers[indices.index()].len() * depth];
+            let len = buffers[indices.index()].len() * depth;
+            let mut result = reuse(&mut buffers[out.index()], len);
             for (p, &i) in buffers[indices.index()].iter().enumerate() {
                 result[p * depth + index(i, *depth)?] = 1.0;
             }
@@ -286,4 +338,20 @@ fn group_by_expert(
         groups[index(id, experts)?].push(ts);
     }
     Ok(groups)
+}
+
+/// The output buffer's storage, zeroed at `len` (its allocation is reused across runs, which
+/// spares the page faults of fresh memory).
+fn reuse(buffer: &mut Vec<f32>, len: usize) -> Vec<f32> {
+    let mut v = std::mem::take(buffer);
+    v.clear();
+    v.resize(len, 0.0);
+    v
+}
+
+/// The output buffer's storage, empty, keeping its allocation.
+fn emptied(buffer: &mut Vec<f32>) -> Vec<f32> {
+    let mut v = std::mem::take(buffer);
+    v.clear();
+    v
 }

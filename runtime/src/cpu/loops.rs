@@ -76,7 +76,13 @@ fn run_rows(nest: &LoopNest, buffers: &mut [Vec<f32>], outer: &[usize], inner: u
 }
 
 /// `expr` at every inner index of the row.
-fn eval(expr: &Expr, buffers: &[Vec<f32>], outer: &[usize], inner: usize, rows: &[f32]) -> Vec<f32> {
+fn eval(
+    expr: &Expr,
+    buffers: &[Vec<f32>],
+    outer: &[usize],
+    inner: usize,
+    rows: &[f32],
+) -> Vec<f32> {
     match expr {
         Expr::Load(view) => {
             let (start, stride) = position(view, outer);
@@ -124,7 +130,9 @@ fn eval(expr: &Expr, buffers: &[Vec<f32>], outer: &[usize], inner: usize, rows: 
         Expr::Cast(to, a) => {
             let mut v = eval(a, buffers, outer, inner, rows);
             for x in &mut v {
-                *x = if to.is_integer() { x.trunc() } else if *to == fathom_compiler::DType::Bool {
+                *x = if to.is_integer() {
+                    x.trunc()
+                } else if *to == fathom_compiler::DType::Bool {
                     f32::from(u8::from(*x != 0.0))
                 } else {
                     round_to_dtype(*to, *x)
@@ -161,8 +169,20 @@ pub(super) fn binary(op: BinaryOp, x: f32, y: f32) -> f32 {
         BinaryOp::Sub => x - y,
         BinaryOp::Mul => x * y,
         BinaryOp::Div => x / y,
-        BinaryOp::Max => if x.is_nan() || y.is_nan() { f32::NAN } else { x.max(y) },
-        BinaryOp::Min => if x.is_nan() || y.is_nan() { f32::NAN } else { x.min(y) },
+        BinaryOp::Max => {
+            if x.is_nan() || y.is_nan() {
+                f32::NAN
+            } else {
+                x.max(y)
+            }
+        }
+        BinaryOp::Min => {
+            if x.is_nan() || y.is_nan() {
+                f32::NAN
+            } else {
+                x.min(y)
+            }
+        }
     }
 }
 

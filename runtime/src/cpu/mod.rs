@@ -32,7 +32,9 @@ pub enum CpuError {
         fed: TensorType,
         expected: TensorType,
     },
-    #[error("{kind} `{name}` holds {value}, beyond what the CPU backend holds exactly (|x| < 2^24)")]
+    #[error(
+        "{kind} `{name}` holds {value}, beyond what the CPU backend holds exactly (|x| < 2^24)"
+    )]
     IntegerRange {
         kind: &'static str,
         name: String,
@@ -52,6 +54,10 @@ pub struct CpuProgram {
     program: Program,
     /// The compiled loop kernels; `None` when every loop runs on the row evaluator.
     jit: Option<Box<jit::JitProgram>>,
+    /// Pooled storage for temporaries, kept between runs (fresh allocations of large buffers
+    /// cost a page fault per 4 KiB on first touch, which dominated small steps).
+    scratch: std::sync::Mutex<Vec<Vec<f32>>>,
+    lifetimes: Lifetimes,
 }
 
 /// Named results of a run.
@@ -89,15 +95,24 @@ impl CpuProgram {
     /// evaluator; [`CpuProgram::jit_report`] says which and why).
     pub fn new(program: Program) -> Self {
         let jit = Box::new(jit::JitProgram::compile(&program));
+        let lifetimes = Lifetimes::of(&program);
         CpuProgram {
             program,
             jit: Some(jit),
+            scratch: Default::default(),
+            lifetimes,
         }
     }
 
     /// Runs every loop kernel on the row evaluator: the reference the JIT is checked against.
     pub fn without_jit(program: Program) -> Self {
-        CpuProgram { program, jit: None }
+        let lifetimes = Lifetimes::of(&program);
+        CpuProgram {
+            program,
+            jit: None,
+            scratch: Default::default(),
+            lifetimes,
+        }
     }
 
     /// What the JIT compiled, what it left to the row evaluator and how long it took.
@@ -111,29 +126,112 @@ impl CpuProgram {
 
     /// Runs every kernel in order and returns the program's outputs.
     pub fn run(&self, feeds: &Feeds<'_>) -> Result<CpuOutputs, CpuError> {
+        // Temporaries live from the kernel that first writes them to the last that reads them
+        // (the memory plan's lifetimes): storage is taken from a pool when one starts and given
+        // back when it dies, so a run holds about the plan's peak, not every temporary. The pool
+        // survives between runs (another thread running the program at the same time starts
+        // with an empty one).
+        let mut pool = self
+            .scratch
+            .try_lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
         let mut buffers: Vec<Vec<f32>> = Vec::with_capacity(self.program.buffers.len());
         for buffer in &self.program.buffers {
-            buffers.push(initial_contents(&buffer.ty, &buffer.role, feeds)?);
+            buffers.push(match &buffer.role {
+                BufferRole::Temporary => Vec::new(),
+                role => initial_contents(&buffer.ty, role, feeds)?,
+            });
         }
         for (index, kernel) in self.program.kernels.iter().enumerate() {
+            for &b in &self.lifetimes.starting[index] {
+                buffers[b] = take_storage(&mut pool, self.program.buffers[b].ty.numel());
+            }
             let compiled = self.jit.as_ref().and_then(|jit| jit.kernel(index));
             match (&kernel.body, compiled) {
                 (KernelBody::Loop(_), Some(compiled)) => compiled.run(&mut buffers),
                 (KernelBody::Loop(nest), None) => loops::run(nest, &mut buffers),
-                (KernelBody::Library(call), _) => library::run(&kernel.name, call, &self.program, &mut buffers)?,
+                (KernelBody::Library(call), _) => {
+                    library::run(&kernel.name, call, &self.program, &mut buffers)?
+                }
+            }
+            for &b in &self.lifetimes.ending[index] {
+                pool.push(std::mem::take(&mut buffers[b]));
             }
         }
         let outputs = self
             .program
             .outputs
             .iter()
-            .map(|(name, id)| (name.clone(), to_host(&self.program.buffer(*id).ty, &buffers[id.index()])))
+            .map(|(name, id)| {
+                (
+                    name.clone(),
+                    to_host(&self.program.buffer(*id).ty, &buffers[id.index()]),
+                )
+            })
             .collect();
+        for (buffer, storage) in self.program.buffers.iter().zip(buffers) {
+            if matches!(buffer.role, BufferRole::Temporary) && storage.capacity() > 0 {
+                pool.push(storage);
+            }
+        }
+        if let Ok(mut scratch) = self.scratch.try_lock() {
+            *scratch = pool;
+        }
         Ok(CpuOutputs { outputs })
     }
 }
 
-fn initial_contents(ty: &TensorType, role: &BufferRole, feeds: &Feeds<'_>) -> Result<Vec<f32>, CpuError> {
+/// When each temporary starts and dies, by kernel index.
+#[derive(Debug, Default)]
+struct Lifetimes {
+    starting: Vec<Vec<usize>>,
+    ending: Vec<Vec<usize>>,
+}
+
+impl Lifetimes {
+    fn of(program: &Program) -> Self {
+        let plan = fathom_compiler::kernel::MemoryPlan::of(program);
+        let kernels = program.kernels.len();
+        let mut lifetimes = Lifetimes {
+            starting: vec![Vec::new(); kernels],
+            ending: vec![Vec::new(); kernels],
+        };
+        for (b, life) in plan.lifetimes.iter().enumerate() {
+            if let Some((first, last)) = *life {
+                lifetimes.starting[first].push(b);
+                // Outputs live to the end (`last == kernels`): returned to the pool after.
+                if last < kernels {
+                    lifetimes.ending[last].push(b);
+                }
+            }
+        }
+        lifetimes
+    }
+}
+
+/// Storage for `len` values: the smallest pooled allocation that holds them, else a new one.
+/// Contents are stale or zero; every temporary is completely written before it is read.
+fn take_storage(pool: &mut Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let best = pool
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.capacity() >= len)
+        .min_by_key(|(_, v)| v.capacity())
+        .map(|(i, _)| i);
+    let mut storage = match best {
+        Some(i) => pool.swap_remove(i),
+        None => Vec::new(),
+    };
+    storage.resize(len, 0.0);
+    storage
+}
+
+fn initial_contents(
+    ty: &TensorType,
+    role: &BufferRole,
+    feeds: &Feeds<'_>,
+) -> Result<Vec<f32>, CpuError> {
     let fed = |kind: &'static str, name: &str, source: &dyn crate::interp::TensorSource| {
         let tensor = source.tensor(name).ok_or_else(|| CpuError::Missing {
             kind,

@@ -114,7 +114,10 @@ fn finite_band(
     let mut amax = vec![0.0f32; grid_cols];
     let mut scales = vec![0.0f64; grid_cols];
     let mut out = vec![0.0f32; x.len()];
-    for (band_in, band_out) in x.chunks(tile_rows * cols).zip(out.chunks_mut(tile_rows * cols)) {
+    for (band_in, band_out) in x
+        .chunks(tile_rows * cols)
+        .zip(out.chunks_mut(tile_rows * cols))
+    {
         amax.fill(0.0);
         for row in band_in.chunks(cols) {
             for (m, tile) in amax.iter_mut().zip(row.chunks(tile_cols)) {
@@ -128,7 +131,8 @@ fn finite_band(
             let tiles = row_in.chunks(tile_cols).zip(row_out.chunks_mut(tile_cols));
             for ((tile_in, tile_out), &scale) in tiles.zip(&scales) {
                 for (v, o) in tile_in.iter().zip(tile_out) {
-                    let code = Fp8Format::E4M3.encode_f64(f64::from(*v) / scale, Overflow::Saturate);
+                    let code =
+                        Fp8Format::E4M3.encode_f64(f64::from(*v) / scale, Overflow::Saturate);
                     *o = (f64::from(decoded[usize::from(code)]) * scale) as f32;
                 }
             }
@@ -162,7 +166,11 @@ mod tests {
                 let want = quantize_tiles(matrix, rows, cols, tile.0, tile.1, rounding)
                     .unwrap()
                     .dequantize();
-                assert_eq!(&got[m * rows * cols..][..rows * cols], want.as_slice(), "{tile:?}");
+                assert_eq!(
+                    &got[m * rows * cols..][..rows * cols],
+                    want.as_slice(),
+                    "{tile:?}"
+                );
             }
         }
     }

@@ -128,6 +128,8 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
             tile_rows,
             tile_cols,
             pow2_scales,
-        } => quantize::quantize_dequantize(at, *format, (*tile_rows, *tile_cols), *pow2_scales, x[0]),
+        } => {
+            quantize::quantize_dequantize(at, *format, (*tile_rows, *tile_cols), *pow2_scales, x[0])
+        }
     }
 }

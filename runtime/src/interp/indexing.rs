@@ -40,12 +40,18 @@ pub(super) fn index_add(
     let mut sums = vec![0f64; rows * width];
     for (i, &id) in ids.iter().enumerate() {
         let r = at.index(id, rows)?;
-        for (s, &x) in sums[r * width..][..width].iter_mut().zip(&v[i * width..][..width]) {
+        for (s, &x) in sums[r * width..][..width]
+            .iter_mut()
+            .zip(&v[i * width..][..width])
+        {
             *s += f64::from(x);
         }
     }
     let dtype = at.out_dtype();
-    let out = sums.into_iter().map(|s| super::numeric::round_f64(dtype, s)).collect();
+    let out = sums
+        .into_iter()
+        .map(|s| super::numeric::round_f64(dtype, s))
+        .collect();
     Ok(at.tensor(Data::Float(out)))
 }
 

@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::precision::apply_precision;
+use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::training::{TrainingGraph, training_graph};
 
 use crate::data::Batches;
@@ -142,12 +142,13 @@ impl Trainer {
         let mut program = training_graph(spec, settings.batch, settings.seq, settings.losses)?;
         // FP8 tiles come from the model (DeepSeek-V3's 128 when it names none).
         let tiling = spec.fp8.clone().unwrap_or_default();
-        program.graph = apply_precision(&program.graph, &settings.precision, &tiling).map_err(|e| {
-            TrainError::Settings {
-                field: "precision".into(),
-                reason: e.to_string(),
-            }
-        })?;
+        program.graph =
+            apply_precision(&program.graph, &settings.precision, &tiling).map_err(|e| {
+                TrainError::Settings {
+                    field: "precision".into(),
+                    reason: e.to_string(),
+                }
+            })?;
         weights.check_against(&program.graph, |_| false)?;
         Ok(program)
     }

@@ -20,7 +20,12 @@ fn quantize_dequantize_is_the_quantizer_exactly() -> TestResult {
     // Two matrices of 5×6: 1×4 tiles (two per row, the second partial), 4×4 blocks (partial
     // on both axes) and 4×1 tiles; with and without power-of-two scales.
     let x = spread(2 * 5 * 6);
-    for (tile, pow2) in [((1, 4), false), ((4, 4), false), ((4, 1), true), ((5, 6), true)] {
+    for (tile, pow2) in [
+        ((1, 4), false),
+        ((4, 4), false),
+        ((4, 1), true),
+        ((5, 6), true),
+    ] {
         let out = eval_x(f32s(&[2, 5, 6], &x), |g, t| {
             g.quantize_dequantize(t, QuantFormat::E4M3, tile, pow2)
         })?;
@@ -34,7 +39,11 @@ fn quantize_dequantize_is_the_quantizer_exactly() -> TestResult {
             expected.extend(quantize_tiles(matrix, 5, 6, tile.0, tile.1, rounding)?.dequantize());
         }
         assert_f32(&out, &[2, 5, 6], &expected);
-        assert_ne!(out.as_f32(), Some(&x[..]), "{tile:?}: rounding changed something");
+        assert_ne!(
+            out.as_f32(),
+            Some(&x[..]),
+            "{tile:?}: rounding changed something"
+        );
     }
     Ok(())
 }
