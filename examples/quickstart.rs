@@ -1,5 +1,6 @@
-//! Declare a small DeepSeek-V3 in Rust, build its graph, give it random weights and run a
-//! forward pass on the CPU with the reference interpreter.
+//! Take the small DeepSeek-V3 declared with `fathom::model!` in `src/zoo.rs` (`Tiny`), build
+//! its graph, give it random weights and run a forward pass on the CPU with the reference
+//! interpreter.
 //!
 //!     cargo run --example quickstart [-- OUT_DIR]
 //!
@@ -17,47 +18,11 @@ use fathom::runtime::interp::{Feeds, evaluate};
 use fathom::runtime::pretrained::save_pretrained;
 use fathom::runtime::weights::Weights;
 
-fathom::model! {
-    /// Every DeepSeek-V3 feature at laptop size: MLA with low-rank queries and a shared RoPE
-    /// key under YaRN, DeepSeekMoE with group-limited routing and a shared expert after one
-    /// dense block, and one Multi-Token Prediction module. Byte-level vocabulary.
-    pub TinyDeepSeek {
-        vocab_size: 256,
-        hidden_size: 64,
-        layers: 3,
-        dense_layers: 1,
-        intermediate_size: 128,
-        max_positions: 256,
-        attention: {
-            heads: 4,
-            q_lora_rank: 32,
-            kv_lora_rank: 32,
-            qk_nope_head_dim: 16,
-            qk_rope_head_dim: 8,
-            v_head_dim: 16,
-        },
-        rope: {
-            theta: 10000.0,
-            yarn: { factor: 4.0, original_max_positions: 64, mscale: 1.0, mscale_all_dim: 1.0 },
-        },
-        moe: {
-            routed_experts: 8,
-            shared_experts: 1,
-            experts_per_token: 2,
-            groups: 4,
-            groups_per_token: 2,
-            intermediate_size: 32,
-            routed_scaling_factor: 2.5,
-        },
-        mtp_depth: 1,
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let out = std::env::args()
         .nth(1)
         .map_or_else(|| PathBuf::from("target/tiny-deepseek"), PathBuf::from);
-    let spec = TinyDeepSeek::spec();
+    let spec = fathom::zoo::Tiny::spec();
 
     let weights_graph = parameter_graph(&spec)?;
     println!("{}", ParameterSummary::of(&spec, &weights_graph));

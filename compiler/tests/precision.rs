@@ -10,47 +10,21 @@ use fathom_compiler::model::LossWeights;
 use fathom_compiler::precision::{
     GemmRole, Precision, PrecisionPolicy, apply_precision, is_kept_in_f32, linear_gemms,
 };
-use fathom_compiler::spec::{Fp8Spec, MlaSpec, ModelSpec, MoeSpec, RopeSpec};
+use fathom_compiler::spec::{Fp8Spec, ModelSpec};
 use fathom_compiler::training::training_graph;
 
-/// Two blocks (one dense, one MoE with 4 experts), one MTP module, hidden 8 and FP8 tiles of 4,
-/// so that tiles are real (two per row of a hidden-8 activation).
+/// The workspace's micro spec (`fathom_compiler::spec::examples::micro`) with plain RoPE, a
+/// query rank of 8 and FP8 tiles of 4, so that tiles are real (two per row of a hidden-8
+/// activation).
 fn tiny() -> ModelSpec {
-    ModelSpec {
-        vocab_size: 16,
-        hidden_size: 8,
-        layers: 2,
-        dense_layers: 1,
-        intermediate_size: 12,
-        norm_eps: 1e-6,
-        max_positions: 16,
-        tie_embeddings: false,
-        initializer_range: 0.02,
-        attention: MlaSpec {
-            heads: 2,
-            q_lora_rank: Some(8),
-            kv_lora_rank: 4,
-            qk_nope_head_dim: 4,
-            qk_rope_head_dim: 2,
-            v_head_dim: 4,
-        },
-        rope: RopeSpec::default(),
-        moe: Some(MoeSpec {
-            routed_experts: 4,
-            shared_experts: 1,
-            experts_per_token: 2,
-            groups: 2,
-            groups_per_token: 1,
-            intermediate_size: 4,
-            routed_scaling_factor: 2.5,
-            normalize_gates: true,
-        }),
-        mtp_depth: 1,
-        fp8: Some(Fp8Spec {
-            activation_tile: 4,
-            weight_block: 4,
-        }),
-    }
+    let mut spec = fathom_compiler::spec::examples::micro();
+    spec.rope.yarn = None;
+    spec.attention.q_lora_rank = Some(8);
+    spec.fp8 = Some(Fp8Spec {
+        activation_tile: 4,
+        weight_block: 4,
+    });
+    spec
 }
 
 fn train_graph() -> Graph {

@@ -221,45 +221,11 @@ fn backward_is_deterministic_and_keeps_the_forward_graph() -> TestResult {
     first.graph.validate()
 }
 
-/// The tiny DeepSeek-V3 of `compiler/tests/model_graph.rs` without group-limited routing.
+/// The workspace's micro spec (`crate::spec::examples::micro`) with plain RoPE.
 fn tiny_spec() -> crate::spec::ModelSpec {
-    use crate::spec::{MlaSpec, ModelSpec, MoeSpec, RopeSpec};
-    ModelSpec {
-        vocab_size: 16,
-        hidden_size: 8,
-        layers: 2,
-        dense_layers: 1,
-        intermediate_size: 12,
-        norm_eps: 1e-6,
-        max_positions: 16,
-        tie_embeddings: false,
-        initializer_range: 0.02,
-        attention: MlaSpec {
-            heads: 2,
-            q_lora_rank: Some(6),
-            kv_lora_rank: 4,
-            qk_nope_head_dim: 4,
-            qk_rope_head_dim: 2,
-            v_head_dim: 4,
-        },
-        rope: RopeSpec {
-            theta: 10000.0,
-            interleaved: true,
-            yarn: None,
-        },
-        moe: Some(MoeSpec {
-            routed_experts: 4,
-            shared_experts: 1,
-            experts_per_token: 2,
-            groups: 2,
-            groups_per_token: 1,
-            intermediate_size: 4,
-            routed_scaling_factor: 2.5,
-            normalize_gates: true,
-        }),
-        mtp_depth: 1,
-        fp8: None,
-    }
+    let mut spec = crate::spec::examples::micro();
+    spec.rope.yarn = None;
+    spec
 }
 
 #[test]
