@@ -5,6 +5,7 @@
 use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::kernel::{BufferId, Library, Program};
 use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
 
 use super::CpuError;
 use crate::fp8::{ScaleRounding, fake_quantize};
@@ -110,41 +111,51 @@ pub(super) fn run(
             )?;
             let mut result = reuse(&mut buffers[out.index()], tokens * slots * n);
             let (xs, ws) = (&buffers[x.index()], &buffers[weights.index()]);
-            for (e, members) in groups.iter().enumerate().filter(|(_, m)| !m.is_empty()) {
-                let rows = members.len();
-                let mut gathered = Vec::with_capacity(rows * k);
-                for &ts in members {
-                    let (t, s) = (ts / slots, ts % slots);
-                    let xs_row = t * x_slots + if x_slots == 1 { 0 } else { s };
-                    gathered.extend_from_slice(&xs[xs_row * k..][..k]);
-                }
-                let mut product = vec![0f32; rows * n];
-                // product [rows, n] = gathered [rows, k] · W_e^T, W_e stored [n, k].
-                // SAFETY: every pointer spans exactly the matrix its strides describe.
-                unsafe {
-                    gemm(
-                        rows,
-                        n,
-                        k,
-                        product.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        gathered.as_ptr(),
-                        1,
-                        k as isize,
-                        ws.as_ptr().add(e * n * k),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-                for (r, &ts) in members.iter().enumerate() {
+            // One GEMM per expert, the experts spread over the threads (each GEMM is small and
+            // runs on one); each expert's arithmetic is the same whatever the thread count.
+            let products: Vec<(usize, Vec<f32>)> = groups
+                .par_iter()
+                .enumerate()
+                .filter(|(_, m)| !m.is_empty())
+                .map(|(e, members)| {
+                    let rows = members.len();
+                    let mut gathered = Vec::with_capacity(rows * k);
+                    for &ts in members {
+                        let (t, s) = (ts / slots, ts % slots);
+                        let xs_row = t * x_slots + if x_slots == 1 { 0 } else { s };
+                        gathered.extend_from_slice(&xs[xs_row * k..][..k]);
+                    }
+                    let mut product = vec![0f32; rows * n];
+                    // product [rows, n] = gathered [rows, k] · W_e^T, W_e stored [n, k].
+                    // SAFETY: every pointer spans exactly the matrix its strides describe.
+                    unsafe {
+                        gemm(
+                            rows,
+                            n,
+                            k,
+                            product.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            false,
+                            gathered.as_ptr(),
+                            1,
+                            k as isize,
+                            ws.as_ptr().add(e * n * k),
+                            k as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
+                    }
+                    (e, product)
+                })
+                .collect();
+            for (e, product) in products {
+                for (r, &ts) in groups[e].iter().enumerate() {
                     result[ts * n..][..n].copy_from_slice(&product[r * n..][..n]);
                 }
             }
@@ -167,41 +178,46 @@ pub(super) fn run(
             )?;
             let mut result = reuse(&mut buffers[out.index()], experts * n * k);
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
-            for (e, members) in groups.iter().enumerate().filter(|(_, m)| !m.is_empty()) {
-                let rows = members.len();
-                let (mut g, mut xe) = (Vec::with_capacity(rows * n), Vec::with_capacity(rows * k));
-                for &ts in members {
-                    let (t, s) = (ts / slots, ts % slots);
-                    g.extend_from_slice(&gs[ts * n..][..n]);
-                    let xs_row = t * x_slots + if x_slots == 1 { 0 } else { s };
-                    xe.extend_from_slice(&xs[xs_row * k..][..k]);
-                }
-                // out_e [n, k] = g^T [n, rows] · xe [rows, k].
-                // SAFETY: as above; `result`'s expert block is n·k long.
-                unsafe {
-                    gemm(
-                        n,
-                        k,
-                        rows,
-                        result.as_mut_ptr().add(e * n * k),
-                        1,
-                        k as isize,
-                        false,
-                        g.as_ptr(),
-                        n as isize,
-                        1,
-                        xe.as_ptr(),
-                        1,
-                        k as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-            }
+            // Each expert writes its own n·k block: the experts spread over the threads.
+            let blocks = result.par_chunks_mut((n * k).max(1)).zip(groups.par_iter());
+            blocks
+                .filter(|(_, members)| !members.is_empty())
+                .for_each(|(block, members)| {
+                    let rows = members.len();
+                    let (mut g, mut xe) =
+                        (Vec::with_capacity(rows * n), Vec::with_capacity(rows * k));
+                    for &ts in members {
+                        let (t, s) = (ts / slots, ts % slots);
+                        g.extend_from_slice(&gs[ts * n..][..n]);
+                        let xs_row = t * x_slots + if x_slots == 1 { 0 } else { s };
+                        xe.extend_from_slice(&xs[xs_row * k..][..k]);
+                    }
+                    // out_e [n, k] = g^T [n, rows] · xe [rows, k].
+                    // SAFETY: as above; `block` is this expert's n·k values of `result`.
+                    unsafe {
+                        gemm(
+                            n,
+                            k,
+                            rows,
+                            block.as_mut_ptr(),
+                            1,
+                            k as isize,
+                            false,
+                            g.as_ptr(),
+                            n as isize,
+                            1,
+                            xe.as_ptr(),
+                            1,
+                            k as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
+                    }
+                });
             buffers[out.index()] = result;
         }
         Library::Gather {
