@@ -152,7 +152,7 @@ fn quantize_dequantize_runs_compiled_exactly() {
 fn fp8_training_learns_the_synthetic_task() {
     use fathom_compiler::model::parameter_graph;
     use fathom_compiler::precision::{Precision, PrecisionPolicy};
-    use fathom_compiler::spec::{Fp8Spec, MlaSpec, ModelSpec, MoeSpec, RopeSpec};
+    use fathom_compiler::spec::{Fp8Spec, ModelSpec};
     use fathom_runtime::data::{SyntheticBatches, SyntheticKind, SyntheticTask};
     use fathom_runtime::exec::Backend;
     use fathom_runtime::init::init_parameters;
@@ -161,39 +161,11 @@ fn fp8_training_learns_the_synthetic_task() {
     use fathom_runtime::weights::Weights;
 
     let spec = ModelSpec {
-        vocab_size: 16,
-        hidden_size: 32,
-        layers: 2,
-        dense_layers: 1,
-        intermediate_size: 64,
-        norm_eps: 1e-6,
-        max_positions: 64,
-        tie_embeddings: false,
-        initializer_range: 0.1,
-        attention: MlaSpec {
-            heads: 2,
-            q_lora_rank: Some(16),
-            kv_lora_rank: 16,
-            qk_nope_head_dim: 8,
-            qk_rope_head_dim: 8,
-            v_head_dim: 8,
-        },
-        rope: RopeSpec::default(),
-        moe: Some(MoeSpec {
-            routed_experts: 4,
-            shared_experts: 1,
-            experts_per_token: 2,
-            groups: 2,
-            groups_per_token: 1,
-            intermediate_size: 16,
-            routed_scaling_factor: 1.0,
-            normalize_gates: true,
-        }),
-        mtp_depth: 1,
         fp8: Some(Fp8Spec {
             activation_tile: 8,
             weight_block: 8,
         }),
+        ..fathom_compiler::spec::examples::small()
     };
     let steps = 40;
     let settings = TrainSettings {

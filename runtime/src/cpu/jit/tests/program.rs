@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use fathom_compiler::lower::lower;
 use fathom_compiler::model::{LossWeights, parameter_graph};
-use fathom_compiler::spec::{MlaSpec, ModelSpec, MoeSpec, RopeSpec};
+use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::training::training_graph;
 
 use crate::cpu::CpuProgram;
@@ -16,38 +16,7 @@ use crate::tensor::HostTensor;
 /// MLA with low-rank queries, a dense block then an MoE block with group-limited routing and a
 /// shared expert, and an MTP module: every kind of kernel the lowering makes.
 fn spec() -> ModelSpec {
-    ModelSpec {
-        vocab_size: 16,
-        hidden_size: 32,
-        layers: 2,
-        dense_layers: 1,
-        intermediate_size: 64,
-        norm_eps: 1e-6,
-        max_positions: 64,
-        tie_embeddings: false,
-        initializer_range: 0.1,
-        attention: MlaSpec {
-            heads: 2,
-            q_lora_rank: Some(16),
-            kv_lora_rank: 16,
-            qk_nope_head_dim: 8,
-            qk_rope_head_dim: 8,
-            v_head_dim: 8,
-        },
-        rope: RopeSpec::default(),
-        moe: Some(MoeSpec {
-            routed_experts: 4,
-            shared_experts: 1,
-            experts_per_token: 2,
-            groups: 2,
-            groups_per_token: 1,
-            intermediate_size: 16,
-            routed_scaling_factor: 1.0,
-            normalize_gates: true,
-        }),
-        mtp_depth: 1,
-        fp8: None,
-    }
+    fathom_compiler::spec::examples::small()
 }
 
 #[test]
