@@ -23,6 +23,24 @@ use fathom_runtime::weights::read_safetensors;
 
 const TOLERANCE: f64 = 1e-4;
 
+/// Every fixture `scripts/fixtures/make_fixtures.py` writes.
+const FIXTURES: [&str; 6] = [
+    "moe_grouped",
+    "yarn",
+    "yarn_ramp",
+    "shared2_dense2",
+    "no_q_lora",
+    "bf16_sharded",
+];
+
+/// The fixture's model and the reference tensors PyTorch computed for it.
+fn load_with_reference(name: &str) -> (Pretrained, fathom_runtime::weights::Weights) {
+    let dir = fixture(name);
+    let model = Pretrained::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let reference = read_safetensors(&dir.join("reference.safetensors")).expect("reference loads");
+    (model, reference)
+}
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
@@ -97,17 +115,8 @@ fn checkpoints_without_mtp_weights_load_with_a_note() {
 /// out; a wrong shift or a wrong mean would be off by far more.
 #[test]
 fn next_token_loss_matches_transformers() {
-    for name in [
-        "moe_grouped",
-        "yarn",
-        "yarn_ramp",
-        "shared2_dense2",
-        "no_q_lora",
-        "bf16_sharded",
-    ] {
-        let dir = fixture(name);
-        let model = Pretrained::load(&dir).unwrap();
-        let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    for name in FIXTURES {
+        let (model, reference) = load_with_reference(name);
         let ids = reference.get("input_ids").unwrap();
         let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
         let mut g = GraphBuilder::new("loss");
@@ -132,17 +141,8 @@ fn next_token_loss_matches_transformers() {
 #[test]
 fn gradients_match_pytorch_autograd() {
     use fathom_compiler::training::training_graph;
-    for name in [
-        "moe_grouped",
-        "yarn",
-        "yarn_ramp",
-        "shared2_dense2",
-        "no_q_lora",
-        "bf16_sharded",
-    ] {
-        let dir = fixture(name);
-        let model = Pretrained::load(&dir).unwrap();
-        let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    for name in FIXTURES {
+        let (model, reference) = load_with_reference(name);
         let ids = reference.get("input_ids").unwrap();
         let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
         let train =

@@ -119,12 +119,7 @@ pub(super) fn run(
                 .filter(|(_, m)| !m.is_empty())
                 .map(|(e, members)| {
                     let rows = members.len();
-                    let mut gathered = Vec::with_capacity(rows * k);
-                    for &ts in members {
-                        let (t, s) = (ts / slots, ts % slots);
-                        let xs_row = t * x_slots + if x_slots == 1 { 0 } else { s };
-                        gathered.extend_from_slice(&xs[xs_row * k..][..k]);
-                    }
+                    let gathered = x_rows(xs, members, slots, x_slots, k);
                     let mut product = vec![0f32; rows * n];
                     // product [rows, n] = gathered [rows, k] · W_e^T, W_e stored [n, k].
                     // SAFETY: every pointer spans exactly the matrix its strides describe.
@@ -184,14 +179,12 @@ pub(super) fn run(
                 .filter(|(_, members)| !members.is_empty())
                 .for_each(|(block, members)| {
                     let rows = members.len();
-                    let (mut g, mut xe) =
-                        (Vec::with_capacity(rows * n), Vec::with_capacity(rows * k));
-                    for &ts in members {
-                        let (t, s) = (ts / slots, ts % slots);
-                        g.extend_from_slice(&gs[ts * n..][..n]);
-                        let xs_row = t * x_slots + if x_slots == 1 { 0 } else { s };
-                        xe.extend_from_slice(&xs[xs_row * k..][..k]);
-                    }
+                    let g: Vec<f32> = members
+                        .iter()
+                        .flat_map(|&ts| &gs[ts * n..][..n])
+                        .copied()
+                        .collect();
+                    let xe = x_rows(xs, members, slots, x_slots, k);
                     // out_e [n, k] = g^T [n, rows] · xe [rows, k].
                     // SAFETY: as above; `block` is this expert's n·k values of `result`.
                     unsafe {
@@ -340,6 +333,18 @@ pub(super) fn run(
         }
     }
     Ok(())
+}
+
+/// The `x` rows of the given token-slots (`t·slots + s`), contiguous: an `x` with one slot
+/// serves every slot of its token.
+fn x_rows(xs: &[f32], token_slots: &[usize], slots: usize, x_slots: usize, k: usize) -> Vec<f32> {
+    let mut rows = Vec::with_capacity(token_slots.len() * k);
+    for &ts in token_slots {
+        let (t, s) = (ts / slots, ts % slots);
+        let row = t * x_slots + if x_slots == 1 { 0 } else { s };
+        rows.extend_from_slice(&xs[row * k..][..k]);
+    }
+    rows
 }
 
 /// Token-slot positions routed to each expert, in order.
