@@ -133,6 +133,7 @@ fn settings(args: &Args, precision: PrecisionPolicy) -> TrainSettings {
         bias_update_speed: 0.001,
         backend: Backend::Cpu,
         precision,
+        pipeline: Default::default(),
     }
 }
 

@@ -329,3 +329,81 @@ fn precision_flag_trains_in_fp8_and_belongs_to_the_run() {
         stderr(&bad)
     );
 }
+
+/// `--pp 2 --schedule ...`: the pipeline trains, a resumed run may change its pipeline, and a
+/// failed rank stops the run with its rank and op named and the last checkpoint intact.
+#[test]
+fn pipelined_training_runs_resumes_and_reports_a_failed_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_file(dir.path(), 2);
+    let config = config.to_str().unwrap();
+    let pipelined = [
+        "--pp",
+        "2",
+        "--schedule",
+        "dualpipe",
+        "--micro-batches",
+        "4",
+    ];
+    let mut args = vec!["train", "--config", config];
+    args.extend(pipelined);
+    let run = fathom(&args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let text = stderr(&run);
+    assert!(
+        text.contains("dualpipe pipeline: 2 stages on 2 ranks"),
+        "{text}"
+    );
+    assert!(text.contains("stage 1: layers"), "{text}");
+    assert_eq!(metric_lines(dir.path()).len(), 2);
+
+    // The pipeline is not part of what a checkpoint pins: resume on 1F1B.
+    let run = fathom(&[
+        "train",
+        "--config",
+        config,
+        "--steps",
+        "3",
+        "--pp",
+        "2",
+        "--schedule",
+        "1f1b",
+        "--micro-batches",
+        "4",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(metric_lines(dir.path()).len(), 3);
+
+    let checkpoint = dir.path().join("ckpt/latest");
+    let before = std::fs::read_to_string(&checkpoint).unwrap();
+    let failing = Command::new(env!("CARGO_BIN_EXE_fathom"))
+        .args(["train", "--config", config, "--steps", "5"])
+        .args(pipelined)
+        .env("FATHOM_INJECT_FAULT", "1:4:fail")
+        .output()
+        .unwrap();
+    assert!(!failing.status.success());
+    let text = stderr(&failing);
+    assert!(text.contains("pipeline rank 1 failed at op 4"), "{text}");
+    assert!(text.contains("the last checkpoint in"), "{text}");
+    assert_eq!(std::fs::read_to_string(&checkpoint).unwrap(), before);
+
+    let fresh = dir.path().join("fresh");
+    let bad = fathom(&[
+        "train",
+        "--config",
+        config,
+        "--checkpoint-dir",
+        fresh.to_str().unwrap(),
+        "--pp",
+        "2",
+        "--schedule",
+        "dualpipe",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("training setting `pipeline`"),
+        "{}",
+        stderr(&bad)
+    );
+}

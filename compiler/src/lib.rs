@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod lower;
 pub mod model;
 pub mod module;
+pub mod partition;
 pub mod passes;
 pub mod pipeline;
 pub mod precision;

@@ -9,6 +9,7 @@ pub mod fp8;
 pub mod init;
 pub mod interp;
 pub mod optim;
+pub mod parallel;
 pub mod pretrained;
 pub mod tensor;
 pub mod train;

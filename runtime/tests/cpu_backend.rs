@@ -186,6 +186,7 @@ fn fp8_training_learns_the_synthetic_task() {
         bias_update_speed: 0.001,
         backend: Backend::Cpu,
         precision: PrecisionPolicy::uniform(Precision::Fp8),
+        pipeline: Default::default(),
     };
     let weights = Weights::from(init_parameters(&parameter_graph(&spec).unwrap(), 0.1, 5));
     let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 11).unwrap();

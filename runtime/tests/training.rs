@@ -39,6 +39,7 @@ fn settings(steps: u64) -> TrainSettings {
         bias_update_speed: 0.001,
         backend: Backend::default(),
         precision: Default::default(),
+        pipeline: Default::default(),
     }
 }
 

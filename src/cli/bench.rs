@@ -93,6 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bias_update_speed: 0.0,
         backend: Backend::Cpu,
         precision: Default::default(),
+        pipeline: Default::default(),
     };
     let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 0)?;
     let data = SyntheticBatches::new(task, batch, seq)?;

@@ -130,29 +130,71 @@ impl<L: Layer> DeepSeekV3<L> {
         with_mtp: bool,
     ) -> Result<ModelOutputs, GraphError> {
         let seq = g.dims(token_ids)[1];
-        let ctx = g.within("model", |g| AttentionContext::build(g, &self.spec, seq))?;
+        let ctx = self.attention_context(g, seq)?;
+        let hidden = self.embed_tokens.forward(g, token_ids)?;
+        let (hidden, mut routings) = self.blocks(g, hidden, 0..self.layers.len(), &ctx)?;
+        let heads = self.heads(g, hidden, token_ids, &ctx, with_mtp)?;
+        routings.extend(heads.routings);
+        Ok(ModelOutputs {
+            token_ids,
+            logits: heads.logits,
+            mtp_logits: heads.mtp_logits,
+            routings,
+        })
+    }
+
+    /// The rotary tables and causal mask every block of a `seq`-token pass reads (constants).
+    pub fn attention_context(
+        &self,
+        g: &mut GraphBuilder,
+        seq: usize,
+    ) -> Result<AttentionContext, GraphError> {
+        g.within("model", |g| AttentionContext::build(g, &self.spec, seq))
+    }
+
+    /// The main blocks `range` applied in order to `hidden`; returns the last one's output and
+    /// the routings of the MoE blocks among them. A pipeline stage runs a range of blocks.
+    pub fn blocks(
+        &self,
+        g: &mut GraphBuilder,
+        mut hidden: Tensor,
+        range: std::ops::Range<usize>,
+        ctx: &AttentionContext,
+    ) -> Result<(Tensor, Vec<Routing>), GraphError> {
         let mut routings = Vec::new();
-        let mut hidden = self.embed_tokens.forward(g, token_ids)?;
-        for layer in &self.layers {
-            let out = layer.forward(g, hidden, &ctx)?;
+        for layer in &self.layers[range] {
+            let out = layer.forward(g, hidden, ctx)?;
             hidden = out.hidden;
             routings.extend(out.routing);
         }
+        Ok((hidden, routings))
+    }
+
+    /// Everything after the last main block: final norm and head, and (when `with_mtp`) the MTP
+    /// modules with their shared head. `hidden` is the last main block's output.
+    pub fn heads(
+        &self,
+        g: &mut GraphBuilder,
+        hidden: Tensor,
+        token_ids: Tensor,
+        ctx: &AttentionContext,
+        with_mtp: bool,
+    ) -> Result<HeadOutputs, GraphError> {
         let normed = self.norm.forward(g, hidden)?;
         let logits = self.head(g, normed)?;
-
         let mut mtp_logits = Vec::new();
+        let mut routings = Vec::new();
         if with_mtp {
+            let mut hidden = hidden;
             for (k, module) in (1..).zip(&self.mtp) {
-                let out = module.forward(g, hidden, token_ids, k, &ctx, &self.embed_tokens)?;
+                let out = module.forward(g, hidden, token_ids, k, ctx, &self.embed_tokens)?;
                 hidden = out.hidden;
                 routings.extend(out.routing);
                 let normed = module.shared_head_norm.forward(g, hidden)?;
                 mtp_logits.push(self.head(g, normed)?);
             }
         }
-        Ok(ModelOutputs {
-            token_ids,
+        Ok(HeadOutputs {
             logits,
             mtp_logits,
             routings,
@@ -168,6 +210,15 @@ impl<L: Layer> DeepSeekV3<L> {
             }),
         }
     }
+}
+
+/// What [`DeepSeekV3::heads`] computes.
+#[derive(Clone, Debug)]
+pub struct HeadOutputs {
+    pub logits: Tensor,
+    pub mtp_logits: Vec<Tensor>,
+    /// The MTP blocks' routings.
+    pub routings: Vec<Routing>,
 }
 
 /// What a forward graph is built for.

@@ -18,7 +18,8 @@ pub use basic::{
 };
 pub use decoder::{DecoderBlock, FeedForward, Layer, LayerConfig, LayerOutput};
 pub use deepseek::{
-    DeepSeekV3, ForwardOptions, ModelOutputs, forward_graph, forward_outputs, parameter_graph,
+    DeepSeekV3, ForwardOptions, HeadOutputs, ModelOutputs, forward_graph, forward_outputs,
+    parameter_graph,
 };
 pub use loss::{
     cross_entropy, expert_load, mtp_depth_loss, next_token_loss, sequence_balance_loss,
@@ -26,6 +27,6 @@ pub use loss::{
 pub use mla::{AttentionContext, LATENT_NORM_EPS, Mla, QueryPath};
 pub use moe::{Moe, Router, Routing};
 pub use mtp::MtpModule;
-pub use objective::{LossTerms, LossWeights, add_objective};
+pub use objective::{LossTerms, LossWeights, add_objective, balance_loss, mtp_loss};
 pub use rope::RopeTables;
 pub use summary::{ParameterSummary, grouped};

@@ -8,6 +8,7 @@ use crate::graph::{GraphBuilder, Tensor};
 use super::decoder::Layer;
 use super::deepseek::{DeepSeekV3, ForwardOptions, ModelOutputs, forward_outputs};
 use super::loss::{expert_load, mtp_depth_loss, next_token_loss, sequence_balance_loss};
+use super::moe::Routing;
 
 /// Weights of the loss terms. The next-token loss always counts with weight 1.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,18 +86,7 @@ pub fn add_objective<L: Layer>(
 
         let mtp = match weights.mtp.filter(|_| with_mtp) {
             Some(lambda) => {
-                let mut sum = None;
-                for (k, logits) in (1..).zip(&outputs.mtp_logits) {
-                    let ce = mtp_depth_loss(g, *logits, ids, k)?;
-                    sum = Some(match sum {
-                        None => ce,
-                        Some(s) => g.add(s, ce)?,
-                    });
-                }
-                let mean = match sum {
-                    Some(s) => g.scale(s, 1.0 / depth as f64)?,
-                    None => unreachable!("with_mtp implies at least one MTP module"),
-                };
+                let mean = mtp_loss(g, &outputs.mtp_logits, ids)?;
                 g.output("loss.mtp", mean)?;
                 let weighted = g.scale(mean, lambda)?;
                 total = g.add(total, weighted)?;
@@ -107,15 +97,8 @@ pub fn add_objective<L: Layer>(
 
         let balance = match weights.balance.filter(|_| !outputs.routings.is_empty()) {
             Some(alpha) => {
-                let mut sum = None;
-                for routing in &outputs.routings {
-                    let b = sequence_balance_loss(g, routing, batch)?;
-                    sum = Some(match sum {
-                        None => b,
-                        Some(s) => g.add(s, b)?,
-                    });
-                }
-                let sum = sum.expect("routings is not empty");
+                let sum =
+                    balance_loss(g, &outputs.routings, batch)?.expect("routings is not empty");
                 g.output("loss.balance", sum)?;
                 let weighted = g.scale(sum, alpha)?;
                 total = g.add(total, weighted)?;
@@ -138,4 +121,42 @@ pub fn add_objective<L: Layer>(
             outputs: outputs.clone(),
         })
     })
+}
+
+/// The MTP loss before weighting by λ: `1/D Σ_k CE_k`, depth k's logits predicting token
+/// i + k + 1 of `token_ids`.
+pub fn mtp_loss(
+    g: &mut GraphBuilder,
+    mtp_logits: &[Tensor],
+    token_ids: Tensor,
+) -> Result<Tensor, GraphError> {
+    let mut sum = None;
+    for (k, logits) in (1..).zip(mtp_logits) {
+        let ce = mtp_depth_loss(g, *logits, token_ids, k)?;
+        sum = Some(match sum {
+            None => ce,
+            Some(s) => g.add(s, ce)?,
+        });
+    }
+    let sum = sum.ok_or_else(|| {
+        GraphError::InvalidRequest("the MTP loss needs at least one MTP module".into())
+    })?;
+    g.scale(sum, 1.0 / mtp_logits.len() as f64)
+}
+
+/// The unweighted sum of the sequence-wise balance loss over `routings`; `None` without any.
+pub fn balance_loss(
+    g: &mut GraphBuilder,
+    routings: &[Routing],
+    batch: usize,
+) -> Result<Option<Tensor>, GraphError> {
+    let mut sum = None;
+    for routing in routings {
+        let b = sequence_balance_loss(g, routing, batch)?;
+        sum = Some(match sum {
+            None => b,
+            Some(s) => g.add(s, b)?,
+        });
+    }
+    Ok(sum)
 }

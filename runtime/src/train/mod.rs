@@ -43,6 +43,8 @@ pub enum TrainError {
         what: &'static str,
         value: f64,
     },
+    #[error(transparent)]
+    Pipeline(#[from] crate::parallel::PipelineError),
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
     #[error("cannot write {path}: {source}")]

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::exec::Backend;
 use crate::optim::{AdamWConfig, LrSchedule};
+use crate::parallel::PipelineSettings;
 
 use super::TrainError;
 
@@ -45,6 +46,10 @@ pub struct TrainSettings {
     /// optimizer stay f32 whatever it says.
     #[serde(default)]
     pub precision: PrecisionPolicy,
+    /// Pipeline parallelism: stages, schedule and the receive timeout. One stage (the
+    /// default) runs the whole model on one rank.
+    #[serde(default)]
+    pub pipeline: PipelineSettings,
 }
 
 fn one() -> usize {
@@ -91,6 +96,9 @@ impl TrainSettings {
                     self.bias_update_speed
                 ),
             );
+        }
+        if self.pipeline.stages == 0 {
+            return bad("pipeline.stages", "must be at least 1".into());
         }
         if let Err(e) = self.precision.validate() {
             return bad("precision", e.to_string());

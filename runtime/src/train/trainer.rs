@@ -11,18 +11,60 @@ use crate::data::Batches;
 use crate::exec::Executable;
 use crate::interp::Feeds;
 use crate::optim::{AdamW, Grads, LoadStats, accumulate, clip_global_norm, update_balancing_bias};
+use crate::parallel::{Pipeline, PipelineError, PipelineRun};
 use crate::tensor::{Data, HostTensor};
 use crate::weights::Weights;
 
 use super::checkpoint::{Checkpoint, TrainerState};
 use super::{StepReport, TrainError, TrainSettings};
 
+/// What computes a step's losses and gradients.
+enum Engine {
+    /// The whole training graph on one rank, once per micro-batch.
+    Whole(Executable),
+    /// Pipeline stages on ranks that run a schedule over all the micro-batches at once.
+    Pipeline(Box<Pipeline>),
+}
+
+impl Engine {
+    fn new(
+        spec: &ModelSpec,
+        settings: &TrainSettings,
+        program: &TrainingGraph,
+    ) -> Result<Engine, TrainError> {
+        if !settings.pipeline.is_pipelined() {
+            return Ok(Engine::Whole(Executable::new(
+                program.graph.clone(),
+                settings.backend,
+            )?));
+        }
+        let run = PipelineRun {
+            spec,
+            batch: settings.batch,
+            seq: settings.seq,
+            micro_batches: settings.micro_batches,
+            losses: settings.losses,
+            precision: &settings.precision,
+            backend: settings.backend,
+            parameters: &program.parameters,
+        };
+        let pipeline = Pipeline::new(&settings.pipeline, run).map_err(|e| match e {
+            PipelineError::Settings(reason) => TrainError::Settings {
+                field: "pipeline".into(),
+                reason,
+            },
+            other => TrainError::Pipeline(other),
+        })?;
+        Ok(Engine::Pipeline(Box::new(pipeline)))
+    }
+}
+
 /// A training run in progress: model, optimizer, data and the compiled training graph.
 pub struct Trainer {
     spec: ModelSpec,
     settings: TrainSettings,
     program: TrainingGraph,
-    executable: Executable,
+    engine: Engine,
     weights: Weights,
     optimizer: AdamW,
     data: Box<dyn Batches>,
@@ -47,7 +89,7 @@ impl Trainer {
         data: Box<dyn Batches>,
     ) -> Result<Self, TrainError> {
         let program = Self::program(&spec, &settings, &weights, data.as_ref())?;
-        let executable = Executable::new(program.graph.clone(), settings.backend)?;
+        let engine = Engine::new(&spec, &settings, &program)?;
         let trainable = program.parameters.iter().map(|name| {
             (
                 name.as_str(),
@@ -59,7 +101,7 @@ impl Trainer {
             spec,
             settings,
             program,
-            executable,
+            engine,
             weights,
             optimizer,
             data,
@@ -79,7 +121,7 @@ impl Trainer {
         } = checkpoint;
         data.seek(&state.data_position)?;
         let program = Self::program(&spec, &state.settings, &weights, data.as_ref())?;
-        let executable = Executable::new(program.graph.clone(), state.settings.backend)?;
+        let engine = Engine::new(&spec, &state.settings, &program)?;
         let optimizer = AdamW::from_state(state.settings.optimizer, optimizer_state)?;
         let mismatch = |reason: String| TrainError::Checkpoint {
             path: path.join("optimizer.safetensors"),
@@ -113,7 +155,7 @@ impl Trainer {
             spec,
             settings: state.settings,
             program,
-            executable,
+            engine,
             weights,
             optimizer,
             data,
@@ -165,6 +207,22 @@ impl Trainer {
         &self.weights
     }
 
+    /// The pipeline's stages and schedule, when the run is pipelined.
+    pub fn pipeline(&self) -> Option<&Pipeline> {
+        match &self.engine {
+            Engine::Pipeline(pipeline) => Some(pipeline),
+            Engine::Whole(_) => None,
+        }
+    }
+
+    /// Makes a pipeline rank fail or stall (tests of the failure paths); no effect on an
+    /// unpipelined run.
+    pub fn inject_fault(&mut self, fault: Option<crate::parallel::Fault>) {
+        if let Engine::Pipeline(pipeline) = &mut self.engine {
+            pipeline.inject(fault);
+        }
+    }
+
     /// Steps taken so far.
     pub fn step_count(&self) -> u64 {
         self.step
@@ -183,27 +241,41 @@ impl Trainer {
         let mut grads = Grads::new();
         let mut losses = LossSums::default();
         let mut loads: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        for _ in 0..micro {
-            let ids = self.data.next_batch()?;
-            let inputs = HashMap::from([("input_ids", ids)]);
-            let mut outputs = self.executable.run(&Feeds::new(&inputs, &self.weights))?;
-            losses.add(&outputs, scale);
-            let mut micro_grads = Grads::new();
-            for name in &self.program.parameters {
-                micro_grads.insert(
-                    name.clone(),
-                    take_floats(&mut outputs, &format!("grad.{name}")),
-                );
-            }
-            accumulate(&mut grads, &micro_grads, scale as f32)?;
-            for bias in &self.program.balancing_biases {
-                let load = take_floats(&mut outputs, &format!("expert_load.{bias}"));
-                let sum = loads
-                    .entry(bias.clone())
-                    .or_insert_with(|| vec![0.0; load.len()]);
-                for (s, l) in sum.iter_mut().zip(load) {
-                    *s += l as f64;
+        let batches = (0..micro)
+            .map(|_| self.data.next_batch())
+            .collect::<Result<Vec<_>, _>>()?;
+        match &self.engine {
+            Engine::Whole(executable) => {
+                for ids in batches {
+                    let inputs = HashMap::from([("input_ids", ids)]);
+                    let mut outputs = executable.run(&Feeds::new(&inputs, &self.weights))?;
+                    losses.add(&outputs, scale);
+                    let mut micro_grads = Grads::new();
+                    for name in &self.program.parameters {
+                        micro_grads.insert(
+                            name.clone(),
+                            take_floats(&mut outputs, &format!("grad.{name}")),
+                        );
+                    }
+                    accumulate(&mut grads, &micro_grads, scale as f32)?;
+                    for bias in &self.program.balancing_biases {
+                        let load = take_floats(&mut outputs, &format!("expert_load.{bias}"));
+                        let sum = loads
+                            .entry(bias.clone())
+                            .or_insert_with(|| vec![0.0; load.len()]);
+                        for (s, l) in sum.iter_mut().zip(load) {
+                            *s += l as f64;
+                        }
+                    }
                 }
+            }
+            Engine::Pipeline(pipeline) => {
+                let result = pipeline.run(&self.weights, &batches)?;
+                for outputs in &result.losses {
+                    losses.add(outputs, scale);
+                }
+                grads = result.grads;
+                loads = result.loads;
             }
         }
         let step = self.step + 1;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
+use fathom_compiler::pipeline::Method;
 use fathom_compiler::precision::{Precision, PrecisionPolicy};
 use fathom_runtime::train::{Checkpoint, TrainSettings, Trainer, latest_checkpoint};
 
@@ -50,6 +51,18 @@ pub struct Args {
     /// run file's per-module overrides are dropped, its FP8 scaling is kept.
     #[arg(long)]
     precision: Option<Precision>,
+    /// Override the micro-batches per optimizer step (gradient accumulation; the pipeline's
+    /// micro-batches when --pp > 1).
+    #[arg(long)]
+    micro_batches: Option<usize>,
+    /// Pipeline stages: the model's layers are split over this many ranks (CPU threads) that
+    /// run the --schedule. 1 (the default) trains on one rank.
+    #[arg(long)]
+    pp: Option<usize>,
+    /// The pipeline schedule: 1f1b, zb1p, dualpipe (PP ranks, two copies of each stage) or
+    /// dualpipev (PP/2 ranks).
+    #[arg(long)]
+    schedule: Option<Method>,
     /// Without a terminal, print a progress line every this many steps.
     #[arg(long, default_value_t = 10)]
     log_every: u64,
@@ -60,6 +73,9 @@ pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     apply_overrides(&mut config, &args);
 
     let mut trainer = start(&config)?;
+    if let Some(pipeline) = trainer.pipeline() {
+        eprint!("{}", pipeline.describe());
+    }
     let floor = config
         .data
         .loss_floor(trainer.spec(), trainer.settings().seq);
@@ -171,6 +187,15 @@ fn apply_overrides(config: &mut RunConfig, args: &Args) {
             ..PrecisionPolicy::uniform(precision)
         };
     }
+    if let Some(micro) = args.micro_batches {
+        train.micro_batches = micro;
+    }
+    if let Some(pp) = args.pp {
+        train.pipeline.stages = pp;
+    }
+    if let Some(schedule) = args.schedule {
+        train.pipeline.schedule = schedule;
+    }
     if let Some(path) = &args.text {
         config.data = DataSource::Text { path: path.clone() };
     }
@@ -211,8 +236,9 @@ fn start(config: &RunConfig) -> anyhow::Result<Trainer> {
     Ok(Trainer::new(spec, settings.clone(), weights, data)?)
 }
 
-/// A checkpoint continues only the run that wrote it: every setting but the step count must
-/// be the same.
+/// A checkpoint continues only the run that wrote it: every setting but the step count and the
+/// pipeline layout must be the same (another pipeline computes the same step, up to the order
+/// of a few sums, so a run may move to more or fewer ranks).
 fn check_same_run(saved: &TrainSettings, asked: &TrainSettings) -> anyhow::Result<()> {
     let saved = serde_json::to_value(saved)?;
     let asked = serde_json::to_value(asked)?;
@@ -221,7 +247,9 @@ fn check_same_run(saved: &TrainSettings, asked: &TrainSettings) -> anyhow::Resul
     };
     let differing: Vec<String> = saved
         .iter()
-        .filter(|(key, value)| *key != "steps" && asked.get(*key) != Some(value))
+        .filter(|(key, value)| {
+            !matches!(key.as_str(), "steps" | "pipeline") && asked.get(*key) != Some(value)
+        })
         .map(|(key, value)| {
             let now = asked
                 .get(key)

@@ -1,0 +1,21 @@
+//! Training on several ranks: pipeline parallelism under a schedule (1F1B, ZB1P, DualPipe,
+//! DualPipeV) with ranks that really run, each a thread with its own work list, exchanging
+//! activations and gradients through a [`Comm`].
+//!
+//! The compiler cuts the training step into stages and each stage's work into F, B and W
+//! pieces (`fathom_compiler::partition`); [`Pipeline`] compiles the pieces and runs a
+//! schedule's per-rank op lists for real: a rank's forward waits for the activation its
+//! predecessor sent, its input-gradient backward for the gradient its successor sent, and its
+//! weight-gradient backward runs wherever the schedule put it. Parameters held by several
+//! ranks (DualPipe's two copies of every stage; the embedding, which the first and last
+//! stages both read) have their gradients all-reduced among their holders.
+
+mod comm;
+mod fault;
+mod pipeline;
+mod settings;
+
+pub use comm::{Comm, CommError, Tag, ThreadComm};
+pub use fault::{Fault, FaultKind};
+pub use pipeline::{Pipeline, PipelineError, PipelineRun, PipelineStep, RankFailure};
+pub use settings::PipelineSettings;

@@ -1,0 +1,63 @@
+//! How a run is split across pipeline ranks.
+
+use fathom_compiler::pipeline::Method;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Pipeline parallelism of a run. The default, one stage, is no pipeline at all.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Pipeline stages (the report's PP). DualPipeV runs them on `stages / 2` ranks, the other
+    /// schedules on `stages` ranks.
+    #[serde(default = "one")]
+    pub stages: usize,
+    /// `1f1b`, `zb1p`, `dualpipe` or `dualpipev`.
+    #[serde(default = "one_f_one_b", with = "method_name")]
+    pub schedule: Method,
+    /// How long a rank waits for a message before it reports its peer as stalled.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: f64,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        PipelineSettings {
+            stages: 1,
+            schedule: Method::OneFOneB,
+            timeout_seconds: default_timeout(),
+        }
+    }
+}
+
+impl PipelineSettings {
+    /// Whether the run is split into more than one stage.
+    pub fn is_pipelined(&self) -> bool {
+        self.stages > 1
+    }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn one_f_one_b() -> Method {
+    Method::OneFOneB
+}
+
+fn default_timeout() -> f64 {
+    600.0
+}
+
+/// The schedule by its CLI name (`dualpipe`), not its Rust variant name.
+mod method_name {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(method: &Method, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(method.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Method, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,383 @@
+//! Pipeline-parallel training on CPU ranks (threads) against single-rank training: the same
+//! losses and gradients under every schedule, and failed or stalled ranks reported, not hung.
+
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use fathom_compiler::model::{LossWeights, parameter_graph};
+use fathom_compiler::partition::{Phase, StagePlan, layer_costs, split_phases, stage_graph};
+use fathom_compiler::pipeline::Method;
+use fathom_compiler::spec::ModelSpec;
+use fathom_compiler::training::training_graph;
+use fathom_runtime::data::{SyntheticBatches, SyntheticKind, SyntheticTask};
+use fathom_runtime::exec::Backend;
+use fathom_runtime::exec::Executable;
+use fathom_runtime::init::init_parameters;
+use fathom_runtime::interp::{Feeds, evaluate};
+use fathom_runtime::optim::{AdamWConfig, LrSchedule};
+use fathom_runtime::optim::{Grads, accumulate};
+use fathom_runtime::parallel::{Fault, FaultKind, Pipeline, PipelineRun, PipelineSettings};
+use fathom_runtime::tensor::HostTensor;
+use fathom_runtime::train::{StepReport, TrainError, TrainSettings, Trainer};
+use fathom_runtime::weights::Weights;
+
+const BATCH: usize = 2;
+const SEQ: usize = 8;
+
+/// `small` with four layers (one dense, three MoE) and a tied head, so that stages differ and
+/// the embedding is shared by the first and the last stage.
+fn spec() -> ModelSpec {
+    let mut spec = fathom_compiler::spec::examples::small();
+    spec.layers = 4;
+    spec.tie_embeddings = true;
+    spec
+}
+
+fn weights(spec: &ModelSpec) -> Weights {
+    Weights::from(init_parameters(&parameter_graph(spec).unwrap(), 0.1, 5))
+}
+
+fn settings(micro_batches: usize, backend: Backend, pipeline: PipelineSettings) -> TrainSettings {
+    TrainSettings {
+        batch: BATCH,
+        seq: SEQ,
+        micro_batches,
+        steps: 100,
+        optimizer: AdamWConfig::default(),
+        schedule: LrSchedule {
+            peak_lr: 1e-2,
+            warmup_steps: 0,
+            hold_steps: 100,
+            decay_steps: 0,
+            final_lr: 1e-2,
+        },
+        clip_norm: Some(1.0),
+        losses: LossWeights::deepseek_v3(),
+        bias_update_speed: 0.001,
+        backend,
+        precision: Default::default(),
+        pipeline,
+    }
+}
+
+fn trainer(micro_batches: usize, backend: Backend, pipeline: PipelineSettings) -> Trainer {
+    let spec = spec();
+    let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 11).unwrap();
+    let data = SyntheticBatches::new(task, BATCH, SEQ).unwrap();
+    let settings = settings(micro_batches, backend, pipeline);
+    Trainer::new(spec.clone(), settings, weights(&spec), Box::new(data)).unwrap()
+}
+
+fn pipelined(stages: usize, schedule: Method) -> PipelineSettings {
+    PipelineSettings {
+        stages,
+        schedule,
+        timeout_seconds: 60.0,
+    }
+}
+
+/// Largest |a - b| over every weight, relative to the largest |b| of that weight.
+fn max_weight_difference(a: &Weights, b: &Weights) -> (f64, String) {
+    let mut worst = (0.0, String::new());
+    for (name, tb) in b.iter() {
+        let (va, vb) = (a.get(name).unwrap().as_f32().unwrap(), tb.as_f32().unwrap());
+        let scale = vb
+            .iter()
+            .fold(0f64, |m, &x| m.max(x.abs() as f64))
+            .max(1e-12);
+        let diff = va
+            .iter()
+            .zip(vb)
+            .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+        if diff / scale > worst.0 {
+            worst = (diff / scale, name.to_owned());
+        }
+    }
+    worst
+}
+
+fn steps(trainer: &mut Trainer, n: usize) -> Vec<StepReport> {
+    (0..n).map(|_| trainer.step().unwrap()).collect()
+}
+
+#[test]
+fn pieces_run_in_turn_compute_what_the_whole_stage_graph_computes() {
+    let spec = spec();
+    let costs = layer_costs(&spec, SEQ, true).unwrap();
+    let plan = StagePlan::balanced(&costs, 2).unwrap();
+    let weights = weights(&spec);
+    let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 3).unwrap();
+    let ids = task.batch_at(0, BATCH, SEQ);
+    let hidden = HostTensor::f32(
+        [BATCH, SEQ, spec.hidden_size],
+        (0..BATCH * SEQ * spec.hidden_size)
+            .map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5)
+            .collect(),
+    );
+    for stage in 0..2 {
+        let built =
+            stage_graph(&spec, &plan, stage, BATCH, SEQ, LossWeights::deepseek_v3()).unwrap();
+        let mut inputs: BTreeMap<String, HostTensor> = BTreeMap::new();
+        inputs.insert("input_ids".into(), ids.clone());
+        inputs.insert("hidden.in".into(), hidden.clone());
+        inputs.insert("grad.hidden.out".into(), hidden.clone());
+        let run = |graph, inputs: &BTreeMap<String, HostTensor>| -> BTreeMap<String, HostTensor> {
+            evaluate(graph, &Feeds::new(inputs, &weights))
+                .unwrap()
+                .into_iter()
+                .collect()
+        };
+        let whole = run(&built.graph, &inputs);
+        let pieces = split_phases(
+            &built.graph,
+            |name| match name {
+                "grad.hidden.out" => Phase::InputGrad,
+                _ => Phase::Forward,
+            },
+            |name| match name {
+                "grad.hidden.in" => Phase::InputGrad,
+                _ if name.starts_with("grad.") => Phase::WeightGrad,
+                _ => Phase::Forward,
+            },
+        )
+        .unwrap();
+        let mut piecewise = BTreeMap::new();
+        for phase in Phase::ALL {
+            let out = run(pieces.get(phase), &inputs);
+            for (name, tensor) in out {
+                if name.starts_with("carry.") {
+                    inputs.insert(name, tensor);
+                } else {
+                    piecewise.insert(name, tensor);
+                }
+            }
+        }
+        assert_eq!(
+            piecewise.keys().collect::<Vec<_>>(),
+            whole.keys().collect::<Vec<_>>(),
+            "stage {stage}"
+        );
+        for (name, tensor) in &whole {
+            assert_eq!(&piecewise[name], tensor, "stage {stage}: `{name}` differs");
+        }
+        // The weight-gradient matmuls wait for W; the first stage has nothing to send back.
+        let weight_grads = pieces.get(Phase::WeightGrad);
+        assert!(
+            weight_grads
+                .outputs
+                .iter()
+                .any(|o| o.name.starts_with("grad.model"))
+        );
+        if stage == 0 {
+            assert!(pieces.get(Phase::InputGrad).outputs.is_empty());
+        }
+        assert!(pieces.carried_bytes(Phase::Forward) > 0);
+    }
+}
+
+/// Every schedule on 4 stages (DualPipeV: 4 stages on 2 ranks) against one rank with the same
+/// micro-batches accumulated, on the interpreter and on the compiled CPU path.
+#[test]
+fn every_schedule_trains_like_a_single_rank() {
+    let micro = 8;
+    for backend in [Backend::Interpreter, Backend::Cpu] {
+        let mut single = trainer(micro, backend, PipelineSettings::default());
+        let reference = steps(&mut single, 2);
+        for method in Method::ALL {
+            let started = Instant::now();
+            let mut t = trainer(micro, backend, pipelined(4, method));
+            let reports = steps(&mut t, 2);
+            let (weight_diff, worst) = max_weight_difference(t.weights(), single.weights());
+            for (r, s) in reports.iter().zip(&reference) {
+                let loss_diff = ((r.loss - s.loss) / s.loss).abs();
+                let norm_diff = ((r.grad_norm - s.grad_norm) / s.grad_norm).abs();
+                eprintln!(
+                    "{backend:?} {method}: step {} loss {:.7} vs {:.7} (rel {loss_diff:.1e}), \
+                     grad norm rel {norm_diff:.1e}, weights after 2 steps rel {weight_diff:.1e} \
+                     (`{worst}`), {:.1}s",
+                    r.step,
+                    r.loss,
+                    s.loss,
+                    started.elapsed().as_secs_f64()
+                );
+                // The stages compute the same ops as the whole graph; only the order of a few
+                // sums differs (the embedding's gradient from two stages, the loss parts, f64
+                // on the host): a few f32 ulps.
+                assert!(loss_diff < 1e-6, "{method}: loss {} vs {}", r.loss, s.loss);
+                assert!(
+                    norm_diff < 1e-5,
+                    "{method}: grad norm {} vs {}",
+                    r.grad_norm,
+                    s.grad_norm
+                );
+                assert_eq!(r.expert_loads, s.expert_loads, "{method}: expert loads");
+            }
+            // AdamW divides each gradient by its own running RMS, so an ulp-level gradient
+            // difference on an element whose gradient is tiny (an expert that got few tokens)
+            // becomes a visible difference of its update; two steps stay within 1e-3 of the
+            // weight's scale. The gradients themselves are compared tightly below.
+            assert!(
+                weight_diff < 1e-3,
+                "{method}: `{worst}` differs by {weight_diff:e}"
+            );
+        }
+    }
+}
+
+/// The gradients of one step, parameter by parameter, against the whole training graph.
+#[test]
+fn pipelined_gradients_equal_the_whole_graph_gradients() {
+    let spec = spec();
+    let micro = 8;
+    let weights = weights(&spec);
+    let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 5).unwrap();
+    let batches: Vec<HostTensor> = (0..micro as u64)
+        .map(|i| task.batch_at(i, BATCH, SEQ))
+        .collect();
+    let losses = LossWeights::deepseek_v3();
+    let program = training_graph(&spec, BATCH, SEQ, losses).unwrap();
+    for backend in [Backend::Interpreter, Backend::Cpu] {
+        let whole = Executable::new(program.graph.clone(), backend).unwrap();
+        let mut reference = Grads::new();
+        for ids in &batches {
+            let inputs = BTreeMap::from([("input_ids".to_owned(), ids.clone())]);
+            let out = whole.run(&Feeds::new(&inputs, &weights)).unwrap();
+            let grads: Grads = program
+                .parameters
+                .iter()
+                .map(|p| {
+                    (
+                        p.clone(),
+                        out[&format!("grad.{p}")].as_f32().unwrap().to_vec(),
+                    )
+                })
+                .collect();
+            accumulate(&mut reference, &grads, 1.0 / micro as f32).unwrap();
+        }
+        for method in Method::ALL {
+            let run = PipelineRun {
+                spec: &spec,
+                batch: BATCH,
+                seq: SEQ,
+                micro_batches: micro,
+                losses,
+                precision: &Default::default(),
+                backend,
+                parameters: &program.parameters,
+            };
+            let pipeline = Pipeline::new(&pipelined(4, method), run).unwrap();
+            let step = pipeline.run(&weights, &batches).unwrap();
+            assert_eq!(
+                step.grads.keys().collect::<Vec<_>>(),
+                reference.keys().collect::<Vec<_>>()
+            );
+            let mut worst = (0f64, String::new());
+            let mut identical = 0;
+            for (name, expected) in &reference {
+                let got = &step.grads[name];
+                let scale = expected.iter().fold(0f64, |m, &x| m.max(x.abs() as f64));
+                let diff = got
+                    .iter()
+                    .zip(expected)
+                    .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+                identical += usize::from(diff == 0.0);
+                if diff / scale.max(1e-30) > worst.0 {
+                    worst = (diff / scale, name.clone());
+                }
+            }
+            eprintln!(
+                "{backend:?} {method}: {identical}/{} gradients bit-identical, worst {:.1e} relative (`{}`)",
+                reference.len(),
+                worst.0,
+                worst.1
+            );
+            // Same ops, in the same order within each stage; the sums across micro-batches,
+            // across DualPipe's two copies and across the two stages that read the embedding
+            // are ordered differently: f32 rounding of those sums.
+            assert!(
+                worst.0 < 1e-5,
+                "{backend:?} {method}: `{}` {:e}",
+                worst.1,
+                worst.0
+            );
+            // Where each micro-batch's gradient reaches the sum in the single-rank order (one
+            // copy of each stage) the interpreter's results are bit-identical, except for the
+            // embedding, whose two stages' parts are added in another order.
+            if backend == Backend::Interpreter && method != Method::DualPipe {
+                assert_eq!(identical, reference.len() - 1, "{method}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_failed_rank_stops_the_step_with_its_rank_and_op_and_changes_nothing() {
+    let mut t = trainer(8, Backend::Cpu, pipelined(4, Method::DualPipe));
+    let before = t.weights().clone();
+    t.inject_fault(Some(Fault {
+        rank: 2,
+        op_index: 3,
+        kind: FaultKind::Fail,
+    }));
+    let err = t.step().unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, TrainError::Pipeline(_)), "{text}");
+    assert!(
+        text.starts_with("pipeline rank 2 failed at op 3 ("),
+        "{text}"
+    );
+    assert!(text.contains("injected failure"), "{text}");
+    assert_eq!(t.step_count(), 0);
+    assert_eq!(max_weight_difference(t.weights(), &before).0, 0.0);
+    // The run goes on once the fault is gone.
+    t.inject_fault(None);
+    t.step().unwrap();
+}
+
+#[test]
+fn a_stalled_rank_is_reported_by_the_peer_that_waits_for_it() {
+    let mut settings = pipelined(4, Method::OneFOneB);
+    settings.timeout_seconds = 0.5;
+    let mut t = trainer(4, Backend::Cpu, settings);
+    // Rank 1's first op is the receive of micro-batch 0's activation; stall just after it.
+    t.inject_fault(Some(Fault {
+        rank: 1,
+        op_index: 1,
+        kind: FaultKind::Stall,
+    }));
+    let started = Instant::now();
+    let text = t.step().unwrap_err().to_string();
+    assert!(
+        started.elapsed().as_secs_f64() < 30.0,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(text.contains("from rank 1 after"), "{text}");
+    assert!(text.contains("is rank 1 stalled?"), "{text}");
+}
+
+#[test]
+fn impossible_pipelines_are_refused_with_the_setting() {
+    let spec = spec();
+    let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 11).unwrap();
+    let build = |micro, pipeline| {
+        let data = SyntheticBatches::new(task.clone(), BATCH, SEQ).unwrap();
+        Trainer::new(
+            spec.clone(),
+            settings(micro, Backend::Cpu, pipeline),
+            weights(&spec),
+            Box::new(data),
+        )
+    };
+    let err = build(6, pipelined(4, Method::DualPipe))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("training setting `pipeline`"), "{err}");
+    assert!(err.contains("micro"), "{err}");
+    let err = build(8, pipelined(8, Method::OneFOneB))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("8 pipeline stages"), "{err}");
+}
