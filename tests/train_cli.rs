@@ -388,6 +388,17 @@ fn pipelined_training_runs_resumes_and_reports_a_failed_rank() {
     assert!(text.contains("the last checkpoint in"), "{text}");
     assert_eq!(std::fs::read_to_string(&checkpoint).unwrap(), before);
 
+    // Replicas multiply the global batch: a resumed run keeps them.
+    let mut args = vec!["train", "--config", config, "--steps", "5", "--dp", "2"];
+    args.extend(pipelined);
+    let replicated = fathom(&args);
+    assert!(!replicated.status.success());
+    assert!(
+        stderr(&replicated).contains("`pipeline.data_parallel` was 1, now 2"),
+        "{}",
+        stderr(&replicated)
+    );
+
     let fresh = dir.path().join("fresh");
     let bad = fathom(&[
         "train",

@@ -110,6 +110,8 @@ struct StageProgram {
 /// A training step compiled for a pipeline schedule.
 pub struct Pipeline {
     schedule: Schedule,
+    /// Data-parallel replicas of the whole pipeline, each on its own micro-batches.
+    replicas: usize,
     plan: StagePlan,
     stages: Vec<StageProgram>,
     /// Every trainable parameter of the model (unused ones get zero gradients, as in the
@@ -150,8 +152,16 @@ impl Pipeline {
         settings: &PipelineSettings,
         run: PipelineRun<'_>,
     ) -> Result<Pipeline, PipelineError> {
-        let schedule = generate(settings.schedule, settings.stages, run.micro_batches)
-            .map_err(|e| PipelineError::Settings(e.to_string()))?;
+        let schedule = match settings.stages {
+            1 => single_stage(run.micro_batches),
+            stages => generate(settings.schedule, stages, run.micro_batches)
+                .map_err(|e| PipelineError::Settings(e.to_string()))?,
+        };
+        if settings.data_parallel == 0 {
+            return Err(PipelineError::Settings(
+                "`data_parallel` must be at least 1".into(),
+            ));
+        }
         if !(settings.timeout_seconds.is_finite() && settings.timeout_seconds > 0.0) {
             return Err(PipelineError::Settings(format!(
                 "`timeout_seconds` must be a positive number of seconds, got {}",
@@ -178,6 +188,7 @@ impl Pipeline {
         }
         Ok(Pipeline {
             schedule,
+            replicas: settings.data_parallel,
             plan,
             stages,
             parameters: run.parameters.to_vec(),
@@ -205,18 +216,24 @@ impl Pipeline {
     /// its forward and backward.
     pub fn describe(&self) -> String {
         let total: f64 = self.plan.costs.iter().sum();
+        let ranks = self.schedule.ranks.len();
         let mut out = format!(
-            "{} pipeline: {} stages on {} rank{}, {} micro-batches per step\n",
+            "{} pipeline: {} stage{} on {ranks} rank{}, {} micro-batches per step",
             self.schedule.method,
             self.plan.stages(),
-            self.schedule.ranks.len(),
-            if self.schedule.ranks.len() == 1 {
-                ""
-            } else {
-                "s"
-            },
+            plural(self.plan.stages()),
+            plural(ranks),
             self.schedule.micro_batches
         );
+        if self.replicas > 1 {
+            out.push_str(&format!(
+                "; {} data-parallel replicas ({} ranks, {} micro-batches in all)",
+                self.replicas,
+                self.world(),
+                self.micro_batches_per_step()
+            ));
+        }
+        out.push('\n');
         for (s, (range, cost)) in self.plan.ranges.iter().zip(&self.plan.costs).enumerate() {
             let stage = &self.stages[s];
             let ends = match (stage.first, stage.last) {
@@ -237,23 +254,34 @@ impl Pipeline {
         out
     }
 
-    /// Runs one step over `micro_batches` (token ids, one tensor each, as many as the
-    /// schedule's micro-batches) with `weights`.
+    /// Ranks in all: the schedule's ranks times the data-parallel replicas.
+    pub fn world(&self) -> usize {
+        self.schedule.ranks.len() * self.replicas
+    }
+
+    /// Micro-batches one step consumes: the schedule's, for each replica.
+    pub fn micro_batches_per_step(&self) -> usize {
+        self.schedule.micro_batches * self.replicas
+    }
+
+    /// Runs one step over `micro_batches` (token ids, one tensor each, as many as
+    /// [`Self::micro_batches_per_step`]: replica d takes the d-th run of the schedule's count)
+    /// with `weights`.
     pub fn run(
         &self,
         weights: &Weights,
         micro_batches: &[HostTensor],
     ) -> Result<PipelineStep, PipelineError> {
-        if micro_batches.len() != self.schedule.micro_batches {
+        if micro_batches.len() != self.micro_batches_per_step() {
             return Err(PipelineError::Settings(format!(
-                "the schedule runs {} micro-batches a step, got {}",
-                self.schedule.micro_batches,
+                "the pipeline runs {} micro-batches a step, got {}",
+                self.micro_batches_per_step(),
                 micro_batches.len()
             )));
         }
         let holders = self.holders();
         let cancel = AtomicBool::new(false);
-        let comms = ThreadComm::group(self.schedule.ranks.len(), self.timeout);
+        let comms = ThreadComm::group(self.world(), self.timeout);
         let results: Vec<Result<RankResult, PipelineError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = comms
                 .into_iter()
@@ -293,14 +321,19 @@ impl Pipeline {
         self.combine(results, weights)
     }
 
-    /// For each parameter, the ranks that hold a copy (sorted).
+    /// For each parameter, the ranks that hold a copy (sorted): the ranks running its stage,
+    /// in every replica.
     fn holders(&self) -> BTreeMap<String, Vec<usize>> {
         let mut holders: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+        let per_replica = self.schedule.ranks.len();
         for (rank, ops) in self.schedule.ranks.iter().enumerate() {
             for op in ops {
                 if let ScheduleOp::F(c) | ScheduleOp::FB { f: c, .. } = op {
                     for p in &self.stages[c.stage].parameters {
-                        holders.entry(p.clone()).or_default().insert(rank);
+                        for replica in 0..self.replicas {
+                            let global = replica * per_replica + rank;
+                            holders.entry(p.clone()).or_default().insert(global);
+                        }
                     }
                 }
             }
@@ -332,7 +365,7 @@ impl Pipeline {
                 .unwrap_or(0);
             return Err(failures.swap_remove(root));
         }
-        let micro = self.schedule.micro_batches;
+        let micro = self.micro_batches_per_step();
         let mut grads = Grads::new();
         let mut loads: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut parts: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); micro];
@@ -383,6 +416,28 @@ impl Pipeline {
         }
         out.insert("loss".to_owned(), scalar(total));
         out
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// One stage on one rank: each micro-batch's forward, then its backward.
+fn single_stage(micro_batches: usize) -> Schedule {
+    let ops = (0..micro_batches)
+        .flat_map(|mb| {
+            [
+                ScheduleOp::F(Chunk::new(mb, 0)),
+                ScheduleOp::B(Chunk::new(mb, 0)),
+            ]
+        })
+        .collect();
+    Schedule {
+        method: fathom_compiler::pipeline::Method::OneFOneB,
+        pp: 1,
+        micro_batches,
+        ranks: vec![ops],
     }
 }
 
@@ -463,7 +518,11 @@ struct RankResult {
 struct RankWorker<'a> {
     pipeline: &'a Pipeline,
     comm: ThreadComm,
+    /// The rank within its replica (the schedule's rank) and the replica.
+    local: usize,
+    replica: usize,
     weights: &'a Weights,
+    /// The replica's micro-batches.
     micro_batches: &'a [HostTensor],
     /// Transfers produced here or received, until they are consumed or sent on.
     mailbox: HashMap<Message, HostTensor>,
@@ -481,11 +540,16 @@ impl<'a> RankWorker<'a> {
         weights: &'a Weights,
         micro_batches: &'a [HostTensor],
     ) -> Self {
+        let per_replica = pipeline.schedule.ranks.len();
+        let (replica, local) = (comm.rank() / per_replica, comm.rank() % per_replica);
+        let count = pipeline.schedule.micro_batches;
         RankWorker {
             pipeline,
             comm,
+            local,
+            replica,
             weights,
-            micro_batches,
+            micro_batches: &micro_batches[replica * count..(replica + 1) * count],
             mailbox: HashMap::new(),
             held: HashMap::new(),
             grads: Grads::new(),
@@ -500,7 +564,7 @@ impl<'a> RankWorker<'a> {
         holders: &BTreeMap<String, Vec<usize>>,
     ) -> Result<RankResult, PipelineError> {
         let rank = self.comm.rank();
-        let ops = &self.pipeline.schedule.ranks[rank];
+        let ops = &self.pipeline.schedule.ranks[self.local];
         for (index, op) in ops.iter().enumerate() {
             let failed = |failure| PipelineError::Rank {
                 rank,
@@ -570,6 +634,7 @@ impl<'a> RankWorker<'a> {
                 self.weight_grad(b)
             }
             ScheduleOp::Send { peer, msg } => {
+                let peer = self.global(peer);
                 let tensor = self.mailbox.remove(&msg).ok_or_else(|| {
                     RankFailure::Schedule(format!(
                         "nothing to send: the {} is not here",
@@ -579,11 +644,17 @@ impl<'a> RankWorker<'a> {
                 Ok(self.comm.send(peer, Tag::Pipeline(msg), tensor)?)
             }
             ScheduleOp::Recv { peer, msg } => {
+                let peer = self.global(peer);
                 let tensor = self.comm.recv(peer, &Tag::Pipeline(msg))?;
                 self.mailbox.insert(msg, tensor);
                 Ok(())
             }
         }
+    }
+
+    /// The global rank of the schedule's rank `local` in this replica.
+    fn global(&self, local: usize) -> usize {
+        self.replica * self.pipeline.schedule.ranks.len() + local
     }
 
     /// Takes a transfer that must already be here (received, or produced on this rank).
@@ -633,7 +704,7 @@ impl<'a> RankWorker<'a> {
                 let value = floats(&tensor).first().copied().unwrap_or(f32::NAN);
                 *self
                     .losses
-                    .entry(c.mb)
+                    .entry(self.replica * self.micro_batches.len() + c.mb)
                     .or_default()
                     .entry(name)
                     .or_insert(0.0) += value as f64;
@@ -682,7 +753,7 @@ impl<'a> RankWorker<'a> {
             ))
         })?;
         let outputs = self.piece(c.stage, Phase::WeightGrad, &inputs)?;
-        let scale = 1.0 / self.pipeline.schedule.micro_batches as f32;
+        let scale = 1.0 / self.pipeline.micro_batches_per_step() as f32;
         for (name, tensor) in outputs {
             if let Some(param) = name.strip_prefix("grad.") {
                 let g = floats(&tensor);

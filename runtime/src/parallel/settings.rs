@@ -14,6 +14,10 @@ pub struct PipelineSettings {
     /// `1f1b`, `zb1p`, `dualpipe` or `dualpipev`.
     #[serde(default = "one_f_one_b", with = "method_name")]
     pub schedule: Method,
+    /// Data-parallel replicas of the pipeline, each on its own micro-batches, their
+    /// gradients all-reduced (the `--dp` of the CLI).
+    #[serde(default = "one")]
+    pub data_parallel: usize,
     /// How long a rank waits for a message before it reports its peer as stalled.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: f64,
@@ -24,15 +28,16 @@ impl Default for PipelineSettings {
         PipelineSettings {
             stages: 1,
             schedule: Method::OneFOneB,
+            data_parallel: 1,
             timeout_seconds: default_timeout(),
         }
     }
 }
 
 impl PipelineSettings {
-    /// Whether the run is split into more than one stage.
-    pub fn is_pipelined(&self) -> bool {
-        self.stages > 1
+    /// Whether the run is split over more than one rank.
+    pub fn is_parallel(&self) -> bool {
+        self.stages > 1 || self.data_parallel > 1
     }
 }
 

@@ -20,7 +20,8 @@ pub struct TrainSettings {
     /// Tokens per sequence.
     pub seq: usize,
     /// Micro-batches whose gradients are averaged into one optimizer step (gradient
-    /// accumulation); the global batch is `batch × micro_batches` sequences.
+    /// accumulation); the global batch is `batch × micro_batches × data-parallel replicas`
+    /// sequences.
     #[serde(default = "one")]
     pub micro_batches: usize,
     /// Optimizer steps of the whole run.
@@ -100,6 +101,9 @@ impl TrainSettings {
         if self.pipeline.stages == 0 {
             return bad("pipeline.stages", "must be at least 1".into());
         }
+        if self.pipeline.data_parallel == 0 {
+            return bad("pipeline.data_parallel", "must be at least 1".into());
+        }
         if let Err(e) = self.precision.validate() {
             return bad("precision", e.to_string());
         }
@@ -108,8 +112,14 @@ impl TrainSettings {
         Ok(())
     }
 
+    /// Micro-batches consumed by one optimizer step: `micro_batches` for each data-parallel
+    /// replica.
+    pub fn micro_batches_per_step(&self) -> usize {
+        self.micro_batches * self.pipeline.data_parallel
+    }
+
     /// Tokens consumed by one optimizer step.
     pub fn tokens_per_step(&self) -> u64 {
-        (self.batch * self.seq * self.micro_batches) as u64
+        (self.batch * self.seq * self.micro_batches_per_step()) as u64
     }
 }

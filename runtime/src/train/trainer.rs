@@ -32,7 +32,7 @@ impl Engine {
         settings: &TrainSettings,
         program: &TrainingGraph,
     ) -> Result<Engine, TrainError> {
-        if !settings.pipeline.is_pipelined() {
+        if !settings.pipeline.is_parallel() {
             return Ok(Engine::Whole(Executable::new(
                 program.graph.clone(),
                 settings.backend,
@@ -236,7 +236,7 @@ impl Trainer {
     /// One optimizer step over `micro_batches` micro-batches.
     pub fn step(&mut self) -> Result<StepReport, TrainError> {
         let started = Instant::now();
-        let micro = self.settings.micro_batches;
+        let micro = self.settings.micro_batches_per_step();
         let scale = 1.0 / micro as f64;
         let mut grads = Grads::new();
         let mut losses = LossSums::default();

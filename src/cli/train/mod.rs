@@ -59,6 +59,10 @@ pub struct Args {
     /// run the --schedule. 1 (the default) trains on one rank.
     #[arg(long)]
     pp: Option<usize>,
+    /// Data-parallel replicas of the pipeline (each on its own micro-batches; the global batch
+    /// grows accordingly), their gradients all-reduced.
+    #[arg(long)]
+    dp: Option<usize>,
     /// The pipeline schedule: 1f1b, zb1p, dualpipe (PP ranks, two copies of each stage) or
     /// dualpipev (PP/2 ranks).
     #[arg(long)]
@@ -193,6 +197,9 @@ fn apply_overrides(config: &mut RunConfig, args: &Args) {
     if let Some(pp) = args.pp {
         train.pipeline.stages = pp;
     }
+    if let Some(dp) = args.dp {
+        train.pipeline.data_parallel = dp;
+    }
     if let Some(schedule) = args.schedule {
         train.pipeline.schedule = schedule;
     }
@@ -238,7 +245,8 @@ fn start(config: &RunConfig) -> anyhow::Result<Trainer> {
 
 /// A checkpoint continues only the run that wrote it: every setting but the step count and the
 /// pipeline layout must be the same (another pipeline computes the same step, up to the order
-/// of a few sums, so a run may move to more or fewer ranks).
+/// of a few sums, so a run may move to more or fewer stages; the data-parallel replicas must
+/// stay, since they set the global batch).
 fn check_same_run(saved: &TrainSettings, asked: &TrainSettings) -> anyhow::Result<()> {
     let saved = serde_json::to_value(saved)?;
     let asked = serde_json::to_value(asked)?;
@@ -257,6 +265,21 @@ fn check_same_run(saved: &TrainSettings, asked: &TrainSettings) -> anyhow::Resul
             format!("`{key}` was {value}, now {now}")
         })
         .collect();
+    // Of the pipeline, only the replicas change the step (they multiply the global batch).
+    let replicas = |settings: &serde_json::Map<String, serde_json::Value>| {
+        settings
+            .get("pipeline")
+            .and_then(|p| p.get("data_parallel"))
+            .cloned()
+    };
+    let mut differing = differing;
+    if replicas(saved) != replicas(asked) {
+        differing.push(format!(
+            "`pipeline.data_parallel` was {}, now {}",
+            replicas(saved).unwrap_or_default(),
+            replicas(asked).unwrap_or_default()
+        ));
+    }
     if differing.is_empty() {
         Ok(())
     } else {
