@@ -345,11 +345,24 @@ fn pipelined_training_runs_resumes_and_reports_a_failed_rank() {
         "--micro-batches",
         "4",
     ];
-    let mut args = vec!["train", "--config", config];
+    let timeline = dir.path().join("timeline.svg");
+    let mut args = vec![
+        "train",
+        "--config",
+        config,
+        "--timeline",
+        timeline.to_str().unwrap(),
+    ];
     args.extend(pipelined);
     let run = fathom(&args);
     assert!(run.status.success(), "{}", stderr(&run));
     let text = stderr(&run);
+    assert!(
+        text.contains("simulated from those costs: makespan"),
+        "{text}"
+    );
+    let svg = std::fs::read_to_string(&timeline).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("rank 1"), "{svg}");
     assert!(
         text.contains("dualpipe pipeline: 2 stages on 2 ranks"),
         "{text}"

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use fathom_compiler::model::{LossWeights, parameter_graph};
 use fathom_compiler::partition::{Phase, StagePlan, layer_costs, split_phases, stage_graph};
-use fathom_compiler::pipeline::Method;
+use fathom_compiler::pipeline::{Method, ScheduleOp};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::training::training_graph;
 use fathom_runtime::data::{SyntheticBatches, SyntheticKind, SyntheticTask};
@@ -334,6 +334,47 @@ fn pipelined_gradients_equal_the_whole_graph_gradients() {
             }
         }
     }
+}
+
+/// The measured timeline: every op of every rank, in order, and no receive completes before
+/// its send began (the ranks really waited for each other).
+#[test]
+fn the_measured_timeline_is_complete_and_causal() {
+    let mut t = trainer(8, Backend::Cpu, pipelined(4, Method::DualPipe));
+    t.step().unwrap();
+    let timeline = t.last_timeline().unwrap();
+    let schedule = t.pipeline().unwrap().schedule();
+    assert_eq!(timeline.ranks.len(), schedule.ranks.len());
+    let mut sends = std::collections::HashMap::new();
+    for (rank, (report, ops)) in timeline.ranks.iter().zip(&schedule.ranks).enumerate() {
+        let done: Vec<_> = report.ops.iter().map(|t| t.op).collect();
+        assert_eq!(&done, ops, "rank {rank} ran its schedule in order");
+        for pair in report.ops.windows(2) {
+            assert!(pair[0].end <= pair[1].start && pair[1].start <= pair[1].end);
+        }
+        for op in &report.ops {
+            if let ScheduleOp::Send { peer, msg } = op.op {
+                sends.insert((rank, peer, msg), op.start);
+            }
+        }
+        assert!(report.busy > 0.0 && report.busy <= timeline.makespan);
+        assert_eq!(
+            report.parameter_copies, 2,
+            "DualPipe holds two stages per rank"
+        );
+    }
+    for (rank, report) in timeline.ranks.iter().enumerate() {
+        for op in &report.ops {
+            if let ScheduleOp::Recv { peer, msg } = op.op {
+                let sent = sends[&(peer, rank, msg)];
+                assert!(
+                    sent <= op.end,
+                    "rank {rank} received {msg:?} before rank {peer} sent it"
+                );
+            }
+        }
+    }
+    assert!(timeline.costs.f > 0.0 && timeline.costs.b > 0.0);
 }
 
 #[test]

@@ -25,8 +25,9 @@ const WEIGHT: (&str, &str) = ("#6fa8dc", "#2b64a8");
 /// Draws `report`'s timeline.
 pub fn timeline_svg(report: &SimReport) -> String {
     let span = report.makespan.max(1e-9);
-    // Wide enough to read the cell numbers, narrow enough to view whole.
-    let scale = (1200.0 / span).clamp(4.0, 40.0);
+    // Wide enough to read the cell numbers, narrow enough to view whole: about 1200 pixels,
+    // at most 40 per time unit; long spans (a measured timeline in milliseconds) are squeezed.
+    let scale = (1200.0 / span).min(40.0);
     let rows = report.ranks.len() as f64;
     let plot_width = span * scale;
     let width = LEFT + plot_width + RIGHT;

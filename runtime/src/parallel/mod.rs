@@ -14,6 +14,7 @@ mod comm;
 mod fault;
 mod pipeline;
 mod settings;
+mod timeline;
 
 pub use comm::{Comm, CommError, Tag, ThreadComm};
 pub use fault::{Fault, FaultKind};

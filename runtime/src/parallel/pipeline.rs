@@ -2,14 +2,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fathom_compiler::GraphError;
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::partition::{
     Phase, PhaseGraphs, StagePlan, layer_costs, names, split_phases, stage_graph,
 };
-use fathom_compiler::pipeline::{Chunk, Message, Payload, Schedule, ScheduleOp, generate};
+use fathom_compiler::pipeline::{
+    Chunk, Message, Payload, Schedule, ScheduleOp, SimReport, generate,
+};
 use fathom_compiler::precision::{PrecisionPolicy, apply_precision};
 use fathom_compiler::spec::ModelSpec;
 use thiserror::Error;
@@ -23,6 +25,7 @@ use crate::weights::Weights;
 use super::comm::{Comm, CommError, Tag, ThreadComm};
 use super::fault::{Fault, FaultKind};
 use super::settings::PipelineSettings;
+use super::timeline::{self, RankClock};
 
 /// Why a pipelined step failed.
 #[derive(Debug, Error)]
@@ -94,6 +97,10 @@ pub struct PipelineStep {
     pub losses: Vec<BTreeMap<String, HostTensor>>,
     /// Tokens routed to each expert, per balancing bias, summed over micro-batches.
     pub loads: BTreeMap<String, Vec<f64>>,
+    /// When each rank ran each op (milliseconds), in the simulator's form: draw it with
+    /// `fathom_compiler::pipeline::svg::timeline_svg`, or simulate the schedule with its
+    /// measured `costs` to compare.
+    pub timeline: SimReport,
 }
 
 /// One stage's compiled pieces.
@@ -281,6 +288,7 @@ impl Pipeline {
         }
         let holders = self.holders();
         let cancel = AtomicBool::new(false);
+        let start = Instant::now();
         let comms = ThreadComm::group(self.world(), self.timeout);
         let results: Vec<Result<RankResult, PipelineError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = comms
@@ -291,7 +299,8 @@ impl Pipeline {
                     let handle = std::thread::Builder::new()
                         .name(format!("pipeline-rank-{rank}"))
                         .spawn_scoped(scope, move || {
-                            let mut worker = RankWorker::new(self, comm, weights, micro_batches);
+                            let mut worker =
+                                RankWorker::new(self, comm, weights, micro_batches, start);
                             let result = worker.run(cancel, holders);
                             if result.is_err() {
                                 cancel.store(true, Ordering::SeqCst);
@@ -369,7 +378,9 @@ impl Pipeline {
         let mut grads = Grads::new();
         let mut loads: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut parts: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); micro];
+        let mut clocks = Vec::with_capacity(ok.len());
         for result in ok {
+            clocks.push(result.clock);
             grads.extend(result.grads);
             for (bias, load) in result.loads {
                 let sum = loads.entry(bias).or_insert_with(|| vec![0.0; load.len()]);
@@ -396,6 +407,7 @@ impl Pipeline {
             grads,
             losses,
             loads,
+            timeline: timeline::measured(&self.schedule, clocks),
         })
     }
 
@@ -512,6 +524,7 @@ struct RankResult {
     /// Loss parts of the micro-batches whose stages ran here, by micro-batch.
     losses: BTreeMap<usize, BTreeMap<String, f64>>,
     loads: BTreeMap<String, Vec<f64>>,
+    clock: RankClock,
 }
 
 /// One rank's state during a step.
@@ -531,6 +544,7 @@ struct RankWorker<'a> {
     grads: Grads,
     losses: BTreeMap<usize, BTreeMap<String, f64>>,
     loads: BTreeMap<String, Vec<f64>>,
+    clock: RankClock,
 }
 
 impl<'a> RankWorker<'a> {
@@ -539,6 +553,7 @@ impl<'a> RankWorker<'a> {
         comm: ThreadComm,
         weights: &'a Weights,
         micro_batches: &'a [HostTensor],
+        start: Instant,
     ) -> Self {
         let per_replica = pipeline.schedule.ranks.len();
         let (replica, local) = (comm.rank() / per_replica, comm.rank() % per_replica);
@@ -555,6 +570,7 @@ impl<'a> RankWorker<'a> {
             grads: Grads::new(),
             losses: BTreeMap::new(),
             loads: BTreeMap::new(),
+            clock: RankClock::new(start),
         }
     }
 
@@ -590,7 +606,11 @@ impl<'a> RankWorker<'a> {
                     }
                 }
             }
-            self.op(op).map_err(failed)?;
+            let started = self.clock.now();
+            let done = self.op(op);
+            self.clock.record(index, *op, started);
+            done.map_err(failed)?;
+            self.clock.holding(self.held.len());
         }
         if !self.held.is_empty() || !self.mailbox.is_empty() {
             let failure = RankFailure::Schedule(format!(
@@ -614,6 +634,7 @@ impl<'a> RankWorker<'a> {
             grads,
             losses: std::mem::take(&mut self.losses),
             loads: std::mem::take(&mut self.loads),
+            clock: std::mem::replace(&mut self.clock, RankClock::new(Instant::now())),
         })
     }
 

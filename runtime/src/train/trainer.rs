@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+use fathom_compiler::pipeline::SimReport;
 use fathom_compiler::precision::apply_precision;
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::training::{TrainingGraph, training_graph};
@@ -69,6 +70,8 @@ pub struct Trainer {
     optimizer: AdamW,
     data: Box<dyn Batches>,
     step: u64,
+    /// When a pipelined run's ranks ran each op during the last step.
+    last_timeline: Option<SimReport>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -106,6 +109,7 @@ impl Trainer {
             optimizer,
             data,
             step: 0,
+            last_timeline: None,
         })
     }
 
@@ -160,6 +164,7 @@ impl Trainer {
             optimizer,
             data,
             step: state.step,
+            last_timeline: None,
         })
     }
 
@@ -213,6 +218,12 @@ impl Trainer {
             Engine::Pipeline(pipeline) => Some(pipeline),
             Engine::Whole(_) => None,
         }
+    }
+
+    /// The measured timeline of the last pipelined step (milliseconds; see
+    /// [`crate::parallel::PipelineStep::timeline`]).
+    pub fn last_timeline(&self) -> Option<&SimReport> {
+        self.last_timeline.as_ref()
     }
 
     /// Makes a pipeline rank fail or stall (tests of the failure paths); no effect on an
@@ -276,6 +287,7 @@ impl Trainer {
                 }
                 grads = result.grads;
                 loads = result.loads;
+                self.last_timeline = Some(result.timeline);
             }
         }
         let step = self.step + 1;

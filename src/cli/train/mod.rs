@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use fathom_compiler::pipeline::Method;
+use fathom_compiler::pipeline::svg::timeline_svg;
+use fathom_compiler::pipeline::{Method, simulate};
 use fathom_compiler::precision::{Precision, PrecisionPolicy};
 use fathom_runtime::train::{Checkpoint, TrainSettings, Trainer, latest_checkpoint};
 
@@ -67,6 +68,11 @@ pub struct Args {
     /// dualpipev (PP/2 ranks).
     #[arg(long)]
     schedule: Option<Method>,
+    /// Draw the last step's measured pipeline timeline (ranks × milliseconds, coloured by
+    /// F/B/W as `fathom schedule` draws a simulated one) into this SVG file, and print it beside
+    /// the simulator's prediction from the measured op costs.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
     /// Without a terminal, print a progress line every this many steps.
     #[arg(long, default_value_t = 10)]
     log_every: u64,
@@ -145,6 +151,9 @@ pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     progress.finish();
+    if let Some(path) = &args.timeline {
+        write_timeline(&trainer, path)?;
+    }
     if trainer.step_count() == first_step {
         eprintln!(
             "the run is complete at step {}; pass --steps to extend it",
@@ -289,4 +298,42 @@ fn check_same_run(saved: &TrainSettings, asked: &TrainSettings) -> anyhow::Resul
             differing.join("; ")
         )
     }
+}
+
+/// `--timeline`: the measured step as an SVG, and how it compares with the simulator.
+fn write_timeline(trainer: &Trainer, path: &std::path::Path) -> anyhow::Result<()> {
+    let (Some(measured), Some(pipeline)) = (trainer.last_timeline(), trainer.pipeline()) else {
+        bail!("--timeline needs a pipelined run (--pp or --dp above 1) that took a step");
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(path, timeline_svg(measured))
+        .with_context(|| format!("writing {}", path.display()))?;
+    let c = &measured.costs;
+    eprintln!(
+        "timeline of the last step: {} (ms; mean F {:.1}, B {:.1}, W {:.1})",
+        path.display(),
+        c.f,
+        c.b,
+        c.w
+    );
+    eprintln!(
+        "  measured: makespan {:.1} ms, largest bubble {:.1} ms, peak activations {}",
+        measured.makespan,
+        measured.bubble(),
+        measured.peak_activations()
+    );
+    match simulate(pipeline.schedule(), c) {
+        Ok(predicted) => eprintln!(
+            "  simulated from those costs: makespan {:.1} ms, largest bubble {:.1} ms, peak \
+             activations {} (ranks sharing cores run slower than the simulator assumes)",
+            predicted.makespan,
+            predicted.bubble(),
+            predicted.peak_activations()
+        ),
+        Err(e) => eprintln!("  (cannot simulate with the measured costs: {e})"),
+    }
+    Ok(())
 }
