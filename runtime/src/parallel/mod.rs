@@ -11,12 +11,15 @@
 //! stages both read) have their gradients all-reduced among their holders.
 
 mod comm;
+mod error;
 mod fault;
 mod pipeline;
+mod rank;
 mod settings;
 mod timeline;
 
 pub use comm::{Comm, CommError, Tag, ThreadComm};
+pub use error::{PipelineError, RankFailure};
 pub use fault::{Fault, FaultKind};
-pub use pipeline::{Pipeline, PipelineError, PipelineRun, PipelineStep, RankFailure};
+pub use pipeline::{Pipeline, PipelineRun, PipelineStep};
 pub use settings::PipelineSettings;

@@ -1,0 +1,343 @@
+//! One rank's work during a step: its schedule's ops in order, with the transfers, and the
+//! gradient all-reduce among the holders of each parameter at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fathom_compiler::partition::{Phase, names};
+use fathom_compiler::pipeline::{Chunk, Message, Payload, ScheduleOp};
+
+use crate::interp::Feeds;
+use crate::optim::Grads;
+use crate::tensor::{Data, HostTensor};
+use crate::weights::Weights;
+
+use super::comm::{Comm, Tag, ThreadComm};
+use super::error::{PipelineError, RankFailure};
+use super::fault::FaultKind;
+use super::pipeline::Pipeline;
+use super::timeline::RankClock;
+
+/// What one rank hands back.
+pub(super) struct RankResult {
+    /// Reduced gradients of the parameters this rank is the first holder of.
+    pub(super) grads: Grads,
+    /// Loss parts of the micro-batches whose stages ran here, by micro-batch.
+    pub(super) losses: BTreeMap<usize, BTreeMap<String, f64>>,
+    pub(super) loads: BTreeMap<String, Vec<f64>>,
+    pub(super) clock: RankClock,
+}
+
+/// One rank's state during a step.
+pub(super) struct RankWorker<'a> {
+    pipeline: &'a Pipeline,
+    comm: ThreadComm,
+    /// The rank within its replica (the schedule's rank) and the replica.
+    local: usize,
+    replica: usize,
+    weights: &'a Weights,
+    /// The replica's micro-batches.
+    micro_batches: &'a [HostTensor],
+    /// Transfers produced here or received, until they are consumed or sent on.
+    mailbox: HashMap<Message, HostTensor>,
+    /// Per chunk in flight: its inputs and what its earlier pieces handed on.
+    held: HashMap<Chunk, BTreeMap<String, HostTensor>>,
+    grads: Grads,
+    losses: BTreeMap<usize, BTreeMap<String, f64>>,
+    loads: BTreeMap<String, Vec<f64>>,
+    clock: RankClock,
+}
+
+impl<'a> RankWorker<'a> {
+    pub(super) fn new(
+        pipeline: &'a Pipeline,
+        comm: ThreadComm,
+        weights: &'a Weights,
+        micro_batches: &'a [HostTensor],
+        start: Instant,
+    ) -> Self {
+        let per_replica = pipeline.schedule.ranks.len();
+        let (replica, local) = (comm.rank() / per_replica, comm.rank() % per_replica);
+        let count = pipeline.schedule.micro_batches;
+        RankWorker {
+            pipeline,
+            comm,
+            local,
+            replica,
+            weights,
+            micro_batches: &micro_batches[replica * count..(replica + 1) * count],
+            mailbox: HashMap::new(),
+            held: HashMap::new(),
+            grads: Grads::new(),
+            losses: BTreeMap::new(),
+            loads: BTreeMap::new(),
+            clock: RankClock::new(start),
+        }
+    }
+
+    pub(super) fn run(
+        &mut self,
+        cancel: &AtomicBool,
+        holders: &BTreeMap<String, Vec<usize>>,
+    ) -> Result<RankResult, PipelineError> {
+        let rank = self.comm.rank();
+        let ops = &self.pipeline.schedule.ranks[self.local];
+        for (index, op) in ops.iter().enumerate() {
+            let failed = |failure| PipelineError::Rank {
+                rank,
+                index,
+                op: op.to_string(),
+                failure: Box::new(failure),
+            };
+            if cancel.load(Ordering::SeqCst) {
+                return Err(failed(RankFailure::Cancelled));
+            }
+            if let Some(fault) = self
+                .pipeline
+                .fault
+                .filter(|f| (f.rank, f.op_index) == (rank, index))
+            {
+                match fault.kind {
+                    FaultKind::Fail => return Err(failed(RankFailure::Injected)),
+                    FaultKind::Stall => {
+                        while !cancel.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        return Err(failed(RankFailure::Cancelled));
+                    }
+                }
+            }
+            let started = self.clock.now();
+            let done = self.op(op);
+            self.clock.record(index, *op, started);
+            done.map_err(failed)?;
+            self.clock.holding(self.held.len());
+        }
+        if !self.held.is_empty() || !self.mailbox.is_empty() {
+            let failure = RankFailure::Schedule(format!(
+                "the schedule ended with {} chunks without a weight-gradient pass and {} \
+                 transfers never used",
+                self.held.len(),
+                self.mailbox.len()
+            ));
+            return Err(PipelineError::Reduce {
+                rank,
+                failure: Box::new(failure),
+            });
+        }
+        let grads = self
+            .reduce(holders)
+            .map_err(|failure| PipelineError::Reduce {
+                rank,
+                failure: Box::new(failure),
+            })?;
+        Ok(RankResult {
+            grads,
+            losses: std::mem::take(&mut self.losses),
+            loads: std::mem::take(&mut self.loads),
+            clock: std::mem::replace(&mut self.clock, RankClock::new(Instant::now())),
+        })
+    }
+
+    fn op(&mut self, op: &ScheduleOp) -> Result<(), RankFailure> {
+        match *op {
+            ScheduleOp::F(c) => self.forward(c),
+            ScheduleOp::B(c) => {
+                self.input_grad(c)?;
+                self.weight_grad(c)
+            }
+            ScheduleOp::BInput(c) => self.input_grad(c),
+            ScheduleOp::W(c) => self.weight_grad(c),
+            // Overlapping the two only pays when communication runs beside computation; on
+            // CPU threads they run one after the other, which computes the same.
+            ScheduleOp::FB { f, b } => {
+                self.forward(f)?;
+                self.input_grad(b)?;
+                self.weight_grad(b)
+            }
+            ScheduleOp::Send { peer, msg } => {
+                let peer = self.global(peer);
+                let tensor = self.mailbox.remove(&msg).ok_or_else(|| {
+                    RankFailure::Schedule(format!(
+                        "nothing to send: the {} is not here",
+                        Tag::Pipeline(msg)
+                    ))
+                })?;
+                Ok(self.comm.send(peer, Tag::Pipeline(msg), tensor)?)
+            }
+            ScheduleOp::Recv { peer, msg } => {
+                let peer = self.global(peer);
+                let tensor = self.comm.recv(peer, &Tag::Pipeline(msg))?;
+                self.mailbox.insert(msg, tensor);
+                Ok(())
+            }
+        }
+    }
+
+    /// The global rank of the schedule's rank `local` in this replica.
+    fn global(&self, local: usize) -> usize {
+        self.replica * self.pipeline.schedule.ranks.len() + local
+    }
+
+    /// Takes a transfer that must already be here (received, or produced on this rank).
+    fn take(&mut self, msg: Message) -> Result<HostTensor, RankFailure> {
+        self.mailbox.remove(&msg).ok_or_else(|| {
+            RankFailure::Schedule(format!(
+                "the {} is needed but has not been received",
+                Tag::Pipeline(msg)
+            ))
+        })
+    }
+
+    fn forward(&mut self, c: Chunk) -> Result<(), RankFailure> {
+        let stage = &self.pipeline.stages[c.stage];
+        let mut inputs = BTreeMap::new();
+        if stage.reads_ids {
+            inputs.insert(
+                names::INPUT_IDS.to_owned(),
+                self.micro_batches[c.mb].clone(),
+            );
+        }
+        if !stage.first {
+            let from = Message {
+                payload: Payload::Activation,
+                chunk: Chunk::new(c.mb, c.stage - 1),
+            };
+            inputs.insert(names::HIDDEN_IN.to_owned(), self.take(from)?);
+        }
+        let outputs = self.piece(c.stage, Phase::Forward, &inputs)?;
+        for (name, tensor) in outputs {
+            if name == names::HIDDEN_OUT {
+                let msg = Message {
+                    payload: Payload::Activation,
+                    chunk: c,
+                };
+                self.mailbox.insert(msg, tensor);
+            } else if let Some(bias) = name.strip_prefix("expert_load.") {
+                let load = floats(&tensor);
+                let sum = self
+                    .loads
+                    .entry(bias.to_owned())
+                    .or_insert_with(|| vec![0.0; load.len()]);
+                for (s, &l) in sum.iter_mut().zip(load) {
+                    *s += l as f64;
+                }
+            } else if name.starts_with("loss") {
+                let value = floats(&tensor).first().copied().unwrap_or(f32::NAN);
+                *self
+                    .losses
+                    .entry(self.replica * self.micro_batches.len() + c.mb)
+                    .or_default()
+                    .entry(name)
+                    .or_insert(0.0) += value as f64;
+            } else {
+                inputs.insert(name, tensor);
+            }
+        }
+        self.held.insert(c, inputs);
+        Ok(())
+    }
+
+    fn input_grad(&mut self, c: Chunk) -> Result<(), RankFailure> {
+        let stage = &self.pipeline.stages[c.stage];
+        if !stage.last {
+            let from = Message {
+                payload: Payload::Gradient,
+                chunk: Chunk::new(c.mb, c.stage + 1),
+            };
+            let gradient = self.take(from)?;
+            self.held_mut(c)?
+                .insert(names::GRAD_HIDDEN_OUT.to_owned(), gradient);
+        }
+        let inputs = self.held.remove(&c).unwrap_or_default();
+        let outputs = self.piece(c.stage, Phase::InputGrad, &inputs);
+        let mut inputs = inputs;
+        for (name, tensor) in outputs? {
+            if name == names::GRAD_HIDDEN_IN {
+                let msg = Message {
+                    payload: Payload::Gradient,
+                    chunk: c,
+                };
+                self.mailbox.insert(msg, tensor);
+            } else {
+                inputs.insert(name, tensor);
+            }
+        }
+        self.held.insert(c, inputs);
+        Ok(())
+    }
+
+    fn weight_grad(&mut self, c: Chunk) -> Result<(), RankFailure> {
+        let inputs = self.held.remove(&c).ok_or_else(|| {
+            RankFailure::Schedule(format!(
+                "weight-gradient pass of micro-batch {} on stage {} before its forward",
+                c.mb, c.stage
+            ))
+        })?;
+        let outputs = self.piece(c.stage, Phase::WeightGrad, &inputs)?;
+        let scale = 1.0 / self.pipeline.micro_batches_per_step() as f32;
+        for (name, tensor) in outputs {
+            if let Some(param) = name.strip_prefix("grad.") {
+                let g = floats(&tensor);
+                match self.grads.get_mut(param) {
+                    Some(acc) => acc.iter_mut().zip(g).for_each(|(a, &x)| *a += scale * x),
+                    None => {
+                        self.grads
+                            .insert(param.to_owned(), g.iter().map(|&x| scale * x).collect());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn held_mut(&mut self, c: Chunk) -> Result<&mut BTreeMap<String, HostTensor>, RankFailure> {
+        self.held.get_mut(&c).ok_or_else(|| {
+            RankFailure::Schedule(format!(
+                "backward of micro-batch {} on stage {} before its forward",
+                c.mb, c.stage
+            ))
+        })
+    }
+
+    fn piece(
+        &self,
+        stage: usize,
+        phase: Phase,
+        inputs: &BTreeMap<String, HostTensor>,
+    ) -> Result<BTreeMap<String, HostTensor>, RankFailure> {
+        match &self.pipeline.stages[stage].pieces[phase as usize] {
+            Some(executable) => Ok(executable.run(&Feeds::new(inputs, self.weights))?),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Sums each parameter's gradient over the ranks holding it; the first holder keeps it.
+    fn reduce(&mut self, holders: &BTreeMap<String, Vec<usize>>) -> Result<Grads, RankFailure> {
+        let rank = self.comm.rank();
+        let mut kept = Grads::new();
+        for (name, group) in holders {
+            if !group.contains(&rank) {
+                continue;
+            }
+            let mut values = self.grads.remove(name).ok_or_else(|| {
+                RankFailure::Schedule(format!(
+                    "no gradient of `{name}` on rank {rank}, which holds it"
+                ))
+            })?;
+            self.comm.all_reduce_sum(group, name, &mut values)?;
+            if group[0] == rank {
+                kept.insert(name.clone(), values);
+            }
+        }
+        Ok(kept)
+    }
+}
+
+pub(super) fn floats(tensor: &HostTensor) -> &[f32] {
+    match &tensor.data {
+        Data::Float(values) => values,
+        _ => &[],
+    }
+}
