@@ -75,6 +75,7 @@ fn pipelined(stages: usize, schedule: Method) -> PipelineSettings {
         stages,
         schedule,
         data_parallel: 1,
+        expert_parallel: 1,
         timeout_seconds: 60.0,
     }
 }
@@ -83,6 +84,18 @@ fn replicated(stages: usize, schedule: Method, data_parallel: usize) -> Pipeline
     PipelineSettings {
         data_parallel,
         ..pipelined(stages, schedule)
+    }
+}
+
+fn expert_parallel(
+    stages: usize,
+    schedule: Method,
+    data_parallel: usize,
+    expert_parallel: usize,
+) -> PipelineSettings {
+    PipelineSettings {
+        expert_parallel,
+        ..replicated(stages, schedule, data_parallel)
     }
 }
 
@@ -272,7 +285,17 @@ fn pipelined_gradients_equal_the_whole_graph_gradients() {
                 replicated(2, Method::OneFOneB, 2),
                 replicated(2, Method::DualPipeV, 4),
                 replicated(1, Method::OneFOneB, 2),
-            ]);
+            ])
+            // Expert parallelism (compiled backend only): pairs of replicas split the 4
+            // routed experts, alone and under a pipeline.
+            .chain(match backend {
+                Backend::Cpu => vec![
+                    expert_parallel(1, Method::OneFOneB, 2, 2),
+                    expert_parallel(2, Method::DualPipeV, 4, 2),
+                    expert_parallel(2, Method::OneFOneB, 4, 4),
+                ],
+                Backend::Interpreter => vec![],
+            });
         for layout in layouts {
             let run = PipelineRun {
                 spec: &spec,
@@ -286,8 +309,8 @@ fn pipelined_gradients_equal_the_whole_graph_gradients() {
             };
             let pipeline = Pipeline::new(&layout, run).unwrap();
             let method = format!(
-                "{} pp={} dp={}",
-                layout.schedule, layout.stages, layout.data_parallel
+                "{} pp={} dp={} ep={}",
+                layout.schedule, layout.stages, layout.data_parallel, layout.expert_parallel
             );
             let step = pipeline.run(&weights, &batches).unwrap();
             assert_eq!(
@@ -445,4 +468,15 @@ fn impossible_pipelines_are_refused_with_the_setting() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("8 pipeline stages"), "{err}");
+    let err = build(4, expert_parallel(1, Method::OneFOneB, 3, 2))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must divide `data_parallel` = 3"), "{err}");
+    let err = build(4, expert_parallel(1, Method::OneFOneB, 3, 3))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("must divide the model's 4 routed experts"),
+        "{err}"
+    );
 }

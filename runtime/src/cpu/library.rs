@@ -5,16 +5,18 @@
 use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::kernel::{BufferId, Library, Program};
 use gemm::{Parallelism, gemm};
-use rayon::prelude::*;
 
 use super::CpuError;
+use super::grouped::{self, Routing};
 use crate::fp8::{ScaleRounding, fake_quantize};
+use crate::parallel::ExpertExchange;
 
 pub(super) fn run(
     kernel: &str,
     call: &Library,
     program: &Program,
     buffers: &mut [Vec<f32>],
+    experts_exchange: Option<&dyn ExpertExchange>,
 ) -> Result<(), CpuError> {
     let dims = |b: &BufferId| program.buffer(*b).ty.dims().to_vec();
     let index = |value: f32, bound: usize| -> Result<usize, CpuError> {
@@ -101,59 +103,22 @@ pub(super) fn run(
             out,
         } => {
             let (xd, wd, idd) = (dims(x), dims(weights), dims(expert_ids));
-            let (tokens, slots, x_slots) = (idd[0], idd[1], xd[1]);
+            let (tokens, slots) = (idd[0], idd[1]);
             let (experts, n, k) = (wd[0], wd[1], wd[2]);
-            let groups = group_by_expert(
-                &buffers[expert_ids.index()],
-                tokens * slots,
-                experts,
-                &index,
-            )?;
+            let routing = Routing {
+                groups: group_by_expert(
+                    &buffers[expert_ids.index()],
+                    tokens * slots,
+                    experts,
+                    &index,
+                )?,
+                slots,
+                x_slots: xd[1],
+            };
             let mut result = reuse(&mut buffers[out.index()], tokens * slots * n);
             let (xs, ws) = (&buffers[x.index()], &buffers[weights.index()]);
-            // One GEMM per expert, the experts spread over the threads (each GEMM is small and
-            // runs on one); each expert's arithmetic is the same whatever the thread count.
-            let products: Vec<(usize, Vec<f32>)> = groups
-                .par_iter()
-                .enumerate()
-                .filter(|(_, m)| !m.is_empty())
-                .map(|(e, members)| {
-                    let rows = members.len();
-                    let gathered = x_rows(xs, members, slots, x_slots, k);
-                    let mut product = vec![0f32; rows * n];
-                    // product [rows, n] = gathered [rows, k] · W_e^T, W_e stored [n, k].
-                    // SAFETY: every pointer spans exactly the matrix its strides describe.
-                    unsafe {
-                        gemm(
-                            rows,
-                            n,
-                            k,
-                            product.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            false,
-                            gathered.as_ptr(),
-                            1,
-                            k as isize,
-                            ws.as_ptr().add(e * n * k),
-                            k as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        );
-                    }
-                    (e, product)
-                })
-                .collect();
-            for (e, product) in products {
-                for (r, &ts) in groups[e].iter().enumerate() {
-                    result[ts * n..][..n].copy_from_slice(&product[r * n..][..n]);
-                }
-            }
+            grouped::matmul(&routing, xs, ws, (n, k), experts_exchange, &mut result)
+                .map_err(|reason| exchange_failed(kernel, reason))?;
             buffers[out.index()] = result;
         }
         Library::GroupedMatMulWeightGrad {
@@ -163,54 +128,22 @@ pub(super) fn run(
             out,
         } => {
             let (xd, cd, idd, od) = (dims(x), dims(cotangent), dims(expert_ids), dims(out));
-            let (tokens, slots, x_slots) = (idd[0], idd[1], xd[1]);
+            let (tokens, slots) = (idd[0], idd[1]);
             let (experts, n, k) = (od[0], cd[2], xd[2]);
-            let groups = group_by_expert(
-                &buffers[expert_ids.index()],
-                tokens * slots,
-                experts,
-                &index,
-            )?;
+            let routing = Routing {
+                groups: group_by_expert(
+                    &buffers[expert_ids.index()],
+                    tokens * slots,
+                    experts,
+                    &index,
+                )?,
+                slots,
+                x_slots: xd[1],
+            };
             let mut result = reuse(&mut buffers[out.index()], experts * n * k);
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
-            // Each expert writes its own n·k block: the experts spread over the threads.
-            let blocks = result.par_chunks_mut((n * k).max(1)).zip(groups.par_iter());
-            blocks
-                .filter(|(_, members)| !members.is_empty())
-                .for_each(|(block, members)| {
-                    let rows = members.len();
-                    let g: Vec<f32> = members
-                        .iter()
-                        .flat_map(|&ts| &gs[ts * n..][..n])
-                        .copied()
-                        .collect();
-                    let xe = x_rows(xs, members, slots, x_slots, k);
-                    // out_e [n, k] = g^T [n, rows] · xe [rows, k].
-                    // SAFETY: as above; `block` is this expert's n·k values of `result`.
-                    unsafe {
-                        gemm(
-                            n,
-                            k,
-                            rows,
-                            block.as_mut_ptr(),
-                            1,
-                            k as isize,
-                            false,
-                            g.as_ptr(),
-                            n as isize,
-                            1,
-                            xe.as_ptr(),
-                            1,
-                            k as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        );
-                    }
-                });
+            grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut result)
+                .map_err(|reason| exchange_failed(kernel, reason))?;
             buffers[out.index()] = result;
         }
         Library::Gather {
@@ -335,18 +268,6 @@ pub(super) fn run(
     Ok(())
 }
 
-/// The `x` rows of the given token-slots (`t·slots + s`), contiguous: an `x` with one slot
-/// serves every slot of its token.
-fn x_rows(xs: &[f32], token_slots: &[usize], slots: usize, x_slots: usize, k: usize) -> Vec<f32> {
-    let mut rows = Vec::with_capacity(token_slots.len() * k);
-    for &ts in token_slots {
-        let (t, s) = (ts / slots, ts % slots);
-        let row = t * x_slots + if x_slots == 1 { 0 } else { s };
-        rows.extend_from_slice(&xs[row * k..][..k]);
-    }
-    rows
-}
-
 /// Token-slot positions routed to each expert, in order.
 fn group_by_expert(
     ids: &[f32],
@@ -359,6 +280,13 @@ fn group_by_expert(
         groups[index(id, experts)?].push(ts);
     }
     Ok(groups)
+}
+
+fn exchange_failed(kernel: &str, reason: String) -> CpuError {
+    CpuError::Exchange {
+        kernel: kernel.to_owned(),
+        reason,
+    }
 }
 
 /// The output buffer's storage, zeroed at `len` (its allocation is reused across runs, which

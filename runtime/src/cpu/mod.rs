@@ -8,6 +8,7 @@
 //! by the cranelift JIT in [`jit`] (rows split across rayon threads); the row evaluator in
 //! [`loops`] is their reference and runs the kernels the JIT leaves (see [`JitReport`]).
 
+mod grouped;
 mod jit;
 mod library;
 mod loops;
@@ -46,6 +47,8 @@ pub enum CpuError {
         index: f32,
         bound: usize,
     },
+    #[error("kernel {kernel}: expert-parallel exchange failed: {reason}")]
+    Exchange { kernel: String, reason: String },
 }
 
 /// A program ready to run on the CPU.
@@ -151,9 +154,13 @@ impl CpuProgram {
             match (&kernel.body, compiled) {
                 (KernelBody::Loop(_), Some(compiled)) => compiled.run(&mut buffers),
                 (KernelBody::Loop(nest), None) => loops::run(nest, &mut buffers),
-                (KernelBody::Library(call), _) => {
-                    library::run(&kernel.name, call, &self.program, &mut buffers)?
-                }
+                (KernelBody::Library(call), _) => library::run(
+                    &kernel.name,
+                    call,
+                    &self.program,
+                    &mut buffers,
+                    feeds.experts,
+                )?,
             }
             for &b in &self.lifetimes.ending[index] {
                 pool.push(std::mem::take(&mut buffers[b]));

@@ -13,6 +13,12 @@ pub enum InterpError {
     #[error("invalid graph: {0}")]
     InvalidGraph(#[from] GraphError),
 
+    /// The feeds ask for expert parallelism, which only the compiled CPU backend runs.
+    #[error(
+        "expert parallelism needs the compiled CPU backend; the interpreter runs every expert itself"
+    )]
+    ExpertParallelism,
+
     /// A requested node is not in the graph.
     #[error("node {node} is not in the graph, which has {len} nodes")]
     UnknownNode { node: NodeId, len: usize },

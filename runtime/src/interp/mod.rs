@@ -54,6 +54,8 @@ pub use numeric::round_to_dtype;
 use crate::tensor::HostTensor;
 use eval::At;
 
+use crate::parallel::ExpertExchange;
+
 /// Where the interpreter finds fed tensors by name. Implemented for maps from names to owned or
 /// borrowed tensors, and for `()` (nothing); implement it for other weight stores.
 pub trait TensorSource {
@@ -93,12 +95,28 @@ impl TensorSource for () {
 pub struct Feeds<'a> {
     pub inputs: &'a dyn TensorSource,
     pub parameters: &'a dyn TensorSource,
+    /// Set on the ranks of an expert-parallel run: grouped expert GEMMs run where their experts
+    /// live (see [`crate::parallel::ExpertExchange`]). Only the compiled CPU backend honours it;
+    /// the interpreter refuses it.
+    pub experts: Option<&'a dyn ExpertExchange>,
 }
 
 impl<'a> Feeds<'a> {
     /// `Feeds::new(&inputs, &parameters)`; pass `&()` for none.
     pub fn new(inputs: &'a dyn TensorSource, parameters: &'a dyn TensorSource) -> Self {
-        Feeds { inputs, parameters }
+        Feeds {
+            inputs,
+            parameters,
+            experts: None,
+        }
+    }
+
+    /// These feeds on a rank of an expert-parallel group.
+    pub fn with_experts(self, experts: &'a dyn ExpertExchange) -> Self {
+        Feeds {
+            experts: Some(experts),
+            ..self
+        }
     }
 }
 
@@ -166,6 +184,9 @@ pub fn evaluate_nodes(
     nodes: &[NodeId],
 ) -> Result<Vec<HostTensor>, InterpError> {
     graph.validate()?;
+    if feeds.experts.is_some() {
+        return Err(InterpError::ExpertParallelism);
+    }
     let len = graph.nodes.len();
     if let Some(&node) = nodes.iter().find(|n| n.index() >= len) {
         return Err(InterpError::UnknownNode { node, len });

@@ -12,6 +12,7 @@
 
 mod comm;
 mod error;
+mod experts;
 mod fault;
 mod pipeline;
 mod rank;
@@ -20,6 +21,7 @@ mod timeline;
 
 pub use comm::{Comm, CommError, Tag, ThreadComm};
 pub use error::{PipelineError, RankFailure};
+pub use experts::{ExpertExchange, gathered_at_owners, owner, products_where_owned};
 pub use fault::{Fault, FaultKind};
 pub use pipeline::{Pipeline, PipelineRun, PipelineStep};
 pub use settings::PipelineSettings;

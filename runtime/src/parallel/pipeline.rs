@@ -19,6 +19,7 @@ use crate::weights::Weights;
 
 use super::comm::{Comm, ThreadComm};
 use super::error::{PipelineError, is_consequence, panic_message};
+use super::experts::owner;
 use super::fault::Fault;
 use super::rank::{RankResult, RankWorker, floats};
 use super::settings::PipelineSettings;
@@ -56,6 +57,10 @@ pub struct Pipeline {
     pub(super) schedule: Schedule,
     /// Data-parallel replicas of the whole pipeline, each on its own micro-batches.
     pub(super) replicas: usize,
+    /// Consecutive replicas that share their routed experts, each owning a block of them.
+    pub(super) expert_parallel: usize,
+    /// Routed experts per MoE layer (0 without MoE).
+    pub(super) routed_experts: usize,
     pub(super) plan: StagePlan,
     pub(super) stages: Vec<StageProgram>,
     /// Every trainable parameter of the model (unused ones get zero gradients, as in the
@@ -106,6 +111,8 @@ impl Pipeline {
                 "`data_parallel` must be at least 1".into(),
             ));
         }
+        let routed_experts = run.spec.moe.as_ref().map_or(0, |m| m.routed_experts);
+        check_expert_parallel(settings, routed_experts, run.backend)?;
         if !(settings.timeout_seconds.is_finite() && settings.timeout_seconds > 0.0) {
             return Err(PipelineError::Settings(format!(
                 "`timeout_seconds` must be a positive number of seconds, got {}",
@@ -133,6 +140,8 @@ impl Pipeline {
         Ok(Pipeline {
             schedule,
             replicas: settings.data_parallel,
+            expert_parallel: settings.expert_parallel,
+            routed_experts,
             plan,
             stages,
             parameters: run.parameters.to_vec(),
@@ -175,6 +184,13 @@ impl Pipeline {
                 self.replicas,
                 self.world(),
                 self.micro_batches_per_step()
+            ));
+        }
+        if self.expert_parallel > 1 {
+            out.push_str(&format!(
+                "; experts split over groups of {} replicas ({} routed experts each)",
+                self.expert_parallel,
+                self.routed_experts / self.expert_parallel
             ));
         }
         out.push('\n');
@@ -276,7 +292,14 @@ impl Pipeline {
             for op in ops {
                 if let ScheduleOp::F(c) | ScheduleOp::FB { f: c, .. } = op {
                     for p in &self.stages[c.stage].parameters {
+                        // A routed expert lives on the member of each expert-parallel group
+                        // that owns it; everything else on every replica.
+                        let owner = routed_expert(p)
+                            .map(|e| owner(e, self.routed_experts, self.expert_parallel));
                         for replica in 0..self.replicas {
+                            if owner.is_some_and(|o| o != replica % self.expert_parallel) {
+                                continue;
+                            }
                             let global = replica * per_replica + rank;
                             holders.entry(p.clone()).or_default().insert(global);
                         }
@@ -366,6 +389,47 @@ impl Pipeline {
         out.insert("loss".to_owned(), scalar(total));
         out
     }
+}
+
+/// The expert index of a routed expert's parameter (`model.layers.3.mlp.experts.7.up_proj.weight`).
+fn routed_expert(parameter: &str) -> Option<usize> {
+    let (_, rest) = parameter.split_once(".mlp.experts.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Expert parallelism needs whole blocks of experts per member, groups of whole replicas, and
+/// the compiled CPU backend (which runs the exchanges).
+fn check_expert_parallel(
+    settings: &PipelineSettings,
+    routed_experts: usize,
+    backend: Backend,
+) -> Result<(), PipelineError> {
+    let ep = settings.expert_parallel;
+    let bad = |reason: String| Err(PipelineError::Settings(reason));
+    if ep == 0 {
+        return bad("`expert_parallel` must be at least 1".into());
+    }
+    if ep == 1 {
+        return Ok(());
+    }
+    if !settings.data_parallel.is_multiple_of(ep) {
+        return bad(format!(
+            "`expert_parallel` = {ep} must divide `data_parallel` = {} (experts are shared by \
+             groups of data-parallel replicas)",
+            settings.data_parallel
+        ));
+    }
+    if routed_experts == 0 || !routed_experts.is_multiple_of(ep) {
+        return bad(format!(
+            "`expert_parallel` = {ep} must divide the model's {routed_experts} routed experts"
+        ));
+    }
+    if backend != Backend::Cpu {
+        return bad(format!(
+            "expert parallelism runs on the compiled CPU backend, not `{backend:?}`"
+        ));
+    }
+    Ok(())
 }
 
 fn plural(n: usize) -> &'static str {

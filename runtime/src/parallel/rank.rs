@@ -2,7 +2,8 @@
 //! gradient all-reduce among the holders of each parameter at the end.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fathom_compiler::partition::{Phase, names};
@@ -15,6 +16,7 @@ use crate::weights::Weights;
 
 use super::comm::{Comm, Tag, ThreadComm};
 use super::error::{PipelineError, RankFailure};
+use super::experts::ThreadExchange;
 use super::fault::FaultKind;
 use super::pipeline::Pipeline;
 use super::timeline::RankClock;
@@ -32,7 +34,13 @@ pub(super) struct RankResult {
 /// One rank's state during a step.
 pub(super) struct RankWorker<'a> {
     pipeline: &'a Pipeline,
-    comm: ThreadComm,
+    /// Locked only while a grouped expert GEMM exchanges rows (the worker owns it otherwise).
+    comm: Mutex<ThreadComm>,
+    /// The ranks sharing this one's experts (itself included), in member order; empty without
+    /// expert parallelism.
+    expert_group: Vec<usize>,
+    /// Expert exchanges so far: numbers each one so that its messages meet their partners.
+    exchanges: AtomicU64,
     /// The rank within its replica (the schedule's rank) and the replica.
     local: usize,
     replica: usize,
@@ -59,10 +67,22 @@ impl<'a> RankWorker<'a> {
     ) -> Self {
         let per_replica = pipeline.schedule.ranks.len();
         let (replica, local) = (comm.rank() / per_replica, comm.rank() % per_replica);
+        let ep = pipeline.expert_parallel;
+        let expert_group = match ep {
+            1 => Vec::new(),
+            _ => {
+                let first = replica - replica % ep;
+                (first..first + ep)
+                    .map(|r| r * per_replica + local)
+                    .collect()
+            }
+        };
         let count = pipeline.schedule.micro_batches;
         RankWorker {
             pipeline,
-            comm,
+            comm: Mutex::new(comm),
+            expert_group,
+            exchanges: AtomicU64::new(0),
             local,
             replica,
             weights,
@@ -81,7 +101,7 @@ impl<'a> RankWorker<'a> {
         cancel: &AtomicBool,
         holders: &BTreeMap<String, Vec<usize>>,
     ) -> Result<RankResult, PipelineError> {
-        let rank = self.comm.rank();
+        let rank = self.comm().rank();
         let ops = &self.pipeline.schedule.ranks[self.local];
         for (index, op) in ops.iter().enumerate() {
             let failed = |failure| PipelineError::Rank {
@@ -164,15 +184,19 @@ impl<'a> RankWorker<'a> {
                         Tag::Pipeline(msg)
                     ))
                 })?;
-                Ok(self.comm.send(peer, Tag::Pipeline(msg), tensor)?)
+                Ok(self.comm().send(peer, Tag::Pipeline(msg), tensor)?)
             }
             ScheduleOp::Recv { peer, msg } => {
                 let peer = self.global(peer);
-                let tensor = self.comm.recv(peer, &Tag::Pipeline(msg))?;
+                let tensor = self.comm().recv(peer, &Tag::Pipeline(msg))?;
                 self.mailbox.insert(msg, tensor);
                 Ok(())
             }
         }
+    }
+
+    fn comm(&mut self) -> &mut ThreadComm {
+        self.comm.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The global rank of the schedule's rank `local` in this replica.
@@ -308,14 +332,26 @@ impl<'a> RankWorker<'a> {
         inputs: &BTreeMap<String, HostTensor>,
     ) -> Result<BTreeMap<String, HostTensor>, RankFailure> {
         match &self.pipeline.stages[stage].pieces[phase as usize] {
-            Some(executable) => Ok(executable.run(&Feeds::new(inputs, self.weights))?),
+            Some(executable) => {
+                let feeds = Feeds::new(inputs, self.weights);
+                if self.expert_group.len() < 2 {
+                    return Ok(executable.run(&feeds)?);
+                }
+                let exchange = ThreadExchange {
+                    comm: &self.comm,
+                    group: &self.expert_group,
+                    member: self.replica % self.expert_group.len(),
+                    counter: &self.exchanges,
+                };
+                Ok(executable.run(&feeds.with_experts(&exchange))?)
+            }
             None => Ok(BTreeMap::new()),
         }
     }
 
     /// Sums each parameter's gradient over the ranks holding it; the first holder keeps it.
     fn reduce(&mut self, holders: &BTreeMap<String, Vec<usize>>) -> Result<Grads, RankFailure> {
-        let rank = self.comm.rank();
+        let rank = self.comm().rank();
         let mut kept = Grads::new();
         for (name, group) in holders {
             if !group.contains(&rank) {
@@ -326,7 +362,7 @@ impl<'a> RankWorker<'a> {
                     "no gradient of `{name}` on rank {rank}, which holds it"
                 ))
             })?;
-            self.comm.all_reduce_sum(group, name, &mut values)?;
+            self.comm().all_reduce_sum(group, name, &mut values)?;
             if group[0] == rank {
                 kept.insert(name.clone(), values);
             }

@@ -18,6 +18,12 @@ pub struct PipelineSettings {
     /// gradients all-reduced (the `--dp` of the CLI).
     #[serde(default = "one")]
     pub data_parallel: usize,
+    /// Expert parallelism: groups of this many data-parallel replicas share their routed
+    /// experts, each replica owning `experts / expert_parallel` of every MoE layer and running
+    /// their GEMMs for the whole group's tokens (the `--ep` of the CLI). Divides
+    /// `data_parallel`.
+    #[serde(default = "one")]
+    pub expert_parallel: usize,
     /// How long a rank waits for a message before it reports its peer as stalled.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: f64,
@@ -29,6 +35,7 @@ impl Default for PipelineSettings {
             stages: 1,
             schedule: Method::OneFOneB,
             data_parallel: 1,
+            expert_parallel: 1,
             timeout_seconds: default_timeout(),
         }
     }

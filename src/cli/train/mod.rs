@@ -64,6 +64,10 @@ pub struct Args {
     /// grows accordingly), their gradients all-reduced.
     #[arg(long)]
     dp: Option<usize>,
+    /// Expert parallelism: groups of this many data-parallel replicas split the routed experts
+    /// of every MoE layer, token rows travelling to the expert's rank and back (divides --dp).
+    #[arg(long)]
+    ep: Option<usize>,
     /// The pipeline schedule: 1f1b, zb1p, dualpipe (PP ranks, two copies of each stage) or
     /// dualpipev (PP/2 ranks).
     #[arg(long)]
@@ -208,6 +212,9 @@ fn apply_overrides(config: &mut RunConfig, args: &Args) {
     }
     if let Some(dp) = args.dp {
         train.pipeline.data_parallel = dp;
+    }
+    if let Some(ep) = args.ep {
+        train.pipeline.expert_parallel = ep;
     }
     if let Some(schedule) = args.schedule {
         train.pipeline.schedule = schedule;
