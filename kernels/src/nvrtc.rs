@@ -373,7 +373,8 @@ impl Nvrtc {
         }
         let ptx = if cubin.is_empty() {
             // SAFETY: valid program, compiled successfully.
-            let raw = unsafe { result::get_ptx(program.0) }.map_err(|e| call_error("get PTX", e.0))?;
+            let raw =
+                unsafe { result::get_ptx(program.0) }.map_err(|e| call_error("get PTX", e.0))?;
             Some(c_chars_to_string(&raw))
         } else {
             None

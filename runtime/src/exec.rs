@@ -64,11 +64,16 @@ impl Executable {
                 let compiled = compile(&graph, &CompileOptions::from_env())?;
                 match GpuDevice::probe(0) {
                     Ok(device) => {
-                        let nvrtc = fathom_kernels::nvrtc::Nvrtc::locate().map_err(CudaError::from)?;
+                        let nvrtc =
+                            fathom_kernels::nvrtc::Nvrtc::locate().map_err(CudaError::from)?;
                         let dir = KernelCache::default_dir().map_err(CudaError::from)?;
                         let cache = KernelCache::new(dir, nvrtc);
-                        let executor =
-                            GpuExecutor::new(&device, &cache, compiled.program, GpuOptions::default())?;
+                        let executor = GpuExecutor::new(
+                            &device,
+                            &cache,
+                            compiled.program,
+                            GpuOptions::default(),
+                        )?;
                         Executable::Cuda(Box::new(executor))
                     }
                     Err(reason) => {

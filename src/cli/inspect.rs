@@ -13,9 +13,7 @@ use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
-use fathom_kernels::nvrtc::{
-    Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool, project_pip_dirs,
-};
+use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool, project_pip_dirs};
 use fathom_kernels::{ArchRequirement, KernelSource};
 use rayon::prelude::*;
 

@@ -190,7 +190,11 @@ fn out_of_memory_releases_the_idle_cache_then_fails_clearly() {
     // 7 MiB (class 8 MiB): the cached block is too small and the device is full, so the idle
     // cache is released and the allocation retried; 8 MiB beside the 1 KiB block still fails.
     let error = a.alloc(7 * MIB, S1).unwrap_err();
-    assert_eq!(a.device().frees, 1, "the idle cache was released before failing");
+    assert_eq!(
+        a.device().frees,
+        1,
+        "the idle cache was released before failing"
+    );
     assert!(matches!(error, AllocError::OutOfMemory { bytes, .. } if bytes == 8 * MIB));
     assert!(error.to_string().contains("out of device memory"));
     assert_eq!(a.stats().cached, 0);

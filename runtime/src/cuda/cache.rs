@@ -49,9 +49,7 @@ pub enum CacheError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "no kernel cache folder: set FATHOM_CACHE_DIR (or HOME, for ~/.cache/fathom/cuda)"
-    )]
+    #[error("no kernel cache folder: set FATHOM_CACHE_DIR (or HOME, for ~/.cache/fathom/cuda)")]
     NoCacheDir,
 }
 

@@ -144,7 +144,13 @@ fn a_virtual_architecture_gives_ptx() {
     };
     assert!(ptx.contains(".entry cache_test_scale"), "{ptx}");
     assert!(got.dir.join("kernel.ptx").is_file());
-    assert!(open(dir.path()).unwrap().get_or_compile(&good(), "compute_80", &[]).unwrap().hit);
+    assert!(
+        open(dir.path())
+            .unwrap()
+            .get_or_compile(&good(), "compute_80", &[])
+            .unwrap()
+            .hit
+    );
 }
 
 #[test]
@@ -162,7 +168,10 @@ fn damaged_or_partial_entries_are_detected_and_rebuilt() {
     let fresh = open(dir.path()).unwrap();
     let rebuilt = fresh.get_or_compile(&good(), "sm_80", &[]).unwrap();
     assert!(!rebuilt.hit);
-    assert_eq!((fresh.counters().rebuilt, fresh.counters().compiles), (1, 1));
+    assert_eq!(
+        (fresh.counters().rebuilt, fresh.counters().compiles),
+        (1, 1)
+    );
     assert_eq!(std::fs::read(&cubin).unwrap(), full);
 
     // A partial entry (no meta.json), and a garbled meta.json.
@@ -173,8 +182,17 @@ fn damaged_or_partial_entries_are_detected_and_rebuilt() {
     assert_eq!(fresh.counters().rebuilt, 3);
 
     // After the rebuilds the entry is whole again, and only it is in the folder.
-    assert!(open(dir.path()).unwrap().get_or_compile(&good(), "sm_80", &[]).unwrap().hit);
-    assert_eq!(listing(dir.path(), "sm_80"), [cache.key(&good(), "sm_80", &[])]);
+    assert!(
+        open(dir.path())
+            .unwrap()
+            .get_or_compile(&good(), "sm_80", &[])
+            .unwrap()
+            .hit
+    );
+    assert_eq!(
+        listing(dir.path(), "sm_80"),
+        [cache.key(&good(), "sm_80", &[])]
+    );
 }
 
 #[test]
@@ -199,8 +217,17 @@ fn two_threads_compiling_the_same_kernel_both_succeed_with_one_entry() {
     let counters = shared.counters();
     assert_eq!(counters.compiles + counters.hits, 2, "{counters:?}");
     assert!(counters.lost_races <= 1, "{counters:?}");
-    assert_eq!(listing(dir.path(), "sm_80"), [shared.key(&good(), "sm_80", &[])]);
-    assert!(open(dir.path()).unwrap().get_or_compile(&good(), "sm_80", &[]).unwrap().hit);
+    assert_eq!(
+        listing(dir.path(), "sm_80"),
+        [shared.key(&good(), "sm_80", &[])]
+    );
+    assert!(
+        open(dir.path())
+            .unwrap()
+            .get_or_compile(&good(), "sm_80", &[])
+            .unwrap()
+            .hit
+    );
 }
 
 #[test]
@@ -215,7 +242,10 @@ fn a_compile_error_shows_the_log_and_the_line_and_writes_the_source() {
         panic!("expected a compile error, got {error}")
     };
     let text = error.to_string();
-    assert!(text.contains("identifier \"undefined_thing\" is undefined"), "{text}");
+    assert!(
+        text.contains("identifier \"undefined_thing\" is undefined"),
+        "{text}"
+    );
     assert!(text.contains(">    3 | x[0] = undefined_thing;"), "{text}");
     assert!(text.contains(&source_file.display().to_string()), "{text}");
     assert_eq!(std::fs::read_to_string(source_file).unwrap(), broken.source);

@@ -50,7 +50,8 @@ impl GpuDevice {
             return Err(NoGpu::NoDriver);
         }
         let started = catch_unwind(AssertUnwindSafe(|| {
-            let count = CudaContext::device_count().map_err(|e| NoGpu::InitFailed(e.to_string()))?;
+            let count =
+                CudaContext::device_count().map_err(|e| NoGpu::InitFailed(e.to_string()))?;
             if usize::try_from(count).map_or(true, |c| ordinal >= c) {
                 return Err(NoGpu::NoDevice { ordinal, count });
             }
@@ -59,7 +60,9 @@ impl GpuDevice {
             let compute_capability = ctx
                 .compute_capability()
                 .map_err(|e| NoGpu::InitFailed(e.to_string()))?;
-            let total_memory_bytes = ctx.total_mem().map_err(|e| NoGpu::InitFailed(e.to_string()))?;
+            let total_memory_bytes = ctx
+                .total_mem()
+                .map_err(|e| NoGpu::InitFailed(e.to_string()))?;
             Ok(GpuDevice {
                 ctx,
                 ordinal,
@@ -125,7 +128,10 @@ mod tests {
     #[test]
     fn picks_a_cubin_when_nvrtc_knows_the_device_else_ptx_below_it() {
         let supported = [75, 80, 86, 89, 90, 100, 120];
-        assert_eq!(compile_target((9, 0), &supported).as_deref(), Some("sm_90a"));
+        assert_eq!(
+            compile_target((9, 0), &supported).as_deref(),
+            Some("sm_90a")
+        );
         assert_eq!(compile_target((8, 6), &supported).as_deref(), Some("sm_86"));
         assert_eq!(
             compile_target((12, 1), &supported).as_deref(),
@@ -142,7 +148,10 @@ mod tests {
             return;
         }
         let reason = GpuDevice::probe(0).unwrap_err();
-        assert!(matches!(reason, NoGpu::NoDriver | NoGpu::Disabled), "{reason}");
+        assert!(
+            matches!(reason, NoGpu::NoDriver | NoGpu::Disabled),
+            "{reason}"
+        );
         if reason == NoGpu::NoDriver {
             assert_eq!(
                 fallback_line(&reason),

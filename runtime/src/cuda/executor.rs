@@ -59,7 +59,10 @@ impl GpuKernels {
         let mut functions = HashMap::new();
         let mut cache_hits = 0;
         for source in &cuda.sources {
-            let block = cuda.users_of(&source.entry).next().map_or(0, |k| k.launch.block);
+            let block = cuda
+                .users_of(&source.entry)
+                .next()
+                .map_or(0, |k| k.launch.block);
             let loaded = load_kernel(&device.ctx, cache, &generated_source(source, block), &arch)?;
             cache_hits += usize::from(loaded.cached.hit);
             functions.insert(source.entry.clone(), loaded.function);
@@ -201,7 +204,8 @@ impl GpuExecutor {
                 // A temporary no kernel touches: nothing to hold.
                 (BufferRole::Temporary, None) => 0,
                 (role, _) => {
-                    let block = allocator.alloc(4 * buffer.ty.numel().max(1), stream_id(&stream))?;
+                    let block =
+                        allocator.alloc(4 * buffer.ty.numel().max(1), stream_id(&stream))?;
                     let ptr = block.ptr;
                     blocks.push(block);
                     if let BufferRole::Constant(_) = role {
@@ -255,7 +259,9 @@ impl GpuExecutor {
         };
         let start = ctx.new_event(timing).map_err(driver("creating an event"))?;
         let end = ctx.new_event(timing).map_err(driver("creating an event"))?;
-        start.record(&self.stream).map_err(driver("recording an event"))?;
+        start
+            .record(&self.stream)
+            .map_err(driver("recording an event"))?;
         if self.options.cuda_graph {
             let mut graph = self
                 .graph
@@ -270,11 +276,14 @@ impl GpuExecutor {
         } else {
             self.launch_all()?;
         }
-        end.record(&self.stream).map_err(driver("recording an event"))?;
+        end.record(&self.stream)
+            .map_err(driver("recording an event"))?;
         self.stream
             .synchronize()
             .map_err(driver("running the program (a kernel failed)"))?;
-        let kernels_ms = start.elapsed_ms(&end).map_err(driver("reading the timer"))?;
+        let kernels_ms = start
+            .elapsed_ms(&end)
+            .map_err(driver("reading the timer"))?;
         let mut outputs = Vec::with_capacity(self.program.outputs.len());
         for (name, id) in &self.program.outputs {
             let ty = &self.program.buffer(*id).ty;
@@ -317,9 +326,7 @@ impl GpuExecutor {
             .begin_capture(mode)
             .map_err(|e| CudaError::driver("starting graph capture".into(), e))?;
         let launched = self.launch_all();
-        let graph = self
-            .stream
-            .end_capture(sys::CUgraphInstantiate_flags(0));
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
         launched?;
         graph
             .map_err(|e| CudaError::driver("instantiating the CUDA graph".into(), e))?
@@ -358,9 +365,9 @@ pub fn check_library_calls(cuda: &CudaProgram) -> Result<(), CudaError> {
     let summary = by_template
         .iter()
         .map(|(template, by, n)| match by {
-            Some(by) => format!(
-                "{template} ×{n} (the template is {by}; this program's operands are f32)"
-            ),
+            Some(by) => {
+                format!("{template} ×{n} (the template is {by}; this program's operands are f32)")
+            }
             None => format!("{template} ×{n} (no GPU template yet)"),
         })
         .collect::<Vec<_>>()

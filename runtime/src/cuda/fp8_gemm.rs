@@ -171,7 +171,8 @@ impl HostFp8Operands {
     /// Quantizes `a` (`[m][k]`, 1×128 tiles) and `b` (`[n][k]`, 128×128 blocks) as DeepSeek-V3
     /// does and lays the scales out for the kernel.
     pub fn quantize(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Result<Self, CudaError> {
-        let bad = |e: crate::fp8::Fp8Error| CudaError::Launch(format!("quantizing an operand: {e}"));
+        let bad =
+            |e: crate::fp8::Fp8Error| CudaError::Launch(format!("quantizing an operand: {e}"));
         let qa = quantize_activations(a, m, k, 128, ScaleRounding::Exact).map_err(bad)?;
         let qb = quantize_weights(b, n, k, 128, ScaleRounding::Exact).map_err(bad)?;
         let k_blocks = k.div_ceil(128);
@@ -184,7 +185,8 @@ impl HostFp8Operands {
                 scale_a[kb * m_padded + row] = qa.scales()[row * k_blocks + kb];
             }
         }
-        let to_u32 = |v: usize| u32::try_from(v).map_err(|_| CudaError::Launch(format!("{v} exceeds u32")));
+        let to_u32 =
+            |v: usize| u32::try_from(v).map_err(|_| CudaError::Launch(format!("{v} exceeds u32")));
         Ok(HostFp8Operands {
             problem: GemmProblem {
                 m: to_u32(m)?,
@@ -245,7 +247,9 @@ mod tests {
     fn host_operands_use_the_kernel_layout_and_the_reference_is_the_quantized_product() {
         let (m, n, k) = (6, 8, 256);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 23) as f32 - 11.0).collect();
-        let b: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 19) as f32 * 0.25 - 2.0).collect();
+        let b: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 5) % 19) as f32 * 0.25 - 2.0)
+            .collect();
         let ops = HostFp8Operands::quantize(&a, &b, m, n, k).unwrap();
         assert_eq!(ops.a.len(), m * k);
         assert_eq!(ops.b.len(), n * k);

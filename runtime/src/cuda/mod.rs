@@ -22,6 +22,9 @@ use fathom_compiler::codegen::CodegenError;
 use fathom_kernels::KernelError;
 use fathom_kernels::nvrtc::NvrtcError;
 
+/// The cudarc types this module's API takes, so that callers need no cudarc dependency.
+pub use cudarc::driver::{CudaContext, CudaStream};
+
 pub use alloc::{AllocError, AllocStats, CachingAllocator, RawDevice, StreamId};
 pub use cache::{CacheError, CachedKernel, KernelCache, ModuleImage};
 pub use device::{GpuDevice, NoGpu, compile_target, driver_present, fallback_line};
