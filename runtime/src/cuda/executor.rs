@@ -25,7 +25,7 @@ use super::CudaError;
 use super::alloc::{AllocStats, Block, CachingAllocator};
 use super::cache::KernelCache;
 use super::device::{GpuDevice, compile_target};
-use super::memory::{DriverMemory, download, stream_id, upload};
+use super::memory::{DriverMemory, download, stream_id, timing_event, upload};
 use super::modules::{generated_source, launch_generated, load_kernel};
 use crate::cpu::{initial_contents, to_host};
 use crate::interp::Feeds;
@@ -252,13 +252,12 @@ impl GpuExecutor {
             }
         }
         let ctx = self.stream.context();
-        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         let driver = |what: &str| {
             let what = what.to_owned();
             move |e| CudaError::driver(what, e)
         };
-        let start = ctx.new_event(timing).map_err(driver("creating an event"))?;
-        let end = ctx.new_event(timing).map_err(driver("creating an event"))?;
+        let start = timing_event(ctx).map_err(driver("creating an event"))?;
+        let end = timing_event(ctx).map_err(driver("creating an event"))?;
         start
             .record(&self.stream)
             .map_err(driver("recording an event"))?;

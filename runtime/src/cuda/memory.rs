@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaStream, DriverError, result, sys};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result, sys};
 
 use super::alloc::{AllocError, RawDevice, StreamId};
 
@@ -102,4 +102,9 @@ pub fn download<T: Copy>(stream: &CudaStream, src: u64, host: &mut [T]) -> Resul
     // is borrowed mutably until the stream is synchronised below.
     unsafe { result::memcpy_dtoh_async(host, src, stream.cu_stream()) }?;
     stream.synchronize()
+}
+
+/// An event that records time (cudarc's default events do not, and `elapsed_ms` then fails).
+pub fn timing_event(ctx: &Arc<CudaContext>) -> Result<CudaEvent, DriverError> {
+    ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
 }

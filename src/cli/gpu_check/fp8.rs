@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use fathom_kernels::{BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem};
 use fathom_runtime::cuda::fp8_gemm::{Fp8Gemm, Fp8GemmOperands, HostFp8Operands};
-use fathom_runtime::cuda::memory::{DriverMemory, download, stream_id, upload};
+use fathom_runtime::cuda::memory::{DriverMemory, download, stream_id, timing_event, upload};
 use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
 use fathom_runtime::fp8::{bf16_to_f32, calc_diff};
 
@@ -235,8 +235,8 @@ pub fn bench(
         for _ in 0..3 {
             gemm.launch(&stream, &problem, &operands.addresses)?;
         }
-        let start = device.ctx.new_event(None)?;
-        let end = device.ctx.new_event(None)?;
+        let start = timing_event(&device.ctx)?;
+        let end = timing_event(&device.ctx)?;
         start.record(&stream)?;
         for _ in 0..iters {
             gemm.launch(&stream, &problem, &operands.addresses)?;
