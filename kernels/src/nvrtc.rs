@@ -114,6 +114,31 @@ impl NvrtcInstall {
     }
 }
 
+/// The `pip install --target` folders of this project that `scripts/test.sh` fills
+/// (`.nvrtc/cu12` with NVRTC and the headers, `.nvrtc/tools` with the disassemblers), under the
+/// current directory and under the source tree this crate was built from, so that tests, the CLI
+/// and the runtime of a development checkout all find the same install.
+pub fn project_pip_dirs() -> Vec<PathBuf> {
+    let source_tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut dirs = Vec::new();
+    for root in [PathBuf::from("."), source_tree] {
+        let nvrtc = root.join(".nvrtc");
+        dirs.extend([nvrtc.join("cu12"), nvrtc.join("tools"), nvrtc]);
+    }
+    dirs
+}
+
+/// NVRTC for the compile checks of the test suites, or `None` when the run opted out with
+/// `FATHOM_SKIP_NVRTC=1` (said on stderr). A missing install is an error that says how to
+/// install it; the tests turn it into a failure rather than a silent skip.
+pub fn nvrtc_unless_skipped() -> Result<Option<Nvrtc>, NvrtcError> {
+    if std::env::var("FATHOM_SKIP_NVRTC").as_deref() == Ok("1") {
+        eprintln!("FATHOM_SKIP_NVRTC=1: CUDA compile checks skipped");
+        return Ok(None);
+    }
+    Nvrtc::locate().map(Some)
+}
+
 fn absolute(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
@@ -174,7 +199,12 @@ pub struct CompiledKernel {
     pub name: String,
     /// The `--gpu-architecture` it was compiled for.
     pub arch: String,
+    /// Empty when `arch` is a virtual architecture (`compute_XX`): then `ptx` holds the code.
     pub cubin: Vec<u8>,
+    /// The PTX, fetched only for virtual architectures (the driver JIT-compiles it at load).
+    pub ptx: Option<String>,
+    /// The complete NVRTC option list the kernel was compiled with.
+    pub options: Vec<String>,
     /// NVRTC's log (warnings and ptxas' report).
     pub log: String,
     pub resources: Option<ResourceUsage>,
@@ -191,6 +221,12 @@ static LOADED: OnceLock<Result<(NvrtcInstall, libloading::os::unix::Library), St
     OnceLock::new();
 
 impl Nvrtc {
+    /// Finds NVRTC (`$FATHOM_NVRTC`, `$CUDA_HOME`, `/usr/local/cuda`, then [`project_pip_dirs`])
+    /// and loads it.
+    pub fn locate() -> Result<Self, NvrtcError> {
+        Self::load(NvrtcInstall::find(&project_pip_dirs())?)
+    }
+
     /// Opens the library by absolute path (`RTLD_NOW | RTLD_GLOBAL`, kept for the process), so that
     /// cudarc's `dlopen` by soname finds it, and checks that it is NVRTC 12.
     pub fn load(install: NvrtcInstall) -> Result<Self, NvrtcError> {
@@ -234,6 +270,42 @@ impl Nvrtc {
         &self.install
     }
 
+    /// The architectures NVRTC can compile for, as numbers (`90` for `sm_90`/`compute_90`).
+    pub fn supported_archs(&self) -> Result<Vec<i32>, NvrtcError> {
+        let call_error = |code| NvrtcError::Call {
+            call: "get supported architectures",
+            kernel: String::new(),
+            code,
+        };
+        let mut count: c_int = 0;
+        // SAFETY: a valid out-pointer; the library is loaded.
+        let code = unsafe { sys::nvrtcGetNumSupportedArchs(&mut count) };
+        if code != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(call_error(code));
+        }
+        let mut archs = vec![0 as c_int; usize::try_from(count).unwrap_or(0)];
+        if !archs.is_empty() {
+            // SAFETY: the buffer holds the number of entries NVRTC reported.
+            let code = unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) };
+            if code != sys::nvrtcResult::NVRTC_SUCCESS {
+                return Err(call_error(code));
+            }
+        }
+        Ok(archs)
+    }
+
+    /// The complete option list of a compile for `arch` with `extra` options appended.
+    pub fn options(&self, arch: &str, extra: &[String]) -> Vec<String> {
+        let mut options = vec![
+            format!("--gpu-architecture={arch}"),
+            format!("--include-path={}", self.install.include_dir.display()),
+            "--std=c++17".to_owned(),
+            "--ptxas-options=-v".to_owned(),
+        ];
+        options.extend(extra.iter().cloned());
+        options
+    }
+
     /// Compiles `kernel` for `arch` (e.g. `sm_90a`; by default its own requirement's) to a CUBIN,
     /// with ptxas' verbose report parsed into [`ResourceUsage`].
     pub fn compile(
@@ -242,6 +314,17 @@ impl Nvrtc {
         arch: Option<&str>,
     ) -> Result<CompiledKernel, NvrtcError> {
         let arch = arch.unwrap_or(kernel.arch_requirement.compile_arch());
+        self.compile_with(kernel, arch, &[])
+    }
+
+    /// Compiles `kernel` for `arch` with `extra` NVRTC options: a CUBIN for a real architecture
+    /// (`sm_XX`), PTX for a virtual one (`compute_XX`).
+    pub fn compile_with(
+        &self,
+        kernel: &KernelSource,
+        arch: &str,
+        extra: &[String],
+    ) -> Result<CompiledKernel, NvrtcError> {
         let call_error = |call, code| NvrtcError::Call {
             call,
             kernel: kernel.name.clone(),
@@ -254,12 +337,7 @@ impl Nvrtc {
             excerpt: String::new(),
         })?;
         let file_name = CString::new(format!("{}.cu", kernel.name)).unwrap_or_default();
-        let options = [
-            format!("--gpu-architecture={arch}"),
-            format!("--include-path={}", self.install.include_dir.display()),
-            "--std=c++17".to_owned(),
-            "--ptxas-options=-v".to_owned(),
-        ];
+        let options = self.options(arch, extra);
         let program = result::create_program(&source, Some(&file_name))
             .map_err(|e| call_error("create", e.0))?;
         let program = ProgramGuard(program);
@@ -293,11 +371,21 @@ impl Nvrtc {
                 return Err(call_error("get CUBIN", code));
             }
         }
+        let ptx = if cubin.is_empty() {
+            // SAFETY: valid program, compiled successfully.
+            let raw =
+                unsafe { result::get_ptx(program.0) }.map_err(|e| call_error("get PTX", e.0))?;
+            Some(c_chars_to_string(&raw))
+        } else {
+            None
+        };
         let resources = ResourceUsage::parse(&log, &kernel.entry);
         Ok(CompiledKernel {
             name: kernel.name.clone(),
             arch: arch.to_owned(),
             cubin,
+            ptx,
+            options,
             log,
             resources,
         })

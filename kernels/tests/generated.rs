@@ -10,7 +10,7 @@
 //! generated source there.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fathom_compiler::codegen::sample::coverage_program;
@@ -20,25 +20,15 @@ use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
-use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage};
+use fathom_kernels::nvrtc::{Nvrtc, ResourceUsage, nvrtc_unless_skipped};
 use fathom_kernels::{ArchRequirement, KernelSource};
-
-fn pip_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.nvrtc");
-    vec![root.join("cu12"), root.join("tools"), root]
-}
 
 /// NVRTC, or `None` when the run opted out with `FATHOM_SKIP_NVRTC=1`; panics with install
 /// instructions when it is missing.
 fn nvrtc() -> Option<Nvrtc> {
-    if std::env::var("FATHOM_SKIP_NVRTC").as_deref() == Ok("1") {
-        eprintln!("FATHOM_SKIP_NVRTC=1: CUDA compile checks skipped");
-        return None;
-    }
-    let install = NvrtcInstall::find(&pip_dirs()).unwrap_or_else(|e| {
+    nvrtc_unless_skipped().unwrap_or_else(|e| {
         panic!("{e}\n(set FATHOM_SKIP_NVRTC=1 to skip the CUDA compile checks explicitly)")
-    });
-    Some(Nvrtc::load(install).unwrap_or_else(|e| panic!("{e}")))
+    })
 }
 
 /// The workspace's smallest full-featured spec (`fathom_compiler::spec::examples::micro`).

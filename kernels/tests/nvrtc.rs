@@ -11,37 +11,25 @@
 //! (installed by `scripts/test.sh`). Without it these tests fail, saying how to install it, unless
 //! `FATHOM_SKIP_NVRTC=1` is set explicitly. `FATHOM_KERNEL_DUMP_DIR=dir` writes every source there.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use fathom_kernels::fp8_gemm::SM90_MAX_SMEM_BYTES;
-use fathom_kernels::nvrtc::{CompiledKernel, Nvrtc, NvrtcInstall, find_cuda_tool};
+use fathom_kernels::nvrtc::{
+    CompiledKernel, Nvrtc, find_cuda_tool, nvrtc_unless_skipped, project_pip_dirs,
+};
 use fathom_kernels::{
     BScaling, FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem,
     KernelSource, MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims, QuantizeInput,
     QuantizeKind, QuantizeParams, TrainingGemm,
 };
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn pip_dirs() -> Vec<PathBuf> {
-    let root = repo_root().join(".nvrtc");
-    vec![root.join("cu12"), root.join("tools"), root]
-}
-
 /// NVRTC, or `None` when the run opted out with `FATHOM_SKIP_NVRTC=1`; panics with install
 /// instructions when it is missing.
 fn nvrtc() -> Option<Nvrtc> {
-    if std::env::var("FATHOM_SKIP_NVRTC").as_deref() == Ok("1") {
-        eprintln!("FATHOM_SKIP_NVRTC=1: CUDA compile checks skipped");
-        return None;
-    }
-    let install = NvrtcInstall::find(&pip_dirs()).unwrap_or_else(|e| {
+    nvrtc_unless_skipped().unwrap_or_else(|e| {
         panic!("{e}\n(set FATHOM_SKIP_NVRTC=1 to skip the CUDA compile checks explicitly)")
-    });
-    Some(Nvrtc::load(install).unwrap_or_else(|e| panic!("{e}")))
+    })
 }
 
 /// DeepSeek-V3's FP8 linears as (name, out features N, in features K).
@@ -283,7 +271,7 @@ fn check(
 
 /// The CUBIN's SASS via nvdisasm (or cuobjdump); `None` when neither is installed.
 fn disassemble(compiled: &CompiledKernel) -> Option<Result<String, String>> {
-    let dirs = pip_dirs();
+    let dirs = project_pip_dirs();
     let (tool, args): (PathBuf, &[&str]) = if let Some(t) = find_cuda_tool("nvdisasm", &dirs) {
         (t, &[])
     } else {

@@ -1,4 +1,5 @@
-//! Running a graph: through the reference interpreter, or compiled for the CPU.
+//! Running a graph: through the reference interpreter, compiled for the CPU, or compiled for a
+//! CUDA GPU (falling back to the CPU, with one line saying why, where there is none).
 
 use std::collections::BTreeMap;
 
@@ -9,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cpu::{CpuError, CpuProgram};
+use crate::cuda::{
+    CudaError, GpuDevice, GpuExecutor, GpuOptions, KernelCache, NoGpu, fallback_line,
+};
 use crate::interp::{Feeds, InterpError, evaluate};
 use crate::tensor::HostTensor;
 
@@ -22,6 +26,9 @@ pub enum Backend {
     Cpu,
     /// The reference interpreter (the oracle; slow).
     Interpreter,
+    /// Lowered to kernels, generated as CUDA C++, compiled by NVRTC and run on GPU 0. Without a
+    /// CUDA driver or GPU, the CPU backend runs instead (said once, on stderr).
+    Cuda,
 }
 
 #[derive(Debug, Error)]
@@ -32,6 +39,8 @@ pub enum ExecError {
     Interp(#[from] InterpError),
     #[error(transparent)]
     Cpu(#[from] CpuError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
 }
 
 /// A graph prepared for one backend.
@@ -39,6 +48,7 @@ pub enum ExecError {
 pub enum Executable {
     Interpreter(Graph),
     Cpu(CpuProgram),
+    Cuda(Box<GpuExecutor>),
 }
 
 impl Executable {
@@ -50,7 +60,38 @@ impl Executable {
                 let compiled = compile(&graph, &CompileOptions::from_env())?;
                 Executable::Cpu(CpuProgram::new(compiled.program))
             }
+            Backend::Cuda => {
+                let compiled = compile(&graph, &CompileOptions::from_env())?;
+                match GpuDevice::probe(0) {
+                    Ok(device) => {
+                        let nvrtc =
+                            fathom_kernels::nvrtc::Nvrtc::locate().map_err(CudaError::from)?;
+                        let dir = KernelCache::default_dir().map_err(CudaError::from)?;
+                        let cache = KernelCache::new(dir, nvrtc);
+                        let executor = GpuExecutor::new(
+                            &device,
+                            &cache,
+                            compiled.program,
+                            GpuOptions::default(),
+                        )?;
+                        Executable::Cuda(Box::new(executor))
+                    }
+                    Err(reason) => {
+                        announce_cpu_fallback(&reason);
+                        Executable::Cpu(CpuProgram::new(compiled.program))
+                    }
+                }
+            }
         })
+    }
+
+    /// The backend that actually runs (`Cpu` for a `Cuda` request that fell back).
+    pub fn backend(&self) -> Backend {
+        match self {
+            Executable::Interpreter(_) => Backend::Interpreter,
+            Executable::Cpu(_) => Backend::Cpu,
+            Executable::Cuda(_) => Backend::Cuda,
+        }
     }
 
     /// The graph's outputs by name.
@@ -58,6 +99,54 @@ impl Executable {
         Ok(match self {
             Executable::Interpreter(graph) => evaluate(graph, feeds)?.into_iter().collect(),
             Executable::Cpu(program) => program.run(feeds)?.into_iter().collect(),
+            Executable::Cuda(executor) => executor.run(feeds)?.outputs.into_iter().collect(),
         })
+    }
+}
+
+/// Says once per process that the CPU runs what was asked of the GPU, and why.
+fn announce_cpu_fallback(reason: &NoGpu) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| eprintln!("{}", fallback_line(reason)));
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::cuda::driver_present;
+
+    #[test]
+    fn the_cuda_backend_falls_back_to_the_cpu_without_a_driver() {
+        if driver_present() {
+            eprintln!("skipped: a CUDA driver is present, so there is no fallback to check");
+            return;
+        }
+        let spec = fathom_compiler::spec::examples::micro();
+        let options = fathom_compiler::model::ForwardOptions {
+            batch: 1,
+            seq: 3,
+            with_mtp: false,
+        };
+        let graph = fathom_compiler::model::forward_graph(&spec, options).unwrap();
+        let cuda = Executable::new(graph.clone(), Backend::Cuda).unwrap();
+        assert_eq!(cuda.backend(), Backend::Cpu);
+        let cpu = Executable::new(graph.clone(), Backend::Cpu).unwrap();
+        let weights = crate::init::init_parameters(&graph, 0.02, 7);
+        let ids = HostTensor::i64([1, 3], vec![1, 2, 3]);
+        let inputs = HashMap::from([("input_ids", ids)]);
+        let feeds = Feeds::new(&inputs, &weights);
+        let (a, b) = (cuda.run(&feeds).unwrap(), cpu.run(&feeds).unwrap());
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "the fallback is the CPU backend, bit for bit");
+    }
+
+    #[test]
+    fn the_backend_setting_accepts_cuda() {
+        let backend: Backend = serde_json::from_str("\"cuda\"").unwrap();
+        assert_eq!(backend, Backend::Cuda);
     }
 }

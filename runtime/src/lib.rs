@@ -3,6 +3,7 @@
 //! Face safetensors layout and random initialisation.
 
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod exec;
 pub mod fp8;

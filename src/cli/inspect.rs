@@ -13,7 +13,7 @@ use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
-use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool};
+use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool, project_pip_dirs};
 use fathom_kernels::{ArchRequirement, KernelSource};
 use rayon::prelude::*;
 
@@ -179,13 +179,7 @@ struct Built {
 fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()> {
     // The project's pip folders (`scripts/test.sh` installs NVRTC there), from the current
     // directory and from the source tree this binary was built in.
-    let pip_dirs: Vec<PathBuf> = [
-        PathBuf::from("."),
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
-    ]
-    .iter()
-    .flat_map(|root| ["cu12", "tools"].map(|sub| root.join(".nvrtc").join(sub)))
-    .collect();
+    let pip_dirs = project_pip_dirs();
     let nvrtc = Nvrtc::load(NvrtcInstall::find(&pip_dirs)?)?;
     let disassembler = find_cuda_tool("cuobjdump", &pip_dirs)
         .map(|tool| (tool, vec!["-sass"]))

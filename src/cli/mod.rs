@@ -2,6 +2,7 @@
 
 mod bench;
 mod forward;
+mod gpu_check;
 mod grad;
 mod graph;
 mod init;
@@ -41,6 +42,9 @@ enum Command {
     /// Print a pipeline schedule (1F1B, ZB1P, DualPipe, DualPipeV), simulate it, compare its
     /// bubble and memory with Table 2 of the DeepSeek-V3 report, and draw its timeline as SVG.
     Schedule(schedule::Args),
+    /// The checks that need a GPU: every generated kernel and the FP8 GEMM against the CPU,
+    /// training steps, FP8 GEMM timings (see scripts/gpu-check.sh).
+    GpuCheck(gpu_check::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -54,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(args) => done(inspect::run(args)),
         Command::Schedule(args) => done(schedule::run(args)),
         Command::Bench(args) => done(bench::run(args)),
+        Command::GpuCheck(args) => gpu_check::run(args),
     }
 }
 

@@ -129,6 +129,25 @@ impl CpuProgram {
 
     /// Runs every kernel in order and returns the program's outputs.
     pub fn run(&self, feeds: &Feeds<'_>) -> Result<CpuOutputs, CpuError> {
+        self.run_inner(feeds, None)
+    }
+
+    /// Runs like [`CpuProgram::run`], showing `observe` every buffer (f32 values, indexed by
+    /// buffer) before and after each kernel: how the GPU check compares each kernel alone
+    /// against the CPU. Temporaries not alive at that point are empty.
+    pub fn run_observed(
+        &self,
+        feeds: &Feeds<'_>,
+        observe: &mut KernelObserver<'_>,
+    ) -> Result<CpuOutputs, CpuError> {
+        self.run_inner(feeds, Some(observe))
+    }
+
+    fn run_inner(
+        &self,
+        feeds: &Feeds<'_>,
+        mut observe: Option<&mut KernelObserver<'_>>,
+    ) -> Result<CpuOutputs, CpuError> {
         // Temporaries live from the kernel that first writes them to the last that reads them
         // (the memory plan's lifetimes): storage is taken from a pool when one starts and given
         // back when it dies, so a run holds about the plan's peak, not every temporary. The pool
@@ -150,6 +169,9 @@ impl CpuProgram {
             for &b in &self.lifetimes.starting[index] {
                 buffers[b] = take_storage(&mut pool, self.program.buffers[b].ty.numel());
             }
+            if let Some(observe) = observe.as_mut() {
+                observe(index, KernelPhase::Before, &buffers);
+            }
             let compiled = self.jit.as_ref().and_then(|jit| jit.kernel(index));
             match (&kernel.body, compiled) {
                 (KernelBody::Loop(_), Some(compiled)) => compiled.run(&mut buffers),
@@ -161,6 +183,9 @@ impl CpuProgram {
                     &mut buffers,
                     feeds.experts,
                 )?,
+            }
+            if let Some(observe) = observe.as_mut() {
+                observe(index, KernelPhase::After, &buffers);
             }
             for &b in &self.lifetimes.ending[index] {
                 pool.push(std::mem::take(&mut buffers[b]));
@@ -187,6 +212,16 @@ impl CpuProgram {
         }
         Ok(CpuOutputs { outputs })
     }
+}
+
+/// What [`CpuProgram::run_observed`] calls: kernel index, phase, every buffer.
+pub type KernelObserver<'a> = dyn FnMut(usize, KernelPhase, &[Vec<f32>]) + 'a;
+
+/// When [`CpuProgram::run_observed`] shows the buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelPhase {
+    Before,
+    After,
 }
 
 /// When each temporary starts and dies, by kernel index.
@@ -234,7 +269,7 @@ fn take_storage(pool: &mut Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     storage
 }
 
-fn initial_contents(
+pub(crate) fn initial_contents(
     ty: &TensorType,
     role: &BufferRole,
     feeds: &Feeds<'_>,
@@ -283,7 +318,7 @@ fn from_host(kind: &'static str, name: &str, tensor: &HostTensor) -> Result<Vec<
     })
 }
 
-fn to_host(ty: &TensorType, values: &[f32]) -> HostTensor {
+pub(crate) fn to_host(ty: &TensorType, values: &[f32]) -> HostTensor {
     let data = match ty.dtype {
         DType::I32 | DType::I64 => Data::Int(values.iter().map(|&v| v as i64).collect()),
         DType::Bool => Data::Bool(values.iter().map(|&v| v != 0.0).collect()),

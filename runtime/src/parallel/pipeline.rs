@@ -188,7 +188,8 @@ impl Pipeline {
         }
         if self.expert_parallel > 1 {
             out.push_str(&format!(
-                "; experts split over groups of {} replicas ({} routed experts each)",
+                "; groups of {} replicas split the routed experts ({} of each MoE layer per \
+                 replica)",
                 self.expert_parallel,
                 self.routed_experts / self.expert_parallel
             ));

@@ -38,8 +38,9 @@ pub struct TrainSettings {
     /// against its expert's load relative to the mean (DeepSeek-V3: 0.001).
     #[serde(default = "default_gamma")]
     pub bias_update_speed: f64,
-    /// Where the training graph runs: `cpu` (compiled, the default) or `interpreter` (the
-    /// reference). Part of the run, since the two round differently.
+    /// Where the training graph runs: `cpu` (compiled, the default), `interpreter` (the
+    /// reference) or `cuda` (GPU 0; the CPU, said in one line, where there is no GPU). Part of
+    /// the run, since backends round differently.
     #[serde(default)]
     pub backend: Backend,
     /// The arithmetic of the Linear GEMMs (`fp32`, `bf16`, `fp8`, or a table with per-module

@@ -1,0 +1,116 @@
+//! The driver side of device memory: [`RawDevice`] over `cuMemAlloc`/`cuMemFree` and events, and
+//! the copies between host and device the executor needs.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result, sys};
+
+use super::alloc::{AllocError, RawDevice, StreamId};
+
+/// A CUDA event that is destroyed when dropped.
+#[derive(Debug)]
+pub struct RawEvent(sys::CUevent);
+
+// SAFETY: an event is a driver handle that any thread may record, query, wait on or destroy
+// (the CUDA driver API is thread-safe); the allocator binds the context before each use and
+// destroys an event once, in Drop. The raw pointer alone makes it !Send/!Sync by default.
+unsafe impl Send for RawEvent {}
+unsafe impl Sync for RawEvent {}
+
+impl Drop for RawEvent {
+    fn drop(&mut self) {
+        // SAFETY: the event was created by `event::create` and is destroyed only here; destroying
+        // an incomplete event is allowed (its resources are released when it completes).
+        let _ = unsafe { result::event::destroy(self.0) };
+    }
+}
+
+/// Device memory of one context.
+#[derive(Debug)]
+pub struct DriverMemory {
+    ctx: Arc<CudaContext>,
+}
+
+impl DriverMemory {
+    pub fn new(ctx: Arc<CudaContext>) -> Self {
+        DriverMemory { ctx }
+    }
+}
+
+fn device_error(e: DriverError) -> AllocError {
+    AllocError::Device(e.to_string())
+}
+
+impl RawDevice for DriverMemory {
+    type Event = RawEvent;
+
+    fn alloc(&mut self, bytes: usize) -> Result<Option<u64>, AllocError> {
+        self.ctx.bind_to_thread().map_err(device_error)?;
+        // SAFETY: plain allocation in the bound context; the memory is uninitialised, and every
+        // user writes before reading (as the CPU backend's storage pool).
+        match unsafe { result::malloc_sync(bytes) } {
+            Ok(ptr) => Ok(Some(ptr)),
+            Err(DriverError(sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY)) => Ok(None),
+            Err(e) => Err(device_error(e)),
+        }
+    }
+
+    fn free(&mut self, ptr: u64) -> Result<(), AllocError> {
+        self.ctx.bind_to_thread().map_err(device_error)?;
+        // SAFETY: `ptr` came from `alloc` and the allocator frees it once, when no queued work
+        // uses it (see `CachingAllocator::empty_cache`).
+        unsafe { result::free_sync(ptr) }.map_err(device_error)
+    }
+
+    fn record(&mut self, stream: StreamId) -> Result<RawEvent, AllocError> {
+        self.ctx.bind_to_thread().map_err(device_error)?;
+        let event = RawEvent(
+            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(device_error)?,
+        );
+        // SAFETY: a live event and a stream handle of this context (`StreamId` holds the handle).
+        unsafe { result::event::record(event.0, stream.0 as sys::CUstream) }
+            .map_err(device_error)?;
+        Ok(event)
+    }
+
+    fn is_complete(&mut self, event: &RawEvent) -> Result<bool, AllocError> {
+        // SAFETY: a live event created by `record`.
+        match unsafe { result::event::query(event.0) } {
+            Ok(()) => Ok(true),
+            Err(DriverError(sys::cudaError_enum::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(e) => Err(device_error(e)),
+        }
+    }
+}
+
+/// The allocator's id of a cudarc stream.
+pub fn stream_id(stream: &CudaStream) -> StreamId {
+    StreamId(stream.cu_stream() as u64)
+}
+
+/// Copies `host` to device address `dst` on `stream` and waits for it (so `host` may be dropped
+/// right after; uploads are not on the hot path of a captured graph).
+pub fn upload<T: Copy>(stream: &CudaStream, dst: u64, host: &[T]) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    // SAFETY: `dst` is a live device allocation of at least `size_of_val(host)` bytes (the caller
+    // sized it from the same buffer), and `host` outlives the copy: the stream is synchronised
+    // before returning.
+    unsafe { result::memcpy_htod_async(dst, host, stream.cu_stream()) }?;
+    stream.synchronize()
+}
+
+/// Copies from device address `src` into `host` on `stream`, waiting for the stream's earlier
+/// work and the copy.
+pub fn download<T: Copy>(stream: &CudaStream, src: u64, host: &mut [T]) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    // SAFETY: `src` is a live device allocation of at least `size_of_val(host)` bytes, and `host`
+    // is borrowed mutably until the stream is synchronised below.
+    unsafe { result::memcpy_dtoh_async(host, src, stream.cu_stream()) }?;
+    stream.synchronize()
+}
+
+/// An event that records time (cudarc's default events do not, and `elapsed_ms` then fails).
+pub fn timing_event(ctx: &Arc<CudaContext>) -> Result<CudaEvent, DriverError> {
+    ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+}

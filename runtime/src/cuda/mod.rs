@@ -1,0 +1,93 @@
+//! The CUDA backend, through cudarc: NVRTC compilation with a disk cache ([`cache`]), finding a
+//! device or saying why there is none ([`device`]), device memory through a caching allocator
+//! ([`alloc`] is the policy, [`memory`] the driver calls), loading and launching kernels
+//! ([`modules`]; the FP8 GEMM template in [`fp8_gemm`]) and running a compiled program
+//! ([`executor`]).
+//!
+//! Nothing here links against the driver: cudarc opens `libcuda.so` at run time, so this builds
+//! everywhere, and the parts that need no GPU (the cache, the allocator policy, the fallback, the
+//! FP8 operand layout) are tested on machines without one. What needs a GPU is checked by
+//! `scripts/gpu-check.sh` (`fathom gpu-check`).
+
+pub mod alloc;
+pub mod cache;
+pub mod device;
+pub mod executor;
+pub mod fp8_gemm;
+pub mod memory;
+pub mod modules;
+
+use cudarc::driver::DriverError;
+use fathom_compiler::codegen::CodegenError;
+use fathom_kernels::KernelError;
+use fathom_kernels::nvrtc::NvrtcError;
+
+/// The cudarc types this module's API takes, so that callers need no cudarc dependency.
+pub use cudarc::driver::{CudaContext, CudaStream};
+
+pub use alloc::{AllocError, AllocStats, CachingAllocator, RawDevice, StreamId};
+pub use cache::{CacheError, CachedKernel, KernelCache, ModuleImage};
+pub use device::{GpuDevice, NoGpu, compile_target, driver_present, fallback_line};
+pub use executor::{GpuExecutor, GpuKernels, GpuOptions, GpuRun};
+
+use crate::cpu::CpuError;
+
+/// Errors of the CUDA backend.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("CUDA driver: {context}: {source}")]
+    Driver {
+        context: String,
+        source: DriverError,
+    },
+    #[error("kernel {kernel}: {source}")]
+    InKernel {
+        kernel: String,
+        source: Box<CudaError>,
+    },
+    #[error("{0}")]
+    Launch(String),
+    #[error(
+        "program `{program}` cannot run on the GPU yet: {count} library call(s) have no GPU \
+         implementation: {summary}"
+    )]
+    UnsupportedLibraryCalls {
+        program: String,
+        count: usize,
+        summary: String,
+    },
+    #[error(
+        "NVRTC cannot compile for compute capability {major}.{minor} (it supports {supported:?})"
+    )]
+    NoCompileTarget {
+        major: i32,
+        minor: i32,
+        supported: Vec<i32>,
+    },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Nvrtc(#[from] NvrtcError),
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error(transparent)]
+    Codegen(#[from] CodegenError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Input(#[from] CpuError),
+}
+
+impl CudaError {
+    pub(crate) fn driver(context: String, source: DriverError) -> Self {
+        CudaError::Driver { context, source }
+    }
+
+    /// This error, said to come from `kernel`.
+    pub(crate) fn in_kernel(self, kernel: &str) -> Self {
+        CudaError::InKernel {
+            kernel: kernel.to_owned(),
+            source: Box::new(self),
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The CUDA runtime on a real GPU. Each test is skipped, saying why, where there is no CUDA
+//! driver or device (CI); `scripts/gpu-check.sh` runs the wider checks on a lent GPU.
+//!
+//! Tolerance against the CPU: 1e-5 relative to the output's largest magnitude. The GPU sums rows
+//! in f32 in a tree order (the CPU in f64) and libdevice's exp is within 2 ulp; over rows of 96
+//! elements that is below 1e-6. A wrong kernel is off by O(1).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+
+use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::{DType, GraphBuilder, TensorType};
+use fathom_kernels::nvrtc::nvrtc_unless_skipped;
+use fathom_runtime::HostTensor;
+use fathom_runtime::cpu::CpuProgram;
+use fathom_runtime::cuda::fp8_gemm::{Fp8Gemm, HostFp8Operands};
+use fathom_runtime::cuda::memory::{DriverMemory, download, stream_id, upload};
+use fathom_runtime::cuda::{CachingAllocator, GpuDevice, GpuExecutor, GpuOptions, KernelCache};
+use fathom_runtime::fp8::calc_diff;
+use fathom_runtime::interp::Feeds;
+
+/// The device and a kernel cache in `dir`, or `None` (with the reason printed) without a GPU.
+fn gpu(dir: &std::path::Path) -> Option<(GpuDevice, KernelCache)> {
+    let device = match GpuDevice::probe(0) {
+        Ok(device) => device,
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            return None;
+        }
+    };
+    let nvrtc = nvrtc_unless_skipped().unwrap()?;
+    Some((device, KernelCache::new(dir, nvrtc)))
+}
+
+/// Softmax, SiLU and an RMS-style normalisation of a [4, 96] input: loop nests only.
+fn loop_only_program() -> fathom_compiler::kernel::Program {
+    let mut b = GraphBuilder::new("loop_only");
+    let x = b
+        .input("x", TensorType::new(DType::F32, vec![4, 96]))
+        .unwrap();
+    let soft = b.softmax(x).unwrap();
+    let act = b.silu(x).unwrap();
+    let y = b.mul(soft, act).unwrap();
+    b.output("y", y).unwrap();
+    compile(&b.finish(), &CompileOptions::default())
+        .unwrap()
+        .program
+}
+
+#[test]
+fn a_loop_nest_program_matches_the_cpu_with_and_without_a_cuda_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((device, cache)) = gpu(dir.path()) else {
+        return;
+    };
+    let program = loop_only_program();
+    let x: Vec<f32> = (0..4 * 96)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.1)
+        .collect();
+    let inputs = HashMap::from([("x", HostTensor::f32([4, 96], x))]);
+    let feeds = Feeds::new(&inputs, &());
+    let want = CpuProgram::new(program.clone()).run(&feeds).unwrap();
+    let want = want.get("y").unwrap().as_f32().unwrap().to_vec();
+    let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for cuda_graph in [false, true] {
+        let executor =
+            GpuExecutor::new(&device, &cache, program.clone(), GpuOptions { cuda_graph }).unwrap();
+        // Twice: the second run replays the captured graph.
+        for _ in 0..2 {
+            let run = executor.run(&feeds).unwrap();
+            let got = run.outputs.iter().find(|(n, _)| n == "y").unwrap();
+            let got = got.1.as_f32().unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * max, "GPU {g}, CPU {w}");
+            }
+        }
+    }
+    // The second executor found every kernel in the cache.
+    assert!(cache.counters().hits > 0);
+}
+
+#[test]
+fn the_fp8_gemm_template_matches_the_quantized_product() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((device, cache)) = gpu(dir.path()) else {
+        return;
+    };
+    if device.compute_capability != (9, 0) {
+        eprintln!(
+            "skipped: the FP8 GEMM template needs sm_90a, this is {}",
+            device.arch()
+        );
+        return;
+    }
+    let (m, n, k) = (192usize, 256usize, 640usize);
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.3)
+        .collect();
+    let b: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 7 % 31) as f32 - 15.0) * 0.01)
+        .collect();
+    let ops = HostFp8Operands::quantize(&a, &b, m, n, k).unwrap();
+    let gemm = Fp8Gemm::load(&device.ctx, &cache, ops.params()).unwrap();
+    let stream = device.ctx.new_stream().unwrap();
+    let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
+    let mut put = |bytes: Vec<u8>| {
+        let block = allocator.alloc(bytes.len(), stream_id(&stream)).unwrap();
+        upload(&stream, block.ptr, &bytes).unwrap();
+        block
+    };
+    let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let blocks = [
+        put(ops.a.clone()),
+        put(ops.b.clone()),
+        put(f32_bytes(&ops.scale_a)),
+        put(f32_bytes(&ops.scale_b)),
+        put(vec![0u8; m * n * 4]),
+    ];
+    let operands = fathom_runtime::cuda::fp8_gemm::Fp8GemmOperands {
+        a: blocks[0].ptr,
+        b: blocks[1].ptr,
+        scale_a: blocks[2].ptr,
+        scale_b: blocks[3].ptr,
+        out: blocks[4].ptr,
+        block_expert: None,
+    };
+    gemm.launch(&stream, &ops.problem, &operands).unwrap();
+    let mut got = vec![0f32; m * n];
+    download(&stream, operands.out, &mut got).unwrap();
+    let diff = calc_diff(&got, &ops.reference()).unwrap();
+    assert!(diff < 1e-3, "DeepGEMM diff {diff}");
+    for block in blocks {
+        allocator.free(block).unwrap();
+    }
+}
+
+/// Runs everywhere: the GPU test's program is one the executor accepts (loop nests only).
+#[test]
+fn the_loop_nest_program_needs_no_library_call() {
+    let cuda = fathom_compiler::codegen::cuda_program(&loop_only_program()).unwrap();
+    assert!(cuda.kernels.len() >= 2, "{}", cuda.launch_table());
+    fathom_runtime::cuda::executor::check_library_calls(&cuda).unwrap();
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU checks (DESIGN.md, "GPU code without a GPU"; issue 6, item 6), for a machine with an
+# NVIDIA GPU (written for an H200; under 8 minutes there):
+#   1. every generated kernel of the tiny model's training step against the CPU backend,
+#   2. the FP8 GEMM template against the exact product of its quantized operands (DeepGEMM's
+#      1 - 2Σxy/Σ(x²+y²) < 0.001),
+#   3. a few training steps of the tiny model on the GPU against the CPU (printed as SKIP, with
+#      the reason, while the GPU executor cannot run the program's library calls),
+#   4. the FP8 GEMM's TFLOPS at DeepSeek-V3's shapes (M = 4096) beside torch._scaled_mm
+#      (cuBLASLt FP8) when PyTorch with CUDA is installed.
+# On a machine without a GPU it says so in one line and exits 0.
+#
+# Environment: FATHOM_GPU_CHECK_BIN=path uses a prebuilt `fathom` instead of building one;
+# FATHOM_CACHE_DIR chooses the kernel cache (default: a fresh folder, so compiles are timed too);
+# FATHOM_NVRTC points at libnvrtc.so.12 when it is not in CUDA_HOME, /usr/local/cuda or .nvrtc/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$SECONDS
+
+if ! command -v nvidia-smi >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1'; then
+  echo "gpu-check: no NVIDIA driver on this machine (no nvidia-smi, no libcuda.so.1); nothing to check"
+  exit 0
+fi
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L || true
+
+# NVRTC 12 and the CUDA headers: the toolkit's, or the pip install scripts/test.sh makes.
+if [ -z "${FATHOM_NVRTC:-}" ] && [ ! -f "${CUDA_HOME:-/usr/local/cuda}/lib64/libnvrtc.so.12" ] \
+  && [ ! -f .nvrtc/cu12/.done ]; then
+  echo "gpu-check: installing NVRTC 12.9 from PyPI into .nvrtc/cu12"
+  rm -rf .nvrtc/cu12
+  python3 -m pip install --quiet --disable-pip-version-check --target .nvrtc/cu12 \
+    nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79
+  echo "nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79" >.nvrtc/cu12/.done
+fi
+
+bin="${FATHOM_GPU_CHECK_BIN:-}"
+if [ -z "$bin" ]; then
+  cargo build --release --locked --bin fathom
+  bin=target/release/fathom
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export FATHOM_CACHE_DIR="${FATHOM_CACHE_DIR:-$work/kernel-cache}"
+
+cublas=()
+if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  if timeout 120 python3 scripts/scaled_mm_bench.py >"$work/scaled_mm.json"; then
+    cublas=(--cublas "$work/scaled_mm.json")
+  else
+    echo "gpu-check: scripts/scaled_mm_bench.py failed; the cuBLASLt comparison is skipped"
+  fi
+else
+  echo "gpu-check: no PyTorch with CUDA here; the cuBLASLt comparison is skipped"
+fi
+
+status=0
+timeout 360 "$bin" gpu-check "${cublas[@]}" || status=$?
+echo "gpu-check: finished in $((SECONDS - started)) s (exit $status)"
+exit "$status"

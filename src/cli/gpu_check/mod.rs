@@ -1,0 +1,366 @@
+//! `fathom gpu-check`: the checks that need a GPU (run by `scripts/gpu-check.sh`).
+//!
+//! 1. Every generated kernel of the tiny model's training step (forward, losses, backward) runs
+//!    alone on the GPU on the buffers the CPU backend had before it, and what it writes is
+//!    compared with what the CPU wrote.
+//! 2. The FP8 GEMM template against the f64 product of the same quantized operands (DeepGEMM's
+//!    `1 - 2Σxy/Σ(x²+y²) < 0.001`).
+//! 3. A few training steps of the tiny model with `backend = cuda` against the CPU, comparing
+//!    losses — or, while the GPU executor cannot run the program's library calls, the reason it
+//!    cannot, printed as a skip.
+//! 4. The FP8 GEMM's time at DeepSeek-V3 shapes, with `torch._scaled_mm` (cuBLASLt FP8) beside it
+//!    when `scripts/scaled_mm_bench.py` produced its JSON.
+//!
+//! Without a GPU it prints one line and succeeds: there is nothing to check.
+
+mod fp8;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use fathom_compiler::codegen::{CudaLaunch, cuda_program};
+use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::model::{LossWeights, parameter_graph};
+use fathom_compiler::training::training_graph;
+use fathom_kernels::nvrtc::Nvrtc;
+use fathom_runtime::HostTensor;
+use fathom_runtime::cpu::{CpuProgram, KernelPhase};
+use fathom_runtime::cuda::memory::DriverMemory;
+use fathom_runtime::cuda::{CachingAllocator, GpuDevice, GpuKernels, KernelCache};
+use fathom_runtime::data::{SyntheticBatches, SyntheticKind, SyntheticTask};
+use fathom_runtime::exec::Backend;
+use fathom_runtime::init::init_parameters;
+use fathom_runtime::interp::Feeds;
+use fathom_runtime::optim::{AdamWConfig, LrSchedule};
+use fathom_runtime::train::{TrainSettings, Trainer};
+use fathom_runtime::weights::Weights;
+
+/// Runs the GPU checks (correctness against the CPU, then timings).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// JSON written by `scripts/scaled_mm_bench.py` (torch._scaled_mm timings at the same
+    /// shapes), shown beside the FP8 GEMM's.
+    #[arg(long)]
+    cublas: Option<PathBuf>,
+    /// Timed launches per GEMM shape.
+    #[arg(long, default_value_t = 20)]
+    iters: u32,
+    /// Only the correctness checks.
+    #[arg(long)]
+    no_bench: bool,
+    /// Training steps compared between the GPU and the CPU.
+    #[arg(long, default_value_t = 3)]
+    steps: u64,
+}
+
+/// Per element: |gpu - cpu| <= ATOL_OF_MAX·max|cpu| + RTOL·|cpu|. The GPU sums rows in f32 in a
+/// tree order where the CPU sums in f64, NVRTC contracts a·b+c into FMAs, and libdevice's
+/// exp/log/tanh are within 2 ulp: all relative errors of order 1e-6 on rows of up to a few
+/// thousand elements. A wrong index or formula is off by O(1).
+const RTOL: f64 = 1e-4;
+const ATOL_OF_MAX: f64 = 1e-5;
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let device = match GpuDevice::probe(0) {
+        Ok(device) => device,
+        Err(reason) => {
+            println!("gpu-check: {reason}; nothing to check on this machine");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let (major, minor) = device.compute_capability;
+    println!(
+        "device 0: {} (compute capability {major}.{minor}, {:.0} GiB)",
+        device.name,
+        device.total_memory_bytes as f64 / f64::from(1u32 << 30)
+    );
+    let nvrtc = Nvrtc::locate()?;
+    let (nv_major, nv_minor) = nvrtc.version();
+    let cache = KernelCache::new(KernelCache::default_dir()?, nvrtc);
+    println!(
+        "NVRTC {nv_major}.{nv_minor}; kernel cache {}",
+        cache.root().display()
+    );
+
+    let mut failures = Vec::new();
+    println!("\n== 1. generated kernels of the tiny model's training step, each against the CPU");
+    failures.extend(check_generated_kernels(&device, &cache)?);
+
+    println!("\n== 2. FP8 GEMM template against the exact product of its quantized operands");
+    if device.compute_capability == (9, 0) {
+        failures.extend(fp8::check_correctness(&device, &cache)?);
+    } else {
+        println!("SKIP: the FP8 GEMM template needs sm_90a (Hopper); this is sm_{major}{minor}");
+    }
+
+    println!("\n== 3. training steps of the tiny model, GPU against CPU");
+    failures.extend(compare_training(args.steps)?);
+
+    if args.no_bench {
+        println!("\n== 4. FP8 GEMM timings: skipped (--no-bench)");
+    } else if device.compute_capability == (9, 0) {
+        println!("\n== 4. FP8 GEMM timings at DeepSeek-V3 shapes (M = 4096)");
+        fp8::bench(&device, &cache, args.iters, args.cublas.as_deref())?;
+    } else {
+        println!("\n== 4. FP8 GEMM timings: SKIP (needs sm_90a)");
+    }
+
+    let counters = cache.counters();
+    println!(
+        "\nkernel cache: {} hits, {} compiles, {} rebuilt",
+        counters.hits, counters.compiles, counters.rebuilt
+    );
+    if failures.is_empty() {
+        println!("gpu-check: all checks passed");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("gpu-check: {} check(s) FAILED:", failures.len());
+        for failure in &failures {
+            println!("  {failure}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The tiny model's training graph at batch 2 × 16 tokens, with random weights and tokens.
+type TrainingCase = (
+    fathom_compiler::Graph,
+    HashMap<String, HostTensor>,
+    HashMap<&'static str, HostTensor>,
+);
+
+fn tiny_training() -> anyhow::Result<TrainingCase> {
+    let spec = fathom::zoo::architecture("tiny").context("the zoo has `tiny`")?;
+    let (batch, seq) = (2, 16);
+    let graph = training_graph(&spec, batch, seq, LossWeights::deepseek_v3())?.graph;
+    let weights = init_parameters(&graph, spec.initializer_range, 0);
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|i| ((i * 7 + 3) % spec.vocab_size) as i64)
+        .collect();
+    let inputs = HashMap::from([("input_ids", HostTensor::i64([batch, seq], ids))]);
+    Ok((graph, weights, inputs))
+}
+
+/// Buffers a kernel wrote on the GPU, with their values.
+type Written = Vec<(fathom_compiler::kernel::BufferId, Vec<f32>)>;
+
+/// Check 1; returns the failures.
+fn check_generated_kernels(device: &GpuDevice, cache: &KernelCache) -> anyhow::Result<Vec<String>> {
+    let (graph, weights, inputs) = tiny_training()?;
+    let program = compile(&graph, &CompileOptions::default())?.program;
+    let cuda = cuda_program(&program)?;
+    let started = std::time::Instant::now();
+    let kernels = GpuKernels::load(device, cache, &cuda)?;
+    println!(
+        "{} generated kernels ({} distinct sources, {} from the cache) loaded for {} in {:.1} s; \
+         {} library calls run on the CPU only",
+        cuda.kernels.len(),
+        cuda.sources.len(),
+        kernels.cache_hits,
+        kernels.arch,
+        started.elapsed().as_secs_f64(),
+        cuda.library_calls().count()
+    );
+    let stream = device.ctx.new_stream()?;
+    let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
+    let cpu = CpuProgram::new(program.clone());
+    let feeds = Feeds::new(&inputs, &weights);
+
+    // The GPU's result for the kernel about to run on the CPU: (kernel index, written buffers).
+    let mut gpu_result: Option<(usize, Written)> = None;
+    let mut failures = Vec::new();
+    let mut checked = 0usize;
+    let mut worst = (0f64, String::new());
+    cpu.run_observed(&feeds, &mut |index, phase, buffers| {
+        let CudaLaunch::Generated(k) = &cuda.launches[index] else {
+            return;
+        };
+        let kernel = &cuda.kernels[*k];
+        match phase {
+            KernelPhase::Before => {
+                let dead = kernel.args.iter().find(|a| {
+                    buffers[a.buffer.index()].len() != program.buffer(a.buffer).ty.numel()
+                });
+                if let Some(arg) = dead {
+                    failures.push(format!(
+                        "{}: buffer {} is not live on the CPU",
+                        kernel.name, arg.buffer
+                    ));
+                    return;
+                }
+                match kernels.run_isolated(&stream, &mut allocator, kernel, buffers) {
+                    Ok(written) => gpu_result = Some((index, written)),
+                    Err(e) => failures.push(format!("{}: {e}", kernel.name)),
+                }
+            }
+            KernelPhase::After => {
+                let Some((at, written)) = gpu_result.take() else {
+                    return;
+                };
+                if at != index {
+                    return;
+                }
+                checked += 1;
+                for (buffer, gpu) in written {
+                    let want = &buffers[buffer.index()];
+                    let (error, bad) = compare(&gpu, want);
+                    if error > worst.0 {
+                        worst = (error, kernel.name.clone());
+                    }
+                    if let Some((i, g, c)) = bad {
+                        failures.push(format!(
+                            "{} ({}): {buffer}[{i}] = {g} on the GPU, {c} on the CPU",
+                            kernel.name,
+                            kernel.entry()
+                        ));
+                    }
+                }
+            }
+        }
+    })?;
+    let stats = allocator.stats();
+    println!(
+        "{checked} of {} kernels checked: {} failed; worst error {:.2e} of the bound ({}); \
+         allocator: {} device allocations, {} reuses, peak {} KiB",
+        cuda.kernels.len(),
+        failures.len(),
+        worst.0,
+        if worst.1.is_empty() {
+            "-"
+        } else {
+            worst.1.as_str()
+        },
+        stats.device_allocs,
+        stats.reuses,
+        stats.peak_in_use / 1024
+    );
+    stream.synchronize()?;
+    allocator.streams_synchronized();
+    allocator.empty_cache()?;
+    for failure in failures.iter().take(20) {
+        println!("FAIL {failure}");
+    }
+    Ok(failures)
+}
+
+/// The largest error as a fraction of its bound, and the first element beyond the bound.
+fn compare(gpu: &[f32], cpu: &[f32]) -> (f64, Option<(usize, f32, f32)>) {
+    let max = cpu
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f64, |m, v| m.max(f64::from(v.abs())));
+    let mut worst = 0f64;
+    let mut first_bad = None;
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        let same_non_finite = !c.is_finite() && (g == c || (g.is_nan() && c.is_nan()));
+        if same_non_finite {
+            continue;
+        }
+        let bound = ATOL_OF_MAX * max + RTOL * f64::from(c.abs());
+        let error = (f64::from(g) - f64::from(c)).abs();
+        let ratio = if bound > 0.0 {
+            error / bound
+        } else if error == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+        if (ratio.is_nan() || ratio > 1.0) && first_bad.is_none() {
+            first_bad = Some((i, g, c));
+        }
+        if ratio.is_finite() {
+            worst = worst.max(ratio);
+        } else {
+            worst = f64::INFINITY;
+        }
+    }
+    (worst, first_bad)
+}
+
+/// A trainer of the tiny model on the synthetic task, with the given backend.
+fn tiny_trainer(backend: Backend, steps: u64) -> anyhow::Result<Trainer> {
+    let spec = fathom::zoo::architecture("tiny").context("the zoo has `tiny`")?;
+    let (batch, seq) = (2, 16);
+    let settings = TrainSettings {
+        batch,
+        seq,
+        micro_batches: 1,
+        steps,
+        optimizer: AdamWConfig::default(),
+        schedule: LrSchedule {
+            peak_lr: 1e-3,
+            warmup_steps: 0,
+            hold_steps: u64::MAX / 4,
+            decay_steps: 0,
+            final_lr: 1e-3,
+        },
+        clip_norm: Some(1.0),
+        losses: LossWeights::deepseek_v3(),
+        bias_update_speed: 0.001,
+        backend,
+        precision: Default::default(),
+        pipeline: Default::default(),
+    };
+    let weights = Weights::from(init_parameters(
+        &parameter_graph(&spec)?,
+        spec.initializer_range,
+        0,
+    ));
+    let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 0)?;
+    let data = SyntheticBatches::new(task, batch, seq)?;
+    Ok(Trainer::new(spec, settings, weights, Box::new(data))?)
+}
+
+/// Check 3: the losses of `steps` training steps with the CUDA backend against the CPU's.
+/// Tolerance: the first step's loss within 1e-4 (relative; f32 sums in another order), later
+/// steps within 1e-3 (the weights then differ by the rounding of the earlier updates).
+fn compare_training(steps: u64) -> anyhow::Result<Vec<String>> {
+    let mut gpu = match tiny_trainer(Backend::Cuda, steps) {
+        Ok(trainer) => trainer,
+        Err(e) => {
+            println!("SKIP (not reachable yet): {e:#}");
+            return Ok(Vec::new());
+        }
+    };
+    let mut cpu = tiny_trainer(Backend::Cpu, steps)?;
+    let mut failures = Vec::new();
+    for step in 1..=steps {
+        let (g, c) = (gpu.step()?, cpu.step()?);
+        let bound = if step == 1 { 1e-4 } else { 1e-3 };
+        let ok = (g.loss - c.loss).abs() <= bound * c.loss.abs().max(1.0);
+        println!(
+            "step {step}: loss GPU {:.6}, CPU {:.6} ({}; bound {bound:e} relative)",
+            g.loss,
+            c.loss,
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            failures.push(format!(
+                "training step {step}: loss GPU {}, CPU {}",
+                g.loss, c.loss
+            ));
+        }
+    }
+    Ok(failures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_accepts_rounding_and_rejects_wrong_values() {
+        let cpu = [1.0f32, -2.0, 100.0, f32::NEG_INFINITY, f32::NAN];
+        assert_eq!(compare(&cpu, &cpu), (0.0, None));
+        let rounded = [1.00001f32, -2.0, 100.0, f32::NEG_INFINITY, f32::NAN];
+        assert!(compare(&rounded, &cpu).1.is_none());
+        let wrong = [1.0f32, 2.0, 100.0, f32::NEG_INFINITY, f32::NAN];
+        assert_eq!(compare(&wrong, &cpu).1, Some((1, 2.0, -2.0)));
+        let nan = [f32::NAN, -2.0, 100.0, f32::NEG_INFINITY, f32::NAN];
+        assert_eq!(compare(&nan, &cpu).1.map(|b| b.0), Some(0));
+        let infinite = [1.0f32, -2.0, 100.0, f32::INFINITY, f32::NAN];
+        assert_eq!(compare(&infinite, &cpu).1.map(|b| b.0), Some(3));
+    }
+}
