@@ -102,20 +102,16 @@ pub(super) fn run(
             expert_ids,
             out,
         } => {
-            let (xd, wd, idd) = (dims(x), dims(weights), dims(expert_ids));
-            let (tokens, slots) = (idd[0], idd[1]);
+            let (wd, idd) = (dims(weights), dims(expert_ids));
             let (experts, n, k) = (wd[0], wd[1], wd[2]);
-            let routing = Routing {
-                groups: group_by_expert(
-                    &buffers[expert_ids.index()],
-                    tokens * slots,
-                    experts,
-                    &index,
-                )?,
-                slots,
-                x_slots: xd[1],
-            };
-            let mut result = reuse(&mut buffers[out.index()], tokens * slots * n);
+            let routing = route(
+                &buffers[expert_ids.index()],
+                &idd,
+                &dims(x),
+                experts,
+                &index,
+            )?;
+            let mut result = reuse(&mut buffers[out.index()], idd[0] * idd[1] * n);
             let (xs, ws) = (&buffers[x.index()], &buffers[weights.index()]);
             grouped::matmul(&routing, xs, ws, (n, k), experts_exchange, &mut result)
                 .map_err(|reason| exchange_failed(kernel, reason))?;
@@ -127,19 +123,10 @@ pub(super) fn run(
             expert_ids,
             out,
         } => {
-            let (xd, cd, idd, od) = (dims(x), dims(cotangent), dims(expert_ids), dims(out));
-            let (tokens, slots) = (idd[0], idd[1]);
+            let (xd, cd, od) = (dims(x), dims(cotangent), dims(out));
             let (experts, n, k) = (od[0], cd[2], xd[2]);
-            let routing = Routing {
-                groups: group_by_expert(
-                    &buffers[expert_ids.index()],
-                    tokens * slots,
-                    experts,
-                    &index,
-                )?,
-                slots,
-                x_slots: xd[1],
-            };
+            let ids = &buffers[expert_ids.index()];
+            let routing = route(ids, &dims(expert_ids), &xd, experts, &index)?;
             let mut result = reuse(&mut buffers[out.index()], experts * n * k);
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
             grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut result)
@@ -268,18 +255,25 @@ pub(super) fn run(
     Ok(())
 }
 
-/// Token-slot positions routed to each expert, in order.
-fn group_by_expert(
+/// The token-slot positions routed to each expert, in order, from `ids` `[tokens, slots]`; `x`
+/// is `[tokens, slots or 1, k]`.
+fn route(
     ids: &[f32],
-    count: usize,
+    id_dims: &[usize],
+    x_dims: &[usize],
     experts: usize,
     index: &impl Fn(f32, usize) -> Result<usize, CpuError>,
-) -> Result<Vec<Vec<usize>>, CpuError> {
+) -> Result<Routing, CpuError> {
+    let (tokens, slots) = (id_dims[0], id_dims[1]);
     let mut groups = vec![Vec::new(); experts];
-    for (ts, &id) in ids[..count].iter().enumerate() {
+    for (ts, &id) in ids[..tokens * slots].iter().enumerate() {
         groups[index(id, experts)?].push(ts);
     }
-    Ok(groups)
+    Ok(Routing {
+        groups,
+        slots,
+        x_slots: x_dims[1],
+    })
 }
 
 fn exchange_failed(kernel: &str, reason: String) -> CpuError {
