@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 
 use fathom_compiler::pipeline::Message;
 use fathom_compiler::pipeline::Payload;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::tensor::{Data, HostTensor};
 
 /// What a message is, so that a receive takes the one it waits for even when others arrive
 /// first.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Tag {
     /// A pipeline transfer: a stage's output or its input's gradient for one micro-batch.
     Pipeline(Message),
@@ -189,93 +190,45 @@ fn floats_of<'a>(
     }
 }
 
-struct Envelope {
-    tag: Tag,
-    tensor: HostTensor,
+pub(super) struct Envelope {
+    pub(super) tag: Tag,
+    pub(super) tensor: HostTensor,
 }
 
-/// A rank of a group of threads.
-pub struct ThreadComm {
+/// A rank's incoming messages: one channel per peer (fed by whatever transport), taken by tag,
+/// the ones that arrive before they are asked for kept aside.
+pub(super) struct Inbox {
     rank: usize,
-    to: Vec<Sender<Envelope>>,
     from: Vec<Receiver<Envelope>>,
     /// Messages that arrived before anyone asked for them, by sender and tag.
     early: HashMap<(usize, Tag), VecDeque<HostTensor>>,
     timeout: Duration,
 }
 
-impl fmt::Debug for ThreadComm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ThreadComm")
-            .field("rank", &self.rank)
-            .field("world", &self.to.len())
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ThreadComm {
-    /// `world` connected endpoints, endpoint r for rank r; a receive gives up after `timeout`.
-    pub fn group(world: usize, timeout: Duration) -> Vec<ThreadComm> {
-        // channels[from][to]
-        let mut senders: Vec<Vec<Sender<Envelope>>> = (0..world).map(|_| Vec::new()).collect();
-        let mut receivers: Vec<Vec<Option<Receiver<Envelope>>>> = (0..world)
-            .map(|_| (0..world).map(|_| None).collect())
-            .collect();
-        for (from, row) in senders.iter_mut().enumerate() {
-            for to_receivers in receivers.iter_mut() {
-                let (tx, rx) = channel();
-                row.push(tx);
-                to_receivers[from] = Some(rx);
-            }
+impl Inbox {
+    pub(super) fn new(rank: usize, from: Vec<Receiver<Envelope>>, timeout: Duration) -> Self {
+        Inbox {
+            rank,
+            from,
+            early: HashMap::new(),
+            timeout,
         }
-        senders
-            .into_iter()
-            .zip(receivers)
-            .enumerate()
-            .map(|(rank, (to, from))| ThreadComm {
-                rank,
-                to,
-                from: from.into_iter().map(|rx| rx.expect("every pair")).collect(),
-                early: HashMap::new(),
-                timeout,
-            })
-            .collect()
     }
 
-    fn check_peer(&self, peer: usize) -> Result<(), CommError> {
-        match peer < self.to.len() {
+    pub(super) fn check_peer(&self, peer: usize) -> Result<(), CommError> {
+        match peer < self.from.len() {
             true => Ok(()),
             false => Err(CommError::NoSuchRank {
                 rank: self.rank,
                 peer,
-                world: self.to.len(),
+                world: self.from.len(),
             }),
         }
     }
-}
 
-impl Comm for ThreadComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world(&self) -> usize {
-        self.to.len()
-    }
-
-    fn send(&mut self, peer: usize, tag: Tag, tensor: HostTensor) -> Result<(), CommError> {
-        self.check_peer(peer)?;
-        let rank = self.rank;
-        self.to[peer]
-            .send(Envelope {
-                tag: tag.clone(),
-                tensor,
-            })
-            .map_err(|_| CommError::SendFailed { rank, peer, tag })
-    }
-
-    fn recv(&mut self, peer: usize, tag: &Tag) -> Result<HostTensor, CommError> {
+    /// Waits at most the timeout for the message `tag` from `peer`; a peer whose channel
+    /// closed (it stopped, or its connection broke) is an error at once.
+    pub(super) fn recv(&mut self, peer: usize, tag: &Tag) -> Result<HostTensor, CommError> {
         self.check_peer(peer)?;
         let key = (peer, tag.clone());
         if let Some(tensor) = self.early.get_mut(&key).and_then(VecDeque::pop_front) {
@@ -308,6 +261,79 @@ impl Comm for ThreadComm {
                 }
             }
         }
+    }
+}
+
+/// A rank of a group of threads.
+pub struct ThreadComm {
+    rank: usize,
+    to: Vec<Sender<Envelope>>,
+    inbox: Inbox,
+}
+
+impl fmt::Debug for ThreadComm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThreadComm")
+            .field("rank", &self.rank)
+            .field("world", &self.to.len())
+            .field("timeout", &self.inbox.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ThreadComm {
+    /// `world` connected endpoints, endpoint r for rank r; a receive gives up after `timeout`.
+    pub fn group(world: usize, timeout: Duration) -> Vec<ThreadComm> {
+        // channels[from][to]
+        let mut senders: Vec<Vec<Sender<Envelope>>> = (0..world).map(|_| Vec::new()).collect();
+        let mut receivers: Vec<Vec<Option<Receiver<Envelope>>>> = (0..world)
+            .map(|_| (0..world).map(|_| None).collect())
+            .collect();
+        for (from, row) in senders.iter_mut().enumerate() {
+            for to_receivers in receivers.iter_mut() {
+                let (tx, rx) = channel();
+                row.push(tx);
+                to_receivers[from] = Some(rx);
+            }
+        }
+        senders
+            .into_iter()
+            .zip(receivers)
+            .enumerate()
+            .map(|(rank, (to, from))| {
+                let from = from.into_iter().map(|rx| rx.expect("every pair")).collect();
+                ThreadComm {
+                    rank,
+                    to,
+                    inbox: Inbox::new(rank, from, timeout),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Comm for ThreadComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.to.len()
+    }
+
+    fn send(&mut self, peer: usize, tag: Tag, tensor: HostTensor) -> Result<(), CommError> {
+        self.inbox.check_peer(peer)?;
+        let rank = self.rank;
+        self.to[peer]
+            .send(Envelope {
+                tag: tag.clone(),
+                tensor,
+            })
+            .map_err(|_| CommError::SendFailed { rank, peer, tag })
+    }
+
+    fn recv(&mut self, peer: usize, tag: &Tag) -> Result<HostTensor, CommError> {
+        self.inbox.recv(peer, tag)
     }
 }
 

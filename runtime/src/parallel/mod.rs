@@ -17,6 +17,7 @@ mod fault;
 mod pipeline;
 mod rank;
 mod settings;
+mod tcp;
 mod timeline;
 
 pub use comm::{Comm, CommError, Tag, ThreadComm};
@@ -25,3 +26,4 @@ pub use experts::{ExpertExchange, gathered_at_owners, owner, products_where_owne
 pub use fault::{Fault, FaultKind};
 pub use pipeline::{Pipeline, PipelineRun, PipelineStep};
 pub use settings::PipelineSettings;
+pub use tcp::{Rendezvous, TcpComm};
