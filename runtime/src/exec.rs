@@ -38,7 +38,7 @@ pub enum ExecError {
 #[derive(Debug)]
 pub enum Executable {
     Interpreter(Graph),
-    Cpu(CpuProgram),
+    Cpu(Box<CpuProgram>),
 }
 
 impl Executable {
@@ -48,9 +48,17 @@ impl Executable {
             // The full pipeline (passes, lowering, memory plan); `FATHOM_DUMP_DIR` dumps it.
             Backend::Cpu => {
                 let compiled = compile(&graph, &CompileOptions::from_env())?;
-                Executable::Cpu(CpuProgram::new(compiled.program))
+                Executable::Cpu(Box::new(CpuProgram::new(compiled.program)))
             }
         })
+    }
+
+    /// Gives the storage of an output the caller is done with back to the backend, which
+    /// reuses it for its temporaries (the CPU backend; the interpreter drops it).
+    pub fn recycle(&self, storage: Vec<f32>) {
+        if let Executable::Cpu(program) = self {
+            program.recycle(storage);
+        }
     }
 
     /// The graph's outputs by name.

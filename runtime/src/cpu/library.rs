@@ -7,14 +7,14 @@ use fathom_compiler::kernel::{BufferId, Library, Program};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::CpuError;
+use super::{CpuError, Storage};
 use crate::fp8::{ScaleRounding, fake_quantize};
 
 pub(super) fn run(
     kernel: &str,
     call: &Library,
     program: &Program,
-    buffers: &mut [Vec<f32>],
+    buffers: &mut [Storage<'_>],
 ) -> Result<(), CpuError> {
     let dims = |b: &BufferId| program.buffer(*b).ty.dims().to_vec();
     let index = |value: f32, bound: usize| -> Result<usize, CpuError> {
@@ -41,7 +41,7 @@ pub(super) fn run(
             let batches: usize = batch.iter().product();
             let rank = batch.len();
             let mut coords = vec![0usize; rank];
-            let mut result = std::mem::take(&mut buffers[out.buffer.index()]);
+            let mut result = buffers[out.buffer.index()].take_vec();
             let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
             for _ in 0..batches {
                 let offset = |strides: &[isize], base: usize| -> isize {
@@ -92,7 +92,7 @@ pub(super) fn run(
                     coords[d] = 0;
                 }
             }
-            buffers[out.buffer.index()] = result;
+            buffers[out.buffer.index()] = Storage::Owned(result);
         }
         Library::GroupedMatMul {
             x,
@@ -109,7 +109,7 @@ pub(super) fn run(
                 experts,
                 &index,
             )?;
-            let mut result = reuse(&mut buffers[out.index()], tokens * slots * n);
+            let mut result = reuse(buffers[out.index()].vec_mut(), tokens * slots * n);
             let (xs, ws) = (&buffers[x.index()], &buffers[weights.index()]);
             // One GEMM per expert, the experts spread over the threads (each GEMM is small and
             // runs on one); each expert's arithmetic is the same whatever the thread count.
@@ -154,7 +154,7 @@ pub(super) fn run(
                     result[ts * n..][..n].copy_from_slice(&product[r * n..][..n]);
                 }
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::GroupedMatMulWeightGrad {
             cotangent,
@@ -171,7 +171,7 @@ pub(super) fn run(
                 experts,
                 &index,
             )?;
-            let mut result = reuse(&mut buffers[out.index()], experts * n * k);
+            let mut result = reuse(buffers[out.index()].vec_mut(), experts * n * k);
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
             // Each expert writes its own n·k block: the experts spread over the threads.
             let blocks = result.par_chunks_mut((n * k).max(1)).zip(groups.par_iter());
@@ -211,7 +211,7 @@ pub(super) fn run(
                         );
                     }
                 });
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::Gather {
             table,
@@ -221,12 +221,12 @@ pub(super) fn run(
             let td = dims(table);
             let rows = td[0];
             let width: usize = td[1..].iter().product();
-            let mut result = emptied(&mut buffers[out.index()]);
-            for &i in &buffers[indices.index()] {
+            let mut result = emptied(buffers[out.index()].vec_mut());
+            for &i in buffers[indices.index()].iter() {
                 let r = index(i, rows)?;
                 result.extend_from_slice(&buffers[table.index()][r * width..][..width]);
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::IndexAdd {
             values,
@@ -237,7 +237,7 @@ pub(super) fn run(
             // rounding only).
             let width: usize = dims(out)[1..].iter().product();
             let rows = dims(out)[0];
-            let mut result = reuse(&mut buffers[out.index()], rows * width);
+            let mut result = reuse(buffers[out.index()].vec_mut(), rows * width);
             let (vs, is) = (&buffers[values.index()], &buffers[indices.index()]);
             for (i, &id) in is.iter().enumerate() {
                 let r = index(id, rows)?;
@@ -248,7 +248,7 @@ pub(super) fn run(
                     *s += x;
                 }
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::TakeAlong {
             axis,
@@ -260,7 +260,7 @@ pub(super) fn run(
             let outer: usize = xd[..*axis].iter().product();
             let inner: usize = xd[axis + 1..].iter().product();
             let (x_len, len) = (xd[*axis], id[*axis]);
-            let mut result = emptied(&mut buffers[out.index()]);
+            let mut result = emptied(buffers[out.index()].vec_mut());
             let (xs, is) = (&buffers[x.index()], &buffers[indices.index()]);
             for o in 0..outer {
                 for j in 0..len {
@@ -270,12 +270,12 @@ pub(super) fn run(
                     }
                 }
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::TopK { k, x, out } => {
             let xd = dims(x);
             let last = *xd.last().expect("top-k of a tensor with axes");
-            let mut result = emptied(&mut buffers[out.index()]);
+            let mut result = emptied(buffers[out.index()].vec_mut());
             let mut order: Vec<usize> = Vec::with_capacity(last);
             for row in buffers[x.index()].chunks(last) {
                 order.clear();
@@ -292,7 +292,7 @@ pub(super) fn run(
                 });
                 result.extend(order[..*k].iter().map(|&i| i as f32));
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::QuantizeDequantize {
             format: QuantFormat::E4M3,
@@ -317,7 +317,7 @@ pub(super) fn run(
                 rounding,
             )
             .unwrap_or_else(|e| panic!("kernel {kernel}: {e}"));
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::OneHot {
             depth,
@@ -325,11 +325,11 @@ pub(super) fn run(
             out,
         } => {
             let len = buffers[indices.index()].len() * depth;
-            let mut result = reuse(&mut buffers[out.index()], len);
+            let mut result = reuse(buffers[out.index()].vec_mut(), len);
             for (p, &i) in buffers[indices.index()].iter().enumerate() {
                 result[p * depth + index(i, *depth)?] = 1.0;
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
     }
     Ok(())

@@ -4,9 +4,10 @@
 use fathom_compiler::graph::{BinaryOp, CompareOp, ReduceOp, UnaryOp};
 use fathom_compiler::kernel::{Expr, LoopNest, Stmt, View};
 
+use super::Storage;
 use crate::interp::round_to_dtype;
 
-pub(super) fn run(nest: &LoopNest, buffers: &mut [Vec<f32>]) {
+pub(super) fn run(nest: &LoopNest, buffers: &mut [Storage<'_>]) {
     let domain = &nest.domain;
     let Some((&inner, outer)) = domain.split_last() else {
         // A scalar domain: one point.
@@ -38,7 +39,7 @@ fn position(view: &View, outer: &[usize]) -> (isize, isize) {
     (offset, inner)
 }
 
-fn run_rows(nest: &LoopNest, buffers: &mut [Vec<f32>], outer: &[usize], inner: usize) {
+fn run_rows(nest: &LoopNest, buffers: &mut [Storage<'_>], outer: &[usize], inner: usize) {
     let mut rows: Vec<f32> = Vec::new();
     for stmt in &nest.body {
         match stmt {
@@ -78,7 +79,7 @@ fn run_rows(nest: &LoopNest, buffers: &mut [Vec<f32>], outer: &[usize], inner: u
 /// `expr` at every inner index of the row.
 fn eval(
     expr: &Expr,
-    buffers: &[Vec<f32>],
+    buffers: &[Storage<'_>],
     outer: &[usize],
     inner: usize,
     rows: &[f32],

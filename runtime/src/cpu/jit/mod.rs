@@ -37,6 +37,8 @@ use thiserror::Error;
 use intrinsics::Intrinsic;
 use plan::NestPlan;
 
+use super::Storage;
+
 /// Why a loop kernel runs on the row evaluator instead of compiled code.
 #[derive(Debug, Error)]
 pub enum JitError {
@@ -97,6 +99,7 @@ pub(super) struct CompiledNest {
     entry: KernelFn,
     slots: Vec<BufferId>,
     lens: Vec<usize>,
+    written: Vec<bool>,
     rows: usize,
     /// Element-statements per row, to size thread chunks.
     row_work: usize,
@@ -119,12 +122,12 @@ impl PointerTable {
 
 impl CompiledNest {
     /// Runs the kernel over all rows, on several threads when it is large enough.
-    pub(super) fn run(&self, buffers: &mut [Vec<f32>]) {
+    pub(super) fn run(&self, buffers: &mut [Storage<'_>]) {
         if self.rows == 0 {
             return;
         }
         let mut pointers = Vec::with_capacity(self.slots.len());
-        for (&buffer, &len) in self.slots.iter().zip(&self.lens) {
+        for ((&buffer, &len), &written) in self.slots.iter().zip(&self.lens).zip(&self.written) {
             let data = &mut buffers[buffer.index()];
             // The bounds proof of `plan` assumed these lengths; a mismatch would make the
             // unchecked accesses of the generated code unsound.
@@ -134,7 +137,13 @@ impl CompiledNest {
                 "buffer {} has an unexpected length",
                 buffer.0
             );
-            pointers.push(data.as_mut_ptr());
+            // Buffers the kernel only reads may be borrowed (parameters, inputs): the
+            // generated code never writes through their pointers.
+            pointers.push(if written {
+                data.as_mut_ptr()
+            } else {
+                data.as_ptr().cast_mut()
+            });
         }
         let table = PointerTable(pointers);
         let rows = self.rows as u64;
@@ -259,6 +268,7 @@ impl JitProgram {
                 entry,
                 slots: plan.slots,
                 lens: plan.lens,
+                written: plan.written,
                 rows: plan.rows,
                 row_work,
                 parallel: plan.parallel,
