@@ -5,6 +5,7 @@ use fathom_compiler::graph::{BinaryOp, CompareOp, ReduceOp, UnaryOp};
 use fathom_compiler::kernel::{Expr, LoopNest, Stmt, View};
 
 use super::Storage;
+use super::expf::exp;
 use crate::interp::round_to_dtype;
 
 pub(super) fn run(nest: &LoopNest, buffers: &mut [Storage<'_>]) {
@@ -147,7 +148,7 @@ fn eval(
 pub(super) fn unary(op: UnaryOp, x: f32) -> f32 {
     match op {
         UnaryOp::Neg => -x,
-        UnaryOp::Exp => x.exp(),
+        UnaryOp::Exp => exp(x),
         UnaryOp::Log => x.ln(),
         UnaryOp::Sqrt => x.sqrt(),
         UnaryOp::Rsqrt => 1.0 / x.sqrt(),
@@ -155,9 +156,9 @@ pub(super) fn unary(op: UnaryOp, x: f32) -> f32 {
         UnaryOp::Abs => x.abs(),
         UnaryOp::Sigmoid => {
             if x >= 0.0 {
-                1.0 / (1.0 + (-x).exp())
+                1.0 / (1.0 + exp(-x))
             } else {
-                let e = x.exp();
+                let e = exp(x);
                 e / (1.0 + e)
             }
         }

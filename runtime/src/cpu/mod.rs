@@ -8,6 +8,7 @@
 //! by the cranelift JIT in [`jit`] (rows split across rayon threads); the row evaluator in
 //! [`loops`] is their reference and runs the kernels the JIT leaves (see [`JitReport`]).
 
+mod expf;
 mod jit;
 mod library;
 mod loops;

@@ -4,9 +4,10 @@
 //! flattened outer index, so the executor can hand disjoint row ranges to rayon threads. The
 //! generated code computes exactly what the row evaluator in [`super::loops`] computes, bit for
 //! bit: the same operations in the same order, sums and means accumulated sequentially in f64
-//! (so a row's result does not depend on how rows are split across threads), and
-//! `exp`/`log`/sigmoid and the roundings to bf16/f16/fp8 done by calling the very Rust
-//! functions the reference calls. Statements whose loads and store are contiguous or broadcast
+//! (so a row's result does not depend on how rows are split across threads), `exp` and the
+//! sigmoid on four lanes inline with the operations of the reference's own `exp`
+//! ([`super::expf`]), and `log`, single lanes of `exp`/sigmoid and the roundings to
+//! bf16/f16/fp8 done by calling the very Rust functions the reference calls. Statements whose loads and store are contiguous or broadcast
 //! along the innermost axis run four lanes at a time (F32X4) with a scalar tail; the others
 //! run one element at a time.
 //!
