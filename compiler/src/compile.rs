@@ -11,19 +11,31 @@ use std::time::{Duration, Instant};
 use crate::graph::Graph;
 use crate::kernel::{MemoryPlan, Program};
 use crate::lower::{LowerError, lower};
-use crate::passes::{common_subexpressions, dead_code};
+use crate::passes::{RecomputePolicy, common_subexpressions, dead_code, recompute};
 
 #[derive(Clone, Debug, Default)]
 pub struct CompileOptions {
     /// Write every artifact of the compilation into this directory.
     pub dump_dir: Option<PathBuf>,
+    /// Which forward values a training graph recomputes in backward (DeepSeek-V3's by
+    /// default; no effect on a forward-only graph).
+    pub recompute: RecomputePolicy,
 }
 
 impl CompileOptions {
-    /// Options from the environment: `FATHOM_DUMP_DIR`.
+    /// Options from the environment: `FATHOM_DUMP_DIR`, and `FATHOM_RECOMPUTE` (`none` or
+    /// `deepseek_v3`; an unknown value is reported and the default kept).
     pub fn from_env() -> Self {
+        let recompute = match std::env::var("FATHOM_RECOMPUTE") {
+            Ok(value) => value.parse().unwrap_or_else(|e| {
+                eprintln!("warning: FATHOM_RECOMPUTE: {e}");
+                RecomputePolicy::default()
+            }),
+            Err(_) => RecomputePolicy::default(),
+        };
         CompileOptions {
             dump_dir: std::env::var_os("FATHOM_DUMP_DIR").map(PathBuf::from),
+            recompute,
         }
     }
 }
@@ -33,7 +45,8 @@ impl CompileOptions {
 pub struct Compiled {
     pub program: Program,
     pub plan: MemoryPlan,
-    /// The graph after each pass, in order (`input`, `dead_code`, `common_subexpressions`).
+    /// The graph after each pass, in order (`input`, `dead_code`, `common_subexpressions`,
+    /// `recompute`); the last is the one lowered.
     pub graphs: Vec<(&'static str, Graph)>,
     /// Time of each phase.
     pub timings: Vec<(&'static str, Duration)>,
@@ -52,9 +65,13 @@ pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, Lowe
     timed("common_subexpressions", t);
     graphs.push(("dead_code", live));
     let t = Instant::now();
-    let program = lower(&merged)?;
-    timed("lower", t);
+    let recomputed = recompute(&merged, options.recompute);
+    timed("recompute", t);
     graphs.push(("common_subexpressions", merged));
+    let t = Instant::now();
+    let program = lower(&recomputed)?;
+    timed("lower", t);
+    graphs.push(("recompute", recomputed));
     let t = Instant::now();
     let plan = MemoryPlan::of(&program);
     timed("memory_plan", t);

@@ -104,6 +104,7 @@ fn tiny_inspection_artifacts() {
             "00-input.graph.txt",
             "01-dead_code.graph.txt",
             "02-common_subexpressions.graph.txt",
+            "03-recompute.graph.txt",
             "10-fusion-groups.txt",
             "11-kernels.txt",
             "12-memory-plan.txt",
@@ -114,4 +115,60 @@ fn tiny_inspection_artifacts() {
     insta::assert_snapshot!("tiny_memory_plan", compiled.plan.to_string());
     // Sharing storage never costs more than not sharing.
     assert!(compiled.plan.peak_bytes() <= compiled.plan.unshared_bytes);
+}
+
+/// The recompute pass on the tiny model's training step: the values DeepSeek-V3's policy
+/// recomputes (each RMSNorm, the MLA up-projections and the per-head views and RoPE after
+/// them) as they appear in the graph after the pass, next to the backward nodes that read
+/// them, and the memory plan's peak with and without it.
+#[test]
+fn tiny_training_recompute() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::passes::RecomputePolicy;
+    use fathom_compiler::training::training_graph;
+
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
+    let compiled = |recompute| {
+        let options = CompileOptions {
+            recompute,
+            ..CompileOptions::default()
+        };
+        compile(&train.graph, &options).unwrap()
+    };
+    let (before, after) = (
+        compiled(RecomputePolicy::None),
+        compiled(RecomputePolicy::DeepSeekV3),
+    );
+    let graph = &after.graphs.last().unwrap().1;
+    graph.validate().unwrap();
+    let text = graph.to_string();
+    // The blocks of recomputed nodes, each followed by the first line of the block after it
+    // (the backward node they were placed for).
+    let mut blocks = String::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        if !line.trim_start().starts_with("// recompute:") {
+            continue;
+        }
+        blocks += line;
+        blocks += "\n";
+        while let Some(next) = lines.next_if(|l| !l.trim_start().starts_with("//")) {
+            blocks += next;
+            blocks += "\n";
+        }
+        if let Some(header) = lines.peek() {
+            blocks += &format!("  (before) {}\n", header.trim());
+        }
+    }
+    let (peak_before, peak_after) = (before.plan.peak_bytes(), after.plan.peak_bytes());
+    let summary = format!(
+        "nodes: {} -> {}\npeak bytes: {peak_before} -> {peak_after}\n\n{blocks}",
+        before.graphs.last().unwrap().1.nodes.len(),
+        graph.nodes.len(),
+    );
+    insta::assert_snapshot!(summary);
+    assert!(peak_after < peak_before, "{peak_before} -> {peak_after}");
+    // The policy `none` lowers the graph CSE left.
+    assert_eq!(before.graphs[2].1, before.graphs[3].1);
 }

@@ -47,7 +47,7 @@ pub enum ExecError {
 #[derive(Debug)]
 pub enum Executable {
     Interpreter(Graph),
-    Cpu(CpuProgram),
+    Cpu(Box<CpuProgram>),
     Cuda(Box<GpuExecutor>),
 }
 
@@ -58,7 +58,7 @@ impl Executable {
             // The full pipeline (passes, lowering, memory plan); `FATHOM_DUMP_DIR` dumps it.
             Backend::Cpu => {
                 let compiled = compile(&graph, &CompileOptions::from_env())?;
-                Executable::Cpu(CpuProgram::new(compiled.program))
+                Executable::Cpu(Box::new(CpuProgram::new(compiled.program)))
             }
             Backend::Cuda => {
                 let compiled = compile(&graph, &CompileOptions::from_env())?;
@@ -78,7 +78,7 @@ impl Executable {
                     }
                     Err(reason) => {
                         announce_cpu_fallback(&reason);
-                        Executable::Cpu(CpuProgram::new(compiled.program))
+                        Executable::Cpu(Box::new(CpuProgram::new(compiled.program)))
                     }
                 }
             }
@@ -91,6 +91,14 @@ impl Executable {
             Executable::Interpreter(_) => Backend::Interpreter,
             Executable::Cpu(_) => Backend::Cpu,
             Executable::Cuda(_) => Backend::Cuda,
+        }
+    }
+
+    /// Gives the storage of an output the caller is done with back to the backend, which
+    /// reuses it for its temporaries (the CPU backend; the interpreter drops it).
+    pub fn recycle(&self, storage: Vec<f32>) {
+        if let Executable::Cpu(program) = self {
+            program.recycle(storage);
         }
     }
 

@@ -62,6 +62,10 @@ pub struct Args {
     /// nodes' origins, the kernel IR, the memory plan and the phase timings.
     #[arg(long)]
     out: PathBuf,
+    /// Which forward values a training step recomputes in backward: `deepseek_v3` (RMSNorms
+    /// and the MLA up-projections) or `none`.
+    #[arg(long, default_value = "deepseek_v3")]
+    recompute: fathom_compiler::passes::RecomputePolicy,
     /// `sm_90a` or `sm_80`: also write the generated CUDA C++ of every unique kernel to
     /// `OUT/cuda/<entry>.cu`, with the launch table (`kernels.txt`) and the template calls
     /// (`templates.txt`).
@@ -91,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let options = CompileOptions {
         dump_dir: Some(args.out.clone()),
+        recompute: args.recompute,
     };
     let compiled = compile(&graph, &options)?;
     let loops = compiled

@@ -318,11 +318,14 @@ impl<'g> Lowering<'g> {
             }
             Op::Expand { .. } => operand(self, k, 0)?,
             Op::Reshape { .. } => {
-                // Reached only when the source has no view (an inlined expression): give the
-                // source memory, then re-view it.
-                // The source has no view, or one whose strides cannot be re-split (a
-                // transposed tensor merged across the transposition): copy it densely, then
-                // re-view it.
+                // A reshape materialised for its own sake (a graph output) whose source view
+                // re-splits: read through that view, one copy.
+                if let Some(view) = self.views[id.index()].clone() {
+                    return Ok(load(&view, map));
+                }
+                // The source has no view (an inlined expression), or one whose strides cannot
+                // be re-split (a transposed tensor merged across the transposition): copy it
+                // densely, then re-view it.
                 let source = node.inputs[0];
                 let buffer = self.dense(source)?;
                 let view = StridedView::contiguous(buffer, self.dims(source))

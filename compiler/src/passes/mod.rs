@@ -3,9 +3,11 @@
 
 mod cse;
 mod dce;
+mod recompute;
 
 pub use cse::common_subexpressions;
 pub use dce::dead_code;
+pub use recompute::{RECOMPUTE_PREFIX, RecomputePolicy, recompute};
 
 use crate::graph::{Graph, Node, NodeId, Output};
 

@@ -6,8 +6,8 @@ use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::kernel::{BufferId, Library, Program};
 use gemm::{Parallelism, gemm};
 
-use super::CpuError;
 use super::grouped::{self, Routing};
+use super::{CpuError, Storage};
 use crate::fp8::{ScaleRounding, fake_quantize};
 use crate::parallel::ExpertExchange;
 
@@ -15,7 +15,7 @@ pub(super) fn run(
     kernel: &str,
     call: &Library,
     program: &Program,
-    buffers: &mut [Vec<f32>],
+    buffers: &mut [Storage<'_>],
     experts_exchange: Option<&dyn ExpertExchange>,
 ) -> Result<(), CpuError> {
     let dims = |b: &BufferId| program.buffer(*b).ty.dims().to_vec();
@@ -43,7 +43,7 @@ pub(super) fn run(
             let batches: usize = batch.iter().product();
             let rank = batch.len();
             let mut coords = vec![0usize; rank];
-            let mut result = std::mem::take(&mut buffers[out.buffer.index()]);
+            let mut result = buffers[out.buffer.index()].take_vec();
             let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
             for _ in 0..batches {
                 let offset = |strides: &[isize], base: usize| -> isize {
@@ -94,7 +94,7 @@ pub(super) fn run(
                     coords[d] = 0;
                 }
             }
-            buffers[out.buffer.index()] = result;
+            buffers[out.buffer.index()] = Storage::Owned(result);
         }
         Library::GroupedMatMul {
             x,
@@ -111,11 +111,11 @@ pub(super) fn run(
                 experts,
                 &index,
             )?;
-            let mut result = reuse(&mut buffers[out.index()], idd[0] * idd[1] * n);
+            let mut result = reuse(buffers[out.index()].vec_mut(), idd[0] * idd[1] * n);
             let (xs, ws) = (&buffers[x.index()], &buffers[weights.index()]);
             grouped::matmul(&routing, xs, ws, (n, k), experts_exchange, &mut result)
                 .map_err(|reason| exchange_failed(kernel, reason))?;
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::GroupedMatMulWeightGrad {
             cotangent,
@@ -127,11 +127,11 @@ pub(super) fn run(
             let (experts, n, k) = (od[0], cd[2], xd[2]);
             let ids = &buffers[expert_ids.index()];
             let routing = route(ids, &dims(expert_ids), &xd, experts, &index)?;
-            let mut result = reuse(&mut buffers[out.index()], experts * n * k);
+            let mut result = reuse(buffers[out.index()].vec_mut(), experts * n * k);
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
             grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut result)
                 .map_err(|reason| exchange_failed(kernel, reason))?;
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::Gather {
             table,
@@ -141,12 +141,12 @@ pub(super) fn run(
             let td = dims(table);
             let rows = td[0];
             let width: usize = td[1..].iter().product();
-            let mut result = emptied(&mut buffers[out.index()]);
-            for &i in &buffers[indices.index()] {
+            let mut result = emptied(buffers[out.index()].vec_mut());
+            for &i in buffers[indices.index()].iter() {
                 let r = index(i, rows)?;
                 result.extend_from_slice(&buffers[table.index()][r * width..][..width]);
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::IndexAdd {
             values,
@@ -157,7 +157,7 @@ pub(super) fn run(
             // rounding only).
             let width: usize = dims(out)[1..].iter().product();
             let rows = dims(out)[0];
-            let mut result = reuse(&mut buffers[out.index()], rows * width);
+            let mut result = reuse(buffers[out.index()].vec_mut(), rows * width);
             let (vs, is) = (&buffers[values.index()], &buffers[indices.index()]);
             for (i, &id) in is.iter().enumerate() {
                 let r = index(id, rows)?;
@@ -168,7 +168,7 @@ pub(super) fn run(
                     *s += x;
                 }
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::TakeAlong {
             axis,
@@ -180,7 +180,7 @@ pub(super) fn run(
             let outer: usize = xd[..*axis].iter().product();
             let inner: usize = xd[axis + 1..].iter().product();
             let (x_len, len) = (xd[*axis], id[*axis]);
-            let mut result = emptied(&mut buffers[out.index()]);
+            let mut result = emptied(buffers[out.index()].vec_mut());
             let (xs, is) = (&buffers[x.index()], &buffers[indices.index()]);
             for o in 0..outer {
                 for j in 0..len {
@@ -190,12 +190,12 @@ pub(super) fn run(
                     }
                 }
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::TopK { k, x, out } => {
             let xd = dims(x);
             let last = *xd.last().expect("top-k of a tensor with axes");
-            let mut result = emptied(&mut buffers[out.index()]);
+            let mut result = emptied(buffers[out.index()].vec_mut());
             let mut order: Vec<usize> = Vec::with_capacity(last);
             for row in buffers[x.index()].chunks(last) {
                 order.clear();
@@ -212,7 +212,7 @@ pub(super) fn run(
                 });
                 result.extend(order[..*k].iter().map(|&i| i as f32));
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::QuantizeDequantize {
             format: QuantFormat::E4M3,
@@ -237,7 +237,7 @@ pub(super) fn run(
                 rounding,
             )
             .unwrap_or_else(|e| panic!("kernel {kernel}: {e}"));
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
         Library::OneHot {
             depth,
@@ -245,11 +245,11 @@ pub(super) fn run(
             out,
         } => {
             let len = buffers[indices.index()].len() * depth;
-            let mut result = reuse(&mut buffers[out.index()], len);
+            let mut result = reuse(buffers[out.index()].vec_mut(), len);
             for (p, &i) in buffers[indices.index()].iter().enumerate() {
                 result[p * depth + index(i, *depth)?] = 1.0;
             }
-            buffers[out.index()] = result;
+            buffers[out.index()] = Storage::Owned(result);
         }
     }
     Ok(())

@@ -4,9 +4,11 @@
 use fathom_compiler::graph::{BinaryOp, CompareOp, ReduceOp, UnaryOp};
 use fathom_compiler::kernel::{Expr, LoopNest, Stmt, View};
 
+use super::Storage;
+use super::expf::exp;
 use crate::interp::round_to_dtype;
 
-pub(super) fn run(nest: &LoopNest, buffers: &mut [Vec<f32>]) {
+pub(super) fn run(nest: &LoopNest, buffers: &mut [Storage<'_>]) {
     let domain = &nest.domain;
     let Some((&inner, outer)) = domain.split_last() else {
         // A scalar domain: one point.
@@ -38,7 +40,7 @@ fn position(view: &View, outer: &[usize]) -> (isize, isize) {
     (offset, inner)
 }
 
-fn run_rows(nest: &LoopNest, buffers: &mut [Vec<f32>], outer: &[usize], inner: usize) {
+fn run_rows(nest: &LoopNest, buffers: &mut [Storage<'_>], outer: &[usize], inner: usize) {
     let mut rows: Vec<f32> = Vec::new();
     for stmt in &nest.body {
         match stmt {
@@ -78,7 +80,7 @@ fn run_rows(nest: &LoopNest, buffers: &mut [Vec<f32>], outer: &[usize], inner: u
 /// `expr` at every inner index of the row.
 fn eval(
     expr: &Expr,
-    buffers: &[Vec<f32>],
+    buffers: &[Storage<'_>],
     outer: &[usize],
     inner: usize,
     rows: &[f32],
@@ -146,7 +148,7 @@ fn eval(
 pub(super) fn unary(op: UnaryOp, x: f32) -> f32 {
     match op {
         UnaryOp::Neg => -x,
-        UnaryOp::Exp => x.exp(),
+        UnaryOp::Exp => exp(x),
         UnaryOp::Log => x.ln(),
         UnaryOp::Sqrt => x.sqrt(),
         UnaryOp::Rsqrt => 1.0 / x.sqrt(),
@@ -154,9 +156,9 @@ pub(super) fn unary(op: UnaryOp, x: f32) -> f32 {
         UnaryOp::Abs => x.abs(),
         UnaryOp::Sigmoid => {
             if x >= 0.0 {
-                1.0 / (1.0 + (-x).exp())
+                1.0 / (1.0 + exp(-x))
             } else {
-                let e = x.exp();
+                let e = exp(x);
                 e / (1.0 + e)
             }
         }

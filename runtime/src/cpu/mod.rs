@@ -8,16 +8,21 @@
 //! by the cranelift JIT in [`jit`] (rows split across rayon threads); the row evaluator in
 //! [`loops`] is their reference and runs the kernels the JIT leaves (see [`JitReport`]).
 
+mod expf;
 mod grouped;
 mod jit;
 mod library;
 mod loops;
+mod profile;
 
 use fathom_compiler::kernel::{BufferRole, KernelBody, Program};
 use fathom_compiler::{DType, TensorType};
+use std::time::Instant;
+
 use thiserror::Error;
 
 pub use jit::{JitError, JitReport};
+pub use profile::PROFILE_ENV;
 
 use crate::interp::{Feeds, round_to_dtype};
 use crate::tensor::{Data, HostTensor};
@@ -61,6 +66,18 @@ pub struct CpuProgram {
     /// cost a page fault per 4 KiB on first touch, which dominated small steps).
     scratch: std::sync::Mutex<Vec<Vec<f32>>>,
     lifetimes: Lifetimes,
+    /// The values of constant buffers, rounded to their types once (indexed like the buffers).
+    constants: Vec<Option<Vec<f32>>>,
+    /// Per-kernel timings, when `FATHOM_PROFILE` asks for them (printed on drop).
+    profile: Option<profile::Profile>,
+}
+
+impl Drop for CpuProgram {
+    fn drop(&mut self) {
+        if let Some(table) = self.profile.as_ref().and_then(profile::Profile::table) {
+            eprint!("{table}");
+        }
+    }
 }
 
 /// Named results of a run.
@@ -99,18 +116,24 @@ impl CpuProgram {
     pub fn new(program: Program) -> Self {
         let jit = Box::new(jit::JitProgram::compile(&program));
         let lifetimes = Lifetimes::of(&program);
+        let constants = constants_of(&program);
         CpuProgram {
-            program,
+            constants,
+            profile: profile::enabled_by_env().then(|| profile::Profile::new(&program)),
             jit: Some(jit),
             scratch: Default::default(),
             lifetimes,
+            program,
         }
     }
 
     /// Runs every loop kernel on the row evaluator: the reference the JIT is checked against.
     pub fn without_jit(program: Program) -> Self {
         let lifetimes = Lifetimes::of(&program);
+        let constants = constants_of(&program);
         CpuProgram {
+            constants,
+            profile: profile::enabled_by_env().then(|| profile::Profile::new(&program)),
             program,
             jit: None,
             scratch: Default::default(),
@@ -125,6 +148,17 @@ impl CpuProgram {
 
     pub fn program(&self) -> &Program {
         &self.program
+    }
+
+    /// Hands the storage of an output (e.g. a gradient the caller is done with) back to the
+    /// pool of temporaries, so the next run reuses it instead of faulting in fresh pages.
+    pub fn recycle(&self, storage: Vec<f32>) {
+        if storage.capacity() == 0 {
+            return;
+        }
+        if let Ok(mut scratch) = self.scratch.lock() {
+            scratch.push(storage);
+        }
     }
 
     /// Runs every kernel in order and returns the program's outputs.
@@ -148,6 +182,8 @@ impl CpuProgram {
         feeds: &Feeds<'_>,
         mut observe: Option<&mut KernelObserver<'_>>,
     ) -> Result<CpuOutputs, CpuError> {
+        let timing = self.profile.as_ref().map(|_| Instant::now());
+        let mut kernel_times = Vec::new();
         // Temporaries live from the kernel that first writes them to the last that reads them
         // (the memory plan's lifetimes): storage is taken from a pool when one starts and given
         // back when it dies, so a run holds about the plan's peak, not every temporary. The pool
@@ -158,19 +194,24 @@ impl CpuProgram {
             .try_lock()
             .map(|mut s| std::mem::take(&mut *s))
             .unwrap_or_default();
-        let mut buffers: Vec<Vec<f32>> = Vec::with_capacity(self.program.buffers.len());
-        for buffer in &self.program.buffers {
-            buffers.push(match &buffer.role {
-                BufferRole::Temporary => Vec::new(),
-                role => initial_contents(&buffer.ty, role, feeds)?,
+        let mut buffers: Vec<Storage<'_>> = Vec::with_capacity(self.program.buffers.len());
+        for (buffer, constant) in self.program.buffers.iter().zip(&self.constants) {
+            buffers.push(match (&buffer.role, constant) {
+                (BufferRole::Temporary, _) => Storage::default(),
+                (_, Some(values)) => Storage::Borrowed(values),
+                (role, None) => initial_contents(&buffer.ty, role, feeds)?,
             });
         }
+        let feeds_time = timing.map(|t| t.elapsed());
         for (index, kernel) in self.program.kernels.iter().enumerate() {
+            let kernel_start = timing.map(|_| Instant::now());
             for &b in &self.lifetimes.starting[index] {
-                buffers[b] = take_storage(&mut pool, self.program.buffers[b].ty.numel());
+                buffers[b] =
+                    Storage::Owned(take_storage(&mut pool, self.program.buffers[b].ty.numel()));
             }
             if let Some(observe) = observe.as_mut() {
-                observe(index, KernelPhase::Before, &buffers);
+                let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
+                observe(index, KernelPhase::Before, &views);
             }
             let compiled = self.jit.as_ref().and_then(|jit| jit.kernel(index));
             match (&kernel.body, compiled) {
@@ -185,43 +226,135 @@ impl CpuProgram {
                 )?,
             }
             if let Some(observe) = observe.as_mut() {
-                observe(index, KernelPhase::After, &buffers);
+                let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
+                observe(index, KernelPhase::After, &views);
             }
             for &b in &self.lifetimes.ending[index] {
-                pool.push(std::mem::take(&mut buffers[b]));
+                pool.push(buffers[b].take_vec());
+            }
+            if let Some(start) = kernel_start {
+                kernel_times.push(start.elapsed());
             }
         }
-        let outputs = self
-            .program
-            .outputs
-            .iter()
-            .map(|(name, id)| {
-                (
-                    name.clone(),
-                    to_host(&self.program.buffer(*id).ty, &buffers[id.index()]),
-                )
-            })
-            .collect();
+        let outputs_start = timing.map(|_| Instant::now());
+        // Float temporaries move out as they are (no copy); the caller may hand their storage
+        // back with `recycle`. Anything else (integers, bools, fed buffers, a buffer named by
+        // two outputs) is copied.
+        let mut outputs = Vec::with_capacity(self.program.outputs.len());
+        for (i, (name, id)) in self.program.outputs.iter().enumerate() {
+            let buffer = self.program.buffer(*id);
+            let named_again = self.program.outputs[i + 1..].iter().any(|(_, o)| o == id);
+            let storage = &mut buffers[id.index()];
+            let movable = matches!(buffer.role, BufferRole::Temporary)
+                && buffer.ty.dtype.is_float()
+                && !named_again
+                && matches!(storage, Storage::Owned(v) if v.len() == buffer.ty.numel());
+            let tensor = if movable {
+                HostTensor {
+                    ty: buffer.ty.clone(),
+                    data: Data::Float(storage.take_vec()),
+                }
+            } else {
+                to_host(&buffer.ty, storage)
+            };
+            outputs.push((name.clone(), tensor));
+        }
         for (buffer, storage) in self.program.buffers.iter().zip(buffers) {
-            if matches!(buffer.role, BufferRole::Temporary) && storage.capacity() > 0 {
-                pool.push(storage);
+            if let (BufferRole::Temporary, Storage::Owned(v)) = (&buffer.role, storage)
+                && v.capacity() > 0
+            {
+                pool.push(v);
             }
         }
         if let Ok(mut scratch) = self.scratch.try_lock() {
             *scratch = pool;
+        }
+        if let (Some(profile), Some(t), Some(f), Some(o)) =
+            (&self.profile, timing, feeds_time, outputs_start)
+        {
+            let phases = [
+                (profile::Phase::Feeds, f),
+                (profile::Phase::Outputs, o.elapsed()),
+            ];
+            profile.add_run(t.elapsed(), &kernel_times, &phases);
         }
         Ok(CpuOutputs { outputs })
     }
 }
 
 /// What [`CpuProgram::run_observed`] calls: kernel index, phase, every buffer.
-pub type KernelObserver<'a> = dyn FnMut(usize, KernelPhase, &[Vec<f32>]) + 'a;
+pub type KernelObserver<'a> = dyn FnMut(usize, KernelPhase, &[&[f32]]) + 'a;
 
 /// When [`CpuProgram::run_observed`] shows the buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPhase {
     Before,
     After,
+}
+
+/// A buffer's storage during a run: owned for temporaries, borrowed for what kernels only read
+/// (f32 parameters and inputs as fed, constants as prepared), which saves copying the weights
+/// on every run.
+#[derive(Debug)]
+pub(super) enum Storage<'a> {
+    Owned(Vec<f32>),
+    Borrowed(&'a [f32]),
+}
+
+impl Default for Storage<'_> {
+    fn default() -> Self {
+        Storage::Owned(Vec::new())
+    }
+}
+
+impl std::ops::Deref for Storage<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Storage::Owned(v) => v,
+            Storage::Borrowed(s) => s,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Storage<'_> {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        self.vec_mut()
+    }
+}
+
+impl Storage<'_> {
+    /// The owned values, to write. Kernels write only temporaries, which are always owned
+    /// (the lowering gives every result a buffer of its own), so a borrowed one here is a bug.
+    pub(super) fn vec_mut(&mut self) -> &mut Vec<f32> {
+        match self {
+            Storage::Owned(v) => v,
+            Storage::Borrowed(_) => panic!("a kernel writes a parameter, input or constant"),
+        }
+    }
+
+    /// Takes the owned values out, leaving an empty buffer.
+    pub(super) fn take_vec(&mut self) -> Vec<f32> {
+        std::mem::take(self.vec_mut())
+    }
+}
+
+/// Constant buffers' values rounded to their types, by buffer index.
+fn constants_of(program: &Program) -> Vec<Option<Vec<f32>>> {
+    program
+        .buffers
+        .iter()
+        .map(|buffer| match &buffer.role {
+            BufferRole::Constant(data) => Some(
+                data.values
+                    .iter()
+                    .map(|&v| round_to_dtype(buffer.ty.dtype, v as f32))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 /// When each temporary starts and dies, by kernel index.
@@ -269,12 +402,12 @@ fn take_storage(pool: &mut Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     storage
 }
 
-pub(crate) fn initial_contents(
+pub(crate) fn initial_contents<'a>(
     ty: &TensorType,
     role: &BufferRole,
-    feeds: &Feeds<'_>,
-) -> Result<Vec<f32>, CpuError> {
-    let fed = |kind: &'static str, name: &str, source: &dyn crate::interp::TensorSource| {
+    feeds: &Feeds<'a>,
+) -> Result<Storage<'a>, CpuError> {
+    let fed = |kind: &'static str, name: &str, source: &'a dyn crate::interp::TensorSource| {
         let tensor = source.tensor(name).ok_or_else(|| CpuError::Missing {
             kind,
             name: name.to_owned(),
@@ -292,18 +425,25 @@ pub(crate) fn initial_contents(
     match role {
         BufferRole::Input(name) => fed("input", name, feeds.inputs),
         BufferRole::Parameter(name) => fed("parameter", name, feeds.parameters),
-        BufferRole::Constant(data) => Ok(data
-            .values
-            .iter()
-            .map(|&v| round_to_dtype(ty.dtype, v as f32))
-            .collect()),
-        BufferRole::Temporary => Ok(vec![0.0; ty.numel()]),
+        BufferRole::Constant(data) => Ok(Storage::Owned(
+            data.values
+                .iter()
+                .map(|&v| round_to_dtype(ty.dtype, v as f32))
+                .collect(),
+        )),
+        BufferRole::Temporary => Ok(Storage::Owned(vec![0.0; ty.numel()])),
     }
 }
 
-fn from_host(kind: &'static str, name: &str, tensor: &HostTensor) -> Result<Vec<f32>, CpuError> {
+/// A fed tensor as the kernels see it: float values borrowed as they are, integers and bools
+/// converted to f32.
+fn from_host<'a>(
+    kind: &'static str,
+    name: &str,
+    tensor: &'a HostTensor,
+) -> Result<Storage<'a>, CpuError> {
     Ok(match &tensor.data {
-        Data::Float(v) => v.clone(),
+        Data::Float(v) => Storage::Borrowed(v),
         Data::Int(v) => {
             if let Some(&bad) = v.iter().find(|x| x.unsigned_abs() >= 1 << 24) {
                 return Err(CpuError::IntegerRange {
@@ -312,9 +452,9 @@ fn from_host(kind: &'static str, name: &str, tensor: &HostTensor) -> Result<Vec<
                     value: bad,
                 });
             }
-            v.iter().map(|&x| x as f32).collect()
+            Storage::Owned(v.iter().map(|&x| x as f32).collect())
         }
-        Data::Bool(v) => v.iter().map(|&b| f32::from(u8::from(b))).collect(),
+        Data::Bool(v) => Storage::Owned(v.iter().map(|&b| f32::from(u8::from(b))).collect()),
     })
 }
 

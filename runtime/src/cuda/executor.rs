@@ -88,7 +88,7 @@ impl GpuKernels {
         stream: &CudaStream,
         allocator: &mut CachingAllocator<DriverMemory>,
         kernel: &CudaKernel,
-        host: &[Vec<f32>],
+        host: &[&[f32]],
     ) -> Result<Vec<(BufferId, Vec<f32>)>, CudaError> {
         let function = self.function(kernel.entry())?;
         let mut blocks: Vec<(BufferId, Block)> = Vec::new();

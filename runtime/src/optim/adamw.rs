@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use fathom_compiler::DType;
 use half::bf16;
+use rayon::prelude::*;
 
 use super::{AdamWConfig, Grads, MomentPrecision, OptimError, ParamStore, decays, non_negative};
 use crate::tensor::{Data, HostTensor};
@@ -100,7 +101,33 @@ struct Scalars {
 /// `fma(w, g - m, m)`. Mathematically this is `p -= lr·wd·p; p -= lr·m̂/(sqrt(v̂) + eps)`.
 /// The parameter update uses the f32 moments before they are stored (rounded, for bf16), as a
 /// fused kernel holding them in registers does.
-fn update<M: Moment>(p: &mut [f32], g: &[f32], m: &mut [M], v: &mut [M], s: &Scalars, decay: bool) {
+///
+/// Elements are independent, so chunks of them run on rayon's threads (the result does not
+/// depend on how they are split).
+fn update<M: Moment + Send>(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [M],
+    v: &mut [M],
+    s: &Scalars,
+    decay: bool,
+) {
+    const CHUNK: usize = 1 << 14;
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| update_serial(p, g, m, v, s, decay));
+}
+
+fn update_serial<M: Moment>(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [M],
+    v: &mut [M],
+    s: &Scalars,
+    decay: bool,
+) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         if decay {
             *p *= s.decay;

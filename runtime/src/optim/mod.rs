@@ -20,7 +20,7 @@ mod store;
 pub use adamw::AdamW;
 pub use balance::{LoadStats, update_balancing_bias};
 pub use config::{AdamWConfig, MomentPrecision, decays, is_balancing_bias};
-pub use grads::{accumulate, clip_global_norm, global_norm};
+pub use grads::{accumulate, accumulate_owned, clip_global_norm, global_norm};
 pub use schedule::LrSchedule;
 pub use store::ParamStore;
 

@@ -11,7 +11,9 @@ use fathom_compiler::training::{TrainingGraph, training_graph};
 use crate::data::Batches;
 use crate::exec::Executable;
 use crate::interp::Feeds;
-use crate::optim::{AdamW, Grads, LoadStats, accumulate, clip_global_norm, update_balancing_bias};
+use crate::optim::{
+    AdamW, Grads, LoadStats, accumulate_owned, clip_global_norm, update_balancing_bias,
+};
 use crate::parallel::{Pipeline, PipelineError, PipelineRun};
 use crate::tensor::{Data, HostTensor};
 use crate::weights::Weights;
@@ -268,7 +270,7 @@ impl Trainer {
                             take_floats(&mut outputs, &format!("grad.{name}")),
                         );
                     }
-                    accumulate(&mut grads, &micro_grads, scale as f32)?;
+                    accumulate_owned(&mut grads, micro_grads, scale as f32)?;
                     for bias in &self.program.balancing_biases {
                         let load = take_floats(&mut outputs, &format!("expert_load.{bias}"));
                         let sum = loads
@@ -309,6 +311,12 @@ impl Trainer {
         let learning_rate = self.settings.schedule.lr(self.step);
         self.optimizer
             .step(&mut self.weights, &grads, learning_rate)?;
+        // The gradients' storage goes back to the compiled program for its next run.
+        if let Engine::Whole(executable) = &self.engine {
+            for (_, g) in grads {
+                executable.recycle(g);
+            }
+        }
 
         let mut max_load_violation: Option<f64> = None;
         for (bias, load) in &loads {

@@ -12,6 +12,7 @@ use fathom_compiler::kernel::{Expr, View};
 
 use super::codegen::{Emitter, Index, Lanes, memflags};
 use super::intrinsics::Intrinsic;
+use crate::cpu::expf;
 
 impl<'n> Emitter<'_, 'n> {
     /// `expr` at inner index `j` (lanes `j..j + 4` for four lanes).
@@ -110,6 +111,13 @@ impl<'n> Emitter<'_, 'n> {
     }
 
     fn unary(&mut self, op: UnaryOp, x: Value, lanes: Lanes) -> Value {
+        // Four lanes of exp (and of the sigmoid built on it) run inline; one lane calls the
+        // same function through the intrinsic (the scalar tails are short).
+        match (op, lanes) {
+            (UnaryOp::Exp, Lanes::Four) => return self.exp4(x),
+            (UnaryOp::Sigmoid, Lanes::Four) => return self.sigmoid4(x),
+            _ => {}
+        }
         if let Some(intrinsic) = Intrinsic::for_unary(op) {
             return self.call(intrinsic, x, lanes);
         }
@@ -199,6 +207,86 @@ impl<'n> Emitter<'_, 'n> {
                 self.b.ins().bitcast(types::F32X4, little_endian(), masked)
             }
         }
+    }
+
+    /// `e^x` on four lanes: [`expf::exp`]'s operations in its order, so the lanes agree bit
+    /// for bit with the reference (which calls `expf::exp`).
+    fn exp4(&mut self, x: Value) -> Value {
+        let four = Lanes::Four;
+        // x < low ? low : x > high ? high : x; NaN compares false and runs through as NaN.
+        let low = self.constant(expf::CLAMP_LOW, four);
+        let high = self.constant(expf::CLAMP_HIGH, four);
+        let below = self.b.ins().fcmp(FloatCC::LessThan, x, low);
+        let below = self.b.ins().bitcast(types::F32X4, little_endian(), below);
+        let x = self.b.ins().bitselect(below, low, x);
+        let above = self.b.ins().fcmp(FloatCC::GreaterThan, x, high);
+        let above = self.b.ins().bitcast(types::F32X4, little_endian(), above);
+        let x = self.b.ins().bitselect(above, high, x);
+        let log2e = self.constant(expf::LOG2E, four);
+        let t = self.b.ins().fmul(x, log2e);
+        let rounder = self.constant(expf::ROUNDER, four);
+        let shifted = self.b.ins().fadd(t, rounder);
+        let n = self.b.ins().fsub(shifted, rounder);
+        let c1 = self.constant(expf::C1, four);
+        let c2 = self.constant(expf::C2, four);
+        let nc1 = self.b.ins().fmul(n, c1);
+        let a = self.b.ins().fsub(x, nc1);
+        let nc2 = self.b.ins().fmul(n, c2);
+        let r = self.b.ins().fsub(a, nc2);
+        let z = self.b.ins().fmul(r, r);
+        let mut y = self.constant(expf::P[0], four);
+        for &p in &expf::P[1..] {
+            let yr = self.b.ins().fmul(y, r);
+            let p = self.constant(p, four);
+            y = self.b.ins().fadd(yr, p);
+        }
+        let yz = self.b.ins().fmul(y, z);
+        let yz_r = self.b.ins().fadd(yz, r);
+        let one = self.constant(1.0, four);
+        let y = self.b.ins().fadd(yz_r, one);
+        // 2^n as 2^⌊n/2⌋ · 2^(n-⌊n/2⌋), each built from its exponent bits; n is the low bits
+        // of `shifted` less those of the rounder.
+        let bits = self.b.ins().bitcast(types::I32X4, little_endian(), shifted);
+        let rounder_bits = self
+            .b
+            .ins()
+            .iconst(types::I32, i64::from(expf::ROUNDER.to_bits()));
+        let rounder_bits = self.b.ins().splat(types::I32X4, rounder_bits);
+        let n = self.b.ins().isub(bits, rounder_bits);
+        let one_bit = self.b.ins().iconst(types::I32, 1);
+        let half = self.b.ins().sshr(n, one_bit);
+        let rest = self.b.ins().isub(n, half);
+        let s1 = self.pow2x4(half);
+        let s2 = self.pow2x4(rest);
+        let y = self.b.ins().fmul(y, s1);
+        self.b.ins().fmul(y, s2)
+    }
+
+    /// 2^e for four normal exponents (I32X4) as an F32X4.
+    fn pow2x4(&mut self, e: Value) -> Value {
+        let bias = self.b.ins().iconst(types::I32, 127);
+        let bias = self.b.ins().splat(types::I32X4, bias);
+        let biased = self.b.ins().iadd(e, bias);
+        let shift = self.b.ins().iconst(types::I32, 23);
+        let bits = self.b.ins().ishl(biased, shift);
+        self.b.ins().bitcast(types::F32X4, little_endian(), bits)
+    }
+
+    /// The reference's sigmoid on four lanes: `1 / (1 + e^-x)` where `x >= 0`, else
+    /// `e^x / (1 + e^x)`; both from `t = e^-|x|` (which is `e^-x`, resp. `e^x`).
+    fn sigmoid4(&mut self, x: Value) -> Value {
+        let four = Lanes::Four;
+        let abs = self.b.ins().fabs(x);
+        let minus = self.b.ins().fneg(abs);
+        let t = self.exp4(minus);
+        let one = self.constant(1.0, four);
+        let d = self.b.ins().fadd(one, t);
+        let positive = self.b.ins().fdiv(one, d);
+        let negative = self.b.ins().fdiv(t, d);
+        let zero = self.constant(0.0, four);
+        let ge = self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, zero);
+        let ge = self.b.ins().bitcast(types::F32X4, little_endian(), ge);
+        self.b.ins().bitselect(ge, positive, negative)
     }
 
     /// Calls a Rust `f32 -> f32` function, lane by lane for four lanes.

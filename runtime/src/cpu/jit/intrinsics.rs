@@ -2,8 +2,9 @@
 //! transcendentals and the roundings to narrow float types.
 //!
 //! Each is a thin `extern "C"` wrapper around the very function the row evaluator uses
-//! ([`loops::unary`], [`round_to_dtype`]), so the JIT agrees with the reference bit for bit
-//! instead of approximating `exp` with a polynomial of its own.
+//! ([`loops::unary`], [`round_to_dtype`]), so the JIT agrees with the reference bit for bit.
+//! (Four lanes of `exp` and the sigmoid are emitted inline instead, see `emit::exp4`, with the
+//! same operations as the reference's `expf::exp`.)
 
 use fathom_compiler::DType;
 use fathom_compiler::graph::UnaryOp;

@@ -4,9 +4,10 @@
 //! flattened outer index, so the executor can hand disjoint row ranges to rayon threads. The
 //! generated code computes exactly what the row evaluator in [`super::loops`] computes, bit for
 //! bit: the same operations in the same order, sums and means accumulated sequentially in f64
-//! (so a row's result does not depend on how rows are split across threads), and
-//! `exp`/`log`/sigmoid and the roundings to bf16/f16/fp8 done by calling the very Rust
-//! functions the reference calls. Statements whose loads and store are contiguous or broadcast
+//! (so a row's result does not depend on how rows are split across threads), `exp` and the
+//! sigmoid on four lanes inline with the operations of the reference's own `exp`
+//! ([`super::expf`]), and `log`, single lanes of `exp`/sigmoid and the roundings to
+//! bf16/f16/fp8 done by calling the very Rust functions the reference calls. Statements whose loads and store are contiguous or broadcast
 //! along the innermost axis run four lanes at a time (F32X4) with a scalar tail; the others
 //! run one element at a time.
 //!
@@ -36,6 +37,8 @@ use thiserror::Error;
 
 use intrinsics::Intrinsic;
 use plan::NestPlan;
+
+use super::Storage;
 
 /// Why a loop kernel runs on the row evaluator instead of compiled code.
 #[derive(Debug, Error)]
@@ -97,6 +100,7 @@ pub(super) struct CompiledNest {
     entry: KernelFn,
     slots: Vec<BufferId>,
     lens: Vec<usize>,
+    written: Vec<bool>,
     rows: usize,
     /// Element-statements per row, to size thread chunks.
     row_work: usize,
@@ -119,12 +123,12 @@ impl PointerTable {
 
 impl CompiledNest {
     /// Runs the kernel over all rows, on several threads when it is large enough.
-    pub(super) fn run(&self, buffers: &mut [Vec<f32>]) {
+    pub(super) fn run(&self, buffers: &mut [Storage<'_>]) {
         if self.rows == 0 {
             return;
         }
         let mut pointers = Vec::with_capacity(self.slots.len());
-        for (&buffer, &len) in self.slots.iter().zip(&self.lens) {
+        for ((&buffer, &len), &written) in self.slots.iter().zip(&self.lens).zip(&self.written) {
             let data = &mut buffers[buffer.index()];
             // The bounds proof of `plan` assumed these lengths; a mismatch would make the
             // unchecked accesses of the generated code unsound.
@@ -134,7 +138,13 @@ impl CompiledNest {
                 "buffer {} has an unexpected length",
                 buffer.0
             );
-            pointers.push(data.as_mut_ptr());
+            // Buffers the kernel only reads may be borrowed (parameters, inputs): the
+            // generated code never writes through their pointers.
+            pointers.push(if written {
+                data.as_mut_ptr()
+            } else {
+                data.as_ptr().cast_mut()
+            });
         }
         let table = PointerTable(pointers);
         let rows = self.rows as u64;
@@ -259,6 +269,7 @@ impl JitProgram {
                 entry,
                 slots: plan.slots,
                 lens: plan.lens,
+                written: plan.written,
                 rows: plan.rows,
                 row_work,
                 parallel: plan.parallel,

@@ -16,6 +16,8 @@ pub(super) struct NestPlan {
     pub slots: Vec<BufferId>,
     /// The element count of each slot's buffer, which the bounds proof assumed.
     pub lens: Vec<usize>,
+    /// Whether the kernel writes each slot's buffer (the others it only reads).
+    pub written: Vec<bool>,
     /// Extents of the outer axes.
     pub outer: Vec<usize>,
     /// Extent of the innermost axis (1 for a scalar domain, as in the reference).
@@ -150,9 +152,14 @@ pub(super) fn plan(nest: &LoopNest, buffers: &[Buffer]) -> Result<NestPlan, JitE
         .iter()
         .map(|b| buffers[b.index()].ty.numel())
         .collect();
+    let written = slots
+        .iter()
+        .map(|b| writers.iter().any(|(w, _)| w == b))
+        .collect();
     Ok(NestPlan {
         slots,
         lens,
+        written,
         outer,
         inner,
         rows,

@@ -41,6 +41,34 @@ fn unary_ops_match_the_row_evaluator() {
     }
 }
 
+/// The inline four-lane exp and sigmoid over their whole range — overflow, subnormal results,
+/// zero, infinities, NaN — agree bit for bit with the reference's (`expf::exp`).
+#[test]
+fn exp_and_sigmoid_over_their_whole_range_match_the_row_evaluator() {
+    let mut xs: Vec<f32> = vec![
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        88.72,
+        89.0,
+        -103.97,
+        -87.33,
+        1e-30,
+        -1e-30,
+        f32::MAX,
+    ];
+    xs.extend((0..4096).map(|i| -120.0 + 220.0 * i as f32 / 4096.0));
+    // Rows of 16: the four-lane loop (rows shorter than 8 run one lane at a time).
+    let rows = xs.len() / 16;
+    xs.truncate(rows * 16);
+    for op in [UnaryOp::Exp, UnaryOp::Sigmoid] {
+        let (_, nest) = elementwise(rows, 16, 1, unary(op, load(0, 0, &[16, 1])));
+        check_on(&nest, vec![xs.clone(), vec![0.0; xs.len()]]);
+    }
+}
+
 #[test]
 fn binary_ops_match_the_row_evaluator() {
     for op in BINARY {

@@ -19,7 +19,7 @@ use fathom_compiler::{DType, TensorType};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::super::loops;
+use super::super::{Storage, loops};
 use super::{JitError, JitProgram};
 
 fn view(buffer: u32, offset: usize, strides: &[isize]) -> View {
@@ -161,12 +161,14 @@ fn check_on(nest: &LoopNest, buffers: Vec<Vec<f32>>) {
     let report = jit.report();
     assert!(report.fallbacks.is_empty(), "{:?}", report.fallbacks);
     assert_eq!(report.compiled, 1);
-    let mut want = buffers;
-    let mut got = want.clone();
+    // Buffers the kernel only reads are borrowed, as parameters are in a run.
+    let written = written_buffers(nest);
+    let mut want = storages(&buffers, &written);
+    let mut got = storages(&buffers, &written);
     loops::run(nest, &mut want);
     jit.kernel(0).unwrap().run(&mut got);
     for (b, (g, w)) in got.iter().zip(&want).enumerate() {
-        for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+        for (i, (&g, &w)) in g.iter().zip(w.iter()).enumerate() {
             assert!(
                 same(g, w),
                 "buffer {b}[{i}]: jit {g:e} ({:#x}), reference {w:e} ({:#x}) in {nest:?}",
@@ -175,6 +177,32 @@ fn check_on(nest: &LoopNest, buffers: Vec<Vec<f32>>) {
             );
         }
     }
+}
+
+/// Owned copies of the written buffers, the others borrowed.
+fn storages<'a>(buffers: &'a [Vec<f32>], written: &[usize]) -> Vec<Storage<'a>> {
+    buffers
+        .iter()
+        .enumerate()
+        .map(|(b, v)| {
+            if written.contains(&b) {
+                Storage::Owned(v.clone())
+            } else {
+                Storage::Borrowed(v)
+            }
+        })
+        .collect()
+}
+
+/// The buffers a statement of `nest` stores to.
+fn written_buffers(nest: &LoopNest) -> Vec<usize> {
+    nest.body
+        .iter()
+        .filter_map(|stmt| match stmt {
+            Stmt::Store { view, .. } | Stmt::StoreRow { view, .. } => Some(view.buffer.index()),
+            Stmt::Reduce { .. } => None,
+        })
+        .collect()
 }
 
 /// Why `nest` is left to the row evaluator.

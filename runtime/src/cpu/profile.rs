@@ -1,0 +1,172 @@
+//! An opt-in per-kernel timing table (`FATHOM_PROFILE=1`): wall time of every kernel and of the
+//! host work around them (copying feeds in, results out), summed over all runs of a program and
+//! printed to stderr when the program is dropped, largest first, by kernel and by kind of kernel
+//! (its fusion group's label, e.g. `rmsnorm`, `matmul`). Off by default; when off, nothing is
+//! timed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fathom_compiler::kernel::{KernelBody, Program};
+
+/// The environment variable that turns the table on (any value but empty or `0`).
+pub const PROFILE_ENV: &str = "FATHOM_PROFILE";
+
+/// Whether `FATHOM_PROFILE` asks for the table.
+pub(super) fn enabled_by_env() -> bool {
+    std::env::var(PROFILE_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Host phases of a run timed besides the kernels.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Phase {
+    /// Inputs, parameters and constants made ready for the kernels.
+    Feeds,
+    /// Outputs handed back as host tensors.
+    Outputs,
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    runs: u64,
+    total: Duration,
+    kernels: Vec<Duration>,
+    feeds: Duration,
+    outputs: Duration,
+}
+
+/// Times accumulated over the runs of one program.
+#[derive(Debug)]
+pub(super) struct Profile {
+    name: String,
+    /// Per kernel: display name and kind.
+    kernels: Vec<(String, String)>,
+    totals: Mutex<Totals>,
+}
+
+impl Profile {
+    pub(super) fn new(program: &Program) -> Profile {
+        let kernels = program
+            .kernels
+            .iter()
+            .map(|k| {
+                let kind = kind_of(&k.name, &k.origin);
+                let body = match &k.body {
+                    KernelBody::Loop(_) => "loop",
+                    KernelBody::Library(_) => "library",
+                };
+                (k.name.clone(), format!("{kind} ({body})"))
+            })
+            .collect();
+        Profile {
+            name: program.name.clone(),
+            totals: Mutex::new(Totals {
+                kernels: vec![Duration::ZERO; program.kernels.len()],
+                ..Totals::default()
+            }),
+            kernels,
+        }
+    }
+
+    /// Adds one run: its total time, each kernel's and the host phases'.
+    pub(super) fn add_run(
+        &self,
+        total: Duration,
+        kernels: &[Duration],
+        phases: &[(Phase, Duration)],
+    ) {
+        let Ok(mut t) = self.totals.lock() else {
+            return;
+        };
+        t.runs += 1;
+        t.total += total;
+        for (sum, d) in t.kernels.iter_mut().zip(kernels) {
+            *sum += *d;
+        }
+        for &(phase, d) in phases {
+            match phase {
+                Phase::Feeds => t.feeds += d,
+                Phase::Outputs => t.outputs += d,
+            }
+        }
+    }
+
+    /// The table, or `None` before the first run.
+    pub(super) fn table(&self) -> Option<String> {
+        let t = self.totals.lock().ok()?;
+        if t.runs == 0 {
+            return None;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / t.runs as f64;
+        let total = ms(t.total).max(f64::MIN_POSITIVE);
+        let mut out = format!(
+            "FATHOM_PROFILE {}: {} runs, {:.1} ms per run\n",
+            self.name, t.runs, total
+        );
+        let mut by_kind: HashMap<&str, (Duration, usize)> = HashMap::new();
+        for ((_, kind), d) in self.kernels.iter().zip(&t.kernels) {
+            let e = by_kind.entry(kind).or_default();
+            e.0 += *d;
+            e.1 += 1;
+        }
+        by_kind.insert("host: feeds in", (t.feeds, 1));
+        by_kind.insert("host: outputs out", (t.outputs, 1));
+        let mut kinds: Vec<_> = by_kind.into_iter().collect();
+        kinds.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(b.0)));
+        out += "  by kind              ms/run      %  kernels\n";
+        for (kind, (d, n)) in &kinds {
+            let v = ms(*d);
+            out += &format!("  {v:>10.2} {:>6.1}%  {n:>5}  {kind}\n", 100.0 * v / total);
+        }
+        let mut order: Vec<usize> = (0..self.kernels.len()).collect();
+        order.sort_by(|&a, &b| t.kernels[b].cmp(&t.kernels[a]).then(a.cmp(&b)));
+        out += "  top kernels          ms/run      %\n";
+        for &i in order.iter().take(30) {
+            let v = ms(t.kernels[i]);
+            out += &format!(
+                "  {v:>10.2} {:>6.1}%  {}\n",
+                100.0 * v / total,
+                self.kernels[i].0
+            );
+        }
+        Some(out)
+    }
+}
+
+/// The label of a kernel's fusion group: its name without the `k<index>_` prefix and the
+/// `_<origin>` suffix the lowering adds.
+fn kind_of(name: &str, origin: &str) -> String {
+    let rest = name
+        .strip_prefix('k')
+        .map(|r| r.trim_start_matches(|c: char| c.is_ascii_digit()))
+        .and_then(|r| r.strip_prefix('_'))
+        .unwrap_or(name);
+    let place: String = origin
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    rest.strip_suffix(&place)
+        .map(|r| r.trim_end_matches('_'))
+        .filter(|r| !r.is_empty())
+        .unwrap_or(rest)
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kind_of;
+
+    #[test]
+    fn kinds_drop_the_index_and_the_origin() {
+        assert_eq!(
+            kind_of(
+                "k12_rmsnorm_model_layers_0_input_layernorm",
+                "model.layers.0.input_layernorm"
+            ),
+            "rmsnorm"
+        );
+        assert_eq!(kind_of("k3_matmul", ""), "matmul");
+        assert_eq!(kind_of("odd", "x"), "odd");
+    }
+}
