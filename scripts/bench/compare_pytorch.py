@@ -130,14 +130,18 @@ def main():
         config = f"benches/configs/{name}.json"
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run([args.fathom, "init", "--config", config, "--seed", "0", "--out", tmp], check=True, capture_output=True)
-            t = time.perf_counter()
-            fathom_out = subprocess.run(
-                ["/usr/bin/time", "-f", "%M", args.fathom, "bench", "--config", config, "--weights", tmp,
-                 "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps), "--threads", str(args.threads), "--json"],
-                check=True, capture_output=True, text=True)
-            fathom = json.loads(fathom_out.stdout.strip().splitlines()[-1])
-            fathom["max_rss_bytes"] = int(fathom_out.stderr.strip().splitlines()[-1]) * 1024
-            results = {"fathom f32": fathom}
+            results = {}
+            # Fathom in f32, and in its bf16 policy when a bf16 mode of torch is compared.
+            precisions = ["fp32"] + (["bf16"] if any(m.endswith("bf16") for m in args.modes) else [])
+            for precision in precisions:
+                fathom_out = subprocess.run(
+                    ["/usr/bin/time", "-f", "%M", args.fathom, "bench", "--config", config, "--weights", tmp,
+                     "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps), "--threads", str(args.threads),
+                     "--precision", precision, "--json"],
+                    check=True, capture_output=True, text=True)
+                run = json.loads(fathom_out.stdout.strip().splitlines()[-1])
+                run["max_rss_bytes"] = int(fathom_out.stderr.strip().splitlines()[-1]) * 1024
+                results["fathom f32" if precision == "fp32" else "fathom bf16"] = run
             for mode in args.modes:
                 results[f"torch {mode}"] = run_child(mode, model_dir=tmp, batch=batch, seq=seq, steps=args.steps, threads=args.threads)
         rows.append((name, results))
@@ -147,14 +151,16 @@ def main():
         fathom = results["fathom f32"]
         flops = fathom["matmul_flops_per_token"]
         print(f"== {name}: {flops / 1e6:.1f} MFLOP per token (matmuls, counted by Fathom's compiler)")
-        print(f"{'':22} {'train tok/s':>12} {'fwd tok/s':>12} {'% f32 peak':>11} {'max RSS MB':>11}")
+        print(f"{'':22} {'train tok/s':>12} {'fwd tok/s':>12} {'% of peak':>10} {'max RSS MB':>11}")
         for label, r in results.items():
-            frac = r["train_tokens_per_second"] * flops / 1e9 / peak["f32"] * 100
-            print(f"{label:22} {r['train_tokens_per_second']:12.0f} {r['forward_tokens_per_second']:12.0f} {frac:10.0f}% {r['max_rss_bytes'] / 2**20:11.0f}")
-        base = results.get("torch compile-f32")
-        if base:
-            print(f"Fathom f32 / torch.compile f32: train {fathom['train_tokens_per_second'] / base['train_tokens_per_second']:.2f}x, "
-                  f"forward {fathom['forward_tokens_per_second'] / base['forward_tokens_per_second']:.2f}x")
+            kind = "bf16" if label.endswith("bf16") else "f32"
+            frac = r["train_tokens_per_second"] * flops / 1e9 / peak[kind] * 100
+            print(f"{label:22} {r['train_tokens_per_second']:12.0f} {r['forward_tokens_per_second']:12.0f} {frac:9.0f}% {r['max_rss_bytes'] / 2**20:11.0f}")
+        for kind in ["f32", "bf16"]:
+            ours, base = results.get(f"fathom {kind}"), results.get(f"torch compile-{kind}")
+            if ours and base:
+                print(f"Fathom {kind} / torch.compile {kind}: train {ours['train_tokens_per_second'] / base['train_tokens_per_second']:.2f}x, "
+                      f"forward {ours['forward_tokens_per_second'] / base['forward_tokens_per_second']:.2f}x (Fathom's forward is f32)")
         print()
 
 

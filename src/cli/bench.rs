@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph, parameter_graph};
+use fathom_compiler::precision::{Precision, PrecisionPolicy};
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
 use fathom_runtime::HostTensor;
@@ -39,6 +40,10 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// The Linear GEMMs' arithmetic in the training step (fp32, bf16 or fp8; see `fathom train
+    /// --precision`). The forward pass is timed in f32.
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -92,7 +97,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         losses: LossWeights::next_token_only(),
         bias_update_speed: 0.0,
         backend: Backend::Cpu,
-        precision: Default::default(),
+        precision: PrecisionPolicy::uniform(args.precision),
         pipeline: Default::default(),
     };
     let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 0)?;
@@ -132,6 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let peak = gemm_peak_gflops();
     let report = json!({
         "config": args.config.display().to_string(),
+        "precision": args.precision.to_string(),
         "threads": rayon::current_num_threads(),
         "batch": batch,
         "seq": seq,
