@@ -52,16 +52,27 @@ pub enum Executable {
 }
 
 impl Executable {
+    /// Prepares `graph` for `backend` with the compile options of the environment
+    /// (`FATHOM_DUMP_DIR`, `FATHOM_RECOMPUTE`).
     pub fn new(graph: Graph, backend: Backend) -> Result<Self, ExecError> {
+        Self::with_options(graph, backend, &CompileOptions::from_env())
+    }
+
+    /// Prepares `graph` for `backend` with the given compile options.
+    pub fn with_options(
+        graph: Graph,
+        backend: Backend,
+        options: &CompileOptions,
+    ) -> Result<Self, ExecError> {
         Ok(match backend {
             Backend::Interpreter => Executable::Interpreter(graph),
             // The full pipeline (passes, lowering, memory plan); `FATHOM_DUMP_DIR` dumps it.
             Backend::Cpu => {
-                let compiled = compile(&graph, &CompileOptions::from_env())?;
+                let compiled = compile(&graph, options)?;
                 Executable::Cpu(Box::new(CpuProgram::new(compiled.program)))
             }
             Backend::Cuda => {
-                let compiled = compile(&graph, &CompileOptions::from_env())?;
+                let compiled = compile(&graph, options)?;
                 match GpuDevice::probe(0) {
                     Ok(device) => {
                         let nvrtc =

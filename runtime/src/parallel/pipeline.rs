@@ -4,10 +4,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use fathom_compiler::compile::CompileOptions;
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::partition::{
     Phase, PhaseGraphs, StagePlan, layer_costs, names, split_phases, stage_graph,
 };
+use fathom_compiler::passes::{RecomputePolicy, common_subexpressions, dead_code, recompute};
 use fathom_compiler::pipeline::{Chunk, Schedule, ScheduleOp, SimReport, generate};
 use fathom_compiler::precision::{PrecisionPolicy, apply_precision};
 use fathom_compiler::spec::ModelSpec;
@@ -123,11 +125,23 @@ impl Pipeline {
         let costs = layer_costs(run.spec, run.seq, with_mtp)?;
         let plan = StagePlan::balanced(&costs, settings.stages)?;
         let tiling = run.spec.fp8.clone().unwrap_or_default();
+        let options = CompileOptions::from_env();
+        // Recomputation decides what F hands to B, so it runs on the whole stage graph before
+        // the split (and not again on each piece): a recomputed RMSNorm output is then
+        // computed in B from its carried input instead of being carried itself.
+        let piece_options = CompileOptions {
+            recompute: RecomputePolicy::None,
+            ..options.clone()
+        };
         let mut stages = Vec::with_capacity(plan.stages());
         for stage in 0..plan.stages() {
             let built = stage_graph(run.spec, &plan, stage, run.batch, run.seq, run.losses)?;
             let graph = apply_precision(&built.graph, run.precision, &tiling)
                 .map_err(|e| PipelineError::Settings(format!("precision: {e}")))?;
+            let graph = recompute(
+                &common_subexpressions(&dead_code(&graph)),
+                options.recompute,
+            );
             let pieces = split_phases(&graph, input_phase, output_phase)?;
             stages.push(compile_stage(
                 stage,
@@ -135,6 +149,7 @@ impl Pipeline {
                 built.parameters,
                 &pieces,
                 run.backend,
+                &piece_options,
             )?);
         }
         Ok(Pipeline {
@@ -476,6 +491,7 @@ fn compile_stage(
     parameters: Vec<String>,
     pieces: &PhaseGraphs,
     backend: Backend,
+    options: &CompileOptions,
 ) -> Result<StageProgram, PipelineError> {
     let mut compiled: [Option<Executable>; 3] = [None, None, None];
     for phase in Phase::ALL {
@@ -484,10 +500,12 @@ fn compile_stage(
             continue;
         }
         let executable =
-            Executable::new(graph.clone(), backend).map_err(|source| PipelineError::Compile {
-                stage,
-                phase,
-                source: Box::new(source),
+            Executable::with_options(graph.clone(), backend, options).map_err(|source| {
+                PipelineError::Compile {
+                    stage,
+                    phase,
+                    source: Box::new(source),
+                }
             })?;
         compiled[phase as usize] = Some(executable);
     }
