@@ -124,6 +124,10 @@ impl<'a> RankWorker<'a> {
                         while !cancel.load(Ordering::SeqCst) {
                             std::thread::sleep(Duration::from_millis(5));
                         }
+                        // A hung rank would not leave when the step is abandoned: stay silent
+                        // for one more receive timeout, so that every rank waiting on this one
+                        // reports it (rather than seeing it leave), then let the thread end.
+                        std::thread::sleep(self.pipeline.timeout);
                         return Err(failed(RankFailure::Cancelled));
                     }
                 }
