@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fathom_compiler::codegen::{CudaProgram, CudaSource, cuda_program};
+use fathom_compiler::codegen::{CudaProgram, cuda_program};
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
 use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool, project_pip_dirs};
-use fathom_kernels::{ArchRequirement, KernelSource};
+use fathom_runtime::cuda::modules::generated_source;
 use rayon::prelude::*;
 
 /// What the kernels are generated for.
@@ -195,7 +195,7 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
         .par_iter()
         .map(|source| {
             let users: Vec<_> = cuda.users_of(&source.entry).collect();
-            let kernel = kernel_source(source, users.first().map_or(0, |k| k.launch.block));
+            let kernel = generated_source(source, users.first().map_or(0, |k| k.launch.block));
             let t = Instant::now();
             let compiled = nvrtc.compile(&kernel, Some(arch))?;
             let time = t.elapsed();
@@ -287,20 +287,6 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
         );
     }
     Ok(())
-}
-
-/// A generated source as the kernels crate's compile unit.
-fn kernel_source(source: &CudaSource, block_threads: u32) -> KernelSource {
-    KernelSource {
-        name: source.entry.clone(),
-        source: source.text.clone(),
-        entry: source.entry.clone(),
-        arch_requirement: ArchRequirement::Sm80OrNewer,
-        block_threads,
-        dynamic_smem_bytes: 0,
-        // The launcher takes the parameters from `CudaKernel::args`.
-        params: Vec::new(),
-    }
 }
 
 fn spec_of(args: &Args) -> anyhow::Result<ModelSpec> {
