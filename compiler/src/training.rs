@@ -2,8 +2,10 @@
 
 use crate::autodiff::backward_parameters;
 use crate::error::GraphError;
-use crate::graph::{Graph, GraphBuilder, Op};
-use crate::model::{DeepSeekV3, Layer, LayerConfig, LossWeights, add_objective};
+use crate::graph::{Graph, GraphBuilder};
+use crate::model::{
+    DeepSeekV3, Layer, LayerConfig, LossWeights, add_objective, balancing_bias_name,
+};
 use crate::module::{Module, Scope};
 use crate::spec::ModelSpec;
 
@@ -48,15 +50,7 @@ where
     let terms = add_objective(&mut g, model, batch, seq, weights)?;
     let mut balancing_biases = Vec::new();
     for (bias, load) in &terms.loads {
-        let name = match &g.graph().node(bias.id()).op {
-            Op::Parameter { name, .. } => name.clone(),
-            other => {
-                return Err(GraphError::InvalidRequest(format!(
-                    "a routing's balancing bias must be a parameter, not `{}`",
-                    other.name()
-                )));
-            }
-        };
+        let name = balancing_bias_name(g.graph(), *bias)?;
         g.output(&format!("expert_load.{name}"), *load)?;
         balancing_biases.push(name);
     }

@@ -25,7 +25,7 @@ pub use loss::{
     cross_entropy, expert_load, mtp_depth_loss, next_token_loss, sequence_balance_loss,
 };
 pub use mla::{AttentionContext, LATENT_NORM_EPS, Mla, QueryPath};
-pub use moe::{Moe, Router, Routing};
+pub use moe::{Moe, Router, Routing, balancing_bias_name};
 pub use mtp::MtpModule;
 pub use objective::{LossTerms, LossWeights, add_objective, balance_loss, mtp_loss};
 pub use rope::RopeTables;

@@ -3,7 +3,7 @@
 
 use crate::dtype::DType;
 use crate::error::GraphError;
-use crate::graph::{CompareOp, GraphBuilder, ReduceOp, Tensor};
+use crate::graph::{CompareOp, Graph, GraphBuilder, Op, ReduceOp, Tensor};
 use crate::module::{Module, Param, Scope};
 use crate::spec::{ModelSpec, MoeSpec};
 
@@ -32,6 +32,18 @@ pub struct Routing {
     pub gates: Tensor,
     /// The layer's balancing bias (a buffer), which the trainer updates from the expert loads.
     pub bias: Tensor,
+}
+
+/// The checkpoint name of a routing's balancing bias (`model.layers.3.mlp.gate.e_score_correction_bias`),
+/// under which the trainer reports the layer's expert loads.
+pub fn balancing_bias_name(graph: &Graph, bias: Tensor) -> Result<String, GraphError> {
+    match &graph.node(bias.id()).op {
+        Op::Parameter { name, .. } => Ok(name.clone()),
+        other => Err(GraphError::InvalidRequest(format!(
+            "a routing's balancing bias must be a parameter, not `{}`",
+            other.name()
+        ))),
+    }
 }
 
 impl Module for Router {

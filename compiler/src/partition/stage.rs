@@ -3,8 +3,11 @@
 use crate::autodiff::backward;
 use crate::dtype::{DType, TensorType};
 use crate::error::GraphError;
-use crate::graph::{Graph, GraphBuilder, NodeId, Op, ReduceOp, Tensor};
-use crate::model::{DeepSeekV3, LossWeights, balance_loss, expert_load, mtp_loss, next_token_loss};
+use crate::graph::{Graph, GraphBuilder, NodeId, ReduceOp, Tensor};
+use crate::model::{
+    DeepSeekV3, LossWeights, balance_loss, balancing_bias_name, expert_load, mtp_loss,
+    next_token_loss,
+};
 use crate::module::{Module, Scope};
 use crate::passes::dead_code;
 use crate::spec::ModelSpec;
@@ -117,7 +120,7 @@ pub fn stage_graph(
     let mut balancing_biases = Vec::new();
     for routing in &routings {
         let load = g.within("loss", |g| expert_load(g, routing))?;
-        let name = parameter_name(g.graph(), routing.bias.id())?;
+        let name = balancing_bias_name(g.graph(), routing.bias)?;
         g.output(&format!("expert_load.{name}"), load)?;
         balancing_biases.push(name);
     }
@@ -163,16 +166,6 @@ fn vector_jacobian_seed(
     let count = g.dims(product).iter().product::<usize>();
     let flat = g.reshape(product, &[count])?;
     g.reduce(ReduceOp::Sum, flat, 0, false)
-}
-
-fn parameter_name(graph: &Graph, id: NodeId) -> Result<String, GraphError> {
-    match &graph.node(id).op {
-        Op::Parameter { name, .. } => Ok(name.clone()),
-        other => Err(GraphError::InvalidRequest(format!(
-            "a routing's balancing bias must be a parameter, not `{}`",
-            other.name()
-        ))),
-    }
 }
 
 /// Which nodes `root` depends on (itself included).
