@@ -2,6 +2,8 @@
 //! Loss-Free Load Balancing Strategy for Mixture-of-Experts"): after each step, every routed
 //! expert's selection bias moves by `gamma` against its load relative to the mean.
 
+use std::collections::BTreeMap;
+
 use super::{OptimError, non_negative};
 
 /// Updates one MoE layer's balancing bias (`mlp.gate.e_score_correction_bias`) from the loads of
@@ -45,6 +47,21 @@ pub fn update_balancing_bias(
         }
     }
     Ok(())
+}
+
+/// Adds `load` (tokens routed to each expert of the layer whose balancing bias is `bias`, from
+/// one micro-batch or one rank) to that layer's running sums in `sums`, in f64.
+pub fn add_expert_load(
+    sums: &mut BTreeMap<String, Vec<f64>>,
+    bias: &str,
+    load: impl ExactSizeIterator<Item = f64>,
+) {
+    let sum = sums
+        .entry(bias.to_owned())
+        .or_insert_with(|| vec![0.0; load.len()]);
+    for (s, l) in sum.iter_mut().zip(load) {
+        *s += l;
+    }
 }
 
 /// Tokens routed to each expert of one MoE layer, for the bias update and for logging.

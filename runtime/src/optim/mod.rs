@@ -18,7 +18,7 @@ mod schedule;
 mod store;
 
 pub use adamw::AdamW;
-pub use balance::{LoadStats, update_balancing_bias};
+pub use balance::{LoadStats, add_expert_load, update_balancing_bias};
 pub use config::{AdamWConfig, MomentPrecision, decays, is_balancing_bias};
 pub use grads::{accumulate, accumulate_owned, clip_global_norm, global_norm};
 pub use schedule::LrSchedule;

@@ -3,6 +3,7 @@
 use super::comm::CommError;
 use super::fault::Fault;
 use crate::exec::ExecError;
+use crate::optim::OptimError;
 use fathom_compiler::GraphError;
 use fathom_compiler::partition::Phase;
 use thiserror::Error;
@@ -45,6 +46,8 @@ pub enum RankFailure {
     Exec(Box<ExecError>),
     #[error("{0}")]
     Schedule(String),
+    #[error(transparent)]
+    Gradients(#[from] OptimError),
     #[error("injected failure ({})", Fault::ENV)]
     Injected,
     #[error("abandoned: another rank failed first")]

@@ -15,7 +15,7 @@ use fathom_compiler::precision::{PrecisionPolicy, apply_precision};
 use fathom_compiler::spec::ModelSpec;
 
 use crate::exec::{Backend, Executable};
-use crate::optim::Grads;
+use crate::optim::{Grads, add_expert_load};
 use crate::tensor::HostTensor;
 use crate::weights::Weights;
 
@@ -359,10 +359,7 @@ impl Pipeline {
             clocks.push(result.clock);
             grads.extend(result.grads);
             for (bias, load) in result.loads {
-                let sum = loads.entry(bias).or_insert_with(|| vec![0.0; load.len()]);
-                for (s, l) in sum.iter_mut().zip(load) {
-                    *s += l;
-                }
+                add_expert_load(&mut loads, &bias, load.into_iter());
             }
             for (mb, values) in result.losses {
                 for (name, value) in values {

@@ -10,7 +10,7 @@ use fathom_compiler::partition::{Phase, names};
 use fathom_compiler::pipeline::{Chunk, Message, Payload, ScheduleOp};
 
 use crate::interp::Feeds;
-use crate::optim::Grads;
+use crate::optim::{Grads, accumulate_owned, add_expert_load};
 use crate::tensor::{Data, HostTensor};
 use crate::weights::Weights;
 
@@ -243,14 +243,8 @@ impl<'a> RankWorker<'a> {
                 };
                 self.mailbox.insert(msg, tensor);
             } else if let Some(bias) = name.strip_prefix("expert_load.") {
-                let load = floats(&tensor);
-                let sum = self
-                    .loads
-                    .entry(bias.to_owned())
-                    .or_insert_with(|| vec![0.0; load.len()]);
-                for (s, &l) in sum.iter_mut().zip(load) {
-                    *s += l as f64;
-                }
+                let load = floats(&tensor).iter().map(|&l| f64::from(l));
+                add_expert_load(&mut self.loads, bias, load);
             } else if name.starts_with("loss") {
                 let value = floats(&tensor).first().copied().unwrap_or(f32::NAN);
                 *self
@@ -305,19 +299,16 @@ impl<'a> RankWorker<'a> {
         })?;
         let outputs = self.piece(c.stage, Phase::WeightGrad, &inputs)?;
         let scale = 1.0 / self.pipeline.micro_batches_per_step() as f32;
-        for (name, tensor) in outputs {
-            if let Some(param) = name.strip_prefix("grad.") {
-                let g = floats(&tensor);
-                match self.grads.get_mut(param) {
-                    Some(acc) => acc.iter_mut().zip(g).for_each(|(a, &x)| *a += scale * x),
-                    None => {
-                        self.grads
-                            .insert(param.to_owned(), g.iter().map(|&x| scale * x).collect());
-                    }
-                }
-            }
-        }
-        Ok(())
+        let grads: Grads = outputs
+            .into_iter()
+            .filter_map(
+                |(name, tensor)| match (name.strip_prefix("grad."), tensor.data) {
+                    (Some(param), Data::Float(g)) => Some((param.to_owned(), g)),
+                    _ => None,
+                },
+            )
+            .collect();
+        Ok(accumulate_owned(&mut self.grads, grads, scale)?)
     }
 
     fn held_mut(&mut self, c: Chunk) -> Result<&mut BTreeMap<String, HostTensor>, RankFailure> {
@@ -375,9 +366,7 @@ impl<'a> RankWorker<'a> {
     }
 }
 
+/// A tensor's f32 values; none for an integer or bool tensor.
 pub(super) fn floats(tensor: &HostTensor) -> &[f32] {
-    match &tensor.data {
-        Data::Float(values) => values,
-        _ => &[],
-    }
+    tensor.as_f32().unwrap_or_default()
 }

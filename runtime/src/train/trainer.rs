@@ -12,7 +12,8 @@ use crate::data::Batches;
 use crate::exec::Executable;
 use crate::interp::Feeds;
 use crate::optim::{
-    AdamW, Grads, LoadStats, accumulate_owned, clip_global_norm, update_balancing_bias,
+    AdamW, Grads, LoadStats, accumulate_owned, add_expert_load, clip_global_norm,
+    update_balancing_bias,
 };
 use crate::parallel::{Pipeline, PipelineError, PipelineRun};
 use crate::tensor::{Data, HostTensor};
@@ -273,12 +274,7 @@ impl Trainer {
                     accumulate_owned(&mut grads, micro_grads, scale as f32)?;
                     for bias in &self.program.balancing_biases {
                         let load = take_floats(&mut outputs, &format!("expert_load.{bias}"));
-                        let sum = loads
-                            .entry(bias.clone())
-                            .or_insert_with(|| vec![0.0; load.len()]);
-                        for (s, l) in sum.iter_mut().zip(load) {
-                            *s += l as f64;
-                        }
+                        add_expert_load(&mut loads, bias, load.into_iter().map(f64::from));
                     }
                 }
             }
