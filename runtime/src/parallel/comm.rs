@@ -130,12 +130,25 @@ pub trait Comm: Send {
         key: &str,
         parts: Vec<HostTensor>,
     ) -> Result<Vec<HostTensor>, CommError> {
-        let (me, world) = (self.rank(), self.world());
-        if parts.len() != world {
+        let everyone: Vec<usize> = (0..self.world()).collect();
+        self.all_to_all_in(&everyone, key, parts)
+    }
+
+    /// [`Comm::all_to_all`] among the ranks of `group` (this one included, every member
+    /// listing the same group): `parts[i]` goes to `group[i]`, and the result holds what each
+    /// member sent here, in group order.
+    fn all_to_all_in(
+        &mut self,
+        group: &[usize],
+        key: &str,
+        parts: Vec<HostTensor>,
+    ) -> Result<Vec<HostTensor>, CommError> {
+        let me = self.rank();
+        if parts.len() != group.len() || !group.contains(&me) {
             return Err(CommError::Mismatch {
                 rank: me,
                 what: format!(
-                    "all-to-all `{key}` got {} parts for {world} ranks",
+                    "all-to-all `{key}` got {} parts for the group {group:?}",
                     parts.len()
                 ),
             });
@@ -145,15 +158,15 @@ pub trait Comm: Send {
             round: 0,
         };
         let mut own = None;
-        for (peer, part) in parts.into_iter().enumerate() {
+        for (&peer, part) in group.iter().zip(parts) {
             if peer == me {
                 own = Some(part);
             } else {
                 self.send(peer, tag.clone(), part)?;
             }
         }
-        let mut received = Vec::with_capacity(world);
-        for peer in 0..world {
+        let mut received = Vec::with_capacity(group.len());
+        for &peer in group {
             received.push(match peer == me {
                 true => own.take().expect("one part is this rank's"),
                 false => self.recv(peer, &tag)?,

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::tensor::{Data, HostTensor};
 
-use super::comm::{Comm, Tag, ThreadComm};
+use super::comm::{Comm, ThreadComm};
 
 /// A rank's view of its expert-parallel group.
 pub trait ExpertExchange: Sync {
@@ -146,41 +146,24 @@ impl ExpertExchange for ThreadExchange<'_> {
 
     fn all_to_all(&self, parts: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, String> {
         let round = self.counter.fetch_add(1, Ordering::SeqCst);
-        let tag = Tag::Collective {
-            key: format!("experts.{round}"),
-            round: 0,
-        };
+        let parts = parts
+            .into_iter()
+            .map(|part| HostTensor::f32([part.len()], part))
+            .collect();
         let mut comm = self
             .comm
             .lock()
             .map_err(|_| "the rank's channel is poisoned")?;
-        let mut own = Vec::new();
-        for (q, part) in parts.into_iter().enumerate() {
-            if q == self.member {
-                own = part;
-            } else {
-                let tensor = HostTensor::f32([part.len()], part);
-                comm.send(self.group[q], tag.clone(), tensor)
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        let mut received = Vec::with_capacity(self.group.len());
-        for (q, &peer) in self.group.iter().enumerate() {
-            if q == self.member {
-                received.push(std::mem::take(&mut own));
-                continue;
-            }
-            let tensor = comm.recv(peer, &tag).map_err(|e| e.to_string())?;
-            match tensor.data {
-                Data::Float(values) => received.push(values),
-                _ => {
-                    return Err(format!(
-                        "rank {peer} sent an expert message that is not f32"
-                    ));
-                }
-            }
-        }
-        Ok(received)
+        let received = comm
+            .all_to_all_in(self.group, &format!("experts.{round}"), parts)
+            .map_err(|e| e.to_string())?;
+        received
+            .into_iter()
+            .map(|tensor| match tensor.data {
+                Data::Float(values) => Ok(values),
+                _ => Err("an expert message that is not f32".to_owned()),
+            })
+            .collect()
     }
 }
 
