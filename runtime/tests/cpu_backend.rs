@@ -7,22 +7,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::FixtureStep;
+
 use std::collections::HashMap;
 
 use fathom_compiler::lower::lower;
 use fathom_compiler::model::LossWeights;
-use fathom_compiler::training::training_graph;
 use fathom_runtime::HostTensor;
 use fathom_runtime::cpu::CpuProgram;
 use fathom_runtime::interp::{Feeds, evaluate};
-use fathom_runtime::pretrained::Pretrained;
-use fathom_runtime::weights::read_safetensors;
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
 
 fn relative(got: &[f32], want: &[f32]) -> f64 {
     let max_ref = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
@@ -40,13 +35,11 @@ fn relative(got: &[f32], want: &[f32]) -> f64 {
 #[test]
 fn training_graphs_run_compiled_like_the_interpreter() {
     for name in ["moe_grouped", "yarn_ramp", "shared2_dense2", "no_q_lora"] {
-        let dir = fixture(name);
-        let model = Pretrained::load(&dir).unwrap();
-        let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
-        let ids = reference.get("input_ids").unwrap().clone();
-        let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
-        let train = training_graph(&model.spec, batch, seq, LossWeights::deepseek_v3()).unwrap();
-        let inputs: HashMap<&str, HostTensor> = HashMap::from([("input_ids", ids)]);
+        let FixtureStep {
+            model,
+            train,
+            inputs,
+        } = FixtureStep::load(name, LossWeights::deepseek_v3());
         let feeds = Feeds::new(&inputs, &model.weights);
         let expected = evaluate(&train.graph, &feeds).unwrap();
         let program = lower(&train.graph).unwrap();
@@ -87,13 +80,11 @@ fn training_graphs_run_compiled_like_the_interpreter() {
 /// recycled storage gives bit-identical results.
 #[test]
 fn outputs_sharing_a_buffer_and_recycled_storage() {
-    let dir = fixture("moe_grouped");
-    let model = Pretrained::load(&dir).unwrap();
-    let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
-    let ids = reference.get("input_ids").unwrap().clone();
-    let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
-    let train = training_graph(&model.spec, batch, seq, LossWeights::next_token_only()).unwrap();
-    let inputs: HashMap<&str, HostTensor> = HashMap::from([("input_ids", ids)]);
+    let FixtureStep {
+        model,
+        train,
+        inputs,
+    } = FixtureStep::load("moe_grouped", LossWeights::next_token_only());
     let feeds = Feeds::new(&inputs, &model.weights);
     let expected = evaluate(&train.graph, &feeds).unwrap();
     let program = CpuProgram::new(lower(&train.graph).unwrap());
@@ -257,12 +248,11 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
     use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
     use fathom_compiler::spec::Fp8Spec;
 
-    let dir = fixture("moe_grouped");
-    let model = Pretrained::load(&dir).unwrap();
-    let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
-    let ids = reference.get("input_ids").unwrap().clone();
-    let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
-    let train = training_graph(&model.spec, batch, seq, LossWeights::deepseek_v3()).unwrap();
+    let FixtureStep {
+        model,
+        train,
+        inputs,
+    } = FixtureStep::load("moe_grouped", LossWeights::deepseek_v3());
     let tiling = Fp8Spec {
         activation_tile: 4,
         weight_block: 4,
@@ -279,7 +269,6 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
         .filter(|n| n.op.name() == "quantize_dequantize")
         .count();
     assert!(quantized > 50, "{quantized} quantize nodes");
-    let inputs: HashMap<&str, HostTensor> = HashMap::from([("input_ids", ids)]);
     let feeds = Feeds::new(&inputs, &model.weights);
     let expected = evaluate(&graph, &feeds).unwrap();
     let compiled = CpuProgram::new(lower(&graph).unwrap()).run(&feeds).unwrap();

@@ -9,7 +9,7 @@
 //! relative here. 1e-4 leaves room for that and still fails on any semantic difference (a wrong
 //! RoPE pairing or routing choice moves logits by 1e-2 or more).
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use std::collections::HashMap;
 
@@ -20,6 +20,8 @@ use fathom_runtime::exec::Backend;
 use fathom_runtime::interp::{Feeds, evaluate};
 use fathom_runtime::pretrained::Pretrained;
 use fathom_runtime::weights::read_safetensors;
+
+use common::fixture;
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -39,12 +41,6 @@ fn load_with_reference(name: &str) -> (Pretrained, fathom_runtime::weights::Weig
     let model = Pretrained::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     let reference = read_safetensors(&dir.join("reference.safetensors")).expect("reference loads");
     (model, reference)
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
 }
 
 /// Loads the fixture, runs its reference batch on `backend`, and returns max|diff| / max|ref|.

@@ -6,34 +6,25 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
+mod common;
+
+use common::FixtureStep;
 
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::passes::{RecomputePolicy, recompute};
-use fathom_compiler::training::training_graph;
 use fathom_runtime::HostTensor;
 use fathom_runtime::cpu::CpuProgram;
 use fathom_runtime::interp::{Feeds, evaluate};
-use fathom_runtime::pretrained::Pretrained;
-use fathom_runtime::weights::read_safetensors;
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
 
 #[test]
 fn recomputed_training_steps_give_identical_losses_and_gradients() {
     for name in ["moe_grouped", "no_q_lora"] {
-        let dir = fixture(name);
-        let model = Pretrained::load(&dir).unwrap();
-        let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
-        let ids = reference.get("input_ids").unwrap().clone();
-        let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
-        let train = training_graph(&model.spec, batch, seq, LossWeights::deepseek_v3()).unwrap();
-        let inputs: HashMap<&str, HostTensor> = HashMap::from([("input_ids", ids)]);
+        let FixtureStep {
+            model,
+            train,
+            inputs,
+        } = FixtureStep::load(name, LossWeights::deepseek_v3());
         let feeds = Feeds::new(&inputs, &model.weights);
 
         let recomputed = recompute(&train.graph, RecomputePolicy::DeepSeekV3);
