@@ -46,14 +46,11 @@ fn run_rows(nest: &LoopNest, buffers: &mut [Storage<'_>], outer: &[usize], inner
         match stmt {
             Stmt::Reduce { row, op, value } => {
                 let values = eval(value, buffers, outer, inner, &rows);
+                let sum = || fold_row(&values, -0.0, |s, v| s + f64::from(v), |a, b| a + b);
                 let r = match op {
-                    ReduceOp::Sum => values.iter().map(|&v| f64::from(v)).sum::<f64>() as f32,
-                    ReduceOp::Mean => {
-                        (values.iter().map(|&v| f64::from(v)).sum::<f64>() / inner as f64) as f32
-                    }
-                    ReduceOp::Max => values.iter().copied().fold(f32::NEG_INFINITY, |m, v| {
-                        if v > m || v.is_nan() { v } else { m }
-                    }),
+                    ReduceOp::Sum => sum() as f32,
+                    ReduceOp::Mean => (sum() / inner as f64) as f32,
+                    ReduceOp::Max => fold_row(&values, f32::NEG_INFINITY, max_step, max_step),
                 };
                 if rows.len() <= *row {
                     rows.resize(row + 1, 0.0);
@@ -75,6 +72,42 @@ fn run_rows(nest: &LoopNest, buffers: &mut [Storage<'_>], outer: &[usize], inner
             }
         }
     }
+}
+
+/// Rows at least this long are reduced in four interleaved lanes (see [`fold_row`]).
+pub(super) const LANE_SPLIT_MIN: usize = 8;
+
+/// Folds a row in the order every row reduction of the CPU backend uses, the compiled kernels
+/// included (`jit::codegen` emits exactly this): rows shorter than [`LANE_SPLIT_MIN`] one
+/// element after another; longer ones with element `j < 4⌊n/4⌋` folded into lane `j mod 4`
+/// (each lane starting at `init`), the lanes combined as `(l0 ∘ l1) ∘ (l2 ∘ l3)`, then the
+/// last `n mod 4` elements one after another. Four independent accumulators let the compiled
+/// loop overlap the latency of its additions, which a single chain of dependent f64 additions
+/// made the bound of the softmax and loss kernels; the order stays fixed, so results do not
+/// depend on the code path or on how rows are split across threads.
+pub(super) fn fold_row<A: Copy>(
+    values: &[f32],
+    init: A,
+    step: impl Fn(A, f32) -> A,
+    combine: impl Fn(A, A) -> A,
+) -> A {
+    if values.len() < LANE_SPLIT_MIN {
+        return values.iter().fold(init, |acc, &v| step(acc, v));
+    }
+    let split = values.len() / 4 * 4;
+    let mut lanes = [init; 4];
+    for quad in values[..split].chunks_exact(4) {
+        for (lane, &v) in lanes.iter_mut().zip(quad) {
+            *lane = step(*lane, v);
+        }
+    }
+    let combined = combine(combine(lanes[0], lanes[1]), combine(lanes[2], lanes[3]));
+    values[split..].iter().fold(combined, |acc, &v| step(acc, v))
+}
+
+/// One step of a max reduction: `v` replaces `m` when greater or NaN (so NaN propagates).
+pub(super) fn max_step(m: f32, v: f32) -> f32 {
+    if v > m || v.is_nan() { v } else { m }
 }
 
 /// `expr` at every inner index of the row.
@@ -195,5 +228,22 @@ pub(super) fn compare(op: CompareOp, x: f32, y: f32) -> bool {
         CompareOp::Le => x <= y,
         CompareOp::Gt => x > y,
         CompareOp::Ge => x >= y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fold_row;
+
+    /// The order is observable with a combine that is not associative: lanes of two ones
+    /// each (2), combined as (2·10 + 2)·10 + (2·10 + 2) = 242, then the tail of one element.
+    #[test]
+    fn rows_fold_in_four_lanes_then_the_tail() {
+        let step = |acc: f64, v: f32| acc + f64::from(v);
+        let combine = |a: f64, b: f64| a * 10.0 + b;
+        assert_eq!(fold_row(&[1.0; 8], 0.0, step, combine), 242.0);
+        assert_eq!(fold_row(&[1.0; 9], 0.0, step, combine), 243.0);
+        // Below eight elements: one chain, no combining.
+        assert_eq!(fold_row(&[1.0; 7], 0.0, step, combine), 7.0);
     }
 }

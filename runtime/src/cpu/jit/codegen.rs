@@ -12,8 +12,8 @@
 //!       inner loop: 4 lanes at a time then a scalar tail, or one element at a time
 //! ```
 //!
-//! Reductions are folded one element at a time in index order even when the values come four
-//! at a time, so their results are the reference's bit for bit.
+//! Reductions follow the reference's fixed order (`loops::fold_row`: four interleaved lane
+//! accumulators, then the tail), so their results are the reference's bit for bit.
 
 use std::collections::HashMap;
 
@@ -29,7 +29,9 @@ use fathom_compiler::graph::ReduceOp;
 use fathom_compiler::kernel::{BufferId, Expr, LoopNest, Stmt, View};
 
 use super::JitError;
+use super::emit::little_endian;
 use super::intrinsics::Intrinsic;
+use crate::cpu::loops::LANE_SPLIT_MIN;
 use super::plan::{self, NestPlan};
 
 /// Below this inner extent a statement runs one element at a time: four lanes save little
@@ -222,20 +224,17 @@ impl<'n> Emitter<'_, 'n> {
             Stmt::Reduce { row, op, value } => {
                 let lanes = self.lanes_for(value, None);
                 self.hoist(value, lanes);
-                let init = match op {
-                    ReduceOp::Sum | ReduceOp::Mean => self.b.ins().f64const(-0.0),
-                    ReduceOp::Max => self.b.ins().f32const(f32::NEG_INFINITY),
+                let acc = if self.plan.inner >= LANE_SPLIT_MIN {
+                    self.reduce_in_lanes(*op, value, lanes)
+                } else {
+                    let init = self.reduce_init(*op);
+                    let acc = self.inner_loop(lanes, Some(init), |e, lanes, j, acc| {
+                        let v = e.expr(value, lanes, j);
+                        let acc = acc.expect("a reduction carries its accumulator");
+                        Some(e.fold(*op, acc, v, lanes))
+                    });
+                    acc.expect("a reduction carries its accumulator")
                 };
-                let acc = self.inner_loop(lanes, Some(init), |e, lanes, j, acc| {
-                    let v = e.expr(value, lanes, j);
-                    Some(e.fold(
-                        *op,
-                        acc.expect("a reduction carries its accumulator"),
-                        v,
-                        lanes,
-                    ))
-                });
-                let acc = acc.expect("a reduction carries its accumulator");
                 let result = match op {
                     ReduceOp::Sum => self.b.ins().fdemote(types::F32, acc),
                     ReduceOp::Mean => {
@@ -333,34 +332,144 @@ impl<'n> Emitter<'_, 'n> {
             Lanes::One => (0, 1),
         };
         if looped > 0 {
-            // A loop with its test at the bottom: the trip count is known to be at least one.
-            let acc_type = acc.map(|a| self.b.func.dfg.value_type(a));
-            let body_block = self.b.create_block();
-            let j = self.b.append_block_param(body_block, types::I64);
-            let acc_in = acc_type.map(|t| self.b.append_block_param(body_block, t));
-            let exit = self.b.create_block();
-            let acc_out = acc_type.map(|t| self.b.append_block_param(exit, t));
-            let zero = self.b.ins().iconst(types::I64, 0);
-            self.b.ins().jump(body_block, &args(zero, acc));
-
-            self.b.switch_to_block(body_block);
-            self.loads.clear();
-            let next_acc = body(self, lanes, Index::At(j), acc_in);
-            let next = self.b.ins().iadd_imm_s(j, step);
-            let more = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, next, looped);
-            let exit_args: Vec<BlockArg> = next_acc.iter().map(|&a| a.into()).collect();
-            self.b
-                .ins()
-                .brif(more, body_block, &args(next, next_acc), exit, &exit_args);
-
-            self.b.switch_to_block(exit);
-            acc = acc_out;
+            let accs: Vec<Value> = acc.into_iter().collect();
+            let out = self.counted_loop(looped, step, accs, |e, j, accs| {
+                e.loads.clear();
+                body(e, lanes, Index::At(j), accs.first().copied())
+                    .into_iter()
+                    .collect()
+            });
+            acc = out.first().copied();
         }
         for k in looped..n {
             self.loads.clear();
             acc = body(self, Lanes::One, Index::Fixed(k), acc);
         }
         acc
+    }
+
+    /// Emits `for j in (0..end).step_by(step)` (`end` a positive multiple of `step`), threading
+    /// the accumulators `accs` through `body`; returns their values after the loop.
+    fn counted_loop(
+        &mut self,
+        end: i64,
+        step: i64,
+        accs: Vec<Value>,
+        mut body: impl FnMut(&mut Self, Value, &[Value]) -> Vec<Value>,
+    ) -> Vec<Value> {
+        // A loop with its test at the bottom: the trip count is known to be at least one.
+        let acc_types: Vec<Type> = accs
+            .iter()
+            .map(|&a| self.b.func.dfg.value_type(a))
+            .collect();
+        let body_block = self.b.create_block();
+        let j = self.b.append_block_param(body_block, types::I64);
+        let acc_in: Vec<Value> = acc_types
+            .iter()
+            .map(|&t| self.b.append_block_param(body_block, t))
+            .collect();
+        let exit = self.b.create_block();
+        let acc_out: Vec<Value> = acc_types
+            .iter()
+            .map(|&t| self.b.append_block_param(exit, t))
+            .collect();
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.ins().jump(body_block, &args(zero, &accs));
+
+        self.b.switch_to_block(body_block);
+        let next_accs = body(self, j, &acc_in);
+        let next = self.b.ins().iadd_imm_s(j, step);
+        let more = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, next, end);
+        let exit_args: Vec<BlockArg> = next_accs.iter().map(|&a| a.into()).collect();
+        self.b
+            .ins()
+            .brif(more, body_block, &args(next, &next_accs), exit, &exit_args);
+
+        self.b.switch_to_block(exit);
+        acc_out
+    }
+
+    /// A reduction's starting value: −0.0 in f64 for sums (so an all −0.0 row sums to −0.0),
+    /// −∞ in f32 for a max.
+    fn reduce_init(&mut self, op: ReduceOp) -> Value {
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => self.b.ins().f64const(-0.0),
+            ReduceOp::Max => self.b.ins().f32const(f32::NEG_INFINITY),
+        }
+    }
+
+    /// A row of at least `LANE_SPLIT_MIN` elements reduced in the reference's order
+    /// (`loops::fold_row`): four lane accumulators over the first 4⌊n/4⌋ elements, combined
+    /// as (l0 ∘ l1) ∘ (l2 ∘ l3), then the tail in order. Four lanes of a max stay in one
+    /// vector; sums widen each lane to f64 in an accumulator of its own.
+    fn reduce_in_lanes(&mut self, op: ReduceOp, value: &'n Expr, lanes: Lanes) -> Value {
+        let n = self.plan.inner as i64;
+        let split = n / 4 * 4;
+        let init = self.reduce_init(op);
+        let vector_max = lanes == Lanes::Four && op == ReduceOp::Max;
+        let accs = if vector_max {
+            vec![self.b.ins().splat(types::F32X4, init)]
+        } else {
+            vec![init; 4]
+        };
+        let accs = self.counted_loop(split, 4, accs, |e, j, accs| match lanes {
+            Lanes::Four => {
+                e.loads.clear();
+                let v = e.expr(value, Lanes::Four, Index::At(j));
+                if vector_max {
+                    vec![e.max4(accs[0], v)]
+                } else {
+                    (0..4u8)
+                        .map(|lane| {
+                            let x = e.b.ins().extractlane(v, lane);
+                            e.fold_one(op, accs[usize::from(lane)], x)
+                        })
+                        .collect()
+                }
+            }
+            Lanes::One => (0..4)
+                .map(|lane| {
+                    e.loads.clear();
+                    let at = if lane == 0 { j } else { e.b.ins().iadd_imm_s(j, lane) };
+                    let x = e.expr(value, Lanes::One, Index::At(at));
+                    e.fold_one(op, accs[lane as usize], x)
+                })
+                .collect(),
+        });
+        let lane_values: Vec<Value> = if vector_max {
+            (0..4u8)
+                .map(|lane| self.b.ins().extractlane(accs[0], lane))
+                .collect()
+        } else {
+            accs
+        };
+        let low = self.combine(op, lane_values[0], lane_values[1]);
+        let high = self.combine(op, lane_values[2], lane_values[3]);
+        let mut acc = self.combine(op, low, high);
+        for k in split..n {
+            self.loads.clear();
+            let x = self.expr(value, Lanes::One, Index::Fixed(k));
+            acc = self.fold_one(op, acc, x);
+        }
+        acc
+    }
+
+    /// Two partial results of a reduction combined (`b` folded into `a`).
+    fn combine(&mut self, op: ReduceOp, a: Value, b: Value) -> Value {
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => self.b.ins().fadd(a, b),
+            ReduceOp::Max => self.fold_one(op, a, b),
+        }
+    }
+
+    /// Four lanes of `loops::max_step`: each lane of `v` replaces the accumulator's when
+    /// greater or NaN.
+    fn max4(&mut self, acc: Value, v: Value) -> Value {
+        let greater = self.b.ins().fcmp(FloatCC::GreaterThan, v, acc);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, v, v);
+        let take = self.b.ins().bor(greater, nan);
+        let mask = self.b.ins().bitcast(types::F32X4, little_endian(), take);
+        self.b.ins().bitselect(mask, v, acc)
     }
 
     /// Folds the element(s) `v` into a reduction's accumulator, in index order.
@@ -433,9 +542,9 @@ fn base_key(view: &View, outer_rank: usize) -> BaseKey<'_> {
     (view.buffer, view.offset, &view.strides[..outer_rank])
 }
 
-fn args(first: Value, rest: Option<Value>) -> Vec<BlockArg> {
+fn args(first: Value, rest: &[Value]) -> Vec<BlockArg> {
     std::iter::once(first)
-        .chain(rest)
+        .chain(rest.iter().copied())
         .map(BlockArg::from)
         .collect()
 }

@@ -325,6 +325,6 @@ fn float_cc(op: CompareOp) -> FloatCC {
 }
 
 /// Flags of a bitcast between vector types (their lane order must be stated).
-fn little_endian() -> MemFlagsData {
+pub(super) fn little_endian() -> MemFlagsData {
     MemFlagsData::new().with_endianness(Endianness::Little)
 }
