@@ -608,3 +608,14 @@ fn quantize_dequantize_is_straight_through() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn cross_entropy_with_an_ignored_row() -> TestResult {
+    // Rows 0, 1 and 3 count (row 3's label is the last index); row 2 is ignored, so its
+    // logits get exactly zero gradient (checked against the finite difference, also zero).
+    let feeds = vec![
+        ("logits", signed(56, &[2, 2, 5])),
+        ("labels", ids(&[2, 2], &[1, 0, -1, 4])),
+    ];
+    grad_check("cross_entropy", feeds, |g, t| g.cross_entropy(t[0], t[1])).map(drop)
+}

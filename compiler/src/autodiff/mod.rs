@@ -205,6 +205,9 @@ fn flows_through(op: &Op, k: usize) -> bool {
         Op::Compare(_) | Op::TopK { .. } | Op::OneHot { .. } => false,
         Op::Select => k > 0,
         Op::Gather | Op::TakeAlong { .. } | Op::IndexAdd { .. } => k == 0,
+        Op::CrossEntropy => k == 0,
+        // Into the logits and the cotangent; differentiating it is refused by `rule`.
+        Op::CrossEntropyGrad => k != 1,
         Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => k < 2,
         Op::Cast { .. } => true, // both types are checked to be float by `active_nodes`
         Op::QuantizeDequantize { .. } => true, // straight through
@@ -284,6 +287,15 @@ fn rule(g: &mut GraphBuilder, a: &Adjoint<'_>) -> Result<Vec<Option<Tensor>>, Gr
         Op::Gather => indexing::gather(g, a),
         Op::IndexAdd { .. } => indexing::index_add(g, a),
         Op::TakeAlong { axis } => indexing::take_along(g, *axis, a),
+        Op::CrossEntropy => {
+            let (logits, labels) = (a.inputs[0], a.inputs[1]);
+            Ok(vec![Some(g.cross_entropy_grad(logits, labels, a.cot)?), None])
+        }
+        Op::CrossEntropyGrad => Err(GraphError::InvalidRequest(
+            "second derivatives of cross_entropy are not supported (its gradient, \
+             cross_entropy_grad, has no derivative rule)"
+                .into(),
+        )),
         Op::Input { .. }
         | Op::Parameter { .. }
         | Op::Constant(_)

@@ -364,6 +364,20 @@ impl GraphBuilder {
         self.push(Op::TakeAlong { axis }, &[x, indices], None)
     }
 
+    /// The cross-entropy of every row of `logits` against `labels` (see [`Op::CrossEntropy`]).
+    pub fn cross_entropy(&mut self, logits: Tensor, labels: Tensor) -> Result<Tensor, GraphError> {
+        self.push(Op::CrossEntropy, &[logits, labels], None)
+    }
+
+    pub fn cross_entropy_grad(
+        &mut self,
+        logits: Tensor,
+        labels: Tensor,
+        cotangent: Tensor,
+    ) -> Result<Tensor, GraphError> {
+        self.push(Op::CrossEntropyGrad, &[logits, labels, cotangent], None)
+    }
+
     pub fn top_k(&mut self, x: Tensor, k: usize) -> Result<Tensor, GraphError> {
         self.push(Op::TopK { k }, &[x], None)
     }

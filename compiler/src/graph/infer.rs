@@ -235,6 +235,20 @@ pub fn infer_type(
             }
             Ok(x.clone())
         }
+        Op::CrossEntropy => {
+            let (logits, labels) = (operands[0], operands[1]);
+            cross_entropy_rows(logits, labels)
+        }
+        Op::CrossEntropyGrad => {
+            let (logits, labels, cotangent) = (operands[0], operands[1], operands[2]);
+            let rows = cross_entropy_rows(logits, labels)?;
+            if *cotangent != rows {
+                return Err(format!(
+                    "the cotangent {cotangent} must have the loss rows' type {rows}"
+                ));
+            }
+            Ok(logits.clone())
+        }
         Op::Stack => {
             let first = operands[0];
             if let Some(other) = operands.iter().find(|t| **t != first) {
@@ -253,6 +267,25 @@ fn float(t: &TensorType, what: &str) -> Result<(), String> {
     } else {
         Err(format!("{what} must be floating point, got {t}"))
     }
+}
+
+/// The per-row loss type of a cross-entropy: the logits without their last (vocabulary) axis,
+/// which the labels' shape must be.
+fn cross_entropy_rows(logits: &TensorType, labels: &TensorType) -> Result<TensorType, String> {
+    float(logits, "logits")?;
+    integer(labels, "labels")?;
+    let Some((&vocab, rows)) = logits.dims().split_last() else {
+        return Err(format!("logits {logits} need a vocabulary axis"));
+    };
+    if vocab == 0 {
+        return Err(format!("logits {logits} have an empty vocabulary axis"));
+    }
+    if labels.dims() != rows {
+        return Err(format!(
+            "labels {labels} must have the logits' shape without its last axis ({logits})"
+        ));
+    }
+    Ok(TensorType::new(logits.dtype, rows.to_vec()))
 }
 
 fn integer(t: &TensorType, what: &str) -> Result<(), String> {

@@ -175,6 +175,17 @@ pub enum Op {
         tile_cols: usize,
         pow2_scales: bool,
     },
+    /// `[logits (..., vocab), labels (integer, ...)]` -> `(...)` of the logits' type: the
+    /// cross-entropy of every row, `log Σ_v exp(logits[v] − m) − (logits[label] − m)` with `m`
+    /// the row's max. A row whose label is negative is ignored (0, and no gradient), as
+    /// PyTorch's `ignore_index` does. One op rather than a chain of primitives because the
+    /// chain materialises several vocabulary-wide tensors (and a one-hot matrix in backward)
+    /// that one pass over each row avoids; the row values stay in cache.
+    CrossEntropy,
+    /// `[logits (..., vocab), labels (integer, ...), cotangent (...)]` -> the logits' type: the
+    /// gradient of [`Op::CrossEntropy`], `(softmax(logits) − onehot(label)) · cotangent` per
+    /// row, 0 for rows with a negative label. Emitted by autodiff.
+    CrossEntropyGrad,
 }
 
 fn yes() -> bool {
@@ -240,6 +251,8 @@ impl Op {
             Op::Stack => "stack",
             Op::GroupedMatMulWeightGrad { .. } => "grouped_matmul_weight_grad",
             Op::QuantizeDequantize { .. } => "quantize_dequantize",
+            Op::CrossEntropy => "cross_entropy",
+            Op::CrossEntropyGrad => "cross_entropy_grad",
         }
     }
 
@@ -262,8 +275,12 @@ impl Op {
             | Op::MatMul
             | Op::Gather
             | Op::IndexAdd { .. }
-            | Op::TakeAlong { .. } => Some(2),
-            Op::Select | Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => Some(3),
+            | Op::TakeAlong { .. }
+            | Op::CrossEntropy => Some(2),
+            Op::Select
+            | Op::GroupedMatMul
+            | Op::GroupedMatMulWeightGrad { .. }
+            | Op::CrossEntropyGrad => Some(3),
             Op::Concat { .. } | Op::Stack => None,
         }
     }

@@ -1,6 +1,8 @@
 //! The lowering pass proper: materialisation decisions, then one kernel per materialised node
 //! in graph order, with inlined producers and fused row reductions.
 
+mod cross_entropy;
+
 use crate::graph::{Graph, NodeId, Op};
 use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt};
 
@@ -100,7 +102,7 @@ impl<'g> Lowering<'g> {
                 )
             };
             self.materialise[i] = match self.classes[i] {
-                Class::Leaf | Class::Library | Class::Assemble => true,
+                Class::Leaf | Class::Library | Class::Assemble | Class::CrossEntropy => true,
                 Class::Scalar => false,
                 // Computed once, then read by several users or by one that needs memory.
                 Class::Elementwise | Class::Reduce => users.len() != 1 || !inlinable_by(&users[0]),
@@ -176,6 +178,7 @@ impl<'g> Lowering<'g> {
             Class::Scalar => {}
             Class::Library => self.emit_library(id)?,
             Class::Assemble => self.emit_assemble(id)?,
+            Class::CrossEntropy => self.emit_cross_entropy(id)?,
         }
         Ok(())
     }

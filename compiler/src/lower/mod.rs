@@ -55,6 +55,8 @@ enum Class {
     Library,
     /// Concat and stack: several loop nests writing parts of one buffer.
     Assemble,
+    /// A cross-entropy or its gradient: a loop nest of its own over the logits' rows.
+    CrossEntropy,
 }
 
 fn class(op: &Op, numel: usize) -> Class {
@@ -79,6 +81,7 @@ fn class(op: &Op, numel: usize) -> Class {
         | Op::GroupedMatMulWeightGrad { .. }
         | Op::QuantizeDequantize { .. } => Class::Library,
         Op::Concat { .. } | Op::Stack => Class::Assemble,
+        Op::CrossEntropy | Op::CrossEntropyGrad => Class::CrossEntropy,
     }
 }
 

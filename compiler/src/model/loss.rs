@@ -8,26 +8,20 @@ use crate::graph::{GraphBuilder, ReduceOp, Tensor};
 use super::moe::Routing;
 
 /// Mean cross-entropy of `logits` (`[batch, positions, vocab]`) against `labels`
-/// (`i64 [batch, positions]`), over every position: `-mean(log_softmax(logits)[label])`.
+/// (`i64 [batch, positions]`) over the rows whose label is not negative (`counted` of them):
+/// `Σ_rows (log Σ exp(logits) − logits[label]) / counted`, one fused op per row
+/// ([`GraphBuilder::cross_entropy`]).
 pub fn cross_entropy(
     g: &mut GraphBuilder,
     logits: Tensor,
     labels: Tensor,
+    counted: usize,
 ) -> Result<Tensor, GraphError> {
-    let dims = g.dims(logits).to_vec();
-    let (batch, positions, vocab) = (dims[0], dims[1], dims[2]);
-    let max = g.reduce(ReduceOp::Max, logits, 2, true)?;
-    let shifted = g.sub(logits, max)?;
-    let exp = g.exp(shifted)?;
-    let sum = g.reduce(ReduceOp::Sum, exp, 2, true)?;
-    let log_sum = g.unary(crate::graph::UnaryOp::Log, sum)?;
-    let log_probs = g.sub(shifted, log_sum)?;
-    let labels = g.reshape(labels, &[batch, positions, 1])?;
-    let picked = g.take_along(log_probs, labels, 2)?;
-    let picked = g.reshape(picked, &[batch * positions])?;
-    let mean = g.reduce(ReduceOp::Mean, picked, 0, false)?;
-    debug_assert!(vocab > 0);
-    g.neg(mean)
+    let per_row = g.cross_entropy(logits, labels)?;
+    let rows: usize = g.dims(per_row).iter().product();
+    let per_row = g.reshape(per_row, &[rows])?;
+    let total = g.reduce(ReduceOp::Sum, per_row, 0, false)?;
+    g.scale(total, 1.0 / counted.max(1) as f64)
 }
 
 /// The next-token loss, as `transformers` computes it with `labels = input_ids`: position `i`
@@ -65,14 +59,20 @@ fn shifted_loss(
             "a loss predicting {offset} token(s) ahead needs sequences longer than {offset}, got {seq}"
         )));
     }
+    let batch = g.dims(token_ids)[0];
     let positions = seq - offset;
-    let logits = if g.dims(logits)[1] == positions {
-        logits
+    let targets = g.slice(token_ids, 1, offset, seq)?;
+    let predicted = g.dims(logits)[1];
+    let labels = if predicted <= positions {
+        targets
     } else {
-        g.slice(logits, 1, 0, positions)?
+        // The last positions of the logits have no target: they are ignored (label −1)
+        // rather than sliced off, which would cost a copy of the logits and of their gradient.
+        let ignored = g.scalar(-1.0, g.dtype(token_ids))?;
+        let ignored = g.expand(ignored, &[batch, predicted - positions])?;
+        g.concat(&[targets, ignored], 1)?
     };
-    let labels = g.slice(token_ids, 1, offset, seq)?;
-    cross_entropy(g, logits, labels)
+    cross_entropy(g, logits, labels, batch * positions)
 }
 
 /// The complementary sequence-wise balance loss of one MoE layer, averaged over sequences:

@@ -5,7 +5,7 @@ use fathom_compiler::graph::Node;
 use fathom_compiler::{DType, NodeId, Op};
 
 use super::error::InterpError;
-use super::{elementwise, indexing, leaves, linalg, movement, quantize};
+use super::{elementwise, indexing, leaves, linalg, loss, movement, quantize};
 use crate::tensor::{Data, HostTensor};
 
 /// The node being evaluated: for its result type and for error messages.
@@ -123,6 +123,8 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
             linalg::grouped_matmul_weight_grad(at, *experts, x[0], x[1], x[2])
         }
         Op::Stack => movement::stack(at, x),
+        Op::CrossEntropy => loss::cross_entropy(at, x[0], x[1]),
+        Op::CrossEntropyGrad => loss::cross_entropy_grad(at, x[0], x[1], x[2]),
         Op::QuantizeDequantize {
             format,
             tile_rows,

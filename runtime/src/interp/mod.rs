@@ -35,6 +35,7 @@ mod indexing;
 mod layout;
 mod leaves;
 mod linalg;
+mod loss;
 mod movement;
 mod numeric;
 mod quantize;

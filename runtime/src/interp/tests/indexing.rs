@@ -101,3 +101,52 @@ fn one_hot_in_each_dtype() -> TestResult {
     assert_floats(&out, DType::BF16, &[2], &[0.0, 1.0]);
     Ok(())
 }
+
+#[test]
+fn cross_entropy_per_row_with_ignored_labels() -> TestResult {
+    // Row 0: logits ln 1, ln 2, ln 5 (probabilities 1/8, 2/8, 5/8), label 2: −ln(5/8).
+    // Row 1: all equal (probability 1/3 each), label 0: ln 3. Row 2 is ignored (label −1).
+    let x = f32s(
+        &[3, 3],
+        &[0.0, 2f32.ln(), 5f32.ln(), 7.0, 7.0, 7.0, 100.0, -3.0, 2.0],
+    );
+    let labels = i64s(&[3], &[2, 0, -1]);
+    let feeds = [("x", x.clone()), ("l", labels.clone())];
+    let loss = eval_one(&feeds, |g, t| g.cross_entropy(t[0], t[1]))?;
+    let expected = [-(5.0f64 / 8.0).ln(), 3f64.ln(), 0.0];
+    assert_close(&loss, &[3], &expected, 1e-6);
+
+    // The gradient: (softmax − onehot) · g, rows scaled by their cotangent, the ignored row 0.
+    let cot = f32s(&[3], &[2.0, -1.0, 5.0]);
+    let feeds = [("x", x), ("l", labels), ("g", cot)];
+    let grad = eval_one(&feeds, |g, t| g.cross_entropy_grad(t[0], t[1], t[2]))?;
+    let third = 1.0 / 3.0;
+    let expected = [
+        2.0 * 0.125,
+        2.0 * 0.25,
+        2.0 * (0.625 - 1.0),
+        -(third - 1.0),
+        -third,
+        -third,
+        0.0,
+        0.0,
+        0.0,
+    ];
+    assert_close(&grad, &[3, 3], &expected, 1e-6);
+    Ok(())
+}
+
+#[test]
+fn cross_entropy_rejects_labels_beyond_the_vocabulary() {
+    let x = f32s(&[2, 3], &[0.0; 6]);
+    let labels = i64s(&[2], &[1, 3]);
+    let error = eval_one(&[("x", x), ("l", labels)], |g, t| g.cross_entropy(t[0], t[1]))
+        .expect_err("label 3 of a vocabulary of 3");
+    assert!(error.to_string().contains("3"), "{error}");
+    // Shapes are checked when the graph is built.
+    let mut g = GraphBuilder::new("bad");
+    let logits = g.input("x", ty(DType::F32, &[2, 3])).expect("input");
+    let labels = g.input("l", ty(DType::I64, &[3])).expect("input");
+    let error = g.cross_entropy(logits, labels).expect_err("labels of the wrong shape");
+    assert!(error.to_string().contains("logits' shape"), "{error}");
+}

@@ -1,0 +1,144 @@
+//! The cross-entropy and its gradient as one loop nest each, over the logits' rows with the
+//! vocabulary innermost: the row's max, its sum of exponentials and (forward) the label's
+//! logit are per-row reductions, so each row is read from memory once and reused from cache,
+//! and nothing vocabulary-wide is stored but the gradient itself.
+//!
+//! The label's position is found by comparing it with a constant index vector `0..vocab`
+//! loaded along the inner axis (one small buffer per vocabulary size, shared by every such
+//! kernel of the program): the kernel IR needs no notion of "the current index".
+
+use crate::graph::{BinaryOp, CompareOp, ConstantData, NodeId, ReduceOp, UnaryOp};
+use crate::kernel::{Buffer, BufferRole, Expr, KernelBody, Stmt};
+
+use super::super::{Affine, KernelBuilder, LowerError, StridedView, new_buffer, push_kernel};
+use super::super::{load, temporary, what};
+use super::Lowering;
+
+impl Lowering<'_> {
+    /// Emits the loop nest of a `CrossEntropy` or `CrossEntropyGrad` node.
+    pub(super) fn emit_cross_entropy(&mut self, id: NodeId) -> Result<(), LowerError> {
+        let node = self.graph.node(id);
+        let (logits, labels) = (node.inputs[0], node.inputs[1]);
+        let cotangent = node.inputs.get(2).copied();
+        let domain = self.dims(logits).to_vec();
+        let rank = domain.len();
+        let vocab = domain[rank - 1];
+        let identity = Affine::identity(rank);
+        // Row operands (labels, the cotangent, the loss) follow the outer axes only.
+        let per_row = Affine::picking(&(0..rank - 1).collect::<Vec<_>>(), rank);
+        let along_vocab = Affine::picking(&[rank - 1], rank);
+
+        let mut k = KernelBuilder::new(domain.clone());
+        k.nodes.push(id);
+        let x = self.expr(&mut k, logits, &identity)?;
+        let label = self.expr(&mut k, labels, &per_row)?;
+        let g = match cotangent {
+            Some(cotangent) => Some(self.expr(&mut k, cotangent, &per_row)?),
+            None => None,
+        };
+        let iota = load(&self.vocabulary_index(vocab, self.ty(labels).dtype), &along_vocab);
+
+        // Our row values come after any the operands' expressions reduced.
+        let (max, sum, picked) = (k.rows.len(), k.rows.len() + 1, k.rows.len() + 2);
+        let row = |r: usize| Box::new(Expr::Row(r));
+        let shifted = || Expr::Binary(BinaryOp::Sub, Box::new(x.clone()), row(max));
+        let is_label = Expr::Compare(CompareOp::Eq, Box::new(iota), Box::new(label.clone()));
+        let counted = Expr::Compare(
+            CompareOp::Ge,
+            Box::new(label),
+            Box::new(Expr::Constant(0.0)),
+        );
+        let ignoring_others =
+            |value: Expr| Expr::Select(Box::new(counted.clone()), Box::new(value), zero());
+        let mut body = vec![
+            Stmt::Reduce {
+                row: max,
+                op: ReduceOp::Max,
+                value: x.clone(),
+            },
+            Stmt::Reduce {
+                row: sum,
+                op: ReduceOp::Sum,
+                value: Expr::Unary(UnaryOp::Exp, Box::new(shifted())),
+            },
+        ];
+        let out = new_buffer(&mut self.program, temporary(&node.ty));
+        let out_view = StridedView::contiguous(out, node.ty.dims());
+        match g {
+            None => {
+                // loss = log Σ exp(x − m) − (x[label] − m). The label's logit is the max of a
+                // row that is −∞ elsewhere: exact, and a vector max is cheaper than a sum in
+                // f64. An ignored row picks −∞ and is zeroed by the select below.
+                let minus_infinity = Box::new(Expr::Constant(f64::NEG_INFINITY));
+                body.push(Stmt::Reduce {
+                    row: picked,
+                    op: ReduceOp::Max,
+                    value: Expr::Select(Box::new(is_label), Box::new(x.clone()), minus_infinity),
+                });
+                let label_shifted = Expr::Binary(BinaryOp::Sub, row(picked), row(max));
+                let loss = Expr::Binary(
+                    BinaryOp::Sub,
+                    Box::new(Expr::Unary(UnaryOp::Log, row(sum))),
+                    Box::new(label_shifted),
+                );
+                body.push(Stmt::StoreRow {
+                    view: out_view.compose(&per_row),
+                    value: ignoring_others(loss),
+                });
+            }
+            Some(g) => {
+                // dx = (exp(x − m) / Σ − [v = label]) · g.
+                let softmax = Expr::Binary(
+                    BinaryOp::Div,
+                    Box::new(Expr::Unary(UnaryOp::Exp, Box::new(shifted()))),
+                    row(sum),
+                );
+                let residual = Expr::Binary(BinaryOp::Sub, Box::new(softmax), Box::new(is_label));
+                let dx = Expr::Binary(BinaryOp::Mul, Box::new(residual), Box::new(g));
+                body.push(Stmt::Store {
+                    view: out_view.compose(&identity),
+                    value: ignoring_others(dx),
+                });
+            }
+        }
+        let (nest, nodes) = k.into_loop(body);
+        let node = self.graph.node(id);
+        push_kernel(
+            &mut self.program,
+            &node.origin,
+            what(&node.op),
+            nodes,
+            KernelBody::Loop(nest),
+        );
+        self.views[id.index()] = Some(out_view);
+        Ok(())
+    }
+
+    /// The constant `0, 1, …, vocab − 1` of `dtype`, one buffer per vocabulary size.
+    fn vocabulary_index(&mut self, vocab: usize, dtype: crate::DType) -> StridedView {
+        let ty = crate::dtype::TensorType::new(dtype, vec![vocab]);
+        let existing = self.program.buffers.iter().position(|b| {
+            b.ty == ty && matches!(&b.role, BufferRole::Constant(c) if c.label == INDEX_LABEL)
+        });
+        let buffer = match existing {
+            Some(i) => crate::kernel::BufferId(i as u32),
+            None => new_buffer(
+                &mut self.program,
+                Buffer {
+                    ty,
+                    role: BufferRole::Constant(ConstantData {
+                        label: INDEX_LABEL.into(),
+                        values: (0..vocab).map(|v| v as f64).collect(),
+                    }),
+                },
+            ),
+        };
+        StridedView::contiguous(buffer, &[vocab])
+    }
+}
+
+const INDEX_LABEL: &str = "vocabulary index";
+
+fn zero() -> Box<Expr> {
+    Box::new(Expr::Constant(0.0))
+}
