@@ -3,8 +3,9 @@
 //! FP8 fake quantization through `crate::fp8`.
 
 use fathom_compiler::graph::QuantFormat;
-use fathom_compiler::kernel::{BufferId, Library, Program};
+use fathom_compiler::kernel::{BufferId, Library, Program, View};
 use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
 
 use super::grouped::{self, Routing};
 use super::{CpuError, Storage};
@@ -40,60 +41,9 @@ pub(super) fn run(
             b,
             out,
         } => {
-            let batches: usize = batch.iter().product();
-            let rank = batch.len();
-            let mut coords = vec![0usize; rank];
             let mut result = buffers[out.buffer.index()].take_vec();
             let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
-            for _ in 0..batches {
-                let offset = |strides: &[isize], base: usize| -> isize {
-                    base as isize
-                        + coords
-                            .iter()
-                            .zip(strides)
-                            .map(|(&c, &s)| c as isize * s)
-                            .sum::<isize>()
-                };
-                let (ao, bo, oo) = (
-                    offset(&a.strides, a.offset),
-                    offset(&b.strides, b.offset),
-                    offset(&out.strides, out.offset),
-                );
-                // SAFETY: the offsets and strides come from views the lowering checked against
-                // the buffers' shapes, so every element gemm touches is inside its slice; the
-                // output is a buffer of its own (taken out of `buffers`), so it aliases neither
-                // operand.
-                unsafe {
-                    gemm(
-                        *m,
-                        *n,
-                        *k,
-                        result.as_mut_ptr().offset(oo),
-                        out.strides[rank + 1],
-                        out.strides[rank],
-                        false,
-                        lhs.as_ptr().offset(ao),
-                        a.strides[rank + 1],
-                        a.strides[rank],
-                        rhs.as_ptr().offset(bo),
-                        b.strides[rank + 1],
-                        b.strides[rank],
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::Rayon(0),
-                    );
-                }
-                for d in (0..rank).rev() {
-                    coords[d] += 1;
-                    if coords[d] < batch[d] {
-                        break;
-                    }
-                    coords[d] = 0;
-                }
-            }
+            batched_matmul(batch, (*m, *n, *k), (a, lhs), (b, rhs), out, &mut result);
             buffers[out.buffer.index()] = Storage::Owned(result);
         }
         Library::GroupedMatMul {
@@ -253,6 +203,103 @@ pub(super) fn run(
         }
     }
     Ok(())
+}
+
+/// A batch of at least `MANY_GEMMS` GEMMs of fewer than `SMALL_GEMM` multiply-adds each
+/// (attention's per-head products) runs one GEMM per thread, rather than each GEMM split
+/// across the threads, whose hand-offs cost as much as such a GEMM computes and leave threads
+/// idle at its edges. Decided by shape alone, so results do not depend on the thread count.
+const MANY_GEMMS: usize = 4;
+const SMALL_GEMM: usize = 1 << 27;
+
+/// `out[b] = a[b] · rhs[b]` for every batch index (see [`Library::MatMul`]).
+fn batched_matmul(
+    batch: &[usize],
+    (m, n, k): (usize, usize, usize),
+    (a, lhs): (&View, &[f32]),
+    (b, rhs): (&View, &[f32]),
+    out: &View,
+    result: &mut [f32],
+) {
+    let rank = batch.len();
+    let batches: usize = batch.iter().product();
+    // The element offsets of every batch's three matrices, batch indices row-major.
+    let mut offsets = Vec::with_capacity(batches);
+    let mut coords = vec![0usize; rank];
+    for _ in 0..batches {
+        let at = |view: &View| -> isize {
+            view.offset as isize
+                + coords
+                    .iter()
+                    .zip(&view.strides)
+                    .map(|(&c, &s)| c as isize * s)
+                    .sum::<isize>()
+        };
+        offsets.push((at(a), at(b), at(out)));
+        for d in (0..rank).rev() {
+            coords[d] += 1;
+            if coords[d] < batch[d] {
+                break;
+            }
+            coords[d] = 0;
+        }
+    }
+    let out_ptr = SharedOutput(result.as_mut_ptr());
+    let one = |&(ao, bo, oo): &(isize, isize, isize), parallelism: Parallelism| {
+        // SAFETY: the offsets and strides come from views the lowering checked against the
+        // buffers' shapes, so every element gemm touches is inside its slice; the output is a
+        // dense buffer of its own (taken out of `buffers`), aliasing neither operand, and
+        // distinct batch indices write disjoint parts of it.
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                out_ptr.at(oo),
+                out.strides[rank + 1],
+                out.strides[rank],
+                false,
+                lhs.as_ptr().offset(ao),
+                a.strides[rank + 1],
+                a.strides[rank],
+                rhs.as_ptr().offset(bo),
+                b.strides[rank + 1],
+                b.strides[rank],
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    };
+    if batches >= MANY_GEMMS && m * n * k < SMALL_GEMM {
+        offsets
+            .par_iter()
+            .for_each(|offsets| one(offsets, Parallelism::None));
+    } else {
+        for offsets in &offsets {
+            one(offsets, Parallelism::Rayon(0));
+        }
+    }
+}
+
+/// The output of a batched GEMM, written by several threads at disjoint offsets.
+#[derive(Clone, Copy)]
+struct SharedOutput(*mut f32);
+
+// SAFETY: each thread writes only the elements of its own batch index (see `batched_matmul`).
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+impl SharedOutput {
+    /// # Safety
+    /// `offset` must lie inside the output buffer.
+    unsafe fn at(self, offset: isize) -> *mut f32 {
+        // SAFETY: the caller's promise.
+        unsafe { self.0.offset(offset) }
+    }
 }
 
 /// The token-slot positions routed to each expert, in order, from `ids` `[tokens, slots]`; `x`
