@@ -525,6 +525,8 @@ impl Planner<'_> {
         if batches * m * n == 0 {
             return Ok(Vec::new());
         }
+        // The kernel walks the batch with an int index.
+        self.int(batches, "batches")?;
         let rank = batch.len();
         let axes = merged_batch_axes(batch, views.map(|v| &v.strides[..rank]));
         if axes.len() > MAX_BATCH_AXES {
