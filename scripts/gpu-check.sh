@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks (DESIGN.md, "GPU code without a GPU"; issue 6, item 6), for a machine with an
 # NVIDIA GPU (written for an H200; under 8 minutes there):
-#   1. every generated kernel of the tiny model's training step against the CPU backend,
+#   1. every generated kernel of the tiny model's training step against the CPU backend, then
+#      every f32 library template (GEMMs, index operations, fake quantisation) at awkward shapes,
 #   2. the FP8 GEMM template against the exact product of its quantized operands (DeepGEMM's
 #      1 - 2Σxy/Σ(x²+y²) < 0.001),
-#   3. a few training steps of the tiny model on the GPU against the CPU (printed as SKIP, with
-#      the reason, while the GPU executor cannot run the program's library calls),
+#   3. a few training steps of the tiny model on the GPU (generated kernels and library
+#      templates) against the CPU, comparing losses,
 #   4. the FP8 GEMM's TFLOPS at DeepSeek-V3's shapes (M = 4096) beside torch._scaled_mm
 #      (cuBLASLt FP8) when PyTorch with CUDA is installed.
 # On a machine without a GPU it says so in one line and exits 0.

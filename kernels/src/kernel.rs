@@ -61,6 +61,8 @@ pub enum ParamType {
     /// A device pointer the kernel writes (or reads and writes).
     MutPtr(Elem),
     I32,
+    /// A 64-bit integer (`long long`): element strides and offsets of large tensors.
+    I64,
     F32,
     /// A 128-byte `CUtensorMap` passed by value (`const __grid_constant__`).
     TensorMap,
@@ -72,6 +74,7 @@ impl ParamType {
             ParamType::ConstPtr(e) => format!("const {}* __restrict__ {name}", e.c_type()),
             ParamType::MutPtr(e) => format!("{}* __restrict__ {name}", e.c_type()),
             ParamType::I32 => format!("int {name}"),
+            ParamType::I64 => format!("long long {name}"),
             ParamType::F32 => format!("float {name}"),
             ParamType::TensorMap => format!("const __grid_constant__ fathom::TensorMap {name}"),
         }

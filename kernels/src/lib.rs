@@ -8,6 +8,9 @@
 //! | `fp8_gemm_fallback` (+ grouped) | [`FallbackGemmParams`] | `sm_80`+: `mma.sync` on BF16-widened FP8 |
 //! | `quantize` | [`QuantizeParams`] | `sm_80`+ |
 //! | `mla_attention_fwd` / `_bwd` | [`MlaAttentionFwdParams`], [`MlaAttentionBwdParams`] | `sm_80`+: `mma.sync` BF16, FP32 online softmax |
+//! | `gemm_f32` (batched strided, grouped, grouped weight-grad) | [`F32GemmParams`] | `sm_80`+: CUDA cores, for f32 programs |
+//! | `index_*` (gather, take-along, index-add, one-hot, top-k, group-rows) | [`IndexOpParams`] | `sm_80`+ |
+//! | `fake_quantize_e4m3` | [`FakeQuantizeParams`] | `sm_80`+ |
 //!
 //! FP8 follows DeepSeek-V3 (SPEC §2): E4M3 operands, activations scaled per 1×128 tile, weights
 //! per 128×128 block, `scale = max(amax, 1e-4) / 448`, and tensor-core partial sums promoted to
@@ -24,8 +27,11 @@
 //! ([`TensorMapDesc`] says what each map must be) and the compiled-kernel cache.
 
 pub mod attention;
+pub mod fake_quantize;
 pub mod fallback_gemm;
 pub mod fp8_gemm;
+pub mod gemm_f32;
+pub mod index_ops;
 pub mod kernel;
 pub mod nvrtc;
 pub mod quantize;
@@ -34,8 +40,11 @@ mod wgmma;
 pub mod writer;
 
 pub use attention::{MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims};
+pub use fake_quantize::FakeQuantizeParams;
 pub use fallback_gemm::FallbackGemmParams;
 pub use fp8_gemm::{BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TrainingGemm};
+pub use gemm_f32::{F32GemmKind, F32GemmParams};
+pub use index_ops::{IndexOp, IndexOpParams};
 pub use kernel::{ArchRequirement, Elem, KernelError, KernelParam, KernelSource, ParamType};
 pub use quantize::{QuantizeInput, QuantizeKind, QuantizeParams};
 pub use tensor_map::{TensorMapDesc, TensorMapDtype, TensorMapSwizzle};

@@ -2,10 +2,11 @@
 //!
 //! Every template instantiation is compiled by NVRTC to a CUBIN: the Hopper FP8 GEMMs (dense and
 //! grouped) for `sm_90a` at the tile configurations DeepSeek-V3's linear layers get, the portable
-//! kernels (quantisation, MLA attention forward/backward, the fallback GEMM) for `sm_80` and
-//! `sm_90a`. ptxas' report must show no local-memory spills; when a disassembler is available the
-//! FP8 GEMMs' SASS must contain `QGMMA` (Hopper's FP8 tensor-core MMA) and the `mma.sync` kernels'
-//! `HMMA`. Run with `-- --nocapture` to see the resource table.
+//! kernels (quantisation, MLA attention forward/backward, the fallback GEMM, and the f32 library
+//! kernels: strided/grouped GEMMs, index operations, fake quantisation) for `sm_80` and `sm_90a`.
+//! ptxas' report must show no local-memory spills; when a disassembler is available the FP8
+//! GEMMs' SASS must contain `QGMMA` (Hopper's FP8 tensor-core MMA), the `mma.sync` kernels'
+//! `HMMA` and the f32 GEMMs' `FFMA`. Run with `-- --nocapture` to see the resource table.
 //!
 //! NVRTC comes from `$FATHOM_NVRTC`, `$CUDA_HOME`, `/usr/local/cuda` or the project's `.nvrtc/`
 //! (installed by `scripts/test.sh`). Without it these tests fail, saying how to install it, unless
@@ -19,9 +20,9 @@ use fathom_kernels::nvrtc::{
     CompiledKernel, Nvrtc, find_cuda_tool, nvrtc_unless_skipped, project_pip_dirs,
 };
 use fathom_kernels::{
-    BScaling, FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem,
-    KernelSource, MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims, QuantizeInput,
-    QuantizeKind, QuantizeParams, TrainingGemm,
+    BScaling, F32GemmKind, F32GemmParams, FakeQuantizeParams, FallbackGemmParams, Fp8GemmParams,
+    GemmGrouping, GemmOutput, GemmProblem, IndexOpParams, KernelSource, MlaAttentionBwdParams,
+    MlaAttentionFwdParams, MlaHeadDims, QuantizeInput, QuantizeKind, QuantizeParams, TrainingGemm,
 };
 
 /// NVRTC, or `None` when the run opted out with `FATHOM_SKIP_NVRTC=1`; panics with install
@@ -418,6 +419,36 @@ fn portable_kernels_compile_for_sm80_and_sm90a_without_spills() {
             jobs.push((kernel.clone(), arch, sass));
         }
     }
+    compile_all(&nvrtc, jobs);
+}
+
+/// The f32 library templates the GPU executor runs for f32 programs (every variant: sizes and
+/// strides are launch arguments, so these are all the sources there are), on both
+/// architectures. The GEMMs must be FFMA loops.
+#[test]
+fn f32_library_kernels_compile_for_sm80_and_sm90a_without_spills() {
+    let Some(nvrtc) = nvrtc() else { return };
+    let mut kernels: Vec<(KernelSource, Option<&'static str>)> = Vec::new();
+    for kind in [
+        F32GemmKind::Batched,
+        F32GemmKind::Grouped,
+        F32GemmKind::GroupedWeightGrad,
+    ] {
+        let gemm = F32GemmParams::new(kind).instantiate().expect("gemm_f32");
+        kernels.push((gemm, Some("FFMA")));
+    }
+    for op in IndexOpParams::all() {
+        kernels.push((op.instantiate().expect("index op"), None));
+    }
+    for pow2_scales in [false, true] {
+        let params = FakeQuantizeParams { pow2_scales };
+        kernels.push((params.instantiate().expect("fake quantize"), None));
+    }
+    assert_eq!(kernels.len(), 11);
+    let jobs = kernels
+        .into_iter()
+        .flat_map(|(kernel, sass)| ["sm_80", "sm_90a"].map(|arch| (kernel.clone(), arch, sass)))
+        .collect();
     compile_all(&nvrtc, jobs);
 }
 

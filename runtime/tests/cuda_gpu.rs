@@ -1,7 +1,7 @@
 //! The CUDA runtime on a real GPU. Each test is skipped, saying why, where there is no CUDA
 //! driver or device (CI); `scripts/gpu-check.sh` runs the wider checks on a lent GPU.
 //!
-//! Tolerance against the CPU: 1e-5 relative to the output's largest magnitude. The GPU sums rows
+//! Tolerance against the CPU for the loop nests: 1e-5 relative to the output's largest magnitude. The GPU sums rows
 //! in f32 in a tree order (the CPU in f64) and libdevice's exp is within 2 ulp; over rows of 96
 //! elements that is below 1e-6. A wrong kernel is off by O(1).
 
@@ -15,6 +15,7 @@ use fathom_kernels::nvrtc::nvrtc_unless_skipped;
 use fathom_runtime::HostTensor;
 use fathom_runtime::cpu::CpuProgram;
 use fathom_runtime::cuda::fp8_gemm::{Fp8Gemm, HostFp8Operands};
+use fathom_runtime::cuda::library_samples::{library_samples, run_sample};
 use fathom_runtime::cuda::memory::{DriverMemory, download, stream_id, upload};
 use fathom_runtime::cuda::{CachingAllocator, GpuDevice, GpuExecutor, GpuOptions, KernelCache};
 use fathom_runtime::fp8::calc_diff;
@@ -135,10 +136,61 @@ fn the_fp8_gemm_template_matches_the_quantized_product() {
     }
 }
 
-/// Runs everywhere: the GPU test's program is one the executor accepts (loop nests only).
+/// Every f32 library template against the CPU backend on random inputs at awkward shapes
+/// (`fathom_runtime::cuda::library_samples`): GEMMs within 2·K·2⁻²⁴·Σ|a·b| per element (both
+/// sides are within γ_K·Σ|a·b| of the exact sum), everything else bit for bit.
 #[test]
-fn the_loop_nest_program_needs_no_library_call() {
-    let cuda = fathom_compiler::codegen::cuda_program(&loop_only_program()).unwrap();
-    assert!(cuda.kernels.len() >= 2, "{}", cuda.launch_table());
-    fathom_runtime::cuda::executor::check_library_calls(&cuda).unwrap();
+fn every_library_template_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((device, cache)) = gpu(dir.path()) else {
+        return;
+    };
+    let mut failures = Vec::new();
+    for sample in library_samples().unwrap() {
+        let result = run_sample(&device, &cache, &sample).unwrap();
+        println!(
+            "{:<30} {:?}: worst error {:.3} of the bound",
+            sample.name, sample.tolerance, result.worst_ratio
+        );
+        if let Some((i, g, c, bound)) = result.mismatch {
+            failures.push(format!(
+                "{}: y[{i}] = {g} on the GPU, {c} on the CPU (bound {bound:e})",
+                sample.name
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn an_invalid_index_fails_the_gpu_run_naming_the_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((device, cache)) = gpu(dir.path()) else {
+        return;
+    };
+    let sample = library_samples()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "gather")
+        .unwrap();
+    let mut inputs = sample.inputs.clone();
+    let indices = inputs.get_mut("x1").unwrap();
+    let mut values = indices.as_i64().unwrap().to_vec();
+    values[3] = 50;
+    *indices = HostTensor::i64(indices.dims().to_vec(), values);
+    let executor = GpuExecutor::new(
+        &device,
+        &cache,
+        sample.program.clone(),
+        GpuOptions::default(),
+    )
+    .unwrap();
+    let error = executor
+        .run(&Feeds::new(&inputs, &()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("gather") && error.contains("index 50 out of range 0..50"),
+        "{error}"
+    );
 }

@@ -4,13 +4,15 @@
 //! This module only describes each call (routine, problem parameters, operands); instantiating
 //! and launching a template is the runtime's job.
 //!
-//! | IR call | routine | template in fathom-kernels |
+//! | IR call | routine | templates in fathom-kernels (f32 operands, as today; FP8 ones once operands are E4M3) |
 //! |---|---|---|
-//! | `MatMul` | `gemm` | `fp8_gemm` (sm_90a) / `fp8_gemm_fallback` (sm_80), once operands are FP8 |
-//! | `GroupedMatMul` | `grouped_gemm` | `grouped_fp8_gemm` / grouped `fp8_gemm_fallback`, once FP8 |
-//! | `GroupedMatMulWeightGrad` | `grouped_gemm_weight_grad` | none yet |
-//! | `QuantizeDequantize` | `quantize_dequantize` | `quantize` makes the FP8 values and scales; the dequantizing epilogue is not written yet |
-//! | `Gather`, `IndexAdd`, `TakeAlong`, `TopK`, `OneHot` | same names | none yet |
+//! | `MatMul` | `gemm` | `gemm_f32_batched`; `fp8_gemm` (sm_90a) / `fp8_gemm_fallback` (sm_80) |
+//! | `GroupedMatMul` | `grouped_gemm` | `index_group_rows` + `gemm_f32_grouped`; `grouped_fp8_gemm` / grouped fallback |
+//! | `GroupedMatMulWeightGrad` | `grouped_gemm_weight_grad` | `index_group_rows` + `gemm_f32_grouped_wgrad` |
+//! | `QuantizeDequantize` | `quantize_dequantize` | `fake_quantize_e4m3`; `quantize` makes the codes and scales FP8 GEMMs read |
+//! | `Gather`, `IndexAdd`, `TakeAlong`, `TopK`, `OneHot` | same names | `index_gather`, `index_group_rows` + `index_index_add`, `index_take_along`, `index_top_k`, `index_one_hot` |
+//!
+//! The runtime's `cuda::library` plans the launches (grids and arguments) of each call.
 
 use crate::kernel::{BufferId, Kernel, Library, Program, View};
 
@@ -30,7 +32,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             out,
         } => (
             "gemm",
-            Some("fp8_gemm (sm_90a) / fp8_gemm_fallback (sm_80) on FP8 operands"),
+            Some("gemm_f32_batched; fp8_gemm (sm_90a) / fp8_gemm_fallback (sm_80) once FP8"),
             vec![
                 ("batch", format!("{batch:?}")),
                 ("m", m.to_string()),
@@ -48,7 +50,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             out,
         } => (
             "grouped_gemm",
-            Some("grouped_fp8_gemm (sm_90a) / grouped fp8_gemm_fallback (sm_80) on FP8 operands"),
+            Some("gemm_f32_grouped; grouped_fp8_gemm (sm_90a) / grouped fallback (sm_80) once FP8"),
             vec![
                 ("x", ty(x)),
                 ("weights", ty(weights)),
@@ -63,7 +65,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             out,
         } => (
             "grouped_gemm_weight_grad",
-            None,
+            Some("gemm_f32_grouped_wgrad"),
             vec![
                 ("cotangent", ty(cotangent)),
                 ("x", ty(x)),
@@ -77,7 +79,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             out,
         } => (
             "gather",
-            None,
+            Some("index_gather"),
             vec![
                 ("table", ty(table)),
                 ("indices", ty(indices)),
@@ -90,7 +92,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             out,
         } => (
             "index_add",
-            None,
+            Some("index_index_add"),
             vec![
                 ("values", ty(values)),
                 ("indices", ty(indices)),
@@ -104,7 +106,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             out,
         } => (
             "take_along",
-            None,
+            Some("index_take_along"),
             vec![
                 ("axis", axis.to_string()),
                 ("x", ty(x)),
@@ -114,7 +116,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
         ),
         Library::TopK { k, x, out } => (
             "topk",
-            None,
+            Some("index_top_k"),
             vec![("k", k.to_string()), ("x", ty(x)), ("out", ty(out))],
         ),
         Library::OneHot {
@@ -123,7 +125,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             out,
         } => (
             "one_hot",
-            None,
+            Some("index_one_hot"),
             vec![
                 ("depth", depth.to_string()),
                 ("indices", ty(indices)),
@@ -139,7 +141,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             out,
         } => (
             "quantize_dequantize",
-            None,
+            Some("fake_quantize_e4m3"),
             vec![
                 ("format", format.to_string()),
                 ("tile", format!("{tile_rows}x{tile_cols}")),

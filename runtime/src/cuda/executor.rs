@@ -9,10 +9,10 @@
 //! graph and replayed), timed with events, the outputs downloaded.
 //!
 //! Buffers hold f32 values as on the CPU backend (integers and bools by value). Library calls
-//! run as the hand-written templates only where one exists for the operands the program has; the
-//! programs of today keep every operand in f32 (the FP8 templates need E4M3 operands and
-//! scales), so a program with library calls is refused up front with the list of calls, rather
-//! than run partly or approximately.
+//! run as the f32 templates [`super::library`] plans for them (the FP8 templates need E4M3
+//! operands and scales, which the programs of today do not have); a program with a call that
+//! cannot be planned is refused up front, naming the call and why, rather than run partly. An
+//! invalid index met by a library kernel fails the run, naming the call, as on the CPU.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,8 +25,9 @@ use super::CudaError;
 use super::alloc::{AllocStats, Block, CachingAllocator};
 use super::cache::KernelCache;
 use super::device::{GpuDevice, compile_target};
+use super::library::{LibraryCall, LibraryPlan, StepArg};
 use super::memory::{DriverMemory, download, stream_id, timing_event, upload};
-use super::modules::{generated_source, launch_generated, load_kernel};
+use super::modules::{Arg, generated_source, launch, launch_generated, load_kernel};
 use crate::cpu::{initial_contents, to_host};
 use crate::interp::Feeds;
 use crate::tensor::HostTensor;
@@ -72,6 +73,22 @@ impl GpuKernels {
             functions,
             cache_hits,
         })
+    }
+
+    /// Compiles and loads the library templates `plan` launches.
+    pub fn load_library(
+        &mut self,
+        device: &GpuDevice,
+        cache: &KernelCache,
+        plan: &LibraryPlan,
+    ) -> Result<(), CudaError> {
+        for kernel in plan.kernels() {
+            let source = kernel.instantiate()?;
+            let loaded = load_kernel(&device.ctx, cache, &source, &self.arch)?;
+            self.cache_hits += usize::from(loaded.cached.hit);
+            self.functions.insert(source.entry, loaded.function);
+        }
+        Ok(())
     }
 
     pub fn function(&self, entry: &str) -> Result<&CudaFunction, CudaError> {
@@ -150,6 +167,7 @@ pub struct GpuRun {
 pub struct GpuExecutor {
     program: Program,
     cuda: CudaProgram,
+    library: LibraryPlan,
     kernels: GpuKernels,
     stream: Arc<CudaStream>,
     allocator: CachingAllocator<DriverMemory>,
@@ -157,6 +175,9 @@ pub struct GpuExecutor {
     blocks: Vec<Block>,
     /// Device address of every buffer's first element (0 for unused buffers).
     address: Vec<u64>,
+    /// The library calls' scratch ints and their status words (see `super::library`).
+    scratch: u64,
+    status: u64,
     options: GpuOptions,
     graph: Mutex<Option<CapturedGraph>>,
 }
@@ -191,8 +212,9 @@ impl GpuExecutor {
         options: GpuOptions,
     ) -> Result<Self, CudaError> {
         let cuda = cuda_program(&program)?;
-        check_library_calls(&cuda)?;
-        let kernels = GpuKernels::load(device, cache, &cuda)?;
+        let library = LibraryPlan::of(&program)?;
+        let mut kernels = GpuKernels::load(device, cache, &cuda)?;
+        kernels.load_library(device, cache, &library)?;
         let stream = device
             .ctx
             .new_stream()
@@ -226,14 +248,25 @@ impl GpuExecutor {
                 }
             };
         }
+        let mut block = |bytes: usize| -> Result<u64, CudaError> {
+            let block = allocator.alloc(bytes.max(4), stream_id(&stream))?;
+            let ptr = block.ptr;
+            blocks.push(block);
+            Ok(ptr)
+        };
+        let scratch = block(4 * library.scratch_ints())?;
+        let status = block(4 * STATUS_WORDS)?;
         Ok(GpuExecutor {
             program,
             cuda,
+            library,
             kernels,
             stream,
             allocator,
             blocks,
             address,
+            scratch,
+            status,
             options,
             graph: Mutex::new(None),
         })
@@ -253,6 +286,8 @@ impl GpuExecutor {
 
     /// Runs the program on `feeds` and returns its outputs.
     pub fn run(&self, feeds: &Feeds<'_>) -> Result<GpuRun, CudaError> {
+        upload(&self.stream, self.status, &[0i32; STATUS_WORDS])
+            .map_err(|e| CudaError::driver("clearing the status words".into(), e))?;
         for (index, buffer) in self.program.buffers.iter().enumerate() {
             if matches!(buffer.role, BufferRole::Input(_) | BufferRole::Parameter(_)) {
                 let values = initial_contents(&buffer.ty, &buffer.role, feeds)?;
@@ -295,6 +330,7 @@ impl GpuExecutor {
         let kernels_ms = start
             .elapsed_ms(&end)
             .map_err(driver("reading the timer"))?;
+        self.check_status()?;
         let mut outputs = Vec::with_capacity(self.program.outputs.len());
         for (name, id) in &self.program.outputs {
             let ty = &self.program.buffer(*id).ty;
@@ -311,23 +347,67 @@ impl GpuExecutor {
 
     /// Queues every launch of the program, in order.
     fn launch_all(&self) -> Result<(), CudaError> {
-        for launch in &self.cuda.launches {
+        for (position, launch) in self.cuda.launches.iter().enumerate() {
             match launch {
                 CudaLaunch::Generated(index) => {
                     let kernel = &self.cuda.kernels[*index];
                     let function = self.kernels.function(kernel.entry())?;
                     launch_generated(&self.stream, function, kernel, |b| self.address[b.index()])?;
                 }
-                // `new` refused programs with library calls; keep the refusal if that changes.
                 CudaLaunch::Template(call) => {
-                    return Err(CudaError::Launch(format!(
-                        "{}: library call `{}` has no GPU implementation",
-                        call.name, call.template
-                    )));
+                    let planned = self.library.calls.get(position).and_then(Option::as_ref);
+                    let planned = planned.ok_or_else(|| {
+                        CudaError::Launch(format!("{}: library call without a plan", call.name))
+                    })?;
+                    self.launch_library(planned)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Queues the steps of a library call.
+    fn launch_library(&self, call: &LibraryCall) -> Result<(), CudaError> {
+        for step in &call.steps {
+            let function = self.kernels.function(&step.kernel.name())?;
+            let mut args: Vec<Arg> = step
+                .args
+                .iter()
+                .map(|arg| match *arg {
+                    StepArg::Buffer(b, offset) => {
+                        Arg::Ptr(self.address[b.index()] + 4 * offset as u64)
+                    }
+                    StepArg::Scratch(offset) => Arg::Ptr(self.scratch + 4 * offset as u64),
+                    StepArg::Status => Arg::Ptr(self.status),
+                    StepArg::I32(v) => Arg::I32(v),
+                    StepArg::I64(v) => Arg::I64(v),
+                })
+                .collect();
+            let [x, y, z] = step.grid;
+            let block = (step.kernel.block_threads(), 1, 1);
+            launch(&self.stream, function, (x, y, z), block, 0, &mut args)
+                .map_err(|e| e.in_kernel(&call.name))?;
+        }
+        Ok(())
+    }
+
+    /// Fails when a library kernel of the last run met an invalid index.
+    fn check_status(&self) -> Result<(), CudaError> {
+        let mut words = [0i32; STATUS_WORDS];
+        download(&self.stream, self.status, &mut words)
+            .map_err(|e| CudaError::driver("reading the status words".into(), e))?;
+        if words[0] == 0 {
+            return Ok(());
+        }
+        Err(CudaError::IndexOutOfRange {
+            kernel: self
+                .library
+                .name_of_tag(words[0])
+                .unwrap_or("an unknown library call")
+                .to_owned(),
+            index: f32::from_bits(words[1] as u32),
+            bound: words[2],
+        })
     }
 
     /// Records the launches into a CUDA graph (buffers never move, so it can be replayed).
@@ -360,70 +440,6 @@ impl Drop for GpuExecutor {
     }
 }
 
-/// Refuses a program whose library calls have no GPU implementation, listing them by routine.
-pub fn check_library_calls(cuda: &CudaProgram) -> Result<(), CudaError> {
-    let mut by_template: Vec<(&str, Option<&str>, usize)> = Vec::new();
-    for call in cuda.library_calls() {
-        match by_template.iter_mut().find(|(t, _, _)| *t == call.template) {
-            Some(entry) => entry.2 += 1,
-            None => by_template.push((call.template, call.implemented_by, 1)),
-        }
-    }
-    if by_template.is_empty() {
-        return Ok(());
-    }
-    let count = by_template.iter().map(|(_, _, n)| n).sum();
-    let summary = by_template
-        .iter()
-        .map(|(template, by, n)| match by {
-            Some(by) => {
-                format!("{template} ×{n} (the template is {by}; this program's operands are f32)")
-            }
-            None => format!("{template} ×{n} (no GPU template yet)"),
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    Err(CudaError::UnsupportedLibraryCalls {
-        program: cuda.name.clone(),
-        count,
-        summary,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use fathom_compiler::codegen::sample::coverage_program;
-    use fathom_compiler::compile::{CompileOptions, compile};
-    use fathom_compiler::model::LossWeights;
-    use fathom_compiler::training::training_graph;
-
-    use super::*;
-
-    #[test]
-    fn loop_nest_programs_are_accepted() {
-        let cuda = cuda_program(&coverage_program()).unwrap();
-        assert!(!cuda.kernels.is_empty());
-        check_library_calls(&cuda).unwrap();
-    }
-
-    #[test]
-    fn library_calls_without_a_gpu_implementation_are_refused_by_name() {
-        let spec = fathom_compiler::spec::examples::micro();
-        let graph = training_graph(&spec, 1, 3, LossWeights::deepseek_v3())
-            .unwrap()
-            .graph;
-        let program = compile(&graph, &CompileOptions::default()).unwrap().program;
-        let cuda = cuda_program(&program).unwrap();
-        let error = check_library_calls(&cuda).unwrap_err();
-        let text = error.to_string();
-        let CudaError::UnsupportedLibraryCalls { count, .. } = error else {
-            panic!("{text}")
-        };
-        assert_eq!(count, cuda.library_calls().count());
-        assert!(text.contains("gemm ×"), "{text}");
-        assert!(text.contains("operands are f32"), "{text}");
-        assert!(text.contains("(no GPU template yet)"), "{text}");
-    }
-}
+/// Status words of the library kernels: the tag of the call that met an invalid index (0: none),
+/// the index's f32 bits, and the bound it had to be below.
+const STATUS_WORDS: usize = 3;

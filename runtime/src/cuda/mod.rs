@@ -1,7 +1,8 @@
 //! The CUDA backend, through cudarc: NVRTC compilation with a disk cache ([`cache`]), finding a
 //! device or saying why there is none ([`device`]), device memory through a caching allocator
 //! ([`alloc`] is the policy, [`memory`] the driver calls), loading and launching kernels
-//! ([`modules`]; the FP8 GEMM template in [`fp8_gemm`]) and running a compiled program
+//! ([`modules`]; the FP8 GEMM template in [`fp8_gemm`], the f32 library calls in [`library`],
+//! with test programs for them in [`library_samples`]) and running a compiled program
 //! ([`executor`]).
 //!
 //! Nothing here links against the driver: cudarc opens `libcuda.so` at run time, so this builds
@@ -14,6 +15,8 @@ pub mod cache;
 pub mod device;
 pub mod executor;
 pub mod fp8_gemm;
+pub mod library;
+pub mod library_samples;
 pub mod memory;
 pub mod modules;
 
@@ -29,6 +32,7 @@ pub use alloc::{AllocError, AllocStats, CachingAllocator, RawDevice, StreamId};
 pub use cache::{CacheError, CachedKernel, KernelCache, ModuleImage};
 pub use device::{GpuDevice, NoGpu, compile_target, driver_present, fallback_line};
 pub use executor::{GpuExecutor, GpuKernels, GpuOptions, GpuRun};
+pub use library::LibraryPlan;
 
 use crate::cpu::CpuError;
 
@@ -48,13 +52,19 @@ pub enum CudaError {
     #[error("{0}")]
     Launch(String),
     #[error(
-        "program `{program}` cannot run on the GPU yet: {count} library call(s) have no GPU \
+        "program `{program}` cannot run on the GPU: {count} library call(s) have no GPU \
          implementation: {summary}"
     )]
     UnsupportedLibraryCalls {
         program: String,
         count: usize,
         summary: String,
+    },
+    #[error("kernel {kernel}: index {index} out of range 0..{bound} (found on the GPU)")]
+    IndexOutOfRange {
+        kernel: String,
+        index: f32,
+        bound: i32,
     },
     #[error(
         "NVRTC cannot compile for compute capability {major}.{minor} (it supports {supported:?})"

@@ -75,6 +75,7 @@ pub fn generated_source(source: &CudaSource, block_threads: u32) -> KernelSource
 pub enum Arg {
     Ptr(u64),
     I32(i32),
+    I64(i64),
     F32(f32),
     TensorMap(sys::CUtensorMap),
 }
@@ -93,6 +94,7 @@ pub fn launch(
         .map(|arg| match arg {
             Arg::Ptr(p) => (p as *mut u64).cast::<c_void>(),
             Arg::I32(v) => (v as *mut i32).cast::<c_void>(),
+            Arg::I64(v) => (v as *mut i64).cast::<c_void>(),
             Arg::F32(v) => (v as *mut f32).cast::<c_void>(),
             Arg::TensorMap(m) => (m as *mut sys::CUtensorMap).cast::<c_void>(),
         })
@@ -103,7 +105,7 @@ pub fn launch(
         .map_err(|e| CudaError::driver("binding the context".to_owned(), e))?;
     // SAFETY: `function` is a live kernel of this context; `params` has one pointer per
     // parameter of its entry point, in order, each to a value of the parameter's type and size
-    // (device addresses as u64, int, float, CUtensorMap), alive until this call returns (the
+    // (device addresses as u64, int, long long, float, CUtensorMap), alive until this call returns (the
     // driver copies parameter values at launch). Pointers address live device allocations
     // sized from the buffers the kernel was generated for.
     unsafe {

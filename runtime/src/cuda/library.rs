@@ -1,0 +1,591 @@
+//! The kernel IR's library calls on the GPU, for programs whose operands are f32: which
+//! `fathom-kernels` template runs each call, with which grid and arguments ([`LibraryPlan`]).
+//! Planning needs no GPU (the tests check it and compile its kernels without one); the executor
+//! resolves the arguments to device addresses and launches the steps in order.
+//!
+//! | IR call | steps |
+//! |---|---|
+//! | `MatMul` | `gemm_f32_batched` on the views' strides (contiguous batch axes merged first) |
+//! | `GroupedMatMul` | `index_group_rows` (token-slots by expert, stable), `gemm_f32_grouped` |
+//! | `GroupedMatMulWeightGrad` | `index_group_rows`, `gemm_f32_grouped_wgrad` |
+//! | `IndexAdd` | `index_group_rows` (positions by row, stable), `index_index_add` |
+//! | `Gather`, `TakeAlong`, `OneHot`, `TopK` | `index_gather`, … one kernel each |
+//! | `QuantizeDequantize` (E4M3) | `fake_quantize_e4m3[_pow2]` |
+//!
+//! `group_rows` writes its offsets and members into a scratch area of ints shared by all calls
+//! (they run one after another on one stream). Kernels that read indices report an invalid one in
+//! the status words, tagged with the call's position in the program plus one.
+
+use fathom_compiler::graph::QuantFormat;
+use fathom_compiler::kernel::{BufferId, KernelBody, Library, Program, View};
+use fathom_kernels::gemm_f32::MAX_BATCH_AXES;
+use fathom_kernels::{
+    F32GemmKind, F32GemmParams, FakeQuantizeParams, IndexOp, IndexOpParams, KernelError,
+    KernelSource,
+};
+
+use super::CudaError;
+
+/// A template instantiation a step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LibraryKernel {
+    Gemm(F32GemmParams),
+    Index(IndexOpParams),
+    FakeQuantize(FakeQuantizeParams),
+}
+
+impl LibraryKernel {
+    pub fn name(&self) -> String {
+        match self {
+            LibraryKernel::Gemm(p) => p.name(),
+            LibraryKernel::Index(p) => p.name(),
+            LibraryKernel::FakeQuantize(p) => p.name(),
+        }
+    }
+
+    pub fn block_threads(&self) -> u32 {
+        match self {
+            LibraryKernel::Gemm(p) => p.block_threads(),
+            LibraryKernel::Index(p) => p.block_threads(),
+            LibraryKernel::FakeQuantize(p) => p.block_threads(),
+        }
+    }
+
+    pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
+        match self {
+            LibraryKernel::Gemm(p) => p.instantiate(),
+            LibraryKernel::Index(p) => p.instantiate(),
+            LibraryKernel::FakeQuantize(p) => p.instantiate(),
+        }
+    }
+}
+
+/// One argument of a step, in the kernel's parameter order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepArg {
+    /// The device address of element `offset` of a buffer (f32 elements).
+    Buffer(BufferId, usize),
+    /// The device address of int `offset` of the scratch area.
+    Scratch(usize),
+    /// The device address of the status words.
+    Status,
+    I32(i32),
+    I64(i64),
+}
+
+/// One kernel launch of a library call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LibraryStep {
+    pub kernel: LibraryKernel,
+    pub grid: [u32; 3],
+    pub args: Vec<StepArg>,
+}
+
+/// The steps of one library call (none when its output is empty).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LibraryCall {
+    /// The kernel IR's name for it.
+    pub name: String,
+    pub steps: Vec<LibraryStep>,
+    /// Ints of scratch its steps use.
+    pub scratch_ints: usize,
+}
+
+/// The library calls of a program, by kernel position (`None` for loop nests).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LibraryPlan {
+    pub calls: Vec<Option<LibraryCall>>,
+}
+
+impl LibraryPlan {
+    /// Plans every library call of `program`; refuses the program, listing every call that
+    /// cannot run and why, when some cannot.
+    pub fn of(program: &Program) -> Result<Self, CudaError> {
+        let mut calls = Vec::with_capacity(program.kernels.len());
+        let mut refused = Vec::new();
+        for (index, kernel) in program.kernels.iter().enumerate() {
+            let KernelBody::Library(call) = &kernel.body else {
+                calls.push(None);
+                continue;
+            };
+            let planner = Planner {
+                program,
+                tag: index + 1,
+            };
+            match planner.plan(call) {
+                Ok(steps) => {
+                    let scratch_ints = planner.scratch_ints(call);
+                    calls.push(Some(LibraryCall {
+                        name: kernel.name.clone(),
+                        steps,
+                        scratch_ints,
+                    }));
+                }
+                Err(reason) => {
+                    refused.push(format!("{}: {reason}", kernel.name));
+                    calls.push(None);
+                }
+            }
+        }
+        if refused.is_empty() {
+            Ok(LibraryPlan { calls })
+        } else {
+            Err(CudaError::UnsupportedLibraryCalls {
+                program: program.name.clone(),
+                count: refused.len(),
+                summary: refused.join("; "),
+            })
+        }
+    }
+
+    /// The scratch ints the largest call needs.
+    pub fn scratch_ints(&self) -> usize {
+        self.calls
+            .iter()
+            .flatten()
+            .map(|c| c.scratch_ints)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Every distinct kernel the plan launches, in order of first use.
+    pub fn kernels(&self) -> Vec<LibraryKernel> {
+        let mut kernels = Vec::new();
+        for step in self.calls.iter().flatten().flat_map(|c| &c.steps) {
+            if !kernels.contains(&step.kernel) {
+                kernels.push(step.kernel);
+            }
+        }
+        kernels
+    }
+
+    /// The name of the call tagged `tag` in the status words.
+    pub fn name_of_tag(&self, tag: i32) -> Option<&str> {
+        let index = usize::try_from(tag).ok()?.checked_sub(1)?;
+        self.calls.get(index)?.as_ref().map(|c| c.name.as_str())
+    }
+
+    /// One line per step: call, kernel, grid, block and arguments (what the snapshot shows).
+    pub fn table(&self) -> String {
+        let mut table = String::new();
+        for call in self.calls.iter().flatten() {
+            table.push_str(&format!("{}\n", call.name));
+            if call.steps.is_empty() {
+                table.push_str("  (empty output: nothing to launch)\n");
+            }
+            for step in &call.steps {
+                let [x, y, z] = step.grid;
+                let args: Vec<String> = step.args.iter().map(arg_text).collect();
+                table.push_str(&format!(
+                    "  {} grid ({x}, {y}, {z}) block {}: {}\n",
+                    step.kernel.name(),
+                    step.kernel.block_threads(),
+                    args.join(", ")
+                ));
+            }
+        }
+        table
+    }
+}
+
+fn arg_text(arg: &StepArg) -> String {
+    match arg {
+        StepArg::Buffer(b, 0) => b.to_string(),
+        StepArg::Buffer(b, offset) => format!("{b}+{offset}"),
+        StepArg::Scratch(offset) => format!("scratch+{offset}"),
+        StepArg::Status => "status".to_owned(),
+        StepArg::I32(v) => v.to_string(),
+        StepArg::I64(v) => v.to_string(),
+    }
+}
+
+/// Plans the calls of one kernel.
+struct Planner<'a> {
+    program: &'a Program,
+    /// The call's tag in the status words: its position in the program plus one.
+    tag: usize,
+}
+
+type Planned = Result<Vec<LibraryStep>, String>;
+
+impl Planner<'_> {
+    fn dims(&self, b: &BufferId) -> &[usize] {
+        self.program.buffer(*b).ty.dims()
+    }
+
+    fn numel(&self, b: &BufferId) -> usize {
+        self.program.buffer(*b).ty.numel()
+    }
+
+    /// `value` as a kernel's `int`, or why it cannot be one.
+    fn int(&self, value: usize, what: &str) -> Result<StepArg, String> {
+        i32::try_from(value)
+            .map(StepArg::I32)
+            .map_err(|_| format!("{what} = {value} does not fit the kernels' 32-bit int"))
+    }
+
+    fn tag(&self) -> Result<StepArg, String> {
+        self.int(self.tag, "the call's position")
+    }
+
+    /// Scratch for `group_rows` over `count` ids into `groups` groups: offsets, then members.
+    fn scratch_ints(&self, call: &Library) -> usize {
+        match call {
+            Library::GroupedMatMul {
+                weights,
+                expert_ids,
+                ..
+            } => self.dims(weights)[0] + 1 + self.numel(expert_ids),
+            Library::GroupedMatMulWeightGrad {
+                expert_ids, out, ..
+            } => self.dims(out)[0] + 1 + self.numel(expert_ids),
+            Library::IndexAdd { indices, out, .. } => self.dims(out)[0] + 1 + self.numel(indices),
+            _ => 0,
+        }
+    }
+
+    /// `group_rows` of `ids` (`count` of them) into `groups`, offsets at scratch 0 and members
+    /// after them.
+    fn group_rows(
+        &self,
+        ids: BufferId,
+        count: usize,
+        groups: usize,
+    ) -> Result<LibraryStep, String> {
+        let params = IndexOpParams::new(IndexOp::GroupRows);
+        Ok(LibraryStep {
+            kernel: LibraryKernel::Index(params),
+            grid: params.grid(count as u64),
+            args: vec![
+                StepArg::Buffer(ids, 0),
+                self.int(count, "ids")?,
+                self.int(groups, "groups")?,
+                StepArg::Scratch(0),
+                StepArg::Scratch(groups + 1),
+                StepArg::Status,
+                self.tag()?,
+            ],
+        })
+    }
+
+    /// A step of an index operation over `work` items.
+    fn index_step(&self, op: IndexOp, work: usize, args: Vec<StepArg>) -> LibraryStep {
+        let params = IndexOpParams::new(op);
+        LibraryStep {
+            kernel: LibraryKernel::Index(params),
+            grid: params.grid(work as u64),
+            args,
+        }
+    }
+
+    fn plan(&self, call: &Library) -> Planned {
+        match call {
+            Library::MatMul {
+                batch,
+                m,
+                n,
+                k,
+                a,
+                b,
+                out,
+            } => self.matmul(batch, (*m, *n, *k), [a, b, out]),
+            Library::GroupedMatMul {
+                x,
+                weights,
+                expert_ids,
+                out,
+            } => {
+                let (w, ids, xd) = (self.dims(weights), self.dims(expert_ids), self.dims(x));
+                let (experts, n, k) = (w[0], w[1], w[2]);
+                let (rows, slots) = (ids[0] * ids[1], ids[1]);
+                if rows == 0 || n == 0 {
+                    return Ok(Vec::new());
+                }
+                let gemm = F32GemmParams::new(F32GemmKind::Grouped);
+                let grid = gemm.grouped_grid(
+                    self.u32(rows, "token-slots")?,
+                    self.u32(experts, "experts")?,
+                    self.u32(n, "n")?,
+                );
+                Ok(vec![
+                    self.group_rows(*expert_ids, rows, experts)?,
+                    LibraryStep {
+                        kernel: LibraryKernel::Gemm(gemm),
+                        grid,
+                        args: vec![
+                            StepArg::Buffer(*x, 0),
+                            StepArg::Buffer(*weights, 0),
+                            StepArg::Scratch(0),
+                            StepArg::Scratch(experts + 1),
+                            StepArg::Buffer(*out, 0),
+                            self.int(experts, "experts")?,
+                            self.int(slots, "slots")?,
+                            self.int(xd[1], "x slots")?,
+                            self.int(n, "n")?,
+                            self.int(k, "k")?,
+                        ],
+                    },
+                ])
+            }
+            Library::GroupedMatMulWeightGrad {
+                cotangent,
+                x,
+                expert_ids,
+                out,
+            } => {
+                let (od, ids, xd) = (self.dims(out), self.dims(expert_ids), self.dims(x));
+                let (experts, n, k) = (od[0], od[1], od[2]);
+                let (rows, slots) = (ids[0] * ids[1], ids[1]);
+                if experts * n * k == 0 {
+                    return Ok(Vec::new());
+                }
+                let gemm = F32GemmParams::new(F32GemmKind::GroupedWeightGrad);
+                let grid = gemm.weight_grad_grid(
+                    self.u32(experts, "experts")?,
+                    self.u32(n, "n")?,
+                    self.u32(k, "k")?,
+                );
+                Ok(vec![
+                    self.group_rows(*expert_ids, rows, experts)?,
+                    LibraryStep {
+                        kernel: LibraryKernel::Gemm(gemm),
+                        grid,
+                        args: vec![
+                            StepArg::Buffer(*cotangent, 0),
+                            StepArg::Buffer(*x, 0),
+                            StepArg::Scratch(0),
+                            StepArg::Scratch(experts + 1),
+                            StepArg::Buffer(*out, 0),
+                            self.int(slots, "slots")?,
+                            self.int(xd[1], "x slots")?,
+                            self.int(n, "n")?,
+                            self.int(k, "k")?,
+                        ],
+                    },
+                ])
+            }
+            Library::Gather {
+                table,
+                indices,
+                out,
+            } => {
+                let td = self.dims(table);
+                let width: usize = td[1..].iter().product();
+                let count = self.numel(indices);
+                if count * width == 0 {
+                    return Ok(Vec::new());
+                }
+                let args = vec![
+                    StepArg::Buffer(*table, 0),
+                    StepArg::Buffer(*indices, 0),
+                    StepArg::Buffer(*out, 0),
+                    StepArg::I64(count as i64),
+                    self.int(td[0], "table rows")?,
+                    self.int(width, "row width")?,
+                    StepArg::Status,
+                    self.tag()?,
+                ];
+                Ok(vec![self.index_step(IndexOp::Gather, count * width, args)])
+            }
+            Library::TakeAlong {
+                axis,
+                x,
+                indices,
+                out,
+            } => {
+                let (xd, id) = (self.dims(x), self.dims(indices));
+                let outer: usize = xd[..*axis].iter().product();
+                let inner: usize = xd[axis + 1..].iter().product();
+                let work = self.numel(indices);
+                if work == 0 {
+                    return Ok(Vec::new());
+                }
+                let args = vec![
+                    StepArg::Buffer(*x, 0),
+                    StepArg::Buffer(*indices, 0),
+                    StepArg::Buffer(*out, 0),
+                    self.int(outer, "outer extent")?,
+                    self.int(id[*axis], "indices along the axis")?,
+                    self.int(inner, "inner extent")?,
+                    self.int(xd[*axis], "x along the axis")?,
+                    StepArg::Status,
+                    self.tag()?,
+                ];
+                Ok(vec![self.index_step(IndexOp::TakeAlong, work, args)])
+            }
+            Library::IndexAdd {
+                values,
+                indices,
+                out,
+            } => {
+                let od = self.dims(out);
+                let (rows, width) = (od[0], od[1..].iter().product::<usize>());
+                let count = self.numel(indices);
+                if rows * width == 0 {
+                    return Ok(Vec::new());
+                }
+                let args = vec![
+                    StepArg::Buffer(*values, 0),
+                    StepArg::Scratch(0),
+                    StepArg::Scratch(rows + 1),
+                    StepArg::Buffer(*out, 0),
+                    self.int(rows, "rows")?,
+                    self.int(width, "row width")?,
+                ];
+                Ok(vec![
+                    self.group_rows(*indices, count, rows)?,
+                    self.index_step(IndexOp::IndexAdd, rows * width, args),
+                ])
+            }
+            Library::OneHot {
+                depth,
+                indices,
+                out,
+            } => {
+                let count = self.numel(indices);
+                if count * depth == 0 {
+                    return Ok(Vec::new());
+                }
+                let args = vec![
+                    StepArg::Buffer(*indices, 0),
+                    StepArg::Buffer(*out, 0),
+                    StepArg::I64(count as i64),
+                    self.int(*depth, "depth")?,
+                    StepArg::Status,
+                    self.tag()?,
+                ];
+                Ok(vec![self.index_step(IndexOp::OneHot, count * depth, args)])
+            }
+            Library::TopK { k, x, out } => {
+                let len = self.dims(x).last().copied().unwrap_or(1);
+                let rows = self.numel(x) / len.max(1);
+                if rows * k == 0 {
+                    return Ok(Vec::new());
+                }
+                let args = vec![
+                    StepArg::Buffer(*x, 0),
+                    StepArg::Buffer(*out, 0),
+                    self.int(rows, "rows")?,
+                    self.int(len, "row length")?,
+                    self.int(*k, "k")?,
+                ];
+                Ok(vec![self.index_step(IndexOp::TopK, rows, args)])
+            }
+            Library::QuantizeDequantize {
+                format: QuantFormat::E4M3,
+                tile_rows,
+                tile_cols,
+                pow2_scales,
+                x,
+                out,
+            } => {
+                let dims = self.dims(x);
+                let rank = dims.len();
+                let cols = dims.last().copied().unwrap_or(1);
+                let rows = if rank >= 2 { dims[rank - 2] } else { 1 };
+                let matrices: usize = dims[..rank.saturating_sub(2)].iter().product();
+                if matrices * rows * cols == 0 {
+                    return Ok(Vec::new());
+                }
+                let params = FakeQuantizeParams {
+                    pow2_scales: *pow2_scales,
+                };
+                let tile = (*tile_rows as u64, *tile_cols as u64);
+                let grid = params
+                    .grid(matrices as u64, (rows as u64, cols as u64), tile)
+                    .ok_or_else(|| "more tiles than a grid holds".to_owned())?;
+                Ok(vec![LibraryStep {
+                    kernel: LibraryKernel::FakeQuantize(params),
+                    grid,
+                    args: vec![
+                        StepArg::Buffer(*x, 0),
+                        StepArg::Buffer(*out, 0),
+                        self.int(rows, "rows")?,
+                        self.int(cols, "cols")?,
+                        self.int(*tile_rows, "tile rows")?,
+                        self.int(*tile_cols, "tile cols")?,
+                    ],
+                }])
+            }
+        }
+    }
+
+    fn u32(&self, value: usize, what: &str) -> Result<u32, String> {
+        u32::try_from(value).map_err(|_| format!("{what} = {value} is too large for a grid"))
+    }
+
+    /// The batched GEMM on the three views (`[a, b, out]`, each `batch.len() + 2` strides).
+    fn matmul(
+        &self,
+        batch: &[usize],
+        (m, n, k): (usize, usize, usize),
+        views: [&View; 3],
+    ) -> Planned {
+        let batches: usize = batch.iter().product();
+        if batches * m * n == 0 {
+            return Ok(Vec::new());
+        }
+        // The kernel walks the batch with an int index.
+        self.int(batches, "batches")?;
+        let rank = batch.len();
+        let axes = merged_batch_axes(batch, views.map(|v| &v.strides[..rank]));
+        if axes.len() > MAX_BATCH_AXES {
+            return Err(format!(
+                "{} batch axes that cannot be merged (batch {batch:?}); the f32 GEMM takes {MAX_BATCH_AXES}",
+                axes.len()
+            ));
+        }
+        // Unused leading axes: extent 1, stride 0.
+        let mut padded = vec![(1usize, [0isize; 3]); MAX_BATCH_AXES - axes.len()];
+        padded.extend(axes);
+        let gemm = F32GemmParams::new(F32GemmKind::Batched);
+        let mut args: Vec<StepArg> = views
+            .iter()
+            .map(|v| StepArg::Buffer(v.buffer, v.offset))
+            .collect();
+        args.extend([self.int(m, "m")?, self.int(n, "n")?, self.int(k, "k")?]);
+        for (extent, _) in &padded {
+            args.push(self.int(*extent, "batch extent")?);
+        }
+        for (operand, view) in views.iter().enumerate() {
+            args.extend(padded.iter().map(|(_, s)| StepArg::I64(s[operand] as i64)));
+            args.push(StepArg::I64(view.strides[rank] as i64));
+            args.push(StepArg::I64(view.strides[rank + 1] as i64));
+        }
+        let grid = gemm.batched_grid(
+            self.u32(m, "m")?,
+            self.u32(n, "n")?,
+            self.u32(batches, "batches")?,
+        );
+        Ok(vec![LibraryStep {
+            kernel: LibraryKernel::Gemm(gemm),
+            grid,
+            args,
+        }])
+    }
+}
+
+/// The batch axes as (extent, stride of a, b and out), axes of extent 1 dropped and each axis
+/// folded into the next one when all three views step over it as one longer axis (stride =
+/// next stride × next extent), so that e.g. `[batch, heads]` becomes one axis.
+fn merged_batch_axes(batch: &[usize], strides: [&[isize]; 3]) -> Vec<(usize, [isize; 3])> {
+    let mut axes: Vec<(usize, [isize; 3])> = Vec::new();
+    for (d, &extent) in batch.iter().enumerate() {
+        if extent == 1 {
+            continue;
+        }
+        let s = strides.map(|s| s[d]);
+        match axes.last_mut() {
+            Some((outer, outer_s)) if (0..3).all(|i| outer_s[i] == s[i] * extent as isize) => {
+                *outer *= extent;
+                *outer_s = s;
+            }
+            _ => axes.push((extent, s)),
+        }
+    }
+    axes
+}
+
+#[cfg(test)]
+#[path = "library_tests.rs"]
+mod tests;

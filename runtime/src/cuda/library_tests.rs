@@ -1,0 +1,259 @@
+//! The library planner without a GPU: batch-axis merging, the arguments of awkward views, every
+//! call of the tiny model's training step planned (snapshotted with the instantiated wrappers)
+//! and compiled by NVRTC for sm_90a and sm_80, and a refusal that names the call.
+
+#![allow(clippy::unwrap_used)]
+
+use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::dtype::{DType, TensorType};
+use fathom_compiler::kernel::{Buffer, BufferRole, Kernel};
+use fathom_compiler::model::LossWeights;
+use fathom_compiler::training::training_graph;
+use fathom_kernels::nvrtc::nvrtc_unless_skipped;
+
+use super::*;
+use crate::cuda::library_samples::library_samples;
+
+fn tiny_training_program() -> Program {
+    let spec = fathom_compiler::spec::examples::micro();
+    let graph = training_graph(&spec, 1, 3, LossWeights::deepseek_v3())
+        .unwrap()
+        .graph;
+    compile(&graph, &CompileOptions::default()).unwrap().program
+}
+
+fn library_call_count(program: &Program) -> usize {
+    let calls = program.kernels.iter();
+    calls
+        .filter(|k| matches!(k.body, KernelBody::Library(_)))
+        .count()
+}
+
+#[test]
+fn contiguous_batch_axes_merge_and_others_stay() {
+    // [2, 3] batches of 4×5 matrices, all contiguous: one axis of 6.
+    let dense = [60isize, 20, 5, 1];
+    let axes = merged_batch_axes(&[2, 3], [&dense[..2], &dense[..2], &dense[..2]]);
+    assert_eq!(axes, vec![(6, [20, 20, 20])]);
+    // A broadcast operand (stride 0 on both axes) still merges; a transposed batch does not.
+    let axes = merged_batch_axes(&[2, 3], [&[60, 20], &[0, 0], &[20, 40]]);
+    assert_eq!(axes, vec![(2, [60, 0, 20]), (3, [20, 0, 40])]);
+    // Axes of extent 1 disappear whatever their stride.
+    let axes = merged_batch_axes(&[1, 3, 1], [&[7, 20, 9], &[7, 20, 9], &[7, 20, 9]]);
+    assert_eq!(axes, vec![(3, [20, 20, 20])]);
+}
+
+#[test]
+fn the_tiny_training_step_plans_every_library_call() {
+    let program = tiny_training_program();
+    let plan = LibraryPlan::of(&program).unwrap();
+    assert_eq!(plan.calls.len(), program.kernels.len());
+    assert_eq!(
+        plan.calls.iter().flatten().count(),
+        library_call_count(&program)
+    );
+    let kernels = plan.kernels();
+    // The training step uses every family: GEMMs (dense, grouped, weight-grad), the index
+    // operations and the grouping.
+    for family in [
+        "gemm_f32_batched",
+        "gemm_f32_grouped_m",
+        "gemm_f32_grouped_wgrad",
+        "index_group_rows",
+    ] {
+        assert!(
+            kernels.iter().any(|k| k.name().starts_with(family)),
+            "{family} missing: {}",
+            plan.table()
+        );
+    }
+    let wrappers: Vec<String> = kernels
+        .iter()
+        .map(|k| k.instantiate().unwrap().generated_wrapper().to_owned())
+        .collect();
+    insta::assert_snapshot!("tiny_training_library_plan", plan.table());
+    insta::assert_snapshot!("tiny_training_library_wrappers", wrappers.join("\n"));
+}
+
+#[test]
+fn the_tiny_training_steps_library_kernels_compile_for_sm90a_and_sm80() {
+    let Some(nvrtc) = nvrtc_unless_skipped().unwrap_or_else(|e| {
+        panic!("{e}\n(set FATHOM_SKIP_NVRTC=1 to skip the CUDA compile checks explicitly)")
+    }) else {
+        return;
+    };
+    let plan = LibraryPlan::of(&tiny_training_program()).unwrap();
+    let mut failures = Vec::new();
+    let mut report = String::new();
+    for kernel in plan.kernels() {
+        let source = kernel.instantiate().unwrap();
+        for arch in ["sm_90a", "sm_80"] {
+            let started = std::time::Instant::now();
+            match nvrtc.compile(&source, Some(arch)) {
+                Ok(compiled) if compiled.log.contains("warning") => {
+                    failures.push(format!("{} ({arch}): {}", source.name, compiled.log));
+                }
+                Ok(compiled) => {
+                    let r = compiled.resources.unwrap_or_default();
+                    report.push_str(&format!(
+                        "{:<36} {arch:<7} {:>4} regs {:>6} B smem {:>3} spill {:>5} ms\n",
+                        source.name,
+                        r.registers,
+                        r.static_smem_bytes,
+                        r.spill_store_bytes + r.spill_load_bytes,
+                        started.elapsed().as_millis()
+                    ));
+                    if r.spill_store_bytes + r.spill_load_bytes > 0 {
+                        failures.push(format!("{} ({arch}) spills", source.name));
+                    }
+                }
+                Err(e) => failures.push(format!("{} ({arch}): {e}", source.name)),
+            }
+        }
+    }
+    println!("{report}");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Finds the one step of `kernel` in a sample's plan.
+fn sample_step(name: &str, kernel: &str) -> LibraryStep {
+    let samples = library_samples().unwrap();
+    let sample = samples.iter().find(|s| s.name == name).unwrap();
+    let plan = LibraryPlan::of(&sample.program).unwrap();
+    let steps: Vec<&LibraryStep> = plan
+        .calls
+        .iter()
+        .flatten()
+        .flat_map(|c| &c.steps)
+        .filter(|s| s.kernel.name().starts_with(kernel))
+        .collect();
+    assert_eq!(steps.len(), 1, "{}", plan.table());
+    steps[0].clone()
+}
+
+#[test]
+fn awkward_views_become_strides_and_grids() {
+    // Arguments: a, b, out, m, n, k, d0, d1, d2, then per operand 3 batch strides, row, col.
+    let strides = |step: &LibraryStep, operand: usize| step.args[9 + 5 * operand..][..5].to_vec();
+    let odd = sample_step("matmul_odd_sides", "gemm_f32_batched");
+    assert_eq!(odd.grid, [2, 2, 1]);
+    assert_eq!(odd.args[3..9], [67, 70, 45, 1, 1, 1].map(StepArg::I32));
+    // Aᵀ read in place: rows of the view step by 1, columns by 67.
+    let transposed = sample_step("matmul_transposed_a", "gemm_f32_batched");
+    assert_eq!(
+        strides(&transposed, 0)[3..],
+        [StepArg::I64(1), StepArg::I64(67)]
+    );
+    // B broadcast over the [3, 5] batch (merged into one axis of 15): batch stride 0.
+    let broadcast = sample_step("matmul_broadcast_batch", "gemm_f32_batched");
+    assert_eq!(broadcast.grid, [1, 1, 15]);
+    assert_eq!(broadcast.args[6..9], [1, 1, 15].map(StepArg::I32));
+    assert_eq!(strides(&broadcast, 1)[2], StepArg::I64(0));
+    assert_eq!(strides(&broadcast, 0)[2], StepArg::I64(33 * 20));
+    // Kᵀ of [2, 4, 9, 16]: rows step by 1, columns by 16.
+    let qk = sample_step("matmul_batched_q_kt", "gemm_f32_batched");
+    assert_eq!(strides(&qk, 1)[3..], [StepArg::I64(1), StepArg::I64(16)]);
+    // 14 token-slots over 5 experts: ceil(14 / 64) + 5 block rows.
+    let grouped = sample_step("grouped_matmul_shared_x", "gemm_f32_grouped_m");
+    assert_eq!(grouped.grid, [1, 6, 1]);
+    let wgrad = sample_step("grouped_matmul_weight_grad", "gemm_f32_grouped_wgrad");
+    assert_eq!(wgrad.grid, [1, 1, 6]);
+}
+
+#[test]
+fn every_sample_plans_its_call() {
+    for sample in library_samples().unwrap() {
+        let plan = LibraryPlan::of(&sample.program).unwrap();
+        assert_eq!(
+            plan.calls.iter().flatten().count(),
+            library_call_count(&sample.program),
+            "{}",
+            sample.name
+        );
+        assert!(
+            plan.calls.iter().flatten().all(|c| !c.steps.is_empty()),
+            "{}",
+            sample.name
+        );
+    }
+}
+
+#[test]
+fn a_call_that_cannot_be_planned_is_refused_by_name() {
+    // A batch of 2×2×2×2 matrices (1×1) whose A walks its batch axes in the opposite order: no
+    // axes merge, and the f32 GEMM takes three.
+    let ty = TensorType::new(DType::F32, vec![2, 2, 2, 2, 1, 1]);
+    let buffer = |role| Buffer {
+        ty: ty.clone(),
+        role,
+    };
+    let view = |buffer, strides: [isize; 4]| View {
+        buffer: BufferId(buffer),
+        offset: 0,
+        strides: [&strides[..], &[1, 1]].concat(),
+    };
+    let call = Library::MatMul {
+        batch: vec![2, 2, 2, 2],
+        m: 1,
+        n: 1,
+        k: 1,
+        a: view(0, [1, 2, 4, 8]),
+        b: view(1, [8, 4, 2, 1]),
+        out: view(2, [8, 4, 2, 1]),
+    };
+    let program = Program {
+        name: "four_batch_axes".to_owned(),
+        buffers: vec![
+            buffer(BufferRole::Input("a".to_owned())),
+            buffer(BufferRole::Input("b".to_owned())),
+            buffer(BufferRole::Temporary),
+        ],
+        kernels: vec![Kernel {
+            name: "k0_matmul".to_owned(),
+            nodes: Vec::new(),
+            origin: String::new(),
+            body: KernelBody::Library(call),
+        }],
+        outputs: vec![("y".to_owned(), BufferId(2))],
+    };
+    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    assert!(error.contains("k0_matmul: 4 batch axes"), "{error}");
+    assert!(error.contains("takes 3"), "{error}");
+}
+
+#[test]
+fn comparison_accepts_rounding_within_the_dot_bound_only() {
+    use crate::cuda::library_samples::{Tolerance, compare_outputs};
+    let cpu = [1.0f32, -2.0, 0.0, f32::NAN];
+    // k = 8, Σ|a·b| = 4: bound 2·8·2⁻²⁴·4 ≈ 3.8e-6.
+    let magnitude = [4.0f32; 4];
+    let dot = Tolerance::Dot { k: 8 };
+    let close = [1.000_002_4f32, -2.0, -0.0, f32::NAN];
+    let result = compare_outputs(&close, &cpu, &magnitude, dot);
+    assert_eq!(result.mismatch, None);
+    assert!(
+        result.worst_ratio > 0.5 && result.worst_ratio <= 1.0,
+        "{result:?}"
+    );
+    let far = [1.0f32, -2.000_01, 0.0, f32::NAN];
+    assert_eq!(
+        compare_outputs(&far, &cpu, &magnitude, dot)
+            .mismatch
+            .map(|m| m.0),
+        Some(1)
+    );
+    // Exact: one ulp is a mismatch, NaN against a number too.
+    let ulp = [f32::from_bits(1.0f32.to_bits() + 1), -2.0, 0.0, f32::NAN];
+    assert!(
+        compare_outputs(&ulp, &cpu, &magnitude, Tolerance::Exact)
+            .mismatch
+            .is_some()
+    );
+    let nan = [1.0f32, -2.0, f32::NAN, f32::NAN];
+    assert_eq!(
+        compare_outputs(&nan, &cpu, &magnitude, Tolerance::Exact)
+            .mismatch
+            .map(|m| m.0),
+        Some(2)
+    );
+}
