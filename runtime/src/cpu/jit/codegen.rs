@@ -400,31 +400,28 @@ impl<'n> Emitter<'_, 'n> {
 
     /// A row of at least `LANE_SPLIT_MIN` elements reduced in the reference's order
     /// (`loops::fold_row`): four lane accumulators over the first 4⌊n/4⌋ elements, combined
-    /// as (l0 ∘ l1) ∘ (l2 ∘ l3), then the tail in order. Four lanes of a max stay in one
-    /// vector; sums widen each lane to f64 in an accumulator of its own.
+    /// as (l0 ∘ l1) ∘ (l2 ∘ l3), then the tail in order. On four-lane loads the accumulators are
+    /// vectors: one F32X4 for a max, two F64X2 (lanes 0–1 and 2–3 widened) for a sum; on
+    /// scalar loads, four scalars.
     fn reduce_in_lanes(&mut self, op: ReduceOp, value: &'n Expr, lanes: Lanes) -> Value {
         let n = self.plan.inner as i64;
         let split = n / 4 * 4;
         let init = self.reduce_init(op);
-        let vector_max = lanes == Lanes::Four && op == ReduceOp::Max;
-        let accs = if vector_max {
-            vec![self.b.ins().splat(types::F32X4, init)]
-        } else {
-            vec![init; 4]
+        let accs = match (lanes, op) {
+            (Lanes::Four, ReduceOp::Max) => vec![self.b.ins().splat(types::F32X4, init)],
+            (Lanes::Four, _) => vec![self.b.ins().splat(types::F64X2, init); 2],
+            (Lanes::One, _) => vec![init; 4],
         };
         let accs = self.counted_loop(split, 4, accs, |e, j, accs| match lanes {
             Lanes::Four => {
                 e.loads.clear();
                 let v = e.expr(value, Lanes::Four, Index::At(j));
-                if vector_max {
-                    vec![e.max4(accs[0], v)]
-                } else {
-                    (0..4u8)
-                        .map(|lane| {
-                            let x = e.b.ins().extractlane(v, lane);
-                            e.fold_one(op, accs[usize::from(lane)], x)
-                        })
-                        .collect()
+                match op {
+                    ReduceOp::Max => vec![e.max4(accs[0], v)],
+                    ReduceOp::Sum | ReduceOp::Mean => {
+                        let (low, high) = e.widen_halves(v);
+                        vec![e.b.ins().fadd(accs[0], low), e.b.ins().fadd(accs[1], high)]
+                    }
                 }
             }
             Lanes::One => (0..4)
@@ -436,12 +433,16 @@ impl<'n> Emitter<'_, 'n> {
                 })
                 .collect(),
         });
-        let lane_values: Vec<Value> = if vector_max {
-            (0..4u8)
-                .map(|lane| self.b.ins().extractlane(accs[0], lane))
-                .collect()
-        } else {
-            accs
+        let lane_values: Vec<Value> = match lanes {
+            Lanes::One => accs,
+            Lanes::Four => accs
+                .iter()
+                .flat_map(|&acc| {
+                    let count = if op == ReduceOp::Max { 4 } else { 2 };
+                    (0..count).map(move |lane| (acc, lane))
+                })
+                .map(|(acc, lane)| self.b.ins().extractlane(acc, lane))
+                .collect(),
         };
         let low = self.combine(op, lane_values[0], lane_values[1]);
         let high = self.combine(op, lane_values[2], lane_values[3]);
@@ -452,6 +453,18 @@ impl<'n> Emitter<'_, 'n> {
             acc = self.fold_one(op, acc, x);
         }
         acc
+    }
+
+    /// Lanes 0–1 and 2–3 of an F32X4, each widened to an F64X2 (exactly, as `fpromote`).
+    fn widen_halves(&mut self, v: Value) -> (Value, Value) {
+        let low = self.b.ins().fvpromote_low(v);
+        // Bytes 8..16 (lanes 2, 3) moved to the front.
+        let bytes = self.b.ins().bitcast(types::I8X16, little_endian(), v);
+        let order: Vec<u8> = (8..16).chain(0..8).collect();
+        let mask = self.b.func.dfg.immediates.push(order.into());
+        let swapped = self.b.ins().shuffle(bytes, bytes, mask);
+        let swapped = self.b.ins().bitcast(types::F32X4, little_endian(), swapped);
+        (low, self.b.ins().fvpromote_low(swapped))
     }
 
     /// Two partial results of a reduction combined (`b` folded into `a`).
