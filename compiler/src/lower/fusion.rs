@@ -11,6 +11,33 @@ use super::{
     temporary, what,
 };
 
+/// An elementwise node whose inlined expression has at most this many ops, all [`cheap`], is
+/// computed in every kernel that reads it instead of being stored once and loaded by each:
+/// memory traffic costs more than a few additions (the masked, scaled attention scores feed
+/// both the row max and the exponentials; backward reuses sums and products several times).
+const DUPLICATE_MAX_OPS: usize = 4;
+/// ... and at most this many users, so a value is not recomputed without bound.
+const DUPLICATE_MAX_USERS: usize = 4;
+
+/// What a kernel computes and loads for an inlined node.
+#[derive(Clone, Debug, Default)]
+struct Inlined {
+    ops: usize,
+    /// The stored values it reads at full size (each once, however often it appears).
+    reads: Vec<NodeId>,
+}
+
+/// Ops worth recomputing rather than storing: a handful of cycles, no call, no division.
+fn cheap(op: &Op) -> bool {
+    use crate::graph::{BinaryOp, UnaryOp};
+    match op {
+        Op::Unary(u) => matches!(u, UnaryOp::Neg | UnaryOp::Abs),
+        Op::Binary(b) => !matches!(b, BinaryOp::Div),
+        Op::Compare(_) | Op::Select => true,
+        _ => false,
+    }
+}
+
 pub(super) struct Lowering<'g> {
     graph: &'g Graph,
     classes: Vec<Class>,
@@ -89,8 +116,12 @@ impl<'g> Lowering<'g> {
     /// Which nodes get a buffer of their own.
     fn decide(&mut self) {
         let outputs: Vec<NodeId> = self.graph.outputs.iter().map(|o| o.node).collect();
+        // Per node, what its users' kernels do when it is inlined: `None` when that is not
+        // cheap (see `DUPLICATE_MAX_OPS`), else the ops computed and the full-size values read.
+        let mut inlined: Vec<Option<Inlined>> = vec![None; self.graph.nodes.len()];
         for id in self.graph.node_ids() {
             let i = id.index();
+            let node = self.graph.node(id);
             let users = &self.users[i];
             let inlinable_by = |user: &NodeId| {
                 matches!(
@@ -101,14 +132,63 @@ impl<'g> Lowering<'g> {
                     Op::Permute { .. } | Op::Slice { .. } | Op::Expand { .. }
                 )
             };
+            let expression = match self.classes[i] {
+                Class::Elementwise if cheap(&node.op) => {
+                    let mut expression = Inlined {
+                        ops: 1,
+                        reads: Vec::new(),
+                    };
+                    let mut all_cheap = true;
+                    for input in &node.inputs {
+                        let Some(operand) = &inlined[input.index()] else {
+                            all_cheap = false;
+                            break;
+                        };
+                        expression.ops += operand.ops;
+                        // A smaller operand is broadcast: a few values, read from cache.
+                        if self.graph.ty(*input).numel() == node.ty.numel() {
+                            for &r in &operand.reads {
+                                if !expression.reads.contains(&r) {
+                                    expression.reads.push(r);
+                                }
+                            }
+                        }
+                    }
+                    all_cheap.then_some(expression)
+                }
+                Class::Movement => inlined[node.inputs[0].index()].clone(),
+                Class::Scalar => Some(Inlined::default()),
+                _ => None,
+            };
+            // Read by several kernels, each computing it again: cheaper than a store and the
+            // loads when it is a few cheap ops on one full-size value (a masked, scaled score),
+            // not when it would make each reader load several (a residual sum).
+            let duplicated = expression
+                .as_ref()
+                .is_some_and(|e| e.ops <= DUPLICATE_MAX_OPS && e.reads.len() <= 1)
+                && users.len() <= DUPLICATE_MAX_USERS
+                && users.iter().all(|u| {
+                    matches!(self.classes[u.index()], Class::Elementwise | Class::Reduce)
+                });
             self.materialise[i] = match self.classes[i] {
                 Class::Leaf | Class::Library | Class::Assemble | Class::CrossEntropy => true,
                 Class::Scalar => false,
                 // Computed once, then read by several users or by one that needs memory.
-                Class::Elementwise | Class::Reduce => users.len() != 1 || !inlinable_by(&users[0]),
+                Class::Elementwise => {
+                    !duplicated && (users.len() != 1 || !inlinable_by(&users[0]))
+                }
+                Class::Reduce => users.len() != 1 || !inlinable_by(&users[0]),
                 // Movements are views; one is copied only when it must be an output.
                 Class::Movement => false,
             } || outputs.contains(&id);
+            inlined[i] = if self.materialise[i] {
+                Some(Inlined {
+                    ops: 0,
+                    reads: vec![id],
+                })
+            } else {
+                expression
+            };
         }
     }
 
