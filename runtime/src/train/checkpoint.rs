@@ -120,8 +120,9 @@ impl Trainer {
     /// Writes the run's state to `<root>/step-<step>` and points `<root>/latest` at it.
     /// Returns the checkpoint's directory.
     pub fn save_checkpoint(&self, root: &Path) -> Result<PathBuf, TrainError> {
-        let (state, weights, optimizer_state) = self.checkpoint_state();
-        let name = format!("step-{:08}", state.step);
+        let name = format!("step-{:08}", self.step_count());
+        let spec = self.spec().clone();
+        let (state, weights, optimizer_state) = self.checkpoint_state()?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TrainError::Io { path, source }
@@ -136,12 +137,12 @@ impl Trainer {
         let file = TrainerFile {
             format_version: FORMAT_VERSION,
             fathom_version: env!("CARGO_PKG_VERSION").to_owned(),
-            spec: self.spec().clone(),
+            spec,
             state,
         };
         let trainer_json = serde_json::to_string_pretty(&file).expect("trainer state serialises");
         write_synced(&staging.join("trainer.json"), trainer_json.as_bytes())?;
-        let config = serde_json::to_string_pretty(&config_json(self.spec())).expect("serialises");
+        let config = serde_json::to_string_pretty(&config_json(&file.spec)).expect("serialises");
         write_synced(&staging.join("config.json"), config.as_bytes())?;
         save_safetensors(&staging.join("model.safetensors"), weights.iter())?;
         save_safetensors(

@@ -1,6 +1,7 @@
 //! The training loop's state and its step.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 use fathom_compiler::pipeline::SimReport;
@@ -12,8 +13,8 @@ use crate::data::Batches;
 use crate::exec::Executable;
 use crate::interp::Feeds;
 use crate::optim::{
-    AdamW, Grads, LoadStats, accumulate_owned, add_expert_load, clip_global_norm,
-    update_balancing_bias,
+    AdamW, Grads, LoadStats, MomentPrecision, ShardPlan, ShardedAdamW, accumulate_owned,
+    add_expert_load, clip_to_norm, global_norm, update_balancing_bias,
 };
 use crate::parallel::{Pipeline, PipelineError, PipelineRun};
 use crate::tensor::{Data, HostTensor};
@@ -52,14 +53,31 @@ impl Engine {
             backend: settings.backend,
             parameters: &program.parameters,
         };
-        let pipeline = Pipeline::new(&settings.pipeline, run).map_err(|e| match e {
+        let setting = |e| match e {
             PipelineError::Settings(reason) => TrainError::Settings {
                 field: "pipeline".into(),
                 reason,
             },
             other => TrainError::Pipeline(other),
-        })?;
+        };
+        let pipeline = Pipeline::new(&settings.pipeline, run).map_err(setting)?;
         Ok(Engine::Pipeline(Box::new(pipeline)))
+    }
+
+    /// Who keeps the optimizer state of which parameter elements, and the ranks whose shards
+    /// this process keeps.
+    fn shard_plan(&self, sizes: &BTreeMap<String, usize>) -> (ShardPlan, BTreeSet<usize>) {
+        match self {
+            Engine::Whole(_) => {
+                let plan = ShardPlan::single(sizes.iter().map(|(n, &s)| (n.as_str(), s)));
+                (plan, BTreeSet::from([0]))
+            }
+            Engine::Pipeline(pipeline) => {
+                let plan = pipeline.shard_plan(sizes);
+                let owners = plan.owners();
+                (plan, owners)
+            }
+        }
     }
 }
 
@@ -70,7 +88,9 @@ pub struct Trainer {
     program: TrainingGraph,
     engine: Engine,
     weights: Weights,
-    optimizer: AdamW,
+    /// The AdamW state, sharded over the ranks holding each parameter (ZeRO-1; one shard on
+    /// one rank when the run is not parallel). Of a process's rank only its own shard.
+    optimizer: ShardedAdamW,
     data: Box<dyn Batches>,
     step: u64,
     /// When a pipelined run's ranks ran each op during the last step.
@@ -94,31 +114,33 @@ impl Trainer {
         weights: Weights,
         data: Box<dyn Batches>,
     ) -> Result<Self, TrainError> {
+        Self::fresh(spec, settings, weights, data)
+    }
+
+    fn fresh(
+        spec: ModelSpec,
+        settings: TrainSettings,
+        weights: Weights,
+        data: Box<dyn Batches>,
+    ) -> Result<Self, TrainError> {
         let program = Self::program(&spec, &settings, &weights, data.as_ref())?;
-        let engine = Engine::new(&spec, &settings, &program)?;
         let trainable = program.parameters.iter().map(|name| {
             (
                 name.as_str(),
                 weights.get(name).expect("checked against the graph"),
             )
         });
-        let optimizer = AdamW::new(settings.optimizer, trainable)?;
-        Ok(Trainer {
-            spec,
-            settings,
-            program,
-            engine,
-            weights,
-            optimizer,
-            data,
-            step: 0,
-            last_timeline: None,
-        })
+        let whole = AdamW::new(settings.optimizer, trainable)?;
+        Self::assemble(spec, settings, program, weights, whole, data, 0)
     }
 
     /// Continues the run saved in `checkpoint`; `data` must be the run's data source, which is
     /// moved to the saved position.
-    pub fn resume(checkpoint: Checkpoint, mut data: Box<dyn Batches>) -> Result<Self, TrainError> {
+    pub fn resume(checkpoint: Checkpoint, data: Box<dyn Batches>) -> Result<Self, TrainError> {
+        Self::restore(checkpoint, data)
+    }
+
+    fn restore(checkpoint: Checkpoint, mut data: Box<dyn Batches>) -> Result<Self, TrainError> {
         let Checkpoint {
             spec,
             weights,
@@ -128,7 +150,6 @@ impl Trainer {
         } = checkpoint;
         data.seek(&state.data_position)?;
         let program = Self::program(&spec, &state.settings, &weights, data.as_ref())?;
-        let engine = Engine::new(&spec, &state.settings, &program)?;
         let optimizer = AdamW::from_state(state.settings.optimizer, optimizer_state)?;
         let mismatch = |reason: String| TrainError::Checkpoint {
             path: path.join("optimizer.safetensors"),
@@ -139,7 +160,7 @@ impl Trainer {
                 "the optimizer state does not match the weights: {e}"
             ))
         })?;
-        let with_state: std::collections::BTreeSet<&str> = optimizer.trainable().collect();
+        let with_state: BTreeSet<&str> = optimizer.trainable().collect();
         if let Some(missing) = program
             .parameters
             .iter()
@@ -158,15 +179,47 @@ impl Trainer {
                 "AdamW moments for `{extra}`, which the model does not train"
             )));
         }
+        let step = state.step;
+        Self::assemble(
+            spec,
+            state.settings,
+            program,
+            weights,
+            optimizer,
+            data,
+            step,
+        )
+    }
+
+    /// The trainer around a whole optimizer, cut into the shards this process keeps.
+    #[allow(clippy::too_many_arguments)] // the parts of a trainer, each used once
+    fn assemble(
+        spec: ModelSpec,
+        settings: TrainSettings,
+        program: TrainingGraph,
+        weights: Weights,
+        whole: AdamW,
+        data: Box<dyn Batches>,
+        step: u64,
+    ) -> Result<Self, TrainError> {
+        let engine = Engine::new(&spec, &settings, &program)?;
+        let sizes: BTreeMap<String, usize> = program
+            .parameters
+            .iter()
+            .map(|name| (name.clone(), weights.get(name).map_or(0, |t| t.ty.numel())))
+            .collect();
+        let (plan, local) = engine.shard_plan(&sizes);
+        let optimizer = ShardedAdamW::new(&whole, plan, local)?;
+        drop(whole);
         Ok(Trainer {
             spec,
-            settings: state.settings,
+            settings,
             program,
             engine,
             weights,
             optimizer,
             data,
-            step: state.step,
+            step,
             last_timeline: None,
         })
     }
@@ -221,6 +274,47 @@ impl Trainer {
             Engine::Pipeline(pipeline) => Some(pipeline),
             Engine::Whole(_) => None,
         }
+    }
+
+    /// The optimizer's shards kept by this process.
+    pub fn optimizer(&self) -> &ShardedAdamW {
+        &self.optimizer
+    }
+
+    /// Bytes of AdamW moments each rank keeps, by rank (from the shard plan, so a process
+    /// knows the other ranks' too).
+    pub fn optimizer_bytes_per_rank(&self) -> BTreeMap<usize, u64> {
+        let per_element = match self.settings.optimizer.moments {
+            MomentPrecision::F32 => 8,
+            MomentPrecision::Bf16 => 4,
+        };
+        let mut bytes = BTreeMap::new();
+        for (_, pieces) in self.optimizer.plan().pieces() {
+            for piece in pieces {
+                *bytes.entry(piece.owner).or_insert(0) += (piece.range.len() * per_element) as u64;
+            }
+        }
+        bytes
+    }
+
+    /// One line on where the optimizer state lives and how much each rank keeps.
+    pub fn describe_optimizer(&self) -> String {
+        let bytes = self.optimizer_bytes_per_rank();
+        let total: u64 = bytes.values().sum();
+        let largest = bytes.values().copied().max().unwrap_or(0);
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let how = match (self.settings.pipeline.zero, self.pipeline()) {
+            (_, None) => "on one rank".to_owned(),
+            (0, Some(_)) => "ZeRO off: each parameter's on its first holder".to_owned(),
+            _ => "ZeRO-1: sharded over each parameter's holders".to_owned(),
+        };
+        format!(
+            "optimizer state (AdamW moments): {:.2} MiB in all, {:.2} MiB on the largest of {} \
+             rank(s) ({how})",
+            mib(total),
+            mib(largest),
+            bytes.len()
+        )
     }
 
     /// The measured timeline of the last pipelined step (milliseconds; see
@@ -296,7 +390,7 @@ impl Trainer {
                 value: losses.total,
             });
         }
-        let grad_norm = clip_global_norm(&mut grads, self.settings.clip_norm)?;
+        let grad_norm = global_norm(&grads);
         if !grad_norm.is_finite() {
             return Err(TrainError::Diverged {
                 step,
@@ -304,6 +398,7 @@ impl Trainer {
                 value: grad_norm,
             });
         }
+        clip_to_norm(&mut grads, grad_norm, self.settings.clip_norm)?;
         let learning_rate = self.settings.schedule.lr(self.step);
         self.optimizer
             .step(&mut self.weights, &grads, learning_rate)?;
@@ -347,18 +442,26 @@ impl Trainer {
         })
     }
 
-    /// Everything a checkpoint holds, borrowed.
-    pub fn checkpoint_state(&self) -> (TrainerState, &Weights, Vec<(String, HostTensor)>) {
+    /// Everything a checkpoint holds, with the whole optimizer state joined from its shards.
+    pub fn checkpoint_state(&self) -> Result<CheckpointState<'_>, TrainError> {
         let state = TrainerState {
             step: self.step,
             data_position: self.data.position(),
             settings: self.settings.clone(),
         };
-        (state, &self.weights, self.optimizer.state_tensors())
+        let optimizer = self.optimizer.joined(Vec::new())?;
+        Ok((
+            state,
+            Cow::Borrowed(&self.weights),
+            optimizer.state_tensors(),
+        ))
     }
 }
 
 type Outputs = BTreeMap<String, HostTensor>;
+
+/// What a checkpoint holds: the run's state, the weights and the optimizer state tensors.
+pub type CheckpointState<'a> = (TrainerState, Cow<'a, Weights>, Vec<(String, HostTensor)>);
 
 /// Loss outputs averaged over micro-batches.
 #[derive(Default)]
