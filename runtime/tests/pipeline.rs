@@ -493,7 +493,7 @@ fn zero(stage: u8, pipeline: PipelineSettings) -> PipelineSettings {
 
 /// The whole optimizer state of a trainer, as a checkpoint holds it.
 fn optimizer_state(t: &mut Trainer) -> Vec<(String, HostTensor)> {
-    t.checkpoint_state().unwrap().2
+    t.checkpoint_state().unwrap().unwrap().2
 }
 
 /// ZeRO-1 shards the AdamW moments over the replicas (and DualPipe's copies) and each shard

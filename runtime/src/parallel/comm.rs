@@ -185,6 +185,23 @@ pub trait Comm: Send {
     }
 }
 
+/// A borrowed connection is a connection: a process lends its [`super::TcpComm`] to each
+/// step's rank worker and keeps it for the next step.
+impl<C: Comm + ?Sized> Comm for &mut C {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world(&self) -> usize {
+        (**self).world()
+    }
+    fn send(&mut self, peer: usize, tag: Tag, tensor: HostTensor) -> Result<(), CommError> {
+        (**self).send(peer, tag, tensor)
+    }
+    fn recv(&mut self, peer: usize, tag: &Tag) -> Result<HostTensor, CommError> {
+        (**self).recv(peer, tag)
+    }
+}
+
 fn floats_of<'a>(
     rank: usize,
     tensor: &'a HostTensor,

@@ -118,11 +118,14 @@ pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>, TrainError> {
 
 impl Trainer {
     /// Writes the run's state to `<root>/step-<step>` and points `<root>/latest` at it.
-    /// Returns the checkpoint's directory.
-    pub fn save_checkpoint(&self, root: &Path) -> Result<PathBuf, TrainError> {
+    /// Returns the checkpoint's directory. When the ranks are processes every one must call
+    /// this: they send their shares to rank 0, which alone writes.
+    pub fn save_checkpoint(&mut self, root: &Path) -> Result<PathBuf, TrainError> {
         let name = format!("step-{:08}", self.step_count());
         let spec = self.spec().clone();
-        let (state, weights, optimizer_state) = self.checkpoint_state()?;
+        let Some((state, weights, optimizer_state)) = self.checkpoint_state()? else {
+            return Ok(root.join(name));
+        };
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TrainError::Io { path, source }

@@ -16,7 +16,10 @@ use crate::optim::{
     AdamW, Grads, LoadStats, MomentPrecision, ShardPlan, ShardedAdamW, accumulate_owned,
     add_expert_load, clip_to_norm, global_norm, update_balancing_bias,
 };
-use crate::parallel::{Pipeline, PipelineError, PipelineRun};
+use crate::parallel::{
+    Comm, Pipeline, PipelineError, PipelineRun, TcpComm, any_rank, gather_state, global_norm_over,
+    share_updates,
+};
 use crate::tensor::{Data, HostTensor};
 use crate::weights::Weights;
 
@@ -29,6 +32,8 @@ enum Engine {
     Whole(Executable),
     /// Pipeline stages on ranks that run a schedule over all the micro-batches at once.
     Pipeline(Box<Pipeline>),
+    /// One rank of the pipeline, the others being processes of their own.
+    Rank(Box<Pipeline>, TcpComm),
 }
 
 impl Engine {
@@ -36,8 +41,9 @@ impl Engine {
         spec: &ModelSpec,
         settings: &TrainSettings,
         program: &TrainingGraph,
+        group: Option<TcpComm>,
     ) -> Result<Engine, TrainError> {
-        if !settings.pipeline.is_parallel() {
+        if !settings.pipeline.is_parallel() && group.is_none() {
             return Ok(Engine::Whole(Executable::new(
                 program.graph.clone(),
                 settings.backend,
@@ -60,8 +66,13 @@ impl Engine {
             },
             other => TrainError::Pipeline(other),
         };
-        let pipeline = Pipeline::new(&settings.pipeline, run).map_err(setting)?;
-        Ok(Engine::Pipeline(Box::new(pipeline)))
+        let Some(comm) = group else {
+            let pipeline = Pipeline::new(&settings.pipeline, run).map_err(setting)?;
+            return Ok(Engine::Pipeline(Box::new(pipeline)));
+        };
+        let pipeline = Pipeline::for_rank(&settings.pipeline, run, comm.rank(), comm.world())
+            .map_err(setting)?;
+        Ok(Engine::Rank(Box::new(pipeline), comm))
     }
 
     /// Who keeps the optimizer state of which parameter elements, and the ranks whose shards
@@ -76,6 +87,9 @@ impl Engine {
                 let plan = pipeline.shard_plan(sizes);
                 let owners = plan.owners();
                 (plan, owners)
+            }
+            Engine::Rank(pipeline, comm) => {
+                (pipeline.shard_plan(sizes), BTreeSet::from([comm.rank()]))
             }
         }
     }
@@ -114,7 +128,21 @@ impl Trainer {
         weights: Weights,
         data: Box<dyn Batches>,
     ) -> Result<Self, TrainError> {
-        Self::fresh(spec, settings, weights, data)
+        Self::fresh(spec, settings, weights, data, None)
+    }
+
+    /// [`Trainer::new`] for one rank of a run whose ranks are processes (`group` connects it
+    /// to the others, `torchrun`-style; one process per pipeline rank and replica). Every
+    /// process reads the same data and starts from the same weights; each runs its rank's
+    /// schedule and keeps its shard of the optimizer state, and rank 0 writes checkpoints.
+    pub fn new_rank(
+        spec: ModelSpec,
+        settings: TrainSettings,
+        weights: Weights,
+        data: Box<dyn Batches>,
+        group: TcpComm,
+    ) -> Result<Self, TrainError> {
+        Self::fresh(spec, settings, weights, data, Some(group))
     }
 
     fn fresh(
@@ -122,6 +150,7 @@ impl Trainer {
         settings: TrainSettings,
         weights: Weights,
         data: Box<dyn Batches>,
+        group: Option<TcpComm>,
     ) -> Result<Self, TrainError> {
         let program = Self::program(&spec, &settings, &weights, data.as_ref())?;
         let trainable = program.parameters.iter().map(|name| {
@@ -131,16 +160,30 @@ impl Trainer {
             )
         });
         let whole = AdamW::new(settings.optimizer, trainable)?;
-        Self::assemble(spec, settings, program, weights, whole, data, 0)
+        Self::assemble(spec, settings, program, weights, whole, data, 0, group)
     }
 
     /// Continues the run saved in `checkpoint`; `data` must be the run's data source, which is
     /// moved to the saved position.
     pub fn resume(checkpoint: Checkpoint, data: Box<dyn Batches>) -> Result<Self, TrainError> {
-        Self::restore(checkpoint, data)
+        Self::restore(checkpoint, data, None)
     }
 
-    fn restore(checkpoint: Checkpoint, mut data: Box<dyn Batches>) -> Result<Self, TrainError> {
+    /// [`Trainer::resume`] for one rank of a run whose ranks are processes (see
+    /// [`Trainer::new_rank`]): each process reads the checkpoint and keeps its shard.
+    pub fn resume_rank(
+        checkpoint: Checkpoint,
+        data: Box<dyn Batches>,
+        group: TcpComm,
+    ) -> Result<Self, TrainError> {
+        Self::restore(checkpoint, data, Some(group))
+    }
+
+    fn restore(
+        checkpoint: Checkpoint,
+        mut data: Box<dyn Batches>,
+        group: Option<TcpComm>,
+    ) -> Result<Self, TrainError> {
         let Checkpoint {
             spec,
             weights,
@@ -188,6 +231,7 @@ impl Trainer {
             optimizer,
             data,
             step,
+            group,
         )
     }
 
@@ -201,8 +245,9 @@ impl Trainer {
         whole: AdamW,
         data: Box<dyn Batches>,
         step: u64,
+        group: Option<TcpComm>,
     ) -> Result<Self, TrainError> {
-        let engine = Engine::new(&spec, &settings, &program)?;
+        let engine = Engine::new(&spec, &settings, &program, group)?;
         let sizes: BTreeMap<String, usize> = program
             .parameters
             .iter()
@@ -271,9 +316,22 @@ impl Trainer {
     /// The pipeline's stages and schedule, when the run is pipelined.
     pub fn pipeline(&self) -> Option<&Pipeline> {
         match &self.engine {
-            Engine::Pipeline(pipeline) => Some(pipeline),
+            Engine::Pipeline(pipeline) | Engine::Rank(pipeline, _) => Some(pipeline),
             Engine::Whole(_) => None,
         }
+    }
+
+    /// This process's rank when the run's ranks are processes.
+    pub fn process_rank(&self) -> Option<usize> {
+        match &self.engine {
+            Engine::Rank(_, comm) => Some(comm.rank()),
+            _ => None,
+        }
+    }
+
+    /// Whether this process logs and writes checkpoints: rank 0, or the only process.
+    pub fn is_leader(&self) -> bool {
+        self.process_rank().is_none_or(|rank| rank == 0)
     }
 
     /// The optimizer's shards kept by this process.
@@ -317,6 +375,15 @@ impl Trainer {
         )
     }
 
+    /// Whether any rank asks to stop (each process's Ctrl-C), agreed by every process so that
+    /// they stop after the same step; `asks` itself when the ranks are not processes.
+    pub fn any_rank_stops(&mut self, asks: bool) -> Result<bool, TrainError> {
+        match &mut self.engine {
+            Engine::Rank(_, comm) => Ok(any_rank(comm, asks)?),
+            _ => Ok(asks),
+        }
+    }
+
     /// The measured timeline of the last pipelined step (milliseconds; see
     /// [`crate::parallel::PipelineStep::timeline`]).
     pub fn last_timeline(&self) -> Option<&SimReport> {
@@ -326,7 +393,7 @@ impl Trainer {
     /// Makes a pipeline rank fail or stall (tests of the failure paths); no effect on an
     /// unpipelined run.
     pub fn inject_fault(&mut self, fault: Option<crate::parallel::Fault>) {
-        if let Engine::Pipeline(pipeline) = &mut self.engine {
+        if let Engine::Pipeline(pipeline) | Engine::Rank(pipeline, _) = &mut self.engine {
             pipeline.inject(fault);
         }
     }
@@ -352,7 +419,7 @@ impl Trainer {
         let batches = (0..micro)
             .map(|_| self.data.next_batch())
             .collect::<Result<Vec<_>, _>>()?;
-        match &self.engine {
+        match &mut self.engine {
             Engine::Whole(executable) => {
                 for ids in batches {
                     let inputs = HashMap::from([("input_ids", ids)]);
@@ -381,6 +448,14 @@ impl Trainer {
                 loads = result.loads;
                 self.last_timeline = Some(result.timeline);
             }
+            Engine::Rank(pipeline, comm) => {
+                let result = pipeline.run_rank(comm, &self.weights, &batches)?;
+                for outputs in &result.losses {
+                    losses.add(outputs, scale);
+                }
+                grads = result.grads;
+                loads = result.loads;
+            }
         }
         let step = self.step + 1;
         if !losses.total.is_finite() {
@@ -390,7 +465,11 @@ impl Trainer {
                 value: losses.total,
             });
         }
-        let grad_norm = global_norm(&grads);
+        let grad_norm = match &mut self.engine {
+            // A process has only its ranks' gradients: the norm is summed with the others.
+            Engine::Rank(_, comm) => global_norm_over(comm, self.optimizer.plan(), &grads)?,
+            _ => global_norm(&grads),
+        };
         if !grad_norm.is_finite() {
             return Err(TrainError::Diverged {
                 step,
@@ -402,6 +481,9 @@ impl Trainer {
         let learning_rate = self.settings.schedule.lr(self.step);
         self.optimizer
             .step(&mut self.weights, &grads, learning_rate)?;
+        if let Engine::Rank(_, comm) = &mut self.engine {
+            share_updates(comm, self.optimizer.plan(), &mut self.weights)?;
+        }
         // The gradients' storage goes back to the compiled program for its next run.
         if let Engine::Whole(executable) = &self.engine {
             for (_, g) in grads {
@@ -443,18 +525,25 @@ impl Trainer {
     }
 
     /// Everything a checkpoint holds, with the whole optimizer state joined from its shards.
-    pub fn checkpoint_state(&self) -> Result<CheckpointState<'_>, TrainError> {
+    /// When the ranks are processes every one must call this (it gathers on rank 0), and only
+    /// rank 0 gets the state; the others get `None`.
+    pub fn checkpoint_state(&mut self) -> Result<Option<CheckpointState<'_>>, TrainError> {
         let state = TrainerState {
             step: self.step,
             data_position: self.data.position(),
             settings: self.settings.clone(),
         };
-        let optimizer = self.optimizer.joined(Vec::new())?;
-        Ok((
-            state,
-            Cow::Borrowed(&self.weights),
-            optimizer.state_tensors(),
-        ))
+        let (weights, optimizer) = match &mut self.engine {
+            Engine::Rank(_, comm) => match gather_state(comm, &self.weights, &self.optimizer)? {
+                Some((weights, optimizer)) => (Cow::Owned(weights), optimizer),
+                None => return Ok(None),
+            },
+            _ => (
+                Cow::Borrowed(&self.weights),
+                self.optimizer.joined(Vec::new())?,
+            ),
+        };
+        Ok(Some((state, weights, optimizer.state_tensors())))
     }
 }
 
