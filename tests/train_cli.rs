@@ -625,6 +625,27 @@ fn a_failed_rank_process_stops_the_others() {
             stderr(out)
         );
     }
+    // On the GPU backend the collectives go over NCCL: without a driver (or libnccl) joining
+    // is refused in one line, before any connection is tried.
+    if !fathom::runtime::cuda::device::driver_present() {
+        let text = std::fs::read_to_string(config).unwrap();
+        let cuda = dir.path().join("cuda.toml");
+        std::fs::write(
+            &cuda,
+            text.replace("[train]", "[train]\nbackend = \"cuda\""),
+        )
+        .unwrap();
+        let mut args = args;
+        args[2] = cuda.to_str().unwrap();
+        let outputs = rank_processes(1, &args, None);
+        let text = stderr(&outputs[0]);
+        assert!(!outputs[0].status.success());
+        assert!(
+            text.trim_end()
+                .ends_with("rank 0: NCCL: no CUDA driver found (libcuda.so not loadable)"),
+            "{text}"
+        );
+    }
     let lonely = Command::new(env!("CARGO_BIN_EXE_fathom"))
         .args(args)
         .args(["--launcher", "env"])

@@ -87,6 +87,21 @@ struct Slot {
 }
 
 impl Slot {
+    /// The state of the elements `start..start + m.len()` of a parameter of shape `dims`.
+    fn new(
+        dims: Vec<usize>,
+        start: usize,
+        precision: MomentPrecision,
+        m: Vec<f32>,
+        v: Vec<f32>,
+    ) -> Self {
+        Slot {
+            dims,
+            range: start..start + m.len(),
+            moments: Moments::new(precision, m, v),
+        }
+    }
+
     fn numel(&self) -> usize {
         self.dims.iter().product()
     }
@@ -192,11 +207,13 @@ impl AdamW {
         let mut slots = BTreeMap::new();
         for (name, tensor) in params {
             let n = f32_values(name, tensor)?.len();
-            let slot = Slot {
-                dims: tensor.dims().to_vec(),
-                range: 0..n,
-                moments: Moments::new(config.moments, vec![0.0; n], vec![0.0; n]),
-            };
+            let slot = Slot::new(
+                tensor.dims().to_vec(),
+                0,
+                config.moments,
+                vec![0.0; n],
+                vec![0.0; n],
+            );
             if slots.insert(name.to_owned(), slot).is_some() {
                 return Err(OptimError::DuplicateParameter {
                     param: name.to_owned(),
@@ -321,10 +338,7 @@ impl AdamW {
 
     /// Bytes of moments held (both of them, at their precision).
     pub fn state_bytes(&self) -> u64 {
-        let per_element = match self.config.moments {
-            MomentPrecision::F32 => 2 * 4,
-            MomentPrecision::Bf16 => 2 * 2,
-        };
+        let per_element = 2 * self.config.moments.bytes();
         self.slots
             .values()
             .map(|s| (s.range.len() * per_element) as u64)
@@ -398,16 +412,7 @@ impl AdamW {
                 m.extend(part.m);
                 v.extend(part.v);
             }
-            let range = start..start + m.len();
-            let moments = Moments::new(config.moments, m, v);
-            slots.insert(
-                param,
-                Slot {
-                    dims,
-                    range,
-                    moments,
-                },
-            );
+            slots.insert(param, Slot::new(dims, start, config.moments, m, v));
         }
         Ok(AdamW {
             config,
@@ -507,16 +512,7 @@ impl AdamW {
                     detail: format!("shape {v_dims:?} differs from the first moment's {dims:?}"),
                 });
             }
-            let range = 0..m.len();
-            let moments = Moments::new(config.moments, m, v);
-            slots.insert(
-                param,
-                Slot {
-                    dims,
-                    range,
-                    moments,
-                },
-            );
+            slots.insert(param, Slot::new(dims, 0, config.moments, m, v));
         }
         Ok(AdamW {
             config,

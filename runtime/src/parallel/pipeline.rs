@@ -299,13 +299,7 @@ impl Pipeline {
         weights: &Weights,
         micro_batches: &[HostTensor],
     ) -> Result<PipelineStep, PipelineError> {
-        if micro_batches.len() != self.micro_batches_per_step() {
-            return Err(PipelineError::Settings(format!(
-                "the pipeline runs {} micro-batches a step, got {}",
-                self.micro_batches_per_step(),
-                micro_batches.len()
-            )));
-        }
+        self.check_micro_batches(micro_batches.len())?;
         let holders = self.holders();
         let cancel = AtomicBool::new(false);
         let start = Instant::now();
@@ -348,6 +342,17 @@ impl Pipeline {
                 .collect()
         });
         self.combine(results, weights)
+    }
+
+    /// Refuses a step of another number of micro-batches than the pipeline runs.
+    pub(super) fn check_micro_batches(&self, count: usize) -> Result<(), PipelineError> {
+        match count == self.micro_batches_per_step() {
+            true => Ok(()),
+            false => Err(PipelineError::Settings(format!(
+                "the pipeline runs {} micro-batches a step, got {count}",
+                self.micro_batches_per_step()
+            ))),
+        }
     }
 
     /// For each parameter, the ranks that hold a copy (sorted): the ranks running its stage,

@@ -56,13 +56,7 @@ impl Pipeline {
                 comm.world()
             )));
         }
-        if micro_batches.len() != self.micro_batches_per_step() {
-            return Err(PipelineError::Settings(format!(
-                "the pipeline runs {} micro-batches a step, got {}",
-                self.micro_batches_per_step(),
-                micro_batches.len()
-            )));
-        }
+        self.check_micro_batches(micro_batches.len())?;
         let holders = self.holders();
         // Nobody else can cancel this process's rank: a failed peer shows as a closed
         // connection or a receive timeout instead.

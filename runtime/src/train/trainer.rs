@@ -13,11 +13,11 @@ use crate::data::Batches;
 use crate::exec::Executable;
 use crate::interp::Feeds;
 use crate::optim::{
-    AdamW, Grads, LoadStats, MomentPrecision, ShardPlan, ShardedAdamW, accumulate_owned,
-    add_expert_load, clip_to_norm, global_norm, update_balancing_bias,
+    AdamW, Grads, LoadStats, ShardPlan, ShardedAdamW, accumulate_owned, add_expert_load,
+    clip_to_norm, global_norm, update_balancing_bias,
 };
 use crate::parallel::{
-    Comm, Pipeline, PipelineError, PipelineRun, TcpComm, any_rank, gather_state, global_norm_over,
+    Comm, Pipeline, PipelineError, PipelineRun, any_rank, gather_state, global_norm_over,
     share_updates,
 };
 use crate::tensor::{Data, HostTensor};
@@ -32,8 +32,9 @@ enum Engine {
     Whole(Executable),
     /// Pipeline stages on ranks that run a schedule over all the micro-batches at once.
     Pipeline(Box<Pipeline>),
-    /// One rank of the pipeline, the others being processes of their own.
-    Rank(Box<Pipeline>, TcpComm),
+    /// One rank of the pipeline, the others being processes of their own, joined by TCP (or
+    /// NCCL on GPUs).
+    Rank(Box<Pipeline>, Box<dyn Comm>),
 }
 
 impl Engine {
@@ -41,7 +42,7 @@ impl Engine {
         spec: &ModelSpec,
         settings: &TrainSettings,
         program: &TrainingGraph,
-        group: Option<TcpComm>,
+        group: Option<Box<dyn Comm>>,
     ) -> Result<Engine, TrainError> {
         if !settings.pipeline.is_parallel() && group.is_none() {
             return Ok(Engine::Whole(Executable::new(
@@ -140,7 +141,7 @@ impl Trainer {
         settings: TrainSettings,
         weights: Weights,
         data: Box<dyn Batches>,
-        group: TcpComm,
+        group: Box<dyn Comm>,
     ) -> Result<Self, TrainError> {
         Self::fresh(spec, settings, weights, data, Some(group))
     }
@@ -150,7 +151,7 @@ impl Trainer {
         settings: TrainSettings,
         weights: Weights,
         data: Box<dyn Batches>,
-        group: Option<TcpComm>,
+        group: Option<Box<dyn Comm>>,
     ) -> Result<Self, TrainError> {
         let program = Self::program(&spec, &settings, &weights, data.as_ref())?;
         let trainable = program.parameters.iter().map(|name| {
@@ -174,7 +175,7 @@ impl Trainer {
     pub fn resume_rank(
         checkpoint: Checkpoint,
         data: Box<dyn Batches>,
-        group: TcpComm,
+        group: Box<dyn Comm>,
     ) -> Result<Self, TrainError> {
         Self::restore(checkpoint, data, Some(group))
     }
@@ -182,7 +183,7 @@ impl Trainer {
     fn restore(
         checkpoint: Checkpoint,
         mut data: Box<dyn Batches>,
-        group: Option<TcpComm>,
+        group: Option<Box<dyn Comm>>,
     ) -> Result<Self, TrainError> {
         let Checkpoint {
             spec,
@@ -245,7 +246,7 @@ impl Trainer {
         whole: AdamW,
         data: Box<dyn Batches>,
         step: u64,
-        group: Option<TcpComm>,
+        group: Option<Box<dyn Comm>>,
     ) -> Result<Self, TrainError> {
         let engine = Engine::new(&spec, &settings, &program, group)?;
         let sizes: BTreeMap<String, usize> = program
@@ -342,10 +343,8 @@ impl Trainer {
     /// Bytes of AdamW moments each rank keeps, by rank (from the shard plan, so a process
     /// knows the other ranks' too).
     pub fn optimizer_bytes_per_rank(&self) -> BTreeMap<usize, u64> {
-        let per_element = match self.settings.optimizer.moments {
-            MomentPrecision::F32 => 8,
-            MomentPrecision::Bf16 => 4,
-        };
+        // Two moments per element.
+        let per_element = 2 * self.settings.optimizer.moments.bytes();
         let mut bytes = BTreeMap::new();
         for (_, pieces) in self.optimizer.plan().pieces() {
             for piece in pieces {

@@ -13,7 +13,8 @@ use anyhow::{Context, bail};
 use fathom_compiler::pipeline::svg::timeline_svg;
 use fathom_compiler::pipeline::{Method, simulate};
 use fathom_compiler::precision::{Precision, PrecisionPolicy};
-use fathom_runtime::parallel::{Rendezvous, TcpComm};
+use fathom_runtime::exec::Backend;
+use fathom_runtime::parallel::{Comm, NcclComm, Rendezvous, TcpComm};
 use fathom_runtime::train::{Checkpoint, TrainSettings, Trainer, latest_checkpoint};
 
 use config::{DataSource, RunConfig};
@@ -272,26 +273,38 @@ fn apply_overrides(config: &mut RunConfig, args: &Args) {
 }
 
 /// Joins the group of processes a launcher started (`--launcher env`), waiting for the others
-/// at most the pipeline's receive timeout.
-fn join_group(settings: &TrainSettings) -> anyhow::Result<TcpComm> {
+/// at most the pipeline's receive timeout: over TCP, or with the collectives over NCCL on GPU
+/// `LOCAL_RANK` when the run's backend is `cuda`.
+fn join_group(settings: &TrainSettings) -> anyhow::Result<Box<dyn Comm>> {
     let rendezvous = Rendezvous::from_env()
         .map_err(anyhow::Error::msg)
         .context("--launcher env reads the launcher's variables")?;
     let timeout = std::time::Duration::from_secs_f64(settings.pipeline.timeout_seconds.max(1.0));
-    TcpComm::connect(&rendezvous, timeout).with_context(|| {
+    let joining = || {
         format!(
             "rank {} joining the group at {}",
             rendezvous.rank, rendezvous.master
         )
-    })
+    };
+    if settings.backend == Backend::Cuda {
+        let device = match std::env::var("LOCAL_RANK") {
+            Err(_) => 0,
+            Ok(text) => text
+                .trim()
+                .parse()
+                .with_context(|| format!("LOCAL_RANK=`{text}` is not a non-negative integer"))?,
+        };
+        let comm = NcclComm::connect(&rendezvous, device, timeout).with_context(joining)?;
+        return Ok(Box::new(comm));
+    }
+    let comm = TcpComm::connect(&rendezvous, timeout).with_context(joining)?;
+    Ok(Box::new(comm))
 }
 
 /// A fresh trainer, or the one saved in the checkpoint directory; `group` makes it one rank of
 /// a run whose ranks are processes.
-fn start(config: &RunConfig, group: Option<TcpComm>) -> anyhow::Result<Trainer> {
-    let leader = group
-        .as_ref()
-        .is_none_or(|g| fathom_runtime::parallel::Comm::rank(g) == 0);
+fn start(config: &RunConfig, group: Option<Box<dyn Comm>>) -> anyhow::Result<Trainer> {
+    let leader = group.as_ref().is_none_or(|g| g.rank() == 0);
     let settings = &config.train;
     if let Some(dir) = &config.checkpoint.dir
         && let Some(latest) = latest_checkpoint(dir)?
