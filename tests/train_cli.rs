@@ -431,3 +431,231 @@ fn pipelined_training_runs_resumes_and_reports_a_failed_rank() {
         stderr(&bad)
     );
 }
+
+/// Starts `world` processes of `fathom train ... --launcher env`, as torchrun would (its
+/// variables, 127.0.0.1 and a free port), and waits for them all.
+fn rank_processes(world: usize, args: &[&str], fault: Option<&str>) -> Vec<Output> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_fathom"));
+            command
+                .args(args)
+                .args(["--launcher", "env"])
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if let Some(fault) = fault {
+                command.env("FATHOM_INJECT_FAULT", fault);
+            }
+            command.spawn().unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+/// The same run with its ranks as threads of one process and as processes of their own, in
+/// `dir/threads` and `dir/processes`; returns the seconds each took.
+fn threads_and_processes(dir: &Path, config: &str, layout: &[&str], world: usize) -> (f64, f64) {
+    let args = |name: &str| -> Vec<String> {
+        let mut args: Vec<String> = ["train", "--config", config, "--checkpoint-dir"]
+            .map(String::from)
+            .into();
+        args.push(dir.join(name).join("ckpt").to_str().unwrap().to_owned());
+        args.push("--metrics".into());
+        args.push(
+            dir.join(name)
+                .join("metrics.jsonl")
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        args.extend(layout.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let started = Instant::now();
+    let threads = args("threads");
+    let threads: Vec<&str> = threads.iter().map(String::as_str).collect();
+    let run = fathom(&threads);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let threads_seconds = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let processes = args("processes");
+    let processes: Vec<&str> = processes.iter().map(String::as_str).collect();
+    let outputs = rank_processes(world, &processes, None);
+    let processes_seconds = started.elapsed().as_secs_f64();
+    for (rank, out) in outputs.iter().enumerate() {
+        assert!(out.status.success(), "rank {rank}: {}", stderr(out));
+        // Only rank 0 logs and writes.
+        assert_eq!(
+            stderr(out).contains("checkpoint:"),
+            rank == 0,
+            "rank {rank}: {}",
+            stderr(out)
+        );
+    }
+    (threads_seconds, processes_seconds)
+}
+
+/// Every metric line and the final checkpoint's tensors of two runs, compared bit for bit.
+fn assert_same_run(a: &Path, b: &Path, what: &str) {
+    let (ma, mb) = (metric_lines(a), metric_lines(b));
+    assert_eq!(ma.len(), mb.len(), "{what}: metric lines");
+    for (x, y) in ma.iter().zip(&mb) {
+        for key in ["step", "loss", "loss_mtp", "grad_norm", "expert_loads"] {
+            assert_eq!(x[key], y[key], "{what}: `{key}` at step {}", x["step"]);
+        }
+    }
+    let latest = |dir: &Path| {
+        let ckpt = dir.join("ckpt");
+        ckpt.join(std::fs::read_to_string(ckpt.join("latest")).unwrap().trim())
+    };
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let (x, y) = (
+            read_safetensors(&latest(a).join(file)).unwrap(),
+            read_safetensors(&latest(b).join(file)).unwrap(),
+        );
+        assert_eq!(x.len(), y.len(), "{what}: {file}");
+        for ((nx, tx), (ny, ty)) in x.iter().zip(y.iter()) {
+            assert_eq!(nx, ny, "{what}: {file}");
+            assert!(tx == ty, "{what}: {file}: `{nx}` differs");
+        }
+    }
+}
+
+/// `--launcher env`: one process per rank computes bit for bit what the threads compute: a
+/// DualPipe pipeline (2 processes, each holding both stages, their optimizer state sharded
+/// between them), and a pipeline with two replicas that split the routed experts (4 processes,
+/// the expert all-to-alls between processes).
+#[test]
+fn ranks_as_processes_train_like_ranks_as_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_file(dir.path(), 3);
+    let config = config.to_str().unwrap();
+    let layouts: [(&[&str], usize); 2] = [
+        (
+            &[
+                "--pp",
+                "2",
+                "--schedule",
+                "dualpipe",
+                "--micro-batches",
+                "4",
+            ],
+            2,
+        ),
+        (
+            &[
+                "--pp",
+                "2",
+                "--dp",
+                "2",
+                "--ep",
+                "2",
+                "--schedule",
+                "1f1b",
+                "--micro-batches",
+                "2",
+            ],
+            4,
+        ),
+    ];
+    for (layout, world) in layouts {
+        let what = layout.join(" ");
+        let here = dir.path().join(format!("world-{world}"));
+        let (threads, processes) = threads_and_processes(&here, config, layout, world);
+        eprintln!("{what}: threads {threads:.1}s, {world} processes {processes:.1}s");
+        assert_same_run(&here.join("threads"), &here.join("processes"), &what);
+    }
+}
+
+/// A rank process that fails stops the others with an error naming it, instead of a hang; a
+/// group of the wrong size and a missing launcher variable are refused, naming them.
+#[test]
+fn a_failed_rank_process_stops_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_file(dir.path(), 3);
+    let config = config.to_str().unwrap();
+    let args = [
+        "train",
+        "--config",
+        config,
+        "--pp",
+        "2",
+        "--schedule",
+        "1f1b",
+        "--micro-batches",
+        "4",
+    ];
+    let started = Instant::now();
+    let outputs = rank_processes(2, &args, Some("1:2:fail"));
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("a failed rank stopped the group in {seconds:.1}s");
+    assert!(seconds < 120.0, "took {seconds:.1}s");
+    let (rank0, rank1) = (stderr(&outputs[0]), stderr(&outputs[1]));
+    assert!(!outputs[0].status.success() && !outputs[1].status.success());
+    assert!(rank1.contains("pipeline rank 1 failed at op 2"), "{rank1}");
+    assert!(rank1.contains("injected failure"), "{rank1}");
+    assert!(rank0.contains("pipeline rank 0 failed"), "{rank0}");
+    assert!(
+        rank0.contains("rank 1 stopped") || rank0.contains("to rank 1: it has stopped"),
+        "{rank0}"
+    );
+    // Nothing was written before the first checkpoint was due.
+    assert!(!dir.path().join("ckpt").join("latest").exists());
+
+    let outputs = rank_processes(3, &args, None);
+    for out in &outputs {
+        assert!(!out.status.success());
+        assert!(
+            stderr(out).contains("run on 2 ranks, but the group has 3 processes"),
+            "{}",
+            stderr(out)
+        );
+    }
+    // On the GPU backend the collectives go over NCCL: without a driver (or libnccl) joining
+    // is refused in one line, before any connection is tried.
+    if !fathom::runtime::cuda::device::driver_present() {
+        let text = std::fs::read_to_string(config).unwrap();
+        let cuda = dir.path().join("cuda.toml");
+        std::fs::write(
+            &cuda,
+            text.replace("[train]", "[train]\nbackend = \"cuda\""),
+        )
+        .unwrap();
+        let mut args = args;
+        args[2] = cuda.to_str().unwrap();
+        let outputs = rank_processes(1, &args, None);
+        let text = stderr(&outputs[0]);
+        assert!(!outputs[0].status.success());
+        assert!(
+            text.trim_end()
+                .ends_with("rank 0: NCCL: no CUDA driver found (libcuda.so not loadable)"),
+            "{text}"
+        );
+    }
+    let lonely = Command::new(env!("CARGO_BIN_EXE_fathom"))
+        .args(args)
+        .args(["--launcher", "env"])
+        .env_remove("MASTER_ADDR")
+        .output()
+        .unwrap();
+    assert!(!lonely.status.success());
+    assert!(
+        stderr(&lonely).contains("the environment variable MASTER_ADDR is not set"),
+        "{}",
+        stderr(&lonely)
+    );
+}

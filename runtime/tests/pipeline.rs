@@ -20,7 +20,7 @@ use fathom_runtime::optim::{AdamWConfig, LrSchedule};
 use fathom_runtime::optim::{Grads, accumulate};
 use fathom_runtime::parallel::{Fault, FaultKind, Pipeline, PipelineRun, PipelineSettings};
 use fathom_runtime::tensor::HostTensor;
-use fathom_runtime::train::{StepReport, TrainError, TrainSettings, Trainer};
+use fathom_runtime::train::{Checkpoint, StepReport, TrainError, TrainSettings, Trainer};
 use fathom_runtime::weights::Weights;
 
 const BATCH: usize = 2;
@@ -77,6 +77,7 @@ fn pipelined(stages: usize, schedule: Method) -> PipelineSettings {
         data_parallel: 1,
         expert_parallel: 1,
         timeout_seconds: 60.0,
+        zero: 1,
     }
 }
 
@@ -481,4 +482,118 @@ fn impossible_pipelines_are_refused_with_the_setting() {
         err.contains("must divide the model's 4 routed experts"),
         "{err}"
     );
+}
+
+fn zero(stage: u8, pipeline: PipelineSettings) -> PipelineSettings {
+    PipelineSettings {
+        zero: stage,
+        ..pipeline
+    }
+}
+
+/// The whole optimizer state of a trainer, as a checkpoint holds it.
+fn optimizer_state(t: &mut Trainer) -> Vec<(String, HostTensor)> {
+    t.checkpoint_state().unwrap().unwrap().2
+}
+
+/// ZeRO-1 shards the AdamW moments over the replicas (and DualPipe's copies) and each shard
+/// updates its elements: the same bits as the unsharded update, weights and moments, with a
+/// fraction of the state per rank.
+#[test]
+fn zero_1_updates_the_same_bits_with_a_share_of_the_state_per_rank() {
+    let layouts = [
+        replicated(1, Method::OneFOneB, 4),
+        replicated(2, Method::OneFOneB, 2),
+        pipelined(2, Method::DualPipe),
+    ];
+    for layout in layouts {
+        let what = format!(
+            "{} pp={} dp={}",
+            layout.schedule, layout.stages, layout.data_parallel
+        );
+        let micro = 8 / layout.data_parallel;
+        let mut unsharded = trainer(micro, Backend::Cpu, zero(0, layout.clone()));
+        let mut sharded = trainer(micro, Backend::Cpu, zero(1, layout.clone()));
+        let reference = steps(&mut unsharded, 2);
+        let reports = steps(&mut sharded, 2);
+        for (r, s) in reports.iter().zip(&reference) {
+            assert_eq!((r.loss, r.grad_norm), (s.loss, s.grad_norm), "{what}");
+        }
+        assert_eq!(
+            max_weight_difference(sharded.weights(), unsharded.weights()).0,
+            0.0,
+            "{what}: weights"
+        );
+        assert!(
+            optimizer_state(&mut sharded) == optimizer_state(&mut unsharded),
+            "{what}: moments"
+        );
+
+        let total: u64 = unsharded.optimizer_bytes_per_rank().values().sum();
+        let per_rank = sharded.optimizer_bytes_per_rank();
+        // What the plan says each rank keeps is what its shard holds.
+        let held: BTreeMap<usize, u64> = sharded
+            .optimizer()
+            .shards()
+            .iter()
+            .map(|(&rank, shard)| (rank, shard.state_bytes()))
+            .collect();
+        assert_eq!(per_rank, held, "{what}");
+        assert_eq!(per_rank.values().sum::<u64>(), total, "{what}");
+        let largest = *per_rank.values().max().unwrap();
+        let unsharded_largest = *unsharded.optimizer_bytes_per_rank().values().max().unwrap();
+        eprintln!(
+            "{what}: {} bytes of moments; largest rank keeps {largest} with ZeRO-1, \
+             {unsharded_largest} without ({} ranks)",
+            total,
+            per_rank.len()
+        );
+        eprintln!("  {}", sharded.describe_optimizer());
+        if layout.stages == 1 {
+            // Every parameter on every replica: each keeps a quarter, up to one element of
+            // rounding per parameter.
+            assert_eq!(unsharded_largest, total, "{what}");
+            let share = total as f64 / 4.0;
+            for (&rank, &bytes) in &per_rank {
+                assert!(
+                    (bytes as f64 - share).abs() / share < 0.01,
+                    "{what}: rank {rank} keeps {bytes} of {total}"
+                );
+            }
+        } else {
+            // Two holders of every parameter (replicas, or DualPipe's two copies).
+            assert!(
+                (largest as f64) < 0.6 * unsharded_largest as f64,
+                "{what}: {largest} vs {unsharded_largest}"
+            );
+        }
+    }
+}
+
+/// A checkpoint holds the whole optimizer state (gathered from the shards): resuming a
+/// sharded run continues it bit for bit.
+#[test]
+fn a_sharded_run_resumes_bit_identically() {
+    let layout = replicated(2, Method::OneFOneB, 2);
+    let mut straight = trainer(4, Backend::Cpu, layout.clone());
+    let expected = steps(&mut straight, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = trainer(4, Backend::Cpu, layout);
+    steps(&mut first, 2);
+    let saved = first.save_checkpoint(dir.path()).unwrap();
+    drop(first);
+    let spec = spec();
+    let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 11).unwrap();
+    let data = SyntheticBatches::new(task, BATCH, SEQ).unwrap();
+    let checkpoint = Checkpoint::load(&saved).unwrap();
+    let mut resumed = Trainer::resume(checkpoint, Box::new(data)).unwrap();
+    let reports = steps(&mut resumed, 2);
+    for (r, e) in reports.iter().zip(&expected[2..]) {
+        assert_eq!((r.step, r.loss, r.grad_norm), (e.step, e.loss, e.grad_norm));
+    }
+    assert_eq!(
+        max_weight_difference(resumed.weights(), straight.weights()).0,
+        0.0
+    );
+    assert!(optimizer_state(&mut resumed) == optimizer_state(&mut straight));
 }

@@ -1,8 +1,13 @@
 //! AdamW with decoupled weight decay (Loshchilov & Hutter), computed as `torch.optim.AdamW`
 //! computes it, over FP32 master weights with FP32 or BF16 moments (DeepSeek-V3 keeps them in
 //! BF16, SPEC §2).
+//!
+//! An optimizer may hold the state of only a contiguous range of a parameter's elements: a
+//! shard of a ZeRO-1 optimizer ([`super::ShardedAdamW`]). The update is element-wise, so the
+//! shards together compute exactly what one whole optimizer computes.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use fathom_compiler::DType;
 use half::bf16;
@@ -72,11 +77,47 @@ impl Moments {
     }
 }
 
-/// One trainable parameter's state.
+/// One trainable parameter's state, for the elements `range` of it (all of them, unless the
+/// optimizer is a shard).
 #[derive(Clone, Debug, PartialEq)]
 struct Slot {
     dims: Vec<usize>,
+    range: Range<usize>,
     moments: Moments,
+}
+
+impl Slot {
+    /// The state of the elements `start..start + m.len()` of a parameter of shape `dims`.
+    fn new(
+        dims: Vec<usize>,
+        start: usize,
+        precision: MomentPrecision,
+        m: Vec<f32>,
+        v: Vec<f32>,
+    ) -> Self {
+        Slot {
+            dims,
+            range: start..start + m.len(),
+            moments: Moments::new(precision, m, v),
+        }
+    }
+
+    fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+/// The moments of a range of one parameter's elements, exact in f32: what a shard of a
+/// sharded optimizer holds, sends and receives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MomentPart {
+    pub param: String,
+    /// The whole parameter's shape.
+    pub dims: Vec<usize>,
+    /// The elements (of the flattened parameter) the moments are of.
+    pub range: Range<usize>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
 }
 
 /// The per-step f32 scalars, rounded from f64 as PyTorch rounds its Python-float scalars.
@@ -166,10 +207,13 @@ impl AdamW {
         let mut slots = BTreeMap::new();
         for (name, tensor) in params {
             let n = f32_values(name, tensor)?.len();
-            let slot = Slot {
-                dims: tensor.dims().to_vec(),
-                moments: Moments::new(config.moments, vec![0.0; n], vec![0.0; n]),
-            };
+            let slot = Slot::new(
+                tensor.dims().to_vec(),
+                0,
+                config.moments,
+                vec![0.0; n],
+                vec![0.0; n],
+            );
             if slots.insert(name.to_owned(), slot).is_some() {
                 return Err(OptimError::DuplicateParameter {
                     param: name.to_owned(),
@@ -231,22 +275,33 @@ impl AdamW {
         grads: &Grads,
         lr: f64,
     ) -> Result<(), OptimError> {
-        non_negative("lr", lr)?;
         if let Some(name) = grads.keys().find(|n| !self.slots.contains_key(*n)) {
             return Err(OptimError::UnexpectedGradient {
                 param: name.clone(),
             });
         }
+        self.step_held(params, grads, lr)
+    }
+
+    /// [`AdamW::step`] for the elements this optimizer holds, where `grads` may also hold
+    /// gradients of parameters it has no state for (those of other shards), which it leaves
+    /// alone. Each gradient still has as many values as its whole parameter.
+    pub fn step_held(
+        &mut self,
+        params: &mut impl ParamStore,
+        grads: &Grads,
+        lr: f64,
+    ) -> Result<(), OptimError> {
+        non_negative("lr", lr)?;
         self.check_params(params)?;
         for (name, slot) in &self.slots {
             let grad = grads.get(name).ok_or_else(|| OptimError::MissingGradient {
                 param: name.clone(),
             })?;
-            let expected: usize = slot.dims.iter().product();
-            if grad.len() != expected {
+            if grad.len() != slot.numel() {
                 return Err(OptimError::GradientLength {
                     param: name.clone(),
-                    expected,
+                    expected: slot.numel(),
                     found: grad.len(),
                 });
             }
@@ -264,10 +319,12 @@ impl AdamW {
             neg_step_size: (-(lr / (1.0 - c.beta1.powf(t)))) as f32,
         };
         for (name, slot) in &mut self.slots {
-            let grad = &grads[name];
+            let grad = &grads[name][slot.range.clone()];
             let decay = decays(name, &slot.dims);
+            let range = slot.range.clone();
             params.update_param(name, |tensor| {
                 if let Data::Float(p) = &mut tensor.data {
+                    let p = &mut p[range];
                     match &mut slot.moments {
                         Moments::F32 { m, v } => update(p, grad, m, v, &scalars, decay),
                         Moments::Bf16 { m, v } => update(p, grad, m, v, &scalars, decay),
@@ -279,9 +336,96 @@ impl AdamW {
         Ok(())
     }
 
+    /// Bytes of moments held (both of them, at their precision).
+    pub fn state_bytes(&self) -> u64 {
+        let per_element = 2 * self.config.moments.bytes();
+        self.slots
+            .values()
+            .map(|s| (s.range.len() * per_element) as u64)
+            .sum()
+    }
+
+    /// Whether every slot holds its whole parameter (not a shard's range of it).
+    pub fn is_whole(&self) -> bool {
+        self.slots.values().all(|s| s.range == (0..s.numel()))
+    }
+
+    /// The moments held, one part per parameter, in name order.
+    pub fn parts(&self) -> Vec<MomentPart> {
+        self.slots
+            .iter()
+            .map(|(name, slot)| {
+                let (m, v) = slot.moments.to_f32();
+                MomentPart {
+                    param: name.clone(),
+                    dims: slot.dims.clone(),
+                    range: slot.range.clone(),
+                    m,
+                    v,
+                }
+            })
+            .collect()
+    }
+
+    /// An optimizer at step `step` holding `parts`: the parts of one parameter (in any order)
+    /// must be adjacent ranges of it, which are joined; a parameter may be covered only in
+    /// part (a shard). Refuses, naming the parameter, parts of different shapes, overlapping
+    /// or gapped ranges, ranges outside the parameter, and moments of the wrong length.
+    pub fn from_parts(
+        config: AdamWConfig,
+        step: u64,
+        parts: impl IntoIterator<Item = MomentPart>,
+    ) -> Result<Self, OptimError> {
+        config.validate()?;
+        let mut by_param: BTreeMap<String, Vec<MomentPart>> = BTreeMap::new();
+        for part in parts {
+            by_param.entry(part.param.clone()).or_default().push(part);
+        }
+        let mut slots = BTreeMap::new();
+        for (param, mut parts) in by_param {
+            parts.sort_by_key(|p| p.range.start);
+            let bad = |detail: String| OptimError::BadState {
+                tensor: format!("{M_PREFIX}{param}"),
+                detail,
+            };
+            let dims = parts[0].dims.clone();
+            let numel: usize = dims.iter().product();
+            let start = parts[0].range.start;
+            let (mut m, mut v) = (Vec::new(), Vec::new());
+            for part in parts {
+                let expected_start = start + m.len();
+                if part.dims != dims
+                    || part.range.start != expected_start
+                    || part.range.end > numel
+                    || part.m.len() != part.range.len()
+                    || part.v.len() != part.range.len()
+                {
+                    return Err(bad(format!(
+                        "the part of elements {:?} (shape {:?}, {} and {} moments) does not \
+                         continue elements {start}..{expected_start} of shape {dims:?}",
+                        part.range,
+                        part.dims,
+                        part.m.len(),
+                        part.v.len()
+                    )));
+                }
+                m.extend(part.m);
+                v.extend(part.v);
+            }
+            slots.insert(param, Slot::new(dims, start, config.moments, m, v));
+        }
+        Ok(AdamW {
+            config,
+            step,
+            slots,
+        })
+    }
+
     /// The state to checkpoint, in name order: `adamw.m.<param>` and `adamw.v.<param>` (f32
     /// tensors of the parameter's shape; bf16 moments are exact in f32) and `adamw.step` (an
-    /// i64 scalar). [`AdamW::from_state`] restores it bit-exactly.
+    /// i64 scalar). [`AdamW::from_state`] restores it bit-exactly. Meant for a whole optimizer
+    /// ([`AdamW::is_whole`]; join shards with [`AdamW::from_parts`] first): a shard's moments
+    /// would not fill the parameter's shape.
     pub fn state_tensors(&self) -> Vec<(String, HostTensor)> {
         let mut ms = Vec::with_capacity(self.slots.len());
         let mut vs = Vec::with_capacity(self.slots.len());
@@ -368,8 +512,7 @@ impl AdamW {
                     detail: format!("shape {v_dims:?} differs from the first moment's {dims:?}"),
                 });
             }
-            let moments = Moments::new(config.moments, m, v);
-            slots.insert(param, Slot { dims, moments });
+            slots.insert(param, Slot::new(dims, 0, config.moments, m, v));
         }
         Ok(AdamW {
             config,

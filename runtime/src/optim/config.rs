@@ -14,6 +14,16 @@ pub enum MomentPrecision {
     Bf16,
 }
 
+impl MomentPrecision {
+    /// Bytes of one moment element.
+    pub fn bytes(self) -> usize {
+        match self {
+            MomentPrecision::F32 => 4,
+            MomentPrecision::Bf16 => 2,
+        }
+    }
+}
+
 /// AdamW hyper-parameters (the learning rate comes from the schedule, per step). Serialised
 /// with these field names; absent fields take the DeepSeek-V3 values of [`Default`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -52,17 +52,43 @@ pub fn accumulate_owned(into: &mut Grads, grads: Grads, scale: f32) -> Result<()
     Ok(())
 }
 
+/// The elements of a gradient whose squares are summed together (in parallel with the other
+/// chunks): fixed, so that the norm does not depend on the thread count.
+const NORM_CHUNK: usize = 1 << 14;
+
 /// The L2 norm of all gradients together, accumulated in f64 (deterministic): sums of squares
 /// of fixed chunks of each gradient (computed in parallel), added in name and chunk order.
 /// Infinite or NaN when some gradient is.
 pub fn global_norm(grads: &Grads) -> f64 {
-    const CHUNK: usize = 1 << 14;
-    let chunks: Vec<&[f32]> = grads.values().flat_map(|g| g.chunks(CHUNK)).collect();
+    norm_of_square_sums(square_sums(grads).values().flatten())
+}
+
+/// Per gradient, the sums of squares of its chunks, in chunk order: the parts of
+/// [`global_norm`], which ranks holding different gradients can compute apart and add up with
+/// [`norm_of_square_sums`] to the same bits.
+pub fn square_sums(grads: &Grads) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let chunks: Vec<(&str, &[f32])> = grads
+        .iter()
+        .flat_map(|(n, g)| g.chunks(NORM_CHUNK).map(move |c| (n.as_str(), c)))
+        .collect();
     let sums: Vec<f64> = chunks
         .par_iter()
-        .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+        .map(|(_, c)| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
         .collect();
-    sums.iter().sum::<f64>().sqrt()
+    let mut by_name: std::collections::BTreeMap<String, Vec<f64>> =
+        grads.keys().map(|n| (n.clone(), Vec::new())).collect();
+    for ((name, _), sum) in chunks.iter().zip(sums) {
+        by_name
+            .get_mut(*name)
+            .expect("every chunk's gradient")
+            .push(sum);
+    }
+    by_name
+}
+
+/// The norm from [`square_sums`] taken in name and chunk order.
+pub fn norm_of_square_sums<'a>(sums: impl IntoIterator<Item = &'a f64>) -> f64 {
+    sums.into_iter().sum::<f64>().sqrt()
 }
 
 /// Clips the gradients to global norm `max_norm` as `torch.nn.utils.clip_grad_norm_` does and
@@ -79,16 +105,24 @@ pub fn clip_global_norm(grads: &mut Grads, max_norm: Option<f64>) -> Result<f64,
         positive("max_norm", max_norm)?;
     }
     let norm = global_norm(grads);
+    clip_to_norm(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// [`clip_global_norm`] with the norm already known (summed over every rank's gradients, when
+/// `grads` are one rank's part of them).
+pub fn clip_to_norm(grads: &mut Grads, norm: f64, max_norm: Option<f64>) -> Result<(), OptimError> {
     let Some(max_norm) = max_norm else {
-        return Ok(norm);
+        return Ok(());
     };
+    positive("max_norm", max_norm)?;
     let coef = max_norm / (norm + 1e-6);
     if norm.is_finite() && coef < 1.0 {
         for x in grads.values_mut().flat_map(|g| g.iter_mut()) {
             *x = (f64::from(*x) * coef) as f32;
         }
     }
-    Ok(norm)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -16,13 +16,18 @@ mod config;
 mod grads;
 mod schedule;
 mod store;
+mod zero;
 
-pub use adamw::AdamW;
+pub use adamw::{AdamW, MomentPart};
 pub use balance::{LoadStats, add_expert_load, update_balancing_bias};
 pub use config::{AdamWConfig, MomentPrecision, decays, is_balancing_bias};
-pub use grads::{accumulate, accumulate_owned, clip_global_norm, global_norm};
+pub use grads::{
+    accumulate, accumulate_owned, clip_global_norm, clip_to_norm, global_norm, norm_of_square_sums,
+    square_sums,
+};
 pub use schedule::LrSchedule;
 pub use store::ParamStore;
+pub use zero::{Piece, ShardPlan, ShardedAdamW};
 
 use std::collections::BTreeMap;
 

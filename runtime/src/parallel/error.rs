@@ -35,6 +35,12 @@ pub enum PipelineError {
     },
     #[error("pipeline rank {rank} panicked: {message}")]
     Panicked { rank: usize, message: String },
+    #[error("pipeline rank {rank} failed while {what}: {source}")]
+    Collective {
+        rank: usize,
+        what: &'static str,
+        source: CommError,
+    },
 }
 
 /// What went wrong on a rank.

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::tensor::{Data, HostTensor};
 
-use super::comm::{Comm, ThreadComm};
+use super::comm::Comm;
+#[cfg(test)]
+use super::comm::ThreadComm;
 
 /// A rank's view of its expert-parallel group.
 pub trait ExpertExchange: Sync {
@@ -126,16 +128,16 @@ fn unpack(part: &[f32]) -> Result<Vec<(usize, &[f32])>, String> {
     Ok(entries)
 }
 
-/// The exchange of a rank thread: its group is given as global ranks, and a counter numbers
+/// The exchange of a rank (a thread or a process): its group is given as global ranks, and a counter numbers
 /// the exchanges so that each message meets its partner.
-pub(super) struct ThreadExchange<'a> {
-    pub(super) comm: &'a Mutex<ThreadComm>,
+pub(super) struct CommExchange<'a, C: Comm> {
+    pub(super) comm: &'a Mutex<C>,
     pub(super) group: &'a [usize],
     pub(super) member: usize,
     pub(super) counter: &'a AtomicU64,
 }
 
-impl ExpertExchange for ThreadExchange<'_> {
+impl<C: Comm> ExpertExchange for CommExchange<'_, C> {
     fn member(&self) -> usize {
         self.member
     }
@@ -184,7 +186,7 @@ mod tests {
                     s.spawn(move || {
                         let me = comm.rank();
                         let (comm, counter) = (Mutex::new(comm), AtomicU64::new(0));
-                        let exchange = ThreadExchange {
+                        let exchange = CommExchange {
                             comm: &comm,
                             group,
                             member: me,

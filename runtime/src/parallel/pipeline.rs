@@ -15,7 +15,7 @@ use fathom_compiler::precision::{PrecisionPolicy, apply_precision};
 use fathom_compiler::spec::ModelSpec;
 
 use crate::exec::{Backend, Executable};
-use crate::optim::{Grads, add_expert_load};
+use crate::optim::{Grads, ShardPlan, add_expert_load};
 use crate::tensor::HostTensor;
 use crate::weights::Weights;
 
@@ -23,7 +23,7 @@ use super::comm::{Comm, ThreadComm};
 use super::error::{PipelineError, is_consequence, panic_message};
 use super::experts::owner;
 use super::fault::Fault;
-use super::rank::{RankResult, RankWorker, floats};
+use super::rank::{RankResult, RankSummary, RankWorker, floats};
 use super::settings::PipelineSettings;
 use super::timeline;
 
@@ -42,6 +42,9 @@ pub struct PipelineStep {
     /// measured `costs` to compare.
     pub timeline: SimReport,
 }
+
+/// One micro-batch's loss outputs, by name.
+pub(super) type LossOutputs = BTreeMap<String, HostTensor>;
 
 /// One stage's compiled pieces.
 pub(super) struct StageProgram {
@@ -71,6 +74,8 @@ pub struct Pipeline {
     pub(super) losses: LossWeights,
     pub(super) timeout: Duration,
     pub(super) fault: Option<Fault>,
+    /// ZeRO-1: shard the optimizer state over each parameter's holders.
+    pub(super) zero: bool,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -103,6 +108,26 @@ impl Pipeline {
         settings: &PipelineSettings,
         run: PipelineRun<'_>,
     ) -> Result<Pipeline, PipelineError> {
+        Self::build(settings, run, None)
+    }
+
+    /// [`Pipeline::new`] for a process that runs only the global rank `rank` of a group of
+    /// `world` processes (see [`Pipeline::run_rank`]): compiles only the stages that rank runs.
+    /// The group must have one process per rank of the pipeline.
+    pub fn for_rank(
+        settings: &PipelineSettings,
+        run: PipelineRun<'_>,
+        rank: usize,
+        world: usize,
+    ) -> Result<Pipeline, PipelineError> {
+        Self::build(settings, run, Some((rank, world)))
+    }
+
+    fn build(
+        settings: &PipelineSettings,
+        run: PipelineRun<'_>,
+        only_rank: Option<(usize, usize)>,
+    ) -> Result<Pipeline, PipelineError> {
         let schedule = match settings.stages {
             1 => single_stage(run.micro_batches),
             stages => generate(settings.schedule, stages, run.micro_batches)
@@ -121,6 +146,30 @@ impl Pipeline {
                 settings.timeout_seconds
             )));
         }
+        if settings.zero > 1 {
+            return Err(PipelineError::Settings(format!(
+                "`zero` = {}: ZeRO stage 0 (off) or 1 (sharded optimizer state); stages 2 and 3 \
+                 are not implemented",
+                settings.zero
+            )));
+        }
+        let ranks = schedule.ranks.len() * settings.data_parallel;
+        if let Some((_, world)) = only_rank.filter(|&(rank, world)| world != ranks || rank >= world)
+        {
+            return Err(PipelineError::Settings(format!(
+                "{} stage(s) × {} replica(s) under {} run on {ranks} ranks, but the group has \
+                 {world} processes (WORLD_SIZE): start one process per rank",
+                settings.stages, settings.data_parallel, settings.schedule
+            )));
+        }
+        // The stages a process running one rank needs compiled (the parameters of the others
+        // still tell it who holds what).
+        let runs_stage = |stage: usize| match only_rank {
+            None => true,
+            Some((rank, _)) => {
+                stages_run(&schedule.ranks[rank % schedule.ranks.len()]).contains(&stage)
+            }
+        };
         let with_mtp = run.losses.mtp.is_some() && run.spec.mtp_depth > 0;
         let costs = layer_costs(run.spec, run.seq, with_mtp)?;
         let plan = StagePlan::balanced(&costs, settings.stages)?;
@@ -150,6 +199,7 @@ impl Pipeline {
                 &pieces,
                 run.backend,
                 &piece_options,
+                runs_stage(stage),
             )?);
         }
         Ok(Pipeline {
@@ -163,6 +213,7 @@ impl Pipeline {
             losses: run.losses,
             timeout: Duration::from_secs_f64(settings.timeout_seconds),
             fault: Fault::from_env().map_err(PipelineError::Settings)?,
+            zero: settings.zero == 1,
         })
     }
 
@@ -248,13 +299,7 @@ impl Pipeline {
         weights: &Weights,
         micro_batches: &[HostTensor],
     ) -> Result<PipelineStep, PipelineError> {
-        if micro_batches.len() != self.micro_batches_per_step() {
-            return Err(PipelineError::Settings(format!(
-                "the pipeline runs {} micro-batches a step, got {}",
-                self.micro_batches_per_step(),
-                micro_batches.len()
-            )));
-        }
+        self.check_micro_batches(micro_batches.len())?;
         let holders = self.holders();
         let cancel = AtomicBool::new(false);
         let start = Instant::now();
@@ -299,26 +344,35 @@ impl Pipeline {
         self.combine(results, weights)
     }
 
+    /// Refuses a step of another number of micro-batches than the pipeline runs.
+    pub(super) fn check_micro_batches(&self, count: usize) -> Result<(), PipelineError> {
+        match count == self.micro_batches_per_step() {
+            true => Ok(()),
+            false => Err(PipelineError::Settings(format!(
+                "the pipeline runs {} micro-batches a step, got {count}",
+                self.micro_batches_per_step()
+            ))),
+        }
+    }
+
     /// For each parameter, the ranks that hold a copy (sorted): the ranks running its stage,
     /// in every replica.
-    fn holders(&self) -> BTreeMap<String, Vec<usize>> {
+    pub(super) fn holders(&self) -> BTreeMap<String, Vec<usize>> {
         let mut holders: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
         let per_replica = self.schedule.ranks.len();
         for (rank, ops) in self.schedule.ranks.iter().enumerate() {
-            for op in ops {
-                if let ScheduleOp::F(c) | ScheduleOp::FB { f: c, .. } = op {
-                    for p in &self.stages[c.stage].parameters {
-                        // A routed expert lives on the member of each expert-parallel group
-                        // that owns it; everything else on every replica.
-                        let owner = routed_expert(p)
-                            .map(|e| owner(e, self.routed_experts, self.expert_parallel));
-                        for replica in 0..self.replicas {
-                            if owner.is_some_and(|o| o != replica % self.expert_parallel) {
-                                continue;
-                            }
-                            let global = replica * per_replica + rank;
-                            holders.entry(p.clone()).or_default().insert(global);
+            for stage in stages_run(ops) {
+                for p in &self.stages[stage].parameters {
+                    // A routed expert lives on the member of each expert-parallel group that
+                    // owns it; everything else on every replica.
+                    let owner = routed_expert(p)
+                        .map(|e| owner(e, self.routed_experts, self.expert_parallel));
+                    for replica in 0..self.replicas {
+                        if owner.is_some_and(|o| o != replica % self.expert_parallel) {
+                            continue;
                         }
+                        let global = replica * per_replica + rank;
+                        holders.entry(p.clone()).or_default().insert(global);
                     }
                 }
             }
@@ -350,38 +404,79 @@ impl Pipeline {
                 .unwrap_or(0);
             return Err(failures.swap_remove(root));
         }
-        let micro = self.micro_batches_per_step();
+        let holders = self.holders();
         let mut grads = Grads::new();
-        let mut loads: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        let mut parts: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); micro];
+        let mut summaries = Vec::with_capacity(ok.len());
         let mut clocks = Vec::with_capacity(ok.len());
         for result in ok {
             clocks.push(result.clock);
-            grads.extend(result.grads);
-            for (bias, load) in result.loads {
-                add_expert_load(&mut loads, &bias, load.into_iter());
-            }
-            for (mb, values) in result.losses {
-                for (name, value) in values {
-                    *parts[mb].entry(name).or_insert(0.0) += value;
-                }
-            }
+            summaries.push(result.summary);
+            // Every holder has the same sum: take the first holder's.
+            let rank = result.rank;
+            grads.extend(
+                result
+                    .grads
+                    .into_iter()
+                    .filter(|(name, _)| holders[name].first() == Some(&rank)),
+            );
         }
-        // Parameters no stage reads (the MTP modules with the MTP loss off) get zeros, as
-        // the whole-model graph gives them.
-        for name in &self.parameters {
-            if !grads.contains_key(name) {
-                let len = weights.get(name).map_or(0, |w| floats(w).len());
-                grads.insert(name.clone(), vec![0.0; len]);
-            }
-        }
-        let losses = parts.iter().map(|p| self.loss_outputs(p)).collect();
+        self.zero_unused(&mut grads, &holders, weights);
+        let (losses, loads) = self.merge(&summaries);
         Ok(PipelineStep {
             grads,
             losses,
             loads,
             timeline: timeline::measured(&self.schedule, clocks),
         })
+    }
+
+    /// Zero gradients for the parameters no stage reads (the MTP modules with the MTP loss
+    /// off), as the whole-model graph gives them. Rank 0 keeps their optimizer state.
+    pub(super) fn zero_unused(
+        &self,
+        grads: &mut Grads,
+        holders: &BTreeMap<String, Vec<usize>>,
+        weights: &Weights,
+    ) {
+        for name in self.parameters.iter().filter(|p| !holders.contains_key(*p)) {
+            let len = weights.get(name).map_or(0, |w| floats(w).len());
+            grads.insert(name.clone(), vec![0.0; len]);
+        }
+    }
+
+    /// The loss outputs of every micro-batch and the expert loads, from every rank's summary
+    /// (in rank order, which fixes the order of the sums).
+    pub(super) fn merge(
+        &self,
+        summaries: &[RankSummary],
+    ) -> (Vec<LossOutputs>, BTreeMap<String, Vec<f64>>) {
+        let mut loads: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut parts: Vec<BTreeMap<String, f64>> =
+            vec![BTreeMap::new(); self.micro_batches_per_step()];
+        for summary in summaries {
+            for (bias, load) in &summary.loads {
+                add_expert_load(&mut loads, bias, load.iter().copied());
+            }
+            for (&mb, values) in &summary.losses {
+                for (name, value) in values {
+                    *parts[mb].entry(name.clone()).or_insert(0.0) += value;
+                }
+            }
+        }
+        let losses = parts.iter().map(|p| self.loss_outputs(p)).collect();
+        (losses, loads)
+    }
+
+    /// Who keeps the optimizer state of which elements: every parameter's holders (rank 0
+    /// for the parameters no stage reads), sharded over them under ZeRO-1. `sizes`: every
+    /// trainable parameter's element count.
+    pub fn shard_plan(&self, sizes: &BTreeMap<String, usize>) -> ShardPlan {
+        let mut holders = self.holders();
+        for name in sizes.keys() {
+            holders.entry(name.clone()).or_insert_with(|| vec![0]);
+        }
+        holders.retain(|name, _| sizes.contains_key(name));
+        ShardPlan::new(sizes, holders, self.zero)
     }
 
     /// The whole-model loss outputs of one micro-batch from the stages' parts.
@@ -445,6 +540,16 @@ fn check_expert_parallel(
     Ok(())
 }
 
+/// The stages whose forward a rank's ops run (and so whose parameters it holds).
+fn stages_run(ops: &[ScheduleOp]) -> BTreeSet<usize> {
+    ops.iter()
+        .filter_map(|op| match op {
+            ScheduleOp::F(c) | ScheduleOp::FB { f: c, .. } => Some(c.stage),
+            _ => None,
+        })
+        .collect()
+}
+
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
@@ -489,11 +594,12 @@ fn compile_stage(
     pieces: &PhaseGraphs,
     backend: Backend,
     options: &CompileOptions,
+    compile: bool,
 ) -> Result<StageProgram, PipelineError> {
     let mut compiled: [Option<Executable>; 3] = [None, None, None];
     for phase in Phase::ALL {
         let graph = pieces.get(phase);
-        if graph.outputs.is_empty() {
+        if graph.outputs.is_empty() || !compile {
             continue;
         }
         let executable =

@@ -14,28 +14,38 @@ use crate::optim::{Grads, accumulate_owned, add_expert_load};
 use crate::tensor::{Data, HostTensor};
 use crate::weights::Weights;
 
-use super::comm::{Comm, Tag, ThreadComm};
+use super::comm::{Comm, Tag};
 use super::error::{PipelineError, RankFailure};
-use super::experts::ThreadExchange;
+use super::experts::CommExchange;
 use super::fault::FaultKind;
 use super::pipeline::Pipeline;
 use super::timeline::RankClock;
 
 /// What one rank hands back.
 pub(super) struct RankResult {
-    /// Reduced gradients of the parameters this rank is the first holder of.
+    pub(super) rank: usize,
+    /// Reduced gradients of the parameters this rank holds (every holder has the same sums).
     pub(super) grads: Grads,
-    /// Loss parts of the micro-batches whose stages ran here, by micro-batch.
-    pub(super) losses: BTreeMap<usize, BTreeMap<String, f64>>,
-    pub(super) loads: BTreeMap<String, Vec<f64>>,
+    pub(super) summary: RankSummary,
     pub(super) clock: RankClock,
 }
 
-/// One rank's state during a step.
-pub(super) struct RankWorker<'a> {
+/// What a rank's stages measured besides gradients: small enough for ranks in other processes
+/// to exchange whole.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct RankSummary {
+    /// Loss parts of the micro-batches whose stages ran here, by micro-batch.
+    pub(super) losses: BTreeMap<usize, BTreeMap<String, f64>>,
+    /// Tokens routed to each expert, per balancing bias.
+    pub(super) loads: BTreeMap<String, Vec<f64>>,
+}
+
+/// One rank's state during a step, whether the rank is a thread (with a [`super::ThreadComm`])
+/// or a process (with a [`super::TcpComm`]).
+pub(super) struct RankWorker<'a, C: Comm> {
     pipeline: &'a Pipeline,
     /// Locked only while a grouped expert GEMM exchanges rows (the worker owns it otherwise).
-    comm: Mutex<ThreadComm>,
+    comm: Mutex<C>,
     /// The ranks sharing this one's experts (itself included), in member order; empty without
     /// expert parallelism.
     expert_group: Vec<usize>,
@@ -52,15 +62,14 @@ pub(super) struct RankWorker<'a> {
     /// Per chunk in flight: its inputs and what its earlier pieces handed on.
     held: HashMap<Chunk, BTreeMap<String, HostTensor>>,
     grads: Grads,
-    losses: BTreeMap<usize, BTreeMap<String, f64>>,
-    loads: BTreeMap<String, Vec<f64>>,
+    summary: RankSummary,
     clock: RankClock,
 }
 
-impl<'a> RankWorker<'a> {
+impl<'a, C: Comm> RankWorker<'a, C> {
     pub(super) fn new(
         pipeline: &'a Pipeline,
-        comm: ThreadComm,
+        comm: C,
         weights: &'a Weights,
         micro_batches: &'a [HostTensor],
         start: Instant,
@@ -90,8 +99,7 @@ impl<'a> RankWorker<'a> {
             mailbox: HashMap::new(),
             held: HashMap::new(),
             grads: Grads::new(),
-            losses: BTreeMap::new(),
-            loads: BTreeMap::new(),
+            summary: RankSummary::default(),
             clock: RankClock::new(start),
         }
     }
@@ -121,7 +129,12 @@ impl<'a> RankWorker<'a> {
                 match fault.kind {
                     FaultKind::Fail => return Err(failed(RankFailure::Injected)),
                     FaultKind::Stall => {
-                        while !cancel.load(Ordering::SeqCst) {
+                        // Until the step is abandoned (threads), or at most a receive timeout
+                        // (a process, which no other rank can cancel).
+                        let stalled = Instant::now();
+                        while !cancel.load(Ordering::SeqCst)
+                            && stalled.elapsed() < self.pipeline.timeout
+                        {
                             std::thread::sleep(Duration::from_millis(5));
                         }
                         // A hung rank would not leave when the step is abandoned: stay silent
@@ -157,9 +170,9 @@ impl<'a> RankWorker<'a> {
                 failure: Box::new(failure),
             })?;
         Ok(RankResult {
+            rank,
             grads,
-            losses: std::mem::take(&mut self.losses),
-            loads: std::mem::take(&mut self.loads),
+            summary: std::mem::take(&mut self.summary),
             clock: std::mem::replace(&mut self.clock, RankClock::new(Instant::now())),
         })
     }
@@ -199,7 +212,7 @@ impl<'a> RankWorker<'a> {
         }
     }
 
-    fn comm(&mut self) -> &mut ThreadComm {
+    fn comm(&mut self) -> &mut C {
         self.comm.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -244,10 +257,11 @@ impl<'a> RankWorker<'a> {
                 self.mailbox.insert(msg, tensor);
             } else if let Some(bias) = name.strip_prefix("expert_load.") {
                 let load = floats(&tensor).iter().map(|&l| f64::from(l));
-                add_expert_load(&mut self.loads, bias, load);
+                add_expert_load(&mut self.summary.loads, bias, load);
             } else if name.starts_with("loss") {
                 let value = floats(&tensor).first().copied().unwrap_or(f32::NAN);
                 *self
+                    .summary
                     .losses
                     .entry(self.replica * self.micro_batches.len() + c.mb)
                     .or_default()
@@ -332,7 +346,7 @@ impl<'a> RankWorker<'a> {
                 if self.expert_group.len() < 2 {
                     return Ok(executable.run(&feeds)?);
                 }
-                let exchange = ThreadExchange {
+                let exchange = CommExchange {
                     comm: &self.comm,
                     group: &self.expert_group,
                     member: self.replica % self.expert_group.len(),
@@ -344,7 +358,7 @@ impl<'a> RankWorker<'a> {
         }
     }
 
-    /// Sums each parameter's gradient over the ranks holding it; the first holder keeps it.
+    /// Sums each parameter's gradient over the ranks holding it; every holder keeps the sum.
     fn reduce(&mut self, holders: &BTreeMap<String, Vec<usize>>) -> Result<Grads, RankFailure> {
         let rank = self.comm().rank();
         let mut kept = Grads::new();
@@ -358,9 +372,7 @@ impl<'a> RankWorker<'a> {
                 ))
             })?;
             self.comm().all_reduce_sum(group, name, &mut values)?;
-            if group[0] == rank {
-                kept.insert(name.clone(), values);
-            }
+            kept.insert(name.clone(), values);
         }
         Ok(kept)
     }

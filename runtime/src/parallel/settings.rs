@@ -27,6 +27,13 @@ pub struct PipelineSettings {
     /// How long a rank waits for a message before it reports its peer as stalled.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: f64,
+    /// ZeRO stage: 1 (the default) shards the AdamW moments over the ranks holding each
+    /// parameter (its data-parallel replicas, DualPipe's two copies), each updating its share
+    /// of the elements and sending the new weights to the others; 0 keeps each parameter's
+    /// whole state on its first holder. Both compute the same bits; 1 needs 1/holders of the
+    /// memory per rank.
+    #[serde(default = "one_u8")]
+    pub zero: u8,
 }
 
 impl Default for PipelineSettings {
@@ -37,6 +44,7 @@ impl Default for PipelineSettings {
             data_parallel: 1,
             expert_parallel: 1,
             timeout_seconds: default_timeout(),
+            zero: 1,
         }
     }
 }
@@ -49,6 +57,10 @@ impl PipelineSettings {
 }
 
 fn one() -> usize {
+    1
+}
+
+fn one_u8() -> u8 {
     1
 }
 

@@ -366,7 +366,7 @@ fn read_values<const N: usize, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fathom_compiler::pipeline::{Chunk, Message, Payload};
+    use crate::parallel::comm::collective_suite;
 
     fn free_port() -> u16 {
         TcpListener::bind("127.0.0.1:0")
@@ -377,58 +377,22 @@ mod tests {
     }
 
     #[test]
-    fn processes_style_ranks_connect_and_run_the_collectives() {
+    fn processes_style_ranks_connect_and_pass_the_collective_suite() {
         let master = format!("127.0.0.1:{}", free_port());
         let world = 3;
-        let results: Vec<(Vec<f32>, Vec<i64>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..world)
-                .map(|rank| {
-                    let rendezvous = Rendezvous {
-                        master: master.clone(),
-                        rank,
-                        world,
-                    };
-                    s.spawn(move || {
-                        let mut comm =
-                            TcpComm::connect(&rendezvous, Duration::from_secs(20)).unwrap();
-                        let r = rank as f32;
-                        let mut values = vec![r, 10.0 * r, f32::MIN_POSITIVE];
-                        comm.all_reduce_sum(&[0, 1, 2], "x", &mut values).unwrap();
-                        // A pipeline transfer around the ring, with integers, sent out of order.
-                        let next = (rank + 1) % world;
-                        let prev = (rank + world - 1) % world;
-                        for mb in [1, 0] {
-                            let tag = Tag::Pipeline(Message {
-                                payload: Payload::Activation,
-                                chunk: Chunk::new(mb, rank),
-                            });
-                            comm.send(
-                                next,
-                                tag,
-                                HostTensor::i64([2], vec![rank as i64, mb as i64]),
-                            )
-                            .unwrap();
-                        }
-                        let got = comm
-                            .recv(
-                                prev,
-                                &Tag::Pipeline(Message {
-                                    payload: Payload::Activation,
-                                    chunk: Chunk::new(0, prev),
-                                }),
-                            )
-                            .unwrap();
-                        comm.barrier("end").unwrap();
-                        (values, got.as_i64().unwrap().to_vec())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        std::thread::scope(|s| {
+            for rank in 0..world {
+                let rendezvous = Rendezvous {
+                    master: master.clone(),
+                    rank,
+                    world,
+                };
+                s.spawn(move || {
+                    let mut comm = TcpComm::connect(&rendezvous, Duration::from_secs(20)).unwrap();
+                    collective_suite(&mut comm);
+                });
+            }
         });
-        for (rank, (values, got)) in results.into_iter().enumerate() {
-            assert_eq!(values, vec![3.0, 30.0, 3.0 * f32::MIN_POSITIVE]);
-            assert_eq!(got, vec![((rank + world - 1) % world) as i64, 0]);
-        }
     }
 
     #[test]

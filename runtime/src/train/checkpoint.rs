@@ -118,10 +118,14 @@ pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>, TrainError> {
 
 impl Trainer {
     /// Writes the run's state to `<root>/step-<step>` and points `<root>/latest` at it.
-    /// Returns the checkpoint's directory.
-    pub fn save_checkpoint(&self, root: &Path) -> Result<PathBuf, TrainError> {
-        let (state, weights, optimizer_state) = self.checkpoint_state();
-        let name = format!("step-{:08}", state.step);
+    /// Returns the checkpoint's directory. When the ranks are processes every one must call
+    /// this: they send their shares to rank 0, which alone writes.
+    pub fn save_checkpoint(&mut self, root: &Path) -> Result<PathBuf, TrainError> {
+        let name = format!("step-{:08}", self.step_count());
+        let spec = self.spec().clone();
+        let Some((state, weights, optimizer_state)) = self.checkpoint_state()? else {
+            return Ok(root.join(name));
+        };
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TrainError::Io { path, source }
@@ -136,12 +140,12 @@ impl Trainer {
         let file = TrainerFile {
             format_version: FORMAT_VERSION,
             fathom_version: env!("CARGO_PKG_VERSION").to_owned(),
-            spec: self.spec().clone(),
+            spec,
             state,
         };
         let trainer_json = serde_json::to_string_pretty(&file).expect("trainer state serialises");
         write_synced(&staging.join("trainer.json"), trainer_json.as_bytes())?;
-        let config = serde_json::to_string_pretty(&config_json(self.spec())).expect("serialises");
+        let config = serde_json::to_string_pretty(&config_json(&file.spec)).expect("serialises");
         write_synced(&staging.join("config.json"), config.as_bytes())?;
         save_safetensors(&staging.join("model.safetensors"), weights.iter())?;
         save_safetensors(

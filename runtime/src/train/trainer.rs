@@ -1,6 +1,7 @@
 //! The training loop's state and its step.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 use fathom_compiler::pipeline::SimReport;
@@ -12,10 +13,13 @@ use crate::data::Batches;
 use crate::exec::Executable;
 use crate::interp::Feeds;
 use crate::optim::{
-    AdamW, Grads, LoadStats, accumulate_owned, add_expert_load, clip_global_norm,
-    update_balancing_bias,
+    AdamW, Grads, LoadStats, ShardPlan, ShardedAdamW, accumulate_owned, add_expert_load,
+    clip_to_norm, global_norm, update_balancing_bias,
 };
-use crate::parallel::{Pipeline, PipelineError, PipelineRun};
+use crate::parallel::{
+    Comm, Pipeline, PipelineError, PipelineRun, any_rank, gather_state, global_norm_over,
+    share_updates,
+};
 use crate::tensor::{Data, HostTensor};
 use crate::weights::Weights;
 
@@ -28,6 +32,9 @@ enum Engine {
     Whole(Executable),
     /// Pipeline stages on ranks that run a schedule over all the micro-batches at once.
     Pipeline(Box<Pipeline>),
+    /// One rank of the pipeline, the others being processes of their own, joined by TCP (or
+    /// NCCL on GPUs).
+    Rank(Box<Pipeline>, Box<dyn Comm>),
 }
 
 impl Engine {
@@ -35,8 +42,9 @@ impl Engine {
         spec: &ModelSpec,
         settings: &TrainSettings,
         program: &TrainingGraph,
+        group: Option<Box<dyn Comm>>,
     ) -> Result<Engine, TrainError> {
-        if !settings.pipeline.is_parallel() {
+        if !settings.pipeline.is_parallel() && group.is_none() {
             return Ok(Engine::Whole(Executable::new(
                 program.graph.clone(),
                 settings.backend,
@@ -52,14 +60,39 @@ impl Engine {
             backend: settings.backend,
             parameters: &program.parameters,
         };
-        let pipeline = Pipeline::new(&settings.pipeline, run).map_err(|e| match e {
+        let setting = |e| match e {
             PipelineError::Settings(reason) => TrainError::Settings {
                 field: "pipeline".into(),
                 reason,
             },
             other => TrainError::Pipeline(other),
-        })?;
-        Ok(Engine::Pipeline(Box::new(pipeline)))
+        };
+        let Some(comm) = group else {
+            let pipeline = Pipeline::new(&settings.pipeline, run).map_err(setting)?;
+            return Ok(Engine::Pipeline(Box::new(pipeline)));
+        };
+        let pipeline = Pipeline::for_rank(&settings.pipeline, run, comm.rank(), comm.world())
+            .map_err(setting)?;
+        Ok(Engine::Rank(Box::new(pipeline), comm))
+    }
+
+    /// Who keeps the optimizer state of which parameter elements, and the ranks whose shards
+    /// this process keeps.
+    fn shard_plan(&self, sizes: &BTreeMap<String, usize>) -> (ShardPlan, BTreeSet<usize>) {
+        match self {
+            Engine::Whole(_) => {
+                let plan = ShardPlan::single(sizes.iter().map(|(n, &s)| (n.as_str(), s)));
+                (plan, BTreeSet::from([0]))
+            }
+            Engine::Pipeline(pipeline) => {
+                let plan = pipeline.shard_plan(sizes);
+                let owners = plan.owners();
+                (plan, owners)
+            }
+            Engine::Rank(pipeline, comm) => {
+                (pipeline.shard_plan(sizes), BTreeSet::from([comm.rank()]))
+            }
+        }
     }
 }
 
@@ -70,7 +103,9 @@ pub struct Trainer {
     program: TrainingGraph,
     engine: Engine,
     weights: Weights,
-    optimizer: AdamW,
+    /// The AdamW state, sharded over the ranks holding each parameter (ZeRO-1; one shard on
+    /// one rank when the run is not parallel). Of a process's rank only its own shard.
+    optimizer: ShardedAdamW,
     data: Box<dyn Batches>,
     step: u64,
     /// When a pipelined run's ranks ran each op during the last step.
@@ -94,31 +129,62 @@ impl Trainer {
         weights: Weights,
         data: Box<dyn Batches>,
     ) -> Result<Self, TrainError> {
+        Self::fresh(spec, settings, weights, data, None)
+    }
+
+    /// [`Trainer::new`] for one rank of a run whose ranks are processes (`group` connects it
+    /// to the others, `torchrun`-style; one process per pipeline rank and replica). Every
+    /// process reads the same data and starts from the same weights; each runs its rank's
+    /// schedule and keeps its shard of the optimizer state, and rank 0 writes checkpoints.
+    pub fn new_rank(
+        spec: ModelSpec,
+        settings: TrainSettings,
+        weights: Weights,
+        data: Box<dyn Batches>,
+        group: Box<dyn Comm>,
+    ) -> Result<Self, TrainError> {
+        Self::fresh(spec, settings, weights, data, Some(group))
+    }
+
+    fn fresh(
+        spec: ModelSpec,
+        settings: TrainSettings,
+        weights: Weights,
+        data: Box<dyn Batches>,
+        group: Option<Box<dyn Comm>>,
+    ) -> Result<Self, TrainError> {
         let program = Self::program(&spec, &settings, &weights, data.as_ref())?;
-        let engine = Engine::new(&spec, &settings, &program)?;
         let trainable = program.parameters.iter().map(|name| {
             (
                 name.as_str(),
                 weights.get(name).expect("checked against the graph"),
             )
         });
-        let optimizer = AdamW::new(settings.optimizer, trainable)?;
-        Ok(Trainer {
-            spec,
-            settings,
-            program,
-            engine,
-            weights,
-            optimizer,
-            data,
-            step: 0,
-            last_timeline: None,
-        })
+        let whole = AdamW::new(settings.optimizer, trainable)?;
+        Self::assemble(spec, settings, program, weights, whole, data, 0, group)
     }
 
     /// Continues the run saved in `checkpoint`; `data` must be the run's data source, which is
     /// moved to the saved position.
-    pub fn resume(checkpoint: Checkpoint, mut data: Box<dyn Batches>) -> Result<Self, TrainError> {
+    pub fn resume(checkpoint: Checkpoint, data: Box<dyn Batches>) -> Result<Self, TrainError> {
+        Self::restore(checkpoint, data, None)
+    }
+
+    /// [`Trainer::resume`] for one rank of a run whose ranks are processes (see
+    /// [`Trainer::new_rank`]): each process reads the checkpoint and keeps its shard.
+    pub fn resume_rank(
+        checkpoint: Checkpoint,
+        data: Box<dyn Batches>,
+        group: Box<dyn Comm>,
+    ) -> Result<Self, TrainError> {
+        Self::restore(checkpoint, data, Some(group))
+    }
+
+    fn restore(
+        checkpoint: Checkpoint,
+        mut data: Box<dyn Batches>,
+        group: Option<Box<dyn Comm>>,
+    ) -> Result<Self, TrainError> {
         let Checkpoint {
             spec,
             weights,
@@ -128,7 +194,6 @@ impl Trainer {
         } = checkpoint;
         data.seek(&state.data_position)?;
         let program = Self::program(&spec, &state.settings, &weights, data.as_ref())?;
-        let engine = Engine::new(&spec, &state.settings, &program)?;
         let optimizer = AdamW::from_state(state.settings.optimizer, optimizer_state)?;
         let mismatch = |reason: String| TrainError::Checkpoint {
             path: path.join("optimizer.safetensors"),
@@ -139,7 +204,7 @@ impl Trainer {
                 "the optimizer state does not match the weights: {e}"
             ))
         })?;
-        let with_state: std::collections::BTreeSet<&str> = optimizer.trainable().collect();
+        let with_state: BTreeSet<&str> = optimizer.trainable().collect();
         if let Some(missing) = program
             .parameters
             .iter()
@@ -158,15 +223,49 @@ impl Trainer {
                 "AdamW moments for `{extra}`, which the model does not train"
             )));
         }
+        let step = state.step;
+        Self::assemble(
+            spec,
+            state.settings,
+            program,
+            weights,
+            optimizer,
+            data,
+            step,
+            group,
+        )
+    }
+
+    /// The trainer around a whole optimizer, cut into the shards this process keeps.
+    #[allow(clippy::too_many_arguments)] // the parts of a trainer, each used once
+    fn assemble(
+        spec: ModelSpec,
+        settings: TrainSettings,
+        program: TrainingGraph,
+        weights: Weights,
+        whole: AdamW,
+        data: Box<dyn Batches>,
+        step: u64,
+        group: Option<Box<dyn Comm>>,
+    ) -> Result<Self, TrainError> {
+        let engine = Engine::new(&spec, &settings, &program, group)?;
+        let sizes: BTreeMap<String, usize> = program
+            .parameters
+            .iter()
+            .map(|name| (name.clone(), weights.get(name).map_or(0, |t| t.ty.numel())))
+            .collect();
+        let (plan, local) = engine.shard_plan(&sizes);
+        let optimizer = ShardedAdamW::new(&whole, plan, local)?;
+        drop(whole);
         Ok(Trainer {
             spec,
-            settings: state.settings,
+            settings,
             program,
             engine,
             weights,
             optimizer,
             data,
-            step: state.step,
+            step,
             last_timeline: None,
         })
     }
@@ -218,8 +317,69 @@ impl Trainer {
     /// The pipeline's stages and schedule, when the run is pipelined.
     pub fn pipeline(&self) -> Option<&Pipeline> {
         match &self.engine {
-            Engine::Pipeline(pipeline) => Some(pipeline),
+            Engine::Pipeline(pipeline) | Engine::Rank(pipeline, _) => Some(pipeline),
             Engine::Whole(_) => None,
+        }
+    }
+
+    /// This process's rank when the run's ranks are processes.
+    pub fn process_rank(&self) -> Option<usize> {
+        match &self.engine {
+            Engine::Rank(_, comm) => Some(comm.rank()),
+            _ => None,
+        }
+    }
+
+    /// Whether this process logs and writes checkpoints: rank 0, or the only process.
+    pub fn is_leader(&self) -> bool {
+        self.process_rank().is_none_or(|rank| rank == 0)
+    }
+
+    /// The optimizer's shards kept by this process.
+    pub fn optimizer(&self) -> &ShardedAdamW {
+        &self.optimizer
+    }
+
+    /// Bytes of AdamW moments each rank keeps, by rank (from the shard plan, so a process
+    /// knows the other ranks' too).
+    pub fn optimizer_bytes_per_rank(&self) -> BTreeMap<usize, u64> {
+        // Two moments per element.
+        let per_element = 2 * self.settings.optimizer.moments.bytes();
+        let mut bytes = BTreeMap::new();
+        for (_, pieces) in self.optimizer.plan().pieces() {
+            for piece in pieces {
+                *bytes.entry(piece.owner).or_insert(0) += (piece.range.len() * per_element) as u64;
+            }
+        }
+        bytes
+    }
+
+    /// One line on where the optimizer state lives and how much each rank keeps.
+    pub fn describe_optimizer(&self) -> String {
+        let bytes = self.optimizer_bytes_per_rank();
+        let total: u64 = bytes.values().sum();
+        let largest = bytes.values().copied().max().unwrap_or(0);
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let how = match (self.settings.pipeline.zero, self.pipeline()) {
+            (_, None) => "on one rank".to_owned(),
+            (0, Some(_)) => "ZeRO off: each parameter's on its first holder".to_owned(),
+            _ => "ZeRO-1: sharded over each parameter's holders".to_owned(),
+        };
+        format!(
+            "optimizer state (AdamW moments): {:.2} MiB in all, {:.2} MiB on the largest of {} \
+             rank(s) ({how})",
+            mib(total),
+            mib(largest),
+            bytes.len()
+        )
+    }
+
+    /// Whether any rank asks to stop (each process's Ctrl-C), agreed by every process so that
+    /// they stop after the same step; `asks` itself when the ranks are not processes.
+    pub fn any_rank_stops(&mut self, asks: bool) -> Result<bool, TrainError> {
+        match &mut self.engine {
+            Engine::Rank(_, comm) => Ok(any_rank(comm, asks)?),
+            _ => Ok(asks),
         }
     }
 
@@ -232,7 +392,7 @@ impl Trainer {
     /// Makes a pipeline rank fail or stall (tests of the failure paths); no effect on an
     /// unpipelined run.
     pub fn inject_fault(&mut self, fault: Option<crate::parallel::Fault>) {
-        if let Engine::Pipeline(pipeline) = &mut self.engine {
+        if let Engine::Pipeline(pipeline) | Engine::Rank(pipeline, _) = &mut self.engine {
             pipeline.inject(fault);
         }
     }
@@ -258,7 +418,7 @@ impl Trainer {
         let batches = (0..micro)
             .map(|_| self.data.next_batch())
             .collect::<Result<Vec<_>, _>>()?;
-        match &self.engine {
+        match &mut self.engine {
             Engine::Whole(executable) => {
                 for ids in batches {
                     let inputs = HashMap::from([("input_ids", ids)]);
@@ -287,6 +447,14 @@ impl Trainer {
                 loads = result.loads;
                 self.last_timeline = Some(result.timeline);
             }
+            Engine::Rank(pipeline, comm) => {
+                let result = pipeline.run_rank(comm, &self.weights, &batches)?;
+                for outputs in &result.losses {
+                    losses.add(outputs, scale);
+                }
+                grads = result.grads;
+                loads = result.loads;
+            }
         }
         let step = self.step + 1;
         if !losses.total.is_finite() {
@@ -296,7 +464,11 @@ impl Trainer {
                 value: losses.total,
             });
         }
-        let grad_norm = clip_global_norm(&mut grads, self.settings.clip_norm)?;
+        let grad_norm = match &mut self.engine {
+            // A process has only its ranks' gradients: the norm is summed with the others.
+            Engine::Rank(_, comm) => global_norm_over(comm, self.optimizer.plan(), &grads)?,
+            _ => global_norm(&grads),
+        };
         if !grad_norm.is_finite() {
             return Err(TrainError::Diverged {
                 step,
@@ -304,9 +476,13 @@ impl Trainer {
                 value: grad_norm,
             });
         }
+        clip_to_norm(&mut grads, grad_norm, self.settings.clip_norm)?;
         let learning_rate = self.settings.schedule.lr(self.step);
         self.optimizer
             .step(&mut self.weights, &grads, learning_rate)?;
+        if let Engine::Rank(_, comm) = &mut self.engine {
+            share_updates(comm, self.optimizer.plan(), &mut self.weights)?;
+        }
         // The gradients' storage goes back to the compiled program for its next run.
         if let Engine::Whole(executable) = &self.engine {
             for (_, g) in grads {
@@ -347,18 +523,33 @@ impl Trainer {
         })
     }
 
-    /// Everything a checkpoint holds, borrowed.
-    pub fn checkpoint_state(&self) -> (TrainerState, &Weights, Vec<(String, HostTensor)>) {
+    /// Everything a checkpoint holds, with the whole optimizer state joined from its shards.
+    /// When the ranks are processes every one must call this (it gathers on rank 0), and only
+    /// rank 0 gets the state; the others get `None`.
+    pub fn checkpoint_state(&mut self) -> Result<Option<CheckpointState<'_>>, TrainError> {
         let state = TrainerState {
             step: self.step,
             data_position: self.data.position(),
             settings: self.settings.clone(),
         };
-        (state, &self.weights, self.optimizer.state_tensors())
+        let (weights, optimizer) = match &mut self.engine {
+            Engine::Rank(_, comm) => match gather_state(comm, &self.weights, &self.optimizer)? {
+                Some((weights, optimizer)) => (Cow::Owned(weights), optimizer),
+                None => return Ok(None),
+            },
+            _ => (
+                Cow::Borrowed(&self.weights),
+                self.optimizer.joined(Vec::new())?,
+            ),
+        };
+        Ok(Some((state, weights, optimizer.state_tensors())))
     }
 }
 
 type Outputs = BTreeMap<String, HostTensor>;
+
+/// What a checkpoint holds: the run's state, the weights and the optimizer state tensors.
+pub type CheckpointState<'a> = (TrainerState, Cow<'a, Weights>, Vec<(String, HostTensor)>);
 
 /// Loss outputs averaged over micro-batches.
 #[derive(Default)]

@@ -13,6 +13,8 @@ use anyhow::{Context, bail};
 use fathom_compiler::pipeline::svg::timeline_svg;
 use fathom_compiler::pipeline::{Method, simulate};
 use fathom_compiler::precision::{Precision, PrecisionPolicy};
+use fathom_runtime::exec::Backend;
+use fathom_runtime::parallel::{Comm, NcclComm, Rendezvous, TcpComm};
 use fathom_runtime::train::{Checkpoint, TrainSettings, Trainer, latest_checkpoint};
 
 use config::{DataSource, RunConfig};
@@ -80,15 +82,44 @@ pub struct Args {
     /// Without a terminal, print a progress line every this many steps.
     #[arg(long, default_value_t = 10)]
     log_every: u64,
+    /// How the pipeline's ranks run: `threads` of this process (the default), or `env`: this
+    /// process is one rank of a group started by a launcher (torchrun, mpirun, Slurm) that sets
+    /// MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE; start one process per rank (pipeline
+    /// ranks × --dp), each with the same flags. Rank 0 logs and writes the metrics and
+    /// checkpoints.
+    #[arg(long, value_enum, default_value_t = Launcher::Threads)]
+    launcher: Launcher,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Launcher {
+    Threads,
+    Env,
 }
 
 pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     let mut config = RunConfig::read(&args.config)?;
     apply_overrides(&mut config, &args);
 
-    let mut trainer = start(&config)?;
-    if let Some(pipeline) = trainer.pipeline() {
+    let group = match args.launcher {
+        Launcher::Threads => None,
+        Launcher::Env => {
+            if args.timeline.is_some() {
+                bail!(
+                    "--timeline draws the threads' measured timeline; ranks that are processes \
+                     share no clock (use --launcher threads)"
+                );
+            }
+            Some(join_group(&config.train)?)
+        }
+    };
+    let mut trainer = start(&config, group)?;
+    let leader = trainer.is_leader();
+    if let Some(pipeline) = trainer.pipeline()
+        && leader
+    {
         eprint!("{}", pipeline.describe());
+        eprintln!("{}", trainer.describe_optimizer());
     }
     let floor = config
         .data
@@ -99,7 +130,7 @@ pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
             .context("installing the Ctrl-C handler")?;
     }
-    let mut metrics = match &config.metrics {
+    let mut metrics = match config.metrics.as_ref().filter(|_| leader) {
         Some(path) => {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)
@@ -118,9 +149,12 @@ pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     let total = trainer.settings().steps;
     let first_step = trainer.step_count();
     let mut progress = Progress::new(trainer.step_count(), total, args.log_every, floor);
+    if !leader {
+        progress = progress.quiet();
+    }
     let mut interrupted = false;
     while !trainer.is_done() {
-        if stop.load(Ordering::SeqCst) {
+        if trainer.any_rank_stops(stop.load(Ordering::SeqCst))? {
             interrupted = true;
             break;
         }
@@ -159,6 +193,9 @@ pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         write_timeline(&trainer, path)?;
     }
     if trainer.step_count() == first_step {
+        if !leader {
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
         eprintln!(
             "the run is complete at step {}; pass --steps to extend it",
             trainer.step_count()
@@ -167,12 +204,14 @@ pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     }
     if let Some(dir) = &config.checkpoint.dir {
         let saved = trainer.save_checkpoint(dir)?;
-        eprintln!(
-            "checkpoint: {} (a model directory: `fathom forward --model` reads it)",
-            saved.display()
-        );
+        if leader {
+            eprintln!(
+                "checkpoint: {} (a model directory: `fathom forward --model` reads it)",
+                saved.display()
+            );
+        }
     }
-    if interrupted {
+    if interrupted && leader {
         eprintln!(
             "interrupted at step {}/{}; run the same command to continue",
             trainer.step_count(),
@@ -233,8 +272,39 @@ fn apply_overrides(config: &mut RunConfig, args: &Args) {
     }
 }
 
-/// A fresh trainer, or the one saved in the checkpoint directory.
-fn start(config: &RunConfig) -> anyhow::Result<Trainer> {
+/// Joins the group of processes a launcher started (`--launcher env`), waiting for the others
+/// at most the pipeline's receive timeout: over TCP, or with the collectives over NCCL on GPU
+/// `LOCAL_RANK` when the run's backend is `cuda`.
+fn join_group(settings: &TrainSettings) -> anyhow::Result<Box<dyn Comm>> {
+    let rendezvous = Rendezvous::from_env()
+        .map_err(anyhow::Error::msg)
+        .context("--launcher env reads the launcher's variables")?;
+    let timeout = std::time::Duration::from_secs_f64(settings.pipeline.timeout_seconds.max(1.0));
+    let joining = || {
+        format!(
+            "rank {} joining the group at {}",
+            rendezvous.rank, rendezvous.master
+        )
+    };
+    if settings.backend == Backend::Cuda {
+        let device = match std::env::var("LOCAL_RANK") {
+            Err(_) => 0,
+            Ok(text) => text
+                .trim()
+                .parse()
+                .with_context(|| format!("LOCAL_RANK=`{text}` is not a non-negative integer"))?,
+        };
+        let comm = NcclComm::connect(&rendezvous, device, timeout).with_context(joining)?;
+        return Ok(Box::new(comm));
+    }
+    let comm = TcpComm::connect(&rendezvous, timeout).with_context(joining)?;
+    Ok(Box::new(comm))
+}
+
+/// A fresh trainer, or the one saved in the checkpoint directory; `group` makes it one rank of
+/// a run whose ranks are processes.
+fn start(config: &RunConfig, group: Option<Box<dyn Comm>>) -> anyhow::Result<Trainer> {
+    let leader = group.as_ref().is_none_or(|g| g.rank() == 0);
     let settings = &config.train;
     if let Some(dir) = &config.checkpoint.dir
         && let Some(latest) = latest_checkpoint(dir)?
@@ -246,17 +316,27 @@ fn start(config: &RunConfig) -> anyhow::Result<Trainer> {
         let data = config
             .data
             .open(&checkpoint.spec, settings.batch, settings.seq)?;
-        eprintln!(
-            "resuming from {} (step {})",
-            latest.display(),
-            checkpoint.state.step
-        );
-        return Ok(Trainer::resume(checkpoint, data)?);
+        if leader {
+            eprintln!(
+                "resuming from {} (step {})",
+                latest.display(),
+                checkpoint.state.step
+            );
+        }
+        return Ok(match group {
+            Some(group) => Trainer::resume_rank(checkpoint, data, group)?,
+            None => Trainer::resume(checkpoint, data)?,
+        });
     }
     let (spec, weights, notes) = config.model.load()?;
-    super::print_notes(&notes);
+    if leader {
+        super::print_notes(&notes);
+    }
     let data = config.data.open(&spec, settings.batch, settings.seq)?;
-    Ok(Trainer::new(spec, settings.clone(), weights, data)?)
+    Ok(match group {
+        Some(group) => Trainer::new_rank(spec, settings.clone(), weights, data, group)?,
+        None => Trainer::new(spec, settings.clone(), weights, data)?,
+    })
 }
 
 /// A checkpoint continues only the run that wrote it: every setting but the step count and the

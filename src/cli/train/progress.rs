@@ -11,6 +11,8 @@ pub struct Progress {
     total: u64,
     log_every: u64,
     floor: Option<f64>,
+    /// Prints nothing (a rank other than 0 of a multi-process run).
+    quiet: bool,
 }
 
 impl Progress {
@@ -31,10 +33,23 @@ impl Progress {
             total,
             log_every: log_every.max(1),
             floor,
+            quiet: false,
         }
     }
 
+    /// Progress that prints nothing.
+    pub fn quiet(mut self) -> Self {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        self.quiet = true;
+        self
+    }
+
     pub fn update(&mut self, r: &StepReport) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(bar) => {
                 bar.set_position(r.step);
@@ -53,6 +68,9 @@ impl Progress {
     }
 
     pub fn println(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(bar) => bar.println(text),
             None => eprintln!("{text}"),
