@@ -206,7 +206,7 @@ fn flows_through(op: &Op, k: usize) -> bool {
         Op::Select => k > 0,
         Op::Gather | Op::TakeAlong { .. } | Op::IndexAdd { .. } => k == 0,
         Op::CrossEntropy => k == 0,
-        // Into the logits and the cotangent; differentiating it is refused by `rule`.
+        // Not into the labels; differentiating it is refused by `rule`.
         Op::CrossEntropyGrad => k != 1,
         Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => k < 2,
         Op::Cast { .. } => true, // both types are checked to be float by `active_nodes`
@@ -289,7 +289,8 @@ fn rule(g: &mut GraphBuilder, a: &Adjoint<'_>) -> Result<Vec<Option<Tensor>>, Gr
         Op::TakeAlong { axis } => indexing::take_along(g, *axis, a),
         Op::CrossEntropy => {
             let (logits, labels) = (a.inputs[0], a.inputs[1]);
-            Ok(vec![Some(g.cross_entropy_grad(logits, labels, a.cot)?), None])
+            let grad = g.cross_entropy_grad(logits, labels, a.out, a.cot)?;
+            Ok(vec![Some(grad), None])
         }
         Op::CrossEntropyGrad => Err(GraphError::InvalidRequest(
             "second derivatives of cross_entropy are not supported (its gradient, \

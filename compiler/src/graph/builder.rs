@@ -369,13 +369,16 @@ impl GraphBuilder {
         self.push(Op::CrossEntropy, &[logits, labels], None)
     }
 
+    /// The gradient of [`GraphBuilder::cross_entropy`] (see [`Op::CrossEntropyGrad`]); `loss`
+    /// is that op's result for these logits and labels.
     pub fn cross_entropy_grad(
         &mut self,
         logits: Tensor,
         labels: Tensor,
+        loss: Tensor,
         cotangent: Tensor,
     ) -> Result<Tensor, GraphError> {
-        self.push(Op::CrossEntropyGrad, &[logits, labels, cotangent], None)
+        self.push(Op::CrossEntropyGrad, &[logits, labels, loss, cotangent], None)
     }
 
     pub fn top_k(&mut self, x: Tensor, k: usize) -> Result<Tensor, GraphError> {

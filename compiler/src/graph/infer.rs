@@ -240,12 +240,14 @@ pub fn infer_type(
             cross_entropy_rows(logits, labels)
         }
         Op::CrossEntropyGrad => {
-            let (logits, labels, cotangent) = (operands[0], operands[1], operands[2]);
+            let (logits, labels) = (operands[0], operands[1]);
             let rows = cross_entropy_rows(logits, labels)?;
-            if *cotangent != rows {
-                return Err(format!(
-                    "the cotangent {cotangent} must have the loss rows' type {rows}"
-                ));
+            for (what, operand) in [("loss", operands[2]), ("cotangent", operands[3])] {
+                if *operand != rows {
+                    return Err(format!(
+                        "the {what} {operand} must have the loss rows' type {rows}"
+                    ));
+                }
             }
             Ok(logits.clone())
         }

@@ -182,9 +182,13 @@ pub enum Op {
     /// chain materialises several vocabulary-wide tensors (and a one-hot matrix in backward)
     /// that one pass over each row avoids; the row values stay in cache.
     CrossEntropy,
-    /// `[logits (..., vocab), labels (integer, ...), cotangent (...)]` -> the logits' type: the
-    /// gradient of [`Op::CrossEntropy`], `(softmax(logits) − onehot(label)) · cotangent` per
-    /// row, 0 for rows with a negative label. Emitted by autodiff.
+    /// `[logits (..., vocab), labels (integer, ...), loss (...), cotangent (...)]` -> the
+    /// logits' type: the gradient of [`Op::CrossEntropy`], `(softmax(logits) − onehot(label)) ·
+    /// cotangent` per row, 0 for rows with a negative label. `loss` is the forward's result for
+    /// the same rows: with the label's logit it gives the row's log-sum-exp, so a compiled
+    /// kernel exponentiates each logit once instead of summing the exponentials again (the
+    /// value is defined by the logits alone; the interpreter computes it from them). Emitted by
+    /// autodiff.
     CrossEntropyGrad,
 }
 
@@ -277,10 +281,8 @@ impl Op {
             | Op::IndexAdd { .. }
             | Op::TakeAlong { .. }
             | Op::CrossEntropy => Some(2),
-            Op::Select
-            | Op::GroupedMatMul
-            | Op::GroupedMatMulWeightGrad { .. }
-            | Op::CrossEntropyGrad => Some(3),
+            Op::Select | Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => Some(3),
+            Op::CrossEntropyGrad => Some(4),
             Op::Concat { .. } | Op::Stack => None,
         }
     }

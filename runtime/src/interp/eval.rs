@@ -124,7 +124,9 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
         }
         Op::Stack => movement::stack(at, x),
         Op::CrossEntropy => loss::cross_entropy(at, x[0], x[1]),
-        Op::CrossEntropyGrad => loss::cross_entropy_grad(at, x[0], x[1], x[2]),
+        // The forward's loss (x[2]) is a shortcut for compiled kernels; the definition needs
+        // only the logits.
+        Op::CrossEntropyGrad => loss::cross_entropy_grad(at, x[0], x[1], x[3]),
         Op::QuantizeDequantize {
             format,
             tile_rows,

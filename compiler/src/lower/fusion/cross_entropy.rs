@@ -1,7 +1,8 @@
 //! The cross-entropy and its gradient as one loop nest each, over the logits' rows with the
-//! vocabulary innermost: the row's max, its sum of exponentials and (forward) the label's
-//! logit are per-row reductions, so each row is read from memory once and reused from cache,
-//! and nothing vocabulary-wide is stored but the gradient itself.
+//! vocabulary innermost: the label's logit, the row's max and its sum of exponentials are
+//! per-row reductions, so each row is read from memory once and reused from cache, and nothing
+//! vocabulary-wide is stored but the gradient itself (which takes the forward's loss to skip
+//! the max and the sum).
 //!
 //! The label's position is found by comparing it with a constant index vector `0..vocab`
 //! loaded along the inner axis (one small buffer per vocabulary size, shared by every such
@@ -19,12 +20,13 @@ impl Lowering<'_> {
     pub(super) fn emit_cross_entropy(&mut self, id: NodeId) -> Result<(), LowerError> {
         let node = self.graph.node(id);
         let (logits, labels) = (node.inputs[0], node.inputs[1]);
-        let cotangent = node.inputs.get(2).copied();
+        // The gradient's forward loss and cotangent, per row.
+        let backward = node.inputs.get(2..4).map(|rest| (rest[0], rest[1]));
         let domain = self.dims(logits).to_vec();
         let rank = domain.len();
         let vocab = domain[rank - 1];
         let identity = Affine::identity(rank);
-        // Row operands (labels, the cotangent, the loss) follow the outer axes only.
+        // Row operands (labels, the loss, the cotangent) follow the outer axes only.
         let per_row = Affine::picking(&(0..rank - 1).collect::<Vec<_>>(), rank);
         let along_vocab = Affine::picking(&[rank - 1], rank);
 
@@ -32,17 +34,30 @@ impl Lowering<'_> {
         k.nodes.push(id);
         let x = self.expr(&mut k, logits, &identity)?;
         let label = self.expr(&mut k, labels, &per_row)?;
-        let g = match cotangent {
-            Some(cotangent) => Some(self.expr(&mut k, cotangent, &per_row)?),
+        let backward = match backward {
+            Some((loss, cotangent)) => Some((
+                self.expr(&mut k, loss, &per_row)?,
+                self.expr(&mut k, cotangent, &per_row)?,
+            )),
             None => None,
         };
         let iota = load(&self.vocabulary_index(vocab, self.ty(labels).dtype), &along_vocab);
 
         // Our row values come after any the operands' expressions reduced.
-        let (max, sum, picked) = (k.rows.len(), k.rows.len() + 1, k.rows.len() + 2);
-        let row = |r: usize| Box::new(Expr::Row(r));
-        let shifted = || Expr::Binary(BinaryOp::Sub, Box::new(x.clone()), row(max));
+        let first_row = k.rows.len();
+        let row = |r: usize| Box::new(Expr::Row(first_row + r));
         let is_label = Expr::Compare(CompareOp::Eq, Box::new(iota), Box::new(label.clone()));
+        // The label's logit is the max of a row that is −∞ elsewhere: exact, and a vector max
+        // is cheap. An ignored row picks −∞, and the select below zeroes it.
+        let label_logit = Stmt::Reduce {
+            row: first_row,
+            op: ReduceOp::Max,
+            value: Expr::Select(
+                Box::new(is_label.clone()),
+                Box::new(x.clone()),
+                Box::new(Expr::Constant(f64::NEG_INFINITY)),
+            ),
+        };
         let counted = Expr::Compare(
             CompareOp::Ge,
             Box::new(label),
@@ -50,57 +65,50 @@ impl Lowering<'_> {
         );
         let ignoring_others =
             |value: Expr| Expr::Select(Box::new(counted.clone()), Box::new(value), zero());
-        let mut body = vec![
-            Stmt::Reduce {
-                row: max,
-                op: ReduceOp::Max,
-                value: x.clone(),
-            },
-            Stmt::Reduce {
-                row: sum,
-                op: ReduceOp::Sum,
-                value: Expr::Unary(UnaryOp::Exp, Box::new(shifted())),
-            },
-        ];
         let out = new_buffer(&mut self.program, temporary(&node.ty));
         let out_view = StridedView::contiguous(out, node.ty.dims());
-        match g {
+        let body = match backward {
             None => {
-                // loss = log Σ exp(x − m) − (x[label] − m). The label's logit is the max of a
-                // row that is −∞ elsewhere: exact, and a vector max is cheaper than a sum in
-                // f64. An ignored row picks −∞ and is zeroed by the select below.
-                let minus_infinity = Box::new(Expr::Constant(f64::NEG_INFINITY));
-                body.push(Stmt::Reduce {
-                    row: picked,
+                // loss = log Σ exp(x − m) − (x[label] − m), m the row's max.
+                let shifted = Expr::Binary(BinaryOp::Sub, Box::new(x.clone()), row(1));
+                let sum = Stmt::Reduce {
+                    row: first_row + 2,
+                    op: ReduceOp::Sum,
+                    value: Expr::Unary(UnaryOp::Exp, Box::new(shifted)),
+                };
+                let max = Stmt::Reduce {
+                    row: first_row + 1,
                     op: ReduceOp::Max,
-                    value: Expr::Select(Box::new(is_label), Box::new(x.clone()), minus_infinity),
-                });
-                let label_shifted = Expr::Binary(BinaryOp::Sub, row(picked), row(max));
+                    value: x,
+                };
+                let label_shifted = Expr::Binary(BinaryOp::Sub, row(0), row(1));
                 let loss = Expr::Binary(
                     BinaryOp::Sub,
-                    Box::new(Expr::Unary(UnaryOp::Log, row(sum))),
+                    Box::new(Expr::Unary(UnaryOp::Log, row(2))),
                     Box::new(label_shifted),
                 );
-                body.push(Stmt::StoreRow {
+                let store = Stmt::StoreRow {
                     view: out_view.compose(&per_row),
                     value: ignoring_others(loss),
-                });
+                };
+                vec![label_logit, max, sum, store]
             }
-            Some(g) => {
-                // dx = (exp(x − m) / Σ − [v = label]) · g.
-                let softmax = Expr::Binary(
-                    BinaryOp::Div,
-                    Box::new(Expr::Unary(UnaryOp::Exp, Box::new(shifted()))),
-                    row(sum),
-                );
+            Some((loss, g)) => {
+                // The forward's loss plus the label's logit is the row's log-sum-exp (to a
+                // rounding of the loss), so dx = (exp(x − lse) − [v = label]) · g takes one
+                // exponential per logit and no sum.
+                let lse = Expr::Binary(BinaryOp::Add, Box::new(loss), row(0));
+                let shifted = Expr::Binary(BinaryOp::Sub, Box::new(x), Box::new(lse));
+                let softmax = Expr::Unary(UnaryOp::Exp, Box::new(shifted));
                 let residual = Expr::Binary(BinaryOp::Sub, Box::new(softmax), Box::new(is_label));
                 let dx = Expr::Binary(BinaryOp::Mul, Box::new(residual), Box::new(g));
-                body.push(Stmt::Store {
+                let store = Stmt::Store {
                     view: out_view.compose(&identity),
                     value: ignoring_others(dx),
-                });
+                };
+                vec![label_logit, store]
             }
-        }
+        };
         let (nest, nodes) = k.into_loop(body);
         let node = self.graph.node(id);
         push_kernel(
