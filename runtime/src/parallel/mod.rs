@@ -31,5 +31,5 @@ pub use nccl::{NcclComm, nccl_present};
 pub use pipeline::{Pipeline, PipelineRun, PipelineStep};
 pub use process::{RankStep, any_rank, global_norm_over};
 pub use settings::PipelineSettings;
-pub use tcp::{Rendezvous, TcpComm};
+pub use tcp::{Rendezvous, TcpComm, local_rank_from_vars};
 pub use zero::{gather_state, share_updates};

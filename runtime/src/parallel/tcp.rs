@@ -33,30 +33,36 @@ pub struct Rendezvous {
     pub world: usize,
 }
 
+/// Where each launcher puts a process's rank, its group's size and its rank on the node, in the
+/// order they are looked up: torchrun's names, then Open MPI's, MPICH/Intel MPI's (PMI) and
+/// Slurm's (`srun`), so `mpirun` and `srun` start a group without a wrapper script (they do not
+/// set `MASTER_ADDR`/`MASTER_PORT`: the job script exports those).
+const RANK_VARS: [&str; 4] = ["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"];
+const WORLD_VARS: [&str; 4] = ["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"];
+const LOCAL_RANK_VARS: [&str; 4] = [
+    "LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "SLURM_LOCALID",
+];
+
 impl Rendezvous {
-    /// From `MASTER_ADDR`, `MASTER_PORT`, `RANK` and `WORLD_SIZE`; an error names the variable
-    /// that is missing or malformed.
+    /// From `MASTER_ADDR`, `MASTER_PORT`, and the rank and group size as torchrun, `mpirun`
+    /// (Open MPI, MPICH) or `srun` set them; an error names the variable that is missing or
+    /// malformed.
     pub fn from_env() -> Result<Rendezvous, String> {
         Self::from_vars(|name| std::env::var(name).ok())
     }
 
     /// As [`Rendezvous::from_env`], with the variables looked up by `get`.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Rendezvous, String> {
-        let var = |name: &str| {
-            get(name).ok_or_else(|| format!("the environment variable {name} is not set"))
-        };
-        let number = |name: &str| -> Result<usize, String> {
-            let text = var(name)?;
-            text.trim()
-                .parse()
-                .map_err(|_| format!("{name}=`{text}` is not a non-negative integer"))
-        };
-        let address = var("MASTER_ADDR")?;
-        let port = number("MASTER_PORT")?;
+        let address = get("MASTER_ADDR")
+            .ok_or_else(|| "the environment variable MASTER_ADDR is not set".to_owned())?;
+        let port = first_number(&get, &["MASTER_PORT"])?;
         let rendezvous = Rendezvous {
             master: format!("{address}:{port}"),
-            rank: number("RANK")?,
-            world: number("WORLD_SIZE")?,
+            rank: first_number(&get, &RANK_VARS)?,
+            world: first_number(&get, &WORLD_VARS)?,
         };
         if rendezvous.world == 0 || rendezvous.rank >= rendezvous.world {
             return Err(format!(
@@ -66,6 +72,35 @@ impl Rendezvous {
         }
         Ok(rendezvous)
     }
+}
+
+/// This process's rank on its node (`LOCAL_RANK` or a launcher's equivalent, see
+/// [`Rendezvous::from_env`]), `None` when no launcher set one.
+pub fn local_rank_from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<usize>, String> {
+    if LOCAL_RANK_VARS.iter().all(|name| get(name).is_none()) {
+        return Ok(None);
+    }
+    first_number(&get, &LOCAL_RANK_VARS).map(Some)
+}
+
+/// The value of the first of `names` that is set, as a non-negative integer.
+fn first_number(get: &impl Fn(&str) -> Option<String>, names: &[&str]) -> Result<usize, String> {
+    let Some((name, text)) = names
+        .iter()
+        .find_map(|name| get(name).map(|text| (*name, text)))
+    else {
+        let others = match names {
+            [_, rest @ ..] if !rest.is_empty() => format!(" (nor {})", rest.join(", ")),
+            _ => String::new(),
+        };
+        return Err(format!(
+            "the environment variable {} is not set{others}",
+            names[0]
+        ));
+    };
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{name}=`{text}` is not a non-negative integer"))
 }
 
 /// This process's connections to the others.
@@ -469,5 +504,54 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(err, "RANK=2 must be below WORLD_SIZE=2");
+        let err = Rendezvous::from_vars(vars(&[("MASTER_ADDR", "a"), ("MASTER_PORT", "1")]))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "the environment variable RANK is not set \
+             (nor OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID)"
+        );
+    }
+
+    #[test]
+    fn mpirun_and_srun_ranks_are_read_when_torchrun_names_are_absent() {
+        let lookup = |pairs: Vec<(&'static str, &'static str)>| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        for (rank, world, local) in [
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+        ] {
+            let pairs = vec![
+                ("MASTER_ADDR", "node0"),
+                ("MASTER_PORT", "29500"),
+                (rank, "5"),
+                (world, "8"),
+                (local, "1"),
+            ];
+            let found = Rendezvous::from_vars(lookup(pairs.clone())).unwrap();
+            assert_eq!((found.rank, found.world), (5, 8), "{rank}");
+            assert_eq!(local_rank_from_vars(lookup(pairs)), Ok(Some(1)), "{local}");
+        }
+        // torchrun's names win over a launcher's underneath it.
+        let both = lookup(vec![
+            ("MASTER_ADDR", "a"),
+            ("MASTER_PORT", "1"),
+            ("RANK", "1"),
+            ("SLURM_PROCID", "0"),
+            ("WORLD_SIZE", "2"),
+        ]);
+        assert_eq!(Rendezvous::from_vars(both).unwrap().rank, 1);
+        assert_eq!(local_rank_from_vars(lookup(vec![])), Ok(None));
+        assert_eq!(
+            local_rank_from_vars(lookup(vec![("SLURM_LOCALID", "x")])),
+            Err("SLURM_LOCALID=`x` is not a non-negative integer".to_owned())
+        );
     }
 }

@@ -14,7 +14,7 @@ use fathom_compiler::pipeline::svg::timeline_svg;
 use fathom_compiler::pipeline::{Method, simulate};
 use fathom_compiler::precision::{Precision, PrecisionPolicy};
 use fathom_runtime::exec::Backend;
-use fathom_runtime::parallel::{Comm, NcclComm, Rendezvous, TcpComm};
+use fathom_runtime::parallel::{Comm, NcclComm, Rendezvous, TcpComm, local_rank_from_vars};
 use fathom_runtime::train::{Checkpoint, TrainSettings, Trainer, latest_checkpoint};
 
 use config::{DataSource, RunConfig};
@@ -287,13 +287,9 @@ fn join_group(settings: &TrainSettings) -> anyhow::Result<Box<dyn Comm>> {
         )
     };
     if settings.backend == Backend::Cuda {
-        let device = match std::env::var("LOCAL_RANK") {
-            Err(_) => 0,
-            Ok(text) => text
-                .trim()
-                .parse()
-                .with_context(|| format!("LOCAL_RANK=`{text}` is not a non-negative integer"))?,
-        };
+        let device = local_rank_from_vars(|name| std::env::var(name).ok())
+            .map_err(anyhow::Error::msg)?
+            .unwrap_or(0);
         let comm = NcclComm::connect(&rendezvous, device, timeout).with_context(joining)?;
         return Ok(Box::new(comm));
     }
