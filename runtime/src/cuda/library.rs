@@ -252,20 +252,46 @@ impl Planner<'_> {
         count: usize,
         groups: usize,
     ) -> Result<LibraryStep, String> {
-        let params = IndexOpParams::new(IndexOp::GroupRows);
-        Ok(LibraryStep {
-            kernel: LibraryKernel::Index(params),
-            grid: params.grid(count as u64),
-            args: vec![
-                StepArg::Buffer(ids, 0),
-                self.int(count, "ids")?,
-                self.int(groups, "groups")?,
-                StepArg::Scratch(0),
-                StepArg::Scratch(groups + 1),
-                StepArg::Status,
-                self.tag()?,
-            ],
-        })
+        let args = vec![
+            StepArg::Buffer(ids, 0),
+            self.int(count, "ids")?,
+            self.int(groups, "groups")?,
+            StepArg::Scratch(0),
+            StepArg::Scratch(groups + 1),
+            StepArg::Status,
+            self.tag()?,
+        ];
+        Ok(self.index_step(IndexOp::GroupRows, count, args))
+    }
+
+    /// A grouped GEMM (experts' products or their weight gradient): the grouping of
+    /// `expert_ids` (`rows` token-slots over `experts`) into the scratch area, then `gemm` over
+    /// `grid` reading `[a, b]` with that grouping into `out`, its `sizes` after the buffers.
+    fn grouped_gemm(
+        &self,
+        gemm: F32GemmParams,
+        grid: [u32; 3],
+        expert_ids: BufferId,
+        (rows, experts): (usize, usize),
+        [a, b, out]: [BufferId; 3],
+        sizes: Vec<StepArg>,
+    ) -> Planned {
+        let mut args = vec![
+            StepArg::Buffer(a, 0),
+            StepArg::Buffer(b, 0),
+            StepArg::Scratch(0),
+            StepArg::Scratch(experts + 1),
+            StepArg::Buffer(out, 0),
+        ];
+        args.extend(sizes);
+        Ok(vec![
+            self.group_rows(expert_ids, rows, experts)?,
+            LibraryStep {
+                kernel: LibraryKernel::Gemm(gemm),
+                grid,
+                args,
+            },
+        ])
     }
 
     /// A step of an index operation over `work` items.
@@ -307,25 +333,15 @@ impl Planner<'_> {
                     self.u32(experts, "experts")?,
                     self.u32(n, "n")?,
                 );
-                Ok(vec![
-                    self.group_rows(*expert_ids, rows, experts)?,
-                    LibraryStep {
-                        kernel: LibraryKernel::Gemm(gemm),
-                        grid,
-                        args: vec![
-                            StepArg::Buffer(*x, 0),
-                            StepArg::Buffer(*weights, 0),
-                            StepArg::Scratch(0),
-                            StepArg::Scratch(experts + 1),
-                            StepArg::Buffer(*out, 0),
-                            self.int(experts, "experts")?,
-                            self.int(slots, "slots")?,
-                            self.int(xd[1], "x slots")?,
-                            self.int(n, "n")?,
-                            self.int(k, "k")?,
-                        ],
-                    },
-                ])
+                let sizes = vec![
+                    self.int(experts, "experts")?,
+                    self.int(slots, "slots")?,
+                    self.int(xd[1], "x slots")?,
+                    self.int(n, "n")?,
+                    self.int(k, "k")?,
+                ];
+                let buffers = [*x, *weights, *out];
+                self.grouped_gemm(gemm, grid, *expert_ids, (rows, experts), buffers, sizes)
             }
             Library::GroupedMatMulWeightGrad {
                 cotangent,
@@ -345,24 +361,14 @@ impl Planner<'_> {
                     self.u32(n, "n")?,
                     self.u32(k, "k")?,
                 );
-                Ok(vec![
-                    self.group_rows(*expert_ids, rows, experts)?,
-                    LibraryStep {
-                        kernel: LibraryKernel::Gemm(gemm),
-                        grid,
-                        args: vec![
-                            StepArg::Buffer(*cotangent, 0),
-                            StepArg::Buffer(*x, 0),
-                            StepArg::Scratch(0),
-                            StepArg::Scratch(experts + 1),
-                            StepArg::Buffer(*out, 0),
-                            self.int(slots, "slots")?,
-                            self.int(xd[1], "x slots")?,
-                            self.int(n, "n")?,
-                            self.int(k, "k")?,
-                        ],
-                    },
-                ])
+                let sizes = vec![
+                    self.int(slots, "slots")?,
+                    self.int(xd[1], "x slots")?,
+                    self.int(n, "n")?,
+                    self.int(k, "k")?,
+                ];
+                let buffers = [*cotangent, *x, *out];
+                self.grouped_gemm(gemm, grid, *expert_ids, (rows, experts), buffers, sizes)
             }
             Library::Gather {
                 table,
