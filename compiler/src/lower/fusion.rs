@@ -327,13 +327,7 @@ impl<'g> Lowering<'g> {
                 k.into_loop(vec![store])
             }
         };
-        push_kernel(
-            &mut self.program,
-            &node.origin,
-            what(&node.op),
-            nodes,
-            KernelBody::Loop(nest),
-        );
+        self.push_node_kernel(id, what(&node.op), nodes, KernelBody::Loop(nest));
         self.views[id.index()] = Some(out);
         Ok(())
     }
@@ -499,14 +493,7 @@ impl<'g> Lowering<'g> {
         };
         k.nodes.push(id);
         let (nest, nodes) = k.into_loop(vec![store]);
-        let origin = self.graph.node(id).origin.clone();
-        push_kernel(
-            &mut self.program,
-            &origin,
-            "copy",
-            nodes,
-            KernelBody::Loop(nest),
-        );
+        self.push_node_kernel(id, "copy", nodes, KernelBody::Loop(nest));
         Ok(buffer)
     }
 
@@ -591,13 +578,7 @@ impl<'g> Lowering<'g> {
             _ => unreachable!("library class"),
         };
         let node = self.graph.node(id);
-        push_kernel(
-            &mut self.program,
-            &node.origin,
-            what(&node.op),
-            vec![id],
-            KernelBody::Library(call),
-        );
+        self.push_node_kernel(id, what(&node.op), vec![id], KernelBody::Library(call));
         self.views[id.index()] = Some(StridedView::contiguous(out, node.ty.dims()));
         Ok(())
     }
@@ -636,17 +617,24 @@ impl<'g> Lowering<'g> {
                 view: target.compose(&map),
                 value,
             }]);
-            let node = self.graph.node(id);
-            push_kernel(
-                &mut self.program,
-                &node.origin,
-                what(&node.op),
-                nodes,
-                KernelBody::Loop(nest),
-            );
+            let kind = what(&self.graph.node(id).op);
+            self.push_node_kernel(id, kind, nodes, KernelBody::Loop(nest));
         }
         self.views[id.index()] = Some(whole);
         Ok(())
+    }
+
+    /// Appends a kernel computing (part of) node `id`, named `what` and placed at the node's
+    /// origin in the model.
+    fn push_node_kernel(
+        &mut self,
+        id: NodeId,
+        what: &str,
+        nodes: Vec<NodeId>,
+        body: KernelBody,
+    ) {
+        let graph = self.graph;
+        push_kernel(&mut self.program, &graph.node(id).origin, what, nodes, body);
     }
 
     fn unsupported(&self, id: NodeId, reason: &str) -> LowerError {

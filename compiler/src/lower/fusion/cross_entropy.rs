@@ -11,8 +11,8 @@
 use crate::graph::{BinaryOp, CompareOp, ConstantData, NodeId, ReduceOp, UnaryOp};
 use crate::kernel::{Buffer, BufferRole, Expr, KernelBody, Stmt};
 
-use super::super::{Affine, KernelBuilder, LowerError, StridedView, new_buffer, push_kernel};
-use super::super::{load, temporary, what};
+use super::super::{Affine, KernelBuilder, LowerError, StridedView, load, new_buffer};
+use super::super::{temporary, what};
 use super::Lowering;
 
 impl Lowering<'_> {
@@ -110,14 +110,7 @@ impl Lowering<'_> {
             }
         };
         let (nest, nodes) = k.into_loop(body);
-        let node = self.graph.node(id);
-        push_kernel(
-            &mut self.program,
-            &node.origin,
-            what(&node.op),
-            nodes,
-            KernelBody::Loop(nest),
-        );
+        self.push_node_kernel(id, what(&node.op), nodes, KernelBody::Loop(nest));
         self.views[id.index()] = Some(out_view);
         Ok(())
     }
