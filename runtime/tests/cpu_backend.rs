@@ -328,7 +328,10 @@ fn cross_entropy_runs_compiled_like_the_interpreter() {
         .map(|i| ((i * 7919) % 101) as f32 / 25.0 - 2.0)
         .collect();
     let inputs = HashMap::from([
-        ("x".to_owned(), HostTensor::f32([2, rows / 2, vocab], values)),
+        (
+            "x".to_owned(),
+            HostTensor::f32([2, rows / 2, vocab], values),
+        ),
         (
             "labels".to_owned(),
             HostTensor::i64([2, rows / 2], vec![0, 36, -1, 5, 17, 36]),
@@ -350,7 +353,10 @@ fn cross_entropy_runs_compiled_like_the_interpreter() {
         }
         // The ignored row (batch 0, position 2) has loss 0 and no gradient.
         let grad = compiled.get("grad.x").unwrap().as_f32().unwrap();
-        assert!(grad[2 * vocab..3 * vocab].iter().all(|&v| v == 0.0), "{how}");
+        assert!(
+            grad[2 * vocab..3 * vocab].iter().all(|&v| v == 0.0),
+            "{how}"
+        );
         assert_eq!(compiled.get("per_row").unwrap().as_f32().unwrap()[2], 0.0);
     }
 }

@@ -378,7 +378,11 @@ impl GraphBuilder {
         loss: Tensor,
         cotangent: Tensor,
     ) -> Result<Tensor, GraphError> {
-        self.push(Op::CrossEntropyGrad, &[logits, labels, loss, cotangent], None)
+        self.push(
+            Op::CrossEntropyGrad,
+            &[logits, labels, loss, cotangent],
+            None,
+        )
     }
 
     pub fn top_k(&mut self, x: Tensor, k: usize) -> Result<Tensor, GraphError> {

@@ -167,16 +167,14 @@ impl<'g> Lowering<'g> {
                 .as_ref()
                 .is_some_and(|e| e.ops <= DUPLICATE_MAX_OPS && e.reads.len() <= 1)
                 && users.len() <= DUPLICATE_MAX_USERS
-                && users.iter().all(|u| {
-                    matches!(self.classes[u.index()], Class::Elementwise | Class::Reduce)
-                });
+                && users
+                    .iter()
+                    .all(|u| matches!(self.classes[u.index()], Class::Elementwise | Class::Reduce));
             self.materialise[i] = match self.classes[i] {
                 Class::Leaf | Class::Library | Class::Assemble | Class::CrossEntropy => true,
                 Class::Scalar => false,
                 // Computed once, then read by several users or by one that needs memory.
-                Class::Elementwise => {
-                    !duplicated && (users.len() != 1 || !inlinable_by(&users[0]))
-                }
+                Class::Elementwise => !duplicated && (users.len() != 1 || !inlinable_by(&users[0])),
                 Class::Reduce => users.len() != 1 || !inlinable_by(&users[0]),
                 // Movements are views; one is copied only when it must be an output.
                 Class::Movement => false,
@@ -626,13 +624,7 @@ impl<'g> Lowering<'g> {
 
     /// Appends a kernel computing (part of) node `id`, named `what` and placed at the node's
     /// origin in the model.
-    fn push_node_kernel(
-        &mut self,
-        id: NodeId,
-        what: &str,
-        nodes: Vec<NodeId>,
-        body: KernelBody,
-    ) {
+    fn push_node_kernel(&mut self, id: NodeId, what: &str, nodes: Vec<NodeId>, body: KernelBody) {
         let graph = self.graph;
         push_kernel(&mut self.program, &graph.node(id).origin, what, nodes, body);
     }

@@ -102,7 +102,9 @@ pub(super) fn fold_row<A: Copy>(
         }
     }
     let combined = combine(combine(lanes[0], lanes[1]), combine(lanes[2], lanes[3]));
-    values[split..].iter().fold(combined, |acc, &v| step(acc, v))
+    values[split..]
+        .iter()
+        .fold(combined, |acc, &v| step(acc, v))
 }
 
 /// One step of a max reduction: `v` replaces `m` when greater or NaN (so NaN propagates).

@@ -91,7 +91,9 @@ impl<'t> Rows<'t> {
 
 /// The row's max and `Σ exp(x − max)`, in f64.
 fn max_and_sum(x: &[f32]) -> (f64, f64) {
-    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+    let max = x
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
     let sum = x.iter().map(|&v| (f64::from(v) - max).exp()).sum();
     (max, sum)
 }

@@ -38,7 +38,12 @@ pub struct Rendezvous {
 /// Slurm's (`srun`), so `mpirun` and `srun` start a group without a wrapper script (they do not
 /// set `MASTER_ADDR`/`MASTER_PORT`: the job script exports those).
 const RANK_VARS: [&str; 4] = ["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"];
-const WORLD_VARS: [&str; 4] = ["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"];
+const WORLD_VARS: [&str; 4] = [
+    "WORLD_SIZE",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "SLURM_NTASKS",
+];
 const LOCAL_RANK_VARS: [&str; 4] = [
     "LOCAL_RANK",
     "OMPI_COMM_WORLD_LOCAL_RANK",
@@ -504,8 +509,8 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(err, "RANK=2 must be below WORLD_SIZE=2");
-        let err = Rendezvous::from_vars(vars(&[("MASTER_ADDR", "a"), ("MASTER_PORT", "1")]))
-            .unwrap_err();
+        let err =
+            Rendezvous::from_vars(vars(&[("MASTER_ADDR", "a"), ("MASTER_PORT", "1")])).unwrap_err();
         assert_eq!(
             err,
             "the environment variable RANK is not set \
@@ -524,7 +529,11 @@ mod tests {
             }
         };
         for (rank, world, local) in [
-            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+            (
+                "OMPI_COMM_WORLD_RANK",
+                "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+            ),
             ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
             ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
         ] {

@@ -41,7 +41,10 @@ impl Lowering<'_> {
             )),
             None => None,
         };
-        let iota = load(&self.vocabulary_index(vocab, self.ty(labels).dtype), &along_vocab);
+        let iota = load(
+            &self.vocabulary_index(vocab, self.ty(labels).dtype),
+            &along_vocab,
+        );
 
         // Our row values come after any the operands' expressions reduced.
         let first_row = k.rows.len();

@@ -31,8 +31,8 @@ use fathom_compiler::kernel::{BufferId, Expr, LoopNest, Stmt, View};
 use super::JitError;
 use super::emit::little_endian;
 use super::intrinsics::Intrinsic;
-use crate::cpu::loops::LANE_SPLIT_MIN;
 use super::plan::{self, NestPlan};
+use crate::cpu::loops::LANE_SPLIT_MIN;
 
 /// Below this inner extent a statement runs one element at a time: four lanes save little
 /// there and the scalar tail would be most of the work.
@@ -427,7 +427,11 @@ impl<'n> Emitter<'_, 'n> {
             Lanes::One => (0..4)
                 .map(|lane| {
                     e.loads.clear();
-                    let at = if lane == 0 { j } else { e.b.ins().iadd_imm_s(j, lane) };
+                    let at = if lane == 0 {
+                        j
+                    } else {
+                        e.b.ins().iadd_imm_s(j, lane)
+                    };
                     let x = e.expr(value, Lanes::One, Index::At(at));
                     e.fold_one(op, accs[lane as usize], x)
                 })

@@ -143,13 +143,17 @@ fn cross_entropy_per_row_with_ignored_labels() -> TestResult {
 fn cross_entropy_rejects_labels_beyond_the_vocabulary() {
     let x = f32s(&[2, 3], &[0.0; 6]);
     let labels = i64s(&[2], &[1, 3]);
-    let error = eval_one(&[("x", x), ("l", labels)], |g, t| g.cross_entropy(t[0], t[1]))
-        .expect_err("label 3 of a vocabulary of 3");
+    let error = eval_one(&[("x", x), ("l", labels)], |g, t| {
+        g.cross_entropy(t[0], t[1])
+    })
+    .expect_err("label 3 of a vocabulary of 3");
     assert!(error.to_string().contains("3"), "{error}");
     // Shapes are checked when the graph is built.
     let mut g = GraphBuilder::new("bad");
     let logits = g.input("x", ty(DType::F32, &[2, 3])).expect("input");
     let labels = g.input("l", ty(DType::I64, &[3])).expect("input");
-    let error = g.cross_entropy(logits, labels).expect_err("labels of the wrong shape");
+    let error = g
+        .cross_entropy(logits, labels)
+        .expect_err("labels of the wrong shape");
     assert!(error.to_string().contains("logits' shape"), "{error}");
 }
