@@ -137,7 +137,7 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
     // Nothing else is quantized: attention's matmuls read no QDQ node.
     for id in out.node_ids() {
         let node = out.node(id);
-        if node.op == Op::MatMul && !rewritten.iter().any(|g| g.node == id) {
+        if matches!(node.op, Op::MatMul { .. }) && !rewritten.iter().any(|g| g.node == id) {
             assert!(
                 !node.inputs.iter().any(|&i| is_qdq(&out, i)),
                 "{id} ({})",

@@ -208,13 +208,13 @@ fn flows_through(op: &Op, k: usize) -> bool {
         Op::CrossEntropy => k == 0,
         // Not into the labels; differentiating it is refused by `rule`.
         Op::CrossEntropyGrad => k != 1,
-        Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => k < 2,
+        Op::GroupedMatMul { .. } | Op::GroupedMatMulWeightGrad { .. } => k < 2,
         Op::Cast { .. } => true, // both types are checked to be float by `active_nodes`
         Op::QuantizeDequantize { .. } => true, // straight through
         Op::Unary(_)
         | Op::Binary(_)
         | Op::Reduce { .. }
-        | Op::MatMul
+        | Op::MatMul { .. }
         | Op::Reshape { .. }
         | Op::Permute { .. }
         | Op::Expand { .. }
@@ -275,8 +275,8 @@ fn rule(g: &mut GraphBuilder, a: &Adjoint<'_>) -> Result<Vec<Option<Tensor>>, Gr
         Op::Cast { .. } => elementwise::cast(g, a),
         Op::QuantizeDequantize { .. } => elementwise::straight_through(a),
         Op::Reduce { op, axis, keep_dim } => elementwise::reduce(g, *op, *axis, *keep_dim, a),
-        Op::MatMul => linalg::matmul(g, a),
-        Op::GroupedMatMul => linalg::grouped_matmul(g, a),
+        Op::MatMul { .. } => linalg::matmul(g, a),
+        Op::GroupedMatMul { .. } => linalg::grouped_matmul(g, a),
         Op::GroupedMatMulWeightGrad { .. } => linalg::grouped_matmul_weight_grad(g, a),
         Op::Reshape { .. } => movement::reshape(g, a),
         Op::Permute { perm } => movement::permute(g, perm, a),

@@ -282,7 +282,7 @@ fn the_whole_model_differentiates_and_validates() -> TestResult {
         graph
             .nodes
             .iter()
-            .any(|n| matches!(n.op, Op::GroupedMatMulWeightGrad { experts: 4 }))
+            .any(|n| matches!(n.op, Op::GroupedMatMulWeightGrad { experts: 4, .. }))
     );
     Ok(())
 }

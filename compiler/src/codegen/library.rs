@@ -12,6 +12,9 @@
 //! | `QuantizeDequantize` | `quantize_dequantize` | `fake_quantize_e4m3`; `quantize` makes the codes and scales FP8 GEMMs read |
 //! | `Gather`, `IndexAdd`, `TakeAlong`, `TopK`, `OneHot` | same names | `index_gather`, `index_group_rows` + `index_index_add`, `index_take_along`, `index_top_k`, `index_one_hot` |
 //!
+//! A GEMM's `accumulation` is not a parameter here: `Limited` is the CPU's emulation of what
+//! Hopper's FP8 tensor cores do, and on the GPU the hardware's own accumulation applies.
+//!
 //! The runtime's `cuda::library` plans the launches (grids and arguments) of each call.
 
 use crate::kernel::{BufferId, Kernel, Library, Program, View};
@@ -30,6 +33,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             a,
             b,
             out,
+            ..
         } => (
             "gemm",
             Some("gemm_f32_batched; fp8_gemm (sm_90a) / fp8_gemm_fallback (sm_80) once FP8"),
@@ -48,6 +52,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             weights,
             expert_ids,
             out,
+            ..
         } => (
             "grouped_gemm",
             Some("gemm_f32_grouped; grouped_fp8_gemm (sm_90a) / grouped fallback (sm_80) once FP8"),
@@ -63,6 +68,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             x,
             expert_ids,
             out,
+            ..
         } => (
             "grouped_gemm_weight_grad",
             Some("gemm_f32_grouped_wgrad"),

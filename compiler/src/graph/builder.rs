@@ -6,7 +6,9 @@ use crate::dtype::{DType, Shape, TensorType};
 use crate::error::GraphError;
 
 use super::infer::infer_type;
-use super::op::{BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp};
+use super::op::{
+    Accumulation, BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp,
+};
 use super::{Graph, Node, NodeId, Output};
 
 /// A handle to a node of the graph being built.
@@ -284,7 +286,10 @@ impl GraphBuilder {
     }
 
     pub fn matmul(&mut self, a: Tensor, b: Tensor) -> Result<Tensor, GraphError> {
-        self.push(Op::MatMul, &[a, b], None)
+        let op = Op::MatMul {
+            accumulation: Accumulation::Exact,
+        };
+        self.push(op, &[a, b], None)
     }
 
     pub fn reshape(&mut self, x: Tensor, shape: &[usize]) -> Result<Tensor, GraphError> {
@@ -404,7 +409,10 @@ impl GraphBuilder {
         weights: Tensor,
         expert_ids: Tensor,
     ) -> Result<Tensor, GraphError> {
-        self.push(Op::GroupedMatMul, &[x, weights, expert_ids], None)
+        let op = Op::GroupedMatMul {
+            accumulation: Accumulation::Exact,
+        };
+        self.push(op, &[x, weights, expert_ids], None)
     }
 
     /// The weight gradient of a grouped matmul (see [`Op::GroupedMatMulWeightGrad`]):
@@ -416,7 +424,10 @@ impl GraphBuilder {
         expert_ids: Tensor,
         experts: usize,
     ) -> Result<Tensor, GraphError> {
-        let op = Op::GroupedMatMulWeightGrad { experts };
+        let op = Op::GroupedMatMulWeightGrad {
+            experts,
+            accumulation: Accumulation::Exact,
+        };
         self.push(op, &[cotangent, x, expert_ids], None)
     }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use builder::{GraphBuilder, Tensor};
 pub use infer::infer_type;
-pub use op::{BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp};
+pub use op::{Accumulation, BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp};
 
 use crate::dtype::TensorType;
 use crate::error::GraphError;

@@ -72,6 +72,62 @@ impl fmt::Display for QuantFormat {
     }
 }
 
+/// How a GEMM sums its products over K.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accumulation {
+    /// At least f32 precision, in whatever order the backend sums (the interpreter in f64): a
+    /// CUDA-core GEMM, a BF16 tensor-core GEMM, or an FP8 GEMM whose partial sums are promoted
+    /// often enough that their precision does not show.
+    #[default]
+    Exact,
+    /// Hopper's FP8 tensor cores, emulated (SPEC §2): for each output element, K is cut into
+    /// chunks of `promotion_interval` consecutive elements (all of K when `None`: no
+    /// promotion). Within a chunk the running sum starts at zero and, after each product is
+    /// added in K order (an f32 product and an f32 sum), is truncated toward zero to
+    /// `mantissa_bits` bits after the leading one; each chunk's sum is then added to an f32
+    /// total (the promotion to FP32 registers). DeepSeek-V3's recipe is 13 bits promoted every
+    /// 128 (`fathom_runtime::fp8::Accumulator::HOPPER`).
+    Limited {
+        mantissa_bits: u32,
+        promotion_interval: Option<usize>,
+    },
+}
+
+impl Accumulation {
+    /// DeepSeek-V3's FP8 GEMM: Hopper's accumulator promoted every 128 elements of K.
+    pub const HOPPER: Accumulation = Accumulation::Limited {
+        mantissa_bits: 13,
+        promotion_interval: Some(128),
+    };
+
+    /// Hopper's accumulator over all of K: an FP8 GEMM without DeepSeek-V3's promotion.
+    pub const HOPPER_WITHOUT_PROMOTION: Accumulation = Accumulation::Limited {
+        mantissa_bits: 13,
+        promotion_interval: None,
+    };
+
+    pub fn is_exact(self) -> bool {
+        self == Accumulation::Exact
+    }
+}
+
+/// Printed after a GEMM's name when not exact: `<acc=13b/128>`, `<acc=13b/K>`.
+impl fmt::Display for Accumulation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Accumulation::Exact => f.write_str("exact"),
+            Accumulation::Limited {
+                mantissa_bits,
+                promotion_interval,
+            } => match promotion_interval {
+                Some(every) => write!(f, "{mantissa_bits}b/{every}"),
+                None => write!(f, "{mantissa_bits}b/K"),
+            },
+        }
+    }
+}
+
 /// Values baked into the graph (RoPE tables, masks, scalars such as an epsilon).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConstantData {
@@ -115,7 +171,10 @@ pub enum Op {
         keep_dim: bool,
     },
     /// `[a (..., m, k), b (..., k, n)]` -> `(..., m, n)`; leading (batch) axes broadcast.
-    MatMul,
+    MatMul {
+        #[serde(default)]
+        accumulation: Accumulation,
+    },
     /// `[x]`: same elements, new shape (row-major order is kept).
     Reshape { shape: Vec<usize> },
     /// `[x]`: output axis `i` is input axis `perm[i]`.
@@ -149,16 +208,23 @@ pub enum Op {
     /// `[x (tokens, slots or 1, k), weights (experts, n, k), expert_ids (tokens, slots)]`
     /// -> `(tokens, slots, n)`: each token-slot multiplied by the transposed weight of the expert
     /// it was routed to, `out[t, s] = weights[expert_ids[t, s]] @ x[t, s]`. The grouped GEMM of
-    /// a Mixture-of-Experts layer; no token is dropped.
-    GroupedMatMul,
+    /// a Mixture-of-Experts layer; no token is dropped. K is `k`.
+    GroupedMatMul {
+        #[serde(default)]
+        accumulation: Accumulation,
+    },
     /// `[x_0, x_1, ...]` of equal types -> a new leading axis of extent `n`.
     Stack,
     /// `[cotangent (tokens, slots, n), x (tokens, slots or 1, k), expert_ids (tokens, slots)]`
     /// -> `(experts, n, k)`: the gradient of [`Op::GroupedMatMul`] with respect to its weights,
     /// `out[e] = Σ_{(t, s): expert_ids[t, s] = e} cotangent[t, s]ᵀ · x[t, s or 0]` (an outer
     /// product per token-slot, summed per expert). An expert that no token was routed to gets
-    /// exact zeros. Emitted by autodiff.
-    GroupedMatMulWeightGrad { experts: usize },
+    /// exact zeros. Emitted by autodiff. K is the expert's token-slots, in `(t, s)` order.
+    GroupedMatMulWeightGrad {
+        experts: usize,
+        #[serde(default)]
+        accumulation: Accumulation,
+    },
     /// `[x (..., rows, cols)]` -> same type: a "fake quantization", `dequant(quant(x))`. The
     /// last two axes are cut into `tile_rows`×`tile_cols` tiles (the last tile along an axis
     /// may be partial), leading axes are independent matrices; each tile gets one scale
@@ -240,7 +306,7 @@ impl Op {
                 ReduceOp::Mean => "mean",
                 ReduceOp::Max => "reduce_max",
             },
-            Op::MatMul => "matmul",
+            Op::MatMul { .. } => "matmul",
             Op::Reshape { .. } => "reshape",
             Op::Permute { .. } => "permute",
             Op::Expand { .. } => "expand",
@@ -251,7 +317,7 @@ impl Op {
             Op::TakeAlong { .. } => "take_along",
             Op::TopK { .. } => "topk",
             Op::OneHot { .. } => "one_hot",
-            Op::GroupedMatMul => "grouped_matmul",
+            Op::GroupedMatMul { .. } => "grouped_matmul",
             Op::Stack => "stack",
             Op::GroupedMatMulWeightGrad { .. } => "grouped_matmul_weight_grad",
             Op::QuantizeDequantize { .. } => "quantize_dequantize",
@@ -276,12 +342,12 @@ impl Op {
             | Op::QuantizeDequantize { .. } => Some(1),
             Op::Binary(_)
             | Op::Compare(_)
-            | Op::MatMul
+            | Op::MatMul { .. }
             | Op::Gather
             | Op::IndexAdd { .. }
             | Op::TakeAlong { .. }
             | Op::CrossEntropy => Some(2),
-            Op::Select | Op::GroupedMatMul | Op::GroupedMatMulWeightGrad { .. } => Some(3),
+            Op::Select | Op::GroupedMatMul { .. } | Op::GroupedMatMulWeightGrad { .. } => Some(3),
             Op::CrossEntropyGrad => Some(4),
             Op::Concat { .. } | Op::Stack => None,
         }
@@ -314,7 +380,19 @@ impl fmt::Display for Op {
             Op::TopK { k } => write!(f, "<k={k}>"),
             Op::IndexAdd { rows } => write!(f, "<rows={rows}>"),
             Op::OneHot { depth, dtype } => write!(f, "<depth={depth}, {dtype}>"),
-            Op::GroupedMatMulWeightGrad { experts } => write!(f, "<experts={experts}>"),
+            Op::MatMul { accumulation } | Op::GroupedMatMul { accumulation } => {
+                match accumulation.is_exact() {
+                    true => Ok(()),
+                    false => write!(f, "<acc={accumulation}>"),
+                }
+            }
+            Op::GroupedMatMulWeightGrad {
+                experts,
+                accumulation,
+            } => match accumulation.is_exact() {
+                true => write!(f, "<experts={experts}>"),
+                false => write!(f, "<experts={experts}, acc={accumulation}>"),
+            },
             Op::QuantizeDequantize {
                 format,
                 tile_rows,

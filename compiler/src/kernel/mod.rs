@@ -16,7 +16,9 @@ pub use plan::{MemoryPlan, SlotId};
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::{DType, TensorType};
-use crate::graph::{BinaryOp, CompareOp, ConstantData, NodeId, QuantFormat, ReduceOp, UnaryOp};
+use crate::graph::{
+    Accumulation, BinaryOp, CompareOp, ConstantData, NodeId, QuantFormat, ReduceOp, UnaryOp,
+};
 
 /// Index of a buffer in its program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -116,6 +118,9 @@ pub enum Library {
         a: View,
         b: View,
         out: View,
+        /// How the products are summed (`graph::Accumulation`).
+        #[serde(default)]
+        accumulation: Accumulation,
     },
     /// The op of the same name in the graph, on dense buffers (see `graph::Op`).
     GroupedMatMul {
@@ -123,12 +128,16 @@ pub enum Library {
         weights: BufferId,
         expert_ids: BufferId,
         out: BufferId,
+        #[serde(default)]
+        accumulation: Accumulation,
     },
     GroupedMatMulWeightGrad {
         cotangent: BufferId,
         x: BufferId,
         expert_ids: BufferId,
         out: BufferId,
+        #[serde(default)]
+        accumulation: Accumulation,
     },
     Gather {
         table: BufferId,
@@ -269,12 +278,14 @@ impl Library {
                 weights,
                 expert_ids,
                 out,
+                ..
             } => (vec![*x, *weights, *expert_ids], *out),
             Library::GroupedMatMulWeightGrad {
                 cotangent,
                 x,
                 expert_ids,
                 out,
+                ..
             } => (vec![*cotangent, *x, *expert_ids], *out),
             Library::Gather {
                 table,

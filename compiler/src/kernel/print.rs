@@ -12,7 +12,7 @@
 use std::fmt::{self, Display, Formatter};
 
 use crate::graph::op::Scalar;
-use crate::graph::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
+use crate::graph::{Accumulation, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 
 use super::{Buffer, BufferId, BufferRole, Expr, Kernel, KernelBody, Library, Program, Stmt, View};
 
@@ -94,6 +94,18 @@ fn reduce_name(op: ReduceOp) -> &'static str {
     }
 }
 
+/// A GEMM's accumulation as a suffix, shown only when it is not exact: `, acc 13b/128`.
+struct Accumulated(Accumulation);
+
+impl Display for Accumulated {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self.0.is_exact() {
+            true => Ok(()),
+            false => write!(f, ", acc {}", self.0),
+        }
+    }
+}
+
 impl Display for Library {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         match self {
@@ -105,24 +117,33 @@ impl Display for Library {
                 a,
                 b,
                 out,
+                accumulation,
             } => write!(
                 f,
-                "matmul batch {batch:?} m {m} n {n} k {k}: {out} = {a} x {b}"
+                "matmul batch {batch:?} m {m} n {n} k {k}: {out} = {a} x {b}{}",
+                Accumulated(*accumulation)
             ),
             Library::GroupedMatMul {
                 x,
                 weights,
                 expert_ids,
                 out,
-            } => write!(f, "grouped_matmul {out} = {x} x {weights} by {expert_ids}"),
+                accumulation,
+            } => write!(
+                f,
+                "grouped_matmul {out} = {x} x {weights} by {expert_ids}{}",
+                Accumulated(*accumulation)
+            ),
             Library::GroupedMatMulWeightGrad {
                 cotangent,
                 x,
                 expert_ids,
                 out,
+                accumulation,
             } => write!(
                 f,
-                "grouped_matmul_weight_grad {out} = {cotangent}^T x {x} by {expert_ids}"
+                "grouped_matmul_weight_grad {out} = {cotangent}^T x {x} by {expert_ids}{}",
+                Accumulated(*accumulation)
             ),
             Library::Gather {
                 table,

@@ -500,7 +500,7 @@ impl<'g> Lowering<'g> {
         let inputs = node.inputs.clone();
         let out = new_buffer(&mut self.program, temporary(&node.ty));
         let call = match &node.op {
-            Op::MatMul => {
+            Op::MatMul { accumulation } => {
                 let dims = node.ty.dims().to_vec();
                 let rank = dims.len();
                 let (m, n) = (dims[rank - 2], dims[rank - 1]);
@@ -520,19 +520,22 @@ impl<'g> Lowering<'g> {
                     a: a.compose(&identity),
                     b: b.compose(&identity),
                     out: StridedView::contiguous(out, &dims).compose(&identity),
+                    accumulation: *accumulation,
                 }
             }
-            Op::GroupedMatMul => Library::GroupedMatMul {
+            Op::GroupedMatMul { accumulation } => Library::GroupedMatMul {
                 x: self.dense(inputs[0])?,
                 weights: self.dense(inputs[1])?,
                 expert_ids: self.dense(inputs[2])?,
                 out,
+                accumulation: *accumulation,
             },
-            Op::GroupedMatMulWeightGrad { .. } => Library::GroupedMatMulWeightGrad {
+            Op::GroupedMatMulWeightGrad { accumulation, .. } => Library::GroupedMatMulWeightGrad {
                 cotangent: self.dense(inputs[0])?,
                 x: self.dense(inputs[1])?,
                 expert_ids: self.dense(inputs[2])?,
                 out,
+                accumulation: *accumulation,
             },
             Op::Gather => Library::Gather {
                 table: self.dense(inputs[0])?,

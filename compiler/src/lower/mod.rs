@@ -71,13 +71,13 @@ fn class(op: &Op, numel: usize) -> Class {
             Class::Movement
         }
         Op::Reduce { .. } => Class::Reduce,
-        Op::MatMul
+        Op::MatMul { .. }
         | Op::Gather
         | Op::IndexAdd { .. }
         | Op::TakeAlong { .. }
         | Op::TopK { .. }
         | Op::OneHot { .. }
-        | Op::GroupedMatMul
+        | Op::GroupedMatMul { .. }
         | Op::GroupedMatMulWeightGrad { .. }
         | Op::QuantizeDequantize { .. } => Class::Library,
         Op::Concat { .. } | Op::Stack => Class::Assemble,

@@ -81,7 +81,7 @@ fn node_cost(graph: &Graph, node: &Node) -> f64 {
         a.dims().last().copied().unwrap_or(1) as f64
     };
     match node.op {
-        Op::MatMul | Op::GroupedMatMul => 2.0 * elements * reduced(),
+        Op::MatMul { .. } | Op::GroupedMatMul { .. } => 2.0 * elements * reduced(),
         Op::Input { .. } | Op::Parameter { .. } | Op::Constant(_) => 0.0,
         _ => elements,
     }

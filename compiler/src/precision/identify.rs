@@ -93,7 +93,7 @@ pub fn linear_gemms(graph: &Graph) -> Vec<LinearGemm> {
         };
         use OperandLayout::{KLast, KRows, TokenSlots, Weight};
         let (role, grouped, operands) = match &node.op {
-            Op::MatMul => {
+            Op::MatMul { .. } => {
                 let (a, b) = (node.inputs[0], node.inputs[1]);
                 if is_linear_weight(graph, b) && !is_linear_weight(graph, a) {
                     (by_origin, false, [KLast, Weight])
@@ -103,7 +103,7 @@ pub fn linear_gemms(graph: &Graph) -> Vec<LinearGemm> {
                     continue;
                 }
             }
-            Op::GroupedMatMul if is_expert_weights(graph, node.inputs[1]) => {
+            Op::GroupedMatMul { .. } if is_expert_weights(graph, node.inputs[1]) => {
                 (by_origin, true, [KLast, Weight])
             }
             Op::GroupedMatMulWeightGrad { .. } => {
@@ -187,7 +187,7 @@ fn weight_gradient_matmuls(graph: &Graph) -> HashSet<NodeId> {
             }
             let node = graph.node(id);
             match &node.op {
-                Op::MatMul => {
+                Op::MatMul { .. } => {
                     found.insert(id);
                 }
                 Op::Permute { .. }

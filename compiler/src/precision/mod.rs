@@ -16,9 +16,10 @@
 //! that are not a Linear's — attention scores and values (no parameter operand) — or that
 //! SPEC §2 keeps in high precision by name: the output head (`lm_head`), the embedding
 //! (`embed_tokens`, also when tied to the head) and the MoE router (`mlp.gate`). Norms are not
-//! GEMMs and are never touched. The FP8 GEMM emulated here has exact (fully promoted)
-//! accumulation; Hopper's limited accumulator is modelled separately by
-//! `fathom_runtime::fp8::fp8_gemm`.
+//! GEMMs and are never touched. How the FP8 GEMMs sum their products is the policy's
+//! `accumulation`, set on each rewritten GEMM (`graph::Accumulation`): exact, or Hopper's
+//! limited tensor-core accumulator promoted to FP32 every `N_C` products (DeepSeek-V3's recipe)
+//! or never (the ablation), emulated on the CPU.
 //!
 //! How the GEMMs are found is documented in [`identify`]; the pass is [`apply_precision`].
 //!
@@ -36,6 +37,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 use crate::error::GraphError;
+use crate::graph::Accumulation;
 
 pub use identify::{GemmRole, LinearGemm, OperandLayout, is_kept_in_f32, linear_gemms};
 pub use rewrite::apply_precision;
@@ -101,7 +103,9 @@ pub enum Fp8Scaling {
 ///
 /// In a run file, either a single precision (`precision = "fp8"`) or a table
 /// (`[train.precision]` with `default`, `overrides = [["model.layers.0", "bf16"]]` and
-/// `scaling = "per_tensor"`).
+/// `scaling = "per_tensor"`, and `accumulation`: `"exact"`, `"hopper"` (13 mantissa bits, promoted
+/// every 128 products), `"hopper_without_promotion"`, or a table `{ mantissa_bits = 13,
+/// promotion_interval = 256 }` (no `promotion_interval`: never promoted)).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PrecisionPolicy {
     pub default: Precision,
@@ -109,6 +113,9 @@ pub struct PrecisionPolicy {
     pub overrides: Vec<(String, Precision)>,
     /// How FP8 operands are scaled.
     pub scaling: Fp8Scaling,
+    /// How the FP8 GEMMs sum their products (BF16 ones accumulate in f32, as tensor cores do).
+    #[serde(serialize_with = "serialize_accumulation")]
+    pub accumulation: Accumulation,
 }
 
 impl PrecisionPolicy {
@@ -166,6 +173,8 @@ impl<'de> Deserialize<'de> for PrecisionPolicy {
             overrides: Vec<(String, Precision)>,
             #[serde(default)]
             scaling: Fp8Scaling,
+            #[serde(default, deserialize_with = "deserialize_accumulation")]
+            accumulation: Accumulation,
         }
 
         struct Visitor;
@@ -190,12 +199,86 @@ impl<'de> Deserialize<'de> for PrecisionPolicy {
                     default: table.default,
                     overrides: table.overrides,
                     scaling: table.scaling,
+                    accumulation: table.accumulation,
                 })
             }
         }
 
         deserializer.deserialize_any(Visitor)
     }
+}
+
+/// Written the way [`deserialize_accumulation`] reads it: a name when it has one.
+fn serialize_accumulation<S: serde::Serializer>(
+    accumulation: &Accumulation,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    match *accumulation {
+        Accumulation::Exact => serializer.serialize_str("exact"),
+        Accumulation::HOPPER => serializer.serialize_str("hopper"),
+        Accumulation::HOPPER_WITHOUT_PROMOTION => {
+            serializer.serialize_str("hopper_without_promotion")
+        }
+        Accumulation::Limited {
+            mantissa_bits,
+            promotion_interval,
+        } => {
+            let mut table = serializer.serialize_struct("Limited", 2)?;
+            table.serialize_field("mantissa_bits", &mantissa_bits)?;
+            match promotion_interval {
+                Some(every) => table.serialize_field("promotion_interval", &every)?,
+                None => table.skip_field("promotion_interval")?,
+            }
+            table.end()
+        }
+    }
+}
+
+/// An accumulation by name (`"exact"`, `"hopper"`, `"hopper_without_promotion"`) or as a table
+/// `{ mantissa_bits, promotion_interval }` (without `promotion_interval`: never promoted).
+fn deserialize_accumulation<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Accumulation, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Limited {
+        mantissa_bits: u32,
+        promotion_interval: Option<usize>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Spelled {
+        Name(String),
+        Table(Limited),
+    }
+
+    let limited = match Spelled::deserialize(deserializer)? {
+        Spelled::Name(name) => match name.as_str() {
+            "exact" => return Ok(Accumulation::Exact),
+            "hopper" => return Ok(Accumulation::HOPPER),
+            "hopper_without_promotion" => return Ok(Accumulation::HOPPER_WITHOUT_PROMOTION),
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown accumulation `{other}`; expected exact, hopper, \
+                     hopper_without_promotion or {{ mantissa_bits, promotion_interval }}"
+                )));
+            }
+        },
+        Spelled::Table(limited) => limited,
+    };
+    if !(1..=23).contains(&limited.mantissa_bits) || limited.promotion_interval == Some(0) {
+        return Err(serde::de::Error::custom(format!(
+            "accumulation keeps {} mantissa bits and promotes every {:?} products; expected 1 to \
+             23 bits and at least 1 product",
+            limited.mantissa_bits, limited.promotion_interval
+        )));
+    }
+    Ok(Accumulation::Limited {
+        mantissa_bits: limited.mantissa_bits,
+        promotion_interval: limited.promotion_interval,
+    })
 }
 
 /// What the precision pass refuses.

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use crate::dtype::DType;
 use crate::error::GraphError;
-use crate::graph::{Graph, GraphBuilder, NodeId, QuantFormat, Tensor};
+use crate::graph::{Accumulation, Graph, GraphBuilder, NodeId, Op, QuantFormat, Tensor};
 use crate::spec::Fp8Spec;
 
 use super::identify::{GemmRole, LinearGemm, OperandLayout, is_kept_in_f32, linear_gemms};
@@ -13,7 +13,8 @@ use super::{Fp8Scaling, Precision, PrecisionError, PrecisionPolicy};
 /// `graph` with the operands of every Linear GEMM that `policy` puts in BF16 or FP8 rounded as
 /// the module docs describe; FP8 tiles come from `tiling` (`ModelSpec::fp8`, DeepSeek-V3's
 /// 128/128 when the model has none). Node order, origins, outputs and every other node are kept;
-/// the rounding nodes carry the GEMM's origin. A policy that is all FP32 returns the graph
+/// the rounding nodes carry the GEMM's origin; each FP8 GEMM sums its products as the policy's
+/// `accumulation` says. A policy that is all FP32 returns the graph
 /// unchanged. An operand shared by several GEMMs with the same rounding is rounded once (as a
 /// run quantizes an activation once for all the projections that read it).
 pub fn apply_precision(
@@ -46,8 +47,12 @@ pub fn apply_precision(
     for (id, node) in graph.node_ids().zip(&graph.nodes) {
         let mut inputs: Vec<Tensor> = node.inputs.iter().map(|i| new_ids[i.index()]).collect();
         let declared = node.inputs.is_empty().then(|| node.ty.clone());
+        let mut op = node.op.clone();
         let t = g.within(&node.origin, |g| {
             if let Some((precision, gemm)) = plan.get(&id) {
+                if *precision == Precision::Fp8 {
+                    set_accumulation(&mut op, policy.accumulation);
+                }
                 for (k, layout) in gemm.operands.iter().enumerate() {
                     let pow2 = k == 0 && has_pow2_input(graph, gemm);
                     let rounding = Rounding::of(
@@ -68,7 +73,7 @@ pub fn apply_precision(
                     };
                 }
             }
-            g.push(node.op.clone(), &inputs, declared)
+            g.push(op, &inputs, declared)
         })?;
         new_ids.push(t);
     }
@@ -76,6 +81,16 @@ pub fn apply_precision(
         g.output(&output.name, new_ids[output.node.index()])?;
     }
     Ok(g.finish())
+}
+
+/// Sets how a GEMM op sums its products.
+fn set_accumulation(op: &mut Op, to: Accumulation) {
+    if let Op::MatMul { accumulation }
+    | Op::GroupedMatMul { accumulation }
+    | Op::GroupedMatMulWeightGrad { accumulation, .. } = op
+    {
+        *accumulation = to;
+    }
 }
 
 /// SPEC §2: the scales of two inputs are rounded up to powers of two — the MoE dispatch (the

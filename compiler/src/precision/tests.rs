@@ -2,7 +2,7 @@
 
 use crate::autodiff::backward_parameters;
 use crate::dtype::{DType, TensorType};
-use crate::graph::{Graph, GraphBuilder, Op, ReduceOp, Tensor};
+use crate::graph::{Accumulation, Graph, GraphBuilder, Op, ReduceOp, Tensor};
 use crate::model::linear;
 use crate::spec::Fp8Spec;
 
@@ -113,7 +113,7 @@ fn fp8_tiles_run_along_k() {
     // The attention-like matmul reads y itself.
     let scores = out
         .node_ids()
-        .find(|&id| out.node(id).origin == "scores" && out.node(id).op == Op::MatMul)
+        .find(|&id| out.node(id).origin == "scores" && matches!(out.node(id).op, Op::MatMul { .. }))
         .unwrap();
     assert_eq!(operand_tiles(&out, scores), [None, None]);
     // Gradients stay f32 and keep their names.
@@ -158,6 +158,7 @@ fn kept_modules_and_overrides() {
             ("model.layers.1".into(), Precision::Fp8),
         ],
         scaling: Fp8Scaling::FineGrained,
+        accumulation: Accumulation::HOPPER,
     };
     assert_eq!(policy.precision_of("model.layers.1.x"), Precision::Fp8);
     assert_eq!(policy.precision_of("model.layers.10.x"), Precision::Bf16);
@@ -168,7 +169,72 @@ fn kept_modules_and_overrides() {
         let first = out.node(out.node(gemm.node).inputs[0]);
         let fp8 = matches!(first.op, Op::QuantizeDequantize { .. });
         assert_eq!(fp8, gemm.path == "model.layers.1.x", "{gemm:?}");
+        // Only the FP8 GEMMs take the limited accumulator; BF16 ones sum in f32.
+        let (Op::MatMul { accumulation } | Op::GroupedMatMul { accumulation }) =
+            out.node(gemm.node).op
+        else {
+            panic!("{gemm:?}");
+        };
+        assert_eq!(accumulation.is_exact(), !fp8, "{gemm:?}");
+        if fp8 {
+            assert_eq!(out.node(gemm.node).op.to_string(), "matmul<acc=13b/128>");
+        }
     }
+}
+
+#[test]
+fn accumulation_is_read_by_name_or_as_a_table_and_checked() {
+    let read = |json: &str| serde_json::from_str::<PrecisionPolicy>(json);
+    for (json, want) in [
+        (r#"{"default": "fp8"}"#, Accumulation::Exact),
+        (r#"{"accumulation": "hopper"}"#, Accumulation::HOPPER),
+        (
+            r#"{"accumulation": "hopper_without_promotion"}"#,
+            Accumulation::HOPPER_WITHOUT_PROMOTION,
+        ),
+        (
+            r#"{"accumulation": {"mantissa_bits": 10, "promotion_interval": 64}}"#,
+            Accumulation::Limited {
+                mantissa_bits: 10,
+                promotion_interval: Some(64),
+            },
+        ),
+        (
+            r#"{"accumulation": {"mantissa_bits": 13}}"#,
+            Accumulation::HOPPER_WITHOUT_PROMOTION,
+        ),
+    ] {
+        let policy = read(json).unwrap();
+        assert_eq!(policy.accumulation, want, "{json}");
+        let again = read(&serde_json::to_string(&policy).unwrap()).unwrap();
+        assert_eq!(again, policy, "{json}");
+    }
+    let err = read(r#"{"accumulation": "volta"}"#).unwrap_err();
+    assert!(
+        err.to_string().contains("unknown accumulation `volta`"),
+        "{err}"
+    );
+    let err = read(r#"{"accumulation": {"mantissa_bits": 30}}"#).unwrap_err();
+    assert!(err.to_string().contains("keeps 30 mantissa bits"), "{err}");
+    let err =
+        read(r#"{"accumulation": {"mantissa_bits": 13, "promotion_interval": 0}}"#).unwrap_err();
+    assert!(err.to_string().contains("at least 1 product"), "{err}");
+    // The graph checks the op the same way.
+    let mut g = GraphBuilder::new("acc");
+    let a = g.input("a", f32_ty(&[2, 3])).unwrap();
+    let b = g.input("b", f32_ty(&[3, 4])).unwrap();
+    let op = Op::MatMul {
+        accumulation: Accumulation::Limited {
+            mantissa_bits: 0,
+            promotion_interval: None,
+        },
+    };
+    let err = g.push(op, &[a, b], None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("keeps 0 mantissa bits; expected 1 to 23"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -3,9 +3,11 @@
 //! arithmetic is the same whatever the thread count). Under expert parallelism each expert's
 //! GEMM runs on the rank that owns it (`crate::parallel::experts`).
 
-use gemm::{Parallelism, gemm};
+use fathom_compiler::graph::Accumulation;
+use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::product::multiply;
 use crate::parallel::{ExpertExchange, gathered_at_owners, products_where_owned};
 
 /// Which rows go where: `groups[e]` lists the token-slots (`t·slots + s`) routed to expert e,
@@ -14,6 +16,9 @@ pub(super) struct Routing {
     pub(super) groups: Vec<Vec<usize>>,
     pub(super) slots: usize,
     pub(super) x_slots: usize,
+    /// How each expert's GEMM sums its products (K: `k` forward, its token-slots for the
+    /// weight gradient).
+    pub(super) accumulation: Accumulation,
 }
 
 impl Routing {
@@ -40,7 +45,9 @@ pub(super) fn matmul(
     exchange: Option<&dyn ExpertExchange>,
     result: &mut [f32],
 ) -> Result<(), String> {
-    let product = |e: usize, rows: &[f32]| expert_product(&ws[e * n * k..][..n * k], rows, n, k);
+    let product = |e: usize, rows: &[f32]| {
+        expert_product(&ws[e * n * k..][..n * k], rows, n, k, routing.accumulation)
+    };
     let products: Vec<Vec<f32>> = match exchange {
         None => (0..routing.groups.len())
             .into_par_iter()
@@ -124,25 +131,12 @@ pub(super) fn weight_grad(
             // SAFETY: every pointer spans exactly the matrix its strides describe; `block` is
             // this expert's n·k values.
             unsafe {
-                gemm(
-                    n,
-                    k,
-                    rows,
-                    block.as_mut_ptr(),
-                    1,
-                    k as isize,
-                    false,
-                    g.as_ptr(),
-                    n as isize,
-                    1,
-                    xe.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                multiply(
+                    (n, k, rows),
+                    (block.as_mut_ptr(), 1, k as isize),
+                    (g.as_ptr(), n as isize, 1),
+                    (xe.as_ptr(), 1, k as isize),
+                    routing.accumulation,
                     Parallelism::None,
                 );
             }
@@ -151,30 +145,23 @@ pub(super) fn weight_grad(
 }
 
 /// `rows [r, k] · W_eᵀ` with `W_e` stored `[n, k]`: `[r, n]`.
-fn expert_product(w: &[f32], rows: &[f32], n: usize, k: usize) -> Vec<f32> {
+fn expert_product(
+    w: &[f32],
+    rows: &[f32],
+    n: usize,
+    k: usize,
+    accumulation: Accumulation,
+) -> Vec<f32> {
     let count = rows.len() / k;
     let mut product = vec![0f32; count * n];
     // SAFETY: every pointer spans exactly the matrix its strides describe.
     unsafe {
-        gemm(
-            count,
-            n,
-            k,
-            product.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            rows.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+        multiply(
+            (count, n, k),
+            (product.as_mut_ptr(), 1, n as isize),
+            (rows.as_ptr(), 1, k as isize),
+            (w.as_ptr(), k as isize, 1),
+            accumulation,
             Parallelism::None,
         );
     }

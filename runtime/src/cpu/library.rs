@@ -2,12 +2,14 @@
 //! rayon), grouped expert GEMMs as one GEMM per expert over its gathered rows, the lookups, and
 //! FP8 fake quantization through `crate::fp8`.
 
+use fathom_compiler::graph::Accumulation;
 use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::kernel::{BufferId, Library, Program, View};
-use gemm::{Parallelism, gemm};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::grouped::{self, Routing};
+use super::product::multiply;
 use super::{CpuError, Storage};
 use crate::fp8::{ScaleRounding, fake_quantize};
 use crate::parallel::ExpertExchange;
@@ -40,10 +42,19 @@ pub(super) fn run(
             a,
             b,
             out,
+            accumulation,
         } => {
             let mut result = buffers[out.buffer.index()].take_vec();
             let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
-            batched_matmul(batch, (*m, *n, *k), (a, lhs), (b, rhs), out, &mut result);
+            let operands = [(a, &lhs[..]), (b, &rhs[..])];
+            batched_matmul(
+                batch,
+                (*m, *n, *k),
+                operands,
+                out,
+                *accumulation,
+                &mut result,
+            );
             buffers[out.buffer.index()] = Storage::Owned(result);
         }
         Library::GroupedMatMul {
@@ -51,6 +62,7 @@ pub(super) fn run(
             weights,
             expert_ids,
             out,
+            accumulation,
         } => {
             let (wd, idd) = (dims(weights), dims(expert_ids));
             let (experts, n, k) = (wd[0], wd[1], wd[2]);
@@ -59,6 +71,7 @@ pub(super) fn run(
                 &idd,
                 &dims(x),
                 experts,
+                *accumulation,
                 &index,
             )?;
             let mut result = reuse(buffers[out.index()].vec_mut(), idd[0] * idd[1] * n);
@@ -72,11 +85,12 @@ pub(super) fn run(
             x,
             expert_ids,
             out,
+            accumulation,
         } => {
             let (xd, cd, od) = (dims(x), dims(cotangent), dims(out));
             let (experts, n, k) = (od[0], cd[2], xd[2]);
             let ids = &buffers[expert_ids.index()];
-            let routing = route(ids, &dims(expert_ids), &xd, experts, &index)?;
+            let routing = route(ids, &dims(expert_ids), &xd, experts, *accumulation, &index)?;
             let mut result = reuse(buffers[out.index()].vec_mut(), experts * n * k);
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
             grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut result)
@@ -216,9 +230,9 @@ const SMALL_GEMM: usize = 1 << 27;
 fn batched_matmul(
     batch: &[usize],
     (m, n, k): (usize, usize, usize),
-    (a, lhs): (&View, &[f32]),
-    (b, rhs): (&View, &[f32]),
+    [(a, lhs), (b, rhs)]: [(&View, &[f32]); 2],
     out: &View,
+    accumulation: Accumulation,
     result: &mut [f32],
 ) {
     let rank = batch.len();
@@ -251,25 +265,20 @@ fn batched_matmul(
         // dense buffer of its own (taken out of `buffers`), aliasing neither operand, and
         // distinct batch indices write disjoint parts of it.
         unsafe {
-            gemm(
-                m,
-                n,
-                k,
-                out_ptr.at(oo),
-                out.strides[rank + 1],
-                out.strides[rank],
-                false,
-                lhs.as_ptr().offset(ao),
-                a.strides[rank + 1],
-                a.strides[rank],
-                rhs.as_ptr().offset(bo),
-                b.strides[rank + 1],
-                b.strides[rank],
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            multiply(
+                (m, n, k),
+                (out_ptr.at(oo), out.strides[rank + 1], out.strides[rank]),
+                (
+                    lhs.as_ptr().offset(ao),
+                    a.strides[rank + 1],
+                    a.strides[rank],
+                ),
+                (
+                    rhs.as_ptr().offset(bo),
+                    b.strides[rank + 1],
+                    b.strides[rank],
+                ),
+                accumulation,
                 parallelism,
             );
         }
@@ -309,6 +318,7 @@ fn route(
     id_dims: &[usize],
     x_dims: &[usize],
     experts: usize,
+    accumulation: Accumulation,
     index: &impl Fn(f32, usize) -> Result<usize, CpuError>,
 ) -> Result<Routing, CpuError> {
     let (tokens, slots) = (id_dims[0], id_dims[1]);
@@ -320,6 +330,7 @@ fn route(
         groups,
         slots,
         x_slots: x_dims[1],
+        accumulation,
     })
 }
 

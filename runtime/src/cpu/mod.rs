@@ -13,6 +13,7 @@ mod grouped;
 mod jit;
 mod library;
 mod loops;
+mod product;
 mod profile;
 
 use fathom_compiler::kernel::{BufferRole, KernelBody, Program};

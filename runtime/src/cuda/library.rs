@@ -305,6 +305,17 @@ impl Planner<'_> {
     }
 
     fn plan(&self, call: &Library) -> Planned {
+        if let Library::MatMul { accumulation, .. }
+        | Library::GroupedMatMul { accumulation, .. }
+        | Library::GroupedMatMulWeightGrad { accumulation, .. } = call
+            && !accumulation.is_exact()
+        {
+            // The CPU's emulation of Hopper's FP8 accumulation; a GPU's FP8 GEMM has the real one.
+            return Err(format!(
+                "accumulation {accumulation} is emulated on the CPU only; on a GPU leave the \
+                 precision policy's accumulation exact"
+            ));
+        }
         match call {
             Library::MatMul {
                 batch,
@@ -314,12 +325,14 @@ impl Planner<'_> {
                 a,
                 b,
                 out,
+                ..
             } => self.matmul(batch, (*m, *n, *k), [a, b, out]),
             Library::GroupedMatMul {
                 x,
                 weights,
                 expert_ids,
                 out,
+                ..
             } => {
                 let (w, ids, xd) = (self.dims(weights), self.dims(expert_ids), self.dims(x));
                 let (experts, n, k) = (w[0], w[1], w[2]);
@@ -348,6 +361,7 @@ impl Planner<'_> {
                 x,
                 expert_ids,
                 out,
+                ..
             } => {
                 let (od, ids, xd) = (self.dims(out), self.dims(expert_ids), self.dims(x));
                 let (experts, n, k) = (od[0], od[1], od[2]);

@@ -6,6 +6,7 @@
 
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::dtype::{DType, TensorType};
+use fathom_compiler::graph::Accumulation;
 use fathom_compiler::kernel::{Buffer, BufferRole, Kernel};
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::training::training_graph;
@@ -178,10 +179,8 @@ fn every_sample_plans_its_call() {
     }
 }
 
-#[test]
-fn a_call_that_cannot_be_planned_is_refused_by_name() {
-    // A batch of 2×2×2×2 matrices (1×1) whose A walks its batch axes in the opposite order: no
-    // axes merge, and the f32 GEMM takes three.
+/// One batched matmul of 2×2×2×2 1×1 matrices, A's batch strides as given.
+fn one_matmul_program(a_strides: [isize; 4], accumulation: Accumulation) -> Program {
     let ty = TensorType::new(DType::F32, vec![2, 2, 2, 2, 1, 1]);
     let buffer = |role| Buffer {
         ty: ty.clone(),
@@ -197,11 +196,12 @@ fn a_call_that_cannot_be_planned_is_refused_by_name() {
         m: 1,
         n: 1,
         k: 1,
-        a: view(0, [1, 2, 4, 8]),
+        a: view(0, a_strides),
         b: view(1, [8, 4, 2, 1]),
         out: view(2, [8, 4, 2, 1]),
+        accumulation,
     };
-    let program = Program {
+    Program {
         name: "four_batch_axes".to_owned(),
         buffers: vec![
             buffer(BufferRole::Input("a".to_owned())),
@@ -215,10 +215,28 @@ fn a_call_that_cannot_be_planned_is_refused_by_name() {
             body: KernelBody::Library(call),
         }],
         outputs: vec![("y".to_owned(), BufferId(2))],
-    };
+    }
+}
+
+#[test]
+fn a_call_that_cannot_be_planned_is_refused_by_name() {
+    // A walks its batch axes in the opposite order: no axes merge, and the f32 GEMM takes three.
+    let program = one_matmul_program([1, 2, 4, 8], Accumulation::Exact);
     let error = LibraryPlan::of(&program).unwrap_err().to_string();
     assert!(error.contains("k0_matmul: 4 batch axes"), "{error}");
     assert!(error.contains("takes 3"), "{error}");
+}
+
+#[test]
+fn the_cpu_emulation_of_fp8_accumulation_is_refused_on_the_gpu() {
+    let program = one_matmul_program([8, 4, 2, 1], Accumulation::HOPPER);
+    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    assert!(error.contains("k0_matmul"), "{error}");
+    assert!(
+        error.contains("accumulation 13b/128 is emulated on the CPU only"),
+        "{error}"
+    );
+    assert!(LibraryPlan::of(&one_matmul_program([8, 4, 2, 1], Accumulation::Exact)).is_ok());
 }
 
 #[test]

@@ -8,6 +8,8 @@
 //! - [`gemm`]: an emulation of DeepGEMM's FP8 GEMM: per-K-chunk products in a limited-precision
 //!   accumulator (Hopper keeps about 14 bits), promoted to FP32 with the scales every
 //!   `N_C = 128` elements of K; BF16 and f64 reference GEMMs; DeepGEMM's `calc_diff` check.
+//! - [`accumulate`]: that limited accumulation inside the training graph's GEMMs
+//!   (`graph::Accumulation::Limited`), bit-identical between the interpreter and the CPU backend.
 //! - [`fake`]: `dequant(quant(x))` per tile, the graph op `QuantizeDequantize` that the
 //!   precision pass puts on GEMM operands (used by the interpreter and the CPU backend).
 //! - [`experiment`]: the measurements behind `examples/fp8_accumulation.rs` (accumulation
@@ -16,12 +18,14 @@
 //! Matrices are flat row-major `f32` slices with explicit `rows`, `cols`. GEMMs follow the
 //! weight layout of a Linear: `y (M×N) = a (M×K) · bᵀ`, with `b` stored N×K.
 
+pub mod accumulate;
 pub mod experiment;
 pub mod fake;
 pub mod format;
 pub mod gemm;
 pub mod quantize;
 
+pub use accumulate::LimitedSum;
 pub use fake::fake_quantize;
 pub use format::{
     Fp8Format, Overflow, bf16_to_f32, e4m3_to_f32, e5m2_to_f32, f32_to_bf16, f32_to_e4m3,

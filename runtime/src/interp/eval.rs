@@ -107,7 +107,7 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
         Op::Select => elementwise::select(at, x[0], x[1], x[2]),
         Op::Cast { to } => elementwise::cast(at, *to, x[0]),
         Op::Reduce { op, axis, .. } => linalg::reduce(at, *op, *axis, x[0]),
-        Op::MatMul => linalg::matmul(at, x[0], x[1]),
+        Op::MatMul { accumulation } => linalg::matmul(at, *accumulation, x[0], x[1]),
         Op::Reshape { .. } => Ok(movement::reshape(at, x[0])),
         Op::Permute { perm } => movement::permute(at, perm, x[0]),
         Op::Expand { .. } => movement::expand(at, x[0]),
@@ -118,10 +118,13 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
         Op::TakeAlong { axis } => indexing::take_along(at, *axis, x[0], x[1]),
         Op::TopK { k } => indexing::top_k(at, *k, x[0]),
         Op::OneHot { depth, dtype } => indexing::one_hot(at, *depth, *dtype, x[0]),
-        Op::GroupedMatMul => linalg::grouped_matmul(at, x[0], x[1], x[2]),
-        Op::GroupedMatMulWeightGrad { experts } => {
-            linalg::grouped_matmul_weight_grad(at, *experts, x[0], x[1], x[2])
+        Op::GroupedMatMul { accumulation } => {
+            linalg::grouped_matmul(at, *accumulation, x[0], x[1], x[2])
         }
+        Op::GroupedMatMulWeightGrad {
+            experts,
+            accumulation,
+        } => linalg::grouped_matmul_weight_grad(at, *experts, *accumulation, x[0], x[1], x[2]),
         Op::Stack => movement::stack(at, x),
         Op::CrossEntropy => loss::cross_entropy(at, x[0], x[1]),
         // The forward's loss (x[2]) is a shortcut for compiled kernels; the definition needs

@@ -1,14 +1,16 @@
 //! Accumulating ops: `Reduce`, `MatMul`, `GroupedMatMul`, `GroupedMatMulWeightGrad`. Float
 //! sums and dot products accumulate in f64, in index order, and round once to f32 and then to
-//! the dtype.
+//! the dtype; a GEMM with a limited accumulation (`Accumulation::Limited`) sums its products
+//! as [`LimitedSum::dot`] defines instead.
 
 use fathom_compiler::DType;
-use fathom_compiler::graph::ReduceOp;
+use fathom_compiler::graph::{Accumulation, ReduceOp};
 
 use super::error::InterpError;
 use super::eval::At;
 use super::layout::{StridedOffsets, split_at_axis};
 use super::numeric::{round_f64, wrap_int};
+use crate::fp8::LimitedSum;
 use crate::tensor::{Data, HostTensor};
 
 /// Reduces `axis`. Seen as an `[outer, len, inner]` array, the result is `[outer, inner]` in
@@ -90,6 +92,7 @@ fn dot(a: &[f32], b: impl Iterator<Item = f32>) -> f64 {
 /// an f64 dot product rounded once.
 pub(super) fn matmul(
     at: At<'_>,
+    accumulation: Accumulation,
     a: &HostTensor,
     b: &HostTensor,
 ) -> Result<HostTensor, InterpError> {
@@ -106,6 +109,19 @@ pub(super) fn matmul(
     for (ab, bb) in a_batches.zip(b_batches) {
         let a_mat = &av[ab * m * k..][..m * k];
         let b_mat = &bv[bb * k * n..][..k * n];
+        if let Some(limited) = LimitedSum::new(accumulation, k) {
+            for i in 0..m {
+                let row = &a_mat[i * k..][..k];
+                values.extend((0..n).map(|j| {
+                    let column = (0..k).map(|p| b_mat[p * n + j]);
+                    round_f64(
+                        dtype,
+                        f64::from(limited.dot(row.iter().copied().zip(column))),
+                    )
+                }));
+            }
+            continue;
+        }
         // Row by row, accumulating `a[i, p] * b[p, :]` in f64 for p = 0, 1, …: every output
         // element sums its products in index order, like `dot`, but b is read contiguously.
         let mut accumulator = vec![0f64; n];
@@ -128,6 +144,7 @@ pub(super) fn matmul(
 /// `x` with one slot serves every slot. Expert ids outside `0..experts` are an error.
 pub(super) fn grouped_matmul(
     at: At<'_>,
+    accumulation: Accumulation,
     x: &HostTensor,
     weights: &HostTensor,
     expert_ids: &HostTensor,
@@ -137,6 +154,7 @@ pub(super) fn grouped_matmul(
     let x_slots = x.dims()[1];
     let (experts, n, k) = (weights.dims()[0], weights.dims()[1], weights.dims()[2]);
     let dtype = at.out_dtype();
+    let limited = LimitedSum::new(accumulation, k);
     let mut values = Vec::with_capacity(at.node.ty.numel());
     for t in 0..tokens {
         for s in 0..slots {
@@ -145,7 +163,13 @@ pub(super) fn grouped_matmul(
             let x_row = &xv[(t * x_slots + x_slot) * k..][..k];
             for row in 0..n {
                 let w_row = &wv[(expert * n + row) * k..][..k];
-                values.push(round_f64(dtype, dot(w_row, x_row.iter().copied())));
+                let sum = match limited {
+                    Some(limited) => {
+                        f64::from(limited.dot(x_row.iter().copied().zip(w_row.iter().copied())))
+                    }
+                    None => dot(w_row, x_row.iter().copied()),
+                };
+                values.push(round_f64(dtype, sum));
             }
         }
     }
@@ -159,6 +183,7 @@ pub(super) fn grouped_matmul(
 pub(super) fn grouped_matmul_weight_grad(
     at: At<'_>,
     experts: usize,
+    accumulation: Accumulation,
     cotangent: &HostTensor,
     x: &HostTensor,
     expert_ids: &HostTensor,
@@ -167,6 +192,30 @@ pub(super) fn grouped_matmul_weight_grad(
     let (tokens, slots) = (expert_ids.dims()[0], expert_ids.dims()[1]);
     let (x_slots, k) = (x.dims()[1], x.dims()[2]);
     let n = cotangent.dims()[2];
+    let dtype = at.out_dtype();
+    if !accumulation.is_exact() {
+        // Per expert, K is its token-slots in (t, s) order: each is a row of the cotangent
+        // (offset) and of x.
+        let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); experts];
+        for t in 0..tokens {
+            for s in 0..slots {
+                let expert = at.index(ids[t * slots + s], experts)?;
+                let x_slot = if x_slots == 1 { 0 } else { s };
+                members[expert].push(((t * slots + s) * n, (t * x_slots + x_slot) * k));
+            }
+        }
+        let mut values = Vec::with_capacity(experts * n * k);
+        for rows in &members {
+            let limited = LimitedSum::new(accumulation, rows.len()).expect("not exact");
+            for row in 0..n {
+                values.extend((0..k).map(|col| {
+                    let pairs = rows.iter().map(|&(c, x)| (cv[c + row], xv[x + col]));
+                    round_f64(dtype, f64::from(limited.dot(pairs)))
+                }));
+            }
+        }
+        return Ok(at.tensor(Data::Float(values)));
+    }
     let mut sums = vec![0.0f64; experts * n * k];
     for t in 0..tokens {
         for s in 0..slots {
@@ -182,7 +231,6 @@ pub(super) fn grouped_matmul_weight_grad(
             }
         }
     }
-    let dtype = at.out_dtype();
     let values = sums.into_iter().map(|v| round_f64(dtype, v)).collect();
     Ok(at.tensor(Data::Float(values)))
 }

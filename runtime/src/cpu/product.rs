@@ -1,0 +1,57 @@
+//! One strided GEMM on the CPU, summed as the graph asks: the `gemm` crate when the
+//! accumulation is exact, Hopper's limited FP8 accumulator (`crate::fp8::LimitedSum`) when the
+//! precision pass asked for it.
+
+use fathom_compiler::graph::Accumulation;
+use gemm::{Parallelism, gemm};
+
+use crate::fp8::LimitedSum;
+
+/// A matrix operand: its first element, then the element strides between columns and rows.
+pub(super) type Operand<P> = (P, isize, isize);
+
+/// `dst (m×n) = lhs (m×k) · rhs (k×n)`, overwriting `dst`.
+///
+/// # Safety
+/// Every element each operand's pointer, strides and shape describe must be inside its
+/// allocation (`dst` writable), and `dst` must alias neither operand.
+pub(super) unsafe fn multiply(
+    (m, n, k): (usize, usize, usize),
+    dst: Operand<*mut f32>,
+    lhs: Operand<*const f32>,
+    rhs: Operand<*const f32>,
+    accumulation: Accumulation,
+    parallelism: Parallelism,
+) {
+    match LimitedSum::new(accumulation, k) {
+        // SAFETY: the caller's promise, passed on.
+        Some(limited) => unsafe {
+            let parallel = !matches!(parallelism, Parallelism::None);
+            limited.gemm((m, n, k), dst, lhs, rhs, parallel)
+        },
+        // SAFETY: the caller's promise, passed on (alpha 0 with read_dst false: overwrite).
+        None => unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                dst.0,
+                dst.1,
+                dst.2,
+                false,
+                lhs.0,
+                lhs.1,
+                lhs.2,
+                rhs.0,
+                rhs.1,
+                rhs.2,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        },
+    }
+}
