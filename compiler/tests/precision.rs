@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use fathom_compiler::graph::{Graph, NodeId, Op};
+use fathom_compiler::graph::{Accumulation, Graph, NodeId, Op};
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::precision::{
     GemmRole, Precision, PrecisionPolicy, apply_precision, is_kept_in_f32, linear_gemms,
@@ -56,13 +56,31 @@ fn is_qdq(graph: &Graph, id: NodeId) -> bool {
 fn operand(graph: &Graph, id: NodeId) -> String {
     let node = graph.node(id);
     match &node.op {
-        Op::QuantizeDequantize { .. } => format!("{} {}", node.op, graph.ty(node.inputs[0])),
+        Op::QuantizeDequantize { .. } => format!(
+            "{} {}{}",
+            node.op,
+            graph.ty(node.inputs[0]),
+            saved(graph, node.inputs[0])
+        ),
         Op::Reshape { .. } if is_qdq(graph, node.inputs[0]) => {
             let q = graph.node(node.inputs[0]);
             let source = graph.node(q.inputs[0]);
-            format!("{} {} as {}", q.op, graph.ty(source.inputs[0]), q.ty)
+            let from = saved(graph, source.inputs[0]);
+            format!("{} {} as {}{from}", q.op, graph.ty(source.inputs[0]), q.ty)
         }
         _ => format!("(f32) {}", node.ty),
+    }
+}
+
+/// `, of the saved <rounding>` when `id` is, through permutes and reshapes, an FP8 rounding
+/// (the activation a weight gradient reads as saved in FP8 by the forward pass).
+fn saved(graph: &Graph, mut id: NodeId) -> String {
+    while let Op::Permute { .. } | Op::Reshape { .. } = graph.node(id).op {
+        id = graph.node(id).inputs[0];
+    }
+    match is_qdq(graph, id) {
+        true => format!(", of the saved {}", graph.node(id).op),
+        false => String::new(),
     }
 }
 
@@ -150,17 +168,18 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
 /// Every rewritten GEMM with its role and its operands' tiles: activations and output gradients
 /// 1×4 along K, weights 4×4, the weight gradients' K = tokens as 4×1 (through `[tokens·slots,
 /// channels]` views for the grouped ones), power-of-two scales for the MoE dispatch and
-/// `o_proj`'s input.
+/// `o_proj`'s input; each weight gradient's activation re-tiled from the forward's FP8 rounding
+/// (activations are saved in FP8), and every FP8 GEMM with Hopper's accumulation (13 bits,
+/// promoted every 128 products).
 #[test]
 fn fp8_training_graph_snapshot() {
     let graph = train_graph();
     let spec = tiny();
-    let out = apply_precision(
-        &graph,
-        &PrecisionPolicy::uniform(Precision::Fp8),
-        spec.fp8.as_ref().unwrap(),
-    )
-    .unwrap();
+    let policy = PrecisionPolicy {
+        accumulation: Accumulation::HOPPER,
+        ..PrecisionPolicy::uniform(Precision::Fp8)
+    };
+    let out = apply_precision(&graph, &policy, spec.fp8.as_ref().unwrap()).unwrap();
     let mut text = String::new();
     for gemm in linear_gemms(&out) {
         let node = out.node(gemm.node);
@@ -169,7 +188,7 @@ fn fp8_training_graph_snapshot() {
             GemmRole::InputGradient => "input-grad",
             GemmRole::WeightGradient => "weight-grad",
         };
-        writeln!(text, "{role} {} ({})", gemm.path, node.op.name()).unwrap();
+        writeln!(text, "{role} {} ({})", gemm.path, node.op).unwrap();
         for &input in node.inputs.iter().take(2) {
             writeln!(text, "    {}", operand(&out, input)).unwrap();
         }

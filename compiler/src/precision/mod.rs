@@ -9,7 +9,9 @@
 //! - with [`Precision::Fp8`] each operand goes through [`Op::QuantizeDequantize`] (E4M3, one
 //!   scale per tile): activations and output gradients in 1×`activation_tile` tiles along K,
 //!   weights in `weight_block`×`weight_block` blocks, and for the weight-gradient GEMM, whose K
-//!   is the token axis, both operands in tiles of `activation_tile` tokens × 1 channel;
+//!   is the token axis, both operands in tiles of `activation_tile` tokens × 1 channel, the
+//!   activation re-tiled from the forward GEMM's FP8 rounding of it (activations are saved for
+//!   the backward pass in FP8, SPEC §2, so the weight gradient sees them quantized twice);
 //! - with [`Precision::Fp32`] they are left as they are.
 //!
 //! Everything else stays in f32: master weights, gradients, optimizer inputs, and the GEMMs

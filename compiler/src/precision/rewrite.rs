@@ -44,6 +44,11 @@ pub fn apply_precision(
     let mut g = GraphBuilder::new(graph.name.clone());
     let mut new_ids: Vec<Tensor> = Vec::with_capacity(graph.nodes.len());
     let mut rounded: HashMap<(Tensor, Rounding), Tensor> = HashMap::new();
+    // Each activation an FP8 forward GEMM read, and its FP8 rounding: what a run saves for the
+    // backward pass in place of the activation.
+    let mut saved: HashMap<Tensor, Tensor> = HashMap::new();
+    // Weight-gradient operands rebuilt on a saved activation (shared by the GEMMs that read one).
+    let mut from_saved: HashMap<NodeId, Tensor> = HashMap::new();
     for (id, node) in graph.node_ids().zip(&graph.nodes) {
         let mut inputs: Vec<Tensor> = node.inputs.iter().map(|i| new_ids[i.index()]).collect();
         let declared = node.inputs.is_empty().then(|| node.ty.clone());
@@ -54,6 +59,18 @@ pub fn apply_precision(
                     set_accumulation(&mut op, policy.accumulation);
                 }
                 for (k, layout) in gemm.operands.iter().enumerate() {
+                    let fp8 = *precision == Precision::Fp8;
+                    if fp8 && Some(k) == saved_activation_operand(gemm) {
+                        let operand = node.inputs[k];
+                        inputs[k] = match from_saved.get(&operand) {
+                            Some(&done) => done,
+                            None => {
+                                let done = as_saved(g, graph, operand, &new_ids, &saved)?;
+                                from_saved.insert(operand, done);
+                                done
+                            }
+                        };
+                    }
                     let pow2 = k == 0 && has_pow2_input(graph, gemm);
                     let rounding = Rounding::of(
                         *precision,
@@ -63,14 +80,18 @@ pub fn apply_precision(
                         g.dims(inputs[k]),
                         pow2,
                     );
-                    inputs[k] = match rounded.get(&(inputs[k], rounding)) {
+                    let source = inputs[k];
+                    inputs[k] = match rounded.get(&(source, rounding)) {
                         Some(&done) => done,
                         None => {
-                            let done = round(g, inputs[k], rounding)?;
-                            rounded.insert((inputs[k], rounding), done);
+                            let done = round(g, source, rounding)?;
+                            rounded.insert((source, rounding), done);
                             done
                         }
                     };
+                    if fp8 && k == 0 && gemm.role == GemmRole::Forward {
+                        saved.entry(source).or_insert(inputs[k]);
+                    }
                 }
             }
             g.push(op, &inputs, declared)
@@ -81,6 +102,49 @@ pub fn apply_precision(
         g.output(&output.name, new_ids[output.node.index()])?;
     }
     Ok(g.finish())
+}
+
+/// Which operand of a weight-gradient GEMM is the forward's activation (the other is the output
+/// gradient, computed in the backward pass): `xᵀ` of a dense one, `x` of a grouped one.
+fn saved_activation_operand(gemm: &LinearGemm) -> Option<usize> {
+    match (gemm.role, gemm.grouped) {
+        (GemmRole::WeightGradient, false) => Some(0),
+        (GemmRole::WeightGradient, true) => Some(1),
+        _ => None,
+    }
+}
+
+/// SPEC §2: activations are saved for the backward pass in FP8. A weight-gradient GEMM's
+/// activation operand is therefore the forward GEMM's FP8 rounding of it (1×128 tiles along
+/// the channels), seen through the same permutes and reshapes, which the caller then re-tiles
+/// along the tokens: DeepGEMM's weight gradient dequantizes, transposes and re-quantizes the
+/// saved activation. An activation no FP8 forward GEMM read is left as it is.
+fn as_saved(
+    g: &mut GraphBuilder,
+    graph: &Graph,
+    operand: NodeId,
+    new_ids: &[Tensor],
+    saved: &HashMap<Tensor, Tensor>,
+) -> Result<Tensor, GraphError> {
+    // Down the permutes and reshapes to the first node a forward GEMM rounded.
+    let mut movements = Vec::new();
+    let mut at = operand;
+    let stored = loop {
+        if let Some(&stored) = saved.get(&new_ids[at.index()]) {
+            break stored;
+        }
+        match &graph.node(at).op {
+            op @ (Op::Permute { .. } | Op::Reshape { .. }) => {
+                movements.push(op.clone());
+                at = graph.node(at).inputs[0];
+            }
+            _ => return Ok(new_ids[operand.index()]),
+        }
+    };
+    movements
+        .into_iter()
+        .rev()
+        .try_fold(stored, |t, op| g.push(op, &[t], None))
 }
 
 /// Sets how a GEMM op sums its products.
