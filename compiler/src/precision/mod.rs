@@ -210,6 +210,17 @@ impl<'de> Deserialize<'de> for PrecisionPolicy {
     }
 }
 
+/// The accumulations with names: `exact`, `hopper` (13 mantissa bits, promoted every 128
+/// products: DeepSeek-V3's recipe) and `hopper_without_promotion`.
+pub fn accumulation_named(name: &str) -> Result<Accumulation, PrecisionError> {
+    match name {
+        "exact" => Ok(Accumulation::Exact),
+        "hopper" => Ok(Accumulation::HOPPER),
+        "hopper_without_promotion" => Ok(Accumulation::HOPPER_WITHOUT_PROMOTION),
+        other => Err(PrecisionError::UnknownAccumulation(other.to_owned())),
+    }
+}
+
 /// Written the way [`deserialize_accumulation`] reads it: a name when it has one.
 fn serialize_accumulation<S: serde::Serializer>(
     accumulation: &Accumulation,
@@ -257,17 +268,7 @@ fn deserialize_accumulation<'de, D: Deserializer<'de>>(
     }
 
     let limited = match Spelled::deserialize(deserializer)? {
-        Spelled::Name(name) => match name.as_str() {
-            "exact" => return Ok(Accumulation::Exact),
-            "hopper" => return Ok(Accumulation::HOPPER),
-            "hopper_without_promotion" => return Ok(Accumulation::HOPPER_WITHOUT_PROMOTION),
-            other => {
-                return Err(serde::de::Error::custom(format!(
-                    "unknown accumulation `{other}`; expected exact, hopper, \
-                     hopper_without_promotion or {{ mantissa_bits, promotion_interval }}"
-                )));
-            }
-        },
+        Spelled::Name(name) => return accumulation_named(&name).map_err(serde::de::Error::custom),
         Spelled::Table(limited) => limited,
     };
     if !(1..=23).contains(&limited.mantissa_bits) || limited.promotion_interval == Some(0) {
@@ -288,6 +289,11 @@ fn deserialize_accumulation<'de, D: Deserializer<'de>>(
 pub enum PrecisionError {
     #[error("unknown precision `{0}`; expected fp32, bf16 or fp8")]
     UnknownPrecision(String),
+    #[error(
+        "unknown accumulation `{0}`; expected exact, hopper, hopper_without_promotion or \
+         {{ mantissa_bits, promotion_interval }}"
+    )]
+    UnknownAccumulation(String),
     #[error(
         "precision override {index}: `{prefix}` is not a module path (expected a dotted path \
          such as `model.layers.0.mlp`)"

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
+use fathom_compiler::graph::Accumulation;
 use fathom_compiler::pipeline::svg::timeline_svg;
 use fathom_compiler::pipeline::{Method, simulate};
-use fathom_compiler::precision::{Precision, PrecisionPolicy};
+use fathom_compiler::precision::{Precision, PrecisionPolicy, accumulation_named};
 use fathom_runtime::exec::Backend;
 use fathom_runtime::parallel::{Comm, NcclComm, Rendezvous, TcpComm, local_rank_from_vars};
 use fathom_runtime::train::{Checkpoint, TrainSettings, Trainer, latest_checkpoint};
@@ -54,6 +55,11 @@ pub struct Args {
     /// run file's per-module overrides are dropped, its FP8 scaling is kept.
     #[arg(long)]
     precision: Option<Precision>,
+    /// Override how FP8 GEMMs sum their products, emulated on the CPU: exact, hopper (Hopper's
+    /// 14-bit tensor-core sums promoted to FP32 every 128 products, DeepSeek-V3's recipe) or
+    /// hopper_without_promotion.
+    #[arg(long, value_parser = accumulation_named)]
+    accumulation: Option<Accumulation>,
     /// Override the micro-batches per optimizer step (gradient accumulation; the pipeline's
     /// micro-batches when --pp > 1).
     #[arg(long)]
@@ -240,8 +246,12 @@ fn apply_overrides(config: &mut RunConfig, args: &Args) {
     if let Some(precision) = args.precision {
         train.precision = PrecisionPolicy {
             scaling: train.precision.scaling,
+            accumulation: train.precision.accumulation,
             ..PrecisionPolicy::uniform(precision)
         };
+    }
+    if let Some(accumulation) = args.accumulation {
+        train.precision.accumulation = accumulation;
     }
     if let Some(micro) = args.micro_batches {
         train.micro_batches = micro;
