@@ -288,14 +288,22 @@ fn bad_runs_are_clear_errors() {
     );
 }
 
-/// `--precision` overrides the run file's GEMM precision, and belongs to the run: a checkpoint
-/// written in FP8 is not continued in BF16.
+/// `--precision` overrides the run file's GEMM precision (here with Hopper's emulated FP8
+/// accumulation), and belongs to the run: a checkpoint written in FP8 is not continued in BF16.
 #[test]
 fn precision_flag_trains_in_fp8_and_belongs_to_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let config = run_file(dir.path(), 2);
     let config = config.to_str().unwrap();
-    let fp8 = fathom(&["train", "--config", config, "--precision", "fp8"]);
+    let fp8 = fathom(&[
+        "train",
+        "--config",
+        config,
+        "--precision",
+        "fp8",
+        "--accumulation",
+        "hopper",
+    ]);
     assert!(fp8.status.success(), "{}", stderr(&fp8));
     let lines = metric_lines(dir.path());
     assert_eq!(lines.len(), 2);
@@ -325,6 +333,13 @@ fn precision_flag_trains_in_fp8_and_belongs_to_the_run() {
     assert!(!bad.status.success());
     assert!(
         stderr(&bad).contains("unknown precision `fp4`"),
+        "{}",
+        stderr(&bad)
+    );
+    let bad = fathom(&["train", "--config", config, "--accumulation", "volta"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("unknown accumulation `volta`"),
         "{}",
         stderr(&bad)
     );
