@@ -197,3 +197,23 @@ fn fp8_training_graph_snapshot() {
     writeln!(text, "{qdq} quantize_dequantize nodes").unwrap();
     insta::assert_snapshot!(text);
 }
+
+/// The kernel IR keeps each FP8 GEMM's accumulation and prints it (`, acc 13b/K`): every GEMM
+/// the pass rewrote to FP8 becomes one library call that says so, and no other does.
+#[test]
+fn the_kernel_ir_shows_each_fp8_gemms_accumulation() {
+    let policy = PrecisionPolicy {
+        accumulation: Accumulation::HOPPER_WITHOUT_PROMOTION,
+        ..PrecisionPolicy::uniform(Precision::Fp8)
+    };
+    let out = apply_precision(&train_graph(), &policy, tiny().fp8.as_ref().unwrap()).unwrap();
+    let fp8_gemms = linear_gemms(&out)
+        .iter()
+        .filter(|g| !is_kept_in_f32(&g.path))
+        .count();
+    let program = fathom_compiler::lower::lower(&out).unwrap();
+    let text = program.to_string();
+    let limited = text.lines().filter(|l| l.ends_with(", acc 13b/K")).count();
+    assert_eq!(limited, fp8_gemms, "{text}");
+    assert!(fp8_gemms > 30);
+}
