@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::graph::Graph;
 use crate::kernel::{MemoryPlan, Program};
 use crate::lower::{LowerError, lower};
-use crate::passes::{RecomputePolicy, common_subexpressions, dead_code, recompute};
+use crate::passes::{RecomputePolicy, common_subexpressions, dead_code, fold_constants, recompute};
 
 #[derive(Clone, Debug, Default)]
 pub struct CompileOptions {
@@ -46,7 +46,7 @@ pub struct Compiled {
     pub program: Program,
     pub plan: MemoryPlan,
     /// The graph after each pass, in order (`input`, `dead_code`, `common_subexpressions`,
-    /// `recompute`); the last is the one lowered.
+    /// `fold_constants`, `recompute`); the last is the one lowered.
     pub graphs: Vec<(&'static str, Graph)>,
     /// Time of each phase.
     pub timings: Vec<(&'static str, Duration)>,
@@ -65,9 +65,13 @@ pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, Lowe
     timed("common_subexpressions", t);
     graphs.push(("dead_code", live));
     let t = Instant::now();
-    let recomputed = recompute(&merged, options.recompute);
-    timed("recompute", t);
+    let folded = fold_constants(&merged);
+    timed("fold_constants", t);
     graphs.push(("common_subexpressions", merged));
+    let t = Instant::now();
+    let recomputed = recompute(&folded, options.recompute);
+    timed("recompute", t);
+    graphs.push(("fold_constants", folded));
     let t = Instant::now();
     let program = lower(&recomputed)?;
     timed("lower", t);

@@ -104,7 +104,8 @@ fn tiny_inspection_artifacts() {
             "00-input.graph.txt",
             "01-dead_code.graph.txt",
             "02-common_subexpressions.graph.txt",
-            "03-recompute.graph.txt",
+            "03-fold_constants.graph.txt",
+            "04-recompute.graph.txt",
             "10-fusion-groups.txt",
             "11-kernels.txt",
             "12-memory-plan.txt",
@@ -169,6 +170,7 @@ fn tiny_training_recompute() {
     );
     insta::assert_snapshot!(summary);
     assert!(peak_after < peak_before, "{peak_before} -> {peak_after}");
-    // The policy `none` lowers the graph CSE left.
-    assert_eq!(before.graphs[2].1, before.graphs[3].1);
+    // The policy `none` lowers the graph constant folding left.
+    assert_eq!(before.graphs[3].0, "fold_constants");
+    assert_eq!(before.graphs[3].1, before.graphs[4].1);
 }

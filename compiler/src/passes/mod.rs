@@ -3,10 +3,12 @@
 
 mod cse;
 mod dce;
+mod fold;
 mod recompute;
 
 pub use cse::common_subexpressions;
 pub use dce::dead_code;
+pub use fold::{FOLD_LIMIT, fold_constants};
 pub use recompute::{RECOMPUTE_PREFIX, RecomputePolicy, recompute};
 
 use crate::graph::{Graph, Node, NodeId, Output};
