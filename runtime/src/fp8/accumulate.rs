@@ -141,16 +141,64 @@ impl LimitedSum {
         self.row_block_portable(a, packed, shape, out);
     }
 
+    /// [`Self::row_block_portable`] with AVX-512 intrinsics, the ROWS × COLS running sums in 16
+    /// vector registers (the compiler keeps the portable version's arrays in memory). The same
+    /// f32 multiplies, adds and masks in the same order, so the same bits.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     fn row_block_avx512(
         self,
         a: &[f32],
         packed: &[f32],
-        shape: (usize, usize, usize),
+        (rows, n, k): (usize, usize, usize),
         out: &mut [f32],
     ) {
-        self.row_block_portable(a, packed, shape, out);
+        use std::arch::x86_64::{
+            __m512, _mm512_add_ps, _mm512_and_si512, _mm512_castps_si512, _mm512_castsi512_ps,
+            _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
+            _mm512_storeu_ps,
+        };
+        const LANES: usize = 16;
+        const VECTORS: usize = COLS / LANES;
+        let keep = _mm512_set1_epi32(self.keep as i32);
+        for (panel, values) in packed.chunks_exact((k * COLS).max(1)).enumerate() {
+            let mut total = [[_mm512_setzero_ps(); VECTORS]; ROWS];
+            let mut start = 0;
+            while start < k {
+                let end = (start + self.interval).min(k);
+                let mut chunk = [[_mm512_setzero_ps(); VECTORS]; ROWS];
+                for p in start..end {
+                    let b: &[f32; COLS] = values[p * COLS..][..COLS].try_into().expect("COLS");
+                    // SAFETY: each load reads LANES values inside `b`.
+                    let b: [__m512; VECTORS] = std::array::from_fn(|v| unsafe {
+                        _mm512_loadu_ps(b[v * LANES..].as_ptr())
+                    });
+                    for (r, sums) in chunk.iter_mut().enumerate() {
+                        let a_rp = _mm512_set1_ps(a[r * k + p]);
+                        for (sum, &b_v) in sums.iter_mut().zip(&b) {
+                            let exact = _mm512_add_ps(*sum, _mm512_mul_ps(a_rp, b_v));
+                            let kept = _mm512_and_si512(_mm512_castps_si512(exact), keep);
+                            *sum = _mm512_castsi512_ps(kept);
+                        }
+                    }
+                }
+                for (totals, sums) in total.iter_mut().zip(&chunk) {
+                    for (t, &s) in totals.iter_mut().zip(sums) {
+                        *t = _mm512_add_ps(*t, s);
+                    }
+                }
+                start = end;
+            }
+            let cols = COLS.min(n - panel * COLS);
+            for (r, totals) in total.iter().enumerate().take(rows) {
+                let mut row = [0f32; COLS];
+                for (v, &t) in totals.iter().enumerate() {
+                    // SAFETY: each store writes LANES values inside `row`.
+                    unsafe { _mm512_storeu_ps(row[v * LANES..].as_mut_ptr(), t) };
+                }
+                out[r * n + panel * COLS..][..cols].copy_from_slice(&row[..cols]);
+            }
+        }
     }
 
     /// ROWS × COLS running sums live in registers through each chunk; the order of operations
@@ -169,10 +217,12 @@ impl LimitedSum {
             while start < k {
                 let end = (start + self.interval).min(k);
                 let mut chunk = [[0f32; COLS]; ROWS];
-                for p in start..end {
-                    let b: &[f32; COLS] = values[p * COLS..][..COLS].try_into().expect("COLS");
-                    for (r, sums) in chunk.iter_mut().enumerate() {
-                        let a_rp = a[r * k + p];
+                let rows: [&[f32]; ROWS] = std::array::from_fn(|r| &a[r * k + start..r * k + end]);
+                let panel = values[start * COLS..end * COLS].chunks_exact(COLS);
+                for (p, b) in panel.enumerate() {
+                    let b: &[f32; COLS] = b.try_into().expect("COLS");
+                    for (sums, row) in chunk.iter_mut().zip(rows) {
+                        let a_rp = row[p];
                         for (sum, &b_pj) in sums.iter_mut().zip(b) {
                             *sum = self.add(*sum, a_rp * b_pj);
                         }
@@ -296,6 +346,28 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Both inner kernels (the portable one and, where the CPU has it, AVX-512) give the same
+    /// bits, so the CPU backend's results do not depend on the machine.
+    #[test]
+    fn the_portable_and_vector_kernels_agree_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (n, k) = (COLS + 5, 300);
+        let a = random(&mut rng, ROWS * k);
+        let packed = random(&mut rng, n.div_ceil(COLS) * k * COLS);
+        for (bits, interval) in [(13, Some(128)), (13, None), (4, Some(7))] {
+            let sum = limited(bits, interval, k);
+            let mut portable = vec![0f32; 3 * n];
+            sum.row_block_portable(&a, &packed, (3, n, k), &mut portable);
+            let mut dispatched = vec![0f32; 3 * n];
+            sum.row_block(&a, &packed, (3, n, k), &mut dispatched);
+            let same = portable
+                .iter()
+                .zip(&dispatched)
+                .all(|(p, d)| p.to_bits() == d.to_bits());
+            assert!(same, "bits {bits} every {interval:?}");
         }
     }
 
