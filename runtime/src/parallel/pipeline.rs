@@ -9,7 +9,9 @@ use fathom_compiler::model::LossWeights;
 use fathom_compiler::partition::{
     Phase, PhaseGraphs, StagePlan, layer_costs, names, split_phases, stage_graph,
 };
-use fathom_compiler::passes::{RecomputePolicy, common_subexpressions, dead_code, recompute};
+use fathom_compiler::passes::{
+    RecomputePolicy, common_subexpressions, dead_code, fold_constants, recompute,
+};
 use fathom_compiler::pipeline::{Chunk, Schedule, ScheduleOp, SimReport, generate};
 use fathom_compiler::precision::{PrecisionPolicy, apply_precision};
 use fathom_compiler::spec::ModelSpec;
@@ -188,7 +190,7 @@ impl Pipeline {
             let graph = apply_precision(&built.graph, run.precision, &tiling)
                 .map_err(|e| PipelineError::Settings(format!("precision: {e}")))?;
             let graph = recompute(
-                &common_subexpressions(&dead_code(&graph)),
+                &fold_constants(&common_subexpressions(&dead_code(&graph))),
                 options.recompute,
             );
             let pieces = split_phases(&graph, input_phase, output_phase)?;
