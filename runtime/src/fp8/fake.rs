@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::format::{Fp8Format, Overflow};
-use super::quantize::{QuantizedTensor, ScaleRounding, quantize_tiles, tile_scale};
+use super::quantize::{E4M3_MAX, QuantizedTensor, ScaleRounding, quantize_tiles, tile_scale};
 use super::{Fp8Error, check_len};
 
 /// Elements per parallel band, roughly: below this a band is not worth a thread hand-off.
@@ -97,11 +97,11 @@ fn quantize_band(
 }
 
 /// [`quantize_tiles`] followed by [`QuantizedTensor::dequantize`] for finite input, fused: the
-/// same max-abs, the same [`tile_scale`], the same quotient `x / scale` in f64 rounded once by
-/// [`Fp8Format::encode_f64`], and the same `code · scale` in f64 rounded to f32 — without the
-/// code and scale buffers or the per-element tile lookups, and reading rows in order (two
-/// passes per band of tile rows: max-abs per tile, then values). The tests compare it with the
-/// two-step form bit for bit.
+/// same max-abs, the same [`tile_scale`], the same quotient `x / scale` in f64 rounded to the
+/// nearest E4M3 value (as [`Fp8Format::encode_f64`] rounds it, by [`round_to_e4m3`]), and the
+/// same `value · scale` in f64 rounded to f32 — without the code and scale buffers or the
+/// per-element tile lookups, and reading rows in order (two passes per band of tile rows:
+/// max-abs per tile, then values). The tests compare it with the two-step form bit for bit.
 fn finite_band(
     x: &[f32],
     cols: usize,
@@ -109,7 +109,36 @@ fn finite_band(
     tile_cols: usize,
     rounding: ScaleRounding,
 ) -> Vec<f32> {
-    let decoded: [f32; 256] = std::array::from_fn(|code| Fp8Format::E4M3.decode(code as u8));
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { finite_band_avx512(x, cols, tile_rows, tile_cols, rounding) };
+    }
+    finite_band_portable(x, cols, tile_rows, tile_cols, rounding)
+}
+
+/// [`finite_band_portable`] compiled for AVX-512 (eight f64 lanes for the division and the
+/// rounding); the same operations, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn finite_band_avx512(
+    x: &[f32],
+    cols: usize,
+    tile_rows: usize,
+    tile_cols: usize,
+    rounding: ScaleRounding,
+) -> Vec<f32> {
+    finite_band_portable(x, cols, tile_rows, tile_cols, rounding)
+}
+
+#[inline(always)]
+fn finite_band_portable(
+    x: &[f32],
+    cols: usize,
+    tile_rows: usize,
+    tile_cols: usize,
+    rounding: ScaleRounding,
+) -> Vec<f32> {
     let grid_cols = cols.div_ceil(tile_cols);
     let mut amax = vec![0.0f32; grid_cols];
     let mut scales = vec![0.0f64; grid_cols];
@@ -131,14 +160,31 @@ fn finite_band(
             let tiles = row_in.chunks(tile_cols).zip(row_out.chunks_mut(tile_cols));
             for ((tile_in, tile_out), &scale) in tiles.zip(&scales) {
                 for (v, o) in tile_in.iter().zip(tile_out) {
-                    let code =
-                        Fp8Format::E4M3.encode_f64(f64::from(*v) / scale, Overflow::Saturate);
-                    *o = (f64::from(decoded[usize::from(code)]) * scale) as f32;
+                    *o = (round_to_e4m3(f64::from(*v) / scale) * scale) as f32;
                 }
             }
         }
     }
     out
+}
+
+/// `v` (finite) rounded to the nearest E4M3 value, ties to even, saturating at ±448: the value
+/// of `encode_f64(v, Overflow::Saturate)`'s code, computed with a few branch-free f64
+/// operations instead of encoding and decoding (the quantizer's inner loop).
+#[inline(always)]
+fn round_to_e4m3(v: f64) -> f64 {
+    // 2^52: adding and subtracting it rounds a smaller non-negative f64 to an integer, ties to
+    // even.
+    const INTEGER_ROUNDING: f64 = 4_503_599_627_370_496.0;
+    let a = v.abs();
+    // floor(log2 a), but at least the smallest normal E4M3 exponent, -6 (zero gives -1023).
+    let exponent = (((a.to_bits() >> 52) as i64) - 1023).max(-6);
+    // E4M3 values near `a` are multiples of 2^(exponent - 3): count them, rounded, and scale
+    // back (both scalings are exact: powers of two).
+    let per_unit = f64::from_bits(((1023 + 3 - exponent) as u64) << 52);
+    let unit = f64::from_bits(((1023 - 3 + exponent) as u64) << 52);
+    let units = (a * per_unit + INTEGER_ROUNDING) - INTEGER_ROUNDING;
+    (units * unit).min(f64::from(E4M3_MAX)).copysign(v)
 }
 
 #[cfg(test)]
@@ -172,6 +218,55 @@ mod tests {
                     "{tile:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn rounding_to_e4m3_is_the_encoders() {
+        use rand::{Rng, SeedableRng};
+        let exact = |v: f64| {
+            f64::from(Fp8Format::E4M3.decode(Fp8Format::E4M3.encode_f64(v, Overflow::Saturate)))
+        };
+        let mut values = vec![
+            0.0, -0.0, 448.0, 464.0, 479.9, 480.0, 1e6, -1e6, 1e-300, -1e-300,
+        ];
+        // Every E4M3 value, the midpoints between neighbours and the f64s just around them.
+        let grid: Vec<f64> = (0..=0x7Eu8)
+            .map(|c| f64::from(Fp8Format::E4M3.decode(c)))
+            .collect();
+        for pair in grid.windows(2) {
+            let mid = (pair[0] + pair[1]) / 2.0;
+            for v in [pair[0], mid, mid.next_up(), mid.next_down()] {
+                values.extend([v, -v]);
+            }
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        values.extend(
+            (0..200_000)
+                .map(|_| rng.random_range(-1.0f64..1.0) * 2f64.powi(rng.random_range(-14..10))),
+        );
+        for v in values {
+            let (got, want) = (round_to_e4m3(v), exact(v));
+            assert_eq!(got.to_bits(), want.to_bits(), "{v:e}: {got:e} vs {want:e}");
+        }
+    }
+
+    #[test]
+    fn the_vector_and_portable_quantizers_agree_bit_for_bit() {
+        let x: Vec<f32> = (0..37 * 300)
+            .map(|i| ((i * 7919) % 2001) as f32 / 97.0 - 10.0)
+            .collect();
+        for (tile, rounding) in [
+            ((1, 128), ScaleRounding::Exact),
+            ((3, 5), ScaleRounding::PowerOfTwo),
+        ] {
+            let portable = finite_band_portable(&x, 300, tile.0, tile.1, rounding);
+            let dispatched = finite_band(&x, 300, tile.0, tile.1, rounding);
+            let same = portable
+                .iter()
+                .zip(&dispatched)
+                .all(|(p, d)| p.to_bits() == d.to_bits());
+            assert!(same, "{tile:?}");
         }
     }
 
