@@ -9,7 +9,6 @@
 
 use rayon::prelude::*;
 
-use super::format::{Fp8Format, Overflow};
 use super::quantize::{E4M3_MAX, QuantizedTensor, ScaleRounding, quantize_tiles, tile_scale};
 use super::{Fp8Error, check_len};
 
@@ -98,7 +97,7 @@ fn quantize_band(
 
 /// [`quantize_tiles`] followed by [`QuantizedTensor::dequantize`] for finite input, fused: the
 /// same max-abs, the same [`tile_scale`], the same quotient `x / scale` in f64 rounded to the
-/// nearest E4M3 value (as [`Fp8Format::encode_f64`] rounds it, by [`round_to_e4m3`]), and the
+/// nearest E4M3 value (as `Fp8Format::encode_f64` rounds it, by [`round_to_e4m3`]), and the
 /// same `value · scale` in f64 rounded to f32 — without the code and scale buffers or the
 /// per-element tile lookups, and reading rows in order (two passes per band of tile rows:
 /// max-abs per tile, then values). The tests compare it with the two-step form bit for bit.
@@ -192,6 +191,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::fp8::format::{Fp8Format, Overflow};
 
     #[test]
     fn each_matrix_and_band_matches_the_quantizer() {
