@@ -62,14 +62,9 @@ pub fn apply_precision(
                     let fp8 = *precision == Precision::Fp8;
                     if fp8 && Some(k) == saved_activation_operand(gemm) {
                         let operand = node.inputs[k];
-                        inputs[k] = match from_saved.get(&operand) {
-                            Some(&done) => done,
-                            None => {
-                                let done = as_saved(g, graph, operand, &new_ids, &saved)?;
-                                from_saved.insert(operand, done);
-                                done
-                            }
-                        };
+                        inputs[k] = cached(&mut from_saved, operand, || {
+                            as_saved(g, graph, operand, &new_ids, &saved)
+                        })?;
                     }
                     let pow2 = k == 0 && has_pow2_input(graph, gemm);
                     let rounding = Rounding::of(
@@ -81,14 +76,9 @@ pub fn apply_precision(
                         pow2,
                     );
                     let source = inputs[k];
-                    inputs[k] = match rounded.get(&(source, rounding)) {
-                        Some(&done) => done,
-                        None => {
-                            let done = round(g, source, rounding)?;
-                            rounded.insert((source, rounding), done);
-                            done
-                        }
-                    };
+                    inputs[k] = cached(&mut rounded, (source, rounding), || {
+                        round(g, source, rounding)
+                    })?;
                     if fp8 && k == 0 && gemm.role == GemmRole::Forward {
                         saved.entry(source).or_insert(inputs[k]);
                     }
@@ -102,6 +92,20 @@ pub fn apply_precision(
         g.output(&output.name, new_ids[output.node.index()])?;
     }
     Ok(g.finish())
+}
+
+/// `cache[key]`, made by `make` the first time it is asked for.
+fn cached<K: std::hash::Hash + Eq>(
+    cache: &mut HashMap<K, Tensor>,
+    key: K,
+    make: impl FnOnce() -> Result<Tensor, GraphError>,
+) -> Result<Tensor, GraphError> {
+    if let Some(&done) = cache.get(&key) {
+        return Ok(done);
+    }
+    let done = make()?;
+    cache.insert(key, done);
+    Ok(done)
 }
 
 /// Which operand of a weight-gradient GEMM is the forward's activation (the other is the output
