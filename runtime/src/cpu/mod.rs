@@ -119,7 +119,8 @@ impl CpuProgram {
         let constants = constants_of(&program);
         CpuProgram {
             constants,
-            profile: profile::enabled_by_env().then(|| profile::Profile::new(&program)),
+            profile: profile::enabled_by_env()
+                .then(|| profile::Profile::new(&program, |i| jit.kernel(i).is_some())),
             jit: Some(jit),
             scratch: Default::default(),
             lifetimes,
@@ -133,7 +134,7 @@ impl CpuProgram {
         let constants = constants_of(&program);
         CpuProgram {
             constants,
-            profile: profile::enabled_by_env().then(|| profile::Profile::new(&program)),
+            profile: profile::enabled_by_env().then(|| profile::Profile::new(&program, |_| false)),
             program,
             jit: None,
             scratch: Default::default(),
