@@ -46,17 +46,18 @@ fn rmsnorm_is_a_row_reduction_then_a_store() {
     insta::assert_snapshot!(norm.annotated_source());
 }
 
+/// The max, the exponentials, their sum and the division: one row kernel (merged by the
+/// lowering), whose sum and division read back the exponentials the same thread stored.
 #[test]
-fn softmax_is_a_max_kernel_then_a_sum_kernel() {
+fn softmax_is_one_row_kernel() {
     let cuda = tiny_forward();
-    let attention = "model.layers.0.self_attn";
-    let max = kernel(&cuda, attention, "_exp_", "row_max");
-    let sum = kernel(&cuda, attention, "_div_", "row_sum");
-    insta::assert_snapshot!(format!(
-        "{}\n{}",
-        max.annotated_source(),
-        sum.annotated_source()
-    ));
+    let softmax = kernel(
+        &cuda,
+        "model.layers.0.self_attn",
+        "_exp_div_",
+        "row_max_sum",
+    );
+    insta::assert_snapshot!(softmax.annotated_source());
 }
 
 #[test]

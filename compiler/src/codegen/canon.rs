@@ -57,7 +57,7 @@ impl Canonical {
         }
         let mut loaded: Vec<BufferId> = Vec::new();
         for stmt in &nest.body {
-            stmt_value(stmt).for_each_load(&mut |v| {
+            stmt.value().for_each_load(&mut |v| {
                 if !loaded.contains(&v.buffer) {
                     loaded.push(v.buffer);
                 }
@@ -164,7 +164,7 @@ impl Canonical {
                 });
             }
             let mut problem = None;
-            stmt_value(stmt).for_each_load(&mut |load| {
+            stmt.value().for_each_load(&mut |load| {
                 for (w, other) in body.iter().enumerate() {
                     let Some((written, per_row)) = stored_view(other) else {
                         continue;
@@ -197,21 +197,10 @@ impl Canonical {
     }
 }
 
-fn stmt_value(stmt: &Stmt) -> &Expr {
-    match stmt {
-        Stmt::Reduce { value, .. } | Stmt::Store { value, .. } | Stmt::StoreRow { value, .. } => {
-            value
-        }
-    }
-}
-
 /// The view a statement stores through, and whether it stores once per row.
 fn stored_view(stmt: &Stmt) -> Option<(&View, bool)> {
-    match stmt {
-        Stmt::Reduce { .. } => None,
-        Stmt::Store { view, .. } => Some((view, false)),
-        Stmt::StoreRow { view, .. } => Some((view, true)),
-    }
+    stmt.target()
+        .map(|view| (view, matches!(stmt, Stmt::StoreRow { .. })))
 }
 
 fn map_views(expr: &Expr, f: &impl Fn(&View) -> View) -> Expr {

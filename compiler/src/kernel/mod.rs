@@ -268,6 +268,25 @@ impl Expr {
     }
 }
 
+impl Stmt {
+    /// The value the statement computes at every point.
+    pub fn value(&self) -> &Expr {
+        match self {
+            Stmt::Reduce { value, .. }
+            | Stmt::Store { value, .. }
+            | Stmt::StoreRow { value, .. } => value,
+        }
+    }
+
+    /// The view the statement writes through, if it writes.
+    pub fn target(&self) -> Option<&View> {
+        match self {
+            Stmt::Reduce { .. } => None,
+            Stmt::Store { view, .. } | Stmt::StoreRow { view, .. } => Some(view),
+        }
+    }
+}
+
 impl Library {
     /// The buffers the call reads, then the one it writes.
     pub fn operands(&self) -> (Vec<BufferId>, BufferId) {

@@ -6,6 +6,7 @@ mod cross_entropy;
 use crate::graph::{Graph, NodeId, Op};
 use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt};
 
+use super::merge::{Pending, merge_adjacent};
 use super::{
     Affine, Class, KernelBuilder, LowerError, StridedView, class, load, new_buffer, push_kernel,
     temporary, what,
@@ -47,6 +48,8 @@ pub(super) struct Lowering<'g> {
     /// The buffer view of every node that has one: materialised nodes and movements of them.
     views: Vec<Option<StridedView>>,
     program: Program,
+    /// The kernels emitted so far, in order; named and put in the program by `finish`.
+    kernels: Vec<Pending>,
 }
 
 impl<'g> Lowering<'g> {
@@ -89,10 +92,15 @@ impl<'g> Lowering<'g> {
                 name: graph.name.clone(),
                 ..Program::default()
             },
+            kernels: Vec::new(),
         }
     }
 
-    pub(super) fn finish(self) -> Program {
+    /// The program, its adjacent loop nests merged (see `merge`).
+    pub(super) fn finish(mut self) -> Program {
+        for kernel in merge_adjacent(self.kernels) {
+            push_kernel(&mut self.program, kernel);
+        }
         self.program
     }
 
@@ -627,9 +635,19 @@ impl<'g> Lowering<'g> {
 
     /// Appends a kernel computing (part of) node `id`, named `what` and placed at the node's
     /// origin in the model.
-    fn push_node_kernel(&mut self, id: NodeId, what: &str, nodes: Vec<NodeId>, body: KernelBody) {
-        let graph = self.graph;
-        push_kernel(&mut self.program, &graph.node(id).origin, what, nodes, body);
+    fn push_node_kernel(
+        &mut self,
+        id: NodeId,
+        what: &'static str,
+        nodes: Vec<NodeId>,
+        body: KernelBody,
+    ) {
+        self.kernels.push(Pending {
+            origin: self.graph.node(id).origin.clone(),
+            whats: vec![what],
+            nodes,
+            body,
+        });
     }
 
     fn unsupported(&self, id: NodeId, reason: &str) -> LowerError {

@@ -7,18 +7,20 @@
 //! into the elementwise kernel that consumes it row by row (RMSNorm, softmax, the loss), as a
 //! per-row value computed before the row's stores. Movements that only re-index a buffer
 //! (reshape, permute, slice, broadcast) never copy: they become the strides of a [`View`].
+//! Last, adjacent loop nests over the same domain are merged into one when each row of the
+//! later one reads only its own row of the earlier one's results (see `merge`): a softmax's
+//! max, exponentials, sum and division become one pass over each row.
 
 mod affine;
 mod fusion;
+mod merge;
 
 use std::collections::HashMap;
 
 use thiserror::Error;
 
 use crate::graph::{Graph, NodeId, Op};
-use crate::kernel::{
-    Buffer, BufferId, BufferRole, Expr, Kernel, KernelBody, LoopNest, Program, Stmt,
-};
+use crate::kernel::{Buffer, BufferId, BufferRole, Expr, Kernel, LoopNest, Program, Stmt};
 
 pub use affine::{Affine, StridedView, row_major_strides};
 
@@ -129,15 +131,13 @@ fn new_buffer(program: &mut Program, buffer: Buffer) -> BufferId {
     id
 }
 
-fn push_kernel(
-    program: &mut Program,
-    origin: &str,
-    what: &str,
-    nodes: Vec<NodeId>,
-    body: KernelBody,
-) {
+/// Appends `kernel` to the program, named after its index, what it computes and its origin
+/// (`k12_rmsnorm_model_layers_0_input_layernorm`).
+fn push_kernel(program: &mut Program, kernel: merge::Pending) {
     let index = program.kernels.len();
-    let place: String = origin
+    let what = kernel.whats.join("_");
+    let place: String = kernel
+        .origin
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
@@ -148,9 +148,9 @@ fn push_kernel(
     };
     program.kernels.push(Kernel {
         name,
-        nodes,
-        origin: origin.to_owned(),
-        body,
+        nodes: kernel.nodes,
+        origin: kernel.origin,
+        body: kernel.body,
     });
 }
 

@@ -15,6 +15,8 @@ mod library;
 mod loops;
 mod product;
 mod profile;
+#[cfg(test)]
+mod tests;
 
 use fathom_compiler::kernel::{BufferRole, KernelBody, Program};
 use fathom_compiler::{DType, TensorType};
@@ -120,7 +122,8 @@ impl CpuProgram {
         let constants = constants_of(&program);
         CpuProgram {
             constants,
-            profile: profile::enabled_by_env().then(|| profile::Profile::new(&program)),
+            profile: profile::enabled_by_env()
+                .then(|| profile::Profile::new(&program, |i| jit.kernel(i).is_some())),
             jit: Some(jit),
             scratch: Default::default(),
             lifetimes,
@@ -134,7 +137,7 @@ impl CpuProgram {
         let constants = constants_of(&program);
         CpuProgram {
             constants,
-            profile: profile::enabled_by_env().then(|| profile::Profile::new(&program)),
+            profile: profile::enabled_by_env().then(|| profile::Profile::new(&program, |_| false)),
             program,
             jit: None,
             scratch: Default::default(),
@@ -240,16 +243,20 @@ impl CpuProgram {
         let outputs_start = timing.map(|_| Instant::now());
         // Float temporaries move out as they are (no copy); the caller may hand their storage
         // back with `recycle`. Anything else (integers, bools, fed buffers, a buffer named by
-        // two outputs) is copied.
+        // two outputs) is copied, and so is an output held in pooled storage over twice its
+        // size: moved out, a large allocation would leave the pool with a small output the
+        // caller does not recycle, and every later run would fault fresh pages in for the
+        // temporary it served (three 4 MB buffers of the small config's attention backward).
         let mut outputs = Vec::with_capacity(self.program.outputs.len());
         for (i, (name, id)) in self.program.outputs.iter().enumerate() {
             let buffer = self.program.buffer(*id);
             let named_again = self.program.outputs[i + 1..].iter().any(|(_, o)| o == id);
             let storage = &mut buffers[id.index()];
+            let numel = buffer.ty.numel();
             let movable = matches!(buffer.role, BufferRole::Temporary)
                 && buffer.ty.dtype.is_float()
                 && !named_again
-                && matches!(storage, Storage::Owned(v) if v.len() == buffer.ty.numel());
+                && matches!(storage, Storage::Owned(v) if v.len() == numel && v.capacity() <= 2 * numel);
             let tensor = if movable {
                 HostTensor {
                     ty: buffer.ty.clone(),

@@ -1,8 +1,8 @@
 //! An opt-in per-kernel timing table (`FATHOM_PROFILE=1`): wall time of every kernel and of the
 //! host work around them (copying feeds in, results out), summed over all runs of a program and
 //! printed to stderr when the program is dropped, largest first, by kernel and by kind of kernel
-//! (its fusion group's label, e.g. `rmsnorm`, `matmul`). Off by default; when off, nothing is
-//! timed.
+//! (its fusion group's label, e.g. `rmsnorm`, `matmul`): the 30 slowest kernels, or every one
+//! with `FATHOM_PROFILE=all`. Off by default; when off, nothing is timed.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,9 +13,20 @@ use fathom_compiler::kernel::{KernelBody, Program};
 /// The environment variable that turns the table on (any value but empty or `0`).
 pub const PROFILE_ENV: &str = "FATHOM_PROFILE";
 
+/// Kernels listed one by one unless `FATHOM_PROFILE=all`.
+const TOP_KERNELS: usize = 30;
+
 /// Whether `FATHOM_PROFILE` asks for the table.
 pub(super) fn enabled_by_env() -> bool {
     std::env::var(PROFILE_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// How many kernels the table lists one by one.
+fn listed_by_env() -> usize {
+    match std::env::var(PROFILE_ENV) {
+        Ok(v) if v == "all" => usize::MAX,
+        _ => TOP_KERNELS,
+    }
 }
 
 /// Host phases of a run timed besides the kernels.
@@ -46,14 +57,18 @@ pub(super) struct Profile {
 }
 
 impl Profile {
-    pub(super) fn new(program: &Program) -> Profile {
+    /// The profile of `program`, whose loop kernel `i` runs compiled when `compiled(i)`
+    /// (else on the row evaluator, labelled so: a slow kernel may be a fallback).
+    pub(super) fn new(program: &Program, compiled: impl Fn(usize) -> bool) -> Profile {
         let kernels = program
             .kernels
             .iter()
-            .map(|k| {
+            .enumerate()
+            .map(|(i, k)| {
                 let kind = kind_of(&k.name, &k.origin);
                 let body = match &k.body {
-                    KernelBody::Loop(_) => "loop",
+                    KernelBody::Loop(_) if compiled(i) => "loop",
+                    KernelBody::Loop(_) => "evaluator",
                     KernelBody::Library(_) => "library",
                 };
                 (k.name.clone(), format!("{kind} ({body})"))
@@ -122,7 +137,7 @@ impl Profile {
         let mut order: Vec<usize> = (0..self.kernels.len()).collect();
         order.sort_by(|&a, &b| t.kernels[b].cmp(&t.kernels[a]).then(a.cmp(&b)));
         out += "  top kernels          ms/run      %\n";
-        for &i in order.iter().take(30) {
+        for &i in order.iter().take(listed_by_env()) {
             let v = ms(t.kernels[i]);
             out += &format!(
                 "  {v:>10.2} {:>6.1}%  {}\n",

@@ -213,12 +213,25 @@ impl<'n> Emitter<'_, 'n> {
     /// for bit with the reference (which calls `expf::exp`).
     fn exp4(&mut self, x: Value) -> Value {
         let four = Lanes::Four;
-        // x < low ? low : x > high ? high : x; NaN compares false and runs through as NaN.
-        let low = self.constant(expf::CLAMP_LOW, four);
-        let high = self.constant(expf::CLAMP_HIGH, four);
+        // Lanes below ZERO_BELOW give 0 at the end and compute from 0 meanwhile (computing
+        // from them would underflow, which is slow); x > high ? high : x; NaN compares false
+        // and runs through as NaN.
+        let low = self.constant(expf::ZERO_BELOW, four);
+        let zero = self.constant(0.0, four);
         let below = self.b.ins().fcmp(FloatCC::LessThan, x, low);
+        // Four lanes all below (the masked half of a causal softmax row, in long runs) skip
+        // the polynomial.
+        let all_below = self.b.ins().vall_true(below);
+        let compute = self.b.create_block();
+        let done = self.b.create_block();
+        let result = self.b.append_block_param(done, types::F32X4);
+        self.b
+            .ins()
+            .brif(all_below, done, &[zero.into()], compute, &[]);
+        self.b.switch_to_block(compute);
+        let high = self.constant(expf::CLAMP_HIGH, four);
         let below = self.b.ins().bitcast(types::F32X4, little_endian(), below);
-        let x = self.b.ins().bitselect(below, low, x);
+        let x = self.b.ins().bitselect(below, zero, x);
         let above = self.b.ins().fcmp(FloatCC::GreaterThan, x, high);
         let above = self.b.ins().bitcast(types::F32X4, little_endian(), above);
         let x = self.b.ins().bitselect(above, high, x);
@@ -259,7 +272,11 @@ impl<'n> Emitter<'_, 'n> {
         let s1 = self.pow2x4(half);
         let s2 = self.pow2x4(rest);
         let y = self.b.ins().fmul(y, s1);
-        self.b.ins().fmul(y, s2)
+        let y = self.b.ins().fmul(y, s2);
+        let y = self.b.ins().bitselect(below, zero, y);
+        self.b.ins().jump(done, &[y.into()]);
+        self.b.switch_to_block(done);
+        result
     }
 
     /// 2^e for four normal exponents (I32X4) as an F32X4.

@@ -13,8 +13,9 @@
 //!
 //! What is not compiled falls back to the row evaluator, kernel by kernel, with the reason in
 //! [`JitReport`]: views that leave their buffer (the generated code has no bounds checks),
-//! kernels reading a buffer they write (the code streams where the reference stores a whole
-//! row at once), rows used before their reduction, and anything cranelift rejects.
+//! kernels reading a buffer they write other than element for element through the view that
+//! stores it (the code streams where the reference stores a whole row at once), rows used
+//! before their reduction, and anything cranelift rejects.
 
 mod codegen;
 mod emit;
@@ -51,7 +52,7 @@ pub enum JitError {
     Link(String),
     #[error("row {row} is used before the reduction that defines it")]
     RowBeforeReduce { row: usize },
-    #[error("the kernel reads buffer {} that it also writes", .buffer.0)]
+    #[error("the kernel reads buffer {} other than through the one view that writes it", .buffer.0)]
     ReadsItsOutput { buffer: BufferId },
     #[error("a view of buffer {} has {strides} strides, too few for a domain of rank {rank}", .buffer.0)]
     StrideRank {
@@ -110,9 +111,10 @@ pub(super) struct CompiledNest {
 /// The buffer pointers of one kernel call, shared by the threads running its rows.
 struct PointerTable(Vec<*mut f32>);
 
-// SAFETY: the pointers are only dereferenced by the generated kernel, which reads buffers the
-// kernel does not write (checked by `plan`) and, when rows run on several threads, writes
-// disjoint elements from different rows (`NestPlan::parallel`); the buffers outlive the call.
+// SAFETY: the pointers are only dereferenced by the generated kernel, which reads a buffer it
+// writes only at the elements the same point writes (checked by `plan`) and, when rows run on
+// several threads, writes disjoint elements from different rows (`NestPlan::parallel`); the
+// buffers outlive the call.
 unsafe impl Sync for PointerTable {}
 
 impl PointerTable {
@@ -165,8 +167,8 @@ impl CompiledNest {
             let begin = c * per_chunk;
             let end = (begin + per_chunk).min(rows);
             // SAFETY: as above for the bounds; the chunks' row ranges are disjoint and rows
-            // write disjoint elements (`parallel`), no row reads what any row writes, so the
-            // threads never race.
+            // write disjoint elements (`parallel`), and a row reads of the written buffers only
+            // the elements it writes itself, so the threads never race.
             unsafe { (self.entry)(table.as_ptr(), begin, end) };
         });
     }

@@ -1,7 +1,8 @@
 //! What must hold before a loop nest is compiled, checked once per kernel: every access stays
-//! inside its buffer (the generated code does no bounds checks), no statement reads a buffer
-//! the kernel writes (the code streams element by element, where the reference computes a
-//! whole row before storing it), rows are defined before they are used, and — for splitting
+//! inside its buffer (the generated code does no bounds checks), a buffer the kernel writes is
+//! read only element for element as it is written (the code streams element by element, where
+//! the reference computes a whole row before storing it; both agree when each element read is
+//! the one the same point stores), rows are defined before they are used, and — for splitting
 //! rows across threads — whether different rows write disjoint elements.
 
 use fathom_compiler::kernel::{Buffer, BufferId, Expr, LoopNest, Stmt, View};
@@ -98,7 +99,7 @@ pub(super) fn plan(nest: &LoopNest, buffers: &[Buffer]) -> Result<NestPlan, JitE
     let rank = nest.domain.len();
 
     let mut slots: Vec<BufferId> = Vec::new();
-    let mut read: Vec<BufferId> = Vec::new();
+    let mut reads: Vec<&View> = Vec::new();
     let mut writers: Vec<(BufferId, usize)> = Vec::new();
     let mut defined: Vec<usize> = Vec::new();
     for stmt in &nest.body {
@@ -127,13 +128,30 @@ pub(super) fn plan(nest: &LoopNest, buffers: &[Buffer]) -> Result<NestPlan, JitE
                     Some(entry) => entry.1 += 1,
                     None => writers.push((view.buffer, 1)),
                 }
-            } else if !read.contains(&view.buffer) {
-                read.push(view.buffer);
+            } else {
+                reads.push(view);
             }
         }
     }
-    if let Some(&(buffer, _)) = writers.iter().find(|(b, _)| read.contains(b)) {
-        return Err(JitError::ReadsItsOutput { buffer });
+    // A written buffer may be read through the view of its one `Store` (a merged kernel
+    // reading back what an earlier statement stored): each point then reads what it wrote.
+    let written_elementwise = |view: &View| {
+        let mut stores = nest
+            .body
+            .iter()
+            .filter(|s| s.target().is_some_and(|t| t.buffer == view.buffer));
+        matches!(
+            (stores.next(), stores.next()),
+            (Some(Stmt::Store { view: stored, .. }), None) if stored == view
+        )
+    };
+    if let Some(view) = reads
+        .iter()
+        .find(|v| writers.iter().any(|(b, _)| *b == v.buffer) && !written_elementwise(v))
+    {
+        return Err(JitError::ReadsItsOutput {
+            buffer: view.buffer,
+        });
     }
     // Rows write disjoint elements when each written buffer has one writer whose view maps
     // distinct points of its loops to distinct elements.

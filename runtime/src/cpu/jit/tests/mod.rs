@@ -258,10 +258,25 @@ fn refuses_views_outside_their_buffer() {
 }
 
 #[test]
-fn refuses_kernels_reading_their_output() {
-    let (sizes, nest) = elementwise(2, 8, 1, load(1, 0, &[8, 1]));
+fn refuses_kernels_reading_their_output_elsewhere_than_it_is_written() {
+    // Every row reads row 0, which the first row overwrites.
+    let (sizes, nest) = elementwise(2, 8, 1, load(1, 0, &[0, 1]));
     assert!(matches!(
         fallback(&sizes, nest),
+        JitError::ReadsItsOutput {
+            buffer: BufferId(1)
+        }
+    ));
+    // The element it writes, but through a second store of the buffer.
+    let nest = LoopNest {
+        domain: vec![2, 8],
+        body: vec![
+            store(1, 0, &[8, 1], load(0, 0, &[8, 1])),
+            store(1, 0, &[8, 1], load(1, 0, &[8, 1])),
+        ],
+    };
+    assert!(matches!(
+        fallback(&[16, 16], nest),
         JitError::ReadsItsOutput {
             buffer: BufferId(1)
         }

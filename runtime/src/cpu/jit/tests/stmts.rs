@@ -205,6 +205,45 @@ fn empty_axes_do_what_the_row_evaluator_does() {
     }
 }
 
+/// A softmax as merged kernels compute it (`lower::merge`): the exponentials stored, then read
+/// back through the same view by the sum and the division (which also reads the element it
+/// overwrites), on one thread and split across threads.
+#[test]
+fn statements_read_back_what_earlier_ones_stored_element_for_element() {
+    for (rows, inner) in INNER.iter().map(|&n| (6, n)).chain([(700, 96)]) {
+        let row_major = [inner as isize, 1];
+        let exps = || load(1, 0, &row_major);
+        let normalised = binary(BinaryOp::Div, exps(), Expr::Row(1));
+        let nest = LoopNest {
+            domain: vec![rows, inner],
+            body: vec![
+                reduce(0, ReduceOp::Max, load(0, 0, &row_major)),
+                store(
+                    1,
+                    0,
+                    &row_major,
+                    unary(
+                        UnaryOp::Exp,
+                        binary(BinaryOp::Sub, load(0, 0, &row_major), Expr::Row(0)),
+                    ),
+                ),
+                reduce(1, ReduceOp::Sum, exps()),
+                store(
+                    2,
+                    0,
+                    &row_major,
+                    binary(BinaryOp::Add, normalised, load(2, 0, &row_major)),
+                ),
+            ],
+        };
+        let sizes = [rows * inner; 3];
+        let plan = super::super::plan::plan(&nest, &program(&sizes, nest.clone()).buffers);
+        assert!(plan.unwrap().parallel);
+        check(&sizes, nest.clone(), Values::Plain);
+        check(&sizes, nest, Values::Special);
+    }
+}
+
 #[test]
 fn large_kernels_split_across_threads_match_the_row_evaluator() {
     let (rows, inner) = (700, 96);

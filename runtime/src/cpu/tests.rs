@@ -1,0 +1,106 @@
+//! The storage pool across runs.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+
+use fathom_compiler::graph::BinaryOp;
+use fathom_compiler::kernel::{
+    Buffer, BufferId, BufferRole, Expr, Kernel, KernelBody, LoopNest, Program, Stmt, View,
+};
+use fathom_compiler::{DType, TensorType};
+
+use super::CpuProgram;
+use crate::interp::Feeds;
+use crate::tensor::{Data, HostTensor};
+
+const LARGE: usize = 1 << 12;
+
+fn buffer(n: usize, role: BufferRole) -> Buffer {
+    Buffer {
+        ty: TensorType::new(DType::F32, vec![n]),
+        role,
+    }
+}
+
+fn dense(buffer: u32) -> View {
+    View {
+        buffer: BufferId(buffer),
+        offset: 0,
+        strides: vec![1],
+    }
+}
+
+fn copy(n: usize, from: Expr, to: u32) -> Kernel {
+    Kernel {
+        name: format!("k{to}_copy"),
+        nodes: Vec::new(),
+        origin: String::new(),
+        body: KernelBody::Loop(LoopNest {
+            domain: vec![n],
+            body: vec![Stmt::Store {
+                view: dense(to),
+                value: from,
+            }],
+        }),
+    }
+}
+
+/// `t = 2x`, `u = t + 1` (t dies), `small = u[..4]`: the small output starts when only the
+/// large storage of `t` is free in the pool.
+fn program() -> Program {
+    Program {
+        name: "pool".to_owned(),
+        buffers: vec![
+            buffer(LARGE, BufferRole::Input("x".to_owned())),
+            buffer(LARGE, BufferRole::Temporary),
+            buffer(LARGE, BufferRole::Temporary),
+            buffer(4, BufferRole::Temporary),
+        ],
+        kernels: vec![
+            copy(
+                LARGE,
+                Expr::Binary(
+                    BinaryOp::Mul,
+                    Box::new(Expr::Load(dense(0))),
+                    Box::new(Expr::Constant(2.0)),
+                ),
+                1,
+            ),
+            copy(
+                LARGE,
+                Expr::Binary(
+                    BinaryOp::Add,
+                    Box::new(Expr::Load(dense(1))),
+                    Box::new(Expr::Constant(1.0)),
+                ),
+                2,
+            ),
+            copy(4, Expr::Load(dense(2)), 3),
+        ],
+        outputs: vec![("small".to_owned(), BufferId(3))],
+    }
+}
+
+#[test]
+fn a_small_output_does_not_carry_a_large_pooled_allocation_away() {
+    let compiled = CpuProgram::new(program());
+    let x = (0..LARGE).map(|i| i as f32).collect();
+    let inputs = HashMap::from([("x".to_owned(), HostTensor::f32([LARGE], x))]);
+    for run in 0..3 {
+        let mut outputs = compiled.run(&Feeds::new(&inputs, &())).unwrap();
+        let (_, small) = outputs.outputs.pop().unwrap();
+        let Data::Float(values) = small.data else {
+            panic!("a float output")
+        };
+        assert_eq!(values, [1.0, 3.0, 5.0, 7.0]);
+        assert!(values.capacity() <= 8, "run {run}: {}", values.capacity());
+        // Both large allocations are back in the pool for the next run.
+        let pool = compiled.scratch.lock().unwrap();
+        assert_eq!(
+            pool.iter().filter(|v| v.capacity() >= LARGE).count(),
+            2,
+            "run {run}"
+        );
+    }
+}
