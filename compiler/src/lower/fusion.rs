@@ -503,10 +503,37 @@ impl<'g> Lowering<'g> {
         Ok(buffer)
     }
 
+    /// The buffer a library call writes and the view of its result in it. Layout choice: a
+    /// matmul read only through one permute that keeps the last axis last writes its result in
+    /// the permuted order, so the permute is a contiguous view and a reshape after it needs no
+    /// copy (attention's `[batch, heads, seq, v]` output, read as `[batch·seq, heads·v]` by the
+    /// output projection). Every other result is contiguous in its own order.
+    fn library_output(&mut self, id: NodeId) -> (BufferId, StridedView) {
+        let node = self.graph.node(id);
+        let dims = node.ty.dims();
+        if let Op::MatMul { .. } = node.op
+            && let [user] = self.users[id.index()].as_slice()
+            && let Op::Permute { perm } = &self.graph.node(*user).op
+            && perm.last() == Some(&(dims.len() - 1))
+            && !self.graph.outputs.iter().any(|o| o.node == id)
+        {
+            let permuted = &self.graph.node(*user).ty;
+            let buffer = new_buffer(&mut self.program, temporary(permuted));
+            let mut inverse = vec![0; perm.len()];
+            for (axis, &p) in perm.iter().enumerate() {
+                inverse[p] = axis;
+            }
+            let view = StridedView::contiguous(buffer, permuted.dims()).permute(&inverse);
+            return (buffer, view);
+        }
+        let buffer = new_buffer(&mut self.program, temporary(&node.ty));
+        (buffer, StridedView::contiguous(buffer, dims))
+    }
+
     fn emit_library(&mut self, id: NodeId) -> Result<(), LowerError> {
+        let (out, out_view) = self.library_output(id);
         let node = self.graph.node(id);
         let inputs = node.inputs.clone();
-        let out = new_buffer(&mut self.program, temporary(&node.ty));
         let call = match &node.op {
             Op::MatMul { accumulation } => {
                 let dims = node.ty.dims().to_vec();
@@ -527,7 +554,7 @@ impl<'g> Lowering<'g> {
                     k,
                     a: a.compose(&identity),
                     b: b.compose(&identity),
-                    out: StridedView::contiguous(out, &dims).compose(&identity),
+                    out: out_view.compose(&identity),
                     accumulation: *accumulation,
                 }
             }
@@ -588,7 +615,7 @@ impl<'g> Lowering<'g> {
         };
         let node = self.graph.node(id);
         self.push_node_kernel(id, what(&node.op), vec![id], KernelBody::Library(call));
-        self.views[id.index()] = Some(StridedView::contiguous(out, node.ty.dims()));
+        self.views[id.index()] = Some(out_view);
         Ok(())
     }
 
