@@ -44,7 +44,7 @@ use fathom_compiler::precision::{Fp8Scaling, Precision, PrecisionPolicy, apply_p
 use fathom_compiler::spec::{Fp8Spec, MlaSpec, ModelSpec, MoeSpec, RopeSpec};
 use fathom_compiler::training::training_graph;
 use fathom_runtime::HostTensor;
-use fathom_runtime::data::{Batches, ByteTokenizer, DataError, DataPosition};
+use fathom_runtime::data::{Batches, ByteTokenizer, DataError, DataPosition, TextDataset};
 use fathom_runtime::exec::{Backend, Executable};
 use fathom_runtime::init::init_parameters;
 use fathom_runtime::interp::Feeds;
@@ -207,9 +207,8 @@ struct Corpus {
 
 impl Corpus {
     fn read(path: &Path, seq: usize) -> anyhow::Result<Corpus> {
-        let mut files = Vec::new();
-        collect_files(path, &mut files)?;
-        files.sort();
+        // The files a text dataset reads (sorted, hidden entries skipped), in its order.
+        let files = TextDataset::open(path, 1, seq)?.files().to_vec();
         let mut text = String::new();
         for file in &files {
             // Sources only; anything that is not UTF-8 text is skipped.
@@ -235,23 +234,6 @@ impl Corpus {
             held_out,
         })
     }
-}
-
-fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    if path.is_file() {
-        files.push(path.to_owned());
-        return Ok(());
-    }
-    for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
-        let path = entry?.path();
-        if !path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        {
-            collect_files(&path, files)?;
-        }
-    }
-    Ok(())
 }
 
 /// Batches of training windows drawn at random (with replacement): batch `i` of a seed is a
@@ -402,10 +384,14 @@ fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| root.join("compiler/src"));
     let labels = labels(&args)?;
-    let seeds: Vec<Vec<Run>> = match &args.from_csv {
-        Some(path) => vec![read_csv(path)?],
-        None => {
-            let corpus = Corpus::read(&text, args.seq)?;
+    // Read once, for the training runs and the arithmetic error at the end.
+    let corpus = match &args.from_csv {
+        Some(_) => None,
+        None => Some(Corpus::read(&text, args.seq)?),
+    };
+    let seeds: Vec<Vec<Run>> = match &corpus {
+        None => vec![read_csv(args.from_csv.as_deref().context("a CSV")?)?],
+        Some(corpus) => {
             println!(
                 "{} training and {} held-out windows of {} tokens; final loss = mean next-token \
                  loss over {} held-out windows",
@@ -420,7 +406,7 @@ fn main() -> anyhow::Result<()> {
                 let runs = labels
                     .iter()
                     .filter(|label| i == 0 || ["bf16", "fp8"].contains(label))
-                    .map(|label| train(&args, &corpus, seed, label))
+                    .map(|label| train(&args, corpus, seed, label))
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 report_seed(seed, &runs);
                 seeds.push(runs);
@@ -431,9 +417,8 @@ fn main() -> anyhow::Result<()> {
     if seeds.len() > 1 {
         report_gaps(&seeds);
     }
-    if let Some(weights) = &seeds[0][0].weights {
-        let corpus = Corpus::read(&text, args.seq)?;
-        gradient_errors(&args, &corpus, weights)?;
+    if let (Some(corpus), Some(weights)) = (&corpus, &seeds[0][0].weights) {
+        gradient_errors(&args, corpus, weights)?;
     }
 
     let runs = &seeds[0];
