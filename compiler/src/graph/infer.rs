@@ -6,7 +6,7 @@
 
 use crate::dtype::{DType, Shape, TensorType};
 
-use super::op::{Accumulation, Op};
+use super::op::Op;
 
 /// The type of `op` applied to operands of `operands` types. Leaf ops (`Input`, `Parameter`,
 /// `Constant`) have no operands and take their type from `declared`.
@@ -85,7 +85,7 @@ pub fn infer_type(
             Ok(TensorType::new(x.dtype, dims))
         }
         Op::MatMul { accumulation } => {
-            check_accumulation(*accumulation)?;
+            accumulation.check()?;
             matmul(operands[0], operands[1])
         }
         Op::Reshape { shape } => {
@@ -216,14 +216,14 @@ pub fn infer_type(
             Ok(TensorType::new(*dtype, dims))
         }
         Op::GroupedMatMul { accumulation } => {
-            check_accumulation(*accumulation)?;
+            accumulation.check()?;
             grouped_matmul(operands[0], operands[1], operands[2])
         }
         Op::GroupedMatMulWeightGrad {
             experts,
             accumulation,
         } => {
-            check_accumulation(*accumulation)?;
+            accumulation.check()?;
             grouped_matmul_weight_grad(*experts, operands[0], operands[1], operands[2])
         }
         Op::QuantizeDequantize {
@@ -348,26 +348,6 @@ fn extent_from_right(dims: &[usize], from_right: usize) -> usize {
     } else {
         1
     }
-}
-
-/// A limited accumulator keeps 1 to 23 mantissa bits (an f32's) and promotes after at least
-/// one product.
-fn check_accumulation(accumulation: Accumulation) -> Result<(), String> {
-    if let Accumulation::Limited {
-        mantissa_bits,
-        promotion_interval,
-    } = accumulation
-    {
-        if !(1..=23).contains(&mantissa_bits) {
-            return Err(format!(
-                "accumulation keeps {mantissa_bits} mantissa bits; expected 1 to 23"
-            ));
-        }
-        if promotion_interval == Some(0) {
-            return Err("accumulation promotes every 0 products; expected at least 1".into());
-        }
-    }
-    Ok(())
 }
 
 fn matmul(a: &TensorType, b: &TensorType) -> Result<TensorType, String> {

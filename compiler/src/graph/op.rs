@@ -110,6 +110,28 @@ impl Accumulation {
     pub fn is_exact(self) -> bool {
         self == Accumulation::Exact
     }
+
+    /// A limited accumulator keeps 1 to 23 mantissa bits (an f32's) and promotes after at
+    /// least one product.
+    pub fn check(self) -> Result<(), String> {
+        if let Accumulation::Limited {
+            mantissa_bits,
+            promotion_interval,
+        } = self
+        {
+            if !(1..=23).contains(&mantissa_bits) {
+                return Err(format!(
+                    "accumulation keeps {mantissa_bits} mantissa bits; expected 1 to 23"
+                ));
+            }
+            if promotion_interval == Some(0) {
+                return Err(
+                    "accumulation promotes every 0 products; expected at least 1 product".into(),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Printed after a GEMM's name when not exact: `<acc=13b/128>`, `<acc=13b/K>`.

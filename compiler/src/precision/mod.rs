@@ -271,17 +271,12 @@ fn deserialize_accumulation<'de, D: Deserializer<'de>>(
         Spelled::Name(name) => return accumulation_named(&name).map_err(serde::de::Error::custom),
         Spelled::Table(limited) => limited,
     };
-    if !(1..=23).contains(&limited.mantissa_bits) || limited.promotion_interval == Some(0) {
-        return Err(serde::de::Error::custom(format!(
-            "accumulation keeps {} mantissa bits and promotes every {:?} products; expected 1 to \
-             23 bits and at least 1 product",
-            limited.mantissa_bits, limited.promotion_interval
-        )));
-    }
-    Ok(Accumulation::Limited {
+    let accumulation = Accumulation::Limited {
         mantissa_bits: limited.mantissa_bits,
         promotion_interval: limited.promotion_interval,
-    })
+    };
+    accumulation.check().map_err(serde::de::Error::custom)?;
+    Ok(accumulation)
 }
 
 /// What the precision pass refuses.
