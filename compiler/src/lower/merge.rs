@@ -197,24 +197,30 @@ mod tests {
         }
     }
 
-    /// `b1 = max(b0)` per row (a `StoreRow` of row 0), as the lowering emits a reduction.
-    fn row_max() -> Pending {
+    /// `b<to> = op(b<from>)` per row (a `StoreRow` of row 0), as the lowering emits a
+    /// reduction of node `to`.
+    fn row_reduce(op: ReduceOp, from: u32, to: u32) -> Pending {
         kernel(
             "reduce",
-            1,
+            to,
             &[2, 8],
             vec![
                 Stmt::Reduce {
                     row: 0,
-                    op: ReduceOp::Max,
-                    value: load(0, &[8, 1]),
+                    op,
+                    value: load(from, &[8, 1]),
                 },
                 Stmt::StoreRow {
-                    view: view(1, &[1, 0]),
+                    view: view(to, &[1, 0]),
                     value: Expr::Row(0),
                 },
             ],
         )
+    }
+
+    /// `b1 = max(b0)` per row.
+    fn row_max() -> Pending {
+        row_reduce(ReduceOp::Max, 0, 1)
     }
 
     fn body(kernel: &Pending) -> &[Stmt] {
@@ -240,22 +246,7 @@ mod tests {
                 value: Expr::Unary(UnaryOp::Exp, Box::new(shifted)),
             }],
         );
-        let sum = kernel(
-            "reduce",
-            3,
-            &[2, 8],
-            vec![
-                Stmt::Reduce {
-                    row: 0,
-                    op: ReduceOp::Sum,
-                    value: load(2, &[8, 1]),
-                },
-                Stmt::StoreRow {
-                    view: view(3, &[1, 0]),
-                    value: Expr::Row(0),
-                },
-            ],
-        );
+        let sum = row_reduce(ReduceOp::Sum, 2, 3);
         let div = kernel(
             "div",
             4,

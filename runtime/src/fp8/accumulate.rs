@@ -201,9 +201,8 @@ impl LimitedSum {
         }
     }
 
-    /// ROWS × COLS running sums live in registers through each chunk; the order of operations
-    /// for each output element is exactly [`Self::dot`]'s.
-    #[inline(always)]
+    /// ROWS × COLS running sums per chunk, vectorised across the columns by the compiler; the
+    /// order of operations for each output element is exactly [`Self::dot`]'s.
     fn row_block_portable(
         self,
         a: &[f32],
