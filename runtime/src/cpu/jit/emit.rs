@@ -185,10 +185,49 @@ impl<'n> Emitter<'_, 'n> {
                 let nonzero = self.b.ins().fcmp(FloatCC::NotEqual, x, zero);
                 self.unit(nonzero, lanes)
             }
-            DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2 => {
-                self.call(Intrinsic::Round(to), x, lanes)
-            }
+            DType::BF16 => self.round_bf16(x, lanes),
+            DType::F16 | DType::F8E4M3 | DType::F8E5M2 => self.call(Intrinsic::Round(to), x, lanes),
         }
+    }
+
+    /// Rounds to bf16 (nearest, ties to even) and back to f32 on the bits, as
+    /// `half::bf16::from_f32(x).to_f32()` does: add `0x7FFF` plus the lowest kept bit and clear
+    /// the 16 dropped bits (a carry out of the mantissa lands on the next binade, or on
+    /// infinity from the largest finite values); a NaN keeps its sign and upper payload and is
+    /// made quiet. Inline rather than a call per lane: under the bf16 policy every matmul
+    /// operand passes through such a cast.
+    fn round_bf16(&mut self, x: Value, lanes: Lanes) -> Value {
+        let (int, flags) = match lanes {
+            Lanes::One => (types::I32, MemFlagsData::new()),
+            Lanes::Four => (types::I32X4, little_endian()),
+        };
+        let bits = self.b.ins().bitcast(int, flags, x);
+        let constant = |e: &mut Self, c: u32| {
+            let c = e.b.ins().iconst(types::I32, i64::from(c));
+            match lanes {
+                Lanes::One => c,
+                Lanes::Four => e.b.ins().splat(types::I32X4, c),
+            }
+        };
+        let sixteen = self.b.ins().iconst(types::I32, 16);
+        let kept_lsb = self.b.ins().ushr(bits, sixteen);
+        let one = constant(self, 1);
+        let kept_lsb = self.b.ins().band(kept_lsb, one);
+        let half_minus_one = constant(self, 0x7FFF);
+        let biased = self.b.ins().iadd(bits, half_minus_one);
+        let biased = self.b.ins().iadd(biased, kept_lsb);
+        let upper = constant(self, 0xFFFF_0000);
+        let rounded = self.b.ins().band(biased, upper);
+        let quiet_bit = constant(self, 0x0040_0000);
+        let quiet = self.b.ins().bor(bits, quiet_bit);
+        let quiet = self.b.ins().band(quiet, upper);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        let result = match lanes {
+            Lanes::One => self.b.ins().select(nan, quiet, rounded),
+            Lanes::Four => self.b.ins().bitselect(nan, quiet, rounded),
+        };
+        let float = Self::float_type(lanes);
+        self.b.ins().bitcast(float, flags, result)
     }
 
     /// A comparison's result as 1.0 / 0.0.

@@ -4,7 +4,8 @@
 //! Each is a thin `extern "C"` wrapper around the very function the row evaluator uses
 //! ([`loops::unary`], [`round_to_dtype`]), so the JIT agrees with the reference bit for bit.
 //! (Four lanes of `exp` and the sigmoid are emitted inline instead, see `emit::exp4`, with the
-//! same operations as the reference's `expf::exp`.)
+//! same operations as the reference's `expf::exp`, and the rounding to bf16 is a few integer
+//! operations on the bits, see `emit::round_bf16`.)
 
 use fathom_compiler::DType;
 use fathom_compiler::graph::UnaryOp;
@@ -18,17 +19,16 @@ pub(super) enum Intrinsic {
     Exp,
     Log,
     Sigmoid,
-    /// Rounds to a narrow float type (bf16, f16, fp8) and back to f32.
+    /// Rounds to a narrow float type (f16, fp8) and back to f32.
     Round(DType),
 }
 
 impl Intrinsic {
     /// Every intrinsic, so the JIT builder can register them all up front.
-    pub(super) const ALL: [Intrinsic; 7] = [
+    pub(super) const ALL: [Intrinsic; 6] = [
         Intrinsic::Exp,
         Intrinsic::Log,
         Intrinsic::Sigmoid,
-        Intrinsic::Round(DType::BF16),
         Intrinsic::Round(DType::F16),
         Intrinsic::Round(DType::F8E4M3),
         Intrinsic::Round(DType::F8E5M2),
@@ -50,11 +50,10 @@ impl Intrinsic {
             Intrinsic::Exp => "fathom_jit_exp",
             Intrinsic::Log => "fathom_jit_log",
             Intrinsic::Sigmoid => "fathom_jit_sigmoid",
-            Intrinsic::Round(DType::BF16) => "fathom_jit_round_bf16",
             Intrinsic::Round(DType::F16) => "fathom_jit_round_f16",
             Intrinsic::Round(DType::F8E4M3) => "fathom_jit_round_f8e4m3",
             Intrinsic::Round(DType::F8E5M2) => "fathom_jit_round_f8e5m2",
-            // Not narrow float types: the code generator never asks for these.
+            // Rounded inline (bf16) or not narrow float types: never asked for.
             Intrinsic::Round(_) => "fathom_jit_round_identity",
         }
     }
@@ -65,7 +64,6 @@ impl Intrinsic {
             Intrinsic::Exp => exp,
             Intrinsic::Log => log,
             Intrinsic::Sigmoid => sigmoid,
-            Intrinsic::Round(DType::BF16) => round_bf16,
             Intrinsic::Round(DType::F16) => round_f16,
             Intrinsic::Round(DType::F8E4M3) => round_f8e4m3,
             Intrinsic::Round(DType::F8E5M2) => round_f8e5m2,
@@ -85,10 +83,6 @@ extern "C" fn log(x: f32) -> f32 {
 
 extern "C" fn sigmoid(x: f32) -> f32 {
     loops::unary(UnaryOp::Sigmoid, x)
-}
-
-extern "C" fn round_bf16(x: f32) -> f32 {
-    round_to_dtype(DType::BF16, x)
 }
 
 extern "C" fn round_f16(x: f32) -> f32 {

@@ -6,10 +6,11 @@
 //! bit: the same operations in the same order, sums and means accumulated sequentially in f64
 //! (so a row's result does not depend on how rows are split across threads), `exp` and the
 //! sigmoid on four lanes inline with the operations of the reference's own `exp`
-//! ([`super::expf`]), and `log`, single lanes of `exp`/sigmoid and the roundings to
-//! bf16/f16/fp8 done by calling the very Rust functions the reference calls. Statements whose loads and store are contiguous or broadcast
-//! along the innermost axis run four lanes at a time (F32X4) with a scalar tail; the others
-//! run one element at a time.
+//! ([`super::expf`]), the rounding to bf16 inline on the bits, and `log`, single lanes of
+//! `exp`/sigmoid and the roundings to f16/fp8 done by calling the very Rust functions the
+//! reference calls. Statements whose loads and store are contiguous or broadcast along the
+//! innermost axis run four lanes at a time (F32X4) with a scalar tail; the others run one
+//! element at a time.
 //!
 //! What is not compiled falls back to the row evaluator, kernel by kernel, with the reason in
 //! [`JitReport`]: views that leave their buffer (the generated code has no bounds checks),

@@ -260,3 +260,57 @@ fn a_load_used_twice_and_nested_expressions() {
         check(&sizes, nest, Values::Special);
     }
 }
+
+#[test]
+fn bf16_rounding_is_bit_exact_on_ties_carries_subnormals_and_nans() {
+    // Bit patterns around every case of round-to-nearest-even on the upper 16 bits.
+    let mut bits: Vec<u32> = vec![
+        0x3F80_8000, // tie, kept lsb 0: down
+        0x3F81_8000, // tie, kept lsb 1: up
+        0x3F80_8001, // above the tie: up
+        0x3F80_7FFF, // below the tie: down
+        0x7F7F_FFFF, // the largest finite f32: carries to +inf
+        0xFF7F_8000, // tie at the top of the negative range: to -inf
+        0x7F80_0000, // +inf
+        0xFF80_0000, // -inf
+        0x7F80_0001, // signalling NaN with a low payload: quiet, payload dropped
+        0xFF81_2345, // negative signalling NaN
+        0x7FC0_0000, // quiet NaN
+        0x0000_8000, // subnormal tie: down to +0
+        0x8001_8000, // negative subnormal tie: up
+        0x007F_FFFF, // largest subnormal: carries to the smallest normal
+        0x0000_0000,
+        0x8000_0000,
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    bits.extend((0..4096).map(|_| rng.random::<u32>()));
+    let inner = bits.len();
+    let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+    for lanes in [1, inner] {
+        // One row of all values (four lanes), or one value per row (scalar code).
+        let rows = inner / lanes;
+        let nest = LoopNest {
+            domain: vec![rows, lanes],
+            body: vec![store(
+                1,
+                0,
+                &[lanes as isize, 1],
+                cast(DType::BF16, load(0, 0, &[lanes as isize, 1])),
+            )],
+        };
+        let jit = JitProgram::compile(&program(&[inner, inner], nest));
+        let mut buffers = vec![Storage::Borrowed(&x), Storage::Owned(vec![0.0; inner])];
+        jit.kernel(0).unwrap().run(&mut buffers);
+        for (i, (&got, &x)) in buffers[1].iter().zip(&x).enumerate() {
+            let want = half::bf16::from_f32(x).to_f32();
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{i}: {:#010x} rounded to {:#010x}, want {:#010x}",
+                x.to_bits(),
+                got.to_bits(),
+                want.to_bits()
+            );
+        }
+    }
+}
