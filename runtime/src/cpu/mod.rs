@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-pub use jit::{JitError, JitReport};
+pub use jit::{DUMP_ENV as JIT_DUMP_ENV, JitError, JitReport};
 pub use profile::PROFILE_ENV;
 
 use crate::interp::{Feeds, round_to_dtype};

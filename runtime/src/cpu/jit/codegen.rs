@@ -48,16 +48,25 @@ pub(super) struct Builder<'m> {
     imports: Vec<(Intrinsic, FuncId)>,
     ctx: Context,
     function_ctx: FunctionBuilderContext,
+    /// Where each function's cranelift IR and machine code go, if anywhere.
+    dump: Option<std::path::PathBuf>,
 }
 
 impl<'m> Builder<'m> {
-    pub fn new(module: &'m mut JITModule, imports: Vec<(Intrinsic, FuncId)>) -> Self {
+    /// A builder defining functions in `module`; with `dump`, each function's IR and machine
+    /// code are also written to that directory.
+    pub fn new(
+        module: &'m mut JITModule,
+        imports: Vec<(Intrinsic, FuncId)>,
+        dump: Option<std::path::PathBuf>,
+    ) -> Self {
         let ctx = module.make_context();
         Builder {
             module,
             imports,
             ctx,
             function_ctx: FunctionBuilderContext::new(),
+            dump,
         }
     }
 
@@ -96,8 +105,29 @@ impl<'m> Builder<'m> {
         let id = self
             .module
             .declare_function(name, Linkage::Local, &signature)?;
+        self.ctx.set_disasm(self.dump.is_some());
         self.module.define_function(id, &mut self.ctx)?;
+        if let Some(dir) = &self.dump {
+            self.write_dump(dir, name);
+        }
         Ok(id)
+    }
+
+    /// Writes the function just defined as `<dir>/<name>.clif` (cranelift IR) and `.s` (the
+    /// machine code as cranelift printed it). A failure to write costs only the dump.
+    fn write_dump(&self, dir: &std::path::Path, name: &str) {
+        let ir = self.ctx.func.display().to_string();
+        let code = self
+            .ctx
+            .compiled_code()
+            .and_then(|c| c.vcode.clone())
+            .unwrap_or_default();
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(dir.join(format!("{name}.clif")), ir))
+            .and_then(|()| std::fs::write(dir.join(format!("{name}.s")), code));
+        if let Err(error) = written {
+            eprintln!("{}: {}: {error}", super::DUMP_ENV, dir.display());
+        }
     }
 }
 

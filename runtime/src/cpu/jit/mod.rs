@@ -42,6 +42,11 @@ use plan::NestPlan;
 
 use super::Storage;
 
+/// The environment variable naming a directory where every compiled loop kernel's cranelift
+/// IR and machine code are written, as `<dir>/<program>/k<index>.clif` and `.s`: what the JIT
+/// made of each loop nest of the kernel IR (which `fathom inspect` writes).
+pub const DUMP_ENV: &str = "FATHOM_JIT_DUMP";
+
 /// Why a loop kernel runs on the row evaluator instead of compiled code.
 #[derive(Debug, Error)]
 pub enum JitError {
@@ -213,6 +218,14 @@ impl JitProgram {
     /// Compiles every loop kernel of `program`; those that cannot be compiled are reported
     /// and left to the row evaluator.
     pub(super) fn compile(program: &Program) -> JitProgram {
+        let dump = std::env::var_os(DUMP_ENV)
+            .filter(|dir| !dir.is_empty())
+            .map(|dir| std::path::PathBuf::from(dir).join(&program.name));
+        Self::compile_dumping(program, dump)
+    }
+
+    /// [`JitProgram::compile`], writing each function's IR and machine code to `dump`.
+    fn compile_dumping(program: &Program, dump: Option<std::path::PathBuf>) -> JitProgram {
         let start = Instant::now();
         let nests: Vec<(usize, &LoopNest)> = program
             .kernels
@@ -246,7 +259,7 @@ impl JitProgram {
             }
         };
         let mut defined: Vec<(usize, NestPlan, FuncId, usize)> = Vec::new();
-        let mut builder = codegen::Builder::new(&mut module, imports);
+        let mut builder = codegen::Builder::new(&mut module, imports, dump);
         for &(i, nest) in &nests {
             let compiled = plan::plan(nest, &program.buffers)
                 .and_then(|plan| Ok((builder.define(&format!("k{i}"), nest, &plan)?, plan)));

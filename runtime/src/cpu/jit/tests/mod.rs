@@ -345,3 +345,16 @@ fn parallel_only_where_rows_write_disjoint_elements() {
     assert!(!plan(&[32, 32], &twice));
     check(&[32, 32], twice, Values::Plain);
 }
+
+#[test]
+fn dumps_each_kernels_ir_and_machine_code() {
+    let (sizes, nest) = elementwise(3, 16, 1, unary(UnaryOp::Exp, load(0, 0, &[16, 1])));
+    let dir = tempfile::tempdir().unwrap();
+    let jit = JitProgram::compile_dumping(&program(&sizes, nest), Some(dir.path().join("p")));
+    assert_eq!(jit.report().compiled, 1);
+    let ir = std::fs::read_to_string(dir.path().join("p/k0.clif")).unwrap();
+    let code = std::fs::read_to_string(dir.path().join("p/k0.s")).unwrap();
+    assert!(ir.contains("function") && ir.contains("f32x4"), "{ir}");
+    // The four-lane exponential's multiplies, in x86 machine code.
+    assert!(code.contains("mulps") && code.contains("ret"), "{code}");
+}
