@@ -217,3 +217,27 @@ fn the_kernel_ir_shows_each_fp8_gemms_accumulation() {
     assert_eq!(limited, fp8_gemms, "{text}");
     assert!(fp8_gemms > 30);
 }
+
+/// Under the bf16 policy every GEMM the pass rounds multiplies values that are all bf16, and
+/// the kernel IR says so (`, bf16 operands`) on exactly those library calls, so a backend may
+/// multiply them in bf16; attention's products, the routers and the output head stay f32.
+#[test]
+fn the_kernel_ir_marks_each_bf16_gemms_operands() {
+    let policy = PrecisionPolicy::uniform(Precision::Bf16);
+    let out = apply_precision(&train_graph(), &policy, tiny().fp8.as_ref().unwrap()).unwrap();
+    let bf16_gemms = linear_gemms(&out)
+        .iter()
+        .filter(|g| !is_kept_in_f32(&g.path))
+        .count();
+    let program = fathom_compiler::lower::lower(&out).unwrap();
+    let text = program.to_string();
+    let marked = text
+        .lines()
+        .filter(|l| l.ends_with(", bf16 operands"))
+        .count();
+    assert_eq!(marked, bf16_gemms, "{text}");
+    assert!(bf16_gemms > 30);
+    // The same graph in f32 marks none.
+    let f32_program = fathom_compiler::lower::lower(&train_graph()).unwrap();
+    assert!(!f32_program.to_string().contains("operands"));
+}

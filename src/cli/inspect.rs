@@ -66,6 +66,10 @@ pub struct Args {
     /// and the MLA up-projections) or `none`.
     #[arg(long, default_value = "deepseek_v3")]
     recompute: fathom_compiler::passes::RecomputePolicy,
+    /// The Linear GEMMs' arithmetic (fp32, bf16 or fp8, as `fathom train --precision`): the
+    /// graph and kernels as the precision pass leaves them.
+    #[arg(long, default_value = "fp32")]
+    precision: fathom_compiler::precision::Precision,
     /// `sm_90a` or `sm_80`: also write the generated CUDA C++ of every unique kernel to
     /// `OUT/cuda/<entry>.cu`, with the launch table (`kernels.txt`) and the template calls
     /// (`templates.txt`).
@@ -93,6 +97,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         forward_graph(&spec, options)?
     };
+    let policy = fathom_compiler::precision::PrecisionPolicy::uniform(args.precision);
+    let tiling = spec.fp8.clone().unwrap_or_default();
+    let graph = fathom_compiler::precision::apply_precision(&graph, &policy, &tiling)?;
     let options = CompileOptions {
         dump_dir: Some(args.out.clone()),
         recompute: args.recompute,

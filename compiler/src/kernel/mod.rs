@@ -121,6 +121,10 @@ pub enum Library {
         /// How the products are summed (`graph::Accumulation`).
         #[serde(default)]
         accumulation: Accumulation,
+        /// A narrower float type both operands' values belong to (stored as f32, e.g. bf16
+        /// under the bf16 policy): a backend may multiply in it, the products being the same.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exact_in: Option<DType>,
     },
     /// The op of the same name in the graph, on dense buffers (see `graph::Op`).
     GroupedMatMul {
@@ -130,6 +134,8 @@ pub enum Library {
         out: BufferId,
         #[serde(default)]
         accumulation: Accumulation,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exact_in: Option<DType>,
     },
     GroupedMatMulWeightGrad {
         cotangent: BufferId,
@@ -138,6 +144,8 @@ pub enum Library {
         out: BufferId,
         #[serde(default)]
         accumulation: Accumulation,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exact_in: Option<DType>,
     },
     Gather {
         table: BufferId,

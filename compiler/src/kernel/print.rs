@@ -11,6 +11,7 @@
 
 use std::fmt::{self, Display, Formatter};
 
+use crate::DType;
 use crate::graph::op::Scalar;
 use crate::graph::{Accumulation, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 
@@ -95,14 +96,19 @@ fn reduce_name(op: ReduceOp) -> &'static str {
 }
 
 /// A GEMM's accumulation as a suffix, shown only when it is not exact: `, acc 13b/128`.
-struct Accumulated(Accumulation);
+/// A product's arithmetic after its operands: how it sums (when not exactly) and the narrower
+/// type its operands' values belong to (when they do), e.g. `, acc 13b/128` or `, bf16 operands`.
+struct Arithmetic(Accumulation, Option<DType>);
 
-impl Display for Accumulated {
+impl Display for Arithmetic {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        match self.0.is_exact() {
-            true => Ok(()),
-            false => write!(f, ", acc {}", self.0),
+        if !self.0.is_exact() {
+            write!(f, ", acc {}", self.0)?;
         }
+        if let Some(dtype) = self.1 {
+            write!(f, ", {dtype} operands")?;
+        }
+        Ok(())
     }
 }
 
@@ -118,10 +124,11 @@ impl Display for Library {
                 b,
                 out,
                 accumulation,
+                exact_in,
             } => write!(
                 f,
                 "matmul batch {batch:?} m {m} n {n} k {k}: {out} = {a} x {b}{}",
-                Accumulated(*accumulation)
+                Arithmetic(*accumulation, *exact_in)
             ),
             Library::GroupedMatMul {
                 x,
@@ -129,10 +136,11 @@ impl Display for Library {
                 expert_ids,
                 out,
                 accumulation,
+                exact_in,
             } => write!(
                 f,
                 "grouped_matmul {out} = {x} x {weights} by {expert_ids}{}",
-                Accumulated(*accumulation)
+                Arithmetic(*accumulation, *exact_in)
             ),
             Library::GroupedMatMulWeightGrad {
                 cotangent,
@@ -140,10 +148,11 @@ impl Display for Library {
                 expert_ids,
                 out,
                 accumulation,
+                exact_in,
             } => write!(
                 f,
                 "grouped_matmul_weight_grad {out} = {cotangent}^T x {x} by {expert_ids}{}",
-                Accumulated(*accumulation)
+                Arithmetic(*accumulation, *exact_in)
             ),
             Library::Gather {
                 table,

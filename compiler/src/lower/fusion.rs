@@ -6,6 +6,7 @@ mod cross_entropy;
 use crate::graph::{Graph, NodeId, Op};
 use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt};
 
+use super::exact::exact_operands;
 use super::merge::{Pending, merge_adjacent};
 use super::{
     Affine, Class, KernelBuilder, LowerError, StridedView, class, load, new_buffer, push_kernel,
@@ -556,6 +557,7 @@ impl<'g> Lowering<'g> {
                     b: b.compose(&identity),
                     out: out_view.compose(&identity),
                     accumulation: *accumulation,
+                    exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
                 }
             }
             Op::GroupedMatMul { accumulation } => Library::GroupedMatMul {
@@ -564,6 +566,7 @@ impl<'g> Lowering<'g> {
                 expert_ids: self.dense(inputs[2])?,
                 out,
                 accumulation: *accumulation,
+                exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
             },
             Op::GroupedMatMulWeightGrad { accumulation, .. } => Library::GroupedMatMulWeightGrad {
                 cotangent: self.dense(inputs[0])?,
@@ -571,6 +574,7 @@ impl<'g> Lowering<'g> {
                 expert_ids: self.dense(inputs[2])?,
                 out,
                 accumulation: *accumulation,
+                exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
             },
             Op::Gather => Library::Gather {
                 table: self.dense(inputs[0])?,

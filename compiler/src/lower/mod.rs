@@ -12,6 +12,7 @@
 //! max, exponentials, sum and division become one pass over each row.
 
 mod affine;
+mod exact;
 mod fusion;
 mod merge;
 

@@ -43,6 +43,7 @@ pub(super) fn run(
             b,
             out,
             accumulation,
+            ..
         } => {
             let mut result = buffers[out.buffer.index()].take_vec();
             let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
@@ -63,6 +64,7 @@ pub(super) fn run(
             expert_ids,
             out,
             accumulation,
+            ..
         } => {
             let (wd, idd) = (dims(weights), dims(expert_ids));
             let (experts, n, k) = (wd[0], wd[1], wd[2]);
@@ -86,6 +88,7 @@ pub(super) fn run(
             expert_ids,
             out,
             accumulation,
+            ..
         } => {
             let (xd, cd, od) = (dims(x), dims(cotangent), dims(out));
             let (experts, n, k) = (od[0], cd[2], xd[2]);

@@ -200,6 +200,7 @@ fn one_matmul_program(a_strides: [isize; 4], accumulation: Accumulation) -> Prog
         b: view(1, [8, 4, 2, 1]),
         out: view(2, [8, 4, 2, 1]),
         accumulation,
+        exact_in: None,
     };
     Program {
         name: "four_batch_axes".to_owned(),
