@@ -238,6 +238,13 @@ fn batched_matmul(
     accumulation: Accumulation,
     result: &mut [f32],
 ) {
+    // Batch axes over which only `rhs` is shared (a Linear's weight, broadcast over the batch
+    // and sequence axes) and whose `a` and `out` matrices follow each other row after row are
+    // one GEMM with more rows: for the gemm crate, one 1024-row product runs 1.05–1.4× faster
+    // than four 256-row ones (measured side by side at the small model's shapes).
+    let rows_axis = batch.len();
+    let (kept, m) = fold_into_rows(batch, m, [a, b, out], rows_axis);
+    let batch = &batch[..kept];
     let rank = batch.len();
     let batches: usize = batch.iter().product();
     // The element offsets of every batch's three matrices, batch indices row-major.
@@ -270,16 +277,20 @@ fn batched_matmul(
         unsafe {
             multiply(
                 (m, n, k),
-                (out_ptr.at(oo), out.strides[rank + 1], out.strides[rank]),
+                (
+                    out_ptr.at(oo),
+                    out.strides[rows_axis + 1],
+                    out.strides[rows_axis],
+                ),
                 (
                     lhs.as_ptr().offset(ao),
-                    a.strides[rank + 1],
-                    a.strides[rank],
+                    a.strides[rows_axis + 1],
+                    a.strides[rows_axis],
                 ),
                 (
                     rhs.as_ptr().offset(bo),
-                    b.strides[rank + 1],
-                    b.strides[rank],
+                    b.strides[rows_axis + 1],
+                    b.strides[rows_axis],
                 ),
                 accumulation,
                 parallelism,
@@ -295,6 +306,29 @@ fn batched_matmul(
             one(offsets, Parallelism::Rayon(0));
         }
     }
+}
+
+/// How many leading batch axes remain after folding trailing ones into the rows, and the rows
+/// per GEMM then: a trailing batch axis folds when `rhs` does not move along it (stride 0) and
+/// both `a` and `out` move along it by exactly their current rows' extent (the next batch's
+/// first row follows the last row), so the GEMMs along it are one GEMM of the stacked rows.
+fn fold_into_rows(
+    batch: &[usize],
+    mut m: usize,
+    [a, b, out]: [&View; 3],
+    rows_axis: usize,
+) -> (usize, usize) {
+    let mut kept = batch.len();
+    while kept > 0 {
+        let axis = kept - 1;
+        let follows = |v: &View| v.strides[axis] == m as isize * v.strides[rows_axis];
+        if b.strides[axis] != 0 || !follows(a) || !follows(out) {
+            break;
+        }
+        m *= batch[axis];
+        kept -= 1;
+    }
+    (kept, m)
 }
 
 /// The output of a batched GEMM, written by several threads at disjoint offsets.
@@ -358,4 +392,49 @@ fn emptied(buffer: &mut Vec<f32>) -> Vec<f32> {
     let mut v = std::mem::take(buffer);
     v.clear();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fold_into_rows;
+    use fathom_compiler::kernel::{BufferId, View};
+
+    fn view(strides: &[isize]) -> View {
+        View {
+            buffer: BufferId(0),
+            offset: 0,
+            strides: strides.to_vec(),
+        }
+    }
+
+    #[test]
+    fn batches_sharing_only_the_rhs_fold_into_rows() {
+        // A Linear: x [2, 3, 5, k=4] · w [4, 6] broadcast, out [2, 3, 5, 6]: one 30-row GEMM.
+        let (a, w, out) = (
+            view(&[60, 20, 4, 1]),
+            view(&[0, 0, 6, 1]),
+            view(&[90, 30, 6, 1]),
+        );
+        assert_eq!(fold_into_rows(&[2, 3], 5, [&a, &w, &out], 2), (0, 30));
+        // A transposed rhs folds too (only its batch strides matter).
+        let wt = view(&[0, 0, 1, 4]);
+        assert_eq!(fold_into_rows(&[2, 3], 5, [&a, &wt, &out], 2), (0, 30));
+        // The rhs moves along the last batch axis (attention's per-head products): none.
+        let per_head = view(&[0, 24, 6, 1]);
+        assert_eq!(fold_into_rows(&[2, 3], 5, [&a, &per_head, &out], 2), (2, 5));
+        // ... or only along the first: the last folds, the first stays.
+        let per_batch = view(&[24, 0, 6, 1]);
+        assert_eq!(
+            fold_into_rows(&[2, 3], 5, [&a, &per_batch, &out], 2),
+            (1, 15)
+        );
+        // The output's batches do not follow row after row (written in a permuted order).
+        let permuted = view(&[90, 6, 18, 1]);
+        assert_eq!(fold_into_rows(&[2, 3], 5, [&a, &w, &permuted], 2), (2, 5));
+        // No batch axes: nothing to fold.
+        assert_eq!(
+            fold_into_rows(&[], 5, [&view(&[4, 1]), &view(&[6, 1]), &view(&[6, 1])], 0),
+            (0, 5)
+        );
+    }
 }
