@@ -74,17 +74,20 @@ fn run_rows(nest: &LoopNest, buffers: &mut [Storage<'_>], outer: &[usize], inner
     }
 }
 
-/// Rows at least this long are reduced in four interleaved lanes (see [`fold_row`]).
+/// Rows at least this long are reduced in [`FOLD_LANES`] interleaved lanes (see [`fold_row`]).
 pub(super) const LANE_SPLIT_MIN: usize = 8;
+/// How many interleaved accumulators a long row is reduced in.
+pub(super) const FOLD_LANES: usize = 8;
 
 /// Folds a row in the order every row reduction of the CPU backend uses, the compiled kernels
 /// included (`jit::codegen` emits exactly this): rows shorter than [`LANE_SPLIT_MIN`] one
-/// element after another; longer ones with element `j < 4⌊n/4⌋` folded into lane `j mod 4`
-/// (each lane starting at `init`), the lanes combined as `(l0 ∘ l1) ∘ (l2 ∘ l3)`, then the
-/// last `n mod 4` elements one after another. Four independent accumulators let the compiled
-/// loop overlap the latency of its additions, which a single chain of dependent f64 additions
-/// made the bound of the softmax and loss kernels; the order stays fixed, so results do not
-/// depend on the code path or on how rows are split across threads.
+/// element after another; longer ones with element `j < 8⌊n/8⌋` folded into lane `j mod 8`
+/// (each lane starting at `init`), lane `i` combined with lane `i + 4` (`c_i = l_i ∘ l_{i+4}`),
+/// those as `(c0 ∘ c1) ∘ (c2 ∘ c3)`, then the last `n mod 8` elements one after another.
+/// Independent accumulators let the compiled loop overlap the latency of its additions and
+/// comparisons (a single chain of dependent f64 additions was the bound of the softmax and loss
+/// kernels; with four lanes, one four-lane vector chain still was); the order stays fixed, so
+/// results do not depend on the code path or on how rows are split across threads.
 pub(super) fn fold_row<A: Copy>(
     values: &[f32],
     init: A,
@@ -94,14 +97,15 @@ pub(super) fn fold_row<A: Copy>(
     if values.len() < LANE_SPLIT_MIN {
         return values.iter().fold(init, |acc, &v| step(acc, v));
     }
-    let split = values.len() / 4 * 4;
-    let mut lanes = [init; 4];
-    for quad in values[..split].chunks_exact(4) {
-        for (lane, &v) in lanes.iter_mut().zip(quad) {
+    let split = values.len() / FOLD_LANES * FOLD_LANES;
+    let mut lanes = [init; FOLD_LANES];
+    for chunk in values[..split].chunks_exact(FOLD_LANES) {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
             *lane = step(*lane, v);
         }
     }
-    let combined = combine(combine(lanes[0], lanes[1]), combine(lanes[2], lanes[3]));
+    let c: [A; 4] = std::array::from_fn(|i| combine(lanes[i], lanes[i + 4]));
+    let combined = combine(combine(c[0], c[1]), combine(c[2], c[3]));
     values[split..]
         .iter()
         .fold(combined, |acc, &v| step(acc, v))
@@ -237,14 +241,19 @@ pub(super) fn compare(op: CompareOp, x: f32, y: f32) -> bool {
 mod tests {
     use super::fold_row;
 
-    /// The order is observable with a combine that is not associative: lanes of two ones
-    /// each (2), combined as (2·10 + 2)·10 + (2·10 + 2) = 242, then the tail of one element.
+    /// The order is observable with a combine that is not associative: eight lanes holding 1..8
+    /// combine as c_i = 10·l_i + l_{i+4} = 15, 26, 37, 48, then (10·15 + 26)·10 + (10·37 + 48)
+    /// = 2178; a ninth element is the tail; sixteen fill each lane twice.
     #[test]
-    fn rows_fold_in_four_lanes_then_the_tail() {
+    fn rows_fold_in_eight_lanes_then_the_tail() {
         let step = |acc: f64, v: f32| acc + f64::from(v);
         let combine = |a: f64, b: f64| a * 10.0 + b;
-        assert_eq!(fold_row(&[1.0; 8], 0.0, step, combine), 242.0);
-        assert_eq!(fold_row(&[1.0; 9], 0.0, step, combine), 243.0);
+        let one_to_eight: Vec<f32> = (1..=8).map(|v| v as f32).collect();
+        assert_eq!(fold_row(&one_to_eight, 0.0, step, combine), 2178.0);
+        let nine = [one_to_eight.as_slice(), &[100.0]].concat();
+        assert_eq!(fold_row(&nine, 0.0, step, combine), 2278.0);
+        // Lanes of two ones: c_i = 22, (220 + 22)·10 + 242 = 2662.
+        assert_eq!(fold_row(&[1.0; 16], 0.0, step, combine), 2662.0);
         // Below eight elements: one chain, no combining.
         assert_eq!(fold_row(&[1.0; 7], 0.0, step, combine), 7.0);
     }

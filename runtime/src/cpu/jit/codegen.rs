@@ -32,7 +32,7 @@ use super::JitError;
 use super::emit::little_endian;
 use super::intrinsics::Intrinsic;
 use super::plan::{self, NestPlan};
-use crate::cpu::loops::LANE_SPLIT_MIN;
+use crate::cpu::loops::{FOLD_LANES, LANE_SPLIT_MIN};
 
 /// Below this inner extent a statement runs one element at a time: four lanes save little
 /// there and the scalar tail would be most of the work.
@@ -429,57 +429,73 @@ impl<'n> Emitter<'_, 'n> {
     }
 
     /// A row of at least `LANE_SPLIT_MIN` elements reduced in the reference's order
-    /// (`loops::fold_row`): four lane accumulators over the first 4⌊n/4⌋ elements, combined
-    /// as (l0 ∘ l1) ∘ (l2 ∘ l3), then the tail in order. On four-lane loads the accumulators are
-    /// vectors: one F32X4 for a max, two F64X2 (lanes 0–1 and 2–3 widened) for a sum; on
-    /// scalar loads, four scalars.
+    /// (`loops::fold_row`): eight lane accumulators over the first 8⌊n/8⌋ elements, lane `i`
+    /// combined with lane `i + 4`, those four as (c0 ∘ c1) ∘ (c2 ∘ c3), then the tail in order.
+    /// On four-lane loads the accumulators are vectors: two F32X4 for a max, four F64X2 (lanes
+    /// 0–1, 2–3, 4–5, 6–7 widened) for a sum; on scalar loads, eight scalars.
     fn reduce_in_lanes(&mut self, op: ReduceOp, value: &'n Expr, lanes: Lanes) -> Value {
+        const LANES: i64 = FOLD_LANES as i64;
         let n = self.plan.inner as i64;
-        let split = n / 4 * 4;
+        let split = n / LANES * LANES;
         let init = self.reduce_init(op);
         let accs = match (lanes, op) {
-            (Lanes::Four, ReduceOp::Max) => vec![self.b.ins().splat(types::F32X4, init)],
-            (Lanes::Four, _) => vec![self.b.ins().splat(types::F64X2, init); 2],
-            (Lanes::One, _) => vec![init; 4],
+            (Lanes::Four, ReduceOp::Max) => vec![self.b.ins().splat(types::F32X4, init); 2],
+            (Lanes::Four, _) => vec![self.b.ins().splat(types::F64X2, init); 4],
+            (Lanes::One, _) => vec![init; FOLD_LANES],
         };
-        let accs = self.counted_loop(split, 4, accs, |e, j, accs| match lanes {
+        let accs = self.counted_loop(split, LANES, accs, |e, j, accs| match lanes {
             Lanes::Four => {
-                e.loads.clear();
-                let v = e.expr(value, Lanes::Four, Index::At(j));
-                match op {
-                    ReduceOp::Max => vec![e.max4(accs[0], v)],
-                    ReduceOp::Sum | ReduceOp::Mean => {
-                        let (low, high) = e.widen_halves(v);
-                        vec![e.b.ins().fadd(accs[0], low), e.b.ins().fadd(accs[1], high)]
+                let mut next = Vec::with_capacity(accs.len());
+                for half in 0..2 {
+                    e.loads.clear();
+                    let at = e.lane_index(j, 4 * half);
+                    let v = e.expr(value, Lanes::Four, Index::At(at));
+                    match op {
+                        ReduceOp::Max => next.push(e.max4(accs[half as usize], v)),
+                        ReduceOp::Sum | ReduceOp::Mean => {
+                            let (low, high) = e.widen_halves(v);
+                            let base = 2 * half as usize;
+                            next.push(e.b.ins().fadd(accs[base], low));
+                            next.push(e.b.ins().fadd(accs[base + 1], high));
+                        }
                     }
                 }
+                next
             }
-            Lanes::One => (0..4)
+            Lanes::One => (0..LANES)
                 .map(|lane| {
                     e.loads.clear();
-                    let at = if lane == 0 {
-                        j
-                    } else {
-                        e.b.ins().iadd_imm_s(j, lane)
-                    };
+                    let at = e.lane_index(j, lane);
                     let x = e.expr(value, Lanes::One, Index::At(at));
                     e.fold_one(op, accs[lane as usize], x)
                 })
                 .collect(),
         });
-        let lane_values: Vec<Value> = match lanes {
-            Lanes::One => accs,
-            Lanes::Four => accs
-                .iter()
-                .flat_map(|&acc| {
-                    let count = if op == ReduceOp::Max { 4 } else { 2 };
-                    (0..count).map(move |lane| (acc, lane))
-                })
-                .map(|(acc, lane)| self.b.ins().extractlane(acc, lane))
+        // Lane i with lane i + 4: for vectors, the first half's vector(s) with the second's.
+        let halves: Vec<Value> = match lanes {
+            Lanes::One => (0..4)
+                .map(|i| self.combine(op, accs[i], accs[i + 4]))
                 .collect(),
+            Lanes::Four => {
+                let per_half = accs.len() / 2;
+                let combined: Vec<Value> = (0..per_half)
+                    .map(|i| match op {
+                        ReduceOp::Max => self.max4(accs[i], accs[i + per_half]),
+                        ReduceOp::Sum | ReduceOp::Mean => {
+                            self.b.ins().fadd(accs[i], accs[i + per_half])
+                        }
+                    })
+                    .collect();
+                let count = if op == ReduceOp::Max { 4 } else { 2 };
+                combined
+                    .iter()
+                    .flat_map(|&acc| (0..count).map(move |lane| (acc, lane)))
+                    .map(|(acc, lane)| self.b.ins().extractlane(acc, lane))
+                    .collect()
+            }
         };
-        let low = self.combine(op, lane_values[0], lane_values[1]);
-        let high = self.combine(op, lane_values[2], lane_values[3]);
+        let low = self.combine(op, halves[0], halves[1]);
+        let high = self.combine(op, halves[2], halves[3]);
         let mut acc = self.combine(op, low, high);
         for k in split..n {
             self.loads.clear();
@@ -487,6 +503,14 @@ impl<'n> Emitter<'_, 'n> {
             acc = self.fold_one(op, acc, x);
         }
         acc
+    }
+
+    /// `j + offset`, without an addition for offset 0.
+    fn lane_index(&mut self, j: Value, offset: i64) -> Value {
+        match offset {
+            0 => j,
+            _ => self.b.ins().iadd_imm_s(j, offset),
+        }
     }
 
     /// Lanes 0–1 and 2–3 of an F32X4, each widened to an F64X2 (exactly, as `fpromote`).
