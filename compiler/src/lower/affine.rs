@@ -150,6 +150,14 @@ impl StridedView {
         out
     }
 
+    /// A new axis of extent 1 at `axis` (stride 0: it moves nowhere).
+    pub fn unsqueeze(&self, axis: usize) -> Self {
+        let mut out = self.clone();
+        out.shape.insert(axis, 1);
+        out.strides.insert(axis, 0);
+        out
+    }
+
     /// Broadcast to `shape` (stride 0 on stretched and new axes).
     pub fn expand(&self, shape: &[usize]) -> Self {
         let lead = shape.len() - self.shape.len();

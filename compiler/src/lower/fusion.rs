@@ -3,8 +3,8 @@
 
 mod cross_entropy;
 
-use crate::graph::{Graph, NodeId, Op};
-use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt};
+use crate::graph::{Accumulation, Graph, NodeId, Op};
+use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt, View};
 
 use super::exact::exact_operands;
 use super::merge::{Pending, merge_adjacent};
@@ -29,6 +29,16 @@ struct Inlined {
     reads: Vec<NodeId>,
 }
 
+/// Where a node may be written in an assembled buffer (see `Lowering::decide_places`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// Its place as part `part` of concatenation or stack `assembly`.
+    Part { assembly: NodeId, part: usize },
+    /// The elements of the place of its one user, a reshape or permute of it: the node is
+    /// written so that the movement reads its place.
+    Under(NodeId),
+}
+
 /// Ops worth recomputing rather than storing: a handful of cycles, no call, no division.
 fn cheap(op: &Op) -> bool {
     use crate::graph::{BinaryOp, UnaryOp};
@@ -48,6 +58,14 @@ pub(super) struct Lowering<'g> {
     materialise: Vec<bool>,
     /// The buffer view of every node that has one: materialised nodes and movements of them.
     views: Vec<Option<StridedView>>,
+    /// Per node, where in a concatenation's or stack's buffer its producer may write it,
+    /// instead of into a buffer of its own (see `decide_places`).
+    place: Vec<Option<Place>>,
+    /// Whether the node was written in its `place`, so the assembly copies nothing for it.
+    placed: Vec<bool>,
+    /// The view of every concatenation or stack whose buffer exists: made when the first part
+    /// is written into it, or when the assembly is emitted.
+    assembled: Vec<Option<StridedView>>,
     program: Program,
     /// The kernels emitted so far, in order; named and put in the program by `finish`.
     kernels: Vec<Pending>,
@@ -89,6 +107,9 @@ impl<'g> Lowering<'g> {
             live,
             materialise: vec![false; n],
             views: vec![None; n],
+            place: vec![None; n],
+            placed: vec![false; n],
+            assembled: vec![None; n],
             program: Program {
                 name: graph.name.clone(),
                 ..Program::default()
@@ -107,6 +128,7 @@ impl<'g> Lowering<'g> {
 
     pub(super) fn run(&mut self) -> Result<(), LowerError> {
         self.decide();
+        self.decide_places();
         for id in self.graph.node_ids() {
             if self.live[id.index()] {
                 self.visit(id)?;
@@ -199,6 +221,79 @@ impl<'g> Lowering<'g> {
         }
     }
 
+    /// Which parts of concatenations and stacks are written by their producer straight into
+    /// their place in the assembled buffer, which spares the part a buffer of its own and the
+    /// assembly a copy loop. A part qualifies when the lowering would otherwise compute it into
+    /// a temporary only to copy it: the result of a loop kernel (elementwise ops, a reduction,
+    /// a movement of an inlined expression, autodiff's broadcast zeros: a fill), of a matmul
+    /// (whose output is a strided view) or a nested concatenation or stack; that is no graph
+    /// output, appears once in the assembly, and whose other users, if any, load it through
+    /// whatever view it has (elementwise and row kernels, cross-entropies, matmuls). Inputs,
+    /// parameters and constants, the other library results (written whole into buffers of
+    /// their own), values read twice by assemblies or through movements (a reshape may need a
+    /// dense copy; a view could be another part of the same assembly) and views of other
+    /// buffers keep their copy loop.
+    ///
+    /// No kernel may write a buffer it reads other than element for element through the view
+    /// it stores (the JIT streams a row where the row evaluator computes it whole, the GPU runs
+    /// the points in parallel, a library call takes its output buffer out while it runs): a
+    /// producer whose kernel reads the buffer of its place — another part, written there
+    /// before — writes a buffer of its own instead (`store_view`, `emit_matmul`), and is
+    /// copied. A copy loop never reads the buffer it writes: what it copies is not written in
+    /// place, and is no movement of what is.
+    fn decide_places(&mut self) {
+        let outputs: Vec<NodeId> = self.graph.outputs.iter().map(|o| o.node).collect();
+        let producer = |this: &Self, id: NodeId| {
+            !outputs.contains(&id)
+                && match this.classes[id.index()] {
+                    Class::Elementwise | Class::Reduce | Class::Movement | Class::Assemble => true,
+                    Class::Library => matches!(this.graph.node(id).op, Op::MatMul { .. }),
+                    Class::Leaf | Class::Scalar | Class::CrossEntropy => false,
+                }
+        };
+        for id in self.graph.node_ids() {
+            if !self.live[id.index()] || self.classes[id.index()] != Class::Assemble {
+                continue;
+            }
+            let parts = &self.graph.node(id).inputs;
+            for (i, &part) in parts.iter().enumerate() {
+                let once = parts.iter().filter(|&&q| q == part).count() == 1;
+                let others_load = self.users[part.index()]
+                    .iter()
+                    .filter(|&&u| u != id)
+                    .all(|u| {
+                        matches!(
+                            self.classes[u.index()],
+                            Class::Elementwise | Class::Reduce | Class::CrossEntropy
+                        ) || matches!(self.graph.node(*u).op, Op::MatMul { .. })
+                    });
+                if !(once && others_load && producer(self, part)) {
+                    continue;
+                }
+                self.place[part.index()] = Some(Place::Part {
+                    assembly: id,
+                    part: i,
+                });
+                // A reshape or permute placed there is a view of its operand when that is
+                // stored where the movement reads it: the operand takes the place under it
+                // (autodiff reshapes the gradients it concatenates; a matmul's result may be
+                // concatenated transposed), when the movement is its only user.
+                let mut movement = part;
+                while matches!(
+                    self.graph.node(movement).op,
+                    Op::Reshape { .. } | Op::Permute { .. }
+                ) {
+                    let source = self.graph.node(movement).inputs[0];
+                    if self.users[source.index()] != [movement] || !producer(self, source) {
+                        break;
+                    }
+                    self.place[source.index()] = Some(Place::Under(movement));
+                    movement = source;
+                }
+            }
+        }
+    }
+
     fn ty(&self, id: NodeId) -> &crate::dtype::TensorType {
         self.graph.ty(id)
     }
@@ -238,6 +333,10 @@ impl<'g> Lowering<'g> {
                         Op::Reshape { shape } => view.reshape(shape),
                         _ => unreachable!("movement class"),
                     };
+                    // An operand written under the movement's place puts the movement there.
+                    self.placed[id.index()] = moved.is_some()
+                        && self.placed[source.index()]
+                        && self.place[source.index()] == Some(Place::Under(id));
                     self.views[id.index()] = moved;
                 }
                 if let (None, Op::Reshape { shape }) = (&self.views[id.index()], &node.op)
@@ -271,20 +370,44 @@ impl<'g> Lowering<'g> {
     }
 
     /// Whether a user of `id` reads it through memory (a library call, a reshape, a
-    /// concatenation), so it must be a view of a buffer.
+    /// concatenation), so it must be a view of a buffer. A concatenation fills the place of a
+    /// broadcast constant (autodiff's zeros) with the value instead.
     fn needs_view(&self, id: NodeId) -> bool {
-        self.users[id.index()].iter().any(|u| {
-            matches!(self.classes[u.index()], Class::Library | Class::Assemble)
-                || matches!(self.graph.node(*u).op, Op::Reshape { .. })
-        })
+        self.users[id.index()]
+            .iter()
+            .any(|u| match self.classes[u.index()] {
+                Class::Library => true,
+                Class::Assemble => !self.broadcast_constant(id),
+                _ => matches!(self.graph.node(*u).op, Op::Reshape { .. }),
+            })
     }
 
-    /// A loop nest computing node `id` into a new buffer.
+    /// Whether `id` is a one-element constant seen through broadcasts, permutes and slices:
+    /// a value every kernel computes inline, reading no memory.
+    fn broadcast_constant(&self, mut id: NodeId) -> bool {
+        loop {
+            match (&self.classes[id.index()], &self.graph.node(id).op) {
+                (Class::Scalar, _) => return true,
+                (_, Op::Expand { .. } | Op::Permute { .. } | Op::Slice { .. }) => {
+                    id = self.graph.node(id).inputs[0];
+                }
+                _ => return false,
+            }
+        }
+    }
+
+    /// A loop nest computing node `id` into a new buffer, or into its place in an assembled
+    /// buffer (see `decide_places`).
     fn emit_loop(&mut self, id: NodeId) -> Result<(), LowerError> {
         let node = self.graph.node(id);
-        let buffer = new_buffer(&mut self.program, temporary(&node.ty));
-        let out = StridedView::contiguous(buffer, node.ty.dims());
-        let (nest, nodes) = match &node.op {
+        // A node without a place gets its buffer first, as it always has (buffer numbers in
+        // the printed programs stay put); one with a place finds out once its kernel is built.
+        let own = self.place[id.index()]
+            .is_none()
+            .then(|| self.own_buffer(id));
+        // The kernel but its store, the value stored, the map of the store and, for a
+        // reduction, its axis and whether the result keeps it.
+        let (k, value, map, reduced) = match &node.op {
             Op::Reduce { op, axis, keep_dim } => {
                 // Loop over the input with the reduced axis innermost.
                 let input = node.inputs[0];
@@ -307,19 +430,8 @@ impl<'g> Lowering<'g> {
                     op: *op,
                     value,
                 });
-                // The output at (outer axes), constant along the innermost one.
-                let out_view = if *keep_dim {
-                    out.clone()
-                } else {
-                    let mut kept = in_dims.clone();
-                    kept[*axis] = 1;
-                    StridedView::contiguous(buffer, &kept)
-                };
-                let store = Stmt::StoreRow {
-                    view: out_view.compose(&map.without_axis_dependence(*axis, rank)),
-                    value: Expr::Row(row),
-                };
-                k.into_loop(vec![store])
+                let map = map.without_axis_dependence(*axis, rank);
+                (k, Expr::Row(row), map, Some((*axis, *keep_dim)))
             }
             _ => {
                 let rank = node.ty.rank();
@@ -327,16 +439,122 @@ impl<'g> Lowering<'g> {
                 let mut k = KernelBuilder::new(node.ty.dims().to_vec());
                 k.nodes.push(id);
                 let value = self.expand_node(&mut k, id, &map)?;
-                let store = Stmt::Store {
-                    view: out.compose(&map),
-                    value,
-                };
-                k.into_loop(vec![store])
+                (k, value, map, None)
             }
         };
+        let out = match own {
+            Some(out) => out,
+            None => self.store_view(id, &k, &value),
+        };
+        let store = match reduced {
+            // The output at (outer axes), constant along the innermost one.
+            Some((axis, keep_dim)) => Stmt::StoreRow {
+                view: if keep_dim {
+                    out.compose(&map)
+                } else {
+                    out.unsqueeze(axis).compose(&map)
+                },
+                value,
+            },
+            None => Stmt::Store {
+                view: out.compose(&map),
+                value,
+            },
+        };
+        let (nest, nodes) = k.into_loop(vec![store]);
         self.push_node_kernel(id, what(&node.op), nodes, KernelBody::Loop(nest));
         self.views[id.index()] = Some(out);
         Ok(())
+    }
+
+    /// A new buffer for node `id`, and its whole view.
+    fn own_buffer(&mut self, id: NodeId) -> StridedView {
+        let ty = self.ty(id).clone();
+        let buffer = new_buffer(&mut self.program, temporary(&ty));
+        StridedView::contiguous(buffer, ty.dims())
+    }
+
+    /// Where the loop kernel `k` computing node `id` (its row statements, and `value` to
+    /// store) stores: the node's place in an assembled buffer when the kernel reads nothing of
+    /// that buffer, else a new buffer.
+    fn store_view(&mut self, id: NodeId, k: &KernelBuilder, value: &Expr) -> StridedView {
+        if let Some(place) = self.place_view(id) {
+            let mut reads_place = false;
+            let mut visit = |view: &View| reads_place |= view.buffer == place.buffer;
+            value.for_each_load(&mut visit);
+            for stmt in &k.rows {
+                stmt.value().for_each_load(&mut visit);
+            }
+            if !reads_place {
+                self.placed[id.index()] = true;
+                return place;
+            }
+        }
+        self.own_buffer(id)
+    }
+
+    /// The view of node `id`'s place in the buffer of the assembly that holds it, if it has a
+    /// place (the assembly's buffer is made on first use).
+    fn place_view(&mut self, id: NodeId) -> Option<StridedView> {
+        match self.place[id.index()]? {
+            Place::Part { assembly, part } => {
+                let whole = self.assembled_view(assembly);
+                Some(self.part_view(assembly, part, &whole))
+            }
+            // The movement's place seen through the inverse movement (a reshape back may not
+            // be a view: then the node has no place).
+            Place::Under(movement) => {
+                let view = self.place_view(movement)?;
+                match &self.graph.node(movement).op {
+                    Op::Permute { perm } => {
+                        let mut inverse = vec![0; perm.len()];
+                        for (axis, &p) in perm.iter().enumerate() {
+                            inverse[p] = axis;
+                        }
+                        Some(view.permute(&inverse))
+                    }
+                    Op::Reshape { .. } => view.reshape(self.dims(id)),
+                    _ => unreachable!("placed under a reshape or permute"),
+                }
+            }
+        }
+    }
+
+    /// The view of concatenation or stack `id`: its place in an enclosing assembly, or a new
+    /// buffer; the same view every time it is asked for.
+    fn assembled_view(&mut self, id: NodeId) -> StridedView {
+        if let Some(view) = &self.assembled[id.index()] {
+            return view.clone();
+        }
+        let view = match self.place_view(id) {
+            Some(view) => {
+                self.placed[id.index()] = true;
+                view
+            }
+            None => self.own_buffer(id),
+        };
+        self.assembled[id.index()] = Some(view.clone());
+        view
+    }
+
+    /// Part `part` of the view `whole` of concatenation or stack `id`.
+    fn part_view(&self, id: NodeId, part: usize, whole: &StridedView) -> StridedView {
+        let node = self.graph.node(id);
+        match &node.op {
+            Op::Concat { axis } => {
+                let start: usize = node.inputs[..part]
+                    .iter()
+                    .map(|&p| self.dims(p)[*axis])
+                    .sum();
+                let end = start + self.dims(node.inputs[part])[*axis];
+                whole.slice(*axis, start, end)
+            }
+            Op::Stack => whole
+                .slice(0, part, part + 1)
+                .reshape(self.dims(node.inputs[part]))
+                .expect("a stack's slot drops its leading axis of 1"),
+            _ => unreachable!("assemble class"),
+        }
     }
 
     /// The value of node `id` at the coordinates `map` gives, reading materialised nodes from
@@ -531,35 +749,58 @@ impl<'g> Lowering<'g> {
         (buffer, StridedView::contiguous(buffer, dims))
     }
 
-    fn emit_library(&mut self, id: NodeId) -> Result<(), LowerError> {
-        let (out, out_view) = self.library_output(id);
+    /// A matmul: its result written through a strided view, which may be its place in an
+    /// assembled buffer unless an operand is read from that buffer (see `decide_places`).
+    fn emit_matmul(&mut self, id: NodeId, accumulation: Accumulation) -> Result<(), LowerError> {
+        let own = self.place[id.index()]
+            .is_none()
+            .then(|| self.library_output(id).1);
         let node = self.graph.node(id);
+        let dims = node.ty.dims().to_vec();
+        let rank = dims.len();
+        let (m, n) = (dims[rank - 2], dims[rank - 1]);
+        let k = *self.dims(node.inputs[0]).last().expect("rank >= 2");
+        let batch = dims[..rank - 2].to_vec();
+        let a = self.operand_view(node.inputs[0])?;
+        let b = self.operand_view(node.inputs[1])?;
+        let out_view = match own {
+            Some(view) => view,
+            None => match self.place_view(id) {
+                Some(place) if place.buffer != a.buffer && place.buffer != b.buffer => {
+                    self.placed[id.index()] = true;
+                    place
+                }
+                _ => self.library_output(id).1,
+            },
+        };
+        // Broadcast each operand's batch axes to the output's.
+        let a = a.expand(&[batch.clone(), vec![m, k]].concat());
+        let b = b.expand(&[batch.clone(), vec![k, n]].concat());
+        let identity = Affine::identity(rank);
+        let call = Library::MatMul {
+            batch,
+            m,
+            n,
+            k,
+            a: a.compose(&identity),
+            b: b.compose(&identity),
+            out: out_view.compose(&identity),
+            accumulation,
+            exact_in: exact_operands(self.graph, node.inputs[0], node.inputs[1]),
+        };
+        self.push_node_kernel(id, what(&node.op), vec![id], KernelBody::Library(call));
+        self.views[id.index()] = Some(out_view);
+        Ok(())
+    }
+
+    fn emit_library(&mut self, id: NodeId) -> Result<(), LowerError> {
+        let node = self.graph.node(id);
+        if let Op::MatMul { accumulation } = node.op {
+            return self.emit_matmul(id, accumulation);
+        }
+        let (out, out_view) = self.library_output(id);
         let inputs = node.inputs.clone();
         let call = match &node.op {
-            Op::MatMul { accumulation } => {
-                let dims = node.ty.dims().to_vec();
-                let rank = dims.len();
-                let (m, n) = (dims[rank - 2], dims[rank - 1]);
-                let k = *self.dims(inputs[0]).last().expect("rank >= 2");
-                let batch = dims[..rank - 2].to_vec();
-                let a = self.operand_view(inputs[0])?;
-                let b = self.operand_view(inputs[1])?;
-                // Broadcast each operand's batch axes to the output's.
-                let a = a.expand(&[batch.clone(), vec![m, k]].concat());
-                let b = b.expand(&[batch.clone(), vec![k, n]].concat());
-                let identity = Affine::identity(rank);
-                Library::MatMul {
-                    batch,
-                    m,
-                    n,
-                    k,
-                    a: a.compose(&identity),
-                    b: b.compose(&identity),
-                    out: out_view.compose(&identity),
-                    accumulation: *accumulation,
-                    exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
-                }
-            }
             Op::GroupedMatMul { accumulation } => Library::GroupedMatMul {
                 x: self.dense(inputs[0])?,
                 weights: self.dense(inputs[1])?,
@@ -623,41 +864,43 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// Concat and stack: one copy loop per part into its place in the output.
+    /// Concat and stack: one copy loop per part into its place in the output, but for the
+    /// parts written there by their producer (see `decide_places`).
     fn emit_assemble(&mut self, id: NodeId) -> Result<(), LowerError> {
-        let node = self.graph.node(id);
-        let inputs = node.inputs.clone();
-        let dims = node.ty.dims().to_vec();
-        let buffer = new_buffer(&mut self.program, temporary(&node.ty));
-        let whole = StridedView::contiguous(buffer, &dims);
-        let mut start = 0;
-        for part in inputs {
-            let part_dims = self.dims(part).to_vec();
-            let target = match &node.op {
-                Op::Concat { axis } => {
-                    let t = whole.slice(*axis, start, start + part_dims[*axis]);
-                    start += part_dims[*axis];
-                    t
-                }
-                Op::Stack => {
-                    let t = whole
-                        .slice(0, start, start + 1)
-                        .reshape(&part_dims)
-                        .expect("stack slot");
-                    start += 1;
-                    t
-                }
-                _ => unreachable!("assemble class"),
-            };
-            let map = Affine::identity(part_dims.len());
-            let mut k = KernelBuilder::new(part_dims.clone());
+        let inputs = self.graph.node(id).inputs.clone();
+        let whole = self.assembled_view(id);
+        let kind = what(&self.graph.node(id).op);
+        for (i, &part) in inputs.iter().enumerate() {
+            if self.placed[part.index()]
+                && self.place[part.index()]
+                    == Some(Place::Part {
+                        assembly: id,
+                        part: i,
+                    })
+            {
+                continue;
+            }
+            let target = self.part_view(id, i, &whole);
+            let map = Affine::identity(self.ty(part).rank());
+            let mut k = KernelBuilder::new(self.dims(part).to_vec());
             let value = self.expr(&mut k, part, &map)?;
+            debug_assert!(
+                {
+                    let mut reads_target = false;
+                    let mut visit = |view: &View| reads_target |= view.buffer == target.buffer;
+                    value.for_each_load(&mut visit);
+                    k.rows
+                        .iter()
+                        .for_each(|s| s.value().for_each_load(&mut visit));
+                    !reads_target
+                },
+                "the copy of part {i} of {id} reads the buffer it writes"
+            );
             k.nodes.push(id);
             let (nest, nodes) = k.into_loop(vec![Stmt::Store {
                 view: target.compose(&map),
                 value,
             }]);
-            let kind = what(&self.graph.node(id).op);
             self.push_node_kernel(id, kind, nodes, KernelBody::Loop(nest));
         }
         self.views[id.index()] = Some(whole);

@@ -7,6 +7,9 @@
 //! into the elementwise kernel that consumes it row by row (RMSNorm, softmax, the loss), as a
 //! per-row value computed before the row's stores. Movements that only re-index a buffer
 //! (reshape, permute, slice, broadcast) never copy: they become the strides of a [`View`].
+//! A concatenation's or stack's buffer is written by several kernels, one region each: a part
+//! computed only to be assembled is stored by its own kernel (a loop nest, a matmul, a nested
+//! concatenation) straight into its place, and only the others are copied there.
 //! Last, adjacent loop nests over the same domain are merged into one when each row of the
 //! later one reads only its own row of the earlier one's results (see `merge`): a softmax's
 //! max, exponentials, sum and division become one pass over each row.
@@ -56,7 +59,8 @@ enum Class {
     Reduce,
     /// A hand-written routine of the target.
     Library,
-    /// Concat and stack: several loop nests writing parts of one buffer.
+    /// Concat and stack: several kernels writing parts of one buffer (the parts' producers or
+    /// copy loops).
     Assemble,
     /// A cross-entropy or its gradient: a loop nest of its own over the logits' rows.
     CrossEntropy,

@@ -45,6 +45,9 @@ pub(super) fn run(
             accumulation,
             ..
         } => {
+            // Taken out and put back as it is: the GEMM writes only the elements of `out`'s
+            // view, which may be one region of a concatenation whose other regions other
+            // kernels write. (The other calls write whole buffers of their own.)
             let mut result = buffers[out.buffer.index()].take_vec();
             let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
             let operands = [(a, &lhs[..]), (b, &rhs[..])];
@@ -271,9 +274,10 @@ fn batched_matmul(
     let out_ptr = SharedOutput(result.as_mut_ptr());
     let one = |&(ao, bo, oo): &(isize, isize, isize), parallelism: Parallelism| {
         // SAFETY: the offsets and strides come from views the lowering checked against the
-        // buffers' shapes, so every element gemm touches is inside its slice; the output is a
-        // dense buffer of its own (taken out of `buffers`), aliasing neither operand, and
-        // distinct batch indices write disjoint parts of it.
+        // buffers' shapes, so every element gemm touches is inside its slice; the output's
+        // buffer is taken out of `buffers` and is neither operand's (the lowering never has a
+        // matmul read the buffer it writes, also when it writes a region of a concatenation),
+        // and distinct batch indices write disjoint parts of it.
         unsafe {
             multiply(
                 (m, n, k),

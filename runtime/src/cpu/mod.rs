@@ -189,8 +189,9 @@ impl CpuProgram {
         let timing = self.profile.as_ref().map(|_| Instant::now());
         let mut kernel_times = Vec::new();
         // Temporaries live from the kernel that first writes them to the last that reads them
-        // (the memory plan's lifetimes): storage is taken from a pool when one starts and given
-        // back when it dies, so a run holds about the plan's peak, not every temporary. The pool
+        // (the memory plan's lifetimes): storage is taken from a pool when one starts (later
+        // kernels writing other regions of it, the parts of a concatenation, find it as the
+        // earlier ones left it) and given back when it dies, so a run holds about the plan's peak, not every temporary. The pool
         // survives between runs (another thread running the program at the same time starts
         // with an empty one).
         let mut pool = self
@@ -334,7 +335,8 @@ impl std::ops::DerefMut for Storage<'_> {
 
 impl Storage<'_> {
     /// The owned values, to write. Kernels write only temporaries, which are always owned
-    /// (the lowering gives every result a buffer of its own), so a borrowed one here is a bug.
+    /// (the lowering gives every result a temporary of its own, or a region of a
+    /// concatenation's), so a borrowed one here is a bug.
     pub(super) fn vec_mut(&mut self) -> &mut Vec<f32> {
         match self {
             Storage::Owned(v) => v,
