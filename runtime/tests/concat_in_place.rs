@@ -4,7 +4,8 @@
 //! the compiled program computes what the interpreter does (and the JIT what the row evaluator
 //! does, bit for bit, with no kernel left to the evaluator), and that the CUDA side takes the
 //! program: the generator every loop kernel (no kernel reads a buffer it writes at other
-//! elements), the library planner every GEMM writing into a region.
+//! elements), the library planner every GEMM writing into a region. Last, the same for a
+//! matmul whose output is stored transposed.
 
 #![allow(clippy::unwrap_used)]
 
@@ -345,4 +346,39 @@ fn broadcast_zeros_are_filled_in_place_of_a_copy() {
     assert_eq!(kernels(&program, "concat"), 2, "{program}");
     assert!(fills_only(&program, "concat"), "{program}");
     assert_eq!(program.kernels.len(), 5, "{program}");
+}
+
+/// Not a concatenation, the same idea: a matmul read only through a transpose that is a graph
+/// output (a weight gradient `xᵀ·dy` stored as the weight's `[out, in]`) is computed as the
+/// transposed product `dyᵀ·x` straight into the output's buffer — no copy kernel, and the GEMM
+/// writes contiguous rows on every backend. A batched one transposes each matrix.
+#[test]
+fn a_transposed_matmul_output_is_the_transposed_product_without_a_copy() {
+    let (g, inputs) = graph(&[("x", &[6, 5]), ("dy", &[6, 3])], |g, t| {
+        let xt = g.transpose(t[0]).unwrap();
+        let w_grad = g.matmul(xt, t[1]).unwrap();
+        let stored = g.transpose(w_grad).unwrap();
+        g.output("grad", stored).unwrap();
+    });
+    let program = compiled(&g, &inputs);
+    assert_eq!(kernels(&program, "copy"), 0, "{program}");
+    let calls: Vec<_> = program
+        .kernels
+        .iter()
+        .filter_map(|k| match &k.body {
+            KernelBody::Library(Library::MatMul { m, n, out, .. }) => {
+                Some((*m, *n, out.strides.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls, [(3, 5, vec![5, 1])]);
+
+    let (g, inputs) = graph(&[("a", &[2, 4, 3]), ("b", &[2, 3, 5])], |g, t| {
+        let product = g.matmul(t[0], t[1]).unwrap();
+        let stored = g.permute(product, &[0, 2, 1]).unwrap();
+        g.output("product_t", stored).unwrap();
+    });
+    let program = compiled(&g, &inputs);
+    assert_eq!(kernels(&program, "copy"), 0, "{program}");
 }

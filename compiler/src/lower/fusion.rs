@@ -348,6 +348,11 @@ impl<'g> Lowering<'g> {
                     let dense = StridedView::contiguous(buffer, self.dims(source));
                     self.views[id.index()] = dense.reshape(shape);
                 }
+                // An output that is the whole of a temporary written for it alone (a matmul
+                // laid out in the movement's order, see `library_output`) is that buffer.
+                if self.whole_temporary_of_its_source(id) {
+                    self.materialise[id.index()] = false;
+                }
                 let needs_memory = self.materialise[id.index()]
                     || (self.views[id.index()].is_none() && self.needs_view(id));
                 if needs_memory {
@@ -367,6 +372,22 @@ impl<'g> Lowering<'g> {
             Class::CrossEntropy => self.emit_cross_entropy(id)?,
         }
         Ok(())
+    }
+
+    /// Whether movement `id`'s view is the whole of a temporary buffer of `id`'s type, in
+    /// row-major order, whose node (`id`'s source) nothing else reads and is no output: then
+    /// `id` may be that buffer rather than a copy of it.
+    fn whole_temporary_of_its_source(&self, id: NodeId) -> bool {
+        let source = self.graph.node(id).inputs[0];
+        let Some(view) = &self.views[id.index()] else {
+            return false;
+        };
+        let buffer = &self.program.buffers[view.buffer.index()];
+        view.is_contiguous()
+            && buffer.ty == *self.graph.ty(id)
+            && buffer.role == BufferRole::Temporary
+            && self.users[source.index()] == [id]
+            && !self.graph.outputs.iter().any(|o| o.node == source)
     }
 
     /// Whether a user of `id` reads it through memory (a library call, a reshape, a
@@ -723,17 +744,20 @@ impl<'g> Lowering<'g> {
     }
 
     /// The buffer a library call writes and the view of its result in it. Layout choice: a
-    /// matmul read only through one permute that keeps the last axis last writes its result in
-    /// the permuted order, so the permute is a contiguous view and a reshape after it needs no
-    /// copy (attention's `[batch, heads, seq, v]` output, read as `[batch·seq, heads·v]` by the
-    /// output projection). Every other result is contiguous in its own order.
+    /// matmul read only through one permute that keeps either of its matrix axes last writes
+    /// its result in the permuted order, so the permute is a contiguous view and a reshape
+    /// after it needs no copy: attention's `[batch, heads, seq, v]` output, read as
+    /// `[batch·seq, heads·v]` by the output projection; a weight gradient `xᵀ·dy` transposed
+    /// into the weight's `[out, in]` (computed as `dyᵀ·x`, see `emit_matmul`). Every other
+    /// result is contiguous in its own order.
     fn library_output(&mut self, id: NodeId) -> (BufferId, StridedView) {
         let node = self.graph.node(id);
         let dims = node.ty.dims();
+        let rank = dims.len();
         if let Op::MatMul { .. } = node.op
             && let [user] = self.users[id.index()].as_slice()
             && let Op::Permute { perm } = &self.graph.node(*user).op
-            && perm.last() == Some(&(dims.len() - 1))
+            && (perm.last() == Some(&(rank - 1)) || perm.last() == Some(&(rank - 2)))
             && !self.graph.outputs.iter().any(|o| o.node == id)
         {
             let permuted = &self.graph.node(*user).ty;
@@ -776,6 +800,23 @@ impl<'g> Lowering<'g> {
         // Broadcast each operand's batch axes to the output's.
         let a = a.expand(&[batch.clone(), vec![m, k]].concat());
         let b = b.expand(&[batch.clone(), vec![k, n]].concat());
+        // A result laid out column by column (read through a permute that transposes it: a
+        // weight gradient computed as xᵀ·dy and stored as the weight's [out, in]) is the
+        // transposed product laid out row by row, outᵀ = bᵀ·aᵀ: every backend's GEMM then
+        // writes contiguous rows.
+        let column_major = out_view.strides[rank - 1] != 1 && out_view.strides[rank - 2] == 1;
+        let (m, n, a, b, out) = if column_major {
+            let swap: Vec<usize> = (0..rank - 2).chain([rank - 1, rank - 2]).collect();
+            (
+                n,
+                m,
+                b.permute(&swap),
+                a.permute(&swap),
+                out_view.permute(&swap),
+            )
+        } else {
+            (m, n, a, b, out_view.clone())
+        };
         let identity = Affine::identity(rank);
         let call = Library::MatMul {
             batch,
@@ -784,7 +825,7 @@ impl<'g> Lowering<'g> {
             k,
             a: a.compose(&identity),
             b: b.compose(&identity),
-            out: out_view.compose(&identity),
+            out: out.compose(&identity),
             accumulation,
             exact_in: exact_operands(self.graph, node.inputs[0], node.inputs[1]),
         };
