@@ -213,3 +213,26 @@ fn fathom_dump_dir_receives_every_compilation_artifact() {
         assert!(!text.is_empty(), "{file} is empty");
     }
 }
+
+#[test]
+fn inspect_shows_the_kernels_a_precision_policy_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = [
+        "inspect",
+        "--architecture",
+        "tiny",
+        "--train",
+        "--batch",
+        "1",
+        "--seq",
+        "4",
+    ];
+    let run = fathom(&[&args[..], &["--precision", "bf16", "--out", out]].concat());
+    assert!(run.status.success(), "{}", stderr(&run));
+    let kernels = std::fs::read_to_string(dir.path().join("11-kernels.txt")).unwrap();
+    assert!(kernels.contains(", bf16 operands"), "{kernels}");
+    let run = fathom(&[&args[..], &["--precision", "fp4", "--out", out]].concat());
+    assert!(!run.status.success());
+    assert!(stderr(&run).contains("fp4"), "{}", stderr(&run));
+}
