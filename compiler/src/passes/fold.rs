@@ -10,6 +10,9 @@
 //!   and reshapes and broadcasts of any element type. Transcendental functions are left to the
 //!   backends, whose approximations differ in the last bits.
 //!
+//! Last, a sum of two zero-padded concatenations is one concatenation (see
+//! [`merge_zero_padded_sums`]): autodiff's gradient of a value sliced in two.
+//!
 //! What it finds in a training graph: the scalar arithmetic of the loss scales and of the
 //! balance loss's normalisation (`1 · 1e-4 / 4`), and small broadcasts of scalars (the ignored
 //! label −1 of the targetless positions).
@@ -48,7 +51,63 @@ pub fn fold_constants(graph: &Graph) -> Graph {
         }
         values.push(value);
     }
+    merge_zero_padded_sums(&mut folded);
     dead_code(&folded)
+}
+
+/// `add(concat(0, a), concat(b, 0))` → `concat(b, a)`: a sum of two concatenations along the same
+/// axis, split at the same places, in which every pair of parts has a zero on one side (at least)
+/// is the concatenation of the other sides. Autodiff writes the gradient of a value that was
+/// sliced in two this way (each slice's gradient padded with zeros to the whole); lowered as
+/// written, that is two zero fills, two copies and an addition over the whole tensor.
+/// (`x + 0` is `x` for every `x` but `−0`, whose sum with `+0` is `+0`: the signs of zeros may
+/// differ, no value does.)
+fn merge_zero_padded_sums(graph: &mut Graph) {
+    for i in 0..graph.nodes.len() {
+        let node = &graph.nodes[i];
+        if !matches!(node.op, Op::Binary(BinaryOp::Add)) {
+            continue;
+        }
+        let (a, b) = (graph.node(node.inputs[0]), graph.node(node.inputs[1]));
+        let (Op::Concat { axis }, Op::Concat { axis: b_axis }) = (&a.op, &b.op) else {
+            continue;
+        };
+        let extent = |part: &NodeId| graph.ty(*part).dims()[*axis];
+        let same_splits = axis == b_axis
+            && a.inputs.len() == b.inputs.len()
+            && a.inputs.iter().map(extent).eq(b.inputs.iter().map(extent))
+            && a.ty == node.ty
+            && b.ty == node.ty;
+        if !same_splits {
+            continue;
+        }
+        let parts: Option<Vec<NodeId>> = a
+            .inputs
+            .iter()
+            .zip(&b.inputs)
+            .map(|(&x, &y)| match (is_zero(graph, x), is_zero(graph, y)) {
+                (_, true) => Some(x),
+                (true, false) => Some(y),
+                (false, false) => None,
+            })
+            .collect();
+        if let Some(parts) = parts {
+            let axis = *axis;
+            let node = &mut graph.nodes[i];
+            node.op = Op::Concat { axis };
+            node.inputs = parts;
+        }
+    }
+}
+
+/// Whether every value of `id` is zero: a constant of zeros, or a broadcast or reshape of one.
+fn is_zero(graph: &Graph, id: NodeId) -> bool {
+    let node = graph.node(id);
+    match &node.op {
+        Op::Constant(data) => data.values.iter().all(|&v| v == 0.0),
+        Op::Expand { .. } | Op::Reshape { .. } => is_zero(graph, node.inputs[0]),
+        _ => false,
+    }
 }
 
 /// The value of node `id` when it is foldable and its inputs are constants.
@@ -190,6 +249,39 @@ mod tests {
         g.output("j", j).unwrap();
         let graph = g.finish();
         assert_eq!(super::fold_constants(&graph), graph);
+    }
+
+    #[test]
+    fn a_sum_of_zero_padded_concatenations_is_one_concatenation() {
+        let f32_ty = |dims: &[usize]| TensorType::new(DType::F32, dims.to_vec());
+        let mut g = GraphBuilder::new("t");
+        let a = g.input("a", f32_ty(&[2, 3])).unwrap();
+        let b = g.input("b", f32_ty(&[2, 5])).unwrap();
+        let c = g.input("c", f32_ty(&[2, 5])).unwrap();
+        let zero = g.scalar(0.0, DType::F32).unwrap();
+        // Large enough that the zeros stay broadcasts (not folded constants).
+        let zeros_3 = g.expand(zero, &[2, 3]).unwrap();
+        let zeros_5 = g.expand(zero, &[2, 5]).unwrap();
+        let padded_a = g.concat(&[a, zeros_5], 1).unwrap();
+        let padded_b = g.concat(&[zeros_3, b], 1).unwrap();
+        let sum = g.add(padded_a, padded_b).unwrap();
+        g.output("sum", sum).unwrap();
+        // Split elsewhere, or with values on both sides of a part: stays a sum.
+        let other = g.concat(&[b, zeros_3], 1).unwrap();
+        let kept = g.add(padded_a, other).unwrap();
+        g.output("kept", kept).unwrap();
+        let both = g.concat(&[zeros_3, c], 1).unwrap();
+        let both_sides = g.concat(&[a, b], 1).unwrap();
+        let kept_too = g.add(both, both_sides).unwrap();
+        g.output("kept_too", kept_too).unwrap();
+        let folded = super::fold_constants(&g.finish());
+        folded.validate().unwrap();
+        let text = folded.to_string();
+        assert!(
+            text.contains("output \"sum\" = %") && text.contains("concat<axis=1>(%0, %1)"),
+            "{text}"
+        );
+        assert_eq!(text.matches(" = add(").count(), 2, "{text}");
     }
 
     #[test]
