@@ -95,7 +95,6 @@ fn reduce_name(op: ReduceOp) -> &'static str {
     }
 }
 
-/// A GEMM's accumulation as a suffix, shown only when it is not exact: `, acc 13b/128`.
 /// A product's arithmetic after its operands: how it sums (when not exactly) and the narrower
 /// type its operands' values belong to (when they do), e.g. `, acc 13b/128` or `, bf16 operands`.
 struct Arithmetic(Accumulation, Option<DType>);

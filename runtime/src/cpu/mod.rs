@@ -191,9 +191,9 @@ impl CpuProgram {
         // Temporaries live from the kernel that first writes them to the last that reads them
         // (the memory plan's lifetimes): storage is taken from a pool when one starts (later
         // kernels writing other regions of it, the parts of a concatenation, find it as the
-        // earlier ones left it) and given back when it dies, so a run holds about the plan's peak, not every temporary. The pool
-        // survives between runs (another thread running the program at the same time starts
-        // with an empty one).
+        // earlier ones left it) and given back when it dies, so a run holds about the plan's
+        // peak, not every temporary. The pool survives between runs (another thread running the
+        // program at the same time starts with an empty one).
         let mut pool = self
             .scratch
             .try_lock()
