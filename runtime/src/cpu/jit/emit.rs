@@ -102,6 +102,15 @@ impl<'n> Emitter<'_, 'n> {
         self.widen(x, lanes)
     }
 
+    /// A 32-bit integer constant (bits to operate on), splat for four lanes.
+    fn int_constant(&mut self, c: u32, lanes: Lanes) -> Value {
+        let x = self.b.ins().iconst(types::I32, i64::from(c));
+        match lanes {
+            Lanes::One => x,
+            Lanes::Four => self.b.ins().splat(types::I32X4, x),
+        }
+    }
+
     /// A scalar as the value of one evaluation (splat for four lanes).
     fn widen(&mut self, x: Value, lanes: Lanes) -> Value {
         match lanes {
@@ -202,23 +211,16 @@ impl<'n> Emitter<'_, 'n> {
             Lanes::Four => (types::I32X4, little_endian()),
         };
         let bits = self.b.ins().bitcast(int, flags, x);
-        let constant = |e: &mut Self, c: u32| {
-            let c = e.b.ins().iconst(types::I32, i64::from(c));
-            match lanes {
-                Lanes::One => c,
-                Lanes::Four => e.b.ins().splat(types::I32X4, c),
-            }
-        };
         let sixteen = self.b.ins().iconst(types::I32, 16);
         let kept_lsb = self.b.ins().ushr(bits, sixteen);
-        let one = constant(self, 1);
+        let one = self.int_constant(1, lanes);
         let kept_lsb = self.b.ins().band(kept_lsb, one);
-        let half_minus_one = constant(self, 0x7FFF);
+        let half_minus_one = self.int_constant(0x7FFF, lanes);
         let biased = self.b.ins().iadd(bits, half_minus_one);
         let biased = self.b.ins().iadd(biased, kept_lsb);
-        let upper = constant(self, 0xFFFF_0000);
+        let upper = self.int_constant(0xFFFF_0000, lanes);
         let rounded = self.b.ins().band(biased, upper);
-        let quiet_bit = constant(self, 0x0040_0000);
+        let quiet_bit = self.int_constant(0x0040_0000, lanes);
         let quiet = self.b.ins().bor(bits, quiet_bit);
         let quiet = self.b.ins().band(quiet, upper);
         let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
@@ -240,8 +242,7 @@ impl<'n> Emitter<'_, 'n> {
             }
             Lanes::Four => {
                 // The all-ones lanes of the mask ANDed with the bits of 1.0.
-                let bits = self.b.ins().iconst(types::I32, i64::from(1.0f32.to_bits()));
-                let ones = self.b.ins().splat(types::I32X4, bits);
+                let ones = self.int_constant(1.0f32.to_bits(), lanes);
                 let masked = self.b.ins().band(holds, ones);
                 self.b.ins().bitcast(types::F32X4, little_endian(), masked)
             }
@@ -299,11 +300,7 @@ impl<'n> Emitter<'_, 'n> {
         // 2^n as 2^⌊n/2⌋ · 2^(n-⌊n/2⌋), each built from its exponent bits; n is the low bits
         // of `shifted` less those of the rounder.
         let bits = self.b.ins().bitcast(types::I32X4, little_endian(), shifted);
-        let rounder_bits = self
-            .b
-            .ins()
-            .iconst(types::I32, i64::from(expf::ROUNDER.to_bits()));
-        let rounder_bits = self.b.ins().splat(types::I32X4, rounder_bits);
+        let rounder_bits = self.int_constant(expf::ROUNDER.to_bits(), Lanes::Four);
         let n = self.b.ins().isub(bits, rounder_bits);
         let one_bit = self.b.ins().iconst(types::I32, 1);
         let half = self.b.ins().sshr(n, one_bit);
@@ -320,8 +317,7 @@ impl<'n> Emitter<'_, 'n> {
 
     /// 2^e for four normal exponents (I32X4) as an F32X4.
     fn pow2x4(&mut self, e: Value) -> Value {
-        let bias = self.b.ins().iconst(types::I32, 127);
-        let bias = self.b.ins().splat(types::I32X4, bias);
+        let bias = self.int_constant(127, Lanes::Four);
         let biased = self.b.ins().iadd(e, bias);
         let shift = self.b.ins().iconst(types::I32, 23);
         let bits = self.b.ins().ishl(biased, shift);
