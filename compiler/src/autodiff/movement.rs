@@ -2,7 +2,7 @@
 //! Each moves the cotangent back to where the elements came from.
 
 use crate::error::GraphError;
-use crate::graph::{GraphBuilder, Tensor};
+use crate::graph::{GraphBuilder, Tensor, inverse_permutation};
 
 use super::Adjoint;
 use super::reduce_to::{sum_to, zeros};
@@ -22,11 +22,7 @@ pub(super) fn permute(
     perm: &[usize],
     a: &Adjoint<'_>,
 ) -> Result<Vec<Option<Tensor>>, GraphError> {
-    let mut inverse = vec![0; perm.len()];
-    for (i, &p) in perm.iter().enumerate() {
-        inverse[p] = i;
-    }
-    Ok(vec![Some(g.permute(a.cot, &inverse)?)])
+    Ok(vec![Some(g.permute(a.cot, &inverse_permutation(perm))?)])
 }
 
 /// `[x]`: the cotangent summed over the stretched and prepended axes.

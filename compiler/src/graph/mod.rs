@@ -15,6 +15,15 @@ pub use builder::{GraphBuilder, Tensor};
 pub use infer::infer_type;
 pub use op::{Accumulation, BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp};
 
+/// The permutation that undoes `perm` (a `Permute` by it, then by this, is the identity).
+pub fn inverse_permutation(perm: &[usize]) -> Vec<usize> {
+    let mut inverse = vec![0; perm.len()];
+    for (axis, &p) in perm.iter().enumerate() {
+        inverse[p] = axis;
+    }
+    inverse
+}
+
 use crate::dtype::TensorType;
 use crate::error::GraphError;
 
@@ -98,6 +107,11 @@ impl Graph {
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
         self.outputs.iter().find(|o| o.name == name).map(|o| o.node)
+    }
+
+    /// Whether node `id` is one of the graph's outputs.
+    pub fn is_output(&self, id: NodeId) -> bool {
+        self.outputs.iter().any(|o| o.node == id)
     }
 
     /// Whether `id` is a trainable parameter (not a buffer, not a computed value).

@@ -3,7 +3,7 @@
 
 mod cross_entropy;
 
-use crate::graph::{Accumulation, Graph, NodeId, Op};
+use crate::graph::{Accumulation, Graph, NodeId, Op, inverse_permutation};
 use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt, View};
 
 use super::exact::exact_operands;
@@ -146,7 +146,6 @@ impl<'g> Lowering<'g> {
 
     /// Which nodes get a buffer of their own.
     fn decide(&mut self) {
-        let outputs: Vec<NodeId> = self.graph.outputs.iter().map(|o| o.node).collect();
         // Per node, what its users' kernels do when it is inlined: `None` when that is not
         // cheap (see `DUPLICATE_MAX_OPS`), else the ops computed and the full-size values read.
         let mut inlined: Vec<Option<Inlined>> = vec![None; self.graph.nodes.len()];
@@ -209,7 +208,7 @@ impl<'g> Lowering<'g> {
                 Class::Reduce => users.len() != 1 || !inlinable_by(&users[0]),
                 // Movements are views; one is copied only when it must be an output.
                 Class::Movement => false,
-            } || outputs.contains(&id);
+            } || self.graph.is_output(id);
             inlined[i] = if self.materialise[i] {
                 Some(Inlined {
                     ops: 0,
@@ -242,9 +241,8 @@ impl<'g> Lowering<'g> {
     /// copied. A copy loop never reads the buffer it writes: what it copies is not written in
     /// place, and is no movement of what is.
     fn decide_places(&mut self) {
-        let outputs: Vec<NodeId> = self.graph.outputs.iter().map(|o| o.node).collect();
         let producer = |this: &Self, id: NodeId| {
-            !outputs.contains(&id)
+            !this.graph.is_output(id)
                 && match this.classes[id.index()] {
                     Class::Elementwise | Class::Reduce | Class::Movement | Class::Assemble => true,
                     Class::Library => matches!(this.graph.node(id).op, Op::MatMul { .. }),
@@ -387,7 +385,7 @@ impl<'g> Lowering<'g> {
             && buffer.ty == *self.graph.ty(id)
             && buffer.role == BufferRole::Temporary
             && self.users[source.index()] == [id]
-            && !self.graph.outputs.iter().any(|o| o.node == source)
+            && !self.graph.is_output(source)
     }
 
     /// Whether a user of `id` reads it through memory (a library call, a reshape, a
@@ -499,17 +497,11 @@ impl<'g> Lowering<'g> {
     /// store) stores: the node's place in an assembled buffer when the kernel reads nothing of
     /// that buffer, else a new buffer.
     fn store_view(&mut self, id: NodeId, k: &KernelBuilder, value: &Expr) -> StridedView {
-        if let Some(place) = self.place_view(id) {
-            let mut reads_place = false;
-            let mut visit = |view: &View| reads_place |= view.buffer == place.buffer;
-            value.for_each_load(&mut visit);
-            for stmt in &k.rows {
-                stmt.value().for_each_load(&mut visit);
-            }
-            if !reads_place {
-                self.placed[id.index()] = true;
-                return place;
-            }
+        if let Some(place) = self.place_view(id)
+            && !kernel_reads(k, value, place.buffer)
+        {
+            self.placed[id.index()] = true;
+            return place;
         }
         self.own_buffer(id)
     }
@@ -527,13 +519,7 @@ impl<'g> Lowering<'g> {
             Place::Under(movement) => {
                 let view = self.place_view(movement)?;
                 match &self.graph.node(movement).op {
-                    Op::Permute { perm } => {
-                        let mut inverse = vec![0; perm.len()];
-                        for (axis, &p) in perm.iter().enumerate() {
-                            inverse[p] = axis;
-                        }
-                        Some(view.permute(&inverse))
-                    }
+                    Op::Permute { perm } => Some(view.permute(&inverse_permutation(perm))),
                     Op::Reshape { .. } => view.reshape(self.dims(id)),
                     _ => unreachable!("placed under a reshape or permute"),
                 }
@@ -758,15 +744,12 @@ impl<'g> Lowering<'g> {
             && let [user] = self.users[id.index()].as_slice()
             && let Op::Permute { perm } = &self.graph.node(*user).op
             && (perm.last() == Some(&(rank - 1)) || perm.last() == Some(&(rank - 2)))
-            && !self.graph.outputs.iter().any(|o| o.node == id)
+            && !self.graph.is_output(id)
         {
             let permuted = &self.graph.node(*user).ty;
             let buffer = new_buffer(&mut self.program, temporary(permuted));
-            let mut inverse = vec![0; perm.len()];
-            for (axis, &p) in perm.iter().enumerate() {
-                inverse[p] = axis;
-            }
-            let view = StridedView::contiguous(buffer, permuted.dims()).permute(&inverse);
+            let view = StridedView::contiguous(buffer, permuted.dims())
+                .permute(&inverse_permutation(perm));
             return (buffer, view);
         }
         let buffer = new_buffer(&mut self.program, temporary(&node.ty));
@@ -926,15 +909,7 @@ impl<'g> Lowering<'g> {
             let mut k = KernelBuilder::new(self.dims(part).to_vec());
             let value = self.expr(&mut k, part, &map)?;
             debug_assert!(
-                {
-                    let mut reads_target = false;
-                    let mut visit = |view: &View| reads_target |= view.buffer == target.buffer;
-                    value.for_each_load(&mut visit);
-                    k.rows
-                        .iter()
-                        .for_each(|s| s.value().for_each_load(&mut visit));
-                    !reads_target
-                },
+                !kernel_reads(&k, &value, target.buffer),
                 "the copy of part {i} of {id} reads the buffer it writes"
             );
             k.nodes.push(id);
@@ -983,4 +958,16 @@ impl Affine {
         out.coef[axis] = vec![0; self.domain_rank()];
         out
     }
+}
+
+/// Whether a loop kernel being built, `k` (its row statements) with `value` to store, loads
+/// from `buffer`.
+fn kernel_reads(k: &KernelBuilder, value: &Expr, buffer: BufferId) -> bool {
+    let mut reads = false;
+    let mut visit = |view: &View| reads |= view.buffer == buffer;
+    value.for_each_load(&mut visit);
+    for stmt in &k.rows {
+        stmt.value().for_each_load(&mut visit);
+    }
+    reads
 }
