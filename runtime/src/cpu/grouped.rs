@@ -139,12 +139,12 @@ pub(super) fn weight_grad(
     exchange: Option<&dyn ExpertExchange>,
     result: &mut [f32],
 ) -> Result<(), String> {
-    let cotangent_rows = |e: usize| -> Vec<f32> {
-        routing.groups[e]
-            .iter()
-            .flat_map(|&ts| &gs[ts * n..][..n])
-            .copied()
-            .collect()
+    // Expert e's cotangent rows (width n, one per token-slot), contiguous, into `g`.
+    let cotangent_rows_into = |e: usize, g: &mut Vec<f32>| {
+        g.clear();
+        for &ts in &routing.groups[e] {
+            g.extend_from_slice(&gs[ts * n..][..n]);
+        }
     };
     let Some(exchange) = exchange else {
         // Each expert gathers its rows in per-thread scratch and writes its own n·k block.
@@ -154,10 +154,7 @@ pub(super) fn weight_grad(
             .filter(|(e, _)| !routing.groups[*e].is_empty())
             .for_each(|(e, block)| {
                 SCRATCH.with_borrow_mut(|[g, xe]| {
-                    g.clear();
-                    for &ts in &routing.groups[e] {
-                        g.extend_from_slice(&gs[ts * n..][..n]);
-                    }
+                    cotangent_rows_into(e, g);
                     routing.rows_into(xs, e, k, xe);
                     let rows = routing.groups[e].len();
                     expert_weight_grad((g, xe), (n, k, rows), routing.accumulation, block);
@@ -168,7 +165,9 @@ pub(super) fn weight_grad(
     // Each row travels as its n cotangent values followed by its k inputs.
     let interleaved = (0..routing.groups.len())
         .map(|e| {
-            let (g, x) = (cotangent_rows(e), routing.rows(xs, e, k));
+            let mut g = Vec::new();
+            cotangent_rows_into(e, &mut g);
+            let x = routing.rows(xs, e, k);
             g.chunks(n)
                 .zip(x.chunks(k))
                 .flat_map(|(g, x)| g.iter().chain(x))
