@@ -198,6 +198,20 @@ fn fp8_training_graph_snapshot() {
     insta::assert_snapshot!(text);
 }
 
+/// Under `policy`, on the tiny training graph: how many Linear GEMMs the pass rewrites (all but
+/// the ones kept in f32), how many lines of the lowered kernel program end with `suffix`, and
+/// that program's text.
+fn rewritten_and_marked(policy: &PrecisionPolicy, suffix: &str) -> (usize, usize, String) {
+    let out = apply_precision(&train_graph(), policy, tiny().fp8.as_ref().unwrap()).unwrap();
+    let rewritten = linear_gemms(&out)
+        .iter()
+        .filter(|g| !is_kept_in_f32(&g.path))
+        .count();
+    let text = fathom_compiler::lower::lower(&out).unwrap().to_string();
+    let marked = text.lines().filter(|l| l.ends_with(suffix)).count();
+    (rewritten, marked, text)
+}
+
 /// The kernel IR keeps each FP8 GEMM's accumulation and prints it (`, acc 13b/K`): every GEMM
 /// the pass rewrote to FP8 becomes one library call that says so, and no other does.
 #[test]
@@ -206,14 +220,7 @@ fn the_kernel_ir_shows_each_fp8_gemms_accumulation() {
         accumulation: Accumulation::HOPPER_WITHOUT_PROMOTION,
         ..PrecisionPolicy::uniform(Precision::Fp8)
     };
-    let out = apply_precision(&train_graph(), &policy, tiny().fp8.as_ref().unwrap()).unwrap();
-    let fp8_gemms = linear_gemms(&out)
-        .iter()
-        .filter(|g| !is_kept_in_f32(&g.path))
-        .count();
-    let program = fathom_compiler::lower::lower(&out).unwrap();
-    let text = program.to_string();
-    let limited = text.lines().filter(|l| l.ends_with(", acc 13b/K")).count();
+    let (fp8_gemms, limited, text) = rewritten_and_marked(&policy, ", acc 13b/K");
     assert_eq!(limited, fp8_gemms, "{text}");
     assert!(fp8_gemms > 30);
 }
@@ -224,17 +231,7 @@ fn the_kernel_ir_shows_each_fp8_gemms_accumulation() {
 #[test]
 fn the_kernel_ir_marks_each_bf16_gemms_operands() {
     let policy = PrecisionPolicy::uniform(Precision::Bf16);
-    let out = apply_precision(&train_graph(), &policy, tiny().fp8.as_ref().unwrap()).unwrap();
-    let bf16_gemms = linear_gemms(&out)
-        .iter()
-        .filter(|g| !is_kept_in_f32(&g.path))
-        .count();
-    let program = fathom_compiler::lower::lower(&out).unwrap();
-    let text = program.to_string();
-    let marked = text
-        .lines()
-        .filter(|l| l.ends_with(", bf16 operands"))
-        .count();
+    let (bf16_gemms, marked, text) = rewritten_and_marked(&policy, ", bf16 operands");
     assert_eq!(marked, bf16_gemms, "{text}");
     assert!(bf16_gemms > 30);
     // The same graph in f32 marks none.
