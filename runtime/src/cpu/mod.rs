@@ -14,6 +14,7 @@ mod jit;
 mod library;
 mod loops;
 mod product;
+mod pool;
 mod profile;
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,7 @@ pub use jit::{DUMP_ENV as JIT_DUMP_ENV, JitError, JitReport};
 pub use profile::PROFILE_ENV;
 
 use crate::interp::{Feeds, round_to_dtype};
+use pool::Pool;
 use crate::tensor::{Data, HostTensor};
 
 #[derive(Debug, Error, PartialEq)]
@@ -65,9 +67,8 @@ pub struct CpuProgram {
     program: Program,
     /// The compiled loop kernels; `None` when every loop runs on the row evaluator.
     jit: Option<Box<jit::JitProgram>>,
-    /// Pooled storage for temporaries, kept between runs (fresh allocations of large buffers
-    /// cost a page fault per 4 KiB on first touch, which dominated small steps).
-    scratch: std::sync::Mutex<Vec<Vec<f32>>>,
+    /// Pooled storage for temporaries, kept between runs.
+    scratch: std::sync::Mutex<Pool>,
     lifetimes: Lifetimes,
     /// The values of constant buffers, rounded to their types once (indexed like the buffers).
     constants: Vec<Option<Vec<f32>>>,
@@ -157,11 +158,8 @@ impl CpuProgram {
     /// Hands the storage of an output (e.g. a gradient the caller is done with) back to the
     /// pool of temporaries, so the next run reuses it instead of faulting in fresh pages.
     pub fn recycle(&self, storage: Vec<f32>) {
-        if storage.capacity() == 0 {
-            return;
-        }
         if let Ok(mut scratch) = self.scratch.lock() {
-            scratch.push(storage);
+            scratch.give_back(storage);
         }
     }
 
@@ -211,8 +209,11 @@ impl CpuProgram {
         for (index, kernel) in self.program.kernels.iter().enumerate() {
             let kernel_start = timing.map(|_| Instant::now());
             for &b in &self.lifetimes.starting[index] {
-                buffers[b] =
-                    Storage::Owned(take_storage(&mut pool, self.program.buffers[b].ty.numel()));
+                let len = self.program.buffers[b].ty.numel();
+                buffers[b] = Storage::Pooled {
+                    values: pool.take(len),
+                    len,
+                };
             }
             if let Some(observe) = observe.as_mut() {
                 let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
@@ -235,7 +236,7 @@ impl CpuProgram {
                 observe(index, KernelPhase::After, &views);
             }
             for &b in &self.lifetimes.ending[index] {
-                pool.push(buffers[b].take_vec());
+                pool.give_back(buffers[b].take_allocation());
             }
             if let Some(start) = kernel_start {
                 kernel_times.push(start.elapsed());
@@ -257,7 +258,8 @@ impl CpuProgram {
             let movable = matches!(buffer.role, BufferRole::Temporary)
                 && buffer.ty.dtype.is_float()
                 && !named_again
-                && matches!(storage, Storage::Owned(v) if v.len() == numel && v.capacity() <= 2 * numel);
+                && matches!(storage, Storage::Owned(v) | Storage::Pooled { values: v, .. }
+                    if v.len() >= numel && v.capacity() <= 2 * numel);
             let tensor = if movable {
                 HostTensor {
                     ty: buffer.ty.clone(),
@@ -268,11 +270,9 @@ impl CpuProgram {
             };
             outputs.push((name.clone(), tensor));
         }
-        for (buffer, storage) in self.program.buffers.iter().zip(buffers) {
-            if let (BufferRole::Temporary, Storage::Owned(v)) = (&buffer.role, storage)
-                && v.capacity() > 0
-            {
-                pool.push(v);
+        for (buffer, mut storage) in self.program.buffers.iter().zip(buffers) {
+            if let BufferRole::Temporary = buffer.role {
+                pool.give_back(storage.take_allocation());
             }
         }
         if let Ok(mut scratch) = self.scratch.try_lock() {
@@ -307,6 +307,9 @@ pub enum KernelPhase {
 #[derive(Debug)]
 pub(super) enum Storage<'a> {
     Owned(Vec<f32>),
+    /// The first `len` values of an allocation from the pool, which may be longer (and goes
+    /// back to the pool whole).
+    Pooled { values: Vec<f32>, len: usize },
     Borrowed(&'a [f32]),
 }
 
@@ -322,6 +325,7 @@ impl std::ops::Deref for Storage<'_> {
     fn deref(&self) -> &[f32] {
         match self {
             Storage::Owned(v) => v,
+            Storage::Pooled { values, len } => &values[..*len],
             Storage::Borrowed(s) => s,
         }
     }
@@ -329,7 +333,10 @@ impl std::ops::Deref for Storage<'_> {
 
 impl std::ops::DerefMut for Storage<'_> {
     fn deref_mut(&mut self) -> &mut [f32] {
-        self.vec_mut()
+        match self {
+            Storage::Pooled { values, len } => &mut values[..*len],
+            other => other.vec_mut(),
+        }
     }
 }
 
@@ -337,16 +344,30 @@ impl Storage<'_> {
     /// The owned values, to write. Kernels write only temporaries, which are always owned
     /// (the lowering gives every result a temporary of its own, or a region of a
     /// concatenation's), so a borrowed one here is a bug.
+    /// A pooled allocation is cut to the buffer's length first.
     pub(super) fn vec_mut(&mut self) -> &mut Vec<f32> {
+        if let Storage::Pooled { values, len } = self {
+            values.truncate(*len);
+            *self = Storage::Owned(std::mem::take(values));
+        }
         match self {
             Storage::Owned(v) => v,
+            Storage::Pooled { .. } => unreachable!("made owned above"),
             Storage::Borrowed(_) => panic!("a kernel writes a parameter, input or constant"),
         }
     }
 
-    /// Takes the owned values out, leaving an empty buffer.
+    /// Takes the owned values out (the buffer's length of them), leaving an empty buffer.
     pub(super) fn take_vec(&mut self) -> Vec<f32> {
         std::mem::take(self.vec_mut())
+    }
+
+    /// Takes the whole owned allocation out, for the pool; nothing for borrowed values.
+    fn take_allocation(&mut self) -> Vec<f32> {
+        match std::mem::take(self) {
+            Storage::Owned(values) | Storage::Pooled { values, .. } => values,
+            Storage::Borrowed(_) => Vec::new(),
+        }
     }
 }
 
@@ -393,23 +414,6 @@ impl Lifetimes {
         }
         lifetimes
     }
-}
-
-/// Storage for `len` values: the smallest pooled allocation that holds them, else a new one.
-/// Contents are stale or zero; every temporary is completely written before it is read.
-fn take_storage(pool: &mut Vec<Vec<f32>>, len: usize) -> Vec<f32> {
-    let best = pool
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.capacity() >= len)
-        .min_by_key(|(_, v)| v.capacity())
-        .map(|(i, _)| i);
-    let mut storage = match best {
-        Some(i) => pool.swap_remove(i),
-        None => Vec::new(),
-    };
-    storage.resize(len, 0.0);
-    storage
 }
 
 pub(crate) fn initial_contents<'a>(
