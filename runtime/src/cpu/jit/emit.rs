@@ -282,19 +282,16 @@ impl<'n> Emitter<'_, 'n> {
         let n = self.b.ins().fsub(shifted, rounder);
         let c1 = self.constant(expf::C1, four);
         let c2 = self.constant(expf::C2, four);
-        let nc1 = self.b.ins().fmul(n, c1);
-        let a = self.b.ins().fsub(x, nc1);
-        let nc2 = self.b.ins().fmul(n, c2);
-        let r = self.b.ins().fsub(a, nc2);
+        let minus_n = self.b.ins().fneg(n);
+        let a = self.b.ins().fma(minus_n, c1, x);
+        let r = self.b.ins().fma(minus_n, c2, a);
         let z = self.b.ins().fmul(r, r);
         let mut y = self.constant(expf::P[0], four);
         for &p in &expf::P[1..] {
-            let yr = self.b.ins().fmul(y, r);
             let p = self.constant(p, four);
-            y = self.b.ins().fadd(yr, p);
+            y = self.b.ins().fma(y, r, p);
         }
-        let yz = self.b.ins().fmul(y, z);
-        let yz_r = self.b.ins().fadd(yz, r);
+        let yz_r = self.b.ins().fma(y, z, r);
         let one = self.constant(1.0, four);
         let y = self.b.ins().fadd(yz_r, one);
         // 2^n as 2^⌊n/2⌋ · 2^(n-⌊n/2⌋), each built from its exponent bits; n is the low bits
