@@ -202,7 +202,7 @@ fn check_request(graph: &Graph, loss: NodeId, wrt: &[NodeId]) -> Result<(), Grap
 fn flows_through(op: &Op, k: usize) -> bool {
     match op {
         Op::Input { .. } | Op::Parameter { .. } | Op::Constant(_) => false,
-        Op::Compare(_) | Op::TopK { .. } | Op::OneHot { .. } => false,
+        Op::Compare(_) | Op::TopK { .. } | Op::OneHot { .. } | Op::StopGradient => false,
         Op::Select => k > 0,
         Op::Gather | Op::TakeAlong { .. } | Op::IndexAdd { .. } => k == 0,
         Op::CrossEntropy => k == 0,
@@ -302,6 +302,7 @@ fn rule(g: &mut GraphBuilder, a: &Adjoint<'_>) -> Result<Vec<Option<Tensor>>, Gr
         | Op::Constant(_)
         | Op::Compare(_)
         | Op::TopK { .. }
-        | Op::OneHot { .. } => Ok(vec![None; a.inputs.len()]),
+        | Op::OneHot { .. }
+        | Op::StopGradient => Ok(vec![None; a.inputs.len()]),
     }
 }

@@ -270,6 +270,11 @@ impl GraphBuilder {
         self.push(Op::Cast { to }, &[x], None)
     }
 
+    /// `x`, through which no gradient flows (see [`Op::StopGradient`]).
+    pub fn stop_gradient(&mut self, x: Tensor) -> Result<Tensor, GraphError> {
+        self.push(Op::StopGradient, &[x], None)
+    }
+
     pub fn reduce(
         &mut self,
         op: ReduceOp,
@@ -456,7 +461,9 @@ impl GraphBuilder {
     /// Softmax over the last axis, computed stably as `exp(x - max) / sum`.
     pub fn softmax(&mut self, x: Tensor) -> Result<Tensor, GraphError> {
         let axis = self.last_axis(x);
+        // The shift changes nothing but the range exp sees: no gradient flows through it.
         let max = self.reduce(ReduceOp::Max, x, axis, true)?;
+        let max = self.stop_gradient(max)?;
         let shifted = self.sub(x, max)?;
         let e = self.exp(shifted)?;
         let sum = self.reduce(ReduceOp::Sum, e, axis, true)?;

@@ -70,6 +70,7 @@ pub fn infer_type(
             Ok(TensorType::new(a.dtype, shape))
         }
         Op::Cast { to } => Ok(TensorType::new(*to, operands[0].shape.clone())),
+        Op::StopGradient => Ok(operands[0].clone()),
         Op::Reduce { axis, keep_dim, .. } => {
             let x = operands[0];
             check_axis(*axis, x)?;

@@ -186,6 +186,12 @@ pub enum Op {
     Select,
     /// `[x]`: convert the element type (floats round to nearest even, saturating for FP8).
     Cast { to: DType },
+    /// `[x]` -> `x`: the value unchanged, through which no gradient flows (PyTorch's
+    /// `detach`). A softmax subtracts its row max through one: the shift does not change the
+    /// result, so its exact gradient is zero, and differentiating the max would cost a pass over
+    /// the scores and a mask as large as them. The compiler drops the node once the graph is
+    /// differentiated (see `passes::common_subexpressions`).
+    StopGradient,
     /// `[x]`: reduce one axis; the axis is kept with extent 1 when `keep_dim`.
     Reduce {
         op: ReduceOp,
@@ -323,6 +329,7 @@ impl Op {
             },
             Op::Select => "select",
             Op::Cast { .. } => "cast",
+            Op::StopGradient => "stop_gradient",
             Op::Reduce { op, .. } => match op {
                 ReduceOp::Sum => "sum",
                 ReduceOp::Mean => "mean",
@@ -354,6 +361,7 @@ impl Op {
             Op::Input { .. } | Op::Parameter { .. } | Op::Constant(_) => Some(0),
             Op::Unary(_)
             | Op::Cast { .. }
+            | Op::StopGradient
             | Op::Reduce { .. }
             | Op::Reshape { .. }
             | Op::Permute { .. }

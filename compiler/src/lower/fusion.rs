@@ -625,7 +625,7 @@ impl<'g> Lowering<'g> {
             Op::Slice { axis, start, .. } => {
                 self.expr(k, node.inputs[0], &map.through_slice(*axis, *start))?
             }
-            Op::Expand { .. } => operand(self, k, 0)?,
+            Op::Expand { .. } | Op::StopGradient => operand(self, k, 0)?,
             Op::Reshape { .. } => {
                 // A reshape materialised for its own sake (a graph output) whose source view
                 // re-splits: read through that view, one copy.

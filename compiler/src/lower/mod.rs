@@ -71,9 +71,13 @@ fn class(op: &Op, numel: usize) -> Class {
         Op::Input { .. } | Op::Parameter { .. } => Class::Leaf,
         Op::Constant(_) if numel == 1 => Class::Scalar,
         Op::Constant(_) => Class::Leaf,
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. } => {
-            Class::Elementwise
-        }
+        // A stop-gradient is the identity, inlined like an elementwise op (the passes drop it).
+        Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Compare(_)
+        | Op::Select
+        | Op::Cast { .. }
+        | Op::StopGradient => Class::Elementwise,
         Op::Reshape { .. } | Op::Permute { .. } | Op::Slice { .. } | Op::Expand { .. } => {
             Class::Movement
         }

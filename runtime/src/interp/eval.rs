@@ -106,6 +106,7 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
         Op::Compare(op) => elementwise::compare(at, *op, x[0], x[1]),
         Op::Select => elementwise::select(at, x[0], x[1], x[2]),
         Op::Cast { to } => elementwise::cast(at, *to, x[0]),
+        Op::StopGradient => Ok(movement::reshape(at, x[0])),
         Op::Reduce { op, axis, .. } => linalg::reduce(at, *op, *axis, x[0]),
         Op::MatMul { accumulation } => linalg::matmul(at, *accumulation, x[0], x[1]),
         Op::Reshape { .. } => Ok(movement::reshape(at, x[0])),
