@@ -61,6 +61,31 @@ fn gradient_of_a_sum_of_squares() -> TestResult {
 }
 
 #[test]
+fn no_gradient_flows_through_a_stop_gradient() -> TestResult {
+    let mut g = GraphBuilder::new("stopped");
+    let x = g.parameter("x", f32(&[3]))?;
+    let loss = g.within("loss", |g| {
+        let constant_x = g.stop_gradient(x)?;
+        let products = g.mul(constant_x, x)?;
+        g.reduce(ReduceOp::Sum, products, 0, false)
+    })?;
+    let graph = g.finish();
+    let Backward { graph, gradients } = backward(graph, loss.id(), &[x.id()])?;
+    graph.validate()?;
+    // d/dx sum(c·x) with c = x held constant is c: one contribution, not x + x.
+    let expected = [
+        "  // backward:loss",
+        "  %4: f32[] = constant 1",
+        "  %5: f32[3] = expand<[3]>(%4)",
+        "  %6: f32[3] = mul(%5, %1)",
+        "}",
+    ];
+    assert_eq!(lines_from(&graph, 4), expected);
+    assert_eq!(gradients, vec![(x.id(), NodeId(6))]);
+    Ok(())
+}
+
+#[test]
 fn a_parameter_the_loss_ignores_gets_zeros() -> TestResult {
     let mut g = GraphBuilder::new("t");
     let x = g.parameter("x", f32(&[2]))?;
