@@ -82,6 +82,10 @@ mod tests {
         assert!(!text.contains("stop_gradient"), "{text}");
         // The shift reads the max itself; the output is the softmax's division.
         assert!(text.contains("sub(%0, %1)"), "{text}");
-        assert_eq!(merged.outputs[0].node, merged.node_ids().last().unwrap(), "{text}");
+        assert_eq!(
+            merged.outputs[0].node,
+            merged.node_ids().last().unwrap(),
+            "{text}"
+        );
     }
 }

@@ -235,6 +235,16 @@ pub(super) fn run(
 /// idle at its edges. Decided by shape alone, so results do not depend on the thread count.
 const MANY_GEMMS: usize = 4;
 const SMALL_GEMM: usize = 1 << 27;
+/// A single GEMM with fewer rows than this (a weight gradient: rows are output features, K the
+/// tokens) runs as `SPLIT_COLUMNS`-wide column blocks, one single-threaded GEMM each, spread
+/// over the threads: the gemm crate's own threading splits such a product poorly. Measured side
+/// by side on 2 threads (GFLOP/s, whole with the crate's threads → 64-column blocks):
+/// m704 n256 k1024 240 → 277, m256 n256 k1024 164 → 227, m64 n256 k1024 64 → 125, m16 n256
+/// k1024 19 → 48; with 1024 rows and more the crate's threading was as fast or faster (m1024
+/// n4096 k256 301 vs 287). The blocks depend on the shape alone, so results do not depend on
+/// the thread count.
+const SPLIT_COLUMNS_BELOW_ROWS: usize = 1024;
+const SPLIT_COLUMNS: usize = 64;
 
 /// `out[b] = a[b] · rhs[b]` for every batch index (see [`Library::MatMul`]).
 fn batched_matmul(
@@ -276,18 +286,23 @@ fn batched_matmul(
         }
     }
     let out_ptr = SharedOutput(result.as_mut_ptr());
-    let one = |&(ao, bo, oo): &(isize, isize, isize), parallelism: Parallelism| {
+    // Columns `first..first + width` of one batch index's product.
+    let one = |&(ao, bo, oo): &(isize, isize, isize),
+               (first, width): (usize, usize),
+               parallelism: Parallelism| {
+        let (out_columns, b_columns) = (out.strides[rows_axis + 1], b.strides[rows_axis + 1]);
         // SAFETY: the offsets and strides come from views the lowering checked against the
-        // buffers' shapes, so every element gemm touches is inside its slice; the output's
-        // buffer is taken out of `buffers` and is neither operand's (the lowering never has a
-        // matmul read the buffer it writes, also when it writes a region of a concatenation),
-        // and distinct batch indices write disjoint parts of it.
+        // buffers' shapes, so every element gemm touches is inside its slice (columns `first..
+        // first + width` of at most n); the output's buffer is taken out of `buffers` and is
+        // neither operand's (the lowering never has a matmul read the buffer it writes, also
+        // when it writes a region of a concatenation), and distinct batch indices or column
+        // blocks write disjoint parts of it.
         unsafe {
             multiply(
-                (m, n, k),
+                (m, width, k),
                 (
-                    out_ptr.at(oo),
-                    out.strides[rows_axis + 1],
+                    out_ptr.at(oo + first as isize * out_columns),
+                    out_columns,
                     out.strides[rows_axis],
                 ),
                 (
@@ -296,8 +311,8 @@ fn batched_matmul(
                     a.strides[rows_axis],
                 ),
                 (
-                    rhs.as_ptr().offset(bo),
-                    b.strides[rows_axis + 1],
+                    rhs.as_ptr().offset(bo + first as isize * b_columns),
+                    b_columns,
                     b.strides[rows_axis],
                 ),
                 accumulation,
@@ -308,10 +323,19 @@ fn batched_matmul(
     if batches >= MANY_GEMMS && m * n * k < SMALL_GEMM {
         offsets
             .par_iter()
-            .for_each(|offsets| one(offsets, Parallelism::None));
+            .for_each(|offsets| one(offsets, (0, n), Parallelism::None));
+    } else if m < SPLIT_COLUMNS_BELOW_ROWS && n > SPLIT_COLUMNS {
+        let blocks = n.div_ceil(SPLIT_COLUMNS);
+        for offsets in &offsets {
+            (0..blocks).into_par_iter().for_each(|block| {
+                let first = block * SPLIT_COLUMNS;
+                let columns = (first, SPLIT_COLUMNS.min(n - first));
+                one(offsets, columns, Parallelism::None)
+            });
+        }
     } else {
         for offsets in &offsets {
-            one(offsets, Parallelism::Rayon(0));
+            one(offsets, (0, n), Parallelism::Rayon(0));
         }
     }
 }
@@ -343,7 +367,8 @@ fn fold_into_rows(
 #[derive(Clone, Copy)]
 struct SharedOutput(*mut f32);
 
-// SAFETY: each thread writes only the elements of its own batch index (see `batched_matmul`).
+// SAFETY: each thread writes only the elements of its own batch index or column block (see
+// `batched_matmul`).
 unsafe impl Send for SharedOutput {}
 unsafe impl Sync for SharedOutput {}
 
@@ -404,7 +429,8 @@ fn emptied(buffer: &mut Vec<f32>) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::fold_into_rows;
+    use super::{SPLIT_COLUMNS, SPLIT_COLUMNS_BELOW_ROWS, batched_matmul, fold_into_rows};
+    use fathom_compiler::graph::Accumulation;
     use fathom_compiler::kernel::{BufferId, View};
 
     fn view(strides: &[isize]) -> View {
@@ -444,5 +470,54 @@ mod tests {
             fold_into_rows(&[], 5, [&view(&[4, 1]), &view(&[6, 1]), &view(&[6, 1])], 0),
             (0, 5)
         );
+    }
+
+    /// A weight gradient's shape (few rows, a long K) runs in column blocks, the last one
+    /// partial; written into a column-major output (the transposed product), read from a
+    /// transposed lhs: every element is the product's, and the result is the same on one
+    /// thread as on several.
+    #[test]
+    fn short_products_in_column_blocks_match_the_definition() {
+        let (m, n, k) = (37, 2 * SPLIT_COLUMNS + 9, 50);
+        assert!(m < SPLIT_COLUMNS_BELOW_ROWS);
+        let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let rhs: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5) % 11) as f32 * 0.5 - 2.0)
+            .collect();
+        // lhs stored [k, m] (read transposed), rhs [k, n], out stored [n, m] (column-major).
+        let (a, b, out) = (
+            view(&[1, m as isize]),
+            view(&[n as isize, 1]),
+            view(&[1, m as isize]),
+        );
+        let run = |threads: usize| {
+            let mut result = vec![f32::NAN; m * n];
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                batched_matmul(
+                    &[],
+                    (m, n, k),
+                    [(&a, &lhs), (&b, &rhs)],
+                    &out,
+                    Accumulation::default(),
+                    &mut result,
+                )
+            });
+            result
+        };
+        let result = run(2);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|p| f64::from(lhs[p * m + i]) * f64::from(rhs[p * n + j]))
+                    .sum();
+                // Small integers and halves: every partial sum is exact in f32.
+                assert_eq!(f64::from(result[j * m + i]), want, "({i}, {j})");
+            }
+        }
+        assert_eq!(run(1), result);
     }
 }

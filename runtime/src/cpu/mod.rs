@@ -13,8 +13,8 @@ mod grouped;
 mod jit;
 mod library;
 mod loops;
-mod product;
 mod pool;
+mod product;
 mod profile;
 #[cfg(test)]
 mod tests;
@@ -29,8 +29,8 @@ pub use jit::{DUMP_ENV as JIT_DUMP_ENV, JitError, JitReport};
 pub use profile::PROFILE_ENV;
 
 use crate::interp::{Feeds, round_to_dtype};
-use pool::Pool;
 use crate::tensor::{Data, HostTensor};
+use pool::Pool;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum CpuError {
@@ -309,7 +309,10 @@ pub(super) enum Storage<'a> {
     Owned(Vec<f32>),
     /// The first `len` values of an allocation from the pool, which may be longer (and goes
     /// back to the pool whole).
-    Pooled { values: Vec<f32>, len: usize },
+    Pooled {
+        values: Vec<f32>,
+        len: usize,
+    },
     Borrowed(&'a [f32]),
 }
 
