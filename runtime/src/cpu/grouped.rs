@@ -129,8 +129,9 @@ pub(super) fn matmul(
 }
 
 /// `out[e] = Σ_{(t, s) routed to e} g[t, s]ᵀ · x[t, s]`, `[experts, n, k]` into `result`
-/// (zeroed by the caller). Under expert parallelism a rank computes the experts it owns from
-/// every rank's rows and leaves the others at zero.
+/// (every element written: an expert no row was routed to gets zeros). Under expert
+/// parallelism a rank computes the experts it owns from every rank's rows and leaves the
+/// others at zero.
 pub(super) fn weight_grad(
     routing: &Routing,
     gs: &[f32],
@@ -151,8 +152,10 @@ pub(super) fn weight_grad(
         result
             .par_chunks_mut((n * k).max(1))
             .enumerate()
-            .filter(|(e, _)| !routing.groups[*e].is_empty())
             .for_each(|(e, block)| {
+                if routing.groups[e].is_empty() {
+                    return block.fill(0.0);
+                }
                 SCRATCH.with_borrow_mut(|[g, xe]| {
                     cotangent_rows_into(e, g);
                     routing.rows_into(xs, e, k, xe);
@@ -191,8 +194,10 @@ pub(super) fn weight_grad(
     result
         .par_chunks_mut((n * k).max(1))
         .zip(pairs.par_iter())
-        .filter(|(_, (g, _))| !g.is_empty())
         .for_each(|(block, (g, xe))| {
+            if g.is_empty() {
+                return block.fill(0.0);
+            }
             let rows = g.len() / n;
             expert_weight_grad((g, xe), (n, k, rows), routing.accumulation, block);
         });
@@ -240,5 +245,49 @@ fn expert_product_into(
             accumulation,
             Parallelism::None,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Routing, matmul, weight_grad};
+    use fathom_compiler::graph::Accumulation;
+
+    /// Tokens 0..3 with one slot each, routed to experts 0, 2, 0 of 3 (expert 1 gets none).
+    fn routing() -> Routing {
+        Routing {
+            groups: vec![vec![0, 2], vec![], vec![1]],
+            slots: 1,
+            x_slots: 1,
+            accumulation: Accumulation::default(),
+        }
+    }
+
+    /// The routines write every element of their output: it arrives holding stale values
+    /// (pooled storage), here NaNs, and none survives.
+    #[test]
+    fn every_output_element_is_written_over_stale_values() {
+        let (n, k) = (2, 3);
+        let xs: Vec<f32> = (0..3 * k).map(|i| i as f32).collect();
+        let ws: Vec<f32> = (0..3 * n * k).map(|i| (i % 5) as f32 - 2.0).collect();
+        let mut out = vec![f32::NAN; 3 * n];
+        matmul(&routing(), &xs, &ws, (n, k), None, &mut out).unwrap();
+        // Token 1 went to expert 2: out[1] = W_2 · x_1.
+        let w2 = &ws[2 * n * k..];
+        for j in 0..n {
+            let want: f32 = (0..k).map(|p| w2[j * k + p] * xs[k + p]).sum();
+            assert_eq!(out[n + j], want);
+        }
+        assert!(out.iter().all(|v| v.is_finite()), "{out:?}");
+
+        let gs: Vec<f32> = (0..3 * n).map(|i| i as f32 * 0.5).collect();
+        let mut grad = vec![f32::NAN; 3 * n * k];
+        weight_grad(&routing(), &gs, &xs, (n, k), None, &mut grad).unwrap();
+        // Expert 1 got no token: exact zeros. Expert 2: the outer product of token 1's rows.
+        assert_eq!(grad[n * k..2 * n * k], vec![0.0; n * k]);
+        for (j, p) in (0..n).flat_map(|j| (0..k).map(move |p| (j, p))) {
+            assert_eq!(grad[2 * n * k + j * k + p], gs[n + j] * xs[k + p]);
+        }
+        assert!(grad.iter().all(|v| v.is_finite()), "{grad:?}");
     }
 }

@@ -83,7 +83,8 @@ pub(super) fn run(
                 *accumulation,
                 &index,
             )?;
-            let mut result = reuse(buffers[out.index()].vec_mut(), idd[0] * idd[1] * n);
+            // Every token-slot's row is written by the expert it is routed to.
+            let mut result = overwritten(buffers[out.index()].vec_mut(), idd[0] * idd[1] * n);
             let (xs, ws) = (&buffers[x.index()], &buffers[weights.index()]);
             grouped::matmul(&routing, xs, ws, (n, k), experts_exchange, &mut result)
                 .map_err(|reason| exchange_failed(kernel, reason))?;
@@ -101,7 +102,7 @@ pub(super) fn run(
             let (experts, n, k) = (od[0], cd[2], xd[2]);
             let ids = &buffers[expert_ids.index()];
             let routing = route(ids, &dims(expert_ids), &xd, experts, *accumulation, &index)?;
-            let mut result = reuse(buffers[out.index()].vec_mut(), experts * n * k);
+            let mut result = overwritten(buffers[out.index()].vec_mut(), experts * n * k);
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
             grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut result)
                 .map_err(|reason| exchange_failed(kernel, reason))?;
@@ -416,6 +417,14 @@ fn exchange_failed(kernel: &str, reason: String) -> CpuError {
 fn reuse(buffer: &mut Vec<f32>, len: usize) -> Vec<f32> {
     let mut v = std::mem::take(buffer);
     v.clear();
+    v.resize(len, 0.0);
+    v
+}
+
+/// The output buffer's storage at `len`, holding stale values, for a routine that writes every
+/// element (zeroing 4 MB that a grouped GEMM overwrites cost as much as a small kernel).
+fn overwritten(buffer: &mut Vec<f32>, len: usize) -> Vec<f32> {
+    let mut v = std::mem::take(buffer);
     v.resize(len, 0.0);
     v
 }
