@@ -147,15 +147,17 @@ struct GatheredRows {
   __device__ __forceinline__ bool cols_contiguous() const { return true; }
 };
 
-// out[ts, :] = W[e] x[ts] for the token-slots of each expert e, W stored [experts][n][k]: per
-// expert a GEMM of its members' rows (m = count) with B = W[e]^T. Block rows are numbered across
+// out[ts, :] = W[e] x[ts] for the token-slots of each expert e, W stored as one n*k block per
+// expert with W[e][j][kk] at e*n*k + j*w_sn + kk*w_sk ([n][k] blocks: w_sn = k, w_sk = 1; the
+// transposed blocks the input gradient reads: w_sn = 1, w_sk = n): per expert a GEMM of its
+// members' rows (m = count) with B = W[e]^T. Block rows are numbered across
 // experts (expert 0's ceil(count_0 / BM) tiles, then expert 1's, ...); the grid has
 // ceil(tokens * slots / BM) + experts rows of blocks, which covers any routing, and blocks past
 // the last tile return at once. Grid: (ceil(n / BN), that bound).
 template <int BM, int BN, int BK, int TM, int TN>
 __device__ __forceinline__ void grouped_gemm_f32(const float* x, const float* w, const int* offsets,
                                                  const int* members, float* out, int experts, int slots,
-                                                 int x_slots, int n, int k) {
+                                                 int x_slots, int n, int k, int w_sn, int w_sk) {
   int e = 0;
   int tile = blockIdx.y;
   for (; e < experts; ++e) {
@@ -167,7 +169,7 @@ __device__ __forceinline__ void grouped_gemm_f32(const float* x, const float* w,
   const int first = offsets[e];
   const int count = offsets[e + 1] - first;
   const GatheredRows lhs{x, members + first, k, slots, x_slots};
-  const StridedOperand rhs{w + static_cast<long long>(e) * n * k, 1, k};  // B(kk, j) = W[e][j][kk]
+  const StridedOperand rhs{w + static_cast<long long>(e) * n * k, w_sk, w_sn};  // B(kk, j) = W[e][j][kk]
   const int* rows = members + first;
   auto store = [&](int i, int j, float v) { out[static_cast<long long>(rows[i]) * n + j] = v; };
   f32_gemm_tile<BM, BN, BK, TM, TN>(tile * BM, blockIdx.x * BN, count, n, k, lhs, rhs, store);

@@ -169,7 +169,7 @@ impl F32GemmParams {
                     i32_in("members"),
                     out,
                 ];
-                params.extend(["experts", "slots", "x_slots", "n", "k"].map(int));
+                params.extend(["experts", "slots", "x_slots", "n", "k", "w_sn", "w_sk"].map(int));
                 params
             }
             F32GemmKind::GroupedWeightGrad => {
@@ -204,7 +204,8 @@ impl F32GemmParams {
             ],
             F32GemmKind::Grouped => vec![
                 format!("fathom::grouped_gemm_f32<{tile}>("),
-                "    x, w, offsets, members, out, experts, slots, x_slots, n, k);".to_owned(),
+                "    x, w, offsets, members, out, experts, slots, x_slots, n, k, w_sn, w_sk);"
+                    .to_owned(),
             ],
             F32GemmKind::GroupedWeightGrad => vec![
                 format!("fathom::grouped_gemm_weight_grad_f32<{tile}>("),

@@ -58,7 +58,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             Some("gemm_f32_grouped; grouped_fp8_gemm (sm_90a) / grouped fallback (sm_80) once FP8"),
             vec![
                 ("x", ty(x)),
-                ("weights", ty(weights)),
+                ("weights", view(weights)),
                 ("expert_ids", ty(expert_ids)),
                 ("out", ty(out)),
             ],

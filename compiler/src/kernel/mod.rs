@@ -126,10 +126,13 @@ pub enum Library {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exact_in: Option<DType>,
     },
-    /// The op of the same name in the graph, on dense buffers (see `graph::Op`).
+    /// The op of the same name in the graph, on dense buffers (see `graph::Op`) but for the
+    /// weights: a view of the `[experts, n, k]` operand in a buffer holding `experts` blocks of
+    /// `n·k` (strides `[n·k, sn, sk]`: `[k, 1]` as the weights are stored, `[1, n]` for the
+    /// transposed weights the input gradient multiplies by, read where they lie).
     GroupedMatMul {
         x: BufferId,
-        weights: BufferId,
+        weights: View,
         expert_ids: BufferId,
         out: BufferId,
         #[serde(default)]
@@ -243,7 +246,7 @@ impl Program {
                     expert_ids,
                     ..
                 }) => {
-                    let (w, ids) = (dims(weights), dims(expert_ids));
+                    let (w, ids) = (dims(&weights.buffer), dims(expert_ids));
                     2 * (ids[0] * ids[1] * w[1] * w[2]) as u64
                 }
                 KernelBody::Library(Library::GroupedMatMulWeightGrad { cotangent, x, .. }) => {
@@ -306,7 +309,7 @@ impl Library {
                 expert_ids,
                 out,
                 ..
-            } => (vec![*x, *weights, *expert_ids], *out),
+            } => (vec![*x, weights.buffer, *expert_ids], *out),
             Library::GroupedMatMulWeightGrad {
                 cotangent,
                 x,

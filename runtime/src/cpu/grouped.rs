@@ -71,12 +71,13 @@ impl SharedRows {
     }
 }
 
-/// `out[t, s] = W[e] · x[t, s]` for `e = ids[t, s]`, W stored `[experts, n, k]`; `result` holds
-/// `tokens · slots · n` values.
+/// `out[t, s] = W[e] · x[t, s]` for `e = ids[t, s]`, W stored as `experts` blocks of `n·k`
+/// values with `W[e][j][p]` at `e·n·k + j·sn + p·sk` (`layout = (sn, sk)`: `(k, 1)` row-major,
+/// `(1, n)` each block transposed); `result` holds `tokens · slots · n` values.
 pub(super) fn matmul(
     routing: &Routing,
     xs: &[f32],
-    ws: &[f32],
+    (ws, layout): (&[f32], (isize, isize)),
     (n, k): (usize, usize),
     exchange: Option<&dyn ExpertExchange>,
     result: &mut [f32],
@@ -99,7 +100,8 @@ pub(super) fn matmul(
                 routing.rows_into(xs, e, k, rows);
                 product.clear();
                 product.resize(members.len() * n, 0.0);
-                expert_product_into(weights(e), rows, (n, k), routing.accumulation, product);
+                let w = (weights(e), layout);
+                expert_product_into(w, rows, (n, k), routing.accumulation, product);
                 for (r, &ts) in members.iter().enumerate() {
                     // SAFETY: `result` holds a row of n for every token-slot (asserted above),
                     // and token-slot `ts` is in this expert's group only, so no other thread
@@ -113,7 +115,13 @@ pub(super) fn matmul(
     };
     let product = |e: usize, rows: &[f32]| {
         let mut product = vec![0f32; rows.len() / k.max(1) * n];
-        expert_product_into(weights(e), rows, (n, k), routing.accumulation, &mut product);
+        expert_product_into(
+            (weights(e), layout),
+            rows,
+            (n, k),
+            routing.accumulation,
+            &mut product,
+        );
         product
     };
     let requests = (0..routing.groups.len())
@@ -225,9 +233,9 @@ fn expert_weight_grad(
     }
 }
 
-/// `product [r, n] = rows [r, k] · W_eᵀ` with `W_e` stored `[n, k]`.
+/// `product [r, n] = rows [r, k] · W_eᵀ` with `W_e[j][p]` at `j·sn + p·sk` of `w`.
 fn expert_product_into(
-    w: &[f32],
+    (w, (sn, sk)): (&[f32], (isize, isize)),
     rows: &[f32],
     (n, k): (usize, usize),
     accumulation: Accumulation,
@@ -235,13 +243,15 @@ fn expert_product_into(
 ) {
     let count = product.len() / n.max(1);
     assert_eq!(rows.len(), count * k);
+    assert!(w.len() == n * k && [(k as isize, 1), (1, n as isize)].contains(&(sn, sk)));
     // SAFETY: every pointer spans exactly the matrix its strides describe (asserted above).
     unsafe {
         multiply(
             (count, n, k),
             (product.as_mut_ptr(), 1, n as isize),
             (rows.as_ptr(), 1, k as isize),
-            (w.as_ptr(), k as isize, 1),
+            // B[p][j] = W_e[j][p]: columns j, rows p.
+            (w.as_ptr(), sn, sk),
             accumulation,
             Parallelism::None,
         );
@@ -271,7 +281,15 @@ mod tests {
         let xs: Vec<f32> = (0..3 * k).map(|i| i as f32).collect();
         let ws: Vec<f32> = (0..3 * n * k).map(|i| (i % 5) as f32 - 2.0).collect();
         let mut out = vec![f32::NAN; 3 * n];
-        matmul(&routing(), &xs, &ws, (n, k), None, &mut out).unwrap();
+        matmul(
+            &routing(),
+            &xs,
+            (&ws, (k as isize, 1)),
+            (n, k),
+            None,
+            &mut out,
+        )
+        .unwrap();
         // Token 1 went to expert 2: out[1] = W_2 · x_1.
         let w2 = &ws[2 * n * k..];
         for j in 0..n {
@@ -279,6 +297,25 @@ mod tests {
             assert_eq!(out[n + j], want);
         }
         assert!(out.iter().all(|v| v.is_finite()), "{out:?}");
+        // The same weights stored with each expert's block transposed ([k, n]), read across.
+        let transposed: Vec<f32> = (0..3 * n * k)
+            .map(|i| {
+                let (e, p, j) = (i / (n * k), i / n % k, i % n);
+                ws[e * n * k + j * k + p]
+            })
+            .collect();
+        let mut across = vec![f32::NAN; 3 * n];
+        let layout = (1, n as isize);
+        matmul(
+            &routing(),
+            &xs,
+            (&transposed, layout),
+            (n, k),
+            None,
+            &mut across,
+        )
+        .unwrap();
+        assert_eq!(across, out);
 
         let gs: Vec<f32> = (0..3 * n).map(|i| i as f32 * 0.5).collect();
         let mut grad = vec![f32::NAN; 3 * n * k];

@@ -73,8 +73,10 @@ pub(super) fn run(
             accumulation,
             ..
         } => {
-            let (wd, idd) = (dims(weights), dims(expert_ids));
-            let (experts, n, k) = (wd[0], wd[1], wd[2]);
+            let idd = dims(expert_ids);
+            let (experts, n, k) = (dims(&weights.buffer)[0], dims(out)[2], dims(x)[2]);
+            // W_e[j][p] at e·n·k + j·sn + p·sk.
+            let layout = (weights.strides[1], weights.strides[2]);
             let routing = route(
                 &buffers[expert_ids.index()],
                 &idd,
@@ -85,9 +87,16 @@ pub(super) fn run(
             )?;
             // Every token-slot's row is written by the expert it is routed to.
             let mut result = overwritten(buffers[out.index()].vec_mut(), idd[0] * idd[1] * n);
-            let (xs, ws) = (&buffers[x.index()], &buffers[weights.index()]);
-            grouped::matmul(&routing, xs, ws, (n, k), experts_exchange, &mut result)
-                .map_err(|reason| exchange_failed(kernel, reason))?;
+            let (xs, ws) = (&buffers[x.index()], &buffers[weights.buffer.index()]);
+            grouped::matmul(
+                &routing,
+                xs,
+                (ws, layout),
+                (n, k),
+                experts_exchange,
+                &mut result,
+            )
+            .map_err(|reason| exchange_failed(kernel, reason))?;
             buffers[out.index()] = Storage::Owned(result);
         }
         Library::GroupedMatMulWeightGrad {

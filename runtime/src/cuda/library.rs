@@ -235,7 +235,7 @@ impl Planner<'_> {
                 weights,
                 expert_ids,
                 ..
-            } => self.dims(weights)[0] + 1 + self.numel(expert_ids),
+            } => self.dims(&weights.buffer)[0] + 1 + self.numel(expert_ids),
             Library::GroupedMatMulWeightGrad {
                 expert_ids, out, ..
             } => self.dims(out)[0] + 1 + self.numel(expert_ids),
@@ -334,8 +334,8 @@ impl Planner<'_> {
                 out,
                 ..
             } => {
-                let (w, ids, xd) = (self.dims(weights), self.dims(expert_ids), self.dims(x));
-                let (experts, n, k) = (w[0], w[1], w[2]);
+                let (ids, xd) = (self.dims(expert_ids), self.dims(x));
+                let (experts, n, k) = (self.dims(&weights.buffer)[0], self.dims(out)[2], xd[2]);
                 let (rows, slots) = (ids[0] * ids[1], ids[1]);
                 if rows == 0 || n == 0 {
                     return Ok(Vec::new());
@@ -352,8 +352,11 @@ impl Planner<'_> {
                     self.int(xd[1], "x slots")?,
                     self.int(n, "n")?,
                     self.int(k, "k")?,
+                    // W[e][j][p] at e·n·k + j·sn + p·sk (a transposed block read across).
+                    self.int(weights.strides[1].unsigned_abs(), "the weights' n stride")?,
+                    self.int(weights.strides[2].unsigned_abs(), "the weights' k stride")?,
                 ];
-                let buffers = [*x, *weights, *out];
+                let buffers = [*x, weights.buffer, *out];
                 self.grouped_gemm(gemm, grid, *expert_ids, (rows, experts), buffers, sizes)
             }
             Library::GroupedMatMulWeightGrad {
