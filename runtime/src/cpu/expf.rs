@@ -43,8 +43,27 @@ pub(super) const P: [f32; 6] = [
     5e-1,
 ];
 
-/// `e^x` (see the module documentation for the method and its accuracy).
+/// `e^x` (see the module documentation for the method and its accuracy), with the CPU's
+/// fused multiply-add instruction where it has one: the same bits as the `fmaf` calls `mul_add`
+/// compiles to otherwise (both are correctly rounded), without eight calls per value (they were
+/// 0.6–1.6% of a training step, from the JIT's one-lane tails and the row evaluator).
 pub(crate) fn exp(x: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA (checked just above).
+        return unsafe { exp_with_fma(x) };
+    }
+    exp_portable(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn exp_with_fma(x: f32) -> f32 {
+    exp_portable(x)
+}
+
+#[inline(always)]
+fn exp_portable(x: f32) -> f32 {
     if x < ZERO_BELOW {
         return 0.0;
     }
@@ -74,7 +93,15 @@ fn pow2(e: i32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::exp;
+    use super::{exp, exp_portable};
+
+    #[test]
+    fn the_fma_instruction_and_fmaf_give_the_same_bits() {
+        for i in 0..=200_000 {
+            let x = -110.0 + 200.0 * (i as f32 / 200_000.0);
+            assert_eq!(exp(x).to_bits(), exp_portable(x).to_bits(), "{x}");
+        }
+    }
 
     /// Distance in units in the last place between two finite non-negative floats.
     fn ulps(a: f32, b: f32) -> u32 {

@@ -374,3 +374,30 @@ fn from_state_refuses_bad_state_naming_the_tensor() {
         "invalid beta2 = 1: must be in [0, 1)"
     );
 }
+
+#[test]
+fn the_fma_instruction_and_fmaf_update_alike() {
+    let s = Scalars {
+        decay: 0.999,
+        one_minus_beta1: 0.1,
+        beta2: 0.95,
+        one_minus_beta2: 0.05,
+        bc2_sqrt: 0.3,
+        eps: 1e-8,
+        neg_step_size: -1e-3,
+    };
+    let n = 1000;
+    let wave = |seed: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * seed).sin()).collect() };
+    let (p0, g) = (wave(0.37), wave(1.13));
+    let (m0, v0): (Vec<f32>, Vec<f32>) = (wave(0.71), wave(0.29).iter().map(|x| x * x).collect());
+    let run = |dispatched: bool| {
+        let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+        if dispatched {
+            update_serial(&mut p, &g, &mut m, &mut v, &s, true);
+        } else {
+            update_elements(&mut p, &g, &mut m, &mut v, &s, true);
+        }
+        [p, m, v].map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+    };
+    assert_eq!(run(true), run(false));
+}
