@@ -45,8 +45,8 @@ pub(super) const P: [f32; 6] = [
 
 /// `e^x` (see the module documentation for the method and its accuracy), with the CPU's
 /// fused multiply-add instruction where it has one: the same bits as the `fmaf` calls `mul_add`
-/// compiles to otherwise (both are correctly rounded), without eight calls per value (they were
-/// 0.6–1.6% of a training step, from the JIT's one-lane tails and the row evaluator).
+/// compiles to otherwise (both are correctly rounded), without eight calls per value (the JIT's
+/// one-lane tails and the row evaluator come here).
 pub(crate) fn exp(x: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
