@@ -716,11 +716,12 @@ impl<'g> Lowering<'g> {
         let &[experts, n, k] = self.dims(id) else {
             unreachable!("grouped weights are [experts, n, k] (type inference)")
         };
-        let (n_, k_) = (n as isize, k as isize);
-        let blocks = self.program.buffer(view.buffer).ty.numel() == experts * n * k
+        let whole = self.program.buffer(view.buffer).ty.numel() == experts * n * k;
+        let (row, block) = (k as isize, (n * k) as isize);
+        let blocks = whole
             && view.offset == 0
-            && view.strides[0] == n_ * k_
-            && [(k_, 1), (1, n_)].contains(&(view.strides[1], view.strides[2]));
+            && view.strides[0] == block
+            && [(row, 1), (1, n as isize)].contains(&(view.strides[1], view.strides[2]));
         let identity = Affine::identity(3);
         if blocks {
             return Ok(view.compose(&identity));
