@@ -174,3 +174,55 @@ fn tiny_training_recompute() {
     assert_eq!(before.graphs[3].0, "fold_constants");
     assert_eq!(before.graphs[3].1, before.graphs[4].1);
 }
+
+/// The experts' input gradient multiplies by the stacked expert weights transposed: the grouped
+/// GEMM reads them where they lie (each expert's block across, strides `[n·k, 1, n]`) and no
+/// kernel copies them transposed first; the forward reads them as stored (`[n·k, k, 1]`).
+#[test]
+fn grouped_gemms_read_the_stacked_weights_where_they_lie() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::kernel::{KernelBody, Library};
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::training::training_graph;
+
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
+    let program = compile(&train.graph, &CompileOptions::default())
+        .unwrap()
+        .program;
+    let mut layouts = Vec::new();
+    for kernel in &program.kernels {
+        if let KernelBody::Library(Library::GroupedMatMul { weights, out, .. }) = &kernel.body {
+            let stacked = program.buffer(weights.buffer).ty.dims().to_vec();
+            let n = *program.buffer(*out).ty.dims().last().unwrap();
+            let (rows, cols) = (stacked[1] as isize, stacked[2] as isize);
+            assert_eq!(weights.offset, 0, "{}", kernel.name);
+            // As stored: W[e][j][p] at e·n·k + j·k + p; across: the buffer holds [k, n] blocks.
+            let layout = match weights.strides[..] {
+                [b, c, 1] if b == rows * cols && c == cols => "as stored",
+                [b, 1, c] if b == rows * cols && c == cols && cols == n as isize => "across",
+                _ => "?",
+            };
+            layouts.push((kernel.name.contains("backward"), layout));
+            // The buffer read across is the one the forward reads as stored: no copy between.
+            let producer = program
+                .kernels
+                .iter()
+                .find(|k| k.reads_and_writes().1.contains(&weights.buffer))
+                .map(|k| k.name.clone())
+                .unwrap_or_default();
+            assert!(
+                !producer.contains("copy"),
+                "{}: weights copied by {producer}",
+                kernel.name
+            );
+        }
+    }
+    // Three grouped GEMMs per MoE layer forward (gate, up, down) and three input gradients.
+    let forward = layouts
+        .iter()
+        .filter(|l| **l == (false, "as stored"))
+        .count();
+    let backward = layouts.iter().filter(|l| **l == (true, "across")).count();
+    assert!(forward > 0 && forward == backward, "{layouts:?}");
+    assert_eq!(forward + backward, layouts.len(), "{layouts:?}");
+}
