@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod exec;
+mod fma;
 pub mod fp8;
 pub mod init;
 pub mod interp;

@@ -44,22 +44,13 @@ pub(super) const P: [f32; 6] = [
 ];
 
 /// `e^x` (see the module documentation for the method and its accuracy), with the CPU's
-/// fused multiply-add instruction where it has one: the same bits as the `fmaf` calls `mul_add`
-/// compiles to otherwise (both are correctly rounded), without eight calls per value (the JIT's
-/// one-lane tails and the row evaluator come here).
+/// fused multiply-add instruction where it has one (`crate::fma`: the same bits, without eight
+/// `fmaf` calls per value; the JIT's one-lane tails and the row evaluator come here).
 pub(crate) fn exp(x: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has FMA (checked just above).
-        return unsafe { exp_with_fma(x) };
-    }
-    exp_portable(x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-fn exp_with_fma(x: f32) -> f32 {
-    exp_portable(x)
+    crate::fma::with_fma(
+        #[inline(always)]
+        || exp_portable(x),
+    )
 }
 
 #[inline(always)]

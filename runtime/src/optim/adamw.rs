@@ -161,9 +161,9 @@ fn update<M: Moment + Send>(
         .for_each(|(((p, g), m), v)| update_serial(p, g, m, v, s, decay));
 }
 
-/// [`update_elements`] with the CPU's fused multiply-add instruction where it has one: the
-/// same bits as the `fmaf` call `mul_add` is otherwise, which also kept the loop from being
-/// vectorised.
+/// [`update_elements`] with the CPU's fused multiply-add instruction where it has one
+/// (`crate::fma`: the same bits as the `fmaf` call `mul_add` is otherwise, which also kept the
+/// loop from being vectorised).
 fn update_serial<M: Moment>(
     p: &mut [f32],
     g: &[f32],
@@ -172,25 +172,10 @@ fn update_serial<M: Moment>(
     s: &Scalars,
     decay: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has FMA (checked just above).
-        return unsafe { update_with_fma(p, g, m, v, s, decay) };
-    }
-    update_elements(p, g, m, v, s, decay)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-fn update_with_fma<M: Moment>(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [M],
-    v: &mut [M],
-    s: &Scalars,
-    decay: bool,
-) {
-    update_elements(p, g, m, v, s, decay)
+    crate::fma::with_fma(
+        #[inline(always)]
+        || update_elements(p, g, m, v, s, decay),
+    )
 }
 
 #[inline(always)]
