@@ -155,6 +155,7 @@ pub(super) fn weight_grad(
             g.extend_from_slice(&gs[ts * n..][..n]);
         }
     };
+    assert_eq!(result.len(), routing.groups.len() * n * k);
     let Some(exchange) = exchange else {
         // Each expert gathers its rows in per-thread scratch and writes its own n·k block.
         result

@@ -85,8 +85,9 @@ pub(super) fn run(
                 *accumulation,
                 &index,
             )?;
-            // Every token-slot's row is written by the expert it is routed to.
-            let mut result = overwritten(buffers[out.index()].vec_mut(), idd[0] * idd[1] * n);
+            // Stale values (not zeroed: zeroing 4 MB cost as much as a small kernel): every
+            // token-slot's row is written by the expert it is routed to.
+            let mut result = buffers[out.index()].take_vec();
             let (xs, ws) = (&buffers[x.index()], &buffers[weights.buffer.index()]);
             grouped::matmul(
                 &routing,
@@ -111,7 +112,8 @@ pub(super) fn run(
             let (experts, n, k) = (od[0], cd[2], xd[2]);
             let ids = &buffers[expert_ids.index()];
             let routing = route(ids, &dims(expert_ids), &xd, experts, *accumulation, &index)?;
-            let mut result = overwritten(buffers[out.index()].vec_mut(), experts * n * k);
+            // Stale values: every expert's block is written, zeros where no row was routed.
+            let mut result = buffers[out.index()].take_vec();
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
             grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut result)
                 .map_err(|reason| exchange_failed(kernel, reason))?;
@@ -426,14 +428,6 @@ fn exchange_failed(kernel: &str, reason: String) -> CpuError {
 fn reuse(buffer: &mut Vec<f32>, len: usize) -> Vec<f32> {
     let mut v = std::mem::take(buffer);
     v.clear();
-    v.resize(len, 0.0);
-    v
-}
-
-/// The output buffer's storage at `len`, holding stale values, for a routine that writes every
-/// element (zeroing 4 MB that a grouped GEMM overwrites cost as much as a small kernel).
-fn overwritten(buffer: &mut Vec<f32>, len: usize) -> Vec<f32> {
-    let mut v = std::mem::take(buffer);
     v.resize(len, 0.0);
     v
 }
