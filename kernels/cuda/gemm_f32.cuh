@@ -169,7 +169,8 @@ __device__ __forceinline__ void grouped_gemm_f32(const float* x, const float* w,
   const int first = offsets[e];
   const int count = offsets[e + 1] - first;
   const GatheredRows lhs{x, members + first, k, slots, x_slots};
-  const StridedOperand rhs{w + static_cast<long long>(e) * n * k, w_sk, w_sn};  // B(kk, j) = W[e][j][kk]
+  // B(kk, j) = W[e][j][kk].
+  const StridedOperand rhs{w + static_cast<long long>(e) * n * k, w_sk, w_sn};
   const int* rows = members + first;
   auto store = [&](int i, int j, float v) { out[static_cast<long long>(rows[i]) * n + j] = v; };
   f32_gemm_tile<BM, BN, BK, TM, TN>(tile * BM, blockIdx.x * BN, count, n, k, lhs, rhs, store);

@@ -5,7 +5,8 @@
 //! kernels (see `lower`), lives from the first of them. Temporaries whose lifetimes do not
 //! overlap share a *slot*: the plan walks kernels in order, frees the slots of buffers that died
 //! and gives each new buffer the smallest free slot that fits it (growing the largest free one,
-//! or opening a new slot, otherwise). Inputs, parameters and constants are the caller's memory and not planned.
+//! or opening a new slot, otherwise). Inputs, parameters and constants are the caller's memory
+//! and not planned.
 
 use std::fmt;
 

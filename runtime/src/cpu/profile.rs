@@ -51,6 +51,16 @@ struct Totals {
     outputs: Duration,
 }
 
+impl Totals {
+    /// Empty totals for the first run and for the later ones, over `kernels` kernels.
+    fn first_and_later(kernels: usize) -> Mutex<[Totals; 2]> {
+        Mutex::new(std::array::from_fn(|_| Totals {
+            kernels: vec![Duration::ZERO; kernels],
+            ..Totals::default()
+        }))
+    }
+}
+
 /// Times accumulated over the runs of one program.
 #[derive(Debug)]
 pub(super) struct Profile {
@@ -81,10 +91,7 @@ impl Profile {
             .collect();
         Profile {
             name: program.name.clone(),
-            totals: Mutex::new(std::array::from_fn(|_| Totals {
-                kernels: vec![Duration::ZERO; program.kernels.len()],
-                ..Totals::default()
-            })),
+            totals: Totals::first_and_later(program.kernels.len()),
             kernels,
         }
     }
@@ -186,7 +193,6 @@ fn kind_of(name: &str, origin: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{Profile, Totals, kind_of};
-    use std::sync::Mutex;
     use std::time::Duration;
 
     #[test]
@@ -194,10 +200,7 @@ mod tests {
         let profile = Profile {
             name: "p".into(),
             kernels: vec![("k0_copy".into(), "copy (loop)".into())],
-            totals: Mutex::new(std::array::from_fn(|_| Totals {
-                kernels: vec![Duration::ZERO],
-                ..Totals::default()
-            })),
+            totals: Totals::first_and_later(1),
         };
         let ms = Duration::from_millis;
         assert_eq!(profile.table(), None);
