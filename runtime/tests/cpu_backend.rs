@@ -491,3 +491,93 @@ fn cross_entropy_runs_compiled_like_the_interpreter() {
         assert_eq!(compiled.get("per_row").unwrap().as_f32().unwrap()[2], 0.0);
     }
 }
+
+/// Reductions over a short axis other than the last are lowered to a sum of loads over the
+/// output's axes (no row reduction left in their kernels); long or last-axis ones stay row
+/// reductions. Both forms, with `keep_dim` or not, sums and means, and a row reduction fused
+/// into the summed expression (computed again for each term), match the interpreter. The
+/// unrolled sums add in f32 where the interpreter adds in f64: a rounding or two of values of
+/// order 10, so 1e-6 of the largest result.
+#[test]
+fn short_axis_reductions_run_as_sums_of_loads_like_the_interpreter() {
+    use fathom_compiler::graph::ReduceOp;
+    use fathom_compiler::kernel::{KernelBody, Stmt};
+    use fathom_compiler::{DType, GraphBuilder, TensorType};
+
+    let dims = [3usize, 4, 9, 8];
+    let mut g = GraphBuilder::new("short_reductions");
+    let x = g.input("x", TensorType::new(DType::F32, dims)).unwrap();
+    let sum_short = g.reduce(ReduceOp::Sum, x, 1, false).unwrap();
+    let mean_short_kept = g.reduce(ReduceOp::Mean, x, 0, true).unwrap();
+    let sum_long = g.reduce(ReduceOp::Sum, x, 2, false).unwrap();
+    let sum_last = g.reduce(ReduceOp::Sum, x, 3, false).unwrap();
+    // x · Σ_last x, summed over the short axis 1: the row sum is fused into every term.
+    let row_sums = g.reduce(ReduceOp::Sum, x, 3, true).unwrap();
+    let weighted = g.mul(x, row_sums).unwrap();
+    let sum_weighted = g.reduce(ReduceOp::Sum, weighted, 1, false).unwrap();
+    for (name, t) in [
+        ("sum_short", sum_short),
+        ("mean_short_kept", mean_short_kept),
+        ("sum_long", sum_long),
+        ("sum_last", sum_last),
+        ("sum_weighted", sum_weighted),
+    ] {
+        g.output(name, t).unwrap();
+    }
+    let graph = g.finish();
+
+    let count: usize = dims.iter().product();
+    let values: Vec<f32> = (0..count)
+        .map(|i| ((i * 7919) % 101) as f32 / 25.0 - 2.0)
+        .collect();
+    let inputs = HashMap::from([("x".to_owned(), HostTensor::f32(dims, values))]);
+    let feeds = Feeds::new(&inputs, &());
+    let expected = evaluate(&graph, &feeds).unwrap();
+    let program = lower(&graph).unwrap();
+
+    let row_reductions = |output: &str| {
+        let buffer = program
+            .outputs
+            .iter()
+            .find(|(name, _)| name == output)
+            .map(|&(_, buffer)| buffer)
+            .unwrap();
+        let kernel = program
+            .kernels
+            .iter()
+            .find(|k| match &k.body {
+                KernelBody::Loop(nest) => nest.body.iter().any(|s| match s {
+                    Stmt::Store { view, .. } | Stmt::StoreRow { view, .. } => view.buffer == buffer,
+                    Stmt::Reduce { .. } => false,
+                }),
+                KernelBody::Library(_) => false,
+            })
+            .unwrap_or_else(|| panic!("no kernel stores {output}"));
+        let KernelBody::Loop(nest) = &kernel.body else {
+            unreachable!()
+        };
+        nest.body
+            .iter()
+            .filter(|s| matches!(s, Stmt::Reduce { .. }))
+            .count()
+    };
+    assert_eq!(row_reductions("sum_short"), 0);
+    assert_eq!(row_reductions("mean_short_kept"), 0);
+    assert_eq!(row_reductions("sum_long"), 1);
+    assert_eq!(row_reductions("sum_last"), 1);
+    // One row sum of the fused input per term of the short axis.
+    assert_eq!(row_reductions("sum_weighted"), 4);
+
+    for (how, cpu) in [
+        ("jit", CpuProgram::new(program.clone())),
+        ("row evaluator", CpuProgram::without_jit(program.clone())),
+    ] {
+        let compiled = cpu.run(&feeds).unwrap();
+        for (name, want) in expected.iter() {
+            let got = compiled.get(name).unwrap();
+            assert_eq!(got.ty, want.ty, "{how}: {name}");
+            let error = relative(got.as_f32().unwrap(), want.as_f32().unwrap());
+            assert!(error < 1e-6, "{how}: {name}: relative error {error:.2e}");
+        }
+    }
+}

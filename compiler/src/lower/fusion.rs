@@ -2,6 +2,7 @@
 //! in graph order, with inlined producers and fused row reductions.
 
 mod cross_entropy;
+mod short_reduce;
 
 use crate::graph::{Accumulation, Graph, NodeId, Op, inverse_permutation};
 use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt, View};
@@ -426,8 +427,10 @@ impl<'g> Lowering<'g> {
             .then(|| self.own_buffer(id));
         // The kernel but its store, the value stored, the map of the store and, for a
         // reduction, its axis and whether the result keeps it.
-        let (k, value, map, reduced) = match &node.op {
-            Op::Reduce { op, axis, keep_dim } => {
+        let (k, value, map, reduced) = match (&node.op, self.unrolled_reduction(id)?) {
+            // A short reduction spelled out over the output's domain.
+            (_, Some((k, value))) => (k, value, Affine::identity(node.ty.rank()), None),
+            (Op::Reduce { op, axis, keep_dim }, None) => {
                 // Loop over the input with the reduced axis innermost.
                 let input = node.inputs[0];
                 let in_dims = self.dims(input).to_vec();
@@ -452,7 +455,7 @@ impl<'g> Lowering<'g> {
                 let map = map.without_axis_dependence(*axis, rank);
                 (k, Expr::Row(row), map, Some((*axis, *keep_dim)))
             }
-            _ => {
+            (_, None) => {
                 let rank = node.ty.rank();
                 let map = Affine::identity(rank);
                 let mut k = KernelBuilder::new(node.ty.dims().to_vec());
