@@ -11,12 +11,23 @@
 
 namespace fathom {
 
-// Operand A of the batched GEMM: element (i, kk) at base[i * row + kk * col].
+// Which elements of a matrix count (the kernel IR's triangular matmuls): all of them, those on
+// and below the diagonal, or those on and above it; the others are read and written as zeros.
+enum Keep : int { KEEP_ALL = 0, KEEP_LOWER = 1, KEEP_UPPER = 2 };
+
+__device__ __forceinline__ bool kept(int keep, int r, int c) {
+  return keep == KEEP_ALL || (keep == KEEP_LOWER ? c <= r : c >= r);
+}
+
+// A matrix operand: element (i, kk) at base[i * row + kk * col], zero outside `keep`.
 struct StridedOperand {
   const float* base;
   long long row;
   long long col;
-  __device__ __forceinline__ float operator()(int r, int c) const { return base[r * row + c * col]; }
+  int keep;
+  __device__ __forceinline__ float operator()(int r, int c) const {
+    return kept(keep, r, c) ? base[r * row + c * col] : 0.0f;
+  }
   // Whether consecutive columns are adjacent in memory (then threads stage along columns).
   __device__ __forceinline__ bool cols_contiguous() const { return col == 1; }
 };
@@ -103,25 +114,30 @@ struct StridedStore {
   float* base;
   long long row;
   long long col;
-  __device__ __forceinline__ void operator()(int i, int j, float v) const { base[i * row + j * col] = v; }
+  int keep;
+  __device__ __forceinline__ void operator()(int i, int j, float v) const {
+    base[i * row + j * col] = kept(keep, i, j) ? v : 0.0f;
+  }
 };
 
-// out[b] = a[b] b[b] for every batch index b of the [d0][d1][d2] batch, views given by strides.
+// out[b] = a[b] b[b] for every batch index b of the [d0][d1][d2] batch, views given by strides;
+// each matrix's `keep` makes it triangular (a triangular operand reads zeros outside its
+// triangle, a triangular result is written as zeros there; the tiles are computed all the same).
 // Grid: (ceil(n / BN), ceil(m / BM), min(batches, 65535)); blocks loop over the rest of the batch.
 template <int BM, int BN, int BK, int TM, int TN>
 __device__ __forceinline__ void batched_gemm_f32(const float* a, const float* b, float* out, int m, int n, int k,
                                                  int d0, int d1, int d2, BatchStrides a_batch, long long a_row,
                                                  long long a_col, BatchStrides b_batch, long long b_row,
                                                  long long b_col, BatchStrides out_batch, long long out_row,
-                                                 long long out_col) {
+                                                 long long out_col, int a_keep, int b_keep, int out_keep) {
   const int batches = d0 * d1 * d2;
   for (int bi = blockIdx.z; bi < batches; bi += gridDim.z) {
     const int b2 = bi % d2;
     const int b1 = (bi / d2) % d1;
     const int b0 = bi / (d1 * d2);
-    const StridedOperand lhs{a + a_batch.offset(b0, b1, b2), a_row, a_col};
-    const StridedOperand rhs{b + b_batch.offset(b0, b1, b2), b_row, b_col};
-    const StridedStore dst{out + out_batch.offset(b0, b1, b2), out_row, out_col};
+    const StridedOperand lhs{a + a_batch.offset(b0, b1, b2), a_row, a_col, a_keep};
+    const StridedOperand rhs{b + b_batch.offset(b0, b1, b2), b_row, b_col, b_keep};
+    const StridedStore dst{out + out_batch.offset(b0, b1, b2), out_row, out_col, out_keep};
     f32_gemm_tile<BM, BN, BK, TM, TN>(blockIdx.y * BM, blockIdx.x * BN, m, n, k, lhs, rhs, dst);
   }
 }
@@ -170,7 +186,7 @@ __device__ __forceinline__ void grouped_gemm_f32(const float* x, const float* w,
   const int count = offsets[e + 1] - first;
   const GatheredRows lhs{x, members + first, k, slots, x_slots};
   // B(kk, j) = W[e][j][kk].
-  const StridedOperand rhs{w + static_cast<long long>(e) * n * k, w_sk, w_sn};
+  const StridedOperand rhs{w + static_cast<long long>(e) * n * k, w_sk, w_sn, KEEP_ALL};
   const int* rows = members + first;
   auto store = [&](int i, int j, float v) { out[static_cast<long long>(rows[i]) * n + j] = v; };
   f32_gemm_tile<BM, BN, BK, TM, TN>(tile * BM, blockIdx.x * BN, count, n, k, lhs, rhs, store);

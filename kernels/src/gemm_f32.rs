@@ -159,6 +159,8 @@ impl F32GemmParams {
                 ] {
                     params.push(KernelParam::new(name, ParamType::I64));
                 }
+                // Per matrix, the triangle it keeps: 0 all, 1 lower, 2 upper (`Keep`).
+                params.extend(["a_keep", "b_keep", "out_keep"].map(int));
                 params
             }
             F32GemmKind::Grouped => {
@@ -200,7 +202,8 @@ impl F32GemmParams {
                 format!("fathom::batched_gemm_f32<{tile}>(a, b, out, m, n, k, d0, d1, d2,"),
                 "    {a_s0, a_s1, a_s2}, a_row, a_col, {b_s0, b_s1, b_s2}, b_row, b_col,"
                     .to_owned(),
-                "    {out_s0, out_s1, out_s2}, out_row, out_col);".to_owned(),
+                "    {out_s0, out_s1, out_s2}, out_row, out_col, a_keep, b_keep, out_keep);"
+                    .to_owned(),
             ],
             F32GemmKind::Grouped => vec![
                 format!("fathom::grouped_gemm_f32<{tile}>("),
@@ -261,7 +264,7 @@ mod tests {
         assert_eq!(wgrad.weight_grad_grid(4, 130, 10), [1, 3, 4]);
         let source = p.instantiate().expect("valid");
         assert!(source.source.contains("long long a_s0"));
-        assert_eq!(source.params.len(), 3 + 6 + 15);
+        assert_eq!(source.params.len(), 3 + 6 + 15 + 3);
         let bad = F32GemmParams {
             thread_m: 3,
             ..F32GemmParams::new(F32GemmKind::Batched)

@@ -356,6 +356,23 @@ fn matmul_broadcasts_batches() -> TestResult {
     matmul(signed(36, &[3, 4]), signed(37, &[2, 4, 5])).map(drop)
 }
 
+/// Every triangular part and triangle, on batched non-square matrices (the gradients'
+/// triangles come from `Triangular::gradients`; a wrong one leaves or drops whole triangles).
+#[test]
+fn triangular_matmuls() -> TestResult {
+    use fathom_compiler::graph::{MatMulPart, Triangle, Triangular};
+    for part in [MatMulPart::Left, MatMulPart::Right, MatMulPart::Output] {
+        for triangle in [Triangle::Lower, Triangle::Upper] {
+            let t = Triangular::new(part, triangle);
+            let feeds = vec![("a", signed(50, &[2, 4, 5])), ("b", signed(51, &[2, 5, 3]))];
+            grad_check(&format!("matmul<{t}>"), feeds, |g, x| {
+                g.matmul_triangular(x[0], x[1], Some(t))
+            })?;
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn softmax() -> TestResult {
     grad_check("softmax", vec![("x", signed(38, &[2, 5]))], |g, t| {

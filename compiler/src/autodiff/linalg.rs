@@ -1,31 +1,41 @@
 //! Adjoints of the contractions: `MatMul`, `GroupedMatMul` and `GroupedMatMulWeightGrad`.
 
 use crate::error::GraphError;
-use crate::graph::{GraphBuilder, Tensor};
+use crate::graph::{GraphBuilder, Tensor, Triangular};
 
 use super::Adjoint;
 use super::reduce_to::sum_to;
 
 /// `[a (..., m, k), b (..., k, n)]`: `da = g·bᵀ`, `db = aᵀ·g`, each summed back to its
-/// operand's batch shape. A matrix `b` under a batched `a` (a linear layer) gets its gradient
-/// from one matmul of `a` and `g` flattened to `[batch·m, k]` and `[batch·m, n]`.
+/// operand's batch shape, with the triangles [`Triangular::gradients`] gives when the product
+/// is triangular. A matrix `b` under a batched `a` (a linear layer) gets its gradient from one
+/// matmul of `a` and `g` flattened to `[batch·m, k]` and `[batch·m, n]` (not a triangular
+/// product: flattening would mix its matrices' rows).
 pub(super) fn matmul(
     g: &mut GraphBuilder,
+    triangular: Option<Triangular>,
     a: &Adjoint<'_>,
 ) -> Result<Vec<Option<Tensor>>, GraphError> {
     let (lhs, rhs, cot) = (a.inputs[0], a.inputs[1], a.cot);
     let lhs_dims = g.dims(lhs).to_vec();
     let rhs_dims = g.dims(rhs).to_vec();
+    let (tri_l, tri_r) = match triangular {
+        Some(t) => {
+            let (da, db) = t.gradients();
+            (Some(da), Some(db))
+        }
+        None => (None, None),
+    };
     let dl = if a.wanted[0] {
         let rhs_t = g.transpose(rhs)?;
-        let dl = g.matmul(cot, rhs_t)?;
+        let dl = g.matmul_triangular(cot, rhs_t, tri_l)?;
         Some(sum_to(g, dl, &lhs_dims)?)
     } else {
         None
     };
     let dr = if !a.wanted[1] {
         None
-    } else if rhs_dims.len() == 2 && lhs_dims.len() > 2 {
+    } else if rhs_dims.len() == 2 && lhs_dims.len() > 2 && triangular.is_none() {
         let (k, n) = (rhs_dims[0], rhs_dims[1]);
         let rows = lhs_dims[..lhs_dims.len() - 1].iter().product();
         let flat_lhs = g.reshape(lhs, &[rows, k])?;
@@ -34,7 +44,7 @@ pub(super) fn matmul(
         Some(g.matmul(lhs_t, flat_cot)?)
     } else {
         let lhs_t = g.transpose(lhs)?;
-        let dr = g.matmul(lhs_t, cot)?;
+        let dr = g.matmul_triangular(lhs_t, cot, tri_r)?;
         Some(sum_to(g, dr, &rhs_dims)?)
     };
     Ok(vec![dl, dr])

@@ -275,7 +275,7 @@ fn rule(g: &mut GraphBuilder, a: &Adjoint<'_>) -> Result<Vec<Option<Tensor>>, Gr
         Op::Cast { .. } => elementwise::cast(g, a),
         Op::QuantizeDequantize { .. } => elementwise::straight_through(a),
         Op::Reduce { op, axis, keep_dim } => elementwise::reduce(g, *op, *axis, *keep_dim, a),
-        Op::MatMul { .. } => linalg::matmul(g, a),
+        Op::MatMul { triangular, .. } => linalg::matmul(g, *triangular, a),
         Op::GroupedMatMul { .. } => linalg::grouped_matmul(g, a),
         Op::GroupedMatMulWeightGrad { .. } => linalg::grouped_matmul_weight_grad(g, a),
         Op::Reshape { .. } => movement::reshape(g, a),

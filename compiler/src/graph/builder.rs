@@ -293,6 +293,22 @@ impl GraphBuilder {
     pub fn matmul(&mut self, a: Tensor, b: Tensor) -> Result<Tensor, GraphError> {
         let op = Op::MatMul {
             accumulation: Accumulation::Exact,
+            triangular: None,
+        };
+        self.push(op, &[a, b], None)
+    }
+
+    /// A matmul with one operand read, or the result kept, as a triangular matrix (see
+    /// [`crate::graph::Triangular`]); `None` is [`GraphBuilder::matmul`].
+    pub fn matmul_triangular(
+        &mut self,
+        a: Tensor,
+        b: Tensor,
+        triangular: Option<crate::graph::Triangular>,
+    ) -> Result<Tensor, GraphError> {
+        let op = Op::MatMul {
+            accumulation: Accumulation::Exact,
+            triangular,
         };
         self.push(op, &[a, b], None)
     }

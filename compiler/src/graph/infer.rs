@@ -85,7 +85,7 @@ pub fn infer_type(
             }
             Ok(TensorType::new(x.dtype, dims))
         }
-        Op::MatMul { accumulation } => {
+        Op::MatMul { accumulation, .. } => {
             accumulation.check()?;
             matmul(operands[0], operands[1])
         }

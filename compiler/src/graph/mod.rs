@@ -6,6 +6,7 @@ pub(crate) mod op;
 mod print;
 #[cfg(test)]
 mod tests;
+mod triangle;
 
 use std::fmt;
 
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use builder::{GraphBuilder, Tensor};
 pub use infer::infer_type;
 pub use op::{Accumulation, BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp};
+pub use triangle::{MatMulPart, Triangle, Triangular};
 
 /// The permutation that undoes `perm` (a `Permute` by it, then by this, is the identity).
 pub fn inverse_permutation(perm: &[usize]) -> Vec<usize> {

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
 
+use super::Triangular;
+
 /// Elementwise functions of one tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -198,10 +200,14 @@ pub enum Op {
         axis: usize,
         keep_dim: bool,
     },
-    /// `[a (..., m, k), b (..., k, n)]` -> `(..., m, n)`; leading (batch) axes broadcast.
+    /// `[a (..., m, k), b (..., k, n)]` -> `(..., m, n)`; leading (batch) axes broadcast. With
+    /// `triangular`, one operand is read, or the result kept, as a triangular matrix (see
+    /// [`Triangular`]).
     MatMul {
         #[serde(default)]
         accumulation: Accumulation,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        triangular: Option<Triangular>,
     },
     /// `[x]`: same elements, new shape (row-major order is kept).
     Reshape { shape: Vec<usize> },
@@ -410,12 +416,19 @@ impl fmt::Display for Op {
             Op::TopK { k } => write!(f, "<k={k}>"),
             Op::IndexAdd { rows } => write!(f, "<rows={rows}>"),
             Op::OneHot { depth, dtype } => write!(f, "<depth={depth}, {dtype}>"),
-            Op::MatMul { accumulation } | Op::GroupedMatMul { accumulation } => {
-                match accumulation.is_exact() {
-                    true => Ok(()),
-                    false => write!(f, "<acc={accumulation}>"),
-                }
-            }
+            Op::MatMul {
+                accumulation,
+                triangular,
+            } => match (triangular, accumulation.is_exact()) {
+                (None, true) => Ok(()),
+                (None, false) => write!(f, "<acc={accumulation}>"),
+                (Some(t), true) => write!(f, "<{t}>"),
+                (Some(t), false) => write!(f, "<{t}, acc={accumulation}>"),
+            },
+            Op::GroupedMatMul { accumulation } => match accumulation.is_exact() {
+                true => Ok(()),
+                false => write!(f, "<acc={accumulation}>"),
+            },
             Op::GroupedMatMulWeightGrad {
                 experts,
                 accumulation,

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dtype::{DType, TensorType};
 use crate::graph::{
-    Accumulation, BinaryOp, CompareOp, ConstantData, NodeId, QuantFormat, ReduceOp, UnaryOp,
+    Accumulation, BinaryOp, CompareOp, ConstantData, NodeId, QuantFormat, ReduceOp, Triangular,
+    UnaryOp,
 };
 
 /// Index of a buffer in its program.
@@ -125,6 +126,12 @@ pub enum Library {
         /// under the bf16 policy): a backend may multiply in it, the products being the same.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exact_in: Option<DType>,
+        /// The operand read, or the result kept, as a triangle of each `m×k`, `k×n` or `m×n`
+        /// matrix (`graph::Triangular`): elements outside it count as zeros, and a backend may
+        /// skip the blocks of the product that are all zeros. Output elements outside an
+        /// output triangle are written as zeros.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        triangular: Option<Triangular>,
     },
     /// The op of the same name in the graph, on dense buffers (see `graph::Op`) but for the
     /// weights: a view of the `[experts, n, k]` operand in a buffer holding `experts` blocks of

@@ -124,11 +124,18 @@ impl Display for Library {
                 out,
                 accumulation,
                 exact_in,
-            } => write!(
-                f,
-                "matmul batch {batch:?} m {m} n {n} k {k}: {out} = {a} x {b}{}",
-                Arithmetic(*accumulation, *exact_in)
-            ),
+                triangular,
+            } => {
+                write!(
+                    f,
+                    "matmul batch {batch:?} m {m} n {n} k {k}: {out} = {a} x {b}{}",
+                    Arithmetic(*accumulation, *exact_in)
+                )?;
+                match triangular {
+                    Some(t) => write!(f, ", {t}"),
+                    None => Ok(()),
+                }
+            }
             Library::GroupedMatMul {
                 x,
                 weights,

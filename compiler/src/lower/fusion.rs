@@ -4,7 +4,7 @@
 mod cross_entropy;
 mod short_reduce;
 
-use crate::graph::{Accumulation, Graph, NodeId, Op, inverse_permutation};
+use crate::graph::{Accumulation, Graph, NodeId, Op, Triangular, inverse_permutation};
 use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt, View};
 
 use super::exact::exact_operands;
@@ -785,7 +785,12 @@ impl<'g> Lowering<'g> {
 
     /// A matmul: its result written through a strided view, which may be its place in an
     /// assembled buffer unless an operand is read from that buffer (see `decide_places`).
-    fn emit_matmul(&mut self, id: NodeId, accumulation: Accumulation) -> Result<(), LowerError> {
+    fn emit_matmul(
+        &mut self,
+        id: NodeId,
+        accumulation: Accumulation,
+        triangular: Option<Triangular>,
+    ) -> Result<(), LowerError> {
         let own = self.place[id.index()]
             .is_none()
             .then(|| self.library_output(id).1);
@@ -815,7 +820,7 @@ impl<'g> Lowering<'g> {
         // transposed product laid out row by row, outᵀ = bᵀ·aᵀ: every backend's GEMM then
         // writes contiguous rows.
         let column_major = out_view.strides[rank - 1] != 1 && out_view.strides[rank - 2] == 1;
-        let (m, n, a, b, out) = if column_major {
+        let (m, n, a, b, out, triangular) = if column_major {
             let swap: Vec<usize> = (0..rank - 2).chain([rank - 1, rank - 2]).collect();
             (
                 n,
@@ -823,9 +828,10 @@ impl<'g> Lowering<'g> {
                 b.permute(&swap),
                 a.permute(&swap),
                 out_view.permute(&swap),
+                triangular.map(Triangular::transposed),
             )
         } else {
-            (m, n, a, b, out_view.clone())
+            (m, n, a, b, out_view.clone(), triangular)
         };
         let identity = Affine::identity(rank);
         let call = Library::MatMul {
@@ -838,6 +844,7 @@ impl<'g> Lowering<'g> {
             out: out.compose(&identity),
             accumulation,
             exact_in: exact_operands(self.graph, node.inputs[0], node.inputs[1]),
+            triangular,
         };
         self.push_node_kernel(id, what(&node.op), vec![id], KernelBody::Library(call));
         self.views[id.index()] = Some(out_view);
@@ -846,8 +853,12 @@ impl<'g> Lowering<'g> {
 
     fn emit_library(&mut self, id: NodeId) -> Result<(), LowerError> {
         let node = self.graph.node(id);
-        if let Op::MatMul { accumulation } = node.op {
-            return self.emit_matmul(id, accumulation);
+        if let Op::MatMul {
+            accumulation,
+            triangular,
+        } = node.op
+        {
+            return self.emit_matmul(id, accumulation, triangular);
         }
         let (out, out_view) = self.library_output(id);
         let inputs = node.inputs.clone();

@@ -3,7 +3,7 @@
 
 use crate::dtype::{DType, TensorType};
 use crate::error::GraphError;
-use crate::graph::{GraphBuilder, Tensor};
+use crate::graph::{GraphBuilder, MatMulPart, Tensor, Triangle, Triangular};
 use crate::module::{Module, Param, Scope};
 use crate::spec::{MlaSpec, ModelSpec};
 
@@ -188,15 +188,20 @@ impl Mla {
             let value = g.slice(kv, 3, nope, nope + a.v_head_dim)?;
             let key = g.concat(&[k_nope, k_rope], 3)?;
 
+            // The mask keeps the lower triangle: the scores above it are never read, so they
+            // are not computed (zeros), and the probabilities there are exactly zero, so the
+            // weighted sum reads them as a lower triangle: each skips half its work, and so do
+            // their gradients.
+            let causal = |part| Some(Triangular::new(part, Triangle::Lower));
             let key_t = g.transpose(key)?;
-            let scores = g.matmul(query, key_t)?;
+            let scores = g.matmul_triangular(query, key_t, causal(MatMulPart::Output))?;
             let scores = g.scale(scores, self.scale)?;
             // Masked scores become the lowest f32, as HF's additive mask makes them, so they
             // get exactly zero weight.
             let lowest = g.scalar(f32::MIN as f64, DType::F32)?;
             let scores = g.select(ctx.causal_mask, scores, lowest)?;
             let probs = g.softmax(scores)?;
-            let out = g.matmul(probs, value)?;
+            let out = g.matmul_triangular(probs, value, causal(MatMulPart::Left))?;
             let out = g.permute(out, &[0, 2, 1, 3])?;
             g.reshape(out, &[batch, seq, heads * a.v_head_dim])
         })?;

@@ -153,7 +153,7 @@ fn as_saved(
 
 /// Sets how a GEMM op sums its products.
 fn set_accumulation(op: &mut Op, to: Accumulation) {
-    if let Op::MatMul { accumulation }
+    if let Op::MatMul { accumulation, .. }
     | Op::GroupedMatMul { accumulation }
     | Op::GroupedMatMulWeightGrad { accumulation, .. } = op
     {

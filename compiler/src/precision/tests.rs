@@ -170,7 +170,7 @@ fn kept_modules_and_overrides() {
         let fp8 = matches!(first.op, Op::QuantizeDequantize { .. });
         assert_eq!(fp8, gemm.path == "model.layers.1.x", "{gemm:?}");
         // Only the FP8 GEMMs take the limited accumulator; BF16 ones sum in f32.
-        let (Op::MatMul { accumulation } | Op::GroupedMatMul { accumulation }) =
+        let (Op::MatMul { accumulation, .. } | Op::GroupedMatMul { accumulation }) =
             out.node(gemm.node).op
         else {
             panic!("{gemm:?}");
@@ -228,6 +228,7 @@ fn accumulation_is_read_by_name_or_as_a_table_and_checked() {
             mantissa_bits: 0,
             promotion_interval: None,
         },
+        triangular: None,
     };
     let err = g.push(op, &[a, b], None).unwrap_err();
     assert!(

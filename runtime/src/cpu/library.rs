@@ -2,8 +2,8 @@
 //! rayon), grouped expert GEMMs as one GEMM per expert over its gathered rows, the lookups, and
 //! FP8 fake quantization through `crate::fp8`.
 
-use fathom_compiler::graph::Accumulation;
 use fathom_compiler::graph::QuantFormat;
+use fathom_compiler::graph::{Accumulation, MatMulPart, Triangular};
 use fathom_compiler::kernel::{BufferId, Library, Program, View};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -48,6 +48,7 @@ pub(super) fn run(
             // half the FLOP rate of f32 FMAs, so a bf16 GEMM built on it ran at 0.47–0.54× the
             // f32 one at every model shape (README, "Performance").
             exact_in: _,
+            triangular,
         } => {
             // Taken out and put back as it is: the GEMM writes only the elements of `out`'s
             // view, which may be one region of a concatenation whose other regions other
@@ -60,7 +61,7 @@ pub(super) fn run(
                 (*m, *n, *k),
                 operands,
                 out,
-                *accumulation,
+                (*accumulation, *triangular),
                 &mut result,
             );
             buffers[out.buffer.index()] = Storage::Owned(result);
@@ -264,15 +265,19 @@ fn batched_matmul(
     (m, n, k): (usize, usize, usize),
     [(a, lhs), (b, rhs)]: [(&View, &[f32]); 2],
     out: &View,
-    accumulation: Accumulation,
+    (accumulation, triangular): (Accumulation, Option<Triangular>),
     result: &mut [f32],
 ) {
     // Batch axes over which only `rhs` is shared (a Linear's weight, broadcast over the batch
     // and sequence axes) and whose `a` and `out` matrices follow each other row after row are
     // one GEMM with more rows: for the gemm crate, one 1024-row product runs 1.05–1.4× faster
-    // than four 256-row ones (measured side by side at the small model's shapes).
+    // than four 256-row ones (measured side by side at the small model's shapes). Not so for a
+    // triangular product, whose triangles are per matrix.
     let rows_axis = batch.len();
-    let (kept, m) = fold_into_rows(batch, m, [a, b, out], rows_axis);
+    let (kept, m) = match triangular {
+        None => fold_into_rows(batch, m, [a, b, out], rows_axis),
+        Some(_) => (batch.len(), m),
+    };
     let batch = &batch[..kept];
     let rank = batch.len();
     let batches: usize = batch.iter().product();
@@ -298,6 +303,18 @@ fn batched_matmul(
         }
     }
     let out_ptr = SharedOutput(result.as_mut_ptr());
+    if let Some(triangular) = triangular {
+        // A matrix's (column, row) strides.
+        let strides = |view: &View| (view.strides[rows_axis + 1], view.strides[rows_axis]);
+        triangular_matmul(
+            &offsets,
+            (m, n, k),
+            [(strides(a), lhs), (strides(b), rhs)],
+            (strides(out), out_ptr),
+            (accumulation, triangular),
+        );
+        return;
+    }
     // Columns `first..first + width` of one batch index's product.
     let one = |&(ao, bo, oo): &(isize, isize, isize),
                (first, width): (usize, usize),
@@ -350,6 +367,55 @@ fn batched_matmul(
             one(offsets, (0, n), Parallelism::Rayon(0));
         }
     }
+}
+
+/// A batched triangular product (see `super::triangular`): every row block of every batch
+/// index is one single-threaded GEMM, spread over the threads. A right triangle is computed as
+/// the left one of the transposed product, `outᵀ = T(b)ᵀ·aᵀ`.
+fn triangular_matmul(
+    offsets: &[(isize, isize, isize)],
+    (m, n, k): (usize, usize, usize),
+    [(a_strides, lhs), (b_strides, rhs)]: [((isize, isize), &[f32]); 2],
+    (out_strides, out_ptr): ((isize, isize), SharedOutput),
+    (accumulation, triangular): (Accumulation, Triangular),
+) {
+    // Cᵀ = Bᵀ·Aᵀ: for a right triangle the operands trade places, each read transposed.
+    let transposed = triangular.part == MatMulPart::Right;
+    let (t, m, n) = match transposed {
+        true => (triangular.transposed(), n, m),
+        false => (triangular, m, n),
+    };
+    let orient = |(ptr, col, row)| match transposed {
+        true => (ptr, row, col),
+        false => (ptr, col, row),
+    };
+    let blocks = super::triangular::blocks(m, t.part);
+    (0..offsets.len() * blocks).into_par_iter().for_each(|job| {
+        let (ao, bo, oo) = offsets[job / blocks];
+        // SAFETY: as in `batched_matmul`: offsets and strides from views the lowering checked,
+        // the output neither operand's; different jobs write different row blocks or batch
+        // indices of it.
+        unsafe {
+            let a = orient((lhs.as_ptr().offset(ao), a_strides.0, a_strides.1));
+            let b = orient((rhs.as_ptr().offset(bo), b_strides.0, b_strides.1));
+            let (left, right) = if transposed { (b, a) } else { (a, b) };
+            let out = (out_ptr.at(oo), out_strides.0, out_strides.1);
+            let out = if transposed {
+                (out.0, out.2, out.1)
+            } else {
+                out
+            };
+            super::triangular::row_block(
+                job % blocks,
+                (m, n, k),
+                out,
+                left,
+                right,
+                (t.part, t.triangle),
+                accumulation,
+            );
+        }
+    });
 }
 
 /// How many leading batch axes remain after folding trailing ones into the rows, and the rows
@@ -514,7 +580,7 @@ mod tests {
                     (m, n, k),
                     [(&a, &lhs), (&b, &rhs)],
                     &out,
-                    Accumulation::default(),
+                    (Accumulation::default(), None),
                     &mut result,
                 )
             });
@@ -531,5 +597,72 @@ mod tests {
             }
         }
         assert_eq!(run(1), result);
+    }
+
+    /// Triangular products, every part and triangle, against the definition (the operand's
+    /// elements outside the triangle taken as zeros, the result's written as zeros): two batch
+    /// indices, shapes that are not square and not whole blocks, a transposed lhs, an output
+    /// prefilled with NaN; one thread gives what two give.
+    #[test]
+    fn triangular_products_match_the_definition() {
+        use fathom_compiler::graph::{MatMulPart, Triangle, Triangular};
+        let batches = 2;
+        for (m, n, k) in [(70, 45, 150), (150, 130, 70), (33, 200, 33)] {
+            let lhs: Vec<f32> = (0..batches * m * k)
+                .map(|i| ((i * 7) % 13) as f32 - 6.0)
+                .collect();
+            let rhs: Vec<f32> = (0..batches * k * n)
+                .map(|i| ((i * 5) % 11) as f32 * 0.5 - 2.0)
+                .collect();
+            // lhs stored [batch, k, m] (read transposed), rhs [batch, k, n], out [batch, m, n].
+            let a = view(&[(m * k) as isize, 1, m as isize]);
+            let b = view(&[(k * n) as isize, n as isize, 1]);
+            let out = view(&[(m * n) as isize, n as isize, 1]);
+            for part in [MatMulPart::Left, MatMulPart::Right, MatMulPart::Output] {
+                for triangle in [Triangle::Lower, Triangle::Upper] {
+                    let t = Triangular::new(part, triangle);
+                    let run = |threads: usize| {
+                        let mut result = vec![f32::NAN; batches * m * n];
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        pool.install(|| {
+                            batched_matmul(
+                                &[batches],
+                                (m, n, k),
+                                [(&a, &lhs), (&b, &rhs)],
+                                &out,
+                                (Accumulation::default(), Some(t)),
+                                &mut result,
+                            )
+                        });
+                        result
+                    };
+                    let result = run(2);
+                    let keeps =
+                        |p: MatMulPart, r: usize, c: usize| part != p || triangle.keeps(r, c);
+                    for (e, i, j) in (0..batches)
+                        .flat_map(|e| (0..m).flat_map(move |i| (0..n).map(move |j| (e, i, j))))
+                    {
+                        let want: f64 = match keeps(MatMulPart::Output, i, j) {
+                            false => 0.0,
+                            true => (0..k)
+                                .filter(|&p| keeps(MatMulPart::Left, i, p))
+                                .filter(|&p| keeps(MatMulPart::Right, p, j))
+                                .map(|p| {
+                                    f64::from(lhs[e * m * k + p * m + i])
+                                        * f64::from(rhs[e * k * n + p * n + j])
+                                })
+                                .sum(),
+                        };
+                        // Small integers and halves: every partial sum is exact in f32.
+                        let got = result[e * m * n + i * n + j];
+                        assert_eq!(f64::from(got), want, "{m}x{n}x{k} {t}: [{e}, {i}, {j}]");
+                    }
+                    assert_eq!(run(1), result, "{t}");
+                }
+            }
+        }
     }
 }

@@ -18,6 +18,7 @@ mod product;
 mod profile;
 #[cfg(test)]
 mod tests;
+mod triangular;
 
 use fathom_compiler::kernel::{BufferRole, KernelBody, Program};
 use fathom_compiler::{DType, TensorType};

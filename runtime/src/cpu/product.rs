@@ -29,29 +29,61 @@ pub(super) unsafe fn multiply(
             let parallel = !matches!(parallelism, Parallelism::None);
             limited.gemm((m, n, k), dst, lhs, rhs, parallel)
         },
-        // SAFETY: the caller's promise, passed on (alpha 0 with read_dst false: overwrite).
-        None => unsafe {
-            gemm(
-                m,
-                n,
-                k,
-                dst.0,
-                dst.1,
-                dst.2,
-                false,
-                lhs.0,
-                lhs.1,
-                lhs.2,
-                rhs.0,
-                rhs.1,
-                rhs.2,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        },
+        // SAFETY: the caller's promise, passed on.
+        None => unsafe { exact((m, n, k), dst, lhs, rhs, false, parallelism) },
+    }
+}
+
+/// `dst (m×n) += lhs (m×k) · rhs (k×n)` with exact accumulation.
+///
+/// # Safety
+/// As [`multiply`].
+pub(super) unsafe fn multiply_add(
+    shape: (usize, usize, usize),
+    dst: Operand<*mut f32>,
+    lhs: Operand<*const f32>,
+    rhs: Operand<*const f32>,
+    parallelism: Parallelism,
+) {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { exact(shape, dst, lhs, rhs, true, parallelism) }
+}
+
+/// The gemm crate's product, added to `dst` or overwriting it (alpha 0 with read_dst false).
+///
+/// # Safety
+/// As [`multiply`].
+unsafe fn exact(
+    (m, n, k): (usize, usize, usize),
+    dst: Operand<*mut f32>,
+    lhs: Operand<*const f32>,
+    rhs: Operand<*const f32>,
+    add: bool,
+    parallelism: Parallelism,
+) {
+    let alpha = if add { 1.0 } else { 0.0 };
+    // SAFETY: the caller's promise, passed on.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.1,
+            dst.2,
+            add,
+            lhs.0,
+            lhs.1,
+            lhs.2,
+            rhs.0,
+            rhs.1,
+            rhs.2,
+            alpha,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
     }
 }

@@ -16,7 +16,7 @@
 //! (they run one after another on one stream). Kernels that read indices report an invalid one in
 //! the status words, tagged with the call's position in the program plus one.
 
-use fathom_compiler::graph::QuantFormat;
+use fathom_compiler::graph::{MatMulPart, QuantFormat, Triangle, Triangular};
 use fathom_compiler::kernel::{BufferId, KernelBody, Library, Program, View};
 use fathom_kernels::gemm_f32::MAX_BATCH_AXES;
 use fathom_kernels::{
@@ -325,8 +325,9 @@ impl Planner<'_> {
                 a,
                 b,
                 out,
+                triangular,
                 ..
-            } => self.matmul(batch, (*m, *n, *k), [a, b, out]),
+            } => self.matmul(batch, (*m, *n, *k), [a, b, out], *triangular),
             Library::GroupedMatMul {
                 x,
                 weights,
@@ -543,6 +544,7 @@ impl Planner<'_> {
         batch: &[usize],
         (m, n, k): (usize, usize, usize),
         views: [&View; 3],
+        triangular: Option<Triangular>,
     ) -> Planned {
         let batches: usize = batch.iter().product();
         if batches * m * n == 0 {
@@ -575,6 +577,18 @@ impl Planner<'_> {
             args.push(StepArg::I64(view.strides[rank] as i64));
             args.push(StepArg::I64(view.strides[rank + 1] as i64));
         }
+        // Each matrix's triangle as the template's `Keep`: 0 all, 1 lower, 2 upper.
+        let keep = |part: MatMulPart| match triangular {
+            Some(t) if t.part == part => match t.triangle {
+                Triangle::Lower => 1,
+                Triangle::Upper => 2,
+            },
+            _ => 0,
+        };
+        args.extend(
+            [MatMulPart::Left, MatMulPart::Right, MatMulPart::Output]
+                .map(|p| StepArg::I32(keep(p))),
+        );
         let grid = gemm.batched_grid(
             self.u32(m, "m")?,
             self.u32(n, "n")?,

@@ -201,6 +201,7 @@ fn one_matmul_program(a_strides: [isize; 4], accumulation: Accumulation) -> Prog
         out: view(2, [8, 4, 2, 1]),
         accumulation,
         exact_in: None,
+        triangular: None,
     };
     Program {
         name: "four_batch_axes".to_owned(),

@@ -108,7 +108,10 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
         Op::Cast { to } => elementwise::cast(at, *to, x[0]),
         Op::StopGradient => Ok(movement::reshape(at, x[0])),
         Op::Reduce { op, axis, .. } => linalg::reduce(at, *op, *axis, x[0]),
-        Op::MatMul { accumulation } => linalg::matmul(at, *accumulation, x[0], x[1]),
+        Op::MatMul {
+            accumulation,
+            triangular,
+        } => linalg::matmul(at, (*accumulation, *triangular), x[0], x[1]),
         Op::Reshape { .. } => Ok(movement::reshape(at, x[0])),
         Op::Permute { perm } => movement::permute(at, perm, x[0]),
         Op::Expand { .. } => movement::expand(at, x[0]),

@@ -3,8 +3,10 @@
 //! the dtype; a GEMM with a limited accumulation (`Accumulation::Limited`) sums its products
 //! as [`LimitedSum::dot`] defines instead.
 
+use std::borrow::Cow;
+
 use fathom_compiler::DType;
-use fathom_compiler::graph::{Accumulation, ReduceOp};
+use fathom_compiler::graph::{Accumulation, MatMulPart, ReduceOp, Triangle, Triangular};
 
 use super::error::InterpError;
 use super::eval::At;
@@ -89,13 +91,20 @@ fn dot(a: &[f32], b: impl Iterator<Item = f32>) -> f64 {
 }
 
 /// `(..., m, k) @ (..., k, n) -> (..., m, n)`; the batch axes broadcast. Each result element is
-/// an f64 dot product rounded once.
+/// an f64 dot product rounded once. A triangular operand is read with zeros outside its
+/// triangle; a triangular result has them written there.
 pub(super) fn matmul(
     at: At<'_>,
-    accumulation: Accumulation,
+    (accumulation, triangular): (Accumulation, Option<Triangular>),
     a: &HostTensor,
     b: &HostTensor,
 ) -> Result<HostTensor, InterpError> {
+    let triangle_of = |part| triangular.filter(|t| t.part == part).map(|t| t.triangle);
+    let (left, right, output) = (
+        triangle_of(MatMulPart::Left),
+        triangle_of(MatMulPart::Right),
+        triangle_of(MatMulPart::Output),
+    );
     let (av, bv) = (at.floats(a)?, at.floats(b)?);
     let (a_dims, b_dims, out) = (a.dims(), b.dims(), at.out_dims());
     let (ra, rb, ro) = (a_dims.len(), b_dims.len(), out.len());
@@ -107,8 +116,9 @@ pub(super) fn matmul(
     let dtype = at.out_dtype();
     let mut values = Vec::with_capacity(at.node.ty.numel());
     for (ab, bb) in a_batches.zip(b_batches) {
-        let a_mat = &av[ab * m * k..][..m * k];
-        let b_mat = &bv[bb * k * n..][..k * n];
+        let a_mat = &*triangle_part(&av[ab * m * k..][..m * k], k, left);
+        let b_mat = &*triangle_part(&bv[bb * k * n..][..k * n], n, right);
+        let start = values.len();
         if let Some(limited) = LimitedSum::new(accumulation, k) {
             for i in 0..m {
                 let row = &a_mat[i * k..][..k];
@@ -120,23 +130,60 @@ pub(super) fn matmul(
                     )
                 }));
             }
-            continue;
+        } else {
+            multiply_exact(a_mat, b_mat, (m, n, k), dtype, &mut values);
         }
-        // Row by row, accumulating `a[i, p] * b[p, :]` in f64 for p = 0, 1, …: every output
-        // element sums its products in index order, like `dot`, but b is read contiguously.
-        let mut accumulator = vec![0f64; n];
-        for i in 0..m {
-            accumulator.fill(0.0);
-            for (p, &a_ip) in a_mat[i * k..][..k].iter().enumerate() {
-                let a_ip = f64::from(a_ip);
-                for (acc, &b_pj) in accumulator.iter_mut().zip(&b_mat[p * n..][..n]) {
-                    *acc += a_ip * f64::from(b_pj);
-                }
-            }
-            values.extend(accumulator.iter().map(|&x| round_f64(dtype, x)));
+        if let Some(triangle) = output {
+            zero_outside(&mut values[start..], n, triangle);
         }
     }
     Ok(at.tensor(Data::Float(values)))
+}
+
+/// `a (m×k) · b (k×n)` appended to `values`.
+fn multiply_exact(
+    a_mat: &[f32],
+    b_mat: &[f32],
+    (m, n, k): (usize, usize, usize),
+    dtype: DType,
+    values: &mut Vec<f32>,
+) {
+    // Row by row, accumulating `a[i, p] * b[p, :]` in f64 for p = 0, 1, …: every output
+    // element sums its products in index order, like `dot`, but b is read contiguously.
+    let mut accumulator = vec![0f64; n];
+    for i in 0..m {
+        accumulator.fill(0.0);
+        for (p, &a_ip) in a_mat[i * k..][..k].iter().enumerate() {
+            let a_ip = f64::from(a_ip);
+            for (acc, &b_pj) in accumulator.iter_mut().zip(&b_mat[p * n..][..n]) {
+                *acc += a_ip * f64::from(b_pj);
+            }
+        }
+        values.extend(accumulator.iter().map(|&x| round_f64(dtype, x)));
+    }
+}
+
+/// A row-major matrix of `columns` columns with zeros outside `triangle` (borrowed as it is
+/// without one).
+fn triangle_part(matrix: &[f32], columns: usize, triangle: Option<Triangle>) -> Cow<'_, [f32]> {
+    match triangle {
+        None => Cow::Borrowed(matrix),
+        Some(triangle) => {
+            let mut copy = matrix.to_vec();
+            zero_outside(&mut copy, columns, triangle);
+            Cow::Owned(copy)
+        }
+    }
+}
+
+fn zero_outside(matrix: &mut [f32], columns: usize, triangle: Triangle) {
+    for (i, row) in matrix.chunks_mut(columns).enumerate() {
+        for (j, x) in row.iter_mut().enumerate() {
+            if !triangle.keeps(i, j) {
+                *x = 0.0;
+            }
+        }
+    }
 }
 
 /// `out[t, s, :] = weights[expert_ids[t, s]] @ x[t, s or 0, :]`, with `weights` `[experts, n, k]`
