@@ -71,10 +71,7 @@ pub fn square_sums(grads: &Grads) -> std::collections::BTreeMap<String, Vec<f64>
         .iter()
         .flat_map(|(n, g)| g.chunks(NORM_CHUNK).map(move |c| (n.as_str(), c)))
         .collect();
-    let sums: Vec<f64> = chunks
-        .par_iter()
-        .map(|(_, c)| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
-        .collect();
+    let sums: Vec<f64> = chunks.par_iter().map(|(_, c)| square_sum(c)).collect();
     let mut by_name: std::collections::BTreeMap<String, Vec<f64>> =
         grads.keys().map(|n| (n.clone(), Vec::new())).collect();
     for ((name, _), sum) in chunks.iter().zip(sums) {
@@ -84,6 +81,24 @@ pub fn square_sums(grads: &Grads) -> std::collections::BTreeMap<String, Vec<f64>
             .push(sum);
     }
     by_name
+}
+
+/// The sum of the squares of `chunk` in f64, in a fixed order: element `j < 8⌊n/8⌋` into lane
+/// `j mod 8`, the lanes added in order, then the rest one after another. One chain of dependent
+/// additions ran at an element per addition latency; eight independent lanes let the loop
+/// vectorise: 46 → 32 ms for the medium model's 108 M gradients on two threads (measured alone;
+/// reading 432 MB is most of what is left).
+fn square_sum(chunk: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let split = chunk.len() / LANES * LANES;
+    let mut lanes = [0f64; LANES];
+    for values in chunk[..split].chunks_exact(LANES) {
+        for (lane, &x) in lanes.iter_mut().zip(values) {
+            *lane += f64::from(x) * f64::from(x);
+        }
+    }
+    let rest = chunk[split..].iter().map(|&x| f64::from(x) * f64::from(x));
+    lanes.into_iter().chain(rest).sum()
 }
 
 /// The norm from [`square_sums`] taken in name and chunk order.
@@ -210,5 +225,23 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.to_string(), "gradient for `b` has 2 values, expected 1");
         assert_eq!(acc["a"], [2.0, 0.0]);
+    }
+
+    /// The lanes' order is fixed and close to the plain sum: within a few f64 roundings of it
+    /// for lengths around the lane count, a whole chunk, and an empty chunk.
+    #[test]
+    fn square_sums_in_lanes_match_the_plain_sum() {
+        for len in [0, 1, 7, 8, 9, 63, NORM_CHUNK] {
+            let chunk: Vec<f32> = (0..len)
+                .map(|i| ((i * 37) % 101) as f32 * 0.01 - 0.5)
+                .collect();
+            let plain: f64 = chunk.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            let lanes = square_sum(&chunk);
+            assert!(
+                (lanes - plain).abs() <= 1e-12 * plain.max(1.0),
+                "{len}: {lanes} vs {plain}"
+            );
+            assert_eq!(lanes.to_bits(), square_sum(&chunk).to_bits());
+        }
     }
 }
