@@ -241,11 +241,12 @@ fn fp8_training_learns_the_synthetic_task() {
 
 /// GEMMs with Hopper's limited accumulation, compiled, equal the interpreter's bit for bit: both
 /// sum each element's products as `LimitedSum::dot` defines (the compiled one blocked and
-/// vectorised): a batched matmul with a transposed operand, the grouped expert GEMM and its
+/// vectorised): a batched matmul with a transposed operand (plain and as every kind of
+/// triangular product), the grouped expert GEMM and its
 /// weight gradient (K = each expert's token-slots), at K not a multiple of the interval.
 #[test]
 fn limited_accumulation_gemms_compile_bit_for_bit() {
-    use fathom_compiler::graph::{Accumulation, Op};
+    use fathom_compiler::graph::{Accumulation, MatMulPart, Op, Triangle, Triangular};
     use fathom_compiler::{DType, GraphBuilder, TensorType};
     let (tokens, slots, experts, k, n) = (37, 2, 3, 150, 9);
     let mut g = GraphBuilder::new("limited");
@@ -276,6 +277,19 @@ fn limited_accumulation_gemms_compile_bit_for_bit() {
         };
         let y = g.push(op, &[a, bt], None).unwrap();
         g.output(&format!("{name}.matmul"), y).unwrap();
+        // Triangular products with a limited accumulator (a left triangle multiplies its rows
+        // over all of K from a masked copy, so the promotion chunks stay where they are).
+        for part in [MatMulPart::Left, MatMulPart::Right, MatMulPart::Output] {
+            for triangle in [Triangle::Lower, Triangle::Upper] {
+                let t = Triangular::new(part, triangle);
+                let op = Op::MatMul {
+                    accumulation,
+                    triangular: Some(t),
+                };
+                let y = g.push(op, &[a, bt], None).unwrap();
+                g.output(&format!("{name}.matmul<{t}>"), y).unwrap();
+            }
+        }
         let op = Op::GroupedMatMul { accumulation };
         let y = g.push(op, &[x, w, ids], None).unwrap();
         g.output(&format!("{name}.grouped"), y).unwrap();
