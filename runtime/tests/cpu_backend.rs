@@ -242,8 +242,8 @@ fn fp8_training_learns_the_synthetic_task() {
 /// GEMMs with Hopper's limited accumulation, compiled, equal the interpreter's bit for bit: both
 /// sum each element's products as `LimitedSum::dot` defines (the compiled one blocked and
 /// vectorised): a batched matmul with a transposed operand (plain and as every kind of
-/// triangular product), the grouped expert GEMM and its
-/// weight gradient (K = each expert's token-slots), at K not a multiple of the interval.
+/// triangular product), the grouped expert GEMM and its weight gradient (K = each expert's
+/// token-slots), at K not a multiple of the interval.
 #[test]
 fn limited_accumulation_gemms_compile_bit_for_bit() {
     use fathom_compiler::graph::{Accumulation, MatMulPart, Op, Triangle, Triangular};
