@@ -291,11 +291,7 @@ impl GraphBuilder {
     }
 
     pub fn matmul(&mut self, a: Tensor, b: Tensor) -> Result<Tensor, GraphError> {
-        let op = Op::MatMul {
-            accumulation: Accumulation::Exact,
-            triangular: None,
-        };
-        self.push(op, &[a, b], None)
+        self.matmul_triangular(a, b, None)
     }
 
     /// A matmul with one operand read, or the result kept, as a triangular matrix (see

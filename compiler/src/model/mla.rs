@@ -189,9 +189,9 @@ impl Mla {
             let key = g.concat(&[k_nope, k_rope], 3)?;
 
             // The mask keeps the lower triangle: the scores above it are never read, so they
-            // are not computed (zeros), and the probabilities there are exactly zero, so the
-            // weighted sum reads them as a lower triangle: each skips half its work, and so do
-            // their gradients.
+            // need not be computed (they are zeros), and the probabilities there are exactly
+            // zero, so the weighted sum reads them as a lower triangle. A backend may skip up
+            // to half of either product, and of their gradients.
             let causal = |part| Some(Triangular::new(part, Triangle::Lower));
             let key_t = g.transpose(key)?;
             let scores = g.matmul_triangular(query, key_t, causal(MatMulPart::Output))?;
