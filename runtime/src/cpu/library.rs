@@ -508,7 +508,7 @@ fn emptied(buffer: &mut Vec<f32>) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::{SPLIT_COLUMNS, SPLIT_COLUMNS_BELOW_ROWS, batched_matmul, fold_into_rows};
-    use fathom_compiler::graph::Accumulation;
+    use fathom_compiler::graph::{Accumulation, MatMulPart, Triangle, Triangular};
     use fathom_compiler::kernel::{BufferId, View};
 
     fn view(strides: &[isize]) -> View {
@@ -517,6 +517,25 @@ mod tests {
             offset: 0,
             strides: strides.to_vec(),
         }
+    }
+
+    /// `batched_matmul` on a pool of `threads` threads, into `len` values prefilled with NaN
+    /// (stale storage: every element must be written).
+    fn product_on(
+        threads: usize,
+        (batch, shape): (&[usize], (usize, usize, usize)),
+        operands: [(&View, &[f32]); 2],
+        out: &View,
+        arithmetic: (Accumulation, Option<Triangular>),
+        len: usize,
+    ) -> Vec<f32> {
+        let mut result = vec![f32::NAN; len];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| batched_matmul(batch, shape, operands, out, arithmetic, &mut result));
+        result
     }
 
     #[test]
@@ -569,22 +588,9 @@ mod tests {
             view(&[1, m as isize]),
         );
         let run = |threads: usize| {
-            let mut result = vec![f32::NAN; m * n];
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                batched_matmul(
-                    &[],
-                    (m, n, k),
-                    [(&a, &lhs), (&b, &rhs)],
-                    &out,
-                    (Accumulation::default(), None),
-                    &mut result,
-                )
-            });
-            result
+            let operands = [(&a, &lhs[..]), (&b, &rhs[..])];
+            let exact = (Accumulation::default(), None);
+            product_on(threads, (&[], (m, n, k)), operands, &out, exact, m * n)
         };
         let result = run(2);
         for i in 0..m {
@@ -605,7 +611,6 @@ mod tests {
     /// prefilled with NaN; one thread gives what two give.
     #[test]
     fn triangular_products_match_the_definition() {
-        use fathom_compiler::graph::{MatMulPart, Triangle, Triangular};
         let batches = 2;
         for (m, n, k) in [(70, 45, 150), (150, 130, 70), (33, 200, 33)] {
             let lhs: Vec<f32> = (0..batches * m * k)
@@ -622,22 +627,11 @@ mod tests {
                 for triangle in [Triangle::Lower, Triangle::Upper] {
                     let t = Triangular::new(part, triangle);
                     let run = |threads: usize| {
-                        let mut result = vec![f32::NAN; batches * m * n];
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(threads)
-                            .build()
-                            .unwrap();
-                        pool.install(|| {
-                            batched_matmul(
-                                &[batches],
-                                (m, n, k),
-                                [(&a, &lhs), (&b, &rhs)],
-                                &out,
-                                (Accumulation::default(), Some(t)),
-                                &mut result,
-                            )
-                        });
-                        result
+                        let operands = [(&a, &lhs[..]), (&b, &rhs[..])];
+                        let shape = (&[batches][..], (m, n, k));
+                        let len = batches * m * n;
+                        let arithmetic = (Accumulation::default(), Some(t));
+                        product_on(threads, shape, operands, &out, arithmetic, len)
                     };
                     let result = run(2);
                     let keeps =
