@@ -9,7 +9,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::grouped::{self, Routing};
-use super::product::multiply;
+use super::product::{Operand, multiply};
 use super::{CpuError, Storage};
 use crate::fp8::{ScaleRounding, fake_quantize};
 use crate::parallel::ExpertExchange;
@@ -385,10 +385,6 @@ fn triangular_matmul(
         true => (triangular.transposed(), n, m),
         false => (triangular, m, n),
     };
-    let orient = |(ptr, col, row)| match transposed {
-        true => (ptr, row, col),
-        false => (ptr, col, row),
-    };
     let blocks = super::triangular::blocks(m, t.part);
     (0..offsets.len() * blocks).into_par_iter().for_each(|job| {
         let (ao, bo, oo) = offsets[job / blocks];
@@ -396,14 +392,12 @@ fn triangular_matmul(
         // the output neither operand's; different jobs write different row blocks or batch
         // indices of it.
         unsafe {
-            let a = orient((lhs.as_ptr().offset(ao), a_strides.0, a_strides.1));
-            let b = orient((rhs.as_ptr().offset(bo), b_strides.0, b_strides.1));
-            let (left, right) = if transposed { (b, a) } else { (a, b) };
+            let a = (lhs.as_ptr().offset(ao), a_strides.0, a_strides.1);
+            let b = (rhs.as_ptr().offset(bo), b_strides.0, b_strides.1);
             let out = (out_ptr.at(oo), out_strides.0, out_strides.1);
-            let out = if transposed {
-                (out.0, out.2, out.1)
-            } else {
-                out
+            let (left, right, out) = match transposed {
+                true => (transpose(b), transpose(a), transpose(out)),
+                false => (a, b, out),
             };
             super::triangular::row_block(
                 job % blocks,
@@ -416,6 +410,11 @@ fn triangular_matmul(
             );
         }
     });
+}
+
+/// The same matrix read transposed: its column and row strides swapped.
+fn transpose<P>((first, col, row): Operand<P>) -> Operand<P> {
+    (first, row, col)
 }
 
 /// How many leading batch axes remain after folding trailing ones into the rows, and the rows
