@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::graph::Graph;
 use crate::kernel::{MemoryPlan, Program};
-use crate::lower::{LowerError, lower};
+use crate::lower::{LowerError, LowerOptions, lower_with};
 use crate::passes::{RecomputePolicy, common_subexpressions, dead_code, fold_constants, recompute};
 
 #[derive(Clone, Debug, Default)]
@@ -20,6 +20,9 @@ pub struct CompileOptions {
     /// Which forward values a training graph recomputes in backward (DeepSeek-V3's by
     /// default; no effect on a forward-only graph).
     pub recompute: RecomputePolicy,
+    /// Library-call forms beyond those every backend runs (`LowerOptions::cpu()` for a program
+    /// the CPU backend runs; the default for any backend, CUDA included).
+    pub lower: LowerOptions,
 }
 
 impl CompileOptions {
@@ -36,6 +39,15 @@ impl CompileOptions {
         CompileOptions {
             dump_dir: std::env::var_os("FATHOM_DUMP_DIR").map(PathBuf::from),
             recompute,
+            lower: LowerOptions::default(),
+        }
+    }
+
+    /// These options for a program the CPU backend runs.
+    pub fn for_cpu(self) -> Self {
+        CompileOptions {
+            lower: LowerOptions::cpu(),
+            ..self
         }
     }
 }
@@ -73,7 +85,7 @@ pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, Lowe
     timed("recompute", t);
     graphs.push(("fold_constants", folded));
     let t = Instant::now();
-    let program = lower(&recomputed)?;
+    let program = lower_with(&recomputed, options.lower)?;
     timed("lower", t);
     graphs.push(("recompute", recomputed));
     let t = Instant::now();

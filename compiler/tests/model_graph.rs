@@ -181,7 +181,7 @@ fn tiny_training_recompute() {
 #[test]
 fn grouped_gemms_read_the_stacked_weights_where_they_lie() {
     use fathom_compiler::compile::{CompileOptions, compile};
-    use fathom_compiler::kernel::{KernelBody, Library};
+    use fathom_compiler::kernel::{ExpertWeights, KernelBody, Library};
     use fathom_compiler::model::LossWeights;
     use fathom_compiler::training::training_graph;
 
@@ -192,6 +192,12 @@ fn grouped_gemms_read_the_stacked_weights_where_they_lie() {
     let mut layouts = Vec::new();
     for kernel in &program.kernels {
         if let KernelBody::Library(Library::GroupedMatMul { weights, out, .. }) = &kernel.body {
+            let ExpertWeights::Stacked(weights) = weights else {
+                panic!(
+                    "{}: weights in parts without the CPU's lowering options",
+                    kernel.name
+                )
+            };
             let stacked = program.buffer(weights.buffer).ty.dims().to_vec();
             let n = *program.buffer(*out).ty.dims().last().unwrap();
             let (rows, cols) = (stacked[1] as isize, stacked[2] as isize);
@@ -225,4 +231,61 @@ fn grouped_gemms_read_the_stacked_weights_where_they_lie() {
     let backward = layouts.iter().filter(|l| **l == (true, "across")).count();
     assert!(forward > 0 && forward == backward, "{layouts:?}");
     assert_eq!(forward + backward, layouts.len(), "{layouts:?}");
+}
+
+/// With the CPU's lowering options the experts' weights are never stacked: every grouped GEMM
+/// reads expert e's matrix from parameter `experts.{e}.<projection>.weight` itself, as stored
+/// forward (strides `[k, 1]`) and across for the input gradient (`[1, n]`), in expert order;
+/// no kernel writes a stack of them.
+#[test]
+fn on_the_cpu_grouped_gemms_read_each_experts_weights_where_they_lie() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::kernel::{BufferRole, ExpertWeights, KernelBody, Library};
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::training::training_graph;
+
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
+    let options = CompileOptions::default().for_cpu();
+    let program = compile(&train.graph, &options).unwrap().program;
+    let experts = tiny().moe.unwrap().routed_experts;
+    let mut calls = (0, 0);
+    for kernel in &program.kernels {
+        assert!(!kernel.name.contains("_stack_"), "{}", kernel.name);
+        let KernelBody::Library(Library::GroupedMatMul {
+            weights, out, x, ..
+        }) = &kernel.body
+        else {
+            continue;
+        };
+        let ExpertWeights::Parts(parts) = weights else {
+            panic!("{}: stacked weights", kernel.name)
+        };
+        assert_eq!(parts.len(), experts, "{}", kernel.name);
+        let (n, k) = (
+            *program.buffer(*out).ty.dims().last().unwrap() as isize,
+            *program.buffer(*x).ty.dims().last().unwrap() as isize,
+        );
+        let mut projection = None;
+        for (e, part) in parts.iter().enumerate() {
+            let BufferRole::Parameter(name) = &program.buffer(part.buffer).role else {
+                panic!("{}: part {e} is no parameter", kernel.name)
+            };
+            let (_, after) = name.split_once(&format!(".experts.{e}.")).unwrap();
+            assert!(
+                projection.is_none_or(|p| p == after),
+                "{}: {name}",
+                kernel.name
+            );
+            projection = Some(after.to_owned());
+            assert_eq!(part.offset, 0);
+            if kernel.name.contains("backward") {
+                assert_eq!(part.strides, [1, n], "{}: {name}", kernel.name);
+                calls.1 += 1;
+            } else {
+                assert_eq!(part.strides, [k, 1], "{}: {name}", kernel.name);
+                calls.0 += 1;
+            }
+        }
+    }
+    assert!(calls.0 > 0 && calls.0 == calls.1, "{calls:?}");
 }

@@ -68,7 +68,7 @@ impl Executable {
             Backend::Interpreter => Executable::Interpreter(graph),
             // The full pipeline (passes, lowering, memory plan); `FATHOM_DUMP_DIR` dumps it.
             Backend::Cpu => {
-                let compiled = compile(&graph, options)?;
+                let compiled = compile(&graph, &options.clone().for_cpu())?;
                 Executable::Cpu(Box::new(CpuProgram::new(compiled.program)))
             }
             Backend::Cuda => {

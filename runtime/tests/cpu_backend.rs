@@ -13,11 +13,12 @@ use common::FixtureStep;
 
 use std::collections::HashMap;
 
-use fathom_compiler::lower::lower;
+use fathom_compiler::kernel::{ExpertWeights, KernelBody, Library};
+use fathom_compiler::lower::{LowerOptions, lower, lower_with};
 use fathom_compiler::model::LossWeights;
 use fathom_runtime::HostTensor;
-use fathom_runtime::cpu::CpuProgram;
-use fathom_runtime::interp::{Feeds, evaluate};
+use fathom_runtime::cpu::{CpuOutputs, CpuProgram};
+use fathom_runtime::interp::{Feeds, Outputs, evaluate};
 
 fn relative(got: &[f32], want: &[f32]) -> f64 {
     let max_ref = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
@@ -42,36 +43,71 @@ fn training_graphs_run_compiled_like_the_interpreter() {
         } = FixtureStep::load(name, LossWeights::deepseek_v3());
         let feeds = Feeds::new(&inputs, &model.weights);
         let expected = evaluate(&train.graph, &feeds).unwrap();
-        let program = lower(&train.graph).unwrap();
-        let compiled = CpuProgram::new(program).run(&feeds).unwrap();
-        let mut worst = (0f64, String::new());
-        for (output, want) in expected.iter() {
-            let got = compiled
-                .get(output)
-                .unwrap_or_else(|| panic!("{name}: no {output}"));
-            assert_eq!(got.ty, want.ty, "{name}: {output}");
-            let error = match (got.as_f32(), want.as_f32()) {
-                (Some(g), Some(w)) => relative(g, w),
-                _ => {
-                    assert_eq!(got, want, "{name}: {output}");
-                    0.0
-                }
-            };
-            let bound = if output.starts_with("grad.") {
-                1e-3
-            } else {
-                1e-4
-            };
-            assert!(
-                error < bound,
-                "{name}: {output}: relative error {error:.3e}"
+        // The forms every backend runs, then the CPU's own (the experts' weights read where
+        // each lies, never stacked): the same products of the same values, bit for bit.
+        let mut first: Option<CpuOutputs> = None;
+        for options in [LowerOptions::default(), LowerOptions::cpu()] {
+            let program = lower_with(&train.graph, options).unwrap();
+            let stacked_weights = program.kernels.iter().filter(|k| {
+                matches!(
+                    &k.body,
+                    KernelBody::Library(Library::GroupedMatMul {
+                        weights: ExpertWeights::Stacked(_),
+                        ..
+                    })
+                ) || (k.name.contains("_stack_") && k.name.contains("experts"))
+            });
+            if options.grouped_weights_in_place {
+                assert_eq!(stacked_weights.count(), 0, "{name}: stacked weights");
+            }
+            let compiled = CpuProgram::new(program).run(&feeds).unwrap();
+            let worst = worst_error(name, &expected, &compiled);
+            eprintln!(
+                "{name} {options:?}: worst relative error {:.2e} ({})",
+                worst.0, worst.1
             );
-            if error > worst.0 {
-                worst = (error, output.to_owned());
+            match &first {
+                None => first = Some(compiled),
+                Some(stacked) => {
+                    for (output, got) in compiled.iter() {
+                        assert_eq!(Some(got), stacked.get(output), "{name}: {output}");
+                    }
+                }
             }
         }
-        eprintln!("{name}: worst relative error {:.2e} ({})", worst.0, worst.1);
     }
+}
+
+/// The largest relative error of `compiled`'s outputs against the interpreter's, and where;
+/// panics past the module's bounds.
+fn worst_error(name: &str, expected: &Outputs, compiled: &CpuOutputs) -> (f64, String) {
+    let mut worst = (0f64, String::new());
+    for (output, want) in expected.iter() {
+        let got = compiled
+            .get(output)
+            .unwrap_or_else(|| panic!("{name}: no {output}"));
+        assert_eq!(got.ty, want.ty, "{name}: {output}");
+        let error = match (got.as_f32(), want.as_f32()) {
+            (Some(g), Some(w)) => relative(g, w),
+            _ => {
+                assert_eq!(got, want, "{name}: {output}");
+                0.0
+            }
+        };
+        let bound = if output.starts_with("grad.") {
+            1e-3
+        } else {
+            1e-4
+        };
+        assert!(
+            error < bound,
+            "{name}: {output}: relative error {error:.3e}"
+        );
+        if error > worst.0 {
+            worst = (error, output.to_owned());
+        }
+    }
+    worst
 }
 
 /// Outputs move out of a run without a copy, and a caller may hand their storage back

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use fathom_compiler::codegen::{CudaProgram, cuda_program};
 use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::lower::LowerOptions;
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
@@ -103,6 +104,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let options = CompileOptions {
         dump_dir: Some(args.out.clone()),
         recompute: args.recompute,
+        // The program of the target inspected: the CPU's reads the experts' weights in place.
+        lower: match args.target {
+            Target::Cpu => LowerOptions::cpu(),
+            _ => LowerOptions::default(),
+        },
     };
     let compiled = compile(&graph, &options)?;
     let loops = compiled

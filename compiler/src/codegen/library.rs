@@ -17,7 +17,7 @@
 //!
 //! The runtime's `cuda::library` plans the launches (grids and arguments) of each call.
 
-use crate::kernel::{BufferId, Kernel, Library, Program, View};
+use crate::kernel::{BufferId, ExpertWeights, Kernel, Library, Program, View};
 
 use super::TemplateCall;
 
@@ -58,7 +58,14 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             Some("gemm_f32_grouped; grouped_fp8_gemm (sm_90a) / grouped fallback (sm_80) once FP8"),
             vec![
                 ("x", ty(x)),
-                ("weights", view(weights)),
+                (
+                    "weights",
+                    match weights {
+                        ExpertWeights::Stacked(stacked) => view(stacked),
+                        // Not made for CUDA (`CompileOptions::grouped_weights_in_place`).
+                        parts => parts.to_string(),
+                    },
+                ),
                 ("expert_ids", ty(expert_ids)),
                 ("out", ty(out)),
             ],

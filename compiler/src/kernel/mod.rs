@@ -134,12 +134,10 @@ pub enum Library {
         triangular: Option<Triangular>,
     },
     /// The op of the same name in the graph, on dense buffers (see `graph::Op`) but for the
-    /// weights: a view of the `[experts, n, k]` operand in a buffer holding `experts` blocks of
-    /// `n·k` (strides `[n·k, sn, sk]`: `[k, 1]` as the weights are stored, `[1, n]` for the
-    /// transposed weights the input gradient multiplies by, read where they lie).
+    /// weights (see [`ExpertWeights`]).
     GroupedMatMul {
         x: BufferId,
-        weights: View,
+        weights: ExpertWeights,
         expert_ids: BufferId,
         out: BufferId,
         #[serde(default)]
@@ -249,12 +247,10 @@ impl Program {
                     2 * (batch.iter().product::<usize>() * m * n * k) as u64
                 }
                 KernelBody::Library(Library::GroupedMatMul {
-                    weights,
-                    expert_ids,
-                    ..
+                    x, expert_ids, out, ..
                 }) => {
-                    let (w, ids) = (dims(&weights.buffer), dims(expert_ids));
-                    2 * (ids[0] * ids[1] * w[1] * w[2]) as u64
+                    let (ids, n, k) = (dims(expert_ids), dims(out)[2], dims(x)[2]);
+                    2 * (ids[0] * ids[1] * n * k) as u64
                 }
                 KernelBody::Library(Library::GroupedMatMulWeightGrad { cotangent, x, .. }) => {
                     let (c, x) = (dims(cotangent), dims(x));
@@ -263,6 +259,29 @@ impl Program {
                 _ => 0,
             })
             .sum()
+    }
+}
+
+/// The `[experts, n, k]` weights of a grouped matmul, each expert's `[n, k]` matrix with
+/// strides `[sn, sk]`: `[k, 1]` as weights are stored, `[1, n]` for the transposed weights the
+/// input gradient multiplies by, read where they lie.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertWeights {
+    /// One view of a buffer holding `experts` blocks of `n·k` (strides `[n·k, sn, sk]`).
+    Stacked(View),
+    /// Expert `e`'s matrix is `parts[e]` (strides `[sn, sk]`), each in a buffer of its own: a
+    /// stack of parameters read where each lies instead of copied into one buffer every run.
+    Parts(Vec<View>),
+}
+
+impl ExpertWeights {
+    /// The buffers the weights are read from.
+    pub fn buffers(&self) -> Vec<BufferId> {
+        match self {
+            ExpertWeights::Stacked(view) => vec![view.buffer],
+            ExpertWeights::Parts(parts) => parts.iter().map(|p| p.buffer).collect(),
+        }
     }
 }
 
@@ -316,7 +335,12 @@ impl Library {
                 expert_ids,
                 out,
                 ..
-            } => (vec![*x, weights.buffer, *expert_ids], *out),
+            } => {
+                let mut read = vec![*x];
+                read.extend(weights.buffers());
+                read.push(*expert_ids);
+                (read, *out)
+            }
             Library::GroupedMatMulWeightGrad {
                 cotangent,
                 x,

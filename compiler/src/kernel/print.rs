@@ -15,7 +15,10 @@ use crate::DType;
 use crate::graph::op::Scalar;
 use crate::graph::{Accumulation, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 
-use super::{Buffer, BufferId, BufferRole, Expr, Kernel, KernelBody, Library, Program, Stmt, View};
+use super::{
+    Buffer, BufferId, BufferRole, ExpertWeights, Expr, Kernel, KernelBody, Library, Program, Stmt,
+    View,
+};
 
 impl Display for BufferId {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
@@ -30,6 +33,22 @@ impl Display for View {
             write!(f, "{}{s}", if i == 0 { " " } else { "," })?;
         }
         f.write_str("]")
+    }
+}
+
+/// A stacked view as a view; parts as `parts[b3[0; 64,1], b4[0; 64,1], …]`, expert by expert.
+impl Display for ExpertWeights {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpertWeights::Stacked(view) => write!(f, "{view}"),
+            ExpertWeights::Parts(parts) => {
+                f.write_str("parts[")?;
+                for (i, part) in parts.iter().enumerate() {
+                    write!(f, "{}{part}", if i == 0 { "" } else { ", " })?;
+                }
+                f.write_str("]")
+            }
+        }
     }
 }
 

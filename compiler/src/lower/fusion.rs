@@ -5,13 +5,15 @@ mod cross_entropy;
 mod short_reduce;
 
 use crate::graph::{Accumulation, Graph, NodeId, Op, Triangular, inverse_permutation};
-use crate::kernel::{Buffer, BufferId, BufferRole, Expr, KernelBody, Library, Program, Stmt, View};
+use crate::kernel::{
+    Buffer, BufferId, BufferRole, ExpertWeights, Expr, KernelBody, Library, Program, Stmt, View,
+};
 
 use super::exact::exact_operands;
 use super::merge::{Pending, merge_adjacent};
 use super::{
-    Affine, Class, KernelBuilder, LowerError, StridedView, class, load, new_buffer, push_kernel,
-    temporary, what,
+    Affine, Class, KernelBuilder, LowerError, LowerOptions, StridedView, class, load, new_buffer,
+    push_kernel, temporary, what,
 };
 
 /// An elementwise node whose inlined expression has at most this many ops, all [`cheap`], is
@@ -67,13 +69,17 @@ pub(super) struct Lowering<'g> {
     /// The view of every concatenation or stack whose buffer exists: made when the first part
     /// is written into it, or when the assembly is emitted.
     assembled: Vec<Option<StridedView>>,
+    /// Stacks of parameters that grouped matmuls read as one matrix per expert, and the
+    /// permutes of them they read through: never materialised (see `decide_weight_parts`).
+    read_by_parts: Vec<bool>,
+    options: LowerOptions,
     program: Program,
     /// The kernels emitted so far, in order; named and put in the program by `finish`.
     kernels: Vec<Pending>,
 }
 
 impl<'g> Lowering<'g> {
-    pub(super) fn new(graph: &'g Graph) -> Self {
+    pub(super) fn new(graph: &'g Graph, options: LowerOptions) -> Self {
         let n = graph.nodes.len();
         let classes: Vec<Class> = graph
             .nodes
@@ -111,6 +117,8 @@ impl<'g> Lowering<'g> {
             place: vec![None; n],
             placed: vec![false; n],
             assembled: vec![None; n],
+            read_by_parts: vec![false; n],
+            options,
             program: Program {
                 name: graph.name.clone(),
                 ..Program::default()
@@ -130,6 +138,9 @@ impl<'g> Lowering<'g> {
     pub(super) fn run(&mut self) -> Result<(), LowerError> {
         self.decide();
         self.decide_places();
+        if self.options.grouped_weights_in_place {
+            self.decide_weight_parts();
+        }
         for id in self.graph.node_ids() {
             if self.live[id.index()] {
                 self.visit(id)?;
@@ -293,6 +304,77 @@ impl<'g> Lowering<'g> {
         }
     }
 
+    /// Which stacks grouped matmuls read as one matrix per expert, where each lies: a stack of
+    /// leaves (the experts' weight parameters, each a buffer of its own) that no kernel needs
+    /// whole, because every user reads it as a grouped matmul's weights, directly or through
+    /// permutes that keep the expert axis first (the input gradient's transposed weights).
+    fn decide_weight_parts(&mut self) {
+        for id in self.graph.node_ids() {
+            let node = self.graph.node(id);
+            let parts_are_leaves = matches!(node.op, Op::Stack)
+                && node
+                    .inputs
+                    .iter()
+                    .all(|&p| self.classes[p.index()] == Class::Leaf && self.dims(p).len() == 2);
+            if self.live[id.index()] && parts_are_leaves && self.only_weights_of_grouped(id) {
+                self.mark_read_by_parts(id);
+            }
+        }
+    }
+
+    /// Whether every user of `id` reads it as the weights of a grouped matmul, directly or
+    /// through permutes keeping axis 0, and none of them is an output.
+    fn only_weights_of_grouped(&self, id: NodeId) -> bool {
+        !self.graph.is_output(id)
+            && self.users[id.index()].iter().all(|&u| {
+                let user = self.graph.node(u);
+                match &user.op {
+                    Op::GroupedMatMul { .. } => {
+                        user.inputs[1] == id && user.inputs[0] != id && user.inputs[2] != id
+                    }
+                    Op::Permute { perm } => perm[0] == 0 && self.only_weights_of_grouped(u),
+                    _ => false,
+                }
+            })
+    }
+
+    fn mark_read_by_parts(&mut self, id: NodeId) {
+        self.read_by_parts[id.index()] = true;
+        for u in self.users[id.index()].clone() {
+            if matches!(self.graph.node(u).op, Op::Permute { .. }) {
+                self.mark_read_by_parts(u);
+            }
+        }
+    }
+
+    /// The experts' matrices of `id` (a stack read by parts, or a permute of one), each where
+    /// its parameter lies, seen through the permutes.
+    fn weight_parts(&self, id: NodeId) -> Vec<View> {
+        let mut perms = Vec::new();
+        let mut stack = id;
+        while let Op::Permute { perm } = &self.graph.node(stack).op {
+            // Axis 0 stays (`only_weights_of_grouped`): the matrix axes move among themselves.
+            perms.push(perm[1..].iter().map(|&a| a - 1).collect::<Vec<_>>());
+            stack = self.graph.node(stack).inputs[0];
+        }
+        let identity = Affine::identity(2);
+        self.graph
+            .node(stack)
+            .inputs
+            .iter()
+            .map(|&part| {
+                let leaf = self.views[part.index()]
+                    .clone()
+                    .expect("leaves have buffers");
+                let view = perms
+                    .iter()
+                    .rev()
+                    .fold(leaf, |view, perm| view.permute(perm));
+                view.compose(&identity)
+            })
+            .collect()
+    }
+
     fn ty(&self, id: NodeId) -> &crate::dtype::TensorType {
         self.graph.ty(id)
     }
@@ -303,6 +385,10 @@ impl<'g> Lowering<'g> {
 
     /// Emits what node `id` needs, in graph order.
     fn visit(&mut self, id: NodeId) -> Result<(), LowerError> {
+        if self.read_by_parts[id.index()] {
+            // Read where its parts lie by the grouped matmuls (`weight_parts`).
+            return Ok(());
+        }
         let node = self.graph.node(id);
         match self.classes[id.index()] {
             Class::Leaf => {
@@ -714,7 +800,10 @@ impl<'g> Lowering<'g> {
     /// transposed weights of the input gradient are the stacked weights read across: a copy
     /// transposing them cost a 32-expert model's training step 7 ms per MoE layer); else a
     /// dense copy.
-    fn expert_weights(&mut self, id: NodeId) -> Result<View, LowerError> {
+    fn expert_weights(&mut self, id: NodeId) -> Result<ExpertWeights, LowerError> {
+        if self.read_by_parts[id.index()] {
+            return Ok(ExpertWeights::Parts(self.weight_parts(id)));
+        }
         let view = self.operand_view(id)?;
         let &[experts, n, k] = self.dims(id) else {
             unreachable!("grouped weights are [experts, n, k] (type inference)")
@@ -727,10 +816,11 @@ impl<'g> Lowering<'g> {
             && [(row, 1), (1, n as isize)].contains(&(view.strides[1], view.strides[2]));
         let identity = Affine::identity(3);
         if blocks {
-            return Ok(view.compose(&identity));
+            return Ok(ExpertWeights::Stacked(view.compose(&identity)));
         }
         let buffer = self.dense(id)?;
-        Ok(StridedView::contiguous(buffer, &[experts, n, k]).compose(&identity))
+        let dense = StridedView::contiguous(buffer, &[experts, n, k]);
+        Ok(ExpertWeights::Stacked(dense.compose(&identity)))
     }
 
     /// A dense buffer holding operand `id` (copied when its view is not the whole buffer).

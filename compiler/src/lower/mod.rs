@@ -38,9 +38,33 @@ pub enum LowerError {
     },
 }
 
-/// Compiles `graph` into kernels over buffers.
+/// Forms of library call the lowering may use beyond those every backend runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LowerOptions {
+    /// A grouped matmul may read a stack of parameters (the experts' weights) as one matrix
+    /// per expert where each lies ([`crate::kernel::ExpertWeights::Parts`]) rather than from a
+    /// stacked copy made every run: the CPU backend reads them so (the copies cost a 32-expert
+    /// model's training step 40 ms); the CUDA plan reads one stacked buffer.
+    pub grouped_weights_in_place: bool,
+}
+
+impl LowerOptions {
+    /// Everything the CPU backend runs.
+    pub fn cpu() -> Self {
+        LowerOptions {
+            grouped_weights_in_place: true,
+        }
+    }
+}
+
+/// Compiles `graph` into kernels over buffers, in the forms every backend runs.
 pub fn lower(graph: &Graph) -> Result<Program, LowerError> {
-    let mut lowering = fusion::Lowering::new(graph);
+    lower_with(graph, LowerOptions::default())
+}
+
+/// Compiles `graph` into kernels over buffers, using the forms `options` allows.
+pub fn lower_with(graph: &Graph, options: LowerOptions) -> Result<Program, LowerError> {
+    let mut lowering = fusion::Lowering::new(graph, options);
     lowering.run()?;
     Ok(lowering.finish())
 }

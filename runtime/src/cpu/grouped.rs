@@ -71,18 +71,17 @@ impl SharedRows {
     }
 }
 
-/// `out[t, s] = W[e] · x[t, s]` for `e = ids[t, s]`, W stored as `experts` blocks of `n·k`
-/// values with `W[e][j][p]` at `e·n·k + j·sn + p·sk` (`layout = (sn, sk)`: `(k, 1)` row-major,
-/// `(1, n)` each block transposed); `result` holds `tokens · slots · n` values.
+/// `out[t, s] = W[e] · x[t, s]` for `e = ids[t, s]`, `weights[e] = (w, (sn, sk))` holding
+/// `W[e][j][p]` at `w[j·sn + p·sk]` (`(k, 1)` row-major, `(1, n)` transposed); `result` holds
+/// `tokens · slots · n` values.
 pub(super) fn matmul(
     routing: &Routing,
     xs: &[f32],
-    (ws, layout): (&[f32], (isize, isize)),
+    weights: &[(&[f32], (isize, isize))],
     (n, k): (usize, usize),
     exchange: Option<&dyn ExpertExchange>,
     result: &mut [f32],
 ) -> Result<(), String> {
-    let weights = |e: usize| &ws[e * n * k..][..n * k];
     let Some(exchange) = exchange else {
         // Each expert gathers its rows, multiplies and writes its token-slots' rows of
         // `result`, in per-thread scratch.
@@ -100,8 +99,7 @@ pub(super) fn matmul(
                 routing.rows_into(xs, e, k, rows);
                 product.clear();
                 product.resize(members.len() * n, 0.0);
-                let w = (weights(e), layout);
-                expert_product_into(w, rows, (n, k), routing.accumulation, product);
+                expert_product_into(weights[e], rows, (n, k), routing.accumulation, product);
                 for (r, &ts) in members.iter().enumerate() {
                     // SAFETY: `result` holds a row of n for every token-slot (asserted above),
                     // and token-slot `ts` is in this expert's group only, so no other thread
@@ -115,13 +113,7 @@ pub(super) fn matmul(
     };
     let product = |e: usize, rows: &[f32]| {
         let mut product = vec![0f32; rows.len() / k.max(1) * n];
-        expert_product_into(
-            (weights(e), layout),
-            rows,
-            (n, k),
-            routing.accumulation,
-            &mut product,
-        );
+        expert_product_into(weights[e], rows, (n, k), routing.accumulation, &mut product);
         product
     };
     let requests = (0..routing.groups.len())
@@ -274,6 +266,15 @@ mod tests {
         }
     }
 
+    /// Stacked weights as one matrix per expert, each `size` values read with `layout`.
+    fn per_expert(
+        ws: &[f32],
+        size: usize,
+        layout: (isize, isize),
+    ) -> Vec<(&[f32], (isize, isize))> {
+        ws.chunks(size).map(|w| (w, layout)).collect()
+    }
+
     /// The routines write every element of their output: it arrives holding stale values
     /// (pooled storage), here NaNs, and none survives.
     #[test]
@@ -285,7 +286,7 @@ mod tests {
         matmul(
             &routing(),
             &xs,
-            (&ws, (k as isize, 1)),
+            &per_expert(&ws, n * k, (k as isize, 1)),
             (n, k),
             None,
             &mut out,
@@ -310,7 +311,7 @@ mod tests {
         matmul(
             &routing(),
             &xs,
-            (&transposed, layout),
+            &per_expert(&transposed, n * k, layout),
             (n, k),
             None,
             &mut across,

@@ -4,7 +4,7 @@
 
 use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::graph::{Accumulation, MatMulPart, Triangular};
-use fathom_compiler::kernel::{BufferId, Library, Program, View};
+use fathom_compiler::kernel::{BufferId, ExpertWeights, Library, Program, View};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -75,9 +75,29 @@ pub(super) fn run(
             ..
         } => {
             let idd = dims(expert_ids);
-            let (experts, n, k) = (dims(&weights.buffer)[0], dims(out)[2], dims(x)[2]);
-            // W_e[j][p] at e·n·k + j·sn + p·sk.
-            let layout = (weights.strides[1], weights.strides[2]);
+            let (n, k) = (dims(out)[2], dims(x)[2]);
+            // Stale values (not zeroed: zeroing 4 MB cost as much as a small kernel): every
+            // token-slot's row is written by the expert it is routed to.
+            let mut result = buffers[out.index()].take_vec();
+            // Expert e's matrix and its (n, k) strides.
+            let matrices: Vec<(&[f32], (isize, isize))> = match weights {
+                ExpertWeights::Stacked(view) => {
+                    let stacked = &buffers[view.buffer.index()][view.offset..];
+                    let layout = (view.strides[1], view.strides[2]);
+                    let experts = dims(&view.buffer)[0];
+                    (0..experts)
+                        .map(|e| (&stacked[e * n * k..][..n * k], layout))
+                        .collect()
+                }
+                ExpertWeights::Parts(parts) => parts
+                    .iter()
+                    .map(|p| {
+                        let part = &buffers[p.buffer.index()][p.offset..][..n * k];
+                        (part, (p.strides[0], p.strides[1]))
+                    })
+                    .collect(),
+            };
+            let experts = matrices.len();
             let routing = route(
                 &buffers[expert_ids.index()],
                 &idd,
@@ -86,14 +106,10 @@ pub(super) fn run(
                 *accumulation,
                 &index,
             )?;
-            // Stale values (not zeroed: zeroing 4 MB cost as much as a small kernel): every
-            // token-slot's row is written by the expert it is routed to.
-            let mut result = buffers[out.index()].take_vec();
-            let (xs, ws) = (&buffers[x.index()], &buffers[weights.buffer.index()]);
             grouped::matmul(
                 &routing,
-                xs,
-                (ws, layout),
+                &buffers[x.index()],
+                &matrices,
                 (n, k),
                 experts_exchange,
                 &mut result,

@@ -17,7 +17,7 @@
 //! the status words, tagged with the call's position in the program plus one.
 
 use fathom_compiler::graph::{MatMulPart, QuantFormat, Triangle, Triangular};
-use fathom_compiler::kernel::{BufferId, KernelBody, Library, Program, View};
+use fathom_compiler::kernel::{BufferId, ExpertWeights, KernelBody, Library, Program, View};
 use fathom_kernels::gemm_f32::MAX_BATCH_AXES;
 use fathom_kernels::{
     F32GemmKind, F32GemmParams, FakeQuantizeParams, IndexOp, IndexOpParams, KernelError,
@@ -235,12 +235,20 @@ impl Planner<'_> {
                 weights,
                 expert_ids,
                 ..
-            } => self.dims(&weights.buffer)[0] + 1 + self.numel(expert_ids),
+            } => self.experts(weights) + 1 + self.numel(expert_ids),
             Library::GroupedMatMulWeightGrad {
                 expert_ids, out, ..
             } => self.dims(out)[0] + 1 + self.numel(expert_ids),
             Library::IndexAdd { indices, out, .. } => self.dims(out)[0] + 1 + self.numel(indices),
             _ => 0,
+        }
+    }
+
+    /// How many experts a grouped matmul's weights hold.
+    fn experts(&self, weights: &ExpertWeights) -> usize {
+        match weights {
+            ExpertWeights::Stacked(view) => self.dims(&view.buffer)[0],
+            ExpertWeights::Parts(parts) => parts.len(),
         }
     }
 
@@ -336,6 +344,13 @@ impl Planner<'_> {
                 ..
             } => {
                 let (ids, xd) = (self.dims(expert_ids), self.dims(x));
+                let ExpertWeights::Stacked(weights) = weights else {
+                    return Err(
+                        "the CUDA plan reads grouped weights from one stacked buffer; \
+                                lower without `grouped_weights_in_place` for CUDA"
+                            .into(),
+                    );
+                };
                 let (experts, n, k) = (self.dims(&weights.buffer)[0], self.dims(out)[2], xd[2]);
                 let (rows, slots) = (ids[0] * ids[1], ids[1]);
                 if rows == 0 || n == 0 {
