@@ -236,11 +236,12 @@ fn grouped_gemms_read_the_stacked_weights_where_they_lie() {
 /// With the CPU's lowering options the experts' weights are never stacked: every grouped GEMM
 /// reads expert e's matrix from parameter `experts.{e}.<projection>.weight` itself, as stored
 /// forward (strides `[k, 1]`) and across for the input gradient (`[1, n]`), in expert order;
-/// no kernel writes a stack of them.
+/// every weight gradient writes expert e's straight into the output
+/// `grad.….experts.{e}.<projection>.weight`; no kernel stacks them or copies slices out.
 #[test]
 fn on_the_cpu_grouped_gemms_read_each_experts_weights_where_they_lie() {
     use fathom_compiler::compile::{CompileOptions, compile};
-    use fathom_compiler::kernel::{BufferRole, ExpertWeights, KernelBody, Library};
+    use fathom_compiler::kernel::{BufferRole, ExpertOutputs, ExpertWeights, KernelBody, Library};
     use fathom_compiler::model::LossWeights;
     use fathom_compiler::training::training_graph;
 
@@ -249,8 +250,26 @@ fn on_the_cpu_grouped_gemms_read_each_experts_weights_where_they_lie() {
     let program = compile(&train.graph, &options).unwrap().program;
     let experts = tiny().moe.unwrap().routed_experts;
     let mut calls = (0, 0);
+    let mut gradients = 0;
     for kernel in &program.kernels {
-        assert!(!kernel.name.contains("_stack_"), "{}", kernel.name);
+        let name = &kernel.name;
+        let assembles = name.contains("_stack_") || name.contains("_copy_backward_");
+        assert!(!(assembles && name.contains("experts")), "{name}");
+        if let KernelBody::Library(Library::GroupedMatMulWeightGrad { out, .. }) = &kernel.body {
+            let ExpertOutputs::Parts(parts) = out else {
+                panic!("{name}: stacked weight gradient")
+            };
+            let mut projection = None;
+            for (e, part) in parts.iter().enumerate() {
+                let (output, _) = program.outputs.iter().find(|(_, b)| b == part).unwrap();
+                let (_, after) = output.split_once(&format!(".experts.{e}.")).unwrap();
+                assert!(output.starts_with("grad."), "{name}: {output}");
+                assert!(projection.is_none_or(|p| p == after), "{name}: {output}");
+                projection = Some(after.to_owned());
+            }
+            assert_eq!(parts.len(), experts, "{name}");
+            gradients += 1;
+        }
         let KernelBody::Library(Library::GroupedMatMul {
             weights, out, x, ..
         }) = &kernel.body
@@ -288,4 +307,6 @@ fn on_the_cpu_grouped_gemms_read_each_experts_weights_where_they_lie() {
         }
     }
     assert!(calls.0 > 0 && calls.0 == calls.1, "{calls:?}");
+    // A weight gradient per forward GEMM (calls count parts, one per expert).
+    assert_eq!(gradients * experts, calls.0);
 }

@@ -13,7 +13,7 @@ use common::FixtureStep;
 
 use std::collections::HashMap;
 
-use fathom_compiler::kernel::{ExpertWeights, KernelBody, Library};
+use fathom_compiler::kernel::{ExpertOutputs, ExpertWeights, KernelBody, Library};
 use fathom_compiler::lower::{LowerOptions, lower, lower_with};
 use fathom_compiler::model::LossWeights;
 use fathom_runtime::HostTensor;
@@ -44,18 +44,25 @@ fn training_graphs_run_compiled_like_the_interpreter() {
         let feeds = Feeds::new(&inputs, &model.weights);
         let expected = evaluate(&train.graph, &feeds).unwrap();
         // The forms every backend runs, then the CPU's own (the experts' weights read where
-        // each lies, never stacked): the same products of the same values, bit for bit.
+        // each lies and their gradients written where each is wanted, never stacked): the same
+        // products of the same values, bit for bit.
         let mut first: Option<CpuOutputs> = None;
         for options in [LowerOptions::default(), LowerOptions::cpu()] {
             let program = lower_with(&train.graph, options).unwrap();
             let stacked_weights = program.kernels.iter().filter(|k| {
                 matches!(
                     &k.body,
-                    KernelBody::Library(Library::GroupedMatMul {
-                        weights: ExpertWeights::Stacked(_),
-                        ..
-                    })
-                ) || (k.name.contains("_stack_") && k.name.contains("experts"))
+                    KernelBody::Library(
+                        Library::GroupedMatMul {
+                            weights: ExpertWeights::Stacked(_),
+                            ..
+                        } | Library::GroupedMatMulWeightGrad {
+                            out: ExpertOutputs::Stacked(_),
+                            ..
+                        }
+                    )
+                ) || (k.name.contains("_stack_") || k.name.contains("_copy_backward_"))
+                    && k.name.contains("experts")
             });
             if options.grouped_weights_in_place {
                 assert_eq!(stacked_weights.count(), 0, "{name}: stacked weights");

@@ -17,7 +17,7 @@
 //!
 //! The runtime's `cuda::library` plans the launches (grids and arguments) of each call.
 
-use crate::kernel::{BufferId, ExpertWeights, Kernel, Library, Program, View};
+use crate::kernel::{BufferId, ExpertOutputs, ExpertWeights, Kernel, Library, Program, View};
 
 use super::TemplateCall;
 
@@ -62,7 +62,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
                     "weights",
                     match weights {
                         ExpertWeights::Stacked(stacked) => view(stacked),
-                        // Not made for CUDA (`CompileOptions::grouped_weights_in_place`).
+                        // Not made for CUDA (`LowerOptions::grouped_weights_in_place`).
                         parts => parts.to_string(),
                     },
                 ),
@@ -83,7 +83,14 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
                 ("cotangent", ty(cotangent)),
                 ("x", ty(x)),
                 ("expert_ids", ty(expert_ids)),
-                ("out", ty(out)),
+                (
+                    "out",
+                    match out {
+                        ExpertOutputs::Stacked(stacked) => ty(stacked),
+                        // Not made for CUDA (`LowerOptions::grouped_weights_in_place`).
+                        parts => parts.to_string(),
+                    },
+                ),
             ],
         ),
         Library::Gather {
@@ -164,7 +171,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             ],
         ),
     };
-    let (reads, write) = call.operands();
+    let (reads, writes) = call.operands();
     TemplateCall {
         name: kernel.name.clone(),
         nodes: kernel.nodes.clone(),
@@ -173,6 +180,6 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
         implemented_by,
         params,
         reads,
-        write,
+        writes,
     }
 }

@@ -157,7 +157,7 @@ pub struct TemplateCall {
     /// Problem parameters and operands, as text (`("m", "4")`, `("a", "b46[0; 24,8,1] of f32[1,3,8]")`).
     pub params: Vec<(&'static str, String)>,
     pub reads: Vec<BufferId>,
-    pub write: BufferId,
+    pub writes: Vec<BufferId>,
 }
 
 /// One step of the program, in execution order.

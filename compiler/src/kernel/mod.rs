@@ -145,11 +145,13 @@ pub enum Library {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exact_in: Option<DType>,
     },
+    /// The op of the same name in the graph, on dense buffers, written as [`ExpertOutputs`]
+    /// says.
     GroupedMatMulWeightGrad {
         cotangent: BufferId,
         x: BufferId,
         expert_ids: BufferId,
-        out: BufferId,
+        out: ExpertOutputs,
         #[serde(default)]
         accumulation: Accumulation,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -275,6 +277,28 @@ pub enum ExpertWeights {
     Parts(Vec<View>),
 }
 
+/// Where a grouped matmul's weight gradient, `[experts, n, k]`, is written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertOutputs {
+    /// One buffer of `experts` row-major blocks of `n·k`.
+    Stacked(BufferId),
+    /// Expert `e`'s row-major `[n, k]` block into buffer `parts[e]`: the experts' weight
+    /// gradients written where each is wanted (the graph's outputs), instead of sliced out of
+    /// a stacked buffer every run.
+    Parts(Vec<BufferId>),
+}
+
+impl ExpertOutputs {
+    /// The buffers written.
+    pub fn buffers(&self) -> Vec<BufferId> {
+        match self {
+            ExpertOutputs::Stacked(buffer) => vec![*buffer],
+            ExpertOutputs::Parts(parts) => parts.clone(),
+        }
+    }
+}
+
 impl ExpertWeights {
     /// The buffers the weights are read from.
     pub fn buffers(&self) -> Vec<BufferId> {
@@ -325,8 +349,23 @@ impl Stmt {
 }
 
 impl Library {
-    /// The buffers the call reads, then the one it writes.
-    pub fn operands(&self) -> (Vec<BufferId>, BufferId) {
+    /// The buffers the call reads, then those it writes.
+    pub fn operands(&self) -> (Vec<BufferId>, Vec<BufferId>) {
+        let (reads, write) = match self {
+            Library::GroupedMatMulWeightGrad {
+                cotangent,
+                x,
+                expert_ids,
+                out,
+                ..
+            } => return (vec![*cotangent, *x, *expert_ids], out.buffers()),
+            other => other.operands_one_output(),
+        };
+        (reads, vec![write])
+    }
+
+    /// [`Library::operands`] of a call writing one buffer.
+    fn operands_one_output(&self) -> (Vec<BufferId>, BufferId) {
         match self {
             Library::MatMul { a, b, out, .. } => (vec![a.buffer, b.buffer], out.buffer),
             Library::GroupedMatMul {
@@ -341,13 +380,7 @@ impl Library {
                 read.push(*expert_ids);
                 (read, *out)
             }
-            Library::GroupedMatMulWeightGrad {
-                cotangent,
-                x,
-                expert_ids,
-                out,
-                ..
-            } => (vec![*cotangent, *x, *expert_ids], *out),
+            Library::GroupedMatMulWeightGrad { .. } => unreachable!("in `operands`"),
             Library::Gather {
                 table,
                 indices,
@@ -379,9 +412,9 @@ impl Kernel {
         };
         match &self.body {
             KernelBody::Library(call) => {
-                let (inputs, out) = call.operands();
+                let (inputs, outs) = call.operands();
                 inputs.into_iter().for_each(&mut read);
-                writes.push(out);
+                writes = outs;
             }
             KernelBody::Loop(nest) => {
                 for stmt in &nest.body {

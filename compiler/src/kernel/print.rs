@@ -16,8 +16,8 @@ use crate::graph::op::Scalar;
 use crate::graph::{Accumulation, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 
 use super::{
-    Buffer, BufferId, BufferRole, ExpertWeights, Expr, Kernel, KernelBody, Library, Program, Stmt,
-    View,
+    Buffer, BufferId, BufferRole, ExpertOutputs, ExpertWeights, Expr, Kernel, KernelBody, Library,
+    Program, Stmt, View,
 };
 
 impl Display for BufferId {
@@ -42,6 +42,22 @@ impl Display for ExpertWeights {
         match self {
             ExpertWeights::Stacked(view) => write!(f, "{view}"),
             ExpertWeights::Parts(parts) => {
+                f.write_str("parts[")?;
+                for (i, part) in parts.iter().enumerate() {
+                    write!(f, "{}{part}", if i == 0 { "" } else { ", " })?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+/// A stacked buffer as its name; parts as `parts[b7, b8, …]`, expert by expert.
+impl Display for ExpertOutputs {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpertOutputs::Stacked(buffer) => write!(f, "{buffer}"),
+            ExpertOutputs::Parts(parts) => {
                 f.write_str("parts[")?;
                 for (i, part) in parts.iter().enumerate() {
                     write!(f, "{}{part}", if i == 0 { "" } else { ", " })?;

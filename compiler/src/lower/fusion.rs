@@ -6,7 +6,8 @@ mod short_reduce;
 
 use crate::graph::{Accumulation, Graph, NodeId, Op, Triangular, inverse_permutation};
 use crate::kernel::{
-    Buffer, BufferId, BufferRole, ExpertWeights, Expr, KernelBody, Library, Program, Stmt, View,
+    Buffer, BufferId, BufferRole, ExpertOutputs, ExpertWeights, Expr, KernelBody, Library, Program,
+    Stmt, View,
 };
 
 use super::exact::exact_operands;
@@ -69,9 +70,13 @@ pub(super) struct Lowering<'g> {
     /// The view of every concatenation or stack whose buffer exists: made when the first part
     /// is written into it, or when the assembly is emitted.
     assembled: Vec<Option<StridedView>>,
-    /// Stacks of parameters that grouped matmuls read as one matrix per expert, and the
-    /// permutes of them they read through: never materialised (see `decide_weight_parts`).
-    read_by_parts: Vec<bool>,
+    /// Nodes the grouped matmuls read or write as one matrix per expert, never lowered on
+    /// their own (see `decide_weight_parts`): stacks of parameters and the permutes of them
+    /// the calls read through; the slices of a weight gradient and their reshapes.
+    in_parts: Vec<bool>,
+    /// Per weight-gradient node written in parts, its experts' gradients (the reshapes) in
+    /// expert order.
+    gradient_parts: Vec<Option<Vec<NodeId>>>,
     options: LowerOptions,
     program: Program,
     /// The kernels emitted so far, in order; named and put in the program by `finish`.
@@ -117,7 +122,8 @@ impl<'g> Lowering<'g> {
             place: vec![None; n],
             placed: vec![false; n],
             assembled: vec![None; n],
-            read_by_parts: vec![false; n],
+            in_parts: vec![false; n],
+            gradient_parts: vec![None; n],
             options,
             program: Program {
                 name: graph.name.clone(),
@@ -308,18 +314,69 @@ impl<'g> Lowering<'g> {
     /// leaves (the experts' weight parameters, each a buffer of its own) that no kernel needs
     /// whole, because every user reads it as a grouped matmul's weights, directly or through
     /// permutes that keep the expert axis first (the input gradient's transposed weights).
+    /// And which weight gradients are written as one matrix per expert: those whose every
+    /// user takes one expert's gradient out (autodiff's adjoint of the stack, a slice and a
+    /// reshape per expert) as a graph output.
     fn decide_weight_parts(&mut self) {
         for id in self.graph.node_ids() {
+            if !self.live[id.index()] {
+                continue;
+            }
             let node = self.graph.node(id);
             let parts_are_leaves = matches!(node.op, Op::Stack)
                 && node
                     .inputs
                     .iter()
                     .all(|&p| self.classes[p.index()] == Class::Leaf && self.dims(p).len() == 2);
-            if self.live[id.index()] && parts_are_leaves && self.only_weights_of_grouped(id) {
+            if parts_are_leaves && self.only_weights_of_grouped(id) {
                 self.mark_read_by_parts(id);
             }
+            if matches!(node.op, Op::GroupedMatMulWeightGrad { .. })
+                && let Some(parts) = self.gradient_parts(id)
+            {
+                for &part in &parts {
+                    self.in_parts[part.index()] = true;
+                    self.in_parts[self.graph.node(part).inputs[0].index()] = true;
+                }
+                self.gradient_parts[id.index()] = Some(parts);
+            }
         }
+    }
+
+    /// The experts' gradients of weight gradient `id`, in expert order, when every user of it
+    /// is a slice of one expert (`e..e + 1` of axis 0, each once) read only by a reshape to
+    /// that expert's matrix which is a graph output and not placed in an assembly.
+    fn gradient_parts(&self, id: NodeId) -> Option<Vec<NodeId>> {
+        let dims = self.dims(id);
+        let mut parts = vec![None; dims[0]];
+        if self.graph.is_output(id) {
+            return None;
+        }
+        for &slice in &self.users[id.index()] {
+            let Op::Slice {
+                axis: 0,
+                start,
+                end,
+            } = self.graph.node(slice).op
+            else {
+                return None;
+            };
+            let [reshape] = self.users[slice.index()][..] else {
+                return None;
+            };
+            let whole_matrix = matches!(
+                &self.graph.node(reshape).op,
+                Op::Reshape { shape } if shape[..] == dims[1..]
+            );
+            let alone = end == start + 1
+                && !self.graph.is_output(slice)
+                && self.graph.is_output(reshape)
+                && self.place[reshape.index()].is_none();
+            if !(whole_matrix && alone) || parts[start].replace(reshape).is_some() {
+                return None;
+            }
+        }
+        parts.into_iter().collect()
     }
 
     /// Whether every user of `id` reads it as the weights of a grouped matmul, directly or
@@ -339,7 +396,7 @@ impl<'g> Lowering<'g> {
     }
 
     fn mark_read_by_parts(&mut self, id: NodeId) {
-        self.read_by_parts[id.index()] = true;
+        self.in_parts[id.index()] = true;
         for u in self.users[id.index()].clone() {
             if matches!(self.graph.node(u).op, Op::Permute { .. }) {
                 self.mark_read_by_parts(u);
@@ -385,8 +442,8 @@ impl<'g> Lowering<'g> {
 
     /// Emits what node `id` needs, in graph order.
     fn visit(&mut self, id: NodeId) -> Result<(), LowerError> {
-        if self.read_by_parts[id.index()] {
-            // Read where its parts lie by the grouped matmuls (`weight_parts`).
+        if self.in_parts[id.index()] {
+            // Read or written where its parts lie by the grouped matmuls.
             return Ok(());
         }
         let node = self.graph.node(id);
@@ -801,7 +858,7 @@ impl<'g> Lowering<'g> {
     /// transposing them cost a 32-expert model's training step 7 ms per MoE layer); else a
     /// dense copy.
     fn expert_weights(&mut self, id: NodeId) -> Result<ExpertWeights, LowerError> {
-        if self.read_by_parts[id.index()] {
+        if self.in_parts[id.index()] {
             return Ok(ExpertWeights::Parts(self.weight_parts(id)));
         }
         let view = self.operand_view(id)?;
@@ -941,6 +998,40 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
+    /// A grouped matmul's weight gradient written straight into the experts' gradients (see
+    /// `gradient_parts`): each `parts[e]` gets a buffer of its own, which the call writes.
+    fn emit_weight_grad_in_parts(
+        &mut self,
+        id: NodeId,
+        parts: Vec<NodeId>,
+    ) -> Result<(), LowerError> {
+        let node = self.graph.node(id);
+        let Op::GroupedMatMulWeightGrad { accumulation, .. } = node.op else {
+            unreachable!("only weight gradients are written in parts")
+        };
+        let inputs = node.inputs.clone();
+        let mut nodes = vec![id];
+        let mut buffers = Vec::with_capacity(parts.len());
+        for part in parts {
+            let buffer = new_buffer(&mut self.program, temporary(self.graph.ty(part)));
+            self.views[part.index()] = Some(StridedView::contiguous(buffer, self.dims(part)));
+            buffers.push(buffer);
+            // The slice it reshapes, then itself.
+            nodes.extend([self.graph.node(part).inputs[0], part]);
+        }
+        let call = Library::GroupedMatMulWeightGrad {
+            cotangent: self.dense(inputs[0])?,
+            x: self.dense(inputs[1])?,
+            expert_ids: self.dense(inputs[2])?,
+            out: ExpertOutputs::Parts(buffers),
+            accumulation,
+            exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
+        };
+        let what = what(&node.op);
+        self.push_node_kernel(id, what, nodes, KernelBody::Library(call));
+        Ok(())
+    }
+
     fn emit_library(&mut self, id: NodeId) -> Result<(), LowerError> {
         let node = self.graph.node(id);
         if let Op::MatMul {
@@ -949,6 +1040,9 @@ impl<'g> Lowering<'g> {
         } = node.op
         {
             return self.emit_matmul(id, accumulation, triangular);
+        }
+        if let Some(parts) = self.gradient_parts[id.index()].clone() {
+            return self.emit_weight_grad_in_parts(id, parts);
         }
         let (out, out_view) = self.library_output(id);
         let inputs = node.inputs.clone();
@@ -965,7 +1059,7 @@ impl<'g> Lowering<'g> {
                 cotangent: self.dense(inputs[0])?,
                 x: self.dense(inputs[1])?,
                 expert_ids: self.dense(inputs[2])?,
-                out,
+                out: ExpertOutputs::Stacked(out),
                 accumulation: *accumulation,
                 exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
             },

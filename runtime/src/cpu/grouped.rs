@@ -128,17 +128,17 @@ pub(super) fn matmul(
     Ok(())
 }
 
-/// `out[e] = Σ_{(t, s) routed to e} g[t, s]ᵀ · x[t, s]`, `[experts, n, k]` into `result`
-/// (every element written: an expert no row was routed to gets zeros). Under expert
-/// parallelism a rank computes the experts it owns from every rank's rows and leaves the
-/// others at zero.
+/// `out[e] = Σ_{(t, s) routed to e} g[t, s]ᵀ · x[t, s]`, expert e's row-major `[n, k]` into
+/// `blocks[e]` (every element written: an expert no row was routed to gets zeros). Under
+/// expert parallelism a rank computes the experts it owns from every rank's rows and leaves
+/// the others at zero.
 pub(super) fn weight_grad(
     routing: &Routing,
     gs: &[f32],
     xs: &[f32],
     (n, k): (usize, usize),
     exchange: Option<&dyn ExpertExchange>,
-    result: &mut [f32],
+    blocks: &mut [&mut [f32]],
 ) -> Result<(), String> {
     // Expert e's cotangent rows (width n, one per token-slot), contiguous, into `g`.
     let cotangent_rows_into = |e: usize, g: &mut Vec<f32>| {
@@ -147,23 +147,21 @@ pub(super) fn weight_grad(
             g.extend_from_slice(&gs[ts * n..][..n]);
         }
     };
-    assert_eq!(result.len(), routing.groups.len() * n * k);
+    assert_eq!(blocks.len(), routing.groups.len());
+    assert!(blocks.iter().all(|b| b.len() == n * k));
     let Some(exchange) = exchange else {
         // Each expert gathers its rows in per-thread scratch and writes its own n·k block.
-        result
-            .par_chunks_mut((n * k).max(1))
-            .enumerate()
-            .for_each(|(e, block)| {
-                if routing.groups[e].is_empty() {
-                    return block.fill(0.0);
-                }
-                SCRATCH.with_borrow_mut(|[g, xe]| {
-                    cotangent_rows_into(e, g);
-                    routing.rows_into(xs, e, k, xe);
-                    let rows = routing.groups[e].len();
-                    expert_weight_grad((g, xe), (n, k, rows), routing.accumulation, block);
-                });
+        blocks.par_iter_mut().enumerate().for_each(|(e, block)| {
+            if routing.groups[e].is_empty() {
+                return block.fill(0.0);
+            }
+            SCRATCH.with_borrow_mut(|[g, xe]| {
+                cotangent_rows_into(e, g);
+                routing.rows_into(xs, e, k, xe);
+                let rows = routing.groups[e].len();
+                expert_weight_grad((g, xe), (n, k, rows), routing.accumulation, block);
             });
+        });
         return Ok(());
     };
     // Each row travels as its n cotangent values followed by its k inputs.
@@ -192,8 +190,8 @@ pub(super) fn weight_grad(
         })
         .collect();
     // Each expert writes its own n·k block: the experts spread over the threads.
-    result
-        .par_chunks_mut((n * k).max(1))
+    blocks
+        .par_iter_mut()
         .zip(pairs.par_iter())
         .for_each(|(block, (g, xe))| {
             if g.is_empty() {
@@ -321,7 +319,8 @@ mod tests {
 
         let gs: Vec<f32> = (0..3 * n).map(|i| i as f32 * 0.5).collect();
         let mut grad = vec![f32::NAN; 3 * n * k];
-        weight_grad(&routing(), &gs, &xs, (n, k), None, &mut grad).unwrap();
+        let mut blocks: Vec<&mut [f32]> = grad.chunks_mut(n * k).collect();
+        weight_grad(&routing(), &gs, &xs, (n, k), None, &mut blocks).unwrap();
         // Expert 1 got no token: exact zeros. Expert 2: the outer product of token 1's rows.
         assert_eq!(grad[n * k..2 * n * k], vec![0.0; n * k]);
         for (j, p) in (0..n).flat_map(|j| (0..k).map(move |p| (j, p))) {

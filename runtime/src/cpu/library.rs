@@ -4,7 +4,7 @@
 
 use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::graph::{Accumulation, MatMulPart, Triangular};
-use fathom_compiler::kernel::{BufferId, ExpertWeights, Library, Program, View};
+use fathom_compiler::kernel::{BufferId, ExpertOutputs, ExpertWeights, Library, Program, View};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -125,16 +125,27 @@ pub(super) fn run(
             accumulation,
             ..
         } => {
-            let (xd, cd, od) = (dims(x), dims(cotangent), dims(out));
-            let (experts, n, k) = (od[0], cd[2], xd[2]);
-            let ids = &buffers[expert_ids.index()];
-            let routing = route(ids, &dims(expert_ids), &xd, experts, *accumulation, &index)?;
+            let (xd, cd) = (dims(x), dims(cotangent));
+            let (n, k) = (cd[2], xd[2]);
             // Stale values: every expert's block is written, zeros where no row was routed.
-            let mut result = buffers[out.index()].take_vec();
+            let written = out.buffers();
+            let mut results: Vec<Vec<f32>> = written
+                .iter()
+                .map(|b| buffers[b.index()].take_vec())
+                .collect();
+            let mut blocks: Vec<&mut [f32]> = match out {
+                ExpertOutputs::Stacked(_) => results[0].chunks_mut((n * k).max(1)).collect(),
+                ExpertOutputs::Parts(_) => results.iter_mut().map(|r| &mut r[..]).collect(),
+            };
+            let ids = &buffers[expert_ids.index()];
+            let experts = blocks.len();
+            let routing = route(ids, &dims(expert_ids), &xd, experts, *accumulation, &index)?;
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
-            grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut result)
+            grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut blocks)
                 .map_err(|reason| exchange_failed(kernel, reason))?;
-            buffers[out.index()] = Storage::Owned(result);
+            for (buffer, result) in written.iter().zip(results) {
+                buffers[buffer.index()] = Storage::Owned(result);
+            }
         }
         Library::Gather {
             table,

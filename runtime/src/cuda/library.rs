@@ -17,7 +17,9 @@
 //! the status words, tagged with the call's position in the program plus one.
 
 use fathom_compiler::graph::{MatMulPart, QuantFormat, Triangle, Triangular};
-use fathom_compiler::kernel::{BufferId, ExpertWeights, KernelBody, Library, Program, View};
+use fathom_compiler::kernel::{
+    BufferId, ExpertOutputs, ExpertWeights, KernelBody, Library, Program, View,
+};
 use fathom_kernels::gemm_f32::MAX_BATCH_AXES;
 use fathom_kernels::{
     F32GemmKind, F32GemmParams, FakeQuantizeParams, IndexOp, IndexOpParams, KernelError,
@@ -25,6 +27,10 @@ use fathom_kernels::{
 };
 
 use super::CudaError;
+
+/// Why a grouped GEMM whose experts' matrices lie in buffers of their own has no CUDA plan.
+const NOT_IN_PARTS: &str = "the CUDA plan reads and writes the experts' matrices of grouped \
+     GEMMs as one stacked buffer; lower without `LowerOptions::grouped_weights_in_place`";
 
 /// A template instantiation a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -238,7 +244,7 @@ impl Planner<'_> {
             } => self.experts(weights) + 1 + self.numel(expert_ids),
             Library::GroupedMatMulWeightGrad {
                 expert_ids, out, ..
-            } => self.dims(out)[0] + 1 + self.numel(expert_ids),
+            } => self.experts_written(out) + 1 + self.numel(expert_ids),
             Library::IndexAdd { indices, out, .. } => self.dims(out)[0] + 1 + self.numel(indices),
             _ => 0,
         }
@@ -249,6 +255,14 @@ impl Planner<'_> {
         match weights {
             ExpertWeights::Stacked(view) => self.dims(&view.buffer)[0],
             ExpertWeights::Parts(parts) => parts.len(),
+        }
+    }
+
+    /// How many experts a grouped weight gradient writes.
+    fn experts_written(&self, out: &ExpertOutputs) -> usize {
+        match out {
+            ExpertOutputs::Stacked(stacked) => self.dims(stacked)[0],
+            ExpertOutputs::Parts(parts) => parts.len(),
         }
     }
 
@@ -345,11 +359,7 @@ impl Planner<'_> {
             } => {
                 let (ids, xd) = (self.dims(expert_ids), self.dims(x));
                 let ExpertWeights::Stacked(weights) = weights else {
-                    return Err(
-                        "the CUDA plan reads grouped weights from one stacked buffer; \
-                                lower without `grouped_weights_in_place` for CUDA"
-                            .into(),
-                    );
+                    return Err(NOT_IN_PARTS.into());
                 };
                 let (experts, n, k) = (self.dims(&weights.buffer)[0], self.dims(out)[2], xd[2]);
                 let (rows, slots) = (ids[0] * ids[1], ids[1]);
@@ -382,6 +392,9 @@ impl Planner<'_> {
                 out,
                 ..
             } => {
+                let ExpertOutputs::Stacked(out) = out else {
+                    return Err(NOT_IN_PARTS.into());
+                };
                 let (od, ids, xd) = (self.dims(out), self.dims(expert_ids), self.dims(x));
                 let (experts, n, k) = (od[0], od[1], od[2]);
                 let (rows, slots) = (ids[0] * ids[1], ids[1]);
