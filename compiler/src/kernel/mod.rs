@@ -134,7 +134,9 @@ pub enum Library {
         triangular: Option<Triangular>,
     },
     /// The op of the same name in the graph, on dense buffers (see `graph::Op`) but for the
-    /// weights (see [`ExpertWeights`]).
+    /// weights (see [`ExpertWeights`]) and `x`, whose buffer holds its `[tokens, x_slots, k]`
+    /// values in row-major order in any shape ending in `k` (its slots per token are its
+    /// length over `tokens · k`).
     GroupedMatMul {
         x: BufferId,
         weights: ExpertWeights,
@@ -145,8 +147,8 @@ pub enum Library {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exact_in: Option<DType>,
     },
-    /// The op of the same name in the graph, on dense buffers, written as [`ExpertOutputs`]
-    /// says.
+    /// The op of the same name in the graph, on dense buffers but for `x` (as in
+    /// `GroupedMatMul`), written as [`ExpertOutputs`] says.
     GroupedMatMulWeightGrad {
         cotangent: BufferId,
         x: BufferId,
@@ -251,12 +253,13 @@ impl Program {
                 KernelBody::Library(Library::GroupedMatMul {
                     x, expert_ids, out, ..
                 }) => {
-                    let (ids, n, k) = (dims(expert_ids), dims(out)[2], dims(x)[2]);
+                    let (ids, n) = (dims(expert_ids), dims(out)[2]);
+                    let k = *dims(x).last().expect("x has rows");
                     2 * (ids[0] * ids[1] * n * k) as u64
                 }
                 KernelBody::Library(Library::GroupedMatMulWeightGrad { cotangent, x, .. }) => {
-                    let (c, x) = (dims(cotangent), dims(x));
-                    2 * (c[0] * c[1] * c[2] * x[2]) as u64
+                    let (c, k) = (dims(cotangent), *dims(x).last().expect("x has rows"));
+                    2 * (c[0] * c[1] * c[2] * k) as u64
                 }
                 _ => 0,
             })

@@ -880,6 +880,21 @@ impl<'g> Lowering<'g> {
         Ok(ExpertWeights::Stacked(dense.compose(&identity)))
     }
 
+    /// A buffer holding operand `id`'s values in row-major order, whatever the buffer's own
+    /// shape but the same last axis: grouped matmuls read their `x` as rows of `k` (`Library::
+    /// GroupedMatMul`), so the tokens `[t, k]` read as `[t, 1, k]` are their own buffer, not
+    /// a copy per call.
+    fn rows(&mut self, id: NodeId) -> Result<BufferId, LowerError> {
+        let view = self.operand_view(id)?;
+        let buffer = &self.program.buffer(view.buffer).ty;
+        let same_rows =
+            buffer.numel() == self.ty(id).numel() && buffer.dims().last() == self.dims(id).last();
+        if view.is_contiguous() && same_rows {
+            return Ok(view.buffer);
+        }
+        self.dense(id)
+    }
+
     /// A dense buffer holding operand `id` (copied when its view is not the whole buffer).
     fn dense(&mut self, id: NodeId) -> Result<BufferId, LowerError> {
         let view = self.operand_view(id)?;
@@ -1021,7 +1036,7 @@ impl<'g> Lowering<'g> {
         }
         let call = Library::GroupedMatMulWeightGrad {
             cotangent: self.dense(inputs[0])?,
-            x: self.dense(inputs[1])?,
+            x: self.rows(inputs[1])?,
             expert_ids: self.dense(inputs[2])?,
             out: ExpertOutputs::Parts(buffers),
             accumulation,
@@ -1048,7 +1063,7 @@ impl<'g> Lowering<'g> {
         let inputs = node.inputs.clone();
         let call = match &node.op {
             Op::GroupedMatMul { accumulation } => Library::GroupedMatMul {
-                x: self.dense(inputs[0])?,
+                x: self.rows(inputs[0])?,
                 weights: self.expert_weights(inputs[1])?,
                 expert_ids: self.dense(inputs[2])?,
                 out,
@@ -1057,7 +1072,7 @@ impl<'g> Lowering<'g> {
             },
             Op::GroupedMatMulWeightGrad { accumulation, .. } => Library::GroupedMatMulWeightGrad {
                 cotangent: self.dense(inputs[0])?,
-                x: self.dense(inputs[1])?,
+                x: self.rows(inputs[1])?,
                 expert_ids: self.dense(inputs[2])?,
                 out: ExpertOutputs::Stacked(out),
                 accumulation: *accumulation,

@@ -250,6 +250,14 @@ impl Planner<'_> {
         }
     }
 
+    /// The rows per token of a grouped matmul's `x`, whose buffer holds `[tokens, x_slots,
+    /// k]` in any shape ending in `k`.
+    fn x_slots(&self, x: BufferId, tokens: usize) -> usize {
+        let xd = self.dims(&x);
+        let k = xd.last().copied().unwrap_or(1);
+        self.numel(&x) / (tokens * k).max(1)
+    }
+
     /// How many experts a grouped matmul's weights hold.
     fn experts(&self, weights: &ExpertWeights) -> usize {
         match weights {
@@ -361,7 +369,8 @@ impl Planner<'_> {
                 let ExpertWeights::Stacked(weights) = weights else {
                     return Err(NOT_IN_PARTS.into());
                 };
-                let (experts, n, k) = (self.dims(&weights.buffer)[0], self.dims(out)[2], xd[2]);
+                let (experts, n) = (self.dims(&weights.buffer)[0], self.dims(out)[2]);
+                let k = xd.last().copied().unwrap_or(1);
                 let (rows, slots) = (ids[0] * ids[1], ids[1]);
                 if rows == 0 || n == 0 {
                     return Ok(Vec::new());
@@ -375,7 +384,7 @@ impl Planner<'_> {
                 let sizes = vec![
                     self.int(experts, "experts")?,
                     self.int(slots, "slots")?,
-                    self.int(xd[1], "x slots")?,
+                    self.int(self.x_slots(*x, ids[0]), "x slots")?,
                     self.int(n, "n")?,
                     self.int(k, "k")?,
                     // W[e][j][p] at e·n·k + j·sn + p·sk (a transposed block read across).
@@ -395,7 +404,7 @@ impl Planner<'_> {
                 let ExpertOutputs::Stacked(out) = out else {
                     return Err(NOT_IN_PARTS.into());
                 };
-                let (od, ids, xd) = (self.dims(out), self.dims(expert_ids), self.dims(x));
+                let (od, ids) = (self.dims(out), self.dims(expert_ids));
                 let (experts, n, k) = (od[0], od[1], od[2]);
                 let (rows, slots) = (ids[0] * ids[1], ids[1]);
                 if experts * n * k == 0 {
@@ -409,7 +418,7 @@ impl Planner<'_> {
                 );
                 let sizes = vec![
                     self.int(slots, "slots")?,
-                    self.int(xd[1], "x slots")?,
+                    self.int(self.x_slots(*x, ids[0]), "x slots")?,
                     self.int(n, "n")?,
                     self.int(k, "k")?,
                 ];
