@@ -238,3 +238,46 @@ fn the_kernel_ir_marks_each_bf16_gemms_operands() {
     let f32_program = fathom_compiler::lower::lower(&train_graph()).unwrap();
     assert!(!f32_program.to_string().contains("operands"));
 }
+
+/// Under the bf16 policy a weight is rounded as it is stored: no kernel of the lowered training
+/// program reads a parameter across its rows (a transposing copy of a weight the forward
+/// multiplies by as `x · Wᵀ`), and each Linear weight is rounded once, shared by its forward
+/// GEMM and its input-gradient GEMM.
+#[test]
+fn bf16_weights_are_rounded_once_in_their_stored_order() {
+    use fathom_compiler::kernel::{BufferRole, KernelBody};
+
+    let policy = PrecisionPolicy::uniform(Precision::Bf16);
+    let out = apply_precision(&train_graph(), &policy, tiny().fp8.as_ref().unwrap()).unwrap();
+    let options = fathom_compiler::compile::CompileOptions::default();
+    let program = fathom_compiler::compile::compile(&out, &options)
+        .unwrap()
+        .program;
+    let mut rounded = Vec::new();
+    for kernel in &program.kernels {
+        let KernelBody::Loop(nest) = &kernel.body else {
+            continue;
+        };
+        for stmt in &nest.body {
+            stmt.value().for_each_load(&mut |view| {
+                let BufferRole::Parameter(name) = &program.buffer(view.buffer).role else {
+                    return;
+                };
+                let inner = *view.strides.last().unwrap();
+                assert!(inner <= 1, "{}: reads {name} across ({view})", kernel.name);
+                if name.ends_with("proj.weight") && kernel.name.contains("_cast_") {
+                    rounded.push(name.clone());
+                }
+            });
+        }
+    }
+    let mut once = rounded.clone();
+    once.sort();
+    once.dedup();
+    assert_eq!(
+        once.len(),
+        rounded.len(),
+        "rounded more than once: {rounded:?}"
+    );
+    assert!(rounded.len() > 10, "{rounded:?}");
+}

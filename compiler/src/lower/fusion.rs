@@ -167,6 +167,9 @@ impl<'g> Lowering<'g> {
         // Per node, what its users' kernels do when it is inlined: `None` when that is not
         // cheap (see `DUPLICATE_MAX_OPS`), else the ops computed and the full-size values read.
         let mut inlined: Vec<Option<Inlined>> = vec![None; self.graph.nodes.len()];
+        // Per node, whether it is computed elementwise from leaves (parameters, inputs,
+        // constants) alone.
+        let mut of_leaves = vec![false; self.graph.nodes.len()];
         for id in self.graph.node_ids() {
             let i = id.index();
             let node = self.graph.node(id);
@@ -218,10 +221,26 @@ impl<'g> Lowering<'g> {
                 && users
                     .iter()
                     .all(|u| matches!(self.classes[u.index()], Class::Elementwise | Class::Reduce));
+            // A value computed from parameters alone and read only through a permute (a
+            // weight rounded to bf16, then transposed for `x · Wᵀ`) is stored in the
+            // parameters' own order, the permute a view of it: inlined into the permute, it
+            // would be a transposing copy, four times slower per element.
+            of_leaves[i] = match self.classes[i] {
+                Class::Leaf => true,
+                Class::Elementwise => node
+                    .inputs
+                    .iter()
+                    .all(|p| of_leaves[p.index()] || self.classes[p.index()] == Class::Scalar),
+                _ => false,
+            };
+            let of_leaves_through_permute = self.classes[i] == Class::Elementwise
+                && of_leaves[i]
+                && matches!(users[..], [u] if matches!(self.graph.node(u).op, Op::Permute { .. }));
             self.materialise[i] = match self.classes[i] {
                 Class::Leaf | Class::Library | Class::Assemble | Class::CrossEntropy => true,
                 Class::Scalar => false,
                 // Computed once, then read by several users or by one that needs memory.
+                Class::Elementwise if of_leaves_through_permute => true,
                 Class::Elementwise => !duplicated && (users.len() != 1 || !inlinable_by(&users[0])),
                 Class::Reduce => users.len() != 1 || !inlinable_by(&users[0]),
                 // Movements are views; one is copied only when it must be an output.

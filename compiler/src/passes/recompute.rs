@@ -58,10 +58,18 @@ pub fn recompute(graph: &Graph, policy: RecomputePolicy) -> Graph {
         .iter()
         .map(|node| node.origin.starts_with("backward:"))
         .collect();
-    // Recomputable: forward nodes of the target modules, and cheap nodes fed by them.
+    // Recomputable: forward nodes of the target modules, and cheap nodes fed by them; not
+    // those computed from parameters and constants alone (a weight rounded to bf16), which
+    // do not grow with the batch: the backward reads the forward's.
     let mut recomputable = vec![false; n];
+    let mut of_weights = vec![false; n];
     for (i, node) in graph.nodes.iter().enumerate() {
-        if backward[i] || is_leaf(&node.op) {
+        of_weights[i] = match node.op {
+            Op::Input { .. } => false,
+            Op::Parameter { .. } | Op::Constant(_) => true,
+            _ => node.inputs.iter().all(|j| of_weights[j.index()]),
+        };
+        if backward[i] || is_leaf(&node.op) || of_weights[i] {
             continue;
         }
         recomputable[i] = is_target(&node.origin)

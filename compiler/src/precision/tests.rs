@@ -136,9 +136,21 @@ fn bf16_rounds_operands_and_keeps_f32_products() {
     for gemm in linear_gemms(&out) {
         assert_eq!(out.ty(gemm.node).dtype, DType::F32);
         for &operand in &out.node(gemm.node).inputs {
-            let back = out.node(operand);
+            // Rounded before the permutes and reshapes the GEMM reads it through (a weight
+            // read transposed is rounded as stored).
+            let mut read = operand;
+            while let Op::Permute { .. } | Op::Reshape { .. } = out.node(read).op {
+                read = out.node(read).inputs[0];
+            }
+            let back = out.node(read);
             assert_eq!(back.op, Op::Cast { to: DType::F32 });
-            assert_eq!(out.node(back.inputs[0]).op, Op::Cast { to: DType::BF16 });
+            let narrow = out.node(back.inputs[0]);
+            assert_eq!(narrow.op, Op::Cast { to: DType::BF16 });
+            let rounded = &out.node(narrow.inputs[0]).op;
+            assert!(
+                !matches!(rounded, Op::Permute { .. } | Op::Reshape { .. }),
+                "{rounded:?}"
+            );
         }
     }
 }
