@@ -141,7 +141,8 @@ impl Lowering<'_> {
             .collect()
     }
 
-    /// The view of a grouped GEMM's `[experts, n, k]` weights: where they lie when the buffer
+    /// A grouped GEMM's `[experts, n, k]` weights: each expert's parameter where it lies when
+    /// the stack is read in parts; else one view of them, where they lie when the buffer
     /// holds one `n·k` block per expert in order, whatever the order inside a block (the
     /// transposed weights of the input gradient are the stacked weights read across: a copy
     /// transposing them cost a 32-expert model's training step 7 ms per MoE layer); else a
