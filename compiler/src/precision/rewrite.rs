@@ -76,9 +76,23 @@ pub fn apply_precision(
                         pow2,
                     );
                     let source = inputs[k];
-                    inputs[k] = cached(&mut rounded, (source, rounding), || {
-                        round(g, source, rounding)
-                    })?;
+                    inputs[k] = match rounding {
+                        // Elementwise: the value below the movements is rounded, then moved.
+                        Rounding::Bf16 => {
+                            let (value, movements) = below_movements(g.graph(), source.id());
+                            let value = Tensor(value);
+                            let r = cached(&mut rounded, (value, rounding), || {
+                                round(g, value, rounding)
+                            })?;
+                            movements
+                                .into_iter()
+                                .rev()
+                                .try_fold(r, |t, op| g.push(op, &[t], None))?
+                        }
+                        Rounding::Fp8 { .. } => cached(&mut rounded, (source, rounding), || {
+                            round(g, source, rounding)
+                        })?,
+                    };
                     if fp8 && k == 0 && gemm.role == GemmRole::Forward {
                         saved.entry(source).or_insert(inputs[k]);
                     }
@@ -92,6 +106,20 @@ pub fn apply_precision(
         g.output(&output.name, new_ids[output.node.index()])?;
     }
     Ok(g.finish())
+}
+
+/// The value `id` shows through permutes and reshapes, and those movements, outermost first.
+/// A bf16 rounding (elementwise) is applied to that value and the movements to the rounding:
+/// a weight read transposed (`x · Wᵀ`) is then rounded as it is stored, row by row, rather
+/// than by a transposing copy (4× slower per element), and the GEMMs reading one value through
+/// different movements share its rounding.
+fn below_movements(graph: &Graph, mut id: NodeId) -> (NodeId, Vec<Op>) {
+    let mut movements = Vec::new();
+    while let op @ (Op::Permute { .. } | Op::Reshape { .. }) = &graph.node(id).op {
+        movements.push(op.clone());
+        id = graph.node(id).inputs[0];
+    }
+    (id, movements)
 }
 
 /// `cache[key]`, made by `make` the first time it is asked for.
@@ -226,26 +254,9 @@ impl Rounding {
 fn round(g: &mut GraphBuilder, x: Tensor, rounding: Rounding) -> Result<Tensor, GraphError> {
     match rounding {
         Rounding::Bf16 => {
-            // Rounding is elementwise, so it runs on the value the GEMM reads through
-            // permutes and reshapes, and those are applied to the rounded value: a weight
-            // read transposed (`x · Wᵀ`) is rounded as it is stored, row by row, rather than
-            // by a transposing copy (4× slower per element), and the GEMMs reading the same
-            // value through other movements share the rounding.
-            let mut movements = Vec::new();
-            let mut source = x;
-            while let op @ (Op::Permute { .. } | Op::Reshape { .. }) =
-                &g.graph().node(source.id()).op
-            {
-                movements.push(op.clone());
-                source = Tensor(g.graph().node(source.id()).inputs[0]);
-            }
-            let dtype = g.dtype(source);
-            let narrow = g.cast(source, DType::BF16)?;
-            let mut rounded = g.cast(narrow, dtype)?;
-            for op in movements.into_iter().rev() {
-                rounded = g.push(op, &[rounded], None)?;
-            }
-            Ok(rounded)
+            let dtype = g.dtype(x);
+            let narrow = g.cast(x, DType::BF16)?;
+            g.cast(narrow, dtype)
         }
         Rounding::Fp8 {
             tile,
