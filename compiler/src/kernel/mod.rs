@@ -280,6 +280,16 @@ pub enum ExpertWeights {
     Parts(Vec<View>),
 }
 
+impl ExpertWeights {
+    /// The buffers the weights are read from.
+    pub fn buffers(&self) -> Vec<BufferId> {
+        match self {
+            ExpertWeights::Stacked(view) => vec![view.buffer],
+            ExpertWeights::Parts(parts) => parts.iter().map(|p| p.buffer).collect(),
+        }
+    }
+}
+
 /// Where a grouped matmul's weight gradient, `[experts, n, k]`, is written.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -298,16 +308,6 @@ impl ExpertOutputs {
         match self {
             ExpertOutputs::Stacked(buffer) => vec![*buffer],
             ExpertOutputs::Parts(parts) => parts.clone(),
-        }
-    }
-}
-
-impl ExpertWeights {
-    /// The buffers the weights are read from.
-    pub fn buffers(&self) -> Vec<BufferId> {
-        match self {
-            ExpertWeights::Stacked(view) => vec![view.buffer],
-            ExpertWeights::Parts(parts) => parts.iter().map(|p| p.buffer).collect(),
         }
     }
 }
@@ -354,23 +354,8 @@ impl Stmt {
 impl Library {
     /// The buffers the call reads, then those it writes.
     pub fn operands(&self) -> (Vec<BufferId>, Vec<BufferId>) {
-        let (reads, write) = match self {
-            Library::GroupedMatMulWeightGrad {
-                cotangent,
-                x,
-                expert_ids,
-                out,
-                ..
-            } => return (vec![*cotangent, *x, *expert_ids], out.buffers()),
-            other => other.operands_one_output(),
-        };
-        (reads, vec![write])
-    }
-
-    /// [`Library::operands`] of a call writing one buffer.
-    fn operands_one_output(&self) -> (Vec<BufferId>, BufferId) {
         match self {
-            Library::MatMul { a, b, out, .. } => (vec![a.buffer, b.buffer], out.buffer),
+            Library::MatMul { a, b, out, .. } => (vec![a.buffer, b.buffer], vec![out.buffer]),
             Library::GroupedMatMul {
                 x,
                 weights,
@@ -381,25 +366,31 @@ impl Library {
                 let mut read = vec![*x];
                 read.extend(weights.buffers());
                 read.push(*expert_ids);
-                (read, *out)
+                (read, vec![*out])
             }
-            Library::GroupedMatMulWeightGrad { .. } => unreachable!("in `operands`"),
+            Library::GroupedMatMulWeightGrad {
+                cotangent,
+                x,
+                expert_ids,
+                out,
+                ..
+            } => (vec![*cotangent, *x, *expert_ids], out.buffers()),
             Library::Gather {
                 table,
                 indices,
                 out,
-            } => (vec![*table, *indices], *out),
+            } => (vec![*table, *indices], vec![*out]),
             Library::TakeAlong {
                 x, indices, out, ..
-            } => (vec![*x, *indices], *out),
+            } => (vec![*x, *indices], vec![*out]),
             Library::IndexAdd {
                 values,
                 indices,
                 out,
-            } => (vec![*values, *indices], *out),
-            Library::TopK { x, out, .. } => (vec![*x], *out),
-            Library::OneHot { indices, out, .. } => (vec![*indices], *out),
-            Library::QuantizeDequantize { x, out, .. } => (vec![*x], *out),
+            } => (vec![*values, *indices], vec![*out]),
+            Library::TopK { x, out, .. } => (vec![*x], vec![*out]),
+            Library::OneHot { indices, out, .. } => (vec![*indices], vec![*out]),
+            Library::QuantizeDequantize { x, out, .. } => (vec![*x], vec![*out]),
         }
     }
 }
