@@ -41,13 +41,7 @@ impl Display for ExpertWeights {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         match self {
             ExpertWeights::Stacked(view) => write!(f, "{view}"),
-            ExpertWeights::Parts(parts) => {
-                f.write_str("parts[")?;
-                for (i, part) in parts.iter().enumerate() {
-                    write!(f, "{}{part}", if i == 0 { "" } else { ", " })?;
-                }
-                f.write_str("]")
-            }
+            ExpertWeights::Parts(parts) => write_parts(f, parts),
         }
     }
 }
@@ -57,15 +51,18 @@ impl Display for ExpertOutputs {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         match self {
             ExpertOutputs::Stacked(buffer) => write!(f, "{buffer}"),
-            ExpertOutputs::Parts(parts) => {
-                f.write_str("parts[")?;
-                for (i, part) in parts.iter().enumerate() {
-                    write!(f, "{}{part}", if i == 0 { "" } else { ", " })?;
-                }
-                f.write_str("]")
-            }
+            ExpertOutputs::Parts(parts) => write_parts(f, parts),
         }
     }
+}
+
+/// Expert by expert: `parts[a, b, …]`.
+fn write_parts(f: &mut Formatter<'_>, parts: &[impl Display]) -> fmt::Result {
+    f.write_str("parts[")?;
+    for (i, part) in parts.iter().enumerate() {
+        write!(f, "{}{part}", if i == 0 { "" } else { ", " })?;
+    }
+    f.write_str("]")
 }
 
 impl Display for Buffer {

@@ -43,8 +43,10 @@ pub enum LowerError {
 pub struct LowerOptions {
     /// A grouped matmul may read a stack of parameters (the experts' weights) as one matrix
     /// per expert where each lies ([`crate::kernel::ExpertWeights::Parts`]) rather than from a
-    /// stacked copy made every run: the CPU backend reads them so (the copies cost a 32-expert
-    /// model's training step 40 ms); the CUDA plan reads one stacked buffer.
+    /// stacked copy made every run, and its weight gradient may write each expert's block
+    /// into that expert's own output ([`crate::kernel::ExpertOutputs::Parts`]) rather than
+    /// into a stacked buffer sliced afterwards: the CPU backend runs both (the copies cost a
+    /// 32-expert model's training step about 100 ms); the CUDA plan keeps one stacked buffer.
     pub grouped_weights_in_place: bool,
 }
 
