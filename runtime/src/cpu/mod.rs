@@ -183,10 +183,9 @@ impl CpuProgram {
     fn run_inner(
         &self,
         feeds: &Feeds<'_>,
-        mut observe: Option<&mut KernelObserver<'_>>,
+        observe: Option<&mut KernelObserver<'_>>,
     ) -> Result<CpuOutputs, CpuError> {
         let timing = self.profile.as_ref().map(|_| Instant::now());
-        let mut kernel_times = Vec::new();
         // Temporaries live from the kernel that first writes them to the last that reads them
         // (the memory plan's lifetimes): storage is taken from a pool when one starts (later
         // kernels writing other regions of it, the parts of a concatenation, find it as the
@@ -207,41 +206,27 @@ impl CpuProgram {
             });
         }
         let feeds_time = timing.map(|t| t.elapsed());
-        for (index, kernel) in self.program.kernels.iter().enumerate() {
-            let kernel_start = timing.map(|_| Instant::now());
-            for &b in &self.lifetimes.starting[index] {
-                let len = self.program.buffers[b].ty.numel();
-                buffers[b] = Storage::Pooled {
-                    values: pool.take(len),
-                    len,
-                };
+        let mut kernel_times = Vec::new();
+        let mut sequence = KernelSequence {
+            buffers: &mut buffers,
+            pool: &mut pool,
+            experts: feeds.experts,
+            times: timing.map(|_| &mut kernel_times),
+        };
+        match observe {
+            Some(observe) => self.run_kernels(&mut sequence, Some(observe))?,
+            // A kernel sequence run by a thread outside the rayon pool hands every parallel
+            // kernel to the pool's workers and sleeps until they finish: two thread wake-ups
+            // per kernel, about 1700 context switches per training step of the small model.
+            // Run by one of the workers, it splits each kernel with the other workers by work
+            // stealing, and they are usually still spinning from the kernel before (the
+            // small step 6-7% faster). Not under expert parallelism: a rank's kernels wait
+            // for other ranks' exchanges, and ranks parked on every worker would wait forever
+            // for a rank left queued behind them.
+            None if feeds.experts.is_none() => {
+                rayon::scope(|_| self.run_kernels(&mut sequence, None))?
             }
-            if let Some(observe) = observe.as_mut() {
-                let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
-                observe(index, KernelPhase::Before, &views);
-            }
-            let compiled = self.jit.as_ref().and_then(|jit| jit.kernel(index));
-            match (&kernel.body, compiled) {
-                (KernelBody::Loop(_), Some(compiled)) => compiled.run(&mut buffers),
-                (KernelBody::Loop(nest), None) => loops::run(nest, &mut buffers),
-                (KernelBody::Library(call), _) => library::run(
-                    &kernel.name,
-                    call,
-                    &self.program,
-                    &mut buffers,
-                    feeds.experts,
-                )?,
-            }
-            if let Some(observe) = observe.as_mut() {
-                let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
-                observe(index, KernelPhase::After, &views);
-            }
-            for &b in &self.lifetimes.ending[index] {
-                pool.give_back(buffers[b].take_allocation());
-            }
-            if let Some(start) = kernel_start {
-                kernel_times.push(start.elapsed());
-            }
+            None => self.run_kernels(&mut sequence, None)?,
         }
         let outputs_start = timing.map(|_| Instant::now());
         // Float temporaries move out as they are (no copy); the caller may hand their storage
@@ -290,6 +275,64 @@ impl CpuProgram {
         }
         Ok(CpuOutputs { outputs })
     }
+
+    /// Runs every kernel in order over `sequence`'s buffers: each temporary's storage taken
+    /// from the pool when its first writer starts and given back after its last reader.
+    fn run_kernels(
+        &self,
+        sequence: &mut KernelSequence<'_, '_>,
+        mut observe: Option<&mut KernelObserver<'_>>,
+    ) -> Result<(), CpuError> {
+        let KernelSequence {
+            buffers,
+            pool,
+            experts,
+            times,
+        } = sequence;
+        for (index, kernel) in self.program.kernels.iter().enumerate() {
+            let kernel_start = times.is_some().then(Instant::now);
+            for &b in &self.lifetimes.starting[index] {
+                let len = self.program.buffers[b].ty.numel();
+                buffers[b] = Storage::Pooled {
+                    values: pool.take(len),
+                    len,
+                };
+            }
+            if let Some(observe) = observe.as_mut() {
+                let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
+                observe(index, KernelPhase::Before, &views);
+            }
+            let compiled = self.jit.as_ref().and_then(|jit| jit.kernel(index));
+            match (&kernel.body, compiled) {
+                (KernelBody::Loop(_), Some(compiled)) => compiled.run(buffers),
+                (KernelBody::Loop(nest), None) => loops::run(nest, buffers),
+                (KernelBody::Library(call), _) => {
+                    library::run(&kernel.name, call, &self.program, buffers, *experts)?
+                }
+            }
+            if let Some(observe) = observe.as_mut() {
+                let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
+                observe(index, KernelPhase::After, &views);
+            }
+            for &b in &self.lifetimes.ending[index] {
+                pool.give_back(buffers[b].take_allocation());
+            }
+            if let (Some(start), Some(times)) = (kernel_start, times.as_mut()) {
+                times.push(start.elapsed());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The state a run's kernels work on: the buffers (indexed like the program's), the pool their
+/// temporaries' storage comes from, the expert exchange of an expert-parallel rank, and each
+/// kernel's time when profiling.
+struct KernelSequence<'s, 'b> {
+    buffers: &'s mut Vec<Storage<'b>>,
+    pool: &'s mut Pool,
+    experts: Option<&'b dyn crate::parallel::ExpertExchange>,
+    times: Option<&'s mut Vec<std::time::Duration>>,
 }
 
 /// What [`CpuProgram::run_observed`] calls: kernel index, phase, every buffer.
