@@ -310,3 +310,81 @@ fn on_the_cpu_grouped_gemms_read_each_experts_weights_where_they_lie() {
     // A weight gradient per forward GEMM (calls count parts, one per expert).
     assert_eq!(gradients * experts, calls.0);
 }
+
+/// With the CPU's lowering options each loss's forward kernel (the next-token loss and the MTP
+/// loss) stores its rows' exponentials and sums (f32, the logits' size) and its gradient kernel
+/// reads them: one store, no exponential, no reduction, no logits. The forms every backend
+/// runs recompute the exponential in the gradient and store nothing vocabulary-wide.
+#[test]
+fn on_the_cpu_the_losss_gradient_reads_the_forwards_exponentials() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::kernel::{KernelBody, Stmt};
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::training::training_graph;
+
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
+    let vocab = tiny().vocab_size;
+    for cpu in [true, false] {
+        let options = if cpu {
+            CompileOptions::default().for_cpu()
+        } else {
+            CompileOptions::default()
+        };
+        let program = compile(&train.graph, &options).unwrap().program;
+        let vocabulary_wide = |b: &_| program.buffer(*b).ty.dims().last() == Some(&vocab);
+        let mut kept = Vec::new();
+        let forwards = program
+            .kernels
+            .iter()
+            .filter(|k| k.name.contains("_cross_entropy_loss"));
+        for forward in forwards {
+            let (reads, writes) = forward.reads_and_writes();
+            let wide: Vec<_> = writes.iter().filter(|b| vocabulary_wide(b)).collect();
+            if cpu {
+                assert_eq!(writes.len(), 3, "exponentials, loss, sums: {forward}");
+                assert_eq!(wide.len(), 1, "{forward}");
+                assert_eq!(
+                    program.buffer(*wide[0]).ty.dtype,
+                    fathom_compiler::DType::F32
+                );
+                // The exponentials, then the loss and the sums, each stored per row.
+                // The logits: read vocabulary-wide, unlike the vocabulary's index (one row).
+                let logits = reads
+                    .iter()
+                    .find(|b| vocabulary_wide(b) && program.buffer(**b).ty.dims().len() > 1);
+                kept.push((*logits.unwrap(), vec![*wide[0], writes[2]]));
+            } else {
+                assert!(wide.is_empty(), "{forward}");
+            }
+        }
+        let gradients: Vec<_> = program
+            .kernels
+            .iter()
+            .filter(|k| k.name.contains("_cross_entropy_grad_"))
+            .collect();
+        assert_eq!(gradients.len(), 2, "the next-token and MTP losses");
+        for gradient in gradients {
+            let KernelBody::Loop(nest) = &gradient.body else {
+                panic!("{}: not a loop nest", gradient.name)
+            };
+            let (reads, _) = gradient.reads_and_writes();
+            let text = gradient.to_string();
+            if cpu {
+                assert!(matches!(nest.body[..], [Stmt::Store { .. }]), "{text}");
+                assert!(!text.contains("exp("), "{text}");
+                let i = kept
+                    .iter()
+                    .position(|(_, stored)| stored.iter().all(|b| reads.contains(b)));
+                let (logits, _) = kept.remove(i.unwrap_or_else(|| panic!("{text}")));
+                assert!(!reads.contains(&logits), "reads the logits: {text}");
+            } else {
+                assert!(
+                    matches!(nest.body[..], [Stmt::Reduce { .. }, Stmt::Store { .. }]),
+                    "{text}"
+                );
+                assert!(text.contains("exp("), "{text}");
+            }
+        }
+        assert!(kept.is_empty(), "{kept:?}");
+    }
+}

@@ -5,6 +5,8 @@ mod cross_entropy;
 mod experts;
 mod short_reduce;
 
+use std::collections::HashMap;
+
 use crate::graph::{Accumulation, Graph, NodeId, Op, Triangular, inverse_permutation};
 use crate::kernel::{
     Buffer, BufferId, BufferRole, ExpertOutputs, Expr, KernelBody, Library, Program, Stmt, View,
@@ -16,6 +18,7 @@ use super::{
     Affine, Class, KernelBuilder, LowerError, LowerOptions, StridedView, class, load, new_buffer,
     push_kernel, temporary, what,
 };
+use cross_entropy::KeptExponentials;
 
 /// An elementwise node whose inlined expression has at most this many ops, all [`cheap`], is
 /// computed in every kernel that reads it instead of being stored once and loaded by each:
@@ -77,6 +80,9 @@ pub(super) struct Lowering<'g> {
     /// Per weight-gradient node written in parts, its experts' gradients (the reshapes) in
     /// expert order.
     gradient_parts: Vec<Option<Vec<NodeId>>>,
+    /// Per cross-entropy whose gradient reads what its forward kept (see
+    /// `LowerOptions::cross_entropy_keeps_exponentials`): the rows' exponentials and sums.
+    kept_exponentials: HashMap<NodeId, KeptExponentials>,
     options: LowerOptions,
     program: Program,
     /// The kernels emitted so far, in order; named and put in the program by `finish`.
@@ -124,6 +130,7 @@ impl<'g> Lowering<'g> {
             assembled: vec![None; n],
             in_parts: vec![false; n],
             gradient_parts: vec![None; n],
+            kept_exponentials: HashMap::new(),
             options,
             program: Program {
                 name: graph.name.clone(),

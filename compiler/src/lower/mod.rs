@@ -48,6 +48,12 @@ pub struct LowerOptions {
     /// into a stacked buffer sliced afterwards: the CPU backend runs both (the copies cost a
     /// 32-expert model's training step about 100 ms); the CUDA plan keeps one stacked buffer.
     pub grouped_weights_in_place: bool,
+    /// A cross-entropy whose gradient the program computes stores its rows' exponentials
+    /// (the logits' size, f32) and sums, and the gradient reads them instead of computing an
+    /// exponential per logit again: the CPU backend's choice (the exponential is most of the
+    /// two kernels' time there; torch's CPU loss keeps its log-softmax the same way); on a GPU
+    /// the exponential is cheap and the stored array (vocabulary × tokens) is not.
+    pub cross_entropy_keeps_exponentials: bool,
 }
 
 impl LowerOptions {
@@ -55,6 +61,7 @@ impl LowerOptions {
     pub fn cpu() -> Self {
         LowerOptions {
             grouped_weights_in_place: true,
+            cross_entropy_keeps_exponentials: true,
         }
     }
 }

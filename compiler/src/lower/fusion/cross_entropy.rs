@@ -1,27 +1,41 @@
 //! The cross-entropy and its gradient as one loop nest each, over the logits' rows with the
 //! vocabulary innermost: the label's logit, the row's max and its sum of exponentials are
-//! per-row reductions, so each row is read from memory once and reused from cache, and nothing
-//! vocabulary-wide is stored but the gradient itself (which takes the forward's loss to skip
-//! the max and the sum).
+//! per-row reductions, so each row is read from memory once and reused from cache.
+//!
+//! Two forms of the pair. By default nothing vocabulary-wide is stored but the gradient itself,
+//! which takes the forward's loss to skip the max and the sum and recomputes one exponential
+//! per logit. Under [`LowerOptions::cross_entropy_keeps_exponentials`] (the CPU's choice) a
+//! forward whose gradient the program computes also stores each row's exponentials `exp(x − m)`
+//! and their sum, and the gradient is `(e / Σe − [v = label]) · g`, a pass of arithmetic with no
+//! exponential and no reduction (the exponential is most of these kernels' work on the CPU).
 //!
 //! The label's position is found by comparing it with a constant index vector `0..vocab`
 //! loaded along the inner axis (one small buffer per vocabulary size, shared by every such
 //! kernel of the program): the kernel IR needs no notion of "the current index".
+//!
+//! [`LowerOptions::cross_entropy_keeps_exponentials`]: super::super::LowerOptions
 
-use crate::graph::{BinaryOp, CompareOp, ConstantData, NodeId, ReduceOp, UnaryOp};
+use crate::graph::{BinaryOp, CompareOp, ConstantData, NodeId, Op, ReduceOp, UnaryOp};
 use crate::kernel::{Buffer, BufferRole, Expr, KernelBody, Stmt};
+use crate::{DType, TensorType};
 
 use super::super::{Affine, KernelBuilder, LowerError, StridedView, load, new_buffer};
 use super::super::{temporary, what};
 use super::Lowering;
+
+/// What a cross-entropy's forward kernel stored for its gradient: each row's exponentials
+/// `exp(x − m)` (the logits' shape) and their sum (one per row).
+#[derive(Clone, Debug)]
+pub(in crate::lower) struct KeptExponentials {
+    exponentials: StridedView,
+    sums: StridedView,
+}
 
 impl Lowering<'_> {
     /// Emits the loop nest of a `CrossEntropy` or `CrossEntropyGrad` node.
     pub(super) fn emit_cross_entropy(&mut self, id: NodeId) -> Result<(), LowerError> {
         let node = self.graph.node(id);
         let (logits, labels) = (node.inputs[0], node.inputs[1]);
-        // The gradient's forward loss and cotangent, per row.
-        let backward = node.inputs.get(2..4).map(|rest| (rest[0], rest[1]));
         let domain = self.dims(logits).to_vec();
         let rank = domain.len();
         let vocab = domain[rank - 1];
@@ -32,35 +46,12 @@ impl Lowering<'_> {
 
         let mut k = KernelBuilder::new(domain.clone());
         k.nodes.push(id);
-        let x = self.expr(&mut k, logits, &identity)?;
         let label = self.expr(&mut k, labels, &per_row)?;
-        let backward = match backward {
-            Some((loss, cotangent)) => Some((
-                self.expr(&mut k, loss, &per_row)?,
-                self.expr(&mut k, cotangent, &per_row)?,
-            )),
-            None => None,
-        };
         let iota = load(
             &self.vocabulary_index(vocab, self.ty(labels).dtype),
             &along_vocab,
         );
-
-        // Our row values come after any the operands' expressions reduced.
-        let first_row = k.rows.len();
-        let row = |r: usize| Box::new(Expr::Row(first_row + r));
         let is_label = Expr::Compare(CompareOp::Eq, Box::new(iota), Box::new(label.clone()));
-        // The label's logit is the max of a row that is −∞ elsewhere: exact, and a vector max
-        // is cheap. An ignored row picks −∞, and the select below zeroes it.
-        let label_logit = Stmt::Reduce {
-            row: first_row,
-            op: ReduceOp::Max,
-            value: Expr::Select(
-                Box::new(is_label.clone()),
-                Box::new(x.clone()),
-                Box::new(Expr::Constant(f64::NEG_INFINITY)),
-            ),
-        };
         let counted = Expr::Compare(
             CompareOp::Ge,
             Box::new(label),
@@ -70,46 +61,111 @@ impl Lowering<'_> {
             |value: Expr| Expr::Select(Box::new(counted.clone()), Box::new(value), zero());
         let out = new_buffer(&mut self.program, temporary(&node.ty));
         let out_view = StridedView::contiguous(out, node.ty.dims());
-        let body = match backward {
-            None => {
-                // loss = log Σ exp(x − m) − (x[label] − m), m the row's max.
-                let shifted = Expr::Binary(BinaryOp::Sub, Box::new(x.clone()), row(1));
-                let sum = Stmt::Reduce {
-                    row: first_row + 2,
-                    op: ReduceOp::Sum,
-                    value: Expr::Unary(UnaryOp::Exp, Box::new(shifted)),
-                };
-                let max = Stmt::Reduce {
-                    row: first_row + 1,
-                    op: ReduceOp::Max,
-                    value: x,
-                };
-                let label_shifted = Expr::Binary(BinaryOp::Sub, row(0), row(1));
-                let loss = Expr::Binary(
-                    BinaryOp::Sub,
-                    Box::new(Expr::Unary(UnaryOp::Log, row(2))),
-                    Box::new(label_shifted),
+
+        let body = match node.inputs.get(2..4) {
+            // The gradient of a forward that kept its exponentials.
+            Some(&[loss, cotangent]) if self.kept_exponentials.contains_key(&loss) => {
+                let kept = self.kept_exponentials[&loss].clone();
+                let g = self.expr(&mut k, cotangent, &per_row)?;
+                let softmax = Expr::Binary(
+                    BinaryOp::Div,
+                    Box::new(load(&kept.exponentials, &identity)),
+                    Box::new(load(&kept.sums, &per_row)),
                 );
-                let store = Stmt::StoreRow {
-                    view: out_view.compose(&per_row),
-                    value: ignoring_others(loss),
-                };
-                vec![label_logit, max, sum, store]
-            }
-            Some((loss, g)) => {
-                // The forward's loss plus the label's logit is the row's log-sum-exp (to a
-                // rounding of the loss), so dx = (exp(x − lse) − [v = label]) · g takes one
-                // exponential per logit and no sum.
-                let lse = Expr::Binary(BinaryOp::Add, Box::new(loss), row(0));
-                let shifted = Expr::Binary(BinaryOp::Sub, Box::new(x), Box::new(lse));
-                let softmax = Expr::Unary(UnaryOp::Exp, Box::new(shifted));
                 let residual = Expr::Binary(BinaryOp::Sub, Box::new(softmax), Box::new(is_label));
                 let dx = Expr::Binary(BinaryOp::Mul, Box::new(residual), Box::new(g));
-                let store = Stmt::Store {
+                vec![Stmt::Store {
                     view: out_view.compose(&identity),
                     value: ignoring_others(dx),
+                }]
+            }
+            backward => {
+                let x = self.expr(&mut k, logits, &identity)?;
+                let backward = match backward {
+                    Some(&[loss, cotangent]) => Some((
+                        self.expr(&mut k, loss, &per_row)?,
+                        self.expr(&mut k, cotangent, &per_row)?,
+                    )),
+                    _ => None,
                 };
-                vec![label_logit, store]
+                // Our row values come after any the operands' expressions reduced.
+                let first_row = k.rows.len();
+                let row = |r: usize| Box::new(Expr::Row(first_row + r));
+                // The label's logit is the max of a row that is −∞ elsewhere: exact, and a
+                // vector max is cheap. An ignored row picks −∞, and the select below zeroes it.
+                let label_logit = Stmt::Reduce {
+                    row: first_row,
+                    op: ReduceOp::Max,
+                    value: Expr::Select(
+                        Box::new(is_label.clone()),
+                        Box::new(x.clone()),
+                        Box::new(Expr::Constant(f64::NEG_INFINITY)),
+                    ),
+                };
+                match backward {
+                    None => {
+                        // loss = log Σ exp(x − m) − (x[label] − m), m the row's max.
+                        let max = Stmt::Reduce {
+                            row: first_row + 1,
+                            op: ReduceOp::Max,
+                            value: x.clone(),
+                        };
+                        let shifted = Expr::Binary(BinaryOp::Sub, Box::new(x), row(1));
+                        let exponentials = Expr::Unary(UnaryOp::Exp, Box::new(shifted));
+                        let label_shifted = Expr::Binary(BinaryOp::Sub, row(0), row(1));
+                        let loss = Expr::Binary(
+                            BinaryOp::Sub,
+                            Box::new(Expr::Unary(UnaryOp::Log, row(2))),
+                            Box::new(label_shifted),
+                        );
+                        let store_loss = Stmt::StoreRow {
+                            view: out_view.compose(&per_row),
+                            value: ignoring_others(loss),
+                        };
+                        let sum_of = |value| Stmt::Reduce {
+                            row: first_row + 2,
+                            op: ReduceOp::Sum,
+                            value,
+                        };
+                        if self.gradient_keeps_exponentials(id) {
+                            let kept = self.keep_exponentials(&domain);
+                            let stores = vec![
+                                label_logit,
+                                max,
+                                Stmt::Store {
+                                    view: kept.exponentials.compose(&identity),
+                                    value: exponentials,
+                                },
+                                sum_of(load(&kept.exponentials, &identity)),
+                                store_loss,
+                                Stmt::StoreRow {
+                                    view: kept.sums.compose(&per_row),
+                                    value: *row(2),
+                                },
+                            ];
+                            self.kept_exponentials.insert(id, kept);
+                            stores
+                        } else {
+                            vec![label_logit, max, sum_of(exponentials), store_loss]
+                        }
+                    }
+                    Some((loss, g)) => {
+                        // The forward's loss plus the label's logit is the row's log-sum-exp
+                        // (to a rounding of the loss), so dx = (exp(x − lse) − [v = label]) · g
+                        // takes one exponential per logit and no sum.
+                        let lse = Expr::Binary(BinaryOp::Add, Box::new(loss), row(0));
+                        let shifted = Expr::Binary(BinaryOp::Sub, Box::new(x), Box::new(lse));
+                        let softmax = Expr::Unary(UnaryOp::Exp, Box::new(shifted));
+                        let residual =
+                            Expr::Binary(BinaryOp::Sub, Box::new(softmax), Box::new(is_label));
+                        let dx = Expr::Binary(BinaryOp::Mul, Box::new(residual), Box::new(g));
+                        let store = Stmt::Store {
+                            view: out_view.compose(&identity),
+                            value: ignoring_others(dx),
+                        };
+                        vec![label_logit, store]
+                    }
+                }
             }
         };
         let (nest, nodes) = k.into_loop(body);
@@ -118,9 +174,35 @@ impl Lowering<'_> {
         Ok(())
     }
 
+    /// Whether the forward cross-entropy `id` stores its exponentials for its gradient: the
+    /// option is on and the program computes the gradient of this very loss (same logits and
+    /// labels, `id` as its loss).
+    fn gradient_keeps_exponentials(&self, id: NodeId) -> bool {
+        let forward = self.graph.node(id);
+        self.options.cross_entropy_keeps_exponentials
+            && self.users[id.index()].iter().any(|&user| {
+                let user = self.graph.node(user);
+                matches!(user.op, Op::CrossEntropyGrad)
+                    && user.inputs[..3] == [forward.inputs[0], forward.inputs[1], id]
+            })
+    }
+
+    /// Buffers for a forward's exponentials (f32, the logits' `domain`) and row sums.
+    fn keep_exponentials(&mut self, domain: &[usize]) -> KeptExponentials {
+        let rows = &domain[..domain.len() - 1];
+        let mut buffer = |dims: &[usize]| {
+            let ty = TensorType::new(DType::F32, dims.to_vec());
+            StridedView::contiguous(new_buffer(&mut self.program, temporary(&ty)), dims)
+        };
+        KeptExponentials {
+            exponentials: buffer(domain),
+            sums: buffer(rows),
+        }
+    }
+
     /// The constant `0, 1, …, vocab − 1` of `dtype`, one buffer per vocabulary size.
-    fn vocabulary_index(&mut self, vocab: usize, dtype: crate::DType) -> StridedView {
-        let ty = crate::dtype::TensorType::new(dtype, vec![vocab]);
+    fn vocabulary_index(&mut self, vocab: usize, dtype: DType) -> StridedView {
+        let ty = TensorType::new(dtype, vec![vocab]);
         let existing = self.program.buffers.iter().position(|b| {
             b.ty == ty && matches!(&b.role, BufferRole::Constant(c) if c.label == INDEX_LABEL)
         });
