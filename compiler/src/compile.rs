@@ -20,7 +20,7 @@ pub struct CompileOptions {
     /// Which forward values a training graph recomputes in backward (DeepSeek-V3's by
     /// default; no effect on a forward-only graph).
     pub recompute: RecomputePolicy,
-    /// Library-call forms beyond those every backend runs (`LowerOptions::cpu()` for a program
+    /// Kernel forms beyond those every backend runs (`LowerOptions::cpu()` for a program
     /// the CPU backend runs; the default for any backend, CUDA included).
     pub lower: LowerOptions,
 }

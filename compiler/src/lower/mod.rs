@@ -38,7 +38,7 @@ pub enum LowerError {
     },
 }
 
-/// Forms of library call the lowering may use beyond those every backend runs.
+/// Forms of kernel the lowering may use beyond those every backend runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LowerOptions {
     /// A grouped matmul may read a stack of parameters (the experts' weights) as one matrix
