@@ -214,15 +214,17 @@ impl CpuProgram {
             times: timing.map(|_| &mut kernel_times),
         };
         match observe {
+            // An observer (not `Send`) keeps the kernels on the calling thread.
             Some(observe) => self.run_kernels(&mut sequence, Some(observe))?,
             // A kernel sequence run by a thread outside the rayon pool hands every parallel
             // kernel to the pool's workers and sleeps until they finish: two thread wake-ups
             // per kernel, about 1700 context switches per training step of the small model.
             // Run by one of the workers, it splits each kernel with the other workers by work
             // stealing, and they are usually still spinning from the kernel before (the
-            // small step 6-7% faster). Not under expert parallelism: a rank's kernels wait
-            // for other ranks' exchanges, and ranks parked on every worker would wait forever
-            // for a rank left queued behind them.
+            // small step 5-7% faster; its allocations then come from that worker's malloc
+            // arena, see the CLI's `one_malloc_arena`). Not under expert parallelism: a rank's
+            // kernels wait for other ranks' exchanges, and ranks parked on every worker would
+            // wait forever for a rank left queued behind them.
             None if feeds.experts.is_none() => {
                 rayon::scope(|_| self.run_kernels(&mut sequence, None))?
             }
