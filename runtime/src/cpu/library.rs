@@ -209,23 +209,20 @@ pub(super) fn run(
         Library::TopK { k, x, out } => {
             let xd = dims(x);
             let last = *xd.last().expect("top-k of a tensor with axes");
-            let mut result = emptied(buffers[out.index()].vec_mut());
-            let mut order: Vec<usize> = Vec::with_capacity(last);
-            for row in buffers[x.index()].chunks(last) {
-                order.clear();
-                order.extend(0..last);
-                // Largest first; NaN above everything; ties to the lower index (stable sort).
-                order.sort_by(|&i, &j| {
-                    let (a, b) = (row[i], row[j]);
-                    match (a.is_nan(), b.is_nan()) {
-                        (true, true) => std::cmp::Ordering::Equal,
-                        (true, false) => std::cmp::Ordering::Less,
-                        (false, true) => std::cmp::Ordering::Greater,
-                        _ => b.partial_cmp(&a).expect("not NaN"),
+            assert!(*k <= last, "top-{k} of rows of {last}");
+            let rows = buffers[x.index()].len() / last.max(1);
+            let mut result = reuse(buffers[out.index()].vec_mut(), rows * k);
+            // Rows are independent: a few hundred per job on the threads.
+            result
+                .par_chunks_mut(*k)
+                .zip(buffers[x.index()].par_chunks(last))
+                .with_min_len(256)
+                .for_each_init(Vec::new, |kept, (positions, row)| {
+                    top_k_positions(row, *k, kept);
+                    for (to, &from) in positions.iter_mut().zip(kept.iter()) {
+                        *to = from as f32;
                     }
                 });
-                result.extend(order[..*k].iter().map(|&i| i as f32));
-            }
             buffers[out.index()] = Storage::Owned(result);
         }
         Library::QuantizeDequantize {
@@ -485,6 +482,34 @@ impl SharedOutput {
     }
 }
 
+/// Into `kept`, the positions of the `k` largest values of `row`, largest first: NaN above
+/// every number, ties to the lower position (the order a stable sort, largest first, gives).
+/// Each value is inserted among the `k` kept so far, `len · k` comparisons rather than a sort of
+/// the whole row (the routers' top-k of 16 to 256 experts keeps 2 to 8).
+fn top_k_positions(row: &[f32], k: usize, kept: &mut Vec<usize>) {
+    /// Whether `a` goes before `b`.
+    fn beats(a: f32, b: f32) -> bool {
+        match (a.is_nan(), b.is_nan()) {
+            (true, false) => true,
+            (_, true) => false,
+            _ => a > b,
+        }
+    }
+    kept.clear();
+    for (i, &value) in row.iter().enumerate() {
+        let at = kept
+            .iter()
+            .position(|&j| beats(value, row[j]))
+            .unwrap_or(kept.len());
+        if at < k {
+            if kept.len() == k {
+                kept.pop();
+            }
+            kept.insert(at, i);
+        }
+    }
+}
+
 /// The token-slot positions routed to each expert, in order, from `ids` `[tokens, slots]`; `x`
 /// is `[tokens, slots or 1, k]`.
 fn route(
@@ -540,7 +565,9 @@ fn emptied(buffer: &mut Vec<f32>) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{SPLIT_COLUMNS, SPLIT_COLUMNS_BELOW_ROWS, batched_matmul, fold_into_rows};
+    use super::{
+        SPLIT_COLUMNS, SPLIT_COLUMNS_BELOW_ROWS, batched_matmul, fold_into_rows, top_k_positions,
+    };
     use fathom_compiler::graph::{Accumulation, MatMulPart, Triangle, Triangular};
     use fathom_compiler::kernel::{BufferId, View};
 
@@ -688,6 +715,46 @@ mod tests {
                         assert_eq!(f64::from(got), want, "{m}x{n}x{k} {t}: [{e}, {i}, {j}]");
                     }
                     assert_eq!(run(1), result, "{t}");
+                }
+            }
+        }
+    }
+
+    /// The selection gives the first k positions of a stable sort, largest first with NaN
+    /// above everything, on rows full of ties, NaNs and signed zeros.
+    #[test]
+    fn top_k_is_the_head_of_a_stable_descending_sort() {
+        let pool = [
+            f32::NAN,
+            1.0,
+            -1.0,
+            0.0,
+            -0.0,
+            2.5,
+            2.5,
+            f32::NEG_INFINITY,
+            7.0,
+        ];
+        let mut state = 1u64;
+        let mut kept = Vec::new();
+        for len in [1, 2, 5, 16, 33] {
+            for _ in 0..200 {
+                let row: Vec<f32> = (0..len)
+                    .map(|_| {
+                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        pool[(state >> 33) as usize % pool.len()]
+                    })
+                    .collect();
+                let mut order: Vec<usize> = (0..len).collect();
+                order.sort_by(|&i, &j| match (row[i].is_nan(), row[j].is_nan()) {
+                    (true, true) => std::cmp::Ordering::Equal,
+                    (true, false) => std::cmp::Ordering::Less,
+                    (false, true) => std::cmp::Ordering::Greater,
+                    _ => row[j].partial_cmp(&row[i]).unwrap(),
+                });
+                for k in 1..=len.min(8) {
+                    top_k_positions(&row, k, &mut kept);
+                    assert_eq!(kept, order[..k], "top-{k} of {row:?}");
                 }
             }
         }
