@@ -912,14 +912,9 @@ impl<'g> Lowering<'g> {
                 accumulation: *accumulation,
                 exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
             },
-            Op::GroupedMatMulWeightGrad { accumulation, .. } => Library::GroupedMatMulWeightGrad {
-                cotangent: self.dense(inputs[0])?,
-                x: self.rows(inputs[1])?,
-                expert_ids: self.dense(inputs[2])?,
-                out: ExpertOutputs::Stacked(out),
-                accumulation: *accumulation,
-                exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
-            },
+            Op::GroupedMatMulWeightGrad { .. } => {
+                self.weight_grad_call(id, ExpertOutputs::Stacked(out))?
+            }
             Op::Gather => Library::Gather {
                 table: self.dense(inputs[0])?,
                 indices: self.dense(inputs[1])?,

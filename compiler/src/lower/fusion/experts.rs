@@ -177,11 +177,6 @@ impl Lowering<'_> {
         id: NodeId,
         parts: Vec<NodeId>,
     ) -> Result<(), LowerError> {
-        let node = self.graph.node(id);
-        let Op::GroupedMatMulWeightGrad { accumulation, .. } = node.op else {
-            unreachable!("only weight gradients are written in parts")
-        };
-        let inputs = node.inputs.clone();
         let mut nodes = vec![id];
         let mut buffers = Vec::with_capacity(parts.len());
         for part in parts {
@@ -191,16 +186,30 @@ impl Lowering<'_> {
             // The slice it reshapes, then itself.
             nodes.extend([self.graph.node(part).inputs[0], part]);
         }
-        let call = Library::GroupedMatMulWeightGrad {
+        let call = self.weight_grad_call(id, ExpertOutputs::Parts(buffers))?;
+        let what = what(&self.graph.node(id).op);
+        self.push_node_kernel(id, what, nodes, KernelBody::Library(call));
+        Ok(())
+    }
+
+    /// The library call of grouped weight gradient `id`, written to `out`.
+    pub(super) fn weight_grad_call(
+        &mut self,
+        id: NodeId,
+        out: ExpertOutputs,
+    ) -> Result<Library, LowerError> {
+        let node = self.graph.node(id);
+        let Op::GroupedMatMulWeightGrad { accumulation, .. } = node.op else {
+            unreachable!("a grouped weight gradient")
+        };
+        let inputs = &node.inputs;
+        Ok(Library::GroupedMatMulWeightGrad {
             cotangent: self.dense(inputs[0])?,
             x: self.rows(inputs[1])?,
             expert_ids: self.dense(inputs[2])?,
-            out: ExpertOutputs::Parts(buffers),
+            out,
             accumulation,
             exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
-        };
-        let what = what(&node.op);
-        self.push_node_kernel(id, what, nodes, KernelBody::Library(call));
-        Ok(())
+        })
     }
 }
