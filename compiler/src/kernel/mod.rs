@@ -351,6 +351,15 @@ impl Stmt {
     }
 }
 
+/// The `(x_slots, k)` of a grouped matmul's `x` held in a buffer of shape `x_dims` for `tokens`
+/// tokens: its rows are the buffer's last axis, `k` long, and it has `x_slots` of them per
+/// token (see [`Library::GroupedMatMul`]).
+pub fn grouped_rows(x_dims: &[usize], tokens: usize) -> (usize, usize) {
+    let k = x_dims.last().copied().unwrap_or(1);
+    let x_slots = x_dims.iter().product::<usize>() / (tokens * k).max(1);
+    (x_slots, k)
+}
+
 impl Library {
     /// The buffers the call reads, then those it writes.
     pub fn operands(&self) -> (Vec<BufferId>, Vec<BufferId>) {

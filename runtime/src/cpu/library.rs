@@ -4,7 +4,9 @@
 
 use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::graph::{Accumulation, MatMulPart, Triangular};
-use fathom_compiler::kernel::{BufferId, ExpertOutputs, ExpertWeights, Library, Program, View};
+use fathom_compiler::kernel::{
+    BufferId, ExpertOutputs, ExpertWeights, Library, Program, View, grouped_rows,
+};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -75,7 +77,7 @@ pub(super) fn run(
             ..
         } => {
             let idd = dims(expert_ids);
-            let (n, k) = (dims(out)[2], row_length(&dims(x)));
+            let (n, k) = (dims(out)[2], grouped_rows(&dims(x), idd[0]).1);
             // Stale values (not zeroed: zeroing 4 MB cost as much as a small kernel): every
             // token-slot's row is written by the expert it is routed to.
             let mut result = buffers[out.index()].take_vec();
@@ -126,7 +128,7 @@ pub(super) fn run(
             ..
         } => {
             let (xd, cd) = (dims(x), dims(cotangent));
-            let (n, k) = (cd[2], row_length(&xd));
+            let (n, k) = (cd[2], grouped_rows(&xd, dims(expert_ids)[0]).1);
             // Stale values: every expert's block is written, zeros where no row was routed.
             let written = out.buffers();
             let mut results: Vec<Vec<f32>> = written
@@ -521,8 +523,7 @@ fn route(
     index: &impl Fn(f32, usize) -> Result<usize, CpuError>,
 ) -> Result<Routing, CpuError> {
     let (tokens, slots) = (id_dims[0], id_dims[1]);
-    // `x` holds `[tokens, x_slots, k]` in a buffer of any shape ending in `k`.
-    let x_slots = x_dims.iter().product::<usize>() / (tokens * row_length(x_dims)).max(1);
+    let (x_slots, _) = grouped_rows(x_dims, tokens);
     let mut groups = vec![Vec::new(); experts];
     for (ts, &id) in ids[..tokens * slots].iter().enumerate() {
         groups[index(id, experts)?].push(ts);
@@ -533,11 +534,6 @@ fn route(
         x_slots,
         accumulation,
     })
-}
-
-/// The length of a grouped matmul's `x` rows: its buffer's last axis.
-fn row_length(x_dims: &[usize]) -> usize {
-    x_dims.last().copied().unwrap_or(1)
 }
 
 fn exchange_failed(kernel: &str, reason: String) -> CpuError {

@@ -18,7 +18,7 @@
 
 use fathom_compiler::graph::{MatMulPart, QuantFormat, Triangle, Triangular};
 use fathom_compiler::kernel::{
-    BufferId, ExpertOutputs, ExpertWeights, KernelBody, Library, Program, View,
+    BufferId, ExpertOutputs, ExpertWeights, KernelBody, Library, Program, View, grouped_rows,
 };
 use fathom_kernels::gemm_f32::MAX_BATCH_AXES;
 use fathom_kernels::{
@@ -250,14 +250,6 @@ impl Planner<'_> {
         }
     }
 
-    /// The rows per token of a grouped matmul's `x`, whose buffer holds `[tokens, x_slots,
-    /// k]` in any shape ending in `k`.
-    fn x_slots(&self, x: BufferId, tokens: usize) -> usize {
-        let xd = self.dims(&x);
-        let k = xd.last().copied().unwrap_or(1);
-        self.numel(&x) / (tokens * k).max(1)
-    }
-
     /// How many experts a grouped matmul's weights hold.
     fn experts(&self, weights: &ExpertWeights) -> usize {
         match weights {
@@ -370,7 +362,7 @@ impl Planner<'_> {
                     return Err(NOT_IN_PARTS.into());
                 };
                 let (experts, n) = (self.dims(&weights.buffer)[0], self.dims(out)[2]);
-                let k = xd.last().copied().unwrap_or(1);
+                let (x_slots, k) = grouped_rows(xd, ids[0]);
                 let (rows, slots) = (ids[0] * ids[1], ids[1]);
                 if rows == 0 || n == 0 {
                     return Ok(Vec::new());
@@ -384,7 +376,7 @@ impl Planner<'_> {
                 let sizes = vec![
                     self.int(experts, "experts")?,
                     self.int(slots, "slots")?,
-                    self.int(self.x_slots(*x, ids[0]), "x slots")?,
+                    self.int(x_slots, "x slots")?,
                     self.int(n, "n")?,
                     self.int(k, "k")?,
                     // W[e][j][p] at e·n·k + j·sn + p·sk (a transposed block read across).
@@ -418,7 +410,7 @@ impl Planner<'_> {
                 );
                 let sizes = vec![
                     self.int(slots, "slots")?,
-                    self.int(self.x_slots(*x, ids[0]), "x slots")?,
+                    self.int(grouped_rows(self.dims(x), ids[0]).0, "x slots")?,
                     self.int(n, "n")?,
                     self.int(k, "k")?,
                 ];
