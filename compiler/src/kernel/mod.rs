@@ -243,27 +243,30 @@ impl Program {
     /// in full, masked or not). The elementwise kernels are not counted: they are a rounding
     /// error next to the GEMMs, and leaving them out is how MFU figures are usually quoted.
     pub fn matmul_flops(&self) -> u64 {
+        self.kernels.iter().map(|k| self.flops_of(k)).sum()
+    }
+
+    /// Floating-point operations of one kernel when it is a matmul (as [`Self::matmul_flops`]
+    /// counts them), 0 otherwise.
+    pub fn flops_of(&self, kernel: &Kernel) -> u64 {
         let dims = |b: &BufferId| self.buffer(*b).ty.dims().to_vec();
-        self.kernels
-            .iter()
-            .map(|kernel| match &kernel.body {
-                KernelBody::Library(Library::MatMul { batch, m, n, k, .. }) => {
-                    2 * (batch.iter().product::<usize>() * m * n * k) as u64
-                }
-                KernelBody::Library(Library::GroupedMatMul {
-                    x, expert_ids, out, ..
-                }) => {
-                    let (ids, n) = (dims(expert_ids), dims(out)[2]);
-                    let k = *dims(x).last().expect("x has rows");
-                    2 * (ids[0] * ids[1] * n * k) as u64
-                }
-                KernelBody::Library(Library::GroupedMatMulWeightGrad { cotangent, x, .. }) => {
-                    let (c, k) = (dims(cotangent), *dims(x).last().expect("x has rows"));
-                    2 * (c[0] * c[1] * c[2] * k) as u64
-                }
-                _ => 0,
-            })
-            .sum()
+        match &kernel.body {
+            KernelBody::Library(Library::MatMul { batch, m, n, k, .. }) => {
+                2 * (batch.iter().product::<usize>() * m * n * k) as u64
+            }
+            KernelBody::Library(Library::GroupedMatMul {
+                x, expert_ids, out, ..
+            }) => {
+                let (ids, n) = (dims(expert_ids), dims(out)[2]);
+                let k = *dims(x).last().expect("x has rows");
+                2 * (ids[0] * ids[1] * n * k) as u64
+            }
+            KernelBody::Library(Library::GroupedMatMulWeightGrad { cotangent, x, .. }) => {
+                let (c, k) = (dims(cotangent), *dims(x).last().expect("x has rows"));
+                2 * (c[0] * c[1] * c[2] * k) as u64
+            }
+            _ => 0,
+        }
     }
 }
 

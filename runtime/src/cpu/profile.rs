@@ -67,6 +67,8 @@ pub(super) struct Profile {
     name: String,
     /// Per kernel: display name and kind.
     kernels: Vec<(String, String)>,
+    /// Per kernel: its matmul FLOPs (0 for other kernels), shown as the GFLOP/s it reached.
+    flops: Vec<u64>,
     /// The first run's times, and the later runs' summed.
     totals: Mutex<[Totals; 2]>,
 }
@@ -93,6 +95,11 @@ impl Profile {
             name: program.name.clone(),
             totals: Totals::first_and_later(program.kernels.len()),
             kernels,
+            flops: program
+                .kernels
+                .iter()
+                .map(|k| program.flops_of(k))
+                .collect(),
         }
     }
 
@@ -158,11 +165,16 @@ impl Profile {
         }
         let mut order: Vec<usize> = (0..self.kernels.len()).collect();
         order.sort_by(|&a, &b| t.kernels[b].cmp(&t.kernels[a]).then(a.cmp(&b)));
-        out += "  top kernels          ms/run      %\n";
+        out += "  top kernels          ms/run      %  GFLOP/s\n";
         for &i in order.iter().take(listed_by_env()) {
             let v = ms(t.kernels[i]);
+            // A matmul's achieved rate, to compare with the machine's GEMM peak.
+            let rate = match self.flops[i] {
+                0 => String::new(),
+                flops => format!("{:.0}", flops as f64 / (v * 1e6)),
+            };
             out += &format!(
-                "  {v:>10.2} {:>6.1}%  {}\n",
+                "  {v:>10.2} {:>6.1}%  {rate:>7}  {}\n",
                 100.0 * v / total,
                 self.kernels[i].0
             );
@@ -199,19 +211,23 @@ mod tests {
     fn the_first_run_is_left_out_once_there_are_others() {
         let profile = Profile {
             name: "p".into(),
-            kernels: vec![("k0_copy".into(), "copy (loop)".into())],
-            totals: Totals::first_and_later(1),
+            kernels: vec![
+                ("k0_copy".into(), "copy (loop)".into()),
+                ("k1_matmul".into(), "matmul (library)".into()),
+            ],
+            flops: vec![0, 4_000_000_000],
+            totals: Totals::first_and_later(2),
         };
         let ms = Duration::from_millis;
         assert_eq!(profile.table(), None);
-        profile.add_run(ms(90), &[ms(80)], &[]);
+        profile.add_run(ms(90), &[ms(80), ms(1)], &[]);
         let table = profile.table().unwrap();
         assert!(
             table.starts_with("FATHOM_PROFILE p: 1 run, 90.0 ms per run"),
             "{table}"
         );
-        profile.add_run(ms(10), &[ms(6)], &[]);
-        profile.add_run(ms(20), &[ms(8)], &[]);
+        profile.add_run(ms(10), &[ms(6), ms(2)], &[]);
+        profile.add_run(ms(20), &[ms(8), ms(2)], &[]);
         let table = profile.table().unwrap();
         assert!(
             table.starts_with(
@@ -223,6 +239,12 @@ mod tests {
             table.contains("7.00   46.7%      1  copy (loop)"),
             "{table}"
         );
+        // 4 GFLOP in 2 ms: 2000 GFLOP/s, shown for the matmul only.
+        assert!(
+            table.contains("2.00   13.3%     2000  k1_matmul\n"),
+            "{table}"
+        );
+        assert!(table.contains("46.7%           k0_copy\n"), "{table}");
     }
 
     #[test]
