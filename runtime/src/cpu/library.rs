@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::grouped::{self, Routing};
 use super::product::{Operand, multiply};
-use super::{CpuError, Storage};
+use super::{CpuError, Lent, Storage};
 use crate::fp8::{ScaleRounding, fake_quantize};
 use crate::parallel::ExpertExchange;
 
@@ -36,37 +36,13 @@ pub(super) fn run(
         }
     };
     match call {
-        Library::MatMul {
-            batch,
-            m,
-            n,
-            k,
-            a,
-            b,
-            out,
-            accumulation,
-            // Operands known to hold bf16 values run on the f32 GEMM all the same: the products
-            // are identical, and on the CPUs measured (Emerald Rapids) `vdpbf16ps` delivers
-            // half the FLOP rate of f32 FMAs, so a bf16 GEMM built on it ran at 0.47–0.54× the
-            // f32 one at every model shape (README, "Performance").
-            exact_in: _,
-            triangular,
-        } => {
+        Library::MatMul { out, .. } => {
             // Taken out and put back as it is: the GEMM writes only the elements of `out`'s
             // view, which may be one region of a concatenation whose other regions other
             // kernels write. (The other calls write whole buffers of their own.)
-            let mut result = buffers[out.buffer.index()].take_vec();
-            let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
-            let operands = [(a, &lhs[..]), (b, &rhs[..])];
-            batched_matmul(
-                batch,
-                (*m, *n, *k),
-                operands,
-                out,
-                (*accumulation, *triangular),
-                &mut result,
-            );
-            buffers[out.buffer.index()] = Storage::Owned(result);
+            let mut result = buffers[out.buffer.index()].lend();
+            matmul(call, buffers, &mut result);
+            buffers[out.buffer.index()] = result.restore();
         }
         Library::GroupedMatMul {
             x,
@@ -80,7 +56,7 @@ pub(super) fn run(
             let (n, k) = (dims(out)[2], grouped_rows(&dims(x), idd[0]).1);
             // Stale values (not zeroed: zeroing 4 MB cost as much as a small kernel): every
             // token-slot's row is written by the expert it is routed to.
-            let mut result = buffers[out.index()].take_vec();
+            let mut result = buffers[out.index()].lend();
             // Expert e's matrix and its (n, k) strides.
             let matrices: Vec<(&[f32], (isize, isize))> = match weights {
                 ExpertWeights::Stacked(view) => {
@@ -117,7 +93,7 @@ pub(super) fn run(
                 &mut result,
             )
             .map_err(|reason| exchange_failed(kernel, reason))?;
-            buffers[out.index()] = Storage::Owned(result);
+            buffers[out.index()] = result.restore();
         }
         Library::GroupedMatMulWeightGrad {
             cotangent,
@@ -131,10 +107,8 @@ pub(super) fn run(
             let (n, k) = (cd[2], grouped_rows(&xd, dims(expert_ids)[0]).1);
             // Stale values: every expert's block is written, zeros where no row was routed.
             let written = out.buffers();
-            let mut results: Vec<Vec<f32>> = written
-                .iter()
-                .map(|b| buffers[b.index()].take_vec())
-                .collect();
+            let mut results: Vec<Lent> =
+                written.iter().map(|b| buffers[b.index()].lend()).collect();
             let mut blocks: Vec<&mut [f32]> = match out {
                 ExpertOutputs::Stacked(_) => results[0].chunks_mut((n * k).max(1)).collect(),
                 ExpertOutputs::Parts(_) => results.iter_mut().map(|r| &mut r[..]).collect(),
@@ -146,7 +120,7 @@ pub(super) fn run(
             grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut blocks)
                 .map_err(|reason| exchange_failed(kernel, reason))?;
             for (buffer, result) in written.iter().zip(results) {
-                buffers[buffer.index()] = Storage::Owned(result);
+                buffers[buffer.index()] = result.restore();
             }
         }
         Library::Gather {
@@ -157,12 +131,13 @@ pub(super) fn run(
             let td = dims(table);
             let rows = td[0];
             let width: usize = td[1..].iter().product();
-            let mut result = emptied(buffers[out.index()].vec_mut());
-            for &i in buffers[indices.index()].iter() {
+            let mut result = buffers[out.index()].lend();
+            for (p, &i) in buffers[indices.index()].iter().enumerate() {
                 let r = index(i, rows)?;
-                result.extend_from_slice(&buffers[table.index()][r * width..][..width]);
+                result[p * width..][..width]
+                    .copy_from_slice(&buffers[table.index()][r * width..][..width]);
             }
-            buffers[out.index()] = Storage::Owned(result);
+            buffers[out.index()] = result.restore();
         }
         Library::IndexAdd {
             values,
@@ -173,7 +148,12 @@ pub(super) fn run(
             // rounding only).
             let width: usize = dims(out)[1..].iter().product();
             let rows = dims(out)[0];
-            let mut result = reuse(buffers[out.index()].vec_mut(), rows * width);
+            let mut result = zeroed(buffers[out.index()].lend());
+            assert_eq!(
+                result.len(),
+                rows * width,
+                "kernel {kernel}: index-add output"
+            );
             let (vs, is) = (&buffers[values.index()], &buffers[indices.index()]);
             for (i, &id) in is.iter().enumerate() {
                 let r = index(id, rows)?;
@@ -184,7 +164,7 @@ pub(super) fn run(
                     *s += x;
                 }
             }
-            buffers[out.index()] = Storage::Owned(result);
+            buffers[out.index()] = result.restore();
         }
         Library::TakeAlong {
             axis,
@@ -196,24 +176,26 @@ pub(super) fn run(
             let outer: usize = xd[..*axis].iter().product();
             let inner: usize = xd[axis + 1..].iter().product();
             let (x_len, len) = (xd[*axis], id[*axis]);
-            let mut result = emptied(buffers[out.index()].vec_mut());
+            let mut result = buffers[out.index()].lend();
             let (xs, is) = (&buffers[x.index()], &buffers[indices.index()]);
             for o in 0..outer {
                 for j in 0..len {
                     for i in 0..inner {
-                        let chosen = index(is[(o * len + j) * inner + i], x_len)?;
-                        result.push(xs[(o * x_len + chosen) * inner + i]);
+                        let p = (o * len + j) * inner + i;
+                        let chosen = index(is[p], x_len)?;
+                        result[p] = xs[(o * x_len + chosen) * inner + i];
                     }
                 }
             }
-            buffers[out.index()] = Storage::Owned(result);
+            buffers[out.index()] = result.restore();
         }
         Library::TopK { k, x, out } => {
             let xd = dims(x);
             let last = *xd.last().expect("top-k of a tensor with axes");
             assert!(*k <= last, "top-{k} of rows of {last}");
             let rows = buffers[x.index()].len() / last.max(1);
-            let mut result = reuse(buffers[out.index()].vec_mut(), rows * k);
+            let mut result = buffers[out.index()].lend();
+            assert_eq!(result.len(), rows * k, "kernel {kernel}: top-{k} output");
             // Rows are independent: a few hundred per job on the threads.
             result
                 .par_chunks_mut(*k)
@@ -225,7 +207,7 @@ pub(super) fn run(
                         *to = from as f32;
                     }
                 });
-            buffers[out.index()] = Storage::Owned(result);
+            buffers[out.index()] = result.restore();
         }
         Library::QuantizeDequantize {
             format: QuantFormat::E4M3,
@@ -258,14 +240,69 @@ pub(super) fn run(
             out,
         } => {
             let len = buffers[indices.index()].len() * depth;
-            let mut result = reuse(buffers[out.index()].vec_mut(), len);
+            let mut result = zeroed(buffers[out.index()].lend());
+            assert_eq!(result.len(), len, "kernel {kernel}: one-hot output");
             for (p, &i) in buffers[indices.index()].iter().enumerate() {
                 result[p * depth + index(i, *depth)?] = 1.0;
             }
-            buffers[out.index()] = Storage::Owned(result);
+            buffers[out.index()] = result.restore();
         }
     }
     Ok(())
+}
+
+/// Two independent matmul kernels (see `super::schedule`) at once, one on each side of a
+/// `rayon::join`: each splits its own work as it would alone, and a thread that finishes its
+/// side first steals from the other's.
+pub(super) fn run_matmul_pair(calls: [&Library; 2], buffers: &mut [Storage<'_>]) {
+    let out = |call: &Library| match call {
+        Library::MatMul { out, .. } => out.buffer,
+        other => unreachable!("a {other:?} paired as a matmul"),
+    };
+    let outs = calls.map(out);
+    assert_ne!(outs[0], outs[1], "paired matmuls write one buffer");
+    let [mut first, mut second] = outs.map(|b| buffers[b.index()].lend());
+    let shared = &*buffers;
+    rayon::join(
+        || matmul(calls[0], shared, &mut first),
+        || matmul(calls[1], shared, &mut second),
+    );
+    buffers[outs[0].index()] = first.restore();
+    buffers[outs[1].index()] = second.restore();
+}
+
+/// A [`Library::MatMul`] call into `result`, its output buffer's values (taken out of
+/// `buffers`, where that buffer is left empty).
+fn matmul(call: &Library, buffers: &[Storage<'_>], result: &mut [f32]) {
+    let Library::MatMul {
+        batch,
+        m,
+        n,
+        k,
+        a,
+        b,
+        out,
+        accumulation,
+        // Operands known to hold bf16 values run on the f32 GEMM all the same: the products
+        // are identical, and on the CPUs measured (Emerald Rapids) `vdpbf16ps` delivers half
+        // the FLOP rate of f32 FMAs, so a bf16 GEMM built on it ran at 0.47–0.54× the f32 one
+        // at every model shape (README, "Performance").
+        exact_in: _,
+        triangular,
+    } = call
+    else {
+        unreachable!("{call:?} run as a matmul");
+    };
+    let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
+    let operands = [(a, &lhs[..]), (b, &rhs[..])];
+    batched_matmul(
+        batch,
+        (*m, *n, *k),
+        operands,
+        out,
+        (*accumulation, *triangular),
+        result,
+    );
 }
 
 /// A batch of at least `MANY_GEMMS` GEMMs of fewer than `SMALL_GEMM` multiply-adds each
@@ -297,13 +334,9 @@ fn batched_matmul(
     // Batch axes over which only `rhs` is shared (a Linear's weight, broadcast over the batch
     // and sequence axes) and whose `a` and `out` matrices follow each other row after row are
     // one GEMM with more rows: for the gemm crate, one 1024-row product runs 1.05–1.4× faster
-    // than four 256-row ones (measured side by side at the small model's shapes). Not so for a
-    // triangular product, whose triangles are per matrix.
+    // than four 256-row ones (measured side by side at the small model's shapes).
     let rows_axis = batch.len();
-    let (kept, m) = match triangular {
-        None => fold_into_rows(batch, m, [a, b, out], rows_axis),
-        Some(_) => (batch.len(), m),
-    };
+    let (kept, m) = folded(batch, m, [a, b, out], triangular);
     let batch = &batch[..kept];
     let rank = batch.len();
     let batches: usize = batch.iter().product();
@@ -375,23 +408,91 @@ fn batched_matmul(
             );
         }
     };
-    if batches >= MANY_GEMMS && m * n * k < SMALL_GEMM {
-        offsets
+    match threading(batches, (m, n, k), None) {
+        Threading::PerGemm => offsets
             .par_iter()
-            .for_each(|offsets| one(offsets, (0, n), Parallelism::None));
+            .for_each(|offsets| one(offsets, (0, n), Parallelism::None)),
+        Threading::ColumnBlocks => {
+            let blocks = n.div_ceil(SPLIT_COLUMNS);
+            for offsets in &offsets {
+                (0..blocks).into_par_iter().for_each(|block| {
+                    let first = block * SPLIT_COLUMNS;
+                    let columns = (first, SPLIT_COLUMNS.min(n - first));
+                    one(offsets, columns, Parallelism::None)
+                });
+            }
+        }
+        Threading::Crate | Threading::RowBlocks => {
+            for offsets in &offsets {
+                one(offsets, (0, n), Parallelism::Rayon(0));
+            }
+        }
+    }
+}
+
+/// How a matmul's GEMMs are spread over the threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Threading {
+    /// A triangular product's row blocks, one single-threaded GEMM each.
+    RowBlocks,
+    /// One single-threaded GEMM per batch index.
+    PerGemm,
+    /// Each GEMM's column blocks, one single-threaded GEMM each.
+    ColumnBlocks,
+    /// Each GEMM split by the gemm crate's own threads.
+    Crate,
+}
+
+/// The threading of `batches` GEMMs of `m×n×k` (after batch axes fold into rows).
+fn threading(
+    batches: usize,
+    (m, n, k): (usize, usize, usize),
+    triangular: Option<Triangular>,
+) -> Threading {
+    if triangular.is_some() {
+        Threading::RowBlocks
+    } else if batches >= MANY_GEMMS && m * n * k < SMALL_GEMM {
+        Threading::PerGemm
     } else if m < SPLIT_COLUMNS_BELOW_ROWS && n > SPLIT_COLUMNS {
-        let blocks = n.div_ceil(SPLIT_COLUMNS);
-        for offsets in &offsets {
-            (0..blocks).into_par_iter().for_each(|block| {
-                let first = block * SPLIT_COLUMNS;
-                let columns = (first, SPLIT_COLUMNS.min(n - first));
-                one(offsets, columns, Parallelism::None)
-            });
-        }
+        Threading::ColumnBlocks
     } else {
-        for offsets in &offsets {
-            one(offsets, (0, n), Parallelism::Rayon(0));
-        }
+        Threading::Crate
+    }
+}
+
+/// The threading of a [`Library::MatMul`] call.
+pub(super) fn matmul_threading(call: &Library) -> Option<Threading> {
+    let Library::MatMul {
+        batch,
+        m,
+        n,
+        k,
+        a,
+        b,
+        out,
+        triangular,
+        ..
+    } = call
+    else {
+        return None;
+    };
+    let (kept, m) = folded(batch, *m, [a, b, out], *triangular);
+    let batches = batch[..kept].iter().product();
+    Some(threading(batches, (m, *n, *k), *triangular))
+}
+
+/// The batch axes left and the rows per GEMM once trailing batch axes fold into the rows
+/// (see [`fold_into_rows`]); none fold for a triangular product, whose triangles are per
+/// matrix.
+fn folded(
+    batch: &[usize],
+    m: usize,
+    views: [&View; 3],
+    triangular: Option<Triangular>,
+) -> (usize, usize) {
+    match triangular {
+        None => fold_into_rows(batch, m, views, batch.len()),
+        Some(_) => (batch.len(), m),
     }
 }
 
@@ -543,20 +644,10 @@ fn exchange_failed(kernel: &str, reason: String) -> CpuError {
     }
 }
 
-/// The output buffer's storage, zeroed at `len` (its allocation is reused across runs, which
-/// spares the page faults of fresh memory).
-fn reuse(buffer: &mut Vec<f32>, len: usize) -> Vec<f32> {
-    let mut v = std::mem::take(buffer);
-    v.clear();
-    v.resize(len, 0.0);
-    v
-}
-
-/// The output buffer's storage, empty, keeping its allocation.
-fn emptied(buffer: &mut Vec<f32>) -> Vec<f32> {
-    let mut v = std::mem::take(buffer);
-    v.clear();
-    v
+/// An output's storage with its values zeroed, for the kernels that add or set only some.
+fn zeroed(mut lent: Lent) -> Lent {
+    lent.fill(0.0);
+    lent
 }
 
 #[cfg(test)]

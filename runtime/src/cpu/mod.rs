@@ -16,6 +16,7 @@ mod loops;
 mod pool;
 mod product;
 mod profile;
+mod schedule;
 #[cfg(test)]
 mod tests;
 mod triangular;
@@ -32,6 +33,7 @@ pub use profile::PROFILE_ENV;
 use crate::interp::{Feeds, round_to_dtype};
 use crate::tensor::{Data, HostTensor};
 use pool::Pool;
+use schedule::Step;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum CpuError {
@@ -71,6 +73,8 @@ pub struct CpuProgram {
     /// Pooled storage for temporaries, kept between runs.
     scratch: std::sync::Mutex<Pool>,
     lifetimes: Lifetimes,
+    /// The kernels in order, adjacent independent matmuls paired to run at once.
+    steps: Vec<Step>,
     /// The values of constant buffers, rounded to their types once (indexed like the buffers).
     constants: Vec<Option<Vec<f32>>>,
     /// Per-kernel timings, when `FATHOM_PROFILE` asks for them (printed on drop).
@@ -129,6 +133,7 @@ impl CpuProgram {
             jit: Some(jit),
             scratch: Default::default(),
             lifetimes,
+            steps: schedule::steps(&program),
             program,
         }
     }
@@ -140,10 +145,11 @@ impl CpuProgram {
         CpuProgram {
             constants,
             profile: profile::enabled_by_env().then(|| profile::Profile::new(&program, |_| false)),
-            program,
             jit: None,
             scratch: Default::default(),
             lifetimes,
+            steps: schedule::steps(&program),
+            program,
         }
     }
 
@@ -279,51 +285,81 @@ impl CpuProgram {
     }
 
     /// Runs every kernel in order over `sequence`'s buffers: each temporary's storage taken
-    /// from the pool when its first writer starts and given back after its last reader.
+    /// from the pool when its first writer starts and given back after its last reader. Paired
+    /// matmuls run at once, except for an observer, which sees every kernel alone.
     fn run_kernels(
         &self,
         sequence: &mut KernelSequence<'_, '_>,
         mut observe: Option<&mut KernelObserver<'_>>,
     ) -> Result<(), CpuError> {
-        let KernelSequence {
-            buffers,
-            pool,
-            experts,
-            times,
-        } = sequence;
-        for (index, kernel) in self.program.kernels.iter().enumerate() {
-            let kernel_start = times.is_some().then(Instant::now);
-            for &b in &self.lifetimes.starting[index] {
-                let len = self.program.buffers[b].ty.numel();
-                buffers[b] = Storage::Pooled {
-                    values: pool.take(len),
-                    len,
-                };
-            }
-            if let Some(observe) = observe.as_mut() {
-                let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
-                observe(index, KernelPhase::Before, &views);
-            }
-            let compiled = self.jit.as_ref().and_then(|jit| jit.kernel(index));
-            match (&kernel.body, compiled) {
-                (KernelBody::Loop(_), Some(compiled)) => compiled.run(buffers),
-                (KernelBody::Loop(nest), None) => loops::run(nest, buffers),
-                (KernelBody::Library(call), _) => {
-                    library::run(&kernel.name, call, &self.program, buffers, *experts)?
+        for step in &self.steps {
+            match (*step, observe.as_deref_mut()) {
+                (Step::Two(a, b), None) => self.run_pair([a, b], sequence),
+                (Step::Two(a, b), Some(observe)) => {
+                    self.run_kernel(a, sequence, Some(&mut *observe))?;
+                    self.run_kernel(b, sequence, Some(observe))?;
                 }
-            }
-            if let Some(observe) = observe.as_mut() {
-                let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
-                observe(index, KernelPhase::After, &views);
-            }
-            for &b in &self.lifetimes.ending[index] {
-                pool.give_back(buffers[b].take_allocation());
-            }
-            if let (Some(start), Some(times)) = (kernel_start, times.as_mut()) {
-                times.push(start.elapsed());
+                (Step::One(index), observe) => self.run_kernel(index, sequence, observe)?,
             }
         }
         Ok(())
+    }
+
+    /// Runs kernel `index` alone.
+    fn run_kernel(
+        &self,
+        index: usize,
+        sequence: &mut KernelSequence<'_, '_>,
+        mut observe: Option<&mut KernelObserver<'_>>,
+    ) -> Result<(), CpuError> {
+        let kernel_start = sequence.times.is_some().then(Instant::now);
+        sequence.start_buffers(&self.program, &self.lifetimes.starting[index]);
+        let buffers = &mut *sequence.buffers;
+        if let Some(observe) = observe.as_mut() {
+            let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
+            observe(index, KernelPhase::Before, &views);
+        }
+        let kernel = &self.program.kernels[index];
+        let compiled = self.jit.as_ref().and_then(|jit| jit.kernel(index));
+        match (&kernel.body, compiled) {
+            (KernelBody::Loop(_), Some(compiled)) => compiled.run(buffers),
+            (KernelBody::Loop(nest), None) => loops::run(nest, buffers),
+            (KernelBody::Library(call), _) => {
+                library::run(&kernel.name, call, &self.program, buffers, sequence.experts)?
+            }
+        }
+        if let Some(observe) = observe.as_mut() {
+            let views: Vec<&[f32]> = buffers.iter().map(|b| &**b).collect();
+            observe(index, KernelPhase::After, &views);
+        }
+        sequence.end_buffers(&self.lifetimes.ending[index]);
+        if let (Some(start), Some(times)) = (kernel_start, sequence.times.as_mut()) {
+            times.push(start.elapsed());
+        }
+        Ok(())
+    }
+
+    /// Runs two paired matmul kernels (see [`schedule`]) at once. Profiled, their joint time
+    /// is shared between them in proportion to their FLOPs.
+    fn run_pair(&self, pair: [usize; 2], sequence: &mut KernelSequence<'_, '_>) {
+        let start = sequence.times.is_some().then(Instant::now);
+        for i in pair {
+            sequence.start_buffers(&self.program, &self.lifetimes.starting[i]);
+        }
+        let calls = pair.map(|i| match &self.program.kernels[i].body {
+            KernelBody::Library(call) => call,
+            KernelBody::Loop(_) => unreachable!("a loop kernel paired as a matmul"),
+        });
+        library::run_matmul_pair(calls, sequence.buffers);
+        for i in pair {
+            sequence.end_buffers(&self.lifetimes.ending[i]);
+        }
+        if let (Some(start), Some(times)) = (start, sequence.times.as_mut()) {
+            let elapsed = start.elapsed();
+            let flops = pair.map(|i| self.program.flops_of(&self.program.kernels[i]) as f64);
+            let first = elapsed.mul_f64(flops[0] / (flops[0] + flops[1]).max(1.0));
+            times.extend([first, elapsed.saturating_sub(first)]);
+        }
     }
 }
 
@@ -335,6 +371,26 @@ struct KernelSequence<'s, 'b> {
     pool: &'s mut Pool,
     experts: Option<&'b dyn crate::parallel::ExpertExchange>,
     times: Option<&'s mut Vec<std::time::Duration>>,
+}
+
+impl KernelSequence<'_, '_> {
+    /// Storage from the pool for the temporaries `starting`.
+    fn start_buffers(&mut self, program: &Program, starting: &[usize]) {
+        for &b in starting {
+            let len = program.buffers[b].ty.numel();
+            self.buffers[b] = Storage::Pooled {
+                values: self.pool.take(len),
+                len,
+            };
+        }
+    }
+
+    /// The storage of the temporaries `ending` back to the pool.
+    fn end_buffers(&mut self, ending: &[usize]) {
+        for &b in ending {
+            self.pool.give_back(self.buffers[b].take_allocation());
+        }
+    }
 }
 
 /// What [`CpuProgram::run_observed`] calls: kernel index, phase, every buffer.
@@ -411,12 +467,59 @@ impl Storage<'_> {
         std::mem::take(self.vec_mut())
     }
 
+    /// Takes a temporary's storage out to be written while other buffers are read, whole:
+    /// [`Storage::take_vec`] would cut a pooled allocation to the buffer's length, and the pool
+    /// would then fill the cut part with zeros again when it next lends the allocation for a
+    /// longer buffer (2% of the small training step's time went to such refills).
+    pub(super) fn lend(&mut self) -> Lent {
+        match std::mem::take(self) {
+            Storage::Owned(values) => Lent {
+                len: values.len(),
+                values,
+            },
+            Storage::Pooled { values, len } => Lent { values, len },
+            Storage::Borrowed(_) => panic!("a kernel writes a parameter, input or constant"),
+        }
+    }
+
     /// Takes the whole owned allocation out, for the pool; nothing for borrowed values.
     fn take_allocation(&mut self) -> Vec<f32> {
         match std::mem::take(self) {
             Storage::Owned(values) | Storage::Pooled { values, .. } => values,
             Storage::Borrowed(_) => Vec::new(),
         }
+    }
+}
+
+/// A temporary's storage while a kernel writes it ([`Storage::lend`]): its first `len` values
+/// are the buffer; the rest of the allocation keeps its stale values for the pool.
+#[derive(Debug)]
+pub(super) struct Lent {
+    values: Vec<f32>,
+    len: usize,
+}
+
+impl Lent {
+    /// The storage to put back in the buffer's place.
+    pub(super) fn restore(self) -> Storage<'static> {
+        Storage::Pooled {
+            values: self.values,
+            len: self.len,
+        }
+    }
+}
+
+impl std::ops::Deref for Lent {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.values[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Lent {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.values[..self.len]
     }
 }
 
