@@ -1,4 +1,4 @@
-//! The storage pool across runs.
+//! The storage pool across runs, and runs from several threads at once.
 
 #![allow(clippy::unwrap_used)]
 
@@ -103,4 +103,52 @@ fn a_small_output_does_not_carry_a_large_pooled_allocation_away() {
             "run {run}"
         );
     }
+}
+
+/// Programs run at once from several threads (as pipeline ranks do) each finish with their own
+/// results, although every run keeps the pool's other workers busy looking for its kernels'
+/// jobs (`keep_stealing`), which may land on another run's thread.
+#[test]
+fn concurrent_runs_from_several_threads_all_finish() {
+    const N: usize = 1 << 17;
+    let twice_plus_one = Program {
+        name: "concurrent".to_owned(),
+        buffers: vec![
+            buffer(N, BufferRole::Input("x".to_owned())),
+            buffer(N, BufferRole::Temporary),
+            buffer(N, BufferRole::Temporary),
+        ],
+        kernels: (1..=2)
+            .map(|to| {
+                let op = if to == 1 {
+                    BinaryOp::Mul
+                } else {
+                    BinaryOp::Add
+                };
+                let constant = if to == 1 { 2.0 } else { 1.0 };
+                let value = Expr::Binary(
+                    op,
+                    Box::new(Expr::Load(dense(to - 1))),
+                    Box::new(Expr::Constant(constant)),
+                );
+                copy(N, value, to)
+            })
+            .collect(),
+        outputs: vec![("y".to_owned(), BufferId(2))],
+    };
+    let compiled = CpuProgram::new(twice_plus_one);
+    std::thread::scope(|scope| {
+        for thread in 0..6 {
+            let compiled = &compiled;
+            scope.spawn(move || {
+                let x: Vec<f32> = (0..N).map(|i| (i % 1000 + thread) as f32).collect();
+                let inputs = HashMap::from([("x".to_owned(), HostTensor::f32([N], x.clone()))]);
+                for _ in 0..20 {
+                    let outputs = compiled.run(&Feeds::new(&inputs, &())).unwrap();
+                    let y = outputs.get("y").unwrap().as_f32().unwrap();
+                    assert!(y.iter().zip(&x).all(|(y, x)| *y == 2.0 * x + 1.0));
+                }
+            });
+        }
+    });
 }
