@@ -36,12 +36,36 @@ pub(super) fn run(
         }
     };
     match call {
-        Library::MatMul { out, .. } => {
+        Library::MatMul {
+            batch,
+            m,
+            n,
+            k,
+            a,
+            b,
+            out,
+            accumulation,
+            // Operands known to hold bf16 values run on the f32 GEMM all the same: the products
+            // are identical, and on the CPUs measured (Emerald Rapids) `vdpbf16ps` delivers
+            // half the FLOP rate of f32 FMAs, so a bf16 GEMM built on it ran at 0.47–0.54× the
+            // f32 one at every model shape (README, "Performance").
+            exact_in: _,
+            triangular,
+        } => {
             // Taken out and put back as it is: the GEMM writes only the elements of `out`'s
             // view, which may be one region of a concatenation whose other regions other
             // kernels write. (The other calls write whole buffers of their own.)
             let mut result = buffers[out.buffer.index()].lend();
-            matmul(call, buffers, &mut result);
+            let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
+            let operands = [(a, &lhs[..]), (b, &rhs[..])];
+            batched_matmul(
+                batch,
+                (*m, *n, *k),
+                operands,
+                out,
+                (*accumulation, *triangular),
+                &mut result,
+            );
             buffers[out.buffer.index()] = result.restore();
         }
         Library::GroupedMatMul {
@@ -251,60 +275,6 @@ pub(super) fn run(
     Ok(())
 }
 
-/// Two independent matmul kernels (see `super::schedule`) at once, one on each side of a
-/// `rayon::join`: each splits its own work as it would alone, and a thread that finishes its
-/// side first steals from the other's.
-pub(super) fn run_matmul_pair(calls: [&Library; 2], buffers: &mut [Storage<'_>]) {
-    let out = |call: &Library| match call {
-        Library::MatMul { out, .. } => out.buffer,
-        other => unreachable!("a {other:?} paired as a matmul"),
-    };
-    let outs = calls.map(out);
-    assert_ne!(outs[0], outs[1], "paired matmuls write one buffer");
-    let [mut first, mut second] = outs.map(|b| buffers[b.index()].lend());
-    let shared = &*buffers;
-    rayon::join(
-        || matmul(calls[0], shared, &mut first),
-        || matmul(calls[1], shared, &mut second),
-    );
-    buffers[outs[0].index()] = first.restore();
-    buffers[outs[1].index()] = second.restore();
-}
-
-/// A [`Library::MatMul`] call into `result`, its output buffer's values (taken out of
-/// `buffers`, where that buffer is left empty).
-fn matmul(call: &Library, buffers: &[Storage<'_>], result: &mut [f32]) {
-    let Library::MatMul {
-        batch,
-        m,
-        n,
-        k,
-        a,
-        b,
-        out,
-        accumulation,
-        // Operands known to hold bf16 values run on the f32 GEMM all the same: the products
-        // are identical, and on the CPUs measured (Emerald Rapids) `vdpbf16ps` delivers half
-        // the FLOP rate of f32 FMAs, so a bf16 GEMM built on it ran at 0.47–0.54× the f32 one
-        // at every model shape (README, "Performance").
-        exact_in: _,
-        triangular,
-    } = call
-    else {
-        unreachable!("{call:?} run as a matmul");
-    };
-    let (lhs, rhs) = (&buffers[a.buffer.index()], &buffers[b.buffer.index()]);
-    let operands = [(a, &lhs[..]), (b, &rhs[..])];
-    batched_matmul(
-        batch,
-        (*m, *n, *k),
-        operands,
-        out,
-        (*accumulation, *triangular),
-        result,
-    );
-}
-
 /// A batch of at least `MANY_GEMMS` GEMMs of fewer than `SMALL_GEMM` multiply-adds each
 /// (attention's per-head products) runs one GEMM per thread, rather than each GEMM split
 /// across the threads, whose hand-offs cost as much as such a GEMM computes and leave threads
@@ -334,9 +304,13 @@ fn batched_matmul(
     // Batch axes over which only `rhs` is shared (a Linear's weight, broadcast over the batch
     // and sequence axes) and whose `a` and `out` matrices follow each other row after row are
     // one GEMM with more rows: for the gemm crate, one 1024-row product runs 1.05–1.4× faster
-    // than four 256-row ones (measured side by side at the small model's shapes).
+    // than four 256-row ones (measured side by side at the small model's shapes). Not so for a
+    // triangular product, whose triangles are per matrix.
     let rows_axis = batch.len();
-    let (kept, m) = folded(batch, m, [a, b, out], triangular);
+    let (kept, m) = match triangular {
+        None => fold_into_rows(batch, m, [a, b, out], rows_axis),
+        Some(_) => (batch.len(), m),
+    };
     let batch = &batch[..kept];
     let rank = batch.len();
     let batches: usize = batch.iter().product();
@@ -408,91 +382,23 @@ fn batched_matmul(
             );
         }
     };
-    match threading(batches, (m, n, k), None) {
-        Threading::PerGemm => offsets
+    if batches >= MANY_GEMMS && m * n * k < SMALL_GEMM {
+        offsets
             .par_iter()
-            .for_each(|offsets| one(offsets, (0, n), Parallelism::None)),
-        Threading::ColumnBlocks => {
-            let blocks = n.div_ceil(SPLIT_COLUMNS);
-            for offsets in &offsets {
-                (0..blocks).into_par_iter().for_each(|block| {
-                    let first = block * SPLIT_COLUMNS;
-                    let columns = (first, SPLIT_COLUMNS.min(n - first));
-                    one(offsets, columns, Parallelism::None)
-                });
-            }
-        }
-        Threading::Crate | Threading::RowBlocks => {
-            for offsets in &offsets {
-                one(offsets, (0, n), Parallelism::Rayon(0));
-            }
-        }
-    }
-}
-
-/// How a matmul's GEMMs are spread over the threads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Threading {
-    /// A triangular product's row blocks, one single-threaded GEMM each.
-    RowBlocks,
-    /// One single-threaded GEMM per batch index.
-    PerGemm,
-    /// Each GEMM's column blocks, one single-threaded GEMM each.
-    ColumnBlocks,
-    /// Each GEMM split by the gemm crate's own threads.
-    Crate,
-}
-
-/// The threading of `batches` GEMMs of `m×n×k` (after batch axes fold into rows).
-fn threading(
-    batches: usize,
-    (m, n, k): (usize, usize, usize),
-    triangular: Option<Triangular>,
-) -> Threading {
-    if triangular.is_some() {
-        Threading::RowBlocks
-    } else if batches >= MANY_GEMMS && m * n * k < SMALL_GEMM {
-        Threading::PerGemm
+            .for_each(|offsets| one(offsets, (0, n), Parallelism::None));
     } else if m < SPLIT_COLUMNS_BELOW_ROWS && n > SPLIT_COLUMNS {
-        Threading::ColumnBlocks
+        let blocks = n.div_ceil(SPLIT_COLUMNS);
+        for offsets in &offsets {
+            (0..blocks).into_par_iter().for_each(|block| {
+                let first = block * SPLIT_COLUMNS;
+                let columns = (first, SPLIT_COLUMNS.min(n - first));
+                one(offsets, columns, Parallelism::None)
+            });
+        }
     } else {
-        Threading::Crate
-    }
-}
-
-/// The threading of a [`Library::MatMul`] call.
-pub(super) fn matmul_threading(call: &Library) -> Option<Threading> {
-    let Library::MatMul {
-        batch,
-        m,
-        n,
-        k,
-        a,
-        b,
-        out,
-        triangular,
-        ..
-    } = call
-    else {
-        return None;
-    };
-    let (kept, m) = folded(batch, *m, [a, b, out], *triangular);
-    let batches = batch[..kept].iter().product();
-    Some(threading(batches, (m, *n, *k), *triangular))
-}
-
-/// The batch axes left and the rows per GEMM once trailing batch axes fold into the rows
-/// (see [`fold_into_rows`]); none fold for a triangular product, whose triangles are per
-/// matrix.
-fn folded(
-    batch: &[usize],
-    m: usize,
-    views: [&View; 3],
-    triangular: Option<Triangular>,
-) -> (usize, usize) {
-    match triangular {
-        None => fold_into_rows(batch, m, views, batch.len()),
-        Some(_) => (batch.len(), m),
+        for offsets in &offsets {
+            one(offsets, (0, n), Parallelism::Rayon(0));
+        }
     }
 }
 

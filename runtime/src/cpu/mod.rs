@@ -16,7 +16,6 @@ mod loops;
 mod pool;
 mod product;
 mod profile;
-mod schedule;
 #[cfg(test)]
 mod tests;
 mod triangular;
@@ -34,7 +33,6 @@ pub use profile::PROFILE_ENV;
 use crate::interp::{Feeds, round_to_dtype};
 use crate::tensor::{Data, HostTensor};
 use pool::Pool;
-use schedule::Step;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum CpuError {
@@ -74,8 +72,6 @@ pub struct CpuProgram {
     /// Pooled storage for temporaries, kept between runs.
     scratch: std::sync::Mutex<Pool>,
     lifetimes: Lifetimes,
-    /// The kernels in order, adjacent independent matmuls paired to run at once.
-    steps: Vec<Step>,
     /// The values of constant buffers, rounded to their types once (indexed like the buffers).
     constants: Vec<Option<Vec<f32>>>,
     /// Per-kernel timings, when `FATHOM_PROFILE` asks for them (printed on drop).
@@ -134,7 +130,6 @@ impl CpuProgram {
             jit: Some(jit),
             scratch: Default::default(),
             lifetimes,
-            steps: schedule::steps(&program),
             program,
         }
     }
@@ -149,7 +144,6 @@ impl CpuProgram {
             jit: None,
             scratch: Default::default(),
             lifetimes,
-            steps: schedule::steps(&program),
             program,
         }
     }
@@ -296,27 +290,19 @@ impl CpuProgram {
     }
 
     /// Runs every kernel in order over `sequence`'s buffers: each temporary's storage taken
-    /// from the pool when its first writer starts and given back after its last reader. Paired
-    /// matmuls run at once, except for an observer, which sees every kernel alone.
+    /// from the pool when its first writer starts and given back after its last reader.
     fn run_kernels(
         &self,
         sequence: &mut KernelSequence<'_, '_>,
         mut observe: Option<&mut KernelObserver<'_>>,
     ) -> Result<(), CpuError> {
-        for step in &self.steps {
-            match (*step, observe.as_deref_mut()) {
-                (Step::Two(a, b), None) => self.run_pair([a, b], sequence),
-                (Step::Two(a, b), Some(observe)) => {
-                    self.run_kernel(a, sequence, Some(&mut *observe))?;
-                    self.run_kernel(b, sequence, Some(observe))?;
-                }
-                (Step::One(index), observe) => self.run_kernel(index, sequence, observe)?,
-            }
+        for index in 0..self.program.kernels.len() {
+            self.run_kernel(index, sequence, observe.as_deref_mut())?;
         }
         Ok(())
     }
 
-    /// Runs kernel `index` alone.
+    /// Runs kernel `index`.
     fn run_kernel(
         &self,
         index: usize,
@@ -348,29 +334,6 @@ impl CpuProgram {
             times.push(start.elapsed());
         }
         Ok(())
-    }
-
-    /// Runs two paired matmul kernels (see [`schedule`]) at once. Profiled, their joint time
-    /// is shared between them in proportion to their FLOPs.
-    fn run_pair(&self, pair: [usize; 2], sequence: &mut KernelSequence<'_, '_>) {
-        let start = sequence.times.is_some().then(Instant::now);
-        for i in pair {
-            sequence.start_buffers(&self.program, &self.lifetimes.starting[i]);
-        }
-        let calls = pair.map(|i| match &self.program.kernels[i].body {
-            KernelBody::Library(call) => call,
-            KernelBody::Loop(_) => unreachable!("a loop kernel paired as a matmul"),
-        });
-        library::run_matmul_pair(calls, sequence.buffers);
-        for i in pair {
-            sequence.end_buffers(&self.lifetimes.ending[i]);
-        }
-        if let (Some(start), Some(times)) = (start, sequence.times.as_mut()) {
-            let elapsed = start.elapsed();
-            let flops = pair.map(|i| self.program.flops_of(&self.program.kernels[i]) as f64);
-            let first = elapsed.mul_f64(flops[0] / (flops[0] + flops[1]).max(1.0));
-            times.extend([first, elapsed.saturating_sub(first)]);
-        }
     }
 }
 
