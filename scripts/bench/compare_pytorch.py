@@ -2,7 +2,7 @@
 """Fathom against PyTorch running transformers' DeepseekV3, side by side in one run.
 
     python scripts/bench/compare_pytorch.py [--configs small medium] [--steps 5] [--threads 2]
-        [--fathom target/release/fathom]
+        [--repeats 3] [--fathom target/release/fathom]
 
 For each configuration (benches/configs/<name>.json, with the batch and sequence length of the
 issue: small 4 x 256, medium 2 x 512) it writes one set of random weights with `fathom init`,
@@ -14,7 +14,10 @@ then times, with the same weights and thread count:
   - PyTorch eager and torch.compile under `torch.autocast(dtype=torch.bfloat16)`.
 and prints tokens/s, the ratio Fathom / torch.compile, the achieved fraction of the machine's
 f32 GEMM peak, and peak memory (max RSS) of each process. Absolute numbers move by 20% or more
-between runs on shared machines: compare within one run.
+between runs on shared machines: compare within one run. With --repeats N the whole sequence of
+measurements runs N times in turn (Fathom and PyTorch alternating, so a slow spell of the machine
+falls on both), and the table shows each figure's median, each ratio's median over the rounds
+and its range.
 """
 import argparse
 import json
@@ -112,6 +115,7 @@ def main():
     p.add_argument("--configs", nargs="+", default=["small", "medium"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every measurement, in turn; medians shown")
     p.add_argument("--fathom", default="target/release/fathom")
     p.add_argument("--modes", nargs="+", default=["eager-f32", "compile-f32", "eager-bf16", "compile-bf16"])
     p.add_argument("--child")
@@ -130,38 +134,62 @@ def main():
         config = f"benches/configs/{name}.json"
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run([args.fathom, "init", "--config", config, "--seed", "0", "--out", tmp], check=True, capture_output=True)
-            results = {}
-            # Fathom in f32, and in its bf16 policy when a bf16 mode of torch is compared.
-            precisions = ["fp32"] + (["bf16"] if any(m.endswith("bf16") for m in args.modes) else [])
-            for precision in precisions:
-                fathom_out = subprocess.run(
-                    ["/usr/bin/time", "-f", "%M", args.fathom, "bench", "--config", config, "--weights", tmp,
-                     "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps), "--threads", str(args.threads),
-                     "--precision", precision, "--json"],
-                    check=True, capture_output=True, text=True)
-                run = json.loads(fathom_out.stdout.strip().splitlines()[-1])
-                run["max_rss_bytes"] = int(fathom_out.stderr.strip().splitlines()[-1]) * 1024
-                results["fathom f32" if precision == "fp32" else "fathom bf16"] = run
-            for mode in args.modes:
-                results[f"torch {mode}"] = run_child(mode, model_dir=tmp, batch=batch, seq=seq, steps=args.steps, threads=args.threads)
-        rows.append((name, results))
+            rounds = [measure_round(args, config, tmp, batch, seq) for _ in range(args.repeats)]
+        rows.append((name, rounds))
 
     print()
-    for name, results in rows:
-        fathom = results["fathom f32"]
-        flops = fathom["matmul_flops_per_token"]
+    for name, rounds in rows:
+        flops = rounds[0]["fathom f32"]["matmul_flops_per_token"]
         print(f"== {name}: {flops / 1e6:.1f} MFLOP per token (matmuls, counted by Fathom's compiler)")
+        if len(rounds) > 1:
+            print(f"(medians of {len(rounds)} rounds)")
         print(f"{'':22} {'train tok/s':>12} {'fwd tok/s':>12} {'% of peak':>10} {'max RSS MB':>11}")
-        for label, r in results.items():
+        for label in rounds[0]:
             kind = "bf16" if label.endswith("bf16") else "f32"
-            frac = r["train_tokens_per_second"] * flops / 1e9 / peak[kind] * 100
-            print(f"{label:22} {r['train_tokens_per_second']:12.0f} {r['forward_tokens_per_second']:12.0f} {frac:9.0f}% {r['max_rss_bytes'] / 2**20:11.0f}")
+            train, fwd, rss = (median([r[label][key] for r in rounds])
+                               for key in ["train_tokens_per_second", "forward_tokens_per_second", "max_rss_bytes"])
+            frac = train * flops / 1e9 / peak[kind] * 100
+            print(f"{label:22} {train:12.0f} {fwd:12.0f} {frac:9.0f}% {rss / 2**20:11.0f}")
         for kind in ["f32", "bf16"]:
-            ours, base = results.get(f"fathom {kind}"), results.get(f"torch compile-{kind}")
-            if ours and base:
-                print(f"Fathom {kind} / torch.compile {kind}: train {ours['train_tokens_per_second'] / base['train_tokens_per_second']:.2f}x, "
-                      f"forward {ours['forward_tokens_per_second'] / base['forward_tokens_per_second']:.2f}x (Fathom's forward is f32)")
+            ours, base = f"fathom {kind}", f"torch compile-{kind}"
+            if ours in rounds[0] and base in rounds[0]:
+                ratios = {key: [r[ours][key] / r[base][key] for r in rounds]
+                          for key in ["train_tokens_per_second", "forward_tokens_per_second"]}
+                train, fwd = (describe(ratios[key]) for key in ratios)
+                print(f"Fathom {kind} / torch.compile {kind}: train {train}, forward {fwd} (Fathom's forward is f32)")
         print()
+
+
+def measure_round(args, config, weights, batch, seq):
+    """One measurement of every contender on `config`, in turn: label -> results."""
+    results = {}
+    # Fathom in f32, and in its bf16 policy when a bf16 mode of torch is compared.
+    precisions = ["fp32"] + (["bf16"] if any(m.endswith("bf16") for m in args.modes) else [])
+    for precision in precisions:
+        fathom_out = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", args.fathom, "bench", "--config", config, "--weights", weights,
+             "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps), "--threads", str(args.threads),
+             "--precision", precision, "--json"],
+            check=True, capture_output=True, text=True)
+        run = json.loads(fathom_out.stdout.strip().splitlines()[-1])
+        run["max_rss_bytes"] = int(fathom_out.stderr.strip().splitlines()[-1]) * 1024
+        results["fathom f32" if precision == "fp32" else "fathom bf16"] = run
+    for mode in args.modes:
+        results[f"torch {mode}"] = run_child(mode, model_dir=weights, batch=batch, seq=seq, steps=args.steps, threads=args.threads)
+    return results
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def describe(ratios):
+    """A ratio's median, and its range over the rounds when there are several."""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)"
 
 
 if __name__ == "__main__":
