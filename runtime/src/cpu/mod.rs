@@ -141,10 +141,10 @@ impl CpuProgram {
         CpuProgram {
             constants,
             profile: profile::enabled_by_env().then(|| profile::Profile::new(&program, |_| false)),
+            program,
             jit: None,
             scratch: Default::default(),
             lifetimes,
-            program,
         }
     }
 
@@ -467,7 +467,8 @@ impl Storage<'_> {
     /// Takes a temporary's storage out to be written while other buffers are read, whole:
     /// [`Storage::take_vec`] would cut a pooled allocation to the buffer's length, and the pool
     /// would then fill the cut part with zeros again when it next lends the allocation for a
-    /// longer buffer (2% of the small training step's time went to such refills).
+    /// longer buffer (`memset` took 2.2% of a small training bench's samples with the matmuls'
+    /// outputs cut, 1.5% without).
     pub(super) fn lend(&mut self) -> Lent {
         match std::mem::take(self) {
             Storage::Owned(values) => Lent {
