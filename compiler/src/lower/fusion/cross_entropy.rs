@@ -61,6 +61,16 @@ impl Lowering<'_> {
             |value: Expr| Expr::Select(Box::new(counted.clone()), Box::new(value), zero());
         let out = new_buffer(&mut self.program, temporary(&node.ty));
         let out_view = StridedView::contiguous(out, node.ty.dims());
+        // Either gradient: dx = (softmax − [v = label]) · g, its softmax computed either way.
+        let store_gradient = |softmax: Expr, g: Expr| {
+            let residual =
+                Expr::Binary(BinaryOp::Sub, Box::new(softmax), Box::new(is_label.clone()));
+            let dx = Expr::Binary(BinaryOp::Mul, Box::new(residual), Box::new(g));
+            Stmt::Store {
+                view: out_view.compose(&identity),
+                value: ignoring_others(dx),
+            }
+        };
 
         let body = match node.inputs.get(2..4) {
             // The gradient of a forward that kept its exponentials.
@@ -72,12 +82,7 @@ impl Lowering<'_> {
                     Box::new(load(&kept.exponentials, &identity)),
                     Box::new(load(&kept.sums, &per_row)),
                 );
-                let residual = Expr::Binary(BinaryOp::Sub, Box::new(softmax), Box::new(is_label));
-                let dx = Expr::Binary(BinaryOp::Mul, Box::new(residual), Box::new(g));
-                vec![Stmt::Store {
-                    view: out_view.compose(&identity),
-                    value: ignoring_others(dx),
-                }]
+                vec![store_gradient(softmax, g)]
             }
             backward => {
                 let x = self.expr(&mut k, logits, &identity)?;
@@ -156,14 +161,7 @@ impl Lowering<'_> {
                         let lse = Expr::Binary(BinaryOp::Add, Box::new(loss), row(0));
                         let shifted = Expr::Binary(BinaryOp::Sub, Box::new(x), Box::new(lse));
                         let softmax = Expr::Unary(UnaryOp::Exp, Box::new(shifted));
-                        let residual =
-                            Expr::Binary(BinaryOp::Sub, Box::new(softmax), Box::new(is_label));
-                        let dx = Expr::Binary(BinaryOp::Mul, Box::new(residual), Box::new(g));
-                        let store = Stmt::Store {
-                            view: out_view.compose(&identity),
-                            value: ignoring_others(dx),
-                        };
-                        vec![label_logit, store]
+                        vec![label_logit, store_gradient(softmax, g)]
                     }
                 }
             }
