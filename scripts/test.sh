@@ -28,5 +28,8 @@ if [ "${FATHOM_SKIP_NVRTC:-0}" != "1" ]; then
   nvrtc_install .nvrtc/tools nvidia-cuda-nvdisasm==13.5.37 nvidia-cuda-cuobjdump==13.5.37
 fi
 
+# One build from scratch: incremental compilation's caches would only add about 1 GB of disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 cargo test --workspace --locked --all-targets
 cargo test --workspace --locked --doc
