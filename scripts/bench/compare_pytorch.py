@@ -140,6 +140,7 @@ def main():
     print()
     for name, rounds in rows:
         flops = rounds[0]["fathom f32"]["matmul_flops_per_token"]
+        describe_bf16_gemm(rounds[0]["fathom f32"].get("bf16_gemm"))
         print(f"== {name}: {flops / 1e6:.1f} MFLOP per token (matmuls, counted by Fathom's compiler)")
         if len(rounds) > 1:
             print(f"(medians of {len(rounds)} rounds)")
@@ -177,6 +178,21 @@ def measure_round(args, config, weights, batch, seq):
     for mode in args.modes:
         results[f"torch {mode}"] = run_child(mode, model_dir=weights, batch=batch, seq=seq, steps=args.steps, threads=args.threads)
     return results
+
+
+def describe_bf16_gemm(report):
+    """Whether Fathom's bf16 Linear GEMMs ran on its vdpbf16ps kernel, and its speed here."""
+    if not report:
+        return
+    if not report["supported"]:
+        print("Fathom's bf16 GEMMs: on the f32 GEMM (this CPU has no AVX512_BF16)")
+        return
+    ratio = report["vdpbf16ps_over_fma_flop_ratio"]
+    rates = ", ".join(f"{'x'.join(map(str, s['m_n_k']))}: {s['bf16_gflops']:.0f} vs {s['f32_gflops']:.0f} GFLOP/s"
+                      for s in report["shapes"])
+    state = "bf16 kernel" if report["enabled"] else "f32 GEMM"
+    measured = f"vdpbf16ps/FMA FLOP rate {ratio:.2f}" if ratio else "forced by FATHOM_BF16_GEMM"
+    print(f"Fathom's bf16 GEMMs: on the {state} ({measured}; bf16 kernel vs f32 GEMM {rates})")
 
 
 def median(values):

@@ -149,6 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "f32_gemm_peak_gflops": peak,
         "temporaries_bytes": temporaries,
         "compile_seconds": compile_seconds,
+        "bf16_gemm": bf16_gemm_report(batch * seq, spec.hidden_size, spec.intermediate_size),
     });
     if args.json {
         println!("{report}");
@@ -156,6 +157,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// Whether bf16 Linear GEMMs run on the bf16 kernel here (`fathom_runtime::cpu::bf16_gemm`),
+/// and both GEMMs' GFLOP/s side by side at the dense MLP's forward shapes (gate/up: tokens ×
+/// intermediate × hidden; down: tokens × hidden × intermediate).
+fn bf16_gemm_report(tokens: usize, hidden: usize, intermediate: usize) -> serde_json::Value {
+    let choice = fathom_runtime::cpu::bf16_gemm();
+    let shapes: Vec<_> = [
+        (tokens, intermediate, hidden),
+        (tokens, hidden, intermediate),
+    ]
+    .into_iter()
+    .filter_map(|shape| {
+        let (f32_rate, bf16_rate) = fathom_runtime::cpu::compare_with_f32(shape)?;
+        Some(json!({
+            "m_n_k": [shape.0, shape.1, shape.2],
+            "f32_gflops": f32_rate,
+            "bf16_gflops": bf16_rate,
+            "ratio": bf16_rate / f32_rate,
+        }))
+    })
+    .collect();
+    json!({
+        "supported": choice.supported,
+        "enabled": choice.enabled,
+        "vdpbf16ps_over_fma_flop_ratio": choice.flop_ratio,
+        "shapes": shapes,
+    })
 }
 
 /// GFLOP/s of a 2048² f32 matmul through the same GEMM the backend uses (best of 3).

@@ -3,11 +3,10 @@
 //! arithmetic is the same whatever the thread count). Under expert parallelism each expert's
 //! GEMM runs on the rank that owns it (`crate::parallel::experts`).
 
-use fathom_compiler::graph::Accumulation;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::product::multiply;
+use super::product::{Arithmetic, multiply};
 use crate::parallel::{ExpertExchange, gathered_at_owners, products_where_owned};
 
 /// Which rows go where: `groups[e]` lists the token-slots (`t·slots + s`) routed to expert e,
@@ -16,9 +15,9 @@ pub(super) struct Routing {
     pub(super) groups: Vec<Vec<usize>>,
     pub(super) slots: usize,
     pub(super) x_slots: usize,
-    /// How each expert's GEMM sums its products (K: `k` forward, its token-slots for the
-    /// weight gradient).
-    pub(super) accumulation: Accumulation,
+    /// How each expert's GEMM forms and sums its products (K: `k` forward, its token-slots
+    /// for the weight gradient).
+    pub(super) arithmetic: Arithmetic,
 }
 
 impl Routing {
@@ -99,7 +98,7 @@ pub(super) fn matmul(
                 routing.rows_into(xs, e, k, rows);
                 product.clear();
                 product.resize(members.len() * n, 0.0);
-                expert_product_into(weights[e], rows, (n, k), routing.accumulation, product);
+                expert_product_into(weights[e], rows, (n, k), routing.arithmetic, product);
                 for (r, &ts) in members.iter().enumerate() {
                     // SAFETY: `result` holds a row of n for every token-slot (asserted above),
                     // and token-slot `ts` is in this expert's group only, so no other thread
@@ -113,7 +112,7 @@ pub(super) fn matmul(
     };
     let product = |e: usize, rows: &[f32]| {
         let mut product = vec![0f32; rows.len() / k.max(1) * n];
-        expert_product_into(weights[e], rows, (n, k), routing.accumulation, &mut product);
+        expert_product_into(weights[e], rows, (n, k), routing.arithmetic, &mut product);
         product
     };
     let requests = (0..routing.groups.len())
@@ -159,7 +158,7 @@ pub(super) fn weight_grad(
                 cotangent_rows_into(e, g);
                 routing.rows_into(xs, e, k, xe);
                 let rows = routing.groups[e].len();
-                expert_weight_grad((g, xe), (n, k, rows), routing.accumulation, block);
+                expert_weight_grad((g, xe), (n, k, rows), routing.arithmetic, block);
             });
         });
         return Ok(());
@@ -198,7 +197,7 @@ pub(super) fn weight_grad(
                 return block.fill(0.0);
             }
             let rows = g.len() / n;
-            expert_weight_grad((g, xe), (n, k, rows), routing.accumulation, block);
+            expert_weight_grad((g, xe), (n, k, rows), routing.arithmetic, block);
         });
     Ok(())
 }
@@ -207,7 +206,7 @@ pub(super) fn weight_grad(
 fn expert_weight_grad(
     (g, xe): (&[f32], &[f32]),
     (n, k, rows): (usize, usize, usize),
-    accumulation: Accumulation,
+    arithmetic: Arithmetic,
     block: &mut [f32],
 ) {
     assert!(g.len() == rows * n && xe.len() == rows * k && block.len() >= n * k);
@@ -218,7 +217,7 @@ fn expert_weight_grad(
             (block.as_mut_ptr(), 1, k as isize),
             (g.as_ptr(), n as isize, 1),
             (xe.as_ptr(), 1, k as isize),
-            accumulation,
+            arithmetic,
             Parallelism::None,
         );
     }
@@ -229,7 +228,7 @@ fn expert_product_into(
     (w, (sn, sk)): (&[f32], (isize, isize)),
     rows: &[f32],
     (n, k): (usize, usize),
-    accumulation: Accumulation,
+    arithmetic: Arithmetic,
     product: &mut [f32],
 ) {
     let count = product.len() / n.max(1);
@@ -243,7 +242,7 @@ fn expert_product_into(
             (rows.as_ptr(), 1, k as isize),
             // B[p][j] = W_e[j][p]: columns j, rows p.
             (w.as_ptr(), sn, sk),
-            accumulation,
+            arithmetic,
             Parallelism::None,
         );
     }
@@ -260,7 +259,7 @@ mod tests {
             groups: vec![vec![0, 2], vec![], vec![1]],
             slots: 1,
             x_slots: 1,
-            accumulation: Accumulation::default(),
+            arithmetic: Accumulation::default().into(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! rayon), grouped expert GEMMs as one GEMM per expert over its gathered rows, the lookups, and
 //! FP8 fake quantization through `crate::fp8`.
 
+use fathom_compiler::DType;
 use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::graph::{Accumulation, MatMulPart, Triangular};
 use fathom_compiler::kernel::{
@@ -11,7 +12,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::grouped::{self, Routing};
-use super::product::{Operand, multiply};
+use super::product::{Arithmetic, Operand, multiply};
 use super::{CpuError, Lent, Storage};
 use crate::fp8::{ScaleRounding, fake_quantize};
 use crate::parallel::ExpertExchange;
@@ -45,11 +46,9 @@ pub(super) fn run(
             b,
             out,
             accumulation,
-            // Operands known to hold bf16 values run on the f32 GEMM all the same: the products
-            // are identical, and on the CPUs measured (Emerald Rapids) `vdpbf16ps` delivers
-            // half the FLOP rate of f32 FMAs, so a bf16 GEMM built on it ran at 0.47–0.54× the
-            // f32 one at every model shape (README, "Performance").
-            exact_in: _,
+            // Operands known to hold bf16 values run on the bf16 kernel where it pays
+            // (`super::bf16`), on the f32 GEMM otherwise: the products are identical.
+            exact_in,
             triangular,
         } => {
             // Taken out and put back as it is: the GEMM writes only the elements of `out`'s
@@ -63,7 +62,7 @@ pub(super) fn run(
                 (*m, *n, *k),
                 operands,
                 out,
-                (*accumulation, *triangular),
+                (arithmetic(*accumulation, *exact_in), *triangular),
                 &mut result,
             );
             buffers[out.buffer.index()] = result.restore();
@@ -74,6 +73,7 @@ pub(super) fn run(
             expert_ids,
             out,
             accumulation,
+            exact_in,
             ..
         } => {
             let idd = dims(expert_ids);
@@ -105,7 +105,7 @@ pub(super) fn run(
                 &idd,
                 &dims(x),
                 experts,
-                *accumulation,
+                arithmetic(*accumulation, *exact_in),
                 &index,
             )?;
             grouped::matmul(
@@ -125,6 +125,7 @@ pub(super) fn run(
             expert_ids,
             out,
             accumulation,
+            exact_in,
             ..
         } => {
             let (xd, cd) = (dims(x), dims(cotangent));
@@ -139,7 +140,8 @@ pub(super) fn run(
             };
             let ids = &buffers[expert_ids.index()];
             let experts = blocks.len();
-            let routing = route(ids, &dims(expert_ids), &xd, experts, *accumulation, &index)?;
+            let arithmetic = arithmetic(*accumulation, *exact_in);
+            let routing = route(ids, &dims(expert_ids), &xd, experts, arithmetic, &index)?;
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
             grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut blocks)
                 .map_err(|reason| exchange_failed(kernel, reason))?;
@@ -298,7 +300,7 @@ fn batched_matmul(
     (m, n, k): (usize, usize, usize),
     [(a, lhs), (b, rhs)]: [(&View, &[f32]); 2],
     out: &View,
-    (accumulation, triangular): (Accumulation, Option<Triangular>),
+    (arithmetic, triangular): (Arithmetic, Option<Triangular>),
     result: &mut [f32],
 ) {
     // Batch axes over which only `rhs` is shared (a Linear's weight, broadcast over the batch
@@ -344,7 +346,7 @@ fn batched_matmul(
             (m, n, k),
             [(strides(a), lhs), (strides(b), rhs)],
             (strides(out), out_ptr),
-            (accumulation, triangular),
+            (arithmetic.accumulation, triangular),
         );
         return;
     }
@@ -377,7 +379,7 @@ fn batched_matmul(
                     b_columns,
                     b.strides[rows_axis],
                 ),
-                accumulation,
+                arithmetic,
                 parallelism,
             );
         }
@@ -526,7 +528,7 @@ fn route(
     id_dims: &[usize],
     x_dims: &[usize],
     experts: usize,
-    accumulation: Accumulation,
+    arithmetic: Arithmetic,
     index: &impl Fn(f32, usize) -> Result<usize, CpuError>,
 ) -> Result<Routing, CpuError> {
     let (tokens, slots) = (id_dims[0], id_dims[1]);
@@ -539,8 +541,15 @@ fn route(
         groups,
         slots,
         x_slots,
-        accumulation,
+        arithmetic,
     })
+}
+
+fn arithmetic(accumulation: Accumulation, exact_in: Option<DType>) -> Arithmetic {
+    Arithmetic {
+        accumulation,
+        exact_in,
+    }
 }
 
 fn exchange_failed(kernel: &str, reason: String) -> CpuError {
@@ -587,6 +596,8 @@ mod tests {
             .num_threads(threads)
             .build()
             .unwrap();
+        let (accumulation, triangular) = arithmetic;
+        let arithmetic = (accumulation.into(), triangular);
         pool.install(|| batched_matmul(batch, shape, operands, out, arithmetic, &mut result));
         result
     }

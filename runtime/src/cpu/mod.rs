@@ -8,6 +8,7 @@
 //! by the cranelift JIT in [`jit`] (rows split across rayon threads); the row evaluator in
 //! [`loops`] is their reference and runs the kernels the JIT leaves (see [`JitReport`]).
 
+mod bf16;
 mod expf;
 mod grouped;
 mod jit;
@@ -27,6 +28,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
+pub use bf16::{BF16_GEMM_ENV, Bf16Gemm, MIN_FLOP_RATIO, bf16_gemm, compare_with_f32};
 pub use jit::{DUMP_ENV as JIT_DUMP_ENV, JitError, JitReport};
 pub use profile::PROFILE_ENV;
 

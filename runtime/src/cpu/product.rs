@@ -1,11 +1,31 @@
 //! One strided GEMM on the CPU, summed as the graph asks: the `gemm` crate when the
 //! accumulation is exact, Hopper's limited FP8 accumulator (`crate::fp8::LimitedSum`) when the
-//! precision pass asked for it.
+//! precision pass asked for it, and the bf16 kernel (`super::bf16`) for operands that hold bf16
+//! values where this CPU multiplies bf16 faster than f32.
 
+use fathom_compiler::DType;
 use fathom_compiler::graph::Accumulation;
 use gemm::{Parallelism, gemm};
 
+use super::bf16;
 use crate::fp8::LimitedSum;
+
+/// How a GEMM forms and sums its products: the graph's accumulation, and the narrower type
+/// both operands' values belong to, if the kernel IR knows one (`exact_in`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct Arithmetic {
+    pub(super) accumulation: Accumulation,
+    pub(super) exact_in: Option<DType>,
+}
+
+impl From<Accumulation> for Arithmetic {
+    fn from(accumulation: Accumulation) -> Self {
+        Arithmetic {
+            accumulation,
+            exact_in: None,
+        }
+    }
+}
 
 /// A matrix operand: its first element, then the element strides between columns and rows.
 pub(super) type Operand<P> = (P, isize, isize);
@@ -20,14 +40,17 @@ pub(super) unsafe fn multiply(
     dst: Operand<*mut f32>,
     lhs: Operand<*const f32>,
     rhs: Operand<*const f32>,
-    accumulation: Accumulation,
+    arithmetic: Arithmetic,
     parallelism: Parallelism,
 ) {
-    match LimitedSum::new(accumulation, k) {
+    let parallel = !matches!(parallelism, Parallelism::None);
+    match LimitedSum::new(arithmetic.accumulation, k) {
         // SAFETY: the caller's promise, passed on.
-        Some(limited) => unsafe {
-            let parallel = !matches!(parallelism, Parallelism::None);
-            limited.gemm((m, n, k), dst, lhs, rhs, parallel)
+        Some(limited) => unsafe { limited.gemm((m, n, k), dst, lhs, rhs, parallel) },
+        // SAFETY: the caller's promise, passed on; `enabled()` implies `supported()`, and the
+        // operands hold bf16 values as the kernel IR says.
+        None if arithmetic.exact_in == Some(DType::BF16) && bf16::enabled() => unsafe {
+            bf16::multiply((m, n, k), dst, lhs, rhs, false, parallel)
         },
         // SAFETY: the caller's promise, passed on.
         None => unsafe { exact((m, n, k), dst, lhs, rhs, false, parallelism) },

@@ -64,7 +64,14 @@ pub(super) unsafe fn row_block(
             };
             if c0 < c1 {
                 let shape = (rows, c1 - c0, k);
-                multiply(shape, out(c0), left(0), right(0, c0), accumulation, serial);
+                multiply(
+                    shape,
+                    out(c0),
+                    left(0),
+                    right(0, c0),
+                    accumulation.into(),
+                    serial,
+                );
             }
             zero_outside(dst, (r0, r1), n, triangle);
             return;
@@ -79,7 +86,7 @@ pub(super) unsafe fn row_block(
                 out(0),
                 copy,
                 right(0, 0),
-                accumulation,
+                accumulation.into(),
                 serial,
             );
             return;
@@ -98,7 +105,7 @@ pub(super) unsafe fn row_block(
                 out(0),
                 left(f0),
                 right(f0, 0),
-                accumulation,
+                accumulation.into(),
                 serial,
             );
         }
@@ -109,7 +116,14 @@ pub(super) unsafe fn row_block(
             if f0 < f1 {
                 multiply_add(shape, out(0), copy, right(d0, 0), serial);
             } else {
-                multiply(shape, out(0), copy, right(d0, 0), accumulation, serial);
+                multiply(
+                    shape,
+                    out(0),
+                    copy,
+                    right(d0, 0),
+                    accumulation.into(),
+                    serial,
+                );
             }
         }
         if f0 >= f1 && d0 >= d1 {

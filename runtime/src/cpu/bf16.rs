@@ -1,0 +1,462 @@
+//! A GEMM in bf16 on `vdpbf16ps` (AVX512_BF16), for the products whose operands the kernel IR
+//! marks `exact_in: bf16` (the Linear GEMMs under the bf16 policy). Their f32 values are bf16
+//! values, so the operands are packed by keeping each value's upper 16 bits (exact), and every
+//! product of two of them is exact in f32: only the order of the f32 sums differs from the f32
+//! GEMM's.
+//!
+//! Whether it pays depends on the CPU: `vdpbf16ps` does 64 FLOPs per instruction against
+//! `vfmadd231ps`'s 32, and AMD's Zen 4 issues both at the same rate (twice the f32 FLOP rate in
+//! bf16), while Intel's Sapphire/Emerald Rapids issue it at a quarter of the FMA's rate (half
+//! the f32 FLOP rate). [`bf16_gemm`] measures the two instructions' rates once per process and
+//! uses the kernel only where bf16 delivers clearly more, so the choice does not move with load.
+//!
+//! Layout: `lhs` is packed in panels of [`MR`] rows and `rhs` in panels of [`NR`] columns, one
+//! 32-bit pair of bf16 values (two consecutive elements of K) per row or column and per pair of
+//! K, zero-padded to whole panels and an even K. A register tile of `MR × NR` f32 sums runs
+//! over the whole of K, so every output element is one sequential sum: the result does not
+//! depend on the thread count.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::product::Operand;
+
+/// Rows of a register tile: one broadcast pair per row and K pair.
+const MR: usize = 12;
+/// Columns of a register tile: two vectors of 16 f32 sums per row, 24 accumulators in all.
+const NR: usize = 32;
+/// Row panels per task: the task's packed `lhs` stays in L2 (12 × 8 × 512 pairs × 4 bytes =
+/// 192 KB at K = 1024) while each column panel of `rhs` is reused over it from L1.
+const ROW_PANELS_PER_TASK: usize = 8;
+
+/// `FATHOM_BF16_GEMM=on|off` forces the choice [`bf16_gemm`] otherwise makes by measurement.
+pub const BF16_GEMM_ENV: &str = "FATHOM_BF16_GEMM";
+
+/// Whether bf16-exact products run on this kernel, and why.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bf16Gemm {
+    /// The CPU has AVX512F and AVX512_BF16.
+    pub supported: bool,
+    /// `vdpbf16ps`'s FLOP rate over `vfmadd231ps`'s, measured once (when supported and not
+    /// forced by [`BF16_GEMM_ENV`]).
+    pub flop_ratio: Option<f64>,
+    /// The kernel is used: supported, and the ratio at least [`MIN_FLOP_RATIO`] or the
+    /// environment says `on`.
+    pub enabled: bool,
+}
+
+/// How much more `vdpbf16ps` must deliver than the f32 FMA for the kernel to be used: about 2
+/// (Zen 4) or 0.5 (Emerald Rapids) in practice, so the choice does not flip with noise.
+pub const MIN_FLOP_RATIO: f64 = 1.3;
+
+/// The choice for this process, made on first use.
+pub fn bf16_gemm() -> Bf16Gemm {
+    static CHOICE: OnceLock<Bf16Gemm> = OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let supported = supported();
+        let forced = std::env::var(BF16_GEMM_ENV).ok();
+        let flop_ratio = (supported && forced.is_none()).then(probe::bf16_flops_over_f32);
+        let enabled = supported
+            && match forced.as_deref() {
+                Some(setting) => setting == "on",
+                None => flop_ratio.is_some_and(|r| r >= MIN_FLOP_RATIO),
+            };
+        Bf16Gemm {
+            supported,
+            flop_ratio,
+            enabled,
+        }
+    })
+}
+
+pub(super) fn enabled() -> bool {
+    bf16_gemm().enabled
+}
+
+/// Whether this CPU can run the kernel at all.
+fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `dst (m×n) = lhs (m×k) · rhs (k×n)`, or `+=` when `add`, over rayon's threads when
+/// `parallel`.
+///
+/// # Safety
+/// As `product::multiply`, and [`supported`] must hold. Every value the operands describe must
+/// be a bf16 value (its lower 16 bits zero); others are truncated.
+pub(super) unsafe fn multiply(
+    (m, n, k): (usize, usize, usize),
+    dst: Operand<*mut f32>,
+    lhs: Operand<*const f32>,
+    rhs: Operand<*const f32>,
+    add: bool,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let pairs = k.div_ceil(2);
+    let (row_panels, column_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let mut packed_lhs = vec![0u32; row_panels * pairs * MR];
+    let mut packed_rhs = vec![0u32; column_panels * pairs * NR];
+    let (lhs, rhs) = (Source(lhs), Source(rhs));
+    let pack_lhs = |(panel, out): (usize, &mut [u32])| {
+        // SAFETY: rows `panel·MR..` below m and columns below k lie in `lhs` (the caller's
+        // promise).
+        unsafe { pack(out, lhs, (panel * MR, m), k, MR, false) }
+    };
+    let pack_rhs = |(panel, out): (usize, &mut [u32])| {
+        // SAFETY: as above, for columns of `rhs`, read as rows of its transpose.
+        unsafe { pack(out, rhs, (panel * NR, n), k, NR, true) }
+    };
+    let lhs_chunk = (pairs * MR).max(1);
+    let rhs_chunk = (pairs * NR).max(1);
+    if parallel {
+        packed_lhs
+            .par_chunks_mut(lhs_chunk)
+            .enumerate()
+            .for_each(pack_lhs);
+        packed_rhs
+            .par_chunks_mut(rhs_chunk)
+            .enumerate()
+            .for_each(pack_rhs);
+    } else {
+        packed_lhs
+            .chunks_mut(lhs_chunk)
+            .enumerate()
+            .for_each(pack_lhs);
+        packed_rhs
+            .chunks_mut(rhs_chunk)
+            .enumerate()
+            .for_each(pack_rhs);
+    }
+    // Tasks: a block of row panels times one column panel, column panels outermost so that
+    // neighbouring tasks share their `rhs` panel.
+    let row_blocks = row_panels.div_ceil(ROW_PANELS_PER_TASK);
+    let out = Destination(dst);
+    let task = |index: usize| {
+        let (column_panel, row_block) = (index / row_blocks, index % row_blocks);
+        let b = &packed_rhs[column_panel * pairs * NR..][..pairs * NR];
+        let rows = row_block * ROW_PANELS_PER_TASK
+            ..((row_block + 1) * ROW_PANELS_PER_TASK).min(row_panels);
+        for row_panel in rows {
+            let a = &packed_lhs[row_panel * pairs * MR..][..pairs * MR];
+            let mut tile = [0f32; MR * NR];
+            // SAFETY: `supported()` (the caller's promise); the panels hold `pairs` pairs.
+            unsafe { kernel::tile(pairs, a, b, &mut tile) };
+            let (r0, c0) = (row_panel * MR, column_panel * NR);
+            // SAFETY: rows r0.. below m and columns c0.. below n are inside `dst`, and no other
+            // task writes this tile.
+            unsafe { out.write(&tile, (r0, (m - r0).min(MR)), (c0, (n - c0).min(NR)), add) };
+        }
+    };
+    let tasks = column_panels * row_blocks;
+    if parallel {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// GFLOP/s of the f32 GEMM (the `gemm` crate) and of this kernel on one product of random
+/// bf16 values, `lhs (m×k)` row-major times a weight stored `n×k` as a Linear's is (best of
+/// five, over rayon's threads, side by side); `None` where the CPU cannot run the kernel.
+pub fn compare_with_f32((m, n, k): (usize, usize, usize)) -> Option<(f64, f64)> {
+    if !supported() {
+        return None;
+    }
+    let values = |len: usize, seed: u32| -> Vec<f32> {
+        // Small bf16 values from a multiplicative hash: no generator needed for a timing.
+        (0..len as u32)
+            .map(|i| {
+                let h = (i ^ seed).wrapping_mul(0x9e37_79b9) >> 16;
+                f32::from_bits((h as f32 / 65536.0 - 0.5).to_bits() & 0xffff_0000)
+            })
+            .collect()
+    };
+    let (lhs, weight) = (values(m * k, 1), values(n * k, 2));
+    let mut out = vec![0f32; m * n];
+    let operands = (
+        (out.as_mut_ptr(), 1, n as isize),
+        (lhs.as_ptr(), 1, k as isize),
+        (weight.as_ptr(), k as isize, 1),
+    );
+    let time = |run: &dyn Fn()| {
+        (0..5)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                run();
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let (dst, a, b) = operands;
+    // SAFETY: the three operands describe exactly their vectors; `supported()` holds.
+    let f32_seconds = time(&|| unsafe {
+        super::product::multiply(
+            (m, n, k),
+            dst,
+            a,
+            b,
+            Default::default(),
+            gemm::Parallelism::Rayon(0),
+        )
+    });
+    // SAFETY: as above.
+    let bf16_seconds = time(&|| unsafe { multiply((m, n, k), dst, a, b, false, true) });
+    let flops = 2.0 * (m * n * k) as f64;
+    Some((flops / f32_seconds / 1e9, flops / bf16_seconds / 1e9))
+}
+
+/// A read-only operand shared by the packing threads.
+#[derive(Clone, Copy)]
+struct Source(Operand<*const f32>);
+
+// SAFETY: only read, and the caller of `multiply` keeps it alive and unwritten meanwhile.
+unsafe impl Send for Source {}
+unsafe impl Sync for Source {}
+
+/// The output, written by the tasks at disjoint tiles.
+#[derive(Clone, Copy)]
+struct Destination(Operand<*mut f32>);
+
+// SAFETY: every task writes its own tile only.
+unsafe impl Send for Destination {}
+unsafe impl Sync for Destination {}
+
+impl Destination {
+    /// Writes (or adds) the `rows × columns` corner of a register tile at `(r0, c0)`.
+    ///
+    /// # Safety
+    /// The elements are inside the destination and no other thread touches them.
+    unsafe fn write(
+        self,
+        tile: &[f32; MR * NR],
+        (r0, rows): (usize, usize),
+        (c0, columns): (usize, usize),
+        add: bool,
+    ) {
+        let (base, column_stride, row_stride) = self.0;
+        for (r, sums) in tile.chunks_exact(NR).take(rows).enumerate() {
+            // SAFETY: the caller's promise.
+            let row = unsafe { base.offset((r0 + r) as isize * row_stride) };
+            for (c, &sum) in sums[..columns].iter().enumerate() {
+                // SAFETY: the caller's promise.
+                let element = unsafe { &mut *row.offset((c0 + c) as isize * column_stride) };
+                *element = if add { *element + sum } else { sum };
+            }
+        }
+    }
+}
+
+/// Two f32 values that are bf16 values as one pair: `lo` in the lower half, as `vdpbf16ps`
+/// pairs them with the other operand's lower half.
+fn pair(lo: f32, hi: f32) -> u32 {
+    (lo.to_bits() >> 16) | (hi.to_bits() & 0xffff_0000)
+}
+
+/// Packs `width` rows (of `lhs`, or columns of `rhs` when `transposed`) starting at `first`
+/// (of `bound`) into `out[pair · width + i]`, zeros past `bound` and past K.
+///
+/// # Safety
+/// Rows below `bound` and their first `k` elements lie inside the operand.
+unsafe fn pack(
+    out: &mut [u32],
+    Source((base, column_stride, row_stride)): Source,
+    (first, bound): (usize, usize),
+    k: usize,
+    width: usize,
+    transposed: bool,
+) {
+    // The strides along the packed rows and along K.
+    let (along, across) = if transposed {
+        (column_stride, row_stride)
+    } else {
+        (row_stride, column_stride)
+    };
+    let rows = width.min(bound - first);
+    let pairs = k.div_ceil(2);
+    // Memory is walked in the operand's own order, with the common contiguous cases on slices
+    // the compiler vectorises: packing in the other order touched a new cache line for every
+    // element (a transposed weight-gradient operand: 0.6× the f32 GEMM's speed), and packing
+    // element by element through strides cost about a fifth of a 256×4096×1024 product.
+    if along == 1 {
+        // Rows side by side: K pair p is two runs of `rows` values.
+        for p in 0..pairs {
+            // SAFETY: rows first.. first + rows of elements 2p and 2p + 1 (< k) lie inside the
+            // operand (the caller's promise).
+            let run = |kk: usize| unsafe {
+                std::slice::from_raw_parts(
+                    base.offset((first as isize) + kk as isize * across),
+                    rows,
+                )
+            };
+            let out = &mut out[p * width..][..rows];
+            if 2 * p + 1 < k {
+                let (lo, hi) = (run(2 * p), run(2 * p + 1));
+                for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                    *o = pair(l, h);
+                }
+            } else {
+                for (o, &l) in out.iter_mut().zip(run(2 * p)) {
+                    *o = pair(l, 0.0);
+                }
+            }
+        }
+        return;
+    }
+    for i in 0..rows {
+        // SAFETY: element `kk < k` of row `first + i < bound` (the caller's promise).
+        let at = |kk: usize| unsafe {
+            *base.offset((first + i) as isize * along + kk as isize * across)
+        };
+        if across == 1 {
+            // SAFETY: as `at`, for the row's k contiguous elements.
+            let row =
+                unsafe { std::slice::from_raw_parts(base.offset((first + i) as isize * along), k) };
+            for (p, two) in row.chunks_exact(2).enumerate() {
+                out[p * width + i] = pair(two[0], two[1]);
+            }
+        } else {
+            for p in 0..k / 2 {
+                out[p * width + i] = pair(at(2 * p), at(2 * p + 1));
+            }
+        }
+        if k % 2 == 1 {
+            out[(k / 2) * width + i] = pair(at(k - 1), 0.0);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// `tile (MR×NR, row-major) = a · b` over `pairs` K pairs of packed panels.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512_BF16; `a` holds `pairs · MR` and `b` `pairs · NR` pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile(pairs: usize, a: &[u32], b: &[u32], tile: &mut [f32; MR * NR]) {
+        assert!(a.len() >= pairs * MR && b.len() >= pairs * NR);
+        let mut sums = [[_mm512_setzero_ps(); 2]; MR];
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        for p in 0..pairs {
+            // SAFETY: pair p of both panels is inside them (asserted above).
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
+                let b1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
+                for (i, row) in sums.iter_mut().enumerate() {
+                    let ai: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i) as i32));
+                    row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
+                    row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
+                }
+            }
+        }
+        for (row, out) in sums.iter().zip(tile.chunks_exact_mut(NR)) {
+            // SAFETY: each row of the tile holds NR = 32 floats.
+            unsafe {
+                _mm512_storeu_ps(out.as_mut_ptr(), row[0]);
+                _mm512_storeu_ps(out.as_mut_ptr().add(16), row[1]);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    use super::{MR, NR};
+
+    /// Never called: [`super::supported`] is false off x86_64.
+    pub(super) unsafe fn tile(_: usize, _: &[u32], _: &[u32], _: &mut [f32; MR * NR]) {
+        unreachable!("the bf16 GEMM needs AVX512_BF16")
+    }
+}
+
+/// The FLOP rates of `vdpbf16ps` and `vfmadd231ps`, measured side by side on this core.
+mod probe {
+    use std::time::Instant;
+
+    /// `vdpbf16ps`'s FLOPs per second over `vfmadd231ps`'s (best of five short runs each).
+    pub(super) fn bf16_flops_over_f32() -> f64 {
+        let best = |run: fn(usize) -> f32| {
+            (0..5)
+                .map(|_| {
+                    let start = Instant::now();
+                    std::hint::black_box(run(20_000));
+                    start.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        // Same instruction count; a bf16 one does 64 FLOPs, an f32 FMA 32.
+        2.0 * best(chains::f32) / best(chains::bf16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod chains {
+        use std::arch::x86_64::*;
+
+        /// `iterations` × 12 independent `vfmadd231ps` (enough chains to fill the pipes).
+        pub(super) fn f32(iterations: usize) -> f32 {
+            // SAFETY: only called once `supported()` holds.
+            unsafe { f32_chains(iterations) }
+        }
+
+        /// `iterations` × 12 independent `vdpbf16ps`.
+        pub(super) fn bf16(iterations: usize) -> f32 {
+            // SAFETY: only called once `supported()` holds.
+            unsafe { bf16_chains(iterations) }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        unsafe fn f32_chains(iterations: usize) -> f32 {
+            let x = _mm512_set1_ps(std::hint::black_box(0.999));
+            let y = _mm512_set1_ps(std::hint::black_box(1e-3));
+            let mut sums = [_mm512_setzero_ps(); 12];
+            for _ in 0..iterations {
+                for s in &mut sums {
+                    *s = _mm512_fmadd_ps(*s, x, y);
+                }
+            }
+            sums.iter().map(|s| _mm512_reduce_add_ps(*s)).sum()
+        }
+
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn bf16_chains(iterations: usize) -> f32 {
+            let half = _mm512_set1_ps(std::hint::black_box(0.5));
+            let x: __m512bh = _mm512_cvtne2ps_pbh(half, half);
+            let mut sums = [_mm512_setzero_ps(); 12];
+            for _ in 0..iterations {
+                for s in &mut sums {
+                    *s = _mm512_dpbf16_ps(*s, x, x);
+                }
+            }
+            sums.iter().map(|s| _mm512_reduce_add_ps(*s)).sum()
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    mod chains {
+        pub(super) fn f32(_: usize) -> f32 {
+            0.0
+        }
+        pub(super) fn bf16(_: usize) -> f32 {
+            0.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

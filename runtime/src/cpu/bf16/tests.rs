@@ -1,0 +1,173 @@
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{compare_with_f32, multiply, pair, probe, supported};
+
+/// Random bf16 values in [-2, 2), held as f32.
+fn bf16_values(len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    (0..len)
+        .map(|_| f32::from_bits(rng.random_range(-2.0f32..2.0).to_bits() & 0xffff_0000))
+        .collect()
+}
+
+/// A matrix of `rows × columns` in a buffer, row-major or transposed (column-major).
+struct Matrix {
+    values: Vec<f32>,
+    rows: usize,
+    columns: usize,
+    transposed: bool,
+}
+
+impl Matrix {
+    fn new(rows: usize, columns: usize, transposed: bool, rng: &mut ChaCha8Rng) -> Self {
+        let values = bf16_values(rows * columns, rng);
+        Matrix {
+            values,
+            rows,
+            columns,
+            transposed,
+        }
+    }
+
+    /// (column stride, row stride).
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (self.rows as isize, 1)
+        } else {
+            (1, self.columns as isize)
+        }
+    }
+
+    fn at(&self, r: usize, c: usize) -> f32 {
+        let (cs, rs) = self.strides();
+        self.values[(r as isize * rs + c as isize * cs) as usize]
+    }
+}
+
+/// Runs the kernel on `lhs · rhs` into a `m × n` output with row stride `n + 3` (a view into
+/// a wider buffer whose other elements must stay untouched), starting from `initial`.
+fn run(lhs: &Matrix, rhs: &Matrix, initial: f32, add: bool, parallel: bool) -> Vec<f32> {
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
+    let row_stride = n + 3;
+    let mut out = vec![initial; m * row_stride];
+    let (lcs, lrs) = lhs.strides();
+    let (rcs, rrs) = rhs.strides();
+    // SAFETY: every operand's shape and strides describe elements inside its vector, the
+    // output aliases neither, and `supported()` was checked by the caller.
+    unsafe {
+        multiply(
+            (m, n, k),
+            (out.as_mut_ptr(), 1, row_stride as isize),
+            (lhs.values.as_ptr(), lcs, lrs),
+            (rhs.values.as_ptr(), rcs, rrs),
+            add,
+            parallel,
+        );
+    }
+    out
+}
+
+#[test]
+fn pairs_put_the_first_of_two_k_elements_in_the_lower_half() {
+    assert_eq!(
+        pair(1.0, -2.0),
+        (1.0f32.to_bits() >> 16) | ((-2.0f32).to_bits() & 0xffff_0000)
+    );
+    assert_eq!(pair(1.0, 0.0), 0x3f80);
+}
+
+/// Each sum is the exact f64 one within the bound of sequential f32 summation, `k · 2⁻²⁴ ·
+/// Σ|a·b|` (the products of bf16 values are exact in f32; only the sums round), across edge
+/// tiles, odd K, transposed operands, a strided output, overwriting and adding.
+#[test]
+fn products_match_exact_sums_at_every_shape_and_layout() {
+    if !supported() {
+        eprintln!("skipped: this CPU has no AVX512_BF16");
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let shapes = [
+        (1, 1, 1),
+        (12, 32, 2),
+        (13, 33, 3),
+        (25, 70, 129),
+        (100, 17, 64),
+        (7, 300, 40),
+    ];
+    for (m, n, k) in shapes {
+        for (lhs_t, rhs_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            let lhs = Matrix::new(m, k, lhs_t, &mut rng);
+            let rhs = Matrix::new(k, n, rhs_t, &mut rng);
+            for add in [false, true] {
+                let initial = 0.75;
+                let out = run(&lhs, &rhs, initial, add, true);
+                for r in 0..m {
+                    for c in 0..n + 3 {
+                        let got = out[r * (n + 3) + c];
+                        if c >= n {
+                            assert_eq!(got, initial, "({m},{n},{k}) wrote past the view");
+                            continue;
+                        }
+                        let products = (0..k).map(|i| lhs.at(r, i) as f64 * rhs.at(i, c) as f64);
+                        let exact: f64 =
+                            products.clone().sum::<f64>() + if add { initial as f64 } else { 0.0 };
+                        let magnitude: f64 = products.map(f64::abs).sum::<f64>() + 1.0;
+                        let bound = (k + 1) as f64 * f64::powi(2.0, -24) * magnitude;
+                        assert!(
+                            (got as f64 - exact).abs() <= bound,
+                            "({m},{n},{k}) lhsᵀ {lhs_t} rhsᵀ {rhs_t} add {add} at ({r},{c}): \
+                             {got} vs {exact} (bound {bound:e})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every output element is one sequential sum over K, so threads change nothing.
+#[test]
+fn results_are_bit_identical_with_and_without_threads() {
+    if !supported() {
+        eprintln!("skipped: this CPU has no AVX512_BF16");
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (lhs, rhs) = (
+        Matrix::new(200, 96, false, &mut rng),
+        Matrix::new(96, 130, true, &mut rng),
+    );
+    let parallel = run(&lhs, &rhs, 0.0, false, true);
+    let serial = run(&lhs, &rhs, 0.0, false, false);
+    assert!(
+        parallel
+            .iter()
+            .zip(&serial)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+}
+
+/// The probe measures a real ratio: both instructions run, so it is finite and positive (its
+/// value is the CPU's: about 2 on AMD Zen 4, about 0.5 on Intel Emerald Rapids).
+#[test]
+fn the_probe_measures_a_finite_ratio() {
+    if !supported() {
+        eprintln!("skipped: this CPU has no AVX512_BF16");
+        return;
+    }
+    let ratio = probe::bf16_flops_over_f32();
+    eprintln!("vdpbf16ps / vfmadd231ps FLOP rate: {ratio:.2}");
+    assert!(
+        ratio.is_finite() && ratio > 0.1 && ratio < 10.0,
+        "ratio {ratio}"
+    );
+}
+
+/// The bench's side-by-side timing runs both GEMMs (its figures are the CPU's).
+#[test]
+fn the_comparison_times_both_gemms() {
+    match compare_with_f32((64, 96, 130)) {
+        Some((f32_rate, bf16_rate)) => assert!(f32_rate > 0.0 && bf16_rate > 0.0),
+        None => assert!(!supported()),
+    }
+}
