@@ -30,6 +30,11 @@ const NR: usize = 32;
 /// 192 KB at K = 1024) while each column panel of `rhs` is reused over it from L1.
 const ROW_PANELS_PER_TASK: usize = 8;
 
+/// K pairs per block: a column panel's block of `rhs` (128 pairs × 128 bytes = 16 KB) stays in
+/// L1 while the task's row panels run over it. Each output element is still summed in one
+/// fixed order (block by block, each block's sum added to the output), whatever the threads.
+const PAIRS_PER_BLOCK: usize = 128;
+
 /// `FATHOM_BF16_GEMM=on|off` forces the choice [`bf16_gemm`] otherwise makes by measurement.
 pub const BF16_GEMM_ENV: &str = "FATHOM_BF16_GEMM";
 
@@ -147,15 +152,49 @@ pub(super) unsafe fn multiply(
         let b = &packed_rhs[column_panel * pairs * NR..][..pairs * NR];
         let rows = row_block * ROW_PANELS_PER_TASK
             ..((row_block + 1) * ROW_PANELS_PER_TASK).min(row_panels);
-        for row_panel in rows {
-            let a = &packed_lhs[row_panel * pairs * MR..][..pairs * MR];
-            let mut tile = [0f32; MR * NR];
-            // SAFETY: `supported()` (the caller's promise); the panels hold `pairs` pairs.
-            unsafe { kernel::tile(pairs, a, b, &mut tile) };
-            let (r0, c0) = (row_panel * MR, column_panel * NR);
-            // SAFETY: rows r0.. below m and columns c0.. below n are inside `dst`, and no other
-            // task writes this tile.
-            unsafe { out.write(&tile, (r0, (m - r0).min(MR)), (c0, (n - c0).min(NR)), add) };
+        // (At least one block, so that K = 0 still writes its zeros.)
+        for first_pair in (0..pairs.max(1)).step_by(PAIRS_PER_BLOCK) {
+            let block_pairs = PAIRS_PER_BLOCK.min(pairs - first_pair);
+            let b = &b[first_pair * NR..][..block_pairs * NR];
+            // Later K blocks add to what the earlier ones stored.
+            let add = add || first_pair > 0;
+            for row_panel in rows.clone() {
+                let a = &packed_lhs[(row_panel * pairs + first_pair) * MR..][..block_pairs * MR];
+                let (r0, c0) = (row_panel * MR, column_panel * NR);
+                let (rows, columns) = ((m - r0).min(MR), (n - c0).min(NR));
+                let (base, column_stride, row_stride) = out.0;
+                if column_stride == 1 {
+                    // Rows of the output are contiguous: the tile is stored (or added) where it
+                    // goes, with masks at the edges. (Through a tile and an element loop it cost
+                    // about a tenth of a K = 256 product.)
+                    // SAFETY: rows r0.. below m and columns c0.. below n are inside `dst`, no
+                    // other task writes them, and `supported()` holds (the caller's promise).
+                    unsafe {
+                        let first = base.offset(r0 as isize * row_stride + c0 as isize);
+                        let block = kernel::Block {
+                            first,
+                            row_stride,
+                            rows,
+                            columns,
+                            add,
+                        };
+                        kernel::tile(block_pairs, a, b, block);
+                    }
+                } else {
+                    let mut tile = [0f32; MR * NR];
+                    let block = kernel::Block {
+                        first: tile.as_mut_ptr(),
+                        row_stride: NR as isize,
+                        rows: MR,
+                        columns: NR,
+                        add: false,
+                    };
+                    // SAFETY: the block is the local tile; `supported()` holds.
+                    unsafe { kernel::tile(block_pairs, a, b, block) };
+                    // SAFETY: as above, through the output's strides.
+                    unsafe { out.write(&tile, (r0, rows), (c0, columns), add) };
+                }
+            }
         }
     };
     let tasks = column_panels * row_blocks;
@@ -342,13 +381,25 @@ mod kernel {
 
     use super::{MR, NR};
 
-    /// `tile (MR×NR, row-major) = a · b` over `pairs` K pairs of packed panels.
+    /// Where a register tile goes: `rows × columns` (at most `MR × NR`) f32 values from
+    /// `first`, consecutive along a row, rows `row_stride` apart; overwritten or added to.
+    pub(super) struct Block {
+        pub(super) first: *mut f32,
+        pub(super) row_stride: isize,
+        pub(super) rows: usize,
+        pub(super) columns: usize,
+        pub(super) add: bool,
+    }
+
+    /// `block (+)= a · b` over `pairs` K pairs of packed panels.
     ///
     /// # Safety
-    /// The CPU has AVX512F and AVX512_BF16; `a` holds `pairs · MR` and `b` `pairs · NR` pairs.
+    /// The CPU has AVX512F and AVX512_BF16; `a` holds `pairs · MR` and `b` `pairs · NR` pairs;
+    /// the block's elements are writable and touched by no other thread.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(pairs: usize, a: &[u32], b: &[u32], tile: &mut [f32; MR * NR]) {
+    pub(super) unsafe fn tile(pairs: usize, a: &[u32], b: &[u32], block: Block) {
         assert!(a.len() >= pairs * MR && b.len() >= pairs * NR);
+        assert!(block.rows <= MR && block.columns <= NR);
         let mut sums = [[_mm512_setzero_ps(); 2]; MR];
         let (a, b) = (a.as_ptr(), b.as_ptr());
         for p in 0..pairs {
@@ -365,11 +416,28 @@ mod kernel {
                 }
             }
         }
-        for (row, out) in sums.iter().zip(tile.chunks_exact_mut(NR)) {
-            // SAFETY: each row of the tile holds NR = 32 floats.
-            unsafe {
-                _mm512_storeu_ps(out.as_mut_ptr(), row[0]);
-                _mm512_storeu_ps(out.as_mut_ptr().add(16), row[1]);
+        // The columns of each half of a row that the block holds.
+        let mask = |half: usize| -> __mmask16 {
+            let kept = block.columns.saturating_sub(16 * half).min(16);
+            ((1u32 << kept) - 1) as __mmask16
+        };
+        let masks = [mask(0), mask(1)];
+        for (r, row) in sums.iter().take(block.rows).enumerate() {
+            for (half, (&sum, &mask)) in row.iter().zip(&masks).enumerate() {
+                // SAFETY: the masked lanes are columns below `block.columns` of row r below
+                // `block.rows` (the caller's promise).
+                unsafe {
+                    let at = block
+                        .first
+                        .offset(r as isize * block.row_stride)
+                        .add(16 * half);
+                    let value = if block.add {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), sum)
+                    } else {
+                        sum
+                    };
+                    _mm512_mask_storeu_ps(at, mask, value);
+                }
             }
         }
     }
@@ -379,8 +447,16 @@ mod kernel {
 mod kernel {
     use super::{MR, NR};
 
+    pub(super) struct Block {
+        pub(super) first: *mut f32,
+        pub(super) row_stride: isize,
+        pub(super) rows: usize,
+        pub(super) columns: usize,
+        pub(super) add: bool,
+    }
+
     /// Never called: [`super::supported`] is false off x86_64.
-    pub(super) unsafe fn tile(_: usize, _: &[u32], _: &[u32], _: &mut [f32; MR * NR]) {
+    pub(super) unsafe fn tile(_: usize, _: &[u32], _: &[u32], _: Block) {
         unreachable!("the bf16 GEMM needs AVX512_BF16")
     }
 }
