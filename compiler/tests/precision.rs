@@ -5,10 +5,12 @@
 
 use std::fmt::Write as _;
 
+use fathom_compiler::DType;
 use fathom_compiler::graph::{Accumulation, Graph, NodeId, Op};
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::precision::{
     GemmRole, Precision, PrecisionPolicy, apply_precision, is_kept_in_f32, linear_gemms,
+    precision_floor,
 };
 use fathom_compiler::spec::{Fp8Spec, ModelSpec};
 use fathom_compiler::training::training_graph;
@@ -68,8 +70,19 @@ fn operand(graph: &Graph, id: NodeId) -> String {
             let from = saved(graph, source.inputs[0]);
             format!("{} {} as {}{from}", q.op, graph.ty(source.inputs[0]), q.ty)
         }
+        _ if rounded_to_bf16(graph, id) => format!("(bf16) {}", node.ty),
         _ => format!("(f32) {}", node.ty),
     }
+}
+
+/// Whether `id` is, through permutes and reshapes, a value cast to bf16 and back.
+fn rounded_to_bf16(graph: &Graph, mut id: NodeId) -> bool {
+    while let Op::Permute { .. } | Op::Reshape { .. } = graph.node(id).op {
+        id = graph.node(id).inputs[0];
+    }
+    let node = graph.node(id);
+    node.op == (Op::Cast { to: DType::F32 })
+        && graph.node(node.inputs[0]).op == (Op::Cast { to: DType::BF16 })
 }
 
 /// `, of the saved <rounding>` when `id` is, through permutes and reshapes, an FP8 rounding
@@ -114,8 +127,17 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
     // The MoE blocks (layer 1 and the MTP block), each with three stacked expert weights.
     assert_eq!(grouped.len(), 2 * 3 * 3);
 
-    let kept: Vec<&String> = linears.iter().filter(|p| is_kept_in_f32(p)).collect();
+    // Kept above FP8: the routers in f32, the head in BF16 (its operands cast, not quantized).
+    let kept: Vec<&String> = linears
+        .iter()
+        .filter(|p| precision_floor(p) != Precision::Fp8)
+        .collect();
     let kept_applications: usize = kept.iter().map(|p| uses(p)).sum();
+    let in_f32: Vec<&String> = kept.iter().copied().filter(|p| is_kept_in_f32(p)).collect();
+    assert_eq!(
+        in_f32,
+        ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"]
+    );
     assert_eq!(
         kept,
         [
@@ -143,7 +165,7 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
             };
             let (a, b) = (quantized(0), quantized(1));
             assert_eq!(a, b, "both operands or neither: {g:?}");
-            assert_eq!(a, !is_kept_in_f32(&g.path), "{g:?}");
+            assert_eq!(a, precision_floor(&g.path) == Precision::Fp8, "{g:?}");
             a
         })
         .collect();
@@ -170,7 +192,7 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
 /// channels]` views for the grouped ones), power-of-two scales for the MoE dispatch and
 /// `o_proj`'s input; each weight gradient's activation re-tiled from the forward's FP8 rounding
 /// (activations are saved in FP8), and every FP8 GEMM with Hopper's accumulation (13 bits,
-/// promoted every 128 products).
+/// promoted every 128 products); the output head's GEMMs in BF16 and the routers' in f32.
 #[test]
 fn fp8_training_graph_snapshot() {
     let graph = train_graph();
@@ -198,14 +220,21 @@ fn fp8_training_graph_snapshot() {
     insta::assert_snapshot!(text);
 }
 
-/// Under `policy`, on the tiny training graph: how many Linear GEMMs the pass rewrites (all but
-/// the ones kept in f32), how many lines of the lowered kernel program end with `suffix`, and
-/// that program's text.
-fn rewritten_and_marked(policy: &PrecisionPolicy, suffix: &str) -> (usize, usize, String) {
+/// Under `policy`, on the tiny training graph: how many Linear GEMMs the pass puts in
+/// `precision` (the policy's, or the higher one its module is kept at), how many lines of the
+/// lowered kernel program end with `suffix`, and that program's text.
+fn rewritten_and_marked(
+    policy: &PrecisionPolicy,
+    precision: Precision,
+    suffix: &str,
+) -> (usize, usize, String) {
     let out = apply_precision(&train_graph(), policy, tiny().fp8.as_ref().unwrap()).unwrap();
     let rewritten = linear_gemms(&out)
         .iter()
-        .filter(|g| !is_kept_in_f32(&g.path))
+        .filter(|g| {
+            let wanted = policy.precision_of(&g.path);
+            wanted.at_least(precision_floor(&g.path)) == precision
+        })
         .count();
     let text = fathom_compiler::lower::lower(&out).unwrap().to_string();
     let marked = text.lines().filter(|l| l.ends_with(suffix)).count();
@@ -220,18 +249,20 @@ fn the_kernel_ir_shows_each_fp8_gemms_accumulation() {
         accumulation: Accumulation::HOPPER_WITHOUT_PROMOTION,
         ..PrecisionPolicy::uniform(Precision::Fp8)
     };
-    let (fp8_gemms, limited, text) = rewritten_and_marked(&policy, ", acc 13b/K");
+    let (fp8_gemms, limited, text) = rewritten_and_marked(&policy, Precision::Fp8, ", acc 13b/K");
     assert_eq!(limited, fp8_gemms, "{text}");
     assert!(fp8_gemms > 30);
 }
 
 /// Under the bf16 policy every GEMM the pass rounds multiplies values that are all bf16, and
 /// the kernel IR says so (`, bf16 operands`) on exactly those library calls, so a backend may
-/// multiply them in bf16; attention's products, the routers and the output head stay f32.
+/// multiply them in bf16 (the output head's among them); attention's products and the routers
+/// stay f32.
 #[test]
 fn the_kernel_ir_marks_each_bf16_gemms_operands() {
     let policy = PrecisionPolicy::uniform(Precision::Bf16);
-    let (bf16_gemms, marked, text) = rewritten_and_marked(&policy, ", bf16 operands");
+    let (bf16_gemms, marked, text) =
+        rewritten_and_marked(&policy, Precision::Bf16, ", bf16 operands");
     assert_eq!(marked, bf16_gemms, "{text}");
     assert!(bf16_gemms > 30);
     // The same graph in f32 marks none.

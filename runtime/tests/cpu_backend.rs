@@ -408,7 +408,10 @@ fn limited_accumulation_gemms_compile_bit_for_bit() {
 /// An FP8-rewritten training graph compiled for the CPU agrees with the interpreter. The two
 /// round sums differently, and a quantizer can turn a last-bit difference into one E4M3 step
 /// (1/16 relative) for an element at a rounding boundary, so the bounds are looser than for f32
-/// graphs: losses 1e-3, gradients 2e-2 of each tensor's max (measured: 8e-7, no flip).
+/// graphs: losses 1e-3, gradients 1e-1 of each tensor's max. Measured: 8e-7 while the output
+/// head's GEMMs stayed f32; 2.6e-2 since they are BF16 under an FP8 policy (on the f32 GEMM
+/// and the bf16 kernel alike): a flipped bf16 rounding of the loss gradient, which quantizers
+/// further down turn into E4M3 steps.
 ///
 /// With Hopper's limited accumulator the GEMMs themselves agree bit for bit
 /// (`limited_accumulation_gemms_compile_bit_for_bit`), but a last-bit difference elsewhere now
@@ -459,7 +462,7 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
             _ => continue,
         };
         let bound = if output.starts_with("grad.") {
-            2e-2
+            1e-1
         } else {
             1e-3
         };
@@ -491,12 +494,14 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
 }
 
 /// The bf16 policy's training step compiled against the interpreter: the Linear GEMMs (dense
-/// and grouped) read operands rounded to bf16 and run on the bf16 kernel where this CPU chose it
-/// (`fathom_runtime::cpu::bf16_gemm`), on the f32 GEMM elsewhere; the interpreter sums in f64.
-/// The sums differ by rounding only (the products of bf16 values are exact in f32): measured
-/// worst 9e-6 relative (a weight gradient) with the bf16 kernel, so the f32 bounds hold, 1e-4
-/// for values and 1e-3 for gradients, with room for a sum that lands on the other side of a
-/// later bf16 rounding. A wrong product is off by O(1).
+/// and grouped, the output head's included) read operands rounded to bf16 and run on the bf16
+/// kernel where this CPU chose it (`fathom_runtime::cpu::bf16_gemm`), on the f32 GEMM
+/// elsewhere; the interpreter sums in f64. The sums differ by rounding only (the products of
+/// bf16 values are exact in f32), but a sum that lands on the other side of a later bf16
+/// rounding (the loss gradient's, before the head's input-gradient GEMM) moves that element by
+/// one bf16 step, 2⁻⁸ ≈ 3.9e-3 relative. Measured worst: values 1.2e-7 of their largest
+/// element, gradients 4.7e-3 with the bf16 kernel (7e-6 with the f32 GEMM, whose sums round
+/// to the interpreter's more often); bounds 1e-4 and 2e-2. A wrong product is off by O(1).
 #[test]
 fn bf16_training_graphs_run_compiled_like_the_interpreter() {
     use fathom_compiler::DType;
@@ -540,7 +545,7 @@ fn bf16_training_graphs_run_compiled_like_the_interpreter() {
             _ => continue,
         };
         let bound = if output.starts_with("grad.") {
-            1e-3
+            2e-2
         } else {
             1e-4
         };

@@ -22,12 +22,14 @@
 //!
 //! The Linear's path is the GEMM's origin without `backward:`. Attention's score and value
 //! matmuls have no parameter operand and feed no gradient output, so no rule matches them; the
-//! output head, the embedding and the MoE router match and are kept in f32 by name
-//! ([`is_kept_in_f32`]).
+//! output head, the embedding and the MoE router match, and are kept above FP8 by name
+//! ([`precision_floor`]).
 
 use std::collections::HashSet;
 
 use crate::graph::{Graph, NodeId, Op};
+
+use super::Precision;
 
 /// Which of a Linear's three GEMMs a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,15 +71,32 @@ pub struct LinearGemm {
     pub operands: [OperandLayout; 2],
 }
 
-/// Module names whose GEMMs SPEC §2 keeps in high precision, matched against the last segment
-/// of a Linear's path: the output head, the embedding (which a tied head multiplies by) and the
-/// MoE router (`mlp.gate`; the experts' `gate_proj` is an ordinary Linear).
-const KEPT_IN_F32: [&str; 3] = ["lm_head", "embed_tokens", "gate"];
+/// Module names whose GEMMs SPEC §2 keeps above FP8, matched against the last segment of a
+/// Linear's path: the output head and the embedding (which a tied head multiplies by) in BF16
+/// at most — an FP8 policy runs them in BF16, as DeepSeek-V3 does, and a BF16 one like every
+/// other Linear (as `torch.autocast` does) — and the MoE router (`mlp.gate`; the experts'
+/// `gate_proj` is an ordinary Linear) in f32 whatever the policy.
+const KEPT_IN_BF16: [&str; 2] = ["lm_head", "embed_tokens"];
+const KEPT_IN_F32: [&str; 1] = ["gate"];
 
-/// Whether the GEMMs of the Linear at `path` stay in f32 whatever the policy says.
-pub fn is_kept_in_f32(path: &str) -> bool {
+/// The least precise arithmetic SPEC §2 allows the GEMMs of the Linear at `path`: `Fp32` for
+/// the routers, `Bf16` for the head and the embedding, `Fp8` (anything) for the others. A GEMM
+/// runs in the more precise of this and its policy's precision.
+pub fn precision_floor(path: &str) -> Precision {
     let last = path.rsplit('.').next().unwrap_or(path);
-    KEPT_IN_F32.contains(&last)
+    if KEPT_IN_F32.contains(&last) {
+        Precision::Fp32
+    } else if KEPT_IN_BF16.contains(&last) {
+        Precision::Bf16
+    } else {
+        Precision::Fp8
+    }
+}
+
+/// Whether the GEMMs of the Linear at `path` stay in f32 whatever the policy says (the MoE
+/// routers).
+pub fn is_kept_in_f32(path: &str) -> bool {
+    precision_floor(path) == Precision::Fp32
 }
 
 /// Every Linear GEMM of `graph`, in node order, kept-in-f32 ones included.

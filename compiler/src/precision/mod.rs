@@ -16,9 +16,10 @@
 //!
 //! Everything else stays in f32: master weights, gradients, optimizer inputs, and the GEMMs
 //! that are not a Linear's — attention scores and values (no parameter operand) — or that
-//! SPEC §2 keeps in high precision by name: the output head (`lm_head`), the embedding
-//! (`embed_tokens`, also when tied to the head) and the MoE router (`mlp.gate`). Norms are not
-//! GEMMs and are never touched. How the FP8 GEMMs sum their products is the policy's
+//! SPEC §2 keeps in high precision by name: the MoE router (`mlp.gate`) always, and the output
+//! head (`lm_head`) and the embedding (`embed_tokens`, also when tied to the head) above FP8 —
+//! BF16 under an FP8 or a BF16 policy ([`precision_floor`]). Norms are not GEMMs and are never
+//! touched. How the FP8 GEMMs sum their products is the policy's
 //! `accumulation`, set on each rewritten GEMM (`graph::Accumulation`): exact, or Hopper's
 //! limited tensor-core accumulator promoted to FP32 every `N_C` products (DeepSeek-V3's recipe)
 //! or never (the ablation), emulated on the CPU.
@@ -41,7 +42,9 @@ use thiserror::Error;
 use crate::error::GraphError;
 use crate::graph::Accumulation;
 
-pub use identify::{GemmRole, LinearGemm, OperandLayout, is_kept_in_f32, linear_gemms};
+pub use identify::{
+    GemmRole, LinearGemm, OperandLayout, is_kept_in_f32, linear_gemms, precision_floor,
+};
 pub use rewrite::apply_precision;
 
 /// The arithmetic of a GEMM's operands.
@@ -58,6 +61,20 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The more precise of `self` and `floor` (FP8 < BF16 < FP32).
+    pub fn at_least(self, floor: Precision) -> Precision {
+        let rank = |p: Precision| match p {
+            Precision::Fp8 => 0,
+            Precision::Bf16 => 1,
+            Precision::Fp32 => 2,
+        };
+        if rank(self) >= rank(floor) {
+            self
+        } else {
+            floor
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",

@@ -7,7 +7,7 @@ use crate::error::GraphError;
 use crate::graph::{Accumulation, Graph, GraphBuilder, NodeId, Op, QuantFormat, Tensor};
 use crate::spec::Fp8Spec;
 
-use super::identify::{GemmRole, LinearGemm, OperandLayout, is_kept_in_f32, linear_gemms};
+use super::identify::{GemmRole, LinearGemm, OperandLayout, linear_gemms, precision_floor};
 use super::{Fp8Scaling, Precision, PrecisionError, PrecisionPolicy};
 
 /// `graph` with the operands of every Linear GEMM that `policy` puts in BF16 or FP8 rounded as
@@ -33,8 +33,13 @@ pub fn apply_precision(
     }
     let plan: HashMap<NodeId, (Precision, LinearGemm)> = linear_gemms(graph)
         .into_iter()
-        .filter(|gemm| !is_kept_in_f32(&gemm.path))
-        .map(|gemm| (gemm.node, (policy.precision_of(&gemm.path), gemm)))
+        .map(|gemm| {
+            let precision = policy.precision_of(&gemm.path);
+            (
+                gemm.node,
+                (precision.at_least(precision_floor(&gemm.path)), gemm),
+            )
+        })
         .filter(|(_, (precision, _))| *precision != Precision::Fp32)
         .collect();
     if plan.is_empty() {

@@ -157,10 +157,31 @@ fn bf16_rounds_operands_and_keeps_f32_products() {
 
 #[test]
 fn kept_modules_and_overrides() {
+    // The router stays f32 and the head goes no lower than BF16: under an FP8 policy only the
+    // head's three GEMMs are rounded, each operand to bf16, and nothing is quantized.
     let graph = two_linears("model.layers.0.mlp.gate", "lm_head");
     let out =
         apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Fp8), &tiles4()).unwrap();
-    assert_eq!(out, graph, "router and head stay f32");
+    let ops = |op: &dyn Fn(&Op) -> bool| out.nodes.iter().filter(|n| op(&n.op)).count();
+    assert_eq!(ops(&|op| matches!(op, Op::QuantizeDequantize { .. })), 0);
+    let to_bf16 = ops(&|op| *op == Op::Cast { to: DType::BF16 });
+    assert!((3..=6).contains(&to_bf16), "{to_bf16} casts to bf16");
+    for node in out.nodes.iter().filter(|n| matches!(n.op, Op::Cast { .. })) {
+        assert!(node.origin.ends_with("lm_head"), "{}", node.origin);
+    }
+    assert_eq!(precision_floor("model.layers.0.mlp.gate"), Precision::Fp32);
+    assert_eq!(precision_floor("lm_head"), Precision::Bf16);
+    assert_eq!(
+        precision_floor("model.layers.0.mlp.gate_proj"),
+        Precision::Fp8
+    );
+    assert_eq!(Precision::Fp8.at_least(Precision::Bf16), Precision::Bf16);
+    assert_eq!(Precision::Fp32.at_least(Precision::Bf16), Precision::Fp32);
+    let f32_policy = PrecisionPolicy::uniform(Precision::Fp32);
+    assert_eq!(
+        apply_precision(&graph, &f32_policy, &tiles4()).unwrap(),
+        graph
+    );
 
     let graph = two_linears("model.layers.1.x", "model.layers.10.x");
     let policy = PrecisionPolicy {
