@@ -157,7 +157,7 @@ def main():
                 ratios = {key: [r[ours][key] / r[base][key] for r in rounds]
                           for key in ["train_tokens_per_second", "forward_tokens_per_second"]}
                 train, fwd = (describe(ratios[key]) for key in ratios)
-                print(f"Fathom {kind} / torch.compile {kind}: train {train}, forward {fwd} (Fathom's forward is f32)")
+                print(f"Fathom {kind} / torch.compile {kind}: train {train}, forward {fwd}")
         print()
 
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph, parameter_graph};
-use fathom_compiler::precision::{Precision, PrecisionPolicy};
+use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
 use fathom_runtime::HostTensor;
@@ -40,8 +40,8 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// The Linear GEMMs' arithmetic in the training step (fp32, bf16 or fp8; see `fathom train
-    /// --precision`). The forward pass is timed in f32.
+    /// The Linear GEMMs' arithmetic in the training step and the forward pass (fp32, bf16 or
+    /// fp8; see `fathom train --precision`).
     #[arg(long, default_value = "fp32")]
     precision: Precision,
     /// Print one JSON object instead of text.
@@ -119,6 +119,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             with_mtp: false,
         },
     )?;
+    // The forward pass in the same arithmetic as the step (its Linear GEMMs' operands rounded
+    // to bf16 under `--precision bf16`, as torch's autocast forward is compared with it).
+    let policy = PrecisionPolicy::uniform(args.precision);
+    let forward = apply_precision(&forward, &policy, &spec.fp8.clone().unwrap_or_default())?;
     let executable = Executable::new(forward, Backend::Cpu)?;
     let mut data = SyntheticBatches::new(
         SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 1)?,
