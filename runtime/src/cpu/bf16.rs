@@ -6,15 +6,16 @@
 //!
 //! Whether it pays depends on the CPU: `vdpbf16ps` does 64 FLOPs per instruction against
 //! `vfmadd231ps`'s 32, and AMD's Zen 4 issues both at the same rate (twice the f32 FLOP rate in
-//! bf16), while Intel's Sapphire/Emerald Rapids issue it at a quarter of the FMA's rate (half
-//! the f32 FLOP rate). [`bf16_gemm`] measures the two instructions' rates once per process and
+//! bf16), while the Intel Emerald Rapids of an earlier session issued it at a quarter of the
+//! FMA's rate (half the f32 FLOP rate). [`bf16_gemm`] measures the two instructions' rates once per process and
 //! uses the kernel only where bf16 delivers clearly more, so the choice does not move with load.
 //!
 //! Layout: `lhs` is packed in panels of [`MR`] rows and `rhs` in panels of [`NR`] columns, one
 //! 32-bit pair of bf16 values (two consecutive elements of K) per row or column and per pair of
 //! K, zero-padded to whole panels and an even K. A register tile of `MR × NR` f32 sums runs
-//! over the whole of K, so every output element is one sequential sum: the result does not
-//! depend on the thread count.
+//! over K in blocks of [`PAIRS_PER_BLOCK`], each block's sums added to the output in turn, so
+//! every output element is summed in one fixed order: the result does not depend on the thread
+//! count.
 
 use std::sync::OnceLock;
 
@@ -26,13 +27,12 @@ use super::product::Operand;
 const MR: usize = 12;
 /// Columns of a register tile: two vectors of 16 f32 sums per row, 24 accumulators in all.
 const NR: usize = 32;
-/// Row panels per task: the task's packed `lhs` stays in L2 (12 × 8 × 512 pairs × 4 bytes =
-/// 192 KB at K = 1024) while each column panel of `rhs` is reused over it from L1.
+/// Row panels per task: the task's block of packed `lhs` (8 panels × 12 rows × 128 pairs × 4
+/// bytes = 48 KB) stays in L2 while a column panel's block of `rhs` is reused over it from L1.
 const ROW_PANELS_PER_TASK: usize = 8;
 
 /// K pairs per block: a column panel's block of `rhs` (128 pairs × 128 bytes = 16 KB) stays in
-/// L1 while the task's row panels run over it. Each output element is still summed in one
-/// fixed order (block by block, each block's sum added to the output), whatever the threads.
+/// L1 while the task's row panels run over it.
 const PAIRS_PER_BLOCK: usize = 128;
 
 /// `FATHOM_BF16_GEMM=on|off` forces the choice [`bf16_gemm`] otherwise makes by measurement.
@@ -60,13 +60,22 @@ pub fn bf16_gemm() -> Bf16Gemm {
     static CHOICE: OnceLock<Bf16Gemm> = OnceLock::new();
     *CHOICE.get_or_init(|| {
         let supported = supported();
-        let forced = std::env::var(BF16_GEMM_ENV).ok();
+        let forced = match std::env::var(BF16_GEMM_ENV).as_deref() {
+            Ok("on") if !supported => {
+                eprintln!("{BF16_GEMM_ENV}=on: this CPU has no AVX512_BF16; using the f32 GEMM");
+                Some(false)
+            }
+            Ok("on") => Some(true),
+            Ok("off") => Some(false),
+            Ok(other) => {
+                eprintln!("{BF16_GEMM_ENV}={other}: expected `on` or `off`; measuring instead");
+                None
+            }
+            Err(_) => None,
+        };
         let flop_ratio = (supported && forced.is_none()).then(probe::bf16_flops_over_f32);
-        let enabled = supported
-            && match forced.as_deref() {
-                Some(setting) => setting == "on",
-                None => flop_ratio.is_some_and(|r| r >= MIN_FLOP_RATIO),
-            };
+        let enabled =
+            forced.unwrap_or_else(|| flop_ratio.is_some_and(|ratio| ratio >= MIN_FLOP_RATIO));
         Bf16Gemm {
             supported,
             flop_ratio,

@@ -1,5 +1,5 @@
 //! The library calls of the kernel IR on the CPU: GEMMs through the `gemm` crate (threaded with
-//! rayon), grouped expert GEMMs as one GEMM per expert over its gathered rows, the lookups, and
+//! rayon; bf16 operands on `super::bf16` where it pays), grouped expert GEMMs as one GEMM per expert over its gathered rows, the lookups, and
 //! FP8 fake quantization through `crate::fp8`.
 
 use fathom_compiler::DType;
