@@ -44,6 +44,21 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export FATHOM_CACHE_DIR="${FATHOM_CACHE_DIR:-$work/kernel-cache}"
 
+# cudarc opens NVRTC by name, and on a machine whose toolkit is CUDA 13 (the H200 image, 2026-11)
+# those names reach NVRTC 13, which the kernels' loader refuses ("expected NVRTC 12, got 13.0").
+# Links under those names to the NVRTC 12 in use, first on the library path, make them reach it.
+nvrtc="${FATHOM_NVRTC:-}"
+if [ -z "$nvrtc" ] && [ -f .nvrtc/cu12/.done ]; then
+  nvrtc=.nvrtc/cu12/nvidia/cuda_nvrtc/lib/libnvrtc.so.12
+fi
+if [ -n "$nvrtc" ]; then
+  [ -d "$nvrtc" ] && nvrtc="$nvrtc/libnvrtc.so.12"
+  nvrtc=$(realpath "$nvrtc")
+  mkdir -p "$work/nvrtc-names"
+  for name in libnvrtc.so libnvrtc.so.13; do ln -s "$nvrtc" "$work/nvrtc-names/$name"; done
+  export LD_LIBRARY_PATH="$work/nvrtc-names:$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
 cublas=()
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   if timeout 120 python3 scripts/scaled_mm_bench.py >"$work/scaled_mm.json"; then
