@@ -73,7 +73,7 @@ fn training_graphs_run_compiled_like_the_interpreter() {
                 assert_eq!(stacked_weights.count(), 0, "{name}: stacked weights");
             }
             let compiled = CpuProgram::new(program).run(&feeds).unwrap();
-            let worst = worst_error(name, &expected, &compiled);
+            let worst = worst_error(name, &expected, &compiled, F32_BOUNDS);
             eprintln!(
                 "{name} {options:?}: worst relative error {:.2e} ({})",
                 worst.0, worst.1
@@ -91,9 +91,28 @@ fn training_graphs_run_compiled_like_the_interpreter() {
     }
 }
 
+/// Relative error bounds of a comparison with the interpreter: of each value output, and of each
+/// gradient (`grad.…`), against the output's largest element.
+#[derive(Clone, Copy)]
+struct Bounds {
+    values: f64,
+    gradients: f64,
+}
+
+/// The module's bounds for f32 graphs.
+const F32_BOUNDS: Bounds = Bounds {
+    values: 1e-4,
+    gradients: 1e-3,
+};
+
 /// The largest relative error of `compiled`'s outputs against the interpreter's, and where;
-/// panics past the module's bounds.
-fn worst_error(name: &str, expected: &Outputs, compiled: &CpuOutputs) -> (f64, String) {
+/// panics past `bounds`, and where an output that is not f32 differs at all.
+fn worst_error(
+    name: &str,
+    expected: &Outputs,
+    compiled: &CpuOutputs,
+    bounds: Bounds,
+) -> (f64, String) {
     let mut worst = (0f64, String::new());
     for (output, want) in expected.iter() {
         let got = compiled
@@ -108,9 +127,9 @@ fn worst_error(name: &str, expected: &Outputs, compiled: &CpuOutputs) -> (f64, S
             }
         };
         let bound = if output.starts_with("grad.") {
-            1e-3
+            bounds.gradients
         } else {
-            1e-4
+            bounds.values
         };
         assert!(
             error < bound,
@@ -454,23 +473,11 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
     const LOSS: &str = "loss.next_token";
 
     let (expected, compiled) = run(Accumulation::Exact);
-    let mut worst = (0f64, String::new());
-    for (output, want) in expected.iter() {
-        let got = compiled.get(output).unwrap();
-        let error = match (got.as_f32(), want.as_f32()) {
-            (Some(g), Some(w)) => relative(g, w),
-            _ => continue,
-        };
-        let bound = if output.starts_with("grad.") {
-            1e-1
-        } else {
-            1e-3
-        };
-        assert!(error < bound, "{output}: relative error {error:.3e}");
-        if error > worst.0 {
-            worst = (error, output.to_owned());
-        }
-    }
+    let bounds = Bounds {
+        values: 1e-3,
+        gradients: 1e-1,
+    };
+    let worst = worst_error("fp8", &expected, &compiled, bounds);
     eprintln!("fp8: worst relative error {:.2e} ({})", worst.0, worst.1);
 
     let exact = loss(expected.get(LOSS));
@@ -537,23 +544,11 @@ fn bf16_training_graphs_run_compiled_like_the_interpreter() {
     let feeds = Feeds::new(&inputs, &model.weights);
     let expected = evaluate(&graph, &feeds).unwrap();
     let compiled = CpuProgram::new(program).run(&feeds).unwrap();
-    let mut worst = (0f64, String::new());
-    for (output, want) in expected.iter() {
-        let got = compiled.get(output).unwrap();
-        let error = match (got.as_f32(), want.as_f32()) {
-            (Some(g), Some(w)) => relative(g, w),
-            _ => continue,
-        };
-        let bound = if output.starts_with("grad.") {
-            2e-2
-        } else {
-            1e-4
-        };
-        assert!(error < bound, "{output}: relative error {error:.3e}");
-        if error > worst.0 {
-            worst = (error, output.to_owned());
-        }
-    }
+    let bounds = Bounds {
+        values: 1e-4,
+        gradients: 2e-2,
+    };
+    let worst = worst_error("bf16", &expected, &compiled, bounds);
     eprintln!(
         "bf16 ({:?}): worst relative error {:.2e} ({})",
         fathom_runtime::cpu::bf16_gemm(),

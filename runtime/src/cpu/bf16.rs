@@ -131,27 +131,8 @@ pub(super) unsafe fn multiply(
         // SAFETY: as above, for columns of `rhs`, read as rows of its transpose.
         unsafe { pack(out, rhs, (panel * NR, n), k, NR, true) }
     };
-    let lhs_chunk = (pairs * MR).max(1);
-    let rhs_chunk = (pairs * NR).max(1);
-    if parallel {
-        packed_lhs
-            .par_chunks_mut(lhs_chunk)
-            .enumerate()
-            .for_each(pack_lhs);
-        packed_rhs
-            .par_chunks_mut(rhs_chunk)
-            .enumerate()
-            .for_each(pack_rhs);
-    } else {
-        packed_lhs
-            .chunks_mut(lhs_chunk)
-            .enumerate()
-            .for_each(pack_lhs);
-        packed_rhs
-            .chunks_mut(rhs_chunk)
-            .enumerate()
-            .for_each(pack_rhs);
-    }
+    for_each_panel(&mut packed_lhs, pairs * MR, parallel, pack_lhs);
+    for_each_panel(&mut packed_rhs, pairs * NR, parallel, pack_rhs);
     // Tasks: a block of row panels times one column panel, column panels outermost so that
     // neighbouring tasks share their `rhs` panel.
     let row_blocks = row_panels.div_ceil(ROW_PANELS_PER_TASK);
@@ -214,6 +195,22 @@ pub(super) unsafe fn multiply(
     }
 }
 
+/// `pack((index, panel))` for each `len`-long panel of `packed`, over rayon's threads when
+/// `parallel`.
+fn for_each_panel(
+    packed: &mut [u32],
+    len: usize,
+    parallel: bool,
+    pack: impl Fn((usize, &mut [u32])) + Send + Sync,
+) {
+    let len = len.max(1);
+    if parallel {
+        packed.par_chunks_mut(len).enumerate().for_each(pack);
+    } else {
+        packed.chunks_mut(len).enumerate().for_each(pack);
+    }
+}
+
 /// GFLOP/s of the f32 GEMM (the `gemm` crate) and of this kernel on one product of random
 /// bf16 values, `lhs (m×k)` row-major times a weight stored `n×k` as a Linear's is (best of
 /// five, over rayon's threads, side by side); `None` where the CPU cannot run the kernel.
@@ -232,8 +229,8 @@ pub fn compare_with_f32((m, n, k): (usize, usize, usize)) -> Option<(f64, f64)> 
     };
     let (lhs, weight) = (values(m * k, 1), values(n * k, 2));
     let mut out = vec![0f32; m * n];
-    let operands = (
-        (out.as_mut_ptr(), 1, n as isize),
+    let dst = (out.as_mut_ptr(), 1, n as isize);
+    let (a, b) = (
         (lhs.as_ptr(), 1, k as isize),
         (weight.as_ptr(), k as isize, 1),
     );
@@ -246,7 +243,6 @@ pub fn compare_with_f32((m, n, k): (usize, usize, usize)) -> Option<(f64, f64)> 
             })
             .fold(f64::MAX, f64::min)
     };
-    let (dst, a, b) = operands;
     // SAFETY: the three operands describe exactly their vectors; `supported()` holds.
     let f32_seconds = time(&|| unsafe {
         super::product::multiply(
