@@ -9,8 +9,8 @@ use fathom_compiler::DType;
 use fathom_compiler::graph::{Accumulation, Graph, NodeId, Op};
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::precision::{
-    GemmRole, Precision, PrecisionPolicy, apply_precision, is_kept_in_f32, linear_gemms,
-    precision_floor,
+    GemmRole, Precision, PrecisionPolicy, activation_products, apply_precision, is_kept_in_f32,
+    linear_gemms, precision_floor,
 };
 use fathom_compiler::spec::{Fp8Spec, ModelSpec};
 use fathom_compiler::training::training_graph;
@@ -212,6 +212,14 @@ fn fp8_training_graph_snapshot() {
         };
         writeln!(text, "{role} {} ({})", gemm.path, node.op).unwrap();
         for &input in node.inputs.iter().take(2) {
+            writeln!(text, "    {}", operand(&out, input)).unwrap();
+        }
+    }
+    // Attention's products: never FP8, BF16 under this policy.
+    for product in activation_products(&out) {
+        let node = out.node(product.node);
+        writeln!(text, "attention {} ({})", node.origin, node.op).unwrap();
+        for &input in &node.inputs {
             writeln!(text, "    {}", operand(&out, input)).unwrap();
         }
     }

@@ -20,10 +20,12 @@
 //!    gradient by origin, as in 1 — and every `GroupedMatMulWeightGrad`, which only autodiff
 //!    emits, for the stacked weights' gradient.
 //!
-//! The Linear's path is the GEMM's origin without `backward:`. Attention's score and value
-//! matmuls have no parameter operand and feed no gradient output, so no rule matches them; the
-//! output head, the embedding and the MoE router match, and are kept above FP8 by name
-//! ([`precision_floor`]).
+//! The Linear's path is the GEMM's origin without `backward:`. The output head, the embedding
+//! and the MoE router match, and are kept above FP8 by name ([`precision_floor`]).
+//!
+//! Every other `MatMul` multiplies two activations: attention's scores (`q·kᵀ`) and weighted
+//! values (`p·v`) and their gradients, which have no parameter operand and feed no gradient
+//! output. Those are [`activation_products`], which SPEC §2 keeps in BF16 or FP32.
 
 use std::collections::HashSet;
 
@@ -139,6 +141,28 @@ pub fn linear_gemms(graph: &Graph) -> Vec<LinearGemm> {
         });
     }
     found
+}
+
+/// A product of two activations (attention's), with the module path it belongs to: the
+/// node's origin without `backward:`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActivationProduct {
+    pub node: NodeId,
+    pub path: String,
+}
+
+/// Every `MatMul` of `graph` that is none of a Linear's GEMMs, in node order.
+pub fn activation_products(graph: &Graph) -> Vec<ActivationProduct> {
+    let linear: HashSet<NodeId> = linear_gemms(graph).iter().map(|gemm| gemm.node).collect();
+    graph
+        .node_ids()
+        .zip(&graph.nodes)
+        .filter(|(id, node)| matches!(node.op, Op::MatMul { .. }) && !linear.contains(id))
+        .map(|(node, n)| ActivationProduct {
+            node,
+            path: split_origin(&n.origin).1.to_owned(),
+        })
+        .collect()
 }
 
 /// `(is a backward node, module path)` of an origin: `backward:P` -> `(true, P)`.

@@ -14,12 +14,15 @@
 //!   the backward pass in FP8, SPEC §2, so the weight gradient sees them quantized twice);
 //! - with [`Precision::Fp32`] they are left as they are.
 //!
-//! Everything else stays in f32: master weights, gradients, optimizer inputs, and the GEMMs
-//! that are not a Linear's — attention scores and values (no parameter operand) — or that
-//! SPEC §2 keeps in high precision by name: the MoE router (`mlp.gate`) always, and the output
-//! head (`lm_head`) and the embedding (`embed_tokens`, also when tied to the head) above FP8 —
-//! BF16 under an FP8 or a BF16 policy ([`precision_floor`]). Norms are not GEMMs and are never
-//! touched. How the FP8 GEMMs sum their products is the policy's
+//! The products of two activations — attention's scores and weighted values and their
+//! gradients ([`activation_products`]) — SPEC §2 keeps in BF16 or FP32: under a BF16 or an FP8
+//! policy their operands are rounded to bf16 (as `torch.autocast` runs them, and DeepSeek-V3
+//! its attention); an FP32 policy, or an FP32 override covering the attention module, keeps
+//! them f32. Also kept above FP8 by name: the MoE router (`mlp.gate`), f32 whatever the
+//! policy, and the output head (`lm_head`) and the embedding (`embed_tokens`, also when tied
+//! to the head), BF16 under an FP8 or a BF16 policy ([`precision_floor`]).
+//!
+//! Everything else stays in f32: master weights, gradients, optimizer inputs, norms. How the FP8 GEMMs sum their products is the policy's
 //! `accumulation`, set on each rewritten GEMM (`graph::Accumulation`): exact, or Hopper's
 //! limited tensor-core accumulator promoted to FP32 every `N_C` products (DeepSeek-V3's recipe)
 //! or never (the ablation), emulated on the CPU.
@@ -43,7 +46,8 @@ use crate::error::GraphError;
 use crate::graph::Accumulation;
 
 pub use identify::{
-    GemmRole, LinearGemm, OperandLayout, is_kept_in_f32, linear_gemms, precision_floor,
+    ActivationProduct, GemmRole, LinearGemm, OperandLayout, activation_products, is_kept_in_f32,
+    linear_gemms, precision_floor,
 };
 pub use rewrite::apply_precision;
 

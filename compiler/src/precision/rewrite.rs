@@ -1,17 +1,20 @@
 //! The rewrite: a copy of the graph with each chosen GEMM's operands rounded just before it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::dtype::DType;
 use crate::error::GraphError;
 use crate::graph::{Accumulation, Graph, GraphBuilder, NodeId, Op, QuantFormat, Tensor};
 use crate::spec::Fp8Spec;
 
-use super::identify::{GemmRole, LinearGemm, OperandLayout, linear_gemms, precision_floor};
+use super::identify::{
+    GemmRole, LinearGemm, OperandLayout, activation_products, linear_gemms, precision_floor,
+};
 use super::{Fp8Scaling, Precision, PrecisionError, PrecisionPolicy};
 
-/// `graph` with the operands of every Linear GEMM that `policy` puts in BF16 or FP8 rounded as
-/// the module docs describe; FP8 tiles come from `tiling` (`ModelSpec::fp8`, DeepSeek-V3's
+/// `graph` with the operands of every Linear GEMM that `policy` puts in BF16 or FP8, and of
+/// every product of two activations it puts below FP32 (in BF16), rounded as the module docs
+/// describe; FP8 tiles come from `tiling` (`ModelSpec::fp8`, DeepSeek-V3's
 /// 128/128 when the model has none). Node order, origins, outputs and every other node are kept;
 /// the rounding nodes carry the GEMM's origin; each FP8 GEMM sums its products as the policy's
 /// `accumulation` says. A policy that is all FP32 returns the graph
@@ -42,7 +45,15 @@ pub fn apply_precision(
         })
         .filter(|(_, (precision, _))| *precision != Precision::Fp32)
         .collect();
-    if plan.is_empty() {
+    // Attention's products: BF16 at most, never FP8 (SPEC §2).
+    let bf16_activation_products: HashSet<NodeId> = activation_products(graph)
+        .into_iter()
+        .filter(|product| {
+            policy.precision_of(&product.path).at_least(Precision::Bf16) == Precision::Bf16
+        })
+        .map(|product| product.node)
+        .collect();
+    if plan.is_empty() && bf16_activation_products.is_empty() {
         return Ok(graph.clone());
     }
 
@@ -82,18 +93,7 @@ pub fn apply_precision(
                     );
                     let source = inputs[k];
                     inputs[k] = match rounding {
-                        // Elementwise: the value below the movements is rounded, then moved.
-                        Rounding::Bf16 => {
-                            let (value, movements) = below_movements(g.graph(), source.id());
-                            let value = Tensor(value);
-                            let r = cached(&mut rounded, (value, rounding), || {
-                                round(g, value, rounding)
-                            })?;
-                            movements
-                                .into_iter()
-                                .rev()
-                                .try_fold(r, |t, op| g.push(op, &[t], None))?
-                        }
+                        Rounding::Bf16 => in_bf16(g, source, &mut rounded)?,
                         Rounding::Fp8 { .. } => cached(&mut rounded, (source, rounding), || {
                             round(g, source, rounding)
                         })?,
@@ -101,6 +101,10 @@ pub fn apply_precision(
                     if fp8 && k == 0 && gemm.role == GemmRole::Forward {
                         saved.entry(source).or_insert(inputs[k]);
                     }
+                }
+            } else if bf16_activation_products.contains(&id) {
+                for input in &mut inputs {
+                    *input = in_bf16(g, *input, &mut rounded)?;
                 }
             }
             g.push(op, &inputs, declared)
@@ -111,6 +115,24 @@ pub fn apply_precision(
         g.output(&output.name, new_ids[output.node.index()])?;
     }
     Ok(g.finish())
+}
+
+/// `source` rounded to bf16 and back. Elementwise, so the value below the movements is rounded
+/// (once for all the GEMMs that read it, whatever the movements), then moved.
+fn in_bf16(
+    g: &mut GraphBuilder,
+    source: Tensor,
+    rounded: &mut HashMap<(Tensor, Rounding), Tensor>,
+) -> Result<Tensor, GraphError> {
+    let (value, movements) = below_movements(g.graph(), source.id());
+    let value = Tensor(value);
+    let r = cached(rounded, (value, Rounding::Bf16), || {
+        round(g, value, Rounding::Bf16)
+    })?;
+    movements
+        .into_iter()
+        .rev()
+        .try_fold(r, |t, op| g.push(op, &[t], None))
 }
 
 /// The value `id` shows through permutes and reshapes, and those movements, outermost first.

@@ -110,7 +110,7 @@ fn fp8_tiles_run_along_k() {
         };
         assert_eq!(operand_tiles(&out, gemm.node), expected, "{gemm:?}");
     }
-    // The attention-like matmul reads y itself.
+    // The attention-like matmul is not quantized (it reads y in bf16, see below).
     let scores = out
         .node_ids()
         .find(|&id| out.node(id).origin == "scores" && matches!(out.node(id).op, Op::MatMul { .. }))
@@ -158,16 +158,31 @@ fn bf16_rounds_operands_and_keeps_f32_products() {
 #[test]
 fn kept_modules_and_overrides() {
     // The router stays f32 and the head goes no lower than BF16: under an FP8 policy only the
-    // head's three GEMMs are rounded, each operand to bf16, and nothing is quantized.
+    // head's three GEMMs (and the attention-like products) are rounded, each operand to bf16,
+    // and nothing is quantized.
     let graph = two_linears("model.layers.0.mlp.gate", "lm_head");
     let out =
         apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Fp8), &tiles4()).unwrap();
     let ops = |op: &dyn Fn(&Op) -> bool| out.nodes.iter().filter(|n| op(&n.op)).count();
     assert_eq!(ops(&|op| matches!(op, Op::QuantizeDequantize { .. })), 0);
-    let to_bf16 = ops(&|op| *op == Op::Cast { to: DType::BF16 });
-    assert!((3..=6).contains(&to_bf16), "{to_bf16} casts to bf16");
+    let to_bf16 = |origin: &str| {
+        out.nodes
+            .iter()
+            .filter(|n| n.op == Op::Cast { to: DType::BF16 } && n.origin.ends_with(origin))
+            .count()
+    };
+    assert!(
+        (3..=6).contains(&to_bf16("lm_head")),
+        "{} casts",
+        to_bf16("lm_head")
+    );
+    assert_eq!(to_bf16("gate"), 0);
     for node in out.nodes.iter().filter(|n| matches!(n.op, Op::Cast { .. })) {
-        assert!(node.origin.ends_with("lm_head"), "{}", node.origin);
+        assert!(
+            node.origin.ends_with("lm_head") || node.origin.ends_with("scores"),
+            "{}",
+            node.origin
+        );
     }
     assert_eq!(precision_floor("model.layers.0.mlp.gate"), Precision::Fp32);
     assert_eq!(precision_floor("lm_head"), Precision::Bf16);
@@ -211,6 +226,51 @@ fn kept_modules_and_overrides() {
         assert_eq!(accumulation.is_exact(), !fp8, "{gemm:?}");
         if fp8 {
             assert_eq!(out.node(gemm.node).op.to_string(), "matmul<acc=13b/128>");
+        }
+    }
+}
+
+/// The products of two activations (here `y·yᵀ` and its two gradients) read both operands in
+/// bf16 under a BF16 or an FP8 policy, never quantized and summed exactly; an FP32 policy, or
+/// an FP32 override covering their module, leaves them as they are.
+#[test]
+fn activation_products_run_in_bf16_at_most() {
+    let graph = two_linears("a", "b");
+    let products = activation_products(&graph);
+    assert_eq!(products.len(), 3, "{products:?}");
+    assert!(products.iter().all(|p| p.path == "scores"), "{products:?}");
+    // The operand of `node` read through movements, seen as (is a bf16 round trip).
+    let in_bf16 = |graph: &Graph, operand| {
+        let mut read = operand;
+        while let Op::Permute { .. } | Op::Reshape { .. } = graph.node(read).op {
+            read = graph.node(read).inputs[0];
+        }
+        let back = graph.node(read);
+        back.op == Op::Cast { to: DType::F32 }
+            && graph.node(back.inputs[0]).op == Op::Cast { to: DType::BF16 }
+    };
+    let scores_only = |precision| PrecisionPolicy {
+        default: Precision::Fp8,
+        overrides: vec![("scores".into(), precision)],
+        ..PrecisionPolicy::default()
+    };
+    for (policy, rounded) in [
+        (PrecisionPolicy::uniform(Precision::Bf16), true),
+        (PrecisionPolicy::uniform(Precision::Fp8), true),
+        (scores_only(Precision::Fp8), true),
+        (scores_only(Precision::Fp32), false),
+        (PrecisionPolicy::uniform(Precision::Fp32), false),
+    ] {
+        let out = apply_precision(&graph, &policy, &tiles4()).unwrap();
+        out.validate().unwrap();
+        let found = activation_products(&out);
+        assert_eq!(found.len(), 3, "{policy:?}");
+        for product in found {
+            let node = out.node(product.node);
+            assert_eq!(node.op, graph.node(products[0].node).op, "{policy:?}");
+            for &operand in &node.inputs {
+                assert_eq!(in_bf16(&out, operand), rounded, "{policy:?} {product:?}");
+            }
         }
     }
 }

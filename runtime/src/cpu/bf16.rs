@@ -19,6 +19,7 @@
 
 use std::sync::OnceLock;
 
+use fathom_compiler::graph::{MatMulPart, Triangle};
 use rayon::prelude::*;
 
 use super::product::Operand;
@@ -150,40 +151,10 @@ pub(super) unsafe fn multiply(
             let add = add || first_pair > 0;
             for row_panel in rows.clone() {
                 let a = &packed_lhs[(row_panel * pairs + first_pair) * MR..][..block_pairs * MR];
-                let (r0, c0) = (row_panel * MR, column_panel * NR);
-                let (rows, columns) = ((m - r0).min(MR), (n - c0).min(NR));
-                let (base, column_stride, row_stride) = out.0;
-                if column_stride == 1 {
-                    // Rows of the output are contiguous: the tile is stored (or added) where it
-                    // goes, with masks at the edges. (Through a tile and an element loop it cost
-                    // about a tenth of a K = 256 product.)
-                    // SAFETY: rows r0.. below m and columns c0.. below n are inside `dst`, no
-                    // other task writes them, and `supported()` holds (the caller's promise).
-                    unsafe {
-                        let first = base.offset(r0 as isize * row_stride + c0 as isize);
-                        let block = kernel::Block {
-                            first,
-                            row_stride,
-                            rows,
-                            columns,
-                            add,
-                        };
-                        kernel::tile(block_pairs, a, b, block);
-                    }
-                } else {
-                    let mut tile = [0f32; MR * NR];
-                    let block = kernel::Block {
-                        first: tile.as_mut_ptr(),
-                        row_stride: NR as isize,
-                        rows: MR,
-                        columns: NR,
-                        add: false,
-                    };
-                    // SAFETY: the block is the local tile; `supported()` holds.
-                    unsafe { kernel::tile(block_pairs, a, b, block) };
-                    // SAFETY: as above, through the output's strides.
-                    unsafe { out.write(&tile, (r0, rows), (c0, columns), add) };
-                }
+                let corner = (row_panel * MR, column_panel * NR);
+                // SAFETY: the tile is inside `dst`, no other task writes it, and `supported()`
+                // holds (the caller's promise).
+                unsafe { out.tile((m, n), corner, (block_pairs, a, b), add) };
             }
         }
     };
@@ -192,6 +163,109 @@ pub(super) unsafe fn multiply(
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
+    }
+}
+
+/// `dst (m×n) = T(lhs) · rhs` (`part` Left) or `T(lhs · rhs)` (Output) on this thread, for a
+/// triangle `T`: each operand packed once (the left one with zeros outside a Left triangle),
+/// and each register tile multiplies only the K pairs its rows keep (Left) or is skipped when
+/// the triangle keeps none of it (Output, whose elements outside the triangle are left for
+/// the caller to zero). Row blocks of whole GEMMs, as the f32 path does, would pack the shared
+/// operand once per block: on attention's per-head products (K = 64 to 256) that packing cost
+/// more than the multiplications.
+///
+/// # Safety
+/// As [`multiply`].
+pub(super) unsafe fn multiply_triangular(
+    (m, n, k): (usize, usize, usize),
+    dst: Operand<*mut f32>,
+    lhs: Operand<*const f32>,
+    rhs: Operand<*const f32>,
+    (part, triangle): (MatMulPart, Triangle),
+) {
+    assert!(
+        part != MatMulPart::Right,
+        "a right triangle is the transposed left one"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let pairs = k.div_ceil(2);
+    let (row_panels, column_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let mut packed_lhs = vec![0u32; row_panels * pairs * MR];
+    let mut packed_rhs = vec![0u32; column_panels * pairs * NR];
+    let (lhs, rhs) = (Source(lhs), Source(rhs));
+    for (panel, out) in packed_lhs.chunks_mut((pairs * MR).max(1)).enumerate() {
+        // SAFETY: rows `panel·MR..` below m and columns below k lie in `lhs` (the caller's
+        // promise).
+        unsafe { pack(out, lhs, (panel * MR, m), k, MR, false) };
+        if part == MatMulPart::Left {
+            keep_triangle(out, panel * MR, triangle);
+        }
+    }
+    for (panel, out) in packed_rhs.chunks_mut((pairs * NR).max(1)).enumerate() {
+        // SAFETY: as above, for columns of `rhs`, read as rows of its transpose.
+        unsafe { pack(out, rhs, (panel * NR, n), k, NR, true) };
+    }
+    let out = Destination(dst);
+    for (column_panel, row_panel) in
+        (0..column_panels).flat_map(|c| (0..row_panels).map(move |r| (c, r)))
+    {
+        let (r0, c0) = (row_panel * MR, column_panel * NR);
+        let (last_row, last_column) = ((r0 + MR).min(m) - 1, (c0 + NR).min(n) - 1);
+        // The K pairs the tile's rows keep of a left triangle (all K for an output one).
+        let kept_pairs = match (part, triangle) {
+            (MatMulPart::Left, Triangle::Lower) => 0..(last_row + 1).min(k).div_ceil(2),
+            (MatMulPart::Left, Triangle::Upper) => (r0 / 2).min(pairs)..pairs,
+            _ => 0..pairs,
+        };
+        let outside = match (part, triangle) {
+            (MatMulPart::Output, Triangle::Lower) => c0 > last_row,
+            (MatMulPart::Output, Triangle::Upper) => last_column < r0,
+            _ => false,
+        };
+        if outside {
+            continue;
+        }
+        let b = &packed_rhs[column_panel * pairs * NR..][..pairs * NR];
+        let a = &packed_lhs[row_panel * pairs * MR..][..pairs * MR];
+        // At least one block, so that tiles with no kept pair store their zeros.
+        let mut first_pair = kept_pairs.start;
+        loop {
+            let block_pairs = PAIRS_PER_BLOCK.min(kept_pairs.end.saturating_sub(first_pair));
+            let blocks = (
+                block_pairs,
+                &a[first_pair * MR..][..block_pairs * MR],
+                &b[first_pair * NR..][..block_pairs * NR],
+            );
+            let add = first_pair > kept_pairs.start;
+            // SAFETY: the tile is inside `dst`, written by this thread only, and `supported()`
+            // holds (the caller's promise).
+            unsafe { out.tile((m, n), (r0, c0), blocks, add) };
+            first_pair += block_pairs;
+            if first_pair >= kept_pairs.end {
+                break;
+            }
+        }
+    }
+}
+
+/// Zeros the packed pairs of a row panel whose rows start at `first_row` outside `triangle`
+/// (kept: K index ≤ row for a lower one, ≥ row for an upper one).
+fn keep_triangle(panel: &mut [u32], first_row: usize, triangle: Triangle) {
+    for (p, pairs) in panel.chunks_exact_mut(MR).enumerate() {
+        for (i, pair) in pairs.iter_mut().enumerate() {
+            let row = first_row + i;
+            // The lower half holds K index 2p, the upper one 2p + 1.
+            let keep = |kk: usize| triangle.keeps(row, kk);
+            let mask = match (keep(2 * p), keep(2 * p + 1)) {
+                (true, true) => continue,
+                (true, false) => 0x0000_ffff,
+                (false, true) => 0xffff_0000,
+                (false, false) => 0,
+            };
+            *pair &= mask;
+        }
     }
 }
 
@@ -277,6 +351,53 @@ unsafe impl Send for Destination {}
 unsafe impl Sync for Destination {}
 
 impl Destination {
+    /// `block_pairs` K pairs of the packed panels `a` and `b` multiplied into the register tile
+    /// whose corner is `(r0, c0)` of the `m × n` output, stored there or added to it.
+    ///
+    /// # Safety
+    /// The tile's elements inside `m × n` are inside the destination and no other thread
+    /// touches them; `supported()` holds.
+    unsafe fn tile(
+        self,
+        (m, n): (usize, usize),
+        (r0, c0): (usize, usize),
+        (block_pairs, a, b): (usize, &[u32], &[u32]),
+        add: bool,
+    ) {
+        let (rows, columns) = ((m - r0).min(MR), (n - c0).min(NR));
+        let (base, column_stride, row_stride) = self.0;
+        if column_stride == 1 {
+            // Rows of the output are contiguous: the tile is stored (or added) where it goes,
+            // with masks at the edges. (Through a tile and an element loop it cost about a
+            // tenth of a K = 256 product.)
+            // SAFETY: the caller's promise.
+            unsafe {
+                let first = base.offset(r0 as isize * row_stride + c0 as isize);
+                let block = kernel::Block {
+                    first,
+                    row_stride,
+                    rows,
+                    columns,
+                    add,
+                };
+                kernel::tile(block_pairs, a, b, block);
+            }
+        } else {
+            let mut tile = [0f32; MR * NR];
+            let block = kernel::Block {
+                first: tile.as_mut_ptr(),
+                row_stride: NR as isize,
+                rows: MR,
+                columns: NR,
+                add: false,
+            };
+            // SAFETY: the block is the local tile; the caller's promise.
+            unsafe { kernel::tile(block_pairs, a, b, block) };
+            // SAFETY: as above, through the output's strides.
+            unsafe { self.write(&tile, (r0, rows), (c0, columns), add) };
+        }
+    }
+
     /// Writes (or adds) the `rows × columns` corner of a register tile at `(r0, c0)`.
     ///
     /// # Safety

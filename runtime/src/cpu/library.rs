@@ -346,7 +346,7 @@ fn batched_matmul(
             (m, n, k),
             [(strides(a), lhs), (strides(b), rhs)],
             (strides(out), out_ptr),
-            (arithmetic.accumulation, triangular),
+            (arithmetic, triangular),
         );
         return;
     }
@@ -412,7 +412,7 @@ fn triangular_matmul(
     (m, n, k): (usize, usize, usize),
     [(a_strides, lhs), (b_strides, rhs)]: [((isize, isize), &[f32]); 2],
     (out_strides, out_ptr): ((isize, isize), SharedOutput),
-    (accumulation, triangular): (Accumulation, Triangular),
+    (arithmetic, triangular): (Arithmetic, Triangular),
 ) {
     // Cᵀ = Bᵀ·Aᵀ: for a right triangle the operands trade places, each read transposed.
     let transposed = triangular.part == MatMulPart::Right;
@@ -420,7 +420,7 @@ fn triangular_matmul(
         true => (triangular.transposed(), n, m),
         false => (triangular, m, n),
     };
-    let blocks = super::triangular::blocks(m, t.part);
+    let blocks = super::triangular::blocks(m, t.part, arithmetic);
     (0..offsets.len() * blocks).into_par_iter().for_each(|job| {
         let (ao, bo, oo) = offsets[job / blocks];
         // SAFETY: as in `batched_matmul`: offsets and strides from views the lowering checked,
@@ -441,7 +441,7 @@ fn triangular_matmul(
                 left,
                 right,
                 (t.part, t.triangle),
-                accumulation,
+                arithmetic,
             );
         }
     });
@@ -568,8 +568,10 @@ fn zeroed(mut lent: Lent) -> Lent {
 #[cfg(test)]
 mod tests {
     use super::{
-        SPLIT_COLUMNS, SPLIT_COLUMNS_BELOW_ROWS, batched_matmul, fold_into_rows, top_k_positions,
+        Arithmetic, SPLIT_COLUMNS, SPLIT_COLUMNS_BELOW_ROWS, batched_matmul, fold_into_rows,
+        top_k_positions,
     };
+    use fathom_compiler::DType;
     use fathom_compiler::graph::{Accumulation, MatMulPart, Triangle, Triangular};
     use fathom_compiler::kernel::{BufferId, View};
 
@@ -588,7 +590,7 @@ mod tests {
         (batch, shape): (&[usize], (usize, usize, usize)),
         operands: [(&View, &[f32]); 2],
         out: &View,
-        arithmetic: (Accumulation, Option<Triangular>),
+        arithmetic: (Arithmetic, Option<Triangular>),
         len: usize,
     ) -> Vec<f32> {
         let mut result = vec![f32::NAN; len];
@@ -596,8 +598,6 @@ mod tests {
             .num_threads(threads)
             .build()
             .unwrap();
-        let (accumulation, triangular) = arithmetic;
-        let arithmetic = (accumulation.into(), triangular);
         pool.install(|| batched_matmul(batch, shape, operands, out, arithmetic, &mut result));
         result
     }
@@ -653,7 +653,7 @@ mod tests {
         );
         let run = |threads: usize| {
             let operands = [(&a, &lhs[..]), (&b, &rhs[..])];
-            let exact = (Accumulation::default(), None);
+            let exact = (Accumulation::default().into(), None);
             product_on(threads, (&[], (m, n, k)), operands, &out, exact, m * n)
         };
         let result = run(2);
@@ -672,7 +672,8 @@ mod tests {
     /// Triangular products, every part and triangle, against the definition (the operand's
     /// elements outside the triangle taken as zeros, the result's written as zeros): two batch
     /// indices, shapes that are not square and not whole blocks, a transposed lhs, an output
-    /// prefilled with NaN; one thread gives what two give.
+    /// prefilled with NaN; one thread gives what two give. The values are bf16 values, and the
+    /// products marked as such run on the bf16 kernel where this CPU uses it.
     #[test]
     fn triangular_products_match_the_definition() {
         let batches = 2;
@@ -687,14 +688,21 @@ mod tests {
             let a = view(&[(m * k) as isize, 1, m as isize]);
             let b = view(&[(k * n) as isize, n as isize, 1]);
             let out = view(&[(m * n) as isize, n as isize, 1]);
-            for part in [MatMulPart::Left, MatMulPart::Right, MatMulPart::Output] {
-                for triangle in [Triangle::Lower, Triangle::Upper] {
+            let parts = [MatMulPart::Left, MatMulPart::Right, MatMulPart::Output];
+            let triangles = [Triangle::Lower, Triangle::Upper];
+            for exact_in in [None, Some(DType::BF16)] {
+                for (part, triangle) in parts.into_iter().flat_map(|p| triangles.map(|t| (p, t))) {
                     let t = Triangular::new(part, triangle);
                     let run = |threads: usize| {
                         let operands = [(&a, &lhs[..]), (&b, &rhs[..])];
                         let shape = (&[batches][..], (m, n, k));
                         let len = batches * m * n;
-                        let arithmetic = (Accumulation::default(), Some(t));
+                        let accumulation = Accumulation::default();
+                        let arithmetic = Arithmetic {
+                            accumulation,
+                            exact_in,
+                        };
+                        let arithmetic = (arithmetic, Some(t));
                         product_on(threads, shape, operands, &out, arithmetic, len)
                     };
                     let result = run(2);
@@ -716,7 +724,8 @@ mod tests {
                         };
                         // Small integers and halves: every partial sum is exact in f32.
                         let got = result[e * m * n + i * n + j];
-                        assert_eq!(f64::from(got), want, "{m}x{n}x{k} {t}: [{e}, {i}, {j}]");
+                        let at = format!("{m}x{n}x{k} {t} {exact_in:?}: [{e}, {i}, {j}]");
+                        assert_eq!(f64::from(got), want, "{at}");
                     }
                     assert_eq!(run(1), result, "{t}");
                 }

@@ -57,7 +57,9 @@ pub(super) unsafe fn multiply(
     }
 }
 
-/// `dst (m×n) += lhs (m×k) · rhs (k×n)` with exact accumulation.
+/// `dst (m×n) += lhs (m×k) · rhs (k×n)`, for an exact accumulation only (Hopper's limited
+/// one promotes every so many products counted from the first, which a sum in two parts
+/// would restart).
 ///
 /// # Safety
 /// As [`multiply`].
@@ -66,8 +68,15 @@ pub(super) unsafe fn multiply_add(
     dst: Operand<*mut f32>,
     lhs: Operand<*const f32>,
     rhs: Operand<*const f32>,
+    arithmetic: Arithmetic,
     parallelism: Parallelism,
 ) {
+    assert!(arithmetic.accumulation.is_exact(), "{arithmetic:?}");
+    if arithmetic.exact_in == Some(DType::BF16) && bf16::enabled() {
+        let parallel = !matches!(parallelism, Parallelism::None);
+        // SAFETY: as in `multiply`.
+        return unsafe { bf16::multiply(shape, dst, lhs, rhs, true, parallel) };
+    }
     // SAFETY: the caller's promise, passed on.
     unsafe { exact(shape, dst, lhs, rhs, true, parallelism) }
 }

@@ -6,10 +6,11 @@
 //! product the blocks skip a quarter of the work (a result triangle, 128-row blocks) or 44% (a
 //! left one, 32-row blocks); the CUDA template computes every tile.
 
-use fathom_compiler::graph::{Accumulation, MatMulPart, Triangle};
+use fathom_compiler::DType;
+use fathom_compiler::graph::{MatMulPart, Triangle};
 use gemm::Parallelism;
 
-use super::product::{Operand, multiply, multiply_add};
+use super::product::{Arithmetic, Operand, multiply, multiply_add};
 
 /// Rows per block. Smaller blocks skip more zeros (a 256-row square does 10/16 of its work at
 /// 64 rows, 36/64 at 32) but make smaller GEMMs, and the `gemm` crate repacks the shared
@@ -23,13 +24,25 @@ fn block_rows(part: MatMulPart) -> usize {
     }
 }
 
-/// How many row blocks an `m`-row product with a triangular `part` has.
-pub(super) fn blocks(m: usize, part: MatMulPart) -> usize {
-    m.div_ceil(block_rows(part))
+/// How many row blocks an `m`-row product with a triangular `part` has: one where the bf16
+/// kernel computes it, skipping zeros tile by tile within the whole matrix.
+pub(super) fn blocks(m: usize, part: MatMulPart, arithmetic: Arithmetic) -> usize {
+    if on_bf16_kernel(arithmetic) {
+        1
+    } else {
+        m.div_ceil(block_rows(part))
+    }
 }
 
-/// Row block `index` of `dst (m×n) = T(lhs) · rhs` (`part` Left) or `T(lhs · rhs)` (Output),
-/// single-threaded.
+/// Whether the product runs on `bf16::multiply_triangular`.
+fn on_bf16_kernel(arithmetic: Arithmetic) -> bool {
+    arithmetic.accumulation.is_exact()
+        && arithmetic.exact_in == Some(DType::BF16)
+        && super::bf16::enabled()
+}
+
+/// Row block `index` (of [`blocks`]) of `dst (m×n) = T(lhs) · rhs` (`part` Left) or
+/// `T(lhs · rhs)` (Output), single-threaded.
 ///
 /// # Safety
 /// As [`multiply`]: every element the operands' pointers, strides and shapes describe is inside
@@ -42,8 +55,20 @@ pub(super) unsafe fn row_block(
     lhs: Operand<*const f32>,
     rhs: Operand<*const f32>,
     (part, triangle): (MatMulPart, Triangle),
-    accumulation: Accumulation,
+    arithmetic: Arithmetic,
 ) {
+    if on_bf16_kernel(arithmetic) {
+        assert_eq!(index, 0, "the bf16 kernel computes the whole product");
+        // SAFETY: the caller's promise, passed on; `enabled()` implies `supported()`, and the
+        // operands hold bf16 values as the kernel IR says.
+        unsafe {
+            super::bf16::multiply_triangular((m, n, k), dst, lhs, rhs, (part, triangle));
+            if part == MatMulPart::Output {
+                zero_outside(dst, (0, m), n, triangle);
+            }
+        }
+        return;
+    }
     let rows_per_block = block_rows(part);
     let (r0, r1) = (
         index * rows_per_block,
@@ -64,31 +89,17 @@ pub(super) unsafe fn row_block(
             };
             if c0 < c1 {
                 let shape = (rows, c1 - c0, k);
-                multiply(
-                    shape,
-                    out(c0),
-                    left(0),
-                    right(0, c0),
-                    accumulation.into(),
-                    serial,
-                );
+                multiply(shape, out(c0), left(0), right(0, c0), arithmetic, serial);
             }
             zero_outside(dst, (r0, r1), n, triangle);
             return;
         }
-        if !accumulation.is_exact() {
+        if !arithmetic.accumulation.is_exact() {
             // Hopper's limited accumulation promotes every so many products counted from the
             // first: one product over all of K, from a masked copy of the rows.
             let masked = masked_rows(lhs, (r0, r1), (0, k), triangle);
             let copy = (masked.as_ptr(), 1, k as isize);
-            multiply(
-                (rows, n, k),
-                out(0),
-                copy,
-                right(0, 0),
-                accumulation.into(),
-                serial,
-            );
+            multiply((rows, n, k), out(0), copy, right(0, 0), arithmetic, serial);
             return;
         }
         // The rows' span of the diagonal is partly kept and is multiplied from a masked copy;
@@ -105,7 +116,7 @@ pub(super) unsafe fn row_block(
                 out(0),
                 left(f0),
                 right(f0, 0),
-                accumulation.into(),
+                arithmetic,
                 serial,
             );
         }
@@ -114,16 +125,9 @@ pub(super) unsafe fn row_block(
             let copy = (masked.as_ptr(), 1, (d1 - d0) as isize);
             let shape = (rows, n, d1 - d0);
             if f0 < f1 {
-                multiply_add(shape, out(0), copy, right(d0, 0), serial);
+                multiply_add(shape, out(0), copy, right(d0, 0), arithmetic, serial);
             } else {
-                multiply(
-                    shape,
-                    out(0),
-                    copy,
-                    right(d0, 0),
-                    accumulation.into(),
-                    serial,
-                );
+                multiply(shape, out(0), copy, right(d0, 0), arithmetic, serial);
             }
         }
         if f0 >= f1 && d0 >= d1 {

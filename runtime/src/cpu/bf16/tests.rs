@@ -1,7 +1,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{compare_with_f32, multiply, pair, probe, supported};
+use fathom_compiler::graph::{MatMulPart, Triangle};
+
+use super::{compare_with_f32, multiply, multiply_triangular, pair, probe, supported};
 
 /// Random bf16 values in [-2, 2), held as f32.
 fn bf16_values(len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
@@ -117,6 +119,63 @@ fn products_match_exact_sums_at_every_shape_and_layout() {
                             (got as f64 - exact).abs() <= bound,
                             "({m},{n},{k}) lhsᵀ {lhs_t} rhsᵀ {rhs_t} add {add} at ({r},{c}): \
                              {got} vs {exact} (bound {bound:e})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A triangular product's kept elements are the exact sums over the kept K (within the same
+/// bound), for both parts the kernel takes and both triangles, at shapes that are not whole
+/// tiles, with K shorter and longer than the rows and transposed operands; nothing outside
+/// the output view is written.
+#[test]
+fn triangular_products_match_exact_sums_of_the_kept_terms() {
+    if !supported() {
+        eprintln!("skipped: this CPU has no AVX512_BF16");
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (m, n, k) in [(1, 1, 1), (29, 45, 300), (150, 37, 61), (40, 40, 40)] {
+        let lhs = Matrix::new(m, k, true, &mut rng);
+        let rhs = Matrix::new(k, n, false, &mut rng);
+        for part in [MatMulPart::Left, MatMulPart::Output] {
+            for triangle in [Triangle::Lower, Triangle::Upper] {
+                let row_stride = n + 3;
+                let mut out = vec![f32::NAN; m * row_stride];
+                let (lcs, lrs) = lhs.strides();
+                let (rcs, rrs) = rhs.strides();
+                // SAFETY: as in `run`.
+                unsafe {
+                    multiply_triangular(
+                        (m, n, k),
+                        (out.as_mut_ptr(), 1, row_stride as isize),
+                        (lhs.values.as_ptr(), lcs, lrs),
+                        (rhs.values.as_ptr(), rcs, rrs),
+                        (part, triangle),
+                    );
+                }
+                let at = format!("({m},{n},{k}) {part:?} {triangle:?}");
+                for (r, row) in out.chunks(row_stride).enumerate() {
+                    assert!(
+                        row[n..].iter().all(|v| v.is_nan()),
+                        "{at} wrote past the view"
+                    );
+                    for (c, &got) in row[..n].iter().enumerate() {
+                        if part == MatMulPart::Output && !triangle.keeps(r, c) {
+                            continue;
+                        }
+                        let kept =
+                            (0..k).filter(|&i| part != MatMulPart::Left || triangle.keeps(r, i));
+                        let products = kept.map(|i| lhs.at(r, i) as f64 * rhs.at(i, c) as f64);
+                        let exact: f64 = products.clone().sum();
+                        let magnitude: f64 = products.map(f64::abs).sum::<f64>();
+                        let bound = k as f64 * f64::powi(2.0, -24) * magnitude;
+                        assert!(
+                            (got as f64 - exact).abs() <= bound,
+                            "{at} at ({r},{c}): {got} vs {exact} (bound {bound:e})"
                         );
                     }
                 }
