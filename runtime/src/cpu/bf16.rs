@@ -93,7 +93,9 @@ pub(super) fn enabled() -> bool {
 fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -432,7 +434,9 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// (of `bound`) into `out[pair · width + i]`, zeros past `bound` and past K.
 ///
 /// # Safety
-/// Rows below `bound` and their first `k` elements lie inside the operand.
+/// Rows below `bound` and their first `k` elements lie inside the operand; `supported()`
+/// holds (the loops are compiled for AVX-512: 16 values a step where SSE took 4).
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
 unsafe fn pack(
     out: &mut [u32],
     Source((base, column_stride, row_stride)): Source,
@@ -478,6 +482,24 @@ unsafe fn pack(
         }
         return;
     }
+    // K contiguous along each row: whole blocks of 16 pairs (32 values) of 16 rows at a time
+    // through a transpose in registers (element by element, the stores `width` apart made
+    // this the slowest part of packing), the rest of K below.
+    let transposed_pairs = if across == 1 {
+        // SAFETY: rows first.. first + rows and their first k elements lie inside the operand
+        // (the caller's promise); `supported()` holds.
+        unsafe {
+            kernel::pack_k_contiguous(
+                out,
+                (base.offset(first as isize * along), along),
+                rows,
+                k,
+                width,
+            )
+        }
+    } else {
+        0
+    };
     for i in 0..rows {
         // SAFETY: element `kk < k` of row `first + i < bound` (the caller's promise).
         let at = |kk: usize| unsafe {
@@ -487,7 +509,7 @@ unsafe fn pack(
             // SAFETY: as `at`, for the row's k contiguous elements.
             let row =
                 unsafe { std::slice::from_raw_parts(base.offset((first + i) as isize * along), k) };
-            for (p, two) in row.chunks_exact(2).enumerate() {
+            for (p, two) in row.chunks_exact(2).enumerate().skip(transposed_pairs) {
                 out[p * width + i] = pair(two[0], two[1]);
             }
         } else {
@@ -515,6 +537,92 @@ mod kernel {
         pub(super) rows: usize,
         pub(super) columns: usize,
         pub(super) add: bool,
+    }
+
+    /// Packs the first `16 · ⌊k / 32⌋` K pairs of `rows` rows whose elements are contiguous
+    /// along K (row `i` at `first + i · row_stride`) into `out[pair · width + i]`, and returns
+    /// how many pairs that is. Each block of 16 rows × 16 pairs is loaded row by row, its bf16
+    /// halves picked into pairs, transposed in registers, and stored pair by pair.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512BW; every row's first `k` elements are readable;
+    /// `out` holds `pairs · width` values with `rows ≤ width`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_k_contiguous(
+        out: &mut [u32],
+        (first, row_stride): (*const f32, isize),
+        rows: usize,
+        k: usize,
+        width: usize,
+    ) -> usize {
+        let blocks = k / 32;
+        assert!(rows <= width && out.len() >= blocks * 16 * width);
+        // Word w of a pair vector is the upper (bf16) word of value w of the 32: word 2w + 1
+        // of the two loaded vectors.
+        let upper_words = _mm512_set_epi16(
+            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21,
+            19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+        );
+        for group in (0..rows).step_by(16) {
+            let count = (rows - group).min(16);
+            let mask = ((1u32 << count) - 1) as __mmask16;
+            for block in 0..blocks {
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (r, vector) in v.iter_mut().take(count).enumerate() {
+                    // SAFETY: values 32·block .. 32·block + 32 ≤ k of row group + r (the
+                    // caller's promise).
+                    unsafe {
+                        let row =
+                            first.offset((group + r) as isize * row_stride + 32 * block as isize);
+                        let (low, high) = (
+                            _mm512_loadu_si512(row.cast()),
+                            _mm512_loadu_si512(row.add(16).cast()),
+                        );
+                        *vector = _mm512_permutex2var_epi16(low, upper_words, high);
+                    }
+                }
+                transpose(&mut v);
+                for (q, pairs) in v.iter().enumerate() {
+                    let at = (16 * block + q) * width + group;
+                    // SAFETY: `count` values from `at` lie in `out` (asserted above).
+                    unsafe {
+                        _mm512_mask_storeu_epi32(out.as_mut_ptr().add(at).cast(), mask, *pairs)
+                    };
+                }
+            }
+        }
+        16 * blocks
+    }
+
+    /// Transposes 16 vectors of 16 lanes (`v[r]` lane `c` becomes `v[c]` lane `r`): lanes
+    /// interleaved in pairs, then in fours within each 128-bit quarter, then quarters moved.
+    #[target_feature(enable = "avx512f")]
+    fn transpose(v: &mut [__m512i; 16]) {
+        // t[2a] quarter Q: rows 2a, 2a + 1 of columns 4Q, 4Q + 1; t[2a + 1]: of 4Q + 2, 4Q + 3.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for a in 0..8 {
+            t[2 * a] = _mm512_unpacklo_epi32(v[2 * a], v[2 * a + 1]);
+            t[2 * a + 1] = _mm512_unpackhi_epi32(v[2 * a], v[2 * a + 1]);
+        }
+        // u[4b + j] quarter Q: rows 4b .. 4b + 4 of column 4Q + j.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for b in 0..4 {
+            u[4 * b] = _mm512_unpacklo_epi64(t[4 * b], t[4 * b + 2]);
+            u[4 * b + 1] = _mm512_unpackhi_epi64(t[4 * b], t[4 * b + 2]);
+            u[4 * b + 2] = _mm512_unpacklo_epi64(t[4 * b + 1], t[4 * b + 3]);
+            u[4 * b + 3] = _mm512_unpackhi_epi64(t[4 * b + 1], t[4 * b + 3]);
+        }
+        // Column 4Q + j is quarter Q of u[j], u[4 + j], u[8 + j], u[12 + j], in that order.
+        for j in 0..4 {
+            let s0 = _mm512_shuffle_i32x4::<0x44>(u[j], u[4 + j]);
+            let s1 = _mm512_shuffle_i32x4::<0xee>(u[j], u[4 + j]);
+            let s2 = _mm512_shuffle_i32x4::<0x44>(u[8 + j], u[12 + j]);
+            let s3 = _mm512_shuffle_i32x4::<0xee>(u[8 + j], u[12 + j]);
+            v[j] = _mm512_shuffle_i32x4::<0x88>(s0, s2);
+            v[4 + j] = _mm512_shuffle_i32x4::<0xdd>(s0, s2);
+            v[8 + j] = _mm512_shuffle_i32x4::<0x88>(s1, s3);
+            v[12 + j] = _mm512_shuffle_i32x4::<0xdd>(s1, s3);
+        }
     }
 
     /// `block (+)= a · b` over `pairs` K pairs of packed panels.
@@ -579,6 +687,17 @@ mod kernel {
         pub(super) rows: usize,
         pub(super) columns: usize,
         pub(super) add: bool,
+    }
+
+    /// Never called: [`super::supported`] is false off x86_64.
+    pub(super) unsafe fn pack_k_contiguous(
+        _: &mut [u32],
+        _: (*const f32, isize),
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> usize {
+        unreachable!("the bf16 GEMM needs AVX512_BF16")
     }
 
     /// Never called: [`super::supported`] is false off x86_64.
