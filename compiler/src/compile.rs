@@ -43,7 +43,8 @@ impl CompileOptions {
         }
     }
 
-    /// These options for a program the CPU backend runs.
+    /// These options for a program the CPU backend runs (the runtime's `cpu::lower_options`
+    /// adds what depends on the CPU).
     pub fn for_cpu(self) -> Self {
         CompileOptions {
             lower: LowerOptions::cpu(),

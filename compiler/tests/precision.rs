@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use fathom_compiler::DType;
 use fathom_compiler::graph::{Accumulation, Graph, NodeId, Op};
+use fathom_compiler::lower::LowerOptions;
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::precision::{
     GemmRole, Precision, PrecisionPolicy, activation_products, apply_precision, is_kept_in_f32,
@@ -228,13 +229,13 @@ fn fp8_training_graph_snapshot() {
     insta::assert_snapshot!(text);
 }
 
-/// Under `policy`, on the tiny training graph: how many Linear GEMMs the pass puts in
-/// `precision` (the policy's, or the higher one its module is kept at), how many lines of the
-/// lowered kernel program end with `suffix`, and that program's text.
+/// Under `policy`, on the tiny training graph lowered with `options`: how many Linear GEMMs
+/// the pass puts in `precision` (the policy's, or the higher one its module is kept at), how
+/// many lines of the lowered kernel program contain `marker`, and that program's text.
 fn rewritten_and_marked(
     policy: &PrecisionPolicy,
     precision: Precision,
-    suffix: &str,
+    (options, marker): (LowerOptions, &str),
 ) -> (usize, usize, String) {
     let out = apply_precision(&train_graph(), policy, tiny().fp8.as_ref().unwrap()).unwrap();
     let rewritten = linear_gemms(&out)
@@ -244,8 +245,10 @@ fn rewritten_and_marked(
             wanted.at_least(precision_floor(&g.path)) == precision
         })
         .count();
-    let text = fathom_compiler::lower::lower(&out).unwrap().to_string();
-    let marked = text.lines().filter(|l| l.ends_with(suffix)).count();
+    let text = fathom_compiler::lower::lower_with(&out, options)
+        .unwrap()
+        .to_string();
+    let marked = text.lines().filter(|l| l.contains(marker)).count();
     (rewritten, marked, text)
 }
 
@@ -257,25 +260,62 @@ fn the_kernel_ir_shows_each_fp8_gemms_accumulation() {
         accumulation: Accumulation::HOPPER_WITHOUT_PROMOTION,
         ..PrecisionPolicy::uniform(Precision::Fp8)
     };
-    let (fp8_gemms, limited, text) = rewritten_and_marked(&policy, Precision::Fp8, ", acc 13b/K");
+    let marker = (LowerOptions::default(), ", acc 13b/K");
+    let (fp8_gemms, limited, text) = rewritten_and_marked(&policy, Precision::Fp8, marker);
     assert_eq!(limited, fp8_gemms, "{text}");
     assert!(fp8_gemms > 30);
 }
 
 /// Under the bf16 policy every GEMM the pass rounds multiplies values that are all bf16, and
 /// the kernel IR says so (`, bf16 operands`) on exactly those library calls, so a backend may
-/// multiply them in bf16 (the output head's among them); attention's products and the routers
-/// stay f32.
+/// multiply them in bf16: the Linears' (the output head's among them) and attention's
+/// products; the routers stay f32.
 #[test]
 fn the_kernel_ir_marks_each_bf16_gemms_operands() {
     let policy = PrecisionPolicy::uniform(Precision::Bf16);
-    let (bf16_gemms, marked, text) =
-        rewritten_and_marked(&policy, Precision::Bf16, ", bf16 operands");
-    assert_eq!(marked, bf16_gemms, "{text}");
-    assert!(bf16_gemms > 30);
+    let marker = (LowerOptions::default(), ", bf16 operands");
+    let (bf16_gemms, marked, text) = rewritten_and_marked(&policy, Precision::Bf16, marker);
+    let out = apply_precision(&train_graph(), &policy, tiny().fp8.as_ref().unwrap()).unwrap();
+    let attention = activation_products(&out).len();
+    assert_eq!(marked, bf16_gemms + attention, "{text}");
+    assert!(
+        bf16_gemms > 30 && attention >= 6,
+        "{bf16_gemms} and {attention}"
+    );
+    assert!(!text.contains("rounded as read"));
     // The same graph in f32 marks none.
     let f32_program = fathom_compiler::lower::lower(&train_graph()).unwrap();
     assert!(!f32_program.to_string().contains("operands"));
+}
+
+/// Lowered for products that round their operands (the CPU's bf16 GEMM), the bf16 policy's
+/// training step has no cast to bf16 left: every round trip is folded into the products that
+/// read it, each of which says it rounds (`rounded as read`); and the routed experts' weights
+/// are read where each parameter lies, as in f32, rather than stacked and rounded into a copy.
+#[test]
+fn products_that_round_their_operands_leave_no_cast() {
+    let policy = PrecisionPolicy::uniform(Precision::Bf16);
+    let folding = LowerOptions {
+        products_round_operands: true,
+        ..LowerOptions::cpu()
+    };
+    let (_, marked, text) =
+        rewritten_and_marked(&policy, Precision::Bf16, (folding, ", bf16 operands"));
+    let (_, rounding, _) = rewritten_and_marked(
+        &policy,
+        Precision::Bf16,
+        (folding, "operands rounded as read"),
+    );
+    assert_eq!(rounding, marked, "{text}");
+    assert!(marked > 36, "{marked}");
+    assert!(!text.contains("cast<bf16>"), "{text}");
+    let stacks = |text: &str| text.lines().filter(|l| l.contains("_stack_")).count();
+    let f32_program = fathom_compiler::lower::lower_with(&train_graph(), folding).unwrap();
+    assert_eq!(stacks(&text), stacks(&f32_program.to_string()), "{text}");
+    assert!(
+        text.contains("grouped_matmul") && text.contains("parts"),
+        "{text}"
+    );
 }
 
 /// Under the bf16 policy a weight is rounded as it is stored: no kernel of the lowered training

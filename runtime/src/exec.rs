@@ -68,7 +68,11 @@ impl Executable {
             Backend::Interpreter => Executable::Interpreter(graph),
             // The full pipeline (passes, lowering, memory plan); `FATHOM_DUMP_DIR` dumps it.
             Backend::Cpu => {
-                let compiled = compile(&graph, &options.clone().for_cpu())?;
+                let options = CompileOptions {
+                    lower: crate::cpu::lower_options(),
+                    ..options.clone()
+                };
+                let compiled = compile(&graph, &options)?;
                 Executable::Cpu(Box::new(CpuProgram::new(compiled.program)))
             }
             Backend::Cuda => {

@@ -506,9 +506,13 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
 /// elsewhere; the interpreter sums in f64. The sums differ by rounding only (the products of
 /// bf16 values are exact in f32), but a sum that lands on the other side of a later bf16
 /// rounding (the loss gradient's, before the head's input-gradient GEMM) moves that element by
-/// one bf16 step, 2⁻⁸ ≈ 3.9e-3 relative. Measured worst: values 1.2e-7 of their largest
-/// element, gradients 4.7e-3 with the bf16 kernel (7e-6 with the f32 GEMM, whose sums round
-/// to the interpreter's more often); bounds 1e-4 and 2e-2. A wrong product is off by O(1).
+/// one bf16 step, 2⁻⁸ ≈ 3.9e-3 relative. Run twice: with the casts' kernels storing each
+/// rounded operand, and with the round trips folded into the products, which round as they
+/// read (`products_round_operands`: the bf16 kernel's packing, or rounded copies before the
+/// f32 GEMM), leaving no cast to bf16 at all. Measured worst (attention's products in bf16
+/// too): gradients 7.4e-3 with the casts' kernels, on either GEMM (a fused loop's f32 value
+/// that rounds to the other bf16 neighbour of the interpreter's), 5.1e-7 folded; bounds 1e-4
+/// (values) and 2e-2 (gradients). A wrong product is off by O(1).
 #[test]
 fn bf16_training_graphs_run_compiled_like_the_interpreter() {
     use fathom_compiler::DType;
@@ -522,39 +526,58 @@ fn bf16_training_graphs_run_compiled_like_the_interpreter() {
     } = FixtureStep::load("moe_grouped", LossWeights::deepseek_v3());
     let policy = PrecisionPolicy::uniform(Precision::Bf16);
     let graph = apply_precision(&train.graph, &policy, &Fp8Spec::default()).unwrap();
-    let program = lower(&graph).unwrap();
-    let bf16 = Some(DType::BF16);
-    let (dense, grouped) = program
-        .kernels
-        .iter()
-        .fold((0, 0), |(d, g), k| match &k.body {
-            KernelBody::Library(Library::MatMul { exact_in, .. }) if *exact_in == bf16 => {
-                (d + 1, g)
-            }
-            KernelBody::Library(
-                Library::GroupedMatMul { exact_in, .. }
-                | Library::GroupedMatMulWeightGrad { exact_in, .. },
-            ) if *exact_in == bf16 => (d, g + 1),
-            _ => (d, g),
-        });
-    assert!(
-        dense > 20 && grouped >= 3,
-        "{dense} dense, {grouped} grouped bf16 GEMMs"
-    );
     let feeds = Feeds::new(&inputs, &model.weights);
     let expected = evaluate(&graph, &feeds).unwrap();
-    let compiled = CpuProgram::new(program).run(&feeds).unwrap();
-    let bounds = Bounds {
-        values: 1e-4,
-        gradients: 2e-2,
+    let folding = LowerOptions {
+        products_round_operands: true,
+        ..LowerOptions::cpu()
     };
-    let worst = worst_error("bf16", &expected, &compiled, bounds);
-    eprintln!(
-        "bf16 ({:?}): worst relative error {:.2e} ({})",
-        fathom_runtime::cpu::bf16_gemm(),
-        worst.0,
-        worst.1
-    );
+    for options in [LowerOptions::default(), folding] {
+        let program = lower_with(&graph, options).unwrap();
+        let bf16 = Some(DType::BF16);
+        let rounds = options.products_round_operands;
+        let (dense, grouped) = program
+            .kernels
+            .iter()
+            .fold((0, 0), |(d, g), k| match &k.body {
+                KernelBody::Library(Library::MatMul {
+                    exact_in,
+                    rounds: r,
+                    ..
+                }) if *exact_in == bf16 && *r == rounds => (d + 1, g),
+                KernelBody::Library(
+                    Library::GroupedMatMul {
+                        exact_in,
+                        rounds: r,
+                        ..
+                    }
+                    | Library::GroupedMatMulWeightGrad {
+                        exact_in,
+                        rounds: r,
+                        ..
+                    },
+                ) if *exact_in == bf16 && *r == rounds => (d, g + 1),
+                _ => (d, g),
+            });
+        assert!(
+            dense > 20 && grouped >= 3,
+            "{options:?}: {dense} dense, {grouped} grouped bf16 GEMMs"
+        );
+        let casts = program.to_string().matches("cast<bf16>").count();
+        assert_eq!(casts == 0, rounds, "{options:?}: {casts} casts to bf16");
+        let compiled = CpuProgram::new(program).run(&feeds).unwrap();
+        let bounds = Bounds {
+            values: 1e-4,
+            gradients: 2e-2,
+        };
+        let worst = worst_error("bf16", &expected, &compiled, bounds);
+        eprintln!(
+            "bf16 ({:?}, products round: {rounds}): worst relative error {:.2e} ({})",
+            fathom_runtime::cpu::bf16_gemm(),
+            worst.0,
+            worst.1
+        );
+    }
 }
 
 /// The fused cross-entropy and its gradient, compiled (JIT and row evaluator) against the

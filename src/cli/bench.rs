@@ -73,7 +73,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // What PyTorch's baseline does: next-token loss, backward, AdamW with f32 moments.
     let started = Instant::now();
     let train = training_graph(&spec, batch, seq, LossWeights::next_token_only())?;
-    let compiled = compile(&train.graph, &CompileOptions::from_env().for_cpu())?;
+    let options = CompileOptions {
+        lower: fathom_runtime::cpu::lower_options(),
+        ..CompileOptions::from_env()
+    };
+    let compiled = compile(&train.graph, &options)?;
     let flops_per_step = compiled.program.matmul_flops();
     let temporaries = compiled.plan.peak_bytes();
     let settings = TrainSettings {

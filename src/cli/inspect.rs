@@ -104,9 +104,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let options = CompileOptions {
         dump_dir: Some(args.out.clone()),
         recompute: args.recompute,
-        // The program of the target inspected: the CPU's reads the experts' weights in place.
+        // The program of the target inspected: the CPU's reads the experts' weights in place
+        // and, where its bf16 GEMM runs, rounds bf16 operands in the products.
         lower: match args.target {
-            Target::Cpu => LowerOptions::cpu(),
+            Target::Cpu => fathom_runtime::cpu::lower_options(),
             _ => LowerOptions::default(),
         },
     };

@@ -126,6 +126,11 @@ pub enum Library {
         /// under the bf16 policy): a backend may multiply in it, the products being the same.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exact_in: Option<DType>,
+        /// The call rounds each operand to `exact_in` as it reads it: the precision pass's
+        /// round trips (`cast<f32>(cast<bf16>(x))`) read only by such products are folded into
+        /// them (`lower::LowerOptions::products_round_operands`), and the buffers hold `x`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rounds: bool,
         /// The operand read, or the result kept, as a triangle of each `m×k`, `k×n` or `m×n`
         /// matrix (`graph::Triangular`): elements outside it count as zeros, and a backend may
         /// skip the blocks of the product that are all zeros. Output elements outside an
@@ -146,6 +151,9 @@ pub enum Library {
         accumulation: Accumulation,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exact_in: Option<DType>,
+        /// As in `MatMul`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rounds: bool,
     },
     /// The op of the same name in the graph, on dense buffers but for `x` (as in
     /// `GroupedMatMul`), written as [`ExpertOutputs`] says.
@@ -158,6 +166,9 @@ pub enum Library {
         accumulation: Accumulation,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exact_in: Option<DType>,
+        /// As in `MatMul`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rounds: bool,
     },
     Gather {
         table: BufferId,

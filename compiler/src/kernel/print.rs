@@ -129,7 +129,9 @@ fn reduce_name(op: ReduceOp) -> &'static str {
 
 /// A product's arithmetic after its operands: how it sums (when not exactly) and the narrower
 /// type its operands' values belong to (when they do), e.g. `, acc 13b/128` or `, bf16 operands`.
-struct Arithmetic(Accumulation, Option<DType>);
+/// A product's accumulation, the type its operands' values belong to, and whether it rounds
+/// them to that type as it reads them.
+struct Arithmetic(Accumulation, Option<DType>, bool);
 
 impl Display for Arithmetic {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
@@ -138,6 +140,9 @@ impl Display for Arithmetic {
         }
         if let Some(dtype) = self.1 {
             write!(f, ", {dtype} operands")?;
+            if self.2 {
+                write!(f, " rounded as read")?;
+            }
         }
         Ok(())
     }
@@ -156,12 +161,13 @@ impl Display for Library {
                 out,
                 accumulation,
                 exact_in,
+                rounds,
                 triangular,
             } => {
                 write!(
                     f,
                     "matmul batch {batch:?} m {m} n {n} k {k}: {out} = {a} x {b}{}",
-                    Arithmetic(*accumulation, *exact_in)
+                    Arithmetic(*accumulation, *exact_in, *rounds)
                 )?;
                 match triangular {
                     Some(t) => write!(f, ", {t}"),
@@ -175,10 +181,11 @@ impl Display for Library {
                 out,
                 accumulation,
                 exact_in,
+                rounds,
             } => write!(
                 f,
                 "grouped_matmul {out} = {x} x {weights} by {expert_ids}{}",
-                Arithmetic(*accumulation, *exact_in)
+                Arithmetic(*accumulation, *exact_in, *rounds)
             ),
             Library::GroupedMatMulWeightGrad {
                 cotangent,
@@ -187,10 +194,11 @@ impl Display for Library {
                 out,
                 accumulation,
                 exact_in,
+                rounds,
             } => write!(
                 f,
                 "grouped_matmul_weight_grad {out} = {cotangent}^T x {x} by {expert_ids}{}",
-                Arithmetic(*accumulation, *exact_in)
+                Arithmetic(*accumulation, *exact_in, *rounds)
             ),
             Library::Gather {
                 table,

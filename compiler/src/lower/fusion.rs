@@ -5,6 +5,7 @@ mod cross_entropy;
 mod experts;
 mod short_reduce;
 
+use crate::dtype::DType;
 use std::collections::HashMap;
 
 use crate::graph::{Accumulation, Graph, NodeId, Op, Triangular, inverse_permutation};
@@ -77,6 +78,9 @@ pub(super) struct Lowering<'g> {
     /// their own (see `decide_weight_parts`): stacks of parameters and the permutes of them
     /// the calls read through; the slices of a weight gradient and their reshapes.
     in_parts: Vec<bool>,
+    /// The casts of round trips to bf16 that the products reading them round themselves
+    /// (see `fold_round_trips`): views of what they round, like movements.
+    folded: Vec<bool>,
     /// Per weight-gradient node written in parts, its experts' gradients (the reshapes) in
     /// expert order.
     gradient_parts: Vec<Option<Vec<NodeId>>>,
@@ -129,6 +133,7 @@ impl<'g> Lowering<'g> {
             placed: vec![false; n],
             assembled: vec![None; n],
             in_parts: vec![false; n],
+            folded: vec![false; n],
             gradient_parts: vec![None; n],
             kept_exponentials: HashMap::new(),
             options,
@@ -149,6 +154,9 @@ impl<'g> Lowering<'g> {
     }
 
     pub(super) fn run(&mut self) -> Result<(), LowerError> {
+        if self.options.products_round_operands {
+            self.fold_round_trips();
+        }
         self.decide();
         self.decide_places();
         if self.options.grouped_weights_in_place {
@@ -167,6 +175,65 @@ impl<'g> Lowering<'g> {
             self.program.outputs.push((output.name.clone(), buffer));
         }
         Ok(())
+    }
+
+    /// The round trips to bf16, `cast<f32>(cast<bf16>(x))`, that the products reading them
+    /// round themselves (`LowerOptions::products_round_operands`): both casts become views of
+    /// `x`, like movements, and no kernel stores the rounded values. A round trip is folded
+    /// when the narrowing cast is read by the widening one alone, `x` is f32, and every use of
+    /// the round trip, through permutes and reshapes, is an operand of a product on bf16
+    /// values that sums exactly (Hopper's emulated accumulation takes no rounding operands).
+    /// (An `x` without a buffer — a movement of an inlined expression — leaves the round trip
+    /// without a view, and a loop stores the rounded values as before.)
+    fn fold_round_trips(&mut self) {
+        for id in self.graph.node_ids() {
+            let node = self.graph.node(id);
+            if !self.live[id.index()] || node.op != (Op::Cast { to: DType::F32 }) {
+                continue;
+            }
+            let narrow = node.inputs[0];
+            let narrowing = self.graph.node(narrow);
+            if narrowing.op != (Op::Cast { to: DType::BF16 })
+                || self.users[narrow.index()] != [id]
+                || self.graph.is_output(narrow)
+            {
+                continue;
+            }
+            let source = narrowing.inputs[0];
+            if self.ty(source).dtype == DType::F32 && self.read_by_rounding_products(id) {
+                for cast in [narrow, id] {
+                    self.classes[cast.index()] = Class::Movement;
+                    self.folded[cast.index()] = true;
+                }
+            }
+        }
+    }
+
+    /// Whether every use of `id`, through permutes and reshapes, is an operand of a product on
+    /// bf16 values with exact sums, and none is a graph output.
+    fn read_by_rounding_products(&self, id: NodeId) -> bool {
+        !self.graph.is_output(id)
+            && self.users[id.index()].iter().all(|&u| {
+                let user = self.graph.node(u);
+                let exact_sums = match user.op {
+                    Op::Permute { .. } | Op::Reshape { .. } => {
+                        return self.read_by_rounding_products(u);
+                    }
+                    Op::MatMul { accumulation, .. }
+                    | Op::GroupedMatMul { accumulation }
+                    | Op::GroupedMatMulWeightGrad { accumulation, .. } => accumulation.is_exact(),
+                    _ => return false,
+                };
+                let (a, b) = (user.inputs[0], user.inputs[1]);
+                exact_sums
+                    && user.inputs[2..].iter().all(|&other| other != id)
+                    && exact_operands(self.graph, a, b) == Some(DType::BF16)
+            })
+    }
+
+    /// Whether a product on `exact_in` values rounds its operands as it reads them.
+    fn rounds(&self, exact_in: Option<DType>) -> bool {
+        self.options.products_round_operands && exact_in == Some(DType::BF16)
     }
 
     /// Which nodes get a buffer of their own.
@@ -377,6 +444,8 @@ impl<'g> Lowering<'g> {
                         Op::Slice { axis, start, end } => Some(view.slice(*axis, *start, *end)),
                         Op::Expand { shape } => Some(view.expand(shape)),
                         Op::Reshape { shape } => view.reshape(shape),
+                        // A folded round trip: the products reading it round `x`.
+                        Op::Cast { .. } => Some(view),
                         _ => unreachable!("movement class"),
                     };
                     // An operand written under the movement's place puts the movement there.
@@ -872,6 +941,7 @@ impl<'g> Lowering<'g> {
             (m, n, a, b, out_view.clone(), triangular)
         };
         let identity = Affine::identity(rank);
+        let exact_in = exact_operands(self.graph, node.inputs[0], node.inputs[1]);
         let call = Library::MatMul {
             batch,
             m,
@@ -881,7 +951,8 @@ impl<'g> Lowering<'g> {
             b: b.compose(&identity),
             out: out.compose(&identity),
             accumulation,
-            exact_in: exact_operands(self.graph, node.inputs[0], node.inputs[1]),
+            exact_in,
+            rounds: self.rounds(exact_in),
             triangular,
         };
         self.push_node_kernel(id, what(&node.op), vec![id], KernelBody::Library(call));
@@ -904,14 +975,18 @@ impl<'g> Lowering<'g> {
         let (out, out_view) = self.library_output(id);
         let inputs = node.inputs.clone();
         let call = match &node.op {
-            Op::GroupedMatMul { accumulation } => Library::GroupedMatMul {
-                x: self.rows(inputs[0])?,
-                weights: self.expert_weights(inputs[1])?,
-                expert_ids: self.dense(inputs[2])?,
-                out,
-                accumulation: *accumulation,
-                exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
-            },
+            Op::GroupedMatMul { accumulation } => {
+                let exact_in = exact_operands(self.graph, inputs[0], inputs[1]);
+                Library::GroupedMatMul {
+                    x: self.rows(inputs[0])?,
+                    weights: self.expert_weights(inputs[1])?,
+                    expert_ids: self.dense(inputs[2])?,
+                    out,
+                    accumulation: *accumulation,
+                    exact_in,
+                    rounds: self.rounds(exact_in),
+                }
+            }
             Op::GroupedMatMulWeightGrad { .. } => {
                 self.weight_grad_call(id, ExpertOutputs::Stacked(out))?
             }

@@ -54,14 +54,22 @@ pub struct LowerOptions {
     /// two kernels' time there; torch's CPU loss keeps its log-softmax the same way); on a GPU
     /// the exponential is cheap and the stored array (vocabulary × tokens) is not.
     pub cross_entropy_keeps_exponentials: bool,
+    /// A product whose operands are bf16 values rounds them as it reads them (see
+    /// `kernel::Library::MatMul::rounds`), and a round trip to bf16 read only by such products
+    /// is no kernel: the products read what it rounds. The CPU backend's choice where its
+    /// bf16 GEMM runs (its packing rounds at no extra cost, where the cast kernels stored and
+    /// loaded every rounded operand once more); the CUDA plan keeps the casts.
+    pub products_round_operands: bool,
 }
 
 impl LowerOptions {
-    /// Everything the CPU backend runs.
+    /// Everything the CPU backend runs (but `products_round_operands`, which depends on the
+    /// CPU: the runtime's `cpu::lower_options`).
     pub fn cpu() -> Self {
         LowerOptions {
             grouped_weights_in_place: true,
             cross_entropy_keeps_exponentials: true,
+            products_round_operands: false,
         }
     }
 }

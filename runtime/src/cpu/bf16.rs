@@ -1,8 +1,9 @@
 //! A GEMM in bf16 on `vdpbf16ps` (AVX512_BF16), for the products whose operands the kernel IR
-//! marks `exact_in: bf16` (the Linear GEMMs under the bf16 policy). Their f32 values are bf16
-//! values, so the operands are packed by keeping each value's upper 16 bits (exact), and every
-//! product of two of them is exact in f32: only the order of the f32 sums differs from the f32
-//! GEMM's.
+//! marks `exact_in: bf16` (the Linear GEMMs and attention's products under the bf16 policy).
+//! The operands are packed as bf16, each value rounded as the graph's casts round it: exact
+//! for operands that hold bf16 values, and the rounding itself for those the product rounds
+//! as it reads them (`rounds`, the kernel IR's folded round trips). Every product of two bf16
+//! values is exact in f32: only the order of the f32 sums differs from the f32 GEMM's.
 //!
 //! Whether it pays depends on the CPU: `vdpbf16ps` does 64 FLOPs per instruction against
 //! `vfmadd231ps`'s 32, and AMD's Zen 4 issues both at the same rate (twice the f32 FLOP rate in
@@ -424,10 +425,24 @@ impl Destination {
     }
 }
 
-/// Two f32 values that are bf16 values as one pair: `lo` in the lower half, as `vdpbf16ps`
-/// pairs them with the other operand's lower half.
+/// Two f32 values rounded to bf16 as one pair: `lo` in the lower half, as `vdpbf16ps` pairs
+/// them with the other operand's lower half.
 fn pair(lo: f32, hi: f32) -> u32 {
-    (lo.to_bits() >> 16) | (hi.to_bits() & 0xffff_0000)
+    bf16_bits(lo) | (bf16_bits(hi) << 16)
+}
+
+/// The bits of `x` rounded to bf16 as `half::bf16::from_f32` and the graph's casts round it:
+/// to nearest, ties to even (add `0x7FFF` and the lowest kept bit, keep the upper half; a
+/// carry lands on the next binade or on infinity), a NaN made quiet. A bf16 value stays as it
+/// is, so operands that hold bf16 values and operands the product rounds are packed alike.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        (bits | 0x0040_0000) >> 16
+    } else {
+        bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16
+    }
 }
 
 /// Packs `width` rows (of `lhs`, or columns of `rhs` when `transposed`) starting at `first`
@@ -541,8 +556,9 @@ mod kernel {
 
     /// Packs the first `16 · ⌊k / 32⌋` K pairs of `rows` rows whose elements are contiguous
     /// along K (row `i` at `first + i · row_stride`) into `out[pair · width + i]`, and returns
-    /// how many pairs that is. Each block of 16 rows × 16 pairs is loaded row by row, its bf16
-    /// halves picked into pairs, transposed in registers, and stored pair by pair.
+    /// how many pairs that is. Each block of 16 rows × 16 pairs is loaded row by row, rounded to
+    /// bf16 and its bf16 halves picked into pairs, transposed in registers, and stored pair by
+    /// pair.
     ///
     /// # Safety
     /// The CPU has AVX512F and AVX512BW; every row's first `k` elements are readable;
@@ -574,10 +590,8 @@ mod kernel {
                     unsafe {
                         let row =
                             first.offset((group + r) as isize * row_stride + 32 * block as isize);
-                        let (low, high) = (
-                            _mm512_loadu_si512(row.cast()),
-                            _mm512_loadu_si512(row.add(16).cast()),
-                        );
+                        let low = rounded(_mm512_loadu_si512(row.cast()));
+                        let high = rounded(_mm512_loadu_si512(row.add(16).cast()));
                         *vector = _mm512_permutex2var_epi16(low, upper_words, high);
                     }
                 }
@@ -592,6 +606,17 @@ mod kernel {
             }
         }
         16 * blocks
+    }
+
+    /// 16 f32 values rounded to bf16 in their upper halves, as `super::bf16_bits` rounds.
+    #[target_feature(enable = "avx512f")]
+    fn rounded(x: __m512i) -> __m512i {
+        let kept_lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+        let biased = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), kept_lsb));
+        let value = _mm512_castsi512_ps(x);
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(value, value);
+        let quiet = _mm512_or_si512(x, _mm512_set1_epi32(0x0040_0000));
+        _mm512_mask_blend_epi32(nan, biased, quiet)
     }
 
     /// Transposes 16 vectors of 16 lanes (`v[r]` lane `c` becomes `v[c]` lane `r`): lanes

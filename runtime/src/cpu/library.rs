@@ -49,6 +49,7 @@ pub(super) fn run(
             // Operands known to hold bf16 values run on the bf16 kernel where it pays
             // (`super::bf16`), on the f32 GEMM otherwise: the products are identical.
             exact_in,
+            rounds,
             triangular,
         } => {
             // Taken out and put back as it is: the GEMM writes only the elements of `out`'s
@@ -62,7 +63,7 @@ pub(super) fn run(
                 (*m, *n, *k),
                 operands,
                 out,
-                (arithmetic(*accumulation, *exact_in), *triangular),
+                (arithmetic(*accumulation, *exact_in, *rounds), *triangular),
                 &mut result,
             );
             buffers[out.buffer.index()] = result.restore();
@@ -74,6 +75,7 @@ pub(super) fn run(
             out,
             accumulation,
             exact_in,
+            rounds,
             ..
         } => {
             let idd = dims(expert_ids);
@@ -105,7 +107,7 @@ pub(super) fn run(
                 &idd,
                 &dims(x),
                 experts,
-                arithmetic(*accumulation, *exact_in),
+                arithmetic(*accumulation, *exact_in, *rounds),
                 &index,
             )?;
             grouped::matmul(
@@ -126,6 +128,7 @@ pub(super) fn run(
             out,
             accumulation,
             exact_in,
+            rounds,
             ..
         } => {
             let (xd, cd) = (dims(x), dims(cotangent));
@@ -140,7 +143,7 @@ pub(super) fn run(
             };
             let ids = &buffers[expert_ids.index()];
             let experts = blocks.len();
-            let arithmetic = arithmetic(*accumulation, *exact_in);
+            let arithmetic = arithmetic(*accumulation, *exact_in, *rounds);
             let routing = route(ids, &dims(expert_ids), &xd, experts, arithmetic, &index)?;
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
             grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut blocks)
@@ -545,10 +548,11 @@ fn route(
     })
 }
 
-fn arithmetic(accumulation: Accumulation, exact_in: Option<DType>) -> Arithmetic {
+fn arithmetic(accumulation: Accumulation, exact_in: Option<DType>, rounds: bool) -> Arithmetic {
     Arithmetic {
         accumulation,
         exact_in,
+        rounds,
     }
 }
 
@@ -701,6 +705,7 @@ mod tests {
                         let arithmetic = Arithmetic {
                             accumulation,
                             exact_in,
+                            rounds: false,
                         };
                         let arithmetic = (arithmetic, Some(t));
                         product_on(threads, shape, operands, &out, arithmetic, len)

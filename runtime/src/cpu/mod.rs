@@ -29,6 +29,16 @@ use std::time::Instant;
 use thiserror::Error;
 
 pub use bf16::{BF16_GEMM_ENV, Bf16Gemm, MIN_FLOP_RATIO, bf16_gemm, compare_with_f32};
+
+/// The kernel forms this backend runs on this CPU: `LowerOptions::cpu()`, and products that
+/// round their bf16 operands as they read them where the bf16 GEMM runs (its packing rounds
+/// anyway; the f32 GEMM would need rounded copies, which the cast kernels make once).
+pub fn lower_options() -> fathom_compiler::lower::LowerOptions {
+    fathom_compiler::lower::LowerOptions {
+        products_round_operands: bf16::enabled(),
+        ..fathom_compiler::lower::LowerOptions::cpu()
+    }
+}
 pub use jit::{DUMP_ENV as JIT_DUMP_ENV, JitError, JitReport};
 pub use profile::PROFILE_ENV;
 

@@ -10,12 +10,15 @@ use gemm::{Parallelism, gemm};
 use super::bf16;
 use crate::fp8::LimitedSum;
 
-/// How a GEMM forms and sums its products: the graph's accumulation, and the narrower type
-/// both operands' values belong to, if the kernel IR knows one (`exact_in`).
+/// How a GEMM forms and sums its products: the graph's accumulation, the narrower type both
+/// operands' values belong to, if the kernel IR knows one (`exact_in`), and whether the GEMM
+/// rounds its operands to that type as it reads them (`rounds`, the kernel IR's folded round
+/// trips).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(super) struct Arithmetic {
     pub(super) accumulation: Accumulation,
     pub(super) exact_in: Option<DType>,
+    pub(super) rounds: bool,
 }
 
 impl From<Accumulation> for Arithmetic {
@@ -23,7 +26,21 @@ impl From<Accumulation> for Arithmetic {
         Arithmetic {
             accumulation,
             exact_in: None,
+            rounds: false,
         }
+    }
+}
+
+impl Arithmetic {
+    /// Whether the bf16 kernel multiplies: bf16 operands (its packing rounds them, which
+    /// leaves bf16 values as they are), exact sums, and a CPU where it pays.
+    pub(super) fn on_bf16_kernel(self) -> bool {
+        self.exact_in == Some(DType::BF16) && self.accumulation.is_exact() && bf16::enabled()
+    }
+
+    /// Whether the f32 GEMM must first round the operands (the bf16 kernel rounds as it packs).
+    fn rounds_before_f32_gemm(self) -> bool {
+        self.rounds && self.exact_in == Some(DType::BF16)
     }
 }
 
@@ -44,17 +61,65 @@ pub(super) unsafe fn multiply(
     parallelism: Parallelism,
 ) {
     let parallel = !matches!(parallelism, Parallelism::None);
-    match LimitedSum::new(arithmetic.accumulation, k) {
+    if let Some(limited) = LimitedSum::new(arithmetic.accumulation, k) {
+        // The lowering folds no rounding into a product that sums as Hopper does.
+        assert!(!arithmetic.rounds, "{arithmetic:?}");
         // SAFETY: the caller's promise, passed on.
-        Some(limited) => unsafe { limited.gemm((m, n, k), dst, lhs, rhs, parallel) },
-        // SAFETY: the caller's promise, passed on; `enabled()` implies `supported()`, and the
-        // operands hold bf16 values as the kernel IR says.
-        None if arithmetic.exact_in == Some(DType::BF16) && bf16::enabled() => unsafe {
-            bf16::multiply((m, n, k), dst, lhs, rhs, false, parallel)
-        },
-        // SAFETY: the caller's promise, passed on.
-        None => unsafe { exact((m, n, k), dst, lhs, rhs, false, parallelism) },
+        return unsafe { limited.gemm((m, n, k), dst, lhs, rhs, parallel) };
     }
+    // SAFETY (both): the caller's promise, passed on; `on_bf16_kernel` implies `supported()`.
+    unsafe { exact_or_bf16((m, n, k), dst, lhs, rhs, arithmetic, false, parallelism) }
+}
+
+/// `dst (m×n) (+)= lhs (m×k) · rhs (k×n)` summed exactly: on the bf16 kernel where it runs,
+/// else on the gemm crate (from rounded copies of the operands when the product rounds them).
+///
+/// # Safety
+/// As [`multiply`].
+unsafe fn exact_or_bf16(
+    (m, n, k): (usize, usize, usize),
+    dst: Operand<*mut f32>,
+    lhs: Operand<*const f32>,
+    rhs: Operand<*const f32>,
+    arithmetic: Arithmetic,
+    add: bool,
+    parallelism: Parallelism,
+) {
+    assert!(arithmetic.accumulation.is_exact(), "{arithmetic:?}");
+    if arithmetic.on_bf16_kernel() {
+        let parallel = !matches!(parallelism, Parallelism::None);
+        // SAFETY: the caller's promise; `enabled()` implies `supported()`.
+        return unsafe { bf16::multiply((m, n, k), dst, lhs, rhs, add, parallel) };
+    }
+    if arithmetic.rounds_before_f32_gemm() {
+        // SAFETY: the caller's promise: both operands lie inside their allocations.
+        let (lhs, rhs) = unsafe { (rounded_copy(lhs, (m, k)), rounded_copy(rhs, (k, n))) };
+        let (a, b) = ((lhs.as_ptr(), 1, k as isize), (rhs.as_ptr(), 1, n as isize));
+        // SAFETY: the copies are the m×k and k×n matrices, row-major.
+        return unsafe { exact((m, n, k), dst, a, b, add, parallelism) };
+    }
+    // SAFETY: the caller's promise, passed on.
+    unsafe { exact((m, n, k), dst, lhs, rhs, add, parallelism) }
+}
+
+/// The `rows × columns` matrix `operand` describes, row-major, each value rounded to bf16 as
+/// the graph's casts round (`half`: nearest, ties to even, NaN kept).
+///
+/// # Safety
+/// Every element of the matrix lies inside its allocation.
+unsafe fn rounded_copy(
+    (first, column_stride, row_stride): Operand<*const f32>,
+    (rows, columns): (usize, usize),
+) -> Vec<f32> {
+    let mut copy = Vec::with_capacity(rows * columns);
+    for r in 0..rows {
+        copy.extend((0..columns).map(|c| {
+            // SAFETY: the caller's promise.
+            let x = unsafe { *first.offset(r as isize * row_stride + c as isize * column_stride) };
+            half::bf16::from_f32(x).to_f32()
+        }));
+    }
+    copy
 }
 
 /// `dst (m×n) += lhs (m×k) · rhs (k×n)`, for an exact accumulation only (Hopper's limited
@@ -71,14 +136,8 @@ pub(super) unsafe fn multiply_add(
     arithmetic: Arithmetic,
     parallelism: Parallelism,
 ) {
-    assert!(arithmetic.accumulation.is_exact(), "{arithmetic:?}");
-    if arithmetic.exact_in == Some(DType::BF16) && bf16::enabled() {
-        let parallel = !matches!(parallelism, Parallelism::None);
-        // SAFETY: as in `multiply`.
-        return unsafe { bf16::multiply(shape, dst, lhs, rhs, true, parallel) };
-    }
     // SAFETY: the caller's promise, passed on.
-    unsafe { exact(shape, dst, lhs, rhs, true, parallelism) }
+    unsafe { exact_or_bf16(shape, dst, lhs, rhs, arithmetic, true, parallelism) }
 }
 
 /// The gemm crate's product, added to `dst` or overwriting it (alpha 0 with read_dst false).

@@ -6,7 +6,6 @@
 //! product the blocks skip a quarter of the work (a result triangle, 128-row blocks) or 44% (a
 //! left one, 32-row blocks); the CUDA template computes every tile.
 
-use fathom_compiler::DType;
 use fathom_compiler::graph::{MatMulPart, Triangle};
 use gemm::Parallelism;
 
@@ -27,18 +26,11 @@ fn block_rows(part: MatMulPart) -> usize {
 /// How many row blocks an `m`-row product with a triangular `part` has: one where the bf16
 /// kernel computes it, skipping zeros tile by tile within the whole matrix.
 pub(super) fn blocks(m: usize, part: MatMulPart, arithmetic: Arithmetic) -> usize {
-    if on_bf16_kernel(arithmetic) {
+    if arithmetic.on_bf16_kernel() {
         1
     } else {
         m.div_ceil(block_rows(part))
     }
-}
-
-/// Whether the product runs on `bf16::multiply_triangular`.
-fn on_bf16_kernel(arithmetic: Arithmetic) -> bool {
-    arithmetic.accumulation.is_exact()
-        && arithmetic.exact_in == Some(DType::BF16)
-        && super::bf16::enabled()
 }
 
 /// Row block `index` (of [`blocks`]) of `dst (m×n) = T(lhs) · rhs` (`part` Left) or
@@ -57,7 +49,7 @@ pub(super) unsafe fn row_block(
     (part, triangle): (MatMulPart, Triangle),
     arithmetic: Arithmetic,
 ) {
-    if on_bf16_kernel(arithmetic) {
+    if arithmetic.on_bf16_kernel() {
         assert_eq!(index, 0, "the bf16 kernel computes the whole product");
         // SAFETY: the caller's promise, passed on; `enabled()` implies `supported()`, and the
         // operands hold bf16 values as the kernel IR says.

@@ -32,6 +32,10 @@ use super::CudaError;
 const NOT_IN_PARTS: &str = "the CUDA plan reads and writes the experts' matrices of grouped \
      GEMMs as one stacked buffer; lower without `LowerOptions::grouped_weights_in_place`";
 
+/// Why a product that rounds its operands as it reads them has no CUDA plan.
+const NOT_ROUNDING: &str = "the CUDA GEMM templates read operands as they are stored, rounded \
+     by the program's casts; lower without `LowerOptions::products_round_operands`";
+
 /// A template instantiation a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LibraryKernel {
@@ -337,6 +341,12 @@ impl Planner<'_> {
                 "accumulation {accumulation} is emulated on the CPU only; on a GPU leave the \
                  precision policy's accumulation exact"
             ));
+        }
+        if let Library::MatMul { rounds: true, .. }
+        | Library::GroupedMatMul { rounds: true, .. }
+        | Library::GroupedMatMulWeightGrad { rounds: true, .. } = call
+        {
+            return Err(NOT_ROUNDING.into());
         }
         match call {
             Library::MatMul {

@@ -201,6 +201,7 @@ fn one_matmul_program(a_strides: [isize; 4], accumulation: Accumulation) -> Prog
         out: view(2, [8, 4, 2, 1]),
         accumulation,
         exact_in: None,
+        rounds: false,
         triangular: None,
     };
     Program {
@@ -239,6 +240,22 @@ fn the_cpu_emulation_of_fp8_accumulation_is_refused_on_the_gpu() {
         "{error}"
     );
     assert!(LibraryPlan::of(&one_matmul_program([8, 4, 2, 1], Accumulation::Exact)).is_ok());
+}
+
+/// A product that rounds its operands as it reads them (the CPU's folded round trips) has no
+/// CUDA plan; the error says how to lower for CUDA.
+#[test]
+fn a_product_that_rounds_its_operands_is_refused_on_the_gpu() {
+    let mut program = one_matmul_program([8, 4, 2, 1], Accumulation::Exact);
+    if let KernelBody::Library(Library::MatMul {
+        exact_in, rounds, ..
+    }) = &mut program.kernels[0].body
+    {
+        (*exact_in, *rounds) = (Some(DType::BF16), true);
+    }
+    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    assert!(error.contains("k0_matmul"), "{error}");
+    assert!(error.contains("products_round_operands"), "{error}");
 }
 
 #[test]

@@ -89,7 +89,8 @@ impl Lowering<'_> {
     }
 
     /// Whether every user of `id` reads it as the weights of a grouped matmul, directly or
-    /// through permutes keeping axis 0, and none of them is an output.
+    /// through permutes keeping axis 0 and folded round trips to bf16 (which the matmul
+    /// rounds), and none of them is an output.
     fn only_weights_of_grouped(&self, id: NodeId) -> bool {
         !self.graph.is_output(id)
             && self.users[id.index()].iter().all(|&u| {
@@ -99,6 +100,7 @@ impl Lowering<'_> {
                         user.inputs[1] == id && user.inputs[0] != id && user.inputs[2] != id
                     }
                     Op::Permute { perm } => perm[0] == 0 && self.only_weights_of_grouped(u),
+                    Op::Cast { .. } => self.folded[u.index()] && self.only_weights_of_grouped(u),
                     _ => false,
                 }
             })
@@ -107,7 +109,7 @@ impl Lowering<'_> {
     fn mark_read_by_parts(&mut self, id: NodeId) {
         self.in_parts[id.index()] = true;
         for u in self.users[id.index()].clone() {
-            if matches!(self.graph.node(u).op, Op::Permute { .. }) {
+            if matches!(self.graph.node(u).op, Op::Permute { .. }) || self.folded[u.index()] {
                 self.mark_read_by_parts(u);
             }
         }
@@ -116,11 +118,17 @@ impl Lowering<'_> {
     /// The experts' matrices of `id` (a stack read by parts, or a permute of one), each where
     /// its parameter lies, seen through the permutes.
     fn weight_parts(&self, id: NodeId) -> Vec<View> {
-        let mut perms = Vec::new();
+        let mut perms: Vec<Vec<usize>> = Vec::new();
         let mut stack = id;
-        while let Op::Permute { perm } = &self.graph.node(stack).op {
-            // Axis 0 stays (`only_weights_of_grouped`): the matrix axes move among themselves.
-            perms.push(perm[1..].iter().map(|&a| a - 1).collect::<Vec<_>>());
+        loop {
+            match &self.graph.node(stack).op {
+                // Axis 0 stays (`only_weights_of_grouped`): the matrix axes move among
+                // themselves.
+                Op::Permute { perm } => perms.push(perm[1..].iter().map(|&a| a - 1).collect()),
+                // A folded round trip: the matmul rounds the parameters as it reads them.
+                Op::Cast { .. } if self.folded[stack.index()] => {}
+                _ => break,
+            }
             stack = self.graph.node(stack).inputs[0];
         }
         let identity = Affine::identity(2);
@@ -203,13 +211,15 @@ impl Lowering<'_> {
             unreachable!("a grouped weight gradient")
         };
         let inputs = &node.inputs;
+        let exact_in = exact_operands(self.graph, inputs[0], inputs[1]);
         Ok(Library::GroupedMatMulWeightGrad {
             cotangent: self.dense(inputs[0])?,
             x: self.rows(inputs[1])?,
             expert_ids: self.dense(inputs[2])?,
             out,
             accumulation,
-            exact_in: exact_operands(self.graph, inputs[0], inputs[1]),
+            exact_in,
+            rounds: self.rounds(exact_in),
         })
     }
 }

@@ -3,7 +3,10 @@ use rand_chacha::ChaCha8Rng;
 
 use fathom_compiler::graph::{MatMulPart, Triangle};
 
-use super::{compare_with_f32, multiply, multiply_triangular, pair, probe, supported};
+use super::{
+    Source, bf16_bits, compare_with_f32, multiply, multiply_triangular, pack, pair, probe,
+    supported,
+};
 
 /// Random bf16 values in [-2, 2), held as f32.
 fn bf16_values(len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
@@ -76,6 +79,101 @@ fn pairs_put_the_first_of_two_k_elements_in_the_lower_half() {
         (1.0f32.to_bits() >> 16) | ((-2.0f32).to_bits() & 0xffff_0000)
     );
     assert_eq!(pair(1.0, 0.0), 0x3f80);
+}
+
+/// Values at the edges of rounding to bf16: ties either way, carries into the exponent and
+/// to infinity, NaNs (signalling and quiet, both signs), infinities, zeros, subnormals.
+const EDGES: [u32; 16] = [
+    0x3f80_8000, // 1 + 2⁻⁸: a tie, to even (1.0)
+    0x3f81_8000, // a tie, up
+    0x3f80_7fff, // just below a tie
+    0x3fff_ffff, // carries into the exponent
+    0x7f7f_ffff, // the largest f32: to infinity
+    0xff7f_ffff,
+    0x7f80_0000, // infinity
+    0x7f80_0001, // signalling NaN
+    0xffc0_1234, // quiet negative NaN with payload
+    0x0000_0000,
+    0x8000_0000,
+    0x0000_8000, // subnormal tie, to even (0)
+    0x0001_8000, // subnormal tie, up
+    0x007f_ffff, // largest subnormal: to the smallest normal
+    0x3e99_999a, // 0.3
+    0xc2f6_e979, // -123.456
+];
+
+/// The packing rounds each value as the graph's casts do (`half::bf16::from_f32`), bit for
+/// bit, on both paths: pairs element by element and 16 × 16 blocks through registers.
+#[test]
+fn packing_rounds_like_the_casts() {
+    let rounded = |x: f32| half::bf16::from_f32(x).to_bits() as u32;
+    for bits in EDGES {
+        let x = f32::from_bits(bits);
+        assert_eq!(bf16_bits(x), rounded(x), "{bits:#010x}");
+    }
+    if !supported() {
+        eprintln!("skipped the vector path: this CPU has no AVX512_BF16");
+        return;
+    }
+    // 20 rows of K = 70 (two blocks of 32 through registers, 3 pairs element by element), the
+    // edges among random values, row-major: K contiguous along each row.
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (rows, k) = (20, 70);
+    let values: Vec<f32> = (0..rows * k)
+        .map(|i| match EDGES.get(i % 97) {
+            Some(&bits) => f32::from_bits(bits),
+            None => rng.random_range(-3.0f32..3.0),
+        })
+        .collect();
+    let width = 32;
+    let mut packed = vec![0u32; k.div_ceil(2) * width];
+    let source = Source((values.as_ptr(), 1, k as isize));
+    // SAFETY: rows 0..20 of 70 elements lie in `values`; `supported()` holds.
+    unsafe { pack(&mut packed, source, (0, rows), k, width, false) };
+    for (i, row) in values.chunks(k).enumerate() {
+        for (p, two) in row.chunks(2).enumerate() {
+            let want = rounded(two[0]) | rounded(two.get(1).copied().unwrap_or(0.0)) << 16;
+            assert_eq!(packed[p * width + i], want, "row {i}, pair {p}");
+        }
+    }
+}
+
+/// A product that rounds its operands as it packs them equals, bit for bit, the product of
+/// operands rounded beforehand (as the cast kernels it replaces rounded them).
+#[test]
+fn products_of_unrounded_operands_are_products_of_rounded_ones() {
+    if !supported() {
+        eprintln!("skipped: this CPU has no AVX512_BF16");
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let (m, n, k) = (30, 45, 100);
+    for transposed in [false, true] {
+        let mut lhs = Matrix::new(m, k, transposed, &mut rng);
+        let mut rhs = Matrix::new(k, n, !transposed, &mut rng);
+        let round = |m: &Matrix| -> Vec<f32> {
+            m.values
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect()
+        };
+        // Unrounded values: the bf16 ones with random low bits.
+        for m in [&mut lhs, &mut rhs] {
+            for x in &mut m.values {
+                *x = f32::from_bits(x.to_bits() | rng.random_range(0..0x1_0000u32));
+            }
+        }
+        let unrounded = run(&lhs, &rhs, 0.0, false, true);
+        (lhs.values, rhs.values) = (round(&lhs), round(&rhs));
+        let rounded = run(&lhs, &rhs, 0.0, false, true);
+        assert!(
+            unrounded
+                .iter()
+                .zip(&rounded)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())),
+            "transposed {transposed}"
+        );
+    }
 }
 
 /// Each sum is the exact f64 one within the bound of sequential f32 summation, `k · 2⁻²⁴ ·
