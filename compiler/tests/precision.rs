@@ -316,6 +316,24 @@ fn products_that_round_their_operands_leave_no_cast() {
         text.contains("grouped_matmul") && text.contains("parts"),
         "{text}"
     );
+    // Compiled (after the graph passes), attention's `[batch, heads, seq, v]` product is
+    // written in the output projection's `[batch, seq, heads, v]` order through the folded
+    // round trip: no copy between them.
+    let out = apply_precision(&train_graph(), &policy, tiny().fp8.as_ref().unwrap()).unwrap();
+    let options = fathom_compiler::compile::CompileOptions {
+        lower: folding,
+        ..Default::default()
+    };
+    let compiled = fathom_compiler::compile::compile(&out, &options).unwrap();
+    let text = compiled.program.to_string();
+    assert!(
+        text.contains("_matmul_model_layers_0_self_attn_o_proj"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("_copy_model_layers_0_self_attn_o_proj"),
+        "{text}"
+    );
 }
 
 /// Under the bf16 policy a weight is rounded as it is stored: no kernel of the lowered training

@@ -868,14 +868,21 @@ impl<'g> Lowering<'g> {
     /// its result in the permuted order, so the permute is a contiguous view and a reshape
     /// after it needs no copy: attention's `[batch, heads, seq, v]` output, read as
     /// `[batch·seq, heads·v]` by the output projection; a weight gradient `xᵀ·dy` transposed
-    /// into the weight's `[out, in]` (computed as `dyᵀ·x`, see `emit_matmul`). Every other
-    /// result is contiguous in its own order.
+    /// into the weight's `[out, in]` (computed as `dyᵀ·x`, see `emit_matmul`); also when a
+    /// folded round trip to bf16 (a view) lies between them. Every other result is contiguous
+    /// in its own order.
     fn library_output(&mut self, id: NodeId) -> (BufferId, StridedView) {
         let node = self.graph.node(id);
         let dims = node.ty.dims();
         let rank = dims.len();
+        let mut reader = id;
+        while let [user] = self.users[reader.index()].as_slice()
+            && self.folded[user.index()]
+        {
+            reader = *user;
+        }
         if let Op::MatMul { .. } = node.op
-            && let [user] = self.users[id.index()].as_slice()
+            && let [user] = self.users[reader.index()].as_slice()
             && let Op::Permute { perm } = &self.graph.node(*user).op
             && (perm.last() == Some(&(rank - 1)) || perm.last() == Some(&(rank - 2)))
             && !self.graph.is_output(id)

@@ -178,3 +178,27 @@ unsafe fn exact(
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::rounded_copy;
+
+    /// The f32 GEMM's operands of a product that rounds them: the matrix row-major, each value
+    /// rounded as the graph's casts round it (`half`), read through any strides.
+    #[test]
+    fn rounded_copies_are_row_major_and_rounded_like_the_casts() {
+        // A 3×4 matrix stored transposed (column-major), values with low bits set.
+        let stored: Vec<f32> = (0..12)
+            .map(|i| f32::from_bits((1.0f32 + i as f32).to_bits() | 0x8001))
+            .collect();
+        // SAFETY: the 3×4 matrix with strides (3, 1) lies inside `stored`.
+        let copy = unsafe { rounded_copy((stored.as_ptr(), 3, 1), (3, 4)) };
+        for (r, row) in copy.chunks(4).enumerate() {
+            for (c, &value) in row.iter().enumerate() {
+                let want = half::bf16::from_f32(stored[c * 3 + r]).to_f32();
+                assert_eq!(value.to_bits(), want.to_bits(), "({r}, {c})");
+                assert_ne!(value, stored[c * 3 + r]);
+            }
+        }
+    }
+}
