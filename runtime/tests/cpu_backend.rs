@@ -428,9 +428,11 @@ fn limited_accumulation_gemms_compile_bit_for_bit() {
 /// round sums differently, and a quantizer can turn a last-bit difference into one E4M3 step
 /// (1/16 relative) for an element at a rounding boundary, so the bounds are looser than for f32
 /// graphs: losses 1e-3, gradients 1e-1 of each tensor's max. Measured: 8e-7 while the output
-/// head's GEMMs stayed f32; 2.6e-2 since they are BF16 under an FP8 policy (on the f32 GEMM
-/// and the bf16 kernel alike): a flipped bf16 rounding of the loss gradient, which quantizers
-/// further down turn into E4M3 steps.
+/// head's GEMMs stayed f32; 2.6e-2 once they were BF16 under an FP8 policy (a flipped bf16
+/// rounding of the loss gradient, which quantizers further down turn into E4M3 steps); 6.4e-7
+/// with attention's products in BF16 too, lowered either way: with the bf16 round trips as
+/// cast kernels, and folded into the products (`products_round_operands`, what the CPU
+/// backend runs where its bf16 GEMM does).
 ///
 /// With Hopper's limited accumulator the GEMMs themselves agree bit for bit
 /// (`limited_accumulation_gemms_compile_bit_for_bit`), but a last-bit difference elsewhere now
@@ -453,7 +455,7 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
         weight_block: 4,
     };
     let feeds = Feeds::new(&inputs, &model.weights);
-    let run = |accumulation| {
+    let run_lowered = |accumulation, options| {
         let policy = PrecisionPolicy {
             accumulation,
             ..PrecisionPolicy::uniform(Precision::Fp8)
@@ -466,19 +468,31 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
             .count();
         assert!(quantized > 50, "{quantized} quantize nodes");
         let expected = evaluate(&graph, &feeds).unwrap();
-        let compiled = CpuProgram::new(lower(&graph).unwrap()).run(&feeds).unwrap();
+        let program = lower_with(&graph, options).unwrap();
+        let compiled = CpuProgram::new(program).run(&feeds).unwrap();
         (expected, compiled)
     };
+    let run = |accumulation| run_lowered(accumulation, LowerOptions::default());
     let loss = |t: Option<&HostTensor>| -> f64 { f64::from(t.unwrap().as_f32().unwrap()[0]) };
     const LOSS: &str = "loss.next_token";
 
-    let (expected, compiled) = run(Accumulation::Exact);
     let bounds = Bounds {
         values: 1e-3,
         gradients: 1e-1,
     };
-    let worst = worst_error("fp8", &expected, &compiled, bounds);
-    eprintln!("fp8: worst relative error {:.2e} ({})", worst.0, worst.1);
+    let folding = LowerOptions {
+        products_round_operands: true,
+        ..LowerOptions::cpu()
+    };
+    for options in [LowerOptions::default(), folding] {
+        let (expected, compiled) = run_lowered(Accumulation::Exact, options);
+        let worst = worst_error("fp8", &expected, &compiled, bounds);
+        eprintln!(
+            "fp8 {options:?}: worst relative error {:.2e} ({})",
+            worst.0, worst.1
+        );
+    }
+    let (expected, _) = run(Accumulation::Exact);
 
     let exact = loss(expected.get(LOSS));
     let coarse = Accumulation::Limited {

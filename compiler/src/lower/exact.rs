@@ -1,10 +1,12 @@
 //! Which products multiply values of a narrower float type held in f32.
 //!
-//! The bf16 precision policy rounds each Linear GEMM's operands with `cast<bf16>` and widens
-//! them back with `cast<f32>`, so the matmul itself is f32 on values that are all bf16. A
-//! library call that knows this may multiply in bf16 (on the CPU, `vdpbf16ps`; on a GPU, bf16
-//! tensor cores): the products of two bf16 values are exact in f32, so only the summation
-//! differs from the f32 GEMM, as it differs between any two f32 GEMMs.
+//! The bf16 precision policy rounds the operands of each Linear GEMM and of attention's
+//! products with `cast<bf16>` and widens them back with `cast<f32>`, so the matmul itself is
+//! f32 on values that are all bf16. A library call that knows this may multiply in bf16 (on
+//! the CPU, `vdpbf16ps`; on a GPU, bf16 tensor cores): the products of two bf16 values are
+//! exact in f32, so only the summation differs from the f32 GEMM, as it differs between any
+//! two f32 GEMMs. Where the target's GEMM rounds as it reads, the lowering folds the round trips
+//! into the products (`fusion::fold_round_trips`).
 
 use crate::DType;
 use crate::graph::{Graph, NodeId, Op};
