@@ -126,17 +126,27 @@ pub(super) unsafe fn multiply(
     let mut packed_lhs = vec![0u32; row_panels * pairs * MR];
     let mut packed_rhs = vec![0u32; column_panels * pairs * NR];
     let (lhs, rhs) = (Source(lhs), Source(rhs));
-    let pack_lhs = |(panel, out): (usize, &mut [u32])| {
-        // SAFETY: rows `panel·MR..` below m and columns below k lie in `lhs` (the caller's
-        // promise).
-        unsafe { pack(out, lhs, (panel * MR, m), k, MR, false) }
+    let pack_lhs = |(group, out): (usize, &mut [u32])| {
+        // SAFETY: rows `group·SIDE_BY_SIDE·MR..` below m and columns below k lie in `lhs` (the
+        // caller's promise).
+        unsafe { pack_panels(out, lhs, (group * SIDE_BY_SIDE * MR, m), k, MR, false) }
     };
-    let pack_rhs = |(panel, out): (usize, &mut [u32])| {
+    let pack_rhs = |(group, out): (usize, &mut [u32])| {
         // SAFETY: as above, for columns of `rhs`, read as rows of its transpose.
-        unsafe { pack(out, rhs, (panel * NR, n), k, NR, true) }
+        unsafe { pack_panels(out, rhs, (group * SIDE_BY_SIDE * NR, n), k, NR, true) }
     };
-    for_each_panel(&mut packed_lhs, pairs * MR, parallel, pack_lhs);
-    for_each_panel(&mut packed_rhs, pairs * NR, parallel, pack_rhs);
+    for_each_panel(
+        &mut packed_lhs,
+        SIDE_BY_SIDE * pairs * MR,
+        parallel,
+        pack_lhs,
+    );
+    for_each_panel(
+        &mut packed_rhs,
+        SIDE_BY_SIDE * pairs * NR,
+        parallel,
+        pack_rhs,
+    );
     // Tasks: a block of row panels times one column panel, column panels outermost so that
     // neighbouring tasks share their `rhs` panel.
     let row_blocks = row_panels.div_ceil(ROW_PANELS_PER_TASK);
@@ -442,6 +452,81 @@ fn bf16_bits(x: f32) -> u32 {
         (bits | 0x0040_0000) >> 16
     } else {
         bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16
+    }
+}
+
+/// Panels packed by one call of [`pack_panels`].
+const SIDE_BY_SIDE: usize = 8;
+
+/// Packs the consecutive panels `out` holds (up to [`SIDE_BY_SIDE`] of `width` rows each, from
+/// row `first` of `bound`). Where the rows lie side by side (K the strided axis: a weight
+/// gradient's `xᵀ` or `dyᵀ`), each K pair is read across all of the panels' rows in one run
+/// (12 rows of f32 are 48 bytes, less than a cache line, and reading each panel's on its own
+/// walked all of K for every 48 bytes); otherwise panel by panel.
+///
+/// # Safety
+/// As [`pack`], for every row of the panels below `bound`.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+unsafe fn pack_panels(
+    out: &mut [u32],
+    source @ Source((base, column_stride, row_stride)): Source,
+    (first, bound): (usize, usize),
+    k: usize,
+    width: usize,
+    transposed: bool,
+) {
+    let (along, across) = if transposed {
+        (column_stride, row_stride)
+    } else {
+        (row_stride, column_stride)
+    };
+    let pairs = k.div_ceil(2);
+    let panel_len = (pairs * width).max(1);
+    if along != 1 || pairs == 0 {
+        for (panel, out) in out.chunks_mut(panel_len).enumerate() {
+            // SAFETY: the caller's promise.
+            unsafe {
+                pack(
+                    out,
+                    source,
+                    (first + panel * width, bound),
+                    k,
+                    width,
+                    transposed,
+                )
+            };
+        }
+        return;
+    }
+    let rows = (out.len() / panel_len * width).min(bound - first);
+    for p in 0..pairs {
+        // SAFETY: rows first.. first + rows of elements 2p and 2p + 1 (< k) lie inside the
+        // operand (the caller's promise).
+        let run = |kk: usize| unsafe {
+            std::slice::from_raw_parts(base.offset(first as isize + kk as isize * across), rows)
+        };
+        let lo = run(2 * p);
+        let hi = if 2 * p + 1 < k {
+            Some(run(2 * p + 1))
+        } else {
+            None
+        };
+        for (panel, lo) in lo.chunks(width).enumerate() {
+            let out = &mut out[panel * panel_len + p * width..][..lo.len()];
+            match hi {
+                Some(hi) => {
+                    let hi = &hi[panel * width..][..lo.len()];
+                    for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                        *o = pair(l, h);
+                    }
+                }
+                None => {
+                    for (o, &l) in out.iter_mut().zip(lo) {
+                        *o = pair(l, 0.0);
+                    }
+                }
+            }
+        }
     }
 }
 
