@@ -208,10 +208,41 @@ pub(super) unsafe fn multiply_triangular(
     let mut packed_lhs = vec![0u32; row_panels * pairs * MR];
     let mut packed_rhs = vec![0u32; column_panels * pairs * NR];
     let (lhs, rhs) = (Source(lhs), Source(rhs));
+    // The K pairs the rows of the panel from `r0` keep of a left triangle (all K for an output
+    // one): only those are packed (the rest stays zero, and is not read) and multiplied.
+    let kept_pairs = |r0: usize| {
+        let last_row = (r0 + MR).min(m) - 1;
+        match (part, triangle) {
+            (MatMulPart::Left, Triangle::Lower) => 0..(last_row + 1).min(k).div_ceil(2),
+            (MatMulPart::Left, Triangle::Upper) => (r0 / 2).min(pairs)..pairs,
+            _ => 0..pairs,
+        }
+    };
     for (panel, out) in packed_lhs.chunks_mut((pairs * MR).max(1)).enumerate() {
-        // SAFETY: rows `panel·MR..` below m and columns below k lie in `lhs` (the caller's
-        // promise).
-        unsafe { pack(out, lhs, (panel * MR, m), k, MR, false) };
+        let kept = kept_pairs(panel * MR);
+        // From K index 2·kept.start (even, so the pairs stay aligned) to the end of the range.
+        let (first_k, end_k) = ((2 * kept.start).min(k), (2 * kept.end).min(k));
+        let Source((base, column_stride, row_stride)) = lhs;
+        // SAFETY: column `first_k ≤ k` of the operand, or one past its end when no column is
+        // kept (then nothing is read).
+        let shifted = Source((
+            unsafe { base.offset(first_k as isize * column_stride) },
+            column_stride,
+            row_stride,
+        ));
+        let kept_out = &mut out[kept.start * MR..kept.end * MR];
+        // SAFETY: rows `panel·MR..` below m and columns `first_k..end_k` below k lie in `lhs`
+        // (the caller's promise).
+        unsafe {
+            pack(
+                kept_out,
+                shifted,
+                (panel * MR, m),
+                end_k - first_k,
+                MR,
+                false,
+            )
+        };
         if part == MatMulPart::Left {
             keep_triangle(out, panel * MR, triangle);
         }
@@ -226,12 +257,7 @@ pub(super) unsafe fn multiply_triangular(
     {
         let (r0, c0) = (row_panel * MR, column_panel * NR);
         let (last_row, last_column) = ((r0 + MR).min(m) - 1, (c0 + NR).min(n) - 1);
-        // The K pairs the tile's rows keep of a left triangle (all K for an output one).
-        let kept_pairs = match (part, triangle) {
-            (MatMulPart::Left, Triangle::Lower) => 0..(last_row + 1).min(k).div_ceil(2),
-            (MatMulPart::Left, Triangle::Upper) => (r0 / 2).min(pairs)..pairs,
-            _ => 0..pairs,
-        };
+        let kept_pairs = kept_pairs(r0);
         let outside = match (part, triangle) {
             (MatMulPart::Output, Triangle::Lower) => c0 > last_row,
             (MatMulPart::Output, Triangle::Upper) => last_column < r0,
