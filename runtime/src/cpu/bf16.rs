@@ -108,8 +108,8 @@ fn supported() -> bool {
 /// `parallel`.
 ///
 /// # Safety
-/// As `product::multiply`, and [`supported`] must hold. Every value the operands describe must
-/// be a bf16 value (its lower 16 bits zero); others are truncated.
+/// As `product::multiply`, and [`supported`] must hold. The operands' values are rounded to
+/// bf16 as they are packed (those that are bf16 values stay as they are).
 pub(super) unsafe fn multiply(
     (m, n, k): (usize, usize, usize),
     dst: Operand<*mut f32>,
@@ -123,8 +123,9 @@ pub(super) unsafe fn multiply(
     }
     let pairs = k.div_ceil(2);
     let (row_panels, column_panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    let mut packed_lhs = vec![0u32; row_panels * pairs * MR];
-    let mut packed_rhs = vec![0u32; column_panels * pairs * NR];
+    let (mut lhs_buffer, mut rhs_buffer) = (packing_buffer(), packing_buffer());
+    let packed_lhs = lent(&mut lhs_buffer, row_panels * pairs * MR);
+    let packed_rhs = lent(&mut rhs_buffer, column_panels * pairs * NR);
     let (lhs, rhs) = (Source(lhs), Source(rhs));
     let pack_lhs = |(group, out): (usize, &mut [u32])| {
         // SAFETY: rows `group·SIDE_BY_SIDE·MR..` below m and columns below k lie in `lhs` (the
@@ -136,13 +137,13 @@ pub(super) unsafe fn multiply(
         unsafe { pack_panels(out, rhs, (group * SIDE_BY_SIDE * NR, n), k, NR, true) }
     };
     for_each_panel(
-        &mut packed_lhs,
+        packed_lhs,
         SIDE_BY_SIDE * pairs * MR,
         parallel,
         pack_lhs,
     );
     for_each_panel(
-        &mut packed_rhs,
+        packed_rhs,
         SIDE_BY_SIDE * pairs * NR,
         parallel,
         pack_rhs,
@@ -177,6 +178,43 @@ pub(super) unsafe fn multiply(
     } else {
         (0..tasks).for_each(task);
     }
+    give_back([lhs_buffer, rhs_buffer]);
+}
+
+thread_local! {
+    /// Each thread's packing buffers, kept between products: made anew (zeroed) for every
+    /// product they cost a memset of every packed operand, a few milliseconds of a small
+    /// training step.
+    static PACKING_BUFFERS: std::cell::RefCell<Vec<Vec<u32>>> = const {
+        std::cell::RefCell::new(Vec::new())
+    };
+}
+
+/// A packing buffer of this thread's (or a new one when a product that this thread waits
+/// inside holds them). Its values are stale: packing writes every pair the tiles keep a sum
+/// of, and the stale ones are read only into sums no store keeps (padding rows and columns of
+/// the last panels; a left triangle's pairs outside a panel's kept range are not read).
+fn packing_buffer() -> Vec<u32> {
+    PACKING_BUFFERS
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_default()
+}
+
+/// The first `len` values of `buffer`, grown (with zeros) if it is shorter.
+fn lent(buffer: &mut Vec<u32>, len: usize) -> &mut [u32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    &mut buffer[..len]
+}
+
+/// Keeps the buffers for this thread's next product.
+fn give_back(buffers: [Vec<u32>; 2]) {
+    PACKING_BUFFERS.with_borrow_mut(|kept| {
+        kept.extend(buffers);
+        // Two per product; more only after nested products, and those are rare.
+        kept.truncate(4);
+    });
 }
 
 /// `dst (m×n) = T(lhs) · rhs` (`part` Left) or `T(lhs · rhs)` (Output) on this thread, for a
@@ -205,8 +243,9 @@ pub(super) unsafe fn multiply_triangular(
     }
     let pairs = k.div_ceil(2);
     let (row_panels, column_panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    let mut packed_lhs = vec![0u32; row_panels * pairs * MR];
-    let mut packed_rhs = vec![0u32; column_panels * pairs * NR];
+    let (mut lhs_buffer, mut rhs_buffer) = (packing_buffer(), packing_buffer());
+    let packed_lhs = lent(&mut lhs_buffer, row_panels * pairs * MR);
+    let packed_rhs = lent(&mut rhs_buffer, column_panels * pairs * NR);
     let (lhs, rhs) = (Source(lhs), Source(rhs));
     // The K pairs the rows of the panel from `r0` keep of a left triangle (all K for an output
     // one): only those are packed (the rest stays zero, and is not read) and multiplied.
@@ -287,6 +326,7 @@ pub(super) unsafe fn multiply_triangular(
             }
         }
     }
+    give_back([lhs_buffer, rhs_buffer]);
 }
 
 /// Zeros the packed pairs of a row panel whose rows start at `first_row` outside `triangle`
