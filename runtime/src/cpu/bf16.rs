@@ -126,28 +126,11 @@ pub(super) unsafe fn multiply(
     let (mut lhs_buffer, mut rhs_buffer) = (packing_buffer(), packing_buffer());
     let packed_lhs = lent(&mut lhs_buffer, row_panels * pairs * MR);
     let packed_rhs = lent(&mut rhs_buffer, column_panels * pairs * NR);
-    let (lhs, rhs) = (Source(lhs), Source(rhs));
-    let pack_lhs = |(group, out): (usize, &mut [u32])| {
-        // SAFETY: rows `group·SIDE_BY_SIDE·MR..` below m and columns below k lie in `lhs` (the
-        // caller's promise).
-        unsafe { pack_panels(out, lhs, (group * SIDE_BY_SIDE * MR, m), k, MR, false) }
-    };
-    let pack_rhs = |(group, out): (usize, &mut [u32])| {
-        // SAFETY: as above, for columns of `rhs`, read as rows of its transpose.
-        unsafe { pack_panels(out, rhs, (group * SIDE_BY_SIDE * NR, n), k, NR, true) }
-    };
-    for_each_panel(
-        packed_lhs,
-        SIDE_BY_SIDE * pairs * MR,
-        parallel,
-        pack_lhs,
-    );
-    for_each_panel(
-        packed_rhs,
-        SIDE_BY_SIDE * pairs * NR,
-        parallel,
-        pack_rhs,
-    );
+    // SAFETY: the m×k and k×n matrices lie in `lhs` and `rhs` (the caller's promise).
+    unsafe {
+        pack_operand(packed_lhs, Source(lhs), (m, k), MR, false, parallel);
+        pack_operand(packed_rhs, Source(rhs), (n, k), NR, true, parallel);
+    }
     // Tasks: a block of row panels times one column panel, column panels outermost so that
     // neighbouring tasks share their `rhs` panel.
     let row_blocks = row_panels.div_ceil(ROW_PANELS_PER_TASK);
@@ -248,7 +231,7 @@ pub(super) unsafe fn multiply_triangular(
     let packed_rhs = lent(&mut rhs_buffer, column_panels * pairs * NR);
     let (lhs, rhs) = (Source(lhs), Source(rhs));
     // The K pairs the rows of the panel from `r0` keep of a left triangle (all K for an output
-    // one): only those are packed (the rest stays zero, and is not read) and multiplied.
+    // one): only those are packed and multiplied (the rest of the panel is not read).
     let kept_pairs = |r0: usize| {
         let last_row = (r0 + MR).min(m) - 1;
         match (part, triangle) {
@@ -286,10 +269,8 @@ pub(super) unsafe fn multiply_triangular(
             keep_triangle(out, panel * MR, triangle);
         }
     }
-    for (panel, out) in packed_rhs.chunks_mut((pairs * NR).max(1)).enumerate() {
-        // SAFETY: as above, for columns of `rhs`, read as rows of its transpose.
-        unsafe { pack(out, rhs, (panel * NR, n), k, NR, true) };
-    }
+    // SAFETY: the k×n matrix lies in `rhs` (the caller's promise).
+    unsafe { pack_operand(packed_rhs, rhs, (n, k), NR, true, false) };
     let out = Destination(dst);
     for (column_panel, row_panel) in
         (0..column_panels).flat_map(|c| (0..row_panels).map(move |r| (c, r)))
@@ -348,19 +329,30 @@ fn keep_triangle(panel: &mut [u32], first_row: usize, triangle: Triangle) {
     }
 }
 
-/// `pack((index, panel))` for each `len`-long panel of `packed`, over rayon's threads when
-/// `parallel`.
-fn for_each_panel(
+/// Packs the `bound` rows of `operand` (its columns, read as rows of its transpose, when
+/// `transposed`) over K = `k` into `packed`, in panels of `width`: [`SIDE_BY_SIDE`] panels a
+/// task, over rayon's threads when `parallel`.
+///
+/// # Safety
+/// The `bound` rows and their `k` elements lie inside the operand; `supported()` holds.
+unsafe fn pack_operand(
     packed: &mut [u32],
-    len: usize,
+    operand: Source,
+    (bound, k): (usize, usize),
+    width: usize,
+    transposed: bool,
     parallel: bool,
-    pack: impl Fn((usize, &mut [u32])) + Send + Sync,
 ) {
-    let len = len.max(1);
+    let group = |(index, out): (usize, &mut [u32])| {
+        let first = index * SIDE_BY_SIDE * width;
+        // SAFETY: rows `first..` below `bound` lie inside the operand (the caller's promise).
+        unsafe { pack_panels(out, operand, (first, bound), k, width, transposed) }
+    };
+    let len = (SIDE_BY_SIDE * k.div_ceil(2) * width).max(1);
     if parallel {
-        packed.par_chunks_mut(len).enumerate().for_each(pack);
+        packed.par_chunks_mut(len).enumerate().for_each(group);
     } else {
-        packed.chunks_mut(len).enumerate().for_each(pack);
+        packed.chunks_mut(len).enumerate().for_each(group);
     }
 }
 
@@ -452,7 +444,7 @@ impl Destination {
             // SAFETY: the caller's promise.
             unsafe {
                 let first = base.offset(r0 as isize * row_stride + c0 as isize);
-                let block = kernel::Block {
+                let block = Block {
                     first,
                     row_stride,
                     rows,
@@ -463,7 +455,7 @@ impl Destination {
             }
         } else {
             let mut tile = [0f32; MR * NR];
-            let block = kernel::Block {
+            let block = Block {
                 first: tile.as_mut_ptr(),
                 row_stride: NR as isize,
                 rows: MR,
@@ -689,21 +681,21 @@ unsafe fn pack(
     }
 }
 
+/// Where a register tile goes: `rows × columns` (at most `MR × NR`) f32 values from `first`,
+/// consecutive along a row, rows `row_stride` apart; overwritten or added to.
+struct Block {
+    first: *mut f32,
+    row_stride: isize,
+    rows: usize,
+    columns: usize,
+    add: bool,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
-
-    /// Where a register tile goes: `rows × columns` (at most `MR × NR`) f32 values from
-    /// `first`, consecutive along a row, rows `row_stride` apart; overwritten or added to.
-    pub(super) struct Block {
-        pub(super) first: *mut f32,
-        pub(super) row_stride: isize,
-        pub(super) rows: usize,
-        pub(super) columns: usize,
-        pub(super) add: bool,
-    }
+    use super::{Block, MR, NR};
 
     /// Packs the first `16 · ⌊k / 32⌋` K pairs of `rows` rows whose elements are contiguous
     /// along K (row `i` at `first + i · row_stride`) into `out[pair · width + i]`, and returns
@@ -855,15 +847,7 @@ mod kernel {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
-    use super::{MR, NR};
-
-    pub(super) struct Block {
-        pub(super) first: *mut f32,
-        pub(super) row_stride: isize,
-        pub(super) rows: usize,
-        pub(super) columns: usize,
-        pub(super) add: bool,
-    }
+    use super::Block;
 
     /// Never called: [`super::supported`] is false off x86_64.
     pub(super) unsafe fn pack_k_contiguous(

@@ -1,6 +1,6 @@
 //! The library calls of the kernel IR on the CPU: GEMMs through the `gemm` crate (threaded with
-//! rayon; bf16 operands on `super::bf16` where it pays), grouped expert GEMMs as one GEMM per expert over its gathered rows, the lookups, and
-//! FP8 fake quantization through `crate::fp8`.
+//! rayon; bf16 operands on `super::bf16` where it pays), grouped expert GEMMs as one GEMM per
+//! expert over its gathered rows, the lookups, and FP8 fake quantization through `crate::fp8`.
 
 use fathom_compiler::DType;
 use fathom_compiler::graph::QuantFormat;
@@ -46,8 +46,9 @@ pub(super) fn run(
             b,
             out,
             accumulation,
-            // Operands known to hold bf16 values run on the bf16 kernel where it pays
-            // (`super::bf16`), on the f32 GEMM otherwise: the products are identical.
+            // Operands that hold bf16 values, or that the product rounds to bf16 as it reads
+            // them, run on the bf16 kernel where it pays (`super::bf16`), on the f32 GEMM
+            // otherwise: the products are identical.
             exact_in,
             rounds,
             triangular,
