@@ -301,12 +301,10 @@ fn products_that_round_their_operands_leave_no_cast() {
     };
     let (_, marked, text) =
         rewritten_and_marked(&policy, Precision::Bf16, (folding, ", bf16 operands"));
-    let (_, rounding, _) = rewritten_and_marked(
-        &policy,
-        Precision::Bf16,
-        (folding, "operands rounded as read"),
-    );
-    assert_eq!(rounding, marked, "{text}");
+    let rounding = text
+        .lines()
+        .filter(|l| l.contains("operands rounded as read"));
+    assert_eq!(rounding.count(), marked, "{text}");
     assert!(marked > 36, "{marked}");
     assert!(!text.contains("cast<bf16>"), "{text}");
     let stacks = |text: &str| text.lines().filter(|l| l.contains("_stack_")).count();

@@ -424,6 +424,15 @@ fn limited_accumulation_gemms_compile_bit_for_bit() {
     );
 }
 
+/// The CPU's lowering with the bf16 round trips folded into the products that read them, as
+/// the backend lowers where its bf16 GEMM runs, whatever this CPU is.
+fn folding_round_trips() -> LowerOptions {
+    LowerOptions {
+        products_round_operands: true,
+        ..LowerOptions::cpu()
+    }
+}
+
 /// An FP8-rewritten training graph compiled for the CPU agrees with the interpreter. The two
 /// round sums differently, and a quantizer can turn a last-bit difference into one E4M3 step
 /// (1/16 relative) for an element at a rounding boundary, so the bounds are looser than for f32
@@ -480,10 +489,7 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
         values: 1e-3,
         gradients: 1e-1,
     };
-    let folding = LowerOptions {
-        products_round_operands: true,
-        ..LowerOptions::cpu()
-    };
+    let folding = folding_round_trips();
     for options in [LowerOptions::default(), folding] {
         let (expected, compiled) = run_lowered(Accumulation::Exact, options);
         let worst = worst_error("fp8", &expected, &compiled, bounds);
@@ -542,10 +548,7 @@ fn bf16_training_graphs_run_compiled_like_the_interpreter() {
     let graph = apply_precision(&train.graph, &policy, &Fp8Spec::default()).unwrap();
     let feeds = Feeds::new(&inputs, &model.weights);
     let expected = evaluate(&graph, &feeds).unwrap();
-    let folding = LowerOptions {
-        products_round_operands: true,
-        ..LowerOptions::cpu()
-    };
+    let folding = folding_round_trips();
     for options in [LowerOptions::default(), folding] {
         let program = lower_with(&graph, options).unwrap();
         let bf16 = Some(DType::BF16);

@@ -8,6 +8,14 @@ use super::{
     supported,
 };
 
+/// Whether this CPU cannot run the kernel, saying that `what` is skipped.
+fn unsupported_here(what: &str) -> bool {
+    if !supported() {
+        eprintln!("skipped {what}: this CPU has no AVX512_BF16");
+    }
+    !supported()
+}
+
 /// Random bf16 values in [-2, 2), held as f32.
 fn bf16_values(len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..len)
@@ -111,8 +119,7 @@ fn packing_rounds_like_the_casts() {
         let x = f32::from_bits(bits);
         assert_eq!(bf16_bits(x), rounded(x), "{bits:#010x}");
     }
-    if !supported() {
-        eprintln!("skipped the vector path: this CPU has no AVX512_BF16");
+    if unsupported_here("the vector path") {
         return;
     }
     // 20 rows of K = 70 (two blocks of 32 through registers, 3 pairs element by element), the
@@ -142,8 +149,7 @@ fn packing_rounds_like_the_casts() {
 /// operands rounded beforehand (as the cast kernels it replaces rounded them).
 #[test]
 fn products_of_unrounded_operands_are_products_of_rounded_ones() {
-    if !supported() {
-        eprintln!("skipped: this CPU has no AVX512_BF16");
+    if unsupported_here("the kernel") {
         return;
     }
     let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -181,8 +187,7 @@ fn products_of_unrounded_operands_are_products_of_rounded_ones() {
 /// tiles, odd K, transposed operands, a strided output, overwriting and adding.
 #[test]
 fn products_match_exact_sums_at_every_shape_and_layout() {
-    if !supported() {
-        eprintln!("skipped: this CPU has no AVX512_BF16");
+    if unsupported_here("the kernel") {
         return;
     }
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -231,8 +236,7 @@ fn products_match_exact_sums_at_every_shape_and_layout() {
 /// the output view is written.
 #[test]
 fn triangular_products_match_exact_sums_of_the_kept_terms() {
-    if !supported() {
-        eprintln!("skipped: this CPU has no AVX512_BF16");
+    if unsupported_here("the kernel") {
         return;
     }
     let mut rng = ChaCha8Rng::seed_from_u64(5);
@@ -285,8 +289,7 @@ fn triangular_products_match_exact_sums_of_the_kept_terms() {
 /// Every output element is one sequential sum over K, so threads change nothing.
 #[test]
 fn results_are_bit_identical_with_and_without_threads() {
-    if !supported() {
-        eprintln!("skipped: this CPU has no AVX512_BF16");
+    if unsupported_here("the kernel") {
         return;
     }
     let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -308,8 +311,7 @@ fn results_are_bit_identical_with_and_without_threads() {
 /// value is the CPU's: about 2 on AMD Zen 4, about 0.5 on Intel Emerald Rapids).
 #[test]
 fn the_probe_measures_a_finite_ratio() {
-    if !supported() {
-        eprintln!("skipped: this CPU has no AVX512_BF16");
+    if unsupported_here("the kernel") {
         return;
     }
     let ratio = probe::bf16_flops_over_f32();
