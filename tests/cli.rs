@@ -208,7 +208,8 @@ fn fathom_dump_dir_receives_every_compilation_artifact() {
         "12-memory-plan.txt",
         "13-timings.txt",
     ] {
-        let text = std::fs::read_to_string(dump.path().join(file))
+        // One directory per compiled program, named after it.
+        let text = std::fs::read_to_string(dump.path().join("deepseek_v3").join(file))
             .unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(!text.is_empty(), "{file} is empty");
     }

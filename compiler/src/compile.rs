@@ -2,7 +2,9 @@
 //! person inspects of each step.
 //!
 //! Set `FATHOM_DUMP_DIR` (read by the runtime and the CLI, passed here as
-//! [`CompileOptions::dump_dir`]) to get every artifact as a file, like Triton's dump dir.
+//! [`CompileOptions::dump_dir`]) to get every artifact as a file, like Triton's dump dir: one
+//! directory per compiled program, named after it (a training run compiles the step and may
+//! compile a forward pass too; neither overwrites the other's).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use crate::passes::{RecomputePolicy, common_subexpressions, dead_code, fold_cons
 
 #[derive(Clone, Debug, Default)]
 pub struct CompileOptions {
-    /// Write every artifact of the compilation into this directory.
+    /// Write every artifact of the compilation into `<dir>/<program name>/`.
     pub dump_dir: Option<PathBuf>,
     /// Which forward values a training graph recomputes in backward (DeepSeek-V3's by
     /// default; no effect on a forward-only graph).
@@ -100,8 +102,9 @@ pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, Lowe
         timings,
     };
     if let Some(dir) = &options.dump_dir {
+        let dir = dir.join(&compiled.program.name);
         // A dump is a diagnostic: failing to write one must not fail the compilation.
-        if let Err(e) = compiled.write_artifacts(dir) {
+        if let Err(e) = compiled.write_artifacts(&dir) {
             eprintln!(
                 "warning: FATHOM_DUMP_DIR: cannot write to {}: {e}",
                 dir.display()

@@ -102,7 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tiling = spec.fp8.clone().unwrap_or_default();
     let graph = fathom_compiler::precision::apply_precision(&graph, &policy, &tiling)?;
     let options = CompileOptions {
-        dump_dir: Some(args.out.clone()),
+        dump_dir: None,
         recompute: args.recompute,
         // The program of the target inspected: the CPU's reads the experts' weights in place
         // and, where its bf16 GEMM runs, rounds bf16 operands in the products.
@@ -112,6 +112,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     };
     let compiled = compile(&graph, &options)?;
+    compiled
+        .write_artifacts(&args.out)
+        .with_context(|| format!("writing the artifacts to {}", args.out.display()))?;
     let loops = compiled
         .program
         .kernels
