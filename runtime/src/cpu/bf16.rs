@@ -330,29 +330,90 @@ fn keep_triangle(panel: &mut [u32], first_row: usize, triangle: Triangle) {
 }
 
 /// Packs the `bound` rows of `operand` (its columns, read as rows of its transpose, when
-/// `transposed`) over K = `k` into `packed`, in panels of `width`: [`SIDE_BY_SIDE`] panels a
-/// task, over rayon's threads when `parallel`.
+/// `transposed`) over K = `k` into `packed`, in panels of `width`, over rayon's threads when
+/// `parallel`. Rows that lie side by side (K the strided axis: a weight gradient's `xᵀ` or
+/// `dyᵀ`, a weight read `k × n`) are packed in tasks of up to [`SIDE_BY_SIDE`] panels and
+/// [`PAIRS_PER_PACKING_TASK`] K pairs, so that an operand of few panels still spreads over the
+/// threads; rows along K in tasks of [`SIDE_BY_SIDE`] panels.
 ///
 /// # Safety
 /// The `bound` rows and their `k` elements lie inside the operand; `supported()` holds.
 unsafe fn pack_operand(
     packed: &mut [u32],
-    operand: Source,
+    operand @ Source((_, column_stride, row_stride)): Source,
     (bound, k): (usize, usize),
     width: usize,
     transposed: bool,
     parallel: bool,
 ) {
-    let group = |(index, out): (usize, &mut [u32])| {
-        let first = index * SIDE_BY_SIDE * width;
-        // SAFETY: rows `first..` below `bound` lie inside the operand (the caller's promise).
-        unsafe { pack_panels(out, operand, (first, bound), k, width, transposed) }
-    };
-    let len = (SIDE_BY_SIDE * k.div_ceil(2) * width).max(1);
-    if parallel {
-        packed.par_chunks_mut(len).enumerate().for_each(group);
+    let (along, across) = if transposed {
+        (column_stride, row_stride)
     } else {
-        packed.chunks_mut(len).enumerate().for_each(group);
+        (row_stride, column_stride)
+    };
+    let pairs = k.div_ceil(2);
+    let panel_len = (pairs * width).max(1);
+    let run = |tasks: usize, task: &(dyn Fn(usize) + Sync)| {
+        if parallel {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    };
+    if along == 1 && pairs > 0 {
+        let groups = bound.div_ceil(width * SIDE_BY_SIDE);
+        assert!(packed.len() >= bound.div_ceil(width) * panel_len);
+        let blocks = pairs.div_ceil(PAIRS_PER_PACKING_TASK);
+        let out = PackedPanels(packed.as_mut_ptr());
+        let task = |index: usize| {
+            let (group, block) = (index / blocks, index % blocks);
+            let first_row = group * SIDE_BY_SIDE * width;
+            let rows = (SIDE_BY_SIDE * width).min(bound - first_row);
+            let first_pair = block * PAIRS_PER_PACKING_TASK;
+            let block_pairs = first_pair..(first_pair + PAIRS_PER_PACKING_TASK).min(pairs);
+            // SAFETY: the group's rows below `bound` and their k elements lie inside the
+            // operand, its panels inside `packed` (asserted above); tasks write disjoint pairs
+            // of them; `supported()` holds (the caller's promise).
+            unsafe {
+                kernel::pack_side_by_side(
+                    (out.at(group * SIDE_BY_SIDE * panel_len), panel_len, width),
+                    (operand.element(first_row as isize), across),
+                    (rows, k),
+                    block_pairs,
+                )
+            }
+        };
+        return run(groups * blocks, &task);
+    }
+    let out = PackedPanels(packed.as_mut_ptr());
+    let panels = bound.div_ceil(width);
+    assert!(packed.len() >= panels * panel_len);
+    let task = |group: usize| {
+        for panel in group * SIDE_BY_SIDE..((group + 1) * SIDE_BY_SIDE).min(panels) {
+            // SAFETY: the panel lies inside `packed` (asserted above) and no other task writes
+            // it.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(out.at(panel * panel_len), panel_len) };
+            // SAFETY: the panel's rows below `bound` lie inside the operand (the caller's
+            // promise).
+            unsafe { pack(out, operand, (panel * width, bound), k, width, transposed) };
+        }
+    };
+    run(panels.div_ceil(SIDE_BY_SIDE), &task);
+}
+
+/// The packed panels, written by the packing tasks at disjoint pairs.
+#[derive(Clone, Copy)]
+struct PackedPanels(*mut u32);
+
+// SAFETY: every task writes its own panels' pairs only.
+unsafe impl Send for PackedPanels {}
+unsafe impl Sync for PackedPanels {}
+
+impl PackedPanels {
+    /// The packed value `offset` values from the first (no bounds: the caller checks).
+    fn at(self, offset: usize) -> *mut u32 {
+        self.0.wrapping_add(offset)
     }
 }
 
@@ -412,6 +473,13 @@ struct Source(Operand<*const f32>);
 // SAFETY: only read, and the caller of `multiply` keeps it alive and unwritten meanwhile.
 unsafe impl Send for Source {}
 unsafe impl Sync for Source {}
+
+impl Source {
+    /// The element `offset` elements from the first (no bounds: the caller checks).
+    fn element(self, offset: isize) -> *const f32 {
+        self.0.0.wrapping_offset(offset)
+    }
+}
 
 /// The output, written by the tasks at disjoint tiles.
 #[derive(Clone, Copy)]
@@ -513,80 +581,14 @@ fn bf16_bits(x: f32) -> u32 {
     }
 }
 
-/// Panels packed by one call of [`pack_panels`].
+/// Panels packed by one task: where the rows lie side by side, each K pair is read across all
+/// of the panels' rows in one run (12 rows of f32 are 48 bytes, less than a cache line, and
+/// reading each panel's on its own walked all of K for every 48 bytes).
 const SIDE_BY_SIDE: usize = 8;
 
-/// Packs the consecutive panels `out` holds (up to [`SIDE_BY_SIDE`] of `width` rows each, from
-/// row `first` of `bound`). Where the rows lie side by side (K the strided axis: a weight
-/// gradient's `xᵀ` or `dyᵀ`), each K pair is read across all of the panels' rows in one run
-/// (12 rows of f32 are 48 bytes, less than a cache line, and reading each panel's on its own
-/// walked all of K for every 48 bytes); otherwise panel by panel.
-///
-/// # Safety
-/// As [`pack`], for every row of the panels below `bound`.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
-unsafe fn pack_panels(
-    out: &mut [u32],
-    source @ Source((base, column_stride, row_stride)): Source,
-    (first, bound): (usize, usize),
-    k: usize,
-    width: usize,
-    transposed: bool,
-) {
-    let (along, across) = if transposed {
-        (column_stride, row_stride)
-    } else {
-        (row_stride, column_stride)
-    };
-    let pairs = k.div_ceil(2);
-    let panel_len = (pairs * width).max(1);
-    if along != 1 || pairs == 0 {
-        for (panel, out) in out.chunks_mut(panel_len).enumerate() {
-            // SAFETY: the caller's promise.
-            unsafe {
-                pack(
-                    out,
-                    source,
-                    (first + panel * width, bound),
-                    k,
-                    width,
-                    transposed,
-                )
-            };
-        }
-        return;
-    }
-    let rows = (out.len() / panel_len * width).min(bound - first);
-    for p in 0..pairs {
-        // SAFETY: rows first.. first + rows of elements 2p and 2p + 1 (< k) lie inside the
-        // operand (the caller's promise).
-        let run = |kk: usize| unsafe {
-            std::slice::from_raw_parts(base.offset(first as isize + kk as isize * across), rows)
-        };
-        let lo = run(2 * p);
-        let hi = if 2 * p + 1 < k {
-            Some(run(2 * p + 1))
-        } else {
-            None
-        };
-        for (panel, lo) in lo.chunks(width).enumerate() {
-            let out = &mut out[panel * panel_len + p * width..][..lo.len()];
-            match hi {
-                Some(hi) => {
-                    let hi = &hi[panel * width..][..lo.len()];
-                    for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-                        *o = pair(l, h);
-                    }
-                }
-                None => {
-                    for (o, &l) in out.iter_mut().zip(lo) {
-                        *o = pair(l, 0.0);
-                    }
-                }
-            }
-        }
-    }
-}
+/// K pairs packed by one task where the rows lie side by side (a weight gradient's operands
+/// have a few panels of K = 1024 tokens).
+const PAIRS_PER_PACKING_TASK: usize = 64;
 
 /// Packs `width` rows (of `lhs`, or columns of `rhs` when `transposed`) starting at `first`
 /// (of `bound`) into `out[pair · width + i]`, zeros past `bound` and past K.
@@ -616,26 +618,17 @@ unsafe fn pack(
     // element (a transposed weight-gradient operand: 0.6× the f32 GEMM's speed), and packing
     // element by element through strides cost about a fifth of a 256×4096×1024 product.
     if along == 1 {
-        // Rows side by side: K pair p is two runs of `rows` values.
-        for p in 0..pairs {
-            // SAFETY: rows first.. first + rows of elements 2p and 2p + 1 (< k) lie inside the
-            // operand (the caller's promise).
-            let run = |kk: usize| unsafe {
-                std::slice::from_raw_parts(
-                    base.offset((first as isize) + kk as isize * across),
-                    rows,
+        if pairs > 0 {
+            // SAFETY: the rows below `bound` and their k elements lie inside the operand,
+            // `out` holds the panel (the caller's promise); `supported()` holds.
+            unsafe {
+                assert!(out.len() >= pairs * width);
+                kernel::pack_side_by_side(
+                    (out.as_mut_ptr(), pairs * width, width),
+                    (base.offset(first as isize), across),
+                    (rows, k),
+                    0..pairs,
                 )
-            };
-            let out = &mut out[p * width..][..rows];
-            if 2 * p + 1 < k {
-                let (lo, hi) = (run(2 * p), run(2 * p + 1));
-                for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-                    *o = pair(l, h);
-                }
-            } else {
-                for (o, &l) in out.iter_mut().zip(run(2 * p)) {
-                    *o = pair(l, 0.0);
-                }
             }
         }
         return;
@@ -751,6 +744,51 @@ mod kernel {
         16 * blocks
     }
 
+    /// Packs K pairs `pairs` of `rows` rows that lie side by side (element kk of row i at
+    /// `first + i + kk · across`) into panels of `width` rows `panel_len` apart from `out`:
+    /// pair p of row i to `out[(i / width) · panel_len + p · width + i % width]`, each value
+    /// rounded as [`super::bf16_bits`] rounds it, zeros past K. Each panel's pair is one or two
+    /// masked runs of 16 rows (its padding rows past `rows` are left as they are).
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512BW; the rows' first `k` elements are readable; every
+    /// panel's pairs `pairs` are writable and written by no other thread.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_side_by_side(
+        (out, panel_len, width): (*mut u32, usize, usize),
+        (first, across): (*const f32, isize),
+        (rows, k): (usize, usize),
+        pairs: std::ops::Range<usize>,
+    ) {
+        let upper_half = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        for p in pairs {
+            let lo = first.wrapping_offset(2 * p as isize * across);
+            let hi = (2 * p + 1 < k).then(|| lo.wrapping_offset(across));
+            let mut row = 0;
+            while row < rows {
+                // At most 16 rows, within one panel.
+                let count = (rows - row).min(16).min(width - row % width);
+                let mask = ((1u32 << count) - 1) as __mmask16;
+                // SAFETY: rows row.. row + count of elements 2p and 2p + 1 (< k) are readable,
+                // the pair's run inside its panel writable (the caller's promise).
+                unsafe {
+                    let low = rounded(_mm512_maskz_loadu_epi32(mask, lo.add(row).cast()));
+                    let high = match hi {
+                        Some(hi) => rounded(_mm512_maskz_loadu_epi32(mask, hi.add(row).cast())),
+                        None => _mm512_setzero_si512(),
+                    };
+                    let pairs = _mm512_or_si512(
+                        _mm512_srli_epi32::<16>(low),
+                        _mm512_and_si512(high, upper_half),
+                    );
+                    let at = (row / width) * panel_len + p * width + row % width;
+                    _mm512_mask_storeu_epi32(out.add(at).cast(), mask, pairs);
+                }
+                row += count;
+            }
+        }
+    }
+
     /// 16 f32 values rounded to bf16 in their upper halves, as `super::bf16_bits` rounds.
     #[target_feature(enable = "avx512f")]
     fn rounded(x: __m512i) -> __m512i {
@@ -848,6 +886,16 @@ mod kernel {
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
     use super::Block;
+
+    /// Never called: [`super::supported`] is false off x86_64.
+    pub(super) unsafe fn pack_side_by_side(
+        _: (*mut u32, usize, usize),
+        _: (*const f32, isize),
+        _: (usize, usize),
+        _: std::ops::Range<usize>,
+    ) {
+        unreachable!("the bf16 GEMM needs AVX512_BF16")
+    }
 
     /// Never called: [`super::supported`] is false off x86_64.
     pub(super) unsafe fn pack_k_contiguous(

@@ -4,8 +4,8 @@ use rand_chacha::ChaCha8Rng;
 use fathom_compiler::graph::{MatMulPart, Triangle};
 
 use super::{
-    Source, bf16_bits, compare_with_f32, multiply, multiply_triangular, pack, pair, probe,
-    supported,
+    Source, bf16_bits, compare_with_f32, multiply, multiply_triangular, pack, pack_operand, pair,
+    probe, supported,
 };
 
 /// Whether this CPU cannot run the kernel, saying that `what` is skipped.
@@ -111,7 +111,8 @@ const EDGES: [u32; 16] = [
 ];
 
 /// The packing rounds each value as the graph's casts do (`half::bf16::from_f32`), bit for
-/// bit, on both paths: pairs element by element and 16 × 16 blocks through registers.
+/// bit, on every path: pairs element by element, 16 × 16 blocks through registers, and rows
+/// lying side by side.
 #[test]
 fn packing_rounds_like_the_casts() {
     let rounded = |x: f32| half::bf16::from_f32(x).to_bits() as u32;
@@ -137,10 +138,30 @@ fn packing_rounds_like_the_casts() {
     let source = Source((values.as_ptr(), 1, k as isize));
     // SAFETY: rows 0..20 of 70 elements lie in `values`; `supported()` holds.
     unsafe { pack(&mut packed, source, (0, rows), k, width, false) };
-    for (i, row) in values.chunks(k).enumerate() {
-        for (p, two) in row.chunks(2).enumerate() {
-            let want = rounded(two[0]) | rounded(two.get(1).copied().unwrap_or(0.0)) << 16;
-            assert_eq!(packed[p * width + i], want, "row {i}, pair {p}");
+    let want = |i: usize, p: usize| {
+        let row = &values[i * k..][..k];
+        rounded(row[2 * p]) | rounded(row.get(2 * p + 1).copied().unwrap_or(0.0)) << 16
+    };
+    for i in 0..rows {
+        for p in 0..k.div_ceil(2) {
+            assert_eq!(packed[p * width + i], want(i, p), "row {i}, pair {p}");
+        }
+    }
+    // The same rows stored side by side (K the strided axis), packed in panels of 12 by
+    // masked runs of 16 lanes: 2 panels, 35 pairs (the last one half K), one task per panel.
+    let side_by_side: Vec<f32> = (0..k)
+        .flat_map(|kk| (0..rows).map(move |i| (i, kk)))
+        .map(|(i, kk)| values[i * k + kk])
+        .collect();
+    let width = 12;
+    let mut packed = vec![0u32; rows.div_ceil(width) * k.div_ceil(2) * width];
+    let source = Source((side_by_side.as_ptr(), rows as isize, 1));
+    // SAFETY: the 20 rows of 70 elements lie in `side_by_side`; `supported()` holds.
+    unsafe { pack_operand(&mut packed, source, (rows, k), width, false, true) };
+    for i in 0..rows {
+        for p in 0..k.div_ceil(2) {
+            let at = (i / width) * k.div_ceil(2) * width + p * width + i % width;
+            assert_eq!(packed[at], want(i, p), "side by side: row {i}, pair {p}");
         }
     }
 }
@@ -330,3 +351,4 @@ fn the_comparison_times_both_gemms() {
         None => assert!(!supported()),
     }
 }
+
