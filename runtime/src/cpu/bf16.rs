@@ -25,6 +25,11 @@ use rayon::prelude::*;
 
 use super::product::Operand;
 
+mod pack;
+
+pub(super) use pack::Matrix;
+use pack::{Runs, Source, pack, pack_operand};
+
 /// Rows of a register tile: one broadcast pair per row and K pair.
 const MR: usize = 12;
 /// Columns of a register tile: two vectors of 16 f32 sums per row, 24 accumulators in all.
@@ -112,9 +117,9 @@ fn supported() -> bool {
 /// bf16 as they are packed (those that are bf16 values stay as they are).
 pub(super) unsafe fn multiply(
     (m, n, k): (usize, usize, usize),
-    dst: Operand<*mut f32>,
-    lhs: Operand<*const f32>,
-    rhs: Operand<*const f32>,
+    dst: Output,
+    lhs: Matrix,
+    rhs: Matrix,
     add: bool,
     parallel: bool,
 ) {
@@ -128,13 +133,13 @@ pub(super) unsafe fn multiply(
     let packed_rhs = lent(&mut rhs_buffer, column_panels * pairs * NR);
     // SAFETY: the m×k and k×n matrices lie in `lhs` and `rhs` (the caller's promise).
     unsafe {
-        pack_operand(packed_lhs, Source(lhs), (m, k), MR, false, parallel);
-        pack_operand(packed_rhs, Source(rhs), (n, k), NR, true, parallel);
+        pack_operand(packed_lhs, Source::lhs(lhs), (m, k), MR, parallel);
+        pack_operand(packed_rhs, Source::rhs(rhs), (n, k), NR, parallel);
     }
     // Tasks: a block of row panels times one column panel, column panels outermost so that
     // neighbouring tasks share their `rhs` panel.
     let row_blocks = row_panels.div_ceil(ROW_PANELS_PER_TASK);
-    let out = Destination(dst);
+    let out = dst;
     let task = |index: usize| {
         let (column_panel, row_block) = (index / row_blocks, index % row_blocks);
         let b = &packed_rhs[column_panel * pairs * NR..][..pairs * NR];
@@ -229,7 +234,7 @@ pub(super) unsafe fn multiply_triangular(
     let (mut lhs_buffer, mut rhs_buffer) = (packing_buffer(), packing_buffer());
     let packed_lhs = lent(&mut lhs_buffer, row_panels * pairs * MR);
     let packed_rhs = lent(&mut rhs_buffer, column_panels * pairs * NR);
-    let (lhs, rhs) = (Source(lhs), Source(rhs));
+    let rhs = Source::rhs(Matrix::Strided(rhs));
     // The K pairs the rows of the panel from `r0` keep of a left triangle (all K for an output
     // one): only those are packed and multiplied (the rest of the panel is not read).
     let kept_pairs = |r0: usize| {
@@ -244,25 +249,24 @@ pub(super) unsafe fn multiply_triangular(
         let kept = kept_pairs(panel * MR);
         // From K index 2·kept.start (even, so the pairs stay aligned) to the end of the range.
         let (first_k, end_k) = ((2 * kept.start).min(k), (2 * kept.end).min(k));
-        let Source((base, column_stride, row_stride)) = lhs;
-        // SAFETY: column `first_k ≤ k` of the operand, or one past its end when no column is
-        // kept (then nothing is read).
-        let shifted = Source((
-            unsafe { base.offset(first_k as isize * column_stride) },
+        let (base, column_stride, row_stride) = lhs;
+        // Column `first_k ≤ k` of the operand, or one past its end when no column is kept
+        // (then nothing is read).
+        let shifted = (
+            base.wrapping_offset(first_k as isize * column_stride),
             column_stride,
             row_stride,
-        ));
+        );
         let kept_out = &mut out[kept.start * MR..kept.end * MR];
         // SAFETY: rows `panel·MR..` below m and columns `first_k..end_k` below k lie in `lhs`
         // (the caller's promise).
         unsafe {
             pack(
                 kept_out,
-                shifted,
+                Source::lhs(Matrix::Strided(shifted)),
                 (panel * MR, m),
                 end_k - first_k,
                 MR,
-                false,
             )
         };
         if part == MatMulPart::Left {
@@ -270,8 +274,8 @@ pub(super) unsafe fn multiply_triangular(
         }
     }
     // SAFETY: the k×n matrix lies in `rhs` (the caller's promise).
-    unsafe { pack_operand(packed_rhs, rhs, (n, k), NR, true, false) };
-    let out = Destination(dst);
+    unsafe { pack_operand(packed_rhs, rhs, (n, k), NR, false) };
+    let out = Output::Strided(dst);
     for (column_panel, row_panel) in
         (0..column_panels).flat_map(|c| (0..row_panels).map(move |r| (c, r)))
     {
@@ -329,94 +333,6 @@ fn keep_triangle(panel: &mut [u32], first_row: usize, triangle: Triangle) {
     }
 }
 
-/// Packs the `bound` rows of `operand` (its columns, read as rows of its transpose, when
-/// `transposed`) over K = `k` into `packed`, in panels of `width`, over rayon's threads when
-/// `parallel`. Rows that lie side by side (K the strided axis: a weight gradient's `xᵀ` or
-/// `dyᵀ`, a weight read `k × n`) are packed in tasks of up to [`SIDE_BY_SIDE`] panels and
-/// [`PAIRS_PER_PACKING_TASK`] K pairs, so that an operand of few panels still spreads over the
-/// threads; rows along K in tasks of [`SIDE_BY_SIDE`] panels.
-///
-/// # Safety
-/// The `bound` rows and their `k` elements lie inside the operand; `supported()` holds.
-unsafe fn pack_operand(
-    packed: &mut [u32],
-    operand @ Source((_, column_stride, row_stride)): Source,
-    (bound, k): (usize, usize),
-    width: usize,
-    transposed: bool,
-    parallel: bool,
-) {
-    let (along, across) = if transposed {
-        (column_stride, row_stride)
-    } else {
-        (row_stride, column_stride)
-    };
-    let pairs = k.div_ceil(2);
-    let panel_len = (pairs * width).max(1);
-    let run = |tasks: usize, task: &(dyn Fn(usize) + Sync)| {
-        if parallel {
-            (0..tasks).into_par_iter().for_each(task);
-        } else {
-            (0..tasks).for_each(task);
-        }
-    };
-    if along == 1 && pairs > 0 {
-        let groups = bound.div_ceil(width * SIDE_BY_SIDE);
-        assert!(packed.len() >= bound.div_ceil(width) * panel_len);
-        let blocks = pairs.div_ceil(PAIRS_PER_PACKING_TASK);
-        let out = PackedPanels(packed.as_mut_ptr());
-        let task = |index: usize| {
-            let (group, block) = (index / blocks, index % blocks);
-            let first_row = group * SIDE_BY_SIDE * width;
-            let rows = (SIDE_BY_SIDE * width).min(bound - first_row);
-            let first_pair = block * PAIRS_PER_PACKING_TASK;
-            let block_pairs = first_pair..(first_pair + PAIRS_PER_PACKING_TASK).min(pairs);
-            // SAFETY: the group's rows below `bound` and their k elements lie inside the
-            // operand, its panels inside `packed` (asserted above); tasks write disjoint pairs
-            // of them; `supported()` holds (the caller's promise).
-            unsafe {
-                kernel::pack_side_by_side(
-                    (out.at(group * SIDE_BY_SIDE * panel_len), panel_len, width),
-                    (operand.element(first_row as isize), across),
-                    (rows, k),
-                    block_pairs,
-                )
-            }
-        };
-        return run(groups * blocks, &task);
-    }
-    let out = PackedPanels(packed.as_mut_ptr());
-    let panels = bound.div_ceil(width);
-    assert!(packed.len() >= panels * panel_len);
-    let task = |group: usize| {
-        for panel in group * SIDE_BY_SIDE..((group + 1) * SIDE_BY_SIDE).min(panels) {
-            // SAFETY: the panel lies inside `packed` (asserted above) and no other task writes
-            // it.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(out.at(panel * panel_len), panel_len) };
-            // SAFETY: the panel's rows below `bound` lie inside the operand (the caller's
-            // promise).
-            unsafe { pack(out, operand, (panel * width, bound), k, width, transposed) };
-        }
-    };
-    run(panels.div_ceil(SIDE_BY_SIDE), &task);
-}
-
-/// The packed panels, written by the packing tasks at disjoint pairs.
-#[derive(Clone, Copy)]
-struct PackedPanels(*mut u32);
-
-// SAFETY: every task writes its own panels' pairs only.
-unsafe impl Send for PackedPanels {}
-unsafe impl Sync for PackedPanels {}
-
-impl PackedPanels {
-    /// The packed value `offset` values from the first (no bounds: the caller checks).
-    fn at(self, offset: usize) -> *mut u32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
 /// GFLOP/s of the f32 GEMM (the `gemm` crate) and of this kernel on one product of random
 /// bf16 values, `lhs (m×k)` row-major times a weight stored `n×k` as a Linear's is (best of
 /// five, over rayon's threads, side by side); `None` where the CPU cannot run the kernel.
@@ -461,35 +377,26 @@ pub fn compare_with_f32((m, n, k): (usize, usize, usize)) -> Option<(f64, f64)> 
         )
     });
     // SAFETY: as above.
-    let bf16_seconds = time(&|| unsafe { multiply((m, n, k), dst, a, b, false, true) });
+    let (out, a, b) = (Output::Strided(dst), Matrix::Strided(a), Matrix::Strided(b));
+    let bf16_seconds = time(&|| unsafe { multiply((m, n, k), out, a, b, false, true) });
     let flops = 2.0 * (m * n * k) as f64;
     Some((flops / f32_seconds / 1e9, flops / bf16_seconds / 1e9))
 }
 
-/// A read-only operand shared by the packing threads.
-#[derive(Clone, Copy)]
-struct Source(Operand<*const f32>);
-
-// SAFETY: only read, and the caller of `multiply` keeps it alive and unwritten meanwhile.
-unsafe impl Send for Source {}
-unsafe impl Sync for Source {}
-
-impl Source {
-    /// The element `offset` elements from the first (no bounds: the caller checks).
-    fn element(self, offset: isize) -> *const f32 {
-        self.0.0.wrapping_offset(offset)
-    }
+/// The output of a product, written by the tasks at disjoint tiles: strided, or with each row
+/// at an address of its own (an expert's token rows of a grouped GEMM, written where they lie).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Output {
+    Strided(Operand<*mut f32>),
+    /// Row `r` at `rows[r]`, its elements contiguous.
+    Rows(*const *mut f32),
 }
 
-/// The output, written by the tasks at disjoint tiles.
-#[derive(Clone, Copy)]
-struct Destination(Operand<*mut f32>);
-
 // SAFETY: every task writes its own tile only.
-unsafe impl Send for Destination {}
-unsafe impl Sync for Destination {}
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
 
-impl Destination {
+impl Output {
     /// `block_pairs` K pairs of the packed panels `a` and `b` multiplied into the register tile
     /// whose corner is `(r0, c0)` of the `m × n` output, stored there or added to it.
     ///
@@ -504,28 +411,31 @@ impl Destination {
         add: bool,
     ) {
         let (rows, columns) = ((m - r0).min(MR), (n - c0).min(NR));
-        let (base, column_stride, row_stride) = self.0;
-        if column_stride == 1 {
-            // Rows of the output are contiguous: the tile is stored (or added) where it goes,
-            // with masks at the edges. (Through a tile and an element loop it cost about a
-            // tenth of a K = 256 product.)
-            // SAFETY: the caller's promise.
-            unsafe {
-                let first = base.offset(r0 as isize * row_stride + c0 as isize);
-                let block = Block {
-                    first,
-                    row_stride,
-                    rows,
-                    columns,
-                    add,
-                };
-                kernel::tile(block_pairs, a, b, block);
+        // Rows of the output contiguous: the tile is stored (or added) where it goes, with
+        // masks at the edges. (Through a tile and an element loop it cost about a tenth of a
+        // K = 256 product.)
+        let rows_from = match self {
+            Output::Strided((base, 1, row_stride)) => {
+                Some(Runs::Strided(base.cast_const(), row_stride).from(r0))
             }
+            Output::Rows(table) => Some(Runs::Table(table.cast()).from(r0)),
+            Output::Strided(_) => None,
+        };
+        if let Some(rows_from) = rows_from {
+            let block = Block {
+                rows_from,
+                first_column: c0,
+                rows,
+                columns,
+                add,
+            };
+            // SAFETY: the caller's promise.
+            unsafe { kernel::tile(block_pairs, a, b, block) };
         } else {
             let mut tile = [0f32; MR * NR];
             let block = Block {
-                first: tile.as_mut_ptr(),
-                row_stride: NR as isize,
+                rows_from: Runs::Strided(tile.as_mut_ptr().cast_const(), NR as isize),
+                first_column: 0,
                 rows: MR,
                 columns: NR,
                 add: false,
@@ -548,7 +458,9 @@ impl Destination {
         (c0, columns): (usize, usize),
         add: bool,
     ) {
-        let (base, column_stride, row_stride) = self.0;
+        let Output::Strided((base, column_stride, row_stride)) = self else {
+            unreachable!("rows at addresses of their own are written by the kernel")
+        };
         for (r, sums) in tile.chunks_exact(NR).take(rows).enumerate() {
             // SAFETY: the caller's promise.
             let row = unsafe { base.offset((r0 + r) as isize * row_stride) };
@@ -561,127 +473,32 @@ impl Destination {
     }
 }
 
-/// Two f32 values rounded to bf16 as one pair: `lo` in the lower half, as `vdpbf16ps` pairs
-/// them with the other operand's lower half.
-fn pair(lo: f32, hi: f32) -> u32 {
-    bf16_bits(lo) | (bf16_bits(hi) << 16)
-}
-
-/// The bits of `x` rounded to bf16 as `half::bf16::from_f32` and the graph's casts round it:
-/// to nearest, ties to even (add `0x7FFF` and the lowest kept bit, keep the upper half; a
-/// carry lands on the next binade or on infinity), a NaN made quiet. A bf16 value stays as it
-/// is, so operands that hold bf16 values and operands the product rounds are packed alike.
-#[inline(always)]
-fn bf16_bits(x: f32) -> u32 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        (bits | 0x0040_0000) >> 16
-    } else {
-        bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16
-    }
-}
-
-/// Panels packed by one task: where the rows lie side by side, each K pair is read across all
-/// of the panels' rows in one run (12 rows of f32 are 48 bytes, less than a cache line, and
-/// reading each panel's on its own walked all of K for every 48 bytes).
-const SIDE_BY_SIDE: usize = 8;
-
-/// K pairs packed by one task where the rows lie side by side (a weight gradient's operands
-/// have a few panels of K = 1024 tokens).
-const PAIRS_PER_PACKING_TASK: usize = 64;
-
-/// Packs `width` rows (of `lhs`, or columns of `rhs` when `transposed`) starting at `first`
-/// (of `bound`) into `out[pair · width + i]`, zeros past `bound` and past K.
-///
-/// # Safety
-/// Rows below `bound` and their first `k` elements lie inside the operand; `supported()`
-/// holds (the loops are compiled for AVX-512: 16 values a step where SSE took 4).
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
-unsafe fn pack(
-    out: &mut [u32],
-    Source((base, column_stride, row_stride)): Source,
-    (first, bound): (usize, usize),
-    k: usize,
-    width: usize,
-    transposed: bool,
-) {
-    // The strides along the packed rows and along K.
-    let (along, across) = if transposed {
-        (column_stride, row_stride)
-    } else {
-        (row_stride, column_stride)
-    };
-    let rows = width.min(bound - first);
-    let pairs = k.div_ceil(2);
-    // Memory is walked in the operand's own order, with the common contiguous cases on slices
-    // the compiler vectorises: packing in the other order touched a new cache line for every
-    // element (a transposed weight-gradient operand: 0.6× the f32 GEMM's speed), and packing
-    // element by element through strides cost about a fifth of a 256×4096×1024 product.
-    if along == 1 {
-        if pairs > 0 {
-            // SAFETY: the rows below `bound` and their k elements lie inside the operand,
-            // `out` holds the panel (the caller's promise); `supported()` holds.
-            unsafe {
-                assert!(out.len() >= pairs * width);
-                kernel::pack_side_by_side(
-                    (out.as_mut_ptr(), pairs * width, width),
-                    (base.offset(first as isize), across),
-                    (rows, k),
-                    0..pairs,
-                )
-            }
-        }
-        return;
-    }
-    // K contiguous along each row: whole blocks of 16 pairs (32 values) of 16 rows at a time
-    // through a transpose in registers (element by element, the stores `width` apart made
-    // this the slowest part of packing), the rest of K below.
-    let transposed_pairs = if across == 1 {
-        // SAFETY: rows first.. first + rows and their first k elements lie inside the operand
-        // (the caller's promise); `supported()` holds.
-        unsafe {
-            kernel::pack_k_contiguous(
-                out,
-                (base.offset(first as isize * along), along),
-                rows,
-                k,
-                width,
-            )
-        }
-    } else {
-        0
-    };
-    for i in 0..rows {
-        // SAFETY: element `kk < k` of row `first + i < bound` (the caller's promise).
-        let at = |kk: usize| unsafe {
-            *base.offset((first + i) as isize * along + kk as isize * across)
-        };
-        if across == 1 {
-            // SAFETY: as `at`, for the row's k contiguous elements.
-            let row =
-                unsafe { std::slice::from_raw_parts(base.offset((first + i) as isize * along), k) };
-            for (p, two) in row.chunks_exact(2).enumerate().skip(transposed_pairs) {
-                out[p * width + i] = pair(two[0], two[1]);
-            }
-        } else {
-            for p in 0..k / 2 {
-                out[p * width + i] = pair(at(2 * p), at(2 * p + 1));
-            }
-        }
-        if k % 2 == 1 {
-            out[(k / 2) * width + i] = pair(at(k - 1), 0.0);
-        }
-    }
-}
-
-/// Where a register tile goes: `rows × columns` (at most `MR × NR`) f32 values from `first`,
-/// consecutive along a row, rows `row_stride` apart; overwritten or added to.
+/// Where a register tile goes: `rows × columns` (at most `MR × NR`) f32 values, row `r` from
+/// column `first_column` of the row at `rows_from.at(r)`, consecutive along it; overwritten or
+/// added to.
 struct Block {
-    first: *mut f32,
-    row_stride: isize,
+    rows_from: Runs,
+    first_column: usize,
     rows: usize,
     columns: usize,
     add: bool,
+}
+
+impl Block {
+    /// The first element of the block's row `r`.
+    ///
+    /// # Safety
+    /// `r` is below `rows` (a table has its entry).
+    #[inline(always)]
+    unsafe fn row(&self, r: usize) -> *mut f32 {
+        // SAFETY: the caller's promise.
+        unsafe {
+            self.rows_from
+                .at(r)
+                .cast_mut()
+                .wrapping_add(self.first_column)
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -689,147 +506,6 @@ mod kernel {
     use std::arch::x86_64::*;
 
     use super::{Block, MR, NR};
-
-    /// Packs the first `16 · ⌊k / 32⌋` K pairs of `rows` rows whose elements are contiguous
-    /// along K (row `i` at `first + i · row_stride`) into `out[pair · width + i]`, and returns
-    /// how many pairs that is. Each block of 16 rows × 16 pairs is loaded row by row, rounded to
-    /// bf16 and its bf16 halves picked into pairs, transposed in registers, and stored pair by
-    /// pair.
-    ///
-    /// # Safety
-    /// The CPU has AVX512F and AVX512BW; every row's first `k` elements are readable;
-    /// `out` holds `pairs · width` values with `rows ≤ width`.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn pack_k_contiguous(
-        out: &mut [u32],
-        (first, row_stride): (*const f32, isize),
-        rows: usize,
-        k: usize,
-        width: usize,
-    ) -> usize {
-        let blocks = k / 32;
-        assert!(rows <= width && out.len() >= blocks * 16 * width);
-        // Word w of a pair vector is the upper (bf16) word of value w of the 32: word 2w + 1
-        // of the two loaded vectors.
-        let upper_words = _mm512_set_epi16(
-            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21,
-            19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
-        );
-        for group in (0..rows).step_by(16) {
-            let count = (rows - group).min(16);
-            let mask = ((1u32 << count) - 1) as __mmask16;
-            for block in 0..blocks {
-                let mut v = [_mm512_setzero_si512(); 16];
-                for (r, vector) in v.iter_mut().take(count).enumerate() {
-                    // SAFETY: values 32·block .. 32·block + 32 ≤ k of row group + r (the
-                    // caller's promise).
-                    unsafe {
-                        let row =
-                            first.offset((group + r) as isize * row_stride + 32 * block as isize);
-                        let low = rounded(_mm512_loadu_si512(row.cast()));
-                        let high = rounded(_mm512_loadu_si512(row.add(16).cast()));
-                        *vector = _mm512_permutex2var_epi16(low, upper_words, high);
-                    }
-                }
-                transpose(&mut v);
-                for (q, pairs) in v.iter().enumerate() {
-                    let at = (16 * block + q) * width + group;
-                    // SAFETY: `count` values from `at` lie in `out` (asserted above).
-                    unsafe {
-                        _mm512_mask_storeu_epi32(out.as_mut_ptr().add(at).cast(), mask, *pairs)
-                    };
-                }
-            }
-        }
-        16 * blocks
-    }
-
-    /// Packs K pairs `pairs` of `rows` rows that lie side by side (element kk of row i at
-    /// `first + i + kk · across`) into panels of `width` rows `panel_len` apart from `out`:
-    /// pair p of row i to `out[(i / width) · panel_len + p · width + i % width]`, each value
-    /// rounded as [`super::bf16_bits`] rounds it, zeros past K. Each panel's pair is one or two
-    /// masked runs of 16 rows (its padding rows past `rows` are left as they are).
-    ///
-    /// # Safety
-    /// The CPU has AVX512F and AVX512BW; the rows' first `k` elements are readable; every
-    /// panel's pairs `pairs` are writable and written by no other thread.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn pack_side_by_side(
-        (out, panel_len, width): (*mut u32, usize, usize),
-        (first, across): (*const f32, isize),
-        (rows, k): (usize, usize),
-        pairs: std::ops::Range<usize>,
-    ) {
-        let upper_half = _mm512_set1_epi32(0xffff_0000u32 as i32);
-        for p in pairs {
-            let lo = first.wrapping_offset(2 * p as isize * across);
-            let hi = (2 * p + 1 < k).then(|| lo.wrapping_offset(across));
-            let mut row = 0;
-            while row < rows {
-                // At most 16 rows, within one panel.
-                let count = (rows - row).min(16).min(width - row % width);
-                let mask = ((1u32 << count) - 1) as __mmask16;
-                // SAFETY: rows row.. row + count of elements 2p and 2p + 1 (< k) are readable,
-                // the pair's run inside its panel writable (the caller's promise).
-                unsafe {
-                    let low = rounded(_mm512_maskz_loadu_epi32(mask, lo.add(row).cast()));
-                    let high = match hi {
-                        Some(hi) => rounded(_mm512_maskz_loadu_epi32(mask, hi.add(row).cast())),
-                        None => _mm512_setzero_si512(),
-                    };
-                    let pairs = _mm512_or_si512(
-                        _mm512_srli_epi32::<16>(low),
-                        _mm512_and_si512(high, upper_half),
-                    );
-                    let at = (row / width) * panel_len + p * width + row % width;
-                    _mm512_mask_storeu_epi32(out.add(at).cast(), mask, pairs);
-                }
-                row += count;
-            }
-        }
-    }
-
-    /// 16 f32 values rounded to bf16 in their upper halves, as `super::bf16_bits` rounds.
-    #[target_feature(enable = "avx512f")]
-    fn rounded(x: __m512i) -> __m512i {
-        let kept_lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
-        let biased = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), kept_lsb));
-        let value = _mm512_castsi512_ps(x);
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(value, value);
-        let quiet = _mm512_or_si512(x, _mm512_set1_epi32(0x0040_0000));
-        _mm512_mask_blend_epi32(nan, biased, quiet)
-    }
-
-    /// Transposes 16 vectors of 16 lanes (`v[r]` lane `c` becomes `v[c]` lane `r`): lanes
-    /// interleaved in pairs, then in fours within each 128-bit quarter, then quarters moved.
-    #[target_feature(enable = "avx512f")]
-    fn transpose(v: &mut [__m512i; 16]) {
-        // t[2a] quarter Q: rows 2a, 2a + 1 of columns 4Q, 4Q + 1; t[2a + 1]: of 4Q + 2, 4Q + 3.
-        let mut t = [_mm512_setzero_si512(); 16];
-        for a in 0..8 {
-            t[2 * a] = _mm512_unpacklo_epi32(v[2 * a], v[2 * a + 1]);
-            t[2 * a + 1] = _mm512_unpackhi_epi32(v[2 * a], v[2 * a + 1]);
-        }
-        // u[4b + j] quarter Q: rows 4b .. 4b + 4 of column 4Q + j.
-        let mut u = [_mm512_setzero_si512(); 16];
-        for b in 0..4 {
-            u[4 * b] = _mm512_unpacklo_epi64(t[4 * b], t[4 * b + 2]);
-            u[4 * b + 1] = _mm512_unpackhi_epi64(t[4 * b], t[4 * b + 2]);
-            u[4 * b + 2] = _mm512_unpacklo_epi64(t[4 * b + 1], t[4 * b + 3]);
-            u[4 * b + 3] = _mm512_unpackhi_epi64(t[4 * b + 1], t[4 * b + 3]);
-        }
-        // Column 4Q + j is quarter Q of u[j], u[4 + j], u[8 + j], u[12 + j], in that order.
-        for j in 0..4 {
-            let s0 = _mm512_shuffle_i32x4::<0x44>(u[j], u[4 + j]);
-            let s1 = _mm512_shuffle_i32x4::<0xee>(u[j], u[4 + j]);
-            let s2 = _mm512_shuffle_i32x4::<0x44>(u[8 + j], u[12 + j]);
-            let s3 = _mm512_shuffle_i32x4::<0xee>(u[8 + j], u[12 + j]);
-            v[j] = _mm512_shuffle_i32x4::<0x88>(s0, s2);
-            v[4 + j] = _mm512_shuffle_i32x4::<0xdd>(s0, s2);
-            v[8 + j] = _mm512_shuffle_i32x4::<0x88>(s1, s3);
-            v[12 + j] = _mm512_shuffle_i32x4::<0xdd>(s1, s3);
-        }
-    }
 
     /// `block (+)= a · b` over `pairs` K pairs of packed panels.
     ///
@@ -867,10 +543,7 @@ mod kernel {
                 // SAFETY: the masked lanes are columns below `block.columns` of row r below
                 // `block.rows` (the caller's promise).
                 unsafe {
-                    let at = block
-                        .first
-                        .offset(r as isize * block.row_stride)
-                        .add(16 * half);
+                    let at = block.row(r).add(16 * half);
                     let value = if block.add {
                         _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), sum)
                     } else {
@@ -886,27 +559,6 @@ mod kernel {
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
     use super::Block;
-
-    /// Never called: [`super::supported`] is false off x86_64.
-    pub(super) unsafe fn pack_side_by_side(
-        _: (*mut u32, usize, usize),
-        _: (*const f32, isize),
-        _: (usize, usize),
-        _: std::ops::Range<usize>,
-    ) {
-        unreachable!("the bf16 GEMM needs AVX512_BF16")
-    }
-
-    /// Never called: [`super::supported`] is false off x86_64.
-    pub(super) unsafe fn pack_k_contiguous(
-        _: &mut [u32],
-        _: (*const f32, isize),
-        _: usize,
-        _: usize,
-        _: usize,
-    ) -> usize {
-        unreachable!("the bf16 GEMM needs AVX512_BF16")
-    }
 
     /// Never called: [`super::supported`] is false off x86_64.
     pub(super) unsafe fn tile(_: usize, _: &[u32], _: &[u32], _: Block) {

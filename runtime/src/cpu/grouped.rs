@@ -1,11 +1,14 @@
 //! The grouped expert GEMMs on the CPU: one GEMM per expert over the token-slot rows routed to
 //! it, the experts spread over the threads (each GEMM is small and runs on one; an expert's
-//! arithmetic is the same whatever the thread count). Under expert parallelism each expert's
-//! GEMM runs on the rank that owns it (`crate::parallel::experts`).
+//! arithmetic is the same whatever the thread count). On the bf16 kernel an expert's rows are
+//! read and written where they lie, through tables of their addresses; elsewhere they are
+//! gathered into a contiguous copy and the product's rows scattered back. Under expert
+//! parallelism each expert's GEMM runs on the rank that owns it (`crate::parallel::experts`).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::bf16::{self, Matrix, Output};
 use super::product::{Arithmetic, multiply};
 use crate::parallel::{ExpertExchange, gathered_at_owners, products_where_owned};
 
@@ -34,11 +37,22 @@ impl Routing {
         rows.clear();
         rows.reserve(members.len() * k);
         for &ts in members {
-            let (t, s) = (ts / self.slots, ts % self.slots);
-            let row = t * self.x_slots + if self.x_slots == 1 { 0 } else { s };
-            rows.extend_from_slice(&xs[row * k..][..k]);
+            rows.extend_from_slice(self.x_row(xs, ts, k));
         }
     }
+
+    /// Token-slot `ts`'s row of `x` (width `k`).
+    fn x_row<'x>(&self, xs: &'x [f32], ts: usize, k: usize) -> &'x [f32] {
+        let (t, s) = (ts / self.slots, ts % self.slots);
+        let row = t * self.x_slots + if self.x_slots == 1 { 0 } else { s };
+        &xs[row * k..][..k]
+    }
+}
+
+thread_local! {
+    /// Each thread's tables of an expert's row addresses for the bf16 kernel (two at most: a
+    /// product's rows read and written, or a weight gradient's two operands).
+    static ROW_TABLES: std::cell::RefCell<[Vec<*const f32>; 2]> = Default::default();
 }
 
 thread_local! {
@@ -82,13 +96,50 @@ pub(super) fn matmul(
     result: &mut [f32],
 ) -> Result<(), String> {
     let Some(exchange) = exchange else {
-        // Each expert gathers its rows, multiplies and writes its token-slots' rows of
-        // `result`, in per-thread scratch.
-        assert_eq!(
-            result.len(),
-            routing.groups.iter().map(Vec::len).sum::<usize>() * n
-        );
+        let token_slots = routing.groups.iter().map(Vec::len).sum::<usize>();
+        assert_eq!(result.len(), token_slots * n);
         let out = SharedRows(result.as_mut_ptr());
+        if routing.arithmetic.on_bf16_kernel() {
+            // Each expert reads its token-slots' rows of x and writes theirs of `result` where
+            // they lie: no gathered copy of the rows, no product to scatter.
+            (0..routing.groups.len()).into_par_iter().for_each(|e| {
+                let members = &routing.groups[e];
+                if members.is_empty() {
+                    return;
+                }
+                ROW_TABLES.with_borrow_mut(|[inputs, outputs]| {
+                    inputs.clear();
+                    inputs.extend(members.iter().map(|&ts| routing.x_row(xs, ts, k).as_ptr()));
+                    outputs.clear();
+                    outputs.extend(members.iter().map(|&ts| {
+                        assert!(ts < token_slots, "token-slot {ts} of {token_slots}");
+                        // SAFETY: row `ts` lies inside `result` (asserted), and only this
+                        // expert writes it (a token-slot is in one group).
+                        unsafe { out.row(ts, n) }.as_mut_ptr().cast_const()
+                    }));
+                    let (w, (sn, sk)) = weights[e];
+                    assert!(
+                        w.len() == n * k && [(k as isize, 1), (1, n as isize)].contains(&(sn, sk))
+                    );
+                    // SAFETY: each table holds a row of k inputs or n outputs per member, the
+                    // weight is n·k values read through its strides (asserted above), and the
+                    // output rows are this expert's alone; `on_bf16_kernel` implies the
+                    // kernel's CPU support.
+                    unsafe {
+                        bf16::multiply(
+                            (members.len(), n, k),
+                            Output::Rows(outputs.as_ptr().cast()),
+                            Matrix::Rows(inputs.as_ptr()),
+                            // B[p][j] = W_e[j][p]: columns j, rows p.
+                            Matrix::Strided((w.as_ptr(), sn, sk)),
+                            false,
+                            false,
+                        )
+                    }
+                });
+            });
+            return Ok(());
+        }
         (0..routing.groups.len()).into_par_iter().for_each(|e| {
             let members = &routing.groups[e];
             if members.is_empty() {
@@ -149,10 +200,34 @@ pub(super) fn weight_grad(
     assert_eq!(blocks.len(), routing.groups.len());
     assert!(blocks.iter().all(|b| b.len() == n * k));
     let Some(exchange) = exchange else {
-        // Each expert gathers its rows in per-thread scratch and writes its own n·k block.
+        // Each expert writes its own n·k block, reading its rows where they lie on the bf16
+        // kernel, else gathered in per-thread scratch.
         blocks.par_iter_mut().enumerate().for_each(|(e, block)| {
             if routing.groups[e].is_empty() {
                 return block.fill(0.0);
+            }
+            if routing.arithmetic.on_bf16_kernel() {
+                return ROW_TABLES.with_borrow_mut(|[cotangents, inputs]| {
+                    let members = &routing.groups[e];
+                    cotangents.clear();
+                    cotangents.extend(members.iter().map(|&ts| gs[ts * n..][..n].as_ptr()));
+                    inputs.clear();
+                    inputs.extend(members.iter().map(|&ts| routing.x_row(xs, ts, k).as_ptr()));
+                    // SAFETY: the tables hold a row of n cotangents and one of k inputs per
+                    // member; the block holds n·k values (asserted above) and is this expert's
+                    // alone; `on_bf16_kernel` implies the kernel's CPU support.
+                    unsafe {
+                        bf16::multiply(
+                            (n, k, members.len()),
+                            Output::Strided((block.as_mut_ptr(), 1, k as isize)),
+                            // gᵀ: column r is member r's cotangent row.
+                            Matrix::Columns(cotangents.as_ptr()),
+                            Matrix::Rows(inputs.as_ptr()),
+                            false,
+                            false,
+                        )
+                    }
+                });
             }
             SCRATCH.with_borrow_mut(|[g, xe]| {
                 cotangent_rows_into(e, g);
@@ -250,8 +325,11 @@ fn expert_product_into(
 
 #[cfg(test)]
 mod tests {
-    use super::{Routing, matmul, weight_grad};
+    use super::{Arithmetic, Routing, matmul, weight_grad};
+    use fathom_compiler::DType;
     use fathom_compiler::graph::Accumulation;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     /// Tokens 0..3 with one slot each, routed to experts 0, 2, 0 of 3 (expert 1 gets none).
     fn routing() -> Routing {
@@ -326,5 +404,91 @@ mod tests {
             assert_eq!(grad[2 * n * k + j * k + p], gs[n + j] * xs[k + p]);
         }
         assert!(grad.iter().all(|v| v.is_finite()), "{grad:?}");
+    }
+
+    /// On the bf16 kernel, where each expert reads its token-slots' rows and writes theirs
+    /// through tables of their addresses, both routines give the exact sums of the bf16-rounded
+    /// values within the bound of f32 summation, `(K + 1) · 2⁻²⁴ · Σ|a·b|`: 40 tokens of 3 slots
+    /// over 5 experts (one routed nothing), rows of `x` shared by a token's slots or one per
+    /// slot, widths that are not whole panels.
+    #[test]
+    fn experts_read_and_write_their_rows_where_they_lie_on_the_bf16_kernel() {
+        let arithmetic = Arithmetic {
+            accumulation: Accumulation::default(),
+            exact_in: Some(DType::BF16),
+            rounds: true,
+        };
+        if !arithmetic.on_bf16_kernel() {
+            eprintln!("skipped: the bf16 kernel does not run on this CPU");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (tokens, slots, experts, n, k) = (40, 3, 5, 37, 70);
+        let mut groups = vec![Vec::new(); experts];
+        for ts in 0..tokens * slots {
+            groups[rng.random_range(0..experts - 1)].push(ts);
+        }
+        let round = |x: f32| half::bf16::from_f32(x).to_f32() as f64;
+        let values = |len: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
+            (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+        };
+        let within = |got: f32, products: &[f64], what: &str| {
+            let exact: f64 = products.iter().sum();
+            let magnitude: f64 = products.iter().map(|p| p.abs()).sum::<f64>() + 1e-30;
+            let bound = (products.len() + 1) as f64 * f64::powi(2.0, -24) * magnitude;
+            assert!(
+                (got as f64 - exact).abs() <= bound,
+                "{what}: {got} vs {exact}"
+            );
+        };
+        for x_slots in [1, slots] {
+            let routing = Routing {
+                groups: groups.clone(),
+                slots,
+                x_slots,
+                arithmetic,
+            };
+            let xs = values(tokens * x_slots * k, &mut rng);
+            let x = |ts: usize, p: usize| {
+                let row = ts / slots * x_slots + if x_slots == 1 { 0 } else { ts % slots };
+                round(xs[row * k + p])
+            };
+            let ws = values(experts * n * k, &mut rng);
+            let mut out = vec![f32::NAN; tokens * slots * n];
+            matmul(
+                &routing,
+                &xs,
+                &per_expert(&ws, n * k, (k as isize, 1)),
+                (n, k),
+                None,
+                &mut out,
+            )
+            .unwrap();
+            let gs = values(tokens * slots * n, &mut rng);
+            let mut grad = vec![f32::NAN; experts * n * k];
+            let mut blocks: Vec<&mut [f32]> = grad.chunks_mut(n * k).collect();
+            weight_grad(&routing, &gs, &xs, (n, k), None, &mut blocks).unwrap();
+            for (e, members) in groups.iter().enumerate() {
+                let w = |j: usize, p: usize| round(ws[e * n * k + j * k + p]);
+                for &ts in members {
+                    for j in 0..n {
+                        let products: Vec<f64> = (0..k).map(|p| w(j, p) * x(ts, p)).collect();
+                        within(
+                            out[ts * n + j],
+                            &products,
+                            &format!("x_slots {x_slots}: out[{ts}][{j}]"),
+                        );
+                    }
+                }
+                for (j, p) in (0..n).flat_map(|j| (0..k).map(move |p| (j, p))) {
+                    let products: Vec<f64> = members
+                        .iter()
+                        .map(|&ts| round(gs[ts * n + j]) * x(ts, p))
+                        .collect();
+                    let what = format!("x_slots {x_slots}: expert {e} grad[{j}][{p}]");
+                    within(grad[e * n * k + j * k + p], &products, &what);
+                }
+            }
+        }
     }
 }

@@ -89,7 +89,16 @@ unsafe fn exact_or_bf16(
     if arithmetic.on_bf16_kernel() {
         let parallel = !matches!(parallelism, Parallelism::None);
         // SAFETY: the caller's promise; `enabled()` implies `supported()`.
-        return unsafe { bf16::multiply((m, n, k), dst, lhs, rhs, add, parallel) };
+        return unsafe {
+            bf16::multiply(
+                (m, n, k),
+                bf16::Output::Strided(dst),
+                bf16::Matrix::Strided(lhs),
+                bf16::Matrix::Strided(rhs),
+                add,
+                parallel,
+            )
+        };
     }
     if arithmetic.rounds_before_f32_gemm() {
         // SAFETY: the caller's promise: both operands lie inside their allocations.

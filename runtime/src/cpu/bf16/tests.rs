@@ -3,9 +3,10 @@ use rand_chacha::ChaCha8Rng;
 
 use fathom_compiler::graph::{MatMulPart, Triangle};
 
+use super::pack::{bf16_bits, pair};
 use super::{
-    Source, bf16_bits, compare_with_f32, multiply, multiply_triangular, pack, pack_operand, pair,
-    probe, supported,
+    Matrix as KernelMatrix, Output, Source, compare_with_f32, multiply, multiply_triangular, pack,
+    pack_operand, probe, supported,
 };
 
 /// Whether this CPU cannot run the kernel, saying that `what` is skipped.
@@ -70,9 +71,9 @@ fn run(lhs: &Matrix, rhs: &Matrix, initial: f32, add: bool, parallel: bool) -> V
     unsafe {
         multiply(
             (m, n, k),
-            (out.as_mut_ptr(), 1, row_stride as isize),
-            (lhs.values.as_ptr(), lcs, lrs),
-            (rhs.values.as_ptr(), rcs, rrs),
+            Output::Strided((out.as_mut_ptr(), 1, row_stride as isize)),
+            KernelMatrix::Strided((lhs.values.as_ptr(), lcs, lrs)),
+            KernelMatrix::Strided((rhs.values.as_ptr(), rcs, rrs)),
             add,
             parallel,
         );
@@ -135,9 +136,9 @@ fn packing_rounds_like_the_casts() {
         .collect();
     let width = 32;
     let mut packed = vec![0u32; k.div_ceil(2) * width];
-    let source = Source((values.as_ptr(), 1, k as isize));
+    let source = Source::lhs(KernelMatrix::Strided((values.as_ptr(), 1, k as isize)));
     // SAFETY: rows 0..20 of 70 elements lie in `values`; `supported()` holds.
-    unsafe { pack(&mut packed, source, (0, rows), k, width, false) };
+    unsafe { pack(&mut packed, source, (0, rows), k, width) };
     let want = |i: usize, p: usize| {
         let row = &values[i * k..][..k];
         rounded(row[2 * p]) | rounded(row.get(2 * p + 1).copied().unwrap_or(0.0)) << 16
@@ -155,9 +156,13 @@ fn packing_rounds_like_the_casts() {
         .collect();
     let width = 12;
     let mut packed = vec![0u32; rows.div_ceil(width) * k.div_ceil(2) * width];
-    let source = Source((side_by_side.as_ptr(), rows as isize, 1));
+    let source = Source::lhs(KernelMatrix::Strided((
+        side_by_side.as_ptr(),
+        rows as isize,
+        1,
+    )));
     // SAFETY: the 20 rows of 70 elements lie in `side_by_side`; `supported()` holds.
-    unsafe { pack_operand(&mut packed, source, (rows, k), width, false, true) };
+    unsafe { pack_operand(&mut packed, source, (rows, k), width, true) };
     for i in 0..rows {
         for p in 0..k.div_ceil(2) {
             let at = (i / width) * k.div_ceil(2) * width + p * width + i % width;
@@ -351,4 +356,3 @@ fn the_comparison_times_both_gemms() {
         None => assert!(!supported()),
     }
 }
-
