@@ -133,32 +133,22 @@ pub(super) unsafe fn multiply(
     let packed_rhs = lent(&mut rhs_buffer, column_panels * pairs * NR);
     // SAFETY: the m×k and k×n matrices lie in `lhs` and `rhs` (the caller's promise).
     unsafe {
-        pack_operand(packed_lhs, Source::lhs(lhs), (m, k), MR, parallel);
-        pack_operand(packed_rhs, Source::rhs(rhs), (n, k), NR, parallel);
+        pack_operand(packed_lhs, Source::lhs(lhs), (0..m, k), MR, parallel);
+        pack_operand(packed_rhs, Source::rhs(rhs), (0..n, k), NR, parallel);
     }
     // Tasks: a block of row panels times one column panel, column panels outermost so that
     // neighbouring tasks share their `rhs` panel.
     let row_blocks = row_panels.div_ceil(ROW_PANELS_PER_TASK);
-    let out = dst;
     let task = |index: usize| {
         let (column_panel, row_block) = (index / row_blocks, index % row_blocks);
         let b = &packed_rhs[column_panel * pairs * NR..][..pairs * NR];
         let rows = row_block * ROW_PANELS_PER_TASK
             ..((row_block + 1) * ROW_PANELS_PER_TASK).min(row_panels);
-        // (At least one block, so that K = 0 still writes its zeros.)
-        for first_pair in (0..pairs.max(1)).step_by(PAIRS_PER_BLOCK) {
-            let block_pairs = PAIRS_PER_BLOCK.min(pairs - first_pair);
-            let b = &b[first_pair * NR..][..block_pairs * NR];
-            // Later K blocks add to what the earlier ones stored.
-            let add = add || first_pair > 0;
-            for row_panel in rows.clone() {
-                let a = &packed_lhs[(row_panel * pairs + first_pair) * MR..][..block_pairs * MR];
-                let corner = (row_panel * MR, column_panel * NR);
-                // SAFETY: the tile is inside `dst`, no other task writes it, and `supported()`
-                // holds (the caller's promise).
-                unsafe { out.tile((m, n), corner, (block_pairs, a, b), add) };
-            }
-        }
+        let a = &packed_lhs[rows.start * pairs * MR..rows.end * pairs * MR];
+        // SAFETY: the tiles are inside `dst`, no other task writes them, and `supported()`
+        // holds (the caller's promise).
+        let a = (rows.start * MR, rows.len(), a);
+        unsafe { dst.tiles((m, n), a, (column_panel, b), pairs, add) };
     };
     let tasks = column_panels * row_blocks;
     if parallel {
@@ -167,6 +157,87 @@ pub(super) unsafe fn multiply(
         (0..tasks).for_each(task);
     }
     give_back([lhs_buffer, rhs_buffer]);
+}
+
+/// One product of [`multiply_each`]: `out (m × n) = lhs (m × k) · rhs (k × n)`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Product {
+    pub(super) m: usize,
+    pub(super) k: usize,
+    pub(super) lhs: Matrix,
+    pub(super) rhs: Matrix,
+    pub(super) out: Output,
+}
+
+// SAFETY: the operands are only read and each output written at its own tiles (the promise of
+// `multiply_each`'s caller).
+unsafe impl Send for Product {}
+unsafe impl Sync for Product {}
+
+/// Rows of one task of [`multiply_each`].
+const ROWS_PER_TASK: usize = ROW_PANELS_PER_TASK * MR;
+
+/// Independent products of `n` columns each (a grouped GEMM's experts) as one set of tasks
+/// over rayon's threads: every `rhs` packed once, then each task packs a block of
+/// [`ROWS_PER_TASK`] rows of one product's `lhs` and multiplies them by all of its `rhs`. The
+/// tasks are about equal whatever the products' sizes, so the threads finish together (one
+/// product per thread left a thread idle while another finished the largest expert).
+///
+/// # Safety
+/// As [`multiply`] for every product; no two products' outputs overlap.
+pub(super) unsafe fn multiply_each(n: usize, products: &[Product]) {
+    let column_panels = n.div_ceil(NR);
+    // Where each product's packed rhs starts.
+    let starts: Vec<usize> = products
+        .iter()
+        .scan(0, |next, p| {
+            let start = *next;
+            *next += column_panels * p.k.div_ceil(2) * NR;
+            Some(start)
+        })
+        .collect();
+    let total = products.last().map_or(0, |p| {
+        starts[products.len() - 1] + column_panels * p.k.div_ceil(2) * NR
+    });
+    let mut rhs_buffer = packing_buffer();
+    let packed_rhs = lent(&mut rhs_buffer, total);
+    let mut packed: Vec<&mut [u32]> = Vec::with_capacity(products.len());
+    let mut rest = &mut packed_rhs[..];
+    for p in products {
+        let (panels, tail) = rest.split_at_mut(column_panels * p.k.div_ceil(2) * NR);
+        packed.push(panels);
+        rest = tail;
+    }
+    packed.par_iter_mut().zip(products).for_each(|(packed, p)| {
+        if p.m > 0 {
+            // SAFETY: the k×n matrix lies in `rhs` (the caller's promise).
+            unsafe { pack_operand(packed, Source::rhs(p.rhs), (0..n, p.k), NR, false) }
+        }
+    });
+    let packed_rhs = &packed_rhs[..];
+    let tasks: Vec<(usize, usize)> = products
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| (0..p.m).step_by(ROWS_PER_TASK).map(move |r0| (i, r0)))
+        .collect();
+    tasks.par_iter().for_each(|&(i, r0)| {
+        let Product { m, k, lhs, out, .. } = products[i];
+        let pairs = k.div_ceil(2);
+        let rows = r0..(r0 + ROWS_PER_TASK).min(m);
+        let mut lhs_buffer = packing_buffer();
+        let a = lent(&mut lhs_buffer, rows.len().div_ceil(MR) * pairs * MR);
+        // SAFETY: rows `rows` of the m×k matrix lie in `lhs` (the caller's promise).
+        unsafe { pack_operand(a, Source::lhs(lhs), (rows.clone(), k), MR, false) };
+        for column_panel in 0..column_panels {
+            let b = &packed_rhs[starts[i] + column_panel * pairs * NR..][..pairs * NR];
+            // SAFETY: the tiles are inside `out`, written by this task only (the caller's
+            // promise); `supported()` holds.
+            let a = (r0, rows.len().div_ceil(MR), &a[..]);
+            unsafe { out.tiles((m, n), a, (column_panel, b), pairs, false) };
+        }
+        give_back([lhs_buffer]);
+    });
+    give_back([rhs_buffer]);
 }
 
 thread_local! {
@@ -197,7 +268,7 @@ fn lent(buffer: &mut Vec<u32>, len: usize) -> &mut [u32] {
 }
 
 /// Keeps the buffers for this thread's next product.
-fn give_back(buffers: [Vec<u32>; 2]) {
+fn give_back<const N: usize>(buffers: [Vec<u32>; N]) {
     PACKING_BUFFERS.with_borrow_mut(|kept| {
         kept.extend(buffers);
         // Two per product; more only after nested products, and those are rare.
@@ -274,7 +345,7 @@ pub(super) unsafe fn multiply_triangular(
         }
     }
     // SAFETY: the k×n matrix lies in `rhs` (the caller's promise).
-    unsafe { pack_operand(packed_rhs, rhs, (n, k), NR, false) };
+    unsafe { pack_operand(packed_rhs, rhs, (0..n, k), NR, false) };
     let out = Output::Strided(dst);
     for (column_panel, row_panel) in
         (0..column_panels).flat_map(|c| (0..row_panels).map(move |r| (c, r)))
@@ -397,6 +468,35 @@ unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
 impl Output {
+    /// `row_panels` row panels `a` (packed from output row `first_row` on, each `pairs` long) times column
+    /// panel `column_panel` (`b`, packed) into the `m × n` output, over K in blocks of
+    /// [`PAIRS_PER_BLOCK`] so that `b`'s block stays in L1 across the row panels.
+    ///
+    /// # Safety
+    /// As [`Output::tile`] for every tile.
+    unsafe fn tiles(
+        self,
+        (m, n): (usize, usize),
+        (first_row, row_panels, a): (usize, usize, &[u32]),
+        (column_panel, b): (usize, &[u32]),
+        pairs: usize,
+        add: bool,
+    ) {
+        // (At least one block, so that K = 0 still writes its zeros.)
+        for first_pair in (0..pairs.max(1)).step_by(PAIRS_PER_BLOCK) {
+            let block_pairs = PAIRS_PER_BLOCK.min(pairs - first_pair);
+            let b = &b[first_pair * NR..][..block_pairs * NR];
+            // Later K blocks add to what the earlier ones stored.
+            let add = add || first_pair > 0;
+            for row_panel in 0..row_panels {
+                let a = &a[(row_panel * pairs + first_pair) * MR..][..block_pairs * MR];
+                let corner = (first_row + row_panel * MR, column_panel * NR);
+                // SAFETY: the caller's promise.
+                unsafe { self.tile((m, n), corner, (block_pairs, a, b), add) };
+            }
+        }
+    }
+
     /// `block_pairs` K pairs of the packed panels `a` and `b` multiplied into the register tile
     /// whose corner is `(r0, c0)` of the `m × n` output, stored there or added to it.
     ///

@@ -50,8 +50,8 @@ impl Routing {
 }
 
 thread_local! {
-    /// Each thread's tables of an expert's row addresses for the bf16 kernel (two at most: a
-    /// product's rows read and written, or a weight gradient's two operands).
+    /// Each thread's tables of the experts' row addresses for the bf16 kernel (a product's
+    /// rows read and written, or a weight gradient's two operands), kept between calls.
     static ROW_TABLES: std::cell::RefCell<[Vec<*const f32>; 2]> = Default::default();
 }
 
@@ -100,44 +100,7 @@ pub(super) fn matmul(
         assert_eq!(result.len(), token_slots * n);
         let out = SharedRows(result.as_mut_ptr());
         if routing.arithmetic.on_bf16_kernel() {
-            // Each expert reads its token-slots' rows of x and writes theirs of `result` where
-            // they lie: no gathered copy of the rows, no product to scatter.
-            (0..routing.groups.len()).into_par_iter().for_each(|e| {
-                let members = &routing.groups[e];
-                if members.is_empty() {
-                    return;
-                }
-                ROW_TABLES.with_borrow_mut(|[inputs, outputs]| {
-                    inputs.clear();
-                    inputs.extend(members.iter().map(|&ts| routing.x_row(xs, ts, k).as_ptr()));
-                    outputs.clear();
-                    outputs.extend(members.iter().map(|&ts| {
-                        assert!(ts < token_slots, "token-slot {ts} of {token_slots}");
-                        // SAFETY: row `ts` lies inside `result` (asserted), and only this
-                        // expert writes it (a token-slot is in one group).
-                        unsafe { out.row(ts, n) }.as_mut_ptr().cast_const()
-                    }));
-                    let (w, (sn, sk)) = weights[e];
-                    assert!(
-                        w.len() == n * k && [(k as isize, 1), (1, n as isize)].contains(&(sn, sk))
-                    );
-                    // SAFETY: each table holds a row of k inputs or n outputs per member, the
-                    // weight is n·k values read through its strides (asserted above), and the
-                    // output rows are this expert's alone; `on_bf16_kernel` implies the
-                    // kernel's CPU support.
-                    unsafe {
-                        bf16::multiply(
-                            (members.len(), n, k),
-                            Output::Rows(outputs.as_ptr().cast()),
-                            Matrix::Rows(inputs.as_ptr()),
-                            // B[p][j] = W_e[j][p]: columns j, rows p.
-                            Matrix::Strided((w.as_ptr(), sn, sk)),
-                            false,
-                            false,
-                        )
-                    }
-                });
-            });
+            matmul_where_the_rows_lie(routing, xs, weights, (n, k), out, token_slots);
             return Ok(());
         }
         (0..routing.groups.len()).into_par_iter().for_each(|e| {
@@ -200,34 +163,14 @@ pub(super) fn weight_grad(
     assert_eq!(blocks.len(), routing.groups.len());
     assert!(blocks.iter().all(|b| b.len() == n * k));
     let Some(exchange) = exchange else {
-        // Each expert writes its own n·k block, reading its rows where they lie on the bf16
-        // kernel, else gathered in per-thread scratch.
+        if routing.arithmetic.on_bf16_kernel() {
+            weight_grad_where_the_rows_lie(routing, gs, xs, (n, k), blocks);
+            return Ok(());
+        }
+        // Each expert gathers its rows in per-thread scratch and writes its own n·k block.
         blocks.par_iter_mut().enumerate().for_each(|(e, block)| {
             if routing.groups[e].is_empty() {
                 return block.fill(0.0);
-            }
-            if routing.arithmetic.on_bf16_kernel() {
-                return ROW_TABLES.with_borrow_mut(|[cotangents, inputs]| {
-                    let members = &routing.groups[e];
-                    cotangents.clear();
-                    cotangents.extend(members.iter().map(|&ts| gs[ts * n..][..n].as_ptr()));
-                    inputs.clear();
-                    inputs.extend(members.iter().map(|&ts| routing.x_row(xs, ts, k).as_ptr()));
-                    // SAFETY: the tables hold a row of n cotangents and one of k inputs per
-                    // member; the block holds n·k values (asserted above) and is this expert's
-                    // alone; `on_bf16_kernel` implies the kernel's CPU support.
-                    unsafe {
-                        bf16::multiply(
-                            (n, k, members.len()),
-                            Output::Strided((block.as_mut_ptr(), 1, k as isize)),
-                            // gᵀ: column r is member r's cotangent row.
-                            Matrix::Columns(cotangents.as_ptr()),
-                            Matrix::Rows(inputs.as_ptr()),
-                            false,
-                            false,
-                        )
-                    }
-                });
             }
             SCRATCH.with_borrow_mut(|[g, xe]| {
                 cotangent_rows_into(e, g);
@@ -275,6 +218,102 @@ pub(super) fn weight_grad(
             expert_weight_grad((g, xe), (n, k, rows), routing.arithmetic, block);
         });
     Ok(())
+}
+
+/// [`matmul`] on the bf16 kernel: every expert reads its token-slots' rows of `x` and writes
+/// theirs of the output where they lie, through tables of their addresses (no gathered copy of
+/// the rows, no product to scatter), as one set of balanced tasks (`bf16::multiply_each`).
+fn matmul_where_the_rows_lie(
+    routing: &Routing,
+    xs: &[f32],
+    weights: &[(&[f32], (isize, isize))],
+    (n, k): (usize, usize),
+    out: SharedRows,
+    token_slots: usize,
+) {
+    // Taken, not borrowed: a thread waiting inside `multiply_each` may run another grouped GEMM.
+    let [mut inputs, mut outputs] = ROW_TABLES.take();
+    {
+        inputs.clear();
+        outputs.clear();
+        for &ts in routing.groups.iter().flatten() {
+            assert!(ts < token_slots, "token-slot {ts} of {token_slots}");
+            inputs.push(routing.x_row(xs, ts, k).as_ptr());
+            // SAFETY: row `ts` lies inside the output (asserted), and only its expert's
+            // product writes it (a token-slot is in one group).
+            outputs.push(unsafe { out.row(ts, n) }.as_mut_ptr().cast_const());
+        }
+        let mut first = 0;
+        let products: Vec<bf16::Product> = routing
+            .groups
+            .iter()
+            .zip(weights)
+            .map(|(members, &(w, (sn, sk)))| {
+                assert!(w.len() == n * k && [(k as isize, 1), (1, n as isize)].contains(&(sn, sk)));
+                let rows = first..first + members.len();
+                first = rows.end;
+                bf16::Product {
+                    m: rows.len(),
+                    k,
+                    lhs: Matrix::Rows(inputs[rows.clone()].as_ptr()),
+                    // B[p][j] = W_e[j][p]: columns j, rows p.
+                    rhs: Matrix::Strided((w.as_ptr(), sn, sk)),
+                    out: Output::Rows(outputs[rows].as_ptr().cast()),
+                }
+            })
+            .collect();
+        // SAFETY: each table holds a row of k inputs or n outputs per member, each weight n·k
+        // values read through its strides (asserted above), and no two experts' output rows
+        // are the same; `on_bf16_kernel` implies the kernel's CPU support.
+        unsafe { bf16::multiply_each(n, &products) };
+    }
+    ROW_TABLES.set([inputs, outputs]);
+}
+
+/// [`weight_grad`] on the bf16 kernel: expert e's `gᵀ · x` read through tables of its
+/// token-slots' cotangent and input rows where they lie, every expert's block written (zeros
+/// for an expert routed nothing: a product over K = 0), as one set of balanced tasks.
+fn weight_grad_where_the_rows_lie(
+    routing: &Routing,
+    gs: &[f32],
+    xs: &[f32],
+    (n, k): (usize, usize),
+    blocks: &mut [&mut [f32]],
+) {
+    // Taken, not borrowed: a thread waiting inside `multiply_each` may run another grouped GEMM.
+    let [mut cotangents, mut inputs] = ROW_TABLES.take();
+    {
+        cotangents.clear();
+        inputs.clear();
+        for &ts in routing.groups.iter().flatten() {
+            cotangents.push(gs[ts * n..][..n].as_ptr());
+            inputs.push(routing.x_row(xs, ts, k).as_ptr());
+        }
+        let mut first = 0;
+        let products: Vec<bf16::Product> = routing
+            .groups
+            .iter()
+            .zip(blocks.iter_mut())
+            .map(|(members, block)| {
+                assert!(block.len() == n * k);
+                let rows = first..first + members.len();
+                first = rows.end;
+                bf16::Product {
+                    m: n,
+                    k: rows.len(),
+                    // gᵀ: column r is member r's cotangent row.
+                    lhs: Matrix::Columns(cotangents[rows.clone()].as_ptr()),
+                    rhs: Matrix::Rows(inputs[rows].as_ptr()),
+                    out: Output::Strided((block.as_mut_ptr(), 1, k as isize)),
+                }
+            })
+            .collect();
+        // SAFETY: the tables hold a row of n cotangents and one of k inputs per member, each
+        // block n·k values (asserted above) of its own; `on_bf16_kernel` implies the kernel's
+        // CPU support.
+        unsafe { bf16::multiply_each(k, &products) };
+    }
+    ROW_TABLES.set([cotangents, inputs]);
 }
 
 /// `out_e [n, k] = g [rows, n]ᵀ · xe [rows, k]`, one expert's weight gradient, into `block`.

@@ -156,18 +156,18 @@ const SIDE_BY_SIDE: usize = 8;
 /// have a few panels of K = 1024 tokens).
 const PAIRS_PER_PACKING_TASK: usize = 64;
 
-/// Packs the `bound` panel rows of `operand` over K = `k` into `packed`, in panels of `width`,
-/// over rayon's threads when `parallel`. Rows lying side by side are packed in tasks of up to
-/// [`SIDE_BY_SIDE`] panels and [`PAIRS_PER_PACKING_TASK`] K pairs, so that an operand of few
-/// panels still spreads over the threads; other rows in tasks of [`SIDE_BY_SIDE`] panels.
+/// Packs panel rows `rows` of `operand` over K = `k` into `packed`, in panels of `width` (the
+/// first from row `rows.start`), over rayon's threads when `parallel`. Rows lying side by
+/// side are packed in tasks of up to [`SIDE_BY_SIDE`] panels and [`PAIRS_PER_PACKING_TASK`] K
+/// pairs, so that an operand of few panels still spreads over the threads; other rows in tasks
+/// of [`SIDE_BY_SIDE`] panels.
 ///
 /// # Safety
-/// The `bound` rows and their `k` elements lie inside the operand; `super::supported()`
-/// holds.
+/// The rows and their `k` elements lie inside the operand; `super::supported()` holds.
 pub(super) unsafe fn pack_operand(
     packed: &mut [u32],
     operand: Source,
-    (bound, k): (usize, usize),
+    (rows, k): (std::ops::Range<usize>, usize),
     width: usize,
     parallel: bool,
 ) {
@@ -176,7 +176,8 @@ pub(super) unsafe fn pack_operand(
     if pairs == 0 {
         return;
     }
-    let panels = bound.div_ceil(width);
+    let (first, bound) = (rows.start, rows.end);
+    let panels = (bound - first).div_ceil(width);
     assert!(packed.len() >= panels * panel_len);
     let out = PackedPanels(packed.as_mut_ptr());
     let run = |tasks: usize, task: &(dyn Fn(usize) + Sync)| {
@@ -190,7 +191,7 @@ pub(super) unsafe fn pack_operand(
         let blocks = pairs.div_ceil(PAIRS_PER_PACKING_TASK);
         let task = |index: usize| {
             let (group, block) = (index / blocks, index % blocks);
-            let first_row = group * SIDE_BY_SIDE * width;
+            let first_row = first + group * SIDE_BY_SIDE * width;
             let rows = (SIDE_BY_SIDE * width).min(bound - first_row);
             let first_pair = block * PAIRS_PER_PACKING_TASK;
             let block_pairs = first_pair..(first_pair + PAIRS_PER_PACKING_TASK).min(pairs);
@@ -216,7 +217,7 @@ pub(super) unsafe fn pack_operand(
                 unsafe { std::slice::from_raw_parts_mut(out.at(panel * panel_len), panel_len) };
             // SAFETY: the panel's rows below `bound` lie inside the operand (the caller's
             // promise).
-            unsafe { pack(out, operand, (panel * width, bound), k, width) };
+            unsafe { pack(out, operand, (first + panel * width, bound), k, width) };
         }
     };
     run(panels.div_ceil(SIDE_BY_SIDE), &task);

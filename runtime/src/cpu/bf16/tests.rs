@@ -162,7 +162,7 @@ fn packing_rounds_like_the_casts() {
         1,
     )));
     // SAFETY: the 20 rows of 70 elements lie in `side_by_side`; `supported()` holds.
-    unsafe { pack_operand(&mut packed, source, (rows, k), width, true) };
+    unsafe { pack_operand(&mut packed, source, (0..rows, k), width, true) };
     for i in 0..rows {
         for p in 0..k.div_ceil(2) {
             let at = (i / width) * k.div_ceil(2) * width + p * width + i % width;
