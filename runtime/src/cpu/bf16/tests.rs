@@ -356,3 +356,4 @@ fn the_comparison_times_both_gemms() {
         None => assert!(!supported()),
     }
 }
+
