@@ -388,3 +388,66 @@ fn on_the_cpu_the_losss_gradient_reads_the_forwards_exponentials() {
         assert!(kept.is_empty(), "{kept:?}");
     }
 }
+
+/// Under `cross_entropy_routines` (the CPU's choice where it has AVX-512) each loss and its
+/// gradient are library calls: the forward keeps its exponentials and sums in buffers of its
+/// own, and the gradient reads exactly those, with the labels and the loss's cotangent.
+#[test]
+fn as_routines_each_loss_keeps_what_its_gradient_reads() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::kernel::{KernelBody, Library};
+    use fathom_compiler::lower::LowerOptions;
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::training::training_graph;
+
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
+    let options = CompileOptions {
+        lower: LowerOptions {
+            cross_entropy_routines: true,
+            ..LowerOptions::cpu()
+        },
+        ..CompileOptions::default()
+    };
+    let program = compile(&train.graph, &options).unwrap().program;
+    let calls: Vec<_> = program
+        .kernels
+        .iter()
+        .filter_map(|k| match &k.body {
+            KernelBody::Library(call @ Library::CrossEntropy { .. })
+            | KernelBody::Library(call @ Library::CrossEntropyGrad { .. }) => {
+                Some((k.to_string(), call))
+            }
+            _ => None,
+        })
+        .collect();
+    let kept: Vec<_> = calls
+        .iter()
+        .filter_map(|(text, call)| match call {
+            Library::CrossEntropy { kept, labels, .. } => {
+                assert!(text.contains("keeping exponentials"), "{text}");
+                Some((kept.expect("a gradient reads it"), *labels))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kept.len(), 2, "the next-token and MTP losses");
+    let mut read = Vec::new();
+    for (text, call) in &calls {
+        if let Library::CrossEntropyGrad {
+            kept: k, labels, ..
+        } = call
+        {
+            assert!(kept.contains(&(*k, *labels)), "{text}");
+            read.push(*k);
+        }
+    }
+    assert_eq!(read.len(), 2, "{calls:?}");
+    assert_ne!(read[0], read[1]);
+    // No loop nest of the losses is left.
+    assert!(
+        program
+            .kernels
+            .iter()
+            .all(|k| !k.name.contains("_cross_entropy") || matches!(k.body, KernelBody::Library(_)))
+    );
+}

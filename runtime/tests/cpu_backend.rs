@@ -46,14 +46,42 @@ fn training_graphs_run_compiled_like_the_interpreter() {
         // The forms every backend runs; the experts' weights read where each lies and their
         // gradients written where each is wanted, never stacked (the same products of the same
         // values: bit for bit the same results); and all the CPU's own forms (the loss's
-        // gradient from the forward's exponentials: within the bounds of the interpreter).
+        // gradient from the forward's exponentials: within the bounds of the interpreter), with
+        // the loss and its gradient as loops or as the CPU's routines (library calls).
         let in_place = LowerOptions {
             grouped_weights_in_place: true,
             ..LowerOptions::default()
         };
+        let routines = LowerOptions {
+            cross_entropy_routines: true,
+            ..LowerOptions::cpu()
+        };
         let mut first: Option<CpuOutputs> = None;
-        for options in [LowerOptions::default(), in_place, LowerOptions::cpu()] {
+        for options in [
+            LowerOptions::default(),
+            in_place,
+            LowerOptions::cpu(),
+            routines,
+        ] {
             let program = lower_with(&train.graph, options).unwrap();
+            // Every cross-entropy kernel, forward and backward, is a call or a loop nest.
+            let (calls, loops): (Vec<_>, Vec<_>) = program
+                .kernels
+                .iter()
+                .filter(|k| k.name.contains("_cross_entropy"))
+                .partition(|k| matches!(k.body, KernelBody::Library(_)));
+            let (calls, loops) = (calls.len(), loops.len());
+            if options.cross_entropy_routines {
+                assert!(
+                    calls >= 2 && loops == 0,
+                    "{name}: {calls} calls, {loops} loops"
+                );
+            } else {
+                assert!(
+                    calls == 0 && loops >= 2,
+                    "{name}: {calls} calls, {loops} loops"
+                );
+            }
             let stacked_weights = program.kernels.iter().filter(|k| {
                 matches!(
                     &k.body,
@@ -424,11 +452,13 @@ fn limited_accumulation_gemms_compile_bit_for_bit() {
     );
 }
 
-/// The CPU's lowering with the bf16 round trips folded into the products that read them, as
-/// the backend lowers where its bf16 GEMM runs, whatever this CPU is.
+/// The CPU's lowering with the bf16 round trips folded into the products that read them and
+/// the losses as routines, as the backend lowers on a CPU whose bf16 GEMM runs (AVX-512),
+/// whatever this CPU is.
 fn folding_round_trips() -> LowerOptions {
     LowerOptions {
         products_round_operands: true,
+        cross_entropy_routines: true,
         ..LowerOptions::cpu()
     }
 }

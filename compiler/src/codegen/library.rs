@@ -170,6 +170,36 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
                 ("out", ty(out)),
             ],
         ),
+        // CPU forms (`LowerOptions::cross_entropy_routines`): no template; the plan refuses them.
+        Library::CrossEntropy {
+            logits,
+            labels,
+            loss,
+            ..
+        } => (
+            "cross_entropy",
+            None,
+            vec![
+                ("logits", ty(logits)),
+                ("labels", ty(labels)),
+                ("loss", ty(loss)),
+            ],
+        ),
+        Library::CrossEntropyGrad {
+            kept,
+            labels,
+            cotangent,
+            out,
+        } => (
+            "cross_entropy_grad",
+            None,
+            vec![
+                ("exponentials", ty(&kept.exponentials)),
+                ("labels", ty(labels)),
+                ("cotangent", ty(cotangent)),
+                ("out", ty(out)),
+            ],
+        ),
     };
     let (reads, writes) = call.operands();
     TemplateCall {

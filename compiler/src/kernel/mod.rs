@@ -207,6 +207,34 @@ pub enum Library {
         x: BufferId,
         out: BufferId,
     },
+    /// `graph::Op::CrossEntropy` on dense buffers: `logits` `[rows…, vocab]`, `labels` and
+    /// `loss` one value per row (a negative label is ignored: its loss is 0). With `kept`, the
+    /// call also writes each row's exponentials `exp(x − max)` (the logits' shape) and their
+    /// sum (one per row) for a `CrossEntropyGrad` to read. A CPU form
+    /// (`lower::LowerOptions::cross_entropy_routines`), where a hand-vectorised routine beats
+    /// the generated loops; the CUDA plan refuses it.
+    CrossEntropy {
+        logits: BufferId,
+        labels: BufferId,
+        loss: BufferId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kept: Option<KeptExponentials>,
+    },
+    /// The gradient of a `CrossEntropy` that kept its exponentials: `out = (e / Σe − [v =
+    /// label]) · cotangent` per row (zeros for an ignored row), `out` the logits' shape.
+    CrossEntropyGrad {
+        kept: KeptExponentials,
+        labels: BufferId,
+        cotangent: BufferId,
+        out: BufferId,
+    },
+}
+
+/// What a cross-entropy call keeps for its gradient (see [`Library::CrossEntropy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptExponentials {
+    pub exponentials: BufferId,
+    pub sums: BufferId,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -414,6 +442,27 @@ impl Library {
             Library::TopK { x, out, .. } => (vec![*x], vec![*out]),
             Library::OneHot { indices, out, .. } => (vec![*indices], vec![*out]),
             Library::QuantizeDequantize { x, out, .. } => (vec![*x], vec![*out]),
+            Library::CrossEntropy {
+                logits,
+                labels,
+                loss,
+                kept,
+            } => {
+                let mut written = vec![*loss];
+                if let Some(kept) = kept {
+                    written.extend([kept.exponentials, kept.sums]);
+                }
+                (vec![*logits, *labels], written)
+            }
+            Library::CrossEntropyGrad {
+                kept,
+                labels,
+                cotangent,
+                out,
+            } => (
+                vec![kept.exponentials, kept.sums, *labels, *cotangent],
+                vec![*out],
+            ),
         }
     }
 }

@@ -222,6 +222,32 @@ impl Display for Library {
                 indices,
                 out,
             } => write!(f, "one_hot<depth={depth}> {out} = {indices}"),
+            Library::CrossEntropy {
+                logits,
+                labels,
+                loss,
+                kept,
+            } => {
+                write!(f, "cross_entropy {loss} = {logits} against {labels}")?;
+                match kept {
+                    Some(kept) => write!(
+                        f,
+                        ", keeping exponentials {} and sums {}",
+                        kept.exponentials, kept.sums
+                    ),
+                    None => Ok(()),
+                }
+            }
+            Library::CrossEntropyGrad {
+                kept,
+                labels,
+                cotangent,
+                out,
+            } => write!(
+                f,
+                "cross_entropy_grad {out} = ({} / {} - onehot({labels})) * {cotangent}",
+                kept.exponentials, kept.sums
+            ),
             Library::QuantizeDequantize {
                 format,
                 tile_rows,

@@ -60,16 +60,23 @@ pub struct LowerOptions {
     /// bf16 GEMM runs (its packing rounds at no extra cost, where the cast kernels stored and
     /// loaded every rounded operand once more); the CUDA plan keeps the casts.
     pub products_round_operands: bool,
+    /// Cross-entropies and their gradients are library calls (`kernel::Library::
+    /// CrossEntropy`, `CrossEntropyGrad`) instead of loop nests, when their gradient keeps
+    /// the exponentials or there is none: the CPU backend's choice where it has AVX-512 (its
+    /// routine runs sixteen lanes of `exp` where cranelift's code runs four; the runtime's
+    /// `cpu::lower_options`); the CUDA plan refuses the calls.
+    pub cross_entropy_routines: bool,
 }
 
 impl LowerOptions {
-    /// Everything the CPU backend runs (but `products_round_operands`, which depends on the
-    /// CPU: the runtime's `cpu::lower_options`).
+    /// Everything the CPU backend runs (but `products_round_operands` and
+    /// `cross_entropy_routines`, which depend on the CPU: the runtime's `cpu::lower_options`).
     pub fn cpu() -> Self {
         LowerOptions {
             grouped_weights_in_place: true,
             cross_entropy_keeps_exponentials: true,
             products_round_operands: false,
+            cross_entropy_routines: false,
         }
     }
 }

@@ -11,6 +11,7 @@ use fathom_compiler::kernel::{
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::cross_entropy;
 use super::grouped::{self, Routing};
 use super::product::{Arithmetic, Operand, multiply};
 use super::{CpuError, Lent, Storage};
@@ -275,6 +276,46 @@ pub(super) fn run(
             for (p, &i) in buffers[indices.index()].iter().enumerate() {
                 result[p * depth + index(i, *depth)?] = 1.0;
             }
+            buffers[out.index()] = result.restore();
+        }
+        Library::CrossEntropy {
+            logits,
+            labels,
+            loss,
+            kept,
+        } => {
+            let vocab = *dims(logits).last().expect("logits have a vocabulary axis");
+            let mut losses = buffers[loss.index()].lend();
+            // Each kept buffer with its id, to be put back.
+            let mut kept_values = kept.map(|ids| {
+                let e = buffers[ids.exponentials.index()].lend();
+                (ids, e, buffers[ids.sums.index()].lend())
+            });
+            let (xs, ls) = (&buffers[logits.index()], &buffers[labels.index()]);
+            let rows = kept_values
+                .as_mut()
+                .map(|(_, e, s)| (&mut e[..], &mut s[..]));
+            cross_entropy::forward(xs, ls, vocab, &mut losses, rows);
+            buffers[loss.index()] = losses.restore();
+            if let Some((ids, e, s)) = kept_values {
+                buffers[ids.exponentials.index()] = e.restore();
+                buffers[ids.sums.index()] = s.restore();
+            }
+        }
+        Library::CrossEntropyGrad {
+            kept,
+            labels,
+            cotangent,
+            out,
+        } => {
+            let vocab = *dims(out).last().expect("logits have a vocabulary axis");
+            let mut result = buffers[out.index()].lend();
+            let kept_values = (
+                &buffers[kept.exponentials.index()][..],
+                &buffers[kept.sums.index()][..],
+            );
+            let (ls, gs) = (&buffers[labels.index()], &buffers[cotangent.index()]);
+            cross_entropy::gradient(kept_values, ls, gs, vocab, &mut result);
             buffers[out.index()] = result.restore();
         }
     }

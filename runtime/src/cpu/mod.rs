@@ -9,6 +9,7 @@
 //! [`loops`] is their reference and runs the kernels the JIT leaves (see [`JitReport`]).
 
 mod bf16;
+mod cross_entropy;
 mod expf;
 mod grouped;
 mod jit;
@@ -30,12 +31,14 @@ use thiserror::Error;
 
 pub use bf16::{BF16_GEMM_ENV, Bf16Gemm, MIN_FLOP_RATIO, bf16_gemm, compare_with_f32};
 
-/// The kernel forms this backend runs on this CPU: `LowerOptions::cpu()`, and products that
-/// round their bf16 operands as they read them where the bf16 GEMM runs (its packing rounds
-/// anyway; the f32 GEMM would need rounded copies, which the cast kernels make once).
+/// The kernel forms this backend runs on this CPU: `LowerOptions::cpu()`, products that round
+/// their bf16 operands as they read them where the bf16 GEMM runs (its packing rounds anyway;
+/// the f32 GEMM would need rounded copies, which the cast kernels make once), and the
+/// cross-entropy routines where the CPU has AVX-512 (`cross_entropy`).
 pub fn lower_options() -> fathom_compiler::lower::LowerOptions {
     fathom_compiler::lower::LowerOptions {
         products_round_operands: bf16::enabled(),
+        cross_entropy_routines: cross_entropy::vectorised(),
         ..fathom_compiler::lower::LowerOptions::cpu()
     }
 }

@@ -36,6 +36,10 @@ const NOT_IN_PARTS: &str = "the CUDA plan reads and writes the experts' matrices
 const NOT_ROUNDING: &str = "the CUDA GEMM templates read operands as they are stored, rounded \
      by the program's casts; lower without `LowerOptions::products_round_operands`";
 
+/// Why a cross-entropy as a library call has no CUDA plan.
+const NOT_A_ROUTINE: &str = "the CUDA plan runs cross-entropies as generated loop kernels; \
+     lower without `LowerOptions::cross_entropy_routines`";
+
 /// A template instantiation a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LibraryKernel {
@@ -349,6 +353,9 @@ impl Planner<'_> {
             return Err(NOT_ROUNDING.into());
         }
         match call {
+            Library::CrossEntropy { .. } | Library::CrossEntropyGrad { .. } => {
+                Err(NOT_A_ROUTINE.into())
+            }
             Library::MatMul {
                 batch,
                 m,

@@ -258,6 +258,28 @@ fn a_product_that_rounds_its_operands_is_refused_on_the_gpu() {
     assert!(error.contains("products_round_operands"), "{error}");
 }
 
+/// The CPU's cross-entropy routines are library calls the CUDA plan has no template for: the
+/// plan names the option to lower without.
+#[test]
+fn the_cpus_cross_entropy_routines_are_refused_on_the_gpu() {
+    let spec = fathom_compiler::spec::examples::micro();
+    let graph = training_graph(&spec, 1, 3, LossWeights::deepseek_v3())
+        .unwrap()
+        .graph;
+    let options = CompileOptions {
+        lower: fathom_compiler::lower::LowerOptions {
+            cross_entropy_keeps_exponentials: true,
+            cross_entropy_routines: true,
+            ..Default::default()
+        },
+        ..CompileOptions::default()
+    };
+    let program = compile(&graph, &options).unwrap().program;
+    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    assert!(error.contains("cross_entropy"), "{error}");
+    assert!(error.contains("cross_entropy_routines"), "{error}");
+}
+
 #[test]
 fn comparison_accepts_rounding_within_the_dot_bound_only() {
     use crate::cuda::library_samples::{Tolerance, compare_outputs};

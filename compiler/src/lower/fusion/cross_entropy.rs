@@ -13,10 +13,14 @@
 //! loaded along the inner axis (one small buffer per vocabulary size, shared by every such
 //! kernel of the program): the kernel IR needs no notion of "the current index".
 //!
+//! Under [`LowerOptions::cross_entropy_routines`] (the CPU's choice where it has AVX-512) the
+//! kept forward and its gradient are library calls instead, on dense buffers.
+//!
 //! [`LowerOptions::cross_entropy_keeps_exponentials`]: super::super::LowerOptions
+//! [`LowerOptions::cross_entropy_routines`]: super::super::LowerOptions
 
 use crate::graph::{BinaryOp, CompareOp, ConstantData, NodeId, Op, ReduceOp, UnaryOp};
-use crate::kernel::{Buffer, BufferRole, Expr, KernelBody, Stmt};
+use crate::kernel::{self, Buffer, BufferRole, Expr, KernelBody, Library, Stmt};
 use crate::{DType, TensorType};
 
 use super::super::{Affine, KernelBuilder, LowerError, StridedView, load, new_buffer};
@@ -32,8 +36,12 @@ pub(in crate::lower) struct KeptExponentials {
 }
 
 impl Lowering<'_> {
-    /// Emits the loop nest of a `CrossEntropy` or `CrossEntropyGrad` node.
+    /// Emits the loop nest (or, under [`LowerOptions::cross_entropy_routines`], the library
+    /// call) of a `CrossEntropy` or `CrossEntropyGrad` node.
     pub(super) fn emit_cross_entropy(&mut self, id: NodeId) -> Result<(), LowerError> {
+        if self.options.cross_entropy_routines && self.emit_cross_entropy_call(id)? {
+            return Ok(());
+        }
         let node = self.graph.node(id);
         let (logits, labels) = (node.inputs[0], node.inputs[1]);
         let domain = self.dims(logits).to_vec();
@@ -172,6 +180,56 @@ impl Lowering<'_> {
         Ok(())
     }
 
+    /// Emits `id` as a library call, and says whether it did: a forward (keeping its
+    /// exponentials when its gradient will read them), or the gradient of one that kept them
+    /// (a gradient that recomputes them stays a loop nest).
+    fn emit_cross_entropy_call(&mut self, id: NodeId) -> Result<bool, LowerError> {
+        let node = self.graph.node(id);
+        let inputs = node.inputs.clone();
+        let call = match inputs[..] {
+            [logits, labels] => {
+                let kept = self.gradient_keeps_exponentials(id).then(|| {
+                    let domain = self.dims(logits).to_vec();
+                    let kept = self.keep_exponentials(&domain);
+                    self.kept_exponentials.insert(id, kept.clone());
+                    kernel::KeptExponentials {
+                        exponentials: kept.exponentials.buffer,
+                        sums: kept.sums.buffer,
+                    }
+                });
+                Library::CrossEntropy {
+                    logits: self.dense(logits)?,
+                    labels: self.dense(labels)?,
+                    loss: new_buffer(&mut self.program, temporary(&node.ty)),
+                    kept,
+                }
+            }
+            [_, labels, loss, cotangent] if self.kept_exponentials.contains_key(&loss) => {
+                let kept = &self.kept_exponentials[&loss];
+                let kept = kernel::KeptExponentials {
+                    exponentials: kept.exponentials.buffer,
+                    sums: kept.sums.buffer,
+                };
+                Library::CrossEntropyGrad {
+                    kept,
+                    labels: self.dense(labels)?,
+                    cotangent: self.dense(cotangent)?,
+                    out: new_buffer(&mut self.program, temporary(&node.ty)),
+                }
+            }
+            _ => return Ok(false),
+        };
+        let out = match &call {
+            Library::CrossEntropy { loss, .. } => *loss,
+            Library::CrossEntropyGrad { out, .. } => *out,
+            _ => unreachable!(),
+        };
+        let view = StridedView::contiguous(out, node.ty.dims());
+        self.push_node_kernel(id, what(&node.op), vec![id], KernelBody::Library(call));
+        self.views[id.index()] = Some(view);
+        Ok(true)
+    }
+
     /// Whether the forward cross-entropy `id` stores its exponentials for its gradient: the
     /// option is on and the program computes the gradient of this very loss (same logits and
     /// labels, `id` as its loss).
@@ -205,7 +263,7 @@ impl Lowering<'_> {
             b.ty == ty && matches!(&b.role, BufferRole::Constant(c) if c.label == INDEX_LABEL)
         });
         let buffer = match existing {
-            Some(i) => crate::kernel::BufferId(i as u32),
+            Some(i) => kernel::BufferId(i as u32),
             None => new_buffer(
                 &mut self.program,
                 Buffer {

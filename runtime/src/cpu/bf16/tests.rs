@@ -356,4 +356,3 @@ fn the_comparison_times_both_gemms() {
         None => assert!(!supported()),
     }
 }
-
