@@ -11,12 +11,15 @@
 //! FMA's rate (half the f32 FLOP rate). [`bf16_gemm`] measures the two instructions' rates once per process and
 //! uses the kernel only where bf16 delivers clearly more, so the choice does not move with load.
 //!
-//! Layout: `lhs` is packed in panels of [`MR`] rows and `rhs` in panels of [`NR`] columns, one
-//! 32-bit pair of bf16 values (two consecutive elements of K) per row or column and per pair of
-//! K, zero-padded to whole panels and an even K. A register tile of `MR × NR` f32 sums runs
+//! Layout (`pack`): `lhs` is packed in panels of [`MR`] rows and `rhs` in panels of [`NR`]
+//! columns, one 32-bit pair of bf16 values (two consecutive elements of K) per row or column
+//! and per pair of K, an odd K's last pair completed with a zero, the last panel's padding rows
+//! holding stale values whose sums no store keeps. A register tile of `MR × NR` f32 sums runs
 //! over K in blocks of [`PAIRS_PER_BLOCK`], each block's sums added to the output in turn, so
 //! every output element is summed in one fixed order: the result does not depend on the thread
-//! count.
+//! count. Operands are read where they lie, strided or through tables of row addresses, and
+//! outputs written likewise ([`Matrix`], [`Output`]): a grouped GEMM's experts read and write
+//! their routed token rows in place ([`multiply_each`]).
 
 use std::sync::OnceLock;
 

@@ -1,9 +1,10 @@
 //! The grouped expert GEMMs on the CPU: one GEMM per expert over the token-slot rows routed to
-//! it, the experts spread over the threads (each GEMM is small and runs on one; an expert's
-//! arithmetic is the same whatever the thread count). On the bf16 kernel an expert's rows are
-//! read and written where they lie, through tables of their addresses; elsewhere they are
-//! gathered into a contiguous copy and the product's rows scattered back. Under expert
-//! parallelism each expert's GEMM runs on the rank that owns it (`crate::parallel::experts`).
+//! it (an expert's arithmetic is the same whatever the thread count). On the bf16 kernel an
+//! expert's rows are read and written where they lie, through tables of their addresses, and
+//! its row blocks are tasks any thread takes (`bf16::multiply_each`); elsewhere the experts
+//! are spread over the threads, each GEMM on one, its rows gathered into a contiguous copy and
+//! its product's rows scattered back. Under expert parallelism each expert's GEMM runs on the
+//! rank that owns it (`crate::parallel::experts`).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -222,7 +223,7 @@ pub(super) fn weight_grad(
 
 /// [`matmul`] on the bf16 kernel: every expert reads its token-slots' rows of `x` and writes
 /// theirs of the output where they lie, through tables of their addresses (no gathered copy of
-/// the rows, no product to scatter), as one set of balanced tasks (`bf16::multiply_each`).
+/// the rows, no product to scatter), in row-block tasks (`bf16::multiply_each`).
 fn matmul_where_the_rows_lie(
     routing: &Routing,
     xs: &[f32],
@@ -233,46 +234,44 @@ fn matmul_where_the_rows_lie(
 ) {
     // Taken, not borrowed: a thread waiting inside `multiply_each` may run another grouped GEMM.
     let [mut inputs, mut outputs] = ROW_TABLES.take();
-    {
-        inputs.clear();
-        outputs.clear();
-        for &ts in routing.groups.iter().flatten() {
-            assert!(ts < token_slots, "token-slot {ts} of {token_slots}");
-            inputs.push(routing.x_row(xs, ts, k).as_ptr());
-            // SAFETY: row `ts` lies inside the output (asserted), and only its expert's
-            // product writes it (a token-slot is in one group).
-            outputs.push(unsafe { out.row(ts, n) }.as_mut_ptr().cast_const());
-        }
-        let mut first = 0;
-        let products: Vec<bf16::Product> = routing
-            .groups
-            .iter()
-            .zip(weights)
-            .map(|(members, &(w, (sn, sk)))| {
-                assert!(w.len() == n * k && [(k as isize, 1), (1, n as isize)].contains(&(sn, sk)));
-                let rows = first..first + members.len();
-                first = rows.end;
-                bf16::Product {
-                    m: rows.len(),
-                    k,
-                    lhs: Matrix::Rows(inputs[rows.clone()].as_ptr()),
-                    // B[p][j] = W_e[j][p]: columns j, rows p.
-                    rhs: Matrix::Strided((w.as_ptr(), sn, sk)),
-                    out: Output::Rows(outputs[rows].as_ptr().cast()),
-                }
-            })
-            .collect();
-        // SAFETY: each table holds a row of k inputs or n outputs per member, each weight n·k
-        // values read through its strides (asserted above), and no two experts' output rows
-        // are the same; `on_bf16_kernel` implies the kernel's CPU support.
-        unsafe { bf16::multiply_each(n, &products) };
+    inputs.clear();
+    outputs.clear();
+    for &ts in routing.groups.iter().flatten() {
+        assert!(ts < token_slots, "token-slot {ts} of {token_slots}");
+        inputs.push(routing.x_row(xs, ts, k).as_ptr());
+        // SAFETY: row `ts` lies inside the output (asserted), and only its expert's
+        // product writes it (a token-slot is in one group).
+        outputs.push(unsafe { out.row(ts, n) }.as_mut_ptr().cast_const());
     }
+    let mut first = 0;
+    let products: Vec<bf16::Product> = routing
+        .groups
+        .iter()
+        .zip(weights)
+        .map(|(members, &(w, (sn, sk)))| {
+            assert!(w.len() == n * k && [(k as isize, 1), (1, n as isize)].contains(&(sn, sk)));
+            let rows = first..first + members.len();
+            first = rows.end;
+            bf16::Product {
+                m: rows.len(),
+                k,
+                lhs: Matrix::Rows(inputs[rows.clone()].as_ptr()),
+                // B[p][j] = W_e[j][p]: columns j, rows p.
+                rhs: Matrix::Strided((w.as_ptr(), sn, sk)),
+                out: Output::Rows(outputs[rows].as_ptr().cast()),
+            }
+        })
+        .collect();
+    // SAFETY: each table holds a row of k inputs or n outputs per member, each weight n·k
+    // values read through its strides (asserted above), and no two experts' output rows
+    // are the same; `on_bf16_kernel` implies the kernel's CPU support.
+    unsafe { bf16::multiply_each(n, &products) };
     ROW_TABLES.set([inputs, outputs]);
 }
 
 /// [`weight_grad`] on the bf16 kernel: expert e's `gᵀ · x` read through tables of its
 /// token-slots' cotangent and input rows where they lie, every expert's block written (zeros
-/// for an expert routed nothing: a product over K = 0), as one set of balanced tasks.
+/// for an expert routed nothing: a product over K = 0), in row-block tasks.
 fn weight_grad_where_the_rows_lie(
     routing: &Routing,
     gs: &[f32],
@@ -282,37 +281,35 @@ fn weight_grad_where_the_rows_lie(
 ) {
     // Taken, not borrowed: a thread waiting inside `multiply_each` may run another grouped GEMM.
     let [mut cotangents, mut inputs] = ROW_TABLES.take();
-    {
-        cotangents.clear();
-        inputs.clear();
-        for &ts in routing.groups.iter().flatten() {
-            cotangents.push(gs[ts * n..][..n].as_ptr());
-            inputs.push(routing.x_row(xs, ts, k).as_ptr());
-        }
-        let mut first = 0;
-        let products: Vec<bf16::Product> = routing
-            .groups
-            .iter()
-            .zip(blocks.iter_mut())
-            .map(|(members, block)| {
-                assert!(block.len() == n * k);
-                let rows = first..first + members.len();
-                first = rows.end;
-                bf16::Product {
-                    m: n,
-                    k: rows.len(),
-                    // gᵀ: column r is member r's cotangent row.
-                    lhs: Matrix::Columns(cotangents[rows.clone()].as_ptr()),
-                    rhs: Matrix::Rows(inputs[rows].as_ptr()),
-                    out: Output::Strided((block.as_mut_ptr(), 1, k as isize)),
-                }
-            })
-            .collect();
-        // SAFETY: the tables hold a row of n cotangents and one of k inputs per member, each
-        // block n·k values (asserted above) of its own; `on_bf16_kernel` implies the kernel's
-        // CPU support.
-        unsafe { bf16::multiply_each(k, &products) };
+    cotangents.clear();
+    inputs.clear();
+    for &ts in routing.groups.iter().flatten() {
+        cotangents.push(gs[ts * n..][..n].as_ptr());
+        inputs.push(routing.x_row(xs, ts, k).as_ptr());
     }
+    let mut first = 0;
+    let products: Vec<bf16::Product> = routing
+        .groups
+        .iter()
+        .zip(blocks.iter_mut())
+        .map(|(members, block)| {
+            assert!(block.len() == n * k);
+            let rows = first..first + members.len();
+            first = rows.end;
+            bf16::Product {
+                m: n,
+                k: rows.len(),
+                // gᵀ: column r is member r's cotangent row.
+                lhs: Matrix::Columns(cotangents[rows.clone()].as_ptr()),
+                rhs: Matrix::Rows(inputs[rows].as_ptr()),
+                out: Output::Strided((block.as_mut_ptr(), 1, k as isize)),
+            }
+        })
+        .collect();
+    // SAFETY: the tables hold a row of n cotangents and one of k inputs per member, each
+    // block n·k values (asserted above) of its own; `on_bf16_kernel` implies the kernel's
+    // CPU support.
+    unsafe { bf16::multiply_each(k, &products) };
     ROW_TABLES.set([cotangents, inputs]);
 }
 
