@@ -443,6 +443,9 @@ fn as_routines_each_loss_keeps_what_its_gradient_reads() {
     }
     assert_eq!(read.len(), 2, "{calls:?}");
     assert_ne!(read[0], read[1]);
+    // The calls as the kernel IR prints them (reviewed with every change).
+    let printed: Vec<&str> = calls.iter().map(|(text, _)| text.as_str()).collect();
+    insta::assert_snapshot!(printed.join(""));
     // No loop nest of the losses is left.
     assert!(
         program
