@@ -42,6 +42,16 @@ impl Routing {
         }
     }
 
+    /// Where each expert's members lie in `groups` laid end to end (the order of
+    /// `groups.iter().flatten()`, in which the row tables are built).
+    fn member_ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.groups.iter().scan(0, |first, members| {
+            let rows = *first..*first + members.len();
+            *first = rows.end;
+            Some(rows)
+        })
+    }
+
     /// Token-slot `ts`'s row of `x` (width `k`).
     fn x_row<'x>(&self, xs: &'x [f32], ts: usize, k: usize) -> &'x [f32] {
         let (t, s) = (ts / self.slots, ts % self.slots);
@@ -243,15 +253,11 @@ fn matmul_where_the_rows_lie(
         // product writes it (a token-slot is in one group).
         outputs.push(unsafe { out.row(ts, n) }.as_mut_ptr().cast_const());
     }
-    let mut first = 0;
     let products: Vec<bf16::Product> = routing
-        .groups
-        .iter()
+        .member_ranges()
         .zip(weights)
-        .map(|(members, &(w, (sn, sk)))| {
-            assert!(w.len() == n * k && [(k as isize, 1), (1, n as isize)].contains(&(sn, sk)));
-            let rows = first..first + members.len();
-            first = rows.end;
+        .map(|(rows, &(w, (sn, sk)))| {
+            assert_expert_weight(w, (sn, sk), (n, k));
             bf16::Product {
                 m: rows.len(),
                 k,
@@ -287,15 +293,11 @@ fn weight_grad_where_the_rows_lie(
         cotangents.push(gs[ts * n..][..n].as_ptr());
         inputs.push(routing.x_row(xs, ts, k).as_ptr());
     }
-    let mut first = 0;
     let products: Vec<bf16::Product> = routing
-        .groups
-        .iter()
+        .member_ranges()
         .zip(blocks.iter_mut())
-        .map(|(members, block)| {
+        .map(|(rows, block)| {
             assert!(block.len() == n * k);
-            let rows = first..first + members.len();
-            first = rows.end;
             bf16::Product {
                 m: n,
                 k: rows.len(),
@@ -311,6 +313,15 @@ fn weight_grad_where_the_rows_lie(
     // CPU support.
     unsafe { bf16::multiply_each(k, &products) };
     ROW_TABLES.set([cotangents, inputs]);
+}
+
+/// An expert's weight is n·k values read row-major (`(k, 1)`) or transposed (`(1, n)`).
+fn assert_expert_weight(w: &[f32], strides: (isize, isize), (n, k): (usize, usize)) {
+    let layouts = [(k as isize, 1), (1, n as isize)];
+    assert!(
+        w.len() == n * k && layouts.contains(&strides),
+        "{strides:?}"
+    );
 }
 
 /// `out_e [n, k] = g [rows, n]ᵀ · xe [rows, k]`, one expert's weight gradient, into `block`.
@@ -344,7 +355,7 @@ fn expert_product_into(
 ) {
     let count = product.len() / n.max(1);
     assert_eq!(rows.len(), count * k);
-    assert!(w.len() == n * k && [(k as isize, 1), (1, n as isize)].contains(&(sn, sk)));
+    assert_expert_weight(w, (sn, sk), (n, k));
     // SAFETY: every pointer spans exactly the matrix its strides describe (asserted above).
     unsafe {
         multiply(

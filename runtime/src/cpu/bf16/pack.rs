@@ -29,6 +29,11 @@ pub(super) enum Runs {
     Table(*const *const f32),
 }
 
+// SAFETY: addresses of values only read, which the caller of the product keeps alive and
+// unwritten meanwhile (as `Source`'s).
+unsafe impl Send for Runs {}
+unsafe impl Sync for Runs {}
+
 impl Runs {
     /// The first value of run `index` (no bounds: the caller checks).
     ///
@@ -126,25 +131,6 @@ impl Source {
             }
         }
     }
-
-    /// [`vector::pack_side_by_side`] for panel rows `first_row..first_row + rows` of an operand
-    /// whose rows lie side by side.
-    ///
-    /// # Safety
-    /// As [`vector::pack_side_by_side`]; the operand's reading is [`Reading::SideBySide`].
-    unsafe fn side_by_side(
-        self,
-        out: (*mut u32, usize, usize),
-        (first_row, rows): (usize, usize),
-        k: usize,
-        pairs: std::ops::Range<usize>,
-    ) {
-        let Reading::SideBySide(runs) = self.reading() else {
-            unreachable!("{self:?} does not lie side by side")
-        };
-        // SAFETY: the caller's promise.
-        unsafe { vector::pack_side_by_side(out, (runs, first_row), (rows, k), pairs) }
-    }
 }
 
 /// Panels packed by one task: where the rows lie side by side, each K pair is read across all
@@ -187,7 +173,7 @@ pub(super) unsafe fn pack_operand(
             (0..tasks).for_each(task);
         }
     };
-    if let Reading::SideBySide(_) = operand.reading() {
+    if let Reading::SideBySide(runs) = operand.reading() {
         let blocks = pairs.div_ceil(PAIRS_PER_PACKING_TASK);
         let task = |index: usize| {
             let (group, block) = (index / blocks, index % blocks);
@@ -199,10 +185,10 @@ pub(super) unsafe fn pack_operand(
             // operand, its panels inside `packed` (asserted above); tasks write disjoint pairs
             // of them; `supported()` holds (the caller's promise).
             unsafe {
-                operand.side_by_side(
+                vector::pack_side_by_side(
                     (out.at(group * SIDE_BY_SIDE * panel_len), panel_len, width),
-                    (first_row, rows),
-                    k,
+                    (runs, first_row),
+                    (rows, k),
                     block_pairs,
                 )
             }
@@ -281,17 +267,15 @@ pub(super) unsafe fn pack(
     // speed), and packing element by element through strides cost about a fifth of a
     // 256×4096×1024 product.
     let row = match operand.reading() {
-        Reading::SideBySide(_) => {
-            if pairs > 0 {
-                // SAFETY: the caller's promise.
-                unsafe {
-                    operand.side_by_side(
-                        (out.as_mut_ptr(), pairs * width, width),
-                        (first, rows),
-                        k,
-                        0..pairs,
-                    )
-                }
+        Reading::SideBySide(runs) => {
+            // SAFETY: the caller's promise; `out` holds the panel's pairs (asserted above).
+            unsafe {
+                vector::pack_side_by_side(
+                    (out.as_mut_ptr(), pairs * width, width),
+                    (runs, first),
+                    (rows, k),
+                    0..pairs,
+                )
             }
             return;
         }
