@@ -454,3 +454,100 @@ fn as_routines_each_loss_keeps_what_its_gradient_reads() {
             .all(|k| !k.name.contains("_cross_entropy") || matches!(k.body, KernelBody::Library(_)))
     );
 }
+
+/// Under `softmax_routines` every attention softmax and its gradient are library calls: each
+/// gradient reads the exponentials, sums and softmax one forward call wrote, with the same
+/// mask and scale, and no loop nest with an exponential is left in attention. A nest the
+/// pattern does not fit stays a loop: lowered without the option, the same nests are loops.
+#[test]
+fn as_routines_each_softmax_gradient_reads_what_its_forward_wrote() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::kernel::{KernelBody, Library};
+    use fathom_compiler::lower::LowerOptions;
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::training::training_graph;
+
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
+    let compiled = |softmax_routines| {
+        let options = CompileOptions {
+            lower: LowerOptions {
+                softmax_routines,
+                ..LowerOptions::cpu()
+            },
+            ..CompileOptions::default()
+        };
+        compile(&train.graph, &options).unwrap().program
+    };
+    let program = compiled(true);
+    let (mut forwards, mut gradients) = (Vec::new(), Vec::new());
+    for kernel in &program.kernels {
+        match &kernel.body {
+            KernelBody::Library(Library::Softmax {
+                scores,
+                exponentials,
+                sums,
+                out,
+                ..
+            }) => forwards.push((scores.clone(), exponentials, sums.clone(), out, kernel)),
+            KernelBody::Library(Library::SoftmaxGrad {
+                probabilities,
+                sums,
+                exponentials,
+                mask,
+                scale,
+                ..
+            }) => gradients.push((probabilities, sums, exponentials, mask, scale, kernel)),
+            KernelBody::Loop(_) if kernel.origin.contains("self_attn") => {
+                let text = kernel.to_string();
+                assert!(!text.contains("exp("), "{text}");
+            }
+            _ => {}
+        }
+    }
+    let layers = tiny().layers + tiny().mtp_depth;
+    assert_eq!(forwards.len(), layers, "one softmax per attention");
+    assert_eq!(gradients.len(), layers, "and one gradient of each");
+    for (p, s, e, mask, scale, kernel) in &gradients {
+        let forward = forwards
+            .iter()
+            .find(|(_, exponentials, ..)| exponentials.buffer == e.buffer)
+            .unwrap_or_else(|| panic!("no softmax wrote what {} reads", kernel.name));
+        let (scores, _, sums, out, _) = forward;
+        assert_eq!(out.buffer, p.buffer, "{}", kernel.name);
+        assert_eq!(
+            sums.as_ref().map(|v| v.buffer),
+            Some(s.buffer),
+            "{}",
+            kernel.name
+        );
+        assert_eq!(scores.scale, **scale, "{}", kernel.name);
+        let forward_mask = scores.mask.as_ref().map(|m| m.mask.buffer);
+        assert_eq!(
+            forward_mask,
+            mask.as_ref().map(|m| m.buffer),
+            "{}",
+            kernel.name
+        );
+        assert!(scores.mask.is_some(), "attention is causal");
+    }
+    // The calls as the kernel IR prints them (reviewed with every change).
+    let printed: String = forwards
+        .iter()
+        .map(|(.., kernel)| kernel.to_string())
+        .chain(gradients.iter().map(|(.., kernel)| kernel.to_string()))
+        .collect();
+    insta::assert_snapshot!(printed);
+    // Without the option the same kernels are the loops fusion made.
+    let loops = compiled(false);
+    assert_eq!(loops.kernels.len(), program.kernels.len());
+    let calls = forwards
+        .iter()
+        .map(|f| f.4)
+        .chain(gradients.iter().map(|g| g.5));
+    for kernel in calls {
+        let index = program.kernels.iter().position(|k| k == kernel).unwrap();
+        let same = &loops.kernels[index];
+        assert!(matches!(same.body, KernelBody::Loop(_)), "{}", same.name);
+        assert_eq!(same.nodes, kernel.nodes, "{}", same.name);
+    }
+}

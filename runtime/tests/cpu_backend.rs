@@ -47,20 +47,27 @@ fn training_graphs_run_compiled_like_the_interpreter() {
         // gradients written where each is wanted, never stacked (the same products of the same
         // values: bit for bit the same results); and all the CPU's own forms (the loss's
         // gradient from the forward's exponentials: within the bounds of the interpreter), with
-        // the loss and its gradient as loops or as the CPU's routines (library calls).
+        // the loss and its gradient as loops or as the CPU's routines (library calls), and the
+        // softmaxes and their gradients as loops or routines (bit for bit the same results).
         let in_place = LowerOptions {
             grouped_weights_in_place: true,
             ..LowerOptions::default()
         };
-        let routines = LowerOptions {
-            cross_entropy_routines: true,
+        let softmax_routines = LowerOptions {
+            softmax_routines: true,
             ..LowerOptions::cpu()
         };
-        let mut first: Option<CpuOutputs> = None;
+        let routines = LowerOptions {
+            cross_entropy_routines: true,
+            softmax_routines: true,
+            ..LowerOptions::cpu()
+        };
+        let (mut first, mut cpu_forms): (Option<CpuOutputs>, Option<CpuOutputs>) = (None, None);
         for options in [
             LowerOptions::default(),
             in_place,
             LowerOptions::cpu(),
+            softmax_routines,
             routines,
         ] {
             let program = lower_with(&train.graph, options).unwrap();
@@ -81,6 +88,27 @@ fn training_graphs_run_compiled_like_the_interpreter() {
                     calls == 0 && loops >= 2,
                     "{name}: {calls} calls, {loops} loops"
                 );
+            }
+            let softmax_calls = |forward: bool| {
+                program
+                    .kernels
+                    .iter()
+                    .filter(|k| match &k.body {
+                        KernelBody::Library(Library::Softmax { .. }) => forward,
+                        KernelBody::Library(Library::SoftmaxGrad { .. }) => !forward,
+                        _ => false,
+                    })
+                    .count()
+            };
+            let (softmaxes, gradients) = (softmax_calls(true), softmax_calls(false));
+            if options.softmax_routines {
+                // One per attention layer and one per gradient of one.
+                assert!(
+                    softmaxes >= 1 && gradients == softmaxes,
+                    "{name}: {softmaxes} softmax calls, {gradients} gradients"
+                );
+            } else {
+                assert_eq!((softmaxes, gradients), (0, 0), "{name}");
             }
             let stacked_weights = program.kernels.iter().filter(|k| {
                 matches!(
@@ -106,14 +134,21 @@ fn training_graphs_run_compiled_like_the_interpreter() {
                 "{name} {options:?}: worst relative error {:.2e} ({})",
                 worst.0, worst.1
             );
-            match &first {
-                None => first = Some(compiled),
-                Some(stacked) if options == in_place => {
-                    for (output, got) in compiled.iter() {
-                        assert_eq!(Some(got), stacked.get(output), "{name}: {output}");
-                    }
+            let same_bits_as = |reference: &CpuOutputs| {
+                for (output, got) in compiled.iter() {
+                    assert_eq!(
+                        Some(got),
+                        reference.get(output),
+                        "{name} {options:?}: {output}"
+                    );
                 }
-                Some(_) => {}
+            };
+            match (&first, &cpu_forms) {
+                (None, _) => first = Some(compiled),
+                (Some(stacked), _) if options == in_place => same_bits_as(stacked),
+                (Some(_), None) if options == LowerOptions::cpu() => cpu_forms = Some(compiled),
+                (Some(_), Some(loops)) if options == softmax_routines => same_bits_as(loops),
+                _ => {}
             }
         }
     }

@@ -200,6 +200,35 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
                 ("out", ty(out)),
             ],
         ),
+        // CPU forms (`LowerOptions::softmax_routines`): no template; the plan refuses them.
+        Library::Softmax {
+            domain,
+            scores,
+            out,
+            ..
+        } => (
+            "softmax",
+            None,
+            vec![
+                ("domain", format!("{domain:?}")),
+                ("scores", view(&scores.x)),
+                ("out", view(out)),
+            ],
+        ),
+        Library::SoftmaxGrad {
+            domain,
+            cotangent,
+            out,
+            ..
+        } => (
+            "softmax_grad",
+            None,
+            vec![
+                ("domain", format!("{domain:?}")),
+                ("cotangent", view(cotangent)),
+                ("out", view(out)),
+            ],
+        ),
     };
     let (reads, writes) = call.operands();
     TemplateCall {

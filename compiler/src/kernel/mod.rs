@@ -228,6 +228,72 @@ pub enum Library {
         cotangent: BufferId,
         out: BufferId,
     },
+    /// A row softmax over the innermost axis of `domain`, as the fused loop nest computes it:
+    /// per row, `m = max(s)`, `exponentials = exp(s − m)`, their sum (stored per row through
+    /// `sums` when given), and `out = exponentials / sum`, `s` being `scores`. A CPU form
+    /// (`lower::LowerOptions::softmax_routines`), recognised in the loop nest after fusion;
+    /// every written view covers its buffer densely, row-major over `domain`.
+    Softmax {
+        domain: Vec<usize>,
+        scores: Scores,
+        exponentials: View,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sums: Option<View>,
+        out: View,
+    },
+    /// The gradient of a [`Library::Softmax`] that kept its exponentials and sums, as the
+    /// differentiated loop nest computes it: per row, `r = Σ −(dp · (p / s))`, then
+    /// `out = ((dp / s + r) · e)`, zero where `mask` is zero, times `scale`, where `dp` is
+    /// `cotangent`, `p` the softmax, `s` the row's sum (a per-row view) and `e` the
+    /// exponentials. `out` covers its buffer densely, row-major over `domain`.
+    SoftmaxGrad {
+        domain: Vec<usize>,
+        cotangent: View,
+        probabilities: View,
+        sums: View,
+        exponentials: View,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mask: Option<View>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scale: Option<f64>,
+        out: View,
+    },
+}
+
+/// A softmax's scores: `x · scale` (`x` without one), replaced by `fill` where `mask` is zero.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    pub x: View,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<Masking>,
+}
+
+impl Scores {
+    /// The scores as the loop nest's expression computes them.
+    pub fn expr(&self) -> Expr {
+        let x = Expr::Load(self.x.clone());
+        let scaled = match self.scale {
+            Some(c) => Expr::Binary(BinaryOp::Mul, Box::new(x), Box::new(Expr::Constant(c))),
+            None => x,
+        };
+        match &self.mask {
+            Some(Masking { mask, fill }) => Expr::Select(
+                Box::new(Expr::Load(mask.clone())),
+                Box::new(scaled),
+                Box::new(Expr::Constant(*fill)),
+            ),
+            None => scaled,
+        }
+    }
+}
+
+/// Where a softmax's scores are kept (`mask` non-zero) and the value elsewhere.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Masking {
+    pub mask: View,
+    pub fill: f64,
 }
 
 /// What a cross-entropy call keeps for its gradient (see [`Library::CrossEntropy`]).
@@ -237,6 +303,8 @@ pub struct KeptExponentials {
     pub sums: BufferId,
 }
 
+// A program has a few hundred kernels: a call's size beside a loop nest's costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KernelBody {
@@ -463,6 +531,38 @@ impl Library {
                 vec![kept.exponentials, kept.sums, *labels, *cotangent],
                 vec![*out],
             ),
+            Library::Softmax {
+                scores,
+                exponentials,
+                sums,
+                out,
+                ..
+            } => {
+                let mut read = vec![scores.x.buffer];
+                read.extend(scores.mask.as_ref().map(|m| m.mask.buffer));
+                let mut written = vec![exponentials.buffer];
+                written.extend(sums.as_ref().map(|s| s.buffer));
+                written.push(out.buffer);
+                (read, written)
+            }
+            Library::SoftmaxGrad {
+                cotangent,
+                probabilities,
+                sums,
+                exponentials,
+                mask,
+                out,
+                ..
+            } => {
+                let mut read = vec![
+                    cotangent.buffer,
+                    probabilities.buffer,
+                    sums.buffer,
+                    exponentials.buffer,
+                ];
+                read.extend(mask.as_ref().map(|m| m.buffer));
+                (read, vec![out.buffer])
+            }
         }
     }
 }

@@ -248,6 +248,47 @@ impl Display for Library {
                 "cross_entropy_grad {out} = ({} / {} - onehot({labels})) * {cotangent}",
                 kept.exponentials, kept.sums
             ),
+            Library::Softmax {
+                domain,
+                scores,
+                exponentials,
+                sums,
+                out,
+            } => {
+                write!(
+                    f,
+                    "softmax {domain:?}: {out} = softmax({}), keeping exponentials {exponentials}",
+                    scores.expr()
+                )?;
+                match sums {
+                    Some(sums) => write!(f, " and sums {sums}"),
+                    None => Ok(()),
+                }
+            }
+            Library::SoftmaxGrad {
+                domain,
+                cotangent,
+                probabilities,
+                sums,
+                exponentials,
+                mask,
+                scale,
+                out,
+            } => {
+                let gradient = format!(
+                    "((({cotangent} / {sums}) + sum(neg({cotangent} * ({probabilities} / \
+                     {sums})))) * {exponentials})"
+                );
+                let masked = match mask {
+                    Some(mask) => format!("select({mask}, {gradient}, 0)"),
+                    None => gradient,
+                };
+                write!(f, "softmax_grad {domain:?}: {out} = {masked}")?;
+                match scale {
+                    Some(c) => write!(f, " * {}", Scalar(*c)),
+                    None => Ok(()),
+                }
+            }
             Library::QuantizeDequantize {
                 format,
                 tile_rows,

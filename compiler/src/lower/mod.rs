@@ -18,6 +18,7 @@ mod affine;
 mod exact;
 mod fusion;
 mod merge;
+mod softmax;
 
 use std::collections::HashMap;
 
@@ -66,17 +67,23 @@ pub struct LowerOptions {
     /// routine runs sixteen lanes of `exp` where cranelift's code runs four; the runtime's
     /// `cpu::lower_options`); the CUDA plan refuses the calls.
     pub cross_entropy_routines: bool,
+    /// Softmaxes and their gradients are library calls (`kernel::Library::Softmax`,
+    /// `SoftmaxGrad`) instead of the loop nests fusion makes of them, recognised in the
+    /// finished program: the CPU backend's choice where it has AVX-512, for the reason of
+    /// `cross_entropy_routines`; the CUDA plan refuses the calls.
+    pub softmax_routines: bool,
 }
 
 impl LowerOptions {
-    /// Everything the CPU backend runs (but `products_round_operands` and
-    /// `cross_entropy_routines`, which depend on the CPU: the runtime's `cpu::lower_options`).
+    /// Everything the CPU backend runs (but `products_round_operands` and the routines, which
+    /// depend on the CPU: the runtime's `cpu::lower_options`).
     pub fn cpu() -> Self {
         LowerOptions {
             grouped_weights_in_place: true,
             cross_entropy_keeps_exponentials: true,
             products_round_operands: false,
             cross_entropy_routines: false,
+            softmax_routines: false,
         }
     }
 }
@@ -90,7 +97,11 @@ pub fn lower(graph: &Graph) -> Result<Program, LowerError> {
 pub fn lower_with(graph: &Graph, options: LowerOptions) -> Result<Program, LowerError> {
     let mut lowering = fusion::Lowering::new(graph, options);
     lowering.run()?;
-    Ok(lowering.finish())
+    let mut program = lowering.finish();
+    if options.softmax_routines {
+        softmax::call_softmaxes(&mut program);
+    }
+    Ok(program)
 }
 
 /// How a node is computed.
@@ -191,24 +202,30 @@ fn new_buffer(program: &mut Program, buffer: Buffer) -> BufferId {
 /// Appends `kernel` to the program, named after its index, what it computes and its origin
 /// (`k12_rmsnorm_model_layers_0_input_layernorm`).
 fn push_kernel(program: &mut Program, kernel: merge::Pending) {
-    let index = program.kernels.len();
-    let what = kernel.whats.join("_");
-    let place: String = kernel
-        .origin
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let name = if place.is_empty() {
-        format!("k{index}_{what}")
-    } else {
-        format!("k{index}_{what}_{place}")
-    };
+    let name = kernel_name(
+        program.kernels.len(),
+        &kernel.whats.join("_"),
+        &kernel.origin,
+    );
     program.kernels.push(Kernel {
         name,
         nodes: kernel.nodes,
         origin: kernel.origin,
         body: kernel.body,
     });
+}
+
+/// `k<index>_<what>_<origin>`, the origin's punctuation as underscores.
+fn kernel_name(index: usize, what: &str, origin: &str) -> String {
+    let place: String = origin
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if place.is_empty() {
+        format!("k{index}_{what}")
+    } else {
+        format!("k{index}_{what}_{place}")
+    }
 }
 
 fn temporary(ty: &crate::dtype::TensorType) -> Buffer {

@@ -82,6 +82,63 @@ fn pow2(e: i32) -> f32 {
     f32::from_bits((e.wrapping_add(127) as u32) << 23)
 }
 
+/// Whether this CPU runs the sixteen-lane routines (`wide`: the cross-entropy and softmax
+/// routines use them, and the runtime lowers to those routines only then).
+pub fn vectorised() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Sixteen lanes of AVX-512F.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod wide {
+    use std::arch::x86_64::*;
+
+    use super::{C1, C2, CLAMP_HIGH, LOG2E, P, ROUNDER, ZERO_BELOW};
+
+    /// [`super::exp`] on sixteen lanes, operation for operation (the same bits).
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::cpu) fn exp(x: __m512) -> __m512 {
+        let splat = _mm512_set1_ps;
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, splat(ZERO_BELOW));
+        // A NaN compares false and runs through as NaN.
+        let high = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, splat(CLAMP_HIGH));
+        let x = _mm512_mask_blend_ps(high, x, splat(CLAMP_HIGH));
+        let shifted = _mm512_add_ps(_mm512_mul_ps(x, splat(LOG2E)), splat(ROUNDER));
+        let n = _mm512_sub_ps(shifted, splat(ROUNDER));
+        // (−n)·C + x, rounded once: −(n·C) + x.
+        let r = _mm512_fnmadd_ps(n, splat(C2), _mm512_fnmadd_ps(n, splat(C1), x));
+        let z = _mm512_mul_ps(r, r);
+        let mut y = splat(P[0]);
+        for &p in &P[1..] {
+            y = _mm512_fmadd_ps(y, r, splat(p));
+        }
+        let y = _mm512_add_ps(_mm512_fmadd_ps(y, z, r), splat(1.0));
+        let n = _mm512_sub_epi32(
+            _mm512_castps_si512(shifted),
+            _mm512_set1_epi32(ROUNDER.to_bits() as i32),
+        );
+        let half = _mm512_srai_epi32::<1>(n);
+        let pow2 = |e: __m512i| {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+                e,
+                _mm512_set1_epi32(127),
+            )))
+        };
+        let result = _mm512_mul_ps(
+            _mm512_mul_ps(y, pow2(half)),
+            pow2(_mm512_sub_epi32(n, half)),
+        );
+        _mm512_mask_blend_ps(below, result, _mm512_setzero_ps())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{exp, exp_portable};
@@ -140,5 +197,52 @@ mod tests {
         assert!(exp(88.72).is_finite());
         let tiny = exp(-103.0);
         assert!(tiny > 0.0 && tiny < f32::MIN_POSITIVE);
+    }
+
+    /// The sixteen-lane `exp` gives `expf::exp`'s bits on a sweep and at the edges.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn sixteen_lanes_of_exp_are_the_scalar_ones() {
+        if !super::vectorised() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let mut inputs: Vec<f32> = (0..=400_000)
+            .map(|i| -110.0 + 210.0 * (i as f32 / 400_000.0))
+            .collect();
+        inputs.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN,
+            f32::MAX,
+            super::ZERO_BELOW,
+            super::CLAMP_HIGH,
+            -103.97,
+            1e-30,
+        ]);
+        for chunk in inputs.chunks(16) {
+            let mut lanes = [0f32; 16];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: AVX-512F (checked above); 16 values in and out.
+            let got = unsafe {
+                use std::arch::x86_64::*;
+                let mut out = [0f32; 16];
+                _mm512_storeu_ps(
+                    out.as_mut_ptr(),
+                    super::wide::exp(_mm512_loadu_ps(lanes.as_ptr())),
+                );
+                out
+            };
+            for (&x, &y) in lanes.iter().zip(&got) {
+                let want = exp(x);
+                assert!(
+                    want.to_bits() == y.to_bits() || (want.is_nan() && y.is_nan()),
+                    "exp({x}): {y} vs {want}"
+                );
+            }
+        }
     }
 }

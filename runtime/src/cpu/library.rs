@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use super::cross_entropy;
 use super::grouped::{self, Routing};
 use super::product::{Arithmetic, Operand, multiply};
+use super::softmax::{self, RowStarts};
 use super::{CpuError, Lent, Storage};
 use crate::fp8::{ScaleRounding, fake_quantize};
 use crate::parallel::ExpertExchange;
@@ -318,8 +319,64 @@ pub(super) fn run(
             cross_entropy::gradient(kept_values, ls, gs, vocab, &mut result);
             buffers[out.index()] = result.restore();
         }
+        Library::Softmax {
+            domain,
+            scores,
+            exponentials,
+            sums,
+            out,
+        } => {
+            let (&n, outer) = domain.split_last().expect("a softmax has a row axis");
+            let (mut e, mut result) = (
+                buffers[exponentials.buffer.index()].lend(),
+                buffers[out.buffer.index()].lend(),
+            );
+            let mut row_sums = sums.as_ref().map(|v| buffers[v.buffer.index()].lend());
+            let read: &[Storage<'_>] = buffers;
+            let rows = softmax::ScoreRows::of(scores, outer, |v| &read[v.buffer.index()]);
+            softmax::forward(&rows, n, &mut e, &mut result, row_sums.as_deref_mut());
+            buffers[exponentials.buffer.index()] = e.restore();
+            buffers[out.buffer.index()] = result.restore();
+            if let (Some(view), Some(values)) = (sums, row_sums) {
+                buffers[view.buffer.index()] = values.restore();
+            }
+        }
+        Library::SoftmaxGrad {
+            domain,
+            cotangent,
+            probabilities,
+            sums,
+            exponentials,
+            mask,
+            scale,
+            out,
+        } => {
+            let (&n, outer) = domain.split_last().expect("a softmax has a row axis");
+            let mut result = buffers[out.buffer.index()].lend();
+            let read: &[Storage<'_>] = buffers;
+            let rows_of = |v| rows_of(read, v, outer);
+            let rows = softmax::GradientRows {
+                cotangent: rows_of(cotangent),
+                probabilities: rows_of(probabilities),
+                sums: rows_of(sums),
+                exponentials: rows_of(exponentials),
+                mask: mask.as_ref().map(rows_of),
+                scale: scale.map(|c| c as f32),
+            };
+            softmax::gradient(&rows, n, &mut result);
+            buffers[out.buffer.index()] = result.restore();
+        }
     }
     Ok(())
+}
+
+/// A view's buffer and where its rows start, over a domain whose outer axes are `outer`.
+fn rows_of<'a>(
+    buffers: &'a [Storage<'_>],
+    view: &'a View,
+    outer: &'a [usize],
+) -> (&'a [f32], RowStarts<'a>) {
+    (&buffers[view.buffer.index()], RowStarts::new(view, outer))
 }
 
 /// A batch of at least `MANY_GEMMS` GEMMs of fewer than `SMALL_GEMM` multiply-adds each

@@ -18,6 +18,7 @@ mod loops;
 mod pool;
 mod product;
 mod profile;
+mod softmax;
 #[cfg(test)]
 mod tests;
 mod triangular;
@@ -38,7 +39,8 @@ pub use bf16::{BF16_GEMM_ENV, Bf16Gemm, MIN_FLOP_RATIO, bf16_gemm, compare_with_
 pub fn lower_options() -> fathom_compiler::lower::LowerOptions {
     fathom_compiler::lower::LowerOptions {
         products_round_operands: bf16::enabled(),
-        cross_entropy_routines: cross_entropy::vectorised(),
+        cross_entropy_routines: expf::vectorised(),
+        softmax_routines: expf::vectorised(),
         ..fathom_compiler::lower::LowerOptions::cpu()
     }
 }

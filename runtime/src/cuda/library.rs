@@ -40,6 +40,10 @@ const NOT_ROUNDING: &str = "the CUDA GEMM templates read operands as they are st
 const NOT_A_ROUTINE: &str = "the CUDA plan runs cross-entropies as generated loop kernels; \
      lower without `LowerOptions::cross_entropy_routines`";
 
+/// Why a softmax as a library call has no CUDA plan.
+const NOT_A_SOFTMAX_ROUTINE: &str = "the CUDA plan runs softmaxes as generated loop kernels; \
+     lower without `LowerOptions::softmax_routines`";
+
 /// A template instantiation a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LibraryKernel {
@@ -355,6 +359,9 @@ impl Planner<'_> {
         match call {
             Library::CrossEntropy { .. } | Library::CrossEntropyGrad { .. } => {
                 Err(NOT_A_ROUTINE.into())
+            }
+            Library::Softmax { .. } | Library::SoftmaxGrad { .. } => {
+                Err(NOT_A_SOFTMAX_ROUTINE.into())
             }
             Library::MatMul {
                 batch,
