@@ -2,7 +2,7 @@
 """Fathom against PyTorch running transformers' DeepseekV3, side by side in one run.
 
     python scripts/bench/compare_pytorch.py [--configs small medium] [--steps 5] [--threads 2]
-        [--repeats 3] [--fathom target/release/fathom]
+        [--repeats 3] [--fathom target/release/fathom] [--recompute none|deepseek_v3]
 
 For each configuration (benches/configs/<name>.json, with the batch and sequence length of the
 issue: small 4 x 256, medium 2 x 512) it writes one set of random weights with `fathom init`,
@@ -18,6 +18,11 @@ between runs on shared machines: compare within one run. With --repeats N the wh
 measurements runs N times in turn (Fathom and PyTorch alternating, so a slow spell of the machine
 falls on both), and the table shows each figure's median, each ratio's median over the rounds
 and its range.
+
+Fathom's training step stores every activation its backward reads by default here
+(`--recompute none`, passed as FATHOM_RECOMPUTE), as PyTorch's baseline does: like for like.
+`--recompute deepseek_v3` times the DeepSeek-V3 recipe instead (RMSNorm outputs and the MLA
+up-projections recomputed in backward, `fathom train`'s default), which trades time for memory.
 """
 import argparse
 import json
@@ -118,6 +123,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="rounds of every measurement, in turn; medians shown")
     p.add_argument("--fathom", default="target/release/fathom")
     p.add_argument("--modes", nargs="+", default=["eager-f32", "compile-f32", "eager-bf16", "compile-bf16"])
+    p.add_argument("--recompute", default="none", choices=["none", "deepseek_v3"],
+                   help="what Fathom's backward recomputes (none: stored, as PyTorch does)")
     p.add_argument("--child")
     p.add_argument("--model-dir")
     p.add_argument("--batch", type=int)
@@ -128,6 +135,7 @@ def main():
 
     peak = run_child("peak", threads=args.threads)
     print(f"GEMM peak (torch, 2048^2): f32 {peak['f32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; threads {args.threads}")
+    print(f"Fathom recomputes in backward: {args.recompute}")
     rows = []
     for name in args.configs:
         batch, seq = SHAPES[name]
@@ -171,7 +179,7 @@ def measure_round(args, config, weights, batch, seq):
             ["/usr/bin/time", "-f", "%M", args.fathom, "bench", "--config", config, "--weights", weights,
              "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps), "--threads", str(args.threads),
              "--precision", precision, "--json"],
-            check=True, capture_output=True, text=True)
+            check=True, capture_output=True, text=True, env=dict(os.environ, FATHOM_RECOMPUTE=args.recompute))
         run = json.loads(fathom_out.stdout.strip().splitlines()[-1])
         run["max_rss_bytes"] = int(fathom_out.stderr.strip().splitlines()[-1]) * 1024
         results["fathom f32" if precision == "fp32" else "fathom bf16"] = run

@@ -376,9 +376,14 @@ pub(super) unsafe fn multiply_triangular(
 }
 
 /// Zeros the packed pairs of a row panel whose rows start at `first_row` outside `triangle`
-/// (kept: K index ≤ row for a lower one, ≥ row for an upper one).
+/// (kept: K index ≤ row for a lower one, ≥ row for an upper one). Only the pairs the diagonal
+/// crosses hold both kinds: before them a lower triangle keeps every pair and an upper one
+/// multiplies none (its kept pairs start there), after them the reverse. (Walking every pair
+/// of every panel cost attention's products a few percent.)
 fn keep_triangle(panel: &mut [u32], first_row: usize, triangle: Triangle) {
-    for (p, pairs) in panel.chunks_exact_mut(MR).enumerate() {
+    let crossed = first_row / 2..(first_row + MR).div_ceil(2);
+    let pairs = panel.chunks_exact_mut(MR).enumerate();
+    for (p, pairs) in pairs.skip(crossed.start).take(crossed.len()) {
         for (i, pair) in pairs.iter_mut().enumerate() {
             let row = first_row + i;
             // The lower half holds K index 2p, the upper one 2p + 1.
