@@ -11,9 +11,9 @@
 //! FMA's rate (half the f32 FLOP rate). [`bf16_gemm`] measures the two instructions' rates once per process and
 //! uses the kernel only where bf16 delivers clearly more, so the choice does not move with load.
 //!
-//! Layout (`pack`): `lhs` is packed in panels of [`MR`] rows and `rhs` in panels of [`NR`]
-//! columns, one 32-bit pair of bf16 values (two consecutive elements of K) per row or column
-//! and per pair of K, an odd K's last pair completed with a zero, the last panel's padding rows
+//! Layout (`pack`): `lhs` is packed in panels of [`MR`] rows (one read along K lies in rows,
+//! only rounded: [`Layout`]) and `rhs` in panels of [`NR`] columns, one 32-bit pair of bf16
+//! values (two consecutive elements of K) per row or column and per pair of K, an odd K's last pair completed with a zero, the last panel's padding rows
 //! holding stale values whose sums no store keeps. A register tile of `MR × NR` f32 sums runs
 //! over K in blocks of [`PAIRS_PER_BLOCK`], each block's sums added to the output in turn, so
 //! every output element is summed in one fixed order: the result does not depend on the thread
@@ -31,7 +31,7 @@ use super::product::Operand;
 mod pack;
 
 pub(super) use pack::Matrix;
-use pack::{Runs, Source, pack, pack_operand};
+use pack::{Layout, Runs, Source, pack, pack_operand};
 
 /// Rows of a register tile: one broadcast pair per row and K pair.
 const MR: usize = 12;
@@ -136,10 +136,10 @@ pub(super) unsafe fn multiply(
     let packed_lhs = lent(&mut lhs_buffer, row_panels * pairs * MR);
     let packed_rhs = lent(&mut rhs_buffer, column_panels * pairs * NR);
     // SAFETY: the m×k and k×n matrices lie in `lhs` and `rhs` (the caller's promise).
-    unsafe {
-        pack_operand(packed_lhs, Source::lhs(lhs), (0..m, k), MR, parallel);
+    let layout = unsafe {
         pack_operand(packed_rhs, Source::rhs(rhs), (0..n, k), NR, parallel);
-    }
+        pack_operand(packed_lhs, Source::lhs(lhs), (0..m, k), MR, parallel)
+    };
     // Tasks: a block of row panels times one column panel, column panels outermost so that
     // neighbouring tasks share their `rhs` panel.
     let row_blocks = row_panels.div_ceil(ROW_PANELS_PER_TASK);
@@ -151,7 +151,7 @@ pub(super) unsafe fn multiply(
         let a = &packed_lhs[rows.start * pairs * MR..rows.end * pairs * MR];
         // SAFETY: the tiles are inside `dst`, no other task writes them, and `supported()`
         // holds (the caller's promise).
-        let a = (rows.start * MR, rows.len(), a);
+        let a = (rows.start * MR, rows.len(), a, layout);
         unsafe { dst.tiles((m, n), a, (column_panel, b), pairs, add) };
     };
     let tasks = column_panels * row_blocks;
@@ -216,8 +216,8 @@ pub(super) unsafe fn multiply_each(n: usize, products: &[Product]) {
                 let mut lhs_buffer = packing_buffer();
                 let packed_lhs = lent(&mut lhs_buffer, rows.len().div_ceil(MR) * pairs * MR);
                 // SAFETY: rows `rows` of the m×k matrix lie in `lhs` (the caller's promise).
-                unsafe { pack_operand(packed_lhs, lhs, (rows.clone(), k), MR, false) };
-                let a = (rows.start, rows.len().div_ceil(MR), &packed_lhs[..]);
+                let layout = unsafe { pack_operand(packed_lhs, lhs, (rows.clone(), k), MR, false) };
+                let a = (rows.start, rows.len().div_ceil(MR), &packed_lhs[..], layout);
                 for column_panel in 0..column_panels {
                     let b = &packed_rhs[column_panel * pairs * NR..][..pairs * NR];
                     // SAFETY: the tiles are inside `out`, written by this task only (the caller's
@@ -359,7 +359,10 @@ pub(super) unsafe fn multiply_triangular(
             let block_pairs = PAIRS_PER_BLOCK.min(kept_pairs.end.saturating_sub(first_pair));
             let blocks = (
                 block_pairs,
-                &a[first_pair * MR..][..block_pairs * MR],
+                PanelPairs::new(
+                    &a[first_pair * MR..][..block_pairs * MR],
+                    Layout::Panels.strides(pairs, MR),
+                ),
                 &b[first_pair * NR..][..block_pairs * NR],
             );
             let add = first_pair > kept_pairs.start;
@@ -463,20 +466,22 @@ unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
 impl Output {
-    /// `row_panels` row panels `a` (packed from output row `first_row` on, each `pairs` long) times column
-    /// panel `column_panel` (`b`, packed) into the `m × n` output, over K in blocks of
-    /// [`PAIRS_PER_BLOCK`] so that `b`'s block stays in L1 across the row panels.
+    /// `row_panels` row panels `a` (packed from output row `first_row` on, each `pairs` long,
+    /// laid out as `layout` says) times column panel `column_panel` (`b`, packed) into the
+    /// `m × n` output, over K in blocks of [`PAIRS_PER_BLOCK`] so that `b`'s block stays in L1
+    /// across the row panels.
     ///
     /// # Safety
     /// As [`Output::tile`] for every tile.
     unsafe fn tiles(
         self,
         (m, n): (usize, usize),
-        (first_row, row_panels, a): (usize, usize, &[u32]),
+        (first_row, row_panels, a, layout): (usize, usize, &[u32], Layout),
         (column_panel, b): (usize, &[u32]),
         pairs: usize,
         add: bool,
     ) {
+        let strides = layout.strides(pairs, MR);
         // (At least one block, so that K = 0 still writes its zeros.)
         for first_pair in (0..pairs.max(1)).step_by(PAIRS_PER_BLOCK) {
             let block_pairs = PAIRS_PER_BLOCK.min(pairs - first_pair);
@@ -484,7 +489,8 @@ impl Output {
             // Later K blocks add to what the earlier ones stored.
             let add = add || first_pair > 0;
             for row_panel in 0..row_panels {
-                let a = &a[(row_panel * pairs + first_pair) * MR..][..block_pairs * MR];
+                let a = &a[row_panel * pairs * MR + first_pair * strides.1..];
+                let a = PanelPairs::new(a, strides);
                 let corner = (first_row + row_panel * MR, column_panel * NR);
                 // SAFETY: the caller's promise.
                 unsafe { self.tile((m, n), corner, (block_pairs, a, b), add) };
@@ -492,8 +498,9 @@ impl Output {
         }
     }
 
-    /// `block_pairs` K pairs of the packed panels `a` and `b` multiplied into the register tile
-    /// whose corner is `(r0, c0)` of the `m × n` output, stored there or added to it.
+    /// `block_pairs` K pairs of the packed panels `a` (with its row and pair strides) and `b`
+    /// multiplied into the register tile whose corner is `(r0, c0)` of the `m × n` output,
+    /// stored there or added to it.
     ///
     /// # Safety
     /// The tile's elements inside `m × n` are inside the destination and no other thread
@@ -502,7 +509,7 @@ impl Output {
         self,
         (m, n): (usize, usize),
         (r0, c0): (usize, usize),
-        (block_pairs, a, b): (usize, &[u32], &[u32]),
+        (block_pairs, a, b): (usize, PanelPairs<'_>, &[u32]),
         add: bool,
     ) {
         let (rows, columns) = ((m - r0).min(MR), (n - c0).min(NR));
@@ -568,6 +575,25 @@ impl Output {
     }
 }
 
+/// Pairs of a packed `lhs` panel from its first pair in use: pair `p` of the panel's row `i`
+/// at `i · row_stride + p · pair_stride` of `values` (see [`Layout`]).
+#[derive(Clone, Copy)]
+struct PanelPairs<'a> {
+    values: &'a [u32],
+    row_stride: usize,
+    pair_stride: usize,
+}
+
+impl<'a> PanelPairs<'a> {
+    fn new(values: &'a [u32], (row_stride, pair_stride): (usize, usize)) -> Self {
+        PanelPairs {
+            values,
+            row_stride,
+            pair_stride,
+        }
+    }
+}
+
 /// Where a register tile goes: `rows × columns` (at most `MR × NR`) f32 values, row `r` from
 /// column `first_column` of the row at `rows_from.at(r)`, consecutive along it; overwritten or
 /// added to.
@@ -600,19 +626,29 @@ impl Block {
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::{Block, MR, NR};
+    use super::{Block, MR, NR, PanelPairs};
 
-    /// `block (+)= a · b` over `pairs` K pairs of packed panels.
+    /// `block (+)= a · b` over `pairs` K pairs of packed panels, pair `p` of `a`'s row `i` at
+    /// `i · row_stride + p · pair_stride` (the kernel broadcasts them one at a time, so `a`'s
+    /// rows may lie apart).
     ///
     /// # Safety
-    /// The CPU has AVX512F and AVX512_BF16; `a` holds `pairs · MR` and `b` `pairs · NR` pairs;
-    /// the block's elements are writable and touched by no other thread.
+    /// The CPU has AVX512F and AVX512_BF16; `a` holds those pairs and `b` `pairs · NR`; the
+    /// block's elements are writable and touched by no other thread.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(pairs: usize, a: &[u32], b: &[u32], block: Block) {
-        assert!(a.len() >= pairs * MR && b.len() >= pairs * NR);
+    pub(super) unsafe fn tile(pairs: usize, a: PanelPairs<'_>, b: &[u32], block: Block) {
+        let PanelPairs {
+            values: a,
+            row_stride,
+            pair_stride,
+        } = a;
+        let a_last = (MR - 1) * row_stride + pairs.saturating_sub(1) * pair_stride;
+        assert!((pairs == 0 || a.len() > a_last) && b.len() >= pairs * NR);
         assert!(block.rows <= MR && block.columns <= NR);
         let mut sums = [[_mm512_setzero_ps(); 2]; MR];
-        let (a, b) = (a.as_ptr(), b.as_ptr());
+        let rows: [*const u32; MR] =
+            std::array::from_fn(|i| a.as_ptr().wrapping_add(i * row_stride));
+        let b = b.as_ptr();
         for p in 0..pairs {
             // SAFETY: pair p of both panels is inside them (asserted above).
             unsafe {
@@ -620,8 +656,8 @@ mod kernel {
                 let b1: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
                 for (i, row) in sums.iter_mut().enumerate() {
-                    let ai: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i) as i32));
+                    let pair = *rows[i].add(p * pair_stride);
+                    let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
                     row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
                     row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
                 }
@@ -653,10 +689,10 @@ mod kernel {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
-    use super::Block;
+    use super::{Block, PanelPairs};
 
     /// Never called: [`super::supported`] is false off x86_64.
-    pub(super) unsafe fn tile(_: usize, _: &[u32], _: &[u32], _: Block) {
+    pub(super) unsafe fn tile(_: usize, _: PanelPairs<'_>, _: &[u32], _: Block) {
         unreachable!("the bf16 GEMM needs AVX512_BF16")
     }
 }

@@ -3,7 +3,8 @@
 //! rounded as the graph's casts round it. An operand is read where it lies: strided, or with
 //! its rows (or columns) at addresses of their own (an expert's routed token rows), in one of
 //! three ways (see [`Reading`]): rows contiguous along K through 16 × 16 transposes in
-//! registers, rows lying side by side through masked 16-lane runs, or element by element.
+//! registers (an `lhs`'s only rounded, in rows: [`Layout`]), rows lying side by side through
+//! masked 16-lane runs, or element by element.
 
 use rayon::prelude::*;
 
@@ -59,6 +60,27 @@ impl Runs {
     }
 }
 
+/// How a packed operand's pairs lie, each panel of `width` rows from `panel · pairs · width`:
+/// pair `p` of the panel's row `i` at `p · width + i` (panels: a pair's rows side by side, as
+/// the kernel loads `rhs`'s), or at `i · pairs + p` (rows: each row's pairs in K order, as they
+/// lie in an `lhs` contiguous along K, which the kernel broadcasts pair by pair and so reads
+/// either way: packed so, an `lhs` is only rounded, with no transpose).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Layout {
+    Panels,
+    Rows,
+}
+
+impl Layout {
+    /// The distances, in pairs, from a panel's pair to the next row's and to the next pair's.
+    pub(super) fn strides(self, pairs: usize, width: usize) -> (usize, usize) {
+        match self {
+            Layout::Panels => (1, width),
+            Layout::Rows => (pairs, 1),
+        }
+    }
+}
+
 /// How the panel rows of an operand are read.
 #[derive(Clone, Copy, Debug)]
 enum Reading {
@@ -92,6 +114,14 @@ impl Source {
         Source {
             matrix,
             transposed: false,
+        }
+    }
+
+    /// How the operand is packed: an `lhs` read along K in rows, everything else in panels.
+    fn layout(self) -> Layout {
+        match self.reading() {
+            Reading::AlongK(_) if !self.transposed => Layout::Rows,
+            _ => Layout::Panels,
         }
     }
 
@@ -143,10 +173,10 @@ const SIDE_BY_SIDE: usize = 8;
 const PAIRS_PER_PACKING_TASK: usize = 64;
 
 /// Packs panel rows `rows` of `operand` over K = `k` into `packed`, in panels of `width` (the
-/// first from row `rows.start`), over rayon's threads when `parallel`. Rows lying side by
-/// side are packed in tasks of up to [`SIDE_BY_SIDE`] panels and [`PAIRS_PER_PACKING_TASK`] K
-/// pairs, so that an operand of few panels still spreads over the threads; other rows in tasks
-/// of [`SIDE_BY_SIDE`] panels.
+/// first from row `rows.start`), over rayon's threads when `parallel`, and says how the pairs
+/// lie ([`Source::layout`]). Rows lying side by side are packed in tasks of up to
+/// [`SIDE_BY_SIDE`] panels and [`PAIRS_PER_PACKING_TASK`] K pairs, so that an operand of few
+/// panels still spreads over the threads; other rows in tasks of [`SIDE_BY_SIDE`] panels.
 ///
 /// # Safety
 /// The rows and their `k` elements lie inside the operand; `super::supported()` holds.
@@ -156,11 +186,12 @@ pub(super) unsafe fn pack_operand(
     (rows, k): (std::ops::Range<usize>, usize),
     width: usize,
     parallel: bool,
-) {
+) -> Layout {
     let pairs = k.div_ceil(2);
     let panel_len = pairs * width;
+    let layout = operand.layout();
     if pairs == 0 {
-        return;
+        return layout;
     }
     let (first, bound) = (rows.start, rows.end);
     let panels = (bound - first).div_ceil(width);
@@ -193,7 +224,8 @@ pub(super) unsafe fn pack_operand(
                 )
             }
         };
-        return run(panels.div_ceil(SIDE_BY_SIDE) * blocks, &task);
+        run(panels.div_ceil(SIDE_BY_SIDE) * blocks, &task);
+        return layout;
     }
     let task = |group: usize| {
         for panel in group * SIDE_BY_SIDE..((group + 1) * SIDE_BY_SIDE).min(panels) {
@@ -201,12 +233,45 @@ pub(super) unsafe fn pack_operand(
             // it.
             let out =
                 unsafe { std::slice::from_raw_parts_mut(out.at(panel * panel_len), panel_len) };
-            // SAFETY: the panel's rows below `bound` lie inside the operand (the caller's
-            // promise).
-            unsafe { pack(out, operand, (first + panel * width, bound), k, width) };
+            let panel_first = first + panel * width;
+            match (layout, operand.reading()) {
+                // SAFETY: the panel's rows below `bound` and their k elements lie inside the
+                // operand (the caller's promise), its pairs in `out`.
+                (Layout::Rows, Reading::AlongK(runs)) => unsafe {
+                    pack_rows(
+                        out,
+                        runs.from(panel_first),
+                        width.min(bound - panel_first),
+                        k,
+                    )
+                },
+                // SAFETY: as above.
+                _ => unsafe { pack(out, operand, (panel_first, bound), k, width) },
+            }
         }
     };
     run(panels.div_ceil(SIDE_BY_SIDE), &task);
+    layout
+}
+
+/// Packs `rows` rows contiguous along K (row `i` from `runs.at(i)`) in [`Layout::Rows`]: pair
+/// `p` of row `i` to `out[i · pairs + p]`, zeros past K (the panel's padding rows past `rows`
+/// are left as they are).
+///
+/// # Safety
+/// The rows' first `k` elements are readable; `supported()` holds.
+unsafe fn pack_rows(out: &mut [u32], runs: Runs, rows: usize, k: usize) {
+    let pairs = k.div_ceil(2);
+    assert!(out.len() >= rows * pairs);
+    for (i, out) in out.chunks_exact_mut(pairs).take(rows).enumerate() {
+        // SAFETY: the row's k contiguous elements (the caller's promise).
+        let values = unsafe { std::slice::from_raw_parts(runs.at(i), k) };
+        // SAFETY: the caller's promise.
+        let rounded = unsafe { vector::round_pairs(values, out) };
+        for (p, two) in values.chunks(2).enumerate().skip(rounded) {
+            out[p] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+        }
+    }
 }
 
 /// The packed panels, written by the packing tasks at disjoint pairs.
@@ -363,6 +428,28 @@ mod vector {
         16 * blocks
     }
 
+    /// Rounds the first `32 · ⌊len / 32⌋` values of `values` into pairs `out[p] = (values[2p],
+    /// values[2p + 1])`, and returns how many pairs that is: `vcvtne2ps2bf16` leaves the 32
+    /// rounded values of two vectors in order, which is the pairs' order.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F, AVX512BW, AVX512DQ and AVX512_BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+    pub(super) unsafe fn round_pairs(values: &[f32], out: &mut [u32]) -> usize {
+        let blocks = values.len() / 32;
+        assert!(out.len() >= 16 * blocks);
+        for block in 0..blocks {
+            // SAFETY: values 32·block .. 32·block + 32 and pairs 16·block .. 16·block + 16 lie
+            // in the slices (asserted above).
+            unsafe {
+                let at = values.as_ptr().add(32 * block);
+                let words = rounded_words(_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)));
+                _mm512_storeu_si512(out.as_mut_ptr().add(16 * block).cast(), words);
+            }
+        }
+        16 * blocks
+    }
+
     /// Packs K pairs `pairs` of `rows` rows that lie side by side (element kk of row i at
     /// `runs.at(kk) + first_row + i`) into panels of `width` rows `panel_len` apart from `out`:
     /// pair p of row i to `out[(i / width) · panel_len + p · width + i % width]`, each value
@@ -489,6 +576,11 @@ mod vector {
         _: usize,
         _: usize,
     ) -> usize {
+        unreachable!("the bf16 GEMM needs AVX512_BF16")
+    }
+
+    /// Never called: `super::super::supported` is false off x86_64.
+    pub(super) unsafe fn round_pairs(_: &[f32], _: &mut [u32]) -> usize {
         unreachable!("the bf16 GEMM needs AVX512_BF16")
     }
 
