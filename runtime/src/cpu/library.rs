@@ -392,7 +392,9 @@ const SMALL_GEMM: usize = 1 << 27;
 /// m704 n256 k1024 240 → 277, m256 n256 k1024 164 → 227, m64 n256 k1024 64 → 125, m16 n256
 /// k1024 19 → 48; with 1024 rows and more the crate's threading was as fast or faster (m1024
 /// n4096 k256 301 vs 287). The blocks depend on the shape alone, so results do not depend on
-/// the thread count.
+/// the thread count. Not on the bf16 kernel (`super::bf16`), whose own tasks (row panels by
+/// one column panel) spread such a product after packing each operand once: in blocks, every
+/// block packed all of `lhs` (a 256 × 704 weight gradient's eleven times).
 const SPLIT_COLUMNS_BELOW_ROWS: usize = 1024;
 const SPLIT_COLUMNS: usize = 64;
 
@@ -490,7 +492,7 @@ fn batched_matmul(
         offsets
             .par_iter()
             .for_each(|offsets| one(offsets, (0, n), Parallelism::None));
-    } else if m < SPLIT_COLUMNS_BELOW_ROWS && n > SPLIT_COLUMNS {
+    } else if m < SPLIT_COLUMNS_BELOW_ROWS && n > SPLIT_COLUMNS && !arithmetic.on_bf16_kernel() {
         let blocks = n.div_ceil(SPLIT_COLUMNS);
         for offsets in &offsets {
             (0..blocks).into_par_iter().for_each(|block| {
