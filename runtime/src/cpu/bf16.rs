@@ -13,8 +13,9 @@
 //!
 //! Layout (`pack`): `lhs` is packed in panels of [`MR`] rows (one read along K lies in rows,
 //! only rounded: [`Layout`]) and `rhs` in panels of [`NR`] columns, one 32-bit pair of bf16
-//! values (two consecutive elements of K) per row or column and per pair of K, an odd K's last pair completed with a zero, the last panel's padding rows
-//! holding stale values whose sums no store keeps. A register tile of `MR × NR` f32 sums runs
+//! values (two consecutive elements of K) per row or column and per pair of K, an odd K's last
+//! pair completed with a zero, the last panel's padding rows holding stale values whose sums
+//! no store keeps. A register tile of `MR × NR` f32 sums runs
 //! over K in blocks of [`PAIRS_PER_BLOCK`], each block's sums added to the output in turn, so
 //! every output element is summed in one fixed order: the result does not depend on the thread
 //! count. Operands are read where they lie, strided or through tables of row addresses, and

@@ -1,6 +1,8 @@
 //! The library calls of the kernel IR on the CPU: GEMMs through the `gemm` crate (threaded with
 //! rayon; bf16 operands on `super::bf16` where it pays), grouped expert GEMMs as one GEMM per
-//! expert over its gathered rows, the lookups, and FP8 fake quantization through `crate::fp8`.
+//! expert over its gathered rows, the lookups, FP8 fake quantization through `crate::fp8`, and
+//! the sixteen-lane routines of the loss (`super::cross_entropy`) and of softmaxes
+//! (`super::softmax`).
 
 use fathom_compiler::DType;
 use fathom_compiler::graph::QuantFormat;

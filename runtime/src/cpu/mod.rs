@@ -35,7 +35,7 @@ pub use bf16::{BF16_GEMM_ENV, Bf16Gemm, MIN_FLOP_RATIO, bf16_gemm, compare_with_
 /// The kernel forms this backend runs on this CPU: `LowerOptions::cpu()`, products that round
 /// their bf16 operands as they read them where the bf16 GEMM runs (its packing rounds anyway;
 /// the f32 GEMM would need rounded copies, which the cast kernels make once), and the
-/// cross-entropy routines where the CPU has AVX-512 (`cross_entropy`).
+/// cross-entropy and softmax routines where the CPU has AVX-512 (`cross_entropy`, `softmax`).
 pub fn lower_options() -> fathom_compiler::lower::LowerOptions {
     fathom_compiler::lower::LowerOptions {
         products_round_operands: bf16::enabled(),
