@@ -551,3 +551,55 @@ fn as_routines_each_softmax_gradient_reads_what_its_forward_wrote() {
         assert_eq!(same.nodes, kernel.nodes, "{}", same.name);
     }
 }
+
+/// Under `swiglu_routines` every SwiGLU gating (the dense MLP's, the experts' and the shared
+/// experts') is a library call keeping the sigmoid and the silu its gradient reads; lowered
+/// without the option, the same kernels are the loops fusion made.
+#[test]
+fn as_routines_each_swiglu_gating_is_one_call() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::kernel::{KernelBody, Library};
+    use fathom_compiler::lower::LowerOptions;
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::training::training_graph;
+
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
+    let compiled = |swiglu_routines| {
+        let options = CompileOptions {
+            lower: LowerOptions {
+                swiglu_routines,
+                ..LowerOptions::cpu()
+            },
+            ..CompileOptions::default()
+        };
+        compile(&train.graph, &options).unwrap().program
+    };
+    let (program, loops) = (compiled(true), compiled(false));
+    let calls: Vec<_> = program
+        .kernels
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| matches!(k.body, KernelBody::Library(Library::Swiglu { .. })))
+        .collect();
+    let gating_loops = loops
+        .kernels
+        .iter()
+        .filter(|k| k.name.contains("_sigmoid_mul_"))
+        .count();
+    assert!(!calls.is_empty());
+    assert_eq!(calls.len(), gating_loops, "every gating loop is a call");
+    for (index, kernel) in &calls {
+        let same = &loops.kernels[*index];
+        assert!(matches!(same.body, KernelBody::Loop(_)), "{}", same.name);
+        assert_eq!(same.nodes, kernel.nodes, "{}", same.name);
+    }
+    assert!(
+        !program
+            .kernels
+            .iter()
+            .any(|k| k.name.contains("_sigmoid_mul_"))
+    );
+    // The calls as the kernel IR prints them (reviewed with every change).
+    let printed: String = calls.iter().map(|(_, k)| k.to_string()).collect();
+    insta::assert_snapshot!(printed);
+}

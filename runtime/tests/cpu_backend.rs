@@ -48,18 +48,21 @@ fn training_graphs_run_compiled_like_the_interpreter() {
         // values: bit for bit the same results); and all the CPU's own forms (the loss's
         // gradient from the forward's exponentials: within the bounds of the interpreter), with
         // the loss and its gradient as loops or as the CPU's routines (library calls), and the
-        // softmaxes and their gradients as loops or routines (bit for bit the same results).
+        // softmaxes, their gradients and SwiGLU's gating as loops or routines (bit for bit the
+        // same results).
         let in_place = LowerOptions {
             grouped_weights_in_place: true,
             ..LowerOptions::default()
         };
         let softmax_routines = LowerOptions {
             softmax_routines: true,
+            swiglu_routines: true,
             ..LowerOptions::cpu()
         };
         let routines = LowerOptions {
             cross_entropy_routines: true,
             softmax_routines: true,
+            swiglu_routines: true,
             ..LowerOptions::cpu()
         };
         let (mut first, mut cpu_forms): (Option<CpuOutputs>, Option<CpuOutputs>) = (None, None);
@@ -109,6 +112,27 @@ fn training_graphs_run_compiled_like_the_interpreter() {
                 );
             } else {
                 assert_eq!((softmaxes, gradients), (0, 0), "{name}");
+            }
+            // One SwiGLU gating per MLP and expert group, all calls or all loops.
+            let (gatings, gating_loops): (Vec<_>, Vec<_>) = program
+                .kernels
+                .iter()
+                .filter(|k| {
+                    matches!(k.body, KernelBody::Library(Library::Swiglu { .. }))
+                        || k.name.contains("_sigmoid_mul_")
+                })
+                .partition(|k| matches!(k.body, KernelBody::Library(_)));
+            let (gatings, gating_loops) = (gatings.len(), gating_loops.len());
+            if options.swiglu_routines {
+                assert!(
+                    gatings >= 1 && gating_loops == 0,
+                    "{name}: {gatings}, {gating_loops}"
+                );
+            } else {
+                assert!(
+                    gatings == 0 && gating_loops >= 1,
+                    "{name}: {gatings}, {gating_loops}"
+                );
             }
             let stacked_weights = program.kernels.iter().filter(|k| {
                 matches!(

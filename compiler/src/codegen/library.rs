@@ -200,7 +200,8 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
                 ("out", ty(out)),
             ],
         ),
-        // CPU forms (`LowerOptions::softmax_routines`): no template; the plan refuses them.
+        // CPU forms (`LowerOptions::softmax_routines`, `swiglu_routines`): no template; the plan
+        // refuses them.
         Library::Softmax {
             domain,
             scores,
@@ -226,6 +227,17 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             vec![
                 ("domain", format!("{domain:?}")),
                 ("cotangent", view(cotangent)),
+                ("out", view(out)),
+            ],
+        ),
+        Library::Swiglu {
+            domain, gate, out, ..
+        } => (
+            "swiglu",
+            None,
+            vec![
+                ("domain", format!("{domain:?}")),
+                ("gate", view(gate)),
                 ("out", view(out)),
             ],
         ),

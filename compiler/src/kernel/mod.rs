@@ -258,6 +258,19 @@ pub enum Library {
         scale: Option<f64>,
         out: View,
     },
+    /// SwiGLU's gating over the innermost axis of `domain`, as the fused loop nest computes it:
+    /// `sigmoid = σ(gate)`, `silu = gate · sigmoid`, `out = silu · up`, each stored (the
+    /// gradient reads the first two). A CPU form (`lower::LowerOptions::swiglu_routines`),
+    /// recognised in the loop nest after fusion; every written view covers its buffer densely,
+    /// row-major over `domain`.
+    Swiglu {
+        domain: Vec<usize>,
+        gate: View,
+        up: View,
+        sigmoid: View,
+        silu: View,
+        out: View,
+    },
 }
 
 /// A softmax's scores: `x · scale` (`x` without one), replaced by `fill` where `mask` is zero.
@@ -563,6 +576,17 @@ impl Library {
                 read.extend(mask.as_ref().map(|m| m.buffer));
                 (read, vec![out.buffer])
             }
+            Library::Swiglu {
+                gate,
+                up,
+                sigmoid,
+                silu,
+                out,
+                ..
+            } => (
+                vec![gate.buffer, up.buffer],
+                vec![sigmoid.buffer, silu.buffer, out.buffer],
+            ),
         }
     }
 }

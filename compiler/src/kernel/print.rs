@@ -289,6 +289,18 @@ impl Display for Library {
                     None => Ok(()),
                 }
             }
+            Library::Swiglu {
+                domain,
+                gate,
+                up,
+                sigmoid,
+                silu,
+                out,
+            } => write!(
+                f,
+                "swiglu {domain:?}: {out} = ({gate} * sigmoid({gate})) * {up}, keeping sigmoid \
+                 {sigmoid} and silu {silu}"
+            ),
             Library::QuantizeDequantize {
                 format,
                 tile_rows,

@@ -19,6 +19,7 @@ mod exact;
 mod fusion;
 mod merge;
 mod softmax;
+mod swiglu;
 
 use std::collections::HashMap;
 
@@ -72,6 +73,11 @@ pub struct LowerOptions {
     /// finished program: the CPU backend's choice where it has AVX-512, for the reason of
     /// `cross_entropy_routines`; the CUDA plan refuses the calls.
     pub softmax_routines: bool,
+    /// SwiGLU's gating (`σ(gate)`, `gate · σ(gate)`, times `up`) is a library call
+    /// (`kernel::Library::Swiglu`) instead of the loop nest fusion makes of it, recognised in
+    /// the finished program: the CPU backend's choice where it has AVX-512 (sixteen lanes of
+    /// the sigmoid's `exp`); the CUDA plan refuses the call.
+    pub swiglu_routines: bool,
 }
 
 impl LowerOptions {
@@ -84,6 +90,7 @@ impl LowerOptions {
             products_round_operands: false,
             cross_entropy_routines: false,
             softmax_routines: false,
+            swiglu_routines: false,
         }
     }
 }
@@ -100,6 +107,9 @@ pub fn lower_with(graph: &Graph, options: LowerOptions) -> Result<Program, Lower
     let mut program = lowering.finish();
     if options.softmax_routines {
         softmax::call_softmaxes(&mut program);
+    }
+    if options.swiglu_routines {
+        swiglu::call_swiglus(&mut program);
     }
     Ok(program)
 }

@@ -220,13 +220,13 @@ fn loads_product(expr: &Expr, op: BinaryOp) -> Option<(&View, &Expr)> {
 
 /// Every view read as rows and every view written as rows has consecutive elements along the
 /// inner axis: the routines read and write rows as slices.
-fn contiguous_rows(read: &[&View], written: &[&View]) -> bool {
+pub(super) fn contiguous_rows(read: &[&View], written: &[&View]) -> bool {
     let inner_unit = |v: &&View| v.strides.last() == Some(&1);
     read.iter().all(inner_unit) && written.iter().all(inner_unit)
 }
 
 /// No written buffer is read, nor written twice: the routines hold each written buffer alone.
-fn apart(read: &[&View], written: &[&View]) -> bool {
+pub(super) fn apart(read: &[&View], written: &[&View]) -> bool {
     written.iter().enumerate().all(|(i, w)| {
         read.iter().all(|r| r.buffer != w.buffer)
             && written[..i].iter().all(|v| v.buffer != w.buffer)
@@ -236,12 +236,7 @@ fn apart(read: &[&View], written: &[&View]) -> bool {
 /// Every view the call writes is its whole buffer, row-major over the domain (the sums over
 /// its outer axes): the routines hand out each buffer's rows to the threads.
 fn writes_whole_buffers(program: &Program, call: &Library) -> bool {
-    let covers = |view: &View, dims: &[usize]| {
-        let buffer = program.buffer(view.buffer);
-        view.offset == 0
-            && buffer.ty.dims().iter().product::<usize>() == dims.iter().product::<usize>()
-            && view.strides[..dims.len()] == row_major_strides(dims)[..]
-    };
+    let covers = |view: &View, dims: &[usize]| covers(program, view, dims);
     match call {
         Library::Softmax {
             domain,
@@ -258,4 +253,12 @@ fn writes_whole_buffers(program: &Program, call: &Library) -> bool {
         Library::SoftmaxGrad { domain, out, .. } => covers(out, domain),
         _ => false,
     }
+}
+
+/// `view` is its whole buffer, row-major over `dims` (its first `dims.len()` strides).
+pub(super) fn covers(program: &Program, view: &View, dims: &[usize]) -> bool {
+    let buffer = program.buffer(view.buffer);
+    view.offset == 0
+        && buffer.ty.dims().iter().product::<usize>() == dims.iter().product::<usize>()
+        && view.strides[..dims.len()] == row_major_strides(dims)[..]
 }

@@ -1,8 +1,8 @@
 //! The library calls of the kernel IR on the CPU: GEMMs through the `gemm` crate (threaded with
 //! rayon; bf16 operands on `super::bf16` where it pays), grouped expert GEMMs as one GEMM per
 //! expert over its gathered rows, the lookups, FP8 fake quantization through `crate::fp8`, and
-//! the sixteen-lane routines of the loss (`super::cross_entropy`) and of softmaxes
-//! (`super::softmax`).
+//! the sixteen-lane routines of the loss (`super::cross_entropy`), of softmaxes
+//! (`super::softmax`) and of SwiGLU's gating (`super::swiglu`).
 
 use fathom_compiler::DType;
 use fathom_compiler::graph::QuantFormat;
@@ -17,6 +17,7 @@ use super::cross_entropy;
 use super::grouped::{self, Routing};
 use super::product::{Arithmetic, Operand, multiply};
 use super::softmax::{self, RowStarts};
+use super::swiglu;
 use super::{CpuError, Lent, Storage};
 use crate::fp8::{ScaleRounding, fake_quantize};
 use crate::parallel::ExpertExchange;
@@ -366,6 +367,27 @@ pub(super) fn run(
                 scale: scale.map(|c| c as f32),
             };
             softmax::gradient(&rows, n, &mut result);
+            buffers[out.buffer.index()] = result.restore();
+        }
+        Library::Swiglu {
+            domain,
+            gate,
+            up,
+            sigmoid,
+            silu,
+            out,
+        } => {
+            let (&n, outer) = domain.split_last().expect("a gating has a row axis");
+            let [mut s, mut a, mut result] =
+                [sigmoid, silu, out].map(|v| buffers[v.buffer.index()].lend());
+            let read: &[Storage<'_>] = buffers;
+            let rows = swiglu::GatingRows {
+                gate: rows_of(read, gate, outer),
+                up: rows_of(read, up, outer),
+            };
+            swiglu::forward(&rows, n, (&mut s, &mut a, &mut result));
+            buffers[sigmoid.buffer.index()] = s.restore();
+            buffers[silu.buffer.index()] = a.restore();
             buffers[out.buffer.index()] = result.restore();
         }
     }

@@ -19,6 +19,7 @@ mod pool;
 mod product;
 mod profile;
 mod softmax;
+mod swiglu;
 #[cfg(test)]
 mod tests;
 mod triangular;
@@ -35,12 +36,14 @@ pub use bf16::{BF16_GEMM_ENV, Bf16Gemm, MIN_FLOP_RATIO, bf16_gemm, compare_with_
 /// The kernel forms this backend runs on this CPU: `LowerOptions::cpu()`, products that round
 /// their bf16 operands as they read them where the bf16 GEMM runs (its packing rounds anyway;
 /// the f32 GEMM would need rounded copies, which the cast kernels make once), and the
-/// cross-entropy and softmax routines where the CPU has AVX-512 (`cross_entropy`, `softmax`).
+/// cross-entropy, softmax and SwiGLU routines where the CPU has AVX-512 (`cross_entropy`,
+/// `softmax`, `swiglu`).
 pub fn lower_options() -> fathom_compiler::lower::LowerOptions {
     fathom_compiler::lower::LowerOptions {
         products_round_operands: bf16::enabled(),
         cross_entropy_routines: expf::vectorised(),
         softmax_routines: expf::vectorised(),
+        swiglu_routines: expf::vectorised(),
         ..fathom_compiler::lower::LowerOptions::cpu()
     }
 }

@@ -47,7 +47,7 @@ impl<'a> RowStarts<'a> {
     }
 
     /// Row `row`, `len` long, of `data`.
-    fn row(self, data: &[f32], row: usize, len: usize) -> &[f32] {
+    pub(super) fn row(self, data: &[f32], row: usize, len: usize) -> &[f32] {
         &data[self.start(row)..][..len]
     }
 

@@ -44,6 +44,10 @@ const NOT_A_ROUTINE: &str = "the CUDA plan runs cross-entropies as generated loo
 const NOT_A_SOFTMAX_ROUTINE: &str = "the CUDA plan runs softmaxes as generated loop kernels; \
      lower without `LowerOptions::softmax_routines`";
 
+/// Why SwiGLU's gating as a library call has no CUDA plan.
+const NOT_A_SWIGLU_ROUTINE: &str = "the CUDA plan runs SwiGLU's gating as a generated loop \
+     kernel; lower without `LowerOptions::swiglu_routines`";
+
 /// A template instantiation a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LibraryKernel {
@@ -363,6 +367,7 @@ impl Planner<'_> {
             Library::Softmax { .. } | Library::SoftmaxGrad { .. } => {
                 Err(NOT_A_SOFTMAX_ROUTINE.into())
             }
+            Library::Swiglu { .. } => Err(NOT_A_SWIGLU_ROUTINE.into()),
             Library::MatMul {
                 batch,
                 m,

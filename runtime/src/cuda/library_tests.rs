@@ -300,6 +300,26 @@ fn the_cpus_softmax_routines_are_refused_on_the_gpu() {
     assert!(error.contains("softmax_routines"), "{error}");
 }
 
+/// And its SwiGLU routine.
+#[test]
+fn the_cpus_swiglu_routine_is_refused_on_the_gpu() {
+    let spec = fathom_compiler::spec::examples::micro();
+    let graph = training_graph(&spec, 1, 3, LossWeights::deepseek_v3())
+        .unwrap()
+        .graph;
+    let options = CompileOptions {
+        lower: fathom_compiler::lower::LowerOptions {
+            swiglu_routines: true,
+            ..Default::default()
+        },
+        ..CompileOptions::default()
+    };
+    let program = compile(&graph, &options).unwrap().program;
+    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    assert!(error.contains("swiglu"), "{error}");
+    assert!(error.contains("swiglu_routines"), "{error}");
+}
+
 #[test]
 fn comparison_accepts_rounding_within_the_dot_bound_only() {
     use crate::cuda::library_samples::{Tolerance, compare_outputs};
