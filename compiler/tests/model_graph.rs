@@ -11,6 +11,45 @@ fn tiny() -> ModelSpec {
     fathom_compiler::spec::examples::micro()
 }
 
+/// The tiny model's training program (batch 2, sequence 4, the DeepSeek-V3 losses) lowered
+/// with `lower`.
+fn tiny_training_program(
+    lower: fathom_compiler::lower::LowerOptions,
+) -> fathom_compiler::kernel::Program {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::training::training_graph;
+
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3())
+        .expect("the tiny model's training graph builds");
+    let options = CompileOptions {
+        lower,
+        ..CompileOptions::default()
+    };
+    compile(&train.graph, &options)
+        .expect("the tiny training graph compiles")
+        .program
+}
+
+/// Each of `calls` (kernels of `with`, a program lowered with a routine option) stands at the
+/// same place of `without` (lowered without it) as a loop nest over the same graph nodes.
+fn assert_were_loops<'a>(
+    with: &fathom_compiler::kernel::Program,
+    without: &fathom_compiler::kernel::Program,
+    calls: impl IntoIterator<Item = &'a fathom_compiler::kernel::Kernel>,
+) {
+    use fathom_compiler::kernel::KernelBody;
+
+    assert_eq!(with.kernels.len(), without.kernels.len());
+    for kernel in calls {
+        let index = with.kernels.iter().position(|k| k == kernel);
+        let index = index.expect("a call is a kernel of its program");
+        let same = &without.kernels[index];
+        assert!(matches!(same.body, KernelBody::Loop(_)), "{}", same.name);
+        assert_eq!(same.nodes, kernel.nodes, "{}", same.name);
+    }
+}
+
 #[test]
 fn tiny_forward_graph_with_mtp() {
     let options = ForwardOptions {
@@ -394,21 +433,13 @@ fn on_the_cpu_the_losss_gradient_reads_the_forwards_exponentials() {
 /// own, and the gradient reads exactly those, with the labels and the loss's cotangent.
 #[test]
 fn as_routines_each_loss_keeps_what_its_gradient_reads() {
-    use fathom_compiler::compile::{CompileOptions, compile};
     use fathom_compiler::kernel::{KernelBody, Library};
     use fathom_compiler::lower::LowerOptions;
-    use fathom_compiler::model::LossWeights;
-    use fathom_compiler::training::training_graph;
 
-    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
-    let options = CompileOptions {
-        lower: LowerOptions {
-            cross_entropy_routines: true,
-            ..LowerOptions::cpu()
-        },
-        ..CompileOptions::default()
-    };
-    let program = compile(&train.graph, &options).unwrap().program;
+    let program = tiny_training_program(LowerOptions {
+        cross_entropy_routines: true,
+        ..LowerOptions::cpu()
+    });
     let calls: Vec<_> = program
         .kernels
         .iter()
@@ -461,22 +492,14 @@ fn as_routines_each_loss_keeps_what_its_gradient_reads() {
 /// pattern does not fit stays a loop: lowered without the option, the same nests are loops.
 #[test]
 fn as_routines_each_softmax_gradient_reads_what_its_forward_wrote() {
-    use fathom_compiler::compile::{CompileOptions, compile};
     use fathom_compiler::kernel::{KernelBody, Library};
     use fathom_compiler::lower::LowerOptions;
-    use fathom_compiler::model::LossWeights;
-    use fathom_compiler::training::training_graph;
 
-    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
     let compiled = |softmax_routines| {
-        let options = CompileOptions {
-            lower: LowerOptions {
-                softmax_routines,
-                ..LowerOptions::cpu()
-            },
-            ..CompileOptions::default()
-        };
-        compile(&train.graph, &options).unwrap().program
+        tiny_training_program(LowerOptions {
+            softmax_routines,
+            ..LowerOptions::cpu()
+        })
     };
     let program = compiled(true);
     let (mut forwards, mut gradients) = (Vec::new(), Vec::new());
@@ -538,18 +561,11 @@ fn as_routines_each_softmax_gradient_reads_what_its_forward_wrote() {
         .collect();
     insta::assert_snapshot!(printed);
     // Without the option the same kernels are the loops fusion made.
-    let loops = compiled(false);
-    assert_eq!(loops.kernels.len(), program.kernels.len());
     let calls = forwards
         .iter()
         .map(|f| f.4)
         .chain(gradients.iter().map(|g| g.5));
-    for kernel in calls {
-        let index = program.kernels.iter().position(|k| k == kernel).unwrap();
-        let same = &loops.kernels[index];
-        assert!(matches!(same.body, KernelBody::Loop(_)), "{}", same.name);
-        assert_eq!(same.nodes, kernel.nodes, "{}", same.name);
-    }
+    assert_were_loops(&program, &compiled(false), calls);
 }
 
 /// Under `swiglu_routines` every SwiGLU gating (the dense MLP's, the experts' and the shared
@@ -557,29 +573,20 @@ fn as_routines_each_softmax_gradient_reads_what_its_forward_wrote() {
 /// without the option, the same kernels are the loops fusion made.
 #[test]
 fn as_routines_each_swiglu_gating_is_one_call() {
-    use fathom_compiler::compile::{CompileOptions, compile};
     use fathom_compiler::kernel::{KernelBody, Library};
     use fathom_compiler::lower::LowerOptions;
-    use fathom_compiler::model::LossWeights;
-    use fathom_compiler::training::training_graph;
 
-    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
     let compiled = |swiglu_routines| {
-        let options = CompileOptions {
-            lower: LowerOptions {
-                swiglu_routines,
-                ..LowerOptions::cpu()
-            },
-            ..CompileOptions::default()
-        };
-        compile(&train.graph, &options).unwrap().program
+        tiny_training_program(LowerOptions {
+            swiglu_routines,
+            ..LowerOptions::cpu()
+        })
     };
     let (program, loops) = (compiled(true), compiled(false));
     let calls: Vec<_> = program
         .kernels
         .iter()
-        .enumerate()
-        .filter(|(_, k)| matches!(k.body, KernelBody::Library(Library::Swiglu { .. })))
+        .filter(|k| matches!(k.body, KernelBody::Library(Library::Swiglu { .. })))
         .collect();
     let gating_loops = loops
         .kernels
@@ -588,11 +595,7 @@ fn as_routines_each_swiglu_gating_is_one_call() {
         .count();
     assert!(!calls.is_empty());
     assert_eq!(calls.len(), gating_loops, "every gating loop is a call");
-    for (index, kernel) in &calls {
-        let same = &loops.kernels[*index];
-        assert!(matches!(same.body, KernelBody::Loop(_)), "{}", same.name);
-        assert_eq!(same.nodes, kernel.nodes, "{}", same.name);
-    }
+    assert_were_loops(&program, &loops, calls.iter().copied());
     assert!(
         !program
             .kernels
@@ -600,6 +603,6 @@ fn as_routines_each_swiglu_gating_is_one_call() {
             .any(|k| k.name.contains("_sigmoid_mul_"))
     );
     // The calls as the kernel IR prints them (reviewed with every change).
-    let printed: String = calls.iter().map(|(_, k)| k.to_string()).collect();
+    let printed: String = calls.iter().map(|k| k.to_string()).collect();
     insta::assert_snapshot!(printed);
 }

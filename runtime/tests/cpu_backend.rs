@@ -13,7 +13,7 @@ use common::FixtureStep;
 
 use std::collections::HashMap;
 
-use fathom_compiler::kernel::{ExpertOutputs, ExpertWeights, KernelBody, Library};
+use fathom_compiler::kernel::{ExpertOutputs, ExpertWeights, Kernel, KernelBody, Library, Program};
 use fathom_compiler::lower::{LowerOptions, lower, lower_with};
 use fathom_compiler::model::LossWeights;
 use fathom_runtime::HostTensor;
@@ -75,23 +75,9 @@ fn training_graphs_run_compiled_like_the_interpreter() {
         ] {
             let program = lower_with(&train.graph, options).unwrap();
             // Every cross-entropy kernel, forward and backward, is a call or a loop nest.
-            let (calls, loops): (Vec<_>, Vec<_>) = program
-                .kernels
-                .iter()
-                .filter(|k| k.name.contains("_cross_entropy"))
-                .partition(|k| matches!(k.body, KernelBody::Library(_)));
-            let (calls, loops) = (calls.len(), loops.len());
-            if options.cross_entropy_routines {
-                assert!(
-                    calls >= 2 && loops == 0,
-                    "{name}: {calls} calls, {loops} loops"
-                );
-            } else {
-                assert!(
-                    calls == 0 && loops >= 2,
-                    "{name}: {calls} calls, {loops} loops"
-                );
-            }
+            let cross_entropies = |k: &Kernel| k.name.contains("_cross_entropy");
+            let as_calls = options.cross_entropy_routines;
+            all_calls_or_all_loops(&program, cross_entropies, as_calls, 2, name);
             let softmax_calls = |forward: bool| {
                 program
                     .kernels
@@ -114,26 +100,11 @@ fn training_graphs_run_compiled_like_the_interpreter() {
                 assert_eq!((softmaxes, gradients), (0, 0), "{name}");
             }
             // One SwiGLU gating per MLP and expert group, all calls or all loops.
-            let (gatings, gating_loops): (Vec<_>, Vec<_>) = program
-                .kernels
-                .iter()
-                .filter(|k| {
-                    matches!(k.body, KernelBody::Library(Library::Swiglu { .. }))
-                        || k.name.contains("_sigmoid_mul_")
-                })
-                .partition(|k| matches!(k.body, KernelBody::Library(_)));
-            let (gatings, gating_loops) = (gatings.len(), gating_loops.len());
-            if options.swiglu_routines {
-                assert!(
-                    gatings >= 1 && gating_loops == 0,
-                    "{name}: {gatings}, {gating_loops}"
-                );
-            } else {
-                assert!(
-                    gatings == 0 && gating_loops >= 1,
-                    "{name}: {gatings}, {gating_loops}"
-                );
-            }
+            let gatings = |k: &Kernel| {
+                matches!(k.body, KernelBody::Library(Library::Swiglu { .. }))
+                    || k.name.contains("_sigmoid_mul_")
+            };
+            all_calls_or_all_loops(&program, gatings, options.swiglu_routines, 1, name);
             let stacked_weights = program.kernels.iter().filter(|k| {
                 matches!(
                     &k.body,
@@ -176,6 +147,32 @@ fn training_graphs_run_compiled_like_the_interpreter() {
             }
         }
     }
+}
+
+/// The kernels of `program` that `picked` selects are library calls when `as_calls`, loop
+/// nests otherwise, all of them, and there are at least `at_least` (`name`: the fixture).
+fn all_calls_or_all_loops(
+    program: &Program,
+    picked: impl Fn(&Kernel) -> bool,
+    as_calls: bool,
+    at_least: usize,
+    name: &str,
+) {
+    let (calls, loops): (Vec<_>, Vec<_>) = program
+        .kernels
+        .iter()
+        .filter(|k| picked(k))
+        .partition(|k| matches!(k.body, KernelBody::Library(_)));
+    let (calls, loops) = (calls.len(), loops.len());
+    let (wanted, unwanted) = if as_calls {
+        (calls, loops)
+    } else {
+        (loops, calls)
+    };
+    assert!(
+        wanted >= at_least && unwanted == 0,
+        "{name}: {calls} calls, {loops} loops"
+    );
 }
 
 /// Relative error bounds of a comparison with the interpreter: of each value output, and of each

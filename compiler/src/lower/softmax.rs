@@ -236,7 +236,7 @@ pub(super) fn apart(read: &[&View], written: &[&View]) -> bool {
 /// Every view the call writes is its whole buffer, row-major over the domain (the sums over
 /// its outer axes): the routines hand out each buffer's rows to the threads.
 fn writes_whole_buffers(program: &Program, call: &Library) -> bool {
-    let covers = |view: &View, dims: &[usize]| covers(program, view, dims);
+    let whole = |view: &View, dims: &[usize]| covers(program, view, dims);
     match call {
         Library::Softmax {
             domain,
@@ -246,11 +246,11 @@ fn writes_whole_buffers(program: &Program, call: &Library) -> bool {
             ..
         } => {
             let outer = &domain[..domain.len() - 1];
-            covers(exponentials, domain)
-                && covers(out, domain)
-                && sums.as_ref().is_none_or(|sums| covers(sums, outer))
+            whole(exponentials, domain)
+                && whole(out, domain)
+                && sums.as_ref().is_none_or(|sums| whole(sums, outer))
         }
-        Library::SoftmaxGrad { domain, out, .. } => covers(out, domain),
+        Library::SoftmaxGrad { domain, out, .. } => whole(out, domain),
         _ => false,
     }
 }

@@ -22,23 +22,7 @@ pub(super) fn call_swiglus(program: &mut Program) {
         let KernelBody::Loop(nest) = &program.kernels[index].body else {
             continue;
         };
-        let Some(call) = gating(nest) else {
-            continue;
-        };
-        let Library::Swiglu {
-            domain,
-            sigmoid,
-            silu,
-            out,
-            ..
-        } = &call
-        else {
-            unreachable!("gating makes a Swiglu call")
-        };
-        if [sigmoid, silu, out]
-            .iter()
-            .all(|view| covers(program, view, domain))
-        {
+        if let Some(call) = gating(program, nest) {
             let kernel = &mut program.kernels[index];
             kernel.name = kernel_name(index, "swiglu", &kernel.origin);
             kernel.body = KernelBody::Library(call);
@@ -46,8 +30,8 @@ pub(super) fn call_swiglus(program: &mut Program) {
     }
 }
 
-/// `s = sigmoid(g); a = g · s; out = a · u`.
-fn gating(nest: &LoopNest) -> Option<Library> {
+/// `s = sigmoid(g); a = g · s; out = a · u`, each written view its whole buffer.
+fn gating(program: &Program, nest: &LoopNest) -> Option<Library> {
     let [
         Stmt::Store {
             view: sigmoid,
@@ -76,14 +60,14 @@ fn gating(nest: &LoopNest) -> Option<Library> {
         return None;
     }
     let (read, written) = ([gate, up], [sigmoid, silu, out]);
-    (!nest.domain.is_empty() && contiguous_rows(&read, &written) && apart(&read, &written)).then(
-        || Library::Swiglu {
-            domain: nest.domain.clone(),
-            gate: gate.clone(),
-            up: up.clone(),
-            sigmoid: sigmoid.clone(),
-            silu: silu.clone(),
-            out: out.clone(),
-        },
-    )
+    let whole = written.iter().all(|v| covers(program, v, &nest.domain));
+    let fits = contiguous_rows(&read, &written) && apart(&read, &written);
+    (!nest.domain.is_empty() && fits && whole).then(|| Library::Swiglu {
+        domain: nest.domain.clone(),
+        gate: gate.clone(),
+        up: up.clone(),
+        sigmoid: sigmoid.clone(),
+        silu: silu.clone(),
+        out: out.clone(),
+    })
 }

@@ -36,17 +36,14 @@ const NOT_IN_PARTS: &str = "the CUDA plan reads and writes the experts' matrices
 const NOT_ROUNDING: &str = "the CUDA GEMM templates read operands as they are stored, rounded \
      by the program's casts; lower without `LowerOptions::products_round_operands`";
 
-/// Why a cross-entropy as a library call has no CUDA plan.
-const NOT_A_ROUTINE: &str = "the CUDA plan runs cross-entropies as generated loop kernels; \
-     lower without `LowerOptions::cross_entropy_routines`";
-
-/// Why a softmax as a library call has no CUDA plan.
-const NOT_A_SOFTMAX_ROUTINE: &str = "the CUDA plan runs softmaxes as generated loop kernels; \
-     lower without `LowerOptions::softmax_routines`";
-
-/// Why SwiGLU's gating as a library call has no CUDA plan.
-const NOT_A_SWIGLU_ROUTINE: &str = "the CUDA plan runs SwiGLU's gating as a generated loop \
-     kernel; lower without `LowerOptions::swiglu_routines`";
+/// Why one of the CPU's routines (a call the lowering makes of a loop nest, under the option
+/// named) has no CUDA plan: the plan runs `what` as generated loop kernels.
+fn not_a_routine(what: &str, option: &str) -> String {
+    format!(
+        "the CUDA plan runs {what} as generated loop kernels; lower without \
+         `LowerOptions::{option}`"
+    )
+}
 
 /// A template instantiation a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -362,12 +359,12 @@ impl Planner<'_> {
         }
         match call {
             Library::CrossEntropy { .. } | Library::CrossEntropyGrad { .. } => {
-                Err(NOT_A_ROUTINE.into())
+                Err(not_a_routine("cross-entropies", "cross_entropy_routines"))
             }
             Library::Softmax { .. } | Library::SoftmaxGrad { .. } => {
-                Err(NOT_A_SOFTMAX_ROUTINE.into())
+                Err(not_a_routine("softmaxes", "softmax_routines"))
             }
-            Library::Swiglu { .. } => Err(NOT_A_SWIGLU_ROUTINE.into()),
+            Library::Swiglu { .. } => Err(not_a_routine("SwiGLU's gating", "swiglu_routines")),
             Library::MatMul {
                 batch,
                 m,

@@ -258,24 +258,29 @@ fn a_product_that_rounds_its_operands_is_refused_on_the_gpu() {
     assert!(error.contains("products_round_operands"), "{error}");
 }
 
-/// The CPU's cross-entropy routines are library calls the CUDA plan has no template for: the
-/// plan names the option to lower without.
-#[test]
-fn the_cpus_cross_entropy_routines_are_refused_on_the_gpu() {
+/// Why the CUDA plan refuses the micro model's training program lowered with `lower`.
+fn refusal(lower: fathom_compiler::lower::LowerOptions) -> String {
     let spec = fathom_compiler::spec::examples::micro();
     let graph = training_graph(&spec, 1, 3, LossWeights::deepseek_v3())
         .unwrap()
         .graph;
     let options = CompileOptions {
-        lower: fathom_compiler::lower::LowerOptions {
-            cross_entropy_keeps_exponentials: true,
-            cross_entropy_routines: true,
-            ..Default::default()
-        },
+        lower,
         ..CompileOptions::default()
     };
     let program = compile(&graph, &options).unwrap().program;
-    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    LibraryPlan::of(&program).unwrap_err().to_string()
+}
+
+/// The CPU's cross-entropy routines are library calls the CUDA plan has no template for: the
+/// plan names the option to lower without.
+#[test]
+fn the_cpus_cross_entropy_routines_are_refused_on_the_gpu() {
+    let error = refusal(fathom_compiler::lower::LowerOptions {
+        cross_entropy_keeps_exponentials: true,
+        cross_entropy_routines: true,
+        ..Default::default()
+    });
     assert!(error.contains("cross_entropy"), "{error}");
     assert!(error.contains("cross_entropy_routines"), "{error}");
 }
@@ -283,19 +288,10 @@ fn the_cpus_cross_entropy_routines_are_refused_on_the_gpu() {
 /// So are its softmax routines.
 #[test]
 fn the_cpus_softmax_routines_are_refused_on_the_gpu() {
-    let spec = fathom_compiler::spec::examples::micro();
-    let graph = training_graph(&spec, 1, 3, LossWeights::deepseek_v3())
-        .unwrap()
-        .graph;
-    let options = CompileOptions {
-        lower: fathom_compiler::lower::LowerOptions {
-            softmax_routines: true,
-            ..Default::default()
-        },
-        ..CompileOptions::default()
-    };
-    let program = compile(&graph, &options).unwrap().program;
-    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    let error = refusal(fathom_compiler::lower::LowerOptions {
+        softmax_routines: true,
+        ..Default::default()
+    });
     assert!(error.contains("softmax"), "{error}");
     assert!(error.contains("softmax_routines"), "{error}");
 }
@@ -303,19 +299,10 @@ fn the_cpus_softmax_routines_are_refused_on_the_gpu() {
 /// And its SwiGLU routine.
 #[test]
 fn the_cpus_swiglu_routine_is_refused_on_the_gpu() {
-    let spec = fathom_compiler::spec::examples::micro();
-    let graph = training_graph(&spec, 1, 3, LossWeights::deepseek_v3())
-        .unwrap()
-        .graph;
-    let options = CompileOptions {
-        lower: fathom_compiler::lower::LowerOptions {
-            swiglu_routines: true,
-            ..Default::default()
-        },
-        ..CompileOptions::default()
-    };
-    let program = compile(&graph, &options).unwrap().program;
-    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    let error = refusal(fathom_compiler::lower::LowerOptions {
+        swiglu_routines: true,
+        ..Default::default()
+    });
     assert!(error.contains("swiglu"), "{error}");
     assert!(error.contains("swiglu_routines"), "{error}");
 }
