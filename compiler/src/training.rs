@@ -24,6 +24,18 @@ pub struct TrainingGraph {
     pub balancing_biases: Vec<String>,
 }
 
+impl TrainingGraph {
+    /// The graph without the forward's `logits` and `mtp_logits.<depth>` outputs, which a
+    /// training run never reads: kept, each holds a vocabulary-wide array alive to the end of
+    /// every step and keeps its head from being one routine
+    /// (`lower::LowerOptions::linear_cross_entropy_routines`).
+    pub fn without_logits(mut self) -> Self {
+        let logits = |name: &str| name == "logits" || name.starts_with("mtp_logits.");
+        self.graph.outputs.retain(|output| !logits(&output.name));
+        self
+    }
+}
+
 /// The training graph of the built-in DeepSeek-V3 model.
 pub fn training_graph(
     spec: &ModelSpec,

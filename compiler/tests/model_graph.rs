@@ -606,3 +606,63 @@ fn as_routines_each_swiglu_gating_is_one_call() {
     let printed: String = calls.iter().map(|k| k.to_string()).collect();
     insta::assert_snapshot!(printed);
 }
+
+/// Under `linear_cross_entropy_routines` (the CPU's choice where its bf16 GEMM runs) the bf16
+/// training step's heads (the logits' matmul, the loss, its gradient and the gradient's two
+/// matmuls) are each one call at the loss's place, and no cross-entropy is left on its own
+/// (the MTP loss's cotangent, computed in backward, moves before its call); the calls printed.
+#[test]
+fn as_routines_each_bf16_head_is_one_call() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::kernel::{KernelBody, Library};
+    use fathom_compiler::lower::LowerOptions;
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::passes::RecomputePolicy;
+    use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
+    use fathom_compiler::spec::Fp8Spec;
+    use fathom_compiler::training::training_graph;
+
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3())
+        .expect("the tiny model's training graph builds")
+        .without_logits();
+    let policy = PrecisionPolicy::uniform(Precision::Bf16);
+    let graph = apply_precision(&train.graph, &policy, &Fp8Spec::default()).unwrap();
+    let lower = LowerOptions {
+        products_round_operands: true,
+        cross_entropy_routines: true,
+        linear_cross_entropy_routines: true,
+        ..LowerOptions::cpu()
+    };
+    let options = CompileOptions {
+        lower,
+        recompute: RecomputePolicy::None,
+        ..CompileOptions::default()
+    };
+    let program = compile(&graph, &options).unwrap().program;
+    let (heads, alone): (Vec<_>, Vec<_>) = program
+        .kernels
+        .iter()
+        .filter(|k| {
+            matches!(
+                k.body,
+                KernelBody::Library(
+                    Library::LinearCrossEntropy { .. }
+                        | Library::CrossEntropy { .. }
+                        | Library::CrossEntropyGrad { .. }
+                )
+            )
+        })
+        .partition(|k| {
+            matches!(
+                k.body,
+                KernelBody::Library(Library::LinearCrossEntropy { .. })
+            )
+        });
+    assert_eq!(
+        (heads.len(), alone.len()),
+        (2, 0),
+        "the next-token and MTP heads"
+    );
+    let printed: Vec<String> = heads.iter().map(|k| k.to_string()).collect();
+    insta::assert_snapshot!(printed.join(""));
+}

@@ -891,3 +891,82 @@ fn triangular_matmuls_run_compiled_like_the_interpreter() {
         assert_eq!(compiled.get(name), expected.get(name), "{name}");
     }
 }
+
+/// The CPU's head routine (`linear_cross_entropy_routines`: the logits' matmul, the loss, its
+/// gradient and the gradient's two matmuls as one call) in the bf16 policy's training step:
+/// one call per loss and none of the five kernels left (but where the step outputs its
+/// logits, which then stay a matmul's), and every output
+/// of the step bit for bit what the five kernels give (on the bf16 kernel the routine's chunks
+/// sum each value in the same order; elsewhere it runs the five steps in turn). Keeping every
+/// activation: under recomputation the backward product reads a recomputed copy of the head's
+/// input, not recognised as the same values.
+#[test]
+fn the_head_routine_gives_the_five_kernels_bits_in_a_bf16_step() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::graph::Graph;
+    use fathom_compiler::passes::RecomputePolicy;
+    use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
+    use fathom_compiler::spec::Fp8Spec;
+
+    let FixtureStep {
+        model,
+        train,
+        inputs,
+    } = FixtureStep::load("moe_grouped", LossWeights::deepseek_v3());
+    let policy = PrecisionPolicy::uniform(Precision::Bf16);
+    let mut graph = apply_precision(&train.graph, &policy, &Fp8Spec::default()).unwrap();
+    let feeds = Feeds::new(&inputs, &model.weights);
+    let separate = folding_round_trips();
+    let fused = LowerOptions {
+        linear_cross_entropy_routines: true,
+        ..separate
+    };
+    // Through the graph passes, as the runtime compiles (the loss's cotangent folded to a
+    // constant), or lowered as it is (the cotangent computed by kernels after the loss, which
+    // move before the call).
+    let compiled = |graph: &Graph, lower, passes: bool| {
+        if !passes {
+            return lower_with(graph, lower).unwrap();
+        }
+        let options = CompileOptions {
+            lower,
+            recompute: RecomputePolicy::None,
+            ..CompileOptions::default()
+        };
+        compile(graph, &options).unwrap().program
+    };
+    // The fixture's step outputs its logits (compared with transformers'): they stay.
+    let keeping_logits = compiled(&graph, fused, true);
+    let fused_head = |k: &Kernel| k.name.contains("linear_cross_entropy");
+    assert!(!keeping_logits.kernels.iter().any(fused_head));
+    graph
+        .outputs
+        .retain(|output| !output.name.contains("logits"));
+    let count = |program: &Program, picked: fn(&Library) -> bool| {
+        program
+            .kernels
+            .iter()
+            .filter(|k| matches!(&k.body, KernelBody::Library(call) if picked(call)))
+            .count()
+    };
+    for passes in [true, false] {
+        let [separate, fused] = [separate, fused].map(|lower| compiled(&graph, lower, passes));
+        let losses = count(&separate, |c| matches!(c, Library::CrossEntropy { .. }));
+        assert!(losses >= 1, "{losses} cross-entropies");
+        let heads = count(&fused, |c| matches!(c, Library::LinearCrossEntropy { .. }));
+        let left = count(&fused, |c| {
+            matches!(
+                c,
+                Library::CrossEntropy { .. } | Library::CrossEntropyGrad { .. }
+            )
+        });
+        assert_eq!((heads, left), (losses, 0), "passes: {passes}");
+        assert_eq!(fused.kernels.len() + 4 * heads, separate.kernels.len());
+        let want = CpuProgram::new(separate).run(&feeds).unwrap();
+        let got = CpuProgram::new(fused).run(&feeds).unwrap();
+        for (output, value) in got.iter() {
+            assert_eq!(Some(value), want.get(output), "passes: {passes}: {output}");
+        }
+        assert_eq!(got.iter().count(), want.iter().count());
+    }
+}

@@ -72,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // What PyTorch's baseline does: next-token loss, backward, AdamW with f32 moments.
     let started = Instant::now();
-    let train = training_graph(&spec, batch, seq, LossWeights::next_token_only())?;
+    let train = training_graph(&spec, batch, seq, LossWeights::next_token_only())?.without_logits();
     let options = CompileOptions {
         lower: fathom_runtime::cpu::lower_options(),
         ..CompileOptions::from_env()

@@ -200,8 +200,8 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
                 ("out", ty(out)),
             ],
         ),
-        // CPU forms (`LowerOptions::softmax_routines`, `swiglu_routines`): no template; the plan
-        // refuses them.
+        // CPU forms (`LowerOptions::linear_cross_entropy_routines`, `softmax_routines`,
+        // `swiglu_routines`): no template; the plan refuses them.
         Library::Softmax {
             domain,
             scores,
@@ -228,6 +228,20 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
                 ("domain", format!("{domain:?}")),
                 ("cotangent", view(cotangent)),
                 ("out", view(out)),
+            ],
+        ),
+        Library::LinearCrossEntropy {
+            hidden,
+            weight,
+            loss,
+            ..
+        } => (
+            "linear_cross_entropy",
+            None,
+            vec![
+                ("hidden", ty(hidden)),
+                ("weight", ty(weight)),
+                ("loss", ty(loss)),
             ],
         ),
         Library::Swiglu {

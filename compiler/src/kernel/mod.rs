@@ -228,6 +228,30 @@ pub enum Library {
         cotangent: BufferId,
         out: BufferId,
     },
+    /// A language-model head and its loss, forward and backward in one call: `logits = hidden ·
+    /// weightᵀ` (`hidden` `[tokens, width]`, `weight` `[vocab, width]`, dense), every row's
+    /// loss against `labels` (as `CrossEntropy`) into `loss`, and for the rows' `cotangent`
+    /// the gradients `hidden_grad = dlogits · weight` and `weight_grad = dlogitsᵀ · hidden`,
+    /// `dlogits = (softmax(logits) − onehot(label)) · cotangent` (as `CrossEntropyGrad`): what
+    /// a matmul, a cross-entropy, its gradient and the gradient's two matmuls compute, with the
+    /// products' `accumulation`, `exact_in` and `rounds`, but without the vocabulary-wide
+    /// arrays between them. A CPU form (`lower::LowerOptions::linear_cross_entropy_routines`),
+    /// recognised in the finished program; the CUDA plan refuses it.
+    LinearCrossEntropy {
+        hidden: BufferId,
+        weight: BufferId,
+        labels: BufferId,
+        cotangent: BufferId,
+        loss: BufferId,
+        hidden_grad: BufferId,
+        weight_grad: BufferId,
+        #[serde(default)]
+        accumulation: Accumulation,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exact_in: Option<DType>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rounds: bool,
+    },
     /// A row softmax over the innermost axis of `domain`, as the fused loop nest computes it:
     /// per row, `m = max(s)`, `exponentials = exp(s − m)`, their sum (stored per row through
     /// `sums` when given), and `out = exponentials / sum`, `s` being `scores`. A CPU form
@@ -384,6 +408,12 @@ impl Program {
             KernelBody::Library(Library::GroupedMatMulWeightGrad { cotangent, x, .. }) => {
                 let (c, k) = (dims(cotangent), *dims(x).last().expect("x has rows"));
                 2 * (c[0] * c[1] * c[2] * k) as u64
+            }
+            // The logits' product and the gradient's two.
+            KernelBody::Library(Library::LinearCrossEntropy { hidden, weight, .. }) => {
+                let numel = |b: &BufferId| self.buffer(*b).ty.numel() as u64;
+                let width = *dims(weight).last().expect("the weight has a width") as u64;
+                3 * 2 * numel(hidden) * (numel(weight) / width.max(1))
             }
             _ => 0,
         }
@@ -543,6 +573,19 @@ impl Library {
             } => (
                 vec![kept.exponentials, kept.sums, *labels, *cotangent],
                 vec![*out],
+            ),
+            Library::LinearCrossEntropy {
+                hidden,
+                weight,
+                labels,
+                cotangent,
+                loss,
+                hidden_grad,
+                weight_grad,
+                ..
+            } => (
+                vec![*hidden, *weight, *labels, *cotangent],
+                vec![*loss, *hidden_grad, *weight_grad],
             ),
             Library::Softmax {
                 scores,

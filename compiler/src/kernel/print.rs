@@ -248,6 +248,24 @@ impl Display for Library {
                 "cross_entropy_grad {out} = ({} / {} - onehot({labels})) * {cotangent}",
                 kept.exponentials, kept.sums
             ),
+            Library::LinearCrossEntropy {
+                hidden,
+                weight,
+                labels,
+                cotangent,
+                loss,
+                hidden_grad,
+                weight_grad,
+                accumulation,
+                exact_in,
+                rounds,
+            } => write!(
+                f,
+                "linear_cross_entropy {loss} = cross_entropy({hidden} x {weight}^T against \
+                 {labels}), gradients {hidden_grad} and {weight_grad} for cotangent \
+                 {cotangent}{}",
+                Arithmetic(*accumulation, *exact_in, *rounds)
+            ),
             Library::Softmax {
                 domain,
                 scores,

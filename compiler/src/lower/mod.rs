@@ -17,6 +17,7 @@
 mod affine;
 mod exact;
 mod fusion;
+mod head;
 mod merge;
 mod softmax;
 mod swiglu;
@@ -78,6 +79,14 @@ pub struct LowerOptions {
     /// the finished program: the CPU backend's choice where it has AVX-512 (sixteen lanes of
     /// the sigmoid's `exp`); the CUDA plan refuses the call.
     pub swiglu_routines: bool,
+    /// A training step's language-model head (the logits' matmul, the cross-entropy keeping
+    /// its exponentials, its gradient and the gradient's two matmuls, products of bf16
+    /// values) is one library call
+    /// (`kernel::Library::LinearCrossEntropy`), recognised in the finished program (with
+    /// `cross_entropy_routines`): the CPU backend's choice where its bf16 GEMM runs (its
+    /// routine keeps each chunk of tokens' logits in cache, where the five kernels wrote and
+    /// read three vocabulary-wide arrays through memory); the CUDA plan refuses the call.
+    pub linear_cross_entropy_routines: bool,
 }
 
 impl LowerOptions {
@@ -91,6 +100,7 @@ impl LowerOptions {
             cross_entropy_routines: false,
             softmax_routines: false,
             swiglu_routines: false,
+            linear_cross_entropy_routines: false,
         }
     }
 }
@@ -110,6 +120,9 @@ pub fn lower_with(graph: &Graph, options: LowerOptions) -> Result<Program, Lower
     }
     if options.swiglu_routines {
         swiglu::call_swiglus(&mut program);
+    }
+    if options.linear_cross_entropy_routines {
+        head::call_heads(&mut program);
     }
     Ok(program)
 }

@@ -29,7 +29,10 @@ use rayon::prelude::*;
 
 use super::product::Operand;
 
+mod head;
 mod pack;
+
+pub(super) use head::{Head, HeadResults, linear_cross_entropy};
 
 pub(super) use pack::Matrix;
 use pack::{Layout, Runs, Source, pack, pack_operand};
@@ -141,6 +144,38 @@ pub(super) unsafe fn multiply(
         pack_operand(packed_rhs, Source::rhs(rhs), (0..n, k), NR, parallel);
         pack_operand(packed_lhs, Source::lhs(lhs), (0..m, k), MR, parallel)
     };
+    // SAFETY: the caller's promise; both operands are packed over `pairs`.
+    unsafe {
+        multiply_packed(
+            (m, n, pairs),
+            dst,
+            (packed_lhs, layout),
+            packed_rhs,
+            add,
+            parallel,
+        )
+    };
+    give_back([lhs_buffer, rhs_buffer]);
+}
+
+/// `dst (m×n) = lhs · rhs`, or `+=` when `add`, from operands packed over `pairs` K pairs
+/// (`lhs` in panels of [`MR`] rows laid out as `layout` says, `rhs` in panels of [`NR`]
+/// columns), over rayon's threads when `parallel`.
+///
+/// # Safety
+/// The packed operands hold every panel of `m` rows and `n` columns; `dst`'s `m × n`
+/// elements are writable and touched by no other thread; `supported()` holds.
+unsafe fn multiply_packed(
+    (m, n, pairs): (usize, usize, usize),
+    dst: Output,
+    (packed_lhs, layout): (&[u32], Layout),
+    packed_rhs: &[u32],
+    add: bool,
+    parallel: bool,
+) {
+    let (row_panels, column_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    assert!(packed_lhs.len() >= row_panels * pairs * MR);
+    assert!(packed_rhs.len() >= column_panels * pairs * NR);
     // Tasks: a block of row panels times one column panel, column panels outermost so that
     // neighbouring tasks share their `rhs` panel.
     let row_blocks = row_panels.div_ceil(ROW_PANELS_PER_TASK);
@@ -161,7 +196,6 @@ pub(super) unsafe fn multiply(
     } else {
         (0..tasks).for_each(task);
     }
-    give_back([lhs_buffer, rhs_buffer]);
 }
 
 /// One product of [`multiply_each`]: `out (m × n) = lhs (m × k) · rhs (k × n)` (an `m` of 0

@@ -100,16 +100,32 @@ fn gradient_in(
         .enumerate()
         .with_min_len(ROWS_PER_TASK)
         .for_each(|(r, out)| {
-            let label = labels[r];
-            if !counted(label) {
-                return out.fill(0.0);
-            }
-            let (e, s, g) = (&exponentials[r * vocab..][..vocab], sums[r], cotangent[r]);
-            scaled_quotients(e, s, g, out, vector);
-            if let Some(v) = label_index(label, vocab) {
-                out[v] = (e[v] / s - 1.0) * g;
-            }
+            let e = &exponentials[r * vocab..][..vocab];
+            row_gradient((e, sums[r]), labels[r], cotangent[r], out, vector);
         });
+}
+
+/// One row's `out = (e / s − [v = label]) · g`, zeros when its label is negative.
+fn row_gradient((e, s): (&[f32], f32), label: f32, g: f32, out: &mut [f32], vector: bool) {
+    if !counted(label) {
+        return out.fill(0.0);
+    }
+    scaled_quotients(e, s, g, out, vector);
+    if let Some(v) = label_index(label, out.len()) {
+        out[v] = (e[v] / s - 1.0) * g;
+    }
+}
+
+/// One row's loss, returned, and its gradient for cotangent `g`, written over the row's
+/// logits `x`: the values [`forward`] (keeping the exponentials, here in `e`, a row long) and
+/// [`gradient`] compute for the row, bit for bit. For a routine that has the row's logits in
+/// cache and its cotangent at hand (the head and its loss in one pass, `super::bf16::head`).
+pub(super) fn row_loss_and_gradient(x: &mut [f32], e: &mut [f32], label: f32, g: f32) -> f32 {
+    let vector = vectorised();
+    let (max, sum) = exponentials_of(x, e, vector);
+    let loss = row_loss(x, label, max, sum);
+    row_gradient((e, sum), label, g, x, vector);
+    loss
 }
 
 /// The loss of one row from its max and sum of exponentials, as the loop nest computes it.

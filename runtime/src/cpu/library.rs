@@ -13,8 +13,10 @@ use fathom_compiler::kernel::{
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::bf16::{Head, HeadResults};
 use super::cross_entropy;
 use super::grouped::{self, Routing};
+use super::head;
 use super::product::{Arithmetic, Operand, multiply};
 use super::softmax::{self, RowStarts};
 use super::swiglu;
@@ -368,6 +370,39 @@ pub(super) fn run(
             };
             softmax::gradient(&rows, n, &mut result);
             buffers[out.buffer.index()] = result.restore();
+        }
+        Library::LinearCrossEntropy {
+            hidden,
+            weight,
+            labels,
+            cotangent,
+            loss,
+            hidden_grad,
+            weight_grad,
+            accumulation,
+            exact_in,
+            rounds,
+        } => {
+            let width = *dims(hidden).last().expect("hidden states have a width");
+            let vocab = program.buffer(*weight).ty.numel() / width.max(1);
+            let [mut losses, mut dh, mut dw] =
+                [loss, hidden_grad, weight_grad].map(|b| buffers[b.index()].lend());
+            let head = Head {
+                hidden: &buffers[hidden.index()],
+                weight: &buffers[weight.index()],
+                labels: &buffers[labels.index()],
+                cotangent: &buffers[cotangent.index()],
+            };
+            let results = HeadResults {
+                loss: &mut losses,
+                hidden_grad: &mut dh,
+                weight_grad: &mut dw,
+            };
+            let arithmetic = arithmetic(*accumulation, *exact_in, *rounds);
+            head::linear_cross_entropy(head, (width, vocab), arithmetic, results);
+            buffers[loss.index()] = losses.restore();
+            buffers[hidden_grad.index()] = dh.restore();
+            buffers[weight_grad.index()] = dw.restore();
         }
         Library::Swiglu {
             domain,

@@ -12,6 +12,7 @@ mod bf16;
 mod cross_entropy;
 mod expf;
 mod grouped;
+mod head;
 mod jit;
 mod library;
 mod loops;
@@ -37,13 +38,15 @@ pub use bf16::{BF16_GEMM_ENV, Bf16Gemm, MIN_FLOP_RATIO, bf16_gemm, compare_with_
 /// their bf16 operands as they read them where the bf16 GEMM runs (its packing rounds anyway;
 /// the f32 GEMM would need rounded copies, which the cast kernels make once), and the
 /// cross-entropy, softmax and SwiGLU routines where the CPU has AVX-512 (`cross_entropy`,
-/// `softmax`, `swiglu`).
+/// `softmax`, `swiglu`), and the head with its loss as one routine where the bf16 GEMM runs
+/// too (`head`).
 pub fn lower_options() -> fathom_compiler::lower::LowerOptions {
     fathom_compiler::lower::LowerOptions {
         products_round_operands: bf16::enabled(),
         cross_entropy_routines: expf::vectorised(),
         softmax_routines: expf::vectorised(),
         swiglu_routines: expf::vectorised(),
+        linear_cross_entropy_routines: bf16::enabled() && expf::vectorised(),
         ..fathom_compiler::lower::LowerOptions::cpu()
     }
 }

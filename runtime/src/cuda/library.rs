@@ -365,6 +365,10 @@ impl Planner<'_> {
                 Err(not_a_routine("softmaxes", "softmax_routines"))
             }
             Library::Swiglu { .. } => Err(not_a_routine("SwiGLU's gating", "swiglu_routines")),
+            Library::LinearCrossEntropy { .. } => Err(not_a_routine(
+                "heads with their loss",
+                "linear_cross_entropy_routines",
+            )),
             Library::MatMul {
                 batch,
                 m,

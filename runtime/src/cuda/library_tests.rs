@@ -296,6 +296,34 @@ fn the_cpus_softmax_routines_are_refused_on_the_gpu() {
     assert!(error.contains("softmax_routines"), "{error}");
 }
 
+/// And its head routine (recognised in a bf16 step that keeps its activations and outputs no
+/// logits).
+#[test]
+fn the_cpus_head_routine_is_refused_on_the_gpu() {
+    use fathom_compiler::passes::RecomputePolicy;
+    use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
+
+    let spec = fathom_compiler::spec::examples::micro();
+    let train = training_graph(&spec, 1, 3, LossWeights::deepseek_v3()).unwrap();
+    let policy = PrecisionPolicy::uniform(Precision::Bf16);
+    let tiling = fathom_compiler::spec::Fp8Spec::default();
+    let graph = apply_precision(&train.without_logits().graph, &policy, &tiling).unwrap();
+    let options = CompileOptions {
+        lower: fathom_compiler::lower::LowerOptions {
+            cross_entropy_keeps_exponentials: true,
+            products_round_operands: true,
+            cross_entropy_routines: true,
+            linear_cross_entropy_routines: true,
+            ..Default::default()
+        },
+        recompute: RecomputePolicy::None,
+        ..CompileOptions::default()
+    };
+    let program = compile(&graph, &options).unwrap().program;
+    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    assert!(error.contains("linear_cross_entropy_routines"), "{error}");
+}
+
 /// And its SwiGLU routine.
 #[test]
 fn the_cpus_swiglu_routine_is_refused_on_the_gpu() {

@@ -288,7 +288,8 @@ impl Trainer {
                 ),
             });
         }
-        let mut program = training_graph(spec, settings.batch, settings.seq, settings.losses)?;
+        let mut program =
+            training_graph(spec, settings.batch, settings.seq, settings.losses)?.without_logits();
         // FP8 tiles come from the model (DeepSeek-V3's 128 when it names none).
         let tiling = spec.fp8.clone().unwrap_or_default();
         program.graph =

@@ -254,6 +254,29 @@ pub(super) unsafe fn pack_operand(
     layout
 }
 
+/// Packs K pairs `pairs` of the `rows` panel rows (of K = `k`) whose K value `kk` lies at
+/// `runs.at(kk)`, the rows side by side from there, into `packed`: [`Layout::Panels`] of
+/// `width` rows over all `k.div_ceil(2)` pairs. Tasks that each hold some of K (a chunk of
+/// tokens of a weight gradient's `dyᵀ`) fill one operand this way, pair range by pair range,
+/// as [`pack_operand`] packs it whole.
+///
+/// # Safety
+/// K values `2 · pairs.start .. min(2 · pairs.end, k)` of the rows are readable through
+/// `runs`; `packed` holds `rows.div_ceil(width)` panels of `k.div_ceil(2)` pairs, and no other
+/// thread touches their pairs `pairs` meanwhile; `super::supported()` holds.
+pub(super) unsafe fn pack_pairs_side_by_side(
+    packed: *mut u32,
+    runs: Runs,
+    (rows, k): (usize, usize),
+    width: usize,
+    pairs: std::ops::Range<usize>,
+) {
+    assert!(pairs.end <= k.div_ceil(2));
+    let panel_len = k.div_ceil(2) * width;
+    // SAFETY: the caller's promise.
+    unsafe { vector::pack_side_by_side((packed, panel_len, width), (runs, 0), (rows, k), pairs) }
+}
+
 /// Packs `rows` rows contiguous along K (row `i` from `runs.at(i)`) in [`Layout::Rows`]: pair
 /// `p` of row `i` to `out[i · pairs + p]`, zeros past K (the panel's padding rows past `rows`
 /// are left as they are).
