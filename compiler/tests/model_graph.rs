@@ -611,6 +611,7 @@ fn as_routines_each_swiglu_gating_is_one_call() {
 /// training step's heads (the logits' matmul, the loss, its gradient and the gradient's two
 /// matmuls) are each one call at the loss's place, and no cross-entropy is left on its own
 /// (the MTP loss's cotangent, computed in backward, moves before its call); the calls printed.
+/// f32 heads, and heads under recomputation, stay five kernels.
 #[test]
 fn as_routines_each_bf16_head_is_one_call() {
     use fathom_compiler::compile::{CompileOptions, compile};
@@ -626,43 +627,48 @@ fn as_routines_each_bf16_head_is_one_call() {
         .expect("the tiny model's training graph builds")
         .without_logits();
     let policy = PrecisionPolicy::uniform(Precision::Bf16);
-    let graph = apply_precision(&train.graph, &policy, &Fp8Spec::default()).unwrap();
+    let bf16 = apply_precision(&train.graph, &policy, &Fp8Spec::default()).unwrap();
     let lower = LowerOptions {
         products_round_operands: true,
         cross_entropy_routines: true,
         linear_cross_entropy_routines: true,
         ..LowerOptions::cpu()
     };
-    let options = CompileOptions {
-        lower,
-        recompute: RecomputePolicy::None,
-        ..CompileOptions::default()
-    };
-    let program = compile(&graph, &options).unwrap().program;
-    let (heads, alone): (Vec<_>, Vec<_>) = program
-        .kernels
-        .iter()
-        .filter(|k| {
-            matches!(
-                k.body,
-                KernelBody::Library(
-                    Library::LinearCrossEntropy { .. }
-                        | Library::CrossEntropy { .. }
-                        | Library::CrossEntropyGrad { .. }
+    // The heads as calls, and the cross-entropies left on their own.
+    let compiled = |graph, recompute| {
+        let options = CompileOptions {
+            lower,
+            recompute,
+            ..CompileOptions::default()
+        };
+        let program = compile(graph, &options).unwrap().program;
+        let (heads, alone): (Vec<_>, Vec<_>) = program
+            .kernels
+            .into_iter()
+            .filter(|k| {
+                matches!(
+                    k.body,
+                    KernelBody::Library(
+                        Library::LinearCrossEntropy { .. }
+                            | Library::CrossEntropy { .. }
+                            | Library::CrossEntropyGrad { .. }
+                    )
                 )
-            )
-        })
-        .partition(|k| {
-            matches!(
-                k.body,
-                KernelBody::Library(Library::LinearCrossEntropy { .. })
-            )
-        });
-    assert_eq!(
-        (heads.len(), alone.len()),
-        (2, 0),
-        "the next-token and MTP heads"
-    );
+            })
+            .partition(|k| {
+                matches!(
+                    k.body,
+                    KernelBody::Library(Library::LinearCrossEntropy { .. })
+                )
+            });
+        (heads, alone.len())
+    };
+    // Not with f32 products, nor where the backward product reads a recomputed copy of the
+    // head's input (the pass cannot tell it holds the same values).
+    assert_eq!(compiled(&train.graph, RecomputePolicy::None).0.len(), 0);
+    assert_eq!(compiled(&bf16, RecomputePolicy::DeepSeekV3).0.len(), 0);
+    let (heads, alone) = compiled(&bf16, RecomputePolicy::None);
+    assert_eq!((heads.len(), alone), (2, 0), "the next-token and MTP heads");
     let printed: Vec<String> = heads.iter().map(|k| k.to_string()).collect();
     insta::assert_snapshot!(printed.join(""));
 }
