@@ -1,7 +1,8 @@
 //! The language-model head and its loss in one call (`Library::LinearCrossEntropy`): on the
-//! bf16 kernel in chunks of tokens whose logits stay in cache (`super::bf16::head`); elsewhere
-//! (a CPU without it, a program compiled for another) as the five kernels it stands for, one
-//! after another: the same values either way, bit for bit.
+//! bf16 kernel in chunks of tokens whose logits stay in cache (`super::bf16::head`, bit for bit
+//! the five kernels' values); elsewhere (a program lowered for a CPU with the kernel, run where
+//! it is off) as the five kernels it stands for, one after another, on temporaries of its own:
+//! a fallback, not a fast path.
 
 use gemm::Parallelism;
 
