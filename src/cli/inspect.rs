@@ -89,7 +89,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let spec = spec_of(&args)?;
     let graph = if args.train {
-        training_graph(&spec, args.batch, args.seq, LossWeights::deepseek_v3())?.graph
+        // As `fathom train` compiles it: no logits output.
+        training_graph(&spec, args.batch, args.seq, LossWeights::deepseek_v3())?
+            .without_logits()
+            .graph
     } else {
         let options = ForwardOptions {
             batch: args.batch,
