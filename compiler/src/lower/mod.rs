@@ -6,7 +6,7 @@
 //! single user, so chains of them become one loop nest; a reduction over the last axis is fused
 //! into the elementwise kernel that consumes it row by row (RMSNorm, softmax, the loss), as a
 //! per-row value computed before the row's stores. Movements that only re-index a buffer
-//! (reshape, permute, slice, broadcast) never copy: they become the strides of a [`View`].
+//! (reshape, permute, slice, broadcast) never copy: they become the strides of a [`View`](crate::kernel::View).
 //! A concatenation's or stack's buffer is written by several kernels, one region each: a part
 //! computed only to be assembled is stored by its own kernel (a loop nest, a matmul, a nested
 //! concatenation) straight into its place, and only the others are copied there.

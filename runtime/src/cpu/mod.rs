@@ -5,8 +5,8 @@
 //! 2^24 in magnitude, which token and expert ids do by far), so one code path serves all
 //! kernels. Matmuls run on the `gemm` crate; the grouped expert matmuls gather each expert's
 //! rows and run one GEMM per expert. Loop nests are compiled once per program to native code
-//! by the cranelift JIT in [`jit`] (rows split across rayon threads); the row evaluator in
-//! [`loops`] is their reference and runs the kernels the JIT leaves (see [`JitReport`]).
+//! by the cranelift JIT in `jit` (rows split across rayon threads); the row evaluator in
+//! `loops` is their reference and runs the kernels the JIT leaves (see [`JitReport`]).
 
 mod bf16;
 mod cross_entropy;

@@ -1,7 +1,7 @@
 //! FP8 numerics on the host, exactly as the DeepSeek-V3 recipe defines them (SPEC §2): the
 //! reference every FP8 kernel and the interpreter's casts are checked against.
 //!
-//! - [`format`]: exact E4M3 / E5M2 (OCP OFP8 v1.0) and BF16 conversions, from the definitions.
+//! - [`format`](mod@format): exact E4M3 / E5M2 (OCP OFP8 v1.0) and BF16 conversions, from the definitions.
 //! - [`quantize`]: fine-grained quantization to E4M3 with one scale per tile (1×128 activation
 //!   tiles, 128×128 weight blocks), `scale = max(amax, 1e-4) / 448`, optionally rounded up to a
 //!   power of two.
