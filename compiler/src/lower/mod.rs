@@ -6,10 +6,11 @@
 //! single user, so chains of them become one loop nest; a reduction over the last axis is fused
 //! into the elementwise kernel that consumes it row by row (RMSNorm, softmax, the loss), as a
 //! per-row value computed before the row's stores. Movements that only re-index a buffer
-//! (reshape, permute, slice, broadcast) never copy: they become the strides of a [`View`](crate::kernel::View).
-//! A concatenation's or stack's buffer is written by several kernels, one region each: a part
-//! computed only to be assembled is stored by its own kernel (a loop nest, a matmul, a nested
-//! concatenation) straight into its place, and only the others are copied there.
+//! (reshape, permute, slice, broadcast) never copy: they become the strides of a
+//! [`View`](crate::kernel::View). A concatenation's or stack's buffer is written by several
+//! kernels, one region each: a part computed only to be assembled is stored by its own kernel
+//! (a loop nest, a matmul, a nested concatenation) straight into its place, and only the
+//! others are copied there.
 //! Last, adjacent loop nests over the same domain are merged into one when each row of the
 //! later one reads only its own row of the earlier one's results (see `merge`): a softmax's
 //! max, exponentials, sum and division become one pass over each row.
@@ -80,12 +81,12 @@ pub struct LowerOptions {
     /// the sigmoid's `exp`); the CUDA plan refuses the call.
     pub swiglu_routines: bool,
     /// A training step's language-model head (the logits' matmul, the cross-entropy keeping
-    /// its exponentials, its gradient and the gradient's two matmuls, products of bf16
-    /// values) is one library call
-    /// (`kernel::Library::LinearCrossEntropy`), recognised in the finished program (with
-    /// `cross_entropy_routines`): the CPU backend's choice where its bf16 GEMM runs (its
-    /// routine keeps each chunk of tokens' logits in cache, where the five kernels wrote and
-    /// read three vocabulary-wide arrays through memory); the CUDA plan refuses the call.
+    /// its exponentials, its gradient and the gradient's two matmuls, products of bf16 values)
+    /// is one library call (`kernel::Library::LinearCrossEntropy`), recognised in the finished
+    /// program (with `cross_entropy_routines`): the CPU backend's choice where its bf16 GEMM
+    /// runs (its routine keeps each chunk of tokens' logits in cache, where the five kernels
+    /// wrote and read three vocabulary-wide arrays through memory); the CUDA plan refuses the
+    /// call.
     pub linear_cross_entropy_routines: bool,
 }
 
