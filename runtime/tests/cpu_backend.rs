@@ -606,6 +606,17 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
     }
 }
 
+/// The `moe_grouped` fixture's training step (all losses), and its graph under the bf16 policy.
+fn bf16_step() -> (FixtureStep, fathom_compiler::graph::Graph) {
+    use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
+    use fathom_compiler::spec::Fp8Spec;
+
+    let step = FixtureStep::load("moe_grouped", LossWeights::deepseek_v3());
+    let policy = PrecisionPolicy::uniform(Precision::Bf16);
+    let graph = apply_precision(&step.train.graph, &policy, &Fp8Spec::default()).unwrap();
+    (step, graph)
+}
+
 /// The bf16 policy's training step compiled against the interpreter: the Linear GEMMs (dense
 /// and grouped, the output head's included) read operands rounded to bf16 and run on the bf16
 /// kernel where this CPU chose it (`fathom_runtime::cpu::bf16_gemm`), on the f32 GEMM
@@ -622,17 +633,9 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
 #[test]
 fn bf16_training_graphs_run_compiled_like_the_interpreter() {
     use fathom_compiler::DType;
-    use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
-    use fathom_compiler::spec::Fp8Spec;
 
-    let FixtureStep {
-        model,
-        train,
-        inputs,
-    } = FixtureStep::load("moe_grouped", LossWeights::deepseek_v3());
-    let policy = PrecisionPolicy::uniform(Precision::Bf16);
-    let graph = apply_precision(&train.graph, &policy, &Fp8Spec::default()).unwrap();
-    let feeds = Feeds::new(&inputs, &model.weights);
+    let (step, graph) = bf16_step();
+    let feeds = Feeds::new(&step.inputs, &step.model.weights);
     let expected = evaluate(&graph, &feeds).unwrap();
     let folding = folding_round_trips();
     for options in [LowerOptions::default(), folding] {
@@ -905,17 +908,9 @@ fn the_head_routine_gives_the_five_kernels_bits_in_a_bf16_step() {
     use fathom_compiler::compile::{CompileOptions, compile};
     use fathom_compiler::graph::Graph;
     use fathom_compiler::passes::RecomputePolicy;
-    use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
-    use fathom_compiler::spec::Fp8Spec;
 
-    let FixtureStep {
-        model,
-        train,
-        inputs,
-    } = FixtureStep::load("moe_grouped", LossWeights::deepseek_v3());
-    let policy = PrecisionPolicy::uniform(Precision::Bf16);
-    let mut graph = apply_precision(&train.graph, &policy, &Fp8Spec::default()).unwrap();
-    let feeds = Feeds::new(&inputs, &model.weights);
+    let (step, mut graph) = bf16_step();
+    let feeds = Feeds::new(&step.inputs, &step.model.weights);
     let separate = folding_round_trips();
     let fused = LowerOptions {
         linear_cross_entropy_routines: true,

@@ -373,7 +373,6 @@ fn expert_product_into(
 #[cfg(test)]
 mod tests {
     use super::{Arithmetic, Routing, matmul, weight_grad};
-    use fathom_compiler::DType;
     use fathom_compiler::graph::Accumulation;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -460,15 +459,9 @@ mod tests {
     /// slot, widths that are not whole panels.
     #[test]
     fn experts_read_and_write_their_rows_where_they_lie_on_the_bf16_kernel() {
-        let arithmetic = Arithmetic {
-            accumulation: Accumulation::default(),
-            exact_in: Some(DType::BF16),
-            rounds: true,
-        };
-        if !arithmetic.on_bf16_kernel() {
-            eprintln!("skipped: the bf16 kernel does not run on this CPU");
+        let Some(arithmetic) = Arithmetic::bf16_kernel_or_skip() else {
             return;
-        }
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let (tokens, slots, experts, n, k) = (40, 3, 5, 37, 70);
         let mut groups = vec![Vec::new(); experts];

@@ -84,8 +84,6 @@ fn step_by_step(
 
 #[cfg(test)]
 mod tests {
-    use fathom_compiler::DType;
-    use fathom_compiler::graph::Accumulation;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -98,15 +96,9 @@ mod tests {
     /// cotangents ten orders of magnitude apart, so that a sum in another order shows.
     #[test]
     fn the_chunked_head_writes_the_bits_of_the_five_kernels() {
-        let arithmetic = Arithmetic {
-            accumulation: Accumulation::default(),
-            exact_in: Some(DType::BF16),
-            rounds: true,
-        };
-        if !arithmetic.on_bf16_kernel() {
-            eprintln!("skipped: the bf16 kernel does not run on this CPU");
+        let Some(arithmetic) = Arithmetic::bf16_kernel_or_skip() else {
             return;
-        }
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         for (tokens, width, vocab) in [(53, 71, 300), (48, 64, 33), (2, 5, 7), (97, 40, 1100)] {
             let mut values = |len: usize, scale: f32| -> Vec<f32> {

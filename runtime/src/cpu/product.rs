@@ -38,6 +38,23 @@ impl Arithmetic {
         self.exact_in == Some(DType::BF16) && self.accumulation.is_exact() && bf16::enabled()
     }
 
+    /// The bf16 kernel's arithmetic (operands rounded to bf16 as they are read, exact sums), or
+    /// `None`, said on stderr, where this CPU does not run the kernel: for the tests of what
+    /// runs on it.
+    #[cfg(test)]
+    pub(super) fn bf16_kernel_or_skip() -> Option<Arithmetic> {
+        let arithmetic = Arithmetic {
+            accumulation: Accumulation::default(),
+            exact_in: Some(DType::BF16),
+            rounds: true,
+        };
+        let runs = arithmetic.on_bf16_kernel();
+        if !runs {
+            eprintln!("skipped: the bf16 kernel does not run on this CPU");
+        }
+        runs.then_some(arithmetic)
+    }
+
     /// Whether the f32 GEMM must first round the operands (the bf16 kernel rounds as it packs).
     fn rounds_before_f32_gemm(self) -> bool {
         self.rounds && self.exact_in == Some(DType::BF16)

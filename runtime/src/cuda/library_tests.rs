@@ -268,7 +268,12 @@ fn refusal(lower: fathom_compiler::lower::LowerOptions) -> String {
         lower,
         ..CompileOptions::default()
     };
-    let program = compile(&graph, &options).unwrap().program;
+    refusal_of(&graph, &options)
+}
+
+/// Why the CUDA plan refuses `graph` compiled with `options`.
+fn refusal_of(graph: &fathom_compiler::graph::Graph, options: &CompileOptions) -> String {
+    let program = compile(graph, options).unwrap().program;
     LibraryPlan::of(&program).unwrap_err().to_string()
 }
 
@@ -319,8 +324,7 @@ fn the_cpus_head_routine_is_refused_on_the_gpu() {
         recompute: RecomputePolicy::None,
         ..CompileOptions::default()
     };
-    let program = compile(&graph, &options).unwrap().program;
-    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    let error = refusal_of(&graph, &options);
     assert!(error.contains("linear_cross_entropy_routines"), "{error}");
 }
 

@@ -131,11 +131,15 @@ pub(in crate::cpu) unsafe fn linear_cross_entropy(
             let hidden = Source::lhs(Matrix::Strided((hidden, 1, width as isize)));
             let layout = pack_operand(hidden_rows, hidden, (0..rows, width), MR, false);
             let out = Output::Strided((logits.as_mut_ptr(), 1, vocab as isize));
-            for column_panel in 0..vocab_panels {
-                let b = &logits_weight[column_panel * width_pairs * NR..][..width_pairs * NR];
-                let a = (0, panels, &hidden_rows[..], layout);
-                out.tiles((rows, vocab), a, (column_panel, b), width_pairs, false);
-            }
+            let a = (&hidden_rows[..], layout);
+            multiply_packed(
+                (rows, vocab, width_pairs),
+                out,
+                a,
+                logits_weight,
+                false,
+                false,
+            );
         }
         for (r, x) in logits.chunks_exact_mut(vocab).enumerate() {
             let token = first + r;
@@ -148,11 +152,15 @@ pub(in crate::cpu) unsafe fn linear_cross_entropy(
             let grad = Source::lhs(Matrix::Strided((logits.as_ptr(), 1, vocab as isize)));
             let layout = pack_operand(grad_rows, grad, (0..rows, vocab), MR, false);
             let out = Output::Strided((hidden_grad.as_mut_ptr(), 1, width as isize));
-            for column_panel in 0..width_panels {
-                let b = &grad_weight[column_panel * vocab_pairs * NR..][..vocab_pairs * NR];
-                let a = (0, panels, &grad_rows[..], layout);
-                out.tiles((rows, width), a, (column_panel, b), vocab_pairs, false);
-            }
+            let a = (&grad_rows[..], layout);
+            multiply_packed(
+                (rows, width, vocab_pairs),
+                out,
+                a,
+                grad_weight,
+                false,
+                false,
+            );
             // Token t's row of the gradient at `runs.at(t)`: the chunk's rows from `first`.
             let runs = Runs::Strided(logits.as_ptr().wrapping_sub(first * vocab), vocab as isize);
             let pairs = first / 2..(first + rows).div_ceil(2);
