@@ -8,16 +8,26 @@
 //    false); or, for the weight-gradient GEMM whose B is an activation too, one scale per 1x128
 //    tile stored [ceil(K/128)][N_pad] like A's (B_ROW_SCALES true).
 //
-// One CTA computes one BLOCK_M x BLOCK_N tile. A producer warp group (the last one) streams K in
-// blocks of 128 through a STAGES-deep ring of shared-memory buffers with TMA, signalling `full`
-// mbarriers; BLOCK_M/64 math warp groups each own 64 rows, issue four wgmma m64nNk32 per K block
-// (K = 128 = DeepSeek's N_C), and after each K block promote the tensor-core partial sums into an
-// FP32 accumulator with the two scales applied (the FP8 tensor core keeps only ~14 bits), then
-// release the buffer through its `empty` mbarrier.
+// D is cut into BLOCK_M x BLOCK_N tiles, and each CTA computes tiles blockIdx.x, blockIdx.x +
+// gridDim.x, ... (one tile when the grid has one CTA per tile; "persistent" when the grid has one
+// per SM, so that the producer loads the next tile while the math warps write the last one out).
+// Tiles are numbered in bands of `raster_band` row blocks, down the band's rows first, so that the
+// CTAs running at once share their A rows and B columns in L2.
+//
+// In each CTA a producer warp group (the last one) streams K in blocks of 128 through a
+// STAGES-deep ring of shared-memory buffers with TMA, signalling `full` mbarriers; BLOCK_M/64
+// math warp groups each own 64 rows, issue four wgmma m64nNk32 per K block (K = 128 =
+// DeepSeek's N_C), and after each K block promote the tensor-core partial sums into an FP32
+// accumulator with the two scales applied (the FP8 tensor core keeps only ~14 bits), then release
+// the buffer through its `empty` mbarrier. The ring runs on across tiles.
+//
+// A tile wider than a weight scale block, or not aligned to one (BLOCK_N of 144, 160 or 192), meets
+// at most two 128x128 scale blocks; its columns before the boundary take the first's scale.
 //
 // GROUPED (MoE experts, "contiguous" layout): A's rows are tokens sorted by expert, every expert's
 // segment padded to a multiple of Grouped::M_ALIGN (128) rows; block_expert[row / 128] names the
-// expert of each such block (-1: padding block, skipped). B is [num_experts * N, K], scales [num_experts][ceil(N/128)][...].
+// expert of each such block (-1: padding block, skipped). B is [num_experts * N, K], scales
+// [num_experts][ceil(N/128)][...].
 #pragma once
 
 namespace fathom {
@@ -40,14 +50,45 @@ struct Fp8GemmSmem {
   static constexpr u32 TX_BYTES = A_BYTES + B_BYTES + SA_BYTES + (B_ROW_SCALES ? BLOCK_N * 4 : 0);
 };
 
+// Where tile `tile` lies: bands of `band` row blocks (the last band may be shorter), numbered
+// down each band's rows, then across its column blocks.
+struct TilePosition {
+  int m_block;
+  int n_block;
+};
+
+__device__ __forceinline__ TilePosition tile_position(int tile, int m_blocks, int n_blocks, int band) {
+  const int band_tiles = band * n_blocks;
+  const int first_m = tile / band_tiles * band;
+  const int rows = min(band, m_blocks - first_m);
+  const int in_band = tile - first_m * n_blocks;
+  return TilePosition{first_m + in_band % rows, in_band / rows};
+}
+
+// A ring slot and the parity of its current use; both sides of the pipeline walk the same sequence.
+template <int STAGES>
+struct RingCursor {
+  int stage = 0;
+  u32 phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == STAGES) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
 template <int BLOCK_M, int BLOCK_N, int STAGES, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16, bool ACCUMULATE,
           class Wgmma>
 __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const float* __restrict__ scale_b,
                                               const int* __restrict__ block_expert, int m, int n, int k,
-                                              const TensorMap* tmap_a, const TensorMap* tmap_b,
+                                              int raster_band, const TensorMap* tmap_a, const TensorMap* tmap_b,
                                               const TensorMap* tmap_scale_a, const TensorMap* tmap_scale_b) {
   static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M is 64 or 128 (one or two math warp groups)");
-  static_assert(BLOCK_N % 16 == 0 && 128 % BLOCK_N == 0, "BLOCK_N divides 128: one B scale block per tile");
+  static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 192, "BLOCK_N is a multiple of 16, at most 192");
+  // A tile's columns meet at most two 128-wide weight scale blocks: it starts at most
+  // 128 - gcd(BLOCK_N, 128) into one, and gcd(BLOCK_N, 128) is BLOCK_N's lowest set bit.
+  static_assert(BLOCK_N <= 128 + (BLOCK_N & -BLOCK_N), "a tile must meet at most two 128-column scale blocks");
   static_assert(Wgmma::N == BLOCK_N, "the wgmma wrapper must match BLOCK_N");
   static_assert(!(OUT_BF16 && ACCUMULATE), "accumulation into the output is FP32 only");
   using Smem = Fp8GemmSmem<BLOCK_M, BLOCK_N, STAGES, B_ROW_SCALES>;
@@ -55,6 +96,8 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
   constexpr int MATH_GROUPS = BLOCK_M / 64;
   constexpr int MATH_THREADS = MATH_GROUPS * 128;
   constexpr int ACC = BLOCK_N / 2;  // f32 accumulator registers per thread for m64 x BLOCK_N
+  // Tiles that may meet two weight scale blocks pick a scale per 8 columns.
+  constexpr bool TWO_SCALE_BLOCKS = !B_ROW_SCALES && 128 % BLOCK_N != 0;
 
   extern __shared__ u8 smem_raw[];
   // 128-byte swizzled TMA tiles need 1024-byte alignment; the launch adds 1 KiB of slack.
@@ -62,16 +105,13 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
   u64* full = reinterpret_cast<u64*>(smem + Smem::BAR_OFFSET);
   u64* empty = full + STAGES;
 
-  const int n_block = blockIdx.x;
-  const int m_block = blockIdx.y;
-  const int m0 = m_block * BLOCK_M;
-  const int n0 = n_block * BLOCK_N;
-  int expert = 0;
-  if (GROUPED) {
-    expert = block_expert[m0 / Grouped::M_ALIGN];
-    if (expert < 0) return;  // padding block: the whole CTA leaves before any barrier
-  }
+  const int m_blocks = ceil_div(m, BLOCK_M);
+  const int n_blocks = ceil_div(n, BLOCK_N);
+  const int num_tiles = m_blocks * n_blocks;
   const int num_k_blocks = ceil_div(k, BLOCK_K);
+  const int band = max(1, raster_band);
+  // The expert of a tile's rows, or -1 for a grouped padding block (skipped by every thread alike).
+  auto expert_of = [&](int m0) { return GROUPED ? block_expert[m0 / Grouped::M_ALIGN] : 0; };
 
   if (threadIdx.x == 0) {
     tma_prefetch_descriptor(tmap_a);
@@ -90,16 +130,25 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
     // ---- producer warp group: one thread issues every TMA load ----
     if (MATH_GROUPS == 2) setmaxnreg_dec<40>();
     if (threadIdx.x == MATH_THREADS) {
-      const int b_row0 = expert * n + n0;
-      for (int kb = 0; kb < num_k_blocks; ++kb) {
-        const int s = kb % STAGES;
-        mbarrier_wait(&empty[s], ((kb / STAGES) & 1) ^ 1);
-        mbarrier_arrive_expect_tx(&full[s], Smem::TX_BYTES);
-        tma_load_2d(smem + Smem::A_OFFSET + s * Smem::A_BYTES, tmap_a, &full[s], kb * BLOCK_K, m0);
-        tma_load_2d(smem + Smem::B_OFFSET + s * Smem::B_BYTES, tmap_b, &full[s], kb * BLOCK_K, b_row0);
-        tma_load_2d(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES, tmap_scale_a, &full[s], m0, kb);
-        if (B_ROW_SCALES) {
-          tma_load_2d(smem + Smem::SB_OFFSET + s * Smem::SB_BYTES, tmap_scale_b, &full[s], n0, kb);
+      RingCursor<STAGES> ring;
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        const TilePosition at = tile_position(tile, m_blocks, n_blocks, band);
+        const int m0 = at.m_block * BLOCK_M;
+        const int n0 = at.n_block * BLOCK_N;
+        const int expert = expert_of(m0);
+        if (expert < 0) continue;
+        const int b_row0 = expert * n + n0;
+        for (int kb = 0; kb < num_k_blocks; ++kb, ring.advance()) {
+          const int s = ring.stage;
+          // A fresh barrier is in phase 0: the first wait on each `empty` (parity 1) returns at once.
+          mbarrier_wait(&empty[s], ring.phase ^ 1);
+          mbarrier_arrive_expect_tx(&full[s], Smem::TX_BYTES);
+          tma_load_2d(smem + Smem::A_OFFSET + s * Smem::A_BYTES, tmap_a, &full[s], kb * BLOCK_K, m0);
+          tma_load_2d(smem + Smem::B_OFFSET + s * Smem::B_BYTES, tmap_b, &full[s], kb * BLOCK_K, b_row0);
+          tma_load_2d(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES, tmap_scale_a, &full[s], m0, kb);
+          if (B_ROW_SCALES) {
+            tma_load_2d(smem + Smem::SB_OFFSET + s * Smem::SB_BYTES, tmap_scale_b, &full[s], n0, kb);
+          }
         }
       }
     }
@@ -116,86 +165,110 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
   const int r0 = group * 64 + warp * 16 + lane / 4;
   const int c0 = 2 * (lane % 4);
   const int num_scale_n = ceil_div(n, 128);
-  const float* scale_b_block = scale_b + (static_cast<long long>(expert) * num_scale_n + n0 / 128) * num_k_blocks;
 
-  float acc[ACC];
-  float result[ACC];
-#pragma unroll
-  for (int i = 0; i < ACC; ++i) result[i] = 0.0f;
+  RingCursor<STAGES> ring;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const TilePosition at = tile_position(tile, m_blocks, n_blocks, band);
+    const int m0 = at.m_block * BLOCK_M;
+    const int n0 = at.n_block * BLOCK_N;
+    const int expert = expert_of(m0);
+    if (expert < 0) continue;
+    // The weight scale blocks the tile's columns meet: `first_columns` of them in the first, the
+    // rest (if any) in the next.
+    const int scale_n0 = n0 / 128;
+    const float* scale_b_first =
+        B_ROW_SCALES ? nullptr : scale_b + (static_cast<long long>(expert) * num_scale_n + scale_n0) * num_k_blocks;
+    const float* scale_b_second =
+        TWO_SCALE_BLOCKS && scale_n0 + 1 < num_scale_n ? scale_b_first + num_k_blocks : scale_b_first;
+    const int first_columns = 128 - n0 % 128;
 
-  for (int kb = 0; kb < num_k_blocks; ++kb) {
-    const int s = kb % STAGES;
-    // The weight block's scale does not depend on TMA: fetch it before waiting.
-    const float sb = B_ROW_SCALES ? 1.0f : __ldg(scale_b_block + kb);
-    mbarrier_wait(&full[s], (kb / STAGES) & 1);
+    float acc[ACC];
+    float result[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) result[i] = 0.0f;
 
-    const u8* a_tile = smem + Smem::A_OFFSET + s * Smem::A_BYTES + group * 64 * BLOCK_K;
-    const u8* b_tile = smem + Smem::B_OFFSET + s * Smem::B_BYTES;
-#pragma unroll
-    for (int i = 0; i < ACC; ++i) fence_operand(acc[i]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_K / 32; ++kk) {
-      Wgmma::mma(acc, wgmma_desc_k_major_sw128(a_tile + kk * 32), wgmma_desc_k_major_sw128(b_tile + kk * 32),
-                 kk > 0);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int i = 0; i < ACC; ++i) fence_operand(acc[i]);
-    wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < ACC; ++i) fence_operand(acc[i]);
+    for (int kb = 0; kb < num_k_blocks; ++kb, ring.advance()) {
+      const int s = ring.stage;
+      // The weight blocks' scales do not depend on TMA: fetch them before waiting.
+      const float sb = B_ROW_SCALES ? 1.0f : __ldg(scale_b_first + kb);
+      const float sb_next = TWO_SCALE_BLOCKS ? __ldg(scale_b_second + kb) : sb;
+      mbarrier_wait(&full[s], ring.phase);
 
-    const float* sa_tile = reinterpret_cast<const float*>(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES);
-    const float sa0 = sa_tile[r0];
-    const float sa1 = sa_tile[r0 + 8];
-    if (B_ROW_SCALES) {
-      const float* sb_tile = reinterpret_cast<const float*>(smem + Smem::SB_OFFSET + s * Smem::SB_BYTES);
+      const u8* a_tile = smem + Smem::A_OFFSET + s * Smem::A_BYTES + group * 64 * BLOCK_K;
+      const u8* b_tile = smem + Smem::B_OFFSET + s * Smem::B_BYTES;
 #pragma unroll
-      for (int j = 0; j < BLOCK_N / 8; ++j) {
-        const float2 sbc = *reinterpret_cast<const float2*>(sb_tile + 8 * j + c0);
-        result[4 * j + 0] += acc[4 * j + 0] * (sa0 * sbc.x);
-        result[4 * j + 1] += acc[4 * j + 1] * (sa0 * sbc.y);
-        result[4 * j + 2] += acc[4 * j + 2] * (sa1 * sbc.x);
-        result[4 * j + 3] += acc[4 * j + 3] * (sa1 * sbc.y);
+      for (int i = 0; i < ACC; ++i) fence_operand(acc[i]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_K / 32; ++kk) {
+        Wgmma::mma(acc, wgmma_desc_k_major_sw128(a_tile + kk * 32), wgmma_desc_k_major_sw128(b_tile + kk * 32),
+                   kk > 0);
       }
-    } else {
-      const float s0 = sa0 * sb;
-      const float s1 = sa1 * sb;
+      wgmma_commit();
 #pragma unroll
-      for (int j = 0; j < BLOCK_N / 8; ++j) {
-        result[4 * j + 0] += acc[4 * j + 0] * s0;
-        result[4 * j + 1] += acc[4 * j + 1] * s0;
-        result[4 * j + 2] += acc[4 * j + 2] * s1;
-        result[4 * j + 3] += acc[4 * j + 3] * s1;
-      }
-    }
-    // Every read of this stage (wgmma operands, scales) is done: hand the buffer back.
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(&empty[s]);
-  }
+      for (int i = 0; i < ACC; ++i) fence_operand(acc[i]);
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < ACC; ++i) fence_operand(acc[i]);
 
-  // ---- epilogue: registers straight to global memory (row-major D, leading dimension n) ----
+      const float* sa_tile = reinterpret_cast<const float*>(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES);
+      const float sa0 = sa_tile[r0];
+      const float sa1 = sa_tile[r0 + 8];
+      if (B_ROW_SCALES) {
+        const float* sb_tile = reinterpret_cast<const float*>(smem + Smem::SB_OFFSET + s * Smem::SB_BYTES);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = m0 + r0 + 8 * half;
-    if (row >= m) continue;
-#pragma unroll
-    for (int j = 0; j < BLOCK_N / 8; ++j) {
-      const int col = n0 + 8 * j + c0;
-      if (col >= n) continue;
-      const float v0 = result[4 * j + 2 * half];
-      const float v1 = result[4 * j + 2 * half + 1];
-      const long long idx = static_cast<long long>(row) * n + col;
-      if (OUT_BF16) {
-        *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(out) + idx) = __floats2bfloat162_rn(v0, v1);
+        for (int j = 0; j < BLOCK_N / 8; ++j) {
+          const float2 sbc = *reinterpret_cast<const float2*>(sb_tile + 8 * j + c0);
+          result[4 * j + 0] += acc[4 * j + 0] * (sa0 * sbc.x);
+          result[4 * j + 1] += acc[4 * j + 1] * (sa0 * sbc.y);
+          result[4 * j + 2] += acc[4 * j + 2] * (sa1 * sbc.x);
+          result[4 * j + 3] += acc[4 * j + 3] * (sa1 * sbc.y);
+        }
       } else {
-        float2* dst = reinterpret_cast<float2*>(static_cast<float*>(out) + idx);
-        if (ACCUMULATE) {
-          const float2 old = *dst;
-          *dst = make_float2(old.x + v0, old.y + v1);
+        const float s0 = sa0 * sb;
+        const float s1 = sa1 * sb;
+        const float s0_next = sa0 * sb_next;
+        const float s1_next = sa1 * sb_next;
+#pragma unroll
+        for (int j = 0; j < BLOCK_N / 8; ++j) {
+          // Scale blocks start at multiples of 128 and tiles at multiples of 16: no 8 columns
+          // straddle a boundary.
+          const bool first = !TWO_SCALE_BLOCKS || 8 * j < first_columns;
+          const float row0_scale = first ? s0 : s0_next;
+          const float row1_scale = first ? s1 : s1_next;
+          result[4 * j + 0] += acc[4 * j + 0] * row0_scale;
+          result[4 * j + 1] += acc[4 * j + 1] * row0_scale;
+          result[4 * j + 2] += acc[4 * j + 2] * row1_scale;
+          result[4 * j + 3] += acc[4 * j + 3] * row1_scale;
+        }
+      }
+      // Every read of this stage (wgmma operands, scales) is done: hand the buffer back.
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(&empty[s]);
+    }
+
+    // ---- epilogue: registers straight to global memory (row-major D, leading dimension n) ----
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = m0 + r0 + 8 * half;
+      if (row >= m) continue;
+#pragma unroll
+      for (int j = 0; j < BLOCK_N / 8; ++j) {
+        const int col = n0 + 8 * j + c0;
+        if (col >= n) continue;
+        const float v0 = result[4 * j + 2 * half];
+        const float v1 = result[4 * j + 2 * half + 1];
+        const long long idx = static_cast<long long>(row) * n + col;
+        if (OUT_BF16) {
+          *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(out) + idx) = __floats2bfloat162_rn(v0, v1);
         } else {
-          *dst = make_float2(v0, v1);
+          float2* dst = reinterpret_cast<float2*>(static_cast<float*>(out) + idx);
+          if (ACCUMULATE) {
+            const float2 old = *dst;
+            *dst = make_float2(old.x + v0, old.y + v1);
+          } else {
+            *dst = make_float2(v0, v1);
+          }
         }
       }
     }

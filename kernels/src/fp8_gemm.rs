@@ -36,6 +36,52 @@ pub const GROUPED_M_ALIGN: u32 = 128;
 /// Shared memory a Hopper block may opt into (227 KiB).
 pub const SM90_MAX_SMEM_BYTES: u32 = 232_448;
 
+/// The tile widths the template takes: a multiple of 16 whose tiles meet at most two 128-column
+/// weight scale blocks (at most 128 + gcd(block_n, 128)), and at most 192 (the tensor-core
+/// partial sums and the promoted sums take `block_n` registers per thread of the 232 a math warp
+/// group has).
+pub const BLOCK_N_CHOICES: [u32; 11] = [16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192];
+
+/// How a GEMM's tiles are spread over thread blocks: a launch-time choice, the same kernel runs
+/// either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TileSchedule {
+    /// At most this many thread blocks, each computing tiles `b, b + blocks, …` ("persistent":
+    /// while the math warps write one tile out the producer already loads the next). `None`: one
+    /// block per tile.
+    pub max_blocks: Option<u32>,
+    /// Row blocks per raster band: tiles are numbered down a band's rows, then across its
+    /// column blocks, so that the blocks running at once share A rows and B columns in L2. 1:
+    /// row by row, column blocks fastest.
+    pub raster_band: u32,
+}
+
+impl TileSchedule {
+    /// One thread block per tile, row by row (the schedule measured on the H200 in session 12).
+    pub const ONE_TILE_PER_BLOCK: TileSchedule = TileSchedule {
+        max_blocks: None,
+        raster_band: 1,
+    };
+
+    /// One thread block per SM, each looping over tiles in bands of `raster_band` row blocks.
+    pub fn persistent(sms: u32, raster_band: u32) -> Self {
+        TileSchedule {
+            max_blocks: Some(sms.max(1)),
+            raster_band: raster_band.max(1),
+        }
+    }
+}
+
+impl std::fmt::Display for TileSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.max_blocks {
+            None => write!(f, "tile per block")?,
+            Some(blocks) => write!(f, "{blocks} blocks")?,
+        }
+        write!(f, ", band {}", self.raster_band)
+    }
+}
+
 /// Granularity of B's scales.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BScaling {
@@ -131,7 +177,9 @@ impl TrainingGemm {
 pub struct Fp8GemmParams {
     /// Rows per block: 64 (one math warp group) or 128 (two).
     pub block_m: u32,
-    /// Columns per block: 16, 32, 64 or 128 (divides 128, so one B scale block per tile).
+    /// Columns per block: a multiple of 16 up to 160, or 192 ([`BLOCK_N_CHOICES`]). Wider than
+    /// 128 or not dividing it, a tile meets two weight scale blocks and picks a scale per 8
+    /// columns.
     pub block_n: u32,
     /// Depth of the TMA → wgmma shared-memory ring.
     pub stages: u32,
@@ -179,22 +227,45 @@ impl Fp8GemmParams {
             .into_iter()
             .find(|bn| n.is_multiple_of(*bn))
             .unwrap_or(128);
-        let mut params = Self {
+        Self {
             block_m,
             block_n,
             stages: 1,
             b_scaling,
             output,
             grouping,
-        };
-        while params.stages < 6 {
-            params.stages += 1;
-            if params.dynamic_smem_bytes() > SM90_MAX_SMEM_BYTES {
-                params.stages -= 1;
-                break;
+        }
+        .with_most_stages()
+    }
+
+    /// The tile configurations worth timing for a problem of `m` rows and `n` columns: the
+    /// [`for_shape`](Self::for_shape) choice, and 128-row tiles of 64 to 192 columns (at most
+    /// `n` rounded up to 16), each with as many stages as fit.
+    pub fn candidates(
+        m: u32,
+        n: u32,
+        b_scaling: BScaling,
+        output: GemmOutput,
+        grouping: GemmGrouping,
+    ) -> Vec<Self> {
+        let first = Self::for_shape(m, n, b_scaling, output, grouping);
+        let mut out = vec![first];
+        for block_n in [64, 128, 144, 160, 192] {
+            let params = Self { block_n, ..first }.with_most_stages();
+            if block_n <= n.next_multiple_of(16) && !out.contains(&params) {
+                out.push(params);
             }
         }
-        params
+        out
+    }
+
+    /// These parameters with the deepest ring that fits in shared memory, at most 6 stages.
+    fn with_most_stages(self) -> Self {
+        (1..=6)
+            .rev()
+            .map(|stages| Self { stages, ..self })
+            .find(|p| p.dynamic_smem_bytes() <= SM90_MAX_SMEM_BYTES)
+            .unwrap_or(Self { stages: 1, ..self })
     }
 
     /// Checks the parameters against what the template supports.
@@ -207,11 +278,11 @@ impl Fp8GemmParams {
             "64 or 128",
         )?;
         check_param(
-            matches!(self.block_n, 16 | 32 | 64 | 128),
+            BLOCK_N_CHOICES.contains(&self.block_n),
             TEMPLATE,
             "block_n",
             self.block_n,
-            "16, 32, 64 or 128 (a divisor of 128)",
+            "a multiple of 16 up to 160, or 192 (a tile meets at most two 128-column scale blocks)",
         )?;
         check_param(
             (1..=16).contains(&self.stages),
@@ -267,11 +338,18 @@ impl Fp8GemmParams {
         )
     }
 
-    /// Launch grid for a problem: `(ceil(N / block_n), ceil(M / block_m), 1)`.
-    pub fn grid(&self, problem: &GemmProblem) -> [u32; 3] {
+    /// Output tiles of a problem: `ceil(M / block_m) · ceil(N / block_n)`.
+    pub fn tiles(&self, problem: &GemmProblem) -> u32 {
+        problem.m.div_ceil(self.block_m) * problem.n.div_ceil(self.block_n)
+    }
+
+    /// Launch grid for a problem: one-dimensional, a block per tile or at most the schedule's
+    /// blocks.
+    pub fn grid(&self, problem: &GemmProblem, schedule: &TileSchedule) -> [u32; 3] {
+        let tiles = self.tiles(problem).max(1);
         [
-            problem.n.div_ceil(self.block_n),
-            problem.m.div_ceil(self.block_m),
+            schedule.max_blocks.map_or(tiles, |b| b.clamp(1, tiles)),
+            1,
             1,
         ]
     }
@@ -384,7 +462,7 @@ impl Fp8GemmParams {
                 ParamType::ConstPtr(Elem::I32),
             ));
         }
-        for name in ["m", "n", "k"] {
+        for name in ["m", "n", "k", "raster_band"] {
             params.push(KernelParam::new(name, ParamType::I32));
         }
         for name in ["tmap_a", "tmap_b", "tmap_scale_a"] {
@@ -415,7 +493,7 @@ impl Fp8GemmParams {
             cpp_bool(self.output == GemmOutput::F32Accumulate),
         );
         let args = format!(
-            "    out, {}, {}, m, n, k, &tmap_a, &tmap_b, &tmap_scale_a, {});",
+            "    out, {}, {}, m, n, k, raster_band, &tmap_a, &tmap_b, &tmap_scale_a, {});",
             if block_rows { "nullptr" } else { "scale_b" },
             if grouped { "block_expert" } else { "nullptr" },
             if block_rows {
@@ -502,6 +580,22 @@ mod tests {
     }
 
     #[test]
+    fn wide_tiles_use_their_own_wgmma_and_fit_shared_memory() {
+        let wide = Fp8GemmParams::new(128, 192, 5);
+        let kernel = wide.instantiate().expect("valid");
+        assert!(
+            kernel
+                .source
+                .contains("wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3")
+        );
+        let too_deep = Fp8GemmParams::new(128, 192, 6);
+        assert!(
+            too_deep.validate().is_err(),
+            "6 stages of 128x192 exceed 227 KiB"
+        );
+    }
+
+    #[test]
     fn shared_memory_and_threads() {
         let p = Fp8GemmParams::new(128, 128, 4);
         assert_eq!(p.block_threads(), 384);
@@ -519,12 +613,32 @@ mod tests {
                 ..
             })
         ));
-        let bad_n = Fp8GemmParams::new(128, 96, 4);
-        let err = bad_n.instantiate().expect_err("96 does not divide 128");
+        // 176 columns starting 112 into a scale block would reach into a third one.
+        let bad_n = Fp8GemmParams::new(128, 176, 4);
+        let err = bad_n
+            .instantiate()
+            .expect_err("176 meets three scale blocks");
         assert_eq!(
             err.to_string(),
-            "fp8_gemm: invalid parameter `block_n` = 96: expected 16, 32, 64 or 128 (a divisor of 128)"
+            "fp8_gemm: invalid parameter `block_n` = 176: expected a multiple of 16 up to 160, or 192 \
+             (a tile meets at most two 128-column scale blocks)"
         );
+        for block_n in [8, 200, 256] {
+            assert!(
+                Fp8GemmParams::new(128, block_n, 2).validate().is_err(),
+                "{block_n}"
+            );
+        }
+        // Every listed width meets at most two scale blocks wherever its tiles start.
+        for block_n in BLOCK_N_CHOICES {
+            for tile in 0..128 {
+                let start = tile * block_n % 128;
+                assert!(
+                    start + block_n <= 256,
+                    "{block_n}: tile {tile} starts at {start}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -546,6 +660,27 @@ mod tests {
             GemmGrouping::Dense,
         );
         assert_eq!((small.block_m, small.block_n, small.stages), (64, 128, 6));
+        let candidates = Fp8GemmParams::candidates(
+            4096,
+            2112,
+            BScaling::Block128x128,
+            GemmOutput::Bf16,
+            GemmGrouping::Dense,
+        );
+        let widths: Vec<_> = candidates.iter().map(|p| (p.block_n, p.stages)).collect();
+        assert_eq!(widths, [(64, 6), (128, 6), (144, 6), (160, 6), (192, 5)]);
+        assert!(candidates.iter().all(|p| p.validate().is_ok()));
+        let narrow = Fp8GemmParams::candidates(
+            4096,
+            96,
+            BScaling::Row1x128,
+            GemmOutput::F32Accumulate,
+            GemmGrouping::Dense,
+        );
+        assert_eq!(
+            narrow.iter().map(|p| p.block_n).collect::<Vec<_>>(),
+            [32, 64]
+        );
     }
 
     #[test]
@@ -566,7 +701,24 @@ mod tests {
         assert_eq!(maps[3].outer_stride_bytes, 2048 * 4);
         let tx: u64 = maps.iter().map(TensorMapDesc::box_bytes).sum();
         assert_eq!(tx, 128 * 128 * 2 + 128 * 4 * 2);
-        assert_eq!(p.grid(&problem), [16, 56, 1]);
+        assert_eq!(p.tiles(&problem), 16 * 56);
+        assert_eq!(
+            p.grid(&problem, &TileSchedule::ONE_TILE_PER_BLOCK),
+            [16 * 56, 1, 1]
+        );
+        assert_eq!(
+            p.grid(&problem, &TileSchedule::persistent(132, 8)),
+            [132, 1, 1]
+        );
+        let one_tile = GemmProblem {
+            m: 100,
+            n: 64,
+            ..problem
+        };
+        assert_eq!(
+            p.grid(&one_tile, &TileSchedule::persistent(132, 8)),
+            [1, 1, 1]
+        );
 
         let grouped = TrainingGemm::Forward.params(128, 128, 4, GemmGrouping::Contiguous);
         let bad = GemmProblem {

@@ -42,7 +42,10 @@ pub mod writer;
 pub use attention::{MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims};
 pub use fake_quantize::FakeQuantizeParams;
 pub use fallback_gemm::FallbackGemmParams;
-pub use fp8_gemm::{BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TrainingGemm};
+pub use fp8_gemm::{
+    BLOCK_N_CHOICES, BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TileSchedule,
+    TrainingGemm,
+};
 pub use gemm_f32::{F32GemmKind, F32GemmParams};
 pub use index_ops::{IndexOp, IndexOpParams};
 pub use kernel::{ArchRequirement, Elem, KernelError, KernelParam, KernelSource, ParamType};

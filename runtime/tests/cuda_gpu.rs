@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::{DType, GraphBuilder, TensorType};
+use fathom_kernels::TileSchedule;
 use fathom_kernels::nvrtc::nvrtc_unless_skipped;
 use fathom_runtime::HostTensor;
 use fathom_runtime::cpu::CpuProgram;
@@ -126,11 +127,20 @@ fn the_fp8_gemm_template_matches_the_quantized_product() {
         out: blocks[4].ptr,
         block_expert: None,
     };
-    gemm.launch(&stream, &ops.problem, &operands).unwrap();
-    let mut got = vec![0f32; m * n];
-    download(&stream, operands.out, &mut got).unwrap();
-    let diff = calc_diff(&got, &ops.reference()).unwrap();
-    assert!(diff < 1e-3, "DeepGEMM diff {diff}");
+    // One block per tile, and two blocks looping over the four tiles (the ring of stages runs on
+    // from one tile into the next).
+    for schedule in [
+        TileSchedule::ONE_TILE_PER_BLOCK,
+        TileSchedule::persistent(2, 2),
+    ] {
+        upload(&stream, operands.out, &vec![0u8; m * n * 4]).unwrap();
+        gemm.launch(&stream, &ops.problem, &operands, &schedule)
+            .unwrap();
+        let mut got = vec![0f32; m * n];
+        download(&stream, operands.out, &mut got).unwrap();
+        let diff = calc_diff(&got, &ops.reference()).unwrap();
+        assert!(diff < 1e-3, "DeepGEMM diff {diff} with {schedule}");
+    }
     for block in blocks {
         allocator.free(block).unwrap();
     }

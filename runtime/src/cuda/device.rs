@@ -37,6 +37,9 @@ pub struct GpuDevice {
     /// Compute capability `(major, minor)`.
     pub compute_capability: (i32, i32),
     pub total_memory_bytes: usize,
+    /// Streaming multiprocessors (132 on an H100/H200 SXM): the thread blocks a persistent
+    /// kernel launches.
+    pub multiprocessors: u32,
 }
 
 impl GpuDevice {
@@ -63,12 +66,16 @@ impl GpuDevice {
             let total_memory_bytes = ctx
                 .total_mem()
                 .map_err(|e| NoGpu::InitFailed(e.to_string()))?;
+            let multiprocessors = ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| NoGpu::InitFailed(e.to_string()))?;
             Ok(GpuDevice {
                 ctx,
                 ordinal,
                 name,
                 compute_capability,
                 total_memory_bytes,
+                multiprocessors: u32::try_from(multiprocessors).unwrap_or(1),
             })
         }));
         match started {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaStream, sys};
 use fathom_kernels::{
     BScaling, Fp8GemmParams, GemmGrouping, GemmProblem, TensorMapDesc, TensorMapDtype,
-    TensorMapSwizzle,
+    TensorMapSwizzle, TileSchedule,
 };
 
 use super::CudaError;
@@ -100,12 +100,13 @@ impl Fp8Gemm {
         Ok(Fp8Gemm { params, kernel })
     }
 
-    /// Queues one GEMM on `stream`.
+    /// Queues one GEMM on `stream`, its tiles spread over thread blocks as `schedule` says.
     pub fn launch(
         &self,
         stream: &CudaStream,
         problem: &GemmProblem,
         operands: &Fp8GemmOperands,
+        schedule: &TileSchedule,
     ) -> Result<(), CudaError> {
         let maps = self.params.tensor_maps(problem)?;
         let map = |param: &str| -> Result<Arg, CudaError> {
@@ -132,6 +133,7 @@ impl Fp8Gemm {
                 "m" => int(problem.m),
                 "n" => int(problem.n),
                 "k" => int(problem.k),
+                "raster_band" => int(schedule.raster_band),
                 name @ ("tmap_a" | "tmap_b" | "tmap_scale_a" | "tmap_scale_b") => map(name)?,
                 other => {
                     return Err(CudaError::Launch(format!(
@@ -141,7 +143,7 @@ impl Fp8Gemm {
                 }
             });
         }
-        let [gx, gy, gz] = self.params.grid(problem);
+        let [gx, gy, gz] = self.params.grid(problem, schedule);
         launch(
             stream,
             &self.kernel.function,
@@ -154,58 +156,131 @@ impl Fp8Gemm {
     }
 }
 
-/// A dense forward GEMM's operands on the host, in the kernel's layout, with the exact product
-/// of the quantized values as the reference.
+/// One GEMM's operands on the host, in the kernel's layout, with the exact product of the
+/// quantized values as the reference: dense with 128×128 weight scales (the forward and
+/// input-gradient GEMMs), dense with 1×128 scales on B (the weight gradient), or grouped over
+/// experts.
 #[derive(Clone, Debug)]
 pub struct HostFp8Operands {
     pub problem: GemmProblem,
+    pub b_scaling: BScaling,
     pub a: Vec<u8>,
     pub b: Vec<u8>,
     pub scale_a: Vec<f32>,
     pub scale_b: Vec<f32>,
+    /// The expert of each 128-row block of A (-1: padding); empty for a dense GEMM.
+    pub block_expert: Vec<i32>,
     quantized_a: QuantizedTensor,
-    quantized_b: QuantizedTensor,
+    /// B's quantized rows, one tensor per expert (one for a dense GEMM).
+    quantized_b: Vec<QuantizedTensor>,
+}
+
+fn quantizing(e: crate::fp8::Fp8Error) -> CudaError {
+    CudaError::Launch(format!("quantizing an operand: {e}"))
+}
+
+fn to_u32(v: usize) -> Result<u32, CudaError> {
+    u32::try_from(v).map_err(|_| CudaError::Launch(format!("{v} exceeds u32")))
+}
+
+/// 1×128 tile scales, `[rows][ceil(cols/128)]` row-major as quantized, laid out K-block-major
+/// `[ceil(cols/128)][round_up(rows, 4)]` so that a TMA box of consecutive rows is one run.
+fn k_block_major_scales(q: &QuantizedTensor, rows: usize, cols: usize) -> Vec<f32> {
+    let k_blocks = cols.div_ceil(128);
+    let rows_padded = rows.next_multiple_of(4);
+    let mut scales = vec![0f32; k_blocks * rows_padded];
+    for row in 0..rows {
+        for kb in 0..k_blocks {
+            scales[kb * rows_padded + row] = q.scales()[row * k_blocks + kb];
+        }
+    }
+    scales
 }
 
 impl HostFp8Operands {
     /// Quantizes `a` (`[m][k]`, 1×128 tiles) and `b` (`[n][k]`, 128×128 blocks) as DeepSeek-V3
     /// does and lays the scales out for the kernel.
     pub fn quantize(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Result<Self, CudaError> {
-        let bad =
-            |e: crate::fp8::Fp8Error| CudaError::Launch(format!("quantizing an operand: {e}"));
-        let qa = quantize_activations(a, m, k, 128, ScaleRounding::Exact).map_err(bad)?;
-        let qb = quantize_weights(b, n, k, 128, ScaleRounding::Exact).map_err(bad)?;
-        let k_blocks = k.div_ceil(128);
-        let m_padded = m.next_multiple_of(4);
-        // A's scales are `[m][k_blocks]` row-major; the kernel reads them K-block-major so that a
-        // TMA box of `block_m` consecutive rows is one contiguous run.
-        let mut scale_a = vec![0f32; k_blocks * m_padded];
-        for row in 0..m {
-            for kb in 0..k_blocks {
-                scale_a[kb * m_padded + row] = qa.scales()[row * k_blocks + kb];
-            }
+        Self::grouped(a, &[b], m, n, k, Vec::new())
+    }
+
+    /// As [`quantize`](Self::quantize) with B quantized in 1×128 tiles too (the weight-gradient
+    /// GEMM, whose B is an activation), its scales `[ceil(K/128)][round_up(N, 4)]`.
+    pub fn quantize_row_scaled_b(
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<Self, CudaError> {
+        let mut ops = Self::quantize(a, b, m, n, k)?;
+        let qb = quantize_activations(b, n, k, 128, ScaleRounding::Exact).map_err(quantizing)?;
+        ops.b = qb.codes().to_vec();
+        ops.scale_b = k_block_major_scales(&qb, n, k);
+        ops.quantized_b = vec![qb];
+        ops.b_scaling = BScaling::Row1x128;
+        Ok(ops)
+    }
+
+    /// The experts' grouped GEMM: `a`'s `m` rows (a multiple of 128) sorted by expert, every
+    /// 128-row block belonging to expert `block_expert[block]` (-1: padding, left unwritten);
+    /// `experts[e]` is expert e's `[n][k]` weight, quantized in 128×128 blocks and stacked.
+    /// An empty `block_expert` with one expert is the dense GEMM.
+    pub fn grouped(
+        a: &[f32],
+        experts: &[&[f32]],
+        m: usize,
+        n: usize,
+        k: usize,
+        block_expert: Vec<i32>,
+    ) -> Result<Self, CudaError> {
+        let qa = quantize_activations(a, m, k, 128, ScaleRounding::Exact).map_err(quantizing)?;
+        let quantized_b = experts
+            .iter()
+            .map(|b| quantize_weights(b, n, k, 128, ScaleRounding::Exact).map_err(quantizing))
+            .collect::<Result<Vec<_>, _>>()?;
+        let grouped = !block_expert.is_empty();
+        if grouped
+            && (m != block_expert.len() * 128
+                || block_expert
+                    .iter()
+                    .any(|&e| e >= 0 && e as usize >= experts.len()))
+        {
+            return Err(CudaError::Launch(format!(
+                "a grouped GEMM of {m} rows and {} experts needs one expert (or -1) per 128 rows, \
+                 got {:?}",
+                experts.len(),
+                block_expert
+            )));
         }
-        let to_u32 =
-            |v: usize| u32::try_from(v).map_err(|_| CudaError::Launch(format!("{v} exceeds u32")));
         Ok(HostFp8Operands {
             problem: GemmProblem {
                 m: to_u32(m)?,
                 n: to_u32(n)?,
                 k: to_u32(k)?,
-                groups: 1,
+                groups: to_u32(experts.len())?,
             },
+            b_scaling: BScaling::Block128x128,
             a: qa.codes().to_vec(),
-            b: qb.codes().to_vec(),
-            scale_a,
-            // 128×128 block scales are already `[ceil(n/128)][ceil(k/128)]` row-major.
-            scale_b: qb.scales().to_vec(),
+            b: quantized_b
+                .iter()
+                .flat_map(|q| q.codes().to_vec())
+                .collect(),
+            scale_a: k_block_major_scales(&qa, m, k),
+            // 128×128 block scales are `[ceil(n/128)][ceil(k/128)]` row-major, expert by expert.
+            scale_b: quantized_b
+                .iter()
+                .flat_map(|q| q.scales().to_vec())
+                .collect(),
+            block_expert,
             quantized_a: qa,
-            quantized_b: qb,
+            quantized_b,
         })
     }
 
-    /// `A·Bᵀ` of the quantized values, summed in f64 and rounded to f32: what the kernel
-    /// computes up to accumulation rounding (compare with `fp8::calc_diff`).
+    /// `A·Bᵀ` of the quantized values (each row against its expert's B), summed in f64 and
+    /// rounded to f32: what the kernel computes up to accumulation rounding (compare with
+    /// `fp8::calc_diff`). Padding rows are 0, as the zeroed output the kernel leaves them in.
     pub fn reference(&self) -> Vec<f32> {
         let (m, n, k) = (
             self.problem.m as usize,
@@ -213,27 +288,46 @@ impl HostFp8Operands {
             self.problem.k as usize,
         );
         let a = self.quantized_a.dequantize_f64();
-        let b = self.quantized_b.dequantize_f64();
+        let b: Vec<Vec<f64>> = self
+            .quantized_b
+            .iter()
+            .map(|q| q.dequantize_f64())
+            .collect();
         let mut out = vec![0f32; m * n];
         for i in 0..m {
+            let expert = match self.block_expert.get(i / 128) {
+                None => 0,
+                Some(&e) => match usize::try_from(e) {
+                    Ok(e) => e,
+                    Err(_) => continue,
+                },
+            };
             let row = &a[i * k..(i + 1) * k];
             for j in 0..n {
-                let col = &b[j * k..(j + 1) * k];
+                let col = &b[expert][j * k..(j + 1) * k];
                 out[i * n + j] = row.iter().zip(col).map(|(x, y)| x * y).sum::<f64>() as f32;
             }
         }
         out
     }
 
-    /// The parameters of the dense forward GEMM for this problem.
+    /// The GEMM's parameters for this problem with f32 output (the shape heuristic's tiles).
     pub fn params(&self) -> Fp8GemmParams {
         Fp8GemmParams::for_shape(
             self.problem.m,
             self.problem.n,
-            BScaling::Block128x128,
+            self.b_scaling,
             fathom_kernels::GemmOutput::F32,
-            GemmGrouping::Dense,
+            self.grouping(),
         )
+    }
+
+    pub fn grouping(&self) -> GemmGrouping {
+        if self.block_expert.is_empty() {
+            GemmGrouping::Dense
+        } else {
+            GemmGrouping::Contiguous
+        }
     }
 }
 
@@ -262,7 +356,7 @@ mod tests {
         let reference = ops.reference();
         // Element (0, 1) is the dot product of row 0 of A and row 1 of B, as quantized.
         let exact: f64 = (0..k)
-            .map(|p| ops.quantized_a.value(0, p) * ops.quantized_b.value(1, p))
+            .map(|p| ops.quantized_a.value(0, p) * ops.quantized_b[0].value(1, p))
             .sum();
         assert_eq!(reference[1], exact as f32);
         // And near the unquantized product: E4M3 keeps 3 mantissa bits, so each factor is within
@@ -273,5 +367,87 @@ mod tests {
         assert!((exact - unquantized).abs() <= 0.13 * magnitude);
         assert_eq!(ops.params().check_problem(&ops.problem), Ok(()));
         assert!(ops.params().validate().is_ok());
+    }
+
+    #[test]
+    fn row_scaled_b_has_a_scale_per_row_and_k_block_laid_out_like_a() {
+        let (m, n, k) = (4, 6, 256);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        // Row j of B has magnitude j + 1: 128x128 blocks would share one scale, 1x128 tiles not.
+        let b: Vec<f32> = (0..n * k)
+            .map(|i| ((i % 5) as f32 - 2.0) * (1 + i / k) as f32)
+            .collect();
+        let ops = HostFp8Operands::quantize_row_scaled_b(&a, &b, m, n, k).unwrap();
+        assert_eq!(ops.b_scaling, BScaling::Row1x128);
+        assert_eq!(ops.scale_b.len(), 2 * 8, "[k blocks][n rounded up to 4]");
+        assert_eq!(ops.scale_b[8 + 5], ops.quantized_b[0].scale_at(5, 128));
+        assert_eq!(
+            ops.scale_b[5] / ops.scale_b[0],
+            6.0,
+            "row 5 is 6 times row 0"
+        );
+        assert_eq!(ops.scale_b[6], 0.0, "padding");
+        let reference = ops.reference();
+        let dot: f64 = (0..k)
+            .map(|p| ops.quantized_a.value(3, p) * ops.quantized_b[0].value(4, p))
+            .sum();
+        assert_eq!(reference[3 * n + 4], dot as f32);
+        // Finer scales lose less than one 128x128 block's: summed over the output, the error
+        // against the unquantized product is smaller.
+        let unquantized = |i: usize, j: usize| -> f64 {
+            (0..k)
+                .map(|p| f64::from(a[i * k + p]) * f64::from(b[j * k + p]))
+                .sum()
+        };
+        let error = |r: &[f32]| -> f64 {
+            (0..m * n)
+                .map(|e| (f64::from(r[e]) - unquantized(e / n, e % n)).abs())
+                .sum()
+        };
+        let blockwise = HostFp8Operands::quantize(&a, &b, m, n, k).unwrap();
+        assert!(error(&reference) < error(&blockwise.reference()));
+        assert_eq!(ops.params().b_scaling, BScaling::Row1x128);
+    }
+
+    #[test]
+    fn grouped_reference_uses_each_blocks_expert_and_leaves_padding_zero() {
+        let (n, k) = (8, 128);
+        let m = 3 * 128;
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 3) % 11) as f32 - 5.0).collect();
+        let experts: Vec<Vec<f32>> = (0..2)
+            .map(|e| {
+                (0..n * k)
+                    .map(|i| ((i + e) % 4) as f32 * (e + 1) as f32)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+        let ops = HostFp8Operands::grouped(&a, &refs, m, n, k, vec![1, -1, 0]).unwrap();
+        assert_eq!(ops.grouping(), GemmGrouping::Contiguous);
+        assert_eq!(ops.problem.groups, 2);
+        assert_eq!(ops.b.len(), 2 * n * k);
+        assert_eq!(ops.scale_b.len(), 2, "one block per expert");
+        let reference = ops.reference();
+        let dot = |row: usize, e: usize, col: usize| -> f32 {
+            (0..k)
+                .map(|p| ops.quantized_a.value(row, p) * ops.quantized_b[e].value(col, p))
+                .sum::<f64>() as f32
+        };
+        assert_eq!(reference[3 * n + 2], dot(3, 1, 2), "block 0 is expert 1");
+        assert!(
+            reference[128 * n..256 * n].iter().all(|&v| v == 0.0),
+            "padding"
+        );
+        assert_eq!(
+            reference[300 * n + 7],
+            dot(300, 0, 7),
+            "block 2 is expert 0"
+        );
+        assert!(ops.params().check_problem(&ops.problem).is_ok());
+        let err = HostFp8Operands::grouped(&a, &refs, m, n, k, vec![0, 2, 0]).unwrap_err();
+        assert!(
+            err.to_string().contains("one expert (or -1) per 128 rows"),
+            "{err}"
+        );
     }
 }

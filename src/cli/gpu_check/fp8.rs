@@ -1,10 +1,14 @@
-//! The FP8 GEMM template on the GPU: correctness against the exact product of its quantized
-//! operands, and timings at DeepSeek-V3's shapes beside `torch._scaled_mm`.
+//! The FP8 GEMM template on the GPU: every tile configuration the timings try, under each tile
+//! schedule, against the exact product of its quantized operands (the three layouts: 128×128
+//! weight scales, 1×128 scales on B with accumulation, grouped experts); then the timings at
+//! DeepSeek-V3's shapes, every configuration side by side, beside `torch._scaled_mm`.
 
 use std::path::Path;
 
 use anyhow::Context;
-use fathom_kernels::{BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem};
+use fathom_kernels::{
+    BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TileSchedule,
+};
 use fathom_runtime::cuda::fp8_gemm::{Fp8Gemm, Fp8GemmOperands, HostFp8Operands};
 use fathom_runtime::cuda::memory::{DriverMemory, download, stream_id, timing_event, upload};
 use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
@@ -39,6 +43,7 @@ struct HostOperands<'a> {
     b: &'a [u8],
     scale_a: &'a [f32],
     scale_b: &'a [f32],
+    block_expert: &'a [i32],
 }
 
 impl<'a> From<&'a HostFp8Operands> for HostOperands<'a> {
@@ -48,6 +53,7 @@ impl<'a> From<&'a HostFp8Operands> for HostOperands<'a> {
             b: &ops.b,
             scale_a: &ops.scale_a,
             scale_b: &ops.scale_b,
+            block_expert: &ops.block_expert,
         }
     }
 }
@@ -73,12 +79,16 @@ impl Operands {
             upload(stream, ptr, bytes)?;
             Ok(ptr)
         };
-        let as_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let a = put(host.a)?;
         let b = put(host.b)?;
-        let scale_a = put(&as_bytes(host.scale_a))?;
-        let scale_b = put(&as_bytes(host.scale_b))?;
+        let scale_a = put(&le_bytes(host.scale_a, f32::to_le_bytes))?;
+        let scale_b = put(&le_bytes(host.scale_b, f32::to_le_bytes))?;
         let out = put(&vec![0u8; out_bytes])?;
+        let block_expert = if host.block_expert.is_empty() {
+            None
+        } else {
+            Some(put(&le_bytes(host.block_expert, i32::to_le_bytes))?)
+        };
         Ok(Operands {
             blocks,
             addresses: Fp8GemmOperands {
@@ -87,7 +97,7 @@ impl Operands {
                 scale_a,
                 scale_b,
                 out,
-                block_expert: None,
+                block_expert,
             },
         })
     }
@@ -100,62 +110,179 @@ impl Operands {
     }
 }
 
+fn le_bytes<T: Copy, const W: usize>(values: &[T], to_bytes: fn(T) -> [u8; W]) -> Vec<u8> {
+    values.iter().flat_map(|&v| to_bytes(v)).collect()
+}
+
+/// One correctness problem: operands, the output kind, and what the output holds before the
+/// GEMM (accumulated into by `F32Accumulate`; zeros otherwise).
+struct Case {
+    what: &'static str,
+    ops: HostFp8Operands,
+    output: GemmOutput,
+    initial: Vec<f32>,
+}
+
+impl Case {
+    fn expected(&self) -> Vec<f32> {
+        let mut expected = self.ops.reference();
+        for (e, i) in expected.iter_mut().zip(&self.initial) {
+            *e += i;
+        }
+        expected
+    }
+
+    fn initial_bytes(&self) -> Vec<u8> {
+        let len = (self.ops.problem.m * self.ops.problem.n) as usize;
+        match self.output {
+            GemmOutput::Bf16 => vec![0u8; 2 * len],
+            GemmOutput::F32 => vec![0u8; 4 * len],
+            GemmOutput::F32Accumulate => le_bytes(&self.initial, f32::to_le_bytes),
+        }
+    }
+}
+
+/// Ragged M and K (partial tiles and scale groups), DeepSeek-V3-like N and K (2112 and 576 put
+/// tiles of 144 to 192 columns across two weight scale blocks), all three outputs, B scaled per
+/// 1×128 tile, and experts with a padding block.
+fn cases() -> anyhow::Result<Vec<Case>> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut activations = |len: usize| -> Vec<f32> { (0..len).map(|_| noise(&mut seed)).collect() };
+    // Weights with a few large channels, as trained weights have.
+    let weights = |values: Vec<f32>| -> Vec<f32> {
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v * if i % 97 == 0 { 8.0 } else { 0.05 })
+            .collect()
+    };
+    let mut out = Vec::new();
+    for (m, n, k, output) in [
+        (200usize, 2112usize, 7168usize, GemmOutput::F32),
+        (64, 576, 1040, GemmOutput::F32),
+        (384, 4096, 512, GemmOutput::Bf16),
+        (256, 7168, 2048, GemmOutput::Bf16),
+    ] {
+        let a = activations(m * k);
+        let b = weights(activations(n * k));
+        out.push(Case {
+            what: "dense, 128x128 B scales",
+            ops: HostFp8Operands::quantize(&a, &b, m, n, k)?,
+            output,
+            initial: Vec::new(),
+        });
+    }
+    let (m, n, k) = (256, 1040, 640);
+    let (a, b) = (activations(m * k), activations(n * k));
+    out.push(Case {
+        what: "dense, 1x128 B scales, +=",
+        ops: HostFp8Operands::quantize_row_scaled_b(&a, &b, m, n, k)?,
+        output: GemmOutput::F32Accumulate,
+        initial: activations(m * n),
+    });
+    let (n, k) = (576, 768);
+    let block_expert = vec![2, 0, -1, 1, 2];
+    let m = 128 * block_expert.len();
+    let a = activations(m * k);
+    let experts: Vec<Vec<f32>> = (0..3).map(|_| weights(activations(n * k))).collect();
+    let experts: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+    out.push(Case {
+        what: "3 experts, a padding block",
+        ops: HostFp8Operands::grouped(&a, &experts, m, n, k, block_expert)?,
+        output: GemmOutput::Bf16,
+        initial: Vec::new(),
+    });
+    Ok(out)
+}
+
+/// One block per tile; three blocks looping over many tiles each (the ring's phases carried
+/// across tiles, bands of two row blocks); one block per SM in bands of eight.
+fn checked_schedules(device: &GpuDevice) -> [TileSchedule; 3] {
+    [
+        TileSchedule::ONE_TILE_PER_BLOCK,
+        TileSchedule::persistent(3, 2),
+        TileSchedule::persistent(device.multiprocessors, 8),
+    ]
+}
+
 /// Check 2; returns the failures.
 pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Result<Vec<String>> {
     let stream = device.ctx.new_stream()?;
     let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
     let mut failures = Vec::new();
-    // Ragged M and K (partial tiles and scale groups), DeepSeek-V3-like N and K, and both outputs.
-    let cases = [
-        (200usize, 2112usize, 7168usize, GemmOutput::F32),
-        (64, 576, 1040, GemmOutput::F32),
-        (384, 4096, 512, GemmOutput::Bf16),
-        (256, 7168, 2048, GemmOutput::Bf16),
-    ];
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    for (m, n, k, output) in cases {
-        let a: Vec<f32> = (0..m * k).map(|_| noise(&mut seed)).collect();
-        // Weights with a few large channels, as trained weights have.
-        let b: Vec<f32> = (0..n * k)
-            .map(|i| noise(&mut seed) * if i % 97 == 0 { 8.0 } else { 0.05 })
-            .collect();
-        let ops = HostFp8Operands::quantize(&a, &b, m, n, k)?;
-        let params = Fp8GemmParams::for_shape(
-            ops.problem.m,
-            ops.problem.n,
-            BScaling::Block128x128,
-            output,
-            GemmGrouping::Dense,
+    for case in cases()? {
+        let problem = case.ops.problem;
+        let expected = case.expected();
+        let operands = Operands::upload(
+            &mut allocator,
+            &stream,
+            (&case.ops).into(),
+            case.initial_bytes().len(),
+        )?;
+        let candidates = Fp8GemmParams::candidates(
+            problem.m,
+            problem.n,
+            case.ops.b_scaling,
+            case.output,
+            case.ops.grouping(),
         );
-        let gemm = Fp8Gemm::load(&device.ctx, cache, params)?;
-        let elem = if output == GemmOutput::Bf16 { 2 } else { 4 };
-        let operands = Operands::upload(&mut allocator, &stream, (&ops).into(), m * n * elem)?;
-        gemm.launch(&stream, &ops.problem, &operands.addresses)?;
-        let got: Vec<f32> = if output == GemmOutput::Bf16 {
-            let mut bits = vec![0u16; m * n];
-            download(&stream, operands.addresses.out, &mut bits)?;
-            bits.into_iter().map(bf16_to_f32).collect()
-        } else {
-            let mut values = vec![0f32; m * n];
-            download(&stream, operands.addresses.out, &mut values)?;
-            values
-        };
-        operands.free(&mut allocator)?;
-        let diff = calc_diff(&got, &ops.reference())?;
-        let ok = diff < MAX_DIFF;
-        println!(
-            "{:<48} M={m:<4} N={n:<5} K={k:<5} diff {diff:.2e} (< {MAX_DIFF:e}) {}",
-            params.name(),
-            if ok { "ok" } else { "FAIL" }
-        );
-        if !ok {
-            failures.push(format!("{} at {m}x{n}x{k}: diff {diff:.3e}", params.name()));
+        for params in candidates {
+            let gemm = Fp8Gemm::load(&device.ctx, cache, params)?;
+            let (mut worst, mut all_ok) = (0.0f64, true);
+            for schedule in checked_schedules(device) {
+                upload(&stream, operands.addresses.out, &case.initial_bytes())?;
+                gemm.launch(&stream, &problem, &operands.addresses, &schedule)?;
+                let got = download_output(&stream, operands.addresses.out, case.output, &problem)?;
+                let diff = calc_diff(&got, &expected)?;
+                worst = worst.max(diff);
+                // Written so that a NaN difference fails.
+                let ok = diff < MAX_DIFF;
+                all_ok &= ok;
+                if !ok {
+                    failures.push(format!(
+                        "{} ({}) at {}x{}x{} with {schedule}: diff {diff:.3e}",
+                        params.name(),
+                        case.what,
+                        problem.m,
+                        problem.n,
+                        problem.k
+                    ));
+                }
+            }
+            println!(
+                "{:<52} {:<27} M={:<4} N={:<5} K={:<5} diff <= {worst:.2e} (< {MAX_DIFF:e}, 3 schedules) {}",
+                params.name(),
+                case.what,
+                problem.m,
+                problem.n,
+                problem.k,
+                if all_ok { "ok" } else { "FAIL" }
+            );
         }
+        operands.free(&mut allocator)?;
     }
     stream.synchronize()?;
     allocator.streams_synchronized();
     allocator.empty_cache()?;
     Ok(failures)
+}
+
+fn download_output(
+    stream: &CudaStream,
+    out: u64,
+    output: GemmOutput,
+    problem: &GemmProblem,
+) -> anyhow::Result<Vec<f32>> {
+    let len = (problem.m * problem.n) as usize;
+    Ok(if output == GemmOutput::Bf16 {
+        let mut bits = vec![0u16; len];
+        download(stream, out, &mut bits)?;
+        bits.into_iter().map(bf16_to_f32).collect()
+    } else {
+        let mut values = vec![0f32; len];
+        download(stream, out, &mut values)?;
+        values
+    })
 }
 
 /// One cuBLASLt timing from `scripts/scaled_mm_bench.py`.
@@ -173,7 +300,37 @@ struct TorchTimings {
     results: Vec<TorchTiming>,
 }
 
-/// Check 4: times the forward FP8 GEMM (BF16 output) at each shape.
+/// Milliseconds per launch, averaged over `iters` launches after three unmeasured ones.
+fn time_launches(
+    device: &GpuDevice,
+    stream: &CudaStream,
+    launch: impl Fn() -> anyhow::Result<()>,
+    iters: u32,
+) -> anyhow::Result<f64> {
+    for _ in 0..3 {
+        launch()?;
+    }
+    let start = timing_event(&device.ctx)?;
+    let end = timing_event(&device.ctx)?;
+    start.record(stream)?;
+    for _ in 0..iters {
+        launch()?;
+    }
+    end.record(stream)?;
+    stream.synchronize()?;
+    Ok(f64::from(start.elapsed_ms(&end)?) / f64::from(iters.max(1)))
+}
+
+/// The fastest configuration found for one shape.
+struct Best {
+    tflops: f64,
+    ms: f64,
+    name: String,
+    schedule: TileSchedule,
+}
+
+/// Check 4: times the forward FP8 GEMM (BF16 output) at each shape, with every candidate tile
+/// under every schedule, side by side in one run.
 pub fn bench(
     device: &GpuDevice,
     cache: &KernelCache,
@@ -191,18 +348,19 @@ pub fn bench(
             None
         }
     };
-    if let Some(t) = &torch {
-        println!(
-            "cuBLASLt via torch {} (_scaled_mm, per-tensor scales, BF16 out)",
-            t.torch
-        );
-    }
+    let sms = device.multiprocessors;
+    let schedules = [
+        TileSchedule::ONE_TILE_PER_BLOCK,
+        TileSchedule::persistent(sms, 1),
+        TileSchedule::persistent(sms, 8),
+        TileSchedule::persistent(sms, 16),
+    ];
     let stream = device.ctx.new_stream()?;
     let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
-    println!(
-        "{:>5} {:>6} {:>6} | {:>9} {:>8} {:>7} | {:>8} {:>6}  kernel",
-        "M", "N", "K", "ms", "TFLOPS", "% peak", "cuBLAS", "ratio"
-    );
+    println!("TFLOPS of each tile configuration (rows) under each schedule (columns):");
+    let header: Vec<String> = schedules.iter().map(|s| format!("{s:>20}")).collect();
+    println!("{:<46} {}", "shape / kernel", header.join(" "));
+    let mut summary = Vec::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for (n, k) in SHAPES {
         let problem = GemmProblem {
@@ -211,14 +369,6 @@ pub fn bench(
             k,
             groups: 1,
         };
-        let params = Fp8GemmParams::for_shape(
-            M,
-            n,
-            BScaling::Block128x128,
-            GemmOutput::Bf16,
-            GemmGrouping::Dense,
-        );
-        let gemm = Fp8Gemm::load(&device.ctx, cache, params)?;
         // Random E4M3 codes of moderate magnitude (exponent field below 8: no NaN codes) and
         // unit scales: timing does not depend on the values.
         let (m, n_, k_) = (M as usize, n as usize, k as usize);
@@ -230,34 +380,74 @@ pub fn bench(
             b: &b,
             scale_a: &vec![1.0; k_.div_ceil(128) * m.next_multiple_of(4)],
             scale_b: &vec![1.0; n_.div_ceil(128) * k_.div_ceil(128)],
+            block_expert: &[],
         };
         let operands = Operands::upload(&mut allocator, &stream, host, m * n_ * 2)?;
-        for _ in 0..3 {
-            gemm.launch(&stream, &problem, &operands.addresses)?;
+        println!("{M} x {n} x {k}");
+        let candidates = Fp8GemmParams::candidates(
+            M,
+            n,
+            BScaling::Block128x128,
+            GemmOutput::Bf16,
+            GemmGrouping::Dense,
+        );
+        let mut default_tflops = 0.0;
+        let mut best: Option<Best> = None;
+        for (index, params) in candidates.into_iter().enumerate() {
+            let gemm = Fp8Gemm::load(&device.ctx, cache, params)?;
+            let mut row = Vec::new();
+            for schedule in schedules {
+                let launch =
+                    || Ok(gemm.launch(&stream, &problem, &operands.addresses, &schedule)?);
+                let ms = time_launches(device, &stream, launch, iters)?;
+                let tflops = 2.0 * f64::from(M) * f64::from(n) * f64::from(k) / (ms * 1e-3) / 1e12;
+                if index == 0 && schedule == TileSchedule::ONE_TILE_PER_BLOCK {
+                    default_tflops = tflops;
+                }
+                if best.as_ref().is_none_or(|b| tflops > b.tflops) {
+                    best = Some(Best {
+                        tflops,
+                        ms,
+                        name: params.name(),
+                        schedule,
+                    });
+                }
+                row.push(format!("{tflops:>20.1}"));
+            }
+            println!("  {:<44} {}", params.name(), row.join(" "));
         }
-        let start = timing_event(&device.ctx)?;
-        let end = timing_event(&device.ctx)?;
-        start.record(&stream)?;
-        for _ in 0..iters {
-            gemm.launch(&stream, &problem, &operands.addresses)?;
-        }
-        end.record(&stream)?;
-        stream.synchronize()?;
-        let ms = f64::from(start.elapsed_ms(&end)?) / f64::from(iters.max(1));
         operands.free(&mut allocator)?;
-        let tflops = 2.0 * f64::from(M) * f64::from(n) * f64::from(k) / (ms * 1e-3) / 1e12;
         let theirs = torch
             .as_ref()
             .and_then(|t| t.results.iter().find(|r| (r.m, r.n, r.k) == (M, n, k)))
             .map(|r| r.tflops);
+        summary.push((n, k, default_tflops, best, theirs));
+    }
+    println!();
+    if let Some(t) = &torch {
         println!(
-            "{M:>5} {n:>6} {k:>6} | {ms:>9.4} {tflops:>8.1} {:>6.1}% | {:>8} {:>6}  {}",
-            100.0 * tflops / PEAK_TFLOPS,
-            theirs.map_or("-".to_owned(), |t| format!("{t:.1}")),
-            theirs.map_or("-".to_owned(), |t| format!("{:.2}x", tflops / t)),
-            params.name()
+            "cuBLASLt via torch {} (_scaled_mm, per-tensor scales, BF16 out)",
+            t.torch
         );
     }
+    println!(
+        "{:>5} {:>6} {:>6} | {:>8} | {:>9} {:>8} {:>7} | {:>8} {:>6}  fastest kernel, schedule",
+        "M", "N", "K", "default", "ms", "TFLOPS", "% peak", "cuBLAS", "ratio"
+    );
+    for (n, k, default_tflops, best, theirs) in summary {
+        let Some(best) = best else { continue };
+        println!(
+            "{M:>5} {n:>6} {k:>6} | {default_tflops:>8.1} | {:>9.4} {:>8.1} {:>6.1}% | {:>8} {:>6}  {}, {}",
+            best.ms,
+            best.tflops,
+            100.0 * best.tflops / PEAK_TFLOPS,
+            theirs.map_or("-".to_owned(), |t| format!("{t:.1}")),
+            theirs.map_or("-".to_owned(), |t| format!("{:.2}x", best.tflops / t)),
+            best.name,
+            best.schedule
+        );
+    }
+    println!("(default: the shape heuristic's tile, one block per tile, as timed in session 12)");
     stream.synchronize()?;
     allocator.streams_synchronized();
     allocator.empty_cache()?;
