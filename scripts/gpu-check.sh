@@ -3,12 +3,14 @@
 # NVIDIA GPU (written for an H200; under 8 minutes there):
 #   1. every generated kernel of the tiny model's training step against the CPU backend, then
 #      every f32 library template (GEMMs, index operations, fake quantisation) at awkward shapes,
-#   2. the FP8 GEMM template against the exact product of its quantized operands (DeepGEMM's
-#      1 - 2Σxy/Σ(x²+y²) < 0.001),
-#   3. a few training steps of the tiny model on the GPU (generated kernels and library
+#   2. a few training steps of the tiny model on the GPU (generated kernels and library
 #      templates) against the CPU, comparing losses,
-#   4. the FP8 GEMM's TFLOPS at DeepSeek-V3's shapes (M = 4096) beside torch._scaled_mm
-#      (cuBLASLt FP8) when PyTorch with CUDA is installed.
+#   3. the FP8 GEMM template against the exact product of its quantized operands (DeepGEMM's
+#      1 - 2Σxy/Σ(x²+y²) < 0.001): every tile configuration that step 4 times, under three tile
+#      schedules, in the three layouts (128x128 weight scales, 1x128 B scales, grouped experts),
+#   4. the FP8 GEMM's TFLOPS at DeepSeek-V3's shapes (M = 4096), every tile configuration under
+#      every schedule side by side, the fastest beside torch._scaled_mm (cuBLASLt FP8) when
+#      PyTorch with CUDA is installed.
 # On a machine without a GPU it says so in one line and exits 0.
 #
 # Environment: FATHOM_GPU_CHECK_BIN=path uses a prebuilt `fathom` instead of building one;
@@ -72,5 +74,6 @@ fi
 
 status=0
 timeout 360 "$bin" gpu-check "${cublas[@]}" || status=$?
+[ "$status" = 124 ] && echo "gpu-check: stopped after 360 s (a kernel hung, or the checks ran long)"
 echo "gpu-check: finished in $((SECONDS - started)) s (exit $status)"
 exit "$status"

@@ -21,6 +21,14 @@
 // accumulator with the two scales applied (the FP8 tensor core keeps only ~14 bits), then release
 // the buffer through its `empty` mbarrier. The ring runs on across tiles.
 //
+// CLUSTER_M = 2 (dense GEMMs): CTAs run in clusters of two that compute the tiles of two
+// neighbouring row blocks and one column block together. They share B's tile: each CTA loads
+// half of it and multicasts the half into both CTAs' shared memory, so each reads half the B
+// bytes from L2. A stage is then refilled only when both CTAs' math warps have released it (they
+// arrive on the `empty` barriers of both), and a CTA leaves only when its peer no longer
+// arrives on its barriers. An odd last row block pairs with a tile past M, which computes on the
+// last real rows and writes nothing.
+//
 // A tile wider than a weight scale block, or not aligned to one (BLOCK_N of 144, 160 or 192), meets
 // at most two 128x128 scale blocks; its columns before the boundary take the first's scale.
 //
@@ -78,8 +86,8 @@ struct RingCursor {
   }
 };
 
-template <int BLOCK_M, int BLOCK_N, int STAGES, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16, bool ACCUMULATE,
-          class Wgmma>
+template <int BLOCK_M, int BLOCK_N, int STAGES, int CLUSTER_M, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16,
+          bool ACCUMULATE, class Wgmma>
 __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const float* __restrict__ scale_b,
                                               const int* __restrict__ block_expert, int m, int n, int k,
                                               int raster_band, const TensorMap* tmap_a, const TensorMap* tmap_b,
@@ -91,6 +99,8 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
   static_assert(BLOCK_N <= 128 + (BLOCK_N & -BLOCK_N), "a tile must meet at most two 128-column scale blocks");
   static_assert(Wgmma::N == BLOCK_N, "the wgmma wrapper must match BLOCK_N");
   static_assert(!(OUT_BF16 && ACCUMULATE), "accumulation into the output is FP32 only");
+  static_assert(CLUSTER_M == 1 || (CLUSTER_M == 2 && !GROUPED),
+                "clusters of two share B: dense GEMMs only (two row blocks may be two experts)");
   using Smem = Fp8GemmSmem<BLOCK_M, BLOCK_N, STAGES, B_ROW_SCALES>;
   constexpr int BLOCK_K = Smem::BLOCK_K;
   constexpr int MATH_GROUPS = BLOCK_M / 64;
@@ -105,11 +115,17 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
   u64* full = reinterpret_cast<u64*>(smem + Smem::BAR_OFFSET);
   u64* empty = full + STAGES;
 
+  // The cluster computes CLUSTER_M vertically adjacent tiles together: a "unit". Units are what
+  // the schedule numbers; this CTA's tile is row `rank` of its unit.
+  const int rank = CLUSTER_M > 1 ? static_cast<int>(cluster_cta_rank()) : 0;
   const int m_blocks = ceil_div(m, BLOCK_M);
   const int n_blocks = ceil_div(n, BLOCK_N);
-  const int num_tiles = m_blocks * n_blocks;
+  const int unit_rows = ceil_div(m_blocks, CLUSTER_M);
+  const int num_units = unit_rows * n_blocks;
+  const int first_unit = blockIdx.x / CLUSTER_M;
+  const int unit_stride = gridDim.x / CLUSTER_M;
   const int num_k_blocks = ceil_div(k, BLOCK_K);
-  const int band = max(1, raster_band);
+  const int band = max(1, raster_band / CLUSTER_M);
   // The expert of a tile's rows, or -1 for a grouped padding block (skipped by every thread alike).
   auto expert_of = [&](int m0) { return GROUPED ? block_expert[m0 / Grouped::M_ALIGN] : 0; };
 
@@ -120,36 +136,57 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
     if (B_ROW_SCALES) tma_prefetch_descriptor(tmap_scale_b);
     for (int s = 0; s < STAGES; ++s) {
       mbarrier_init(&full[s], 1);
-      mbarrier_init(&empty[s], MATH_THREADS / 32);  // one arrival per math warp
+      mbarrier_init(&empty[s], CLUSTER_M * MATH_THREADS / 32);  // one arrival per math warp of the cluster
     }
     mbarrier_init_fence();
   }
-  __syncthreads();
+  // The peer multicasts into this CTA's buffers and arrives on its barriers: both must exist first.
+  if (CLUSTER_M > 1) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   if (threadIdx.x >= MATH_THREADS) {
     // ---- producer warp group: one thread issues every TMA load ----
     if (MATH_GROUPS == 2) setmaxnreg_dec<40>();
     if (threadIdx.x == MATH_THREADS) {
       RingCursor<STAGES> ring;
-      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-        const TilePosition at = tile_position(tile, m_blocks, n_blocks, band);
-        const int m0 = at.m_block * BLOCK_M;
+      for (int unit = first_unit; unit < num_units; unit += unit_stride) {
+        const TilePosition at = tile_position(unit, unit_rows, n_blocks, band);
+        const int m0 = (at.m_block * CLUSTER_M + rank) * BLOCK_M;
         const int n0 = at.n_block * BLOCK_N;
         const int expert = expert_of(m0);
         if (expert < 0) continue;
         const int b_row0 = expert * n + n0;
+        // A cluster's tile past M (an odd last row block) reads the last real rows instead; its
+        // epilogue writes nothing.
+        const int a_row0 = min(m0, (m_blocks - 1) * BLOCK_M);
         for (int kb = 0; kb < num_k_blocks; ++kb, ring.advance()) {
           const int s = ring.stage;
           // A fresh barrier is in phase 0: the first wait on each `empty` (parity 1) returns at once.
           mbarrier_wait(&empty[s], ring.phase ^ 1);
           mbarrier_arrive_expect_tx(&full[s], Smem::TX_BYTES);
-          tma_load_2d(smem + Smem::A_OFFSET + s * Smem::A_BYTES, tmap_a, &full[s], kb * BLOCK_K, m0);
-          tma_load_2d(smem + Smem::B_OFFSET + s * Smem::B_BYTES, tmap_b, &full[s], kb * BLOCK_K, b_row0);
-          tma_load_2d(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES, tmap_scale_a, &full[s], m0, kb);
+          tma_load_2d(smem + Smem::A_OFFSET + s * Smem::A_BYTES, tmap_a, &full[s], kb * BLOCK_K, a_row0);
+          u8* b_stage = smem + Smem::B_OFFSET + s * Smem::B_BYTES;
+          if (CLUSTER_M == 1) {
+            tma_load_2d(b_stage, tmap_b, &full[s], kb * BLOCK_K, b_row0);
+          } else {
+            // This CTA's half of the B tile (the tensor map's box is half as tall), into both CTAs.
+            constexpr int HALF_ROWS = BLOCK_N / 2;
+            tma_load_2d_multicast(b_stage + rank * HALF_ROWS * BLOCK_K, tmap_b, &full[s], kb * BLOCK_K,
+                                  b_row0 + rank * HALF_ROWS, 0b11);
+          }
+          tma_load_2d(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES, tmap_scale_a, &full[s], a_row0, kb);
           if (B_ROW_SCALES) {
             tma_load_2d(smem + Smem::SB_OFFSET + s * Smem::SB_BYTES, tmap_scale_b, &full[s], n0, kb);
           }
         }
+      }
+      if (CLUSTER_M > 1) {
+        // The peer's math warps arrive on this CTA's `empty` barriers until their last stage:
+        // wait for every arrival of the last STAGES uses before the CTA (and its barriers) may go.
+        for (int i = 0; i < STAGES; ++i, ring.advance()) mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);
       }
     }
     return;
@@ -167,9 +204,9 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
   const int num_scale_n = ceil_div(n, 128);
 
   RingCursor<STAGES> ring;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const TilePosition at = tile_position(tile, m_blocks, n_blocks, band);
-    const int m0 = at.m_block * BLOCK_M;
+  for (int unit = first_unit; unit < num_units; unit += unit_stride) {
+    const TilePosition at = tile_position(unit, unit_rows, n_blocks, band);
+    const int m0 = (at.m_block * CLUSTER_M + rank) * BLOCK_M;
     const int n0 = at.n_block * BLOCK_N;
     const int expert = expert_of(m0);
     if (expert < 0) continue;
@@ -242,9 +279,17 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
           result[4 * j + 3] += acc[4 * j + 3] * row1_scale;
         }
       }
-      // Every read of this stage (wgmma operands, scales) is done: hand the buffer back.
+      // Every read of this stage (wgmma operands, scales) is done: hand the buffer back (to both
+      // CTAs of a cluster: either's producer refills it in both).
       __syncwarp();
-      if (lane == 0) mbarrier_arrive(&empty[s]);
+      if (lane == 0) {
+        if (CLUSTER_M == 1) {
+          mbarrier_arrive(&empty[s]);
+        } else {
+#pragma unroll
+          for (int cta = 0; cta < CLUSTER_M; ++cta) mbarrier_arrive_cluster(&empty[s], cta);
+        }
+      }
     }
 
     // ---- epilogue: registers straight to global memory (row-major D, leading dimension n) ----

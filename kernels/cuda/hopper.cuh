@@ -1,5 +1,6 @@
-// Hopper (sm_90a) primitives: mbarriers, TMA bulk-tensor loads, wgmma fences and shared-memory
-// matrix descriptors, register reallocation between warp groups. Inline PTX only, no CUTLASS.
+// Hopper (sm_90a) primitives: mbarriers, TMA bulk-tensor loads (multicast to a cluster too),
+// cluster ranks, barriers and remote arrivals, wgmma fences and shared-memory matrix descriptors,
+// register reallocation between warp groups. Inline PTX only, no CUTLASS.
 #pragma once
 
 namespace fathom {
@@ -59,6 +60,41 @@ __device__ __forceinline__ void tma_load_2d(void* smem_dst, const TensorMap* map
       "[%2];\n" ::"r"(smem_u32(smem_dst)),
       "l"(reinterpret_cast<u64>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
       : "memory");
+}
+
+// The same box delivered to the same shared-memory offset of every CTA of the cluster in
+// `cta_mask`, completing `bytes` on each one's barrier at `bar`'s offset.
+__device__ __forceinline__ void tma_load_2d_multicast(void* smem_dst, const TensorMap* map, u64* bar, int c0, int c1,
+                                                      u16 cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+      "[%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(smem_u32(smem_dst)),
+      "l"(reinterpret_cast<u64>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "h"(cta_mask)
+      : "memory");
+}
+
+// ---- thread block clusters ----
+
+__device__ __forceinline__ u32 cluster_cta_rank() {
+  u32 rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+
+// Every thread of every CTA of the cluster (all of them must call it): shared memory written
+// before is visible to the cluster after.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// Arrives on the barrier at `bar`'s offset in the shared memory of cluster CTA `cta`.
+__device__ __forceinline__ void mbarrier_arrive_cluster(u64* bar, u32 cta) {
+  u32 remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(bar)), "r"(cta));
+  // Default (release at CTA scope) semantics, as CUTLASS's cluster pipelines: the reads this
+  // releases have completed, and `.cluster` scope would add a GPU-wide fence to every arrival.
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }

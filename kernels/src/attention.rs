@@ -202,6 +202,7 @@ impl MlaAttentionFwdParams {
             EntryPoint {
                 name: &name,
                 block_threads: self.block_threads(),
+                cluster_x: 1,
                 params: &params,
                 body,
             },
@@ -362,6 +363,7 @@ impl MlaAttentionBwdParams {
             EntryPoint {
                 name: &name,
                 block_threads: self.block_threads(),
+                cluster_x: 1,
                 params: &params,
                 body,
             },
@@ -400,6 +402,7 @@ impl MlaAttentionBwdParams {
             EntryPoint {
                 name: &name,
                 block_threads: DELTA_WARPS * 32,
+                cluster_x: 1,
                 params: &params,
                 body,
             },

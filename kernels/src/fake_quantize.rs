@@ -83,6 +83,7 @@ impl FakeQuantizeParams {
             EntryPoint {
                 name: &name,
                 block_threads: THREADS,
+                cluster_x: 1,
                 params: &params,
                 body: vec![format!(
                     "fathom::fake_quantize_e4m3<{}, {THREADS}>(x, out, rows, cols, tile_rows, tile_cols);",

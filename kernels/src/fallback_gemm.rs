@@ -153,6 +153,7 @@ impl FallbackGemmParams {
             EntryPoint {
                 name: &name,
                 block_threads: self.block_threads(),
+                cluster_x: 1,
                 params: &params,
                 body,
             },

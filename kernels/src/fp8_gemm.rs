@@ -165,6 +165,7 @@ impl TrainingGemm {
             block_m,
             block_n,
             stages,
+            cluster_m: 1,
             b_scaling,
             output,
             grouping,
@@ -183,6 +184,10 @@ pub struct Fp8GemmParams {
     pub block_n: u32,
     /// Depth of the TMA → wgmma shared-memory ring.
     pub stages: u32,
+    /// Thread blocks per cluster along M: 1, or 2 for dense GEMMs (the pair computes two
+    /// neighbouring row blocks' tiles of one column block, each loading half of B's tile and
+    /// multicasting it to both, which halves B's reads from L2).
+    pub cluster_m: u32,
     pub b_scaling: BScaling,
     pub output: GemmOutput,
     pub grouping: GemmGrouping,
@@ -231,6 +236,7 @@ impl Fp8GemmParams {
             block_m,
             block_n,
             stages: 1,
+            cluster_m: 1,
             b_scaling,
             output,
             grouping,
@@ -240,7 +246,8 @@ impl Fp8GemmParams {
 
     /// The tile configurations worth timing for a problem of `m` rows and `n` columns: the
     /// [`for_shape`](Self::for_shape) choice, and 128-row tiles of 64 to 192 columns (at most
-    /// `n` rounded up to 16), each with as many stages as fit.
+    /// `n` rounded up to 16), each with as many stages as fit; for dense GEMMs of more than one
+    /// row block, the tiles of 128 columns and more in clusters of two as well.
     pub fn candidates(
         m: u32,
         n: u32,
@@ -255,6 +262,14 @@ impl Fp8GemmParams {
             if block_n <= n.next_multiple_of(16) && !out.contains(&params) {
                 out.push(params);
             }
+        }
+        if grouping == GemmGrouping::Dense && m > first.block_m {
+            let pairs: Vec<Self> = out
+                .iter()
+                .filter(|p| p.block_n >= 128)
+                .map(|p| Self { cluster_m: 2, ..*p })
+                .collect();
+            out.extend(pairs);
         }
         out
     }
@@ -283,6 +298,13 @@ impl Fp8GemmParams {
             "block_n",
             self.block_n,
             "a multiple of 16 up to 160, or 192 (a tile meets at most two 128-column scale blocks)",
+        )?;
+        check_param(
+            self.cluster_m == 1 || (self.cluster_m == 2 && self.grouping == GemmGrouping::Dense),
+            TEMPLATE,
+            "cluster_m",
+            self.cluster_m,
+            "1, or 2 for a dense GEMM (a pair of row blocks may belong to two experts)",
         )?;
         check_param(
             (1..=16).contains(&self.stages),
@@ -328,8 +350,13 @@ impl Fp8GemmParams {
             GemmGrouping::Dense => "fp8_gemm",
             GemmGrouping::Contiguous => "grouped_fp8_gemm",
         };
+        let cluster = if self.cluster_m > 1 {
+            format!("_c{}", self.cluster_m)
+        } else {
+            String::new()
+        };
         format!(
-            "{family}_1x128_{}_m{}n{}k{BLOCK_K}_s{}_{}",
+            "{family}_1x128_{}_m{}n{}k{BLOCK_K}_s{}{cluster}_{}",
             self.b_scaling.tag(),
             self.block_m,
             self.block_n,
@@ -344,14 +371,17 @@ impl Fp8GemmParams {
     }
 
     /// Launch grid for a problem: one-dimensional, a block per tile or at most the schedule's
-    /// blocks.
+    /// blocks; with clusters, a whole number of clusters (a cluster's tiles are `cluster_m`
+    /// neighbouring row blocks, the last pair's second tile past M when the row blocks are odd).
     pub fn grid(&self, problem: &GemmProblem, schedule: &TileSchedule) -> [u32; 3] {
-        let tiles = self.tiles(problem).max(1);
-        [
-            schedule.max_blocks.map_or(tiles, |b| b.clamp(1, tiles)),
-            1,
-            1,
-        ]
+        let cluster = self.cluster_m.max(1);
+        let units = (problem.m.div_ceil(self.block_m).div_ceil(cluster)
+            * problem.n.div_ceil(self.block_n))
+        .max(1);
+        let clusters = schedule
+            .max_blocks
+            .map_or(units, |b| (b / cluster).clamp(1, units));
+        [clusters * cluster, 1, 1]
     }
 
     /// Checks that the kernel can run a problem (TMA needs 16-byte row strides; the epilogue
@@ -420,7 +450,8 @@ impl Fp8GemmParams {
                 dtype: TensorMapDtype::U8,
                 global_dims: [k, n * u64::from(problem.groups)],
                 outer_stride_bytes: k,
-                box_dims: [BLOCK_K, self.block_n],
+                // In a cluster each block loads its share of the tile's rows.
+                box_dims: [BLOCK_K, self.block_n / self.cluster_m.max(1)],
                 swizzle: TensorMapSwizzle::B128,
             },
             TensorMapDesc {
@@ -483,10 +514,11 @@ impl Fp8GemmParams {
         let block_rows = self.b_scaling == BScaling::Row1x128;
         let grouped = self.grouping == GemmGrouping::Contiguous;
         let call = format!(
-            "fathom::fp8_gemm_sm90<{}, {}, {}, {}, {}, {}, {}, {wgmma}>(",
+            "fathom::fp8_gemm_sm90<{}, {}, {}, {}, {}, {}, {}, {}, {wgmma}>(",
             self.block_m,
             self.block_n,
             self.stages,
+            self.cluster_m,
             cpp_bool(block_rows),
             cpp_bool(grouped),
             cpp_bool(self.output == GemmOutput::Bf16),
@@ -514,12 +546,20 @@ impl Fp8GemmParams {
                 }
             ),
             format!(
-                "Tile {}x{}x{BLOCK_K}, {} stages, {} threads, {} bytes of dynamic shared memory.",
+                "Tile {}x{}x{BLOCK_K}, {} stages, {} threads, {} bytes of dynamic shared memory{}.",
                 self.block_m,
                 self.block_n,
                 self.stages,
                 self.block_threads(),
-                self.dynamic_smem_bytes()
+                self.dynamic_smem_bytes(),
+                if self.cluster_m > 1 {
+                    format!(
+                        ", clusters of {} along M sharing B (multicast)",
+                        self.cluster_m
+                    )
+                } else {
+                    String::new()
+                }
             ),
         ];
         Ok(assemble(
@@ -529,6 +569,7 @@ impl Fp8GemmParams {
             EntryPoint {
                 name: &name,
                 block_threads: self.block_threads(),
+                cluster_x: self.cluster_m,
                 params: &params,
                 body: vec![call, args],
             },
@@ -577,6 +618,70 @@ mod tests {
                 .starts_with("// fp8_gemm_1x128_128x128_m128n32k128_s4_bf16 -- generated by")
         );
         insta::assert_snapshot!(kernel.generated_wrapper());
+    }
+
+    #[test]
+    fn clusters_share_b_in_halves_and_launch_whole_pairs() {
+        let pair = Fp8GemmParams {
+            cluster_m: 2,
+            ..Fp8GemmParams::new(128, 128, 6)
+        };
+        assert_eq!(
+            pair.name(),
+            "fp8_gemm_1x128_128x128_m128n128k128_s6_c2_bf16"
+        );
+        let kernel = pair.instantiate().expect("valid");
+        assert!(
+            kernel
+                .source
+                .contains("__launch_bounds__(384, 1) __cluster_dims__(2, 1, 1) fp8_gemm_")
+        );
+        assert!(
+            kernel
+                .source
+                .contains("fathom::fp8_gemm_sm90<128, 128, 6, 2, false")
+        );
+        let problem = GemmProblem {
+            m: 4096,
+            n: 7168,
+            k: 2048,
+            groups: 1,
+        };
+        let maps = pair.tensor_maps(&problem).expect("valid problem");
+        assert_eq!(
+            maps[1].box_dims,
+            [128, 64],
+            "each block loads half of B's rows"
+        );
+        assert_eq!(maps[0].box_dims, [128, 128]);
+        // 32 row blocks in 16 pairs, 56 column blocks.
+        let one_per_tile = pair.grid(&problem, &TileSchedule::ONE_TILE_PER_BLOCK);
+        assert_eq!(one_per_tile, [2 * 16 * 56, 1, 1]);
+        let persistent = pair.grid(&problem, &TileSchedule::persistent(133, 8));
+        assert_eq!(persistent, [132, 1, 1], "whole clusters");
+        // Three row blocks make two pairs, the second's second tile past M.
+        let odd = GemmProblem { m: 300, ..problem };
+        assert_eq!(
+            pair.grid(&odd, &TileSchedule::ONE_TILE_PER_BLOCK),
+            [2 * 2 * 56, 1, 1]
+        );
+
+        let grouped = Fp8GemmParams {
+            grouping: GemmGrouping::Contiguous,
+            ..pair
+        };
+        assert!(matches!(
+            grouped.validate(),
+            Err(KernelError::InvalidParam {
+                field: "cluster_m",
+                ..
+            })
+        ));
+        let four = Fp8GemmParams {
+            cluster_m: 4,
+            ..pair
+        };
+        assert!(four.validate().is_err());
     }
 
     #[test]
@@ -667,8 +772,24 @@ mod tests {
             GemmOutput::Bf16,
             GemmGrouping::Dense,
         );
-        let widths: Vec<_> = candidates.iter().map(|p| (p.block_n, p.stages)).collect();
-        assert_eq!(widths, [(64, 6), (128, 6), (144, 6), (160, 6), (192, 5)]);
+        let widths: Vec<_> = candidates
+            .iter()
+            .map(|p| (p.block_n, p.stages, p.cluster_m))
+            .collect();
+        assert_eq!(
+            widths,
+            [
+                (64, 6, 1),
+                (128, 6, 1),
+                (144, 6, 1),
+                (160, 6, 1),
+                (192, 5, 1),
+                (128, 6, 2),
+                (144, 6, 2),
+                (160, 6, 2),
+                (192, 5, 2)
+            ]
+        );
         assert!(candidates.iter().all(|p| p.validate().is_ok()));
         let narrow = Fp8GemmParams::candidates(
             4096,
@@ -681,6 +802,15 @@ mod tests {
             narrow.iter().map(|p| p.block_n).collect::<Vec<_>>(),
             [32, 64]
         );
+        // Grouped GEMMs never pair row blocks (they may be two experts' rows).
+        let grouped = Fp8GemmParams::candidates(
+            4096,
+            2048,
+            BScaling::Block128x128,
+            GemmOutput::Bf16,
+            GemmGrouping::Contiguous,
+        );
+        assert!(grouped.iter().all(|p| p.cluster_m == 1));
     }
 
     #[test]

@@ -238,6 +238,7 @@ impl F32GemmParams {
             EntryPoint {
                 name: &name,
                 block_threads: self.block_threads(),
+                cluster_x: 1,
                 params: &params,
                 body,
             },

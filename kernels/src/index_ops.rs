@@ -166,6 +166,7 @@ impl IndexOpParams {
             EntryPoint {
                 name: &name,
                 block_threads: self.block_threads(),
+                cluster_x: 1,
                 params: &params,
                 body: vec![format!("{call}({});", args.join(", "))],
             },

@@ -151,6 +151,8 @@ pub(crate) const HOPPER: Template = Template {
 pub(crate) struct EntryPoint<'a> {
     pub name: &'a str,
     pub block_threads: u32,
+    /// Thread blocks per cluster along x (`__cluster_dims__`; 1: no clusters).
+    pub cluster_x: u32,
     pub params: &'a [KernelParam],
     /// Statements of the body, one per line.
     pub body: Vec<String>,
@@ -190,8 +192,13 @@ pub(crate) fn assemble(
     }
     w.comment(format!("---- {}{GENERATED_MARKER}", entry.name));
     definitions(&mut w);
+    let cluster = if entry.cluster_x > 1 {
+        format!("__cluster_dims__({}, 1, 1) ", entry.cluster_x)
+    } else {
+        String::new()
+    };
     w.line(format!(
-        "extern \"C\" __global__ void __launch_bounds__({}, 1) {}(",
+        "extern \"C\" __global__ void __launch_bounds__({}, 1) {cluster}{}(",
         entry.block_threads, entry.name
     ));
     w.indented(|w| {

@@ -166,6 +166,7 @@ impl QuantizeParams {
             EntryPoint {
                 name: &name,
                 block_threads: self.block_threads(),
+                cluster_x: 1,
                 params: &params,
                 body: vec![call, "    x, q, scales, rows, cols);".to_owned()],
             },

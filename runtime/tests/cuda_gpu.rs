@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::{DType, GraphBuilder, TensorType};
-use fathom_kernels::TileSchedule;
 use fathom_kernels::nvrtc::nvrtc_unless_skipped;
+use fathom_kernels::{Fp8GemmParams, TileSchedule};
 use fathom_runtime::HostTensor;
 use fathom_runtime::cpu::CpuProgram;
 use fathom_runtime::cuda::fp8_gemm::{Fp8Gemm, HostFp8Operands};
@@ -103,7 +103,6 @@ fn the_fp8_gemm_template_matches_the_quantized_product() {
         .map(|i| ((i * 7 % 31) as f32 - 15.0) * 0.01)
         .collect();
     let ops = HostFp8Operands::quantize(&a, &b, m, n, k).unwrap();
-    let gemm = Fp8Gemm::load(&device.ctx, &cache, ops.params()).unwrap();
     let stream = device.ctx.new_stream().unwrap();
     let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
     let mut put = |bytes: Vec<u8>| {
@@ -127,19 +126,30 @@ fn the_fp8_gemm_template_matches_the_quantized_product() {
         out: blocks[4].ptr,
         block_expert: None,
     };
-    // One block per tile, and two blocks looping over the four tiles (the ring of stages runs on
-    // from one tile into the next).
-    for schedule in [
-        TileSchedule::ONE_TILE_PER_BLOCK,
-        TileSchedule::persistent(2, 2),
-    ] {
-        upload(&stream, operands.out, &vec![0u8; m * n * 4]).unwrap();
-        gemm.launch(&stream, &ops.problem, &operands, &schedule)
-            .unwrap();
-        let mut got = vec![0f32; m * n];
-        download(&stream, operands.out, &mut got).unwrap();
-        let diff = calc_diff(&got, &ops.reference()).unwrap();
-        assert!(diff < 1e-3, "DeepGEMM diff {diff} with {schedule}");
+    // Alone and in a cluster of two sharing B; one block per tile, and two blocks looping over
+    // the four tiles (the ring of stages runs on from one tile into the next).
+    let clustered = Fp8GemmParams {
+        cluster_m: 2,
+        ..ops.params()
+    };
+    for params in [ops.params(), clustered] {
+        let gemm = Fp8Gemm::load(&device.ctx, &cache, params).unwrap();
+        for schedule in [
+            TileSchedule::ONE_TILE_PER_BLOCK,
+            TileSchedule::persistent(2, 2),
+        ] {
+            upload(&stream, operands.out, &vec![0u8; m * n * 4]).unwrap();
+            gemm.launch(&stream, &ops.problem, &operands, &schedule)
+                .unwrap();
+            let mut got = vec![0f32; m * n];
+            download(&stream, operands.out, &mut got).unwrap();
+            let diff = calc_diff(&got, &ops.reference()).unwrap();
+            assert!(
+                diff < 1e-3,
+                "{}: DeepGEMM diff {diff} with {schedule}",
+                params.name()
+            );
+        }
     }
     for block in blocks {
         allocator.free(block).unwrap();

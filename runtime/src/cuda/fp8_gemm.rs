@@ -9,7 +9,7 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaStream, sys};
+use cudarc::driver::{CudaContext, CudaStream, LaunchConfig, sys};
 use fathom_kernels::{
     BScaling, Fp8GemmParams, GemmGrouping, GemmProblem, TensorMapDesc, TensorMapDtype,
     TensorMapSwizzle, TileSchedule,
@@ -98,6 +98,42 @@ impl Fp8Gemm {
         let source = params.instantiate()?;
         let kernel = load_kernel(ctx, cache, &source, source.arch_requirement.compile_arch())?;
         Ok(Fp8Gemm { params, kernel })
+    }
+
+    /// A persistent schedule in bands of `raster_band` row blocks: one block per SM of
+    /// `multiprocessors`, or for clusters as many whole clusters as the device can hold at once
+    /// (a GPC whose SM count is odd leaves an SM out of clusters of two), so that no cluster waits
+    /// for a second wave.
+    pub fn persistent_schedule(
+        &self,
+        stream: &CudaStream,
+        multiprocessors: u32,
+        raster_band: u32,
+    ) -> Result<TileSchedule, CudaError> {
+        let cluster = self.params.cluster_m.max(1);
+        let mut blocks = multiprocessors;
+        if cluster > 1 {
+            let config = LaunchConfig {
+                grid_dim: (multiprocessors / cluster * cluster, 1, 1),
+                block_dim: (self.params.block_threads(), 1, 1),
+                shared_mem_bytes: self.params.dynamic_smem_bytes(),
+            };
+            let clusters = self
+                .kernel
+                .function
+                .occupancy_max_active_clusters(config, stream)
+                .map_err(|e| {
+                    CudaError::driver(
+                        format!(
+                            "{}: asking how many clusters fit at once",
+                            self.params.name()
+                        ),
+                        e,
+                    )
+                })?;
+            blocks = blocks.min(clusters.max(1) * cluster);
+        }
+        Ok(TileSchedule::persistent(blocks, raster_band))
     }
 
     /// Queues one GEMM on `stream`, its tiles spread over thread blocks as `schedule` says.

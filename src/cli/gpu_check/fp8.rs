@@ -4,6 +4,7 @@
 //! DeepSeek-V3's shapes, every configuration side by side, beside `torch._scaled_mm`.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fathom_kernels::{
@@ -195,17 +196,49 @@ fn cases() -> anyhow::Result<Vec<Case>> {
     Ok(out)
 }
 
-/// One block per tile; three blocks looping over many tiles each (the ring's phases carried
-/// across tiles, bands of two row blocks); one block per SM in bands of eight.
-fn checked_schedules(device: &GpuDevice) -> [TileSchedule; 3] {
-    [
+/// One block per tile; three blocks (one cluster of two) looping over many tiles each (the
+/// ring's phases carried across tiles, bands of two row blocks); the persistent grid in bands of
+/// eight.
+fn checked_schedules(
+    device: &GpuDevice,
+    stream: &CudaStream,
+    gemm: &Fp8Gemm,
+) -> anyhow::Result<[TileSchedule; 3]> {
+    Ok([
         TileSchedule::ONE_TILE_PER_BLOCK,
         TileSchedule::persistent(3, 2),
-        TileSchedule::persistent(device.multiprocessors, 8),
-    ]
+        gemm.persistent_schedule(stream, device.multiprocessors, 8)?,
+    ])
 }
 
-/// Check 2; returns the failures.
+/// How long one correctness launch may take before it counts as hung (they take milliseconds).
+const HANG_LIMIT: Duration = Duration::from_secs(20);
+
+/// Waits for the work queued on `stream`, giving up after `limit`: a kernel whose pipeline
+/// deadlocks would otherwise hold the check until the script's timeout, saying nothing of which.
+fn finish_within(
+    device: &GpuDevice,
+    stream: &CudaStream,
+    limit: Duration,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    let done = timing_event(&device.ctx)?;
+    done.record(stream)?;
+    let started = Instant::now();
+    while !done.try_is_complete()? {
+        if started.elapsed() > limit {
+            anyhow::bail!(
+                "{} did not finish within {limit:?}: the kernel hangs (the GPU context cannot be \
+                 recovered; stopping here)",
+                what()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Check 3; returns the failures.
 pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Result<Vec<String>> {
     let stream = device.ctx.new_stream()?;
     let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
@@ -229,9 +262,12 @@ pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Res
         for params in candidates {
             let gemm = Fp8Gemm::load(&device.ctx, cache, params)?;
             let (mut worst, mut all_ok) = (0.0f64, true);
-            for schedule in checked_schedules(device) {
+            for schedule in checked_schedules(device, &stream, &gemm)? {
                 upload(&stream, operands.addresses.out, &case.initial_bytes())?;
                 gemm.launch(&stream, &problem, &operands.addresses, &schedule)?;
+                finish_within(device, &stream, HANG_LIMIT, || {
+                    format!("{} ({}) with {schedule}", params.name(), case.what)
+                })?;
                 let got = download_output(&stream, operands.addresses.out, case.output, &problem)?;
                 let diff = calc_diff(&got, &expected)?;
                 worst = worst.max(diff);
@@ -300,16 +336,19 @@ struct TorchTimings {
     results: Vec<TorchTiming>,
 }
 
-/// Milliseconds per launch, averaged over `iters` launches after three unmeasured ones.
+/// Milliseconds per launch, averaged over `iters` launches after three unmeasured ones (which
+/// must finish within [`HANG_LIMIT`]).
 fn time_launches(
     device: &GpuDevice,
     stream: &CudaStream,
     launch: impl Fn() -> anyhow::Result<()>,
     iters: u32,
+    what: impl FnOnce() -> String,
 ) -> anyhow::Result<f64> {
     for _ in 0..3 {
         launch()?;
     }
+    finish_within(device, stream, HANG_LIMIT, what)?;
     let start = timing_event(&device.ctx)?;
     let end = timing_event(&device.ctx)?;
     start.record(stream)?;
@@ -348,18 +387,18 @@ pub fn bench(
             None
         }
     };
-    let sms = device.multiprocessors;
-    let schedules = [
-        TileSchedule::ONE_TILE_PER_BLOCK,
-        TileSchedule::persistent(sms, 1),
-        TileSchedule::persistent(sms, 8),
-        TileSchedule::persistent(sms, 16),
-    ];
+    // One block per tile, and persistent grids in bands of 1, 8 and 16 row blocks.
+    let bands = [1, 8, 16];
     let stream = device.ctx.new_stream()?;
     let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
-    println!("TFLOPS of each tile configuration (rows) under each schedule (columns):");
-    let header: Vec<String> = schedules.iter().map(|s| format!("{s:>20}")).collect();
-    println!("{:<46} {}", "shape / kernel", header.join(" "));
+    println!(
+        "TFLOPS of each tile configuration (rows) under each schedule (columns; persistent: one \
+         block per SM, or as many clusters as fit at once)"
+    );
+    println!(
+        "{:<46} {:>14} {:>14} {:>14} {:>14}",
+        "shape / kernel", "tile per block", "persist. b1", "persist. b8", "persist. b16"
+    );
     let mut summary = Vec::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for (n, k) in SHAPES {
@@ -395,11 +434,17 @@ pub fn bench(
         let mut best: Option<Best> = None;
         for (index, params) in candidates.into_iter().enumerate() {
             let gemm = Fp8Gemm::load(&device.ctx, cache, params)?;
+            let mut schedules = vec![TileSchedule::ONE_TILE_PER_BLOCK];
+            for band in bands {
+                schedules.push(gemm.persistent_schedule(&stream, device.multiprocessors, band)?);
+            }
             let mut row = Vec::new();
             for schedule in schedules {
                 let launch =
                     || Ok(gemm.launch(&stream, &problem, &operands.addresses, &schedule)?);
-                let ms = time_launches(device, &stream, launch, iters)?;
+                let ms = time_launches(device, &stream, launch, iters, || {
+                    format!("{} with {schedule}", params.name())
+                })?;
                 let tflops = 2.0 * f64::from(M) * f64::from(n) * f64::from(k) / (ms * 1e-3) / 1e12;
                 if index == 0 && schedule == TileSchedule::ONE_TILE_PER_BLOCK {
                     default_tflops = tflops;
@@ -412,7 +457,7 @@ pub fn bench(
                         schedule,
                     });
                 }
-                row.push(format!("{tflops:>20.1}"));
+                row.push(format!("{tflops:>14.1}"));
             }
             println!("  {:<44} {}", params.name(), row.join(" "));
         }
