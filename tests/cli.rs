@@ -237,3 +237,54 @@ fn inspect_shows_the_kernels_a_precision_policy_leaves() {
     assert!(!run.status.success());
     assert!(stderr(&run).contains("fp4"), "{}", stderr(&run));
 }
+
+#[test]
+fn inspect_compiles_a_hand_edited_kernel_from_the_override_folder() {
+    let nvrtc = fathom::kernels::nvrtc::nvrtc_unless_skipped().unwrap_or_else(|e| {
+        panic!("{e}\n(set FATHOM_SKIP_NVRTC=1 to skip the CUDA compile checks explicitly)")
+    });
+    if nvrtc.is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("generated");
+    let model = ["inspect", "--architecture", "tiny", "--target", "sm_90a"];
+    let run = fathom(&[&model[..], &["--out", generated.to_str().unwrap()]].concat());
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    // The user's workflow: copy one generated kernel into a folder and edit it.
+    let cuda = generated.join("cuda");
+    let mut sources: Vec<_> = std::fs::read_dir(&cuda)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    let original = &sources[0];
+    let entry = original.file_stem().unwrap().to_str().unwrap().to_owned();
+    let edits = dir.path().join("edits");
+    std::fs::create_dir(&edits).unwrap();
+    let text = std::fs::read_to_string(original).unwrap();
+    let edited = format!("// edited by hand\n__device__ int fathom_edit_marker;\n{text}");
+    std::fs::write(edits.join(format!("{entry}.cu")), edited).unwrap();
+
+    let out = dir.path().join("compiled");
+    let run = Command::new(env!("CARGO_BIN_EXE_fathom"))
+        .args(model)
+        .args(["--compile", "--out", out.to_str().unwrap()])
+        .env("FATHOM_KERNEL_OVERRIDE_DIR", &edits)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains(&format!("{entry}: compiled from the hand-edited ")),
+        "{stdout}"
+    );
+    let resources = std::fs::read_to_string(out.join("cuda/resources.txt")).unwrap();
+    assert_eq!(resources.matches("(edited)").count(), 1, "{resources}");
+    assert!(
+        resources.contains(&format!("{entry} (edited)")),
+        "{resources}"
+    );
+}

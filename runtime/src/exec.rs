@@ -82,7 +82,8 @@ impl Executable {
                         let nvrtc =
                             fathom_kernels::nvrtc::Nvrtc::locate().map_err(CudaError::from)?;
                         let dir = KernelCache::default_dir().map_err(CudaError::from)?;
-                        let cache = KernelCache::new(dir, nvrtc);
+                        let cache = KernelCache::new(dir, nvrtc)
+                            .with_overrides(crate::cuda::KernelOverrides::from_env());
                         let executor = GpuExecutor::new(
                             &device,
                             &cache,

@@ -15,6 +15,7 @@ use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
 use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool, project_pip_dirs};
+use fathom_runtime::cuda::KernelOverrides;
 use fathom_runtime::cuda::modules::generated_source;
 use rayon::prelude::*;
 
@@ -78,7 +79,9 @@ pub struct Args {
     target: Target,
     /// With a CUDA target: compile every unique kernel with NVRTC (no GPU needed) and write its
     /// CUBIN, its SASS (when `cuobjdump` or `nvdisasm` is installed; about half a second per
-    /// kernel) and `resources.txt` (registers, shared memory, spills).
+    /// kernel) and `resources.txt` (registers, shared memory, spills). A kernel with a
+    /// hand-edited `<entry>.cu` in `$FATHOM_KERNEL_OVERRIDE_DIR` is compiled from it, as a run
+    /// would, and marked so in the table.
     #[arg(long)]
     compile: bool,
 }
@@ -209,13 +212,29 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
     let disassembler = find_cuda_tool("cuobjdump", &pip_dirs)
         .map(|tool| (tool, vec!["-sass"]))
         .or_else(|| find_cuda_tool("nvdisasm", &pip_dirs).map(|tool| (tool, Vec::new())));
+    let overrides = KernelOverrides::from_env();
     let started = Instant::now();
     let results: Vec<anyhow::Result<Built>> = cuda
         .sources
         .par_iter()
         .map(|source| {
             let users: Vec<_> = cuda.users_of(&source.entry).collect();
-            let kernel = generated_source(source, users.first().map_or(0, |k| k.launch.block));
+            let mut kernel = generated_source(source, users.first().map_or(0, |k| k.launch.block));
+            let mut hand_edited = false;
+            if let Some(edit) = overrides
+                .as_ref()
+                .map(|o| o.apply(&kernel))
+                .transpose()?
+                .flatten()
+            {
+                println!(
+                    "{}: compiled from the hand-edited {}",
+                    kernel.entry,
+                    edit.path.display()
+                );
+                kernel = edit.kernel;
+                hand_edited = true;
+            }
             let t = Instant::now();
             let compiled = nvrtc.compile(&kernel, Some(arch))?;
             let time = t.elapsed();
@@ -243,7 +262,11 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
                 }
             }
             Ok(Built {
-                entry: source.entry.clone(),
+                entry: if hand_edited {
+                    format!("{} (edited)", source.entry)
+                } else {
+                    source.entry.clone()
+                },
                 users: users.len(),
                 resources: compiled.resources.unwrap_or_default(),
                 time,

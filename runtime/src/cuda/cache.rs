@@ -11,6 +11,9 @@
 //! onto an existing folder fails; the loser of such a race checks the winner's entry and uses it.
 //! Readers validate every entry (meta parses and matches, the source is the same text, the code
 //! has the recorded length and checksum), so a damaged entry is detected and rebuilt.
+//!
+//! With an override folder ([`KernelOverrides`]), a kernel whose entry point has a hand-edited
+//! `<entry>.cu` there is compiled from that file (and cached under its own key).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +23,8 @@ use fathom_compiler::codegen::fnv1a64;
 use fathom_kernels::KernelSource;
 use fathom_kernels::nvrtc::{Nvrtc, NvrtcError};
 use serde::{Deserialize, Serialize};
+
+use super::overrides::{KernelOverrides, OverrideError};
 
 /// Bumped whenever the layout of an entry changes: part of the key.
 const FORMAT: u32 = 1;
@@ -51,6 +56,8 @@ pub enum CacheError {
     },
     #[error("no kernel cache folder: set FATHOM_CACHE_DIR (or HOME, for ~/.cache/fathom/cuda)")]
     NoCacheDir,
+    #[error(transparent)]
+    Override(#[from] OverrideError),
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CacheError + 'a {
@@ -116,6 +123,8 @@ pub struct CachedKernel {
     pub image: ModuleImage,
     /// Whether it was found in the cache (no compile happened).
     pub hit: bool,
+    /// The hand-edited file it was compiled from, in place of the generated source.
+    pub overridden_by: Option<PathBuf>,
 }
 
 /// Counts of what the cache did, since it was opened.
@@ -140,6 +149,7 @@ pub struct KernelCache {
     compiles: AtomicU64,
     rebuilt: AtomicU64,
     lost_races: AtomicU64,
+    overrides: Option<KernelOverrides>,
 }
 
 /// Distinguishes temporary folders of one process.
@@ -166,7 +176,19 @@ impl KernelCache {
             compiles: AtomicU64::new(0),
             rebuilt: AtomicU64::new(0),
             lost_races: AtomicU64::new(0),
+            overrides: None,
         }
+    }
+
+    /// Compiles kernels from the hand-edited files in `overrides` where it has one (see
+    /// [`KernelOverrides`]); `None` keeps the generated sources.
+    pub fn with_overrides(mut self, overrides: Option<KernelOverrides>) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    pub fn overrides(&self) -> Option<&KernelOverrides> {
+        self.overrides.as_ref()
     }
 
     pub fn root(&self) -> &Path {
@@ -208,8 +230,32 @@ impl KernelCache {
 
     /// The compiled kernel: from the cache when a valid entry exists, otherwise compiled by
     /// NVRTC and stored. `arch` is a real (`sm_90a`: CUBIN) or virtual (`compute_90`: PTX)
-    /// architecture.
+    /// architecture. A hand-edited override of the kernel is compiled in its place, and said so
+    /// on stderr.
     pub fn get_or_compile(
+        &self,
+        kernel: &KernelSource,
+        arch: &str,
+        extra: &[String],
+    ) -> Result<CachedKernel, CacheError> {
+        let overridden = match &self.overrides {
+            Some(overrides) => overrides.apply(kernel)?,
+            None => None,
+        };
+        let Some(overridden) = overridden else {
+            return self.get_or_compile_source(kernel, arch, extra);
+        };
+        eprintln!(
+            "fathom: kernel {} is compiled from the hand-edited {}",
+            kernel.entry,
+            overridden.path.display()
+        );
+        let mut cached = self.get_or_compile_source(&overridden.kernel, arch, extra)?;
+        cached.overridden_by = Some(overridden.path);
+        Ok(cached)
+    }
+
+    fn get_or_compile_source(
         &self,
         kernel: &KernelSource,
         arch: &str,
@@ -333,6 +379,7 @@ impl KernelCache {
             meta,
             image,
             hit: false,
+            overridden_by: None,
         };
         // Two attempts: a damaged entry in the way is discarded once, then the rename retried.
         for _ in 0..2 {
@@ -345,6 +392,7 @@ impl KernelCache {
                     let _ = std::fs::remove_dir_all(&temp);
                     return Ok(CachedKernel {
                         hit: false,
+                        overridden_by: None,
                         ..theirs
                     });
                 }
@@ -451,6 +499,7 @@ fn load_entry(dir: &Path, expected: &Expected<'_>) -> Result<Option<CachedKernel
         meta,
         image,
         hit: true,
+        overridden_by: None,
     }))
 }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Barrier};
 use fathom_kernels::nvrtc::nvrtc_unless_skipped;
 use fathom_kernels::{ArchRequirement, KernelSource};
 
+use super::super::overrides::KernelOverrides;
 use super::*;
 
 fn open(dir: &Path) -> Option<KernelCache> {
@@ -252,4 +253,56 @@ fn a_compile_error_shows_the_log_and_the_line_and_writes_the_source() {
     assert!(source_file.with_file_name("nvrtc.log").is_file());
     // Nothing was stored as an entry.
     assert_eq!(listing(dir.path(), "sm_80"), ["failed"]);
+}
+
+#[test]
+fn a_hand_edited_override_is_compiled_in_place_of_the_source_and_each_edit_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let edits = tempfile::tempdir().unwrap();
+    let Some(cache) = open(dir.path()) else {
+        return;
+    };
+    let cache = cache.with_overrides(Some(KernelOverrides::new(edits.path())));
+    let generated = cache.get_or_compile(&good(), "sm_80", &[]).unwrap();
+    assert_eq!(generated.overridden_by, None, "no file yet");
+
+    let file = edits.path().join("cache_test_scale.cu");
+    let edited = kernel("int i = threadIdx.x; if (i < n) x[i] *= 2.0f * a;");
+    std::fs::write(&file, &edited.source).unwrap();
+    let got = cache.get_or_compile(&good(), "sm_80", &[]).unwrap();
+    assert_eq!(got.overridden_by.as_deref(), Some(file.as_path()));
+    assert!(!got.hit, "a new source compiles");
+    assert_ne!(got.dir, generated.dir);
+    assert_eq!(
+        std::fs::read_to_string(got.dir.join("kernel.cu")).unwrap(),
+        edited.source,
+        "the entry holds the edited text"
+    );
+    assert!(cache.get_or_compile(&good(), "sm_80", &[]).unwrap().hit);
+
+    // The next edit compiles again; removing the file brings back the generated kernel's entry.
+    let again = kernel("int i = threadIdx.x; if (i < n) x[i] *= 3.0f * a;");
+    std::fs::write(&file, &again.source).unwrap();
+    let got = cache.get_or_compile(&good(), "sm_80", &[]).unwrap();
+    assert!(!got.hit);
+    std::fs::remove_file(&file).unwrap();
+    let back = cache.get_or_compile(&good(), "sm_80", &[]).unwrap();
+    assert!(back.hit && back.dir == generated.dir && back.overridden_by.is_none());
+
+    // An edit that renamed the entry point is refused with the file's name, before NVRTC.
+    std::fs::write(
+        &file,
+        edited
+            .source
+            .replace("cache_test_scale", "cache_test_scale2"),
+    )
+    .unwrap();
+    let compiles = cache.counters().compiles;
+    let err = cache.get_or_compile(&good(), "sm_80", &[]).unwrap_err();
+    assert!(matches!(err, CacheError::Override(_)), "{err}");
+    assert!(
+        err.to_string().contains(&file.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(cache.counters().compiles, compiles);
 }

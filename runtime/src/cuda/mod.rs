@@ -19,6 +19,7 @@ pub mod library;
 pub mod library_samples;
 pub mod memory;
 pub mod modules;
+pub mod overrides;
 
 use cudarc::driver::DriverError;
 use fathom_compiler::codegen::CodegenError;
@@ -33,6 +34,7 @@ pub use cache::{CacheError, CachedKernel, KernelCache, ModuleImage};
 pub use device::{GpuDevice, NoGpu, compile_target, driver_present, fallback_line};
 pub use executor::{GpuExecutor, GpuKernels, GpuOptions, GpuRun};
 pub use library::LibraryPlan;
+pub use overrides::{KernelOverrides, OVERRIDE_DIR_VAR};
 
 use crate::cpu::CpuError;
 
