@@ -10,9 +10,10 @@
 //
 // D is cut into BLOCK_M x BLOCK_N tiles, and each CTA computes tiles blockIdx.x, blockIdx.x +
 // gridDim.x, ... (one tile when the grid has one CTA per tile; "persistent" when the grid has one
-// per SM, so that the producer loads the next tile while the math warps write the last one out).
-// Tiles are numbered in bands of `raster_band` row blocks, down the band's rows first, so that the
-// CTAs running at once share their A rows and B columns in L2.
+// per SM, so that the producer loads the next tile while the math warps write the last one out;
+// with clusters, each cluster takes units of CLUSTER_M tiles so). Tiles are numbered in bands of
+// `raster_band` row blocks, down the band's rows first, so that the CTAs running at once share
+// their A rows and B columns in L2.
 //
 // In each CTA a producer warp group (the last one) streams K in blocks of 128 through a
 // STAGES-deep ring of shared-memory buffers with TMA, signalling `full` mbarriers; BLOCK_M/64
@@ -58,13 +59,20 @@ struct Fp8GemmSmem {
   static constexpr u32 TX_BYTES = A_BYTES + B_BYTES + SA_BYTES + (B_ROW_SCALES ? BLOCK_N * 4 : 0);
 };
 
-// Where tile `tile` lies: bands of `band` row blocks (the last band may be shorter), numbered
-// down each band's rows, then across its column blocks.
+// A CTA's tile: its first row and column, and its expert (-1: a grouped padding block).
+struct Tile {
+  int m0;
+  int n0;
+  int expert;
+};
+
 struct TilePosition {
   int m_block;
   int n_block;
 };
 
+// Where tile `tile` lies: bands of `band` row blocks (the last band may be shorter), numbered
+// down each band's rows, then across its column blocks.
 __device__ __forceinline__ TilePosition tile_position(int tile, int m_blocks, int n_blocks, int band) {
   const int band_tiles = band * n_blocks;
   const int first_m = tile / band_tiles * band;
@@ -126,8 +134,13 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
   const int unit_stride = gridDim.x / CLUSTER_M;
   const int num_k_blocks = ceil_div(k, BLOCK_K);
   const int band = max(1, raster_band / CLUSTER_M);
-  // The expert of a tile's rows, or -1 for a grouped padding block (skipped by every thread alike).
-  auto expert_of = [&](int m0) { return GROUPED ? block_expert[m0 / Grouped::M_ALIGN] : 0; };
+  // This CTA's tile of a unit; producer and math warps walk the same units, and skip the same
+  // padding blocks.
+  auto tile_of = [&](int unit) {
+    const TilePosition at = tile_position(unit, unit_rows, n_blocks, band);
+    const int m0 = (at.m_block * CLUSTER_M + rank) * BLOCK_M;
+    return Tile{m0, at.n_block * BLOCK_N, GROUPED ? block_expert[m0 / Grouped::M_ALIGN] : 0};
+  };
 
   if (threadIdx.x == 0) {
     tma_prefetch_descriptor(tmap_a);
@@ -153,12 +166,11 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
     if (threadIdx.x == MATH_THREADS) {
       RingCursor<STAGES> ring;
       for (int unit = first_unit; unit < num_units; unit += unit_stride) {
-        const TilePosition at = tile_position(unit, unit_rows, n_blocks, band);
-        const int m0 = (at.m_block * CLUSTER_M + rank) * BLOCK_M;
-        const int n0 = at.n_block * BLOCK_N;
-        const int expert = expert_of(m0);
-        if (expert < 0) continue;
-        const int b_row0 = expert * n + n0;
+        const Tile tile = tile_of(unit);
+        if (tile.expert < 0) continue;
+        const int m0 = tile.m0;
+        const int n0 = tile.n0;
+        const int b_row0 = tile.expert * n + n0;
         // A cluster's tile past M (an odd last row block) reads the last real rows instead; its
         // epilogue writes nothing.
         const int a_row0 = min(m0, (m_blocks - 1) * BLOCK_M);
@@ -205,11 +217,11 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
 
   RingCursor<STAGES> ring;
   for (int unit = first_unit; unit < num_units; unit += unit_stride) {
-    const TilePosition at = tile_position(unit, unit_rows, n_blocks, band);
-    const int m0 = (at.m_block * CLUSTER_M + rank) * BLOCK_M;
-    const int n0 = at.n_block * BLOCK_N;
-    const int expert = expert_of(m0);
-    if (expert < 0) continue;
+    const Tile tile = tile_of(unit);
+    if (tile.expert < 0) continue;
+    const int m0 = tile.m0;
+    const int n0 = tile.n0;
+    const int expert = tile.expert;
     // The weight scale blocks the tile's columns meet: `first_columns` of them in the first, the
     // rest (if any) in the next.
     const int scale_n0 = n0 / 128;
