@@ -66,34 +66,6 @@ struct Tile {
   int expert;
 };
 
-struct TilePosition {
-  int m_block;
-  int n_block;
-};
-
-// Where tile `tile` lies: bands of `band` row blocks (the last band may be shorter), numbered
-// down each band's rows, then across its column blocks.
-__device__ __forceinline__ TilePosition tile_position(int tile, int m_blocks, int n_blocks, int band) {
-  const int band_tiles = band * n_blocks;
-  const int first_m = tile / band_tiles * band;
-  const int rows = min(band, m_blocks - first_m);
-  const int in_band = tile - first_m * n_blocks;
-  return TilePosition{first_m + in_band % rows, in_band / rows};
-}
-
-// A ring slot and the parity of its current use; both sides of the pipeline walk the same sequence.
-template <int STAGES>
-struct RingCursor {
-  int stage = 0;
-  u32 phase = 0;
-  __device__ __forceinline__ void advance() {
-    if (++stage == STAGES) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-};
-
 template <int BLOCK_M, int BLOCK_N, int STAGES, int CLUSTER_M, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16,
           bool ACCUMULATE, class Wgmma>
 __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const float* __restrict__ scale_b,
@@ -222,14 +194,12 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
     const int m0 = tile.m0;
     const int n0 = tile.n0;
     const int expert = tile.expert;
-    // The weight scale blocks the tile's columns meet: `first_columns` of them in the first, the
-    // rest (if any) in the next.
+    // The weight scale blocks the tile's columns meet: the first, and (if any) the next.
     const int scale_n0 = n0 / 128;
     const float* scale_b_first =
         B_ROW_SCALES ? nullptr : scale_b + (static_cast<long long>(expert) * num_scale_n + scale_n0) * num_k_blocks;
     const float* scale_b_second =
         TWO_SCALE_BLOCKS && scale_n0 + 1 < num_scale_n ? scale_b_first + num_k_blocks : scale_b_first;
-    const int first_columns = 128 - n0 % 128;
 
     float acc[ACC];
     float result[ACC];
@@ -282,7 +252,7 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
         for (int j = 0; j < BLOCK_N / 8; ++j) {
           // Scale blocks start at multiples of 128 and tiles at multiples of 16: no 8 columns
           // straddle a boundary.
-          const bool first = !TWO_SCALE_BLOCKS || 8 * j < first_columns;
+          const bool first = !TWO_SCALE_BLOCKS || in_first_scale_block(n0, 8 * j);
           const float row0_scale = first ? s0 : s0_next;
           const float row1_scale = first ? s1 : s1_next;
           result[4 * j + 0] += acc[4 * j + 0] * row0_scale;

@@ -23,6 +23,11 @@ use crate::kernel::{
 use crate::tensor_map::{TensorMapDesc, TensorMapDtype, TensorMapSwizzle};
 use crate::wgmma::{wgmma_struct_name, write_wgmma_struct};
 
+const TILES: Template = Template {
+    file: "tiles.cuh",
+    text: include_str!("../cuda/tiles.cuh"),
+};
+
 const FP8_GEMM: Template = Template {
     file: "fp8_gemm.cuh",
     text: include_str!("../cuda/fp8_gemm.cuh"),
@@ -564,7 +569,7 @@ impl Fp8GemmParams {
         ];
         Ok(assemble(
             &description,
-            &[COMMON, HOPPER, FP8_GEMM],
+            &[COMMON, HOPPER, TILES, FP8_GEMM],
             |w| write_wgmma_struct(w, self.block_n),
             EntryPoint {
                 name: &name,

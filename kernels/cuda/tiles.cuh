@@ -1,0 +1,45 @@
+// The FP8 GEMM's index arithmetic: which tile a unit of work is, where each stage of the ring
+// is, which weight scale block a column takes. Plain C++ as well as CUDA (FATHOM_HOST_DEVICE),
+// so that a host compiler can test it exhaustively (kernels/tests/host_tiles.rs) on machines
+// without a GPU.
+#pragma once
+
+#ifndef FATHOM_HOST_DEVICE
+#define FATHOM_HOST_DEVICE __host__ __device__ __forceinline__
+#endif
+
+namespace fathom {
+
+struct TilePosition {
+  int m_block;
+  int n_block;
+};
+
+// Where tile `tile` lies: bands of `band` row blocks (the last band may be shorter), numbered
+// down each band's rows, then across its column blocks.
+FATHOM_HOST_DEVICE TilePosition tile_position(int tile, int m_blocks, int n_blocks, int band) {
+  const int band_tiles = band * n_blocks;
+  const int first_m = tile / band_tiles * band;
+  const int rows = band < m_blocks - first_m ? band : m_blocks - first_m;
+  const int in_band = tile - first_m * n_blocks;
+  return TilePosition{first_m + in_band % rows, in_band / rows};
+}
+
+// A ring slot and the parity of its current use; both sides of the pipeline walk the same sequence.
+template <int STAGES>
+struct RingCursor {
+  int stage = 0;
+  unsigned phase = 0;
+  FATHOM_HOST_DEVICE void advance() {
+    if (++stage == STAGES) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// Whether column `column` of a tile starting at column `n0` lies in the same 128-wide weight
+// scale block as the tile's first column (else in the next: a tile meets at most two).
+FATHOM_HOST_DEVICE bool in_first_scale_block(int n0, int column) { return column < 128 - n0 % 128; }
+
+}  // namespace fathom

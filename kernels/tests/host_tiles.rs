@@ -1,0 +1,140 @@
+//! The FP8 GEMM's index arithmetic (`cuda/tiles.cuh`: which tile a unit of work is, the ring's
+//! stage and parity, which weight scale block a column takes), compiled for the host by the
+//! system's C++ compiler and checked exhaustively over grids, bands, ring depths and every tile
+//! width the template takes. The kernel itself needs a GPU to run; its index arithmetic does not.
+//! Without a C++ compiler (`$CXX`, `c++`, `g++` or `clang++`) this fails saying so, unless
+//! `FATHOM_SKIP_HOST_CXX=1` is set.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use fathom_kernels::BLOCK_N_CHOICES;
+
+const TILES: &str = include_str!("../cuda/tiles.cuh");
+
+/// The checks, in C++ over the header as the kernel includes it.
+const DRIVER: &str = r#"
+#define FATHOM_HOST_DEVICE inline
+#include "tiles.cuh"
+#include <cstdio>
+#include <vector>
+using namespace fathom;
+
+static long failures = 0;
+#define CHECK(cond, ...)                                   \
+  do {                                                     \
+    if (!(cond) && failures++ < 20) {                      \
+      std::printf("FAILED %s: ", #cond);                   \
+      std::printf(__VA_ARGS__);                            \
+      std::printf("\n");                                   \
+    }                                                      \
+  } while (0)
+
+template <int STAGES>
+long check_ring() {
+  RingCursor<STAGES> ring;
+  for (int i = 0; i < 10 * STAGES + 3; ++i, ring.advance()) {
+    CHECK(ring.stage == i % STAGES && ring.phase == unsigned((i / STAGES) & 1), "use %d of %d stages", i, STAGES);
+  }
+  return 10 * STAGES + 3;
+}
+
+int main() {
+  long checked = 0;
+  // Every tile exactly once, in its band, and down the band's rows first.
+  for (int m_blocks = 1; m_blocks <= 37; ++m_blocks) {
+    for (int n_blocks = 1; n_blocks <= 37; ++n_blocks) {
+      for (int band : {1, 2, 3, 4, 8, 16, 100}) {
+        const int tiles = m_blocks * n_blocks;
+        std::vector<int> seen(tiles, 0);
+        for (int t = 0; t < tiles; ++t, ++checked) {
+          const TilePosition p = tile_position(t, m_blocks, n_blocks, band);
+          const bool inside = p.m_block >= 0 && p.m_block < m_blocks && p.n_block >= 0 && p.n_block < n_blocks;
+          CHECK(inside, "tile %d of %dx%d, band %d at (%d, %d)", t, m_blocks, n_blocks, band, p.m_block, p.n_block);
+          if (!inside) continue;
+          ++seen[p.m_block * n_blocks + p.n_block];
+          CHECK(p.m_block / band == t / (band * n_blocks), "tile %d of %dx%d outside band %d", t, m_blocks, n_blocks,
+                band);
+          if (t + 1 < tiles) {
+            const TilePosition q = tile_position(t + 1, m_blocks, n_blocks, band);
+            if (q.n_block == p.n_block && q.m_block / band == p.m_block / band) {
+              CHECK(q.m_block == p.m_block + 1, "tile %d of %dx%d, band %d: not the next row", t + 1, m_blocks,
+                    n_blocks, band);
+            }
+          }
+        }
+        for (int i = 0; i < tiles; ++i) CHECK(seen[i] == 1, "tile (%d, %d) numbered %d times", i / n_blocks, i % n_blocks, seen[i]);
+      }
+    }
+  }
+  checked += check_ring<1>() + check_ring<2>() + check_ring<5>() + check_ring<6>() + check_ring<16>();
+  // Every 8 columns of every tile take the scale block they lie in, one of at most two.
+  const int widths[] = {WIDTHS};
+  for (int width : widths) {
+    for (int tile = 0; tile < 256; ++tile) {
+      const int n0 = tile * width;
+      for (int column = 0; column < width; column += 8, ++checked) {
+        const int block = (n0 + column) / 128;
+        const bool first = in_first_scale_block(n0, column);
+        CHECK(first == (block == n0 / 128), "width %d, tile %d, column %d", width, tile, column);
+        CHECK(block <= n0 / 128 + 1, "width %d, tile %d, column %d: a third scale block", width, tile, column);
+        // The kernel picks per 8 columns: all 8 lie in one block.
+        CHECK((n0 + column) / 128 == (n0 + column + 7) / 128, "width %d, tile %d, column %d straddles", width, tile,
+              column);
+      }
+    }
+  }
+  std::printf("%ld checks, %ld failed\n", checked, failures);
+  return failures == 0 ? 0 : 1;
+}
+"#;
+
+fn compiler() -> Option<PathBuf> {
+    if let Some(cxx) = std::env::var_os("CXX").filter(|c| !c.is_empty()) {
+        return Some(PathBuf::from(cxx));
+    }
+    ["c++", "g++", "clang++"].into_iter().find_map(|name| {
+        let found = Command::new(name).arg("--version").output();
+        found
+            .is_ok_and(|out| out.status.success())
+            .then(|| PathBuf::from(name))
+    })
+}
+
+#[test]
+fn the_fp8_gemms_index_arithmetic_holds_on_the_host() {
+    let Some(cxx) = compiler() else {
+        if std::env::var_os("FATHOM_SKIP_HOST_CXX").is_some_and(|v| v == "1") {
+            eprintln!("skipped: no C++ compiler, and FATHOM_SKIP_HOST_CXX=1");
+            return;
+        }
+        panic!(
+            "no C++ compiler ($CXX, c++, g++ or clang++) to check cuda/tiles.cuh on the host; \
+             install one or set FATHOM_SKIP_HOST_CXX=1"
+        );
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tiles.cuh"), TILES).unwrap();
+    let widths: Vec<String> = BLOCK_N_CHOICES.iter().map(u32::to_string).collect();
+    let driver = DRIVER.replace("WIDTHS", &widths.join(", "));
+    let source = dir.path().join("check_tiles.cpp");
+    std::fs::write(&source, driver).unwrap();
+    let binary = dir.path().join("check_tiles");
+    let build = Command::new(&cxx)
+        .args(["-std=c++17", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{} could not compile the check:\n{}",
+        cxx.display(),
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let run = Command::new(&binary).output().unwrap();
+    let report = String::from_utf8_lossy(&run.stdout);
+    println!("{report}");
+    assert!(run.status.success(), "{report}");
+    assert!(report.contains(", 0 failed"), "{report}");
+}
