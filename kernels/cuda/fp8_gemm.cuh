@@ -100,17 +100,14 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
   const int rank = CLUSTER_M > 1 ? static_cast<int>(cluster_cta_rank()) : 0;
   const int m_blocks = ceil_div(m, BLOCK_M);
   const int n_blocks = ceil_div(n, BLOCK_N);
-  const int unit_rows = ceil_div(m_blocks, CLUSTER_M);
-  const int num_units = unit_rows * n_blocks;
-  const int first_unit = blockIdx.x / CLUSTER_M;
-  const int unit_stride = gridDim.x / CLUSTER_M;
+  const int num_units = ceil_div(m_blocks, CLUSTER_M) * n_blocks;
+  const UnitWalk walk = unit_walk(blockIdx.x, gridDim.x, CLUSTER_M);
   const int num_k_blocks = ceil_div(k, BLOCK_K);
-  const int band = max(1, raster_band / CLUSTER_M);
   // This CTA's tile of a unit; producer and math warps walk the same units, and skip the same
   // padding blocks.
   auto tile_of = [&](int unit) {
-    const TilePosition at = tile_position(unit, unit_rows, n_blocks, band);
-    const int m0 = (at.m_block * CLUSTER_M + rank) * BLOCK_M;
+    const TilePosition at = unit_tile(unit, rank, m_blocks, n_blocks, raster_band, CLUSTER_M);
+    const int m0 = at.m_block * BLOCK_M;
     return Tile{m0, at.n_block * BLOCK_N, GROUPED ? block_expert[m0 / Grouped::M_ALIGN] : 0};
   };
 
@@ -137,7 +134,7 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
     if (MATH_GROUPS == 2) setmaxnreg_dec<40>();
     if (threadIdx.x == MATH_THREADS) {
       RingCursor<STAGES> ring;
-      for (int unit = first_unit; unit < num_units; unit += unit_stride) {
+      for (int unit = walk.first; unit < num_units; unit += walk.stride) {
         const Tile tile = tile_of(unit);
         if (tile.expert < 0) continue;
         const int m0 = tile.m0;
@@ -188,7 +185,7 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
   const int num_scale_n = ceil_div(n, 128);
 
   RingCursor<STAGES> ring;
-  for (int unit = first_unit; unit < num_units; unit += unit_stride) {
+  for (int unit = walk.first; unit < num_units; unit += walk.stride) {
     const Tile tile = tile_of(unit);
     if (tile.expert < 0) continue;
     const int m0 = tile.m0;

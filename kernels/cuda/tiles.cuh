@@ -25,6 +25,29 @@ FATHOM_HOST_DEVICE TilePosition tile_position(int tile, int m_blocks, int n_bloc
   return TilePosition{first_m + in_band % rows, in_band / rows};
 }
 
+// The units of work a block takes in turn: a unit is a cluster's CLUSTER tiles (one tile without
+// clusters), and block `block` of a grid of `blocks` takes units first, first + stride, …
+struct UnitWalk {
+  int first;
+  int stride;
+};
+
+FATHOM_HOST_DEVICE UnitWalk unit_walk(int block, int blocks, int cluster) {
+  return UnitWalk{block / cluster, blocks / cluster};
+}
+
+// The tile that the block of cluster rank `rank` computes of unit `unit`: units are numbered as
+// tiles of a grid with ceil(m_blocks / cluster) rows (`tile_position`, bands counted in units),
+// and a unit's tiles are `cluster` neighbouring row blocks of one column block. The last unit's
+// may lie past the last row block (m_block >= m_blocks) when the row blocks do not divide.
+FATHOM_HOST_DEVICE TilePosition unit_tile(int unit, int rank, int m_blocks, int n_blocks, int raster_band,
+                                          int cluster) {
+  const int unit_rows = (m_blocks + cluster - 1) / cluster;
+  const int band = raster_band / cluster > 1 ? raster_band / cluster : 1;
+  const TilePosition at = tile_position(unit, unit_rows, n_blocks, band);
+  return TilePosition{at.m_block * cluster + rank, at.n_block};
+}
+
 // A ring slot and the parity of its current use; both sides of the pipeline walk the same sequence.
 template <int STAGES>
 struct RingCursor {

@@ -1,14 +1,15 @@
 //! The FP8 GEMM's index arithmetic (`cuda/tiles.cuh`: which tile a unit of work is, the ring's
 //! stage and parity, which weight scale block a column takes), compiled for the host by the
 //! system's C++ compiler and checked exhaustively over grids, bands, ring depths and every tile
-//! width the template takes. The kernel itself needs a GPU to run; its index arithmetic does not.
+//! width the template takes; and the launch grids `Fp8GemmParams::grid` gives, walked block by
+//! block as the kernel walks them, cover every tile exactly once. The kernel itself needs a GPU to run; its index arithmetic does not.
 //! Without a C++ compiler (`$CXX`, `c++`, `g++` or `clang++`) this fails saying so, unless
 //! `FATHOM_SKIP_HOST_CXX=1` is set.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use fathom_kernels::BLOCK_N_CHOICES;
+use fathom_kernels::{BLOCK_N_CHOICES, Fp8GemmParams, GemmProblem, TileSchedule};
 
 const TILES: &str = include_str!("../cuda/tiles.cuh");
 
@@ -84,10 +85,84 @@ int main() {
       }
     }
   }
+  // The grids the launcher computes, walked as the kernel walks them: every tile once.
+  const int walks[][5] = {WALKS};  // m_blocks, n_blocks, cluster, raster band, blocks
+  for (const auto& w : walks) {
+    const int m_blocks = w[0], n_blocks = w[1], cluster = w[2], band = w[3], blocks = w[4];
+    CHECK(blocks % cluster == 0, "%d blocks in clusters of %d", blocks, cluster);
+    const int units = (m_blocks + cluster - 1) / cluster * n_blocks;
+    std::vector<int> count(m_blocks * n_blocks, 0);
+    for (int b = 0; b < blocks; ++b) {
+      const UnitWalk walk = unit_walk(b, blocks, cluster);
+      const UnitWalk leader = unit_walk(b - b % cluster, blocks, cluster);
+      CHECK(walk.first == leader.first && walk.stride == leader.stride, "block %d leaves its cluster", b);
+      CHECK(walk.stride > 0, "%d blocks in clusters of %d: no whole cluster", blocks, cluster);
+      if (walk.stride <= 0) continue;
+      for (int unit = walk.first; unit < units; unit += walk.stride, ++checked) {
+        const TilePosition t = unit_tile(unit, b % cluster, m_blocks, n_blocks, band, cluster);
+        CHECK(t.n_block >= 0 && t.n_block < n_blocks && t.m_block >= 0, "unit %d at (%d, %d)", unit, t.m_block,
+              t.n_block);
+        if (t.m_block >= m_blocks) {
+          // Only a cluster's last unit row, when the row blocks do not divide, reaches past M.
+          CHECK(m_blocks % cluster != 0 && t.m_block / cluster == m_blocks / cluster,
+                "%dx%d in clusters of %d: unit %d past M at row block %d", m_blocks, n_blocks, cluster, unit, t.m_block);
+          continue;
+        }
+        ++count[t.m_block * n_blocks + t.n_block];
+      }
+    }
+    for (int i = 0; i < m_blocks * n_blocks; ++i) {
+      CHECK(count[i] == 1, "%dx%d, cluster %d, band %d, %d blocks: tile (%d, %d) computed %d times", m_blocks,
+            n_blocks, cluster, band, blocks, i / n_blocks, i % n_blocks, count[i]);
+    }
+  }
   std::printf("%ld checks, %ld failed\n", checked, failures);
   return failures == 0 ? 0 : 1;
 }
 "#;
+
+/// `{m_blocks, n_blocks, cluster, band, blocks}` for the grids the launcher computes: tiles of
+/// 64 and 128 rows, 128 to 192 columns, alone and in pairs, at ragged and DeepSeek-V3 sizes, one
+/// block per tile and persistent grids of 1 to 133 blocks.
+fn walks() -> Vec<String> {
+    let mut out = Vec::new();
+    for (block_m, block_n, cluster_m) in [
+        (64, 128, 1),
+        (128, 128, 1),
+        (128, 144, 2),
+        (128, 192, 2),
+        (128, 128, 2),
+    ] {
+        let params = Fp8GemmParams {
+            cluster_m,
+            ..Fp8GemmParams::new(block_m, block_n, 2)
+        };
+        for m in [1, 100, 128, 300, 640, 4096] {
+            for n in [8, 576, 2112, 7168] {
+                let problem = GemmProblem {
+                    m,
+                    n,
+                    k: 128,
+                    groups: 1,
+                };
+                let mut schedules = vec![TileSchedule::ONE_TILE_PER_BLOCK];
+                for (blocks, band) in [(1, 1), (3, 2), (132, 1), (132, 8), (133, 16)] {
+                    schedules.push(TileSchedule::persistent(blocks, band));
+                }
+                for schedule in schedules {
+                    let [blocks, _, _] = params.grid(&problem, &schedule);
+                    out.push(format!(
+                        "{{{}, {}, {cluster_m}, {}, {blocks}}}",
+                        m.div_ceil(block_m),
+                        n.div_ceil(block_n),
+                        schedule.raster_band
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
 
 fn compiler() -> Option<PathBuf> {
     if let Some(cxx) = std::env::var_os("CXX").filter(|c| !c.is_empty()) {
@@ -116,7 +191,9 @@ fn the_fp8_gemms_index_arithmetic_holds_on_the_host() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tiles.cuh"), TILES).unwrap();
     let widths: Vec<String> = BLOCK_N_CHOICES.iter().map(u32::to_string).collect();
-    let driver = DRIVER.replace("WIDTHS", &widths.join(", "));
+    let driver = DRIVER
+        .replace("WIDTHS", &widths.join(", "))
+        .replace("WALKS", &walks().join(", "));
     let source = dir.path().join("check_tiles.cpp");
     std::fs::write(&source, driver).unwrap();
     let binary = dir.path().join("check_tiles");
