@@ -249,13 +249,8 @@ impl HostFp8Operands {
         n: usize,
         k: usize,
     ) -> Result<Self, CudaError> {
-        let mut ops = Self::quantize(a, b, m, n, k)?;
         let qb = quantize_activations(b, n, k, 128, ScaleRounding::Exact).map_err(quantizing)?;
-        ops.b = qb.codes().to_vec();
-        ops.scale_b = k_block_major_scales(&qb, n, k);
-        ops.quantized_b = vec![qb];
-        ops.b_scaling = BScaling::Row1x128;
-        Ok(ops)
+        Self::assemble(a, vec![qb], BScaling::Row1x128, (m, n, k), Vec::new())
     }
 
     /// The experts' grouped GEMM: `a`'s `m` rows (a multiple of 128) sorted by expert, every
@@ -270,44 +265,67 @@ impl HostFp8Operands {
         k: usize,
         block_expert: Vec<i32>,
     ) -> Result<Self, CudaError> {
-        let qa = quantize_activations(a, m, k, 128, ScaleRounding::Exact).map_err(quantizing)?;
         let quantized_b = experts
             .iter()
             .map(|b| quantize_weights(b, n, k, 128, ScaleRounding::Exact).map_err(quantizing))
             .collect::<Result<Vec<_>, _>>()?;
-        let grouped = !block_expert.is_empty();
-        if grouped
+        Self::assemble(
+            a,
+            quantized_b,
+            BScaling::Block128x128,
+            (m, n, k),
+            block_expert,
+        )
+    }
+
+    /// Quantizes A and lays every operand out for the kernel, B already quantized (one tensor
+    /// per expert) with `b_scaling`'s tiles.
+    fn assemble(
+        a: &[f32],
+        quantized_b: Vec<QuantizedTensor>,
+        b_scaling: BScaling,
+        (m, n, k): (usize, usize, usize),
+        block_expert: Vec<i32>,
+    ) -> Result<Self, CudaError> {
+        let experts = quantized_b.len();
+        if !block_expert.is_empty()
             && (m != block_expert.len() * 128
                 || block_expert
                     .iter()
-                    .any(|&e| e >= 0 && e as usize >= experts.len()))
+                    .any(|&e| usize::try_from(e).is_ok_and(|e| e >= experts)))
         {
             return Err(CudaError::Launch(format!(
-                "a grouped GEMM of {m} rows and {} experts needs one expert (or -1) per 128 rows, \
-                 got {:?}",
-                experts.len(),
-                block_expert
+                "a grouped GEMM of {m} rows and {experts} experts needs one expert (or -1) per \
+                 128 rows, got {block_expert:?}"
             )));
         }
+        let qa = quantize_activations(a, m, k, 128, ScaleRounding::Exact).map_err(quantizing)?;
+        let scale_b = match b_scaling {
+            // 128×128 block scales are `[ceil(n/128)][ceil(k/128)]` row-major, expert by expert.
+            BScaling::Block128x128 => quantized_b
+                .iter()
+                .flat_map(|q| q.scales().to_vec())
+                .collect(),
+            BScaling::Row1x128 => quantized_b
+                .iter()
+                .flat_map(|q| k_block_major_scales(q, n, k))
+                .collect(),
+        };
         Ok(HostFp8Operands {
             problem: GemmProblem {
                 m: to_u32(m)?,
                 n: to_u32(n)?,
                 k: to_u32(k)?,
-                groups: to_u32(experts.len())?,
+                groups: to_u32(experts)?,
             },
-            b_scaling: BScaling::Block128x128,
+            b_scaling,
             a: qa.codes().to_vec(),
             b: quantized_b
                 .iter()
                 .flat_map(|q| q.codes().to_vec())
                 .collect(),
             scale_a: k_block_major_scales(&qa, m, k),
-            // 128×128 block scales are `[ceil(n/128)][ceil(k/128)]` row-major, expert by expert.
-            scale_b: quantized_b
-                .iter()
-                .flat_map(|q| q.scales().to_vec())
-                .collect(),
+            scale_b,
             block_expert,
             quantized_a: qa,
             quantized_b,
