@@ -5,9 +5,11 @@
 #      every f32 library template (GEMMs, index operations, fake quantisation) at awkward shapes,
 #   2. a few training steps of the tiny model on the GPU (generated kernels and library
 #      templates) against the CPU, comparing losses,
-#   3. the FP8 GEMM template against the exact product of its quantized operands (DeepGEMM's
-#      1 - 2Σxy/Σ(x²+y²) < 0.001): every tile configuration that step 4 times, under three tile
-#      schedules, in the three layouts (128x128 weight scales, 1x128 B scales, grouped experts),
+#   3. the FP8 GEMM templates against the exact product of their quantized operands (DeepGEMM's
+#      1 - 2Σxy/Σ(x²+y²) < 0.001): every sm_90a tile configuration that step 4 times, under three
+#      tile schedules, and the portable sm_80 GEMM, in the three layouts (128x128 weight scales,
+#      1x128 B scales, grouped experts); then the quantisation templates against the CPU's
+#      quantizers, bit for bit,
 #   4. the FP8 GEMM's TFLOPS at DeepSeek-V3's shapes (M = 4096), every tile configuration under
 #      every schedule side by side, the fastest beside torch._scaled_mm (cuBLASLt FP8) when
 #      PyTorch with CUDA is installed.

@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream, LaunchConfig, sys};
 use fathom_kernels::{
-    BScaling, Fp8GemmParams, GemmGrouping, GemmProblem, TensorMapDesc, TensorMapDtype,
-    TensorMapSwizzle, TileSchedule,
+    BScaling, FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmProblem, TensorMapDesc,
+    TensorMapDtype, TensorMapSwizzle, TileSchedule,
 };
 
 use super::CudaError;
 use super::cache::KernelCache;
 use super::modules::{Arg, LoadedKernel, launch, load_kernel};
+use super::quantize_samples::k_block_major_scales;
 use crate::fp8::{QuantizedTensor, ScaleRounding, quantize_activations, quantize_weights};
 
 /// Encodes one TMA descriptor for the tensor at device address `base`.
@@ -192,6 +193,80 @@ impl Fp8Gemm {
     }
 }
 
+/// The portable FP8 GEMM (`fathom_kernels::FallbackGemmParams`: `mma.sync` on bf16-widened
+/// codes) for GPUs without sm_90a, loaded. It takes the operands of [`Fp8Gemm`] as plain
+/// pointers.
+#[derive(Debug)]
+pub struct Fp8GemmFallback {
+    pub params: FallbackGemmParams,
+    pub kernel: LoadedKernel,
+}
+
+impl Fp8GemmFallback {
+    /// Instantiates the template and loads it, compiled for `arch` (the device's: a CUBIN runs
+    /// only on its own major architecture).
+    pub fn load(
+        ctx: &Arc<CudaContext>,
+        cache: &KernelCache,
+        params: FallbackGemmParams,
+        arch: &str,
+    ) -> Result<Self, CudaError> {
+        let source = params.instantiate()?;
+        let kernel = load_kernel(ctx, cache, &source, arch)?;
+        Ok(Fp8GemmFallback { params, kernel })
+    }
+
+    /// Queues one GEMM on `stream`.
+    pub fn launch(
+        &self,
+        stream: &CudaStream,
+        problem: &GemmProblem,
+        operands: &Fp8GemmOperands,
+    ) -> Result<(), CudaError> {
+        let int = |v: u32| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
+        let grouped = self.params.grouping == GemmGrouping::Contiguous;
+        let block_expert = match (grouped, operands.block_expert) {
+            (true, Some(ptr)) => ptr,
+            (true, None) => {
+                return Err(CudaError::Launch(
+                    "a grouped GEMM needs `block_expert`".to_owned(),
+                ));
+            }
+            (false, _) => 0,
+        };
+        let mut args = Vec::new();
+        for param in self.params.kernel_params() {
+            args.push(match param.name {
+                "a" => Arg::Ptr(operands.a),
+                "b" => Arg::Ptr(operands.b),
+                "scale_a" => Arg::Ptr(operands.scale_a),
+                "scale_b" => Arg::Ptr(operands.scale_b),
+                "block_expert" => Arg::Ptr(block_expert),
+                "out" => Arg::Ptr(operands.out),
+                "m" => int(problem.m),
+                "n" => int(problem.n),
+                "k" => int(problem.k),
+                other => {
+                    return Err(CudaError::Launch(format!(
+                        "{}: unknown parameter `{other}`",
+                        self.params.name()
+                    )));
+                }
+            });
+        }
+        let [gx, gy, gz] = self.params.grid(problem.m, problem.n);
+        launch(
+            stream,
+            &self.kernel.function,
+            (gx, gy, gz),
+            (self.params.block_threads(), 1, 1),
+            0,
+            &mut args,
+        )
+        .map_err(|e| e.in_kernel(&self.params.name()))
+    }
+}
+
 /// One GEMM's operands on the host, in the kernel's layout, with the exact product of the
 /// quantized values as the reference: dense with 128×128 weight scales (the forward and
 /// input-gradient GEMMs), dense with 1×128 scales on B (the weight gradient), or grouped over
@@ -217,20 +292,6 @@ fn quantizing(e: crate::fp8::Fp8Error) -> CudaError {
 
 fn to_u32(v: usize) -> Result<u32, CudaError> {
     u32::try_from(v).map_err(|_| CudaError::Launch(format!("{v} exceeds u32")))
-}
-
-/// 1×128 tile scales, `[rows][ceil(cols/128)]` row-major as quantized, laid out K-block-major
-/// `[ceil(cols/128)][round_up(rows, 4)]` so that a TMA box of consecutive rows is one run.
-fn k_block_major_scales(q: &QuantizedTensor, rows: usize, cols: usize) -> Vec<f32> {
-    let k_blocks = cols.div_ceil(128);
-    let rows_padded = rows.next_multiple_of(4);
-    let mut scales = vec![0f32; k_blocks * rows_padded];
-    for row in 0..rows {
-        for kb in 0..k_blocks {
-            scales[kb * rows_padded + row] = q.scales()[row * k_blocks + kb];
-        }
-    }
-    scales
 }
 
 impl HostFp8Operands {

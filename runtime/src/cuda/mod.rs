@@ -20,6 +20,7 @@ pub mod library_samples;
 pub mod memory;
 pub mod modules;
 pub mod overrides;
+pub mod quantize_samples;
 
 use cudarc::driver::DriverError;
 use fathom_compiler::codegen::CodegenError;

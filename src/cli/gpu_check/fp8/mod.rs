@@ -6,6 +6,7 @@
 
 mod bench;
 mod check;
+mod quantize;
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice};
 
 pub use bench::bench;
 pub use check::check_correctness;
+pub use quantize::check_quantize;
 
 /// A deterministic pseudo-random value in [-1, 1) (xorshift; no dependency for a check).
 fn noise(seed: &mut u64) -> f32 {

@@ -1,0 +1,239 @@
+//! The quantisation templates (`fathom_kernels::quantize`) on awkward inputs, with what each must
+//! write: the CPU quantizers' codes and scales (`crate::fp8`), laid out as the template lays them
+//! out. The GPU must match bit for bit: both divide once and round once, by the same definition.
+//! `fathom gpu-check` runs them; these tests check the expected layouts.
+
+use fathom_kernels::{QuantizeInput, QuantizeKind, QuantizeParams};
+
+use super::CudaError;
+use crate::fp8::{
+    QuantizedTensor, ScaleRounding, bf16_to_f32, f32_to_bf16, quantize_activations,
+    quantize_activations_transposed, quantize_weights,
+};
+
+/// One quantisation: its template, input and expected output.
+#[derive(Clone, Debug)]
+pub struct QuantizeSample {
+    pub params: QuantizeParams,
+    pub rows: usize,
+    pub cols: usize,
+    /// The input as the kernel reads it: f32 or bf16 bits, little-endian, `[rows][cols]`.
+    pub input: Vec<u8>,
+    /// The codes the kernel must write (`[rows][cols]`, or `[cols][rows]` when transposed).
+    pub codes: Vec<u8>,
+    /// The scales the kernel must write, in its layout (padding entries 0).
+    pub scales: Vec<f32>,
+}
+
+/// Every kind, input type and scale rounding, on a `[rows][cols]` input with partial tiles
+/// (`cols` = 2·128 + 16; `rows` 200, or 144 where the output is transposed), a tile of zeros
+/// (the scale's floor), one of tiny values, large and negative values.
+pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
+    let mut samples = Vec::new();
+    for kind in [
+        QuantizeKind::Tile1x128,
+        QuantizeKind::Block128x128 { transpose: false },
+        QuantizeKind::Block128x128 { transpose: true },
+        QuantizeKind::Tile128x1Transposed,
+    ] {
+        let transposed = matches!(
+            kind,
+            QuantizeKind::Block128x128 { transpose: true } | QuantizeKind::Tile128x1Transposed
+        );
+        let (rows, cols) = (if transposed { 144 } else { 200 }, 272);
+        for input in [QuantizeInput::F32, QuantizeInput::Bf16] {
+            for pow2_scales in [false, true] {
+                let params = QuantizeParams {
+                    kind,
+                    input,
+                    pow2_scales,
+                };
+                samples.push(sample(params, rows, cols)?);
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// Deterministic values with every case the scales meet: row 3 is zero from column 128 on (a
+/// zero tile), row 5 tiny (below the 1e-4 floor), the rest spread over ±2000 with signs mixed.
+fn values(rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            let wave = ((i * 2654435761) % 10007) as f32 / 10007.0 - 0.5;
+            match r {
+                3 if c >= 128 => 0.0,
+                5 => wave * 1e-6,
+                _ => wave * (1 + (r * 7 + c) % 2000) as f32,
+            }
+        })
+        .collect()
+}
+
+fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSample, CudaError> {
+    let mut x = values(rows, cols);
+    let input = match params.input {
+        QuantizeInput::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        QuantizeInput::Bf16 => {
+            // The kernel reads bf16: the reference quantizes the same (rounded) values.
+            let bits: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
+            x = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+            bits.iter().flat_map(|b| b.to_le_bytes()).collect()
+        }
+    };
+    let rounding = if params.pow2_scales {
+        ScaleRounding::PowerOfTwo
+    } else {
+        ScaleRounding::Exact
+    };
+    let quantizing = |e: crate::fp8::Fp8Error| CudaError::Launch(format!("{}: {e}", params.name()));
+    let (codes, scales) = match params.kind {
+        QuantizeKind::Tile1x128 => {
+            let q = quantize_activations(&x, rows, cols, 128, rounding).map_err(quantizing)?;
+            (q.codes().to_vec(), k_block_major_scales(&q, rows, cols))
+        }
+        QuantizeKind::Block128x128 { transpose } => {
+            let q = quantize_weights(&x, rows, cols, 128, rounding).map_err(quantizing)?;
+            if transpose {
+                let blocks = (rows.div_ceil(128), cols.div_ceil(128));
+                (
+                    transposed(q.codes(), rows, cols),
+                    transposed(q.scales(), blocks.0, blocks.1),
+                )
+            } else {
+                (q.codes().to_vec(), q.scales().to_vec())
+            }
+        }
+        QuantizeKind::Tile128x1Transposed => {
+            let q = quantize_activations_transposed(&x, rows, cols, 128, rounding)
+                .map_err(quantizing)?;
+            (q.codes().to_vec(), k_block_major_scales(&q, cols, rows))
+        }
+    };
+    Ok(QuantizeSample {
+        params,
+        rows,
+        cols,
+        input,
+        codes,
+        scales,
+    })
+}
+
+/// 1×128 tile scales of a `[rows][cols]` tensor, `[rows][ceil(cols/128)]` row-major as
+/// quantized, laid out K-block-major `[ceil(cols/128)][round_up(rows, 4)]` (padding 0), as the
+/// FP8 GEMMs read them: a TMA box of consecutive rows is one run.
+pub fn k_block_major_scales(q: &QuantizedTensor, rows: usize, cols: usize) -> Vec<f32> {
+    let k_blocks = cols.div_ceil(128);
+    let rows_padded = rows.next_multiple_of(4);
+    let mut scales = vec![0f32; k_blocks * rows_padded];
+    for row in 0..rows {
+        for kb in 0..k_blocks {
+            scales[kb * rows_padded + row] = q.scales()[row * k_blocks + kb];
+        }
+    }
+    scales
+}
+
+/// A row-major `[rows][cols]` matrix as `[cols][rows]`.
+fn transposed<T: Copy>(values: &[T], rows: usize, cols: usize) -> Vec<T> {
+    (0..cols * rows)
+        .map(|i| values[(i % rows) * cols + i / rows])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::fp8::Fp8Format;
+
+    #[test]
+    fn every_kind_input_and_rounding_has_a_sample_the_template_accepts() {
+        let samples = quantize_samples().unwrap();
+        assert_eq!(samples.len(), 16);
+        for s in &samples {
+            assert!(
+                s.params.check_problem(s.rows as u32, s.cols as u32).is_ok(),
+                "{}",
+                s.params.name()
+            );
+            let width = if s.params.input == QuantizeInput::F32 {
+                4
+            } else {
+                2
+            };
+            assert_eq!(s.input.len(), s.rows * s.cols * width);
+            assert_eq!(s.codes.len(), s.rows * s.cols);
+        }
+    }
+
+    #[test]
+    fn expected_outputs_are_laid_out_as_the_templates_write_them() {
+        let samples = quantize_samples().unwrap();
+        let find = |kind, pow2_scales| {
+            samples
+                .iter()
+                .find(|s| {
+                    s.params.kind == kind
+                        && s.params.input == QuantizeInput::F32
+                        && s.params.pow2_scales == pow2_scales
+                })
+                .unwrap()
+        };
+        // A code times its scale is the input within E4M3's rounding: 2⁻⁴ relative for normal
+        // codes, half of the subnormal step 2⁻⁹ (times the scale) below them.
+        let close = |code: u8, scale: f32, x: f32| {
+            let value = f64::from(Fp8Format::E4M3.decode(code)) * f64::from(scale);
+            let x = f64::from(x);
+            (value - x).abs() <= x.abs() / 16.0 + f64::from(scale) / 512.0
+        };
+        let x = values(200, 272);
+
+        // 1x128: scales [3 k blocks][200]; element (7, 130) is code (7, 130) times scale (kb 1, row 7).
+        let tiles = find(QuantizeKind::Tile1x128, false);
+        assert_eq!(tiles.scales.len(), 3 * 200);
+        assert!(close(
+            tiles.codes[7 * 272 + 130],
+            tiles.scales[200 + 7],
+            x[7 * 272 + 130]
+        ));
+        // The zero tile takes the floor: 1e-4 / 448.
+        assert_eq!(tiles.scales[200 + 3], 1e-4 / 448.0);
+
+        // 128x128 (200 rows): scales [2 row blocks][3 column blocks]. Transposed (144 rows): the
+        // same blocks' scales as [3][2], and codes [272][144].
+        let blocks = find(QuantizeKind::Block128x128 { transpose: false }, false);
+        assert_eq!(blocks.scales.len(), 6);
+        assert_eq!(blocks.codes.len(), 200 * 272);
+        let x = values(144, 272);
+        let plain = quantize_weights(&x, 144, 272, 128, ScaleRounding::Exact).unwrap();
+        let transposed = find(QuantizeKind::Block128x128 { transpose: true }, false);
+        assert_eq!(transposed.scales[2 * 2 + 1], plain.scales()[3 + 2]);
+        assert_eq!(
+            transposed.codes[130 * 144 + 7],
+            plain.codes()[7 * 272 + 130]
+        );
+        assert!(close(
+            transposed.codes[130 * 144 + 7],
+            transposed.scales[2],
+            x[7 * 272 + 130]
+        ));
+
+        // 128x1 transposed: codes [272][144], scales [2 row blocks][272]; column 130's rows 0..128
+        // share scales[130], rows 128..144 scales[272 + 130].
+        let columns = find(QuantizeKind::Tile128x1Transposed, true);
+        assert_eq!(columns.scales.len(), 2 * 272);
+        assert!(close(
+            columns.codes[130 * 144 + 140],
+            columns.scales[272 + 130],
+            x[140 * 272 + 130]
+        ));
+        assert!(
+            columns.scales.iter().all(|s| s.log2().fract() == 0.0),
+            "powers of two"
+        );
+    }
+}
