@@ -11,6 +11,7 @@
 //! `scripts/gpu-check.sh` (`fathom gpu-check`).
 
 pub mod alloc;
+pub mod attention_samples;
 pub mod cache;
 pub mod device;
 pub mod executor;

@@ -13,16 +13,19 @@
 //!    under three tile schedules; on any GPU the portable `mma.sync` GEMM; each in the three
 //!    layouts (dense with 128×128 weight scales, 1×128 scales on B with accumulation, grouped
 //!    experts). Then (3b) the quantisation templates, every kind, input type and scale rounding,
-//!    against the CPU's quantizers bit for bit. A launch that does not finish within seconds
-//!    stops the check with its name; these run after the training steps, so that a hang leaves
-//!    them checked.
+//!    against the CPU's quantizers bit for bit, and (3c) the MLA attention templates (forward,
+//!    `delta`, backward) against the exact attention of the same bf16 inputs. A launch that
+//!    does not finish within seconds stops the check with its name; these run after the
+//!    training steps, so that a hang leaves them checked.
 //! 4. The FP8 GEMM's time at DeepSeek-V3 shapes, every tile configuration under every schedule
 //!    side by side, with `torch._scaled_mm` (cuBLASLt FP8) beside the fastest when
 //!    `scripts/scaled_mm_bench.py` produced its JSON.
 //!
 //! Without a GPU it prints one line and succeeds: there is nothing to check.
 
+mod attention;
 mod fp8;
+mod launch;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -108,6 +111,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     failures.extend(fp8::check_correctness(&device, &cache)?);
     println!("\n== 3b. quantisation templates against the CPU's quantizers, bit for bit");
     failures.extend(fp8::check_quantize(&device, &cache)?);
+    println!("\n== 3c. MLA attention templates against the exact attention of their inputs");
+    failures.extend(attention::check_attention(&device, &cache)?);
 
     if args.no_bench {
         println!("\n== 4. FP8 GEMM timings: skipped (--no-bench)");

@@ -11,7 +11,8 @@ use fathom_runtime::cuda::fp8_gemm::Fp8Gemm;
 use fathom_runtime::cuda::memory::{DriverMemory, timing_event};
 use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
 
-use super::{HANG_LIMIT, HostOperands, Operands, finish_within, noise};
+use super::{HostOperands, Operands, noise};
+use crate::cli::gpu_check::launch::{HANG_LIMIT, finish_within};
 
 /// Hopper's dense FP8 tensor-core peak (H100/H200 SXM), TFLOPS.
 const PEAK_TFLOPS: f64 = 1979.0;

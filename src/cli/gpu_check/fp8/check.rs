@@ -7,7 +7,8 @@ use fathom_runtime::cuda::memory::{DriverMemory, download, upload};
 use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
 use fathom_runtime::fp8::{bf16_to_f32, calc_diff};
 
-use super::{HANG_LIMIT, Operands, finish_within, le_bytes, noise};
+use super::{Operands, le_bytes, noise};
+use crate::cli::gpu_check::launch::{HANG_LIMIT, finish_within};
 
 /// DeepGEMM's bound on `calc_diff` for an FP8 GEMM.
 const MAX_DIFF: f64 = 1e-3;

@@ -8,11 +8,9 @@ mod bench;
 mod check;
 mod quantize;
 
-use std::time::{Duration, Instant};
-
 use fathom_runtime::cuda::fp8_gemm::{Fp8GemmOperands, HostFp8Operands};
-use fathom_runtime::cuda::memory::{DriverMemory, stream_id, timing_event, upload};
-use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice};
+use fathom_runtime::cuda::memory::{DriverMemory, stream_id, upload};
+use fathom_runtime::cuda::{CachingAllocator, CudaStream};
 
 pub use bench::bench;
 pub use check::check_correctness;
@@ -101,32 +99,4 @@ impl Operands {
 
 fn le_bytes<T: Copy, const W: usize>(values: &[T], to_bytes: fn(T) -> [u8; W]) -> Vec<u8> {
     values.iter().flat_map(|&v| to_bytes(v)).collect()
-}
-
-/// How long a checked launch (or a timing's three warm-up launches) may take before it counts as
-/// hung: they take milliseconds.
-const HANG_LIMIT: Duration = Duration::from_secs(20);
-
-/// Waits for the work queued on `stream`, giving up after `limit`: a kernel whose pipeline
-/// deadlocks would otherwise hold the check until the script's timeout, saying nothing of which.
-fn finish_within(
-    device: &GpuDevice,
-    stream: &CudaStream,
-    limit: Duration,
-    what: impl FnOnce() -> String,
-) -> anyhow::Result<()> {
-    let done = timing_event(&device.ctx)?;
-    done.record(stream)?;
-    let started = Instant::now();
-    while !done.try_is_complete()? {
-        if started.elapsed() > limit {
-            anyhow::bail!(
-                "{} did not finish within {limit:?}: the kernel hangs (the GPU context cannot be \
-                 recovered; stopping here)",
-                what()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(())
 }

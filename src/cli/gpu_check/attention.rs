@@ -1,0 +1,157 @@
+//! Check 3c: the MLA attention templates (forward, the backward's `delta`, the backward) at
+//! DeepSeek-V3's head dims, against the exact attention of the same bf16 inputs
+//! (`cuda::attention_samples`), on a ragged sequence length (not a multiple of the key or query
+//! blocks) with several heads and sequences.
+
+use fathom_kernels::{MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims};
+use fathom_runtime::cuda::attention_samples::{AttentionSample, error_of_max};
+use fathom_runtime::cuda::modules::Arg;
+use fathom_runtime::cuda::{GpuDevice, KernelCache};
+use fathom_runtime::fp8::bf16_to_f32;
+
+use super::launch::{Buffers, launch_named};
+
+/// Bound on [`error_of_max`] for outputs summed from bf16-rounded P or dS (see its docs), and
+/// for those summed in f32 from exact products (lse, delta).
+const ROUNDED_P: f64 = 1e-2;
+const F32_SUMS: f64 = 1e-4;
+
+/// Runs the three templates; returns the failures.
+pub fn check_attention(device: &GpuDevice, cache: &KernelCache) -> anyhow::Result<Vec<String>> {
+    let dims = MlaHeadDims::DEEPSEEK_V3;
+    let (batch, seq_len, heads) = (2usize, 100usize, 3usize);
+    let sample = AttentionSample::new(dims, batch, seq_len, heads);
+    let stream = device.ctx.new_stream()?;
+    let mut buffers = Buffers::new(device, &stream);
+    let int = |v: usize| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
+    let sizes = [
+        ("batch", int(batch)),
+        ("seq_len", int(seq_len)),
+        ("heads", int(heads)),
+        ("softmax_scale", Arg::F32(sample.softmax_scale)),
+    ];
+    let inputs = [
+        ("q", Arg::Ptr(buffers.put(&sample.q)?)),
+        ("k_nope", Arg::Ptr(buffers.put(&sample.k_nope)?)),
+        ("k_rope", Arg::Ptr(buffers.put(&sample.k_rope)?)),
+        ("v", Arg::Ptr(buffers.put(&sample.v)?)),
+        ("d_o", Arg::Ptr(buffers.put(&sample.d_o)?)),
+    ];
+    let (b, t, h) = (batch as u32, seq_len as u32, heads as u32);
+    let mut results: Vec<(&str, f64, f64)> = Vec::new();
+
+    // Forward: o (bf16) and lse.
+    let fwd = MlaAttentionFwdParams::new(dims);
+    let o = buffers.put(&vec![0u16; sample.o.len()])?;
+    let lse = buffers.put(&vec![0f32; sample.lse.len()])?;
+    let outputs = [("o", Arg::Ptr(o)), ("lse", Arg::Ptr(lse))];
+    let named: Vec<_> = inputs
+        .iter()
+        .chain(&outputs)
+        .chain(&sizes)
+        .copied()
+        .collect();
+    launch_named(
+        device,
+        cache,
+        &stream,
+        &fwd.instantiate()?,
+        fwd.grid(b, t, h),
+        &named,
+    )?;
+    let got: Vec<f32> = buffers
+        .get::<u16>(o, sample.o.len())?
+        .into_iter()
+        .map(bf16_to_f32)
+        .collect();
+    results.push(("forward o", error_of_max(&got, &sample.o), ROUNDED_P));
+    results.push((
+        "forward lse",
+        error_of_max(&buffers.get(lse, sample.lse.len())?, &sample.lse),
+        F32_SUMS,
+    ));
+
+    // The backward's delta, from the exact output rounded to bf16 as the forward stores it.
+    let bwd = MlaAttentionBwdParams::new(dims);
+    let delta = buffers.put(&vec![0f32; sample.delta.len()])?;
+    let named = [
+        ("o", Arg::Ptr(buffers.put(&sample.o_bf16())?)),
+        ("d_o", inputs[4].1),
+        ("delta", Arg::Ptr(delta)),
+        sizes[0],
+        sizes[1],
+        sizes[2],
+    ];
+    launch_named(
+        device,
+        cache,
+        &stream,
+        &bwd.instantiate_delta()?,
+        bwd.delta_grid(b, t, h),
+        &named,
+    )?;
+    let got = buffers.get(delta, sample.delta.len())?;
+    results.push((
+        "backward delta",
+        error_of_max(&got, &sample.delta_of_bf16_o()),
+        F32_SUMS,
+    ));
+
+    // The backward, given the exact lse and delta: dq and dk_rope accumulate (zeroed first).
+    let grads = [
+        ("dq", &sample.dq),
+        ("dk_nope", &sample.dk_nope),
+        ("dk_rope", &sample.dk_rope),
+        ("dv", &sample.dv),
+    ];
+    let mut outputs = vec![
+        ("lse", Arg::Ptr(buffers.put(&sample.lse)?)),
+        ("delta", Arg::Ptr(buffers.put(&sample.delta)?)),
+    ];
+    let mut addresses = Vec::new();
+    for (name, expected) in grads {
+        let ptr = buffers.put(&vec![0f32; expected.len()])?;
+        outputs.push((name, Arg::Ptr(ptr)));
+        addresses.push(ptr);
+    }
+    let named: Vec<_> = inputs
+        .iter()
+        .chain(&outputs)
+        .chain(&sizes)
+        .copied()
+        .collect();
+    launch_named(
+        device,
+        cache,
+        &stream,
+        &bwd.instantiate()?,
+        bwd.grid(b, t, h),
+        &named,
+    )?;
+    for ((name, expected), ptr) in grads.into_iter().zip(addresses) {
+        let got = buffers.get(ptr, expected.len())?;
+        results.push((name, error_of_max(&got, expected), ROUNDED_P));
+    }
+    buffers.free()?;
+
+    let mut failures = Vec::new();
+    for (what, error, bound) in results {
+        let ok = error <= bound;
+        println!(
+            "mla attention {:<16} B={batch} T={seq_len} H={heads} {}: max error {error:.2e} of max|exact| (<= {bound:e}) {}",
+            what,
+            dims_tag(dims),
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            failures.push(format!(
+                "mla attention {what}: error {error:.3e} of max (bound {bound:e})"
+            ));
+        }
+    }
+    Ok(failures)
+}
+
+fn dims_tag(dims: MlaHeadDims) -> String {
+    format!("d{}+{} v{}", dims.nope, dims.rope, dims.v)
+}

@@ -1,0 +1,123 @@
+//! What the template checks share: device buffers freed together, a template launched with its
+//! arguments by parameter name, and a guard that names a launch that never finishes.
+
+use std::time::{Duration, Instant};
+
+use fathom_kernels::KernelSource;
+use fathom_runtime::cuda::alloc::Block;
+use fathom_runtime::cuda::memory::{DriverMemory, download, stream_id, timing_event, upload};
+use fathom_runtime::cuda::modules::{Arg, launch, load_kernel};
+use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
+
+/// How long a checked launch (or a timing's three warm-up launches) may take before it counts as
+/// hung: they take milliseconds.
+pub const HANG_LIMIT: Duration = Duration::from_secs(20);
+
+/// Waits for the work queued on `stream`, giving up after `limit`: a kernel whose pipeline
+/// deadlocks would otherwise hold the check until the script's timeout, saying nothing of which.
+pub fn finish_within(
+    device: &GpuDevice,
+    stream: &CudaStream,
+    limit: Duration,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    let done = timing_event(&device.ctx)?;
+    done.record(stream)?;
+    let started = Instant::now();
+    while !done.try_is_complete()? {
+        if started.elapsed() > limit {
+            anyhow::bail!(
+                "{} did not finish within {limit:?}: the kernel hangs (the GPU context cannot be \
+                 recovered; stopping here)",
+                what()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Device buffers of one check, on one stream, freed together.
+pub struct Buffers<'a> {
+    allocator: CachingAllocator<DriverMemory>,
+    stream: &'a CudaStream,
+    blocks: Vec<Block>,
+}
+
+impl<'a> Buffers<'a> {
+    pub fn new(device: &GpuDevice, stream: &'a CudaStream) -> Self {
+        Buffers {
+            allocator: CachingAllocator::new(DriverMemory::new(device.ctx.clone())),
+            stream,
+            blocks: Vec::new(),
+        }
+    }
+
+    pub fn stream(&self) -> &'a CudaStream {
+        self.stream
+    }
+
+    /// A buffer holding `values`; its device address.
+    pub fn put<T: Copy>(&mut self, values: &[T]) -> anyhow::Result<u64> {
+        let block = self
+            .allocator
+            .alloc(size_of_val(values).max(1), stream_id(self.stream))?;
+        upload(self.stream, block.ptr, values)?;
+        let ptr = block.ptr;
+        self.blocks.push(block);
+        Ok(ptr)
+    }
+
+    /// `len` values read back from `ptr`.
+    pub fn get<T: Copy + Default>(&self, ptr: u64, len: usize) -> anyhow::Result<Vec<T>> {
+        let mut values = vec![T::default(); len];
+        download(self.stream, ptr, &mut values)?;
+        Ok(values)
+    }
+
+    /// Frees every buffer (after the stream's work is done).
+    pub fn free(mut self) -> anyhow::Result<()> {
+        self.stream.synchronize()?;
+        for block in std::mem::take(&mut self.blocks) {
+            self.allocator.free(block)?;
+        }
+        self.allocator.streams_synchronized();
+        self.allocator.empty_cache()?;
+        Ok(())
+    }
+}
+
+/// Compiles `source` for the device (through the cache), launches it with `named` arguments in
+/// its parameters' order (every parameter must be named), and waits for it within
+/// [`HANG_LIMIT`].
+pub fn launch_named(
+    device: &GpuDevice,
+    cache: &KernelCache,
+    stream: &CudaStream,
+    source: &KernelSource,
+    grid: [u32; 3],
+    named: &[(&str, Arg)],
+) -> anyhow::Result<()> {
+    let kernel = load_kernel(&device.ctx, cache, source, &device.arch())?;
+    let mut args = Vec::new();
+    for param in &source.params {
+        let Some((_, arg)) = named.iter().find(|(name, _)| *name == param.name) else {
+            anyhow::bail!(
+                "{}: no argument for parameter `{}`",
+                source.name,
+                param.name
+            );
+        };
+        args.push(*arg);
+    }
+    let [gx, gy, gz] = grid;
+    launch(
+        stream,
+        &kernel.function,
+        (gx, gy, gz),
+        (source.block_threads, 1, 1),
+        source.dynamic_smem_bytes,
+        &mut args,
+    )?;
+    finish_within(device, stream, HANG_LIMIT, || source.name.clone())
+}
