@@ -155,3 +155,48 @@ pub fn check_attention(device: &GpuDevice, cache: &KernelCache) -> anyhow::Resul
 fn dims_tag(dims: MlaHeadDims) -> String {
     format!("d{}+{} v{}", dims.nope, dims.rope, dims.v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names `check_attention` passes cover every parameter of the three templates (a
+    /// renamed parameter would otherwise surface only on a GPU).
+    #[test]
+    fn every_template_parameter_is_named() {
+        let named = [
+            "q",
+            "k_nope",
+            "k_rope",
+            "v",
+            "d_o",
+            "o",
+            "lse",
+            "delta",
+            "dq",
+            "dk_nope",
+            "dk_rope",
+            "dv",
+            "batch",
+            "seq_len",
+            "heads",
+            "softmax_scale",
+        ];
+        let dims = MlaHeadDims::DEEPSEEK_V3;
+        let bwd = MlaAttentionBwdParams::new(dims);
+        for source in [
+            MlaAttentionFwdParams::new(dims).instantiate().unwrap(),
+            bwd.instantiate_delta().unwrap(),
+            bwd.instantiate().unwrap(),
+        ] {
+            for param in &source.params {
+                assert!(
+                    named.contains(&param.name),
+                    "{}: `{}`",
+                    source.name,
+                    param.name
+                );
+            }
+        }
+    }
+}

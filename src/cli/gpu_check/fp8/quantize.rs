@@ -77,3 +77,24 @@ fn run(
         buffers.get(scales, sample.scales.len())?,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `run` names every parameter of every quantisation template it launches.
+    #[test]
+    fn every_template_parameter_is_named() {
+        for sample in quantize_samples().unwrap() {
+            let source = sample.params.instantiate().unwrap();
+            for param in &source.params {
+                assert!(
+                    ["x", "q", "scales", "rows", "cols"].contains(&param.name),
+                    "{}: `{}`",
+                    source.name,
+                    param.name
+                );
+            }
+        }
+    }
+}
