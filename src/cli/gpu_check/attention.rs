@@ -38,6 +38,16 @@ pub fn check_attention(device: &GpuDevice, cache: &KernelCache) -> anyhow::Resul
         ("d_o", Arg::Ptr(buffers.put(&sample.d_o)?)),
     ];
     let (b, t, h) = (batch as u32, seq_len as u32, heads as u32);
+    // Every launch takes the inputs and sizes it names, and its own outputs.
+    let run = |source: fathom_kernels::KernelSource, grid, outputs: &[(&str, Arg)]| {
+        let named: Vec<_> = inputs
+            .iter()
+            .chain(outputs)
+            .chain(&sizes)
+            .copied()
+            .collect();
+        launch_named(device, cache, &stream, &source, grid, &named)
+    };
     let mut results: Vec<(&str, f64, f64)> = Vec::new();
 
     // Forward: o (bf16) and lse.
@@ -45,57 +55,27 @@ pub fn check_attention(device: &GpuDevice, cache: &KernelCache) -> anyhow::Resul
     let o = buffers.put(&vec![0u16; sample.o.len()])?;
     let lse = buffers.put(&vec![0f32; sample.lse.len()])?;
     let outputs = [("o", Arg::Ptr(o)), ("lse", Arg::Ptr(lse))];
-    let named: Vec<_> = inputs
-        .iter()
-        .chain(&outputs)
-        .chain(&sizes)
-        .copied()
-        .collect();
-    launch_named(
-        device,
-        cache,
-        &stream,
-        &fwd.instantiate()?,
-        fwd.grid(b, t, h),
-        &named,
-    )?;
+    run(fwd.instantiate()?, fwd.grid(b, t, h), &outputs)?;
     let got: Vec<f32> = buffers
         .get::<u16>(o, sample.o.len())?
         .into_iter()
         .map(bf16_to_f32)
         .collect();
     results.push(("forward o", error_of_max(&got, &sample.o), ROUNDED_P));
-    results.push((
-        "forward lse",
-        error_of_max(&buffers.get(lse, sample.lse.len())?, &sample.lse),
-        F32_SUMS,
-    ));
+    let got = buffers.get(lse, sample.lse.len())?;
+    results.push(("forward lse", error_of_max(&got, &sample.lse), F32_SUMS));
 
     // The backward's delta, from the exact output rounded to bf16 as the forward stores it.
     let bwd = MlaAttentionBwdParams::new(dims);
     let delta = buffers.put(&vec![0f32; sample.delta.len()])?;
-    let named = [
+    let outputs = [
         ("o", Arg::Ptr(buffers.put(&sample.o_bf16())?)),
-        ("d_o", inputs[4].1),
         ("delta", Arg::Ptr(delta)),
-        sizes[0],
-        sizes[1],
-        sizes[2],
     ];
-    launch_named(
-        device,
-        cache,
-        &stream,
-        &bwd.instantiate_delta()?,
-        bwd.delta_grid(b, t, h),
-        &named,
-    )?;
+    run(bwd.instantiate_delta()?, bwd.delta_grid(b, t, h), &outputs)?;
     let got = buffers.get(delta, sample.delta.len())?;
-    results.push((
-        "backward delta",
-        error_of_max(&got, &sample.delta_of_bf16_o()),
-        F32_SUMS,
-    ));
+    let expected = sample.delta_of_bf16_o();
+    results.push(("backward delta", error_of_max(&got, &expected), F32_SUMS));
 
     // The backward, given the exact lse and delta: dq and dk_rope accumulate (zeroed first).
     let grads = [
@@ -114,20 +94,7 @@ pub fn check_attention(device: &GpuDevice, cache: &KernelCache) -> anyhow::Resul
         outputs.push((name, Arg::Ptr(ptr)));
         addresses.push(ptr);
     }
-    let named: Vec<_> = inputs
-        .iter()
-        .chain(&outputs)
-        .chain(&sizes)
-        .copied()
-        .collect();
-    launch_named(
-        device,
-        cache,
-        &stream,
-        &bwd.instantiate()?,
-        bwd.grid(b, t, h),
-        &named,
-    )?;
+    run(bwd.instantiate()?, bwd.grid(b, t, h), &outputs)?;
     for ((name, expected), ptr) in grads.into_iter().zip(addresses) {
         let got = buffers.get(ptr, expected.len())?;
         results.push((name, error_of_max(&got, expected), ROUNDED_P));
