@@ -154,9 +154,12 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
             tma_load_2d(b_stage, tmap_b, &full[s], kb * BLOCK_K, b_row0);
           } else {
             // This CTA's half of the B tile (the tensor map's box is half as tall), into both CTAs.
+            // A half wholly past N (the last column block's) reads the last real row's box
+            // instead, as A past M does: its columns are never stored.
             constexpr int HALF_ROWS = BLOCK_N / 2;
-            tma_load_2d_multicast(b_stage + rank * HALF_ROWS * BLOCK_K, tmap_b, &full[s], kb * BLOCK_K,
-                                  b_row0 + rank * HALF_ROWS, 0b11);
+            const int half_row0 = min(b_row0 + rank * HALF_ROWS, n - 1);
+            tma_load_2d_multicast(b_stage + rank * HALF_ROWS * BLOCK_K, tmap_b, &full[s], kb * BLOCK_K, half_row0,
+                                  0b11);
           }
           tma_load_2d(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES, tmap_scale_a, &full[s], a_row0, kb);
           if (B_ROW_SCALES) {
