@@ -23,16 +23,23 @@ pub struct AttentionSample {
     pub k_rope: Vec<u16>,
     pub v: Vec<u16>,
     pub d_o: Vec<u16>,
+    /// The exact results, rounded to f32.
+    pub exact: Results<f32>,
+}
+
+/// Attention's results, in the templates' layouts.
+#[derive(Clone, Debug)]
+pub struct Results<T> {
     /// `softmax(scale · q kᵀ, causal) v`.
-    pub o: Vec<f32>,
+    pub o: Vec<T>,
     /// ln Σ exp(scale · q kᵀ) per query.
-    pub lse: Vec<f32>,
+    pub lse: Vec<T>,
     /// Σ o · dO per query, of the exact `o` (what the backward kernel is given).
-    pub delta: Vec<f32>,
-    pub dq: Vec<f32>,
-    pub dk_nope: Vec<f32>,
-    pub dk_rope: Vec<f32>,
-    pub dv: Vec<f32>,
+    pub delta: Vec<T>,
+    pub dq: Vec<T>,
+    pub dk_nope: Vec<T>,
+    pub dk_rope: Vec<T>,
+    pub dv: Vec<T>,
 }
 
 /// Deterministic values in [-1, 1) rounded to bf16.
@@ -71,13 +78,15 @@ impl AttentionSample {
             k_rope: bf16_values(tokens * rope, 3),
             v: bf16_values(tokens * heads * dv, 4),
             d_o: bf16_values(tokens * heads * dv, 5),
-            o: Vec::new(),
-            lse: Vec::new(),
-            delta: Vec::new(),
-            dq: Vec::new(),
-            dk_nope: Vec::new(),
-            dk_rope: Vec::new(),
-            dv: Vec::new(),
+            exact: Results {
+                o: Vec::new(),
+                lse: Vec::new(),
+                delta: Vec::new(),
+                dq: Vec::new(),
+                dk_nope: Vec::new(),
+                dk_rope: Vec::new(),
+                dv: Vec::new(),
+            },
         };
         sample.compute();
         sample
@@ -95,19 +104,21 @@ impl AttentionSample {
         let sizes = (self.batch, self.seq_len, self.heads);
         let exact = attention(self.dims, sizes, f64::from(self.softmax_scale), &inputs);
         let narrow = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-        self.o = narrow(exact.o);
-        self.lse = narrow(exact.lse);
-        self.delta = narrow(exact.delta);
-        self.dq = narrow(exact.dq);
-        self.dk_nope = narrow(exact.dk_nope);
-        self.dk_rope = narrow(exact.dk_rope);
-        self.dv = narrow(exact.dv);
+        self.exact = Results {
+            o: narrow(exact.o),
+            lse: narrow(exact.lse),
+            delta: narrow(exact.delta),
+            dq: narrow(exact.dq),
+            dk_nope: narrow(exact.dk_nope),
+            dk_rope: narrow(exact.dk_rope),
+            dv: narrow(exact.dv),
+        };
     }
 
     /// The exact output rounded to bf16: what the forward template stores, and what the `delta`
     /// template reads.
     pub fn o_bf16(&self) -> Vec<u16> {
-        self.o.iter().map(|&x| f32_to_bf16(x)).collect()
+        self.exact.o.iter().map(|&x| f32_to_bf16(x)).collect()
     }
 
     /// Σ o·dO per query over the bf16 output: what the `delta` template must compute from
@@ -141,18 +152,6 @@ struct Inputs {
     d_o: Vec<f64>,
 }
 
-/// Its exact results.
-#[derive(Clone, Debug)]
-struct Exact {
-    o: Vec<f64>,
-    lse: Vec<f64>,
-    delta: Vec<f64>,
-    dq: Vec<f64>,
-    dk_nope: Vec<f64>,
-    dk_rope: Vec<f64>,
-    dv: Vec<f64>,
-}
-
 /// The causal forward and backward in f64, query by query: scores against keys `0..=t`, their
 /// softmax, `o = P v`; then `dP = dO vᵀ`, `dS = P ∘ (dP − delta)` with `delta = Σ o·dO`,
 /// `dq = scale·dS k`, `dk = scale·dSᵀ q` (the rope key's summed over heads), `dv = Pᵀ dO`.
@@ -161,7 +160,7 @@ fn attention(
     (b_count, t_count, h_count): (usize, usize, usize),
     scale: f64,
     inputs: &Inputs,
-) -> Exact {
+) -> Results<f64> {
     let (nope, rope, dv) = (dims.nope as usize, dims.rope as usize, dims.v as usize);
     let qk = nope + rope;
     let Inputs {
@@ -245,7 +244,7 @@ fn attention(
             }
         }
     }
-    Exact {
+    Results {
         o,
         lse,
         delta,
@@ -304,7 +303,7 @@ mod tests {
             .iter()
             .map(|&b| bf16_to_f32(b))
             .collect();
-        assert_eq!(&s.o[row * dv..][..dv], &v[..]);
+        assert_eq!(&s.exact.o[row * dv..][..dv], &v[..]);
         let q = widen(&s.q[row * qk..][..qk]);
         let k: Vec<f64> = widen(&s.k_nope[row * 4..][..4])
             .into_iter()
@@ -312,7 +311,7 @@ mod tests {
             .collect();
         let score: f64 =
             q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>() * f64::from(s.softmax_scale);
-        assert!((f64::from(s.lse[(2 + 1) * 5]) - score).abs() < 1e-6);
+        assert!((f64::from(s.exact.lse[(2 + 1) * 5]) - score).abs() < 1e-6);
     }
 
     /// L = Σ o·dO: its derivative by central differences against the backward, for every
@@ -358,11 +357,11 @@ mod tests {
     fn delta_of_the_bf16_output_and_the_error_measure() {
         let s = AttentionSample::new(SMALL, 1, 3, 2);
         let from_bf16 = s.delta_of_bf16_o();
-        assert!(error_of_max(&from_bf16, &s.delta) < 1e-2);
-        assert_eq!(error_of_max(&s.dq, &s.dq), 0.0);
-        let mut wrong = s.dq.clone();
+        assert!(error_of_max(&from_bf16, &s.exact.delta) < 1e-2);
+        assert_eq!(error_of_max(&s.exact.dq, &s.exact.dq), 0.0);
+        let mut wrong = s.exact.dq.clone();
         wrong[0] += 1.0;
-        assert!(error_of_max(&wrong, &s.dq) > 1e-2);
+        assert!(error_of_max(&wrong, &s.exact.dq) > 1e-2);
         assert_eq!(error_of_max(&[f32::NAN], &[1.0]), f64::INFINITY);
     }
 }

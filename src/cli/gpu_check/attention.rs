@@ -52,41 +52,45 @@ pub fn check_attention(device: &GpuDevice, cache: &KernelCache) -> anyhow::Resul
 
     // Forward: o (bf16) and lse.
     let fwd = MlaAttentionFwdParams::new(dims);
-    let o = buffers.put(&vec![0u16; sample.o.len()])?;
-    let lse = buffers.put(&vec![0f32; sample.lse.len()])?;
+    let o = buffers.put(&vec![0u16; sample.exact.o.len()])?;
+    let lse = buffers.put(&vec![0f32; sample.exact.lse.len()])?;
     let outputs = [("o", Arg::Ptr(o)), ("lse", Arg::Ptr(lse))];
     run(fwd.instantiate()?, fwd.grid(b, t, h), &outputs)?;
     let got: Vec<f32> = buffers
-        .get::<u16>(o, sample.o.len())?
+        .get::<u16>(o, sample.exact.o.len())?
         .into_iter()
         .map(bf16_to_f32)
         .collect();
-    results.push(("forward o", error_of_max(&got, &sample.o), ROUNDED_P));
-    let got = buffers.get(lse, sample.lse.len())?;
-    results.push(("forward lse", error_of_max(&got, &sample.lse), F32_SUMS));
+    results.push(("forward o", error_of_max(&got, &sample.exact.o), ROUNDED_P));
+    let got = buffers.get(lse, sample.exact.lse.len())?;
+    results.push((
+        "forward lse",
+        error_of_max(&got, &sample.exact.lse),
+        F32_SUMS,
+    ));
 
     // The backward's delta, from the exact output rounded to bf16 as the forward stores it.
     let bwd = MlaAttentionBwdParams::new(dims);
-    let delta = buffers.put(&vec![0f32; sample.delta.len()])?;
+    let delta = buffers.put(&vec![0f32; sample.exact.delta.len()])?;
     let outputs = [
         ("o", Arg::Ptr(buffers.put(&sample.o_bf16())?)),
         ("delta", Arg::Ptr(delta)),
     ];
     run(bwd.instantiate_delta()?, bwd.delta_grid(b, t, h), &outputs)?;
-    let got = buffers.get(delta, sample.delta.len())?;
+    let got = buffers.get(delta, sample.exact.delta.len())?;
     let expected = sample.delta_of_bf16_o();
     results.push(("backward delta", error_of_max(&got, &expected), F32_SUMS));
 
     // The backward, given the exact lse and delta: dq and dk_rope accumulate (zeroed first).
     let grads = [
-        ("dq", &sample.dq),
-        ("dk_nope", &sample.dk_nope),
-        ("dk_rope", &sample.dk_rope),
-        ("dv", &sample.dv),
+        ("dq", &sample.exact.dq),
+        ("dk_nope", &sample.exact.dk_nope),
+        ("dk_rope", &sample.exact.dk_rope),
+        ("dv", &sample.exact.dv),
     ];
     let mut outputs = vec![
-        ("lse", Arg::Ptr(buffers.put(&sample.lse)?)),
-        ("delta", Arg::Ptr(buffers.put(&sample.delta)?)),
+        ("lse", Arg::Ptr(buffers.put(&sample.exact.lse)?)),
+        ("delta", Arg::Ptr(buffers.put(&sample.exact.delta)?)),
     ];
     let mut addresses = Vec::new();
     for (name, expected) in grads {
