@@ -4,7 +4,7 @@
 //!
 //! | family | parameters | architecture |
 //! |---|---|---|
-//! | `fp8_gemm`, `grouped_fp8_gemm` | [`Fp8GemmParams`] | `sm_90a`: TMA + mbarrier pipeline, FP8 `wgmma`, warp-specialised |
+//! | `fp8_gemm`, `grouped_fp8_gemm` | [`Fp8GemmParams`], launched per [`TileSchedule`] | `sm_90a`: TMA + mbarrier pipeline, FP8 `wgmma`, warp-specialised, persistent, optionally in clusters sharing B by multicast |
 //! | `fp8_gemm_fallback` (+ grouped) | [`FallbackGemmParams`] | `sm_80`+: `mma.sync` on BF16-widened FP8 |
 //! | `quantize` | [`QuantizeParams`] | `sm_80`+ |
 //! | `mla_attention_fwd` / `_bwd` | [`MlaAttentionFwdParams`], [`MlaAttentionBwdParams`] | `sm_80`+: `mma.sync` BF16, FP32 online softmax |
@@ -21,7 +21,9 @@
 //! parameters (template arguments, the entry point's signature, and the `wgmma` wrapper whose
 //! register list depends on the tile width), written with [`SourceWriter`]. [`nvrtc`] compiles a
 //! source to a CUBIN without a GPU; `tests/nvrtc.rs` compiles every instantiation in CI and checks
-//! the FP8 GEMMs' machine code for Hopper's FP8 tensor-core instruction (`QGMMA`).
+//! the FP8 GEMMs' machine code for Hopper's FP8 tensor-core instruction (`QGMMA`);
+//! `tests/host_tiles.rs` compiles the FP8 GEMM's index arithmetic (`cuda/tiles.cuh`) for the host
+//! and checks it exhaustively, and `tests/pipeline_model.rs` explores its barrier protocol.
 //!
 //! Nothing here launches a kernel: the runtime owns devices, tensor-map encoding
 //! ([`TensorMapDesc`] says what each map must be) and the compiled-kernel cache.
