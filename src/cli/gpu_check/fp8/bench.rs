@@ -74,8 +74,141 @@ struct Best {
     schedule: TileSchedule,
 }
 
-/// Check 4: times the forward FP8 GEMM (BF16 output) at each shape, with every candidate tile
-/// under every schedule, side by side in one run.
+/// One timed layout: a problem with its scaling, output and grouping.
+#[derive(Clone, Copy)]
+struct Layout {
+    problem: GemmProblem,
+    b_scaling: BScaling,
+    output: GemmOutput,
+    grouping: GemmGrouping,
+}
+
+/// The other layouts at DeepSeek-V3's sizes, which cuBLASLt has no counterpart for: the weight
+/// gradient of a 7168 × 2048 Linear over 4096 tokens (1×128 scales on B, accumulated), and the
+/// experts' grouped GEMMs over 8 experts of 1024 tokens each.
+fn other_layouts() -> [(&'static str, Layout); 3] {
+    let grouped = |n, k| Layout {
+        problem: GemmProblem {
+            m: 8 * 1024,
+            n,
+            k,
+            groups: 8,
+        },
+        b_scaling: BScaling::Block128x128,
+        output: GemmOutput::Bf16,
+        grouping: GemmGrouping::Contiguous,
+    };
+    [
+        (
+            "weight grad",
+            Layout {
+                problem: GemmProblem {
+                    m: 7168,
+                    n: 2048,
+                    k: 4096,
+                    groups: 1,
+                },
+                b_scaling: BScaling::Row1x128,
+                output: GemmOutput::F32Accumulate,
+                grouping: GemmGrouping::Dense,
+            },
+        ),
+        ("experts gate_up", grouped(4096, 7168)),
+        ("experts down", grouped(7168, 2048)),
+    ]
+}
+
+/// Times every candidate tile of `layout` under one block per tile and persistent grids in
+/// bands of 1, 8 and 16 row blocks, printing a row per tile; returns the default's TFLOPS (the
+/// shape heuristic's tile, one block per tile) and the fastest.
+fn sweep(
+    device: &GpuDevice,
+    cache: &KernelCache,
+    stream: &CudaStream,
+    layout: Layout,
+    iters: u32,
+    seed: &mut u64,
+) -> anyhow::Result<(f64, Option<Best>)> {
+    let Layout {
+        problem,
+        b_scaling,
+        output,
+        grouping,
+    } = layout;
+    let (m, n, k, groups) = (
+        problem.m as usize,
+        problem.n as usize,
+        problem.k as usize,
+        problem.groups as usize,
+    );
+    // Random E4M3 codes of moderate magnitude (exponent field below 8: no NaN codes) and unit
+    // scales: timing does not depend on the values. Experts own equal runs of row blocks.
+    let mut code = || ((noise(seed).to_bits() >> 8) as u8) & 0xb7;
+    let a: Vec<u8> = (0..m * k).map(|_| code()).collect();
+    let b: Vec<u8> = (0..groups * n * k).map(|_| code()).collect();
+    let k_blocks = k.div_ceil(128);
+    let scale_b_len = match b_scaling {
+        BScaling::Block128x128 => groups * n.div_ceil(128) * k_blocks,
+        BScaling::Row1x128 => k_blocks * n.next_multiple_of(4),
+    };
+    let block_expert: Vec<i32> = match grouping {
+        GemmGrouping::Dense => Vec::new(),
+        GemmGrouping::Contiguous => {
+            let blocks = m / 128;
+            (0..blocks).map(|i| (i * groups / blocks) as i32).collect()
+        }
+    };
+    let host = HostOperands {
+        a: &a,
+        b: &b,
+        scale_a: &vec![1.0; k_blocks * m.next_multiple_of(4)],
+        scale_b: &vec![1.0; scale_b_len],
+        block_expert: &block_expert,
+    };
+    let out_bytes = m * n * if output == GemmOutput::Bf16 { 2 } else { 4 };
+    let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
+    let operands = Operands::upload(&mut allocator, stream, host, out_bytes)?;
+    let candidates = Fp8GemmParams::candidates(problem.m, problem.n, b_scaling, output, grouping);
+    let flops = 2.0 * f64::from(problem.m) * f64::from(problem.n) * f64::from(problem.k);
+    let mut default_tflops = 0.0;
+    let mut best: Option<Best> = None;
+    for (index, params) in candidates.into_iter().enumerate() {
+        let gemm = Fp8Gemm::load(&device.ctx, cache, params)?;
+        let mut schedules = vec![TileSchedule::ONE_TILE_PER_BLOCK];
+        for band in [1, 8, 16] {
+            schedules.push(gemm.persistent_schedule(stream, device.multiprocessors, band)?);
+        }
+        let mut row = Vec::new();
+        for schedule in schedules {
+            let launch = || Ok(gemm.launch(stream, &problem, &operands.addresses, &schedule)?);
+            let ms = time_launches(device, stream, launch, iters, || {
+                format!("{} with {schedule}", params.name())
+            })?;
+            let tflops = flops / (ms * 1e-3) / 1e12;
+            if index == 0 && schedule == TileSchedule::ONE_TILE_PER_BLOCK {
+                default_tflops = tflops;
+            }
+            if best.as_ref().is_none_or(|b| tflops > b.tflops) {
+                best = Some(Best {
+                    tflops,
+                    ms,
+                    name: params.name(),
+                    schedule,
+                });
+            }
+            row.push(format!("{tflops:>14.1}"));
+        }
+        println!("  {:<44} {}", params.name(), row.join(" "));
+    }
+    operands.free(&mut allocator)?;
+    stream.synchronize()?;
+    allocator.streams_synchronized();
+    allocator.empty_cache()?;
+    Ok((default_tflops, best))
+}
+
+/// Check 4: times the forward FP8 GEMM (BF16 output) at each shape, then the weight-gradient and
+/// grouped layouts, with every candidate tile under every schedule, side by side in one run.
 pub fn bench(
     device: &GpuDevice,
     cache: &KernelCache,
@@ -93,10 +226,7 @@ pub fn bench(
             None
         }
     };
-    // One block per tile, and persistent grids in bands of 1, 8 and 16 row blocks.
-    let bands = [1, 8, 16];
     let stream = device.ctx.new_stream()?;
-    let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
     println!(
         "TFLOPS of each tile configuration (rows) under each schedule (columns; persistent: one \
          block per SM, or as many clusters as fit at once)"
@@ -105,74 +235,39 @@ pub fn bench(
         "{:<46} {:>14} {:>14} {:>14} {:>14}",
         "shape / kernel", "tile per block", "persist. b1", "persist. b8", "persist. b16"
     );
-    let mut summary = Vec::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
-    for (n, k) in SHAPES {
-        let problem = GemmProblem {
+    let forward = |n, k| Layout {
+        problem: GemmProblem {
             m: M,
             n,
             k,
             groups: 1,
-        };
-        // Random E4M3 codes of moderate magnitude (exponent field below 8: no NaN codes) and
-        // unit scales: timing does not depend on the values.
-        let (m, n_, k_) = (M as usize, n as usize, k as usize);
-        let mut code = || ((noise(&mut seed).to_bits() >> 8) as u8) & 0xb7;
-        let a: Vec<u8> = (0..m * k_).map(|_| code()).collect();
-        let b: Vec<u8> = (0..n_ * k_).map(|_| code()).collect();
-        let host = HostOperands {
-            a: &a,
-            b: &b,
-            scale_a: &vec![1.0; k_.div_ceil(128) * m.next_multiple_of(4)],
-            scale_b: &vec![1.0; n_.div_ceil(128) * k_.div_ceil(128)],
-            block_expert: &[],
-        };
-        let operands = Operands::upload(&mut allocator, &stream, host, m * n_ * 2)?;
-        println!("{M} x {n} x {k}");
-        let candidates = Fp8GemmParams::candidates(
-            M,
-            n,
-            BScaling::Block128x128,
-            GemmOutput::Bf16,
-            GemmGrouping::Dense,
-        );
-        let mut default_tflops = 0.0;
-        let mut best: Option<Best> = None;
-        for (index, params) in candidates.into_iter().enumerate() {
-            let gemm = Fp8Gemm::load(&device.ctx, cache, params)?;
-            let mut schedules = vec![TileSchedule::ONE_TILE_PER_BLOCK];
-            for band in bands {
-                schedules.push(gemm.persistent_schedule(&stream, device.multiprocessors, band)?);
-            }
-            let mut row = Vec::new();
-            for schedule in schedules {
-                let launch =
-                    || Ok(gemm.launch(&stream, &problem, &operands.addresses, &schedule)?);
-                let ms = time_launches(device, &stream, launch, iters, || {
-                    format!("{} with {schedule}", params.name())
-                })?;
-                let tflops = 2.0 * f64::from(M) * f64::from(n) * f64::from(k) / (ms * 1e-3) / 1e12;
-                if index == 0 && schedule == TileSchedule::ONE_TILE_PER_BLOCK {
-                    default_tflops = tflops;
-                }
-                if best.as_ref().is_none_or(|b| tflops > b.tflops) {
-                    best = Some(Best {
-                        tflops,
-                        ms,
-                        name: params.name(),
-                        schedule,
-                    });
-                }
-                row.push(format!("{tflops:>14.1}"));
-            }
-            println!("  {:<44} {}", params.name(), row.join(" "));
-        }
-        operands.free(&mut allocator)?;
+        },
+        b_scaling: BScaling::Block128x128,
+        output: GemmOutput::Bf16,
+        grouping: GemmGrouping::Dense,
+    };
+    let mut summary = Vec::new();
+    for (n, k) in SHAPES {
+        println!("forward {M} x {n} x {k}");
+        let (default_tflops, best) =
+            sweep(device, cache, &stream, forward(n, k), iters, &mut seed)?;
         let theirs = torch
             .as_ref()
             .and_then(|t| t.results.iter().find(|r| (r.m, r.n, r.k) == (M, n, k)))
             .map(|r| r.tflops);
-        summary.push((n, k, default_tflops, best, theirs));
+        summary.push((
+            format!("{M:>5} {n:>6} {k:>6}"),
+            default_tflops,
+            best,
+            theirs,
+        ));
+    }
+    for (what, layout) in other_layouts() {
+        let GemmProblem { m, n, k, groups } = layout.problem;
+        println!("{what} {m} x {n} x {k}, {groups} group(s)");
+        let (default_tflops, best) = sweep(device, cache, &stream, layout, iters, &mut seed)?;
+        summary.push((format!("{m:>5} {n:>6} {k:>6}"), default_tflops, best, None));
     }
     println!();
     if let Some(t) = &torch {
@@ -185,10 +280,10 @@ pub fn bench(
         "{:>5} {:>6} {:>6} | {:>8} | {:>9} {:>8} {:>7} | {:>8} {:>6}  fastest kernel, schedule",
         "M", "N", "K", "default", "ms", "TFLOPS", "% peak", "cuBLAS", "ratio"
     );
-    for (n, k, default_tflops, best, theirs) in summary {
+    for (shape, default_tflops, best, theirs) in summary {
         let Some(best) = best else { continue };
         println!(
-            "{M:>5} {n:>6} {k:>6} | {default_tflops:>8.1} | {:>9.4} {:>8.1} {:>6.1}% | {:>8} {:>6}  {}, {}",
+            "{shape} | {default_tflops:>8.1} | {:>9.4} {:>8.1} {:>6.1}% | {:>8} {:>6}  {}, {}",
             best.ms,
             best.tflops,
             100.0 * best.tflops / PEAK_TFLOPS,
@@ -199,8 +294,44 @@ pub fn bench(
         );
     }
     println!("(default: the shape heuristic's tile, one block per tile, as timed in session 12)");
-    stream.synchronize()?;
-    allocator.streams_synchronized();
-    allocator.empty_cache()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every timed configuration instantiates and can run its problem (checked here, so that a
+    /// lent GPU's minutes are not spent finding out).
+    #[test]
+    fn every_timed_configuration_takes_its_problem() {
+        let forward = SHAPES.map(|(n, k)| Layout {
+            problem: GemmProblem {
+                m: M,
+                n,
+                k,
+                groups: 1,
+            },
+            b_scaling: BScaling::Block128x128,
+            output: GemmOutput::Bf16,
+            grouping: GemmGrouping::Dense,
+        });
+        let others = other_layouts().map(|(_, layout)| layout);
+        let mut configurations = 0;
+        for layout in forward.into_iter().chain(others) {
+            let candidates = Fp8GemmParams::candidates(
+                layout.problem.m,
+                layout.problem.n,
+                layout.b_scaling,
+                layout.output,
+                layout.grouping,
+            );
+            for params in candidates {
+                params.instantiate().unwrap();
+                params.tensor_maps(&layout.problem).unwrap();
+                configurations += 1;
+            }
+        }
+        assert!(configurations >= 6 * 5 + 3 * 5, "{configurations}");
+    }
 }
