@@ -1,12 +1,14 @@
 //! Compile checks without a GPU (DESIGN.md, "GPU code without a GPU").
 //!
 //! Every template instantiation is compiled by NVRTC to a CUBIN: the Hopper FP8 GEMMs (dense and
-//! grouped) for `sm_90a` at the tile configurations DeepSeek-V3's linear layers get, the portable
+//! grouped) for `sm_90a` at the tile configurations DeepSeek-V3's linear layers get and at every
+//! candidate `fathom gpu-check` times (tiles up to 192 columns, clusters of two), the portable
 //! kernels (quantisation, MLA attention forward/backward, the fallback GEMM, and the f32 library
 //! kernels: strided/grouped GEMMs, index operations, fake quantisation) for `sm_80` and `sm_90a`.
 //! ptxas' report must show no local-memory spills; when a disassembler is available the FP8
-//! GEMMs' SASS must contain `QGMMA` (Hopper's FP8 tensor-core MMA), the `mma.sync` kernels'
-//! `HMMA` and the f32 GEMMs' `FFMA`. Run with `-- --nocapture` to see the resource table.
+//! GEMMs' SASS must contain `QGMMA` (Hopper's FP8 tensor-core MMA), and in clusters the multicast
+//! TMA load and the cluster barrier; the `mma.sync` kernels' `HMMA` and the f32 GEMMs' `FFMA`.
+//! Run with `-- --nocapture` to see the resource table.
 //!
 //! NVRTC comes from `$FATHOM_NVRTC`, `$CUDA_HOME`, `/usr/local/cuda` or the project's `.nvrtc/`
 //! (installed by `scripts/test.sh`). Without it these tests fail, saying how to install it, unless
@@ -209,7 +211,7 @@ struct Checked {
 }
 
 /// Compiles for `arch`, checks warnings, spills and (when a disassembler exists) the expected
-/// SASS opcode.
+/// SASS opcode, and in a cluster kernel the multicast load and the cluster barrier.
 fn check(
     nvrtc: &Nvrtc,
     kernel: &KernelSource,
@@ -253,13 +255,22 @@ fn check(
         )),
         Some(_) => {}
     }
-    let sass_note = match expect_sass.map(|opcode| (opcode, disassemble(&compiled))) {
-        None | Some((_, None)) => "-".to_owned(),
-        Some((_, Some(Err(e)))) => {
+    let sass = expect_sass.and_then(|_| disassemble(&compiled));
+    // Clusters of two share B by multicast and meet at a cluster barrier: both must be there.
+    if let (true, Some(Ok(sass))) = (kernel.source.contains("__cluster_dims__("), &sass) {
+        for needed in ["UTMALDG.2D.MULTICAST", "UCGABAR_WAIT"] {
+            if !sass.contains(needed) {
+                failures.push(format!("a cluster kernel's SASS has no {needed}"));
+            }
+        }
+    }
+    let sass_note = match expect_sass.zip(sass) {
+        None => "-".to_owned(),
+        Some((_, Err(e))) => {
             failures.push(e);
             "error".to_owned()
         }
-        Some((expect_sass, Some(Ok(sass)))) => {
+        Some((expect_sass, Ok(sass))) => {
             let count = sass.lines().filter(|l| l.contains(expect_sass)).count();
             if count == 0 {
                 failures.push(format!("SASS has no {expect_sass}"));
