@@ -8,11 +8,11 @@ use fathom_kernels::{
     BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TileSchedule,
 };
 use fathom_runtime::cuda::fp8_gemm::Fp8Gemm;
-use fathom_runtime::cuda::memory::{DriverMemory, timing_event};
-use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
+use fathom_runtime::cuda::memory::timing_event;
+use fathom_runtime::cuda::{CudaStream, GpuDevice, KernelCache};
 
-use super::{HostOperands, Operands, noise};
-use crate::cli::gpu_check::launch::{HANG_LIMIT, finish_within};
+use super::{HostOperands, noise, upload_operands};
+use crate::cli::gpu_check::launch::{Buffers, HANG_LIMIT, finish_within};
 
 /// Hopper's dense FP8 tensor-core peak (H100/H200 SXM), TFLOPS.
 const PEAK_TFLOPS: f64 = 1979.0;
@@ -81,6 +81,22 @@ struct Layout {
     b_scaling: BScaling,
     output: GemmOutput,
     grouping: GemmGrouping,
+}
+
+/// The forward GEMM of DeepSeek-V3's linear shape `n × k` at M = 4096: 128×128 weight scales,
+/// BF16 out, as cuBLASLt is timed.
+fn forward_layout((n, k): (u32, u32)) -> Layout {
+    Layout {
+        problem: GemmProblem {
+            m: M,
+            n,
+            k,
+            groups: 1,
+        },
+        b_scaling: BScaling::Block128x128,
+        output: GemmOutput::Bf16,
+        grouping: GemmGrouping::Dense,
+    }
 }
 
 /// The other layouts at DeepSeek-V3's sizes, which cuBLASLt has no counterpart for: the weight
@@ -166,8 +182,8 @@ fn sweep(
         block_expert: &block_expert,
     };
     let out_bytes = m * n * if output == GemmOutput::Bf16 { 2 } else { 4 };
-    let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
-    let operands = Operands::upload(&mut allocator, stream, host, out_bytes)?;
+    let mut buffers = Buffers::new(device, stream);
+    let operands = upload_operands(&mut buffers, host, out_bytes)?;
     let candidates = Fp8GemmParams::candidates(problem.m, problem.n, b_scaling, output, grouping);
     let flops = 2.0 * f64::from(problem.m) * f64::from(problem.n) * f64::from(problem.k);
     let mut default_tflops = 0.0;
@@ -180,7 +196,7 @@ fn sweep(
         }
         let mut row = Vec::new();
         for schedule in schedules {
-            let launch = || Ok(gemm.launch(stream, &problem, &operands.addresses, &schedule)?);
+            let launch = || Ok(gemm.launch(stream, &problem, &operands, &schedule)?);
             let ms = time_launches(device, stream, launch, iters, || {
                 format!("{} with {schedule}", params.name())
             })?;
@@ -200,10 +216,7 @@ fn sweep(
         }
         println!("  {:<44} {}", params.name(), row.join(" "));
     }
-    operands.free(&mut allocator)?;
-    stream.synchronize()?;
-    allocator.streams_synchronized();
-    allocator.empty_cache()?;
+    buffers.free()?;
     Ok((default_tflops, best))
 }
 
@@ -236,22 +249,17 @@ pub fn bench(
         "shape / kernel", "tile per block", "persist. b1", "persist. b8", "persist. b16"
     );
     let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let forward = |n, k| Layout {
-        problem: GemmProblem {
-            m: M,
-            n,
-            k,
-            groups: 1,
-        },
-        b_scaling: BScaling::Block128x128,
-        output: GemmOutput::Bf16,
-        grouping: GemmGrouping::Dense,
-    };
     let mut summary = Vec::new();
     for (n, k) in SHAPES {
         println!("forward {M} x {n} x {k}");
-        let (default_tflops, best) =
-            sweep(device, cache, &stream, forward(n, k), iters, &mut seed)?;
+        let (default_tflops, best) = sweep(
+            device,
+            cache,
+            &stream,
+            forward_layout((n, k)),
+            iters,
+            &mut seed,
+        )?;
         let theirs = torch
             .as_ref()
             .and_then(|t| t.results.iter().find(|r| (r.m, r.n, r.k) == (M, n, k)))
@@ -305,17 +313,7 @@ mod tests {
     /// lent GPU's minutes are not spent finding out).
     #[test]
     fn every_timed_configuration_takes_its_problem() {
-        let forward = SHAPES.map(|(n, k)| Layout {
-            problem: GemmProblem {
-                m: M,
-                n,
-                k,
-                groups: 1,
-            },
-            b_scaling: BScaling::Block128x128,
-            output: GemmOutput::Bf16,
-            grouping: GemmGrouping::Dense,
-        });
+        let forward = SHAPES.map(forward_layout);
         let others = other_layouts().map(|(_, layout)| layout);
         let mut configurations = 0;
         for layout in forward.into_iter().chain(others) {

@@ -1,14 +1,14 @@
 //! Check 3: the FP8 GEMM templates (the sm_90a one's tile configurations under three schedules,
 //! and the portable one) against the exact product of their quantized operands.
 
-use fathom_kernels::{FallbackGemmParams, Fp8GemmParams, GemmOutput, GemmProblem, TileSchedule};
+use fathom_kernels::{FallbackGemmParams, Fp8GemmParams, GemmOutput, TileSchedule};
 use fathom_runtime::cuda::fp8_gemm::{Fp8Gemm, Fp8GemmFallback, HostFp8Operands};
-use fathom_runtime::cuda::memory::{DriverMemory, download, upload};
-use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
+use fathom_runtime::cuda::memory::{download, upload};
+use fathom_runtime::cuda::{CudaStream, GpuDevice, KernelCache};
 use fathom_runtime::fp8::{bf16_to_f32, calc_diff};
 
-use super::{Operands, le_bytes, noise};
-use crate::cli::gpu_check::launch::{HANG_LIMIT, finish_within};
+use super::{noise, upload_operands};
+use crate::cli::gpu_check::launch::{Buffers, HANG_LIMIT, finish_within};
 
 /// DeepGEMM's bound on `calc_diff` for an FP8 GEMM.
 const MAX_DIFF: f64 = 1e-3;
@@ -31,13 +31,39 @@ impl Case {
         expected
     }
 
-    fn initial_bytes(&self) -> Vec<u8> {
-        let len = (self.ops.problem.m * self.ops.problem.n) as usize;
+    fn out_len(&self) -> usize {
+        (self.ops.problem.m * self.ops.problem.n) as usize
+    }
+
+    fn out_bytes(&self) -> usize {
+        self.out_len()
+            * if self.output == GemmOutput::Bf16 {
+                2
+            } else {
+                4
+            }
+    }
+
+    /// The output as f32 (BF16 outputs widened exactly).
+    fn read_output(&self, stream: &CudaStream, out: u64) -> anyhow::Result<Vec<f32>> {
+        Ok(if self.output == GemmOutput::Bf16 {
+            let mut bits = vec![0u16; self.out_len()];
+            download(stream, out, &mut bits)?;
+            bits.into_iter().map(bf16_to_f32).collect()
+        } else {
+            let mut values = vec![0f32; self.out_len()];
+            download(stream, out, &mut values)?;
+            values
+        })
+    }
+
+    /// Puts the output back as the GEMM must find it.
+    fn reset_output(&self, stream: &CudaStream, out: u64) -> anyhow::Result<()> {
         match self.output {
-            GemmOutput::Bf16 => vec![0u8; 2 * len],
-            GemmOutput::F32 => vec![0u8; 4 * len],
-            GemmOutput::F32Accumulate => le_bytes(&self.initial, f32::to_le_bytes),
+            GemmOutput::F32Accumulate => upload(stream, out, &self.initial)?,
+            _ => upload(stream, out, &vec![0u8; self.out_bytes()])?,
         }
+        Ok(())
     }
 }
 
@@ -112,7 +138,6 @@ fn checked_schedules(
 /// Check 3; returns the failures.
 pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Result<Vec<String>> {
     let stream = device.ctx.new_stream()?;
-    let mut allocator = CachingAllocator::new(DriverMemory::new(device.ctx.clone()));
     let mut failures = Vec::new();
     let hopper = device.compute_capability == (9, 0);
     if !hopper {
@@ -123,18 +148,14 @@ pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Res
     }
     for case in cases()? {
         let problem = case.ops.problem;
-        let operands = Operands::upload(
-            &mut allocator,
-            &stream,
-            (&case.ops).into(),
-            case.initial_bytes().len(),
-        )?;
+        let mut buffers = Buffers::new(device, &stream);
+        let operands = upload_operands(&mut buffers, (&case.ops).into(), case.out_bytes())?;
         let run = Run {
             device,
             stream: &stream,
             case: &case,
             expected: case.expected(),
-            out: operands.addresses.out,
+            out: operands.out,
         };
         let mut report = |name: String, diffs: Vec<(f64, String)>| {
             let worst = diffs.iter().map(|(d, _)| *d).fold(0.0, f64::max);
@@ -171,7 +192,7 @@ pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Res
             for schedule in checked_schedules(device, &stream, &gemm)? {
                 let how = format!(" with {schedule}");
                 let diff = run.diff(&how, || {
-                    Ok(gemm.launch(&stream, &problem, &operands.addresses, &schedule)?)
+                    Ok(gemm.launch(&stream, &problem, &operands, &schedule)?)
                 })?;
                 diffs.push((diff, how));
             }
@@ -185,15 +206,10 @@ pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Res
             ..FallbackGemmParams::new(64, 64)
         };
         let gemm = Fp8GemmFallback::load(&device.ctx, cache, fallback, &device.arch())?;
-        let diff = run.diff("", || {
-            Ok(gemm.launch(&stream, &problem, &operands.addresses)?)
-        })?;
+        let diff = run.diff("", || Ok(gemm.launch(&stream, &problem, &operands)?))?;
         report(fallback.name(), vec![(diff, String::new())]);
-        operands.free(&mut allocator)?;
+        buffers.free()?;
     }
-    stream.synchronize()?;
-    allocator.streams_synchronized();
-    allocator.empty_cache()?;
     Ok(failures)
 }
 
@@ -210,35 +226,12 @@ impl Run<'_> {
     /// Resets the output, runs `launch`, and returns DeepGEMM's difference from the expected
     /// output (`how` names the run if it hangs).
     fn diff(&self, how: &str, launch: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-        upload(self.stream, self.out, &self.case.initial_bytes())?;
+        self.case.reset_output(self.stream, self.out)?;
         launch()?;
         finish_within(self.device, self.stream, HANG_LIMIT, || {
             format!("the GEMM of {}{how}", self.case.what)
         })?;
-        let got = download_output(
-            self.stream,
-            self.out,
-            self.case.output,
-            &self.case.ops.problem,
-        )?;
+        let got = self.case.read_output(self.stream, self.out)?;
         Ok(calc_diff(&got, &self.expected)?)
     }
-}
-
-fn download_output(
-    stream: &CudaStream,
-    out: u64,
-    output: GemmOutput,
-    problem: &GemmProblem,
-) -> anyhow::Result<Vec<f32>> {
-    let len = (problem.m * problem.n) as usize;
-    Ok(if output == GemmOutput::Bf16 {
-        let mut bits = vec![0u16; len];
-        download(stream, out, &mut bits)?;
-        bits.into_iter().map(bf16_to_f32).collect()
-    } else {
-        let mut values = vec![0f32; len];
-        download(stream, out, &mut values)?;
-        values
-    })
 }

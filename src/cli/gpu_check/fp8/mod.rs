@@ -9,8 +9,8 @@ mod check;
 mod quantize;
 
 use fathom_runtime::cuda::fp8_gemm::{Fp8GemmOperands, HostFp8Operands};
-use fathom_runtime::cuda::memory::{DriverMemory, stream_id, upload};
-use fathom_runtime::cuda::{CachingAllocator, CudaStream};
+
+use super::launch::Buffers;
 
 pub use bench::bench;
 pub use check::check_correctness;
@@ -45,58 +45,23 @@ impl<'a> From<&'a HostFp8Operands> for HostOperands<'a> {
     }
 }
 
-/// Device copies of one problem's operands (freed by [`Operands::free`]).
-struct Operands {
-    blocks: Vec<fathom_runtime::cuda::alloc::Block>,
-    addresses: Fp8GemmOperands,
-}
-
-impl Operands {
-    fn upload(
-        allocator: &mut CachingAllocator<DriverMemory>,
-        stream: &CudaStream,
-        host: HostOperands<'_>,
-        out_bytes: usize,
-    ) -> anyhow::Result<Self> {
-        let mut blocks = Vec::new();
-        let mut put = |bytes: &[u8]| -> anyhow::Result<u64> {
-            let block = allocator.alloc(bytes.len().max(1), stream_id(stream))?;
-            let ptr = block.ptr;
-            blocks.push(block);
-            upload(stream, ptr, bytes)?;
-            Ok(ptr)
-        };
-        let a = put(host.a)?;
-        let b = put(host.b)?;
-        let scale_a = put(&le_bytes(host.scale_a, f32::to_le_bytes))?;
-        let scale_b = put(&le_bytes(host.scale_b, f32::to_le_bytes))?;
-        let out = put(&vec![0u8; out_bytes])?;
-        let block_expert = if host.block_expert.is_empty() {
+/// Device copies of one problem's operands in `buffers` (freed with them), with a zeroed
+/// output of `out_bytes`.
+fn upload_operands(
+    buffers: &mut Buffers<'_>,
+    host: HostOperands<'_>,
+    out_bytes: usize,
+) -> anyhow::Result<Fp8GemmOperands> {
+    Ok(Fp8GemmOperands {
+        a: buffers.put(host.a)?,
+        b: buffers.put(host.b)?,
+        scale_a: buffers.put(host.scale_a)?,
+        scale_b: buffers.put(host.scale_b)?,
+        out: buffers.put(&vec![0u8; out_bytes])?,
+        block_expert: if host.block_expert.is_empty() {
             None
         } else {
-            Some(put(&le_bytes(host.block_expert, i32::to_le_bytes))?)
-        };
-        Ok(Operands {
-            blocks,
-            addresses: Fp8GemmOperands {
-                a,
-                b,
-                scale_a,
-                scale_b,
-                out,
-                block_expert,
-            },
-        })
-    }
-
-    fn free(self, allocator: &mut CachingAllocator<DriverMemory>) -> anyhow::Result<()> {
-        for block in self.blocks {
-            allocator.free(block)?;
-        }
-        Ok(())
-    }
-}
-
-fn le_bytes<T: Copy, const W: usize>(values: &[T], to_bytes: fn(T) -> [u8; W]) -> Vec<u8> {
-    values.iter().flat_map(|&v| to_bytes(v)).collect()
+            Some(buffers.put(host.block_expert)?)
+        },
+    })
 }
