@@ -81,9 +81,7 @@ impl Executable {
                     Ok(device) => {
                         let nvrtc =
                             fathom_kernels::nvrtc::Nvrtc::locate().map_err(CudaError::from)?;
-                        let dir = KernelCache::default_dir().map_err(CudaError::from)?;
-                        let cache = KernelCache::new(dir, nvrtc)
-                            .with_overrides(crate::cuda::KernelOverrides::from_env());
+                        let cache = KernelCache::from_env(nvrtc).map_err(CudaError::from)?;
                         let executor = GpuExecutor::new(
                             &device,
                             &cache,

@@ -180,15 +180,17 @@ impl KernelCache {
         }
     }
 
+    /// The cache a run uses: in [`default_dir`](Self::default_dir), with the override folder
+    /// `$FATHOM_KERNEL_OVERRIDE_DIR` names, if any.
+    pub fn from_env(nvrtc: Nvrtc) -> Result<Self, CacheError> {
+        Ok(Self::new(Self::default_dir()?, nvrtc).with_overrides(KernelOverrides::from_env()))
+    }
+
     /// Compiles kernels from the hand-edited files in `overrides` where it has one (see
     /// [`KernelOverrides`]); `None` keeps the generated sources.
     pub fn with_overrides(mut self, overrides: Option<KernelOverrides>) -> Self {
         self.overrides = overrides;
         self
-    }
-
-    pub fn overrides(&self) -> Option<&KernelOverrides> {
-        self.overrides.as_ref()
     }
 
     pub fn root(&self) -> &Path {

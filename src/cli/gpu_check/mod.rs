@@ -41,7 +41,7 @@ use fathom_runtime::HostTensor;
 use fathom_runtime::cpu::{CpuProgram, KernelPhase};
 use fathom_runtime::cuda::library_samples::{SampleResult, library_samples, run_sample};
 use fathom_runtime::cuda::memory::DriverMemory;
-use fathom_runtime::cuda::{CachingAllocator, GpuDevice, GpuKernels, KernelCache, KernelOverrides};
+use fathom_runtime::cuda::{CachingAllocator, GpuDevice, GpuKernels, KernelCache};
 use fathom_runtime::data::{SyntheticBatches, SyntheticKind, SyntheticTask};
 use fathom_runtime::exec::Backend;
 use fathom_runtime::init::init_parameters;
@@ -91,8 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     let nvrtc = Nvrtc::locate()?;
     let (nv_major, nv_minor) = nvrtc.version();
-    let cache = KernelCache::new(KernelCache::default_dir()?, nvrtc)
-        .with_overrides(KernelOverrides::from_env());
+    let cache = KernelCache::from_env(nvrtc)?;
     println!(
         "NVRTC {nv_major}.{nv_minor}; kernel cache {}",
         cache.root().display()
