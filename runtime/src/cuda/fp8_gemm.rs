@@ -17,7 +17,7 @@ use fathom_kernels::{
 
 use super::CudaError;
 use super::cache::KernelCache;
-use super::modules::{Arg, LoadedKernel, launch, load_kernel};
+use super::modules::{Arg, LoadedKernel, args_by_name, launch, load_kernel};
 use super::quantize_samples::k_block_major_scales;
 use crate::fp8::{QuantizedTensor, ScaleRounding, quantize_activations, quantize_weights};
 
@@ -145,41 +145,34 @@ impl Fp8Gemm {
         operands: &Fp8GemmOperands,
         schedule: &TileSchedule,
     ) -> Result<(), CudaError> {
-        let maps = self.params.tensor_maps(problem)?;
-        let map = |param: &str| -> Result<Arg, CudaError> {
-            let desc = maps.iter().find(|d| d.param == param).ok_or_else(|| {
-                CudaError::Launch(format!("the template declares no tensor map `{param}`"))
-            })?;
-            let base = match param {
+        if self.params.grouping == GemmGrouping::Contiguous && operands.block_expert.is_none() {
+            return Err(CudaError::Launch(
+                "a grouped GEMM needs `block_expert`".to_owned(),
+            ));
+        }
+        let int = |v: u32| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
+        let mut named = vec![
+            ("out", Arg::Ptr(operands.out)),
+            ("scale_b", Arg::Ptr(operands.scale_b)),
+            ("m", int(problem.m)),
+            ("n", int(problem.n)),
+            ("k", int(problem.k)),
+            ("raster_band", int(schedule.raster_band)),
+        ];
+        if let Some(block_expert) = operands.block_expert {
+            named.push(("block_expert", Arg::Ptr(block_expert)));
+        }
+        // Every tensor map the template declares, over its operand.
+        for desc in self.params.tensor_maps(problem)? {
+            let base = match desc.param {
                 "tmap_a" => operands.a,
                 "tmap_b" => operands.b,
                 "tmap_scale_a" => operands.scale_a,
                 _ => operands.scale_b,
             };
-            Ok(Arg::TensorMap(encode_tensor_map(desc, base)?))
-        };
-        let int = |v: u32| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
-        let mut args = Vec::new();
-        for param in self.params.kernel_params() {
-            args.push(match param.name {
-                "out" => Arg::Ptr(operands.out),
-                "scale_b" => Arg::Ptr(operands.scale_b),
-                "block_expert" => Arg::Ptr(operands.block_expert.ok_or_else(|| {
-                    CudaError::Launch("a grouped GEMM needs `block_expert`".to_owned())
-                })?),
-                "m" => int(problem.m),
-                "n" => int(problem.n),
-                "k" => int(problem.k),
-                "raster_band" => int(schedule.raster_band),
-                name @ ("tmap_a" | "tmap_b" | "tmap_scale_a" | "tmap_scale_b") => map(name)?,
-                other => {
-                    return Err(CudaError::Launch(format!(
-                        "{}: unknown parameter `{other}`",
-                        self.params.name()
-                    )));
-                }
-            });
+            named.push((desc.param, Arg::TensorMap(encode_tensor_map(&desc, base)?)));
         }
+        let mut args = args_by_name(&self.params.name(), &self.params.kernel_params(), &named)?;
         let [gx, gy, gz] = self.params.grid(problem, schedule);
         launch(
             stream,
@@ -232,28 +225,21 @@ impl Fp8GemmFallback {
                     "a grouped GEMM needs `block_expert`".to_owned(),
                 ));
             }
+            // Not read by a dense GEMM.
             (false, _) => 0,
         };
-        let mut args = Vec::new();
-        for param in self.params.kernel_params() {
-            args.push(match param.name {
-                "a" => Arg::Ptr(operands.a),
-                "b" => Arg::Ptr(operands.b),
-                "scale_a" => Arg::Ptr(operands.scale_a),
-                "scale_b" => Arg::Ptr(operands.scale_b),
-                "block_expert" => Arg::Ptr(block_expert),
-                "out" => Arg::Ptr(operands.out),
-                "m" => int(problem.m),
-                "n" => int(problem.n),
-                "k" => int(problem.k),
-                other => {
-                    return Err(CudaError::Launch(format!(
-                        "{}: unknown parameter `{other}`",
-                        self.params.name()
-                    )));
-                }
-            });
-        }
+        let named = [
+            ("a", Arg::Ptr(operands.a)),
+            ("b", Arg::Ptr(operands.b)),
+            ("scale_a", Arg::Ptr(operands.scale_a)),
+            ("scale_b", Arg::Ptr(operands.scale_b)),
+            ("block_expert", Arg::Ptr(block_expert)),
+            ("out", Arg::Ptr(operands.out)),
+            ("m", int(problem.m)),
+            ("n", int(problem.n)),
+            ("k", int(problem.k)),
+        ];
+        let mut args = args_by_name(&self.params.name(), &self.params.kernel_params(), &named)?;
         let [gx, gy, gz] = self.params.grid(problem.m, problem.n);
         launch(
             stream,

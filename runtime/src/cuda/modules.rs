@@ -12,7 +12,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result, sys};
 use cudarc::nvrtc::Ptx;
 use fathom_compiler::codegen::{CudaKernel, CudaSource};
 use fathom_compiler::kernel::BufferId;
-use fathom_kernels::{ArchRequirement, KernelSource};
+use fathom_kernels::{ArchRequirement, KernelParam, KernelSource};
 
 use super::CudaError;
 use super::cache::{CachedKernel, KernelCache, ModuleImage};
@@ -80,6 +80,30 @@ pub enum Arg {
     TensorMap(sys::CUtensorMap),
 }
 
+/// A template's arguments in its parameters' order, from `(parameter name, argument)` pairs
+/// (extra pairs are ignored; a parameter without one is an error naming it and `kernel`).
+pub fn args_by_name(
+    kernel: &str,
+    params: &[KernelParam],
+    named: &[(&str, Arg)],
+) -> Result<Vec<Arg>, CudaError> {
+    params
+        .iter()
+        .map(|param| {
+            named
+                .iter()
+                .find(|(name, _)| *name == param.name)
+                .map(|(_, arg)| *arg)
+                .ok_or_else(|| {
+                    CudaError::Launch(format!(
+                        "{kernel}: no argument for parameter `{}`",
+                        param.name
+                    ))
+                })
+        })
+        .collect()
+}
+
 /// Launches `function` on `stream` with `args` in order.
 pub fn launch(
     stream: &CudaStream,
@@ -144,4 +168,43 @@ pub fn launch_generated(
         &mut args,
     )
     .map_err(|e| e.in_kernel(&kernel.name))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use fathom_kernels::FallbackGemmParams;
+
+    use super::*;
+
+    #[test]
+    fn arguments_come_in_the_parameters_order_and_a_missing_one_is_named() {
+        let params = FallbackGemmParams::new(64, 64).kernel_params();
+        let names: Vec<&str> = params.iter().map(|p| p.name).collect();
+        // Given backwards, with one the template does not take.
+        let mut named: Vec<(&str, Arg)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (*name, Arg::Ptr(i as u64)))
+            .rev()
+            .collect();
+        named.push(("unused", Arg::I32(7)));
+        let args = args_by_name("gemm", &params, &named).unwrap();
+        let order: Vec<u64> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Ptr(p) => *p,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(order, (0..names.len() as u64).collect::<Vec<_>>());
+
+        named.retain(|(name, _)| *name != "scale_b");
+        let err = args_by_name("gemm", &params, &named).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            CudaError::Launch("gemm: no argument for parameter `scale_b`".to_owned()).to_string()
+        );
+    }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use fathom_kernels::KernelSource;
 use fathom_runtime::cuda::alloc::Block;
 use fathom_runtime::cuda::memory::{DriverMemory, download, stream_id, timing_event, upload};
-use fathom_runtime::cuda::modules::{Arg, launch, load_kernel};
+use fathom_runtime::cuda::modules::{Arg, args_by_name, launch, load_kernel};
 use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
 
 /// How long a checked launch (or a timing's three warm-up launches) may take before it counts as
@@ -99,17 +99,7 @@ pub fn launch_named(
     named: &[(&str, Arg)],
 ) -> anyhow::Result<()> {
     let kernel = load_kernel(&device.ctx, cache, source, &device.arch())?;
-    let mut args = Vec::new();
-    for param in &source.params {
-        let Some((_, arg)) = named.iter().find(|(name, _)| *name == param.name) else {
-            anyhow::bail!(
-                "{}: no argument for parameter `{}`",
-                source.name,
-                param.name
-            );
-        };
-        args.push(*arg);
-    }
+    let mut args = args_by_name(&source.name, &source.params, named)?;
     let [gx, gy, gz] = grid;
     launch(
         stream,
