@@ -219,22 +219,17 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
         .par_iter()
         .map(|source| {
             let users: Vec<_> = cuda.users_of(&source.entry).collect();
-            let mut kernel = generated_source(source, users.first().map_or(0, |k| k.launch.block));
-            let mut hand_edited = false;
-            if let Some(edit) = overrides
-                .as_ref()
-                .map(|o| o.apply(&kernel))
-                .transpose()?
-                .flatten()
-            {
-                println!(
-                    "{}: compiled from the hand-edited {}",
-                    kernel.entry,
-                    edit.path.display()
-                );
-                kernel = edit.kernel;
-                hand_edited = true;
+            let generated = generated_source(source, users.first().map_or(0, |k| k.launch.block));
+            let edit = match &overrides {
+                Some(overrides) => overrides.apply(&generated)?,
+                None => None,
+            };
+            if let Some(edit) = &edit {
+                let path = edit.path.display();
+                println!("{}: compiled from the hand-edited {path}", source.entry);
             }
+            let hand_edited = edit.is_some();
+            let kernel = edit.map_or(generated, |edit| edit.kernel);
             let t = Instant::now();
             let compiled = nvrtc.compile(&kernel, Some(arch))?;
             let time = t.elapsed();
