@@ -370,11 +370,6 @@ impl Fp8GemmParams {
         )
     }
 
-    /// Output tiles of a problem: `ceil(M / block_m) · ceil(N / block_n)`.
-    pub fn tiles(&self, problem: &GemmProblem) -> u32 {
-        problem.m.div_ceil(self.block_m) * problem.n.div_ceil(self.block_n)
-    }
-
     /// Launch grid for a problem: one-dimensional, a block per tile or at most the schedule's
     /// blocks; with clusters, a whole number of clusters (a cluster's tiles are `cluster_m`
     /// neighbouring row blocks, the last pair's second tile past M when the row blocks are odd).
