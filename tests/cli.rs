@@ -238,6 +238,48 @@ fn inspect_shows_the_kernels_a_precision_policy_leaves() {
     assert!(stderr(&run).contains("fp4"), "{}", stderr(&run));
 }
 
+/// With FP8 operands and Hopper's accumulation, `library-plan.txt` shows the Linear products
+/// running as `quantize` + the FP8 GEMM of the target, and says why the others run in f32.
+#[test]
+fn inspect_shows_which_products_run_as_fp8_gemms() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "inspect",
+        "--architecture",
+        "tiny",
+        "--train",
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+        "--precision",
+        "fp8",
+        "--accumulation",
+        "hopper",
+    ];
+    for (target, gemm) in [
+        ("sm_90a", "fp8_gemm_1x128_128x128_"),
+        ("sm_80", "fp8_gemm_fallback_1x128_128x128_"),
+    ] {
+        let out = dir.path().join(target);
+        let targeted = ["--target", target, "--out", out.to_str().unwrap()];
+        let run = fathom(&[&args[..], &targeted[..]].concat());
+        assert!(run.status.success(), "{}", stderr(&run));
+        let plan = std::fs::read_to_string(out.join("cuda").join("library-plan.txt")).unwrap();
+        assert!(plan.contains("quantize_1x128_f32_e4m3"), "{plan}");
+        assert!(plan.contains(gemm), "{target}: {plan}");
+        assert!(
+            plan.contains("(f32 GEMM: the experts' grouped FP8 GEMM is not planned yet)"),
+            "{plan}"
+        );
+        assert!(
+            String::from_utf8_lossy(&run.stdout).contains("FP8 GEMMs"),
+            "{}",
+            String::from_utf8_lossy(&run.stdout)
+        );
+    }
+}
+
 #[test]
 fn inspect_compiles_a_hand_edited_kernel_from_the_override_folder() {
     let nvrtc = fathom::kernels::nvrtc::nvrtc_unless_skipped().unwrap_or_else(|e| {

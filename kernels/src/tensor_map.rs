@@ -33,7 +33,7 @@ pub enum TensorMapSwizzle {
 /// A 2-D tiled tensor map. Dimensions are innermost first (element counts); the interleave is
 /// `NONE`, element strides are 1, L2 promotion `256B`, and out-of-bounds elements are filled with
 /// zeros (`CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE`), which the kernels rely on at ragged edges.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorMapDesc {
     /// The kernel parameter this map is passed as (e.g. `tmap_a`).
     pub param: &'static str,

@@ -59,7 +59,7 @@ fn graph(
 fn compiled(graph: &Graph, inputs: &HashMap<&'static str, HostTensor>) -> Program {
     let program = lower(graph).unwrap();
     cuda_program(&program).unwrap();
-    LibraryPlan::of(&program).unwrap();
+    LibraryPlan::of(&program, None).unwrap();
     let feeds = Feeds::new(inputs, &());
     let want = evaluate(graph, &feeds).unwrap();
     let jit = CpuProgram::new(program.clone());

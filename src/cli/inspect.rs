@@ -1,5 +1,6 @@
 //! `fathom inspect`: every artifact of compiling a model, as files; with `--target sm_90a` (or
-//! `sm_80`) also the generated CUDA C++ of every kernel, and with `--compile` what NVRTC makes of
+//! `sm_80`) also the generated CUDA C++ of every kernel and the launches of the library calls
+//! (which run as FP8 GEMMs, and why the others do not), and with `--compile` what NVRTC makes of
 //! it (CUBIN, SASS, registers, shared memory, spills), without a GPU.
 
 use std::fmt::Write as _;
@@ -16,6 +17,8 @@ use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
 use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool, project_pip_dirs};
 use fathom_runtime::cuda::KernelOverrides;
+use fathom_runtime::cuda::library::{LibraryKernel, LibraryPlan};
+use fathom_runtime::cuda::library_fp8::Fp8Target;
 use fathom_runtime::cuda::modules::generated_source;
 use rayon::prelude::*;
 
@@ -72,9 +75,14 @@ pub struct Args {
     /// graph and kernels as the precision pass leaves them.
     #[arg(long, default_value = "fp32")]
     precision: fathom_compiler::precision::Precision,
+    /// How the FP8 GEMMs sum their products (as `fathom train --accumulation`): `exact` (the f32
+    /// GEMM over the rounded operands on a GPU) or `hopper` (the FP8 tensor cores' own: on a
+    /// GPU, the FP8 GEMM).
+    #[arg(long, value_parser = fathom_compiler::precision::accumulation_named, default_value = "exact")]
+    accumulation: fathom_compiler::graph::Accumulation,
     /// `sm_90a` or `sm_80`: also write the generated CUDA C++ of every unique kernel to
-    /// `OUT/cuda/<entry>.cu`, with the launch table (`kernels.txt`) and the template calls
-    /// (`templates.txt`).
+    /// `OUT/cuda/<entry>.cu`, with the launch table (`kernels.txt`), the template calls
+    /// (`templates.txt`) and each library call's launches on that GPU (`library-plan.txt`).
     #[arg(long, value_enum, default_value = "cpu")]
     target: Target,
     /// With a CUDA target: compile every unique kernel with NVRTC (no GPU needed) and write its
@@ -104,7 +112,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         forward_graph(&spec, options)?
     };
-    let policy = fathom_compiler::precision::PrecisionPolicy::uniform(args.precision);
+    let policy = fathom_compiler::precision::PrecisionPolicy {
+        accumulation: args.accumulation,
+        ..fathom_compiler::precision::PrecisionPolicy::uniform(args.precision)
+    };
     let tiling = spec.fp8.clone().unwrap_or_default();
     let graph = fathom_compiler::precision::apply_precision(&graph, &policy, &tiling)?;
     let options = CompileOptions {
@@ -148,6 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let cuda = cuda_program(&compiled.program)?;
         let dir = args.out.join("cuda");
         write_cuda(&cuda, &dir)?;
+        write_library_plan(&compiled.program, arch, &dir)?;
         println!(
             "CUDA: {} generated kernels -> {} unique sources, {} template calls, in {}",
             cuda.kernels.len(),
@@ -192,6 +204,45 @@ fn write_cuda(cuda: &CudaProgram, dir: &Path) -> anyhow::Result<()> {
         );
     }
     write("templates.txt".into(), templates)
+}
+
+/// The library calls' launches on a GPU of `arch` (`library-plan.txt`), or why the program
+/// cannot run there; says how many products run as FP8 GEMMs.
+fn write_library_plan(
+    program: &fathom_compiler::kernel::Program,
+    arch: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let path = dir.join("library-plan.txt");
+    let text = match LibraryPlan::of(program, Fp8Target::for_arch(arch)) {
+        Ok(plan) => {
+            let fp8 = plan
+                .calls
+                .iter()
+                .flatten()
+                .filter(|c| {
+                    c.steps.iter().any(|s| {
+                        matches!(
+                            s.kernel,
+                            LibraryKernel::Fp8Gemm(_) | LibraryKernel::Fp8GemmFallback(_)
+                        )
+                    })
+                })
+                .count();
+            let in_f32 = plan.calls.iter().flatten().filter(|c| c.note.is_some());
+            println!(
+                "library calls on {arch}: {fp8} FP8 GEMMs, {} products marked FP8 in f32 \
+                 (reasons in library-plan.txt)",
+                in_f32.count()
+            );
+            plan.table()
+        }
+        Err(refused) => {
+            println!("the program cannot run on {arch}: {refused}");
+            format!("{refused}\n")
+        }
+    };
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// One unique source compiled by NVRTC.

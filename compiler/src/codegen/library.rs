@@ -4,9 +4,9 @@
 //! This module only describes each call (routine, problem parameters, operands); instantiating
 //! and launching a template is the runtime's job.
 //!
-//! | IR call | routine | templates in fathom-kernels (f32 operands, as today; FP8 ones once operands are E4M3) |
+//! | IR call | routine | templates in fathom-kernels |
 //! |---|---|---|
-//! | `MatMul` | `gemm` | `gemm_f32_batched`; `fp8_gemm` (sm_90a) / `fp8_gemm_fallback` (sm_80) |
+//! | `MatMul` | `gemm` | `gemm_f32_batched`; of E4M3-rounded operands with Hopper's accumulation, `quantize` + `fp8_gemm` (sm_90a) / `fp8_gemm_fallback` (sm_80) |
 //! | `GroupedMatMul` | `grouped_gemm` | `index_group_rows` + `gemm_f32_grouped`; `grouped_fp8_gemm` / grouped fallback |
 //! | `GroupedMatMulWeightGrad` | `grouped_gemm_weight_grad` | `index_group_rows` + `gemm_f32_grouped_wgrad` |
 //! | `QuantizeDequantize` | `quantize_dequantize` | `fake_quantize_e4m3`; `quantize` makes the codes and scales FP8 GEMMs read |
@@ -36,7 +36,10 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             ..
         } => (
             "gemm",
-            Some("gemm_f32_batched; fp8_gemm (sm_90a) / fp8_gemm_fallback (sm_80) once FP8"),
+            Some(
+                "gemm_f32_batched, or quantize + fp8_gemm (sm_90a) / fp8_gemm_fallback for \
+                 E4M3 operands with Hopper's accumulation",
+            ),
             vec![
                 ("batch", format!("{batch:?}")),
                 ("m", m.to_string()),
@@ -55,7 +58,7 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             ..
         } => (
             "grouped_gemm",
-            Some("gemm_f32_grouped; grouped_fp8_gemm (sm_90a) / grouped fallback (sm_80) once FP8"),
+            Some("gemm_f32_grouped (grouped_fp8_gemm once the plan sorts tokens by expert)"),
             vec![
                 ("x", ty(x)),
                 (

@@ -25,7 +25,9 @@ use super::CudaError;
 use super::alloc::{AllocStats, Block, CachingAllocator};
 use super::cache::KernelCache;
 use super::device::{GpuDevice, compile_target};
+use super::fp8_gemm::encode_tensor_map;
 use super::library::{LibraryCall, LibraryPlan, StepArg};
+use super::library_fp8::Fp8Target;
 use super::memory::{DriverMemory, download, stream_id, timing_event, upload};
 use super::modules::{Arg, generated_source, launch, launch_generated, load_kernel};
 use crate::cpu::{initial_contents, to_host};
@@ -49,14 +51,7 @@ impl GpuKernels {
         cache: &KernelCache,
         cuda: &CudaProgram,
     ) -> Result<Self, CudaError> {
-        let supported = cache.nvrtc().supported_archs()?;
-        let arch = compile_target(device.compute_capability, &supported).ok_or(
-            CudaError::NoCompileTarget {
-                major: device.compute_capability.0,
-                minor: device.compute_capability.1,
-                supported,
-            },
-        )?;
+        let arch = compile_arch(device, cache)?;
         let mut functions = HashMap::new();
         let mut cache_hits = 0;
         for source in &cuda.sources {
@@ -148,6 +143,16 @@ impl GpuKernels {
     }
 }
 
+/// What NVRTC compiles for on `device` (`sm_90a` on Hopper).
+fn compile_arch(device: &GpuDevice, cache: &KernelCache) -> Result<String, CudaError> {
+    let supported = cache.nvrtc().supported_archs()?;
+    compile_target(device.compute_capability, &supported).ok_or(CudaError::NoCompileTarget {
+        major: device.compute_capability.0,
+        minor: device.compute_capability.1,
+        supported,
+    })
+}
+
 /// Options of a [`GpuExecutor`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GpuOptions {
@@ -175,8 +180,9 @@ pub struct GpuExecutor {
     blocks: Vec<Block>,
     /// Device address of every buffer's first element (0 for unused buffers).
     address: Vec<u64>,
-    /// The library calls' scratch ints and their status words (see `super::library`).
+    /// The library calls' scratch ints, scratch bytes and status words (see `super::library`).
     scratch: u64,
+    scratch_bytes: u64,
     status: u64,
     options: GpuOptions,
     graph: Mutex<Option<CapturedGraph>>,
@@ -212,7 +218,8 @@ impl GpuExecutor {
         options: GpuOptions,
     ) -> Result<Self, CudaError> {
         let cuda = cuda_program(&program)?;
-        let library = LibraryPlan::of(&program)?;
+        let arch = compile_arch(device, cache)?;
+        let library = LibraryPlan::of(&program, Fp8Target::for_arch(&arch))?;
         let mut kernels = GpuKernels::load(device, cache, &cuda)?;
         kernels.load_library(device, cache, &library)?;
         let stream = device
@@ -255,6 +262,7 @@ impl GpuExecutor {
             Ok(ptr)
         };
         let scratch = block(4 * library.scratch_ints())?;
+        let scratch_bytes = block(library.scratch_bytes())?;
         let status = block(4 * STATUS_WORDS)?;
         Ok(GpuExecutor {
             program,
@@ -266,6 +274,7 @@ impl GpuExecutor {
             blocks,
             address,
             scratch,
+            scratch_bytes,
             status,
             options,
             graph: Mutex::new(None),
@@ -370,22 +379,32 @@ impl GpuExecutor {
     fn launch_library(&self, call: &LibraryCall) -> Result<(), CudaError> {
         for step in &call.steps {
             let function = self.kernels.function(&step.kernel.name())?;
-            let mut args: Vec<Arg> = step
+            let mut args = step
                 .args
                 .iter()
-                .map(|arg| match *arg {
-                    StepArg::Buffer(b, offset) => {
-                        Arg::Ptr(self.address[b.index()] + 4 * offset as u64)
-                    }
-                    StepArg::Scratch(offset) => Arg::Ptr(self.scratch + 4 * offset as u64),
-                    StepArg::Status => Arg::Ptr(self.status),
-                    StepArg::I32(v) => Arg::I32(v),
-                    StepArg::I64(v) => Arg::I64(v),
+                .map(|arg| {
+                    Ok(match *arg {
+                        StepArg::Buffer(b, offset) => {
+                            Arg::Ptr(self.address[b.index()] + 4 * offset as u64)
+                        }
+                        StepArg::Scratch(offset) => Arg::Ptr(self.scratch + 4 * offset as u64),
+                        StepArg::Bytes(offset) => Arg::Ptr(self.scratch_bytes + offset as u64),
+                        StepArg::TensorMap(desc, offset) => Arg::TensorMap(encode_tensor_map(
+                            &desc,
+                            self.scratch_bytes + offset as u64,
+                        )?),
+                        StepArg::Null => Arg::Ptr(0),
+                        StepArg::Status => Arg::Ptr(self.status),
+                        StepArg::I32(v) => Arg::I32(v),
+                        StepArg::I64(v) => Arg::I64(v),
+                    })
                 })
-                .collect();
+                .collect::<Result<Vec<Arg>, CudaError>>()
+                .map_err(|e| e.in_kernel(&call.name))?;
             let [x, y, z] = step.grid;
             let block = (step.kernel.block_threads(), 1, 1);
-            launch(&self.stream, function, (x, y, z), block, 0, &mut args)
+            let smem = step.kernel.dynamic_smem_bytes();
+            launch(&self.stream, function, (x, y, z), block, smem, &mut args)
                 .map_err(|e| e.in_kernel(&call.name))?;
         }
         Ok(())

@@ -11,22 +11,31 @@
 //! | `IndexAdd` | `index_group_rows` (positions by row, stable), `index_index_add` |
 //! | `Gather`, `TakeAlong`, `OneHot`, `TopK` | `index_gather`, … one kernel each |
 //! | `QuantizeDequantize` (E4M3) | `fake_quantize_e4m3[_pow2]` |
+//! | `MatMul` of E4M3-rounded operands, Hopper's accumulation | `quantize` × 2, `fp8_gemm` or `fp8_gemm_fallback` ([`super::library_fp8`]) |
+//!
+//! Accumulation: `Exact` runs the f32 templates. `Accumulation::HOPPER` is what the FP8 tensor
+//! cores do, so such a product runs as an FP8 GEMM when the kernels take it; otherwise (and for
+//! the experts' grouped products, whose FP8 GEMM needs the tokens sorted and padded by expert,
+//! which the plan does not do yet) as the f32 GEMM, summing at least as exactly, with a note in
+//! the plan's table saying why. Other limited accumulations are the CPU's emulations only.
 //!
 //! `group_rows` writes its offsets and members into a scratch area of ints shared by all calls
-//! (they run one after another on one stream). Kernels that read indices report an invalid one in
+//! (they run one after another on one stream); the FP8 products keep their codes and scales in
+//! a scratch area of bytes, shared the same way. Kernels that read indices report an invalid one in
 //! the status words, tagged with the call's position in the program plus one.
 
-use fathom_compiler::graph::{MatMulPart, QuantFormat, Triangle, Triangular};
+use fathom_compiler::graph::{Accumulation, MatMulPart, QuantFormat, Triangle, Triangular};
 use fathom_compiler::kernel::{
     BufferId, ExpertOutputs, ExpertWeights, KernelBody, Library, Program, View, grouped_rows,
 };
 use fathom_kernels::gemm_f32::MAX_BATCH_AXES;
 use fathom_kernels::{
-    F32GemmKind, F32GemmParams, FakeQuantizeParams, IndexOp, IndexOpParams, KernelError,
-    KernelSource,
+    F32GemmKind, F32GemmParams, FakeQuantizeParams, FallbackGemmParams, Fp8GemmParams, IndexOp,
+    IndexOpParams, KernelError, KernelSource, QuantizeParams, TensorMapDesc,
 };
 
 use super::CudaError;
+use super::library_fp8::{Fp8Product, Fp8Target, MatMulCall};
 
 /// Why a grouped GEMM whose experts' matrices lie in buffers of their own has no CUDA plan.
 const NOT_IN_PARTS: &str = "the CUDA plan reads and writes the experts' matrices of grouped \
@@ -51,6 +60,9 @@ pub enum LibraryKernel {
     Gemm(F32GemmParams),
     Index(IndexOpParams),
     FakeQuantize(FakeQuantizeParams),
+    Quantize(QuantizeParams),
+    Fp8Gemm(Fp8GemmParams),
+    Fp8GemmFallback(FallbackGemmParams),
 }
 
 impl LibraryKernel {
@@ -59,6 +71,9 @@ impl LibraryKernel {
             LibraryKernel::Gemm(p) => p.name(),
             LibraryKernel::Index(p) => p.name(),
             LibraryKernel::FakeQuantize(p) => p.name(),
+            LibraryKernel::Quantize(p) => p.name(),
+            LibraryKernel::Fp8Gemm(p) => p.name(),
+            LibraryKernel::Fp8GemmFallback(p) => p.name(),
         }
     }
 
@@ -67,6 +82,17 @@ impl LibraryKernel {
             LibraryKernel::Gemm(p) => p.block_threads(),
             LibraryKernel::Index(p) => p.block_threads(),
             LibraryKernel::FakeQuantize(p) => p.block_threads(),
+            LibraryKernel::Quantize(p) => p.block_threads(),
+            LibraryKernel::Fp8Gemm(p) => p.block_threads(),
+            LibraryKernel::Fp8GemmFallback(p) => p.block_threads(),
+        }
+    }
+
+    /// Dynamic shared memory of a launch (the Hopper FP8 GEMM's pipeline ring; 0 for the rest).
+    pub fn dynamic_smem_bytes(&self) -> u32 {
+        match self {
+            LibraryKernel::Fp8Gemm(p) => p.dynamic_smem_bytes(),
+            _ => 0,
         }
     }
 
@@ -75,6 +101,9 @@ impl LibraryKernel {
             LibraryKernel::Gemm(p) => p.instantiate(),
             LibraryKernel::Index(p) => p.instantiate(),
             LibraryKernel::FakeQuantize(p) => p.instantiate(),
+            LibraryKernel::Quantize(p) => p.instantiate(),
+            LibraryKernel::Fp8Gemm(p) => p.instantiate(),
+            LibraryKernel::Fp8GemmFallback(p) => p.instantiate(),
         }
     }
 }
@@ -86,6 +115,12 @@ pub enum StepArg {
     Buffer(BufferId, usize),
     /// The device address of int `offset` of the scratch area.
     Scratch(usize),
+    /// The device address of byte `offset` of the byte scratch area (FP8 codes and scales).
+    Bytes(usize),
+    /// A TMA descriptor of the tensor at byte `offset` of the byte scratch area.
+    TensorMap(TensorMapDesc, usize),
+    /// A null pointer (a parameter the kernel does not read in this configuration).
+    Null,
     /// The device address of the status words.
     Status,
     I32(i32),
@@ -108,6 +143,10 @@ pub struct LibraryCall {
     pub steps: Vec<LibraryStep>,
     /// Ints of scratch its steps use.
     pub scratch_ints: usize,
+    /// Bytes of the byte scratch its steps use.
+    pub scratch_bytes: usize,
+    /// Why a product marked with Hopper's accumulation runs as the f32 GEMM.
+    pub note: Option<String>,
 }
 
 /// The library calls of a program, by kernel position (`None` for loop nests).
@@ -117,9 +156,10 @@ pub struct LibraryPlan {
 }
 
 impl LibraryPlan {
-    /// Plans every library call of `program`; refuses the program, listing every call that
-    /// cannot run and why, when some cannot.
-    pub fn of(program: &Program) -> Result<Self, CudaError> {
+    /// Plans every library call of `program` for a GPU whose FP8 GEMM is `fp8` (none before
+    /// `sm_80`); refuses the program, listing every call that cannot run and why, when some
+    /// cannot.
+    pub fn of(program: &Program, fp8: Option<Fp8Target>) -> Result<Self, CudaError> {
         let mut calls = Vec::with_capacity(program.kernels.len());
         let mut refused = Vec::new();
         for (index, kernel) in program.kernels.iter().enumerate() {
@@ -130,14 +170,17 @@ impl LibraryPlan {
             let planner = Planner {
                 program,
                 tag: index + 1,
+                fp8,
             };
-            match planner.plan(call) {
-                Ok(steps) => {
+            match planner.plan_call(call) {
+                Ok(planned) => {
                     let scratch_ints = planner.scratch_ints(call);
                     calls.push(Some(LibraryCall {
                         name: kernel.name.clone(),
-                        steps,
+                        steps: planned.steps,
                         scratch_ints,
+                        scratch_bytes: planned.scratch_bytes,
+                        note: planned.note,
                     }));
                 }
                 Err(reason) => {
@@ -167,6 +210,16 @@ impl LibraryPlan {
             .unwrap_or(0)
     }
 
+    /// The byte scratch the largest call needs.
+    pub fn scratch_bytes(&self) -> usize {
+        self.calls
+            .iter()
+            .flatten()
+            .map(|c| c.scratch_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Every distinct kernel the plan launches, in order of first use.
     pub fn kernels(&self) -> Vec<LibraryKernel> {
         let mut kernels = Vec::new();
@@ -189,6 +242,9 @@ impl LibraryPlan {
         let mut table = String::new();
         for call in self.calls.iter().flatten() {
             table.push_str(&format!("{}\n", call.name));
+            if let Some(note) = &call.note {
+                table.push_str(&format!("  ({note})\n"));
+            }
             if call.steps.is_empty() {
                 table.push_str("  (empty output: nothing to launch)\n");
             }
@@ -212,6 +268,12 @@ fn arg_text(arg: &StepArg) -> String {
         StepArg::Buffer(b, 0) => b.to_string(),
         StepArg::Buffer(b, offset) => format!("{b}+{offset}"),
         StepArg::Scratch(offset) => format!("scratch+{offset}"),
+        StepArg::Bytes(offset) => format!("bytes+{offset}"),
+        StepArg::TensorMap(desc, offset) => {
+            let ([inner, outer], [box_inner, box_outer]) = (desc.global_dims, desc.box_dims);
+            format!("map(bytes+{offset}: {outer}x{inner}, box {box_outer}x{box_inner})")
+        }
+        StepArg::Null => "null".to_owned(),
         StepArg::Status => "status".to_owned(),
         StepArg::I32(v) => v.to_string(),
         StepArg::I64(v) => v.to_string(),
@@ -223,9 +285,17 @@ struct Planner<'a> {
     program: &'a Program,
     /// The call's tag in the status words: its position in the program plus one.
     tag: usize,
+    fp8: Option<Fp8Target>,
 }
 
 type Planned = Result<Vec<LibraryStep>, String>;
+
+/// The steps of a call and what else its plan says.
+struct PlannedCall {
+    steps: Vec<LibraryStep>,
+    scratch_bytes: usize,
+    note: Option<String>,
+}
 
 impl Planner<'_> {
     fn dims(&self, b: &BufferId) -> &[usize] {
@@ -339,18 +409,75 @@ impl Planner<'_> {
         }
     }
 
-    fn plan(&self, call: &Library) -> Planned {
-        if let Library::MatMul { accumulation, .. }
-        | Library::GroupedMatMul { accumulation, .. }
-        | Library::GroupedMatMulWeightGrad { accumulation, .. } = call
-            && !accumulation.is_exact()
-        {
-            // The CPU's emulation of Hopper's FP8 accumulation; a GPU's FP8 GEMM has the real one.
+    /// The call's steps: an FP8 GEMM for a product with Hopper's accumulation when the kernels
+    /// take it, the f32 templates otherwise.
+    fn plan_call(&self, call: &Library) -> Result<PlannedCall, String> {
+        let f32_steps = |note: Option<String>| -> Result<PlannedCall, String> {
+            Ok(PlannedCall {
+                steps: self.plan(call)?,
+                scratch_bytes: 0,
+                note,
+            })
+        };
+        let accumulation = match call {
+            Library::MatMul { accumulation, .. }
+            | Library::GroupedMatMul { accumulation, .. }
+            | Library::GroupedMatMulWeightGrad { accumulation, .. } => *accumulation,
+            _ => Accumulation::Exact,
+        };
+        if accumulation.is_exact() {
+            return f32_steps(None);
+        }
+        if accumulation != Accumulation::HOPPER {
             return Err(format!(
-                "accumulation {accumulation} is emulated on the CPU only; on a GPU leave the \
-                 precision policy's accumulation exact"
+                "accumulation {accumulation} is emulated on the CPU only; on a GPU use `exact` \
+                 or `hopper` (the FP8 tensor cores' own)"
             ));
         }
+        let Library::MatMul {
+            batch,
+            m,
+            n,
+            k,
+            a,
+            b,
+            out,
+            triangular,
+            rounds: false,
+            ..
+        } = call
+        else {
+            // The experts' grouped products (a `MatMul` that rounds its operands is refused by
+            // `plan`).
+            return f32_steps(Some(
+                "f32 GEMM: the experts' grouped FP8 GEMM is not planned yet".to_owned(),
+            ));
+        };
+        let matmul = MatMulCall {
+            batch,
+            mnk: (*m, *n, *k),
+            views: [a, b, out],
+            accumulation,
+            triangular: triangular.is_some(),
+        };
+        let fp8 = self
+            .fp8
+            .ok_or_else(|| "this GPU has no FP8 GEMM (before sm_80)".to_owned());
+        let planned = fp8.and_then(|target| {
+            let product = Fp8Product::find(self.program, &matmul)?;
+            product.steps(target)
+        });
+        match planned {
+            Ok((steps, scratch_bytes)) => Ok(PlannedCall {
+                steps,
+                scratch_bytes,
+                note: None,
+            }),
+            Err(why) => f32_steps(Some(format!("f32 GEMM: {why}"))),
+        }
+    }
+
+    fn plan(&self, call: &Library) -> Planned {
         if let Library::MatMul { rounds: true, .. }
         | Library::GroupedMatMul { rounds: true, .. }
         | Library::GroupedMatMulWeightGrad { rounds: true, .. } = call
@@ -664,7 +791,10 @@ impl Planner<'_> {
 /// The batch axes as (extent, stride of a, b and out), axes of extent 1 dropped and each axis
 /// folded into the next one when all three views step over it as one longer axis (stride =
 /// next stride × next extent), so that e.g. `[batch, heads]` becomes one axis.
-fn merged_batch_axes(batch: &[usize], strides: [&[isize]; 3]) -> Vec<(usize, [isize; 3])> {
+pub(crate) fn merged_batch_axes(
+    batch: &[usize],
+    strides: [&[isize]; 3],
+) -> Vec<(usize, [isize; 3])> {
     let mut axes: Vec<(usize, [isize; 3])> = Vec::new();
     for (d, &extent) in batch.iter().enumerate() {
         if extent == 1 {

@@ -13,6 +13,7 @@ use fathom_compiler::training::training_graph;
 use fathom_kernels::nvrtc::nvrtc_unless_skipped;
 
 use super::*;
+use crate::cuda::library_fp8::Fp8Target;
 use crate::cuda::library_samples::library_samples;
 
 fn tiny_training_program() -> Program {
@@ -47,7 +48,7 @@ fn contiguous_batch_axes_merge_and_others_stay() {
 #[test]
 fn the_tiny_training_step_plans_every_library_call() {
     let program = tiny_training_program();
-    let plan = LibraryPlan::of(&program).unwrap();
+    let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
     assert_eq!(plan.calls.len(), program.kernels.len());
     assert_eq!(
         plan.calls.iter().flatten().count(),
@@ -83,7 +84,7 @@ fn the_tiny_training_steps_library_kernels_compile_for_sm90a_and_sm80() {
     }) else {
         return;
     };
-    let plan = LibraryPlan::of(&tiny_training_program()).unwrap();
+    let plan = LibraryPlan::of(&tiny_training_program(), Some(Fp8Target::Hopper)).unwrap();
     let mut failures = Vec::new();
     let mut report = String::new();
     for kernel in plan.kernels() {
@@ -120,7 +121,7 @@ fn the_tiny_training_steps_library_kernels_compile_for_sm90a_and_sm80() {
 fn sample_step(name: &str, kernel: &str) -> LibraryStep {
     let samples = library_samples().unwrap();
     let sample = samples.iter().find(|s| s.name == name).unwrap();
-    let plan = LibraryPlan::of(&sample.program).unwrap();
+    let plan = LibraryPlan::of(&sample.program, Some(Fp8Target::Hopper)).unwrap();
     let steps: Vec<&LibraryStep> = plan
         .calls
         .iter()
@@ -164,7 +165,7 @@ fn awkward_views_become_strides_and_grids() {
 #[test]
 fn every_sample_plans_its_call() {
     for sample in library_samples().unwrap() {
-        let plan = LibraryPlan::of(&sample.program).unwrap();
+        let plan = LibraryPlan::of(&sample.program, Some(Fp8Target::Hopper)).unwrap();
         assert_eq!(
             plan.calls.iter().flatten().count(),
             library_call_count(&sample.program),
@@ -225,21 +226,32 @@ fn one_matmul_program(a_strides: [isize; 4], accumulation: Accumulation) -> Prog
 fn a_call_that_cannot_be_planned_is_refused_by_name() {
     // A walks its batch axes in the opposite order: no axes merge, and the f32 GEMM takes three.
     let program = one_matmul_program([1, 2, 4, 8], Accumulation::Exact);
-    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    let error = LibraryPlan::of(&program, Some(Fp8Target::Hopper))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("k0_matmul: 4 batch axes"), "{error}");
     assert!(error.contains("takes 3"), "{error}");
 }
 
+/// Hopper's accumulation is the FP8 tensor cores': a product of f32 operands with it runs as the
+/// f32 GEMM (summing more exactly), and the plan says why; the CPU's other emulation (no
+/// promotion) has no GPU counterpart and is refused.
 #[test]
-fn the_cpu_emulation_of_fp8_accumulation_is_refused_on_the_gpu() {
+fn only_hoppers_own_accumulation_runs_on_the_gpu() {
     let program = one_matmul_program([8, 4, 2, 1], Accumulation::HOPPER);
-    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
+    let note = plan.calls[0].as_ref().unwrap().note.clone().unwrap();
+    assert!(note.contains("not rounded to E4M3"), "{note}");
+    assert!(plan.table().contains(&note));
+    let program = one_matmul_program([8, 4, 2, 1], Accumulation::HOPPER_WITHOUT_PROMOTION);
+    let error = LibraryPlan::of(&program, Some(Fp8Target::Hopper))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("k0_matmul"), "{error}");
     assert!(
-        error.contains("accumulation 13b/128 is emulated on the CPU only"),
+        error.contains("accumulation 13b/K is emulated on the CPU only"),
         "{error}"
     );
-    assert!(LibraryPlan::of(&one_matmul_program([8, 4, 2, 1], Accumulation::Exact)).is_ok());
 }
 
 /// A product that rounds its operands as it reads them (the CPU's folded round trips) has no
@@ -253,7 +265,9 @@ fn a_product_that_rounds_its_operands_is_refused_on_the_gpu() {
     {
         (*exact_in, *rounds) = (Some(DType::BF16), true);
     }
-    let error = LibraryPlan::of(&program).unwrap_err().to_string();
+    let error = LibraryPlan::of(&program, Some(Fp8Target::Hopper))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("k0_matmul"), "{error}");
     assert!(error.contains("products_round_operands"), "{error}");
 }
@@ -274,7 +288,9 @@ fn refusal(lower: fathom_compiler::lower::LowerOptions) -> String {
 /// Why the CUDA plan refuses `graph` compiled with `options`.
 fn refusal_of(graph: &fathom_compiler::graph::Graph, options: &CompileOptions) -> String {
     let program = compile(graph, options).unwrap().program;
-    LibraryPlan::of(&program).unwrap_err().to_string()
+    LibraryPlan::of(&program, Some(Fp8Target::Hopper))
+        .unwrap_err()
+        .to_string()
 }
 
 /// The CPU's cross-entropy routines are library calls the CUDA plan has no template for: the

@@ -17,6 +17,7 @@ pub mod device;
 pub mod executor;
 pub mod fp8_gemm;
 pub mod library;
+pub mod library_fp8;
 pub mod library_samples;
 pub mod memory;
 pub mod modules;

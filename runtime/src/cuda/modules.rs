@@ -81,12 +81,13 @@ pub enum Arg {
 }
 
 /// A template's arguments in its parameters' order, from `(parameter name, argument)` pairs
-/// (extra pairs are ignored; a parameter without one is an error naming it and `kernel`).
-pub fn args_by_name(
+/// (extra pairs are ignored; a parameter without one is an error naming it and `kernel`). The
+/// arguments are launch-ready [`Arg`]s, or a plan's steps that the executor resolves later.
+pub fn args_by_name<T: Copy>(
     kernel: &str,
     params: &[KernelParam],
-    named: &[(&str, Arg)],
-) -> Result<Vec<Arg>, CudaError> {
+    named: &[(&str, T)],
+) -> Result<Vec<T>, CudaError> {
     params
         .iter()
         .map(|param| {

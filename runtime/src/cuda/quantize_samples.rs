@@ -82,19 +82,38 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
             bits.iter().flat_map(|b| b.to_le_bytes()).collect()
         }
     };
+    let (codes, scales) = expected_quantization(params, &x, rows, cols)?;
+    Ok(QuantizeSample {
+        params,
+        rows,
+        cols,
+        input,
+        codes,
+        scales,
+    })
+}
+
+/// The codes and scales `params`' kernel must write for the `[rows][cols]` values `x` (as it
+/// reads them), in its layouts: the CPU quantizers' results, rearranged.
+pub fn expected_quantization(
+    params: QuantizeParams,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<u8>, Vec<f32>), CudaError> {
     let rounding = if params.pow2_scales {
         ScaleRounding::PowerOfTwo
     } else {
         ScaleRounding::Exact
     };
     let quantizing = |e: crate::fp8::Fp8Error| CudaError::Launch(format!("{}: {e}", params.name()));
-    let (codes, scales) = match params.kind {
+    Ok(match params.kind {
         QuantizeKind::Tile1x128 => {
-            let q = quantize_activations(&x, rows, cols, 128, rounding).map_err(quantizing)?;
+            let q = quantize_activations(x, rows, cols, 128, rounding).map_err(quantizing)?;
             (q.codes().to_vec(), k_block_major_scales(&q, rows, cols))
         }
         QuantizeKind::Block128x128 { transpose } => {
-            let q = quantize_weights(&x, rows, cols, 128, rounding).map_err(quantizing)?;
+            let q = quantize_weights(x, rows, cols, 128, rounding).map_err(quantizing)?;
             if transpose {
                 let blocks = (rows.div_ceil(128), cols.div_ceil(128));
                 (
@@ -106,18 +125,10 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
             }
         }
         QuantizeKind::Tile128x1Transposed => {
-            let q = quantize_activations_transposed(&x, rows, cols, 128, rounding)
+            let q = quantize_activations_transposed(x, rows, cols, 128, rounding)
                 .map_err(quantizing)?;
             (q.codes().to_vec(), k_block_major_scales(&q, cols, rows))
         }
-    };
-    Ok(QuantizeSample {
-        params,
-        rows,
-        cols,
-        input,
-        codes,
-        scales,
     })
 }
 

@@ -1,0 +1,437 @@
+//! FP8 products on the GPU. The precision pass rounds an FP8 GEMM's operands with
+//! `QuantizeDequantize` (E4M3, DeepSeek-V3's tiles) and marks the product with Hopper's
+//! accumulation (`Accumulation::HOPPER`); such a `MatMul` runs as a real FP8 GEMM:
+//!
+//! 1. `quantize` makes each operand's E4M3 codes and scales, in the orientation and scale layout
+//!    the GEMM reads, from the operand buffer the matmul reads (the rounded values; quantising
+//!    them again gives back the same codes, see below);
+//! 2. the FP8 GEMM multiplies the codes, promoting each 128-wide K block's partial sums to f32
+//!    with both scales applied: `fp8_gemm` (wgmma and TMA) on `sm_90a`, the portable
+//!    `fp8_gemm_fallback` (`mma.sync`) on other GPUs from `sm_80` on.
+//!
+//! | operand | tiles of the rounding | as the matmul reads it | `quantize` | GEMM scales |
+//! |---|---|---|---|---|
+//! | A `[M][K]` | 1×128 of `[rows][K]` | rows (batch axes merged into M) | `1x128` | 1×128 |
+//! | A `[M][K]` | 128×1 of `[K][M]` | transposed | `128x1t` | 1×128 |
+//! | B `[K][N]` | 128×128 of `[K][N]` | as stored | `128x128t` | 128×128 |
+//! | B `[K][N]` | 128×128 of `[N][K]` | transposed | `128x128` | 128×128 |
+//! | B `[K][N]` | 1×128 of `[N][K]` | transposed | `1x128` | 1×128 (B as an activation) |
+//! | B `[K][N]` | 128×1 of `[K][N]` | as stored | `128x1t` | 1×128 |
+//!
+//! A product the FP8 GEMM cannot take (other tiles, operands that are slices or batched
+//! weights, K not a multiple of 16, …) runs as the f32 GEMM over the rounded operands, which
+//! sums at least as exactly as the tensor cores; [`Fp8Product::find`] says why, and the plan's
+//! table shows it.
+//!
+//! Why quantising the rounded values again is exact: a tile's largest element `amax` became
+//! `448·s` (its code is the largest, 448), so the second scale `448·s / 448` is `s` up to one
+//! f32 rounding, and every `code·s / s'` lies within 2⁻²³ of `code`, which E4M3 rounds back to
+//! `code`. With power-of-two scales the second scale may halve (when the largest code is 224),
+//! which doubles every code: the same values again. The CPU test below checks it on every FP8
+//! product of the tiny model.
+
+use fathom_compiler::graph::{Accumulation, QuantFormat};
+use fathom_compiler::kernel::{BufferId, KernelBody, Library, Program, View};
+use fathom_kernels::{
+    BScaling, FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem,
+    KernelParam, QuantizeInput, QuantizeKind, QuantizeParams, TileSchedule,
+};
+
+use super::library::{LibraryKernel, LibraryStep, StepArg, merged_batch_axes};
+use super::modules::args_by_name;
+
+/// Which FP8 GEMM a device runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp8Target {
+    /// `fp8_gemm`: wgmma and TMA, `sm_90a` only.
+    Hopper,
+    /// `fp8_gemm_fallback`: `mma.sync` on codes widened to bf16, any GPU from `sm_80` on.
+    Portable,
+}
+
+impl Fp8Target {
+    /// The FP8 GEMM for kernels compiled for `arch` (`sm_90a`, `sm_89`, `compute_80`, …); none
+    /// before `sm_80`.
+    pub fn for_arch(arch: &str) -> Option<Self> {
+        if arch == "sm_90a" {
+            return Some(Fp8Target::Hopper);
+        }
+        let number: u32 = arch
+            .trim_start_matches("sm_")
+            .trim_start_matches("compute_")
+            .trim_end_matches(['a', 'f'])
+            .parse()
+            .ok()?;
+        (number >= 80).then_some(Fp8Target::Portable)
+    }
+}
+
+/// Bytes between the starts of two scratch regions: what TMA and 16-byte loads need, rounded up
+/// to a cache line pair.
+const REGION_ALIGN: usize = 256;
+
+/// One operand of an FP8 product: the `quantize` call that makes its codes and scales from the
+/// buffer the matmul reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fp8Operand {
+    pub quantize: QuantizeParams,
+    pub source: BufferId,
+    /// The source as the quantize kernel reads it: `[rows][cols]`.
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Fp8Operand {
+    /// Bytes of the codes.
+    fn code_bytes(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Bytes of the scales, in the layout `quantize` writes (see `QuantizeKind`).
+    fn scale_bytes(&self) -> usize {
+        let (rows, cols) = (self.rows, self.cols);
+        4 * match self.quantize.kind {
+            QuantizeKind::Tile1x128 => cols.div_ceil(128) * rows.next_multiple_of(4),
+            QuantizeKind::Block128x128 { .. } => rows.div_ceil(128) * cols.div_ceil(128),
+            QuantizeKind::Tile128x1Transposed => rows.div_ceil(128) * cols.next_multiple_of(4),
+        }
+    }
+}
+
+/// A `MatMul` that runs as an FP8 GEMM: `out[M][N] = A[M][K] · B[N][K]ᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fp8Product {
+    pub a: Fp8Operand,
+    pub b: Fp8Operand,
+    pub b_scaling: BScaling,
+    /// M with the batch axes merged into it.
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub out: BufferId,
+}
+
+/// The fields of a `Library::MatMul` the FP8 recognition reads.
+pub(crate) struct MatMulCall<'a> {
+    pub batch: &'a [usize],
+    pub mnk: (usize, usize, usize),
+    pub views: [&'a View; 3],
+    pub accumulation: Accumulation,
+    pub triangular: bool,
+}
+
+/// A `QuantizeDequantize` call of the program: its tile and rounding, over a `[.., rows, cols]`
+/// buffer.
+struct Rounding {
+    tile: (usize, usize),
+    pow2_scales: bool,
+    dims: Vec<usize>,
+}
+
+impl Rounding {
+    /// The call that writes `buffer`, if it is an E4M3 rounding.
+    fn of(program: &Program, buffer: BufferId) -> Result<Rounding, String> {
+        program
+            .kernels
+            .iter()
+            .find_map(|kernel| match &kernel.body {
+                KernelBody::Library(Library::QuantizeDequantize {
+                    format: QuantFormat::E4M3,
+                    tile_rows,
+                    tile_cols,
+                    pow2_scales,
+                    out,
+                    ..
+                }) if *out == buffer => Some(Rounding {
+                    tile: (*tile_rows, *tile_cols),
+                    pow2_scales: *pow2_scales,
+                    dims: program.buffer(buffer).ty.dims().to_vec(),
+                }),
+                _ => None,
+            })
+            .ok_or_else(|| format!("{buffer} is not rounded to E4M3 by the program"))
+    }
+
+    fn cols(&self) -> usize {
+        self.dims.last().copied().unwrap_or(1)
+    }
+
+    fn rows(&self) -> usize {
+        self.dims.iter().product::<usize>() / self.cols().max(1)
+    }
+
+    /// Whether the buffer is one matrix (tiles of 128 rows would otherwise restart at each).
+    fn is_one_matrix(&self) -> bool {
+        self.dims.len() <= 2 || self.dims[..self.dims.len() - 2].iter().all(|&d| d == 1)
+    }
+
+    fn operand(&self, kind: QuantizeKind, source: BufferId) -> Fp8Operand {
+        Fp8Operand {
+            quantize: QuantizeParams {
+                kind,
+                input: QuantizeInput::F32,
+                pow2_scales: self.pow2_scales,
+            },
+            source,
+            rows: self.rows(),
+            cols: self.cols(),
+        }
+    }
+}
+
+impl Fp8Product {
+    /// The FP8 GEMM for `call`, or why it has none (then the f32 GEMM runs it).
+    pub(crate) fn find(program: &Program, call: &MatMulCall<'_>) -> Result<Fp8Product, String> {
+        if call.accumulation != Accumulation::HOPPER {
+            return Err(format!(
+                "accumulation {} is not the FP8 GEMM's",
+                call.accumulation
+            ));
+        }
+        if call.triangular {
+            return Err("a triangular product".into());
+        }
+        let (m, n, k) = call.mnk;
+        let [a, b, out] = call.views;
+        let rounded = (
+            Rounding::of(program, a.buffer)?,
+            Rounding::of(program, b.buffer)?,
+        );
+        if [a, b, out].iter().any(|v| v.offset != 0) {
+            return Err("an operand is a slice of its buffer".into());
+        }
+        let rank = call.batch.len();
+        let axes = merged_batch_axes(call.batch, call.views.map(|v| &v.strides[..rank]));
+        let batches: usize = call.batch.iter().product();
+        let [sa, sb, so] = match axes.as_slice() {
+            [] => [0; 3],
+            [(_, strides)] => *strides,
+            _ => return Err("batch axes that do not merge into M".into()),
+        };
+        let rows = batches * m;
+        let matrix = |v: &View| (v.strides[rank], v.strides[rank + 1]);
+        if sb != 0 {
+            return Err("B differs between batches".into());
+        }
+        let numel = |b: BufferId| program.buffer(b).ty.numel();
+        if matrix(out) != (n as isize, 1)
+            || (batches > 1 && so != (m * n) as isize)
+            || numel(out.buffer) != rows * n
+        {
+            return Err("the output is not one row-major [M][N] matrix".into());
+        }
+        let a = Self::operand_a(&rounded.0, a, (m, k), (batches, sa))?;
+        let (b, b_scaling) = Self::operand_b(&rounded.1, b, (k, n))?;
+        Ok(Fp8Product {
+            a,
+            b,
+            b_scaling,
+            m: rows,
+            n,
+            k,
+            out: out.buffer,
+        })
+    }
+
+    /// A `[M][K]` with 1×128 scales along K: rows rounded in 1×128 tiles (batches merged into
+    /// M), or the transpose of a `[K][M]` matrix rounded in 128×1 tiles.
+    fn operand_a(
+        rounding: &Rounding,
+        view: &View,
+        (m, k): (usize, usize),
+        (batches, batch_stride): (usize, isize),
+    ) -> Result<Fp8Operand, String> {
+        let rank = view.strides.len() - 2;
+        let strides = (view.strides[rank], view.strides[rank + 1]);
+        let (rows, cols) = (rounding.rows(), rounding.cols());
+        let whole_rows = strides == (k as isize, 1)
+            && cols == k
+            && rows == batches * m
+            && (batches == 1 || batch_stride == (m * k) as isize);
+        match rounding.tile {
+            (1, 128) if whole_rows => Ok(rounding.operand(QuantizeKind::Tile1x128, view.buffer)),
+            (128, 1)
+                if batches == 1
+                    && rounding.is_one_matrix()
+                    && strides == (1, cols as isize)
+                    && (rows, cols) == (k, m) =>
+            {
+                Ok(rounding.operand(QuantizeKind::Tile128x1Transposed, view.buffer))
+            }
+            (tile_rows, tile_cols) => Err(format!(
+                "A is rounded in {tile_rows}x{tile_cols} tiles of {:?}, read with strides \
+                 {strides:?}: not 1×128 tiles along K",
+                rounding.dims
+            )),
+        }
+    }
+
+    /// B `[K][N]` as the GEMM's K-major `[N][K]`, with 128×128 or 1×128 scales.
+    fn operand_b(
+        rounding: &Rounding,
+        view: &View,
+        (k, n): (usize, usize),
+    ) -> Result<(Fp8Operand, BScaling), String> {
+        let rank = view.strides.len() - 2;
+        let strides = (view.strides[rank], view.strides[rank + 1]);
+        let (rows, cols) = (rounding.rows(), rounding.cols());
+        let one = rounding.is_one_matrix();
+        // As stored: `[K][N]` row-major; transposed: `[N][K]` row-major.
+        let as_stored = strides == (cols as isize, 1) && (rows, cols) == (k, n);
+        let transposed = strides == (1, cols as isize) && (rows, cols) == (n, k);
+        let (kind, scaling) = match rounding.tile {
+            (128, 128) if one && as_stored => (
+                QuantizeKind::Block128x128 { transpose: true },
+                BScaling::Block128x128,
+            ),
+            (128, 128) if one && transposed => (
+                QuantizeKind::Block128x128 { transpose: false },
+                BScaling::Block128x128,
+            ),
+            (1, 128) if transposed => (QuantizeKind::Tile1x128, BScaling::Row1x128),
+            (128, 1) if one && as_stored => (QuantizeKind::Tile128x1Transposed, BScaling::Row1x128),
+            (tile_rows, tile_cols) => {
+                return Err(format!(
+                    "B is rounded in {tile_rows}x{tile_cols} tiles of {:?}, read with strides \
+                     {strides:?}: not the FP8 GEMM's 128×128 blocks or 1×128 tiles along K",
+                    rounding.dims
+                ));
+            }
+        };
+        Ok((rounding.operand(kind, view.buffer), scaling))
+    }
+
+    /// The steps (quantise A, quantise B, the GEMM) for `target`, and the scratch bytes they
+    /// use; or why the kernels cannot take the shapes.
+    pub(crate) fn steps(&self, target: Fp8Target) -> Result<(Vec<LibraryStep>, usize), String> {
+        let mut layout = ScratchLayout::default();
+        let (qa, sa) = (
+            layout.region(self.a.code_bytes()),
+            layout.region(self.a.scale_bytes()),
+        );
+        let (qb, sb) = (
+            layout.region(self.b.code_bytes()),
+            layout.region(self.b.scale_bytes()),
+        );
+        let mut steps = vec![
+            quantize_step(&self.a, qa, sa)?,
+            quantize_step(&self.b, qb, sb)?,
+        ];
+        let dims = [self.m, self.n, self.k].map(|d| i32::try_from(d).ok());
+        let [Some(m), Some(n), Some(k)] = dims else {
+            return Err("a dimension does not fit the kernels' 32-bit int".into());
+        };
+        let problem = GemmProblem {
+            m: m as u32,
+            n: n as u32,
+            k: k as u32,
+            groups: 1,
+        };
+        let mut named = vec![
+            ("out", StepArg::Buffer(self.out, 0)),
+            ("m", StepArg::I32(m)),
+            ("n", StepArg::I32(n)),
+            ("k", StepArg::I32(k)),
+        ];
+        let (kernel, grid, args) = match target {
+            Fp8Target::Hopper => {
+                let params = Fp8GemmParams::for_shape(
+                    problem.m,
+                    problem.n,
+                    self.b_scaling,
+                    GemmOutput::F32,
+                    GemmGrouping::Dense,
+                );
+                let schedule = TileSchedule::ONE_TILE_PER_BLOCK;
+                named.push(("raster_band", StepArg::I32(schedule.raster_band as i32)));
+                named.push(("scale_b", StepArg::Bytes(sb)));
+                for desc in params.tensor_maps(&problem).map_err(|e| e.to_string())? {
+                    let base = match desc.param {
+                        "tmap_a" => qa,
+                        "tmap_b" => qb,
+                        "tmap_scale_a" => sa,
+                        _ => sb,
+                    };
+                    named.push((desc.param, StepArg::TensorMap(desc, base)));
+                }
+                let grid = params.grid(&problem, &schedule);
+                let args = ordered(&params.name(), &params.kernel_params(), &named)?;
+                (LibraryKernel::Fp8Gemm(params), grid, args)
+            }
+            Fp8Target::Portable => {
+                let params = FallbackGemmParams {
+                    b_scaling: self.b_scaling,
+                    output: GemmOutput::F32,
+                    ..FallbackGemmParams::new(64, 64)
+                };
+                // The portable kernel has the same contract, so the same limits.
+                let contract = Fp8GemmParams::new(64, 64, 1);
+                contract
+                    .check_problem(&problem)
+                    .map_err(|e| e.to_string())?;
+                named.extend([
+                    ("a", StepArg::Bytes(qa)),
+                    ("b", StepArg::Bytes(qb)),
+                    ("scale_a", StepArg::Bytes(sa)),
+                    ("scale_b", StepArg::Bytes(sb)),
+                    ("block_expert", StepArg::Null),
+                ]);
+                let grid = params.grid(problem.m, problem.n);
+                let args = ordered(&params.name(), &params.kernel_params(), &named)?;
+                (LibraryKernel::Fp8GemmFallback(params), grid, args)
+            }
+        };
+        steps.push(LibraryStep { kernel, grid, args });
+        Ok((steps, layout.bytes))
+    }
+}
+
+/// A template's step arguments in its parameters' order.
+fn ordered(
+    kernel: &str,
+    params: &[KernelParam],
+    named: &[(&str, StepArg)],
+) -> Result<Vec<StepArg>, String> {
+    args_by_name(kernel, params, named).map_err(|e| e.to_string())
+}
+
+/// The `quantize` step of an operand: codes at byte `codes`, scales at byte `scales`.
+fn quantize_step(operand: &Fp8Operand, codes: usize, scales: usize) -> Result<LibraryStep, String> {
+    let params = operand.quantize;
+    let (rows, cols) = (
+        u32::try_from(operand.rows).map_err(|e| e.to_string())?,
+        u32::try_from(operand.cols).map_err(|e| e.to_string())?,
+    );
+    params
+        .check_problem(rows, cols)
+        .map_err(|e| e.to_string())?;
+    Ok(LibraryStep {
+        kernel: LibraryKernel::Quantize(params),
+        grid: params.grid(rows, cols),
+        args: vec![
+            StepArg::Buffer(operand.source, 0),
+            StepArg::Bytes(codes),
+            StepArg::Bytes(scales),
+            StepArg::I32(rows as i32),
+            StepArg::I32(cols as i32),
+        ],
+    })
+}
+
+/// Regions of the byte scratch, each aligned to [`REGION_ALIGN`].
+#[derive(Default)]
+struct ScratchLayout {
+    bytes: usize,
+}
+
+impl ScratchLayout {
+    fn region(&mut self, bytes: usize) -> usize {
+        let start = self.bytes;
+        self.bytes = (start + bytes).next_multiple_of(REGION_ALIGN);
+        start
+    }
+}
+
+#[cfg(test)]
+#[path = "library_fp8_tests.rs"]
+mod tests;
