@@ -268,8 +268,14 @@ fn inspect_shows_which_products_run_as_fp8_gemms() {
         let plan = std::fs::read_to_string(out.join("cuda").join("library-plan.txt")).unwrap();
         assert!(plan.contains("quantize_1x128_f32_e4m3"), "{plan}");
         assert!(plan.contains(gemm), "{target}: {plan}");
+        // The experts' products too, in DeepGEMM's padded layout; their weight gradients not.
         assert!(
-            plan.contains("(f32 GEMM: the experts' grouped FP8 GEMM is not planned yet)"),
+            plan.contains(&format!("grouped_{gemm}")),
+            "{target}: {plan}"
+        );
+        assert!(plan.contains("index_pad_groups"), "{plan}");
+        assert!(
+            plan.contains("(f32 GEMM: the experts' weight gradients are a K-grouped GEMM"),
             "{plan}"
         );
         assert!(

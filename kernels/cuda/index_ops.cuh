@@ -169,4 +169,63 @@ __device__ __forceinline__ void top_k(const float* __restrict__ x, float* __rest
   }
 }
 
+// The contiguous layout of the grouped FP8 GEMMs (DeepGEMM's): the token-slots of each group
+// (expert), in `group_rows` order, in a segment of their own, each segment padded to a multiple
+// of ALIGN rows; `m_padded` rows in all (enough for any grouping: count + groups * (ALIGN - 1),
+// rounded up). From `group_rows`' offsets and members, writes each segment's first row
+// (`padded_offsets [groups + 1]`), the group of every ALIGN-row block (`block_group`, -1 past the
+// last segment), the row of x each padded row copies (`source_rows`, -1 for padding; x is
+// [tokens][x_slots][width], one row per token when x_slots is 1, as in the grouped GEMMs) and
+// the padded row of every token-slot (`padded_of`, as a float, for `gather_rows`). One block.
+template <int ALIGN>
+__device__ __forceinline__ void pad_groups(const int* __restrict__ offsets, const int* __restrict__ members,
+                                           int groups, int slots, int x_slots, int m_padded,
+                                           int* __restrict__ padded_offsets, int* __restrict__ block_group,
+                                           int* __restrict__ source_rows, float* __restrict__ padded_of) {
+  if (threadIdx.x == 0) {
+    int run = 0;
+    for (int g = 0; g < groups; ++g) {
+      padded_offsets[g] = run;
+      run += (offsets[g + 1] - offsets[g] + ALIGN - 1) / ALIGN * ALIGN;
+    }
+    padded_offsets[groups] = run;
+  }
+  __syncthreads();
+  // The group whose segment holds padded row `row`: the last one starting at or before it (empty
+  // segments start where the next one does), or -1 past the end.
+  auto group_of = [&](int row) {
+    if (row >= padded_offsets[groups]) return -1;
+    int lo = 0, hi = groups - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (padded_offsets[mid] <= row) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+  };
+  for (int b = threadIdx.x; b < m_padded / ALIGN; b += blockDim.x) block_group[b] = group_of(b * ALIGN);
+  for (int p = threadIdx.x; p < m_padded; p += blockDim.x) {
+    const int g = group_of(p);
+    int source = -1;
+    if (g >= 0) {
+      const int local = p - padded_offsets[g];
+      if (local < offsets[g + 1] - offsets[g]) {
+        const int token_slot = members[offsets[g] + local];
+        source = x_slots == 1 ? token_slot / slots : token_slot;
+        padded_of[token_slot] = static_cast<float>(p);
+      }
+    }
+    source_rows[p] = source;
+  }
+}
+
+// out[p][w] = x[source_rows[p]][w], or 0 where source_rows[p] is -1 (padding): the rows of x in
+// `pad_groups`' layout.
+__device__ __forceinline__ void gather_padded(const float* __restrict__ x, const int* __restrict__ source_rows,
+                                              float* __restrict__ out, int m_padded, int width) {
+  FATHOM_FOR_EACH(idx, static_cast<long long>(m_padded) * width) {
+    const int source = source_rows[idx / width];
+    out[idx] = source >= 0 ? x[static_cast<long long>(source) * width + idx % width] : 0.0f;
+  }
+}
+
 }  // namespace fathom

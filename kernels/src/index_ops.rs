@@ -1,6 +1,7 @@
 //! `index_ops`: the index-driven library calls (`cuda/index_ops.cuh`) on f32 buffers holding
 //! integers by value: `gather`, `take_along`, `index_add`, `one_hot`, `top_k`, and `group_rows`,
-//! the stable grouping by id that `index_add` and the grouped GEMMs run after. Results equal the
+//! the stable grouping by id that `index_add` and the grouped GEMMs run after; `pad_groups` and
+//! `gather_padded` lay the grouped rows out as the grouped FP8 GEMMs read them. Results equal the
 //! CPU backend's exactly (no float atomics; `index_add` sums in the CPU's order). Kernels that read
 //! indices report an invalid one through a `status` word (see the template) instead of failing
 //! silently. Sizes are launch arguments: one instantiation per operation. `sm_80` or newer.
@@ -33,7 +34,16 @@ pub enum IndexOp {
     IndexAdd,
     OneHot,
     TopK,
+    /// `group_rows`' offsets and members → the grouped FP8 GEMMs' padded layout (one block):
+    /// segment starts, each 128-row block's group, each padded row's source row of x, each
+    /// token-slot's padded row.
+    PadGroups,
+    /// The rows of x in `PadGroups`' layout, zeros for padding.
+    GatherPadded,
 }
+
+/// Rows per segment alignment of `PadGroups` (the grouped FP8 GEMMs' `GROUPED_M_ALIGN`).
+pub const PAD_ALIGN: u32 = crate::fp8_gemm::GROUPED_M_ALIGN;
 
 /// Template parameters of `index_ops.cuh`: which operation (everything else is a launch argument).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,6 +65,8 @@ impl IndexOpParams {
             IndexOp::IndexAdd => "index_add",
             IndexOp::OneHot => "one_hot",
             IndexOp::TopK => "top_k",
+            IndexOp::PadGroups => "pad_groups",
+            IndexOp::GatherPadded => "gather_padded",
         };
         format!("index_{op}")
     }
@@ -71,7 +83,7 @@ impl IndexOpParams {
     /// each) or, for `group_rows`, one block.
     pub fn grid(&self, work: u64) -> [u32; 3] {
         let blocks = match self.op {
-            IndexOp::GroupRows => 1,
+            IndexOp::GroupRows | IndexOp::PadGroups => 1,
             IndexOp::TopK => work.div_ceil(u64::from(TOP_K_THREADS / 32)),
             _ => work.div_ceil(u64::from(THREADS)).min(MAX_BLOCKS),
         };
@@ -80,7 +92,10 @@ impl IndexOpParams {
 
     /// Whether the kernel reads indices and so takes `status` and `tag`.
     pub fn checks_indices(&self) -> bool {
-        !matches!(self.op, IndexOp::IndexAdd | IndexOp::TopK)
+        !matches!(
+            self.op,
+            IndexOp::IndexAdd | IndexOp::TopK | IndexOp::PadGroups | IndexOp::GatherPadded
+        )
     }
 
     pub fn kernel_params(&self) -> Vec<KernelParam> {
@@ -88,6 +103,8 @@ impl IndexOpParams {
         let f32_out = |name| KernelParam::new(name, ParamType::MutPtr(Elem::F32));
         let int = |name| KernelParam::new(name, ParamType::I32);
         let long = |name| KernelParam::new(name, ParamType::I64);
+        let ints_in = |name| KernelParam::new(name, ParamType::ConstPtr(Elem::I32));
+        let ints_out = |name| KernelParam::new(name, ParamType::MutPtr(Elem::I32));
         let mut params = match self.op {
             IndexOp::GroupRows => vec![
                 f32_in("ids"),
@@ -134,6 +151,25 @@ impl IndexOpParams {
                 int("len"),
                 int("k"),
             ],
+            IndexOp::PadGroups => vec![
+                ints_in("offsets"),
+                ints_in("members"),
+                int("groups"),
+                int("slots"),
+                int("x_slots"),
+                int("m_padded"),
+                ints_out("padded_offsets"),
+                ints_out("block_group"),
+                ints_out("source_rows"),
+                f32_out("padded_of"),
+            ],
+            IndexOp::GatherPadded => vec![
+                f32_in("x"),
+                ints_in("source_rows"),
+                f32_out("out"),
+                int("m_padded"),
+                int("width"),
+            ],
         };
         if self.checks_indices() {
             params.push(KernelParam::new("status", ParamType::MutPtr(Elem::I32)));
@@ -154,6 +190,8 @@ impl IndexOpParams {
             IndexOp::IndexAdd => "fathom::index_add".to_owned(),
             IndexOp::OneHot => "fathom::one_hot".to_owned(),
             IndexOp::TopK => format!("fathom::top_k<{TOP_K_THREADS}>"),
+            IndexOp::PadGroups => format!("fathom::pad_groups<{PAD_ALIGN}>"),
+            IndexOp::GatherPadded => "fathom::gather_padded".to_owned(),
         };
         let description = vec![format!(
             "{:?} on f32 buffers holding integers by value; exact, deterministic.",
@@ -176,7 +214,7 @@ impl IndexOpParams {
     }
 
     /// Every operation, for compile checks.
-    pub fn all() -> [IndexOpParams; 6] {
+    pub fn all() -> [IndexOpParams; 8] {
         [
             IndexOp::GroupRows,
             IndexOp::Gather,
@@ -184,6 +222,8 @@ impl IndexOpParams {
             IndexOp::IndexAdd,
             IndexOp::OneHot,
             IndexOp::TopK,
+            IndexOp::PadGroups,
+            IndexOp::GatherPadded,
         ]
         .map(IndexOpParams::new)
     }

@@ -12,12 +12,13 @@
 //! | `Gather`, `TakeAlong`, `OneHot`, `TopK` | `index_gather`, … one kernel each |
 //! | `QuantizeDequantize` (E4M3) | `fake_quantize_e4m3[_pow2]` |
 //! | `MatMul` of E4M3-rounded operands, Hopper's accumulation | `quantize` × 2, `fp8_gemm` or `fp8_gemm_fallback` ([`super::library_fp8`]) |
+//! | `GroupedMatMul` likewise | `index_group_rows`, `index_pad_groups`, `index_gather_padded`, `quantize`s, the grouped FP8 GEMM, `index_gather` ([`super::library_fp8_grouped`]) |
 //!
 //! Accumulation: `Exact` runs the f32 templates. `Accumulation::HOPPER` is what the FP8 tensor
 //! cores do, so such a product runs as an FP8 GEMM when the kernels take it; otherwise (and for
-//! the experts' grouped products, whose FP8 GEMM needs the tokens sorted and padded by expert,
-//! which the plan does not do yet) as the f32 GEMM, summing at least as exactly, with a note in
-//! the plan's table saying why. Other limited accumulations are the CPU's emulations only.
+//! the experts' weight gradients, a K-grouped GEMM the templates do not have) as the f32 GEMM,
+//! summing at least as exactly, with a note in the plan's table saying why. Other limited
+//! accumulations are the CPU's emulations only.
 //!
 //! `group_rows` writes its offsets and members into a scratch area of ints shared by all calls
 //! (they run one after another on one stream); the FP8 products keep their codes and scales in
@@ -36,6 +37,7 @@ use fathom_kernels::{
 
 use super::CudaError;
 use super::library_fp8::{Fp8Product, Fp8Target, MatMulCall};
+use super::library_fp8_grouped::{Fp8GroupedProduct, GroupedCall};
 
 /// Why a grouped GEMM whose experts' matrices lie in buffers of their own has no CUDA plan.
 const NOT_IN_PARTS: &str = "the CUDA plan reads and writes the experts' matrices of grouped \
@@ -434,39 +436,59 @@ impl Planner<'_> {
                  or `hopper` (the FP8 tensor cores' own)"
             ));
         }
-        let Library::MatMul {
-            batch,
-            m,
-            n,
-            k,
-            a,
-            b,
-            out,
-            triangular,
-            rounds: false,
-            ..
-        } = call
-        else {
-            // The experts' grouped products (a `MatMul` that rounds its operands is refused by
-            // `plan`).
-            return f32_steps(Some(
-                "f32 GEMM: the experts' grouped FP8 GEMM is not planned yet".to_owned(),
-            ));
-        };
-        let matmul = MatMulCall {
-            batch,
-            mnk: (*m, *n, *k),
-            views: [a, b, out],
-            accumulation,
-            triangular: triangular.is_some(),
-        };
         let fp8 = self
             .fp8
             .ok_or_else(|| "this GPU has no FP8 GEMM (before sm_80)".to_owned());
-        let planned = fp8.and_then(|target| {
-            let product = Fp8Product::find(self.program, &matmul)?;
-            product.steps(target)
-        });
+        let planned = match call {
+            // (A product that rounds its operands as it reads them is refused by `plan`.)
+            Library::MatMul {
+                batch,
+                m,
+                n,
+                k,
+                a,
+                b,
+                out,
+                triangular,
+                rounds: false,
+                ..
+            } => fp8.and_then(|target| {
+                let matmul = MatMulCall {
+                    batch,
+                    mnk: (*m, *n, *k),
+                    views: [a, b, out],
+                    accumulation,
+                    triangular: triangular.is_some(),
+                };
+                Fp8Product::find(self.program, &matmul)?.steps(target)
+            }),
+            Library::GroupedMatMul {
+                x,
+                weights,
+                expert_ids,
+                out,
+                rounds: false,
+                ..
+            } => fp8.and_then(|target| {
+                let grouped = GroupedCall {
+                    x: *x,
+                    weights,
+                    expert_ids: *expert_ids,
+                    out: *out,
+                    accumulation,
+                };
+                let product = Fp8GroupedProduct::find(self.program, &grouped)?;
+                let ids = self.dims(expert_ids);
+                let experts = self.experts(weights);
+                let group_rows = self.group_rows(*expert_ids, ids[0] * ids[1], experts)?;
+                product.steps(target, group_rows, self.tag()?)
+            }),
+            Library::GroupedMatMulWeightGrad { .. } => Err(
+                "the experts' weight gradients are a K-grouped GEMM, which has no FP8 template yet"
+                    .to_owned(),
+            ),
+            _ => return f32_steps(None),
+        };
         match planned {
             Ok((steps, scratch_bytes)) => Ok(PlannedCall {
                 steps,

@@ -75,7 +75,8 @@ const REGION_ALIGN: usize = 256;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Fp8Operand {
     pub quantize: QuantizeParams,
-    pub source: BufferId,
+    /// The f32 values it quantises: a buffer, or the byte scratch.
+    pub source: StepArg,
     /// The source as the quantize kernel reads it: `[rows][cols]`.
     pub rows: usize,
     pub cols: usize,
@@ -83,12 +84,12 @@ pub(crate) struct Fp8Operand {
 
 impl Fp8Operand {
     /// Bytes of the codes.
-    fn code_bytes(&self) -> usize {
+    pub(crate) fn code_bytes(&self) -> usize {
         self.rows * self.cols
     }
 
     /// Bytes of the scales, in the layout `quantize` writes (see `QuantizeKind`).
-    fn scale_bytes(&self) -> usize {
+    pub(crate) fn scale_bytes(&self) -> usize {
         let (rows, cols) = (self.rows, self.cols);
         4 * match self.quantize.kind {
             QuantizeKind::Tile1x128 => cols.div_ceil(128) * rows.next_multiple_of(4),
@@ -122,15 +123,15 @@ pub(crate) struct MatMulCall<'a> {
 
 /// A `QuantizeDequantize` call of the program: its tile and rounding, over a `[.., rows, cols]`
 /// buffer.
-struct Rounding {
-    tile: (usize, usize),
-    pow2_scales: bool,
-    dims: Vec<usize>,
+pub(crate) struct Rounding {
+    pub tile: (usize, usize),
+    pub pow2_scales: bool,
+    pub dims: Vec<usize>,
 }
 
 impl Rounding {
     /// The call that writes `buffer`, if it is an E4M3 rounding.
-    fn of(program: &Program, buffer: BufferId) -> Result<Rounding, String> {
+    pub(crate) fn of(program: &Program, buffer: BufferId) -> Result<Rounding, String> {
         program
             .kernels
             .iter()
@@ -152,11 +153,11 @@ impl Rounding {
             .ok_or_else(|| format!("{buffer} is not rounded to E4M3 by the program"))
     }
 
-    fn cols(&self) -> usize {
+    pub(crate) fn cols(&self) -> usize {
         self.dims.last().copied().unwrap_or(1)
     }
 
-    fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.dims.iter().product::<usize>() / self.cols().max(1)
     }
 
@@ -165,14 +166,14 @@ impl Rounding {
         self.dims.len() <= 2 || self.dims[..self.dims.len() - 2].iter().all(|&d| d == 1)
     }
 
-    fn operand(&self, kind: QuantizeKind, source: BufferId) -> Fp8Operand {
+    pub(crate) fn operand(&self, kind: QuantizeKind, source: BufferId) -> Fp8Operand {
         Fp8Operand {
             quantize: QuantizeParams {
                 kind,
                 input: QuantizeInput::F32,
                 pow2_scales: self.pow2_scales,
             },
-            source,
+            source: StepArg::Buffer(source, 0),
             rows: self.rows(),
             cols: self.cols(),
         }
@@ -317,77 +318,112 @@ impl Fp8Product {
             quantize_step(&self.a, qa, sa)?,
             quantize_step(&self.b, qb, sb)?,
         ];
-        let dims = [self.m, self.n, self.k].map(|d| i32::try_from(d).ok());
-        let [Some(m), Some(n), Some(k)] = dims else {
-            return Err("a dimension does not fit the kernels' 32-bit int".into());
-        };
-        let problem = GemmProblem {
-            m: m as u32,
-            n: n as u32,
-            k: k as u32,
-            groups: 1,
-        };
-        let mut named = vec![
-            ("out", StepArg::Buffer(self.out, 0)),
-            ("m", StepArg::I32(m)),
-            ("n", StepArg::I32(n)),
-            ("k", StepArg::I32(k)),
-        ];
-        let (kernel, grid, args) = match target {
-            Fp8Target::Hopper => {
-                let params = Fp8GemmParams::for_shape(
-                    problem.m,
-                    problem.n,
-                    self.b_scaling,
-                    GemmOutput::F32,
-                    GemmGrouping::Dense,
-                );
-                let schedule = TileSchedule::ONE_TILE_PER_BLOCK;
-                named.push(("raster_band", StepArg::I32(schedule.raster_band as i32)));
-                named.push(("scale_b", StepArg::Bytes(sb)));
-                for desc in params.tensor_maps(&problem).map_err(|e| e.to_string())? {
-                    let base = match desc.param {
-                        "tmap_a" => qa,
-                        "tmap_b" => qb,
-                        "tmap_scale_a" => sa,
-                        _ => sb,
-                    };
-                    named.push((desc.param, StepArg::TensorMap(desc, base)));
-                }
-                let grid = params.grid(&problem, &schedule);
-                let args = ordered(&params.name(), &params.kernel_params(), &named)?;
-                (LibraryKernel::Fp8Gemm(params), grid, args)
-            }
-            Fp8Target::Portable => {
-                let params = FallbackGemmParams {
-                    b_scaling: self.b_scaling,
-                    output: GemmOutput::F32,
-                    ..FallbackGemmParams::new(64, 64)
-                };
-                // The portable kernel has the same contract, so the same limits.
-                let contract = Fp8GemmParams::new(64, 64, 1);
-                contract
-                    .check_problem(&problem)
-                    .map_err(|e| e.to_string())?;
-                named.extend([
-                    ("a", StepArg::Bytes(qa)),
-                    ("b", StepArg::Bytes(qb)),
-                    ("scale_a", StepArg::Bytes(sa)),
-                    ("scale_b", StepArg::Bytes(sb)),
-                    ("block_expert", StepArg::Null),
-                ]);
-                let grid = params.grid(problem.m, problem.n);
-                let args = ordered(&params.name(), &params.kernel_params(), &named)?;
-                (LibraryKernel::Fp8GemmFallback(params), grid, args)
-            }
-        };
-        steps.push(LibraryStep { kernel, grid, args });
+        let problem = gemm_problem([self.m, self.n, self.k], 1)?;
+        let regions = GemmRegions { qa, sa, qb, sb };
+        let out = StepArg::Buffer(self.out, 0);
+        let shape = (self.b_scaling, GemmGrouping::Dense);
+        steps.push(gemm_step(target, shape, &problem, &regions, out, None)?);
         Ok((steps, layout.bytes))
     }
 }
 
+/// A GEMM's sizes, when the kernels' 32-bit ints hold them.
+pub(crate) fn gemm_problem([m, n, k]: [usize; 3], groups: usize) -> Result<GemmProblem, String> {
+    let int = |d: usize| {
+        i32::try_from(d)
+            .map(|d| d as u32)
+            .map_err(|_| format!("{d} does not fit the kernels' 32-bit int"))
+    };
+    Ok(GemmProblem {
+        m: int(m)?,
+        n: int(n)?,
+        k: int(k)?,
+        groups: int(groups)?,
+    })
+}
+
+/// Where a GEMM's codes and scales lie in the byte scratch.
+pub(crate) struct GemmRegions {
+    pub qa: usize,
+    pub sa: usize,
+    pub qb: usize,
+    pub sb: usize,
+}
+
+/// The FP8 GEMM step of `target` for `problem` (B's scaling and the grouping as `shape`), f32
+/// out into `out`; a grouped GEMM reads each 128-row block's expert at `block_expert`.
+pub(crate) fn gemm_step(
+    target: Fp8Target,
+    (b_scaling, grouping): (BScaling, GemmGrouping),
+    problem: &GemmProblem,
+    regions: &GemmRegions,
+    out: StepArg,
+    block_expert: Option<StepArg>,
+) -> Result<LibraryStep, String> {
+    let GemmRegions { qa, sa, qb, sb } = *regions;
+    let mut named = vec![
+        ("out", out),
+        ("m", StepArg::I32(problem.m as i32)),
+        ("n", StepArg::I32(problem.n as i32)),
+        ("k", StepArg::I32(problem.k as i32)),
+        ("block_expert", block_expert.unwrap_or(StepArg::Null)),
+        ("scale_b", StepArg::Bytes(sb)),
+    ];
+    match target {
+        Fp8Target::Hopper => {
+            let params = Fp8GemmParams::for_shape(
+                problem.m,
+                problem.n,
+                b_scaling,
+                GemmOutput::F32,
+                grouping,
+            );
+            let schedule = TileSchedule::ONE_TILE_PER_BLOCK;
+            named.push(("raster_band", StepArg::I32(schedule.raster_band as i32)));
+            for desc in params.tensor_maps(problem).map_err(|e| e.to_string())? {
+                let base = match desc.param {
+                    "tmap_a" => qa,
+                    "tmap_b" => qb,
+                    "tmap_scale_a" => sa,
+                    _ => sb,
+                };
+                named.push((desc.param, StepArg::TensorMap(desc, base)));
+            }
+            Ok(LibraryStep {
+                kernel: LibraryKernel::Fp8Gemm(params),
+                grid: params.grid(problem, &schedule),
+                args: ordered(&params.name(), &params.kernel_params(), &named)?,
+            })
+        }
+        Fp8Target::Portable => {
+            let params = FallbackGemmParams {
+                b_scaling,
+                output: GemmOutput::F32,
+                grouping,
+                ..FallbackGemmParams::new(64, 64)
+            };
+            // The portable kernel has the same contract, so the same limits.
+            let contract = Fp8GemmParams {
+                grouping,
+                ..Fp8GemmParams::new(128, 64, 1)
+            };
+            contract.check_problem(problem).map_err(|e| e.to_string())?;
+            named.extend([
+                ("a", StepArg::Bytes(qa)),
+                ("b", StepArg::Bytes(qb)),
+                ("scale_a", StepArg::Bytes(sa)),
+            ]);
+            Ok(LibraryStep {
+                kernel: LibraryKernel::Fp8GemmFallback(params),
+                grid: params.grid(problem.m, problem.n),
+                args: ordered(&params.name(), &params.kernel_params(), &named)?,
+            })
+        }
+    }
+}
+
 /// A template's step arguments in its parameters' order.
-fn ordered(
+pub(crate) fn ordered(
     kernel: &str,
     params: &[KernelParam],
     named: &[(&str, StepArg)],
@@ -396,7 +432,11 @@ fn ordered(
 }
 
 /// The `quantize` step of an operand: codes at byte `codes`, scales at byte `scales`.
-fn quantize_step(operand: &Fp8Operand, codes: usize, scales: usize) -> Result<LibraryStep, String> {
+pub(crate) fn quantize_step(
+    operand: &Fp8Operand,
+    codes: usize,
+    scales: usize,
+) -> Result<LibraryStep, String> {
     let params = operand.quantize;
     let (rows, cols) = (
         u32::try_from(operand.rows).map_err(|e| e.to_string())?,
@@ -409,7 +449,7 @@ fn quantize_step(operand: &Fp8Operand, codes: usize, scales: usize) -> Result<Li
         kernel: LibraryKernel::Quantize(params),
         grid: params.grid(rows, cols),
         args: vec![
-            StepArg::Buffer(operand.source, 0),
+            operand.source,
             StepArg::Bytes(codes),
             StepArg::Bytes(scales),
             StepArg::I32(rows as i32),
@@ -420,12 +460,12 @@ fn quantize_step(operand: &Fp8Operand, codes: usize, scales: usize) -> Result<Li
 
 /// Regions of the byte scratch, each aligned to [`REGION_ALIGN`].
 #[derive(Default)]
-struct ScratchLayout {
-    bytes: usize,
+pub(crate) struct ScratchLayout {
+    pub bytes: usize,
 }
 
 impl ScratchLayout {
-    fn region(&mut self, bytes: usize) -> usize {
+    pub(crate) fn region(&mut self, bytes: usize) -> usize {
         let start = self.bytes;
         self.bytes = (start + bytes).next_multiple_of(REGION_ALIGN);
         start

@@ -8,23 +8,23 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::dtype::{DType, TensorType};
 use fathom_compiler::graph::{Accumulation, QuantFormat};
+use fathom_compiler::kernel::ExpertWeights;
 use fathom_compiler::kernel::{Buffer, BufferRole, Kernel};
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
 use fathom_compiler::training::training_graph;
-use fathom_kernels::TensorMapDesc;
-use fathom_kernels::fp8_gemm::BLOCK_K;
 use fathom_kernels::nvrtc::nvrtc_unless_skipped;
 
 use super::*;
 use crate::cuda::library::LibraryPlan;
-use crate::cuda::quantize_samples::expected_quantization;
-use crate::fp8::{ScaleRounding, e4m3_to_f32, fake_quantize};
+use crate::fp8::{ScaleRounding, fake_quantize};
+
+#[path = "library_fp8_emulator.rs"]
+mod emulator;
+use emulator::Memory;
 
 const TARGETS: [Fp8Target; 2] = [Fp8Target::Hopper, Fp8Target::Portable];
 
@@ -41,189 +41,6 @@ fn the_fp8_gemm_follows_the_architecture() {
     for arch in ["sm_75", "compute_70", "gfx90a"] {
         assert_eq!(Fp8Target::for_arch(arch), None, "{arch}");
     }
-}
-
-/// The host memory a plan's steps touch: the program's buffers and the byte scratch.
-struct Memory {
-    buffers: Vec<Vec<f32>>,
-    bytes: Vec<u8>,
-}
-
-impl Memory {
-    fn f32_at(&self, offset: usize) -> f32 {
-        f32::from_le_bytes(self.bytes[offset..offset + 4].try_into().unwrap())
-    }
-
-    /// Element `(row, col)` of the 2-D tensor a tensor map describes, as TMA reads it.
-    fn through_map(&self, desc: &TensorMapDesc, base: usize, (row, col): (usize, usize)) -> usize {
-        assert!(
-            (col as u64) < desc.global_dims[0] && (row as u64) < desc.global_dims[1],
-            "{}: ({row}, {col}) outside {:?}",
-            desc.param,
-            desc.global_dims
-        );
-        let size = match desc.dtype {
-            fathom_kernels::TensorMapDtype::U8 => 1,
-            fathom_kernels::TensorMapDtype::F32 => 4,
-        };
-        base + row * desc.outer_stride_bytes as usize + col * size
-    }
-
-    fn run(&mut self, step: &LibraryStep) {
-        match step.kernel {
-            LibraryKernel::Quantize(params) => self.quantize(params, &step.args),
-            LibraryKernel::Fp8Gemm(params) => {
-                let named = by_name(&params.kernel_params(), &step.args);
-                let map = |name: &str| match named[name] {
-                    StepArg::TensorMap(desc, base) => (desc, base),
-                    other => panic!("{name} is {other:?}, not a tensor map"),
-                };
-                let code = |(desc, base): (TensorMapDesc, usize)| -> ReadCode {
-                    Box::new(move |mem, row, col| {
-                        mem.bytes[mem.through_map(&desc, base, (row, col))]
-                    })
-                };
-                let scale = |(desc, base): (TensorMapDesc, usize)| -> ReadScale {
-                    Box::new(move |mem, kb, row| {
-                        mem.f32_at(mem.through_map(&desc, base, (kb, row)))
-                    })
-                };
-                let scale_b = match params.b_scaling {
-                    BScaling::Block128x128 => {
-                        block_scales(bytes(named["scale_b"]), int(named["k"]))
-                    }
-                    BScaling::Row1x128 => scale(map("tmap_scale_b")),
-                };
-                let operands = Operands {
-                    a: code(map("tmap_a")),
-                    b: code(map("tmap_b")),
-                    scale_a: scale(map("tmap_scale_a")),
-                    scale_b,
-                };
-                self.gemm(&named, &operands);
-            }
-            LibraryKernel::Fp8GemmFallback(params) => {
-                let named = by_name(&params.kernel_params(), &step.args);
-                assert_eq!(named["block_expert"], StepArg::Null);
-                let (m, n, k) = (int(named["m"]), int(named["n"]), int(named["k"]));
-                let [a, b, sa, sb] = ["a", "b", "scale_a", "scale_b"].map(|p| bytes(named[p]));
-                // The contract's layouts: A `[M][K]`, B `[N][K]`, A's scales
-                // `[ceil(K/128)][round_up(M, 4)]`, B's by rows `[ceil(K/128)][round_up(N, 4)]`.
-                let scale_b = match params.b_scaling {
-                    BScaling::Block128x128 => block_scales(sb, k),
-                    BScaling::Row1x128 => Box::new(move |mem: &Memory, kb: usize, j: usize| {
-                        mem.f32_at(sb + 4 * (kb * n.next_multiple_of(4) + j))
-                    }) as ReadScale,
-                };
-                let operands = Operands {
-                    a: Box::new(move |mem, i, p| mem.bytes[a + i * k + p]),
-                    b: Box::new(move |mem, j, p| mem.bytes[b + j * k + p]),
-                    scale_a: Box::new(move |mem, kb, i| {
-                        mem.f32_at(sa + 4 * (kb * m.next_multiple_of(4) + i))
-                    }),
-                    scale_b,
-                };
-                self.gemm(&named, &operands);
-            }
-            other => panic!("{} is not an FP8 product's kernel", other.name()),
-        }
-    }
-
-    fn quantize(&mut self, params: QuantizeParams, args: &[StepArg]) {
-        let [StepArg::Buffer(x, 0), q, s, rows, cols] = args else {
-            panic!("quantize arguments {args:?}");
-        };
-        let (rows, cols) = (int(*rows), int(*cols));
-        let x = &self.buffers[x.index()];
-        assert_eq!(
-            x.len(),
-            rows * cols,
-            "the quantize input is the whole buffer"
-        );
-        let (codes, scales) = expected_quantization(params, x, rows, cols).unwrap();
-        let (q, s) = (bytes(*q), bytes(*s));
-        self.bytes[q..q + codes.len()].copy_from_slice(&codes);
-        for (i, scale) in scales.iter().enumerate() {
-            self.bytes[s + 4 * i..s + 4 * i + 4].copy_from_slice(&scale.to_le_bytes());
-        }
-    }
-
-    /// `out[i][j] = Σ_kb sa(kb, i) · sb(kb, j) · Σ_{p in kb} a(i, p) · b(j, p)`, in f64.
-    fn gemm(&mut self, named: &HashMap<&str, StepArg>, operands: &Operands) {
-        let (m, n, k) = (int(named["m"]), int(named["n"]), int(named["k"]));
-        let StepArg::Buffer(out, 0) = named["out"] else {
-            panic!("out is {:?}", named["out"]);
-        };
-        let block = BLOCK_K as usize;
-        let mut result = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let mut sum = 0f64;
-                for kb in 0..k.div_ceil(block) {
-                    let partial: f64 = (kb * block..(kb * block + block).min(k))
-                        .map(|p| {
-                            f64::from(e4m3_to_f32((operands.a)(self, i, p)))
-                                * f64::from(e4m3_to_f32((operands.b)(self, j, p)))
-                        })
-                        .sum();
-                    let scales = f64::from((operands.scale_a)(self, kb, i))
-                        * f64::from((operands.scale_b)(self, kb, j));
-                    sum += partial * scales;
-                }
-                result[i * n + j] = sum as f32;
-            }
-        }
-        let buffer = &mut self.buffers[out.index()];
-        assert_eq!(buffer.len(), m * n, "the GEMM writes the whole output");
-        buffer.copy_from_slice(&result);
-    }
-}
-
-/// Reads an operand's code at (row, K index).
-type ReadCode = Box<dyn Fn(&Memory, usize, usize) -> u8>;
-/// Reads an operand's scale at (K block, row).
-type ReadScale = Box<dyn Fn(&Memory, usize, usize) -> f32>;
-
-/// What a GEMM reads, wherever the step says it lies.
-struct Operands {
-    a: ReadCode,
-    b: ReadCode,
-    scale_a: ReadScale,
-    scale_b: ReadScale,
-}
-
-/// B's 128×128 block scales `[ceil(N/128)][ceil(K/128)]` at byte `base`, by (K block, row).
-fn block_scales(base: usize, k: usize) -> ReadScale {
-    let k_blocks = k.div_ceil(BLOCK_K as usize);
-    Box::new(move |mem, kb, j| mem.f32_at(base + 4 * ((j / BLOCK_K as usize) * k_blocks + kb)))
-}
-
-fn by_name(params: &[KernelParam], args: &[StepArg]) -> HashMap<&'static str, StepArg> {
-    assert_eq!(params.len(), args.len(), "one argument per parameter");
-    params
-        .iter()
-        .map(|p| p.name)
-        .zip(args.iter().copied())
-        .collect()
-}
-
-fn int(arg: StepArg) -> usize {
-    let StepArg::I32(v) = arg else {
-        panic!("{arg:?} is not an int")
-    };
-    usize::try_from(v).unwrap()
-}
-
-fn bytes(arg: StepArg) -> usize {
-    let StepArg::Bytes(offset) = arg else {
-        panic!("{arg:?} is not in the byte scratch")
-    };
-    assert_eq!(
-        offset % 16,
-        0,
-        "TMA and 16-byte loads need aligned operands"
-    );
-    offset
 }
 
 /// Deterministic values of every sign and a wide range of magnitudes.
@@ -278,14 +95,112 @@ fn reference(call: &Library, buffers: &[Vec<f32>]) -> (Vec<f64>, Vec<f64>) {
     (out, magnitude)
 }
 
-/// Runs every FP8 product of `program`'s plan for `target` on the CPU and compares it with the
-/// matmul of its rounded operands; returns how many ran.
-fn check_fp8_products(program: &Program, target: Fp8Target) -> usize {
+/// The f64 grouped product `out[t][s] = x[t][s or 0] · W[e]ᵀ` (`e = expert_ids[t][s]`), and
+/// the sum of the products' magnitudes of each element.
+fn grouped_reference(
+    program: &Program,
+    call: &Library,
+    buffers: &[Vec<f32>],
+) -> (Vec<f64>, Vec<f64>) {
+    let Library::GroupedMatMul {
+        x,
+        weights: ExpertWeights::Stacked(w),
+        expert_ids,
+        out,
+        ..
+    } = call
+    else {
+        panic!("not a grouped matmul of stacked weights")
+    };
+    let dims = |b: &BufferId| program.buffer(*b).ty.dims().to_vec();
+    let (ids, n) = (dims(expert_ids), dims(out)[2]);
+    let (x_slots, k) = fathom_compiler::kernel::grouped_rows(&dims(x), ids[0]);
+    let (mut result, mut magnitude) = (Vec::new(), Vec::new());
+    for token_slot in 0..ids[0] * ids[1] {
+        let expert = buffers[expert_ids.index()][token_slot] as usize;
+        let row = if x_slots == 1 {
+            token_slot / ids[1]
+        } else {
+            token_slot
+        };
+        for j in 0..n {
+            let products: Vec<f64> = (0..k)
+                .map(|p| {
+                    let at = w.offset as isize
+                        + expert as isize * w.strides[0]
+                        + j as isize * w.strides[1]
+                        + p as isize * w.strides[2];
+                    f64::from(buffers[x.index()][row * k + p])
+                        * f64::from(buffers[w.buffer.index()][at as usize])
+                })
+                .collect();
+            result.push(products.iter().sum());
+            magnitude.push(products.iter().map(|v| v.abs()).sum());
+        }
+    }
+    (result, magnitude)
+}
+
+/// The buffers of a run reaching `call`: its rounded operands the rounding of fresh values, its
+/// expert ids spread over every expert but expert 1 (an empty segment), the rest zero.
+fn operands_of(program: &Program, call: &Library, seed: usize) -> Vec<Vec<f32>> {
+    let mut buffers: Vec<Vec<f32>> = program
+        .buffers
+        .iter()
+        .map(|b| vec![0f32; b.ty.numel()])
+        .collect();
+    let (reads, _) = call.operands();
+    for (index, operand) in reads.into_iter().enumerate() {
+        let dims = program.buffer(operand).ty.dims();
+        if let Library::GroupedMatMul {
+            weights,
+            expert_ids,
+            ..
+        } = call
+            && operand == *expert_ids
+        {
+            let experts = match weights {
+                ExpertWeights::Stacked(w) => program.buffer(w.buffer).ty.dims()[0],
+                ExpertWeights::Parts(parts) => parts.len(),
+            };
+            buffers[operand.index()] = (0..dims.iter().product::<usize>())
+                .map(|i| match (i * 7 + i / 5) % experts {
+                    1 if experts > 2 => 0.0,
+                    e => e as f32,
+                })
+                .collect();
+            continue;
+        }
+        let writer = program.kernels.iter().find_map(|k| match &k.body {
+            KernelBody::Library(Library::QuantizeDequantize {
+                tile_rows,
+                tile_cols,
+                pow2_scales,
+                out,
+                ..
+            }) if *out == operand => Some((*tile_rows, *tile_cols, *pow2_scales)),
+            _ => None,
+        });
+        let (tile_rows, tile_cols, pow2) = writer.unwrap();
+        let rounding = if pow2 {
+            ScaleRounding::PowerOfTwo
+        } else {
+            ScaleRounding::Exact
+        };
+        let x = values(buffers[operand.index()].len(), seed + index);
+        buffers[operand.index()] = fake_quantize(&x, dims, tile_rows, tile_cols, rounding).unwrap();
+    }
+    buffers
+}
+
+/// Runs every FP8 product (dense and grouped) of `program`'s plan for `target` on the CPU and
+/// compares it with the product of its rounded operands; returns how many ran, and how many of
+/// them were grouped.
+fn check_fp8_products(program: &Program, target: Fp8Target) -> (usize, usize) {
     let plan = LibraryPlan::of(program, Some(target)).unwrap();
-    let mut checked = 0;
+    let (mut checked, mut grouped) = (0, 0);
     for (kernel, call) in program.kernels.iter().zip(&plan.calls) {
-        let Some(call) = call else { continue };
-        let KernelBody::Library(matmul @ Library::MatMul { a, b, .. }) = &kernel.body else {
+        let (Some(call), KernelBody::Library(library)) = (call, &kernel.body) else {
             continue;
         };
         let fp8_gemm = |s: &LibraryStep| {
@@ -297,46 +212,21 @@ fn check_fp8_products(program: &Program, target: Fp8Target) -> usize {
         if !call.steps.iter().any(fp8_gemm) {
             continue;
         }
-        // The operands hold rounded values, as in a run: the rounding of fresh values.
-        let mut buffers: Vec<Vec<f32>> = program
-            .buffers
-            .iter()
-            .map(|b| vec![0f32; b.ty.numel()])
-            .collect();
-        for (seed, operand) in [a.buffer, b.buffer].into_iter().enumerate() {
-            let writer = program.kernels.iter().find_map(|k| match &k.body {
-                KernelBody::Library(Library::QuantizeDequantize {
-                    tile_rows,
-                    tile_cols,
-                    pow2_scales,
-                    out,
-                    ..
-                }) if *out == operand => Some((*tile_rows, *tile_cols, *pow2_scales)),
-                _ => None,
-            });
-            let (tile_rows, tile_cols, pow2) = writer.unwrap();
-            let rounding = if pow2 {
-                ScaleRounding::PowerOfTwo
-            } else {
-                ScaleRounding::Exact
-            };
-            let dims = program.buffer(operand).ty.dims();
-            let x = values(buffers[operand.index()].len(), seed + checked);
-            buffers[operand.index()] =
-                fake_quantize(&x, dims, tile_rows, tile_cols, rounding).unwrap();
-        }
-        let (expected, magnitude) = reference(matmul, &buffers);
-        let mut memory = Memory {
-            buffers,
-            bytes: vec![0xa5; call.scratch_bytes],
+        let buffers = operands_of(program, library, checked);
+        let (expected, magnitude) = match library {
+            Library::MatMul { .. } => reference(library, &buffers),
+            _ => {
+                grouped += 1;
+                grouped_reference(program, library, &buffers)
+            }
         };
+        let mut memory = Memory::new(buffers, call.scratch_ints, call.scratch_bytes);
         for step in &call.steps {
             memory.run(step);
         }
-        let out = match matmul {
-            Library::MatMul { out, .. } => &memory.buffers[out.buffer.index()],
-            _ => unreachable!(),
-        };
+        let (_, writes) = library.operands();
+        let out = &memory.buffers[writes[0].index()];
+        assert_eq!(out.len(), expected.len());
         for (index, ((got, want), size)) in out.iter().zip(&expected).zip(&magnitude).enumerate() {
             // Quantising the rounded values again changes a scale by at most an f32 rounding:
             // a few 2⁻²⁴ of each product's magnitude, summed in f64 and rounded once to f32.
@@ -351,7 +241,7 @@ fn check_fp8_products(program: &Program, target: Fp8Target) -> usize {
         }
         checked += 1;
     }
-    checked
+    (checked, grouped)
 }
 
 /// A program of one product `out = A · B` over buffers rounded by `QuantizeDequantize`: A's
@@ -478,7 +368,107 @@ fn every_operand_layout_gives_the_product_of_the_rounded_operands() {
                 let plan = LibraryPlan::of(&program, Some(target)).unwrap();
                 let call = plan.calls[2].as_ref().unwrap();
                 assert_eq!(call.note, None, "{}", plan.table());
-                assert_eq!(check_fp8_products(&program, target), 1);
+                assert_eq!(check_fp8_products(&program, target), (1, 0));
+            }
+        }
+    }
+}
+
+/// A program of one grouped product over `experts` experts: x `[tokens][x_slots][k]` rounded in
+/// 1×128 tiles, the stacked weights rounded in 128×128 blocks per expert, stored `[E][N][K]` or
+/// (`transposed`) `[E][K][N]`, `slots` experts per token.
+fn one_grouped_product(
+    (tokens, slots, x_slots): (usize, usize, usize),
+    (experts, n, k): (usize, usize, usize),
+    transposed: bool,
+) -> Program {
+    let ty = |dtype, dims: &[usize]| TensorType::new(dtype, dims.to_vec());
+    let buffer = |dims: &[usize], role| Buffer {
+        ty: ty(DType::F32, dims),
+        role,
+    };
+    let w_dims = if transposed {
+        [experts, k, n]
+    } else {
+        [experts, n, k]
+    };
+    let qdq = |x: u32, out: u32, (tile_rows, tile_cols): (usize, usize), pow2_scales| Kernel {
+        name: format!("k{x}_quantize_dequantize"),
+        nodes: Vec::new(),
+        origin: String::new(),
+        body: KernelBody::Library(Library::QuantizeDequantize {
+            format: QuantFormat::E4M3,
+            tile_rows,
+            tile_cols,
+            pow2_scales,
+            x: BufferId(x),
+            out: BufferId(out),
+        }),
+    };
+    let (sn, sk) = if transposed {
+        (1, n as isize)
+    } else {
+        (k as isize, 1)
+    };
+    Program {
+        name: "one_grouped_fp8_product".to_owned(),
+        buffers: vec![
+            buffer(&[tokens, x_slots, k], BufferRole::Input("x".to_owned())),
+            buffer(&[tokens, x_slots, k], BufferRole::Temporary),
+            buffer(&w_dims, BufferRole::Input("w".to_owned())),
+            buffer(&w_dims, BufferRole::Temporary),
+            Buffer {
+                ty: ty(DType::I64, &[tokens, slots]),
+                role: BufferRole::Input("expert_ids".to_owned()),
+            },
+            buffer(&[tokens, slots, n], BufferRole::Temporary),
+        ],
+        kernels: vec![
+            qdq(0, 1, (1, 128), true),
+            qdq(2, 3, (128, 128), false),
+            Kernel {
+                name: "k2_grouped_matmul".to_owned(),
+                nodes: Vec::new(),
+                origin: String::new(),
+                body: KernelBody::Library(Library::GroupedMatMul {
+                    x: BufferId(1),
+                    weights: ExpertWeights::Stacked(View {
+                        buffer: BufferId(3),
+                        offset: 0,
+                        strides: vec![(n * k) as isize, sn, sk],
+                    }),
+                    expert_ids: BufferId(4),
+                    out: BufferId(5),
+                    accumulation: Accumulation::HOPPER,
+                    exact_in: None,
+                    rounds: false,
+                }),
+            },
+        ],
+        outputs: vec![("y".to_owned(), BufferId(5))],
+    }
+}
+
+/// The experts' grouped products in both weight orientations, with x per token or per slot, at
+/// sizes of several 128-blocks with ragged ends (and an expert without tokens): N = 144 quantises
+/// expert by expert, N = 128 stored `[E][N][K]` all experts in one launch.
+#[test]
+fn every_grouped_layout_gives_the_product_of_the_rounded_operands() {
+    for (slots, x_slots) in [(2, 1), (3, 3)] {
+        for (n, transposed) in [(144, false), (144, true), (128, false)] {
+            let program = one_grouped_product((150, slots, x_slots), (5, n, 272), transposed);
+            for target in TARGETS {
+                let plan = LibraryPlan::of(&program, Some(target)).unwrap();
+                let call = plan.calls[2].as_ref().unwrap();
+                assert_eq!(call.note, None, "{}", plan.table());
+                let weight_quantizes = call
+                    .steps
+                    .iter()
+                    .filter(|s| s.kernel.name().starts_with("quantize_128x128"))
+                    .count();
+                let merged = n == 128 && !transposed;
+                assert_eq!(weight_quantizes, if merged { 1 } else { 5 });
+                assert_eq!(check_fp8_products(&program, target), (1, 1));
             }
         }
     }
@@ -499,14 +489,12 @@ fn a_wrong_operand_address_is_caught() {
     let mut call = plan.calls[2].clone().unwrap();
     let gemm = call.steps.last_mut().unwrap();
     gemm.args[1] = gemm.args[0];
-    let mut memory = Memory {
-        buffers: program
-            .buffers
-            .iter()
-            .map(|b| values(b.ty.numel(), 3))
-            .collect(),
-        bytes: vec![0; call.scratch_bytes],
-    };
+    let buffers = program
+        .buffers
+        .iter()
+        .map(|b| values(b.ty.numel(), 3))
+        .collect();
+    let mut memory = Memory::new(buffers, 0, call.scratch_bytes);
     for step in &call.steps {
         memory.run(step);
     }
@@ -578,14 +566,19 @@ fn small_fp8_training_program() -> Program {
     compile(&graph, &CompileOptions::default()).unwrap().program
 }
 
-/// Every FP8 product of a real training step (forward, input and weight gradients) runs as the
-/// FP8 GEMM and gives the product of its rounded operands; the rest say why not (snapshot).
+/// Every FP8 product of a real training step (forward, input and weight gradients, the
+/// experts' grouped products) runs as the FP8 GEMM and gives the product of its rounded
+/// operands; the rest say why not (snapshot).
 #[test]
 fn the_fp8_training_steps_products_run_as_fp8_gemms() {
     let program = small_fp8_training_program();
     for target in TARGETS {
-        let checked = check_fp8_products(&program, target);
+        let (checked, grouped) = check_fp8_products(&program, target);
         assert!(checked >= 20, "{target:?}: only {checked} FP8 products");
+        assert!(
+            grouped >= 3,
+            "{target:?}: only {grouped} grouped FP8 products"
+        );
     }
     let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
     let kinds: std::collections::BTreeSet<String> = plan
@@ -604,7 +597,15 @@ fn the_fp8_training_steps_products_run_as_fp8_gemms() {
     // `library_tests`).
     let mut table = String::new();
     for (kernel, call) in program.kernels.iter().zip(&plan.calls) {
-        let (Some(call), KernelBody::Library(Library::MatMul { .. })) = (call, &kernel.body) else {
+        let (
+            Some(call),
+            KernelBody::Library(
+                Library::MatMul { .. }
+                | Library::GroupedMatMul { .. }
+                | Library::GroupedMatMulWeightGrad { .. },
+            ),
+        ) = (call, &kernel.body)
+        else {
             continue;
         };
         let one = LibraryPlan {

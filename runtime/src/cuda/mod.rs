@@ -18,6 +18,7 @@ pub mod executor;
 pub mod fp8_gemm;
 pub mod library;
 pub mod library_fp8;
+pub mod library_fp8_grouped;
 pub mod library_samples;
 pub mod memory;
 pub mod modules;

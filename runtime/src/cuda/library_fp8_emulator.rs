@@ -1,0 +1,362 @@
+//! The steps of the FP8 plans run on the CPU, each kernel replaced by what its contract (the
+//! template's comments and `fathom_kernels`' parameter docs) says it computes, reading and
+//! writing where the step's arguments point: program buffers, the int scratch, the byte scratch,
+//! through tensor maps for the Hopper GEMM. Written from the contracts, not from the planner, so
+//! that a planner that points a kernel at the wrong place, in the wrong layout, fails.
+
+use std::collections::HashMap;
+
+use fathom_kernels::fp8_gemm::BLOCK_K;
+use fathom_kernels::index_ops::PAD_ALIGN;
+use fathom_kernels::{
+    BScaling, GemmGrouping, IndexOp, KernelParam, QuantizeParams, TensorMapDesc, TensorMapDtype,
+};
+
+use crate::cuda::library::{LibraryKernel, LibraryStep, StepArg};
+use crate::cuda::quantize_samples::expected_quantization;
+use crate::fp8::e4m3_to_f32;
+
+/// The host memory a plan's steps touch.
+pub struct Memory {
+    pub buffers: Vec<Vec<f32>>,
+    pub ints: Vec<i32>,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads an operand's code at (row, K index).
+type ReadCode = Box<dyn Fn(&Memory, usize, usize) -> u8>;
+/// Reads an operand's scale at (K block, row).
+type ReadScale = Box<dyn Fn(&Memory, usize, usize) -> f32>;
+
+/// What a GEMM reads, wherever the step says it lies.
+struct Operands {
+    a: ReadCode,
+    b: ReadCode,
+    scale_a: ReadScale,
+    /// By (K block, row of the whole `[groups·N][K]` B).
+    scale_b: ReadScale,
+    /// The expert of each 128-row block of A (grouped GEMMs).
+    block_expert: Option<StepArg>,
+}
+
+impl Memory {
+    pub fn new(buffers: Vec<Vec<f32>>, ints: usize, bytes: usize) -> Self {
+        Memory {
+            buffers,
+            ints: vec![-7; ints],
+            // Garbage, so that reading what no step wrote shows.
+            bytes: vec![0xa5; bytes],
+        }
+    }
+
+    fn f32_at(&self, offset: usize) -> f32 {
+        f32::from_le_bytes(self.bytes[offset..offset + 4].try_into().unwrap())
+    }
+
+    /// Element `i` of the f32 array a pointer argument points at.
+    fn get_f32(&self, at: StepArg, i: usize) -> f32 {
+        match at {
+            StepArg::Buffer(b, offset) => self.buffers[b.index()][offset + i],
+            StepArg::Bytes(offset) => self.f32_at(aligned(offset, 4) + 4 * i),
+            other => panic!("{other:?} does not point at f32s"),
+        }
+    }
+
+    fn set_f32(&mut self, at: StepArg, i: usize, value: f32) {
+        match at {
+            StepArg::Buffer(b, offset) => self.buffers[b.index()][offset + i] = value,
+            StepArg::Bytes(offset) => {
+                let at = aligned(offset, 4) + 4 * i;
+                self.bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            }
+            other => panic!("{other:?} does not point at f32s"),
+        }
+    }
+
+    fn get_i32(&self, at: StepArg, i: usize) -> i32 {
+        match at {
+            StepArg::Scratch(offset) => self.ints[offset + i],
+            StepArg::Bytes(offset) => {
+                let at = aligned(offset, 4) + 4 * i;
+                i32::from_le_bytes(self.bytes[at..at + 4].try_into().unwrap())
+            }
+            other => panic!("{other:?} does not point at ints"),
+        }
+    }
+
+    fn set_i32(&mut self, at: StepArg, i: usize, value: i32) {
+        match at {
+            StepArg::Scratch(offset) => self.ints[offset + i] = value,
+            StepArg::Bytes(offset) => {
+                let at = aligned(offset, 4) + 4 * i;
+                self.bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            }
+            other => panic!("{other:?} does not point at ints"),
+        }
+    }
+
+    /// Byte offset of element `(row, col)` of the 2-D tensor a tensor map describes, as TMA
+    /// reads it (no read outside the tensor: TMA would fill zeros, which no kernel relies on
+    /// inside M, N and K).
+    fn through_map(&self, desc: &TensorMapDesc, base: usize, (row, col): (usize, usize)) -> usize {
+        assert!(
+            (col as u64) < desc.global_dims[0] && (row as u64) < desc.global_dims[1],
+            "{}: ({row}, {col}) outside {:?}",
+            desc.param,
+            desc.global_dims
+        );
+        let size = match desc.dtype {
+            TensorMapDtype::U8 => 1,
+            TensorMapDtype::F32 => 4,
+        };
+        aligned(base, 16) + row * desc.outer_stride_bytes as usize + col * size
+    }
+
+    /// Runs one step.
+    pub fn run(&mut self, step: &LibraryStep) {
+        match step.kernel {
+            LibraryKernel::Quantize(params) => self.quantize(params, &step.args),
+            LibraryKernel::Index(params) => {
+                let named = by_name(&params.kernel_params(), &step.args);
+                self.index(params.op, &named);
+            }
+            LibraryKernel::Fp8Gemm(params) => {
+                let named = by_name(&params.kernel_params(), &step.args);
+                let map = |name: &str| match named[name] {
+                    StepArg::TensorMap(desc, base) => (desc, base),
+                    other => panic!("{name} is {other:?}, not a tensor map"),
+                };
+                let code = |(desc, base): (TensorMapDesc, usize)| -> ReadCode {
+                    Box::new(move |mem, row, col| {
+                        mem.bytes[mem.through_map(&desc, base, (row, col))]
+                    })
+                };
+                let scale = |(desc, base): (TensorMapDesc, usize)| -> ReadScale {
+                    Box::new(move |mem, kb, row| {
+                        mem.f32_at(mem.through_map(&desc, base, (kb, row)))
+                    })
+                };
+                let scale_b = match params.b_scaling {
+                    BScaling::Block128x128 => block_scales(named["scale_b"], &named),
+                    BScaling::Row1x128 => scale(map("tmap_scale_b")),
+                };
+                let grouped = params.grouping == GemmGrouping::Contiguous;
+                let operands = Operands {
+                    a: code(map("tmap_a")),
+                    b: code(map("tmap_b")),
+                    scale_a: scale(map("tmap_scale_a")),
+                    scale_b,
+                    block_expert: grouped.then(|| named["block_expert"]),
+                };
+                self.gemm(&named, &operands);
+            }
+            LibraryKernel::Fp8GemmFallback(params) => {
+                let named = by_name(&params.kernel_params(), &step.args);
+                let (m, n, k) = (int(named["m"]), int(named["n"]), int(named["k"]));
+                let [a, b, sa, sb] = ["a", "b", "scale_a", "scale_b"].map(|p| bytes(named[p]));
+                // The contract's layouts: A `[M][K]`, B `[groups·N][K]`, A's scales
+                // `[ceil(K/128)][round_up(M, 4)]`, B's by rows `[ceil(K/128)][round_up(N, 4)]`.
+                let scale_b = match params.b_scaling {
+                    BScaling::Block128x128 => block_scales(named["scale_b"], &named),
+                    BScaling::Row1x128 => Box::new(move |mem: &Memory, kb: usize, j: usize| {
+                        mem.f32_at(sb + 4 * (kb * n.next_multiple_of(4) + j))
+                    }) as ReadScale,
+                };
+                let grouped = params.grouping == GemmGrouping::Contiguous;
+                if !grouped {
+                    assert_eq!(named["block_expert"], StepArg::Null);
+                }
+                let operands = Operands {
+                    a: Box::new(move |mem, i, p| mem.bytes[a + i * k + p]),
+                    b: Box::new(move |mem, j, p| mem.bytes[b + j * k + p]),
+                    scale_a: Box::new(move |mem, kb, i| {
+                        mem.f32_at(sa + 4 * (kb * m.next_multiple_of(4) + i))
+                    }),
+                    scale_b,
+                    block_expert: grouped.then(|| named["block_expert"]),
+                };
+                self.gemm(&named, &operands);
+            }
+            other => panic!("{} is not a kernel of the FP8 plans", other.name()),
+        }
+    }
+
+    fn quantize(&mut self, params: QuantizeParams, args: &[StepArg]) {
+        let [x, q, s, rows, cols] = *args else {
+            panic!("quantize arguments {args:?}");
+        };
+        let (rows, cols) = (int(rows), int(cols));
+        let x: Vec<f32> = (0..rows * cols).map(|i| self.get_f32(x, i)).collect();
+        let (codes, scales) = expected_quantization(params, &x, rows, cols).unwrap();
+        let q = bytes(q);
+        self.bytes[q..q + codes.len()].copy_from_slice(&codes);
+        for (i, scale) in scales.iter().enumerate() {
+            self.set_f32(s, i, *scale);
+        }
+    }
+
+    /// `index_ops`' operations the FP8 plans launch.
+    fn index(&mut self, op: IndexOp, named: &HashMap<&str, StepArg>) {
+        match op {
+            IndexOp::GroupRows => {
+                let (count, groups) = (int(named["count"]), int(named["groups"]));
+                let ids: Vec<usize> = (0..count)
+                    .map(|i| self.get_f32(named["ids"], i) as usize)
+                    .collect();
+                let mut next = 0;
+                self.set_i32(named["offsets"], 0, 0);
+                for g in 0..groups {
+                    for (i, _) in ids.iter().enumerate().filter(|(_, id)| **id == g) {
+                        self.set_i32(named["members"], next, i as i32);
+                        next += 1;
+                    }
+                    self.set_i32(named["offsets"], g + 1, next as i32);
+                }
+            }
+            IndexOp::PadGroups => {
+                let groups = int(named["groups"]);
+                let (slots, x_slots) = (int(named["slots"]), int(named["x_slots"]));
+                let m_padded = int(named["m_padded"]);
+                let align = PAD_ALIGN as usize;
+                let offset = |mem: &Memory, g| mem.get_i32(named["offsets"], g) as usize;
+                let mut start = 0;
+                for b in 0..m_padded / align {
+                    self.set_i32(named["block_group"], b, -1);
+                }
+                for p in 0..m_padded {
+                    self.set_i32(named["source_rows"], p, -1);
+                }
+                for g in 0..groups {
+                    self.set_i32(named["padded_offsets"], g, start as i32);
+                    let first = offset(self, g);
+                    let count = offset(self, g + 1) - first;
+                    for local in 0..count {
+                        let token_slot = self.get_i32(named["members"], first + local) as usize;
+                        let source = if x_slots == 1 {
+                            token_slot / slots
+                        } else {
+                            token_slot
+                        };
+                        self.set_i32(named["source_rows"], start + local, source as i32);
+                        self.set_f32(named["padded_of"], token_slot, (start + local) as f32);
+                    }
+                    let end = start + count.next_multiple_of(align);
+                    assert!(end <= m_padded, "m_padded {m_padded} is too small");
+                    for b in start / align..end / align {
+                        self.set_i32(named["block_group"], b, g as i32);
+                    }
+                    start = end;
+                }
+                self.set_i32(named["padded_offsets"], groups, start as i32);
+            }
+            IndexOp::GatherPadded => {
+                let (m_padded, width) = (int(named["m_padded"]), int(named["width"]));
+                for p in 0..m_padded {
+                    let source = self.get_i32(named["source_rows"], p);
+                    for w in 0..width {
+                        let value = if source >= 0 {
+                            self.get_f32(named["x"], source as usize * width + w)
+                        } else {
+                            0.0
+                        };
+                        self.set_f32(named["out"], p * width + w, value);
+                    }
+                }
+            }
+            IndexOp::Gather => {
+                let StepArg::I64(count) = named["count"] else {
+                    panic!("count is {:?}", named["count"]);
+                };
+                let (rows, width) = (int(named["rows"]), int(named["width"]));
+                for p in 0..count as usize {
+                    let index = self.get_f32(named["indices"], p);
+                    assert!(
+                        index >= 0.0 && index < rows as f32 && index.fract() == 0.0,
+                        "gather index {index} of {rows} rows"
+                    );
+                    for w in 0..width {
+                        let value = self.get_f32(named["table"], index as usize * width + w);
+                        self.set_f32(named["out"], p * width + w, value);
+                    }
+                }
+            }
+            other => panic!("{other:?} is not a step of the FP8 plans"),
+        }
+    }
+
+    /// `out[i][j] = Σ_kb sa(kb, i) · sb(kb, e·N + j) · Σ_{p in kb} a(i, p) · b(e·N + j, p)` in
+    /// f64, `e` the expert of row `i`'s block (0 when dense); rows of a block of expert -1 are
+    /// left as they were.
+    fn gemm(&mut self, named: &HashMap<&str, StepArg>, operands: &Operands) {
+        let (m, n, k) = (int(named["m"]), int(named["n"]), int(named["k"]));
+        let block = BLOCK_K as usize;
+        for i in 0..m {
+            let expert = match operands.block_expert {
+                Some(at) => self.get_i32(at, i / PAD_ALIGN as usize),
+                None => 0,
+            };
+            let Ok(expert) = usize::try_from(expert) else {
+                continue;
+            };
+            for j in 0..n {
+                let row_b = expert * n + j;
+                let mut sum = 0f64;
+                for kb in 0..k.div_ceil(block) {
+                    let partial: f64 = (kb * block..(kb * block + block).min(k))
+                        .map(|p| {
+                            f64::from(e4m3_to_f32((operands.a)(self, i, p)))
+                                * f64::from(e4m3_to_f32((operands.b)(self, row_b, p)))
+                        })
+                        .sum();
+                    let scales = f64::from((operands.scale_a)(self, kb, i))
+                        * f64::from((operands.scale_b)(self, kb, row_b));
+                    sum += partial * scales;
+                }
+                self.set_f32(named["out"], i * n + j, sum as f32);
+            }
+        }
+    }
+}
+
+/// B's 128×128 block scales, `[groups][ceil(N/128)][ceil(K/128)]`, by (K block, row of B).
+fn block_scales(at: StepArg, named: &HashMap<&str, StepArg>) -> ReadScale {
+    let (n, k) = (int(named["n"]), int(named["k"]));
+    let (n_blocks, k_blocks) = (n.div_ceil(128), k.div_ceil(BLOCK_K as usize));
+    Box::new(move |mem, kb, row| {
+        let (expert, j) = (row / n, row % n);
+        mem.get_f32(at, (expert * n_blocks + j / 128) * k_blocks + kb)
+    })
+}
+
+fn by_name(params: &[KernelParam], args: &[StepArg]) -> HashMap<&'static str, StepArg> {
+    assert_eq!(params.len(), args.len(), "one argument per parameter");
+    params
+        .iter()
+        .map(|p| p.name)
+        .zip(args.iter().copied())
+        .collect()
+}
+
+pub fn int(arg: StepArg) -> usize {
+    let StepArg::I32(v) = arg else {
+        panic!("{arg:?} is not an int")
+    };
+    usize::try_from(v).unwrap()
+}
+
+/// The offset of a byte-scratch pointer, which TMA and 16-byte loads need aligned.
+pub fn bytes(arg: StepArg) -> usize {
+    let StepArg::Bytes(offset) = arg else {
+        panic!("{arg:?} is not in the byte scratch")
+    };
+    aligned(offset, 16)
+}
+
+fn aligned(offset: usize, to: usize) -> usize {
+    assert_eq!(
+        offset % to,
+        0,
+        "a byte-scratch pointer at {offset} is not {to}-aligned"
+    );
+    offset
+}

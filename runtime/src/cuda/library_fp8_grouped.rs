@@ -1,0 +1,274 @@
+//! The experts' products as grouped FP8 GEMMs. A `GroupedMatMul` whose token rows the precision
+//! pass rounded in 1×128 tiles and whose stacked expert weights it rounded in 128×128 blocks,
+//! with Hopper's accumulation, runs in DeepGEMM's contiguous layout:
+//!
+//! 1. `group_rows`: the token-slots by expert (as the f32 plan);
+//! 2. `pad_groups`: each expert's token-slots in a segment of its own, padded to 128 rows
+//!    (`m_padded` rows in all: enough for any routing), the expert of each 128-row block (-1
+//!    past the last segment), and each token-slot's padded row;
+//! 3. `gather_padded`: x's rows in that layout (zeros for padding), then `quantize` 1×128;
+//! 4. `quantize` 128×128 of each expert's weight (one launch for all experts when their blocks
+//!    cannot straddle two, i.e. stored `[N][K]` with N a multiple of 128);
+//! 5. the grouped FP8 GEMM into padded output rows (padding blocks skipped);
+//! 6. `gather`: each token-slot's output row from its padded row.
+//!
+//! The experts' weight gradients (a K-grouped GEMM, which the template does not have) stay f32.
+
+use fathom_compiler::graph::Accumulation;
+use fathom_compiler::kernel::{BufferId, ExpertWeights, Program, grouped_rows};
+use fathom_kernels::fp8_gemm::GROUPED_M_ALIGN;
+use fathom_kernels::{
+    BScaling, GemmGrouping, IndexOp, IndexOpParams, QuantizeInput, QuantizeKind, QuantizeParams,
+};
+
+use super::library::{LibraryKernel, LibraryStep, StepArg};
+use super::library_fp8::{
+    Fp8Operand, Fp8Target, GemmRegions, Rounding, ScratchLayout, gemm_problem, gemm_step,
+    quantize_step,
+};
+
+/// The fields of a `Library::GroupedMatMul` the recognition reads.
+pub(crate) struct GroupedCall<'a> {
+    pub x: BufferId,
+    pub weights: &'a ExpertWeights,
+    pub expert_ids: BufferId,
+    pub out: BufferId,
+    pub accumulation: Accumulation,
+}
+
+/// A `GroupedMatMul` that runs as a grouped FP8 GEMM: `out[t][s] = x[t][s or 0] · W[e]ᵀ`, with
+/// `e = expert_ids[t][s]` and `W[e]` as `[N][K]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Fp8GroupedProduct {
+    x: BufferId,
+    x_pow2: bool,
+    /// Token-slots (`tokens × slots`), slots per token, and rows of x per token (1 or slots).
+    rows: usize,
+    slots: usize,
+    x_slots: usize,
+    weights: BufferId,
+    w_pow2: bool,
+    /// Each expert's matrix is stored `[K][N]` (read transposed) rather than `[N][K]`.
+    w_transposed: bool,
+    experts: usize,
+    n: usize,
+    k: usize,
+    out: BufferId,
+}
+
+impl Fp8GroupedProduct {
+    /// The grouped FP8 GEMM for `call`, or why it has none (then the f32 grouped GEMM runs it).
+    pub(crate) fn find(program: &Program, call: &GroupedCall<'_>) -> Result<Self, String> {
+        if call.accumulation != Accumulation::HOPPER {
+            return Err(format!(
+                "accumulation {} is not the FP8 GEMM's",
+                call.accumulation
+            ));
+        }
+        let ExpertWeights::Stacked(view) = call.weights else {
+            return Err("the experts' weights are not one stacked buffer".into());
+        };
+        let dims = |b: BufferId| program.buffer(b).ty.dims().to_vec();
+        let (ids, out) = (dims(call.expert_ids), dims(call.out));
+        let (tokens, slots) = (ids[0], ids[1]);
+        let (x_slots, k) = grouped_rows(&dims(call.x), tokens);
+        if tokens * slots == 0 || out[2] == 0 {
+            return Err("an empty product".into());
+        }
+        let x = Rounding::of(program, call.x)?;
+        if x.tile != (1, 128) || x.cols() != k {
+            return Err(format!(
+                "x is rounded in {}x{} tiles of {:?}: not 1×128 tiles along K",
+                x.tile.0, x.tile.1, x.dims
+            ));
+        }
+        let w = Rounding::of(program, view.buffer)?;
+        let [experts, rows, cols] = w.dims[..] else {
+            return Err(format!("the weights {:?} are not [experts, ·, ·]", w.dims));
+        };
+        let n = out[2];
+        let strides = (view.strides[1], view.strides[2]);
+        let w_transposed = match strides {
+            _ if view.offset != 0 || w.tile != (128, 128) => None,
+            (sn, 1) if sn == cols as isize && (rows, cols) == (n, k) => Some(false),
+            (1, sk) if sk == cols as isize && (rows, cols) == (k, n) => Some(true),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            format!(
+                "the weights are rounded in {}x{} tiles of {:?}, read with strides {strides:?}: \
+                 not each expert's 128×128 blocks",
+                w.tile.0, w.tile.1, w.dims
+            )
+        })?;
+        Ok(Fp8GroupedProduct {
+            x: call.x,
+            x_pow2: x.pow2_scales,
+            rows: tokens * slots,
+            slots,
+            x_slots,
+            weights: view.buffer,
+            w_pow2: w.pow2_scales,
+            w_transposed,
+            experts,
+            n,
+            k,
+            out: call.out,
+        })
+    }
+
+    /// Rows of the padded layout: enough for any routing of `rows` token-slots to `experts`.
+    pub(crate) fn m_padded(&self) -> usize {
+        let align = GROUPED_M_ALIGN as usize;
+        (self.rows + self.experts * (align - 1)).next_multiple_of(align)
+    }
+
+    /// The steps after `group_rows` (which put the offsets and members at ints 0 and
+    /// `experts + 1` of the int scratch) for `target`, and the byte scratch they use. `tag` is
+    /// the call's tag for the output gather's status.
+    pub(crate) fn steps(
+        &self,
+        target: Fp8Target,
+        group_rows: LibraryStep,
+        tag: StepArg,
+    ) -> Result<(Vec<LibraryStep>, usize), String> {
+        let (m_padded, n, k, experts) = (self.m_padded(), self.n, self.k, self.experts);
+        let problem = gemm_problem([m_padded, n, k], experts)?;
+        let int = |v: usize| StepArg::I32(v as i32);
+        let a = Fp8Operand {
+            quantize: QuantizeParams {
+                kind: QuantizeKind::Tile1x128,
+                input: QuantizeInput::F32,
+                pow2_scales: self.x_pow2,
+            },
+            source: StepArg::Null,
+            rows: m_padded,
+            cols: k,
+        };
+        let b = self.expert_weight(0);
+        let mut layout = ScratchLayout::default();
+        let padded_offsets = layout.region(4 * (experts + 1));
+        let block_group = layout.region(4 * m_padded / GROUPED_M_ALIGN as usize);
+        let source_rows = layout.region(4 * m_padded);
+        let padded_of = layout.region(4 * self.rows);
+        let x_padded = layout.region(4 * m_padded * k);
+        let (qa, sa) = (
+            layout.region(a.code_bytes()),
+            layout.region(a.scale_bytes()),
+        );
+        let (qb, sb) = (
+            layout.region(experts * b.code_bytes()),
+            layout.region(experts * b.scale_bytes()),
+        );
+        let out_padded = layout.region(4 * m_padded * n);
+
+        let index = |op: IndexOp, work: usize, args: Vec<StepArg>| {
+            let params = IndexOpParams::new(op);
+            LibraryStep {
+                kernel: LibraryKernel::Index(params),
+                grid: params.grid(work as u64),
+                args,
+            }
+        };
+        let mut steps = vec![
+            group_rows,
+            index(
+                IndexOp::PadGroups,
+                m_padded,
+                vec![
+                    StepArg::Scratch(0),
+                    StepArg::Scratch(experts + 1),
+                    int(experts),
+                    int(self.slots),
+                    int(self.x_slots),
+                    int(m_padded),
+                    StepArg::Bytes(padded_offsets),
+                    StepArg::Bytes(block_group),
+                    StepArg::Bytes(source_rows),
+                    StepArg::Bytes(padded_of),
+                ],
+            ),
+            index(
+                IndexOp::GatherPadded,
+                m_padded * k,
+                vec![
+                    StepArg::Buffer(self.x, 0),
+                    StepArg::Bytes(source_rows),
+                    StepArg::Bytes(x_padded),
+                    int(m_padded),
+                    int(k),
+                ],
+            ),
+            quantize_step(
+                &Fp8Operand {
+                    source: StepArg::Bytes(x_padded),
+                    ..a
+                },
+                qa,
+                sa,
+            )?,
+        ];
+        // One launch for all experts when no 128×128 block can straddle two of them.
+        if !self.w_transposed && n % 128 == 0 {
+            let all = Fp8Operand {
+                rows: experts * n,
+                ..b
+            };
+            steps.push(quantize_step(&all, qb, sb)?);
+        } else {
+            for e in 0..experts {
+                let one = self.expert_weight(e);
+                let codes = qb + e * one.code_bytes();
+                steps.push(quantize_step(&one, codes, sb + e * one.scale_bytes())?);
+            }
+        }
+        let regions = GemmRegions { qa, sa, qb, sb };
+        let shape = (BScaling::Block128x128, GemmGrouping::Contiguous);
+        let out = StepArg::Bytes(out_padded);
+        let block_expert = Some(StepArg::Bytes(block_group));
+        steps.push(gemm_step(
+            target,
+            shape,
+            &problem,
+            &regions,
+            out,
+            block_expert,
+        )?);
+        steps.push(index(
+            IndexOp::Gather,
+            self.rows * n,
+            vec![
+                StepArg::Bytes(out_padded),
+                StepArg::Bytes(padded_of),
+                StepArg::Buffer(self.out, 0),
+                StepArg::I64(self.rows as i64),
+                int(m_padded),
+                int(n),
+                StepArg::Status,
+                tag,
+            ],
+        ));
+        Ok((steps, layout.bytes))
+    }
+
+    /// Expert `e`'s weight as an operand quantised into B's `[N][K]` with 128×128 block scales.
+    fn expert_weight(&self, e: usize) -> Fp8Operand {
+        let (rows, cols) = if self.w_transposed {
+            (self.k, self.n)
+        } else {
+            (self.n, self.k)
+        };
+        Fp8Operand {
+            quantize: QuantizeParams {
+                kind: QuantizeKind::Block128x128 {
+                    transpose: self.w_transposed,
+                },
+                input: QuantizeInput::F32,
+                pow2_scales: self.w_pow2,
+            },
+            source: StepArg::Buffer(self.weights, e * rows * cols),
+            rows,
+            cols,
+        }
+    }
+}
