@@ -649,3 +649,30 @@ fn the_fp8_plans_kernels_compile_for_their_targets() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The FP8 samples `fathom gpu-check` runs on a GPU (`library_samples`) plan as FP8 GEMMs, and
+/// their plans give the product of the rounded operands on the CPU.
+#[test]
+fn the_fp8_library_samples_run_as_fp8_gemms() {
+    use crate::cuda::library_samples::{Tolerance, library_samples};
+    let samples = library_samples().unwrap();
+    let fp8: Vec<_> = samples
+        .iter()
+        .filter(|s| matches!(s.tolerance, Tolerance::Similarity { .. }))
+        .collect();
+    assert_eq!(fp8.len(), 3);
+    for sample in fp8 {
+        for target in TARGETS {
+            let plan = LibraryPlan::of(&sample.program, Some(target)).unwrap();
+            assert!(
+                plan.calls.iter().flatten().all(|c| c.note.is_none()),
+                "{}: {}",
+                sample.name,
+                plan.table()
+            );
+            let (checked, grouped) = check_fp8_products(&sample.program, target);
+            assert_eq!(checked, 1, "{}", sample.name);
+            assert_eq!(grouped, usize::from(sample.name.contains("grouped")));
+        }
+    }
+}

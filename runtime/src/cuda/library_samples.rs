@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 
 use fathom_compiler::compile::{CompileOptions, compile};
-use fathom_compiler::graph::QuantFormat;
-use fathom_compiler::kernel::Program;
+use fathom_compiler::graph::{Accumulation, QuantFormat};
+use fathom_compiler::kernel::{KernelBody, Library, Program};
 use fathom_compiler::{DType, GraphBuilder, GraphError, Tensor, TensorType};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -29,6 +29,10 @@ pub enum Tolerance {
     /// element. Σ|a·b| is the same program run on the inputs' absolute values (the samples are
     /// bilinear).
     Dot { k: usize },
+    /// An FP8 product with Hopper's accumulation, the GPU's tensor cores against the CPU's
+    /// emulation of them: DeepGEMM's difference `1 - 2Σxy / Σ(x² + y²)` over the whole output
+    /// at most `max` (the two sum in different orders, each truncating its own partial sums).
+    Similarity { max: f64 },
 }
 
 /// A sample: a program with one library call, its inputs, and its tolerance.
@@ -78,7 +82,7 @@ pub fn run_sample(
     };
     let cpu = cpu_output(&sample.inputs)?;
     let magnitude = match sample.tolerance {
-        Tolerance::Exact => vec![0.0; cpu.len()],
+        Tolerance::Exact | Tolerance::Similarity { .. } => vec![0.0; cpu.len()],
         Tolerance::Dot { .. } => cpu_output(&sample.absolute_inputs())?,
     };
     let executor = GpuExecutor::new(device, cache, sample.program.clone(), GpuOptions::default())?;
@@ -109,6 +113,24 @@ pub fn compare_outputs(
         result.worst_ratio = f64::INFINITY;
         return result;
     }
+    if let Tolerance::Similarity { max } = tolerance {
+        let difference = deepgemm_difference(gpu, cpu);
+        result.worst_ratio = if difference.is_nan() {
+            f64::INFINITY
+        } else {
+            difference / max
+        };
+        if result.worst_ratio > 1.0 {
+            // The element farthest apart, to show.
+            let far = (0..gpu.len()).max_by(|&i, &j| {
+                let apart = |i: usize| (f64::from(gpu[i]) - f64::from(cpu[i])).abs();
+                apart(i).total_cmp(&apart(j))
+            });
+            let i = far.unwrap_or(0);
+            result.mismatch = Some((i, gpu[i], cpu[i], max));
+        }
+        return result;
+    }
     for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
         if g.to_bits() == c.to_bits() || (g.is_nan() && c.is_nan()) {
             continue;
@@ -135,7 +157,22 @@ fn bound(tolerance: Tolerance, magnitude: f32) -> f64 {
     match tolerance {
         Tolerance::Exact => 0.0,
         Tolerance::Dot { k } => 2.0 * k as f64 * f64::powi(2.0, -24) * f64::from(magnitude),
+        Tolerance::Similarity { .. } => unreachable!("compared as a whole"),
     }
+}
+
+/// DeepGEMM's `1 - 2Σxy / Σ(x² + y²)` (0 for equal outputs, NaN when either is not finite).
+pub fn deepgemm_difference(x: &[f32], y: &[f32]) -> f64 {
+    let (mut xy, mut squares) = (0f64, 0f64);
+    for (&a, &b) in x.iter().zip(y) {
+        let (a, b) = (f64::from(a), f64::from(b));
+        xy += a * b;
+        squares += a * a + b * b;
+    }
+    if squares == 0.0 {
+        return 0.0;
+    }
+    1.0 - 2.0 * xy / squares
 }
 
 /// A tensor's values as the f32 buffers hold them (integers and bools by value).
@@ -181,6 +218,7 @@ impl Samples {
         build: Build<'_>,
     ) -> Result<(), String> {
         let graph = |e: GraphError| format!("sample {name}: {e}");
+        let hopper = matches!(tolerance, Tolerance::Similarity { .. });
         let mut b = GraphBuilder::new(name);
         let mut tensors = Vec::new();
         let mut feeds = HashMap::new();
@@ -197,9 +235,21 @@ impl Samples {
         }
         let y = build(&mut b, &tensors).map_err(graph)?;
         b.output("y", y).map_err(graph)?;
-        let program = compile(&b.finish(), &CompileOptions::default())
+        let mut program = compile(&b.finish(), &CompileOptions::default())
             .map_err(|e| format!("sample {name}: {e}"))?
             .program;
+        if hopper {
+            // As the precision pass marks the FP8 products (the builder has no such option).
+            for kernel in &mut program.kernels {
+                if let KernelBody::Library(
+                    Library::MatMul { accumulation, .. }
+                    | Library::GroupedMatMul { accumulation, .. },
+                ) = &mut kernel.body
+                {
+                    *accumulation = Accumulation::HOPPER;
+                }
+            }
+        }
         self.out.push(LibrarySample {
             name,
             program,
@@ -326,5 +376,37 @@ pub fn library_samples() -> Result<Vec<LibrarySample>, String> {
             b.quantize_dequantize(t[0], QuantFormat::E4M3, tile, pow2)
         })?;
     }
+
+    // FP8 products with Hopper's accumulation (`cuda::library_fp8`): several 128-blocks with
+    // ragged ends in M, N and K. DeepGEMM's bound, as for the FP8 GEMM alone.
+    let similar = Tolerance::Similarity { max: 1e-3 };
+    let e4m3 = QuantFormat::E4M3;
+    let (m, n, k) = (80, 144, 272);
+    let inputs = vec![s.floats(&[2, m, k]), s.floats(&[k, n])];
+    s.add("fp8_matmul_forward", inputs, similar, &mut |b, x| {
+        let rows = b.quantize_dequantize(x[0], e4m3, (1, 128), true)?;
+        let weight = b.quantize_dequantize(x[1], e4m3, (128, 128), false)?;
+        let weight = b.expand(weight, &[2, k, n])?;
+        b.matmul(rows, weight)
+    })?;
+    // The weight gradient's form: both operands in 128×1 tiles along the tokens, A transposed.
+    let inputs = vec![s.floats(&[k, m]), s.floats(&[k, n])];
+    s.add("fp8_matmul_weight_grad", inputs, similar, &mut |b, x| {
+        let a = b.quantize_dequantize(x[0], e4m3, (128, 1), false)?;
+        let a = b.transpose(a)?;
+        let tokens = b.quantize_dequantize(x[1], e4m3, (128, 1), false)?;
+        b.matmul(a, tokens)
+    })?;
+    let (tokens, slots, experts) = (150, 2, 5);
+    let inputs = vec![
+        s.floats(&[tokens, 1, k]),
+        s.floats(&[experts, n, k]),
+        s.ints(&[tokens, slots], experts),
+    ];
+    s.add("fp8_grouped_matmul", inputs, similar, &mut |b, x| {
+        let rows = b.quantize_dequantize(x[0], e4m3, (1, 128), true)?;
+        let weights = b.quantize_dequantize(x[1], e4m3, (128, 128), false)?;
+        b.grouped_matmul(rows, weights, x[2])
+    })?;
     Ok(s.out)
 }

@@ -376,6 +376,21 @@ fn comparison_accepts_rounding_within_the_dot_bound_only() {
             .map(|m| m.0),
         Some(1)
     );
+    // Similarity: DeepGEMM's difference over the whole output.
+    use crate::cuda::library_samples::deepgemm_difference;
+    let similar = Tolerance::Similarity { max: 1e-3 };
+    let near = [1.001f32, -2.0, 0.0, 3.0];
+    let reference = [1.0f32, -2.0, 0.0, 3.0];
+    assert!(deepgemm_difference(&near, &reference) < 1e-6);
+    assert_eq!(
+        compare_outputs(&near, &reference, &[], similar).mismatch,
+        None
+    );
+    let swapped = [-2.0f32, 1.0, 0.0, 3.0];
+    let result = compare_outputs(&swapped, &reference, &[], similar);
+    // The element shown is one of those farthest apart.
+    assert!(matches!(result.mismatch, Some((0 | 1, ..))), "{result:?}");
+    assert!(result.worst_ratio > 100.0);
     // Exact: one ulp is a mismatch, NaN against a number too.
     let ulp = [f32::from_bits(1.0f32.to_bits() + 1), -2.0, 0.0, f32::NAN];
     assert!(

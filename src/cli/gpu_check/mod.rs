@@ -5,7 +5,10 @@
 //!    compared with what the CPU wrote.
 //!    Then every f32 library template (GEMMs, index operations, fake quantisation) on the
 //!    awkward shapes of `cuda::library_samples`, each against the CPU (GEMMs within
-//!    2·K·2⁻²⁴·Σ|a·b| per element, the rest bit for bit).
+//!    2·K·2⁻²⁴·Σ|a·b| per element, the rest bit for bit), and the FP8 products' plans (dense
+//!    forward and weight-gradient forms, the experts' grouped product: quantize, padding and
+//!    gathers, the FP8 GEMM) against the CPU's emulation of Hopper's accumulation (DeepGEMM's
+//!    difference at most 1e-3).
 //! 2. A few training steps of the tiny model with `backend = cuda` (generated kernels and library
 //!    templates) against the CPU, comparing losses: in f32, then at precision FP8 with Hopper's
 //!    accumulation, where the Linear GEMMs run as `quantize` + FP8 GEMM (`cuda::library_fp8`)
