@@ -88,6 +88,7 @@ impl Executable {
                             compiled.program,
                             GpuOptions::default(),
                         )?;
+                        announce_fp8_products(&executor);
                         Executable::Cuda(Box::new(executor))
                     }
                     Err(reason) => {
@@ -123,6 +124,20 @@ impl Executable {
             Executable::Cpu(program) => program.run(feeds)?.into_iter().collect(),
             Executable::Cuda(executor) => executor.run(feeds)?.outputs.into_iter().collect(),
         })
+    }
+}
+
+/// Says, for a program with FP8 products, how many run as FP8 GEMMs and how many in f32 (the
+/// plan that `fathom inspect --target` writes says why).
+fn announce_fp8_products(executor: &GpuExecutor) {
+    let (fp8, in_f32) = executor.library().fp8_summary();
+    if fp8 + in_f32 > 0 {
+        eprintln!(
+            "fathom: {}: {fp8} products run as FP8 GEMMs on {}, {in_f32} as f32 GEMMs \
+             (`fathom inspect --target` writes why, in library-plan.txt)",
+            executor.program().name,
+            executor.kernels().arch
+        );
     }
 }
 

@@ -17,7 +17,7 @@ use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
 use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool, project_pip_dirs};
 use fathom_runtime::cuda::KernelOverrides;
-use fathom_runtime::cuda::library::{LibraryKernel, LibraryPlan};
+use fathom_runtime::cuda::library::LibraryPlan;
 use fathom_runtime::cuda::library_fp8::Fp8Target;
 use fathom_runtime::cuda::modules::generated_source;
 use rayon::prelude::*;
@@ -216,24 +216,10 @@ fn write_library_plan(
     let path = dir.join("library-plan.txt");
     let text = match LibraryPlan::of(program, Fp8Target::for_arch(arch)) {
         Ok(plan) => {
-            let fp8 = plan
-                .calls
-                .iter()
-                .flatten()
-                .filter(|c| {
-                    c.steps.iter().any(|s| {
-                        matches!(
-                            s.kernel,
-                            LibraryKernel::Fp8Gemm(_) | LibraryKernel::Fp8GemmFallback(_)
-                        )
-                    })
-                })
-                .count();
-            let in_f32 = plan.calls.iter().flatten().filter(|c| c.note.is_some());
+            let (fp8, in_f32) = plan.fp8_summary();
             println!(
-                "library calls on {arch}: {fp8} FP8 GEMMs, {} products marked FP8 in f32 \
-                 (reasons in library-plan.txt)",
-                in_f32.count()
+                "library calls on {arch}: {fp8} FP8 GEMMs, {in_f32} products marked FP8 in f32 \
+                 (reasons in library-plan.txt)"
             );
             plan.table()
         }

@@ -289,6 +289,11 @@ impl GpuExecutor {
         &self.kernels
     }
 
+    /// The launches of the program's library calls.
+    pub fn library(&self) -> &LibraryPlan {
+        &self.library
+    }
+
     pub fn memory(&self) -> AllocStats {
         self.allocator.stats()
     }

@@ -212,6 +212,23 @@ impl LibraryPlan {
             .unwrap_or(0)
     }
 
+    /// How many products run as FP8 GEMMs, and how many marked with Hopper's accumulation run
+    /// as f32 GEMMs (each with its `note`).
+    pub fn fp8_summary(&self) -> (usize, usize) {
+        let calls = || self.calls.iter().flatten();
+        let fp8 = calls()
+            .filter(|c| {
+                c.steps.iter().any(|s| {
+                    matches!(
+                        s.kernel,
+                        LibraryKernel::Fp8Gemm(_) | LibraryKernel::Fp8GemmFallback(_)
+                    )
+                })
+            })
+            .count();
+        (fp8, calls().filter(|c| c.note.is_some()).count())
+    }
+
     /// The byte scratch the largest call needs.
     pub fn scratch_bytes(&self) -> usize {
         self.calls
