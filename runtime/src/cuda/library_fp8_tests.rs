@@ -579,6 +579,9 @@ fn the_fp8_training_steps_products_run_as_fp8_gemms() {
             grouped >= 3,
             "{target:?}: only {grouped} grouped FP8 products"
         );
+        let plan = LibraryPlan::of(&program, Some(target)).unwrap();
+        let notes = plan.calls.iter().flatten().filter(|c| c.note.is_some());
+        assert_eq!(plan.fp8_summary(), (checked, notes.count()));
     }
     let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
     let kinds: std::collections::BTreeSet<String> = plan
