@@ -257,6 +257,18 @@ struct OneProduct {
 }
 
 impl OneProduct {
+    /// The forward form at one block each way: rows in 1×128 tiles, the weight `[N][K]` in
+    /// 128×128 blocks read transposed.
+    fn forward_64x32x128() -> Self {
+        OneProduct {
+            batch: vec![],
+            mnk: (64, 32, 128),
+            a: (vec![64, 128], (1, 128), vec![128, 1]),
+            b: (vec![32, 128], (128, 128), vec![1, 128]),
+            pow2: false,
+        }
+    }
+
     fn program(&self) -> Program {
         let (m, n, k) = self.mnk;
         let batches: usize = self.batch.iter().product();
@@ -477,13 +489,7 @@ fn every_grouped_layout_gives_the_product_of_the_rounded_operands() {
 /// A mutation the check must catch: B's codes read from A's region.
 #[test]
 fn a_wrong_operand_address_is_caught() {
-    let product = OneProduct {
-        batch: vec![],
-        mnk: (64, 32, 128),
-        a: (vec![64, 128], (1, 128), vec![128, 1]),
-        b: (vec![32, 128], (128, 128), vec![1, 128]),
-        pow2: false,
-    };
+    let product = OneProduct::forward_64x32x128();
     let program = product.program();
     let plan = LibraryPlan::of(&program, Some(Fp8Target::Portable)).unwrap();
     let mut call = plan.calls[2].clone().unwrap();
@@ -516,13 +522,7 @@ fn a_wrong_operand_address_is_caught() {
 /// Products the FP8 GEMM cannot take run as the f32 GEMM, and the plan says why.
 #[test]
 fn products_the_fp8_gemm_cannot_take_run_in_f32_with_a_reason() {
-    let base = OneProduct {
-        batch: vec![],
-        mnk: (64, 32, 128),
-        a: (vec![64, 128], (1, 128), vec![128, 1]),
-        b: (vec![32, 128], (128, 128), vec![1, 128]),
-        pow2: false,
-    };
+    let base = OneProduct::forward_64x32x128();
     let note = |product: &OneProduct, target: Option<Fp8Target>| {
         let plan = LibraryPlan::of(&product.program(), target).unwrap();
         let call = plan.calls[2].clone().unwrap();
