@@ -151,6 +151,18 @@ pub struct LibraryCall {
     pub note: Option<String>,
 }
 
+impl LibraryCall {
+    /// Whether one of its steps is an FP8 GEMM.
+    pub fn runs_fp8_gemm(&self) -> bool {
+        self.steps.iter().any(|s| {
+            matches!(
+                s.kernel,
+                LibraryKernel::Fp8Gemm(_) | LibraryKernel::Fp8GemmFallback(_)
+            )
+        })
+    }
+}
+
 /// The library calls of a program, by kernel position (`None` for loop nests).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LibraryPlan {
@@ -216,16 +228,7 @@ impl LibraryPlan {
     /// as f32 GEMMs (each with its `note`).
     pub fn fp8_summary(&self) -> (usize, usize) {
         let calls = || self.calls.iter().flatten();
-        let fp8 = calls()
-            .filter(|c| {
-                c.steps.iter().any(|s| {
-                    matches!(
-                        s.kernel,
-                        LibraryKernel::Fp8Gemm(_) | LibraryKernel::Fp8GemmFallback(_)
-                    )
-                })
-            })
-            .count();
+        let fp8 = calls().filter(|c| c.runs_fp8_gemm()).count();
         (fp8, calls().filter(|c| c.note.is_some()).count())
     }
 

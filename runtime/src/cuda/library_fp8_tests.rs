@@ -203,13 +203,7 @@ fn check_fp8_products(program: &Program, target: Fp8Target) -> (usize, usize) {
         let (Some(call), KernelBody::Library(library)) = (call, &kernel.body) else {
             continue;
         };
-        let fp8_gemm = |s: &LibraryStep| {
-            matches!(
-                s.kernel,
-                LibraryKernel::Fp8Gemm(_) | LibraryKernel::Fp8GemmFallback(_)
-            )
-        };
-        if !call.steps.iter().any(fp8_gemm) {
+        if !call.runs_fp8_gemm() {
             continue;
         }
         let buffers = operands_of(program, library, checked);
