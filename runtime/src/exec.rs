@@ -26,8 +26,9 @@ pub enum Backend {
     Cpu,
     /// The reference interpreter (the oracle; slow).
     Interpreter,
-    /// Lowered to kernels, generated as CUDA C++, compiled by NVRTC and run on GPU 0. Without a
-    /// CUDA driver or GPU, the CPU backend runs instead (said once, on stderr).
+    /// Lowered to kernels, generated as CUDA C++, compiled by NVRTC and run on the process's GPU
+    /// ([`device_ordinal_from_vars`]: `LOCAL_RANK` under a launcher, else 0). Without a CUDA
+    /// driver or that GPU, the CPU backend runs instead (said once, on stderr).
     Cuda,
 }
 
@@ -77,7 +78,9 @@ impl Executable {
             }
             Backend::Cuda => {
                 let compiled = compile(&graph, options)?;
-                match GpuDevice::probe(0) {
+                let ordinal = device_ordinal_from_vars(|name| std::env::var(name).ok())
+                    .map_err(|e| CudaError::Launch(format!("choosing the GPU: {e}")))?;
+                match GpuDevice::probe(ordinal) {
                     Ok(device) => {
                         let nvrtc =
                             fathom_kernels::nvrtc::Nvrtc::locate().map_err(CudaError::from)?;
@@ -127,6 +130,13 @@ impl Executable {
     }
 }
 
+/// The GPU a process runs on: its rank on the node (`LOCAL_RANK`, or a launcher's equivalent,
+/// as NCCL uses it), so that the ranks a launcher starts on one node each take their own; 0
+/// without a launcher.
+pub fn device_ordinal_from_vars(get: impl Fn(&str) -> Option<String>) -> Result<usize, String> {
+    Ok(crate::parallel::local_rank_from_vars(get)?.unwrap_or(0))
+}
+
 /// Says, for a program with FP8 products, how many run as FP8 GEMMs and how many in f32 (the
 /// plan that `fathom inspect --target` writes says why).
 fn announce_fp8_products(executor: &GpuExecutor) {
@@ -155,6 +165,29 @@ mod tests {
 
     use super::*;
     use crate::cuda::driver_present;
+
+    #[test]
+    fn each_rank_on_a_node_takes_its_own_gpu() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert_eq!(device_ordinal_from_vars(vars(&[])), Ok(0));
+        assert_eq!(
+            device_ordinal_from_vars(vars(&[("LOCAL_RANK", "3")])),
+            Ok(3)
+        );
+        assert_eq!(
+            device_ordinal_from_vars(vars(&[("SLURM_LOCALID", "1")])),
+            Ok(1)
+        );
+        let error = device_ordinal_from_vars(vars(&[("LOCAL_RANK", "two")])).unwrap_err();
+        assert!(error.contains("LOCAL_RANK"), "{error}");
+    }
 
     #[test]
     fn the_cuda_backend_falls_back_to_the_cpu_without_a_driver() {
