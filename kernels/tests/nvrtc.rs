@@ -117,6 +117,24 @@ fn v3_fp8_gemms() -> Vec<(Fp8GemmParams, GemmProblem)> {
             problem(k, n),
         );
     }
+    // What the runtime's FP8 plans launch in training (f32 out; the runtime's
+    // `cuda::library_fp8`): the tiny model's forward over 64 tokens, its weight gradient, and
+    // the experts' grouped product over 640 padded rows.
+    let f32_out = GemmOutput::F32;
+    for (b_scaling, grouping, (m, n, k, groups)) in [
+        (BScaling::Block128x128, GemmGrouping::Dense, (64, 16, 32, 1)),
+        (BScaling::Row1x128, GemmGrouping::Dense, (32, 16, 64, 1)),
+        (
+            BScaling::Block128x128,
+            GemmGrouping::Contiguous,
+            (640, 16, 32, 4),
+        ),
+    ] {
+        push(
+            Fp8GemmParams::for_shape(m, n, b_scaling, f32_out, grouping),
+            GemmProblem { m, n, k, groups },
+        );
+    }
     // The reference configuration (DeepGEMM's usual 128x128 tile with a 4-deep pipeline) and the
     // three training layouts at one tile.
     let problem = GemmProblem {
