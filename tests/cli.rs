@@ -266,6 +266,14 @@ fn inspect_shows_which_products_run_as_fp8_gemms() {
         let run = fathom(&[&args[..], &targeted[..]].concat());
         assert!(run.status.success(), "{}", stderr(&run));
         let plan = std::fs::read_to_string(out.join("cuda").join("library-plan.txt")).unwrap();
+        // Every template instantiation the plan launches is there to read or hand-edit.
+        let gemm_source = std::fs::read_dir(out.join("cuda"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .find(|name| name.starts_with(gemm) && name.ends_with(".cu"));
+        let gemm_source = gemm_source.unwrap_or_else(|| panic!("no {gemm}*.cu"));
+        let text = std::fs::read_to_string(out.join("cuda").join(&gemm_source)).unwrap();
+        assert!(text.contains("extern \"C\" __global__"), "{text}");
         assert!(plan.contains("quantize_1x128_f32_e4m3"), "{plan}");
         assert!(plan.contains(gemm), "{target}: {plan}");
         // The experts' products too, in DeepGEMM's padded layout; their weight gradients not.

@@ -15,6 +15,7 @@ use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
+use fathom_kernels::KernelSource;
 use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool, project_pip_dirs};
 use fathom_runtime::cuda::KernelOverrides;
 use fathom_runtime::cuda::library::LibraryPlan;
@@ -159,16 +160,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let cuda = cuda_program(&compiled.program)?;
         let dir = args.out.join("cuda");
         write_cuda(&cuda, &dir)?;
-        write_library_plan(&compiled.program, arch, &dir)?;
+        let templates = write_library_plan(&compiled.program, arch, &dir)?;
         println!(
-            "CUDA: {} generated kernels -> {} unique sources, {} template calls, in {}",
+            "CUDA: {} generated kernels -> {} unique sources, {} template calls ({} template \
+             instantiations), in {}",
             cuda.kernels.len(),
             cuda.sources.len(),
             cuda.library_calls().count(),
+            templates.len(),
             dir.display()
         );
         if args.compile {
-            compile_cuda(&cuda, arch, &dir)?;
+            let mut units: Vec<Unit> = cuda
+                .sources
+                .iter()
+                .map(|source| {
+                    let users: Vec<_> = cuda.users_of(&source.entry).collect();
+                    let block = users.first().map_or(0, |k| k.launch.block);
+                    (generated_source(source, block), users.len())
+                })
+                .collect();
+            units.extend(templates);
+            compile_cuda(&units, arch, &dir)?;
         }
     }
     println!("artifacts written to {}", args.out.display());
@@ -206,14 +219,20 @@ fn write_cuda(cuda: &CudaProgram, dir: &Path) -> anyhow::Result<()> {
     write("templates.txt".into(), templates)
 }
 
+/// A compile unit and how many launches run it.
+type Unit = (KernelSource, usize);
+
 /// The library calls' launches on a GPU of `arch` (`library-plan.txt`), or why the program
-/// cannot run there; says how many products run as FP8 GEMMs.
+/// cannot run there; says how many products run as FP8 GEMMs. Writes every template
+/// instantiation the plan launches as `<entry>.cu` (where a hand edit starts from) and returns
+/// them with their launch counts.
 fn write_library_plan(
     program: &fathom_compiler::kernel::Program,
     arch: &str,
     dir: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Unit>> {
     let path = dir.join("library-plan.txt");
+    let mut templates = Vec::new();
     let text = match LibraryPlan::of(program, Fp8Target::for_arch(arch)) {
         Ok(plan) => {
             let (fp8, in_f32) = plan.fp8_summary();
@@ -221,6 +240,15 @@ fn write_library_plan(
                 "library calls on {arch}: {fp8} FP8 GEMMs, {in_f32} products marked FP8 in f32 \
                  (reasons in library-plan.txt)"
             );
+            let steps: Vec<_> = plan.calls.iter().flatten().flat_map(|c| &c.steps).collect();
+            for kernel in plan.kernels() {
+                let source = kernel.instantiate()?;
+                let file = dir.join(format!("{}.cu", source.entry));
+                std::fs::write(&file, &source.source)
+                    .with_context(|| format!("writing {}", file.display()))?;
+                let launches = steps.iter().filter(|s| s.kernel == kernel).count();
+                templates.push((source, launches));
+            }
             plan.table()
         }
         Err(refused) => {
@@ -228,20 +256,25 @@ fn write_library_plan(
             format!("{refused}\n")
         }
     };
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(templates)
 }
 
 /// One unique source compiled by NVRTC.
 struct Built {
     entry: String,
+    /// Launches of it in the program.
     users: usize,
+    /// Dynamic shared memory per block (the Hopper FP8 GEMM's pipeline ring).
+    dynamic_smem: u32,
     resources: ResourceUsage,
     time: Duration,
 }
 
-/// Compiles every unique source for `arch`, writes `<entry>.<arch>.cubin`, `.sass` when a
-/// disassembler is found, and `resources.txt`; fails naming every source that did not compile.
-fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()> {
+/// Compiles every unit (the unique generated sources, the plan's template instantiations) for
+/// `arch`, writes `<entry>.<arch>.cubin`, `.sass` when a disassembler is found, and
+/// `resources.txt`; fails naming every source that did not compile.
+fn compile_cuda(units: &[Unit], arch: &str, dir: &Path) -> anyhow::Result<()> {
     // The project's pip folders (`scripts/test.sh` installs NVRTC there), from the current
     // directory and from the source tree this binary was built in.
     let pip_dirs = project_pip_dirs();
@@ -251,26 +284,26 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
         .or_else(|| find_cuda_tool("nvdisasm", &pip_dirs).map(|tool| (tool, Vec::new())));
     let overrides = KernelOverrides::from_env();
     let started = Instant::now();
-    let results: Vec<anyhow::Result<Built>> = cuda
-        .sources
+    let results: Vec<anyhow::Result<Built>> = units
         .par_iter()
-        .map(|source| {
-            let users: Vec<_> = cuda.users_of(&source.entry).collect();
-            let generated = generated_source(source, users.first().map_or(0, |k| k.launch.block));
+        .map(|(generated, users)| {
+            let generated = generated.clone();
+            let entry = generated.entry.clone();
+            let dynamic_smem = generated.dynamic_smem_bytes;
             let edit = match &overrides {
                 Some(overrides) => overrides.apply(&generated)?,
                 None => None,
             };
             if let Some(edit) = &edit {
                 let path = edit.path.display();
-                println!("{}: compiled from the hand-edited {path}", source.entry);
+                println!("{}: compiled from the hand-edited {path}", entry);
             }
             let hand_edited = edit.is_some();
             let kernel = edit.map_or(generated, |edit| edit.kernel);
             let t = Instant::now();
             let compiled = nvrtc.compile(&kernel, Some(arch))?;
             let time = t.elapsed();
-            let cubin = dir.join(format!("{}.{arch}.cubin", source.entry));
+            let cubin = dir.join(format!("{}.{arch}.cubin", entry));
             std::fs::write(&cubin, &compiled.cubin)
                 .with_context(|| format!("writing {}", cubin.display()))?;
             if let Some((tool, flags)) = &disassembler {
@@ -280,7 +313,7 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
                     .output();
                 match output {
                     Ok(out) if out.status.success() => {
-                        let sass = dir.join(format!("{}.{arch}.sass", source.entry));
+                        let sass = dir.join(format!("{}.{arch}.sass", entry));
                         std::fs::write(&sass, &out.stdout)
                             .with_context(|| format!("writing {}", sass.display()))?;
                     }
@@ -295,11 +328,12 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
             }
             Ok(Built {
                 entry: if hand_edited {
-                    format!("{} (edited)", source.entry)
+                    format!("{} (edited)", entry)
                 } else {
-                    source.entry.clone()
+                    entry.clone()
                 },
-                users: users.len(),
+                users: *users,
+                dynamic_smem,
                 resources: compiled.resources.unwrap_or_default(),
                 time,
             })
@@ -315,18 +349,19 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
         }
     }
     let mut table = format!(
-        "{:<34} {:>7} {:>5} {:>6} {:>6} {:>7} {:>7} {:>7}\n",
-        "entry", "kernels", "regs", "smem", "stack", "spill_st", "spill_ld", "ms"
+        "{:<50} {:>8} {:>5} {:>6} {:>7} {:>6} {:>7} {:>7} {:>7}\n",
+        "entry", "launches", "regs", "smem", "dynsmem", "stack", "spill_st", "spill_ld", "ms"
     );
     for b in &built {
         let r = b.resources;
         let _ = writeln!(
             table,
-            "{:<34} {:>7} {:>5} {:>6} {:>6} {:>7} {:>7} {:>7.0}",
+            "{:<50} {:>8} {:>5} {:>6} {:>7} {:>6} {:>7} {:>7} {:>7.0}",
             b.entry,
             b.users,
             r.registers,
             r.static_smem_bytes,
+            b.dynamic_smem,
             r.stack_frame_bytes,
             r.spill_store_bytes,
             r.spill_load_bytes,
@@ -344,7 +379,7 @@ fn compile_cuda(cuda: &CudaProgram, arch: &str, dir: &Path) -> anyhow::Result<()
          CUBIN{} and resources.txt in {}",
         nvrtc.version(),
         built.len(),
-        cuda.sources.len(),
+        units.len(),
         wall.as_secs_f64(),
         built
             .iter()
