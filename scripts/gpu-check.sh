@@ -12,7 +12,9 @@
 #      quantizers, bit for bit,
 #   4. the FP8 GEMM's TFLOPS at DeepSeek-V3's shapes (M = 4096), every tile configuration under
 #      every schedule side by side, the fastest beside torch._scaled_mm (cuBLASLt FP8) when
-#      PyTorch with CUDA is installed.
+#      PyTorch with CUDA is installed,
+#   5. training throughput on the GPU (`fathom bench --backend cuda`, benches/configs/small.json),
+#      f32 and FP8 with Hopper's accumulation (the FP8 GEMM plans) one after the other.
 # On a machine without a GPU it says so in one line and exits 0.
 #
 # Environment: FATHOM_GPU_CHECK_BIN=path uses a prebuilt `fathom` instead of building one;
@@ -75,7 +77,33 @@ else
 fi
 
 status=0
-timeout 360 "$bin" gpu-check "${cublas[@]}" || status=$?
-[ "$status" = 124 ] && echo "gpu-check: stopped after 360 s (a kernel hung, or the checks ran long)"
+timeout 330 "$bin" gpu-check "${cublas[@]}" || status=$?
+[ "$status" = 124 ] && echo "gpu-check: stopped after 330 s (a kernel hung, or the checks ran long)"
+
+echo
+echo "== 5. training throughput on the GPU, f32 and FP8 side by side (small config, 8 x 256 tokens)"
+for run in "fp32 exact" "fp8 hopper"; do
+  read -r precision accumulation <<<"$run"
+  bench_status=0
+  timeout 100 "$bin" bench --config benches/configs/small.json --backend cuda --batch 8 --seq 256 \
+    --steps 5 --precision "$precision" --accumulation "$accumulation" --json \
+    >"$work/bench-$precision.json" || bench_status=$?
+  if [ "$bench_status" = 0 ]; then
+    echo "$precision ($accumulation accumulation): $(cat "$work/bench-$precision.json")"
+  else
+    echo "gpu-check: the $precision bench failed (exit $bench_status)"
+    [ "$status" = 0 ] && status=$bench_status
+  fi
+done
+if [ -s "$work/bench-fp32.json" ] && [ -s "$work/bench-fp8.json" ]; then
+  python3 - "$work/bench-fp32.json" "$work/bench-fp8.json" <<'PY'
+import json, sys
+f32, fp8 = (json.load(open(path)) for path in sys.argv[1:3])
+key = "train_tokens_per_second"
+print(f"train tokens/s: f32 {f32[key]:.0f}, fp8 {fp8[key]:.0f} (fp8/f32 = {fp8[key] / f32[key]:.2f}x); "
+      f"backends {f32['backend']}, {fp8['backend']}")
+PY
+fi
+
 echo "gpu-check: finished in $((SECONDS - started)) s (exit $status)"
 exit "$status"

@@ -344,3 +344,28 @@ fn inspect_compiles_a_hand_edited_kernel_from_the_override_folder() {
         "{resources}"
     );
 }
+
+/// `bench --backend cuda` times the GPU, or says in one line that the CPU runs instead and
+/// reports the backend that ran; an unknown backend is refused by name.
+#[test]
+fn bench_reports_the_backend_that_ran() {
+    let config = repo("benches/configs/small.json");
+    let args = [
+        "bench", "--config", &config, "--batch", "1", "--seq", "16", "--steps", "1", "--json",
+    ];
+    let run = fathom(&[&args[..], &["--backend", "cuda"]].concat());
+    assert!(run.status.success(), "{}", stderr(&run));
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let ran = report["backend"].as_str().unwrap();
+    assert!(
+        ran == "cuda" || stderr(&run).contains("running on the CPU"),
+        "{ran}"
+    );
+    let run = fathom(&[&args[..], &["--backend", "gpu"]].concat());
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("unknown backend `gpu`"),
+        "{}",
+        stderr(&run)
+    );
+}

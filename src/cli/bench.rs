@@ -1,14 +1,16 @@
-//! `fathom bench`: training-step and forward throughput of the compiled CPU path, with the
-//! FLOPs the compiler counts and the machine's GEMM peak, for side-by-side comparisons
-//! (scripts/bench/compare_pytorch.py runs PyTorch in the same run and prints the ratios).
+//! `fathom bench`: training-step and forward throughput of the compiled CPU path (or, with
+//! `--backend cuda`, of the GPU's), with the FLOPs the compiler counts and the machine's GEMM
+//! peak, for side-by-side comparisons (scripts/bench/compare_pytorch.py runs PyTorch in the same
+//! run and prints the ratios; scripts/gpu-check.sh runs f32 and FP8 on the GPU).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
 use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::graph::Accumulation;
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph, parameter_graph};
-use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
+use fathom_compiler::precision::{Precision, PrecisionPolicy, accumulation_named, apply_precision};
 use fathom_compiler::spec::hf::spec_from_config_json;
 use fathom_compiler::training::training_graph;
 use fathom_runtime::HostTensor;
@@ -44,6 +46,13 @@ pub struct Args {
     /// fp8; see `fathom train --precision`).
     #[arg(long, default_value = "fp32")]
     precision: Precision,
+    /// How the FP8 GEMMs sum (see `fathom train --accumulation`); on the GPU `hopper` runs them
+    /// as real FP8 GEMMs.
+    #[arg(long, value_parser = accumulation_named, default_value = "exact")]
+    accumulation: Accumulation,
+    /// `cpu` (the compiled CPU path) or `cuda` (the GPU; the CPU, said once, where there is none).
+    #[arg(long, value_parser = backend_named, default_value = "cpu")]
+    backend: Backend,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -70,6 +79,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (batch, seq) = (args.batch, args.seq);
     let tokens = (batch * seq) as f64;
 
+    let policy = PrecisionPolicy {
+        accumulation: args.accumulation,
+        ..PrecisionPolicy::uniform(args.precision)
+    };
     // What PyTorch's baseline does: next-token loss, backward, AdamW with f32 moments.
     let started = Instant::now();
     let train = training_graph(&spec, batch, seq, LossWeights::next_token_only())?.without_logits();
@@ -100,8 +113,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         clip_norm: None,
         losses: LossWeights::next_token_only(),
         bias_update_speed: 0.0,
-        backend: Backend::Cpu,
-        precision: PrecisionPolicy::uniform(args.precision),
+        backend: args.backend,
+        precision: policy.clone(),
         pipeline: Default::default(),
     };
     let task = SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 0)?;
@@ -125,9 +138,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     // The forward pass in the same arithmetic as the step (its Linear GEMMs' operands rounded
     // to bf16 under `--precision bf16`, as torch's autocast forward is compared with it).
-    let policy = PrecisionPolicy::uniform(args.precision);
     let forward = apply_precision(&forward, &policy, &spec.fp8.clone().unwrap_or_default())?;
-    let executable = Executable::new(forward, Backend::Cpu)?;
+    let executable = Executable::new(forward, args.backend)?;
     let mut data = SyntheticBatches::new(
         SyntheticTask::new(SyntheticKind::default(), spec.vocab_size, 1)?,
         batch,
@@ -142,10 +154,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let forward_seconds = t.elapsed().as_secs_f64() / args.steps as f64;
 
-    let peak = gemm_peak_gflops();
+    // The CPU's GEMM figures, beside a CPU run.
+    let on_cpu = executable.backend() == Backend::Cpu;
+    let peak = on_cpu.then(gemm_peak_gflops);
+    let bf16_gemm =
+        on_cpu.then(|| bf16_gemm_report(batch * seq, spec.hidden_size, spec.intermediate_size));
     let report = json!({
         "config": args.config.display().to_string(),
+        "backend": format!("{:?}", executable.backend()).to_lowercase(),
         "precision": args.precision.to_string(),
+        "accumulation": args.accumulation.to_string(),
         "threads": rayon::current_num_threads(),
         "batch": batch,
         "seq": seq,
@@ -157,7 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "f32_gemm_peak_gflops": peak,
         "temporaries_bytes": temporaries,
         "compile_seconds": compile_seconds,
-        "bf16_gemm": bf16_gemm_report(batch * seq, spec.hidden_size, spec.intermediate_size),
+        "bf16_gemm": bf16_gemm,
     });
     if args.json {
         println!("{report}");
@@ -165,6 +183,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// A backend by name: `cpu` or `cuda` (the interpreter is not a thing to time).
+fn backend_named(name: &str) -> Result<Backend, String> {
+    match name {
+        "cpu" => Ok(Backend::Cpu),
+        "cuda" => Ok(Backend::Cuda),
+        other => Err(format!("unknown backend `{other}`; expected cpu or cuda")),
+    }
 }
 
 /// Whether bf16 Linear GEMMs run on the bf16 kernel here (`fathom_runtime::cpu::bf16_gemm`),
