@@ -218,14 +218,4 @@ __device__ __forceinline__ void pad_groups(const int* __restrict__ offsets, cons
   }
 }
 
-// out[p][w] = x[source_rows[p]][w], or 0 where source_rows[p] is -1 (padding): the rows of x in
-// `pad_groups`' layout.
-__device__ __forceinline__ void gather_padded(const float* __restrict__ x, const int* __restrict__ source_rows,
-                                              float* __restrict__ out, int m_padded, int width) {
-  FATHOM_FOR_EACH(idx, static_cast<long long>(m_padded) * width) {
-    const int source = source_rows[idx / width];
-    out[idx] = source >= 0 ? x[static_cast<long long>(source) * width + idx % width] : 0.0f;
-  }
-}
-
 }  // namespace fathom

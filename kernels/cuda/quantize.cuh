@@ -5,6 +5,9 @@
 // is transposed) must be multiples of 16. Scale layouts match what fp8_gemm.cuh reads:
 //
 //   quantize_1x128:           activation tiles; q [rows][cols], scales [ceil(cols/128)][rows_pad]
+//   quantize_1x128_gathered:  the same of rows gathered from x: output row r is x's row
+//                             source_rows[r], or zeros where that is -1 (the grouped FP8 GEMMs'
+//                             padded layout, see index_ops.cuh's pad_groups)
 //   quantize_128x128:         weight blocks; q [rows][cols], scales [ceil(rows/128)][ceil(cols/128)]
 //   quantize_128x128 (T):     the same blocks written transposed: q [cols][rows],
 //                             scales [ceil(cols/128)][ceil(rows/128)]; a 128x128 block's amax does
@@ -36,23 +39,38 @@ __device__ __forceinline__ u32 quantize4(float4 v, float scale) {
                           e4m3_quotient(v.w, scale));
 }
 
-// One warp per 1x128 tile (each lane 4 consecutive values); WARPS tiles (rows) per CTA.
+// One warp per 1x128 tile (each lane 4 consecutive values); WARPS tiles (rows) per CTA. Output
+// row r reads x's row source_rows[r] when GATHER (zeros where it is -1), row r otherwise.
 // Grid: (ceil(cols / 128), ceil(rows / WARPS)).
-template <class In, bool POW2, int WARPS>
-__device__ __forceinline__ void quantize_1x128(const In* __restrict__ x, u8* __restrict__ q,
-                                               float* __restrict__ scales, int rows, int cols) {
+template <class In, bool POW2, int WARPS, bool GATHER>
+__device__ __forceinline__ void quantize_1x128_rows(const In* __restrict__ x, const int* __restrict__ source_rows,
+                                                    u8* __restrict__ q, float* __restrict__ scales, int rows,
+                                                    int cols) {
   const int row = blockIdx.y * WARPS + threadIdx.x / 32;
   const int col = blockIdx.x * 128 + (threadIdx.x % 32) * 4;
   if (row >= rows) return;  // whole warps leave together
-  const bool valid = col < cols;
-  const long long idx = static_cast<long long>(row) * cols + col;
-  const float4 v = valid ? load4(x + idx) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const long long source = GATHER ? source_rows[row] : row;
+  const bool valid = col < cols && source >= 0;
+  const float4 v = valid ? load4(x + source * cols + col) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   const float scale = e4m3_scale<POW2>(warp_max(amax4(v)));
-  if (valid) *reinterpret_cast<u32*>(q + idx) = quantize4(v, scale);
+  if (col < cols) *reinterpret_cast<u32*>(q + static_cast<long long>(row) * cols + col) = quantize4(v, scale);
   if (threadIdx.x % 32 == 0) {
     const int rows_pad = (rows + 3) / 4 * 4;
     scales[static_cast<long long>(blockIdx.x) * rows_pad + row] = scale;
   }
+}
+
+template <class In, bool POW2, int WARPS>
+__device__ __forceinline__ void quantize_1x128(const In* __restrict__ x, u8* __restrict__ q,
+                                               float* __restrict__ scales, int rows, int cols) {
+  quantize_1x128_rows<In, POW2, WARPS, false>(x, nullptr, q, scales, rows, cols);
+}
+
+template <class In, bool POW2, int WARPS>
+__device__ __forceinline__ void quantize_1x128_gathered(const In* __restrict__ x, const int* __restrict__ source_rows,
+                                                        u8* __restrict__ q, float* __restrict__ scales, int rows,
+                                                        int cols) {
+  quantize_1x128_rows<In, POW2, WARPS, true>(x, source_rows, q, scales, rows, cols);
 }
 
 // One CTA (256 threads) per 128x128 block: amax over the block, then quantise (re-reading the

@@ -1,7 +1,7 @@
 //! `index_ops`: the index-driven library calls (`cuda/index_ops.cuh`) on f32 buffers holding
 //! integers by value: `gather`, `take_along`, `index_add`, `one_hot`, `top_k`, and `group_rows`,
-//! the stable grouping by id that `index_add` and the grouped GEMMs run after; `pad_groups` and
-//! `gather_padded` lay the grouped rows out as the grouped FP8 GEMMs read them. Results equal the
+//! the stable grouping by id that `index_add` and the grouped GEMMs run after; `pad_groups` lays
+//! the grouped rows out as the grouped FP8 GEMMs read them. Results equal the
 //! CPU backend's exactly (no float atomics; `index_add` sums in the CPU's order). Kernels that read
 //! indices report an invalid one through a `status` word (see the template) instead of failing
 //! silently. Sizes are launch arguments: one instantiation per operation. `sm_80` or newer.
@@ -38,8 +38,6 @@ pub enum IndexOp {
     /// segment starts, each 128-row block's group, each padded row's source row of x, each
     /// token-slot's padded row.
     PadGroups,
-    /// The rows of x in `PadGroups`' layout, zeros for padding.
-    GatherPadded,
 }
 
 /// Rows per segment alignment of `PadGroups` (the grouped FP8 GEMMs' `GROUPED_M_ALIGN`).
@@ -66,7 +64,6 @@ impl IndexOpParams {
             IndexOp::OneHot => "one_hot",
             IndexOp::TopK => "top_k",
             IndexOp::PadGroups => "pad_groups",
-            IndexOp::GatherPadded => "gather_padded",
         };
         format!("index_{op}")
     }
@@ -94,7 +91,7 @@ impl IndexOpParams {
     pub fn checks_indices(&self) -> bool {
         !matches!(
             self.op,
-            IndexOp::IndexAdd | IndexOp::TopK | IndexOp::PadGroups | IndexOp::GatherPadded
+            IndexOp::IndexAdd | IndexOp::TopK | IndexOp::PadGroups
         )
     }
 
@@ -163,13 +160,6 @@ impl IndexOpParams {
                 ints_out("source_rows"),
                 f32_out("padded_of"),
             ],
-            IndexOp::GatherPadded => vec![
-                f32_in("x"),
-                ints_in("source_rows"),
-                f32_out("out"),
-                int("m_padded"),
-                int("width"),
-            ],
         };
         if self.checks_indices() {
             params.push(KernelParam::new("status", ParamType::MutPtr(Elem::I32)));
@@ -191,7 +181,6 @@ impl IndexOpParams {
             IndexOp::OneHot => "fathom::one_hot".to_owned(),
             IndexOp::TopK => format!("fathom::top_k<{TOP_K_THREADS}>"),
             IndexOp::PadGroups => format!("fathom::pad_groups<{PAD_ALIGN}>"),
-            IndexOp::GatherPadded => "fathom::gather_padded".to_owned(),
         };
         let description = vec![format!(
             "{:?} on f32 buffers holding integers by value; exact, deterministic.",
@@ -214,7 +203,7 @@ impl IndexOpParams {
     }
 
     /// Every operation, for compile checks.
-    pub fn all() -> [IndexOpParams; 8] {
+    pub fn all() -> [IndexOpParams; 7] {
         [
             IndexOp::GroupRows,
             IndexOp::Gather,
@@ -223,7 +212,6 @@ impl IndexOpParams {
             IndexOp::OneHot,
             IndexOp::TopK,
             IndexOp::PadGroups,
-            IndexOp::GatherPadded,
         ]
         .map(IndexOpParams::new)
     }

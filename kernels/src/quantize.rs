@@ -21,6 +21,10 @@ const TILE_WARPS: u32 = 8;
 pub enum QuantizeKind {
     /// Activations: one scale per 1×128 tile; `q [rows][cols]`, scales `[ceil(cols/128)][round_up(rows, 4)]`.
     Tile1x128,
+    /// `Tile1x128` of rows gathered from the input: output row `r` is input row
+    /// `source_rows[r]`, or zeros where that is -1 (the grouped FP8 GEMMs' padded layout);
+    /// `rows` counts output rows.
+    GatheredTile1x128,
     /// Weights: one scale per 128×128 block; `q [rows][cols]`, scales `[ceil(rows/128)][ceil(cols/128)]`;
     /// `transpose` writes `q [cols][rows]` and scales `[ceil(cols/128)][ceil(rows/128)]` instead
     /// (the input-gradient GEMM's Wᵀ; equal to transposing the plain result).
@@ -75,6 +79,7 @@ impl QuantizeParams {
     pub fn name(&self) -> String {
         let kind = match self.kind {
             QuantizeKind::Tile1x128 => "1x128",
+            QuantizeKind::GatheredTile1x128 => "1x128_gathered",
             QuantizeKind::Block128x128 { transpose: false } => "128x128",
             QuantizeKind::Block128x128 { transpose: true } => "128x128t",
             QuantizeKind::Tile128x1Transposed => "128x1t",
@@ -90,7 +95,9 @@ impl QuantizeParams {
     /// Launch grid for a `[rows][cols]` input.
     pub fn grid(&self, rows: u32, cols: u32) -> [u32; 3] {
         match self.kind {
-            QuantizeKind::Tile1x128 => [cols.div_ceil(128), rows.div_ceil(TILE_WARPS), 1],
+            QuantizeKind::Tile1x128 | QuantizeKind::GatheredTile1x128 => {
+                [cols.div_ceil(128), rows.div_ceil(TILE_WARPS), 1]
+            }
             QuantizeKind::Block128x128 { .. } => [cols.div_ceil(128), rows.div_ceil(128), 1],
             QuantizeKind::Tile128x1Transposed => [cols.div_ceil(32), rows.div_ceil(128), 1],
         }
@@ -121,13 +128,23 @@ impl QuantizeParams {
     }
 
     pub fn kernel_params(&self) -> Vec<KernelParam> {
-        vec![
-            KernelParam::new("x", ParamType::ConstPtr(self.input.elem())),
+        let mut params = vec![KernelParam::new(
+            "x",
+            ParamType::ConstPtr(self.input.elem()),
+        )];
+        if self.kind == QuantizeKind::GatheredTile1x128 {
+            params.push(KernelParam::new(
+                "source_rows",
+                ParamType::ConstPtr(Elem::I32),
+            ));
+        }
+        params.extend([
             KernelParam::new("q", ParamType::MutPtr(Elem::E4m3)),
             KernelParam::new("scales", ParamType::MutPtr(Elem::F32)),
             KernelParam::new("rows", ParamType::I32),
             KernelParam::new("cols", ParamType::I32),
-        ]
+        ]);
+        params
     }
 
     /// Instantiates the template (portable: `sm_80` or newer).
@@ -135,9 +152,13 @@ impl QuantizeParams {
         let name = self.name();
         let params = self.kernel_params();
         let (input, pow2) = (self.input.cpp(), cpp_bool(self.pow2_scales));
+        let args: Vec<&str> = params.iter().map(|p| p.name).collect();
         let call = match self.kind {
             QuantizeKind::Tile1x128 => {
                 format!("fathom::quantize_1x128<{input}, {pow2}, {TILE_WARPS}>(")
+            }
+            QuantizeKind::GatheredTile1x128 => {
+                format!("fathom::quantize_1x128_gathered<{input}, {pow2}, {TILE_WARPS}>(")
             }
             QuantizeKind::Block128x128 { transpose } => {
                 format!(
@@ -168,7 +189,7 @@ impl QuantizeParams {
                 block_threads: self.block_threads(),
                 cluster_x: 1,
                 params: &params,
-                body: vec![call, "    x, q, scales, rows, cols);".to_owned()],
+                body: vec![call, format!("    {});", args.join(", "))],
             },
             ArchRequirement::Sm80OrNewer,
             0,

@@ -484,7 +484,7 @@ fn f32_library_kernels_compile_for_sm80_and_sm90a_without_spills() {
         let params = FakeQuantizeParams { pow2_scales };
         kernels.push((params.instantiate().expect("fake quantize"), None));
     }
-    assert_eq!(kernels.len(), 13);
+    assert_eq!(kernels.len(), 12);
     let jobs = kernels
         .into_iter()
         .flat_map(|(kernel, sass)| ["sm_80", "sm_90a"].map(|arch| (kernel.clone(), arch, sass)))

@@ -77,6 +77,8 @@ pub(crate) struct Fp8Operand {
     pub quantize: QuantizeParams,
     /// The f32 values it quantises: a buffer, or the byte scratch.
     pub source: StepArg,
+    /// For the gathered kind: where the source row of each output row lies.
+    pub source_rows: Option<StepArg>,
     /// The source as the quantize kernel reads it: `[rows][cols]`.
     pub rows: usize,
     pub cols: usize,
@@ -92,7 +94,9 @@ impl Fp8Operand {
     pub(crate) fn scale_bytes(&self) -> usize {
         let (rows, cols) = (self.rows, self.cols);
         4 * match self.quantize.kind {
-            QuantizeKind::Tile1x128 => cols.div_ceil(128) * rows.next_multiple_of(4),
+            QuantizeKind::Tile1x128 | QuantizeKind::GatheredTile1x128 => {
+                cols.div_ceil(128) * rows.next_multiple_of(4)
+            }
             QuantizeKind::Block128x128 { .. } => rows.div_ceil(128) * cols.div_ceil(128),
             QuantizeKind::Tile128x1Transposed => rows.div_ceil(128) * cols.next_multiple_of(4),
         }
@@ -174,6 +178,7 @@ impl Rounding {
                 pow2_scales: self.pow2_scales,
             },
             source: StepArg::Buffer(source, 0),
+            source_rows: None,
             rows: self.rows(),
             cols: self.cols(),
         }
@@ -445,16 +450,20 @@ pub(crate) fn quantize_step(
     params
         .check_problem(rows, cols)
         .map_err(|e| e.to_string())?;
+    let mut named = vec![
+        ("x", operand.source),
+        ("q", StepArg::Bytes(codes)),
+        ("scales", StepArg::Bytes(scales)),
+        ("rows", StepArg::I32(rows as i32)),
+        ("cols", StepArg::I32(cols as i32)),
+    ];
+    if let Some(source_rows) = operand.source_rows {
+        named.push(("source_rows", source_rows));
+    }
     Ok(LibraryStep {
         kernel: LibraryKernel::Quantize(params),
         grid: params.grid(rows, cols),
-        args: vec![
-            operand.source,
-            StepArg::Bytes(codes),
-            StepArg::Bytes(scales),
-            StepArg::I32(rows as i32),
-            StepArg::I32(cols as i32),
-        ],
+        args: ordered(&params.name(), &params.kernel_params(), &named)?,
     })
 }
 

@@ -182,11 +182,21 @@ impl Memory {
     }
 
     fn quantize(&mut self, params: QuantizeParams, args: &[StepArg]) {
-        let [x, q, s, rows, cols] = *args else {
-            panic!("quantize arguments {args:?}");
+        let named = by_name(&params.kernel_params(), args);
+        let (x, q, s) = (named["x"], named["q"], named["scales"]);
+        let (rows, cols) = (int(named["rows"]), int(named["cols"]));
+        // Row r of what is quantised: x's row r, or for the gathered kind x's row
+        // source_rows[r] (zeros for -1).
+        let source = |mem: &Memory, r: usize| match named.get("source_rows") {
+            Some(&rows) => usize::try_from(mem.get_i32(rows, r)).ok(),
+            None => Some(r),
         };
-        let (rows, cols) = (int(rows), int(cols));
-        let x: Vec<f32> = (0..rows * cols).map(|i| self.get_f32(x, i)).collect();
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| match source(self, i / cols) {
+                Some(row) => self.get_f32(x, row * cols + i % cols),
+                None => 0.0,
+            })
+            .collect();
         let (codes, scales) = expected_quantization(params, &x, rows, cols).unwrap();
         let q = bytes(q);
         self.bytes[q..q + codes.len()].copy_from_slice(&codes);
@@ -248,20 +258,6 @@ impl Memory {
                     start = end;
                 }
                 self.set_i32(named["padded_offsets"], groups, start as i32);
-            }
-            IndexOp::GatherPadded => {
-                let (m_padded, width) = (int(named["m_padded"]), int(named["width"]));
-                for p in 0..m_padded {
-                    let source = self.get_i32(named["source_rows"], p);
-                    for w in 0..width {
-                        let value = if source >= 0 {
-                            self.get_f32(named["x"], source as usize * width + w)
-                        } else {
-                            0.0
-                        };
-                        self.set_f32(named["out"], p * width + w, value);
-                    }
-                }
             }
             IndexOp::Gather => {
                 let StepArg::I64(count) = named["count"] else {

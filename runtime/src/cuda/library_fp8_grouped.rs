@@ -6,7 +6,7 @@
 //! 2. `pad_groups`: each expert's token-slots in a segment of its own, padded to 128 rows
 //!    (`m_padded` rows in all: enough for any routing), the expert of each 128-row block (-1
 //!    past the last segment), and each token-slot's padded row;
-//! 3. `gather_padded`: x's rows in that layout (zeros for padding), then `quantize` 1×128;
+//! 3. `quantize` 1×128 of x's rows gathered into that layout (zeros for padding);
 //! 4. `quantize` 128×128 of each expert's weight (one launch for all experts when their blocks
 //!    cannot straddle two, i.e. stored `[N][K]` with N a multiple of 128);
 //! 5. the grouped FP8 GEMM into padded output rows (padding blocks skipped);
@@ -137,11 +137,12 @@ impl Fp8GroupedProduct {
         let int = |v: usize| StepArg::I32(v as i32);
         let a = Fp8Operand {
             quantize: QuantizeParams {
-                kind: QuantizeKind::Tile1x128,
+                kind: QuantizeKind::GatheredTile1x128,
                 input: QuantizeInput::F32,
                 pow2_scales: self.x_pow2,
             },
-            source: StepArg::Null,
+            source: StepArg::Buffer(self.x, 0),
+            source_rows: None,
             rows: m_padded,
             cols: k,
         };
@@ -151,7 +152,6 @@ impl Fp8GroupedProduct {
         let block_group = layout.region(4 * m_padded / GROUPED_M_ALIGN as usize);
         let source_rows = layout.region(4 * m_padded);
         let padded_of = layout.region(4 * self.rows);
-        let x_padded = layout.region(4 * m_padded * k);
         let (qa, sa) = (
             layout.region(a.code_bytes()),
             layout.region(a.scale_bytes()),
@@ -188,26 +188,12 @@ impl Fp8GroupedProduct {
                     StepArg::Bytes(padded_of),
                 ],
             ),
-            index(
-                IndexOp::GatherPadded,
-                m_padded * k,
-                vec![
-                    StepArg::Buffer(self.x, 0),
-                    StepArg::Bytes(source_rows),
-                    StepArg::Bytes(x_padded),
-                    int(m_padded),
-                    int(k),
-                ],
-            ),
-            quantize_step(
-                &Fp8Operand {
-                    source: StepArg::Bytes(x_padded),
-                    ..a
-                },
-                qa,
-                sa,
-            )?,
         ];
+        let gathered = Fp8Operand {
+            source_rows: Some(StepArg::Bytes(source_rows)),
+            ..a
+        };
+        steps.push(quantize_step(&gathered, qa, sa)?);
         // One launch for all experts when no 128×128 block can straddle two of them.
         if !self.w_transposed && n % 128 == 0 {
             let all = Fp8Operand {
@@ -267,6 +253,7 @@ impl Fp8GroupedProduct {
                 pow2_scales: self.w_pow2,
             },
             source: StepArg::Buffer(self.weights, e * rows * cols),
+            source_rows: None,
             rows,
             cols,
         }

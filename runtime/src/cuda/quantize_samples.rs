@@ -17,8 +17,11 @@ pub struct QuantizeSample {
     pub params: QuantizeParams,
     pub rows: usize,
     pub cols: usize,
-    /// The input as the kernel reads it: f32 or bf16 bits, little-endian, `[rows][cols]`.
+    /// The input as the kernel reads it: f32 or bf16 bits, little-endian, `[rows][cols]`
+    /// (`[GATHERED_FROM][cols]` for the gathered kind).
     pub input: Vec<u8>,
+    /// For the gathered kind: each output row's input row, -1 for a row of zeros.
+    pub source_rows: Option<Vec<i32>>,
     /// The codes the kernel must write (`[rows][cols]`, or `[cols][rows]` when transposed).
     pub codes: Vec<u8>,
     /// The scales the kernel must write, in its layout (padding entries 0).
@@ -32,6 +35,7 @@ pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
     let mut samples = Vec::new();
     for kind in [
         QuantizeKind::Tile1x128,
+        QuantizeKind::GatheredTile1x128,
         QuantizeKind::Block128x128 { transpose: false },
         QuantizeKind::Block128x128 { transpose: true },
         QuantizeKind::Tile128x1Transposed,
@@ -71,8 +75,27 @@ fn values(rows: usize, cols: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Input rows of the gathered kind's sample: fewer than its 200 output rows, so rows repeat.
+pub const GATHERED_FROM: usize = 150;
+
+/// The gathered sample's source rows: rows of the input in a scrambled order with repeats, and
+/// every fifth output row padding (-1).
+fn gathered_sources(rows: usize) -> Vec<i32> {
+    (0..rows)
+        .map(|r| {
+            if r % 5 == 4 {
+                -1
+            } else {
+                ((r * 37) % GATHERED_FROM) as i32
+            }
+        })
+        .collect()
+}
+
 fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSample, CudaError> {
-    let mut x = values(rows, cols);
+    let gathered = params.kind == QuantizeKind::GatheredTile1x128;
+    let input_rows = if gathered { GATHERED_FROM } else { rows };
+    let mut x = values(input_rows, cols);
     let input = match params.input {
         QuantizeInput::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
         QuantizeInput::Bf16 => {
@@ -82,19 +105,31 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
             bits.iter().flat_map(|b| b.to_le_bytes()).collect()
         }
     };
+    let source_rows = gathered.then(|| gathered_sources(rows));
+    if let Some(sources) = &source_rows {
+        x = sources
+            .iter()
+            .flat_map(|&source| match usize::try_from(source) {
+                Ok(row) => x[row * cols..(row + 1) * cols].to_vec(),
+                Err(_) => vec![0.0; cols],
+            })
+            .collect();
+    }
     let (codes, scales) = expected_quantization(params, &x, rows, cols)?;
     Ok(QuantizeSample {
         params,
         rows,
         cols,
         input,
+        source_rows,
         codes,
         scales,
     })
 }
 
 /// The codes and scales `params`' kernel must write for the `[rows][cols]` values `x` (as it
-/// reads them), in its layouts: the CPU quantizers' results, rearranged.
+/// reads them; for `GatheredTile1x128`, the rows as gathered), in its layouts: the CPU
+/// quantizers' results, rearranged.
 pub fn expected_quantization(
     params: QuantizeParams,
     x: &[f32],
@@ -108,7 +143,7 @@ pub fn expected_quantization(
     };
     let quantizing = |e: crate::fp8::Fp8Error| CudaError::Launch(format!("{}: {e}", params.name()));
     Ok(match params.kind {
-        QuantizeKind::Tile1x128 => {
+        QuantizeKind::Tile1x128 | QuantizeKind::GatheredTile1x128 => {
             let q = quantize_activations(x, rows, cols, 128, rounding).map_err(quantizing)?;
             (q.codes().to_vec(), k_block_major_scales(&q, rows, cols))
         }
@@ -164,7 +199,7 @@ mod tests {
     #[test]
     fn every_kind_input_and_rounding_has_a_sample_the_template_accepts() {
         let samples = quantize_samples().unwrap();
-        assert_eq!(samples.len(), 16);
+        assert_eq!(samples.len(), 20);
         for s in &samples {
             assert!(
                 s.params.check_problem(s.rows as u32, s.cols as u32).is_ok(),
@@ -176,7 +211,14 @@ mod tests {
             } else {
                 2
             };
-            assert_eq!(s.input.len(), s.rows * s.cols * width);
+            let input_rows = match &s.source_rows {
+                Some(sources) => {
+                    assert_eq!(sources.len(), s.rows);
+                    GATHERED_FROM
+                }
+                None => s.rows,
+            };
+            assert_eq!(s.input.len(), input_rows * s.cols * width);
             assert_eq!(s.codes.len(), s.rows * s.cols);
         }
     }
@@ -213,6 +255,20 @@ mod tests {
         ));
         // The zero tile takes the floor: 1e-4 / 448.
         assert_eq!(tiles.scales[200 + 3], 1e-4 / 448.0);
+
+        // Gathered: output row 7 is input row 7·37 mod 150 = 109, whose tiles it takes whole;
+        // output row 4 is padding (zero codes, the floor's scale).
+        let gathered = find(QuantizeKind::GatheredTile1x128, false);
+        let x150 = values(GATHERED_FROM, 272);
+        let rows150 =
+            quantize_activations(&x150, GATHERED_FROM, 272, 128, ScaleRounding::Exact).unwrap();
+        assert_eq!(
+            gathered.codes[7 * 272 + 130],
+            rows150.codes()[109 * 272 + 130]
+        );
+        assert_eq!(gathered.scales[200 + 7], rows150.scales()[109 * 3 + 1]);
+        assert!(gathered.codes[4 * 272..5 * 272].iter().all(|&c| c == 0));
+        assert_eq!(gathered.scales[200 + 4], 1e-4 / 448.0);
 
         // 128x128 (200 rows): scales [2 row blocks][3 column blocks]. Transposed (144 rows): the
         // same blocks' scales as [3][2], and codes [272][144].

@@ -45,6 +45,26 @@ pub fn check_quantize(device: &GpuDevice, cache: &KernelCache) -> anyhow::Result
     Ok(failures)
 }
 
+/// The launch's arguments by parameter name, the buffers at `x`, `q`, `scales` and `sources`
+/// (the gathered kind's source rows).
+fn named_args(
+    sample: &QuantizeSample,
+    [x, q, scales, sources]: [u64; 4],
+) -> Vec<(&'static str, Arg)> {
+    let int = |v: usize| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
+    let mut named = vec![
+        ("x", Arg::Ptr(x)),
+        ("q", Arg::Ptr(q)),
+        ("scales", Arg::Ptr(scales)),
+        ("rows", int(sample.rows)),
+        ("cols", int(sample.cols)),
+    ];
+    if sample.source_rows.is_some() {
+        named.push(("source_rows", Arg::Ptr(sources)));
+    }
+    named
+}
+
 /// The codes and scales the template writes for `sample` (scales start zeroed, as the padding
 /// the template leaves).
 fn run(
@@ -57,20 +77,17 @@ fn run(
     let x = buffers.put(&sample.input)?;
     let q = buffers.put(&vec![0u8; sample.codes.len()])?;
     let scales = buffers.put(&vec![0f32; sample.scales.len()])?;
-    let int = |v: usize| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
+    let sources = match &sample.source_rows {
+        Some(sources) => buffers.put(sources)?,
+        None => 0,
+    };
     launch_named(
         device,
         cache,
         buffers.stream(),
         &params.instantiate()?,
         params.grid(sample.rows as u32, sample.cols as u32),
-        &[
-            ("x", Arg::Ptr(x)),
-            ("q", Arg::Ptr(q)),
-            ("scales", Arg::Ptr(scales)),
-            ("rows", int(sample.rows)),
-            ("cols", int(sample.cols)),
-        ],
+        &named_args(sample, [x, q, scales, sources]),
     )?;
     Ok((
         buffers.get(q, sample.codes.len())?,
@@ -85,16 +102,12 @@ mod tests {
     /// `run` names every parameter of every quantisation template it launches.
     #[test]
     fn every_template_parameter_is_named() {
+        use fathom_runtime::cuda::modules::args_by_name;
         for sample in quantize_samples().unwrap() {
-            let source = sample.params.instantiate().unwrap();
-            for param in &source.params {
-                assert!(
-                    ["x", "q", "scales", "rows", "cols"].contains(&param.name),
-                    "{}: `{}`",
-                    source.name,
-                    param.name
-                );
-            }
+            let params = sample.params;
+            let named = named_args(&sample, [1, 2, 3, 4]);
+            let args = args_by_name(&params.name(), &params.kernel_params(), &named);
+            assert!(args.is_ok(), "{}: {args:?}", params.name());
         }
     }
 }
