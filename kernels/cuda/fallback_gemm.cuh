@@ -9,12 +9,12 @@
 
 namespace fathom {
 
-template <int BLOCK_M, int BLOCK_N, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16, bool ACCUMULATE>
+template <int BLOCK_M, int BLOCK_N, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16, bool ACCUMULATE, bool SCATTER>
 __device__ __forceinline__ void fp8_gemm_fallback(const u8* __restrict__ a, const u8* __restrict__ b,
                                                   const float* __restrict__ scale_a,
                                                   const float* __restrict__ scale_b,
                                                   const int* __restrict__ block_expert, void* __restrict__ out,
-                                                  int m, int n, int k) {
+                                                  const int* __restrict__ out_rows, int m, int n, int k) {
   static_assert(BLOCK_M % 32 == 0 && BLOCK_N % 32 == 0, "warp tiles are multiples of 16x16");
   static_assert(128 % BLOCK_N == 0, "BLOCK_N divides 128: one B scale block per tile");
   static_assert(!(OUT_BF16 && ACCUMULATE), "accumulation into the output is FP32 only");
@@ -139,13 +139,16 @@ __device__ __forceinline__ void fp8_gemm_fallback(const u8* __restrict__ a, cons
     for (int half = 0; half < 2; ++half) {
       const int row = m0 + wm + 16 * i + lane / 4 + 8 * half;
       if (row >= m) continue;
+      // With SCATTER, row r of the product is out's row out_rows[r] (nowhere where it is -1).
+      const int out_row = SCATTER ? out_rows[row] : row;
+      if (out_row < 0) continue;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const int col = n0 + wn + 8 * j + 2 * (lane % 4);
         if (col >= n) continue;
         const float v0 = result[i][j][2 * half];
         const float v1 = result[i][j][2 * half + 1];
-        const long long idx = static_cast<long long>(row) * n + col;
+        const long long idx = static_cast<long long>(out_row) * n + col;
         if (OUT_BF16) {
           *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(out) + idx) = __floats2bfloat162_rn(v0, v1);
         } else {

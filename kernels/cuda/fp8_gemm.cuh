@@ -67,8 +67,9 @@ struct Tile {
 };
 
 template <int BLOCK_M, int BLOCK_N, int STAGES, int CLUSTER_M, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16,
-          bool ACCUMULATE, class Wgmma>
-__device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const float* __restrict__ scale_b,
+          bool ACCUMULATE, bool SCATTER, class Wgmma>
+__device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const int* __restrict__ out_rows,
+                                              const float* __restrict__ scale_b,
                                               const int* __restrict__ block_expert, int m, int n, int k,
                                               int raster_band, const TensorMap* tmap_a, const TensorMap* tmap_b,
                                               const TensorMap* tmap_scale_a, const TensorMap* tmap_scale_b) {
@@ -274,18 +275,21 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const floa
       }
     }
 
-    // ---- epilogue: registers straight to global memory (row-major D, leading dimension n) ----
+    // ---- epilogue: registers straight to global memory (row-major D, leading dimension n; with
+    // SCATTER, row r of the product is D's row out_rows[r], and nowhere where that is -1) ----
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = m0 + r0 + 8 * half;
       if (row >= m) continue;
+      const int out_row = SCATTER ? out_rows[row] : row;
+      if (out_row < 0) continue;
 #pragma unroll
       for (int j = 0; j < BLOCK_N / 8; ++j) {
         const int col = n0 + 8 * j + c0;
         if (col >= n) continue;
         const float v0 = result[4 * j + 2 * half];
         const float v1 = result[4 * j + 2 * half + 1];
-        const long long idx = static_cast<long long>(row) * n + col;
+        const long long idx = static_cast<long long>(out_row) * n + col;
         if (OUT_BF16) {
           *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(out) + idx) = __floats2bfloat162_rn(v0, v1);
         } else {

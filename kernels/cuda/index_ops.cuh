@@ -174,14 +174,14 @@ __device__ __forceinline__ void top_k(const float* __restrict__ x, float* __rest
 // of ALIGN rows; `m_padded` rows in all (enough for any grouping: count + groups * (ALIGN - 1),
 // rounded up). From `group_rows`' offsets and members, writes each segment's first row
 // (`padded_offsets [groups + 1]`), the group of every ALIGN-row block (`block_group`, -1 past the
-// last segment), the row of x each padded row copies (`source_rows`, -1 for padding; x is
+// last segment), the row of x each padded row reads (`source_rows`, -1 for padding; x is
 // [tokens][x_slots][width], one row per token when x_slots is 1, as in the grouped GEMMs) and
-// the padded row of every token-slot (`padded_of`, as a float, for `gather_rows`). One block.
+// the token-slot each padded row's product belongs to (`out_rows`, -1 for padding). One block.
 template <int ALIGN>
 __device__ __forceinline__ void pad_groups(const int* __restrict__ offsets, const int* __restrict__ members,
                                            int groups, int slots, int x_slots, int m_padded,
                                            int* __restrict__ padded_offsets, int* __restrict__ block_group,
-                                           int* __restrict__ source_rows, float* __restrict__ padded_of) {
+                                           int* __restrict__ source_rows, int* __restrict__ out_rows) {
   if (threadIdx.x == 0) {
     int run = 0;
     for (int g = 0; g < groups; ++g) {
@@ -205,16 +205,13 @@ __device__ __forceinline__ void pad_groups(const int* __restrict__ offsets, cons
   for (int b = threadIdx.x; b < m_padded / ALIGN; b += blockDim.x) block_group[b] = group_of(b * ALIGN);
   for (int p = threadIdx.x; p < m_padded; p += blockDim.x) {
     const int g = group_of(p);
-    int source = -1;
+    int token_slot = -1;
     if (g >= 0) {
       const int local = p - padded_offsets[g];
-      if (local < offsets[g + 1] - offsets[g]) {
-        const int token_slot = members[offsets[g] + local];
-        source = x_slots == 1 ? token_slot / slots : token_slot;
-        padded_of[token_slot] = static_cast<float>(p);
-      }
+      if (local < offsets[g + 1] - offsets[g]) token_slot = members[offsets[g] + local];
     }
-    source_rows[p] = source;
+    out_rows[p] = token_slot;
+    source_rows[p] = token_slot < 0 || x_slots != 1 ? token_slot : token_slot / slots;
   }
 }
 

@@ -112,6 +112,7 @@ impl FallbackGemmParams {
             KernelParam::new("scale_b", ParamType::ConstPtr(Elem::F32)),
             KernelParam::new("block_expert", ParamType::ConstPtr(Elem::I32)),
             KernelParam::new("out", ParamType::MutPtr(self.output.elem())),
+            KernelParam::new("out_rows", ParamType::ConstPtr(Elem::I32)),
             KernelParam::new("m", ParamType::I32),
             KernelParam::new("n", ParamType::I32),
             KernelParam::new("k", ParamType::I32),
@@ -125,15 +126,16 @@ impl FallbackGemmParams {
         let params = self.kernel_params();
         let body = vec![
             format!(
-                "fathom::fp8_gemm_fallback<{}, {}, {}, {}, {}, {}>(",
+                "fathom::fp8_gemm_fallback<{}, {}, {}, {}, {}, {}, {}>(",
                 self.block_m,
                 self.block_n,
                 cpp_bool(self.b_scaling == BScaling::Row1x128),
                 cpp_bool(self.grouping == GemmGrouping::Contiguous),
                 cpp_bool(self.output == GemmOutput::Bf16),
                 cpp_bool(self.output == GemmOutput::F32Accumulate),
+                cpp_bool(self.output == GemmOutput::F32Scattered),
             ),
-            "    a, b, scale_a, scale_b, block_expert, out, m, n, k);".to_owned(),
+            "    a, b, scale_a, scale_b, block_expert, out, out_rows, m, n, k);".to_owned(),
         ];
         let description = vec![
             "Portable FP8 GEMM (E4M3 widened to BF16, mma.sync), same contract as fp8_gemm."

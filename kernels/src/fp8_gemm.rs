@@ -113,6 +113,9 @@ pub enum GemmOutput {
     F32,
     /// `D += A·Bᵀ` in FP32 (weight-gradient accumulation).
     F32Accumulate,
+    /// FP32, row `r` of the product written to row `out_rows[r]` of D, and nowhere where that is
+    /// -1: the grouped GEMMs' padded rows straight back to their token-slots.
+    F32Scattered,
 }
 
 impl GemmOutput {
@@ -121,13 +124,14 @@ impl GemmOutput {
             GemmOutput::Bf16 => "bf16",
             GemmOutput::F32 => "f32",
             GemmOutput::F32Accumulate => "f32acc",
+            GemmOutput::F32Scattered => "f32rows",
         }
     }
 
     pub(crate) fn elem(self) -> Elem {
         match self {
             GemmOutput::Bf16 => Elem::Bf16,
-            GemmOutput::F32 | GemmOutput::F32Accumulate => Elem::F32,
+            GemmOutput::F32 | GemmOutput::F32Accumulate | GemmOutput::F32Scattered => Elem::F32,
         }
     }
 }
@@ -484,6 +488,9 @@ impl Fp8GemmParams {
             "out",
             ParamType::MutPtr(self.output.elem()),
         )];
+        if self.output == GemmOutput::F32Scattered {
+            params.push(KernelParam::new("out_rows", ParamType::ConstPtr(Elem::I32)));
+        }
         if self.b_scaling == BScaling::Block128x128 {
             params.push(KernelParam::new("scale_b", ParamType::ConstPtr(Elem::F32)));
         }
@@ -513,8 +520,9 @@ impl Fp8GemmParams {
         let wgmma = wgmma_struct_name(self.block_n);
         let block_rows = self.b_scaling == BScaling::Row1x128;
         let grouped = self.grouping == GemmGrouping::Contiguous;
+        let scattered = self.output == GemmOutput::F32Scattered;
         let call = format!(
-            "fathom::fp8_gemm_sm90<{}, {}, {}, {}, {}, {}, {}, {}, {wgmma}>(",
+            "fathom::fp8_gemm_sm90<{}, {}, {}, {}, {}, {}, {}, {}, {}, {wgmma}>(",
             self.block_m,
             self.block_n,
             self.stages,
@@ -523,9 +531,11 @@ impl Fp8GemmParams {
             cpp_bool(grouped),
             cpp_bool(self.output == GemmOutput::Bf16),
             cpp_bool(self.output == GemmOutput::F32Accumulate),
+            cpp_bool(scattered),
         );
         let args = format!(
-            "    out, {}, {}, m, n, k, raster_band, &tmap_a, &tmap_b, &tmap_scale_a, {});",
+            "    out, {}, {}, {}, m, n, k, raster_band, &tmap_a, &tmap_b, &tmap_scale_a, {});",
+            if scattered { "out_rows" } else { "nullptr" },
             if block_rows { "nullptr" } else { "scale_b" },
             if grouped { "block_expert" } else { "nullptr" },
             if block_rows {

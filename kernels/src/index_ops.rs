@@ -35,8 +35,8 @@ pub enum IndexOp {
     OneHot,
     TopK,
     /// `group_rows`' offsets and members → the grouped FP8 GEMMs' padded layout (one block):
-    /// segment starts, each 128-row block's group, each padded row's source row of x, each
-    /// token-slot's padded row.
+    /// segment starts, each 128-row block's group, and each padded row's source row of x and
+    /// token-slot (-1 for padding).
     PadGroups,
 }
 
@@ -158,7 +158,7 @@ impl IndexOpParams {
                 ints_out("padded_offsets"),
                 ints_out("block_group"),
                 ints_out("source_rows"),
-                f32_out("padded_of"),
+                ints_out("out_rows"),
             ],
         };
         if self.checks_indices() {

@@ -119,19 +119,30 @@ fn v3_fp8_gemms() -> Vec<(Fp8GemmParams, GemmProblem)> {
     }
     // What the runtime's FP8 plans launch in training (f32 out; the runtime's
     // `cuda::library_fp8`): the tiny model's forward over 64 tokens, its weight gradient, and
-    // the experts' grouped product over 640 padded rows.
-    let f32_out = GemmOutput::F32;
-    for (b_scaling, grouping, (m, n, k, groups)) in [
-        (BScaling::Block128x128, GemmGrouping::Dense, (64, 16, 32, 1)),
-        (BScaling::Row1x128, GemmGrouping::Dense, (32, 16, 64, 1)),
+    // the experts' grouped product over 640 padded rows, scattered back to token-slots.
+    let (f32_out, scattered) = (GemmOutput::F32, GemmOutput::F32Scattered);
+    for (b_scaling, output, grouping, (m, n, k, groups)) in [
         (
             BScaling::Block128x128,
+            f32_out,
+            GemmGrouping::Dense,
+            (64, 16, 32, 1),
+        ),
+        (
+            BScaling::Row1x128,
+            f32_out,
+            GemmGrouping::Dense,
+            (32, 16, 64, 1),
+        ),
+        (
+            BScaling::Block128x128,
+            scattered,
             GemmGrouping::Contiguous,
             (640, 16, 32, 4),
         ),
     ] {
         push(
-            Fp8GemmParams::for_shape(m, n, b_scaling, f32_out, grouping),
+            Fp8GemmParams::for_shape(m, n, b_scaling, output, grouping),
             GemmProblem { m, n, k, groups },
         );
     }

@@ -125,6 +125,7 @@ fn the_fp8_gemm_template_matches_the_quantized_product() {
         scale_b: blocks[3].ptr,
         out: blocks[4].ptr,
         block_expert: None,
+        out_rows: None,
     };
     // Alone and in a cluster of two sharing B; one block per tile, and two blocks looping over
     // the four tiles (the ring of stages runs on from one tile into the next).

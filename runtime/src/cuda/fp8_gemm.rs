@@ -80,6 +80,8 @@ pub struct Fp8GemmOperands {
     pub out: u64,
     /// i32 `[M/128]`, the expert of each row block (grouped GEMMs only).
     pub block_expert: Option<u64>,
+    /// i32 `[M]`, the row of `out` each product row goes to (`GemmOutput::F32Scattered` only).
+    pub out_rows: Option<u64>,
 }
 
 /// An FP8 GEMM instantiation loaded on a device.
@@ -162,6 +164,9 @@ impl Fp8Gemm {
         if let Some(block_expert) = operands.block_expert {
             named.push(("block_expert", Arg::Ptr(block_expert)));
         }
+        if let Some(out_rows) = operands.out_rows {
+            named.push(("out_rows", Arg::Ptr(out_rows)));
+        }
         // Every tensor map the template declares, over its operand.
         for desc in self.params.tensor_maps(problem)? {
             let base = match desc.param {
@@ -235,6 +240,8 @@ impl Fp8GemmFallback {
             ("scale_b", Arg::Ptr(operands.scale_b)),
             ("block_expert", Arg::Ptr(block_expert)),
             ("out", Arg::Ptr(operands.out)),
+            // Read only by the scattered output.
+            ("out_rows", Arg::Ptr(operands.out_rows.unwrap_or(0))),
             ("m", int(problem.m)),
             ("n", int(problem.n)),
             ("k", int(problem.k)),

@@ -12,7 +12,7 @@
 //! | `Gather`, `TakeAlong`, `OneHot`, `TopK` | `index_gather`, … one kernel each |
 //! | `QuantizeDequantize` (E4M3) | `fake_quantize_e4m3[_pow2]` |
 //! | `MatMul` of E4M3-rounded operands, Hopper's accumulation | `quantize` × 2, `fp8_gemm` or `fp8_gemm_fallback` ([`super::library_fp8`]) |
-//! | `GroupedMatMul` likewise | `index_group_rows`, `index_pad_groups`, `quantize`s (x's rows gathered into the padded layout), the grouped FP8 GEMM, `index_gather` ([`super::library_fp8_grouped`]) |
+//! | `GroupedMatMul` likewise | `index_group_rows`, `index_pad_groups`, `quantize`s (x's rows gathered into the padded layout), the grouped FP8 GEMM writing each row to its token-slot ([`super::library_fp8_grouped`]) |
 //!
 //! Accumulation: `Exact` runs the f32 templates. `Accumulation::HOPPER` is what the FP8 tensor
 //! cores do, so such a product runs as an FP8 GEMM when the kernels take it; otherwise (and for
@@ -501,7 +501,7 @@ impl Planner<'_> {
                 let ids = self.dims(expert_ids);
                 let experts = self.experts(weights);
                 let group_rows = self.group_rows(*expert_ids, ids[0] * ids[1], experts)?;
-                product.steps(target, group_rows, self.tag()?)
+                product.steps(target, group_rows)
             }),
             Library::GroupedMatMulWeightGrad { .. } => Err(
                 "the experts' weight gradients are a K-grouped GEMM, which has no FP8 template yet"

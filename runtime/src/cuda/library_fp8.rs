@@ -325,7 +325,10 @@ impl Fp8Product {
         ];
         let problem = gemm_problem([self.m, self.n, self.k], 1)?;
         let regions = GemmRegions { qa, sa, qb, sb };
-        let out = StepArg::Buffer(self.out, 0);
+        let out = GemmOut {
+            at: StepArg::Buffer(self.out, 0),
+            rows: None,
+        };
         let shape = (self.b_scaling, GemmGrouping::Dense);
         steps.push(gemm_step(target, shape, &problem, &regions, out, None)?);
         Ok((steps, layout.bytes))
@@ -355,6 +358,13 @@ pub(crate) struct GemmRegions {
     pub sb: usize,
 }
 
+/// Where a GEMM writes its f32 product.
+pub(crate) struct GemmOut {
+    pub at: StepArg,
+    /// Each product row's row of the output (-1: none), when not the same row.
+    pub rows: Option<StepArg>,
+}
+
 /// The FP8 GEMM step of `target` for `problem` (B's scaling and the grouping as `shape`), f32
 /// out into `out`; a grouped GEMM reads each 128-row block's expert at `block_expert`.
 pub(crate) fn gemm_step(
@@ -362,12 +372,17 @@ pub(crate) fn gemm_step(
     (b_scaling, grouping): (BScaling, GemmGrouping),
     problem: &GemmProblem,
     regions: &GemmRegions,
-    out: StepArg,
+    out: GemmOut,
     block_expert: Option<StepArg>,
 ) -> Result<LibraryStep, String> {
     let GemmRegions { qa, sa, qb, sb } = *regions;
+    let output = match out.rows {
+        Some(_) => GemmOutput::F32Scattered,
+        None => GemmOutput::F32,
+    };
     let mut named = vec![
-        ("out", out),
+        ("out", out.at),
+        ("out_rows", out.rows.unwrap_or(StepArg::Null)),
         ("m", StepArg::I32(problem.m as i32)),
         ("n", StepArg::I32(problem.n as i32)),
         ("k", StepArg::I32(problem.k as i32)),
@@ -376,13 +391,8 @@ pub(crate) fn gemm_step(
     ];
     match target {
         Fp8Target::Hopper => {
-            let params = Fp8GemmParams::for_shape(
-                problem.m,
-                problem.n,
-                b_scaling,
-                GemmOutput::F32,
-                grouping,
-            );
+            let params =
+                Fp8GemmParams::for_shape(problem.m, problem.n, b_scaling, output, grouping);
             let schedule = TileSchedule::ONE_TILE_PER_BLOCK;
             named.push(("raster_band", StepArg::I32(schedule.raster_band as i32)));
             for desc in params.tensor_maps(problem).map_err(|e| e.to_string())? {
@@ -403,7 +413,7 @@ pub(crate) fn gemm_step(
         Fp8Target::Portable => {
             let params = FallbackGemmParams {
                 b_scaling,
-                output: GemmOutput::F32,
+                output,
                 grouping,
                 ..FallbackGemmParams::new(64, 64)
             };

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use fathom_kernels::fp8_gemm::BLOCK_K;
 use fathom_kernels::index_ops::PAD_ALIGN;
 use fathom_kernels::{
-    BScaling, GemmGrouping, IndexOp, KernelParam, QuantizeParams, TensorMapDesc, TensorMapDtype,
+    BScaling, GemmGrouping, GemmOutput, IndexOp, KernelParam, QuantizeParams, TensorMapDesc,
+    TensorMapDtype,
 };
 
 use crate::cuda::library::{LibraryKernel, LibraryStep, StepArg};
@@ -37,6 +38,8 @@ struct Operands {
     scale_b: ReadScale,
     /// The expert of each 128-row block of A (grouped GEMMs).
     block_expert: Option<StepArg>,
+    /// The row of the output each product row goes to (the scattered output).
+    out_rows: Option<StepArg>,
 }
 
 impl Memory {
@@ -141,12 +144,14 @@ impl Memory {
                     BScaling::Row1x128 => scale(map("tmap_scale_b")),
                 };
                 let grouped = params.grouping == GemmGrouping::Contiguous;
+                let scattered = params.output == GemmOutput::F32Scattered;
                 let operands = Operands {
                     a: code(map("tmap_a")),
                     b: code(map("tmap_b")),
                     scale_a: scale(map("tmap_scale_a")),
                     scale_b,
                     block_expert: grouped.then(|| named["block_expert"]),
+                    out_rows: scattered.then(|| named["out_rows"]),
                 };
                 self.gemm(&named, &operands);
             }
@@ -166,6 +171,10 @@ impl Memory {
                 if !grouped {
                     assert_eq!(named["block_expert"], StepArg::Null);
                 }
+                let scattered = params.output == GemmOutput::F32Scattered;
+                if !scattered {
+                    assert_eq!(named["out_rows"], StepArg::Null);
+                }
                 let operands = Operands {
                     a: Box::new(move |mem, i, p| mem.bytes[a + i * k + p]),
                     b: Box::new(move |mem, j, p| mem.bytes[b + j * k + p]),
@@ -174,6 +183,7 @@ impl Memory {
                     }),
                     scale_b,
                     block_expert: grouped.then(|| named["block_expert"]),
+                    out_rows: scattered.then(|| named["out_rows"]),
                 };
                 self.gemm(&named, &operands);
             }
@@ -235,6 +245,7 @@ impl Memory {
                 }
                 for p in 0..m_padded {
                     self.set_i32(named["source_rows"], p, -1);
+                    self.set_i32(named["out_rows"], p, -1);
                 }
                 for g in 0..groups {
                     self.set_i32(named["padded_offsets"], g, start as i32);
@@ -248,7 +259,7 @@ impl Memory {
                             token_slot
                         };
                         self.set_i32(named["source_rows"], start + local, source as i32);
-                        self.set_f32(named["padded_of"], token_slot, (start + local) as f32);
+                        self.set_i32(named["out_rows"], start + local, token_slot as i32);
                     }
                     let end = start + count.next_multiple_of(align);
                     assert!(end <= m_padded, "m_padded {m_padded} is too small");
@@ -259,30 +270,14 @@ impl Memory {
                 }
                 self.set_i32(named["padded_offsets"], groups, start as i32);
             }
-            IndexOp::Gather => {
-                let StepArg::I64(count) = named["count"] else {
-                    panic!("count is {:?}", named["count"]);
-                };
-                let (rows, width) = (int(named["rows"]), int(named["width"]));
-                for p in 0..count as usize {
-                    let index = self.get_f32(named["indices"], p);
-                    assert!(
-                        index >= 0.0 && index < rows as f32 && index.fract() == 0.0,
-                        "gather index {index} of {rows} rows"
-                    );
-                    for w in 0..width {
-                        let value = self.get_f32(named["table"], index as usize * width + w);
-                        self.set_f32(named["out"], p * width + w, value);
-                    }
-                }
-            }
             other => panic!("{other:?} is not a step of the FP8 plans"),
         }
     }
 
-    /// `out[i][j] = Σ_kb sa(kb, i) · sb(kb, e·N + j) · Σ_{p in kb} a(i, p) · b(e·N + j, p)` in
-    /// f64, `e` the expert of row `i`'s block (0 when dense); rows of a block of expert -1 are
-    /// left as they were.
+    /// `out[r][j] = Σ_kb sa(kb, i) · sb(kb, e·N + j) · Σ_{p in kb} a(i, p) · b(e·N + j, p)` in
+    /// f64, `e` the expert of row `i`'s block (0 when dense), `r` = `out_rows[i]` for the
+    /// scattered output (no row where -1) and `i` otherwise; rows of a block of expert -1 are
+    /// not written.
     fn gemm(&mut self, named: &HashMap<&str, StepArg>, operands: &Operands) {
         let (m, n, k) = (int(named["m"]), int(named["n"]), int(named["k"]));
         let block = BLOCK_K as usize;
@@ -292,6 +287,13 @@ impl Memory {
                 None => 0,
             };
             let Ok(expert) = usize::try_from(expert) else {
+                continue;
+            };
+            let row = match operands.out_rows {
+                Some(at) => self.get_i32(at, i),
+                None => i as i32,
+            };
+            let Ok(row) = usize::try_from(row) else {
                 continue;
             };
             for j in 0..n {
@@ -308,7 +310,7 @@ impl Memory {
                         * f64::from((operands.scale_b)(self, kb, row_b));
                     sum += partial * scales;
                 }
-                self.set_f32(named["out"], i * n + j, sum as f32);
+                self.set_f32(named["out"], row * n + j, sum as f32);
             }
         }
     }

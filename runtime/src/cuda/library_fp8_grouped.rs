@@ -5,12 +5,12 @@
 //! 1. `group_rows`: the token-slots by expert (as the f32 plan);
 //! 2. `pad_groups`: each expert's token-slots in a segment of its own, padded to 128 rows
 //!    (`m_padded` rows in all: enough for any routing), the expert of each 128-row block (-1
-//!    past the last segment), and each token-slot's padded row;
+//!    past the last segment), and each padded row's row of x and token-slot (-1 for padding);
 //! 3. `quantize` 1×128 of x's rows gathered into that layout (zeros for padding);
 //! 4. `quantize` 128×128 of each expert's weight (one launch for all experts when their blocks
 //!    cannot straddle two, i.e. stored `[N][K]` with N a multiple of 128);
-//! 5. the grouped FP8 GEMM into padded output rows (padding blocks skipped);
-//! 6. `gather`: each token-slot's output row from its padded row.
+//! 5. the grouped FP8 GEMM (padding blocks skipped), each row written straight to its
+//!    token-slot's row of the output (`GemmOutput::F32Scattered`).
 //!
 //! The experts' weight gradients (a K-grouped GEMM, which the template does not have) stay f32.
 
@@ -23,7 +23,7 @@ use fathom_kernels::{
 
 use super::library::{LibraryKernel, LibraryStep, StepArg};
 use super::library_fp8::{
-    Fp8Operand, Fp8Target, GemmRegions, Rounding, ScratchLayout, gemm_problem, gemm_step,
+    Fp8Operand, Fp8Target, GemmOut, GemmRegions, Rounding, ScratchLayout, gemm_problem, gemm_step,
     quantize_step,
 };
 
@@ -124,13 +124,11 @@ impl Fp8GroupedProduct {
     }
 
     /// The steps after `group_rows` (which put the offsets and members at ints 0 and
-    /// `experts + 1` of the int scratch) for `target`, and the byte scratch they use. `tag` is
-    /// the call's tag for the output gather's status.
+    /// `experts + 1` of the int scratch) for `target`, and the byte scratch they use.
     pub(crate) fn steps(
         &self,
         target: Fp8Target,
         group_rows: LibraryStep,
-        tag: StepArg,
     ) -> Result<(Vec<LibraryStep>, usize), String> {
         let (m_padded, n, k, experts) = (self.m_padded(), self.n, self.k, self.experts);
         let problem = gemm_problem([m_padded, n, k], experts)?;
@@ -151,7 +149,7 @@ impl Fp8GroupedProduct {
         let padded_offsets = layout.region(4 * (experts + 1));
         let block_group = layout.region(4 * m_padded / GROUPED_M_ALIGN as usize);
         let source_rows = layout.region(4 * m_padded);
-        let padded_of = layout.region(4 * self.rows);
+        let out_rows = layout.region(4 * m_padded);
         let (qa, sa) = (
             layout.region(a.code_bytes()),
             layout.region(a.scale_bytes()),
@@ -160,7 +158,6 @@ impl Fp8GroupedProduct {
             layout.region(experts * b.code_bytes()),
             layout.region(experts * b.scale_bytes()),
         );
-        let out_padded = layout.region(4 * m_padded * n);
 
         let index = |op: IndexOp, work: usize, args: Vec<StepArg>| {
             let params = IndexOpParams::new(op);
@@ -185,7 +182,7 @@ impl Fp8GroupedProduct {
                     StepArg::Bytes(padded_offsets),
                     StepArg::Bytes(block_group),
                     StepArg::Bytes(source_rows),
-                    StepArg::Bytes(padded_of),
+                    StepArg::Bytes(out_rows),
                 ],
             ),
         ];
@@ -210,7 +207,10 @@ impl Fp8GroupedProduct {
         }
         let regions = GemmRegions { qa, sa, qb, sb };
         let shape = (BScaling::Block128x128, GemmGrouping::Contiguous);
-        let out = StepArg::Bytes(out_padded);
+        let out = GemmOut {
+            at: StepArg::Buffer(self.out, 0),
+            rows: Some(StepArg::Bytes(out_rows)),
+        };
         let block_expert = Some(StepArg::Bytes(block_group));
         steps.push(gemm_step(
             target,
@@ -220,20 +220,6 @@ impl Fp8GroupedProduct {
             out,
             block_expert,
         )?);
-        steps.push(index(
-            IndexOp::Gather,
-            self.rows * n,
-            vec![
-                StepArg::Bytes(out_padded),
-                StepArg::Bytes(padded_of),
-                StepArg::Buffer(self.out, 0),
-                StepArg::I64(self.rows as i64),
-                int(m_padded),
-                int(n),
-                StepArg::Status,
-                tag,
-            ],
-        ));
         Ok((steps, layout.bytes))
     }
 

@@ -63,5 +63,6 @@ fn upload_operands(
         } else {
             Some(buffers.put(host.block_expert)?)
         },
+        out_rows: None,
     })
 }
