@@ -168,13 +168,12 @@ mod tests {
 
     #[test]
     fn each_rank_on_a_node_takes_its_own_gpu() {
-        let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, v)| (*v).to_owned())
-            }
+        let vars = |pairs: &[(&str, &str)]| {
+            let set: HashMap<String, String> = pairs
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect();
+            move |name: &str| set.get(name).cloned()
         };
         assert_eq!(device_ordinal_from_vars(vars(&[])), Ok(0));
         assert_eq!(

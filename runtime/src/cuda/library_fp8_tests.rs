@@ -238,6 +238,23 @@ fn check_fp8_products(program: &Program, target: Fp8Target) -> (usize, usize) {
     (checked, grouped)
 }
 
+/// The precision pass's E4M3 rounding of buffer `x` into `out` in `tile_rows`×`tile_cols` tiles.
+fn rounding_kernel(x: u32, out: u32, (tile_rows, tile_cols): (usize, usize), pow2: bool) -> Kernel {
+    Kernel {
+        name: format!("k{x}_quantize_dequantize"),
+        nodes: Vec::new(),
+        origin: String::new(),
+        body: KernelBody::Library(Library::QuantizeDequantize {
+            format: QuantFormat::E4M3,
+            tile_rows,
+            tile_cols,
+            pow2_scales: pow2,
+            x: BufferId(x),
+            out: BufferId(out),
+        }),
+    }
+}
+
 /// A program of one product `out = A · B` over buffers rounded by `QuantizeDequantize`: A's
 /// source `a_dims` rounded in `a_tile` tiles and read with `a_strides` (batch strides first),
 /// B likewise.
@@ -274,19 +291,7 @@ impl OneProduct {
             .map(|d| (self.batch[d + 1..].iter().product::<usize>() * m * n) as isize)
             .collect();
         out_strides.extend([n as isize, 1]);
-        let qdq = |x: usize, out: usize, (tile_rows, tile_cols): (usize, usize)| Kernel {
-            name: format!("k{}_quantize_dequantize", x),
-            nodes: Vec::new(),
-            origin: String::new(),
-            body: KernelBody::Library(Library::QuantizeDequantize {
-                format: QuantFormat::E4M3,
-                tile_rows,
-                tile_cols,
-                pow2_scales: self.pow2,
-                x: BufferId(x as u32),
-                out: BufferId(out as u32),
-            }),
-        };
+        let qdq = |x, out, tile| rounding_kernel(x, out, tile, self.pow2);
         let view = |buffer: u32, strides: &[isize]| View {
             buffer: BufferId(buffer),
             offset: 0,
@@ -398,19 +403,7 @@ fn one_grouped_product(
     } else {
         [experts, n, k]
     };
-    let qdq = |x: u32, out: u32, (tile_rows, tile_cols): (usize, usize), pow2_scales| Kernel {
-        name: format!("k{x}_quantize_dequantize"),
-        nodes: Vec::new(),
-        origin: String::new(),
-        body: KernelBody::Library(Library::QuantizeDequantize {
-            format: QuantFormat::E4M3,
-            tile_rows,
-            tile_cols,
-            pow2_scales,
-            x: BufferId(x),
-            out: BufferId(out),
-        }),
-    };
+    let qdq = rounding_kernel;
     let (sn, sk) = if transposed {
         (1, n as isize)
     } else {
