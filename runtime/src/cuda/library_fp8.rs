@@ -27,8 +27,8 @@
 //! `448·s` (its code is the largest, 448), so the second scale `448·s / 448` is `s` up to one
 //! f32 rounding, and every `code·s / s'` lies within 2⁻²³ of `code`, which E4M3 rounds back to
 //! `code`. With power-of-two scales the second scale may halve (when the largest code is 224),
-//! which doubles every code: the same values again. The CPU test below checks it on every FP8
-//! product of the tiny model.
+//! which doubles every code: the same values again. The CPU tests (`library_fp8_tests.rs`) check
+//! it on every FP8 product of the `small` model's training step.
 
 use fathom_compiler::graph::{Accumulation, QuantFormat};
 use fathom_compiler::kernel::{BufferId, KernelBody, Library, Program, View};

@@ -89,7 +89,12 @@ impl Fp8GroupedProduct {
         let n = out[2];
         let strides = (view.strides[1], view.strides[2]);
         let w_transposed = match strides {
-            _ if view.offset != 0 || w.tile != (128, 128) => None,
+            _ if view.offset != 0
+                || view.strides[0] != (rows * cols) as isize
+                || w.tile != (128, 128) =>
+            {
+                None
+            }
             (sn, 1) if sn == cols as isize && (rows, cols) == (n, k) => Some(false),
             (1, sk) if sk == cols as isize && (rows, cols) == (k, n) => Some(true),
             _ => None,
