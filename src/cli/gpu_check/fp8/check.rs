@@ -13,13 +13,15 @@ use crate::cli::gpu_check::launch::{Buffers, HANG_LIMIT, finish_within};
 /// DeepGEMM's bound on `calc_diff` for an FP8 GEMM.
 const MAX_DIFF: f64 = 1e-3;
 
-/// One correctness problem: operands, the output kind, and what the output holds before the
-/// GEMM (accumulated into by `F32Accumulate`; zeros otherwise).
+/// One correctness problem: operands, the output kind, what the output holds before the GEMM
+/// (accumulated into by `F32Accumulate`; zeros otherwise), and for `F32Scattered` the output row
+/// of each product row (-1: none).
 struct Case {
     what: &'static str,
     ops: HostFp8Operands,
     output: GemmOutput,
     initial: Vec<f32>,
+    out_rows: Vec<i32>,
 }
 
 impl Case {
@@ -28,11 +30,26 @@ impl Case {
         for (e, i) in expected.iter_mut().zip(&self.initial) {
             *e += i;
         }
-        expected
+        if self.out_rows.is_empty() {
+            return expected;
+        }
+        let n = self.ops.problem.n as usize;
+        let mut scattered = vec![0f32; self.out_len()];
+        for (i, &row) in self.out_rows.iter().enumerate() {
+            if let Ok(row) = usize::try_from(row) {
+                scattered[row * n..(row + 1) * n].copy_from_slice(&expected[i * n..(i + 1) * n]);
+            }
+        }
+        scattered
     }
 
+    /// Rows of the output: M, or as many as the scattered rows go to.
     fn out_len(&self) -> usize {
-        (self.ops.problem.m * self.ops.problem.n) as usize
+        let rows = match self.out_rows.iter().max() {
+            Some(&last) => usize::try_from(last + 1).unwrap_or(0),
+            None => self.ops.problem.m as usize,
+        };
+        rows * self.ops.problem.n as usize
     }
 
     fn out_bytes(&self) -> usize {
@@ -95,6 +112,7 @@ fn cases() -> anyhow::Result<Vec<Case>> {
             ops: HostFp8Operands::quantize(&a, &b, m, n, k)?,
             output,
             initial: Vec::new(),
+            out_rows: Vec::new(),
         });
     }
     let (m, n, k) = (256, 1040, 640);
@@ -104,6 +122,7 @@ fn cases() -> anyhow::Result<Vec<Case>> {
         ops: HostFp8Operands::quantize_row_scaled_b(&a, &b, m, n, k)?,
         output: GemmOutput::F32Accumulate,
         initial: activations(m * n),
+        out_rows: Vec::new(),
     });
     let (n, k) = (576, 768);
     let block_expert = vec![2, 0, -1, 1, 2];
@@ -113,11 +132,41 @@ fn cases() -> anyhow::Result<Vec<Case>> {
     let experts: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
     out.push(Case {
         what: "3 experts, a padding block",
-        ops: HostFp8Operands::grouped(&a, &experts, m, n, k, block_expert)?,
+        ops: HostFp8Operands::grouped(&a, &experts, m, n, k, block_expert.clone())?,
         output: GemmOutput::Bf16,
         initial: Vec::new(),
+        out_rows: Vec::new(),
+    });
+    // As the runtime's grouped FP8 plan launches it: rows scattered to their token-slots.
+    let out_rows = scattered_rows(&block_expert);
+    out.push(Case {
+        what: "3 experts, rows scattered",
+        ops: HostFp8Operands::grouped(&a, &experts, m, n, k, block_expert)?,
+        output: GemmOutput::F32Scattered,
+        initial: Vec::new(),
+        out_rows,
     });
     Ok(out)
+}
+
+/// Output rows for a grouped GEMM's rows (`block_expert` per 128): the real rows (the first 100
+/// of each expert's block) each to a row of their own in a scrambled order, the padding block
+/// and each block's last 28 rows (padding) nowhere (-1).
+fn scattered_rows(block_expert: &[i32]) -> Vec<i32> {
+    let m = 128 * block_expert.len();
+    let real = |i: usize| block_expert[i / 128] >= 0 && i % 128 < 100;
+    let count = (0..m).filter(|&i| real(i)).count();
+    let mut next = 0;
+    (0..m)
+        .map(|i| {
+            if !real(i) {
+                return -1;
+            }
+            next += 1;
+            // 7919 is prime and does not divide `count`: a permutation.
+            ((next * 7919) % count) as i32
+        })
+        .collect()
 }
 
 /// One block per tile; three blocks (one cluster of two) looping over many tiles each (the
@@ -149,7 +198,10 @@ pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Res
     for case in cases()? {
         let problem = case.ops.problem;
         let mut buffers = Buffers::new(device, &stream);
-        let operands = upload_operands(&mut buffers, (&case.ops).into(), case.out_bytes())?;
+        let mut operands = upload_operands(&mut buffers, (&case.ops).into(), case.out_bytes())?;
+        if !case.out_rows.is_empty() {
+            operands.out_rows = Some(buffers.put(&case.out_rows)?);
+        }
         let run = Run {
             device,
             stream: &stream,
@@ -233,5 +285,25 @@ impl Run<'_> {
         })?;
         let got = self.case.read_output(self.stream, self.out)?;
         Ok(calc_diff(&got, &self.expected)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scattered_rows_send_every_real_row_to_a_row_of_its_own() {
+        let rows = scattered_rows(&[2, 0, -1, 1]);
+        assert_eq!(rows.len(), 512);
+        assert!(rows[256..384].iter().all(|&r| r == -1), "the padding block");
+        assert!(
+            rows[100..128].iter().all(|&r| r == -1),
+            "a segment's padding rows"
+        );
+        let mut targets: Vec<i32> = rows.iter().copied().filter(|&r| r >= 0).collect();
+        assert_ne!(targets[..5], [0, 1, 2, 3, 4], "scrambled");
+        targets.sort_unstable();
+        assert_eq!(targets, (0..300).collect::<Vec<i32>>());
     }
 }
