@@ -1,10 +1,13 @@
 // Quantisation to FP8 E4M3 with DeepSeek-V3's fine-grained scales: `scale = max(amax, 1e-4) / 448`
 // per group (optionally rounded up to a power of two), `q = saturate_e4m3(x / scale)` with the
 // quotient rounded once (bit-identical to the CPU reference in runtime/src/fp8), so that
-// x ~= q * scale. Inputs are f32 or bf16, row-major [rows][cols]; cols (and rows, where the output
-// is transposed) must be multiples of 16. Scale layouts match what fp8_gemm.cuh reads:
+// x ~= q * scale. Inputs are f32 or bf16, row-major [rows][cols]; for the 128x128 blocks cols (and
+// rows, where the output is transposed) must be multiples of 16. Scale layouts match what
+// fp8_gemm.cuh reads, and so do the codes' rows, which the 1x128 and 128x1 kinds pad with zero
+// codes to a multiple of 16 bytes (TMA's row stride; zero codes add nothing to a product):
 //
-//   quantize_1x128:           activation tiles; q [rows][cols], scales [ceil(cols/128)][rows_pad]
+//   quantize_1x128:           activation tiles; q [rows][round_up(cols, 16)],
+//                             scales [ceil(cols/128)][rows_pad]
 //   quantize_1x128_gathered:  the same of rows gathered from x: output row r is x's row
 //                             source_rows[r], or zeros where that is -1 (the grouped FP8 GEMMs'
 //                             padded layout, see index_ops.cuh's pad_groups)
@@ -13,8 +16,8 @@
 //                             scales [ceil(cols/128)][ceil(rows/128)]; a 128x128 block's amax does
 //                             not depend on orientation, so this equals transposing the output above
 //   quantize_128x1t:          transposed re-tiling of an activation for the weight-gradient GEMM:
-//                             q [cols][rows] with one scale per 128 input rows of each column,
-//                             scales [ceil(rows/128)][cols_pad]
+//                             q [cols][round_up(rows, 16)] with one scale per 128 input rows of
+//                             each column, scales [ceil(rows/128)][cols_pad]
 //
 // rows_pad / cols_pad = round_up(·, 4): TMA needs 16-byte strides for the scale tensors.
 #pragma once
@@ -50,10 +53,22 @@ __device__ __forceinline__ void quantize_1x128_rows(const In* __restrict__ x, co
   const int col = blockIdx.x * 128 + (threadIdx.x % 32) * 4;
   if (row >= rows) return;  // whole warps leave together
   const long long source = GATHER ? source_rows[row] : row;
-  const bool valid = col < cols && source >= 0;
-  const float4 v = valid ? load4(x + source * cols + col) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (col < cols && source >= 0) {
+    const In* p = x + source * cols + col;
+    if (cols % 4 == 0) {
+      v = load4(p);  // rows start 16-byte aligned, and col + 3 < cols
+    } else {
+      v.x = to_float(p[0]);
+      if (col + 1 < cols) v.y = to_float(p[1]);
+      if (col + 2 < cols) v.z = to_float(p[2]);
+      if (col + 3 < cols) v.w = to_float(p[3]);
+    }
+  }
   const float scale = e4m3_scale<POW2>(warp_max(amax4(v)));
-  if (col < cols) *reinterpret_cast<u32*>(q + static_cast<long long>(row) * cols + col) = quantize4(v, scale);
+  // q's rows are padded to 16 bytes; the lanes past cols write the padding's zero codes.
+  const int q_stride = (cols + 15) / 16 * 16;
+  if (col < q_stride) *reinterpret_cast<u32*>(q + static_cast<long long>(row) * q_stride + col) = quantize4(v, scale);
   if (threadIdx.x % 32 == 0) {
     const int rows_pad = (rows + 3) / 4 * 4;
     scales[static_cast<long long>(blockIdx.x) * rows_pad + row] = scale;
@@ -169,6 +184,9 @@ __device__ __forceinline__ void quantize_128x1t(const In* __restrict__ x, u8* __
   const float scale = e4m3_scale<POW2>(amax);
   const int col = c0 + lc;
   if (col >= cols) return;
+  // q's rows are padded to 16 bytes: a chunk reaching past `rows` carries the padding's zero
+  // codes (the tile holds zeros there).
+  const long long q_stride = (rows + 15) / 16 * 16;
   if (r0 + part * 16 < rows) {
     u32 words[4];
 #pragma unroll
@@ -177,7 +195,7 @@ __device__ __forceinline__ void quantize_128x1t(const In* __restrict__ x, u8* __
                                   e4m3_quotient(v[4 * w + 2], scale), e4m3_quotient(v[4 * w + 3], scale));
     }
     const uint4 packed = make_uint4(words[0], words[1], words[2], words[3]);
-    *reinterpret_cast<uint4*>(q + static_cast<long long>(col) * rows + r0 + part * 16) = packed;
+    *reinterpret_cast<uint4*>(q + col * q_stride + r0 + part * 16) = packed;
   }
   if (part == 0) {
     const int cols_pad = (cols + 3) / 4 * 4;

@@ -16,10 +16,13 @@ const TEMPLATE: &str = "quantize";
 /// Warps (rows) per block of the 1×128 kernel.
 const TILE_WARPS: u32 = 8;
 
-/// Which groups share a scale, and the output orientation.
+/// Which groups share a scale, and the output orientation. The activation kinds pad the codes'
+/// rows with zero codes to a multiple of 16 bytes (TMA's row stride; zeros add nothing to a
+/// product), so they take any sizes ([`QuantizeParams::codes_shape`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QuantizeKind {
-    /// Activations: one scale per 1×128 tile; `q [rows][cols]`, scales `[ceil(cols/128)][round_up(rows, 4)]`.
+    /// Activations: one scale per 1×128 tile; `q [rows][round_up(cols, 16)]`, scales
+    /// `[ceil(cols/128)][round_up(rows, 4)]`.
     Tile1x128,
     /// `Tile1x128` of rows gathered from the input: output row `r` is input row
     /// `source_rows[r]`, or zeros where that is -1 (the grouped FP8 GEMMs' padded layout);
@@ -29,8 +32,8 @@ pub enum QuantizeKind {
     /// `transpose` writes `q [cols][rows]` and scales `[ceil(cols/128)][ceil(rows/128)]` instead
     /// (the input-gradient GEMM's Wᵀ; equal to transposing the plain result).
     Block128x128 { transpose: bool },
-    /// Transposed re-tiling for the weight-gradient GEMM: `q [cols][rows]` with one scale per 128
-    /// input rows of each column, scales `[ceil(rows/128)][round_up(cols, 4)]`.
+    /// Transposed re-tiling for the weight-gradient GEMM: `q [cols][round_up(rows, 16)]` with one
+    /// scale per 128 input rows of each column, scales `[ceil(rows/128)][round_up(cols, 4)]`.
     Tile128x1Transposed,
 }
 
@@ -103,27 +106,41 @@ impl QuantizeParams {
         }
     }
 
-    /// Checks that the kernel handles a `[rows][cols]` input (vector loads need `cols % 16 == 0`;
-    /// transposed outputs are written 16 bytes at a time, so also `rows % 16 == 0`).
+    /// The codes' layout for a `[rows][cols]` input: `[rows][cols]` of the output as written,
+    /// padding included.
+    pub fn codes_shape(&self, rows: usize, cols: usize) -> (usize, usize) {
+        match self.kind {
+            QuantizeKind::Tile1x128 | QuantizeKind::GatheredTile1x128 => {
+                (rows, cols.next_multiple_of(16))
+            }
+            QuantizeKind::Block128x128 { transpose: false } => (rows, cols),
+            QuantizeKind::Block128x128 { transpose: true } => (cols, rows),
+            QuantizeKind::Tile128x1Transposed => (cols, rows.next_multiple_of(16)),
+        }
+    }
+
+    /// Checks that the kernel handles a `[rows][cols]` input. The 128×128 blocks are read with
+    /// vector loads (`cols % 16 == 0`) and written without padding, transposed 16 bytes at a
+    /// time (then also `rows % 16 == 0`); the activation kinds take any sizes.
     pub fn check_problem(&self, rows: u32, cols: u32) -> Result<(), KernelError> {
         check_problem(rows > 0, TEMPLATE, "rows", rows, "at least 1")?;
+        check_problem(cols > 0, TEMPLATE, "cols", cols, "at least 1")?;
+        let QuantizeKind::Block128x128 { transpose } = self.kind else {
+            return Ok(());
+        };
         check_problem(
-            cols > 0 && cols.is_multiple_of(16),
+            cols.is_multiple_of(16),
             TEMPLATE,
             "cols",
             cols,
-            "a positive multiple of 16",
+            "a multiple of 16 (128x128 blocks)",
         )?;
-        let transposed = matches!(
-            self.kind,
-            QuantizeKind::Block128x128 { transpose: true } | QuantizeKind::Tile128x1Transposed
-        );
         check_problem(
-            !transposed || rows.is_multiple_of(16),
+            !transpose || rows.is_multiple_of(16),
             TEMPLATE,
             "rows",
             rows,
-            "a multiple of 16 (transposed output)",
+            "a multiple of 16 (transposed 128x128 blocks)",
         )
     }
 
@@ -218,6 +235,17 @@ mod tests {
         assert_eq!(wt.name(), "quantize_128x128t_f32_e4m3");
         assert!(wt.check_problem(100, 128).is_err());
         assert!(wt.check_problem(112, 128).is_ok());
+        assert!(wt.check_problem(112, 120).is_err());
+        // The activation kinds take any sizes, their codes' rows padded to 16 bytes.
+        assert!(act.check_problem(3, 62).is_ok());
+        assert_eq!(act.codes_shape(3, 62), (3, 64));
+        let retiled = QuantizeParams {
+            kind: QuantizeKind::Tile128x1Transposed,
+            ..act
+        };
+        assert!(retiled.check_problem(62, 40).is_ok());
+        assert_eq!(retiled.codes_shape(62, 40), (40, 64));
+        assert_eq!(wt.codes_shape(112, 128), (128, 112));
         let source = wt.instantiate().expect("valid");
         assert!(
             source

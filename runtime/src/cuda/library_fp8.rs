@@ -85,9 +85,10 @@ pub(crate) struct Fp8Operand {
 }
 
 impl Fp8Operand {
-    /// Bytes of the codes.
+    /// Bytes of the codes, their rows' padding included.
     pub(crate) fn code_bytes(&self) -> usize {
-        self.rows * self.cols
+        let (rows, cols) = self.quantize.codes_shape(self.rows, self.cols);
+        rows * cols
     }
 
     /// Bytes of the scales, in the layout `quantize` writes (see `QuantizeKind`).
@@ -323,7 +324,9 @@ impl Fp8Product {
             quantize_step(&self.a, qa, sa)?,
             quantize_step(&self.b, qb, sb)?,
         ];
-        let problem = gemm_problem([self.m, self.n, self.k], 1)?;
+        // K as the codes lie: rows padded with zero codes to 16 bytes (both operands' K runs along
+        // their codes' rows; the 128×128 kinds take only K a multiple of 16).
+        let problem = gemm_problem([self.m, self.n, self.k.next_multiple_of(16)], 1)?;
         let regions = GemmRegions { qa, sa, qb, sb };
         let out = GemmOut {
             at: StepArg::Buffer(self.out, 0),

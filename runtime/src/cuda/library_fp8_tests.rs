@@ -473,6 +473,29 @@ fn every_grouped_layout_gives_the_product_of_the_rounded_operands() {
     }
 }
 
+/// A weight gradient over 150 tokens (not a multiple of 16): both operands' codes are padded
+/// with zero codes to 160 along K, and the GEMM runs over K = 160.
+#[test]
+fn a_token_count_off_16_pads_k_with_zero_codes() {
+    let (m, n, t) = (64usize, 48usize, 150usize);
+    let product = OneProduct {
+        batch: vec![],
+        mnk: (m, n, t),
+        a: (vec![t, m], (128, 1), vec![1, m as isize]),
+        b: (vec![n, t], (1, 128), vec![1, t as isize]),
+        pow2: false,
+    };
+    let program = product.program();
+    for target in TARGETS {
+        let plan = LibraryPlan::of(&program, Some(target)).unwrap();
+        let call = plan.calls[2].as_ref().unwrap();
+        assert_eq!(call.note, None, "{}", plan.table());
+        let gemm = call.steps.last().unwrap();
+        assert!(gemm.args.contains(&StepArg::I32(160)), "{}", plan.table());
+        assert_eq!(check_fp8_products(&program, target), (1, 0));
+    }
+}
+
 /// A mutation the check must catch: B's codes read from A's region.
 #[test]
 fn a_wrong_operand_address_is_caught() {

@@ -30,7 +30,9 @@ pub struct QuantizeSample {
 
 /// Every kind, input type and scale rounding, on a `[rows][cols]` input with partial tiles
 /// (`cols` = 2·128 + 16; `rows` 200, or 144 where the output is transposed), a tile of zeros
-/// (the scale's floor), one of tiny values, large and negative values.
+/// (the scale's floor), one of tiny values, large and negative values; and the activation kinds
+/// at sizes whose codes' rows are padded to 16 bytes (1×128 over 262 columns, not even a
+/// multiple of 4: loaded element by element; 128×1 over 150 rows).
 pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
     let mut samples = Vec::new();
     for kind in [
@@ -54,6 +56,19 @@ pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
                 };
                 samples.push(sample(params, rows, cols)?);
             }
+        }
+    }
+    for (kind, rows, cols) in [
+        (QuantizeKind::Tile1x128, 200, 262),
+        (QuantizeKind::Tile128x1Transposed, 150, 272),
+    ] {
+        for input in [QuantizeInput::F32, QuantizeInput::Bf16] {
+            let params = QuantizeParams {
+                kind,
+                input,
+                pow2_scales: false,
+            };
+            samples.push(sample(params, rows, cols)?);
         }
     }
     Ok(samples)
@@ -145,7 +160,10 @@ pub fn expected_quantization(
     Ok(match params.kind {
         QuantizeKind::Tile1x128 | QuantizeKind::GatheredTile1x128 => {
             let q = quantize_activations(x, rows, cols, 128, rounding).map_err(quantizing)?;
-            (q.codes().to_vec(), k_block_major_scales(&q, rows, cols))
+            (
+                padded_rows(q.codes(), cols),
+                k_block_major_scales(&q, rows, cols),
+            )
         }
         QuantizeKind::Block128x128 { transpose } => {
             let q = quantize_weights(x, rows, cols, 128, rounding).map_err(quantizing)?;
@@ -162,9 +180,26 @@ pub fn expected_quantization(
         QuantizeKind::Tile128x1Transposed => {
             let q = quantize_activations_transposed(x, rows, cols, 128, rounding)
                 .map_err(quantizing)?;
-            (q.codes().to_vec(), k_block_major_scales(&q, cols, rows))
+            (
+                padded_rows(q.codes(), rows),
+                k_block_major_scales(&q, cols, rows),
+            )
         }
     })
+}
+
+/// Codes of rows of `width`, each padded with zero codes to a multiple of 16 bytes (as the
+/// activation kinds write them).
+fn padded_rows(codes: &[u8], width: usize) -> Vec<u8> {
+    let stride = width.next_multiple_of(16);
+    codes
+        .chunks(width.max(1))
+        .flat_map(|row| {
+            row.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, stride - width))
+        })
+        .collect()
 }
 
 /// 1×128 tile scales of a `[rows][cols]` tensor, `[rows][ceil(cols/128)]` row-major as
@@ -199,7 +234,7 @@ mod tests {
     #[test]
     fn every_kind_input_and_rounding_has_a_sample_the_template_accepts() {
         let samples = quantize_samples().unwrap();
-        assert_eq!(samples.len(), 20);
+        assert_eq!(samples.len(), 24);
         for s in &samples {
             assert!(
                 s.params.check_problem(s.rows as u32, s.cols as u32).is_ok(),
@@ -219,7 +254,9 @@ mod tests {
                 None => s.rows,
             };
             assert_eq!(s.input.len(), input_rows * s.cols * width);
-            assert_eq!(s.codes.len(), s.rows * s.cols);
+            let (code_rows, code_cols) = s.params.codes_shape(s.rows, s.cols);
+            assert_eq!(s.codes.len(), code_rows * code_cols);
+            assert_eq!(code_cols % 16, 0, "{}", s.params.name());
         }
     }
 
@@ -301,6 +338,33 @@ mod tests {
         assert!(
             columns.scales.iter().all(|s| s.log2().fract() == 0.0),
             "powers of two"
+        );
+
+        // Rows padded to 16 bytes with zero codes: 1x128 over 262 columns writes rows of 272;
+        // 128x1 over 150 rows writes [272][160].
+        let ragged = |kind, rows, cols| {
+            let sample = samples.iter().find(|s| {
+                (s.params.kind, s.rows, s.cols, s.params.input)
+                    == (kind, rows, cols, QuantizeInput::F32)
+            });
+            sample.unwrap()
+        };
+        let narrow = ragged(QuantizeKind::Tile1x128, 200, 262);
+        let x = values(200, 262);
+        let exact = quantize_activations(&x, 200, 262, 128, ScaleRounding::Exact).unwrap();
+        assert_eq!(narrow.codes.len(), 200 * 272);
+        assert_eq!(narrow.codes[7 * 272 + 261], exact.codes()[7 * 262 + 261]);
+        assert!(narrow.codes[7 * 272 + 262..8 * 272].iter().all(|&c| c == 0));
+        let short = ragged(QuantizeKind::Tile128x1Transposed, 150, 272);
+        let x = values(150, 272);
+        let exact =
+            quantize_activations_transposed(&x, 150, 272, 128, ScaleRounding::Exact).unwrap();
+        assert_eq!(short.codes.len(), 272 * 160);
+        assert_eq!(short.codes[130 * 160 + 149], exact.codes()[130 * 150 + 149]);
+        assert!(
+            short.codes[130 * 160 + 150..131 * 160]
+                .iter()
+                .all(|&c| c == 0)
         );
     }
 }
