@@ -477,7 +477,6 @@ impl Planner<'_> {
                     batch,
                     mnk: (*m, *n, *k),
                     views: [a, b, out],
-                    accumulation,
                     triangular: triangular.is_some(),
                 };
                 Fp8Product::find(self.program, &matmul)?.steps(target)
@@ -495,7 +494,6 @@ impl Planner<'_> {
                     weights,
                     expert_ids: *expert_ids,
                     out: *out,
-                    accumulation,
                 };
                 let product = Fp8GroupedProduct::find(self.program, &grouped)?;
                 let ids = self.dims(expert_ids);

@@ -30,7 +30,7 @@
 //! which doubles every code: the same values again. The CPU tests (`library_fp8_tests.rs`) check
 //! it on every FP8 product of the `small` model's training step.
 
-use fathom_compiler::graph::{Accumulation, QuantFormat};
+use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::kernel::{BufferId, KernelBody, Library, Program, View};
 use fathom_kernels::{
     BScaling, FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem,
@@ -122,7 +122,6 @@ pub(crate) struct MatMulCall<'a> {
     pub batch: &'a [usize],
     pub mnk: (usize, usize, usize),
     pub views: [&'a View; 3],
-    pub accumulation: Accumulation,
     pub triangular: bool,
 }
 
@@ -187,14 +186,9 @@ impl Rounding {
 }
 
 impl Fp8Product {
-    /// The FP8 GEMM for `call`, or why it has none (then the f32 GEMM runs it).
+    /// The FP8 GEMM for `call`, a product with Hopper's accumulation, or why it has none (then
+    /// the f32 GEMM runs it).
     pub(crate) fn find(program: &Program, call: &MatMulCall<'_>) -> Result<Fp8Product, String> {
-        if call.accumulation != Accumulation::HOPPER {
-            return Err(format!(
-                "accumulation {} is not the FP8 GEMM's",
-                call.accumulation
-            ));
-        }
         if call.triangular {
             return Err("a triangular product".into());
         }

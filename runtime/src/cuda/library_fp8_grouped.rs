@@ -14,7 +14,6 @@
 //!
 //! The experts' weight gradients (a K-grouped GEMM, which the template does not have) stay f32.
 
-use fathom_compiler::graph::Accumulation;
 use fathom_compiler::kernel::{BufferId, ExpertWeights, Program, grouped_rows};
 use fathom_kernels::fp8_gemm::GROUPED_M_ALIGN;
 use fathom_kernels::{
@@ -33,7 +32,6 @@ pub(crate) struct GroupedCall<'a> {
     pub weights: &'a ExpertWeights,
     pub expert_ids: BufferId,
     pub out: BufferId,
-    pub accumulation: Accumulation,
 }
 
 /// A `GroupedMatMul` that runs as a grouped FP8 GEMM: `out[t][s] = x[t][s or 0] · W[e]ᵀ`, with
@@ -57,14 +55,9 @@ pub(crate) struct Fp8GroupedProduct {
 }
 
 impl Fp8GroupedProduct {
-    /// The grouped FP8 GEMM for `call`, or why it has none (then the f32 grouped GEMM runs it).
+    /// The grouped FP8 GEMM for `call`, a product with Hopper's accumulation, or why it has none
+    /// (then the f32 grouped GEMM runs it).
     pub(crate) fn find(program: &Program, call: &GroupedCall<'_>) -> Result<Self, String> {
-        if call.accumulation != Accumulation::HOPPER {
-            return Err(format!(
-                "accumulation {} is not the FP8 GEMM's",
-                call.accumulation
-            ));
-        }
         let ExpertWeights::Stacked(view) = call.weights else {
             return Err("the experts' weights are not one stacked buffer".into());
         };
