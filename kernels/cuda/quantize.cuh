@@ -1,18 +1,19 @@
 // Quantisation to FP8 E4M3 with DeepSeek-V3's fine-grained scales: `scale = max(amax, 1e-4) / 448`
 // per group (optionally rounded up to a power of two), `q = saturate_e4m3(x / scale)` with the
 // quotient rounded once (bit-identical to the CPU reference in runtime/src/fp8), so that
-// x ~= q * scale. Inputs are f32 or bf16, row-major [rows][cols]; for the 128x128 blocks cols (and
-// rows, where the output is transposed) must be multiples of 16. Scale layouts match what
-// fp8_gemm.cuh reads, and so do the codes' rows, which the 1x128 and 128x1 kinds pad with zero
-// codes to a multiple of 16 bytes (TMA's row stride; zero codes add nothing to a product):
+// x ~= q * scale. Inputs are f32 or bf16, row-major [rows][cols]; the 128x128 blocks read 4 values
+// at a time, so there cols must be a multiple of 4. Scale layouts match what fp8_gemm.cuh reads,
+// and so do the codes' rows, padded with zero codes to a multiple of 16 bytes (TMA's row stride;
+// zero codes add nothing to a product):
 //
 //   quantize_1x128:           activation tiles; q [rows][round_up(cols, 16)],
 //                             scales [ceil(cols/128)][rows_pad]
 //   quantize_1x128_gathered:  the same of rows gathered from x: output row r is x's row
 //                             source_rows[r], or zeros where that is -1 (the grouped FP8 GEMMs'
 //                             padded layout, see index_ops.cuh's pad_groups)
-//   quantize_128x128:         weight blocks; q [rows][cols], scales [ceil(rows/128)][ceil(cols/128)]
-//   quantize_128x128 (T):     the same blocks written transposed: q [cols][rows],
+//   quantize_128x128:         weight blocks; q [rows][round_up(cols, 16)],
+//                             scales [ceil(rows/128)][ceil(cols/128)]
+//   quantize_128x128 (T):     the same blocks written transposed: q [cols][round_up(rows, 16)],
 //                             scales [ceil(cols/128)][ceil(rows/128)]; a 128x128 block's amax does
 //                             not depend on orientation, so this equals transposing the output above
 //   quantize_128x1t:          transposed re-tiling of an activation for the weight-gradient GEMM:
@@ -124,27 +125,34 @@ __device__ __forceinline__ void quantize_128x128(const In* __restrict__ x, u8* _
     }
   }
 
+  // q's rows, padded to 16 bytes: input rows, or input columns when transposed.
+  const long long q_stride = TRANSPOSE ? (rows + 15) / 16 * 16 : (cols + 15) / 16 * 16;
 #pragma unroll 4
   for (int lr = threadIdx.x / 32; lr < 128; lr += THREADS / 32) {
     const int row = r0 + lr;
-    if (row >= rows || col >= cols) continue;
-    const long long idx = static_cast<long long>(row) * cols + col;
-    const u32 packed = quantize4(load4(x + idx), scale);
+    if (col >= cols) {
+      // The padding of q's rows (cols is a multiple of 4, so a lane is all in or all out).
+      if (!TRANSPOSE && row < rows && col < q_stride) *reinterpret_cast<u32*>(q + row * q_stride + col) = 0u;
+      continue;
+    }
+    // Rows past the end stage zero codes: the transposed rows' padding.
+    const u32 packed = row < rows ? quantize4(load4(x + static_cast<long long>(row) * cols + col), scale) : 0u;
     if (TRANSPOSE) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) staged[(lc + e) * T_STRIDE + lr] = static_cast<u8>(packed >> (8 * e));
-    } else {
-      *reinterpret_cast<u32*>(q + idx) = packed;
+    } else if (row < rows) {
+      *reinterpret_cast<u32*>(q + row * q_stride + col) = packed;
     }
   }
   if (TRANSPOSE) {
     __syncthreads();
-    // q^T rows are input columns; 8 chunks of 16 bytes each.
+    // q^T rows are input columns; 8 chunks of 16 bytes each (one reaching past `rows` carries the
+    // padding's zero codes).
     for (int chunk = threadIdx.x; chunk < 128 * 8; chunk += THREADS) {
       const int tr = chunk / 8;
       const int tc = (chunk % 8) * 16;
       if (c0 + tr < cols && r0 + tc < rows) {
-        *reinterpret_cast<uint4*>(q + static_cast<long long>(c0 + tr) * rows + r0 + tc) =
+        *reinterpret_cast<uint4*>(q + (c0 + tr) * q_stride + r0 + tc) =
             *reinterpret_cast<const uint4*>(staged + tr * T_STRIDE + tc);
       }
     }

@@ -16,9 +16,10 @@ const TEMPLATE: &str = "quantize";
 /// Warps (rows) per block of the 1×128 kernel.
 const TILE_WARPS: u32 = 8;
 
-/// Which groups share a scale, and the output orientation. The activation kinds pad the codes'
-/// rows with zero codes to a multiple of 16 bytes (TMA's row stride; zeros add nothing to a
-/// product), so they take any sizes ([`QuantizeParams::codes_shape`]).
+/// Which groups share a scale, and the output orientation. Every kind pads the codes' rows with
+/// zero codes to a multiple of 16 bytes (TMA's row stride; zeros add nothing to a product,
+/// [`QuantizeParams::codes_shape`]); the activation kinds take any sizes, the 128×128 blocks
+/// columns in multiples of 4.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QuantizeKind {
     /// Activations: one scale per 1×128 tile; `q [rows][round_up(cols, 16)]`, scales
@@ -28,9 +29,10 @@ pub enum QuantizeKind {
     /// `source_rows[r]`, or zeros where that is -1 (the grouped FP8 GEMMs' padded layout);
     /// `rows` counts output rows.
     GatheredTile1x128,
-    /// Weights: one scale per 128×128 block; `q [rows][cols]`, scales `[ceil(rows/128)][ceil(cols/128)]`;
-    /// `transpose` writes `q [cols][rows]` and scales `[ceil(cols/128)][ceil(rows/128)]` instead
-    /// (the input-gradient GEMM's Wᵀ; equal to transposing the plain result).
+    /// Weights: one scale per 128×128 block; `q [rows][round_up(cols, 16)]`, scales
+    /// `[ceil(rows/128)][ceil(cols/128)]`; `transpose` writes `q [cols][round_up(rows, 16)]` and
+    /// scales `[ceil(cols/128)][ceil(rows/128)]` instead (the input-gradient GEMM's Wᵀ; equal to
+    /// transposing the plain result).
     Block128x128 { transpose: bool },
     /// Transposed re-tiling for the weight-gradient GEMM: `q [cols][round_up(rows, 16)]` with one
     /// scale per 128 input rows of each column, scales `[ceil(rows/128)][round_up(cols, 4)]`.
@@ -113,34 +115,24 @@ impl QuantizeParams {
             QuantizeKind::Tile1x128 | QuantizeKind::GatheredTile1x128 => {
                 (rows, cols.next_multiple_of(16))
             }
-            QuantizeKind::Block128x128 { transpose: false } => (rows, cols),
-            QuantizeKind::Block128x128 { transpose: true } => (cols, rows),
+            QuantizeKind::Block128x128 { transpose: false } => (rows, cols.next_multiple_of(16)),
+            QuantizeKind::Block128x128 { transpose: true } => (cols, rows.next_multiple_of(16)),
             QuantizeKind::Tile128x1Transposed => (cols, rows.next_multiple_of(16)),
         }
     }
 
-    /// Checks that the kernel handles a `[rows][cols]` input. The 128×128 blocks are read with
-    /// vector loads (`cols % 16 == 0`) and written without padding, transposed 16 bytes at a
-    /// time (then also `rows % 16 == 0`); the activation kinds take any sizes.
+    /// Checks that the kernel handles a `[rows][cols]` input: any size, but the 128×128 blocks
+    /// read 4 values at a time (`cols % 4 == 0`).
     pub fn check_problem(&self, rows: u32, cols: u32) -> Result<(), KernelError> {
         check_problem(rows > 0, TEMPLATE, "rows", rows, "at least 1")?;
         check_problem(cols > 0, TEMPLATE, "cols", cols, "at least 1")?;
-        let QuantizeKind::Block128x128 { transpose } = self.kind else {
-            return Ok(());
-        };
+        let blocks = matches!(self.kind, QuantizeKind::Block128x128 { .. });
         check_problem(
-            cols.is_multiple_of(16),
+            !blocks || cols.is_multiple_of(4),
             TEMPLATE,
             "cols",
             cols,
-            "a multiple of 16 (128x128 blocks)",
-        )?;
-        check_problem(
-            !transpose || rows.is_multiple_of(16),
-            TEMPLATE,
-            "rows",
-            rows,
-            "a multiple of 16 (transposed 128x128 blocks)",
+            "a multiple of 4 (128x128 blocks)",
         )
     }
 
@@ -233,9 +225,8 @@ mod tests {
             pow2_scales: false,
         };
         assert_eq!(wt.name(), "quantize_128x128t_f32_e4m3");
-        assert!(wt.check_problem(100, 128).is_err());
-        assert!(wt.check_problem(112, 128).is_ok());
-        assert!(wt.check_problem(112, 120).is_err());
+        assert!(wt.check_problem(100, 128).is_ok());
+        assert!(wt.check_problem(112, 126).is_err());
         // The activation kinds take any sizes, their codes' rows padded to 16 bytes.
         assert!(act.check_problem(3, 62).is_ok());
         assert_eq!(act.codes_shape(3, 62), (3, 64));
@@ -245,7 +236,7 @@ mod tests {
         };
         assert!(retiled.check_problem(62, 40).is_ok());
         assert_eq!(retiled.codes_shape(62, 40), (40, 64));
-        assert_eq!(wt.codes_shape(112, 128), (128, 112));
+        assert_eq!(wt.codes_shape(100, 40), (40, 112));
         let source = wt.instantiate().expect("valid");
         assert!(
             source

@@ -539,16 +539,16 @@ fn products_the_fp8_gemm_cannot_take_run_in_f32_with_a_reason() {
         assert!(call.steps[0].kernel.name().starts_with("gemm_f32"));
         call.note.unwrap()
     };
-    // K = 120: not a multiple of 16.
+    // K = 122: the weight's 128×128 blocks are read 4 values at a time.
     let odd_k = OneProduct {
-        mnk: (64, 32, 120),
-        a: (vec![64, 120], (1, 128), vec![120, 1]),
-        b: (vec![32, 120], (128, 128), vec![1, 120]),
+        mnk: (64, 32, 122),
+        a: (vec![64, 122], (1, 128), vec![122, 1]),
+        b: (vec![32, 122], (128, 128), vec![1, 122]),
         ..base.clone()
     };
     let why = note(&odd_k, Some(Fp8Target::Hopper));
     assert!(
-        why.contains("120") && why.contains("multiple of 16"),
+        why.contains("122") && why.contains("multiple of 4"),
         "{why}"
     );
     // A rounded in 128×128 blocks: not 1×128 tiles.

@@ -32,7 +32,8 @@ pub struct QuantizeSample {
 /// (`cols` = 2·128 + 16; `rows` 200, or 144 where the output is transposed), a tile of zeros
 /// (the scale's floor), one of tiny values, large and negative values; and the activation kinds
 /// at sizes whose codes' rows are padded to 16 bytes (1×128 over 262 columns, not even a
-/// multiple of 4: loaded element by element; 128×1 over 150 rows).
+/// multiple of 4: loaded element by element; 128×1 over 150 rows; 128×128 blocks over 264
+/// columns, and transposed over 150 rows).
 pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
     let mut samples = Vec::new();
     for kind in [
@@ -61,6 +62,8 @@ pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
     for (kind, rows, cols) in [
         (QuantizeKind::Tile1x128, 200, 262),
         (QuantizeKind::Tile128x1Transposed, 150, 272),
+        (QuantizeKind::Block128x128 { transpose: false }, 200, 264),
+        (QuantizeKind::Block128x128 { transpose: true }, 150, 264),
     ] {
         for input in [QuantizeInput::F32, QuantizeInput::Bf16] {
             let params = QuantizeParams {
@@ -170,11 +173,11 @@ pub fn expected_quantization(
             if transpose {
                 let blocks = (rows.div_ceil(128), cols.div_ceil(128));
                 (
-                    transposed(q.codes(), rows, cols),
+                    padded_rows(&transposed(q.codes(), rows, cols), rows),
                     transposed(q.scales(), blocks.0, blocks.1),
                 )
             } else {
-                (q.codes().to_vec(), q.scales().to_vec())
+                (padded_rows(q.codes(), cols), q.scales().to_vec())
             }
         }
         QuantizeKind::Tile128x1Transposed => {
@@ -234,7 +237,7 @@ mod tests {
     #[test]
     fn every_kind_input_and_rounding_has_a_sample_the_template_accepts() {
         let samples = quantize_samples().unwrap();
-        assert_eq!(samples.len(), 24);
+        assert_eq!(samples.len(), 28);
         for s in &samples {
             assert!(
                 s.params.check_problem(s.rows as u32, s.cols as u32).is_ok(),
@@ -363,6 +366,23 @@ mod tests {
         assert_eq!(short.codes[130 * 160 + 149], exact.codes()[130 * 150 + 149]);
         assert!(
             short.codes[130 * 160 + 150..131 * 160]
+                .iter()
+                .all(|&c| c == 0)
+        );
+        // 128x128 blocks over 264 columns: rows of 272; transposed over 150 rows: [264][160].
+        let wide = ragged(QuantizeKind::Block128x128 { transpose: false }, 200, 264);
+        let x = values(200, 264);
+        let exact = quantize_weights(&x, 200, 264, 128, ScaleRounding::Exact).unwrap();
+        assert_eq!(wide.codes.len(), 200 * 272);
+        assert_eq!(wide.codes[7 * 272 + 263], exact.codes()[7 * 264 + 263]);
+        assert!(wide.codes[7 * 272 + 264..8 * 272].iter().all(|&c| c == 0));
+        let tall = ragged(QuantizeKind::Block128x128 { transpose: true }, 150, 264);
+        let x = values(150, 264);
+        let exact = quantize_weights(&x, 150, 264, 128, ScaleRounding::Exact).unwrap();
+        assert_eq!(tall.codes.len(), 264 * 160);
+        assert_eq!(tall.codes[263 * 160 + 149], exact.codes()[149 * 264 + 263]);
+        assert!(
+            tall.codes[263 * 160 + 150..264 * 160]
                 .iter()
                 .all(|&c| c == 0)
         );
