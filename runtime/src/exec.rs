@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use fathom_compiler::Graph;
 use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::graph::QuantFormat;
+use fathom_compiler::kernel::{KernelBody, Library};
 use fathom_compiler::lower::LowerError;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -138,17 +140,36 @@ pub fn device_ordinal_from_vars(get: impl Fn(&str) -> Option<String>) -> Result<
 }
 
 /// Says, for a program with FP8 products, how many run as FP8 GEMMs and how many in f32 (the
-/// plan that `fathom inspect --target` writes says why).
+/// plan that `fathom inspect --target` writes says why); and for a program that rounds operands
+/// to E4M3 with exact accumulation, that its products run as f32 GEMMs and how to change that.
 fn announce_fp8_products(executor: &GpuExecutor) {
     let (fp8, in_f32) = executor.library().fp8_summary();
+    let name = &executor.program().name;
     if fp8 + in_f32 > 0 {
         eprintln!(
-            "fathom: {}: {fp8} products run as FP8 GEMMs on {}, {in_f32} as f32 GEMMs \
+            "fathom: {name}: {fp8} products run as FP8 GEMMs on {}, {in_f32} as f32 GEMMs \
              (`fathom inspect --target` writes why, in library-plan.txt)",
-            executor.program().name,
             executor.kernels().arch
         );
+    } else if rounds_to_e4m3(executor.program()) {
+        eprintln!(
+            "fathom: {name}: the FP8-rounded products run as f32 GEMMs (accumulation `exact`); \
+             `accumulation = \"hopper\"` runs them as FP8 GEMMs"
+        );
     }
+}
+
+/// Whether the program rounds values to E4M3 (the precision pass's FP8 operands).
+fn rounds_to_e4m3(program: &fathom_compiler::kernel::Program) -> bool {
+    program.kernels.iter().any(|k| {
+        matches!(
+            k.body,
+            KernelBody::Library(Library::QuantizeDequantize {
+                format: QuantFormat::E4M3,
+                ..
+            })
+        )
+    })
 }
 
 /// Says once per process that the CPU runs what was asked of the GPU, and why.
@@ -165,6 +186,29 @@ mod tests {
 
     use super::*;
     use crate::cuda::driver_present;
+
+    #[test]
+    fn a_program_that_rounds_to_e4m3_is_told_apart() {
+        use fathom_compiler::{DType, GraphBuilder, TensorType};
+        let program = |fp8: bool| {
+            let mut b = GraphBuilder::new("p");
+            let x = b
+                .input("x", TensorType::new(DType::F32, vec![4, 8]))
+                .unwrap();
+            let y = if fp8 {
+                b.quantize_dequantize(x, QuantFormat::E4M3, (1, 128), false)
+                    .unwrap()
+            } else {
+                b.exp(x).unwrap()
+            };
+            b.output("y", y).unwrap();
+            compile(&b.finish(), &CompileOptions::default())
+                .unwrap()
+                .program
+        };
+        assert!(rounds_to_e4m3(&program(true)));
+        assert!(!rounds_to_e4m3(&program(false)));
+    }
 
     #[test]
     fn each_rank_on_a_node_takes_its_own_gpu() {
