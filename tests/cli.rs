@@ -215,20 +215,25 @@ fn fathom_dump_dir_receives_every_compilation_artifact() {
     }
 }
 
-#[test]
-fn inspect_shows_the_kernels_a_precision_policy_leaves() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().to_str().unwrap();
-    let args = [
+/// `fathom inspect` of the tiny model's training step at `batch` × `seq` tokens.
+fn inspect_tiny_training(batch: &'static str, seq: &'static str) -> Vec<&'static str> {
+    vec![
         "inspect",
         "--architecture",
         "tiny",
         "--train",
         "--batch",
-        "1",
+        batch,
         "--seq",
-        "4",
-    ];
+        seq,
+    ]
+}
+
+#[test]
+fn inspect_shows_the_kernels_a_precision_policy_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = inspect_tiny_training("1", "4");
     let run = fathom(&[&args[..], &["--precision", "bf16", "--out", out]].concat());
     assert!(run.status.success(), "{}", stderr(&run));
     let kernels = std::fs::read_to_string(dir.path().join("11-kernels.txt")).unwrap();
@@ -243,20 +248,8 @@ fn inspect_shows_the_kernels_a_precision_policy_leaves() {
 #[test]
 fn inspect_shows_which_products_run_as_fp8_gemms() {
     let dir = tempfile::tempdir().unwrap();
-    let args = [
-        "inspect",
-        "--architecture",
-        "tiny",
-        "--train",
-        "--batch",
-        "2",
-        "--seq",
-        "32",
-        "--precision",
-        "fp8",
-        "--accumulation",
-        "hopper",
-    ];
+    let mut args = inspect_tiny_training("2", "32");
+    args.extend(["--precision", "fp8", "--accumulation", "hopper"]);
     for (target, gemm) in [
         ("sm_90a", "fp8_gemm_1x128_128x128_"),
         ("sm_80", "fp8_gemm_fallback_1x128_128x128_"),
