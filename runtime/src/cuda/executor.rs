@@ -51,7 +51,16 @@ impl GpuKernels {
         cache: &KernelCache,
         cuda: &CudaProgram,
     ) -> Result<Self, CudaError> {
-        let arch = compile_arch(device, cache)?;
+        Self::load_for(device, cache, cuda, compile_arch(device, cache)?)
+    }
+
+    /// [`GpuKernels::load`] for `arch`, the device's compile target already found.
+    fn load_for(
+        device: &GpuDevice,
+        cache: &KernelCache,
+        cuda: &CudaProgram,
+        arch: String,
+    ) -> Result<Self, CudaError> {
         let mut functions = HashMap::new();
         let mut cache_hits = 0;
         for source in &cuda.sources {
@@ -220,7 +229,7 @@ impl GpuExecutor {
         let cuda = cuda_program(&program)?;
         let arch = compile_arch(device, cache)?;
         let library = LibraryPlan::of(&program, Fp8Target::for_arch(&arch))?;
-        let mut kernels = GpuKernels::load(device, cache, &cuda)?;
+        let mut kernels = GpuKernels::load_for(device, cache, &cuda, arch)?;
         kernels.load_library(device, cache, &library)?;
         let stream = device
             .ctx
