@@ -287,11 +287,9 @@ fn compile_cuda(units: &[Unit], arch: &str, dir: &Path) -> anyhow::Result<()> {
     let results: Vec<anyhow::Result<Built>> = units
         .par_iter()
         .map(|(generated, users)| {
-            let generated = generated.clone();
-            let entry = generated.entry.clone();
-            let dynamic_smem = generated.dynamic_smem_bytes;
+            let entry = &generated.entry;
             let edit = match &overrides {
-                Some(overrides) => overrides.apply(&generated)?,
+                Some(overrides) => overrides.apply(generated)?,
                 None => None,
             };
             if let Some(edit) = &edit {
@@ -299,9 +297,9 @@ fn compile_cuda(units: &[Unit], arch: &str, dir: &Path) -> anyhow::Result<()> {
                 println!("{}: compiled from the hand-edited {path}", entry);
             }
             let hand_edited = edit.is_some();
-            let kernel = edit.map_or(generated, |edit| edit.kernel);
+            let kernel = edit.as_ref().map_or(generated, |edit| &edit.kernel);
             let t = Instant::now();
-            let compiled = nvrtc.compile(&kernel, Some(arch))?;
+            let compiled = nvrtc.compile(kernel, Some(arch))?;
             let time = t.elapsed();
             let cubin = dir.join(format!("{}.{arch}.cubin", entry));
             std::fs::write(&cubin, &compiled.cubin)
@@ -332,8 +330,8 @@ fn compile_cuda(units: &[Unit], arch: &str, dir: &Path) -> anyhow::Result<()> {
                 } else {
                     entry.clone()
                 },
+                dynamic_smem: generated.dynamic_smem_bytes,
                 users: *users,
-                dynamic_smem,
                 resources: compiled.resources.unwrap_or_default(),
                 time,
             })
