@@ -318,8 +318,8 @@ impl Fp8Product {
             quantize_step(&self.a, qa, sa)?,
             quantize_step(&self.b, qb, sb)?,
         ];
-        // K as the codes lie: rows padded with zero codes to 16 bytes (both operands' K runs along
-        // their codes' rows; the 128×128 kinds take only K a multiple of 16).
+        // K as the codes lie: both operands' K runs along their codes' rows, padded with zero
+        // codes to 16 bytes.
         let problem = gemm_problem([self.m, self.n, self.k.next_multiple_of(16)], 1)?;
         let regions = GemmRegions { qa, sa, qb, sb };
         let out = GemmOut {

@@ -129,7 +129,8 @@ impl Fp8GroupedProduct {
         group_rows: LibraryStep,
     ) -> Result<(Vec<LibraryStep>, usize), String> {
         let (m_padded, n, k, experts) = (self.m_padded(), self.n, self.k, self.experts);
-        let problem = gemm_problem([m_padded, n, k], experts)?;
+        // K as the codes lie, their rows padded with zero codes to 16 bytes.
+        let problem = gemm_problem([m_padded, n, k.next_multiple_of(16)], experts)?;
         let int = |v: usize| StepArg::I32(v as i32);
         let a = Fp8Operand {
             quantize: QuantizeParams {

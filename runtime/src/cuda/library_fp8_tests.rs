@@ -473,6 +473,23 @@ fn every_grouped_layout_gives_the_product_of_the_rounded_operands() {
     }
 }
 
+/// The experts' products with K = 264 (not a multiple of 16): x's gathered codes and each
+/// expert's weight codes are padded with zero codes to 272, and the grouped GEMM runs over 272.
+#[test]
+fn a_grouped_product_with_k_off_16_pads_k_with_zero_codes() {
+    for transposed in [false, true] {
+        let program = one_grouped_product((150, 2, 1), (5, 144, 264), transposed);
+        for target in TARGETS {
+            let plan = LibraryPlan::of(&program, Some(target)).unwrap();
+            let call = plan.calls[2].as_ref().unwrap();
+            assert_eq!(call.note, None, "{}", plan.table());
+            let gemm = call.steps.last().unwrap();
+            assert!(gemm.args.contains(&StepArg::I32(272)), "{}", plan.table());
+            assert_eq!(check_fp8_products(&program, target), (1, 1));
+        }
+    }
+}
+
 /// A weight gradient over 150 tokens (not a multiple of 16): both operands' codes are padded
 /// with zero codes to 160 along K, and the GEMM runs over K = 160.
 #[test]
