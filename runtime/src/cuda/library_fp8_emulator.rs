@@ -335,7 +335,7 @@ fn by_name(params: &[KernelParam], args: &[StepArg]) -> HashMap<&'static str, St
         .collect()
 }
 
-pub fn int(arg: StepArg) -> usize {
+fn int(arg: StepArg) -> usize {
     let StepArg::I32(v) = arg else {
         panic!("{arg:?} is not an int")
     };
@@ -343,7 +343,7 @@ pub fn int(arg: StepArg) -> usize {
 }
 
 /// The offset of a byte-scratch pointer, which TMA and 16-byte loads need aligned.
-pub fn bytes(arg: StepArg) -> usize {
+fn bytes(arg: StepArg) -> usize {
     let StepArg::Bytes(offset) = arg else {
         panic!("{arg:?} is not in the byte scratch")
     };

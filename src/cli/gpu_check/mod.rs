@@ -6,8 +6,8 @@
 //!    Then every f32 library template (GEMMs, index operations, fake quantisation) on the
 //!    awkward shapes of `cuda::library_samples`, each against the CPU (GEMMs within
 //!    2·K·2⁻²⁴·Σ|a·b| per element, the rest bit for bit), and the FP8 products' plans (dense
-//!    forward and weight-gradient forms, the experts' grouped product: quantize, padding and
-//!    gathers, the FP8 GEMM) against the CPU's emulation of Hopper's accumulation (DeepGEMM's
+//!    forward and weight-gradient forms, the experts' grouped product: padding, the gathered
+//!    quantisation, the FP8 GEMM scattering its rows) against the CPU's emulation of Hopper's accumulation (DeepGEMM's
 //!    difference at most 1e-3).
 //! 2. A few training steps of the tiny model with `backend = cuda` (generated kernels and library
 //!    templates) against the CPU, comparing losses: in f32, then at precision FP8 with Hopper's
@@ -17,7 +17,7 @@
 //!    `1 - 2Σxy/Σ(x²+y²) < 0.001`): on Hopper every sm_90a tile configuration the timings try,
 //!    under three tile schedules; on any GPU the portable `mma.sync` GEMM; each in the three
 //!    layouts (dense with 128×128 weight scales, 1×128 scales on B with accumulation, grouped
-//!    experts). Then (3b) the quantisation templates, every kind, input type and scale rounding,
+//!    experts, also with the rows scattered). Then (3b) the quantisation templates, every kind, input type and scale rounding,
 //!    against the CPU's quantizers bit for bit, and (3c) the MLA attention templates (forward,
 //!    `delta`, backward) against the exact attention of the same bf16 inputs. A launch that
 //!    does not finish within seconds stops the check with its name; these run after the
