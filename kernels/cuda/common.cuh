@@ -22,6 +22,11 @@ struct Grouped {
   static constexpr int M_ALIGN = 128;
 };
 
+// How the FP8 GEMMs split their work (fp8_gemm.cuh, fallback_gemm.cuh): one product; the MoE
+// experts' "contiguous" layout (rows sorted by expert, B per expert); or K-grouped, one product
+// per group over that group's range of K (the experts' weight gradients).
+enum class Grouping { Dense, Contiguous, KGrouped };
+
 // -inf without <math.h> (NVRTC has no INFINITY macro).
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 

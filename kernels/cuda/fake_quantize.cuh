@@ -7,9 +7,23 @@
 //   out   = code * scale rounded once to f32 (the product of a 4-bit and a 24-bit significand is
 //           exact in f64, so the f32 multiply rounds the same exact value the CPU rounds).
 // A tile holding a NaN or an infinity comes back all NaN, as on the CPU. Needs common.cuh.
+//
+//   fake_quantize_e4m3:           any tile of each of a batch of matrices
+//   fake_quantize_gathered_128x1: the K-grouped weight-gradient GEMM's operand tiles (128 padded
+//                                 rows of one column, as quantize_128x1t_gathered makes them),
+//                                 gathered and written back to token-slots, for the f32 path
 #pragma once
 
 namespace fathom {
+
+// dequant(quant(v)) with the scale of v's (finite) tile.
+__device__ __forceinline__ float fake_quantize_value(float v, float scale) {
+  const __nv_fp8_storage_t code = __nv_cvt_float_to_fp8(e4m3_quotient(v, scale), __NV_SATFINITE, __NV_E4M3);
+  const __half_raw h = __nv_cvt_fp8_to_halfraw(code, __NV_E4M3);
+  return __half2float(__half(h)) * scale;
+}
+
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
 // One block per tile; tiles are numbered matrix by matrix, row of tiles by row of tiles.
 // Grid: (matrices * ceil(rows / tile_rows) * ceil(cols / tile_cols)).
@@ -50,13 +64,62 @@ __device__ __forceinline__ void fake_quantize_e4m3(const float* __restrict__ x, 
 
   for (int e = threadIdx.x; e < height * width; e += THREADS) {
     const long long at = static_cast<long long>(e / width) * cols + e % width;
-    if (poisoned) {
-      dst[at] = __int_as_float(0x7fc00000);  // NaN
-      continue;
-    }
-    const __nv_fp8_storage_t code = __nv_cvt_float_to_fp8(e4m3_quotient(in[at], scale), __NV_SATFINITE, __NV_E4M3);
-    const __half_raw h = __nv_cvt_fp8_to_halfraw(code, __NV_E4M3);
-    dst[at] = __half2float(__half(h)) * scale;
+    dst[at] = poisoned ? quiet_nan() : fake_quantize_value(in[at], scale);
+  }
+}
+
+// The tiles of a K-grouped weight-gradient operand, in f32: padded row r is x's row
+// source_rows[r] (zeros where that is -1), one scale per 128 padded rows of each column, and
+// padded row r is written to out's row out_rows[r] (nowhere where that is -1; both index maps
+// come from index_ops.cuh's pad_groups). Zero rows add nothing to a tile's amax, so the values
+// are those quantize_128x1t_gathered's codes and scales stand for.
+//
+// A CTA (WARPS warps) takes 128 padded rows x 32 columns: lane c of every warp owns column
+// c0 + c, warp w rows w, w + WARPS, ..., so that each warp reads and writes 32 consecutive floats
+// of one row at a time. Grid: (ceil(cols / 32), ceil(rows / 128)).
+template <bool POW2, int WARPS>
+__device__ __forceinline__ void fake_quantize_gathered_128x1(const float* __restrict__ x,
+                                                             const int* __restrict__ source_rows,
+                                                             const int* __restrict__ out_rows, float* __restrict__ out,
+                                                             int rows, int cols) {
+  static_assert(128 % WARPS == 0, "the warps share a tile's 128 rows evenly");
+  constexpr int ROWS = 128 / WARPS;  // per thread
+  __shared__ float column_amax[WARPS][32];
+  __shared__ bool column_finite[WARPS][32];
+  const int r0 = blockIdx.y * 128;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int col = blockIdx.x * 32 + lane;
+
+  // This thread's rows of the column, kept for the second pass.
+  float v[ROWS];
+  float amax = 0.0f;
+  bool finite = true;
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    const int row = r0 + warp + WARPS * i;
+    const int source = row < rows ? source_rows[row] : -1;
+    v[i] = source >= 0 && col < cols ? x[static_cast<long long>(source) * cols + col] : 0.0f;
+    finite = finite && isfinite(v[i]);
+    if (isfinite(v[i])) amax = fmaxf(amax, fabsf(v[i]));
+  }
+  column_amax[warp][lane] = amax;
+  column_finite[warp][lane] = finite;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) {
+    amax = fmaxf(amax, column_amax[w][lane]);
+    finite = finite && column_finite[w][lane];
+  }
+  const float scale = e4m3_scale<POW2>(amax);
+  if (col >= cols) return;
+
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    const int row = r0 + warp + WARPS * i;
+    const int dest = row < rows ? out_rows[row] : -1;
+    if (dest < 0) continue;
+    out[static_cast<long long>(dest) * cols + col] = finite ? fake_quantize_value(v[i], scale) : quiet_nan();
   }
 }
 

@@ -1,23 +1,30 @@
 // Portable FP8 GEMM for GPUs without wgmma/TMA (sm_80 and newer): the same contract as
-// fp8_gemm.cuh (operands, scale layouts, grouped contiguous layout, outputs), so the runtime can
-// swap it in on non-Hopper GPUs. E4M3 bytes are widened to bf16 (exactly) while staging through
-// shared memory, multiplied with mma.sync m16n8k16, and each 128-wide K block's partial sums are
-// promoted into the FP32 result with the scales applied, as on Hopper.
+// fp8_gemm.cuh (operands, scale layouts, grouped contiguous and K-grouped layouts, outputs), so
+// the runtime can swap it in on non-Hopper GPUs. E4M3 bytes are widened to bf16 (exactly) while
+// staging through shared memory, multiplied with mma.sync m16n8k16, and each 128-wide K block's
+// partial sums are promoted into the FP32 result with the scales applied, as on Hopper. Needs
+// tiles.cuh (the K groups' blocks).
 //
-// 4 warps in a 2x2 grid; each warp owns a (BLOCK_M/2) x (BLOCK_N/2) sub-tile.
+// 4 warps in a 2x2 grid; each warp owns a (BLOCK_M/2) x (BLOCK_N/2) sub-tile. Grid:
+// (ceil(N / BLOCK_N), ceil(M / BLOCK_M), groups when K-grouped else 1).
 #pragma once
 
 namespace fathom {
 
-template <int BLOCK_M, int BLOCK_N, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16, bool ACCUMULATE, bool SCATTER>
+template <int BLOCK_M, int BLOCK_N, bool B_ROW_SCALES, Grouping GROUPING, bool OUT_BF16, bool ACCUMULATE,
+          bool SCATTER>
 __device__ __forceinline__ void fp8_gemm_fallback(const u8* __restrict__ a, const u8* __restrict__ b,
                                                   const float* __restrict__ scale_a,
                                                   const float* __restrict__ scale_b,
-                                                  const int* __restrict__ block_expert, void* __restrict__ out,
-                                                  const int* __restrict__ out_rows, int m, int n, int k) {
+                                                  const int* __restrict__ block_expert,
+                                                  const int* __restrict__ k_offsets, void* __restrict__ out,
+                                                  const int* __restrict__ out_rows, int m, int n, int k, int groups) {
   static_assert(BLOCK_M % 32 == 0 && BLOCK_N % 32 == 0, "warp tiles are multiples of 16x16");
   static_assert(128 % BLOCK_N == 0, "BLOCK_N divides 128: one B scale block per tile");
   static_assert(!(OUT_BF16 && ACCUMULATE), "accumulation into the output is FP32 only");
+  // One B spans every K group: its scales are per row, and D's rows are A's (nothing to scatter).
+  static_assert(GROUPING != Grouping::KGrouped || (B_ROW_SCALES && !SCATTER),
+                "K-grouped GEMMs take 1x128 B scales and write D unscattered");
   constexpr int BLOCK_K = 128;
   constexpr int STRIDE = BLOCK_K + 8;  // bf16 elements per staged row; padding avoids bank conflicts
   constexpr int WARP_M = BLOCK_M / 2;
@@ -32,11 +39,20 @@ __device__ __forceinline__ void fp8_gemm_fallback(const u8* __restrict__ a, cons
   const int m0 = blockIdx.y * BLOCK_M;
   const int n0 = blockIdx.x * BLOCK_N;
   int expert = 0;
-  if (GROUPED) {
+  if (GROUPING == Grouping::Contiguous) {
     expert = block_expert[m0 / Grouped::M_ALIGN];
     if (expert < 0) return;
   }
   const int num_k_blocks = ceil_div(k, BLOCK_K);
+  // The K blocks this tile sums: all of them, or its K group's (blockIdx.z); an empty group's
+  // tile sums none and writes zeros. A group's D follows the previous group's.
+  KBlocks k_blocks{0, num_k_blocks};
+  long long d_offset = 0;
+  if (GROUPING == Grouping::KGrouped) {
+    if (static_cast<int>(blockIdx.z) >= groups) return;  // a grid taller than the groups
+    k_blocks = group_k_blocks(__ldg(k_offsets + blockIdx.z), __ldg(k_offsets + blockIdx.z + 1));
+    d_offset = static_cast<long long>(blockIdx.z) * m * n;
+  }
   const int m_pad = (m + 3) / 4 * 4;
   const int n_pad = (n + 3) / 4 * 4;
   const int warp = threadIdx.x / 32;
@@ -53,7 +69,7 @@ __device__ __forceinline__ void fp8_gemm_fallback(const u8* __restrict__ a, cons
 #pragma unroll
       for (int r = 0; r < 4; ++r) result[i][j][r] = 0.0f;
 
-  for (int kb = 0; kb < num_k_blocks; ++kb) {
+  for (int kb = k_blocks.first; kb < k_blocks.first + k_blocks.count; ++kb) {
     const int k0 = kb * BLOCK_K;
     // Stage: 16 E4M3 bytes per load, widened to 16 bf16; out-of-range rows and K read as zero.
     for (int idx = threadIdx.x; idx < (BLOCK_M + BLOCK_N) * (BLOCK_K / 16); idx += THREADS) {
@@ -148,7 +164,7 @@ __device__ __forceinline__ void fp8_gemm_fallback(const u8* __restrict__ a, cons
         if (col >= n) continue;
         const float v0 = result[i][j][2 * half];
         const float v1 = result[i][j][2 * half + 1];
-        const long long idx = static_cast<long long>(out_row) * n + col;
+        const long long idx = d_offset + static_cast<long long>(out_row) * n + col;
         if (OUT_BF16) {
           *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(out) + idx) = __floats2bfloat162_rn(v0, v1);
         } else {

@@ -33,10 +33,19 @@
 // A tile wider than a weight scale block, or not aligned to one (BLOCK_N of 144, 160 or 192), meets
 // at most two 128x128 scale blocks; its columns before the boundary take the first's scale.
 //
-// GROUPED (MoE experts, "contiguous" layout): A's rows are tokens sorted by expert, every expert's
-// segment padded to a multiple of Grouped::M_ALIGN (128) rows; block_expert[row / 128] names the
-// expert of each such block (-1: padding block, skipped). B is [num_experts * N, K], scales
-// [num_experts][ceil(N/128)][...].
+// Grouping::Contiguous (MoE experts' forward and input gradient): A's rows are tokens sorted by
+// expert, every expert's segment padded to a multiple of Grouped::M_ALIGN (128) rows;
+// block_expert[row / 128] names the expert of each such block (-1: padding block, skipped). B is
+// [num_experts * N, K], scales [num_experts][ceil(N/128)][...].
+//
+// Grouping::KGrouped (MoE experts' weight gradients, dW_e = dy_e^T x_e): `groups` products
+//   D[g][M, N] = sum over k in [k_offsets[g], k_offsets[g + 1])  A[M, k] * B[N, k]
+// written at out + g * M * N. A and B span every group's K (the experts' token-slots, each
+// expert's segment padded to a multiple of 128, so each 128-wide K block and its scales belong
+// to one group), both with 1x128 scales (B_ROW_SCALES). Tiles are numbered group by group; a tile
+// sums its group's K blocks only, which producer and math warps read from k_offsets alike, so
+// the ring stays in step. A group with no K gets zeros written: its tiles load nothing and
+// wait on nothing, and run the epilogue on a zero result.
 #pragma once
 
 namespace fathom {
@@ -59,18 +68,21 @@ struct Fp8GemmSmem {
   static constexpr u32 TX_BYTES = A_BYTES + B_BYTES + SA_BYTES + (B_ROW_SCALES ? BLOCK_N * 4 : 0);
 };
 
-// A CTA's tile: its first row and column, and its expert (-1: a grouped padding block).
+// A CTA's tile: its first row and column; its expert (Contiguous: -1 for a padding block, which
+// is skipped) or K group (KGrouped), 0 when dense; and the K blocks it sums over.
 struct Tile {
   int m0;
   int n0;
-  int expert;
+  int group;
+  KBlocks k;
 };
 
-template <int BLOCK_M, int BLOCK_N, int STAGES, int CLUSTER_M, bool B_ROW_SCALES, bool GROUPED, bool OUT_BF16,
+template <int BLOCK_M, int BLOCK_N, int STAGES, int CLUSTER_M, bool B_ROW_SCALES, Grouping GROUPING, bool OUT_BF16,
           bool ACCUMULATE, bool SCATTER, class Wgmma>
 __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const int* __restrict__ out_rows,
                                               const float* __restrict__ scale_b,
-                                              const int* __restrict__ block_expert, int m, int n, int k,
+                                              const int* __restrict__ block_expert,
+                                              const int* __restrict__ k_offsets, int m, int n, int k, int groups,
                                               int raster_band, const TensorMap* tmap_a, const TensorMap* tmap_b,
                                               const TensorMap* tmap_scale_a, const TensorMap* tmap_scale_b) {
   static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M is 64 or 128 (one or two math warp groups)");
@@ -80,8 +92,14 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const int*
   static_assert(BLOCK_N <= 128 + (BLOCK_N & -BLOCK_N), "a tile must meet at most two 128-column scale blocks");
   static_assert(Wgmma::N == BLOCK_N, "the wgmma wrapper must match BLOCK_N");
   static_assert(!(OUT_BF16 && ACCUMULATE), "accumulation into the output is FP32 only");
-  static_assert(CLUSTER_M == 1 || (CLUSTER_M == 2 && !GROUPED),
+  static_assert(CLUSTER_M == 1 || (CLUSTER_M == 2 && GROUPING == Grouping::Dense),
                 "clusters of two share B: dense GEMMs only (two row blocks may be two experts)");
+  // One B spans every K group: its scales are per row (no per-expert weight blocks), and D's
+  // rows are A's rows of one group (nothing to scatter).
+  static_assert(GROUPING != Grouping::KGrouped || (B_ROW_SCALES && !SCATTER),
+                "K-grouped GEMMs take 1x128 B scales and write D unscattered");
+  constexpr bool CONTIGUOUS = GROUPING == Grouping::Contiguous;
+  constexpr bool K_GROUPED = GROUPING == Grouping::KGrouped;
   using Smem = Fp8GemmSmem<BLOCK_M, BLOCK_N, STAGES, B_ROW_SCALES>;
   constexpr int BLOCK_K = Smem::BLOCK_K;
   constexpr int MATH_GROUPS = BLOCK_M / 64;
@@ -101,15 +119,21 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const int*
   const int rank = CLUSTER_M > 1 ? static_cast<int>(cluster_cta_rank()) : 0;
   const int m_blocks = ceil_div(m, BLOCK_M);
   const int n_blocks = ceil_div(n, BLOCK_N);
-  const int num_units = ceil_div(m_blocks, CLUSTER_M) * n_blocks;
+  const int num_units = (K_GROUPED ? groups : 1) * ceil_div(m_blocks, CLUSTER_M) * n_blocks;
   const UnitWalk walk = unit_walk(blockIdx.x, gridDim.x, CLUSTER_M);
   const int num_k_blocks = ceil_div(k, BLOCK_K);
-  // This CTA's tile of a unit; producer and math warps walk the same units, and skip the same
-  // padding blocks.
+  // This CTA's tile of a unit; producer and math warps walk the same units, skip the same padding
+  // blocks and sum the same K blocks.
   auto tile_of = [&](int unit) {
+    if (K_GROUPED) {
+      const GroupTilePosition at = group_unit_tile(unit, m_blocks, n_blocks, raster_band);
+      const KBlocks k_blocks = group_k_blocks(__ldg(k_offsets + at.group), __ldg(k_offsets + at.group + 1));
+      return Tile{at.tile.m_block * BLOCK_M, at.tile.n_block * BLOCK_N, at.group, k_blocks};
+    }
     const TilePosition at = unit_tile(unit, rank, m_blocks, n_blocks, raster_band, CLUSTER_M);
     const int m0 = at.m_block * BLOCK_M;
-    return Tile{m0, at.n_block * BLOCK_N, GROUPED ? block_expert[m0 / Grouped::M_ALIGN] : 0};
+    return Tile{m0, at.n_block * BLOCK_N, CONTIGUOUS ? block_expert[m0 / Grouped::M_ALIGN] : 0,
+                KBlocks{0, num_k_blocks}};
   };
 
   if (threadIdx.x == 0) {
@@ -137,34 +161,36 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const int*
       RingCursor<STAGES> ring;
       for (int unit = walk.first; unit < num_units; unit += walk.stride) {
         const Tile tile = tile_of(unit);
-        if (tile.expert < 0) continue;
+        if (tile.group < 0) continue;
         const int m0 = tile.m0;
         const int n0 = tile.n0;
-        const int b_row0 = tile.expert * n + n0;
+        // Contiguous: each expert's B is N rows of [experts * N]; K-grouped: one B for all groups.
+        const int b_row0 = (CONTIGUOUS ? tile.group * n : 0) + n0;
         // A cluster's tile past M (an odd last row block) reads the last real rows instead; its
         // epilogue writes nothing.
         const int a_row0 = min(m0, (m_blocks - 1) * BLOCK_M);
-        for (int kb = 0; kb < num_k_blocks; ++kb, ring.advance()) {
+        for (int kb = 0; kb < tile.k.count; ++kb, ring.advance()) {
           const int s = ring.stage;
+          const int k_block = tile.k.first + kb;
           // A fresh barrier is in phase 0: the first wait on each `empty` (parity 1) returns at once.
           mbarrier_wait(&empty[s], ring.phase ^ 1);
           mbarrier_arrive_expect_tx(&full[s], Smem::TX_BYTES);
-          tma_load_2d(smem + Smem::A_OFFSET + s * Smem::A_BYTES, tmap_a, &full[s], kb * BLOCK_K, a_row0);
+          tma_load_2d(smem + Smem::A_OFFSET + s * Smem::A_BYTES, tmap_a, &full[s], k_block * BLOCK_K, a_row0);
           u8* b_stage = smem + Smem::B_OFFSET + s * Smem::B_BYTES;
           if (CLUSTER_M == 1) {
-            tma_load_2d(b_stage, tmap_b, &full[s], kb * BLOCK_K, b_row0);
+            tma_load_2d(b_stage, tmap_b, &full[s], k_block * BLOCK_K, b_row0);
           } else {
             // This CTA's half of the B tile (the tensor map's box is half as tall), into both CTAs.
             // A half wholly past N (the last column block's) reads the last real row's box
             // instead, as A past M does: its columns are never stored.
             constexpr int HALF_ROWS = BLOCK_N / 2;
             const int half_row0 = min(b_row0 + rank * HALF_ROWS, n - 1);
-            tma_load_2d_multicast(b_stage + rank * HALF_ROWS * BLOCK_K, tmap_b, &full[s], kb * BLOCK_K, half_row0,
-                                  0b11);
+            tma_load_2d_multicast(b_stage + rank * HALF_ROWS * BLOCK_K, tmap_b, &full[s], k_block * BLOCK_K,
+                                  half_row0, 0b11);
           }
-          tma_load_2d(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES, tmap_scale_a, &full[s], a_row0, kb);
+          tma_load_2d(smem + Smem::SA_OFFSET + s * Smem::SA_BYTES, tmap_scale_a, &full[s], a_row0, k_block);
           if (B_ROW_SCALES) {
-            tma_load_2d(smem + Smem::SB_OFFSET + s * Smem::SB_BYTES, tmap_scale_b, &full[s], n0, kb);
+            tma_load_2d(smem + Smem::SB_OFFSET + s * Smem::SB_BYTES, tmap_scale_b, &full[s], n0, k_block);
           }
         }
       }
@@ -191,14 +217,15 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const int*
   RingCursor<STAGES> ring;
   for (int unit = walk.first; unit < num_units; unit += walk.stride) {
     const Tile tile = tile_of(unit);
-    if (tile.expert < 0) continue;
+    if (tile.group < 0) continue;
     const int m0 = tile.m0;
     const int n0 = tile.n0;
-    const int expert = tile.expert;
-    // The weight scale blocks the tile's columns meet: the first, and (if any) the next.
+    // The weight scale blocks the tile's columns meet: the first, and (if any) the next (never
+    // K-grouped, whose B scales are per row).
     const int scale_n0 = n0 / 128;
     const float* scale_b_first =
-        B_ROW_SCALES ? nullptr : scale_b + (static_cast<long long>(expert) * num_scale_n + scale_n0) * num_k_blocks;
+        B_ROW_SCALES ? nullptr
+                     : scale_b + (static_cast<long long>(tile.group) * num_scale_n + scale_n0) * num_k_blocks;
     const float* scale_b_second =
         TWO_SCALE_BLOCKS && scale_n0 + 1 < num_scale_n ? scale_b_first + num_k_blocks : scale_b_first;
 
@@ -207,7 +234,8 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const int*
 #pragma unroll
     for (int i = 0; i < ACC; ++i) result[i] = 0.0f;
 
-    for (int kb = 0; kb < num_k_blocks; ++kb, ring.advance()) {
+    // A K-grouped tile of an empty group runs no K block: its result stays zero.
+    for (int kb = 0; kb < tile.k.count; ++kb, ring.advance()) {
       const int s = ring.stage;
       // The weight blocks' scales do not depend on TMA: fetch them before waiting.
       const float sb = B_ROW_SCALES ? 1.0f : __ldg(scale_b_first + kb);
@@ -276,7 +304,9 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const int*
     }
 
     // ---- epilogue: registers straight to global memory (row-major D, leading dimension n; with
-    // SCATTER, row r of the product is D's row out_rows[r], and nowhere where that is -1) ----
+    // SCATTER, row r of the product is D's row out_rows[r], and nowhere where that is -1; a K
+    // group's D follows the previous group's) ----
+    const long long d_offset = K_GROUPED ? static_cast<long long>(tile.group) * m * n : 0;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = m0 + r0 + 8 * half;
@@ -289,7 +319,7 @@ __device__ __forceinline__ void fp8_gemm_sm90(void* __restrict__ out, const int*
         if (col >= n) continue;
         const float v0 = result[4 * j + 2 * half];
         const float v1 = result[4 * j + 2 * half + 1];
-        const long long idx = static_cast<long long>(out_row) * n + col;
+        const long long idx = d_offset + static_cast<long long>(out_row) * n + col;
         if (OUT_BF16) {
           *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(out) + idx) = __floats2bfloat162_rn(v0, v1);
         } else {

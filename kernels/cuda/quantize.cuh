@@ -19,6 +19,9 @@
 //   quantize_128x1t:          transposed re-tiling of an activation for the weight-gradient GEMM:
 //                             q [cols][round_up(rows, 16)] with one scale per 128 input rows of
 //                             each column, scales [ceil(rows/128)][cols_pad]
+//   quantize_128x1t_gathered: the same of rows gathered from x as quantize_1x128_gathered does
+//                             (the K-grouped weight-gradient GEMM's operands, whose K is the
+//                             experts' padded token-slots); zero rows add nothing to an amax
 //
 // rows_pad / cols_pad = round_up(·, 4): TMA needs 16-byte strides for the scale tensors.
 #pragma once
@@ -161,10 +164,12 @@ __device__ __forceinline__ void quantize_128x128(const In* __restrict__ x, u8* _
 
 // Transposed re-tiling: a CTA (256 threads) takes 128 input rows x 32 input columns; 8 lanes per
 // column each quantise 16 rows, so every output row of q^T gets its 128-wide tile and one scale.
-// Grid: (ceil(cols / 32), ceil(rows / 128)).
-template <class In, bool POW2>
-__device__ __forceinline__ void quantize_128x1t(const In* __restrict__ x, u8* __restrict__ q,
-                                                float* __restrict__ scales, int rows, int cols) {
+// Row r of what is quantised is x's row source_rows[r] when GATHER (zeros where it is -1), row r
+// otherwise. Grid: (ceil(cols / 32), ceil(rows / 128)).
+template <class In, bool POW2, bool GATHER>
+__device__ __forceinline__ void quantize_128x1t_rows(const In* __restrict__ x, const int* __restrict__ source_rows,
+                                                     u8* __restrict__ q, float* __restrict__ scales, int rows,
+                                                     int cols) {
   constexpr int THREADS = 256;
   __shared__ float tile[128][33];
   const int r0 = blockIdx.y * 128;
@@ -172,8 +177,12 @@ __device__ __forceinline__ void quantize_128x1t(const In* __restrict__ x, u8* __
   for (int idx = threadIdx.x; idx < 128 * 32; idx += THREADS) {
     const int lr = idx / 32;
     const int lc = idx % 32;
-    const bool valid = r0 + lr < rows && c0 + lc < cols;
-    tile[lr][lc] = valid ? to_float(x[static_cast<long long>(r0 + lr) * cols + c0 + lc]) : 0.0f;
+    // A warp reads one row: one (broadcast) source index, 32 consecutive values. -1: zeros (past
+    // the rows, or a padding row).
+    long long source = -1;
+    if (r0 + lr < rows) source = GATHER ? source_rows[r0 + lr] : r0 + lr;
+    const bool valid = source >= 0 && c0 + lc < cols;
+    tile[lr][lc] = valid ? to_float(x[source * cols + c0 + lc]) : 0.0f;
   }
   __syncthreads();
 
@@ -209,6 +218,19 @@ __device__ __forceinline__ void quantize_128x1t(const In* __restrict__ x, u8* __
     const int cols_pad = (cols + 3) / 4 * 4;
     scales[static_cast<long long>(blockIdx.y) * cols_pad + col] = scale;
   }
+}
+
+template <class In, bool POW2>
+__device__ __forceinline__ void quantize_128x1t(const In* __restrict__ x, u8* __restrict__ q,
+                                                float* __restrict__ scales, int rows, int cols) {
+  quantize_128x1t_rows<In, POW2, false>(x, nullptr, q, scales, rows, cols);
+}
+
+template <class In, bool POW2>
+__device__ __forceinline__ void quantize_128x1t_gathered(const In* __restrict__ x, const int* __restrict__ source_rows,
+                                                         u8* __restrict__ q, float* __restrict__ scales, int rows,
+                                                         int cols) {
+  quantize_128x1t_rows<In, POW2, true>(x, source_rows, q, scales, rows, cols);
 }
 
 }  // namespace fathom

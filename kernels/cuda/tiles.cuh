@@ -48,6 +48,27 @@ FATHOM_HOST_DEVICE TilePosition unit_tile(int unit, int rank, int m_blocks, int 
   return TilePosition{at.m_block * cluster + rank, at.n_block};
 }
 
+// K-grouped GEMMs compute one [M][N] product per group: `groups` grids of tiles. Units are
+// numbered group by group (unit / tiles is the group), and within a group as unit_tile numbers a
+// dense GEMM's (no clusters), so a persistent grid walks every group's tiles in the same bands.
+struct GroupTilePosition {
+  int group;
+  TilePosition tile;
+};
+
+FATHOM_HOST_DEVICE GroupTilePosition group_unit_tile(int unit, int m_blocks, int n_blocks, int raster_band) {
+  const int tiles = m_blocks * n_blocks;
+  return GroupTilePosition{unit / tiles, unit_tile(unit % tiles, 0, m_blocks, n_blocks, raster_band, 1)};
+}
+
+// The 128-wide K blocks a group sums over: its range [begin, end) of K, both multiples of 128.
+struct KBlocks {
+  int first;
+  int count;
+};
+
+FATHOM_HOST_DEVICE KBlocks group_k_blocks(int begin, int end) { return KBlocks{begin / 128, (end - begin) / 128}; }
+
 // A ring slot and the parity of its current use; both sides of the pipeline walk the same sequence.
 template <int STAGES>
 struct RingCursor {

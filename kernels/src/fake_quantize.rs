@@ -5,6 +5,11 @@
 //! [`QuantizeParams`](crate::QuantizeParams), which writes the codes and scales the FP8 GEMMs
 //! read in fixed 1×128 / 128×128 layouts, this takes any tile (partial ones included) and
 //! writes f32 values. Sizes are launch arguments. `sm_80` or newer.
+//!
+//! [`FakeQuantizeGatheredParams`] is the same rounding of the K-grouped weight-gradient GEMM's
+//! operand tiles (`QuantizeKind::GatheredTile128x1Transposed`'s), for the f32 path: gathered
+//! into the experts' padded layout, rounded per 128 padded rows of each column, and written back
+//! to the token-slots.
 
 use crate::kernel::{
     ArchRequirement, COMMON, Elem, EntryPoint, KernelError, KernelParam, KernelSource, ParamType,
@@ -96,6 +101,84 @@ impl FakeQuantizeParams {
     }
 }
 
+/// Warps per block of the gathered kernel: a block takes 128 padded rows × 32 columns, each
+/// thread 128 / 8 = 16 rows of one column.
+const GATHERED_WARPS: u32 = 8;
+
+/// `fake_quantize_gathered_128x1` (`cuda/fake_quantize.cuh`): for every 128 padded rows `r` and
+/// column `c`, the tile of values `x[source_rows[r]][c]` (zero where `source_rows[r]` is -1),
+/// scaled as [`FakeQuantizeParams`] scales (a tile holding a NaN or infinity comes back all NaN),
+/// and `out[out_rows[r]][c] = dequant(quant(x[source_rows[r]][c]))` for every `r` whose
+/// `out_rows[r]` is not -1. Both index maps are `index_pad_groups`'s (`rows` entries each);
+/// `rows` is the padded row count (a multiple of 128 there; a partial last tile is allowed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FakeQuantizeGatheredParams {
+    /// Round every scale up to a power of two.
+    pub pow2_scales: bool,
+}
+
+impl FakeQuantizeGatheredParams {
+    /// The deterministic kernel name, e.g. `fake_quantize_gathered_128x1_e4m3_pow2`.
+    pub fn name(&self) -> String {
+        let pow2 = if self.pow2_scales { "_pow2" } else { "" };
+        format!("fake_quantize_gathered_128x1_e4m3{pow2}")
+    }
+
+    pub fn block_threads(&self) -> u32 {
+        32 * GATHERED_WARPS
+    }
+
+    /// Launch grid for `rows` padded rows of `cols` columns:
+    /// `(ceil(cols / 32), ceil(rows / 128), 1)`.
+    pub fn grid(&self, rows: u32, cols: u32) -> [u32; 3] {
+        [cols.div_ceil(32), rows.div_ceil(128), 1]
+    }
+
+    pub fn kernel_params(&self) -> Vec<KernelParam> {
+        let rows = |name| KernelParam::new(name, ParamType::ConstPtr(Elem::I32));
+        vec![
+            KernelParam::new("x", ParamType::ConstPtr(Elem::F32)),
+            rows("source_rows"),
+            rows("out_rows"),
+            KernelParam::new("out", ParamType::MutPtr(Elem::F32)),
+            KernelParam::new("rows", ParamType::I32),
+            KernelParam::new("cols", ParamType::I32),
+        ]
+    }
+
+    /// Instantiates the template (portable: `sm_80` or newer).
+    pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
+        let name = self.name();
+        let params = self.kernel_params();
+        let description = vec![format!(
+            "E4M3 fake quantisation of gathered 128x1 tiles (padded rows, written back to token-slots), \
+             max(amax, 1e-4) / 448{}; bit-exact with the CPU.",
+            if self.pow2_scales {
+                " rounded up to a power of two"
+            } else {
+                ""
+            }
+        )];
+        Ok(assemble(
+            &description,
+            &[COMMON, FAKE_QUANTIZE],
+            |_| {},
+            EntryPoint {
+                name: &name,
+                block_threads: self.block_threads(),
+                cluster_x: 1,
+                params: &params,
+                body: vec![format!(
+                    "fathom::fake_quantize_gathered_128x1<{}, {GATHERED_WARPS}>(x, source_rows, out_rows, out, rows, cols);",
+                    cpp_bool(self.pow2_scales)
+                )],
+            },
+            ArchRequirement::Sm80OrNewer,
+            0,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +192,34 @@ mod tests {
         assert_eq!(p.grid(1 << 20, (1 << 12, 1 << 12), (1, 1)), None);
         let source = p.instantiate().expect("valid");
         assert!(source.source.contains("fake_quantize_e4m3<true, 128>"));
+    }
+
+    #[test]
+    fn gathered_names_params_and_grids() {
+        let p = FakeQuantizeGatheredParams { pow2_scales: false };
+        assert_eq!(p.name(), "fake_quantize_gathered_128x1_e4m3");
+        assert_eq!(
+            FakeQuantizeGatheredParams { pow2_scales: true }.name(),
+            "fake_quantize_gathered_128x1_e4m3_pow2"
+        );
+        assert_eq!(p.block_threads(), 256);
+        // 640 padded rows of 72 columns: 5 row tiles, 3 blocks of 32 columns.
+        assert_eq!(p.grid(640, 72), [3, 5, 1]);
+        let params: Vec<_> = p.kernel_params().iter().map(|k| (k.name, k.ty)).collect();
+        assert_eq!(
+            params,
+            [
+                ("x", ParamType::ConstPtr(Elem::F32)),
+                ("source_rows", ParamType::ConstPtr(Elem::I32)),
+                ("out_rows", ParamType::ConstPtr(Elem::I32)),
+                ("out", ParamType::MutPtr(Elem::F32)),
+                ("rows", ParamType::I32),
+                ("cols", ParamType::I32),
+            ]
+        );
+        let kernel = p.instantiate().expect("valid");
+        assert_eq!(kernel.block_threads, 256);
+        assert_eq!(kernel.arch_requirement, ArchRequirement::Sm80OrNewer);
+        insta::assert_snapshot!(kernel.generated_wrapper());
     }
 }

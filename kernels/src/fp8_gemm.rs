@@ -15,6 +15,12 @@
 //! Wᵀ's 128×128 blocks are W's blocks transposed with the same scales, so the transposed weight
 //! is exact (no second rounding); the weight-gradient operands are re-quantised along T from the
 //! BF16/FP32 tensors (DeepSeek-V3 caches them for that purpose).
+//!
+//! The MoE experts run the forward and input gradient as one grouped GEMM over tokens sorted by
+//! expert ([`GemmGrouping::Contiguous`]), and the weight gradients as one K-grouped GEMM
+//! ([`GemmGrouping::KGrouped`]): `dW_e = dY_eᵀ X_e` for every expert `e` at once, K being the
+//! experts' token-slots laid out by expert and padded per expert to a multiple of 128, the
+//! operands `quantize_128x1t_gathered` of dY and X.
 
 use crate::kernel::{
     ArchRequirement, COMMON, Elem, EntryPoint, HOPPER, KernelError, KernelParam, KernelSource,
@@ -23,7 +29,7 @@ use crate::kernel::{
 use crate::tensor_map::{TensorMapDesc, TensorMapDtype, TensorMapSwizzle};
 use crate::wgmma::{wgmma_struct_name, write_wgmma_struct};
 
-const TILES: Template = Template {
+pub(crate) const TILES: Template = Template {
     file: "tiles.cuh",
     text: include_str!("../cuda/tiles.cuh"),
 };
@@ -136,7 +142,7 @@ impl GemmOutput {
     }
 }
 
-/// Dense, or the MoE experts' grouped GEMM over tokens sorted by expert.
+/// Dense, or one of the MoE experts' grouped GEMMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GemmGrouping {
     Dense,
@@ -144,6 +150,60 @@ pub enum GemmGrouping {
     /// a multiple of [`GROUPED_M_ALIGN`]; `block_expert[row / 128]` is the expert of each block
     /// (-1 for padding blocks, which are skipped and left unwritten); B is `[experts·N][K]`.
     Contiguous,
+    /// One product per group over the group's range of K (the experts' weight gradients):
+    /// `D[g][M][N] = Σ_{k ∈ [k_offsets[g], k_offsets[g+1])} A[M][k] · B[N][k]`, written at
+    /// `out + g·M·N`. A `[M][K]` and B `[N][K]` span every group's K (K = `k_offsets[groups]`),
+    /// both with 1×128 scales ([`BScaling::Row1x128`]); the offsets are multiples of
+    /// [`BLOCK_K`], so every K block and its scales belong to one group. A group with an empty
+    /// range gets zeros. Clusters and scattered output are not supported.
+    KGrouped,
+}
+
+impl GemmGrouping {
+    /// The template argument (`fathom::Grouping` in `common.cuh`).
+    pub(crate) fn cpp(self) -> &'static str {
+        match self {
+            GemmGrouping::Dense => "fathom::Grouping::Dense",
+            GemmGrouping::Contiguous => "fathom::Grouping::Contiguous",
+            GemmGrouping::KGrouped => "fathom::Grouping::KGrouped",
+        }
+    }
+
+    /// The kernel name's family prefix (`grouped_` or `kgrouped_`; empty when dense).
+    pub(crate) fn prefix(self) -> &'static str {
+        match self {
+            GemmGrouping::Dense => "",
+            GemmGrouping::Contiguous => "grouped_",
+            GemmGrouping::KGrouped => "kgrouped_",
+        }
+    }
+
+    /// Checks what a grouping needs of the other parameters: K-grouped GEMMs have one B for every
+    /// group, scaled per row, and write D's rows in place.
+    pub(crate) fn check_params(
+        self,
+        template: &'static str,
+        b_scaling: BScaling,
+        output: GemmOutput,
+    ) -> Result<(), KernelError> {
+        if self != GemmGrouping::KGrouped {
+            return Ok(());
+        }
+        check_param(
+            b_scaling == BScaling::Row1x128,
+            template,
+            "b_scaling",
+            b_scaling.tag(),
+            "1x128 for a K-grouped GEMM (one B spans every group)",
+        )?;
+        check_param(
+            output != GemmOutput::F32Scattered,
+            template,
+            "output",
+            output.tag(),
+            "an unscattered output for a K-grouped GEMM",
+        )
+    }
 }
 
 /// One of the three GEMMs of a training Linear, in the NT form (see the module docs).
@@ -156,7 +216,8 @@ pub enum TrainingGemm {
 
 impl TrainingGemm {
     /// Parameters for this GEMM with the given tiles (BF16 output for the forward and input
-    /// gradient; FP32 accumulation and 1×128 B scales for the weight gradient).
+    /// gradient; FP32 accumulation and 1×128 B scales for the weight gradient, FP32 written
+    /// whole for the experts' K-grouped weight gradients).
     pub fn params(
         self,
         block_m: u32,
@@ -167,6 +228,9 @@ impl TrainingGemm {
         let (b_scaling, output) = match self {
             TrainingGemm::Forward | TrainingGemm::InputGrad => {
                 (BScaling::Block128x128, GemmOutput::Bf16)
+            }
+            TrainingGemm::WeightGrad if grouping == GemmGrouping::KGrouped => {
+                (BScaling::Row1x128, GemmOutput::F32)
             }
             TrainingGemm::WeightGrad => (BScaling::Row1x128, GemmOutput::F32Accumulate),
         };
@@ -205,12 +269,14 @@ pub struct Fp8GemmParams {
 /// Sizes of one GEMM call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmProblem {
-    /// Rows of A and D (for grouped GEMMs, all experts' padded segments together).
+    /// Rows of A and D (for contiguous grouped GEMMs, all experts' padded segments together).
     pub m: u32,
     /// Columns of D (per expert).
     pub n: u32,
+    /// Columns of A and B (for K-grouped GEMMs, every group's padded range together:
+    /// `k_offsets[groups]`).
     pub k: u32,
-    /// Experts (1 for dense GEMMs).
+    /// Experts, or K groups (1 for dense GEMMs).
     pub groups: u32,
 }
 
@@ -223,8 +289,8 @@ impl Fp8GemmParams {
     }
 
     /// A tile configuration for a problem of `m` rows and `n` columns: 64-row blocks for small
-    /// M, the widest `block_n` (≤ 128) dividing N, and as many stages as fit (at most 6) — a
-    /// starting point, not a tuned choice.
+    /// M (unless A's rows are experts' 128-row blocks), the widest `block_n` (≤ 128) dividing N,
+    /// and as many stages as fit (at most 6) — a starting point, not a tuned choice.
     pub fn for_shape(
         m: u32,
         n: u32,
@@ -232,7 +298,7 @@ impl Fp8GemmParams {
         output: GemmOutput,
         grouping: GemmGrouping,
     ) -> Self {
-        let block_m = if m <= 64 && grouping == GemmGrouping::Dense {
+        let block_m = if m <= 64 && grouping != GemmGrouping::Contiguous {
             64
         } else {
             128
@@ -315,6 +381,8 @@ impl Fp8GemmParams {
             self.cluster_m,
             "1, or 2 for a dense GEMM (a pair of row blocks may belong to two experts)",
         )?;
+        self.grouping
+            .check_params(TEMPLATE, self.b_scaling, self.output)?;
         check_param(
             (1..=16).contains(&self.stages),
             TEMPLATE,
@@ -353,12 +421,10 @@ impl Fp8GemmParams {
         self.stages * (a + b + scale_a + scale_b) + 2 * self.stages * 8 + 1024
     }
 
-    /// The deterministic kernel name, e.g. `fp8_gemm_1x128_128x128_m128n128k128_s4_bf16`.
+    /// The deterministic kernel name, e.g. `fp8_gemm_1x128_128x128_m128n128k128_s4_bf16`,
+    /// `grouped_fp8_gemm_…`, `kgrouped_fp8_gemm_1x128_1x128_m128n128k128_s6_f32`.
     pub fn name(&self) -> String {
-        let family = match self.grouping {
-            GemmGrouping::Dense => "fp8_gemm",
-            GemmGrouping::Contiguous => "grouped_fp8_gemm",
-        };
+        let family = format!("{}fp8_gemm", self.grouping.prefix());
         let cluster = if self.cluster_m > 1 {
             format!("_c{}", self.cluster_m)
         } else {
@@ -377,9 +443,15 @@ impl Fp8GemmParams {
     /// Launch grid for a problem: one-dimensional, a block per tile or at most the schedule's
     /// blocks; with clusters, a whole number of clusters (a cluster's tiles are `cluster_m`
     /// neighbouring row blocks, the last pair's second tile past M when the row blocks are odd).
+    /// A K-grouped GEMM has `groups` times a dense one's tiles.
     pub fn grid(&self, problem: &GemmProblem, schedule: &TileSchedule) -> [u32; 3] {
         let cluster = self.cluster_m.max(1);
-        let units = (problem.m.div_ceil(self.block_m).div_ceil(cluster)
+        let products = match self.grouping {
+            GemmGrouping::KGrouped => problem.groups,
+            GemmGrouping::Dense | GemmGrouping::Contiguous => 1,
+        };
+        let units = (products
+            * problem.m.div_ceil(self.block_m).div_ceil(cluster)
             * problem.n.div_ceil(self.block_n))
         .max(1);
         let clusters = schedule
@@ -389,7 +461,7 @@ impl Fp8GemmParams {
     }
 
     /// Checks that the kernel can run a problem (TMA needs 16-byte row strides; the epilogue
-    /// stores column pairs; grouped rows come in whole blocks).
+    /// stores column pairs; grouped rows, and K groups, come in whole blocks).
     pub fn check_problem(&self, problem: &GemmProblem) -> Result<(), KernelError> {
         check_problem(problem.m > 0, TEMPLATE, "m", problem.m, "at least 1")?;
         check_problem(
@@ -426,6 +498,22 @@ impl Fp8GemmParams {
                     "a multiple of 128 (padded expert segments)",
                 )
             }
+            GemmGrouping::KGrouped => {
+                check_problem(
+                    problem.groups >= 1,
+                    TEMPLATE,
+                    "groups",
+                    problem.groups,
+                    "at least 1",
+                )?;
+                check_problem(
+                    problem.k.is_multiple_of(BLOCK_K),
+                    TEMPLATE,
+                    "k",
+                    problem.k,
+                    "a multiple of 128 (padded K groups)",
+                )
+            }
         }
     }
 
@@ -438,6 +526,13 @@ impl Fp8GemmParams {
             u64::from(problem.k),
         );
         let k_blocks = k.div_ceil(u64::from(BLOCK_K));
+        // Contiguous grouped GEMMs stack the experts' B; a K-grouped GEMM's one B spans all groups.
+        let (b_rows, b_what) = match self.grouping {
+            GemmGrouping::Contiguous => {
+                (n * u64::from(problem.groups), "B (E4M3, [groups * N][K])")
+            }
+            GemmGrouping::Dense | GemmGrouping::KGrouped => (n, "B (E4M3, [N][K])"),
+        };
         let mut maps = vec![
             TensorMapDesc {
                 param: "tmap_a",
@@ -450,9 +545,9 @@ impl Fp8GemmParams {
             },
             TensorMapDesc {
                 param: "tmap_b",
-                what: "B (E4M3, [groups * N][K])",
+                what: b_what,
                 dtype: TensorMapDtype::U8,
-                global_dims: [k, n * u64::from(problem.groups)],
+                global_dims: [k, b_rows],
                 outer_stride_bytes: k,
                 // In a cluster each block loads its share of the tile's rows.
                 box_dims: [BLOCK_K, self.block_n / self.cluster_m.max(1)],
@@ -494,15 +589,26 @@ impl Fp8GemmParams {
         if self.b_scaling == BScaling::Block128x128 {
             params.push(KernelParam::new("scale_b", ParamType::ConstPtr(Elem::F32)));
         }
+        let k_grouped = self.grouping == GemmGrouping::KGrouped;
         if self.grouping == GemmGrouping::Contiguous {
             params.push(KernelParam::new(
                 "block_expert",
                 ParamType::ConstPtr(Elem::I32),
             ));
         }
-        for name in ["m", "n", "k", "raster_band"] {
+        if k_grouped {
+            params.push(KernelParam::new(
+                "k_offsets",
+                ParamType::ConstPtr(Elem::I32),
+            ));
+        }
+        for name in ["m", "n", "k"] {
             params.push(KernelParam::new(name, ParamType::I32));
         }
+        if k_grouped {
+            params.push(KernelParam::new("groups", ParamType::I32));
+        }
+        params.push(KernelParam::new("raster_band", ParamType::I32));
         for name in ["tmap_a", "tmap_b", "tmap_scale_a"] {
             params.push(KernelParam::new(name, ParamType::TensorMap));
         }
@@ -520,6 +626,7 @@ impl Fp8GemmParams {
         let wgmma = wgmma_struct_name(self.block_n);
         let block_rows = self.b_scaling == BScaling::Row1x128;
         let grouped = self.grouping == GemmGrouping::Contiguous;
+        let k_grouped = self.grouping == GemmGrouping::KGrouped;
         let scattered = self.output == GemmOutput::F32Scattered;
         let call = format!(
             "fathom::fp8_gemm_sm90<{}, {}, {}, {}, {}, {}, {}, {}, {}, {wgmma}>(",
@@ -528,16 +635,18 @@ impl Fp8GemmParams {
             self.stages,
             self.cluster_m,
             cpp_bool(block_rows),
-            cpp_bool(grouped),
+            self.grouping.cpp(),
             cpp_bool(self.output == GemmOutput::Bf16),
             cpp_bool(self.output == GemmOutput::F32Accumulate),
             cpp_bool(scattered),
         );
         let args = format!(
-            "    out, {}, {}, {}, m, n, k, raster_band, &tmap_a, &tmap_b, &tmap_scale_a, {});",
+            "    out, {}, {}, {}, {}, m, n, k, {}, raster_band, &tmap_a, &tmap_b, &tmap_scale_a, {});",
             if scattered { "out_rows" } else { "nullptr" },
             if block_rows { "nullptr" } else { "scale_b" },
             if grouped { "block_expert" } else { "nullptr" },
+            if k_grouped { "k_offsets" } else { "nullptr" },
+            if k_grouped { "groups" } else { "1" },
             if block_rows {
                 "&tmap_scale_b"
             } else {
@@ -549,10 +658,10 @@ impl Fp8GemmParams {
                 "FP8 E4M3 GEMM D[M][N] = A[M][K] * B[N][K]^T, A scales 1x128, B scales {}, {} output{}.",
                 self.b_scaling.tag(),
                 self.output.tag(),
-                if grouped {
-                    ", grouped (contiguous experts)"
-                } else {
-                    ""
+                match self.grouping {
+                    GemmGrouping::Dense => "",
+                    GemmGrouping::Contiguous => ", grouped (contiguous experts)",
+                    GemmGrouping::KGrouped => ", K-grouped (a product per group of K)",
                 }
             ),
             format!(

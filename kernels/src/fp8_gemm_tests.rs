@@ -287,3 +287,232 @@ fn tensor_maps_describe_each_operand() {
         [7168, 4096 * 256]
     );
 }
+
+/// The experts' weight gradients: 256 products dW_e [7168][2048] over their padded token-slots.
+fn experts_wgrad_problem() -> GemmProblem {
+    GemmProblem {
+        m: 7168,
+        n: 2048,
+        k: 4096 * 8 + 256 * 128,
+        groups: 256,
+    }
+}
+
+#[test]
+fn k_grouped_names_params_and_grid() {
+    let p = TrainingGemm::WeightGrad.params(128, 128, 6, GemmGrouping::KGrouped);
+    assert_eq!(
+        (p.b_scaling, p.output),
+        (BScaling::Row1x128, GemmOutput::F32),
+        "each expert's gradient is written whole"
+    );
+    assert_eq!(
+        p.name(),
+        "kgrouped_fp8_gemm_1x128_1x128_m128n128k128_s6_f32"
+    );
+    let params: Vec<_> = p.kernel_params().iter().map(|k| (k.name, k.ty)).collect();
+    assert_eq!(
+        params,
+        [
+            ("out", ParamType::MutPtr(Elem::F32)),
+            ("k_offsets", ParamType::ConstPtr(Elem::I32)),
+            ("m", ParamType::I32),
+            ("n", ParamType::I32),
+            ("k", ParamType::I32),
+            ("groups", ParamType::I32),
+            ("raster_band", ParamType::I32),
+            ("tmap_a", ParamType::TensorMap),
+            ("tmap_b", ParamType::TensorMap),
+            ("tmap_scale_a", ParamType::TensorMap),
+            ("tmap_scale_b", ParamType::TensorMap),
+        ]
+    );
+    // The other groupings keep their parameters.
+    for grouping in [GemmGrouping::Dense, GemmGrouping::Contiguous] {
+        let names: Vec<_> = TrainingGemm::WeightGrad
+            .params(128, 128, 6, grouping)
+            .kernel_params()
+            .iter()
+            .map(|k| k.name)
+            .collect();
+        assert!(!names.contains(&"k_offsets") && !names.contains(&"groups"));
+    }
+
+    let problem = experts_wgrad_problem();
+    // 56 x 16 tiles per expert.
+    assert_eq!(
+        p.grid(&problem, &TileSchedule::ONE_TILE_PER_BLOCK),
+        [256 * 56 * 16, 1, 1]
+    );
+    assert_eq!(
+        p.grid(&problem, &TileSchedule::persistent(132, 8)),
+        [132, 1, 1]
+    );
+    let small = GemmProblem {
+        m: 32,
+        n: 16,
+        k: 640,
+        groups: 4,
+    };
+    assert_eq!(p.grid(&small, &TileSchedule::ONE_TILE_PER_BLOCK), [4, 1, 1]);
+    assert_eq!(p.grid(&small, &TileSchedule::persistent(132, 8)), [4, 1, 1]);
+
+    let kernel = p.instantiate().expect("valid");
+    assert!(kernel.source.contains(
+        "fathom::fp8_gemm_sm90<128, 128, 6, 1, true, fathom::Grouping::KGrouped, false, false, false"
+    ));
+    assert!(kernel.source.contains(
+        "out, nullptr, nullptr, nullptr, k_offsets, m, n, k, groups, raster_band, &tmap_a, &tmap_b, \
+         &tmap_scale_a, &tmap_scale_b);"
+    ));
+    assert_eq!(kernel.params, p.kernel_params());
+}
+
+#[test]
+fn k_grouped_validation_and_problems() {
+    let p = TrainingGemm::WeightGrad.params(128, 128, 6, GemmGrouping::KGrouped);
+    assert!(p.validate().is_ok());
+    let pair = Fp8GemmParams { cluster_m: 2, ..p };
+    assert!(matches!(
+        pair.validate(),
+        Err(KernelError::InvalidParam {
+            field: "cluster_m",
+            ..
+        })
+    ));
+    let blocks = Fp8GemmParams {
+        b_scaling: BScaling::Block128x128,
+        ..p
+    };
+    let err = blocks.instantiate().expect_err("one B spans every group");
+    assert_eq!(
+        err.to_string(),
+        "fp8_gemm: invalid parameter `b_scaling` = 128x128: expected 1x128 for a K-grouped GEMM \
+         (one B spans every group)"
+    );
+    let scattered = Fp8GemmParams {
+        output: GemmOutput::F32Scattered,
+        ..p
+    };
+    assert!(matches!(
+        scattered.validate(),
+        Err(KernelError::InvalidParam {
+            field: "output",
+            ..
+        })
+    ));
+    for output in [GemmOutput::F32Accumulate, GemmOutput::Bf16] {
+        assert!(
+            Fp8GemmParams { output, ..p }.validate().is_ok(),
+            "{output:?}"
+        );
+    }
+
+    let problem = experts_wgrad_problem();
+    assert!(p.check_problem(&problem).is_ok());
+    // K is the groups' padded ranges: whole 128-blocks. M needs no alignment.
+    for (bad, field) in [
+        (
+            GemmProblem {
+                k: problem.k + 16,
+                ..problem
+            },
+            "k",
+        ),
+        (
+            GemmProblem {
+                groups: 0,
+                ..problem
+            },
+            "groups",
+        ),
+        (GemmProblem { m: 0, ..problem }, "m"),
+        (GemmProblem { n: 100, ..problem }, "n"),
+    ] {
+        assert!(
+            matches!(p.check_problem(&bad), Err(KernelError::InvalidProblem { field: f, .. }) if f == field),
+            "{bad:?}"
+        );
+    }
+    assert!(p.check_problem(&GemmProblem { m: 100, ..problem }).is_ok());
+}
+
+#[test]
+fn k_grouped_tensor_maps_span_every_group() {
+    let p = TrainingGemm::WeightGrad.params(128, 128, 6, GemmGrouping::KGrouped);
+    let problem = experts_wgrad_problem();
+    let k = u64::from(problem.k);
+    let maps = p.tensor_maps(&problem).expect("valid problem");
+    let params: Vec<_> = maps.iter().map(|m| m.param).collect();
+    assert_eq!(params, ["tmap_a", "tmap_b", "tmap_scale_a", "tmap_scale_b"]);
+    // A [M][K], B [N][K] (one B for all groups, not per group), scales [K/128][round_up(·, 4)].
+    assert_eq!(maps[0].global_dims, [k, 7168]);
+    assert_eq!(maps[0].outer_stride_bytes, k);
+    assert_eq!(maps[1].global_dims, [k, 2048]);
+    assert_eq!(maps[1].what, "B (E4M3, [N][K])");
+    assert_eq!(maps[1].box_dims, [128, 128]);
+    assert_eq!(maps[2].global_dims, [7168, k / 128]);
+    assert_eq!(maps[3].global_dims, [2048, k / 128]);
+    assert_eq!(maps[3].outer_stride_bytes, 2048 * 4);
+    // Exactly the dense weight gradient's maps over the same K.
+    let dense = TrainingGemm::WeightGrad.params(128, 128, 6, GemmGrouping::Dense);
+    let dense_maps = dense
+        .tensor_maps(&GemmProblem {
+            groups: 1,
+            ..problem
+        })
+        .expect("valid");
+    assert_eq!(maps, dense_maps);
+}
+
+#[test]
+fn k_grouped_shapes_pick_fitting_unclustered_configs() {
+    let small = Fp8GemmParams::for_shape(
+        32,
+        16,
+        BScaling::Row1x128,
+        GemmOutput::F32,
+        GemmGrouping::KGrouped,
+    );
+    assert_eq!((small.block_m, small.block_n, small.stages), (64, 16, 6));
+    let candidates = Fp8GemmParams::candidates(
+        7168,
+        2048,
+        BScaling::Row1x128,
+        GemmOutput::F32,
+        GemmGrouping::KGrouped,
+    );
+    let widths: Vec<_> = candidates
+        .iter()
+        .map(|p| (p.block_m, p.block_n, p.stages))
+        .collect();
+    assert_eq!(
+        widths,
+        [
+            (128, 128, 6),
+            (128, 64, 6),
+            (128, 144, 6),
+            (128, 160, 6),
+            (128, 192, 5)
+        ]
+    );
+    assert!(
+        candidates.iter().all(|p| p.cluster_m == 1
+            && p.grouping == GemmGrouping::KGrouped
+            && p.validate().is_ok())
+    );
+}
+
+#[test]
+fn k_grouped_wrapper_snapshot() {
+    let kernel = TrainingGemm::WeightGrad
+        .params(64, 32, 4, GemmGrouping::KGrouped)
+        .instantiate()
+        .expect("valid");
+    assert!(
+        kernel
+            .source
+            .starts_with("// kgrouped_fp8_gemm_1x128_1x128_m64n32k128_s4_f32 -- generated by")
+    );
+    insta::assert_snapshot!(kernel.generated_wrapper());
+}

@@ -4,13 +4,13 @@
 //!
 //! | family | parameters | architecture |
 //! |---|---|---|
-//! | `fp8_gemm`, `grouped_fp8_gemm` | [`Fp8GemmParams`], launched per [`TileSchedule`] | `sm_90a`: TMA + mbarrier pipeline, FP8 `wgmma`, warp-specialised, persistent, optionally in clusters sharing B by multicast |
-//! | `fp8_gemm_fallback` (+ grouped) | [`FallbackGemmParams`] | `sm_80`+: `mma.sync` on BF16-widened FP8 |
+//! | `fp8_gemm`, `grouped_fp8_gemm`, `kgrouped_fp8_gemm` | [`Fp8GemmParams`], launched per [`TileSchedule`] | `sm_90a`: TMA + mbarrier pipeline, FP8 `wgmma`, warp-specialised, persistent, optionally in clusters sharing B by multicast |
+//! | `fp8_gemm_fallback` (+ grouped, K-grouped) | [`FallbackGemmParams`] | `sm_80`+: `mma.sync` on BF16-widened FP8 |
 //! | `quantize` | [`QuantizeParams`] | `sm_80`+ |
 //! | `mla_attention_fwd` / `_bwd` | [`MlaAttentionFwdParams`], [`MlaAttentionBwdParams`] | `sm_80`+: `mma.sync` BF16, FP32 online softmax |
 //! | `gemm_f32` (batched strided, grouped, grouped weight-grad) | [`F32GemmParams`] | `sm_80`+: CUDA cores, for f32 programs |
 //! | `index_*` (gather, take-along, index-add, one-hot, top-k, group-rows) | [`IndexOpParams`] | `sm_80`+ |
-//! | `fake_quantize_e4m3` | [`FakeQuantizeParams`] | `sm_80`+ |
+//! | `fake_quantize_e4m3`, `fake_quantize_gathered_128x1_e4m3` | [`FakeQuantizeParams`], [`FakeQuantizeGatheredParams`] | `sm_80`+ |
 //!
 //! FP8 follows DeepSeek-V3 (SPEC §2): E4M3 operands, activations scaled per 1×128 tile, weights
 //! per 128×128 block, `scale = max(amax, 1e-4) / 448`, and tensor-core partial sums promoted to
@@ -42,7 +42,7 @@ mod wgmma;
 pub mod writer;
 
 pub use attention::{MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims};
-pub use fake_quantize::FakeQuantizeParams;
+pub use fake_quantize::{FakeQuantizeGatheredParams, FakeQuantizeParams};
 pub use fallback_gemm::FallbackGemmParams;
 pub use fp8_gemm::{
     BLOCK_N_CHOICES, BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TileSchedule,

@@ -37,6 +37,22 @@ pub enum QuantizeKind {
     /// Transposed re-tiling for the weight-gradient GEMM: `q [cols][round_up(rows, 16)]` with one
     /// scale per 128 input rows of each column, scales `[ceil(rows/128)][round_up(cols, 4)]`.
     Tile128x1Transposed,
+    /// `Tile128x1Transposed` of rows gathered from the input, as `GatheredTile1x128` gathers
+    /// them: row `r` of what is quantised is input row `source_rows[r]`, or zeros where that is
+    /// -1 (zero rows add nothing to a tile's amax; an all-padding tile gets the scale of zero
+    /// and zero codes); `rows` counts those (padded) rows. The K-grouped weight-gradient GEMM's
+    /// operands, K being the experts' padded token-slots.
+    GatheredTile128x1Transposed,
+}
+
+impl QuantizeKind {
+    /// Whether the kernel gathers its rows through `source_rows`.
+    pub fn gathers(self) -> bool {
+        matches!(
+            self,
+            QuantizeKind::GatheredTile1x128 | QuantizeKind::GatheredTile128x1Transposed
+        )
+    }
 }
 
 /// Input element type.
@@ -88,6 +104,7 @@ impl QuantizeParams {
             QuantizeKind::Block128x128 { transpose: false } => "128x128",
             QuantizeKind::Block128x128 { transpose: true } => "128x128t",
             QuantizeKind::Tile128x1Transposed => "128x1t",
+            QuantizeKind::GatheredTile128x1Transposed => "128x1t_gathered",
         };
         let pow2 = if self.pow2_scales { "_pow2" } else { "" };
         format!("quantize_{kind}_{}_e4m3{pow2}", self.input.tag())
@@ -97,14 +114,16 @@ impl QuantizeParams {
         256
     }
 
-    /// Launch grid for a `[rows][cols]` input.
+    /// Launch grid for a `[rows][cols]` input (gathered: `rows` output rows).
     pub fn grid(&self, rows: u32, cols: u32) -> [u32; 3] {
         match self.kind {
             QuantizeKind::Tile1x128 | QuantizeKind::GatheredTile1x128 => {
                 [cols.div_ceil(128), rows.div_ceil(TILE_WARPS), 1]
             }
             QuantizeKind::Block128x128 { .. } => [cols.div_ceil(128), rows.div_ceil(128), 1],
-            QuantizeKind::Tile128x1Transposed => [cols.div_ceil(32), rows.div_ceil(128), 1],
+            QuantizeKind::Tile128x1Transposed | QuantizeKind::GatheredTile128x1Transposed => {
+                [cols.div_ceil(32), rows.div_ceil(128), 1]
+            }
         }
     }
 
@@ -117,7 +136,9 @@ impl QuantizeParams {
             }
             QuantizeKind::Block128x128 { transpose: false } => (rows, cols.next_multiple_of(16)),
             QuantizeKind::Block128x128 { transpose: true } => (cols, rows.next_multiple_of(16)),
-            QuantizeKind::Tile128x1Transposed => (cols, rows.next_multiple_of(16)),
+            QuantizeKind::Tile128x1Transposed | QuantizeKind::GatheredTile128x1Transposed => {
+                (cols, rows.next_multiple_of(16))
+            }
         }
     }
 
@@ -141,7 +162,7 @@ impl QuantizeParams {
             "x",
             ParamType::ConstPtr(self.input.elem()),
         )];
-        if self.kind == QuantizeKind::GatheredTile1x128 {
+        if self.kind.gathers() {
             params.push(KernelParam::new(
                 "source_rows",
                 ParamType::ConstPtr(Elem::I32),
@@ -177,6 +198,9 @@ impl QuantizeParams {
             }
             QuantizeKind::Tile128x1Transposed => {
                 format!("fathom::quantize_128x1t<{input}, {pow2}>(")
+            }
+            QuantizeKind::GatheredTile128x1Transposed => {
+                format!("fathom::quantize_128x1t_gathered<{input}, {pow2}>(")
             }
         };
         let description = vec![format!(
@@ -243,5 +267,52 @@ mod tests {
                 .source
                 .contains("fathom::quantize_128x128<float, false, true>(")
         );
+    }
+
+    #[test]
+    fn gathered_128x1_tiles_are_the_transposed_kind_of_gathered_rows() {
+        let plain = QuantizeParams {
+            kind: QuantizeKind::Tile128x1Transposed,
+            input: QuantizeInput::F32,
+            pow2_scales: false,
+        };
+        let gathered = QuantizeParams {
+            kind: QuantizeKind::GatheredTile128x1Transposed,
+            ..plain
+        };
+        assert_eq!(gathered.name(), "quantize_128x1t_gathered_f32_e4m3");
+        assert!(gathered.kind.gathers() && !plain.kind.gathers());
+        assert!(QuantizeKind::GatheredTile1x128.gathers());
+        // `rows` counts the padded rows: the layouts and grid are the plain kind's.
+        assert_eq!(gathered.grid(640, 72), plain.grid(640, 72));
+        assert_eq!(gathered.grid(640, 72), [3, 5, 1]);
+        assert_eq!(gathered.codes_shape(640, 72), (72, 640));
+        assert_eq!(gathered.codes_shape(150, 72), plain.codes_shape(150, 72));
+        assert!(gathered.check_problem(640, 70).is_ok());
+        let params: Vec<_> = gathered
+            .kernel_params()
+            .iter()
+            .map(|p| (p.name, p.ty))
+            .collect();
+        assert_eq!(
+            params,
+            [
+                ("x", ParamType::ConstPtr(Elem::F32)),
+                ("source_rows", ParamType::ConstPtr(Elem::I32)),
+                ("q", ParamType::MutPtr(Elem::E4m3)),
+                ("scales", ParamType::MutPtr(Elem::F32)),
+                ("rows", ParamType::I32),
+                ("cols", ParamType::I32),
+            ]
+        );
+        let pow2 = QuantizeParams {
+            input: QuantizeInput::Bf16,
+            pow2_scales: true,
+            ..gathered
+        };
+        assert_eq!(pow2.name(), "quantize_128x1t_gathered_bf16_e4m3_pow2");
+        let kernel = pow2.instantiate().expect("valid");
+        assert_eq!(kernel.arch_requirement, ArchRequirement::Sm80OrNewer);
+        insta::assert_snapshot!(kernel.generated_wrapper());
     }
 }

@@ -2,14 +2,18 @@
 //! stage and parity, which weight scale block a column takes), compiled for the host by the
 //! system's C++ compiler and checked exhaustively over grids, bands, ring depths and every tile
 //! width the template takes; and the launch grids `Fp8GemmParams::grid` gives, walked block by
-//! block as the kernel walks them, cover every tile exactly once. The kernel itself needs a GPU to run; its index arithmetic does not.
+//! block as the kernel walks them, cover every tile exactly once (of every group, when
+//! K-grouped; and the groups' K blocks cover K exactly once). The kernel itself needs a GPU to
+//! run; its index arithmetic does not.
 //! Without a C++ compiler (`$CXX`, `c++`, `g++` or `clang++`) this fails saying so, unless
 //! `FATHOM_SKIP_HOST_CXX=1` is set.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use fathom_kernels::{BLOCK_N_CHOICES, Fp8GemmParams, GemmProblem, TileSchedule};
+use fathom_kernels::{
+    BLOCK_N_CHOICES, Fp8GemmParams, GemmGrouping, GemmProblem, TileSchedule, TrainingGemm,
+};
 
 const TILES: &str = include_str!("../cuda/tiles.cuh");
 
@@ -116,6 +120,47 @@ int main() {
             n_blocks, cluster, band, blocks, i / n_blocks, i % n_blocks, count[i]);
     }
   }
+  // K-grouped grids: units numbered group by group; every (group, tile) once, each group's tiles
+  // where a dense GEMM's units put them.
+  const int group_walks[][5] = {GROUP_WALKS};  // m_blocks, n_blocks, groups, raster band, blocks
+  for (const auto& w : group_walks) {
+    const int m_blocks = w[0], n_blocks = w[1], groups = w[2], band = w[3], blocks = w[4];
+    const int tiles = m_blocks * n_blocks;
+    std::vector<int> count(groups * tiles, 0);
+    for (int b = 0; b < blocks; ++b) {
+      const UnitWalk walk = unit_walk(b, blocks, 1);
+      for (int unit = walk.first; unit < groups * tiles; unit += walk.stride, ++checked) {
+        const GroupTilePosition g = group_unit_tile(unit, m_blocks, n_blocks, band);
+        const TilePosition dense = unit_tile(unit % tiles, 0, m_blocks, n_blocks, band, 1);
+        const bool inside = g.group >= 0 && g.group < groups && g.tile.m_block >= 0 && g.tile.m_block < m_blocks &&
+                            g.tile.n_block >= 0 && g.tile.n_block < n_blocks;
+        CHECK(inside, "%dx%d, %d groups: unit %d at group %d (%d, %d)", m_blocks, n_blocks, groups, unit, g.group,
+              g.tile.m_block, g.tile.n_block);
+        if (!inside) continue;
+        CHECK(g.group == unit / tiles && g.tile.m_block == dense.m_block && g.tile.n_block == dense.n_block,
+              "%dx%d, %d groups: unit %d not its group's dense tile", m_blocks, n_blocks, groups, unit);
+        ++count[g.group * tiles + g.tile.m_block * n_blocks + g.tile.n_block];
+      }
+    }
+    for (int i = 0; i < groups * tiles; ++i) {
+      CHECK(count[i] == 1, "%dx%d, %d groups, band %d, %d blocks: group %d tile %d computed %d times", m_blocks,
+            n_blocks, groups, band, blocks, i / tiles, i % tiles, count[i]);
+    }
+  }
+  // The groups' K blocks: from offsets that are multiples of 128 (empty groups included), each K
+  // block of [0, K) belongs to exactly one group, in order.
+  const int segments[][8] = {{128, 0, 256, 0, 0, 384, 128, 0}, {0, 0, 0, 0, 0, 0, 0, 128}, {1280, 0, 0, 0, 0, 0, 0, 0}};
+  for (const auto& sizes : segments) {
+    int offset = 0, next_block = 0;
+    for (int g = 0; g < 8; ++g, ++checked) {
+      const KBlocks kb = group_k_blocks(offset, offset + sizes[g]);
+      CHECK(kb.first == next_block && kb.count == sizes[g] / 128, "group %d of K blocks at %d: (%d, %d)", g,
+            offset, kb.first, kb.count);
+      next_block = kb.first + kb.count;
+      offset += sizes[g];
+    }
+    CHECK(next_block * 128 == offset, "K blocks cover %d of %d", next_block * 128, offset);
+  }
   std::printf("%ld checks, %ld failed\n", checked, failures);
   return failures == 0 ? 0 : 1;
 }
@@ -164,6 +209,44 @@ fn walks() -> Vec<String> {
     out
 }
 
+/// `{m_blocks, n_blocks, groups, band, blocks}` for the K-grouped grids the launcher computes:
+/// 64- and 128-row tiles, narrow to wide, for the tiny model's and DeepSeek-V3's experts, one
+/// block per tile and persistent.
+fn group_walks() -> Vec<String> {
+    let mut out = Vec::new();
+    for (block_m, block_n) in [(64, 16), (128, 128), (128, 192)] {
+        let params = TrainingGemm::WeightGrad.params(block_m, block_n, 2, GemmGrouping::KGrouped);
+        for (m, n, groups) in [
+            (32, 16, 4),
+            (100, 576, 3),
+            (640, 2048, 37),
+            (7168, 2048, 8),
+            (4096, 7168, 1),
+        ] {
+            let problem = GemmProblem {
+                m,
+                n,
+                k: 128 * groups,
+                groups,
+            };
+            let mut schedules = vec![TileSchedule::ONE_TILE_PER_BLOCK];
+            for (blocks, band) in [(1, 1), (3, 2), (132, 1), (132, 8)] {
+                schedules.push(TileSchedule::persistent(blocks, band));
+            }
+            for schedule in schedules {
+                let [blocks, _, _] = params.grid(&problem, &schedule);
+                out.push(format!(
+                    "{{{}, {}, {groups}, {}, {blocks}}}",
+                    m.div_ceil(block_m),
+                    n.div_ceil(block_n),
+                    schedule.raster_band
+                ));
+            }
+        }
+    }
+    out
+}
+
 fn compiler() -> Option<PathBuf> {
     if let Some(cxx) = std::env::var_os("CXX").filter(|c| !c.is_empty()) {
         return Some(PathBuf::from(cxx));
@@ -193,6 +276,7 @@ fn the_fp8_gemms_index_arithmetic_holds_on_the_host() {
     let widths: Vec<String> = BLOCK_N_CHOICES.iter().map(u32::to_string).collect();
     let driver = DRIVER
         .replace("WIDTHS", &widths.join(", "))
+        .replace("GROUP_WALKS", &group_walks().join(", "))
         .replace("WALKS", &walks().join(", "));
     let source = dir.path().join("check_tiles.cpp");
     std::fs::write(&source, driver).unwrap();

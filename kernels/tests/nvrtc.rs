@@ -1,7 +1,7 @@
 //! Compile checks without a GPU (DESIGN.md, "GPU code without a GPU").
 //!
-//! Every template instantiation is compiled by NVRTC to a CUBIN: the Hopper FP8 GEMMs (dense and
-//! grouped) for `sm_90a` at the tile configurations DeepSeek-V3's linear layers get and at every
+//! Every template instantiation is compiled by NVRTC to a CUBIN: the Hopper FP8 GEMMs (dense,
+//! grouped and K-grouped) for `sm_90a` at the tile configurations DeepSeek-V3's linear layers get and at every
 //! candidate `fathom gpu-check` times (tiles up to 192 columns, clusters of two), the portable
 //! kernels (quantisation, MLA attention forward/backward, the fallback GEMM, and the f32 library
 //! kernels: strided/grouped GEMMs, index operations, fake quantisation) for `sm_80` and `sm_90a`.
@@ -22,9 +22,10 @@ use fathom_kernels::nvrtc::{
     CompiledKernel, Nvrtc, find_cuda_tool, nvrtc_unless_skipped, project_pip_dirs,
 };
 use fathom_kernels::{
-    BScaling, F32GemmKind, F32GemmParams, FakeQuantizeParams, FallbackGemmParams, Fp8GemmParams,
-    GemmGrouping, GemmOutput, GemmProblem, IndexOpParams, KernelSource, MlaAttentionBwdParams,
-    MlaAttentionFwdParams, MlaHeadDims, QuantizeInput, QuantizeKind, QuantizeParams, TrainingGemm,
+    BScaling, F32GemmKind, F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams,
+    FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, IndexOpParams,
+    KernelSource, MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims, QuantizeInput,
+    QuantizeKind, QuantizeParams, TrainingGemm,
 };
 
 /// NVRTC, or `None` when the run opted out with `FATHOM_SKIP_NVRTC=1`; panics with install
@@ -116,10 +117,22 @@ fn v3_fp8_gemms() -> Vec<(Fp8GemmParams, GemmProblem)> {
             Fp8GemmParams::for_shape(4096, k, bf16.0, bf16.1, grouped),
             problem(k, n),
         );
+        // The weight gradients dW_e [N][K] = dY_eᵀ X_e of all 256 experts, K-grouped over their
+        // padded token-slots.
+        push(
+            Fp8GemmParams::for_shape(n, k, wgrad.0, GemmOutput::F32, GemmGrouping::KGrouped),
+            GemmProblem {
+                m: n,
+                n: k,
+                k: 4096 * 8 + 256 * 128,
+                groups: 256,
+            },
+        );
     }
     // What the runtime's FP8 plans launch in training (f32 out; the runtime's
-    // `cuda::library_fp8`): the tiny model's forward over 64 tokens, its weight gradient, and
-    // the experts' grouped product over 640 padded rows, scattered back to token-slots.
+    // `cuda::library_fp8`): the tiny model's forward over 64 tokens, its weight gradient, the
+    // experts' grouped product over 640 padded rows, scattered back to token-slots, and their
+    // weight gradients K-grouped over the same 640 padded token-slots.
     let (f32_out, scattered) = (GemmOutput::F32, GemmOutput::F32Scattered);
     for (b_scaling, output, grouping, (m, n, k, groups)) in [
         (
@@ -139,6 +152,12 @@ fn v3_fp8_gemms() -> Vec<(Fp8GemmParams, GemmProblem)> {
             scattered,
             GemmGrouping::Contiguous,
             (640, 16, 32, 4),
+        ),
+        (
+            BScaling::Row1x128,
+            f32_out,
+            GemmGrouping::KGrouped,
+            (32, 16, 640, 4),
         ),
     ] {
         push(
@@ -162,6 +181,13 @@ fn v3_fp8_gemms() -> Vec<(Fp8GemmParams, GemmProblem)> {
         push(gemm.params(128, 128, 4, GemmGrouping::Dense), problem);
     }
     push(
+        TrainingGemm::WeightGrad.params(128, 128, 4, GemmGrouping::KGrouped),
+        GemmProblem {
+            groups: 8,
+            ..problem
+        },
+    );
+    push(
         Fp8GemmParams {
             output: GemmOutput::F32,
             ..Fp8GemmParams::new(64, 64, 8)
@@ -169,11 +195,12 @@ fn v3_fp8_gemms() -> Vec<(Fp8GemmParams, GemmProblem)> {
         problem,
     );
     // The tiles `fathom gpu-check` times (up to 192 columns, meeting two weight scale blocks),
-    // in each of the three layouts and grouped.
+    // in each of the three layouts, grouped and K-grouped.
     for (b_scaling, output, grouping, groups) in [
         (bf16.0, bf16.1, GemmGrouping::Dense, 1),
         (wgrad.0, wgrad.1, GemmGrouping::Dense, 1),
         (bf16.0, bf16.1, GemmGrouping::Contiguous, 8),
+        (wgrad.0, GemmOutput::F32, GemmGrouping::KGrouped, 8),
     ] {
         for params in Fp8GemmParams::candidates(4096, 7168, b_scaling, output, grouping) {
             push(params, GemmProblem { groups, ..problem });
@@ -186,9 +213,11 @@ fn portable_kernels() -> Vec<KernelSource> {
     let mut kernels = Vec::new();
     for kind in [
         QuantizeKind::Tile1x128,
+        QuantizeKind::GatheredTile1x128,
         QuantizeKind::Block128x128 { transpose: false },
         QuantizeKind::Block128x128 { transpose: true },
         QuantizeKind::Tile128x1Transposed,
+        QuantizeKind::GatheredTile128x1Transposed,
     ] {
         for input in [QuantizeInput::F32, QuantizeInput::Bf16] {
             for pow2_scales in [false, true] {
@@ -223,6 +252,12 @@ fn portable_kernels() -> Vec<KernelSource> {
         },
         FallbackGemmParams {
             grouping: GemmGrouping::Contiguous,
+            ..fallback
+        },
+        FallbackGemmParams {
+            b_scaling: BScaling::Row1x128,
+            output: GemmOutput::F32,
+            grouping: GemmGrouping::KGrouped,
             ..fallback
         },
     ] {
@@ -439,10 +474,9 @@ fn fp8_gemms_compile_for_sm90a_to_qgmma_without_spills() {
         jobs.iter()
             .any(|(k, _, _)| k.name == "fp8_gemm_1x128_128x128_m128n128k128_s4_bf16")
     );
-    assert!(
-        jobs.iter()
-            .any(|(k, _, _)| k.name.starts_with("grouped_fp8_gemm_"))
-    );
+    for family in ["grouped_fp8_gemm_", "kgrouped_fp8_gemm_"] {
+        assert!(jobs.iter().any(|(k, _, _)| k.name.starts_with(family)));
+    }
     compile_all(&nvrtc, jobs);
 }
 
@@ -494,8 +528,13 @@ fn f32_library_kernels_compile_for_sm80_and_sm90a_without_spills() {
     for pow2_scales in [false, true] {
         let params = FakeQuantizeParams { pow2_scales };
         kernels.push((params.instantiate().expect("fake quantize"), None));
+        let gathered = FakeQuantizeGatheredParams { pow2_scales };
+        kernels.push((
+            gathered.instantiate().expect("gathered fake quantize"),
+            None,
+        ));
     }
-    assert_eq!(kernels.len(), 12);
+    assert_eq!(kernels.len(), 14);
     let jobs = kernels
         .into_iter()
         .flat_map(|(kernel, sass)| ["sm_80", "sm_90a"].map(|arch| (kernel.clone(), arch, sass)))

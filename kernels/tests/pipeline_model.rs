@@ -13,7 +13,9 @@
 //! `phase ^ 1`, arrives on `full[s]` expecting the stage's bytes, loads A (its own) and its half
 //! of B (into both blocks); a math warp waits `full[s]` for `phase`, reads, and arrives on
 //! `empty[s]` of every block of the cluster; with clusters, the producer finally waits out its
-//! last `STAGES` releases.
+//! last `STAGES` releases. Units may sum different numbers of K blocks, none included (a
+//! K-grouped GEMM's tiles sum their group's, an empty group's none): producer and math warps
+//! agree on each unit's count, so the ring stays in step.
 
 use std::collections::HashSet;
 
@@ -86,7 +88,8 @@ struct Config {
     stages: usize,
     warps: usize,
     units: u32,
-    k_blocks: u32,
+    /// K blocks of unit `u`: `k_blocks[u % len]`.
+    k_blocks: &'static [u32],
     /// The producer waits out its last releases before its block exits (the kernel does, with
     /// clusters); turned off to show the check finds what it is for.
     drain: bool,
@@ -120,10 +123,14 @@ fn run(config: Config, seed: u64) -> Result<(), String> {
         k_blocks,
         drain,
     } = config;
-    let uses = units * k_blocks;
+    // Every (unit, k block) in the order both sides walk them.
+    let tags: Vec<Tag> = (0..units)
+        .flat_map(|unit| (0..k_blocks[unit as usize % k_blocks.len()]).map(move |kb| (unit, kb)))
+        .collect();
+    let uses = tags.len() as u32;
     let stage_of = |u: u32| u as usize % stages;
     let parity_of = |u: u32| (u / stages as u32) % 2;
-    let tag_of = |u: u32| (u / k_blocks, u % k_blocks);
+    let tag_of = |u: u32| tags[u as usize];
     // Each block's `full` expects its A and the whole B (its half and the peer's).
     let tx_bytes = A_BYTES + B_HALF_BYTES * 2;
     let mut blocks: Vec<Block> = (0..cluster)
@@ -277,13 +284,16 @@ fn run(config: Config, seed: u64) -> Result<(), String> {
     }
 }
 
+/// Per-unit K block counts: dense (every unit alike), and K-grouped with empty groups between.
+const K_BLOCKS: [&[u32]; 6] = [&[1], &[2], &[3], &[5], &[2, 0, 1], &[0, 3, 0, 0, 1]];
+
 fn configs(drain: bool) -> Vec<Config> {
     let mut out = Vec::new();
     for cluster in [1, 2] {
         for stages in [1, 2, 3, 4] {
             for warps in [1, 2] {
                 for units in [0, 1, 2, 3] {
-                    for k_blocks in [1, 2, 3, 5] {
+                    for k_blocks in K_BLOCKS {
                         out.push(Config {
                             cluster,
                             stages,
@@ -311,7 +321,7 @@ fn the_pipeline_protocol_finishes_and_never_races_in_any_explored_schedule() {
             schedules += 1;
         }
     }
-    assert_eq!(schedules, 2 * 4 * 2 * 4 * 4 * 60);
+    assert_eq!(schedules, 2 * 4 * 2 * 4 * K_BLOCKS.len() * 60);
 }
 
 /// Without the producer's drain a block of a cluster can exit while its peer still releases

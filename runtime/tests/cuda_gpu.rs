@@ -126,6 +126,7 @@ fn the_fp8_gemm_template_matches_the_quantized_product() {
         out: blocks[4].ptr,
         block_expert: None,
         out_rows: None,
+        k_offsets: None,
     };
     // Alone and in a cluster of two sharing B; one block per tile, and two blocks looping over
     // the four tiles (the ring of stages runs on from one tile into the next).

@@ -82,6 +82,8 @@ pub struct Fp8GemmOperands {
     pub block_expert: Option<u64>,
     /// i32 `[M]`, the row of `out` each product row goes to (`GemmOutput::F32Scattered` only).
     pub out_rows: Option<u64>,
+    /// i32 `[groups + 1]`, where each group's segment of K starts (K-grouped GEMMs only).
+    pub k_offsets: Option<u64>,
 }
 
 /// An FP8 GEMM instantiation loaded on a device.
@@ -147,11 +149,7 @@ impl Fp8Gemm {
         operands: &Fp8GemmOperands,
         schedule: &TileSchedule,
     ) -> Result<(), CudaError> {
-        if self.params.grouping == GemmGrouping::Contiguous && operands.block_expert.is_none() {
-            return Err(CudaError::Launch(
-                "a grouped GEMM needs `block_expert`".to_owned(),
-            ));
-        }
+        check_grouping(self.params.grouping, operands)?;
         let int = |v: u32| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
         let mut named = vec![
             ("out", Arg::Ptr(operands.out)),
@@ -159,10 +157,14 @@ impl Fp8Gemm {
             ("m", int(problem.m)),
             ("n", int(problem.n)),
             ("k", int(problem.k)),
+            ("groups", int(problem.groups)),
             ("raster_band", int(schedule.raster_band)),
         ];
         if let Some(block_expert) = operands.block_expert {
             named.push(("block_expert", Arg::Ptr(block_expert)));
+        }
+        if let Some(k_offsets) = operands.k_offsets {
+            named.push(("k_offsets", Arg::Ptr(k_offsets)));
         }
         if let Some(out_rows) = operands.out_rows {
             named.push(("out_rows", Arg::Ptr(out_rows)));
@@ -221,33 +223,25 @@ impl Fp8GemmFallback {
         problem: &GemmProblem,
         operands: &Fp8GemmOperands,
     ) -> Result<(), CudaError> {
+        check_grouping(self.params.grouping, operands)?;
         let int = |v: u32| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
-        let grouped = self.params.grouping == GemmGrouping::Contiguous;
-        let block_expert = match (grouped, operands.block_expert) {
-            (true, Some(ptr)) => ptr,
-            (true, None) => {
-                return Err(CudaError::Launch(
-                    "a grouped GEMM needs `block_expert`".to_owned(),
-                ));
-            }
-            // Not read by a dense GEMM.
-            (false, _) => 0,
-        };
         let named = [
             ("a", Arg::Ptr(operands.a)),
             ("b", Arg::Ptr(operands.b)),
             ("scale_a", Arg::Ptr(operands.scale_a)),
             ("scale_b", Arg::Ptr(operands.scale_b)),
-            ("block_expert", Arg::Ptr(block_expert)),
+            // Each read only by its grouping, or by the scattered output.
+            ("block_expert", Arg::Ptr(operands.block_expert.unwrap_or(0))),
+            ("k_offsets", Arg::Ptr(operands.k_offsets.unwrap_or(0))),
             ("out", Arg::Ptr(operands.out)),
-            // Read only by the scattered output.
             ("out_rows", Arg::Ptr(operands.out_rows.unwrap_or(0))),
             ("m", int(problem.m)),
             ("n", int(problem.n)),
             ("k", int(problem.k)),
+            ("groups", int(problem.groups)),
         ];
         let mut args = args_by_name(&self.params.name(), &self.params.kernel_params(), &named)?;
-        let [gx, gy, gz] = self.params.grid(problem.m, problem.n);
+        let [gx, gy, gz] = self.params.grid_for(problem);
         launch(
             stream,
             &self.kernel.function,
@@ -258,6 +252,20 @@ impl Fp8GemmFallback {
         )
         .map_err(|e| e.in_kernel(&self.params.name()))
     }
+}
+
+/// Refuses a grouped GEMM's launch without the array its grouping reads.
+fn check_grouping(grouping: GemmGrouping, operands: &Fp8GemmOperands) -> Result<(), CudaError> {
+    let missing = match grouping {
+        GemmGrouping::Contiguous if operands.block_expert.is_none() => {
+            "a grouped GEMM needs `block_expert`"
+        }
+        GemmGrouping::KGrouped if operands.k_offsets.is_none() => {
+            "a K-grouped GEMM needs `k_offsets`"
+        }
+        _ => return Ok(()),
+    };
+    Err(CudaError::Launch(missing.to_owned()))
 }
 
 /// One GEMM's operands on the host, in the kernel's layout, with the exact product of the
@@ -274,6 +282,8 @@ pub struct HostFp8Operands {
     pub scale_b: Vec<f32>,
     /// The expert of each 128-row block of A (-1: padding); empty for a dense GEMM.
     pub block_expert: Vec<i32>,
+    /// Where each group's segment of K starts, and the end (K-grouped GEMMs); empty otherwise.
+    pub k_offsets: Vec<i32>,
     quantized_a: QuantizedTensor,
     /// B's quantized rows, one tensor per expert (one for a dense GEMM).
     quantized_b: Vec<QuantizedTensor>,
@@ -305,6 +315,33 @@ impl HostFp8Operands {
     ) -> Result<Self, CudaError> {
         let qb = quantize_activations(b, n, k, 128, ScaleRounding::Exact).map_err(quantizing)?;
         Self::assemble(a, vec![qb], BScaling::Row1x128, (m, n, k), Vec::new())
+    }
+
+    /// The K-grouped GEMM (the experts' weight gradient): `a` `[m][k]` and `b` `[n][k]` both
+    /// quantized in 1×128 tiles, a product per group over its segment of K, `k_offsets` (each a
+    /// multiple of 128, the last `k`).
+    pub fn k_grouped(
+        a: &[f32],
+        b: &[f32],
+        (m, n, k): (usize, usize, usize),
+        k_offsets: Vec<i32>,
+    ) -> Result<Self, CudaError> {
+        let ascending = k_offsets.windows(2).all(|w| w[0] <= w[1]);
+        if k_offsets.len() < 2
+            || !ascending
+            || k_offsets.first() != Some(&0)
+            || k_offsets.last().map(|&end| end as usize) != Some(k)
+            || k_offsets.iter().any(|&o| o % 128 != 0)
+        {
+            return Err(CudaError::Launch(format!(
+                "a K-grouped GEMM over K = {k} needs ascending offsets from 0 to {k} in \
+                 multiples of 128, got {k_offsets:?}"
+            )));
+        }
+        let mut ops = Self::quantize_row_scaled_b(a, b, m, n, k)?;
+        ops.problem.groups = to_u32(k_offsets.len() - 1)?;
+        ops.k_offsets = k_offsets;
+        Ok(ops)
     }
 
     /// The experts' grouped GEMM: `a`'s `m` rows (a multiple of 128) sorted by expert, every
@@ -381,14 +418,16 @@ impl HostFp8Operands {
             scale_a: k_block_major_scales(&qa, m, k),
             scale_b,
             block_expert,
+            k_offsets: Vec::new(),
             quantized_a: qa,
             quantized_b,
         })
     }
 
-    /// `A·Bᵀ` of the quantized values (each row against its expert's B), summed in f64 and
-    /// rounded to f32: what the kernel computes up to accumulation rounding (compare with
-    /// `fp8::calc_diff`). Padding rows are 0, as the zeroed output the kernel leaves them in.
+    /// `A·Bᵀ` of the quantized values (each row against its expert's B; K-grouped, a product
+    /// per group of K, one after the other), summed in f64 and rounded to f32: what the kernel
+    /// computes up to accumulation rounding (compare with `fp8::calc_diff`). Padding rows are
+    /// 0, as the zeroed output the kernel leaves them in.
     pub fn reference(&self) -> Vec<f32> {
         let (m, n, k) = (
             self.problem.m as usize,
@@ -401,6 +440,20 @@ impl HostFp8Operands {
             .iter()
             .map(|q| q.dequantize_f64())
             .collect();
+        if !self.k_offsets.is_empty() {
+            let mut out = Vec::with_capacity(self.output_rows() * n);
+            for segment in self.k_offsets.windows(2) {
+                let (start, end) = (segment[0] as usize, segment[1] as usize);
+                for i in 0..m {
+                    for j in 0..n {
+                        let row = &a[i * k + start..i * k + end];
+                        let col = &b[0][j * k + start..j * k + end];
+                        out.push(row.iter().zip(col).map(|(x, y)| x * y).sum::<f64>() as f32);
+                    }
+                }
+            }
+            return out;
+        }
         let mut out = vec![0f32; m * n];
         for i in 0..m {
             let expert = match self.block_expert.get(i / 128) {
@@ -431,10 +484,21 @@ impl HostFp8Operands {
     }
 
     pub fn grouping(&self) -> GemmGrouping {
-        if self.block_expert.is_empty() {
+        if !self.k_offsets.is_empty() {
+            GemmGrouping::KGrouped
+        } else if self.block_expert.is_empty() {
             GemmGrouping::Dense
         } else {
             GemmGrouping::Contiguous
+        }
+    }
+
+    /// Rows of the output: M, or M per group when K-grouped.
+    pub fn output_rows(&self) -> usize {
+        let m = self.problem.m as usize;
+        match self.grouping() {
+            GemmGrouping::KGrouped => m * self.problem.groups as usize,
+            _ => m,
         }
     }
 }

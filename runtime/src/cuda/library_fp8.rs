@@ -99,7 +99,9 @@ impl Fp8Operand {
                 cols.div_ceil(128) * rows.next_multiple_of(4)
             }
             QuantizeKind::Block128x128 { .. } => rows.div_ceil(128) * cols.div_ceil(128),
-            QuantizeKind::Tile128x1Transposed => rows.div_ceil(128) * cols.next_multiple_of(4),
+            QuantizeKind::Tile128x1Transposed | QuantizeKind::GatheredTile128x1Transposed => {
+                rows.div_ceil(128) * cols.next_multiple_of(4)
+            }
         }
     }
 }
@@ -327,7 +329,7 @@ impl Fp8Product {
             rows: None,
         };
         let shape = (self.b_scaling, GemmGrouping::Dense);
-        steps.push(gemm_step(target, shape, &problem, &regions, out, None)?);
+        steps.push(gemm_step(target, shape, &problem, &regions, out, &[])?);
         Ok((steps, layout.bytes))
     }
 }
@@ -363,29 +365,32 @@ pub(crate) struct GemmOut {
 }
 
 /// The FP8 GEMM step of `target` for `problem` (B's scaling and the grouping as `shape`), f32
-/// out into `out`; a grouped GEMM reads each 128-row block's expert at `block_expert`.
+/// out into `out`; `groups` names the grouping's arguments (a grouped GEMM's `block_expert`, a
+/// K-grouped one's `k_offsets` and `groups`).
 pub(crate) fn gemm_step(
     target: Fp8Target,
     (b_scaling, grouping): (BScaling, GemmGrouping),
     problem: &GemmProblem,
     regions: &GemmRegions,
     out: GemmOut,
-    block_expert: Option<StepArg>,
+    groups: &[(&'static str, StepArg)],
 ) -> Result<LibraryStep, String> {
     let GemmRegions { qa, sa, qb, sb } = *regions;
     let output = match out.rows {
         Some(_) => GemmOutput::F32Scattered,
         None => GemmOutput::F32,
     };
-    let mut named = vec![
+    // The grouping's arguments first: `args_by_name` takes a name's first entry.
+    let mut named = groups.to_vec();
+    named.extend([
         ("out", out.at),
         ("out_rows", out.rows.unwrap_or(StepArg::Null)),
         ("m", StepArg::I32(problem.m as i32)),
         ("n", StepArg::I32(problem.n as i32)),
         ("k", StepArg::I32(problem.k as i32)),
-        ("block_expert", block_expert.unwrap_or(StepArg::Null)),
+        ("block_expert", StepArg::Null),
         ("scale_b", StepArg::Bytes(sb)),
-    ];
+    ]);
     match target {
         Fp8Target::Hopper => {
             let params =
@@ -427,7 +432,7 @@ pub(crate) fn gemm_step(
             ]);
             Ok(LibraryStep {
                 kernel: LibraryKernel::Fp8GemmFallback(params),
-                grid: params.grid(problem.m, problem.n),
+                grid: params.grid_for(problem),
                 args: ordered(&params.name(), &params.kernel_params(), &named)?,
             })
         }

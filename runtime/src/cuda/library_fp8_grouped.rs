@@ -12,7 +12,8 @@
 //! 5. the grouped FP8 GEMM (padding blocks skipped), each row written straight to its
 //!    token-slot's row of the output (`GemmOutput::F32Scattered`).
 //!
-//! The experts' weight gradients (a K-grouped GEMM, which the template does not have) stay f32.
+//! The experts' weight gradients are a K-grouped GEMM over the same padded layout
+//! ([`super::library_expert_wgrad`]).
 
 use fathom_compiler::kernel::{BufferId, ExpertWeights, Program, grouped_rows};
 use fathom_kernels::fp8_gemm::GROUPED_M_ALIGN;
@@ -115,10 +116,9 @@ impl Fp8GroupedProduct {
         })
     }
 
-    /// Rows of the padded layout: enough for any routing of `rows` token-slots to `experts`.
+    /// Rows of the padded layout.
     pub(crate) fn m_padded(&self) -> usize {
-        let align = GROUPED_M_ALIGN as usize;
-        (self.rows + self.experts * (align - 1)).next_multiple_of(align)
+        m_padded(self.rows, self.experts)
     }
 
     /// The steps after `group_rows` (which put the offsets and members at ints 0 and
@@ -131,7 +131,6 @@ impl Fp8GroupedProduct {
         let (m_padded, n, k, experts) = (self.m_padded(), self.n, self.k, self.experts);
         // K as the codes lie, their rows padded with zero codes to 16 bytes.
         let problem = gemm_problem([m_padded, n, k.next_multiple_of(16)], experts)?;
-        let int = |v: usize| StepArg::I32(v as i32);
         let a = Fp8Operand {
             quantize: QuantizeParams {
                 kind: QuantizeKind::GatheredTile1x128,
@@ -145,10 +144,8 @@ impl Fp8GroupedProduct {
         };
         let b = self.expert_weight(0);
         let mut layout = ScratchLayout::default();
-        let padded_offsets = layout.region(4 * (experts + 1));
-        let block_group = layout.region(4 * m_padded / GROUPED_M_ALIGN as usize);
-        let source_rows = layout.region(4 * m_padded);
-        let out_rows = layout.region(4 * m_padded);
+        let sizes = (experts, self.slots, self.x_slots, m_padded);
+        let (pad_groups, padded) = PaddedRows::step(&mut layout, sizes);
         let (qa, sa) = (
             layout.region(a.code_bytes()),
             layout.region(a.scale_bytes()),
@@ -157,36 +154,9 @@ impl Fp8GroupedProduct {
             layout.region(experts * b.code_bytes()),
             layout.region(experts * b.scale_bytes()),
         );
-
-        let index = |op: IndexOp, work: usize, args: Vec<StepArg>| {
-            let params = IndexOpParams::new(op);
-            LibraryStep {
-                kernel: LibraryKernel::Index(params),
-                grid: params.grid(work as u64),
-                args,
-            }
-        };
-        let mut steps = vec![
-            group_rows,
-            index(
-                IndexOp::PadGroups,
-                m_padded,
-                vec![
-                    StepArg::Scratch(0),
-                    StepArg::Scratch(experts + 1),
-                    int(experts),
-                    int(self.slots),
-                    int(self.x_slots),
-                    int(m_padded),
-                    StepArg::Bytes(padded_offsets),
-                    StepArg::Bytes(block_group),
-                    StepArg::Bytes(source_rows),
-                    StepArg::Bytes(out_rows),
-                ],
-            ),
-        ];
+        let mut steps = vec![group_rows, pad_groups];
         let gathered = Fp8Operand {
-            source_rows: Some(StepArg::Bytes(source_rows)),
+            source_rows: Some(StepArg::Bytes(padded.source_rows)),
             ..a
         };
         steps.push(quantize_step(&gathered, qa, sa)?);
@@ -208,17 +178,10 @@ impl Fp8GroupedProduct {
         let shape = (BScaling::Block128x128, GemmGrouping::Contiguous);
         let out = GemmOut {
             at: StepArg::Buffer(self.out, 0),
-            rows: Some(StepArg::Bytes(out_rows)),
+            rows: Some(StepArg::Bytes(padded.out_rows)),
         };
-        let block_expert = Some(StepArg::Bytes(block_group));
-        steps.push(gemm_step(
-            target,
-            shape,
-            &problem,
-            &regions,
-            out,
-            block_expert,
-        )?);
+        let groups = [("block_expert", StepArg::Bytes(padded.block_group))];
+        steps.push(gemm_step(target, shape, &problem, &regions, out, &groups)?);
         Ok((steps, layout.bytes))
     }
 
@@ -242,5 +205,60 @@ impl Fp8GroupedProduct {
             rows,
             cols,
         }
+    }
+}
+
+/// Rows of the padded layout of `rows` token-slots over `experts`: each expert's segment padded
+/// to [`GROUPED_M_ALIGN`] rows, enough for any routing.
+pub(crate) fn m_padded(rows: usize, experts: usize) -> usize {
+    let align = GROUPED_M_ALIGN as usize;
+    (rows + experts * (align - 1)).next_multiple_of(align)
+}
+
+/// Where `pad_groups` writes the padded layout, in the byte scratch (ints).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PaddedRows {
+    /// `experts + 1` segment starts; the last is the end of the last segment.
+    pub padded_offsets: usize,
+    /// The expert of each 128-row block (-1 past the last segment).
+    pub block_group: usize,
+    /// Each padded row's row of x (-1 for padding).
+    pub source_rows: usize,
+    /// Each padded row's token-slot (-1 for padding).
+    pub out_rows: usize,
+}
+
+impl PaddedRows {
+    /// The `pad_groups` step after `group_rows` (which put the offsets and members at ints 0
+    /// and `experts + 1` of the int scratch), its outputs placed in `layout`.
+    pub(crate) fn step(
+        layout: &mut ScratchLayout,
+        (experts, slots, x_slots, m_padded): (usize, usize, usize, usize),
+    ) -> (LibraryStep, PaddedRows) {
+        let padded = PaddedRows {
+            padded_offsets: layout.region(4 * (experts + 1)),
+            block_group: layout.region(4 * m_padded / GROUPED_M_ALIGN as usize),
+            source_rows: layout.region(4 * m_padded),
+            out_rows: layout.region(4 * m_padded),
+        };
+        let int = |v: usize| StepArg::I32(v as i32);
+        let params = IndexOpParams::new(IndexOp::PadGroups);
+        let step = LibraryStep {
+            kernel: LibraryKernel::Index(params),
+            grid: params.grid(m_padded as u64),
+            args: vec![
+                StepArg::Scratch(0),
+                StepArg::Scratch(experts + 1),
+                int(experts),
+                int(slots),
+                int(x_slots),
+                int(m_padded),
+                StepArg::Bytes(padded.padded_offsets),
+                StepArg::Bytes(padded.block_group),
+                StepArg::Bytes(padded.source_rows),
+                StepArg::Bytes(padded.out_rows),
+            ],
+        };
+        (step, padded)
     }
 }

@@ -42,10 +42,13 @@ pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
         QuantizeKind::Block128x128 { transpose: false },
         QuantizeKind::Block128x128 { transpose: true },
         QuantizeKind::Tile128x1Transposed,
+        QuantizeKind::GatheredTile128x1Transposed,
     ] {
         let transposed = matches!(
             kind,
-            QuantizeKind::Block128x128 { transpose: true } | QuantizeKind::Tile128x1Transposed
+            QuantizeKind::Block128x128 { transpose: true }
+                | QuantizeKind::Tile128x1Transposed
+                | QuantizeKind::GatheredTile128x1Transposed
         );
         let (rows, cols) = (if transposed { 144 } else { 200 }, 272);
         for input in [QuantizeInput::F32, QuantizeInput::Bf16] {
@@ -111,7 +114,10 @@ fn gathered_sources(rows: usize) -> Vec<i32> {
 }
 
 fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSample, CudaError> {
-    let gathered = params.kind == QuantizeKind::GatheredTile1x128;
+    let gathered = matches!(
+        params.kind,
+        QuantizeKind::GatheredTile1x128 | QuantizeKind::GatheredTile128x1Transposed
+    );
     let input_rows = if gathered { GATHERED_FROM } else { rows };
     let mut x = values(input_rows, cols);
     let input = match params.input {
@@ -146,7 +152,7 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
 }
 
 /// The codes and scales `params`' kernel must write for the `[rows][cols]` values `x` (as it
-/// reads them; for `GatheredTile1x128`, the rows as gathered), in its layouts: the CPU
+/// reads them; for the gathered kinds, the rows as gathered), in its layouts: the CPU
 /// quantizers' results, rearranged.
 pub fn expected_quantization(
     params: QuantizeParams,
@@ -180,7 +186,7 @@ pub fn expected_quantization(
                 (padded_rows(q.codes(), cols), q.scales().to_vec())
             }
         }
-        QuantizeKind::Tile128x1Transposed => {
+        QuantizeKind::Tile128x1Transposed | QuantizeKind::GatheredTile128x1Transposed => {
             let q = quantize_activations_transposed(x, rows, cols, 128, rounding)
                 .map_err(quantizing)?;
             (
@@ -237,7 +243,7 @@ mod tests {
     #[test]
     fn every_kind_input_and_rounding_has_a_sample_the_template_accepts() {
         let samples = quantize_samples().unwrap();
-        assert_eq!(samples.len(), 28);
+        assert_eq!(samples.len(), 32);
         for s in &samples {
             assert!(
                 s.params.check_problem(s.rows as u32, s.cols as u32).is_ok(),
@@ -309,6 +315,20 @@ mod tests {
         assert_eq!(gathered.scales[200 + 7], rows150.scales()[109 * 3 + 1]);
         assert!(gathered.codes[4 * 272..5 * 272].iter().all(|&c| c == 0));
         assert_eq!(gathered.scales[200 + 4], 1e-4 / 448.0);
+
+        // Gathered 128x1, transposed (144 output rows): codes [272][144], padding rows zero
+        // codes; the first tile's scale of each column from its gathered rows' largest value.
+        let gathered_t = find(QuantizeKind::GatheredTile128x1Transposed, false);
+        assert_eq!(gathered_t.codes.len(), 272 * 144);
+        assert!((0..272).all(|c| gathered_t.codes[c * 144 + 4] == 0));
+        let sources = gathered_sources(144);
+        for c in [0, 130, 271] {
+            let amax = sources[..128]
+                .iter()
+                .filter_map(|&r| usize::try_from(r).ok())
+                .fold(0f32, |m, r| m.max(x150[r * 272 + c].abs()));
+            assert_eq!(gathered_t.scales[c], amax.max(1e-4) / 448.0, "column {c}");
+        }
 
         // 128x128 (200 rows): scales [2 row blocks][3 column blocks]. Transposed (144 rows): the
         // same blocks' scales as [3][2], and codes [272][144].

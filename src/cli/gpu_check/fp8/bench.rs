@@ -101,8 +101,9 @@ fn forward_layout((n, k): (u32, u32)) -> Layout {
 
 /// The other layouts at DeepSeek-V3's sizes, which cuBLASLt has no counterpart for: the weight
 /// gradient of a 7168 × 2048 Linear over 4096 tokens (1×128 scales on B, accumulated), and the
-/// experts' grouped GEMMs over 8 experts of 1024 tokens each.
-fn other_layouts() -> [(&'static str, Layout); 3] {
+/// experts' grouped GEMMs over 8 experts of 1024 tokens each, with their weight gradients
+/// (K-grouped over the same tokens).
+fn other_layouts() -> [(&'static str, Layout); 5] {
     let grouped = |n, k| Layout {
         problem: GemmProblem {
             m: 8 * 1024,
@@ -113,6 +114,17 @@ fn other_layouts() -> [(&'static str, Layout); 3] {
         b_scaling: BScaling::Block128x128,
         output: GemmOutput::Bf16,
         grouping: GemmGrouping::Contiguous,
+    };
+    let k_grouped = |m, n| Layout {
+        problem: GemmProblem {
+            m,
+            n,
+            k: 8 * 1024,
+            groups: 8,
+        },
+        b_scaling: BScaling::Row1x128,
+        output: GemmOutput::F32,
+        grouping: GemmGrouping::KGrouped,
     };
     [
         (
@@ -131,6 +143,8 @@ fn other_layouts() -> [(&'static str, Layout); 3] {
         ),
         ("experts gate_up", grouped(4096, 7168)),
         ("experts down", grouped(7168, 2048)),
+        ("experts gate_up wgrad", k_grouped(4096, 7168)),
+        ("experts down wgrad", k_grouped(7168, 2048)),
     ]
 }
 
@@ -160,19 +174,26 @@ fn sweep(
     // Random E4M3 codes of moderate magnitude (exponent field below 8: no NaN codes) and unit
     // scales: timing does not depend on the values. Experts own equal runs of row blocks.
     let mut code = || ((noise(seed).to_bits() >> 8) as u8) & 0xb7;
+    // K-grouped: equal segments of K, B one matrix over all of them, an output per group.
+    let k_grouped = grouping == GemmGrouping::KGrouped;
+    let b_matrices = if k_grouped { 1 } else { groups };
     let a: Vec<u8> = (0..m * k).map(|_| code()).collect();
-    let b: Vec<u8> = (0..groups * n * k).map(|_| code()).collect();
+    let b: Vec<u8> = (0..b_matrices * n * k).map(|_| code()).collect();
     let k_blocks = k.div_ceil(128);
     let scale_b_len = match b_scaling {
         BScaling::Block128x128 => groups * n.div_ceil(128) * k_blocks,
         BScaling::Row1x128 => k_blocks * n.next_multiple_of(4),
     };
     let block_expert: Vec<i32> = match grouping {
-        GemmGrouping::Dense => Vec::new(),
+        GemmGrouping::Dense | GemmGrouping::KGrouped => Vec::new(),
         GemmGrouping::Contiguous => {
             let blocks = m / 128;
             (0..blocks).map(|i| (i * groups / blocks) as i32).collect()
         }
+    };
+    let k_offsets: Vec<i32> = match grouping {
+        GemmGrouping::KGrouped => (0..=groups).map(|g| (g * k / groups) as i32).collect(),
+        GemmGrouping::Dense | GemmGrouping::Contiguous => Vec::new(),
     };
     let host = HostOperands {
         a: &a,
@@ -180,8 +201,10 @@ fn sweep(
         scale_a: &vec![1.0; k_blocks * m.next_multiple_of(4)],
         scale_b: &vec![1.0; scale_b_len],
         block_expert: &block_expert,
+        k_offsets: &k_offsets,
     };
-    let out_bytes = m * n * if output == GemmOutput::Bf16 { 2 } else { 4 };
+    let outputs = if k_grouped { groups } else { 1 };
+    let out_bytes = outputs * m * n * if output == GemmOutput::Bf16 { 2 } else { 4 };
     let mut buffers = Buffers::new(device, stream);
     let operands = upload_operands(&mut buffers, host, out_bytes)?;
     let candidates = Fp8GemmParams::candidates(problem.m, problem.n, b_scaling, output, grouping);
@@ -330,6 +353,6 @@ mod tests {
                 configurations += 1;
             }
         }
-        assert!(configurations >= 6 * 5 + 3 * 5, "{configurations}");
+        assert!(configurations >= 6 * 5 + 5 * 5, "{configurations}");
     }
 }

@@ -43,11 +43,11 @@ impl Case {
         scattered
     }
 
-    /// Rows of the output: M, or as many as the scattered rows go to.
+    /// Rows of the output: M (per group when K-grouped), or as many as the scattered rows go to.
     fn out_len(&self) -> usize {
         let rows = match self.out_rows.iter().max() {
             Some(&last) => usize::try_from(last + 1).unwrap_or(0),
-            None => self.ops.problem.m as usize,
+            None => self.ops.output_rows(),
         };
         rows * self.ops.problem.n as usize
     }
@@ -86,7 +86,8 @@ impl Case {
 
 /// Ragged M and K (partial tiles and scale groups), DeepSeek-V3-like N and K (2112 and 576 put
 /// tiles of 144 to 192 columns across two weight scale blocks), all three outputs, B scaled per
-/// 1×128 tile, and experts with a padding block.
+/// 1×128 tile, experts with a padding block, and the experts' weight gradient K-grouped (an
+/// expert without tokens among them).
 fn cases() -> anyhow::Result<Vec<Case>> {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut activations = |len: usize| -> Vec<f32> { (0..len).map(|_| noise(&mut seed)).collect() };
@@ -145,6 +146,18 @@ fn cases() -> anyhow::Result<Vec<Case>> {
         output: GemmOutput::F32Scattered,
         initial: Vec::new(),
         out_rows,
+    });
+    // The experts' weight gradient: 4 experts' segments of K (the second empty: zeros).
+    let (m, n) = (576, 1040);
+    let k_offsets = vec![0, 384, 384, 1024, 1152];
+    let k = 1152;
+    let (a, b) = (activations(m * k), activations(n * k));
+    out.push(Case {
+        what: "K-grouped, an empty group",
+        ops: HostFp8Operands::k_grouped(&a, &b, (m, n, k), k_offsets)?,
+        output: GemmOutput::F32,
+        initial: Vec::new(),
+        out_rows: Vec::new(),
     });
     Ok(out)
 }

@@ -31,6 +31,7 @@ struct HostOperands<'a> {
     scale_a: &'a [f32],
     scale_b: &'a [f32],
     block_expert: &'a [i32],
+    k_offsets: &'a [i32],
 }
 
 impl<'a> From<&'a HostFp8Operands> for HostOperands<'a> {
@@ -41,6 +42,7 @@ impl<'a> From<&'a HostFp8Operands> for HostOperands<'a> {
             scale_a: &ops.scale_a,
             scale_b: &ops.scale_b,
             block_expert: &ops.block_expert,
+            k_offsets: &ops.k_offsets,
         }
     }
 }
@@ -52,17 +54,23 @@ fn upload_operands(
     host: HostOperands<'_>,
     out_bytes: usize,
 ) -> anyhow::Result<Fp8GemmOperands> {
+    let mut optional = |values: &[i32]| -> anyhow::Result<Option<u64>> {
+        Ok(if values.is_empty() {
+            None
+        } else {
+            Some(buffers.put(values)?)
+        })
+    };
+    let block_expert = optional(host.block_expert)?;
+    let k_offsets = optional(host.k_offsets)?;
     Ok(Fp8GemmOperands {
         a: buffers.put(host.a)?,
         b: buffers.put(host.b)?,
         scale_a: buffers.put(host.scale_a)?,
         scale_b: buffers.put(host.scale_b)?,
         out: buffers.put(&vec![0u8; out_bytes])?,
-        block_expert: if host.block_expert.is_empty() {
-            None
-        } else {
-            Some(buffers.put(host.block_expert)?)
-        },
+        block_expert,
+        k_offsets,
         out_rows: None,
     })
 }
