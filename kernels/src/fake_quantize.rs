@@ -71,33 +71,16 @@ impl FakeQuantizeParams {
 
     /// Instantiates the template (portable: `sm_80` or newer).
     pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
-        let name = self.name();
-        let params = self.kernel_params();
-        let description = vec![format!(
-            "E4M3 fake quantisation, one scale per tile: max(amax, 1e-4) / 448{}; bit-exact with the CPU.",
-            if self.pow2_scales {
-                " rounded up to a power of two"
-            } else {
-                ""
-            }
-        )];
-        Ok(assemble(
-            &description,
-            &[COMMON, FAKE_QUANTIZE],
-            |_| {},
-            EntryPoint {
-                name: &name,
-                block_threads: THREADS,
-                cluster_x: 1,
-                params: &params,
-                body: vec![format!(
-                    "fathom::fake_quantize_e4m3<{}, {THREADS}>(x, out, rows, cols, tile_rows, tile_cols);",
-                    cpp_bool(self.pow2_scales)
-                )],
-            },
-            ArchRequirement::Sm80OrNewer,
-            0,
-        ))
+        instantiate(
+            &self.name(),
+            &self.kernel_params(),
+            (self.pow2_scales, THREADS),
+            ", one scale per tile",
+            format!(
+                "fathom::fake_quantize_e4m3<{}, {THREADS}>(x, out, rows, cols, tile_rows, tile_cols);",
+                cpp_bool(self.pow2_scales)
+            ),
+        )
     }
 }
 
@@ -148,35 +131,50 @@ impl FakeQuantizeGatheredParams {
 
     /// Instantiates the template (portable: `sm_80` or newer).
     pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
-        let name = self.name();
-        let params = self.kernel_params();
-        let description = vec![format!(
-            "E4M3 fake quantisation of gathered 128x1 tiles (padded rows, written back to token-slots), \
-             max(amax, 1e-4) / 448{}; bit-exact with the CPU.",
-            if self.pow2_scales {
-                " rounded up to a power of two"
-            } else {
-                ""
-            }
-        )];
-        Ok(assemble(
-            &description,
-            &[COMMON, FAKE_QUANTIZE],
-            |_| {},
-            EntryPoint {
-                name: &name,
-                block_threads: self.block_threads(),
-                cluster_x: 1,
-                params: &params,
-                body: vec![format!(
-                    "fathom::fake_quantize_gathered_128x1<{}, {GATHERED_WARPS}>(x, source_rows, out_rows, out, rows, cols);",
-                    cpp_bool(self.pow2_scales)
-                )],
-            },
-            ArchRequirement::Sm80OrNewer,
-            0,
-        ))
+        instantiate(
+            &self.name(),
+            &self.kernel_params(),
+            (self.pow2_scales, self.block_threads()),
+            " of gathered 128x1 tiles (padded rows, written back to token-slots)",
+            format!(
+                "fathom::fake_quantize_gathered_128x1<{}, {GATHERED_WARPS}>(x, source_rows, out_rows, out, rows, cols);",
+                cpp_bool(self.pow2_scales)
+            ),
+        )
     }
+}
+
+/// One of the fake quantisations' entry points: `call` (the template's function applied to the
+/// parameters) in a kernel of `threads` threads, described by `what`.
+fn instantiate(
+    name: &str,
+    params: &[KernelParam],
+    (pow2_scales, threads): (bool, u32),
+    what: &str,
+    call: String,
+) -> Result<KernelSource, KernelError> {
+    let description = vec![format!(
+        "E4M3 fake quantisation{what}: max(amax, 1e-4) / 448{}; bit-exact with the CPU.",
+        if pow2_scales {
+            " rounded up to a power of two"
+        } else {
+            ""
+        }
+    )];
+    Ok(assemble(
+        &description,
+        &[COMMON, FAKE_QUANTIZE],
+        |_| {},
+        EntryPoint {
+            name,
+            block_threads: threads,
+            cluster_x: 1,
+            params,
+            body: vec![call],
+        },
+        ArchRequirement::Sm80OrNewer,
+        0,
+    ))
 }
 
 #[cfg(test)]

@@ -478,43 +478,39 @@ impl Fp8GemmParams {
             problem.k,
             "a positive multiple of 16",
         )?;
-        match self.grouping {
+        // Dense: one group; grouped: whole 128-row blocks of A per expert; K-grouped: whole
+        // 128-wide K blocks per group.
+        let (grouped_axis, value, align, what) = match self.grouping {
             GemmGrouping::Dense => {
-                check_problem(problem.groups == 1, TEMPLATE, "groups", problem.groups, "1")
+                return check_problem(problem.groups == 1, TEMPLATE, "groups", problem.groups, "1");
             }
-            GemmGrouping::Contiguous => {
-                check_problem(
-                    problem.groups >= 1,
-                    TEMPLATE,
-                    "groups",
-                    problem.groups,
-                    "at least 1",
-                )?;
-                check_problem(
-                    problem.m.is_multiple_of(GROUPED_M_ALIGN),
-                    TEMPLATE,
-                    "m",
-                    problem.m,
-                    "a multiple of 128 (padded expert segments)",
-                )
-            }
-            GemmGrouping::KGrouped => {
-                check_problem(
-                    problem.groups >= 1,
-                    TEMPLATE,
-                    "groups",
-                    problem.groups,
-                    "at least 1",
-                )?;
-                check_problem(
-                    problem.k.is_multiple_of(BLOCK_K),
-                    TEMPLATE,
-                    "k",
-                    problem.k,
-                    "a multiple of 128 (padded K groups)",
-                )
-            }
-        }
+            GemmGrouping::Contiguous => (
+                "m",
+                problem.m,
+                GROUPED_M_ALIGN,
+                "a multiple of 128 (padded expert segments)",
+            ),
+            GemmGrouping::KGrouped => (
+                "k",
+                problem.k,
+                BLOCK_K,
+                "a multiple of 128 (padded K groups)",
+            ),
+        };
+        check_problem(
+            problem.groups >= 1,
+            TEMPLATE,
+            "groups",
+            problem.groups,
+            "at least 1",
+        )?;
+        check_problem(
+            value.is_multiple_of(align),
+            TEMPLATE,
+            grouped_axis,
+            value,
+            what,
+        )
     }
 
     /// The tensor maps the kernel takes, in parameter order.
