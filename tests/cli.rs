@@ -269,16 +269,19 @@ fn inspect_shows_which_products_run_as_fp8_gemms() {
         assert!(text.contains("extern \"C\" __global__"), "{text}");
         assert!(plan.contains("quantize_1x128_f32_e4m3"), "{plan}");
         assert!(plan.contains(gemm), "{target}: {plan}");
-        // The experts' products too, in DeepGEMM's padded layout; their weight gradients not.
+        // The experts' products too, in DeepGEMM's padded layout, and their weight gradients
+        // K-grouped over it: no product is left in f32.
         assert!(
             plan.contains(&format!("grouped_{gemm}")),
             "{target}: {plan}"
         );
-        assert!(plan.contains("index_pad_groups"), "{plan}");
+        let k_grouped = gemm.replace("128x128_", "1x128_");
         assert!(
-            plan.contains("(f32 GEMM: the experts' weight gradients are a K-grouped GEMM"),
-            "{plan}"
+            plan.contains(&format!("kgrouped_{k_grouped}")),
+            "{target}: {plan}"
         );
+        assert!(plan.contains("index_pad_groups"), "{plan}");
+        assert!(!plan.contains("(f32 GEMM:"), "{plan}");
         assert!(
             String::from_utf8_lossy(&run.stdout).contains("FP8 GEMMs"),
             "{}",

@@ -10,8 +10,8 @@ use fathom_compiler::graph::{Accumulation, Graph, NodeId, Op};
 use fathom_compiler::lower::LowerOptions;
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::precision::{
-    GemmRole, Precision, PrecisionPolicy, activation_products, apply_precision, is_kept_in_f32,
-    linear_gemms, precision_floor,
+    Fp8Scaling, GemmRole, Precision, PrecisionPolicy, activation_products, apply_precision,
+    is_kept_in_f32, linear_gemms, precision_floor,
 };
 use fathom_compiler::spec::{Fp8Spec, ModelSpec};
 use fathom_compiler::training::training_graph;
@@ -159,8 +159,17 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
         .into_iter()
         .filter(|g| {
             let inputs = &out.node(g.node).inputs;
+            // The experts' weight gradient rounds its operands itself, along each expert's rows.
+            let rounds_itself = matches!(
+                out.node(g.node).op,
+                Op::GroupedMatMulWeightGrad {
+                    rounding: Some(_),
+                    ..
+                }
+            );
             let quantized = |k: usize| {
-                is_qdq(&out, inputs[k])
+                rounds_itself
+                    || is_qdq(&out, inputs[k])
                     || matches!(out.node(inputs[k]).op, Op::Reshape { .. })
                         && is_qdq(&out, out.node(inputs[k]).inputs[0])
             };
@@ -189,8 +198,8 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
 }
 
 /// Every rewritten GEMM with its role and its operands' tiles: activations and output gradients
-/// 1×4 along K, weights 4×4, the weight gradients' K = tokens as 4×1 (through `[tokens·slots,
-/// channels]` views for the grouped ones), power-of-two scales for the MoE dispatch and
+/// 1×4 along K, weights 4×4, the weight gradients' K = tokens as 4×1 (the grouped ones round
+/// their own operands, in 4×1 tiles along each expert's token-slots), power-of-two scales for the MoE dispatch and
 /// `o_proj`'s input; each weight gradient's activation re-tiled from the forward's FP8 rounding
 /// (activations are saved in FP8), and every FP8 GEMM with Hopper's accumulation (13 bits,
 /// promoted every 128 products); the output head's GEMMs in BF16 and the routers' in f32.
@@ -375,4 +384,59 @@ fn bf16_weights_are_rounded_once_in_their_stored_order() {
         "rounded more than once: {rounded:?}"
     );
     assert!(rounded.len() > 10, "{rounded:?}");
+}
+
+/// The experts' weight gradients round their own operands in FP8 tiles along each expert's
+/// token-slots with fine-grained scaling (which rows share a tile depends on the routing), and
+/// read operands rounded once over all token-slots with per-tensor scaling (one tile, whatever
+/// the routing).
+#[test]
+fn expert_weight_gradients_round_along_each_experts_rows() {
+    let graph = train_graph();
+    let spec = tiny();
+    let tiling = spec.fp8.as_ref().unwrap();
+    let weight_grads = |out: &Graph| -> Vec<NodeId> {
+        linear_gemms(out)
+            .into_iter()
+            .filter(|g| g.grouped && g.role == GemmRole::WeightGradient)
+            .map(|g| g.node)
+            .collect()
+    };
+    let fine = apply_precision(&graph, &PrecisionPolicy::uniform(Precision::Fp8), tiling).unwrap();
+    assert_eq!(weight_grads(&fine).len(), 6);
+    for id in weight_grads(&fine) {
+        let node = fine.node(id);
+        let Op::GroupedMatMulWeightGrad { rounding, .. } = &node.op else {
+            panic!("{id} is a grouped weight gradient");
+        };
+        let tiles = rounding.expect("rounds its operands");
+        assert_eq!((tiles.tile_rows, tiles.pow2_scales), (4, false));
+        // The cotangent as the backward computed it; x as saved (the forward's 1×4 rounding).
+        assert!(
+            !is_qdq(&fine, node.inputs[0]),
+            "{}",
+            operand(&fine, node.inputs[0])
+        );
+        assert!(
+            is_qdq(&fine, node.inputs[1]),
+            "{}",
+            operand(&fine, node.inputs[1])
+        );
+    }
+    let per_tensor = PrecisionPolicy {
+        scaling: Fp8Scaling::PerTensor,
+        ..PrecisionPolicy::uniform(Precision::Fp8)
+    };
+    let coarse = apply_precision(&graph, &per_tensor, tiling).unwrap();
+    for id in weight_grads(&coarse) {
+        let node = coarse.node(id);
+        assert!(matches!(
+            node.op,
+            Op::GroupedMatMulWeightGrad { rounding: None, .. }
+        ));
+        for &input in &node.inputs[..2] {
+            let text = operand(&coarse, input);
+            assert!(text.starts_with("quantize_dequantize"), "{text}");
+        }
+    }
 }

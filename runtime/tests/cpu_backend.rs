@@ -395,10 +395,13 @@ fn fp8_training_learns_the_synthetic_task() {
 /// sum each element's products as `LimitedSum::dot` defines (the compiled one blocked and
 /// vectorised): a batched matmul with a transposed operand (plain and as every kind of
 /// triangular product), the grouped expert GEMM and its weight gradient (K = each expert's
-/// token-slots), at K not a multiple of the interval.
+/// token-slots; also with its operands rounded in FP8 tiles along each expert's token-slots),
+/// at K not a multiple of the interval.
 #[test]
 fn limited_accumulation_gemms_compile_bit_for_bit() {
-    use fathom_compiler::graph::{Accumulation, MatMulPart, Op, Triangle, Triangular};
+    use fathom_compiler::graph::{
+        Accumulation, ExpertTiles, MatMulPart, Op, QuantFormat, Triangle, Triangular,
+    };
     use fathom_compiler::{DType, GraphBuilder, TensorType};
     let (tokens, slots, experts, k, n) = (37, 2, 3, 150, 9);
     let mut g = GraphBuilder::new("limited");
@@ -448,9 +451,26 @@ fn limited_accumulation_gemms_compile_bit_for_bit() {
         let op = Op::GroupedMatMulWeightGrad {
             experts,
             accumulation,
+            rounding: None,
         };
         let y = g.push(op, &[dy, x, ids], None).unwrap();
         g.output(&format!("{name}.weight_grad"), y).unwrap();
+        // With the operands rounded in tiles along each expert's token-slots (7 of them:
+        // partial tiles at every expert's end), and with power-of-two scales.
+        for pow2_scales in [false, true] {
+            let op = Op::GroupedMatMulWeightGrad {
+                experts,
+                accumulation,
+                rounding: Some(ExpertTiles {
+                    format: QuantFormat::E4M3,
+                    tile_rows: 7,
+                    pow2_scales,
+                }),
+            };
+            let y = g.push(op, &[dy, x, ids], None).unwrap();
+            g.output(&format!("{name}.weight_grad.rounded.pow2={pow2_scales}"), y)
+                .unwrap();
+        }
     }
     let graph = g.finish();
     let values = |len: usize, seed: usize| -> Vec<f32> {

@@ -444,6 +444,7 @@ impl GraphBuilder {
         let op = Op::GroupedMatMulWeightGrad {
             experts,
             accumulation: Accumulation::Exact,
+            rounding: None,
         };
         self.push(op, &[cotangent, x, expert_ids], None)
     }

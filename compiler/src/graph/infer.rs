@@ -223,8 +223,12 @@ pub fn infer_type(
         Op::GroupedMatMulWeightGrad {
             experts,
             accumulation,
+            rounding,
         } => {
             accumulation.check()?;
+            if rounding.is_some_and(|tiles| tiles.tile_rows == 0) {
+                return Err("the rounding's expert tiles need at least one row".into());
+            }
             grouped_matmul_weight_grad(*experts, operands[0], operands[1], operands[2])
         }
         Op::QuantizeDequantize {

@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 
 pub use builder::{GraphBuilder, Tensor};
 pub use infer::infer_type;
-pub use op::{Accumulation, BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp};
+pub use op::{
+    Accumulation, BinaryOp, CompareOp, ConstantData, ExpertTiles, Op, QuantFormat, ReduceOp,
+    UnaryOp,
+};
 pub use triangle::{MatMulPart, Triangle, Triangular};
 
 /// The permutation that undoes `perm` (a `Permute` by it, then by this, is the identity).

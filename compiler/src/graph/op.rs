@@ -58,6 +58,30 @@ pub enum ReduceOp {
     Max,
 }
 
+/// How a [`Op::GroupedMatMulWeightGrad`] rounds its operands before it multiplies them: what
+/// an FP8 run's grouped weight-gradient GEMM reads. Each expert's token-slots, in `(t, s)`
+/// order (its K), are cut into tiles of `tile_rows` consecutive token-slots, the last one
+/// partial; within a tile each channel (each column of the cotangent's and of x's rows) gets
+/// one scale, `max(amax, 1e-4) / 448` (a power of two when `pow2_scales`), and every value
+/// becomes the nearest `format` value times that scale, as in [`Op::QuantizeDequantize`].
+/// The tiles start afresh at every expert, so no tile mixes two experts' rows: the GEMM of one
+/// expert reads its own scales only (DeepGEMM's K-grouped layout, each expert's segment
+/// padded to whole tiles). A row of x read by several slots is rounded once per slot, with
+/// the tile that slot's expert puts it in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ExpertTiles {
+    pub format: QuantFormat,
+    pub tile_rows: usize,
+    pub pow2_scales: bool,
+}
+
+impl fmt::Display for ExpertTiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pow2 = if self.pow2_scales { ", pow2" } else { "" };
+        write!(f, "{}, expert tile={}x1{pow2}", self.format, self.tile_rows)
+    }
+}
+
 /// The 8-bit format a [`Op::QuantizeDequantize`] rounds to. Only E4M3 for now: DeepSeek-V3
 /// uses it for every FP8 GEMM operand, gradients included (SPEC §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -254,10 +278,14 @@ pub enum Op {
     /// `out[e] = Σ_{(t, s): expert_ids[t, s] = e} cotangent[t, s]ᵀ · x[t, s or 0]` (an outer
     /// product per token-slot, summed per expert). An expert that no token was routed to gets
     /// exact zeros. Emitted by autodiff. K is the expert's token-slots, in `(t, s)` order.
+    /// With `rounding`, both operands' rows are first rounded in tiles along each expert's K
+    /// ([`ExpertTiles`]), as an FP8 run quantizes them for its grouped weight-gradient GEMM.
     GroupedMatMulWeightGrad {
         experts: usize,
         #[serde(default)]
         accumulation: Accumulation,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rounding: Option<ExpertTiles>,
     },
     /// `[x (..., rows, cols)]` -> same type: a "fake quantization", `dequant(quant(x))`. The
     /// last two axes are cut into `tile_rows`×`tile_cols` tiles (the last tile along an axis
@@ -432,10 +460,17 @@ impl fmt::Display for Op {
             Op::GroupedMatMulWeightGrad {
                 experts,
                 accumulation,
-            } => match accumulation.is_exact() {
-                true => write!(f, "<experts={experts}>"),
-                false => write!(f, "<experts={experts}, acc={accumulation}>"),
-            },
+                rounding,
+            } => {
+                write!(f, "<experts={experts}")?;
+                if !accumulation.is_exact() {
+                    write!(f, ", acc={accumulation}")?;
+                }
+                if let Some(tiles) = rounding {
+                    write!(f, ", {tiles}")?;
+                }
+                write!(f, ">")
+            }
             Op::QuantizeDequantize {
                 format,
                 tile_rows,

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dtype::{DType, TensorType};
 use crate::graph::{
-    Accumulation, BinaryOp, CompareOp, ConstantData, NodeId, QuantFormat, ReduceOp, Triangular,
-    UnaryOp,
+    Accumulation, BinaryOp, CompareOp, ConstantData, ExpertTiles, NodeId, QuantFormat, ReduceOp,
+    Triangular, UnaryOp,
 };
 
 /// Index of a buffer in its program.
@@ -169,6 +169,10 @@ pub enum Library {
         /// As in `MatMul`.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         rounds: bool,
+        /// Rounds both operands as it reads them, in tiles along each expert's token-slots
+        /// (`graph::ExpertTiles`); the buffers hold the values before that rounding.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rounding: Option<ExpertTiles>,
     },
     Gather {
         table: BufferId,

@@ -127,10 +127,9 @@ fn reduce_name(op: ReduceOp) -> &'static str {
     }
 }
 
-/// A product's arithmetic after its operands: how it sums (when not exactly) and the narrower
-/// type its operands' values belong to (when they do), e.g. `, acc 13b/128` or `, bf16 operands`.
-/// A product's accumulation, the type its operands' values belong to, and whether it rounds
-/// them to that type as it reads them.
+/// A product's arithmetic after its operands: how it sums (when not exactly), the narrower type
+/// its operands' values belong to (when they do) and whether it rounds them to that type as it
+/// reads them, e.g. `, acc 13b/128` or `, bf16 operands rounded as read`.
 struct Arithmetic(Accumulation, Option<DType>, bool);
 
 impl Display for Arithmetic {
@@ -195,11 +194,18 @@ impl Display for Library {
                 accumulation,
                 exact_in,
                 rounds,
-            } => write!(
-                f,
-                "grouped_matmul_weight_grad {out} = {cotangent}^T x {x} by {expert_ids}{}",
-                Arithmetic(*accumulation, *exact_in, *rounds)
-            ),
+                rounding,
+            } => {
+                write!(
+                    f,
+                    "grouped_matmul_weight_grad {out} = {cotangent}^T x {x} by {expert_ids}{}",
+                    Arithmetic(*accumulation, *exact_in, *rounds)
+                )?;
+                match rounding {
+                    Some(tiles) => write!(f, ", operands rounded to {tiles}"),
+                    None => Ok(()),
+                }
+            }
             Library::Gather {
                 table,
                 indices,

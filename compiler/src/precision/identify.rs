@@ -55,8 +55,10 @@ pub enum OperandLayout {
     KRows,
     /// A weight, or stacked expert weights: `weight_block`×`weight_block` blocks.
     Weight,
-    /// `[tokens, slots, channels]` operand of a grouped weight gradient, K = tokens·slots: seen
-    /// as `[tokens·slots, channels]` with tiles of `activation_tile`×1, in token order.
+    /// `[tokens, slots, channels]` operand of a grouped weight gradient, K = each expert's
+    /// token-slots. Fine-grained scaling: tiles of `activation_tile`×1 along each expert's K,
+    /// which the op applies itself (`ExpertTiles`: the tiles depend on the routing); per-tensor
+    /// scaling: one scale over all token-slots.
     TokenSlots,
 }
 

@@ -11,7 +11,9 @@
 //!   weights in `weight_block`×`weight_block` blocks, and for the weight-gradient GEMM, whose K
 //!   is the token axis, both operands in tiles of `activation_tile` tokens × 1 channel, the
 //!   activation re-tiled from the forward GEMM's FP8 rounding of it (activations are saved for
-//!   the backward pass in FP8, SPEC §2, so the weight gradient sees them quantized twice);
+//!   the backward pass in FP8, SPEC §2, so the weight gradient sees them quantized twice). The
+//!   experts' weight gradient rounds its operands itself, in tiles along each expert's own
+//!   token-slots ([`ExpertTiles`]), since which rows share a tile depends on the routing;
 //! - with [`Precision::Fp32`] they are left as they are.
 //!
 //! The products of two activations — attention's scores and weighted values and their
@@ -30,6 +32,7 @@
 //! How the GEMMs are found is documented in [`identify`]; the pass is [`apply_precision`].
 //!
 //! [`Op::QuantizeDequantize`]: crate::graph::Op::QuantizeDequantize
+//! [`ExpertTiles`]: crate::graph::ExpertTiles
 
 pub mod identify;
 mod rewrite;

@@ -4,7 +4,9 @@ use std::collections::{HashMap, HashSet};
 
 use crate::dtype::DType;
 use crate::error::GraphError;
-use crate::graph::{Accumulation, Graph, GraphBuilder, NodeId, Op, QuantFormat, Tensor};
+use crate::graph::{
+    Accumulation, ExpertTiles, Graph, GraphBuilder, NodeId, Op, QuantFormat, Tensor,
+};
 use crate::spec::Fp8Spec;
 
 use super::identify::{
@@ -71,16 +73,24 @@ pub fn apply_precision(
         let mut op = node.op.clone();
         let t = g.within(&node.origin, |g| {
             if let Some((precision, gemm)) = plan.get(&id) {
-                if *precision == Precision::Fp8 {
+                let fp8 = *precision == Precision::Fp8;
+                if fp8 {
                     set_accumulation(&mut op, policy.accumulation);
                 }
+                // The grouped weight gradient's fine-grained tiles run along each expert's
+                // token-slots: the op rounds its operands itself (`ExpertTiles`).
+                let rounds_itself = fp8
+                    && policy.scaling == Fp8Scaling::FineGrained
+                    && set_expert_tiles(&mut op, tiling.activation_tile);
                 for (k, layout) in gemm.operands.iter().enumerate() {
-                    let fp8 = *precision == Precision::Fp8;
                     if fp8 && Some(k) == saved_activation_operand(gemm) {
                         let operand = node.inputs[k];
                         inputs[k] = cached(&mut from_saved, operand, || {
                             as_saved(g, graph, operand, &new_ids, &saved)
                         })?;
+                    }
+                    if rounds_itself {
+                        continue;
                     }
                     let pow2 = k == 0 && has_pow2_input(graph, gemm);
                     let rounding = Rounding::of(
@@ -216,6 +226,20 @@ fn set_accumulation(op: &mut Op, to: Accumulation) {
     }
 }
 
+/// Makes a grouped weight gradient round its operands in FP8 tiles of `tile_rows` token-slots
+/// along each expert's K; false (and nothing changed) for any other op.
+fn set_expert_tiles(op: &mut Op, tile_rows: usize) -> bool {
+    let Op::GroupedMatMulWeightGrad { rounding, .. } = op else {
+        return false;
+    };
+    *rounding = Some(ExpertTiles {
+        format: QuantFormat::E4M3,
+        tile_rows,
+        pow2_scales: false,
+    });
+    true
+}
+
 /// SPEC §2: the scales of two inputs are rounded up to powers of two — the MoE dispatch (the
 /// tokens sent to the routed experts: the forward grouped GEMM whose `x` has one slot per
 /// token, `[tokens, 1, hidden]`) and the linear after attention (`self_attn.o_proj`), forward.
@@ -265,6 +289,8 @@ impl Rounding {
             (Fp8Scaling::FineGrained, OperandLayout::KLast) => ((1, t), false),
             (Fp8Scaling::FineGrained, OperandLayout::KRows) => ((t, 1), false),
             (Fp8Scaling::FineGrained, OperandLayout::Weight) => ((b, b), false),
+            // The op's own `ExpertTiles` in the graph; this is what they amount to with one
+            // expert (`apply_precision` never asks).
             (Fp8Scaling::FineGrained, OperandLayout::TokenSlots) => ((t, 1), true),
             // Per-tensor: one tile over everything but a weight stack's expert axis.
             (Fp8Scaling::PerTensor, OperandLayout::Weight) => ((rows, cols), false),

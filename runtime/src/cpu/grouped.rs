@@ -4,13 +4,18 @@
 //! its row blocks are tasks any thread takes (`bf16::multiply_each`); elsewhere the experts
 //! are spread over the threads, each GEMM on one, its rows gathered into a contiguous copy and
 //! its product's rows scattered back. Under expert parallelism each expert's GEMM runs on the
-//! rank that owns it (`crate::parallel::experts`).
+//! rank that owns it (`crate::parallel::experts`). A weight gradient that rounds its operands
+//! in tiles along each expert's token-slots (`graph::ExpertTiles`) rounds the gathered rows on
+//! the rank that holds them: each rank's rows in tiles of their own, as that rank's graph
+//! says, before they travel to the expert's owner.
 
+use fathom_compiler::graph::{ExpertTiles, QuantFormat};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::bf16::{self, Matrix, Output};
 use super::product::{Arithmetic, multiply};
+use crate::fp8::{ScaleRounding, fake_quantize};
 use crate::parallel::{ExpertExchange, gathered_at_owners, products_where_owned};
 
 /// Which rows go where: `groups[e]` lists the token-slots (`t·slots + s`) routed to expert e,
@@ -155,56 +160,67 @@ pub(super) fn matmul(
 /// `out[e] = Σ_{(t, s) routed to e} g[t, s]ᵀ · x[t, s]`, expert e's row-major `[n, k]` into
 /// `blocks[e]` (every element written: an expert no row was routed to gets zeros). Under
 /// expert parallelism a rank computes the experts it owns from every rank's rows and leaves
-/// the others at zero.
+/// the others at zero. With `rounding`, each expert's rows of both operands are rounded in its
+/// own tiles first.
 pub(super) fn weight_grad(
     routing: &Routing,
     gs: &[f32],
     xs: &[f32],
     (n, k): (usize, usize),
+    rounding: Option<ExpertTiles>,
     exchange: Option<&dyn ExpertExchange>,
     blocks: &mut [&mut [f32]],
 ) -> Result<(), String> {
-    // Expert e's cotangent rows (width n, one per token-slot), contiguous, into `g`.
-    let cotangent_rows_into = |e: usize, g: &mut Vec<f32>| {
+    // Expert e's rows (one per token-slot) of the cotangent (width n) into `g` and of x
+    // (width k) into `xe`, contiguous and rounded as the op says.
+    let rows_into = |e: usize, g: &mut Vec<f32>, xe: &mut Vec<f32>| -> Result<(), String> {
         g.clear();
         for &ts in &routing.groups[e] {
             g.extend_from_slice(&gs[ts * n..][..n]);
         }
+        routing.rows_into(xs, e, k, xe);
+        if let Some(tiles) = rounding {
+            round_in_expert_tiles(tiles, g, n)?;
+            round_in_expert_tiles(tiles, xe, k)?;
+        }
+        Ok(())
     };
     assert_eq!(blocks.len(), routing.groups.len());
     assert!(blocks.iter().all(|b| b.len() == n * k));
     let Some(exchange) = exchange else {
-        if routing.arithmetic.on_bf16_kernel() {
+        if routing.arithmetic.on_bf16_kernel() && rounding.is_none() {
             weight_grad_where_the_rows_lie(routing, gs, xs, (n, k), blocks);
             return Ok(());
         }
         // Each expert gathers its rows in per-thread scratch and writes its own n·k block.
-        blocks.par_iter_mut().enumerate().for_each(|(e, block)| {
-            if routing.groups[e].is_empty() {
-                return block.fill(0.0);
-            }
-            SCRATCH.with_borrow_mut(|[g, xe]| {
-                cotangent_rows_into(e, g);
-                routing.rows_into(xs, e, k, xe);
-                let rows = routing.groups[e].len();
-                expert_weight_grad((g, xe), (n, k, rows), routing.arithmetic, block);
+        return blocks
+            .par_iter_mut()
+            .enumerate()
+            .try_for_each(|(e, block)| {
+                if routing.groups[e].is_empty() {
+                    block.fill(0.0);
+                    return Ok(());
+                }
+                SCRATCH.with_borrow_mut(|[g, xe]| {
+                    rows_into(e, g, xe)?;
+                    let rows = routing.groups[e].len();
+                    expert_weight_grad((g, xe), (n, k, rows), routing.arithmetic, block);
+                    Ok(())
+                })
             });
-        });
-        return Ok(());
     };
     // Each row travels as its n cotangent values followed by its k inputs.
     let interleaved = (0..routing.groups.len())
         .map(|e| {
-            let mut g = Vec::new();
-            cotangent_rows_into(e, &mut g);
-            let x = routing.rows(xs, e, k);
-            g.chunks(n)
+            let (mut g, mut x) = (Vec::new(), Vec::new());
+            rows_into(e, &mut g, &mut x)?;
+            Ok(g.chunks(n)
                 .zip(x.chunks(k))
                 .flat_map(|(g, x)| g.iter().chain(x))
                 .copied()
-                .collect()
+                .collect())
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     // Per expert, the rows as (g, x) pairs.
     let pairs: Vec<(Vec<f32>, Vec<f32>)> = gathered_at_owners(exchange, interleaved)?
         .into_iter()
@@ -345,6 +361,26 @@ fn expert_weight_grad(
     }
 }
 
+/// An expert's `[rows, width]` operand, in place, rounded as `tiles` says: one scale per
+/// `tile_rows` rows of each column, from its first row.
+fn round_in_expert_tiles(
+    tiles: ExpertTiles,
+    matrix: &mut Vec<f32>,
+    width: usize,
+) -> Result<(), String> {
+    let rounding = if tiles.pow2_scales {
+        ScaleRounding::PowerOfTwo
+    } else {
+        ScaleRounding::Exact
+    };
+    let rows = matrix.len() / width.max(1);
+    *matrix = match tiles.format {
+        QuantFormat::E4M3 => fake_quantize(matrix, &[rows, width], tiles.tile_rows, 1, rounding),
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// `product [r, n] = rows [r, k] · W_eᵀ` with `W_e[j][p]` at `j·sn + p·sk` of `w`.
 fn expert_product_into(
     (w, (sn, sk)): (&[f32], (isize, isize)),
@@ -443,7 +479,7 @@ mod tests {
         let gs: Vec<f32> = (0..3 * n).map(|i| i as f32 * 0.5).collect();
         let mut grad = vec![f32::NAN; 3 * n * k];
         let mut blocks: Vec<&mut [f32]> = grad.chunks_mut(n * k).collect();
-        weight_grad(&routing(), &gs, &xs, (n, k), None, &mut blocks).unwrap();
+        weight_grad(&routing(), &gs, &xs, (n, k), None, None, &mut blocks).unwrap();
         // Expert 1 got no token: exact zeros. Expert 2: the outer product of token 1's rows.
         assert_eq!(grad[n * k..2 * n * k], vec![0.0; n * k]);
         for (j, p) in (0..n).flat_map(|j| (0..k).map(move |p| (j, p))) {
@@ -507,7 +543,7 @@ mod tests {
             let gs = values(tokens * slots * n, &mut rng);
             let mut grad = vec![f32::NAN; experts * n * k];
             let mut blocks: Vec<&mut [f32]> = grad.chunks_mut(n * k).collect();
-            weight_grad(&routing, &gs, &xs, (n, k), None, &mut blocks).unwrap();
+            weight_grad(&routing, &gs, &xs, (n, k), None, None, &mut blocks).unwrap();
             for (e, members) in groups.iter().enumerate() {
                 let w = |j: usize, p: usize| round(ws[e * n * k + j * k + p]);
                 for &ts in members {
@@ -527,6 +563,141 @@ mod tests {
                         .collect();
                     let what = format!("x_slots {x_slots}: expert {e} grad[{j}][{p}]");
                     within(grad[e * n * k + j * k + p], &products, &what);
+                }
+            }
+        }
+    }
+
+    /// Two ranks' exchange in one process: each `all_to_all` posts every part to its receiver's
+    /// mailbox and waits until both ranks have posted.
+    struct Mailboxes {
+        posted: std::sync::Mutex<Vec<Vec<Vec<f32>>>>,
+        barrier: std::sync::Barrier,
+    }
+
+    struct ThreadExchange<'a> {
+        me: usize,
+        boxes: &'a Mailboxes,
+    }
+
+    impl crate::parallel::ExpertExchange for ThreadExchange<'_> {
+        fn member(&self) -> usize {
+            self.me
+        }
+
+        fn members(&self) -> usize {
+            2
+        }
+
+        fn all_to_all(&self, parts: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, String> {
+            for (to, part) in parts.into_iter().enumerate() {
+                self.boxes.posted.lock().unwrap()[to][self.me] = part;
+            }
+            self.boxes.barrier.wait();
+            let received = std::mem::take(&mut self.boxes.posted.lock().unwrap()[self.me]);
+            self.boxes.barrier.wait();
+            let mut received = received;
+            received.resize(2, Vec::new());
+            Ok(received)
+        }
+    }
+
+    /// Under expert parallelism with the operands rounded along each expert's rows, each rank
+    /// rounds its own rows in tiles of their own (as its graph says) before they travel: the
+    /// owner's gradient is the sum of the two ranks' local ones, whose products differ by 2⁻¹⁶
+    /// (far above the sum's rounding).
+    #[test]
+    fn expert_parallel_ranks_round_their_own_rows() {
+        use fathom_compiler::graph::{ExpertTiles, QuantFormat};
+        let (tokens, experts, n, k) = (12, 4, 3, 5);
+        let tiles = Some(ExpertTiles {
+            format: QuantFormat::E4M3,
+            tile_rows: 128,
+            pow2_scales: false,
+        });
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // Per rank: its routing, cotangent rows and x rows.
+        let ranks: Vec<(Routing, Vec<f32>, Vec<f32>)> = (0..2)
+            .map(|rank| {
+                let mut groups = vec![Vec::new(); experts];
+                for t in 0..tokens {
+                    groups[rng.random_range(0..experts)].push(t);
+                }
+                // Rank 0's cotangents 2⁻²⁰ of rank 1's, its x 16 times: tiles over both ranks'
+                // rows would round its cotangents to zero.
+                let (g_size, x_size) = if rank == 0 {
+                    (2f32.powi(-20), 16.0)
+                } else {
+                    (1.0, 1.0)
+                };
+                let mut values = |len: usize, size: f32| -> Vec<f32> {
+                    (0..len)
+                        .map(|_| size * rng.random_range(-2.0f32..2.0))
+                        .collect()
+                };
+                let routing = Routing {
+                    groups,
+                    slots: 1,
+                    x_slots: 1,
+                    arithmetic: Accumulation::default().into(),
+                };
+                (
+                    routing,
+                    values(tokens * n, g_size),
+                    values(tokens * k, x_size),
+                )
+            })
+            .collect();
+        let local: Vec<Vec<f32>> = ranks
+            .iter()
+            .map(|(routing, gs, xs)| {
+                let mut grad = vec![f32::NAN; experts * n * k];
+                let mut blocks: Vec<&mut [f32]> = grad.chunks_mut(n * k).collect();
+                weight_grad(routing, gs, xs, (n, k), tiles, None, &mut blocks).unwrap();
+                grad
+            })
+            .collect();
+        let boxes = Mailboxes {
+            posted: std::sync::Mutex::new(vec![vec![Vec::new(); 2]; 2]),
+            barrier: std::sync::Barrier::new(2),
+        };
+        let exchanged: Vec<Vec<f32>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .enumerate()
+                .map(|(me, (routing, gs, xs))| {
+                    let boxes = &boxes;
+                    scope.spawn(move || {
+                        let exchange = ThreadExchange { me, boxes };
+                        let mut grad = vec![f32::NAN; experts * n * k];
+                        let mut blocks: Vec<&mut [f32]> = grad.chunks_mut(n * k).collect();
+                        weight_grad(routing, gs, xs, (n, k), tiles, Some(&exchange), &mut blocks)
+                            .unwrap();
+                        grad
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // The sums differ from the local ones' sum only by f32 rounding: 1e-6 of the largest
+        // element. Rank 0's part of an element is 2⁻¹⁶ of a product, well above that.
+        let scale = local[1].iter().fold(0f32, |m, v| m.max(v.abs()));
+        let bound = 1e-6 * scale;
+        let largest_small = local[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(largest_small > 5.0 * bound, "{largest_small} vs {bound}");
+        for (me, grad) in exchanged.iter().enumerate() {
+            for e in 0..experts {
+                let block = &grad[e * n * k..(e + 1) * n * k];
+                if crate::parallel::owner(e, experts, 2) != me {
+                    assert!(block.iter().all(|&v| v == 0.0), "expert {e} on rank {me}");
+                    continue;
+                }
+                for (i, &got) in block.iter().enumerate() {
+                    let want = local[0][e * n * k + i] + local[1][e * n * k + i];
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "expert {e} element {i} on rank {me}: {got} vs {want}"
+                    );
                 }
             }
         }

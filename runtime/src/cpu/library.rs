@@ -137,7 +137,7 @@ pub(super) fn run(
             accumulation,
             exact_in,
             rounds,
-            ..
+            rounding,
         } => {
             let (xd, cd) = (dims(x), dims(cotangent));
             let (n, k) = (cd[2], grouped_rows(&xd, dims(expert_ids)[0]).1);
@@ -154,8 +154,16 @@ pub(super) fn run(
             let arithmetic = arithmetic(*accumulation, *exact_in, *rounds);
             let routing = route(ids, &dims(expert_ids), &xd, experts, arithmetic, &index)?;
             let (gs, xs) = (&buffers[cotangent.index()], &buffers[x.index()]);
-            grouped::weight_grad(&routing, gs, xs, (n, k), experts_exchange, &mut blocks)
-                .map_err(|reason| exchange_failed(kernel, reason))?;
+            grouped::weight_grad(
+                &routing,
+                gs,
+                xs,
+                (n, k),
+                *rounding,
+                experts_exchange,
+                &mut blocks,
+            )
+            .map_err(|reason| exchange_failed(kernel, reason))?;
             for (buffer, result) in written.iter().zip(results) {
                 buffers[buffer.index()] = result.restore();
             }

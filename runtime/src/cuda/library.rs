@@ -13,12 +13,12 @@
 //! | `QuantizeDequantize` (E4M3) | `fake_quantize_e4m3[_pow2]` |
 //! | `MatMul` of E4M3-rounded operands, Hopper's accumulation | `quantize` × 2, `fp8_gemm` or `fp8_gemm_fallback` ([`super::library_fp8`]) |
 //! | `GroupedMatMul` likewise | `index_group_rows`, `index_pad_groups`, `quantize`s (x's rows gathered into the padded layout), the grouped FP8 GEMM writing each row to its token-slot ([`super::library_fp8_grouped`]) |
+//! | `GroupedMatMulWeightGrad` rounding its operands along each expert's rows | `index_group_rows`, `index_pad_groups`, then `fake_quantize_gathered_128x1` × 2 and `gemm_f32_grouped_wgrad`, or with Hopper's accumulation `quantize` 128×1 × 2 and the K-grouped FP8 GEMM ([`super::library_expert_wgrad`]) |
 //!
 //! Accumulation: `Exact` runs the f32 templates. `Accumulation::HOPPER` is what the FP8 tensor
-//! cores do, so such a product runs as an FP8 GEMM when the kernels take it; otherwise (and for
-//! the experts' weight gradients, a K-grouped GEMM the templates do not have) as the f32 GEMM,
-//! summing at least as exactly, with a note in the plan's table saying why. Other limited
-//! accumulations are the CPU's emulations only.
+//! cores do, so such a product runs as an FP8 GEMM when the kernels take it; otherwise as the
+//! f32 GEMM, summing at least as exactly, with a note in the plan's table saying why. Other
+//! limited accumulations are the CPU's emulations only.
 //!
 //! `group_rows` writes its offsets and members into a scratch area of ints shared by all calls
 //! (they run one after another on one stream); the FP8 products keep their codes and scales in
@@ -31,11 +31,13 @@ use fathom_compiler::kernel::{
 };
 use fathom_kernels::gemm_f32::MAX_BATCH_AXES;
 use fathom_kernels::{
-    F32GemmKind, F32GemmParams, FakeQuantizeParams, FallbackGemmParams, Fp8GemmParams, IndexOp,
-    IndexOpParams, KernelError, KernelSource, QuantizeParams, TensorMapDesc,
+    F32GemmKind, F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams, FallbackGemmParams,
+    Fp8GemmParams, IndexOp, IndexOpParams, KernelError, KernelSource, QuantizeParams,
+    TensorMapDesc,
 };
 
 use super::CudaError;
+use super::library_expert_wgrad::{RoundedExpertWeightGrad, WeightGradCall};
 use super::library_fp8::{Fp8Product, Fp8Target, MatMulCall};
 use super::library_fp8_grouped::{Fp8GroupedProduct, GroupedCall};
 
@@ -62,6 +64,7 @@ pub enum LibraryKernel {
     Gemm(F32GemmParams),
     Index(IndexOpParams),
     FakeQuantize(FakeQuantizeParams),
+    FakeQuantizeGathered(FakeQuantizeGatheredParams),
     Quantize(QuantizeParams),
     Fp8Gemm(Fp8GemmParams),
     Fp8GemmFallback(FallbackGemmParams),
@@ -73,6 +76,7 @@ impl LibraryKernel {
             LibraryKernel::Gemm(p) => p.name(),
             LibraryKernel::Index(p) => p.name(),
             LibraryKernel::FakeQuantize(p) => p.name(),
+            LibraryKernel::FakeQuantizeGathered(p) => p.name(),
             LibraryKernel::Quantize(p) => p.name(),
             LibraryKernel::Fp8Gemm(p) => p.name(),
             LibraryKernel::Fp8GemmFallback(p) => p.name(),
@@ -84,6 +88,7 @@ impl LibraryKernel {
             LibraryKernel::Gemm(p) => p.block_threads(),
             LibraryKernel::Index(p) => p.block_threads(),
             LibraryKernel::FakeQuantize(p) => p.block_threads(),
+            LibraryKernel::FakeQuantizeGathered(p) => p.block_threads(),
             LibraryKernel::Quantize(p) => p.block_threads(),
             LibraryKernel::Fp8Gemm(p) => p.block_threads(),
             LibraryKernel::Fp8GemmFallback(p) => p.block_threads(),
@@ -103,6 +108,7 @@ impl LibraryKernel {
             LibraryKernel::Gemm(p) => p.instantiate(),
             LibraryKernel::Index(p) => p.instantiate(),
             LibraryKernel::FakeQuantize(p) => p.instantiate(),
+            LibraryKernel::FakeQuantizeGathered(p) => p.instantiate(),
             LibraryKernel::Quantize(p) => p.instantiate(),
             LibraryKernel::Fp8Gemm(p) => p.instantiate(),
             LibraryKernel::Fp8GemmFallback(p) => p.instantiate(),
@@ -447,8 +453,21 @@ impl Planner<'_> {
             | Library::GroupedMatMulWeightGrad { accumulation, .. } => *accumulation,
             _ => Accumulation::Exact,
         };
+        // The experts' weight gradient that rounds its operands along each expert's rows: its
+        // plans round them (`library_expert_wgrad`).
+        let rounded_weight_grad = self.rounded_weight_grad(call)?;
         if accumulation.is_exact() {
-            return f32_steps(None);
+            return match rounded_weight_grad {
+                Some((wgrad, group_rows)) => {
+                    let (steps, scratch_bytes) = wgrad.f32_steps(group_rows)?;
+                    Ok(PlannedCall {
+                        steps,
+                        scratch_bytes,
+                        note: None,
+                    })
+                }
+                None => f32_steps(None),
+            };
         }
         if accumulation != Accumulation::HOPPER {
             return Err(format!(
@@ -459,6 +478,24 @@ impl Planner<'_> {
         let fp8 = self
             .fp8
             .ok_or_else(|| "this GPU has no FP8 GEMM (before sm_80)".to_owned());
+        if let Some((wgrad, group_rows)) = rounded_weight_grad {
+            let planned = fp8.and_then(|target| wgrad.fp8_steps(target, group_rows.clone()));
+            return match planned {
+                Ok((steps, scratch_bytes)) => Ok(PlannedCall {
+                    steps,
+                    scratch_bytes,
+                    note: None,
+                }),
+                Err(why) => {
+                    let (steps, scratch_bytes) = wgrad.f32_steps(group_rows)?;
+                    Ok(PlannedCall {
+                        steps,
+                        scratch_bytes,
+                        note: Some(format!("f32 GEMM: {why}")),
+                    })
+                }
+            };
+        }
         let planned = match call {
             // (A product that rounds its operands as it reads them is refused by `plan`.)
             Library::MatMul {
@@ -501,8 +538,10 @@ impl Planner<'_> {
                 let group_rows = self.group_rows(*expert_ids, ids[0] * ids[1], experts)?;
                 product.steps(target, group_rows)
             }),
+            // (One that rounds its operands itself was planned above.)
             Library::GroupedMatMulWeightGrad { .. } => Err(
-                "the experts' weight gradients are a K-grouped GEMM, which has no FP8 template yet"
+                "the experts' weight gradient's operands are not rounded along each expert's \
+                 token-slots (`ExpertTiles`)"
                     .to_owned(),
             ),
             _ => return f32_steps(None),
@@ -515,6 +554,42 @@ impl Planner<'_> {
             }),
             Err(why) => f32_steps(Some(format!("f32 GEMM: {why}"))),
         }
+    }
+
+    /// For a grouped weight gradient that rounds its operands itself: its plans' view of it,
+    /// and the `group_rows` step both plans start with.
+    fn rounded_weight_grad(
+        &self,
+        call: &Library,
+    ) -> Result<Option<(RoundedExpertWeightGrad, LibraryStep)>, String> {
+        let Library::GroupedMatMulWeightGrad {
+            cotangent,
+            x,
+            expert_ids,
+            out,
+            rounding: Some(tiles),
+            ..
+        } = call
+        else {
+            return Ok(None);
+        };
+        let ExpertOutputs::Stacked(out) = out else {
+            return Err(NOT_IN_PARTS.into());
+        };
+        if self.numel(out) == 0 {
+            return Ok(None);
+        }
+        let weight_grad = WeightGradCall {
+            cotangent: *cotangent,
+            x: *x,
+            expert_ids: *expert_ids,
+            out: *out,
+            tiles: *tiles,
+        };
+        let wgrad = RoundedExpertWeightGrad::of(self.program, &weight_grad)?;
+        let ids = self.dims(expert_ids);
+        let group_rows = self.group_rows(*expert_ids, ids[0] * ids[1], self.dims(out)[0])?;
+        Ok(Some((wgrad, group_rows)))
     }
 
     fn plan(&self, call: &Library) -> Planned {
@@ -588,6 +663,7 @@ impl Planner<'_> {
                 x,
                 expert_ids,
                 out,
+                rounding,
                 ..
             } => {
                 let ExpertOutputs::Stacked(out) = out else {
@@ -598,6 +674,13 @@ impl Planner<'_> {
                 let (rows, slots) = (ids[0] * ids[1], ids[1]);
                 if experts * n * k == 0 {
                     return Ok(Vec::new());
+                }
+                if rounding.is_some() {
+                    return Err(
+                        "a weight gradient that rounds its operands is planned with the \
+                                byte scratch it needs (`RoundedExpertWeightGrad`)"
+                            .into(),
+                    );
                 }
                 let gemm = F32GemmParams::new(F32GemmKind::GroupedWeightGrad);
                 let grid = gemm.weight_grad_grid(

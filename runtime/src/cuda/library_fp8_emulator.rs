@@ -9,13 +9,13 @@ use std::collections::HashMap;
 use fathom_kernels::fp8_gemm::BLOCK_K;
 use fathom_kernels::index_ops::PAD_ALIGN;
 use fathom_kernels::{
-    BScaling, GemmGrouping, GemmOutput, IndexOp, KernelParam, QuantizeParams, TensorMapDesc,
-    TensorMapDtype,
+    BScaling, F32GemmKind, GemmGrouping, GemmOutput, IndexOp, KernelParam, QuantizeParams,
+    TensorMapDesc, TensorMapDtype,
 };
 
 use crate::cuda::library::{LibraryKernel, LibraryStep, StepArg};
 use crate::cuda::quantize_samples::expected_quantization;
-use crate::fp8::e4m3_to_f32;
+use crate::fp8::{ScaleRounding, e4m3_to_f32, fake_quantize};
 
 /// The host memory a plan's steps touch.
 pub struct Memory {
@@ -40,6 +40,8 @@ struct Operands {
     block_expert: Option<StepArg>,
     /// The row of the output each product row goes to (the scattered output).
     out_rows: Option<StepArg>,
+    /// The K-grouped GEMM's `groups + 1` segment starts along K, and the group count.
+    k_offsets: Option<(StepArg, usize)>,
 }
 
 impl Memory {
@@ -152,6 +154,7 @@ impl Memory {
                     scale_b,
                     block_expert: grouped.then(|| named["block_expert"]),
                     out_rows: scattered.then(|| named["out_rows"]),
+                    k_offsets: k_offsets(params.grouping, &named),
                 };
                 self.gemm(&named, &operands);
             }
@@ -184,10 +187,79 @@ impl Memory {
                     scale_b,
                     block_expert: grouped.then(|| named["block_expert"]),
                     out_rows: scattered.then(|| named["out_rows"]),
+                    k_offsets: k_offsets(params.grouping, &named),
                 };
                 self.gemm(&named, &operands);
             }
+            LibraryKernel::FakeQuantizeGathered(params) => {
+                let named = by_name(&params.kernel_params(), &step.args);
+                self.fake_quantize_gathered(params.pow2_scales, &named);
+            }
+            LibraryKernel::Gemm(params) if params.kind == F32GemmKind::GroupedWeightGrad => {
+                let named = by_name(&params.kernel_params(), &step.args);
+                // One expert per grid layer (`weight_grad_grid`).
+                self.f32_grouped_weight_grad(step.grid[2] as usize, &named);
+            }
             other => panic!("{} is not a kernel of the FP8 plans", other.name()),
+        }
+    }
+
+    /// `fake_quantize_gathered_128x1`: each 128 padded rows' column tile of the gathered values
+    /// (zeros for rows -1), rounded, back to the rows `out_rows` names.
+    fn fake_quantize_gathered(&mut self, pow2: bool, named: &HashMap<&str, StepArg>) {
+        let (rows, cols) = (int(named["rows"]), int(named["cols"]));
+        let rounding = if pow2 {
+            ScaleRounding::PowerOfTwo
+        } else {
+            ScaleRounding::Exact
+        };
+        for first in (0..rows).step_by(128) {
+            let tile_rows = (rows - first).min(128);
+            let row_of = |mem: &Memory, name: &str, r: usize| {
+                usize::try_from(mem.get_i32(named[name], first + r)).ok()
+            };
+            let block: Vec<f32> = (0..tile_rows * cols)
+                .map(|i| match row_of(self, "source_rows", i / cols) {
+                    Some(row) => self.get_f32(named["x"], row * cols + i % cols),
+                    None => 0.0,
+                })
+                .collect();
+            let rounded = fake_quantize(&block, &[tile_rows, cols], 128, 1, rounding).unwrap();
+            for r in 0..tile_rows {
+                if let Some(out) = row_of(self, "out_rows", r) {
+                    for c in 0..cols {
+                        self.set_f32(named["out"], out * cols + c, rounded[r * cols + c]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `gemm_f32`'s grouped weight gradient over `experts`: `out[e] = Σ g[ts]ᵀ · x[row(ts)]`
+    /// over the members `ts` of group e (f64 here), x's row `ts / slots · x_slots` (+ the slot
+    /// when x has one row per slot).
+    fn f32_grouped_weight_grad(&mut self, experts: usize, named: &HashMap<&str, StepArg>) {
+        let (slots, x_slots) = (int(named["slots"]), int(named["x_slots"]));
+        let (n, k) = (int(named["n"]), int(named["k"]));
+        let offset = |mem: &Memory, e: usize| mem.get_i32(named["offsets"], e) as usize;
+        for e in 0..experts {
+            let members: Vec<usize> = (offset(self, e)..offset(self, e + 1))
+                .map(|i| self.get_i32(named["members"], i) as usize)
+                .collect();
+            for i in 0..n {
+                for j in 0..k {
+                    let sum: f64 = members
+                        .iter()
+                        .map(|&ts| {
+                            let slot = if x_slots == 1 { 0 } else { ts % slots };
+                            let x_row = ts / slots * x_slots + slot;
+                            f64::from(self.get_f32(named["g"], ts * n + i))
+                                * f64::from(self.get_f32(named["x"], x_row * k + j))
+                        })
+                        .sum();
+                    self.set_f32(named["out"], (e * n + i) * k + j, sum as f32);
+                }
+            }
         }
     }
 
@@ -279,6 +351,9 @@ impl Memory {
     /// scattered output (no row where -1) and `i` otherwise; rows of a block of expert -1 are
     /// not written.
     fn gemm(&mut self, named: &HashMap<&str, StepArg>, operands: &Operands) {
+        if let Some((offsets, groups)) = operands.k_offsets {
+            return self.k_grouped_gemm(named, operands, (offsets, groups));
+        }
         let (m, n, k) = (int(named["m"]), int(named["n"]), int(named["k"]));
         let block = BLOCK_K as usize;
         for i in 0..m {
@@ -314,6 +389,48 @@ impl Memory {
             }
         }
     }
+}
+
+impl Memory {
+    /// The K-grouped GEMM: `out[g][i][j] = Σ_kb sa(kb, i) · sb(kb, j) · Σ_{p in kb} a(i, p) ·
+    /// b(j, p)` over the K blocks of group g's segment `[k_offsets[g], k_offsets[g + 1])` (in
+    /// f64), every group's `[M][N]` written (zeros for an empty segment).
+    fn k_grouped_gemm(
+        &mut self,
+        named: &HashMap<&str, StepArg>,
+        operands: &Operands,
+        (offsets, groups): (StepArg, usize),
+    ) {
+        let (m, n) = (int(named["m"]), int(named["n"]));
+        let block = BLOCK_K as usize;
+        for g in 0..groups {
+            let start = usize::try_from(self.get_i32(offsets, g)).unwrap();
+            let end = usize::try_from(self.get_i32(offsets, g + 1)).unwrap();
+            assert!(start % block == 0 && end % block == 0 && start <= end);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut sum = 0f64;
+                    for kb in start / block..end / block {
+                        let partial: f64 = (kb * block..kb * block + block)
+                            .map(|p| {
+                                f64::from(e4m3_to_f32((operands.a)(self, i, p)))
+                                    * f64::from(e4m3_to_f32((operands.b)(self, j, p)))
+                            })
+                            .sum();
+                        let scales = f64::from((operands.scale_a)(self, kb, i))
+                            * f64::from((operands.scale_b)(self, kb, j));
+                        sum += partial * scales;
+                    }
+                    self.set_f32(named["out"], (g * m + i) * n + j, sum as f32);
+                }
+            }
+        }
+    }
+}
+
+/// The K-grouped GEMM's segments: its `k_offsets` and `groups` arguments.
+fn k_offsets(grouping: GemmGrouping, named: &HashMap<&str, StepArg>) -> Option<(StepArg, usize)> {
+    (grouping == GemmGrouping::KGrouped).then(|| (named["k_offsets"], int(named["groups"])))
 }
 
 /// B's 128×128 block scales, `[groups][ceil(N/128)][ceil(K/128)]`, by (K block, row of B).

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use fathom_compiler::compile::{CompileOptions, compile};
-use fathom_compiler::graph::{Accumulation, QuantFormat};
+use fathom_compiler::graph::{Accumulation, ExpertTiles, Op, QuantFormat};
 use fathom_compiler::kernel::{KernelBody, Library, Program};
 use fathom_compiler::{DType, GraphBuilder, GraphError, Tensor, TensorType};
 use rand::{Rng, SeedableRng};
@@ -243,7 +243,8 @@ impl Samples {
             for kernel in &mut program.kernels {
                 if let KernelBody::Library(
                     Library::MatMul { accumulation, .. }
-                    | Library::GroupedMatMul { accumulation, .. },
+                    | Library::GroupedMatMul { accumulation, .. }
+                    | Library::GroupedMatMulWeightGrad { accumulation, .. },
                 ) = &mut kernel.body
                 {
                     *accumulation = Accumulation::HOPPER;
@@ -408,5 +409,29 @@ pub fn library_samples() -> Result<Vec<LibrarySample>, String> {
         let weights = b.quantize_dequantize(x[1], e4m3, (128, 128), false)?;
         b.grouped_matmul(rows, weights, x[2])
     })?;
+    // Its weight gradient, rounding both operands in 128×1 tiles along each expert's
+    // token-slots: the K-grouped FP8 GEMM (`cuda::library_expert_wgrad`).
+    let inputs = vec![
+        s.floats(&[tokens, slots, n]),
+        s.floats(&[tokens, 1, k]),
+        s.ints(&[tokens, slots], experts),
+    ];
+    s.add(
+        "fp8_grouped_matmul_weight_grad",
+        inputs,
+        similar,
+        &mut |b, x| {
+            let op = Op::GroupedMatMulWeightGrad {
+                experts,
+                accumulation: Accumulation::Exact,
+                rounding: Some(ExpertTiles {
+                    format: e4m3,
+                    tile_rows: 128,
+                    pow2_scales: false,
+                }),
+            };
+            b.push(op, &[x[0], x[1], x[2]], None)
+        },
+    )?;
     Ok(s.out)
 }

@@ -17,6 +17,7 @@ pub mod device;
 pub mod executor;
 pub mod fp8_gemm;
 pub mod library;
+pub mod library_expert_wgrad;
 pub mod library_fp8;
 pub mod library_fp8_grouped;
 pub mod library_samples;

@@ -128,7 +128,16 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
         Op::GroupedMatMulWeightGrad {
             experts,
             accumulation,
-        } => linalg::grouped_matmul_weight_grad(at, *experts, *accumulation, x[0], x[1], x[2]),
+            rounding,
+        } => linalg::grouped_matmul_weight_grad(
+            at,
+            *experts,
+            *accumulation,
+            *rounding,
+            x[0],
+            x[1],
+            x[2],
+        ),
         Op::Stack => movement::stack(at, x),
         Op::CrossEntropy => loss::cross_entropy(at, x[0], x[1]),
         // The forward's loss (x[2]) is a shortcut for compiled kernels; the definition needs

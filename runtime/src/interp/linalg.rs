@@ -6,13 +6,15 @@
 use std::borrow::Cow;
 
 use fathom_compiler::DType;
-use fathom_compiler::graph::{Accumulation, MatMulPart, ReduceOp, Triangle, Triangular};
+use fathom_compiler::graph::{
+    Accumulation, ExpertTiles, MatMulPart, QuantFormat, ReduceOp, Triangle, Triangular,
+};
 
 use super::error::InterpError;
 use super::eval::At;
 use super::layout::{StridedOffsets, split_at_axis};
 use super::numeric::{round_f64, wrap_int};
-use crate::fp8::LimitedSum;
+use crate::fp8::{LimitedSum, ScaleRounding, fake_quantize};
 use crate::tensor::{Data, HostTensor};
 
 /// Reduces `axis`. Seen as an `[outer, len, inner]` array, the result is `[outer, inner]` in
@@ -226,11 +228,13 @@ pub(super) fn grouped_matmul(
 /// `out[e] = Σ cotangent[t, s]ᵀ · x[t, s or 0]` over the token-slots `(t, s)` routed to expert
 /// `e`, an `[n, k]` matrix per expert (the weight gradient of [`grouped_matmul`]). Each result
 /// element accumulates in f64, in `(t, s)` order, and rounds once; an expert that got no token
-/// gets exact zeros. Expert ids outside `0..experts` are an error.
+/// gets exact zeros. Expert ids outside `0..experts` are an error. With `rounding`, each
+/// expert's rows of both operands are first rounded in its own tiles ([`ExpertTiles`]).
 pub(super) fn grouped_matmul_weight_grad(
     at: At<'_>,
     experts: usize,
     accumulation: Accumulation,
+    rounding: Option<ExpertTiles>,
     cotangent: &HostTensor,
     x: &HostTensor,
     expert_ids: &HostTensor,
@@ -240,44 +244,74 @@ pub(super) fn grouped_matmul_weight_grad(
     let (x_slots, k) = (x.dims()[1], x.dims()[2]);
     let n = cotangent.dims()[2];
     let dtype = at.out_dtype();
-    if !accumulation.is_exact() {
-        // Per expert, K is its token-slots in (t, s) order: each is a row of the cotangent
-        // (offset) and of x.
-        let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); experts];
-        for t in 0..tokens {
-            for s in 0..slots {
-                let expert = at.index(ids[t * slots + s], experts)?;
-                let x_slot = if x_slots == 1 { 0 } else { s };
-                members[expert].push(((t * slots + s) * n, (t * x_slots + x_slot) * k));
-            }
-        }
-        let mut values = Vec::with_capacity(experts * n * k);
-        for rows in &members {
-            let limited = LimitedSum::new(accumulation, rows.len()).expect("not exact");
-            for row in 0..n {
-                values.extend((0..k).map(|col| {
-                    let pairs = rows.iter().map(|&(c, x)| (cv[c + row], xv[x + col]));
-                    round_f64(dtype, f64::from(limited.dot(pairs)))
-                }));
-            }
-        }
-        return Ok(at.tensor(Data::Float(values)));
-    }
-    let mut sums = vec![0.0f64; experts * n * k];
+    // Per expert, K is its token-slots in (t, s) order: each is a row of the cotangent and of x.
+    let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); experts];
     for t in 0..tokens {
         for s in 0..slots {
             let expert = at.index(ids[t * slots + s], experts)?;
             let x_slot = if x_slots == 1 { 0 } else { s };
-            let x_row = &xv[(t * x_slots + x_slot) * k..][..k];
-            let c_row = &cv[(t * slots + s) * n..][..n];
-            for (row, &c) in c_row.iter().enumerate() {
-                let out_row = &mut sums[(expert * n + row) * k..][..k];
-                for (sum, &xe) in out_row.iter_mut().zip(x_row) {
-                    *sum += f64::from(c) * f64::from(xe);
+            members[expert].push((t * slots + s, t * x_slots + x_slot));
+        }
+    }
+    let mut values = Vec::with_capacity(experts * n * k);
+    for rows in &members {
+        // The expert's rows, gathered (and rounded in its own tiles).
+        let gathered = |source: &[f32], width: usize, row_of: fn(&(usize, usize)) -> usize| {
+            let matrix: Vec<f32> = rows
+                .iter()
+                .flat_map(|r| &source[row_of(r) * width..][..width])
+                .copied()
+                .collect();
+            match rounding {
+                None => Ok(matrix),
+                Some(tiles) => round_in_expert_tiles(at, tiles, &matrix, width),
+            }
+        };
+        let c_rows = gathered(cv, n, |&(c, _)| c)?;
+        let x_rows = gathered(xv, k, |&(_, x)| x)?;
+        let (c_rows, x_rows) = (&c_rows, &x_rows);
+        let pairs = move |row: usize, col: usize| {
+            (0..rows.len()).map(move |r| (c_rows[r * n + row], x_rows[r * k + col]))
+        };
+        match LimitedSum::new(accumulation, rows.len()) {
+            Some(limited) => {
+                for row in 0..n {
+                    values.extend(
+                        (0..k).map(|col| round_f64(dtype, f64::from(limited.dot(pairs(row, col))))),
+                    );
+                }
+            }
+            None => {
+                for row in 0..n {
+                    values.extend((0..k).map(|col| {
+                        let sum: f64 = pairs(row, col)
+                            .map(|(c, x)| f64::from(c) * f64::from(x))
+                            .sum();
+                        round_f64(dtype, sum)
+                    }));
                 }
             }
         }
     }
-    let values = sums.into_iter().map(|v| round_f64(dtype, v)).collect();
     Ok(at.tensor(Data::Float(values)))
+}
+
+/// An expert's `[rows, width]` operand rounded as [`ExpertTiles`] says: tiles of `tile_rows`
+/// rows × 1 column, from its first row.
+fn round_in_expert_tiles(
+    at: At<'_>,
+    tiles: ExpertTiles,
+    matrix: &[f32],
+    width: usize,
+) -> Result<Vec<f32>, InterpError> {
+    let rounding = if tiles.pow2_scales {
+        ScaleRounding::PowerOfTwo
+    } else {
+        ScaleRounding::Exact
+    };
+    let rows = matrix.len() / width.max(1);
+    match tiles.format {
+        QuantFormat::E4M3 => fake_quantize(matrix, &[rows, width], tiles.tile_rows, 1, rounding),
+    }
+    .map_err(|e| at.internal(e.to_string()))
 }

@@ -207,7 +207,12 @@ impl Lowering<'_> {
         out: ExpertOutputs,
     ) -> Result<Library, LowerError> {
         let node = self.graph.node(id);
-        let Op::GroupedMatMulWeightGrad { accumulation, .. } = node.op else {
+        let Op::GroupedMatMulWeightGrad {
+            accumulation,
+            rounding,
+            ..
+        } = node.op
+        else {
             unreachable!("a grouped weight gradient")
         };
         let inputs = &node.inputs;
@@ -220,6 +225,7 @@ impl Lowering<'_> {
             accumulation,
             exact_in,
             rounds: self.rounds(exact_in),
+            rounding,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! Reduce, matmul, grouped matmul, and softmax built from them.
 
 use fathom_compiler::DType;
-use fathom_compiler::graph::ReduceOp;
+use fathom_compiler::graph::{ExpertTiles, Op, QuantFormat, ReduceOp};
 
 use super::*;
 
@@ -245,5 +245,100 @@ fn softmax_matches_a_hand_computed_one() -> TestResult {
         &[0.0900306, 0.2447285, 0.6652410, third, third, third],
         1e-6,
     );
+    Ok(())
+}
+
+/// A grouped weight gradient whose operands it rounds itself, in `tile_rows`×1 tiles along each
+/// expert's token-slots.
+fn rounded_weight_grad(
+    g: &mut GraphBuilder,
+    [cotangent, x, ids]: [Tensor; 3],
+    experts: usize,
+    tile_rows: usize,
+) -> Result<Tensor, GraphError> {
+    let op = Op::GroupedMatMulWeightGrad {
+        experts,
+        accumulation: Default::default(),
+        rounding: Some(ExpertTiles {
+            format: QuantFormat::E4M3,
+            tile_rows,
+            pow2_scales: false,
+        }),
+    };
+    g.push(op, &[cotangent, x, ids], None)
+}
+
+#[test]
+fn expert_tiles_with_one_expert_are_tiles_along_the_token_slots() -> TestResult {
+    // 10 tokens × 2 slots, all routed to expert 0: its K is every token-slot in (t, s) order,
+    // so its 4×1 tiles are those of the token-slots laid out as rows; x once per slot and
+    // once per token (rounded once per slot: each slot is a row of K).
+    let (tokens, slots, n, k, tile) = (10, 2, 3, 5, 4);
+    let spread = |len: usize, seed: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 97.0 - 10.0)
+            .collect()
+    };
+    let cotangent = f32s(&[tokens, slots, n], &spread(tokens * slots * n, 1));
+    let ids = i64s(&[tokens, slots], &vec![0; tokens * slots]);
+    for x_slots in [slots, 1] {
+        let x = f32s(&[tokens, x_slots, k], &spread(tokens * x_slots * k, 2));
+        let feeds = [
+            ("cotangent", cotangent.clone()),
+            ("x", x),
+            ("ids", ids.clone()),
+        ];
+        let rounded = eval_one(&feeds, |g, t| {
+            rounded_weight_grad(g, [t[0], t[1], t[2]], 2, tile)
+        })?;
+        let along_token_slots = eval_one(&feeds, |g, t| {
+            let x = g.expand(t[1], &[tokens, slots, k])?;
+            let [c, x] = [(t[0], n), (x, k)].map(|(v, width)| {
+                let rows = g.reshape(v, &[tokens * slots, width])?;
+                let q = g.quantize_dequantize(rows, QuantFormat::E4M3, (tile, 1), false)?;
+                g.reshape(q, &[tokens, slots, width])
+            });
+            g.grouped_matmul_weight_grad(c?, x?, t[2], 2)
+        })?;
+        assert_eq!(
+            rounded.as_f32().unwrap(),
+            along_token_slots.as_f32().unwrap()
+        );
+        let unrounded = eval_one(&feeds, |g, t| {
+            g.grouped_matmul_weight_grad(t[0], t[1], t[2], 2)
+        })?;
+        assert_ne!(
+            rounded.as_f32().unwrap(),
+            unrounded.as_f32().unwrap(),
+            "the rounding ran"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn expert_tiles_start_afresh_at_every_expert() -> TestResult {
+    // Tokens alternate between two experts: expert 0's values are tiny, expert 1's large. In
+    // tiles of its own, each expert's values are exact in E4M3 (each is its tile's largest
+    // value over 1, 2 or 4); a tile over all four tokens would scale by expert 1's values and
+    // flush expert 0's to zero.
+    let ids = i64s(&[4, 1], &[0, 1, 0, 1]);
+    let small = [
+        2f32.powi(-10),
+        2f32.powi(-11),
+        2f32.powi(-12),
+        2f32.powi(-10),
+    ];
+    let cotangent = f32s(&[4, 1, 1], &[small[0], 1000.0, small[1], 500.0]);
+    let x = f32s(&[4, 1, 1], &[small[2], 250.0, small[3], 1000.0]);
+    let feeds = [("cotangent", cotangent), ("x", x), ("ids", ids)];
+    let out = eval_one(&feeds, |g, t| {
+        rounded_weight_grad(g, [t[0], t[1], t[2]], 2, 4)
+    })?;
+    let expected = [
+        small[0] * small[2] + small[1] * small[3],
+        1000.0 * 250.0 + 500.0 * 1000.0,
+    ];
+    assert_f32(&out, &[2, 1, 1], &expected);
     Ok(())
 }
