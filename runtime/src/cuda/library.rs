@@ -325,6 +325,33 @@ struct PlannedCall {
     note: Option<String>,
 }
 
+/// A plan's steps and the byte scratch they use, or why there is none.
+type StepsAndScratch = Result<(Vec<LibraryStep>, usize), String>;
+
+/// The FP8 plan when one was made and the kernels take the call; else the f32 plan, with the
+/// reason when an FP8 GEMM was asked for.
+fn fp8_or_f32(
+    fp8_plan: Option<StepsAndScratch>,
+    f32_plan: impl FnOnce() -> StepsAndScratch,
+) -> Result<PlannedCall, String> {
+    Ok(match fp8_plan {
+        Some(Ok(planned)) => PlannedCall::of(planned, None),
+        Some(Err(why)) => PlannedCall::of(f32_plan()?, Some(format!("f32 GEMM: {why}"))),
+        None => PlannedCall::of(f32_plan()?, None),
+    })
+}
+
+impl PlannedCall {
+    /// Steps and the byte scratch they use, with the plan's note.
+    fn of((steps, scratch_bytes): (Vec<LibraryStep>, usize), note: Option<String>) -> Self {
+        PlannedCall {
+            steps,
+            scratch_bytes,
+            note,
+        }
+    }
+}
+
 impl Planner<'_> {
     fn dims(&self, b: &BufferId) -> &[usize] {
         self.program.buffer(*b).ty.dims()
@@ -440,63 +467,34 @@ impl Planner<'_> {
     /// The call's steps: an FP8 GEMM for a product with Hopper's accumulation when the kernels
     /// take it, the f32 templates otherwise.
     fn plan_call(&self, call: &Library) -> Result<PlannedCall, String> {
-        let f32_steps = |note: Option<String>| -> Result<PlannedCall, String> {
-            Ok(PlannedCall {
-                steps: self.plan(call)?,
-                scratch_bytes: 0,
-                note,
-            })
-        };
         let accumulation = match call {
             Library::MatMul { accumulation, .. }
             | Library::GroupedMatMul { accumulation, .. }
             | Library::GroupedMatMulWeightGrad { accumulation, .. } => *accumulation,
             _ => Accumulation::Exact,
         };
-        // The experts' weight gradient that rounds its operands along each expert's rows: its
-        // plans round them (`library_expert_wgrad`).
-        let rounded_weight_grad = self.rounded_weight_grad(call)?;
-        if accumulation.is_exact() {
-            return match rounded_weight_grad {
-                Some((wgrad, group_rows)) => {
-                    let (steps, scratch_bytes) = wgrad.f32_steps(group_rows)?;
-                    Ok(PlannedCall {
-                        steps,
-                        scratch_bytes,
-                        note: None,
-                    })
-                }
-                None => f32_steps(None),
-            };
-        }
-        if accumulation != Accumulation::HOPPER {
+        if !accumulation.is_exact() && accumulation != Accumulation::HOPPER {
             return Err(format!(
                 "accumulation {accumulation} is emulated on the CPU only; on a GPU use `exact` \
                  or `hopper` (the FP8 tensor cores' own)"
             ));
         }
-        let fp8 = self
-            .fp8
-            .ok_or_else(|| "this GPU has no FP8 GEMM (before sm_80)".to_owned());
-        if let Some((wgrad, group_rows)) = rounded_weight_grad {
-            let planned = fp8.and_then(|target| wgrad.fp8_steps(target, group_rows.clone()));
-            return match planned {
-                Ok((steps, scratch_bytes)) => Ok(PlannedCall {
-                    steps,
-                    scratch_bytes,
-                    note: None,
-                }),
-                Err(why) => {
-                    let (steps, scratch_bytes) = wgrad.f32_steps(group_rows)?;
-                    Ok(PlannedCall {
-                        steps,
-                        scratch_bytes,
-                        note: Some(format!("f32 GEMM: {why}")),
-                    })
-                }
-            };
+        // With Hopper's accumulation, the FP8 GEMM of this GPU, or why it has none.
+        let fp8 = (!accumulation.is_exact()).then(|| {
+            self.fp8
+                .ok_or_else(|| "this GPU has no FP8 GEMM (before sm_80)".to_owned())
+        });
+        // The experts' weight gradient that rounds its operands along each expert's rows: its
+        // plans round them (`library_expert_wgrad`).
+        if let Some((wgrad, group_rows)) = self.rounded_weight_grad(call)? {
+            let fp8_plan = fp8.map(|target| wgrad.fp8_steps(target?, group_rows.clone()));
+            return fp8_or_f32(fp8_plan, || wgrad.f32_steps(group_rows));
         }
-        let planned = match call {
+        let f32_plan = || Ok((self.plan(call)?, 0));
+        let Some(fp8) = fp8 else {
+            return fp8_or_f32(None, f32_plan);
+        };
+        let fp8_plan = match call {
             // (A product that rounds its operands as it reads them is refused by `plan`.)
             Library::MatMul {
                 batch,
@@ -544,16 +542,9 @@ impl Planner<'_> {
                  token-slots (`ExpertTiles`)"
                     .to_owned(),
             ),
-            _ => return f32_steps(None),
+            _ => return fp8_or_f32(None, f32_plan),
         };
-        match planned {
-            Ok((steps, scratch_bytes)) => Ok(PlannedCall {
-                steps,
-                scratch_bytes,
-                note: None,
-            }),
-            Err(why) => f32_steps(Some(format!("f32 GEMM: {why}"))),
-        }
+        fp8_or_f32(Some(fp8_plan), f32_plan)
     }
 
     /// For a grouped weight gradient that rounds its operands itself: its plans' view of it,
