@@ -94,7 +94,9 @@ __device__ __forceinline__ void quantize_1x128_gathered(const In* __restrict__ x
 
 // One CTA (256 threads) per 128x128 block: amax over the block, then quantise (re-reading the
 // input, which is in L2 by then). TRANSPOSE stages the bytes in shared memory and writes q^T.
-// Grid: (ceil(cols / 128), ceil(rows / 128)).
+// Grid: (ceil(cols / 128), ceil(rows / 128), matrices): blockIdx.z picks one of a stack of
+// [rows][cols] matrices (the experts' weights, one launch for all), whose codes and scales are
+// stacked likewise, each matrix's as one matrix's would be.
 template <class In, bool POW2, bool TRANSPOSE>
 __device__ __forceinline__ void quantize_128x128(const In* __restrict__ x, u8* __restrict__ q,
                                                  float* __restrict__ scales, int rows, int cols) {
@@ -102,6 +104,14 @@ __device__ __forceinline__ void quantize_128x128(const In* __restrict__ x, u8* _
   constexpr int T_STRIDE = 144;  // bytes per staged q^T row (128 + 16 keeps 16-byte alignment)
   __shared__ float warp_amax[THREADS / 32];
   __shared__ __align__(16) u8 staged[TRANSPOSE ? 128 * T_STRIDE : 16];
+  {
+    const long long matrix = blockIdx.z;
+    const long long code_rows = TRANSPOSE ? cols : rows;
+    const long long code_cols = TRANSPOSE ? (rows + 15) / 16 * 16 : (cols + 15) / 16 * 16;
+    x += matrix * rows * cols;
+    q += matrix * code_rows * code_cols;
+    scales += matrix * gridDim.x * gridDim.y;
+  }
   const int r0 = blockIdx.y * 128;
   const int c0 = blockIdx.x * 128;
   const int lc = (threadIdx.x % 32) * 4;  // 4 columns per thread

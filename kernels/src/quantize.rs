@@ -32,7 +32,8 @@ pub enum QuantizeKind {
     /// Weights: one scale per 128×128 block; `q [rows][round_up(cols, 16)]`, scales
     /// `[ceil(rows/128)][ceil(cols/128)]`; `transpose` writes `q [cols][round_up(rows, 16)]` and
     /// scales `[ceil(cols/128)][ceil(rows/128)]` instead (the input-gradient GEMM's Wᵀ; equal to
-    /// transposing the plain result).
+    /// transposing the plain result). A launch may take a stack of such matrices (the experts'
+    /// weights, [`QuantizeParams::stacked_grid`]): codes and scales stacked likewise.
     Block128x128 { transpose: bool },
     /// Transposed re-tiling for the weight-gradient GEMM: `q [cols][round_up(rows, 16)]` with one
     /// scale per 128 input rows of each column, scales `[ceil(rows/128)][round_up(cols, 4)]`.
@@ -125,6 +126,33 @@ impl QuantizeParams {
                 [cols.div_ceil(32), rows.div_ceil(128), 1]
             }
         }
+    }
+
+    /// [`grid`](Self::grid) for `matrices` `[rows][cols]` matrices one after another (128×128
+    /// blocks only: a grid layer per matrix).
+    pub fn stacked_grid(
+        &self,
+        rows: u32,
+        cols: u32,
+        matrices: u32,
+    ) -> Result<[u32; 3], KernelError> {
+        let blocks = matches!(self.kind, QuantizeKind::Block128x128 { .. });
+        check_problem(
+            blocks || matrices == 1,
+            TEMPLATE,
+            "matrices",
+            matrices,
+            "1 (only the 128x128 blocks quantise a stack of matrices in one launch)",
+        )?;
+        check_problem(
+            (1..=65_535).contains(&matrices),
+            TEMPLATE,
+            "matrices",
+            matrices,
+            "1 to 65535 (a grid's z extent)",
+        )?;
+        let [x, y, _] = self.grid(rows, cols);
+        Ok([x, y, matrices])
     }
 
     /// The codes' layout for a `[rows][cols]` input: `[rows][cols]` of the output as written,
@@ -261,6 +289,13 @@ mod tests {
         assert!(retiled.check_problem(62, 40).is_ok());
         assert_eq!(retiled.codes_shape(62, 40), (40, 64));
         assert_eq!(wt.codes_shape(100, 40), (40, 112));
+        // The experts' weights in one launch: a grid layer each; the other kinds one matrix.
+        assert_eq!(wt.stacked_grid(100, 256, 256).unwrap(), [2, 1, 256]);
+        assert!(wt.stacked_grid(100, 256, 0).is_err());
+        assert!(wt.stacked_grid(100, 256, 70_000).is_err());
+        let err = act.stacked_grid(3, 62, 2).unwrap_err().to_string();
+        assert!(err.contains("matrices"), "{err}");
+        assert_eq!(act.stacked_grid(3, 62, 1).unwrap(), act.grid(3, 62));
         let source = wt.instantiate().expect("valid");
         assert!(
             source

@@ -194,6 +194,7 @@ impl RoundedExpertWeightGrad {
             source_rows: Some(StepArg::Bytes(source_rows)),
             rows: m_padded,
             cols,
+            matrices: 1,
         };
         let a = transposed(self.cotangent, padded.out_rows, n);
         let b = transposed(self.x, padded.source_rows, k);

@@ -79,30 +79,34 @@ pub(crate) struct Fp8Operand {
     pub source: StepArg,
     /// For the gathered kind: where the source row of each output row lies.
     pub source_rows: Option<StepArg>,
-    /// The source as the quantize kernel reads it: `[rows][cols]`.
+    /// The source as the quantize kernel reads it: `[rows][cols]`, or `matrices` of them one
+    /// after another (the experts' weights, quantised in one launch).
     pub rows: usize,
     pub cols: usize,
+    pub matrices: usize,
 }
 
 impl Fp8Operand {
-    /// Bytes of the codes, their rows' padding included.
+    /// Bytes of the codes, their rows' padding included (every matrix's, one after another).
     pub(crate) fn code_bytes(&self) -> usize {
         let (rows, cols) = self.quantize.codes_shape(self.rows, self.cols);
-        rows * cols
+        self.matrices * rows * cols
     }
 
-    /// Bytes of the scales, in the layout `quantize` writes (see `QuantizeKind`).
+    /// Bytes of the scales, in the layout `quantize` writes (see `QuantizeKind`; every
+    /// matrix's, one after another).
     pub(crate) fn scale_bytes(&self) -> usize {
         let (rows, cols) = (self.rows, self.cols);
-        4 * match self.quantize.kind {
-            QuantizeKind::Tile1x128 | QuantizeKind::GatheredTile1x128 => {
-                cols.div_ceil(128) * rows.next_multiple_of(4)
+        4 * self.matrices
+            * match self.quantize.kind {
+                QuantizeKind::Tile1x128 | QuantizeKind::GatheredTile1x128 => {
+                    cols.div_ceil(128) * rows.next_multiple_of(4)
+                }
+                QuantizeKind::Block128x128 { .. } => rows.div_ceil(128) * cols.div_ceil(128),
+                QuantizeKind::Tile128x1Transposed | QuantizeKind::GatheredTile128x1Transposed => {
+                    rows.div_ceil(128) * cols.next_multiple_of(4)
+                }
             }
-            QuantizeKind::Block128x128 { .. } => rows.div_ceil(128) * cols.div_ceil(128),
-            QuantizeKind::Tile128x1Transposed | QuantizeKind::GatheredTile128x1Transposed => {
-                rows.div_ceil(128) * cols.next_multiple_of(4)
-            }
-        }
     }
 }
 
@@ -183,6 +187,7 @@ impl Rounding {
             source_rows: None,
             rows: self.rows(),
             cols: self.cols(),
+            matrices: 1,
         }
     }
 }
@@ -455,10 +460,9 @@ pub(crate) fn quantize_step(
     scales: usize,
 ) -> Result<LibraryStep, String> {
     let params = operand.quantize;
-    let (rows, cols) = (
-        u32::try_from(operand.rows).map_err(|e| e.to_string())?,
-        u32::try_from(operand.cols).map_err(|e| e.to_string())?,
-    );
+    let [rows, cols, matrices] = [operand.rows, operand.cols, operand.matrices]
+        .map(|v| u32::try_from(v).map_err(|e| e.to_string()));
+    let (rows, cols, matrices) = (rows?, cols?, matrices?);
     params
         .check_problem(rows, cols)
         .map_err(|e| e.to_string())?;
@@ -474,7 +478,9 @@ pub(crate) fn quantize_step(
     }
     Ok(LibraryStep {
         kernel: LibraryKernel::Quantize(params),
-        grid: params.grid(rows, cols),
+        grid: params
+            .stacked_grid(rows, cols, matrices)
+            .map_err(|e| e.to_string())?,
         args: ordered(&params.name(), &params.kernel_params(), &named)?,
     })
 }

@@ -120,7 +120,12 @@ impl Memory {
     /// Runs one step.
     pub fn run(&mut self, step: &LibraryStep) {
         match step.kernel {
-            LibraryKernel::Quantize(params) => self.quantize(params, &step.args),
+            // A grid layer per matrix of a stack (`QuantizeParams::stacked_grid`).
+            LibraryKernel::Quantize(params) => {
+                for matrix in 0..step.grid[2] as usize {
+                    self.quantize(params, &step.args, matrix);
+                }
+            }
             LibraryKernel::Index(params) => {
                 let named = by_name(&params.kernel_params(), &step.args);
                 self.index(params.op, &named);
@@ -263,10 +268,13 @@ impl Memory {
         }
     }
 
-    fn quantize(&mut self, params: QuantizeParams, args: &[StepArg]) {
+    /// `quantize` of matrix `matrix` of a stack of `[rows][cols]` matrices (0 for one), its codes
+    /// and scales after the previous matrices'.
+    fn quantize(&mut self, params: QuantizeParams, args: &[StepArg], matrix: usize) {
         let named = by_name(&params.kernel_params(), args);
         let (x, q, s) = (named["x"], named["q"], named["scales"]);
         let (rows, cols) = (int(named["rows"]), int(named["cols"]));
+        let first = matrix * rows * cols;
         // Row r of what is quantised: x's row r, or for the gathered kind x's row
         // source_rows[r] (zeros for -1).
         let source = |mem: &Memory, r: usize| match named.get("source_rows") {
@@ -275,15 +283,15 @@ impl Memory {
         };
         let x: Vec<f32> = (0..rows * cols)
             .map(|i| match source(self, i / cols) {
-                Some(row) => self.get_f32(x, row * cols + i % cols),
+                Some(row) => self.get_f32(x, first + row * cols + i % cols),
                 None => 0.0,
             })
             .collect();
         let (codes, scales) = expected_quantization(params, &x, rows, cols).unwrap();
-        let q = bytes(q);
+        let q = bytes(q) + matrix * codes.len();
         self.bytes[q..q + codes.len()].copy_from_slice(&codes);
         for (i, scale) in scales.iter().enumerate() {
-            self.set_f32(s, i, *scale);
+            self.set_f32(s, matrix * scales.len() + i, *scale);
         }
     }
 

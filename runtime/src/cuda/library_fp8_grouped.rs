@@ -7,8 +7,7 @@
 //!    (`m_padded` rows in all: enough for any routing), the expert of each 128-row block (-1
 //!    past the last segment), and each padded row's row of x and token-slot (-1 for padding);
 //! 3. `quantize` 1×128 of x's rows gathered into that layout (zeros for padding);
-//! 4. `quantize` 128×128 of each expert's weight (one launch for all experts when their blocks
-//!    cannot straddle two, i.e. stored `[N][K]` with N a multiple of 128);
+//! 4. `quantize` 128×128 of every expert's weight, in one launch (a grid layer per expert);
 //! 5. the grouped FP8 GEMM (padding blocks skipped), each row written straight to its
 //!    token-slot's row of the output (`GemmOutput::F32Scattered`).
 //!
@@ -141,8 +140,9 @@ impl Fp8GroupedProduct {
             source_rows: None,
             rows: m_padded,
             cols: k,
+            matrices: 1,
         };
-        let b = self.expert_weight(0);
+        let b = self.expert_weights();
         let mut layout = ScratchLayout::default();
         let sizes = (experts, self.slots, self.x_slots, m_padded);
         let (pad_groups, padded) = PaddedRows::step(&mut layout, sizes);
@@ -151,8 +151,8 @@ impl Fp8GroupedProduct {
             layout.region(a.scale_bytes()),
         );
         let (qb, sb) = (
-            layout.region(experts * b.code_bytes()),
-            layout.region(experts * b.scale_bytes()),
+            layout.region(b.code_bytes()),
+            layout.region(b.scale_bytes()),
         );
         let mut steps = vec![group_rows, pad_groups];
         let gathered = Fp8Operand {
@@ -160,20 +160,7 @@ impl Fp8GroupedProduct {
             ..a
         };
         steps.push(quantize_step(&gathered, qa, sa)?);
-        // One launch for all experts when no 128×128 block can straddle two of them.
-        if !self.w_transposed && n % 128 == 0 {
-            let all = Fp8Operand {
-                rows: experts * n,
-                ..b
-            };
-            steps.push(quantize_step(&all, qb, sb)?);
-        } else {
-            for e in 0..experts {
-                let one = self.expert_weight(e);
-                let codes = qb + e * one.code_bytes();
-                steps.push(quantize_step(&one, codes, sb + e * one.scale_bytes())?);
-            }
-        }
+        steps.push(quantize_step(&b, qb, sb)?);
         let regions = GemmRegions { qa, sa, qb, sb };
         let shape = (BScaling::Block128x128, GemmGrouping::Contiguous);
         let out = GemmOut {
@@ -185,8 +172,9 @@ impl Fp8GroupedProduct {
         Ok((steps, layout.bytes))
     }
 
-    /// Expert `e`'s weight as an operand quantised into B's `[N][K]` with 128×128 block scales.
-    fn expert_weight(&self, e: usize) -> Fp8Operand {
+    /// The experts' weights as one operand, each quantised into B's `[N][K]` with 128×128 block
+    /// scales, in one launch (a grid layer per expert).
+    fn expert_weights(&self) -> Fp8Operand {
         let (rows, cols) = if self.w_transposed {
             (self.k, self.n)
         } else {
@@ -200,10 +188,11 @@ impl Fp8GroupedProduct {
                 input: QuantizeInput::F32,
                 pow2_scales: self.w_pow2,
             },
-            source: StepArg::Buffer(self.weights, e * rows * cols),
+            source: StepArg::Buffer(self.weights, 0),
             source_rows: None,
             rows,
             cols,
+            matrices: self.experts,
         }
     }
 }
