@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::bf16::{self, Matrix, Output};
 use super::product::{Arithmetic, multiply};
-use crate::fp8::{ScaleRounding, fake_quantize};
+use crate::fp8::{ScaleRounding, fake_quantize_in_place};
 use crate::parallel::{ExpertExchange, gathered_at_owners, products_where_owned};
 
 /// Which rows go where: `groups[e]` lists the token-slots (`t·slots + s`) routed to expert e,
@@ -365,7 +365,7 @@ fn expert_weight_grad(
 /// `tile_rows` rows of each column, from its first row.
 fn round_in_expert_tiles(
     tiles: ExpertTiles,
-    matrix: &mut Vec<f32>,
+    matrix: &mut [f32],
     width: usize,
 ) -> Result<(), String> {
     let rounding = if tiles.pow2_scales {
@@ -374,11 +374,12 @@ fn round_in_expert_tiles(
         ScaleRounding::Exact
     };
     let rows = matrix.len() / width.max(1);
-    *matrix = match tiles.format {
-        QuantFormat::E4M3 => fake_quantize(matrix, &[rows, width], tiles.tile_rows, 1, rounding),
+    match tiles.format {
+        QuantFormat::E4M3 => {
+            fake_quantize_in_place(matrix, &[rows, width], tiles.tile_rows, 1, rounding)
+        }
     }
-    .map_err(|e| e.to_string())?;
-    Ok(())
+    .map_err(|e| e.to_string())
 }
 
 /// `product [r, n] = rows [r, k] · W_eᵀ` with `W_e[j][p]` at `j·sn + p·sk` of `w`.

@@ -21,7 +21,7 @@ use super::product::{Arithmetic, Operand, multiply};
 use super::softmax::{self, RowStarts};
 use super::swiglu;
 use super::{CpuError, Lent, Storage};
-use crate::fp8::{ScaleRounding, fake_quantize};
+use crate::fp8::{ScaleRounding, fake_quantize_in_place, fake_quantize_into};
 use crate::parallel::ExpertExchange;
 
 pub(super) fn run(
@@ -267,17 +267,19 @@ pub(super) fn run(
             } else {
                 ScaleRounding::Exact
             };
-            // Only a lowering bug (a zero tile side, which inference rejects, or a buffer of
-            // the wrong length) makes this fail.
-            let result = fake_quantize(
-                &buffers[x.index()],
-                &dims(x),
-                *tile_rows,
-                *tile_cols,
-                rounding,
-            )
-            .unwrap_or_else(|e| panic!("kernel {kernel}: {e}"));
-            buffers[out.index()] = Storage::Owned(result);
+            // Into the output's storage (no allocation), or in place when the memory plan gave
+            // the two one buffer. Only a lowering bug (a zero tile side, which inference
+            // rejects, or a buffer of the wrong length) makes this fail.
+            let mut result = buffers[out.index()].lend();
+            let tiles = (*tile_rows, *tile_cols);
+            let done = if x == out {
+                fake_quantize_in_place(&mut result, &dims(x), tiles.0, tiles.1, rounding)
+            } else {
+                let source = &buffers[x.index()];
+                fake_quantize_into(source, &dims(x), tiles.0, tiles.1, rounding, &mut result)
+            };
+            done.unwrap_or_else(|e| panic!("kernel {kernel}: {e}"));
+            buffers[out.index()] = result.restore();
         }
         Library::OneHot {
             depth,

@@ -28,11 +28,40 @@ pub fn fake_quantize(
     tile_cols: usize,
     rounding: ScaleRounding,
 ) -> Result<Vec<f32>, Fp8Error> {
+    let mut out = x.to_vec();
+    fake_quantize_in_place(&mut out, dims, tile_rows, tile_cols, rounding)?;
+    Ok(out)
+}
+
+/// [`fake_quantize`] into `out` (as long as `x`), which needs no allocation: a caller's pooled
+/// buffer or per-thread scratch (fresh buffers of a few hundred KiB are mapped and unmapped by
+/// the allocator, and touching their pages again costs more than the rounding).
+pub fn fake_quantize_into(
+    x: &[f32],
+    dims: &[usize],
+    tile_rows: usize,
+    tile_cols: usize,
+    rounding: ScaleRounding,
+    out: &mut [f32],
+) -> Result<(), Fp8Error> {
+    check_len("fake quantize output", out.len(), x.len(), 1)?;
+    out.copy_from_slice(x);
+    fake_quantize_in_place(out, dims, tile_rows, tile_cols, rounding)
+}
+
+/// [`fake_quantize`] of `values`, in place.
+pub fn fake_quantize_in_place(
+    values: &mut [f32],
+    dims: &[usize],
+    tile_rows: usize,
+    tile_cols: usize,
+    rounding: ScaleRounding,
+) -> Result<(), Fp8Error> {
     let rank = dims.len();
     let cols = dims.last().copied().unwrap_or(1);
     let rows = if rank >= 2 { dims[rank - 2] } else { 1 };
     let matrices: usize = dims[..rank.saturating_sub(2)].iter().product();
-    check_len("fake quantize input", x.len(), matrices * rows, cols)?;
+    check_len("fake quantize input", values.len(), matrices * rows, cols)?;
     if tile_rows == 0 || tile_cols == 0 {
         return Err(Fp8Error::EmptyTile {
             what: "fake quantize",
@@ -40,80 +69,76 @@ pub fn fake_quantize(
             tile_cols,
         });
     }
-    if x.is_empty() {
-        return Ok(Vec::new());
+    if values.is_empty() {
+        return Ok(());
     }
+    // Bands of whole tile rows within each matrix, rounded in parallel.
     let band_rows = tile_rows * (BAND_ELEMENTS / (tile_rows * cols)).max(1);
-    let bands: Vec<(usize, usize)> = (0..matrices)
-        .flat_map(|m| {
-            (0..rows)
-                .step_by(band_rows)
-                .map(move |start| (m * rows + start, (start + band_rows).min(rows) - start))
+    values
+        .par_chunks_mut(rows * cols)
+        .flat_map(|matrix| matrix.par_chunks_mut(band_rows * cols))
+        .try_for_each(|band| {
+            let rows = band.len() / cols;
+            round_band(band, rows, cols, tile_rows, tile_cols, rounding)
         })
-        .collect();
-    let parts = bands
-        .par_iter()
-        .map(|&(first_row, band)| {
-            let values = &x[first_row * cols..(first_row + band) * cols];
-            quantize_band(values, band, cols, tile_rows, tile_cols, rounding)
-        })
-        .collect::<Result<Vec<Vec<f32>>, Fp8Error>>()?;
-    Ok(parts.concat())
 }
 
-/// One band of whole tile rows.
-fn quantize_band(
-    x: &[f32],
+/// One band of whole tile rows, in place.
+fn round_band(
+    values: &mut [f32],
     rows: usize,
     cols: usize,
     tile_rows: usize,
     tile_cols: usize,
     rounding: ScaleRounding,
-) -> Result<Vec<f32>, Fp8Error> {
-    if x.iter().all(|v| v.is_finite()) {
-        return Ok(finite_band(x, cols, tile_rows, tile_cols, rounding));
+) -> Result<(), Fp8Error> {
+    if values.iter().all(|v| v.is_finite()) {
+        finite_band(values, cols, tile_rows, tile_cols, rounding);
+        return Ok(());
     }
     // Quantize with the non-finite elements zeroed, then poison their tiles.
-    let finite: Vec<f32> = x
+    let finite: Vec<f32> = values
         .iter()
         .map(|&v| if v.is_finite() { v } else { 0.0 })
         .collect();
     let q: QuantizedTensor = quantize_tiles(&finite, rows, cols, tile_rows, tile_cols, rounding)?;
     let layout = q.layout();
     let mut poisoned = vec![false; layout.scale_count()];
-    for (i, v) in x.iter().enumerate() {
+    for (i, v) in values.iter().enumerate() {
         if !v.is_finite() {
             poisoned[layout.scale_index(i / cols, i % cols)] = true;
         }
     }
-    let mut out = q.dequantize();
-    for (i, v) in out.iter_mut().enumerate() {
-        if poisoned[layout.scale_index(i / cols, i % cols)] {
-            *v = f32::NAN;
-        }
+    for (i, (v, rounded)) in values.iter_mut().zip(q.dequantize()).enumerate() {
+        *v = if poisoned[layout.scale_index(i / cols, i % cols)] {
+            f32::NAN
+        } else {
+            rounded
+        };
     }
-    Ok(out)
+    Ok(())
 }
 
-/// [`quantize_tiles`] followed by [`QuantizedTensor::dequantize`] for finite input, fused: the
-/// same max-abs, the same [`tile_scale`], the same quotient `x / scale` in f64 rounded to the
-/// nearest E4M3 value (as `Fp8Format::encode_f64` rounds it, by [`round_to_e4m3`]), and the
-/// same `value · scale` in f64 rounded to f32 — without the code and scale buffers or the
-/// per-element tile lookups, and reading rows in order (two passes per band of tile rows:
-/// max-abs per tile, then values). The tests compare it with the two-step form bit for bit.
+/// [`quantize_tiles`] followed by [`QuantizedTensor::dequantize`] for finite values, fused and
+/// in place: the same max-abs, the same [`tile_scale`], the same quotient `x / scale` in f64
+/// rounded to the nearest E4M3 value (as `Fp8Format::encode_f64` rounds it, by
+/// [`round_to_e4m3`]), and the same `value · scale` in f64 rounded to f32 — without the code
+/// and scale buffers or the per-element tile lookups, and reading rows in order (two passes per
+/// band of tile rows: max-abs per tile, then values). The tests compare it with the two-step
+/// form bit for bit.
 fn finite_band(
-    x: &[f32],
+    values: &mut [f32],
     cols: usize,
     tile_rows: usize,
     tile_cols: usize,
     rounding: ScaleRounding,
-) -> Vec<f32> {
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F.
-        return unsafe { finite_band_avx512(x, cols, tile_rows, tile_cols, rounding) };
+        return unsafe { finite_band_avx512(values, cols, tile_rows, tile_cols, rounding) };
     }
-    finite_band_portable(x, cols, tile_rows, tile_cols, rounding)
+    finite_band_portable(values, cols, tile_rows, tile_cols, rounding)
 }
 
 /// [`finite_band_portable`] compiled for AVX-512 (eight f64 lanes for the division and the
@@ -121,50 +146,58 @@ fn finite_band(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn finite_band_avx512(
-    x: &[f32],
+    values: &mut [f32],
     cols: usize,
     tile_rows: usize,
     tile_cols: usize,
     rounding: ScaleRounding,
-) -> Vec<f32> {
-    finite_band_portable(x, cols, tile_rows, tile_cols, rounding)
+) {
+    finite_band_portable(values, cols, tile_rows, tile_cols, rounding)
 }
 
 #[inline(always)]
 fn finite_band_portable(
-    x: &[f32],
+    values: &mut [f32],
     cols: usize,
     tile_rows: usize,
     tile_cols: usize,
     rounding: ScaleRounding,
-) -> Vec<f32> {
+) {
     let grid_cols = cols.div_ceil(tile_cols);
     let mut amax = vec![0.0f32; grid_cols];
     let mut scales = vec![0.0f64; grid_cols];
-    let mut out = vec![0.0f32; x.len()];
-    for (band_in, band_out) in x
-        .chunks(tile_rows * cols)
-        .zip(out.chunks_mut(tile_rows * cols))
-    {
+    let round =
+        |v: &mut f32, scale: f64| *v = (round_to_e4m3(f64::from(*v) / scale) * scale) as f32;
+    for band in values.chunks_mut(tile_rows * cols) {
         amax.fill(0.0);
-        for row in band_in.chunks(cols) {
-            for (m, tile) in amax.iter_mut().zip(row.chunks(tile_cols)) {
-                *m = tile.iter().fold(*m, |m, v| m.max(v.abs()));
+        for row in band.chunks(cols) {
+            // Tiles one column wide (the weight gradients' 128×1) elementwise, so that the loop
+            // vectorises; wider ones tile by tile. Max is exact: the order does not matter.
+            if tile_cols == 1 {
+                for (m, v) in amax.iter_mut().zip(row) {
+                    *m = m.max(v.abs());
+                }
+            } else {
+                for (m, tile) in amax.iter_mut().zip(row.chunks(tile_cols)) {
+                    *m = tile.iter().fold(*m, |m, v| m.max(v.abs()));
+                }
             }
         }
         for (s, &m) in scales.iter_mut().zip(&amax) {
             *s = f64::from(tile_scale(m, rounding));
         }
-        for (row_in, row_out) in band_in.chunks(cols).zip(band_out.chunks_mut(cols)) {
-            let tiles = row_in.chunks(tile_cols).zip(row_out.chunks_mut(tile_cols));
-            for ((tile_in, tile_out), &scale) in tiles.zip(&scales) {
-                for (v, o) in tile_in.iter().zip(tile_out) {
-                    *o = (round_to_e4m3(f64::from(*v) / scale) * scale) as f32;
+        for row in band.chunks_mut(cols) {
+            if tile_cols == 1 {
+                for (v, &scale) in row.iter_mut().zip(&scales) {
+                    round(v, scale);
+                }
+            } else {
+                for (tile, &scale) in row.chunks_mut(tile_cols).zip(&scales) {
+                    tile.iter_mut().for_each(|v| round(v, scale));
                 }
             }
         }
     }
-    out
 }
 
 /// `v` (finite) rounded to the nearest E4M3 value, ties to even, saturating at ±448: the value
@@ -259,15 +292,43 @@ mod tests {
         for (tile, rounding) in [
             ((1, 128), ScaleRounding::Exact),
             ((3, 5), ScaleRounding::PowerOfTwo),
+            ((128, 1), ScaleRounding::Exact),
         ] {
-            let portable = finite_band_portable(&x, 300, tile.0, tile.1, rounding);
-            let dispatched = finite_band(&x, 300, tile.0, tile.1, rounding);
+            let (mut portable, mut dispatched) = (x.clone(), x.clone());
+            finite_band_portable(&mut portable, 300, tile.0, tile.1, rounding);
+            finite_band(&mut dispatched, 300, tile.0, tile.1, rounding);
             let same = portable
                 .iter()
                 .zip(&dispatched)
                 .all(|(p, d)| p.to_bits() == d.to_bits());
             assert!(same, "{tile:?}");
         }
+    }
+
+    /// Into a caller's buffer and in place, the same bits as the allocating form (a poisoned
+    /// tile included), and a buffer of another length refused.
+    #[test]
+    fn into_a_buffer_and_in_place_are_the_allocating_form() {
+        let dims = [2, 40, 33];
+        let mut x: Vec<f32> = (0..2 * 40 * 33)
+            .map(|i| ((i * 7919) % 2001) as f32 / 97.0 - 10.0)
+            .collect();
+        x[5] = f32::NAN;
+        for (tile, rounding) in [
+            ((128, 1), ScaleRounding::Exact),
+            ((1, 8), ScaleRounding::PowerOfTwo),
+        ] {
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let want = fake_quantize(&x, &dims, tile.0, tile.1, rounding).unwrap();
+            let mut into = vec![7.0; x.len()];
+            fake_quantize_into(&x, &dims, tile.0, tile.1, rounding, &mut into).unwrap();
+            assert_eq!(bits(&into), bits(&want), "{tile:?}");
+            let mut in_place = x.clone();
+            fake_quantize_in_place(&mut in_place, &dims, tile.0, tile.1, rounding).unwrap();
+            assert_eq!(bits(&in_place), bits(&want), "{tile:?}");
+        }
+        let mut short = vec![0.0; 3];
+        assert!(fake_quantize_into(&x, &dims, 1, 8, ScaleRounding::Exact, &mut short).is_err());
     }
 
     #[test]
