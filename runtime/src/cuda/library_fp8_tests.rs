@@ -751,3 +751,49 @@ fn the_fp8_library_samples_run_as_fp8_gemms() {
         }
     }
 }
+
+/// At DeepSeek-V3's sizes (hidden 7168, MLA's 128 heads, 256 experts of 2048 with 8 per token;
+/// one dense layer and one MoE layer here, and the MTP block) every FP8 product of the
+/// training step plans as an FP8 GEMM on both targets: the ints the kernels take hold the
+/// padded layouts (256 experts: token-slots + 127 · 256 rows), the experts' weights quantise in
+/// one launch of 256 grid layers, and the K-grouped weight gradients take 256 groups.
+#[test]
+fn deepseek_v3_sized_products_plan_as_fp8_gemms() {
+    let config = include_str!("../../../examples/configs/deepseek-v3-671b.json");
+    let mut spec = fathom_compiler::spec::hf::spec_from_config_json(config).unwrap();
+    spec.layers = 2;
+    spec.dense_layers = 1;
+    let train = training_graph(&spec, 1, 64, LossWeights::deepseek_v3()).unwrap();
+    let policy = PrecisionPolicy {
+        accumulation: Accumulation::HOPPER,
+        ..PrecisionPolicy::uniform(Precision::Fp8)
+    };
+    let tiling = spec.fp8.clone().unwrap_or_default();
+    let graph = apply_precision(&train.graph, &policy, &tiling).unwrap();
+    let program = compile(&graph, &CompileOptions::default()).unwrap().program;
+    for target in TARGETS {
+        let plan = LibraryPlan::of(&program, Some(target)).unwrap();
+        let (fp8, in_f32) = plan.fp8_summary();
+        assert_eq!(in_f32, 0, "{target:?}: {}", plan.table());
+        assert!(fp8 >= 40, "{target:?}: {fp8}");
+        let steps: Vec<&LibraryStep> = plan.calls.iter().flatten().flat_map(|c| &c.steps).collect();
+        let stacked = steps
+            .iter()
+            .filter(|s| s.kernel.name().starts_with("quantize_128x128") && s.grid[2] == 256)
+            .count();
+        assert!(
+            stacked >= 4,
+            "{target:?}: {stacked} stacked weight quantisations"
+        );
+        let k_grouped = steps
+            .iter()
+            .filter(|s| {
+                s.kernel.name().starts_with("kgrouped_") && s.args.contains(&StepArg::I32(256))
+            })
+            .count();
+        assert_eq!(
+            k_grouped, 6,
+            "{target:?}: the two MoE blocks' three weight gradients"
+        );
+    }
+}
