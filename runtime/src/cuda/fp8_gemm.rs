@@ -622,4 +622,51 @@ mod tests {
             "{err}"
         );
     }
+
+    /// The K-grouped operands (the experts' weight gradient): both quantized in 1×128 tiles
+    /// over all of K, a product per group over its own segment, an empty group's zero, and
+    /// offsets that are not ascending multiples of 128 ending at K refused.
+    #[test]
+    fn k_grouped_operands_give_a_product_per_group_of_k() {
+        let (m, n, k) = (5, 8, 384);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 23) as f32 - 11.0).collect();
+        let b: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 5) % 19) as f32 * 0.25 - 2.0)
+            .collect();
+        let ops = HostFp8Operands::k_grouped(&a, &b, (m, n, k), vec![0, 256, 256, 384]).unwrap();
+        assert_eq!(ops.grouping(), GemmGrouping::KGrouped);
+        assert_eq!(ops.problem.groups, 3);
+        assert_eq!(ops.output_rows(), 3 * m);
+        assert_eq!(ops.b.len(), n * k, "one B over every group");
+        let reference = ops.reference();
+        assert_eq!(reference.len(), 3 * m * n);
+        let dot = |row: usize, col: usize, range: std::ops::Range<usize>| -> f32 {
+            range
+                .map(|p| ops.quantized_a.value(row, p) * ops.quantized_b[0].value(col, p))
+                .sum::<f64>() as f32
+        };
+        assert_eq!(reference[2 * n + 3], dot(2, 3, 0..256), "group 0");
+        assert!(
+            reference[m * n..2 * m * n].iter().all(|&v| v == 0.0),
+            "the empty group"
+        );
+        assert_eq!(
+            reference[2 * m * n + 4 * n + 7],
+            dot(4, 7, 256..384),
+            "group 2"
+        );
+        assert!(ops.params().check_problem(&ops.problem).is_ok());
+        for bad in [
+            vec![0, 200, 384],
+            vec![0, 256, 128, 384],
+            vec![0, 256],
+            vec![128, 384],
+        ] {
+            let err = HostFp8Operands::k_grouped(&a, &b, (m, n, k), bad.clone()).unwrap_err();
+            assert!(
+                err.to_string().contains("multiples of 128"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
 }
