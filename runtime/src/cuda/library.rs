@@ -38,7 +38,7 @@ use fathom_kernels::{
 
 use super::CudaError;
 use super::library_expert_wgrad::{RoundedExpertWeightGrad, WeightGradCall};
-use super::library_fp8::{Fp8Product, Fp8Target, MatMulCall};
+use super::library_fp8::{Fp8Product, Fp8Target, MatMulCall, quantize_weights_directly};
 use super::library_fp8_grouped::{Fp8GroupedProduct, GroupedCall};
 
 /// Why a grouped GEMM whose experts' matrices lie in buffers of their own has no CUDA plan.
@@ -155,6 +155,8 @@ pub struct LibraryCall {
     pub scratch_bytes: usize,
     /// Why a product marked with Hopper's accumulation runs as the f32 GEMM.
     pub note: Option<String>,
+    /// Why the call launches nothing although its output is not empty.
+    pub skipped: Option<&'static str>,
 }
 
 impl LibraryCall {
@@ -201,6 +203,7 @@ impl LibraryPlan {
                         scratch_ints,
                         scratch_bytes: planned.scratch_bytes,
                         note: planned.note,
+                        skipped: None,
                     }));
                 }
                 Err(reason) => {
@@ -210,6 +213,7 @@ impl LibraryPlan {
             }
         }
         if refused.is_empty() {
+            quantize_weights_directly(program, &mut calls);
             Ok(LibraryPlan { calls })
         } else {
             Err(CudaError::UnsupportedLibraryCalls {
@@ -273,8 +277,12 @@ impl LibraryPlan {
             if let Some(note) = &call.note {
                 table.push_str(&format!("  ({note})\n"));
             }
-            if call.steps.is_empty() {
-                table.push_str("  (empty output: nothing to launch)\n");
+            match call.skipped {
+                Some(why) => table.push_str(&format!("  (skipped: {why})\n")),
+                None if call.steps.is_empty() => {
+                    table.push_str("  (empty output: nothing to launch)\n")
+                }
+                None => {}
             }
             for step in &call.steps {
                 let [x, y, z] = step.grid;

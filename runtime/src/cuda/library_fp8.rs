@@ -31,13 +31,13 @@
 //! it on every FP8 product of the `small` model's training step.
 
 use fathom_compiler::graph::QuantFormat;
-use fathom_compiler::kernel::{BufferId, KernelBody, Library, Program, View};
+use fathom_compiler::kernel::{BufferId, BufferRole, KernelBody, Library, Program, View};
 use fathom_kernels::{
     BScaling, FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem,
     KernelParam, QuantizeInput, QuantizeKind, QuantizeParams, TileSchedule,
 };
 
-use super::library::{LibraryKernel, LibraryStep, StepArg, merged_batch_axes};
+use super::library::{LibraryCall, LibraryKernel, LibraryStep, StepArg, merged_batch_axes};
 use super::modules::args_by_name;
 
 /// Which FP8 GEMM a device runs.
@@ -496,6 +496,76 @@ impl ScratchLayout {
         let start = self.bytes;
         self.bytes = (start + bytes).next_multiple_of(REGION_ALIGN);
         start
+    }
+}
+
+/// Why a weight's rounding launches nothing ([`quantize_weights_directly`]).
+pub(crate) const QUANTIZED_WHERE_READ: &str =
+    "read only by FP8 GEMMs, whose quantize steps read the weight itself";
+
+/// A weight's E4M3 rounding (`QuantizeDequantize` of a parameter) whose output only FP8 GEMMs
+/// read, all through their `quantize` steps, is not computed: those steps read the weight
+/// instead. They make the same codes and scales (the rounding's values are the codes times the
+/// scales `quantize` computes from the weight, see the module docs), and the weight saves an
+/// f32 write and read of its whole size at every use. The weight is a parameter, alive for the
+/// whole run; a rounding another kernel reads, or that is a program output, is computed.
+pub(crate) fn quantize_weights_directly(program: &Program, calls: &mut [Option<LibraryCall>]) {
+    let readers: Vec<Vec<BufferId>> = program
+        .kernels
+        .iter()
+        .map(|kernel| kernel.reads_and_writes().0)
+        .collect();
+    for (index, kernel) in program.kernels.iter().enumerate() {
+        let KernelBody::Library(Library::QuantizeDequantize { x, out, .. }) = &kernel.body else {
+            continue;
+        };
+        let (x, out) = (*x, *out);
+        let is_weight = matches!(program.buffer(x).role, BufferRole::Parameter(_));
+        if !is_weight || program.outputs.iter().any(|(_, b)| *b == out) {
+            continue;
+        }
+        let reading: Vec<usize> = (0..program.kernels.len())
+            .filter(|&j| j != index && readers[j].contains(&out))
+            .collect();
+        let by_quantize_only = |j: &usize| {
+            calls[*j].as_ref().is_some_and(|call| {
+                call.runs_fp8_gemm()
+                    && call.steps.iter().all(|step| {
+                        step.args.iter().enumerate().all(|(position, arg)| {
+                            !matches!(arg, StepArg::Buffer(b, _) if *b == out)
+                                || quantize_source(step, position)
+                        })
+                    })
+            })
+        };
+        if reading.is_empty() || !reading.iter().all(by_quantize_only) {
+            continue;
+        }
+        for j in reading {
+            let steps = calls[j].as_mut().map_or(&mut [][..], |c| &mut c.steps[..]);
+            for arg in steps.iter_mut().flat_map(|s| s.args.iter_mut()) {
+                if let StepArg::Buffer(b, offset) = *arg
+                    && b == out
+                {
+                    *arg = StepArg::Buffer(x, offset);
+                }
+            }
+        }
+        if let Some(call) = calls[index].as_mut() {
+            call.steps.clear();
+            call.skipped = Some(QUANTIZED_WHERE_READ);
+        }
+    }
+}
+
+/// Whether argument `position` of `step` is a `quantize` step's source (`x`).
+fn quantize_source(step: &LibraryStep, position: usize) -> bool {
+    match step.kernel {
+        LibraryKernel::Quantize(params) => params
+            .kernel_params()
+            .get(position)
+            .is_some_and(|p| p.name == "x"),
+        _ => false,
     }
 }
 

@@ -166,8 +166,8 @@ fn experts_of(program: &Program, call: &Library) -> Option<(usize, BufferId)> {
     }
 }
 
-/// The buffers of a run reaching `call`: its rounded operands the rounding of fresh values, its
-/// other operands fresh values, its expert ids spread over every expert but expert 1 (an empty
+/// The buffers of a run reaching `call`: its rounded operands the rounding of fresh values (the
+/// roundings' sources those values), its other operands fresh values, its expert ids spread over every expert but expert 1 (an empty
 /// segment), the rest zero.
 fn operands_of(program: &Program, call: &Library, seed: usize) -> Vec<Vec<f32>> {
     let mut buffers: Vec<Vec<f32>> = program
@@ -194,18 +194,22 @@ fn operands_of(program: &Program, call: &Library, seed: usize) -> Vec<Vec<f32>> 
                 tile_rows,
                 tile_cols,
                 pow2_scales,
+                x,
                 out,
                 ..
-            }) if *out == operand => Some((*tile_rows, *tile_cols, *pow2_scales)),
+            }) if *out == operand => Some((*x, (*tile_rows, *tile_cols), *pow2_scales)),
             _ => None,
         });
         let x = values(buffers[operand.index()].len(), seed + index);
-        let Some((tile_rows, tile_cols, pow2)) = writer else {
+        let Some((source, (tile_rows, tile_cols), pow2)) = writer else {
             buffers[operand.index()] = x;
             continue;
         };
+        // The rounding's source too: a weight's quantize steps read it directly
+        // (`quantize_weights_directly`).
         buffers[operand.index()] =
             fake_quantize(&x, dims, tile_rows, tile_cols, scale_rounding(pow2)).unwrap();
+        buffers[source.index()] = x;
     }
     buffers
 }
@@ -796,4 +800,33 @@ fn deepseek_v3_sized_products_plan_as_fp8_gemms() {
             "{target:?}: the two MoE blocks' three weight gradients"
         );
     }
+}
+
+/// A weight's rounding that only FP8 GEMMs read is not computed: their `quantize` steps read
+/// the weight itself (the same codes), and the product is still that of the rounded operands.
+/// A rounding of something that is not a parameter, or one a non-FP8 product reads, is.
+#[test]
+fn a_weights_rounding_read_only_by_fp8_gemms_is_skipped() {
+    let mut program = OneProduct::forward_64x32x128().program();
+    program.buffers[2].role = BufferRole::Parameter("w".to_owned());
+    for target in TARGETS {
+        let plan = LibraryPlan::of(&program, Some(target)).unwrap();
+        let rounding = plan.calls[1].as_ref().unwrap();
+        assert!(rounding.steps.is_empty(), "{}", plan.table());
+        assert_eq!(rounding.skipped, Some(QUANTIZED_WHERE_READ));
+        let quantize_b = &plan.calls[2].as_ref().unwrap().steps[1];
+        assert_eq!(quantize_b.args[0], StepArg::Buffer(BufferId(2), 0));
+        // The activation's rounding (an input, not a parameter) is computed.
+        assert!(!plan.calls[0].as_ref().unwrap().steps.is_empty());
+        assert_eq!(check_fp8_products(&program, target), (1, 0));
+    }
+    // Read by the f32 GEMM (exact accumulation): computed.
+    let KernelBody::Library(Library::MatMul { accumulation, .. }) = &mut program.kernels[2].body
+    else {
+        unreachable!()
+    };
+    *accumulation = Accumulation::Exact;
+    let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
+    assert_eq!(plan.calls[1].as_ref().unwrap().skipped, None);
+    assert!(!plan.calls[1].as_ref().unwrap().steps.is_empty());
 }
