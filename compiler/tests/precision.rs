@@ -71,9 +71,22 @@ fn operand(graph: &Graph, id: NodeId) -> String {
             let from = saved(graph, source.inputs[0]);
             format!("{} {} as {}{from}", q.op, graph.ty(source.inputs[0]), q.ty)
         }
+        // A weight rounded as stored, read transposed.
+        Op::Permute { .. } if is_qdq(graph, below_permutes(graph, id)) => {
+            let q = graph.node(below_permutes(graph, id));
+            format!("{} {} read as {}", q.op, graph.ty(q.inputs[0]), node.ty)
+        }
         _ if rounded_to_bf16(graph, id) => format!("(bf16) {}", node.ty),
         _ => format!("(f32) {}", node.ty),
     }
+}
+
+/// The value `id` shows through permutes.
+fn below_permutes(graph: &Graph, mut id: NodeId) -> NodeId {
+    while let Op::Permute { .. } = graph.node(id).op {
+        id = graph.node(id).inputs[0];
+    }
+    id
 }
 
 /// Whether `id` is, through permutes and reshapes, a value cast to bf16 and back.
@@ -169,7 +182,7 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
             );
             let quantized = |k: usize| {
                 rounds_itself
-                    || is_qdq(&out, inputs[k])
+                    || is_qdq(&out, below_permutes(&out, inputs[k]))
                     || matches!(out.node(inputs[k]).op, Op::Reshape { .. })
                         && is_qdq(&out, out.node(inputs[k]).inputs[0])
             };
@@ -198,9 +211,9 @@ fn every_linear_has_three_gemms_and_fp8_rewrites_the_eligible_ones() {
 }
 
 /// Every rewritten GEMM with its role and its operands' tiles: activations and output gradients
-/// 1×4 along K, weights 4×4, the weight gradients' K = tokens as 4×1 (the grouped ones round
-/// their own operands, in 4×1 tiles along each expert's token-slots), power-of-two scales for the MoE dispatch and
-/// `o_proj`'s input; each weight gradient's activation re-tiled from the forward's FP8 rounding
+/// 1×4 along K, weights 4×4 (rounded as stored, read transposed), the weight gradients' K =
+/// tokens as 4×1 (the grouped ones round their own operands, in 4×1 tiles along each expert's
+/// token-slots), power-of-two scales for the MoE dispatch and `o_proj`'s input; each weight gradient's activation re-tiled from the forward's FP8 rounding
 /// (activations are saved in FP8), and every FP8 GEMM with Hopper's accumulation (13 bits,
 /// promoted every 128 products); the output head's GEMMs in BF16 and the routers' in f32.
 #[test]

@@ -93,20 +93,33 @@ pub fn apply_precision(
                         continue;
                     }
                     let pow2 = k == 0 && has_pow2_input(graph, gemm);
+                    let source = inputs[k];
+                    // A weight's FP8 blocks are rounded as it is stored, below the transposes
+                    // the GEMM reads it through (square blocks: the same values).
+                    let (value, movements) = match (fp8, layout) {
+                        (true, OperandLayout::Weight) => below_transposes(g.graph(), source.id()),
+                        _ => (source.id(), Vec::new()),
+                    };
+                    let value = Tensor(value);
                     let rounding = Rounding::of(
                         *precision,
                         *layout,
                         policy.scaling,
                         tiling,
-                        g.dims(inputs[k]),
+                        g.dims(value),
                         pow2,
                     );
-                    let source = inputs[k];
                     inputs[k] = match rounding {
                         Rounding::Bf16 => in_bf16(g, source, &mut rounded)?,
-                        Rounding::Fp8 { .. } => cached(&mut rounded, (source, rounding), || {
-                            round(g, source, rounding)
-                        })?,
+                        Rounding::Fp8 { .. } => {
+                            let r = cached(&mut rounded, (value, rounding), || {
+                                round(g, value, rounding)
+                            })?;
+                            movements
+                                .into_iter()
+                                .rev()
+                                .try_fold(r, |t, op| g.push(op, &[t], None))?
+                        }
                     };
                     if fp8 && k == 0 && gemm.role == GemmRole::Forward {
                         saved.entry(source).or_insert(inputs[k]);
@@ -153,6 +166,24 @@ fn in_bf16(
 fn below_movements(graph: &Graph, mut id: NodeId) -> (NodeId, Vec<Op>) {
     let mut movements = Vec::new();
     while let op @ (Op::Permute { .. } | Op::Reshape { .. }) = &graph.node(id).op {
+        movements.push(op.clone());
+        id = graph.node(id).inputs[0];
+    }
+    (id, movements)
+}
+
+/// The value `id` shows through permutes that keep its leading axes in place (transposes of
+/// its matrices), and those permutes, outermost first. A weight's square blocks, or its one
+/// per-tensor tile, are the same values whichever way its matrices are read, so the weight is
+/// rounded as stored: the forward GEMM (`x · Wᵀ`) and the input gradient's (`dy · W`) share one
+/// rounding, which reads the parameter itself rather than a transposed copy.
+fn below_transposes(graph: &Graph, mut id: NodeId) -> (NodeId, Vec<Op>) {
+    let mut movements = Vec::new();
+    while let op @ Op::Permute { perm } = &graph.node(id).op {
+        let leading = perm.len().saturating_sub(2);
+        if perm[..leading].iter().enumerate().any(|(i, &p)| p != i) {
+            break;
+        }
         movements.push(op.clone());
         id = graph.node(id).inputs[0];
     }

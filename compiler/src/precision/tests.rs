@@ -49,13 +49,14 @@ fn roles(graph: &Graph) -> Vec<(GemmRole, String)> {
         .collect()
 }
 
-/// The `QuantizeDequantize` tiles feeding each operand of `node` (`None`: not quantized).
+/// The `QuantizeDequantize` tiles feeding each operand of `node`, through the transposes it is
+/// read with (`None`: not quantized).
 fn operand_tiles(graph: &Graph, node: crate::graph::NodeId) -> Vec<Option<(usize, usize, bool)>> {
     graph
         .node(node)
         .inputs
         .iter()
-        .map(|&i| match &graph.node(i).op {
+        .map(|&i| match &graph.node(below_permutes(graph, i)).op {
             Op::QuantizeDequantize {
                 tile_rows,
                 tile_cols,
@@ -65,6 +66,13 @@ fn operand_tiles(graph: &Graph, node: crate::graph::NodeId) -> Vec<Option<(usize
             _ => None,
         })
         .collect()
+}
+
+fn below_permutes(graph: &Graph, mut id: crate::graph::NodeId) -> crate::graph::NodeId {
+    while let Op::Permute { .. } = graph.node(id).op {
+        id = graph.node(id).inputs[0];
+    }
+    id
 }
 
 fn tiles4() -> Fp8Spec {
@@ -109,6 +117,26 @@ fn fp8_tiles_run_along_k() {
             GemmRole::WeightGradient => [Some((1, 4, false)), Some((4, 1, false))],
         };
         assert_eq!(operand_tiles(&out, gemm.node), expected, "{gemm:?}");
+    }
+    // A weight is rounded as stored, once for the forward GEMM and the input gradient's (`a`'s
+    // input, x, needs no gradient): the rounding reads the parameter itself.
+    for (path, gemms) in [("a", 1), ("b", 2)] {
+        let weight_roundings: Vec<_> = linear_gemms(&out)
+            .into_iter()
+            .filter(|g| g.path == path && g.role != GemmRole::WeightGradient)
+            .map(|g| below_permutes(&out, out.node(g.node).inputs[1]))
+            .collect();
+        assert_eq!(weight_roundings.len(), gemms, "{path}");
+        assert!(
+            weight_roundings.iter().all(|&r| r == weight_roundings[0]),
+            "{path}: one rounding"
+        );
+        let source = out.node(weight_roundings[0]).inputs[0];
+        assert!(
+            matches!(out.node(source).op, Op::Parameter { .. }),
+            "{path}: {:?}",
+            out.node(source).op
+        );
     }
     // The attention-like matmul is not quantized (it reads y in bf16, see below).
     let scores = out
@@ -361,7 +389,8 @@ fn per_tensor_scaling_uses_one_tile_per_operand() {
             ..
         }
     ));
-    assert_eq!(operand_tiles(&out, forward_b.node)[1], Some((6, 5, false)));
+    // The weight as stored, [5, 6], is one tile (read transposed as [6, 5]).
+    assert_eq!(operand_tiles(&out, forward_b.node)[1], Some((5, 6, false)));
 }
 
 #[test]
