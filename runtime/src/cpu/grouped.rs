@@ -9,13 +9,13 @@
 //! the rank that holds them: each rank's rows in tiles of their own, as that rank's graph
 //! says, before they travel to the expert's owner.
 
-use fathom_compiler::graph::{ExpertTiles, QuantFormat};
+use fathom_compiler::graph::ExpertTiles;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::bf16::{self, Matrix, Output};
 use super::product::{Arithmetic, multiply};
-use crate::fp8::{ScaleRounding, fake_quantize_in_place};
+use crate::fp8::round_in_expert_tiles;
 use crate::parallel::{ExpertExchange, gathered_at_owners, products_where_owned};
 
 /// Which rows go where: `groups[e]` lists the token-slots (`t·slots + s`) routed to expert e,
@@ -180,8 +180,8 @@ pub(super) fn weight_grad(
         }
         routing.rows_into(xs, e, k, xe);
         if let Some(tiles) = rounding {
-            round_in_expert_tiles(tiles, g, n)?;
-            round_in_expert_tiles(tiles, xe, k)?;
+            round_in_expert_tiles(g, n, tiles).map_err(|e| e.to_string())?;
+            round_in_expert_tiles(xe, k, tiles).map_err(|e| e.to_string())?;
         }
         Ok(())
     };
@@ -359,27 +359,6 @@ fn expert_weight_grad(
             Parallelism::None,
         );
     }
-}
-
-/// An expert's `[rows, width]` operand, in place, rounded as `tiles` says: one scale per
-/// `tile_rows` rows of each column, from its first row.
-fn round_in_expert_tiles(
-    tiles: ExpertTiles,
-    matrix: &mut [f32],
-    width: usize,
-) -> Result<(), String> {
-    let rounding = if tiles.pow2_scales {
-        ScaleRounding::PowerOfTwo
-    } else {
-        ScaleRounding::Exact
-    };
-    let rows = matrix.len() / width.max(1);
-    match tiles.format {
-        QuantFormat::E4M3 => {
-            fake_quantize_in_place(matrix, &[rows, width], tiles.tile_rows, 1, rounding)
-        }
-    }
-    .map_err(|e| e.to_string())
 }
 
 /// `product [r, n] = rows [r, k] · W_eᵀ` with `W_e[j][p]` at `j·sn + p·sk` of `w`.

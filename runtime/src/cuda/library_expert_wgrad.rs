@@ -32,7 +32,6 @@ use fathom_kernels::{
 use super::library::{LibraryKernel, LibraryStep, StepArg};
 use super::library_fp8::{
     Fp8Operand, Fp8Target, GemmOut, GemmRegions, ScratchLayout, gemm_problem, gemm_step, ordered,
-    quantize_step,
 };
 use super::library_fp8_grouped::{PaddedRows, m_padded};
 
@@ -198,17 +197,8 @@ impl RoundedExpertWeightGrad {
         };
         let a = transposed(self.cotangent, padded.out_rows, n);
         let b = transposed(self.x, padded.source_rows, k);
-        let (qa, sa) = (
-            layout.region(a.code_bytes()),
-            layout.region(a.scale_bytes()),
-        );
-        let (qb, sb) = (
-            layout.region(b.code_bytes()),
-            layout.region(b.scale_bytes()),
-        );
-        steps.push(quantize_step(&a, qa, sa)?);
-        steps.push(quantize_step(&b, qb, sb)?);
-        let regions = GemmRegions { qa, sa, qb, sb };
+        let (regions, quantize) = GemmRegions::quantized(&mut layout, &a, &b)?;
+        steps.extend(quantize);
         let out = GemmOut {
             at: StepArg::Buffer(self.out, 0),
             rows: None,

@@ -313,22 +313,11 @@ impl Fp8Product {
     /// use; or why the kernels cannot take the shapes.
     pub(crate) fn steps(&self, target: Fp8Target) -> Result<(Vec<LibraryStep>, usize), String> {
         let mut layout = ScratchLayout::default();
-        let (qa, sa) = (
-            layout.region(self.a.code_bytes()),
-            layout.region(self.a.scale_bytes()),
-        );
-        let (qb, sb) = (
-            layout.region(self.b.code_bytes()),
-            layout.region(self.b.scale_bytes()),
-        );
-        let mut steps = vec![
-            quantize_step(&self.a, qa, sa)?,
-            quantize_step(&self.b, qb, sb)?,
-        ];
+        let (regions, quantize) = GemmRegions::quantized(&mut layout, &self.a, &self.b)?;
+        let mut steps = Vec::from(quantize);
         // K as the codes lie: both operands' K runs along their codes' rows, padded with zero
         // codes to 16 bytes.
         let problem = gemm_problem([self.m, self.n, self.k.next_multiple_of(16)], 1)?;
-        let regions = GemmRegions { qa, sa, qb, sb };
         let out = GemmOut {
             at: StepArg::Buffer(self.out, 0),
             rows: None,
@@ -360,6 +349,27 @@ pub(crate) struct GemmRegions {
     pub sa: usize,
     pub qb: usize,
     pub sb: usize,
+}
+
+impl GemmRegions {
+    /// The codes and scales of `a` and `b` placed in `layout`, and the `quantize` steps that
+    /// make them.
+    pub(crate) fn quantized(
+        layout: &mut ScratchLayout,
+        a: &Fp8Operand,
+        b: &Fp8Operand,
+    ) -> Result<(Self, [LibraryStep; 2]), String> {
+        let (qa, sa) = (
+            layout.region(a.code_bytes()),
+            layout.region(a.scale_bytes()),
+        );
+        let (qb, sb) = (
+            layout.region(b.code_bytes()),
+            layout.region(b.scale_bytes()),
+        );
+        let steps = [quantize_step(a, qa, sa)?, quantize_step(b, qb, sb)?];
+        Ok((GemmRegions { qa, sa, qb, sb }, steps))
+    }
 }
 
 /// Where a GEMM writes its f32 product.

@@ -23,7 +23,6 @@ use fathom_kernels::{
 use super::library::{LibraryKernel, LibraryStep, StepArg};
 use super::library_fp8::{
     Fp8Operand, Fp8Target, GemmOut, GemmRegions, Rounding, ScratchLayout, gemm_problem, gemm_step,
-    quantize_step,
 };
 
 /// The fields of a `Library::GroupedMatMul` the recognition reads.
@@ -146,22 +145,13 @@ impl Fp8GroupedProduct {
         let mut layout = ScratchLayout::default();
         let sizes = (experts, self.slots, self.x_slots, m_padded);
         let (pad_groups, padded) = PaddedRows::step(&mut layout, sizes);
-        let (qa, sa) = (
-            layout.region(a.code_bytes()),
-            layout.region(a.scale_bytes()),
-        );
-        let (qb, sb) = (
-            layout.region(b.code_bytes()),
-            layout.region(b.scale_bytes()),
-        );
-        let mut steps = vec![group_rows, pad_groups];
         let gathered = Fp8Operand {
             source_rows: Some(StepArg::Bytes(padded.source_rows)),
             ..a
         };
-        steps.push(quantize_step(&gathered, qa, sa)?);
-        steps.push(quantize_step(&b, qb, sb)?);
-        let regions = GemmRegions { qa, sa, qb, sb };
+        let (regions, quantize) = GemmRegions::quantized(&mut layout, &gathered, &b)?;
+        let mut steps = vec![group_rows, pad_groups];
+        steps.extend(quantize);
         let shape = (BScaling::Block128x128, GemmGrouping::Contiguous);
         let out = GemmOut {
             at: StepArg::Buffer(self.out, 0),

@@ -7,6 +7,7 @@
 //! tile rows that are quantized in parallel: tiles never straddle a band, so the result does not
 //! depend on the number of threads.
 
+use fathom_compiler::graph::{ExpertTiles, QuantFormat};
 use rayon::prelude::*;
 
 use super::quantize::{E4M3_MAX, QuantizedTensor, ScaleRounding, quantize_tiles, tile_scale};
@@ -81,6 +82,26 @@ pub fn fake_quantize_in_place(
             let rows = band.len() / cols;
             round_band(band, rows, cols, tile_rows, tile_cols, rounding)
         })
+}
+
+/// An expert's `[rows, width]` operand of a grouped weight gradient, in place, rounded as the
+/// op's `ExpertTiles` say: one scale per `tile_rows` rows of each column, from its first row.
+pub fn round_in_expert_tiles(
+    matrix: &mut [f32],
+    width: usize,
+    tiles: ExpertTiles,
+) -> Result<(), Fp8Error> {
+    let rounding = if tiles.pow2_scales {
+        ScaleRounding::PowerOfTwo
+    } else {
+        ScaleRounding::Exact
+    };
+    let rows = matrix.len() / width.max(1);
+    match tiles.format {
+        QuantFormat::E4M3 => {
+            fake_quantize_in_place(matrix, &[rows, width], tiles.tile_rows, 1, rounding)
+        }
+    }
 }
 
 /// One band of whole tile rows, in place.

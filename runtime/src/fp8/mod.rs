@@ -26,7 +26,7 @@ pub mod gemm;
 pub mod quantize;
 
 pub use accumulate::LimitedSum;
-pub use fake::{fake_quantize, fake_quantize_in_place, fake_quantize_into};
+pub use fake::{fake_quantize, fake_quantize_in_place, fake_quantize_into, round_in_expert_tiles};
 pub use format::{
     Fp8Format, Overflow, bf16_to_f32, e4m3_to_f32, e5m2_to_f32, f32_to_bf16, f32_to_e4m3,
     f32_to_e5m2, f32_to_e5m2_ieee, round_bf16,

@@ -7,14 +7,14 @@ use std::borrow::Cow;
 
 use fathom_compiler::DType;
 use fathom_compiler::graph::{
-    Accumulation, ExpertTiles, MatMulPart, QuantFormat, ReduceOp, Triangle, Triangular,
+    Accumulation, ExpertTiles, MatMulPart, ReduceOp, Triangle, Triangular,
 };
 
 use super::error::InterpError;
 use super::eval::At;
 use super::layout::{StridedOffsets, split_at_axis};
 use super::numeric::{round_f64, wrap_int};
-use crate::fp8::{LimitedSum, ScaleRounding, fake_quantize};
+use crate::fp8::{LimitedSum, round_in_expert_tiles};
 use crate::tensor::{Data, HostTensor};
 
 /// Reduces `axis`. Seen as an `[outer, len, inner]` array, the result is `[outer, inner]` in
@@ -262,10 +262,12 @@ pub(super) fn grouped_matmul_weight_grad(
                 .flat_map(|r| &source[row_of(r) * width..][..width])
                 .copied()
                 .collect();
-            match rounding {
-                None => Ok(matrix),
-                Some(tiles) => round_in_expert_tiles(at, tiles, &matrix, width),
+            let mut matrix = matrix;
+            if let Some(tiles) = rounding {
+                round_in_expert_tiles(&mut matrix, width, tiles)
+                    .map_err(|e| at.internal(e.to_string()))?;
             }
+            Ok::<_, InterpError>(matrix)
         };
         let c_rows = gathered(cv, n, |&(c, _)| c)?;
         let x_rows = gathered(xv, k, |&(_, x)| x)?;
@@ -294,24 +296,4 @@ pub(super) fn grouped_matmul_weight_grad(
         }
     }
     Ok(at.tensor(Data::Float(values)))
-}
-
-/// An expert's `[rows, width]` operand rounded as [`ExpertTiles`] says: tiles of `tile_rows`
-/// rows × 1 column, from its first row.
-fn round_in_expert_tiles(
-    at: At<'_>,
-    tiles: ExpertTiles,
-    matrix: &[f32],
-    width: usize,
-) -> Result<Vec<f32>, InterpError> {
-    let rounding = if tiles.pow2_scales {
-        ScaleRounding::PowerOfTwo
-    } else {
-        ScaleRounding::Exact
-    };
-    let rows = matrix.len() / width.max(1);
-    match tiles.format {
-        QuantFormat::E4M3 => fake_quantize(matrix, &[rows, width], tiles.tile_rows, 1, rounding),
-    }
-    .map_err(|e| at.internal(e.to_string()))
 }
