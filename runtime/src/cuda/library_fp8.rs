@@ -20,7 +20,7 @@
 //!
 //! A product the FP8 GEMM cannot take (other tiles, operands that are slices or batched
 //! weights, K not a multiple of 16, …) runs as the f32 GEMM over the rounded operands, which
-//! sums at least as exactly as the tensor cores; [`Fp8Product::find`] says why, and the plan's
+//! sums at least as exactly as the tensor cores; `Fp8Product::find` says why, and the plan's
 //! table shows it.
 //!
 //! Why quantising the rounded values again is exact: a tile's largest element `amax` became

@@ -7,7 +7,7 @@
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::dtype::{DType, TensorType};
 use fathom_compiler::graph::Accumulation;
-use fathom_compiler::kernel::{Buffer, BufferRole, Kernel};
+use fathom_compiler::kernel::{Buffer, BufferRole, Kernel, Library, View};
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::training::training_graph;
 use fathom_kernels::nvrtc::nvrtc_unless_skipped;
