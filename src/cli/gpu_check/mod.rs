@@ -7,23 +7,27 @@
 //!    awkward shapes of `cuda::library_samples`, each against the CPU (GEMMs within
 //!    2·K·2⁻²⁴·Σ|a·b| per element, the rest bit for bit), and the FP8 products' plans (dense
 //!    forward and weight-gradient forms, the experts' grouped product: padding, the gathered
-//!    quantisation, the FP8 GEMM scattering its rows) against the CPU's emulation of Hopper's accumulation (DeepGEMM's
-//!    difference at most 1e-3).
+//!    quantisation, the FP8 GEMM scattering its rows; the experts' weight gradient rounding
+//!    along each expert's rows: the gathered 128×1 quantisation, the K-grouped FP8 GEMM)
+//!    against the CPU's emulation of Hopper's accumulation (DeepGEMM's difference at most
+//!    1e-3).
 //! 2. A few training steps of the tiny model with `backend = cuda` (generated kernels and library
 //!    templates) against the CPU, comparing losses: in f32, then at precision FP8 with Hopper's
 //!    accumulation, where the Linear GEMMs run as `quantize` + FP8 GEMM (`cuda::library_fp8`)
 //!    and the CPU emulates them.
 //! 3. The FP8 GEMM templates against the f64 product of the same quantized operands (DeepGEMM's
 //!    `1 - 2Σxy/Σ(x²+y²) < 0.001`): on Hopper every sm_90a tile configuration the timings try,
-//!    under three tile schedules; on any GPU the portable `mma.sync` GEMM; each in the three
-//!    layouts (dense with 128×128 weight scales, 1×128 scales on B with accumulation, grouped
-//!    experts, also with the rows scattered). Then (3b) the quantisation templates, every kind, input type and scale rounding,
+//!    under three tile schedules; on any GPU the portable `mma.sync` GEMM; each in every layout
+//!    (dense with 128×128 weight scales, 1×128 scales on B with accumulation, grouped experts,
+//!    also with the rows scattered, and K-grouped with an empty group). Then (3b) the
+//!    quantisation templates, every kind (the gathered ones too), input type and scale rounding,
 //!    against the CPU's quantizers bit for bit, and (3c) the MLA attention templates (forward,
 //!    `delta`, backward) against the exact attention of the same bf16 inputs. A launch that
 //!    does not finish within seconds stops the check with its name; these run after the
 //!    training steps, so that a hang leaves them checked.
-//! 4. The FP8 GEMM's time at DeepSeek-V3 shapes, every tile configuration under every schedule
-//!    side by side, with `torch._scaled_mm` (cuBLASLt FP8) beside the fastest when
+//! 4. The FP8 GEMM's time at DeepSeek-V3 shapes (and the layouts cuBLASLt has no counterpart
+//!    for: a weight gradient, the experts' grouped GEMMs and their K-grouped weight gradients),
+//!    every tile configuration under every schedule side by side, with `torch._scaled_mm` (cuBLASLt FP8) beside the fastest when
 //!    `scripts/scaled_mm_bench.py` produced its JSON.
 //!
 //! Without a GPU it prints one line and succeeds: there is nothing to check.
