@@ -36,12 +36,28 @@ struct Operands {
     scale_a: ReadScale,
     /// By (K block, row of the whole `[groups·N][K]` B).
     scale_b: ReadScale,
+    rows: RowGrouping,
+}
+
+/// Where a GEMM's grouping and output say its rows and K blocks go, from the step's arguments.
+struct RowGrouping {
     /// The expert of each 128-row block of A (grouped GEMMs).
     block_expert: Option<StepArg>,
     /// The row of the output each product row goes to (the scattered output).
     out_rows: Option<StepArg>,
     /// The K-grouped GEMM's `groups + 1` segment starts along K, and the group count.
     k_offsets: Option<(StepArg, usize)>,
+}
+
+impl RowGrouping {
+    fn of(grouping: GemmGrouping, output: GemmOutput, named: &HashMap<&str, StepArg>) -> Self {
+        RowGrouping {
+            block_expert: (grouping == GemmGrouping::Contiguous).then(|| named["block_expert"]),
+            out_rows: (output == GemmOutput::F32Scattered).then(|| named["out_rows"]),
+            k_offsets: (grouping == GemmGrouping::KGrouped)
+                .then(|| (named["k_offsets"], int(named["groups"]))),
+        }
+    }
 }
 
 impl Memory {
@@ -150,16 +166,12 @@ impl Memory {
                     BScaling::Block128x128 => block_scales(named["scale_b"], &named),
                     BScaling::Row1x128 => scale(map("tmap_scale_b")),
                 };
-                let grouped = params.grouping == GemmGrouping::Contiguous;
-                let scattered = params.output == GemmOutput::F32Scattered;
                 let operands = Operands {
                     a: code(map("tmap_a")),
                     b: code(map("tmap_b")),
                     scale_a: scale(map("tmap_scale_a")),
                     scale_b,
-                    block_expert: grouped.then(|| named["block_expert"]),
-                    out_rows: scattered.then(|| named["out_rows"]),
-                    k_offsets: k_offsets(params.grouping, &named),
+                    rows: RowGrouping::of(params.grouping, params.output, &named),
                 };
                 self.gemm(&named, &operands);
             }
@@ -175,12 +187,11 @@ impl Memory {
                         mem.f32_at(sb + 4 * (kb * n.next_multiple_of(4) + j))
                     }) as ReadScale,
                 };
-                let grouped = params.grouping == GemmGrouping::Contiguous;
-                if !grouped {
+                let rows = RowGrouping::of(params.grouping, params.output, &named);
+                if rows.block_expert.is_none() {
                     assert_eq!(named["block_expert"], StepArg::Null);
                 }
-                let scattered = params.output == GemmOutput::F32Scattered;
-                if !scattered {
+                if rows.out_rows.is_none() {
                     assert_eq!(named["out_rows"], StepArg::Null);
                 }
                 let operands = Operands {
@@ -190,9 +201,7 @@ impl Memory {
                         mem.f32_at(sa + 4 * (kb * m.next_multiple_of(4) + i))
                     }),
                     scale_b,
-                    block_expert: grouped.then(|| named["block_expert"]),
-                    out_rows: scattered.then(|| named["out_rows"]),
-                    k_offsets: k_offsets(params.grouping, &named),
+                    rows,
                 };
                 self.gemm(&named, &operands);
             }
@@ -359,20 +368,20 @@ impl Memory {
     /// scattered output (no row where -1) and `i` otherwise; rows of a block of expert -1 are
     /// not written.
     fn gemm(&mut self, named: &HashMap<&str, StepArg>, operands: &Operands) {
-        if let Some((offsets, groups)) = operands.k_offsets {
+        if let Some((offsets, groups)) = operands.rows.k_offsets {
             return self.k_grouped_gemm(named, operands, (offsets, groups));
         }
         let (m, n, k) = (int(named["m"]), int(named["n"]), int(named["k"]));
         let block = BLOCK_K as usize;
         for i in 0..m {
-            let expert = match operands.block_expert {
+            let expert = match operands.rows.block_expert {
                 Some(at) => self.get_i32(at, i / PAD_ALIGN as usize),
                 None => 0,
             };
             let Ok(expert) = usize::try_from(expert) else {
                 continue;
             };
-            let row = match operands.out_rows {
+            let row = match operands.rows.out_rows {
                 Some(at) => self.get_i32(at, i),
                 None => i as i32,
             };
@@ -434,11 +443,6 @@ impl Memory {
             }
         }
     }
-}
-
-/// The K-grouped GEMM's segments: its `k_offsets` and `groups` arguments.
-fn k_offsets(grouping: GemmGrouping, named: &HashMap<&str, StepArg>) -> Option<(StepArg, usize)> {
-    (grouping == GemmGrouping::KGrouped).then(|| (named["k_offsets"], int(named["groups"])))
 }
 
 /// B's 128×128 block scales, `[groups][ceil(N/128)][ceil(K/128)]`, by (K block, row of B).
