@@ -93,6 +93,13 @@ impl LibraryKernel {
     }
 }
 
+/// `value` as a kernel's `int` argument, or why it cannot be one (`what` names it).
+pub(crate) fn int_arg(value: usize, what: &str) -> Result<StepArg, String> {
+    i32::try_from(value)
+        .map(StepArg::I32)
+        .map_err(|_| format!("{what} = {value} does not fit the kernels' 32-bit int"))
+}
+
 /// One argument of a step, in the kernel's parameter order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepArg {

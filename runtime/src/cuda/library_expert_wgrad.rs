@@ -29,7 +29,7 @@ use fathom_kernels::{
     QuantizeKind, QuantizeParams,
 };
 
-use super::library::{LibraryKernel, LibraryStep, StepArg};
+use super::library::{LibraryKernel, LibraryStep, StepArg, int_arg};
 use super::library_fp8::{
     Fp8Operand, Fp8Target, GemmOut, GemmRegions, ScratchLayout, gemm_problem, gemm_step, ordered,
 };
@@ -117,15 +117,11 @@ impl RoundedExpertWeightGrad {
         group_rows: LibraryStep,
     ) -> Result<(Vec<LibraryStep>, usize), String> {
         let (rows, experts, n, k) = (self.rows, self.experts, self.n, self.k);
+        let m_padded = self.m_padded();
         let mut layout = ScratchLayout::default();
         let (mut steps, padded) = self.padding(&mut layout, group_rows);
         let rounded_cotangent = layout.region(4 * rows * n);
         let rounded_x = layout.region(4 * rows * k);
-        let int = |v: usize, what: &str| {
-            i32::try_from(v)
-                .map(StepArg::I32)
-                .map_err(|_| format!("{what} = {v} does not fit the kernels' 32-bit int"))
-        };
         let params = FakeQuantizeGatheredParams {
             pow2_scales: self.pow2_scales,
         };
@@ -139,12 +135,12 @@ impl RoundedExpertWeightGrad {
                 ("source_rows", StepArg::Bytes(source_rows)),
                 ("out_rows", StepArg::Bytes(padded.out_rows)),
                 ("out", StepArg::Bytes(rounded)),
-                ("rows", int(self.m_padded(), "padded rows")?),
-                ("cols", int(cols, "columns")?),
+                ("rows", int_arg(m_padded, "padded rows")?),
+                ("cols", int_arg(cols, "columns")?),
             ];
             steps.push(LibraryStep {
                 kernel: LibraryKernel::FakeQuantizeGathered(params),
-                grid: params.grid(self.m_padded() as u32, cols as u32),
+                grid: params.grid(m_padded as u32, cols as u32),
                 args: ordered(&params.name(), &params.kernel_params(), &named)?,
             });
         }
@@ -155,11 +151,11 @@ impl RoundedExpertWeightGrad {
             ("offsets", StepArg::Scratch(0)),
             ("members", StepArg::Scratch(experts + 1)),
             ("out", StepArg::Buffer(self.out, 0)),
-            ("slots", int(self.slots, "slots")?),
+            ("slots", int_arg(self.slots, "slots")?),
             // The rounded x has a row per token-slot.
-            ("x_slots", int(self.slots, "x slots")?),
-            ("n", int(n, "n")?),
-            ("k", int(k, "k")?),
+            ("x_slots", int_arg(self.slots, "x slots")?),
+            ("n", int_arg(n, "n")?),
+            ("k", int_arg(k, "k")?),
         ];
         let u32_of = |v: usize| u32::try_from(v).map_err(|e| e.to_string());
         steps.push(LibraryStep {

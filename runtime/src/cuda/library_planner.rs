@@ -9,7 +9,7 @@ use fathom_compiler::kernel::{
 use fathom_kernels::gemm_f32::MAX_BATCH_AXES;
 use fathom_kernels::{F32GemmKind, F32GemmParams, FakeQuantizeParams, IndexOp, IndexOpParams};
 
-use super::{LibraryKernel, LibraryStep, StepArg};
+use super::{LibraryKernel, LibraryStep, StepArg, int_arg};
 use crate::cuda::library_expert_wgrad::{RoundedExpertWeightGrad, WeightGradCall};
 use crate::cuda::library_fp8::{Fp8Product, Fp8Target, MatMulCall};
 use crate::cuda::library_fp8_grouped::{Fp8GroupedProduct, GroupedCall};
@@ -86,9 +86,7 @@ impl Planner<'_> {
 
     /// `value` as a kernel's `int`, or why it cannot be one.
     fn int(&self, value: usize, what: &str) -> Result<StepArg, String> {
-        i32::try_from(value)
-            .map(StepArg::I32)
-            .map_err(|_| format!("{what} = {value} does not fit the kernels' 32-bit int"))
+        int_arg(value, what)
     }
 
     fn tag(&self) -> Result<StepArg, String> {
