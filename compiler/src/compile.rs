@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use crate::graph::Graph;
 use crate::kernel::{MemoryPlan, Program};
 use crate::lower::{LowerError, LowerOptions, lower_with};
-use crate::passes::{RecomputePolicy, common_subexpressions, dead_code, fold_constants, recompute};
+use crate::passes::{
+    RecomputePolicy, common_subexpressions, dead_code, expand_attention, fold_constants, recompute,
+};
 
 #[derive(Clone, Debug, Default)]
 pub struct CompileOptions {
@@ -60,8 +62,8 @@ impl CompileOptions {
 pub struct Compiled {
     pub program: Program,
     pub plan: MemoryPlan,
-    /// The graph after each pass, in order (`input`, `dead_code`, `common_subexpressions`,
-    /// `fold_constants`, `recompute`); the last is the one lowered.
+    /// The graph after each pass, in order (`input`, `expand_attention`, `dead_code`,
+    /// `common_subexpressions`, `fold_constants`, `recompute`); the last is the one lowered.
     pub graphs: Vec<(&'static str, Graph)>,
     /// Time of each phase.
     pub timings: Vec<(&'static str, Duration)>,
@@ -73,8 +75,13 @@ pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, Lowe
     let mut timed = |name: &'static str, started: Instant| timings.push((name, started.elapsed()));
 
     let t = Instant::now();
-    let live = dead_code(graph);
+    // Attention the target runs as one call stays whole (`LowerOptions::attention_calls`).
+    let expanded = expand_attention(graph, |_| false)?;
+    timed("expand_attention", t);
+    let t = Instant::now();
+    let live = dead_code(&expanded);
     timed("dead_code", t);
+    graphs.push(("expand_attention", expanded));
     let t = Instant::now();
     let merged = common_subexpressions(&live);
     timed("common_subexpressions", t);

@@ -141,10 +141,11 @@ fn tiny_inspection_artifacts() {
         names,
         [
             "00-input.graph.txt",
-            "01-dead_code.graph.txt",
-            "02-common_subexpressions.graph.txt",
-            "03-fold_constants.graph.txt",
-            "04-recompute.graph.txt",
+            "01-expand_attention.graph.txt",
+            "02-dead_code.graph.txt",
+            "03-common_subexpressions.graph.txt",
+            "04-fold_constants.graph.txt",
+            "05-recompute.graph.txt",
             "10-fusion-groups.txt",
             "11-kernels.txt",
             "12-memory-plan.txt",
@@ -210,8 +211,8 @@ fn tiny_training_recompute() {
     insta::assert_snapshot!(summary);
     assert!(peak_after < peak_before, "{peak_before} -> {peak_after}");
     // The policy `none` lowers the graph constant folding left.
-    assert_eq!(before.graphs[3].0, "fold_constants");
-    assert_eq!(before.graphs[3].1, before.graphs[4].1);
+    assert_eq!(before.graphs[4].0, "fold_constants");
+    assert_eq!(before.graphs[4].1, before.graphs[5].1);
 }
 
 /// The experts' input gradient multiplies by the stacked expert weights transposed: the grouped

@@ -1,7 +1,8 @@
-//! Adjoints of the contractions: `MatMul`, `GroupedMatMul` and `GroupedMatMulWeightGrad`.
+//! Adjoints of the contractions: `MatMul`, `GroupedMatMul`, `GroupedMatMulWeightGrad` and
+//! `CausalAttention`.
 
 use crate::error::GraphError;
-use crate::graph::{GraphBuilder, Tensor, Triangular};
+use crate::graph::{AttentionConfig, AttentionOperand, GraphBuilder, Op, Tensor, Triangular};
 
 use super::Adjoint;
 use super::reduce_to::sum_to;
@@ -97,4 +98,27 @@ pub(super) fn grouped_matmul_weight_grad(
         None
     };
     Ok(vec![dc, dx, None])
+}
+
+/// `[q, k_nope, k_rope, v]` of a causal attention: one `CausalAttentionGrad` per wanted
+/// operand, all reading one `CausalAttentionLse` of the same operands (a backend computes
+/// them together: the forward keeps the statistic, one backward call writes the four
+/// gradients).
+pub(super) fn causal_attention(
+    g: &mut GraphBuilder,
+    config: AttentionConfig,
+    a: &Adjoint<'_>,
+) -> Result<Vec<Option<Tensor>>, GraphError> {
+    let operands = &a.inputs[..4];
+    let lse = g.push(Op::CausalAttentionLse(config), operands, None)?;
+    let mut inputs = operands.to_vec();
+    inputs.extend([a.out, lse, a.cot]);
+    AttentionOperand::ALL
+        .into_iter()
+        .map(|operand| {
+            a.wanted[operand.index()]
+                .then(|| g.push(Op::CausalAttentionGrad { config, operand }, &inputs, None))
+                .transpose()
+        })
+        .collect()
 }

@@ -61,6 +61,15 @@ pub fn backward_origin(origin: &str) -> String {
     }
 }
 
+/// The origin of the forward node whose backward nodes carry `origin`: [`backward_origin`]
+/// undone (an origin that is not a backward one is returned as it is).
+pub fn forward_origin(origin: &str) -> &str {
+    match origin {
+        "backward" => "",
+        _ => origin.strip_prefix("backward:").unwrap_or(origin),
+    }
+}
+
 /// The gradients of `loss` (a scalar float node) with respect to the `wrt` nodes, appended to
 /// the graph as new nodes; returns the extended graph and, for each wrt node, its gradient
 /// node (same type as the wrt node). A wrt node that the loss does not depend on (or only
@@ -70,19 +79,65 @@ pub fn backward_origin(origin: &str) -> String {
 /// node that is not floating point ([`GraphError::InvalidRequest`]).
 pub fn backward(graph: Graph, loss: NodeId, wrt: &[NodeId]) -> Result<Backward, GraphError> {
     check_request(&graph, loss, wrt)?;
-    let active = active_nodes(&graph, loss, wrt);
     let mut g = GraphBuilder::from_graph(graph);
-    let len = loss.index() + 1;
+    let seed = |g: &mut GraphBuilder| {
+        let node = g.graph().node(loss);
+        let (dtype, origin) = (node.ty.dtype, backward_origin(&node.origin));
+        g.within(&origin, |g| g.scalar(1.0, dtype))
+    };
+    let wrt_tensors: Vec<Tensor> = wrt.iter().map(|&w| Tensor(w)).collect();
+    let gradients = differentiate(&mut g, loss, seed, &wrt_tensors)?;
+    Ok(Backward {
+        graph: g.finish(),
+        gradients: wrt
+            .iter()
+            .zip(gradients)
+            .map(|(&w, gradient)| (w, gradient.id()))
+            .collect(),
+    })
+}
+
+/// The vector-Jacobian product of `output` for its `cotangent` (of `output`'s type) with
+/// respect to the `wrt` nodes, appended to `g`: what [`backward`] computes for the loss
+/// `Σ output ⊙ cotangent` without building that loss. The compiler's expansions use it to
+/// write a fused op's gradient as the autodiff of the primitives the op is made of.
+pub fn vjp(
+    g: &mut GraphBuilder,
+    output: Tensor,
+    cotangent: Tensor,
+    wrt: &[Tensor],
+) -> Result<Vec<Tensor>, GraphError> {
+    if g.graph().ty(output.id()) != g.graph().ty(cotangent.id()) {
+        return Err(GraphError::InvalidRequest(format!(
+            "autodiff: the cotangent {} of {} must have its type {}",
+            cotangent.id(),
+            output.id(),
+            g.graph().ty(output.id())
+        )));
+    }
+    differentiate(g, output.id(), |_| Ok(cotangent), wrt)
+}
+
+/// Appends to `g` the gradients of `output` with respect to `wrt`, for the cotangent `seed`
+/// makes (called only when `output` depends on a wrt node). A wrt node that `output` does not
+/// depend on (or only through integer values) gets a zero gradient: an `expand` of a scalar 0
+/// constant.
+fn differentiate(
+    g: &mut GraphBuilder,
+    output: NodeId,
+    seed: impl FnOnce(&mut GraphBuilder) -> Result<Tensor, GraphError>,
+    wrt: &[Tensor],
+) -> Result<Vec<Tensor>, GraphError> {
+    let wrt_ids: Vec<NodeId> = wrt.iter().map(|w| w.id()).collect();
+    let active = active_nodes(g.graph(), output, &wrt_ids);
+    let len = output.index() + 1;
     // Each active node's cotangent contributions, one per use, in the order its users were
     // visited; summed when the node itself is visited (after all its users), so the sum is
     // recorded with the node's own origin, next to the node's rule.
     let mut contributions: Vec<Vec<Tensor>> = vec![Vec::new(); len];
     let mut cotangents: Vec<Option<Tensor>> = vec![None; len];
-    if active[loss.index()] {
-        let node = g.graph().node(loss);
-        let (dtype, origin) = (node.ty.dtype, backward_origin(&node.origin));
-        let seed = g.within(&origin, |g| g.scalar(1.0, dtype))?;
-        contributions[loss.index()].push(seed);
+    if active[output.index()] {
+        contributions[output.index()].push(seed(g)?);
     }
 
     for index in (0..len).rev() {
@@ -122,7 +177,7 @@ pub fn backward(graph: Graph, loss: NodeId, wrt: &[NodeId]) -> Result<Backward, 
     }
 
     let mut gradients = Vec::with_capacity(wrt.len());
-    for &w in wrt {
+    for &w in &wrt_ids {
         let gradient = match cotangents.get(w.index()).copied().flatten() {
             Some(cot) if active[w.index()] => cot,
             _ => {
@@ -131,12 +186,9 @@ pub fn backward(graph: Graph, loss: NodeId, wrt: &[NodeId]) -> Result<Backward, 
                 g.within(&origin, |g| reduce_to::zeros(g, ty.dtype, ty.dims()))?
             }
         };
-        gradients.push((w, gradient.id()));
+        gradients.push(gradient);
     }
-    Ok(Backward {
-        graph: g.finish(),
-        gradients,
-    })
+    Ok(gradients)
 }
 
 /// [`backward`] with respect to every trainable parameter, in declaration order, each gradient
@@ -208,6 +260,9 @@ fn flows_through(op: &Op, k: usize) -> bool {
         Op::CrossEntropy => k == 0,
         // Not into the labels; differentiating it is refused by `rule`.
         Op::CrossEntropyGrad => k != 1,
+        Op::CausalAttention(_) => true,
+        // Refused by `rule`.
+        Op::CausalAttentionLse(_) | Op::CausalAttentionGrad { .. } => true,
         Op::GroupedMatMul { .. } | Op::GroupedMatMulWeightGrad { .. } => k < 2,
         Op::Cast { .. } => true, // both types are checked to be float by `active_nodes`
         Op::QuantizeDequantize { .. } => true, // straight through
@@ -297,6 +352,14 @@ fn rule(g: &mut GraphBuilder, a: &Adjoint<'_>) -> Result<Vec<Option<Tensor>>, Gr
              cross_entropy_grad, has no derivative rule)"
                 .into(),
         )),
+        Op::CausalAttention(config) => linalg::causal_attention(g, *config, a),
+        Op::CausalAttentionLse(_) | Op::CausalAttentionGrad { .. } => {
+            Err(GraphError::InvalidRequest(format!(
+                "second derivatives of causal_attention are not supported ({} has no \
+                 derivative rule)",
+                a.op.name()
+            )))
+        }
         Op::Input { .. }
         | Op::Parameter { .. }
         | Op::Constant(_)

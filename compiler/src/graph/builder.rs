@@ -7,7 +7,8 @@ use crate::error::GraphError;
 
 use super::infer::infer_type;
 use super::op::{
-    Accumulation, BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp, UnaryOp,
+    Accumulation, AttentionConfig, BinaryOp, CompareOp, ConstantData, Op, QuantFormat, ReduceOp,
+    UnaryOp,
 };
 use super::{Graph, Node, NodeId, Output};
 
@@ -405,6 +406,21 @@ impl GraphBuilder {
             &[logits, labels, loss, cotangent],
             None,
         )
+    }
+
+    /// Causal attention with MLA's shared rope key (see [`Op::CausalAttention`]): `q`
+    /// `[b, t, h, nope + rope]`, `k_nope` `[b, t, h, nope]`, `k_rope` `[b, t, rope]`, `v`
+    /// `[b, t, h, dv]` -> `[b, t, h, dv]`.
+    pub fn causal_attention(
+        &mut self,
+        [q, k_nope, k_rope, v]: [Tensor; 4],
+        scale: f64,
+    ) -> Result<Tensor, GraphError> {
+        let config = AttentionConfig {
+            scale,
+            products_in: None,
+        };
+        self.push(Op::CausalAttention(config), &[q, k_nope, k_rope, v], None)
     }
 
     pub fn top_k(&mut self, x: Tensor, k: usize) -> Result<Tensor, GraphError> {

@@ -266,6 +266,36 @@ pub fn infer_type(
             }
             Ok(logits.clone())
         }
+        Op::CausalAttention(config) => {
+            let dims = attention_operands(config, &operands[..4])?;
+            Ok(TensorType::new(
+                operands[0].dtype,
+                [dims.batch, dims.tokens, dims.heads, dims.v],
+            ))
+        }
+        Op::CausalAttentionLse(config) => {
+            let dims = attention_operands(config, &operands[..4])?;
+            Ok(TensorType::new(
+                operands[0].dtype,
+                [dims.batch, dims.heads, dims.tokens],
+            ))
+        }
+        Op::CausalAttentionGrad { config, operand } => {
+            let dims = attention_operands(config, &operands[..4])?;
+            let dtype = operands[0].dtype;
+            let out = TensorType::new(dtype, [dims.batch, dims.tokens, dims.heads, dims.v]);
+            let lse = TensorType::new(dtype, [dims.batch, dims.heads, dims.tokens]);
+            for (what, operand, want) in [
+                ("out", operands[4], &out),
+                ("lse", operands[5], &lse),
+                ("d_out", operands[6], &out),
+            ] {
+                if operand != want {
+                    return Err(format!("the {what} {operand} must be {want}"));
+                }
+            }
+            Ok(operands[operand.index()].clone())
+        }
         Op::Stack => {
             let first = operands[0];
             if let Some(other) = operands.iter().find(|t| **t != first) {
@@ -276,6 +306,71 @@ pub fn infer_type(
             Ok(TensorType::new(first.dtype, dims))
         }
     }
+}
+
+/// The extents of a causal attention's operands.
+struct AttentionDims {
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    v: usize,
+}
+
+/// Checks `[q (b, t, h, nope + rope), k_nope (b, t, h, nope), k_rope (b, t, rope), v (b, t, h,
+/// dv)]`: one float type, agreeing extents, every width at least 1.
+fn attention_operands(
+    config: &crate::graph::AttentionConfig,
+    operands: &[&TensorType],
+) -> Result<AttentionDims, String> {
+    let [q, k_nope, k_rope, v] = operands else {
+        unreachable!("the arity is checked first")
+    };
+    float(q, "q")?;
+    for other in [k_nope, k_rope, v] {
+        same_dtype(q, other)?;
+    }
+    if !config.scale.is_finite() {
+        return Err(format!("the softmax scale {} is not finite", config.scale));
+    }
+    if config.products_in.is_some_and(|t| !t.is_float()) {
+        return Err("products_in must be a float type".into());
+    }
+    let named = [("q", q), ("k_nope", k_nope), ("k_rope", k_rope), ("v", v)];
+    for (what, t, rank) in [
+        ("q", q, 4),
+        ("k_nope", k_nope, 4),
+        ("k_rope", k_rope, 3),
+        ("v", v, 4),
+    ] {
+        if t.rank() != rank {
+            return Err(format!(
+                "{what} {t} must have rank {rank} (q, k_nope, v: [batch, tokens, heads, width]; \
+                 k_rope: [batch, tokens, width])"
+            ));
+        }
+    }
+    let (qd, nd, rd, vd) = (q.dims(), k_nope.dims(), k_rope.dims(), v.dims());
+    let (batch, tokens, heads) = (qd[0], qd[1], qd[2]);
+    let agree = nd[..3] == qd[..3] && vd[..3] == qd[..3] && rd[..2] == qd[..2];
+    if !agree || qd[3] != nd[3] + rd[2] {
+        let [q, n, r, v] = named.map(|(_, t)| t.to_string());
+        return Err(format!(
+            "operands q {q}, k_nope {n}, k_rope {r}, v {v} do not agree: batch, tokens and \
+             heads must match, and q's width must be k_nope's plus k_rope's"
+        ));
+    }
+    if let Some((what, _)) = [("k_nope", nd[3]), ("k_rope", rd[2]), ("v", vd[3])]
+        .into_iter()
+        .find(|(_, width)| *width == 0)
+    {
+        return Err(format!("{what} has an empty head width"));
+    }
+    Ok(AttentionDims {
+        batch,
+        tokens,
+        heads,
+        v: vd[3],
+    })
 }
 
 fn float(t: &TensorType, what: &str) -> Result<(), String> {

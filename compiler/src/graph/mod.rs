@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 pub use builder::{GraphBuilder, Tensor};
 pub use infer::infer_type;
 pub use op::{
-    Accumulation, BinaryOp, CompareOp, ConstantData, ExpertTiles, Op, QuantFormat, ReduceOp,
-    UnaryOp,
+    Accumulation, AttentionConfig, AttentionOperand, BinaryOp, CompareOp, ConstantData,
+    ExpertTiles, Op, QuantFormat, ReduceOp, UnaryOp,
 };
 pub use triangle::{MatMulPart, Triangle, Triangular};
 

@@ -82,6 +82,62 @@ impl fmt::Display for ExpertTiles {
     }
 }
 
+/// Which operand of a [`Op::CausalAttention`] a [`Op::CausalAttentionGrad`] is the gradient of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionOperand {
+    Query,
+    KeyNope,
+    KeyRope,
+    Value,
+}
+
+impl AttentionOperand {
+    pub const ALL: [AttentionOperand; 4] = [
+        AttentionOperand::Query,
+        AttentionOperand::KeyNope,
+        AttentionOperand::KeyRope,
+        AttentionOperand::Value,
+    ];
+
+    /// Its position among the attention's operands.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionOperand::Query => "q",
+            AttentionOperand::KeyNope => "k_nope",
+            AttentionOperand::KeyRope => "k_rope",
+            AttentionOperand::Value => "v",
+        }
+    }
+}
+
+/// What a causal attention op computes with, beyond its operands: the softmax's `scale`, and
+/// the type its products' operands are rounded to (`products_in`: bf16 under a BF16 or FP8
+/// policy, SPEC §2; `None`, exact) before each product, which sums in f32. The rounded
+/// operands are the forward's `q`, `k` (`[k_nope, k_rope]` per head) and `v`, the
+/// probabilities before they weigh the values, and in the gradient `d_o` and the scores'
+/// gradient `dS` (see [`Op::CausalAttentionGrad`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttentionConfig {
+    pub scale: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub products_in: Option<DType>,
+}
+
+impl fmt::Display for AttentionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "scale={}", Scalar(self.scale))?;
+        if let Some(dtype) = self.products_in {
+            write!(f, ", products={dtype}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The 8-bit format a [`Op::QuantizeDequantize`] rounds to. Only E4M3 for now: DeepSeek-V3
 /// uses it for every FP8 GEMM operand, gradients included (SPEC §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -318,6 +374,32 @@ pub enum Op {
     /// value is defined by the logits alone; the interpreter computes it from them). Emitted by
     /// autodiff.
     CrossEntropyGrad,
+    /// `[q (b, t, h, nope + rope), k_nope (b, t, h, nope), k_rope (b, t, rope), v (b, t, h, dv)]`
+    /// -> `(b, t, h, dv)`: causal multi-head attention with MLA's shared RoPE key (DeepSeek-V3
+    /// §2.1.1), tokens before heads as the projections lay them out:
+    /// `out[b, i, h] = Σ_{j ≤ i} p[b, h, i, j] · v[b, j, h]`, where
+    /// `p[b, h, i, ·] = softmax_{j ≤ i}(scale · q[b, i, h] · k[b, j, h])` and
+    /// `k[b, j, h] = [k_nope[b, j, h], k_rope[b, j]]`, every head reading the same rope key.
+    /// One op rather than the matmuls and the softmax it is made of so that a backend can run
+    /// it flash-attention style, never holding the `t × t` probabilities (the GPU does; the CPU
+    /// expands it into those primitives, `passes::expand_attention`).
+    CausalAttention(AttentionConfig),
+    /// The same operands -> `(b, h, t)`: each query's `log Σ_{j ≤ i} exp(scale · q · k)`, the
+    /// softmax statistic a flash-attention backward recomputes the probabilities from. Emitted
+    /// by autodiff for [`Op::CausalAttentionGrad`].
+    CausalAttentionLse(AttentionConfig),
+    /// `[q, k_nope, k_rope, v, out, lse, d_out]` -> the type of `operand`: the gradient of
+    /// [`Op::CausalAttention`] with respect to one of its operands for the cotangent `d_out`:
+    /// with `S = q · kᵀ`, `P = softmax(scale · S)` (causal), `dP = d_out · vᵀ`,
+    /// `dS = scale · P ⊙ (dP − Σ_j P ⊙ dP)`: `dq = dS · k`, `dk = dSᵀ · q` (split into its nope
+    /// part per head and its rope part summed over heads), `dv = Pᵀ · d_out`. `out` and `lse`
+    /// are the forward's results for the same operands, there for a backend that recomputes
+    /// `P` from them (the value is defined by `q`, `k`, `v` and `d_out` alone; the interpreter
+    /// computes it from those). Emitted by autodiff, one per operand that needs a gradient.
+    CausalAttentionGrad {
+        config: AttentionConfig,
+        operand: AttentionOperand,
+    },
 }
 
 fn yes() -> bool {
@@ -386,6 +468,28 @@ impl Op {
             Op::QuantizeDequantize { .. } => "quantize_dequantize",
             Op::CrossEntropy => "cross_entropy",
             Op::CrossEntropyGrad => "cross_entropy_grad",
+            Op::CausalAttention(_) => "causal_attention",
+            Op::CausalAttentionLse(_) => "causal_attention_lse",
+            Op::CausalAttentionGrad { .. } => "causal_attention_grad",
+        }
+    }
+
+    /// The configuration of a causal attention op (forward, statistic or gradient).
+    pub fn attention_config(&self) -> Option<&AttentionConfig> {
+        match self {
+            Op::CausalAttention(config)
+            | Op::CausalAttentionLse(config)
+            | Op::CausalAttentionGrad { config, .. } => Some(config),
+            _ => None,
+        }
+    }
+
+    pub fn attention_config_mut(&mut self) -> Option<&mut AttentionConfig> {
+        match self {
+            Op::CausalAttention(config)
+            | Op::CausalAttentionLse(config)
+            | Op::CausalAttentionGrad { config, .. } => Some(config),
+            _ => None,
         }
     }
 
@@ -412,7 +516,8 @@ impl Op {
             | Op::TakeAlong { .. }
             | Op::CrossEntropy => Some(2),
             Op::Select | Op::GroupedMatMul { .. } | Op::GroupedMatMulWeightGrad { .. } => Some(3),
-            Op::CrossEntropyGrad => Some(4),
+            Op::CrossEntropyGrad | Op::CausalAttention(_) | Op::CausalAttentionLse(_) => Some(4),
+            Op::CausalAttentionGrad { .. } => Some(7),
             Op::Concat { .. } | Op::Stack => None,
         }
     }
@@ -479,6 +584,12 @@ impl fmt::Display for Op {
             } => {
                 let pow2 = if *pow2_scales { ", pow2" } else { "" };
                 write!(f, "<{format}, tile={tile_rows}x{tile_cols}{pow2}>")
+            }
+            Op::CausalAttention(config) | Op::CausalAttentionLse(config) => {
+                write!(f, "<{config}>")
+            }
+            Op::CausalAttentionGrad { config, operand } => {
+                write!(f, "<{config}, wrt={}>", operand.name())
             }
             _ => Ok(()),
         }

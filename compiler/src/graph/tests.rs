@@ -50,6 +50,47 @@ fn shape_rules_reject_what_they_must() {
     ));
 }
 
+/// Causal attention checks its four operands against each other and names them all.
+#[test]
+fn causal_attention_names_operands_that_do_not_agree() {
+    let mut g = GraphBuilder::new("t");
+    let q = g.input("q", f32(&[2, 5, 3, 6])).unwrap();
+    let k_nope = g.input("k_nope", f32(&[2, 5, 3, 4])).unwrap();
+    let k_rope = g.input("k_rope", f32(&[2, 5, 2])).unwrap();
+    let v = g.input("v", f32(&[2, 5, 3, 8])).unwrap();
+    let short_v = g.input("short_v", f32(&[2, 4, 3, 8])).unwrap();
+    let flat_rope = g.input("flat_rope", f32(&[10, 2])).unwrap();
+    let out = g.causal_attention([q, k_nope, k_rope, v], 0.5).unwrap();
+    assert_eq!(g.ty(out), &f32(&[2, 5, 3, 8]));
+    let detail = |e: GraphError| match e {
+        GraphError::Invalid { detail, .. } => detail,
+        other => panic!("{other}"),
+    };
+    assert_eq!(
+        detail(
+            g.causal_attention([q, k_nope, k_rope, short_v], 0.5)
+                .unwrap_err()
+        ),
+        "operands q f32[2,5,3,6], k_nope f32[2,5,3,4], k_rope f32[2,5,2], v f32[2,4,3,8] do \
+         not agree: batch, tokens and heads must match, and q's width must be k_nope's plus \
+         k_rope's"
+    );
+    assert!(
+        detail(
+            g.causal_attention([q, k_nope, flat_rope, v], 0.5)
+                .unwrap_err()
+        )
+        .starts_with("k_rope f32[10,2] must have rank 3")
+    );
+    assert!(
+        detail(
+            g.causal_attention([q, k_nope, k_rope, v], f64::NAN)
+                .unwrap_err()
+        )
+        .contains("not finite")
+    );
+}
+
 #[test]
 fn validate_catches_a_graph_edited_out_of_shape() {
     let mut g = GraphBuilder::new("t");

@@ -979,6 +979,17 @@ impl<'g> Lowering<'g> {
         if let Some(parts) = self.gradient_parts[id.index()].clone() {
             return self.emit_weight_grad_in_parts(id, parts);
         }
+        if let Op::CausalAttention(_) | Op::CausalAttentionLse(_) | Op::CausalAttentionGrad { .. } =
+            node.op
+        {
+            return Err(LowerError::Unsupported {
+                node: id,
+                op: node.op.name(),
+                reason: "causal attention is lowered as the primitives it is made of \
+                         (passes::expand_attention, which compilation runs first)"
+                    .into(),
+            });
+        }
         let (out, out_view) = self.library_output(id);
         let inputs = node.inputs.clone();
         let call = match &node.op {

@@ -40,6 +40,9 @@ pub enum LowerError {
         op: &'static str,
         reason: String,
     },
+    /// A pass before lowering refused the graph.
+    #[error(transparent)]
+    Graph(#[from] crate::error::GraphError),
 }
 
 /// Forms of kernel the lowering may use beyond those every backend runs.
@@ -112,8 +115,13 @@ pub fn lower(graph: &Graph) -> Result<Program, LowerError> {
 }
 
 /// Compiles `graph` into kernels over buffers, using the forms `options` allows.
+///
+/// Attention ops are expanded into primitives first (`passes::expand_attention`);
+/// `compile::compile` does that before its passes, so that they merge what the expansions of
+/// one attention's forward and gradients have in common.
 pub fn lower_with(graph: &Graph, options: LowerOptions) -> Result<Program, LowerError> {
-    let mut lowering = fusion::Lowering::new(graph, options);
+    let expanded = crate::passes::expand_attention(graph, |_| false)?;
+    let mut lowering = fusion::Lowering::new(&expanded, options);
     lowering.run()?;
     let mut program = lowering.finish();
     if options.softmax_routines {
@@ -173,7 +181,10 @@ fn class(op: &Op, numel: usize) -> Class {
         | Op::OneHot { .. }
         | Op::GroupedMatMul { .. }
         | Op::GroupedMatMulWeightGrad { .. }
-        | Op::QuantizeDequantize { .. } => Class::Library,
+        | Op::QuantizeDequantize { .. }
+        | Op::CausalAttention(_)
+        | Op::CausalAttentionLse(_)
+        | Op::CausalAttentionGrad { .. } => Class::Library,
         Op::Concat { .. } | Op::Stack => Class::Assemble,
         Op::CrossEntropy | Op::CrossEntropyGrad => Class::CrossEntropy,
     }

@@ -1,9 +1,8 @@
 //! Multi-head Latent Attention (DeepSeek-V3 §2.1.1), in the form the HF model computes it:
 //! queries and keys/values through low-rank latents, a decoupled RoPE key shared by all heads.
 
-use crate::dtype::{DType, TensorType};
 use crate::error::GraphError;
-use crate::graph::{GraphBuilder, MatMulPart, Tensor, Triangle, Triangular};
+use crate::graph::{GraphBuilder, Tensor};
 use crate::module::{Module, Param, Scope};
 use crate::spec::{MlaSpec, ModelSpec};
 
@@ -40,39 +39,27 @@ pub struct Mla {
     path: String,
 }
 
-/// What attention needs from outside: position tables and the causal mask for the sequence.
+/// What attention needs from outside: the position tables for the sequence.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionContext {
     pub rope: RopeTables,
-    /// `bool [seq, seq]`, true where query `i` may attend to key `j` (j <= i).
-    pub causal_mask: Tensor,
 }
 
 impl AttentionContext {
-    /// Tables and mask for `positions` tokens.
+    /// Tables for `positions` tokens.
     pub fn build(
         g: &mut GraphBuilder,
         spec: &ModelSpec,
         positions: usize,
     ) -> Result<Self, GraphError> {
         let rope = RopeTables::build(g, &spec.rope, spec.attention.qk_rope_head_dim, positions)?;
-        let mask: Vec<f64> = (0..positions)
-            .flat_map(|i| (0..positions).map(move |j| if j <= i { 1.0 } else { 0.0 }))
-            .collect();
-        let ty = TensorType::new(DType::Bool, [positions, positions]);
-        let causal_mask = g.constant("causal_mask", ty, mask)?;
-        Ok(AttentionContext { rope, causal_mask })
+        Ok(AttentionContext { rope })
     }
 
     /// The context of the first `positions` tokens (MTP modules see shorter sequences).
     pub fn prefix(&self, g: &mut GraphBuilder, positions: usize) -> Result<Self, GraphError> {
-        if g.dims(self.causal_mask)[0] == positions {
-            return Ok(*self);
-        }
-        let rows = g.slice(self.causal_mask, 0, 0, positions)?;
         Ok(AttentionContext {
             rope: self.rope.prefix(g, positions)?,
-            causal_mask: g.slice(rows, 1, 0, positions)?,
         })
     }
 }
@@ -168,41 +155,22 @@ impl Mla {
         let kv = self.kv_b_proj.forward(g, c_kv)?;
 
         let attended = g.within(&self.path, |g| {
-            // Queries: [b, s, h*qk] -> [b, h, s, qk]; RoPE on the last `rope` channels.
+            // Tokens before heads, as the projections lay them out: [b, s, h, ·].
             let q = g.reshape(q, &[batch, seq, heads, nope + rope])?;
-            let q = g.permute(q, &[0, 2, 1, 3])?;
             let q_nope = g.slice(q, 3, 0, nope)?;
             let q_rope = g.slice(q, 3, nope, nope + rope)?;
-            let q_rope = ctx.rope.apply(g, q_rope, self.interleaved)?;
+            let q_rope = ctx.rope.apply_per_head(g, q_rope, self.interleaved)?;
             let query = g.concat(&[q_nope, q_rope], 3)?;
 
-            // One RoPE key per token, shared by every head.
-            let k_rope = g.reshape(k_rope, &[batch, 1, seq, rope])?;
+            // One RoPE key per token, shared by every head: [b, s, rope].
             let k_rope = ctx.rope.apply(g, k_rope, self.interleaved)?;
-            let k_rope = g.expand(k_rope, &[batch, heads, seq, rope])?;
 
-            // Keys and values from the latent: [b, s, h*(nope+v)] -> [b, h, s, nope+v].
+            // Keys and values from the latent: [b, s, h*(nope+v)] -> [b, s, h, nope+v].
             let kv = g.reshape(kv, &[batch, seq, heads, nope + a.v_head_dim])?;
-            let kv = g.permute(kv, &[0, 2, 1, 3])?;
             let k_nope = g.slice(kv, 3, 0, nope)?;
             let value = g.slice(kv, 3, nope, nope + a.v_head_dim)?;
-            let key = g.concat(&[k_nope, k_rope], 3)?;
 
-            // The mask keeps the lower triangle: the scores above it are never read, so they
-            // need not be computed (they are zeros), and the probabilities there are exactly
-            // zero, so the weighted sum reads them as a lower triangle. A backend may skip up
-            // to half of either product, and of their gradients.
-            let causal = |part| Some(Triangular::new(part, Triangle::Lower));
-            let key_t = g.transpose(key)?;
-            let scores = g.matmul_triangular(query, key_t, causal(MatMulPart::Output))?;
-            let scores = g.scale(scores, self.scale)?;
-            // Masked scores become the lowest f32, as HF's additive mask makes them, so they
-            // get exactly zero weight.
-            let lowest = g.scalar(f32::MIN as f64, DType::F32)?;
-            let scores = g.select(ctx.causal_mask, scores, lowest)?;
-            let probs = g.softmax(scores)?;
-            let out = g.matmul_triangular(probs, value, causal(MatMulPart::Left))?;
-            let out = g.permute(out, &[0, 2, 1, 3])?;
+            let out = g.causal_attention([query, k_nope, k_rope, value], self.scale)?;
             g.reshape(out, &[batch, seq, heads * a.v_head_dim])
         })?;
         self.o_proj.forward(g, attended)

@@ -131,6 +131,25 @@ impl RopeTables {
         })
     }
 
+    /// Rotates `x` (`[..., positions, heads, rope_dim]`) as [`RopeTables::apply`] does, the
+    /// tables broadcast over the heads.
+    pub fn apply_per_head(
+        &self,
+        g: &mut GraphBuilder,
+        x: Tensor,
+        interleaved: bool,
+    ) -> Result<Tensor, GraphError> {
+        let per_head = |g: &mut GraphBuilder, table: Tensor| {
+            let (positions, half) = (g.dims(table)[0], g.dims(table)[1]);
+            g.reshape(table, &[positions, 1, half])
+        };
+        let tables = RopeTables {
+            cos: per_head(g, self.cos)?,
+            sin: per_head(g, self.sin)?,
+        };
+        tables.apply(g, x, interleaved)
+    }
+
     /// Rotates `x` (`[..., positions, rope_dim]`). Pairs are adjacent channels when
     /// `interleaved` (DeepSeek's layout), else the two halves. The result is in half-split
     /// order, as HF returns it; queries and keys share the order, so scores are unaffected.

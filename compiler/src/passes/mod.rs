@@ -1,11 +1,13 @@
 //! Graph-to-graph passes, each a function from a graph to a smaller or equal one that computes
 //! the same outputs. They renumber nodes densely and keep every node's origin.
 
+mod attention;
 mod cse;
 mod dce;
 mod fold;
 mod recompute;
 
+pub use attention::expand_attention;
 pub use cse::common_subexpressions;
 pub use dce::dead_code;
 pub use fold::{FOLD_LIMIT, fold_constants};

@@ -153,13 +153,17 @@ pub struct ActivationProduct {
     pub path: String,
 }
 
-/// Every `MatMul` of `graph` that is none of a Linear's GEMMs, in node order.
+/// Every `MatMul` of `graph` that is none of a Linear's GEMMs, and every causal attention op
+/// (forward, statistic, gradient: products of activations inside), in node order.
 pub fn activation_products(graph: &Graph) -> Vec<ActivationProduct> {
     let linear: HashSet<NodeId> = linear_gemms(graph).iter().map(|gemm| gemm.node).collect();
     graph
         .node_ids()
         .zip(&graph.nodes)
-        .filter(|(id, node)| matches!(node.op, Op::MatMul { .. }) && !linear.contains(id))
+        .filter(|(id, node)| match node.op {
+            Op::MatMul { .. } => !linear.contains(id),
+            _ => node.op.attention_config().is_some(),
+        })
         .map(|(node, n)| ActivationProduct {
             node,
             path: split_origin(&n.origin).1.to_owned(),

@@ -53,6 +53,7 @@ pub use identify::{
     linear_gemms, precision_floor,
 };
 pub use rewrite::apply_precision;
+pub(crate) use rewrite::round_products_in_bf16;
 
 /// The arithmetic of a GEMM's operands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -126,11 +126,48 @@ pub fn apply_precision(
                     }
                 }
             } else if bf16_activation_products.contains(&id) {
+                // An attention op rounds its products' operands itself (the probabilities
+                // and the scores' gradient are inside it).
+                match op.attention_config_mut() {
+                    Some(config) => config.products_in = Some(DType::BF16),
+                    None => {
+                        for input in &mut inputs {
+                            *input = in_bf16(g, *input, &mut rounded)?;
+                        }
+                    }
+                }
+            }
+            g.push(op, &inputs, declared)
+        })?;
+        new_ids.push(t);
+    }
+    for output in &graph.outputs {
+        g.output(&output.name, new_ids[output.node.index()])?;
+    }
+    Ok(g.finish())
+}
+
+/// `graph` with both operands of each of the `products` (matmuls) rounded to bf16 and back,
+/// as [`apply_precision`] rounds attention's products under a BF16 policy: what an expansion
+/// of a fused op whose products read bf16 operands (`AttentionConfig::products_in`) makes of
+/// the primitives it writes.
+pub(crate) fn round_products_in_bf16(
+    graph: &Graph,
+    products: &HashSet<NodeId>,
+) -> Result<Graph, GraphError> {
+    let mut g = GraphBuilder::new(graph.name.clone());
+    let mut new_ids: Vec<Tensor> = Vec::with_capacity(graph.nodes.len());
+    let mut rounded: HashMap<(Tensor, Rounding), Tensor> = HashMap::new();
+    for (id, node) in graph.node_ids().zip(&graph.nodes) {
+        let mut inputs: Vec<Tensor> = node.inputs.iter().map(|i| new_ids[i.index()]).collect();
+        let declared = node.inputs.is_empty().then(|| node.ty.clone());
+        let t = g.within(&node.origin, |g| {
+            if products.contains(&id) {
                 for input in &mut inputs {
                     *input = in_bf16(g, *input, &mut rounded)?;
                 }
             }
-            g.push(op, &inputs, declared)
+            g.push(node.op.clone(), &inputs, declared)
         })?;
         new_ids.push(t);
     }

@@ -5,7 +5,7 @@ use fathom_compiler::graph::Node;
 use fathom_compiler::{DType, NodeId, Op};
 
 use super::error::InterpError;
-use super::{elementwise, indexing, leaves, linalg, loss, movement, quantize};
+use super::{attention, elementwise, indexing, leaves, linalg, loss, movement, quantize};
 use crate::tensor::{Data, HostTensor};
 
 /// The node being evaluated: for its result type and for error messages.
@@ -143,6 +143,11 @@ pub(super) fn compute(at: At<'_>, x: &[&HostTensor]) -> Result<HostTensor, Inter
         // The forward's loss (x[2]) is a shortcut for compiled kernels; the definition needs
         // only the logits.
         Op::CrossEntropyGrad => loss::cross_entropy_grad(at, x[0], x[1], x[3]),
+        Op::CausalAttention(config) => attention::causal_attention(at, config, x),
+        Op::CausalAttentionLse(config) => attention::causal_attention_lse(at, config, x),
+        Op::CausalAttentionGrad { config, operand } => {
+            attention::causal_attention_grad(at, config, *operand, x)
+        }
         Op::QuantizeDequantize {
             format,
             tile_rows,

@@ -28,6 +28,7 @@
 //! assert_eq!(outputs.get("y").unwrap().as_f32(), Some(&[2.0, 5.0][..]));
 //! ```
 
+mod attention;
 mod elementwise;
 mod error;
 mod eval;

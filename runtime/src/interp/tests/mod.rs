@@ -6,6 +6,7 @@
 #![allow(clippy::excessive_precision)]
 
 mod api;
+mod attention;
 mod elementwise;
 mod errors;
 mod indexing;
