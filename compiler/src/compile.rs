@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::graph::Graph;
 use crate::kernel::{MemoryPlan, Program};
-use crate::lower::{LowerError, LowerOptions, lower_with};
+use crate::lower::{AttentionCalls, LowerError, LowerOptions, lower_with};
 use crate::passes::{
     RecomputePolicy, common_subexpressions, dead_code, expand_attention, fold_constants, recompute,
 };
@@ -76,7 +76,9 @@ pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, Lowe
 
     let t = Instant::now();
     // Attention the target runs as one call stays whole (`LowerOptions::attention_calls`).
-    let expanded = expand_attention(graph, |_| false)?;
+    let expanded = expand_attention(graph, |graph, node| {
+        AttentionCalls::keep(&options.lower, graph, node)
+    })?;
     timed("expand_attention", t);
     let t = Instant::now();
     let live = dead_code(&expanded);

@@ -299,7 +299,7 @@ fn the_kernel_ir_marks_each_bf16_gemms_operands() {
     let (bf16_gemms, marked, text) = rewritten_and_marked(&policy, Precision::Bf16, marker);
     let out = apply_precision(&train_graph(), &policy, tiny().fp8.as_ref().unwrap()).unwrap();
     // Attention's products, once its ops are written as them.
-    let expanded = fathom_compiler::passes::expand_attention(&out, |_| false).unwrap();
+    let expanded = fathom_compiler::passes::expand_attention(&out, |_, _| false).unwrap();
     let attention = activation_products(&expanded).len();
     assert_eq!(marked, bf16_gemms + attention, "{text}");
     assert!(
@@ -454,4 +454,64 @@ fn expert_weight_gradients_round_along_each_experts_rows() {
             assert!(text.starts_with("quantize_dequantize"), "{text}");
         }
     }
+}
+
+/// A target that runs attention as calls (`LowerOptions::attention_calls`, the CUDA plan's)
+/// gets, under a BF16 policy, one forward call per attention that also writes the statistic
+/// its gradient reads, and one call for its four gradients, in place of the matmuls and
+/// softmaxes; the products of every other attention op it does not take (an FP32 policy's,
+/// or head widths its kernels refuse) are expanded as the CPU's are.
+#[test]
+fn attention_calls_replace_the_expanded_primitives() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::kernel::{KernelBody, Library};
+    use fathom_compiler::lower::AttentionCalls;
+    let calls = |width_multiple| LowerOptions {
+        attention_calls: Some(AttentionCalls {
+            products_in: DType::BF16,
+            width_multiple,
+            v_multiple: 1,
+        }),
+        ..LowerOptions::default()
+    };
+    let bf16 = apply_precision(
+        &train_graph(),
+        &PrecisionPolicy::uniform(Precision::Bf16),
+        tiny().fp8.as_ref().unwrap(),
+    )
+    .unwrap();
+    let count = |graph: &Graph, lower: LowerOptions| {
+        let options = CompileOptions {
+            lower,
+            ..CompileOptions::default()
+        };
+        let program = compile(graph, &options).unwrap().program;
+        let (mut forwards, mut gradients, mut lines) = (0, 0, String::new());
+        for kernel in &program.kernels {
+            match &kernel.body {
+                KernelBody::Library(Library::CausalAttention { out, lse, .. }) => {
+                    assert!(out.is_some() && lse.is_some(), "{kernel}");
+                    forwards += 1;
+                }
+                KernelBody::Library(Library::CausalAttentionGrad { grads, .. }) => {
+                    assert!(grads.iter().all(Option::is_some), "{}", kernel.name);
+                    gradients += 1;
+                }
+                _ => continue,
+            }
+            writeln!(lines, "{kernel}").unwrap();
+        }
+        let softmaxes = program.to_string().matches("_softmax").count();
+        (forwards, gradients, softmaxes, lines)
+    };
+    // Three attention layers (two decoder layers and the MTP module's).
+    let (forwards, gradients, softmaxes, lines) = count(&bf16, calls(2));
+    assert_eq!((forwards, gradients, softmaxes), (3, 3, 0), "{lines}");
+    insta::assert_snapshot!("attention_calls", lines);
+    // Head widths the target refuses (the tiny model's rope key is 2 wide), or f32 products:
+    // the primitives, as on the CPU.
+    let (forwards, gradients, ..) = count(&bf16, calls(4));
+    assert_eq!((forwards, gradients), (0, 0));
+    let (forwards, gradients, ..) = count(&train_graph(), calls(2));
+    assert_eq!((forwards, gradients), (0, 0));
 }

@@ -21,6 +21,10 @@ const BWD: Template = Template {
 const SM80_MAX_SMEM_BYTES: u32 = 166_912;
 /// Warps per block of the backward `delta` kernel.
 const DELTA_WARPS: u32 = 8;
+/// Every head width (`nope`, `rope`, `v`) is a multiple of this (the `mma.sync` k-step).
+pub const HEAD_WIDTH_MULTIPLE: u32 = 16;
+/// The value width is a multiple of this for the backward (the `delta` kernel's lanes).
+pub const BACKWARD_V_MULTIPLE: u32 = 64;
 
 /// Per-head widths of MLA's attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,7 +57,7 @@ impl MlaHeadDims {
     fn validate(&self, template: &'static str) -> Result<(), KernelError> {
         for (field, value) in [("nope", self.nope), ("rope", self.rope), ("v", self.v)] {
             check_param(
-                value > 0 && value % 16 == 0,
+                value > 0 && value.is_multiple_of(HEAD_WIDTH_MULTIPLE),
                 template,
                 field,
                 value,
@@ -272,6 +276,11 @@ impl MlaAttentionBwdParams {
         [seq_len.div_ceil(self.block_n), heads, batch]
     }
 
+    /// Threads per block of the `delta` kernel.
+    pub fn delta_block_threads(&self) -> u32 {
+        DELTA_WARPS * 32
+    }
+
     /// Grid of the `delta` kernel (one warp per token and head).
     pub fn delta_grid(&self, batch: u32, seq_len: u32, heads: u32) -> [u32; 3] {
         let rows = u64::from(batch) * u64::from(seq_len) * u64::from(heads);
@@ -286,7 +295,7 @@ impl MlaAttentionBwdParams {
         let t = Self::TEMPLATE;
         self.head_dims.validate(t)?;
         check_param(
-            self.head_dims.v.is_multiple_of(64),
+            self.head_dims.v.is_multiple_of(BACKWARD_V_MULTIPLE),
             t,
             "v",
             self.head_dims.v,
@@ -401,7 +410,7 @@ impl MlaAttentionBwdParams {
             |_| {},
             EntryPoint {
                 name: &name,
-                block_threads: DELTA_WARPS * 32,
+                block_threads: self.delta_block_threads(),
                 cluster_x: 1,
                 params: &params,
                 body,

@@ -29,6 +29,7 @@
 //! ([`TensorMapDesc`] says what each map must be) and the compiled-kernel cache.
 
 pub mod attention;
+pub mod convert;
 pub mod fake_quantize;
 pub mod fallback_gemm;
 pub mod fp8_gemm;
@@ -42,6 +43,7 @@ mod wgmma;
 pub mod writer;
 
 pub use attention::{MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims};
+pub use convert::{ConvertKind, ConvertParams};
 pub use fake_quantize::{FakeQuantizeGatheredParams, FakeQuantizeParams};
 pub use fallback_gemm::FallbackGemmParams;
 pub use fp8_gemm::{

@@ -22,10 +22,10 @@ use fathom_kernels::nvrtc::{
     CompiledKernel, Nvrtc, find_cuda_tool, nvrtc_unless_skipped, project_pip_dirs,
 };
 use fathom_kernels::{
-    BScaling, F32GemmKind, F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams,
-    FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, IndexOpParams,
-    KernelSource, MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims, QuantizeInput,
-    QuantizeKind, QuantizeParams, TrainingGemm,
+    BScaling, ConvertKind, ConvertParams, F32GemmKind, F32GemmParams, FakeQuantizeGatheredParams,
+    FakeQuantizeParams, FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem,
+    IndexOpParams, KernelSource, MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims,
+    QuantizeInput, QuantizeKind, QuantizeParams, TrainingGemm,
 };
 
 /// NVRTC, or `None` when the run opted out with `FATHOM_SKIP_NVRTC=1`; panics with install
@@ -534,7 +534,15 @@ fn f32_library_kernels_compile_for_sm80_and_sm90a_without_spills() {
             None,
         ));
     }
-    assert_eq!(kernels.len(), 14);
+    for kind in [
+        ConvertKind::F32ToBf16,
+        ConvertKind::Bf16ToF32,
+        ConvertKind::ZeroF32,
+    ] {
+        let convert = ConvertParams::new(kind).instantiate().expect("convert");
+        kernels.push((convert, None));
+    }
+    assert_eq!(kernels.len(), 17);
     let jobs = kernels
         .into_iter()
         .flat_map(|(kernel, sass)| ["sm_80", "sm_90a"].map(|arch| (kernel.clone(), arch, sass)))

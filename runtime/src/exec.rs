@@ -79,11 +79,15 @@ impl Executable {
                 Executable::Cpu(Box::new(CpuProgram::new(compiled.program)))
             }
             Backend::Cuda => {
-                let compiled = compile(&graph, options)?;
                 let ordinal = device_ordinal_from_vars(|name| std::env::var(name).ok())
                     .map_err(|e| CudaError::Launch(format!("choosing the GPU: {e}")))?;
                 match GpuDevice::probe(ordinal) {
                     Ok(device) => {
+                        let options = CompileOptions {
+                            lower: crate::cuda::lower_options(),
+                            ..options.clone()
+                        };
+                        let compiled = compile(&graph, &options)?;
                         let nvrtc =
                             fathom_kernels::nvrtc::Nvrtc::locate().map_err(CudaError::from)?;
                         let cache = KernelCache::from_env(nvrtc).map_err(CudaError::from)?;
@@ -98,7 +102,7 @@ impl Executable {
                     }
                     Err(reason) => {
                         announce_cpu_fallback(&reason);
-                        Executable::Cpu(Box::new(CpuProgram::new(compiled.program)))
+                        return Self::with_options(graph, Backend::Cpu, options);
                     }
                 }
             }

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use fathom_compiler::codegen::{CudaProgram, cuda_program};
 use fathom_compiler::compile::{CompileOptions, compile};
-use fathom_compiler::lower::LowerOptions;
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
@@ -126,7 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // and, where its bf16 GEMM runs, rounds bf16 operands in the products.
         lower: match args.target {
             Target::Cpu => fathom_runtime::cpu::lower_options(),
-            _ => LowerOptions::default(),
+            _ => fathom_runtime::cuda::lower_options(),
         },
     };
     let compiled = compile(&graph, &options)?;

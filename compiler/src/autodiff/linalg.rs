@@ -102,15 +102,20 @@ pub(super) fn grouped_matmul_weight_grad(
 
 /// `[q, k_nope, k_rope, v]` of a causal attention: one `CausalAttentionGrad` per wanted
 /// operand, all reading one `CausalAttentionLse` of the same operands (a backend computes
-/// them together: the forward keeps the statistic, one backward call writes the four
-/// gradients).
+/// them together: one backward call writes the four gradients). The statistic is recorded
+/// with the forward's origin: it is a forward value, which a fused forward computes along
+/// with its output and the backward reads like any activation kept for it (recomputation
+/// leaves it alone).
 pub(super) fn causal_attention(
     g: &mut GraphBuilder,
     config: AttentionConfig,
     a: &Adjoint<'_>,
 ) -> Result<Vec<Option<Tensor>>, GraphError> {
     let operands = &a.inputs[..4];
-    let lse = g.push(Op::CausalAttentionLse(config), operands, None)?;
+    let forward = g.graph().node(a.out.id()).origin.clone();
+    let lse = g.within(&forward, |g| {
+        g.push(Op::CausalAttentionLse(config), operands, None)
+    })?;
     let mut inputs = operands.to_vec();
     inputs.extend([a.out, lse, a.cot]);
     AttentionOperand::ALL

@@ -10,6 +10,7 @@
 //! | `GroupedMatMul` | `grouped_gemm` | `index_group_rows` + `gemm_f32_grouped`; `grouped_fp8_gemm` / grouped fallback |
 //! | `GroupedMatMulWeightGrad` | `grouped_gemm_weight_grad` | `index_group_rows` + `gemm_f32_grouped_wgrad` |
 //! | `QuantizeDequantize` | `quantize_dequantize` | `fake_quantize_e4m3`; `quantize` makes the codes and scales FP8 GEMMs read |
+//! | `CausalAttention`, `CausalAttentionGrad` | `causal_attention`, `causal_attention_grad` | `convert` to bf16, `mla_attention_fwd`; `mla_attention_bwd_delta` + `mla_attention_bwd` |
 //! | `Gather`, `IndexAdd`, `TakeAlong`, `TopK`, `OneHot` | same names | `index_gather`, `index_group_rows` + `index_index_add`, `index_take_along`, `index_top_k`, `index_one_hot` |
 //!
 //! A GEMM's `accumulation` is not a parameter here: `Limited` is the CPU's emulation of what
@@ -171,6 +172,38 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
                 ("pow2_scales", pow2_scales.to_string()),
                 ("x", ty(x)),
                 ("out", ty(out)),
+            ],
+        ),
+        Library::CausalAttention {
+            operands: [q, k_nope, k_rope, v],
+            out,
+            lse,
+            config,
+        } => (
+            "causal_attention",
+            Some("convert_f32_bf16 x 4, mla_attention_fwd, convert_bf16_f32"),
+            vec![
+                ("config", config.to_string()),
+                ("q", ty(q)),
+                ("k_nope", ty(k_nope)),
+                ("k_rope", ty(k_rope)),
+                ("v", ty(v)),
+                ("out", out.as_ref().map_or("-".into(), ty)),
+                ("lse", lse.as_ref().map_or("-".into(), ty)),
+            ],
+        ),
+        Library::CausalAttentionGrad {
+            operands: [q, ..],
+            d_out,
+            config,
+            ..
+        } => (
+            "causal_attention_grad",
+            Some("convert_f32_bf16 x 6, fill_zero, mla_attention_bwd_delta, mla_attention_bwd"),
+            vec![
+                ("config", config.to_string()),
+                ("q", ty(q)),
+                ("d_out", ty(d_out)),
             ],
         ),
         // CPU forms (`LowerOptions::cross_entropy_routines`): no template; the plan refuses them.

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dtype::{DType, TensorType};
 use crate::graph::{
-    Accumulation, BinaryOp, CompareOp, ConstantData, ExpertTiles, NodeId, QuantFormat, ReduceOp,
-    Triangular, UnaryOp,
+    Accumulation, AttentionConfig, BinaryOp, CompareOp, ConstantData, ExpertTiles, NodeId,
+    QuantFormat, ReduceOp, Triangular, UnaryOp,
 };
 
 /// Index of a buffer in its program.
@@ -286,6 +286,30 @@ pub enum Library {
         scale: Option<f64>,
         out: View,
     },
+    /// `graph::Op::CausalAttention` of dense `operands` (`[q, k_nope, k_rope, v]` in the op's
+    /// layouts) into `out`, and with `lse` the `CausalAttentionLse` of the same operands (the
+    /// statistic a flash-attention forward computes anyway, which its gradient reads); at
+    /// least one is written. A form for a target with a fused attention
+    /// (`lower::LowerOptions::attention_calls`, the CUDA plan's templates).
+    CausalAttention {
+        operands: [BufferId; 4],
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        out: Option<BufferId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lse: Option<BufferId>,
+        config: AttentionConfig,
+    },
+    /// The `graph::Op::CausalAttentionGrad`s of one attention for one cotangent, in one call:
+    /// `grads[i]`, when given, receives the gradient of operand `i` (`graph::AttentionOperand`
+    /// order: q, k_nope, k_rope, v). `out` and `lse` are the forward's results for `operands`.
+    CausalAttentionGrad {
+        operands: [BufferId; 4],
+        out: BufferId,
+        lse: BufferId,
+        d_out: BufferId,
+        grads: [Option<BufferId>; 4],
+        config: AttentionConfig,
+    },
     /// SwiGLU's gating over the innermost axis of `domain`, as the fused loop nest computes it:
     /// `sigmoid = σ(gate)`, `silu = gate · sigmoid`, `out = silu · up`, each stored (the
     /// gradient reads the first two). A CPU form (`lower::LowerOptions::swiglu_routines`),
@@ -413,6 +437,27 @@ impl Program {
                 let (c, k) = (dims(cotangent), *dims(x).last().expect("x has rows"));
                 2 * (c[0] * c[1] * c[2] * k) as u64
             }
+            KernelBody::Library(Library::CausalAttention {
+                operands, out, lse, ..
+            }) => {
+                let (qk, dv) = attention_widths(self, operands);
+                let [b, t, h] = attention_extents(self, operands);
+                // The scores' product, and the values' when the output is wanted (lse alone
+                // needs only the scores).
+                let widths = qk
+                    + if out.is_some() || lse.is_none() {
+                        dv
+                    } else {
+                        0
+                    };
+                2 * (b * h * t * t * widths) as u64
+            }
+            // The products of autodiff's backward: dP = dO vᵀ, dv, dq and dk.
+            KernelBody::Library(Library::CausalAttentionGrad { operands, .. }) => {
+                let (qk, dv) = attention_widths(self, operands);
+                let [b, t, h] = attention_extents(self, operands);
+                2 * (b * h * t * t * 2 * (qk + dv)) as u64
+            }
             // The logits' product and the gradient's two.
             KernelBody::Library(Library::LinearCrossEntropy { hidden, weight, .. }) => {
                 let numel = |b: &BufferId| self.buffer(*b).ty.numel() as u64;
@@ -422,6 +467,18 @@ impl Program {
             _ => 0,
         }
     }
+}
+
+/// `(nope + rope, v)` head widths of an attention call's `[q, k_nope, k_rope, v]` buffers.
+fn attention_widths(program: &Program, [q, _, _, v]: &[BufferId; 4]) -> (usize, usize) {
+    let last = |b: &BufferId| *program.buffer(*b).ty.dims().last().expect("rank 4");
+    (last(q), last(v))
+}
+
+/// `[batch, tokens, heads]` of an attention call's `[q, …]` buffers.
+fn attention_extents(program: &Program, operands: &[BufferId; 4]) -> [usize; 3] {
+    let d = program.buffer(operands[0]).ty.dims();
+    [d[0], d[1], d[2]]
 }
 
 /// The `[experts, n, k]` weights of a grouped matmul, each expert's `[n, k]` matrix with
@@ -634,6 +691,21 @@ impl Library {
                 vec![gate.buffer, up.buffer],
                 vec![sigmoid.buffer, silu.buffer, out.buffer],
             ),
+            Library::CausalAttention {
+                operands, out, lse, ..
+            } => (operands.to_vec(), out.iter().chain(lse).copied().collect()),
+            Library::CausalAttentionGrad {
+                operands,
+                out,
+                lse,
+                d_out,
+                grads,
+                ..
+            } => {
+                let mut read = operands.to_vec();
+                read.extend([*out, *lse, *d_out]);
+                (read, grads.iter().flatten().copied().collect())
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use std::fmt::{self, Display, Formatter};
 
 use crate::DType;
 use crate::graph::op::Scalar;
-use crate::graph::{Accumulation, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
+use crate::graph::{Accumulation, AttentionOperand, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 
 use super::{
     Buffer, BufferId, BufferRole, ExpertOutputs, ExpertWeights, Expr, Kernel, KernelBody, Library,
@@ -228,6 +228,42 @@ impl Display for Library {
                 indices,
                 out,
             } => write!(f, "one_hot<depth={depth}> {out} = {indices}"),
+            Library::CausalAttention {
+                operands: [q, k_nope, k_rope, v],
+                out,
+                lse,
+                config,
+            } => {
+                let written: Vec<String> = [("out", out), ("lse", lse)]
+                    .into_iter()
+                    .filter_map(|(what, b)| b.map(|b| format!("{what} {b}")))
+                    .collect();
+                write!(
+                    f,
+                    "causal_attention<{config}> {} = attend({q}, [{k_nope}, {k_rope}], {v})",
+                    written.join(", ")
+                )
+            }
+            Library::CausalAttentionGrad {
+                operands: [q, k_nope, k_rope, v],
+                out,
+                lse,
+                d_out,
+                grads,
+                config,
+            } => {
+                let written: Vec<String> = AttentionOperand::ALL
+                    .iter()
+                    .zip(grads)
+                    .filter_map(|(operand, b)| b.map(|b| format!("d{} {b}", operand.name())))
+                    .collect();
+                write!(
+                    f,
+                    "causal_attention_grad<{config}> {} = grad(attend({q}, [{k_nope}, \
+                     {k_rope}], {v}) = {out}, lse {lse}) for {d_out}",
+                    written.join(", ")
+                )
+            }
             Library::CrossEntropy {
                 logits,
                 labels,

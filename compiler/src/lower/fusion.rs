@@ -1,6 +1,7 @@
 //! The lowering pass proper: materialisation decisions, then one kernel per materialised node
 //! in graph order, with inlined producers and fused row reductions.
 
+mod attention;
 mod cross_entropy;
 mod experts;
 mod short_reduce;
@@ -979,16 +980,8 @@ impl<'g> Lowering<'g> {
         if let Some(parts) = self.gradient_parts[id.index()].clone() {
             return self.emit_weight_grad_in_parts(id, parts);
         }
-        if let Op::CausalAttention(_) | Op::CausalAttentionLse(_) | Op::CausalAttentionGrad { .. } =
-            node.op
-        {
-            return Err(LowerError::Unsupported {
-                node: id,
-                op: node.op.name(),
-                reason: "causal attention is lowered as the primitives it is made of \
-                         (passes::expand_attention, which compilation runs first)"
-                    .into(),
-            });
+        if node.op.attention_config().is_some() {
+            return self.emit_attention(id);
         }
         let (out, out_view) = self.library_output(id);
         let inputs = node.inputs.clone();

@@ -27,7 +27,8 @@ use std::collections::HashMap;
 
 use thiserror::Error;
 
-use crate::graph::{Graph, NodeId, Op};
+use crate::dtype::DType;
+use crate::graph::{Graph, Node, NodeId, Op};
 use crate::kernel::{Buffer, BufferId, BufferRole, Expr, Kernel, LoopNest, Program, Stmt};
 
 pub use affine::{Affine, StridedView, row_major_strides};
@@ -91,6 +92,51 @@ pub struct LowerOptions {
     /// wrote and read three vocabulary-wide arrays through memory); the CUDA plan refuses the
     /// call.
     pub linear_cross_entropy_routines: bool,
+    /// Causal attention that the target runs as one call (`kernel::Library::CausalAttention`,
+    /// `CausalAttentionGrad`) when [`AttentionCalls::takes`] it; every other attention op is
+    /// expanded into the primitives it is made of (`passes::expand_attention`). The CUDA
+    /// plan's choice (its flash-attention templates); the CPU runs the primitives.
+    pub attention_calls: Option<AttentionCalls>,
+}
+
+/// Which causal attention ops a target runs as calls: those whose products read `products_in`
+/// operands and whose head widths its kernels take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionCalls {
+    pub products_in: DType,
+    /// Every head width (`nope`, `rope`, `v`) is a multiple of this.
+    pub width_multiple: usize,
+    /// The value width is also a multiple of this.
+    pub v_multiple: usize,
+}
+
+impl AttentionCalls {
+    /// Whether `node` is an attention op this target runs as a call.
+    pub fn takes(&self, graph: &Graph, node: &Node) -> bool {
+        let Some(config) = node.op.attention_config() else {
+            return false;
+        };
+        let width = |i: usize| {
+            *graph
+                .ty(node.inputs[i])
+                .dims()
+                .last()
+                .expect("rank checked")
+        };
+        let (nope, rope, v) = (width(1), width(2), width(3));
+        config.products_in == Some(self.products_in)
+            && [nope, rope, v]
+                .iter()
+                .all(|w| w % self.width_multiple.max(1) == 0)
+            && v % self.v_multiple.max(1) == 0
+    }
+
+    /// Whether `options` keep `node` whole.
+    pub(crate) fn keep(options: &LowerOptions, graph: &Graph, node: &Node) -> bool {
+        options
+            .attention_calls
+            .is_some_and(|calls| calls.takes(graph, node))
+    }
 }
 
 impl LowerOptions {
@@ -105,6 +151,7 @@ impl LowerOptions {
             softmax_routines: false,
             swiglu_routines: false,
             linear_cross_entropy_routines: false,
+            attention_calls: None,
         }
     }
 }
@@ -120,7 +167,9 @@ pub fn lower(graph: &Graph) -> Result<Program, LowerError> {
 /// `compile::compile` does that before its passes, so that they merge what the expansions of
 /// one attention's forward and gradients have in common.
 pub fn lower_with(graph: &Graph, options: LowerOptions) -> Result<Program, LowerError> {
-    let expanded = crate::passes::expand_attention(graph, |_| false)?;
+    let expanded = crate::passes::expand_attention(graph, |graph, node| {
+        AttentionCalls::keep(&options, graph, node)
+    })?;
     let mut lowering = fusion::Lowering::new(&expanded, options);
     lowering.run()?;
     let mut program = lowering.finish();

@@ -36,8 +36,11 @@ use crate::precision::round_products_in_bf16;
 ///
 /// Errors: an op whose products read a type other than bf16 (the one rounding the precision
 /// pass asks for).
-pub fn expand_attention(graph: &Graph, keep: impl Fn(&Node) -> bool) -> Result<Graph, GraphError> {
-    let expands = |node: &Node| node.op.attention_config().is_some() && !keep(node);
+pub fn expand_attention(
+    graph: &Graph,
+    keep: impl Fn(&Graph, &Node) -> bool,
+) -> Result<Graph, GraphError> {
+    let expands = |node: &Node| node.op.attention_config().is_some() && !keep(graph, node);
     if !graph.nodes.iter().any(expands) {
         return Ok(graph.clone());
     }

@@ -414,6 +414,14 @@ pub(super) fn run(
             buffers[hidden_grad.index()] = dh.restore();
             buffers[weight_grad.index()] = dw.restore();
         }
+        Library::CausalAttention { .. } | Library::CausalAttentionGrad { .. } => {
+            return Err(CpuError::Unsupported {
+                kernel: kernel.to_owned(),
+                reason: "the CPU runs attention as the primitives it is made of; lower without \
+                         `LowerOptions::attention_calls`"
+                    .into(),
+            });
+        }
         Library::Swiglu {
             domain,
             gate,

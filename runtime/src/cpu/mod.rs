@@ -84,6 +84,8 @@ pub enum CpuError {
     },
     #[error("kernel {kernel}: expert-parallel exchange failed: {reason}")]
     Exchange { kernel: String, reason: String },
+    #[error("kernel {kernel}: {reason}")]
+    Unsupported { kernel: String, reason: String },
 }
 
 /// A program ready to run on the CPU.

@@ -6,9 +6,14 @@
 //! `k_rope [B][T][rope]` (one key shared by the heads), `v`, `o`, `d_o` `[B][T][H][v]`;
 //! `lse` and `delta` `[B][H][T]`; the gradients f32 in their inputs' layouts.
 
+use std::collections::HashMap;
+
+use fathom_compiler::graph::{AttentionConfig, AttentionOperand, Op};
+use fathom_compiler::{DType, Graph, GraphBuilder, GraphError, TensorType};
 use fathom_kernels::MlaHeadDims;
 
 use crate::fp8::{bf16_to_f32, f32_to_bf16};
+use crate::tensor::HostTensor;
 
 /// One attention problem: its inputs (bf16 bits) and the exact results.
 #[derive(Clone, Debug)]
@@ -279,6 +284,77 @@ pub fn error_of_max(got: &[f32], expected: &[f32]) -> f64 {
     } else {
         worst / max
     }
+}
+
+/// A program's view of attention: one `CausalAttention` of the inputs `q`, `k_nope`, `k_rope`
+/// and `v` (the op's layouts) with bf16 products, its statistic, and its four gradients for the
+/// input `d_out`, all outputs (`out`, `lse`, `grad.q`, `grad.k_nope`, `grad.k_rope`,
+/// `grad.v`). Compiled with `cuda::lower_options` it is two library calls, which the plan's
+/// tests emulate and `fathom gpu-check` runs, both against the interpreter.
+pub fn attention_call_graph(
+    dims: MlaHeadDims,
+    (batch, tokens, heads): (usize, usize, usize),
+    scale: f64,
+) -> Result<Graph, GraphError> {
+    let mut g = GraphBuilder::new("attention");
+    let mut inputs = Vec::new();
+    for (name, dims) in attention_call_inputs(dims, (batch, tokens, heads)) {
+        inputs.push(g.input(name, TensorType::new(DType::F32, dims))?);
+    }
+    let config = AttentionConfig {
+        scale,
+        products_in: Some(DType::BF16),
+    };
+    let operands = &inputs[..4];
+    let out = g.push(Op::CausalAttention(config), operands, None)?;
+    let lse = g.push(Op::CausalAttentionLse(config), operands, None)?;
+    g.output("out", out)?;
+    g.output("lse", lse)?;
+    let mut read = operands.to_vec();
+    read.extend([out, lse, inputs[4]]);
+    for operand in AttentionOperand::ALL {
+        let op = Op::CausalAttentionGrad { config, operand };
+        let grad = g.push(op, &read, None)?;
+        g.output(&format!("grad.{}", operand.name()), grad)?;
+    }
+    Ok(g.finish())
+}
+
+/// The inputs of [`attention_call_graph`] with their shapes, in order.
+fn attention_call_inputs(
+    dims: MlaHeadDims,
+    (batch, tokens, heads): (usize, usize, usize),
+) -> [(&'static str, Vec<usize>); 5] {
+    let (nope, rope, v) = (dims.nope as usize, dims.rope as usize, dims.v as usize);
+    [
+        ("q", vec![batch, tokens, heads, nope + rope]),
+        ("k_nope", vec![batch, tokens, heads, nope]),
+        ("k_rope", vec![batch, tokens, rope]),
+        ("v", vec![batch, tokens, heads, v]),
+        ("d_out", vec![batch, tokens, heads, v]),
+    ]
+}
+
+/// Deterministic values in [-1, 1) for every input of [`attention_call_graph`].
+pub fn attention_call_feeds(graph: &Graph) -> HashMap<String, HostTensor> {
+    graph
+        .nodes
+        .iter()
+        .filter_map(|node| match &node.op {
+            Op::Input { name } => Some((name.clone(), node.ty.dims().to_vec())),
+            _ => None,
+        })
+        .enumerate()
+        .map(|(i, (name, dims))| {
+            let n = dims.iter().product();
+            let values = widen(&bf16_values(n, 11 + i as u64))
+                .into_iter()
+                // Off the bf16 grid, so that the conversion to bf16 rounds.
+                .map(|x| (x * 1.001) as f32)
+                .collect();
+            (name, HostTensor::f32(dims, values))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -411,6 +411,7 @@ impl GpuExecutor {
                         StepArg::Status => Arg::Ptr(self.status),
                         StepArg::I32(v) => Arg::I32(v),
                         StepArg::I64(v) => Arg::I64(v),
+                        StepArg::F32(v) => Arg::F32(v),
                     })
                 })
                 .collect::<Result<Vec<Arg>, CudaError>>()

@@ -14,6 +14,7 @@
 //! | `QuantizeDequantize` (E4M3) | `fake_quantize_e4m3[_pow2]` |
 //! | `MatMul` of E4M3-rounded operands, Hopper's accumulation | `quantize` × 2, `fp8_gemm` or `fp8_gemm_fallback` ([`super::library_fp8`]) |
 //! | `GroupedMatMul` likewise | `index_group_rows`, `index_pad_groups`, `quantize`s (x's rows gathered into the padded layout), the grouped FP8 GEMM writing each row to its token-slot ([`super::library_fp8_grouped`]) |
+//! | `CausalAttention`, `CausalAttentionGrad` | conversions to bf16 and the flash-attention templates (`library_attention.rs`) |
 //! | `GroupedMatMulWeightGrad` rounding its operands along each expert's rows | `index_group_rows`, `index_pad_groups`, then `fake_quantize_gathered_128x1` × 2 and `gemm_f32_grouped_wgrad`, or with Hopper's accumulation `quantize` 128×1 × 2 and the K-grouped FP8 GEMM ([`super::library_expert_wgrad`]) |
 //!
 //! Accumulation: `Exact` runs the f32 templates. `Accumulation::HOPPER` is what the FP8 tensor
@@ -28,8 +29,9 @@
 
 use fathom_compiler::kernel::{BufferId, KernelBody, Program};
 use fathom_kernels::{
-    F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams, FallbackGemmParams,
-    Fp8GemmParams, IndexOpParams, KernelError, KernelSource, QuantizeParams, TensorMapDesc,
+    ConvertParams, F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams,
+    FallbackGemmParams, Fp8GemmParams, IndexOpParams, KernelError, KernelSource,
+    MlaAttentionBwdParams, MlaAttentionFwdParams, QuantizeParams, TensorMapDesc,
 };
 
 use super::CudaError;
@@ -45,6 +47,11 @@ pub enum LibraryKernel {
     Quantize(QuantizeParams),
     Fp8Gemm(Fp8GemmParams),
     Fp8GemmFallback(FallbackGemmParams),
+    Convert(ConvertParams),
+    AttentionForward(MlaAttentionFwdParams),
+    /// The backward's `delta` preprocessing (`MlaAttentionBwdParams::instantiate_delta`).
+    AttentionDelta(MlaAttentionBwdParams),
+    AttentionBackward(MlaAttentionBwdParams),
 }
 
 impl LibraryKernel {
@@ -57,6 +64,10 @@ impl LibraryKernel {
             LibraryKernel::Quantize(p) => p.name(),
             LibraryKernel::Fp8Gemm(p) => p.name(),
             LibraryKernel::Fp8GemmFallback(p) => p.name(),
+            LibraryKernel::Convert(p) => p.name(),
+            LibraryKernel::AttentionForward(p) => p.name(),
+            LibraryKernel::AttentionDelta(p) => p.delta_name(),
+            LibraryKernel::AttentionBackward(p) => p.name(),
         }
     }
 
@@ -69,13 +80,20 @@ impl LibraryKernel {
             LibraryKernel::Quantize(p) => p.block_threads(),
             LibraryKernel::Fp8Gemm(p) => p.block_threads(),
             LibraryKernel::Fp8GemmFallback(p) => p.block_threads(),
+            LibraryKernel::Convert(p) => p.block_threads(),
+            LibraryKernel::AttentionForward(p) => p.block_threads(),
+            LibraryKernel::AttentionDelta(p) => p.delta_block_threads(),
+            LibraryKernel::AttentionBackward(p) => p.block_threads(),
         }
     }
 
-    /// Dynamic shared memory of a launch (the Hopper FP8 GEMM's pipeline ring; 0 for the rest).
+    /// Dynamic shared memory of a launch (the Hopper FP8 GEMM's pipeline ring, the attention
+    /// templates' tiles; 0 for the rest).
     pub fn dynamic_smem_bytes(&self) -> u32 {
         match self {
             LibraryKernel::Fp8Gemm(p) => p.dynamic_smem_bytes(),
+            LibraryKernel::AttentionForward(p) => p.dynamic_smem_bytes(),
+            LibraryKernel::AttentionBackward(p) => p.dynamic_smem_bytes(),
             _ => 0,
         }
     }
@@ -89,6 +107,10 @@ impl LibraryKernel {
             LibraryKernel::Quantize(p) => p.instantiate(),
             LibraryKernel::Fp8Gemm(p) => p.instantiate(),
             LibraryKernel::Fp8GemmFallback(p) => p.instantiate(),
+            LibraryKernel::Convert(p) => p.instantiate(),
+            LibraryKernel::AttentionForward(p) => p.instantiate(),
+            LibraryKernel::AttentionDelta(p) => p.instantiate_delta(),
+            LibraryKernel::AttentionBackward(p) => p.instantiate(),
         }
     }
 }
@@ -101,7 +123,7 @@ pub(crate) fn int_arg(value: usize, what: &str) -> Result<StepArg, String> {
 }
 
 /// One argument of a step, in the kernel's parameter order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum StepArg {
     /// The device address of element `offset` of a buffer (f32 elements).
     Buffer(BufferId, usize),
@@ -117,6 +139,7 @@ pub enum StepArg {
     Status,
     I32(i32),
     I64(i64),
+    F32(f32),
 }
 
 /// One kernel launch of a library call.
@@ -297,9 +320,12 @@ fn arg_text(arg: &StepArg) -> String {
         StepArg::Status => "status".to_owned(),
         StepArg::I32(v) => v.to_string(),
         StepArg::I64(v) => v.to_string(),
+        StepArg::F32(v) => format!("{v}f"),
     }
 }
 
+#[path = "library_attention.rs"]
+mod attention;
 #[path = "library_planner.rs"]
 mod planner;
 use planner::Planner;
@@ -308,3 +334,7 @@ pub(crate) use planner::merged_batch_axes;
 #[cfg(test)]
 #[path = "library_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "library_attention_tests.rs"]
+mod attention_tests;

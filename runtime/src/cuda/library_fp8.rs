@@ -72,7 +72,7 @@ const REGION_ALIGN: usize = 256;
 
 /// One operand of an FP8 product: the `quantize` call that makes its codes and scales from the
 /// buffer the matmul reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Fp8Operand {
     pub quantize: QuantizeParams,
     /// The f32 values it quantises: a buffer, or the byte scratch.
@@ -111,7 +111,7 @@ impl Fp8Operand {
 }
 
 /// A `MatMul` that runs as an FP8 GEMM: `out[M][N] = A[M][K] · B[N][K]ᵀ`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Fp8Product {
     pub a: Fp8Operand,
     pub b: Fp8Operand,

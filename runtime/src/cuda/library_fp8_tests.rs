@@ -757,8 +757,9 @@ fn the_fp8_library_samples_run_as_fp8_gemms() {
 }
 
 /// At DeepSeek-V3's sizes (hidden 7168, MLA's 128 heads, 256 experts of 2048 with 8 per token;
-/// one dense layer and one MoE layer here, and the MTP block) every FP8 product of the
-/// training step plans as an FP8 GEMM on both targets: the ints the kernels take hold the
+/// one dense layer and one MoE layer here, and the MTP block), compiled as the CUDA backend
+/// compiles it, every FP8 product of the training step plans as an FP8 GEMM on both targets
+/// and attention on its templates: the ints the kernels take hold the
 /// padded layouts (256 experts: token-slots + 127 · 256 rows), the experts' weights quantise in
 /// one launch of 256 grid layers, and the K-grouped weight gradients take 256 groups.
 #[test]
@@ -774,11 +775,23 @@ fn deepseek_v3_sized_products_plan_as_fp8_gemms() {
     };
     let tiling = spec.fp8.clone().unwrap_or_default();
     let graph = apply_precision(&train.graph, &policy, &tiling).unwrap();
-    let program = compile(&graph, &CompileOptions::default()).unwrap().program;
+    let options = CompileOptions {
+        lower: crate::cuda::lower_options(),
+        ..CompileOptions::default()
+    };
+    let program = compile(&graph, &options).unwrap().program;
     for target in TARGETS {
         let plan = LibraryPlan::of(&program, Some(target)).unwrap();
         let (fp8, in_f32) = plan.fp8_summary();
         assert_eq!(in_f32, 0, "{target:?}: {}", plan.table());
+        // MLA's 128 + 64 and 128 wide heads run on the flash-attention templates: one forward
+        // and one backward per attention (two layers and the MTP block's).
+        let launches = |name: &str| {
+            let steps = plan.calls.iter().flatten().flat_map(|c| &c.steps);
+            steps.filter(|s| s.kernel.name() == name).count()
+        };
+        assert_eq!(launches("mla_attention_fwd_d128r64v128_m64n64"), 3);
+        assert_eq!(launches("mla_attention_bwd_d128r64v128_m64n64c2"), 3);
         assert!(fp8 >= 40, "{target:?}: {fp8}");
         let steps: Vec<&LibraryStep> = plan.calls.iter().flatten().flat_map(|c| &c.steps).collect();
         let stacked = steps

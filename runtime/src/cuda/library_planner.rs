@@ -9,6 +9,7 @@ use fathom_compiler::kernel::{
 use fathom_kernels::gemm_f32::MAX_BATCH_AXES;
 use fathom_kernels::{F32GemmKind, F32GemmParams, FakeQuantizeParams, IndexOp, IndexOpParams};
 
+use super::attention::{forward_steps, gradient_steps};
 use super::{LibraryKernel, LibraryStep, StepArg, int_arg};
 use crate::cuda::library_expert_wgrad::{RoundedExpertWeightGrad, WeightGradCall};
 use crate::cuda::library_fp8::{Fp8Product, Fp8Target, MatMulCall};
@@ -205,6 +206,30 @@ impl Planner<'_> {
             self.fp8
                 .ok_or_else(|| "this GPU has no FP8 GEMM (before sm_80)".to_owned())
         });
+        match call {
+            Library::CausalAttention {
+                operands,
+                out,
+                lse,
+                config,
+            } => {
+                let planned = forward_steps(self.program, operands, (*out, *lse), config)?;
+                return Ok(PlannedCall::of(planned, None));
+            }
+            Library::CausalAttentionGrad {
+                operands,
+                out,
+                lse,
+                d_out,
+                grads,
+                config,
+            } => {
+                let read = [*out, *lse, *d_out];
+                let planned = gradient_steps(self.program, operands, read, grads, config)?;
+                return Ok(PlannedCall::of(planned, None));
+            }
+            _ => {}
+        }
         // The experts' weight gradient that rounds its operands along each expert's rows: its
         // plans round them (`library_expert_wgrad`).
         if let Some((wgrad, group_rows)) = self.rounded_weight_grad(call)? {
@@ -319,6 +344,9 @@ impl Planner<'_> {
                 Err(not_a_routine("softmaxes", "softmax_routines"))
             }
             Library::Swiglu { .. } => Err(not_a_routine("SwiGLU's gating", "swiglu_routines")),
+            Library::CausalAttention { .. } | Library::CausalAttentionGrad { .. } => {
+                unreachable!("planned by plan_call")
+            }
             Library::LinearCrossEntropy { .. } => Err(not_a_routine(
                 "heads with their loss",
                 "linear_cross_entropy_routines",

@@ -43,6 +43,21 @@ pub use overrides::{KernelOverrides, OVERRIDE_DIR_VAR};
 
 use crate::cpu::CpuError;
 
+/// The kernel forms the CUDA plan runs beyond those every backend runs: causal attention whose
+/// products read bf16 values, with head widths the flash-attention templates take, as calls
+/// (`library_attention.rs`); any other attention is expanded into matmuls and a softmax.
+pub fn lower_options() -> fathom_compiler::lower::LowerOptions {
+    use fathom_kernels::attention::{BACKWARD_V_MULTIPLE, HEAD_WIDTH_MULTIPLE};
+    fathom_compiler::lower::LowerOptions {
+        attention_calls: Some(fathom_compiler::lower::AttentionCalls {
+            products_in: fathom_compiler::DType::BF16,
+            width_multiple: HEAD_WIDTH_MULTIPLE as usize,
+            v_multiple: BACKWARD_V_MULTIPLE as usize,
+        }),
+        ..fathom_compiler::lower::LowerOptions::default()
+    }
+}
+
 /// Errors of the CUDA backend.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {

@@ -21,8 +21,10 @@
 //!    (dense with 128×128 weight scales, 1×128 scales on B with accumulation, grouped experts,
 //!    also with the rows scattered, and K-grouped with an empty group). Then (3b) the
 //!    quantisation templates, every kind (the gathered ones too), input type and scale rounding,
-//!    against the CPU's quantizers bit for bit, and (3c) the MLA attention templates (forward,
-//!    `delta`, backward) against the exact attention of the same bf16 inputs. A launch that
+//!    against the CPU's quantizers bit for bit, (3c) the MLA attention templates (forward,
+//!    `delta`, backward) against the exact attention of the same bf16 inputs, and (3d) the
+//!    attention calls of a program (bf16 conversions, templates, zeroing) through the executor
+//!    against the interpreter. A launch that
 //!    does not finish within seconds stops the check with its name; these run after the
 //!    training steps, so that a hang leaves them checked.
 //! 4. The FP8 GEMM's time at DeepSeek-V3 shapes (and the layouts cuBLASLt has no counterpart
@@ -123,6 +125,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     failures.extend(fp8::check_quantize(&device, &cache)?);
     println!("\n== 3c. MLA attention templates against the exact attention of their inputs");
     failures.extend(attention::check_attention(&device, &cache)?);
+    println!("\n== 3d. attention as the CUDA backend compiles it, against the interpreter");
+    failures.extend(attention::check_attention_calls(&device, &cache)?);
 
     if args.no_bench {
         println!("\n== 4. FP8 GEMM timings: skipped (--no-bench)");

@@ -105,7 +105,7 @@ fn the_fused_ops_equal_their_expansion_into_primitives() -> TestResult {
         4,
         "{printed}"
     );
-    let expanded = expand_attention(&graph, |_| false)?;
+    let expanded = expand_attention(&graph, |_, _| false)?;
     assert!(
         !expanded.to_string().contains("causal_attention"),
         "{expanded}"
@@ -163,7 +163,7 @@ fn bf16_products_round_the_same_operands_as_the_expansion() -> TestResult {
     let exact = run(&attention_graph(None)?)?;
     let graph = attention_graph(Some(DType::BF16))?;
     assert!(graph.to_string().contains("products=bf16"));
-    let expanded = expand_attention(&graph, |_| false)?;
+    let expanded = expand_attention(&graph, |_, _| false)?;
     let casts = expanded.to_string().matches("cast<bf16>").count();
     assert!(casts >= 6, "{casts} roundings in {expanded}");
 

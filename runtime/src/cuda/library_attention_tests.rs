@@ -1,0 +1,351 @@
+//! The attention plans' steps run on the CPU, each kernel replaced by what its contract says it
+//! computes (`convert.cuh`, `mla_attention_fwd.cuh`, `mla_attention_bwd.cuh`), reading and
+//! writing where the step's arguments point, against the interpreter's attention of the same
+//! operands: a planner that points a kernel at the wrong place, in the wrong layout, or forgets
+//! to zero what the backward accumulates, fails.
+
+use std::collections::HashMap;
+
+use fathom_compiler::Graph;
+use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::kernel::{BufferRole, KernelBody, Library, Program};
+use fathom_kernels::{ConvertKind, MlaHeadDims};
+
+use super::{LibraryKernel, LibraryPlan, LibraryStep, StepArg};
+use crate::cuda::attention_samples::{attention_call_feeds, attention_call_graph};
+use crate::fp8::{bf16_to_f32, f32_to_bf16};
+use crate::interp::{Feeds, evaluate};
+use crate::tensor::HostTensor;
+
+const BATCH: usize = 2;
+const TOKENS: usize = 5;
+const HEADS: usize = 2;
+const NOPE: usize = 16;
+const ROPE: usize = 16;
+const DV: usize = 64;
+const SCALE: f64 = 0.3;
+
+fn attention_graph() -> Graph {
+    let dims = MlaHeadDims {
+        nope: NOPE as u32,
+        rope: ROPE as u32,
+        v: DV as u32,
+    };
+    attention_call_graph(dims, (BATCH, TOKENS, HEADS), SCALE).unwrap()
+}
+
+/// The host memory the steps touch: the program's buffers and the byte scratch.
+struct Memory {
+    buffers: Vec<Vec<f32>>,
+    bytes: Vec<u8>,
+}
+
+impl Memory {
+    fn f32(&self, at: StepArg, i: usize) -> f32 {
+        match at {
+            StepArg::Buffer(b, offset) => self.buffers[b.index()][offset + i],
+            StepArg::Bytes(offset) => {
+                let at = offset + 4 * i;
+                f32::from_le_bytes(self.bytes[at..at + 4].try_into().unwrap())
+            }
+            other => panic!("{other:?} does not point at f32s"),
+        }
+    }
+
+    fn set_f32(&mut self, at: StepArg, i: usize, value: f32) {
+        match at {
+            StepArg::Buffer(b, offset) => self.buffers[b.index()][offset + i] = value,
+            StepArg::Bytes(offset) => {
+                let at = offset + 4 * i;
+                self.bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            }
+            other => panic!("{other:?} does not point at f32s"),
+        }
+    }
+
+    fn bf16(&self, at: StepArg, i: usize) -> f64 {
+        let StepArg::Bytes(offset) = at else {
+            panic!("{at:?}: the bf16 operands live in the byte scratch")
+        };
+        assert_eq!(offset % 16, 0, "16-byte loads");
+        let at = offset + 2 * i;
+        f64::from(bf16_to_f32(u16::from_le_bytes([
+            self.bytes[at],
+            self.bytes[at + 1],
+        ])))
+    }
+
+    fn set_bf16(&mut self, at: StepArg, i: usize, value: f32) {
+        let StepArg::Bytes(offset) = at else {
+            panic!("{at:?}: bf16 goes to the byte scratch")
+        };
+        let at = offset + 2 * i;
+        self.bytes[at..at + 2].copy_from_slice(&f32_to_bf16(value).to_le_bytes());
+    }
+
+    fn run(&mut self, step: &LibraryStep) {
+        let params = step.kernel.instantiate().unwrap().params;
+        assert_eq!(params.len(), step.args.len(), "{}", step.kernel.name());
+        let named: HashMap<&str, StepArg> = params
+            .iter()
+            .map(|p| p.name)
+            .zip(step.args.iter().copied())
+            .collect();
+        match step.kernel {
+            LibraryKernel::Convert(p) => {
+                let StepArg::I64(n) = named["n"] else {
+                    panic!("n is not an i64")
+                };
+                for i in 0..n as usize {
+                    match p.kind {
+                        ConvertKind::F32ToBf16 => {
+                            self.set_bf16(named["y"], i, self.f32(named["x"], i))
+                        }
+                        ConvertKind::Bf16ToF32 => {
+                            self.set_f32(named["y"], i, self.bf16(named["x"], i) as f32)
+                        }
+                        ConvertKind::ZeroF32 => self.set_f32(named["y"], i, 0.0),
+                    }
+                }
+            }
+            LibraryKernel::AttentionForward(_) => self.forward(&named),
+            LibraryKernel::AttentionDelta(_) => self.delta(&named),
+            LibraryKernel::AttentionBackward(_) => self.backward(&named),
+            other => panic!("{} is not a kernel of the attention plans", other.name()),
+        }
+    }
+
+    /// Scores of query `t` against keys `0..=t` of head `h`, scaled.
+    fn scores(&self, named: &HashMap<&str, StepArg>, (b, h, t): (usize, usize, usize)) -> Vec<f64> {
+        let qk = NOPE + ROPE;
+        (0..=t)
+            .map(|j| {
+                let dot: f64 = (0..qk)
+                    .map(|c| {
+                        let q = self.bf16(named["q"], head_at(b, t, h, qk) + c);
+                        let k = if c < NOPE {
+                            self.bf16(named["k_nope"], head_at(b, j, h, NOPE) + c)
+                        } else {
+                            self.bf16(named["k_rope"], (b * TOKENS + j) * ROPE + c - NOPE)
+                        };
+                        q * k
+                    })
+                    .sum();
+                SCALE * dot
+            })
+            .collect()
+    }
+
+    /// `mla_attention_fwd`: o (bf16) and lse per query.
+    fn forward(&mut self, named: &HashMap<&str, StepArg>) {
+        check_shape(named);
+        for (b, h, t) in queries() {
+            let s = self.scores(named, (b, h, t));
+            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = s.iter().map(|x| (x - max).exp()).sum();
+            for c in 0..DV {
+                let o: f64 = (0..=t)
+                    .map(|j| {
+                        (s[j] - max).exp() / sum * self.bf16(named["v"], head_at(b, j, h, DV) + c)
+                    })
+                    .sum();
+                self.set_bf16(named["o"], head_at(b, t, h, DV) + c, o as f32);
+            }
+            self.set_f32(named["lse"], stat_at(b, h, t), (max + sum.ln()) as f32);
+        }
+    }
+
+    /// `mla_attention_bwd_delta`: Σ dO · O per query.
+    fn delta(&mut self, named: &HashMap<&str, StepArg>) {
+        for (b, h, t) in queries() {
+            let sum: f64 = (0..DV)
+                .map(|c| {
+                    let at = head_at(b, t, h, DV) + c;
+                    self.bf16(named["o"], at) * self.bf16(named["d_o"], at)
+                })
+                .sum();
+            self.set_f32(named["delta"], stat_at(b, h, t), sum as f32);
+        }
+    }
+
+    /// `mla_attention_bwd`: P from lse, dS = P (dP − delta); dq and dk_rope accumulated onto
+    /// what is there, dk_nope and dv written.
+    fn backward(&mut self, named: &HashMap<&str, StepArg>) {
+        check_shape(named);
+        let qk = NOPE + ROPE;
+        let mut dk = vec![0f64; BATCH * TOKENS * HEADS * qk];
+        let mut dv = vec![0f64; BATCH * TOKENS * HEADS * DV];
+        for (b, h, t) in queries() {
+            let s = self.scores(named, (b, h, t));
+            let lse = f64::from(self.f32(named["lse"], stat_at(b, h, t)));
+            let delta = f64::from(self.f32(named["delta"], stat_at(b, h, t)));
+            for (j, s) in s.iter().enumerate() {
+                let p = (s - lse).exp();
+                let d_o = |c| self.bf16(named["d_o"], head_at(b, t, h, DV) + c);
+                let dp: f64 = (0..DV)
+                    .map(|c| d_o(c) * self.bf16(named["v"], head_at(b, j, h, DV) + c))
+                    .sum();
+                let ds = p * (dp - delta) * SCALE;
+                for c in 0..DV {
+                    dv[head_at(b, j, h, DV) + c] += p * d_o(c);
+                }
+                for c in 0..qk {
+                    let key = if c < NOPE {
+                        self.bf16(named["k_nope"], head_at(b, j, h, NOPE) + c)
+                    } else {
+                        self.bf16(named["k_rope"], (b * TOKENS + j) * ROPE + c - NOPE)
+                    };
+                    let at = head_at(b, t, h, qk) + c;
+                    let dq = self.f32(named["dq"], at) + (ds * key) as f32;
+                    self.set_f32(named["dq"], at, dq);
+                    dk[head_at(b, j, h, qk) + c] += ds * self.bf16(named["q"], at);
+                }
+            }
+        }
+        for (b, j, h) in (0..BATCH)
+            .flat_map(|b| (0..TOKENS).flat_map(move |j| (0..HEADS).map(move |h| (b, j, h))))
+        {
+            for c in 0..qk {
+                let grad = dk[head_at(b, j, h, qk) + c];
+                if c < NOPE {
+                    self.set_f32(named["dk_nope"], head_at(b, j, h, NOPE) + c, grad as f32);
+                } else {
+                    let at = (b * TOKENS + j) * ROPE + c - NOPE;
+                    let sum = self.f32(named["dk_rope"], at) + grad as f32;
+                    self.set_f32(named["dk_rope"], at, sum);
+                }
+            }
+            for c in 0..DV {
+                let at = head_at(b, j, h, DV) + c;
+                self.set_f32(named["dv"], at, dv[at] as f32);
+            }
+        }
+    }
+}
+
+fn check_shape(named: &HashMap<&str, StepArg>) {
+    assert_eq!(named["seq_len"], StepArg::I32(TOKENS as i32));
+    assert_eq!(named["heads"], StepArg::I32(HEADS as i32));
+    assert_eq!(named["softmax_scale"], StepArg::F32(SCALE as f32));
+}
+
+fn queries() -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..BATCH).flat_map(|b| (0..HEADS).flat_map(move |h| (0..TOKENS).map(move |t| (b, h, t))))
+}
+
+/// Offset of token `t`, head `h` in a `[b, t, h, width]` array.
+fn head_at(b: usize, t: usize, h: usize, width: usize) -> usize {
+    ((b * TOKENS + t) * HEADS + h) * width
+}
+
+/// Offset of a per-query statistic in `[b, h, t]`.
+fn stat_at(b: usize, h: usize, t: usize) -> usize {
+    (b * HEADS + h) * TOKENS + t
+}
+
+fn cuda_program(graph: &Graph) -> Program {
+    let options = CompileOptions {
+        lower: super::super::lower_options(),
+        ..CompileOptions::default()
+    };
+    compile(graph, &options).unwrap().program
+}
+
+/// The plan's steps, emulated, give the interpreter's attention: within 1e-2 of the largest
+/// value (both round the same operands to bf16, but the templates also store the output in
+/// bf16 and round the unnormalised probabilities; a value 1 f32 ulp from the other's may round
+/// to the neighbouring bf16); a wiring mistake is off by the values themselves.
+#[test]
+fn the_attention_plans_compute_the_interpreters_attention() {
+    let graph = attention_graph();
+    let program = cuda_program(&graph);
+    let calls: Vec<&Library> = program
+        .kernels
+        .iter()
+        .filter_map(|k| match &k.body {
+            KernelBody::Library(call) => Some(call),
+            KernelBody::Loop(_) => None,
+        })
+        .collect();
+    assert!(
+        matches!(
+            calls[..],
+            [
+                Library::CausalAttention { .. },
+                Library::CausalAttentionGrad { .. }
+            ]
+        ),
+        "{program}"
+    );
+    let plan = LibraryPlan::of(&program, None).unwrap();
+    insta::assert_snapshot!("attention_plan", plan.table());
+
+    let fed = attention_call_feeds(&graph);
+    let mut memory = Memory {
+        buffers: program
+            .buffers
+            .iter()
+            .map(|buffer| match &buffer.role {
+                BufferRole::Input(name) => fed[name].as_f32().unwrap().to_vec(),
+                // Garbage where the steps must write.
+                _ => vec![f32::NAN; buffer.ty.numel()],
+            })
+            .collect(),
+        bytes: vec![0xa5; plan.scratch_bytes()],
+    };
+    for (kernel, call) in program.kernels.iter().zip(&plan.calls) {
+        assert!(
+            matches!(kernel.body, KernelBody::Library(_)),
+            "{}: the emulation runs library calls only",
+            kernel.name
+        );
+        for step in &call.as_ref().unwrap().steps {
+            memory.run(step);
+        }
+    }
+    let expected: HashMap<String, HostTensor> = evaluate(&graph, &Feeds::new(&fed, &()))
+        .unwrap()
+        .into_iter()
+        .collect();
+    for (name, buffer) in &program.outputs {
+        let (got, want) = (
+            &memory.buffers[buffer.index()],
+            expected[name].as_f32().unwrap(),
+        );
+        let size = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let error = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
+            / size;
+        assert!(error <= 1e-2, "{name}: {error:e} of {size}");
+    }
+}
+
+/// The kernels the attention plans launch compile for both targets, without spills.
+#[test]
+fn the_attention_plans_kernels_compile_for_sm90a_and_sm80() {
+    let Some(nvrtc) = fathom_kernels::nvrtc::nvrtc_unless_skipped().unwrap_or_else(|e| {
+        panic!("{e}\n(set FATHOM_SKIP_NVRTC=1 to skip the CUDA compile checks explicitly)")
+    }) else {
+        return;
+    };
+    let plan = LibraryPlan::of(&cuda_program(&attention_graph()), None).unwrap();
+    let kernels = plan.kernels();
+    assert_eq!(kernels.len(), 6, "{}", plan.table());
+    for kernel in kernels {
+        let source = kernel.instantiate().unwrap();
+        for arch in ["sm_90a", "sm_80"] {
+            let compiled = nvrtc
+                .compile(&source, Some(arch))
+                .unwrap_or_else(|e| panic!("{} ({arch}): {e}", source.name));
+            let r = compiled.resources.unwrap_or_default();
+            assert_eq!(
+                r.spill_store_bytes + r.spill_load_bytes,
+                0,
+                "{} ({arch}) spills",
+                source.name
+            );
+        }
+    }
+}
