@@ -78,7 +78,8 @@ pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, Lowe
     // Attention the target runs as one call stays whole (`LowerOptions::attention_calls`).
     let expanded = expand_attention(graph, |graph, node| {
         AttentionCalls::keep(&options.lower, graph, node)
-    })?;
+    })?
+    .into_owned();
     timed("expand_attention", t);
     let t = Instant::now();
     let live = dead_code(&expanded);

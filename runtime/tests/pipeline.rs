@@ -196,6 +196,13 @@ fn pieces_run_in_turn_compute_what_the_whole_stage_graph_computes() {
             assert!(pieces.get(Phase::InputGrad).outputs.is_empty());
         }
         assert!(pieces.carried_bytes(Phase::Forward) > 0);
+        // Attention's statistic is computed with its forward and handed to the backward.
+        let has_statistic = |phase| {
+            let piece: &fathom_compiler::Graph = pieces.get(phase);
+            piece.to_string().contains("causal_attention_lse")
+        };
+        assert!(has_statistic(Phase::Forward), "stage {stage}");
+        assert!(!has_statistic(Phase::InputGrad), "stage {stage}");
     }
 }
 

@@ -9,6 +9,7 @@
 //! (weight transposes and casts, rotary tables, masks) and the graph's inputs are not handed
 //! over but recomputed or re-fed in each piece that reads them.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -126,6 +127,7 @@ pub fn split_phases(
             used[input.index()] |= computed[i];
         }
     }
+    with_their_forwards(graph, &mut computed);
     for (i, node) in graph.nodes.iter().enumerate() {
         if let Some(earliest) = Phase::ALL.into_iter().find(|p| computed[i] & p.bit() != 0)
             && earliest < available[i]
@@ -148,6 +150,32 @@ pub fn split_phases(
     let graphs =
         Phase::ALL.map(|phase| piece(graph, phase, &computed, &used, &replicable, &output_phase));
     Ok(PhaseGraphs { graphs })
+}
+
+/// Moves each attention statistic (`CausalAttentionLse`, which only gradients read) to the
+/// earliest phase computing the forward of the same operands: a fused forward computes it
+/// with its output, and the backward receives it like any other activation, rather than
+/// running the attention's scores again to get it.
+fn with_their_forwards(graph: &Graph, computed: &mut [u8]) {
+    let lowest = |bits: u8| bits & bits.wrapping_neg();
+    let mut forwards: HashMap<(&[NodeId], String), u8> = HashMap::new();
+    for (i, node) in graph.nodes.iter().enumerate() {
+        match &node.op {
+            Op::CausalAttention(config) if computed[i] != 0 => {
+                let key = (node.inputs.as_slice(), format!("{config}"));
+                forwards.insert(key, lowest(computed[i]));
+            }
+            Op::CausalAttentionLse(config) if computed[i] != 0 => {
+                let key = (node.inputs.as_slice(), format!("{config}"));
+                if let Some(&phase) = forwards.get(&key)
+                    && phase < lowest(computed[i])
+                {
+                    computed[i] = phase;
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The piece of `graph` computed in `phase`.

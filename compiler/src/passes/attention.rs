@@ -20,6 +20,7 @@
 //! With `products_in` (bf16), every product the expansion writes reads bf16-rounded operands,
 //! as the precision pass rounds attention's products (`precision::round_products_in_bf16`).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use crate::autodiff::{forward_origin, vjp};
@@ -32,17 +33,18 @@ use crate::graph::{
 use crate::precision::round_products_in_bf16;
 
 /// `graph` with every attention op that `keep` refuses expanded into primitives (see the module
-/// docs). The other nodes, their order and origins, and the outputs are kept.
+/// docs); `graph` itself when there is none. The other nodes, their order and origins, and the
+/// outputs are kept.
 ///
 /// Errors: an op whose products read a type other than bf16 (the one rounding the precision
 /// pass asks for).
 pub fn expand_attention(
     graph: &Graph,
     keep: impl Fn(&Graph, &Node) -> bool,
-) -> Result<Graph, GraphError> {
+) -> Result<Cow<'_, Graph>, GraphError> {
     let expands = |node: &Node| node.op.attention_config().is_some() && !keep(graph, node);
     if !graph.nodes.iter().any(expands) {
-        return Ok(graph.clone());
+        return Ok(Cow::Borrowed(graph));
     }
     let mut expansion = Expansion {
         g: GraphBuilder::new(graph.name.clone()),
@@ -70,11 +72,11 @@ pub fn expand_attention(
         g.output(&output.name, new_ids[output.node.index()])?;
     }
     let expanded = g.finish();
-    if expansion.rounded_products.is_empty() {
-        Ok(expanded)
+    Ok(Cow::Owned(if expansion.rounded_products.is_empty() {
+        expanded
     } else {
-        round_products_in_bf16(&expanded, &expansion.rounded_products)
-    }
+        round_products_in_bf16(&expanded, &expansion.rounded_products)?
+    }))
 }
 
 struct Expansion {

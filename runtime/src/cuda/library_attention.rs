@@ -62,6 +62,30 @@ impl Extents {
         self.batch * self.tokens * self.dims.rope as usize
     }
 
+    /// Elements of `[q, k_nope, k_rope, v]`.
+    fn operand_sizes(&self) -> [usize; 4] {
+        [
+            self.per_head(self.dims.qk()),
+            self.per_head(self.dims.nope),
+            self.rope_key(),
+            self.per_head(self.dims.v),
+        ]
+    }
+
+    /// The operands converted to bf16 into new regions of `scratch`; the regions' arguments.
+    fn operands_to_bf16(
+        &self,
+        operands: &[BufferId; 4],
+        steps: &mut Vec<LibraryStep>,
+        scratch: &mut ScratchLayout,
+    ) -> Vec<StepArg> {
+        operands
+            .iter()
+            .zip(self.operand_sizes())
+            .map(|(&b, n)| to_bf16(steps, scratch, b, n))
+            .collect()
+    }
+
     /// Elements of a per-query statistic `[b, h, t]`.
     fn per_query(&self) -> usize {
         self.batch * self.heads * self.tokens
@@ -141,17 +165,7 @@ pub(super) fn forward_steps(
         return Ok((steps, 0));
     }
     let mut scratch = ScratchLayout::default();
-    let sizes = [
-        x.per_head(x.dims.qk()),
-        x.per_head(x.dims.nope),
-        x.rope_key(),
-        x.per_head(x.dims.v),
-    ];
-    let mut args: Vec<StepArg> = operands
-        .iter()
-        .zip(sizes)
-        .map(|(&b, n)| to_bf16(&mut steps, &mut scratch, b, n))
-        .collect();
+    let mut args = x.operands_to_bf16(operands, &mut steps, &mut scratch);
     let outputs = x.per_head(x.dims.v);
     let o = StepArg::Bytes(scratch.region(2 * outputs));
     args.extend([o, f32_or_scratch(&mut scratch, lse, x.per_query())]);
@@ -189,17 +203,8 @@ pub(super) fn gradient_steps(
         return Ok((steps, 0));
     }
     let mut scratch = ScratchLayout::default();
-    let sizes = [
-        x.per_head(x.dims.qk()),
-        x.per_head(x.dims.nope),
-        x.rope_key(),
-        x.per_head(x.dims.v),
-    ];
-    let bf16: Vec<StepArg> = operands
-        .iter()
-        .zip(sizes)
-        .map(|(&b, n)| to_bf16(&mut steps, &mut scratch, b, n))
-        .collect();
+    let bf16 = x.operands_to_bf16(operands, &mut steps, &mut scratch);
+    let sizes = x.operand_sizes();
     let outputs = x.per_head(x.dims.v);
     let o = to_bf16(&mut steps, &mut scratch, out, outputs);
     let d_o = to_bf16(&mut steps, &mut scratch, d_out, outputs);
