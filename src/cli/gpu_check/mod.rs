@@ -14,7 +14,8 @@
 //! 2. A few training steps of the tiny model with `backend = cuda` (generated kernels and library
 //!    templates) against the CPU, comparing losses: in f32, then at precision FP8 with Hopper's
 //!    accumulation, where the Linear GEMMs run as `quantize` + FP8 GEMM (`cuda::library_fp8`)
-//!    and the CPU emulates them.
+//!    and the CPU emulates them, and in BF16 with the attention widened to head widths the
+//!    flash-attention templates take, where the GPU's attention runs on them.
 //! 3. The FP8 GEMM templates against the f64 product of the same quantized operands (DeepGEMM's
 //!    `1 - 2Σxy/Σ(x²+y²) < 0.001`): on Hopper every sm_90a tile configuration the timings try,
 //!    under three tile schedules; on any GPU the portable `mma.sync` GEMM; each in every layout
@@ -336,13 +337,26 @@ fn compare(gpu: &[f32], cpu: &[f32]) -> (f64, Option<(usize, f32, f32)>) {
     (worst, first_bad)
 }
 
-/// A trainer of the tiny model on the synthetic task, with the given backend and precision.
+/// The tiny model, or with `template_heads` its attention widened to head widths the
+/// flash-attention templates take (16 + 16 query/key channels, 64 value channels), so that
+/// the CUDA backend runs its attention on them.
+fn tiny_spec(template_heads: bool) -> anyhow::Result<fathom_compiler::spec::ModelSpec> {
+    let mut spec = fathom::zoo::architecture("tiny").context("the zoo has `tiny`")?;
+    if template_heads {
+        spec.attention.qk_nope_head_dim = 16;
+        spec.attention.qk_rope_head_dim = 16;
+        spec.attention.v_head_dim = 64;
+    }
+    Ok(spec)
+}
+
+/// A trainer of `spec` on the synthetic task, with the given backend and precision.
 fn tiny_trainer(
+    spec: fathom_compiler::spec::ModelSpec,
     backend: Backend,
     steps: u64,
     precision: PrecisionPolicy,
 ) -> anyhow::Result<Trainer> {
-    let spec = fathom::zoo::architecture("tiny").context("the zoo has `tiny`")?;
     let (batch, seq) = (2, 16);
     let settings = TrainSettings {
         batch,
@@ -375,9 +389,10 @@ fn tiny_trainer(
 }
 
 /// Check 2: the losses of `steps` training steps with the CUDA backend against the CPU's, in
-/// f32 and in FP8.
+/// f32, in FP8, and in BF16 with attention on the flash-attention templates.
 fn compare_training(steps: u64) -> anyhow::Result<Vec<String>> {
-    let mut failures = compare_training_at("f32", PrecisionPolicy::default(), steps, [1e-4, 1e-3])?;
+    let f32 = PrecisionPolicy::default();
+    let mut failures = compare_training_at("f32", f32, false, steps, [1e-4, 1e-3])?;
     let fp8 = PrecisionPolicy {
         accumulation: Accumulation::HOPPER,
         ..PrecisionPolicy::uniform(Precision::Fp8)
@@ -385,6 +400,14 @@ fn compare_training(steps: u64) -> anyhow::Result<Vec<String>> {
     failures.extend(compare_training_at(
         "FP8, Hopper's accumulation",
         fp8,
+        false,
+        steps,
+        [1e-2, 2e-2],
+    )?);
+    failures.extend(compare_training_at(
+        "BF16, attention on the flash-attention templates (heads 16 + 16, v 64)",
+        PrecisionPolicy::uniform(Precision::Bf16),
+        true,
         steps,
         [1e-2, 2e-2],
     )?);
@@ -402,21 +425,28 @@ fn compare_training(steps: u64) -> anyhow::Result<Vec<String>> {
 /// FP8: the GPU's tensor cores accumulate as the CPU emulates them only up to the order of the
 /// sums, and a value an f32 rounding away from an E4M3 rounding boundary can take the next code
 /// (one E4M3 step, up to 6.25%, on that element): the first step within 1e-2, later steps 2e-2.
+///
+/// BF16 with attention on the templates (`template_heads`): the same bf16 operands on both
+/// sides, but the GPU's attention stores its output in bf16 and normalises its probabilities
+/// after rounding them (the CPU runs the matmuls and softmax), and a value an f32 rounding from
+/// a bf16 boundary takes the next bf16 value: the FP8 bounds.
 fn compare_training_at(
     what: &str,
     precision: PrecisionPolicy,
+    template_heads: bool,
     steps: u64,
     bounds: [f64; 2],
 ) -> anyhow::Result<Vec<String>> {
     println!("{what}:");
-    let mut gpu = match tiny_trainer(Backend::Cuda, steps, precision.clone()) {
+    let spec = tiny_spec(template_heads)?;
+    let mut gpu = match tiny_trainer(spec.clone(), Backend::Cuda, steps, precision.clone()) {
         Ok(trainer) => trainer,
         Err(e) => {
             println!("FAIL: the tiny model cannot train on the GPU ({what}): {e:#}");
             return Ok(vec![format!("training on the GPU ({what}): {e:#}")]);
         }
     };
-    let mut cpu = tiny_trainer(Backend::Cpu, steps, precision)?;
+    let mut cpu = tiny_trainer(spec, Backend::Cpu, steps, precision)?;
     let mut failures = Vec::new();
     for step in 1..=steps {
         let (g, c) = (gpu.step()?, cpu.step()?);
@@ -441,6 +471,43 @@ fn compare_training_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The BF16 training comparison's model has its attention on the templates on the GPU
+    /// (two calls per attention layer: the MLA layers' and the MTP block's), and trains on the
+    /// CPU.
+    #[test]
+    fn the_bf16_comparison_runs_attention_on_the_templates() {
+        use fathom_compiler::compile::{CompileOptions, compile};
+        use fathom_compiler::kernel::{KernelBody, Library};
+        let spec = tiny_spec(true).unwrap();
+        let bf16 = PrecisionPolicy::uniform(Precision::Bf16);
+        let graph = training_graph(&spec, 2, 16, LossWeights::deepseek_v3())
+            .unwrap()
+            .graph;
+        let tiling = spec.fp8.clone().unwrap_or_default();
+        let graph = fathom_compiler::precision::apply_precision(&graph, &bf16, &tiling).unwrap();
+        let options = CompileOptions {
+            lower: fathom_runtime::cuda::lower_options(),
+            ..CompileOptions::default()
+        };
+        let program = compile(&graph, &options).unwrap().program;
+        let calls = program
+            .kernels
+            .iter()
+            .filter(|k| {
+                matches!(
+                    k.body,
+                    KernelBody::Library(
+                        Library::CausalAttention { .. } | Library::CausalAttentionGrad { .. }
+                    )
+                )
+            })
+            .count();
+        let layers = spec.layers + spec.mtp_depth;
+        assert_eq!(calls, 2 * layers);
+        let mut cpu = tiny_trainer(spec, Backend::Cpu, 1, bf16).unwrap();
+        assert!(cpu.step().unwrap().loss.is_finite());
+    }
 
     #[test]
     fn compare_accepts_rounding_and_rejects_wrong_values() {
