@@ -985,3 +985,43 @@ fn the_head_routine_gives_the_five_kernels_bits_in_a_bf16_step() {
         assert_eq!(got.iter().count(), want.iter().count());
     }
 }
+
+/// Attention with bf16 products, its statistic and its four gradients, as the CPU compiles
+/// them (expanded into matmuls and a softmax, the gradients by autodiff, the products' operands
+/// rounded), against the interpreter's fused ops, for several shapes: one token, one head,
+/// tokens past a row block. Both round the same operands to bf16, but a value one f32 ulp from
+/// the other side's can round to the neighbouring bf16 value (2⁻⁸ relative in one operand):
+/// 1e-2 of each output's largest value.
+#[test]
+fn attention_compiles_like_the_interpreters_fused_ops() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_kernels::MlaHeadDims;
+    use fathom_runtime::cuda::attention_samples::{attention_call_feeds, attention_call_graph};
+    let dims = MlaHeadDims {
+        nope: 4,
+        rope: 2,
+        v: 3,
+    };
+    for sizes in [(1, 1, 1), (2, 5, 3), (1, 70, 2)] {
+        let graph = attention_call_graph(dims, sizes, 0.45).unwrap();
+        let feeds = attention_call_feeds(&graph);
+        let feeds = Feeds::new(&feeds, &());
+        let want: HashMap<String, HostTensor> =
+            evaluate(&graph, &feeds).unwrap().into_iter().collect();
+        for lower in [
+            LowerOptions::default(),
+            fathom_runtime::cpu::lower_options(),
+        ] {
+            let options = CompileOptions {
+                lower,
+                ..CompileOptions::default()
+            };
+            let program = compile(&graph, &options).unwrap().program;
+            let got = CpuProgram::new(program).run(&feeds).unwrap();
+            for (name, tensor) in got {
+                let error = relative(tensor.as_f32().unwrap(), want[&name].as_f32().unwrap());
+                assert!(error <= 1e-2, "{sizes:?} {name}: {error:e}");
+            }
+        }
+    }
+}
