@@ -149,6 +149,42 @@ fn f32_or_scratch(scratch: &mut ScratchLayout, buffer: Option<BufferId>, n: usiz
     }
 }
 
+/// What both plans start with: the operands' extents, the templates' grid sizes, and the
+/// steps converting the operands to bf16 into the scratch, with their regions.
+struct Start {
+    x: Extents,
+    grid: (u32, u32, u32),
+    steps: Vec<LibraryStep>,
+    scratch: ScratchLayout,
+    bf16_operands: Vec<StepArg>,
+}
+
+impl Start {
+    /// `None` for an empty problem (nothing to launch); an error names what the template
+    /// (checked by `validate`) refuses.
+    fn of(
+        program: &Program,
+        operands: &[BufferId; 4],
+        validate: impl FnOnce(MlaHeadDims) -> Result<(), fathom_kernels::KernelError>,
+    ) -> Result<Option<Start>, String> {
+        let x = Extents::of(program, operands)?;
+        validate(x.dims).map_err(|e| e.to_string())?;
+        let grid = x.grid_dims()?;
+        if x.per_query() == 0 {
+            return Ok(None);
+        }
+        let (mut steps, mut scratch) = (Vec::new(), ScratchLayout::default());
+        let bf16_operands = x.operands_to_bf16(operands, &mut steps, &mut scratch);
+        Ok(Some(Start {
+            x,
+            grid,
+            steps,
+            scratch,
+            bf16_operands,
+        }))
+    }
+}
+
 /// The forward's steps (see the module docs).
 pub(super) fn forward_steps(
     program: &Program,
@@ -156,16 +192,18 @@ pub(super) fn forward_steps(
     (out, lse): (Option<BufferId>, Option<BufferId>),
     config: &AttentionConfig,
 ) -> Planned {
-    let x = Extents::of(program, operands)?;
+    let validate = |dims| MlaAttentionFwdParams::new(dims).validate();
+    let Some(start) = Start::of(program, operands, validate)? else {
+        return Ok((Vec::new(), 0));
+    };
+    let Start {
+        x,
+        grid: (batch, tokens, heads),
+        mut steps,
+        mut scratch,
+        bf16_operands: mut args,
+    } = start;
     let params = MlaAttentionFwdParams::new(x.dims);
-    params.validate().map_err(|e| e.to_string())?;
-    let (batch, tokens, heads) = x.grid_dims()?;
-    let mut steps = Vec::new();
-    if x.per_query() == 0 {
-        return Ok((steps, 0));
-    }
-    let mut scratch = ScratchLayout::default();
-    let mut args = x.operands_to_bf16(operands, &mut steps, &mut scratch);
     let outputs = x.per_head(x.dims.v);
     let o = StepArg::Bytes(scratch.region(2 * outputs));
     args.extend([o, f32_or_scratch(&mut scratch, lse, x.per_query())]);
@@ -194,16 +232,18 @@ pub(super) fn gradient_steps(
     grads: &[Option<BufferId>; 4],
     config: &AttentionConfig,
 ) -> Planned {
-    let x = Extents::of(program, operands)?;
+    let validate = |dims| MlaAttentionBwdParams::new(dims).validate();
+    let Some(start) = Start::of(program, operands, validate)? else {
+        return Ok((Vec::new(), 0));
+    };
+    let Start {
+        x,
+        grid: (batch, tokens, heads),
+        mut steps,
+        mut scratch,
+        bf16_operands: bf16,
+    } = start;
     let params = MlaAttentionBwdParams::new(x.dims);
-    params.validate().map_err(|e| e.to_string())?;
-    let (batch, tokens, heads) = x.grid_dims()?;
-    let mut steps = Vec::new();
-    if x.per_query() == 0 {
-        return Ok((steps, 0));
-    }
-    let mut scratch = ScratchLayout::default();
-    let bf16 = x.operands_to_bf16(operands, &mut steps, &mut scratch);
     let sizes = x.operand_sizes();
     let outputs = x.per_head(x.dims.v);
     let o = to_bf16(&mut steps, &mut scratch, out, outputs);
