@@ -27,11 +27,14 @@
 //! a scratch area of bytes, shared the same way. Kernels that read indices report an invalid one in
 //! the status words, tagged with the call's position in the program plus one.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
 use fathom_compiler::kernel::{BufferId, KernelBody, Program};
 use fathom_kernels::{
     ConvertParams, F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams,
-    FallbackGemmParams, Fp8GemmParams, IndexOpParams, KernelError, KernelSource,
-    MlaAttentionBwdParams, MlaAttentionFwdParams, QuantizeParams, TensorMapDesc,
+    FallbackGemmParams, Fp8GemmParams, IndexOpParams, KernelError, KernelParam, KernelSource,
+    MlaAttentionBwdParams, MlaAttentionFwdParams, ParamType, QuantizeParams, TensorMapDesc,
 };
 
 use super::CudaError;
@@ -113,6 +116,40 @@ impl LibraryKernel {
             LibraryKernel::AttentionBackward(p) => p.instantiate(),
         }
     }
+}
+
+/// Whether `step`'s arguments are of its kernel's parameters' kinds.
+fn check_step_arguments(step: &LibraryStep, params: &[KernelParam]) -> Result<(), String> {
+    if step.args.len() != params.len() {
+        return Err(format!(
+            "{} arguments for {} parameters",
+            step.args.len(),
+            params.len()
+        ));
+    }
+    for (arg, param) in step.args.iter().zip(params) {
+        let fits = match param.ty {
+            ParamType::ConstPtr(_) | ParamType::MutPtr(_) => matches!(
+                arg,
+                StepArg::Buffer(..)
+                    | StepArg::Scratch(_)
+                    | StepArg::Bytes(_)
+                    | StepArg::Null
+                    | StepArg::Status
+            ),
+            ParamType::I32 => matches!(arg, StepArg::I32(_)),
+            ParamType::I64 => matches!(arg, StepArg::I64(_)),
+            ParamType::F32 => matches!(arg, StepArg::F32(_)),
+            ParamType::TensorMap => matches!(arg, StepArg::TensorMap(..)),
+        };
+        if !fits {
+            return Err(format!(
+                "parameter `{}` ({:?}) given {arg:?}",
+                param.name, param.ty
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `value` as a kernel's `int` argument, or why it cannot be one (`what` names it).
@@ -221,7 +258,12 @@ impl LibraryPlan {
         }
         if refused.is_empty() {
             quantize_weights_directly(program, &mut calls);
-            Ok(LibraryPlan { calls })
+            let plan = LibraryPlan { calls };
+            // A planner's mistake, not the program's: said before anything launches.
+            plan.check_arguments().map_err(|e| {
+                CudaError::Launch(format!("a library step's arguments do not fit: {e}"))
+            })?;
+            Ok(plan)
         } else {
             Err(CudaError::UnsupportedLibraryCalls {
                 program: program.name.clone(),
@@ -257,6 +299,29 @@ impl LibraryPlan {
             .map(|c| c.scratch_bytes)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Checks that every step passes its kernel's parameters: as many arguments, each of the
+    /// parameter's kind (a pointer for a pointer, a 64-bit int for a `long long`...). A launch
+    /// takes its arguments by size, so an `int` where the kernel reads a `long long` would
+    /// read past it on the GPU; this fails first, on any machine, naming the step
+    /// (`LibraryPlan::of` checks every plan it makes).
+    pub fn check_arguments(&self) -> Result<(), String> {
+        let mut params: HashMap<LibraryKernel, Vec<KernelParam>> = HashMap::new();
+        for call in self.calls.iter().flatten() {
+            for step in &call.steps {
+                let expected = match params.entry(step.kernel) {
+                    Entry::Occupied(known) => known.into_mut(),
+                    Entry::Vacant(slot) => {
+                        let source = step.kernel.instantiate().map_err(|e| e.to_string())?;
+                        slot.insert(source.params)
+                    }
+                };
+                check_step_arguments(step, expected)
+                    .map_err(|e| format!("{} ({}): {e}", call.name, step.kernel.name()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Every distinct kernel the plan launches, in order of first use.

@@ -406,3 +406,44 @@ fn comparison_accepts_rounding_within_the_dot_bound_only() {
         Some(2)
     );
 }
+
+/// A step whose arguments do not match its kernel's parameters (their count, or an `int`
+/// where the kernel reads a `long long`, which a launch would pass short) is named before
+/// anything launches.
+#[test]
+fn a_step_with_arguments_its_kernel_does_not_take_is_refused() {
+    use fathom_kernels::{ConvertKind, ConvertParams};
+    let zero = ConvertParams::new(ConvertKind::ZeroF32);
+    let step = |args: Vec<StepArg>| LibraryStep {
+        kernel: LibraryKernel::Convert(zero),
+        grid: [1, 1, 1],
+        args,
+    };
+    let plan = |step: LibraryStep| LibraryPlan {
+        calls: vec![Some(LibraryCall {
+            name: "k0_fill".into(),
+            steps: vec![step],
+            scratch_ints: 0,
+            scratch_bytes: 0,
+            note: None,
+            skipped: None,
+        })],
+    };
+    let y = StepArg::Buffer(BufferId(0), 0);
+    assert_eq!(
+        plan(step(vec![y, StepArg::I64(8)])).check_arguments(),
+        Ok(())
+    );
+    assert_eq!(
+        plan(step(vec![y, StepArg::I32(8)])).check_arguments(),
+        Err("k0_fill (fill_zero_f32): parameter `n` (I64) given I32(8)".into())
+    );
+    assert_eq!(
+        plan(step(vec![StepArg::I64(8), y])).check_arguments(),
+        Err("k0_fill (fill_zero_f32): parameter `y` (MutPtr(F32)) given I64(8)".into())
+    );
+    assert_eq!(
+        plan(step(vec![y])).check_arguments(),
+        Err("k0_fill (fill_zero_f32): 1 arguments for 2 parameters".into())
+    );
+}
