@@ -535,7 +535,7 @@ fn f32_library_kernels_compile_for_sm80_and_sm90a_without_spills() {
         ));
     }
     for kind in [
-        ConvertKind::F32ToBf16,
+        ConvertKind::F32RowsToBf16,
         ConvertKind::Bf16ToF32,
         ConvertKind::ZeroF32,
     ] {

@@ -175,34 +175,35 @@ pub(crate) fn template_call(program: &Program, kernel: &Kernel, call: &Library) 
             ],
         ),
         Library::CausalAttention {
-            operands: [q, k_nope, k_rope, v],
+            operands,
+            shape,
             out,
             lse,
             config,
         } => (
             "causal_attention",
-            Some("convert_f32_bf16 x 4, mla_attention_fwd, convert_bf16_f32"),
+            Some("convert_f32_bf16_rows x 4, mla_attention_fwd, convert_bf16_f32"),
             vec![
                 ("config", config.to_string()),
-                ("q", ty(q)),
-                ("k_nope", ty(k_nope)),
-                ("k_rope", ty(k_rope)),
-                ("v", ty(v)),
+                ("shape", shape.to_string()),
+                ("operands", operands.map(|rows| rows.to_string()).join(", ")),
                 ("out", out.as_ref().map_or("-".into(), ty)),
                 ("lse", lse.as_ref().map_or("-".into(), ty)),
             ],
         ),
         Library::CausalAttentionGrad {
-            operands: [q, ..],
+            shape,
             d_out,
             config,
             ..
         } => (
             "causal_attention_grad",
-            Some("convert_f32_bf16 x 6, fill_zero, mla_attention_bwd_delta, mla_attention_bwd"),
+            Some(
+                "convert_f32_bf16_rows x 6, fill_zero, mla_attention_bwd_delta, mla_attention_bwd",
+            ),
             vec![
                 ("config", config.to_string()),
-                ("q", ty(q)),
+                ("shape", shape.to_string()),
                 ("d_out", ty(d_out)),
             ],
         ),

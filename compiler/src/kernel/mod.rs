@@ -286,13 +286,15 @@ pub enum Library {
         scale: Option<f64>,
         out: View,
     },
-    /// `graph::Op::CausalAttention` of dense `operands` (`[q, k_nope, k_rope, v]` in the op's
-    /// layouts) into `out`, and with `lse` the `CausalAttentionLse` of the same operands (the
-    /// statistic a flash-attention forward computes anyway, which its gradient reads); at
-    /// least one is written. A form for a target with a fused attention
-    /// (`lower::LowerOptions::attention_calls`, the CUDA plan's templates).
+    /// `graph::Op::CausalAttention` of `operands` (`[q, k_nope, k_rope, v]` in the op's
+    /// layouts, of `shape`, each read as rows where it lies) into `out` (dense), and with `lse`
+    /// the `CausalAttentionLse` of the same operands (the statistic a flash-attention forward
+    /// computes anyway, which its gradient reads); at least one is written. A form for a target
+    /// with a fused attention (`lower::LowerOptions::attention_calls`, the CUDA plan's
+    /// templates).
     CausalAttention {
-        operands: [BufferId; 4],
+        operands: [AttentionRows; 4],
+        shape: AttentionShape,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         out: Option<BufferId>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -301,9 +303,11 @@ pub enum Library {
     },
     /// The `graph::Op::CausalAttentionGrad`s of one attention for one cotangent, in one call:
     /// `grads[i]`, when given, receives the gradient of operand `i` (`graph::AttentionOperand`
-    /// order: q, k_nope, k_rope, v). `out` and `lse` are the forward's results for `operands`.
+    /// order: q, k_nope, k_rope, v; dense). `out`, `lse` and `d_out` are dense; `out` and `lse`
+    /// are the forward's results for `operands`.
     CausalAttentionGrad {
-        operands: [BufferId; 4],
+        operands: [AttentionRows; 4],
+        shape: AttentionShape,
         out: BufferId,
         lse: BufferId,
         d_out: BufferId,
@@ -437,26 +441,16 @@ impl Program {
                 let (c, k) = (dims(cotangent), *dims(x).last().expect("x has rows"));
                 2 * (c[0] * c[1] * c[2] * k) as u64
             }
-            KernelBody::Library(Library::CausalAttention {
-                operands, out, lse, ..
-            }) => {
-                let (qk, dv) = attention_widths(self, operands);
-                let [b, t, h] = attention_extents(self, operands);
-                // The scores' product, and the values' when the output is wanted (lse alone
-                // needs only the scores).
-                let widths = qk
-                    + if out.is_some() || lse.is_none() {
-                        dv
-                    } else {
-                        0
-                    };
-                2 * (b * h * t * t * widths) as u64
+            KernelBody::Library(Library::CausalAttention { shape, out, .. }) => {
+                // The scores' product, and the values' when the output is wanted (the statistic
+                // alone needs only the scores).
+                let widths = shape.nope + shape.rope + if out.is_some() { shape.v } else { 0 };
+                2 * (shape.batch * shape.heads * shape.tokens.pow(2) * widths) as u64
             }
             // The products of autodiff's backward: dP = dO vᵀ, dv, dq and dk.
-            KernelBody::Library(Library::CausalAttentionGrad { operands, .. }) => {
-                let (qk, dv) = attention_widths(self, operands);
-                let [b, t, h] = attention_extents(self, operands);
-                2 * (b * h * t * t * 2 * (qk + dv)) as u64
+            KernelBody::Library(Library::CausalAttentionGrad { shape, .. }) => {
+                let widths = shape.nope + shape.rope + shape.v;
+                2 * (shape.batch * shape.heads * shape.tokens.pow(2) * 2 * widths) as u64
             }
             // The logits' product and the gradient's two.
             KernelBody::Library(Library::LinearCrossEntropy { hidden, weight, .. }) => {
@@ -469,16 +463,41 @@ impl Program {
     }
 }
 
-/// `(nope + rope, v)` head widths of an attention call's `[q, k_nope, k_rope, v]` buffers.
-fn attention_widths(program: &Program, [q, _, _, v]: &[BufferId; 4]) -> (usize, usize) {
-    let last = |b: &BufferId| *program.buffer(*b).ty.dims().last().expect("rank 4");
-    (last(q), last(v))
+/// The extents of an attention call's operands: `q [batch, tokens, heads, nope + rope]`,
+/// `k_nope [batch, tokens, heads, nope]`, `k_rope [batch, tokens, rope]`,
+/// `v [batch, tokens, heads, v]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub tokens: usize,
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
 }
 
-/// `[batch, tokens, heads]` of an attention call's `[q, …]` buffers.
-fn attention_extents(program: &Program, operands: &[BufferId; 4]) -> [usize; 3] {
-    let d = program.buffer(operands[0]).ty.dims();
-    [d[0], d[1], d[2]]
+impl AttentionShape {
+    /// `(rows, width)` of each operand read as rows of its last axis, `[q, k_nope, k_rope, v]`.
+    pub fn operand_rows(&self) -> [(usize, usize); 4] {
+        let per_head = self.batch * self.tokens * self.heads;
+        [
+            (per_head, self.nope + self.rope),
+            (per_head, self.nope),
+            (self.batch * self.tokens, self.rope),
+            (per_head, self.v),
+        ]
+    }
+}
+
+/// An attention operand read as rows of its last axis: row `r` (in row-major order of the
+/// other axes) is the `width` contiguous elements from `offset + r · row_stride` of `buffer`.
+/// A slice of a wider tensor's last axis (MLA's `k_nope` and `v`, halves of one projection)
+/// is read where it lies, without a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttentionRows {
+    pub buffer: BufferId,
+    pub offset: usize,
+    pub row_stride: usize,
 }
 
 /// The `[experts, n, k]` weights of a grouped matmul, each expert's `[n, k]` matrix with
@@ -693,7 +712,10 @@ impl Library {
             ),
             Library::CausalAttention {
                 operands, out, lse, ..
-            } => (operands.to_vec(), out.iter().chain(lse).copied().collect()),
+            } => (
+                operands.iter().map(|rows| rows.buffer).collect(),
+                out.iter().chain(lse).copied().collect(),
+            ),
             Library::CausalAttentionGrad {
                 operands,
                 out,
@@ -702,7 +724,7 @@ impl Library {
                 grads,
                 ..
             } => {
-                let mut read = operands.to_vec();
+                let mut read: Vec<BufferId> = operands.iter().map(|rows| rows.buffer).collect();
                 read.extend([*out, *lse, *d_out]);
                 (read, grads.iter().flatten().copied().collect())
             }

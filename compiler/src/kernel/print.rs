@@ -16,8 +16,8 @@ use crate::graph::op::Scalar;
 use crate::graph::{Accumulation, AttentionOperand, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 
 use super::{
-    Buffer, BufferId, BufferRole, ExpertOutputs, ExpertWeights, Expr, Kernel, KernelBody, Library,
-    Program, Stmt, View,
+    AttentionRows, AttentionShape, Buffer, BufferId, BufferRole, ExpertOutputs, ExpertWeights,
+    Expr, Kernel, KernelBody, Library, Program, Stmt, View,
 };
 
 impl Display for BufferId {
@@ -147,6 +147,29 @@ impl Display for Arithmetic {
     }
 }
 
+/// `b12[+128, stride 256]`: the buffer, the first row's offset and the rows' stride.
+impl Display for AttentionRows {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}[+{}, stride {}]",
+            self.buffer, self.offset, self.row_stride
+        )
+    }
+}
+
+/// `b2 t100 h3 d128+64 v128`: batch, tokens, heads, the query's and key's widths (without and
+/// with position), the value's.
+impl Display for AttentionShape {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "b{} t{} h{} d{}+{} v{}",
+            self.batch, self.tokens, self.heads, self.nope, self.rope, self.v
+        )
+    }
+}
+
 impl Display for Library {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         match self {
@@ -230,6 +253,7 @@ impl Display for Library {
             } => write!(f, "one_hot<depth={depth}> {out} = {indices}"),
             Library::CausalAttention {
                 operands: [q, k_nope, k_rope, v],
+                shape,
                 out,
                 lse,
                 config,
@@ -240,12 +264,14 @@ impl Display for Library {
                     .collect();
                 write!(
                     f,
-                    "causal_attention<{config}> {} = attend({q}, [{k_nope}, {k_rope}], {v})",
+                    "causal_attention<{config}> {} = attend({q}, [{k_nope}, {k_rope}], {v}) \
+                     over {shape}",
                     written.join(", ")
                 )
             }
             Library::CausalAttentionGrad {
                 operands: [q, k_nope, k_rope, v],
+                shape,
                 out,
                 lse,
                 d_out,
@@ -260,7 +286,7 @@ impl Display for Library {
                 write!(
                     f,
                     "causal_attention_grad<{config}> {} = grad(attend({q}, [{k_nope}, \
-                     {k_rope}], {v}) = {out}, lse {lse}) for {d_out}",
+                     {k_rope}], {v}) = {out}, lse {lse}) for {d_out} over {shape}",
                     written.join(", ")
                 )
             }

@@ -286,53 +286,44 @@ pub fn error_of_max(got: &[f32], expected: &[f32]) -> f64 {
     }
 }
 
-/// A program's view of attention: one `CausalAttention` of the inputs `q`, `k_nope`, `k_rope`
-/// and `v` (the op's layouts) with bf16 products, its statistic, and its four gradients for the
-/// input `d_out`, all outputs (`out`, `lse`, `grad.q`, `grad.k_nope`, `grad.k_rope`,
-/// `grad.v`). Compiled with `cuda::lower_options` it is two library calls, which the plan's
-/// tests emulate and `fathom gpu-check` runs, both against the interpreter.
+/// A program's view of attention: one `CausalAttention` with bf16 products of the inputs `q`
+/// and `k_rope` and of `k_nope` and `v` sliced from the input `kv [b, t, h, nope + v]` (as MLA
+/// slices its key-value projection: rows a stride apart, which the GPU's conversions read where
+/// they lie), its statistic, and its four gradients for the input `d_out`, all outputs (`out`,
+/// `lse`, `grad.q`, `grad.k_nope`, `grad.k_rope`, `grad.v`). Compiled with
+/// `cuda::lower_options` it is two library calls, which the plan's tests emulate and `fathom
+/// gpu-check` runs, both against the interpreter.
 pub fn attention_call_graph(
     dims: MlaHeadDims,
     (batch, tokens, heads): (usize, usize, usize),
     scale: f64,
 ) -> Result<Graph, GraphError> {
+    let (nope, rope, v) = (dims.nope as usize, dims.rope as usize, dims.v as usize);
     let mut g = GraphBuilder::new("attention");
-    let mut inputs = Vec::new();
-    for (name, dims) in attention_call_inputs(dims, (batch, tokens, heads)) {
-        inputs.push(g.input(name, TensorType::new(DType::F32, dims))?);
-    }
+    let mut input = |name: &str, dims: Vec<usize>| g.input(name, TensorType::new(DType::F32, dims));
+    let q = input("q", vec![batch, tokens, heads, nope + rope])?;
+    let kv = input("kv", vec![batch, tokens, heads, nope + v])?;
+    let k_rope = input("k_rope", vec![batch, tokens, rope])?;
+    let d_out = input("d_out", vec![batch, tokens, heads, v])?;
+    let k_nope = g.slice(kv, 3, 0, nope)?;
+    let value = g.slice(kv, 3, nope, nope + v)?;
     let config = AttentionConfig {
         scale,
         products_in: Some(DType::BF16),
     };
-    let operands = &inputs[..4];
-    let out = g.push(Op::CausalAttention(config), operands, None)?;
-    let lse = g.push(Op::CausalAttentionLse(config), operands, None)?;
+    let operands = [q, k_nope, k_rope, value];
+    let out = g.push(Op::CausalAttention(config), &operands, None)?;
+    let lse = g.push(Op::CausalAttentionLse(config), &operands, None)?;
     g.output("out", out)?;
     g.output("lse", lse)?;
     let mut read = operands.to_vec();
-    read.extend([out, lse, inputs[4]]);
+    read.extend([out, lse, d_out]);
     for operand in AttentionOperand::ALL {
         let op = Op::CausalAttentionGrad { config, operand };
         let grad = g.push(op, &read, None)?;
         g.output(&format!("grad.{}", operand.name()), grad)?;
     }
     Ok(g.finish())
-}
-
-/// The inputs of [`attention_call_graph`] with their shapes, in order.
-fn attention_call_inputs(
-    dims: MlaHeadDims,
-    (batch, tokens, heads): (usize, usize, usize),
-) -> [(&'static str, Vec<usize>); 5] {
-    let (nope, rope, v) = (dims.nope as usize, dims.rope as usize, dims.v as usize);
-    [
-        ("q", vec![batch, tokens, heads, nope + rope]),
-        ("k_nope", vec![batch, tokens, heads, nope]),
-        ("k_rope", vec![batch, tokens, rope]),
-        ("v", vec![batch, tokens, heads, v]),
-        ("d_out", vec![batch, tokens, heads, v]),
-    ]
 }
 
 /// Deterministic values in [-1, 1) for every input of [`attention_call_graph`].

@@ -4,8 +4,12 @@
 //!
 //! | IR call | steps |
 //! |---|---|
-//! | `CausalAttention` | `convert_f32_bf16` × 4 (q, k_nope, k_rope, v into the byte scratch), `mla_attention_fwd` (bf16 output, f32 statistic into `lse` or the scratch), `convert_bf16_f32` into `out` |
-//! | `CausalAttentionGrad` | `convert_f32_bf16` × 6 (the operands, the forward's output, the cotangent), `fill_zero_f32` of dq and dk_rope (accumulated), `mla_attention_bwd_delta`, `mla_attention_bwd` writing the f32 gradients where the call wants them (a gradient not wanted goes to the scratch) |
+//! | `CausalAttention` | `convert_f32_bf16_rows` × 4 (q, k_nope, k_rope, v, read where they lie, into the byte scratch), `mla_attention_fwd` (bf16 output, f32 statistic into `lse` or the scratch), `convert_bf16_f32` into `out` |
+//! | `CausalAttentionGrad` | `convert_f32_bf16_rows` × 6 (the operands, the forward's output, the cotangent), `fill_zero_f32` of dq and dk_rope (accumulated), `mla_attention_bwd_delta`, `mla_attention_bwd` writing the f32 gradients where the call wants them (a gradient not wanted goes to the scratch) |
+//!
+//! The conversions read an operand's rows where they lie (`kernel::AttentionRows`): MLA's
+//! `k_nope` and `v` are the two halves of each head's slice of one projection, converted from
+//! it without an f32 copy of either.
 //!
 //! What the templates compute against the op's definition (`graph::Op::CausalAttention` with
 //! `products_in` bf16, which is the only kind the lowering keeps whole for this plan): the same
@@ -16,7 +20,7 @@
 //! tolerance these leave.
 
 use fathom_compiler::graph::AttentionConfig;
-use fathom_compiler::kernel::{BufferId, Program};
+use fathom_compiler::kernel::{AttentionRows, AttentionShape, BufferId};
 use fathom_kernels::{
     ConvertKind, ConvertParams, MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims,
 };
@@ -29,66 +33,68 @@ type Planned = Result<(Vec<LibraryStep>, usize), String>;
 
 /// The extents of an attention call's operands.
 struct Extents {
-    batch: usize,
-    tokens: usize,
-    heads: usize,
+    shape: AttentionShape,
     dims: MlaHeadDims,
 }
 
 impl Extents {
-    fn of(program: &Program, [q, k_nope, _, v]: &[BufferId; 4]) -> Result<Self, String> {
-        let dims = |b: &BufferId| program.buffer(*b).ty.dims().to_vec();
-        let (q, nope, v) = (dims(q), dims(k_nope)[3], dims(v)[3]);
+    fn of(shape: &AttentionShape) -> Result<Self, String> {
         let width = |w: usize| u32::try_from(w).map_err(|_| format!("head width {w} too large"));
         Ok(Extents {
-            batch: q[0],
-            tokens: q[1],
-            heads: q[2],
+            shape: *shape,
             dims: MlaHeadDims {
-                nope: width(nope)?,
-                rope: width(q[3] - nope)?,
-                v: width(v)?,
+                nope: width(shape.nope)?,
+                rope: width(shape.rope)?,
+                v: width(shape.v)?,
             },
         })
     }
 
     /// Elements of a `[b, t, h, width]` tensor.
     fn per_head(&self, width: u32) -> usize {
-        self.batch * self.tokens * self.heads * width as usize
+        self.shape.batch * self.shape.tokens * self.shape.heads * width as usize
     }
 
-    /// Elements of `k_rope` `[b, t, rope]`.
-    fn rope_key(&self) -> usize {
-        self.batch * self.tokens * self.dims.rope as usize
-    }
-
-    /// Elements of `[q, k_nope, k_rope, v]`.
+    /// Elements of `[q, k_nope, k_rope, v]`, dense (their gradients).
     fn operand_sizes(&self) -> [usize; 4] {
-        [
-            self.per_head(self.dims.qk()),
-            self.per_head(self.dims.nope),
-            self.rope_key(),
-            self.per_head(self.dims.v),
-        ]
+        self.shape.operand_rows().map(|(rows, width)| rows * width)
     }
 
-    /// The operands converted to bf16 into new regions of `scratch`; the regions' arguments.
+    /// The operands converted to dense bf16 into new regions of `scratch`; the regions'
+    /// arguments.
     fn operands_to_bf16(
         &self,
-        operands: &[BufferId; 4],
+        operands: &[AttentionRows; 4],
         steps: &mut Vec<LibraryStep>,
         scratch: &mut ScratchLayout,
-    ) -> Vec<StepArg> {
+    ) -> Result<Vec<StepArg>, String> {
         operands
             .iter()
-            .zip(self.operand_sizes())
-            .map(|(&b, n)| to_bf16(steps, scratch, b, n))
+            .zip(self.shape.operand_rows())
+            .map(|(&from, rows)| to_bf16(steps, scratch, from, rows))
             .collect()
+    }
+
+    /// A dense `[b, t, h, v]` tensor (the output, its cotangent) as rows.
+    fn dense_values(&self, buffer: BufferId) -> (AttentionRows, (usize, usize)) {
+        let width = self.dims.v as usize;
+        let rows = AttentionRows {
+            buffer,
+            offset: 0,
+            row_stride: width,
+        };
+        (
+            rows,
+            (
+                self.shape.batch * self.shape.tokens * self.shape.heads,
+                width,
+            ),
+        )
     }
 
     /// Elements of a per-query statistic `[b, h, t]`.
     fn per_query(&self) -> usize {
-        self.batch * self.heads * self.tokens
+        self.shape.batch * self.shape.heads * self.shape.tokens
     }
 
     fn grid_dims(&self) -> Result<(u32, u32, u32), String> {
@@ -96,17 +102,17 @@ impl Extents {
             u32::try_from(v).map_err(|_| format!("{what} = {v} is too large for a grid"))
         };
         Ok((
-            u32_of(self.batch, "batch")?,
-            u32_of(self.tokens, "tokens")?,
-            u32_of(self.heads, "heads")?,
+            u32_of(self.shape.batch, "batch")?,
+            u32_of(self.shape.tokens, "tokens")?,
+            u32_of(self.shape.heads, "heads")?,
         ))
     }
 
     /// `seq_len, heads, softmax_scale`, the templates' last arguments.
     fn shape_args(&self, config: &AttentionConfig) -> Result<[StepArg; 3], String> {
         Ok([
-            int_arg(self.tokens, "tokens")?,
-            int_arg(self.heads, "heads")?,
+            int_arg(self.shape.tokens, "tokens")?,
+            int_arg(self.shape.heads, "heads")?,
             StepArg::F32(config.scale as f32),
         ])
     }
@@ -124,21 +130,35 @@ fn convert(kind: ConvertKind, from: Option<StepArg>, to: StepArg, n: usize) -> L
     }
 }
 
-/// `buffer`'s `n` f32 values as bf16 in a new region of `scratch`; the region's argument.
+/// The `rows × width` f32 values of `from` as dense bf16 in a new region of `scratch`; the
+/// region's argument.
 fn to_bf16(
     steps: &mut Vec<LibraryStep>,
     scratch: &mut ScratchLayout,
-    buffer: BufferId,
-    n: usize,
-) -> StepArg {
-    let region = StepArg::Bytes(scratch.region(2 * n));
-    steps.push(convert(
-        ConvertKind::F32ToBf16,
-        Some(StepArg::Buffer(buffer, 0)),
-        region,
-        n,
-    ));
-    region
+    from: AttentionRows,
+    (rows, width): (usize, usize),
+) -> Result<StepArg, String> {
+    if from.row_stride < width {
+        return Err(format!(
+            "rows of {} at stride {} overlap (width {width})",
+            from.buffer, from.row_stride
+        ));
+    }
+    let region = StepArg::Bytes(scratch.region(2 * rows * width));
+    let params = ConvertParams::new(ConvertKind::F32RowsToBf16);
+    let long = |n: usize| StepArg::I64(n as i64);
+    steps.push(LibraryStep {
+        kernel: LibraryKernel::Convert(params),
+        grid: params.grid(rows as u64),
+        args: vec![
+            StepArg::Buffer(from.buffer, from.offset),
+            region,
+            long(rows),
+            long(width),
+            long(from.row_stride),
+        ],
+    });
+    Ok(region)
 }
 
 /// `buffer`, or a new f32 region of `n` values in `scratch` where there is none.
@@ -163,18 +183,18 @@ impl Start {
     /// `None` for an empty problem (nothing to launch); an error names what the template
     /// (checked by `validate`) refuses.
     fn of(
-        program: &Program,
-        operands: &[BufferId; 4],
+        shape: &AttentionShape,
+        operands: &[AttentionRows; 4],
         validate: impl FnOnce(MlaHeadDims) -> Result<(), fathom_kernels::KernelError>,
     ) -> Result<Option<Start>, String> {
-        let x = Extents::of(program, operands)?;
+        let x = Extents::of(shape)?;
         validate(x.dims).map_err(|e| e.to_string())?;
         let grid = x.grid_dims()?;
         if x.per_query() == 0 {
             return Ok(None);
         }
         let (mut steps, mut scratch) = (Vec::new(), ScratchLayout::default());
-        let bf16_operands = x.operands_to_bf16(operands, &mut steps, &mut scratch);
+        let bf16_operands = x.operands_to_bf16(operands, &mut steps, &mut scratch)?;
         Ok(Some(Start {
             x,
             grid,
@@ -187,13 +207,12 @@ impl Start {
 
 /// The forward's steps (see the module docs).
 pub(super) fn forward_steps(
-    program: &Program,
-    operands: &[BufferId; 4],
+    (shape, operands): (&AttentionShape, &[AttentionRows; 4]),
     (out, lse): (Option<BufferId>, Option<BufferId>),
     config: &AttentionConfig,
 ) -> Planned {
     let validate = |dims| MlaAttentionFwdParams::new(dims).validate();
-    let Some(start) = Start::of(program, operands, validate)? else {
+    let Some(start) = Start::of(shape, operands, validate)? else {
         return Ok((Vec::new(), 0));
     };
     let Start {
@@ -226,14 +245,13 @@ pub(super) fn forward_steps(
 
 /// The gradients' steps (see the module docs).
 pub(super) fn gradient_steps(
-    program: &Program,
-    operands: &[BufferId; 4],
+    (shape, operands): (&AttentionShape, &[AttentionRows; 4]),
     [out, lse, d_out]: [BufferId; 3],
     grads: &[Option<BufferId>; 4],
     config: &AttentionConfig,
 ) -> Planned {
     let validate = |dims| MlaAttentionBwdParams::new(dims).validate();
-    let Some(start) = Start::of(program, operands, validate)? else {
+    let Some(start) = Start::of(shape, operands, validate)? else {
         return Ok((Vec::new(), 0));
     };
     let Start {
@@ -245,9 +263,10 @@ pub(super) fn gradient_steps(
     } = start;
     let params = MlaAttentionBwdParams::new(x.dims);
     let sizes = x.operand_sizes();
-    let outputs = x.per_head(x.dims.v);
-    let o = to_bf16(&mut steps, &mut scratch, out, outputs);
-    let d_o = to_bf16(&mut steps, &mut scratch, d_out, outputs);
+    let (out, out_rows) = x.dense_values(out);
+    let o = to_bf16(&mut steps, &mut scratch, out, out_rows)?;
+    let (d_out, d_out_rows) = x.dense_values(d_out);
+    let d_o = to_bf16(&mut steps, &mut scratch, d_out, d_out_rows)?;
     let delta = StepArg::Bytes(scratch.region(4 * x.per_query()));
     let written: Vec<StepArg> = grads
         .iter()
@@ -265,9 +284,9 @@ pub(super) fn gradient_steps(
             o,
             d_o,
             delta,
-            int_arg(x.batch, "batch")?,
-            int_arg(x.tokens, "tokens")?,
-            int_arg(x.heads, "heads")?,
+            int_arg(x.shape.batch, "batch")?,
+            int_arg(x.shape.tokens, "tokens")?,
+            int_arg(x.shape.heads, "heads")?,
         ],
     });
     let mut args = bf16;

@@ -93,18 +93,25 @@ impl Memory {
             .collect();
         match step.kernel {
             LibraryKernel::Convert(p) => {
-                let StepArg::I64(n) = named["n"] else {
-                    panic!("n is not an i64")
+                let int = |name: &str| match named[name] {
+                    StepArg::I64(n) => n as usize,
+                    other => panic!("{name} = {other:?} is not an i64"),
                 };
-                for i in 0..n as usize {
+                if p.kind == ConvertKind::F32RowsToBf16 {
+                    let (rows, width, stride) = (int("rows"), int("width"), int("row_stride"));
+                    for (r, c) in (0..rows).flat_map(|r| (0..width).map(move |c| (r, c))) {
+                        let value = self.f32(named["x"], r * stride + c);
+                        self.set_bf16(named["y"], r * width + c, value);
+                    }
+                    return;
+                }
+                for i in 0..int("n") {
                     match p.kind {
-                        ConvertKind::F32ToBf16 => {
-                            self.set_bf16(named["y"], i, self.f32(named["x"], i))
-                        }
                         ConvertKind::Bf16ToF32 => {
                             self.set_f32(named["y"], i, self.bf16(named["x"], i) as f32)
                         }
                         ConvertKind::ZeroF32 => self.set_f32(named["y"], i, 0.0),
+                        ConvertKind::F32RowsToBf16 => unreachable!("converted above"),
                     }
                 }
             }

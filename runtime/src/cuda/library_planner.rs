@@ -209,15 +209,17 @@ impl Planner<'_> {
         match call {
             Library::CausalAttention {
                 operands,
+                shape,
                 out,
                 lse,
                 config,
             } => {
-                let planned = forward_steps(self.program, operands, (*out, *lse), config)?;
+                let planned = forward_steps((shape, operands), (*out, *lse), config)?;
                 return Ok(PlannedCall::of(planned, None));
             }
             Library::CausalAttentionGrad {
                 operands,
+                shape,
                 out,
                 lse,
                 d_out,
@@ -225,7 +227,7 @@ impl Planner<'_> {
                 config,
             } => {
                 let read = [*out, *lse, *d_out];
-                let planned = gradient_steps(self.program, operands, read, grads, config)?;
+                let planned = gradient_steps((shape, operands), read, grads, config)?;
                 return Ok(PlannedCall::of(planned, None));
             }
             _ => {}

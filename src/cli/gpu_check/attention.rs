@@ -125,7 +125,8 @@ pub fn check_attention(device: &GpuDevice, cache: &KernelCache) -> anyhow::Resul
 
 /// Check 3d: attention as a program runs it — the two library calls the CUDA backend makes of
 /// an attention with bf16 products and its gradients (`cuda::lower_options`), through the
-/// executor (conversions to bf16, the templates, the zeroing of what the backward
+/// executor (conversions to bf16, `k_nope` and `v` read where they lie in one `kv` input as
+/// MLA's projection lays them out, the templates, the zeroing of what the backward
 /// accumulates), against the interpreter's attention of the same f32 inputs; the bound is
 /// [`ROUNDED_P`]'s (the same bf16 operands; the template also stores the output in bf16).
 pub fn check_attention_calls(
