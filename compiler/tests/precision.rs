@@ -459,19 +459,30 @@ fn expert_weight_gradients_round_along_each_experts_rows() {
 /// A target that runs attention as calls (`LowerOptions::attention_calls`, the CUDA plan's)
 /// gets, under a BF16 policy, one forward call per attention that also writes the statistic
 /// its gradient reads, and one call for its four gradients, in place of the matmuls and
-/// softmaxes; the products of every other attention op it does not take (an FP32 policy's,
-/// or head widths its kernels refuse) are expanded as the CPU's are.
+/// softmaxes, its heads padded to the widths its kernels take (the tiny model's 4 + 2 and 4 to
+/// 16 + 16 and 64); the products of every other attention op it does not take (an FP32
+/// policy's, or padded head widths past its kernels' limits) are expanded as the CPU's are.
 #[test]
 fn attention_calls_replace_the_expanded_primitives() {
     use fathom_compiler::compile::{CompileOptions, compile};
     use fathom_compiler::kernel::{KernelBody, Library};
     use fathom_compiler::lower::AttentionCalls;
-    let calls = |width_multiple| LowerOptions {
-        attention_calls: Some(AttentionCalls {
-            products_in: DType::BF16,
-            width_multiple,
-            v_multiple: 1,
-        }),
+    let limits = |max_qk| AttentionCalls {
+        products_in: DType::BF16,
+        width_multiple: 16,
+        v_multiple: 64,
+        max_qk,
+        max_v: 64,
+    };
+    assert_eq!(limits(32).padded_widths([4, 2, 4]), Some([16, 16, 64]));
+    assert_eq!(limits(192).padded_widths([128, 64, 128]), None);
+    assert_eq!(
+        limits(192).padded_widths([128, 64, 64]),
+        Some([128, 64, 64])
+    );
+    assert_eq!(limits(192).padded_widths([129, 64, 1]), None);
+    let calls = |max_qk| LowerOptions {
+        attention_calls: Some(limits(max_qk)),
         ..LowerOptions::default()
     };
     let bf16 = apply_precision(
@@ -505,13 +516,13 @@ fn attention_calls_replace_the_expanded_primitives() {
         (forwards, gradients, softmaxes, lines)
     };
     // Three attention layers (two decoder layers and the MTP module's).
-    let (forwards, gradients, softmaxes, lines) = count(&bf16, calls(2));
+    let (forwards, gradients, softmaxes, lines) = count(&bf16, calls(32));
     assert_eq!((forwards, gradients, softmaxes), (3, 3, 0), "{lines}");
     insta::assert_snapshot!("attention_calls", lines);
-    // Head widths the target refuses (the tiny model's rope key is 2 wide), or f32 products:
-    // the primitives, as on the CPU.
-    let (forwards, gradients, ..) = count(&bf16, calls(4));
+    // Padded widths past the target's limits (16 + 16 against 16), or f32 products: the
+    // primitives, as on the CPU.
+    let (forwards, gradients, ..) = count(&bf16, calls(16));
     assert_eq!((forwards, gradients), (0, 0));
-    let (forwards, gradients, ..) = count(&train_graph(), calls(2));
+    let (forwards, gradients, ..) = count(&train_graph(), calls(32));
     assert_eq!((forwards, gradients), (0, 0));
 }

@@ -1,39 +1,44 @@
-// Element conversions around the bf16 attention templates: f32 rows -> dense bf16 (round to
-// nearest even, the rounding of the CPU's and the interpreter's casts; the rows may lie a
-// stride apart, as a slice of a wider last axis does, so no f32 copy precedes the conversion),
-// and over n contiguous elements in grid-stride loops bf16 -> f32 (exact) and a zero fill of
-// f32 (the attention backward accumulates dq and dk_rope). Needs common.cuh.
+// Element conversions around the bf16 attention templates, over rows: row r of x is the width
+// elements from x + r * x_stride, row r of y the padded_width elements from y + r * y_stride,
+// its first width converted from x's row and the rest zero. The rows may lie a stride apart
+// (a slice of a wider last axis is read where it lies, with no copy first), and the zeros pad
+// a head to the widths the templates take: f32 -> bf16 (round to nearest even, the rounding of
+// the CPU's and the interpreter's casts), bf16 -> f32 (exact), f32 -> f32 (the padded
+// gradients back to the program's widths). Also a zero fill of n contiguous f32 (the attention
+// backward accumulates dq and dk_rope). Needs common.cuh.
 #pragma once
 
 namespace fathom {
 
-__device__ __forceinline__ long long grid_first() {
-  return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
+__device__ __forceinline__ float convert_to_f32(float x) { return x; }
+__device__ __forceinline__ float convert_to_f32(bf16 x) { return __bfloat162float(x); }
 
-__device__ __forceinline__ long long grid_stride() {
-  return static_cast<long long>(gridDim.x) * blockDim.x;
-}
+template <typename To>
+__device__ __forceinline__ To convert_from_f32(float x);
+template <>
+__device__ __forceinline__ float convert_from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ bf16 convert_from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
 
-// Row r of x is the width floats from x + r * row_stride; y is rows x width, dense. One warp
-// per row (grid-stride over rows), its lanes along the row: coalesced, and no division.
-__device__ __forceinline__ void convert_f32_bf16_rows(const float* __restrict__ x, bf16* __restrict__ y,
-                                                      long long rows, long long width, long long row_stride) {
+// One warp per row (grid-stride over rows), its lanes along the row: coalesced, and no
+// division.
+template <typename From, typename To>
+__device__ __forceinline__ void convert_rows(const From* __restrict__ x, To* __restrict__ y, long long rows,
+                                             long long width, long long padded_width, long long x_stride,
+                                             long long y_stride) {
   const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
   const int lane = threadIdx.x % 32;
   for (long long r = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
-    const float* from = x + r * row_stride;
-    bf16* to = y + r * width;
-    for (long long c = lane; c < width; c += 32) to[c] = __float2bfloat16_rn(from[c]);
+    const From* from = x + r * x_stride;
+    To* to = y + r * y_stride;
+    for (long long c = lane; c < padded_width; c += 32)
+      to[c] = convert_from_f32<To>(c < width ? convert_to_f32(from[c]) : 0.0f);
   }
 }
 
-__device__ __forceinline__ void convert_bf16_f32(const bf16* __restrict__ x, float* __restrict__ y, long long n) {
-  for (long long i = grid_first(); i < n; i += grid_stride()) y[i] = __bfloat162float(x[i]);
-}
-
 __device__ __forceinline__ void fill_zero_f32(float* __restrict__ y, long long n) {
-  for (long long i = grid_first(); i < n; i += grid_stride()) y[i] = 0.0f;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) y[i] = 0.0f;
 }
 
 }  // namespace fathom

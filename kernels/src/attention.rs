@@ -25,6 +25,11 @@ const DELTA_WARPS: u32 = 8;
 pub const HEAD_WIDTH_MULTIPLE: u32 = 16;
 /// The value width is a multiple of this for the backward (the `delta` kernel's lanes).
 pub const BACKWARD_V_MULTIPLE: u32 = 64;
+/// The most query/key channels (`nope + rope`) and value channels the templates hold in
+/// registers without spilling: DeepSeek-V3's 128 + 64 and 128, their design point. The
+/// backward at 128 + 64 and 192 spills (NVRTC 12.9: 44 bytes stored, 48 loaded on sm_90a).
+pub const MAX_QK_WIDTH: u32 = 192;
+pub const MAX_V_WIDTH: u32 = 128;
 
 /// Per-head widths of MLA's attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

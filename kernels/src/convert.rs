@@ -1,7 +1,9 @@
 //! `convert` (`cuda/convert.cuh`): the element conversions a plan runs around the bf16
-//! attention templates — f32 rows, a stride apart, to dense bf16 (round to nearest even, as
-//! the CPU's casts round), and over `n` contiguous elements in grid-stride loops bf16 to f32
-//! (exact) and a zero fill of f32. `sm_80` or newer.
+//! attention templates, over rows — `rows × width` elements read `x_stride` apart (a slice of
+//! a wider last axis is read where it lies) and written `y_stride` apart, each row padded with
+//! zeros to `padded_width` (the head widths the templates take): f32 to bf16 (round to nearest
+//! even, as the CPU's casts round), bf16 to f32 (exact), f32 to f32 — and a zero fill of `n`
+//! contiguous f32. `sm_80` or newer.
 
 use crate::kernel::{
     ArchRequirement, COMMON, Elem, EntryPoint, KernelError, KernelParam, KernelSource, ParamType,
@@ -20,14 +22,18 @@ const MAX_BLOCKS: u64 = 1 << 16;
 /// Which conversion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ConvertKind {
-    /// `y[r][c] = bf16(x[r · row_stride + c])` for `rows × width` elements: `x` f32 (rows a
-    /// stride apart: a slice of a wider last axis is read where it lies), `y` bf16, dense.
-    F32RowsToBf16,
-    /// `y = f32(x)`: `x` bf16, `y` f32.
+    /// Rows of f32 to rows of bf16.
+    F32ToBf16,
+    /// Rows of bf16 to rows of f32.
     Bf16ToF32,
-    /// `y = 0`: `y` f32.
+    /// Rows of f32 to rows of f32.
+    F32ToF32,
+    /// `y[i] = 0` for `n` f32.
     ZeroF32,
 }
+
+/// The arguments of a conversion over rows, after `x` and `y`, in the kernel's order.
+pub const ROW_EXTENTS: [&str; 5] = ["rows", "width", "padded_width", "x_stride", "y_stride"];
 
 /// Template parameters of `convert.cuh`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,16 +46,22 @@ impl ConvertParams {
         ConvertParams { kind }
     }
 
-    /// `convert_f32_bf16_rows`, `convert_bf16_f32`, `fill_zero_f32`.
+    /// `convert_rows_f32_bf16`, `convert_rows_bf16_f32`, `convert_rows_f32_f32`,
+    /// `fill_zero_f32`.
     pub fn name(&self) -> String {
-        self.function().to_owned()
+        match self.elements() {
+            Some((from, to)) => format!("convert_rows_{}_{}", from.tag(), to.tag()),
+            None => "fill_zero_f32".to_owned(),
+        }
     }
 
-    fn function(&self) -> &'static str {
+    /// `(from, to)` of a conversion over rows.
+    fn elements(&self) -> Option<(Elem, Elem)> {
         match self.kind {
-            ConvertKind::F32RowsToBf16 => "convert_f32_bf16_rows",
-            ConvertKind::Bf16ToF32 => "convert_bf16_f32",
-            ConvertKind::ZeroF32 => "fill_zero_f32",
+            ConvertKind::F32ToBf16 => Some((Elem::F32, Elem::Bf16)),
+            ConvertKind::Bf16ToF32 => Some((Elem::Bf16, Elem::F32)),
+            ConvertKind::F32ToF32 => Some((Elem::F32, Elem::F32)),
+            ConvertKind::ZeroF32 => None,
         }
     }
 
@@ -57,35 +69,30 @@ impl ConvertParams {
         THREADS
     }
 
-    /// Grid for `n` elements, or for `F32RowsToBf16` `n` rows, a warp each (at least one
-    /// block).
+    /// Grid for `n` rows, a warp each, or for the fill `n` elements (at least one block).
     pub fn grid(&self, n: u64) -> [u32; 3] {
         let per_block = match self.kind {
-            ConvertKind::F32RowsToBf16 => THREADS / 32,
-            ConvertKind::Bf16ToF32 | ConvertKind::ZeroF32 => THREADS,
+            ConvertKind::ZeroF32 => THREADS,
+            _ => THREADS / 32,
         };
         let blocks = n.div_ceil(u64::from(per_block)).clamp(1, MAX_BLOCKS);
         [blocks as u32, 1, 1]
     }
 
-    /// `x`, `y`, `n` (`y`, `n` for the fill; `x`, `y`, `rows`, `width`, `row_stride` for rows).
+    /// `x`, `y` and [`ROW_EXTENTS`] (`y`, `n` for the fill).
     pub fn kernel_params(&self) -> Vec<KernelParam> {
-        let (from, to) = match self.kind {
-            ConvertKind::F32RowsToBf16 => (Some(Elem::F32), Elem::Bf16),
-            ConvertKind::Bf16ToF32 => (Some(Elem::Bf16), Elem::F32),
-            ConvertKind::ZeroF32 => (None, Elem::F32),
+        let Some((from, to)) = self.elements() else {
+            return vec![
+                KernelParam::new("y", ParamType::MutPtr(Elem::F32)),
+                KernelParam::new("n", ParamType::I64),
+            ];
         };
-        let mut params: Vec<KernelParam> = from
-            .map(|elem| KernelParam::new("x", ParamType::ConstPtr(elem)))
-            .into_iter()
-            .collect();
-        params.push(KernelParam::new("y", ParamType::MutPtr(to)));
-        let extents: &[&'static str] = match self.kind {
-            ConvertKind::F32RowsToBf16 => &["rows", "width", "row_stride"],
-            ConvertKind::Bf16ToF32 | ConvertKind::ZeroF32 => &["n"],
-        };
+        let mut params = vec![
+            KernelParam::new("x", ParamType::ConstPtr(from)),
+            KernelParam::new("y", ParamType::MutPtr(to)),
+        ];
         params.extend(
-            extents
+            ROW_EXTENTS
                 .iter()
                 .map(|&name| KernelParam::new(name, ParamType::I64)),
         );
@@ -95,25 +102,34 @@ impl ConvertParams {
     pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
         let name = self.name();
         let params = self.kernel_params();
-        let args = match self.kind {
-            ConvertKind::F32RowsToBf16 => "x, y, rows, width, row_stride",
-            ConvertKind::Bf16ToF32 => "x, y, n",
-            ConvertKind::ZeroF32 => "y, n",
+        let (description, body) = match self.elements() {
+            Some((from, to)) => (
+                format!(
+                    "{} rows to {} rows (x_stride and y_stride apart, zero-padded to \
+                     padded_width){}: {THREADS} threads per block, a warp per row, grid-stride \
+                     over rows.",
+                    from.tag(),
+                    to.tag(),
+                    if to == Elem::Bf16 {
+                        ", round to nearest even"
+                    } else {
+                        ""
+                    }
+                ),
+                format!(
+                    "fathom::convert_rows<{}, {}>(x, y, {});",
+                    from.c_type(),
+                    to.c_type(),
+                    ROW_EXTENTS.join(", ")
+                ),
+            ),
+            None => (
+                format!("zero fill of f32: {THREADS} threads per block, grid-stride over n."),
+                "fathom::fill_zero_f32(y, n);".to_owned(),
+            ),
         };
-        let description = vec![match self.kind {
-            ConvertKind::F32RowsToBf16 => format!(
-                "f32 rows (row_stride apart) to dense bf16, round to nearest even: {THREADS} \
-                 threads per block, a warp per row, grid-stride over rows."
-            ),
-            ConvertKind::Bf16ToF32 => format!(
-                "bf16 to f32, exact: {THREADS} threads per block, grid-stride over n elements."
-            ),
-            ConvertKind::ZeroF32 => format!(
-                "zero fill of f32: {THREADS} threads per block, grid-stride over n elements."
-            ),
-        }];
         Ok(assemble(
-            &description,
+            &[description],
             &[COMMON, CONVERT],
             |_| {},
             EntryPoint {
@@ -121,7 +137,7 @@ impl ConvertParams {
                 block_threads: THREADS,
                 cluster_x: 1,
                 params: &params,
-                body: vec![format!("fathom::{}({args});", self.function())],
+                body: vec![body],
             },
             ArchRequirement::Sm80OrNewer,
             0,
@@ -135,28 +151,30 @@ mod tests {
 
     #[test]
     fn names_params_and_grids() {
-        let to_bf16 = ConvertParams::new(ConvertKind::F32RowsToBf16);
-        assert_eq!(to_bf16.name(), "convert_f32_bf16_rows");
+        let to_bf16 = ConvertParams::new(ConvertKind::F32ToBf16);
+        assert_eq!(to_bf16.name(), "convert_rows_f32_bf16");
         assert_eq!(to_bf16.grid(0), [1, 1, 1]);
         // A warp per row: 8 rows per block of 256 threads.
         assert_eq!(to_bf16.grid(9), [2, 1, 1]);
         assert_eq!(to_bf16.grid(1 << 40), [1 << 16, 1, 1]);
         let source = to_bf16.instantiate().unwrap();
-        assert!(
-            source
-                .source
-                .contains("fathom::convert_f32_bf16_rows(x, y, rows, width, row_stride);")
+        assert!(source.source.contains(
+            "fathom::convert_rows<float, bf16>(x, y, rows, width, padded_width, \
+             x_stride, y_stride);"
+        ));
+        assert_eq!(to_bf16.kernel_params().len(), 7);
+        assert_eq!(
+            ConvertParams::new(ConvertKind::F32ToF32).name(),
+            "convert_rows_f32_f32"
         );
-        assert_eq!(to_bf16.kernel_params().len(), 5);
-        let to_f32 = ConvertParams::new(ConvertKind::Bf16ToF32);
-        assert_eq!(to_f32.grid(257), [2, 1, 1]);
         let zero = ConvertParams::new(ConvertKind::ZeroF32);
+        assert_eq!(zero.grid(257), [2, 1, 1]);
         assert_eq!(zero.kernel_params().len(), 2);
         assert!(
             zero.instantiate()
                 .unwrap()
                 .source
-                .contains("fill_zero_f32(y, n)")
+                .contains("fathom::fill_zero_f32(y, n);")
         );
     }
 }

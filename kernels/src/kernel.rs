@@ -43,7 +43,17 @@ pub enum Elem {
 }
 
 impl Elem {
-    fn c_type(self) -> &'static str {
+    /// The short name in kernel names: `e4m3`, `bf16`, `f32`, `i32`.
+    pub(crate) fn tag(self) -> &'static str {
+        match self {
+            Elem::E4m3 => "e4m3",
+            Elem::Bf16 => "bf16",
+            Elem::F32 => "f32",
+            Elem::I32 => "i32",
+        }
+    }
+
+    pub(crate) fn c_type(self) -> &'static str {
         match self {
             Elem::E4m3 => "u8",
             Elem::Bf16 => "bf16",

@@ -535,14 +535,15 @@ fn f32_library_kernels_compile_for_sm80_and_sm90a_without_spills() {
         ));
     }
     for kind in [
-        ConvertKind::F32RowsToBf16,
+        ConvertKind::F32ToBf16,
         ConvertKind::Bf16ToF32,
+        ConvertKind::F32ToF32,
         ConvertKind::ZeroF32,
     ] {
         let convert = ConvertParams::new(kind).instantiate().expect("convert");
         kernels.push((convert, None));
     }
-    assert_eq!(kernels.len(), 17);
+    assert_eq!(kernels.len(), 18);
     let jobs = kernels
         .into_iter()
         .flat_map(|(kernel, sass)| ["sm_80", "sm_90a"].map(|arch| (kernel.clone(), arch, sass)))

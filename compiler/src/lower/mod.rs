@@ -100,17 +100,34 @@ pub struct LowerOptions {
 }
 
 /// Which causal attention ops a target runs as calls: those whose products read `products_in`
-/// operands and whose head widths its kernels take.
+/// operands and whose head widths, padded with zeros to the multiples its kernels take, are
+/// within their limits. Zero channels add nothing to a product, so padded heads give the same
+/// attention; the target pads and unpads around its kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionCalls {
     pub products_in: DType,
-    /// Every head width (`nope`, `rope`, `v`) is a multiple of this.
+    /// `nope` and `rope` are padded to multiples of this.
     pub width_multiple: usize,
-    /// The value width is also a multiple of this.
+    /// `v` is padded to a multiple of this.
     pub v_multiple: usize,
+    /// The most query/key channels (`nope + rope`, padded) the kernels take.
+    pub max_qk: usize,
+    /// The most value channels (padded) the kernels take.
+    pub max_v: usize,
 }
 
 impl AttentionCalls {
+    /// `[nope, rope, v]` padded to the multiples, or `None` past the limits.
+    pub fn padded_widths(&self, [nope, rope, v]: [usize; 3]) -> Option<[usize; 3]> {
+        let up = |w: usize, multiple: usize| w.div_ceil(multiple.max(1)) * multiple.max(1);
+        let padded = [
+            up(nope, self.width_multiple),
+            up(rope, self.width_multiple),
+            up(v, self.v_multiple),
+        ];
+        (padded[0] + padded[1] <= self.max_qk && padded[2] <= self.max_v).then_some(padded)
+    }
+
     /// Whether `node` is an attention op this target runs as a call.
     pub fn takes(&self, graph: &Graph, node: &Node) -> bool {
         let Some(config) = node.op.attention_config() else {
@@ -123,12 +140,8 @@ impl AttentionCalls {
                 .last()
                 .expect("rank checked")
         };
-        let (nope, rope, v) = (width(1), width(2), width(3));
         config.products_in == Some(self.products_in)
-            && [nope, rope, v]
-                .iter()
-                .all(|w| w % self.width_multiple.max(1) == 0)
-            && v % self.v_multiple.max(1) == 0
+            && self.padded_widths([width(1), width(2), width(3)]).is_some()
     }
 
     /// Whether `options` keep `node` whole.

@@ -20,18 +20,22 @@ use crate::tensor::HostTensor;
 const BATCH: usize = 2;
 const TOKENS: usize = 5;
 const HEADS: usize = 2;
-const NOPE: usize = 16;
-const ROPE: usize = 16;
-const DV: usize = 64;
 const SCALE: f64 = 0.3;
 
-fn attention_graph() -> Graph {
-    let dims = MlaHeadDims {
-        nope: NOPE as u32,
-        rope: ROPE as u32,
-        v: DV as u32,
-    };
+/// Head widths the templates take as they are.
+const TEMPLATE_WIDTHS: MlaHeadDims = MlaHeadDims {
+    nope: 16,
+    rope: 16,
+    v: 64,
+};
+
+fn attention_graph(dims: MlaHeadDims) -> Graph {
     attention_call_graph(dims, (BATCH, TOKENS, HEADS), SCALE).unwrap()
+}
+
+/// The templates' head widths, as `usize`.
+fn widths(dims: MlaHeadDims) -> (usize, usize, usize) {
+    (dims.nope as usize, dims.rope as usize, dims.v as usize)
 }
 
 /// The host memory the steps touch: the program's buffers and the byte scratch.
@@ -97,43 +101,59 @@ impl Memory {
                     StepArg::I64(n) => n as usize,
                     other => panic!("{name} = {other:?} is not an i64"),
                 };
-                if p.kind == ConvertKind::F32RowsToBf16 {
-                    let (rows, width, stride) = (int("rows"), int("width"), int("row_stride"));
-                    for (r, c) in (0..rows).flat_map(|r| (0..width).map(move |c| (r, c))) {
-                        let value = self.f32(named["x"], r * stride + c);
-                        self.set_bf16(named["y"], r * width + c, value);
+                if p.kind == ConvertKind::ZeroF32 {
+                    for i in 0..int("n") {
+                        self.set_f32(named["y"], i, 0.0);
                     }
                     return;
                 }
-                for i in 0..int("n") {
+                let (rows, width, padded) = (int("rows"), int("width"), int("padded_width"));
+                let (x_stride, y_stride) = (int("x_stride"), int("y_stride"));
+                for (r, c) in (0..rows).flat_map(|r| (0..padded).map(move |c| (r, c))) {
+                    let (from, to) = (r * x_stride + c, r * y_stride + c);
                     match p.kind {
-                        ConvertKind::Bf16ToF32 => {
-                            self.set_f32(named["y"], i, self.bf16(named["x"], i) as f32)
+                        ConvertKind::F32ToBf16 => {
+                            let value = if c < width {
+                                self.f32(named["x"], from)
+                            } else {
+                                0.0
+                            };
+                            self.set_bf16(named["y"], to, value);
                         }
-                        ConvertKind::ZeroF32 => self.set_f32(named["y"], i, 0.0),
-                        ConvertKind::F32RowsToBf16 => unreachable!("converted above"),
+                        ConvertKind::Bf16ToF32 => {
+                            self.set_f32(named["y"], to, self.bf16(named["x"], from) as f32)
+                        }
+                        ConvertKind::F32ToF32 => {
+                            self.set_f32(named["y"], to, self.f32(named["x"], from))
+                        }
+                        ConvertKind::ZeroF32 => unreachable!("filled above"),
                     }
                 }
             }
-            LibraryKernel::AttentionForward(_) => self.forward(&named),
-            LibraryKernel::AttentionDelta(_) => self.delta(&named),
-            LibraryKernel::AttentionBackward(_) => self.backward(&named),
+            LibraryKernel::AttentionForward(p) => self.forward(&named, widths(p.head_dims)),
+            LibraryKernel::AttentionDelta(p) => self.delta(&named, widths(p.head_dims)),
+            LibraryKernel::AttentionBackward(p) => self.backward(&named, widths(p.head_dims)),
             other => panic!("{} is not a kernel of the attention plans", other.name()),
         }
     }
 
     /// Scores of query `t` against keys `0..=t` of head `h`, scaled.
-    fn scores(&self, named: &HashMap<&str, StepArg>, (b, h, t): (usize, usize, usize)) -> Vec<f64> {
-        let qk = NOPE + ROPE;
+    fn scores(
+        &self,
+        named: &HashMap<&str, StepArg>,
+        (nope, rope, _): (usize, usize, usize),
+        (b, h, t): (usize, usize, usize),
+    ) -> Vec<f64> {
+        let qk = nope + rope;
         (0..=t)
             .map(|j| {
                 let dot: f64 = (0..qk)
                     .map(|c| {
                         let q = self.bf16(named["q"], head_at(b, t, h, qk) + c);
-                        let k = if c < NOPE {
-                            self.bf16(named["k_nope"], head_at(b, j, h, NOPE) + c)
+                        let k = if c < nope {
+                            self.bf16(named["k_nope"], head_at(b, j, h, nope) + c)
                         } else {
-                            self.bf16(named["k_rope"], (b * TOKENS + j) * ROPE + c - NOPE)
+                            self.bf16(named["k_rope"], (b * TOKENS + j) * rope + c - nope)
                         };
                         q * k
                     })
@@ -144,30 +164,31 @@ impl Memory {
     }
 
     /// `mla_attention_fwd`: o (bf16) and lse per query.
-    fn forward(&mut self, named: &HashMap<&str, StepArg>) {
+    fn forward(&mut self, named: &HashMap<&str, StepArg>, dims: (usize, usize, usize)) {
         check_shape(named);
+        let (_, _, dv) = dims;
         for (b, h, t) in queries() {
-            let s = self.scores(named, (b, h, t));
+            let s = self.scores(named, dims, (b, h, t));
             let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = s.iter().map(|x| (x - max).exp()).sum();
-            for c in 0..DV {
+            for c in 0..dv {
                 let o: f64 = (0..=t)
                     .map(|j| {
-                        (s[j] - max).exp() / sum * self.bf16(named["v"], head_at(b, j, h, DV) + c)
+                        (s[j] - max).exp() / sum * self.bf16(named["v"], head_at(b, j, h, dv) + c)
                     })
                     .sum();
-                self.set_bf16(named["o"], head_at(b, t, h, DV) + c, o as f32);
+                self.set_bf16(named["o"], head_at(b, t, h, dv) + c, o as f32);
             }
             self.set_f32(named["lse"], stat_at(b, h, t), (max + sum.ln()) as f32);
         }
     }
 
     /// `mla_attention_bwd_delta`: Σ dO · O per query.
-    fn delta(&mut self, named: &HashMap<&str, StepArg>) {
+    fn delta(&mut self, named: &HashMap<&str, StepArg>, (_, _, dv): (usize, usize, usize)) {
         for (b, h, t) in queries() {
-            let sum: f64 = (0..DV)
+            let sum: f64 = (0..dv)
                 .map(|c| {
-                    let at = head_at(b, t, h, DV) + c;
+                    let at = head_at(b, t, h, dv) + c;
                     self.bf16(named["o"], at) * self.bf16(named["d_o"], at)
                 })
                 .sum();
@@ -177,30 +198,31 @@ impl Memory {
 
     /// `mla_attention_bwd`: P from lse, dS = P (dP − delta); dq and dk_rope accumulated onto
     /// what is there, dk_nope and dv written.
-    fn backward(&mut self, named: &HashMap<&str, StepArg>) {
+    fn backward(&mut self, named: &HashMap<&str, StepArg>, dims: (usize, usize, usize)) {
         check_shape(named);
-        let qk = NOPE + ROPE;
+        let (nope, rope, dv) = dims;
+        let qk = nope + rope;
         let mut dk = vec![0f64; BATCH * TOKENS * HEADS * qk];
-        let mut dv = vec![0f64; BATCH * TOKENS * HEADS * DV];
+        let mut grad_v = vec![0f64; BATCH * TOKENS * HEADS * dv];
         for (b, h, t) in queries() {
-            let s = self.scores(named, (b, h, t));
+            let s = self.scores(named, dims, (b, h, t));
             let lse = f64::from(self.f32(named["lse"], stat_at(b, h, t)));
             let delta = f64::from(self.f32(named["delta"], stat_at(b, h, t)));
             for (j, s) in s.iter().enumerate() {
                 let p = (s - lse).exp();
-                let d_o = |c| self.bf16(named["d_o"], head_at(b, t, h, DV) + c);
-                let dp: f64 = (0..DV)
-                    .map(|c| d_o(c) * self.bf16(named["v"], head_at(b, j, h, DV) + c))
+                let d_o = |c| self.bf16(named["d_o"], head_at(b, t, h, dv) + c);
+                let dp: f64 = (0..dv)
+                    .map(|c| d_o(c) * self.bf16(named["v"], head_at(b, j, h, dv) + c))
                     .sum();
                 let ds = p * (dp - delta) * SCALE;
-                for c in 0..DV {
-                    dv[head_at(b, j, h, DV) + c] += p * d_o(c);
+                for c in 0..dv {
+                    grad_v[head_at(b, j, h, dv) + c] += p * d_o(c);
                 }
                 for c in 0..qk {
-                    let key = if c < NOPE {
-                        self.bf16(named["k_nope"], head_at(b, j, h, NOPE) + c)
+                    let key = if c < nope {
+                        self.bf16(named["k_nope"], head_at(b, j, h, nope) + c)
                     } else {
-                        self.bf16(named["k_rope"], (b * TOKENS + j) * ROPE + c - NOPE)
+                        self.bf16(named["k_rope"], (b * TOKENS + j) * rope + c - nope)
                     };
                     let at = head_at(b, t, h, qk) + c;
                     let dq = self.f32(named["dq"], at) + (ds * key) as f32;
@@ -214,17 +236,17 @@ impl Memory {
         {
             for c in 0..qk {
                 let grad = dk[head_at(b, j, h, qk) + c];
-                if c < NOPE {
-                    self.set_f32(named["dk_nope"], head_at(b, j, h, NOPE) + c, grad as f32);
+                if c < nope {
+                    self.set_f32(named["dk_nope"], head_at(b, j, h, nope) + c, grad as f32);
                 } else {
-                    let at = (b * TOKENS + j) * ROPE + c - NOPE;
+                    let at = (b * TOKENS + j) * rope + c - nope;
                     let sum = self.f32(named["dk_rope"], at) + grad as f32;
                     self.set_f32(named["dk_rope"], at, sum);
                 }
             }
-            for c in 0..DV {
-                let at = head_at(b, j, h, DV) + c;
-                self.set_f32(named["dv"], at, dv[at] as f32);
+            for c in 0..dv {
+                let at = head_at(b, j, h, dv) + c;
+                self.set_f32(named["dv"], at, grad_v[at] as f32);
             }
         }
     }
@@ -264,7 +286,26 @@ fn cuda_program(graph: &Graph) -> Program {
 /// to the neighbouring bf16); a wiring mistake is off by the values themselves.
 #[test]
 fn the_attention_plans_compute_the_interpreters_attention() {
-    let graph = attention_graph();
+    let plan = emulate_against_the_interpreter(TEMPLATE_WIDTHS);
+    insta::assert_snapshot!("attention_plan", plan.table());
+}
+
+/// Heads the templates do not take as they are run padded with zero channels: the tiny
+/// model's 4 + 2 and 4 (every width padded, q in two halves), a padded rope key only (q's
+/// channels in one run), a padded nope and value.
+#[test]
+fn padded_heads_give_the_interpreters_attention() {
+    let dims = |nope, rope, v| MlaHeadDims { nope, rope, v };
+    let plan = emulate_against_the_interpreter(dims(4, 2, 4));
+    insta::assert_snapshot!("attention_plan_padded", plan.table());
+    emulate_against_the_interpreter(dims(16, 8, 64));
+    emulate_against_the_interpreter(dims(8, 16, 40));
+}
+
+/// Plans attention of head widths `dims` for the GPU, runs the steps emulated, and checks
+/// every output against the interpreter's; the plan.
+fn emulate_against_the_interpreter(dims: MlaHeadDims) -> LibraryPlan {
+    let graph = attention_graph(dims);
     let program = cuda_program(&graph);
     let calls: Vec<&Library> = program
         .kernels
@@ -285,8 +326,6 @@ fn the_attention_plans_compute_the_interpreters_attention() {
         "{program}"
     );
     let plan = LibraryPlan::of(&program, None).unwrap();
-    insta::assert_snapshot!("attention_plan", plan.table());
-
     let fed = attention_call_feeds(&graph);
     let mut memory = Memory {
         buffers: program
@@ -325,8 +364,9 @@ fn the_attention_plans_compute_the_interpreters_attention() {
             .zip(want)
             .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
             / size;
-        assert!(error <= 1e-2, "{name}: {error:e} of {size}");
+        assert!(error <= 1e-2, "{dims:?} {name}: {error:e} of {size}");
     }
+    plan
 }
 
 /// The kernels the attention plans launch compile for both targets, without spills.
@@ -337,9 +377,21 @@ fn the_attention_plans_kernels_compile_for_sm90a_and_sm80() {
     }) else {
         return;
     };
-    let plan = LibraryPlan::of(&cuda_program(&attention_graph()), None).unwrap();
-    let kernels = plan.kernels();
-    assert_eq!(kernels.len(), 6, "{}", plan.table());
+    let plan = |dims| LibraryPlan::of(&cuda_program(&attention_graph(dims)), None).unwrap();
+    let mut kernels = plan(TEMPLATE_WIDTHS).kernels();
+    assert_eq!(kernels.len(), 6);
+    // Padded: the same, and the gradients' copies out of the padding.
+    let padded = plan(MlaHeadDims {
+        nope: 4,
+        rope: 2,
+        v: 4,
+    });
+    for kernel in padded.kernels() {
+        if !kernels.contains(&kernel) {
+            kernels.push(kernel);
+        }
+    }
+    assert_eq!(kernels.len(), 7, "{}", padded.table());
     for kernel in kernels {
         let source = kernel.instantiate().unwrap();
         for arch in ["sm_90a", "sm_80"] {

@@ -44,17 +44,29 @@ pub use overrides::{KernelOverrides, OVERRIDE_DIR_VAR};
 use crate::cpu::CpuError;
 
 /// The kernel forms the CUDA plan runs beyond those every backend runs: causal attention whose
-/// products read bf16 values, with head widths the flash-attention templates take, as calls
-/// (`library_attention.rs`); any other attention is expanded into matmuls and a softmax.
+/// products read bf16 values, with head widths the flash-attention templates take once padded
+/// ([`attention_calls`]), as calls (`library_attention.rs`); any other attention is expanded
+/// into matmuls and a softmax.
 pub fn lower_options() -> fathom_compiler::lower::LowerOptions {
-    use fathom_kernels::attention::{BACKWARD_V_MULTIPLE, HEAD_WIDTH_MULTIPLE};
     fathom_compiler::lower::LowerOptions {
-        attention_calls: Some(fathom_compiler::lower::AttentionCalls {
-            products_in: fathom_compiler::DType::BF16,
-            width_multiple: HEAD_WIDTH_MULTIPLE as usize,
-            v_multiple: BACKWARD_V_MULTIPLE as usize,
-        }),
+        attention_calls: Some(attention_calls()),
         ..fathom_compiler::lower::LowerOptions::default()
+    }
+}
+
+/// The attention the flash-attention templates run: bf16 products, heads padded with zeros to
+/// the widths they take (`nope` and `rope` to multiples of 16, `v` to 64) within the widths
+/// they hold without spilling.
+pub fn attention_calls() -> fathom_compiler::lower::AttentionCalls {
+    use fathom_kernels::attention::{
+        BACKWARD_V_MULTIPLE, HEAD_WIDTH_MULTIPLE, MAX_QK_WIDTH, MAX_V_WIDTH,
+    };
+    fathom_compiler::lower::AttentionCalls {
+        products_in: fathom_compiler::DType::BF16,
+        width_multiple: HEAD_WIDTH_MULTIPLE as usize,
+        v_multiple: BACKWARD_V_MULTIPLE as usize,
+        max_qk: MAX_QK_WIDTH as usize,
+        max_v: MAX_V_WIDTH as usize,
     }
 }
 

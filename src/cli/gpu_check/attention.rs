@@ -127,8 +127,9 @@ pub fn check_attention(device: &GpuDevice, cache: &KernelCache) -> anyhow::Resul
 /// an attention with bf16 products and its gradients (`cuda::lower_options`), through the
 /// executor (conversions to bf16, `k_nope` and `v` read where they lie in one `kv` input as
 /// MLA's projection lays them out, the templates, the zeroing of what the backward
-/// accumulates), against the interpreter's attention of the same f32 inputs; the bound is
-/// [`ROUNDED_P`]'s (the same bf16 operands; the template also stores the output in bf16).
+/// accumulates), for DeepSeek-V3's heads and the tiny model's (padded), against the
+/// interpreter's attention of the same f32 inputs; the bound is [`ROUNDED_P`]'s (the same
+/// bf16 operands; the template also stores the output in bf16).
 pub fn check_attention_calls(
     device: &GpuDevice,
     cache: &KernelCache,
@@ -138,36 +139,47 @@ pub fn check_attention_calls(
     use fathom_runtime::cuda::{GpuExecutor, GpuOptions};
     use fathom_runtime::interp::{Feeds, evaluate};
 
-    let dims = MlaHeadDims::DEEPSEEK_V3;
-    let sizes = (2usize, 100usize, 3usize);
-    let graph = attention_call_graph(dims, sizes, 1.0 / 192f64.sqrt())?;
-    let feeds = attention_call_feeds(&graph);
-    let options = CompileOptions {
-        lower: fathom_runtime::cuda::lower_options(),
-        ..CompileOptions::default()
+    // DeepSeek-V3's heads, as the templates take them, and the tiny model's, padded.
+    let tiny = MlaHeadDims {
+        nope: 16,
+        rope: 8,
+        v: 16,
     };
-    let program = compile(&graph, &options)?.program;
-    let executor = GpuExecutor::new(device, cache, program, GpuOptions::default())?;
-    let gpu = executor.run(&Feeds::new(&feeds, &()))?.outputs;
-    let exact: std::collections::HashMap<String, _> = evaluate(&graph, &Feeds::new(&feeds, &()))?
-        .into_iter()
-        .collect();
     let mut failures = Vec::new();
-    for (name, tensor) in &gpu {
-        let got = tensor.as_f32().unwrap_or_default();
-        let want = exact[name].as_f32().unwrap_or_default();
-        let error = error_of_max(got, want);
-        let ok = error <= ROUNDED_P;
-        println!(
-            "attention call {name:<12} B={} T={} H={} {}: max error {error:.2e} of max|interpreter| (<= {ROUNDED_P:e}) {}",
-            sizes.0,
-            sizes.1,
-            sizes.2,
-            dims_tag(dims),
-            if ok { "ok" } else { "FAIL" }
-        );
-        if !ok {
-            failures.push(format!("attention call {name}: error {error:.3e} of max"));
+    for dims in [MlaHeadDims::DEEPSEEK_V3, tiny] {
+        let sizes = (2usize, 100usize, 3usize);
+        let graph = attention_call_graph(dims, sizes, 1.0 / f64::from(dims.qk()).sqrt())?;
+        let feeds = attention_call_feeds(&graph);
+        let options = CompileOptions {
+            lower: fathom_runtime::cuda::lower_options(),
+            ..CompileOptions::default()
+        };
+        let program = compile(&graph, &options)?.program;
+        let executor = GpuExecutor::new(device, cache, program, GpuOptions::default())?;
+        let gpu = executor.run(&Feeds::new(&feeds, &()))?.outputs;
+        let exact: std::collections::HashMap<String, _> =
+            evaluate(&graph, &Feeds::new(&feeds, &()))?
+                .into_iter()
+                .collect();
+        for (name, tensor) in &gpu {
+            let got = tensor.as_f32().unwrap_or_default();
+            let want = exact[name].as_f32().unwrap_or_default();
+            let error = error_of_max(got, want);
+            let ok = error <= ROUNDED_P;
+            println!(
+                "attention call {name:<12} B={} T={} H={} {}: max error {error:.2e} of max|interpreter| (<= {ROUNDED_P:e}) {}",
+                sizes.0,
+                sizes.1,
+                sizes.2,
+                dims_tag(dims),
+                if ok { "ok" } else { "FAIL" }
+            );
+            if !ok {
+                failures.push(format!(
+                    "attention call {name} ({}): error {error:.3e} of max",
+                    dims_tag(dims)
+                ));
+            }
         }
     }
     Ok(failures)
