@@ -12,7 +12,8 @@
 #      quantizers, bit for bit,
 #   4. the FP8 GEMM's TFLOPS at DeepSeek-V3's shapes (M = 4096), every tile configuration under
 #      every schedule side by side, the fastest beside torch._scaled_mm (cuBLASLt FP8) when
-#      PyTorch with CUDA is installed,
+#      PyTorch with CUDA is installed; then the MLA attention templates' forward and backward
+#      at DeepSeek-V3's sizes beside PyTorch's scaled_dot_product_attention,
 #   5. training throughput on the GPU (`fathom bench --backend cuda`, benches/configs/small.json),
 #      f32 and FP8 with Hopper's accumulation (the FP8 GEMM plans) one after the other.
 # On a machine without a GPU it says so in one line and exits 0.
@@ -65,19 +66,24 @@ if [ -n "$nvrtc" ]; then
   export LD_LIBRARY_PATH="$work/nvrtc-names:$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 
-cublas=()
+torch_timings=()
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   if timeout 120 python3 scripts/scaled_mm_bench.py >"$work/scaled_mm.json"; then
-    cublas=(--cublas "$work/scaled_mm.json")
+    torch_timings+=(--cublas "$work/scaled_mm.json")
   else
     echo "gpu-check: scripts/scaled_mm_bench.py failed; the cuBLASLt comparison is skipped"
   fi
+  if timeout 60 python3 scripts/attention_bench.py >"$work/attention.json"; then
+    torch_timings+=(--torch-attention "$work/attention.json")
+  else
+    echo "gpu-check: scripts/attention_bench.py failed; the attention comparison is skipped"
+  fi
 else
-  echo "gpu-check: no PyTorch with CUDA here; the cuBLASLt comparison is skipped"
+  echo "gpu-check: no PyTorch with CUDA here; the cuBLASLt and attention comparisons are skipped"
 fi
 
 status=0
-timeout 330 "$bin" gpu-check "${cublas[@]}" || status=$?
+timeout 330 "$bin" gpu-check "${torch_timings[@]}" || status=$?
 [ "$status" = 124 ] && echo "gpu-check: stopped after 330 s (a kernel hung, or the checks ran long)"
 
 echo

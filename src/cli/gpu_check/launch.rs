@@ -111,3 +111,27 @@ pub fn launch_named(
     )?;
     finish_within(device, stream, HANG_LIMIT, || source.name.clone())
 }
+
+/// Milliseconds per launch, averaged over `iters` launches after three unmeasured ones (which
+/// must finish within [`HANG_LIMIT`]).
+pub fn time_launches(
+    device: &GpuDevice,
+    stream: &CudaStream,
+    launch: impl Fn() -> anyhow::Result<()>,
+    iters: u32,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<f64> {
+    for _ in 0..3 {
+        launch()?;
+    }
+    finish_within(device, stream, HANG_LIMIT, what)?;
+    let start = timing_event(&device.ctx)?;
+    let end = timing_event(&device.ctx)?;
+    start.record(stream)?;
+    for _ in 0..iters {
+        launch()?;
+    }
+    end.record(stream)?;
+    stream.synchronize()?;
+    Ok(f64::from(start.elapsed_ms(&end)?) / f64::from(iters.max(1)))
+}

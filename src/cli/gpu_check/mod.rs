@@ -31,12 +31,16 @@
 //!    training steps, so that a hang leaves them checked.
 //! 4. The FP8 GEMM's time at DeepSeek-V3 shapes (and the layouts cuBLASLt has no counterpart
 //!    for: a weight gradient, the experts' grouped GEMMs and their K-grouped weight gradients),
-//!    every tile configuration under every schedule side by side, with `torch._scaled_mm` (cuBLASLt FP8) beside the fastest when
-//!    `scripts/scaled_mm_bench.py` produced its JSON.
+//!    every tile configuration under every schedule side by side, with `torch._scaled_mm`
+//!    (cuBLASLt FP8) beside the fastest when `scripts/scaled_mm_bench.py` produced its JSON.
+//!    Then (4b) the MLA attention templates' forward and backward at DeepSeek-V3's sizes (4096
+//!    tokens, 128 heads), with PyTorch's `scaled_dot_product_attention` beside them when
+//!    `scripts/attention_bench.py` produced its JSON.
 //!
 //! Without a GPU it prints one line and succeeds: there is nothing to check.
 
 mod attention;
+mod attention_bench;
 mod fp8;
 mod launch;
 
@@ -72,7 +76,11 @@ pub struct Args {
     /// shapes), shown beside the FP8 GEMM's.
     #[arg(long)]
     cublas: Option<PathBuf>,
-    /// Timed launches per GEMM shape.
+    /// JSON written by `scripts/attention_bench.py` (PyTorch's scaled_dot_product_attention
+    /// at the same sizes), shown beside the attention templates' timings.
+    #[arg(long)]
+    torch_attention: Option<PathBuf>,
+    /// Timed launches per GEMM shape (and per attention pass).
     #[arg(long, default_value_t = 20)]
     iters: u32,
     /// Only the correctness checks.
@@ -137,6 +145,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         fp8::bench(&device, &cache, args.iters, args.cublas.as_deref())?;
     } else {
         println!("\n== 4. FP8 GEMM timings: SKIP (needs sm_90a)");
+    }
+    if !args.no_bench {
+        println!("\n== 4b. MLA attention templates' timings at DeepSeek-V3's sizes");
+        attention_bench::bench(&device, &cache, args.iters, args.torch_attention.as_deref())?;
     }
 
     let counters = cache.counters();

@@ -8,11 +8,10 @@ use fathom_kernels::{
     BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TileSchedule,
 };
 use fathom_runtime::cuda::fp8_gemm::Fp8Gemm;
-use fathom_runtime::cuda::memory::timing_event;
 use fathom_runtime::cuda::{CudaStream, GpuDevice, KernelCache};
 
 use super::{HostOperands, noise, upload_operands};
-use crate::cli::gpu_check::launch::{Buffers, HANG_LIMIT, finish_within};
+use crate::cli::gpu_check::launch::{Buffers, time_launches};
 
 /// Hopper's dense FP8 tensor-core peak (H100/H200 SXM), TFLOPS.
 const PEAK_TFLOPS: f64 = 1979.0;
@@ -40,30 +39,6 @@ struct TorchTiming {
 struct TorchTimings {
     torch: String,
     results: Vec<TorchTiming>,
-}
-
-/// Milliseconds per launch, averaged over `iters` launches after three unmeasured ones (which
-/// must finish within [`HANG_LIMIT`]).
-fn time_launches(
-    device: &GpuDevice,
-    stream: &CudaStream,
-    launch: impl Fn() -> anyhow::Result<()>,
-    iters: u32,
-    what: impl FnOnce() -> String,
-) -> anyhow::Result<f64> {
-    for _ in 0..3 {
-        launch()?;
-    }
-    finish_within(device, stream, HANG_LIMIT, what)?;
-    let start = timing_event(&device.ctx)?;
-    let end = timing_event(&device.ctx)?;
-    start.record(stream)?;
-    for _ in 0..iters {
-        launch()?;
-    }
-    end.record(stream)?;
-    stream.synchronize()?;
-    Ok(f64::from(start.elapsed_ms(&end)?) / f64::from(iters.max(1)))
 }
 
 /// The fastest configuration found for one shape.

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Times PyTorch's scaled_dot_product_attention at DeepSeek-V3's MLA sizes, for
+`fathom gpu-check --torch-attention FILE` to compare the MLA attention templates with.
+
+One sequence of 4096 tokens, 128 heads, query/key heads of 128 + 64 = 192 channels, value heads
+of 128, BF16, causal, scale 1/sqrt(192): the forward, and the backward as (forward + backward)
+minus the forward. PyTorch chooses its kernel; where none of its kernels takes a value width
+other than the query's, v is padded with zeros to 192 (more work than the templates do) and
+the variant says so. Prints JSON on stdout:
+{"torch", "device", "variant", "b", "t", "h", "qk", "v", "forward_ms", "backward_ms"}.
+"""
+
+import json
+import sys
+
+B, T, H, QK, V = 1, 4096, 128, 192, 128
+WARMUP, ITERS = 3, 10
+
+
+def timed(torch, fn) -> float:
+    """Milliseconds per call of fn, after WARMUP calls."""
+    for _ in range(WARMUP):
+        fn()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(ITERS):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / ITERS
+
+
+def main() -> int:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        print("attention_bench: PyTorch is not installed", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("attention_bench: PyTorch sees no CUDA device", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    cuda = torch.device("cuda")
+
+    def tensor(width):
+        return (torch.rand(B, H, T, width, device=cuda, dtype=torch.bfloat16) * 2 - 1).requires_grad_()
+
+    q, k = tensor(QK), tensor(QK)
+    scale = QK**-0.5
+    variant = "as given"
+    v = tensor(V)
+    try:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).sum().backward()
+    except RuntimeError as error:
+        print(f"attention_bench: v of {V} refused ({error}); padding it to {QK}", file=sys.stderr)
+        variant = f"v padded to {QK}"
+        v = tensor(QK)
+    d_o = torch.rand(B, H, T, v.shape[-1], device=cuda, dtype=torch.bfloat16)
+
+    def forward():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+    def forward_backward():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        out.backward(d_o)
+
+    forward_ms = timed(torch, forward)
+    both_ms = timed(torch, forward_backward)
+    result = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0),
+        "variant": variant,
+        "b": B,
+        "t": T,
+        "h": H,
+        "qk": QK,
+        "v": V,
+        "forward_ms": forward_ms,
+        "backward_ms": both_ms - forward_ms,
+    }
+    print(f"scaled_dot_product_attention ({variant}): forward {forward_ms:.3f} ms, "
+          f"backward {both_ms - forward_ms:.3f} ms", file=sys.stderr)
+    json.dump(result, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
