@@ -195,12 +195,21 @@ fn v3_fp8_gemms() -> Vec<(Fp8GemmParams, GemmProblem)> {
         problem,
     );
     // The tiles `fathom gpu-check` times (up to 192 columns, meeting two weight scale blocks),
-    // in each of the three layouts, grouped and K-grouped.
+    // in each of the three layouts, grouped and K-grouped; and those the runtime's tuner
+    // (`cuda::gemm_tuning`) may choose for the training plans' forms (f32 out, rows scattered).
     for (b_scaling, output, grouping, groups) in [
         (bf16.0, bf16.1, GemmGrouping::Dense, 1),
         (wgrad.0, wgrad.1, GemmGrouping::Dense, 1),
         (bf16.0, bf16.1, GemmGrouping::Contiguous, 8),
         (wgrad.0, GemmOutput::F32, GemmGrouping::KGrouped, 8),
+        (bf16.0, GemmOutput::F32, GemmGrouping::Dense, 1),
+        (wgrad.0, GemmOutput::F32, GemmGrouping::Dense, 1),
+        (
+            bf16.0,
+            GemmOutput::F32Scattered,
+            GemmGrouping::Contiguous,
+            8,
+        ),
     ] {
         for params in Fp8GemmParams::candidates(4096, 7168, b_scaling, output, grouping) {
             push(params, GemmProblem { groups, ..problem });

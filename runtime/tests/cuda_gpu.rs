@@ -66,8 +66,16 @@ fn a_loop_nest_program_matches_the_cpu_with_and_without_a_cuda_graph() {
     let want = want.get("y").unwrap().as_f32().unwrap().to_vec();
     let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     for cuda_graph in [false, true] {
-        let executor =
-            GpuExecutor::new(&device, &cache, program.clone(), GpuOptions { cuda_graph }).unwrap();
+        let executor = GpuExecutor::new(
+            &device,
+            &cache,
+            program.clone(),
+            GpuOptions {
+                cuda_graph,
+                ..GpuOptions::default()
+            },
+        )
+        .unwrap();
         // Twice: the second run replays the captured graph.
         for _ in 0..2 {
             let run = executor.run(&feeds).unwrap();
@@ -240,7 +248,10 @@ fn fp8_products_replay_from_a_cuda_graph_bit_for_bit() {
         let feeds = Feeds::new(&inputs, &());
         let mut outputs = Vec::new();
         for cuda_graph in [false, true] {
-            let options = GpuOptions { cuda_graph };
+            let options = GpuOptions {
+                cuda_graph,
+                ..GpuOptions::default()
+            };
             let executor = GpuExecutor::new(&device, &cache, sample.program.clone(), options)
                 .unwrap_or_else(|e| panic!("{}: {e}", sample.name));
             assert!(executor.library().fp8_summary().0 > 0, "{}", sample.name);

@@ -26,6 +26,8 @@ use super::alloc::{AllocStats, Block, CachingAllocator};
 use super::cache::KernelCache;
 use super::device::{GpuDevice, compile_target};
 use super::fp8_gemm::encode_tensor_map;
+use super::gemm_tuning::TuningPolicy;
+use super::gemm_tuning_device::tuned_choices;
 use super::library::{LibraryCall, LibraryPlan, StepArg};
 use super::library_fp8::Fp8Target;
 use super::memory::{DriverMemory, download, stream_id, timing_event, upload};
@@ -167,6 +169,9 @@ fn compile_arch(device: &GpuDevice, cache: &KernelCache) -> Result<String, CudaE
 pub struct GpuOptions {
     /// Capture the launches into a CUDA graph on the first run and replay it afterwards.
     pub cuda_graph: bool,
+    /// Which FP8 GEMMs get their tile and schedule timed on the device (`gemm_tuning`);
+    /// `None`: as `FATHOM_GEMM_TUNING` says.
+    pub gemm_tuning: Option<TuningPolicy>,
 }
 
 /// A program's results on the GPU.
@@ -228,7 +233,19 @@ impl GpuExecutor {
     ) -> Result<Self, CudaError> {
         let cuda = cuda_program(&program)?;
         let arch = compile_arch(device, cache)?;
-        let library = LibraryPlan::of(&program, Fp8Target::for_arch(&arch))?;
+        let target = Fp8Target::for_arch(&arch);
+        let mut library = LibraryPlan::of(&program, target)?;
+        if target == Some(Fp8Target::Hopper) {
+            // The FP8 GEMMs' tiles and schedules timed on this device (`gemm_tuning`).
+            let policy = match options.gemm_tuning {
+                Some(policy) => policy,
+                None => TuningPolicy::from_env().map_err(CudaError::Launch)?,
+            };
+            let choices = tuned_choices(device, cache, (&arch, policy), &library)?;
+            library
+                .apply_gemm_choices(&choices)
+                .map_err(CudaError::Launch)?;
+        }
         let mut kernels = GpuKernels::load_for(device, cache, &cuda, arch)?;
         kernels.load_library(device, cache, &library)?;
         let stream = device

@@ -581,4 +581,4 @@ fn quantize_source(step: &LibraryStep, position: usize) -> bool {
 
 #[cfg(test)]
 #[path = "library_fp8_tests.rs"]
-mod tests;
+pub(crate) mod tests;

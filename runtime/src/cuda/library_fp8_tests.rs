@@ -231,7 +231,7 @@ fn check_fp8_products(program: &Program, target: Fp8Target) -> (usize, usize) {
 }
 
 /// [`check_fp8_products`] for the calls of `plan` that `which` picks.
-fn check_products(
+pub(crate) fn check_products(
     program: &Program,
     plan: &LibraryPlan,
     which: impl Fn(&LibraryCall) -> bool,
@@ -630,7 +630,7 @@ fn products_the_fp8_gemm_cannot_take_run_in_f32_with_a_reason() {
 
 /// The `small` model's training step at precision FP8 with Hopper's accumulation, lowered for
 /// CUDA.
-fn small_fp8_training_program() -> Program {
+pub(crate) fn small_fp8_training_program() -> Program {
     let spec = fathom_compiler::spec::examples::small();
     let train = training_graph(&spec, 2, 32, LossWeights::deepseek_v3()).unwrap();
     let policy = PrecisionPolicy {
@@ -730,16 +730,40 @@ fn the_fp8_plans_kernels_compile_for_their_targets() {
 }
 
 /// The FP8 samples `fathom gpu-check` runs on a GPU (`library_samples`) plan as FP8 GEMMs, and
-/// their plans give the product of the rounded operands on the CPU.
+/// their plans give the product of the rounded operands on the CPU; the one the GPU tunes does
+/// under every candidate the tuner may choose, one block per tile or persistent.
 #[test]
 fn the_fp8_library_samples_run_as_fp8_gemms() {
+    use crate::cuda::gemm_choice::GemmChoice;
     use crate::cuda::library_samples::{Tolerance, library_samples};
     let samples = library_samples().unwrap();
     let fp8: Vec<_> = samples
         .iter()
         .filter(|s| matches!(s.tolerance, Tolerance::Similarity { .. }))
         .collect();
-    assert_eq!(fp8.len(), 4);
+    assert_eq!(fp8.len(), 5);
+    let tuned: Vec<_> = fp8
+        .iter()
+        .filter(|s| s.options.gemm_tuning.is_some())
+        .collect();
+    assert_eq!(tuned.len(), 1);
+    let plan = LibraryPlan::of(&tuned[0].program, Some(Fp8Target::Hopper)).unwrap();
+    let [form] = plan.fp8_gemm_forms()[..] else {
+        panic!("one FP8 GEMM form: {}", plan.table())
+    };
+    let schedules = [
+        TileSchedule::ONE_TILE_PER_BLOCK,
+        TileSchedule::persistent(132, 8),
+    ];
+    for params in form.candidates() {
+        for schedule in schedules {
+            let mut plan = plan.clone();
+            let choice = GemmChoice { params, schedule };
+            plan.apply_gemm_choices(&[(form, choice)].into()).unwrap();
+            let (checked, _) = check_products(&tuned[0].program, &plan, LibraryCall::runs_fp8_gemm);
+            assert_eq!(checked, 1, "{} {schedule}", params.name());
+        }
+    }
     for sample in fp8 {
         for target in TARGETS {
             let plan = LibraryPlan::of(&sample.program, Some(target)).unwrap();

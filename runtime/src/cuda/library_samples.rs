@@ -12,6 +12,7 @@ use fathom_compiler::{DType, GraphBuilder, GraphError, Tensor, TensorType};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::gemm_tuning::TuningPolicy;
 use super::{CudaError, GpuDevice, GpuExecutor, GpuOptions, KernelCache};
 use crate::cpu::CpuProgram;
 use crate::interp::Feeds;
@@ -42,6 +43,8 @@ pub struct LibrarySample {
     pub program: Program,
     pub inputs: HashMap<String, HostTensor>,
     pub tolerance: Tolerance,
+    /// The executor's options on the GPU.
+    pub options: GpuOptions,
 }
 
 impl LibrarySample {
@@ -85,7 +88,7 @@ pub fn run_sample(
         Tolerance::Exact | Tolerance::Similarity { .. } => vec![0.0; cpu.len()],
         Tolerance::Dot { .. } => cpu_output(&sample.absolute_inputs())?,
     };
-    let executor = GpuExecutor::new(device, cache, sample.program.clone(), GpuOptions::default())?;
+    let executor = GpuExecutor::new(device, cache, sample.program.clone(), sample.options)?;
     let run = executor.run(&Feeds::new(&sample.inputs, &()))?;
     let gpu = run
         .outputs
@@ -256,6 +259,7 @@ impl Samples {
             program,
             inputs: feeds,
             tolerance,
+            options: GpuOptions::default(),
         });
         Ok(())
     }
@@ -384,12 +388,21 @@ pub fn library_samples() -> Result<Vec<LibrarySample>, String> {
     let e4m3 = QuantFormat::E4M3;
     let (m, n, k) = (80, 144, 272);
     let inputs = vec![s.floats(&[2, m, k]), s.floats(&[k, n])];
-    s.add("fp8_matmul_forward", inputs, similar, &mut |b, x| {
-        let rows = b.quantize_dequantize(x[0], e4m3, (1, 128), true)?;
-        let weight = b.quantize_dequantize(x[1], e4m3, (128, 128), false)?;
-        let weight = b.expand(weight, &[2, k, n])?;
-        b.matmul(rows, weight)
-    })?;
+    for (name, gemm_tuning) in [
+        ("fp8_matmul_forward", None),
+        // Its tile and schedule timed on the device first (`gemm_tuning`), every candidate.
+        ("fp8_matmul_forward_tuned", Some(TuningPolicy::All)),
+    ] {
+        s.add(name, inputs.clone(), similar, &mut |b, x| {
+            let rows = b.quantize_dequantize(x[0], e4m3, (1, 128), true)?;
+            let weight = b.quantize_dequantize(x[1], e4m3, (128, 128), false)?;
+            let weight = b.expand(weight, &[2, k, n])?;
+            b.matmul(rows, weight)
+        })?;
+        if let Some(sample) = s.out.last_mut() {
+            sample.options.gemm_tuning = gemm_tuning;
+        }
+    }
     // The weight gradient's form: both operands in 128×1 tiles along the tokens, A transposed.
     let inputs = vec![s.floats(&[k, m]), s.floats(&[k, n])];
     s.add("fp8_matmul_weight_grad", inputs, similar, &mut |b, x| {

@@ -1,0 +1,334 @@
+//! Choosing each FP8 GEMM's tile and schedule by timing them on the device. A plan picks tiles
+//! by a shape heuristic and one thread block per tile; which candidate (tile width, stages, a
+//! cluster pair multicasting B) under which schedule (one block per tile, or persistent blocks
+//! in raster bands of 1, 8 or 16 row blocks) is fastest depends on the shape and the GPU, and
+//! only timing tells. The first run on a device times every candidate of each large GEMM form
+//! of its plan (the candidates `gpu-check` sweeps) and writes the fastest to
+//! `<kernel cache>/<arch>/gemm-tuning.json`; later runs read it. Small GEMMs, where the choice
+//! matters little and timing would cost more than it saves, keep the heuristic's tile.
+//!
+//! `FATHOM_GEMM_TUNING`: `large` (the default: forms of at least 2³³ FLOPs, 8.6 GFLOP), `all`,
+//! or `off` (every GEMM as the heuristic plans it; the file is not read).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fathom_kernels::{Fp8GemmParams, GemmGrouping, GemmOutput, TileSchedule};
+use serde::{Deserialize, Serialize};
+
+use super::gemm_choice::{GemmChoice, GemmForm};
+
+/// The environment variable that sets the [`TuningPolicy`].
+pub const TUNING_VAR: &str = "FATHOM_GEMM_TUNING";
+/// FLOPs from which the default policy times a GEMM form.
+pub const LARGE_FLOPS: f64 = 8_589_934_592.0;
+/// The raster bands a persistent schedule is timed with.
+pub const PERSISTENT_BANDS: [u32; 3] = [1, 8, 16];
+
+/// Which GEMM forms are timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TuningPolicy {
+    Off,
+    Large,
+    All,
+}
+
+impl TuningPolicy {
+    /// `FATHOM_GEMM_TUNING`'s value (`large` when unset); an unknown value is an error naming
+    /// the ones it takes.
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value.map(str::trim) {
+            None | Some("") | Some("large") => Ok(TuningPolicy::Large),
+            Some("all") => Ok(TuningPolicy::All),
+            Some("off") | Some("0") => Ok(TuningPolicy::Off),
+            Some(other) => Err(format!(
+                "{TUNING_VAR}={other}: expected `large` (the default), `all` or `off`"
+            )),
+        }
+    }
+
+    pub fn from_env() -> Result<Self, String> {
+        Self::parse(std::env::var(TUNING_VAR).ok().as_deref())
+    }
+
+    /// Whether `form` is timed under this policy.
+    pub fn takes(&self, form: &GemmForm) -> bool {
+        match self {
+            TuningPolicy::Off => false,
+            TuningPolicy::Large => form.flops() >= LARGE_FLOPS,
+            TuningPolicy::All => true,
+        }
+    }
+}
+
+/// The fastest candidate found for one form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TunedGemm {
+    /// The kernel's name (`Fp8GemmParams::name`), which names its tile configuration.
+    pub kernel: String,
+    /// The raster band of a persistent schedule; `None`: one block per tile.
+    pub persistent_band: Option<u32>,
+    pub tflops: f64,
+    /// The heuristic's tile with one block per tile, timed in the same run.
+    pub default_tflops: f64,
+}
+
+impl TunedGemm {
+    /// The choice it names among `form`'s candidates, with the persistent schedule's blocks
+    /// (`persistent_blocks` of the kernel on this device); `None` when no candidate has that
+    /// name (the candidates changed since it was timed: time again).
+    pub fn choice(
+        &self,
+        form: &GemmForm,
+        persistent_blocks: impl FnOnce(&Fp8GemmParams) -> u32,
+    ) -> Option<GemmChoice> {
+        let params = form
+            .candidates()
+            .into_iter()
+            .find(|p| p.name() == self.kernel)?;
+        let schedule = match self.persistent_band {
+            None => TileSchedule::ONE_TILE_PER_BLOCK,
+            Some(band) => TileSchedule::persistent(persistent_blocks(&params), band),
+        };
+        Some(GemmChoice { params, schedule })
+    }
+}
+
+/// One timing of a candidate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timing {
+    pub params: Fp8GemmParams,
+    pub persistent_band: Option<u32>,
+    pub tflops: f64,
+}
+
+/// The fastest of `timings` (the first of equals), with the default's TFLOPS: the first
+/// timing of `default` under one block per tile (0 when it was not timed).
+pub fn fastest(timings: &[Timing], default: &Fp8GemmParams) -> Option<TunedGemm> {
+    let best = timings.iter().filter(|t| t.tflops.is_finite()).fold(
+        None::<&Timing>,
+        |best, t| match best {
+            Some(b) if b.tflops >= t.tflops => Some(b),
+            _ => Some(t),
+        },
+    )?;
+    let default_tflops = timings
+        .iter()
+        .find(|t| t.params == *default && t.persistent_band.is_none())
+        .map_or(0.0, |t| t.tflops);
+    Some(TunedGemm {
+        kernel: best.params.name(),
+        persistent_band: best.persistent_band,
+        tflops: best.tflops,
+        default_tflops,
+    })
+}
+
+/// The tuning file's contents.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TuningFile {
+    /// The device the timings were made on; another device's are not used.
+    device: String,
+    /// By [`GemmForm::key`].
+    gemms: BTreeMap<String, TunedGemm>,
+}
+
+/// The tuned forms of one device, read from and written to `path`.
+#[derive(Debug)]
+pub struct GemmTuning {
+    path: PathBuf,
+    file: TuningFile,
+    changed: bool,
+}
+
+impl GemmTuning {
+    /// `<cache root>/<arch>/gemm-tuning.json`.
+    pub fn path_in(cache_root: &Path, arch: &str) -> PathBuf {
+        cache_root.join(arch).join("gemm-tuning.json")
+    }
+
+    /// The timings at `path` made on `device`. A missing file, or one of another device, gives
+    /// none; an unreadable one is reported in one line and replaced when saved (timing again
+    /// costs a little time, never a wrong result).
+    pub fn open(path: &Path, device: &str) -> Self {
+        let file = match std::fs::read_to_string(path) {
+            Err(_) => None,
+            Ok(text) => match serde_json::from_str::<TuningFile>(&text) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    eprintln!(
+                        "fathom: ignoring the GEMM tuning file {} ({e}); timing again",
+                        path.display()
+                    );
+                    None
+                }
+            },
+        };
+        let file = file
+            .filter(|f| f.device == device)
+            .unwrap_or_else(|| TuningFile {
+                device: device.to_owned(),
+                gemms: BTreeMap::new(),
+            });
+        GemmTuning {
+            path: path.to_path_buf(),
+            file,
+            changed: false,
+        }
+    }
+
+    pub fn get(&self, form: &GemmForm) -> Option<&TunedGemm> {
+        self.file.gemms.get(&form.key())
+    }
+
+    pub fn insert(&mut self, form: &GemmForm, tuned: TunedGemm) {
+        self.file.gemms.insert(form.key(), tuned);
+        self.changed = true;
+    }
+
+    /// Writes the file if something was inserted: into a temporary file beside it, renamed into
+    /// place, so that ranks starting at once never read a half-written file.
+    pub fn save(&mut self) -> std::io::Result<()> {
+        if !self.changed {
+            return Ok(());
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let temp = dir.join(format!(".gemm-tuning-{}.json", std::process::id()));
+        let text = serde_json::to_string_pretty(&self.file).map_err(std::io::Error::other)?;
+        let mut out = std::fs::File::create(&temp)?;
+        out.write_all(text.as_bytes())?;
+        out.sync_all()?;
+        drop(out);
+        std::fs::rename(&temp, &self.path)?;
+        self.changed = false;
+        Ok(())
+    }
+}
+
+/// Whether the K-grouped or scattered outputs need their extra operands (for timing buffers).
+fn needs_rows(output: GemmOutput) -> bool {
+    output == GemmOutput::F32Scattered
+}
+
+/// Timing operands' byte sizes for `form`: `[a, b, scale_a, scale_b, out]`, and the ints of
+/// `block_expert`, `out_rows` and `k_offsets` (0 when the form has none).
+pub fn operand_sizes(form: &GemmForm) -> ([usize; 5], [usize; 3]) {
+    let p = form.problem;
+    let (m, n, k, groups) = (p.m as usize, p.n as usize, p.k as usize, p.groups as usize);
+    let k_blocks = k.div_ceil(128);
+    let k_grouped = form.grouping == GemmGrouping::KGrouped;
+    let b_matrices = if k_grouped { 1 } else { groups };
+    let scale_b = match form.b_scaling {
+        fathom_kernels::BScaling::Block128x128 => b_matrices * n.div_ceil(128) * k_blocks,
+        fathom_kernels::BScaling::Row1x128 => k_blocks * n.next_multiple_of(4),
+    };
+    let outputs = if k_grouped { groups } else { 1 };
+    let out_elem = if form.output == GemmOutput::Bf16 {
+        2
+    } else {
+        4
+    };
+    let bytes = [
+        m * k,
+        b_matrices * n * k,
+        4 * k_blocks * m.next_multiple_of(4),
+        4 * scale_b,
+        outputs * m * n * out_elem,
+    ];
+    let ints = [
+        if form.grouping == GemmGrouping::Contiguous {
+            m.div_ceil(128)
+        } else {
+            0
+        },
+        if needs_rows(form.output) { m } else { 0 },
+        if k_grouped { groups + 1 } else { 0 },
+    ];
+    (bytes, ints)
+}
+
+/// `block_expert` for timing: the experts own equal runs of row blocks.
+pub fn timing_block_expert(form: &GemmForm) -> Vec<i32> {
+    let blocks = (form.problem.m as usize).div_ceil(128);
+    let groups = form.problem.groups.max(1) as usize;
+    (0..blocks).map(|i| (i * groups / blocks) as i32).collect()
+}
+
+/// `k_offsets` for timing: equal segments of K in whole 128-blocks, the last to K.
+pub fn timing_k_offsets(form: &GemmForm) -> Vec<i32> {
+    let groups = form.problem.groups.max(1) as usize;
+    let k = form.problem.k as usize;
+    let blocks = k / 128;
+    (0..=groups)
+        .map(|g| {
+            if g == groups {
+                k as i32
+            } else {
+                (g * blocks / groups * 128) as i32
+            }
+        })
+        .collect()
+}
+
+/// The choices for `forms` from `tuning`, timing those `policy` takes that it lacks with
+/// `time` (every candidate under every schedule; `None` for a candidate that could not run).
+/// `persistent_blocks` gives a kernel's persistent block count on this device.
+pub fn choose(
+    forms: &[GemmForm],
+    policy: TuningPolicy,
+    tuning: &mut GemmTuning,
+    mut time: impl FnMut(&GemmForm, &Fp8GemmParams, Option<u32>) -> Option<f64>,
+    mut persistent_blocks: impl FnMut(&Fp8GemmParams) -> u32,
+) -> HashMap<GemmForm, GemmChoice> {
+    let mut choices = HashMap::new();
+    for form in forms.iter().filter(|f| policy.takes(f)) {
+        let known = tuning
+            .get(form)
+            .and_then(|t| t.choice(form, &mut persistent_blocks));
+        let choice = match known {
+            Some(choice) => Some(choice),
+            None => {
+                let mut timings = Vec::new();
+                for params in form.candidates() {
+                    for band in std::iter::once(None).chain(PERSISTENT_BANDS.map(Some)) {
+                        if let Some(ms) = time(form, &params, band) {
+                            let tflops = form.flops() / (ms * 1e-3) / 1e12;
+                            timings.push(Timing {
+                                params,
+                                persistent_band: band,
+                                tflops,
+                            });
+                        }
+                    }
+                }
+                fastest(&timings, &form.default_params()).and_then(|tuned| {
+                    eprintln!(
+                        "fathom: FP8 GEMM {}: {} under {} at {:.0} TFLOPS (the default tile: {:.0})",
+                        form.key(),
+                        tuned.kernel,
+                        tuned
+                            .persistent_band
+                            .map_or("one block per tile".to_owned(), |b| format!(
+                                "persistent blocks in bands of {b}"
+                            )),
+                        tuned.tflops,
+                        tuned.default_tflops
+                    );
+                    let choice = tuned.choice(form, &mut persistent_blocks);
+                    tuning.insert(form, tuned);
+                    choice
+                })
+            }
+        };
+        if let Some(choice) = choice {
+            choices.insert(*form, choice);
+        }
+    }
+    choices
+}
+
+#[cfg(test)]
+#[path = "gemm_tuning_tests.rs"]
+mod tests;

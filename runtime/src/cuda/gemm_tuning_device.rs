@@ -1,0 +1,228 @@
+//! The tuner's timings on the device (`gemm_tuning` decides what to time and keeps the
+//! results): each form's operands (random E4M3 codes, unit scales, experts owning equal runs of
+//! row blocks) allocated once, each candidate loaded through the kernel cache and launched a
+//! few times between two events. A candidate that does not load or launch is skipped with a
+//! line saying why; the others still compete.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+use fathom_kernels::{Fp8GemmParams, TileSchedule};
+
+use super::CudaError;
+use super::alloc::{Block, CachingAllocator};
+use super::cache::KernelCache;
+use super::device::GpuDevice;
+use super::fp8_gemm::{Fp8Gemm, Fp8GemmOperands};
+use super::gemm_choice::{GemmChoice, GemmForm};
+use super::gemm_tuning::{
+    GemmTuning, TuningPolicy, choose, operand_sizes, timing_block_expert, timing_k_offsets,
+};
+use super::library::LibraryPlan;
+use super::memory::{DriverMemory, stream_id, timing_event, upload};
+
+/// Launches per timing, after [`WARMUP`] untimed ones.
+const ITERS: u32 = 10;
+const WARMUP: u32 = 2;
+
+/// The choices for `plan`'s sm_90a FP8 GEMMs on `device` (kernels compiled for `arch`) under
+/// `policy`: read from the tuning file beside the kernel cache, the missing ones timed now and
+/// written there.
+pub fn tuned_choices(
+    device: &GpuDevice,
+    cache: &KernelCache,
+    (arch, policy): (&str, TuningPolicy),
+    plan: &LibraryPlan,
+) -> Result<HashMap<GemmForm, GemmChoice>, CudaError> {
+    let forms = plan.fp8_gemm_forms();
+    if !forms.iter().any(|f| policy.takes(f)) {
+        return Ok(HashMap::new());
+    }
+    let path = GemmTuning::path_in(cache.root(), arch);
+    let mut tuning = GemmTuning::open(&path, &device.name);
+    let stream = device
+        .ctx
+        .new_stream()
+        .map_err(|e| CudaError::driver("creating the tuning stream".into(), e))?;
+    let bench = RefCell::new(Bench::new(device, cache, &stream));
+    let time = |form: &GemmForm, params: &Fp8GemmParams, band: Option<u32>| {
+        let timed = bench.borrow_mut().time(form, params, band);
+        timed.map(Some).unwrap_or_else(|e| {
+            eprintln!(
+                "fathom: FP8 GEMM {}: {} not timed ({e})",
+                form.key(),
+                params.name()
+            );
+            None
+        })
+    };
+    let blocks = |params: &Fp8GemmParams| bench.borrow_mut().persistent_blocks(params);
+    let choices = choose(&forms, policy, &mut tuning, time, blocks);
+    bench.into_inner().free()?;
+    if let Err(e) = tuning.save() {
+        eprintln!(
+            "fathom: could not write the GEMM tuning file {} ({e}); the next run times again",
+            path.display()
+        );
+    }
+    Ok(choices)
+}
+
+/// The loaded candidates and the current form's operands.
+struct Bench<'a> {
+    device: &'a GpuDevice,
+    cache: &'a KernelCache,
+    stream: &'a Arc<CudaStream>,
+    allocator: CachingAllocator<DriverMemory>,
+    gemms: HashMap<Fp8GemmParams, Fp8Gemm>,
+    operands: Option<(GemmForm, Fp8GemmOperands, Vec<Block>)>,
+}
+
+impl<'a> Bench<'a> {
+    fn new(device: &'a GpuDevice, cache: &'a KernelCache, stream: &'a Arc<CudaStream>) -> Self {
+        Bench {
+            device,
+            cache,
+            stream,
+            allocator: CachingAllocator::new(DriverMemory::new(Arc::clone(&device.ctx))),
+            gemms: HashMap::new(),
+            operands: None,
+        }
+    }
+
+    fn gemm(&mut self, params: &Fp8GemmParams) -> Result<&Fp8Gemm, CudaError> {
+        if !self.gemms.contains_key(params) {
+            let gemm = Fp8Gemm::load(&self.device.ctx, self.cache, *params)?;
+            self.gemms.insert(*params, gemm);
+        }
+        Ok(&self.gemms[params])
+    }
+
+    /// One block per SM, or as many whole clusters as fit at once (the SM count when the
+    /// kernel cannot say).
+    fn persistent_blocks(&mut self, params: &Fp8GemmParams) -> u32 {
+        let (stream, sms) = (Arc::clone(self.stream), self.device.multiprocessors);
+        self.gemm(params)
+            .and_then(|g| g.persistent_schedule(&stream, sms, 1))
+            .ok()
+            .and_then(|s| s.max_blocks)
+            .unwrap_or(sms)
+    }
+
+    /// Milliseconds per launch of `params` on `form`'s operands, persistent in bands of `band`
+    /// or one block per tile.
+    fn time(
+        &mut self,
+        form: &GemmForm,
+        params: &Fp8GemmParams,
+        band: Option<u32>,
+    ) -> Result<f64, CudaError> {
+        let operands = self.operands_for(form)?;
+        let (stream, sms) = (Arc::clone(self.stream), self.device.multiprocessors);
+        let ctx = Arc::clone(&self.device.ctx);
+        let gemm = self.gemm(params)?;
+        let schedule = match band {
+            None => TileSchedule::ONE_TILE_PER_BLOCK,
+            Some(band) => gemm.persistent_schedule(&stream, sms, band)?,
+        };
+        let driver = |what: &str| {
+            let what = what.to_owned();
+            move |e| CudaError::driver(what, e)
+        };
+        for _ in 0..WARMUP {
+            gemm.launch(&stream, &form.problem, &operands, &schedule)?;
+        }
+        stream.synchronize().map_err(driver("warming up"))?;
+        let start = timing_event(&ctx).map_err(driver("an event"))?;
+        let end = timing_event(&ctx).map_err(driver("an event"))?;
+        start.record(&stream).map_err(driver("recording"))?;
+        for _ in 0..ITERS {
+            gemm.launch(&stream, &form.problem, &operands, &schedule)?;
+        }
+        end.record(&stream).map_err(driver("recording"))?;
+        stream.synchronize().map_err(driver("timing"))?;
+        let ms = start.elapsed_ms(&end).map_err(driver("reading the time"))?;
+        Ok(f64::from(ms) / f64::from(ITERS))
+    }
+
+    /// `form`'s operands, allocated when the form changes (the previous form's freed).
+    fn operands_for(&mut self, form: &GemmForm) -> Result<Fp8GemmOperands, CudaError> {
+        if let Some((current, operands, _)) = &self.operands
+            && current == form
+        {
+            return Ok(*operands);
+        }
+        self.free_operands()?;
+        let (bytes, ints) = operand_sizes(form);
+        let mut blocks = Vec::new();
+        let mut put = |host: &[u8]| -> Result<u64, CudaError> {
+            let block = self
+                .allocator
+                .alloc(host.len().max(1), stream_id(self.stream))?;
+            upload(self.stream, block.ptr, host)
+                .map_err(|e| CudaError::driver("uploading timing operands".into(), e))?;
+            let ptr = block.ptr;
+            blocks.push(block);
+            Ok(ptr)
+        };
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        // E4M3 codes with the exponent's top bit clear: no NaN codes.
+        let mut codes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    ((seed >> 32) as u8) & 0xb7
+                })
+                .collect()
+        };
+        let ones = |n: usize| -> Vec<u8> { 1f32.to_le_bytes().repeat(n / 4) };
+        let int_bytes = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|i| i.to_le_bytes()).collect() };
+        let identity: Vec<i32> = (0..ints[1] as i32).collect();
+        let a = put(&codes(bytes[0]))?;
+        let b = put(&codes(bytes[1]))?;
+        let operands = Fp8GemmOperands {
+            a,
+            b,
+            scale_a: put(&ones(bytes[2]))?,
+            scale_b: put(&ones(bytes[3]))?,
+            out: put(&vec![0u8; bytes[4]])?,
+            block_expert: match ints[0] {
+                0 => None,
+                _ => Some(put(&int_bytes(&timing_block_expert(form)))?),
+            },
+            out_rows: match ints[1] {
+                0 => None,
+                _ => Some(put(&int_bytes(&identity))?),
+            },
+            k_offsets: match ints[2] {
+                0 => None,
+                _ => Some(put(&int_bytes(&timing_k_offsets(form)))?),
+            },
+        };
+        self.operands = Some((*form, operands, blocks));
+        Ok(operands)
+    }
+
+    fn free_operands(&mut self) -> Result<(), CudaError> {
+        if let Some((_, _, blocks)) = self.operands.take() {
+            self.stream
+                .synchronize()
+                .map_err(|e| CudaError::driver("finishing the timings".into(), e))?;
+            for block in blocks {
+                self.allocator.free(block)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn free(mut self) -> Result<(), CudaError> {
+        self.free_operands()?;
+        self.allocator.streams_synchronized();
+        self.allocator.empty_cache()?;
+        Ok(())
+    }
+}
