@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use fathom_kernels::{Fp8GemmParams, GemmGrouping, GemmOutput, TileSchedule};
 use serde::{Deserialize, Serialize};
@@ -195,13 +196,25 @@ impl GemmTuning {
         }
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let temp = dir.join(format!(".gemm-tuning-{}.json", std::process::id()));
+        // Unique per process and per save: ranks may be threads of one process.
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        let temp = dir.join(format!(
+            ".gemm-tuning-{}-{}.json",
+            std::process::id(),
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        ));
         let text = serde_json::to_string_pretty(&self.file).map_err(std::io::Error::other)?;
-        let mut out = std::fs::File::create(&temp)?;
-        out.write_all(text.as_bytes())?;
-        out.sync_all()?;
-        drop(out);
-        std::fs::rename(&temp, &self.path)?;
+        let written = (|| {
+            let mut out = std::fs::File::create(&temp)?;
+            out.write_all(text.as_bytes())?;
+            out.sync_all()?;
+            drop(out);
+            std::fs::rename(&temp, &self.path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        written?;
         self.changed = false;
         Ok(())
     }
