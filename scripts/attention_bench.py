@@ -13,35 +13,18 @@ the variant says so. Prints JSON on stdout:
 import json
 import sys
 
+from torch_timing import cuda_torch, timed
+
 B, T, H, QK, V = 1, 4096, 128, 192, 128
 WARMUP, ITERS = 3, 10
 
 
-def timed(torch, fn) -> float:
-    """Milliseconds per call of fn, after WARMUP calls."""
-    for _ in range(WARMUP):
-        fn()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(ITERS):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / ITERS
-
-
 def main() -> int:
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        print("attention_bench: PyTorch is not installed", file=sys.stderr)
+    torch = cuda_torch("attention_bench")
+    if torch is None:
         return 2
-    if not torch.cuda.is_available():
-        print("attention_bench: PyTorch sees no CUDA device", file=sys.stderr)
-        return 2
-    torch.manual_seed(0)
+    import torch.nn.functional as F
+
     cuda = torch.device("cuda")
 
     def tensor(width):
@@ -67,8 +50,8 @@ def main() -> int:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         out.backward(d_o)
 
-    forward_ms = timed(torch, forward)
-    both_ms = timed(torch, forward_backward)
+    forward_ms = timed(torch, forward, WARMUP, ITERS)
+    both_ms = timed(torch, forward_backward, WARMUP, ITERS)
     result = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0),

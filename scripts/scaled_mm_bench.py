@@ -11,21 +11,17 @@ scales, which is more work, not less). Prints JSON on stdout:
 import json
 import sys
 
+from torch_timing import cuda_torch, timed
+
 M = 4096
 SHAPES = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 WARMUP, ITERS = 5, 20
 
 
 def main() -> int:
-    try:
-        import torch
-    except ImportError:
-        print("scaled_mm_bench: PyTorch is not installed", file=sys.stderr)
+    torch = cuda_torch("scaled_mm_bench")
+    if torch is None:
         return 2
-    if not torch.cuda.is_available():
-        print("scaled_mm_bench: PyTorch sees no CUDA device", file=sys.stderr)
-        return 2
-    torch.manual_seed(0)
     device = torch.device("cuda")
     one = torch.tensor(1.0, device=device)
     results = []
@@ -37,16 +33,7 @@ def main() -> int:
         def gemm():
             return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
 
-        for _ in range(WARMUP):
-            gemm()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(ITERS):
-            gemm()
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / ITERS
+        ms = timed(torch, gemm, WARMUP, ITERS)
         tflops = 2.0 * M * n * k / (ms * 1e-3) / 1e12
         results.append({"m": M, "n": n, "k": k, "ms": ms, "tflops": tflops})
         print(f"torch._scaled_mm M={M} N={n} K={k}: {ms:.4f} ms, {tflops:.1f} TFLOPS", file=sys.stderr)

@@ -9,13 +9,12 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use fathom_kernels::{KernelSource, MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims};
 use fathom_runtime::cuda::modules::{Arg, args_by_name, launch, load_kernel};
 use fathom_runtime::cuda::{GpuDevice, KernelCache};
 use fathom_runtime::fp8::f32_to_bf16;
 
-use super::launch::{Buffers, time_launches};
+use super::launch::{Buffers, optional_json, time_launches};
 
 /// Hopper's dense BF16 tensor-core peak (H100/H200 SXM), TFLOPS.
 const BF16_PEAK_TFLOPS: f64 = 989.0;
@@ -144,17 +143,8 @@ pub fn bench(
     iters: u32,
     torch: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let theirs: Option<TorchAttention> = match torch {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Some(serde_json::from_str(&text).with_context(|| path.display().to_string())?)
-        }
-        None => {
-            println!("(no --torch-attention JSON: PyTorch's attention is not compared)");
-            None
-        }
-    };
+    let theirs: Option<TorchAttention> =
+        optional_json(torch, "no --torch-attention JSON: PyTorch's attention")?;
     let dims = MlaHeadDims::DEEPSEEK_V3;
     let sizes = SIZES;
     let stream = device.ctx.new_stream()?;

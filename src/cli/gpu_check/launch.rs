@@ -135,3 +135,21 @@ pub fn time_launches(
     stream.synchronize()?;
     Ok(f64::from(start.elapsed_ms(&end)?) / f64::from(iters.max(1)))
 }
+
+/// The JSON at `path` (timings a PyTorch script wrote), or `None` with a line saying what
+/// `missing` is not compared when no path was given.
+pub fn optional_json<T: serde::de::DeserializeOwned>(
+    path: Option<&std::path::Path>,
+    missing: &str,
+) -> anyhow::Result<Option<T>> {
+    use anyhow::Context;
+    let Some(path) = path else {
+        println!("({missing} is not compared)");
+        return Ok(None);
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(
+        serde_json::from_str(&text).with_context(|| path.display().to_string())?,
+    ))
+}

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use fathom_kernels::{
     BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TileSchedule,
 };
@@ -11,7 +10,7 @@ use fathom_runtime::cuda::fp8_gemm::Fp8Gemm;
 use fathom_runtime::cuda::{CudaStream, GpuDevice, KernelCache};
 
 use super::{HostOperands, noise, upload_operands};
-use crate::cli::gpu_check::launch::{Buffers, time_launches};
+use crate::cli::gpu_check::launch::{Buffers, optional_json, time_launches};
 
 /// Hopper's dense FP8 tensor-core peak (H100/H200 SXM), TFLOPS.
 const PEAK_TFLOPS: f64 = 1979.0;
@@ -226,17 +225,7 @@ pub fn bench(
     iters: u32,
     cublas: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let torch: Option<TorchTimings> = match cublas {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Some(serde_json::from_str(&text).with_context(|| path.display().to_string())?)
-        }
-        None => {
-            println!("(no --cublas JSON: torch._scaled_mm is not compared)");
-            None
-        }
-    };
+    let torch: Option<TorchTimings> = optional_json(cublas, "no --cublas JSON: torch._scaled_mm")?;
     let stream = device.ctx.new_stream()?;
     println!(
         "TFLOPS of each tile configuration (rows) under each schedule (columns; persistent: one \
