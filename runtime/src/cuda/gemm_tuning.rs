@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fathom_kernels::{Fp8GemmParams, GemmGrouping, GemmOutput, TileSchedule};
+use fathom_kernels::{BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, TileSchedule};
 use serde::{Deserialize, Serialize};
 
 use super::gemm_choice::{GemmChoice, GemmForm};
@@ -220,69 +220,81 @@ impl GemmTuning {
     }
 }
 
-/// Whether the K-grouped or scattered outputs need their extra operands (for timing buffers).
-fn needs_rows(output: GemmOutput) -> bool {
-    output == GemmOutput::F32Scattered
+/// Operands to time a form on: random E4M3 codes (the exponent's top bit clear: no NaN
+/// codes), unit scales, the experts owning equal runs of row blocks, the K groups equal runs of
+/// whole 128-blocks, scattered rows written in place. Timing does not depend on the values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TimingOperands {
+    /// `[M][K]` codes.
+    pub a: Vec<u8>,
+    /// `[groups · N][K]` codes (one `[N][K]` for a K-grouped form).
+    pub b: Vec<u8>,
+    pub scale_a: Vec<f32>,
+    pub scale_b: Vec<f32>,
+    /// Bytes of the output (an `[M][N]` per K group).
+    pub out_bytes: usize,
+    /// Empty where the form has none.
+    pub block_expert: Vec<i32>,
+    pub out_rows: Vec<i32>,
+    pub k_offsets: Vec<i32>,
 }
 
-/// Timing operands' byte sizes for `form`: `[a, b, scale_a, scale_b, out]`, and the ints of
-/// `block_expert`, `out_rows` and `k_offsets` (0 when the form has none).
-pub fn operand_sizes(form: &GemmForm) -> ([usize; 5], [usize; 3]) {
-    let p = form.problem;
-    let (m, n, k, groups) = (p.m as usize, p.n as usize, p.k as usize, p.groups as usize);
-    let k_blocks = k.div_ceil(128);
-    let k_grouped = form.grouping == GemmGrouping::KGrouped;
-    let b_matrices = if k_grouped { 1 } else { groups };
-    let scale_b = match form.b_scaling {
-        fathom_kernels::BScaling::Block128x128 => b_matrices * n.div_ceil(128) * k_blocks,
-        fathom_kernels::BScaling::Row1x128 => k_blocks * n.next_multiple_of(4),
-    };
-    let outputs = if k_grouped { groups } else { 1 };
-    let out_elem = if form.output == GemmOutput::Bf16 {
-        2
-    } else {
-        4
-    };
-    let bytes = [
-        m * k,
-        b_matrices * n * k,
-        4 * k_blocks * m.next_multiple_of(4),
-        4 * scale_b,
-        outputs * m * n * out_elem,
-    ];
-    let ints = [
-        if form.grouping == GemmGrouping::Contiguous {
-            m.div_ceil(128)
+impl TimingOperands {
+    pub fn of(form: &GemmForm, seed: &mut u64) -> Self {
+        let p = form.problem;
+        let (m, n, k, groups) = (
+            p.m as usize,
+            p.n as usize,
+            p.k as usize,
+            p.groups.max(1) as usize,
+        );
+        let mut code = || {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            ((*seed >> 32) as u8) & 0xb7
+        };
+        let k_blocks = k.div_ceil(128);
+        let k_grouped = form.grouping == GemmGrouping::KGrouped;
+        let b_matrices = if k_grouped { 1 } else { groups };
+        let scale_b = match form.b_scaling {
+            BScaling::Block128x128 => b_matrices * n.div_ceil(128) * k_blocks,
+            BScaling::Row1x128 => k_blocks * n.next_multiple_of(4),
+        };
+        let outputs = if k_grouped { groups } else { 1 };
+        let out_elem = if form.output == GemmOutput::Bf16 {
+            2
         } else {
-            0
-        },
-        if needs_rows(form.output) { m } else { 0 },
-        if k_grouped { groups + 1 } else { 0 },
-    ];
-    (bytes, ints)
-}
-
-/// `block_expert` for timing: the experts own equal runs of row blocks.
-pub fn timing_block_expert(form: &GemmForm) -> Vec<i32> {
-    let blocks = (form.problem.m as usize).div_ceil(128);
-    let groups = form.problem.groups.max(1) as usize;
-    (0..blocks).map(|i| (i * groups / blocks) as i32).collect()
-}
-
-/// `k_offsets` for timing: equal segments of K in whole 128-blocks, the last to K.
-pub fn timing_k_offsets(form: &GemmForm) -> Vec<i32> {
-    let groups = form.problem.groups.max(1) as usize;
-    let k = form.problem.k as usize;
-    let blocks = k / 128;
-    (0..=groups)
-        .map(|g| {
-            if g == groups {
-                k as i32
-            } else {
-                (g * blocks / groups * 128) as i32
-            }
-        })
-        .collect()
+            4
+        };
+        let row_blocks = m.div_ceil(128);
+        TimingOperands {
+            a: (0..m * k).map(|_| code()).collect(),
+            b: (0..b_matrices * n * k).map(|_| code()).collect(),
+            scale_a: vec![1.0; k_blocks * m.next_multiple_of(4)],
+            scale_b: vec![1.0; scale_b],
+            out_bytes: outputs * m * n * out_elem,
+            block_expert: match form.grouping {
+                GemmGrouping::Contiguous => (0..row_blocks)
+                    .map(|i| (i * groups / row_blocks) as i32)
+                    .collect(),
+                _ => Vec::new(),
+            },
+            out_rows: match form.output {
+                GemmOutput::F32Scattered => (0..m as i32).collect(),
+                _ => Vec::new(),
+            },
+            k_offsets: match form.grouping {
+                GemmGrouping::KGrouped => (0..=groups)
+                    .map(|g| match g == groups {
+                        true => k as i32,
+                        false => (g * (k / 128) / groups * 128) as i32,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            },
+        }
+    }
 }
 
 /// The choices for `forms` from `tuning`, timing those `policy` takes that it lacks with

@@ -17,9 +17,7 @@ use super::cache::KernelCache;
 use super::device::GpuDevice;
 use super::fp8_gemm::{Fp8Gemm, Fp8GemmOperands};
 use super::gemm_choice::{GemmChoice, GemmForm};
-use super::gemm_tuning::{
-    GemmTuning, TuningPolicy, choose, operand_sizes, timing_block_expert, timing_k_offsets,
-};
+use super::gemm_tuning::{GemmTuning, TimingOperands, TuningPolicy, choose};
 use super::library::LibraryPlan;
 use super::memory::{DriverMemory, stream_id, timing_event, upload};
 
@@ -155,53 +153,42 @@ impl<'a> Bench<'a> {
             return Ok(*operands);
         }
         self.free_operands()?;
-        let (bytes, ints) = operand_sizes(form);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let host = TimingOperands::of(form, &mut seed);
         let mut blocks = Vec::new();
-        let mut put = |host: &[u8]| -> Result<u64, CudaError> {
+        let mut put = |bytes: &[u8]| -> Result<u64, CudaError> {
             let block = self
                 .allocator
-                .alloc(host.len().max(1), stream_id(self.stream))?;
-            upload(self.stream, block.ptr, host)
+                .alloc(bytes.len().max(1), stream_id(self.stream))?;
+            upload(self.stream, block.ptr, bytes)
                 .map_err(|e| CudaError::driver("uploading timing operands".into(), e))?;
             let ptr = block.ptr;
             blocks.push(block);
             Ok(ptr)
         };
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        // E4M3 codes with the exponent's top bit clear: no NaN codes.
-        let mut codes = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    ((seed >> 32) as u8) & 0xb7
-                })
-                .collect()
+        let floats = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let ints = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|i| i.to_le_bytes()).collect() };
+        let mut optional = |v: &[i32]| -> Result<Option<u64>, CudaError> {
+            Ok(if v.is_empty() {
+                None
+            } else {
+                Some(put(&ints(v))?)
+            })
         };
-        let ones = |n: usize| -> Vec<u8> { 1f32.to_le_bytes().repeat(n / 4) };
-        let int_bytes = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|i| i.to_le_bytes()).collect() };
-        let identity: Vec<i32> = (0..ints[1] as i32).collect();
-        let a = put(&codes(bytes[0]))?;
-        let b = put(&codes(bytes[1]))?;
+        let (block_expert, out_rows, k_offsets) = (
+            optional(&host.block_expert)?,
+            optional(&host.out_rows)?,
+            optional(&host.k_offsets)?,
+        );
         let operands = Fp8GemmOperands {
-            a,
-            b,
-            scale_a: put(&ones(bytes[2]))?,
-            scale_b: put(&ones(bytes[3]))?,
-            out: put(&vec![0u8; bytes[4]])?,
-            block_expert: match ints[0] {
-                0 => None,
-                _ => Some(put(&int_bytes(&timing_block_expert(form)))?),
-            },
-            out_rows: match ints[1] {
-                0 => None,
-                _ => Some(put(&int_bytes(&identity))?),
-            },
-            k_offsets: match ints[2] {
-                0 => None,
-                _ => Some(put(&int_bytes(&timing_k_offsets(form)))?),
-            },
+            a: put(&host.a)?,
+            b: put(&host.b)?,
+            scale_a: put(&floats(&host.scale_a))?,
+            scale_b: put(&floats(&host.scale_b))?,
+            out: put(&vec![0u8; host.out_bytes])?,
+            block_expert,
+            out_rows,
+            k_offsets,
         };
         self.operands = Some((*form, operands, blocks));
         Ok(operands)

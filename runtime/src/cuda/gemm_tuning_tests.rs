@@ -163,38 +163,42 @@ fn large_forms_are_timed_once_and_chosen() {
 
 #[test]
 fn timing_operands_cover_every_form() {
-    let dense = form(4096, 2112, 7168);
-    let (bytes, ints) = operand_sizes(&dense);
-    assert_eq!(bytes[0], 4096 * 7168);
-    assert_eq!(bytes[4], 4096 * 2112 * 2);
-    assert_eq!(ints, [0, 0, 0]);
+    let mut seed = 1;
+    let dense = form(256, 160, 384);
+    let ops = TimingOperands::of(&dense, &mut seed);
+    assert_eq!((ops.a.len(), ops.b.len()), (256 * 384, 160 * 384));
+    assert_eq!((ops.scale_a.len(), ops.scale_b.len()), (3 * 256, 2 * 3));
+    assert_eq!(ops.out_bytes, 256 * 160 * 2);
+    assert!(ops.block_expert.is_empty() && ops.out_rows.is_empty() && ops.k_offsets.is_empty());
+    // No NaN codes (E4M3's are 0x7f and 0xff).
+    assert!(ops.a.iter().chain(&ops.b).all(|c| c & 0x7f != 0x7f));
     let k_grouped = GemmForm {
         problem: GemmProblem {
-            m: 4096,
-            n: 7168,
-            k: 8192,
-            groups: 8,
+            m: 256,
+            n: 128,
+            k: 1024,
+            groups: 4,
         },
         b_scaling: BScaling::Row1x128,
         output: GemmOutput::F32,
         grouping: GemmGrouping::KGrouped,
     };
-    let offsets = timing_k_offsets(&k_grouped);
-    assert_eq!(offsets.len(), 9);
-    assert_eq!((offsets[1], offsets[8]), (1024, 8192));
-    assert_eq!(operand_sizes(&k_grouped).1, [0, 0, 9]);
+    let ops = TimingOperands::of(&k_grouped, &mut seed);
+    assert_eq!(ops.k_offsets, [0, 256, 512, 768, 1024]);
+    assert_eq!((ops.b.len(), ops.scale_b.len()), (128 * 1024, 8 * 128));
+    assert_eq!(ops.out_bytes, 4 * 256 * 128 * 4);
     let grouped = GemmForm {
         problem: GemmProblem {
             m: 1000,
-            n: 4096,
-            k: 7168,
+            n: 64,
+            k: 128,
             groups: 8,
         },
         output: GemmOutput::F32Scattered,
         grouping: GemmGrouping::Contiguous,
         ..dense
     };
-    let experts = timing_block_expert(&grouped);
-    assert_eq!((experts.len(), experts[0], experts[7]), (8, 0, 7));
-    assert_eq!(operand_sizes(&grouped).1, [8, 1000, 0]);
+    let ops = TimingOperands::of(&grouped, &mut seed);
+    assert_eq!(ops.block_expert, [0, 1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!((ops.out_rows.len(), ops.b.len()), (1000, 8 * 64 * 128));
 }

@@ -14,7 +14,7 @@ use fathom_runtime::cuda::modules::{Arg, args_by_name, launch, load_kernel};
 use fathom_runtime::cuda::{GpuDevice, KernelCache};
 use fathom_runtime::fp8::f32_to_bf16;
 
-use super::launch::{Buffers, optional_json, time_launches};
+use super::launch::{Buffers, noise, optional_json, time_launches};
 
 /// Hopper's dense BF16 tensor-core peak (H100/H200 SXM), TFLOPS.
 const BF16_PEAK_TFLOPS: f64 = 989.0;
@@ -125,14 +125,7 @@ fn launches(dims: MlaHeadDims, sizes: Sizes, p: Pointers) -> anyhow::Result<[Lau
 
 /// `n` bf16 values in [-1, 1) (timing does not depend on them, but infinities would).
 fn bf16_noise(n: usize, seed: &mut u64) -> Vec<u16> {
-    (0..n)
-        .map(|_| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            f32_to_bf16(((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
-        .collect()
+    (0..n).map(|_| f32_to_bf16(noise(seed))).collect()
 }
 
 /// Check 4b: times the forward, then the backward on the forward's output and statistic, and

@@ -153,3 +153,11 @@ pub fn optional_json<T: serde::de::DeserializeOwned>(
         serde_json::from_str(&text).with_context(|| path.display().to_string())?,
     ))
 }
+
+/// A deterministic pseudo-random value in [-1, 1) (xorshift; no dependency for a check).
+pub fn noise(seed: &mut u64) -> f32 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}

@@ -3,13 +3,13 @@
 
 use std::path::Path;
 
-use fathom_kernels::{
-    BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TileSchedule,
-};
+use fathom_kernels::{BScaling, GemmGrouping, GemmOutput, GemmProblem, TileSchedule};
 use fathom_runtime::cuda::fp8_gemm::Fp8Gemm;
+use fathom_runtime::cuda::gemm_choice::GemmForm;
+use fathom_runtime::cuda::gemm_tuning::TimingOperands;
 use fathom_runtime::cuda::{CudaStream, GpuDevice, KernelCache};
 
-use super::{HostOperands, noise, upload_operands};
+use super::upload_operands;
 use crate::cli::gpu_check::launch::{Buffers, optional_json, time_launches};
 
 /// Hopper's dense FP8 tensor-core peak (H100/H200 SXM), TFLOPS.
@@ -48,19 +48,10 @@ struct Best {
     schedule: TileSchedule,
 }
 
-/// One timed layout: a problem with its scaling, output and grouping.
-#[derive(Clone, Copy)]
-struct Layout {
-    problem: GemmProblem,
-    b_scaling: BScaling,
-    output: GemmOutput,
-    grouping: GemmGrouping,
-}
-
 /// The forward GEMM of DeepSeek-V3's linear shape `n × k` at M = 4096: 128×128 weight scales,
 /// BF16 out, as cuBLASLt is timed.
-fn forward_layout((n, k): (u32, u32)) -> Layout {
-    Layout {
+fn forward_layout((n, k): (u32, u32)) -> GemmForm {
+    GemmForm {
         problem: GemmProblem {
             m: M,
             n,
@@ -77,8 +68,8 @@ fn forward_layout((n, k): (u32, u32)) -> Layout {
 /// gradient of a 7168 × 2048 Linear over 4096 tokens (1×128 scales on B, accumulated), and the
 /// experts' grouped GEMMs over 8 experts of 1024 tokens each, with their weight gradients
 /// (K-grouped over the same tokens).
-fn other_layouts() -> [(&'static str, Layout); 5] {
-    let grouped = |n, k| Layout {
+fn other_layouts() -> [(&'static str, GemmForm); 5] {
+    let grouped = |n, k| GemmForm {
         problem: GemmProblem {
             m: 8 * 1024,
             n,
@@ -89,7 +80,7 @@ fn other_layouts() -> [(&'static str, Layout); 5] {
         output: GemmOutput::Bf16,
         grouping: GemmGrouping::Contiguous,
     };
-    let k_grouped = |m, n| Layout {
+    let k_grouped = |m, n| GemmForm {
         problem: GemmProblem {
             m,
             n,
@@ -103,7 +94,7 @@ fn other_layouts() -> [(&'static str, Layout); 5] {
     [
         (
             "weight grad",
-            Layout {
+            GemmForm {
                 problem: GemmProblem {
                     m: 7168,
                     n: 2048,
@@ -129,59 +120,16 @@ fn sweep(
     device: &GpuDevice,
     cache: &KernelCache,
     stream: &CudaStream,
-    layout: Layout,
+    layout: GemmForm,
     iters: u32,
     seed: &mut u64,
 ) -> anyhow::Result<(f64, Option<Best>)> {
-    let Layout {
-        problem,
-        b_scaling,
-        output,
-        grouping,
-    } = layout;
-    let (m, n, k, groups) = (
-        problem.m as usize,
-        problem.n as usize,
-        problem.k as usize,
-        problem.groups as usize,
-    );
-    // Random E4M3 codes of moderate magnitude (exponent field below 8: no NaN codes) and unit
-    // scales: timing does not depend on the values. Experts own equal runs of row blocks.
-    let mut code = || ((noise(seed).to_bits() >> 8) as u8) & 0xb7;
-    // K-grouped: equal segments of K, B one matrix over all of them, an output per group.
-    let k_grouped = grouping == GemmGrouping::KGrouped;
-    let b_matrices = if k_grouped { 1 } else { groups };
-    let a: Vec<u8> = (0..m * k).map(|_| code()).collect();
-    let b: Vec<u8> = (0..b_matrices * n * k).map(|_| code()).collect();
-    let k_blocks = k.div_ceil(128);
-    let scale_b_len = match b_scaling {
-        BScaling::Block128x128 => groups * n.div_ceil(128) * k_blocks,
-        BScaling::Row1x128 => k_blocks * n.next_multiple_of(4),
-    };
-    let block_expert: Vec<i32> = match grouping {
-        GemmGrouping::Dense | GemmGrouping::KGrouped => Vec::new(),
-        GemmGrouping::Contiguous => {
-            let blocks = m / 128;
-            (0..blocks).map(|i| (i * groups / blocks) as i32).collect()
-        }
-    };
-    let k_offsets: Vec<i32> = match grouping {
-        GemmGrouping::KGrouped => (0..=groups).map(|g| (g * k / groups) as i32).collect(),
-        GemmGrouping::Dense | GemmGrouping::Contiguous => Vec::new(),
-    };
-    let host = HostOperands {
-        a: &a,
-        b: &b,
-        scale_a: &vec![1.0; k_blocks * m.next_multiple_of(4)],
-        scale_b: &vec![1.0; scale_b_len],
-        block_expert: &block_expert,
-        k_offsets: &k_offsets,
-    };
-    let outputs = if k_grouped { groups } else { 1 };
-    let out_bytes = outputs * m * n * if output == GemmOutput::Bf16 { 2 } else { 4 };
+    let problem = layout.problem;
+    // Timing does not depend on the values (the tuner's operands, `gemm_tuning`).
+    let host = TimingOperands::of(&layout, seed);
     let mut buffers = Buffers::new(device, stream);
-    let operands = upload_operands(&mut buffers, host, out_bytes)?;
-    let candidates = Fp8GemmParams::candidates(problem.m, problem.n, b_scaling, output, grouping);
+    let operands = upload_operands(&mut buffers, (&host).into(), host.out_bytes)?;
+    let candidates = layout.candidates();
     let flops = 2.0 * f64::from(problem.m) * f64::from(problem.n) * f64::from(problem.k);
     let mut default_tflops = 0.0;
     let mut best: Option<Best> = None;
@@ -304,14 +252,7 @@ mod tests {
         let others = other_layouts().map(|(_, layout)| layout);
         let mut configurations = 0;
         for layout in forward.into_iter().chain(others) {
-            let candidates = Fp8GemmParams::candidates(
-                layout.problem.m,
-                layout.problem.n,
-                layout.b_scaling,
-                layout.output,
-                layout.grouping,
-            );
-            for params in candidates {
+            for params in layout.candidates() {
                 params.instantiate().unwrap();
                 params.tensor_maps(&layout.problem).unwrap();
                 configurations += 1;

@@ -9,20 +9,14 @@ mod check;
 mod quantize;
 
 use fathom_runtime::cuda::fp8_gemm::{Fp8GemmOperands, HostFp8Operands};
+use fathom_runtime::cuda::gemm_tuning::TimingOperands;
 
 use super::launch::Buffers;
+use super::launch::noise;
 
 pub use bench::bench;
 pub use check::check_correctness;
 pub use quantize::check_quantize;
-
-/// A deterministic pseudo-random value in [-1, 1) (xorshift; no dependency for a check).
-fn noise(seed: &mut u64) -> f32 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-}
 
 /// Host operands in the kernel's layout (see `HostFp8Operands`).
 struct HostOperands<'a> {
@@ -32,6 +26,7 @@ struct HostOperands<'a> {
     scale_b: &'a [f32],
     block_expert: &'a [i32],
     k_offsets: &'a [i32],
+    out_rows: &'a [i32],
 }
 
 impl<'a> From<&'a HostFp8Operands> for HostOperands<'a> {
@@ -43,6 +38,21 @@ impl<'a> From<&'a HostFp8Operands> for HostOperands<'a> {
             scale_b: &ops.scale_b,
             block_expert: &ops.block_expert,
             k_offsets: &ops.k_offsets,
+            out_rows: &[],
+        }
+    }
+}
+
+impl<'a> From<&'a TimingOperands> for HostOperands<'a> {
+    fn from(ops: &'a TimingOperands) -> Self {
+        HostOperands {
+            a: &ops.a,
+            b: &ops.b,
+            scale_a: &ops.scale_a,
+            scale_b: &ops.scale_b,
+            block_expert: &ops.block_expert,
+            k_offsets: &ops.k_offsets,
+            out_rows: &ops.out_rows,
         }
     }
 }
@@ -63,6 +73,7 @@ fn upload_operands(
     };
     let block_expert = optional(host.block_expert)?;
     let k_offsets = optional(host.k_offsets)?;
+    let out_rows = optional(host.out_rows)?;
     Ok(Fp8GemmOperands {
         a: buffers.put(host.a)?,
         b: buffers.put(host.b)?,
@@ -71,6 +82,6 @@ fn upload_operands(
         out: buffers.put(&vec![0u8; out_bytes])?,
         block_expert,
         k_offsets,
-        out_rows: None,
+        out_rows,
     })
 }
