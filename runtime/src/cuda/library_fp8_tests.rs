@@ -836,7 +836,54 @@ fn deepseek_v3_sized_products_plan_as_fp8_gemms() {
             k_grouped, 6,
             "{target:?}: the two MoE blocks' three weight gradients"
         );
+        if target == Fp8Target::Hopper {
+            tuning_reads_every_form(&plan);
+        }
     }
+}
+
+/// At DeepSeek-V3's sizes every sm_90a FP8 GEMM step's form reads back from its arguments and
+/// the default choice redoes it exactly (256 experts, K-grouped over their padded token-slots),
+/// and the forms the tuner times by default are those of at least 2³³ FLOPs.
+fn tuning_reads_every_form(plan: &LibraryPlan) {
+    use crate::cuda::gemm_choice::{GemmChoice, step_form, with_choice};
+    use crate::cuda::gemm_tuning::TuningPolicy;
+    let mut steps = 0;
+    for step in plan.calls.iter().flatten().flat_map(|c| &c.steps) {
+        let Some(form) = step_form(step) else {
+            continue;
+        };
+        let default = GemmChoice {
+            params: form.default_params(),
+            schedule: TileSchedule::ONE_TILE_PER_BLOCK,
+        };
+        assert_eq!(
+            with_choice(step, &default).unwrap(),
+            *step,
+            "{}",
+            form.key()
+        );
+        steps += 1;
+    }
+    let forms = plan.fp8_gemm_forms();
+    let large: Vec<_> = forms
+        .iter()
+        .filter(|f| TuningPolicy::Large.takes(f))
+        .collect();
+    let candidates: std::collections::HashSet<String> = large
+        .iter()
+        .flat_map(|f| f.candidates())
+        .map(|p| p.name())
+        .collect();
+    // 99 steps, 42 forms, 16 large ones (the experts' and the big projections'), whose
+    // candidates are 24 kernels: what a first run on a device compiles and times.
+    assert!(steps >= 40, "{steps}");
+    assert!(
+        large.len() >= 8 && candidates.len() <= 40,
+        "{} large forms, {} candidates",
+        large.len(),
+        candidates.len()
+    );
 }
 
 /// A weight's rounding that only FP8 GEMMs read is not computed: their `quantize` steps read
