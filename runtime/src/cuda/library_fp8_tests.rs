@@ -875,9 +875,10 @@ fn tuning_reads_every_form(plan: &LibraryPlan) {
         .flat_map(|f| f.candidates())
         .map(|p| p.name())
         .collect();
-    // 99 steps, 42 forms, 16 of them large (at 64 tokens mostly the experts' products, whose
-    // rows are padded to 128 per expert), whose candidates are 24 kernels: what a first run on
-    // a device compiles and times.
+    // 99 steps, 42 forms, 16 of them large (at 64 tokens: the dense MLP's and the output
+    // projections' products with N or K of 14336 to 18432, the experts' grouped products over
+    // their padded rows and their weight gradients), whose candidates are 24 kernels: what a
+    // first run on a device compiles and times.
     assert!(steps >= 40, "{steps}");
     assert!(
         large.len() >= 8 && candidates.len() <= 40,
