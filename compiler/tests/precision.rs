@@ -481,6 +481,7 @@ fn attention_calls_replace_the_expanded_primitives() {
         Some([128, 64, 64])
     );
     assert_eq!(limits(192).padded_widths([129, 64, 1]), None);
+    assert_eq!(limits(192).padded_widths([128, 0, 64]), None);
     let calls = |max_qk| LowerOptions {
         attention_calls: Some(limits(max_qk)),
         ..LowerOptions::default()

@@ -117,8 +117,12 @@ pub struct AttentionCalls {
 }
 
 impl AttentionCalls {
-    /// `[nope, rope, v]` padded to the multiples, or `None` past the limits.
+    /// `[nope, rope, v]` padded to the multiples, or `None` past the limits (or for a width of
+    /// 0, which the kernels do not take).
     pub fn padded_widths(&self, [nope, rope, v]: [usize; 3]) -> Option<[usize; 3]> {
+        if nope == 0 || rope == 0 || v == 0 {
+            return None;
+        }
         let up = |w: usize, multiple: usize| w.div_ceil(multiple.max(1)) * multiple.max(1);
         let padded = [
             up(nope, self.width_multiple),
