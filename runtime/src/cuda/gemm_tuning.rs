@@ -2,13 +2,19 @@
 //! by a shape heuristic and one thread block per tile; which candidate (tile width, stages, a
 //! cluster pair multicasting B) under which schedule (one block per tile, or persistent blocks
 //! in raster bands of 1, 8 or 16 row blocks) is fastest depends on the shape and the GPU, and
-//! only timing tells. The first run on a device times every candidate of each large GEMM form
-//! of its plan (the candidates `gpu-check` sweeps) and writes the fastest to
+//! only timing tells. With tuning on, the first run on a device times every candidate of each
+//! large GEMM form of its plan (the candidates `gpu-check` sweeps) and writes the fastest to
 //! `<kernel cache>/<arch>/gemm-tuning.json`; later runs read it. Small GEMMs, where the choice
 //! matters little and timing would cost more than it saves, keep the heuristic's tile.
 //!
-//! `FATHOM_GEMM_TUNING`: `large` (the default: forms of at least 2³³ FLOPs, 8.6 GFLOP), `all`,
-//! or `off` (every GEMM as the heuristic plans it; the file is not read).
+//! `FATHOM_GEMM_TUNING`: `large` (forms of at least 2³³ FLOPs, 8.6 GFLOP), `all`, or `off`
+//! (every GEMM as the heuristic plans it; the file is not read). `off` is the default until the
+//! candidates have run on a GPU: the heuristic's tile under one block per tile is the
+//! configuration measured correct on an H200 (session 12), while the cluster pairs and the
+//! persistent schedules have only been checked on the CPU (their tile walks, the pipeline
+//! protocol's model, NVRTC). `gpu-check` checks every candidate under every schedule (check 3)
+//! and runs a tuned product against the CPU; once it passes on a GPU, `large` is the default to
+//! choose.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -36,15 +42,15 @@ pub enum TuningPolicy {
 }
 
 impl TuningPolicy {
-    /// `FATHOM_GEMM_TUNING`'s value (`large` when unset); an unknown value is an error naming
-    /// the ones it takes.
+    /// `FATHOM_GEMM_TUNING`'s value (`off` when unset, see the module docs); an unknown value
+    /// is an error naming the ones it takes.
     pub fn parse(value: Option<&str>) -> Result<Self, String> {
         match value.map(str::trim) {
-            None | Some("") | Some("large") => Ok(TuningPolicy::Large),
+            None | Some("") | Some("off") | Some("0") => Ok(TuningPolicy::Off),
+            Some("large") => Ok(TuningPolicy::Large),
             Some("all") => Ok(TuningPolicy::All),
-            Some("off") | Some("0") => Ok(TuningPolicy::Off),
             Some(other) => Err(format!(
-                "{TUNING_VAR}={other}: expected `large` (the default), `all` or `off`"
+                "{TUNING_VAR}={other}: expected `large`, `all` or `off` (the default)"
             )),
         }
     }

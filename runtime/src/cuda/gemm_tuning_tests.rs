@@ -24,7 +24,8 @@ fn temp_dir(name: &str) -> PathBuf {
 
 #[test]
 fn the_policy_reads_the_environment_value() {
-    assert_eq!(TuningPolicy::parse(None), Ok(TuningPolicy::Large));
+    assert_eq!(TuningPolicy::parse(None), Ok(TuningPolicy::Off));
+    assert_eq!(TuningPolicy::parse(Some("large")), Ok(TuningPolicy::Large));
     assert_eq!(TuningPolicy::parse(Some("all")), Ok(TuningPolicy::All));
     assert_eq!(TuningPolicy::parse(Some("off")), Ok(TuningPolicy::Off));
     let error = TuningPolicy::parse(Some("fast")).unwrap_err();
