@@ -92,9 +92,9 @@ pub fn step_form(step: &LibraryStep) -> Option<GemmForm> {
         GemmGrouping::KGrouped => int("groups")?,
         // The experts' B matrices are stacked: `[groups · N][K]`.
         GemmGrouping::Contiguous => match named.get("tmap_b") {
-            Some(StepArg::TensorMap(desc, _)) => u32::try_from(desc.global_dims[1] / u64::from(n))
-                .ok()
-                .filter(|_| n > 0)?,
+            Some(StepArg::TensorMap(desc, _)) if n > 0 => {
+                u32::try_from(desc.global_dims[1] / u64::from(n)).ok()?
+            }
             _ => return None,
         },
     };
