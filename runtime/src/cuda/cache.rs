@@ -257,6 +257,22 @@ impl KernelCache {
         Ok(cached)
     }
 
+    /// [`get_or_compile`](Self::get_or_compile) for every kernel of `kernels`, on rayon's
+    /// threads (NVRTC compiles separate programs concurrently; a first run compiles tens of
+    /// templates of a second or more each). The results come in `kernels`' order; a kernel that
+    /// does not compile gives its error and the others still compile.
+    pub fn get_or_compile_many(
+        &self,
+        kernels: &[KernelSource],
+        arch: &str,
+    ) -> Vec<Result<CachedKernel, CacheError>> {
+        use rayon::prelude::*;
+        kernels
+            .par_iter()
+            .map(|kernel| self.get_or_compile(kernel, arch, &[]))
+            .collect()
+    }
+
     fn get_or_compile_source(
         &self,
         kernel: &KernelSource,

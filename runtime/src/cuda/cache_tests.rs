@@ -306,3 +306,43 @@ fn a_hand_edited_override_is_compiled_in_place_of_the_source_and_each_edit_anew(
     );
     assert_eq!(cache.counters().compiles, compiles);
 }
+
+/// Many kernels compile on several threads, in their order, a broken one giving its error
+/// without stopping the others; the second time every one is a hit.
+#[test]
+fn many_kernels_compile_at_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cache) = open(dir.path()) else {
+        return;
+    };
+    let scaled = |a: f32| {
+        kernel(&format!(
+            "if (threadIdx.x < n) x[threadIdx.x] *= a * {a:.1}f;"
+        ))
+    };
+    let mut kernels: Vec<KernelSource> = (1..=5).map(|i| scaled(i as f32)).collect();
+    kernels.insert(2, kernel("this is not C++"));
+    let results = cache.get_or_compile_many(&kernels, "sm_80");
+    assert_eq!(results.len(), 6);
+    for (i, result) in results.iter().enumerate() {
+        match (i, result) {
+            (2, Err(CacheError::Compile { .. })) => {}
+            (2, other) => panic!("the broken kernel: {other:?}"),
+            (_, Ok(cached)) => {
+                assert!(!cached.hit);
+                // Each result is its own kernel's entry.
+                let written = std::fs::read_to_string(cached.dir.join("kernel.cu")).unwrap();
+                assert_eq!(written, kernels[i].source);
+            }
+            (_, Err(e)) => panic!("kernel {i}: {e}"),
+        }
+    }
+    assert_eq!(cache.counters().compiles, 6);
+    let again = cache.get_or_compile_many(&kernels, "sm_80");
+    let hits = again
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|c| c.hit))
+        .count();
+    assert_eq!(hits, 5);
+    assert!(cache.get_or_compile_many(&[], "sm_80").is_empty());
+}

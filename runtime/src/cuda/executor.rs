@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, sys};
 use fathom_compiler::codegen::{Access, CudaKernel, CudaLaunch, CudaProgram, cuda_program};
 use fathom_compiler::kernel::{BufferId, BufferRole, MemoryPlan, Program};
+use fathom_kernels::KernelSource;
 
 use super::CudaError;
 use super::alloc::{AllocStats, Block, CachingAllocator};
@@ -28,10 +29,10 @@ use super::device::{GpuDevice, compile_target};
 use super::fp8_gemm::encode_tensor_map;
 use super::gemm_tuning::TuningPolicy;
 use super::gemm_tuning_device::tuned_choices;
-use super::library::{LibraryCall, LibraryPlan, StepArg};
+use super::library::{LibraryCall, LibraryKernel, LibraryPlan, StepArg};
 use super::library_fp8::Fp8Target;
 use super::memory::{DriverMemory, download, stream_id, timing_event, upload};
-use super::modules::{Arg, generated_source, launch, launch_generated, load_kernel};
+use super::modules::{Arg, generated_source, launch, launch_generated, load_compiled};
 use crate::cpu::{initial_contents, to_host};
 use crate::interp::Feeds;
 use crate::tensor::HostTensor;
@@ -63,22 +64,40 @@ impl GpuKernels {
         cuda: &CudaProgram,
         arch: String,
     ) -> Result<Self, CudaError> {
-        let mut functions = HashMap::new();
-        let mut cache_hits = 0;
-        for source in &cuda.sources {
-            let block = cuda
-                .users_of(&source.entry)
-                .next()
-                .map_or(0, |k| k.launch.block);
-            let loaded = load_kernel(&device.ctx, cache, &generated_source(source, block), &arch)?;
-            cache_hits += usize::from(loaded.cached.hit);
-            functions.insert(source.entry.clone(), loaded.function);
-        }
-        Ok(GpuKernels {
+        let units: Vec<KernelSource> = cuda
+            .sources
+            .iter()
+            .map(|source| {
+                let block = cuda
+                    .users_of(&source.entry)
+                    .next()
+                    .map_or(0, |k| k.launch.block);
+                generated_source(source, block)
+            })
+            .collect();
+        let mut kernels = GpuKernels {
             arch,
-            functions,
-            cache_hits,
-        })
+            functions: HashMap::new(),
+            cache_hits: 0,
+        };
+        kernels.compile_and_load(device, cache, &units)?;
+        Ok(kernels)
+    }
+
+    /// Compiles `units` (in parallel, through the cache) and loads them into the device.
+    fn compile_and_load(
+        &mut self,
+        device: &GpuDevice,
+        cache: &KernelCache,
+        units: &[KernelSource],
+    ) -> Result<(), CudaError> {
+        let compiled = cache.get_or_compile_many(units, &self.arch);
+        for (unit, cached) in units.iter().zip(compiled) {
+            let loaded = load_compiled(&device.ctx, unit, cached?)?;
+            self.cache_hits += usize::from(loaded.cached.hit);
+            self.functions.insert(unit.entry.clone(), loaded.function);
+        }
+        Ok(())
     }
 
     /// Compiles and loads the library templates `plan` launches.
@@ -88,13 +107,12 @@ impl GpuKernels {
         cache: &KernelCache,
         plan: &LibraryPlan,
     ) -> Result<(), CudaError> {
-        for kernel in plan.kernels() {
-            let source = kernel.instantiate()?;
-            let loaded = load_kernel(&device.ctx, cache, &source, &self.arch)?;
-            self.cache_hits += usize::from(loaded.cached.hit);
-            self.functions.insert(source.entry, loaded.function);
-        }
-        Ok(())
+        let units = plan
+            .kernels()
+            .iter()
+            .map(LibraryKernel::instantiate)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.compile_and_load(device, cache, &units)
     }
 
     pub fn function(&self, entry: &str) -> Result<&CudaFunction, CudaError> {

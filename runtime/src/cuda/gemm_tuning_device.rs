@@ -40,6 +40,7 @@ pub fn tuned_choices(
     }
     let path = GemmTuning::path_in(cache.root(), arch);
     let mut tuning = GemmTuning::open(&path, &device.name);
+    precompile_candidates(cache, &forms, policy, &tuning);
     let stream = device
         .ctx
         .new_stream()
@@ -66,6 +67,31 @@ pub fn tuned_choices(
         );
     }
     Ok(choices)
+}
+
+/// Compiles every candidate the timings will load, on all the machine's threads (a first run
+/// compiles tens of them, a second or more each); a candidate that does not compile is said so
+/// again when it is loaded, and skipped.
+fn precompile_candidates(
+    cache: &KernelCache,
+    forms: &[GemmForm],
+    policy: TuningPolicy,
+    tuning: &GemmTuning,
+) {
+    let mut params: Vec<Fp8GemmParams> = Vec::new();
+    let untimed = forms
+        .iter()
+        .filter(|f| policy.takes(f) && tuning.get(f).is_none());
+    for candidate in untimed.flat_map(GemmForm::candidates) {
+        if !params.contains(&candidate) {
+            params.push(candidate);
+        }
+    }
+    let sources: Vec<_> = params.iter().filter_map(|p| p.instantiate().ok()).collect();
+    if let Some(first) = sources.first() {
+        let arch = first.arch_requirement.compile_arch();
+        drop(cache.get_or_compile_many(&sources, arch));
+    }
 }
 
 /// The loaded candidates and the current form's operands.

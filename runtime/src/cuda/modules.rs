@@ -33,6 +33,16 @@ pub fn load_kernel(
     arch: &str,
 ) -> Result<LoadedKernel, CudaError> {
     let cached = cache.get_or_compile(kernel, arch, &[])?;
+    load_compiled(ctx, kernel, cached)
+}
+
+/// Loads `kernel`, compiled as `cached` (by [`KernelCache::get_or_compile_many`], say), into
+/// `ctx`, as [`load_kernel`] does.
+pub fn load_compiled(
+    ctx: &Arc<CudaContext>,
+    kernel: &KernelSource,
+    cached: CachedKernel,
+) -> Result<LoadedKernel, CudaError> {
     let image = match &cached.image {
         ModuleImage::Cubin(bytes) => Ptx::from_binary(bytes.clone()),
         ModuleImage::Ptx(text) => Ptx::from_src(text.clone()),
