@@ -35,6 +35,14 @@ impl GemmForm {
         )
     }
 
+    /// What a plan launches untuned: the heuristic's tile, one block per tile.
+    pub fn default_choice(&self) -> GemmChoice {
+        GemmChoice {
+            params: self.default_params(),
+            schedule: TileSchedule::ONE_TILE_PER_BLOCK,
+        }
+    }
+
     /// Every tile configuration worth timing, the default first.
     pub fn candidates(&self) -> Vec<Fp8GemmParams> {
         Fp8GemmParams::candidates(
@@ -193,13 +201,28 @@ impl LibraryPlan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
     use crate::cuda::library::LibraryCall;
     use crate::cuda::library_fp8::Fp8Target;
     use crate::cuda::library_fp8::tests::{check_products, small_fp8_training_program};
+
+    /// Redoes every sm_90a FP8 GEMM step of `plan` with its form's default choice and checks
+    /// that gives the step back; how many there were.
+    pub(crate) fn redo_every_step_by_default(plan: &LibraryPlan) -> usize {
+        let mut redone = 0;
+        for step in plan.calls.iter().flatten().flat_map(|c| &c.steps) {
+            let Some(form) = step_form(step) else {
+                continue;
+            };
+            let redo = with_choice(step, &form.default_choice()).unwrap();
+            assert_eq!(redo, *step, "{}", form.key());
+            redone += 1;
+        }
+        redone
+    }
 
     fn hopper_plan() -> (fathom_compiler::kernel::Program, LibraryPlan) {
         let program = small_fp8_training_program();
@@ -222,27 +245,9 @@ mod tests {
         ] {
             assert!(groupings.contains(&grouping), "{grouping:?}: {forms:?}");
         }
-        let mut redone = 0;
-        for step in plan.calls.iter().flatten().flat_map(|c| &c.steps) {
-            let Some(form) = step_form(step) else {
-                continue;
-            };
-            let default = GemmChoice {
-                params: form.default_params(),
-                schedule: TileSchedule::ONE_TILE_PER_BLOCK,
-            };
-            assert_eq!(with_choice(step, &default).unwrap(), *step, "{form:?}");
-            redone += 1;
-        }
-        assert!(redone >= forms.len());
+        assert!(redo_every_step_by_default(&plan) >= forms.len());
         let mut same = plan.clone();
-        let defaults = forms.iter().map(|f| {
-            let choice = GemmChoice {
-                params: f.default_params(),
-                schedule: TileSchedule::ONE_TILE_PER_BLOCK,
-            };
-            (*f, choice)
-        });
+        let defaults = forms.iter().map(|f| (*f, f.default_choice()));
         assert_eq!(same.apply_gemm_choices(&defaults.collect()), Ok(0));
         assert_eq!(same, plan);
     }

@@ -844,27 +844,11 @@ fn deepseek_v3_sized_products_plan_as_fp8_gemms() {
 
 /// At DeepSeek-V3's sizes every sm_90a FP8 GEMM step's form reads back from its arguments and
 /// the default choice redoes it exactly (256 experts, K-grouped over their padded token-slots),
-/// and the forms the tuner times by default are those of at least 2³³ FLOPs.
+/// and the forms `FATHOM_GEMM_TUNING=large` times are those of at least 2³³ FLOPs.
 fn tuning_reads_every_form(plan: &LibraryPlan) {
-    use crate::cuda::gemm_choice::{GemmChoice, step_form, with_choice};
+    use crate::cuda::gemm_choice::tests::redo_every_step_by_default;
     use crate::cuda::gemm_tuning::TuningPolicy;
-    let mut steps = 0;
-    for step in plan.calls.iter().flatten().flat_map(|c| &c.steps) {
-        let Some(form) = step_form(step) else {
-            continue;
-        };
-        let default = GemmChoice {
-            params: form.default_params(),
-            schedule: TileSchedule::ONE_TILE_PER_BLOCK,
-        };
-        assert_eq!(
-            with_choice(step, &default).unwrap(),
-            *step,
-            "{}",
-            form.key()
-        );
-        steps += 1;
-    }
+    let steps = redo_every_step_by_default(plan);
     let forms = plan.fp8_gemm_forms();
     let large: Vec<_> = forms
         .iter()
