@@ -476,19 +476,6 @@ pub struct AttentionShape {
     pub v: usize,
 }
 
-impl AttentionShape {
-    /// `(rows, width)` of each operand read as rows of its last axis, `[q, k_nope, k_rope, v]`.
-    pub fn operand_rows(&self) -> [(usize, usize); 4] {
-        let per_head = self.batch * self.tokens * self.heads;
-        [
-            (per_head, self.nope + self.rope),
-            (per_head, self.nope),
-            (self.batch * self.tokens, self.rope),
-            (per_head, self.v),
-        ]
-    }
-}
-
 /// An attention operand read as rows of its last axis: row `r` (in row-major order of the
 /// other axes) is the `width` contiguous elements from `offset + r · row_stride` of `buffer`.
 /// A slice of a wider tensor's last axis (MLA's `k_nope` and `v`, halves of one projection)
