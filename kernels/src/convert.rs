@@ -55,8 +55,8 @@ impl ConvertParams {
         }
     }
 
-    /// `(from, to)` of a conversion over rows.
-    fn elements(&self) -> Option<(Elem, Elem)> {
+    /// `(from, to)` of a conversion over rows (`None` for the fill).
+    pub fn elements(&self) -> Option<(Elem, Elem)> {
         match self.kind {
             ConvertKind::F32ToBf16 => Some((Elem::F32, Elem::Bf16)),
             ConvertKind::Bf16ToF32 => Some((Elem::Bf16, Elem::F32)),

@@ -43,6 +43,15 @@ pub enum Elem {
 }
 
 impl Elem {
+    /// Bytes of one element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Elem::E4m3 => 1,
+            Elem::Bf16 => 2,
+            Elem::F32 | Elem::I32 => 4,
+        }
+    }
+
     /// The short name in kernel names: `e4m3`, `bf16`, `f32`, `i32`.
     pub(crate) fn tag(self) -> &'static str {
         match self {

@@ -192,15 +192,6 @@ fn advance(arg: StepArg, elements: usize, bytes: usize) -> StepArg {
     }
 }
 
-/// Bytes of one element a conversion reads and writes.
-fn element_bytes(kind: ConvertKind) -> (usize, usize) {
-    match kind {
-        ConvertKind::F32ToBf16 => (4, 2),
-        ConvertKind::Bf16ToF32 => (2, 4),
-        ConvertKind::F32ToF32 | ConvertKind::ZeroF32 => (4, 4),
-    }
-}
-
 /// The steps converting `layout`'s rows between the program's layout at `program` (rows
 /// `program_stride` apart) and the templates' at `padded` — towards the templates (zeros in
 /// the padding) or, `back`, towards the program (the padding dropped).
@@ -211,8 +202,9 @@ fn convert_rows(
     (program, program_stride): (StepArg, usize),
     padded: StepArg,
 ) {
-    let (from_bytes, to_bytes) = element_bytes(kind);
     let params = ConvertParams::new(kind);
+    let (from, to) = params.elements().expect("a conversion over rows");
+    let (from_bytes, to_bytes) = (from.bytes(), to.bytes());
     for s in &layout.segments {
         let (x, y, x_stride, y_stride, padded_width) = if back {
             let x = advance(padded, s.to, from_bytes);
