@@ -34,9 +34,10 @@ use fathom_compiler::graph::QuantFormat;
 use fathom_compiler::kernel::{BufferId, BufferRole, KernelBody, Library, Program, View};
 use fathom_kernels::{
     BScaling, FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem,
-    KernelParam, QuantizeInput, QuantizeKind, QuantizeParams, TileSchedule,
+    KernelParam, QuantizeInput, QuantizeKind, QuantizeParams,
 };
 
+use super::gemm_choice::{GemmChoice, GemmForm};
 use super::library::{LibraryCall, LibraryKernel, LibraryStep, StepArg, merged_batch_axes};
 use super::modules::args_by_name;
 
@@ -408,9 +409,14 @@ pub(crate) fn gemm_step(
     ]);
     match target {
         Fp8Target::Hopper => {
-            let params =
-                Fp8GemmParams::for_shape(problem.m, problem.n, b_scaling, output, grouping);
-            let schedule = TileSchedule::ONE_TILE_PER_BLOCK;
+            // The untuned choice; the tuner may redo the step with another (`gemm_choice`).
+            let form = GemmForm {
+                problem: *problem,
+                b_scaling,
+                output,
+                grouping,
+            };
+            let GemmChoice { params, schedule } = form.default_choice();
             named.push(("raster_band", StepArg::I32(schedule.raster_band as i32)));
             for desc in params.tensor_maps(problem).map_err(|e| e.to_string())? {
                 let base = match desc.param {

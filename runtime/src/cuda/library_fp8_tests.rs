@@ -16,6 +16,7 @@ use fathom_compiler::kernel::{Buffer, BufferRole, ExpertOutputs, ExpertWeights, 
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
 use fathom_compiler::training::training_graph;
+use fathom_kernels::TileSchedule;
 use fathom_kernels::nvrtc::nvrtc_unless_skipped;
 
 use super::*;
