@@ -19,7 +19,7 @@ use super::fp8_gemm::{Fp8Gemm, Fp8GemmOperands};
 use super::gemm_choice::{GemmChoice, GemmForm};
 use super::gemm_tuning::{GemmTuning, TimingOperands, TuningPolicy, choose};
 use super::library::LibraryPlan;
-use super::memory::{DriverMemory, stream_id, timing_event, upload};
+use super::memory::{DriverMemory, mean_launch_ms, stream_id, upload};
 
 /// Launches per timing, after [`WARMUP`] untimed ones.
 const ITERS: u32 = 10;
@@ -145,30 +145,21 @@ impl<'a> Bench<'a> {
     ) -> Result<f64, CudaError> {
         let operands = self.operands_for(form)?;
         let (stream, sms) = (Arc::clone(self.stream), self.device.multiprocessors);
-        let ctx = Arc::clone(&self.device.ctx);
         let gemm = self.gemm(params)?;
         let schedule = match band {
             None => TileSchedule::ONE_TILE_PER_BLOCK,
             Some(band) => gemm.persistent_schedule(&stream, sms, band)?,
         };
-        let driver = |what: &str| {
-            let what = what.to_owned();
-            move |e| CudaError::driver(what, e)
-        };
-        for _ in 0..WARMUP {
-            gemm.launch(&stream, &form.problem, &operands, &schedule)?;
-        }
-        stream.synchronize().map_err(driver("warming up"))?;
-        let start = timing_event(&ctx).map_err(driver("an event"))?;
-        let end = timing_event(&ctx).map_err(driver("an event"))?;
-        start.record(&stream).map_err(driver("recording"))?;
-        for _ in 0..ITERS {
-            gemm.launch(&stream, &form.problem, &operands, &schedule)?;
-        }
-        end.record(&stream).map_err(driver("recording"))?;
-        stream.synchronize().map_err(driver("timing"))?;
-        let ms = start.elapsed_ms(&end).map_err(driver("reading the time"))?;
-        Ok(f64::from(ms) / f64::from(ITERS))
+        mean_launch_ms(
+            &stream,
+            (WARMUP, ITERS),
+            || gemm.launch(&stream, &form.problem, &operands, &schedule),
+            || {
+                stream
+                    .synchronize()
+                    .map_err(|e| CudaError::driver("warming up".into(), e))
+            },
+        )
     }
 
     /// `form`'s operands, allocated when the form changes (the previous form's freed).

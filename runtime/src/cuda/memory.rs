@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result, sys};
 
+use super::CudaError;
 use super::alloc::{AllocError, RawDevice, StreamId};
 
 /// A CUDA event that is destroyed when dropped.
@@ -113,4 +114,33 @@ pub fn download<T: Copy>(stream: &CudaStream, src: u64, host: &mut [T]) -> Resul
 /// An event that records time (cudarc's default events do not, and `elapsed_ms` then fails).
 pub fn timing_event(ctx: &Arc<CudaContext>) -> Result<CudaEvent, DriverError> {
     ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+}
+
+/// Milliseconds per call of `launch` on `stream`: `warmup` untimed calls, waited for by `settle`
+/// (a synchronize, or a wait that gives up on a kernel that never finishes), then `iters` calls
+/// between two timing events, averaged.
+pub fn mean_launch_ms<E: From<CudaError>>(
+    stream: &CudaStream,
+    (warmup, iters): (u32, u32),
+    mut launch: impl FnMut() -> Result<(), E>,
+    settle: impl FnOnce() -> Result<(), E>,
+) -> Result<f64, E> {
+    let driver = |what: &'static str| move |e| E::from(CudaError::driver(what.to_owned(), e));
+    for _ in 0..warmup {
+        launch()?;
+    }
+    settle()?;
+    let ctx = stream.context();
+    let start = timing_event(ctx).map_err(driver("creating a timing event"))?;
+    let end = timing_event(ctx).map_err(driver("creating a timing event"))?;
+    start.record(stream).map_err(driver("recording an event"))?;
+    for _ in 0..iters {
+        launch()?;
+    }
+    end.record(stream).map_err(driver("recording an event"))?;
+    stream.synchronize().map_err(driver("timing launches"))?;
+    let ms = start
+        .elapsed_ms(&end)
+        .map_err(driver("reading the timer"))?;
+    Ok(f64::from(ms) / f64::from(iters.max(1)))
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use fathom_kernels::KernelSource;
 use fathom_runtime::cuda::alloc::Block;
-use fathom_runtime::cuda::memory::{DriverMemory, download, stream_id, timing_event, upload};
+use fathom_runtime::cuda::memory::{
+    DriverMemory, download, mean_launch_ms, stream_id, timing_event, upload,
+};
 use fathom_runtime::cuda::modules::{Arg, args_by_name, launch, load_kernel};
 use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
 
@@ -121,19 +123,9 @@ pub fn time_launches(
     iters: u32,
     what: impl FnOnce() -> String,
 ) -> anyhow::Result<f64> {
-    for _ in 0..3 {
-        launch()?;
-    }
-    finish_within(device, stream, HANG_LIMIT, what)?;
-    let start = timing_event(&device.ctx)?;
-    let end = timing_event(&device.ctx)?;
-    start.record(stream)?;
-    for _ in 0..iters {
-        launch()?;
-    }
-    end.record(stream)?;
-    stream.synchronize()?;
-    Ok(f64::from(start.elapsed_ms(&end)?) / f64::from(iters.max(1)))
+    mean_launch_ms(stream, (3, iters), launch, || {
+        finish_within(device, stream, HANG_LIMIT, what)
+    })
 }
 
 /// The JSON at `path` (timings a PyTorch script wrote), or `None` with a line saying what
