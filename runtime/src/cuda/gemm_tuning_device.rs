@@ -173,42 +173,40 @@ impl<'a> Bench<'a> {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let host = TimingOperands::of(form, &mut seed);
         let mut blocks = Vec::new();
-        let mut put = |bytes: &[u8]| -> Result<u64, CudaError> {
-            let block = self
-                .allocator
-                .alloc(bytes.len().max(1), stream_id(self.stream))?;
-            upload(self.stream, block.ptr, bytes)
-                .map_err(|e| CudaError::driver("uploading timing operands".into(), e))?;
-            let ptr = block.ptr;
-            blocks.push(block);
-            Ok(ptr)
-        };
-        let floats = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-        let ints = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|i| i.to_le_bytes()).collect() };
-        let mut optional = |v: &[i32]| -> Result<Option<u64>, CudaError> {
-            Ok(if v.is_empty() {
-                None
-            } else {
-                Some(put(&ints(v))?)
+        let mut optional = |bench: &mut Self, v: &[i32]| -> Result<Option<u64>, CudaError> {
+            Ok(match v.is_empty() {
+                true => None,
+                false => Some(bench.put(&mut blocks, v)?),
             })
         };
         let (block_expert, out_rows, k_offsets) = (
-            optional(&host.block_expert)?,
-            optional(&host.out_rows)?,
-            optional(&host.k_offsets)?,
+            optional(self, &host.block_expert)?,
+            optional(self, &host.out_rows)?,
+            optional(self, &host.k_offsets)?,
         );
         let operands = Fp8GemmOperands {
-            a: put(&host.a)?,
-            b: put(&host.b)?,
-            scale_a: put(&floats(&host.scale_a))?,
-            scale_b: put(&floats(&host.scale_b))?,
-            out: put(&vec![0u8; host.out_bytes])?,
+            a: self.put(&mut blocks, &host.a)?,
+            b: self.put(&mut blocks, &host.b)?,
+            scale_a: self.put(&mut blocks, &host.scale_a)?,
+            scale_b: self.put(&mut blocks, &host.scale_b)?,
+            out: self.put(&mut blocks, &vec![0u8; host.out_bytes])?,
             block_expert,
             out_rows,
             k_offsets,
         };
         self.operands = Some((*form, operands, blocks));
         Ok(operands)
+    }
+
+    /// A device copy of `host`, its block added to `blocks`; its address.
+    fn put<T: Copy>(&mut self, blocks: &mut Vec<Block>, host: &[T]) -> Result<u64, CudaError> {
+        let bytes = size_of_val(host).max(1);
+        let block = self.allocator.alloc(bytes, stream_id(self.stream))?;
+        let ptr = block.ptr;
+        blocks.push(block);
+        upload(self.stream, ptr, host)
+            .map_err(|e| CudaError::driver("uploading timing operands".into(), e))?;
+        Ok(ptr)
     }
 
     fn free_operands(&mut self) -> Result<(), CudaError> {
