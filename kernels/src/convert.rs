@@ -10,7 +10,7 @@ use crate::kernel::{
     Template, assemble,
 };
 
-const CONVERT: Template = Template {
+pub(crate) const CONVERT: Template = Template {
     file: "convert.cuh",
     text: include_str!("../cuda/convert.cuh"),
 };

@@ -40,6 +40,7 @@ pub enum Elem {
     Bf16,
     F32,
     I32,
+    F64,
 }
 
 impl Elem {
@@ -49,16 +50,18 @@ impl Elem {
             Elem::E4m3 => 1,
             Elem::Bf16 => 2,
             Elem::F32 | Elem::I32 => 4,
+            Elem::F64 => 8,
         }
     }
 
-    /// The short name in kernel names: `e4m3`, `bf16`, `f32`, `i32`.
+    /// The short name in kernel names: `e4m3`, `bf16`, `f32`, `i32`, `f64`.
     pub(crate) fn tag(self) -> &'static str {
         match self {
             Elem::E4m3 => "e4m3",
             Elem::Bf16 => "bf16",
             Elem::F32 => "f32",
             Elem::I32 => "i32",
+            Elem::F64 => "f64",
         }
     }
 
@@ -68,6 +71,7 @@ impl Elem {
             Elem::Bf16 => "bf16",
             Elem::F32 => "float",
             Elem::I32 => "int",
+            Elem::F64 => "double",
         }
     }
 }

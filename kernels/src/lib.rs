@@ -10,6 +10,7 @@
 //! | `mla_attention_fwd` / `_bwd` | [`MlaAttentionFwdParams`], [`MlaAttentionBwdParams`] | `sm_80`+: `mma.sync` BF16, FP32 online softmax |
 //! | `gemm_f32` (batched strided, grouped, grouped weight-grad) | [`F32GemmParams`] | `sm_80`+: CUDA cores, for f32 programs |
 //! | `index_*` (gather, take-along, index-add, one-hot, top-k, group-rows) | [`IndexOpParams`] | `sm_80`+ |
+//! | `product_agreement` | [`AgreementParams`] | `sm_80`+: two results' distance, summed on the device |
 //! | `fake_quantize_e4m3`, `fake_quantize_gathered_128x1_e4m3` | [`FakeQuantizeParams`], [`FakeQuantizeGatheredParams`] | `sm_80`+ |
 //!
 //! FP8 follows DeepSeek-V3 (SPEC §2): E4M3 operands, activations scaled per 1×128 tile, weights
@@ -28,6 +29,7 @@
 //! Nothing here launches a kernel: the runtime owns devices, tensor-map encoding
 //! ([`TensorMapDesc`] says what each map must be) and the compiled-kernel cache.
 
+pub mod agreement;
 pub mod attention;
 pub mod convert;
 pub mod fake_quantize;
@@ -42,6 +44,7 @@ pub mod tensor_map;
 mod wgmma;
 pub mod writer;
 
+pub use agreement::{Agreement, AgreementParams};
 pub use attention::{MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims};
 pub use convert::{ConvertKind, ConvertParams};
 pub use fake_quantize::{FakeQuantizeGatheredParams, FakeQuantizeParams};

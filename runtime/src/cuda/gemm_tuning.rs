@@ -5,7 +5,10 @@
 //! only timing tells. With tuning on, the first run on a device times every candidate of each
 //! large GEMM form of its plan (the candidates `gpu-check` sweeps) and writes the fastest to
 //! `<kernel cache>/<arch>/gemm-tuning.json`; later runs read it. Small GEMMs, where the choice
-//! matters little and timing would cost more than it saves, keep the heuristic's tile.
+//! matters little and timing would cost more than it saves, keep the heuristic's tile. A
+//! candidate's timing counts only if its product on the timing operands is the heuristic
+//! tile's (checked on the device, `gemm_tuning_device`), and a launch that hangs stops the
+//! tuning with an error naming it, so a faulty configuration is never chosen silently.
 //!
 //! `FATHOM_GEMM_TUNING`: `large` (forms of at least 2³³ FLOPs, 8.6 GFLOP), `all`, or `off`
 //! (every GEMM as the heuristic plans it; the file is not read). `off` is the default until the
@@ -100,6 +103,13 @@ impl TunedGemm {
         };
         Some(GemmChoice { params, schedule })
     }
+}
+
+/// How a schedule reads in a line: `one block per tile`, `persistent blocks in bands of 8`.
+pub fn schedule_words(band: Option<u32>) -> String {
+    band.map_or("one block per tile".to_owned(), |b| {
+        format!("persistent blocks in bands of {b}")
+    })
 }
 
 /// One timing of a candidate.
@@ -339,11 +349,7 @@ pub fn choose(
                         "fathom: FP8 GEMM {}: {} under {} at {:.0} TFLOPS (the default tile: {:.0})",
                         form.key(),
                         tuned.kernel,
-                        tuned
-                            .persistent_band
-                            .map_or("one block per tile".to_owned(), |b| format!(
-                                "persistent blocks in bands of {b}"
-                            )),
+                        schedule_words(tuned.persistent_band),
                         tuned.tflops,
                         tuned.default_tflops
                     );

@@ -3,13 +3,23 @@
 //! row blocks) allocated once, each candidate loaded through the kernel cache and launched a
 //! few times between two events. A candidate that does not load or launch is skipped with a
 //! line saying why; the others still compete.
+//!
+//! Before a candidate's timing counts, its product must be the default tile's: the heuristic's
+//! tile under one block per tile (the configuration checked against the CPU on an H200) runs
+//! once per form as the reference, and each candidate under each schedule runs once on a
+//! cleared output and is compared on the device (`fathom_kernels::Agreement`). Candidates sum
+//! the same K blocks of the same codes with the same scales, so a correct one agrees to
+//! rounding (DeepGEMM's diff ~1e-14 in f32, a few bf16 ulps at most); one wrong tile among
+//! F tiles gives a diff of about 1/(2F), above [`AGREEMENT_BOUND`] for any F under 500 000.
+//! A candidate that disagrees is skipped, said in a line; a launch that does not finish within
+//! [`HANG_LIMIT`] stops the tuning with [`CudaError::Hung`] (a hung context cannot go on).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
-use fathom_kernels::{Fp8GemmParams, TileSchedule};
+use fathom_kernels::{Agreement, AgreementParams, Elem, Fp8GemmParams, GemmOutput, TileSchedule};
 
 use super::CudaError;
 use super::alloc::{Block, CachingAllocator};
@@ -17,13 +27,22 @@ use super::cache::KernelCache;
 use super::device::GpuDevice;
 use super::fp8_gemm::{Fp8Gemm, Fp8GemmOperands};
 use super::gemm_choice::{GemmChoice, GemmForm};
-use super::gemm_tuning::{GemmTuning, TimingOperands, TuningPolicy, choose};
+use super::gemm_tuning::{
+    GemmTuning, TUNING_VAR, TimingOperands, TuningPolicy, choose, schedule_words,
+};
 use super::library::LibraryPlan;
-use super::memory::{DriverMemory, mean_launch_ms, stream_id, upload};
+use super::memory::{
+    DriverMemory, HANG_LIMIT, download, finish_within, mean_launch_ms, stream_id, upload,
+    zero_bytes,
+};
+use super::modules::{Arg, LoadedKernel, args_by_name, launch, load_kernel};
 
 /// Launches per timing, after [`WARMUP`] untimed ones.
 const ITERS: u32 = 10;
 const WARMUP: u32 = 2;
+/// The largest diff (`Σ(x − y)² / Σ(x² + y²)`) from the default tile's product that a candidate
+/// may have (see the module docs).
+pub const AGREEMENT_BOUND: f64 = 1e-6;
 
 /// The choices for `plan`'s sm_90a FP8 GEMMs on `device` (kernels compiled for `arch`) under
 /// `policy`: read from the tuning file beside the kernel cache, the missing ones timed now and
@@ -45,20 +64,38 @@ pub fn tuned_choices(
         .ctx
         .new_stream()
         .map_err(|e| CudaError::driver("creating the tuning stream".into(), e))?;
-    let bench = RefCell::new(Bench::new(device, cache, &stream));
+    let bench = RefCell::new(Bench::new(device, cache, arch, &stream));
+    // A hang ends the tuning: nothing more can run in the context.
+    let hung = RefCell::new(None);
     let time = |form: &GemmForm, params: &Fp8GemmParams, band: Option<u32>| {
-        let timed = bench.borrow_mut().time(form, params, band);
-        timed.map(Some).unwrap_or_else(|e| {
-            eprintln!(
-                "fathom: FP8 GEMM {}: {} not timed ({e})",
-                form.key(),
-                params.name()
-            );
-            None
-        })
+        if hung.borrow().is_some() {
+            return None;
+        }
+        match bench.borrow_mut().time(form, params, band) {
+            Ok(ms) => Some(ms),
+            Err(e @ CudaError::Hung { .. }) => {
+                *hung.borrow_mut() = Some(e);
+                None
+            }
+            Err(e) => {
+                eprintln!(
+                    "fathom: FP8 GEMM {}: {} under {} not timed ({e})",
+                    form.key(),
+                    params.name(),
+                    schedule_words(band)
+                );
+                None
+            }
+        }
     };
     let blocks = |params: &Fp8GemmParams| bench.borrow_mut().persistent_blocks(params);
     let choices = choose(&forms, policy, &mut tuning, time, blocks);
+    if let Some(hang) = hung.into_inner() {
+        return Err(CudaError::Launch(format!(
+            "tuning the FP8 GEMMs: {hang}; `{}=off` runs the untuned tiles",
+            TUNING_VAR
+        )));
+    }
     bench.into_inner().free()?;
     if let Err(e) = tuning.save() {
         eprintln!(
@@ -94,24 +131,61 @@ fn precompile_candidates(
     }
 }
 
+/// The current form's operands on the device.
+struct FormOperands {
+    form: GemmForm,
+    operands: Fp8GemmOperands,
+    /// The default tile's product (one block per tile), or why there is none.
+    reference: Result<u64, String>,
+    /// The agreement kernel's three f64 sums.
+    sums: u64,
+    blocks: Vec<Block>,
+}
+
+impl FormOperands {
+    /// The output's element type and element count.
+    fn output(&self) -> (Elem, usize) {
+        let elem = match self.form.output {
+            GemmOutput::Bf16 => Elem::Bf16,
+            _ => Elem::F32,
+        };
+        let outputs = match self.form.grouping {
+            fathom_kernels::GemmGrouping::KGrouped => self.form.problem.groups.max(1),
+            _ => 1,
+        };
+        let p = self.form.problem;
+        (elem, outputs as usize * p.m as usize * p.n as usize)
+    }
+}
+
 /// The loaded candidates and the current form's operands.
 struct Bench<'a> {
     device: &'a GpuDevice,
     cache: &'a KernelCache,
+    /// What the agreement kernels are compiled for.
+    arch: &'a str,
     stream: &'a Arc<CudaStream>,
     allocator: CachingAllocator<DriverMemory>,
     gemms: HashMap<Fp8GemmParams, Fp8Gemm>,
-    operands: Option<(GemmForm, Fp8GemmOperands, Vec<Block>)>,
+    agreements: HashMap<Elem, LoadedKernel>,
+    operands: Option<FormOperands>,
 }
 
 impl<'a> Bench<'a> {
-    fn new(device: &'a GpuDevice, cache: &'a KernelCache, stream: &'a Arc<CudaStream>) -> Self {
+    fn new(
+        device: &'a GpuDevice,
+        cache: &'a KernelCache,
+        arch: &'a str,
+        stream: &'a Arc<CudaStream>,
+    ) -> Self {
         Bench {
             device,
             cache,
+            arch,
             stream,
             allocator: CachingAllocator::new(DriverMemory::new(Arc::clone(&device.ctx))),
             gemms: HashMap::new(),
+            agreements: HashMap::new(),
             operands: None,
         }
     }
@@ -145,29 +219,91 @@ impl<'a> Bench<'a> {
     ) -> Result<f64, CudaError> {
         let operands = self.operands_for(form)?;
         let (stream, sms) = (Arc::clone(self.stream), self.device.multiprocessors);
-        let gemm = self.gemm(params)?;
         let schedule = match band {
             None => TileSchedule::ONE_TILE_PER_BLOCK,
-            Some(band) => gemm.persistent_schedule(&stream, sms, band)?,
+            Some(band) => self.gemm(params)?.persistent_schedule(&stream, sms, band)?,
         };
+        let what = || format!("{} under {}", params.name(), schedule_words(band));
+        let agreement = self.agreement(params, &schedule, what)?;
+        if !agreement.within(AGREEMENT_BOUND) {
+            return Err(CudaError::Launch(format!(
+                "its product is not the default tile's: diff {:.1e} (bound {AGREEMENT_BOUND:.0e}), \
+                 {} elements not finite",
+                agreement.diff, agreement.not_finite
+            )));
+        }
+        let gemm = self.gemm(params)?;
         mean_launch_ms(
             &stream,
             (WARMUP, ITERS),
             || gemm.launch(&stream, &form.problem, &operands, &schedule),
-            || {
-                stream
-                    .synchronize()
-                    .map_err(|e| CudaError::driver("warming up".into(), e))
-            },
+            || finish_within(&stream, HANG_LIMIT, what),
         )
+    }
+
+    /// How far `params`' product under `schedule`, on a cleared output, lies from the current
+    /// form's reference.
+    fn agreement(
+        &mut self,
+        params: &Fp8GemmParams,
+        schedule: &TileSchedule,
+        what: impl FnOnce() -> String,
+    ) -> Result<Agreement, CudaError> {
+        let stream = Arc::clone(self.stream);
+        let current = self
+            .operands
+            .as_ref()
+            .ok_or_else(|| CudaError::Launch("no operands to check the product on".into()))?;
+        let reference = current.reference.clone().map_err(|e| {
+            CudaError::Launch(format!("no reference product to check it against ({e})"))
+        })?;
+        let (form, operands, sums) = (current.form, current.operands, current.sums);
+        let (elem, elements) = current.output();
+        let driver = |what: &'static str| move |e| CudaError::driver(what.to_owned(), e);
+        zero_bytes(&stream, operands.out, elements * elem.bytes())
+            .map_err(driver("clearing the output"))?;
+        zero_bytes(&stream, sums, 3 * 8).map_err(driver("clearing the sums"))?;
+        self.gemm(params)?
+            .launch(&stream, &form.problem, &operands, schedule)?;
+        let agreement = AgreementParams { elem };
+        let kernel = self.agreement_kernel(agreement)?;
+        let named = [
+            ("x", Arg::Ptr(operands.out)),
+            ("y", Arg::Ptr(reference)),
+            ("n", Arg::I64(elements as i64)),
+            ("sums", Arg::Ptr(sums)),
+        ];
+        let mut args = args_by_name(&agreement.name(), &agreement.kernel_params(), &named)?;
+        let [gx, gy, gz] = agreement.grid(elements as u64);
+        launch(
+            &stream,
+            &kernel.function,
+            (gx, gy, gz),
+            (agreement.block_threads(), 1, 1),
+            0,
+            &mut args,
+        )?;
+        finish_within(&stream, HANG_LIMIT, what)?;
+        let mut totals = [0f64; 3];
+        download(&stream, sums, &mut totals).map_err(driver("reading the sums"))?;
+        Ok(Agreement::from_sums(totals))
+    }
+
+    fn agreement_kernel(&mut self, params: AgreementParams) -> Result<&LoadedKernel, CudaError> {
+        if !self.agreements.contains_key(&params.elem) {
+            let source = params.instantiate()?;
+            let kernel = load_kernel(&self.device.ctx, self.cache, &source, self.arch)?;
+            self.agreements.insert(params.elem, kernel);
+        }
+        Ok(&self.agreements[&params.elem])
     }
 
     /// `form`'s operands, allocated when the form changes (the previous form's freed).
     fn operands_for(&mut self, form: &GemmForm) -> Result<Fp8GemmOperands, CudaError> {
-        if let Some((current, operands, _)) = &self.operands
-            && current == form
+        if let Some(current) = &self.operands
+            && current.form == *form
         {
-            return Ok(*operands);
+            return Ok(current.operands);
         }
         self.free_operands()?;
         let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -194,8 +330,45 @@ impl<'a> Bench<'a> {
             out_rows,
             k_offsets,
         };
-        self.operands = Some((*form, operands, blocks));
+        let reference = self.put(&mut blocks, &vec![0u8; host.out_bytes])?;
+        let sums = self.put(&mut blocks, &[0f64; 3])?;
+        let reference = match self.reference_product(form, &operands, reference) {
+            Ok(()) => Ok(reference),
+            Err(e @ CudaError::Hung { .. }) => return Err(e),
+            Err(e) => Err(format!("the default tile did not run: {e}")),
+        };
+        self.operands = Some(FormOperands {
+            form: *form,
+            operands,
+            reference,
+            sums,
+            blocks,
+        });
         Ok(operands)
+    }
+
+    /// The default tile's product, one block per tile, written to `reference`.
+    fn reference_product(
+        &mut self,
+        form: &GemmForm,
+        operands: &Fp8GemmOperands,
+        reference: u64,
+    ) -> Result<(), CudaError> {
+        let stream = Arc::clone(self.stream);
+        let default = form.default_params();
+        let into_reference = Fp8GemmOperands {
+            out: reference,
+            ..*operands
+        };
+        self.gemm(&default)?.launch(
+            &stream,
+            &form.problem,
+            &into_reference,
+            &TileSchedule::ONE_TILE_PER_BLOCK,
+        )?;
+        finish_within(&stream, HANG_LIMIT, || {
+            format!("{} (the reference product)", default.name())
+        })
     }
 
     /// A device copy of `host`, its block added to `blocks`; its address.
@@ -210,7 +383,7 @@ impl<'a> Bench<'a> {
     }
 
     fn free_operands(&mut self) -> Result<(), CudaError> {
-        if let Some((_, _, blocks)) = self.operands.take() {
+        if let Some(FormOperands { blocks, .. }) = self.operands.take() {
             self.stream
                 .synchronize()
                 .map_err(|e| CudaError::driver("finishing the timings".into(), e))?;

@@ -2,6 +2,7 @@
 //! the copies between host and device the executor needs.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result, sys};
 
@@ -109,6 +110,42 @@ pub fn download<T: Copy>(stream: &CudaStream, src: u64, host: &mut [T]) -> Resul
     // is borrowed mutably until the stream is synchronised below.
     unsafe { result::memcpy_dtoh_async(host, src, stream.cu_stream()) }?;
     stream.synchronize()
+}
+
+/// Sets `bytes` bytes from device address `dst` to zero, queued on `stream`.
+pub fn zero_bytes(stream: &CudaStream, dst: u64, bytes: usize) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    // SAFETY: `dst` is a live device allocation of at least `bytes` bytes (the caller sized it),
+    // written only by work queued on `stream` after this.
+    unsafe { result::memset_d8_async(dst, 0, bytes, stream.cu_stream()) }
+}
+
+/// How long a launch that takes milliseconds may run before it counts as hung (a kernel whose
+/// pipeline deadlocks never finishes, and `synchronize` would wait for ever).
+pub const HANG_LIMIT: Duration = Duration::from_secs(20);
+
+/// Waits for the work queued on `stream`, giving up after `limit` with
+/// [`CudaError::Hung`] naming `what()`: the context of a hung kernel cannot be recovered, so the
+/// caller stops, saying which, instead of waiting for ever.
+pub fn finish_within(
+    stream: &CudaStream,
+    limit: Duration,
+    what: impl FnOnce() -> String,
+) -> Result<(), CudaError> {
+    let driver = |e| CudaError::driver("waiting for queued work".into(), e);
+    let done = timing_event(stream.context()).map_err(driver)?;
+    done.record(stream).map_err(driver)?;
+    let started = Instant::now();
+    while !done.try_is_complete().map_err(driver)? {
+        if started.elapsed() > limit {
+            return Err(CudaError::Hung {
+                what: what(),
+                limit,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 /// An event that records time (cudarc's default events do not, and `elapsed_ms` then fails).

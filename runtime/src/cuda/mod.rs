@@ -89,6 +89,14 @@ pub enum CudaError {
     #[error("{0}")]
     Launch(String),
     #[error(
+        "{what} did not finish within {limit:?}: the kernel hangs (the GPU context cannot be \
+         recovered; stopping here)"
+    )]
+    Hung {
+        what: String,
+        limit: std::time::Duration,
+    },
+    #[error(
         "program `{program}` cannot run on the GPU: {count} library call(s) have no GPU \
          implementation: {summary}"
     )]

@@ -178,10 +178,9 @@ pub fn bench(
         Ok(())
     };
     let what = |l: &Launch| l.source.name.clone();
-    let forward_ms = time_launches(device, &stream, || run(&forward), iters, || what(&forward))?;
+    let forward_ms = time_launches(&stream, || run(&forward), iters, || what(&forward))?;
     // dq and dk_rope accumulate over the timed launches; timing does not depend on their values.
     let backward_ms = time_launches(
-        device,
         &stream,
         || {
             run(&delta)?;

@@ -1,43 +1,13 @@
 //! What the template checks share: device buffers freed together, a template launched with its
 //! arguments by parameter name, and a guard that names a launch that never finishes.
 
-use std::time::{Duration, Instant};
-
 use fathom_kernels::KernelSource;
 use fathom_runtime::cuda::alloc::Block;
 use fathom_runtime::cuda::memory::{
-    DriverMemory, download, mean_launch_ms, stream_id, timing_event, upload,
+    DriverMemory, HANG_LIMIT, download, finish_within, mean_launch_ms, stream_id, upload,
 };
 use fathom_runtime::cuda::modules::{Arg, args_by_name, launch, load_kernel};
 use fathom_runtime::cuda::{CachingAllocator, CudaStream, GpuDevice, KernelCache};
-
-/// How long a checked launch (or a timing's three warm-up launches) may take before it counts as
-/// hung: they take milliseconds.
-pub const HANG_LIMIT: Duration = Duration::from_secs(20);
-
-/// Waits for the work queued on `stream`, giving up after `limit`: a kernel whose pipeline
-/// deadlocks would otherwise hold the check until the script's timeout, saying nothing of which.
-pub fn finish_within(
-    device: &GpuDevice,
-    stream: &CudaStream,
-    limit: Duration,
-    what: impl FnOnce() -> String,
-) -> anyhow::Result<()> {
-    let done = timing_event(&device.ctx)?;
-    done.record(stream)?;
-    let started = Instant::now();
-    while !done.try_is_complete()? {
-        if started.elapsed() > limit {
-            anyhow::bail!(
-                "{} did not finish within {limit:?}: the kernel hangs (the GPU context cannot be \
-                 recovered; stopping here)",
-                what()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(())
-}
 
 /// Device buffers of one check, on one stream, freed together.
 pub struct Buffers<'a> {
@@ -111,20 +81,19 @@ pub fn launch_named(
         source.dynamic_smem_bytes,
         &mut args,
     )?;
-    finish_within(device, stream, HANG_LIMIT, || source.name.clone())
+    Ok(finish_within(stream, HANG_LIMIT, || source.name.clone())?)
 }
 
 /// Milliseconds per launch, averaged over `iters` launches after three unmeasured ones (which
 /// must finish within [`HANG_LIMIT`]).
 pub fn time_launches(
-    device: &GpuDevice,
     stream: &CudaStream,
     launch: impl Fn() -> anyhow::Result<()>,
     iters: u32,
     what: impl FnOnce() -> String,
 ) -> anyhow::Result<f64> {
     mean_launch_ms(stream, (3, iters), launch, || {
-        finish_within(device, stream, HANG_LIMIT, what)
+        Ok(finish_within(stream, HANG_LIMIT, what)?)
     })
 }
 

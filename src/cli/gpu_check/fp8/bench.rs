@@ -142,7 +142,7 @@ fn sweep(
         let mut row = Vec::new();
         for schedule in schedules {
             let launch = || Ok(gemm.launch(stream, &problem, &operands, &schedule)?);
-            let ms = time_launches(device, stream, launch, iters, || {
+            let ms = time_launches(stream, launch, iters, || {
                 format!("{} with {schedule}", params.name())
             })?;
             let tflops = flops / (ms * 1e-3) / 1e12;

@@ -8,7 +8,8 @@ use fathom_runtime::cuda::{CudaStream, GpuDevice, KernelCache};
 use fathom_runtime::fp8::{bf16_to_f32, calc_diff};
 
 use super::{noise, upload_operands};
-use crate::cli::gpu_check::launch::{Buffers, HANG_LIMIT, finish_within};
+use crate::cli::gpu_check::launch::Buffers;
+use fathom_runtime::cuda::memory::{HANG_LIMIT, finish_within};
 
 /// DeepGEMM's bound on `calc_diff` for an FP8 GEMM.
 const MAX_DIFF: f64 = 1e-3;
@@ -216,7 +217,6 @@ pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Res
             operands.out_rows = Some(buffers.put(&case.out_rows)?);
         }
         let run = Run {
-            device,
             stream: &stream,
             case: &case,
             expected: case.expected(),
@@ -280,7 +280,6 @@ pub fn check_correctness(device: &GpuDevice, cache: &KernelCache) -> anyhow::Res
 
 /// One case's operands on the device and what the output must come to.
 struct Run<'a> {
-    device: &'a GpuDevice,
     stream: &'a CudaStream,
     case: &'a Case,
     expected: Vec<f32>,
@@ -293,7 +292,7 @@ impl Run<'_> {
     fn diff(&self, how: &str, launch: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<f64> {
         self.case.reset_output(self.stream, self.out)?;
         launch()?;
-        finish_within(self.device, self.stream, HANG_LIMIT, || {
+        finish_within(self.stream, HANG_LIMIT, || {
             format!("the GEMM of {}{how}", self.case.what)
         })?;
         let got = self.case.read_output(self.stream, self.out)?;
