@@ -6,13 +6,16 @@
 //! buffers per the memory plan (one allocation per slot of temporaries, one per input, parameter
 //! and constant; all kept for the executor's life so a captured CUDA graph stays valid), inputs
 //! uploaded, the launches queued in order on one stream (optionally captured once into a CUDA
-//! graph and replayed), timed with events, the outputs downloaded.
+//! graph and replayed), timed with events, the outputs downloaded. Parameters fed with a
+//! version (`Feeds::parameters_version`, a trainer's micro-batches between two optimizer
+//! steps) are uploaded once per version.
 //!
 //! Buffers hold f32 values as on the CPU backend (integers and bools by value). Library calls
-//! run as the f32 templates [`super::library`] plans for them (the FP8 templates need E4M3
-//! operands and scales, which the programs of today do not have); a program with a call that
-//! cannot be planned is refused up front, naming the call and why, rather than run partly. An
-//! invalid index met by a library kernel fails the run, naming the call, as on the CPU.
+//! run as the templates [`super::library`] plans for them (products marked for Hopper's FP8
+//! accumulation as FP8 GEMMs on their quantised operands, the rest as f32 GEMMs); a program
+//! with a call that cannot be planned is refused up front, naming the call and why, rather than
+//! run partly. An invalid index met by a library kernel fails the run, naming the call, as on
+//! the CPU.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -218,6 +221,10 @@ pub struct GpuExecutor {
     status: u64,
     options: GpuOptions,
     graph: Mutex<Option<CapturedGraph>>,
+    /// Whether no kernel writes a parameter buffer, so that uploaded parameters stay as fed.
+    parameters_read_only: bool,
+    /// The version of the parameters in device memory (`None`: none known).
+    parameters_on_device: Mutex<Option<u64>>,
 }
 
 /// A captured CUDA graph that may move between threads with its executor.
@@ -309,7 +316,6 @@ impl GpuExecutor {
         let scratch_bytes = block(library.scratch_bytes())?;
         let status = block(4 * STATUS_WORDS)?;
         Ok(GpuExecutor {
-            program,
             cuda,
             library,
             kernels,
@@ -322,6 +328,9 @@ impl GpuExecutor {
             status,
             options,
             graph: Mutex::new(None),
+            parameters_read_only: no_kernel_writes_parameters(&program),
+            parameters_on_device: Mutex::new(None),
+            program,
         })
     }
 
@@ -346,13 +355,32 @@ impl GpuExecutor {
     pub fn run(&self, feeds: &Feeds<'_>) -> Result<GpuRun, CudaError> {
         upload(&self.stream, self.status, &[0i32; STATUS_WORDS])
             .map_err(|e| CudaError::driver("clearing the status words".into(), e))?;
+        let mut on_device = self
+            .parameters_on_device
+            .lock()
+            .map_err(|_| CudaError::Launch("the parameters' lock is poisoned".into()))?;
+        let fed = feeds.parameters_version;
+        let upload_parameters = parameters_stale(*on_device, fed, self.parameters_read_only);
+        if upload_parameters {
+            // Until every parameter is in, no version is.
+            *on_device = None;
+        }
         for (index, buffer) in self.program.buffers.iter().enumerate() {
-            if matches!(buffer.role, BufferRole::Input(_) | BufferRole::Parameter(_)) {
+            let fed_now = match buffer.role {
+                BufferRole::Input(_) => true,
+                BufferRole::Parameter(_) => upload_parameters,
+                _ => false,
+            };
+            if fed_now {
                 let values = initial_contents(&buffer.ty, &buffer.role, feeds)?;
                 upload(&self.stream, self.address[index], &values)
                     .map_err(|e| CudaError::driver("uploading an input".into(), e))?;
             }
         }
+        if upload_parameters {
+            *on_device = fed;
+        }
+        drop(on_device);
         let ctx = self.stream.context();
         let driver = |what: &str| {
             let what = what.to_owned();
@@ -509,6 +537,64 @@ impl Drop for GpuExecutor {
     }
 }
 
+/// Whether a run fed parameters of version `fed` must upload them, the device holding version
+/// `on_device`: unless both are the same known version and no kernel writes a parameter.
+fn parameters_stale(on_device: Option<u64>, fed: Option<u64>, read_only: bool) -> bool {
+    !(read_only && fed.is_some() && fed == on_device)
+}
+
+/// Whether no kernel of `program` (loop nest or library call) writes a parameter buffer.
+fn no_kernel_writes_parameters(program: &Program) -> bool {
+    program.kernels.iter().all(|kernel| {
+        kernel
+            .reads_and_writes()
+            .1
+            .iter()
+            .all(|b| !matches!(program.buffer(*b).role, BufferRole::Parameter(_)))
+    })
+}
+
 /// Status words of the library kernels: the tag of the call that met an invalid index (0: none),
 /// the index's f32 bits, and the bound it had to be below.
 const STATUS_WORDS: usize = 3;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::training::training_graph;
+
+    #[test]
+    fn parameters_are_uploaded_once_per_known_version() {
+        // A version the device holds, fed again: nothing to upload.
+        assert!(!parameters_stale(Some(3), Some(3), true));
+        // A new version, or none known on either side: upload.
+        assert!(parameters_stale(Some(3), Some(4), true));
+        assert!(parameters_stale(None, Some(3), true));
+        assert!(parameters_stale(Some(3), None, true));
+        assert!(parameters_stale(None, None, true));
+        // A program that writes a parameter buffer uploads every run.
+        assert!(parameters_stale(Some(3), Some(3), false));
+    }
+
+    #[test]
+    fn training_programs_leave_their_parameters_as_fed() {
+        let spec = fathom_compiler::spec::examples::micro();
+        let graph = training_graph(&spec, 1, 4, LossWeights::deepseek_v3())
+            .unwrap()
+            .graph;
+        let options = CompileOptions {
+            lower: crate::cuda::lower_options(),
+            ..CompileOptions::default()
+        };
+        let mut program = compile(&graph, &options).unwrap().program;
+        assert!(no_kernel_writes_parameters(&program));
+        // Marking a buffer some kernel writes as a parameter is seen.
+        let written = program.kernels[0].reads_and_writes().1[0];
+        program.buffers[written.index()].role = BufferRole::Parameter("w".into());
+        assert!(!no_kernel_writes_parameters(&program));
+    }
+}

@@ -101,6 +101,11 @@ pub struct Feeds<'a> {
     /// live (see [`crate::parallel::ExpertExchange`]). Only the compiled CPU backend honours it;
     /// the interpreter refuses it.
     pub experts: Option<&'a dyn ExpertExchange>,
+    /// `Some(v)`: the parameters are the tensors, with the values, of every other run fed
+    /// version `v` (a trainer passes a counter it moves on whenever it changes its weights). A
+    /// backend that keeps the parameters in device memory uploads them once per version; with
+    /// `None` it uploads them every run. The other backends read the parameters where they lie.
+    pub parameters_version: Option<u64>,
 }
 
 impl<'a> Feeds<'a> {
@@ -110,6 +115,16 @@ impl<'a> Feeds<'a> {
             inputs,
             parameters,
             experts: None,
+            parameters_version: None,
+        }
+    }
+
+    /// These feeds, their parameters being version `version` (see
+    /// [`Feeds::parameters_version`]).
+    pub fn with_parameters_version(self, version: u64) -> Self {
+        Feeds {
+            parameters_version: Some(version),
+            ..self
         }
     }
 

@@ -108,6 +108,9 @@ pub struct Trainer {
     optimizer: ShardedAdamW,
     data: Box<dyn Batches>,
     step: u64,
+    /// Moves on before anything changes the weights: runs fed the same version see the same
+    /// weights, so a GPU keeps them in device memory between them (`Feeds::parameters_version`).
+    weights_version: u64,
     /// When a pipelined run's ranks ran each op during the last step.
     last_timeline: Option<SimReport>,
 }
@@ -266,6 +269,7 @@ impl Trainer {
             optimizer,
             data,
             step,
+            weights_version: 0,
             last_timeline: None,
         })
     }
@@ -423,7 +427,9 @@ impl Trainer {
             Engine::Whole(executable) => {
                 for ids in batches {
                     let inputs = HashMap::from([("input_ids", ids)]);
-                    let mut outputs = executable.run(&Feeds::new(&inputs, &self.weights))?;
+                    let feeds = Feeds::new(&inputs, &self.weights)
+                        .with_parameters_version(self.weights_version);
+                    let mut outputs = executable.run(&feeds)?;
                     losses.add(&outputs, scale);
                     let mut micro_grads = Grads::new();
                     for name in &self.program.parameters {
@@ -479,6 +485,8 @@ impl Trainer {
         }
         clip_to_norm(&mut grads, grad_norm, self.settings.clip_norm)?;
         let learning_rate = self.settings.schedule.lr(self.step);
+        // The optimizer and the balancing biases change the weights from here on.
+        self.weights_version += 1;
         self.optimizer
             .step(&mut self.weights, &grads, learning_rate)?;
         if let Engine::Rank(_, comm) = &mut self.engine {
