@@ -363,7 +363,9 @@ fn tiny_spec(template_heads: bool) -> anyhow::Result<fathom_compiler::spec::Mode
     Ok(spec)
 }
 
-/// A trainer of `spec` on the synthetic task, with the given backend and precision.
+/// A trainer of `spec` on the synthetic task, with the given backend and precision. Two
+/// micro-batches per step: the GPU uploads the parameters once per weights version, so the
+/// second runs on what the first uploaded, and a step's losses go wrong if an update is missed.
 fn tiny_trainer(
     spec: fathom_compiler::spec::ModelSpec,
     backend: Backend,
@@ -374,7 +376,7 @@ fn tiny_trainer(
     let settings = TrainSettings {
         batch,
         seq,
-        micro_batches: 1,
+        micro_batches: 2,
         steps,
         optimizer: AdamWConfig::default(),
         schedule: LrSchedule {
