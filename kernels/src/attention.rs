@@ -180,10 +180,15 @@ impl MlaAttentionFwdParams {
         )
     }
 
+    /// The entry point's parameters, in order.
+    pub fn kernel_params(&self) -> Vec<KernelParam> {
+        attention_params(false)
+    }
+
     pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
         self.validate()?;
         let name = self.name();
-        let params = attention_params(false);
+        let params = self.kernel_params();
         let d = self.head_dims;
         let body = vec![
             format!(
@@ -345,11 +350,16 @@ impl MlaAttentionBwdParams {
         )
     }
 
+    /// The main backward pass's parameters, in order.
+    pub fn kernel_params(&self) -> Vec<KernelParam> {
+        attention_params(true)
+    }
+
     /// The main backward pass (run after [`instantiate_delta`](Self::instantiate_delta)'s kernel).
     pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
         self.validate()?;
         let name = self.name();
-        let params = attention_params(true);
+        let params = self.kernel_params();
         let d = self.head_dims;
         let body = vec![
             format!(
@@ -386,18 +396,23 @@ impl MlaAttentionBwdParams {
         ))
     }
 
-    /// The preprocessing kernel `delta[b][h][t] = Σ dO·O`.
-    pub fn instantiate_delta(&self) -> Result<KernelSource, KernelError> {
-        self.validate()?;
-        let name = self.delta_name();
-        let params = vec![
+    /// The preprocessing kernel's parameters, in order.
+    pub fn delta_kernel_params(&self) -> Vec<KernelParam> {
+        vec![
             KernelParam::new("o", ParamType::ConstPtr(Elem::Bf16)),
             KernelParam::new("d_o", ParamType::ConstPtr(Elem::Bf16)),
             KernelParam::new("delta", ParamType::MutPtr(Elem::F32)),
             KernelParam::new("batch", ParamType::I32),
             KernelParam::new("seq_len", ParamType::I32),
             KernelParam::new("heads", ParamType::I32),
-        ];
+        ]
+    }
+
+    /// The preprocessing kernel `delta[b][h][t] = Σ dO·O`.
+    pub fn instantiate_delta(&self) -> Result<KernelSource, KernelError> {
+        self.validate()?;
+        let name = self.delta_name();
+        let params = self.delta_kernel_params();
         let body = vec![
             format!(
                 "fathom::mla_attention_bwd_delta<{}, {DELTA_WARPS}>(",

@@ -28,7 +28,6 @@
 //! the status words, tagged with the call's position in the program plus one.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 
 use fathom_compiler::kernel::{BufferId, KernelBody, Program};
 use fathom_kernels::{
@@ -98,6 +97,24 @@ impl LibraryKernel {
             LibraryKernel::AttentionForward(p) => p.dynamic_smem_bytes(),
             LibraryKernel::AttentionBackward(p) => p.dynamic_smem_bytes(),
             _ => 0,
+        }
+    }
+
+    /// The entry point's parameters, in order (what [`LibraryKernel::instantiate`] declares,
+    /// without writing the source).
+    pub fn kernel_params(&self) -> Vec<KernelParam> {
+        match self {
+            LibraryKernel::Gemm(p) => p.kernel_params(),
+            LibraryKernel::Index(p) => p.kernel_params(),
+            LibraryKernel::FakeQuantize(p) => p.kernel_params(),
+            LibraryKernel::FakeQuantizeGathered(p) => p.kernel_params(),
+            LibraryKernel::Quantize(p) => p.kernel_params(),
+            LibraryKernel::Fp8Gemm(p) => p.kernel_params(),
+            LibraryKernel::Fp8GemmFallback(p) => p.kernel_params(),
+            LibraryKernel::Convert(p) => p.kernel_params(),
+            LibraryKernel::AttentionForward(p) => p.kernel_params(),
+            LibraryKernel::AttentionDelta(p) => p.delta_kernel_params(),
+            LibraryKernel::AttentionBackward(p) => p.kernel_params(),
         }
     }
 
@@ -310,13 +327,9 @@ impl LibraryPlan {
         let mut params: HashMap<LibraryKernel, Vec<KernelParam>> = HashMap::new();
         for call in self.calls.iter().flatten() {
             for step in &call.steps {
-                let expected = match params.entry(step.kernel) {
-                    Entry::Occupied(known) => known.into_mut(),
-                    Entry::Vacant(slot) => {
-                        let source = step.kernel.instantiate().map_err(|e| e.to_string())?;
-                        slot.insert(source.params)
-                    }
-                };
+                let expected = params
+                    .entry(step.kernel)
+                    .or_insert_with(|| step.kernel.kernel_params());
                 check_step_arguments(step, expected)
                     .map_err(|e| format!("{} ({}): {e}", call.name, step.kernel.name()))?;
             }

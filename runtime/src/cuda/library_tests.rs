@@ -447,3 +447,46 @@ fn a_step_with_arguments_its_kernel_does_not_take_is_refused() {
         Err("k0_fill (fill_zero_f32): 1 arguments for 2 parameters".into())
     );
 }
+
+/// `LibraryKernel::kernel_params`, which checks a plan's arguments without writing sources, is
+/// what each instantiated source declares, for every kernel the training plans launch: f32
+/// (GEMMs, index operations), FP8 on Hopper and portable, BF16 attention on the templates.
+#[test]
+fn each_kernels_parameters_are_what_its_source_declares() {
+    use crate::cuda::library_fp8::tests::small_fp8_training_program;
+    use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
+    let spec = fathom_compiler::spec::examples::micro();
+    let graph = training_graph(&spec, 1, 3, LossWeights::deepseek_v3())
+        .unwrap()
+        .graph;
+    let bf16 = PrecisionPolicy::uniform(Precision::Bf16);
+    let tiling = spec.fp8.clone().unwrap_or_default();
+    let bf16_graph = apply_precision(&graph, &bf16, &tiling).unwrap();
+    let cuda = CompileOptions {
+        lower: crate::cuda::lower_options(),
+        ..CompileOptions::default()
+    };
+    let bf16_program = compile(&bf16_graph, &cuda).unwrap().program;
+    let fp8_program = small_fp8_training_program();
+    let plans = [
+        LibraryPlan::of(&tiny_training_program(), None).unwrap(),
+        LibraryPlan::of(&bf16_program, None).unwrap(),
+        LibraryPlan::of(&fp8_program, Some(Fp8Target::Hopper)).unwrap(),
+        LibraryPlan::of(&fp8_program, Some(Fp8Target::Portable)).unwrap(),
+    ];
+    let mut kernels: Vec<LibraryKernel> = Vec::new();
+    for kernel in plans.iter().flat_map(LibraryPlan::kernels) {
+        if !kernels.contains(&kernel) {
+            kernels.push(kernel);
+        }
+    }
+    let attention = kernels
+        .iter()
+        .filter(|k| k.name().starts_with("mla_attention"))
+        .count();
+    assert_eq!(attention, 3, "forward, backward's delta and backward");
+    for kernel in kernels {
+        let source = kernel.instantiate().unwrap();
+        assert_eq!(kernel.kernel_params(), source.params, "{}", kernel.name());
+    }
+}
