@@ -5,7 +5,8 @@
 // a head to the widths the templates take: f32 -> bf16 (round to nearest even, the rounding of
 // the CPU's and the interpreter's casts), bf16 -> f32 (exact), f32 -> f32 (the padded
 // gradients back to the program's widths). Also a zero fill of n contiguous f32 (the attention
-// backward accumulates dq and dk_rope). Needs common.cuh.
+// backward accumulates dq and dk_rope), and the scaled sums of micro-batch gradients. Needs
+// common.cuh.
 #pragma once
 
 namespace fathom {
@@ -39,6 +40,18 @@ __device__ __forceinline__ void convert_rows(const From* __restrict__ x, To* __r
 __device__ __forceinline__ void fill_zero_f32(float* __restrict__ y, long long n) {
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) y[i] = 0.0f;
+}
+
+// Micro-batch gradient sums kept on the device: acc = scale * x on the first micro-batch, else
+// acc + scale * x, each product and sum rounded on its own (no FMA), so that the sums are the
+// host's `acc += scale * x` to the bit.
+__device__ __forceinline__ void accumulate_scaled_f32(float* __restrict__ acc, const float* __restrict__ x,
+                                                      float scale, long long n, int first) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float term = __fmul_rn(scale, x[i]);
+    acc[i] = first ? term : __fadd_rn(acc[i], term);
+  }
 }
 
 }  // namespace fathom

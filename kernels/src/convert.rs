@@ -145,6 +145,64 @@ impl ConvertParams {
     }
 }
 
+/// `accumulate_scaled_f32(acc, x, scale, n, first)`: `acc = scale · x` when `first` is
+/// non-zero, else `acc + scale · x`, over `n` f32, each product and sum rounded on its own (the
+/// host's `acc += scale * x`, bit for bit): micro-batch gradients summed where they were
+/// computed. `sm_80` or newer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AccumulateScaled;
+
+impl AccumulateScaled {
+    pub fn name(&self) -> String {
+        "accumulate_scaled_f32".to_owned()
+    }
+
+    pub fn block_threads(&self) -> u32 {
+        THREADS
+    }
+
+    /// Grid for `n` elements, a thread each up to [`MAX_BLOCKS`] blocks (at least one).
+    pub fn grid(&self, n: u64) -> [u32; 3] {
+        [
+            n.div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS) as u32,
+            1,
+            1,
+        ]
+    }
+
+    pub fn kernel_params(&self) -> Vec<KernelParam> {
+        vec![
+            KernelParam::new("acc", ParamType::MutPtr(Elem::F32)),
+            KernelParam::new("x", ParamType::ConstPtr(Elem::F32)),
+            KernelParam::new("scale", ParamType::F32),
+            KernelParam::new("n", ParamType::I64),
+            KernelParam::new("first", ParamType::I32),
+        ]
+    }
+
+    pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
+        let name = self.name();
+        let params = self.kernel_params();
+        Ok(assemble(
+            &[format!(
+                "acc = scale * x (first) or acc + scale * x over n f32, without FMA: \
+                 {THREADS} threads per block, grid-stride over n."
+            )],
+            &[COMMON, CONVERT],
+            |_| {},
+            EntryPoint {
+                name: &name,
+                block_threads: THREADS,
+                cluster_x: 1,
+                params: &params,
+                body: vec!["fathom::accumulate_scaled_f32(acc, x, scale, n, first);".to_owned()],
+            },
+            ArchRequirement::Sm80OrNewer,
+            0,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +228,9 @@ mod tests {
         let zero = ConvertParams::new(ConvertKind::ZeroF32);
         assert_eq!(zero.grid(257), [2, 1, 1]);
         assert_eq!(zero.kernel_params().len(), 2);
+        let sum = AccumulateScaled;
+        assert_eq!(sum.grid(1 << 40), [1 << 16, 1, 1]);
+        assert_eq!(sum.kernel_params(), sum.instantiate().unwrap().params);
         assert!(
             zero.instantiate()
                 .unwrap()

@@ -10,6 +10,7 @@
 //! | `mla_attention_fwd` / `_bwd` | [`MlaAttentionFwdParams`], [`MlaAttentionBwdParams`] | `sm_80`+: `mma.sync` BF16, FP32 online softmax |
 //! | `gemm_f32` (batched strided, grouped, grouped weight-grad) | [`F32GemmParams`] | `sm_80`+: CUDA cores, for f32 programs |
 //! | `index_*` (gather, take-along, index-add, one-hot, top-k, group-rows) | [`IndexOpParams`] | `sm_80`+ |
+//! | `convert_rows_*`, `fill_zero_f32`, `accumulate_scaled_f32` | [`ConvertParams`], [`AccumulateScaled`] | `sm_80`+: conversions around the attention templates, micro-batch gradient sums |
 //! | `product_agreement` | [`AgreementParams`] | `sm_80`+: two results' distance, summed on the device |
 //! | `fake_quantize_e4m3`, `fake_quantize_gathered_128x1_e4m3` | [`FakeQuantizeParams`], [`FakeQuantizeGatheredParams`] | `sm_80`+ |
 //!
@@ -46,7 +47,7 @@ pub mod writer;
 
 pub use agreement::{Agreement, AgreementParams};
 pub use attention::{MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims};
-pub use convert::{ConvertKind, ConvertParams};
+pub use convert::{AccumulateScaled, ConvertKind, ConvertParams};
 pub use fake_quantize::{FakeQuantizeGatheredParams, FakeQuantizeParams};
 pub use fallback_gemm::FallbackGemmParams;
 pub use fp8_gemm::{

@@ -22,10 +22,11 @@ use fathom_kernels::nvrtc::{
     CompiledKernel, Nvrtc, find_cuda_tool, nvrtc_unless_skipped, project_pip_dirs,
 };
 use fathom_kernels::{
-    AgreementParams, BScaling, ConvertKind, ConvertParams, Elem, F32GemmKind, F32GemmParams,
-    FakeQuantizeGatheredParams, FakeQuantizeParams, FallbackGemmParams, Fp8GemmParams,
-    GemmGrouping, GemmOutput, GemmProblem, IndexOpParams, KernelSource, MlaAttentionBwdParams,
-    MlaAttentionFwdParams, MlaHeadDims, QuantizeInput, QuantizeKind, QuantizeParams, TrainingGemm,
+    AccumulateScaled, AgreementParams, BScaling, ConvertKind, ConvertParams, Elem, F32GemmKind,
+    F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams, FallbackGemmParams,
+    Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, IndexOpParams, KernelSource,
+    MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims, QuantizeInput, QuantizeKind,
+    QuantizeParams, TrainingGemm,
 };
 
 /// NVRTC, or `None` when the run opted out with `FATHOM_SKIP_NVRTC=1`; panics with install
@@ -552,11 +553,12 @@ fn f32_library_kernels_compile_for_sm80_and_sm90a_without_spills() {
         let convert = ConvertParams::new(kind).instantiate().expect("convert");
         kernels.push((convert, None));
     }
+    kernels.push((AccumulateScaled.instantiate().expect("accumulate"), None));
     for elem in [Elem::F32, Elem::Bf16] {
         let agreement = AgreementParams { elem }.instantiate().expect("agreement");
         kernels.push((agreement, None));
     }
-    assert_eq!(kernels.len(), 20);
+    assert_eq!(kernels.len(), 21);
     let jobs = kernels
         .into_iter()
         .flat_map(|(kernel, sass)| ["sm_80", "sm_90a"].map(|arch| (kernel.clone(), arch, sass)))

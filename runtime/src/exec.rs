@@ -16,7 +16,8 @@ use crate::cuda::{
     CudaError, GpuDevice, GpuExecutor, GpuOptions, KernelCache, NoGpu, fallback_line,
 };
 use crate::interp::{Feeds, InterpError, evaluate};
-use crate::tensor::HostTensor;
+use crate::optim::{Grads, accumulate_owned};
+use crate::tensor::{Data, HostTensor};
 
 /// Where a graph runs. The two agree within rounding (the interpreter sums in f64, the
 /// compiled path in f32), so a run must keep one backend to stay bit-reproducible.
@@ -44,6 +45,8 @@ pub enum ExecError {
     Cpu(#[from] CpuError),
     #[error(transparent)]
     Cuda(#[from] CudaError),
+    #[error("summing outputs over runs: {0}")]
+    Sum(String),
 }
 
 /// A graph prepared for one backend.
@@ -133,6 +136,49 @@ impl Executable {
             Executable::Cpu(program) => program.run(feeds)?.into_iter().collect(),
             Executable::Cuda(executor) => executor.run(feeds)?.outputs.into_iter().collect(),
         })
+    }
+}
+
+impl Executable {
+    /// Runs the graph on `feeds` as one micro-batch of several: the float outputs `summed`
+    /// names are added, times `scale`, into `into` under their names (f32 arithmetic as
+    /// [`accumulate_owned`]: `scale · x` for a name `into` lacks, else `sum + scale · x`), and
+    /// the other outputs are returned. A CUDA executable keeps the sums in device memory, to the
+    /// same bits, and adds them to `into` in [`Executable::finish_sums`] (one download per
+    /// output instead of one per micro-batch); call it after the last micro-batch.
+    pub fn run_summing(
+        &mut self,
+        feeds: &Feeds<'_>,
+        summed: &[String],
+        scale: f32,
+        into: &mut Grads,
+    ) -> Result<BTreeMap<String, HostTensor>, ExecError> {
+        if let Executable::Cuda(executor) = self {
+            let run = executor.run_summing(feeds, summed, scale)?;
+            return Ok(run.outputs.into_iter().collect());
+        }
+        let mut outputs = self.run(feeds)?;
+        let mut parts = Grads::new();
+        for name in summed {
+            match outputs.remove(name).map(|t| t.data) {
+                Some(Data::Float(values)) => {
+                    parts.insert(name.clone(), values);
+                }
+                _ => return Err(ExecError::Sum(format!("no float output `{name}`"))),
+            }
+        }
+        accumulate_owned(into, parts, scale).map_err(|e| ExecError::Sum(e.to_string()))?;
+        Ok(outputs)
+    }
+
+    /// Adds the sums a CUDA executable kept in device memory since the last call into `into`
+    /// (nothing on the other backends, whose sums are in `into` already).
+    pub fn finish_sums(&mut self, into: &mut Grads) -> Result<(), ExecError> {
+        let Executable::Cuda(executor) = self else {
+            return Ok(());
+        };
+        let sums: Grads = executor.take_sums()?.into_iter().collect();
+        accumulate_owned(into, sums, 1.0).map_err(|e| ExecError::Sum(e.to_string()))
     }
 }
 
@@ -259,6 +305,46 @@ mod tests {
         let (a, b) = (cuda.run(&feeds).unwrap(), cpu.run(&feeds).unwrap());
         assert!(!a.is_empty());
         assert_eq!(a, b, "the fallback is the CPU backend, bit for bit");
+    }
+
+    #[test]
+    fn summing_runs_adds_the_named_outputs_as_the_optimizer_accumulates() {
+        use fathom_compiler::{DType, GraphBuilder, TensorType};
+        let mut b = GraphBuilder::new("p");
+        let x = b
+            .input("x", TensorType::new(DType::F32, vec![3]))
+            .unwrap();
+        let y = b.exp(x).unwrap();
+        b.output("y", y).unwrap();
+        b.output("x_again", x).unwrap();
+        let graph = b.finish();
+        for backend in [Backend::Cpu, Backend::Interpreter] {
+            let mut executable = Executable::new(graph.clone(), backend).unwrap();
+            let mut sums = Grads::new();
+            let mut expected = vec![0f32; 3];
+            for (run, values) in [[0.1f32, -1.0, 2.0], [0.5, 0.25, -3.0]].iter().enumerate() {
+                let inputs = HashMap::from([("x", HostTensor::f32([3], values.to_vec()))]);
+                let feeds = Feeds::new(&inputs, &());
+                let summed = ["y".to_owned()];
+                let outputs = executable
+                    .run_summing(&feeds, &summed, 0.5, &mut sums)
+                    .unwrap();
+                assert!(!outputs.contains_key("y"), "a summed output is not returned");
+                assert!(outputs.contains_key("x_again"));
+                let y = executable.run(&feeds).unwrap()["y"].clone();
+                let Data::Float(y) = y.data else { panic!() };
+                for (e, v) in expected.iter_mut().zip(y) {
+                    *e = if run == 0 { 0.5 * v } else { *e + 0.5 * v };
+                }
+            }
+            executable.finish_sums(&mut sums).unwrap();
+            assert_eq!(sums["y"], expected, "{backend:?}");
+            let inputs = HashMap::from([("x", HostTensor::f32([3], vec![0.0; 3]))]);
+            let error = executable
+                .run_summing(&Feeds::new(&inputs, &()), &["z".to_owned()], 1.0, &mut sums)
+                .unwrap_err();
+            assert!(error.to_string().contains("no float output `z`"), "{error}");
+        }
     }
 
     #[test]

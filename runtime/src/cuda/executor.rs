@@ -8,7 +8,8 @@
 //! uploaded, the launches queued in order on one stream (optionally captured once into a CUDA
 //! graph and replayed), timed with events, the outputs downloaded. Parameters fed with a
 //! version (`Feeds::parameters_version`, a trainer's micro-batches between two optimizer
-//! steps) are uploaded once per version.
+//! steps) are uploaded once per version, and outputs summed over micro-batches (the gradients,
+//! [`GpuExecutor::run_summing`]) stay in device memory until the step takes them.
 //!
 //! Buffers hold f32 values as on the CPU backend (integers and bools by value). Library calls
 //! run as the templates [`super::library`] plans for them (products marked for Hopper's FP8
@@ -17,13 +18,13 @@
 //! run partly. An invalid index met by a library kernel fails the run, naming the call, as on
 //! the CPU.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, sys};
 use fathom_compiler::codegen::{Access, CudaKernel, CudaLaunch, CudaProgram, cuda_program};
 use fathom_compiler::kernel::{BufferId, BufferRole, MemoryPlan, Program};
-use fathom_kernels::KernelSource;
+use fathom_kernels::{AccumulateScaled, KernelSource};
 
 use super::CudaError;
 use super::alloc::{AllocStats, Block, CachingAllocator};
@@ -35,7 +36,9 @@ use super::gemm_tuning_device::tuned_choices;
 use super::library::{LibraryCall, LibraryKernel, LibraryPlan, StepArg};
 use super::library_fp8::Fp8Target;
 use super::memory::{DriverMemory, download, stream_id, timing_event, upload};
-use super::modules::{Arg, generated_source, launch, launch_generated, load_compiled};
+use super::modules::{
+    Arg, args_by_name, generated_source, launch, launch_generated, load_compiled,
+};
 use crate::cpu::{initial_contents, to_host};
 use crate::interp::Feeds;
 use crate::tensor::HostTensor;
@@ -225,6 +228,18 @@ pub struct GpuExecutor {
     parameters_read_only: bool,
     /// The version of the parameters in device memory (`None`: none known).
     parameters_on_device: Mutex<Option<u64>>,
+    /// Outputs summed over runs in device memory (`run_summing`), by output name.
+    sums: BTreeMap<String, DeviceSum>,
+}
+
+/// An output's sum over runs, in device memory.
+struct DeviceSum {
+    block: Block,
+    /// The output's buffer (f32 elements).
+    buffer: BufferId,
+    elements: usize,
+    /// Runs added since the sum was last taken (0: the next run starts it).
+    runs: usize,
 }
 
 /// A captured CUDA graph that may move between threads with its executor.
@@ -273,6 +288,8 @@ impl GpuExecutor {
         }
         let mut kernels = GpuKernels::load_for(device, cache, &cuda, arch)?;
         kernels.load_library(device, cache, &library)?;
+        // The micro-batch sums of `run_summing`: one small kernel, loaded whether used or not.
+        kernels.compile_and_load(device, cache, &[AccumulateScaled.instantiate()?])?;
         let stream = device
             .ctx
             .new_stream()
@@ -330,6 +347,7 @@ impl GpuExecutor {
             graph: Mutex::new(None),
             parameters_read_only: no_kernel_writes_parameters(&program),
             parameters_on_device: Mutex::new(None),
+            sums: BTreeMap::new(),
             program,
         })
     }
@@ -353,6 +371,133 @@ impl GpuExecutor {
 
     /// Runs the program on `feeds` and returns its outputs.
     pub fn run(&self, feeds: &Feeds<'_>) -> Result<GpuRun, CudaError> {
+        self.run_then(feeds, |_| true, || Ok(()))
+    }
+
+    /// Runs the program on `feeds` as one micro-batch of several: the outputs `summed` names
+    /// are not downloaded but added, times `scale`, into sums kept in device memory (f32, as
+    /// the host's `optim::accumulate`: `scale · x` on the first run after [`take_sums`], then
+    /// `sum + scale · x`, to the bit); the other outputs are returned. On an error every sum is
+    /// dropped, so that a failed micro-batch never leaves half a sum behind.
+    ///
+    /// [`take_sums`]: GpuExecutor::take_sums
+    pub fn run_summing(
+        &mut self,
+        feeds: &Feeds<'_>,
+        summed: &[String],
+        scale: f32,
+    ) -> Result<GpuRun, CudaError> {
+        let run = self.prepare_sums(summed).and_then(|()| {
+            self.run_then(
+                feeds,
+                |name| !summed.iter().any(|s| s == name),
+                || self.queue_sums(summed, scale),
+            )
+        });
+        match run {
+            Ok(run) => {
+                for name in summed {
+                    if let Some(sum) = self.sums.get_mut(name) {
+                        sum.runs += 1;
+                    }
+                }
+                Ok(run)
+            }
+            Err(e) => {
+                self.sums.values_mut().for_each(|sum| sum.runs = 0);
+                Err(e)
+            }
+        }
+    }
+
+    /// The sums of the runs since the last call, by output name (outputs summed at least once),
+    /// downloaded; the next `run_summing` starts them again.
+    pub fn take_sums(&mut self) -> Result<Vec<(String, Vec<f32>)>, CudaError> {
+        let mut taken = Vec::new();
+        for (name, sum) in &mut self.sums {
+            if sum.runs == 0 {
+                continue;
+            }
+            sum.runs = 0;
+            let mut values = vec![0f32; sum.elements];
+            download(&self.stream, sum.block.ptr, &mut values)
+                .map_err(|e| CudaError::driver(format!("downloading the sum of `{name}`"), e))?;
+            taken.push((name.clone(), values));
+        }
+        Ok(taken)
+    }
+
+    /// A device sum for each output of `summed` (allocated at its first use).
+    fn prepare_sums(&mut self, summed: &[String]) -> Result<(), CudaError> {
+        for name in summed {
+            if self.sums.contains_key(name) {
+                continue;
+            }
+            let buffer = self
+                .program
+                .outputs
+                .iter()
+                .find(|(output, _)| output == name)
+                .map(|(_, id)| *id)
+                .ok_or_else(|| {
+                    CudaError::Launch(format!(
+                        "`{name}` is not an output of `{}`: nothing to sum",
+                        self.program.name
+                    ))
+                })?;
+            let elements = self.program.buffer(buffer).ty.numel();
+            let block = self
+                .allocator
+                .alloc(4 * elements.max(1), stream_id(&self.stream))?;
+            let sum = DeviceSum {
+                block,
+                buffer,
+                elements,
+                runs: 0,
+            };
+            self.sums.insert(name.clone(), sum);
+        }
+        Ok(())
+    }
+
+    /// Queues the additions of the outputs `summed` names into their sums.
+    fn queue_sums(&self, summed: &[String], scale: f32) -> Result<(), CudaError> {
+        let kernel = AccumulateScaled;
+        let function = self.kernels.function(&kernel.name())?;
+        for name in summed {
+            let Some(sum) = self.sums.get(name) else {
+                continue;
+            };
+            let named = [
+                ("acc", Arg::Ptr(sum.block.ptr)),
+                ("x", Arg::Ptr(self.address[sum.buffer.index()])),
+                ("scale", Arg::F32(scale)),
+                ("n", Arg::I64(sum.elements as i64)),
+                ("first", Arg::I32(i32::from(sum.runs == 0))),
+            ];
+            let mut args = args_by_name(&kernel.name(), &kernel.kernel_params(), &named)?;
+            let [x, y, z] = kernel.grid(sum.elements as u64);
+            launch(
+                &self.stream,
+                function,
+                (x, y, z),
+                (kernel.block_threads(), 1, 1),
+                0,
+                &mut args,
+            )
+            .map_err(|e| e.in_kernel(&format!("the sum of `{name}`")))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the program on `feeds`, queues `after` behind its launches, and downloads the
+    /// outputs `download` accepts.
+    fn run_then(
+        &self,
+        feeds: &Feeds<'_>,
+        download_output: impl Fn(&str) -> bool,
+        after: impl FnOnce() -> Result<(), CudaError>,
+    ) -> Result<GpuRun, CudaError> {
         upload(&self.stream, self.status, &[0i32; STATUS_WORDS])
             .map_err(|e| CudaError::driver("clearing the status words".into(), e))?;
         let mut on_device = self
@@ -410,6 +555,7 @@ impl GpuExecutor {
         }
         end.record(&self.stream)
             .map_err(driver("recording an event"))?;
+        after()?;
         self.stream
             .synchronize()
             .map_err(driver("running the program (a kernel failed)"))?;
@@ -419,6 +565,9 @@ impl GpuExecutor {
         self.check_status()?;
         let mut outputs = Vec::with_capacity(self.program.outputs.len());
         for (name, id) in &self.program.outputs {
+            if !download_output(name) {
+                continue;
+            }
             let ty = &self.program.buffer(*id).ty;
             let mut values = vec![0f32; ty.numel()];
             download(&self.stream, self.address[id.index()], &mut values)
@@ -531,6 +680,9 @@ impl Drop for GpuExecutor {
         }
         for block in self.blocks.drain(..) {
             let _ = self.allocator.free(block);
+        }
+        for (_, sum) in std::mem::take(&mut self.sums) {
+            let _ = self.allocator.free(sum.block);
         }
         self.allocator.streams_synchronized();
         let _ = self.allocator.empty_cache();

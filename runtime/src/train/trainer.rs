@@ -10,11 +10,11 @@ use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::training::{TrainingGraph, training_graph};
 
 use crate::data::Batches;
-use crate::exec::Executable;
+use crate::exec::{ExecError, Executable};
 use crate::interp::Feeds;
 use crate::optim::{
-    AdamW, Grads, LoadStats, ShardPlan, ShardedAdamW, accumulate_owned, add_expert_load,
-    clip_to_norm, global_norm, update_balancing_bias,
+    AdamW, Grads, LoadStats, ShardPlan, ShardedAdamW, add_expert_load, clip_to_norm, global_norm,
+    update_balancing_bias,
 };
 use crate::parallel::{
     Comm, Pipeline, PipelineError, PipelineRun, any_rank, gather_state, global_norm_over,
@@ -425,24 +425,30 @@ impl Trainer {
             .collect::<Result<Vec<_>, _>>()?;
         match &mut self.engine {
             Engine::Whole(executable) => {
+                // The gradients are summed over the micro-batches by the executable (on a GPU,
+                // in device memory), under their outputs' names.
+                let summed: Vec<String> = (self.program.parameters.iter())
+                    .map(|name| format!("grad.{name}"))
+                    .collect();
+                let mut sums = Grads::new();
                 for ids in batches {
                     let inputs = HashMap::from([("input_ids", ids)]);
                     let feeds = Feeds::new(&inputs, &self.weights)
                         .with_parameters_version(self.weights_version);
-                    let mut outputs = executable.run(&feeds)?;
+                    let mut outputs =
+                        executable.run_summing(&feeds, &summed, scale as f32, &mut sums)?;
                     losses.add(&outputs, scale);
-                    let mut micro_grads = Grads::new();
-                    for name in &self.program.parameters {
-                        micro_grads.insert(
-                            name.clone(),
-                            take_floats(&mut outputs, &format!("grad.{name}")),
-                        );
-                    }
-                    accumulate_owned(&mut grads, micro_grads, scale as f32)?;
                     for bias in &self.program.balancing_biases {
                         let load = take_floats(&mut outputs, &format!("expert_load.{bias}"));
                         add_expert_load(&mut loads, bias, load.into_iter().map(f64::from));
                     }
+                }
+                executable.finish_sums(&mut sums)?;
+                for (name, output) in self.program.parameters.iter().zip(&summed) {
+                    let sum = sums.remove(output).ok_or_else(|| {
+                        ExecError::Sum(format!("no gradient `{output}` was summed"))
+                    })?;
+                    grads.insert(name.clone(), sum);
                 }
             }
             Engine::Pipeline(pipeline) => {
