@@ -311,9 +311,7 @@ mod tests {
     fn summing_runs_adds_the_named_outputs_as_the_optimizer_accumulates() {
         use fathom_compiler::{DType, GraphBuilder, TensorType};
         let mut b = GraphBuilder::new("p");
-        let x = b
-            .input("x", TensorType::new(DType::F32, vec![3]))
-            .unwrap();
+        let x = b.input("x", TensorType::new(DType::F32, vec![3])).unwrap();
         let y = b.exp(x).unwrap();
         b.output("y", y).unwrap();
         b.output("x_again", x).unwrap();
@@ -329,7 +327,10 @@ mod tests {
                 let outputs = executable
                     .run_summing(&feeds, &summed, 0.5, &mut sums)
                     .unwrap();
-                assert!(!outputs.contains_key("y"), "a summed output is not returned");
+                assert!(
+                    !outputs.contains_key("y"),
+                    "a summed output is not returned"
+                );
                 assert!(outputs.contains_key("x_again"));
                 let y = executable.run(&feeds).unwrap()["y"].clone();
                 let Data::Float(y) = y.data else { panic!() };

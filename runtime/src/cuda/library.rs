@@ -38,6 +38,7 @@ use fathom_kernels::{
 
 use super::CudaError;
 use super::library_fp8::{Fp8Target, quantize_weights_directly};
+use super::library_fp8_sharing::{ReusedQuantization, share_quantizations};
 
 /// A template instantiation a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -218,6 +219,9 @@ pub struct LibraryCall {
     pub note: Option<String>,
     /// Why the call launches nothing although its output is not empty.
     pub skipped: Option<&'static str>,
+    /// Quantisations it reads from earlier calls instead of launching its own
+    /// ([`super::library_fp8_sharing`]).
+    pub reused: Vec<ReusedQuantization>,
 }
 
 impl LibraryCall {
@@ -265,6 +269,7 @@ impl LibraryPlan {
                         scratch_bytes: planned.scratch_bytes,
                         note: planned.note,
                         skipped: None,
+                        reused: Vec::new(),
                     }));
                 }
                 Err(reason) => {
@@ -275,6 +280,7 @@ impl LibraryPlan {
         }
         if refused.is_empty() {
             quantize_weights_directly(program, &mut calls);
+            share_quantizations(program, &mut calls);
             let plan = LibraryPlan { calls };
             // A planner's mistake, not the program's: said before anything launches.
             plan.check_arguments().map_err(|e| {
@@ -361,6 +367,12 @@ impl LibraryPlan {
             table.push_str(&format!("{}\n", call.name));
             if let Some(note) = &call.note {
                 table.push_str(&format!("  ({note})\n"));
+            }
+            for reused in &call.reused {
+                table.push_str(&format!(
+                    "  (reads the quantised {} of {})\n",
+                    reused.source, reused.from_name
+                ));
             }
             match call.skipped {
                 Some(why) => table.push_str(&format!("  (skipped: {why})\n")),

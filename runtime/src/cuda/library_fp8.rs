@@ -69,7 +69,7 @@ impl Fp8Target {
 
 /// Bytes between the starts of two scratch regions: what TMA and 16-byte loads need, rounded up
 /// to a cache line pair.
-const REGION_ALIGN: usize = 256;
+pub(crate) const REGION_ALIGN: usize = 256;
 
 /// One operand of an FP8 product: the `quantize` call that makes its codes and scales from the
 /// buffer the matmul reads.

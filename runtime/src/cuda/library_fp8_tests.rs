@@ -246,44 +246,169 @@ pub(crate) fn check_products(
             continue;
         }
         let buffers = operands_of(program, library, checked);
-        let (expected, magnitude) = match library {
-            Library::MatMul { .. } => reference(library, &buffers),
-            Library::GroupedMatMulWeightGrad { .. } => {
-                grouped += 1;
-                expert_wgrad::weight_grad_reference(program, library, &buffers)
-            }
-            _ => {
-                grouped += 1;
-                grouped_reference(program, library, &buffers)
-            }
-        };
-        let mut memory = Memory::new(buffers, call.scratch_ints, call.scratch_bytes);
-        for step in &call.steps {
+        // A quantisation read from an earlier call is made by running that call first, on
+        // the same buffers and byte scratch (`library_fp8_sharing`).
+        let producers: Vec<&LibraryCall> = (call.reused.iter())
+            .filter_map(|r| plan.calls[r.from].as_ref())
+            .collect();
+        let scratch = |c: &&LibraryCall| (c.scratch_ints, c.scratch_bytes);
+        let (ints, bytes) = std::iter::once(&call)
+            .chain(&producers)
+            .map(scratch)
+            .fold((0, 0), |(i, b), (ci, cb)| (i.max(ci), b.max(cb)));
+        let mut memory = Memory::new(buffers.clone(), ints, bytes);
+        for step in producers.iter().chain([&call]).flat_map(|c| &c.steps) {
             memory.run(step);
         }
-        let (_, writes) = library.operands();
-        let out = &memory.buffers[writes[0].index()];
-        let target = call.steps.iter().find_map(|s| match s.kernel {
-            LibraryKernel::Fp8Gemm(_) => Some(Fp8Target::Hopper),
-            LibraryKernel::Fp8GemmFallback(_) => Some(Fp8Target::Portable),
-            _ => None,
-        });
-        assert_eq!(out.len(), expected.len());
-        for (index, ((got, want), size)) in out.iter().zip(&expected).zip(&magnitude).enumerate() {
-            // Quantising the rounded values again changes a scale by at most an f32 rounding:
-            // a few 2⁻²⁴ of each product's magnitude, summed in f64 and rounded once to f32.
-            let bound = 4e-7 * size + 1e-30;
-            assert!(
-                (f64::from(*got) - want).abs() <= bound,
-                "{} ({target:?}): element {index} is {got}, the rounded operands' product {want} \
-                 (bound {bound:e})\n{}",
-                kernel.name,
-                plan.table()
-            );
-        }
+        grouped += usize::from(assert_product(program, kernel, &buffers, &memory, plan));
         checked += 1;
     }
     (checked, grouped)
+}
+
+/// Asserts that `memory` holds, in `kernel`'s output, the product of its rounded operands as
+/// `buffers` hold them; returns whether it is a grouped product.
+fn assert_product(
+    program: &Program,
+    kernel: &Kernel,
+    buffers: &[Vec<f32>],
+    memory: &Memory,
+    plan: &LibraryPlan,
+) -> bool {
+    let KernelBody::Library(library) = &kernel.body else {
+        panic!("{} is not a library call", kernel.name);
+    };
+    let (expected, magnitude) = match library {
+        Library::MatMul { .. } => reference(library, buffers),
+        Library::GroupedMatMulWeightGrad { .. } => {
+            expert_wgrad::weight_grad_reference(program, library, buffers)
+        }
+        _ => grouped_reference(program, library, buffers),
+    };
+    let (_, writes) = library.operands();
+    let out = &memory.buffers[writes[0].index()];
+    let call = plan.calls.iter().flatten().find(|c| c.name == kernel.name);
+    let target = call.into_iter().flat_map(|c| &c.steps).find_map(|s| match s.kernel {
+        LibraryKernel::Fp8Gemm(_) => Some(Fp8Target::Hopper),
+        LibraryKernel::Fp8GemmFallback(_) => Some(Fp8Target::Portable),
+        _ => None,
+    });
+    assert_eq!(out.len(), expected.len());
+    for (index, ((got, want), size)) in out.iter().zip(&expected).zip(&magnitude).enumerate() {
+        // Quantising the rounded values again changes a scale by at most an f32 rounding:
+        // a few 2⁻²⁴ of each product's magnitude, summed in f64 and rounded once to f32.
+        let bound = 4e-7 * size + 1e-30;
+        assert!(
+            (f64::from(*got) - want).abs() <= bound,
+            "{} ({target:?}): element {index} is {got}, the rounded operands' product {want} \
+             (bound {bound:e})\n{}",
+            kernel.name,
+            plan.table()
+        );
+    }
+    !matches!(library, Library::MatMul { .. })
+}
+
+/// Whether the FP8 emulator runs `step`'s kernel.
+fn emulated(step: &LibraryStep) -> bool {
+    use fathom_kernels::IndexOp;
+    match step.kernel {
+        LibraryKernel::Index(params) => {
+            matches!(params.op, IndexOp::GroupRows | IndexOp::PadGroups)
+        }
+        LibraryKernel::Quantize(_)
+        | LibraryKernel::Fp8Gemm(_)
+        | LibraryKernel::Fp8GemmFallback(_)
+        | LibraryKernel::FakeQuantizeGathered(_) => true,
+        LibraryKernel::Gemm(params) => params.kind == fathom_kernels::F32GemmKind::GroupedWeightGrad,
+        _ => false,
+    }
+}
+
+/// A call that reads a quantisation kept from an earlier call finds it intact after every
+/// library call in between has run on the same byte scratch (each from offset 0, over its own
+/// regions), and gives the product of its rounded operands; and a source written in between
+/// is quantised again.
+#[test]
+fn shared_quantizations_survive_the_calls_between() {
+    let program = small_fp8_training_program();
+    for target in TARGETS {
+        let plan = LibraryPlan::of(&program, Some(target)).unwrap();
+        let mut readers = 0;
+        for (position, (kernel, call)) in program.kernels.iter().zip(&plan.calls).enumerate() {
+            let (Some(call), KernelBody::Library(library)) = (call, &kernel.body) else {
+                continue;
+            };
+            let Some(first) = call.reused.iter().map(|r| r.from).min() else {
+                continue;
+            };
+            let buffers = operands_of(&program, library, position);
+            let mut memory = Memory::new(buffers.clone(), plan.scratch_ints(), plan.scratch_bytes());
+            for step in plan.calls[first..position].iter().flatten().flat_map(|c| &c.steps) {
+                if emulated(step) {
+                    memory.run(step);
+                } else {
+                    // Not one of the FP8 plans' kernels (the f32 ones, the roundings): it
+                    // must leave the byte scratch alone.
+                    assert!(
+                        !step.args.iter().any(|a| matches!(
+                            a,
+                            StepArg::Bytes(_) | StepArg::TensorMap(..)
+                        )),
+                        "{} uses the byte scratch",
+                        step.kernel.name()
+                    );
+                }
+            }
+            // The calls between wrote their own outputs; this call's operands are as made
+            // (the shared sources no call in between writes, as the plan requires).
+            let (reads, _) = library.operands();
+            for operand in reads {
+                memory.buffers[operand.index()] = buffers[operand.index()].clone();
+            }
+            for step in &call.steps {
+                memory.run(step);
+            }
+            assert_product(&program, kernel, &buffers, &memory, &plan);
+            readers += 1;
+        }
+        assert_eq!(readers, 12, "{target:?}: the calls reading a kept quantisation");
+    }
+}
+
+/// A source that a kernel between two calls writes is quantised again by the second.
+#[test]
+fn a_source_written_between_two_calls_is_quantised_again() {
+    use fathom_compiler::kernel::Stmt;
+    let mut program = small_fp8_training_program();
+    let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
+    let (reader, reused) = (plan.calls.iter().enumerate())
+        .find_map(|(i, c)| Some((i, c.as_ref()?.reused.first()?.clone())))
+        .unwrap();
+    // A loop nest between them now stores into the shared source.
+    let between = (reused.from + 1..reader)
+        .find(|&k| matches!(program.kernels[k].body, KernelBody::Loop(_)))
+        .unwrap();
+    let KernelBody::Loop(nest) = &mut program.kernels[between].body else {
+        unreachable!()
+    };
+    let store = nest.body.iter_mut().find_map(|stmt| match stmt {
+        Stmt::Store { view, .. } | Stmt::StoreRow { view, .. } => Some(view),
+        _ => None,
+    });
+    store.unwrap().buffer = reused.source;
+    let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
+    let call = plan.calls[reader].as_ref().unwrap();
+    assert!(
+        call.reused.iter().all(|r| r.source != reused.source),
+        "{}",
+        plan.table()
+    );
+    let quantizes_source = call.steps.iter().any(|step| {
+        matches!(step.kernel, LibraryKernel::Quantize(_))
+            && matches!(step.args[0], StepArg::Buffer(b, _) if b == reused.source)
+    });
+    assert!(quantizes_source, "{} quantises its source again", call.name);
 }
 
 /// The precision pass's E4M3 rounding of buffer `x` into `out` in `tile_rows`×`tile_cols` tiles.

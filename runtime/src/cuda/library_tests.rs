@@ -427,6 +427,7 @@ fn a_step_with_arguments_its_kernel_does_not_take_is_refused() {
             scratch_bytes: 0,
             note: None,
             skipped: None,
+            reused: Vec::new(),
         })],
     };
     let y = StepArg::Buffer(BufferId(0), 0);
