@@ -8,8 +8,8 @@
 // `convert_to_f32` for bf16 and f32 comes from the conversions' template.
 use crate::convert::CONVERT;
 use crate::kernel::{
-    ArchRequirement, COMMON, Elem, EntryPoint, KernelError, KernelParam, KernelSource, ParamType,
-    Template, assemble, check_param,
+    COMMON, Elem, KernelError, KernelParam, KernelSource, ParamType, Template, check_param,
+    portable_kernel,
 };
 
 const AGREEMENT: Template = Template {
@@ -64,26 +64,19 @@ impl AgreementParams {
         )?;
         let name = self.name();
         let params = self.kernel_params();
-        Ok(assemble(
-            &[format!(
+        Ok(portable_kernel(
+            &name,
+            format!(
                 "Σ(x − y)², Σ(x² + y²) and the non-finite count of two {} arrays, in f64: \
                  {THREADS} threads per block, grid-stride, one atomic add per block and sum.",
                 self.elem.tag()
-            )],
+            ),
             &[COMMON, CONVERT, AGREEMENT],
-            |_| {},
-            EntryPoint {
-                name: &name,
-                block_threads: THREADS,
-                cluster_x: 1,
-                params: &params,
-                body: vec![format!(
-                    "fathom::agreement_sums<{}>(x, y, n, sums);",
-                    self.elem.c_type()
-                )],
-            },
-            ArchRequirement::Sm80OrNewer,
-            0,
+            (THREADS, &params),
+            format!(
+                "fathom::agreement_sums<{}>(x, y, n, sums);",
+                self.elem.c_type()
+            ),
         ))
     }
 }

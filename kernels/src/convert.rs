@@ -6,8 +6,7 @@
 //! contiguous f32. `sm_80` or newer.
 
 use crate::kernel::{
-    ArchRequirement, COMMON, Elem, EntryPoint, KernelError, KernelParam, KernelSource, ParamType,
-    Template, assemble,
+    COMMON, Elem, KernelError, KernelParam, KernelSource, ParamType, Template, portable_kernel,
 };
 
 pub(crate) const CONVERT: Template = Template {
@@ -128,19 +127,12 @@ impl ConvertParams {
                 "fathom::fill_zero_f32(y, n);".to_owned(),
             ),
         };
-        Ok(assemble(
-            &[description],
+        Ok(portable_kernel(
+            &name,
+            description,
             &[COMMON, CONVERT],
-            |_| {},
-            EntryPoint {
-                name: &name,
-                block_threads: THREADS,
-                cluster_x: 1,
-                params: &params,
-                body: vec![body],
-            },
-            ArchRequirement::Sm80OrNewer,
-            0,
+            (THREADS, &params),
+            body,
         ))
     }
 }
@@ -183,22 +175,15 @@ impl AccumulateScaled {
     pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
         let name = self.name();
         let params = self.kernel_params();
-        Ok(assemble(
-            &[format!(
+        Ok(portable_kernel(
+            &name,
+            format!(
                 "acc = scale * x (first) or acc + scale * x over n f32, without FMA: \
                  {THREADS} threads per block, grid-stride over n."
-            )],
+            ),
             &[COMMON, CONVERT],
-            |_| {},
-            EntryPoint {
-                name: &name,
-                block_threads: THREADS,
-                cluster_x: 1,
-                params: &params,
-                body: vec!["fathom::accumulate_scaled_f32(acc, x, scale, n, first);".to_owned()],
-            },
-            ArchRequirement::Sm80OrNewer,
-            0,
+            (THREADS, &params),
+            "fathom::accumulate_scaled_f32(acc, x, scale, n, first);".to_owned(),
         ))
     }
 }

@@ -12,8 +12,8 @@
 //! to the token-slots.
 
 use crate::kernel::{
-    ArchRequirement, COMMON, Elem, EntryPoint, KernelError, KernelParam, KernelSource, ParamType,
-    Template, assemble, cpp_bool,
+    COMMON, Elem, KernelError, KernelParam, KernelSource, ParamType, Template, cpp_bool,
+    portable_kernel,
 };
 
 const FAKE_QUANTIZE: Template = Template {
@@ -153,27 +153,20 @@ fn instantiate(
     what: &str,
     call: String,
 ) -> Result<KernelSource, KernelError> {
-    let description = vec![format!(
+    let description = format!(
         "E4M3 fake quantisation{what}: max(amax, 1e-4) / 448{}; bit-exact with the CPU.",
         if pow2_scales {
             " rounded up to a power of two"
         } else {
             ""
         }
-    )];
-    Ok(assemble(
-        &description,
+    );
+    Ok(portable_kernel(
+        name,
+        description,
         &[COMMON, FAKE_QUANTIZE],
-        |_| {},
-        EntryPoint {
-            name,
-            block_threads: threads,
-            cluster_x: 1,
-            params,
-            body: vec![call],
-        },
-        ArchRequirement::Sm80OrNewer,
-        0,
+        (threads, params),
+        call,
     ))
 }
 
@@ -217,7 +210,7 @@ mod tests {
         );
         let kernel = p.instantiate().expect("valid");
         assert_eq!(kernel.block_threads, 256);
-        assert_eq!(kernel.arch_requirement, ArchRequirement::Sm80OrNewer);
+        assert_eq!(kernel.arch_requirement, crate::ArchRequirement::Sm80OrNewer);
         insta::assert_snapshot!(kernel.generated_wrapper());
     }
 }

@@ -181,6 +181,31 @@ pub(crate) struct EntryPoint<'a> {
     pub body: Vec<String>,
 }
 
+/// A portable (`sm_80` or newer) kernel: one entry point `name` of `threads` threads that runs
+/// the statement `body`, no dynamic shared memory, described by `description`.
+pub(crate) fn portable_kernel(
+    name: &str,
+    description: String,
+    templates: &[Template],
+    (threads, params): (u32, &[KernelParam]),
+    body: String,
+) -> KernelSource {
+    assemble(
+        &[description],
+        templates,
+        |_| {},
+        EntryPoint {
+            name,
+            block_threads: threads,
+            cluster_x: 1,
+            params,
+            body: vec![body],
+        },
+        ArchRequirement::Sm80OrNewer,
+        0,
+    )
+}
+
 /// Assembles a [`KernelSource`]: a header naming the instantiation, the CUDA includes, each
 /// template verbatim (without its `#pragma once`), extra generated definitions, the entry point.
 pub(crate) fn assemble(

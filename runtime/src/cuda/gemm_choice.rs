@@ -84,12 +84,7 @@ pub fn step_form(step: &LibraryStep) -> Option<GemmForm> {
     let LibraryKernel::Fp8Gemm(params) = step.kernel else {
         return None;
     };
-    let named: HashMap<&str, StepArg> = params
-        .kernel_params()
-        .iter()
-        .map(|p| p.name)
-        .zip(step.args.iter().copied())
-        .collect();
+    let named = step.named_args();
     let int = |name: &str| match named.get(name) {
         Some(StepArg::I32(v)) => u32::try_from(*v).ok(),
         _ => None,

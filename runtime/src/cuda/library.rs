@@ -205,6 +205,16 @@ pub struct LibraryStep {
     pub args: Vec<StepArg>,
 }
 
+impl LibraryStep {
+    /// Its arguments by its kernel's parameter names.
+    pub fn named_args(&self) -> HashMap<&'static str, StepArg> {
+        (self.kernel.kernel_params().iter())
+            .map(|p| p.name)
+            .zip(self.args.iter().copied())
+            .collect()
+    }
+}
+
 /// The steps of one library call (none when its output is empty).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LibraryCall {

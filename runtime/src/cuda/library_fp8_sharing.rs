@@ -53,12 +53,7 @@ impl Written {
         let LibraryKernel::Quantize(params) = step.kernel else {
             return None;
         };
-        let named: HashMap<&str, StepArg> = params
-            .kernel_params()
-            .iter()
-            .map(|p| p.name)
-            .zip(step.args.iter().copied())
-            .collect();
+        let named = step.named_args();
         let inputs_shareable = named
             .iter()
             .filter(|(name, _)| !matches!(**name, "q" | "scales"))

@@ -288,11 +288,14 @@ fn assert_product(
     let (_, writes) = library.operands();
     let out = &memory.buffers[writes[0].index()];
     let call = plan.calls.iter().flatten().find(|c| c.name == kernel.name);
-    let target = call.into_iter().flat_map(|c| &c.steps).find_map(|s| match s.kernel {
-        LibraryKernel::Fp8Gemm(_) => Some(Fp8Target::Hopper),
-        LibraryKernel::Fp8GemmFallback(_) => Some(Fp8Target::Portable),
-        _ => None,
-    });
+    let target = call
+        .into_iter()
+        .flat_map(|c| &c.steps)
+        .find_map(|s| match s.kernel {
+            LibraryKernel::Fp8Gemm(_) => Some(Fp8Target::Hopper),
+            LibraryKernel::Fp8GemmFallback(_) => Some(Fp8Target::Portable),
+            _ => None,
+        });
     assert_eq!(out.len(), expected.len());
     for (index, ((got, want), size)) in out.iter().zip(&expected).zip(&magnitude).enumerate() {
         // Quantising the rounded values again changes a scale by at most an f32 rounding:
@@ -320,7 +323,9 @@ fn emulated(step: &LibraryStep) -> bool {
         | LibraryKernel::Fp8Gemm(_)
         | LibraryKernel::Fp8GemmFallback(_)
         | LibraryKernel::FakeQuantizeGathered(_) => true,
-        LibraryKernel::Gemm(params) => params.kind == fathom_kernels::F32GemmKind::GroupedWeightGrad,
+        LibraryKernel::Gemm(params) => {
+            params.kind == fathom_kernels::F32GemmKind::GroupedWeightGrad
+        }
         _ => false,
     }
 }
@@ -343,18 +348,23 @@ fn shared_quantizations_survive_the_calls_between() {
                 continue;
             };
             let buffers = operands_of(&program, library, position);
-            let mut memory = Memory::new(buffers.clone(), plan.scratch_ints(), plan.scratch_bytes());
-            for step in plan.calls[first..position].iter().flatten().flat_map(|c| &c.steps) {
+            let mut memory =
+                Memory::new(buffers.clone(), plan.scratch_ints(), plan.scratch_bytes());
+            for step in plan.calls[first..position]
+                .iter()
+                .flatten()
+                .flat_map(|c| &c.steps)
+            {
                 if emulated(step) {
                     memory.run(step);
                 } else {
                     // Not one of the FP8 plans' kernels (the f32 ones, the roundings): it
                     // must leave the byte scratch alone.
                     assert!(
-                        !step.args.iter().any(|a| matches!(
-                            a,
-                            StepArg::Bytes(_) | StepArg::TensorMap(..)
-                        )),
+                        !step
+                            .args
+                            .iter()
+                            .any(|a| matches!(a, StepArg::Bytes(_) | StepArg::TensorMap(..))),
                         "{} uses the byte scratch",
                         step.kernel.name()
                     );
@@ -372,7 +382,10 @@ fn shared_quantizations_survive_the_calls_between() {
             assert_product(&program, kernel, &buffers, &memory, &plan);
             readers += 1;
         }
-        assert_eq!(readers, 12, "{target:?}: the calls reading a kept quantisation");
+        assert_eq!(
+            readers, 12,
+            "{target:?}: the calls reading a kept quantisation"
+        );
     }
 }
 
