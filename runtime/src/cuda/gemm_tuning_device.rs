@@ -135,6 +135,8 @@ fn precompile_candidates(
 struct FormOperands {
     form: GemmForm,
     operands: Fp8GemmOperands,
+    /// Bytes of the output (`TimingOperands::out_bytes`).
+    out_bytes: usize,
     /// The default tile's product (one block per tile), or why there is none.
     reference: Result<u64, String>,
     /// The agreement kernel's three f64 sums.
@@ -149,12 +151,7 @@ impl FormOperands {
             GemmOutput::Bf16 => Elem::Bf16,
             _ => Elem::F32,
         };
-        let outputs = match self.form.grouping {
-            fathom_kernels::GemmGrouping::KGrouped => self.form.problem.groups.max(1),
-            _ => 1,
-        };
-        let p = self.form.problem;
-        (elem, outputs as usize * p.m as usize * p.n as usize)
+        (elem, self.out_bytes / elem.bytes())
     }
 }
 
@@ -260,7 +257,7 @@ impl<'a> Bench<'a> {
         let (form, operands, sums) = (current.form, current.operands, current.sums);
         let (elem, elements) = current.output();
         let driver = |what: &'static str| move |e| CudaError::driver(what.to_owned(), e);
-        zero_bytes(&stream, operands.out, elements * elem.bytes())
+        zero_bytes(&stream, operands.out, current.out_bytes)
             .map_err(driver("clearing the output"))?;
         zero_bytes(&stream, sums, 3 * 8).map_err(driver("clearing the sums"))?;
         self.gemm(params)?
@@ -340,6 +337,7 @@ impl<'a> Bench<'a> {
         self.operands = Some(FormOperands {
             form: *form,
             operands,
+            out_bytes: host.out_bytes,
             reference,
             sums,
             blocks,
