@@ -260,17 +260,23 @@ pub(crate) fn check_products(
         for step in producers.iter().chain([&call]).flat_map(|c| &c.steps) {
             memory.run(step);
         }
-        grouped += usize::from(assert_product(program, kernel, &buffers, &memory, plan));
+        grouped += usize::from(assert_product(
+            program,
+            (kernel, call),
+            &buffers,
+            &memory,
+            plan,
+        ));
         checked += 1;
     }
     (checked, grouped)
 }
 
 /// Asserts that `memory` holds, in `kernel`'s output, the product of its rounded operands as
-/// `buffers` hold them; returns whether it is a grouped product.
+/// `buffers` hold them (`call`: its plan); returns whether it is a grouped product.
 fn assert_product(
     program: &Program,
-    kernel: &Kernel,
+    (kernel, call): (&Kernel, &LibraryCall),
     buffers: &[Vec<f32>],
     memory: &Memory,
     plan: &LibraryPlan,
@@ -287,15 +293,11 @@ fn assert_product(
     };
     let (_, writes) = library.operands();
     let out = &memory.buffers[writes[0].index()];
-    let call = plan.calls.iter().flatten().find(|c| c.name == kernel.name);
-    let target = call
-        .into_iter()
-        .flat_map(|c| &c.steps)
-        .find_map(|s| match s.kernel {
-            LibraryKernel::Fp8Gemm(_) => Some(Fp8Target::Hopper),
-            LibraryKernel::Fp8GemmFallback(_) => Some(Fp8Target::Portable),
-            _ => None,
-        });
+    let target = call.steps.iter().find_map(|s| match s.kernel {
+        LibraryKernel::Fp8Gemm(_) => Some(Fp8Target::Hopper),
+        LibraryKernel::Fp8GemmFallback(_) => Some(Fp8Target::Portable),
+        _ => None,
+    });
     assert_eq!(out.len(), expected.len());
     for (index, ((got, want), size)) in out.iter().zip(&expected).zip(&magnitude).enumerate() {
         // Quantising the rounded values again changes a scale by at most an f32 rounding:
@@ -379,7 +381,7 @@ fn shared_quantizations_survive_the_calls_between() {
             for step in &call.steps {
                 memory.run(step);
             }
-            assert_product(&program, kernel, &buffers, &memory, &plan);
+            assert_product(&program, (kernel, call), &buffers, &memory, &plan);
             readers += 1;
         }
         assert_eq!(
