@@ -106,18 +106,21 @@ impl GpuKernels {
         Ok(())
     }
 
-    /// Compiles and loads the library templates `plan` launches.
+    /// Compiles and loads, in one parallel batch, the library templates `plan` launches and
+    /// the executor's own micro-batch sum (`GpuExecutor::run_summing`; loaded whether used or
+    /// not: one small kernel).
     pub fn load_library(
         &mut self,
         device: &GpuDevice,
         cache: &KernelCache,
         plan: &LibraryPlan,
     ) -> Result<(), CudaError> {
-        let units = plan
+        let mut units = plan
             .kernels()
             .iter()
             .map(LibraryKernel::instantiate)
             .collect::<Result<Vec<_>, _>>()?;
+        units.push(AccumulateScaled.instantiate()?);
         self.compile_and_load(device, cache, &units)
     }
 
@@ -288,8 +291,6 @@ impl GpuExecutor {
         }
         let mut kernels = GpuKernels::load_for(device, cache, &cuda, arch)?;
         kernels.load_library(device, cache, &library)?;
-        // The micro-batch sums of `run_summing`: one small kernel, loaded whether used or not.
-        kernels.compile_and_load(device, cache, &[AccumulateScaled.instantiate()?])?;
         let stream = device
             .ctx
             .new_stream()
