@@ -7,7 +7,7 @@
 //! there instead of launching their `quantize`.
 //!
 //! A later `quantize` is dropped only when it is the same launch (kernel, source, shape) and
-//! nothing in between writes its source; a source given by the scratch (gathered rows, whose
+//! nothing in between writes a buffer it reads; a source given by the scratch (gathered rows, whose
 //! indices each call computes afresh) is never shared. The kept area holds a quantisation from
 //! its first call to its last reader, placed first-fit among those alive; at most as many bytes
 //! are kept at once as the largest call's scratch, and a quantisation that does not fit is
@@ -203,9 +203,18 @@ fn find_repeats(program: &Program, calls: &[Option<LibraryCall>]) -> Vec<Shared>
                 .filter(|arg| !matches!(arg, StepArg::Bytes(_)))
                 .copied()
                 .collect();
+            // Every buffer the launch reads (the source, and gathered rows given by a buffer)
+            // must be as the first call read it.
+            let read: Vec<BufferId> = (inputs.iter())
+                .filter_map(|arg| match arg {
+                    StepArg::Buffer(b, _) => Some(*b),
+                    _ => None,
+                })
+                .collect();
             let key = (params, inputs);
             let unchanged_since = |from: usize| {
-                (from..position).all(|k| !writes.get(k).is_some_and(|w| w.contains(&source)))
+                (from..position)
+                    .all(|k| !(writes.get(k)).is_some_and(|w| read.iter().any(|b| w.contains(b))))
             };
             let repeats = latest
                 .iter()
