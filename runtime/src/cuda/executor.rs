@@ -8,8 +8,10 @@
 //! uploaded, the launches queued in order on one stream (optionally captured once into a CUDA
 //! graph and replayed), timed with events, the outputs downloaded. Parameters fed with a
 //! version (`Feeds::parameters_version`, a trainer's micro-batches between two optimizer
-//! steps) are uploaded once per version, and outputs summed over micro-batches (the gradients,
-//! [`GpuExecutor::run_summing`]) stay in device memory until the step takes them.
+//! steps) are uploaded once per version, and the weights' FP8 codes made once after each upload
+//! (ahead of the program on its stream, outside the graph; `library_fp8_weight_codes`);
+//! outputs summed over micro-batches (the gradients, [`GpuExecutor::run_summing`]) stay in
+//! device memory until the step takes them.
 //!
 //! Buffers hold f32 values as on the CPU backend (integers and bools by value). Library calls
 //! run as the templates [`super::library`] plans for them (products marked for Hopper's FP8
@@ -33,8 +35,9 @@ use super::device::{GpuDevice, compile_target};
 use super::fp8_gemm::encode_tensor_map;
 use super::gemm_tuning::TuningPolicy;
 use super::gemm_tuning_device::tuned_choices;
-use super::library::{LibraryCall, LibraryKernel, LibraryPlan, StepArg};
+use super::library::{LibraryKernel, LibraryPlan, LibraryStep, StepArg};
 use super::library_fp8::Fp8Target;
+use super::library_fp8_weight_codes::WeightLaunch;
 use super::memory::{DriverMemory, download, stream_id, timing_event, upload};
 use super::modules::{
     Arg, args_by_name, generated_source, launch, launch_generated, load_compiled,
@@ -524,6 +527,9 @@ impl GpuExecutor {
             }
         }
         if upload_parameters {
+            // The weights' FP8 codes follow the weights (`library_fp8_weight_codes`): made
+            // here, on the stream ahead of the program, outside any captured graph.
+            self.launch_weight_codes()?;
             *on_device = fed;
         }
         drop(on_device);
@@ -583,28 +589,51 @@ impl GpuExecutor {
 
     /// Queues every launch of the program, in order.
     fn launch_all(&self) -> Result<(), CudaError> {
-        for (position, launch) in self.cuda.launches.iter().enumerate() {
-            match launch {
-                CudaLaunch::Generated(index) => {
-                    let kernel = &self.cuda.kernels[*index];
-                    let function = self.kernels.function(kernel.entry())?;
-                    launch_generated(&self.stream, function, kernel, |b| self.address[b.index()])?;
-                }
-                CudaLaunch::Template(call) => {
-                    let planned = self.library.calls.get(position).and_then(Option::as_ref);
-                    let planned = planned.ok_or_else(|| {
-                        CudaError::Launch(format!("{}: library call without a plan", call.name))
-                    })?;
-                    self.launch_library(planned)?;
-                }
-            }
-        }
-        Ok(())
+        let positions = 0..self.cuda.launches.len();
+        let mut in_program = positions.filter(|&p| !self.library.weight_codes.is_hoisted(p));
+        in_program.try_for_each(|position| self.launch_at(position))
     }
 
-    /// Queues the steps of a library call.
-    fn launch_library(&self, call: &LibraryCall) -> Result<(), CudaError> {
-        for step in &call.steps {
+    /// Queues the weights' FP8 codes: the hoisted kernels and the `quantize` launches, in
+    /// program order (`library_fp8_weight_codes`).
+    fn launch_weight_codes(&self) -> Result<(), CudaError> {
+        let codes = &self.library.weight_codes;
+        codes
+            .launches()
+            .into_iter()
+            .try_for_each(|launch| match launch {
+                WeightLaunch::Kernel(position) => self.launch_at(position),
+                WeightLaunch::Quantization(q) => {
+                    self.launch_steps("the weight codes", std::iter::once(&q.step))
+                }
+            })
+    }
+
+    /// Queues the program's launch at `position`.
+    fn launch_at(&self, position: usize) -> Result<(), CudaError> {
+        match &self.cuda.launches[position] {
+            CudaLaunch::Generated(index) => {
+                let kernel = &self.cuda.kernels[*index];
+                let function = self.kernels.function(kernel.entry())?;
+                launch_generated(&self.stream, function, kernel, |b| self.address[b.index()])
+            }
+            CudaLaunch::Template(call) => {
+                let planned = self.library.calls.get(position).and_then(Option::as_ref);
+                let planned = planned.ok_or_else(|| {
+                    CudaError::Launch(format!("{}: library call without a plan", call.name))
+                })?;
+                self.launch_steps(&planned.name, &planned.steps)
+            }
+        }
+    }
+
+    /// Queues `steps` (a library call's, or the weight codes'), named `name` in errors.
+    fn launch_steps<'a>(
+        &self,
+        name: &str,
+        steps: impl IntoIterator<Item = &'a LibraryStep>,
+    ) -> Result<(), CudaError> {
+        for step in steps {
             let function = self.kernels.function(&step.kernel.name())?;
             let mut args = step
                 .args
@@ -628,12 +657,12 @@ impl GpuExecutor {
                     })
                 })
                 .collect::<Result<Vec<Arg>, CudaError>>()
-                .map_err(|e| e.in_kernel(&call.name))?;
+                .map_err(|e| e.in_kernel(name))?;
             let [x, y, z] = step.grid;
             let block = (step.kernel.block_threads(), 1, 1);
             let smem = step.kernel.dynamic_smem_bytes();
             launch(&self.stream, function, (x, y, z), block, smem, &mut args)
-                .map_err(|e| e.in_kernel(&call.name))?;
+                .map_err(|e| e.in_kernel(name))?;
         }
         Ok(())
     }

@@ -24,7 +24,9 @@
 //!
 //! `group_rows` writes its offsets and members into a scratch area of ints shared by all calls
 //! (they run one after another on one stream); the FP8 products keep their codes and scales in
-//! a scratch area of bytes, shared the same way. Kernels that read indices report an invalid one in
+//! a scratch area of bytes, shared the same way. The weights' codes lie past every call's part
+//! of it, made once per weights version by launches of their own
+//! ([`super::library_fp8_weight_codes`]). Kernels that read indices report an invalid one in
 //! the status words, tagged with the call's position in the program plus one.
 
 use std::collections::HashMap;
@@ -39,6 +41,7 @@ use fathom_kernels::{
 use super::CudaError;
 use super::library_fp8::{Fp8Target, quantize_weights_directly};
 use super::library_fp8_sharing::{ReusedQuantization, share_quantizations};
+use super::library_fp8_weight_codes::{FromWeights, WeightCodes, keep_weight_codes};
 
 /// A template instantiation a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -232,6 +235,8 @@ pub struct LibraryCall {
     /// Quantisations it reads from earlier calls instead of launching its own
     /// ([`super::library_fp8_sharing`]).
     pub reused: Vec<ReusedQuantization>,
+    /// Weights whose codes it reads from the plan's [`WeightCodes`] instead of quantising them.
+    pub weight_codes: Vec<BufferId>,
 }
 
 impl LibraryCall {
@@ -246,10 +251,12 @@ impl LibraryCall {
     }
 }
 
-/// The library calls of a program, by kernel position (`None` for loop nests).
+/// The library calls of a program, by kernel position (`None` for loop nests), and the
+/// weights' FP8 codes they read (made once per weights version, before the calls).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LibraryPlan {
     pub calls: Vec<Option<LibraryCall>>,
+    pub weight_codes: WeightCodes,
 }
 
 impl LibraryPlan {
@@ -280,6 +287,7 @@ impl LibraryPlan {
                         note: planned.note,
                         skipped: None,
                         reused: Vec::new(),
+                        weight_codes: Vec::new(),
                     }));
                 }
                 Err(reason) => {
@@ -290,8 +298,13 @@ impl LibraryPlan {
         }
         if refused.is_empty() {
             quantize_weights_directly(program, &mut calls);
-            share_quantizations(program, &mut calls);
-            let plan = LibraryPlan { calls };
+            let weights = FromWeights::of(program, &calls);
+            share_quantizations(program, &weights, &mut calls);
+            let weight_codes = keep_weight_codes(program, &weights, &mut calls);
+            let plan = LibraryPlan {
+                calls,
+                weight_codes,
+            };
             // A planner's mistake, not the program's: said before anything launches.
             plan.check_arguments().map_err(|e| {
                 CudaError::Launch(format!("a library step's arguments do not fit: {e}"))
@@ -324,14 +337,23 @@ impl LibraryPlan {
         (fp8, calls().filter(|c| c.note.is_some()).count())
     }
 
-    /// The byte scratch the largest call needs.
+    /// The byte scratch the largest call needs, and the weight codes.
     pub fn scratch_bytes(&self) -> usize {
-        self.calls
-            .iter()
-            .flatten()
+        let codes = &self.weight_codes;
+        (self.calls.iter().flatten())
             .map(|c| c.scratch_bytes)
+            .chain((codes.bytes > 0).then_some(codes.base + codes.bytes))
             .max()
             .unwrap_or(0)
+    }
+
+    /// Every launch with the name of what it belongs to: the weight codes' first, then each
+    /// call's in order.
+    pub fn steps(&self) -> impl Iterator<Item = (&str, &LibraryStep)> {
+        let codes = self.weight_codes.steps().map(|s| (WEIGHT_CODES, s));
+        let calls = (self.calls.iter().flatten())
+            .flat_map(|c| c.steps.iter().map(move |s| (c.name.as_str(), s)));
+        codes.chain(calls)
     }
 
     /// Checks that every step passes its kernel's parameters: as many arguments, each of the
@@ -341,14 +363,12 @@ impl LibraryPlan {
     /// (`LibraryPlan::of` checks every plan it makes).
     pub fn check_arguments(&self) -> Result<(), String> {
         let mut params: HashMap<LibraryKernel, Vec<KernelParam>> = HashMap::new();
-        for call in self.calls.iter().flatten() {
-            for step in &call.steps {
-                let expected = params
-                    .entry(step.kernel)
-                    .or_insert_with(|| step.kernel.kernel_params());
-                check_step_arguments(step, expected)
-                    .map_err(|e| format!("{} ({}): {e}", call.name, step.kernel.name()))?;
-            }
+        for (name, step) in self.steps() {
+            let expected = params
+                .entry(step.kernel)
+                .or_insert_with(|| step.kernel.kernel_params());
+            check_step_arguments(step, expected)
+                .map_err(|e| format!("{name} ({}): {e}", step.kernel.name()))?;
         }
         Ok(())
     }
@@ -356,7 +376,7 @@ impl LibraryPlan {
     /// Every distinct kernel the plan launches, in order of first use.
     pub fn kernels(&self) -> Vec<LibraryKernel> {
         let mut kernels = Vec::new();
-        for step in self.calls.iter().flatten().flat_map(|c| &c.steps) {
+        for (_, step) in self.steps() {
             if !kernels.contains(&step.kernel) {
                 kernels.push(step.kernel);
             }
@@ -370,10 +390,39 @@ impl LibraryPlan {
         self.calls.get(index)?.as_ref().map(|c| c.name.as_str())
     }
 
+    /// The weight codes' lines of [`LibraryPlan::table`]: each weight's launch and its readers.
+    pub fn weight_codes_table(&self) -> String {
+        let mut table = String::new();
+        let codes = &self.weight_codes;
+        if !(codes.quantizations.is_empty() && codes.hoisted.is_empty()) {
+            table.push_str(&format!(
+                "{WEIGHT_CODES} (bytes+{}, {} bytes; made when the weights change)\n",
+                codes.base, codes.bytes
+            ));
+            for hoisted in &codes.hoisted {
+                table.push_str(&format!("  (runs {})\n", hoisted.name));
+            }
+            for quantization in &codes.quantizations {
+                let readers: Vec<&str> = (quantization.readers.iter())
+                    .filter_map(|&r| Some(self.calls.get(r)?.as_ref()?.name.as_str()))
+                    .collect();
+                table.push_str(&format!(
+                    "  ({} for {})\n",
+                    quantization.source,
+                    readers.join(", ")
+                ));
+                table.push_str(&step_line(&quantization.step));
+            }
+        }
+        table
+    }
+
     /// One line per step: call, kernel, grid, block and arguments (what the snapshot shows).
     pub fn table(&self) -> String {
-        let mut table = String::new();
-        for call in self.calls.iter().flatten() {
+        let mut table = self.weight_codes_table();
+        let codes = &self.weight_codes;
+        for (position, call) in self.calls.iter().enumerate() {
+            let Some(call) = call else { continue };
             table.push_str(&format!("{}\n", call.name));
             if let Some(note) = &call.note {
                 table.push_str(&format!("  ({note})\n"));
@@ -384,6 +433,12 @@ impl LibraryPlan {
                     reused.source, reused.from_name
                 ));
             }
+            if codes.is_hoisted(position) {
+                table.push_str(&format!("  (runs with the {WEIGHT_CODES})\n"));
+            }
+            for weight in &call.weight_codes {
+                table.push_str(&format!("  (reads the {WEIGHT_CODES} of {weight})\n"));
+            }
             match call.skipped {
                 Some(why) => table.push_str(&format!("  (skipped: {why})\n")),
                 None if call.steps.is_empty() => {
@@ -392,18 +447,26 @@ impl LibraryPlan {
                 None => {}
             }
             for step in &call.steps {
-                let [x, y, z] = step.grid;
-                let args: Vec<String> = step.args.iter().map(arg_text).collect();
-                table.push_str(&format!(
-                    "  {} grid ({x}, {y}, {z}) block {}: {}\n",
-                    step.kernel.name(),
-                    step.kernel.block_threads(),
-                    args.join(", ")
-                ));
+                table.push_str(&step_line(step));
             }
         }
         table
     }
+}
+
+/// What the plan calls the launches of [`WeightCodes`].
+const WEIGHT_CODES: &str = "weight codes";
+
+/// A step's line in the plan's table: kernel, grid, block and arguments.
+fn step_line(step: &LibraryStep) -> String {
+    let [x, y, z] = step.grid;
+    let args: Vec<String> = step.args.iter().map(arg_text).collect();
+    format!(
+        "  {} grid ({x}, {y}, {z}) block {}: {}\n",
+        step.kernel.name(),
+        step.kernel.block_threads(),
+        args.join(", ")
+    )
 }
 
 fn arg_text(arg: &StepArg) -> String {

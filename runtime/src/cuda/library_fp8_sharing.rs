@@ -13,19 +13,21 @@
 //! are kept at once as the largest call's scratch, and a quantisation that does not fit is
 //! quantised again as before.
 //!
-//! Weights are not shared: their repeats are the recomputed forward, hundreds of calls after
-//! the forward, and keeping their codes that long costs more memory than it saves work. At
-//! DeepSeek-V3's sizes (one rank's whole training step, 4096 tokens) sharing weights too grew
-//! the byte scratch from 4.24 to 8.46 GB to save 0.6 % of the quantised elements; activations
-//! alone drop 248 of 4292 `quantize` launches (7.3 G elements, 0.4 %) for +0.7 % of scratch.
+//! Weights are left to `library_fp8_weight_codes`, which quantises each once per weights
+//! version for all its calls. (Kept here, for the call span alone, they cost more memory than
+//! they save work: at DeepSeek-V3's sizes, one rank's whole training step of 4096 tokens,
+//! sharing weights too grew the byte scratch from 4.24 to 8.46 GB to save 0.6 % of the
+//! quantised elements; activations alone drop 248 of 4292 `quantize` launches, 7.3 G elements,
+//! for +0.7 % of scratch.)
 
 use std::collections::HashMap;
 
-use fathom_compiler::kernel::{BufferId, BufferRole, Program};
+use fathom_compiler::kernel::{BufferId, Program};
 use fathom_kernels::QuantizeParams;
 
 use super::library::{LibraryCall, LibraryKernel, LibraryStep, StepArg};
 use super::library_fp8::{Fp8Operand, REGION_ALIGN};
+use super::library_fp8_weight_codes::FromWeights;
 
 /// A quantisation a call reads from an earlier call's, kept in the byte scratch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,7 +41,7 @@ pub struct ReusedQuantization {
 
 /// Where a `quantize` step writes, and how much.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Written {
+pub(crate) struct Written {
     codes: usize,
     code_bytes: usize,
     scales: usize,
@@ -49,7 +51,7 @@ struct Written {
 impl Written {
     /// The step's output regions, when it is a quantisation that may be shared: a `quantize`
     /// whose every input is a buffer or an integer.
-    fn of(step: &LibraryStep) -> Option<(QuantizeParams, BufferId, Written)> {
+    pub(crate) fn of(step: &LibraryStep) -> Option<(QuantizeParams, BufferId, Written)> {
         let LibraryKernel::Quantize(params) = step.kernel else {
             return None;
         };
@@ -96,7 +98,7 @@ impl Written {
     }
 
     /// Bytes it takes in the kept area (codes, then scales, each region aligned).
-    fn kept_bytes(&self) -> usize {
+    pub(crate) fn kept_bytes(&self) -> usize {
         self.code_bytes.next_multiple_of(REGION_ALIGN)
             + self.scale_bytes.next_multiple_of(REGION_ALIGN)
     }
@@ -124,8 +126,12 @@ struct Shared {
 }
 
 /// Shares repeated quantisations between the calls of `program` (see the module docs).
-pub(crate) fn share_quantizations(program: &Program, calls: &mut [Option<LibraryCall>]) {
-    let shared = find_repeats(program, calls);
+pub(crate) fn share_quantizations(
+    program: &Program,
+    weights: &FromWeights,
+    calls: &mut [Option<LibraryCall>],
+) {
+    let shared = find_repeats(program, weights, calls);
     let own_scratch = calls
         .iter()
         .flatten()
@@ -179,7 +185,11 @@ pub(crate) fn share_quantizations(program: &Program, calls: &mut [Option<Library
 
 /// The repeated quantisations, in order of first call; a reader's step index counts its steps
 /// as planned.
-fn find_repeats(program: &Program, calls: &[Option<LibraryCall>]) -> Vec<Shared> {
+fn find_repeats(
+    program: &Program,
+    weights: &FromWeights,
+    calls: &[Option<LibraryCall>],
+) -> Vec<Shared> {
     let writes: Vec<Vec<BufferId>> = program
         .kernels
         .iter()
@@ -195,7 +205,7 @@ fn find_repeats(program: &Program, calls: &[Option<LibraryCall>]) -> Vec<Shared>
             let Some((params, source, written)) = Written::of(step) else {
                 continue;
             };
-            if matches!(program.buffer(source).role, BufferRole::Parameter(_)) {
+            if weights.holds_weights(source) {
                 continue;
             }
             // The launch without where it writes.
@@ -259,7 +269,7 @@ fn first_fit(alive: &[(usize, usize, usize)], bytes: usize, cap: usize) -> Optio
 }
 
 /// Points every argument of `steps` into `written`'s regions at the kept copy at `kept`.
-fn relocate(steps: &mut [LibraryStep], written: &Written, kept: usize) {
+pub(crate) fn relocate(steps: &mut [LibraryStep], written: &Written, kept: usize) {
     for arg in steps.iter_mut().flat_map(|s| s.args.iter_mut()) {
         match arg {
             StepArg::Bytes(offset) | StepArg::TensorMap(_, offset) => {

@@ -27,6 +27,8 @@ use crate::fp8::{ScaleRounding, fake_quantize};
 mod emulator;
 #[path = "library_expert_wgrad_tests.rs"]
 mod expert_wgrad;
+#[path = "library_fp8_weight_codes_tests.rs"]
+mod weight_codes;
 use emulator::Memory;
 
 const TARGETS: [Fp8Target; 2] = [Fp8Target::Hopper, Fp8Target::Portable];
@@ -167,27 +169,37 @@ fn experts_of(program: &Program, call: &Library) -> Option<(usize, BufferId)> {
     }
 }
 
-/// The buffers of a run reaching `call`: its rounded operands the rounding of fresh values (the
-/// roundings' sources those values), its other operands fresh values, its expert ids spread over every expert but expert 1 (an empty
-/// segment), the rest zero.
-fn operands_of(program: &Program, call: &Library, seed: usize) -> Vec<Vec<f32>> {
+/// The buffers of a run reaching `call`: [`operand_values`], the rest zero.
+fn operands_of(program: &Program, call: &Library) -> Vec<Vec<f32>> {
     let mut buffers: Vec<Vec<f32>> = program
         .buffers
         .iter()
         .map(|b| vec![0f32; b.ty.numel()])
         .collect();
+    for (buffer, values) in operand_values(program, call) {
+        buffers[buffer.index()] = values;
+    }
+    buffers
+}
+
+/// What `call` reads: its rounded operands the rounding of fresh values (the roundings' sources
+/// those values), its other operands fresh values, its expert ids spread over every expert but
+/// expert 1 (an empty segment). A buffer's values depend on the buffer only, so that calls
+/// reading the same weight or activation read the same.
+fn operand_values(program: &Program, call: &Library) -> Vec<(BufferId, Vec<f32>)> {
+    let mut fed = Vec::new();
     let (reads, _) = call.operands();
-    for (index, operand) in reads.into_iter().enumerate() {
+    for operand in reads {
         let dims = program.buffer(operand).ty.dims();
+        let len = dims.iter().product::<usize>();
         if let Some((experts, expert_ids)) = experts_of(program, call)
             && operand == expert_ids
         {
-            buffers[operand.index()] = (0..dims.iter().product::<usize>())
-                .map(|i| match (i * 7 + i / 5) % experts {
-                    1 if experts > 2 => 0.0,
-                    e => e as f32,
-                })
-                .collect();
+            let ids = (0..len).map(|i| match (i * 7 + i / 5) % experts {
+                1 if experts > 2 => 0.0,
+                e => e as f32,
+            });
+            fed.push((operand, ids.collect()));
             continue;
         }
         let writer = program.kernels.iter().find_map(|k| match &k.body {
@@ -201,18 +213,18 @@ fn operands_of(program: &Program, call: &Library, seed: usize) -> Vec<Vec<f32>> 
             }) if *out == operand => Some((*x, (*tile_rows, *tile_cols), *pow2_scales)),
             _ => None,
         });
-        let x = values(buffers[operand.index()].len(), seed + index);
         let Some((source, (tile_rows, tile_cols), pow2)) = writer else {
-            buffers[operand.index()] = x;
+            fed.push((operand, values(len, operand.index())));
             continue;
         };
+        let x = values(len, source.index());
         // The rounding's source too: a weight's quantize steps read it directly
         // (`quantize_weights_directly`).
-        buffers[operand.index()] =
-            fake_quantize(&x, dims, tile_rows, tile_cols, scale_rounding(pow2)).unwrap();
-        buffers[source.index()] = x;
+        let rounded = fake_quantize(&x, dims, tile_rows, tile_cols, scale_rounding(pow2));
+        fed.push((operand, rounded.unwrap()));
+        fed.push((source, x));
     }
-    buffers
+    fed
 }
 
 fn scale_rounding(pow2: bool) -> ScaleRounding {
@@ -238,16 +250,17 @@ pub(crate) fn check_products(
     which: impl Fn(&LibraryCall) -> bool,
 ) -> (usize, usize) {
     let (mut checked, mut grouped) = (0, 0);
-    for (kernel, call) in program.kernels.iter().zip(&plan.calls) {
+    for (position, (kernel, call)) in program.kernels.iter().zip(&plan.calls).enumerate() {
         let (Some(call), KernelBody::Library(library)) = (call, &kernel.body) else {
             continue;
         };
         if !which(call) {
             continue;
         }
-        let buffers = operands_of(program, library, checked);
+        let buffers = operands_of(program, library);
         // A quantisation read from an earlier call is made by running that call first, on
-        // the same buffers and byte scratch (`library_fp8_sharing`).
+        // the same buffers and byte scratch (`library_fp8_sharing`); the weights' codes by
+        // their own launches before any call (`library_fp8_weight_codes`).
         let producers: Vec<&LibraryCall> = (call.reused.iter())
             .filter_map(|r| plan.calls[r.from].as_ref())
             .collect();
@@ -257,7 +270,8 @@ pub(crate) fn check_products(
             .map(scratch)
             .fold((0, 0), |(i, b), (ci, cb)| (i.max(ci), b.max(cb)));
         let mut memory = Memory::new(buffers.clone(), ints, bytes);
-        for step in producers.iter().chain([&call]).flat_map(|c| &c.steps) {
+        let steps = producers.iter().chain([&call]).flat_map(|c| &c.steps);
+        for step in plan.weight_codes.read_by(position).chain(steps) {
             memory.run(step);
         }
         grouped += usize::from(assert_product(
@@ -349,9 +363,12 @@ fn shared_quantizations_survive_the_calls_between() {
             let Some(first) = call.reused.iter().map(|r| r.from).min() else {
                 continue;
             };
-            let buffers = operands_of(&program, library, position);
+            let buffers = operands_of(&program, library);
             let mut memory =
                 Memory::new(buffers.clone(), plan.scratch_ints(), plan.scratch_bytes());
+            for step in plan.weight_codes.read_by(position) {
+                memory.run(step);
+            }
             for step in plan.calls[first..position]
                 .iter()
                 .flatten()
@@ -813,9 +830,9 @@ fn the_fp8_training_steps_products_run_as_fp8_gemms() {
             "{kind}: {kinds:?}"
         );
     }
-    // The products' lines of the table (the rest of the plan is the f32 one, snapshotted in
-    // `library_tests`).
-    let mut table = String::new();
+    // The weight codes' and the products' lines of the table (the rest of the plan is the f32
+    // one, snapshotted in `library_tests`).
+    let mut table = plan.weight_codes_table();
     for (kernel, call) in program.kernels.iter().zip(&plan.calls) {
         let (
             Some(call),
@@ -830,6 +847,7 @@ fn the_fp8_training_steps_products_run_as_fp8_gemms() {
         };
         let one = LibraryPlan {
             calls: vec![Some(call.clone())],
+            ..LibraryPlan::default()
         };
         table.push_str(&one.table());
     }
@@ -952,13 +970,14 @@ fn deepseek_v3_sized_products_plan_as_fp8_gemms() {
         // MLA's 128 + 64 and 128 wide heads run on the flash-attention templates: one forward
         // and one backward per attention (two layers and the MTP block's).
         let launches = |name: &str| {
-            let steps = plan.calls.iter().flatten().flat_map(|c| &c.steps);
-            steps.filter(|s| s.kernel.name() == name).count()
+            let steps = plan.steps();
+            steps.filter(|(_, s)| s.kernel.name() == name).count()
         };
         assert_eq!(launches("mla_attention_fwd_d128r64v128_m64n64"), 3);
         assert_eq!(launches("mla_attention_bwd_d128r64v128_m64n64c2"), 3);
         assert!(fp8 >= 40, "{target:?}: {fp8}");
-        let steps: Vec<&LibraryStep> = plan.calls.iter().flatten().flat_map(|c| &c.steps).collect();
+        // The weight codes' launches too (`library_fp8_weight_codes`).
+        let steps: Vec<&LibraryStep> = plan.steps().map(|(_, s)| s).collect();
         let stacked = steps
             .iter()
             .filter(|s| s.kernel.name().starts_with("quantize_128x128") && s.grid[2] == 256)
@@ -1025,8 +1044,12 @@ fn a_weights_rounding_read_only_by_fp8_gemms_is_skipped() {
         let rounding = plan.calls[1].as_ref().unwrap();
         assert!(rounding.steps.is_empty(), "{}", plan.table());
         assert_eq!(rounding.skipped, Some(QUANTIZED_WHERE_READ));
-        let quantize_b = &plan.calls[2].as_ref().unwrap().steps[1];
-        assert_eq!(quantize_b.args[0], StepArg::Buffer(BufferId(2), 0));
+        // B's codes are the weight's own, made before the calls (`library_fp8_weight_codes`).
+        let [codes] = &plan.weight_codes.quantizations[..] else {
+            panic!("one weight quantisation\n{}", plan.table());
+        };
+        assert_eq!(codes.step.args[0], StepArg::Buffer(BufferId(2), 0));
+        assert_eq!(codes.readers, [2]);
         // The activation's rounding (an input, not a parameter) is computed.
         assert!(!plan.calls[0].as_ref().unwrap().steps.is_empty());
         assert_eq!(check_fp8_products(&program, target), (1, 0));

@@ -428,7 +428,9 @@ fn a_step_with_arguments_its_kernel_does_not_take_is_refused() {
             note: None,
             skipped: None,
             reused: Vec::new(),
+            weight_codes: Vec::new(),
         })],
+        ..LibraryPlan::default()
     };
     let y = StepArg::Buffer(BufferId(0), 0);
     assert_eq!(
