@@ -269,6 +269,11 @@ fn inspect_shows_which_products_run_as_fp8_gemms() {
         assert!(text.contains("extern \"C\" __global__"), "{text}");
         assert!(plan.contains("quantize_1x128_f32_e4m3"), "{plan}");
         assert!(plan.contains(gemm), "{target}: {plan}");
+        // The weights' codes are made once before the calls, which read them.
+        assert!(plan.starts_with("weight codes (bytes+"), "{plan}");
+        assert!(plan.contains("(reads the weight codes of b"), "{plan}");
+        let said = String::from_utf8_lossy(&run.stdout);
+        assert!(said.contains("FP8 quantisations of weights"), "{said}");
         // The experts' products too, in DeepGEMM's padded layout, and their weight gradients
         // K-grouped over it: no product is left in f32.
         assert!(

@@ -239,7 +239,17 @@ fn write_library_plan(
                 "library calls on {arch}: {fp8} FP8 GEMMs, {in_f32} products marked FP8 in f32 \
                  (reasons in library-plan.txt)"
             );
-            let steps: Vec<_> = plan.calls.iter().flatten().flat_map(|c| &c.steps).collect();
+            let codes = &plan.weight_codes;
+            if !codes.quantizations.is_empty() {
+                println!(
+                    "weight codes: {} FP8 quantisations of weights ({:.1} MB) after {} kernels \
+                     computing from the weights alone, made once per weights version",
+                    codes.quantizations.len(),
+                    codes.bytes as f64 / 1e6,
+                    codes.hoisted.len()
+                );
+            }
+            let steps: Vec<_> = plan.steps().map(|(_, step)| step).collect();
             for kernel in plan.kernels() {
                 let source = kernel.instantiate()?;
                 let file = dir.join(format!("{}.cu", source.entry));
