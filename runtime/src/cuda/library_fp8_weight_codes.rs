@@ -21,6 +21,13 @@
 //!
 //! The cost is memory held for the run: the codes (one byte per element per layout) and their
 //! scales, about a quarter of the f32 weights per layout.
+//!
+//! Measured on the plan of DeepSeek-V3's step (`fathom inspect --config
+//! examples/configs/deepseek-v3-671b.json --train --precision fp8 --accumulation hopper
+//! --target sm_90a --seq 4096`, one rank's whole program): the `quantize` launches per
+//! micro-batch fall from 4044 to 2572 and their elements from 1.64 T to 0.27 T; 1348 weight
+//! launches (1.36 T elements, 1.36 TB of codes for the whole model) and 45 489 hoisted kernels
+//! (the experts' stacking, 256 per stacked weight, and 177 roundings) run once per version.
 
 use fathom_compiler::kernel::{BufferId, BufferRole, Program};
 use fathom_kernels::QuantizeParams;
