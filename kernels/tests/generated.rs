@@ -206,8 +206,9 @@ fn every_kernel_of_the_tiny_training_step_compiles_for_sm90a() {
 fn every_kernel_of_the_671b_forward_pass_compiles_for_sm90a_and_sm80() {
     let Some(nvrtc) = nvrtc() else { return };
     let program = deepseek_v3_671b_forward();
-    // The 61 layers (and the 256 expert slots of each stacked weight) share their sources.
-    assert!(program.kernels.len() > 40_000, "{}", program.kernels.len());
+    // The 61 layers share their sources (the 256 experts' weights are fed into their stacks
+    // in place: no kernel copies them).
+    assert!(program.kernels.len() > 1_000, "{}", program.kernels.len());
     assert!(
         program.sources.len() <= 64,
         "{} unique sources",

@@ -13,7 +13,9 @@ use common::FixtureStep;
 
 use std::collections::HashMap;
 
-use fathom_compiler::kernel::{ExpertOutputs, ExpertWeights, Kernel, KernelBody, Library, Program};
+use fathom_compiler::kernel::{
+    BufferId, BufferRole, ExpertOutputs, ExpertWeights, Kernel, KernelBody, Library, Program,
+};
 use fathom_compiler::lower::{LowerOptions, lower, lower_with};
 use fathom_compiler::model::LossWeights;
 use fathom_runtime::HostTensor;
@@ -123,6 +125,7 @@ fn training_graphs_run_compiled_like_the_interpreter() {
             if options.grouped_weights_in_place {
                 assert_eq!(stacked_weights.count(), 0, "{name}: stacked weights");
             }
+            experts_never_copied(&program, options, name);
             let compiled = CpuProgram::new(program).run(&feeds).unwrap();
             let worst = worst_error(name, &expected, &compiled, F32_BOUNDS);
             eprintln!(
@@ -146,6 +149,57 @@ fn training_graphs_run_compiled_like_the_interpreter() {
                 _ => {}
             }
         }
+    }
+}
+
+/// No kernel of `program` copies the experts' weights into a stack or their gradients out of
+/// one: in the CPU's form the grouped calls read and write each expert's matrix where it lies
+/// (the weights, when read through an FP8 rounding, fed inside their stack's buffer); in the
+/// CUDA plan's form every expert's weight is fed inside its stack's buffer and every expert's
+/// gradient is a window of the stacked gradient (`name`: the fixture).
+fn experts_never_copied(program: &Program, options: LowerOptions, name: &str) {
+    let copies: Vec<&str> = (program.kernels.iter())
+        .map(|k| k.name.as_str())
+        .filter(|k| {
+            (k.contains("_stack_") || k.contains("_copy_backward_")) && k.contains("_mlp_experts")
+        })
+        .collect();
+    assert_eq!(
+        copies,
+        Vec::<&str>::new(),
+        "{name} {options:?}: experts copied"
+    );
+    if options.grouped_weights_in_place {
+        return;
+    }
+    let routed = |n: &str| n.contains(".mlp.experts.");
+    let mut stacked = Vec::new();
+    for buffer in &program.buffers {
+        match &buffer.role {
+            BufferRole::Parameter(p) => assert!(!routed(p), "{name}: {p} fed alone"),
+            BufferRole::StackedParameters(names) => stacked.extend(names.iter().cloned()),
+            _ => {}
+        }
+    }
+    let gradients: Vec<&(String, BufferId)> = (program.outputs.iter())
+        .filter(|(o, _)| routed(o))
+        .collect();
+    assert_eq!(
+        gradients.len(),
+        stacked.len(),
+        "{name}: every stacked weight's gradient"
+    );
+    for (output, buffer) in gradients {
+        let role = &program.buffer(*buffer).role;
+        assert!(
+            matches!(role, BufferRole::Window { .. }),
+            "{name}: {output} is {role:?}"
+        );
+        let weight = output.strip_prefix("grad.").expect("a gradient");
+        assert!(
+            stacked.iter().any(|s| s == weight),
+            "{name}: {weight} not stacked"
+        );
     }
 }
 
@@ -584,6 +638,7 @@ fn fp8_training_graphs_run_compiled_like_the_interpreter() {
         assert!(quantized > 50, "{quantized} quantize nodes");
         let expected = evaluate(&graph, &feeds).unwrap();
         let program = lower_with(&graph, options).unwrap();
+        experts_never_copied(&program, options, "fp8");
         let compiled = CpuProgram::new(program).run(&feeds).unwrap();
         (expected, compiled)
     };

@@ -241,12 +241,15 @@ fn write_library_plan(
             );
             let codes = &plan.weight_codes;
             if !codes.quantizations.is_empty() {
+                let hoisted = match codes.hoisted.len() {
+                    0 => String::new(),
+                    n => format!(" after {n} kernels computing from the weights alone"),
+                };
                 println!(
-                    "weight codes: {} FP8 quantisations of weights ({:.1} MB) after {} kernels \
-                     computing from the weights alone, made once per weights version",
+                    "weight codes: {} FP8 quantisations of weights ({:.1} MB){hoisted}, made \
+                     once per weights version",
                     codes.quantizations.len(),
                     codes.bytes as f64 / 1e6,
-                    codes.hoisted.len()
                 );
             }
             let steps: Vec<_> = plan.steps().map(|(_, step)| step).collect();

@@ -43,6 +43,24 @@ pub enum BufferRole {
     Constant(ConstantData),
     /// Written by a kernel and read by later ones.
     Temporary,
+    /// Weights fed by the caller end to end, by checkpoint name: an `[n, …]` stack of `n`
+    /// parameters of one shape (`[…]`), such as a layer's experts' matrices, uploaded where a
+    /// grouped GEMM reads them instead of copied there by a kernel every run.
+    StackedParameters(Vec<String>),
+    /// Elements `offset..` of the temporary `of`, read where they lie: a program output that
+    /// is a part of another buffer (an expert's gradient in the stacked weight gradient),
+    /// instead of a copy of it. No memory of its own, and no kernel's operand.
+    Window { of: BufferId, offset: usize },
+}
+
+impl BufferRole {
+    /// Whether the caller feeds the buffer weights: a parameter or stacked parameters.
+    pub fn is_fed_weight(&self) -> bool {
+        matches!(
+            self,
+            BufferRole::Parameter(_) | BufferRole::StackedParameters(_)
+        )
+    }
 }
 
 /// A dense, row-major buffer.
@@ -406,6 +424,15 @@ pub struct Program {
 impl Program {
     pub fn buffer(&self, id: BufferId) -> &Buffer {
         &self.buffers[id.index()]
+    }
+
+    /// The buffer whose memory holds `id`'s elements, and where they start: a window's
+    /// temporary, else `id` itself at 0.
+    pub fn holder(&self, id: BufferId) -> (BufferId, usize) {
+        match self.buffer(id).role {
+            BufferRole::Window { of, offset } => (of, offset),
+            _ => (id, 0),
+        }
     }
 
     pub fn output(&self, name: &str) -> Option<BufferId> {

@@ -1,12 +1,12 @@
 //! The memory plan: when each temporary buffer is alive, and which of them share storage.
 //!
 //! A temporary lives from the kernel that first writes it to the last kernel that reads it
-//! (outputs to the end); a concatenation's buffer, written a region at a time by several
+//! (outputs, and the temporaries holding outputs' windows, to the end); a concatenation's buffer, written a region at a time by several
 //! kernels (see `lower`), lives from the first of them. Temporaries whose lifetimes do not
 //! overlap share a *slot*: the plan walks kernels in order, frees the slots of buffers that died
 //! and gives each new buffer the smallest free slot that fits it (growing the largest free one,
 //! or opening a new slot, otherwise). Inputs, parameters and constants are the caller's memory
-//! and not planned.
+//! and not planned; a window is its temporary's.
 
 use std::fmt;
 
@@ -44,6 +44,7 @@ impl MemoryPlan {
             }
         }
         for (_, b) in &program.outputs {
+            let (b, _) = program.holder(*b);
             if let Some(life) = &mut lifetimes[b.index()] {
                 life.1 = kernels;
             }

@@ -73,6 +73,13 @@ impl Display for Buffer {
             BufferRole::Parameter(name) => write!(f, "param \"{name}\""),
             BufferRole::Constant(data) => write!(f, "{}", Op::Constant(data.clone())),
             BufferRole::Temporary => f.write_str("temp"),
+            BufferRole::StackedParameters(names) => match &names[..] {
+                [first, .., last] if names.len() > 2 => {
+                    write!(f, "params [\"{first}\" … \"{last}\"] ({})", names.len())
+                }
+                _ => write!(f, "params {names:?}"),
+            },
+            BufferRole::Window { of, offset } => write!(f, "window of {of} at {offset}"),
         }
     }
 }

@@ -81,9 +81,12 @@ pub(super) struct Lowering<'g> {
     /// The casts of round trips to bf16 that the products reading them round themselves
     /// (see `fold_round_trips`): views of what they round, like movements.
     folded: Vec<bool>,
-    /// Per weight-gradient node written in parts, its experts' gradients (the reshapes) in
-    /// expert order.
+    /// Per weight-gradient node written in parts (or, in the CUDA plan's form, holding its
+    /// experts' gradients as windows), its experts' gradients (the reshapes) in expert order.
     gradient_parts: Vec<Option<Vec<NodeId>>>,
+    /// The stacks of parameters the caller feeds as one buffer, and their parameters (see
+    /// `decide_weight_parts`).
+    fed_in_stack: Vec<bool>,
     /// Per cross-entropy whose gradient reads what its forward kept (see
     /// `LowerOptions::cross_entropy_keeps_exponentials`): the rows' exponentials and sums.
     kept_exponentials: HashMap<NodeId, KeptExponentials>,
@@ -135,6 +138,7 @@ impl<'g> Lowering<'g> {
             in_parts: vec![false; n],
             folded: vec![false; n],
             gradient_parts: vec![None; n],
+            fed_in_stack: vec![false; n],
             kept_exponentials: HashMap::new(),
             options,
             program: Program {
@@ -159,9 +163,7 @@ impl<'g> Lowering<'g> {
         }
         self.decide();
         self.decide_places();
-        if self.options.grouped_weights_in_place {
-            self.decide_weight_parts();
-        }
+        self.decide_weight_parts();
         for id in self.graph.node_ids() {
             if self.live[id.index()] {
                 self.visit(id)?;
@@ -415,6 +417,10 @@ impl<'g> Lowering<'g> {
     fn visit(&mut self, id: NodeId) -> Result<(), LowerError> {
         if self.in_parts[id.index()] {
             // Read or written where its parts lie by the grouped matmuls.
+            return Ok(());
+        }
+        if self.fed_in_stack[id.index()] {
+            self.feed_in_stack(id);
             return Ok(());
         }
         let node = self.graph.node(id);

@@ -54,7 +54,10 @@ pub struct LowerOptions {
     /// stacked copy made every run, and its weight gradient may write each expert's block
     /// into that expert's own output ([`crate::kernel::ExpertOutputs::Parts`]) rather than
     /// into a stacked buffer sliced afterwards: the CPU backend runs both (the copies cost a
-    /// 32-expert model's training step about 100 ms); the CUDA plan keeps one stacked buffer.
+    /// 32-expert model's training step about 100 ms); the CUDA plan keeps one stacked buffer,
+    /// fed with the parameters in place ([`crate::kernel::BufferRole::StackedParameters`]),
+    /// the experts' gradients windows of the stacked gradient
+    /// ([`crate::kernel::BufferRole::Window`]).
     pub grouped_weights_in_place: bool,
     /// A cross-entropy whose gradient the program computes stores its rows' exponentials
     /// (the logits' size, f32) and sums, and the gradient reads them instead of computing an

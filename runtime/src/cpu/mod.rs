@@ -276,6 +276,12 @@ impl CpuProgram {
         let mut outputs = Vec::with_capacity(self.program.outputs.len());
         for (i, (name, id)) in self.program.outputs.iter().enumerate() {
             let buffer = self.program.buffer(*id);
+            if let BufferRole::Window { of, offset } = buffer.role {
+                let whole = &buffers[of.index()];
+                let window = &whole[offset..offset + buffer.ty.numel()];
+                outputs.push((name.clone(), to_host(&buffer.ty, window)));
+                continue;
+            }
             let named_again = self.program.outputs[i + 1..].iter().any(|(_, o)| o == id);
             let storage = &mut buffers[id.index()];
             let numel = buffer.ty.numel();
@@ -596,7 +602,10 @@ pub(crate) fn initial_contents<'a>(
     role: &BufferRole,
     feeds: &Feeds<'a>,
 ) -> Result<Storage<'a>, CpuError> {
-    let fed = |kind: &'static str, name: &str, source: &'a dyn crate::interp::TensorSource| {
+    let fed_as = |kind: &'static str,
+                  name: &str,
+                  source: &'a dyn crate::interp::TensorSource,
+                  ty: &TensorType| {
         let tensor = source.tensor(name).ok_or_else(|| CpuError::Missing {
             kind,
             name: name.to_owned(),
@@ -611,9 +620,20 @@ pub(crate) fn initial_contents<'a>(
         }
         from_host(kind, name, tensor)
     };
+    let fed = |kind, name: &str, source| fed_as(kind, name, source, ty);
     match role {
         BufferRole::Input(name) => fed("input", name, feeds.inputs),
         BufferRole::Parameter(name) => fed("parameter", name, feeds.parameters),
+        BufferRole::StackedParameters(names) => {
+            let part = TensorType::new(ty.dtype, &ty.dims()[1..]);
+            let mut values = Vec::with_capacity(ty.numel());
+            for name in names {
+                values.extend_from_slice(&fed_as("parameter", name, feeds.parameters, &part)?);
+            }
+            Ok(Storage::Owned(values))
+        }
+        // Read where its temporary holds it.
+        BufferRole::Window { .. } => Ok(Storage::default()),
         BufferRole::Constant(data) => Ok(Storage::Owned(
             data.values
                 .iter()

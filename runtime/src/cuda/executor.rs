@@ -313,6 +313,8 @@ impl GpuExecutor {
                 (BufferRole::Temporary, Some(slot)) => slot_address[slot],
                 // A temporary no kernel touches: nothing to hold.
                 (BufferRole::Temporary, None) => 0,
+                // Where its temporary holds it: set below, once every temporary has a place.
+                (BufferRole::Window { .. }, _) => 0,
                 (role, _) => {
                     let block =
                         allocator.alloc(4 * buffer.ty.numel().max(1), stream_id(&stream))?;
@@ -327,6 +329,7 @@ impl GpuExecutor {
                 }
             };
         }
+        place_windows(&program, &mut address);
         let mut block = |bytes: usize| -> Result<u64, CudaError> {
             let block = allocator.alloc(bytes.max(4), stream_id(&stream))?;
             let ptr = block.ptr;
@@ -517,7 +520,7 @@ impl GpuExecutor {
         for (index, buffer) in self.program.buffers.iter().enumerate() {
             let fed_now = match buffer.role {
                 BufferRole::Input(_) => true,
-                BufferRole::Parameter(_) => upload_parameters,
+                BufferRole::Parameter(_) | BufferRole::StackedParameters(_) => upload_parameters,
                 _ => false,
             };
             if fed_now {
@@ -719,6 +722,16 @@ impl Drop for GpuExecutor {
     }
 }
 
+/// Points every window of `program` at its elements in its temporary (`address`: by buffer,
+/// every other buffer's already).
+fn place_windows(program: &Program, address: &mut [u64]) {
+    for (index, buffer) in program.buffers.iter().enumerate() {
+        if let BufferRole::Window { of, offset } = buffer.role {
+            address[index] = address[of.index()] + 4 * offset as u64;
+        }
+    }
+}
+
 /// Whether a run fed parameters of version `fed` must upload them, the device holding version
 /// `on_device`: unless both are the same known version and no kernel writes a parameter.
 fn parameters_stale(on_device: Option<u64>, fed: Option<u64>, read_only: bool) -> bool {
@@ -732,7 +745,7 @@ fn no_kernel_writes_parameters(program: &Program) -> bool {
             .reads_and_writes()
             .1
             .iter()
-            .all(|b| !matches!(program.buffer(*b).role, BufferRole::Parameter(_)))
+            .all(|b| !program.buffer(*b).role.is_fed_weight())
     })
 }
 
@@ -764,6 +777,48 @@ mod tests {
 
     #[test]
     fn training_programs_leave_their_parameters_as_fed() {
+        let program = micro_training_program();
+        assert!(no_kernel_writes_parameters(&program));
+        // Marking a buffer some kernel writes as a parameter, or stacked parameters, is seen.
+        let written = program.kernels[0].reads_and_writes().1[0];
+        for role in [
+            BufferRole::Parameter("w".into()),
+            BufferRole::StackedParameters(vec!["w".into()]),
+        ] {
+            let mut marked = program.clone();
+            marked.buffers[written.index()].role = role;
+            assert!(!no_kernel_writes_parameters(&marked));
+        }
+    }
+
+    /// The experts' gradients are read from the stacked gradient: each window's address is
+    /// its expert's block, 4 bytes an element past its temporary's.
+    #[test]
+    fn windows_point_into_their_temporaries() {
+        let program = micro_training_program();
+        let mut address: Vec<u64> = (0..program.buffers.len() as u64)
+            .map(|b| (b + 1) << 32)
+            .collect();
+        place_windows(&program, &mut address);
+        let mut windows = 0;
+        for (index, buffer) in program.buffers.iter().enumerate() {
+            if let BufferRole::Window { of, offset } = buffer.role {
+                let expert = (offset / buffer.ty.numel()) as u64;
+                let block = 4 * buffer.ty.numel() as u64;
+                assert_eq!(address[index], address[of.index()] + expert * block);
+                windows += 1;
+            }
+        }
+        // The micro model's experts' three matrices each.
+        let spec = fathom_compiler::spec::examples::micro();
+        assert!(
+            windows >= 3 * spec.moe.as_ref().unwrap().routed_experts,
+            "{windows}"
+        );
+    }
+
+    /// The micro model's training step, lowered for CUDA.
+    fn micro_training_program() -> Program {
         let spec = fathom_compiler::spec::examples::micro();
         let graph = training_graph(&spec, 1, 4, LossWeights::deepseek_v3())
             .unwrap()
@@ -772,11 +827,6 @@ mod tests {
             lower: crate::cuda::lower_options(),
             ..CompileOptions::default()
         };
-        let mut program = compile(&graph, &options).unwrap().program;
-        assert!(no_kernel_writes_parameters(&program));
-        // Marking a buffer some kernel writes as a parameter is seen.
-        let written = program.kernels[0].reads_and_writes().1[0];
-        program.buffers[written.index()].role = BufferRole::Parameter("w".into());
-        assert!(!no_kernel_writes_parameters(&program));
+        compile(&graph, &options).unwrap().program
     }
 }

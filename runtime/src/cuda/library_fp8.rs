@@ -31,7 +31,7 @@
 //! it on every FP8 product of the `small` model's training step.
 
 use fathom_compiler::graph::QuantFormat;
-use fathom_compiler::kernel::{BufferId, BufferRole, KernelBody, Library, Program, View};
+use fathom_compiler::kernel::{BufferId, KernelBody, Library, Program, View};
 use fathom_kernels::{
     BScaling, FallbackGemmParams, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem,
     KernelParam, QuantizeInput, QuantizeKind, QuantizeParams,
@@ -536,7 +536,7 @@ pub(crate) fn quantize_weights_directly(program: &Program, calls: &mut [Option<L
             continue;
         };
         let (x, out) = (*x, *out);
-        let is_weight = matches!(program.buffer(x).role, BufferRole::Parameter(_));
+        let is_weight = program.buffer(x).role.is_fed_weight();
         if !is_weight || program.outputs.iter().any(|(_, b)| *b == out) {
             continue;
         }

@@ -789,6 +789,12 @@ fn products_the_fp8_gemm_cannot_take_run_in_f32_with_a_reason() {
 /// The `small` model's training step at precision FP8 with Hopper's accumulation, lowered for
 /// CUDA.
 pub(crate) fn small_fp8_training_program() -> Program {
+    let graph = small_fp8_training_graph();
+    compile(&graph, &CompileOptions::default()).unwrap().program
+}
+
+/// The graph of [`small_fp8_training_program`].
+pub(crate) fn small_fp8_training_graph() -> fathom_compiler::Graph {
     let spec = fathom_compiler::spec::examples::small();
     let train = training_graph(&spec, 2, 32, LossWeights::deepseek_v3()).unwrap();
     let policy = PrecisionPolicy {
@@ -796,8 +802,7 @@ pub(crate) fn small_fp8_training_program() -> Program {
         ..PrecisionPolicy::uniform(Precision::Fp8)
     };
     let tiling = fathom_compiler::spec::Fp8Spec::default();
-    let graph = apply_precision(&train.graph, &policy, &tiling).unwrap();
-    compile(&graph, &CompileOptions::default()).unwrap().program
+    apply_precision(&train.graph, &policy, &tiling).unwrap()
 }
 
 /// Every FP8 product of a real training step (forward, input and weight gradients, the

@@ -1,18 +1,18 @@
 //! FP8 codes of the weights, made once per weights version. A training step's FP8 GEMMs
 //! quantise the same weights again and again: the forward and the recomputed forward each in
 //! 128×128 blocks, the backward the transposed blocks, and every micro-batch anew although the
-//! weights change only at the optimizer step. The experts' weights are even stacked into one
-//! buffer and rounded, in f32, before each of their grouped products. At DeepSeek-V3's sizes
+//! weights change only at the optimizer step. At DeepSeek-V3's sizes
 //! (one rank's whole step, 4096 tokens) the weights' launches are 83 % of the elements
 //! quantised per micro-batch.
 //!
 //! This pass takes every `quantize` of a weight out of the calls: each distinct launch
 //! (kernel, source, shape) runs once, writing to a region of the byte scratch past every
 //! call's own part and the kept activations, and every call that quantised it reads the codes
-//! and scales there. A weight here is a parameter no kernel writes, or a buffer computed from
-//! such parameters alone by kernels whose results nothing but these launches reads (the
-//! experts' stacking and its rounding): those kernels are *hoisted*, run with the codes and
-//! skipped by the program. The executor runs the hoisted kernels and the codes' launches, in
+//! and scales there. A weight here is a parameter (or a stack of them, fed in place) no kernel
+//! writes, or a buffer computed from such parameters alone by kernels whose results nothing
+//! but these launches reads (say the experts' stacking by copies, where a weight is also read
+//! elsewhere so that its stack is not fed in place, and its rounding): those kernels are
+//! *hoisted*, run with the codes and skipped by the program. The executor runs the hoisted kernels and the codes' launches, in
 //! program order, whenever it uploads the parameters (a new weights version,
 //! `Feeds::parameters_version`), ahead of the program and outside any captured CUDA graph,
 //! and nothing of it for the other micro-batches of the version. A hoisted kernel writes its
@@ -26,8 +26,9 @@
 //! examples/configs/deepseek-v3-671b.json --train --precision fp8 --accumulation hopper
 //! --target sm_90a --seq 4096`, one rank's whole program): the `quantize` launches per
 //! micro-batch fall from 4044 to 2572 and their elements from 1.64 T to 0.27 T; 1348 weight
-//! launches (1.36 T elements, 1.36 TB of codes for the whole model) and 45 489 hoisted kernels
-//! (the experts' stacking, 256 per stacked weight, and 177 roundings) run once per version.
+//! launches (1.36 T elements, 1.36 TB of codes for the whole model) run once per version.
+//! (Before the experts' weights were fed into their stacks in place, the stacking was 45 312
+//! of 45 489 hoisted kernels: 256 per stacked weight, and 177 roundings.)
 
 use fathom_compiler::kernel::{BufferId, BufferRole, Program};
 use fathom_kernels::QuantizeParams;
@@ -136,10 +137,8 @@ impl FromWeights {
         };
         let mut buffers: Vec<bool> = (program.buffers.iter().enumerate())
             .map(|(b, buffer)| {
-                let fixed = matches!(
-                    buffer.role,
-                    BufferRole::Parameter(_) | BufferRole::Constant(_)
-                );
+                let fixed =
+                    buffer.role.is_fed_weight() || matches!(buffer.role, BufferRole::Constant(_));
                 fixed && writers[b].is_empty()
             })
             .collect();

@@ -1,18 +1,23 @@
-//! Grouped expert GEMMs that read and write each expert's matrix where it lies (under
-//! `LowerOptions::grouped_weights_in_place`, the CPU's form): the experts' weight parameters
-//! are never stacked into one buffer, and their gradients never sliced out of one.
+//! Grouped expert GEMMs without copies of the experts' matrices.
 //!
 //! The model stacks the experts' `[n, k]` weights into `[experts, n, k]` for its grouped
 //! matmuls, and autodiff takes each expert's gradient out of the grouped weight gradient with a
 //! slice and a reshape. Lowered as written, both are copies of every expert weight on every
-//! run (on the medium benchmark model, 288 stacking kernels and 288 slices, 100 ms a step).
-//! Here the stack and the permutes the calls read it through are not lowered at all: each call
-//! gets one view per expert (`ExpertWeights::Parts`); and a weight gradient whose every user
-//! is such a slice writes each expert's block straight into that output's buffer
-//! (`ExpertOutputs::Parts`).
+//! run (on the medium benchmark model, 288 stacking kernels and 288 slices, 100 ms a step; at
+//! DeepSeek-V3's size 45 312 of each, about 5 TB moved per micro-batch). Two forms avoid them:
+//!
+//! - Under `LowerOptions::grouped_weights_in_place` (the CPU's form) the stack and the permutes
+//!   the calls read it through are not lowered at all: each call gets one view per expert
+//!   (`ExpertWeights::Parts`); and a weight gradient whose every user is such a slice writes
+//!   each expert's block straight into that output's buffer (`ExpertOutputs::Parts`).
+//! - Otherwise (the CUDA plan's form: its grouped GEMMs read and write one stacked buffer) a
+//!   stack of parameters read by nothing else is one buffer the caller feeds with them end to
+//!   end (`BufferRole::StackedParameters`: uploaded in place, with the weights; on the CPU too
+//!   when the calls read the stack through an FP8 rounding), and those experts' gradients are
+//!   windows of the stacked gradient (`BufferRole::Window`), read where the call wrote them.
 
 use crate::graph::{NodeId, Op};
-use crate::kernel::{ExpertOutputs, ExpertWeights, KernelBody, Library, View};
+use crate::kernel::{Buffer, BufferRole, ExpertOutputs, ExpertWeights, KernelBody, Library, View};
 
 use super::super::exact::exact_operands;
 use super::super::{Affine, Class, LowerError, StridedView, new_buffer, temporary, what};
@@ -26,7 +31,13 @@ impl Lowering<'_> {
     /// And which weight gradients are written as one matrix per expert: those whose every
     /// user takes one expert's gradient out (autodiff's adjoint of the stack, a slice and a
     /// reshape per expert) as a graph output.
+    ///
+    /// Which other stacks of parameters are fed where they lie (see `fed_in_its_stack`: the
+    /// CUDA plan's, and the CPU's read through a rounding); and in the CUDA plan's form, which
+    /// weight gradients hold their experts' gradients as windows (those the CPU's writes in
+    /// parts).
     pub(super) fn decide_weight_parts(&mut self) {
+        let in_place = self.options.grouped_weights_in_place;
         for id in self.graph.node_ids() {
             if !self.live[id.index()] {
                 continue;
@@ -37,8 +48,14 @@ impl Lowering<'_> {
                     .inputs
                     .iter()
                     .all(|&p| self.classes[p.index()] == Class::Leaf && self.dims(p).len() == 2);
-            if parts_are_leaves && self.only_weights_of_grouped(id) {
+            if in_place && parts_are_leaves && self.only_weights_of_grouped(id) {
                 self.mark_read_by_parts(id);
+            }
+            if parts_are_leaves && !self.in_parts[id.index()] && self.fed_in_its_stack(id) {
+                for &part in &node.inputs {
+                    self.fed_in_stack[part.index()] = true;
+                }
+                self.fed_in_stack[id.index()] = true;
             }
             if matches!(node.op, Op::GroupedMatMulWeightGrad { .. })
                 && let Some(parts) = self.gradient_parts(id)
@@ -50,6 +67,45 @@ impl Lowering<'_> {
                 self.gradient_parts[id.index()] = Some(parts);
             }
         }
+    }
+
+    /// Whether stack `id` of leaves may be one buffer the caller feeds: its parts are
+    /// parameters read by nothing else, and it is no output nor part of another assembly.
+    fn fed_in_its_stack(&self, id: NodeId) -> bool {
+        let node = self.graph.node(id);
+        !self.graph.is_output(id)
+            && self.place[id.index()].is_none()
+            && node.inputs.iter().all(|&part| {
+                matches!(self.graph.node(part).op, Op::Parameter { .. })
+                    && self.users[part.index()] == [id]
+                    && !self.graph.is_output(part)
+            })
+    }
+
+    /// Lowers a node fed inside a stack (see `fed_in_its_stack`): the stack is one buffer of
+    /// its parameters end to end, fed by the caller; its parameters get no buffer of their
+    /// own.
+    pub(super) fn feed_in_stack(&mut self, id: NodeId) {
+        let node = self.graph.node(id);
+        if !matches!(node.op, Op::Stack) {
+            return;
+        }
+        let names = (node.inputs.iter())
+            .map(|&part| match &self.graph.node(part).op {
+                Op::Parameter { name, .. } => name.clone(),
+                _ => unreachable!("stacks fed in place hold parameters (`fed_in_its_stack`)"),
+            })
+            .collect();
+        let buffer = new_buffer(
+            &mut self.program,
+            Buffer {
+                ty: node.ty.clone(),
+                role: BufferRole::StackedParameters(names),
+            },
+        );
+        let view = StridedView::contiguous(buffer, node.ty.dims());
+        self.assembled[id.index()] = Some(view.clone());
+        self.views[id.index()] = Some(view);
     }
 
     /// The experts' gradients of weight gradient `id`, in expert order, when every user of it
@@ -179,22 +235,41 @@ impl Lowering<'_> {
     }
 
     /// A grouped matmul's weight gradient written straight into the experts' gradients (see
-    /// `gradient_parts`): each `parts[e]` gets a buffer of its own, which the call writes.
+    /// `gradient_parts`): each `parts[e]` gets a buffer of its own, which the call writes; or,
+    /// in the CUDA plan's form, the call writes one stacked buffer and each `parts[e]` is a
+    /// window of it.
     pub(super) fn emit_weight_grad_in_parts(
         &mut self,
         id: NodeId,
         parts: Vec<NodeId>,
     ) -> Result<(), LowerError> {
+        let stacked = (!self.options.grouped_weights_in_place)
+            .then(|| new_buffer(&mut self.program, temporary(self.graph.ty(id))));
         let mut nodes = vec![id];
         let mut buffers = Vec::with_capacity(parts.len());
-        for part in parts {
-            let buffer = new_buffer(&mut self.program, temporary(self.graph.ty(part)));
+        for (expert, part) in parts.into_iter().enumerate() {
+            let ty = self.graph.ty(part);
+            let buffer = match stacked {
+                Some(of) => Buffer {
+                    ty: ty.clone(),
+                    role: BufferRole::Window {
+                        of,
+                        offset: expert * ty.numel(),
+                    },
+                },
+                None => temporary(ty),
+            };
+            let buffer = new_buffer(&mut self.program, buffer);
             self.views[part.index()] = Some(StridedView::contiguous(buffer, self.dims(part)));
             buffers.push(buffer);
             // The slice it reshapes, then itself.
             nodes.extend([self.graph.node(part).inputs[0], part]);
         }
-        let call = self.weight_grad_call(id, ExpertOutputs::Parts(buffers))?;
+        let out = match stacked {
+            Some(stacked) => ExpertOutputs::Stacked(stacked),
+            None => ExpertOutputs::Parts(buffers),
+        };
+        let call = self.weight_grad_call(id, out)?;
         let what = what(&self.graph.node(id).op);
         self.push_node_kernel(id, what, nodes, KernelBody::Library(call));
         Ok(())
