@@ -320,7 +320,7 @@ fn pipelined_gradients_equal_the_whole_graph_gradients() {
                 "{} pp={} dp={} ep={}",
                 layout.schedule, layout.stages, layout.data_parallel, layout.expert_parallel
             );
-            let step = pipeline.run(&weights, &batches).unwrap();
+            let step = pipeline.run(&weights, None, &batches).unwrap();
             assert_eq!(
                 step.grads.keys().collect::<Vec<_>>(),
                 reference.keys().collect::<Vec<_>>()

@@ -295,10 +295,13 @@ impl Pipeline {
 
     /// Runs one step over `micro_batches` (token ids, one tensor each, as many as
     /// [`Self::micro_batches_per_step`]: replica d takes the d-th run of the schedule's count)
-    /// with `weights`.
+    /// with `weights`, of version `weights_version` when the caller numbers its weights
+    /// ([`crate::interp::Feeds::parameters_version`]: a stage on a GPU then uploads them, and
+    /// makes their FP8 codes, once per version instead of for every micro-batch).
     pub fn run(
         &self,
         weights: &Weights,
+        weights_version: Option<u64>,
         micro_batches: &[HostTensor],
     ) -> Result<PipelineStep, PipelineError> {
         self.check_micro_batches(micro_batches.len())?;
@@ -316,7 +319,8 @@ impl Pipeline {
                         .name(format!("pipeline-rank-{rank}"))
                         .spawn_scoped(scope, move || {
                             let mut worker =
-                                RankWorker::new(self, comm, weights, micro_batches, start);
+                                RankWorker::new(self, comm, weights, micro_batches, start)
+                                    .with_weights_version(weights_version);
                             let result = worker.run(cancel, holders);
                             if result.is_err() {
                                 cancel.store(true, Ordering::SeqCst);

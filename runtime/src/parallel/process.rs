@@ -46,6 +46,7 @@ impl Pipeline {
         &self,
         comm: &mut C,
         weights: &Weights,
+        weights_version: Option<u64>,
         micro_batches: &[HostTensor],
     ) -> Result<RankStep, PipelineError> {
         let rank = comm.rank();
@@ -61,7 +62,8 @@ impl Pipeline {
         // Nobody else can cancel this process's rank: a failed peer shows as a closed
         // connection or a receive timeout instead.
         let cancel = AtomicBool::new(false);
-        let mut worker = RankWorker::new(self, &mut *comm, weights, micro_batches, Instant::now());
+        let mut worker = RankWorker::new(self, &mut *comm, weights, micro_batches, Instant::now())
+            .with_weights_version(weights_version);
         let result = worker.run(&cancel, &holders)?;
         drop(worker);
         let mut grads = result.grads;

@@ -55,6 +55,8 @@ pub(super) struct RankWorker<'a, C: Comm> {
     local: usize,
     replica: usize,
     weights: &'a Weights,
+    /// The weights' version, when the caller numbers them (`Feeds::parameters_version`).
+    weights_version: Option<u64>,
     /// The replica's micro-batches.
     micro_batches: &'a [HostTensor],
     /// Transfers produced here or received, until they are consumed or sent on.
@@ -95,12 +97,21 @@ impl<'a, C: Comm> RankWorker<'a, C> {
             local,
             replica,
             weights,
+            weights_version: None,
             micro_batches: &micro_batches[replica * count..(replica + 1) * count],
             mailbox: HashMap::new(),
             held: HashMap::new(),
             grads: Grads::new(),
             summary: RankSummary::default(),
             clock: RankClock::new(start),
+        }
+    }
+
+    /// The worker feeding its stages weights of version `version` (`None`: unnumbered).
+    pub(super) fn with_weights_version(self, version: Option<u64>) -> Self {
+        RankWorker {
+            weights_version: version,
+            ..self
         }
     }
 
@@ -342,7 +353,10 @@ impl<'a, C: Comm> RankWorker<'a, C> {
     ) -> Result<BTreeMap<String, HostTensor>, RankFailure> {
         match &self.pipeline.stages[stage].pieces[phase as usize] {
             Some(executable) => {
-                let feeds = Feeds::new(inputs, self.weights);
+                let mut feeds = Feeds::new(inputs, self.weights);
+                if let Some(version) = self.weights_version {
+                    feeds = feeds.with_parameters_version(version);
+                }
                 if self.expert_group.len() < 2 {
                     return Ok(executable.run(&feeds)?);
                 }

@@ -452,7 +452,7 @@ impl Trainer {
                 }
             }
             Engine::Pipeline(pipeline) => {
-                let result = pipeline.run(&self.weights, &batches)?;
+                let result = pipeline.run(&self.weights, Some(self.weights_version), &batches)?;
                 for outputs in &result.losses {
                     losses.add(outputs, scale);
                 }
@@ -461,7 +461,8 @@ impl Trainer {
                 self.last_timeline = Some(result.timeline);
             }
             Engine::Rank(pipeline, comm) => {
-                let result = pipeline.run_rank(comm, &self.weights, &batches)?;
+                let version = Some(self.weights_version);
+                let result = pipeline.run_rank(comm, &self.weights, version, &batches)?;
                 for outputs in &result.losses {
                     losses.add(outputs, scale);
                 }
