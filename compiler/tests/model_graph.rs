@@ -273,6 +273,42 @@ fn grouped_gemms_read_the_stacked_weights_where_they_lie() {
     assert_eq!(forward + backward, layouts.len(), "{layouts:?}");
 }
 
+/// In the CUDA plan's form the experts' weights are fed into their stacks in place and their
+/// gradients are windows of the stacked gradient; but an expert's gradient some node of the
+/// graph also reads is no window (a kernel reads it, so it needs memory of its own): that
+/// matrix's experts' gradients are copied out of the stacked gradient as before, the other
+/// matrices' are windows.
+#[test]
+fn a_gradient_another_node_reads_is_no_window() {
+    use fathom_compiler::compile::{CompileOptions, compile};
+    use fathom_compiler::graph::ReduceOp;
+    use fathom_compiler::kernel::BufferRole;
+    use fathom_compiler::model::LossWeights;
+    use fathom_compiler::training::training_graph;
+
+    let read = "grad.model.layers.1.mlp.experts.0.gate_proj.weight";
+    let train = training_graph(&tiny(), 2, 4, LossWeights::deepseek_v3()).unwrap();
+    let node = train.graph.output(read).unwrap();
+    let mut g = GraphBuilder::from_graph(train.graph);
+    let sum = g
+        .reduce(ReduceOp::Sum, fathom_compiler::Tensor(node), 1, false)
+        .unwrap();
+    g.output("probe", sum).unwrap();
+    let program = compile(&g.finish(), &CompileOptions::default())
+        .unwrap()
+        .program;
+    let role = |name: &str| &program.buffer(program.output(name).unwrap()).role;
+    assert_eq!(role(read), &BufferRole::Temporary);
+    let sibling = role("grad.model.layers.1.mlp.experts.1.gate_proj.weight");
+    assert_eq!(sibling, &BufferRole::Temporary);
+    let other = role("grad.model.layers.1.mlp.experts.1.up_proj.weight");
+    assert!(matches!(other, BufferRole::Window { .. }), "{other:?}");
+    let stacked = (program.buffers.iter())
+        .filter(|b| matches!(b.role, BufferRole::StackedParameters(_)))
+        .count();
+    assert_eq!(stacked, 6, "the MoE layer's and the MTP module's three matrices");
+}
+
 /// With the CPU's lowering options the experts' weights are never stacked: every grouped GEMM
 /// reads expert e's matrix from parameter `experts.{e}.<projection>.weight` itself, as stored
 /// forward (strides `[k, 1]`) and across for the input gradient (`[1, n]`), in expert order;

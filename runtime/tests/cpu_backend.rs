@@ -172,6 +172,18 @@ fn experts_never_copied(program: &Program, options: LowerOptions, name: &str) {
     if options.grouped_weights_in_place {
         return;
     }
+    // A window is read where it lies, by no kernel.
+    for kernel in &program.kernels {
+        let (reads, writes) = kernel.reads_and_writes();
+        for b in reads.iter().chain(&writes) {
+            let role = &program.buffer(*b).role;
+            assert!(
+                !matches!(role, BufferRole::Window { .. }),
+                "{}: {b}",
+                kernel.name
+            );
+        }
+    }
     let routed = |n: &str| n.contains(".mlp.experts.");
     let mut stacked = Vec::new();
     for buffer in &program.buffers {

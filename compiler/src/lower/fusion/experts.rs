@@ -133,9 +133,13 @@ impl Lowering<'_> {
                 &self.graph.node(reshape).op,
                 Op::Reshape { shape } if shape[..] == dims[1..]
             );
+            // A window (the CUDA plan's form) is no kernel's operand: read by nothing else.
+            let unread =
+                self.options.grouped_weights_in_place || self.users[reshape.index()].is_empty();
             let alone = end == start + 1
                 && !self.graph.is_output(slice)
                 && self.graph.is_output(reshape)
+                && unread
                 && self.place[reshape.index()].is_none();
             if !(whole_matrix && alone) || parts[start].replace(reshape).is_some() {
                 return None;
