@@ -306,7 +306,10 @@ fn a_gradient_another_node_reads_is_no_window() {
     let stacked = (program.buffers.iter())
         .filter(|b| matches!(b.role, BufferRole::StackedParameters(_)))
         .count();
-    assert_eq!(stacked, 6, "the MoE layer's and the MTP module's three matrices");
+    assert_eq!(
+        stacked, 6,
+        "the MoE layer's and the MTP module's three matrices"
+    );
 }
 
 /// With the CPU's lowering options the experts' weights are never stacked: every grouped GEMM

@@ -228,6 +228,14 @@ impl CpuProgram {
             buffers.push(match (&buffer.role, constant) {
                 (BufferRole::Temporary, _) => Storage::default(),
                 (_, Some(values)) => Storage::Borrowed(values),
+                // Assembled in pooled storage: a fresh allocation would fault its pages in on
+                // every run.
+                (BufferRole::StackedParameters(names), None) => {
+                    let len = buffer.ty.numel();
+                    let mut values = pool.take(len);
+                    stack_parameters(&buffer.ty, names, feeds, &mut values[..len])?;
+                    Storage::Pooled { values, len }
+                }
                 (role, None) => initial_contents(&buffer.ty, role, feeds)?,
             });
         }
@@ -269,7 +277,7 @@ impl CpuProgram {
         let outputs_start = timing.map(|_| Instant::now());
         // Float temporaries move out as they are (no copy); the caller may hand their storage
         // back with `recycle`. Anything else (integers, bools, fed buffers, a buffer named by
-        // two outputs) is copied, and so is an output held in pooled storage over twice its
+        // two outputs or holding an output's window) is copied, and so is an output held in pooled storage over twice its
         // size: moved out, a large allocation would leave the pool with a small output the
         // caller does not recycle, and every later run would fault fresh pages in for the
         // temporary it served (three 4 MB buffers of the small config's attention backward).
@@ -282,7 +290,9 @@ impl CpuProgram {
                 outputs.push((name.clone(), to_host(&buffer.ty, window)));
                 continue;
             }
-            let named_again = self.program.outputs[i + 1..].iter().any(|(_, o)| o == id);
+            let named_again = self.program.outputs[i + 1..].iter().any(|(_, o)| o == id)
+                || (self.program.outputs.iter())
+                    .any(|(_, o)| self.program.holder(*o).0 == *id && o != id);
             let storage = &mut buffers[id.index()];
             let numel = buffer.ty.numel();
             let movable = matches!(buffer.role, BufferRole::Temporary)
@@ -301,7 +311,7 @@ impl CpuProgram {
             outputs.push((name.clone(), tensor));
         }
         for (buffer, mut storage) in self.program.buffers.iter().zip(buffers) {
-            if let BufferRole::Temporary = buffer.role {
+            if let BufferRole::Temporary | BufferRole::StackedParameters(_) = buffer.role {
                 pool.give_back(storage.take_allocation());
             }
         }
@@ -602,34 +612,12 @@ pub(crate) fn initial_contents<'a>(
     role: &BufferRole,
     feeds: &Feeds<'a>,
 ) -> Result<Storage<'a>, CpuError> {
-    let fed_as = |kind: &'static str,
-                  name: &str,
-                  source: &'a dyn crate::interp::TensorSource,
-                  ty: &TensorType| {
-        let tensor = source.tensor(name).ok_or_else(|| CpuError::Missing {
-            kind,
-            name: name.to_owned(),
-        })?;
-        if tensor.ty != *ty {
-            return Err(CpuError::TypeMismatch {
-                kind,
-                name: name.to_owned(),
-                fed: tensor.ty.clone(),
-                expected: ty.clone(),
-            });
-        }
-        from_host(kind, name, tensor)
-    };
-    let fed = |kind, name: &str, source| fed_as(kind, name, source, ty);
     match role {
-        BufferRole::Input(name) => fed("input", name, feeds.inputs),
-        BufferRole::Parameter(name) => fed("parameter", name, feeds.parameters),
+        BufferRole::Input(name) => fed("input", name, feeds.inputs, ty),
+        BufferRole::Parameter(name) => fed("parameter", name, feeds.parameters, ty),
         BufferRole::StackedParameters(names) => {
-            let part = TensorType::new(ty.dtype, &ty.dims()[1..]);
-            let mut values = Vec::with_capacity(ty.numel());
-            for name in names {
-                values.extend_from_slice(&fed_as("parameter", name, feeds.parameters, &part)?);
-            }
+            let mut values = vec![0.0; ty.numel()];
+            stack_parameters(ty, names, feeds, &mut values)?;
             Ok(Storage::Owned(values))
         }
         // Read where its temporary holds it.
@@ -642,6 +630,43 @@ pub(crate) fn initial_contents<'a>(
         )),
         BufferRole::Temporary => Ok(Storage::Owned(vec![0.0; ty.numel()])),
     }
+}
+
+/// The fed tensor `name` (an input or a parameter, `kind`), which must be of type `ty`.
+fn fed<'a>(
+    kind: &'static str,
+    name: &str,
+    source: &'a dyn crate::interp::TensorSource,
+    ty: &TensorType,
+) -> Result<Storage<'a>, CpuError> {
+    let tensor = source.tensor(name).ok_or_else(|| CpuError::Missing {
+        kind,
+        name: name.to_owned(),
+    })?;
+    if tensor.ty != *ty {
+        return Err(CpuError::TypeMismatch {
+            kind,
+            name: name.to_owned(),
+            fed: tensor.ty.clone(),
+            expected: ty.clone(),
+        });
+    }
+    from_host(kind, name, tensor)
+}
+
+/// Writes the parameters `names`, each of the type `ty` less its leading axis, end to end
+/// into `into` (a `BufferRole::StackedParameters` buffer of type `ty`).
+fn stack_parameters(
+    ty: &TensorType,
+    names: &[String],
+    feeds: &Feeds<'_>,
+    into: &mut [f32],
+) -> Result<(), CpuError> {
+    let part = TensorType::new(ty.dtype, &ty.dims()[1..]);
+    for (name, place) in names.iter().zip(into.chunks_exact_mut(part.numel())) {
+        place.copy_from_slice(&fed("parameter", name, feeds.parameters, &part)?);
+    }
+    Ok(())
 }
 
 /// A fed tensor as the kernels see it: float values borrowed as they are, integers and bools

@@ -152,3 +152,72 @@ fn concurrent_runs_from_several_threads_all_finish() {
         }
     });
 }
+
+/// `t = 2·w` over stacked parameters `w = [a; b]` (fed end to end), and `b`'s part of `t` read
+/// as a window: the stack is assembled from the fed tensors on every run, in pooled storage
+/// (given back after the run), and the window's elements are `t`'s where they lie. A part fed
+/// with the wrong shape, or missing, is named.
+#[test]
+fn stacked_parameters_are_fed_end_to_end_and_windows_read_in_place() {
+    let stacked = Buffer {
+        ty: TensorType::new(DType::F32, vec![2, 3]),
+        role: BufferRole::StackedParameters(vec!["a".into(), "b".into()]),
+    };
+    let program = Program {
+        name: "stacked".to_owned(),
+        buffers: vec![
+            stacked,
+            buffer(6, BufferRole::Temporary),
+            buffer(
+                3,
+                BufferRole::Window {
+                    of: BufferId(1),
+                    offset: 3,
+                },
+            ),
+        ],
+        kernels: vec![copy(
+            6,
+            Expr::Binary(
+                BinaryOp::Mul,
+                Box::new(Expr::Load(dense(0))),
+                Box::new(Expr::Constant(2.0)),
+            ),
+            1,
+        )],
+        outputs: vec![
+            ("t".to_owned(), BufferId(1)),
+            ("b_part".to_owned(), BufferId(2)),
+        ],
+    };
+    let compiled = CpuProgram::new(program);
+    let run = |a: HostTensor, b: Option<HostTensor>| {
+        let mut weights = HashMap::from([("a".to_owned(), a)]);
+        if let Some(b) = b {
+            weights.insert("b".to_owned(), b);
+        }
+        let inputs: HashMap<String, HostTensor> = HashMap::new();
+        compiled.run(&Feeds::new(&inputs, &weights))
+    };
+    let a = || HostTensor::f32([3], vec![1.0, 2.0, 3.0]);
+    for step in 0..2 {
+        let b = HostTensor::f32([3], vec![4.0 + step as f32, 5.0, 6.0]);
+        let outputs = run(a(), Some(b)).unwrap();
+        let floats = |name| match &outputs.get(name).unwrap().data {
+            Data::Float(v) => v.clone(),
+            _ => panic!("float output"),
+        };
+        let first = 8.0 + 2.0 * step as f32;
+        assert_eq!(floats("t"), [2.0, 4.0, 6.0, first, 10.0, 12.0]);
+        assert_eq!(floats("b_part"), [first, 10.0, 12.0]);
+        // The stack's storage is back in the pool, and `t`'s (copied out: a window reads it).
+        let pool = compiled.scratch.lock().unwrap();
+        let sixes = pool.capacities().filter(|&c| c == 6).count();
+        assert_eq!(sixes, 2, "step {step}");
+    }
+    let wrong = HostTensor::f32([2], vec![4.0, 5.0]);
+    let error = run(a(), Some(wrong)).unwrap_err().to_string();
+    assert!(error.starts_with("parameter `b` is f32[2]"), "{error}");
+    let error = run(a(), None).unwrap_err().to_string();
+    assert_eq!(error, "missing parameter `b`");
+}
