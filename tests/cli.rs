@@ -274,6 +274,15 @@ fn inspect_shows_which_products_run_as_fp8_gemms() {
         assert!(plan.contains("(reads the weight codes of b"), "{plan}");
         let said = String::from_utf8_lossy(&run.stdout);
         assert!(said.contains("FP8 quantisations of weights"), "{said}");
+        // The experts' weights are fed into their stacks and their gradients read in place.
+        let experts = said
+            .lines()
+            .find(|l| l.starts_with("experts without copies: "));
+        let experts = experts.unwrap_or_else(|| panic!("{said}"));
+        assert!(
+            !experts.contains(": 0 stacks") && !experts.contains(", 0 gradients"),
+            "{experts}"
+        );
         // The experts' products too, in DeepGEMM's padded layout, and their weight gradients
         // K-grouped over it: no product is left in f32.
         assert!(

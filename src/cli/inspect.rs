@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use fathom_compiler::codegen::{CudaProgram, cuda_program};
 use fathom_compiler::compile::{CompileOptions, compile};
+use fathom_compiler::kernel::BufferRole;
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
@@ -152,6 +153,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         compiled.plan.slot_elements.len(),
         compiled.plan.unshared_bytes
     );
+    let roles = compiled.program.buffers.iter().map(|b| &b.role);
+    let (stacks, windows) = roles.fold((0, 0), |(s, w), role| match role {
+        BufferRole::StackedParameters(_) => (s + 1, w),
+        BufferRole::Window { .. } => (s, w + 1),
+        _ => (s, w),
+    });
+    if stacks + windows > 0 {
+        println!(
+            "experts without copies: {stacks} stacks of weights fed in place, {windows} \
+             gradients read as windows of stacked gradients"
+        );
+    }
     for (phase, time) in &compiled.timings {
         println!("  {phase:<24} {:>8.3} ms", time.as_secs_f64() * 1e3);
     }
