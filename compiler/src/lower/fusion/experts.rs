@@ -24,18 +24,18 @@ use super::super::{Affine, Class, LowerError, StridedView, new_buffer, temporary
 use super::Lowering;
 
 impl Lowering<'_> {
-    /// Which stacks grouped matmuls read as one matrix per expert, where each lies: a stack of
-    /// leaves (the experts' weight parameters, each a buffer of its own) that no kernel needs
-    /// whole, because every user reads it as a grouped matmul's weights, directly or through
-    /// permutes that keep the expert axis first (the input gradient's transposed weights).
-    /// And which weight gradients are written as one matrix per expert: those whose every
-    /// user takes one expert's gradient out (autodiff's adjoint of the stack, a slice and a
-    /// reshape per expert) as a graph output.
+    /// In the CPU's form, which stacks grouped matmuls read as one matrix per expert, where
+    /// each lies: a stack of leaves (the experts' weight parameters, each a buffer of its own)
+    /// that no kernel needs whole, because every user reads it as a grouped matmul's weights,
+    /// directly or through permutes that keep the expert axis first (the input gradient's
+    /// transposed weights). In either form, which other stacks of parameters are fed where
+    /// they lie (see `fed_in_its_stack`: the CUDA plan's, and the CPU's read through an FP8
+    /// rounding).
     ///
-    /// Which other stacks of parameters are fed where they lie (see `fed_in_its_stack`: the
-    /// CUDA plan's, and the CPU's read through a rounding); and in the CUDA plan's form, which
-    /// weight gradients hold their experts' gradients as windows (those the CPU's writes in
-    /// parts).
+    /// And which weight gradients are written as one matrix per expert (in the CUDA plan's
+    /// form, held as windows of the stacked gradient): those whose every user takes one
+    /// expert's gradient out (autodiff's adjoint of the stack, a slice and a reshape per
+    /// expert) as a graph output.
     pub(super) fn decide_weight_parts(&mut self) {
         let in_place = self.options.grouped_weights_in_place;
         for id in self.graph.node_ids() {
