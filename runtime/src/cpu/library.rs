@@ -272,11 +272,14 @@ pub(super) fn run(
             // rejects, or a buffer of the wrong length) makes this fail.
             let mut result = buffers[out.index()].lend();
             let tiles = (*tile_rows, *tile_cols);
+            // Tiled in the output's shape: `x` may hold the same elements in another (a
+            // reshape the lowering did not copy).
+            let shape = dims(out);
             let done = if x == out {
-                fake_quantize_in_place(&mut result, &dims(x), tiles.0, tiles.1, rounding)
+                fake_quantize_in_place(&mut result, &shape, tiles.0, tiles.1, rounding)
             } else {
                 let source = &buffers[x.index()];
-                fake_quantize_into(source, &dims(x), tiles.0, tiles.1, rounding, &mut result)
+                fake_quantize_into(source, &shape, tiles.0, tiles.1, rounding, &mut result)
             };
             done.unwrap_or_else(|e| panic!("kernel {kernel}: {e}"));
             buffers[out.index()] = result.restore();

@@ -554,7 +554,8 @@ impl Planner<'_> {
                 x,
                 out,
             } => {
-                let dims = self.dims(x);
+                // Tiled in the output's shape: `x` may hold the same elements in another.
+                let dims = self.dims(out);
                 let rank = dims.len();
                 let cols = dims.last().copied().unwrap_or(1);
                 let rows = if rank >= 2 { dims[rank - 2] } else { 1 };

@@ -4,7 +4,7 @@
 //! their own).
 
 use crate::graph::{Accumulation, NodeId, Op, Triangular, inverse_permutation};
-use crate::kernel::{BufferId, ExpertOutputs, KernelBody, Library, Stmt};
+use crate::kernel::{BufferId, BufferRole, ExpertOutputs, KernelBody, Library, Stmt};
 
 use super::super::exact::exact_operands;
 use super::super::{
@@ -49,6 +49,20 @@ impl Lowering<'_> {
         let (nest, nodes) = k.into_loop(vec![store]);
         self.push_node_kernel(id, "copy", nodes, KernelBody::Loop(nest));
         Ok(buffer)
+    }
+
+    /// Like [`Self::dense`], for a call that reads its operand's shape from its output (an
+    /// E4M3 rounding): a temporary holding exactly the operand's elements in row-major order
+    /// is read as it is, whatever its own shape (attention's `[b, t, heads, v]` output read as
+    /// `[b, t, heads·v]` by the output projection's rounding), instead of copied.
+    pub(super) fn dense_any_shape(&mut self, id: NodeId) -> Result<BufferId, LowerError> {
+        let view = self.operand_view(id)?;
+        let buffer = self.program.buffer(view.buffer);
+        let whole = view.offset == 0 && buffer.ty.numel() == self.ty(id).numel();
+        if whole && view.is_contiguous() && buffer.role == BufferRole::Temporary {
+            return Ok(view.buffer);
+        }
+        self.dense(id)
     }
 
     /// The buffer a library call writes and the view of its result in it. Layout choice: a
@@ -224,7 +238,7 @@ impl Lowering<'_> {
                 tile_rows: *tile_rows,
                 tile_cols: *tile_cols,
                 pow2_scales: *pow2_scales,
-                x: self.dense(inputs[0])?,
+                x: self.dense_any_shape(inputs[0])?,
                 out,
             },
             _ => unreachable!("library class"),
