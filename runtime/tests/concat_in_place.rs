@@ -19,6 +19,7 @@ use fathom_compiler::{DType, Graph, GraphBuilder, Tensor, TensorType};
 use fathom_runtime::HostTensor;
 use fathom_runtime::cpu::CpuProgram;
 use fathom_runtime::cuda::LibraryPlan;
+use fathom_runtime::cuda::library::StepArg;
 use fathom_runtime::interp::{Feeds, evaluate};
 
 fn f32_ty(dims: &[usize]) -> TensorType {
@@ -381,4 +382,35 @@ fn a_transposed_matmul_output_is_the_transposed_product_without_a_copy() {
     });
     let program = compiled(&g, &inputs);
     assert_eq!(kernels(&program, "copy"), 0, "{program}");
+}
+
+/// An E4M3 rounding of a reshaped temporary reads the temporary as it is (no copy into the
+/// reshaped shape) and is tiled in its own shape: here `[2, 24]` in 2×4 tiles, where the
+/// temporary's `[2, 3, 8]` would give other tiles (the interpreter's values tell them apart).
+#[test]
+fn a_rounding_reads_a_reshaped_temporary_where_it_lies() {
+    use fathom_compiler::graph::QuantFormat;
+
+    let (graph, inputs) = graph(&[("x", &[2, 3, 8])], |g, x| {
+        let three = g.scalar(3.0, DType::F32).unwrap();
+        let t = g.mul(x[0], three).unwrap();
+        let flat = g.reshape(t, &[2, 24]).unwrap();
+        let rounded = g
+            .quantize_dequantize(flat, QuantFormat::E4M3, (2, 4), false)
+            .unwrap();
+        g.output("rounded", rounded).unwrap();
+    });
+    let program = compiled(&graph, &inputs);
+    assert_eq!(kernels(&program, "copy"), 0, "{program}");
+    let rounding = program.kernels.iter().find_map(|k| match &k.body {
+        KernelBody::Library(Library::QuantizeDequantize { x, .. }) => Some(*x),
+        _ => None,
+    });
+    let x = rounding.unwrap();
+    assert_eq!(program.buffer(x).ty.dims(), [2, 3, 8]);
+    // The GPU's rounding too: rows and columns of the output's shape.
+    let plan = LibraryPlan::of(&program, None).unwrap();
+    let steps = plan.calls.iter().flatten().flat_map(|c| &c.steps);
+    let args: Vec<&[StepArg]> = steps.map(|s| &s.args[2..4]).collect();
+    assert_eq!(args, [[StepArg::I32(2), StepArg::I32(24)]]);
 }
