@@ -411,24 +411,13 @@ fn shared_quantizations_survive_the_calls_between() {
 /// A source that a kernel between two calls writes is quantised again by the second.
 #[test]
 fn a_source_written_between_two_calls_is_quantised_again() {
-    use fathom_compiler::kernel::Stmt;
     let mut program = small_fp8_training_program();
     let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
     let (reader, reused) = (plan.calls.iter().enumerate())
         .find_map(|(i, c)| Some((i, c.as_ref()?.reused.first()?.clone())))
         .unwrap();
     // A loop nest between them now stores into the shared source.
-    let between = (reused.from + 1..reader)
-        .find(|&k| matches!(program.kernels[k].body, KernelBody::Loop(_)))
-        .unwrap();
-    let KernelBody::Loop(nest) = &mut program.kernels[between].body else {
-        unreachable!()
-    };
-    let store = nest.body.iter_mut().find_map(|stmt| match stmt {
-        Stmt::Store { view, .. } | Stmt::StoreRow { view, .. } => Some(view),
-        _ => None,
-    });
-    store.unwrap().buffer = reused.source;
+    store_into(&mut program, reused.from + 1..reader, reused.source);
     let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
     let call = plan.calls[reader].as_ref().unwrap();
     assert!(
@@ -441,6 +430,28 @@ fn a_source_written_between_two_calls_is_quantised_again() {
             && matches!(step.args[0], StepArg::Buffer(b, _) if b == reused.source)
     });
     assert!(quantizes_source, "{} quantises its source again", call.name);
+}
+
+/// Makes the first loop nest of `program` among `positions` store into `buffer` (a write the
+/// plans must see).
+pub(crate) fn store_into(
+    program: &mut Program,
+    positions: std::ops::Range<usize>,
+    buffer: BufferId,
+) {
+    use fathom_compiler::kernel::Stmt;
+    let writer = positions
+        .into_iter()
+        .find(|&k| matches!(program.kernels[k].body, KernelBody::Loop(_)))
+        .unwrap();
+    let KernelBody::Loop(nest) = &mut program.kernels[writer].body else {
+        unreachable!()
+    };
+    let store = nest.body.iter_mut().find_map(|stmt| match stmt {
+        Stmt::Store { view, .. } | Stmt::StoreRow { view, .. } => Some(view),
+        _ => None,
+    });
+    store.unwrap().buffer = buffer;
 }
 
 /// The precision pass's E4M3 rounding of buffer `x` into `out` in `tile_rows`×`tile_cols` tiles.

@@ -140,17 +140,7 @@ fn a_weight_a_kernel_writes_is_quantised_where_read() {
     let weight = plan.weight_codes.quantizations[0].source;
     let reader = plan.weight_codes.quantizations[0].readers[0];
     // A loop nest before its first reader now stores into the weight.
-    let writer = (0..reader)
-        .find(|&k| matches!(program.kernels[k].body, KernelBody::Loop(_)))
-        .unwrap();
-    let KernelBody::Loop(nest) = &mut program.kernels[writer].body else {
-        unreachable!()
-    };
-    let store = nest.body.iter_mut().find_map(|stmt| match stmt {
-        Stmt::Store { view, .. } | Stmt::StoreRow { view, .. } => Some(view),
-        _ => None,
-    });
-    store.unwrap().buffer = weight;
+    store_into(&mut program, 0..reader, weight);
     let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
     assert!(
         (plan.weight_codes.quantizations.iter()).all(|q| q.source != weight),
