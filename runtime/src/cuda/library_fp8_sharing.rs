@@ -29,6 +29,40 @@ use super::library::{LibraryCall, LibraryKernel, LibraryStep, StepArg};
 use super::library_fp8::{Fp8Operand, REGION_ALIGN};
 use super::library_fp8_weight_codes::FromWeights;
 
+/// A `quantize` launch without where it writes: two launches with one key make the same codes
+/// and scales. (`StepArg` holds an f32, so keys go in lists, not maps: a plan has some hundreds
+/// of launches.)
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct LaunchKey {
+    params: QuantizeParams,
+    /// Every argument but the byte-scratch regions it writes.
+    inputs: Vec<StepArg>,
+    /// The grid: the number of matrices quantised is in it alone.
+    grid: [u32; 3],
+}
+
+impl LaunchKey {
+    pub(crate) fn of(params: QuantizeParams, step: &LibraryStep) -> Self {
+        let inputs = (step.args.iter())
+            .filter(|arg| !matches!(arg, StepArg::Bytes(_)))
+            .copied()
+            .collect();
+        LaunchKey {
+            params,
+            inputs,
+            grid: step.grid,
+        }
+    }
+
+    /// The buffers the launch reads (its source, and gathered rows given by a buffer).
+    fn buffers_read(&self) -> impl Iterator<Item = BufferId> + '_ {
+        self.inputs.iter().filter_map(|arg| match arg {
+            StepArg::Buffer(b, _) => Some(*b),
+            _ => None,
+        })
+    }
+}
+
 /// A quantisation a call reads from an earlier call's, kept in the byte scratch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReusedQuantization {
@@ -196,9 +230,8 @@ fn find_repeats(
         .map(|k| k.reads_and_writes().1)
         .collect();
     let mut shared: Vec<Shared> = Vec::new();
-    // The latest shareable quantisation of each (launch, source), by index into `shared`.
-    // (StepArg holds an f32, so no hash map: a plan has some hundreds of these.)
-    let mut latest: Vec<((QuantizeParams, Vec<StepArg>), usize)> = Vec::new();
+    // The latest shareable quantisation of each launch, by index into `shared`.
+    let mut latest: Vec<(LaunchKey, usize)> = Vec::new();
     for (position, call) in calls.iter().enumerate() {
         let Some(call) = call else { continue };
         for (index, step) in call.steps.iter().enumerate() {
@@ -208,20 +241,9 @@ fn find_repeats(
             if weights.holds_weights(source) {
                 continue;
             }
-            // The launch without where it writes.
-            let inputs: Vec<StepArg> = (step.args.iter())
-                .filter(|arg| !matches!(arg, StepArg::Bytes(_)))
-                .copied()
-                .collect();
-            // Every buffer the launch reads (the source, and gathered rows given by a buffer)
-            // must be as the first call read it.
-            let read: Vec<BufferId> = (inputs.iter())
-                .filter_map(|arg| match arg {
-                    StepArg::Buffer(b, _) => Some(*b),
-                    _ => None,
-                })
-                .collect();
-            let key = (params, inputs);
+            let key = LaunchKey::of(params, step);
+            // Every buffer the launch reads must be as the first call read it.
+            let read: Vec<BufferId> = key.buffers_read().collect();
             let unchanged_since = |from: usize| {
                 (from..position)
                     .all(|k| !(writes.get(k)).is_some_and(|w| read.iter().any(|b| w.contains(b))))

@@ -31,11 +31,10 @@
 //! of 45 489 hoisted kernels: 256 per stacked weight, and 177 roundings.)
 
 use fathom_compiler::kernel::{BufferId, BufferRole, Program};
-use fathom_kernels::QuantizeParams;
 
 use super::library::{LibraryCall, LibraryKernel, LibraryStep, StepArg};
 use super::library_fp8::REGION_ALIGN;
-use super::library_fp8_sharing::{Written, relocate};
+use super::library_fp8_sharing::{LaunchKey, Written, relocate};
 
 /// The weights' codes: where they lie in the byte scratch and the launches that make them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -243,9 +242,8 @@ pub(crate) fn keep_weight_codes(
         hoisted,
         ..WeightCodes::default()
     };
-    // Each distinct launch's key (StepArg holds an f32: a list, not a map; a plan has some
-    // hundreds of weight launches), by index into `codes.quantizations`.
-    let mut keys: Vec<(QuantizeParams, Vec<StepArg>, [u32; 3])> = Vec::new();
+    // Each distinct launch's key, by index into `codes.quantizations`.
+    let mut keys: Vec<LaunchKey> = Vec::new();
     for (position, call) in calls.iter_mut().enumerate() {
         let Some(call) = call else { continue };
         let mut index = 0;
@@ -259,12 +257,7 @@ pub(crate) fn keep_weight_codes(
                 index += 1;
                 continue;
             }
-            // The launch without where it writes.
-            let inputs: Vec<StepArg> = (step.args.iter())
-                .filter(|arg| !matches!(arg, StepArg::Bytes(_)))
-                .copied()
-                .collect();
-            let key = (params, inputs, step.grid);
+            let key = LaunchKey::of(params, step);
             let kept = match keys.iter().position(|k| *k == key) {
                 Some(known) => {
                     let known = &mut codes.quantizations[known];
