@@ -1,8 +1,9 @@
 //! The memory plan: when each temporary buffer is alive, and which of them share storage.
 //!
 //! A temporary lives from the kernel that first writes it to the last kernel that reads it
-//! (outputs, and the temporaries holding outputs' windows, to the end); a concatenation's buffer, written a region at a time by several
-//! kernels (see `lower`), lives from the first of them. Temporaries whose lifetimes do not
+//! (outputs, and the temporaries holding outputs' windows, to the end); a concatenation's
+//! buffer, written a region at a time by several kernels (see `lower`), lives from the first
+//! of them. Temporaries whose lifetimes do not
 //! overlap share a *slot*: the plan walks kernels in order, frees the slots of buffers that died
 //! and gives each new buffer the smallest free slot that fits it (growing the largest free one,
 //! or opening a new slot, otherwise). Inputs, parameters and constants are the caller's memory

@@ -277,10 +277,11 @@ impl CpuProgram {
         let outputs_start = timing.map(|_| Instant::now());
         // Float temporaries move out as they are (no copy); the caller may hand their storage
         // back with `recycle`. Anything else (integers, bools, fed buffers, a buffer named by
-        // two outputs or holding an output's window) is copied, and so is an output held in pooled storage over twice its
-        // size: moved out, a large allocation would leave the pool with a small output the
-        // caller does not recycle, and every later run would fault fresh pages in for the
-        // temporary it served (three 4 MB buffers of the small config's attention backward).
+        // two outputs or holding an output's window) is copied, and so is an output held in
+        // pooled storage over twice its size: moved out, a large allocation would leave the
+        // pool with a small output the caller does not recycle, and every later run would
+        // fault fresh pages in for the temporary it served (three 4 MB buffers of the small
+        // config's attention backward). A window's elements are copied out of its temporary.
         let mut outputs = Vec::with_capacity(self.program.outputs.len());
         for (i, (name, id)) in self.program.outputs.iter().enumerate() {
             let buffer = self.program.buffer(*id);

@@ -12,10 +12,10 @@
 //! writes, or a buffer computed from such parameters alone by kernels whose results nothing
 //! but these launches reads (say the experts' stacking by copies, where a weight is also read
 //! elsewhere so that its stack is not fed in place, and its rounding): those kernels are
-//! *hoisted*, run with the codes and skipped by the program. The executor runs the hoisted kernels and the codes' launches, in
-//! program order, whenever it uploads the parameters (a new weights version,
-//! `Feeds::parameters_version`), ahead of the program and outside any captured CUDA graph,
-//! and nothing of it for the other micro-batches of the version. A hoisted kernel writes its
+//! *hoisted*, run with the codes and skipped by the program. The executor runs the hoisted
+//! kernels and the codes' launches, in program order, whenever it uploads the parameters (a
+//! new weights version, `Feeds::parameters_version`), ahead of the program and outside any
+//! captured CUDA graph, and nothing of it for the other micro-batches of the version. A hoisted kernel writes its
 //! usual temporaries: in program order each is alive where it is read, so the memory plan's
 //! slots hold them as in the program.
 //!
