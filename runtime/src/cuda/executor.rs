@@ -518,10 +518,9 @@ impl GpuExecutor {
             *on_device = None;
         }
         for (index, buffer) in self.program.buffers.iter().enumerate() {
-            let fed_now = match buffer.role {
+            let fed_now = match &buffer.role {
                 BufferRole::Input(_) => true,
-                BufferRole::Parameter(_) | BufferRole::StackedParameters(_) => upload_parameters,
-                _ => false,
+                role => role.is_fed_weight() && upload_parameters,
             };
             if fed_now {
                 let values = initial_contents(&buffer.ty, &buffer.role, feeds)?;
