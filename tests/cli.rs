@@ -274,6 +274,16 @@ fn inspect_shows_which_products_run_as_fp8_gemms() {
         assert!(plan.contains("(reads the weight codes of b"), "{plan}");
         let said = String::from_utf8_lossy(&run.stdout);
         assert!(said.contains("FP8 quantisations of weights"), "{said}");
+        // The activations' roundings the products quantise again are skipped: their sources
+        // are quantised where read.
+        assert!(
+            plan.contains("whose quantize steps read its source"),
+            "{plan}"
+        );
+        assert!(
+            said.contains(&format!("temporaries on {target}: ")),
+            "{said}"
+        );
         // The experts' weights are fed into their stacks and their gradients read in place.
         let experts = said
             .lines()

@@ -265,6 +265,13 @@ fn write_library_plan(
                     codes.bytes as f64 / 1e6,
                 );
             }
+            let skipped = plan.calls.iter().flatten().filter(|c| c.skipped.is_some());
+            println!(
+                "temporaries on {arch}: {} bytes ({} roundings skipped, their sources \
+                 quantised where read)",
+                plan.memory_plan(program).peak_bytes(),
+                skipped.count()
+            );
             let steps: Vec<_> = plan.steps().map(|(_, step)| step).collect();
             for kernel in plan.kernels() {
                 let source = kernel.instantiate()?;

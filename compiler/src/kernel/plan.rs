@@ -13,7 +13,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BufferRole, Program};
+use super::{BufferId, BufferRole, Program};
 
 /// Index of a storage slot.
 pub type SlotId = usize;
@@ -31,13 +31,35 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
+    /// The plan for the kernels as the kernel IR says they run: each reads and writes its
+    /// operands.
     pub fn of(program: &Program) -> Self {
+        let touches: Vec<Vec<BufferId>> = (program.kernels.iter())
+            .map(|kernel| {
+                let (reads, writes) = kernel.reads_and_writes();
+                writes.into_iter().chain(reads).collect()
+            })
+            .collect();
+        Self::with_touches(program, &touches)
+    }
+
+    /// The plan for a backend that runs kernel `k` touching the buffers `touches[k]`, which
+    /// may differ from the kernel IR's operands: the GPU's quantisation of an FP8 GEMM's
+    /// operand reads the rounding's source in place of the rounding, which then runs nothing
+    /// (`fathom_runtime::cuda`).
+    pub fn with_touches(program: &Program, touches: &[Vec<BufferId>]) -> Self {
+        assert_eq!(
+            touches.len(),
+            program.kernels.len(),
+            "one list of buffers per kernel"
+        );
         let n = program.buffers.len();
         let kernels = program.kernels.len();
         let mut lifetimes: Vec<Option<(usize, usize)>> = vec![None; n];
-        for (k, kernel) in program.kernels.iter().enumerate() {
-            let (reads, writes) = kernel.reads_and_writes();
-            for b in writes.into_iter().chain(reads) {
+        for (k, touched) in touches.iter().enumerate() {
+            for &b in touched {
+                // A window is its temporary's storage.
+                let (b, _) = program.holder(b);
                 if matches!(program.buffer(b).role, BufferRole::Temporary) {
                     let life = lifetimes[b.index()].get_or_insert((k, k));
                     life.1 = life.1.max(k);

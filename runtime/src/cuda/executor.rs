@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, sys};
 use fathom_compiler::codegen::{Access, CudaKernel, CudaLaunch, CudaProgram, cuda_program};
-use fathom_compiler::kernel::{BufferId, BufferRole, MemoryPlan, Program};
+use fathom_compiler::kernel::{BufferId, BufferRole, Program};
 use fathom_kernels::{AccumulateScaled, KernelSource};
 
 use super::CudaError;
@@ -298,7 +298,9 @@ impl GpuExecutor {
             .ctx
             .new_stream()
             .map_err(|e| CudaError::driver("creating a stream".into(), e))?;
-        let plan = MemoryPlan::of(&program);
+        // Lifetimes as the plan's launches touch the buffers (an FP8 GEMM may quantise a
+        // rounding's source, which then lives until it does).
+        let plan = library.memory_plan(&program);
         let mut allocator = CachingAllocator::new(DriverMemory::new(Arc::clone(&device.ctx)));
         let mut blocks = Vec::new();
         let mut slot_address = Vec::new();

@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 
-use fathom_compiler::kernel::{BufferId, KernelBody, Program};
+use fathom_compiler::kernel::{BufferId, KernelBody, MemoryPlan, Program};
 use fathom_kernels::{
     ConvertParams, F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams,
     FallbackGemmParams, Fp8GemmParams, IndexOpParams, KernelError, KernelParam, KernelSource,
@@ -39,7 +39,7 @@ use fathom_kernels::{
 };
 
 use super::CudaError;
-use super::library_fp8::{Fp8Target, quantize_weights_directly};
+use super::library_fp8::{Fp8Target, quantize_activations_directly, quantize_weights_directly};
 use super::library_fp8_sharing::{ReusedQuantization, share_quantizations};
 use super::library_fp8_weight_codes::{FromWeights, WeightCodes, keep_weight_codes};
 
@@ -299,6 +299,7 @@ impl LibraryPlan {
         if refused.is_empty() {
             quantize_weights_directly(program, &mut calls);
             let weights = FromWeights::of(program, &calls);
+            quantize_activations_directly(program, &weights, &mut calls);
             share_quantizations(program, &weights, &mut calls);
             let weight_codes = keep_weight_codes(program, &weights, &mut calls);
             let plan = LibraryPlan {
@@ -317,6 +318,41 @@ impl LibraryPlan {
                 summary: refused.join("; "),
             })
         }
+    }
+
+    /// The memory plan of `program` run as planned: a library call touches the buffers its
+    /// steps' arguments name (an FP8 GEMM's `quantize` may read a rounding's source, kept
+    /// alive for it) besides its operands, and a skipped call touches nothing. Kernels keep
+    /// their places: the hoisted ones run ahead of the program but write their temporaries for
+    /// the weight codes' launches alone, in program order.
+    pub fn memory_plan(&self, program: &Program) -> MemoryPlan {
+        let skipped =
+            |call: &Option<LibraryCall>| call.as_ref().is_some_and(|c| c.skipped.is_some());
+        // What the skipped calls would have written: their readers read it no more.
+        let unwritten: Vec<BufferId> = (program.kernels.iter().zip(&self.calls))
+            .filter(|(_, call)| skipped(call))
+            .flat_map(|(kernel, _)| kernel.reads_and_writes().1)
+            .collect();
+        let touches: Vec<Vec<BufferId>> = (program.kernels.iter().zip(&self.calls))
+            .map(|(kernel, call)| {
+                if skipped(call) {
+                    return Vec::new();
+                }
+                let (reads, mut touched) = kernel.reads_and_writes();
+                touched.extend(reads);
+                let steps = call.iter().flat_map(|c| &c.steps);
+                for arg in steps.flat_map(|step| &step.args) {
+                    if let StepArg::Buffer(b, _) = *arg
+                        && !touched.contains(&b)
+                    {
+                        touched.push(b);
+                    }
+                }
+                touched.retain(|b| !unwritten.contains(b));
+                touched
+            })
+            .collect();
+        MemoryPlan::with_touches(program, &touches)
     }
 
     /// The scratch ints the largest call needs.

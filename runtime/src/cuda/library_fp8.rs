@@ -39,6 +39,7 @@ use fathom_kernels::{
 
 use super::gemm_choice::{GemmChoice, GemmForm};
 use super::library::{LibraryCall, LibraryKernel, LibraryStep, StepArg, merged_batch_axes};
+use super::library_fp8_weight_codes::FromWeights;
 use super::modules::args_by_name;
 
 /// Which FP8 GEMM a device runs.
@@ -519,6 +520,10 @@ impl ScratchLayout {
 pub(crate) const QUANTIZED_WHERE_READ: &str =
     "read only by FP8 GEMMs, whose quantize steps read the weight itself";
 
+/// Why an activation's rounding launches nothing ([`quantize_activations_directly`]).
+pub(crate) const SOURCE_QUANTIZED_WHERE_READ: &str =
+    "read only by FP8 GEMMs, whose quantize steps read its source (kept alive until then)";
+
 /// A weight's E4M3 rounding (`QuantizeDequantize` of a parameter) whose output only FP8 GEMMs
 /// read, all through their `quantize` steps, is not computed: those steps read the weight
 /// instead. They make the same codes and scales (the rounding's values are the codes times the
@@ -526,35 +531,70 @@ pub(crate) const QUANTIZED_WHERE_READ: &str =
 /// f32 write and read of its whole size at every use. The weight is a parameter, alive for the
 /// whole run; a rounding another kernel reads, or that is a program output, is computed.
 pub(crate) fn quantize_weights_directly(program: &Program, calls: &mut [Option<LibraryCall>]) {
-    let readers: Vec<Vec<BufferId>> = program
-        .kernels
-        .iter()
-        .map(|kernel| kernel.reads_and_writes().0)
+    let is_weight = |x: BufferId| program.buffer(x).role.is_fed_weight();
+    quantize_sources_directly(program, calls, is_weight, QUANTIZED_WHERE_READ);
+}
+
+/// The same for an activation's rounding (a source that is not a weight, nor computed from the
+/// weights alone: those the weight codes take, `library_fp8_weight_codes`): the GEMMs'
+/// `quantize` steps read the source, which no kernel writes between the rounding and them.
+/// At DeepSeek-V3's sizes these roundings were a third of the f32 traffic of a micro-batch
+/// (2159 launches, 87 G elements read and written again). The source then lives until its
+/// last GEMM reads it: the executor's memory plan follows the steps'
+/// arguments ([`super::library::LibraryPlan::memory_plan`]), not the kernel IR's operands.
+pub(crate) fn quantize_activations_directly(
+    program: &Program,
+    from_weights: &FromWeights,
+    calls: &mut [Option<LibraryCall>],
+) {
+    let is_activation = |x: BufferId| {
+        let role = &program.buffer(x).role;
+        !role.is_fed_weight() && !from_weights.holds_weights(x)
+    };
+    quantize_sources_directly(program, calls, is_activation, SOURCE_QUANTIZED_WHERE_READ);
+}
+
+/// Skips every E4M3 rounding of an `eligible` source whose output is no program output and is
+/// read only as the source of FP8 GEMMs' `quantize` steps, which then read the rounding's
+/// source; `why` says so in the plan. A source some kernel writes after the rounding, before
+/// a GEMM reads it, is not eligible (the GEMM would quantise other values).
+fn quantize_sources_directly(
+    program: &Program,
+    calls: &mut [Option<LibraryCall>],
+    eligible: impl Fn(BufferId) -> bool,
+    why: &'static str,
+) {
+    let accesses: Vec<(Vec<BufferId>, Vec<BufferId>)> = (program.kernels.iter())
+        .map(|kernel| kernel.reads_and_writes())
         .collect();
     for (index, kernel) in program.kernels.iter().enumerate() {
         let KernelBody::Library(Library::QuantizeDequantize { x, out, .. }) = &kernel.body else {
             continue;
         };
         let (x, out) = (*x, *out);
-        let is_weight = program.buffer(x).role.is_fed_weight();
-        if !is_weight || program.outputs.iter().any(|(_, b)| *b == out) {
+        if !eligible(x) || program.outputs.iter().any(|(_, b)| *b == out) {
             continue;
         }
         let reading: Vec<usize> = (0..program.kernels.len())
-            .filter(|&j| j != index && readers[j].contains(&out))
+            .filter(|&j| j != index && accesses[j].0.contains(&out))
             .collect();
         let by_quantize_only = |j: &usize| {
-            calls[*j].as_ref().is_some_and(|call| {
-                call.runs_fp8_gemm()
-                    && call.steps.iter().all(|step| {
-                        step.args.iter().enumerate().all(|(position, arg)| {
-                            !matches!(arg, StepArg::Buffer(b, _) if *b == out)
-                                || quantize_source(step, position)
+            requantizes_roundings(&program.kernels[*j].body)
+                && calls[*j].as_ref().is_some_and(|call| {
+                    call.runs_fp8_gemm()
+                        && call.steps.iter().all(|step| {
+                            step.args.iter().enumerate().all(|(position, arg)| {
+                                !matches!(arg, StepArg::Buffer(b, _) if *b == out)
+                                    || quantize_source(step, position)
+                            })
                         })
-                    })
-            })
+                })
         };
-        if reading.is_empty() || !reading.iter().all(by_quantize_only) {
+        let last_reader = reading.iter().copied().max().unwrap_or(index);
+        let storage = [x, program.holder(x).0];
+        let written_before_read =
+            (index + 1..=last_reader).any(|j| accesses[j].1.iter().any(|w| storage.contains(w)));
+        if reading.is_empty() || written_before_read || !reading.iter().all(by_quantize_only) {
             continue;
         }
         for j in reading {
@@ -569,9 +609,21 @@ pub(crate) fn quantize_weights_directly(program: &Program, calls: &mut [Option<L
         }
         if let Some(call) = calls[index].as_mut() {
             call.steps.clear();
-            call.skipped = Some(QUANTIZED_WHERE_READ);
+            call.skipped = Some(why);
         }
     }
+}
+
+/// Whether a call's FP8 `quantize` steps quantise its rounded operands in the tiles of their
+/// roundings, so that reading a rounding's source instead makes the same codes: a product
+/// ([`Fp8Product::find`]) and the experts' grouped product (1×128 tiles along K, in any order
+/// of the rows). Not the experts' weight gradient: it rounds its operands itself, in 128
+/// gathered rows per expert, whatever rounding they went through before.
+fn requantizes_roundings(body: &KernelBody) -> bool {
+    matches!(
+        body,
+        KernelBody::Library(Library::MatMul { .. } | Library::GroupedMatMul { .. })
+    )
 }
 
 /// Whether argument `position` of `step` is a `quantize` step's source (`x`).

@@ -27,6 +27,8 @@ use crate::fp8::{ScaleRounding, fake_quantize};
 mod emulator;
 #[path = "library_expert_wgrad_tests.rs"]
 mod expert_wgrad;
+#[path = "library_fp8_sources_tests.rs"]
+mod sources;
 #[path = "library_fp8_weight_codes_tests.rs"]
 mod weight_codes;
 use emulator::Memory;
@@ -1050,7 +1052,7 @@ fn tuning_reads_every_form(plan: &LibraryPlan) {
 
 /// A weight's rounding that only FP8 GEMMs read is not computed: their `quantize` steps read
 /// the weight itself (the same codes), and the product is still that of the rounded operands.
-/// A rounding of something that is not a parameter, or one a non-FP8 product reads, is.
+/// One a non-FP8 product reads is.
 #[test]
 fn a_weights_rounding_read_only_by_fp8_gemms_is_skipped() {
     let mut program = OneProduct::forward_64x32x128().program();
@@ -1066,8 +1068,10 @@ fn a_weights_rounding_read_only_by_fp8_gemms_is_skipped() {
         };
         assert_eq!(codes.step.args[0], StepArg::Buffer(BufferId(2), 0));
         assert_eq!(codes.readers, [2]);
-        // The activation's rounding (an input, not a parameter) is computed.
-        assert!(!plan.calls[0].as_ref().unwrap().steps.is_empty());
+        // The activation's rounding (an input, not a parameter) is skipped too, its source
+        // quantised where read (`quantize_activations_directly`).
+        let activation = plan.calls[0].as_ref().unwrap();
+        assert_eq!(activation.skipped, Some(SOURCE_QUANTIZED_WHERE_READ));
         assert_eq!(check_fp8_products(&program, target), (1, 0));
     }
     // Read by the f32 GEMM (exact accumulation): computed.

@@ -172,8 +172,9 @@ fn every_sample_plans_its_call() {
             "{}",
             sample.name
         );
+        // Every call launches, but a rounding whose readers quantise its source instead.
         assert!(
-            plan.calls.iter().flatten().all(|c| !c.steps.is_empty()),
+            (plan.calls.iter().flatten()).all(|c| !c.steps.is_empty() || c.skipped.is_some()),
             "{}",
             sample.name
         );
