@@ -71,10 +71,17 @@ fn operand(graph: &Graph, id: NodeId) -> String {
             let from = saved(graph, source.inputs[0]);
             format!("{} {} as {}{from}", q.op, graph.ty(source.inputs[0]), q.ty)
         }
-        // A weight rounded as stored, read transposed.
+        // A weight rounded as stored, or a saved activation in tiles along the tokens (the
+        // weight gradient's `xᵀ`), read transposed.
         Op::Permute { .. } if is_qdq(graph, below_permutes(graph, id)) => {
             let q = graph.node(below_permutes(graph, id));
-            format!("{} {} read as {}", q.op, graph.ty(q.inputs[0]), node.ty)
+            let from = saved(graph, q.inputs[0]);
+            format!(
+                "{} {} read as {}{from}",
+                q.op,
+                graph.ty(q.inputs[0]),
+                node.ty
+            )
         }
         _ if rounded_to_bf16(graph, id) => format!("(bf16) {}", node.ty),
         _ => format!("(f32) {}", node.ty),

@@ -11,9 +11,9 @@ use fathom_runtime::fp8::experiment::{
 };
 use fathom_runtime::fp8::{
     Accumulator, Fp8Error, Fp8Format, GemmConfig, Overflow, QuantizedTensor, ScaleRounding,
-    TileLayout, bf16_gemm, bf16_to_f32, calc_diff, f32_to_bf16, fp8_gemm, quantize_activations,
-    quantize_activations_transposed, quantize_per_tensor, quantize_tiles, quantize_weights,
-    tile_scale,
+    TileLayout, bf16_gemm, bf16_to_f32, calc_diff, f32_to_bf16, fake_quantize, fp8_gemm,
+    quantize_activations, quantize_activations_transposed, quantize_per_tensor, quantize_tiles,
+    quantize_weights, tile_scale,
 };
 use fathom_runtime::interp::round_to_dtype;
 use float8::{F8E4M3, F8E5M2};
@@ -483,6 +483,40 @@ fn transposed_quantization_tiles_the_other_axis() {
         matches!(err, Err(Fp8Error::NonFinite { row: 4, col: 2, .. })),
         "{err:?}"
     );
+}
+
+/// The precision pass rounds a matrix read transposed (the weight gradient's `xᵀ`) below the
+/// transpose, in transposed tiles: rounding `x` in r×c tiles and transposing gives, bit for bit,
+/// the rounding of `xᵀ` in c×r tiles, ragged edges and power-of-two scales included.
+#[test]
+fn rounding_commutes_with_a_transpose_of_the_tiles() {
+    let (rows, cols) = (300, 200);
+    let x = random_matrix(rows, cols, Distribution::Normal, 11);
+    let transpose = |m: &[f32], rows: usize, cols: usize| {
+        let mut t = vec![0.0; m.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = m[r * cols + c];
+            }
+        }
+        t
+    };
+    let xt = transpose(&x, rows, cols);
+    for rounding in [ScaleRounding::Exact, ScaleRounding::PowerOfTwo] {
+        for (tile_rows, tile_cols) in [(128, 1), (1, 128), (128, 128), (rows, cols)] {
+            let below = fake_quantize(&x, &[rows, cols], tile_rows, tile_cols, rounding).unwrap();
+            let of_transpose =
+                fake_quantize(&xt, &[cols, rows], tile_cols, tile_rows, rounding).unwrap();
+            let below_t = transpose(&below, rows, cols);
+            assert!(
+                below_t
+                    .iter()
+                    .zip(&of_transpose)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{tile_rows}x{tile_cols} tiles, {rounding:?}"
+            );
+        }
+    }
 }
 
 #[test]

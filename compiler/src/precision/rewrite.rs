@@ -95,20 +95,37 @@ pub fn apply_precision(
                     let pow2 = k == 0 && has_pow2_input(graph, gemm);
                     let source = inputs[k];
                     // A weight's FP8 blocks are rounded as it is stored, below the transposes
-                    // the GEMM reads it through (square blocks: the same values).
-                    let (value, movements) = match (fp8, layout) {
-                        (true, OperandLayout::Weight) => below_transposes(g.graph(), source.id()),
-                        _ => (source.id(), Vec::new()),
+                    // the GEMM reads it through (square blocks: the same values). So is a
+                    // matrix read transposed (the weight gradient's `xᵀ`), in tiles transposed
+                    // too: the same values, and the rounding reads the stored matrix in place
+                    // where rounding the transpose would first copy it out.
+                    let rounding_of = |dims: &[usize]| {
+                        Rounding::of(*precision, *layout, policy.scaling, tiling, dims, pow2)
+                    };
+                    let (value, movements, rounding) = match (fp8, layout) {
+                        (true, OperandLayout::Weight) => {
+                            let (value, movements) = below_transposes(g.graph(), source.id());
+                            (value, movements, rounding_of(g.dims(Tensor(value))))
+                        }
+                        (true, OperandLayout::KLast | OperandLayout::KRows)
+                            if g.dims(source).len() == 2 =>
+                        {
+                            let rounding = rounding_of(g.dims(source));
+                            let (value, movements) = below_transposes(g.graph(), source.id());
+                            let swaps = (movements.iter())
+                                .filter(
+                                    |op| matches!(op, Op::Permute { perm } if perm[..] == [1, 0]),
+                                )
+                                .count();
+                            match (swaps % 2, rounding.transposed()) {
+                                (0, _) => (value, movements, rounding),
+                                (_, Some(transposed)) => (value, movements, transposed),
+                                (_, None) => (source.id(), Vec::new(), rounding),
+                            }
+                        }
+                        _ => (source.id(), Vec::new(), rounding_of(g.dims(source))),
                     };
                     let value = Tensor(value);
-                    let rounding = Rounding::of(
-                        *precision,
-                        *layout,
-                        policy.scaling,
-                        tiling,
-                        g.dims(value),
-                        pow2,
-                    );
                     inputs[k] = match rounding {
                         Rounding::Bf16 => in_bf16(g, source, &mut rounded)?,
                         Rounding::Fp8 { .. } => {
@@ -368,6 +385,27 @@ impl Rounding {
             tile,
             flatten: flatten && rank > 2,
             pow2,
+        }
+    }
+}
+
+impl Rounding {
+    /// The rounding of a matrix's transpose that gives the same values as this one of the
+    /// matrix: tiles of `r`×`c` elements become `c`×`r`; bf16 is elementwise. None where the
+    /// operand is first flattened (tiles across several matrices).
+    fn transposed(self) -> Option<Rounding> {
+        match self {
+            Rounding::Bf16 => Some(Rounding::Bf16),
+            Rounding::Fp8 {
+                tile: (rows, cols),
+                flatten: false,
+                pow2,
+            } => Some(Rounding::Fp8 {
+                tile: (cols, rows),
+                flatten: false,
+                pow2,
+            }),
+            Rounding::Fp8 { flatten: true, .. } => None,
         }
     }
 }

@@ -49,21 +49,35 @@ fn roles(graph: &Graph) -> Vec<(GemmRole, String)> {
         .collect()
 }
 
-/// The `QuantizeDequantize` tiles feeding each operand of `node`, through the transposes it is
-/// read with (`None`: not quantized).
+/// The `QuantizeDequantize` tiles feeding each operand of `node`, as the operand is read: a
+/// matrix rounded below a transpose has its tiles transposed back (`None`: not quantized).
 fn operand_tiles(graph: &Graph, node: crate::graph::NodeId) -> Vec<Option<(usize, usize, bool)>> {
     graph
         .node(node)
         .inputs
         .iter()
-        .map(|&i| match &graph.node(below_permutes(graph, i)).op {
-            Op::QuantizeDequantize {
-                tile_rows,
-                tile_cols,
-                pow2_scales,
-                ..
-            } => Some((*tile_rows, *tile_cols, *pow2_scales)),
-            _ => None,
+        .map(|&i| {
+            let mut swaps = 0;
+            let mut id = i;
+            while let Op::Permute { perm } = &graph.node(id).op {
+                swaps += usize::from(perm[..] == [1, 0]);
+                id = graph.node(id).inputs[0];
+            }
+            match &graph.node(id).op {
+                Op::QuantizeDequantize {
+                    tile_rows,
+                    tile_cols,
+                    pow2_scales,
+                    ..
+                } if swaps % 2 == 1 => Some((*tile_cols, *tile_rows, *pow2_scales)),
+                Op::QuantizeDequantize {
+                    tile_rows,
+                    tile_cols,
+                    pow2_scales,
+                    ..
+                } => Some((*tile_rows, *tile_cols, *pow2_scales)),
+                _ => None,
+            }
         })
         .collect()
 }
@@ -117,6 +131,24 @@ fn fp8_tiles_run_along_k() {
             GemmRole::WeightGradient => [Some((1, 4, false)), Some((4, 1, false))],
         };
         assert_eq!(operand_tiles(&out, gemm.node), expected, "{gemm:?}");
+        // xᵀ is rounded below its transpose, in x's 4×1 tiles: the rounding reads x in place,
+        // with no copy laying the transpose out.
+        if gemm.role == GemmRole::WeightGradient {
+            let xt = out.node(out.node(gemm.node).inputs[0]);
+            assert!(matches!(xt.op, Op::Permute { .. }), "{gemm:?}: {:?}", xt.op);
+            let rounding = &out.node(xt.inputs[0]).op;
+            assert!(
+                matches!(
+                    rounding,
+                    Op::QuantizeDequantize {
+                        tile_rows: 4,
+                        tile_cols: 1,
+                        ..
+                    }
+                ),
+                "{gemm:?}: {rounding:?}"
+            );
+        }
     }
     // A weight is rounded as stored, once for the forward GEMM and the input gradient's (`a`'s
     // input, x, needs no gradient): the rounding reads the parameter itself.
@@ -242,7 +274,7 @@ fn kept_modules_and_overrides() {
     let out = apply_precision(&graph, &policy, &tiles4()).unwrap();
     assert_eq!(linear_gemms(&out).len(), 5);
     for gemm in linear_gemms(&out) {
-        let first = out.node(out.node(gemm.node).inputs[0]);
+        let first = out.node(below_permutes(&out, out.node(gemm.node).inputs[0]));
         let fp8 = matches!(first.op, Op::QuantizeDequantize { .. });
         assert_eq!(fp8, gemm.path == "model.layers.1.x", "{gemm:?}");
         // Only the FP8 GEMMs take the limited accumulator; BF16 ones sum in f32.
@@ -389,8 +421,8 @@ fn per_tensor_scaling_uses_one_tile_per_operand() {
             ..
         }
     ));
-    // The weight as stored, [5, 6], is one tile (read transposed as [6, 5]).
-    assert_eq!(operand_tiles(&out, forward_b.node)[1], Some((5, 6, false)));
+    // The weight is one tile as stored, [5, 6]: [6, 5] as read, transposed.
+    assert_eq!(operand_tiles(&out, forward_b.node)[1], Some((6, 5, false)));
 }
 
 #[test]
