@@ -284,6 +284,11 @@ fn inspect_shows_which_products_run_as_fp8_gemms() {
             said.contains(&format!("temporaries on {target}: ")),
             "{said}"
         );
+        assert!(
+            said.contains(" skipped (their sources quantised where read)"),
+            "{said}"
+        );
+        assert!(said.contains("loop nests: "), "{said}");
         // The experts' weights are fed into their stacks and their gradients read in place.
         let experts = said
             .lines()

@@ -153,6 +153,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         compiled.plan.slot_elements.len(),
         compiled.plan.unshared_bytes
     );
+    println!(
+        "loop nests: {:.3} GB read and written per run (each view once)",
+        compiled.program.loop_bytes() as f64 / 1e9
+    );
     let roles = compiled.program.buffers.iter().map(|b| &b.role);
     let (stacks, windows) = roles.fold((0, 0), |(s, w), role| match role {
         BufferRole::StackedParameters(_) => (s + 1, w),
@@ -265,12 +269,14 @@ fn write_library_plan(
                     codes.bytes as f64 / 1e6,
                 );
             }
-            let skipped = plan.calls.iter().flatten().filter(|c| c.skipped.is_some());
+            let roundings = plan.roundings(program);
             println!(
-                "temporaries on {arch}: {} bytes ({} roundings skipped, their sources \
-                 quantised where read)",
+                "temporaries on {arch}: {} bytes; E4M3 roundings: {} launched over {:.3} G \
+                 elements, {} skipped (their sources quantised where read)",
                 plan.memory_plan(program).peak_bytes(),
-                skipped.count()
+                roundings.launched,
+                roundings.elements as f64 / 1e9,
+                roundings.skipped
             );
             let steps: Vec<_> = plan.steps().map(|(_, step)| step).collect();
             for kernel in plan.kernels() {

@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 
-use fathom_compiler::kernel::{BufferId, KernelBody, MemoryPlan, Program};
+use fathom_compiler::kernel::{BufferId, KernelBody, Library, MemoryPlan, Program};
 use fathom_kernels::{
     ConvertParams, F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams,
     FallbackGemmParams, Fp8GemmParams, IndexOpParams, KernelError, KernelParam, KernelSource,
@@ -251,6 +251,15 @@ impl LibraryCall {
     }
 }
 
+/// The E4M3 roundings of a plan ([`LibraryPlan::roundings`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundingCount {
+    pub launched: usize,
+    /// Elements the launched ones round.
+    pub elements: u64,
+    pub skipped: usize,
+}
+
 /// The library calls of a program, by kernel position (`None` for loop nests), and the
 /// weights' FP8 codes they read (made once per weights version, before the calls).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -353,6 +362,26 @@ impl LibraryPlan {
             })
             .collect();
         MemoryPlan::with_touches(program, &touches)
+    }
+
+    /// How many of `program`'s E4M3 roundings launch, over how many elements, and how many
+    /// launch nothing (their readers quantise the source).
+    pub fn roundings(&self, program: &Program) -> RoundingCount {
+        let mut count = RoundingCount::default();
+        for (kernel, call) in program.kernels.iter().zip(&self.calls) {
+            let (KernelBody::Library(Library::QuantizeDequantize { out, .. }), Some(call)) =
+                (&kernel.body, call)
+            else {
+                continue;
+            };
+            if call.skipped.is_some() {
+                count.skipped += 1;
+            } else if !call.steps.is_empty() {
+                count.launched += 1;
+                count.elements += program.buffer(*out).ty.numel() as u64;
+            }
+        }
+        count
     }
 
     /// The scratch ints the largest call needs.

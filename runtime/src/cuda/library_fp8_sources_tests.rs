@@ -84,6 +84,21 @@ fn activations_roundings_read_only_by_fp8_gemms_quantise_their_sources_kept_aliv
             let ir_last = ir_plan.lifetimes[x.index()].map(|(_, last)| last);
             outlived += usize::from(ir_last.is_some_and(|l| l < last));
         }
+        // What `fathom inspect` reports: every rounding launched or skipped (the weights' and
+        // the activations'), the launched ones over their outputs' elements.
+        let count = plan.roundings(&program);
+        let all = roundings(&program);
+        assert_eq!(count.launched + count.skipped, all.len());
+        assert!(
+            count.skipped > skipped,
+            "the weights' roundings are skipped too"
+        );
+        let launched = all.iter().filter(|(p, ..)| {
+            let call = plan.calls[*p].as_ref().unwrap();
+            call.skipped.is_none() && !call.steps.is_empty()
+        });
+        let elements = launched.map(|(_, _, out)| program.buffer(*out).ty.numel() as u64);
+        assert_eq!(count.elements, elements.sum::<u64>());
         // The small model's step: the forward's and the backward's products' activations.
         assert!(skipped >= 40, "{target:?}: {skipped} roundings skipped");
         assert!(
