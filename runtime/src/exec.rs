@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use crate::cpu::{CpuError, CpuProgram};
 use crate::cuda::{
-    CudaError, GpuDevice, GpuExecutor, GpuOptions, KernelCache, NoGpu, fallback_line,
+    CudaError, GpuDevice, GpuExecutor, GpuOptions, KernelCache, NoGpu, SumOwner, fallback_line,
 };
 use crate::interp::{Feeds, InterpError, evaluate};
 use crate::optim::{Grads, accumulate_owned};
@@ -145,16 +145,19 @@ impl Executable {
     /// [`accumulate_owned`]: `scale · x` for a name `into` lacks, else `sum + scale · x`), and
     /// the other outputs are returned. A CUDA executable keeps the sums in device memory, to the
     /// same bits, and adds them to `into` in [`Executable::finish_sums`] (one download per
-    /// output instead of one per micro-batch); call it after the last micro-batch.
+    /// output instead of one per micro-batch); call it after the last micro-batch. Callers
+    /// sharing the executable (the ranks running one pipeline stage) each sum as their own
+    /// `owner`.
     pub fn run_summing(
-        &mut self,
+        &self,
         feeds: &Feeds<'_>,
         summed: &[String],
         scale: f32,
+        owner: SumOwner,
         into: &mut Grads,
     ) -> Result<BTreeMap<String, HostTensor>, ExecError> {
         if let Executable::Cuda(executor) = self {
-            let run = executor.run_summing(feeds, summed, scale)?;
+            let run = executor.run_summing(feeds, summed, scale, owner)?;
             return Ok(run.outputs.into_iter().collect());
         }
         let mut outputs = self.run(feeds)?;
@@ -171,13 +174,13 @@ impl Executable {
         Ok(outputs)
     }
 
-    /// Adds the sums a CUDA executable kept in device memory since the last call into `into`
-    /// (nothing on the other backends, whose sums are in `into` already).
-    pub fn finish_sums(&mut self, into: &mut Grads) -> Result<(), ExecError> {
+    /// Adds `owner`'s sums a CUDA executable kept in device memory since the last call into
+    /// `into` (nothing on the other backends, whose sums are in `into` already).
+    pub fn finish_sums(&self, owner: SumOwner, into: &mut Grads) -> Result<(), ExecError> {
         let Executable::Cuda(executor) = self else {
             return Ok(());
         };
-        let sums: Grads = executor.take_sums()?.into_iter().collect();
+        let sums: Grads = executor.take_sums(owner)?.into_iter().collect();
         accumulate_owned(into, sums, 1.0).map_err(|e| ExecError::Sum(e.to_string()))
     }
 }
@@ -317,7 +320,7 @@ mod tests {
         b.output("x_again", x).unwrap();
         let graph = b.finish();
         for backend in [Backend::Cpu, Backend::Interpreter] {
-            let mut executable = Executable::new(graph.clone(), backend).unwrap();
+            let executable = Executable::new(graph.clone(), backend).unwrap();
             let mut sums = Grads::new();
             let mut expected = vec![0f32; 3];
             for (run, values) in [[0.1f32, -1.0, 2.0], [0.5, 0.25, -3.0]].iter().enumerate() {
@@ -325,7 +328,7 @@ mod tests {
                 let feeds = Feeds::new(&inputs, &());
                 let summed = ["y".to_owned()];
                 let outputs = executable
-                    .run_summing(&feeds, &summed, 0.5, &mut sums)
+                    .run_summing(&feeds, &summed, 0.5, 0, &mut sums)
                     .unwrap();
                 assert!(
                     !outputs.contains_key("y"),
@@ -338,11 +341,17 @@ mod tests {
                     *e = if run == 0 { 0.5 * v } else { *e + 0.5 * v };
                 }
             }
-            executable.finish_sums(&mut sums).unwrap();
+            executable.finish_sums(0, &mut sums).unwrap();
             assert_eq!(sums["y"], expected, "{backend:?}");
             let inputs = HashMap::from([("x", HostTensor::f32([3], vec![0.0; 3]))]);
             let error = executable
-                .run_summing(&Feeds::new(&inputs, &()), &["z".to_owned()], 1.0, &mut sums)
+                .run_summing(
+                    &Feeds::new(&inputs, &()),
+                    &["z".to_owned()],
+                    1.0,
+                    0,
+                    &mut sums,
+                )
                 .unwrap_err();
             assert!(error.to_string().contains("no float output `z`"), "{error}");
         }

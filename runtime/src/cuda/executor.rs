@@ -21,7 +21,7 @@
 //! the CPU.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, sys};
 use fathom_compiler::codegen::{Access, CudaKernel, CudaLaunch, CudaProgram, cuda_program};
@@ -219,7 +219,7 @@ pub struct GpuExecutor {
     library: LibraryPlan,
     kernels: GpuKernels,
     stream: Arc<CudaStream>,
-    allocator: CachingAllocator<DriverMemory>,
+    allocator: Mutex<CachingAllocator<DriverMemory>>,
     /// Device blocks: one per slot of temporaries, one per other buffer the program uses.
     blocks: Vec<Block>,
     /// Device address of every buffer's first element (0 for unused buffers).
@@ -234,9 +234,18 @@ pub struct GpuExecutor {
     parameters_read_only: bool,
     /// The version of the parameters in device memory (`None`: none known).
     parameters_on_device: Mutex<Option<u64>>,
-    /// Outputs summed over runs in device memory (`run_summing`), by output name.
-    sums: BTreeMap<String, DeviceSum>,
+    /// Outputs summed over runs in device memory (`run_summing`), by owner and output name.
+    /// Held for the whole of every run: threads sharing the executor (the pipeline's ranks
+    /// that run one stage) take turns on its buffers.
+    sums: Mutex<Sums>,
 }
+
+/// Who a sum belongs to: every rank that runs a pipeline stage sums its own micro-batches with
+/// the stage's executables (0 where one caller sums).
+pub type SumOwner = usize;
+
+/// The device sums of an executor, by owner and output name.
+type Sums = BTreeMap<(SumOwner, String), DeviceSum>;
 
 /// An output's sum over runs, in device memory.
 struct DeviceSum {
@@ -263,7 +272,7 @@ impl std::fmt::Debug for GpuExecutor {
             .field("program", &self.program.name)
             .field("arch", &self.kernels.arch)
             .field("options", &self.options)
-            .field("memory", &self.allocator.stats())
+            .field("memory", &self.memory())
             .finish_non_exhaustive()
     }
 }
@@ -346,7 +355,7 @@ impl GpuExecutor {
             library,
             kernels,
             stream,
-            allocator,
+            allocator: Mutex::new(allocator),
             blocks,
             address,
             scratch,
@@ -356,7 +365,7 @@ impl GpuExecutor {
             graph: Mutex::new(None),
             parameters_read_only: no_kernel_writes_parameters(&program),
             parameters_on_device: Mutex::new(None),
-            sums: BTreeMap::new(),
+            sums: Mutex::new(BTreeMap::new()),
             program,
         })
     }
@@ -375,55 +384,70 @@ impl GpuExecutor {
     }
 
     pub fn memory(&self) -> AllocStats {
-        self.allocator.stats()
+        let allocator = self
+            .allocator
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        allocator.stats()
+    }
+
+    /// The sums, held for a run (see the field).
+    fn lock_sums(&self) -> Result<MutexGuard<'_, Sums>, CudaError> {
+        (self.sums.lock()).map_err(|_| CudaError::Launch("the executor's lock is poisoned".into()))
     }
 
     /// Runs the program on `feeds` and returns its outputs.
     pub fn run(&self, feeds: &Feeds<'_>) -> Result<GpuRun, CudaError> {
+        let _turn = self.lock_sums()?;
         self.run_then(feeds, |_| true, || Ok(()))
     }
 
     /// Runs the program on `feeds` as one micro-batch of several: the outputs `summed` names
-    /// are not downloaded but added, times `scale`, into sums kept in device memory (f32, as
-    /// the host's `optim::accumulate`: `scale · x` on the first run after [`take_sums`], then
-    /// `sum + scale · x`, to the bit); the other outputs are returned. On an error every sum is
-    /// dropped, so that a failed micro-batch never leaves half a sum behind.
+    /// are not downloaded but added, times `scale`, into `owner`'s sums kept in device memory
+    /// (f32, as the host's `optim::accumulate`: `scale · x` on the first run after
+    /// [`take_sums`], then `sum + scale · x`, to the bit); the other outputs are returned. On an
+    /// error every sum of `owner` is dropped, so that a failed micro-batch never leaves half a
+    /// sum behind.
     ///
     /// [`take_sums`]: GpuExecutor::take_sums
     pub fn run_summing(
-        &mut self,
+        &self,
         feeds: &Feeds<'_>,
         summed: &[String],
         scale: f32,
+        owner: SumOwner,
     ) -> Result<GpuRun, CudaError> {
-        let run = self.prepare_sums(summed).and_then(|()| {
+        let mut sums = self.lock_sums()?;
+        let run = self.prepare_sums(&mut sums, owner, summed).and_then(|()| {
             self.run_then(
                 feeds,
                 |name| !summed.iter().any(|s| s == name),
-                || self.queue_sums(summed, scale),
+                || self.queue_sums(&sums, owner, summed, scale),
             )
         });
+        let owned = sums.iter_mut().filter(|((o, _), _)| *o == owner);
         match run {
             Ok(run) => {
-                for name in summed {
-                    if let Some(sum) = self.sums.get_mut(name) {
+                for ((_, name), sum) in owned {
+                    if summed.contains(name) {
                         sum.runs += 1;
                     }
                 }
                 Ok(run)
             }
             Err(e) => {
-                self.sums.values_mut().for_each(|sum| sum.runs = 0);
+                owned.for_each(|(_, sum)| sum.runs = 0);
                 Err(e)
             }
         }
     }
 
-    /// The sums of the runs since the last call, by output name (outputs summed at least once),
-    /// downloaded; the next `run_summing` starts them again.
-    pub fn take_sums(&mut self) -> Result<Vec<(String, Vec<f32>)>, CudaError> {
+    /// `owner`'s sums of the runs since the last call, by output name (outputs summed at least
+    /// once), downloaded; its next `run_summing` starts them again.
+    pub fn take_sums(&self, owner: SumOwner) -> Result<Vec<(String, Vec<f32>)>, CudaError> {
+        let mut sums = self.lock_sums()?;
         let mut taken = Vec::new();
-        for (name, sum) in &mut self.sums {
+        for ((_, name), sum) in sums.iter_mut().filter(|((o, _), _)| *o == owner) {
             if sum.runs == 0 {
                 continue;
             }
@@ -436,10 +460,16 @@ impl GpuExecutor {
         Ok(taken)
     }
 
-    /// A device sum for each output of `summed` (allocated at its first use).
-    fn prepare_sums(&mut self, summed: &[String]) -> Result<(), CudaError> {
+    /// A device sum of `owner` for each output of `summed` (allocated at its first use).
+    fn prepare_sums(
+        &self,
+        sums: &mut Sums,
+        owner: SumOwner,
+        summed: &[String],
+    ) -> Result<(), CudaError> {
         for name in summed {
-            if self.sums.contains_key(name) {
+            let key = (owner, name.clone());
+            if sums.contains_key(&key) {
                 continue;
             }
             let buffer = self
@@ -455,26 +485,34 @@ impl GpuExecutor {
                     ))
                 })?;
             let elements = self.program.buffer(buffer).ty.numel();
-            let block = self
+            let mut allocator = self
                 .allocator
-                .alloc(4 * elements.max(1), stream_id(&self.stream))?;
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let block = allocator.alloc(4 * elements.max(1), stream_id(&self.stream))?;
             let sum = DeviceSum {
                 block,
                 buffer,
                 elements,
                 runs: 0,
             };
-            self.sums.insert(name.clone(), sum);
+            sums.insert(key, sum);
         }
         Ok(())
     }
 
-    /// Queues the additions of the outputs `summed` names into their sums.
-    fn queue_sums(&self, summed: &[String], scale: f32) -> Result<(), CudaError> {
+    /// Queues the additions of the outputs `summed` names into `owner`'s sums.
+    fn queue_sums(
+        &self,
+        sums: &Sums,
+        owner: SumOwner,
+        summed: &[String],
+        scale: f32,
+    ) -> Result<(), CudaError> {
         let kernel = AccumulateScaled;
         let function = self.kernels.function(&kernel.name())?;
         for name in summed {
-            let Some(sum) = self.sums.get(name) else {
+            let Some(sum) = sums.get(&(owner, name.clone())) else {
                 continue;
             };
             let named = [
@@ -712,14 +750,19 @@ impl Drop for GpuExecutor {
         if let Ok(mut graph) = self.graph.lock() {
             graph.take();
         }
+        let allocator = self
+            .allocator
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         for block in self.blocks.drain(..) {
-            let _ = self.allocator.free(block);
+            let _ = allocator.free(block);
         }
-        for (_, sum) in std::mem::take(&mut self.sums) {
-            let _ = self.allocator.free(sum.block);
+        let sums = self.sums.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for (_, sum) in std::mem::take(sums) {
+            let _ = allocator.free(sum.block);
         }
-        self.allocator.streams_synchronized();
-        let _ = self.allocator.empty_cache();
+        allocator.streams_synchronized();
+        let _ = allocator.empty_cache();
     }
 }
 

@@ -42,7 +42,7 @@ pub use cudarc::driver::{CudaContext, CudaStream};
 pub use alloc::{AllocError, AllocStats, CachingAllocator, RawDevice, StreamId};
 pub use cache::{CacheError, CachedKernel, KernelCache, ModuleImage};
 pub use device::{GpuDevice, NoGpu, compile_target, driver_present, fallback_line};
-pub use executor::{GpuExecutor, GpuKernels, GpuOptions, GpuRun};
+pub use executor::{GpuExecutor, GpuKernels, GpuOptions, GpuRun, SumOwner};
 pub use library::LibraryPlan;
 pub use overrides::{KernelOverrides, OVERRIDE_DIR_VAR};
 

@@ -53,6 +53,9 @@ pub(super) struct StageProgram {
     /// `None` for a piece without outputs (the first stage's input-gradient piece).
     pub(super) pieces: [Option<Executable>; 3],
     pub(super) parameters: Vec<String>,
+    /// The weight-gradient piece's outputs (`grad.<parameter>`), which each rank sums over its
+    /// micro-batches.
+    pub(super) weight_grads: Vec<String>,
     pub(super) reads_ids: bool,
     pub(super) first: bool,
     pub(super) last: bool,
@@ -547,7 +550,7 @@ fn check_expert_parallel(
 }
 
 /// The stages whose forward a rank's ops run (and so whose parameters it holds).
-fn stages_run(ops: &[ScheduleOp]) -> BTreeSet<usize> {
+pub(super) fn stages_run(ops: &[ScheduleOp]) -> BTreeSet<usize> {
     ops.iter()
         .filter_map(|op| match op {
             ScheduleOp::F(c) | ScheduleOp::FB { f: c, .. } => Some(c.stage),
@@ -619,9 +622,13 @@ fn compile_stage(
         compiled[phase as usize] = Some(executable);
     }
     let (first, last) = (plan.is_first(stage), plan.is_last(stage));
+    let weight_grads = (pieces.get(Phase::WeightGrad).outputs.iter())
+        .map(|output| output.name.clone())
+        .collect();
     Ok(StageProgram {
         pieces: compiled,
         parameters,
+        weight_grads,
         reads_ids: first || last,
         first,
         last,

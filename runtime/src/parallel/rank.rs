@@ -9,16 +9,17 @@ use std::time::{Duration, Instant};
 use fathom_compiler::partition::{Phase, names};
 use fathom_compiler::pipeline::{Chunk, Message, Payload, ScheduleOp};
 
+use crate::exec::{ExecError, Executable};
 use crate::interp::Feeds;
-use crate::optim::{Grads, accumulate_owned, add_expert_load};
-use crate::tensor::{Data, HostTensor};
+use crate::optim::{Grads, add_expert_load};
+use crate::tensor::HostTensor;
 use crate::weights::Weights;
 
 use super::comm::{Comm, Tag};
 use super::error::{PipelineError, RankFailure};
 use super::experts::CommExchange;
 use super::fault::FaultKind;
-use super::pipeline::Pipeline;
+use super::pipeline::{Pipeline, stages_run};
 use super::timeline::RankClock;
 
 /// What one rank hands back.
@@ -63,6 +64,8 @@ pub(super) struct RankWorker<'a, C: Comm> {
     mailbox: HashMap<Message, HostTensor>,
     /// Per chunk in flight: its inputs and what its earlier pieces handed on.
     held: HashMap<Chunk, BTreeMap<String, HostTensor>>,
+    /// The weight gradients summed over the micro-batches so far, by output name
+    /// (`grad.<parameter>`); a GPU's sums join them at the end of the step.
     grads: Grads,
     summary: RankSummary,
     clock: RankClock,
@@ -322,18 +325,17 @@ impl<'a, C: Comm> RankWorker<'a, C> {
                 c.mb, c.stage
             ))
         })?;
-        let outputs = self.piece(c.stage, Phase::WeightGrad, &inputs)?;
         let scale = 1.0 / self.pipeline.micro_batches_per_step() as f32;
-        let grads: Grads = outputs
-            .into_iter()
-            .filter_map(
-                |(name, tensor)| match (name.strip_prefix("grad."), tensor.data) {
-                    (Some(param), Data::Float(g)) => Some((param.to_owned(), g)),
-                    _ => None,
-                },
-            )
-            .collect();
-        Ok(accumulate_owned(&mut self.grads, grads, scale)?)
+        let owner = self.comm().rank();
+        let summed = &self.pipeline.stages[c.stage].weight_grads;
+        // Summed under their outputs' names (`grad.<parameter>`), on a GPU in device memory
+        // until the step's end (`reduce`).
+        let mut grads = std::mem::take(&mut self.grads);
+        let run = self.with_piece(c.stage, Phase::WeightGrad, &inputs, |executable, feeds| {
+            executable.run_summing(feeds, summed, scale, owner, &mut grads)
+        });
+        self.grads = grads;
+        run.map(drop)
     }
 
     fn held_mut(&mut self, c: Chunk) -> Result<&mut BTreeMap<String, HostTensor>, RankFailure> {
@@ -351,36 +353,54 @@ impl<'a, C: Comm> RankWorker<'a, C> {
         phase: Phase,
         inputs: &BTreeMap<String, HostTensor>,
     ) -> Result<BTreeMap<String, HostTensor>, RankFailure> {
-        match &self.pipeline.stages[stage].pieces[phase as usize] {
-            Some(executable) => {
-                let mut feeds = Feeds::new(inputs, self.weights);
-                if let Some(version) = self.weights_version {
-                    feeds = feeds.with_parameters_version(version);
-                }
-                if self.expert_group.len() < 2 {
-                    return Ok(executable.run(&feeds)?);
-                }
-                let exchange = CommExchange {
-                    comm: &self.comm,
-                    group: &self.expert_group,
-                    member: self.replica % self.expert_group.len(),
-                    counter: &self.exchanges,
-                };
-                Ok(executable.run(&feeds.with_experts(&exchange))?)
-            }
-            None => Ok(BTreeMap::new()),
+        self.with_piece(stage, phase, inputs, Executable::run)
+    }
+
+    /// `run` on the piece `phase` of `stage` with its feeds (`inputs`, the weights, the expert
+    /// exchange), or no outputs for a piece without any.
+    fn with_piece(
+        &self,
+        stage: usize,
+        phase: Phase,
+        inputs: &BTreeMap<String, HostTensor>,
+        run: impl FnOnce(&Executable, &Feeds<'_>) -> Result<BTreeMap<String, HostTensor>, ExecError>,
+    ) -> Result<BTreeMap<String, HostTensor>, RankFailure> {
+        let Some(executable) = &self.pipeline.stages[stage].pieces[phase as usize] else {
+            return Ok(BTreeMap::new());
+        };
+        let mut feeds = Feeds::new(inputs, self.weights);
+        if let Some(version) = self.weights_version {
+            feeds = feeds.with_parameters_version(version);
         }
+        if self.expert_group.len() < 2 {
+            return Ok(run(executable, &feeds)?);
+        }
+        let exchange = CommExchange {
+            comm: &self.comm,
+            group: &self.expert_group,
+            member: self.replica % self.expert_group.len(),
+            counter: &self.exchanges,
+        };
+        Ok(run(executable, &feeds.with_experts(&exchange))?)
     }
 
     /// Sums each parameter's gradient over the ranks holding it; every holder keeps the sum.
     fn reduce(&mut self, holders: &BTreeMap<String, Vec<usize>>) -> Result<Grads, RankFailure> {
         let rank = self.comm().rank();
+        // The sums a GPU kept in device memory: one download per gradient and step.
+        for stage in stages_run(&self.pipeline.schedule.ranks[self.local]) {
+            let piece = &self.pipeline.stages[stage].pieces[Phase::WeightGrad as usize];
+            if let Some(executable) = piece {
+                executable.finish_sums(rank, &mut self.grads)?;
+            }
+        }
         let mut kept = Grads::new();
         for (name, group) in holders {
             if !group.contains(&rank) {
                 continue;
             }
-            let mut values = self.grads.remove(name).ok_or_else(|| {
+            let summed = self.grads.remove(&format!("grad.{name}"));
+            let mut values = summed.ok_or_else(|| {
                 RankFailure::Schedule(format!(
                     "no gradient of `{name}` on rank {rank}, which holds it"
                 ))

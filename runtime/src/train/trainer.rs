@@ -436,14 +436,14 @@ impl Trainer {
                     let feeds = Feeds::new(&inputs, &self.weights)
                         .with_parameters_version(self.weights_version);
                     let mut outputs =
-                        executable.run_summing(&feeds, &summed, scale as f32, &mut sums)?;
+                        executable.run_summing(&feeds, &summed, scale as f32, 0, &mut sums)?;
                     losses.add(&outputs, scale);
                     for bias in &self.program.balancing_biases {
                         let load = take_floats(&mut outputs, &format!("expert_load.{bias}"));
                         add_expert_load(&mut loads, bias, load.into_iter().map(f64::from));
                     }
                 }
-                executable.finish_sums(&mut sums)?;
+                executable.finish_sums(0, &mut sums)?;
                 for (name, output) in self.program.parameters.iter().zip(&summed) {
                     let sum = sums.remove(output).ok_or_else(|| {
                         ExecError::Sum(format!("no gradient `{output}` was summed"))

@@ -53,6 +53,7 @@ use fathom_compiler::codegen::{CudaLaunch, cuda_program};
 use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::graph::Accumulation;
 use fathom_compiler::model::{LossWeights, parameter_graph};
+use fathom_compiler::pipeline::Method;
 use fathom_compiler::precision::{Precision, PrecisionPolicy};
 use fathom_compiler::training::training_graph;
 use fathom_kernels::nvrtc::Nvrtc;
@@ -66,6 +67,7 @@ use fathom_runtime::exec::Backend;
 use fathom_runtime::init::init_parameters;
 use fathom_runtime::interp::Feeds;
 use fathom_runtime::optim::{AdamWConfig, LrSchedule};
+use fathom_runtime::parallel::PipelineSettings;
 use fathom_runtime::train::{TrainSettings, Trainer};
 use fathom_runtime::weights::Weights;
 
@@ -363,20 +365,22 @@ fn tiny_spec(template_heads: bool) -> anyhow::Result<fathom_compiler::spec::Mode
     Ok(spec)
 }
 
-/// A trainer of `spec` on the synthetic task, with the given backend and precision. Two
-/// micro-batches per step: the GPU uploads the parameters once per weights version, so the
-/// second runs on what the first uploaded, and a step's losses go wrong if an update is missed.
+/// A trainer of `spec` on the synthetic task, with the given backend, precision and pipeline.
+/// Two micro-batches per step and replica, four in a pipeline: the GPU uploads the parameters
+/// once per weights version, so the later ones run on what the first uploaded, and a step's
+/// losses go wrong if an update is missed.
 fn tiny_trainer(
     spec: fathom_compiler::spec::ModelSpec,
     backend: Backend,
     steps: u64,
     precision: PrecisionPolicy,
+    pipeline: PipelineSettings,
 ) -> anyhow::Result<Trainer> {
     let (batch, seq) = (2, 16);
     let settings = TrainSettings {
         batch,
         seq,
-        micro_batches: 2,
+        micro_batches: if pipeline.is_parallel() { 4 } else { 2 },
         steps,
         optimizer: AdamWConfig::default(),
         schedule: LrSchedule {
@@ -391,7 +395,7 @@ fn tiny_trainer(
         bias_update_speed: 0.001,
         backend,
         precision,
-        pipeline: Default::default(),
+        pipeline,
     };
     let weights = Weights::from(init_parameters(
         &parameter_graph(&spec)?,
@@ -404,11 +408,16 @@ fn tiny_trainer(
 }
 
 /// Check 2: the losses of `steps` training steps with the CUDA backend against the CPU's, in
-/// f32, in FP8, and in BF16 with attention on the flash-attention templates (padded heads,
-/// then heads of the templates' widths).
+/// f32, in FP8, in BF16 with attention on the flash-attention templates (padded heads, then
+/// heads of the templates' widths), and in f32 under DualPipe: two stages on two ranks, two
+/// replicas, four threads sharing each stage's executables on the one GPU, each rank summing
+/// its micro-batches' gradients in device memory of its own.
 fn compare_training(steps: u64) -> anyhow::Result<Vec<String>> {
     let f32 = PrecisionPolicy::default();
-    let mut failures = compare_training_at("f32", f32, false, steps, [1e-4, 1e-3])?;
+    let one_rank = PipelineSettings::default;
+    let f32_bounds = [1e-4, 1e-3];
+    let mut failures =
+        compare_training_at("f32", f32.clone(), false, one_rank(), steps, f32_bounds)?;
     let fp8 = PrecisionPolicy {
         accumulation: Accumulation::HOPPER,
         ..PrecisionPolicy::uniform(Precision::Fp8)
@@ -417,6 +426,7 @@ fn compare_training(steps: u64) -> anyhow::Result<Vec<String>> {
         "FP8, Hopper's accumulation",
         fp8,
         false,
+        one_rank(),
         steps,
         [1e-2, 2e-2],
     )?);
@@ -434,15 +444,35 @@ fn compare_training(steps: u64) -> anyhow::Result<Vec<String>> {
             what,
             PrecisionPolicy::uniform(Precision::Bf16),
             template_heads,
+            one_rank(),
             steps,
             [1e-2, 2e-2],
         )?);
     }
+    failures.extend(compare_training_at(
+        "f32, DualPipe: 2 stages × 2 replicas",
+        f32,
+        false,
+        dualpipe(),
+        steps,
+        f32_bounds,
+    )?);
     Ok(failures)
 }
 
-/// The losses of `steps` training steps at `precision`, GPU against CPU, each within `bounds`
-/// (the first step's, the later steps') relative to the CPU's loss.
+/// The pipeline of check 2's last comparison: DualPipe's two stages on two ranks, each stage on
+/// both, in two replicas.
+fn dualpipe() -> PipelineSettings {
+    PipelineSettings {
+        stages: 2,
+        schedule: Method::DualPipe,
+        data_parallel: 2,
+        ..PipelineSettings::default()
+    }
+}
+
+/// The losses of `steps` training steps at `precision` under `pipeline`, GPU against CPU,
+/// each within `bounds` (the first step's, the later steps') relative to the CPU's loss.
 ///
 /// f32: the first step within 1e-4 (the GPU sums rows and GEMMs in f32 in another order,
 /// relative errors of order 1e-6 at the tiny model's sizes), later steps within 1e-3 (the
@@ -461,19 +491,27 @@ fn compare_training_at(
     what: &str,
     precision: PrecisionPolicy,
     template_heads: bool,
+    pipeline: PipelineSettings,
     steps: u64,
     bounds: [f64; 2],
 ) -> anyhow::Result<Vec<String>> {
     println!("{what}:");
     let spec = tiny_spec(template_heads)?;
-    let mut gpu = match tiny_trainer(spec.clone(), Backend::Cuda, steps, precision.clone()) {
+    let gpu = tiny_trainer(
+        spec.clone(),
+        Backend::Cuda,
+        steps,
+        precision.clone(),
+        pipeline.clone(),
+    );
+    let mut gpu = match gpu {
         Ok(trainer) => trainer,
         Err(e) => {
             println!("FAIL: the tiny model cannot train on the GPU ({what}): {e:#}");
             return Ok(vec![format!("training on the GPU ({what}): {e:#}")]);
         }
     };
-    let mut cpu = tiny_trainer(spec, Backend::Cpu, steps, precision)?;
+    let mut cpu = tiny_trainer(spec, Backend::Cpu, steps, precision, pipeline)?;
     let mut failures = Vec::new();
     for step in 1..=steps {
         let (g, c) = (gpu.step()?, cpu.step()?);
@@ -538,8 +576,21 @@ mod tests {
             .count();
         let layers = spec.layers + spec.mtp_depth;
         assert_eq!(calls, 2 * layers);
-        let mut cpu = tiny_trainer(spec, Backend::Cpu, 1, bf16).unwrap();
+        let mut cpu =
+            tiny_trainer(spec, Backend::Cpu, 1, bf16, PipelineSettings::default()).unwrap();
         assert!(cpu.step().unwrap().loss.is_finite());
+    }
+
+    /// Check 2's pipeline is one the trainer takes, and trains on the CPU, its reference
+    /// (`runtime/tests/pipeline.rs` checks that every schedule trains like one rank).
+    #[test]
+    fn the_dualpipe_comparison_trains_on_the_cpu() {
+        let spec = tiny_spec(false).unwrap();
+        let f32 = PrecisionPolicy::default();
+        let mut trainer = tiny_trainer(spec, Backend::Cpu, 2, f32, dualpipe()).unwrap();
+        let (first, second) = (trainer.step().unwrap(), trainer.step().unwrap());
+        assert!(first.loss.is_finite() && second.loss.is_finite());
+        assert_ne!(first.loss, second.loss, "the step changed the weights");
     }
 
     #[test]
