@@ -11,7 +11,7 @@
 mod plan;
 mod print;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use plan::{MemoryPlan, SlotId};
 

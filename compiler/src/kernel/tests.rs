@@ -3,7 +3,8 @@
 use super::*;
 use crate::dtype::{DType, TensorType};
 
-fn view(buffer: u32, strides: &[isize]) -> View {
+/// The view of `buffer` from its first element with `strides` (tests of the kernel IR).
+pub(crate) fn view(buffer: u32, strides: &[isize]) -> View {
     View {
         buffer: BufferId(buffer),
         offset: 0,
@@ -11,7 +12,8 @@ fn view(buffer: u32, strides: &[isize]) -> View {
     }
 }
 
-fn load(buffer: u32, strides: &[isize]) -> Expr {
+/// A load through [`view`].
+pub(crate) fn load(buffer: u32, strides: &[isize]) -> Expr {
     Expr::Load(view(buffer, strides))
 }
 

@@ -171,19 +171,8 @@ fn along_row(stored: &View, load: &View, outer: usize) -> bool {
 mod tests {
     use super::{Pending, merge_adjacent};
     use crate::graph::{BinaryOp, NodeId, ReduceOp, UnaryOp};
-    use crate::kernel::{BufferId, Expr, KernelBody, LoopNest, Stmt, View};
-
-    fn view(buffer: u32, strides: &[isize]) -> View {
-        View {
-            buffer: BufferId(buffer),
-            offset: 0,
-            strides: strides.to_vec(),
-        }
-    }
-
-    fn load(buffer: u32, strides: &[isize]) -> Expr {
-        Expr::Load(view(buffer, strides))
-    }
+    use crate::kernel::tests::{load, view};
+    use crate::kernel::{Expr, KernelBody, LoopNest, Stmt};
 
     fn kernel(what: &'static str, node: u32, domain: &[usize], body: Vec<Stmt>) -> Pending {
         Pending {
