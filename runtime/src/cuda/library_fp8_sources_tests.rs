@@ -33,7 +33,7 @@ fn step_readers(plan: &LibraryPlan, buffer: BufferId) -> Vec<usize> {
 
 /// Every temporary a step names is alive, in `memory`'s plan, when its call runs; and a skipped
 /// call's output holds no storage.
-fn assert_alive_where_named(program: &Program, plan: &LibraryPlan, memory: &MemoryPlan) {
+pub(super) fn assert_alive_where_named(program: &Program, plan: &LibraryPlan, memory: &MemoryPlan) {
     for (position, call) in plan.calls.iter().enumerate() {
         let Some(call) = call else { continue };
         for arg in call.steps.iter().flat_map(|s| &s.args) {

@@ -1017,6 +1017,11 @@ fn deepseek_v3_sized_products_plan_as_fp8_gemms() {
         if target == Fp8Target::Hopper {
             tuning_reads_every_form(&plan);
         }
+        // Every buffer a launch names is alive when it runs in the executor's memory plan,
+        // the activations whose roundings the experts' and the dense products skip included.
+        sources::assert_alive_where_named(&program, &plan, &plan.memory_plan(&program));
+        let roundings = plan.roundings(&program);
+        assert!(roundings.skipped > roundings.launched, "{roundings:?}");
     }
 }
 
