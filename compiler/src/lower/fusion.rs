@@ -162,6 +162,7 @@ impl<'g> Lowering<'g> {
             self.fold_round_trips();
         }
         self.decide();
+        self.inline_into_one_kernel();
         self.decide_places();
         self.decide_weight_parts();
         for id in self.graph.node_ids() {
@@ -329,6 +330,62 @@ impl<'g> Lowering<'g> {
                 })
             } else {
                 expression
+            };
+        }
+    }
+
+    /// A value of one cheap op on stored values, read by several nodes that all end up in one
+    /// kernel (the SwiGLU backward's `g · up`, read by both terms of the gate's gradient), is
+    /// computed there wherever it is read, rather than stored by a kernel of its own and
+    /// loaded back: that kernel loads its operands instead, and a store, a load and a launch
+    /// go. The values are the same to the bit (the op is computed from the same operands; a
+    /// stored f32 is read back exactly).
+    fn inline_into_one_kernel(&mut self) {
+        /// Where a node's value is computed: the materialised node whose kernel it is inlined
+        /// into, or several kernels.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Home {
+            Nowhere,
+            One(NodeId),
+            Several,
+        }
+        let mut home = vec![Home::Nowhere; self.graph.nodes.len()];
+        let ids: Vec<NodeId> = self.graph.node_ids().collect();
+        for &id in ids.iter().rev() {
+            let i = id.index();
+            if !self.live[i] {
+                continue;
+            }
+            let users = &self.users[i];
+            let homes = users.iter().map(|u| home[u.index()]);
+            let shared = homes.fold(Home::Nowhere, |acc, h| match (acc, h) {
+                (Home::Nowhere, h) => h,
+                (acc, Home::Nowhere) => acc,
+                (Home::One(a), Home::One(b)) if a == b => acc,
+                _ => Home::Several,
+            });
+            let node = self.graph.node(id);
+            let of_stored_values = node
+                .inputs
+                .iter()
+                .all(|p| self.materialise[p.index()] || self.classes[p.index()] == Class::Scalar);
+            let inline = self.materialise[i]
+                && self.classes[i] == Class::Elementwise
+                && cheap(&node.op)
+                && of_stored_values
+                && !self.graph.is_output(id)
+                && users.len() >= 2
+                && matches!(shared, Home::One(_))
+                && users
+                    .iter()
+                    .all(|u| matches!(self.classes[u.index()], Class::Elementwise | Class::Reduce));
+            if inline {
+                self.materialise[i] = false;
+            }
+            home[i] = if self.materialise[i] {
+                Home::One(id)
+            } else {
+                shared
             };
         }
     }

@@ -22,6 +22,8 @@ mod head;
 mod merge;
 mod softmax;
 mod swiglu;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 
