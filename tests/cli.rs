@@ -207,6 +207,7 @@ fn fathom_dump_dir_receives_every_compilation_artifact() {
         "11-kernels.txt",
         "12-memory-plan.txt",
         "13-timings.txt",
+        "14-traffic.txt",
     ] {
         // One directory per compiled program, named after it.
         let text = std::fs::read_to_string(dump.path().join("deepseek_v3").join(file))

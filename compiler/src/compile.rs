@@ -126,7 +126,7 @@ pub fn compile(graph: &Graph, options: &CompileOptions) -> Result<Compiled, Lowe
 
 impl Compiled {
     /// File name and text of every artifact: the graph after each pass, the fusion groups,
-    /// the kernels, the memory plan and the timings.
+    /// the kernels, the memory plan, the timings and where the loop nests' traffic goes.
     pub fn artifacts(&self) -> Vec<(String, String)> {
         let mut files = Vec::new();
         for (i, (pass, graph)) in self.graphs.iter().enumerate() {
@@ -140,6 +140,7 @@ impl Compiled {
             let _ = writeln!(timings, "{phase:<24} {:>10.3} ms", time.as_secs_f64() * 1e3);
         }
         files.push(("13-timings.txt".into(), timings));
+        files.push(("14-traffic.txt".into(), self.program.traffic_table()));
         files
     }
 

@@ -149,7 +149,8 @@ fn tiny_inspection_artifacts() {
             "10-fusion-groups.txt",
             "11-kernels.txt",
             "12-memory-plan.txt",
-            "13-timings.txt"
+            "13-timings.txt",
+            "14-traffic.txt"
         ]
     );
     insta::assert_snapshot!("tiny_fusion_groups", compiled.fusion_groups());

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use fathom_compiler::codegen::{CudaProgram, cuda_program};
 use fathom_compiler::compile::{CompileOptions, compile};
-use fathom_compiler::kernel::BufferRole;
+use fathom_compiler::kernel::{BufferRole, with_prefix};
 use fathom_compiler::model::{ForwardOptions, LossWeights, forward_graph};
 use fathom_compiler::spec::ModelSpec;
 use fathom_compiler::spec::hf::spec_from_config_json;
@@ -155,7 +155,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "loop nests: {} read and written per run (each view once)",
-        si(compiled.program.loop_bytes(), "B")
+        with_prefix(compiled.program.loop_bytes(), "B")
     );
     let roles = compiled.program.buffers.iter().map(|b| &b.role);
     let (stacks, windows) = roles.fold((0, 0), |(s, w), role| match role {
@@ -202,25 +202,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("artifacts written to {}", args.out.display());
     Ok(())
-}
-
-/// `count` of `unit` with a decimal prefix and three significant digits: `1.29 TB`, `112 k`,
-/// `950 B`.
-fn si(count: u64, unit: &str) -> String {
-    let value = count as f64;
-    let Some((scale, prefix)) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
-        .into_iter()
-        .find(|(scale, _)| value >= *scale)
-    else {
-        return format!("{count} {unit}").trim_end().to_owned();
-    };
-    let scaled = value / scale;
-    let digits = match scaled {
-        s if s >= 100.0 => 0,
-        s if s >= 10.0 => 1,
-        _ => 2,
-    };
-    format!("{scaled:.digits$} {prefix}{unit}")
 }
 
 /// Every unique source as `<entry>.cu` (headed by the kernels that run it), the launch table
@@ -294,7 +275,7 @@ fn write_library_plan(
                  {} skipped (their sources quantised where read)",
                 plan.memory_plan(program).peak_bytes(),
                 roundings.launched,
-                si(roundings.elements, ""),
+                with_prefix(roundings.elements, ""),
                 roundings.skipped
             );
             let steps: Vec<_> = plan.steps().map(|(_, step)| step).collect();
@@ -471,19 +452,4 @@ fn spec_of(args: &Args) -> anyhow::Result<ModelSpec> {
     let text = std::fs::read_to_string(&config)
         .with_context(|| format!("reading {}", config.display()))?;
     spec_from_config_json(&text).with_context(|| config.display().to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::si;
-
-    #[test]
-    fn counts_print_with_three_digits_and_a_prefix() {
-        assert_eq!(si(1_286_290_000_000, "B"), "1.29 TB");
-        assert_eq!(si(9_600_000, "B"), "9.60 MB");
-        assert_eq!(si(112_400, ""), "112 k");
-        assert_eq!(si(14_793_000_000, ""), "14.8 G");
-        assert_eq!(si(950, "B"), "950 B");
-        assert_eq!(si(7, ""), "7");
-    }
 }

@@ -12,8 +12,10 @@ mod plan;
 mod print;
 #[cfg(test)]
 pub(crate) mod tests;
+mod traffic;
 
 pub use plan::{MemoryPlan, SlotId};
+pub use traffic::with_prefix;
 
 use serde::{Deserialize, Serialize};
 
@@ -122,44 +124,6 @@ pub enum Stmt {
 pub struct LoopNest {
     pub domain: Vec<usize>,
     pub body: Vec<Stmt>,
-}
-
-impl LoopNest {
-    /// Bytes the nest reads and writes when each distinct view it loads or stores is moved
-    /// once, whole: a view covers the domain's axes along which it has a nonzero stride (a
-    /// broadcast axis reads the same elements again, from cache), and a row store skips the
-    /// innermost axis. Every buffer holds 4-byte values. An estimate of DRAM traffic: a
-    /// kernel whose views overlap, or whose working set misses the cache, moves more.
-    pub fn bytes_moved(&self) -> u64 {
-        // (view, whether it is a row store), each once.
-        let mut views: Vec<(View, bool)> = Vec::new();
-        let mut note = |view: &View, per_row: bool| {
-            if !views.iter().any(|(v, r)| v == view && *r == per_row) {
-                views.push((view.clone(), per_row));
-            }
-        };
-        for stmt in &self.body {
-            match stmt {
-                Stmt::Reduce { value, .. } => value.for_each_load(&mut |v| note(v, false)),
-                Stmt::Store { view, value } => {
-                    value.for_each_load(&mut |v| note(v, false));
-                    note(view, false);
-                }
-                Stmt::StoreRow { view, value } => {
-                    value.for_each_load(&mut |v| note(v, false));
-                    note(view, true);
-                }
-            }
-        }
-        let axes = self.domain.len();
-        let elements = |(view, per_row): &(View, bool)| -> u64 {
-            let covered = (self.domain.iter().zip(&view.strides).enumerate())
-                .filter(|&(axis, (_, &stride))| stride != 0 && !(*per_row && axis + 1 == axes))
-                .map(|(_, (&extent, _))| extent as u64);
-            covered.product()
-        };
-        4 * views.iter().map(elements).sum::<u64>()
-    }
 }
 
 /// A call into a hand-written routine of the target.
@@ -480,18 +444,6 @@ impl Program {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, b)| *b)
-    }
-
-    /// Bytes the loop nests read and write in one run, each view of a kernel counted once
-    /// ([`LoopNest::bytes_moved`]): the memory traffic of the elementwise and reduction work,
-    /// what fusion and in-place reads cut (the library calls are not counted).
-    pub fn loop_bytes(&self) -> u64 {
-        (self.kernels.iter())
-            .filter_map(|kernel| match &kernel.body {
-                KernelBody::Loop(nest) => Some(nest.bytes_moved()),
-                KernelBody::Library(_) => None,
-            })
-            .sum()
     }
 
     /// Floating-point operations of the program's matmuls (2·m·n·k each; attention scores count

@@ -107,3 +107,61 @@ fn a_touch_beyond_the_operands_extends_a_lifetime() {
     assert_ne!(extended.slot_of[1], extended.slot_of[3]);
     assert_ne!(extended.slot_of[1], extended.slot_of[2]);
 }
+
+/// Counts print with three significant digits and a decimal prefix.
+#[test]
+fn counts_print_with_three_digits_and_a_prefix() {
+    assert_eq!(with_prefix(1_286_290_000_000, "B"), "1.29 TB");
+    assert_eq!(with_prefix(9_600_000, "B"), "9.60 MB");
+    assert_eq!(with_prefix(112_400, ""), "112 k");
+    assert_eq!(with_prefix(14_793_000_000, ""), "14.8 G");
+    assert_eq!(with_prefix(950, "B"), "950 B");
+    assert_eq!(with_prefix(7, ""), "7");
+}
+
+/// The traffic table sums the loop nests by kind, a layer's kernels with every other layer's.
+#[test]
+fn the_traffic_table_groups_the_layers_kernels() {
+    let nest = |extent: usize| {
+        KernelBody::Loop(LoopNest {
+            domain: vec![extent],
+            body: vec![Stmt::Store {
+                view: view(1, &[1]),
+                value: load(0, &[1]),
+            }],
+        })
+    };
+    let kernel = |name: &str, extent: usize| Kernel {
+        name: name.to_owned(),
+        nodes: Vec::new(),
+        origin: String::new(),
+        body: nest(extent),
+    };
+    let program = Program {
+        name: "layers".to_owned(),
+        buffers: Vec::new(),
+        kernels: vec![
+            kernel("k0_mul_model_layers_0_mlp", 1000),
+            kernel("k1_mul_model_layers_1_mlp", 1000),
+            kernel("k2_add_lm_head", 500),
+        ],
+        outputs: Vec::new(),
+    };
+    let table = program.traffic_table();
+    assert!(
+        table.starts_with("20.0 kB read and written per run by 3 loop nests"),
+        "{table}"
+    );
+    assert!(
+        table.contains("16.0 kB  80.0%      2  mul_model_layers_N_mlp"),
+        "{table}"
+    );
+    assert!(
+        table.contains("4.00 kB  20.0%      1  add_lm_head"),
+        "{table}"
+    );
+    assert!(
+        table.contains("8.00 kB  k0_mul_model_layers_0_mlp  loop [1000]"),
+        "{table}"
+    );
+}
