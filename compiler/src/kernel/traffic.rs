@@ -60,22 +60,23 @@ impl Program {
     /// The loop nests' traffic per run, by kind of kernel (its name without its number and
     /// layer index: the same work in every layer) and the largest kernels, most first.
     pub fn traffic_table(&self) -> String {
-        let nests: Vec<(&str, &LoopNest)> = (self.kernels.iter())
+        // Each loop nest with its name and the bytes it moves.
+        let nests: Vec<(&str, &LoopNest, u64)> = (self.kernels.iter())
             .filter_map(|k| match &k.body {
-                KernelBody::Loop(nest) => Some((k.name.as_str(), nest)),
+                KernelBody::Loop(nest) => Some((k.name.as_str(), nest, nest.bytes_moved())),
                 KernelBody::Library(_) => None,
             })
             .collect();
-        let total: u64 = nests.iter().map(|(_, n)| n.bytes_moved()).sum();
+        let total: u64 = nests.iter().map(|(_, _, bytes)| bytes).sum();
         let mut text = format!(
             "{} read and written per run by {} loop nests (each view once)\n\nby kind:\n",
             with_prefix(total, "B"),
             nests.len()
         );
         let mut kinds: BTreeMap<String, (u64, usize)> = BTreeMap::new();
-        for (name, nest) in &nests {
+        for (name, _, bytes) in &nests {
             let kind = kinds.entry(kernel_kind(name)).or_default();
-            kind.0 += nest.bytes_moved();
+            kind.0 += bytes;
             kind.1 += 1;
         }
         let mut kinds: Vec<_> = kinds.into_iter().collect();
@@ -90,11 +91,9 @@ impl Program {
             );
         }
         let _ = writeln!(text, "\nlargest kernels:");
-        let mut largest: Vec<(u64, &str, &LoopNest)> = (nests.iter())
-            .map(|(name, n)| (n.bytes_moved(), *name, *n))
-            .collect();
-        largest.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-        for (bytes, name, nest) in largest.iter().take(40) {
+        let mut largest = nests;
+        largest.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(b.0)));
+        for (name, nest, bytes) in largest.iter().take(40) {
             let bytes_text = with_prefix(*bytes, "B");
             let _ = writeln!(text, "  {bytes_text:>9}  {name}  loop {:?}", nest.domain);
         }
