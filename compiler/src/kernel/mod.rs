@@ -751,6 +751,14 @@ impl Library {
 }
 
 impl Kernel {
+    /// Every buffer the kernel reads or writes (its writes first; one both read and written
+    /// appears twice): what the memory plan keeps alive while it runs.
+    pub fn touches(&self) -> Vec<BufferId> {
+        let (reads, mut touched) = self.reads_and_writes();
+        touched.extend(reads);
+        touched
+    }
+
     /// Buffers read and buffers written, each once, in first-use order.
     pub fn reads_and_writes(&self) -> (Vec<BufferId>, Vec<BufferId>) {
         let (mut reads, mut writes) = (Vec::new(), Vec::new());

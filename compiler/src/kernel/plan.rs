@@ -13,7 +13,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BufferId, BufferRole, Program};
+use super::{BufferId, BufferRole, Kernel, Program};
 
 /// Index of a storage slot.
 pub type SlotId = usize;
@@ -34,12 +34,7 @@ impl MemoryPlan {
     /// The plan for the kernels as the kernel IR says they run: each reads and writes its
     /// operands.
     pub fn of(program: &Program) -> Self {
-        let touches: Vec<Vec<BufferId>> = (program.kernels.iter())
-            .map(|kernel| {
-                let (reads, writes) = kernel.reads_and_writes();
-                writes.into_iter().chain(reads).collect()
-            })
-            .collect();
+        let touches: Vec<Vec<BufferId>> = program.kernels.iter().map(Kernel::touches).collect();
         Self::with_touches(program, &touches)
     }
 

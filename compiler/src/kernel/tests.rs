@@ -94,12 +94,7 @@ fn a_touch_beyond_the_operands_extends_a_lifetime() {
     let ir = MemoryPlan::of(&program);
     assert_eq!(ir.lifetimes[1], Some((0, 1)));
     assert_eq!(ir.slot_of[1], ir.slot_of[3]);
-    let mut touches: Vec<Vec<BufferId>> = (program.kernels.iter())
-        .map(|k| {
-            let (reads, writes) = k.reads_and_writes();
-            writes.into_iter().chain(reads).collect()
-        })
-        .collect();
+    let mut touches: Vec<Vec<BufferId>> = program.kernels.iter().map(Kernel::touches).collect();
     assert_eq!(MemoryPlan::with_touches(&program, &touches), ir);
     touches[2].push(BufferId(1));
     let extended = MemoryPlan::with_touches(&program, &touches);

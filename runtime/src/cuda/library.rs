@@ -29,7 +29,7 @@
 //! ([`super::library_fp8_weight_codes`]). Kernels that read indices report an invalid one in
 //! the status words, tagged with the call's position in the program plus one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use fathom_compiler::kernel::{BufferId, KernelBody, Library, MemoryPlan, Program};
 use fathom_kernels::{
@@ -338,7 +338,7 @@ impl LibraryPlan {
         let skipped =
             |call: &Option<LibraryCall>| call.as_ref().is_some_and(|c| c.skipped.is_some());
         // What the skipped calls would have written: their readers read it no more.
-        let unwritten: Vec<BufferId> = (program.kernels.iter().zip(&self.calls))
+        let unwritten: HashSet<BufferId> = (program.kernels.iter().zip(&self.calls))
             .filter(|(_, call)| skipped(call))
             .flat_map(|(kernel, _)| kernel.reads_and_writes().1)
             .collect();
@@ -347,8 +347,7 @@ impl LibraryPlan {
                 if skipped(call) {
                     return Vec::new();
                 }
-                let (reads, mut touched) = kernel.reads_and_writes();
-                touched.extend(reads);
+                let mut touched = kernel.touches();
                 let steps = call.iter().flat_map(|c| &c.steps);
                 for arg in steps.flat_map(|step| &step.args) {
                     if let StepArg::Buffer(b, _) = *arg
