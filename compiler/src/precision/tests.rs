@@ -63,21 +63,20 @@ fn operand_tiles(graph: &Graph, node: crate::graph::NodeId) -> Vec<Option<(usize
                 swaps += usize::from(perm[..] == [1, 0]);
                 id = graph.node(id).inputs[0];
             }
-            match &graph.node(id).op {
-                Op::QuantizeDequantize {
-                    tile_rows,
-                    tile_cols,
-                    pow2_scales,
-                    ..
-                } if swaps % 2 == 1 => Some((*tile_cols, *tile_rows, *pow2_scales)),
-                Op::QuantizeDequantize {
-                    tile_rows,
-                    tile_cols,
-                    pow2_scales,
-                    ..
-                } => Some((*tile_rows, *tile_cols, *pow2_scales)),
-                _ => None,
-            }
+            let Op::QuantizeDequantize {
+                tile_rows,
+                tile_cols,
+                pow2_scales,
+                ..
+            } = graph.node(id).op
+            else {
+                return None;
+            };
+            let (rows, cols) = match swaps % 2 {
+                1 => (tile_cols, tile_rows),
+                _ => (tile_rows, tile_cols),
+            };
+            Some((rows, cols, pow2_scales))
         })
         .collect()
 }
