@@ -82,6 +82,14 @@ __device__ __forceinline__ u32 e4m3x2_to_bf16x2(u16 bits) {
   return pack_bf16x2(f.x, f.y);
 }
 
+// An E4M3 code times its scale, rounded once to f32: the product of a 4-bit and a 24-bit
+// significand is exact in f64, so this is the value the CPU's dequantisation rounds (and what
+// fake_quantize.cuh writes for a rounded element).
+__device__ __forceinline__ float e4m3_value(u8 code, float scale) {
+  const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(code), __NV_E4M3);
+  return __half2float(__half(h)) * scale;
+}
+
 // x / scale, adjusted so that converting it to E4M3 (round to nearest even) gives the E4M3 value
 // nearest to the exact quotient, as the CPU reference (a single rounding of an f64 quotient) does.
 // The f32 quotient is already correctly rounded; a second rounding can only go wrong when that

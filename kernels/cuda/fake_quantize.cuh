@@ -18,9 +18,7 @@ namespace fathom {
 
 // dequant(quant(v)) with the scale of v's (finite) tile.
 __device__ __forceinline__ float fake_quantize_value(float v, float scale) {
-  const __nv_fp8_storage_t code = __nv_cvt_float_to_fp8(e4m3_quotient(v, scale), __NV_SATFINITE, __NV_E4M3);
-  const __half_raw h = __nv_cvt_fp8_to_halfraw(code, __NV_E4M3);
-  return __half2float(__half(h)) * scale;
+  return e4m3_value(__nv_cvt_float_to_fp8(e4m3_quotient(v, scale), __NV_SATFINITE, __NV_E4M3), scale);
 }
 
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }

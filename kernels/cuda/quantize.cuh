@@ -24,6 +24,10 @@
 //                             experts' padded token-slots); zero rows add nothing to an amax
 //
 // rows_pad / cols_pad = round_up(·, 4): TMA needs 16-byte strides for the scale tensors.
+//
+// The activation kinds read their input through a source: DenseRows (f32 or bf16 values), or
+// E4m3Tiles, an activation kept as what quantize_1x128 wrote for it (a saved FP8 activation),
+// whose elements are code * scale, the very values fake_quantize_e4m3 rounds it to.
 #pragma once
 
 namespace fathom {
@@ -37,6 +41,57 @@ __device__ __forceinline__ float4 load4(const bf16* p) {
   return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
 
+// An f32 or bf16 row-major [rows][cols] input.
+template <class In>
+struct DenseRows {
+  const In* x;
+  int cols;
+
+  __device__ __forceinline__ float at(long long row, int col) const { return to_float(x[row * cols + col]); }
+
+  // Elements col..col + 3 of a row (col a multiple of 4, below cols); those past cols read as zero.
+  __device__ __forceinline__ float4 four(long long row, int col) const {
+    const In* p = x + row * cols + col;
+    if (cols % 4 == 0) return load4(p);  // rows start 16-byte aligned, and col + 3 < cols
+    float4 v = make_float4(to_float(p[0]), 0.0f, 0.0f, 0.0f);
+    if (col + 1 < cols) v.y = to_float(p[1]);
+    if (col + 2 < cols) v.z = to_float(p[2]);
+    if (col + 3 < cols) v.w = to_float(p[3]);
+    return v;
+  }
+};
+
+// A [rows][cols] activation as quantize_1x128 wrote it: codes [rows][round_up(cols, 16)], scales
+// [ceil(cols/128)][round_up(rows, 4)]. Element (r, c) is e4m3_value(code, scale), bit for bit the
+// value fake_quantize_e4m3 gives it in 1x128 tiles; `rows` is the tensor's own (a gathered kind's
+// output rows are others).
+struct E4m3Tiles {
+  const u8* q;
+  const float* scales;
+  int rows;
+  int cols;
+
+  __device__ __forceinline__ long long code_at(long long row, int col) const {
+    return row * ((cols + 15) / 16 * 16) + col;
+  }
+  __device__ __forceinline__ float scale(long long row, int col) const {
+    return scales[static_cast<long long>(col / 128) * ((rows + 3) / 4 * 4) + row];
+  }
+
+  __device__ __forceinline__ float at(long long row, int col) const {
+    return e4m3_value(q[code_at(row, col)], scale(row, col));
+  }
+
+  // Four codes in one word (rows are 16-byte aligned, col a multiple of 4); the padding's zero
+  // codes past cols read as zero, and the four share a 128-wide tile's scale.
+  __device__ __forceinline__ float4 four(long long row, int col) const {
+    const u32 codes = *reinterpret_cast<const u32*>(q + code_at(row, col));
+    const float s = scale(row, col);
+    return make_float4(e4m3_value(codes & 0xffu, s), e4m3_value((codes >> 8) & 0xffu, s),
+                       e4m3_value((codes >> 16) & 0xffu, s), e4m3_value(codes >> 24, s));
+  }
+};
+
 __device__ __forceinline__ float amax4(float4 v) {
   return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 }
@@ -47,10 +102,10 @@ __device__ __forceinline__ u32 quantize4(float4 v, float scale) {
 }
 
 // One warp per 1x128 tile (each lane 4 consecutive values); WARPS tiles (rows) per CTA. Output
-// row r reads x's row source_rows[r] when GATHER (zeros where it is -1), row r otherwise.
+// row r reads the source's row source_rows[r] when GATHER (zeros where it is -1), row r otherwise.
 // Grid: (ceil(cols / 128), ceil(rows / WARPS)).
-template <class In, bool POW2, int WARPS, bool GATHER>
-__device__ __forceinline__ void quantize_1x128_rows(const In* __restrict__ x, const int* __restrict__ source_rows,
+template <bool POW2, int WARPS, bool GATHER, class Source>
+__device__ __forceinline__ void quantize_1x128_rows(const Source& x, const int* __restrict__ source_rows,
                                                     u8* __restrict__ q, float* __restrict__ scales, int rows,
                                                     int cols) {
   const int row = blockIdx.y * WARPS + threadIdx.x / 32;
@@ -58,17 +113,7 @@ __device__ __forceinline__ void quantize_1x128_rows(const In* __restrict__ x, co
   if (row >= rows) return;  // whole warps leave together
   const long long source = GATHER ? source_rows[row] : row;
   float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  if (col < cols && source >= 0) {
-    const In* p = x + source * cols + col;
-    if (cols % 4 == 0) {
-      v = load4(p);  // rows start 16-byte aligned, and col + 3 < cols
-    } else {
-      v.x = to_float(p[0]);
-      if (col + 1 < cols) v.y = to_float(p[1]);
-      if (col + 2 < cols) v.z = to_float(p[2]);
-      if (col + 3 < cols) v.w = to_float(p[3]);
-    }
-  }
+  if (col < cols && source >= 0) v = x.four(source, col);
   const float scale = e4m3_scale<POW2>(warp_max(amax4(v)));
   // q's rows are padded to 16 bytes; the lanes past cols write the padding's zero codes.
   const int q_stride = (cols + 15) / 16 * 16;
@@ -79,17 +124,17 @@ __device__ __forceinline__ void quantize_1x128_rows(const In* __restrict__ x, co
   }
 }
 
-template <class In, bool POW2, int WARPS>
-__device__ __forceinline__ void quantize_1x128(const In* __restrict__ x, u8* __restrict__ q,
-                                               float* __restrict__ scales, int rows, int cols) {
-  quantize_1x128_rows<In, POW2, WARPS, false>(x, nullptr, q, scales, rows, cols);
+template <bool POW2, int WARPS, class Source>
+__device__ __forceinline__ void quantize_1x128(const Source& x, u8* __restrict__ q, float* __restrict__ scales,
+                                               int rows, int cols) {
+  quantize_1x128_rows<POW2, WARPS, false>(x, nullptr, q, scales, rows, cols);
 }
 
-template <class In, bool POW2, int WARPS>
-__device__ __forceinline__ void quantize_1x128_gathered(const In* __restrict__ x, const int* __restrict__ source_rows,
+template <bool POW2, int WARPS, class Source>
+__device__ __forceinline__ void quantize_1x128_gathered(const Source& x, const int* __restrict__ source_rows,
                                                         u8* __restrict__ q, float* __restrict__ scales, int rows,
                                                         int cols) {
-  quantize_1x128_rows<In, POW2, WARPS, true>(x, source_rows, q, scales, rows, cols);
+  quantize_1x128_rows<POW2, WARPS, true>(x, source_rows, q, scales, rows, cols);
 }
 
 // One CTA (256 threads) per 128x128 block: amax over the block, then quantise (re-reading the
@@ -174,10 +219,10 @@ __device__ __forceinline__ void quantize_128x128(const In* __restrict__ x, u8* _
 
 // Transposed re-tiling: a CTA (256 threads) takes 128 input rows x 32 input columns; 8 lanes per
 // column each quantise 16 rows, so every output row of q^T gets its 128-wide tile and one scale.
-// Row r of what is quantised is x's row source_rows[r] when GATHER (zeros where it is -1), row r
+// Row r of what is quantised is the source's row source_rows[r] when GATHER (zeros where it is -1), row r
 // otherwise. Grid: (ceil(cols / 32), ceil(rows / 128)).
-template <class In, bool POW2, bool GATHER>
-__device__ __forceinline__ void quantize_128x1t_rows(const In* __restrict__ x, const int* __restrict__ source_rows,
+template <bool POW2, bool GATHER, class Source>
+__device__ __forceinline__ void quantize_128x1t_rows(const Source& x, const int* __restrict__ source_rows,
                                                      u8* __restrict__ q, float* __restrict__ scales, int rows,
                                                      int cols) {
   constexpr int THREADS = 256;
@@ -192,7 +237,7 @@ __device__ __forceinline__ void quantize_128x1t_rows(const In* __restrict__ x, c
     long long source = -1;
     if (r0 + lr < rows) source = GATHER ? source_rows[r0 + lr] : r0 + lr;
     const bool valid = source >= 0 && c0 + lc < cols;
-    tile[lr][lc] = valid ? to_float(x[source * cols + c0 + lc]) : 0.0f;
+    tile[lr][lc] = valid ? x.at(source, c0 + lc) : 0.0f;
   }
   __syncthreads();
 
@@ -230,17 +275,17 @@ __device__ __forceinline__ void quantize_128x1t_rows(const In* __restrict__ x, c
   }
 }
 
-template <class In, bool POW2>
-__device__ __forceinline__ void quantize_128x1t(const In* __restrict__ x, u8* __restrict__ q,
-                                                float* __restrict__ scales, int rows, int cols) {
-  quantize_128x1t_rows<In, POW2, false>(x, nullptr, q, scales, rows, cols);
+template <bool POW2, class Source>
+__device__ __forceinline__ void quantize_128x1t(const Source& x, u8* __restrict__ q, float* __restrict__ scales,
+                                                int rows, int cols) {
+  quantize_128x1t_rows<POW2, false>(x, nullptr, q, scales, rows, cols);
 }
 
-template <class In, bool POW2>
-__device__ __forceinline__ void quantize_128x1t_gathered(const In* __restrict__ x, const int* __restrict__ source_rows,
+template <bool POW2, class Source>
+__device__ __forceinline__ void quantize_128x1t_gathered(const Source& x, const int* __restrict__ source_rows,
                                                          u8* __restrict__ q, float* __restrict__ scales, int rows,
                                                          int cols) {
-  quantize_128x1t_rows<In, POW2, true>(x, source_rows, q, scales, rows, cols);
+  quantize_128x1t_rows<POW2, true>(x, source_rows, q, scales, rows, cols);
 }
 
 }  // namespace fathom

@@ -56,11 +56,16 @@ impl QuantizeKind {
     }
 }
 
-/// Input element type.
+/// What the kernel reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QuantizeInput {
     F32,
     Bf16,
+    /// An activation kept as E4M3 codes in 1×128 tiles, as [`QuantizeKind::Tile1x128`] writes
+    /// them (`x`: codes, `x_scales`: scales, `x_rows`: its rows): each element is its code
+    /// times its tile's scale rounded once to f32, the value an E4M3 rounding in 1×128 tiles
+    /// gives it. The activation kinds only (not the 128×128 weight blocks).
+    E4m3Tiles,
 }
 
 impl QuantizeInput {
@@ -68,13 +73,7 @@ impl QuantizeInput {
         match self {
             QuantizeInput::F32 => Elem::F32,
             QuantizeInput::Bf16 => Elem::Bf16,
-        }
-    }
-
-    fn cpp(self) -> &'static str {
-        match self {
-            QuantizeInput::F32 => "float",
-            QuantizeInput::Bf16 => "bf16",
+            QuantizeInput::E4m3Tiles => Elem::E4m3,
         }
     }
 
@@ -82,6 +81,16 @@ impl QuantizeInput {
         match self {
             QuantizeInput::F32 => "f32",
             QuantizeInput::Bf16 => "bf16",
+            QuantizeInput::E4m3Tiles => "e4m3tiles",
+        }
+    }
+
+    /// The template's source over the entry point's parameters (`quantize.cuh`).
+    fn source(self) -> &'static str {
+        match self {
+            QuantizeInput::F32 => "fathom::DenseRows<float>{x, cols}",
+            QuantizeInput::Bf16 => "fathom::DenseRows<bf16>{x, cols}",
+            QuantizeInput::E4m3Tiles => "fathom::E4m3Tiles{x, x_scales, x_rows, cols}",
         }
     }
 }
@@ -175,6 +184,7 @@ impl QuantizeParams {
     pub fn check_problem(&self, rows: u32, cols: u32) -> Result<(), KernelError> {
         check_problem(rows > 0, TEMPLATE, "rows", rows, "at least 1")?;
         check_problem(cols > 0, TEMPLATE, "cols", cols, "at least 1")?;
+        self.check_input()?;
         let blocks = matches!(self.kind, QuantizeKind::Block128x128 { .. });
         check_problem(
             !blocks || cols.is_multiple_of(4),
@@ -185,11 +195,29 @@ impl QuantizeParams {
         )
     }
 
+    /// Refuses E4M3 tiles as the input of the 128×128 weight blocks.
+    fn check_input(&self) -> Result<(), KernelError> {
+        let blocks = matches!(self.kind, QuantizeKind::Block128x128 { .. });
+        check_problem(
+            !(blocks && self.input == QuantizeInput::E4m3Tiles),
+            TEMPLATE,
+            "input",
+            "E4M3 tiles",
+            "f32 or bf16 (128x128 blocks quantise weights)",
+        )
+    }
+
     pub fn kernel_params(&self) -> Vec<KernelParam> {
         let mut params = vec![KernelParam::new(
             "x",
             ParamType::ConstPtr(self.input.elem()),
         )];
+        if self.input == QuantizeInput::E4m3Tiles {
+            params.extend([
+                KernelParam::new("x_scales", ParamType::ConstPtr(Elem::F32)),
+                KernelParam::new("x_rows", ParamType::I32),
+            ]);
+        }
         if self.kind.gathers() {
             params.push(KernelParam::new(
                 "source_rows",
@@ -209,26 +237,33 @@ impl QuantizeParams {
     pub fn instantiate(&self) -> Result<KernelSource, KernelError> {
         let name = self.name();
         let params = self.kernel_params();
-        let (input, pow2) = (self.input.cpp(), cpp_bool(self.pow2_scales));
-        let args: Vec<&str> = params.iter().map(|p| p.name).collect();
+        let pow2 = cpp_bool(self.pow2_scales);
+        // The activation kinds read through a source object standing for `x` (and `x_scales`,
+        // `x_rows`); the weight blocks read f32 or bf16 directly.
+        let source = self.input.source();
+        let source_params = ["x", "x_scales", "x_rows"];
+        let mut args: Vec<&str> = vec![source];
+        args.extend((params.iter().map(|p| p.name)).filter(|n| !source_params.contains(n)));
         let call = match self.kind {
-            QuantizeKind::Tile1x128 => {
-                format!("fathom::quantize_1x128<{input}, {pow2}, {TILE_WARPS}>(")
-            }
+            QuantizeKind::Tile1x128 => format!("fathom::quantize_1x128<{pow2}, {TILE_WARPS}>("),
             QuantizeKind::GatheredTile1x128 => {
-                format!("fathom::quantize_1x128_gathered<{input}, {pow2}, {TILE_WARPS}>(")
+                format!("fathom::quantize_1x128_gathered<{pow2}, {TILE_WARPS}>(")
             }
             QuantizeKind::Block128x128 { transpose } => {
+                self.check_input()?;
+                let input = match self.input {
+                    QuantizeInput::Bf16 => "bf16",
+                    _ => "float",
+                };
+                args[0] = "x";
                 format!(
                     "fathom::quantize_128x128<{input}, {pow2}, {}>(",
                     cpp_bool(transpose)
                 )
             }
-            QuantizeKind::Tile128x1Transposed => {
-                format!("fathom::quantize_128x1t<{input}, {pow2}>(")
-            }
+            QuantizeKind::Tile128x1Transposed => format!("fathom::quantize_128x1t<{pow2}>("),
             QuantizeKind::GatheredTile128x1Transposed => {
-                format!("fathom::quantize_128x1t_gathered<{input}, {pow2}>(")
+                format!("fathom::quantize_128x1t_gathered<{pow2}>(")
             }
         };
         let description = vec![format!(
@@ -302,6 +337,42 @@ mod tests {
                 .source
                 .contains("fathom::quantize_128x128<float, false, true>(")
         );
+    }
+
+    /// A saved activation's codes re-quantised: the codes, their scales and their own rows come
+    /// first, and the template reads them through `E4m3Tiles`; weights' blocks refuse them.
+    #[test]
+    fn e4m3_tiles_are_read_through_their_source() {
+        let retile = QuantizeParams {
+            kind: QuantizeKind::GatheredTile128x1Transposed,
+            input: QuantizeInput::E4m3Tiles,
+            pow2_scales: false,
+        };
+        assert_eq!(retile.name(), "quantize_128x1t_gathered_e4m3tiles_e4m3");
+        let params: Vec<_> = (retile.kernel_params().iter())
+            .map(|p| (p.name, p.ty))
+            .collect();
+        assert_eq!(
+            params[..4],
+            [
+                ("x", ParamType::ConstPtr(Elem::E4m3)),
+                ("x_scales", ParamType::ConstPtr(Elem::F32)),
+                ("x_rows", ParamType::I32),
+                ("source_rows", ParamType::ConstPtr(Elem::I32)),
+            ]
+        );
+        let source = retile.instantiate().unwrap().source;
+        assert!(source.contains("fathom::quantize_128x1t_gathered<false>("));
+        assert!(source.contains(
+            "fathom::E4m3Tiles{x, x_scales, x_rows, cols}, source_rows, q, scales, rows, cols);"
+        ));
+        let blocks = QuantizeParams {
+            kind: QuantizeKind::Block128x128 { transpose: false },
+            ..retile
+        };
+        let refused = blocks.check_problem(128, 128).unwrap_err().to_string();
+        assert!(refused.contains("input"), "{refused}");
+        assert!(blocks.instantiate().is_err());
     }
 
     #[test]

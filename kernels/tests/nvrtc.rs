@@ -229,7 +229,12 @@ fn portable_kernels() -> Vec<KernelSource> {
         QuantizeKind::Tile128x1Transposed,
         QuantizeKind::GatheredTile128x1Transposed,
     ] {
-        for input in [QuantizeInput::F32, QuantizeInput::Bf16] {
+        let blocks = matches!(kind, QuantizeKind::Block128x128 { .. });
+        let saved = (!blocks).then_some(QuantizeInput::E4m3Tiles);
+        for input in [QuantizeInput::F32, QuantizeInput::Bf16]
+            .into_iter()
+            .chain(saved)
+        {
             for pow2_scales in [false, true] {
                 kernels.push(
                     QuantizeParams {

@@ -7,7 +7,7 @@ use fathom_kernels::{QuantizeInput, QuantizeKind, QuantizeParams};
 
 use super::CudaError;
 use crate::fp8::{
-    QuantizedTensor, ScaleRounding, bf16_to_f32, f32_to_bf16, quantize_activations,
+    QuantizedTensor, ScaleRounding, bf16_to_f32, e4m3_to_f32, f32_to_bf16, quantize_activations,
     quantize_activations_transposed, quantize_weights,
 };
 
@@ -18,8 +18,11 @@ pub struct QuantizeSample {
     pub rows: usize,
     pub cols: usize,
     /// The input as the kernel reads it: f32 or bf16 bits, little-endian, `[rows][cols]`
-    /// (`[GATHERED_FROM][cols]` for the gathered kind).
+    /// (`[GATHERED_FROM][cols]` for the gathered kind); for E4M3 tiles their codes, rows padded
+    /// to 16 bytes.
     pub input: Vec<u8>,
+    /// For E4M3 tiles: their scales (`[ceil(cols/128)][round_up(x_rows, 4)]`) and rows.
+    pub input_tiles: Option<(Vec<f32>, usize)>,
     /// For the gathered kind: each output row's input row, -1 for a row of zeros.
     pub source_rows: Option<Vec<i32>>,
     /// The codes the kernel must write (`[rows][cols]`, or `[cols][rows]` when transposed).
@@ -51,7 +54,7 @@ pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
                 | QuantizeKind::GatheredTile128x1Transposed
         );
         let (rows, cols) = (if transposed { 144 } else { 200 }, 272);
-        for input in [QuantizeInput::F32, QuantizeInput::Bf16] {
+        for input in inputs(kind) {
             for pow2_scales in [false, true] {
                 let params = QuantizeParams {
                     kind,
@@ -68,7 +71,7 @@ pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
         (QuantizeKind::Block128x128 { transpose: false }, 200, 264),
         (QuantizeKind::Block128x128 { transpose: true }, 150, 264),
     ] {
-        for input in [QuantizeInput::F32, QuantizeInput::Bf16] {
+        for input in inputs(kind) {
             let params = QuantizeParams {
                 kind,
                 input,
@@ -78,6 +81,16 @@ pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
         }
     }
     Ok(samples)
+}
+
+/// The inputs a kind reads: f32 and bf16, and for the activation kinds E4M3 tiles (a saved
+/// activation's codes).
+fn inputs(kind: QuantizeKind) -> Vec<QuantizeInput> {
+    let mut inputs = vec![QuantizeInput::F32, QuantizeInput::Bf16];
+    if !matches!(kind, QuantizeKind::Block128x128 { .. }) {
+        inputs.push(QuantizeInput::E4m3Tiles);
+    }
+    inputs
 }
 
 /// Deterministic values with every case the scales meet: row 3 is zero from column 128 on (a
@@ -120,6 +133,7 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
     );
     let input_rows = if gathered { GATHERED_FROM } else { rows };
     let mut x = values(input_rows, cols);
+    let mut input_tiles = None;
     let input = match params.input {
         QuantizeInput::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
         QuantizeInput::Bf16 => {
@@ -127,6 +141,18 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
             let bits: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
             x = bits.iter().map(|&b| bf16_to_f32(b)).collect();
             bits.iter().flat_map(|b| b.to_le_bytes()).collect()
+        }
+        QuantizeInput::E4m3Tiles => {
+            // The 1x128 quantisation of the values, which the kernel reads as code × scale.
+            let tiles = QuantizeParams {
+                kind: QuantizeKind::Tile1x128,
+                input: QuantizeInput::F32,
+                pow2_scales: false,
+            };
+            let (codes, scales) = expected_quantization(tiles, &x, input_rows, cols)?;
+            x = tile_values(&codes, &scales, input_rows, cols);
+            input_tiles = Some((scales, input_rows));
+            codes
         }
     };
     let source_rows = gathered.then(|| gathered_sources(rows));
@@ -145,10 +171,23 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
         rows,
         cols,
         input,
+        input_tiles,
         source_rows,
         codes,
         scales,
     })
+}
+
+/// The values of a `[rows][cols]` tensor held as 1×128 E4M3 tiles (codes with rows padded to
+/// 16 bytes, K-block-major scales): each code times its scale, rounded once to f32.
+pub fn tile_values(codes: &[u8], scales: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let (stride, rows_padded) = (cols.next_multiple_of(16), rows.next_multiple_of(4));
+    (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            e4m3_to_f32(codes[r * stride + c]) * scales[c / 128 * rows_padded + r]
+        })
+        .collect()
 }
 
 /// The codes and scales `params`' kernel must write for the `[rows][cols]` values `x` (as it
@@ -243,18 +282,13 @@ mod tests {
     #[test]
     fn every_kind_input_and_rounding_has_a_sample_the_template_accepts() {
         let samples = quantize_samples().unwrap();
-        assert_eq!(samples.len(), 32);
+        assert_eq!(samples.len(), 42);
         for s in &samples {
             assert!(
                 s.params.check_problem(s.rows as u32, s.cols as u32).is_ok(),
                 "{}",
                 s.params.name()
             );
-            let width = if s.params.input == QuantizeInput::F32 {
-                4
-            } else {
-                2
-            };
             let input_rows = match &s.source_rows {
                 Some(sources) => {
                     assert_eq!(sources.len(), s.rows);
@@ -262,7 +296,23 @@ mod tests {
                 }
                 None => s.rows,
             };
-            assert_eq!(s.input.len(), input_rows * s.cols * width);
+            let row_bytes = match s.params.input {
+                QuantizeInput::F32 => 4 * s.cols,
+                QuantizeInput::Bf16 => 2 * s.cols,
+                QuantizeInput::E4m3Tiles => s.cols.next_multiple_of(16),
+            };
+            assert_eq!(s.input.len(), input_rows * row_bytes);
+            let tiles = s
+                .input_tiles
+                .as_ref()
+                .map(|(scales, rows)| (scales.len(), *rows));
+            let expected = (s.params.input == QuantizeInput::E4m3Tiles).then(|| {
+                (
+                    s.cols.div_ceil(128) * input_rows.next_multiple_of(4),
+                    input_rows,
+                )
+            });
+            assert_eq!(tiles, expected, "{}", s.params.name());
             let (code_rows, code_cols) = s.params.codes_shape(s.rows, s.cols);
             assert_eq!(s.codes.len(), code_rows * code_cols);
             assert_eq!(code_cols % 16, 0, "{}", s.params.name());
@@ -301,6 +351,23 @@ mod tests {
         ));
         // The zero tile takes the floor: 1e-4 / 448.
         assert_eq!(tiles.scales[200 + 3], 1e-4 / 448.0);
+        // Quantising a 1x128 quantisation's values again (a saved activation's codes) gives
+        // back its codes and scales.
+        let again = samples.iter().find(|s| {
+            (s.params.kind, s.params.input, s.params.pow2_scales, s.cols)
+                == (
+                    QuantizeKind::Tile1x128,
+                    QuantizeInput::E4m3Tiles,
+                    false,
+                    272,
+                )
+        });
+        let again = again.unwrap();
+        assert_eq!(again.input, tiles.codes);
+        assert_eq!(
+            (again.codes.as_slice(), again.scales.as_slice()),
+            (tiles.codes.as_slice(), tiles.scales.as_slice())
+        );
 
         // Gathered: output row 7 is input row 7·37 mod 150 = 109, whose tiles it takes whole;
         // output row 4 is padding (zero codes, the floor's scale).

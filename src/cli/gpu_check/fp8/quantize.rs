@@ -45,11 +45,11 @@ pub fn check_quantize(device: &GpuDevice, cache: &KernelCache) -> anyhow::Result
     Ok(failures)
 }
 
-/// The launch's arguments by parameter name, the buffers at `x`, `q`, `scales` and `sources`
-/// (the gathered kind's source rows).
+/// The launch's arguments by parameter name, the buffers at `x`, `q`, `scales`, `sources`
+/// (the gathered kind's source rows) and `x_scales` (E4M3 tiles' scales).
 fn named_args(
     sample: &QuantizeSample,
-    [x, q, scales, sources]: [u64; 4],
+    [x, q, scales, sources, x_scales]: [u64; 5],
 ) -> Vec<(&'static str, Arg)> {
     let int = |v: usize| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
     let mut named = vec![
@@ -61,6 +61,9 @@ fn named_args(
     ];
     if sample.source_rows.is_some() {
         named.push(("source_rows", Arg::Ptr(sources)));
+    }
+    if let Some((_, x_rows)) = &sample.input_tiles {
+        named.extend([("x_scales", Arg::Ptr(x_scales)), ("x_rows", int(*x_rows))]);
     }
     named
 }
@@ -81,13 +84,17 @@ fn run(
         Some(sources) => buffers.put(sources)?,
         None => 0,
     };
+    let x_scales = match &sample.input_tiles {
+        Some((scales, _)) => buffers.put(scales)?,
+        None => 0,
+    };
     launch_named(
         device,
         cache,
         buffers.stream(),
         &params.instantiate()?,
         params.grid(sample.rows as u32, sample.cols as u32),
-        &named_args(sample, [x, q, scales, sources]),
+        &named_args(sample, [x, q, scales, sources, x_scales]),
     )?;
     Ok((
         buffers.get(q, sample.codes.len())?,
@@ -105,7 +112,7 @@ mod tests {
         use fathom_runtime::cuda::modules::args_by_name;
         for sample in quantize_samples().unwrap() {
             let params = sample.params;
-            let named = named_args(&sample, [1, 2, 3, 4]);
+            let named = named_args(&sample, [1, 2, 3, 4, 5]);
             let args = args_by_name(&params.name(), &params.kernel_params(), &named);
             assert!(args.is_ok(), "{}: {args:?}", params.name());
         }
