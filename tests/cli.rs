@@ -289,6 +289,12 @@ fn inspect_shows_which_products_run_as_fp8_gemms() {
             said.contains(" skipped (their sources quantised where read)"),
             "{said}"
         );
+        // The saved inputs of the forward's products are kept as E4M3 codes, which the
+        // products and the weight gradients read.
+        assert!(plan.contains("(keeps E4M3 codes and scales in b"), "{plan}");
+        assert!(plan.contains(": its GEMM reads them)"), "{plan}");
+        assert!(plan.contains(": quantised again from them)"), "{plan}");
+        assert!(!said.contains(" 0 kept as codes"), "{said}");
         assert!(said.contains("loop nests: "), "{said}");
         // The experts' weights are fed into their stacks and their gradients read in place.
         let experts = said

@@ -272,10 +272,13 @@ fn write_library_plan(
             let roundings = plan.roundings(program);
             println!(
                 "temporaries on {arch}: {} bytes; E4M3 roundings: {} launched over {} elements, \
-                 {} skipped (their sources quantised where read)",
+                 {} kept as codes over {} elements (saved FP8 activations), {} skipped (their \
+                 sources quantised where read)",
                 plan.memory_plan(program).peak_bytes(),
                 roundings.launched,
                 with_prefix(roundings.elements, ""),
+                roundings.kept_as_codes,
+                with_prefix(roundings.kept_elements, ""),
                 roundings.skipped
             );
             let steps: Vec<_> = plan.steps().map(|(_, step)| step).collect();

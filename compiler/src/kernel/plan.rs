@@ -43,6 +43,18 @@ impl MemoryPlan {
     /// operand reads the rounding's source in place of the rounding, which then runs nothing
     /// (`fathom_runtime::cuda`).
     pub fn with_touches(program: &Program, touches: &[Vec<BufferId>]) -> Self {
+        let words: Vec<usize> = (program.buffers.iter()).map(|b| b.ty.numel()).collect();
+        Self::with_touches_and_sizes(program, touches, &words)
+    }
+
+    /// [`MemoryPlan::with_touches`] for a backend that stores buffer `b` in `words[b]` 4-byte
+    /// words instead of its elements (the GPU keeps some FP8 activations as codes).
+    pub fn with_touches_and_sizes(
+        program: &Program,
+        touches: &[Vec<BufferId>],
+        words: &[usize],
+    ) -> Self {
+        assert_eq!(words.len(), program.buffers.len(), "one size per buffer");
         assert_eq!(
             touches.len(),
             program.kernels.len(),
@@ -82,7 +94,7 @@ impl MemoryPlan {
         let mut unshared_bytes = 0;
         for k in 0..=kernels {
             for &b in &starting[k] {
-                let need = program.buffers[b].ty.numel();
+                let need = words[b];
                 unshared_bytes += need * 4;
                 let fitting = free
                     .iter()

@@ -35,7 +35,7 @@ use super::device::{GpuDevice, compile_target};
 use super::fp8_gemm::encode_tensor_map;
 use super::gemm_tuning::TuningPolicy;
 use super::gemm_tuning_device::tuned_choices;
-use super::library::{LibraryKernel, LibraryPlan, LibraryStep, StepArg};
+use super::library::{LibraryKernel, LibraryPlan, LibraryStep, Place, StepArg};
 use super::library_fp8::Fp8Target;
 use super::library_fp8_weight_codes::WeightLaunch;
 use super::memory::{DriverMemory, download, stream_id, timing_event, upload};
@@ -687,10 +687,16 @@ impl GpuExecutor {
                         }
                         StepArg::Scratch(offset) => Arg::Ptr(self.scratch + 4 * offset as u64),
                         StepArg::Bytes(offset) => Arg::Ptr(self.scratch_bytes + offset as u64),
-                        StepArg::TensorMap(desc, offset) => Arg::TensorMap(encode_tensor_map(
-                            &desc,
-                            self.scratch_bytes + offset as u64,
-                        )?),
+                        StepArg::BufferBytes(b, offset) => {
+                            Arg::Ptr(self.address[b.index()] + offset as u64)
+                        }
+                        StepArg::TensorMap(desc, place) => {
+                            let at = match place {
+                                Place::Scratch(offset) => self.scratch_bytes + offset as u64,
+                                Place::Buffer(b, offset) => self.address[b.index()] + offset as u64,
+                            };
+                            Arg::TensorMap(encode_tensor_map(&desc, at)?)
+                        }
                         StepArg::Null => Arg::Ptr(0),
                         StepArg::Status => Arg::Ptr(self.status),
                         StepArg::I32(v) => Arg::I32(v),

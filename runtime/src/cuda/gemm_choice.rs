@@ -138,7 +138,7 @@ pub fn with_choice(step: &LibraryStep, choice: &GemmChoice) -> Result<LibrarySte
             .iter()
             .zip(&step.args)
             .find_map(|(p, arg)| match arg {
-                StepArg::TensorMap(_, base) if p.name == param => Some(*base),
+                StepArg::TensorMap(_, place) if p.name == param => Some(*place),
                 _ => None,
             })
             .ok_or_else(|| format!("{}: no tensor map `{param}`", old.name()))

@@ -40,6 +40,7 @@ use fathom_kernels::{
 
 use super::CudaError;
 use super::library_fp8::{Fp8Target, quantize_activations_directly, quantize_weights_directly};
+use super::library_fp8_saved::{CodesRead, KeptCodes, keep_roundings_as_codes, kept_sizes};
 use super::library_fp8_sharing::{ReusedQuantization, share_quantizations};
 use super::library_fp8_weight_codes::{FromWeights, WeightCodes, keep_weight_codes};
 
@@ -155,6 +156,7 @@ fn check_step_arguments(step: &LibraryStep, params: &[KernelParam]) -> Result<()
                 StepArg::Buffer(..)
                     | StepArg::Scratch(_)
                     | StepArg::Bytes(_)
+                    | StepArg::BufferBytes(..)
                     | StepArg::Null
                     | StepArg::Status
             ),
@@ -189,8 +191,11 @@ pub enum StepArg {
     Scratch(usize),
     /// The device address of byte `offset` of the byte scratch area (FP8 codes and scales).
     Bytes(usize),
-    /// A TMA descriptor of the tensor at byte `offset` of the byte scratch area.
-    TensorMap(TensorMapDesc, usize),
+    /// The device address of byte `offset` of a buffer's storage: an activation kept as its
+    /// E4M3 codes and scales in place of its rounded values ([`super::library_fp8_saved`]).
+    BufferBytes(BufferId, usize),
+    /// A TMA descriptor of the tensor at a place.
+    TensorMap(TensorMapDesc, Place),
     /// A null pointer (a parameter the kernel does not read in this configuration).
     Null,
     /// The device address of the status words.
@@ -198,6 +203,37 @@ pub enum StepArg {
     I32(i32),
     I64(i64),
     F32(f32),
+}
+
+/// Where the bytes a tensor map describes lie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Byte `offset` of the byte scratch area.
+    Scratch(usize),
+    /// Byte `offset` of a buffer's storage ([`StepArg::BufferBytes`]).
+    Buffer(BufferId, usize),
+}
+
+impl Place {
+    /// The pointer argument to the same bytes.
+    pub fn arg(self) -> StepArg {
+        match self {
+            Place::Scratch(offset) => StepArg::Bytes(offset),
+            Place::Buffer(b, offset) => StepArg::BufferBytes(b, offset),
+        }
+    }
+}
+
+impl StepArg {
+    /// The buffer whose storage it points into, if any.
+    pub fn buffer(&self) -> Option<BufferId> {
+        match *self {
+            StepArg::Buffer(b, _)
+            | StepArg::BufferBytes(b, _)
+            | StepArg::TensorMap(_, Place::Buffer(b, _)) => Some(b),
+            _ => None,
+        }
+    }
 }
 
 /// One kernel launch of a library call.
@@ -237,6 +273,11 @@ pub struct LibraryCall {
     pub reused: Vec<ReusedQuantization>,
     /// Weights whose codes it reads from the plan's [`WeightCodes`] instead of quantising them.
     pub weight_codes: Vec<BufferId>,
+    /// For a rounding: the E4M3 codes it keeps in its output in place of the rounded values
+    /// ([`super::library_fp8_saved`]).
+    pub keeps_codes: Option<KeptCodes>,
+    /// Codes kept by roundings that it reads.
+    pub reads_codes: Vec<CodesRead>,
 }
 
 impl LibraryCall {
@@ -254,10 +295,14 @@ impl LibraryCall {
 /// The E4M3 roundings of a plan ([`LibraryPlan::roundings`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RoundingCount {
+    /// Roundings launched as such (f32 values out).
     pub launched: usize,
     /// Elements the launched ones round.
     pub elements: u64,
     pub skipped: usize,
+    /// Roundings launched as a quantisation kept as codes, and their elements.
+    pub kept_as_codes: usize,
+    pub kept_elements: u64,
 }
 
 /// The library calls of a program, by kernel position (`None` for loop nests), and the
@@ -297,6 +342,8 @@ impl LibraryPlan {
                         skipped: None,
                         reused: Vec::new(),
                         weight_codes: Vec::new(),
+                        keeps_codes: None,
+                        reads_codes: Vec::new(),
                     }));
                 }
                 Err(reason) => {
@@ -309,6 +356,7 @@ impl LibraryPlan {
             quantize_weights_directly(program, &mut calls);
             let weights = FromWeights::of(program, &calls);
             quantize_activations_directly(program, &weights, &mut calls);
+            keep_roundings_as_codes(program, &mut calls);
             share_quantizations(program, &weights, &mut calls);
             let weight_codes = keep_weight_codes(program, &weights, &mut calls);
             let plan = LibraryPlan {
@@ -331,10 +379,20 @@ impl LibraryPlan {
 
     /// The memory plan of `program` run as planned: a library call touches the buffers its
     /// steps' arguments name (an FP8 GEMM's `quantize` may read a rounding's source, kept
-    /// alive for it) besides its operands, and a skipped call touches nothing. Kernels keep
-    /// their places: the hoisted ones run ahead of the program but write their temporaries for
-    /// the weight codes' launches alone, in program order.
+    /// alive for it) besides its operands, and a skipped call touches nothing; a buffer
+    /// holding kept codes needs only their bytes. Kernels keep their places: the hoisted ones
+    /// run ahead of the program but write their temporaries for the weight codes' launches
+    /// alone, in program order.
     pub fn memory_plan(&self, program: &Program) -> MemoryPlan {
+        let mut words: Vec<usize> = (program.buffers.iter()).map(|b| b.ty.numel()).collect();
+        for (buffer, bytes) in kept_sizes(&self.calls) {
+            words[buffer.index()] = bytes.div_ceil(4);
+        }
+        MemoryPlan::with_touches_and_sizes(program, &self.touches(program), &words)
+    }
+
+    /// The buffers each kernel of `program` touches as planned (see [`LibraryPlan::memory_plan`]).
+    pub(crate) fn touches(&self, program: &Program) -> Vec<Vec<BufferId>> {
         let skipped =
             |call: &Option<LibraryCall>| call.as_ref().is_some_and(|c| c.skipped.is_some());
         // What the skipped calls would have written: their readers read it no more.
@@ -342,7 +400,7 @@ impl LibraryPlan {
             .filter(|(_, call)| skipped(call))
             .flat_map(|(kernel, _)| kernel.reads_and_writes().1)
             .collect();
-        let touches: Vec<Vec<BufferId>> = (program.kernels.iter().zip(&self.calls))
+        (program.kernels.iter().zip(&self.calls))
             .map(|(kernel, call)| {
                 if skipped(call) {
                     return Vec::new();
@@ -350,7 +408,7 @@ impl LibraryPlan {
                 let mut touched = kernel.touches();
                 let steps = call.iter().flat_map(|c| &c.steps);
                 for arg in steps.flat_map(|step| &step.args) {
-                    if let StepArg::Buffer(b, _) = *arg
+                    if let Some(b) = arg.buffer()
                         && !touched.contains(&b)
                     {
                         touched.push(b);
@@ -359,8 +417,7 @@ impl LibraryPlan {
                 touched.retain(|b| !unwritten.contains(b));
                 touched
             })
-            .collect();
-        MemoryPlan::with_touches(program, &touches)
+            .collect()
     }
 
     /// How many of `program`'s E4M3 roundings launch, over how many elements, and how many
@@ -375,6 +432,9 @@ impl LibraryPlan {
             };
             if call.skipped.is_some() {
                 count.skipped += 1;
+            } else if call.keeps_codes.is_some() {
+                count.kept_as_codes += 1;
+                count.kept_elements += program.buffer(*out).ty.numel() as u64;
             } else if !call.steps.is_empty() {
                 count.launched += 1;
                 count.elements += program.buffer(*out).ty.numel() as u64;
@@ -503,6 +563,25 @@ impl LibraryPlan {
             for weight in &call.weight_codes {
                 table.push_str(&format!("  (reads the {WEIGHT_CODES} of {weight})\n"));
             }
+            if let Some(kept) = &call.keeps_codes {
+                table.push_str(&format!(
+                    "  (keeps E4M3 codes and scales in {}: {} bytes for {} f32 values)\n",
+                    kept.buffer,
+                    kept.bytes,
+                    kept.rows * kept.cols
+                ));
+            }
+            for read in &call.reads_codes {
+                let how = if read.dropped_quantize {
+                    "its GEMM reads them"
+                } else {
+                    "quantised again from them"
+                };
+                table.push_str(&format!(
+                    "  (reads the codes of {} kept by {}: {how})\n",
+                    read.buffer, read.from_name
+                ));
+            }
             match call.skipped {
                 Some(why) => table.push_str(&format!("  (skipped: {why})\n")),
                 None if call.steps.is_empty() => {
@@ -539,9 +618,11 @@ fn arg_text(arg: &StepArg) -> String {
         StepArg::Buffer(b, offset) => format!("{b}+{offset}"),
         StepArg::Scratch(offset) => format!("scratch+{offset}"),
         StepArg::Bytes(offset) => format!("bytes+{offset}"),
-        StepArg::TensorMap(desc, offset) => {
+        StepArg::BufferBytes(b, offset) => format!("{b}.bytes+{offset}"),
+        StepArg::TensorMap(desc, place) => {
             let ([inner, outer], [box_inner, box_outer]) = (desc.global_dims, desc.box_dims);
-            format!("map(bytes+{offset}: {outer}x{inner}, box {box_outer}x{box_inner})")
+            let at = arg_text(&place.arg());
+            format!("map({at}: {outer}x{inner}, box {box_outer}x{box_inner})")
         }
         StepArg::Null => "null".to_owned(),
         StepArg::Status => "status".to_owned(),

@@ -38,7 +38,7 @@ use fathom_kernels::{
 };
 
 use super::gemm_choice::{GemmChoice, GemmForm};
-use super::library::{LibraryCall, LibraryKernel, LibraryStep, StepArg, merged_batch_axes};
+use super::library::{LibraryCall, LibraryKernel, LibraryStep, Place, StepArg, merged_batch_axes};
 use super::library_fp8_weight_codes::FromWeights;
 use super::modules::args_by_name;
 
@@ -426,7 +426,7 @@ pub(crate) fn gemm_step(
                     "tmap_scale_a" => sa,
                     _ => sb,
                 };
-                named.push((desc.param, StepArg::TensorMap(desc, base)));
+                named.push((desc.param, StepArg::TensorMap(desc, Place::Scratch(base))));
             }
             Ok(LibraryStep {
                 kernel: LibraryKernel::Fp8Gemm(params),

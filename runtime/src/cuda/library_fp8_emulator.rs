@@ -1,7 +1,7 @@
 //! The steps of the FP8 plans run on the CPU, each kernel replaced by what its contract (the
 //! template's comments and `fathom_kernels`' parameter docs) says it computes, reading and
-//! writing where the step's arguments point: program buffers, the int scratch, the byte scratch,
-//! through tensor maps for the Hopper GEMM. Written from the contracts, not from the planner, so
+//! writing where the step's arguments point: program buffers (as f32 values, or as the bytes of
+//! their storage), the int scratch, the byte scratch, through tensor maps for the Hopper GEMM. Written from the contracts, not from the planner, so
 //! that a planner that points a kernel at the wrong place, in the wrong layout, fails.
 
 use std::collections::HashMap;
@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use fathom_kernels::fp8_gemm::BLOCK_K;
 use fathom_kernels::index_ops::PAD_ALIGN;
 use fathom_kernels::{
-    BScaling, F32GemmKind, GemmGrouping, GemmOutput, IndexOp, KernelParam, QuantizeParams,
-    TensorMapDesc, TensorMapDtype,
+    BScaling, F32GemmKind, GemmGrouping, GemmOutput, IndexOp, KernelParam, QuantizeInput,
+    QuantizeParams, TensorMapDesc, TensorMapDtype,
 };
 
-use crate::cuda::library::{LibraryKernel, LibraryStep, StepArg};
+use crate::cuda::library::{LibraryKernel, LibraryStep, Place, StepArg};
 use crate::cuda::quantize_samples::expected_quantization;
 use crate::fp8::{ScaleRounding, e4m3_to_f32, fake_quantize};
 
@@ -74,11 +74,39 @@ impl Memory {
         f32::from_le_bytes(self.bytes[offset..offset + 4].try_into().unwrap())
     }
 
+    /// Byte `i` of the bytes a pointer argument points at (a buffer's storage holds its f32
+    /// values little-endian, as the GPU's does).
+    pub fn byte(&self, at: StepArg, i: usize) -> u8 {
+        match at {
+            StepArg::Bytes(offset) => self.bytes[offset + i],
+            StepArg::BufferBytes(b, offset) => {
+                let at = offset + i;
+                self.buffers[b.index()][at / 4].to_le_bytes()[at % 4]
+            }
+            other => panic!("{other:?} does not point at bytes"),
+        }
+    }
+
+    fn set_byte(&mut self, at: StepArg, i: usize, value: u8) {
+        match at {
+            StepArg::Bytes(offset) => self.bytes[offset + i] = value,
+            StepArg::BufferBytes(b, offset) => {
+                let at = offset + i;
+                let word = &mut self.buffers[b.index()][at / 4];
+                let mut bytes = word.to_le_bytes();
+                bytes[at % 4] = value;
+                *word = f32::from_le_bytes(bytes);
+            }
+            other => panic!("{other:?} does not point at bytes"),
+        }
+    }
+
     /// Element `i` of the f32 array a pointer argument points at.
-    fn get_f32(&self, at: StepArg, i: usize) -> f32 {
+    pub fn get_f32(&self, at: StepArg, i: usize) -> f32 {
         match at {
             StepArg::Buffer(b, offset) => self.buffers[b.index()][offset + i],
             StepArg::Bytes(offset) => self.f32_at(aligned(offset, 4) + 4 * i),
+            StepArg::BufferBytes(b, offset) => self.buffers[b.index()][aligned(offset, 4) / 4 + i],
             other => panic!("{other:?} does not point at f32s"),
         }
     }
@@ -89,6 +117,9 @@ impl Memory {
             StepArg::Bytes(offset) => {
                 let at = aligned(offset, 4) + 4 * i;
                 self.bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            }
+            StepArg::BufferBytes(b, offset) => {
+                self.buffers[b.index()][aligned(offset, 4) / 4 + i] = value;
             }
             other => panic!("{other:?} does not point at f32s"),
         }
@@ -116,10 +147,10 @@ impl Memory {
         }
     }
 
-    /// Byte offset of element `(row, col)` of the 2-D tensor a tensor map describes, as TMA
+    /// A pointer to element `(row, col)` of the 2-D tensor a tensor map describes, as TMA
     /// reads it (no read outside the tensor: TMA would fill zeros, which no kernel relies on
     /// inside M, N and K).
-    fn through_map(&self, desc: &TensorMapDesc, base: usize, (row, col): (usize, usize)) -> usize {
+    fn through_map(desc: &TensorMapDesc, base: Place, (row, col): (usize, usize)) -> StepArg {
         assert!(
             (col as u64) < desc.global_dims[0] && (row as u64) < desc.global_dims[1],
             "{}: ({row}, {col}) outside {:?}",
@@ -130,7 +161,11 @@ impl Memory {
             TensorMapDtype::U8 => 1,
             TensorMapDtype::F32 => 4,
         };
-        aligned(base, 16) + row * desc.outer_stride_bytes as usize + col * size
+        let within = row * desc.outer_stride_bytes as usize + col * size;
+        match base {
+            Place::Scratch(offset) => StepArg::Bytes(aligned(offset, 16) + within),
+            Place::Buffer(b, offset) => StepArg::BufferBytes(b, aligned(offset, 16) + within),
+        }
     }
 
     /// Runs one step.
@@ -152,14 +187,14 @@ impl Memory {
                     StepArg::TensorMap(desc, base) => (desc, base),
                     other => panic!("{name} is {other:?}, not a tensor map"),
                 };
-                let code = |(desc, base): (TensorMapDesc, usize)| -> ReadCode {
+                let code = |(desc, base): (TensorMapDesc, Place)| -> ReadCode {
                     Box::new(move |mem, row, col| {
-                        mem.bytes[mem.through_map(&desc, base, (row, col))]
+                        mem.byte(Memory::through_map(&desc, base, (row, col)), 0)
                     })
                 };
-                let scale = |(desc, base): (TensorMapDesc, usize)| -> ReadScale {
+                let scale = |(desc, base): (TensorMapDesc, Place)| -> ReadScale {
                     Box::new(move |mem, kb, row| {
-                        mem.f32_at(mem.through_map(&desc, base, (kb, row)))
+                        mem.get_f32(Memory::through_map(&desc, base, (kb, row)), 0)
                     })
                 };
                 let scale_b = match params.b_scaling {
@@ -178,13 +213,16 @@ impl Memory {
             LibraryKernel::Fp8GemmFallback(params) => {
                 let named = by_name(&params.kernel_params(), &step.args);
                 let (m, n, k) = (int(named["m"]), int(named["n"]), int(named["k"]));
-                let [a, b, sa, sb] = ["a", "b", "scale_a", "scale_b"].map(|p| bytes(named[p]));
+                let [a, b, sa, sb] = ["a", "b", "scale_a", "scale_b"].map(|p| named[p]);
+                for at in [a, b, sa, sb] {
+                    aligned_pointer(at, 16);
+                }
                 // The contract's layouts: A `[M][K]`, B `[groups·N][K]`, A's scales
                 // `[ceil(K/128)][round_up(M, 4)]`, B's by rows `[ceil(K/128)][round_up(N, 4)]`.
                 let scale_b = match params.b_scaling {
                     BScaling::Block128x128 => block_scales(named["scale_b"], &named),
                     BScaling::Row1x128 => Box::new(move |mem: &Memory, kb: usize, j: usize| {
-                        mem.f32_at(sb + 4 * (kb * n.next_multiple_of(4) + j))
+                        mem.get_f32(sb, kb * n.next_multiple_of(4) + j)
                     }) as ReadScale,
                 };
                 let rows = RowGrouping::of(params.grouping, params.output, &named);
@@ -195,10 +233,10 @@ impl Memory {
                     assert_eq!(named["out_rows"], StepArg::Null);
                 }
                 let operands = Operands {
-                    a: Box::new(move |mem, i, p| mem.bytes[a + i * k + p]),
-                    b: Box::new(move |mem, j, p| mem.bytes[b + j * k + p]),
+                    a: Box::new(move |mem, i, p| mem.byte(a, i * k + p)),
+                    b: Box::new(move |mem, j, p| mem.byte(b, j * k + p)),
                     scale_a: Box::new(move |mem, kb, i| {
-                        mem.f32_at(sa + 4 * (kb * m.next_multiple_of(4) + i))
+                        mem.get_f32(sa, kb * m.next_multiple_of(4) + i)
                     }),
                     scale_b,
                     rows,
@@ -281,7 +319,7 @@ impl Memory {
     /// and scales after the previous matrices'.
     fn quantize(&mut self, params: QuantizeParams, args: &[StepArg], matrix: usize) {
         let named = by_name(&params.kernel_params(), args);
-        let (x, q, s) = (named["x"], named["q"], named["scales"]);
+        let (q, s) = (named["q"], named["scales"]);
         let (rows, cols) = (int(named["rows"]), int(named["cols"]));
         let first = matrix * rows * cols;
         // Row r of what is quantised: x's row r, or for the gathered kind x's row
@@ -292,16 +330,45 @@ impl Memory {
         };
         let x: Vec<f32> = (0..rows * cols)
             .map(|i| match source(self, i / cols) {
-                Some(row) => self.get_f32(x, first + row * cols + i % cols),
+                Some(row) => self.input(params.input, &named, first + row * cols, i % cols),
                 None => 0.0,
             })
             .collect();
         let (codes, scales) = expected_quantization(params, &x, rows, cols).unwrap();
-        let q = bytes(q) + matrix * codes.len();
-        self.bytes[q..q + codes.len()].copy_from_slice(&codes);
+        let q_first = matrix * codes.len();
+        aligned_pointer(q, 16);
+        for (i, code) in codes.iter().enumerate() {
+            self.set_byte(q, q_first + i, *code);
+        }
         for (i, scale) in scales.iter().enumerate() {
             self.set_f32(s, matrix * scales.len() + i, *scale);
         }
+    }
+
+    /// Element `col` of the row starting at element `row_start` of a `quantize`'s input `x`
+    /// (`cols` wide): an f32 value, or for E4M3 tiles the code there times its tile's scale
+    /// (`QuantizeInput::E4m3Tiles`: codes `[x_rows][round_up(cols, 16)]`, scales
+    /// `[ceil(cols/128)][round_up(x_rows, 4)]`), rounded once to f32.
+    fn input(
+        &self,
+        input: QuantizeInput,
+        named: &HashMap<&str, StepArg>,
+        row_start: usize,
+        col: usize,
+    ) -> f32 {
+        let x = named["x"];
+        if input != QuantizeInput::E4m3Tiles {
+            return self.get_f32(x, row_start + col);
+        }
+        let (x_rows, cols) = (int(named["x_rows"]), int(named["cols"]));
+        let row = row_start / cols;
+        aligned_pointer(x, 16);
+        let code = self.byte(x, row * cols.next_multiple_of(16) + col);
+        let scale = self.get_f32(
+            named["x_scales"],
+            col / 128 * x_rows.next_multiple_of(4) + row,
+        );
+        e4m3_to_f32(code) * scale
     }
 
     /// `index_ops`' operations the FP8 plans launch.
@@ -471,12 +538,14 @@ fn int(arg: StepArg) -> usize {
     usize::try_from(v).unwrap()
 }
 
-/// The offset of a byte-scratch pointer, which TMA and 16-byte loads need aligned.
-fn bytes(arg: StepArg) -> usize {
-    let StepArg::Bytes(offset) = arg else {
-        panic!("{arg:?} is not in the byte scratch")
-    };
-    aligned(offset, 16)
+/// Checks a pointer to bytes is `to`-aligned, as TMA and 16-byte loads need.
+fn aligned_pointer(arg: StepArg, to: usize) {
+    match arg {
+        StepArg::Bytes(offset) | StepArg::BufferBytes(_, offset) => {
+            aligned(offset, to);
+        }
+        other => panic!("{other:?} does not point at bytes"),
+    }
 }
 
 fn aligned(offset: usize, to: usize) -> usize {

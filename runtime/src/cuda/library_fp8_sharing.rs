@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use fathom_compiler::kernel::{BufferId, Program};
 use fathom_kernels::QuantizeParams;
 
-use super::library::{LibraryCall, LibraryKernel, LibraryStep, StepArg};
+use super::library::{LibraryCall, LibraryKernel, LibraryStep, Place, StepArg};
 use super::library_fp8::{Fp8Operand, REGION_ALIGN};
 use super::library_fp8_weight_codes::FromWeights;
 
@@ -137,13 +137,17 @@ impl Written {
             + self.scale_bytes.next_multiple_of(REGION_ALIGN)
     }
 
-    /// `offset` moved from this step's regions to the kept copy at `kept`, if it lies in them.
-    fn moved(&self, offset: usize, kept: usize) -> Option<usize> {
-        let kept_scales = kept + self.code_bytes.next_multiple_of(REGION_ALIGN);
+    /// Where the kept copy's scales start, from its start.
+    pub(crate) fn kept_scales(&self) -> usize {
+        self.code_bytes.next_multiple_of(REGION_ALIGN)
+    }
+
+    /// `offset`, if it lies in this step's regions, as an offset into the kept copy.
+    fn moved(&self, offset: usize) -> Option<usize> {
         if (self.codes..self.codes + self.code_bytes).contains(&offset) {
-            Some(kept + (offset - self.codes))
+            Some(offset - self.codes)
         } else if (self.scales..self.scales + self.scale_bytes).contains(&offset) {
-            Some(kept_scales + (offset - self.scales))
+            Some(self.kept_scales() + (offset - self.scales))
         } else {
             None
         }
@@ -195,7 +199,7 @@ pub(crate) fn share_quantizations(
         let Some(first) = calls[group.from].as_mut() else {
             continue;
         };
-        relocate(&mut first.steps, &group.written, kept);
+        relocate(&mut first.steps, &group.written, Place::Scratch(kept));
         first.scratch_bytes = first.scratch_bytes.max(end);
         let from_name = first.name.clone();
         for &(reader, step, written) in &group.readers {
@@ -206,7 +210,7 @@ pub(crate) fn share_quantizations(
             call.steps
                 .remove(step - earlier.iter().filter(|&&r| r < step).count());
             earlier.push(step);
-            relocate(&mut call.steps, &written, kept);
+            relocate(&mut call.steps, &written, Place::Scratch(kept));
             call.scratch_bytes = call.scratch_bytes.max(end);
             call.reused.push(ReusedQuantization {
                 from: group.from,
@@ -290,13 +294,25 @@ fn first_fit(alive: &[(usize, usize, usize)], bytes: usize, cap: usize) -> Optio
     (offset + bytes <= cap).then_some(offset)
 }
 
-/// Points every argument of `steps` into `written`'s regions at the kept copy at `kept`.
-pub(crate) fn relocate(steps: &mut [LibraryStep], written: &Written, kept: usize) {
+/// Points every argument of `steps` into `written`'s regions of the byte scratch at the kept
+/// copy at `kept` (codes first, then scales at [`Written::kept_scales`]).
+pub(crate) fn relocate(steps: &mut [LibraryStep], written: &Written, kept: Place) {
+    let moved = |offset: usize| {
+        written.moved(offset).map(|within| match kept {
+            Place::Scratch(at) => Place::Scratch(at + within),
+            Place::Buffer(b, at) => Place::Buffer(b, at + within),
+        })
+    };
     for arg in steps.iter_mut().flat_map(|s| s.args.iter_mut()) {
-        match arg {
-            StepArg::Bytes(offset) | StepArg::TensorMap(_, offset) => {
-                if let Some(moved) = written.moved(*offset, kept) {
-                    *offset = moved;
+        match *arg {
+            StepArg::Bytes(offset) => {
+                if let Some(place) = moved(offset) {
+                    *arg = place.arg();
+                }
+            }
+            StepArg::TensorMap(desc, Place::Scratch(offset)) => {
+                if let Some(place) = moved(offset) {
+                    *arg = StepArg::TensorMap(desc, place);
                 }
             }
             _ => {}

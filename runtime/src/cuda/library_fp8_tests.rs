@@ -27,6 +27,8 @@ use crate::fp8::{ScaleRounding, fake_quantize};
 mod emulator;
 #[path = "library_expert_wgrad_tests.rs"]
 mod expert_wgrad;
+#[path = "library_fp8_saved_tests.rs"]
+mod saved;
 #[path = "library_fp8_sources_tests.rs"]
 mod sources;
 #[path = "library_fp8_weight_codes_tests.rs"]
@@ -204,29 +206,42 @@ fn operand_values(program: &Program, call: &Library) -> Vec<(BufferId, Vec<f32>)
             fed.push((operand, ids.collect()));
             continue;
         }
-        let writer = program.kernels.iter().find_map(|k| match &k.body {
-            KernelBody::Library(Library::QuantizeDequantize {
-                tile_rows,
-                tile_cols,
-                pow2_scales,
-                x,
-                out,
-                ..
-            }) if *out == operand => Some((*x, (*tile_rows, *tile_cols), *pow2_scales)),
-            _ => None,
-        });
-        let Some((source, (tile_rows, tile_cols), pow2)) = writer else {
-            fed.push((operand, values(len, operand.index())));
-            continue;
-        };
-        let x = values(len, source.index());
-        // The rounding's source too: a weight's quantize steps read it directly
-        // (`quantize_weights_directly`).
-        let rounded = fake_quantize(&x, dims, tile_rows, tile_cols, scale_rounding(pow2));
-        fed.push((operand, rounded.unwrap()));
-        fed.push((source, x));
+        rounded_values(program, operand, &mut fed);
     }
     fed
+}
+
+/// Fresh values of `buffer`, or when a rounding writes it the rounding of its source's values
+/// (and so on up a chain of roundings: the weight gradient's xᵀ rounded from a rounded x),
+/// pushed to `fed` with every source's: the quantize steps may read any of them
+/// (`quantize_weights_directly`, `quantize_activations_directly`), or codes a rounding keeps
+/// made from its source (`library_fp8_saved`).
+fn rounded_values(
+    program: &Program,
+    buffer: BufferId,
+    fed: &mut Vec<(BufferId, Vec<f32>)>,
+) -> Vec<f32> {
+    let dims = program.buffer(buffer).ty.dims();
+    let writer = program.kernels.iter().find_map(|k| match &k.body {
+        KernelBody::Library(Library::QuantizeDequantize {
+            tile_rows,
+            tile_cols,
+            pow2_scales,
+            x,
+            out,
+            ..
+        }) if *out == buffer => Some((*x, (*tile_rows, *tile_cols), *pow2_scales)),
+        _ => None,
+    });
+    let values = match writer {
+        None => values(dims.iter().product(), buffer.index()),
+        Some((source, (tile_rows, tile_cols), pow2)) => {
+            let x = rounded_values(program, source, fed);
+            fake_quantize(&x, dims, tile_rows, tile_cols, scale_rounding(pow2)).unwrap()
+        }
+    };
+    fed.push((buffer, values.clone()));
+    values
 }
 
 fn scale_rounding(pow2: bool) -> ScaleRounding {
@@ -261,10 +276,12 @@ pub(crate) fn check_products(
         }
         let buffers = operands_of(program, library);
         // A quantisation read from an earlier call is made by running that call first, on
-        // the same buffers and byte scratch (`library_fp8_sharing`); the weights' codes by
-        // their own launches before any call (`library_fp8_weight_codes`).
-        let producers: Vec<&LibraryCall> = (call.reused.iter())
-            .filter_map(|r| plan.calls[r.from].as_ref())
+        // the same buffers and byte scratch (`library_fp8_sharing`), and so are codes a
+        // rounding keeps (`library_fp8_saved`); the weights' codes by their own launches
+        // before any call (`library_fp8_weight_codes`).
+        let producers: Vec<&LibraryCall> = (call.reused.iter().map(|r| r.from))
+            .chain(call.reads_codes.iter().map(|r| r.from))
+            .filter_map(|from| plan.calls[from].as_ref())
             .collect();
         let scratch = |c: &&LibraryCall| (c.scratch_ints, c.scratch_bytes);
         let (ints, bytes) = std::iter::once(&call)
@@ -354,7 +371,7 @@ fn emulated(step: &LibraryStep) -> bool {
 /// is quantised again.
 #[test]
 fn shared_quantizations_survive_the_calls_between() {
-    let program = small_fp8_training_program();
+    let program = small_fp8_program_with_rounded_outputs();
     for target in TARGETS {
         let plan = LibraryPlan::of(&program, Some(target)).unwrap();
         let mut readers = 0;
@@ -413,7 +430,7 @@ fn shared_quantizations_survive_the_calls_between() {
 /// A source that a kernel between two calls writes is quantised again by the second.
 #[test]
 fn a_source_written_between_two_calls_is_quantised_again() {
-    let mut program = small_fp8_training_program();
+    let mut program = small_fp8_program_with_rounded_outputs();
     let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
     let (reader, reused) = (plan.calls.iter().enumerate())
         .find_map(|(i, c)| Some((i, c.as_ref()?.reused.first()?.clone())))
@@ -804,6 +821,27 @@ fn products_the_fp8_gemm_cannot_take_run_in_f32_with_a_reason() {
 pub(crate) fn small_fp8_training_program() -> Program {
     let graph = small_fp8_training_graph();
     compile(&graph, &CompileOptions::default()).unwrap().program
+}
+
+/// [`small_fp8_training_program`] with every activation's rounding a program output too, so
+/// that the GPU writes their values: neither skipped nor kept as codes, they are quantised
+/// where read, and the products reading one share its quantisation (`library_fp8_sharing`).
+pub(crate) fn small_fp8_program_with_rounded_outputs() -> Program {
+    let mut program = small_fp8_training_program();
+    let rounded: Vec<BufferId> = (program.kernels.iter())
+        .filter_map(|k| match &k.body {
+            KernelBody::Library(Library::QuantizeDequantize { x, out, .. })
+                if !program.buffer(*x).role.is_fed_weight() =>
+            {
+                Some(*out)
+            }
+            _ => None,
+        })
+        .collect();
+    for (i, out) in rounded.into_iter().enumerate() {
+        program.outputs.push((format!("rounded.{i}"), out));
+    }
+    program
 }
 
 /// The graph of [`small_fp8_training_program`].

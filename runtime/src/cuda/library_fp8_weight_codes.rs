@@ -32,7 +32,7 @@
 
 use fathom_compiler::kernel::{BufferId, BufferRole, Program};
 
-use super::library::{LibraryCall, LibraryKernel, LibraryStep, StepArg};
+use super::library::{LibraryCall, LibraryKernel, LibraryStep, Place, StepArg};
 use super::library_fp8::REGION_ALIGN;
 use super::library_fp8_sharing::{LaunchKey, Written, relocate};
 
@@ -269,7 +269,11 @@ pub(crate) fn keep_weight_codes(
                 None => {
                     let kept = base + codes.bytes;
                     let mut step = step.clone();
-                    relocate(std::slice::from_mut(&mut step), &regions, kept);
+                    relocate(
+                        std::slice::from_mut(&mut step),
+                        &regions,
+                        Place::Scratch(kept),
+                    );
                     codes.bytes += regions.kept_bytes();
                     codes.quantizations.push(WeightQuantization {
                         source,
@@ -282,7 +286,7 @@ pub(crate) fn keep_weight_codes(
                 }
             };
             call.steps.remove(index);
-            relocate(&mut call.steps, &regions, kept);
+            relocate(&mut call.steps, &regions, Place::Scratch(kept));
             call.scratch_bytes = call.scratch_bytes.max(kept + regions.kept_bytes());
             call.weight_codes.push(source);
         }

@@ -53,9 +53,15 @@ fn a_whole_step_reads_the_weight_codes_made_once_before_it() {
                 }
                 continue;
             }
-            // The kernels between wrote their outputs over this call's operands: as made.
+            // The kernels between wrote their outputs over this call's operands: as made, and
+            // the codes kept of them made again (`library_fp8_saved`).
             for (buffer, values) in operand_values(&program, library) {
                 memory.buffers[buffer.index()] = values;
+            }
+            for read in &call.reads_codes {
+                for step in plan.calls[read.from].iter().flat_map(|c| &c.steps) {
+                    memory.run(step);
+                }
             }
             for step in &call.steps {
                 memory.run(step);

@@ -430,6 +430,8 @@ fn a_step_with_arguments_its_kernel_does_not_take_is_refused() {
             skipped: None,
             reused: Vec::new(),
             weight_codes: Vec::new(),
+            keeps_codes: None,
+            reads_codes: Vec::new(),
         })],
         ..LibraryPlan::default()
     };
