@@ -167,10 +167,11 @@ fn keep(program: &Program, calls: &mut [Option<LibraryCall>], position: usize, k
         input: QuantizeInput::F32,
         pow2_scales: *pow2_scales,
     };
-    let (rows, cols) = (kept.rows as u32, kept.cols as u32);
-    let (Ok(rows_arg), Ok(cols_arg)) = (i32::try_from(rows), i32::try_from(cols)) else {
+    // Sizes past the kernels' 32-bit ints keep the rounding as it was.
+    let (Ok(rows_arg), Ok(cols_arg)) = (i32::try_from(kept.rows), i32::try_from(kept.cols)) else {
         return;
     };
+    let (rows, cols) = (rows_arg.unsigned_abs(), cols_arg.unsigned_abs());
     let Some(rounding) = calls[position].as_mut() else {
         return;
     };
