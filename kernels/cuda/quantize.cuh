@@ -25,9 +25,10 @@
 //
 // rows_pad / cols_pad = round_up(·, 4): TMA needs 16-byte strides for the scale tensors.
 //
-// The activation kinds read their input through a source: DenseRows (f32 or bf16 values), or
+// The activation kinds read their input through a source: DenseRows (f32 or bf16 values);
 // E4m3Tiles, an activation kept as what quantize_1x128 wrote for it (a saved FP8 activation),
-// whose elements are code * scale, the very values fake_quantize_e4m3 rounds it to.
+// whose elements are code * scale, the very values fake_quantize_e4m3 rounds it to; or
+// ProductRows, the element-wise product of two f32 tensors that no kernel stores.
 #pragma once
 
 namespace fathom {
@@ -89,6 +90,33 @@ struct E4m3Tiles {
     const float s = scale(row, col);
     return make_float4(e4m3_value(codes & 0xffu, s), e4m3_value((codes >> 8) & 0xffu, s),
                        e4m3_value((codes >> 16) & 0xffu, s), e4m3_value(codes >> 24, s));
+  }
+};
+
+// A [rows][cols] tensor no kernel stores: element (r, c) is x[(r / x_div) * x_row + c * x_col]
+// times y[(r / y_div) * y_row + c * y_col], the one f32 multiply the loop nest that would have
+// stored it does (the experts' combine gradient: dy broadcast to each of a token's slots times
+// the slot's weight).
+struct ProductRows {
+  const float* x;
+  const float* y;
+  int cols;
+  int x_div, x_row, x_col;
+  int y_div, y_row, y_col;
+
+  __device__ __forceinline__ float at(long long row, int col) const {
+    const float a = x[(row / x_div) * x_row + static_cast<long long>(col) * x_col];
+    const float b = y[(row / y_div) * y_row + static_cast<long long>(col) * y_col];
+    return a * b;
+  }
+
+  // Elements col..col + 3 of a row (col a multiple of 4, below cols); those past cols are zero.
+  __device__ __forceinline__ float4 four(long long row, int col) const {
+    float4 v = make_float4(at(row, col), 0.0f, 0.0f, 0.0f);
+    if (col + 1 < cols) v.y = at(row, col + 1);
+    if (col + 2 < cols) v.z = at(row, col + 2);
+    if (col + 3 < cols) v.w = at(row, col + 3);
+    return v;
   }
 };
 

@@ -13,6 +13,15 @@ const QUANTIZE: Template = Template {
 };
 
 const TEMPLATE: &str = "quantize";
+/// The index arithmetic of [`QuantizeInput::F32Product`]'s two factors, after `y`.
+pub const PRODUCT_INTS: [&str; 6] = [
+    "x_row_div",
+    "x_row_stride",
+    "x_col_stride",
+    "y_row_div",
+    "y_row_stride",
+    "y_col_stride",
+];
 /// Warps (rows) per block of the 1×128 kernel.
 const TILE_WARPS: u32 = 8;
 
@@ -66,6 +75,10 @@ pub enum QuantizeInput {
     /// times its tile's scale rounded once to f32, the value an E4M3 rounding in 1×128 tiles
     /// gives it. The activation kinds only (not the 128×128 weight blocks).
     E4m3Tiles,
+    /// The element-wise product of two f32 tensors `x` and `y` that no kernel stores: element
+    /// `(r, c)` is `x[(r / x_row_div)·x_row_stride + c·x_col_stride]` times `y`'s likewise,
+    /// one f32 multiply (a loop nest's `x * y`, bit for bit). The activation kinds only.
+    F32Product,
 }
 
 impl QuantizeInput {
@@ -74,6 +87,7 @@ impl QuantizeInput {
             QuantizeInput::F32 => Elem::F32,
             QuantizeInput::Bf16 => Elem::Bf16,
             QuantizeInput::E4m3Tiles => Elem::E4m3,
+            QuantizeInput::F32Product => Elem::F32,
         }
     }
 
@@ -82,6 +96,7 @@ impl QuantizeInput {
             QuantizeInput::F32 => "f32",
             QuantizeInput::Bf16 => "bf16",
             QuantizeInput::E4m3Tiles => "e4m3tiles",
+            QuantizeInput::F32Product => "f32mul",
         }
     }
 
@@ -91,6 +106,10 @@ impl QuantizeInput {
             QuantizeInput::F32 => "fathom::DenseRows<float>{x, cols}",
             QuantizeInput::Bf16 => "fathom::DenseRows<bf16>{x, cols}",
             QuantizeInput::E4m3Tiles => "fathom::E4m3Tiles{x, x_scales, x_rows, cols}",
+            QuantizeInput::F32Product => {
+                "fathom::ProductRows{x, y, cols, x_row_div, x_row_stride, x_col_stride, \
+                 y_row_div, y_row_stride, y_col_stride}"
+            }
         }
     }
 }
@@ -195,14 +214,15 @@ impl QuantizeParams {
         )
     }
 
-    /// Refuses E4M3 tiles as the input of the 128×128 weight blocks.
+    /// Refuses E4M3 tiles and products as the input of the 128×128 weight blocks.
     fn check_input(&self) -> Result<(), KernelError> {
         let blocks = matches!(self.kind, QuantizeKind::Block128x128 { .. });
+        let plain = matches!(self.input, QuantizeInput::F32 | QuantizeInput::Bf16);
         check_problem(
-            !(blocks && self.input == QuantizeInput::E4m3Tiles),
+            !blocks || plain,
             TEMPLATE,
             "input",
-            "E4M3 tiles",
+            self.input.tag(),
             "f32 or bf16 (128x128 blocks quantise weights)",
         )
     }
@@ -212,11 +232,16 @@ impl QuantizeParams {
             "x",
             ParamType::ConstPtr(self.input.elem()),
         )];
-        if self.input == QuantizeInput::E4m3Tiles {
-            params.extend([
+        match self.input {
+            QuantizeInput::E4m3Tiles => params.extend([
                 KernelParam::new("x_scales", ParamType::ConstPtr(Elem::F32)),
                 KernelParam::new("x_rows", ParamType::I32),
-            ]);
+            ]),
+            QuantizeInput::F32Product => {
+                params.push(KernelParam::new("y", ParamType::ConstPtr(Elem::F32)));
+                params.extend(PRODUCT_INTS.map(|name| KernelParam::new(name, ParamType::I32)));
+            }
+            QuantizeInput::F32 | QuantizeInput::Bf16 => {}
         }
         if self.kind.gathers() {
             params.push(KernelParam::new(
@@ -241,9 +266,12 @@ impl QuantizeParams {
         // The activation kinds read through a source object standing for `x` (and `x_scales`,
         // `x_rows`); the weight blocks read f32 or bf16 directly.
         let source = self.input.source();
-        let source_params = ["x", "x_scales", "x_rows"];
+        let source_params = ["x", "x_scales", "x_rows", "y"];
         let mut args: Vec<&str> = vec![source];
-        args.extend((params.iter().map(|p| p.name)).filter(|n| !source_params.contains(n)));
+        args.extend(
+            (params.iter().map(|p| p.name))
+                .filter(|n| !source_params.contains(n) && !PRODUCT_INTS.contains(n)),
+        );
         let call = match self.kind {
             QuantizeKind::Tile1x128 => format!("fathom::quantize_1x128<{pow2}, {TILE_WARPS}>("),
             QuantizeKind::GatheredTile1x128 => {

@@ -230,10 +230,11 @@ fn portable_kernels() -> Vec<KernelSource> {
         QuantizeKind::GatheredTile128x1Transposed,
     ] {
         let blocks = matches!(kind, QuantizeKind::Block128x128 { .. });
-        let saved = (!blocks).then_some(QuantizeInput::E4m3Tiles);
+        let fused = [QuantizeInput::E4m3Tiles, QuantizeInput::F32Product];
+        let fused = fused.into_iter().filter(|_| !blocks);
         for input in [QuantizeInput::F32, QuantizeInput::Bf16]
             .into_iter()
-            .chain(saved)
+            .chain(fused)
         {
             for pow2_scales in [false, true] {
                 kernels.push(

@@ -23,6 +23,9 @@ pub struct QuantizeSample {
     pub input: Vec<u8>,
     /// For E4M3 tiles: their scales (`[ceil(cols/128)][round_up(x_rows, 4)]`) and rows.
     pub input_tiles: Option<(Vec<f32>, usize)>,
+    /// For a product: the second factor `y` and the six index ints
+    /// (`fathom_kernels::quantize::PRODUCT_INTS`); `input` is then the first factor `x`.
+    pub input_product: Option<(Vec<f32>, [i32; 6])>,
     /// For the gathered kind: each output row's input row, -1 for a row of zeros.
     pub source_rows: Option<Vec<i32>>,
     /// The codes the kernel must write (`[rows][cols]`, or `[cols][rows]` when transposed).
@@ -84,11 +87,11 @@ pub fn quantize_samples() -> Result<Vec<QuantizeSample>, CudaError> {
 }
 
 /// The inputs a kind reads: f32 and bf16, and for the activation kinds E4M3 tiles (a saved
-/// activation's codes).
+/// activation's codes) and products of two f32 tensors.
 fn inputs(kind: QuantizeKind) -> Vec<QuantizeInput> {
     let mut inputs = vec![QuantizeInput::F32, QuantizeInput::Bf16];
     if !matches!(kind, QuantizeKind::Block128x128 { .. }) {
-        inputs.push(QuantizeInput::E4m3Tiles);
+        inputs.extend([QuantizeInput::E4m3Tiles, QuantizeInput::F32Product]);
     }
     inputs
 }
@@ -108,6 +111,9 @@ fn values(rows: usize, cols: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Rows of a product sample sharing one row of its first factor (a token's expert slots).
+const PRODUCT_SLOTS: usize = 4;
 
 /// Input rows of the gathered kind's sample: fewer than its 200 output rows, so rows repeat.
 pub const GATHERED_FROM: usize = 150;
@@ -134,6 +140,7 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
     let input_rows = if gathered { GATHERED_FROM } else { rows };
     let mut x = values(input_rows, cols);
     let mut input_tiles = None;
+    let mut input_product = None;
     let input = match params.input {
         QuantizeInput::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
         QuantizeInput::Bf16 => {
@@ -154,6 +161,20 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
             input_tiles = Some((scales, input_rows));
             codes
         }
+        QuantizeInput::F32Product => {
+            // As the experts' combine gradient: `x` one row per PRODUCT_SLOTS rows, each row
+            // scaled by its own `y` (column stride 0).
+            let factor = values(input_rows.div_ceil(PRODUCT_SLOTS), cols);
+            let weights: Vec<f32> = (0..input_rows)
+                .map(|r| 0.25 + (r % 7) as f32 * 0.375 - if r % 5 == 2 { 3.0 } else { 0.0 })
+                .collect();
+            x = (0..input_rows * cols)
+                .map(|i| factor[i / cols / PRODUCT_SLOTS * cols + i % cols] * weights[i / cols])
+                .collect();
+            let ints = [PRODUCT_SLOTS as i32, cols as i32, 1, 1, 1, 0];
+            input_product = Some((weights, ints));
+            factor.iter().flat_map(|v| v.to_le_bytes()).collect()
+        }
     };
     let source_rows = gathered.then(|| gathered_sources(rows));
     if let Some(sources) = &source_rows {
@@ -172,6 +193,7 @@ fn sample(params: QuantizeParams, rows: usize, cols: usize) -> Result<QuantizeSa
         cols,
         input,
         input_tiles,
+        input_product,
         source_rows,
         codes,
         scales,
@@ -282,7 +304,7 @@ mod tests {
     #[test]
     fn every_kind_input_and_rounding_has_a_sample_the_template_accepts() {
         let samples = quantize_samples().unwrap();
-        assert_eq!(samples.len(), 42);
+        assert_eq!(samples.len(), 52);
         for s in &samples {
             assert!(
                 s.params.check_problem(s.rows as u32, s.cols as u32).is_ok(),
@@ -296,12 +318,17 @@ mod tests {
                 }
                 None => s.rows,
             };
-            let row_bytes = match s.params.input {
-                QuantizeInput::F32 => 4 * s.cols,
-                QuantizeInput::Bf16 => 2 * s.cols,
-                QuantizeInput::E4m3Tiles => s.cols.next_multiple_of(16),
+            let (rows_read, row_bytes) = match s.params.input {
+                QuantizeInput::F32 => (input_rows, 4 * s.cols),
+                QuantizeInput::Bf16 => (input_rows, 2 * s.cols),
+                QuantizeInput::E4m3Tiles => (input_rows, s.cols.next_multiple_of(16)),
+                QuantizeInput::F32Product => (input_rows.div_ceil(PRODUCT_SLOTS), 4 * s.cols),
             };
-            assert_eq!(s.input.len(), input_rows * row_bytes);
+            assert_eq!(s.input.len(), rows_read * row_bytes);
+            let product = (s.input_product.as_ref()).map(|(y, ints)| (y.len(), ints[0]));
+            let expected = (s.params.input == QuantizeInput::F32Product)
+                .then_some((input_rows, PRODUCT_SLOTS as i32));
+            assert_eq!(product, expected, "{}", s.params.name());
             let tiles = s
                 .input_tiles
                 .as_ref()

@@ -1,6 +1,7 @@
 //! Check 3b: the quantisation templates against the CPU's quantizers, bit for bit (codes and
 //! scales, in the layouts the FP8 GEMMs read).
 
+use fathom_kernels::quantize::PRODUCT_INTS;
 use fathom_runtime::cuda::modules::Arg;
 use fathom_runtime::cuda::quantize_samples::{QuantizeSample, quantize_samples};
 use fathom_runtime::cuda::{GpuDevice, KernelCache};
@@ -46,10 +47,10 @@ pub fn check_quantize(device: &GpuDevice, cache: &KernelCache) -> anyhow::Result
 }
 
 /// The launch's arguments by parameter name, the buffers at `x`, `q`, `scales`, `sources`
-/// (the gathered kind's source rows) and `x_scales` (E4M3 tiles' scales).
+/// (the gathered kind's source rows) and `second` (E4M3 tiles' scales, or a product's `y`).
 fn named_args(
     sample: &QuantizeSample,
-    [x, q, scales, sources, x_scales]: [u64; 5],
+    [x, q, scales, sources, second]: [u64; 5],
 ) -> Vec<(&'static str, Arg)> {
     let int = |v: usize| Arg::I32(i32::try_from(v).unwrap_or(i32::MAX));
     let mut named = vec![
@@ -63,7 +64,16 @@ fn named_args(
         named.push(("source_rows", Arg::Ptr(sources)));
     }
     if let Some((_, x_rows)) = &sample.input_tiles {
-        named.extend([("x_scales", Arg::Ptr(x_scales)), ("x_rows", int(*x_rows))]);
+        named.extend([("x_scales", Arg::Ptr(second)), ("x_rows", int(*x_rows))]);
+    }
+    if let Some((_, ints)) = &sample.input_product {
+        named.push(("y", Arg::Ptr(second)));
+        named.extend(
+            PRODUCT_INTS
+                .iter()
+                .zip(ints)
+                .map(|(name, v)| (*name, Arg::I32(*v))),
+        );
     }
     named
 }
@@ -84,9 +94,10 @@ fn run(
         Some(sources) => buffers.put(sources)?,
         None => 0,
     };
-    let x_scales = match &sample.input_tiles {
-        Some((scales, _)) => buffers.put(scales)?,
-        None => 0,
+    let second = match (&sample.input_tiles, &sample.input_product) {
+        (Some((scales, _)), _) => buffers.put(scales)?,
+        (_, Some((y, _))) => buffers.put(y)?,
+        (None, None) => 0,
     };
     launch_named(
         device,
@@ -94,7 +105,7 @@ fn run(
         buffers.stream(),
         &params.instantiate()?,
         params.grid(sample.rows as u32, sample.cols as u32),
-        &named_args(sample, [x, q, scales, sources, x_scales]),
+        &named_args(sample, [x, q, scales, sources, second]),
     )?;
     Ok((
         buffers.get(q, sample.codes.len())?,
