@@ -295,6 +295,15 @@ fn inspect_shows_which_products_run_as_fp8_gemms() {
         assert!(plan.contains(": its GEMM reads them)"), "{plan}");
         assert!(plan.contains(": quantised again from them)"), "{plan}");
         assert!(!said.contains(" 0 kept as codes"), "{said}");
+        assert!(
+            said.contains(&format!("products never stored on {target}: ")),
+            "{said}"
+        );
+        assert!(!said.contains(": 0 loop nests"), "{said}");
+        assert!(
+            plan.contains("which multiply its factors as they read them)"),
+            "{plan}"
+        );
         assert!(said.contains("loop nests: "), "{said}");
         // The experts' weights are fed into their stacks and their gradients read in place.
         let experts = said

@@ -281,6 +281,14 @@ fn write_library_plan(
                 with_prefix(roundings.kept_elements, ""),
                 roundings.skipped
             );
+            let (products, elements, bytes) = plan.products_not_stored(program);
+            println!(
+                "products never stored on {arch}: {products} loop nests ({} elements, {} of \
+                 the loop nests' traffic), their factors multiplied by the FP8 quantisations \
+                 reading them",
+                with_prefix(elements, ""),
+                with_prefix(bytes, "B")
+            );
             let steps: Vec<_> = plan.steps().map(|(_, step)| step).collect();
             for kernel in plan.kernels() {
                 let source = kernel.instantiate()?;

@@ -40,6 +40,7 @@ use fathom_kernels::{
 
 use super::CudaError;
 use super::library_fp8::{Fp8Target, quantize_activations_directly, quantize_weights_directly};
+use super::library_fp8_products::quantize_products_where_read;
 use super::library_fp8_saved::{CodesRead, KeptCodes, keep_roundings_as_codes, kept_sizes};
 use super::library_fp8_sharing::{ReusedQuantization, share_quantizations};
 use super::library_fp8_weight_codes::{FromWeights, WeightCodes, keep_weight_codes};
@@ -357,6 +358,7 @@ impl LibraryPlan {
             let weights = FromWeights::of(program, &calls);
             quantize_activations_directly(program, &weights, &mut calls);
             keep_roundings_as_codes(program, &mut calls);
+            quantize_products_where_read(program, &mut calls);
             share_quantizations(program, &weights, &mut calls);
             let weight_codes = keep_weight_codes(program, &weights, &mut calls);
             let plan = LibraryPlan {
@@ -418,6 +420,27 @@ impl LibraryPlan {
                 touched
             })
             .collect()
+    }
+
+    /// Whether the kernel at `position` launches nothing: a skipped library call, or a loop
+    /// nest whose product its readers compute.
+    pub fn skips(&self, position: usize) -> bool {
+        (self.calls.get(position)).is_some_and(|c| c.as_ref().is_some_and(|c| c.skipped.is_some()))
+    }
+
+    /// The loop nests that launch nothing: how many, the elements they would have stored, and
+    /// the bytes they would have read and written (`LoopNest::bytes_moved`).
+    pub fn products_not_stored(&self, program: &Program) -> (usize, u64, u64) {
+        let loops = (program.kernels.iter().enumerate()).filter_map(|(p, k)| match &k.body {
+            KernelBody::Loop(nest) if self.skips(p) => Some((k, nest)),
+            _ => None,
+        });
+        loops.fold((0, 0, 0), |(count, elements, bytes), (kernel, nest)| {
+            let stored: u64 = (kernel.reads_and_writes().1.iter())
+                .map(|b| program.buffer(*b).ty.numel() as u64)
+                .sum();
+            (count + 1, elements + stored, bytes + nest.bytes_moved())
+        })
     }
 
     /// How many of `program`'s E4M3 roundings launch, over how many elements, and how many

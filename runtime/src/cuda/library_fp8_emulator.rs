@@ -330,7 +330,7 @@ impl Memory {
         };
         let x: Vec<f32> = (0..rows * cols)
             .map(|i| match source(self, i / cols) {
-                Some(row) => self.input(params.input, &named, first + row * cols, i % cols),
+                Some(row) => self.input(params.input, &named, first, (row, i % cols)),
                 None => 0.0,
             })
             .collect();
@@ -345,30 +345,41 @@ impl Memory {
         }
     }
 
-    /// Element `col` of the row starting at element `row_start` of a `quantize`'s input `x`
-    /// (`cols` wide): an f32 value, or for E4M3 tiles the code there times its tile's scale
+    /// Element `(row, col)` of a `quantize`'s input (of the matrix starting at element `first`
+    /// of `x`, for a stack): an f32 value; for E4M3 tiles the code there times its tile's scale
     /// (`QuantizeInput::E4m3Tiles`: codes `[x_rows][round_up(cols, 16)]`, scales
-    /// `[ceil(cols/128)][round_up(x_rows, 4)]`), rounded once to f32.
+    /// `[ceil(cols/128)][round_up(x_rows, 4)]`); for a product `x`'s element times `y`'s, at
+    /// `(row / row_div)·row_stride + col·col_stride` each; rounded once to f32.
     fn input(
         &self,
         input: QuantizeInput,
         named: &HashMap<&str, StepArg>,
-        row_start: usize,
-        col: usize,
+        first: usize,
+        (row, col): (usize, usize),
     ) -> f32 {
-        let x = named["x"];
-        if input != QuantizeInput::E4m3Tiles {
-            return self.get_f32(x, row_start + col);
+        let (x, cols) = (named["x"], int(named["cols"]));
+        match input {
+            QuantizeInput::F32 | QuantizeInput::Bf16 => self.get_f32(x, first + row * cols + col),
+            QuantizeInput::E4m3Tiles => {
+                let x_rows = int(named["x_rows"]);
+                aligned_pointer(x, 16);
+                let code = self.byte(x, row * cols.next_multiple_of(16) + col);
+                let scale = self.get_f32(
+                    named["x_scales"],
+                    col / 128 * x_rows.next_multiple_of(4) + row,
+                );
+                e4m3_to_f32(code) * scale
+            }
+            QuantizeInput::F32Product => {
+                let factor = |name: &str, prefix: &str| {
+                    let index = |what: &str| int(named[format!("{prefix}_{what}").as_str()]);
+                    let at =
+                        row / index("row_div") * index("row_stride") + col * index("col_stride");
+                    self.get_f32(named[name], at)
+                };
+                factor("x", "x") * factor("y", "y")
+            }
         }
-        let (x_rows, cols) = (int(named["x_rows"]), int(named["cols"]));
-        let row = row_start / cols;
-        aligned_pointer(x, 16);
-        let code = self.byte(x, row * cols.next_multiple_of(16) + col);
-        let scale = self.get_f32(
-            named["x_scales"],
-            col / 128 * x_rows.next_multiple_of(4) + row,
-        );
-        e4m3_to_f32(code) * scale
     }
 
     /// `index_ops`' operations the FP8 plans launch.

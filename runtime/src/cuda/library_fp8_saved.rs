@@ -133,7 +133,7 @@ fn eligible(
 
 /// Whether `step` is an f32 activation `quantize` whose only use of `buffer` is reading it
 /// whole as `[rows][cols]` (a gathered kind: rows of it).
-fn reads_whole(step: &LibraryStep, buffer: BufferId, rows: usize, cols: usize) -> bool {
+pub(crate) fn reads_whole(step: &LibraryStep, buffer: BufferId, rows: usize, cols: usize) -> bool {
     let LibraryKernel::Quantize(params) = step.kernel else {
         return false;
     };

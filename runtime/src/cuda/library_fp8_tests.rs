@@ -12,7 +12,9 @@ use fathom_compiler::compile::{CompileOptions, compile};
 use fathom_compiler::dtype::{DType, TensorType};
 use fathom_compiler::graph::ExpertTiles;
 use fathom_compiler::graph::{Accumulation, QuantFormat};
-use fathom_compiler::kernel::{Buffer, BufferRole, ExpertOutputs, ExpertWeights, Kernel};
+use fathom_compiler::kernel::{
+    Buffer, BufferRole, ExpertOutputs, ExpertWeights, Kernel, LoopNest, View,
+};
 use fathom_compiler::model::LossWeights;
 use fathom_compiler::precision::{Precision, PrecisionPolicy, apply_precision};
 use fathom_compiler::training::training_graph;
@@ -27,6 +29,8 @@ use crate::fp8::{ScaleRounding, fake_quantize};
 mod emulator;
 #[path = "library_expert_wgrad_tests.rs"]
 mod expert_wgrad;
+#[path = "library_fp8_products_tests.rs"]
+mod products;
 #[path = "library_fp8_saved_tests.rs"]
 mod saved;
 #[path = "library_fp8_sources_tests.rs"]
@@ -234,7 +238,16 @@ fn rounded_values(
         _ => None,
     });
     let values = match writer {
-        None => values(dims.iter().product(), buffer.index()),
+        None => match stored_product(program, buffer) {
+            Some((nest, x, y)) => {
+                let (x_values, y_values) = (
+                    rounded_values(program, x.buffer, fed),
+                    rounded_values(program, y.buffer, fed),
+                );
+                product_values(&nest.domain, (&x, &x_values), (&y, &y_values))
+            }
+            None => values(dims.iter().product(), buffer.index()),
+        },
         Some((source, (tile_rows, tile_cols), pow2)) => {
             let x = rounded_values(program, source, fed);
             fake_quantize(&x, dims, tile_rows, tile_cols, scale_rounding(pow2)).unwrap()
@@ -242,6 +255,48 @@ fn rounded_values(
     };
     fed.push((buffer, values.clone()));
     values
+}
+
+/// The loop nest storing `buffer` as the product of two loads (`x * y`), if one does: the
+/// GPU's quantisations may read its factors in its place (`library_fp8_products`), so a test
+/// gives the product the factors' values.
+fn stored_product(program: &Program, buffer: BufferId) -> Option<(LoopNest, View, View)> {
+    use fathom_compiler::graph::BinaryOp;
+    use fathom_compiler::kernel::{Expr, Stmt};
+    program.kernels.iter().find_map(|k| {
+        let KernelBody::Loop(nest) = &k.body else {
+            return None;
+        };
+        let [
+            Stmt::Store {
+                view,
+                value: Expr::Binary(BinaryOp::Mul, x, y),
+            },
+        ] = nest.body.as_slice()
+        else {
+            return None;
+        };
+        match (x.as_ref(), y.as_ref()) {
+            (Expr::Load(x), Expr::Load(y)) if view.buffer == buffer => {
+                Some((nest.clone(), x.clone(), y.clone()))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// `x * y` over `domain`, row-major (the product's own layout), each factor read through its view.
+fn product_values(domain: &[usize], x: (&View, &[f32]), y: (&View, &[f32])) -> Vec<f32> {
+    let total: usize = domain.iter().product();
+    let at = |(view, values): (&View, &[f32]), mut flat: usize| {
+        let mut offset = view.offset as isize;
+        for (axis, &extent) in domain.iter().enumerate().rev() {
+            offset += (flat % extent) as isize * view.strides[axis];
+            flat /= extent;
+        }
+        values[offset as usize]
+    };
+    (0..total).map(|i| at(x, i) * at(y, i)).collect()
 }
 
 fn scale_rounding(pow2: bool) -> ScaleRounding {

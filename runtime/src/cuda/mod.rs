@@ -23,6 +23,7 @@ pub mod library;
 pub mod library_expert_wgrad;
 pub mod library_fp8;
 pub mod library_fp8_grouped;
+pub mod library_fp8_products;
 pub mod library_fp8_saved;
 pub mod library_fp8_sharing;
 pub mod library_fp8_weight_codes;
