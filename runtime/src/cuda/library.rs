@@ -357,7 +357,7 @@ impl LibraryPlan {
             quantize_weights_directly(program, &mut calls);
             let weights = FromWeights::of(program, &calls);
             quantize_activations_directly(program, &weights, &mut calls);
-            keep_roundings_as_codes(program, &mut calls);
+            keep_roundings_as_codes(program, &weights, &mut calls);
             quantize_products_where_read(program, &mut calls);
             share_quantizations(program, &weights, &mut calls);
             let weight_codes = keep_weight_codes(program, &weights, &mut calls);

@@ -25,6 +25,7 @@ use fathom_kernels::{QuantizeInput, QuantizeKind, QuantizeParams};
 use super::library::{LibraryCall, LibraryKernel, LibraryStep, Place, StepArg};
 use super::library_fp8::REGION_ALIGN;
 use super::library_fp8_sharing::Written;
+use super::library_fp8_weight_codes::FromWeights;
 
 /// A rounding's output holding its E4M3 codes and scales instead of its values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,9 +51,22 @@ pub struct CodesRead {
     pub dropped_quantize: bool,
 }
 
-/// Keeps every eligible rounding's output as codes (see the module docs).
-pub(crate) fn keep_roundings_as_codes(program: &Program, calls: &mut [Option<LibraryCall>]) {
+/// Keeps every eligible rounding of an activation as codes (see the module docs). Weights and
+/// what is computed from them alone are left to `library_fp8_weight_codes`.
+pub(crate) fn keep_roundings_as_codes(
+    program: &Program,
+    weights: &FromWeights,
+    calls: &mut [Option<LibraryCall>],
+) {
     for position in 0..program.kernels.len() {
+        let KernelBody::Library(Library::QuantizeDequantize { x, .. }) =
+            &program.kernels[position].body
+        else {
+            continue;
+        };
+        if program.buffer(*x).role.is_fed_weight() || weights.holds_weights(*x) {
+            continue;
+        }
         let Some(kept) = eligible(program, calls, position) else {
             continue;
         };

@@ -22,7 +22,8 @@
 //!    under three tile schedules; on any GPU the portable `mma.sync` GEMM; each in every layout
 //!    (dense with 128×128 weight scales, 1×128 scales on B with accumulation, grouped experts,
 //!    also with the rows scattered, and K-grouped with an empty group). Then (3b) the
-//!    quantisation templates, every kind (the gathered ones too), input type and scale rounding,
+//!    quantisation templates, every kind (the gathered ones too), input (f32, bf16, a saved
+//!    activation's E4M3 tiles, a product of two f32 tensors) and scale rounding,
 //!    against the CPU's quantizers bit for bit, (3c) the MLA attention templates (forward,
 //!    `delta`, backward) against the exact attention of the same bf16 inputs, and (3d) the
 //!    attention calls of a program (bf16 conversions, templates, zeroing) through the executor
@@ -35,7 +36,11 @@
 //!    (cuBLASLt FP8) beside the fastest when `scripts/scaled_mm_bench.py` produced its JSON.
 //!    Then (4b) the MLA attention templates' forward and backward at DeepSeek-V3's sizes (4096
 //!    tokens, 128 heads), with PyTorch's `scaled_dot_product_attention` beside them when
-//!    `scripts/attention_bench.py` produced its JSON.
+//!    `scripts/attention_bench.py` produced its JSON; and (4c) the FP8 operand paths as written
+//!    before and as the plan runs them side by side (a saved activation rounded in f32 then
+//!    quantised twice, against one quantisation into kept codes and the re-tiling from them;
+//!    the experts' combine gradient quantised from the stored product, against from its
+//!    factors).
 //!
 //! Without a GPU it prints one line and succeeds: there is nothing to check.
 
@@ -151,6 +156,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !args.no_bench {
         println!("\n== 4b. MLA attention templates' timings at DeepSeek-V3's sizes");
         attention_bench::bench(&device, &cache, args.iters, args.torch_attention.as_deref())?;
+        println!("\n== 4c. FP8 operand paths, as written before and as the plan runs them");
+        fp8::bench_saved_operands(&device, &cache, args.iters)?;
     }
 
     let counters = cache.counters();

@@ -7,6 +7,7 @@
 mod bench;
 mod check;
 mod quantize;
+mod saved_bench;
 
 use fathom_runtime::cuda::fp8_gemm::{Fp8GemmOperands, HostFp8Operands};
 use fathom_runtime::cuda::gemm_tuning::TimingOperands;
@@ -17,6 +18,7 @@ use super::launch::noise;
 pub use bench::bench;
 pub use check::check_correctness;
 pub use quantize::check_quantize;
+pub use saved_bench::bench as bench_saved_operands;
 
 /// Host operands in the kernel's layout (see `HostFp8Operands`).
 struct HostOperands<'a> {
