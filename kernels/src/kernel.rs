@@ -87,6 +87,7 @@ pub enum ParamType {
     /// A 64-bit integer (`long long`): element strides and offsets of large tensors.
     I64,
     F32,
+    F64,
     /// A 128-byte `CUtensorMap` passed by value (`const __grid_constant__`).
     TensorMap,
 }
@@ -99,6 +100,7 @@ impl ParamType {
             ParamType::I32 => format!("int {name}"),
             ParamType::I64 => format!("long long {name}"),
             ParamType::F32 => format!("float {name}"),
+            ParamType::F64 => format!("double {name}"),
             ParamType::TensorMap => format!("const __grid_constant__ fathom::TensorMap {name}"),
         }
     }

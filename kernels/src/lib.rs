@@ -40,6 +40,7 @@ pub mod gemm_f32;
 pub mod index_ops;
 pub mod kernel;
 pub mod nvrtc;
+pub mod optimizer;
 pub mod quantize;
 pub mod tensor_map;
 mod wgmma;
@@ -57,6 +58,7 @@ pub use fp8_gemm::{
 pub use gemm_f32::{F32GemmKind, F32GemmParams};
 pub use index_ops::{IndexOp, IndexOpParams};
 pub use kernel::{ArchRequirement, Elem, KernelError, KernelParam, KernelSource, ParamType};
+pub use optimizer::OptimizerKernel;
 pub use quantize::{QuantizeInput, QuantizeKind, QuantizeParams};
 pub use tensor_map::{TensorMapDesc, TensorMapDtype, TensorMapSwizzle};
 pub use writer::SourceWriter;

@@ -25,8 +25,8 @@ use fathom_kernels::{
     AccumulateScaled, AgreementParams, BScaling, ConvertKind, ConvertParams, Elem, F32GemmKind,
     F32GemmParams, FakeQuantizeGatheredParams, FakeQuantizeParams, FallbackGemmParams,
     Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, IndexOpParams, KernelSource,
-    MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims, QuantizeInput, QuantizeKind,
-    QuantizeParams, TrainingGemm,
+    MlaAttentionBwdParams, MlaAttentionFwdParams, MlaHeadDims, OptimizerKernel, QuantizeInput,
+    QuantizeKind, QuantizeParams, TrainingGemm,
 };
 
 /// NVRTC, or `None` when the run opted out with `FATHOM_SKIP_NVRTC=1`; panics with install
@@ -248,6 +248,20 @@ fn portable_kernels() -> Vec<KernelSource> {
                 );
             }
         }
+    }
+    for kernel in [
+        OptimizerKernel::SquareSums { chunk: 1 << 14 },
+        OptimizerKernel::Scale,
+        OptimizerKernel::AdamW {
+            bf16_moments: true,
+            decay: true,
+        },
+        OptimizerKernel::AdamW {
+            bf16_moments: false,
+            decay: false,
+        },
+    ] {
+        kernels.push(kernel.instantiate().expect("optimizer"));
     }
     let dims = MlaHeadDims::DEEPSEEK_V3;
     kernels.push(
@@ -514,6 +528,13 @@ fn portable_kernels_compile_for_sm80_and_sm90a_without_spills() {
                 (arch == "sm_90a").then_some("F2FP.SATFINITE.E4M3")
             } else if kernel.name.contains("delta") {
                 None
+            } else if kernel.name.starts_with("square_sums_f64") {
+                // The optimizer's: sums in f64, the clipping's product in f64, AdamW's lerp fused.
+                Some("DADD")
+            } else if kernel.name == "scale_f64" {
+                Some("DMUL")
+            } else if kernel.name.starts_with("adamw_update") {
+                Some("FFMA")
             } else {
                 Some("HMMA")
             };

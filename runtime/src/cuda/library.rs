@@ -164,6 +164,8 @@ fn check_step_arguments(step: &LibraryStep, params: &[KernelParam]) -> Result<()
             ParamType::I32 => matches!(arg, StepArg::I32(_)),
             ParamType::I64 => matches!(arg, StepArg::I64(_)),
             ParamType::F32 => matches!(arg, StepArg::F32(_)),
+            // No library call takes a double (the optimizer's kernels run outside the plans).
+            ParamType::F64 => false,
             ParamType::TensorMap => matches!(arg, StepArg::TensorMap(..)),
         };
         if !fits {

@@ -87,6 +87,7 @@ pub enum Arg {
     I32(i32),
     I64(i64),
     F32(f32),
+    F64(f64),
     TensorMap(sys::CUtensorMap),
 }
 
@@ -131,6 +132,7 @@ pub fn launch(
             Arg::I32(v) => (v as *mut i32).cast::<c_void>(),
             Arg::I64(v) => (v as *mut i64).cast::<c_void>(),
             Arg::F32(v) => (v as *mut f32).cast::<c_void>(),
+            Arg::F64(v) => (v as *mut f64).cast::<c_void>(),
             Arg::TensorMap(m) => (m as *mut sys::CUtensorMap).cast::<c_void>(),
         })
         .collect();
