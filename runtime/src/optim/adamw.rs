@@ -120,19 +120,51 @@ pub struct MomentPart {
     pub v: Vec<f32>,
 }
 
-/// The per-step f32 scalars, rounded from f64 as PyTorch rounds its Python-float scalars.
-struct Scalars {
+/// The per-step f32 scalars of an update, rounded from f64 as PyTorch rounds its Python-float
+/// scalars: what the host's loop reads and what a device kernel must be given to compute the
+/// same bits (`fathom_kernels::optimizer`, its `ADAMW_SCALARS` in this order).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpdateScalars {
     /// `1 - lr * wd`, for the parameters that decay.
-    decay: f32,
+    pub decay: f32,
     /// `1 - beta1`, the weight of `lerp(m, g, 1 - beta1)`.
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
     /// `sqrt(1 - beta2^t)`.
-    bc2_sqrt: f32,
-    eps: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
     /// `-lr / (1 - beta1^t)`.
-    neg_step_size: f32,
+    pub neg_step_size: f32,
+}
+
+impl UpdateScalars {
+    /// The scalars of step `t` (counted from 1) at learning rate `lr`.
+    fn new(c: &AdamWConfig, t: u64, lr: f64) -> Self {
+        let t = t as f64;
+        UpdateScalars {
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            bc2_sqrt: (1.0 - c.beta2.powf(t)).sqrt() as f32,
+            eps: c.eps as f32,
+            neg_step_size: (-(lr / (1.0 - c.beta1.powf(t)))) as f32,
+        }
+    }
+
+    /// In the device kernel's order (`fathom_kernels::optimizer::ADAMW_SCALARS`).
+    pub fn in_kernel_order(&self) -> [f32; 7] {
+        [
+            self.decay,
+            self.one_minus_beta1,
+            self.beta2,
+            self.one_minus_beta2,
+            self.bc2_sqrt,
+            self.eps,
+            self.neg_step_size,
+        ]
+    }
 }
 
 /// One element-wise AdamW update, with the f32 operations of PyTorch's single-tensor AdamW on
@@ -150,7 +182,7 @@ fn update<M: Moment + Send>(
     g: &[f32],
     m: &mut [M],
     v: &mut [M],
-    s: &Scalars,
+    s: &UpdateScalars,
     decay: bool,
 ) {
     const CHUNK: usize = 1 << 14;
@@ -169,7 +201,7 @@ fn update_serial<M: Moment>(
     g: &[f32],
     m: &mut [M],
     v: &mut [M],
-    s: &Scalars,
+    s: &UpdateScalars,
     decay: bool,
 ) {
     crate::fma::with_fma(
@@ -184,7 +216,7 @@ fn update_elements<M: Moment>(
     g: &[f32],
     m: &mut [M],
     v: &mut [M],
-    s: &Scalars,
+    s: &UpdateScalars,
     decay: bool,
 ) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
@@ -325,17 +357,7 @@ impl AdamW {
             }
         }
 
-        let c = &self.config;
-        let t = (self.step + 1) as f64;
-        let scalars = Scalars {
-            decay: (1.0 - lr * c.weight_decay) as f32,
-            one_minus_beta1: (1.0 - c.beta1) as f32,
-            beta2: c.beta2 as f32,
-            one_minus_beta2: (1.0 - c.beta2) as f32,
-            bc2_sqrt: (1.0 - c.beta2.powf(t)).sqrt() as f32,
-            eps: c.eps as f32,
-            neg_step_size: (-(lr / (1.0 - c.beta1.powf(t)))) as f32,
-        };
+        let scalars = self.update_scalars(lr);
         for (name, slot) in &mut self.slots {
             let grad = &grads[name][slot.range.clone()];
             let decay = decays(name, &slot.dims);
@@ -352,6 +374,12 @@ impl AdamW {
         }
         self.step += 1;
         Ok(())
+    }
+
+    /// The scalars the next step computes with at learning rate `lr` (what a device kernel
+    /// must be given to update as [`AdamW::step`] does).
+    pub fn update_scalars(&self, lr: f64) -> UpdateScalars {
+        UpdateScalars::new(&self.config, self.step + 1, lr)
     }
 
     /// Bytes of moments held (both of them, at their precision).

@@ -377,7 +377,7 @@ fn from_state_refuses_bad_state_naming_the_tensor() {
 
 #[test]
 fn the_fma_instruction_and_fmaf_update_alike() {
-    let s = Scalars {
+    let s = UpdateScalars {
         decay: 0.999,
         one_minus_beta1: 0.1,
         beta2: 0.95,

@@ -53,8 +53,9 @@ pub fn accumulate_owned(into: &mut Grads, grads: Grads, scale: f32) -> Result<()
 }
 
 /// The elements of a gradient whose squares are summed together (in parallel with the other
-/// chunks): fixed, so that the norm does not depend on the thread count.
-const NORM_CHUNK: usize = 1 << 14;
+/// chunks): fixed, so that the norm does not depend on the thread count (nor on the device:
+/// `fathom_kernels::optimizer` sums the same chunks in the same order).
+pub const NORM_CHUNK: usize = 1 << 14;
 
 /// The L2 norm of all gradients together, accumulated in f64 (deterministic): sums of squares
 /// of fixed chunks of each gradient (computed in parallel), added in name and chunk order.
@@ -127,17 +128,23 @@ pub fn clip_global_norm(grads: &mut Grads, max_norm: Option<f64>) -> Result<f64,
 /// [`clip_global_norm`] with the norm already known (summed over every rank's gradients, when
 /// `grads` are one rank's part of them).
 pub fn clip_to_norm(grads: &mut Grads, norm: f64, max_norm: Option<f64>) -> Result<(), OptimError> {
-    let Some(max_norm) = max_norm else {
-        return Ok(());
-    };
-    positive("max_norm", max_norm)?;
-    let coef = max_norm / (norm + 1e-6);
-    if norm.is_finite() && coef < 1.0 {
+    if let Some(coef) = clip_coefficient(norm, max_norm)? {
         for x in grads.values_mut().flat_map(|g| g.iter_mut()) {
             *x = (f64::from(*x) * coef) as f32;
         }
     }
     Ok(())
+}
+
+/// What [`clip_to_norm`] multiplies every gradient value by (in f64, rounding back to f32):
+/// `max_norm / (norm + 1e-6)` when that is below 1 and the norm finite, else nothing (`None`).
+pub fn clip_coefficient(norm: f64, max_norm: Option<f64>) -> Result<Option<f64>, OptimError> {
+    let Some(max_norm) = max_norm else {
+        return Ok(None);
+    };
+    positive("max_norm", max_norm)?;
+    let coef = max_norm / (norm + 1e-6);
+    Ok((norm.is_finite() && coef < 1.0).then_some(coef))
 }
 
 #[cfg(test)]

@@ -18,12 +18,12 @@ mod schedule;
 mod store;
 mod zero;
 
-pub use adamw::{AdamW, MomentPart};
+pub use adamw::{AdamW, MomentPart, UpdateScalars};
 pub use balance::{LoadStats, add_expert_load, update_balancing_bias};
 pub use config::{AdamWConfig, MomentPrecision, decays, is_balancing_bias};
 pub use grads::{
-    accumulate, accumulate_owned, clip_global_norm, clip_to_norm, global_norm, norm_of_square_sums,
-    square_sums,
+    NORM_CHUNK, accumulate, accumulate_owned, clip_coefficient, clip_global_norm, clip_to_norm,
+    global_norm, norm_of_square_sums, square_sums,
 };
 pub use schedule::LrSchedule;
 pub use store::ParamStore;

@@ -27,7 +27,9 @@
 //!    against the CPU's quantizers bit for bit, (3c) the MLA attention templates (forward,
 //!    `delta`, backward) against the exact attention of the same bf16 inputs, and (3d) the
 //!    attention calls of a program (bf16 conversions, templates, zeroing) through the executor
-//!    against the interpreter. A launch that
+//!    against the interpreter, and (3e) the optimizer's device kernels (the norm's sums of
+//!    squares, the clipping, AdamW with f32 and bf16 moments) against the host's, bit for bit.
+//!    A launch that
 //!    does not finish within seconds stops the check with its name; these run after the
 //!    training steps, so that a hang leaves them checked.
 //! 4. The FP8 GEMM's time at DeepSeek-V3 shapes (and the layouts cuBLASLt has no counterpart
@@ -48,6 +50,7 @@ mod attention;
 mod attention_bench;
 mod fp8;
 mod launch;
+mod optimizer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -144,6 +147,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     failures.extend(attention::check_attention(&device, &cache)?);
     println!("\n== 3d. attention as the CUDA backend compiles it, against the interpreter");
     failures.extend(attention::check_attention_calls(&device, &cache)?);
+    println!("\n== 3e. the optimizer's device kernels against the host's optimizer, bit for bit");
+    failures.extend(optimizer::check_optimizer(&device, &cache)?);
 
     if args.no_bench {
         println!("\n== 4. FP8 GEMM timings: skipped (--no-bench)");
