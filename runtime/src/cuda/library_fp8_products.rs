@@ -74,20 +74,27 @@ struct Product {
     factors: [(View, FactorIndex); 2],
 }
 
+/// The views of a loop nest whose body is one store of the product of two loads: where it
+/// stores, and the factors, in the expression's order.
+pub(crate) fn product_of_loads(nest: &LoopNest) -> Option<(&View, &View, &View)> {
+    let [
+        Stmt::Store {
+            view,
+            value: Expr::Binary(BinaryOp::Mul, x, y),
+        },
+    ] = nest.body.as_slice()
+    else {
+        return None;
+    };
+    match (x.as_ref(), y.as_ref()) {
+        (Expr::Load(x), Expr::Load(y)) => Some((view, x, y)),
+        _ => None,
+    }
+}
+
 impl Product {
     fn of(program: &Program, nest: &LoopNest) -> Option<Self> {
-        let [
-            Stmt::Store {
-                view,
-                value: Expr::Binary(BinaryOp::Mul, x, y),
-            },
-        ] = nest.body.as_slice()
-        else {
-            return None;
-        };
-        let (Expr::Load(x), Expr::Load(y)) = (x.as_ref(), y.as_ref()) else {
-            return None;
-        };
+        let (view, x, y) = product_of_loads(nest)?;
         let (&cols, rows) = nest.domain.split_last()?;
         let rows: usize = rows.iter().product();
         let out = view.buffer;

@@ -261,27 +261,13 @@ fn rounded_values(
 /// GPU's quantisations may read its factors in its place (`library_fp8_products`), so a test
 /// gives the product the factors' values.
 fn stored_product(program: &Program, buffer: BufferId) -> Option<(LoopNest, View, View)> {
-    use fathom_compiler::graph::BinaryOp;
-    use fathom_compiler::kernel::{Expr, Stmt};
+    use crate::cuda::library_fp8_products::product_of_loads;
     program.kernels.iter().find_map(|k| {
         let KernelBody::Loop(nest) = &k.body else {
             return None;
         };
-        let [
-            Stmt::Store {
-                view,
-                value: Expr::Binary(BinaryOp::Mul, x, y),
-            },
-        ] = nest.body.as_slice()
-        else {
-            return None;
-        };
-        match (x.as_ref(), y.as_ref()) {
-            (Expr::Load(x), Expr::Load(y)) if view.buffer == buffer => {
-                Some((nest.clone(), x.clone(), y.clone()))
-            }
-            _ => None,
-        }
+        let (out, x, y) = product_of_loads(nest)?;
+        (out.buffer == buffer).then(|| (nest.clone(), x.clone(), y.clone()))
     })
 }
 
