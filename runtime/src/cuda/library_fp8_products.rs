@@ -98,14 +98,13 @@ impl Product {
         let (&cols, rows) = nest.domain.split_last()?;
         let rows: usize = rows.iter().product();
         let out = view.buffer;
-        // The whole output, row-major over the domain.
-        let contiguous = FactorIndex::of(view, &nest.domain)
-            == Some(FactorIndex {
-                div: 1,
-                row_stride: cols,
-                col_stride: 1,
-            })
-            || (rows == 1 && cols == 1);
+        // The whole output, row-major over the domain (a stride along an axis of one element
+        // is never taken).
+        let contiguous = FactorIndex::of(view, &nest.domain).is_some_and(|index| {
+            index.div == 1
+                && (index.col_stride == 1 || cols == 1)
+                && (index.row_stride == cols || rows == 1)
+        });
         let whole = program.buffer(out).ty.numel() == rows * cols;
         if !(contiguous && whole && matches!(program.buffer(out).role, BufferRole::Temporary)) {
             return None;
@@ -267,6 +266,8 @@ mod tests {
             index(1, 64, 1)
         );
         assert_eq!(FactorIndex::of(&view(&[32, 1]), &[4, 32]), index(1, 32, 1));
+        // One row (a 1-D domain): no row stride.
+        assert_eq!(FactorIndex::of(&view(&[1]), &[64]), index(1, 0, 1));
         // A transposed view: columns apart by its row count.
         assert_eq!(FactorIndex::of(&view(&[1, 16]), &[16, 64]), index(1, 1, 16));
         // Broadcast over the outer axis alone, an offset: not of the form.
