@@ -28,6 +28,15 @@
 //! of it, made once per weights version by launches of their own
 //! ([`super::library_fp8_weight_codes`]). Kernels that read indices report an invalid one in
 //! the status words, tagged with the call's position in the program plus one.
+//!
+//! After each call is planned, the FP8 plans are rewritten across calls, in order: roundings
+//! read only by the products' quantisations are skipped, those read from their source
+//! ([`super::library_fp8`]); a saved activation's rounding keeps its E4M3 codes in its own
+//! buffer for the forward and backward products to read ([`super::library_fp8_saved`]); a
+//! loop nest storing a product read only by quantisations launches nothing, its readers
+//! multiplying the factors ([`super::library_fp8_products`]); repeated quantisations are
+//! shared ([`super::library_fp8_sharing`]); the weights' codes are made once per weights
+//! version.
 
 use std::collections::{HashMap, HashSet};
 
@@ -308,8 +317,9 @@ pub struct RoundingCount {
     pub kept_elements: u64,
 }
 
-/// The library calls of a program, by kernel position (`None` for loop nests), and the
-/// weights' FP8 codes they read (made once per weights version, before the calls).
+/// The library calls of a program, by kernel position (`None` for loop nests, but for a loop
+/// nest that launches nothing, a call with no steps saying why), and the weights' FP8 codes
+/// they read (made once per weights version, before the calls).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LibraryPlan {
     pub calls: Vec<Option<LibraryCall>>,
