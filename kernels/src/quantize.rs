@@ -227,6 +227,16 @@ impl QuantizeParams {
         )
     }
 
+    /// How many of [`QuantizeParams::kernel_params`] describe the input: they come first (`x`,
+    /// then the input's own), and the rest are every input's alike.
+    pub fn input_params(&self) -> usize {
+        match self.input {
+            QuantizeInput::F32 | QuantizeInput::Bf16 => 1,
+            QuantizeInput::E4m3Tiles => 3,
+            QuantizeInput::F32Product => 2 + PRODUCT_INTS.len(),
+        }
+    }
+
     pub fn kernel_params(&self) -> Vec<KernelParam> {
         let mut params = vec![KernelParam::new(
             "x",
@@ -365,6 +375,34 @@ mod tests {
                 .source
                 .contains("fathom::quantize_128x128<float, false, true>(")
         );
+    }
+
+    /// Every input's parameters come first, then the same ones for every input.
+    #[test]
+    fn the_inputs_parameters_lead() {
+        let kinds = [
+            QuantizeKind::Tile1x128,
+            QuantizeKind::GatheredTile1x128,
+            QuantizeKind::Tile128x1Transposed,
+            QuantizeKind::GatheredTile128x1Transposed,
+        ];
+        for kind in kinds {
+            let plain = QuantizeParams {
+                kind,
+                input: QuantizeInput::F32,
+                pow2_scales: false,
+            };
+            let rest = |p: QuantizeParams| p.kernel_params()[p.input_params()..].to_vec();
+            for input in [
+                QuantizeInput::Bf16,
+                QuantizeInput::E4m3Tiles,
+                QuantizeInput::F32Product,
+            ] {
+                let other = QuantizeParams { input, ..plain };
+                assert_eq!(rest(other), rest(plain), "{}", other.name());
+                assert_eq!(other.kernel_params()[0].name, "x");
+            }
+        }
     }
 
     /// A saved activation's codes re-quantised: the codes, their scales and their own rows come

@@ -267,7 +267,7 @@ impl LibraryStep {
 }
 
 /// The steps of one library call (none when its output is empty).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct LibraryCall {
     /// The kernel IR's name for it.
     pub name: String,
@@ -352,11 +352,7 @@ impl LibraryPlan {
                         scratch_ints,
                         scratch_bytes: planned.scratch_bytes,
                         note: planned.note,
-                        skipped: None,
-                        reused: Vec::new(),
-                        weight_codes: Vec::new(),
-                        keeps_codes: None,
-                        reads_codes: Vec::new(),
+                        ..LibraryCall::default()
                     }));
                 }
                 Err(reason) => {

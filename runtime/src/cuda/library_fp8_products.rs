@@ -14,13 +14,11 @@
 //! naming the product is such a `quantize` reading it whole.
 
 use fathom_compiler::graph::BinaryOp;
-use fathom_compiler::kernel::{
-    BufferId, BufferRole, Expr, KernelBody, LoopNest, Program, Stmt, View,
-};
-use fathom_kernels::{QuantizeInput, QuantizeParams};
+use fathom_compiler::kernel::{BufferId, Expr, KernelBody, LoopNest, Program, Stmt, View};
+use fathom_kernels::QuantizeInput;
 
-use super::library::{LibraryCall, LibraryKernel, StepArg};
-use super::library_fp8_saved::reads_whole;
+use super::library::{LibraryCall, StepArg};
+use super::library_fp8_saved::{quantize_only_readers, read_input_as};
 
 /// Why a loop nest launches nothing on the GPU.
 pub(crate) const PRODUCT_QUANTIZED_WHERE_READ: &str =
@@ -106,7 +104,8 @@ impl Product {
                 && (index.row_stride == cols || rows == 1)
         });
         let whole = program.buffer(out).ty.numel() == rows * cols;
-        if !(contiguous && whole && matches!(program.buffer(out).role, BufferRole::Temporary)) {
+        // (Whether it is a temporary no output holds, `quantize_only_readers` checks.)
+        if !(contiguous && whole) {
             return None;
         }
         let x_index = FactorIndex::of(x, &nest.domain)?;
@@ -137,32 +136,10 @@ pub(crate) fn quantize_products_where_read(program: &Program, calls: &mut [Optio
             continue;
         };
         let out = product.out;
-        if program
-            .outputs
-            .iter()
-            .any(|(_, b)| program.holder(*b).0 == out)
-        {
+        let shape = (product.rows, product.cols);
+        let Some(readers) = quantize_only_readers(program, calls, out, shape, position) else {
             continue;
-        }
-        // Every step naming the product is a quantisation reading it whole; no loop nest
-        // reads it.
-        let loop_reads = (program.kernels.iter().enumerate()).any(|(j, k)| {
-            j != position
-                && matches!(k.body, KernelBody::Loop(_))
-                && k.reads_and_writes().0.contains(&out)
-        });
-        let readers: Vec<usize> = (calls.iter().enumerate())
-            .filter(|(_, call)| {
-                let mut steps = call.iter().flat_map(|c| &c.steps);
-                steps.any(|s| s.args.iter().any(|a| a.buffer() == Some(out)))
-            })
-            .map(|(j, _)| j)
-            .collect();
-        let all_quantize = readers.iter().all(|&j| {
-            let steps = calls[j].iter().flat_map(|c| &c.steps);
-            let mut naming = steps.filter(|s| s.args.iter().any(|a| a.buffer() == Some(out)));
-            naming.all(|s| reads_whole(s, out, product.rows, product.cols))
-        });
+        };
         // The factors as the loop nest would read them, until the last quantisation.
         let last = readers.iter().copied().max().unwrap_or(position);
         let factors: Vec<BufferId> = (product.factors.iter())
@@ -170,37 +147,21 @@ pub(crate) fn quantize_products_where_read(program: &Program, calls: &mut [Optio
             .collect();
         let factors_change =
             (position..=last).any(|k| writes[k].iter().any(|w| factors.contains(w)));
-        if loop_reads || readers.is_empty() || !all_quantize || factors_change {
+        if readers.is_empty() || factors_change {
             continue;
         }
         let [(x, _), (y, _)] = &product.factors;
+        let mut source = vec![StepArg::Buffer(x.buffer, 0), StepArg::Buffer(y.buffer, 0)];
+        source.extend(ints.map(StepArg::I32));
         for &j in &readers {
-            let steps = calls[j].iter_mut().flat_map(|c| c.steps.iter_mut());
-            for step in steps.filter(|s| s.args.iter().any(|a| a.buffer() == Some(out))) {
-                let LibraryKernel::Quantize(params) = step.kernel else {
-                    continue;
-                };
-                step.kernel = LibraryKernel::Quantize(QuantizeParams {
-                    input: QuantizeInput::F32Product,
-                    ..params
-                });
-                let mut args = vec![StepArg::Buffer(x.buffer, 0), StepArg::Buffer(y.buffer, 0)];
-                args.extend(ints.map(StepArg::I32));
-                args.extend(step.args.iter().skip(1).copied());
-                step.args = args;
+            if let Some(call) = calls[j].as_mut() {
+                read_input_as(call, out, QuantizeInput::F32Product, &source);
             }
         }
         calls[position] = Some(LibraryCall {
             name: kernel.name.clone(),
-            steps: Vec::new(),
-            scratch_ints: 0,
-            scratch_bytes: 0,
-            note: None,
             skipped: Some(PRODUCT_QUANTIZED_WHERE_READ),
-            reused: Vec::new(),
-            weight_codes: Vec::new(),
-            keeps_codes: None,
-            reads_codes: Vec::new(),
+            ..LibraryCall::default()
         });
     }
 }

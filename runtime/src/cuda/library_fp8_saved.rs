@@ -17,14 +17,12 @@
 //! The buffer then needs only the codes' and scales' bytes ([`KeptCodes::bytes`]), a little
 //! over a quarter of its f32 values (`LibraryPlan::memory_plan` sizes it so).
 
-use std::collections::HashSet;
-
 use fathom_compiler::kernel::{BufferId, BufferRole, KernelBody, Library, Program};
 use fathom_kernels::{QuantizeInput, QuantizeKind, QuantizeParams};
 
 use super::library::{LibraryCall, LibraryKernel, LibraryStep, Place, StepArg};
-use super::library_fp8::REGION_ALIGN;
-use super::library_fp8_sharing::Written;
+use super::library_fp8::{Fp8Operand, REGION_ALIGN};
+use super::library_fp8_sharing::{Written, relocate};
 use super::library_fp8_weight_codes::FromWeights;
 
 /// A rounding's output holding its E4M3 codes and scales instead of its values.
@@ -92,50 +90,36 @@ fn eligible(
         return None;
     };
     let out = *out;
-    let call = calls[position].as_ref()?;
-    let [step] = call.steps.as_slice() else {
+    let [step] = calls[position].as_ref()?.steps.as_slice() else {
         return None;
     };
-    if !matches!(step.kernel, LibraryKernel::FakeQuantize(_))
-        || !matches!(program.buffer(out).role, BufferRole::Temporary)
-        || program
-            .outputs
-            .iter()
-            .any(|(_, b)| program.holder(*b).0 == out)
-    {
-        return None;
-    }
     let numel = program.buffer(out).ty.numel();
     let cols = *program.buffer(out).ty.dims().last()?;
     let rows = numel / cols;
-    let tiles = QuantizeParams {
-        kind: QuantizeKind::Tile1x128,
-        input: QuantizeInput::F32,
-        pow2_scales: false,
+    // The kernels' ints.
+    i32::try_from(rows).ok()?;
+    i32::try_from(cols).ok()?;
+    // Laid out as a kept quantisation is (`library_fp8_sharing`): codes, then the scales.
+    let codes = Fp8Operand {
+        quantize: QuantizeParams {
+            kind: QuantizeKind::Tile1x128,
+            input: QuantizeInput::F32,
+            pow2_scales: false,
+        },
+        source: StepArg::Buffer(out, 0),
+        source_rows: None,
+        rows,
+        cols,
+        matrices: 1,
     };
-    let (code_rows, code_cols) = tiles.codes_shape(rows, cols);
-    let scales_at = (code_rows * code_cols).next_multiple_of(REGION_ALIGN);
-    let bytes = scales_at + 4 * cols.div_ceil(128) * rows.next_multiple_of(4);
-    if bytes > 4 * numel {
+    let scales_at = codes.code_bytes().next_multiple_of(REGION_ALIGN);
+    let bytes = scales_at + codes.scale_bytes();
+    let fits = bytes <= 4 * numel;
+    let fake_quantize = matches!(step.kernel, LibraryKernel::FakeQuantize(_));
+    if !(fits && fake_quantize) {
         return None;
     }
-    // No loop nest reads it, and every step naming it (in any call but its rounding) is a
-    // `quantize` reading it whole as `[rows][cols]`.
-    let loop_reads = (program.kernels.iter()).any(|k| {
-        !matches!(k.body, KernelBody::Library(_)) && k.reads_and_writes().0.contains(&out)
-    });
-    if loop_reads {
-        return None;
-    }
-    let readers = (calls.iter().enumerate())
-        .filter(|(j, _)| *j != position)
-        .flat_map(|(_, c)| c.iter().flat_map(|c| &c.steps));
-    for step in readers {
-        if step.args.iter().any(|a| a.buffer() == Some(out)) && !reads_whole(step, out, rows, cols)
-        {
-            return None;
-        }
-    }
+    quantize_only_readers(program, calls, out, (rows, cols), position)?;
     Some(KeptCodes {
         buffer: out,
         rows,
@@ -145,9 +129,68 @@ fn eligible(
     })
 }
 
+/// The positions of the calls whose steps name `out`, a temporary of `program` that no output
+/// holds, when each of those steps (in any call but the one at `except`, its writer's) is an
+/// f32 activation `quantize` reading `out` whole as `[rows][cols]` and no loop nest reads it;
+/// `None` otherwise. What lets a pass change how `out` is held, and its readers read it.
+pub(crate) fn quantize_only_readers(
+    program: &Program,
+    calls: &[Option<LibraryCall>],
+    out: BufferId,
+    (rows, cols): (usize, usize),
+    except: usize,
+) -> Option<Vec<usize>> {
+    let private = matches!(program.buffer(out).role, BufferRole::Temporary)
+        && !(program.outputs.iter()).any(|(_, b)| program.holder(*b).0 == out);
+    let loop_reads = (program.kernels.iter())
+        .any(|k| matches!(k.body, KernelBody::Loop(_)) && k.reads_and_writes().0.contains(&out));
+    if !private || loop_reads {
+        return None;
+    }
+    let mut readers = Vec::new();
+    for (position, call) in calls.iter().enumerate().filter(|(j, _)| *j != except) {
+        let steps = call.iter().flat_map(|c| &c.steps);
+        let mut naming = steps.filter(|s| s.args.iter().any(|a| a.buffer() == Some(out)));
+        let mut any = false;
+        for step in naming.by_ref() {
+            if !reads_whole(step, out, rows, cols) {
+                return None;
+            }
+            any = true;
+        }
+        if any {
+            readers.push(position);
+        }
+    }
+    Some(readers)
+}
+
+/// The `quantize` steps of `call` that name `out` (those [`quantize_only_readers`] admitted),
+/// made to read their input as `input` from `source` (the arguments of its leading parameters,
+/// `QuantizeParams::input_params`) instead of the f32 `x`; their other arguments stay.
+pub(crate) fn read_input_as(
+    call: &mut LibraryCall,
+    out: BufferId,
+    input: QuantizeInput,
+    source: &[StepArg],
+) {
+    for step in &mut call.steps {
+        let LibraryKernel::Quantize(params) = step.kernel else {
+            continue;
+        };
+        if step.args.iter().all(|a| a.buffer() != Some(out)) {
+            continue;
+        }
+        let mut args = source.to_vec();
+        args.extend(step.args.iter().skip(params.input_params()).copied());
+        step.kernel = LibraryKernel::Quantize(QuantizeParams { input, ..params });
+        step.args = args;
+    }
+}
+
 /// Whether `step` is an f32 activation `quantize` whose only use of `buffer` is reading it
 /// whole as `[rows][cols]` (a gathered kind: rows of it).
-pub(crate) fn reads_whole(step: &LibraryStep, buffer: BufferId, rows: usize, cols: usize) -> bool {
+fn reads_whole(step: &LibraryStep, buffer: BufferId, rows: usize, cols: usize) -> bool {
     let LibraryKernel::Quantize(params) = step.kernel else {
         return false;
     };
@@ -181,11 +224,8 @@ fn keep(program: &Program, calls: &mut [Option<LibraryCall>], position: usize, k
         input: QuantizeInput::F32,
         pow2_scales: *pow2_scales,
     };
-    // Sizes past the kernels' 32-bit ints keep the rounding as it was.
-    let (Ok(rows_arg), Ok(cols_arg)) = (i32::try_from(kept.rows), i32::try_from(kept.cols)) else {
-        return;
-    };
-    let (rows, cols) = (rows_arg.unsigned_abs(), cols_arg.unsigned_abs());
+    // `eligible` checked that they fit the kernels' ints.
+    let (rows, cols) = (kept.rows as u32, kept.cols as u32);
     let Some(rounding) = calls[position].as_mut() else {
         return;
     };
@@ -196,73 +236,50 @@ fn keep(program: &Program, calls: &mut [Option<LibraryCall>], position: usize, k
             StepArg::Buffer(*x, 0),
             StepArg::BufferBytes(out, 0),
             StepArg::BufferBytes(out, kept.scales_at),
-            StepArg::I32(rows_arg),
-            StepArg::I32(cols_arg),
+            StepArg::I32(rows as i32),
+            StepArg::I32(cols as i32),
         ],
     }];
     rounding.keeps_codes = Some(kept);
     let from_name = rounding.name.clone();
-    for (j, call) in calls.iter_mut().enumerate() {
-        let Some(call) = call.as_mut().filter(|_| j != position) else {
+    let codes = [
+        StepArg::BufferBytes(out, 0),
+        StepArg::BufferBytes(out, kept.scales_at),
+        StepArg::I32(rows as i32),
+    ];
+    let readers = quantize_only_readers(program, calls, out, (kept.rows, kept.cols), position);
+    for j in readers.unwrap_or_default() {
+        let Some(call) = calls[j].as_mut() else {
             continue;
         };
-        let mut read = None;
-        let mut index = 0;
-        while index < call.steps.len() {
-            // `eligible` admitted `quantize` steps alone among the steps naming `out`.
-            let step = &call.steps[index];
-            let (LibraryKernel::Quantize(params), true) = (
-                step.kernel,
-                step.args.iter().any(|a| a.buffer() == Some(out)),
-            ) else {
-                index += 1;
-                continue;
-            };
-            // The same codes as the kept ones: the GEMM reads those instead.
-            if params == tiles
-                && let Some((_, _, written)) = Written::of(step)
-            {
-                call.steps.remove(index);
-                super::library_fp8_sharing::relocate(
-                    &mut call.steps,
-                    &written,
-                    Place::Buffer(out, 0),
-                );
-                read = Some(true);
-                continue;
-            }
-            let step = &mut call.steps[index];
-            step.kernel = LibraryKernel::Quantize(QuantizeParams {
-                input: QuantizeInput::E4m3Tiles,
-                ..params
-            });
-            let mut args = vec![
-                StepArg::BufferBytes(out, 0),
-                StepArg::BufferBytes(out, kept.scales_at),
-                StepArg::I32(rows_arg),
-            ];
-            args.extend(step.args.iter().skip(1).copied());
-            step.args = args;
-            read.get_or_insert(false);
-            index += 1;
+        // A quantisation making the same codes as the kept ones: the GEMM reads those instead.
+        let same_codes = |step: &LibraryStep| {
+            let names_out = step.args.iter().any(|a| a.buffer() == Some(out));
+            let same = names_out && step.kernel == LibraryKernel::Quantize(tiles);
+            same.then(|| Written::of(step)).flatten()
+        };
+        let mut dropped_quantize = false;
+        while let Some((index, written)) =
+            (call.steps.iter().enumerate()).find_map(|(i, s)| Some((i, same_codes(s)?.2)))
+        {
+            call.steps.remove(index);
+            relocate(&mut call.steps, &written, Place::Buffer(out, 0));
+            dropped_quantize = true;
         }
-        if let Some(dropped_quantize) = read {
-            call.reads_codes.push(CodesRead {
-                from: position,
-                from_name: from_name.clone(),
-                buffer: out,
-                dropped_quantize,
-            });
-        }
+        read_input_as(call, out, QuantizeInput::E4m3Tiles, &codes);
+        call.reads_codes.push(CodesRead {
+            from: position,
+            from_name: from_name.clone(),
+            buffer: out,
+            dropped_quantize,
+        });
     }
 }
 
 /// The buffers whose storage holds kept codes, and the bytes each needs.
 pub(crate) fn kept_sizes(calls: &[Option<LibraryCall>]) -> Vec<(BufferId, usize)> {
-    let mut seen = HashSet::new();
     (calls.iter().flatten())
         .filter_map(|c| c.keeps_codes)
-        .filter(|k| seen.insert(k.buffer))
         .map(|k| (k.buffer, k.bytes))
         .collect()
 }

@@ -424,14 +424,7 @@ fn a_step_with_arguments_its_kernel_does_not_take_is_refused() {
         calls: vec![Some(LibraryCall {
             name: "k0_fill".into(),
             steps: vec![step],
-            scratch_ints: 0,
-            scratch_bytes: 0,
-            note: None,
-            skipped: None,
-            reused: Vec::new(),
-            weight_codes: Vec::new(),
-            keeps_codes: None,
-            reads_codes: Vec::new(),
+            ..LibraryCall::default()
         })],
         ..LibraryPlan::default()
     };
