@@ -1,8 +1,9 @@
 //! The steps of the FP8 plans run on the CPU, each kernel replaced by what its contract (the
 //! template's comments and `fathom_kernels`' parameter docs) says it computes, reading and
 //! writing where the step's arguments point: program buffers (as f32 values, or as the bytes of
-//! their storage), the int scratch, the byte scratch, through tensor maps for the Hopper GEMM. Written from the contracts, not from the planner, so
-//! that a planner that points a kernel at the wrong place, in the wrong layout, fails.
+//! their storage), the int scratch, the byte scratch, through tensor maps for the Hopper GEMM.
+//! Written from the contracts, not from the planner, so that a planner that points a kernel at
+//! the wrong place, in the wrong layout, fails.
 
 use std::collections::HashMap;
 

@@ -138,7 +138,7 @@ impl Written {
     }
 
     /// Where the kept copy's scales start, from its start.
-    pub(crate) fn kept_scales(&self) -> usize {
+    fn kept_scales(&self) -> usize {
         self.code_bytes.next_multiple_of(REGION_ALIGN)
     }
 
