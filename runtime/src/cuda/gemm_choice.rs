@@ -10,7 +10,7 @@ use fathom_kernels::{
     BScaling, Fp8GemmParams, GemmGrouping, GemmOutput, GemmProblem, TensorMapDesc, TileSchedule,
 };
 
-use super::library::{LibraryKernel, LibraryPlan, LibraryStep, StepArg};
+use super::library::{LibraryKernel, LibraryPlan, LibraryStep, StepArg, count_arg};
 use super::library_fp8::ordered;
 
 /// What an FP8 GEMM's choice of tile depends on besides the device: the problem, B's scaling,
@@ -85,10 +85,7 @@ pub fn step_form(step: &LibraryStep) -> Option<GemmForm> {
         return None;
     };
     let named = step.named_args();
-    let int = |name: &str| match named.get(name) {
-        Some(StepArg::I32(v)) => u32::try_from(*v).ok(),
-        _ => None,
-    };
+    let int = |name: &str| u32::try_from(count_arg(&named, name)?).ok();
     let (m, n, k) = (int("m")?, int("n")?, int("k")?);
     let groups = match params.grouping {
         GemmGrouping::Dense => 1,

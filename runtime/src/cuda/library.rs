@@ -194,6 +194,15 @@ pub(crate) fn int_arg(value: usize, what: &str) -> Result<StepArg, String> {
         .map_err(|_| format!("{what} = {value} does not fit the kernels' 32-bit int"))
 }
 
+/// The non-negative `int` argument `name` of a step's arguments by name
+/// ([`LibraryStep::named_args`]), if it has one: what [`int_arg`] made.
+pub(crate) fn count_arg(named: &HashMap<&str, StepArg>, name: &str) -> Option<usize> {
+    match named.get(name) {
+        Some(StepArg::I32(v)) => usize::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
 /// One argument of a step, in the kernel's parameter order.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum StepArg {

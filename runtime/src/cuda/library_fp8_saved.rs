@@ -20,7 +20,7 @@
 use fathom_compiler::kernel::{BufferId, BufferRole, KernelBody, Library, Program};
 use fathom_kernels::{QuantizeInput, QuantizeKind, QuantizeParams};
 
-use super::library::{LibraryCall, LibraryKernel, LibraryStep, Place, StepArg};
+use super::library::{LibraryCall, LibraryKernel, LibraryStep, Place, StepArg, count_arg};
 use super::library_fp8::{Fp8Operand, REGION_ALIGN};
 use super::library_fp8_sharing::{Written, relocate};
 use super::library_fp8_weight_codes::FromWeights;
@@ -195,10 +195,6 @@ fn reads_whole(step: &LibraryStep, buffer: BufferId, rows: usize, cols: usize) -
         return false;
     };
     let named = step.named_args();
-    let int = |name: &str| match named.get(name) {
-        Some(StepArg::I32(v)) => usize::try_from(*v).ok(),
-        _ => None,
-    };
     let names_buffer_once = (step.args.iter())
         .filter(|a| a.buffer() == Some(buffer))
         .count()
@@ -207,8 +203,8 @@ fn reads_whole(step: &LibraryStep, buffer: BufferId, rows: usize, cols: usize) -
         && !matches!(params.kind, QuantizeKind::Block128x128 { .. })
         && named.get("x") == Some(&StepArg::Buffer(buffer, 0))
         && names_buffer_once
-        && int("cols") == Some(cols)
-        && (params.kind.gathers() || int("rows") == Some(rows))
+        && count_arg(&named, "cols") == Some(cols)
+        && (params.kind.gathers() || count_arg(&named, "rows") == Some(rows))
 }
 
 /// Makes the rounding at `position` keep `kept`, and its readers read it.
