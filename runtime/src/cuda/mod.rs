@@ -14,6 +14,7 @@ pub mod alloc;
 pub mod attention_samples;
 pub mod cache;
 pub mod device;
+pub mod device_optimizer;
 pub mod executor;
 pub mod fp8_gemm;
 pub mod gemm_choice;

@@ -140,7 +140,7 @@ pub struct UpdateScalars {
 
 impl UpdateScalars {
     /// The scalars of step `t` (counted from 1) at learning rate `lr`.
-    fn new(c: &AdamWConfig, t: u64, lr: f64) -> Self {
+    pub fn for_step(c: &AdamWConfig, t: u64, lr: f64) -> Self {
         let t = t as f64;
         UpdateScalars {
             decay: (1.0 - lr * c.weight_decay) as f32,
@@ -191,6 +191,31 @@ fn update<M: Moment + Send>(
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
         .for_each(|(((p, g), m), v)| update_serial(p, g, m, v, s, decay));
+}
+
+/// The update [`AdamW::step`] makes of elements with f32 moments: what the device's
+/// `adamw_update_f32` kernels are held to (an emulator of the device optimizer runs it).
+pub fn update_with_f32_moments(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &UpdateScalars,
+    decay: bool,
+) {
+    update(p, g, m, v, s, decay);
+}
+
+/// [`update_with_f32_moments`] with bf16 moments (`adamw_update_bf16` on the device).
+pub fn update_with_bf16_moments(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [bf16],
+    v: &mut [bf16],
+    s: &UpdateScalars,
+    decay: bool,
+) {
+    update(p, g, m, v, s, decay);
 }
 
 /// [`update_elements`] with the CPU's fused multiply-add instruction where it has one
@@ -379,7 +404,7 @@ impl AdamW {
     /// The scalars the next step computes with at learning rate `lr` (what a device kernel
     /// must be given to update as [`AdamW::step`] does).
     pub fn update_scalars(&self, lr: f64) -> UpdateScalars {
-        UpdateScalars::new(&self.config, self.step + 1, lr)
+        UpdateScalars::for_step(&self.config, self.step + 1, lr)
     }
 
     /// Bytes of moments held (both of them, at their precision).

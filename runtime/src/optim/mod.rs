@@ -18,7 +18,9 @@ mod schedule;
 mod store;
 mod zero;
 
-pub use adamw::{AdamW, MomentPart, UpdateScalars};
+pub use adamw::{
+    AdamW, MomentPart, UpdateScalars, update_with_bf16_moments, update_with_f32_moments,
+};
 pub use balance::{LoadStats, add_expert_load, update_balancing_bias};
 pub use config::{AdamWConfig, MomentPrecision, decays, is_balancing_bias};
 pub use grads::{
