@@ -354,11 +354,11 @@ fn train(args: &Args, corpus: &Corpus, seed: u64, label: &str) -> anyhow::Result
     };
     let mut trainer = Trainer::new(spec, settings(args, policy), weights, Box::new(data))?;
     let started = Instant::now();
-    let mut curve = vec![(0, held_out.loss(trainer.weights())?)];
+    let mut curve = vec![(0, held_out.loss(trainer.weights()?)?)];
     while !trainer.is_done() {
         let report = trainer.step()?;
         if report.step % args.eval_every == 0 || report.step == args.steps {
-            let loss = held_out.loss(trainer.weights())?;
+            let loss = held_out.loss(trainer.weights()?)?;
             curve.push((report.step, loss));
             eprintln!(
                 "seed {seed} {label:>16} step {:>4}/{}  train {:.4}  held-out {loss:.4}  {:.0} tok/s",
@@ -373,7 +373,7 @@ fn train(args: &Args, corpus: &Corpus, seed: u64, label: &str) -> anyhow::Result
         label: label.to_owned(),
         curve,
         seconds: started.elapsed().as_secs_f64(),
-        weights: Some(trainer.weights().clone()),
+        weights: Some(trainer.weights()?.clone()),
     })
 }
 fn main() -> anyhow::Result<()> {

@@ -34,6 +34,13 @@ impl TrainingGraph {
         self.graph.outputs.retain(|output| !logits(&output.name));
         self
     }
+
+    /// Each trainable parameter, in declaration order, with the output holding its gradient.
+    pub fn gradient_outputs(&self) -> Vec<(String, String)> {
+        (self.parameters.iter())
+            .map(|name| (name.clone(), format!("grad.{name}")))
+            .collect()
+    }
 }
 
 /// The training graph of the built-in DeepSeek-V3 model.

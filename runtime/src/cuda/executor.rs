@@ -11,7 +11,9 @@
 //! steps) are uploaded once per version, and the weights' FP8 codes made once after each upload
 //! (ahead of the program on its stream, outside the graph; `library_fp8_weight_codes`);
 //! outputs summed over micro-batches (the gradients, [`GpuExecutor::run_summing`]) stay in
-//! device memory until the step takes them.
+//! device memory until the step takes them, or until the optimizer the executor keeps
+//! ([`GpuExecutor::keep_optimizer`], `super::device_optimizer`) steps from them where they lie:
+//! then the trained parameters are the device's own, updated in place and never uploaded again.
 //!
 //! Buffers hold f32 values as on the CPU backend (integers and bools by value). Library calls
 //! run as the templates [`super::library`] plans for them (products marked for Hopper's FP8
@@ -21,6 +23,7 @@
 //! the CPU.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, sys};
@@ -32,6 +35,7 @@ use super::CudaError;
 use super::alloc::{AllocStats, Block, CachingAllocator};
 use super::cache::KernelCache;
 use super::device::{GpuDevice, compile_target};
+use super::device_optimizer::OptimizerPlan;
 use super::fp8_gemm::encode_tensor_map;
 use super::gemm_tuning::TuningPolicy;
 use super::gemm_tuning_device::tuned_choices;
@@ -45,6 +49,11 @@ use super::modules::{
 use crate::cpu::{initial_contents, to_host};
 use crate::interp::Feeds;
 use crate::tensor::HostTensor;
+
+#[path = "executor_optimizer.rs"]
+mod optimizer;
+
+pub use optimizer::KeptState;
 
 /// The generated kernels of a program, loaded on a device.
 #[derive(Debug)]
@@ -109,9 +118,9 @@ impl GpuKernels {
         Ok(())
     }
 
-    /// Compiles and loads, in one parallel batch, the library templates `plan` launches and
-    /// the executor's own micro-batch sum (`GpuExecutor::run_summing`; loaded whether used or
-    /// not: one small kernel).
+    /// Compiles and loads, in one parallel batch, the library templates `plan` launches, the
+    /// executor's own micro-batch sum (`GpuExecutor::run_summing`) and the device optimizer's
+    /// kernels (`GpuExecutor::keep_optimizer`; loaded whether used or not: six small ones).
     pub fn load_library(
         &mut self,
         device: &GpuDevice,
@@ -124,6 +133,9 @@ impl GpuKernels {
             .map(LibraryKernel::instantiate)
             .collect::<Result<Vec<_>, _>>()?;
         units.push(AccumulateScaled.instantiate()?);
+        for kernel in OptimizerPlan::kernels() {
+            units.push(kernel.instantiate()?);
+        }
         self.compile_and_load(device, cache, &units)
     }
 
@@ -238,6 +250,10 @@ pub struct GpuExecutor {
     /// Held for the whole of every run: threads sharing the executor (the pipeline's ranks
     /// that run one stage) take turns on its buffers.
     sums: Mutex<Sums>,
+    /// The optimizer kept on the device, when a trainer gave it one (`keep_optimizer`).
+    optimizer: Option<optimizer::DeviceOptimizer>,
+    /// Set when the kept optimizer changed the parameters: the next run makes their FP8 codes.
+    weight_codes_stale: AtomicBool,
 }
 
 /// Who a sum belongs to: every rank that runs a pipeline stage sums its own micro-batches with
@@ -366,6 +382,8 @@ impl GpuExecutor {
             parameters_read_only: no_kernel_writes_parameters(&program),
             parameters_on_device: Mutex::new(None),
             sums: Mutex::new(BTreeMap::new()),
+            optimizer: None,
+            weight_codes_stale: AtomicBool::new(false),
             program,
         })
     }
@@ -384,11 +402,13 @@ impl GpuExecutor {
     }
 
     pub fn memory(&self) -> AllocStats {
-        let allocator = self
-            .allocator
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        allocator.stats()
+        self.lock_allocator().stats()
+    }
+
+    /// The allocator (still usable after a panic elsewhere: it holds no invariant a panic
+    /// could break half-way).
+    fn lock_allocator(&self) -> MutexGuard<'_, CachingAllocator<DriverMemory>> {
+        (self.allocator.lock()).unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The sums, held for a run (see the field).
@@ -460,6 +480,16 @@ impl GpuExecutor {
         Ok(taken)
     }
 
+    /// Forgets `owner`'s sums of the runs since the last step (a step not taken): its next
+    /// `run_summing` starts them again.
+    pub fn discard_sums(&self, owner: SumOwner) -> Result<(), CudaError> {
+        let mut sums = self.lock_sums()?;
+        (sums.iter_mut())
+            .filter(|((o, _), _)| *o == owner)
+            .for_each(|(_, sum)| sum.runs = 0);
+        Ok(())
+    }
+
     /// A device sum of `owner` for each output of `summed` (allocated at its first use).
     fn prepare_sums(
         &self,
@@ -485,11 +515,9 @@ impl GpuExecutor {
                     ))
                 })?;
             let elements = self.program.buffer(buffer).ty.numel();
-            let mut allocator = self
-                .allocator
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let block = allocator.alloc(4 * elements.max(1), stream_id(&self.stream))?;
+            let block = self
+                .lock_allocator()
+                .alloc(4 * elements.max(1), stream_id(&self.stream))?;
             let sum = DeviceSum {
                 block,
                 buffer,
@@ -557,21 +585,27 @@ impl GpuExecutor {
             // Until every parameter is in, no version is.
             *on_device = None;
         }
+        let mut codes_stale = self.weight_codes_stale.swap(false, Ordering::AcqRel);
         for (index, buffer) in self.program.buffers.iter().enumerate() {
+            let id = BufferId(index as u32);
             let fed_now = match &buffer.role {
                 BufferRole::Input(_) => true,
-                role => role.is_fed_weight() && upload_parameters,
+                // The parameters a kept optimizer updates are the device's own.
+                role => role.is_fed_weight() && upload_parameters && !self.optimizer_owns(id),
             };
             if fed_now {
                 let values = initial_contents(&buffer.ty, &buffer.role, feeds)?;
                 upload(&self.stream, self.address[index], &values)
                     .map_err(|e| CudaError::driver("uploading an input".into(), e))?;
+                codes_stale |= self.library.weight_codes.made_from(&self.program, id);
             }
         }
-        if upload_parameters {
+        if codes_stale {
             // The weights' FP8 codes follow the weights (`library_fp8_weight_codes`): made
             // here, on the stream ahead of the program, outside any captured graph.
             self.launch_weight_codes()?;
+        }
+        if upload_parameters {
             *on_device = fed;
         }
         drop(on_device);
@@ -768,6 +802,9 @@ impl Drop for GpuExecutor {
         let sums = self.sums.get_mut().unwrap_or_else(PoisonError::into_inner);
         for (_, sum) in std::mem::take(sums) {
             let _ = allocator.free(sum.block);
+        }
+        for block in self.optimizer.take().into_iter().flat_map(|o| o.blocks()) {
+            let _ = allocator.free(block);
         }
         allocator.streams_synchronized();
         let _ = allocator.empty_cache();

@@ -103,6 +103,17 @@ impl WeightCodes {
             .map(|q| &q.step)
     }
 
+    /// Whether the codes are made from `buffer` (a fed weight a quantisation or a hoisted
+    /// kernel reads), so that they follow it: an executor that uploads only some weights (the
+    /// others updated on the device) remakes them when it uploads one of these.
+    pub fn made_from(&self, program: &Program, buffer: BufferId) -> bool {
+        let hoisted = self.hoisted.iter().map(|h| &program.kernels[h.position]);
+        self.quantizations.iter().any(|q| q.source == buffer)
+            || hoisted
+                .into_iter()
+                .any(|k| k.reads_and_writes().0.contains(&buffer))
+    }
+
     /// Whether the kernel at `position` runs with the codes instead of in the program.
     pub fn is_hoisted(&self, position: usize) -> bool {
         (self.hoisted)

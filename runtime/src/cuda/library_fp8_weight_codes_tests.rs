@@ -275,3 +275,52 @@ fn the_experts_stacking_runs_with_the_weight_codes() {
         assert!(stacks.iter().all(|&k| !codes.is_hoisted(k)));
     }
 }
+
+/// The codes are made from the trained weights (each quantisation's fed source, and the
+/// weights a hoisted kernel reads) and from nothing else: not the balancing biases, which a
+/// trainer keeping the optimizer on the device uploads every step without remaking the codes,
+/// nor the inputs.
+#[test]
+fn the_codes_are_made_from_the_trained_weights_alone() {
+    let mut graph = small_fp8_training_graph();
+    let probed = "model.layers.1.mlp.experts.0.up_proj.weight";
+    let weight = (graph.node_ids())
+        .find(|&id| matches!(&graph.node(id).op, Op::Parameter { name, .. } if name == probed))
+        .unwrap();
+    // Read as an output too, so that its stack is built by hoisted kernels.
+    graph.outputs.push(Output {
+        name: "probe".into(),
+        node: weight,
+    });
+    for program in [
+        small_fp8_training_program(),
+        compile(&graph, &CompileOptions::default()).unwrap().program,
+    ] {
+        let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
+        let codes = &plan.weight_codes;
+        let mut made_from = Vec::new();
+        for (index, buffer) in program.buffers.iter().enumerate() {
+            let id = BufferId(index as u32);
+            if codes.made_from(&program, id) {
+                made_from.push(id);
+                match &buffer.role {
+                    BufferRole::Parameter(name) => {
+                        assert!(!name.ends_with("e_score_correction_bias"), "{name}");
+                    }
+                    BufferRole::StackedParameters(_) => {}
+                    // What the hoisted kernels compute from the weights.
+                    BufferRole::Temporary => {}
+                    role => panic!("codes made from {id} ({role:?})"),
+                }
+            }
+        }
+        for q in &codes.quantizations {
+            assert!(made_from.contains(&q.source), "{}", q.source);
+        }
+        let fed = |id: &BufferId| program.buffer(*id).role.is_fed_weight();
+        assert!(
+            made_from.iter().filter(|id| fed(id)).count() >= 10,
+            "{made_from:?}"
+        );
+    }
+}

@@ -13,8 +13,8 @@ use crate::data::Batches;
 use crate::exec::{ExecError, Executable};
 use crate::interp::Feeds;
 use crate::optim::{
-    AdamW, Grads, LoadStats, ShardPlan, ShardedAdamW, add_expert_load, clip_to_norm, global_norm,
-    update_balancing_bias,
+    AdamW, Grads, LoadStats, ShardPlan, ShardedAdamW, add_expert_load, clip_coefficient,
+    clip_to_norm, global_norm, norm_of_square_sums, update_balancing_bias,
 };
 use crate::parallel::{
     Comm, Pipeline, PipelineError, PipelineRun, any_rank, gather_state, global_norm_over,
@@ -113,6 +113,10 @@ pub struct Trainer {
     weights_version: u64,
     /// When a pipelined run's ranks ran each op during the last step.
     last_timeline: Option<SimReport>,
+    /// Whether the GPU running the whole graph keeps the optimizer (`GpuExecutor::keep_optimizer`):
+    /// then the trainable parameters and their moments live in device memory, and `weights` and
+    /// `optimizer` hold their values as of the last [`Trainer::weights`] or checkpoint.
+    optimizer_on_device: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -251,7 +255,7 @@ impl Trainer {
         step: u64,
         group: Option<Box<dyn Comm>>,
     ) -> Result<Self, TrainError> {
-        let engine = Engine::new(&spec, &settings, &program, group)?;
+        let mut engine = Engine::new(&spec, &settings, &program, group)?;
         let sizes: BTreeMap<String, usize> = program
             .parameters
             .iter()
@@ -259,6 +263,7 @@ impl Trainer {
             .collect();
         let (plan, local) = engine.shard_plan(&sizes);
         let optimizer = ShardedAdamW::new(&whole, plan, local)?;
+        let optimizer_on_device = keep_optimizer_on_gpu(&mut engine, &program, &whole, &weights);
         drop(whole);
         Ok(Trainer {
             spec,
@@ -271,6 +276,7 @@ impl Trainer {
             step,
             weights_version: 0,
             last_timeline: None,
+            optimizer_on_device,
         })
     }
 
@@ -315,8 +321,46 @@ impl Trainer {
         &self.settings
     }
 
-    pub fn weights(&self) -> &Weights {
-        &self.weights
+    /// The weights as the last step left them (brought back from the GPU when it keeps the
+    /// optimizer).
+    pub fn weights(&mut self) -> Result<&Weights, TrainError> {
+        self.sync_from_device()?;
+        Ok(&self.weights)
+    }
+
+    /// Whether the GPU keeps the optimizer: it does when it runs the whole graph, unless
+    /// [`Trainer::keep_optimizer_on_host`] said otherwise or it could not.
+    pub fn optimizer_on_device(&self) -> bool {
+        self.optimizer_on_device
+    }
+
+    /// Keeps the optimizer on the host from now on: the same results, with every step's
+    /// gradients downloaded and its parameters uploaded again (a reference for the device's
+    /// optimizer, or to rule it out).
+    pub fn keep_optimizer_on_host(&mut self) -> Result<(), TrainError> {
+        self.sync_from_device()?;
+        if let Engine::Whole(Executable::Cuda(executor)) = &mut self.engine {
+            executor.release_optimizer();
+        }
+        self.optimizer_on_device = false;
+        Ok(())
+    }
+
+    /// Brings the trainable parameters and the optimizer state back from the GPU that keeps
+    /// them (nothing when none does).
+    fn sync_from_device(&mut self) -> Result<(), TrainError> {
+        let Engine::Whole(Executable::Cuda(executor)) = &self.engine else {
+            return Ok(());
+        };
+        let Some(kept) = executor.optimizer_state().map_err(ExecError::from)? else {
+            return Ok(());
+        };
+        for (name, tensor) in kept.params {
+            self.weights.insert(name, tensor);
+        }
+        let plan = self.optimizer.plan().clone();
+        self.optimizer = ShardedAdamW::new(&kept.optimizer, plan, BTreeSet::from([0]))?;
+        Ok(())
     }
 
     /// The pipeline's stages and schedule, when the run is pipelined.
@@ -340,7 +384,8 @@ impl Trainer {
         self.process_rank().is_none_or(|rank| rank == 0)
     }
 
-    /// The optimizer's shards kept by this process.
+    /// The optimizer's shards kept by this process (when the GPU keeps the optimizer, the
+    /// moments' values as of the last [`Trainer::weights`] or checkpoint).
     pub fn optimizer(&self) -> &ShardedAdamW {
         &self.optimizer
     }
@@ -366,6 +411,7 @@ impl Trainer {
         let largest = bytes.values().copied().max().unwrap_or(0);
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let how = match (self.settings.pipeline.zero, self.pipeline()) {
+            (_, None) if self.optimizer_on_device => "on the GPU, beside the parameters".to_owned(),
             (_, None) => "on one rank".to_owned(),
             (0, Some(_)) => "ZeRO off: each parameter's on its first holder".to_owned(),
             _ => "ZeRO-1: sharded over each parameter's holders".to_owned(),
@@ -427,9 +473,8 @@ impl Trainer {
             Engine::Whole(executable) => {
                 // The gradients are summed over the micro-batches by the executable (on a GPU,
                 // in device memory), under their outputs' names.
-                let summed: Vec<String> = (self.program.parameters.iter())
-                    .map(|name| format!("grad.{name}"))
-                    .collect();
+                let gradients = self.program.gradient_outputs();
+                let summed: Vec<String> = gradients.iter().map(|(_, g)| g.clone()).collect();
                 let mut sums = Grads::new();
                 for ids in batches {
                     let inputs = HashMap::from([("input_ids", ids)]);
@@ -443,12 +488,15 @@ impl Trainer {
                         add_expert_load(&mut loads, bias, load.into_iter().map(f64::from));
                     }
                 }
-                executable.finish_sums(0, &mut sums)?;
-                for (name, output) in self.program.parameters.iter().zip(&summed) {
-                    let sum = sums.remove(output).ok_or_else(|| {
-                        ExecError::Sum(format!("no gradient `{output}` was summed"))
-                    })?;
-                    grads.insert(name.clone(), sum);
+                // A GPU keeping the optimizer steps from its sums where they lie (below).
+                if !self.optimizer_on_device {
+                    executable.finish_sums(0, &mut sums)?;
+                    for (name, output) in gradients {
+                        let sum = sums.remove(&output).ok_or_else(|| {
+                            ExecError::Sum(format!("no gradient `{output}` was summed"))
+                        })?;
+                        grads.insert(name, sum);
+                    }
                 }
             }
             Engine::Pipeline(pipeline) => {
@@ -471,33 +519,42 @@ impl Trainer {
             }
         }
         let step = self.step + 1;
+        let diverged = |what, value| TrainError::Diverged { step, what, value };
         if !losses.total.is_finite() {
-            return Err(TrainError::Diverged {
-                step,
-                what: "loss",
-                value: losses.total,
-            });
+            self.discard_device_sums()?;
+            return Err(diverged("loss", losses.total));
         }
         let grad_norm = match &mut self.engine {
             // A process has only its ranks' gradients: the norm is summed with the others.
             Engine::Rank(_, comm) => global_norm_over(comm, self.optimizer.plan(), &grads)?,
+            // The GPU keeping the optimizer sums the squares; the host adds them as
+            // `global_norm` does.
+            Engine::Whole(Executable::Cuda(executor)) if self.optimizer_on_device => {
+                let sums = executor.gradient_square_sums(0).map_err(ExecError::from)?;
+                norm_of_square_sums(sums.values().flatten())
+            }
             _ => global_norm(&grads),
         };
         if !grad_norm.is_finite() {
-            return Err(TrainError::Diverged {
-                step,
-                what: "gradient norm",
-                value: grad_norm,
-            });
+            self.discard_device_sums()?;
+            return Err(diverged("gradient norm", grad_norm));
         }
-        clip_to_norm(&mut grads, grad_norm, self.settings.clip_norm)?;
         let learning_rate = self.settings.schedule.lr(self.step);
         // The optimizer and the balancing biases change the weights from here on.
         self.weights_version += 1;
-        self.optimizer
-            .step(&mut self.weights, &grads, learning_rate)?;
-        if let Engine::Rank(_, comm) = &mut self.engine {
-            share_updates(comm, self.optimizer.plan(), &mut self.weights)?;
+        match &mut self.engine {
+            Engine::Whole(Executable::Cuda(executor)) if self.optimizer_on_device => {
+                let clip = clip_coefficient(grad_norm, self.settings.clip_norm)?;
+                (executor.step_optimizer(0, clip, learning_rate)).map_err(ExecError::from)?;
+            }
+            engine => {
+                clip_to_norm(&mut grads, grad_norm, self.settings.clip_norm)?;
+                self.optimizer
+                    .step(&mut self.weights, &grads, learning_rate)?;
+                if let Engine::Rank(_, comm) = engine {
+                    share_updates(comm, self.optimizer.plan(), &mut self.weights)?;
+                }
+            }
         }
         // The gradients' storage goes back to the compiled program for its next run.
         if let Engine::Whole(executable) = &self.engine {
@@ -539,10 +596,21 @@ impl Trainer {
         })
     }
 
+    /// Drops the gradient sums a GPU keeping the optimizer holds for a step that is not taken.
+    fn discard_device_sums(&self) -> Result<(), TrainError> {
+        if let Engine::Whole(Executable::Cuda(executor)) = &self.engine
+            && self.optimizer_on_device
+        {
+            executor.discard_sums(0).map_err(ExecError::from)?;
+        }
+        Ok(())
+    }
+
     /// Everything a checkpoint holds, with the whole optimizer state joined from its shards.
     /// When the ranks are processes every one must call this (it gathers on rank 0), and only
     /// rank 0 gets the state; the others get `None`.
     pub fn checkpoint_state(&mut self) -> Result<Option<CheckpointState<'_>>, TrainError> {
+        self.sync_from_device()?;
         let state = TrainerState {
             step: self.step,
             data_position: self.data.position(),
@@ -600,5 +668,26 @@ fn take_floats(outputs: &mut Outputs, name: &str) -> Vec<f32> {
     match outputs.remove(name).map(|t| t.data) {
         Some(Data::Float(values)) => values,
         _ => panic!("the training graph has a float output `{name}`"),
+    }
+}
+
+/// Gives the optimizer to the GPU when one runs the whole graph (`GpuExecutor::keep_optimizer`),
+/// so that a step's gradients and parameters stay in device memory; whether it took it. When it
+/// cannot, says why in one line and the optimizer stays on the host (same results, slower).
+fn keep_optimizer_on_gpu(
+    engine: &mut Engine,
+    program: &TrainingGraph,
+    whole: &AdamW,
+    weights: &Weights,
+) -> bool {
+    let Engine::Whole(Executable::Cuda(executor)) = engine else {
+        return false;
+    };
+    match executor.keep_optimizer(whole, &program.gradient_outputs(), weights) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("fathom: the optimizer stays on the host: {e}");
+            false
+        }
     }
 }

@@ -17,6 +17,8 @@
 //!    and the CPU emulates them, and in BF16, where the GPU's attention runs on the
 //!    flash-attention templates: with the tiny model's heads (16 + 8 and 16, padded to 16 + 16
 //!    and 64 around the templates) and with heads widened to those widths (no padding).
+//!    Then the optimizer kept on the GPU against on the host, both on the GPU, in FP8: every
+//!    loss, norm, weight and moment bit for bit.
 //! 3. The FP8 GEMM templates against the f64 product of the same quantized operands (DeepGEMM's
 //!    `1 - 2Σxy/Σ(x²+y²) < 0.001`): on Hopper every sm_90a tile configuration the timings try,
 //!    under three tile schedules; on any GPU the portable `mma.sync` GEMM; each in every layout
@@ -48,6 +50,7 @@
 
 mod attention;
 mod attention_bench;
+mod device_optimizer;
 mod fp8;
 mod launch;
 mod optimizer;
@@ -423,7 +426,8 @@ fn tiny_trainer(
 /// f32, in FP8, in BF16 with attention on the flash-attention templates (padded heads, then
 /// heads of the templates' widths), and in f32 under DualPipe: two stages on two ranks, two
 /// replicas, four threads sharing each stage's executables on the one GPU, each rank summing
-/// its micro-batches' gradients in device memory of its own.
+/// its micro-batches' gradients in device memory of its own. Then the optimizer kept on the
+/// GPU against on the host, bit for bit (`device_optimizer`).
 fn compare_training(steps: u64) -> anyhow::Result<Vec<String>> {
     let f32 = PrecisionPolicy::default();
     let one_rank = PipelineSettings::default;
@@ -469,6 +473,7 @@ fn compare_training(steps: u64) -> anyhow::Result<Vec<String>> {
         steps,
         f32_bounds,
     )?);
+    failures.extend(device_optimizer::compare_device_optimizer(steps)?);
     Ok(failures)
 }
 
