@@ -18,9 +18,11 @@ use fathom_compiler::training::training_graph;
 use fathom_kernels::KernelSource;
 use fathom_kernels::nvrtc::{Nvrtc, NvrtcInstall, ResourceUsage, find_cuda_tool, project_pip_dirs};
 use fathom_runtime::cuda::KernelOverrides;
+use fathom_runtime::cuda::device_optimizer::OptimizerPlan;
 use fathom_runtime::cuda::library::LibraryPlan;
 use fathom_runtime::cuda::library_fp8::Fp8Target;
 use fathom_runtime::cuda::modules::generated_source;
+use fathom_runtime::optim::{AdamWConfig, MomentPrecision, UpdateScalars};
 use rayon::prelude::*;
 
 /// What the kernels are generated for.
@@ -100,11 +102,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--compile needs a CUDA target: add --target sm_90a (or sm_80)");
     }
     let spec = spec_of(&args)?;
+    // The trained parameters with their gradients' outputs (what a GPU's optimizer updates).
+    let mut gradients = Vec::new();
     let graph = if args.train {
         // As `fathom train` compiles it: no logits output.
-        training_graph(&spec, args.batch, args.seq, LossWeights::deepseek_v3())?
-            .without_logits()
-            .graph
+        let train = training_graph(&spec, args.batch, args.seq, LossWeights::deepseek_v3())?
+            .without_logits();
+        gradients = train.gradient_outputs();
+        train.graph
     } else {
         let options = ForwardOptions {
             batch: args.batch,
@@ -176,7 +181,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let cuda = cuda_program(&compiled.program)?;
         let dir = args.out.join("cuda");
         write_cuda(&cuda, &dir)?;
-        let templates = write_library_plan(&compiled.program, arch, &dir)?;
+        let mut templates = write_library_plan(&compiled.program, arch, &dir)?;
+        if !gradients.is_empty() {
+            templates.extend(describe_device_optimizer(
+                &compiled.program,
+                &gradients,
+                &dir,
+            )?);
+        }
         println!(
             "CUDA: {} generated kernels -> {} unique sources, {} template calls ({} template \
              instantiations), in {}",
@@ -307,6 +319,46 @@ fn write_library_plan(
     };
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(templates)
+}
+
+/// Says what the optimizer kept on the GPU moves per step (`cuda::device_optimizer`, a
+/// whole-graph run; BF16 moments, the recipe's) and writes its kernels as `<entry>.cu`,
+/// returned with their launches per step (the clipping's when it clips).
+fn describe_device_optimizer(
+    program: &fathom_compiler::kernel::Program,
+    gradients: &[(String, String)],
+    dir: &Path,
+) -> anyhow::Result<Vec<Unit>> {
+    let pairs = gradients.iter().map(|(p, g)| (p.as_str(), g.as_str()));
+    let plan = OptimizerPlan::of(program, pairs, MomentPrecision::Bf16)
+        .map_err(|why| anyhow::anyhow!("the optimizer cannot stay on the GPU: {why}"))?;
+    let values: usize = plan.params.iter().map(|p| p.elements()).sum();
+    // f32 gradients, f32 parameters, and two bf16 moments: four bytes a value each.
+    let bytes = with_prefix(4 * values as u64, "B");
+    println!(
+        "optimizer on the GPU: {} parameters ({} values) updated in place; per step {} of the \
+         norm's chunk sums downloaded instead of {bytes} of gradients down and {bytes} of \
+         parameters up; {bytes} of BF16 moments beside them",
+        plan.params.len(),
+        with_prefix(values as u64, ""),
+        with_prefix(8 * plan.chunk_count() as u64, "B"),
+    );
+    let scalars = UpdateScalars::for_step(&AdamWConfig::default(), 1, 0.0);
+    let per_step = [plan.square_sums(), plan.clip(1.0), plan.update(&scalars)];
+    let launches: Vec<_> = per_step.iter().flatten().map(|l| l.kernel).collect();
+    let mut units = Vec::new();
+    for kernel in OptimizerPlan::kernels() {
+        let count = launches.iter().filter(|k| **k == kernel).count();
+        if count == 0 {
+            continue;
+        }
+        let source = kernel.instantiate()?;
+        let file = dir.join(format!("{}.cu", source.entry));
+        std::fs::write(&file, &source.source)
+            .with_context(|| format!("writing {}", file.display()))?;
+        units.push((source, count));
+    }
+    Ok(units)
 }
 
 /// One unique source compiled by NVRTC.
