@@ -674,3 +674,33 @@ fn a_failed_rank_process_stops_the_others() {
         stderr(&lonely)
     );
 }
+
+/// `--host-optimizer` keeps the optimizer on the host; the device's (with `backend = "cuda"`
+/// on a GPU) writes the same checkpoint byte for byte. Without a GPU both runs fall back to
+/// the CPU, whose optimizer is the host's: the flag is taken and changes nothing.
+#[test]
+fn the_host_optimizer_flag_writes_the_same_checkpoint() {
+    let mut checkpoints = Vec::new();
+    for flag in [None, Some("--host-optimizer")] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = run_file(dir.path(), 2);
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, text.replace("[train]", "[train]\nbackend = \"cuda\"")).unwrap();
+        let mut args = vec!["train", "--config", config.to_str().unwrap()];
+        args.extend(flag);
+        let run = fathom(&args);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let on_gpu = stderr(&run).contains("on the GPU, beside the parameters");
+        assert_eq!(
+            on_gpu,
+            flag.is_none() && fathom::runtime::cuda::device::driver_present(),
+            "{}",
+            stderr(&run)
+        );
+        let step = dir.path().join("ckpt/step-00000002");
+        let files = ["model.safetensors", "optimizer.safetensors"]
+            .map(|name| std::fs::read(step.join(name)).unwrap());
+        checkpoints.push(files);
+    }
+    assert!(checkpoints[0] == checkpoints[1], "the checkpoints differ");
+}

@@ -95,6 +95,11 @@ pub struct Args {
     /// checkpoints.
     #[arg(long, value_enum, default_value_t = Launcher::Threads)]
     launcher: Launcher,
+    /// With `backend = "cuda"` and no pipeline, keep the optimizer on the host (the gradients
+    /// downloaded and the parameters uploaded every step) instead of on the GPU beside the
+    /// parameters: the same results, slower; to rule the device's optimizer out.
+    #[arg(long)]
+    host_optimizer: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -120,11 +125,17 @@ pub fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         }
     };
     let mut trainer = start(&config, group)?;
+    if args.host_optimizer {
+        trainer.keep_optimizer_on_host()?;
+    }
     let leader = trainer.is_leader();
     if let Some(pipeline) = trainer.pipeline()
         && leader
     {
         eprint!("{}", pipeline.describe());
+        eprintln!("{}", trainer.describe_optimizer());
+    }
+    if trainer.optimizer_on_device() {
         eprintln!("{}", trainer.describe_optimizer());
     }
     let floor = config
