@@ -685,7 +685,11 @@ fn the_host_optimizer_flag_writes_the_same_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let config = run_file(dir.path(), 2);
         let text = std::fs::read_to_string(&config).unwrap();
-        std::fs::write(&config, text.replace("[train]", "[train]\nbackend = \"cuda\"")).unwrap();
+        std::fs::write(
+            &config,
+            text.replace("[train]", "[train]\nbackend = \"cuda\""),
+        )
+        .unwrap();
         let mut args = vec!["train", "--config", config.to_str().unwrap()];
         args.extend(flag);
         let run = fathom(&args);

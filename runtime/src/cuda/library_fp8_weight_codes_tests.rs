@@ -179,16 +179,7 @@ fn the_experts_stacking_runs_with_the_weight_codes() {
     assert_eq!(fed_stacks, 6);
     assert!(!fed.kernels.iter().any(|k| k.name.contains("_stack_")));
 
-    let mut graph = small_fp8_training_graph();
-    let probed = "model.layers.1.mlp.experts.0.up_proj.weight";
-    let weight = (graph.node_ids())
-        .find(|&id| matches!(&graph.node(id).op, Op::Parameter { name, .. } if name == probed))
-        .unwrap();
-    graph.outputs.push(Output {
-        name: "probe".into(),
-        node: weight,
-    });
-    let program = compile(&graph, &CompileOptions::default()).unwrap().program;
+    let program = with_a_probed_expert_weight();
     let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
     let codes = &plan.weight_codes;
     let stacks: Vec<usize> = (program.kernels.iter().enumerate())
@@ -282,20 +273,7 @@ fn the_experts_stacking_runs_with_the_weight_codes() {
 /// nor the inputs.
 #[test]
 fn the_codes_are_made_from_the_trained_weights_alone() {
-    let mut graph = small_fp8_training_graph();
-    let probed = "model.layers.1.mlp.experts.0.up_proj.weight";
-    let weight = (graph.node_ids())
-        .find(|&id| matches!(&graph.node(id).op, Op::Parameter { name, .. } if name == probed))
-        .unwrap();
-    // Read as an output too, so that its stack is built by hoisted kernels.
-    graph.outputs.push(Output {
-        name: "probe".into(),
-        node: weight,
-    });
-    for program in [
-        small_fp8_training_program(),
-        compile(&graph, &CompileOptions::default()).unwrap().program,
-    ] {
+    for program in [small_fp8_training_program(), with_a_probed_expert_weight()] {
         let plan = LibraryPlan::of(&program, Some(Fp8Target::Hopper)).unwrap();
         let codes = &plan.weight_codes;
         let mut made_from = Vec::new();
@@ -323,4 +301,19 @@ fn the_codes_are_made_from_the_trained_weights_alone() {
             "{made_from:?}"
         );
     }
+}
+
+/// The small FP8 training step with an expert's weight also a program output: its stack is
+/// then built by kernels (hoisted with the weight codes) instead of fed in place.
+fn with_a_probed_expert_weight() -> Program {
+    let mut graph = small_fp8_training_graph();
+    let probed = "model.layers.1.mlp.experts.0.up_proj.weight";
+    let weight = (graph.node_ids())
+        .find(|&id| matches!(&graph.node(id).op, Op::Parameter { name, .. } if name == probed))
+        .unwrap();
+    graph.outputs.push(Output {
+        name: "probe".into(),
+        node: weight,
+    });
+    compile(&graph, &CompileOptions::default()).unwrap().program
 }
